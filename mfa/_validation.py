@@ -1,0 +1,110 @@
+"""Input checks shared by the public API. Each raises an error that names the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(x: object, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_floating(x: Tensor, name: str, dtype: torch.dtype, device: torch.device) -> None:
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor of dtype {dtype}, got {x.dtype} "
+            f"(convert it first, e.g. {name}.to({dtype}))"
+        )
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the model has dtype {dtype}; "
+            f"convert one of them with .to()"
+        )
+    if x.device.type != device.type or (
+        device.index is not None and x.device.index is not None and x.device.index != device.index
+    ):
+        raise ValueError(
+            f"{name} is on device {x.device} but the model is on {device}; move one with .to()"
+        )
+
+
+def check_finite(x: Tensor, name: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        value = x[index].item()
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf); "
+            f"the first is {value} at index {index}"
+        )
+
+
+def check_data(x: object, name: str, n_features: int, dtype: torch.dtype, device) -> Tensor:
+    """Validate data of shape ``[..., n_features]`` against a model's dtype and device."""
+    x = check_tensor(x, name)
+    if x.dim() < 1 or x.shape[-1] != n_features:
+        raise ValueError(
+            f"{name} must have shape [..., {n_features}] (n_features={n_features}), "
+            f"got {tuple(x.shape)}"
+        )
+    check_floating(x, name, dtype, device)
+    check_finite(x, name)
+    return x
+
+
+def check_mask(mask: object, name: str, shape: Sequence[int], device) -> Tensor:
+    mask = check_tensor(mask, name)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.device.type != torch.device(device).type:
+        raise ValueError(f"{name} is on device {mask.device} but the model is on {device}")
+    return mask
+
+
+def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def feature_index(features: object, n_features: int, name: str = "features") -> Tensor:
+    """Turn indices or a bool mask over ``n_features`` into a sorted-as-given LongTensor.
+
+    Raises for out-of-range, duplicated or empty selections.
+    """
+    if isinstance(features, Tensor):
+        idx = features
+    else:
+        try:
+            idx = torch.as_tensor(features)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"{name} must be indices or a bool mask, got {features!r}") from err
+    idx = idx.cpu()
+    if idx.dtype == torch.bool:
+        if tuple(idx.shape) != (n_features,):
+            raise ValueError(
+                f"{name} as a bool mask must have shape ({n_features},), got {tuple(idx.shape)}"
+            )
+        idx = idx.nonzero().flatten()
+    elif idx.dtype.is_floating_point or idx.dtype.is_complex:
+        raise TypeError(f"{name} must be integer indices or a bool mask, got dtype {idx.dtype}")
+    idx = idx.long().flatten()
+    if idx.numel() == 0:
+        raise ValueError(f"{name} selects no features")
+    if int(idx.min()) < 0 or int(idx.max()) >= n_features:
+        raise ValueError(
+            f"{name} must lie in [0, {n_features}), got values from {int(idx.min())} "
+            f"to {int(idx.max())}"
+        )
+    if idx.unique().numel() != idx.numel():
+        raise ValueError(f"{name} contains duplicated feature indices")
+    return idx

@@ -1,0 +1,91 @@
+"""Batched linear-algebra identities for covariances of the form ``Σ = A Aᵀ + diag(d)``.
+
+Every function here is pure and batched over leading dimensions. ``A`` has shape
+``[..., D, L]`` and ``d`` shape ``[..., D]``. None of them forms a ``D × D`` matrix or calls a
+matrix inverse: the work is a Cholesky factorisation of the ``L × L`` *capacitance* matrix
+``M = I + Aᵀ diag(d)⁻¹ A`` and triangular solves against it.
+
+Identities used (Woodbury and the matrix determinant lemma)::
+
+    Σ⁻¹    = D⁻¹ − D⁻¹ A M⁻¹ Aᵀ D⁻¹              (D = diag(d))
+    log|Σ| = log|M| + Σ_j log d_j
+    (x−μ)ᵀ Σ⁻¹ (x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖C⁻¹ Aᵀ D⁻¹ (x−μ)‖²,   M = C Cᵀ
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
+    """Lower Cholesky factor ``C`` of the capacitance ``M = I + Aᵀ diag(d)⁻¹ A``.
+
+    Args:
+        factors: ``A``, shape ``[..., D, L]``.
+        noise: ``d > 0``, shape ``[..., D]``.
+
+    Returns:
+        ``C`` with ``C Cᵀ = M``, shape ``[..., L, L]``.
+    """
+    n_factors = factors.shape[-1]
+    scaled = factors / noise.unsqueeze(-1)  # D⁻¹A  [..., D, L]
+    capacitance = factors.mT @ scaled  # [..., L, L]
+    capacitance = capacitance + torch.eye(n_factors, dtype=factors.dtype, device=factors.device)
+    if n_factors == 0:
+        return capacitance
+    return torch.linalg.cholesky(capacitance)
+
+
+def lowrank_logdet(capacitance_chol: Tensor, noise: Tensor) -> Tensor:
+    """``log|A Aᵀ + diag(d)| = 2 Σ log diag(C) + Σ log d`` (matrix determinant lemma).
+
+    Args:
+        capacitance_chol: ``C``, shape ``[..., L, L]``.
+        noise: ``d``, shape ``[..., D]``.
+
+    Returns:
+        Shape ``[...]``.
+    """
+    logdet_c = 2.0 * capacitance_chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return logdet_c + noise.log().sum(-1)
+
+
+def whitened_factors(factors: Tensor, noise: Tensor, capacitance_chol: Tensor) -> Tensor:
+    """``B = C⁻¹ Aᵀ diag(d)⁻¹``, so that ``‖B (x−μ)‖²`` is the Woodbury correction.
+
+    Args:
+        factors: ``A``, shape ``[..., D, L]``.
+        noise: ``d``, shape ``[..., D]``.
+        capacitance_chol: ``C``, shape ``[..., L, L]``.
+
+    Returns:
+        ``B``, shape ``[..., L, D]``.
+    """
+    scaled_t = (factors / noise.unsqueeze(-1)).mT  # [..., L, D]
+    if factors.shape[-1] == 0:
+        return scaled_t
+    return torch.linalg.solve_triangular(capacitance_chol, scaled_t, upper=False)
+
+
+def capacitance_inverse_factor(capacitance_chol: Tensor) -> Tensor:
+    """``C⁻ᵀ``: a square root of ``M⁻¹`` (``M⁻¹ = C⁻ᵀ C⁻¹``), shape ``[..., L, L]``.
+
+    ``M⁻¹`` is the posterior covariance of the latent factors, so ``A C⁻ᵀ`` factors the
+    low-rank part of a conditional covariance ``A M⁻¹ Aᵀ``.
+    """
+    n = capacitance_chol.shape[-1]
+    eye = torch.eye(n, dtype=capacitance_chol.dtype, device=capacitance_chol.device)
+    eye = eye.expand_as(capacitance_chol)
+    if n == 0:
+        return eye
+    return torch.linalg.solve_triangular(capacitance_chol, eye, upper=False).mT
+
+
+def gaussian_log_normaliser(n_dims: Tensor | float, logdet: Tensor) -> Tensor:
+    """``−½ (n log 2π + log|Σ|)``: the log-density of a Gaussian at its mean."""
+    return -0.5 * (n_dims * LOG_2PI + logdet)
