@@ -5,7 +5,8 @@ A conditional of a mixture is a reweighted mixture of the component conditionals
     p(x_h | x_o) = Σ_k w̃_k N(x_h; μ_k,h|o, Σ_k,h|o),   w̃_k ∝ w_k N(x_o; μ_k,o, Σ_k,oo)
 
 For a factor analyzer the component conditional follows from the latent posterior
-``z | x_o ~ N(m, M_o⁻¹)`` with ``M_o = I + A_oᵀ D_o⁻¹ A_o`` and ``m = M_o⁻¹ A_oᵀ D_o⁻¹ (x_o − μ_o)``::
+``z | x_o ~ N(m, M_o⁻¹)`` with ``M_o = I + A_oᵀ D_o⁻¹ A_o`` and
+``m = M_o⁻¹ A_oᵀ D_o⁻¹ (x_o − μ_o)``::
 
     μ_k,h|o = μ_h + A_h m                       (= μ_h + Σ_ho Σ_oo⁻¹ (x_o − μ_o))
     Σ_k,h|o = A_h M_o⁻¹ A_hᵀ + D_h              (= Σ_hh − Σ_ho Σ_oo⁻¹ Σ_oh)
@@ -183,7 +184,7 @@ def observed_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tens
     _check_masked(model, x, observed)
     starts, size = _chunks(model, x.shape[0])
     parts = [
-        torch.logsumexp(_row_posterior(model, x[i : i + size], observed[i : i + size]).log_joint, -1)
+        _row_posterior(model, x[i : i + size], observed[i : i + size]).log_joint.logsumexp(-1)
         for i in starts
     ]
     return torch.cat(parts) if parts else x.new_zeros(0)

@@ -108,7 +108,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
             )
         if noise not in NOISE_TYPES:
             raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-        if not (isinstance(min_noise, (int, float)) and math.isfinite(min_noise) and min_noise >= 0):
+        if not (
+            isinstance(min_noise, (int, float)) and math.isfinite(min_noise) and min_noise >= 0
+        ):
             raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
         check_positive_int(chunk_elements, "chunk_elements")
         dtype = dtype or torch.get_default_dtype()
@@ -552,7 +554,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
         return observed_log_prob(self, x, observed)
 
     def to_distribution(self) -> torch.distributions.MixtureSameFamily:
-        """The same distribution as ``MixtureSameFamily(Categorical, LowRankMultivariateNormal)``."""
+        """The same distribution as a ``torch.distributions.MixtureSameFamily`` of a
+        ``Categorical`` and a ``LowRankMultivariateNormal``."""
         from torch import distributions as td
 
         loadings = self.factor_loadings

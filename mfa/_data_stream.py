@@ -1,0 +1,109 @@
+"""Turn what a user passes as data (a tensor, a Dataset or a DataLoader) into validated
+batches ``[B, D]`` on a model's device and in its dtype."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+class DataSource:
+    """A re-iterable stream of batches ``[B, D]`` checked against ``model``.
+
+    Args:
+        data: a tensor ``[N, D]`` (or ``[N, C, H, W]``, flattened), a ``Dataset`` whose items
+            are rows or ``(row, label)`` tuples, or any iterable of such batches (e.g. a
+            ``DataLoader``).
+        model: supplies ``n_features``, dtype and device.
+        batch_size: rows per batch for tensors and datasets.
+        name: used in error messages.
+    """
+
+    def __init__(self, data, model, batch_size: int, name: str = "data") -> None:
+        self.name = name
+        self.n_features = model.n_features
+        self.dtype = model.dtype
+        self.device = model.device
+        self.batch_size = batch_size
+        if isinstance(data, Tensor):
+            self.tensor: Tensor | None = self._prepare(data, 0)
+            self.iterable: Iterable | None = None
+        elif isinstance(data, Dataset):
+            self.tensor = None
+            self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
+        elif isinstance(data, Iterable):
+            self.tensor = None
+            self.iterable = data
+        else:
+            raise TypeError(
+                f"{name} must be a torch.Tensor, a Dataset or a DataLoader, "
+                f"got {type(data).__name__}"
+            )
+
+    def _prepare(self, batch, index: int) -> Tensor:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if not isinstance(batch, Tensor):
+            raise TypeError(
+                f"{self.name} batch {index} must be a tensor (or a (tensor, label) tuple), "
+                f"got {type(batch).__name__}"
+            )
+        if batch.dim() < 1:
+            raise ValueError(f"{self.name} batch {index} is a 0-d tensor")
+        rows = batch.reshape(batch.shape[0], -1) if batch.dim() != 2 else batch
+        if rows.shape[1] != self.n_features:
+            raise ValueError(
+                f"{self.name} must have {self.n_features} features per row, got batch {index} "
+                f"of shape {tuple(batch.shape)}"
+            )
+        if not rows.is_floating_point():
+            raise TypeError(
+                f"{self.name} must be floating point (scale images to [0, 1] first), got "
+                f"{rows.dtype} in batch {index}"
+            )
+        rows = rows.to(device=self.device, dtype=self.dtype)
+        bad = ~torch.isfinite(rows)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{self.name} contains non-finite values (NaN or inf): batch {index}, row {row}, "
+                f"feature {col}"
+            )
+        return rows
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self.tensor is not None:
+            for i in range(0, self.tensor.shape[0], self.batch_size):
+                yield self.tensor[i : i + self.batch_size]
+            return
+        empty = True
+        for index, batch in enumerate(self.iterable):
+            empty = False
+            yield self._prepare(batch, index)
+        if empty:
+            raise ValueError(f"{self.name} is empty")
+
+    def n_rows(self) -> int:
+        return sum(batch.shape[0] for batch in self)
+
+
+def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
+    """Up to ``max_rows`` rows for initialisation: a seeded random subset of a tensor, or the
+    first ``max_rows`` rows of a stream."""
+    if source.tensor is not None:
+        n = source.tensor.shape[0]
+        if n <= max_rows:
+            return source.tensor
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n, generator=gen)[:max_rows].to(source.device)
+        return source.tensor[idx]
+    rows, count = [], 0
+    for batch in source:
+        rows.append(batch)
+        count += batch.shape[0]
+        if count >= max_rows:
+            break
+    return torch.cat(rows)[:max_rows]
