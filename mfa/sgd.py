@@ -1,9 +1,25 @@
-"""Adam on the minibatch negative marginal log-likelihood."""
+"""Adam on the minibatch negative marginal log-likelihood (as in Richardson & Weiss, 2018)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Literal
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mfa._data_stream import DataSource, gather_rows
+from mfa.em import ConvergenceWarning, initialise
+from mfa.model import MixtureOfFactorAnalyzers
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,3 +43,206 @@ class SGDConfig:
     weight_decay: float = 0.0  # Adam weight decay
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
+
+
+def _validate_config(cfg: SGDConfig) -> None:
+    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
+        raise ValueError(f"SGDConfig.lr must be > 0, got {cfg.lr!r}")
+    for name in ("batch_size", "epochs", "kmeans_iter", "init_samples"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"SGDConfig.{name} must be a positive int, got {value!r}")
+    if cfg.schedule not in ("constant", "cosine", "step"):
+        raise ValueError(
+            f"SGDConfig.schedule must be 'constant', 'cosine' or 'step', got {cfg.schedule!r}"
+        )
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ValueError(f"SGDConfig.grad_clip must be > 0 or None, got {cfg.grad_clip!r}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise ValueError(f"SGDConfig.val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
+    if cfg.patience < 0:
+        raise ValueError(f"SGDConfig.patience must be >= 0, got {cfg.patience!r}")
+    if cfg.init not in ("kmeans", "random", "none"):
+        raise ValueError(f"SGDConfig.init must be 'kmeans', 'random' or 'none', got {cfg.init!r}")
+
+
+class SGDTrainer:
+    """Adam on ``−mean log p(x)`` over shuffled minibatches; trains every parameter (weights,
+    means, loadings, noise) through the model's unconstrained parametrisation.
+
+    Args:
+        config: an :class:`SGDConfig` (defaults when ``None``).
+
+    ``fit`` takes a tensor ``[N, D]``. Without explicit validation data a seeded
+    ``val_fraction`` of the rows is held out; the parameters with the best validation
+    log-likelihood are kept (early stopping after ``patience`` epochs without improvement).
+
+    Attributes:
+        history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
+            minibatches), ``val_log_likelihood``, ``lr``, ``seconds``.
+    """
+
+    def __init__(self, config: SGDConfig | None = None) -> None:
+        self.config = config or SGDConfig()
+        _validate_config(self.config)
+        self.history: list[dict] = []
+        self._state: dict = {}
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Resume state (primitives and tensors only); save the model's state beside it."""
+        state = copy.deepcopy(self._state)
+        state["config"] = asdict(self.config)
+        state["history"] = copy.deepcopy(self.history)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        required = {"epoch", "optimizer", "scheduler", "generator", "best_params", "best_val"}
+        missing = required - set(state)
+        if missing:
+            raise ValueError(f"SGDTrainer state is missing keys {sorted(missing)}")
+        self._resume = copy.deepcopy(state)
+        self.history = copy.deepcopy(state.get("history", []))
+
+    def _split(self, data: Tensor, validation: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if validation is not None or self.config.val_fraction == 0:
+            return data, validation
+        n = data.shape[0]
+        n_val = int(round(n * self.config.val_fraction))
+        if n_val == 0 or n_val == n:
+            return data, None
+        gen = torch.Generator().manual_seed(self.config.seed)
+        perm = torch.randperm(n, generator=gen).to(data.device)
+        return data[perm[n_val:]], data[perm[:n_val]]
+
+    def fit(
+        self,
+        model: MixtureOfFactorAnalyzers,
+        data: Tensor,
+        validation: Tensor | None = None,
+        callbacks: Sequence[Callable] = (),
+        checkpoint_fn: Callable | None = None,
+    ) -> MixtureOfFactorAnalyzers:
+        """Fit ``model`` in place and return it.
+
+        Args:
+            model: the model to train.
+            data: ``[N, D]`` training rows.
+            validation: ``[M, D]`` held-out rows for early stopping (else a split of ``data``).
+            callbacks: ``cb(trainer, model, record)`` after each epoch.
+            checkpoint_fn: ``fn(trainer, model)`` every ``checkpoint_every`` epochs and at
+                the end.
+        """
+        cfg = self.config
+        if cfg.device is not None:
+            model.to(cfg.device)
+        if not isinstance(data, Tensor):
+            raise TypeError(f"SGDTrainer.fit takes data as a tensor [N, D], got {type(data)}")
+        train = DataSource(data, model, cfg.batch_size, "data").tensor
+        val_rows = (
+            DataSource(validation, model, cfg.batch_size, "validation").tensor
+            if validation is not None
+            else None
+        )
+        train, val_rows = self._split(train, val_rows)
+        n = train.shape[0]
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.schedule == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                optimizer, T_max=cfg.epochs * steps_per_epoch
+            )
+        elif cfg.schedule == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=max(1, cfg.epochs // 3) * steps_per_epoch, gamma=0.3
+            )
+        else:
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            start_epoch = int(state["epoch"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            gen.set_state(state["generator"])
+            best_val, best_params = state["best_val"], state["best_params"]
+            bad_epochs = int(state.get("bad_epochs", 0))
+        else:
+            self.history = []
+            initialise(
+                model, gather_rows(DataSource(train, model, cfg.batch_size), cfg.init_samples,
+                                   cfg.seed),
+                cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
+                kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
+            )
+            start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
+        stopped = False
+        bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", disable=not cfg.progress,
+                   leave=False)
+        for epoch in bar:
+            started = time.perf_counter()
+            perm = torch.randperm(n, generator=gen).to(train.device)
+            total = 0.0
+            for i in range(0, n, cfg.batch_size):
+                batch = train[perm[i : i + cfg.batch_size]]
+                loss = -model._component_log_prob(batch).logsumexp(-1).mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
+                        "the learning rate or raise min_noise"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                total += -loss.item() * batch.shape[0]
+            train_ll = total / n
+            val_ll = self._evaluate(model, val_rows) if val_rows is not None else None
+            score = val_ll if val_ll is not None else train_ll
+            if score > best_val:
+                best_val, bad_epochs = score, 0
+                best_params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            record = {
+                "epoch": epoch + 1, "train_log_likelihood": train_ll,
+                "val_log_likelihood": val_ll, "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - started,
+            }
+            self.history.append(record)
+            bar.set_postfix(ll=f"{train_ll:.4f}", val=f"{val_ll:.4f}" if val_ll else "-")
+            logger.debug("Adam epoch %d: %s", epoch + 1, record)
+            self._state = {
+                "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
+            }
+            for callback in callbacks:
+                callback(self, model, record)
+            if checkpoint_fn is not None and cfg.checkpoint_every and (
+                (epoch + 1) % cfg.checkpoint_every == 0
+            ):
+                checkpoint_fn(self, model)
+            if cfg.patience and bad_epochs >= cfg.patience:
+                logger.info("Adam: early stop after epoch %d (no improvement in %d epochs)",
+                            epoch + 1, cfg.patience)
+                stopped = True
+                break
+        bar.close()
+        if best_params is not None:
+            model.load_state_dict(best_params)
+        if not stopped and val_rows is None and cfg.epochs > 0:
+            warnings.warn(
+                f"Adam ran all {cfg.epochs} epochs without validation data to stop on",
+                ConvergenceWarning, stacklevel=2,
+            )
+        if checkpoint_fn is not None:
+            checkpoint_fn(self, model)
+        return model
+
+    @staticmethod
+    def _evaluate(model: MixtureOfFactorAnalyzers, rows: Tensor) -> float:
+        with torch.no_grad():
+            return model._component_log_prob(rows).logsumexp(-1).double().mean().item()
