@@ -1,0 +1,551 @@
+"""Typed run configuration: dataclasses, YAML files and command-line overrides.
+
+A run is described by one :class:`RunConfig`::
+
+    RunConfig
+    ├── model:  ModelConfig   K, L, noise type, noise floor (D comes from the data)
+    ├── data:   DataConfig    the arguments of ``mfa.data.load_dataset``
+    ├── train:  TrainConfig   method "em" | "sgd" and the trainer settings
+    │   ├── em:  mfa.em.EMConfig
+    │   └── sgd: mfa.sgd.SGDConfig
+    ├── output: OutputConfig  run folder, checkpoints, sample/inpainting figures
+    ├── seed, device
+
+Files in ``configs/*.yaml`` hold the same tree; missing keys take the dataclass defaults::
+
+    config = load_config("configs/mnist.yaml", overrides=["train.em.max_iter=5",
+                                                          "model.n_components=10"])
+
+Every value is checked when a config is built from a mapping (:func:`config_from_dict`,
+:func:`load_config`, :func:`apply_overrides`, :func:`validate_config`): an unknown key at
+any level, a value of the wrong type or a value out of range raises :class:`ValueError`
+naming the dotted key path, the value and what is allowed. Type checks follow the
+dataclass annotations (so a field the trainers add later is checked too); range checks are
+listed in ``_CONSTRAINTS``.
+
+Override values are parsed with ``yaml.safe_load``: ``5`` is an int, ``0.5`` a float,
+``true`` a bool, ``null`` None, ``[center, top]`` a list. PyYAML reads ``1e-3`` (no dot)
+as a string; float fields accept such strings, so ``train.em.tol=1e-3`` works.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import torch
+import yaml
+
+from mfa.em import EMConfig
+from mfa.sgd import SGDConfig
+from mfa.viz import MaskKind
+
+__all__ = [
+    "DATASET_NAMES",
+    "DataConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "make_run_dir",
+    "resolve_device",
+    "save_config",
+    "validate_config",
+]
+
+DatasetName = Literal["embedded-mnist", "mnist", "fashion-mnist", "svhn", "celeba", "folder"]
+#: The names ``mfa.data.load_dataset`` accepts.
+DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
+
+
+# ---------------------------------------------------------------------------- dataclasses
+
+
+@dataclass
+class ModelConfig:
+    """The :class:`~mfa.model.MixtureOfFactorAnalyzers` to build (``n_features`` = data's D)."""
+
+    n_components: int = 10  # K, mixture components
+    n_factors: int = 6  # L, latent factors per component (0 <= L <= D)
+    noise: Literal["diagonal", "isotropic"] = "diagonal"  # factor analysis | probabilistic PCA
+    min_noise: float = 1e-6  # floor added to every noise variance
+
+
+@dataclass
+class DataConfig:
+    """The arguments of ``mfa.data.load_dataset`` (see :meth:`load_kwargs`)."""
+
+    name: DatasetName = "embedded-mnist"  # which dataset
+    root: str | None = None  # folder of the files; None: $MFA_DATA_DIR or ~/.cache/mfa/datasets
+    download: bool = False  # let torchvision fetch a missing dataset into root
+    image_size: int | list[int] | None = None  # side s (shorter side → s, centre crop) or [H, W]
+    val_fraction: float = 0.1  # share held out for validation (where there is no official split)
+    test_fraction: float = 0.1  # share held out for testing (where there is no official split)
+    seed: int = 0  # seeds the split, the limit subsets and the dequantization noise
+    limit: int | None = None  # at most this many images in each split; None: all
+    dequantize: bool = False  # float views are (pixel + uniform noise) / 256
+    num_workers: int = 0  # worker processes for decoding image files
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``mfa.data.load_dataset(**kwargs)``."""
+        kwargs = dataclasses.asdict(self)
+        if isinstance(self.image_size, list):
+            kwargs["image_size"] = tuple(self.image_size)
+        return kwargs
+
+
+@dataclass
+class TrainConfig:
+    """The training method and the settings of both trainers (only ``method``'s is used)."""
+
+    method: Literal["em", "sgd"] = "em"  # EMTrainer or SGDTrainer
+    em: EMConfig = field(default_factory=EMConfig)
+    sgd: SGDConfig = field(default_factory=SGDConfig)
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes and what it draws."""
+
+    dir: str = "runs"  # parent folder of the run folders
+    name: str | None = None  # run folder name; None: numbered, e.g. runs/001-embedded-mnist
+    checkpoint_every: int | None = None  # iterations/epochs; None: the trainer's own setting
+    n_samples: int = 64  # images in the sample grid (0: no grid)
+    grid_nrow: int = 8  # images per row of the sample grid
+    image_scale: int = 2  # nearest-neighbour upscaling of saved figures
+    n_inpaint: int = 8  # test images per inpainting figure (0: no inpainting figures)
+    inpaint_samples: int = 3  # conditional samples per image in the inpainting figures
+    inpaint_masks: list[MaskKind] = field(default_factory=lambda: ["center", "bottom", "right"])
+    mask_image: str | None = None  # PNG mask for the "image" kind (black = hidden)
+    n_factor_components: int = 4  # components drawn in the factor figure (0: none)
+    plot: bool = True  # save the training curve as a PNG
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs; stored inside every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0  # seeds model construction and sampling
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+
+    def trainer_config(self) -> EMConfig | SGDConfig:
+        """A copy of the selected trainer's config, with ``output.checkpoint_every`` applied."""
+        config = copy.deepcopy(self.train.em if self.train.method == "em" else self.train.sgd)
+        if self.output.checkpoint_every is not None:
+            config.checkpoint_every = self.output.checkpoint_every
+        return config
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else → ``torch.device``."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------- value checks
+
+
+def _bad(path: str, value: Any, problem: str) -> ValueError:
+    return ValueError(f"invalid value for {path}: {problem}, got {value!r}")
+
+
+def _at_least(minimum: float):
+    def check(value: Any, path: str) -> None:
+        if value is not None and value < minimum:
+            raise _bad(path, value, f"must be >= {minimum}")
+
+    return check
+
+
+def _positive(value: Any, path: str) -> None:
+    if value is not None and value <= 0:
+        raise _bad(path, value, "must be > 0")
+
+
+def _fraction(value: Any, path: str) -> None:
+    if value is not None and not 0 <= value < 1:
+        raise _bad(path, value, "must be a fraction in [0, 1)")
+
+
+def _image_size(value: Any, path: str) -> None:
+    sizes = value if isinstance(value, list) else [value]
+    if value is not None and any(size < 1 for size in sizes):
+        raise _bad(path, value, "sizes must be >= 1")
+
+
+def _device(value: Any, path: str) -> None:
+    if value is None or value == "auto":
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise _bad(path, value, "must be 'auto', 'cpu', 'cuda', 'cuda:N' or another "
+                   "torch device string") from None
+
+
+def _folder_name(value: Any, path: str) -> None:
+    if value is not None and (value in ("", ".", "..") or Path(value).name != value):
+        raise _bad(path, value, "must be a plain folder name (no path separators)")
+
+
+def _non_empty(value: Any, path: str) -> None:
+    if value == "":
+        raise _bad(path, value, "must not be empty")
+
+
+_count = _at_least(0)
+_one_or_more = _at_least(1)
+
+#: Range checks per dataclass and field (type checks come from the annotations).
+_CONSTRAINTS: dict[type, dict[str, Any]] = {
+    ModelConfig: {"n_components": _one_or_more, "n_factors": _count, "min_noise": _count},
+    DataConfig: {
+        "root": _non_empty,
+        "image_size": _image_size,
+        "val_fraction": _fraction,
+        "test_fraction": _fraction,
+        "seed": _count,
+        "limit": _one_or_more,
+        "num_workers": _count,
+    },
+    OutputConfig: {
+        "dir": _non_empty,
+        "name": _folder_name,
+        "checkpoint_every": _count,
+        "n_samples": _count,
+        "grid_nrow": _one_or_more,
+        "image_scale": _one_or_more,
+        "n_inpaint": _count,
+        "inpaint_samples": _count,
+        "mask_image": _non_empty,
+        "n_factor_components": _count,
+    },
+    RunConfig: {"seed": _count, "device": _device},
+    EMConfig: {
+        "max_iter": _one_or_more,
+        "tol": _count,
+        "batch_size": _one_or_more,
+        "variance_floor": _count,
+        "device": _device,
+        "seed": _count,
+        "n_init": _one_or_more,
+        "kmeans_iter": _count,
+        "complete_iter": _count,
+        "init_samples": _one_or_more,
+        "min_component_mass": _count,
+        "checkpoint_every": _count,
+    },
+    SGDConfig: {
+        "lr": _positive,
+        "batch_size": _one_or_more,
+        "epochs": _one_or_more,
+        "grad_clip": _positive,
+        "val_fraction": _fraction,
+        "patience": _count,
+        "seed": _count,
+        "device": _device,
+        "kmeans_iter": _count,
+        "complete_iter": _count,
+        "init_samples": _one_or_more,
+        "variance_floor": _count,
+        "weight_decay": _count,
+        "checkpoint_every": _count,
+    },
+}
+
+
+def _cross_check(config: Any, path: str) -> None:
+    """Checks that involve several fields of one section."""
+    prefix = f"{path}." if path else ""
+    if isinstance(config, DataConfig):
+        if isinstance(config.image_size, list) and len(config.image_size) != 2:
+            raise _bad(f"{prefix}image_size", config.image_size,
+                       "expected a side or [height, width]")
+        if config.val_fraction + config.test_fraction >= 1:
+            raise ValueError(
+                f"invalid values for {prefix}val_fraction and {prefix}test_fraction: their sum "
+                f"must be < 1, got {config.val_fraction} + {config.test_fraction}"
+            )
+        if config.name == "folder" and config.root is None:
+            raise ValueError(f"invalid value for {prefix}root: required when "
+                             f"{prefix}name is 'folder', got None")
+    if isinstance(config, OutputConfig):
+        if "image" in config.inpaint_masks and config.mask_image is None:
+            raise ValueError(f"invalid value for {prefix}mask_image: required when "
+                             f"{prefix}inpaint_masks contains 'image', got None")
+
+
+# ---------------------------------------------------------------------------- type checks
+
+
+def _describe(hint: Any) -> str:
+    origin = get_origin(hint)
+    if hint is type(None):
+        return "null"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(arg) for arg in get_args(hint))
+    if origin in (list, tuple, Sequence):
+        args = get_args(hint)
+        return f"a list of ({_describe(args[0])})" if args else "a list"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    names = {int: "an int", float: "a float", bool: "a bool", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+_FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; return it (ints become floats)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ValueError:
+                continue
+        raise _bad(path, value, f"expected {_describe(hint)}")
+    if origin is Literal:
+        options = get_args(hint)
+        if any(value == option and type(value) is type(option) for option in options):
+            return value
+        raise _bad(path, value, f"expected {_describe(hint)}")
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            value = dataclasses.asdict(value)
+        return _from_dict(hint, value, path)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad(path, value, "expected a bool (true or false)")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _bad(path, value, "expected an int")
+    if hint is float:
+        if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
+            value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _bad(path, value, "expected a finite float")
+            return float(value)
+        raise _bad(path, value, "expected a float")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _bad(path, value, "expected a string")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise _bad(path, value, f"expected {_describe(hint)}")
+        args = get_args(hint)
+        item_hint = args[0] if args else Any
+        items = [_coerce(item, item_hint, f"{path}[{i}]") for i, item in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    return value  # an annotation this module does not know: no check
+
+
+def _from_dict(cls: type, data: Any, path: str) -> Any:
+    """Build the dataclass ``cls`` from a mapping, checking every key and value."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in fields]
+    where = f"'{path}'" if path else "the top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"invalid value for {path or 'the config'}: expected a mapping with keys "
+            f"{', '.join(names)}, got {data!r}"
+        )
+    for key in data:
+        if key not in names:
+            full = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(
+                f"unknown config key '{full}'{hint}; valid keys under {where}: {', '.join(names)}"
+            )
+    hints = get_type_hints(cls)
+    checks = _CONSTRAINTS.get(cls, {})
+    kwargs = {}
+    for name, value in data.items():
+        key_path = f"{path}.{name}" if path else name
+        value = _coerce(value, hints.get(name, Any), key_path)
+        if name in checks:
+            checks[name](value, key_path)
+        kwargs[name] = value
+    config = cls(**kwargs)
+    _cross_check(config, path)
+    return config
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def config_to_dict(config: RunConfig) -> dict[str, Any]:
+    """A nested dict of plain values (YAML- and checkpoint-safe)."""
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"config must be a RunConfig, got {type(config).__name__}")
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(data: Mapping[str, Any] | None) -> RunConfig:
+    """Build and validate a :class:`RunConfig`; missing keys take their defaults.
+
+    Raises:
+        ValueError: an unknown key (naming its dotted path and the valid keys), a value of
+            the wrong type or out of range (naming the key and the value).
+    """
+    return _from_dict(RunConfig, data, "")
+
+
+def validate_config(config: RunConfig) -> RunConfig:
+    """Check a config built or edited in Python; returns a validated copy."""
+    return config_from_dict(config_to_dict(config))
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if not isinstance(text, str) or "=" not in text:
+        raise ValueError(f"invalid override {text!r}: expected 'dotted.key=value', "
+                         "e.g. 'train.em.max_iter=5'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise ValueError(f"invalid override {text!r}: empty key in '{key}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"invalid override {text!r}: the value is not valid YAML "
+                         f"({error})") from None
+    return parts, value
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                section = ".".join(parts[: i + 1])
+                raise ValueError(f"invalid override {text!r}: '{section}' is a value "
+                                 f"({child!r}), not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
+    """A validated copy of ``config`` with ``"dotted.key=value"`` overrides applied."""
+    return config_from_dict(_apply_overrides(config_to_dict(config), overrides))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()
+) -> RunConfig:
+    """Read a YAML config (``None``: all defaults), apply overrides and validate.
+
+    Args:
+        path: a YAML file holding (part of) the :class:`RunConfig` tree.
+        overrides: ``"dotted.key=value"`` strings, applied in order; values are parsed with
+            ``yaml.safe_load``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: invalid YAML, an unknown key or an invalid value (naming the key path).
+    """
+    data: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level, "
+                             f"got {type(data).__name__}")
+    data = _apply_overrides(data, overrides)
+    try:
+        return config_from_dict(data)
+    except ValueError as error:
+        where = f"config file {path}" if path is not None else "config"
+        raise ValueError(f"{where}: {error}") from None
+
+
+def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``config`` as YAML (atomically: a temporary file, then ``os.replace``)."""
+    path = Path(path)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+_RUN_NUMBER = re.compile(r"^(\d+)-")
+
+
+def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
+    """Create and return the run folder.
+
+    ``output.dir/output.name`` when a name is given (``exist_ok`` as in ``Path.mkdir``);
+    otherwise the next free numbered folder ``output.dir/NNN-<data.name>`` (one more than the
+    highest number there), e.g. ``runs/001-embedded-mnist``. Safe against two runs starting
+    at once: creation is retried with the next number if the folder appeared meanwhile.
+    """
+    parent = Path(config.output.dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    if config.output.name is not None:
+        run_dir = parent / config.output.name
+        run_dir.mkdir(exist_ok=exist_ok)
+        return run_dir
+    numbers = [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_NUMBER.match(p.name))]
+    number = max(numbers, default=0) + 1
+    while True:
+        run_dir = parent / f"{number:03d}-{config.data.name}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            number += 1

@@ -1,0 +1,524 @@
+"""Image grids, inpainting and factor figures, inpainting masks and training curves.
+
+Conventions:
+
+* Images are float tensors ``[N, C, H, W]`` with values in ``[0, 1]`` (clamped for display;
+  NaN shows as 0). ``C`` is 1 (grayscale) or 3 (RGB).
+* Data rows are flattened channel-first (CHW): feature ``c·H·W + h·W + w`` is channel ``c``,
+  row ``h``, column ``w`` (:func:`rows_to_images`, :func:`images_to_rows`).
+* Grids are returned as ``PIL.Image`` in mode ``"L"`` (8-bit grayscale) for ``C = 1`` and
+  ``"RGB"`` for ``C = 3`` (and for grayscale inpainting figures with a coloured hidden
+  marker). Like ``torchvision.utils.make_grid``, ``nrow`` is the number of images per row and
+  ``padding`` pixels of ``pad_value`` surround every cell.
+* Masks are bool ``[N, D]`` *observed* masks: ``True`` where a pixel is visible, ``False``
+  where it is hidden and must be inpainted. A mask hides all channels of a pixel.
+* Plots use matplotlib's Agg canvas directly (no pyplot, no display, no global state).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mfa.model import MixtureOfFactorAnalyzers
+
+__all__ = [
+    "MASK_KINDS",
+    "factor_grid",
+    "image_grid",
+    "images_to_rows",
+    "inpainting_grid",
+    "make_mask",
+    "plot_training_curve",
+    "rows_to_images",
+    "sample_grid",
+    "save_image",
+    "save_image_grid",
+    "upscale",
+]
+
+MaskKind = Literal["center", "top", "bottom", "left", "right", "random", "image"]
+#: ``"center"``: the central square of half the side is hidden; ``"top"``/``"bottom"``/
+#: ``"left"``/``"right"``: that half is hidden; ``"random"``: a ``fraction`` of the pixels is
+#: hidden; ``"image"``: black pixels of a user mask image are hidden.
+MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+
+#: Default colour of hidden pixels in the masked-input column of :func:`inpainting_grid`:
+#: magenta, which neither digits nor natural photographs contain.
+HIDDEN_COLOR = (1.0, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or any(s < 1 for s in shape):
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
+    return shape  # type: ignore[return-value]
+
+
+def rows_to_images(x: Tensor, image_shape: Sequence[int]) -> Tensor:
+    """``[N, D]`` rows → ``[N, C, H, W]`` images (CHW order: ``d = c·H·W + h·W + w``)."""
+    c, h, w = _check_image_shape(image_shape)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != c * h * w:
+        raise ValueError(
+            f"x must have shape [N, C*H*W] = [N, {c * h * w}] for image_shape {(c, h, w)}, "
+            f"got {tuple(x.shape)}"
+        )
+    return x.reshape(x.shape[0], c, h, w)
+
+
+def images_to_rows(images: Tensor) -> Tensor:
+    """``[N, C, H, W]`` → ``[N, C·H·W]``, the inverse of :func:`rows_to_images`."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a tensor [N, C, H, W], got {_shape_of(images)}")
+    return images.reshape(images.shape[0], -1)
+
+
+def _shape_of(x: object) -> object:
+    return tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+
+
+# ---------------------------------------------------------------------------- grids
+
+
+def _as_images(images: Tensor) -> Tensor:
+    """Validate and convert to float32 ``[N, C, H, W]`` in ``[0, 1]`` on the CPU."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() == 3:  # [N, H, W] grayscale
+        images = images.unsqueeze(1)
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"images must have shape [N, C, H, W] with C = 1 or 3, got {tuple(images.shape)}"
+        )
+    if images.shape[0] == 0:
+        raise ValueError("images must contain at least one image, got N = 0")
+    images = images.detach().cpu()
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point (or uint8), got {images.dtype}")
+    return torch.nan_to_num(images.float(), nan=0.0).clamp(0.0, 1.0)
+
+
+def _to_uint8(x: Tensor) -> Tensor:
+    return (x * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+
+
+def _grid_tensor(images: Tensor, nrow: int, padding: int, pad_value: float) -> Tensor:
+    """``[N, C, H, W]`` in [0, 1] → ``[C, H', W']`` with ``nrow`` images per row."""
+    n, c, h, w = images.shape
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    grid = images.new_full(
+        (c, rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value)
+    )
+    for i in range(n):
+        top = padding + (i // cols) * (h + padding)
+        left = padding + (i % cols) * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def _to_pil(grid: Tensor) -> Image.Image:
+    """``[C, H, W]`` in [0, 1] → PIL ``"L"`` (C = 1) or ``"RGB"`` (C = 3)."""
+    array = _to_uint8(grid).permute(1, 2, 0).contiguous().numpy()
+    if grid.shape[0] == 1:
+        return Image.fromarray(array[:, :, 0])
+    return Image.fromarray(array)
+
+
+def _check_grid_args(nrow: int, padding: int, pad_value: float) -> None:
+    if not isinstance(nrow, int) or isinstance(nrow, bool) or nrow < 1:
+        raise ValueError(f"nrow must be an int >= 1, got {nrow!r}")
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if not 0.0 <= float(pad_value) <= 1.0:
+        raise ValueError(f"pad_value must be in [0, 1], got {pad_value!r}")
+
+
+def image_grid(
+    images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0
+) -> Image.Image:
+    """Tile images into one 8-bit picture.
+
+    Args:
+        images: ``[N, C, H, W]`` (or ``[N, H, W]``), float in ``[0, 1]`` (clamped) or uint8;
+            ``C`` is 1 or 3.
+        nrow: images per row; the grid has ``ceil(N / nrow)`` rows, empty cells are
+            ``pad_value``.
+        padding: pixels between cells and around the border.
+        pad_value: grey level of the padding, in ``[0, 1]``.
+
+    Returns:
+        A ``PIL.Image`` of width ``cols·(W + padding) + padding`` and height
+        ``rows·(H + padding) + padding`` (``cols = min(nrow, N)``), mode ``"L"`` for
+        ``C = 1`` and ``"RGB"`` for ``C = 3``.
+    """
+    _check_grid_args(nrow, padding, pad_value)
+    return _to_pil(_grid_tensor(_as_images(images), nrow, padding, pad_value))
+
+
+def upscale(image: Image.Image, scale: int) -> Image.Image:
+    """Enlarge by an integer factor with nearest-neighbour resampling (crisp pixels)."""
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    if scale == 1:
+        return image
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
+
+
+def save_image(image: Image.Image, path: str | os.PathLike[str], *, scale: int = 1) -> Path:
+    """Save a PIL image (format from the suffix, e.g. ``.png``), creating parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    upscale(image, scale).save(path)
+    return path
+
+
+def save_image_grid(
+    images: Tensor,
+    path: str | os.PathLike[str],
+    nrow: int = 8,
+    *,
+    padding: int = 2,
+    pad_value: float = 1.0,
+    scale: int = 1,
+) -> Path:
+    """:func:`image_grid` saved to ``path``, upscaled ``scale`` times (nearest neighbour).
+
+    ``scale=3`` makes a grid of 28×28 digits readable on screen. Returns ``path``.
+    """
+    return save_image(image_grid(images, nrow, padding, pad_value), path, scale=scale)
+
+
+def sample_grid(
+    model: MixtureOfFactorAnalyzers,
+    n: int,
+    image_shape: Sequence[int],
+    nrow: int = 8,
+    *,
+    generator: torch.Generator | None = None,
+    padding: int = 2,
+) -> Image.Image:
+    """A grid of ``n`` samples of ``model`` (rows reshaped to ``image_shape``, clamped)."""
+    with torch.no_grad():
+        x, _ = model.sample(n, generator=generator)
+    return image_grid(rows_to_images(x, image_shape), nrow, padding)
+
+
+# ---------------------------------------------------------------------------- inpainting
+
+
+def _check_rows(x: Tensor, name: str, n: int | None, d: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != d or (n is not None and x.shape[0] != n):
+        expected = f"[{n if n is not None else 'N'}, {d}]"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    return x.detach().cpu()
+
+
+def inpainting_grid(
+    original: Tensor,
+    masked_input: Tensor | None,
+    mean: Tensor,
+    samples: Tensor | None,
+    image_shape: Sequence[int],
+    mask: Tensor,
+    *,
+    hidden_color: float | Sequence[float] = HIDDEN_COLOR,
+    padding: int = 2,
+    pad_value: float = 1.0,
+) -> Image.Image:
+    """One row per image: original | masked input | conditional mean | S samples.
+
+    Args:
+        original: ``[N, D]`` the complete images.
+        masked_input: ``[N, D]`` what the model was given (``None``: ``original``); its hidden
+            pixels are painted ``hidden_color``, so only the observed pixels are shown.
+        mean: ``[N, D]`` the conditional means ``E[x_hidden | x_observed]``.
+        samples: ``[S, N, D]`` conditional samples, or ``None`` for none.
+        image_shape: ``(C, H, W)`` with ``D = C·H·W``.
+        mask: bool ``[N, D]`` (or ``[D]`` for all rows), ``True`` where observed.
+        hidden_color: RGB triple in ``[0, 1]`` (default magenta) or one grey level. A grey
+            level keeps grayscale images in mode ``"L"``; a colour makes the figure RGB.
+
+    Returns:
+        A ``PIL.Image`` with ``N`` rows and ``3 + S`` columns.
+    """
+    c, h, w = _check_image_shape(image_shape)
+    d = c * h * w
+    original = _check_rows(original, "original", None, d)
+    n = original.shape[0]
+    masked_input = original if masked_input is None else masked_input
+    masked_input = _check_rows(masked_input, "masked_input", n, d)
+    mean = _check_rows(mean, "mean", n, d)
+    if samples is None:
+        samples = mean.new_zeros(0, n, d)
+    if not isinstance(samples, Tensor) or samples.dim() != 3 or samples.shape[1:] != (n, d):
+        raise ValueError(f"samples must have shape [S, {n}, {d}], got {_shape_of(samples)}")
+    samples = samples.detach().cpu()
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = observed), got {_shape_of(mask)}")
+    mask = mask.detach().cpu()
+    if mask.dim() == 1:
+        mask = mask.expand(n, -1)
+    if tuple(mask.shape) != (n, d):
+        raise ValueError(f"mask must have shape [{n}, {d}] or [{d}], got {tuple(mask.shape)}")
+
+    if isinstance(hidden_color, (int, float)):
+        color = [float(hidden_color)] * (1 if c == 1 else 3)
+    else:
+        color = [float(v) for v in hidden_color]
+        if len(color) != 3:
+            raise ValueError(f"hidden_color must be a grey level or an RGB triple, "
+                             f"got {hidden_color!r}")
+    if not all(0.0 <= v <= 1.0 for v in color):
+        raise ValueError(f"hidden_color values must be in [0, 1], got {hidden_color!r}")
+    out_c = max(c, len(color))
+
+    def images(rows: Tensor) -> Tensor:
+        x = _as_images(rows_to_images(rows, (c, h, w)))
+        return x.expand(-1, out_c, -1, -1) if x.shape[1] != out_c else x
+
+    shown = images(masked_input).clone()
+    hidden = ~rows_to_images(mask, (c, h, w)).all(dim=1)  # [N, H, W], any channel hidden
+    fill = torch.tensor(color).view(out_c, 1, 1).expand(out_c, h, w)
+    shown = torch.where(hidden.unsqueeze(1), fill, shown)
+
+    columns = [images(original), shown, images(mean)] + [images(s) for s in samples]
+    cells = torch.stack(columns, dim=1).reshape(-1, out_c, h, w)  # row-major: image, column
+    _check_grid_args(len(columns), padding, pad_value)
+    return _to_pil(_grid_tensor(cells, len(columns), padding, pad_value))
+
+
+# ---------------------------------------------------------------------------- factors
+
+
+def _normalise(x: Tensor) -> Tensor:
+    """Min-max scale to [0, 1] (jointly over channels); a constant image becomes 0.5."""
+    low, high = x.min(), x.max()
+    if float(high - low) <= 0:
+        return torch.full_like(x, 0.5)
+    return (x - low) / (high - low)
+
+
+def factor_grid(
+    model: MixtureOfFactorAnalyzers,
+    component: int | Sequence[int],
+    image_shape: Sequence[int],
+    scale: float = 2.0,
+    *,
+    max_factors: int | None = None,
+    padding: int = 2,
+    pad_value: float = 1.0,
+) -> Image.Image:
+    """What each factor of a component does, as in the factor figure of "On GANs and GMMs".
+
+    One row per component ``k``::
+
+        μ_k | √d_k | μ_k − c·A_k1 | A_k1 | μ_k + c·A_k1 | ... | μ_k − c·A_kL | A_kL | μ_k + c·A_kL
+
+    ``μ_k ± c·A_ki`` are clamped to [0, 1]; the noise standard deviation ``√d_k`` and each
+    column ``A_ki`` are min-max normalised to [0, 1] for display (a constant image shows as
+    mid grey).
+
+    Args:
+        model: a trained model over ``D = C·H·W`` features.
+        component: one component index or several (one row each).
+        image_shape: ``(C, H, W)``.
+        scale: ``c``, how far to move along each factor (in latent standard deviations).
+        max_factors: show at most this many factors per component (default all ``L``).
+    """
+    c, h, w = _check_image_shape(image_shape)
+    if model.n_features != c * h * w:
+        raise ValueError(f"image_shape {(c, h, w)} has {c * h * w} pixels but the model has "
+                         f"n_features={model.n_features}")
+    components = [component] if isinstance(component, int) else list(component)
+    if not components:
+        raise ValueError("component must name at least one component")
+    for k in components:
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < model.n_components:
+            raise ValueError(f"component must be in [0, {model.n_components}), got {k!r}")
+    n_factors = model.n_factors if max_factors is None else min(max_factors, model.n_factors)
+    if n_factors < 0:
+        raise ValueError(f"max_factors must be >= 0, got {max_factors!r}")
+    with torch.no_grad():
+        means = model.means.detach().cpu().float()
+        loadings = model.factor_loadings.detach().cpu().float()
+        noise_std = model.noise_variance.detach().cpu().float().sqrt()
+    cells = []
+    for k in components:
+        mu = means[k]
+        cells += [mu.clamp(0, 1), _normalise(noise_std[k])]
+        for i in range(n_factors):
+            a = loadings[k, :, i]
+            cells += [(mu - scale * a).clamp(0, 1), _normalise(a), (mu + scale * a).clamp(0, 1)]
+    images = rows_to_images(torch.stack(cells), (c, h, w))
+    return image_grid(images, 2 + 3 * n_factors, padding, pad_value)
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _pixel_mask_to_rows(hidden: Tensor, c: int) -> Tensor:
+    """``hidden`` bool ``[N, H, W]`` → observed bool ``[N, C·H·W]`` (all channels alike)."""
+    n = hidden.shape[0]
+    return (~hidden).unsqueeze(1).expand(n, c, *hidden.shape[1:]).reshape(n, -1)
+
+
+def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
+    """A mask picture (path or PIL image; black = hidden) → hidden bool ``[H, W]``."""
+    if isinstance(mask_image, (str, os.PathLike)):
+        path = Path(mask_image)
+        if not path.is_file():
+            raise FileNotFoundError(f"mask image {path} does not exist")
+        with Image.open(path) as opened:
+            picture = opened.convert("L")
+    elif isinstance(mask_image, Image.Image):
+        picture = mask_image.convert("L")
+    else:
+        raise TypeError(
+            f"mask_image must be a path or a PIL image, got {type(mask_image).__name__}"
+        )
+    picture = picture.resize((w, h), Image.Resampling.NEAREST)
+    grey = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(h, w)
+    return grey < 128
+
+
+def make_mask(
+    kind: str,
+    image_shape: Sequence[int],
+    n: int,
+    generator: torch.Generator | None = None,
+    fraction: float = 0.5,
+    mask_image: str | os.PathLike[str] | Image.Image | None = None,
+) -> Tensor:
+    """Observed masks for inpainting: bool ``[n, C·H·W]``, ``True`` where a pixel is visible.
+
+    Kinds (see :data:`MASK_KINDS`):
+
+    * ``"center"``: the central square of side ``H//2 × W//2`` (rows ``H//4 ..``) is hidden.
+    * ``"top"`` / ``"bottom"``: the top ``H//2`` / bottom ``H//2`` rows are hidden.
+    * ``"left"`` / ``"right"``: the left ``W//2`` / right ``W//2`` columns are hidden.
+    * ``"random"``: exactly ``round(fraction·H·W)`` pixels are hidden, chosen independently
+      per image with ``generator`` (CPU; ``None``: a generator seeded with 0, so the same call
+      gives the same masks).
+    * ``"image"``: ``mask_image`` (a path to a PNG or a PIL image) is converted to grey,
+      resized to ``H × W`` with nearest-neighbour resampling, and its dark pixels (grey level
+      < 128, i.e. black) are hidden; the same mask for every image.
+
+    A hidden pixel is hidden in every channel. The masks are on the CPU.
+    """
+    c, h, w = _check_image_shape(image_shape)
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    hidden = torch.zeros(h, w, dtype=torch.bool)
+    if kind == "center":
+        top, left = h // 4, w // 4
+        hidden[top : top + h // 2, left : left + w // 2] = True
+    elif kind == "top":
+        hidden[: h // 2] = True
+    elif kind == "bottom":
+        hidden[h - h // 2 :] = True
+    elif kind == "left":
+        hidden[:, : w // 2] = True
+    elif kind == "right":
+        hidden[:, w - w // 2 :] = True
+    elif kind == "image":
+        if mask_image is None:
+            raise ValueError("kind 'image' needs mask_image (a PNG path or a PIL image)")
+        hidden = _load_mask_image(mask_image, h, w)
+    else:  # random
+        if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        n_hidden = round(fraction * h * w)
+        order = torch.rand(n, h * w, generator=generator).argsort(dim=1)
+        flat = torch.zeros(n, h * w, dtype=torch.bool)
+        flat.scatter_(1, order[:, :n_hidden], True)
+        return _pixel_mask_to_rows(flat.view(n, h, w), c)
+    return _pixel_mask_to_rows(hidden.expand(n, h, w), c)
+
+
+# ---------------------------------------------------------------------------- curves
+
+
+def plot_training_curve(
+    history: Sequence[Mapping[str, object]],
+    path: str | os.PathLike[str],
+    keys: Sequence[str] = ("train_log_likelihood", "val_log_likelihood"),
+    *,
+    x_key: str | None = None,
+    title: str | None = None,
+) -> Path:
+    """Plot ``keys`` of a trainer's ``history`` against the iteration or epoch; save a PNG.
+
+    Args:
+        history: records such as ``{"iteration": 3, "train_log_likelihood": -512.0, ...}``.
+            Missing or ``None`` values are skipped. Records with several values of ``"run"``
+            (EM restarts, ``n_init > 1``) are drawn as one line per run.
+        path: the output file (format from the suffix, normally ``.png``).
+        keys: the record keys to draw, one line each.
+        x_key: the x-axis key; default ``"iteration"`` or ``"epoch"`` when the records have
+            it, else the record index.
+        title: the figure title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    history = list(history)
+    if x_key is None:
+        first = history[0] if history else {}
+        x_key = next((k for k in ("iteration", "epoch") if k in first), None)
+    figure = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    runs = sorted({r["run"] for r in history if isinstance(r.get("run"), int)})
+    groups = [(None, history)] if len(runs) < 2 else [
+        (run, [r for r in history if r.get("run") == run]) for run in runs
+    ]
+    drawn = False
+    for key in keys:
+        for run, records in groups:
+            points = [
+                (record.get(x_key, i) if x_key else i, record[key])
+                for i, record in enumerate(records)
+                if isinstance(record.get(key), (int, float)) and not isinstance(record[key], bool)
+            ]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                label = key if run is None else f"{key} (run {run})"
+                axes.plot(xs, ys, marker="o", markersize=3, label=label)
+                drawn = True
+    if drawn:
+        axes.legend()
+    else:
+        axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel(x_key or "record")
+    axes.set_ylabel("log-likelihood per sample (nats)" if any("log_likelihood" in k
+                                                               for k in keys) else "value")
+    axes.grid(True, alpha=0.3)
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path

@@ -1,0 +1,406 @@
+"""Tests of mfa.checkpoint: round trips, atomic writes, and refusing bad or hostile files."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.checkpoint import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mfa.config import RunConfig, load_config
+
+
+def make_model(k=3, d=12, lat=2, noise="diagonal", seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    model = MixtureOfFactorAnalyzers(k, d, lat, noise, generator=g, dtype=dtype)
+    with torch.no_grad():
+        model.logits.copy_(torch.randn(k, generator=g, dtype=dtype))
+        model.loc.copy_(torch.randn(k, d, generator=g, dtype=dtype))
+        model.raw_noise.normal_(generator=g)
+    return model
+
+
+def trainer_state():
+    return {
+        "iteration": 7,
+        "best_log_likelihood": -123.5,
+        "converged": False,
+        "history": [{"iteration": 1, "train_log_likelihood": -200.0, "val_log_likelihood": None}],
+        "rng_state": torch.Generator().manual_seed(3).get_state(),
+        "statistics": {"mass": torch.arange(3.0), "shape": (3, 12)},
+        5: "int keys survive",
+        "stats_dtype": torch.float64,
+    }
+
+
+def assert_same(a, b, where="state"):
+    """Deep equality for nested dicts/lists/tuples with tensors."""
+    assert type(a) is type(b), f"{where}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_round_trip(tmp_path, noise):
+    model = make_model(noise=noise)
+    config = load_config(overrides=["model.n_components=3", "train.em.max_iter=4"])
+    state = trainer_state()
+    path = save_checkpoint(tmp_path / "model.pt", model, run_config=config,
+                           trainer_state=state, metrics={"test_bits_per_dim": 1.25, "n": 10})
+    assert path == tmp_path / "model.pt"
+    assert no_temporaries(tmp_path)
+
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded, Checkpoint)
+    assert loaded.path == path
+    assert loaded.version == FORMAT_VERSION
+    assert loaded.model.config() == model.config()
+    assert loaded.model.dtype == torch.float64
+    x = torch.randn(20, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(loaded.model.log_prob(x), model.log_prob(x))
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+    assert loaded.run_config == config
+    assert_same(loaded.trainer_state, state)
+    assert loaded.metrics == {"test_bits_per_dim": 1.25, "n": 10}
+
+
+def test_minimal_checkpoint_and_float32(tmp_path):
+    model = make_model(dtype=torch.float32, lat=0)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model))
+    assert loaded.run_config is None and loaded.trainer_state is None and loaded.metrics is None
+    assert loaded.model.dtype == torch.float32 and loaded.model.n_factors == 0
+    x = torch.randn(5, 12)
+    assert torch.equal(loaded.model.log_prob(x), model.log_prob(x))
+
+
+def test_run_config_may_be_a_dict_and_is_validated(tmp_path):
+    model = make_model()
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model,
+                                             run_config={"model": {"n_components": 3}}))
+    assert loaded.run_config.model.n_components == 3
+    with pytest.raises(ValueError, match=r"unknown config key 'model\.k'"):
+        save_checkpoint(tmp_path / "bad.pt", model, run_config={"model": {"k": 3}})
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_overwriting_replaces_the_checkpoint(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_model(seed=0))
+    save_checkpoint(path, make_model(seed=1), metrics={"second": True})
+    loaded = load_checkpoint(path)
+    assert loaded.metrics == {"second": True}
+    assert torch.equal(loaded.model.loc, make_model(seed=1).loc)
+    assert no_temporaries(tmp_path)
+
+
+def test_views_numpy_and_cpu_copies(tmp_path):
+    np = pytest.importorskip("numpy")
+    big = torch.arange(10_000.0)
+    state = {"view": big[:3], "np_scalar": np.float64(2.5), "np_array": np.arange(4)}
+    save_checkpoint(tmp_path / "m.pt", make_model(), trainer_state=state)
+    loaded = load_checkpoint(tmp_path / "m.pt").trainer_state
+    assert torch.equal(loaded["view"], torch.tensor([0.0, 1.0, 2.0]))
+    assert loaded["view"].untyped_storage().nbytes() == 3 * 4  # not the whole 10 000 values
+    assert loaded["np_scalar"] == 2.5 and isinstance(loaded["np_scalar"], float)
+    assert torch.equal(loaded["np_array"], torch.arange(4))
+
+
+def test_unsafe_trainer_state_is_refused_when_saving(tmp_path):
+    class Opaque:
+        pass
+
+    with pytest.raises(TypeError, match=r"trainer_state\['inner'\]\[0\] holds an object.*Opaque"):
+        save_checkpoint(tmp_path / "m.pt", make_model(), trainer_state={"inner": [Opaque()]})
+    with pytest.raises(TypeError, match=r"metrics must be a dict"):
+        save_checkpoint(tmp_path / "m.pt", make_model(), metrics=[1, 2])
+    with pytest.raises(TypeError, match=r"model must be a MixtureOfFactorAnalyzers"):
+        save_checkpoint(tmp_path / "m.pt", torch.nn.Linear(2, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_run_config_object_is_refused_when_saving(tmp_path):
+    config = RunConfig()
+    config.model.n_factors = -1
+    with pytest.raises(ValueError, match=r"model\.n_factors: must be >= 0"):
+        save_checkpoint(tmp_path / "m.pt", make_model(), run_config=config)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_map_location_to_a_missing_device(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    with pytest.raises(CheckpointError, match=r"m\.pt cannot be read with map_location='cuda'"
+                                              r".*CUDA"):
+        load_checkpoint(path, map_location="cuda")
+
+
+def test_map_location(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", make_model(), trainer_state={"t": torch.ones(2)})
+    loaded = load_checkpoint(tmp_path / "m.pt", map_location=torch.device("cpu"))
+    assert loaded.model.device.type == "cpu"
+    assert loaded.trainer_state["t"].device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------- atomicity
+
+
+def test_failed_write_keeps_the_old_checkpoint_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_model(seed=0), metrics={"version": "good"})
+    before = path.read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial archive")  # half an archive in the temporary file
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, make_model(seed=1), metrics={"version": "bad"})
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert load_checkpoint(path).metrics == {"version": "good"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_interrupted_first_write_leaves_nothing(tmp_path, monkeypatch):
+    def interrupted(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "m.pt", make_model())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_onto_a_directory_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        save_checkpoint(tmp_path / "d", make_model())
+
+
+def test_creates_parent_folders(tmp_path):
+    path = save_checkpoint(tmp_path / "a" / "b" / "m.pt", make_model())
+    assert load_checkpoint(path).model.n_components == 3
+
+
+# ---------------------------------------------------------------------------- bad files
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.pt"
+    with pytest.raises(CheckpointNotFoundError, match=r"absent\.pt does not exist") as info:
+        load_checkpoint(path)
+    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_truncated_file(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(), trainer_state=trainer_state())
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 30):
+        truncated = tmp_path / f"cut{cut}.pt"
+        truncated.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=rf"cut{cut}\.pt is truncated or corrupted"):
+            load_checkpoint(truncated)
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.pt is empty \(0 bytes\)"):
+        load_checkpoint(empty)
+
+
+def test_corrupted_file(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    for i in range(start, start + 40):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"m\.pt.*(corrupted|refusing)"):
+        load_checkpoint(path)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(os.urandom(64) + b"not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match=r"garbage\.pt is not an mfa checkpoint"):
+        load_checkpoint(path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.txt is not an mfa checkpoint"):
+        load_checkpoint(text)
+
+
+def test_a_pytorch_file_that_is_not_an_mfa_checkpoint(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"weights\.pt is not an mfa checkpoint.*'format'"):
+        load_checkpoint(path)
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match=r"weights\.pt is not an mfa checkpoint"):
+        load_checkpoint(path)
+
+
+def rewrite(path: Path, change) -> None:
+    """Load a checkpoint's raw payload, change it and save it again (not atomically)."""
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+def test_newer_format_version(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    rewrite(path, lambda p: p.update(version=FORMAT_VERSION + 1))
+    with pytest.raises(CheckpointError, match=rf"m\.pt has format version {FORMAT_VERSION + 1}"
+                                              r".*newer mfa.*upgrade"):
+        load_checkpoint(path)
+    rewrite(path, lambda p: p.update(version="one"))
+    with pytest.raises(CheckpointError, match=r"m\.pt has an invalid format version 'one'"):
+        load_checkpoint(path)
+
+
+def test_state_that_does_not_match_the_config(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(k=3, d=12, lat=2))
+    rewrite(path, lambda p: p["model_config"].update(n_factors=3))
+    with pytest.raises(CheckpointError, match=r"m\.pt: the saved model state does not match "
+                                              r"its model config.*size mismatch for loadings"):
+        load_checkpoint(path)
+
+    path = save_checkpoint(tmp_path / "m2.pt", make_model())
+    rewrite(path, lambda p: p["model_state"].pop("raw_noise"))
+    with pytest.raises(CheckpointError, match=r"m2\.pt: the saved model state.*raw_noise"):
+        load_checkpoint(path)
+
+    path = save_checkpoint(tmp_path / "m3.pt", make_model())
+    rewrite(path, lambda p: p["model_config"].update(noise="full"))
+    with pytest.raises(CheckpointError, match=r"m3\.pt has an invalid model config.*noise"):
+        load_checkpoint(path)
+
+
+def test_invalid_run_config_inside(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(), run_config=RunConfig())
+    rewrite(path, lambda p: p["run_config"]["model"].update(n_components=-4))
+    with pytest.raises(CheckpointError, match=r"m\.pt holds an invalid run config.*"
+                                              r"model\.n_components"):
+        load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- hostile files
+
+
+class Payload:
+    """Unpickling this calls ``marker.touch()``: a stand-in for arbitrary code execution."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_inside_a_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    payload = torch.load(path, weights_only=True)
+    payload["trainer_state"] = {"step": Payload(marker)}
+    torch.save(payload, path)  # a genuine-looking checkpoint with a hostile object inside
+    assert not marker.exists()
+
+    with pytest.raises(CheckpointError, match=r"refusing to load checkpoint .*m\.pt.*"
+                                              r"(?s:.*)may be malicious"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+    # Sanity check of the test itself: an unrestricted load would have run the payload.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_malicious_raw_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as file:
+        pickle.dump({"format": FORMAT_NAME, "x": Payload(marker)}, file)
+    with pytest.raises(CheckpointError, match=r"evil\.pt is not an mfa checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_malicious_legacy_torch_file_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT_NAME, "x": Payload(marker)}, buffer,
+               _use_new_zipfile_serialization=False)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointError, match=r"legacy\.pt"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------- with a trainer
+
+
+def test_em_trainer_state_round_trips(tmp_path):
+    em = pytest.importorskip("mfa.em")
+    if not hasattr(em, "EMTrainer"):
+        pytest.skip("mfa.em.EMTrainer is not written yet")
+    import warnings
+
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    model = make_model(k=2, d=8, lat=1)
+    trainer = em.EMTrainer(em.EMConfig(max_iter=2, progress=False, kmeans_iter=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, x)
+    state = trainer.state_dict()
+    path = save_checkpoint(tmp_path / "em.pt", model, run_config=RunConfig(),
+                           trainer_state=state, metrics={"history": trainer.history})
+    loaded = load_checkpoint(path)
+    assert_same(loaded.trainer_state, _plain_copy(state))
+    assert torch.equal(loaded.model.log_prob(x), model.log_prob(x))
+    em.EMTrainer(em.EMConfig(max_iter=2, progress=False)).load_state_dict(loaded.trainer_state)
+
+
+def _plain_copy(state):
+    """What a checkpoint stores for ``state``: tensors on the CPU, containers as they are."""
+    from mfa.checkpoint import _plain
+
+    return _plain(state, "state")

@@ -1,0 +1,354 @@
+"""Tests of mfa.config: YAML files, overrides, validation, round trips, run folders."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mfa.config import (
+    DATASET_NAMES,
+    DataConfig,
+    ModelConfig,
+    OutputConfig,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    make_run_dir,
+    resolve_device,
+    save_config,
+    validate_config,
+)
+from mfa.em import EMConfig
+from mfa.sgd import SGDConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def write_yaml(path: Path, data: object) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------- shipped configs
+
+
+def test_the_shipped_configs_exist():
+    names = {p.stem for p in CONFIG_FILES}
+    assert {"embedded-mnist", "mnist", "fashion-mnist", "svhn", "celeba"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    assert config.data.name == path.stem
+    assert validate_config(config) == config
+    assert config.model.n_factors >= 1
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_every_key_of_the_shipped_configs_is_commented(path):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if re.match(r"^\s*[A-Za-z_]+:", line):
+            assert "#" in line, f"{path.name}:{number} has a key without a comment: {line!r}"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_the_shipped_configs_set_every_key(path):
+    """The files document every setting: nothing is left to a hidden default."""
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+
+    def missing(cls, data, prefix):
+        out = []
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                out.append(prefix + f.name)
+            elif dataclasses.is_dataclass(f.default_factory if f.default_factory is not
+                                          dataclasses.MISSING else None):
+                out += missing(f.default_factory, data[f.name], f"{prefix}{f.name}.")
+        return out
+
+    assert missing(RunConfig, raw, "") == []
+
+
+def test_the_default_config_is_the_small_embedded_model():
+    config = load_config(CONFIG_DIR / "embedded-mnist.yaml")
+    assert config.data.name == "embedded-mnist"
+    assert config.train.method == "em"
+    assert config.model.n_components <= 20 and config.model.n_factors <= 10
+    assert config.train.em.max_iter <= 30
+
+
+def test_celeba_config_follows_the_paper():
+    config = load_config(CONFIG_DIR / "celeba.yaml")
+    assert (config.model.n_components, config.model.n_factors) == (300, 10)
+    assert config.data.image_size == 64
+    assert config.device == "cuda"
+
+
+def test_dataset_names_match_the_loader():
+    data = pytest.importorskip("mfa.data")
+    assert tuple(DATASET_NAMES) == tuple(data.DATASET_NAMES)
+    parameters = inspect.signature(data.load_dataset).parameters
+    for key in DataConfig().load_kwargs():
+        assert key in parameters, f"load_dataset has no parameter {key!r}"
+
+
+# ---------------------------------------------------------------------------- defaults, round trip
+
+
+def test_defaults_and_nested_trainer_configs():
+    config = load_config()
+    assert config == RunConfig()
+    assert isinstance(config.train.em, EMConfig)
+    assert isinstance(config.train.sgd, SGDConfig)
+    assert config.model == ModelConfig()
+
+
+def test_missing_keys_take_defaults(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"n_components": 3}})
+    config = load_config(path)
+    assert config.model.n_components == 3
+    assert config.model.n_factors == ModelConfig().n_factors
+    assert config.train.em == EMConfig()
+
+
+def test_empty_file_is_all_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing\n")
+    assert load_config(path) == RunConfig()
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_dict_round_trip(path):
+    config = load_config(path)
+    data = config_to_dict(config)
+    assert isinstance(data["train"]["em"], dict)
+    assert config_from_dict(data) == config
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(overrides=["model.n_components=7", "train.method=sgd",
+                                    "data.image_size=[20, 24]", "output.name=my-run"])
+    path = save_config(config, tmp_path / "sub" / "saved.yaml")
+    assert path.is_file()
+    assert load_config(path) == config
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_load_kwargs_match_the_loader_signature():
+    config = load_config(overrides=["data.image_size=[20, 24]"])
+    kwargs = config.data.load_kwargs()
+    assert kwargs["image_size"] == (20, 24)
+    assert kwargs["name"] == "embedded-mnist"
+
+
+def test_trainer_config_applies_output_checkpoint_every():
+    config = load_config(overrides=["train.em.checkpoint_every=3"])
+    assert config.trainer_config().checkpoint_every == 3
+    config = apply_overrides(config, ["output.checkpoint_every=5"])
+    trainer = config.trainer_config()
+    assert isinstance(trainer, EMConfig) and trainer.checkpoint_every == 5
+    assert config.train.em.checkpoint_every == 3  # a copy, not the stored config
+    config = apply_overrides(config, ["train.method=sgd"])
+    assert isinstance(config.trainer_config(), SGDConfig)
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+# ---------------------------------------------------------------------------- overrides
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config(
+        CONFIG_DIR / "embedded-mnist.yaml",
+        overrides=[
+            "train.em.max_iter=5",
+            "model.n_components=10",
+            "train.em.tol=1e-3",  # PyYAML reads this as a string; float fields accept it
+            "train.sgd.lr=0.01",
+            "train.sgd.grad_clip=null",
+            "train.em.progress=false",
+            "model.min_noise=0",  # an int for a float field becomes a float
+            "output.inpaint_masks=[top, random]",
+            "device=cpu",
+        ],
+    )
+    assert config.train.em.max_iter == 5
+    assert config.model.n_components == 10
+    assert config.train.em.tol == pytest.approx(1e-3)
+    assert config.train.sgd.lr == pytest.approx(0.01)
+    assert config.train.sgd.grad_clip is None
+    assert config.train.em.progress is False
+    assert config.model.min_noise == 0.0 and isinstance(config.model.min_noise, float)
+    assert config.output.inpaint_masks == ["top", "random"]
+    assert config.device == "cpu"
+
+
+def test_later_overrides_win_and_whole_sections_can_be_set():
+    config = load_config(overrides=["model.n_factors=2", "model.n_factors=4",
+                                    "train.em={max_iter: 2}"])
+    assert config.model.n_factors == 4
+    assert config.train.em.max_iter == 2
+    assert config.train.em.tol == EMConfig().tol
+
+
+def test_apply_overrides_returns_a_validated_copy():
+    base = RunConfig()
+    changed = apply_overrides(base, ["seed=3"])
+    assert changed.seed == 3 and base.seed == 0
+    with pytest.raises(ValueError, match=r"unknown config key 'sed'.*did you mean 'seed'"):
+        apply_overrides(base, ["sed=3"])
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.em.max_iter", r"invalid override 'train\.em\.max_iter'.*dotted\.key=value"),
+        ("=5", r"invalid override '=5': empty key"),
+        ("model..n_factors=2", r"empty key"),
+        ("model.n_components=[1", r"not valid YAML"),
+        ("model.noise.width=3", r"'model\.noise' is a value \('diagonal'\), not a section"),
+        ("seed.value=3", r"'seed' is a value \(0\), not a section"),
+    ],
+)
+def test_malformed_overrides(override, match):
+    with pytest.raises(ValueError, match=match):
+        apply_overrides(RunConfig(), [override])
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        # unknown keys, at every level, name the path and list the valid keys
+        ("modle.n_components=3", r"unknown config key 'modle'.*did you mean 'model'.*"
+                                 r"valid keys under the top level: model, data, train"),
+        ("model.n_component=3", r"unknown config key 'model\.n_component'.*"
+                                r"valid keys under 'model': n_components, n_factors"),
+        ("train.em.max_iters=3", r"unknown config key 'train\.em\.max_iters'.*did you mean "
+                                 r"'max_iter'.*valid keys under 'train\.em': max_iter"),
+        ("train.sgd.learning_rate=1", r"unknown config key 'train\.sgd\.learning_rate'.*lr"),
+        ("output.folder=x", r"unknown config key 'output\.folder'.*valid keys under 'output'"),
+        # wrong types
+        ("model.n_components=ten", r"model\.n_components: expected an int, got 'ten'"),
+        ("model.n_components=2.5", r"model\.n_components: expected an int, got 2\.5"),
+        ("model.n_components=true", r"model\.n_components: expected an int, got True"),
+        ("train.em.tol=abc", r"train\.em\.tol: expected a float, got 'abc'"),
+        ("train.em.tol=.nan", r"train\.em\.tol: expected a finite float, got nan"),
+        ("train.em.progress=1", r"train\.em\.progress: expected a bool.*got 1"),
+        ("data.root=5", r"data\.root: expected a string or null, got 5"),
+        ("model=3", r"invalid value for model: expected a mapping.*got 3"),
+        # bad values
+        ("model.n_components=0", r"model\.n_components: must be >= 1, got 0"),
+        ("model.n_factors=-2", r"model\.n_factors: must be >= 0, got -2"),
+        ("model.min_noise=-1.0", r"model\.min_noise: must be >= 0, got -1\.0"),
+        ("train.em.max_iter=-5", r"train\.em\.max_iter: must be >= 1, got -5"),
+        ("train.em.batch_size=0", r"train\.em\.batch_size: must be >= 1, got 0"),
+        ("train.sgd.lr=0", r"train\.sgd\.lr: must be > 0, got 0\.0"),
+        ("train.sgd.epochs=0", r"train\.sgd\.epochs: must be >= 1, got 0"),
+        ("data.limit=0", r"data\.limit: must be >= 1, got 0"),
+        ("data.num_workers=-1", r"data\.num_workers: must be >= 0, got -1"),
+        ("data.image_size=[0, 4]", r"data\.image_size: sizes must be >= 1, got \[0, 4\]"),
+        ("data.image_size=[4, 4, 4]", r"data\.image_size: expected a side or \[height, width\]"),
+        ("seed=-1", r"invalid value for seed: must be >= 0, got -1"),
+        # unknown enum strings
+        ("model.noise=full", r"model\.noise: expected one of 'diagonal', 'isotropic', got 'full'"),
+        ("train.method=adam", r"train\.method: expected one of 'em', 'sgd', got 'adam'"),
+        ("train.em.init=pca", r"train\.em\.init: expected one of 'kmeans'.*got 'pca'"),
+        ("train.sgd.schedule=linear", r"train\.sgd\.schedule: expected one of.*got 'linear'"),
+        ("data.name=cifar10", r"data\.name: expected one of 'embedded-mnist'.*got 'cifar10'"),
+        ("output.inpaint_masks=[center, blob]", r"output\.inpaint_masks\[1\].*got 'blob'"),
+        ("device=gpu", r"invalid value for device: must be 'auto'.*got 'gpu'"),
+        ("train.em.device=tpu0", r"train\.em\.device: must be 'auto'.*got 'tpu0'"),
+        # fractions outside [0, 1)
+        ("data.val_fraction=1.0", r"data\.val_fraction: must be a fraction in \[0, 1\), got 1\.0"),
+        ("data.test_fraction=-0.1", r"data\.test_fraction: must be a fraction.*got -0\.1"),
+        ("train.sgd.val_fraction=1.5", r"train\.sgd\.val_fraction: must be a fraction.*1\.5"),
+        # values that depend on each other
+        ("data.test_fraction=0.95", r"data\.val_fraction and data\.test_fraction.*< 1.*0\.95"),
+        ("data.name=folder", r"data\.root: required when data\.name is 'folder'"),
+        ("output.inpaint_masks=[image]", r"output\.mask_image: required when.*'image'"),
+        ("output.name=a/b", r"output\.name: must be a plain folder name.*'a/b'"),
+    ],
+)
+def test_validation_errors_name_the_key_and_value(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(overrides=[override])
+
+
+def test_errors_from_a_file_name_the_file(tmp_path):
+    path = write_yaml(tmp_path / "bad.yaml", {"model": {"n_components": -3}})
+    with pytest.raises(ValueError, match=r"bad\.yaml.*model\.n_components: must be >= 1, got -3"):
+        load_config(path)
+    path = write_yaml(tmp_path / "deep.yaml", {"train": {"em": {"bogus": 1}}})
+    with pytest.raises(ValueError, match=r"unknown config key 'train\.em\.bogus'"):
+        load_config(path)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match=r"broken\.yaml is not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=r"list\.yaml must hold a mapping.*got list"):
+        load_config(listing)
+
+
+def test_config_from_dict_validates():
+    with pytest.raises(ValueError, match=r"unknown config key 'data\.nam'"):
+        config_from_dict({"data": {"nam": "mnist"}})
+    with pytest.raises(ValueError, match=r"train\.em\.n_init: must be >= 1, got 0"):
+        config_from_dict({"train": {"em": {"n_init": 0}}})
+    assert config_from_dict(None) == RunConfig()
+
+
+def test_validate_config_catches_edits_in_python():
+    config = RunConfig()
+    config.model.n_components = -1
+    with pytest.raises(ValueError, match=r"model\.n_components: must be >= 1, got -1"):
+        validate_config(config)
+    with pytest.raises(TypeError, match="RunConfig"):
+        config_to_dict({"model": {}})
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+def test_run_folders_are_numbered(tmp_path):
+    config = load_config(overrides=[f"output.dir={tmp_path / 'runs'}"])
+    first = make_run_dir(config)
+    second = make_run_dir(config)
+    assert first.name == "001-embedded-mnist" and first.is_dir()
+    assert second.name == "002-embedded-mnist"
+    (tmp_path / "runs" / "017-mnist").mkdir()
+    assert make_run_dir(config).name == "018-embedded-mnist"
+
+
+def test_named_run_folder(tmp_path):
+    config = load_config(overrides=[f"output.dir={tmp_path}", "output.name=exp"])
+    assert make_run_dir(config) == tmp_path / "exp"
+    with pytest.raises(FileExistsError):
+        make_run_dir(config)
+    assert make_run_dir(config, exist_ok=True) == tmp_path / "exp"
+
+
+def test_output_defaults_are_valid():
+    assert validate_config(RunConfig(output=OutputConfig(n_samples=0))).output.n_samples == 0

@@ -1,0 +1,327 @@
+"""Tests of mfa.viz: grids, CHW layout, inpainting and factor figures, masks, plots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.viz import (
+    MASK_KINDS,
+    factor_grid,
+    image_grid,
+    images_to_rows,
+    inpainting_grid,
+    make_mask,
+    plot_training_curve,
+    rows_to_images,
+    sample_grid,
+    save_image_grid,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def grid_size(n, nrow, h, w, padding=2):
+    cols = min(nrow, n)
+    rows = -(-n // cols)
+    return cols * (w + padding) + padding, rows * (h + padding) + padding
+
+
+# ---------------------------------------------------------------------------- grids
+
+
+@pytest.mark.parametrize("n, nrow", [(1, 8), (8, 4), (10, 4), (3, 8)])
+def test_grid_size_and_mode_grayscale(n, nrow):
+    image = image_grid(torch.rand(n, 1, 5, 7, generator=gen(0)), nrow=nrow)
+    assert image.mode == "L"
+    assert image.size == grid_size(n, nrow, 5, 7)
+
+
+def test_grid_rgb_padding_and_pixel_values():
+    images = torch.zeros(2, 3, 4, 4)
+    images[0, 0] = 1.0  # red
+    images[1, 2] = 0.5  # half blue
+    image = image_grid(images, nrow=2, padding=1, pad_value=0.0)
+    assert image.mode == "RGB" and image.size == (2 * 5 + 1, 5 + 1)
+    assert image.getpixel((0, 0)) == (0, 0, 0)  # padding
+    assert image.getpixel((1, 1)) == (255, 0, 0)  # first image
+    assert image.getpixel((6, 1)) == (0, 0, 128)  # second image, 0.5 → 128
+    assert image.getpixel((5, 1)) == (0, 0, 0)  # padding between the two
+
+
+def test_grid_clamps_and_handles_nan_and_uint8():
+    images = torch.tensor([[-1.0, 2.0], [float("nan"), 0.25]]).view(1, 1, 2, 2)
+    image = image_grid(images, padding=0)
+    assert list(image.tobytes()) == [0, 255, 0, 64]
+    as_bytes = image_grid(torch.tensor([[[[0, 255], [7, 64]]]], dtype=torch.uint8), padding=0)
+    assert list(as_bytes.tobytes()) == [0, 255, 7, 64]
+
+
+def test_grid_empty_cells_take_the_pad_value():
+    image = image_grid(torch.zeros(3, 1, 2, 2), nrow=2, padding=0, pad_value=1.0)
+    assert image.size == (4, 4)
+    assert image.getpixel((3, 3)) == 255 and image.getpixel((0, 0)) == 0
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, error, match",
+    [
+        (torch.zeros(2, 2, 4, 4), {}, ValueError, r"C = 1 or 3, got \(2, 2, 4, 4\)"),
+        (torch.zeros(0, 1, 4, 4), {}, ValueError, r"at least one image"),
+        (torch.zeros(2, 1, 4, 4), {"nrow": 0}, ValueError, r"nrow must be an int >= 1"),
+        (torch.zeros(2, 1, 4, 4), {"padding": -1}, ValueError, r"padding must be"),
+        (torch.zeros(2, 1, 4, 4, dtype=torch.int64), {}, TypeError, r"floating point"),
+        ([[0.0]], {}, TypeError, r"torch\.Tensor"),
+    ],
+)
+def test_grid_errors(images, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        image_grid(images, **kwargs)
+
+
+def test_save_image_grid_upscales_and_decodes(tmp_path):
+    images = torch.rand(6, 1, 28, 28, generator=gen(1))
+    path = save_image_grid(images, tmp_path / "sub" / "grid.png", nrow=3, scale=3)
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.load()
+        width, height = grid_size(6, 3, 28, 28)
+        assert image.size == (3 * width, 3 * height)
+        assert image.mode == "L"
+        # Nearest-neighbour: every source pixel becomes a 3×3 block of one value.
+        block = [image.getpixel((3 * 5 + i, 3 * 5 + j)) for i in range(3) for j in range(3)]
+        assert len(set(block)) == 1
+    with pytest.raises(ValueError, match="scale must be an int >= 1"):
+        save_image_grid(images, tmp_path / "bad.png", scale=0)
+
+
+# ---------------------------------------------------------------------------- CHW layout
+
+
+def test_rows_to_images_uses_chw_order():
+    c, h, w = 3, 4, 5
+    x = torch.arange(2 * c * h * w, dtype=torch.float32).view(2, -1)
+    images = rows_to_images(x, (c, h, w))
+    assert images.shape == (2, c, h, w)
+    for n, ci, hi, wi in [(0, 0, 0, 0), (0, 2, 3, 4), (1, 1, 2, 3), (1, 0, 3, 1)]:
+        assert images[n, ci, hi, wi] == x[n, ci * h * w + hi * w + wi]
+    assert torch.equal(images_to_rows(images), x)
+
+
+def test_rows_to_images_errors():
+    with pytest.raises(ValueError, match=r"\[N, 12\] for image_shape \(3, 2, 2\), got \(2, 10\)"):
+        rows_to_images(torch.zeros(2, 10), (3, 2, 2))
+    with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\)"):
+        rows_to_images(torch.zeros(2, 4), (2, 2))
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_half_masks_hide_the_right_half(c):
+    h, w = 6, 8
+    for kind, hidden_region in [
+        ("top", (slice(0, 3), slice(None))),
+        ("bottom", (slice(3, 6), slice(None))),
+        ("left", (slice(None), slice(0, 4))),
+        ("right", (slice(None), slice(4, 8))),
+    ]:
+        mask = make_mask(kind, (c, h, w), 2)
+        assert mask.shape == (2, c * h * w) and mask.dtype == torch.bool
+        pixels = mask.view(2, c, h, w)
+        expected = torch.ones(h, w, dtype=torch.bool)
+        expected[hidden_region] = False
+        assert torch.equal(pixels, expected.expand(2, c, h, w)), kind
+        assert (~mask).float().mean().item() == pytest.approx(0.5)
+
+
+def test_center_mask_hides_the_central_half_side_square():
+    mask = make_mask("center", (1, 8, 12), 1).view(8, 12)
+    hidden = ~mask
+    assert hidden.sum().item() == 4 * 6  # a quarter of the pixels
+    rows, cols = hidden.nonzero(as_tuple=True)
+    assert (rows.min().item(), rows.max().item()) == (2, 5)
+    assert (cols.min().item(), cols.max().item()) == (3, 8)
+
+
+def test_random_mask_fraction_seed_and_channels():
+    shape = (3, 10, 10)
+    mask = make_mask("random", shape, 4, generator=gen(0), fraction=0.3)
+    pixels = mask.view(4, 3, 10, 10)
+    assert torch.equal(pixels[:, 0], pixels[:, 1]) and torch.equal(pixels[:, 0], pixels[:, 2])
+    assert ((~pixels[:, 0]).flatten(1).sum(1) == 30).all()  # exactly 30 % per image
+    assert not torch.equal(pixels[0], pixels[1])  # independent per image
+    assert torch.equal(mask, make_mask("random", shape, 4, generator=gen(0), fraction=0.3))
+    assert not torch.equal(mask, make_mask("random", shape, 4, generator=gen(1), fraction=0.3))
+    assert torch.equal(make_mask("random", shape, 2), make_mask("random", shape, 2))  # seeded
+    assert make_mask("random", shape, 2, fraction=0.0).all()
+    assert not make_mask("random", shape, 2, fraction=1.0).any()
+
+
+def test_image_mask_black_is_hidden(tmp_path):
+    picture = Image.new("L", (40, 20), 255)
+    picture.paste(0, (0, 0, 20, 20))  # left half black
+    path = tmp_path / "mask.png"
+    picture.save(path)
+    mask = make_mask("image", (3, 4, 6), 2, mask_image=path)
+    expected = make_mask("left", (3, 4, 6), 2)
+    assert torch.equal(mask, expected)
+    assert torch.equal(make_mask("image", (3, 4, 6), 2, mask_image=picture.convert("RGB")), mask)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        (("blob", (1, 4, 4), 1), {}, ValueError, r"kind must be one of .*'center'.*got 'blob'"),
+        (("random", (1, 4, 4), 1), {"fraction": 1.5}, ValueError, r"fraction must be in \[0, 1\]"),
+        (("image", (1, 4, 4), 1), {}, ValueError, r"needs mask_image"),
+        (("image", (1, 4, 4), 1), {"mask_image": "/nonexistent/m.png"}, FileNotFoundError,
+         r"m\.png does not exist"),
+        (("top", (1, 4, 4), -1), {}, ValueError, r"n must be an int >= 0"),
+    ],
+)
+def test_mask_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_mask(*args, **kwargs)
+
+
+def test_mask_kinds_are_listed():
+    assert set(MASK_KINDS) == {"center", "top", "bottom", "left", "right", "random", "image"}
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def test_inpainting_grid_layout_and_hidden_colour():
+    c, h, w, n, s = 1, 6, 6, 3, 2
+    shape = (c, h, w)
+    original = torch.rand(n, c * h * w, generator=gen(0))
+    mask = make_mask("right", shape, n)
+    mean = torch.where(mask, original, torch.zeros_like(original))
+    samples = torch.rand(s, n, c * h * w, generator=gen(1))
+    image = inpainting_grid(original, original * mask, mean, samples, shape, mask, padding=1)
+    assert image.mode == "RGB"
+    assert image.size == grid_size(n * (3 + s), 3 + s, h, w, padding=1)
+    cell = w + 1
+    # Column 1 (masked input), row 0: the right half is magenta, the left half is the image.
+    assert image.getpixel((1 + cell + 5, 1)) == (255, 0, 255)
+    grey = round(original[0, 0].item() * 255)
+    assert image.getpixel((1 + cell, 1)) == (grey, grey, grey)
+    # Column 0 is the original, unmasked.
+    right = round(original[0, 5].item() * 255)
+    assert image.getpixel((1 + 5, 1)) == (right, right, right)
+
+
+def test_inpainting_grid_grey_marker_keeps_grayscale_and_rgb_images():
+    shape = (1, 4, 4)
+    x = torch.rand(2, 16, generator=gen(0))
+    mask = make_mask("top", shape, 2)
+    image = inpainting_grid(x, None, x, None, shape, mask, hidden_color=0.5)
+    assert image.mode == "L" and image.size == grid_size(6, 3, 4, 4)
+    assert image.getpixel((2 + 6, 2)) == 128  # top of the masked input is mid grey
+
+    rgb_shape = (3, 4, 4)
+    x = torch.rand(2, 48, generator=gen(1))
+    image = inpainting_grid(x, x, x, x.unsqueeze(0), rgb_shape, make_mask("center", rgb_shape, 2))
+    assert image.mode == "RGB" and image.size == grid_size(8, 4, 4, 4)
+
+
+def test_inpainting_grid_errors():
+    shape = (1, 4, 4)
+    x = torch.rand(2, 16)
+    mask = make_mask("top", shape, 2)
+    with pytest.raises(ValueError, match=r"mean must have shape \[2, 16\], got \(3, 16\)"):
+        inpainting_grid(x, x, torch.rand(3, 16), None, shape, mask)
+    with pytest.raises(ValueError, match=r"samples must have shape \[S, 2, 16\]"):
+        inpainting_grid(x, x, x, torch.rand(2, 16), shape, mask)
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor"):
+        inpainting_grid(x, x, x, None, shape, mask.float())
+
+
+def small_model(c=1, h=4, w=5, k=3, lat=2):
+    return MixtureOfFactorAnalyzers(k, c * h * w, lat, generator=gen(0))
+
+
+def test_factor_grid_layout():
+    model = small_model()
+    with torch.no_grad():
+        model.loc.fill_(0.5)
+        model.loadings.zero_()
+        model.loadings[1, :, 0] = torch.linspace(-0.1, 0.1, 20)
+    image = factor_grid(model, 1, (1, 4, 5), scale=2.0, padding=1)
+    assert image.mode == "L"
+    assert image.size == grid_size(2 + 3 * 2, 2 + 3 * 2, 4, 5, padding=1)
+    cell = 5 + 1
+
+    def pixel(column, x, y):
+        return image.getpixel((1 + column * cell + x, 1 + y))
+
+    assert pixel(0, 0, 0) == 128  # the mean, 0.5
+    # μ − 2·A_1 at the first pixel: 0.5 + 0.2; at the last: 0.5 − 0.2.
+    assert abs(pixel(2, 0, 0) - 0.7 * 255) <= 1 and abs(pixel(2, 4, 3) - 0.3 * 255) <= 1
+    assert pixel(3, 0, 0) == 0 and pixel(3, 4, 3) == 255  # A_1 min-max normalised
+    assert abs(pixel(4, 0, 0) - 0.3 * 255) <= 1  # μ + 2·A_1
+    assert pixel(6, 0, 0) == 128  # a zero factor shows as mid grey
+
+    several = factor_grid(model, [0, 2], (1, 4, 5), max_factors=1)
+    assert several.size == grid_size(10, 5, 4, 5)
+    rgb = factor_grid(small_model(c=3), 0, (3, 4, 5))
+    assert rgb.mode == "RGB"
+
+
+def test_factor_grid_errors():
+    model = small_model()
+    with pytest.raises(ValueError, match=r"component must be in \[0, 3\), got 3"):
+        factor_grid(model, 3, (1, 4, 5))
+    with pytest.raises(ValueError, match=r"has 12 pixels but the model has n_features=20"):
+        factor_grid(model, 0, (1, 3, 4))
+
+
+def test_sample_grid():
+    model = small_model()
+    image = sample_grid(model, 6, (1, 4, 5), nrow=3, generator=gen(2))
+    assert image.size == grid_size(6, 3, 4, 5)
+    again = sample_grid(model, 6, (1, 4, 5), nrow=3, generator=gen(2))
+    assert list(image.tobytes()) == list(again.tobytes())
+
+
+# ---------------------------------------------------------------------------- curves
+
+
+def test_plot_training_curve_writes_a_png(tmp_path):
+    history = [
+        {"iteration": i, "train_log_likelihood": -100.0 + i, "val_log_likelihood": -101.0 + i,
+         "seconds": 0.1}
+        for i in range(1, 6)
+    ]
+    history[2]["val_log_likelihood"] = None
+    path = plot_training_curve(history, tmp_path / "plots" / "curve.png", title="EM")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    with Image.open(path) as image:
+        image.verify()
+    path = plot_training_curve([], tmp_path / "empty.png")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    epochs = [{"epoch": 1, "train_log_likelihood": -5.0}]
+    assert plot_training_curve(epochs, tmp_path / "sgd.png", keys=["train_log_likelihood"])
+
+
+def test_plot_draws_one_line_per_em_restart(tmp_path):
+    history = [{"run": run, "iteration": i, "train_log_likelihood": float(run + i)}
+               for run in range(2) for i in range(1, 4)]
+    path = plot_training_curve(history, tmp_path / "runs.png", keys=["train_log_likelihood"])
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_plot_does_not_touch_pyplot(tmp_path):
+    import sys
+
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    plot_training_curve([{"iteration": 1, "train_log_likelihood": 1.0}], tmp_path / "c.png")
+    assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
