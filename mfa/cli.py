@@ -1,0 +1,204 @@
+"""The ``mfa`` command: ``train``, ``sample``, ``inpaint``, ``outliers``, ``evaluate``,
+``visualize``. Each subcommand parses its arguments and calls :mod:`mfa.workflow`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mfa.viz import MASK_KINDS
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
+
+
+def _load_run(checkpoint: str, overrides: list[str]):
+    from mfa.checkpoint import load_checkpoint
+    from mfa.config import apply_overrides
+    from mfa.workflow import _load_data, resolve_checkpoint
+
+    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    if ckpt.run_config is None:
+        raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")
+    config = apply_overrides(ckpt.run_config, overrides) if overrides else ckpt.run_config
+    return ckpt, config, _load_data
+
+
+def _default_out(checkpoint: str, name: str) -> Path:
+    path = Path(checkpoint)
+    return (path if path.is_dir() else path.parent) / name
+
+
+def cmd_train(args) -> int:
+    from mfa.config import load_config, validate_config
+    from mfa.workflow import train
+
+    if args.resume:
+        result = train(None, resume=args.resume, figures=not args.no_figures)
+    else:
+        config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        config = load_config(config_path, overrides=args.set or [])
+        validate_config(config)
+        result = train(config, figures=not args.no_figures)
+    print(f"run folder: {result.run_dir}")
+    print(json.dumps(result.metrics, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from mfa.checkpoint import load_checkpoint
+    from mfa.workflow import resolve_checkpoint, sample
+
+    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    shape = (ckpt.metrics or {}).get("image_shape") or args.image_shape
+    if shape is None:
+        raise SystemExit("error: the checkpoint does not record an image shape; pass "
+                         "--image-shape C H W")
+    out = Path(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
+    sample(ckpt.model, shape, out, n=args.n, nrow=args.nrow, seed=args.seed, scale=args.scale,
+           per_component=args.per_component)
+    print(out)
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    from mfa.workflow import inpaint
+
+    ckpt, config, load = _load_run(args.checkpoint, args.set)
+    data = load(config)
+    out = Path(args.out) if args.out else _default_out(args.checkpoint, f"inpaint-{args.mask}.png")
+    inpaint(ckpt.model, data, out, mask=args.mask, n=args.n, n_samples=args.samples,
+            split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
+            fraction=args.fraction)
+    print(out)
+    return 0
+
+
+def cmd_outliers(args) -> int:
+    from mfa.workflow import outliers
+
+    ckpt, config, load = _load_run(args.checkpoint, args.set)
+    data = load(config)
+    out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
+    for path in outliers(ckpt.model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
+                         scale=args.scale):
+        print(path)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mfa.workflow import evaluate
+
+    _, config, _ = _load_run(args.checkpoint, args.set)
+    result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
+                      data_overrides=config, seed=args.seed)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    from mfa.checkpoint import load_checkpoint
+    from mfa.workflow import resolve_checkpoint, visualize
+
+    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    shape = (ckpt.metrics or {}).get("image_shape") or args.image_shape
+    if shape is None:
+        raise SystemExit("error: pass --image-shape C H W")
+    comps = args.components or list(range(min(4, ckpt.model.n_components)))
+    bad = [c for c in comps if not 0 <= c < ckpt.model.n_components]
+    if bad:
+        raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
+    out = Path(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
+    visualize(ckpt.model, shape, out, components=comps, scale=args.scale,
+              factor_scale=args.factor_scale)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfa", description="Mixtures of Factor Analyzers on "
+                                     "images: train, sample, inpaint, rank outliers, evaluate.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_run(p, needs_data=True):
+        p.add_argument("checkpoint", help="a run folder or a checkpoint file")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--scale", type=int, default=2, help="upscaling of saved images")
+        if needs_data:
+            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="override the run's config, e.g. data.root=/data")
+            p.add_argument("--split", default="test", choices=("train", "val", "test"))
+
+    p = sub.add_parser("train", help="train a model from a config into a new run folder")
+    p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one value, e.g. train.em.max_iter=5 (repeatable)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="a grid of samples as PNG")
+    with_run(p, needs_data=False)
+    p.add_argument("-n", type=int, default=64)
+    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("--per-component", action="store_true",
+                   help="one row of --nrow samples per component, by weight")
+    p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("-o", "--out")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("inpaint", help="original | masked | conditional mean | samples")
+    with_run(p)
+    p.add_argument("--mask", default="center", choices=MASK_KINDS)
+    p.add_argument("--mask-image", help="PNG mask for --mask image (black = hidden)")
+    p.add_argument("--fraction", type=float, default=0.5, help="hidden share for --mask random")
+    p.add_argument("-n", type=int, default=8, help="images")
+    p.add_argument("--samples", type=int, default=3, help="conditional samples per image")
+    p.add_argument("-o", "--out")
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("outliers", help="rank a split by log p: grid + CSV")
+    with_run(p)
+    p.add_argument("-n", type=int, default=32, help="least likely images to draw")
+    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("--out-dir")
+    p.set_defaults(func=cmd_outliers)
+
+    p = sub.add_parser("evaluate", help="held-out log-likelihood, bits/dim, NDB")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"))
+    p.add_argument("--ndb-bins", type=int, default=0, help="NDB with this many bins (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("-o", "--out", help="also write the JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
+    with_run(p, needs_data=False)
+    p.add_argument("--components", type=int, nargs="+")
+    p.add_argument("--factor-scale", type=float, default=2.0, help="c in μ ± c·A_i")
+    p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("-o", "--out")
+    p.set_defaults(func=cmd_visualize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
