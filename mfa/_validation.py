@@ -89,6 +89,8 @@ def feature_index(features: object, n_features: int, name: str = "features") -> 
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be indices or a bool mask, got {features!r}") from err
     idx = idx.cpu()
+    if idx.numel() == 0:
+        raise ValueError(f"{name} selects no features")
     if idx.dtype == torch.bool:
         if tuple(idx.shape) != (n_features,):
             raise ValueError(

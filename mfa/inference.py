@@ -31,16 +31,36 @@ def marginal(model: MixtureOfFactorAnalyzers, features) -> MixtureOfFactorAnalyz
     """The marginal over ``features`` (see :meth:`MixtureOfFactorAnalyzers.marginal`)."""
     idx = feature_index(features, model.n_features).to(model.device)
     with torch.no_grad():
-        loadings = _reduce_rank(model.factor_loadings[:, idx])
-        return MixtureOfFactorAnalyzers.from_parameters(
-            model.weights,
-            model.means[:, idx],
-            loadings.contiguous(),
-            model.noise_variance[:, idx],
-            noise=model.noise,
-            min_noise=model.min_noise,
-            chunk_elements=model.chunk_elements,
+        raw_noise = model.raw_noise if model.noise == "isotropic" else model.raw_noise[:, idx]
+        return _rebuild(
+            model, model.logits, model.means[:, idx], model.factor_loadings[:, idx], raw_noise
         )
+
+
+def _rebuild(
+    model: MixtureOfFactorAnalyzers,
+    logits: Tensor,
+    means: Tensor,
+    loadings: Tensor,
+    raw_noise: Tensor,
+) -> MixtureOfFactorAnalyzers:
+    """A model like ``model`` over ``means.shape[1]`` features with these raw parameters.
+
+    The noise is copied in its unconstrained form, so a variance sitting at the floor
+    ``min_noise`` stays representable.
+    """
+    loadings = _reduce_rank(loadings)
+    out = MixtureOfFactorAnalyzers(
+        model.n_components, means.shape[1], loadings.shape[-1], model.noise,
+        min_noise=model.min_noise, dtype=model.dtype, device=model.device,
+        chunk_elements=model.chunk_elements,
+    )
+    with torch.no_grad():
+        out.logits.copy_(logits)
+        out.loc.copy_(means)
+        out.loadings.copy_(loadings)
+        out.raw_noise.copy_(raw_noise)
+    return out
 
 
 def _reduce_rank(loadings: Tensor) -> Tensor:
@@ -90,20 +110,13 @@ def condition(
         if model.n_factors:
             m = torch.cholesky_solve(b, chol)  # M_o⁻¹ b, [K, L, 1]
             cond_means = means[:, hid] + (a_h @ m).squeeze(-1)
-            cond_loadings = _reduce_rank(a_h @ linalg.capacitance_inverse_factor(chol))
+            cond_loadings = a_h @ linalg.capacitance_inverse_factor(chol)
         else:
             cond_means = means[:, hid]
             cond_loadings = a_h
-        log_w = torch.log_softmax(log_evidence, dim=-1)
-        return MixtureOfFactorAnalyzers.from_parameters(
-            log_w.exp() / log_w.exp().sum(),
-            cond_means,
-            cond_loadings.contiguous(),
-            noise[:, hid],
-            noise=model.noise,
-            min_noise=model.min_noise,
-            chunk_elements=model.chunk_elements,
-        )
+        raw_noise = model.raw_noise if model.noise == "isotropic" else model.raw_noise[:, hid]
+        logits = torch.log_softmax(log_evidence, dim=-1)
+        return _rebuild(model, logits, cond_means, cond_loadings, raw_noise)
 
 
 @dataclass

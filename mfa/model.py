@@ -469,6 +469,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
             ``(x, components)`` of shapes ``[n, D]`` and ``[n]`` (int64).
         """
         check_positive_int(n, "n", minimum=0)
+        if n == 0:
+            empty = self.loc.new_zeros(0, self.n_features).detach()
+            return empty, torch.zeros(0, dtype=torch.long, device=self.device)
         with torch.no_grad():
             weights = self.weights
             components = torch.multinomial(weights, n, replacement=True, generator=generator)

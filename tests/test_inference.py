@@ -1,0 +1,453 @@
+"""Marginals, conditionals, masked densities and conditional sampling vs dense block formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import F64, DenseMixture, assert_finite, gen, random_data, random_model
+
+import mfa
+from mfa import MixtureOfFactorAnalyzers
+from mfa.inference import inpaint
+
+# (K, D, L, noise, observed): L = 0, L > |hidden| (rank reduction), L = D, isotropic,
+# unsorted observed indices, K = 1.
+CONDITION_CASES = [
+    (3, 6, 2, "diagonal", [0, 2, 5]),
+    (2, 5, 0, "diagonal", [1, 3]),
+    (3, 6, 4, "diagonal", [0, 1, 2, 3]),
+    (2, 5, 5, "isotropic", [4, 0]),
+    (1, 4, 1, "isotropic", [2]),
+    (4, 7, 3, "isotropic", [6, 1, 3, 4]),
+    (3, 5, 1, "diagonal", [4]),
+]
+
+
+def _cid(case):
+    k, d, lat, noise, obs = case
+    return f"K{k}-D{d}-L{lat}-{noise[:3]}-o{''.join(map(str, obs))}"
+
+
+def _hidden(d, obs):
+    return [j for j in range(d) if j not in obs]
+
+
+def _random_masks(n, d, seed, p=0.5):
+    """Random per-row masks plus one all-observed and one nothing-observed row."""
+    m = torch.rand(n, d, generator=gen(seed)) < p
+    m[0] = True
+    m[1] = False
+    return m
+
+
+def _dense_conditional_mean(ref: DenseMixture, x: torch.Tensor, observed: torch.Tensor):
+    """Row by row: dense block-formula conditioning, ``Σ_k w̃_k μ_k,h|o``."""
+    out = x.clone()
+    for i in range(x.shape[0]):
+        obs = observed[i].nonzero().flatten()
+        hid = (~observed[i]).nonzero().flatten()
+        if len(hid) == 0:
+            continue
+        if len(obs) == 0:
+            out[i] = ref.mean()
+            continue
+        out[i, hid] = ref.condition(obs, x[i, obs]).mean()
+    return out
+
+
+def _dense_observed_log_prob(ref: DenseMixture, x, observed):
+    out = torch.zeros(x.shape[0], dtype=F64)
+    for i in range(x.shape[0]):
+        obs = observed[i].nonzero().flatten()
+        if len(obs):
+            out[i] = ref.marginal(obs).log_prob(x[i, obs])
+    return out
+
+
+# ---------------------------------------------------------------------- condition
+
+
+@pytest.mark.parametrize("case", CONDITION_CASES, ids=_cid)
+def test_condition_matches_dense_block_formulas(case):
+    k, d, lat, noise, obs = case
+    model = random_model(k, d, lat, noise, seed=100)
+    ref = DenseMixture.from_model(model)
+    values = random_data(1, model, seed=101, scale=1.0)[0, obs]
+    cond = model.condition(obs, values)
+    expected = ref.condition(obs, values)
+    hid = _hidden(d, obs)
+
+    assert isinstance(cond, MixtureOfFactorAnalyzers)
+    assert (cond.n_components, cond.n_features) == (k, len(hid))
+    assert cond.n_factors == min(lat, len(hid))
+    assert cond.noise == noise and cond.dtype == F64
+    torch.testing.assert_close(cond.weights, expected.weights, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(cond.means, expected.means, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(cond.covariance(), expected.covs, rtol=1e-8, atol=1e-10)
+    # Densities of the conditional agree too.
+    xh = random_data(20, model, seed=102)[:, hid]
+    torch.testing.assert_close(cond.log_prob(xh), expected.log_prob(xh), rtol=1e-6, atol=1e-9)
+    # Bayes: log p(x_h | x_o) = log p(x) − log p(x_o), with the model's own joint density.
+    x = torch.zeros(20, d, dtype=F64)
+    x[:, hid] = xh
+    x[:, obs] = values
+    joint = model.log_prob(x) - model.marginal(obs).log_prob(values)
+    torch.testing.assert_close(cond.log_prob(xh), joint, rtol=1e-8, atol=1e-9)
+    # The functional form is the same.
+    torch.testing.assert_close(mfa.condition(model, obs, values).means, cond.means)
+
+
+def test_condition_weights_are_informative():
+    """Observing a value near one component's mean must move the weights towards it."""
+    model = random_model(3, 5, 2, seed=103)
+    ref = DenseMixture.from_model(model)
+    for target in range(3):
+        values = model.means[target, :3].detach()
+        cond = model.condition([0, 1, 2], values)
+        expected = ref.condition([0, 1, 2], values)
+        torch.testing.assert_close(cond.weights, expected.weights, rtol=1e-8, atol=1e-12)
+        assert int(cond.weights.argmax()) == target
+
+
+def test_condition_with_bool_mask_equals_indices():
+    model = random_model(3, 6, 2, seed=104)
+    mask = torch.tensor([True, False, True, False, False, True])
+    values = torch.tensor([0.3, -1.0, 2.0], dtype=F64)
+    a = model.condition(mask, values)
+    b = model.condition([0, 2, 5], values)
+    torch.testing.assert_close(a.covariance(), b.covariance(), rtol=0, atol=0)
+    torch.testing.assert_close(a.means, b.means, rtol=0, atol=0)
+    torch.testing.assert_close(a.weights, b.weights, rtol=0, atol=0)
+
+
+def test_condition_float32_is_close_to_float64_reference():
+    model = random_model(3, 6, 2, "diagonal", seed=105, dtype=torch.float32)
+    ref = DenseMixture.from_model(model)
+    values = model.means[1, [0, 3]].detach() + 0.3
+    cond = model.condition([0, 3], values)
+    expected = ref.condition([0, 3], values.double())
+    assert cond.dtype == torch.float32
+    torch.testing.assert_close(cond.weights.double(), expected.weights, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cond.means.double(), expected.means, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cond.covariance().double(), expected.covs, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- marginal
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (3, 6, 2, "diagonal", [3, 0, 2]),  # order as given
+        (2, 5, 4, "diagonal", [1, 4]),  # L > |features|: rank reduction
+        (2, 5, 5, "isotropic", [0, 2, 3]),  # L = D > |features|
+        (3, 4, 0, "isotropic", [2]),
+        (1, 4, 2, "diagonal", [0, 1, 2, 3]),  # all features: the model itself
+    ],
+    ids=_cid,
+)
+def test_marginal_deletes_rows_and_columns(case):
+    k, d, lat, noise, feats = case
+    model = random_model(k, d, lat, noise, seed=110)
+    ref = DenseMixture.from_model(model).marginal(feats)
+    marg = model.marginal(feats)
+    assert (marg.n_components, marg.n_features, marg.n_factors) == (k, len(feats),
+                                                                    min(lat, len(feats)))
+    assert marg.noise == noise
+    torch.testing.assert_close(marg.weights, ref.weights, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(marg.means, ref.means, rtol=0, atol=0)
+    torch.testing.assert_close(marg.covariance(), ref.covs, rtol=1e-10, atol=1e-12)
+    x = random_data(30, model, seed=111)[:, feats]
+    torch.testing.assert_close(marg.log_prob(x), ref.log_prob(x), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(mfa.marginal(model, feats).means, marg.means)
+
+
+def test_marginal_with_bool_mask_and_tensor_indices():
+    model = random_model(3, 6, 3, seed=112)
+    mask = torch.tensor([False, True, True, False, True, False])
+    by_mask = model.marginal(mask)
+    by_list = model.marginal([1, 2, 4])
+    by_tensor = model.marginal(torch.tensor([1, 2, 4]))
+    for other in (by_list, by_tensor):
+        torch.testing.assert_close(by_mask.covariance(), other.covariance(), rtol=0, atol=0)
+        torch.testing.assert_close(by_mask.means, other.means, rtol=0, atol=0)
+        torch.testing.assert_close(by_mask.weights, other.weights, rtol=0, atol=0)
+
+
+def test_marginal_of_a_model_at_the_noise_floor():
+    """Regression: marginal/condition used to rebuild through from_parameters, which rejects
+    noise_variance <= min_noise; a float32 model whose softplus(raw_noise) is below half an ulp
+    of min_noise (raw_noise <~ -30.5) reports noise == min_noise, and marginal() raised."""
+    model = MixtureOfFactorAnalyzers(2, 4, 1, generator=gen(113))  # float32, min_noise=1e-6
+    with torch.no_grad():
+        model.raw_noise[:, 0] = -35.0  # e.g. a constant pixel that SGD drove to the floor
+    x = torch.randn(5, 4, generator=gen(114))
+    assert_finite(model.log_prob(x), (5,), torch.float32)  # the model itself is usable
+    marg = model.marginal([0, 1])
+    cond = model.condition([2, 3], x[0, 2:])
+    assert marg.n_features == 2 and cond.n_features == 2
+
+
+# ---------------------------------------------------------------------- per-row masks
+
+
+@pytest.mark.parametrize(
+    "case",
+    [(3, 6, 2, "diagonal"), (2, 5, 0, "diagonal"), (3, 5, 4, "isotropic"),
+     (1, 4, 4, "diagonal"), (4, 7, 3, "isotropic")],
+    ids=lambda c: f"K{c[0]}-D{c[1]}-L{c[2]}-{c[3][:3]}",
+)
+def test_conditional_mean_and_observed_log_prob_match_row_by_row_dense(case):
+    k, d, lat, noise = case
+    model = random_model(k, d, lat, noise, seed=120)
+    ref = DenseMixture.from_model(model)
+    n = 16
+    x = random_data(n, model, seed=121)
+    observed = _random_masks(n, d, seed=122)
+    # Hidden entries are ignored: fill them with something wild.
+    x_in = torch.where(observed, x, torch.full_like(x, 1e6))
+
+    mean = model.conditional_mean(x_in, observed)
+    assert_finite(mean, (n, d))
+    expected = _dense_conditional_mean(ref, x_in, observed)
+    torch.testing.assert_close(mean, expected, rtol=1e-8, atol=1e-9)
+    assert torch.equal(mean[observed], x_in[observed])  # copied exactly
+    assert torch.equal(mean[0], x_in[0])  # all observed: x itself
+    torch.testing.assert_close(mean[1], ref.mean(), rtol=1e-10, atol=1e-12)  # nothing observed
+
+    lp = model.observed_log_prob(x_in, observed)
+    assert_finite(lp, (n,))
+    torch.testing.assert_close(lp, _dense_observed_log_prob(ref, x_in, observed),
+                               rtol=1e-6, atol=1e-9)
+    assert lp[1] == 0  # nothing observed
+    torch.testing.assert_close(lp[0], ref.log_prob(x_in[0]), rtol=1e-6, atol=1e-9)
+
+    torch.testing.assert_close(mfa.conditional_mean(model, x_in, observed), mean)
+
+
+def test_masked_methods_far_from_origin_float32():
+    model = random_model(3, 6, 2, "diagonal", seed=123, dtype=torch.float32, offset=1e3)
+    ref = DenseMixture.from_model(model)
+    x = random_data(12, model, seed=124)
+    observed = _random_masks(12, 6, seed=125)
+    lp = model.observed_log_prob(x, observed).double()
+    torch.testing.assert_close(lp, _dense_observed_log_prob(ref, x.double(), observed),
+                               rtol=2e-5, atol=1e-4)
+    mean = model.conditional_mean(x, observed).double()
+    torch.testing.assert_close(mean, _dense_conditional_mean(ref, x.double(), observed),
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_masked_methods_chunked_equal_unchunked():
+    big = random_model(3, 6, 2, "isotropic", seed=126)
+    tiny = random_model(3, 6, 2, "isotropic", seed=126, chunk_elements=50)
+    x = random_data(37, big, seed=127)
+    observed = _random_masks(37, 6, seed=128)
+    torch.testing.assert_close(tiny.conditional_mean(x, observed),
+                               big.conditional_mean(x, observed), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tiny.observed_log_prob(x, observed),
+                               big.observed_log_prob(x, observed), rtol=1e-12, atol=1e-12)
+    values = x[0, :2]
+    torch.testing.assert_close(tiny.condition([0, 1], values).covariance(),
+                               big.condition([0, 1], values).covariance(), rtol=1e-12, atol=1e-12)
+    s = tiny.conditional_sample(x, observed, generator=gen(0))
+    assert_finite(s, (37, 6))
+    assert torch.equal(s[observed], x[observed])
+
+
+def test_masked_methods_empty_batch():
+    model = random_model(2, 3, 1, seed=129)
+    x = torch.zeros(0, 3, dtype=F64)
+    m = torch.zeros(0, 3, dtype=torch.bool)
+    assert model.conditional_mean(x, m).shape == (0, 3)
+    assert model.observed_log_prob(x, m).shape == (0,)
+    assert model.conditional_sample(x, m, generator=gen(0)).shape == (0, 3)
+
+
+def test_observed_log_prob_gradcheck():
+    model = random_model(2, 4, 2, "diagonal", seed=130)
+    x = random_data(5, model, seed=131, scale=1.0)
+    observed = _random_masks(5, 4, seed=132)
+    names = ["logits", "loc", "loadings", "raw_noise"]
+    inputs = tuple(getattr(model, n).detach().clone().requires_grad_(True) for n in names)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model.observed_log_prob(x, observed)
+
+    wrapper = Wrapper()
+
+    def f(*params):
+        state = {f"model.{n}": p for n, p in zip(names, params, strict=True)}
+        return torch.func.functional_call(wrapper, state, (x,))
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+# ---------------------------------------------------------------------- conditional sampling
+
+
+def test_conditional_sample_moments_match_dense_conditional():
+    model = random_model(3, 5, 2, "diagonal", seed=140)
+    ref = DenseMixture.from_model(model)
+    obs = [0, 3]
+    hid = _hidden(5, obs)
+    # Halfway between two components' observed means: a genuinely mixed posterior.
+    values = 0.5 * (model.means[0, obs] + model.means[1, obs]).detach()
+    expected = ref.condition(obs, values)
+    assert float(expected.weights.sort().values[-2]) > 0.05, expected.weights
+
+    n = 100_000
+    row = torch.full((5,), 7.0, dtype=F64)
+    row[obs] = values
+    x = row.expand(n, 5).contiguous()
+    observed = torch.zeros(n, 5, dtype=torch.bool)
+    observed[:, obs] = True
+    s = model.conditional_sample(x, observed, generator=gen(141))
+    assert_finite(s, (n, 5))
+    assert torch.equal(s[:, obs], x[:, obs])
+    samples = s[:, hid]
+    mean, cov = expected.mean(), expected.covariance()
+    se_mean = cov.diagonal().sqrt() / math.sqrt(n)
+    assert bool(((samples.mean(0) - mean).abs() <= 5 * se_mean).all())
+    centred = samples - mean
+    products = centred.unsqueeze(-1) * centred.unsqueeze(-2)
+    se_cov = products.std(0) / math.sqrt(n)
+    assert bool(((products.mean(0) - cov).abs() <= 5 * se_cov).all())
+
+
+def test_conditional_sample_l0_moments():
+    model = random_model(2, 4, 0, "isotropic", seed=142)
+    ref = DenseMixture.from_model(model)
+    obs = [1]
+    values = model.means[:, 1].mean().reshape(1).detach()
+    expected = ref.condition(obs, values)
+    n = 100_000
+    x = torch.zeros(n, 4, dtype=F64)
+    x[:, 1] = values
+    observed = torch.zeros(n, 4, dtype=torch.bool)
+    observed[:, 1] = True
+    s = model.conditional_sample(x, observed, generator=gen(143))[:, [0, 2, 3]]
+    se = expected.covariance().diagonal().sqrt() / math.sqrt(n)
+    assert bool(((s.mean(0) - expected.mean()).abs() <= 5 * se).all())
+
+
+def test_conditional_sample_copies_observed_and_is_seeded():
+    model = random_model(3, 6, 2, seed=144)
+    x = random_data(50, model, seed=145)
+    observed = _random_masks(50, 6, seed=146)
+    a = model.conditional_sample(x, observed, generator=gen(1))
+    b = model.conditional_sample(x, observed, generator=gen(1))
+    c = model.conditional_sample(x, observed, generator=gen(2))
+    assert_finite(a, (50, 6))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(a[observed], x[observed])
+    assert torch.equal(a[0], x[0])
+    assert not torch.equal(a[~observed], c[~observed])
+
+
+def test_inpaint():
+    model = random_model(3, 5, 2, seed=147)
+    x = random_data(8, model, seed=148)
+    observed = _random_masks(8, 5, seed=149)
+    mean, samples = inpaint(model, x, observed, n_samples=3, generator=gen(5))
+    torch.testing.assert_close(mean, model.conditional_mean(x, observed), rtol=0, atol=0)
+    assert_finite(samples, (3, 8, 5))
+    assert torch.equal(samples[:, observed], x[observed].expand(3, -1))
+    _, again = inpaint(model, x, observed, n_samples=3, generator=gen(5))
+    assert torch.equal(samples, again)
+    assert not torch.equal(samples[0], samples[1])
+    mean0, none = mfa.inpaint(model, x, observed)
+    assert none.shape == (0, 8, 5)
+    torch.testing.assert_close(mean0, mean, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def test_mask_and_x_validation():
+    model = random_model(2, 4, 1, seed=150)
+    x = torch.zeros(3, 4, dtype=F64)
+    ok = torch.ones(3, 4, dtype=torch.bool)
+    for fn in (model.conditional_mean, model.observed_log_prob, model.conditional_sample):
+        with pytest.raises(TypeError, match=r"observed must be a bool tensor, got dtype "
+                                            r"torch\.int64"):
+            fn(x, ok.long())
+        with pytest.raises(ValueError, match=r"observed must have shape \(3, 4\), got \(3, 3\)"):
+            fn(x, ok[:, :3])
+        with pytest.raises(TypeError, match=r"observed must be a torch\.Tensor, got list"):
+            fn(x, ok.tolist())
+        with pytest.raises(ValueError, match=r"x must have shape \[N, 4\], got \(4,\)"):
+            fn(x[0], ok[0])
+        with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 4\]"):
+            fn(x[:, :3], ok[:, :3])
+        with pytest.raises(TypeError, match=r"x has dtype torch\.float32 but the model has "
+                                            r"dtype torch\.float64"):
+            fn(x.float(), ok)
+        with pytest.raises(TypeError, match=r"x must be a floating-point tensor"):
+            fn(x.long(), ok)
+        bad = x.clone()
+        bad[2, 1] = float("nan")
+        with pytest.raises(ValueError, match=r"x contains 1 non-finite value\(s\)"):
+            fn(bad, ok)
+
+
+def test_marginal_feature_validation():
+    model = random_model(2, 4, 1, seed=151)
+    with pytest.raises(ValueError, match=r"features must lie in \[0, 4\), got values from 0 to 4"):
+        model.marginal([0, 4])
+    with pytest.raises(ValueError, match=r"features must lie in \[0, 4\), got values from -1"):
+        model.marginal([-1, 2])
+    with pytest.raises(ValueError, match=r"features contains duplicated feature indices"):
+        model.marginal([1, 2, 1])
+    with pytest.raises(ValueError, match=r"features selects no features"):
+        model.marginal(torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"features selects no features"):
+        model.marginal(torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"features as a bool mask must have shape \(4,\), "
+                                         r"got \(3,\)"):
+        model.marginal(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"features must be integer indices or a bool mask, "
+                                        r"got dtype torch\.float32"):
+        model.marginal(torch.tensor([0.0, 1.0]))
+
+
+def test_condition_validation():
+    model = random_model(2, 4, 1, seed=152)
+    v2 = torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match=r"observed_features covers every feature"):
+        model.condition([0, 1, 2, 3], torch.zeros(4, dtype=F64))
+    with pytest.raises(ValueError, match=r"observed_features covers every feature"):
+        model.condition(torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=F64))
+    with pytest.raises(ValueError, match=r"observed_values must have shape \[\.\.\., 2\] "
+                                         r"\(n_features=2\), got \(3,\)"):
+        model.condition([0, 1], torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match=r"observed_values must have shape \[2\], got \(1, 2\)"):
+        model.condition([0, 1], v2[None])
+    with pytest.raises(TypeError, match=r"observed_values has dtype torch\.float32"):
+        model.condition([0, 1], v2.float())
+    with pytest.raises(ValueError, match=r"observed_values contains 1 non-finite"):
+        model.condition([0, 1], torch.tensor([0.0, float("inf")], dtype=F64))
+    with pytest.raises(ValueError, match=r"observed_features must lie in \[0, 4\)"):
+        model.condition([0, 7], v2)
+    with pytest.raises(ValueError, match=r"observed_features contains duplicated"):
+        model.condition([1, 1], v2)
+    with pytest.raises(ValueError, match=r"observed_features selects no features"):
+        model.condition(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=F64))
+
+
+def test_empty_list_of_features_is_reported_as_empty():
+    """Regression: feature_index turned [] into a float32 tensor (torch.as_tensor([])) and
+    raised TypeError 'must be integer indices' instead of ValueError 'selects no features'."""
+    model = random_model(2, 4, 1, seed=153)
+    with pytest.raises(ValueError, match=r"features selects no features"):
+        model.marginal([])
+    with pytest.raises(ValueError, match=r"observed_features selects no features"):
+        model.condition([], torch.zeros(0, dtype=F64))

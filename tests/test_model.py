@@ -1,0 +1,571 @@
+"""MixtureOfFactorAnalyzers: densities, sampling, KDE and input validation.
+
+Every numerical check compares against the dense float64 reference of ``tests/helpers.py``
+(full covariances, ``torch.distributions.MultivariateNormal``), never the library's formulas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import (
+    F64,
+    DenseMixture,
+    assert_finite,
+    dense_kde_log_prob,
+    gen,
+    random_data,
+    random_model,
+    random_parameters,
+)
+
+from mfa import MixtureOfFactorAnalyzers, scott_bandwidth, select_kde_bandwidth
+
+MFA = MixtureOfFactorAnalyzers
+
+# (K, D, L, noise): K = 1 and K > 1, L = 0, L = 1, L = D, both noise models.
+DENSITY_CASES = [
+    (1, 4, 0, "diagonal"),
+    (3, 5, 0, "isotropic"),
+    (1, 5, 1, "diagonal"),
+    (3, 6, 1, "isotropic"),
+    (3, 5, 5, "diagonal"),
+    (4, 6, 6, "isotropic"),
+    (2, 8, 3, "diagonal"),
+    (3, 7, 2, "isotropic"),
+]
+
+
+def _case_id(case):
+    k, d, lat, noise = case
+    return f"K{k}-D{d}-L{lat}-{noise[:3]}"
+
+
+# ---------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_from_parameters_round_trips_the_constrained_parameters(noise):
+    params = random_parameters(3, 5, 2, noise, seed=0)
+    model = MFA.from_parameters(**params, noise=noise)
+    assert (model.n_components, model.n_features, model.n_factors) == (3, 5, 2)
+    assert model.noise == noise and model.min_noise == 0.0
+    assert model.dtype == F64 and model.device == torch.device("cpu")
+    torch.testing.assert_close(model.weights, params["weights"], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(model.log_weights, params["weights"].log(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model.means, params["means"], rtol=0, atol=0)
+    torch.testing.assert_close(model.factor_loadings, params["factor_loadings"], rtol=0, atol=0)
+    expected_noise = params["noise_variance"].reshape(3, -1).expand(3, 5)
+    torch.testing.assert_close(model.noise_variance, expected_noise, rtol=1e-12, atol=1e-14)
+    dense = DenseMixture.from_parameters(**params)
+    torch.testing.assert_close(model.covariance(), dense.covs, rtol=1e-12, atol=1e-12)
+    raw_width = 5 if noise == "diagonal" else 1
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    assert shapes == {
+        "logits": (3,),
+        "loc": (3, 5),
+        "loadings": (3, 5, 2),
+        "raw_noise": (3, raw_width),
+    }
+
+
+def test_isotropic_noise_accepts_k_k1_and_constant_kd_shapes():
+    params = random_parameters(3, 4, 1, "isotropic", seed=1)
+    nv = params.pop("noise_variance")
+    ref = MFA.from_parameters(**params, noise_variance=nv, noise="isotropic")
+    for shaped in (nv[:, None], nv[:, None].expand(3, 4).contiguous()):
+        other = MFA.from_parameters(**params, noise_variance=shaped, noise="isotropic")
+        torch.testing.assert_close(other.noise_variance, ref.noise_variance, rtol=0, atol=0)
+
+
+def test_min_noise_is_a_floor_of_the_noise_variance():
+    params = random_parameters(2, 3, 1, seed=2)
+    model = MFA.from_parameters(**params, min_noise=0.1)
+    torch.testing.assert_close(model.noise_variance, params["noise_variance"], rtol=1e-12, atol=0)
+    with torch.no_grad():
+        model.raw_noise.fill_(-50.0)
+    assert bool((model.noise_variance >= 0.1).all())
+    torch.testing.assert_close(
+        model.noise_variance, torch.full((2, 3), 0.1, dtype=F64), rtol=1e-12, atol=0
+    )
+
+
+def test_default_constructor_and_config_round_trip():
+    model = MFA(3, 5, 2, generator=gen(0))
+    assert model.dtype == torch.get_default_dtype()
+    torch.testing.assert_close(model.weights, torch.full((3,), 1 / 3))
+    torch.testing.assert_close(model.means, torch.zeros(3, 5))
+    torch.testing.assert_close(model.noise_variance, torch.full((3, 5), 1.0 + 1e-6))
+    # Same generator seed, same loadings; a different seed, different loadings.
+    assert torch.equal(model.loadings, MFA(3, 5, 2, generator=gen(0)).loadings)
+    assert not torch.equal(model.loadings, MFA(3, 5, 2, generator=gen(1)).loadings)
+    assert model.config() == {
+        "n_components": 3,
+        "n_features": 5,
+        "n_factors": 2,
+        "noise": "diagonal",
+        "min_noise": 1e-6,
+    }
+
+    trained = random_model(3, 5, 2, "isotropic", seed=3)
+    rebuilt = MFA(**trained.config(), dtype=F64)
+    rebuilt.load_state_dict(trained.state_dict())
+    x = random_data(20, trained)
+    torch.testing.assert_close(rebuilt.log_prob(x), trained.log_prob(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------- densities
+
+
+@pytest.mark.parametrize("case", DENSITY_CASES, ids=_case_id)
+def test_log_prob_matches_dense_reference(case):
+    k, d, lat, noise = case
+    model = random_model(k, d, lat, noise, seed=10)
+    ref = DenseMixture.from_model(model)
+    x = random_data(64, model, seed=11)
+    lp = model.log_prob(x)
+    assert_finite(lp, (64,))
+    torch.testing.assert_close(lp, ref.log_prob(x), rtol=1e-6, atol=1e-9)
+    # The reference built straight from the parameters agrees too (no library transform).
+    params = random_parameters(k, d, lat, noise, seed=10)
+    torch.testing.assert_close(
+        lp, DenseMixture.from_parameters(**params).log_prob(x), rtol=1e-6, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("case", DENSITY_CASES, ids=_case_id)
+def test_component_quantities_match_dense_reference(case):
+    k, d, lat, noise = case
+    model = random_model(k, d, lat, noise, seed=12)
+    ref = DenseMixture.from_model(model)
+    x = random_data(50, model, seed=13)
+    clp = model.component_log_prob(x)
+    assert_finite(clp, (50, k))
+    ref_clp = ref.component_log_prob(x)
+    torch.testing.assert_close(clp, ref_clp, rtol=1e-6, atol=1e-9)
+
+    resp = model.responsibilities(x)
+    assert_finite(resp, (50, k))
+    torch.testing.assert_close(resp.sum(-1), torch.ones(50, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(resp, torch.softmax(ref_clp, -1), rtol=1e-6, atol=1e-10)
+
+    pred = model.predict(x)
+    assert pred.dtype == torch.int64 and pred.shape == (50,)
+    assert torch.equal(pred, ref_clp.argmax(-1))
+
+    torch.testing.assert_close(model.score_outliers(x), -ref.log_prob(x), rtol=1e-6, atol=1e-9)
+
+    dist = model.to_distribution()
+    torch.testing.assert_close(dist.log_prob(x), ref.log_prob(x), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(model.covariance(), ref.covs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_log_prob_far_from_the_origin_float64(noise):
+    model = random_model(3, 6, 2, noise, seed=14, offset=1e3)
+    x = random_data(100, model, seed=15)
+    assert float(x.mean()) > 900
+    ref = DenseMixture.from_model(model)
+    torch.testing.assert_close(model.log_prob(x), ref.log_prob(x), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("case", [(3, 5, 2, "diagonal"), (4, 20, 5, "isotropic"),
+                                  (2, 30, 0, "diagonal"), (3, 12, 12, "diagonal")],
+                         ids=_case_id)
+def test_log_prob_float32_model_vs_float64_reference(case, offset):
+    """Measured: max relative error about 1e-6 (also at offset 1e3, thanks to the centring).
+
+    The tolerance, 2e-5 relative, is 20x that, while adding ``w`` instead of ``log w`` to the
+    component terms would be off by more than 2e-3 relative on every one of these rows.
+    """
+    k, d, lat, noise = case
+    model = random_model(k, d, lat, noise, seed=16, dtype=torch.float32, offset=offset)
+    ref = DenseMixture.from_model(model)  # the float32 parameters, exactly, in float64
+    x = random_data(200, model, seed=17)
+    assert x.dtype == torch.float32
+    lp = model.log_prob(x)
+    assert_finite(lp, (200,), torch.float32)
+    expected = ref.log_prob(x)
+    torch.testing.assert_close(lp.double(), expected, rtol=2e-5, atol=1e-4)
+    # The tolerance is tight enough to catch "w instead of log w" on every row.
+    wrong = torch.logsumexp(ref.component_log_prob(x) - ref.weights.log() + ref.weights, -1)
+    assert bool(((wrong - expected).abs() > 1e-4 + 2e-5 * expected.abs()).all())
+
+
+def test_log_prob_zero_weight_component_is_ignored():
+    params = random_parameters(3, 4, 2, seed=18)
+    params["weights"] = torch.tensor([0.25, 0.0, 0.75], dtype=F64)
+    model = MFA.from_parameters(**params)
+    x = random_data(30, model, seed=19)
+    ref = DenseMixture.from_parameters(**params)
+    torch.testing.assert_close(model.log_prob(x), ref.log_prob(x), rtol=1e-6, atol=1e-9)
+    assert bool((model.responsibilities(x)[:, 1] == 0).all())
+
+
+def test_batched_equals_unbatched_and_leading_dims():
+    model = random_model(3, 5, 2, seed=20)
+    x = random_data(6, model, seed=21)
+    full = model.log_prob(x)
+    for i in range(6):
+        single = model.log_prob(x[i])
+        assert single.shape == ()
+        torch.testing.assert_close(single, full[i], rtol=1e-13, atol=1e-13)
+    x23 = x.reshape(2, 3, 5)
+    torch.testing.assert_close(model.log_prob(x23), full.reshape(2, 3), rtol=1e-13, atol=1e-13)
+    clp = model.component_log_prob(x23)
+    assert clp.shape == (2, 3, 3)
+    torch.testing.assert_close(clp.reshape(6, 3), model.component_log_prob(x), rtol=0, atol=1e-13)
+    assert model.responsibilities(x23).shape == (2, 3, 3)
+    assert model.predict(x23).shape == (2, 3)
+    assert model.score_outliers(x23).shape == (2, 3)
+    assert model.log_prob(torch.zeros(0, 5, dtype=F64)).shape == (0,)
+
+
+@pytest.mark.parametrize("case", [(3, 5, 2, "diagonal"), (4, 6, 0, "isotropic"),
+                                  (2, 4, 4, "diagonal")], ids=_case_id)
+def test_chunked_equals_unchunked(case):
+    k, d, lat, noise = case
+    big = random_model(k, d, lat, noise, seed=22)
+    tiny = random_model(k, d, lat, noise, seed=22, chunk_elements=50)
+    assert tiny.chunk_size() < 10  # really many chunks for 101 rows
+    x = random_data(101, big, seed=23)
+    torch.testing.assert_close(tiny.log_prob(x), big.log_prob(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        tiny.component_log_prob(x), big.component_log_prob(x), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        tiny.responsibilities(x), big.responsibilities(x), rtol=1e-12, atol=1e-12
+    )
+
+
+# ---------------------------------------------------------------------- gradients
+
+
+class _LogProb(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.log_prob(x)
+
+
+@pytest.mark.parametrize("case", [(3, 5, 2, "diagonal"), (2, 4, 0, "isotropic"),
+                                  (2, 3, 3, "isotropic")], ids=_case_id)
+def test_gradients_are_finite(case):
+    k, d, lat, noise = case
+    model = random_model(k, d, lat, noise, seed=24)
+    x = random_data(40, model, seed=25).requires_grad_(True)
+    model.log_prob(x).mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert_finite(p.grad, p.shape)
+    assert_finite(x.grad, x.shape)
+
+
+@pytest.mark.parametrize("case", [(2, 3, 2, "diagonal"), (2, 3, 0, "diagonal"),
+                                  (3, 3, 1, "isotropic")], ids=_case_id)
+def test_gradcheck_log_prob_parameters_and_x(case):
+    k, d, lat, noise = case
+    model = random_model(k, d, lat, noise, seed=26)
+    wrapper = _LogProb(model)
+    x = random_data(4, model, seed=27, scale=1.0)
+    names = ["logits", "loc", "loadings", "raw_noise"]
+    inputs = tuple(
+        getattr(model, n).detach().clone().requires_grad_(True) for n in names
+    )
+
+    def f(*params):
+        state = {f"model.{n}": p for n, p in zip(names, params, strict=True)}
+        return torch.func.functional_call(wrapper, state, (x,))
+
+    assert torch.autograd.gradcheck(f, inputs)
+    xg = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(model.log_prob, (xg,))
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def _check_moments(samples, mean, cov, n_sigma=5.0):
+    """Sample mean and covariance within ``n_sigma`` standard errors of the truth.
+
+    The standard error of each covariance entry is estimated from the samples themselves
+    (the spread of the centred products).
+    """
+    n = samples.shape[0]
+    sd = cov.diagonal().sqrt()
+    err_mean = (samples.mean(0) - mean).abs()
+    assert bool((err_mean <= n_sigma * sd / math.sqrt(n)).all()), (err_mean, sd / math.sqrt(n))
+    centred = samples - mean
+    products = centred.unsqueeze(-1) * centred.unsqueeze(-2)  # [n, D, D]
+    se_cov = products.std(0) / math.sqrt(n)
+    err_cov = (products.mean(0) - cov).abs()
+    assert bool((err_cov <= n_sigma * se_cov).all()), (err_cov / se_cov).max()
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_sample_moments_and_component_frequencies(noise):
+    model = random_model(3, 4, 2, noise, seed=30)
+    ref = DenseMixture.from_model(model)
+    n = 200_000
+    x, comp = model.sample(n, generator=gen(31))
+    assert_finite(x, (n, 4))
+    assert comp.dtype == torch.int64 and comp.shape == (n,)
+    _check_moments(x, ref.mean(), ref.covariance())
+    freq = torch.bincount(comp, minlength=3).double() / n
+    se = (ref.weights * (1 - ref.weights) / n).sqrt()
+    assert bool(((freq - ref.weights).abs() <= 5 * se).all()), (freq, ref.weights)
+    # Given the component, the sample is from that component.
+    for k in range(3):
+        xk = x[comp == k]
+        sd = ref.covs[k].diagonal().sqrt()
+        assert bool(((xk.mean(0) - ref.means[k]).abs() <= 5 * sd / math.sqrt(len(xk))).all())
+
+
+def test_sample_l0_and_float32():
+    model = random_model(2, 3, 0, seed=32, dtype=torch.float32)
+    ref = DenseMixture.from_model(model)
+    x, _ = model.sample(100_000, generator=gen(33))
+    assert_finite(x, (100_000, 3), torch.float32)
+    _check_moments(x.double(), ref.mean(), ref.covariance())
+
+
+def test_sample_is_reproducible_with_a_seed():
+    model = random_model(3, 4, 2, seed=34)
+    a, ca = model.sample(100, generator=gen(35))
+    b, cb = model.sample(100, generator=gen(35))
+    c, _ = model.sample(100, generator=gen(36))
+    assert torch.equal(a, b) and torch.equal(ca, cb)
+    assert not torch.equal(a, c)
+
+
+def test_sample_zero_rows():
+    """Regression: sample(0) raised from torch.multinomial although n=0 passes validation."""
+    model = random_model(2, 3, 1, seed=37)
+    x, comp = model.sample(0, generator=gen(0))
+    assert x.shape == (0, 3) and comp.shape == (0,)
+
+
+# ---------------------------------------------------------------------- kde
+
+
+def test_kde_equals_hand_written_kde():
+    data = torch.randn(40, 3, generator=gen(40), dtype=F64)
+    x = torch.randn(25, 3, generator=gen(41), dtype=F64) * 1.5
+    model = MFA.kde(data, bandwidth=0.6)
+    assert (model.n_components, model.n_features, model.n_factors) == (40, 3, 0)
+    assert model.noise == "isotropic"
+    torch.testing.assert_close(model.means, data, rtol=0, atol=0)
+    torch.testing.assert_close(model.weights, torch.full((40,), 1 / 40, dtype=F64))
+    torch.testing.assert_close(model.noise_variance, torch.full((40, 3), 0.36, dtype=F64))
+    torch.testing.assert_close(
+        model.log_prob(x), dense_kde_log_prob(x, data, 0.6), rtol=1e-10, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_kde_default_bandwidth_is_scotts_rule(d):
+    g = gen(42)
+    data = torch.randn(50, d, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
+    arr = data.numpy()
+    # Docstring: σ = s · N^(−1/(D+4)), s the mean per-feature standard deviation.
+    s = float(np.mean(np.std(arr, axis=0, ddof=1)))
+    expected = s * 50 ** (-1.0 / (d + 4))
+    assert scott_bandwidth(data) == pytest.approx(expected, rel=1e-12)
+    model = MFA.kde(data)
+    torch.testing.assert_close(
+        model.noise_variance, torch.full((50, d), expected**2, dtype=F64), rtol=1e-12, atol=0
+    )
+    x = torch.randn(10, d, generator=g, dtype=F64)
+    torch.testing.assert_close(
+        model.log_prob(x), dense_kde_log_prob(x, data, expected), rtol=1e-10, atol=1e-10
+    )
+
+
+def test_select_kde_bandwidth_picks_the_best_held_out_candidate():
+    g = gen(43)
+    train = torch.randn(60, 2, generator=g, dtype=F64)
+    val = torch.randn(40, 2, generator=g, dtype=F64)
+    candidates = [0.05, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0, 2.0]
+    best, scores = select_kde_bandwidth(train, val, candidates)
+    brute = [dense_kde_log_prob(val, train, c).mean().item() for c in candidates]
+    torch.testing.assert_close(scores, torch.tensor(brute, dtype=F64), rtol=1e-10, atol=1e-10)
+    assert best == candidates[int(np.argmax(brute))]
+    assert candidates[0] < best < candidates[-1]  # a real interior maximum, not an edge
+
+    # Default candidates: 25 log-spaced values from Scott/100 to 2·Scott.
+    best_default, scores_default = select_kde_bandwidth(train, val)
+    assert scores_default.shape == (25,)
+    scott = scott_bandwidth(train)
+    grid = np.logspace(np.log10(scott / 100), np.log10(2 * scott), 25)
+    brute = [dense_kde_log_prob(val, train, float(c)).mean().item() for c in grid]
+    assert best_default == pytest.approx(float(grid[int(np.argmax(brute))]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------- validation
+
+
+DATA_METHODS = ["log_prob", "component_log_prob", "responsibilities", "predict", "score_outliers"]
+
+
+@pytest.mark.parametrize("method", DATA_METHODS)
+def test_data_validation_errors(method):
+    model = random_model(2, 4, 1, seed=50)
+    fn = getattr(model, method)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 4\] .*got \(3, 5\)"):
+        fn(torch.zeros(3, 5, dtype=F64))
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 4\] .*got \(\)"):
+        fn(torch.tensor(1.0, dtype=F64))
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor .*torch\.int64"):
+        fn(torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"x has dtype torch\.float32 but the model has dtype "
+                                        r"torch\.float64"):
+        fn(torch.zeros(3, 4, dtype=torch.float32))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
+        fn([[0.0] * 4])
+    bad = torch.zeros(3, 4, dtype=F64)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"x contains 1 non-finite value\(s\).*index \(1, 2\)"):
+        fn(bad)
+    bad[1, 2] = float("inf")
+    bad[0, 0] = -float("inf")
+    with pytest.raises(ValueError, match=r"x contains 2 non-finite value\(s\).*index \(0, 0\)"):
+        fn(bad)
+
+
+def _bad_parameter_cases():
+    p = random_parameters(3, 4, 2, seed=51)
+    k = {**p}
+
+    def with_(**changes):
+        return {**k, **changes}
+
+    w = p["weights"]
+    return [
+        ("sum", with_(weights=w * 1.1), ValueError, r"weights must sum to one, got sum 1\.1"),
+        ("negative", with_(weights=torch.tensor([1.2, -0.2, 0.0], dtype=F64)), ValueError,
+         r"weights must be non-negative, got minimum -0\.2"),
+        ("weights-shape", with_(weights=torch.full((4,), 0.25, dtype=F64)), ValueError,
+         r"weights must have shape \[3\], got \(4,\)"),
+        ("weights-dtype", with_(weights=w.float()), TypeError, r"weights has dtype torch\.float32"),
+        ("weights-nan", with_(weights=torch.tensor([0.5, float("nan"), 0.5], dtype=F64)),
+         ValueError, r"weights contains 1 non-finite"),
+        ("noise-zero", with_(noise_variance=p["noise_variance"] * 0), ValueError,
+         r"noise_variance must be > min_noise=0\.0"),
+        ("noise-negative", with_(noise_variance=-p["noise_variance"]), ValueError,
+         r"noise_variance must be > min_noise"),
+        ("noise-shape", with_(noise_variance=p["noise_variance"][:, :3]), ValueError,
+         r"noise_variance must have shape \[K, D\] = \[3, 4\], got \(3, 3\)"),
+        ("noise-inf", with_(noise_variance=p["noise_variance"] / 0), ValueError,
+         r"noise_variance contains 12 non-finite"),
+        ("means-1d", with_(means=p["means"][0]), ValueError,
+         r"means must have shape \[K, D\], got \(4,\)"),
+        ("means-type", with_(means=p["means"].tolist()), TypeError,
+         r"means must be a torch\.Tensor, got list"),
+        ("loadings-2d", with_(factor_loadings=p["factor_loadings"][:, :, 0]), ValueError,
+         r"factor_loadings must have shape \[K, D, L\] = \[3, 4, L\], got \(3, 4\)"),
+        ("loadings-D", with_(factor_loadings=p["factor_loadings"][:, :3]), ValueError,
+         r"factor_loadings must have shape \[K, D, L\] = \[3, 4, L\], got \(3, 3, 2\)"),
+        ("too-many-factors", with_(factor_loadings=torch.zeros(3, 4, 5, dtype=F64)), ValueError,
+         r"n_factors must be <= n_features \(4\), got 5"),
+    ]
+
+
+@pytest.mark.parametrize("name,params,exc,match", _bad_parameter_cases(),
+                         ids=[c[0] for c in _bad_parameter_cases()])
+def test_from_parameters_validation(name, params, exc, match):
+    with pytest.raises(exc, match=match):
+        MFA.from_parameters(**params)
+
+
+def test_from_parameters_noise_validation():
+    p = random_parameters(3, 4, 2, seed=52)
+    with pytest.raises(ValueError, match=r"noise must be one of \('diagonal', 'isotropic'\), "
+                                         r"got 'spherical'"):
+        MFA.from_parameters(**p, noise="spherical")
+    # noise_variance <= min_noise (equality included)
+    nv = torch.full((3, 4), 0.5, dtype=F64)
+    with pytest.raises(ValueError, match=r"noise_variance must be > min_noise=0\.5"):
+        MFA.from_parameters(**{**p, "noise_variance": nv}, min_noise=0.5)
+    with pytest.raises(ValueError, match=r"noise_variance must be > min_noise=0\.6"):
+        MFA.from_parameters(**{**p, "noise_variance": nv}, min_noise=0.6)
+    MFA.from_parameters(**{**p, "noise_variance": nv}, min_noise=0.4)
+    # isotropic shapes
+    iso = {**p, "noise_variance": p["noise_variance"]}
+    with pytest.raises(ValueError, match=r"must be constant along D for isotropic noise"):
+        MFA.from_parameters(**iso, noise="isotropic")
+    with pytest.raises(ValueError, match=r"noise_variance for isotropic noise must have shape "
+                                         r"\[3\], \[3, 1\] or \[3, 4\], got \(2,\)"):
+        MFA.from_parameters(**{**p, "noise_variance": torch.ones(2, dtype=F64)},
+                            noise="isotropic")
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match=r"n_components must be >= 1, got 0"):
+        MFA(0, 3, 1)
+    with pytest.raises(ValueError, match=r"n_features must be >= 1, got 0"):
+        MFA(2, 0, 0)
+    with pytest.raises(ValueError, match=r"n_factors must be >= 0, got -1"):
+        MFA(2, 3, -1)
+    with pytest.raises(TypeError, match=r"n_components must be an int, got float"):
+        MFA(2.0, 3, 1)
+    with pytest.raises(ValueError, match=r"n_factors must be <= n_features \(3\), got 4"):
+        MFA(2, 3, 4)
+    with pytest.raises(ValueError, match=r"noise must be one of .* got 'full'"):
+        MFA(2, 3, 1, noise="full")
+    with pytest.raises(ValueError, match=r"min_noise must be a finite float >= 0, got -1"):
+        MFA(2, 3, 1, min_noise=-1.0)
+    with pytest.raises(ValueError, match=r"chunk_elements must be >= 1, got 0"):
+        MFA(2, 3, 1, chunk_elements=0)
+
+
+def test_sample_and_kde_validation():
+    model = random_model(2, 3, 1, seed=53)
+    with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
+        model.sample(-1)
+    with pytest.raises(TypeError, match=r"n must be an int, got float"):
+        model.sample(2.0)
+    data = torch.randn(5, 2, generator=gen(54), dtype=F64)
+    with pytest.raises(ValueError, match=r"bandwidth must be a finite float > 0, got 0\.0"):
+        MFA.kde(data, bandwidth=0.0)
+    with pytest.raises(ValueError, match=r"bandwidth must be a finite float > 0, got nan"):
+        MFA.kde(data, bandwidth=float("nan"))
+    with pytest.raises(ValueError, match=r"data must have shape \[N, D\] with N >= 1, got \(5,\)"):
+        MFA.kde(data[:, 0])
+    with pytest.raises(TypeError, match=r"data must be floating point, got torch\.int64"):
+        MFA.kde(data.long())
+    with pytest.raises(ValueError, match=r"candidates must not be empty"):
+        select_kde_bandwidth(data, data, [])
+
+
+def test_failed_set_parameters_changes_nothing():
+    model = random_model(3, 4, 2, seed=55)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = random_parameters(3, 4, 2, seed=56)
+    failures = [
+        ({**good, "noise_variance": -good["noise_variance"]}, ValueError),
+        ({**good, "factor_loadings": good["factor_loadings"][:, :, :1]}, ValueError),
+        ({**good, "weights": good["weights"] * 2}, ValueError),
+        ({**good, "means": good["means"].float()}, TypeError),
+        ({**good, "noise_variance": good["noise_variance"].float()}, TypeError),
+    ]
+    for params, exc in failures:
+        with pytest.raises(exc):
+            model.set_parameters(**params)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k]), k
+    # A successful partial update writes only what it was given.
+    model.set_parameters(means=good["means"])
+    assert torch.equal(model.means, good["means"])
+    assert torch.equal(model.loadings, before["loadings"])
+    assert torch.equal(model.raw_noise, before["raw_noise"])
+    model.set_parameters(**good)
+    x = random_data(10, model, seed=57)
+    torch.testing.assert_close(
+        model.log_prob(x), DenseMixture.from_parameters(**good).log_prob(x), rtol=1e-6, atol=1e-9
+    )
