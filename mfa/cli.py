@@ -58,7 +58,7 @@ def cmd_sample(args) -> int:
                          "--image-shape C H W")
     out = Path(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
     sample(ckpt.model, shape, out, n=args.n, nrow=args.nrow, seed=args.seed, scale=args.scale,
-           per_component=args.per_component)
+           per_component=args.per_component, with_noise=not args.no_noise)
     print(out)
     return 0
 
@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, default=8)
     p.add_argument("--per-component", action="store_true",
                    help="one row of --nrow samples per component, by weight")
+    p.add_argument("--no-noise", action="store_true",
+                   help="draw mu_k + A_k z without the per-pixel noise (smoother images)")
     p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_sample)

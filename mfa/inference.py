@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from mfa import linalg
-from mfa._validation import check_data, check_mask, check_tensor, feature_index
+from mfa._validation import (
+    check_data,
+    check_finite,
+    check_floating,
+    check_mask,
+    check_tensor,
+    feature_index,
+)
 from mfa.model import MixtureOfFactorAnalyzers
 
 
@@ -175,12 +182,24 @@ def _row_posterior(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor)
     return RowPosterior(log_joint, latent_mean, chol, reference)
 
 
-def _check_masked(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor) -> None:
+def _check_masked(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor) -> Tensor:
+    """Validate ``x`` and its mask; hidden entries may be anything (NaN marks missing data).
+
+    Returns ``x`` with its hidden entries set to zero.
+    """
     x = check_tensor(x, "x")
     if x.dim() != 2:
         raise ValueError(f"x must have shape [N, {model.n_features}], got {tuple(x.shape)}")
-    check_data(x, "x", model.n_features, model.dtype, model.device)
+    if x.shape[-1] != model.n_features:
+        raise ValueError(
+            f"x must have shape [..., {model.n_features}] (n_features={model.n_features}), "
+            f"got {tuple(x.shape)}"
+        )
+    check_floating(x, "x", model.dtype, model.device)
     check_mask(observed, "observed", x.shape, model.device)
+    filled = torch.where(observed, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    check_finite(filled, "x (its observed entries)")
+    return filled
 
 
 def _chunks(model: MixtureOfFactorAnalyzers, n: int):
@@ -194,7 +213,7 @@ def observed_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tens
 
     A row with nothing observed has ``log p = 0``.
     """
-    _check_masked(model, x, observed)
+    x = _check_masked(model, x, observed)
     starts, size = _chunks(model, x.shape[0])
     parts = [
         _row_posterior(model, x[i : i + size], observed[i : i + size]).log_joint.logsumexp(-1)
@@ -212,7 +231,7 @@ def conditional_mean(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tenso
     Returns:
         ``[N, D]``, equal to ``x`` where observed.
     """
-    _check_masked(model, x, observed)
+    x = _check_masked(model, x, observed)
     k, d, n_lat = model.n_components, model.n_features, model.n_factors
     loadings_flat = model.factor_loadings.permute(0, 2, 1).reshape(k * n_lat, d)  # [K·L, D]
     starts, size = _chunks(model, x.shape[0])
@@ -245,7 +264,7 @@ def conditional_sample(
     Returns:
         ``[N, D]``, equal to ``x`` where observed.
     """
-    _check_masked(model, x, observed)
+    x = _check_masked(model, x, observed)
     n_lat = model.n_factors
     starts, size = _chunks(model, x.shape[0])
     parts = []

@@ -15,6 +15,7 @@ inpainting live in :mod:`mfa.inference` and are exposed here as methods.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -220,6 +221,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
         n, d = data.shape
         if bandwidth is None:
             bandwidth = scott_bandwidth(data)
+        if isinstance(bandwidth, Tensor) and bandwidth.numel() == 1:
+            bandwidth = bandwidth.item()
+        if isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
+            bandwidth = float(bandwidth)
         if not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
             raise ValueError(f"bandwidth must be a finite float > 0, got {bandwidth!r}")
         weights = torch.full((n,), 1.0 / n, dtype=data.dtype, device=data.device)
@@ -442,6 +447,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """
         return torch.logsumexp(self.component_log_prob(x), dim=-1)
 
+    def forward(self, x: Tensor) -> Tensor:
+        """``log p(x)``, the same as :meth:`log_prob`; ``[..., D]`` → ``[...]``."""
+        return self.log_prob(x)
+
     def responsibilities(self, x: Tensor) -> Tensor:
         """Posterior component probabilities ``p(k | x)``; ``[..., D]`` → ``[..., K]``."""
         return torch.softmax(self.component_log_prob(x), dim=-1)
@@ -457,13 +466,16 @@ class MixtureOfFactorAnalyzers(nn.Module):
     # ------------------------------------------------------------------ sampling
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None
+        self, n: int, generator: torch.Generator | None = None, *, with_noise: bool = True
     ) -> tuple[Tensor, Tensor]:
         """Ancestral samples: ``k ~ Cat(w)``, ``z ~ N(0, I)``, ``x = μ_k + A_k z + √d_k ε``.
 
         Args:
             n: number of samples.
-            generator: a ``torch.Generator`` on the model's device; same seed, same samples.
+            generator: a ``torch.Generator`` on the model's device; same seed, same samples
+                (for the same ``chunk_elements``, since draws are made chunk by chunk).
+            with_noise: ``False`` returns ``E[x | k, z] = μ_k + A_k z`` instead: not a sample
+                of the model, but the smoother images that are often displayed.
 
         Returns:
             ``(x, components)`` of shapes ``[n, D]`` and ``[n]`` (int64).
@@ -484,7 +496,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
                                 dtype=self.dtype, device=self.device)
                 eps = torch.randn(m, self.n_features, generator=generator,
                                   dtype=self.dtype, device=self.device)
-                x = self.means[comp] + eps * self.noise_variance[comp].sqrt()
+                x = self.means[comp]
+                if with_noise:
+                    x = x + eps * self.noise_variance[comp].sqrt()
                 if self.n_factors:
                     x = x + (self.factor_loadings[comp] @ z).squeeze(-1)
                 parts.append(x)
@@ -525,7 +539,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """``E[x_h | x_o]`` per row with per-row masks; observed entries are copied through.
 
         Args:
-            x: ``[N, D]``; the hidden entries are ignored (but must be finite).
+            x: ``[N, D]``; the hidden entries are ignored (they may be NaN).
             observed: bool ``[N, D]``, ``True`` where ``x`` is observed.
 
         Returns:

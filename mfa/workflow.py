@@ -197,9 +197,10 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
 
 
 def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
-           per_component: bool = False) -> Path:
+           per_component: bool = False, with_noise: bool = True) -> Path:
     """A grid of ``n`` samples (or, with ``per_component``, one row of ``nrow`` samples per
-    component, rows ordered by weight) saved as a PNG."""
+    component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
+    ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`)."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         if per_component:
@@ -207,10 +208,10 @@ def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
             rows = []
             for k in order.tolist():
                 single = _component(model, k)
-                rows.append(single.sample(nrow, generator=gen)[0])
+                rows.append(single.sample(nrow, generator=gen, with_noise=with_noise)[0])
             x = torch.cat(rows)
         else:
-            x, _ = model.sample(n, generator=gen)
+            x, _ = model.sample(n, generator=gen, with_noise=with_noise)
     images = viz.rows_to_images(x.float().cpu(), image_shape)
     return viz.save_image_grid(images, path, nrow, scale=scale)
 

@@ -395,8 +395,23 @@ def test_mask_and_x_validation():
             fn(x.long(), ok)
         bad = x.clone()
         bad[2, 1] = float("nan")
-        with pytest.raises(ValueError, match=r"x contains 1 non-finite value\(s\)"):
+        with pytest.raises(ValueError, match=r"x \(its observed entries\) contains 1 "
+                                             r"non-finite value\(s\)"):
             fn(bad, ok)
+
+
+def test_nan_in_hidden_entries_marks_missing_data():
+    model = random_model(3, 5, 2, seed=152)
+    x = random_data(6, model, seed=153)
+    observed = torch.rand(6, 5, generator=gen(154)) < 0.5
+    with_nan = torch.where(observed, x, torch.full_like(x, float("nan")))
+    torch.testing.assert_close(model.conditional_mean(with_nan, observed),
+                               model.conditional_mean(x, observed), rtol=0, atol=0)
+    torch.testing.assert_close(model.observed_log_prob(with_nan, observed),
+                               model.observed_log_prob(x, observed), rtol=0, atol=0)
+    a = model.conditional_sample(with_nan, observed, generator=gen(155))
+    b = model.conditional_sample(x, observed, generator=gen(155))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_marginal_feature_validation():
