@@ -79,7 +79,11 @@ def _training_data(data: ImageData, config: RunConfig, device: torch.device):
 
 
 def train(
-    config: RunConfig, *, resume: str | Path | None = None, figures: bool = True
+    config: RunConfig | None,
+    *,
+    resume: str | Path | None = None,
+    figures: bool = True,
+    callbacks: tuple = (),
 ) -> TrainResult:
     """Train the model a config describes, in a new run folder (or continue ``resume``).
 
@@ -87,11 +91,14 @@ def train(
         config: the run (ignored when resuming: the checkpoint's config is used).
         resume: a run folder or checkpoint to continue from its last saved state.
         figures: draw the sample, inpainting, outlier and factor figures at the end.
+        callbacks: passed to the trainer's ``fit`` (``cb(trainer, model, record)``).
 
     Returns:
         The run folder, the trained model and the metrics written to ``metrics.json``.
     """
     ckpt: Checkpoint | None = None
+    if resume is None and config is None:
+        raise ValueError("train needs a config, or a run to resume")
     if resume is not None:
         ckpt_path = resolve_checkpoint(resume)
         ckpt = load_checkpoint(ckpt_path)
@@ -104,13 +111,14 @@ def train(
         save_config(config, run_dir / "config.yaml")
     handler = _attach_log(run_dir)
     try:
-        return _train(config, run_dir, ckpt, figures)
+        return _train(config, run_dir, ckpt, figures, callbacks)
     finally:
         logging.getLogger("mfa").removeHandler(handler)
         handler.close()
 
 
-def _train(config: RunConfig, run_dir: Path, ckpt: Checkpoint | None, figures: bool):
+def _train(config: RunConfig, run_dir: Path, ckpt: Checkpoint | None, figures: bool,
+           callbacks: tuple = ()):
     device = resolve_device(config.device)
     logger.info("run folder %s; device %s", run_dir, device)
     data = _load_data(config)
@@ -137,7 +145,7 @@ def _train(config: RunConfig, run_dir: Path, ckpt: Checkpoint | None, figures: b
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        trainer.fit(model, train_data, val_data, checkpoint_fn=checkpoint)
+        trainer.fit(model, train_data, val_data, callbacks=callbacks, checkpoint_fn=checkpoint)
     for warning in caught:
         logger.warning("%s", warning.message)
     seconds = time.perf_counter() - started
