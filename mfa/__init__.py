@@ -3,18 +3,46 @@
 The public API is re-exported here; see the README for a tour.
 """
 
-from mfa.inference import condition, conditional_mean, conditional_sample, inpaint, marginal
+from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.inference import (
+    condition,
+    conditional_mean,
+    conditional_sample,
+    inpaint,
+    marginal,
+    observed_log_prob,
+)
+from mfa.init import KMeansResult, fit_complete, kmeans, random_init
+from mfa.metrics import NDB, aic, bic, bits_per_dim, mean_log_likelihood, n_parameters, ndb
 from mfa.model import MixtureOfFactorAnalyzers, scott_bandwidth, select_kde_bandwidth
+from mfa.sgd import SGDConfig, SGDTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "NDB",
+    "ConvergenceWarning",
+    "EMConfig",
+    "EMTrainer",
+    "KMeansResult",
     "MixtureOfFactorAnalyzers",
+    "SGDConfig",
+    "SGDTrainer",
+    "aic",
+    "bic",
+    "bits_per_dim",
     "condition",
     "conditional_mean",
     "conditional_sample",
+    "fit_complete",
     "inpaint",
+    "kmeans",
     "marginal",
+    "mean_log_likelihood",
+    "n_parameters",
+    "ndb",
+    "observed_log_prob",
+    "random_init",
     "scott_bandwidth",
     "select_kde_bandwidth",
 ]
