@@ -194,8 +194,8 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
             paths.append(inpaint(model, data, run_dir / f"inpaint-{kind}.png", mask=kind,
                                  n=out.n_inpaint, n_samples=out.inpaint_samples, seed=gen_seed,
                                  scale=out.image_scale, mask_image=out.mask_image))
-        paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
-                              nrow=out.grid_nrow, scale=out.image_scale))
+    paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
+                          nrow=out.grid_nrow, scale=out.image_scale))
     if out.n_factor_components:
         paths.append(visualize(model, data.image_shape, run_dir / "factors.png",
                                components=range(min(out.n_factor_components,
@@ -254,6 +254,7 @@ def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, sca
     """Rank ``split`` by ``log p``: the ``n`` least likely images as a grid
     (``outliers.png``, least likely first) and every score as ``outliers.csv``."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     loader = data.loader(split, batch_size=1024, dtype=model.dtype)
     scores = []
     with torch.no_grad():

@@ -1,0 +1,555 @@
+"""End to end: the ``mfa`` command on the embedded MNIST digits with a tiny model.
+
+One run is trained once per module (``mfa train --config configs/embedded-mnist.yaml``) and
+every subcommand is then run on it in-process through :func:`mfa.cli.main`; one test runs the
+installed console script in a subprocess to prove the entry point works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mfa import cli, viz
+from mfa.checkpoint import load_checkpoint, save_checkpoint
+from mfa.config import load_config
+from mfa.data import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "embedded-mnist.yaml"
+
+K, L = 3, 2  # components, factors
+SIDE, PAD = 28, 2  # MNIST side; viz pads every cell by 2 pixels
+LIMIT = 300  # images per split
+N_SAMPLES, NROW, SCALE = 16, 5, 3  # sample/outlier grids of the run: 4 rows, the last partial
+N_INPAINT, INPAINT_SAMPLES = 3, 2  # rows and conditional samples of the inpainting figures
+MASKS = ["center", "bottom", "right"]  # the YAML's inpaint_masks
+ITERATIONS = 3
+
+TINY = [
+    f"model.n_components={K}",
+    f"model.n_factors={L}",
+    f"train.em.max_iter={ITERATIONS}",
+    "train.em.kmeans_iter=3",
+    "train.em.progress=false",
+    f"data.limit={LIMIT}",
+    f"output.n_samples={N_SAMPLES}",
+    f"output.grid_nrow={NROW}",
+    f"output.image_scale={SCALE}",
+    f"output.n_inpaint={N_INPAINT}",
+    f"output.inpaint_samples={INPAINT_SAMPLES}",
+    "output.n_factor_components=2",
+    "device=cpu",
+]
+
+RUN_FILES = [
+    "config.yaml", "train.log", "checkpoint.pt", "metrics.json", "history.json", "curve.png",
+    "samples.png", *(f"inpaint-{m}.png" for m in MASKS), "outliers.png", "outliers.csv",
+    "factors.png",
+]
+
+MAGENTA = (255, 0, 255)  # viz.HIDDEN_COLOR as 8-bit RGB
+
+
+def grid_size(n: int, nrow: int, scale: int = 1, side: int = SIDE) -> tuple[int, int]:
+    """(width, height) of viz.image_grid(n images, nrow) upscaled ``scale`` times:
+    ``cols·(W + 2) + 2`` by ``rows·(H + 2) + 2`` with ``cols = min(nrow, n)``."""
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    return scale * (cols * (side + PAD) + PAD), scale * (rows * (side + PAD) + PAD)
+
+
+def set_args(*overrides: str) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """``mfa.cli.main`` in-process: (exit code, stdout, stderr). A ``SystemExit`` with a
+    message counts as exit code 1 with the message on stderr, as the interpreter does."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def open_png(path: Path) -> Image.Image:
+    assert path.is_file(), f"{path} was not written"
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.load()
+        return image.copy()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """``mfa train`` of the tiny model; the run folder it prints."""
+    out = tmp_path_factory.mktemp("cli") / "runs"
+    code, stdout, stderr = run_cli("train", "--config", CONFIG,
+                                   *set_args(*TINY, f"output.dir={out}"))
+    assert code == 0, stderr
+    lines = [line for line in stdout.splitlines() if line.startswith("run folder: ")]
+    assert len(lines) == 1, stdout
+    folder = Path(lines[0].removeprefix("run folder: "))
+    assert folder.parent == out and folder.name == "001-embedded-mnist"
+    metrics = json.loads(stdout[stdout.index("{"):])  # the metrics JSON follows
+    assert metrics == json.loads((folder / "metrics.json").read_text())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def test_split():
+    data = load_dataset("embedded-mnist", limit=LIMIT)
+    assert data.sizes["test"] == LIMIT
+    return data
+
+
+# ---------------------------------------------------------------------------- mfa train
+
+
+def test_train_writes_the_run_folder(run_dir):
+    missing = [name for name in RUN_FILES if not (run_dir / name).is_file()]
+    assert not missing, f"missing from the run folder: {missing}"
+    config = load_config(run_dir / "config.yaml")
+    assert config == load_config(CONFIG, [*TINY, f"output.dir={run_dir.parent}"])
+    log = (run_dir / "train.log").read_text()
+    assert f"run folder {run_dir}" in log
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dataset"] == "embedded-mnist"
+    assert metrics["image_shape"] == [1, SIDE, SIDE]
+    assert metrics["method"] == "em"
+    assert metrics["iterations"] == ITERATIONS
+    for split in ("train", "val", "test"):
+        ll = metrics[f"{split}_log_likelihood"]
+        assert isinstance(ll, float) and math.isfinite(ll), (split, ll)
+        assert f"{split}_bits_per_dim" not in metrics  # not dequantised
+    assert metrics["train_seconds"] > 0
+
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["iteration"] for r in history] == list(range(1, ITERATIONS + 1))
+    assert all(math.isfinite(r["train_log_likelihood"]) for r in history)
+    assert all(math.isfinite(r["val_log_likelihood"]) for r in history)
+    # EM never lowers the training log-likelihood.
+    lls = [r["train_log_likelihood"] for r in history]
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(lls, lls[1:], strict=False))
+
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ckpt.run_config == config
+    assert (ckpt.model.n_components, ckpt.model.n_factors) == (K, L)
+    assert ckpt.metrics == metrics
+
+
+def test_train_figures_have_the_grid_sizes(run_dir):
+    expected = {
+        "samples.png": (grid_size(N_SAMPLES, NROW, SCALE), "L"),
+        "outliers.png": (grid_size(N_SAMPLES, NROW, SCALE), "L"),
+        # one row per component: mean | noise | (μ − cA, A, μ + cA) per factor
+        "factors.png": (grid_size(2 * (2 + 3 * L), 2 + 3 * L, SCALE), "L"),
+        # one row per image: original | masked (magenta = hidden) | mean | samples
+        **{f"inpaint-{m}.png": (grid_size(N_INPAINT * (3 + INPAINT_SAMPLES),
+                                          3 + INPAINT_SAMPLES, SCALE), "RGB")
+           for m in MASKS},
+    }
+    assert grid_size(N_SAMPLES, NROW, SCALE) == (456, 366)  # the formula, spelled out once
+    for name, (size, mode) in expected.items():
+        image = open_png(run_dir / name)
+        assert image.size == size, name
+        assert image.mode == mode, name
+    curve = open_png(run_dir / "curve.png")
+    assert curve.size == (600, 400)  # 6 × 4 inches at 100 dpi
+
+
+def test_train_outliers_csv_ranks_every_test_image(run_dir, test_split):
+    rows = read_csv(run_dir / "outliers.csv")
+    assert list(rows[0]) == ["rank", "index", "log_prob", "label"]
+    assert len(rows) == LIMIT
+    assert [int(r["rank"]) for r in rows] == list(range(LIMIT))
+    indices = [int(r["index"]) for r in rows]
+    assert sorted(indices) == list(range(LIMIT))
+    log_p = [float(r["log_prob"]) for r in rows]
+    assert all(math.isfinite(v) for v in log_p)
+    assert log_p == sorted(log_p)
+    labels = test_split.labels("test")
+    assert [int(r["label"]) for r in rows] == [int(labels[i]) for i in indices]
+    # The scores are the model's log p of the test images.
+    model = load_checkpoint(run_dir / "checkpoint.pt").model
+    with torch.no_grad():
+        expected = model.log_prob(test_split.test[torch.tensor(indices)]).double()
+    torch.testing.assert_close(torch.tensor(log_p, dtype=torch.float64), expected,
+                               rtol=1e-6, atol=1e-5)
+    # The mean of the scores is the test log-likelihood of metrics.json.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert sum(log_p) / LIMIT == pytest.approx(metrics["test_log_likelihood"], rel=1e-5)
+
+
+def test_train_with_dequantized_data_reports_bits_per_dim(tmp_path):
+    # At the default variance floor (1e-5) the tiny model overfits the blank borders of 300
+    # digits and held-out bits/dim exceed 8; a floor of 1e-3 keeps all splits plausible.
+    code, _, stderr = run_cli("train", "--config", CONFIG, "--no-figures",
+                              *set_args(*TINY, "data.dequantize=true",
+                                        "train.em.variance_floor=1e-3",
+                                        f"output.dir={tmp_path}", "output.name=deq"))
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "deq" / "metrics.json").read_text())
+    d = SIDE * SIDE
+    for split in ("train", "val", "test"):
+        ll = metrics[f"{split}_log_likelihood"]
+        bpd = metrics[f"{split}_bits_per_dim"]
+        assert math.isfinite(ll) and 0 < bpd < 8, (split, ll, bpd)
+        # −(log p − D·log 256) / (D·ln 2)
+        assert bpd == pytest.approx(-(ll - d * math.log(256)) / (d * math.log(2)), rel=1e-9)
+    assert not (tmp_path / "deq" / "samples.png").exists()  # --no-figures
+    # mfa evaluate reports the same numbers from the checkpoint.
+    code, stdout, stderr = run_cli("evaluate", tmp_path / "deq", "--split", "val", "test")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    for key in ("val_log_likelihood", "val_bits_per_dim", "test_log_likelihood",
+                "test_bits_per_dim"):
+        assert result[key] == pytest.approx(metrics[key], rel=1e-9)
+
+
+def test_train_resume_of_a_finished_run_changes_nothing(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = load_checkpoint(copy / "checkpoint.pt")
+    code, stdout, stderr = run_cli("train", "--resume", copy, "--no-figures")
+    assert code == 0, stderr
+    assert f"run folder: {copy}" in stdout
+    after = load_checkpoint(copy / "checkpoint.pt")
+    for name, value in before.model.state_dict().items():
+        assert torch.equal(value, after.model.state_dict()[name]), name
+    assert len(json.loads((copy / "history.json").read_text())) == ITERATIONS
+
+
+# ---------------------------------------------------------------------------- mfa sample
+
+
+@pytest.mark.parametrize("flags", [[], ["--per-component"], ["--no-noise"],
+                                   ["--per-component", "--no-noise"]])
+def test_sample(run_dir, tmp_path, flags):
+    out = tmp_path / "s.png"
+    code, stdout, stderr = run_cli("sample", run_dir, "-n", 6, "--nrow", 4, "--scale", 1,
+                                   "--seed", 3, "-o", out, *flags)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    image = open_png(out)
+    n = K * 4 if "--per-component" in flags else 6  # one row of nrow per component
+    assert image.size == grid_size(n, 4)
+    assert image.mode == "L"
+    # The same seed draws the same images.
+    again = tmp_path / "again.png"
+    assert run_cli("sample", run_dir, "-n", 6, "--nrow", 4, "--scale", 1, "--seed", 3,
+                   "-o", again, *flags)[0] == 0
+    assert open_png(again).tobytes() == image.tobytes()
+
+
+def test_sample_without_noise_differs_and_defaults_to_the_run_folder(run_dir, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(run_dir / "checkpoint.pt", folder / "checkpoint.pt")
+    code, stdout, stderr = run_cli("sample", folder / "checkpoint.pt")  # -n 64, nrow 8, ×2
+    assert code == 0, stderr
+    assert stdout.strip() == str(folder / "samples.png")
+    noisy = open_png(folder / "samples.png")
+    assert noisy.size == grid_size(64, 8, 2)
+    assert run_cli("sample", folder, "--no-noise", "-o", folder / "smooth.png")[0] == 0
+    smooth = open_png(folder / "smooth.png")
+    assert smooth.size == noisy.size
+    assert smooth.tobytes() != noisy.tobytes()
+
+
+# ---------------------------------------------------------------------------- mfa inpaint
+
+
+def left_half_mask_png(path: Path) -> Path:
+    """A 56×56 mask picture, black (hidden) on its left half: the 'left' mask at 28×28."""
+    picture = Image.new("L", (56, 56), 255)
+    picture.paste(0, (0, 0, 28, 56))
+    picture.save(path)
+    return path
+
+
+#: hidden pixels per image for each kind (random: --fraction 0.25 of 784)
+HIDDEN = {"center": 14 * 14, "top": 392, "bottom": 392, "left": 392, "right": 392,
+          "random": 196, "image": 392}
+
+
+def test_every_mask_kind_is_covered():
+    assert set(HIDDEN) == set(viz.MASK_KINDS)
+
+
+@pytest.mark.parametrize("kind", viz.MASK_KINDS)
+def test_inpaint(run_dir, tmp_path, kind):
+    out = tmp_path / f"inpaint-{kind}.png"
+    extra = []
+    if kind == "image":
+        extra = ["--mask-image", left_half_mask_png(tmp_path / "mask.png")]
+    if kind == "random":
+        extra = ["--fraction", 0.25]
+    code, stdout, stderr = run_cli("inpaint", run_dir, "--mask", kind, "-n", 3, "--samples", 2,
+                                   "--scale", 1, "-o", out, *extra)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    image = open_png(out)
+    assert image.mode == "RGB"
+    assert image.size == grid_size(3 * 5, 5)  # 3 rows of original | masked | mean | 2 samples
+    # The masked-input column shows exactly the hidden pixels in magenta.
+    step = SIDE + PAD
+    pixels = np.asarray(image)  # [H, W, 3]
+    for row in range(3):
+        top = PAD + row * step
+        masked = pixels[top : top + SIDE, PAD + step : PAD + step + SIDE]
+        hidden = int((masked == MAGENTA).all(axis=-1).sum())
+        assert hidden == HIDDEN[kind], (kind, row)
+        # The original column is the test image itself: grey, no magenta.
+        original = pixels[top : top + SIDE, PAD : PAD + SIDE]
+        assert (original == original[..., :1]).all()
+
+
+def test_inpaint_with_a_mask_image_matches_the_same_builtin_mask(run_dir, tmp_path):
+    mask = left_half_mask_png(tmp_path / "mask.png")
+    common = ["-n", 2, "--samples", 1, "--seed", 5]
+    assert run_cli("inpaint", run_dir, "--mask", "left", "-o", tmp_path / "l.png", *common)[0] == 0
+    assert run_cli("inpaint", run_dir, "--mask", "image", "--mask-image", mask,
+                   "-o", tmp_path / "i.png", *common)[0] == 0
+    assert open_png(tmp_path / "l.png").tobytes() == open_png(tmp_path / "i.png").tobytes()
+
+
+def test_inpaint_image_mask_without_a_file_fails_clearly(run_dir, tmp_path):
+    code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "-o", tmp_path / "x.png")
+    assert code == 2
+    assert "mask_image" in stderr
+    code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "--mask-image",
+                              tmp_path / "nope.png", "-o", tmp_path / "x.png")
+    assert code == 2
+    assert "nope.png" in stderr and "does not exist" in stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------- mfa outliers
+
+
+def test_outliers(run_dir, tmp_path):
+    out = tmp_path
+    code, stdout, stderr = run_cli("outliers", run_dir, "--out-dir", out, "-n", 10, "--nrow", 5,
+                                   "--scale", 1)
+    assert code == 0, stderr
+    assert stdout.split() == [str(out / "outliers.png"), str(out / "outliers.csv")]
+    image = open_png(out / "outliers.png")
+    assert image.size == grid_size(10, 5)
+    # Same model, same split: the same ranking as the run's own outliers.csv.
+    assert read_csv(out / "outliers.csv") == read_csv(run_dir / "outliers.csv")
+
+
+def test_outliers_creates_a_new_out_dir(run_dir, tmp_path):
+    out = tmp_path / "new" / "folder"
+    code, _, stderr = run_cli("outliers", run_dir, "--out-dir", out, "-n", 4)
+    assert code == 0, stderr
+    assert (out / "outliers.csv").is_file() and (out / "outliers.png").is_file()
+
+
+def test_outliers_of_the_validation_split(run_dir, tmp_path):
+    code, _, stderr = run_cli("outliers", run_dir, "--out-dir", tmp_path, "--split", "val",
+                              "-n", 3)
+    assert code == 0, stderr
+    rows = read_csv(tmp_path / "outliers.csv")
+    assert len(rows) == LIMIT
+    assert sorted(int(r["index"]) for r in rows) == list(range(LIMIT))
+    log_p = [float(r["log_prob"]) for r in rows]
+    assert log_p == sorted(log_p)
+    assert open_png(tmp_path / "outliers.png").size == grid_size(3, 8, 2)
+
+
+# ---------------------------------------------------------------------------- mfa evaluate
+
+
+def test_evaluate(run_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    code, stdout, stderr = run_cli("evaluate", run_dir, "--ndb-bins", 5, "--split", "test", "val",
+                                   "--out", out)
+    assert code == 0, stderr
+    result = json.loads(out.read_text())
+    assert result == json.loads(stdout)
+    assert set(result) == {
+        "test_log_likelihood", "val_log_likelihood", "ndb_bins", "ndb", "ndb_over_k",
+        "ndb_js", "ndb_real", "ndb_over_k_real", "ndb_js_real",
+    }
+    for key, value in result.items():
+        assert isinstance(value, (int, float)) and math.isfinite(value), (key, value)
+    assert result["ndb_bins"] == 5
+    for suffix in ("", "_real"):
+        assert 0 <= result[f"ndb{suffix}"] <= 5
+        assert result[f"ndb_over_k{suffix}"] == pytest.approx(result[f"ndb{suffix}"] / 5)
+        assert 0 <= result[f"ndb_js{suffix}"] <= math.log(2)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split in ("test", "val"):
+        key = f"{split}_log_likelihood"
+        assert result[key] == pytest.approx(metrics[key], rel=1e-9)
+
+
+def test_evaluate_with_a_data_override(run_dir):
+    code, stdout, stderr = run_cli("evaluate", run_dir, "--set", "data.limit=50")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert set(result) == {"test_log_likelihood"}
+    model = load_checkpoint(run_dir / "checkpoint.pt").model
+    test = load_dataset("embedded-mnist", limit=50).test
+    with torch.no_grad():
+        expected = model.log_prob(test).double().mean().item()
+    assert result["test_log_likelihood"] == pytest.approx(expected, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- mfa visualize
+
+
+def test_visualize(run_dir, tmp_path):
+    out = tmp_path / "f.png"
+    code, stdout, stderr = run_cli("visualize", run_dir, "--components", 0, 1, "--scale", 1,
+                                   "-o", out)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    image = open_png(out)
+    assert image.size == grid_size(2 * (2 + 3 * L), 2 + 3 * L)
+    assert image.mode == "L"
+    # Default: the first min(4, K) components.
+    assert run_cli("visualize", run_dir, "--scale", 1, "-o", tmp_path / "all.png")[0] == 0
+    assert open_png(tmp_path / "all.png").size == grid_size(K * (2 + 3 * L), 2 + 3 * L)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    code, stdout, stderr = run_cli("train", "--config", CONFIG,
+                                   *set_args(*TINY, f"output.dir={tmp_path}",
+                                             "model.n_component=4"))
+    assert code == 2
+    assert "unknown config key 'model.n_component'" in stderr
+    assert "did you mean 'n_components'" in stderr
+    assert stdout == ""
+    assert not any(tmp_path.iterdir()), "no run folder for a refused config"
+
+
+def test_invalid_config_value_is_refused(tmp_path):
+    code, _, stderr = run_cli("train", *set_args(*TINY, f"output.dir={tmp_path}",
+                                                 "train.em.max_iter=zero"))
+    assert code == 2
+    assert "train.em.max_iter" in stderr and "'zero'" in stderr
+
+
+def test_taken_run_folder_name_fails_clearly(tmp_path):
+    (tmp_path / "taken").mkdir()
+    code, _, stderr = run_cli("train", *set_args(*TINY, f"output.dir={tmp_path}",
+                                                 "output.name=taken"))
+    assert code == 2
+    assert stderr.startswith("error: ") and "taken" in stderr
+
+
+def test_checkpoint_without_run_metadata(run_dir, tmp_path):
+    """A bare checkpoint (model only): the image shape must be given, data commands refuse."""
+    bare = save_checkpoint(tmp_path / "bare.pt", load_checkpoint(run_dir / "checkpoint.pt").model)
+    code, _, stderr = run_cli("sample", bare, "-o", tmp_path / "s.png")
+    assert code != 0 and "--image-shape" in stderr
+    code, _, stderr = run_cli("sample", bare, "-n", 2, "--scale", 1, "--image-shape", 1, 28, 28,
+                              "-o", tmp_path / "s.png")
+    assert code == 0, stderr
+    assert open_png(tmp_path / "s.png").size == grid_size(2, 8)
+    code, _, stderr = run_cli("visualize", bare, "-o", tmp_path / "f.png")
+    assert code != 0 and "--image-shape" in stderr
+    for command in ("inpaint", "outliers", "evaluate"):
+        code, _, stderr = run_cli(command, bare)
+        assert code != 0 and "no run config" in stderr, command
+    code, _, stderr = run_cli("train", "--resume", bare)
+    assert code == 2 and "no run config" in stderr
+
+
+SUBCOMMANDS = [["sample"], ["inpaint"], ["outliers"], ["evaluate"], ["visualize"],
+               ["train", "--resume"]]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: c[0])
+def test_missing_checkpoint(tmp_path, command):
+    missing = tmp_path / "nowhere" / "checkpoint.pt"
+    code, _, stderr = run_cli(*command, missing)
+    assert code == 2
+    assert stderr.startswith("error: ")
+    assert str(missing) in stderr and "does not exist" in stderr
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: c[0])
+def test_corrupted_checkpoint(tmp_path, command):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(os.urandom(64) + b"not a checkpoint")
+    code, _, stderr = run_cli(*command, tmp_path)  # the run folder resolves to checkpoint.pt
+    assert code == 2
+    assert stderr.startswith("error: ")
+    assert str(bad) in stderr and "not an mfa checkpoint" in stderr
+
+
+def test_truncated_checkpoint(run_dir, tmp_path):
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    code, _, stderr = run_cli("sample", cut, "-o", tmp_path / "s.png")
+    assert code == 2
+    assert "truncated or corrupted" in stderr
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize("components", [[K], [-1], [0, K + 5]])
+def test_visualize_components_out_of_range(run_dir, tmp_path, components):
+    code, _, stderr = run_cli("visualize", run_dir, "--components", *components,
+                              "-o", tmp_path / "f.png")
+    assert code != 0
+    assert "out of range" in stderr and f"[0, {K})" in stderr
+    assert not (tmp_path / "f.png").exists()
+
+
+def test_bad_arguments_are_refused_by_the_parser(run_dir):
+    assert run_cli("inpaint", run_dir, "--mask", "diagonal")[0] == 2
+    assert run_cli("evaluate", run_dir, "--split", "everything")[0] == 2
+    assert run_cli("nonsense")[0] == 2
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def test_installed_console_script(run_dir, tmp_path):
+    script = Path(sys.executable).parent / "mfa"
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "mfa.cli"]
+    out = tmp_path / "s.png"
+    done = subprocess.run([*command, "sample", str(run_dir), "-n", "4", "--nrow", "2",
+                           "--scale", "1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    assert open_png(out).size == grid_size(4, 2)
