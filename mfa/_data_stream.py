@@ -31,6 +31,10 @@ class DataSource:
         if isinstance(data, Tensor):
             self.tensor: Tensor | None = self._prepare(data, 0)
             self.iterable: Iterable | None = None
+        elif type(data).__module__ == "numpy":
+            raise TypeError(
+                f"{name} is a numpy array; convert it with torch.from_numpy({name}).float()"
+            )
         elif isinstance(data, Dataset):
             self.tensor = None
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)

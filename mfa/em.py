@@ -53,13 +53,21 @@ Callback = Callable[["EMTrainer", MixtureOfFactorAnalyzers, dict], None]
 
 
 def _validate_config(config: EMConfig) -> None:
-    for name in ("max_iter", "batch_size", "n_init", "kmeans_iter", "init_samples"):
+    minimum = {"max_iter": 0, "batch_size": 1, "n_init": 1, "kmeans_iter": 1,
+               "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0}
+    for name, low in minimum.items():
         value = getattr(config, name)
-        if not isinstance(value, int) or value < (0 if name == "max_iter" else 1):
-            raise ValueError(f"EMConfig.{name} must be a positive int, got {value!r}")
-    if not (isinstance(config.tol, (int, float)) and config.tol >= 0):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"EMConfig.{name} must be an int >= {low}, got {value!r}")
+    if not (isinstance(config.min_component_mass, (int, float))
+            and 0 <= config.min_component_mass < math.inf):
+        raise ValueError(
+            f"EMConfig.min_component_mass must be >= 0, got {config.min_component_mass!r}"
+        )
+    if not (isinstance(config.tol, (int, float)) and 0 <= config.tol < math.inf):
         raise ValueError(f"EMConfig.tol must be >= 0, got {config.tol!r}")
-    if not (isinstance(config.variance_floor, (int, float)) and config.variance_floor > 0):
+    if not (isinstance(config.variance_floor, (int, float))
+            and 0 < config.variance_floor < math.inf):
         raise ValueError(f"EMConfig.variance_floor must be > 0, got {config.variance_floor!r}")
     if config.stats_dtype not in ("float64", "float32"):
         raise ValueError(
@@ -122,9 +130,11 @@ class EMTrainer:
         config: an :class:`EMConfig` (defaults when ``None``).
 
     Attributes:
-        history: one dict per iteration: ``run``, ``iteration``, ``train_log_likelihood``
-            (mean per row, nats, of the parameters *before* the iteration's M-step),
-            ``val_log_likelihood`` (after it, or ``None``), ``seconds``.
+        history: one dict per iteration: ``run`` (restart index), ``iteration``,
+            ``train_log_likelihood`` (mean per row, nats, of the parameters *before* the
+            iteration's M-step), ``val_log_likelihood`` (after it, or ``None``), ``seconds``
+            and ``final``: ``True`` on the record of a run that met ``tol``, whose parameters
+            get no M-step (they are the ones returned).
         converged: whether the kept run met ``tol``.
     """
 
@@ -260,8 +270,11 @@ class EMTrainer:
                 )
             if prev_ll is not None and abs(ll - prev_ll) < cfg.tol:
                 converged = True
-                self._record(run, it, ll, None, time.perf_counter() - started, bar, callbacks,
-                             model, final=True)
+                val_ll = self.evaluate(model, val_source) if val_source is not None else None
+                record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
+                                      final=True)
+                for callback in callbacks:
+                    callback(self, model, record)
                 break
             self._apply_m_step(model, stats, floor, gen, it)
             val_ll = self.evaluate(model, val_source) if val_source is not None else None
@@ -272,12 +285,15 @@ class EMTrainer:
                 "previous_log_likelihood": prev_ll, "converged": False,
                 "generator": gen.get_state(),
             }
-            self._record(run, it, ll, val_ll, time.perf_counter() - started, bar, callbacks,
-                         model)
+            record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar)
+            # Checkpoint before the callbacks, so a callback that stops the fit keeps this
+            # iteration.
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (it + 1) % cfg.checkpoint_every == 0
             ):
                 checkpoint_fn(self, model)
+            for callback in callbacks:
+                callback(self, model, record)
         bar.close()
         if not converged and cfg.max_iter > 0:
             # The last M-step's result has not been scored yet: score it for the comparison.
@@ -290,7 +306,7 @@ class EMTrainer:
             )
         return ll, converged
 
-    def _record(self, run, it, ll, val_ll, seconds, bar, callbacks, model, final=False):
+    def _record(self, run, it, ll, val_ll, seconds, bar, final=False) -> dict:
         record = {
             "run": run, "iteration": it + 1, "train_log_likelihood": ll,
             "val_log_likelihood": val_ll, "seconds": seconds, "final": final,
@@ -298,8 +314,7 @@ class EMTrainer:
         self.history.append(record)
         bar.set_postfix(ll=f"{ll:.4f}")
         logger.debug("EM run %d iteration %d: log-likelihood %.6f", run, it + 1, ll)
-        for callback in callbacks:
-            callback(self, model, record)
+        return record
 
     @staticmethod
     def e_step(model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype) -> object:

@@ -150,11 +150,15 @@ def kmeans(
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
     gen = _generator(seed, generator, x.device)
+    # Distances are expanded as ‖x‖² − 2x·c + ‖c‖²: centre the data first so that float32
+    # rows far from the origin keep their spread.
+    offset = x.mean(0)
+    x = x - offset
     if init == "k-means++":
         centers = kmeans_plus_plus(x, n_clusters, gen)
     else:
         centers = x[torch.randperm(n, generator=gen, device=x.device)[:n_clusters]]
-    threshold = tol * x.var(dim=0).mean().item()
+    threshold = tol * x.var(dim=0, unbiased=False).mean().item()
     labels, d2 = nearest_center(x, centers)
     it = 0
     while it < n_iter:
@@ -171,7 +175,7 @@ def kmeans(
         labels, d2 = nearest_center(x, centers)
         if shift <= threshold:
             break
-    return KMeansResult(centers, labels, float(d2.sum()), it)
+    return KMeansResult(centers + offset, labels, float(d2.sum()), it)
 
 
 # ---------------------------------------------------------------------------- complete data
@@ -225,7 +229,10 @@ def fit_complete(
     k, lat = n_components, n_factors
     dtype = x.dtype
     counts = torch.bincount(labels, minlength=k).to(dtype)
-    weights = counts / n
+    # An empty cluster keeps a tiny weight rather than log(0) = −inf, which would leave the
+    # component dead for gradient training (and NaN under weight decay).
+    weights = counts.clamp_min(1e-3)
+    weights = weights / weights.sum()
     pooled_var = x.var(dim=0, unbiased=False).clamp_min(floor)  # [D]
     means = torch.zeros(k, d, dtype=dtype, device=x.device)
     loadings = torch.zeros(k, d, lat, dtype=dtype, device=x.device)

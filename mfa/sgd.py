@@ -7,16 +7,17 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from mfa._data_stream import DataSource, gather_rows
-from mfa.em import ConvergenceWarning, initialise
+from mfa.em import ConvergenceWarning, EMTrainer, initialise
 from mfa.model import MixtureOfFactorAnalyzers
 
 logger = logging.getLogger(__name__)
@@ -46,22 +47,31 @@ class SGDConfig:
 
 
 def _validate_config(cfg: SGDConfig) -> None:
-    if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0):
-        raise ValueError(f"SGDConfig.lr must be > 0, got {cfg.lr!r}")
-    for name in ("batch_size", "epochs", "kmeans_iter", "init_samples"):
+    def real(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
+            value
+        )
+
+    if not (real(cfg.lr) and cfg.lr > 0):
+        raise ValueError(f"SGDConfig.lr must be a finite number > 0, got {cfg.lr!r}")
+    if not (real(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(f"SGDConfig.weight_decay must be >= 0, got {cfg.weight_decay!r}")
+    if not (real(cfg.variance_floor) and cfg.variance_floor > 0):
+        raise ValueError(f"SGDConfig.variance_floor must be > 0, got {cfg.variance_floor!r}")
+    minimum = {"batch_size": 1, "epochs": 1, "kmeans_iter": 1, "init_samples": 1,
+               "complete_iter": 0, "checkpoint_every": 0, "patience": 0}
+    for name, low in minimum.items():
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"SGDConfig.{name} must be a positive int, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"SGDConfig.{name} must be an int >= {low}, got {value!r}")
     if cfg.schedule not in ("constant", "cosine", "step"):
         raise ValueError(
             f"SGDConfig.schedule must be 'constant', 'cosine' or 'step', got {cfg.schedule!r}"
         )
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+    if cfg.grad_clip is not None and not (real(cfg.grad_clip) and cfg.grad_clip > 0):
         raise ValueError(f"SGDConfig.grad_clip must be > 0 or None, got {cfg.grad_clip!r}")
-    if not 0 <= cfg.val_fraction < 1:
+    if not (real(cfg.val_fraction) and 0 <= cfg.val_fraction < 1):
         raise ValueError(f"SGDConfig.val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
-    if cfg.patience < 0:
-        raise ValueError(f"SGDConfig.patience must be >= 0, got {cfg.patience!r}")
     if cfg.init not in ("kmeans", "random", "none"):
         raise ValueError(f"SGDConfig.init must be 'kmeans', 'random' or 'none', got {cfg.init!r}")
 
@@ -73,9 +83,11 @@ class SGDTrainer:
     Args:
         config: an :class:`SGDConfig` (defaults when ``None``).
 
-    ``fit`` takes a tensor ``[N, D]``. Without explicit validation data a seeded
-    ``val_fraction`` of the rows is held out; the parameters with the best validation
-    log-likelihood are kept (early stopping after ``patience`` epochs without improvement).
+    ``fit`` takes a tensor ``[N, D]``, a ``Dataset`` (shuffled by a seeded ``DataLoader``) or
+    an iterable of batches such as a ``DataLoader`` (used as it comes). Without explicit
+    validation data a seeded ``val_fraction`` of a tensor's or Dataset's rows is held out; the
+    parameters with the best validation log-likelihood are kept (early stopping after
+    ``patience`` epochs without improvement).
 
     Attributes:
         history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
@@ -104,22 +116,48 @@ class SGDTrainer:
         self._resume = copy.deepcopy(state)
         self.history = copy.deepcopy(state.get("history", []))
 
-    def _split(self, data: Tensor, validation: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        if validation is not None or self.config.val_fraction == 0:
-            return data, validation
-        n = data.shape[0]
-        n_val = int(round(n * self.config.val_fraction))
+    def _split(self, data, validation, model):
+        """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
+        held out when no validation data is given."""
+        cfg = self.config
+        if isinstance(data, Tensor):
+            data = DataSource(data, model, cfg.batch_size, "data").tensor
+        elif type(data).__module__ == "numpy":
+            raise TypeError("data is a numpy array; convert it with torch.from_numpy(data).float()")
+        elif not isinstance(data, (Dataset, Iterable)):
+            raise TypeError(
+                f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
+            )
+        if validation is not None:
+            return data, DataSource(validation, model, cfg.batch_size, "validation")
+        if cfg.val_fraction == 0 or not isinstance(data, (Tensor, Dataset)):
+            return data, None
+        n = len(data)
+        n_val = int(round(n * cfg.val_fraction))
         if n_val == 0 or n_val == n:
             return data, None
-        gen = torch.Generator().manual_seed(self.config.seed)
-        perm = torch.randperm(n, generator=gen).to(data.device)
-        return data[perm[n_val:]], data[perm[:n_val]]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        if isinstance(data, Tensor):
+            perm = perm.to(data.device)
+            held_out = data[perm[:n_val]]
+            return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation")
+        held_out = Subset(data, perm[:n_val].tolist())
+        return (Subset(data, perm[n_val:].tolist()),
+                DataSource(held_out, model, cfg.batch_size, "validation"))
+
+    def _batches(self, train, source, gen):
+        if source is not None:
+            yield from source
+            return
+        perm = torch.randperm(train.shape[0], generator=gen).to(train.device)
+        for i in range(0, train.shape[0], self.config.batch_size):
+            yield train[perm[i : i + self.config.batch_size]]
 
     def fit(
         self,
         model: MixtureOfFactorAnalyzers,
-        data: Tensor,
-        validation: Tensor | None = None,
+        data: Tensor | Dataset | Iterable,
+        validation: Tensor | Dataset | Iterable | None = None,
         callbacks: Sequence[Callable] = (),
         checkpoint_fn: Callable | None = None,
     ) -> MixtureOfFactorAnalyzers:
@@ -127,8 +165,9 @@ class SGDTrainer:
 
         Args:
             model: the model to train.
-            data: ``[N, D]`` training rows.
-            validation: ``[M, D]`` held-out rows for early stopping (else a split of ``data``).
+            data: ``[N, D]`` training rows, a ``Dataset`` or a ``DataLoader``.
+            validation: held-out rows for early stopping, in any of those forms (else a split
+                of ``data``).
             callbacks: ``cb(trainer, model, record)`` after each epoch.
             checkpoint_fn: ``fn(trainer, model)`` every ``checkpoint_every`` epochs and at
                 the end.
@@ -136,17 +175,19 @@ class SGDTrainer:
         cfg = self.config
         if cfg.device is not None:
             model.to(cfg.device)
-        if not isinstance(data, Tensor):
-            raise TypeError(f"SGDTrainer.fit takes data as a tensor [N, D], got {type(data)}")
-        train = DataSource(data, model, cfg.batch_size, "data").tensor
-        val_rows = (
-            DataSource(validation, model, cfg.batch_size, "validation").tensor
-            if validation is not None
-            else None
-        )
-        train, val_rows = self._split(train, val_rows)
-        n = train.shape[0]
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        train, val_source = self._split(data, validation, model)
+        if isinstance(train, Tensor):
+            n = train.shape[0]
+            steps_per_epoch = math.ceil(n / cfg.batch_size)
+            train_source = None
+        else:
+            # A Dataset is shuffled by a DataLoader driven by the trainer's generator; any other
+            # iterable (e.g. a DataLoader) is used as it comes.
+            loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+                      if isinstance(train, Dataset) else train)
+            train_source = DataSource(loader, model, cfg.batch_size, "data")
+            steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -158,7 +199,6 @@ class SGDTrainer:
             )
         else:
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        gen = torch.Generator().manual_seed(cfg.seed)
         if self._resume is not None:
             state, self._resume = self._resume, None
             start_epoch = int(state["epoch"])
@@ -169,9 +209,9 @@ class SGDTrainer:
             bad_epochs = int(state.get("bad_epochs", 0))
         else:
             self.history = []
+            init_source = train_source or DataSource(train, model, cfg.batch_size)
             initialise(
-                model, gather_rows(DataSource(train, model, cfg.batch_size), cfg.init_samples,
-                                   cfg.seed),
+                model, gather_rows(init_source, cfg.init_samples, cfg.seed),
                 cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
                 kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
             )
@@ -181,10 +221,8 @@ class SGDTrainer:
                    leave=False)
         for epoch in bar:
             started = time.perf_counter()
-            perm = torch.randperm(n, generator=gen).to(train.device)
-            total = 0.0
-            for i in range(0, n, cfg.batch_size):
-                batch = train[perm[i : i + cfg.batch_size]]
+            total, seen = 0.0, 0
+            for batch in self._batches(train, train_source, gen):
                 loss = -model._component_log_prob(batch).logsumexp(-1).mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -198,8 +236,9 @@ class SGDTrainer:
                 optimizer.step()
                 scheduler.step()
                 total += -loss.item() * batch.shape[0]
-            train_ll = total / n
-            val_ll = self._evaluate(model, val_rows) if val_rows is not None else None
+                seen += batch.shape[0]
+            train_ll = total / max(seen, 1)
+            val_ll = EMTrainer.evaluate(model, val_source) if val_source is not None else None
             score = val_ll if val_ll is not None else train_ll
             if score > best_val:
                 best_val, bad_epochs = score, 0
@@ -219,12 +258,12 @@ class SGDTrainer:
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
             }
-            for callback in callbacks:
-                callback(self, model, record)
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0
             ):
                 checkpoint_fn(self, model)
+            for callback in callbacks:
+                callback(self, model, record)
             if cfg.patience and bad_epochs >= cfg.patience:
                 logger.info("Adam: early stop after epoch %d (no improvement in %d epochs)",
                             epoch + 1, cfg.patience)
@@ -233,7 +272,7 @@ class SGDTrainer:
         bar.close()
         if best_params is not None:
             model.load_state_dict(best_params)
-        if not stopped and val_rows is None and cfg.epochs > 0:
+        if not stopped and val_source is None and cfg.epochs > 0:
             warnings.warn(
                 f"Adam ran all {cfg.epochs} epochs without validation data to stop on",
                 ConvergenceWarning, stacklevel=2,
@@ -241,8 +280,3 @@ class SGDTrainer:
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model
-
-    @staticmethod
-    def _evaluate(model: MixtureOfFactorAnalyzers, rows: Tensor) -> float:
-        with torch.no_grad():
-            return model._component_log_prob(rows).logsumexp(-1).double().mean().item()

@@ -13,7 +13,9 @@ data with a large offset cannot lose the variances to cancellation.
 
 Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in six matrix products — three for
 the log-densities and ``E[z]`` (shared with :meth:`MixtureOfFactorAnalyzers.log_prob`) and
-three for the sums ``(x−c)ᵀ r``, ``((x−c)²)ᵀ r`` and ``(x−c)ᵀ (r ⊙ E[z])``.
+three for the sums ``(x−c)ᵀ r``, ``((x−c)²)ᵀ r`` and ``(x−c)ᵀ (r ⊙ E[z])``. The first two
+sums (``2·n·D·K`` flops) run in the statistics' dtype, float64 by default, because the M-step
+subtracts a squared mean from them.
 """
 
 from __future__ import annotations
@@ -115,8 +117,11 @@ def accumulate_statistics(
     log_p = torch.logsumexp(log_joint, dim=-1)  # [n]
     if resp is None:
         resp = torch.exp(log_joint - log_p.unsqueeze(-1))  # [n, K]
-    sum_x = (xc.T @ resp).T  # [K, D]
-    sum_x2 = (xc2.T @ resp).T  # [K, D]
+    # Σ r x and Σ r x² in the statistics' dtype: the M-step subtracts the squared mean from
+    # the second moment, which cancels badly in float32 for components far from c.
+    xc_s, resp_s = xc.to(stats_dtype), resp.to(stats_dtype)
+    sum_x = (xc_s.T @ resp_s).T  # [K, D]
+    sum_x2 = ((xc_s * xc_s).T @ resp_s).T  # [K, D]
     if n_lat:
         if chol is None:
             chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)

@@ -70,8 +70,9 @@ class Interrupt:
 def interrupted_then_resumed(config, key: str, at: int, total: int):
     """Train ``config`` until the callback interrupts it at ``record[key] == at``, then
     resume the run folder; returns (run folder, checkpoint after the interrupt, result).
-    The resumed run continues after the last checkpoint (``at - 1``) rather than starting
-    over: its callbacks see only the records from ``at`` to ``total``."""
+    The checkpoint of record ``at`` is written before the callbacks run, so the resumed run
+    continues after ``at`` rather than starting over: its callbacks see only the records
+    from ``at + 1`` to ``total``."""
     run_dir = Path(config.output.dir) / config.output.name
     stop = Interrupt(key, at)
     with pytest.raises(KeyboardInterrupt):
@@ -82,7 +83,7 @@ def interrupted_then_resumed(config, key: str, at: int, total: int):
     after = Interrupt(key, at=-1)  # never interrupts; records what it sees
     result = workflow.train(None, resume=run_dir, figures=False, callbacks=(after,))
     assert result.run_dir == run_dir
-    assert after.seen == list(range(at, total + 1))
+    assert after.seen == list(range(at + 1, total + 1))
     return run_dir, saved, result
 
 
@@ -192,8 +193,8 @@ def test_no_inpainting_figures_still_ranks_outliers(em_run, data, tmp_path):
 def test_em_resume_after_an_interrupt_gives_the_uninterrupted_model(em_run, out_dir, data):
     run_dir, saved, resumed = interrupted_then_resumed(make_config(out_dir, "em-b"),
                                                        "iteration", 2, EM_ITERATIONS)
-    # The interrupt came in iteration 2's callback: the last checkpoint is iteration 1's.
-    assert [r["iteration"] for r in saved.trainer_state["history"]] == [1]
+    # The interrupt came in iteration 2's callback, after iteration 2's checkpoint.
+    assert [r["iteration"] for r in saved.trainer_state["history"]] == [1, 2]
     assert_same_parameters(resumed.model, em_run.model)
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["iteration"] for r in history] == list(range(1, EM_ITERATIONS + 1))
@@ -216,7 +217,7 @@ def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
 
     run_dir, saved, resumed = interrupted_then_resumed(
         make_config(out_dir, "sgd-b", "train.method=sgd"), "epoch", 2, SGD_EPOCHS)
-    assert saved.trainer_state["epoch"] == 1  # interrupted after epoch 1's checkpoint
+    assert saved.trainer_state["epoch"] == 2  # interrupted after epoch 2's checkpoint
     assert_same_parameters(resumed.model, uninterrupted.model)
     history_b = json.loads((run_dir / "history.json").read_text())
     assert history_values(history_b) == history_values(history_a)

@@ -1,0 +1,599 @@
+"""Streaming EM (mfa.em.EMTrainer).
+
+Correctness is checked against independent references: scikit-learn's GaussianMixture (one EM
+step from the same parameters), FactorAnalysis and PCA (the K = 1 optimum), dense float64
+log-likelihoods, and planted parameters. Streaming, input types, restarts, seeding, resuming,
+warnings, degenerate data and input validation are checked on small problems.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.decomposition import PCA, FactorAnalysis
+from sklearn.mixture import GaussianMixture
+from torch.distributions import MultivariateNormal
+from torch.utils.data import DataLoader, TensorDataset
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+
+F64 = torch.float64
+PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
+    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _planted(k: int, d: int, lat: int, seed: int, spread: float = 4.0):
+    """Parameters of a well-separated mixture (float64)."""
+    g = _gen(seed)
+    raw = torch.arange(2, k + 2, dtype=F64)
+    weights = raw / raw.sum()
+    means = spread * torch.randn(k, d, generator=g, dtype=F64)
+    loadings = torch.randn(k, d, lat, generator=g, dtype=F64)
+    noise = 0.2 + 0.5 * torch.rand(k, d, generator=g, dtype=F64)
+    return weights, means, loadings, noise
+
+
+def _sample(n: int, weights, means, loadings, noise, seed: int):
+    """Ancestral sampling written out here (not the library's sampler)."""
+    g = _gen(seed)
+    comp = torch.multinomial(weights, n, replacement=True, generator=g)
+    lat = loadings.shape[-1]
+    z = torch.randn(n, lat, 1, generator=g, dtype=F64)
+    eps = torch.randn(n, means.shape[1], generator=g, dtype=F64)
+    x = means[comp] + eps * noise[comp].sqrt()
+    if lat:
+        x = x + (loadings[comp] @ z).squeeze(-1)
+    return x, comp
+
+
+@pytest.fixture(scope="module")
+def mixture_data():
+    """600 rows from a K=3, D=5, L=2 mixture, plus 300 held-out rows."""
+    params = _planted(3, 5, 2, seed=0, spread=2.5)
+    x, _ = _sample(900, *params, seed=1)
+    return x[:600], x[600:]
+
+
+def _dense_log_lik(model: MixtureOfFactorAnalyzers, x: torch.Tensor) -> float:
+    """Mean log-likelihood from dense covariances."""
+    a = model.factor_loadings.detach()
+    cov = a @ a.mT + torch.diag_embed(model.noise_variance.detach())
+    comp = MultivariateNormal(model.means.detach(), covariance_matrix=cov)
+    lp = model.log_weights.detach() + comp.log_prob(x.unsqueeze(1))
+    return torch.logsumexp(lp, -1).mean().item()
+
+
+def _fit(x, k, lat, noise="diagonal", validation=None, callbacks=(), checkpoint_fn=None,
+         model=None, trainer=None, **config):
+    """Fit a fresh float64 model, silencing the ConvergenceWarning of fixed-length runs."""
+    config.setdefault("progress", False)
+    if model is None:
+        model = MixtureOfFactorAnalyzers(k, 5 if not hasattr(x, "shape") else x.shape[1], lat,
+                                         noise, dtype=F64)
+    trainer = trainer or EMTrainer(EMConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, validation=validation, callbacks=callbacks,
+                    checkpoint_fn=checkpoint_fn)
+    return model, trainer
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {name: getattr(model, name).detach().clone() for name in PARAMS}
+
+
+def _assert_same_params(a, b, rtol: float, atol: float) -> None:
+    pa, pb = _params(a), _params(b)
+    for name in PARAMS:
+        torch.testing.assert_close(pa[name], pb[name], rtol=rtol, atol=atol, msg=name)
+
+
+def _lls(trainer, run: int = 0) -> list[float]:
+    return [h["train_log_likelihood"] for h in trainer.history if h.get("run", 0) == run]
+
+
+# --------------------------------------------------------------------- monotonicity
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("lat", [0, 2])
+def test_em_never_decreases_the_log_likelihood(mixture_data, seed, noise, lat):
+    x, _ = mixture_data
+    model, trainer = _fit(x, 3, lat, noise, init="random", seed=seed, max_iter=25, tol=0.0,
+                          min_component_mass=0.0)
+    lls = _lls(trainer)
+    assert len(lls) == 25
+    for before, after in zip(lls, lls[1:], strict=False):
+        assert after >= before - 1e-9 * abs(before), lls
+    assert lls[-1] > lls[0]  # and it actually improved from the random start
+    # The final parameters are at least as good as the last recorded ones.
+    assert _dense_log_lik(model, x) >= lls[-1] - 1e-9 * abs(lls[-1])
+
+
+def test_history_scores_the_parameters_before_each_m_step(mixture_data):
+    """init='none': the first record's train log-likelihood is the dense log-likelihood of the
+    given starting parameters."""
+    x, _ = mixture_data
+    weights, means, loadings, noise = _planted(3, 5, 2, seed=5)
+    model = MixtureOfFactorAnalyzers.from_parameters(weights, means, loadings, noise)
+    expected = _dense_log_lik(model, x)
+    _, trainer = _fit(x, 3, 2, model=model, init="none", max_iter=3, tol=0.0)
+    assert trainer.history[0]["train_log_likelihood"] == pytest.approx(expected, rel=1e-12)
+    assert [h["iteration"] for h in trainer.history] == [1, 2, 3]
+    for record in trainer.history:
+        assert {"iteration", "train_log_likelihood", "val_log_likelihood", "seconds"} <= set(
+            record
+        )
+        assert record["val_log_likelihood"] is None
+        assert record["seconds"] >= 0
+
+
+# --------------------------------------------------------------------- scikit-learn: one step
+
+
+@pytest.mark.parametrize("noise, covariance_type", [("diagonal", "diag"),
+                                                    ("isotropic", "spherical")])
+def test_one_em_step_matches_sklearn_gaussian_mixture(mixture_data, noise, covariance_type):
+    x, _ = mixture_data
+    k, d = 3, 5
+    g = _gen(7)
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=F64)
+    means = x[torch.randperm(600, generator=g)[:k]].clone()
+    var = 0.5 + torch.rand(k, d, generator=g, dtype=F64)
+    if noise == "isotropic":
+        var = var[:, :1].expand(k, d).contiguous()
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        weights, means, torch.zeros(k, d, 0, dtype=F64), var, noise=noise
+    )
+    _fit(x, k, 0, model=model, init="none", max_iter=1, variance_floor=1e-300)
+
+    precisions = 1.0 / (var if noise == "diagonal" else var[:, 0])
+    gm = GaussianMixture(
+        k, covariance_type=covariance_type, max_iter=1, reg_covar=0.0, n_init=1,
+        init_params="random_from_data", weights_init=weights.numpy(),
+        means_init=means.numpy(), precisions_init=precisions.numpy(), random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's own ConvergenceWarning at max_iter=1
+        gm.fit(x.numpy())
+    sk_var = gm.covariances_ if noise == "diagonal" else np.repeat(gm.covariances_[:, None], d, 1)
+    np.testing.assert_allclose(model.weights.detach().numpy(), gm.weights_, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(model.means.detach().numpy(), gm.means_, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(model.noise_variance.detach().numpy(), sk_var, rtol=1e-8, atol=0)
+
+
+# --------------------------------------------------------------------- K = 1 optimum
+
+
+@pytest.fixture(scope="module")
+def fa_data():
+    """1000 rows of one factor-analysis model (a draw on which FA EM converges quickly)."""
+    rng = np.random.default_rng(1)
+    d, lat = 6, 2
+    a = 2.0 * rng.normal(size=(d, lat))
+    noise = rng.uniform(0.3, 1.0, d)
+    x = rng.normal(size=d) * 3 + rng.normal(size=(1000, lat)) @ a.T
+    x = x + rng.normal(size=(1000, d)) * np.sqrt(noise)
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("init", ["kmeans", "random"])
+def test_single_component_reaches_factor_analysis_optimum(fa_data, init):
+    x = fa_data
+    model, trainer = _fit(x, 1, 2, "diagonal", init=init, max_iter=1000, tol=1e-9,
+                          variance_floor=1e-9)
+    assert trainer.converged
+    reference = FactorAnalysis(2, tol=1e-8, max_iter=100_000).fit(x.numpy()).score(x.numpy())
+    assert _dense_log_lik(model, x) == pytest.approx(reference, abs=1e-4)
+
+
+@pytest.mark.parametrize("init", ["kmeans", "random"])
+def test_single_isotropic_component_reaches_ppca_optimum(fa_data, init):
+    """sklearn's PPCA score uses n − 1 normalisation, so it lies O(D/n²) below the MLE."""
+    x = fa_data
+    model, trainer = _fit(x, 1, 2, "isotropic", init=init, max_iter=1000, tol=1e-10,
+                          variance_floor=1e-9)
+    assert trainer.converged
+    reference = PCA(2).fit(x.numpy()).score(x.numpy())
+    ours = _dense_log_lik(model, x)
+    assert reference - 1e-6 <= ours <= reference + 1e-4
+
+
+# --------------------------------------------------------------------- planted parameters
+
+
+def test_recovers_planted_parameters():
+    k, d, lat = 3, 10, 2
+    weights, means, loadings, noise = _planted(k, d, lat, seed=0)
+    x, _ = _sample(20_000, weights, means, loadings, noise, seed=1)
+    model, trainer = _fit(x, k, lat, max_iter=200, tol=1e-6)
+    assert trainer.converged
+    row, col = linear_sum_assignment(torch.cdist(means, model.means.detach()).numpy())
+    true_cov = loadings @ loadings.mT + torch.diag_embed(noise)
+    fitted_cov = model.covariance().detach()
+    for i, j in zip(row, col, strict=True):
+        err = torch.linalg.norm(true_cov[i] - fitted_cov[j]) / torch.linalg.norm(true_cov[i])
+        assert float(err) < 0.1
+        assert float(model.weights.detach()[j]) == pytest.approx(float(weights[i]), abs=0.02)
+        assert float((model.means.detach()[j] - means[i]).norm()) < 0.1 * float(means[i].norm())
+
+
+# --------------------------------------------------------------------- streaming and inputs
+
+
+@pytest.mark.parametrize("noise, lat", [("diagonal", 2), ("isotropic", 1), ("diagonal", 0)])
+def test_streaming_equals_full_batch(noise, lat):
+    params = _planted(3, 5, 2, seed=3, spread=2.0)
+    x, _ = _sample(1500, *params, seed=4)
+    results = [
+        _fit(x, 3, lat, noise, batch_size=size, max_iter=15, tol=0.0)[0]
+        for size in (1500, 64, 999)
+    ]
+    for other in results[1:]:
+        _assert_same_params(other, results[0], rtol=1e-8, atol=1e-8)
+
+
+def test_tensor_dataset_and_dataloader_inputs_agree(mixture_data):
+    x, _ = mixture_data
+    labels = torch.zeros(600, dtype=torch.int64)
+    inputs = [
+        x,
+        TensorDataset(x),
+        TensorDataset(x, labels),  # (rows, label) tuples
+        DataLoader(TensorDataset(x), batch_size=77),
+        DataLoader(TensorDataset(x, labels), batch_size=128),
+        [x[:250], x[250:]],  # any iterable of batches
+    ]
+    results = [_fit(data, 3, 2, batch_size=100, max_iter=10, tol=0.0)[0] for data in inputs]
+    for other in results[1:]:
+        _assert_same_params(other, results[0], rtol=1e-8, atol=1e-8)
+
+
+def test_image_shaped_tensor_is_flattened():
+    x = torch.rand(200, 1, 2, 3, generator=_gen(0), dtype=F64)
+    flat, _ = _fit(x.reshape(200, 6), 2, 1, max_iter=5, tol=0.0)
+    images, _ = _fit(x, 2, 1, max_iter=5, tol=0.0,
+                     model=MixtureOfFactorAnalyzers(2, 6, 1, dtype=F64))
+    _assert_same_params(images, flat, rtol=0, atol=0)
+
+
+def test_float32_statistics_stay_close_to_float64(mixture_data):
+    x, _ = mixture_data
+    a, _ = _fit(x, 3, 2, max_iter=10, tol=0.0)
+    b, _ = _fit(x, 3, 2, max_iter=10, tol=0.0, stats_dtype="float32")
+    assert b.dtype == F64
+    _assert_same_params(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_init_samples_subset_is_seeded_and_progress_bar_runs(mixture_data):
+    """A seeded subset of 100 rows initialises the fit (a different start from all 600),
+    reproducibly; progress=True only adds a progress bar."""
+    x, _ = mixture_data
+    full, _ = _fit(x, 3, 2, max_iter=3, tol=0.0)
+    a, _ = _fit(x, 3, 2, max_iter=3, tol=0.0, init_samples=100, progress=True)
+    b, _ = _fit(x, 3, 2, max_iter=3, tol=0.0, init_samples=100)
+    _assert_same_params(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a.means, full.means)
+
+
+# --------------------------------------------------------------------- restarts and seeds
+
+
+def test_n_init_keeps_the_best_run(mixture_data):
+    x, _ = mixture_data
+    singles = []
+    for seed in range(3):
+        model, _ = _fit(x, 4, 1, init="random", seed=seed, max_iter=20, tol=0.0)
+        singles.append(_dense_log_lik(model, x))
+    best, trainer = _fit(x, 4, 1, init="random", seed=0, n_init=3, max_iter=20, tol=0.0)
+    ll = _dense_log_lik(best, x)
+    for single in singles:
+        assert ll >= single - 1e-9
+    assert ll == pytest.approx(max(singles), abs=1e-9)
+    assert sorted({h["run"] for h in trainer.history}) == [0, 1, 2]
+
+
+def test_same_seed_same_result_different_seed_differs(mixture_data):
+    x, _ = mixture_data
+    a, ta = _fit(x, 3, 2, seed=4, max_iter=8, tol=0.0)
+    b, tb = _fit(x, 3, 2, seed=4, max_iter=8, tol=0.0)
+    c, _ = _fit(x, 3, 2, seed=5, max_iter=8, tol=0.0, init="random")
+    d, _ = _fit(x, 3, 2, seed=6, max_iter=8, tol=0.0, init="random")
+    _assert_same_params(a, b, rtol=0, atol=0)
+    assert _lls(ta) == _lls(tb)
+    assert not torch.allclose(c.means, d.means)
+
+
+# --------------------------------------------------------------------- resuming
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("n_init, stop_run, stop_iteration", [(1, 0, 3), (2, 1, 2)])
+def test_resume_after_interrupt_equals_uninterrupted(mixture_data, n_init, stop_run,
+                                                     stop_iteration):
+    x, val = mixture_data
+    config = dict(max_iter=8, tol=0.0, checkpoint_every=1, n_init=n_init, init="random",
+                  seed=1)
+    full, full_trainer = _fit(x, 3, 2, validation=val, **config)
+
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["run"] == stop_run and record["iteration"] == stop_iteration:
+            raise _Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(x, 3, 2, validation=val, callbacks=[stop], checkpoint_fn=checkpoint, **config)
+    state = _roundtrip(saved["trainer"])  # safe-loadable: primitives and tensors only
+    model_state = _roundtrip(saved["model"])
+
+    resumed = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
+    resumed.load_state_dict(model_state)
+    trainer = EMTrainer(EMConfig(progress=False, **config))
+    trainer.load_state_dict(state)
+    _fit(x, 3, 2, validation=val, model=resumed, trainer=trainer)
+
+    _assert_same_params(resumed, full, rtol=1e-12, atol=1e-12)
+    assert len(trainer.history) == len(full_trainer.history) == n_init * 8
+    for got, want in zip(trainer.history, full_trainer.history, strict=True):
+        assert (got["run"], got["iteration"]) == (want["run"], want["iteration"])
+        for key in ("train_log_likelihood", "val_log_likelihood"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12)
+
+
+def test_state_dict_is_weights_only_loadable_after_fit(mixture_data):
+    x, _ = mixture_data
+    _, trainer = _fit(x, 3, 2, max_iter=3, tol=0.0, n_init=2)
+    state = _roundtrip(trainer.state_dict())
+    assert state["config"]["n_init"] == 2
+    assert len(state["history"]) == len(trainer.history)
+    fresh = EMTrainer(EMConfig(progress=False))
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="missing keys"):
+        fresh.load_state_dict({"run": 0})
+
+
+def test_checkpoint_fn_schedule(mixture_data):
+    x, _ = mixture_data
+    calls = []
+    _fit(x, 2, 1, max_iter=6, tol=0.0, checkpoint_every=2,
+         checkpoint_fn=lambda trainer, model: calls.append(len(trainer.history)))
+    assert calls == [2, 4, 6, 6]  # every 2 iterations and once at the end
+    calls.clear()
+    _fit(x, 2, 1, max_iter=6, tol=0.0,
+         checkpoint_fn=lambda trainer, model: calls.append(len(trainer.history)))
+    assert calls == [6]
+
+
+# --------------------------------------------------------------------- convergence warnings
+
+
+def test_convergence_warning_at_max_iter(mixture_data):
+    x, _ = mixture_data
+    model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
+    trainer = EMTrainer(EMConfig(max_iter=2, tol=1e-12, progress=False))
+    with pytest.warns(ConvergenceWarning, match="max_iter=2"):
+        trainer.fit(model, x)
+    assert not trainer.converged
+    assert issubclass(ConvergenceWarning, UserWarning)
+
+
+def test_no_warning_when_tol_is_met(mixture_data):
+    x, _ = mixture_data
+    model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
+    trainer = EMTrainer(EMConfig(max_iter=500, tol=1e-3, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        trainer.fit(model, x)
+    assert trainer.converged
+    assert len(trainer.history) < 500
+    lls = _lls(trainer)
+    assert abs(lls[-1] - lls[-2]) < 1e-3
+
+
+# --------------------------------------------------------------------- degenerate data
+
+
+def _assert_finite_model(model, x) -> None:
+    for name in PARAMS:
+        assert bool(torch.isfinite(getattr(model, name)).all()), name
+    for name, value in model.state_dict().items():  # the raw logits too: no -inf weight
+        assert bool(torch.isfinite(value).all()), name
+    assert bool((model.noise_variance > 0).all())
+    assert math.isfinite(_dense_log_lik(model, x))
+
+
+@pytest.mark.parametrize("noise, lat", [("diagonal", 2), ("isotropic", 2), ("diagonal", 0)])
+def test_constant_feature_and_duplicated_rows(noise, lat):
+    x = torch.randn(300, 4, generator=_gen(0), dtype=F64)
+    x[:, 2] = 7.0
+    x = torch.cat([x, x[:60]])  # duplicated rows
+    model, trainer = _fit(x, 3, lat, noise, max_iter=30, variance_floor=1e-5)
+    _assert_finite_model(model, x)
+    assert all(math.isfinite(v) for v in _lls(trainer))
+    if noise == "diagonal":
+        torch.testing.assert_close(
+            model.noise_variance[:, 2].detach(), torch.full((3,), 1e-5, dtype=F64)
+        )
+
+
+@pytest.mark.parametrize("noise, lat", [("diagonal", 1), ("isotropic", 2), ("diagonal", 0)])
+def test_more_components_than_distinct_points(noise, lat, caplog):
+    distinct = torch.randn(5, 4, generator=_gen(1), dtype=F64)
+    x = distinct.repeat(40, 1)
+    with caplog.at_level(logging.WARNING, logger="mfa.em"):
+        model, trainer = _fit(x, 8, lat, noise, max_iter=20)
+    _assert_finite_model(model, x)
+    assert all(math.isfinite(v) for v in _lls(trainer))
+    assert any("re-seeded" in r.getMessage() for r in caplog.records)
+
+
+def test_far_away_component_is_reseeded(caplog):
+    x = torch.randn(400, 3, generator=_gen(2), dtype=F64)
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5], dtype=F64),
+        torch.tensor([[0.0, 0.0, 0.0], [1e3, 1e3, 1e3]], dtype=F64),
+        torch.full((2, 3, 1), 0.1, dtype=F64),
+        torch.ones(2, 3, dtype=F64),
+    )
+    with caplog.at_level(logging.WARNING, logger="mfa.em"):
+        _fit(x, 2, 1, model=model, init="none", max_iter=10)
+    messages = [r.getMessage() for r in caplog.records if r.name == "mfa.em"]
+    assert any("[1]" in m and "re-seeded" in m for m in messages), messages
+    _assert_finite_model(model, x)
+    # The re-seeded component was moved next to the data and now carries real weight.
+    assert float(model.means.detach().abs().max()) < 10
+    assert float(model.weights.detach().min()) > 0.05
+
+
+# --------------------------------------------------------------------- validation and errors
+
+
+def test_validation_history_is_recorded(mixture_data):
+    x, val = mixture_data
+    model, trainer = _fit(x, 3, 2, validation=val, max_iter=5, tol=0.0)
+    vals = [h["val_log_likelihood"] for h in trainer.history]
+    assert len(vals) == 5 and all(isinstance(v, float) and math.isfinite(v) for v in vals)
+    # The last record scores the parameters after the last M-step: the returned ones.
+    assert vals[-1] == pytest.approx(_dense_log_lik(model, val), rel=1e-10)
+    # As a DataLoader too.
+    _, trainer2 = _fit(x, 3, 2, validation=DataLoader(TensorDataset(val), batch_size=50),
+                       max_iter=5, tol=0.0)
+    assert [h["val_log_likelihood"] for h in trainer2.history] == pytest.approx(vals, rel=1e-10)
+
+
+def test_data_errors(mixture_data):
+    x, _ = mixture_data
+    bad = x.clone()
+    bad[17, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        _fit(bad, 3, 2, max_iter=2)
+    with pytest.raises(ValueError, match="non-finite"):
+        _fit(x, 3, 2, validation=bad, max_iter=2)
+    with pytest.raises(ValueError, match="5 features"):
+        _fit(x[:, :4], 3, 2, model=MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64), max_iter=2)
+    with pytest.raises(TypeError, match="floating point"):
+        _fit((x * 10).long(), 3, 2, max_iter=2)
+    with pytest.raises(TypeError, match="numpy array; convert it with torch.from_numpy"):
+        _fit(x.numpy(), 3, 2, max_iter=2)
+    with pytest.raises(ValueError, match="empty"):
+        _fit(DataLoader(TensorDataset(x[:0]), batch_size=4), 3, 2, max_iter=2)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("max_iter", -1, "max_iter"),
+        ("max_iter", 2.5, "max_iter"),
+        ("batch_size", 0, "batch_size"),
+        ("n_init", 0, "n_init"),
+        ("kmeans_iter", 0, "kmeans_iter"),
+        ("init_samples", 0, "init_samples"),
+        ("tol", -1e-3, "tol"),
+        ("variance_floor", 0.0, "variance_floor"),
+        ("stats_dtype", "float16", "stats_dtype"),
+        ("init", "kmeans++", "init"),
+    ],
+)
+def test_bad_config_raises(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        EMTrainer(EMConfig(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("complete_iter", -1), ("min_component_mass", -1.0), ("checkpoint_every", -1),
+     ("n_init", True)],
+)
+def test_unchecked_config_values_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        EMTrainer(EMConfig(**{field: value}))
+
+
+def test_n_init_needs_a_random_init():
+    with pytest.raises(ValueError, match="n_init"):
+        EMTrainer(EMConfig(n_init=2, init="none"))
+
+
+# --------------------------------------------------------------------- float32 cancellation
+
+
+def test_float32_offset_data_matches_float64_fit():
+    """float32 rows around 1e4 with spread ~0.01: the fitted variances stay positive, finite
+    and close to a float64 fit of the same values (scikit-learn#30382's case)."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    lab = rng.integers(0, 2, n)
+    centres = np.array([[0.0, 0.0, 0.0], [0.08, -0.05, 0.06]])
+    x = 1e4 + centres[lab] + rng.normal(size=(n, 3)) * np.array([0.01, 0.02, 0.005])
+    x32 = torch.from_numpy(x).float()
+    x64 = x32.double()
+    fits = []
+    for data in (x32, x64):
+        model = MixtureOfFactorAnalyzers(2, 3, 1, dtype=data.dtype, min_noise=0.0)
+        _fit(data, 2, 1, model=model, init="random", seed=0, max_iter=60, tol=0.0,
+             variance_floor=1e-12)
+        fits.append(model)
+    nv32, nv64 = (m.noise_variance.detach().double() for m in fits)
+    assert bool(torch.isfinite(nv32).all()) and bool((nv32 > 1e-8).all())
+    order32 = fits[0].means[:, 0].detach().double().argsort()
+    order64 = fits[1].means[:, 0].detach().argsort()
+    torch.testing.assert_close(nv32[order32], nv64[order64], rtol=0.05, atol=0)
+    torch.testing.assert_close(
+        fits[0].weights.detach().double()[order32], fits[1].weights.detach()[order64],
+        rtol=0, atol=0.01,
+    )
+
+
+def test_float32_offset_data_with_kmeans_init_reaches_the_float64_optimum():
+    rng = np.random.default_rng(0)
+    n = 3000
+    lab = rng.integers(0, 3, n)
+    centres = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    x32 = torch.from_numpy(1e4 + centres[lab] + rng.normal(size=(n, 3)) * 0.05).float()
+    x64 = x32.double()
+    lls = []
+    for data in (x32, x64):
+        model = MixtureOfFactorAnalyzers(3, 3, 1, dtype=data.dtype)
+        _fit(data, 3, 1, model=model, max_iter=100)
+        weights, *rest = (getattr(model, name).detach().double() for name in PARAMS)
+        as64 = MixtureOfFactorAnalyzers.from_parameters(weights / weights.sum(), *rest)
+        lls.append(_dense_log_lik(as64, x64))
+    assert lls[0] == pytest.approx(lls[1], abs=0.01)

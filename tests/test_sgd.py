@@ -1,0 +1,425 @@
+"""Adam training (mfa.sgd.SGDTrainer): optimisation quality against EM's optimum, early
+stopping, schedules, gradient clipping, resuming, determinism and validation."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch.distributions import MultivariateNormal
+from torch.utils.data import DataLoader, TensorDataset
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.sgd import SGDConfig, SGDTrainer
+
+F64 = torch.float64
+PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
+    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _sample(n: int, k: int, d: int, lat: int, seed: int, spread: float = 2.0):
+    """Rows of a random MFA, sampled by hand (parameters seeded by 0, rows by ``seed``)."""
+    g = _gen(0)
+    raw = torch.arange(2, k + 2, dtype=F64)
+    weights = raw / raw.sum()
+    means = spread * torch.randn(k, d, generator=g, dtype=F64)
+    loadings = torch.randn(k, d, lat, generator=g, dtype=F64)
+    noise = 0.2 + 0.5 * torch.rand(k, d, generator=g, dtype=F64)
+    g = _gen(seed)
+    comp = torch.multinomial(weights, n, replacement=True, generator=g)
+    z = torch.randn(n, lat, 1, generator=g, dtype=F64)
+    x = means[comp] + torch.randn(n, d, generator=g, dtype=F64) * noise[comp].sqrt()
+    return x + (loadings[comp] @ z).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """K=2, D=5, L=1: 5000 training, 500 validation and 1000 test rows."""
+    x = _sample(6500, 2, 5, 1, seed=1)
+    return x[:5000], x[5000:5500], x[5500:]
+
+
+@pytest.fixture(scope="module")
+def small():
+    """A quick problem for the mechanics: 800 training and 200 validation rows."""
+    x = _sample(1000, 2, 4, 1, seed=2)
+    return x[:800], x[800:]
+
+
+def _dense_log_lik(model: MixtureOfFactorAnalyzers, x: torch.Tensor) -> float:
+    a = model.factor_loadings.detach()
+    cov = a @ a.mT + torch.diag_embed(model.noise_variance.detach())
+    comp = MultivariateNormal(model.means.detach(), covariance_matrix=cov)
+    lp = model.log_weights.detach() + comp.log_prob(x.unsqueeze(1))
+    return torch.logsumexp(lp, -1).mean().item()
+
+
+def _fit(x, k, lat, validation=None, callbacks=(), checkpoint_fn=None, model=None,
+         trainer=None, noise="diagonal", **config):
+    config.setdefault("progress", False)
+    if model is None:
+        model = MixtureOfFactorAnalyzers(k, x.shape[1], lat, noise, dtype=F64)
+    trainer = trainer or SGDTrainer(SGDConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, validation=validation, callbacks=callbacks,
+                    checkpoint_fn=checkpoint_fn)
+    return model, trainer
+
+
+def _assert_same_params(a, b, rtol: float, atol: float) -> None:
+    for name in PARAMS:
+        torch.testing.assert_close(
+            getattr(a, name).detach(), getattr(b, name).detach(), rtol=rtol, atol=atol, msg=name
+        )
+
+
+def _vals(trainer) -> list[float]:
+    return [h["val_log_likelihood"] for h in trainer.history]
+
+
+# --------------------------------------------------------------------- optimisation quality
+
+
+@pytest.fixture(scope="module")
+def em_optimum(problem):
+    train, _, test = problem
+    model = MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64)
+    EMTrainer(EMConfig(max_iter=500, tol=1e-8, progress=False)).fit(model, train)
+    return _dense_log_lik(model, test)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_adam_approaches_the_em_optimum(problem, em_optimum, seed):
+    train, val, test = problem
+    model, trainer = _fit(train, 2, 1, validation=val, lr=0.05, epochs=15, batch_size=256,
+                          schedule="cosine", patience=0, seed=seed)
+    vals = _vals(trainer)
+    assert len(vals) == 15
+    assert vals[-1] > vals[0]  # Adam lowered the held-out NLL
+    assert em_optimum - _dense_log_lik(model, test) < 0.05
+    for record in trainer.history:
+        assert {"epoch", "train_log_likelihood", "val_log_likelihood", "seconds"} <= set(record)
+        assert math.isfinite(record["train_log_likelihood"])
+    assert [h["epoch"] for h in trainer.history] == list(range(1, 16))
+
+
+def test_random_init_improves(small):
+    train, val = small
+    model, trainer = _fit(train, 2, 1, validation=val, init="random", lr=0.05, epochs=8,
+                          patience=0, seed=0)
+    vals = _vals(trainer)
+    assert vals[-1] > vals[0] + 0.1
+    assert all(math.isfinite(p) for p in vals)
+
+
+# --------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_keeps_the_best_validation_parameters(small):
+    train, val = small
+    model, trainer = _fit(train, 2, 1, validation=val, lr=0.1, epochs=60, patience=2,
+                          batch_size=64, seed=0)
+    vals = _vals(trainer)
+    best = max(range(len(vals)), key=vals.__getitem__)
+    assert len(vals) < 60, "the noisy lr=0.1 run should have stopped early"
+    assert len(vals) == best + 1 + 2  # stopped exactly `patience` epochs after the best
+    assert _dense_log_lik(model, val) == pytest.approx(vals[best], rel=1e-10)
+
+
+def test_no_early_stopping_with_patience_zero_still_returns_the_best(small):
+    train, val = small
+    model, trainer = _fit(train, 2, 1, validation=val, lr=0.1, epochs=12, patience=0,
+                          batch_size=64, seed=0)
+    vals = _vals(trainer)
+    assert len(vals) == 12
+    assert _dense_log_lik(model, val) == pytest.approx(max(vals), rel=1e-10)
+
+
+def test_validation_split_from_training_data(small):
+    """Without validation data a seeded val_fraction of the rows is held out and scored."""
+    train, _ = small
+    model, trainer = _fit(train, 2, 1, val_fraction=0.25, epochs=3, patience=0,
+                          progress=True)
+    assert all(v is not None and math.isfinite(v) for v in _vals(trainer))
+    # The held-out quarter is a subset of the rows, so its score lies near the training one.
+    assert abs(_vals(trainer)[-1] - trainer.history[-1]["train_log_likelihood"]) < 0.5
+
+
+def test_warning_without_validation_data(small):
+    train, _ = small
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    trainer = SGDTrainer(SGDConfig(val_fraction=0.0, epochs=2, progress=False))
+    with pytest.warns(ConvergenceWarning, match="without validation"):
+        trainer.fit(model, train)
+    assert all(h["val_log_likelihood"] is None for h in trainer.history)
+
+
+def test_no_warning_with_validation_data(small):
+    train, val = small
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        SGDTrainer(SGDConfig(epochs=2, progress=False)).fit(
+            MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), train, validation=val
+        )
+
+
+# --------------------------------------------------------------------- schedules, clipping
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "step"])
+def test_schedules(small, schedule):
+    train, val = small
+    lr, epochs = 0.01, 6
+    model, trainer = _fit(train, 2, 1, validation=val, lr=lr, epochs=epochs, patience=0,
+                          schedule=schedule, batch_size=200)
+    lrs = [h["lr"] for h in trainer.history]  # after each epoch's last step
+    assert len(lrs) == epochs
+    if schedule == "constant":
+        assert lrs == pytest.approx([lr] * epochs)
+    elif schedule == "cosine":
+        # Annealed over all steps: strictly decreasing, zero after the last one.
+        assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+        assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    else:
+        # Decays by 0.3 every epochs // 3 = 2 epochs.
+        assert lrs == pytest.approx([lr, lr * 0.3, lr * 0.3, lr * 0.09, lr * 0.09, lr * 0.027])
+    assert all(math.isfinite(v) for v in _vals(trainer))
+
+
+def test_gradient_clipping_is_applied(small, monkeypatch):
+    train, val = small
+    calls = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        before = original(parameters, max_norm, *args, **kwargs)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        calls.append((float(max_norm), float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    model, trainer = _fit(train, 2, 1, validation=val, grad_clip=0.5, epochs=2,
+                          batch_size=100, init="random", patience=0)
+    steps = 2 * math.ceil(800 / 100)
+    assert len(calls) == steps
+    assert all(c[0] == 0.5 for c in calls)
+    assert any(c[1] > 0.5 for c in calls), "the random start should produce large gradients"
+    assert all(c[2] <= 0.5 * (1 + 1e-6) for c in calls)
+    assert all(math.isfinite(v) for v in _vals(trainer))
+
+    calls.clear()
+    _fit(train, 2, 1, validation=val, grad_clip=None, epochs=1, patience=0)
+    assert calls == []
+
+
+# --------------------------------------------------------------------- determinism and resume
+
+
+def test_same_seed_same_result_different_seed_differs(small):
+    train, _ = small
+    a, ta = _fit(train, 2, 1, epochs=3, seed=3, patience=0)
+    b, tb = _fit(train, 2, 1, epochs=3, seed=3, patience=0)
+    c, _ = _fit(train, 2, 1, epochs=3, seed=4, patience=0)
+    _assert_same_params(a, b, rtol=0, atol=0)
+    assert _vals(ta) == _vals(tb)
+    assert not torch.allclose(a.means, c.means)
+
+
+def _roundtrip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_resume_after_interrupt_equals_uninterrupted(small, schedule):
+    train, _ = small  # no validation given: the seeded split must be reproduced on resume
+    config = dict(epochs=6, lr=0.02, schedule=schedule, patience=0, checkpoint_every=1,
+                  batch_size=128, seed=2)
+    full, full_trainer = _fit(train, 2, 1, **config)
+
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["epoch"] == 3:  # the checkpoint of epoch 3 is written before the callbacks
+            raise _Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(train, 2, 1, callbacks=[stop], checkpoint_fn=checkpoint, **config)
+    assert saved["trainer"]["epoch"] == 3
+
+    state = _roundtrip(saved["trainer"])  # safe-loadable
+    resumed = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    resumed.load_state_dict(_roundtrip(saved["model"]))
+    trainer = SGDTrainer(SGDConfig(progress=False, **config))
+    trainer.load_state_dict(state)
+    _fit(train, 2, 1, model=resumed, trainer=trainer)
+
+    _assert_same_params(resumed, full, rtol=1e-6, atol=1e-6)
+    assert [h["epoch"] for h in trainer.history] == list(range(1, 7))
+    assert _vals(trainer) == pytest.approx(_vals(full_trainer), rel=1e-6)
+    assert [h["lr"] for h in trainer.history] == pytest.approx(
+        [h["lr"] for h in full_trainer.history]
+    )
+
+
+def test_state_dict_is_weights_only_loadable(small):
+    train, val = small
+    _, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
+    state = _roundtrip(trainer.state_dict())
+    assert state["epoch"] == 2
+    assert state["config"]["epochs"] == 2
+    assert len(state["history"]) == 2
+    fresh = SGDTrainer(SGDConfig(progress=False))
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="missing keys"):
+        fresh.load_state_dict({"epoch": 1})
+
+
+def test_checkpoint_fn_schedule(small):
+    train, val = small
+    calls = []
+    _fit(train, 2, 1, validation=val, epochs=4, patience=0, checkpoint_every=2,
+         checkpoint_fn=lambda trainer, model: calls.append(len(trainer.history)))
+    assert calls == [2, 4, 4]
+
+
+# --------------------------------------------------------------------- inputs and config
+
+
+def test_init_none_starts_from_the_given_model(small):
+    train, val = small
+    start = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64, generator=_gen(0))
+    with torch.no_grad():
+        start.loc.copy_(train[:2])
+    before = _dense_log_lik(start, val)
+    model, trainer = _fit(train, 2, 1, validation=val, model=start, init="none", epochs=3,
+                          lr=0.05, patience=0)
+    assert model is start
+    assert max(_vals(trainer)) > before
+
+
+def test_data_errors(small):
+    train, val = small
+    bad = train.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        _fit(bad, 2, 1, epochs=1)
+    with pytest.raises(ValueError, match="non-finite"):
+        _fit(train, 2, 1, validation=bad, epochs=1)
+    with pytest.raises(ValueError, match="4 features"):
+        _fit(train[:, :3], 2, 1, model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), epochs=1)
+    with pytest.raises(TypeError, match="floating point"):
+        _fit((train * 10).long(), 2, 1, model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64),
+             epochs=1)
+    with pytest.raises(TypeError, match="numpy array"):
+        _fit(train.numpy(), 2, 1, model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), epochs=1)
+    with pytest.raises(TypeError, match="must be a tensor, a Dataset or a DataLoader"):
+        _fit(3.0, 2, 1, model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), epochs=1)
+
+
+@pytest.mark.parametrize("wrap", ["dataset", "dataloader"])
+def test_training_data_as_dataset_or_loader(small, wrap):
+    """A Dataset is shuffled by the trainer's seeded DataLoader (reproducible); a DataLoader
+    is used as it comes. Both train and score the validation data."""
+    train, val = small
+    data = TensorDataset(train) if wrap == "dataset" else DataLoader(TensorDataset(train), 64)
+    model_a, trainer_a = _fit(data, 2, 1, validation=val, epochs=3, patience=0,
+                              model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64))
+    model_b, _ = _fit(data, 2, 1, validation=val, epochs=3, patience=0,
+                      model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64))
+    _assert_same_params(model_a, model_b, rtol=0, atol=0)
+    vals = _vals(trainer_a)
+    assert len(vals) == 3 and all(math.isfinite(v) for v in vals)
+    with torch.no_grad():
+        assert model_a.log_prob(val).mean().item() == pytest.approx(max(vals), rel=1e-9)
+
+
+@pytest.mark.parametrize("wrap", ["dataset", "dataloader"])
+def test_validation_as_dataset_is_used_or_rejected(small, wrap):
+    train, val = small
+    _, reference = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
+    wrapped = TensorDataset(val) if wrap == "dataset" else DataLoader(TensorDataset(val), 50)
+    try:
+        _, trainer = _fit(train, 2, 1, validation=wrapped, epochs=2, patience=0)
+    except TypeError:
+        return  # rejecting it explicitly is fine too
+    assert _vals(trainer) == pytest.approx(_vals(reference), rel=1e-10)
+
+
+def test_more_components_than_distinct_points_with_weight_decay():
+    x = torch.randn(5, 3, generator=_gen(0), dtype=F64).repeat(40, 1)
+    model, trainer = _fit(x, 8, 1, val_fraction=0.0, epochs=3, weight_decay=1e-3)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_more_components_than_distinct_points_no_nan():
+    x = torch.randn(5, 3, generator=_gen(0), dtype=F64).repeat(40, 1)
+    model, trainer = _fit(x, 8, 1, val_fraction=0.0, epochs=3)
+    for name in PARAMS:
+        assert bool(torch.isfinite(getattr(model, name)).all())
+    assert all(math.isfinite(h["train_log_likelihood"]) for h in trainer.history)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("lr", 0.0, "lr"),
+        ("lr", -1e-3, "lr"),
+        ("batch_size", 0, "batch_size"),
+        ("epochs", 0, "epochs"),
+        ("epochs", 1.5, "epochs"),
+        ("kmeans_iter", 0, "kmeans_iter"),
+        ("init_samples", 0, "init_samples"),
+        ("schedule", "linear", "schedule"),
+        ("grad_clip", 0.0, "grad_clip"),
+        ("grad_clip", -1.0, "grad_clip"),
+        ("val_fraction", 1.0, "val_fraction"),
+        ("val_fraction", -0.1, "val_fraction"),
+        ("patience", -1, "patience"),
+        ("init", "kmeans++", "init"),
+    ],
+)
+def test_bad_config_raises(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SGDTrainer(SGDConfig(**{field: value}))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("weight_decay", -1.0), ("variance_floor", -1.0), ("complete_iter", -1),
+     ("checkpoint_every", -1), ("lr", float("inf"))],
+)
+def test_unchecked_config_values_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        SGDTrainer(SGDConfig(**{field: value}))

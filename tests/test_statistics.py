@@ -1,0 +1,366 @@
+"""Sufficient statistics and the M-step (mfa.statistics).
+
+References are written out densely and independently of the library: responsibilities and
+log-likelihoods from full covariances (``helpers.DenseMixture``), latent posterior means from
+``M⁻¹AᵀΨ⁻¹(x−μ)`` with ``torch.linalg.solve`` per component, and the M-step from the textbook
+Ghahramani & Hinton (1996) update on uncentred data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import DenseMixture, gen, random_data, random_model
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.statistics import SufficientStatistics, accumulate_statistics, m_step
+
+F64 = torch.float64
+STAT_FIELDS = ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz", "log_likelihood", "n_rows")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
+    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _stats(model, x, resp=None, batch_size=None, stats_dtype=F64) -> SufficientStatistics:
+    """Statistics of ``x`` streamed in batches of ``batch_size`` rows."""
+    with torch.no_grad():
+        terms = model.component_terms()
+        size = batch_size or x.shape[0]
+        total = None
+        for i in range(0, x.shape[0], size):
+            part = accumulate_statistics(
+                model,
+                x[i : i + size],
+                terms,
+                resp=None if resp is None else resp[i : i + size],
+                stats_dtype=stats_dtype,
+            )
+            total = part if total is None else total + part
+    return total
+
+
+def _random_resp(n: int, k: int, seed: int) -> torch.Tensor:
+    r = torch.rand(n, k, generator=gen(seed), dtype=F64) + 0.05
+    return r / r.sum(-1, keepdim=True)
+
+
+def _dense_posterior_means(model, x) -> torch.Tensor:
+    """``E[z | x, k] = (I + AᵀΨ⁻¹A)⁻¹ AᵀΨ⁻¹ (x − μ)`` for every row and component, ``[N, K, L]``,
+    one dense solve per component."""
+    a = model.factor_loadings.detach()
+    psi = model.noise_variance.detach()
+    mu = model.means.detach()
+    k, _, lat = a.shape
+    out = torch.zeros(x.shape[0], k, lat, dtype=F64)
+    for j in range(k):
+        at_psi_inv = a[j].T / psi[j]  # [L, D]
+        m = torch.eye(lat, dtype=F64) + at_psi_inv @ a[j]
+        rhs = at_psi_inv @ (x - mu[j]).T  # [L, N]
+        out[:, j] = torch.linalg.solve(m, rhs).T
+    return out
+
+
+def _assert_stats_close(a: SufficientStatistics, b: SufficientStatistics, rtol: float) -> None:
+    for name in STAT_FIELDS:
+        va, vb = getattr(a, name), getattr(b, name)
+        assert va.shape == vb.shape, name
+        scale = max(1.0, float(vb.abs().max())) if vb.numel() else 1.0
+        torch.testing.assert_close(va, vb, rtol=rtol, atol=rtol * scale, msg=name)
+    torch.testing.assert_close(a.reference, b.reference, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize(
+    "k, d, lat, noise",
+    [(3, 5, 2, "diagonal"), (2, 4, 0, "diagonal"), (3, 5, 2, "isotropic"), (1, 3, 3, "diagonal")],
+)
+@pytest.mark.parametrize("given_resp", [False, True])
+def test_batched_sums_equal_one_full_batch(k, d, lat, noise, given_resp):
+    model = random_model(k, d, lat, noise, seed=3)
+    n = 253  # not divisible by any batch size below
+    x = random_data(n, model, seed=4)
+    resp = _random_resp(n, k, seed=5) if given_resp else None
+    full = _stats(model, x, resp)
+    assert int(full.n_rows) == n
+    for size in (1, 7, 100, n):
+        _assert_stats_close(_stats(model, x, resp, batch_size=size), full, rtol=1e-10)
+
+
+def test_add_keeps_reference_and_sums_fields():
+    model = random_model(2, 3, 1, seed=0)
+    x = random_data(20, model, seed=1)
+    a, b = _stats(model, x[:8]), _stats(model, x[8:])
+    total = a + b
+    torch.testing.assert_close(total.reference, a.reference)
+    torch.testing.assert_close(total.mass, a.mass + b.mass)
+    assert int(total.n_rows) == 20
+
+
+# --------------------------------------------------------------------- against dense sums
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("lat", [0, 2])
+def test_given_resp_sums_equal_hand_computed(noise, lat):
+    k, d, n = 3, 5, 97
+    model = random_model(k, d, lat, noise, seed=11)
+    x = random_data(n, model, seed=12)
+    r = _random_resp(n, k, seed=13)
+    stats = _stats(model, x, r)
+
+    c = model.weights.detach() @ model.means.detach()  # the documented reference point
+    torch.testing.assert_close(stats.reference, c, rtol=1e-12, atol=1e-12)
+    xc = x - c
+    torch.testing.assert_close(stats.mass, r.sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats.sum_x, r.T @ xc, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(stats.sum_x2, r.T @ xc**2, rtol=1e-12, atol=1e-10)
+    assert int(stats.n_rows) == n
+    dense = DenseMixture.from_model(model)
+    torch.testing.assert_close(
+        stats.log_likelihood, dense.log_prob(x).sum(), rtol=1e-11, atol=1e-9
+    )
+
+    if lat == 0:
+        assert stats.sum_xz.shape == (k, d, 0)
+        assert stats.sum_z.shape == (k, 0)
+        assert stats.sum_zz.shape == (k, 0, 0)
+        return
+    ez = _dense_posterior_means(model, x)  # [N, K, L]
+    for j in range(k):
+        rj = r[:, j : j + 1]
+        torch.testing.assert_close(stats.sum_z[j], (rj * ez[:, j]).sum(0), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            stats.sum_xz[j], (rj * xc).T @ ez[:, j], rtol=1e-10, atol=1e-9
+        )
+        torch.testing.assert_close(
+            stats.sum_zz[j], (rj * ez[:, j]).T @ ez[:, j], rtol=1e-10, atol=1e-9
+        )
+
+
+@pytest.mark.parametrize("lat", [0, 2])
+def test_posterior_resp_matches_dense_posterior(lat):
+    k, d, n = 3, 4, 120
+    model = random_model(k, d, lat, seed=21)
+    x = random_data(n, model, seed=22, scale=1.0)
+    stats = _stats(model, x)
+    dense_lp = DenseMixture.from_model(model).component_log_prob(x)  # [N, K]
+    post = torch.softmax(dense_lp, dim=-1)
+    torch.testing.assert_close(stats.mass, post.sum(0), rtol=1e-10, atol=1e-10)
+    c = stats.reference
+    torch.testing.assert_close(stats.sum_x, post.T @ (x - c), rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(
+        stats.log_likelihood, torch.logsumexp(dense_lp, -1).sum(), rtol=1e-11, atol=1e-9
+    )
+    # Explicitly passing the posterior as resp gives the same statistics.
+    _assert_stats_close(_stats(model, x, post), stats, rtol=1e-10)
+
+
+def test_stats_dtype_float32_and_float64():
+    model = random_model(2, 3, 1, seed=0)
+    x = random_data(50, model, seed=1)
+    s32 = _stats(model, x, stats_dtype=torch.float32)
+    s64 = _stats(model, x)
+    for name in STAT_FIELDS:
+        assert getattr(s32, name).dtype == torch.float32
+        assert getattr(s64, name).dtype == F64
+    torch.testing.assert_close(s32.sum_x2, s64.sum_x2.float(), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------- M-step
+
+
+def _weighted_moments(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean and weighted biased covariance (numpy's aweights, bias=True)."""
+    mean = np.average(x, axis=0, weights=w)
+    cov = np.cov(x.T, aweights=w, bias=True)
+    return mean, np.atleast_2d(cov)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_m_step_single_gaussian_is_weighted_mle(noise):
+    """n_factors=0: the M-step is the weighted mean and the diagonal of the weighted covariance
+    (averaged over features when isotropic); weights are the responsibility masses over N."""
+    rng = np.random.default_rng(0)
+    n, d = 400, 4
+    x_np = rng.normal(size=(n, d)) * np.array([0.5, 1.0, 2.0, 3.0]) + np.array([1.0, -2, 5, 0])
+    r1 = rng.uniform(0.05, 0.95, size=n)
+    resp = torch.from_numpy(np.stack([r1, 1 - r1], axis=1))
+    x = torch.from_numpy(x_np)
+    model = random_model(2, d, 0, noise, seed=1)
+    params = m_step(_stats(model, x, resp), model, variance_floor=1e-12)
+    for j, w in enumerate((r1, 1 - r1)):
+        mean, cov = _weighted_moments(x_np, w)
+        np.testing.assert_allclose(params["means"][j].numpy(), mean, rtol=1e-12, atol=1e-12)
+        var = np.diag(cov)
+        expected = var if noise == "diagonal" else np.full(d, var.mean())
+        np.testing.assert_allclose(
+            params["noise_variance"][j].numpy(), expected, rtol=1e-10, atol=1e-12
+        )
+        np.testing.assert_allclose(float(params["weights"][j]), w.sum() / n, rtol=1e-12)
+    assert params["factor_loadings"].shape == (2, d, 0)
+
+
+def test_m_step_single_component_all_ones():
+    rng = np.random.default_rng(1)
+    x_np = rng.normal(size=(300, 3)) @ np.array([[1.0, 0.3, 0], [0, 1, 0.5], [0, 0, 2]])
+    x = torch.from_numpy(x_np)
+    model = random_model(1, 3, 0, seed=2)
+    params = m_step(_stats(model, x, torch.ones(300, 1, dtype=F64)), model, variance_floor=1e-12)
+    np.testing.assert_allclose(params["means"][0].numpy(), x_np.mean(0), rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(
+        params["noise_variance"][0].numpy(), x_np.var(0), rtol=1e-10, atol=1e-13
+    )
+    torch.testing.assert_close(params["weights"], torch.ones(1, dtype=F64))
+
+
+def _dense_gh_m_step(model, x, r):
+    """Ghahramani & Hinton's MFA M-step on *uncentred* data, component by component:
+    Ã = [A, μ] = (Σ r x E[z̃]ᵀ)(Σ r E[z̃z̃ᵀ])⁻¹, Ψ = diag(Σ r x xᵀ − Ã Σ r E[z̃] xᵀ) / Σ r."""
+    a = model.factor_loadings.detach()
+    psi = model.noise_variance.detach()
+    k, d, lat = a.shape
+    ez = _dense_posterior_means(model, x)
+    out = {"means": [], "factor_loadings": [], "noise_variance": [], "weights": []}
+    for j in range(k):
+        rj = r[:, j]
+        cov_z = torch.linalg.inv(torch.eye(lat, dtype=F64) + (a[j].T / psi[j]) @ a[j])
+        ez_aug = torch.cat([ez[:, j], torch.ones(x.shape[0], 1, dtype=F64)], dim=1)  # [N, L+1]
+        ezz = torch.zeros(lat + 1, lat + 1, dtype=F64)
+        for i in range(x.shape[0]):
+            outer = torch.outer(ez_aug[i], ez_aug[i])
+            outer[:lat, :lat] += cov_z
+            ezz += rj[i] * outer
+        sxz = (rj[:, None] * x).T @ ez_aug  # [D, L+1]
+        a_aug = torch.linalg.solve(ezz, sxz.T).T  # sxz @ ezz⁻¹ (ezz symmetric)
+        sxx = ((rj[:, None] * x) * x).sum(0)  # diag of Σ r x xᵀ
+        diag = (sxx - (a_aug * sxz).sum(1)) / rj.sum()
+        out["factor_loadings"].append(a_aug[:, :lat])
+        out["means"].append(a_aug[:, lat])
+        out["noise_variance"].append(
+            diag if model.noise == "diagonal" else diag.mean().expand(d)
+        )
+        out["weights"].append(rj.sum() / x.shape[0])
+    return {name: torch.stack(v) for name, v in out.items()}
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("use_posterior", [False, True])
+def test_m_step_with_factors_matches_dense_textbook_update(noise, use_posterior):
+    k, d, lat, n = 2, 4, 2, 60
+    model = random_model(k, d, lat, noise, seed=7, offset=3.0)
+    x = random_data(n, model, seed=8)
+    if use_posterior:
+        r = torch.softmax(DenseMixture.from_model(model).component_log_prob(x), -1)
+        stats = _stats(model, x)
+    else:
+        r = _random_resp(n, k, seed=9)
+        stats = _stats(model, x, r)
+    params = m_step(stats, model, variance_floor=1e-12)
+    expected = _dense_gh_m_step(model, x, r)
+    for name in ("means", "factor_loadings", "noise_variance", "weights"):
+        torch.testing.assert_close(params[name], expected[name], rtol=1e-8, atol=1e-9, msg=name)
+
+
+def test_m_step_floors_variance_and_keeps_massless_component():
+    """A constant feature gets exactly the floor; a component without responsibility keeps its
+    parameters (to be re-seeded by the trainer) and gets weight 0."""
+    rng = np.random.default_rng(3)
+    x_np = rng.normal(size=(50, 3))
+    x_np[:, 1] = 4.0
+    x = torch.from_numpy(x_np)
+    model = random_model(2, 3, 1, seed=4)
+    resp = torch.zeros(50, 2, dtype=F64)
+    resp[:, 0] = 1.0
+    params = m_step(_stats(model, x, resp), model, variance_floor=1e-3)
+    assert float(params["noise_variance"][0, 1]) == pytest.approx(1e-3, rel=1e-12)
+    assert bool((params["noise_variance"] >= 1e-3).all())
+    torch.testing.assert_close(params["weights"], torch.tensor([1.0, 0.0], dtype=F64))
+    torch.testing.assert_close(params["means"][1], model.means[1].detach())
+    torch.testing.assert_close(params["factor_loadings"][1], model.factor_loadings[1].detach())
+    torch.testing.assert_close(params["noise_variance"][1], model.noise_variance[1].detach())
+    for value in params.values():
+        assert bool(torch.isfinite(value).all())
+
+
+# --------------------------------------------------------------------- float32 cancellation
+
+
+def _offset_data(n: int = 4000, offset: float = 1e4, scale: float = 0.01):
+    """float32 rows far from the origin with a small spread (scikit-learn#30382's case)."""
+    rng = np.random.default_rng(30382)
+    lab = rng.integers(0, 2, n)
+    centres = np.array([[0.0, 0.0, 0.0], [0.05, -0.03, 0.02]])
+    spread = np.array([1.0, 2.0, 0.5]) * scale
+    x = offset + centres[lab] + rng.normal(size=(n, 3)) * spread
+    return torch.from_numpy(x).float()
+
+
+def _offset_model(dtype, x64):
+    """Two components near the data, built from its moments (float64) and cast to ``dtype``."""
+    mean = x64.mean(0)
+    means = torch.stack([mean - 0.01, mean + 0.01])
+    var = x64.var(0).expand(2, 3).contiguous()
+    loadings = 0.003 * torch.ones(2, 3, 1, dtype=F64)
+    return MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5], dtype=F64).to(dtype),
+        means.to(dtype),
+        loadings.to(dtype),
+        var.to(dtype),
+    )
+
+
+def test_float32_offset_data_keeps_variances():
+    x32 = _offset_data()
+    x64 = x32.double()  # the same float32 values, exactly, in float64
+    m32 = _offset_model(torch.float32, x64)
+    # The float64 model holds exactly the float32 model's parameters (means rounded to float32
+    # at 1e4 move by ~5e-4, comparable to the spread), so only the arithmetic differs.
+    m64 = MixtureOfFactorAnalyzers.from_parameters(
+        m32.weights.detach().double(),
+        m32.means.detach().double(),
+        m32.factor_loadings.detach().double(),
+        m32.noise_variance.detach().double(),
+    )
+    p32 = m_step(_stats(m32, x32, batch_size=333), m32, variance_floor=1e-12)
+    p64 = m_step(_stats(m64, x64), m64, variance_floor=1e-12)
+    nv32, nv64 = p32["noise_variance"].double(), p64["noise_variance"]
+    assert bool(torch.isfinite(nv32).all()) and bool((nv32 > 0).all())
+    # The floor was never hit: the variances are ~1e-5..1e-4.
+    assert float(nv64.min()) > 1e-7
+    torch.testing.assert_close(nv32, nv64, rtol=1e-4, atol=0)
+    torch.testing.assert_close(p32["means"].double(), p64["means"], rtol=0, atol=1e-3)
+    # The naive one-pass float32 variance E[x²] − E[x]² loses these variances completely,
+    # so the comparison above is sensitive to the cancellation.
+    naive = (x32 * x32).mean(0) - x32.mean(0) ** 2
+    assert float(((naive.double() - x64.var(0, unbiased=False)).abs()).max()) > 1e-3
+
+
+def test_float32_far_apart_components_keep_variances():
+    """Two tight components (spread 0.01) 100 apart in float32: each is far from the
+    reference c (the weighted mean of the means), so Σ r (x−c)² / Σ r − (μ−c)² cancels."""
+    n = 2000
+    lab = torch.arange(n) % 2
+    x64 = lab[:, None] * 100.0 + 0.01 * torch.randn(n, 3, generator=gen(0), dtype=F64)
+    x32 = x64.float()
+    x64 = x32.double()
+    out = []
+    for dtype, x in ((torch.float32, x32), (F64, x64)):
+        model = MixtureOfFactorAnalyzers.from_parameters(
+            torch.tensor([0.5, 0.5], dtype=dtype),
+            torch.tensor([[0.0] * 3, [100.0] * 3], dtype=dtype),
+            torch.zeros(2, 3, 1, dtype=dtype),
+            torch.full((2, 3), 1e-4, dtype=dtype),
+        )
+        out.append(m_step(_stats(model, x), model, variance_floor=1e-12)["noise_variance"])
+    torch.testing.assert_close(out[0].double(), out[1], rtol=0.05, atol=0)
