@@ -35,7 +35,9 @@ class EMConfig:
     batch_size: int = 4096  # rows per streamed batch; the result does not depend on it
     variance_floor: float = 1e-5  # lower bound of every noise variance after each M-step
     device: str | None = None  # None: the model's device
-    stats_dtype: Literal["float64", "float32"] = "float64"  # accumulators of the statistics
+    # float64: moment sums in float64 (exact); mixed: products in the data's dtype, batch sums
+    # accumulated in float64 (fastest on CPUs); float32: float32 throughout
+    stats_dtype: Literal["float64", "mixed", "float32"] = "float64"
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
@@ -69,9 +71,10 @@ def _validate_config(config: EMConfig) -> None:
     if not (isinstance(config.variance_floor, (int, float))
             and 0 < config.variance_floor < math.inf):
         raise ValueError(f"EMConfig.variance_floor must be > 0, got {config.variance_floor!r}")
-    if config.stats_dtype not in ("float64", "float32"):
+    if config.stats_dtype not in ("float64", "mixed", "float32"):
         raise ValueError(
-            f"EMConfig.stats_dtype must be 'float64' or 'float32', got {config.stats_dtype!r}"
+            "EMConfig.stats_dtype must be 'float64', 'mixed' or 'float32', "
+            f"got {config.stats_dtype!r}"
         )
     if config.init not in ("kmeans", "random", "none"):
         raise ValueError(
@@ -198,7 +201,7 @@ class EMTrainer:
             else None
         )
         floor = max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30)
-        stats_dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
+        stats_dtype = cfg.stats_dtype
         if self._resume is not None:
             state = self._resume
             self._resume = None
@@ -317,14 +320,24 @@ class EMTrainer:
         return record
 
     @staticmethod
-    def e_step(model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype) -> object:
-        """One streamed pass: the summed sufficient statistics of every batch."""
+    def e_step(
+        model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "float64"
+    ) -> object:
+        """One streamed pass: the summed sufficient statistics of every batch.
+
+        ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name).
+        """
+        if isinstance(stats_dtype, torch.dtype):
+            stats_dtype = str(stats_dtype).removeprefix("torch.")
+        dtype = torch.float32 if stats_dtype == "float32" else torch.float64
+        precise = stats_dtype == "float64"
         with torch.no_grad():
             terms = model.component_terms()
             chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
             stats = None
             for batch in source:
-                part = accumulate_statistics(model, batch, terms, chol, stats_dtype=stats_dtype)
+                part = accumulate_statistics(model, batch, terms, chol, stats_dtype=dtype,
+                                             precise_moments=precise)
                 stats = part if stats is None else stats + part
         return stats
 
