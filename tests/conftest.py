@@ -17,3 +17,13 @@ def _default_dtype_guard():
     before = torch.get_default_dtype()
     yield
     assert torch.get_default_dtype() == before, "a test changed torch's default dtype"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny problems: intra-op threads only add overhead, and on a shared
+    2-core machine OpenMP's spin-waits make small linalg calls ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -193,3 +193,13 @@ def dense_kde_log_prob(x: Tensor, data: Tensor, bandwidth: float) -> Tensor:
     )
     n = torch.tensor(float(data.shape[0]), dtype=F64)
     return torch.logsumexp(log_kernel, dim=1) - n.log()
+
+
+def roundtrip(obj):
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -9,7 +9,6 @@ warnings, degenerate data and input validation are checked on small problems.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import warnings
@@ -17,6 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import gen, roundtrip
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA, FactorAnalysis
 from sklearn.mixture import GaussianMixture
@@ -30,23 +30,14 @@ F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
-    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _planted(k: int, d: int, lat: int, seed: int, spread: float = 4.0):
     """Parameters of a well-separated mixture (float64)."""
-    g = _gen(seed)
+    g = gen(seed)
     raw = torch.arange(2, k + 2, dtype=F64)
     weights = raw / raw.sum()
     means = spread * torch.randn(k, d, generator=g, dtype=F64)
@@ -57,7 +48,7 @@ def _planted(k: int, d: int, lat: int, seed: int, spread: float = 4.0):
 
 def _sample(n: int, weights, means, loadings, noise, seed: int):
     """Ancestral sampling written out here (not the library's sampler)."""
-    g = _gen(seed)
+    g = gen(seed)
     comp = torch.multinomial(weights, n, replacement=True, generator=g)
     lat = loadings.shape[-1]
     z = torch.randn(n, lat, 1, generator=g, dtype=F64)
@@ -159,7 +150,7 @@ def test_history_scores_the_parameters_before_each_m_step(mixture_data):
 def test_one_em_step_matches_sklearn_gaussian_mixture(mixture_data, noise, covariance_type):
     x, _ = mixture_data
     k, d = 3, 5
-    g = _gen(7)
+    g = gen(7)
     weights = torch.tensor([0.2, 0.3, 0.5], dtype=F64)
     means = x[torch.randperm(600, generator=g)[:k]].clone()
     var = 0.5 + torch.rand(k, d, generator=g, dtype=F64)
@@ -273,7 +264,7 @@ def test_tensor_dataset_and_dataloader_inputs_agree(mixture_data):
 
 
 def test_image_shaped_tensor_is_flattened():
-    x = torch.rand(200, 1, 2, 3, generator=_gen(0), dtype=F64)
+    x = torch.rand(200, 1, 2, 3, generator=gen(0), dtype=F64)
     flat, _ = _fit(x.reshape(200, 6), 2, 1, max_iter=5, tol=0.0)
     images, _ = _fit(x, 2, 1, max_iter=5, tol=0.0,
                      model=MixtureOfFactorAnalyzers(2, 6, 1, dtype=F64))
@@ -330,11 +321,6 @@ def test_same_seed_same_result_different_seed_differs(mixture_data):
 # --------------------------------------------------------------------- resuming
 
 
-def _roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 class _Interrupt(KeyboardInterrupt):
@@ -361,8 +347,8 @@ def test_resume_after_interrupt_equals_uninterrupted(mixture_data, n_init, stop_
 
     with pytest.raises(KeyboardInterrupt):
         _fit(x, 3, 2, validation=val, callbacks=[stop], checkpoint_fn=checkpoint, **config)
-    state = _roundtrip(saved["trainer"])  # safe-loadable: primitives and tensors only
-    model_state = _roundtrip(saved["model"])
+    state = roundtrip(saved["trainer"])  # safe-loadable: primitives and tensors only
+    model_state = roundtrip(saved["model"])
 
     resumed = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
     resumed.load_state_dict(model_state)
@@ -381,7 +367,7 @@ def test_resume_after_interrupt_equals_uninterrupted(mixture_data, n_init, stop_
 def test_state_dict_is_weights_only_loadable_after_fit(mixture_data):
     x, _ = mixture_data
     _, trainer = _fit(x, 3, 2, max_iter=3, tol=0.0, n_init=2)
-    state = _roundtrip(trainer.state_dict())
+    state = roundtrip(trainer.state_dict())
     assert state["config"]["n_init"] == 2
     assert len(state["history"]) == len(trainer.history)
     fresh = EMTrainer(EMConfig(progress=False))
@@ -442,7 +428,7 @@ def _assert_finite_model(model, x) -> None:
 
 @pytest.mark.parametrize("noise, lat", [("diagonal", 2), ("isotropic", 2), ("diagonal", 0)])
 def test_constant_feature_and_duplicated_rows(noise, lat):
-    x = torch.randn(300, 4, generator=_gen(0), dtype=F64)
+    x = torch.randn(300, 4, generator=gen(0), dtype=F64)
     x[:, 2] = 7.0
     x = torch.cat([x, x[:60]])  # duplicated rows
     model, trainer = _fit(x, 3, lat, noise, max_iter=30, variance_floor=1e-5)
@@ -456,7 +442,7 @@ def test_constant_feature_and_duplicated_rows(noise, lat):
 
 @pytest.mark.parametrize("noise, lat", [("diagonal", 1), ("isotropic", 2), ("diagonal", 0)])
 def test_more_components_than_distinct_points(noise, lat, caplog):
-    distinct = torch.randn(5, 4, generator=_gen(1), dtype=F64)
+    distinct = torch.randn(5, 4, generator=gen(1), dtype=F64)
     x = distinct.repeat(40, 1)
     with caplog.at_level(logging.WARNING, logger="mfa.em"):
         model, trainer = _fit(x, 8, lat, noise, max_iter=20)
@@ -466,7 +452,7 @@ def test_more_components_than_distinct_points(noise, lat, caplog):
 
 
 def test_far_away_component_is_reseeded(caplog):
-    x = torch.randn(400, 3, generator=_gen(2), dtype=F64)
+    x = torch.randn(400, 3, generator=gen(2), dtype=F64)
     model = MixtureOfFactorAnalyzers.from_parameters(
         torch.tensor([0.5, 0.5], dtype=F64),
         torch.tensor([[0.0, 0.0, 0.0], [1e3, 1e3, 1e3]], dtype=F64),

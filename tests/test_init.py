@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import gen
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA, FactorAnalysis
@@ -18,18 +19,9 @@ from mfa.init import fit_complete, kmeans, kmeans_plus_plus, random_init
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
-    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +85,8 @@ def test_kmeans_labels_nearest_with_chunking():
     the exact nearest-centre labels."""
     from mfa.init import nearest_center
 
-    x = torch.randn(500, 3, generator=_gen(0), dtype=F64)
-    centers = torch.randn(7, 3, generator=_gen(1), dtype=F64)
+    x = torch.randn(500, 3, generator=gen(0), dtype=F64)
+    centers = torch.randn(7, 3, generator=gen(1), dtype=F64)
     labels, d2 = nearest_center(x, centers, chunk_elements=50)
     idx, best = _brute_force_labels(x, centers)
     torch.testing.assert_close(labels, idx, rtol=0, atol=0)
@@ -106,7 +98,7 @@ def test_kmeans_seeded_determinism(blobs, init):
     x, _ = blobs
     a = kmeans(x, 4, seed=11, init=init)
     b = kmeans(x, 4, seed=11, init=init)
-    c = kmeans(x, 4, generator=_gen(11), init=init)
+    c = kmeans(x, 4, generator=gen(11), init=init)
     torch.testing.assert_close(a.centers, b.centers, rtol=0, atol=0)
     torch.testing.assert_close(a.labels, b.labels, rtol=0, atol=0)
     torch.testing.assert_close(a.centers, c.centers, rtol=0, atol=0)  # seed s == generator(s)
@@ -117,7 +109,7 @@ def test_kmeans_seeded_determinism(blobs, init):
 
 def test_kmeans_generator_wins_over_seed(blobs):
     x, _ = blobs
-    a = kmeans(x, 4, seed=0, generator=_gen(5), n_iter=0)
+    a = kmeans(x, 4, seed=0, generator=gen(5), n_iter=0)
     b = kmeans(x, 4, seed=5, n_iter=0)
     torch.testing.assert_close(a.centers, b.centers, rtol=0, atol=0)
 
@@ -187,15 +179,15 @@ def test_kmeans_float32_offset_data_keeps_clusters():
     spread 0.05, offset by 1e4, in float32. Centring (e.g. on the data mean) fixes it."""
     centres = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=F64)
     lab = torch.arange(600) % 3
-    x = centres[lab] + 0.05 * torch.randn(600, 2, generator=_gen(0), dtype=F64)
+    x = centres[lab] + 0.05 * torch.randn(600, 2, generator=gen(0), dtype=F64)
     res = kmeans((x + 1e4).float(), 3, seed=0)
     assert adjusted_rand_score(lab.numpy(), res.labels.numpy()) == pytest.approx(1.0)
 
 
 def test_kmeans_plus_plus_picks_distinct_rows():
-    x = torch.randn(200, 3, generator=_gen(0), dtype=F64)
+    x = torch.randn(200, 3, generator=gen(0), dtype=F64)
     for seed in range(5):
-        centers = kmeans_plus_plus(x, 10, _gen(seed))
+        centers = kmeans_plus_plus(x, 10, gen(seed))
         assert centers.shape == (10, 3)
         # Every centre is a row of x ...
         assert bool((centers[:, None, :] == x[None, :, :]).all(-1).any(-1).all())
@@ -203,14 +195,14 @@ def test_kmeans_plus_plus_picks_distinct_rows():
         assert torch.unique(centers, dim=0).shape[0] == 10
     # With duplicates, distinct locations are preferred while they last.
     dup = torch.tensor([[0.0], [1.0], [2.0]], dtype=F64).repeat(10, 1)
-    picked = kmeans_plus_plus(dup, 3, _gen(1))
+    picked = kmeans_plus_plus(dup, 3, gen(1))
     assert sorted(picked.flatten().tolist()) == [0.0, 1.0, 2.0]
 
 
 def test_kmeans_plus_plus_spreads_over_separated_blobs(blobs):
     x, y = blobs
     for seed in range(5):
-        centers = kmeans_plus_plus(x, 5, _gen(seed))
+        centers = kmeans_plus_plus(x, 5, gen(seed))
         idx = torch.cdist(centers, x).argmin(-1)
         assert len(set(y[idx.numpy()].tolist())) == 5  # one seed per blob
 
@@ -320,7 +312,7 @@ def test_fit_complete_tiny_and_empty_clusters(noise, lat):
     """Cluster 1 has one row and cluster 2 none: every parameter stays finite, the empty
     cluster keeps a tiny positive weight (a count of 1e-3, so its logit is finite), and the
     model still scores the data."""
-    x = torch.randn(40, 4, generator=_gen(0), dtype=F64) * torch.tensor([1.0, 2, 3, 4])
+    x = torch.randn(40, 4, generator=gen(0), dtype=F64) * torch.tensor([1.0, 2, 3, 4])
     lab = torch.zeros(40, dtype=torch.int64)
     lab[:20] = 3
     lab[25] = 1
@@ -336,7 +328,7 @@ def test_fit_complete_tiny_and_empty_clusters(noise, lat):
 
 
 def test_fit_complete_constant_cluster_gets_floor():
-    x = torch.randn(30, 3, generator=_gen(1), dtype=F64)
+    x = torch.randn(30, 3, generator=gen(1), dtype=F64)
     x[:10] = torch.tensor([1.0, 2.0, 3.0], dtype=F64)  # a cluster of identical rows
     lab = torch.cat([torch.zeros(10), torch.ones(20)]).long()
     for noise in ("diagonal", "isotropic"):
@@ -349,7 +341,7 @@ def test_fit_complete_constant_cluster_gets_floor():
 
 def test_fit_complete_full_rank_factors():
     """n_factors = D: the noise sits at the floor and A Aᵀ + diag(d) is the sample covariance."""
-    x = torch.randn(200, 3, generator=_gen(2), dtype=F64) @ torch.tensor(
+    x = torch.randn(200, 3, generator=gen(2), dtype=F64) @ torch.tensor(
         [[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]], dtype=F64
     )
     lab = torch.zeros(200, dtype=torch.int64)
@@ -378,9 +370,9 @@ def test_fit_complete_errors(labelled):
 @pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
 def test_random_init_is_deterministic_by_generator(labelled, noise):
     x, _ = labelled
-    a = random_init(x, 4, 2, noise, generator=_gen(3))
-    b = random_init(x, 4, 2, noise, generator=_gen(3))
-    c = random_init(x, 4, 2, noise, generator=_gen(4))
+    a = random_init(x, 4, 2, noise, generator=gen(3))
+    b = random_init(x, 4, 2, noise, generator=gen(3))
+    c = random_init(x, 4, 2, noise, generator=gen(4))
     for name in ("weights", "means", "factor_loadings", "noise_variance"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     assert not torch.equal(a.means, c.means)
@@ -397,6 +389,6 @@ def test_random_init_is_deterministic_by_generator(labelled, noise):
 def test_random_init_errors():
     x = torch.randn(3, 2, dtype=F64)
     with pytest.raises(ValueError, match="rows"):
-        random_init(x, 4, 1, generator=_gen(0))
+        random_init(x, 4, 1, generator=gen(0))
     with pytest.raises(TypeError):
-        random_init(x.long(), 2, 1, generator=_gen(0))
+        random_init(x.long(), 2, 1, generator=gen(0))

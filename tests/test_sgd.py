@@ -4,12 +4,12 @@ stopping, schedules, gradient clipping, resuming, determinism and validation."""
 from __future__ import annotations
 
 import copy
-import io
 import math
 import warnings
 
 import pytest
 import torch
+from helpers import gen, roundtrip
 from torch.distributions import MultivariateNormal
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,29 +21,20 @@ F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
-    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _sample(n: int, k: int, d: int, lat: int, seed: int, spread: float = 2.0):
     """Rows of a random MFA, sampled by hand (parameters seeded by 0, rows by ``seed``)."""
-    g = _gen(0)
+    g = gen(0)
     raw = torch.arange(2, k + 2, dtype=F64)
     weights = raw / raw.sum()
     means = spread * torch.randn(k, d, generator=g, dtype=F64)
     loadings = torch.randn(k, d, lat, generator=g, dtype=F64)
     noise = 0.2 + 0.5 * torch.rand(k, d, generator=g, dtype=F64)
-    g = _gen(seed)
+    g = gen(seed)
     comp = torch.multinomial(weights, n, replacement=True, generator=g)
     z = torch.randn(n, lat, 1, generator=g, dtype=F64)
     x = means[comp] + torch.randn(n, d, generator=g, dtype=F64) * noise[comp].sqrt()
@@ -246,11 +237,6 @@ def test_same_seed_same_result_different_seed_differs(small):
     assert not torch.allclose(a.means, c.means)
 
 
-def _roundtrip(obj):
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 class _Interrupt(KeyboardInterrupt):
@@ -278,9 +264,9 @@ def test_resume_after_interrupt_equals_uninterrupted(small, schedule):
         _fit(train, 2, 1, callbacks=[stop], checkpoint_fn=checkpoint, **config)
     assert saved["trainer"]["epoch"] == 3
 
-    state = _roundtrip(saved["trainer"])  # safe-loadable
+    state = roundtrip(saved["trainer"])  # safe-loadable
     resumed = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
-    resumed.load_state_dict(_roundtrip(saved["model"]))
+    resumed.load_state_dict(roundtrip(saved["model"]))
     trainer = SGDTrainer(SGDConfig(progress=False, **config))
     trainer.load_state_dict(state)
     _fit(train, 2, 1, model=resumed, trainer=trainer)
@@ -296,7 +282,7 @@ def test_resume_after_interrupt_equals_uninterrupted(small, schedule):
 def test_state_dict_is_weights_only_loadable(small):
     train, val = small
     _, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
-    state = _roundtrip(trainer.state_dict())
+    state = roundtrip(trainer.state_dict())
     assert state["epoch"] == 2
     assert state["config"]["epochs"] == 2
     assert len(state["history"]) == 2
@@ -319,7 +305,7 @@ def test_checkpoint_fn_schedule(small):
 
 def test_init_none_starts_from_the_given_model(small):
     train, val = small
-    start = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64, generator=_gen(0))
+    start = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64, generator=gen(0))
     with torch.no_grad():
         start.loc.copy_(train[:2])
     before = _dense_log_lik(start, val)
@@ -378,13 +364,13 @@ def test_validation_as_dataset_is_used_or_rejected(small, wrap):
 
 
 def test_more_components_than_distinct_points_with_weight_decay():
-    x = torch.randn(5, 3, generator=_gen(0), dtype=F64).repeat(40, 1)
+    x = torch.randn(5, 3, generator=gen(0), dtype=F64).repeat(40, 1)
     model, trainer = _fit(x, 8, 1, val_fraction=0.0, epochs=3, weight_decay=1e-3)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def test_more_components_than_distinct_points_no_nan():
-    x = torch.randn(5, 3, generator=_gen(0), dtype=F64).repeat(40, 1)
+    x = torch.randn(5, 3, generator=gen(0), dtype=F64).repeat(40, 1)
     model, trainer = _fit(x, 8, 1, val_fraction=0.0, epochs=3)
     for name in PARAMS:
         assert bool(torch.isfinite(getattr(model, name)).all())

@@ -20,14 +20,7 @@ F64 = torch.float64
 STAT_FIELDS = ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz", "log_likelihood", "n_rows")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: intra-op threads only add overhead, and on a shared 2-core
-    machine OpenMP's spin-waits make small linalg calls ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stats(model, x, resp=None, batch_size=None, stats_dtype=F64) -> SufficientStatistics:

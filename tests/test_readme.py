@@ -1,0 +1,33 @@
+"""The README's Python examples run as written, and its figures exist."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    blocks = _python_blocks()
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:  # the second block reuses the first one's imports
+        exec(compile(block, str(README), "exec"), namespace)
+    assert namespace["log_p"].shape == (500,)
+    assert namespace["filled"].shape == (500, 8)
+    assert namespace["posterior"].n_features == 5
+    history = namespace["trainer"].history
+    lls = [h["train_log_likelihood"] for h in history]
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(lls[:-1], lls[1:], strict=True))
+
+
+def test_readme_images_exist():
+    for link in re.findall(r"\]\((docs/[^)]+\.png)\)", README.read_text()):
+        assert (README.parent / link).is_file(), link
