@@ -60,7 +60,7 @@ SETTINGS = {
 }
 
 
-FLOORS = (1e-4, 1e-3, 1e-2)
+FLOORS = (1e-5, 1e-4, 1e-3)
 
 
 def fit_em(data, s: Setting, n_factors: int, seed: int):
