@@ -46,6 +46,7 @@ TINY = [
     "train.em.kmeans_iter=3",
     "train.em.progress=false",
     f"data.limit={LIMIT}",
+    "data.dequantize=false",  # pixel/255 floats: no bits/dim keys (see the dequantised test)
     f"output.n_samples={N_SAMPLES}",
     f"output.grid_nrow={NROW}",
     f"output.image_scale={SCALE}",
@@ -212,7 +213,7 @@ def test_train_outliers_csv_ranks_every_test_image(run_dir, test_split):
 
 
 def test_train_with_dequantized_data_reports_bits_per_dim(tmp_path):
-    # At the default variance floor (1e-5) the tiny model overfits the blank borders of 300
+    # At a variance floor of 1e-5 the tiny model overfits the blank borders of 300
     # digits and held-out bits/dim exceed 8; a floor of 1e-3 keeps all splits plausible.
     code, _, stderr = run_cli("train", "--config", CONFIG, "--no-figures",
                               *set_args(*TINY, "data.dequantize=true",

@@ -13,6 +13,7 @@ def _python_blocks() -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = _python_blocks()
     assert len(blocks) == 2

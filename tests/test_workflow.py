@@ -32,6 +32,7 @@ TINY = [
     "train.sgd.checkpoint_every=1",
     "train.sgd.progress=false",
     "data.limit=300",
+    "data.dequantize=false",  # the `data` fixture below holds pixel/255 floats
     "output.n_samples=16",
     "output.n_inpaint=4",
     "output.inpaint_samples=2",
