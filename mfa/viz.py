@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mfa.data import _check_image_shape, to_images, to_rows
+
 if TYPE_CHECKING:
     from mfa.model import MixtureOfFactorAnalyzers
 
@@ -59,31 +61,19 @@ HIDDEN_COLOR = (1.0, 0.0, 1.0)
 # ---------------------------------------------------------------------------- shapes
 
 
-def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
-    shape = tuple(int(s) for s in image_shape)
-    if len(shape) != 3 or any(s < 1 for s in shape):
-        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
-    return shape  # type: ignore[return-value]
-
-
 def rows_to_images(x: Tensor, image_shape: Sequence[int]) -> Tensor:
-    """``[N, D]`` rows → ``[N, C, H, W]`` images (CHW order: ``d = c·H·W + h·W + w``)."""
-    c, h, w = _check_image_shape(image_shape)
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2 or x.shape[1] != c * h * w:
-        raise ValueError(
-            f"x must have shape [N, C*H*W] = [N, {c * h * w}] for image_shape {(c, h, w)}, "
-            f"got {tuple(x.shape)}"
-        )
-    return x.reshape(x.shape[0], c, h, w)
+    """``[N, D]`` rows → ``[N, C, H, W]`` images (CHW order: ``d = c·H·W + h·W + w``); the
+    batched case of :func:`mfa.data.to_images`."""
+    if isinstance(x, Tensor) and x.dim() != 2:
+        raise ValueError(f"x must have shape [N, C*H*W], got {tuple(x.shape)}")
+    return to_images(x, image_shape)
 
 
 def images_to_rows(images: Tensor) -> Tensor:
     """``[N, C, H, W]`` → ``[N, C·H·W]``, the inverse of :func:`rows_to_images`."""
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a tensor [N, C, H, W], got {_shape_of(images)}")
-    return images.reshape(images.shape[0], -1)
+    return to_rows(images)
 
 
 def _shape_of(x: object) -> object:
