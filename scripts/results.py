@@ -179,8 +179,9 @@ def write_markdown(results: list[dict], path: Path) -> None:
         "`−(log p(x) − D·log 256)/(D·ln 2)`. NDB (Richardson & Weiss, 2018) bins the training "
         "images by K-means and counts the bins whose share of model samples differs from the "
         "training share (two-proportion z-test, α = 0.05), with as many samples as test "
-        "images; the row *real test images* is the same test applied to held-out real "
-        "images, i.e. the level a perfect model would reach. Training time includes the "
+        "images (clamped to [0, 1], the pixel range); the row *real test images* is the "
+        "same test applied to held-out real images, i.e. the level a perfect model would "
+        "reach. Training time includes the "
         "K-means initialisation and the choice of hyperparameters on the validation split: "
         f"the EM noise-variance floor among {list(FLOORS)} and the KDE bandwidth. Adam uses "
         "the floor chosen for MFA EM (as the model's `min_noise`) and keeps its parameters of "
@@ -219,10 +220,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--quick", action="store_true", help="few iterations (a smoke test)")
+    parser.add_argument("--markdown-only", action="store_true",
+                        help="rewrite results.md from the saved results.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out)
     figures = out / "results"
+    if args.markdown_only:
+        results = json.loads((figures / "results.json").read_text())
+        write_markdown(results, out / "results.md")
+        print(f"wrote {out / 'results.md'}")
+        return
     figures.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.datasets:
