@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     }
     print(f"{flops / 1e9:.1f} GFLOP per EM iteration; plain matmul {peer:.1f} GFLOP/s; "
           f"init {init_seconds:.1f} s")
-    for mode in ("float64", "mixed"):
+    for mode in ("float64", "mixed", "float32"):
         times = time_mfa_iterations(model, x_dev, args.batch_size, args.iters + 1, device,
                                     mode)[1:]
         per_iter = statistics.median(times)
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
               f"(MFA float64 / sklearn time ratio {per_iter / sk_iter:.2f})")
 
     if test is not None and args.fit_iters > 0:
-        remaining = max(0, args.fit_iters - 2 * (args.iters + 1))
+        remaining = max(0, args.fit_iters - 3 * (args.iters + 1))
         time_mfa_iterations(model, x_dev, args.batch_size, remaining, device)
         with torch.no_grad():
             mfa_ll = EMTrainer.evaluate(model, DataSource(test.to(device), model, 4096))

@@ -35,8 +35,9 @@ class EMConfig:
     batch_size: int = 4096  # rows per streamed batch; the result does not depend on it
     variance_floor: float = 1e-5  # lower bound of every noise variance after each M-step
     device: str | None = None  # None: the model's device
-    # float64: moment sums in float64 (exact); mixed: products in the data's dtype, batch sums
-    # accumulated in float64 (fastest on CPUs); float32: float32 throughout
+    # float64: the E-step in float64 (exact); mixed: moment sums in float64, latent products in
+    # the data's dtype; float32: every product in the data's dtype (fastest on CPUs). Batch
+    # totals are always summed in float64.
     stats_dtype: Literal["float64", "mixed", "float32"] = "float64"
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
@@ -253,7 +254,8 @@ class EMTrainer:
     def _run(self, model, source, val_source, run, start_iter, prev_ll, floor, stats_dtype,
              callbacks, checkpoint_fn, best_ll, best_params, runs_done, gen_state):
         cfg = self.config
-        gen = torch.Generator(device=model.device).manual_seed(cfg.seed * 1000003 + run)
+        # A CPU generator: its state resumes on any device.
+        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + run)
         if gen_state is not None:
             gen.set_state(gen_state)
         converged = False
@@ -329,15 +331,18 @@ class EMTrainer:
         """
         if isinstance(stats_dtype, torch.dtype):
             stats_dtype = str(stats_dtype).removeprefix("torch.")
-        dtype = torch.float32 if stats_dtype == "float32" else torch.float64
-        precise = stats_dtype == "float64"
+        full = stats_dtype == "float64" and model.dtype != torch.float64
         with torch.no_grad():
             terms = model.component_terms()
             chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
+            if full:
+                terms, chol = terms.to(torch.float64), chol.double()
             stats = None
             for batch in source:
-                part = accumulate_statistics(model, batch, terms, chol, stats_dtype=dtype,
-                                             precise_moments=precise)
+                if full:
+                    batch = batch.double()
+                part = accumulate_statistics(model, batch, terms, chol, stats_dtype=torch.float64,
+                                             precise_moments=stats_dtype != "float32")
                 stats = part if stats is None else stats + part
         return stats
 
@@ -384,7 +389,7 @@ def _reseed(params: dict[str, Tensor], dead: list[int], gen: torch.Generator) ->
     for k in dead:
         j = int(weights.argmax())
         std = params["noise_variance"][j].sqrt()
-        direction = torch.randn(std.shape, generator=gen, device=std.device, dtype=std.dtype)
+        direction = torch.randn(std.shape, generator=gen, dtype=std.dtype).to(std.device)
         params["means"][k] = params["means"][j] + 0.5 * std * direction
         params["means"][j] = params["means"][j] - 0.5 * std * direction
         params["factor_loadings"][k] = params["factor_loadings"][j]

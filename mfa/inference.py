@@ -31,7 +31,7 @@ from mfa._validation import (
     check_tensor,
     feature_index,
 )
-from mfa.model import MixtureOfFactorAnalyzers
+from mfa.model import MixtureOfFactorAnalyzers, needs_float64_quadratic
 
 
 def marginal(model: MixtureOfFactorAnalyzers, features) -> MixtureOfFactorAnalyzers:
@@ -140,37 +140,74 @@ class RowPosterior:
     reference: Tensor
 
 
-def _row_posterior(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor) -> RowPosterior:
-    """The latent posterior of every row and component under per-row masks.
+@dataclass
+class MaskedTerms:
+    """Per-call quantities shared by every chunk of :func:`_row_posterior` (built once).
 
-    With ``m`` the float mask of a chunk ``[n, D]`` and ``P[j, k] = A_kj A_kjᵀ / d_kj``
-    (``[D, K·L·L]``), ``M_o = I + m @ P``; every other quantity is a product of ``m``,
-    ``m ⊙ x`` or ``m ⊙ x²`` with a ``[D, ·]`` matrix. Cost ``O(n·K·D·L²)``.
+    ``log_w`` [K], ``noise`` [K, D], ``inv_noise`` [K, D], ``reference`` [D], ``mu`` [K, D]
+    (centred), ``outer`` [D, K·L·L] (``A_kj A_kjᵀ / d_kj``), ``scaled`` [D, K·L]
+    (``A/d``), ``mu_scaled`` [D, K·L] (``A μ / d``). ``outer`` holds ``K·D·L²`` values, the
+    largest allocation of masked inference.
     """
+
+    log_w: Tensor
+    noise: Tensor
+    inv_noise: Tensor
+    reference: Tensor
+    mu: Tensor
+    outer: Tensor | None
+    scaled: Tensor | None
+    mu_scaled: Tensor | None
+    precise: bool
+
+
+def _masked_terms(model: MixtureOfFactorAnalyzers) -> MaskedTerms:
     k, d, n_lat = model.n_components, model.n_features, model.n_factors
     log_w = model.log_weights
     noise = model.noise_variance
     inv_noise = noise.reciprocal()  # [K, D]
     reference = (log_w.exp() @ model.means).detach()
     mu = model.means - reference  # [K, D]
-    a = model.factor_loadings  # [K, D, L]
+    outer = scaled_flat = mu_scaled = None
+    if n_lat:
+        a = model.factor_loadings  # [K, D, L]
+        scaled = a * inv_noise.unsqueeze(-1)  # D⁻¹A  [K, D, L]
+        outer = (scaled.unsqueeze(-1) * a.unsqueeze(-2)).permute(1, 0, 2, 3).reshape(d, -1)
+        scaled_flat = scaled.permute(1, 0, 2).reshape(d, k * n_lat)
+        mu_scaled = (scaled * mu.unsqueeze(-1)).permute(1, 0, 2).reshape(d, k * n_lat)
+    precise = needs_float64_quadratic(mu, inv_noise)
+    return MaskedTerms(log_w, noise, inv_noise, reference, mu, outer, scaled_flat, mu_scaled,
+                       precise)
+
+
+def _row_posterior(
+    model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor, terms: MaskedTerms
+) -> RowPosterior:
+    """The latent posterior of every row and component under per-row masks.
+
+    With ``m`` the float mask of a chunk ``[n, D]`` and ``P[j, k] = A_kj A_kjᵀ / d_kj``
+    (``[D, K·L·L]``), ``M_o = I + m @ P``; every other quantity is a product of ``m``,
+    ``m ⊙ x`` or ``m ⊙ x²`` with a ``[D, ·]`` matrix. Cost ``O(n·K·D·L²)``.
+    """
+    k, n_lat = model.n_components, model.n_factors
+    t = terms
     mask = observed.to(x.dtype)
-    xc = (x - reference) * mask  # zero where hidden
-    quad = (
-        (xc * xc) @ inv_noise.T - 2.0 * (xc @ (mu * inv_noise).T) + mask @ (mu * mu * inv_noise).T
-    )  # [n, K]: Σ_{j∈o} (x_j − μ_kj)² / d_kj
-    logdet = mask @ noise.log().T  # [n, K]
+    xc = (x - t.reference) * mask  # zero where hidden
+    # Σ_{j∈o} (x_j − μ_kj)² / d_kj  [n, K], in float64 when the expansion would cancel.
+    xq, muq, invq, maskq = (
+        (v.double() for v in (xc, t.mu, t.inv_noise, mask)) if t.precise
+        else (xc, t.mu, t.inv_noise, mask)
+    )
+    quad = ((xq * xq) @ invq.T - 2.0 * (xq @ (muq * invq).T) + maskq @ (muq * muq * invq).T)
+    quad = quad.to(x.dtype)
+    logdet = mask @ t.noise.log().T  # [n, K]
     n_obs = mask.sum(-1, keepdim=True)  # [n, 1]
     n = x.shape[0]
     if n_lat:
-        scaled = a * inv_noise.unsqueeze(-1)  # D⁻¹A  [K, D, L]
-        outer = (scaled.unsqueeze(-1) * a.unsqueeze(-2)).permute(1, 0, 2, 3)  # [D, K, L, L]
         eye = torch.eye(n_lat, dtype=x.dtype, device=x.device)
-        cap = (mask @ outer.reshape(d, -1)).view(n, k, n_lat, n_lat) + eye
+        cap = (mask @ t.outer).view(n, k, n_lat, n_lat) + eye
         chol = torch.linalg.cholesky(cap)  # [n, K, L, L]
-        scaled_flat = scaled.permute(1, 0, 2).reshape(d, k * n_lat)  # [D, K·L]
-        mu_scaled = (scaled * mu.unsqueeze(-1)).permute(1, 0, 2).reshape(d, k * n_lat)
-        b = (xc @ scaled_flat - mask @ mu_scaled).view(n, k, n_lat, 1)  # A_oᵀD_o⁻¹(x_o − μ_o)
+        b = (xc @ t.scaled - mask @ t.mu_scaled).view(n, k, n_lat, 1)  # A_oᵀD_o⁻¹(x_o − μ_o)
         u = torch.linalg.solve_triangular(chol, b, upper=False)  # C⁻¹ b
         latent_mean = torch.linalg.solve_triangular(chol.mT, u, upper=True).squeeze(-1)
         quad = quad - u.squeeze(-1).pow(2).sum(-1)
@@ -178,8 +215,8 @@ def _row_posterior(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor)
     else:
         chol = x.new_zeros(n, k, 0, 0)
         latent_mean = x.new_zeros(n, k, 0)
-    log_joint = log_w + linalg.gaussian_log_normaliser(n_obs, logdet) - 0.5 * quad.clamp_min(0.0)
-    return RowPosterior(log_joint, latent_mean, chol, reference)
+    log_joint = t.log_w + linalg.gaussian_log_normaliser(n_obs, logdet) - 0.5 * quad.clamp_min(0.0)
+    return RowPosterior(log_joint, latent_mean, chol, t.reference)
 
 
 def _check_masked(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tensor) -> Tensor:
@@ -215,8 +252,10 @@ def observed_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tens
     """
     x = _check_masked(model, x, observed)
     starts, size = _chunks(model, x.shape[0])
+    terms = _masked_terms(model)
     parts = [
-        _row_posterior(model, x[i : i + size], observed[i : i + size]).log_joint.logsumexp(-1)
+        _row_posterior(model, x[i : i + size], observed[i : i + size], terms)
+        .log_joint.logsumexp(-1)
         for i in starts
     ]
     return torch.cat(parts) if parts else x.new_zeros(0)
@@ -235,10 +274,11 @@ def conditional_mean(model: MixtureOfFactorAnalyzers, x: Tensor, observed: Tenso
     k, d, n_lat = model.n_components, model.n_features, model.n_factors
     loadings_flat = model.factor_loadings.permute(0, 2, 1).reshape(k * n_lat, d)  # [K·L, D]
     starts, size = _chunks(model, x.shape[0])
+    terms = _masked_terms(model)
     parts = []
     for i in starts:
         xi, oi = x[i : i + size], observed[i : i + size]
-        post = _row_posterior(model, xi, oi)
+        post = _row_posterior(model, xi, oi, terms)
         resp = torch.softmax(post.log_joint, dim=-1)  # [n, K]
         mean = resp @ model.means  # [n, D]
         if n_lat:
@@ -267,13 +307,14 @@ def conditional_sample(
     x = _check_masked(model, x, observed)
     n_lat = model.n_factors
     starts, size = _chunks(model, x.shape[0])
+    terms = _masked_terms(model)
     parts = []
     with torch.no_grad():
         noise_std = model.noise_variance.sqrt()
         for i in starts:
             xi, oi = x[i : i + size], observed[i : i + size]
             n = xi.shape[0]
-            post = _row_posterior(model, xi, oi)
+            post = _row_posterior(model, xi, oi, terms)
             probs = torch.softmax(post.log_joint, dim=-1)
             comp = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [n]
             rows = torch.arange(n, device=x.device)

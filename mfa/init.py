@@ -238,7 +238,7 @@ def fit_complete(
     loadings = torch.zeros(k, d, lat, dtype=dtype, device=x.device)
     noise_var = pooled_var.expand(k, d).clone()
     order = torch.argsort(labels)
-    bounds = torch.cumsum(counts.long(), 0).tolist()
+    bounds = torch.cumsum(torch.bincount(labels, minlength=k), 0).tolist()
     start = 0
     # One SVD per cluster: clusters differ in size, and this runs once per fit.
     for c in range(k):

@@ -51,7 +51,8 @@ class ComponentTerms:
 
     Shapes: ``log_weights`` [K], ``reference`` [D], ``means`` [K, D] (centred),
     ``inv_noise`` [K, D], ``whitened`` [K, L, D] (``C⁻¹ Aᵀ D⁻¹``), ``log_norm`` [K]
-    (``−½(D log 2π + log|Σ_k|)``), ``whitened_means`` [K, L].
+    (``−½(D log 2π + log|Σ_k|)``), ``whitened_means`` [K, L]; ``precise``: evaluate the
+    diagonal quadratic form in float64 (see :func:`needs_float64_quadratic`).
     """
 
     log_weights: Tensor
@@ -61,6 +62,47 @@ class ComponentTerms:
     whitened: Tensor
     log_norm: Tensor
     whitened_means: Tensor
+    precise: bool = False
+
+    def to(self, dtype: torch.dtype) -> ComponentTerms:
+        """The same terms in another floating dtype (``precise`` is dropped for float64)."""
+        fields = {name: getattr(self, name).to(dtype) for name in (
+            "log_weights", "reference", "means", "inv_noise", "whitened", "log_norm",
+            "whitened_means")}
+        return ComponentTerms(**fields, precise=self.precise and dtype != torch.float64)
+
+
+#: Largest worst-case rounding error (nats, ε·κ) of the expanded quadratic form before it is
+#: evaluated in float64 instead.
+QUADRATIC_TOLERANCE = 1.0
+
+
+def needs_float64_quadratic(centred_means: Tensor, inv_noise: Tensor) -> bool:
+    """Whether ``Σ_j (x_j − μ_kj)²/d_kj``, expanded around the reference point, would lose
+    more than :data:`QUADRATIC_TOLERANCE` nats to rounding in the parameters' dtype.
+
+    The expansion subtracts terms of size ``κ = max_k Σ_j (μ_kj − c_j)²/d_kj``, so its
+    rounding error is about ``ε·κ``: negligible for images in ``[0, 1]``, but hundreds of nats
+    in float32 for components far apart relative to their noise.
+    """
+    if centred_means.dtype == torch.float64:
+        return False
+    kappa = (centred_means.detach() ** 2 * inv_noise.detach()).sum(-1).max().item()
+    return kappa * torch.finfo(centred_means.dtype).eps > QUADRATIC_TOLERANCE
+
+
+def diagonal_quadratic(xc: Tensor, means: Tensor, inv_noise: Tensor, precise: bool) -> Tensor:
+    """``Σ_j (x_j − μ_kj)² / d_kj`` for centred rows ``xc`` [n, D] and centred means [K, D],
+    as two matrix products (in float64 when ``precise``); returns ``[n, K]`` in ``xc``'s dtype.
+    """
+    if precise:
+        out = diagonal_quadratic(xc.double(), means.double(), inv_noise.double(), False)
+        return out.to(xc.dtype)
+    return (
+        (xc * xc) @ inv_noise.T
+        - 2.0 * (xc @ (means * inv_noise).T)
+        + (means * means * inv_noise).sum(-1)
+    )
 
 
 class MixtureOfFactorAnalyzers(nn.Module):
@@ -124,8 +166,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
         self.chunk_elements = chunk_elements
 
         noise_width = n_features if noise == "diagonal" else 1
+        draw_on = generator.device if generator is not None else "cpu"
         loadings = torch.randn(
-            n_components, n_features, n_factors, generator=generator, dtype=dtype
+            n_components, n_features, n_factors, generator=generator, dtype=dtype, device=draw_on
         ).to(device)
         self.logits = nn.Parameter(torch.zeros(n_components, **factory))
         self.loc = nn.Parameter(torch.zeros(n_components, n_features, **factory))
@@ -398,6 +441,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             whitened=whitened,
             log_norm=log_norm,
             whitened_means=whitened_means,
+            precise=needs_float64_quadratic(centred, noise.reciprocal()),
         )
 
     def chunk_size(self, extra_per_row: int = 0) -> int:
@@ -590,11 +634,7 @@ def component_log_prob_from_terms(x: Tensor, terms: ComponentTerms) -> Tensor:
     """
     xc = x - terms.reference  # [n, D]
     k, n_lat, d = terms.whitened.shape
-    diag_quad = (
-        (xc * xc) @ terms.inv_noise.T
-        - 2.0 * (xc @ (terms.means * terms.inv_noise).T)
-        + (terms.means * terms.means * terms.inv_noise).sum(-1)
-    )  # [n, K]
+    diag_quad = diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)  # [n, K]
     if n_lat:
         proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)  # [n, K, L]
         proj = proj - terms.whitened_means

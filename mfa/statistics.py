@@ -13,9 +13,11 @@ data with a large offset cannot lose the variances to cancellation.
 
 Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in six matrix products — three for
 the log-densities and ``E[z]`` (shared with :meth:`MixtureOfFactorAnalyzers.log_prob`) and
-three for the sums ``(x−c)ᵀ r``, ``((x−c)²)ᵀ r`` and ``(x−c)ᵀ (r ⊙ E[z])``. By default the
-first two sums (``2·n·D·K`` flops) run in float64, because the M-step subtracts a squared
-mean from them; ``precise_moments=False`` keeps them in the data's dtype (faster on CPUs).
+three for the sums ``(x−c)ᵀ r``, ``((x−c)²)ᵀ r`` and ``(x−c)ᵀ (r ⊙ E[z])``. With
+``precise_moments`` the first two sums (``2·n·D·K`` flops) run in float64, because the M-step
+subtracts a squared mean from them; :meth:`mfa.em.EMTrainer.e_step` can also run the whole
+batch in float64 (``stats_dtype="float64"``), which makes the M-step exact for float32 models
+whose loadings explain most of the variance.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mfa import linalg
-from mfa.model import ComponentTerms, MixtureOfFactorAnalyzers
+from mfa.model import ComponentTerms, MixtureOfFactorAnalyzers, diagonal_quadratic
 
 
 @dataclass
@@ -103,13 +105,8 @@ def accumulate_statistics(
     """
     k, n_lat, d = terms.whitened.shape
     xc = x - terms.reference  # [n, D]
-    xc2 = xc * xc
     # Log-densities, as in mfa.model.component_log_prob_from_terms but keeping B(x − μ).
-    diag_quad = (
-        xc2 @ terms.inv_noise.T
-        - 2.0 * (xc @ (terms.means * terms.inv_noise).T)
-        + (terms.means * terms.means * terms.inv_noise).sum(-1)
-    )  # [n, K]
+    diag_quad = diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)  # [n, K]
     if n_lat:
         proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)
         proj = proj - terms.whitened_means  # B(x − μ)  [n, K, L]
@@ -133,7 +130,7 @@ def accumulate_statistics(
         # One product for Σ r x and Σ r x E[z]ᵀ, one for Σ r x².
         sums = xc.T @ torch.cat([resp, rez_flat], dim=1)  # [D, K + K·L]
         sum_x, sum_xz_flat = sums[:, :k].T, sums[:, k:]
-        sum_x2 = (xc2.T @ resp).T  # [K, D]
+        sum_x2 = ((xc * xc).T @ resp).T  # [K, D]
     else:
         # Σ r x and Σ r x² in the statistics' dtype: the M-step subtracts the squared mean
         # from the second moment, which cancels in float32 for components far from c.
@@ -199,7 +196,9 @@ def m_step(
     safe = mass.clamp_min(torch.finfo(dtype).tiny ** 0.5)
     if n_lat:
         if latent_covariance is None:
-            chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
+            chol = linalg.capacitance_cholesky(
+                model.factor_loadings.detach().to(dtype), model.noise_variance.detach().to(dtype)
+            )
             latent_covariance = torch.cholesky_inverse(chol)
         cov = latent_covariance.detach().to(dtype)
         ezz = stats.sum_zz + mass.view(k, 1, 1) * cov  # [K, L, L]

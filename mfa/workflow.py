@@ -73,7 +73,8 @@ def _training_data(data: ImageData, config: RunConfig, device: torch.device):
     if config.train.method == "em" and n * d > STREAM_ABOVE:
         # Large sets (CelebA) stay uint8 on the host and become float one batch at a time.
         batch = config.train.em.batch_size
-        return data.loader("train", batch_size=batch), data.loader("val", batch_size=batch)
+        val = data.loader("val", batch_size=batch) if data.val_pixels.shape[0] else None
+        return data.loader("train", batch_size=batch), val
     val = data.val if data.val_pixels.shape[0] else None
     return data.train.to(device), None if val is None else val.to(device)
 
