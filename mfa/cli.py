@@ -17,13 +17,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-
 def _load_run(checkpoint: str, overrides: list[str]):
     from mfa.checkpoint import load_checkpoint
     from mfa.config import apply_overrides
-    from mfa.workflow import _load_data, resolve_checkpoint
+    from mfa.workflow import load_data, resolve_checkpoint
 
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     if ckpt.run_config is None:
         raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")
     config = apply_overrides(ckpt.run_config, overrides) if overrides else ckpt.run_config
-    return ckpt, config, _load_data
+    return ckpt, config, load_data
 
 
 def _default_out(checkpoint: str, name: str) -> Path:
@@ -93,7 +93,7 @@ def cmd_evaluate(args) -> int:
 
     _, config, _ = _load_run(args.checkpoint, args.set)
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
-                      data_overrides=config, seed=args.seed)
+                      config=config, seed=args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

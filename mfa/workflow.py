@@ -64,7 +64,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def _load_data(config: RunConfig) -> ImageData:
+def load_data(config: RunConfig) -> ImageData:
+    """The dataset a run config names (``mfa.data.load_dataset`` with ``config.data``)."""
     return load_dataset(**config.data.load_kwargs())
 
 
@@ -122,7 +123,7 @@ def _train(config: RunConfig, run_dir: Path, ckpt: Checkpoint | None, figures: b
            callbacks: tuple = ()):
     device = resolve_device(config.device)
     logger.info("run folder %s; device %s", run_dir, device)
-    data = _load_data(config)
+    data = load_data(config)
     logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
     train_data, val_data = _training_data(data, config, device)
     mc = config.model
@@ -286,16 +287,19 @@ def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scal
 
 
 def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
-             data_overrides: RunConfig | None = None, seed: int = 0) -> dict:
+             config: RunConfig | None = None, seed: int = 0) -> dict:
     """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples against
-    the training bins, with real held-out images as the reference."""
+    the training bins, with real held-out images as the reference.
+
+    ``config`` names the data (default: the checkpoint's own run config).
+    """
     from mfa.metrics import ndb
 
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
-    config = data_overrides or ckpt.run_config
+    config = config or ckpt.run_config
     if config is None:
         raise ValueError(f"{checkpoint} holds no run config: cannot tell which data to load")
-    data = _load_data(config)
+    data = load_data(config)
     model = ckpt.model
     result = evaluate_model(model, data, splits)
     if ndb_bins:
