@@ -10,6 +10,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 
+def reject_numpy(data, name: str) -> None:
+    """Raise a TypeError that says how to convert ``data`` if it is a numpy array."""
+    if type(data).__module__ == "numpy":
+        raise TypeError(
+            f"{name} is a numpy array; convert it with torch.from_numpy({name}).float()"
+        )
+
+
 class DataSource:
     """A re-iterable stream of batches ``[B, D]`` checked against ``model``.
 
@@ -28,13 +36,10 @@ class DataSource:
         self.dtype = model.dtype
         self.device = model.device
         self.batch_size = batch_size
+        reject_numpy(data, name)
         if isinstance(data, Tensor):
             self.tensor: Tensor | None = self._prepare(data, 0)
             self.iterable: Iterable | None = None
-        elif type(data).__module__ == "numpy":
-            raise TypeError(
-                f"{name} is a numpy array; convert it with torch.from_numpy({name}).float()"
-            )
         elif isinstance(data, Dataset):
             self.tensor = None
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)

@@ -76,6 +76,15 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return value
 
 
+def check_int_fields(config: object, minimum: dict[str, int]) -> None:
+    """Every ``config.<name>`` is an int (not a bool) of at least ``minimum[name]``."""
+    cls = type(config).__name__
+    for name, low in minimum.items():
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}")
+
+
 def feature_index(features: object, n_features: int, name: str = "features") -> Tensor:
     """Turn indices or a bool mask over ``n_features`` into a sorted-as-given LongTensor.
 

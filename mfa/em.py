@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from mfa import linalg
 from mfa._data_stream import DataSource, gather_rows
+from mfa._validation import check_int_fields
 from mfa.init import fit_complete, kmeans, random_init
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.statistics import accumulate_statistics, m_step
@@ -58,10 +59,7 @@ Callback = Callable[["EMTrainer", MixtureOfFactorAnalyzers, dict], None]
 def _validate_config(config: EMConfig) -> None:
     minimum = {"max_iter": 0, "batch_size": 1, "n_init": 1, "kmeans_iter": 1,
                "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0}
-    for name, low in minimum.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"EMConfig.{name} must be an int >= {low}, got {value!r}")
+    check_int_fields(config, minimum)
     if not (isinstance(config.min_component_mass, (int, float))
             and 0 <= config.min_component_mass < math.inf):
         raise ValueError(

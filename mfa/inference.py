@@ -307,9 +307,9 @@ def conditional_sample(
     x = _check_masked(model, x, observed)
     n_lat = model.n_factors
     starts, size = _chunks(model, x.shape[0])
-    terms = _masked_terms(model)
     parts = []
     with torch.no_grad():
+        terms = _masked_terms(model)
         noise_std = model.noise_variance.sqrt()
         for i in starts:
             xi, oi = x[i : i + size], observed[i : i + size]

@@ -433,15 +433,16 @@ class MixtureOfFactorAnalyzers(nn.Module):
         logdet = linalg.lowrank_logdet(chol, noise)  # [K]
         log_norm = linalg.gaussian_log_normaliser(self.n_features, logdet)
         whitened_means = (whitened @ centred.unsqueeze(-1)).squeeze(-1)  # [K, L]
+        inv_noise = noise.reciprocal()  # [K, D]
         return ComponentTerms(
             log_weights=log_weights,
             reference=reference,
             means=centred,
-            inv_noise=noise.reciprocal(),
+            inv_noise=inv_noise,
             whitened=whitened,
             log_norm=log_norm,
             whitened_means=whitened_means,
-            precise=needs_float64_quadratic(centred, noise.reciprocal()),
+            precise=needs_float64_quadratic(centred, inv_noise),
         )
 
     def chunk_size(self, extra_per_row: int = 0) -> int:

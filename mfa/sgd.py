@@ -16,7 +16,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from mfa._data_stream import DataSource, gather_rows
+from mfa._data_stream import DataSource, gather_rows, reject_numpy
+from mfa._validation import check_int_fields
 from mfa.em import ConvergenceWarning, EMTrainer, initialise
 from mfa.model import MixtureOfFactorAnalyzers
 
@@ -60,10 +61,7 @@ def _validate_config(cfg: SGDConfig) -> None:
         raise ValueError(f"SGDConfig.variance_floor must be > 0, got {cfg.variance_floor!r}")
     minimum = {"batch_size": 1, "epochs": 1, "kmeans_iter": 1, "init_samples": 1,
                "complete_iter": 0, "checkpoint_every": 0, "patience": 0}
-    for name, low in minimum.items():
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"SGDConfig.{name} must be an int >= {low}, got {value!r}")
+    check_int_fields(cfg, minimum)
     if cfg.schedule not in ("constant", "cosine", "step"):
         raise ValueError(
             f"SGDConfig.schedule must be 'constant', 'cosine' or 'step', got {cfg.schedule!r}"
@@ -120,10 +118,9 @@ class SGDTrainer:
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
         held out when no validation data is given."""
         cfg = self.config
+        reject_numpy(data, "data")
         if isinstance(data, Tensor):
             data = DataSource(data, model, cfg.batch_size, "data").tensor
-        elif type(data).__module__ == "numpy":
-            raise TypeError("data is a numpy array; convert it with torch.from_numpy(data).float()")
         elif not isinstance(data, (Dataset, Iterable)):
             raise TypeError(
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
