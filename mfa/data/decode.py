@@ -1,0 +1,167 @@
+"""Decoding image files (CelebA, ``"folder"``) into uint8 rows, with an optional cache.
+
+Files are decoded in batches by a :class:`~torch.utils.data.DataLoader` (optionally with worker
+processes) straight into one uint8 tensor per split; no PIL image outlives its batch. With a
+cache folder the decoded splits are saved as ``<cache>/decoded/<name>-<fingerprint>.pt`` and
+reused while the files (paths, sizes, modification times) and the options are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mfa.data.locations import DatasetNotFoundError
+from mfa.data.splits import SPLITS
+from mfa.data.transforms import check_crop_fits, transform
+
+__all__ = ["DecodeFiles", "decode_splits"]
+
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+class DecodeFiles(Dataset):
+    """Decodes image files to uint8 ``[C, H, W]`` tensors (used inside a DataLoader)."""
+
+    def __init__(self, paths, mode, crop, size, expected=None):
+        self.paths, self.mode, self.crop, self.size = paths, mode, crop, size
+        self.expected = expected
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tensor:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                if self.crop is not None:
+                    check_crop_fits(self.crop, im.height, im.width, str(path))
+                img = transform(im.convert(self.mode), self.crop, self.size)
+                arr = np.array(img, dtype=np.uint8)  # a writable copy
+        except FileNotFoundError as err:
+            raise DatasetNotFoundError(f"image file {path} is missing") from err
+        except OSError as err:
+            raise OSError(f"cannot read image {path}: {err}") from err
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        t = torch.from_numpy(np.ascontiguousarray(arr))
+        if self.expected is not None and tuple(t.shape) != self.expected:
+            raise ValueError(
+                f"{path} gives an image of shape {tuple(t.shape)} (C, H, W) but the first "
+                f"image gives {self.expected}; pass image_size= to resize all images to one size"
+            )
+        return t
+
+
+def _first_mode(path: Path) -> str:
+    """``"L"`` for a greyscale first image, else ``"RGB"``."""
+    try:
+        with Image.open(path) as im:
+            return "L" if im.mode in _GREY_MODES else "RGB"
+    except OSError as err:
+        raise OSError(f"cannot read image {path}: {err}") from err
+
+
+def _default_workers(n: int) -> int:
+    """0 for fewer than 2,000 files, else ``min(8, CPUs)``."""
+    if n < 2000:
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def _fingerprint(files: dict[str, list[Path]], key: dict) -> str:
+    """A hash of the options ``key`` and every file's path, size and modification time."""
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    for s in SPLITS:
+        h.update(f"|{s}|".encode())
+        for p in files[s]:
+            try:
+                st = p.stat()
+                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:24]
+
+
+def decode_splits(
+    files: dict[str, list[Path]],
+    *,
+    channels: int | None,
+    crop,
+    size,
+    num_workers: int | None,
+    batch_size: int,
+    progress: bool,
+    cache: Path | None,
+    cache_key: dict,
+) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
+    """Decode ``files`` (per split) into uint8 rows ``{split: [N, D]}`` and their ``(C, H, W)``.
+
+    ``channels`` 1 or 3 converts to greyscale/RGB (``None``: as the first image); every image
+    must come out with the first one's shape. ``cache`` (a folder or ``None``) keeps the result
+    under a fingerprint of ``cache_key`` and the files.
+    """
+    cache_file = None
+    if cache is not None:
+        cache_file = cache / "decoded" / f"{cache_key['name']}-{_fingerprint(files, cache_key)}.pt"
+        if cache_file.is_file():
+            saved = torch.load(cache_file, weights_only=True)
+            return {s: saved[s] for s in SPLITS}, tuple(saved["image_shape"])
+
+    everything = [p for s in SPLITS for p in files[s]]
+    missing = [p for p in everything if not p.is_file()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{len(missing)} of {len(everything)} image files are missing, e.g. {missing[0]}"
+        )
+    mode = "L" if channels == 1 else "RGB" if channels == 3 else _first_mode(everything[0])
+    probe = DecodeFiles(everything[:1], mode, crop, size)[0]
+    shape = tuple(int(v) for v in probe.shape)
+    d = shape[0] * shape[1] * shape[2]
+    workers = _default_workers(len(everything)) if num_workers is None else num_workers
+
+    out: dict[str, Tensor] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(everything), desc="decoding images", unit="img")
+    try:
+        for s in SPLITS:
+            paths = files[s]
+            pix = torch.empty((len(paths), d), dtype=torch.uint8)
+            if paths:
+                loader = DataLoader(
+                    DecodeFiles(paths, mode, crop, size, expected=shape),
+                    batch_size=batch_size,
+                    num_workers=workers if len(paths) > batch_size else 0,
+                )
+                pos = 0
+                for batch in loader:
+                    b = batch.shape[0]
+                    pix[pos : pos + b] = batch.reshape(b, d)
+                    pos += b
+                    if bar is not None:
+                        bar.update(b)
+            out[s] = pix
+    finally:
+        if bar is not None:
+            bar.close()
+
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save({**out, "image_shape": list(shape)}, tmp)
+        os.replace(tmp, cache_file)
+    return out, shape  # type: ignore[return-value]

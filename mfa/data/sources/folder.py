@@ -1,0 +1,49 @@
+"""The ``"folder"`` source: every image file under ``root`` (recursively, sorted by path),
+labelled by its first-level sub-folder as :class:`torchvision.datasets.ImageFolder` does
+(``-1`` for images directly in ``root``); one pool split by seed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from mfa.data.locations import DatasetNotFoundError
+from mfa.data.sources.pools import Pools
+
+__all__ = ["IMAGE_EXTENSIONS", "folder_pools"]
+
+#: File name endings read by the ``"folder"`` dataset (case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def folder_pools(root: Path | None) -> Pools:
+    if root is None:
+        raise ValueError("the 'folder' dataset needs root=<a folder of images>")
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"folder: {root} is not a directory")
+    paths: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        paths += [
+            Path(dirpath) / f
+            for f in sorted(filenames)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+        ]
+    paths.sort()
+    if not paths:
+        raise DatasetNotFoundError(
+            f"folder: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}"
+        )
+    tops = [p.relative_to(root).parts for p in paths]
+    classes = tuple(sorted({t[0] for t in tops if len(t) > 1}))
+    index = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([index[t[0]] if len(t) > 1 else -1 for t in tops], dtype=torch.int64)
+    return Pools(
+        kind="all",
+        files={"all": paths},
+        labels={"all": labels},
+        classes=classes,
+        metadata={"root": str(root)},
+    )

@@ -1,0 +1,141 @@
+"""The ``"mnist"`` and ``"fashion-mnist"`` sources: the four idx files, read by torchvision.
+
+``root`` holds torchvision's layout (``root/MNIST/raw/<idx files>``; ``.gz`` files there are
+extracted in place, as torchvision does) or a flat folder of the four files, ``.gz`` or not,
+such as Debian's :data:`FASHION_MNIST_DEBIAN_DIR`; a flat folder is extracted or copied once
+into ``cache_dir/idx`` in torchvision's layout. The official test split is the test split.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mfa.data.locations import DOWNLOAD_HINT, DatasetNotFoundError, default_data_root
+from mfa.data.sources.pools import Pools
+
+__all__ = ["FASHION_MNIST_DEBIAN_DIR", "MNIST_FILES", "mnist_pools"]
+
+#: Where Debian's ``dataset-fashion-mnist`` package puts the Fashion-MNIST idx files.
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: The idx files of MNIST and Fashion-MNIST (each may also be ``.gz``).
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_MNIST_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def _idx_file(folder: Path, base: str) -> Path | None:
+    for candidate in (folder / base, folder / f"{base}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_files(folder: Path) -> dict[str, Path] | None:
+    found = {b: _idx_file(folder, b) for b in MNIST_FILES}
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
+def _fresh(dest: Path, src: Path) -> bool:
+    try:
+        return dest.stat().st_mtime_ns == src.stat().st_mtime_ns and dest.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _materialise(files: dict[str, Path], raw: Path) -> None:
+    """Put uncompressed copies (or links) of ``files`` into ``raw`` under their idx names."""
+    raw.mkdir(parents=True, exist_ok=True)
+    for base, src in files.items():
+        dest = raw / base
+        if src == dest or _fresh(dest, src):
+            continue
+        tmp = raw / f".{base}.tmp{os.getpid()}"
+        if src.suffix == ".gz":
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+        else:
+            shutil.copyfile(src, tmp)
+        st = src.stat()
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, dest)
+
+
+def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) -> Path:
+    """A folder ``R`` with ``R/<Class>/raw/<idx files>`` uncompressed, for torchvision."""
+    cls = _MNIST_CLASS[key]
+    if root is not None:
+        candidates = [root]
+    else:
+        candidates = [default_data_root()]
+        if key == "fashion-mnist":
+            candidates.append(FASHION_MNIST_DEBIAN_DIR)
+    looked = []
+    for base in candidates:
+        raw = base / cls / "raw"
+        looked += [str(raw), str(base)]
+        files = _idx_files(raw)
+        if files is not None:
+            if all(p.suffix != ".gz" for p in files.values()):
+                return base
+            try:  # extract next to the .gz files, as torchvision's download() would
+                _materialise(files, raw)
+                return base
+            except OSError:
+                pass  # read-only: use the cache below
+        else:
+            files = _idx_files(base)
+        if files is not None:
+            tag = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:12]
+            mirror = cache_dir / "idx" / f"{key}-{tag}"
+            _materialise(files, mirror / cls / "raw")
+            return mirror
+    if download:
+        return root if root is not None else default_data_root()
+    names = ", ".join(MNIST_FILES)
+    raise DatasetNotFoundError(
+        f"{key} not found: looked for its idx files ({names}, optionally .gz) in "
+        f"{' and '.join(dict.fromkeys(looked))}. Pass {DOWNLOAD_HINT} to fetch "
+        f"it with torchvision into {root or default_data_root()}, or put the four files in "
+        f"<root>/{cls}/raw/ or directly in <root>"
+        + (
+            " (Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
+            f"{FASHION_MNIST_DEBIAN_DIR})"
+            if key == "fashion-mnist"
+            else ""
+        )
+        + "."
+    )
+
+
+def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) -> Pools:
+    import torchvision.datasets as tvd
+
+    base = _mnist_root(key, root, download, cache_dir)
+    cls = getattr(tvd, _MNIST_CLASS[key])
+    images, labels = {}, {}
+    for pool, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(str(base), train=train, download=download)
+        except RuntimeError as err:
+            raise DatasetNotFoundError(
+                f"{key}: torchvision could not load or download it into {base}: {err}"
+            ) from err
+        images[pool] = ds.data.unsqueeze(1).contiguous()
+        labels[pool] = ds.targets.to(torch.int64)
+    return Pools(
+        kind="train-test",
+        images=images,
+        labels=labels,
+        classes=tuple(cls.classes),
+        metadata={"root": str(base)},
+    )
