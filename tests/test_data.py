@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from mfa import data as mdata
+from mfa.config import load_config
 from mfa.data import decode
 from mfa.data.sources import mnist as mnist_source
 from mfa.data import (
@@ -310,6 +312,17 @@ def test_missing_mnist_names_path_and_download(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "nowhere") in msg and "download=True" in msg
     assert isinstance(err.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "svhn", "celeba"])
+def test_missing_files_advise_the_download_override_that_exists(tmp_path, name):
+    # The CLI has no --download flag: the messages must name the config override instead.
+    with pytest.raises(DatasetNotFoundError, match=r"--set data\.download=true") as err:
+        load_dataset(name, tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "--download" not in msg and "download=True" in msg
+    override = re.search(r"--set (\S+?)\)", msg).group(1)
+    assert load_config(overrides=[override]).data.download is True  # the advice works
 
 
 # --------------------------------------------------------------------------------------
