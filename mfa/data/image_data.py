@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mfa.data.checks import check_positive_int, check_uint8
-from mfa.data.layout import PIXEL_LEVELS, check_image_shape, to_images
+from mfa.data.layout import PIXEL_LEVELS, check_image_shape, pixels_to_float, to_images
 from mfa.data.splits import (
     SPLIT_STREAM,
     SPLITS,
@@ -118,7 +118,7 @@ class ImageDataset(Dataset):
         idx = [self._index(i) for i in indices]
         pix = self.pixels[torch.as_tensor(idx, dtype=torch.long)]
         if not self.dequantize:
-            return pix.to(self.dtype).div_(PIXEL_LEVELS - 1)
+            return pixels_to_float(pix, self.dtype)
         out = torch.empty(pix.shape, dtype=self.dtype)
         gen = torch.Generator()
         for j, i in enumerate(idx):
@@ -299,7 +299,7 @@ class ImageData:
         ds = self.dataset(split, dequantize=dequantize, dtype=dtype)
         n = len(ds)
         if not ds.dequantize:
-            out = ds.pixels.to(dtype).div_(PIXEL_LEVELS - 1)
+            out = pixels_to_float(ds.pixels, dtype)
         else:
             out = torch.empty((n, self.n_features), dtype=dtype)
             step = 4096

@@ -1,4 +1,5 @@
-"""Tests of mfa.data: the loaders run on tiny files written in each dataset's real on-disk format.
+"""Tests of mfa.data.sources: the loaders run on tiny files written in each dataset's real on-disk
+format.
 
 MNIST/Fashion-MNIST go through torchvision's own dataset classes (idx files in ``raw/``); SVHN
 ``.mat`` files are written with scipy in the official layout; CelebA gets 178×218 JPEGs and an
@@ -9,7 +10,6 @@ Fashion-MNIST files of Debian's ``dataset-fashion-mnist`` package when it is ins
 from __future__ import annotations
 
 import gzip
-import math
 import os
 import re
 import struct
@@ -20,23 +20,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mfa import data as mdata
 from mfa.config import load_config
-from mfa.data import decode
-from mfa.data.sources import mnist as mnist_source
 from mfa.data import (
     CELEBA_CROP,
     FASHION_MNIST_DEBIAN_DIR,
     DatasetNotFoundError,
     ImageData,
-    ImageDataset,
-    bits_per_dim,
-    dequantize,
+    decode,
     load_dataset,
-    pixels_to_float,
-    to_images,
-    to_rows,
 )
+from mfa.data.sources import mnist as mnist_source
 
 
 @pytest.fixture(autouse=True)
@@ -176,45 +169,6 @@ def test_embedded_mnist_is_5000_real_digits():
     means = torch.stack([d.train[d.train_labels == c].mean(0) for c in range(10)])
     pred = torch.cdist(d.val, means).argmin(1)
     assert (pred == d.val_labels).double().mean() > 0.7
-
-
-def test_embedded_split_is_seeded():
-    a = load_dataset("embedded-mnist", seed=3)
-    b = load_dataset("embedded-mnist", seed=3)
-    c = load_dataset("embedded-mnist", seed=4)
-    for s in ("train", "val", "test"):
-        assert torch.equal(a.pixels(s), b.pixels(s)) and torch.equal(a.labels(s), b.labels(s))
-    assert not torch.equal(a.val_pixels, c.val_pixels)
-    d = load_dataset("embedded-mnist", val_fraction=0.2, test_fraction=0.3)
-    assert d.sizes == {"train": 2500, "val": 1000, "test": 1500}
-    e = load_dataset("embedded-mnist", val_fraction=0.0, test_fraction=0.0)
-    assert e.sizes == {"train": 5000, "val": 0, "test": 0}
-    assert e.val.shape == (0, 784) and e.dataset("val").rows([]).shape == (0, 784)
-
-
-def test_limit_subsamples_each_split_without_changing_the_split():
-    full = load_dataset("embedded-mnist", seed=1)
-    small = load_dataset("embedded-mnist", seed=1, limit=100)
-    again = load_dataset("embedded-mnist", seed=1, limit=100)
-    assert small.sizes == {"train": 100, "val": 100, "test": 100}
-    for s in ("train", "val", "test"):
-        assert set(row_keys(small.pixels(s))) <= set(row_keys(full.pixels(s)))
-        assert torch.equal(small.pixels(s), again.pixels(s))
-    assert load_dataset("embedded-mnist", limit=10_000).sizes == full.sizes
-
-
-def test_embedded_resize_and_crop():
-    d = load_dataset("embedded-mnist", image_size=14, limit=50)
-    assert d.image_shape == (1, 14, 14) and d.train_pixels.shape == (50, 196)
-    ref = load_dataset("embedded-mnist", limit=50)
-    assert abs(d.train_pixels.double().mean() - ref.train_pixels.double().mean()) < 5
-    c = load_dataset("embedded-mnist", crop=(4, 2, 20, 24), limit=50)
-    assert c.image_shape == (1, 20, 24)
-    assert torch.equal(c.images("val"), ref.images("val")[:, :, 4:24, 2:26])
-    r = load_dataset("embedded-mnist", image_size=(10, 12), limit=5)
-    assert r.image_shape == (1, 10, 12)
-    with pytest.raises(ValueError, match="does not fit"):
-        load_dataset("embedded-mnist", crop=(10, 0, 20, 28))
 
 
 # --------------------------------------------------------------------------------------
@@ -360,7 +314,7 @@ def test_svhn_missing(tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# CelebA
+# CelebA (and mfa.data.decode: workers and the cache)
 # --------------------------------------------------------------------------------------
 
 
@@ -475,126 +429,3 @@ def _empty(tmp_path: Path) -> Path:
     p.mkdir()
     (p / "notes.txt").write_text("no images here")
     return p
-
-
-# --------------------------------------------------------------------------------------
-# Float views, dequantisation, bits/dim
-# --------------------------------------------------------------------------------------
-
-
-def test_dequantize_function():
-    pixels = torch.arange(256, dtype=torch.uint8).repeat(40)
-    x = dequantize(pixels, generator=torch.Generator().manual_seed(0))
-    y = dequantize(pixels, generator=torch.Generator().manual_seed(0))
-    z = dequantize(pixels, generator=torch.Generator().manual_seed(1))
-    assert x.dtype == torch.float32 and torch.equal(x, y) and not torch.equal(x, z)
-    p = pixels.double()
-    assert (x.double() >= p / 256).all() and (x.double() < (p + 1) / 256).all()
-    assert 0 <= x.min() and x.max() < 1
-    frac = x.double() * 256 - p
-    assert abs(frac.mean().item() - 0.5) < 0.02  # u ~ U[0, 1)
-    assert dequantize(pixels, dtype=torch.float64).dtype == torch.float64
-    assert torch.equal(pixels_to_float(pixels)[[0, 255]], torch.tensor([0.0, 1.0]))
-    with pytest.raises(TypeError, match="uint8"):
-        dequantize(pixels.float())
-
-
-def test_bits_per_dim():
-    # the uniform density on [0, 1)^D is the uniform distribution over the 256 levels: 8 bits
-    assert bits_per_dim(0.0, 784) == pytest.approx(8.0)
-    lp = torch.tensor([0.0, 784 * math.log(2)])
-    torch.testing.assert_close(bits_per_dim(lp, 784), torch.tensor([8.0, 7.0]))
-    assert mdata.LOG_PIXEL_LEVELS == pytest.approx(math.log(256))
-    with pytest.raises(ValueError):
-        bits_per_dim(0.0, 0)
-
-
-def test_dequantised_views_are_deterministic_and_consistent():
-    d = load_dataset("embedded-mnist", dequantize=True, seed=2, limit=64)
-    v1, v2 = d.val, d.val
-    assert torch.equal(v1, v2)
-    p = d.val_pixels.double()
-    assert (v1.double() >= p / 256).all() and (v1.double() < (p + 1) / 256).all()
-    ds = d.dataset("val")
-    assert torch.equal(ds[5], v1[5]) and torch.equal(ds[-1], v1[-1])
-    # noise depends on (seed, split, epoch, row), not on batching or shuffling
-    batches = list(d.loader("val", batch_size=10))
-    assert torch.equal(torch.cat(batches), v1)
-    shuffled = torch.cat(list(d.loader("val", batch_size=7, shuffle=True, seed=0)))
-    position = {key: i for i, key in enumerate(row_keys(d.val_pixels))}
-    source = [position[k] for k in row_keys((shuffled * 256).floor().to(torch.uint8))]
-    assert sorted(source) == list(range(64)) and source != list(range(64))
-    assert torch.equal(shuffled, v1[source])
-    assert not torch.equal(d.train[:64], d.as_float("val"))  # splits get different noise
-    ds.set_epoch(1)
-    assert not torch.equal(ds[5], v1[5])
-    ds.set_epoch(0)
-    assert torch.equal(ds[5], v1[5])
-    plain = d.as_float("val", dequantize=False)
-    assert torch.equal(plain, d.val_pixels.float() / 255)
-    other = load_dataset("embedded-mnist", dequantize=True, seed=3, limit=64)
-    assert not torch.equal(other.val, v1)
-
-
-def test_loader_shapes_labels_and_seeded_shuffle():
-    d = load_dataset("embedded-mnist", limit=50)
-    x, y = next(iter(d.loader("train", 16, with_labels=True)))
-    assert x.shape == (16, 784) and x.dtype == torch.float32 and y.dtype == torch.int64
-    torch.testing.assert_close(x, d.train[:16])
-    assert torch.equal(y, d.train_labels[:16])
-    a = torch.cat(list(d.loader("train", 16, shuffle=True, seed=1)))
-    b = torch.cat(list(d.loader("train", 16, shuffle=True, seed=1)))
-    c = torch.cat(list(d.loader("train", 16, shuffle=True, seed=2)))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(a.sort(0).values, d.train.sort(0).values)
-    assert len(list(d.loader("train", 16, drop_last=True))) == 3
-    x64 = d.as_float("test", dtype=torch.float64)
-    assert x64.dtype == torch.float64
-    with pytest.raises(ValueError, match="split"):
-        d.pixels("validation")
-    assert "embedded-mnist" in repr(d) and d.nbytes == 150 * 784 + 150 * 8
-
-
-def test_image_dataset_direct_use():
-    pix = torch.randint(0, 256, (6, 12), dtype=torch.uint8)
-    ds = ImageDataset(pix, torch.arange(6), image_shape=(3, 2, 2), with_labels=True)
-    row, label = ds[2]
-    assert torch.equal(row, pix[2].float() / 255) and label == 2
-    assert len(ds) == 6
-    with pytest.raises(IndexError):
-        ds[6]
-    with pytest.raises(ValueError, match="image_shape"):
-        ImageDataset(pix, image_shape=(1, 2, 2))
-    with pytest.raises(TypeError, match="uint8"):
-        ImageDataset(pix.float())
-
-
-def test_to_images_and_to_rows():
-    imgs = torch.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
-    rows = to_rows(imgs)
-    assert rows.shape == (2, 60)
-    assert rows[1, 2 * 20 + 3 * 5 + 4] == imgs[1, 2, 3, 4]  # c·H·W + h·W + w
-    assert torch.equal(to_images(rows, (3, 4, 5)), imgs)
-    assert to_images(rows[0], (3, 4, 5)).shape == (3, 4, 5)
-    with pytest.raises(ValueError, match=r"\[\.\.\., 60\]"):
-        to_images(rows[:, :59], (3, 4, 5))
-    with pytest.raises(ValueError):
-        to_rows(torch.zeros(4, 5))
-
-
-def test_bad_names_and_arguments(tmp_path):
-    with pytest.raises(ValueError, match="unknown dataset 'cifar10'.*embedded-mnist"):
-        load_dataset("cifar10")
-    assert load_dataset("Embedded_MNIST", limit=2).name == "embedded-mnist"  # normalised
-    with pytest.raises(ValueError, match="val_fraction"):
-        load_dataset("embedded-mnist", val_fraction=1.5)
-    with pytest.raises(ValueError, match="< 1"):
-        load_dataset("embedded-mnist", val_fraction=0.5, test_fraction=0.5)
-    with pytest.raises(ValueError, match="limit"):
-        load_dataset("embedded-mnist", limit=0)
-    with pytest.raises(ValueError, match="image_size"):
-        load_dataset("embedded-mnist", image_size=(3, 4, 5))
-    with pytest.raises(ValueError, match="channels"):
-        load_dataset("embedded-mnist", channels=3)
-    with pytest.raises(DatasetNotFoundError, match="not a directory"):
-        load_dataset("folder", tmp_path / "missing")

@@ -1,0 +1,69 @@
+"""Tests of mfa.data.layout: CHW rows and images, pixel/255, dequantisation, bits/dim."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mfa import data as mdata
+from mfa.data import (
+    bits_per_dim,
+    check_image_shape,
+    dequantize,
+    pixels_to_float,
+    to_images,
+    to_rows,
+)
+
+
+def test_dequantize_function():
+    pixels = torch.arange(256, dtype=torch.uint8).repeat(40)
+    x = dequantize(pixels, generator=torch.Generator().manual_seed(0))
+    y = dequantize(pixels, generator=torch.Generator().manual_seed(0))
+    z = dequantize(pixels, generator=torch.Generator().manual_seed(1))
+    assert x.dtype == torch.float32 and torch.equal(x, y) and not torch.equal(x, z)
+    p = pixels.double()
+    assert (x.double() >= p / 256).all() and (x.double() < (p + 1) / 256).all()
+    assert 0 <= x.min() and x.max() < 1
+    frac = x.double() * 256 - p
+    assert abs(frac.mean().item() - 0.5) < 0.02  # u ~ U[0, 1)
+    assert dequantize(pixels, dtype=torch.float64).dtype == torch.float64
+    assert torch.equal(pixels_to_float(pixels)[[0, 255]], torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(pixels.float())
+
+
+def test_bits_per_dim():
+    # the uniform density on [0, 1)^D is the uniform distribution over the 256 levels: 8 bits
+    assert bits_per_dim(0.0, 784) == pytest.approx(8.0)
+    lp = torch.tensor([0.0, 784 * math.log(2)])
+    torch.testing.assert_close(bits_per_dim(lp, 784), torch.tensor([8.0, 7.0]))
+    assert mdata.LOG_PIXEL_LEVELS == pytest.approx(math.log(256))
+    with pytest.raises(ValueError):
+        bits_per_dim(0.0, 0)
+
+
+def test_to_images_and_to_rows():
+    imgs = torch.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
+    rows = to_rows(imgs)
+    assert rows.shape == (2, 60)
+    assert rows[1, 2 * 20 + 3 * 5 + 4] == imgs[1, 2, 3, 4]  # c·H·W + h·W + w
+    assert torch.equal(to_images(rows, (3, 4, 5)), imgs)
+    assert to_images(rows[0], (3, 4, 5)).shape == (3, 4, 5)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 60\]"):
+        to_images(rows[:, :59], (3, 4, 5))
+    with pytest.raises(ValueError):
+        to_rows(torch.zeros(4, 5))
+
+
+def test_check_image_shape():
+    assert check_image_shape([3, 4, 5]) == (3, 4, 5)
+    assert check_image_shape(torch.Size([1, 28, 28])) == (1, 28, 28)
+    with pytest.raises(ValueError, match=r"\(C, H, W\) of positive ints"):
+        check_image_shape((3, 0, 5))
+    with pytest.raises(ValueError, match=r"\(C, H, W\) of positive ints"):
+        check_image_shape((28, 28))
+    with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\), got 'abc'"):
+        check_image_shape("abc")
