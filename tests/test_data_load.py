@@ -1,5 +1,7 @@
 """Tests of mfa.data.load_dataset's options: seeded splits, ``limit``, crop and resize
-(mfa.data.splits, mfa.data.transforms) and argument checks, on the embedded digits."""
+(mfa.data.splits, mfa.data.transforms) and argument checks, on the embedded digits. Nothing here
+reads the default data root or cache: the other sources are only given a root that does not
+exist."""
 
 from __future__ import annotations
 
@@ -9,13 +11,6 @@ import pytest
 import torch
 
 from mfa.data import DATASET_NAMES, DatasetNotFoundError, load_dataset
-
-
-@pytest.fixture(autouse=True)
-def _isolated_dirs(tmp_path, monkeypatch):
-    """Keep the default data root and cache inside the test's tmp folder."""
-    monkeypatch.setenv("MFA_DATA_DIR", str(tmp_path / "default-data"))
-    monkeypatch.setenv("MFA_CACHE_DIR", str(tmp_path / "default-cache"))
 
 
 def row_keys(pixels: torch.Tensor) -> list[bytes]:
