@@ -27,6 +27,7 @@ def _celeba_folder(base: Path) -> Path | None:
 
 
 def celeba_pools(root: Path | None, download: bool) -> Pools:
+    """The official train/val/test partition of the aligned JPEGs (files, labels ``-1``)."""
     base = root if root is not None else default_data_root()
     folder = _celeba_folder(base)
     if folder is None and download:

@@ -18,6 +18,7 @@ _EMBEDDED_FILE = "mnist_5k.npz"
 
 
 def embedded_mnist_pools() -> Pools:
+    """The 5,000 shipped digits as one pool of uint8 images ``[5000, 1, 28, 28]``."""
     ref = resources.files("mfa").joinpath("assets", _EMBEDDED_FILE)
     with resources.as_file(ref) as path:
         if not Path(path).is_file():

@@ -19,6 +19,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".t
 
 
 def folder_pools(root: Path | None) -> Pools:
+    """Every image file under ``root`` as one pool, labelled by first-level sub-folder."""
     if root is None:
         raise ValueError("the 'folder' dataset needs root=<a folder of images>")
     if not root.is_dir():

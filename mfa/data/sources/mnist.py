@@ -118,6 +118,7 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
 
 
 def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) -> Pools:
+    """The official train and test splits of ``key`` as uint8 images ``[N, 1, 28, 28]``."""
     import torchvision.datasets as tvd
 
     base = _mnist_root(key, root, download, cache_dir)

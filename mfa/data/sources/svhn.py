@@ -16,6 +16,7 @@ __all__ = ["svhn_pools"]
 
 
 def svhn_pools(root: Path | None, download: bool) -> Pools:
+    """The official train and test ``.mat`` files as uint8 images ``[N, 3, 32, 32]``."""
     from torchvision.datasets import SVHN
 
     base = root if root is not None else default_data_root() / "svhn"
