@@ -702,3 +702,45 @@ def test_a_bit_flip_in_a_tensor_record_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"m\.pt is corrupted: archive member "
                                               rf"'{re.escape(info.filename)}' fails its CRC-32"):
         load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml"}  # distribution -> module, where they differ
+
+
+def _requirements() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found = {}
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", requirement.strip())
+        found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def _minimum(spec: str) -> tuple[int, ...]:
+    match = re.search(r">=\s*([\d.]+)", spec)
+    assert match, f"no lower bound in {spec!r}"
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def test_torch_versions_whose_safe_loader_can_be_bypassed_are_excluded():
+    """weights_only=True can be bypassed before torch 2.6 (CVE-2025-32434) and 2.10
+    (CVE-2026-24747); torchvision 0.25 is the release built for torch 2.10."""
+    requirements = _requirements()
+    assert _minimum(requirements["torch"]) >= (2, 10)
+    assert _minimum(requirements["torchvision"]) >= (0, 25)
+    ci = (ROOT / ".ci" / "run").read_text()
+    for name in ("torch", "torchvision"):  # CI installs the range pyproject declares
+        spec = re.search(rf'"{name}(>=[^"]*)"', ci).group(1)
+        assert _minimum(spec) == _minimum(requirements[name]), (name, spec)
+
+
+def test_every_declared_dependency_is_imported():
+    sources = "\n".join(p.read_text() for p in (ROOT / "mfa").rglob("*.py"))
+    for name in _requirements():
+        module = IMPORT_NAMES.get(name, name).replace("-", "_")
+        assert re.search(rf"^\s*(import|from)\s+{module}\b", sources, flags=re.M), (
+            f"{name} is declared in pyproject.toml but no module in mfa/ imports it")
