@@ -744,3 +744,28 @@ def test_every_declared_dependency_is_imported():
         module = IMPORT_NAMES.get(name, name).replace("-", "_")
         assert re.search(rf"^\s*(import|from)\s+{module}\b", sources, flags=re.M), (
             f"{name} is declared in pyproject.toml but no module in mfa/ imports it")
+
+
+def test_a_tampered_generator_in_a_real_em_state_is_refused(tmp_path):
+    import warnings as _warnings
+
+    from mfa.em import EMConfig, EMTrainer
+
+    x = torch.randn(100, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    trainer = EMTrainer(EMConfig(max_iter=3, progress=False, kmeans_iter=2, complete_iter=1,
+                                 checkpoint_every=1))
+    saved = []
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        trainer.fit(make_model(k=2, d=6, lat=1), x, checkpoint_fn=lambda t, m: saved.append(
+            save_checkpoint(tmp_path / f"em{len(saved)}.pt", m, trainer_state=t.state_dict())))
+    path = saved[0]  # written mid-fit, so it holds the generator to resume with
+    state = load_checkpoint(path).trainer_state
+    assert "generator" in state  # the key EMTrainer writes is the one that is checked
+    rewrite(path, lambda p: p["trainer_state"].update(
+        generator=p["trainer_state"]["generator"][:100]))
+    with pytest.raises(CheckpointError, match=r"em0\.pt holds an invalid trainer state: "
+                                              r"trainer_state\['generator'\] is not a valid "
+                                              r"generator state: it is rejected by "
+                                              r"torch\.Generator\.set_state"):
+        load_checkpoint(path)
