@@ -23,9 +23,18 @@ trainer state holding an arbitrary object) is refused when written, not when nee
 Reads first check the zip structure and the CRC-32 of every archive member, so a cut-off or
 damaged file is reported as such before any unpickling.
 
-Writes are atomic: the archive goes to a temporary file in the destination folder, is
-flushed and fsynced, then renamed over ``path`` with ``os.replace``. A failure at any point
-removes the temporary file and leaves a previous checkpoint at ``path`` untouched.
+Then, before anything is built, the stored model config and tensors are checked against
+each other (names, shapes, dtypes, finite values) and any generator state in the trainer
+state is checked to be one ``torch.Generator`` accepts (:mod:`mfa._checkpoint_checks`); the
+model is built only once the stored sizes match tensors whose data is really in the file,
+and takes those tensors instead of allocating its own.
+
+Writes are atomic: the archive goes to a temporary file ``.<name>.<pid>.<hex>.tmp`` in the
+destination folder, is flushed and fsynced, then renamed over ``path`` with ``os.replace``.
+A failure at any point removes the temporary file and leaves a previous checkpoint at
+``path`` untouched. A writer killed outright (``kill -9``, power loss) cannot remove its
+temporary: every save and load removes those of ``path`` whose writer process is gone
+(:func:`clean_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -33,8 +42,9 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
+import pickletools
 import re
-import secrets
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +54,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mfa._checkpoint_checks import (
+    build_model,
+    check_model_config,
+    check_model_state,
+    check_parameters_finite,
+    check_trainer_state,
+)
+from mfa._temporaries import clean_stale_temporaries, fsync_folder, reserved_temporary
 from mfa.config import RunConfig, config_from_dict, config_to_dict, validate_config
 from mfa.model import MixtureOfFactorAnalyzers
 
@@ -53,6 +71,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "clean_stale_temporaries",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -129,20 +148,6 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: MixtureOfFactorAnalyzers,
@@ -178,6 +183,9 @@ def save_checkpoint(
     elif run_config is not None:
         raise TypeError(f"run_config must be a RunConfig, a dict or None, "
                         f"got {type(run_config).__name__}")
+    if trainer_state is not None and not isinstance(trainer_state, Mapping):
+        raise TypeError(f"trainer_state must be a dict or None, "
+                        f"got {type(trainer_state).__name__}")
     if metrics is not None and not isinstance(metrics, Mapping):
         raise TypeError(f"metrics must be a dict or None, got {type(metrics).__name__}")
     if path.is_dir():
@@ -199,40 +207,51 @@ def save_checkpoint(
 
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_folder(folder)
+    clean_stale_temporaries(path)
+    with reserved_temporary(path) as temporary:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                torch.save(payload, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+    fsync_folder(folder)
     return path
 
 
 # ---------------------------------------------------------------------------- loading
 
 
-def _unsafe_detail(message: str) -> str | None:
-    """The refused global named in a weights_only error, or None if it is not such an error."""
+_OPCODE_NAMES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
+def _refusal_detail(message: str) -> str | None:
+    """Why the safe loader refused a pickle, or None if its error is not such a refusal."""
     match = re.search(r"GLOBAL\s+(\S+)", message)
     if match:
         return f"it references {match.group(1)}, which the safe loader does not allow"
     if "Unsupported global" in message:
         return "it references a Python object the safe loader does not allow"
+    match = re.search(r"Unsupported operand (\d+)", message)
+    if match:
+        code = int(match.group(1))
+        name = _OPCODE_NAMES.get(code, "unknown")
+        return (f"it uses the pickle instruction {name} ({code}), which the safe loader does "
+                "not support; mfa writes pickle protocol 2, so this file was pickled by "
+                "something else, e.g. with protocol 4 or newer")
     return None
 
 
 def _unpickling_detail(message: str) -> str:
-    """The informative line of a weights_only unpickling error."""
-    for line in message.splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.strip()
-    return _first_line_of(message)
+    """The informative part of a weights_only unpickling error, without torch's advice."""
+    match = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", message,
+                      flags=re.S)
+    detail = " ".join(match.group(1).split()) if match else ""
+    return detail or _first_line_of(message)
 
 
 def _check_archive(path: Path) -> None:
@@ -269,15 +288,18 @@ def _read(path: Path, map_location: Any) -> Any:
         )
     _check_archive(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a refused protocol is reported below, as an error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        detail = _unsafe_detail(str(error))
+        detail = _refusal_detail(str(error))
         if detail is not None:
             raise CheckpointError(
-                f"refusing to load checkpoint {path}: it contains pickled objects other than "
-                f"tensors and plain Python values ({detail}); loading them could run arbitrary "
-                "code; an mfa checkpoint never contains such objects, so this file was not "
-                "written by mfa.save_checkpoint and may be malicious"
+                f"refusing to load checkpoint {path}: it is not a weights-only checkpoint "
+                f"(unsafe or foreign pickle refused): {detail}. An mfa checkpoint holds only "
+                "tensors and plain Python values; loading this file without the safe loader "
+                "could run arbitrary code: it was not written by mfa.save_checkpoint and may "
+                "be malicious"
             ) from None
         raise CheckpointError(
             f"checkpoint {path} is corrupted: {_unpickling_detail(str(error))}"
@@ -325,27 +347,39 @@ def _check_payload(payload: Any, path: Path) -> None:
 
 
 def _rebuild_model(payload: dict, path: Path) -> MixtureOfFactorAnalyzers:
+    """Check the stored config and tensors against each other, then build the model from the
+    tensors: nothing is allocated from the stored sizes before they match the tensors."""
     config = payload["model_config"]
     state = payload["model_state"]
-    reference = state.get("loc")
-    factory = {}
-    if isinstance(reference, Tensor):
-        factory = {"dtype": reference.dtype, "device": reference.device}
     try:
-        model = MixtureOfFactorAnalyzers(**config, **factory)
+        check_model_config(config)
     except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {path} has an invalid model config {config}: {error}"
         ) from None
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        problem = " ".join(str(error).split())
+        check_model_state(config, state)
+    except (TypeError, ValueError) as error:
         raise CheckpointError(
             f"checkpoint {path}: the saved model state does not match its model config "
-            f"{config}: {problem}"
+            f"{config}: {error}"
         ) from None
-    return model
+    try:
+        check_parameters_finite(state)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path} holds non-finite parameters: {error}; "
+                              "the model would give NaN results") from None
+    try:
+        return build_model(config, state)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} has an invalid model config {config}: {error}"
+        ) from None
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint {path}: the saved model state does not match its model config "
+            f"{config}: {' '.join(str(error).split())}"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> Checkpoint:
@@ -364,15 +398,26 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     Raises:
         CheckpointNotFoundError: ``path`` does not exist (a ``FileNotFoundError`` too).
         CheckpointError: the file is empty, truncated or corrupted; not an mfa checkpoint; of
-            a newer format version; holds a model state that does not match its config or an
-            invalid run config; or holds pickled objects other than tensors and plain values
-            (a possible code-execution payload, refused before anything runs). A subclass of
-            ``ValueError``; every message names the path.
+            a newer format version; holds a model state that does not match its config
+            (names, shapes, dtypes: checked before anything is allocated), non-finite
+            parameters, an invalid run config, or a trainer state that is not a dict or holds
+            an invalid generator state; or holds pickled objects other than tensors and plain
+            values (a possible code-execution payload, refused before anything runs). A
+            subclass of ``ValueError``; every message names the path.
+
+    Stale temporaries of ``path`` left by killed writers are removed first
+    (:func:`clean_stale_temporaries`).
     """
     path = Path(path)
+    clean_stale_temporaries(path)
     payload = _read(path, map_location)
     _check_payload(payload, path)
     model = _rebuild_model(payload, path)
+    try:
+        check_trainer_state(payload.get("trainer_state"))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} holds an invalid trainer state: "
+                              f"{error}") from None
     run_config = None
     if payload.get("run_config") is not None:
         try:

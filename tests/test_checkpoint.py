@@ -5,6 +5,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -18,6 +25,7 @@ from mfa.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointNotFoundError,
+    clean_stale_temporaries,
     load_checkpoint,
     save_checkpoint,
 )
@@ -404,3 +412,360 @@ def _plain_copy(state):
     from mfa.checkpoint import _plain
 
     return _plain(state, "state")
+
+
+# ---------------------------------------------------------------------------- stale temporaries
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.slow  # starts a Python that imports torch (~2 s)
+def test_kill_9_during_a_write_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_model(seed=0), metrics={"version": "good"})
+    script = (
+        "import os, signal, sys, torch\n"
+        "from mfa.checkpoint import save_checkpoint\n"
+        "from mfa import MixtureOfFactorAnalyzers\n"
+        "def killed(obj, f, *args, **kwargs):\n"
+        "    f.write(b'PK\\x03\\x04' + bytes(1 << 20))  # a large partial archive\n"
+        "    f.flush()\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = killed\n"
+        "save_checkpoint(sys.argv[1], MixtureOfFactorAnalyzers(3, 12, 2))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    stale = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(stale) == 1 and stale[0].name.startswith(".m.pt.")
+    assert stale[0].stat().st_size > 1 << 20
+    assert load_checkpoint(path).metrics == {"version": "good"}  # not confused by it
+
+    save_checkpoint(path, make_model(seed=1), metrics={"version": "next"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    assert load_checkpoint(path).metrics == {"version": "next"}
+
+
+def test_clean_stale_temporaries_keeps_those_of_live_writers(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_model())
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = tmp_path / f".m.pt.{_dead_pid()}.0a1b2c3d.tmp"
+        live = tmp_path / f".m.pt.{writer.pid}.deadbeef.tmp"
+        old_live = tmp_path / f".m.pt.{writer.pid}.00c0ffee.tmp"
+        others = [tmp_path / f".other.pt.{_dead_pid()}.0a1b2c3d.tmp",  # another checkpoint's
+                  tmp_path / ".m.pt.notapid.0a1b2c3d.tmp", tmp_path / "m.pt.bak"]
+        for p in (dead, live, old_live, *others):
+            p.write_bytes(b"PK\x03\x04 partial")
+        two_days_ago = time.time() - 2 * 86400
+        os.utime(old_live, (two_days_ago, two_days_ago))
+
+        removed = clean_stale_temporaries(path)
+        assert sorted(removed) == sorted([dead, old_live])
+        assert not dead.exists() and not old_live.exists()
+        assert live.exists() and all(p.exists() for p in others)
+        assert clean_stale_temporaries(path) == []
+
+        # A save keeps the live writer's temporary too; after the writer dies, a load removes it.
+        save_checkpoint(path, make_model(seed=1))
+        assert live.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert load_checkpoint(path).model.n_components == 3
+    assert not live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.pt"] + [p.name for p in others])
+
+
+def test_clean_stale_temporaries_keeps_this_process_s_own_write_in_progress(tmp_path,
+                                                                            monkeypatch):
+    path = tmp_path / "m.pt"
+    mine_stale = tmp_path / f".m.pt.{os.getpid()}.12345678.tmp"  # e.g. a reused pid
+    mine_stale.write_bytes(b"PK\x03\x04 partial")
+    seen = []
+    real_save = torch.save
+
+    def save_and_clean(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.flush()
+        seen.append(clean_stale_temporaries(path))  # a second cleaner during the write
+        seen.append(sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")))
+
+    monkeypatch.setattr(torch, "save", save_and_clean)
+    save_checkpoint(path, make_model())
+    monkeypatch.undo()
+    assert seen[0] == []  # the stale one was already removed, the one being written is kept
+    assert len(seen[1]) == 1 and seen[1][0] != mine_stale.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+# ---------------------------------------------------------------------------- tampered contents
+
+
+@pytest.mark.parametrize(("name", "value"), [("loc", float("nan")), ("raw_noise", float("inf")),
+                                             ("logits", -float("inf"))])
+def test_non_finite_parameters_are_refused(tmp_path, name, value):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    rewrite(path, lambda p: p["model_state"][name].view(-1).__setitem__(1, value))
+    with pytest.raises(CheckpointError, match=rf"m\.pt holds non-finite parameters: "
+                                              rf"'{name}' contains 1 non-finite"):
+        load_checkpoint(path)
+
+
+def test_huge_sizes_in_the_config_are_refused_before_anything_is_allocated(tmp_path,
+                                                                           monkeypatch):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(k=3, d=12, lat=2))
+    rewrite(path, lambda p: p["model_config"].update(n_components=100_000, n_features=100_000,
+                                                     n_factors=100))
+    built = []
+    real_init = MixtureOfFactorAnalyzers.__init__
+
+    def spy(self, *args, **kwargs):
+        built.append((args, kwargs))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(MixtureOfFactorAnalyzers, "__init__", spy)
+    with pytest.raises(CheckpointError, match=r"m\.pt: the saved model state does not match its "
+                                              r"model config.*size mismatch for logits: stored "
+                                              r"shape \[3\], expected \[100000\]"):
+        load_checkpoint(path)
+    assert built == []
+    monkeypatch.undo()
+
+
+def test_huge_shapes_backed_by_a_tiny_storage_are_refused(tmp_path, monkeypatch):
+    """Stride-0 tensors let a 2 kB file hold tensors of any shape: they must match their
+    stored data, not just the config, before anything is built or computed from them."""
+    k, d, lat = 100_000, 100_000, 100
+    path = save_checkpoint(tmp_path / "m.pt", make_model(k=3, d=12, lat=2))
+
+    def inflate(payload):
+        payload["model_config"].update(n_components=k, n_features=d, n_factors=lat)
+        for name, shape in {"logits": (k,), "loc": (k, d), "loadings": (k, d, lat),
+                            "raw_noise": (k, d)}.items():
+            payload["model_state"][name] = torch.zeros(1, dtype=torch.float64).expand(shape)
+
+    rewrite(path, inflate)
+    assert path.stat().st_size < 10_000
+    built = []
+    monkeypatch.setattr(MixtureOfFactorAnalyzers, "__init__",
+                        lambda self, *a, **kw: built.append(a))
+    with pytest.raises(CheckpointError, match=r"m\.pt: the saved model state does not match.*"
+                                              r"'logits' has 100000 elements but its stored "
+                                              r"data holds 1"):
+        load_checkpoint(path)
+    assert built == []
+
+
+def test_aliased_parameters_are_not_shared_by_the_loaded_model(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(noise="diagonal"))
+
+    def alias(payload):
+        state = payload["model_state"]
+        state["raw_noise"] = state["loc"]  # one stored tensor for two parameters
+
+    rewrite(path, alias)
+    model = load_checkpoint(path).model
+    assert torch.equal(model.raw_noise, model.loc)
+    with torch.no_grad():
+        model.loc.add_(1.0)
+    assert not torch.equal(model.raw_noise, model.loc)
+
+
+@pytest.mark.parametrize(("name", "shape", "expected"), [
+    ("loc", (3, 11), r"\[3, 12\]"), ("loadings", (3, 12, 2, 1), r"\[3, 12, 2\]"),
+    ("raw_noise", (3, 1), r"\[3, 12\]"), ("logits", (), r"\[3\]"),
+])
+def test_each_stored_shape_is_checked_against_the_config(tmp_path, name, shape, expected):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(k=3, d=12, lat=2))
+    rewrite(path, lambda p: p["model_state"].update({name: torch.zeros(shape,
+                                                                        dtype=torch.float64)}))
+    with pytest.raises(CheckpointError, match=rf"m\.pt: the saved model state does not match.*"
+                                              rf"size mismatch for {name}: stored shape \[.*\], "
+                                              rf"expected {expected} from the config"):
+        load_checkpoint(path)
+
+
+def test_stored_dtypes_are_checked(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    rewrite(path, lambda p: p["model_state"].update(loc=p["model_state"]["loc"].long()))
+    with pytest.raises(CheckpointError, match=r"m\.pt: .*'loc' has dtype torch\.int64; "
+                                              r"parameters must be floating point"):
+        load_checkpoint(path)
+    path = save_checkpoint(tmp_path / "m2.pt", make_model())
+    rewrite(path, lambda p: p["model_state"].update(loadings=p["model_state"]["loadings"].float()))
+    with pytest.raises(CheckpointError, match=r"m2\.pt: .*'loadings' has dtype torch\.float32 "
+                                              r"but 'logits' has torch\.float64"):
+        load_checkpoint(path)
+
+
+def test_invalid_sizes_in_the_config(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    rewrite(path, lambda p: p["model_config"].update(n_components="3"))
+    with pytest.raises(CheckpointError, match=r"m\.pt has an invalid model config.*"
+                                              r"n_components must be an int, got str"):
+        load_checkpoint(path)
+    rewrite(path, lambda p: p["model_config"].update(n_components=3, n_factors=13))
+    with pytest.raises(CheckpointError, match=r"m\.pt has an invalid model config.*"
+                                              r"n_factors must be <= n_features"):
+        load_checkpoint(path)
+    rewrite(path, lambda p: p["model_config"].pop("n_factors"))
+    with pytest.raises(CheckpointError, match=r"m\.pt has an invalid model config.*"
+                                              r"missing.*n_factors"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(("generator", "problem"), [
+    (torch.zeros(10, dtype=torch.uint8), "not a valid generator state"),
+    (torch.Generator().get_state().float(), "not a valid generator state"),
+    ("seed 3", "not a valid generator state"),
+])
+def test_a_tampered_generator_state_is_refused(tmp_path, generator, problem):
+    state = trainer_state()
+    path = save_checkpoint(tmp_path / "m.pt", make_model(), trainer_state=state)
+    rewrite(path, lambda p: p["trainer_state"].update(generator=generator))
+    with pytest.raises(CheckpointError, match=rf"m\.pt holds an invalid trainer state: "
+                                              rf"trainer_state\['generator'\] is {problem}"):
+        load_checkpoint(path)
+
+
+def test_a_valid_generator_state_loads_and_resumes_the_stream(tmp_path):
+    gen = torch.Generator().manual_seed(5)
+    torch.rand(7, generator=gen)
+    path = save_checkpoint(tmp_path / "m.pt", make_model(),
+                           trainer_state={"generator": gen.get_state()})
+    resumed = torch.Generator()
+    resumed.set_state(load_checkpoint(path).trainer_state["generator"])
+    assert torch.equal(torch.rand(5, generator=resumed), torch.rand(5, generator=gen))
+
+
+def test_trainer_state_of_the_wrong_type_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model(), trainer_state=trainer_state())
+    rewrite(path, lambda p: p.update(trainer_state=[1, 2]))
+    with pytest.raises(CheckpointError, match=r"m\.pt holds an invalid trainer state: "
+                                              r"it is a list, not a dict"):
+        load_checkpoint(path)
+    rewrite(path, lambda p: p.update(trainer_state={"history": {"a": 1}}))
+    with pytest.raises(CheckpointError, match=r"m\.pt holds an invalid trainer state: "
+                                              r"trainer_state\['history'\] is a dict, not a list"):
+        load_checkpoint(path)
+    rewrite(path, lambda p: p.update(trainer_state={"config": [1]}))
+    with pytest.raises(CheckpointError, match=r"trainer_state\['config'\] is a list, not a dict"):
+        load_checkpoint(path)
+    with pytest.raises(TypeError, match=r"trainer_state must be a dict or None, got list"):
+        save_checkpoint(tmp_path / "m2.pt", make_model(), trainer_state=[1, 2])
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_malicious_protocol_4_pickle_is_refused_as_not_weights_only(tmp_path, protocol):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT_NAME, "x": SystemCall("touch pwned")}, path,
+               pickle_protocol=protocol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning from torch about the protocol
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+    message = str(info.value)
+    assert re.search(r"refusing to load checkpoint .*evil\.pt: it is not a weights-only "
+                     r"checkpoint.*unsafe or foreign pickle", message), message
+    assert "corrupted" not in message and "file an issue" not in message
+    assert not (tmp_path / "pwned").exists()
+
+
+class SystemCall:
+    """Unpickling this would run a shell command (it never is: the loader refuses it)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_bit_flip_in_a_tensor_record_is_refused(tmp_path):
+    path = save_checkpoint(tmp_path / "m.pt", make_model())
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    header = data[info.header_offset:info.header_offset + 30]  # the local file header
+    name_length, extra_length = struct.unpack("<HH", header[26:30])  # (torch pads the extra)
+    start = info.header_offset + 30 + name_length + extra_length
+    data[start + 3] ^= 0x10  # one bit of the first stored value
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"m\.pt is corrupted: archive member "
+                                              rf"'{re.escape(info.filename)}' fails its CRC-32"):
+        load_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------- dependencies
+
+ROOT = Path(__file__).resolve().parents[1]
+IMPORT_NAMES = {"pillow": "PIL", "pyyaml": "yaml"}  # distribution -> module, where they differ
+
+
+def _requirements() -> dict[str, str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    found = {}
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)\s*(.*)", requirement.strip())
+        found[match.group(1).lower()] = match.group(2)
+    return found
+
+
+def _minimum(spec: str) -> tuple[int, ...]:
+    match = re.search(r">=\s*([\d.]+)", spec)
+    assert match, f"no lower bound in {spec!r}"
+    return tuple(int(part) for part in match.group(1).split("."))
+
+
+def test_torch_versions_whose_safe_loader_can_be_bypassed_are_excluded():
+    """weights_only=True can be bypassed before torch 2.6 (CVE-2025-32434) and 2.10
+    (CVE-2026-24747); torchvision 0.25 is the release built for torch 2.10."""
+    requirements = _requirements()
+    assert _minimum(requirements["torch"]) >= (2, 10)
+    assert _minimum(requirements["torchvision"]) >= (0, 25)
+    ci = (ROOT / ".ci" / "run").read_text()
+    for name in ("torch", "torchvision"):  # CI installs the range pyproject declares
+        spec = re.search(rf'"{name}(>=[^"]*)"', ci).group(1)
+        assert _minimum(spec) == _minimum(requirements[name]), (name, spec)
+
+
+def test_every_declared_dependency_is_imported():
+    sources = "\n".join(p.read_text() for p in (ROOT / "mfa").rglob("*.py"))
+    for name in _requirements():
+        module = IMPORT_NAMES.get(name, name).replace("-", "_")
+        assert re.search(rf"^\s*(import|from)\s+{module}\b", sources, flags=re.M), (
+            f"{name} is declared in pyproject.toml but no module in mfa/ imports it")
+
+
+def test_a_tampered_generator_in_a_real_em_state_is_refused(tmp_path):
+    import warnings as _warnings
+
+    from mfa.em import EMConfig, EMTrainer
+
+    x = torch.randn(100, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    trainer = EMTrainer(EMConfig(max_iter=3, progress=False, kmeans_iter=2, complete_iter=1,
+                                 checkpoint_every=1))
+    saved = []
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("ignore")
+        trainer.fit(make_model(k=2, d=6, lat=1), x, checkpoint_fn=lambda t, m: saved.append(
+            save_checkpoint(tmp_path / f"em{len(saved)}.pt", m, trainer_state=t.state_dict())))
+    path = saved[0]  # written mid-fit, so it holds the generator to resume with
+    state = load_checkpoint(path).trainer_state
+    assert "generator" in state  # the key EMTrainer writes is the one that is checked
+    rewrite(path, lambda p: p["trainer_state"].update(
+        generator=p["trainer_state"]["generator"][:100]))
+    with pytest.raises(CheckpointError, match=r"em0\.pt holds an invalid trainer state: "
+                                              r"trainer_state\['generator'\] is not a valid "
+                                              r"generator state: it is rejected by "
+                                              r"torch\.Generator\.set_state"):
+        load_checkpoint(path)

@@ -1,0 +1,137 @@
+"""The temporary files of atomic checkpoint writes, and removing those that killed writers left.
+
+:func:`mfa.checkpoint.save_checkpoint` writes to ``.<name>.<pid>.<hex>.tmp`` beside the
+destination (:func:`reserved_temporary`), fsyncs it and renames it over the destination. A
+writer killed outright cannot remove its temporary; :func:`clean_stale_temporaries` removes
+the ones whose writer is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "STALE_TEMPORARY_AGE",
+    "clean_stale_temporaries",
+    "fsync_folder",
+    "reserved_temporary",
+]
+
+logger = logging.getLogger(__name__)
+
+STALE_TEMPORARY_AGE = 24 * 3600.0  # seconds; an untouched temporary this old is abandoned
+
+
+_writing: set[str] = set()  # names of the temporaries this process is writing now
+_writing_lock = threading.Lock()
+
+
+def _temporary_pattern(path: Path) -> re.Pattern[str]:
+    """Names that ``save_checkpoint`` gives the temporaries of ``path``; group 1: the pid."""
+    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (True when it cannot be told)."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists but belongs to another user
+        return True
+    return True
+
+
+def clean_stale_temporaries(
+    path: str | os.PathLike[str], max_age: float = STALE_TEMPORARY_AGE
+) -> list[Path]:
+    """Remove the temporaries that writers of ``path`` killed mid-write left behind.
+
+    :func:`mfa.checkpoint.save_checkpoint` writes to ``.<name>.<pid>.<hex>.tmp`` beside
+    ``path`` and renames it over ``path``; a writer killed outright (``kill -9``, the OOM
+    killer) leaves that file, full-size. A temporary is removed when its writer is gone: its
+    pid names no process (or names this process, which is not writing it), or it has not been
+    modified for ``max_age`` seconds (a pid reused by another process). The temporary of a
+    live writer is kept. ``save_checkpoint`` and ``load_checkpoint`` call this; resume code
+    may too. On a folder shared between machines, call it only where the writers run: a pid
+    is checked on this machine.
+
+    Args:
+        path: the checkpoint file (it need not exist).
+        max_age: seconds without a write after which a temporary counts as abandoned.
+
+    Returns:
+        The removed files. Files that cannot be removed are logged and kept.
+    """
+    path = Path(path)
+    folder, pattern = path.parent, _temporary_pattern(path)
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder, or not readable: nothing to clean
+        return []
+    removed = []
+    now = time.time()
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        with _writing_lock:
+            if entry.name in _writing:
+                continue
+        pid = int(match.group(1))
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if pid != os.getpid() and age < max_age and _process_exists(pid):
+            continue
+        try:
+            os.unlink(entry.path)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+        except OSError as error:
+            logger.warning("cannot remove stale checkpoint temporary %s: %s", entry.path, error)
+            continue
+        logger.info("removed stale checkpoint temporary %s (writer %d gone)", entry.path, pid)
+        removed.append(folder / entry.name)
+    return removed
+
+
+@contextlib.contextmanager
+def reserved_temporary(path: Path) -> Iterator[Path]:
+    """A fresh temporary name beside ``path`` that no cleaner in this process removes while
+    the ``with`` block runs (the caller creates, writes and renames the file)."""
+    name = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with _writing_lock:  # before the file exists, so no cleaner takes it for a stale one
+        _writing.add(name)
+    try:
+        yield path.parent / name
+    finally:
+        with _writing_lock:
+            _writing.discard(name)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
