@@ -8,7 +8,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -16,10 +16,20 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from mfa import training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
-from mfa._validation import check_int_fields
-from mfa.em import ConvergenceWarning, EMTrainer, initialise
+from mfa._validation import (
+    check_bool_field,
+    check_choice_field,
+    check_device_field,
+    check_int_fields,
+    check_real_field,
+)
+from mfa.init import initialise
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.training import ConvergenceWarning
+
+__all__ = ["SGDConfig", "SGDTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,32 +56,24 @@ class SGDConfig:
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
 
+    def validate(self) -> None:
+        """Check every field; the trainer's limits live here only.
 
-def _validate_config(cfg: SGDConfig) -> None:
-    def real(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-            value
-        )
-
-    if not (real(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"SGDConfig.lr must be a finite number > 0, got {cfg.lr!r}")
-    if not (real(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ValueError(f"SGDConfig.weight_decay must be >= 0, got {cfg.weight_decay!r}")
-    if not (real(cfg.variance_floor) and cfg.variance_floor > 0):
-        raise ValueError(f"SGDConfig.variance_floor must be > 0, got {cfg.variance_floor!r}")
-    minimum = {"batch_size": 1, "epochs": 1, "kmeans_iter": 1, "init_samples": 1,
-               "complete_iter": 0, "checkpoint_every": 0, "patience": 0}
-    check_int_fields(cfg, minimum)
-    if cfg.schedule not in ("constant", "cosine", "step"):
-        raise ValueError(
-            f"SGDConfig.schedule must be 'constant', 'cosine' or 'step', got {cfg.schedule!r}"
-        )
-    if cfg.grad_clip is not None and not (real(cfg.grad_clip) and cfg.grad_clip > 0):
-        raise ValueError(f"SGDConfig.grad_clip must be > 0 or None, got {cfg.grad_clip!r}")
-    if not (real(cfg.val_fraction) and 0 <= cfg.val_fraction < 1):
-        raise ValueError(f"SGDConfig.val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
-    if cfg.init not in ("kmeans", "random", "none"):
-        raise ValueError(f"SGDConfig.init must be 'kmeans', 'random' or 'none', got {cfg.init!r}")
+        Raises:
+            ValueError: naming the field as ``SGDConfig.<field>`` with the bad value.
+        """
+        check_real_field(self, "lr", minimum=0, strict=True)
+        check_real_field(self, "weight_decay", minimum=0)
+        check_real_field(self, "variance_floor", minimum=0, strict=True)
+        check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
+                                "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
+                                "patience": 0, "seed": 0})
+        check_choice_field(self, "schedule", ("constant", "cosine", "step"))
+        check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
+        check_real_field(self, "val_fraction", minimum=0, maximum=1)
+        check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_device_field(self)
+        check_bool_field(self, "progress")
 
 
 class SGDTrainer:
@@ -94,25 +96,20 @@ class SGDTrainer:
 
     def __init__(self, config: SGDConfig | None = None) -> None:
         self.config = config or SGDConfig()
-        _validate_config(self.config)
+        self.config.validate()
         self.history: list[dict] = []
         self._state: dict = {}
         self._resume: dict | None = None
 
     def state_dict(self) -> dict:
         """Resume state (primitives and tensors only); save the model's state beside it."""
-        state = copy.deepcopy(self._state)
-        state["config"] = asdict(self.config)
-        state["history"] = copy.deepcopy(self.history)
-        return state
+        return training.save_state(self._state, self.config, self.history)
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
+        provided the model holds the parameters saved with this state."""
         required = {"epoch", "optimizer", "scheduler", "generator", "best_params", "best_val"}
-        missing = required - set(state)
-        if missing:
-            raise ValueError(f"SGDTrainer state is missing keys {sorted(missing)}")
-        self._resume = copy.deepcopy(state)
-        self.history = copy.deepcopy(state.get("history", []))
+        self._resume, self.history = training.restore_state(state, required, "SGDTrainer")
 
     def _split(self, data, validation, model):
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
@@ -235,11 +232,11 @@ class SGDTrainer:
                 total += -loss.item() * batch.shape[0]
                 seen += batch.shape[0]
             train_ll = total / max(seen, 1)
-            val_ll = EMTrainer.evaluate(model, val_source) if val_source is not None else None
+            val_ll = training.evaluate(model, val_source) if val_source is not None else None
             score = val_ll if val_ll is not None else train_ll
             if score > best_val:
                 best_val, bad_epochs = score, 0
-                best_params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_params = training.clone_params(model)
             else:
                 bad_epochs += 1
             record = {
