@@ -76,6 +76,23 @@ class SGDConfig:
         check_bool_field(self, "progress")
 
 
+#: An epoch whose mean train log-likelihood per row falls more than this many times
+#: ``(|reference| + D)`` nats below the reference (the initial fit, or the best epoch so far)
+#: has diverged: a working optimisation never loses that much.
+DIVERGENCE_FACTOR = 10.0
+
+
+def _diverged(train_ll: float, val_ll: float | None, reference: float | None,
+              n_features: int) -> bool:
+    """Whether an epoch's scores say the optimisation has diverged: non-finite, or the train
+    log-likelihood far below ``reference`` (see :data:`DIVERGENCE_FACTOR`)."""
+    if not math.isfinite(train_ll) or (val_ll is not None and not math.isfinite(val_ll)):
+        return True
+    if reference is None or not math.isfinite(reference):
+        return False
+    return train_ll < reference - DIVERGENCE_FACTOR * (abs(reference) + n_features)
+
+
 class SGDTrainer:
     """Adam on ``−mean log p(x)`` over shuffled minibatches; trains every parameter (weights,
     means, loadings, noise) through the model's unconstrained parametrisation.
@@ -88,6 +105,12 @@ class SGDTrainer:
     validation data a seeded ``val_fraction`` of a tensor's or Dataset's rows is held out; the
     parameters with the best validation log-likelihood are kept (early stopping after
     ``patience`` epochs without improvement).
+
+    Divergence (a learning rate too large) raises ``FloatingPointError``, as a NaN loss
+    does, saying so and naming ``SGDConfig.lr``: an epoch whose scores are not finite, or
+    whose mean train log-likelihood falls far below that of the initial parameters (or of
+    the best epoch so far; see :data:`DIVERGENCE_FACTOR`). The model is first reset to the
+    best epoch's parameters (the initial ones if no epoch finished), so it stays usable.
 
     Attributes:
         history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
@@ -201,6 +224,11 @@ class SGDTrainer:
             gen.set_state(state["generator"])
             best_val, best_params = state["best_val"], state["best_params"]
             bad_epochs = int(state.get("bad_epochs", 0))
+            # Checkpoints from before the divergence check lack the reference: the best epoch.
+            reference = state.get("reference_log_likelihood")
+            if reference is None:
+                reference = max((r["train_log_likelihood"] for r in self.history),
+                                default=None)
         else:
             self.history = []
             init_source = train_source or DataSource(train, model, cfg.batch_size)
@@ -210,6 +238,15 @@ class SGDTrainer:
                 kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
             )
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
+            reference = None
+        # Restored when the optimisation fails before any epoch has been kept.
+        start_params = training.clone_params(model) if best_params is None else None
+
+        def fail(message: str) -> FloatingPointError:
+            model.load_state_dict(best_params if best_params is not None else start_params)
+            kept = "the best epoch's" if best_params is not None else "the initial"
+            return FloatingPointError(f"{message}; the model holds {kept} parameters")
+
         stopped = False
         bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", disable=not cfg.progress,
                    leave=False)
@@ -219,10 +256,12 @@ class SGDTrainer:
             for batch in self._batches(train, train_source, gen):
                 loss = -model._component_log_prob(batch).logsumexp(-1).mean()
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
+                    raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
-                        "the learning rate or raise min_noise"
+                        f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
                     )
+                if reference is None:  # the initial parameters' fit to the first minibatch
+                    reference = -loss.item()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
@@ -233,6 +272,14 @@ class SGDTrainer:
                 seen += batch.shape[0]
             train_ll = total / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
+            if _diverged(train_ll, val_ll, reference, model.n_features):
+                val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
+                raise fail(
+                    f"Adam diverged at epoch {epoch + 1}: the mean train log-likelihood is "
+                    f"{train_ll:.4g} nats per row{val_text}, down from {reference:.4g}; use a "
+                    f"smaller learning rate than SGDConfig.lr={cfg.lr:g}"
+                )
+            reference = train_ll if reference is None else max(reference, train_ll)
             score = val_ll if val_ll is not None else train_ll
             if score > best_val:
                 best_val, bad_epochs = score, 0
@@ -251,6 +298,7 @@ class SGDTrainer:
                 "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
+                "reference_log_likelihood": reference,
             }
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0
