@@ -7,7 +7,6 @@ Neither trainer imports the other; both import this module.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable
 from dataclasses import asdict
 
@@ -19,7 +18,6 @@ from mfa.model import MixtureOfFactorAnalyzers
 
 __all__ = [
     "ConvergenceWarning",
-    "check_finite_number",
     "check_finite_params",
     "clone_params",
     "evaluate",
@@ -88,12 +86,6 @@ def restore_state(state: dict, required: set[str], trainer: str) -> tuple[dict, 
 
 
 # ---------------------------------------------------------------------- non-finite checks
-
-
-def check_finite_number(value: float, what: str) -> None:
-    """Raise ``FloatingPointError`` naming ``what`` when ``value`` is NaN or infinite."""
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{what} is {value}")
 
 
 def check_finite_params(params: dict[str, Tensor], what: str) -> None:

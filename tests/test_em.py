@@ -645,3 +645,19 @@ def test_validate_accepts_the_limits():
     complete_iter=0, tol=0, min_component_mass=0."""
     EMConfig(max_iter=0, kmeans_iter=1, complete_iter=0, tol=0.0, min_component_mass=0.0,
              device="cpu").validate()
+
+
+def test_state_dict_keys_are_those_of_saved_checkpoints(mixture_data):
+    """Checkpoints written before the run state became an object must still resume: the
+    trainer state keeps exactly its keys, mid-run (with the generator) and after the fit."""
+    x, _ = mixture_data
+    saved = []
+    _, trainer = _fit(x, 3, 2, max_iter=3, tol=0.0, n_init=2, checkpoint_every=1,
+                      checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
+    common = {"run", "iteration", "runs_done", "best_log_likelihood", "best_params",
+              "previous_log_likelihood", "converged", "config", "history"}
+    assert set(saved[0]) == common | {"generator"}
+    assert set(saved[-1]) == common
+    assert saved[3]["run"] == 1 and saved[3]["runs_done"] == 1  # run 2, iteration 1
+    assert saved[3]["best_params"] is not None
+    assert saved[-1]["run"] == 2 and saved[-1]["iteration"] == 0
