@@ -28,7 +28,7 @@ from mfa.model import MixtureOfFactorAnalyzers
 from mfa.statistics import accumulate_statistics, m_step
 from mfa.training import ConvergenceWarning
 
-__all__ = ["ConvergenceWarning", "EMConfig", "EMTrainer"]
+__all__ = ["ConvergenceWarning", "EMConfig", "EMTrainer", "RunState"]
 
 
 @dataclass
