@@ -9,6 +9,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+#: Rows per batch of the streamed computations (evaluation, likelihoods, NDB binning).
+DEFAULT_BATCH_SIZE = 4096
+
 
 def reject_numpy(data, name: str) -> None:
     """Raise a TypeError that says how to convert ``data`` if it is a numpy array."""
@@ -94,9 +97,6 @@ class DataSource:
             yield self._prepare(batch, index)
         if empty:
             raise ValueError(f"{self.name} is empty")
-
-    def n_rows(self) -> int:
-        return sum(batch.shape[0] for batch in self)
 
 
 def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:

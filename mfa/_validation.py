@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -83,6 +84,64 @@ def check_int_fields(config: object, minimum: dict[str, int]) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}")
+
+
+def check_real_field(
+    config: object, name: str, *, minimum: float, strict: bool = False,
+    maximum: float = math.inf, allow_none: bool = False,
+) -> None:
+    """``config.<name>`` is a finite real number (not a bool) ``>= minimum`` (``> minimum``
+    when ``strict``) and ``< maximum``, or ``None`` when ``allow_none``.
+
+    The error names the field as ``<ConfigClass>.<name>`` and shows the bad value.
+    """
+    value = getattr(config, name)
+    if value is None and allow_none:
+        return
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        and (value > minimum if strict else value >= minimum) and value < maximum
+    )
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        if maximum < math.inf:
+            bound += f" and < {maximum}"
+        none = " or None" if allow_none else ""
+        raise ValueError(
+            f"{type(config).__name__}.{name} must be a finite number {bound}{none}, "
+            f"got {value!r}"
+        )
+
+
+def check_choice_field(config: object, name: str, choices: Sequence[str]) -> None:
+    """``config.<name>`` is one of ``choices``; the error names ``<ConfigClass>.<name>``."""
+    value = getattr(config, name)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"{type(config).__name__}.{name} must be one of {', '.join(map(repr, choices))}, "
+            f"got {value!r}"
+        )
+
+
+def check_device_field(config: object, name: str = "device") -> None:
+    """``config.<name>`` is ``None`` or a device string torch can parse (``"cpu"``,
+    ``"cuda:0"``...); whether that device is present is not checked here."""
+    value = getattr(config, name)
+    if value is None:
+        return
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{type(config).__name__}.{name} must be None or a device such as 'cpu' or "
+            f"'cuda', got {value!r}"
+        ) from err
+
+
+def check_bool_field(config: object, name: str) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+        raise ValueError(f"{type(config).__name__}.{name} must be True or False, got {value!r}")
 
 
 def feature_index(features: object, n_features: int, name: str = "features") -> Tensor:

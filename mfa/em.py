@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfa import linalg
+from mfa import linalg, training
 from mfa._data_stream import DataSource, gather_rows
-from mfa._validation import check_int_fields
-from mfa.init import fit_complete, kmeans, random_init
+from mfa._validation import (
+    check_bool_field,
+    check_choice_field,
+    check_device_field,
+    check_int_fields,
+    check_real_field,
+)
+from mfa.init import floored_weights, initialise
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.statistics import accumulate_statistics, m_step
+from mfa.training import ConvergenceWarning
 
-
-class ConvergenceWarning(UserWarning):
-    """EM or SGD stopped at its iteration limit before meeting its tolerance."""
+__all__ = ["ConvergenceWarning", "EMConfig", "EMTrainer", "RunState"]
 
 
 @dataclass
@@ -50,74 +54,94 @@ class EMConfig:
     checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)
     progress: bool = True  # tqdm progress bar
 
+    def validate(self) -> None:
+        """Check every field; the trainer's limits live here only.
+
+        Raises:
+            ValueError: naming the field as ``EMConfig.<field>`` with the bad value.
+        """
+        check_int_fields(self, {"max_iter": 0, "batch_size": 1, "n_init": 1, "kmeans_iter": 1,
+                                "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
+                                "seed": 0})
+        check_real_field(self, "tol", minimum=0)
+        check_real_field(self, "variance_floor", minimum=0, strict=True)
+        check_real_field(self, "min_component_mass", minimum=0)
+        check_choice_field(self, "stats_dtype", ("float64", "mixed", "float32"))
+        check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_device_field(self)
+        check_bool_field(self, "progress")
+        if self.init == "none" and self.n_init > 1:
+            raise ValueError(
+                f"EMConfig.n_init={self.n_init} > 1 needs a random EMConfig.init ('kmeans' or "
+                f"'random'), got {self.init!r}"
+            )
+
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[["EMTrainer", MixtureOfFactorAnalyzers, dict], None]
 
 
-def _validate_config(config: EMConfig) -> None:
-    minimum = {"max_iter": 0, "batch_size": 1, "n_init": 1, "kmeans_iter": 1,
-               "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0}
-    check_int_fields(config, minimum)
-    if not (isinstance(config.min_component_mass, (int, float))
-            and 0 <= config.min_component_mass < math.inf):
-        raise ValueError(
-            f"EMConfig.min_component_mass must be >= 0, got {config.min_component_mass!r}"
+@dataclass
+class RunState:
+    """Where a fit stands, enough to resume it; :meth:`as_dict` gives the keys of
+    :meth:`EMTrainer.state_dict` (unchanged since the first checkpoints, so old ones resume).
+
+    Attributes:
+        run: the restart in progress (``n_init`` once the fit is done).
+        iteration: EM iterations done in that restart.
+        previous_log_likelihood: mean train log-likelihood of the last iteration (``None``
+            at the start of a restart).
+        best_log_likelihood, best_params: the best finished restart so far (its model
+            ``state_dict``), or ``-inf`` and ``None``.
+        runs_done: restarts finished.
+        converged: whether the best restart met ``tol`` (set when the fit ends).
+        generator: the re-seeding generator's state within the restart (``None`` at its start
+            and once the fit is done).
+    """
+
+    run: int = 0
+    iteration: int = 0
+    previous_log_likelihood: float | None = None
+    best_log_likelihood: float = -math.inf
+    best_params: dict[str, Tensor] | None = None
+    runs_done: int = 0
+    converged: bool = False
+    generator: Tensor | None = field(default=None, repr=False)
+
+    REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
+
+    def as_dict(self) -> dict:
+        state = {
+            "run": self.run, "iteration": self.iteration, "runs_done": self.runs_done,
+            "best_log_likelihood": self.best_log_likelihood, "best_params": self.best_params,
+            "previous_log_likelihood": self.previous_log_likelihood,
+            "converged": self.converged,
+        }
+        if self.generator is not None:
+            state["generator"] = self.generator
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict) -> RunState:
+        return cls(
+            run=int(state["run"]), iteration=int(state["iteration"]),
+            previous_log_likelihood=state.get("previous_log_likelihood"),
+            best_log_likelihood=state["best_log_likelihood"], best_params=state["best_params"],
+            runs_done=int(state["runs_done"]), converged=bool(state.get("converged", False)),
+            generator=state.get("generator"),
         )
-    if not (isinstance(config.tol, (int, float)) and 0 <= config.tol < math.inf):
-        raise ValueError(f"EMConfig.tol must be >= 0, got {config.tol!r}")
-    if not (isinstance(config.variance_floor, (int, float))
-            and 0 < config.variance_floor < math.inf):
-        raise ValueError(f"EMConfig.variance_floor must be > 0, got {config.variance_floor!r}")
-    if config.stats_dtype not in ("float64", "mixed", "float32"):
-        raise ValueError(
-            "EMConfig.stats_dtype must be 'float64', 'mixed' or 'float32', "
-            f"got {config.stats_dtype!r}"
-        )
-    if config.init not in ("kmeans", "random", "none"):
-        raise ValueError(
-            f"EMConfig.init must be 'kmeans', 'random' or 'none', got {config.init!r}"
-        )
-    if config.init == "none" and config.n_init > 1:
-        raise ValueError("EMConfig.n_init > 1 needs a random init ('kmeans' or 'random')")
 
 
-def initialise(
-    model: MixtureOfFactorAnalyzers,
-    rows: Tensor,
-    method: str,
-    *,
-    seed: int,
-    variance_floor: float,
-    kmeans_iter: int = 20,
-    complete_iter: int = 5,
-) -> None:
-    """Set ``model``'s parameters from ``rows`` ``[n, D]`` by K-means + complete-data fit
-    (``method="kmeans"``) or random rows (``"random"``); ``"none"`` leaves it unchanged."""
-    if method == "none":
-        return
-    gen = torch.Generator(device=rows.device).manual_seed(seed)
-    k, lat = model.n_components, model.n_factors
-    if method == "kmeans":
-        result = kmeans(rows, k, n_iter=kmeans_iter, generator=gen)
-        init = fit_complete(
-            rows, result.labels, k, lat, model.noise, n_iter=complete_iter,
-            variance_floor=variance_floor, min_noise=model.min_noise,
-        )
-    elif method == "random":
-        init = random_init(
-            rows, k, lat, model.noise, generator=gen, variance_floor=variance_floor,
-            min_noise=model.min_noise,
-        )
-    else:
-        raise ValueError(f"unknown init method {method!r}")
-    model.set_parameters(
-        weights=init.weights.detach(),
-        means=init.means.detach(),
-        factor_loadings=init.factor_loadings.detach(),
-        noise_variance=init.noise_variance.detach(),
-    )
+@dataclass(frozen=True)
+class _FitContext:
+    """What stays fixed during one :meth:`EMTrainer.fit`."""
+
+    source: DataSource
+    val_source: DataSource | None
+    floor: float  # noise-variance floor of the M-step
+    callbacks: Sequence[Callback]
+    checkpoint_fn: Callable | None
 
 
 class EMTrainer:
@@ -126,10 +150,17 @@ class EMTrainer:
     Each iteration streams every batch once, accumulating the sufficient statistics of
     :mod:`mfa.statistics` (float64 by default), then takes one M-step: the result is the same
     full-batch EM update whatever the batch size. Supports diagonal and isotropic noise and
-    ``n_factors = 0`` (a diagonal or spherical GMM).
+    ``n_factors = 0`` (a diagonal or spherical GMM). Every weight stays positive: a component's
+    mass is floored at :data:`mfa.init.MIN_WEIGHT_MASS` rows in the M-step, as in the
+    initialisation (even with ``min_component_mass=0``, which turns re-seeding off).
 
     Args:
-        config: an :class:`EMConfig` (defaults when ``None``).
+        config: an :class:`EMConfig` (defaults when ``None``); checked by
+            :meth:`EMConfig.validate`.
+
+    Raises (from :meth:`fit`):
+        FloatingPointError: an iteration produced a non-finite log-likelihood or parameter;
+            the model keeps the parameters from before that iteration.
 
     Attributes:
         history: one dict per iteration: ``run`` (restart index), ``iteration``,
@@ -142,10 +173,10 @@ class EMTrainer:
 
     def __init__(self, config: EMConfig | None = None) -> None:
         self.config = config or EMConfig()
-        _validate_config(self.config)
+        self.config.validate()
         self.history: list[dict] = []
         self.converged = False
-        self._resume: dict | None = None
+        self._resume: RunState | None = None
         self._state: dict = {}
 
     # -------------------------------------------------------------- state
@@ -153,20 +184,13 @@ class EMTrainer:
     def state_dict(self) -> dict:
         """Everything needed to resume: primitives and tensors only (safe to load with
         ``torch.load(weights_only=True)``). Save the model's ``state_dict`` beside it."""
-        state = copy.deepcopy(self._state)
-        state["config"] = asdict(self.config)
-        state["history"] = copy.deepcopy(self.history)
-        return state
+        return training.save_state(self._state, self.config, self.history)
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
         provided the model holds the parameters saved with this state."""
-        required = {"run", "iteration", "best_log_likelihood", "best_params", "runs_done"}
-        missing = required - set(state)
-        if missing:
-            raise ValueError(f"EMTrainer state is missing keys {sorted(missing)}")
-        self._resume = copy.deepcopy(state)
-        self.history = copy.deepcopy(state.get("history", []))
+        state, self.history = training.restore_state(state, RunState.REQUIRED, "EMTrainer")
+        self._resume = RunState.from_dict(state)
 
     # -------------------------------------------------------------- fitting
 
@@ -199,72 +223,66 @@ class EMTrainer:
             if validation is not None
             else None
         )
-        floor = max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30)
-        stats_dtype = cfg.stats_dtype
+        ctx = _FitContext(
+            source=source, val_source=val_source,
+            floor=max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30),
+            callbacks=tuple(callbacks), checkpoint_fn=checkpoint_fn,
+        )
         if self._resume is not None:
-            state = self._resume
-            self._resume = None
-            start_run, start_iter = int(state["run"]), int(state["iteration"])
-            best_ll, best_params = state["best_log_likelihood"], state["best_params"]
-            runs_done = int(state["runs_done"])
-            prev_ll = state.get("previous_log_likelihood")
-            converged_best = bool(state.get("converged", False))
+            state, self._resume = self._resume, None
         else:
             self.history = []
-            start_run, start_iter, runs_done = 0, 0, 0
-            best_ll, best_params, prev_ll, converged_best = -math.inf, None, None, False
-            state = {}
+            state = RunState()
         init_rows = None
-        for run in range(start_run, cfg.n_init):
-            resuming = run == start_run and start_iter > 0
+        for run in range(state.run, cfg.n_init):
+            resuming = run == state.run and state.iteration > 0
+            state.run = run
             if not resuming:
                 if init_rows is None and cfg.init != "none":
                     init_rows = gather_rows(source, cfg.init_samples, cfg.seed)
                 initialise(
-                    model, init_rows, cfg.init, seed=cfg.seed + run, variance_floor=floor,
+                    model, init_rows, cfg.init, seed=cfg.seed + run, variance_floor=ctx.floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
-                start_iter, prev_ll = 0, None
-            gen_state = state.get("generator") if resuming else None
-            run_ll, converged = self._run(
-                model, source, val_source, run, start_iter, prev_ll, floor, stats_dtype,
-                callbacks, checkpoint_fn, best_ll, best_params, runs_done, gen_state,
-            )
-            runs_done = run + 1
-            if run_ll > best_ll or best_params is None:
-                best_ll, converged_best = run_ll, converged
-                best_params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            start_iter, prev_ll = 0, None
+                state.iteration, state.previous_log_likelihood, state.generator = 0, None, None
+            run_ll, converged = self._run(model, ctx, state)
+            state.runs_done = run + 1
+            if run_ll > state.best_log_likelihood or state.best_params is None:
+                state.best_log_likelihood, state.converged = run_ll, converged
+                state.best_params = training.clone_params(model)
+            state.iteration, state.previous_log_likelihood, state.generator = 0, None, None
             if cfg.n_init > 1:
                 logger.info("EM run %d/%d: log-likelihood %.6g", run + 1, cfg.n_init, run_ll)
-        if best_params is not None:
-            model.load_state_dict(best_params)
-        self.converged = converged_best
-        self._state = {
-            "run": cfg.n_init, "iteration": 0, "runs_done": runs_done,
-            "best_log_likelihood": best_ll, "best_params": best_params,
-            "previous_log_likelihood": None, "converged": converged_best,
-        }
+        if state.best_params is not None:
+            model.load_state_dict(state.best_params)
+        self.converged = state.converged
+        state.run = cfg.n_init
+        self._state = state.as_dict()
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model
 
-    def _run(self, model, source, val_source, run, start_iter, prev_ll, floor, stats_dtype,
-             callbacks, checkpoint_fn, best_ll, best_params, runs_done, gen_state):
+    def _run(self, model: MixtureOfFactorAnalyzers, ctx: _FitContext,
+             state: RunState) -> tuple[float, bool]:
+        """One restart from ``state.iteration`` to convergence or ``max_iter``; updates
+        ``state`` after every M-step. Returns ``(final mean train log-likelihood, converged)``.
+        """
         cfg = self.config
+        run = state.run
         # A CPU generator: its state resumes on any device.
         gen = torch.Generator().manual_seed(cfg.seed * 1000003 + run)
-        if gen_state is not None:
-            gen.set_state(gen_state)
+        if state.generator is not None:
+            gen.set_state(state.generator)
         converged = False
+        prev_ll = state.previous_log_likelihood
         ll = prev_ll if prev_ll is not None else -math.inf
         bar = tqdm(
-            range(start_iter, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
+            range(state.iteration, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
             disable=not cfg.progress, leave=False,
         )
         for it in bar:
             started = time.perf_counter()
-            stats = self.e_step(model, source, stats_dtype)
+            stats = self.e_step(model, ctx.source, cfg.stats_dtype)
             ll = (stats.log_likelihood / stats.n_rows).item()
             if not math.isfinite(ll):
                 raise FloatingPointError(
@@ -273,34 +291,31 @@ class EMTrainer:
                 )
             if prev_ll is not None and abs(ll - prev_ll) < cfg.tol:
                 converged = True
-                val_ll = self.evaluate(model, val_source) if val_source is not None else None
+                val_ll = self._score_validation(model, ctx)
                 record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
                                       final=True)
-                for callback in callbacks:
+                for callback in ctx.callbacks:
                     callback(self, model, record)
                 break
-            self._apply_m_step(model, stats, floor, gen, it)
-            val_ll = self.evaluate(model, val_source) if val_source is not None else None
+            self._apply_m_step(model, stats, ctx.floor, gen, it)
+            val_ll = self._score_validation(model, ctx)
             prev_ll = ll
-            self._state = {
-                "run": run, "iteration": it + 1, "runs_done": runs_done,
-                "best_log_likelihood": best_ll, "best_params": best_params,
-                "previous_log_likelihood": prev_ll, "converged": False,
-                "generator": gen.get_state(),
-            }
+            state.iteration, state.previous_log_likelihood = it + 1, prev_ll
+            state.generator = gen.get_state()
+            self._state = state.as_dict()
             record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar)
             # Checkpoint before the callbacks, so a callback that stops the fit keeps this
             # iteration.
-            if checkpoint_fn is not None and cfg.checkpoint_every and (
+            if ctx.checkpoint_fn is not None and cfg.checkpoint_every and (
                 (it + 1) % cfg.checkpoint_every == 0
             ):
-                checkpoint_fn(self, model)
-            for callback in callbacks:
+                ctx.checkpoint_fn(self, model)
+            for callback in ctx.callbacks:
                 callback(self, model, record)
         bar.close()
         if not converged and cfg.max_iter > 0:
             # The last M-step's result has not been scored yet: score it for the comparison.
-            ll = self.evaluate(model, source)
+            ll = self.evaluate(model, ctx.source)
             warnings.warn(
                 f"EM stopped at max_iter={cfg.max_iter} before the log-likelihood gain fell "
                 f"below tol={cfg.tol}",
@@ -308,6 +323,9 @@ class EMTrainer:
                 stacklevel=3,
             )
         return ll, converged
+
+    def _score_validation(self, model, ctx: _FitContext) -> float | None:
+        return self.evaluate(model, ctx.val_source) if ctx.val_source is not None else None
 
     def _record(self, run, it, ll, val_ll, seconds, bar, final=False) -> dict:
         record = {
@@ -348,6 +366,8 @@ class EMTrainer:
         cfg = self.config
         with torch.no_grad():
             params = m_step(stats, model, variance_floor=floor)
+            # Every weight stays positive (log 0 = −inf would kill the component for good).
+            params["weights"] = floored_weights(stats.mass, params["weights"].dtype)
             dead = (stats.mass < cfg.min_component_mass).nonzero().flatten().tolist()
             if dead:
                 _reseed(params, dead, gen)
@@ -356,27 +376,19 @@ class EMTrainer:
                     "re-seeded by splitting the heaviest component", it + 1, dead,
                     cfg.min_component_mass,
                 )
-            for name, value in params.items():
-                if not bool(torch.isfinite(value).all()):
-                    raise FloatingPointError(
-                        f"EM iteration {it + 1}: the M-step produced non-finite {name}; the "
-                        "parameters were left as they were before this iteration"
-                    )
+            try:
+                training.check_finite_params(params, f"EM iteration {it + 1}: the M-step")
+            except FloatingPointError as err:
+                raise FloatingPointError(
+                    f"{err}; the parameters were left as they were before this iteration"
+                ) from None
             model.set_parameters(**params)
 
     @staticmethod
     def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> float:
-        """Mean log-likelihood per row over a data source (float64 accumulation)."""
-        if not isinstance(source, DataSource):
-            source = DataSource(source, model, 4096, "data")
-        total = torch.zeros((), dtype=torch.float64)
-        count = 0
-        with torch.no_grad():
-            terms = model.component_terms()
-            for batch in source:
-                total += model._component_log_prob(batch, terms).logsumexp(-1).double().sum().cpu()
-                count += batch.shape[0]
-        return (total / max(count, 1)).item()
+        """Mean log-likelihood per row over a data source (float64 accumulation); see
+        :func:`mfa.training.evaluate`."""
+        return training.evaluate(model, source)
 
 
 def _reseed(params: dict[str, Tensor], dead: list[int], gen: torch.Generator) -> None:

@@ -54,27 +54,51 @@ class KMeansResult:
     n_iter: int
 
 
-def nearest_center(x: Tensor, centers: Tensor, chunk_elements: int = _DIST_CHUNK_ELEMENTS):
+def squared_distances(x: Tensor, centers: Tensor) -> Tensor:
+    """``‖x − c‖²`` of every row and centre: ``x`` ``[n, D]``, ``centers`` ``[K, D]`` →
+    ``[n, K]``, clamped at 0.
+
+    Expanded as ``‖x‖² − 2 x·c + ‖c‖²`` (one matrix product), so no ``[n, K, D]`` tensor is
+    formed; the expansion loses precision for rows far from the origin, so callers centre
+    the data first (as :func:`kmeans` does).
+    """
+    c_norm = (centers * centers).sum(-1)  # [K]
+    d2 = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ centers.T) + c_norm  # [n, K]
+    return d2.clamp_min(0.0)
+
+
+def nearest_center(
+    x: Tensor,
+    centers: Tensor,
+    chunk_elements: int = _DIST_CHUNK_ELEMENTS,
+    *,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Index of and squared distance to the nearest centre, chunked over rows.
 
-    ``‖x − c‖² = ‖x‖² − 2 x·c + ‖c‖²`` as one matrix product per chunk, so no ``[N, K, D]``
-    tensor is formed.
+    The one nearest-centre rule of the package: K-means, K-means++ and the NDB bins
+    (:mod:`mfa.ndb`) all assign rows with it. Each chunk costs one ``[n, K]`` matrix product
+    (:func:`squared_distances`).
 
     Args:
-        x: ``[N, D]``; centers: ``[K, D]``.
+        x: ``[N, D]``; centers: ``[K, D]`` (same dtype and device).
+        chunk_elements: bound on the elements of one chunk's ``[n, K]`` distance matrix.
+        batch_size: rows per chunk; overrides ``chunk_elements`` when given.
 
     Returns:
         ``(labels [N] int64, squared_distance [N])``.
     """
-    c_norm = (centers * centers).sum(-1)  # [K]
-    size = max(1, chunk_elements // max(1, centers.shape[0] + x.shape[1]))
+    if batch_size is None:
+        batch_size = max(1, chunk_elements // max(1, centers.shape[0] + x.shape[1]))
     labels, dists = [], []
-    for i in range(0, x.shape[0], size):
-        xi = x[i : i + size]
-        d2 = (xi * xi).sum(-1, keepdim=True) - 2.0 * (xi @ centers.T) + c_norm
-        best, idx = d2.min(dim=-1)
-        labels.append(idx)
-        dists.append(best.clamp_min(0.0))
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            best, idx = squared_distances(x[i : i + batch_size], centers).min(dim=-1)
+            labels.append(idx)
+            dists.append(best)
+    if not labels:
+        empty = x.new_zeros(0)
+        return empty.long(), empty
     return torch.cat(labels), torch.cat(dists)
 
 
@@ -103,18 +127,12 @@ def kmeans_plus_plus(
         else:
             probs = closest / total
         candidates = torch.multinomial(probs, n_trials, replacement=True, generator=generator)
-        _, cand_d2 = _distances_to(x, x[candidates])  # [N, T]
+        cand_d2 = squared_distances(x, x[candidates])  # [N, T]
         potentials = torch.minimum(cand_d2, closest.unsqueeze(-1)).sum(0)  # [T]
         best = int(potentials.argmin())
         chosen.append(candidates[best : best + 1])
         closest = torch.minimum(closest, cand_d2[:, best])
     return x[torch.cat(chosen)]
-
-
-def _distances_to(x: Tensor, centers: Tensor) -> tuple[None, Tensor]:
-    c_norm = (centers * centers).sum(-1)
-    d2 = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ centers.T) + c_norm
-    return None, d2.clamp_min(0.0)
 
 
 def kmeans(
@@ -180,6 +198,27 @@ def kmeans(
 
 # ---------------------------------------------------------------------------- complete data
 
+#: Responsibility mass (in rows) below which a component's mass is raised to this value when
+#: its weight is computed: a component with no rows keeps a tiny weight rather than
+#: ``log 0 = −inf``, which would leave it dead for gradient training (and NaN under weight
+#: decay).
+MIN_WEIGHT_MASS = 1e-3
+
+
+def floored_weights(mass: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Mixture weights ``w_k ∝ max(mass_k, MIN_WEIGHT_MASS)``, ``mass`` ``[K]`` (rows or
+    responsibility sums) → ``[K]``, every weight positive.
+
+    ``dtype`` (default ``mass.dtype``): the weights are cast to it, then renormalised.
+    """
+    weights = mass.clamp_min(MIN_WEIGHT_MASS)
+    weights = weights / weights.sum()
+    if dtype is not None and dtype != weights.dtype:
+        weights = weights.to(dtype)
+        weights = weights / weights.sum()
+    return weights
+
+
 
 def fit_complete(
     x: Tensor,
@@ -229,10 +268,7 @@ def fit_complete(
     k, lat = n_components, n_factors
     dtype = x.dtype
     counts = torch.bincount(labels, minlength=k).to(dtype)
-    # An empty cluster keeps a tiny weight rather than log(0) = −inf, which would leave the
-    # component dead for gradient training (and NaN under weight decay).
-    weights = counts.clamp_min(1e-3)
-    weights = weights / weights.sum()
+    weights = floored_weights(counts)
     pooled_var = x.var(dim=0, unbiased=False).clamp_min(floor)  # [D]
     means = torch.zeros(k, d, dtype=dtype, device=x.device)
     loadings = torch.zeros(k, d, lat, dtype=dtype, device=x.device)
@@ -323,4 +359,47 @@ def random_init(
     return MixtureOfFactorAnalyzers.from_parameters(
         weights, x[idx].clone(), loadings, noise_var.contiguous(), noise=noise,
         min_noise=min_noise,
+    )
+
+
+# ---------------------------------------------------------------------------- trainers' entry
+
+
+def initialise(
+    model: MixtureOfFactorAnalyzers,
+    rows: Tensor,
+    method: str,
+    *,
+    seed: int,
+    variance_floor: float,
+    kmeans_iter: int = 20,
+    complete_iter: int = 5,
+) -> None:
+    """Set ``model``'s parameters from ``rows`` ``[n, D]``: K-means then the complete-data
+    fit (``method="kmeans"``), or random rows (``"random"``); ``"none"`` leaves it unchanged.
+
+    The initialisation of both trainers (:mod:`mfa.em`, :mod:`mfa.sgd`); ``seed`` seeds it.
+    """
+    if method == "none":
+        return
+    gen = torch.Generator(device=rows.device).manual_seed(seed)
+    k, lat = model.n_components, model.n_factors
+    if method == "kmeans":
+        result = kmeans(rows, k, n_iter=kmeans_iter, generator=gen)
+        init = fit_complete(
+            rows, result.labels, k, lat, model.noise, n_iter=complete_iter,
+            variance_floor=variance_floor, min_noise=model.min_noise,
+        )
+    elif method == "random":
+        init = random_init(
+            rows, k, lat, model.noise, generator=gen, variance_floor=variance_floor,
+            min_noise=model.min_noise,
+        )
+    else:
+        raise ValueError(f"unknown init method {method!r}")
+    model.set_parameters(
+        weights=init.weights.detach(),
+        means=init.means.detach(),
+        factor_loadings=init.factor_loadings.detach(),
+        noise_variance=init.noise_variance.detach(),
     )

@@ -8,7 +8,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -16,10 +16,20 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from mfa import training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
-from mfa._validation import check_int_fields
-from mfa.em import ConvergenceWarning, EMTrainer, initialise
+from mfa._validation import (
+    check_bool_field,
+    check_choice_field,
+    check_device_field,
+    check_int_fields,
+    check_real_field,
+)
+from mfa.init import initialise
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.training import ConvergenceWarning
+
+__all__ = ["SGDConfig", "SGDTrainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,32 +56,41 @@ class SGDConfig:
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
 
+    def validate(self) -> None:
+        """Check every field; the trainer's limits live here only.
 
-def _validate_config(cfg: SGDConfig) -> None:
-    def real(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-            value
-        )
+        Raises:
+            ValueError: naming the field as ``SGDConfig.<field>`` with the bad value.
+        """
+        check_real_field(self, "lr", minimum=0, strict=True)
+        check_real_field(self, "weight_decay", minimum=0)
+        check_real_field(self, "variance_floor", minimum=0, strict=True)
+        check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
+                                "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
+                                "patience": 0, "seed": 0})
+        check_choice_field(self, "schedule", ("constant", "cosine", "step"))
+        check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
+        check_real_field(self, "val_fraction", minimum=0, maximum=1)
+        check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_device_field(self)
+        check_bool_field(self, "progress")
 
-    if not (real(cfg.lr) and cfg.lr > 0):
-        raise ValueError(f"SGDConfig.lr must be a finite number > 0, got {cfg.lr!r}")
-    if not (real(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ValueError(f"SGDConfig.weight_decay must be >= 0, got {cfg.weight_decay!r}")
-    if not (real(cfg.variance_floor) and cfg.variance_floor > 0):
-        raise ValueError(f"SGDConfig.variance_floor must be > 0, got {cfg.variance_floor!r}")
-    minimum = {"batch_size": 1, "epochs": 1, "kmeans_iter": 1, "init_samples": 1,
-               "complete_iter": 0, "checkpoint_every": 0, "patience": 0}
-    check_int_fields(cfg, minimum)
-    if cfg.schedule not in ("constant", "cosine", "step"):
-        raise ValueError(
-            f"SGDConfig.schedule must be 'constant', 'cosine' or 'step', got {cfg.schedule!r}"
-        )
-    if cfg.grad_clip is not None and not (real(cfg.grad_clip) and cfg.grad_clip > 0):
-        raise ValueError(f"SGDConfig.grad_clip must be > 0 or None, got {cfg.grad_clip!r}")
-    if not (real(cfg.val_fraction) and 0 <= cfg.val_fraction < 1):
-        raise ValueError(f"SGDConfig.val_fraction must be in [0, 1), got {cfg.val_fraction!r}")
-    if cfg.init not in ("kmeans", "random", "none"):
-        raise ValueError(f"SGDConfig.init must be 'kmeans', 'random' or 'none', got {cfg.init!r}")
+
+#: An epoch whose mean train log-likelihood per row falls more than this many times
+#: ``(|reference| + D)`` nats below the reference (the initial fit, or the best epoch so far)
+#: has diverged: a working optimisation never loses that much.
+DIVERGENCE_FACTOR = 10.0
+
+
+def _diverged(train_ll: float, val_ll: float | None, reference: float | None,
+              n_features: int) -> bool:
+    """Whether an epoch's scores say the optimisation has diverged: non-finite, or the train
+    log-likelihood far below ``reference`` (see :data:`DIVERGENCE_FACTOR`)."""
+    if not math.isfinite(train_ll) or (val_ll is not None and not math.isfinite(val_ll)):
+        return True
+    if reference is None or not math.isfinite(reference):
+        return False
+    return train_ll < reference - DIVERGENCE_FACTOR * (abs(reference) + n_features)
 
 
 class SGDTrainer:
@@ -87,6 +106,12 @@ class SGDTrainer:
     parameters with the best validation log-likelihood are kept (early stopping after
     ``patience`` epochs without improvement).
 
+    Divergence (a learning rate too large) raises ``FloatingPointError``, as a NaN loss
+    does, saying so and naming ``SGDConfig.lr``: an epoch whose scores are not finite, or
+    whose mean train log-likelihood falls far below that of the initial parameters (or of
+    the best epoch so far; see :data:`DIVERGENCE_FACTOR`). The model is first reset to the
+    best epoch's parameters (the initial ones if no epoch finished), so it stays usable.
+
     Attributes:
         history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
             minibatches), ``val_log_likelihood``, ``lr``, ``seconds``.
@@ -94,25 +119,20 @@ class SGDTrainer:
 
     def __init__(self, config: SGDConfig | None = None) -> None:
         self.config = config or SGDConfig()
-        _validate_config(self.config)
+        self.config.validate()
         self.history: list[dict] = []
         self._state: dict = {}
         self._resume: dict | None = None
 
     def state_dict(self) -> dict:
         """Resume state (primitives and tensors only); save the model's state beside it."""
-        state = copy.deepcopy(self._state)
-        state["config"] = asdict(self.config)
-        state["history"] = copy.deepcopy(self.history)
-        return state
+        return training.save_state(self._state, self.config, self.history)
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
+        provided the model holds the parameters saved with this state."""
         required = {"epoch", "optimizer", "scheduler", "generator", "best_params", "best_val"}
-        missing = required - set(state)
-        if missing:
-            raise ValueError(f"SGDTrainer state is missing keys {sorted(missing)}")
-        self._resume = copy.deepcopy(state)
-        self.history = copy.deepcopy(state.get("history", []))
+        self._resume, self.history = training.restore_state(state, required, "SGDTrainer")
 
     def _split(self, data, validation, model):
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
@@ -204,6 +224,11 @@ class SGDTrainer:
             gen.set_state(state["generator"])
             best_val, best_params = state["best_val"], state["best_params"]
             bad_epochs = int(state.get("bad_epochs", 0))
+            # Checkpoints from before the divergence check lack the reference: the best epoch.
+            reference = state.get("reference_log_likelihood")
+            if reference is None:
+                reference = max((r["train_log_likelihood"] for r in self.history),
+                                default=None)
         else:
             self.history = []
             init_source = train_source or DataSource(train, model, cfg.batch_size)
@@ -213,6 +238,15 @@ class SGDTrainer:
                 kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
             )
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
+            reference = None
+        # Restored when the optimisation fails before any epoch has been kept.
+        start_params = training.clone_params(model) if best_params is None else None
+
+        def fail(message: str) -> FloatingPointError:
+            model.load_state_dict(best_params if best_params is not None else start_params)
+            kept = "the best epoch's" if best_params is not None else "the initial"
+            return FloatingPointError(f"{message}; the model holds {kept} parameters")
+
         stopped = False
         bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", disable=not cfg.progress,
                    leave=False)
@@ -222,10 +256,12 @@ class SGDTrainer:
             for batch in self._batches(train, train_source, gen):
                 loss = -model._component_log_prob(batch).logsumexp(-1).mean()
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
+                    raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
-                        "the learning rate or raise min_noise"
+                        f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
                     )
+                if reference is None:  # the initial parameters' fit to the first minibatch
+                    reference = -loss.item()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
@@ -235,11 +271,19 @@ class SGDTrainer:
                 total += -loss.item() * batch.shape[0]
                 seen += batch.shape[0]
             train_ll = total / max(seen, 1)
-            val_ll = EMTrainer.evaluate(model, val_source) if val_source is not None else None
+            val_ll = training.evaluate(model, val_source) if val_source is not None else None
+            if _diverged(train_ll, val_ll, reference, model.n_features):
+                val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
+                raise fail(
+                    f"Adam diverged at epoch {epoch + 1}: the mean train log-likelihood is "
+                    f"{train_ll:.4g} nats per row{val_text}, down from {reference:.4g}; use a "
+                    f"smaller learning rate than SGDConfig.lr={cfg.lr:g}"
+                )
+            reference = train_ll if reference is None else max(reference, train_ll)
             score = val_ll if val_ll is not None else train_ll
             if score > best_val:
                 best_val, bad_epochs = score, 0
-                best_params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_params = training.clone_params(model)
             else:
                 bad_epochs += 1
             record = {
@@ -254,6 +298,7 @@ class SGDTrainer:
                 "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
+                "reference_log_likelihood": reference,
             }
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0

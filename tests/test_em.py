@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import warnings
 
 import numpy as np
@@ -583,3 +584,80 @@ def test_float32_offset_data_with_kmeans_init_reaches_the_float64_optimum():
         as64 = MixtureOfFactorAnalyzers.from_parameters(weights / weights.sum(), *rest)
         lls.append(_dense_log_lik(as64, x64))
     assert lls[0] == pytest.approx(lls[1], abs=0.01)
+
+
+# --------------------------------------------------------------------- weight floor
+
+
+def test_zero_min_component_mass_keeps_every_weight_positive():
+    """The review's probe: with ``min_component_mass=0`` (no re-seeding) a component far from
+    every row got weight exactly 0 (logit −inf), and Adam with weight decay from that model
+    then failed with NaN. The M-step now floors the mass at ``MIN_WEIGHT_MASS`` rows, the
+    rule the complete-data initialisation uses."""
+    from mfa.init import MIN_WEIGHT_MASS
+    from mfa.sgd import SGDConfig, SGDTrainer
+
+    g = gen(0)
+    x = torch.cat([torch.randn(200, 3, generator=g, dtype=F64),
+                   8 + torch.randn(200, 3, generator=g, dtype=F64)])
+    means = torch.tensor([[0.0] * 3, [8.0] * 3, [1e3] * 3], dtype=F64)  # the third: no rows
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((3,), 1 / 3, dtype=F64), means, 0.1 * torch.ones(3, 3, 1, dtype=F64),
+        torch.ones(3, 3, dtype=F64),
+    )
+    _, trainer = _fit(x, 3, 1, model=model, init="none", max_iter=5, tol=0.0,
+                      min_component_mass=0.0)
+    _assert_finite_model(model, x)
+    # The empty component keeps the floor's weight; the others share the rest by their mass.
+    expected = MIN_WEIGHT_MASS / (x.shape[0] + MIN_WEIGHT_MASS)
+    assert model.weights[2].item() == pytest.approx(expected, rel=1e-6)
+    assert model.weights[:2].sum().item() == pytest.approx(1 - expected, rel=1e-12)
+    # Adam with weight decay from this model runs and stays finite.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        SGDTrainer(SGDConfig(lr=1e-3, epochs=2, weight_decay=1e-3, init="none",
+                             val_fraction=0, progress=False)).fit(model, x)
+    _assert_finite_model(model, x)
+
+
+# --------------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_iter", -1), ("kmeans_iter", 0), ("variance_floor", 0.0), ("tol", math.nan),
+     ("min_component_mass", math.inf), ("stats_dtype", "float16"), ("init", "kmeans++"),
+     ("seed", -1), ("device", "gpu0"), ("progress", "yes"), ("batch_size", True)],
+)
+def test_validate_names_the_field_and_the_bad_value(field, value):
+    """EMConfig.validate() is the one home of the trainer's limits: every message names the
+    field as ``EMConfig.<field>`` and shows the value, so the config loader can map it to
+    its YAML key."""
+    config = EMConfig(**{field: value})
+    with pytest.raises(ValueError, match=rf"^EMConfig\.{field} .*got {re.escape(repr(value))}"):
+        config.validate()
+    with pytest.raises(ValueError, match=rf"^EMConfig\.{field} "):
+        EMTrainer(config)
+
+
+def test_validate_accepts_the_limits():
+    """The limits themselves are valid: max_iter=0 (initialise only), kmeans_iter=1,
+    complete_iter=0, tol=0, min_component_mass=0."""
+    EMConfig(max_iter=0, kmeans_iter=1, complete_iter=0, tol=0.0, min_component_mass=0.0,
+             device="cpu").validate()
+
+
+def test_state_dict_keys_are_those_of_saved_checkpoints(mixture_data):
+    """Checkpoints written before the run state became an object must still resume: the
+    trainer state keeps exactly its keys, mid-run (with the generator) and after the fit."""
+    x, _ = mixture_data
+    saved = []
+    _, trainer = _fit(x, 3, 2, max_iter=3, tol=0.0, n_init=2, checkpoint_every=1,
+                      checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
+    common = {"run", "iteration", "runs_done", "best_log_likelihood", "best_params",
+              "previous_log_likelihood", "converged", "config", "history"}
+    assert set(saved[0]) == common | {"generator"}
+    assert set(saved[-1]) == common
+    assert saved[3]["run"] == 1 and saved[3]["runs_done"] == 1  # run 2, iteration 1
+    assert saved[3]["best_params"] is not None
+    assert saved[-1]["run"] == 2 and saved[-1]["iteration"] == 0

@@ -93,6 +93,24 @@ def test_kmeans_labels_nearest_with_chunking():
     torch.testing.assert_close(d2, best, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 10_000])
+def test_nearest_center_by_rows_matches_brute_force(batch_size):
+    """The row-batched form (the one NDB uses) gives the same labels and distances whatever
+    the batch size, including empty input."""
+    from mfa.init import nearest_center, squared_distances
+
+    x = torch.randn(300, 5, generator=gen(2), dtype=F64)
+    centers = torch.randn(9, 5, generator=gen(3), dtype=F64)
+    labels, d2 = nearest_center(x, centers, batch_size=batch_size)
+    idx, best = _brute_force_labels(x, centers)
+    torch.testing.assert_close(labels, idx, rtol=0, atol=0)
+    torch.testing.assert_close(d2, best, rtol=1e-10, atol=1e-12)
+    dense = ((x.unsqueeze(1) - centers) ** 2).sum(-1)  # [N, K], the slow reference
+    torch.testing.assert_close(squared_distances(x, centers), dense, rtol=1e-10, atol=1e-12)
+    labels, d2 = nearest_center(x[:0], centers, batch_size=batch_size)
+    assert labels.shape == (0,) and labels.dtype == torch.int64 and d2.shape == (0,)
+
+
 @pytest.mark.parametrize("init", ["k-means++", "random"])
 def test_kmeans_seeded_determinism(blobs, init):
     x, _ = blobs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -409,3 +410,94 @@ def test_bad_config_raises(field, value, match):
 def test_unchecked_config_values_raise(field, value):
     with pytest.raises(ValueError, match=field):
         SGDTrainer(SGDConfig(**{field: value}))
+
+
+# --------------------------------------------------------------------- divergence
+
+
+def test_too_large_learning_rate_is_reported_as_divergence():
+    """The review's probe: Adam with lr=1e3 on [0, 1) data ended silently at about −1e9 nats
+    per row. Now the first epoch that falls far below the initial fit raises, names the
+    learning rate, and leaves the model with its initial (finite) parameters."""
+    x = torch.rand(600, 12, generator=gen(0), dtype=F64)
+    start = MixtureOfFactorAnalyzers(3, 12, 2, dtype=F64)
+    EMTrainer(EMConfig(max_iter=0, progress=False)).fit(start, x)  # the K-means start
+    model = copy.deepcopy(start)
+    config = SGDConfig(lr=1e3, epochs=5, init="none", val_fraction=0, progress=False)
+    with pytest.raises(FloatingPointError,
+                       match=r"Adam diverged at epoch 1: .*smaller learning rate than "
+                             r"SGDConfig\.lr=1000; the model holds the initial parameters"):
+        SGDTrainer(config).fit(model, x)
+    _assert_same_params(model, start, rtol=0, atol=0)
+    assert math.isfinite(EMTrainer.evaluate(model, x))
+
+
+def test_divergence_after_good_epochs_keeps_the_best_epoch(small, monkeypatch):
+    """An epoch that diverges after good ones restores the best epoch's parameters."""
+    train, val = small
+    kept, absurd_lr = {}, []
+
+    def keep(trainer, model, record):
+        kept[record["epoch"]] = copy.deepcopy(model.state_dict())
+        if record["epoch"] == 2:
+            absurd_lr.append(1e4)  # from epoch 3 on, Adam steps with lr = 1e4
+
+    adam_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        for group in self.param_groups:
+            group["lr"] = absurd_lr[0] if absurd_lr else group["lr"]
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    trainer = SGDTrainer(SGDConfig(lr=0.02, epochs=6, patience=0, progress=False))
+    with pytest.raises(FloatingPointError, match="Adam diverged at epoch 3.*best epoch"):
+        trainer.fit(model, train, validation=val, callbacks=[keep])
+    best = max(trainer.history, key=lambda r: r["val_log_likelihood"])["epoch"]
+    assert len(trainer.history) == 2
+    for name, value in kept[best].items():
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_resume_from_a_state_without_the_divergence_reference(small):
+    """States saved before the divergence check (no ``reference_log_likelihood`` key)
+    still resume to the uninterrupted result."""
+    train, _ = small
+    config = dict(epochs=4, lr=0.02, patience=0, batch_size=128, seed=2, progress=False)
+    full, _ = _fit(train, 2, 1, **config)
+    snapshots = []  # (trainer state, model state) after each epoch
+    _fit(train, 2, 1, callbacks=[lambda t, m, r: snapshots.append(
+        roundtrip((t.state_dict(), copy.deepcopy(m.state_dict()))))], **config)
+    trainer_state, model_state = snapshots[1]
+    assert trainer_state.pop("reference_log_likelihood") is not None
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    model.load_state_dict(model_state)
+    trainer = SGDTrainer(SGDConfig(**config))
+    trainer.load_state_dict(trainer_state)
+    _fit(train, 2, 1, model=model, trainer=trainer)
+    _assert_same_params(model, full, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------- config validation
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("lr", 0.0), ("lr", math.nan), ("epochs", 0), ("kmeans_iter", 0), ("variance_floor", 0.0),
+     ("grad_clip", -1.0), ("val_fraction", 1.0), ("schedule", "linear"), ("seed", -1),
+     ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3)],
+)
+def test_validate_names_the_field_and_the_bad_value(field, value):
+    """SGDConfig.validate() holds the trainer's limits; messages name ``SGDConfig.<field>``
+    and the bad value."""
+    config = SGDConfig(**{field: value})
+    with pytest.raises(ValueError, match=rf"^SGDConfig\.{field} .*got {re.escape(repr(value))}"):
+        config.validate()
+    with pytest.raises(ValueError, match=rf"^SGDConfig\.{field} "):
+        SGDTrainer(config)
+
+
+def test_validate_accepts_the_limits():
+    SGDConfig(epochs=1, kmeans_iter=1, complete_iter=0, patience=0, grad_clip=None,
+              val_fraction=0.0, weight_decay=0.0, device="cpu").validate()

@@ -1,0 +1,97 @@
+"""What the two trainers (:mod:`mfa.em`, :mod:`mfa.sgd`) share: the convergence warning, the
+streamed evaluation of a model on data, the resumable-state helpers and the non-finite checks.
+
+Neither trainer imports the other; both import this module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import asdict
+
+import torch
+from torch import Tensor
+
+from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
+from mfa.model import MixtureOfFactorAnalyzers
+
+__all__ = [
+    "ConvergenceWarning",
+    "check_finite_params",
+    "clone_params",
+    "evaluate",
+    "restore_state",
+    "save_state",
+]
+
+
+class ConvergenceWarning(UserWarning):
+    """EM or SGD stopped at its iteration limit before meeting its tolerance."""
+
+
+def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> float:
+    """Mean log-likelihood per row (nats) of ``model`` over a data source.
+
+    Args:
+        model: the model to score.
+        source: a :class:`DataSource`, or anything it accepts (a tensor ``[N, D]``, a
+            ``Dataset`` or a ``DataLoader``), streamed in batches.
+
+    Batch totals are accumulated in float64 on the CPU.
+    """
+    if not isinstance(source, DataSource):
+        source = DataSource(source, model, DEFAULT_BATCH_SIZE, "data")
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    with torch.no_grad():
+        terms = model.component_terms()
+        for batch in source:
+            total += model._component_log_prob(batch, terms).logsumexp(-1).double().sum().cpu()
+            count += batch.shape[0]
+    return (total / max(count, 1)).item()
+
+
+# ---------------------------------------------------------------------- resumable state
+
+
+def clone_params(model: MixtureOfFactorAnalyzers) -> dict[str, Tensor]:
+    """A detached copy of ``model.state_dict()`` (to keep the best parameters of a fit)."""
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def save_state(state: dict, config: object, history: list[dict]) -> dict:
+    """A trainer's resumable state: a deep copy of ``state`` plus ``config`` (a dataclass,
+    stored as a dict) and ``history``; primitives and tensors only, so it loads with
+    ``torch.load(weights_only=True)``."""
+    out = copy.deepcopy(state)
+    out["config"] = asdict(config)
+    out["history"] = copy.deepcopy(history)
+    return out
+
+
+def restore_state(state: dict, required: set[str], trainer: str) -> tuple[dict, list[dict]]:
+    """Check a state saved by :func:`save_state` and return ``(copy of state, history)``.
+
+    Raises:
+        ValueError: naming the ``required`` keys that ``state`` lacks.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"{trainer} state must be a dict, got {type(state).__name__}")
+    missing = required - set(state)
+    if missing:
+        raise ValueError(f"{trainer} state is missing keys {sorted(missing)}")
+    state = copy.deepcopy(state)
+    return state, copy.deepcopy(state.get("history", []))
+
+
+# ---------------------------------------------------------------------- non-finite checks
+
+
+def check_finite_params(params: dict[str, Tensor], what: str) -> None:
+    """Raise ``FloatingPointError`` naming the first parameter of ``params`` that holds a
+    NaN or an infinity; ``what`` says where it came from (e.g. ``"EM iteration 3: the
+    M-step"``)."""
+    for name, value in params.items():
+        if not bool(torch.isfinite(value).all()):
+            raise FloatingPointError(f"{what} produced non-finite {name}")
