@@ -16,7 +16,6 @@ methods, and as functions with inpainting in :mod:`mfa.inference`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -32,17 +31,13 @@ from mfa._terms import (
     check_supported_dtype,
     component_log_prob_from_terms,
 )
-from mfa._validation import (
-    check_data,
-    check_positive_int,
-    feature_index,
-)
+from mfa._validation import check_data, check_positive_int, feature_index
 
-# Re-exported: defined in mfa.linalg, importable from here as before.
+# Re-exported: defined in mfa.linalg and mfa.parameters, importable from here as before.
 from mfa.linalg import diagonal_quadratic, needs_float64_quadratic  # noqa: F401
+from mfa.parameters import NOISE_TYPES  # noqa: F401  (re-exported)
 
 NoiseType = Literal["diagonal", "isotropic"]
-NOISE_TYPES = ("diagonal", "isotropic")
 
 #: Default bound on the number of elements of the per-chunk intermediate tensors.
 DEFAULT_CHUNK_ELEMENTS = 2**24
@@ -85,19 +80,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__()
-        check_positive_int(n_components, "n_components")
-        check_positive_int(n_features, "n_features")
-        check_positive_int(n_factors, "n_factors", minimum=0)
-        if n_factors > n_features:
-            raise ValueError(
-                f"n_factors must be <= n_features ({n_features}), got {n_factors}"
-            )
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-        if not (
-            isinstance(min_noise, (int, float)) and math.isfinite(min_noise) and min_noise >= 0
-        ):
-            raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
+        parameters.check_config(n_components, n_features, n_factors, noise, min_noise)
         check_positive_int(chunk_elements, "chunk_elements")
         dtype = dtype or torch.get_default_dtype()
         check_supported_dtype(dtype)

@@ -15,7 +15,26 @@ import torch
 from torch import Tensor
 
 from mfa._terms import check_noise
-from mfa._validation import check_finite, check_floating, check_tensor
+from mfa._validation import check_finite, check_floating, check_positive_int, check_tensor
+
+NOISE_TYPES = ("diagonal", "isotropic")
+
+
+def check_config(
+    n_components: int, n_features: int, n_factors: int, noise: str, min_noise: float
+) -> None:
+    """The sizes and noise model of a :class:`~mfa.model.MixtureOfFactorAnalyzers`."""
+    check_positive_int(n_components, "n_components")
+    check_positive_int(n_features, "n_features")
+    check_positive_int(n_factors, "n_factors", minimum=0)
+    if n_factors > n_features:
+        raise ValueError(f"n_factors must be <= n_features ({n_features}), got {n_factors}")
+    if noise not in NOISE_TYPES:
+        raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
+    if not (
+        isinstance(min_noise, (int, float)) and math.isfinite(min_noise) and min_noise >= 0
+    ):
+        raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
 
 
 def softplus_inverse(y: Tensor) -> Tensor:
