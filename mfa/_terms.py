@@ -43,9 +43,12 @@ def check_noise(noise: Tensor) -> None:
         )
 
 
-def check_log_densities(log_joint: Tensor, log_weights: Tensor, x: Tensor, noise: Tensor) -> None:
-    """Raise when finite data gave non-finite log-densities ``[n, K]`` (``log_weights`` [K]
-    may be ``−inf`` for a component of weight 0): the quadratic form overflowed."""
+def check_log_densities(
+    log_joint: Tensor, log_weights: Tensor, x: Tensor, inv_noise: Tensor
+) -> None:
+    """Raise when finite data ``x`` [n, D] gave non-finite log-densities ``[n, K]``
+    (``log_weights`` [K] may be ``−inf`` for a component of weight 0): the quadratic form
+    ``Σ_j (x_j − μ_j)²/d_j`` overflowed. ``inv_noise`` [K, D] is ``1/d``; ``O(n·K)``."""
     bad = ~torch.isfinite(log_joint) & torch.isfinite(log_weights)
     if bool(bad.any()):
         finfo = torch.finfo(x.dtype)
@@ -53,8 +56,8 @@ def check_log_densities(log_joint: Tensor, log_weights: Tensor, x: Tensor, noise
         raise ValueError(
             f"input values too large for {x.dtype}: the squared distances (x − μ)²/d overflow "
             f"(largest |x| is {largest:.3g}, smallest noise variance "
-            f"{noise.min().item():.3g}; squares overflow above |x| ≈ {finfo.max ** 0.5:.3g}). "
-            "Rescale the data or use a float64 model"
+            f"{1.0 / inv_noise.max().item():.3g}; squares overflow above |x| ≈ "
+            f"{finfo.max ** 0.5:.3g}). Rescale the data or use a float64 model"
         )
 
 

@@ -189,7 +189,7 @@ def row_posterior(terms: MaskedTerms, x: Tensor, observed: Tensor) -> RowPosteri
         chol = x.new_zeros(n, k, 0, 0)
         latent_mean = x.new_zeros(n, k, 0)
     log_joint = t.log_w + linalg.gaussian_log_normaliser(n_obs, logdet) - 0.5 * quad.clamp_min(0.0)
-    check_log_densities(log_joint.detach(), t.log_w.detach(), x, t.noise)
+    check_log_densities(log_joint.detach(), t.log_w.detach(), x, t.inv_noise)
     return RowPosterior(log_joint, latent_mean, chol, t.reference)
 
 

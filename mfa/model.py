@@ -63,7 +63,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
     The free parameters are unconstrained: mixture ``logits`` [K] (``w = softmax``), ``loc``
     [K, D], ``loadings`` [K, D, L] and ``raw_noise`` ([K, D], or [K, 1] when isotropic) with
     ``d = min_noise + softplus(raw_noise)``. Read the constrained values through
-    :attr:`weights`, :attr:`means`, :attr:`factor_loadings` and :attr:`noise_variance`.
+    :attr:`weights`, :attr:`means`, :attr:`factor_loadings` and :attr:`noise_variance`;
+    build a model from either set with :meth:`from_parameters` or :meth:`from_raw_parameters`.
+    Only float32 and float64 are supported (refused otherwise, also by ``.to()``/``.half()``).
     """
 
     def __init__(
@@ -306,7 +308,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         batch_shape = x.shape[:-1]
         terms = self.component_terms()
         out = self._component_log_prob(x.reshape(-1, self.n_features), terms)
-        check_log_densities(out.detach(), terms.log_weights.detach(), x, self.noise_variance)
+        check_log_densities(out.detach(), terms.log_weights.detach(), x, terms.inv_noise)
         return out.reshape(*batch_shape, self.n_components)
 
     def _component_log_prob(self, x: Tensor, terms: ComponentTerms | None = None) -> Tensor:
