@@ -13,8 +13,9 @@ from mfa.inference import (
     observed_log_prob,
 )
 from mfa.init import KMeansResult, fit_complete, kmeans, random_init
+from mfa.kde import scott_bandwidth, select_kde_bandwidth
 from mfa.metrics import NDB, aic, bic, bits_per_dim, mean_log_likelihood, n_parameters, ndb
-from mfa.model import MixtureOfFactorAnalyzers, scott_bandwidth, select_kde_bandwidth
+from mfa.model import MixtureOfFactorAnalyzers
 from mfa.sgd import SGDConfig, SGDTrainer
 
 __version__ = "0.1.0"

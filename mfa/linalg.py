@@ -10,6 +10,9 @@ Identities used (Woodbury and the matrix determinant lemma)::
     Σ⁻¹    = D⁻¹ − D⁻¹ A M⁻¹ Aᵀ D⁻¹              (D = diag(d))
     log|Σ| = log|M| + Σ_j log d_j
     (x−μ)ᵀ Σ⁻¹ (x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖C⁻¹ Aᵀ D⁻¹ (x−μ)‖²,   M = C Cᵀ
+
+The last one is :func:`woodbury_mahalanobis`; its first term, expanded into matrix products
+over many rows and components at once, is :func:`diagonal_quadratic`.
 """
 
 from __future__ import annotations
@@ -89,3 +92,77 @@ def capacitance_inverse_factor(capacitance_chol: Tensor) -> Tensor:
 def gaussian_log_normaliser(n_dims: Tensor | float, logdet: Tensor) -> Tensor:
     """``−½ (n log 2π + log|Σ|)``: the log-density of a Gaussian at its mean."""
     return -0.5 * (n_dims * LOG_2PI + logdet)
+
+
+def woodbury_mahalanobis(diagonal_quad: Tensor, whitened_residual: Tensor) -> Tensor:
+    """``(x−μ)ᵀ Σ⁻¹ (x−μ)`` for ``Σ = A Aᵀ + diag(d)`` by the Woodbury identity::
+
+        (x−μ)ᵀ Σ⁻¹ (x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖C⁻¹ Aᵀ D⁻¹ (x−μ)‖²,   M = C Cᵀ
+
+    (as torch's ``_batch_lowrank_mahalanobis``, with the two terms computed by the caller,
+    which batches them over rows and components as matrix products).
+
+    Args:
+        diagonal_quad: ``Σ_j (x_j−μ_j)²/d_j``, shape ``[...]`` (e.g. ``[n, K]``); see
+            :func:`diagonal_quadratic`.
+        whitened_residual: ``C⁻¹ Aᵀ D⁻¹ (x−μ)``, shape ``[..., L]`` (e.g. ``[n, K, L]``).
+
+    Returns:
+        Shape ``[...]``. Not clamped: rounding can leave a tiny negative value.
+    """
+    return diagonal_quad - (whitened_residual * whitened_residual).sum(-1)
+
+
+#: Largest worst-case rounding error (nats, ε·κ) of the expanded quadratic form before it is
+#: evaluated in float64 instead.
+QUADRATIC_TOLERANCE = 1.0
+
+
+def needs_float64_quadratic(centred_means: Tensor, inv_noise: Tensor) -> bool:
+    """Whether ``Σ_j (x_j − μ_kj)²/d_kj``, expanded around the reference point, would lose
+    more than :data:`QUADRATIC_TOLERANCE` nats to rounding in the parameters' dtype.
+
+    The expansion subtracts terms of size ``κ = max_k Σ_j (μ_kj − c_j)²/d_kj``, so its
+    rounding error is about ``ε·κ``: negligible for images in ``[0, 1]``, but hundreds of nats
+    in float32 for components far apart relative to their noise.
+
+    Args:
+        centred_means: ``μ − c``, shape ``[K, D]``.
+        inv_noise: ``1/d``, shape ``[K, D]``.
+    """
+    if centred_means.dtype == torch.float64:
+        return False
+    kappa = (centred_means.detach() ** 2 * inv_noise.detach()).sum(-1).max().item()
+    return kappa * torch.finfo(centred_means.dtype).eps > QUADRATIC_TOLERANCE
+
+
+def diagonal_quadratic(
+    xc: Tensor, means: Tensor, inv_noise: Tensor, precise: bool, mask: Tensor | None = None
+) -> Tensor:
+    """``Σ_j (x_j − μ_kj)² / d_kj`` for every row and component, as matrix products.
+
+    Expanded as ``x² @ (1/d)ᵀ − 2 x @ (μ/d)ᵀ + Σ_j μ_kj²/d_kj`` (in float64 when
+    ``precise``, see :func:`needs_float64_quadratic`).
+
+    Args:
+        xc: centred rows ``[n, D]``; with ``mask``, zero where a row's feature is hidden.
+        means: centred means ``[K, D]``.
+        inv_noise: ``1/d``, shape ``[K, D]``.
+        precise: evaluate in float64.
+        mask: optional float mask ``[n, D]`` (1 where observed): the sum then runs over each
+            row's observed features only.
+
+    Returns:
+        ``[n, K]`` in ``xc``'s dtype.
+    """
+    if precise:
+        out = diagonal_quadratic(
+            xc.double(), means.double(), inv_noise.double(), False,
+            None if mask is None else mask.double(),
+        )
+        return out.to(xc.dtype)
+    if mask is None:
+        constant = (means * means * inv_noise).sum(-1)  # [K]
+    else:
+        constant = mask @ (means * means * inv_noise).T  # [n, K]
+    return (xc * xc) @ inv_noise.T - 2.0 * (xc @ (means * inv_noise).T) + constant

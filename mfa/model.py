@@ -8,101 +8,39 @@ diagonal::
 with loadings ``A_k`` of shape ``[D, L]`` and noise variances ``d_k > 0``. Equivalently
 ``z ~ N(0, I_L)``, ``x = μ_k + A_k z + ε``, ``ε ~ N(0, diag(d_k))`` given component ``k``.
 
-Inference never forms a ``D × D`` matrix: see :mod:`mfa.linalg`. Marginals, conditionals and
-inpainting live in :mod:`mfa.inference` and are exposed here as methods.
+Inference never forms a ``D × D`` matrix: see :mod:`mfa.linalg`. The per-component terms and
+log-densities of rows are in :mod:`mfa._terms`, the parameterisation in :mod:`mfa.parameters`,
+the formulas of marginals and conditionals in :mod:`mfa.conditioning` (exposed here as
+methods, and as functions with inpainting in :mod:`mfa.inference`).
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfa import linalg
-from mfa._validation import (
-    check_data,
-    check_finite,
-    check_floating,
-    check_positive_int,
-    check_tensor,
+from mfa import conditioning, parameters, sampling
+from mfa._terms import (
+    ComponentTerms,
+    build_component_terms,
+    check_log_densities,
+    check_supported_dtype,
+    component_log_prob_from_terms,
 )
+from mfa._validation import check_data, check_positive_int, feature_index
+
+# Re-exported: defined in mfa.linalg and mfa.parameters, importable from here as before.
+from mfa.linalg import diagonal_quadratic, needs_float64_quadratic  # noqa: F401
+from mfa.parameters import NOISE_TYPES  # noqa: F401  (re-exported)
 
 NoiseType = Literal["diagonal", "isotropic"]
-NOISE_TYPES = ("diagonal", "isotropic")
 
 #: Default bound on the number of elements of the per-chunk intermediate tensors.
 DEFAULT_CHUNK_ELEMENTS = 2**24
-
-
-def _softplus_inverse(y: Tensor) -> Tensor:
-    """``log(exp(y) − 1)`` computed stably for ``y > 0``."""
-    return y + torch.log(-torch.expm1(-y))
-
-
-@dataclass(frozen=True)
-class ComponentTerms:
-    """Quantities derived once per call from the parameters (all centred on ``reference``).
-
-    Shapes: ``log_weights`` [K], ``reference`` [D], ``means`` [K, D] (centred),
-    ``inv_noise`` [K, D], ``whitened`` [K, L, D] (``C⁻¹ Aᵀ D⁻¹``), ``log_norm`` [K]
-    (``−½(D log 2π + log|Σ_k|)``), ``whitened_means`` [K, L]; ``precise``: evaluate the
-    diagonal quadratic form in float64 (see :func:`needs_float64_quadratic`).
-    """
-
-    log_weights: Tensor
-    reference: Tensor
-    means: Tensor
-    inv_noise: Tensor
-    whitened: Tensor
-    log_norm: Tensor
-    whitened_means: Tensor
-    precise: bool = False
-
-    def to(self, dtype: torch.dtype) -> ComponentTerms:
-        """The same terms in another floating dtype (``precise`` is dropped for float64)."""
-        fields = {name: getattr(self, name).to(dtype) for name in (
-            "log_weights", "reference", "means", "inv_noise", "whitened", "log_norm",
-            "whitened_means")}
-        return ComponentTerms(**fields, precise=self.precise and dtype != torch.float64)
-
-
-#: Largest worst-case rounding error (nats, ε·κ) of the expanded quadratic form before it is
-#: evaluated in float64 instead.
-QUADRATIC_TOLERANCE = 1.0
-
-
-def needs_float64_quadratic(centred_means: Tensor, inv_noise: Tensor) -> bool:
-    """Whether ``Σ_j (x_j − μ_kj)²/d_kj``, expanded around the reference point, would lose
-    more than :data:`QUADRATIC_TOLERANCE` nats to rounding in the parameters' dtype.
-
-    The expansion subtracts terms of size ``κ = max_k Σ_j (μ_kj − c_j)²/d_kj``, so its
-    rounding error is about ``ε·κ``: negligible for images in ``[0, 1]``, but hundreds of nats
-    in float32 for components far apart relative to their noise.
-    """
-    if centred_means.dtype == torch.float64:
-        return False
-    kappa = (centred_means.detach() ** 2 * inv_noise.detach()).sum(-1).max().item()
-    return kappa * torch.finfo(centred_means.dtype).eps > QUADRATIC_TOLERANCE
-
-
-def diagonal_quadratic(xc: Tensor, means: Tensor, inv_noise: Tensor, precise: bool) -> Tensor:
-    """``Σ_j (x_j − μ_kj)² / d_kj`` for centred rows ``xc`` [n, D] and centred means [K, D],
-    as two matrix products (in float64 when ``precise``); returns ``[n, K]`` in ``xc``'s dtype.
-    """
-    if precise:
-        out = diagonal_quadratic(xc.double(), means.double(), inv_noise.double(), False)
-        return out.to(xc.dtype)
-    return (
-        (xc * xc) @ inv_noise.T
-        - 2.0 * (xc @ (means * inv_noise).T)
-        + (means * means * inv_noise).sum(-1)
-    )
 
 
 class MixtureOfFactorAnalyzers(nn.Module):
@@ -125,7 +63,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
     The free parameters are unconstrained: mixture ``logits`` [K] (``w = softmax``), ``loc``
     [K, D], ``loadings`` [K, D, L] and ``raw_noise`` ([K, D], or [K, 1] when isotropic) with
     ``d = min_noise + softplus(raw_noise)``. Read the constrained values through
-    :attr:`weights`, :attr:`means`, :attr:`factor_loadings` and :attr:`noise_variance`.
+    :attr:`weights`, :attr:`means`, :attr:`factor_loadings` and :attr:`noise_variance`;
+    build a model from either set with :meth:`from_parameters` or :meth:`from_raw_parameters`.
+    Only float32 and float64 are supported (refused otherwise, also by ``.to()``/``.half()``).
     """
 
     def __init__(
@@ -142,21 +82,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__()
-        check_positive_int(n_components, "n_components")
-        check_positive_int(n_features, "n_features")
-        check_positive_int(n_factors, "n_factors", minimum=0)
-        if n_factors > n_features:
-            raise ValueError(
-                f"n_factors must be <= n_features ({n_features}), got {n_factors}"
-            )
-        if noise not in NOISE_TYPES:
-            raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-        if not (
-            isinstance(min_noise, (int, float)) and math.isfinite(min_noise) and min_noise >= 0
-        ):
-            raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
+        parameters.check_config(n_components, n_features, n_factors, noise, min_noise)
         check_positive_int(chunk_elements, "chunk_elements")
         dtype = dtype or torch.get_default_dtype()
+        check_supported_dtype(dtype)
         factory = {"dtype": dtype, "device": device}
         self.n_components = n_components
         self.n_features = n_features
@@ -174,8 +103,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
         self.loc = nn.Parameter(torch.zeros(n_components, n_features, **factory))
         self.loadings = nn.Parameter(loadings * (0.1 / max(1, n_factors) ** 0.5))
         self.raw_noise = nn.Parameter(
-            torch.full((n_components, noise_width), _softplus_inverse(torch.tensor(1.0)).item(),
-                       **factory)
+            torch.full((n_components, noise_width),
+                       parameters.softplus_inverse(torch.tensor(1.0)).item(), **factory)
         )
 
     # ------------------------------------------------------------------ construction
@@ -205,77 +134,59 @@ class MixtureOfFactorAnalyzers(nn.Module):
 
         The dtype and device are those of ``means``; the other tensors must match them.
         """
-        means = check_tensor(means, "means")
-        if means.dim() != 2:
-            raise ValueError(f"means must have shape [K, D], got {tuple(means.shape)}")
-        n_components, n_features = means.shape
-        factor_loadings = check_tensor(factor_loadings, "factor_loadings")
-        if factor_loadings.dim() != 3 or tuple(factor_loadings.shape[:2]) != (
-            n_components,
-            n_features,
-        ):
-            raise ValueError(
-                f"factor_loadings must have shape [K, D, L] = [{n_components}, {n_features}, L], "
-                f"got {tuple(factor_loadings.shape)}"
-            )
-        model = cls(
-            n_components,
-            n_features,
-            factor_loadings.shape[-1],
-            noise,
-            min_noise=min_noise,
-            dtype=means.dtype if means.is_floating_point() else None,
-            device=means.device,
-            chunk_elements=chunk_elements,
-        )
-        model.set_parameters(
-            weights=weights,
-            means=means,
-            factor_loadings=factor_loadings,
-            noise_variance=noise_variance,
-        )
+        model = cls._empty_like(means, "means", factor_loadings, "factor_loadings", noise,
+                                min_noise, chunk_elements)
+        model.set_parameters(weights=weights, means=means, factor_loadings=factor_loadings,
+                             noise_variance=noise_variance)
         return model
 
     @classmethod
-    def kde(
+    def from_raw_parameters(
         cls,
-        data: Tensor,
-        bandwidth: float | None = None,
+        logits: Tensor,
+        loc: Tensor,
+        loadings: Tensor,
+        raw_noise: Tensor,
+        noise: NoiseType = "diagonal",
         *,
+        min_noise: float = 1e-6,
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> MixtureOfFactorAnalyzers:
-        """A Gaussian kernel density estimate: one isotropic component per data point.
-
-        ``p(x) = (1/N) Σ_i N(x; x_i, σ² I)``, a mixture with ``K = N``, ``L = 0``.
+        """Build a model from unconstrained parameters (see the class docstring).
 
         Args:
-            data: ``[N, D]``, the kernel centres.
-            bandwidth: ``σ``. When ``None``, Scott's rule
-                ``σ = s · N^(−1/(D+4))`` with ``s`` the mean per-feature standard deviation
-                (for ``D = 1`` this is the ``N^(−1/5)`` rate). In high dimensions this rule
-                is far too wide; pick ``σ`` on held-out data with :func:`select_kde_bandwidth`.
+            logits: ``[K]``; ``−inf`` marks a component of weight 0 (at least one finite).
+            loc: ``[K, D]``.
+            loadings: ``[K, D, L]``.
+            raw_noise: ``[K, D]`` (diagonal) or ``[K, 1]`` (isotropic), with
+                ``d = min_noise + softplus(raw_noise)``; a variance at the floor ``min_noise``
+                stays representable, unlike in :meth:`from_parameters`.
+
+        The dtype and device are those of ``loc``; the other tensors must match them.
         """
-        data = check_tensor(data, "data")
-        if data.dim() != 2 or data.shape[0] < 1:
-            raise ValueError(f"data must have shape [N, D] with N >= 1, got {tuple(data.shape)}")
-        if not data.is_floating_point():
-            raise TypeError(f"data must be floating point, got {data.dtype}")
-        check_finite(data, "data")
-        n, d = data.shape
-        if bandwidth is None:
-            bandwidth = scott_bandwidth(data)
-        if isinstance(bandwidth, Tensor) and bandwidth.numel() == 1:
-            bandwidth = bandwidth.item()
-        if isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
-            bandwidth = float(bandwidth)
-        if not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
-            raise ValueError(f"bandwidth must be a finite float > 0, got {bandwidth!r}")
-        weights = torch.full((n,), 1.0 / n, dtype=data.dtype, device=data.device)
-        variance = torch.full((n,), float(bandwidth) ** 2, dtype=data.dtype, device=data.device)
-        loadings = data.new_zeros(n, d, 0)
-        return cls.from_parameters(
-            weights, data, loadings, variance, noise="isotropic", chunk_elements=chunk_elements
+        model = cls._empty_like(loc, "loc", loadings, "loadings", noise, min_noise,
+                                chunk_elements)
+        new = parameters.check_unconstrained(
+            {"logits": logits, "loc": loc, "loadings": loadings, "raw_noise": raw_noise},
+            {name: tuple(p.shape) for name, p in model.named_parameters()},
+            model.dtype, model.device,
         )
+        with torch.no_grad():
+            for name, value in new.items():
+                getattr(model, name).copy_(value)
+        return model
+
+    @classmethod
+    def _empty_like(
+        cls, means: object, means_name: str, loadings: object, loadings_name: str,
+        noise: NoiseType, min_noise: float, chunk_elements: int,
+    ) -> MixtureOfFactorAnalyzers:
+        """A model with the sizes, dtype and device of ``means`` and ``loadings``."""
+        means, loadings = parameters.check_sizes(means, means_name, loadings, loadings_name)
+        k, d, lat = loadings.shape
+        dtype = means.dtype if means.is_floating_point() else None
+        return cls(k, d, lat, noise, min_noise=min_noise, dtype=dtype, device=means.device,
+                   chunk_elements=chunk_elements)
 
     def set_parameters(
         self,
@@ -290,74 +201,19 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Shapes as in :meth:`from_parameters`; every tensor must match the module's dtype and
         device. All are validated before any is written, so a failure changes nothing.
         """
-        k, d, lat = self.n_components, self.n_features, self.n_factors
-        dtype, device = self.dtype, self.device
-        new: dict[str, Tensor] = {}
-        if weights is not None:
-            weights = self._check_param(weights, "weights", (k,))
-            if bool((weights < 0).any()):
-                raise ValueError(
-                    f"weights must be non-negative, got minimum {weights.min().item()}"
-                )
-            total = weights.sum().item()
-            tol = 1e-4 if dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-8
-            if abs(total - 1.0) > tol * max(1, k) ** 0.5:
-                raise ValueError(f"weights must sum to one, got sum {total}")
-            new["logits"] = torch.log(weights)
-        if means is not None:
-            new["loc"] = self._check_param(means, "means", (k, d))
-        if factor_loadings is not None:
-            new["loadings"] = self._check_param(factor_loadings, "factor_loadings", (k, d, lat))
-        if noise_variance is not None:
-            noise_variance = check_tensor(noise_variance, "noise_variance")
-            check_floating(noise_variance, "noise_variance", dtype, device)
-            check_finite(noise_variance, "noise_variance")
-            if self.noise == "isotropic":
-                if noise_variance.shape in ((k,), (k, 1)):
-                    nv = noise_variance.reshape(k, 1)
-                elif tuple(noise_variance.shape) == (k, d):
-                    spread = (noise_variance - noise_variance[:, :1]).abs().max().item()
-                    if spread > 1e-6 * noise_variance.abs().max().item():
-                        raise ValueError(
-                            "noise_variance of shape [K, D] must be constant along D for "
-                            f"isotropic noise; rows vary by up to {spread}"
-                        )
-                    nv = noise_variance[:, :1]
-                else:
-                    raise ValueError(
-                        f"noise_variance for isotropic noise must have shape [{k}], [{k}, 1] "
-                        f"or [{k}, {d}], got {tuple(noise_variance.shape)}"
-                    )
-            else:
-                if tuple(noise_variance.shape) != (k, d):
-                    raise ValueError(
-                        f"noise_variance must have shape [K, D] = [{k}, {d}], "
-                        f"got {tuple(noise_variance.shape)}"
-                    )
-                nv = noise_variance
-            if bool((nv <= self.min_noise).any()):
-                raise ValueError(
-                    f"noise_variance must be > min_noise={self.min_noise} (and > 0), "
-                    f"got minimum {nv.min().item()}"
-                )
-            excess = nv - self.min_noise
-            new["raw_noise"] = _softplus_inverse(excess)
-            if not bool(torch.isfinite(new["raw_noise"]).all()):
-                raise ValueError(
-                    "noise_variance is too close to min_noise to be represented "
-                    f"(min_noise={self.min_noise}, minimum {nv.min().item()})"
-                )
+        new = parameters.unconstrained(
+            self.config(), self.dtype, self.device, weights=weights, means=means,
+            factor_loadings=factor_loadings, noise_variance=noise_variance,
+        )
         with torch.no_grad():
             for name, value in new.items():
                 getattr(self, name).copy_(value)
 
-    def _check_param(self, value: object, name: str, shape: tuple[int, ...]) -> Tensor:
-        value = check_tensor(value, name)
-        if tuple(value.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {tuple(value.shape)}")
-        check_floating(value, name, self.dtype, self.device)
-        check_finite(value, name)
-        return value
+    def _apply(self, fn, recurse=True):
+        # .to(dtype), .half(), .bfloat16() ... all go through here: refuse an unsupported
+        # dtype before any parameter is converted.
+        check_supported_dtype(fn(torch.zeros((), dtype=self.dtype, device=self.device)).dtype)
+        return super()._apply(fn, recurse)
 
     def config(self) -> dict:
         """The constructor arguments, enough to rebuild the module before ``load_state_dict``."""
@@ -419,30 +275,12 @@ class MixtureOfFactorAnalyzers(nn.Module):
     # ------------------------------------------------------------------ densities
 
     def component_terms(self) -> ComponentTerms:
-        """Per-component quantities shared by every row, computed in ``O(K·D·L²)``."""
-        log_weights = self.log_weights
-        means = self.means
-        noise = self.noise_variance
-        loadings = self.factor_loadings
-        # Centre everything on the weighted mean of the means: the densities are unchanged,
-        # and the expanded quadratic forms below keep float32 accuracy for data far from 0.
-        reference = (log_weights.exp() @ means).detach()  # [D]
-        centred = means - reference  # [K, D]
-        chol = linalg.capacitance_cholesky(loadings, noise)  # [K, L, L]
-        whitened = linalg.whitened_factors(loadings, noise, chol)  # [K, L, D]
-        logdet = linalg.lowrank_logdet(chol, noise)  # [K]
-        log_norm = linalg.gaussian_log_normaliser(self.n_features, logdet)
-        whitened_means = (whitened @ centred.unsqueeze(-1)).squeeze(-1)  # [K, L]
-        inv_noise = noise.reciprocal()  # [K, D]
-        return ComponentTerms(
-            log_weights=log_weights,
-            reference=reference,
-            means=centred,
-            inv_noise=inv_noise,
-            whitened=whitened,
-            log_norm=log_norm,
-            whitened_means=whitened_means,
-            precise=needs_float64_quadratic(centred, inv_noise),
+        """Per-component quantities shared by every row, computed in ``O(K·D·L²)``.
+
+        Raises ``ValueError`` when a noise variance underflowed to 0 in the model's dtype.
+        """
+        return build_component_terms(
+            self.log_weights, self.means, self.factor_loadings, self.noise_variance
         )
 
     def chunk_size(self, extra_per_row: int = 0) -> int:
@@ -468,7 +306,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """
         x = check_data(x, "x", self.n_features, self.dtype, self.device)
         batch_shape = x.shape[:-1]
-        out = self._component_log_prob(x.reshape(-1, self.n_features))
+        terms = self.component_terms()
+        out = self._component_log_prob(x.reshape(-1, self.n_features), terms)
+        check_log_densities(out.detach(), terms.log_weights.detach(), x, terms.inv_noise)
         return out.reshape(*batch_shape, self.n_components)
 
     def _component_log_prob(self, x: Tensor, terms: ComponentTerms | None = None) -> Tensor:
@@ -531,26 +371,21 @@ class MixtureOfFactorAnalyzers(nn.Module):
             return empty, torch.zeros(0, dtype=torch.long, device=self.device)
         with torch.no_grad():
             weights = self.weights
+            if not bool(torch.isfinite(weights).all()):
+                raise ValueError(
+                    "cannot sample: the mixture weights are not finite (the logits contain "
+                    f"NaN or +inf: {self.logits.tolist()[:8]})"
+                )
             components = torch.multinomial(weights, n, replacement=True, generator=generator)
             size = self.chunk_size(extra_per_row=self.n_features * self.n_factors)
-            parts = []
-            for i in range(0, n, size):
-                comp = components[i : i + size]
-                m = comp.shape[0]
-                z = torch.randn(m, self.n_factors, 1, generator=generator,
-                                dtype=self.dtype, device=self.device)
-                eps = torch.randn(m, self.n_features, generator=generator,
-                                  dtype=self.dtype, device=self.device)
-                x = self.means[comp]
-                if with_noise:
-                    x = x + eps * self.noise_variance[comp].sqrt()
-                if self.n_factors:
-                    x = x + (self.factor_loadings[comp] @ z).squeeze(-1)
-                parts.append(x)
-            x = torch.cat(parts) if parts else weights.new_zeros(0, self.n_features)
+            x = sampling.ancestral_sample(
+                self.means, self.factor_loadings, self.noise_variance, components, size,
+                generator, with_noise,
+            )
         return x, components
 
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ inference (formulas:
+    # mfa.conditioning; the same as functions: mfa.inference)
 
     def marginal(self, features: Sequence[int] | Tensor) -> MixtureOfFactorAnalyzers:
         """The marginal over ``features`` (indices, or a bool mask of shape ``[D]``).
@@ -559,9 +394,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
         rows of ``μ_k``, ``A_k`` and ``d_k``. Returns a model over ``len(features)`` features
         in the given order.
         """
-        from mfa.inference import marginal
-
-        return marginal(self, features)
+        idx = feature_index(features, self.n_features).to(self.device)
+        with torch.no_grad():
+            return self._derived(self.logits, self.means[:, idx], self.factor_loadings[:, idx],
+                                 idx)
 
     def condition(
         self, observed_features: Sequence[int] | Tensor, observed_values: Tensor
@@ -569,16 +405,40 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """The exact conditional ``p(x_h | x_o = observed_values)``, again an MFA.
 
         Args:
-            observed_features: indices (or a bool mask ``[D]``) of the observed features.
-            observed_values: ``[len(observed_features)]``.
+            observed_features: indices (or a bool mask ``[D]``) of the observed features;
+                at least one feature must remain hidden.
+            observed_values: ``[len(observed_features)]``, in the order of
+                ``observed_features``.
 
         Returns:
-            A model over the hidden features, in increasing index order. See
-            :func:`mfa.inference.condition` for the formulas.
+            A model over the hidden features, in increasing index order.
         """
-        from mfa.inference import condition
+        obs, hid = conditioning.split_features(observed_features, self.n_features, self.device)
+        values = check_data(observed_values, "observed_values", obs.numel(), self.dtype,
+                            self.device)
+        if values.dim() != 1:
+            raise ValueError(
+                f"observed_values must have shape [{obs.numel()}], got {tuple(values.shape)}"
+            )
+        with torch.no_grad():
+            log_evidence = self.marginal(obs).component_log_prob(values)  # [K]
+            cond_means, cond_loadings = conditioning.conditional_components(
+                self.means, self.factor_loadings, self.noise_variance, obs, hid, values
+            )
+            logits = torch.log_softmax(log_evidence, dim=-1)
+            return self._derived(logits, cond_means, cond_loadings, hid)
 
-        return condition(self, observed_features, observed_values)
+    def _derived(
+        self, logits: Tensor, means: Tensor, loadings: Tensor, features: Tensor
+    ) -> MixtureOfFactorAnalyzers:
+        """A model like this one over ``features`` with these parameters (a marginal or a
+        conditional): the noise is copied in its unconstrained form, so a variance sitting at
+        the floor ``min_noise`` stays representable."""
+        raw_noise = self.raw_noise if self.noise == "isotropic" else self.raw_noise[:, features]
+        return type(self).from_raw_parameters(
+            logits, means, conditioning.reduce_rank(loadings), raw_noise, self.noise,
+            min_noise=self.min_noise, chunk_elements=self.chunk_elements,
+        )
 
     def conditional_mean(self, x: Tensor, observed: Tensor) -> Tensor:
         """``E[x_h | x_o]`` per row with per-row masks; observed entries are copied through.
@@ -590,9 +450,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Returns:
             ``[N, D]``.
         """
-        from mfa.inference import conditional_mean
-
-        return conditional_mean(self, x, observed)
+        x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
+        return conditioning.conditional_mean(
+            self._masked_terms(), x, observed, self.chunk_elements
+        )
 
     def conditional_sample(
         self, x: Tensor, observed: Tensor, generator: torch.Generator | None = None
@@ -605,15 +466,26 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Returns:
             ``[N, D]``.
         """
-        from mfa.inference import conditional_sample
-
-        return conditional_sample(self, x, observed, generator=generator)
+        x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
+        with torch.no_grad():
+            terms = self._masked_terms()
+        return conditioning.conditional_sample(terms, x, observed, self.chunk_elements,
+                                               generator)
 
     def observed_log_prob(self, x: Tensor, observed: Tensor) -> Tensor:
-        """``log p(x_o)`` of the observed entries of each row (per-row masks); ``[N]``."""
-        from mfa.inference import observed_log_prob
+        """``log p(x_o)`` of the observed entries of each row (per-row masks); ``[N]``.
 
-        return observed_log_prob(self, x, observed)
+        A row with nothing observed has ``log p = 0``.
+        """
+        x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
+        return conditioning.observed_log_prob(
+            self._masked_terms(), x, observed, self.chunk_elements
+        )
+
+    def _masked_terms(self) -> conditioning.MaskedTerms:
+        return conditioning.masked_terms(
+            self.log_weights, self.means, self.factor_loadings, self.noise_variance
+        )
 
     def to_distribution(self) -> torch.distributions.MixtureSameFamily:
         """The same distribution as a ``torch.distributions.MixtureSameFamily`` of a
@@ -626,64 +498,3 @@ class MixtureOfFactorAnalyzers(nn.Module):
         component = td.LowRankMultivariateNormal(self.means, loadings, self.noise_variance)
         return td.MixtureSameFamily(td.Categorical(logits=self.log_weights), component)
 
-
-def component_log_prob_from_terms(x: Tensor, terms: ComponentTerms) -> Tensor:
-    """``log w_k + log N(x; μ_k, Σ_k)`` for a chunk ``x`` of shape ``[n, D]`` → ``[n, K]``.
-
-    ``(x−μ)ᵀΣ⁻¹(x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖B(x−μ)‖²`` with ``B = C⁻¹AᵀD⁻¹``; the first
-    term is expanded into two matrix products, the second is one product ``x @ Bᵀ``.
-    """
-    xc = x - terms.reference  # [n, D]
-    k, n_lat, d = terms.whitened.shape
-    diag_quad = diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)  # [n, K]
-    if n_lat:
-        proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)  # [n, K, L]
-        proj = proj - terms.whitened_means
-        maha = diag_quad - (proj * proj).sum(-1)
-    else:
-        maha = diag_quad
-    # Rounding can push a tiny Mahalanobis distance below zero.
-    maha = maha.clamp_min(0.0)
-    return terms.log_weights + terms.log_norm - 0.5 * maha
-
-
-def scott_bandwidth(data: Tensor) -> float:
-    """Scott's rule ``σ = s · N^(−1/(D+4))``, ``s`` the mean per-feature standard deviation."""
-    n, d = data.shape
-    if n < 2:
-        return 1.0
-    std = data.std(dim=0).mean().item()
-    std = std if std > 0 else 1.0
-    return std * n ** (-1.0 / (d + 4))
-
-
-def select_kde_bandwidth(
-    train: Tensor,
-    validation: Tensor,
-    candidates: Sequence[float] | Tensor | None = None,
-) -> tuple[float, Tensor]:
-    """Pick the KDE bandwidth that maximises the mean held-out log-likelihood.
-
-    Args:
-        train: ``[N, D]``, the kernel centres.
-        validation: ``[M, D]``, held-out rows.
-        candidates: bandwidths to try; by default 25 values log-spaced from 1/100 to 2 times
-            Scott's bandwidth.
-
-    Returns:
-        ``(best_bandwidth, scores)``, ``scores[i]`` the mean held-out log-likelihood of
-        ``candidates[i]``.
-    """
-    if candidates is None:
-        base = scott_bandwidth(train)
-        candidates = torch.logspace(math.log10(base / 100), math.log10(base * 2), 25).tolist()
-    candidates = [float(c) for c in candidates]
-    if not candidates:
-        raise ValueError("candidates must not be empty")
-    scores = []
-    with torch.no_grad():
-        for bandwidth in candidates:
-            model = MixtureOfFactorAnalyzers.kde(train, bandwidth)
-            scores.append(model.log_prob(validation).mean().item())
-    scores_t = torch.tensor(scores, dtype=torch.float64)
-    return candidates[int(scores_t.argmax())], scores_t

@@ -105,12 +105,12 @@ def accumulate_statistics(
     """
     k, n_lat, d = terms.whitened.shape
     xc = x - terms.reference  # [n, D]
-    # Log-densities, as in mfa.model.component_log_prob_from_terms but keeping B(x − μ).
+    # Log-densities, as in mfa._terms.component_log_prob_from_terms but keeping B(x − μ).
     diag_quad = diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)  # [n, K]
     if n_lat:
         proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)
         proj = proj - terms.whitened_means  # B(x − μ)  [n, K, L]
-        maha = diag_quad - (proj * proj).sum(-1)
+        maha = linalg.woodbury_mahalanobis(diag_quad, proj)
     else:
         proj = None
         maha = diag_quad

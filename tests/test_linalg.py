@@ -107,3 +107,38 @@ def test_functions_are_differentiable():
         return linalg.lowrank_logdet(chol, noise)
 
     assert torch.autograd.gradcheck(f, (a, noise))
+
+
+@pytest.mark.parametrize("k,d,lat", [(3, 6, 2), (2, 5, 5), (4, 7, 1)])
+def test_woodbury_mahalanobis_matches_dense_inverse(k, d, lat):
+    # (x−μ)ᵀΣ⁻¹(x−μ) from diagonal_quadratic + woodbury_mahalanobis, [n, K], against a dense
+    # solve with Σ = AAᵀ + diag(d) for every row and component.
+    a, noise = _random((k,), d, lat, seed=11)
+    g = gen(12)
+    means = torch.randn(k, d, generator=g, dtype=F64)
+    x = 2.0 * torch.randn(9, d, generator=g, dtype=F64)
+    chol = linalg.capacitance_cholesky(a, noise)
+    whitened = linalg.whitened_factors(a, noise, chol)  # [K, L, D]
+    diff = x.unsqueeze(1) - means  # [n, K, D]
+    proj = (whitened @ diff.unsqueeze(-1)).squeeze(-1)  # [n, K, L]
+    diag_quad = linalg.diagonal_quadratic(x, means, 1.0 / noise, precise=False)  # [n, K]
+    got = linalg.woodbury_mahalanobis(diag_quad, proj)
+    cov = _dense(a, noise)  # [K, D, D]
+    expected = (diff.unsqueeze(-2) @ torch.linalg.solve(cov, diff.unsqueeze(-1))).flatten(1)
+    assert got.shape == (9, k)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    # The float64 path of diagonal_quadratic gives the same values for float32 inputs.
+    lo = linalg.diagonal_quadratic(x.float(), means.float(), (1.0 / noise).float(), True)
+    assert lo.dtype == torch.float32
+    torch.testing.assert_close(lo.double(), diag_quad, rtol=1e-6, atol=1e-5)
+
+
+def test_masked_diagonal_quadratic_sums_over_observed_features_only():
+    g = gen(13)
+    x = torch.randn(6, 5, generator=g, dtype=F64)
+    means = torch.randn(3, 5, generator=g, dtype=F64)
+    inv_noise = 1.0 / (0.2 + torch.rand(3, 5, generator=g, dtype=F64))
+    mask = (torch.rand(6, 5, generator=g) < 0.6).to(F64)
+    got = linalg.diagonal_quadratic(x * mask, means, inv_noise, precise=False, mask=mask)
+    terms = (x.unsqueeze(1) - means) ** 2 * inv_noise * mask.unsqueeze(1)  # [n, K, D]
+    torch.testing.assert_close(got, terms.sum(-1), rtol=1e-12, atol=1e-12)

@@ -1,4 +1,4 @@
-"""MixtureOfFactorAnalyzers: densities, sampling, KDE and input validation.
+"""MixtureOfFactorAnalyzers: densities, sampling and input validation.
 
 Every numerical check compares against the dense float64 reference of ``tests/helpers.py``
 (full covariances, ``torch.distributions.MultivariateNormal``), never the library's formulas.
@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from helpers import (
     F64,
     DenseMixture,
     assert_finite,
-    dense_kde_log_prob,
     gen,
     random_data,
     random_model,
     random_parameters,
 )
 
-from mfa import MixtureOfFactorAnalyzers, scott_bandwidth, select_kde_bandwidth
+from mfa import MixtureOfFactorAnalyzers
 
 MFA = MixtureOfFactorAnalyzers
 
@@ -351,62 +349,6 @@ def test_sample_zero_rows():
     assert x.shape == (0, 3) and comp.shape == (0,)
 
 
-# ---------------------------------------------------------------------- kde
-
-
-def test_kde_equals_hand_written_kde():
-    data = torch.randn(40, 3, generator=gen(40), dtype=F64)
-    x = torch.randn(25, 3, generator=gen(41), dtype=F64) * 1.5
-    model = MFA.kde(data, bandwidth=0.6)
-    assert (model.n_components, model.n_features, model.n_factors) == (40, 3, 0)
-    assert model.noise == "isotropic"
-    torch.testing.assert_close(model.means, data, rtol=0, atol=0)
-    torch.testing.assert_close(model.weights, torch.full((40,), 1 / 40, dtype=F64))
-    torch.testing.assert_close(model.noise_variance, torch.full((40, 3), 0.36, dtype=F64))
-    torch.testing.assert_close(
-        model.log_prob(x), dense_kde_log_prob(x, data, 0.6), rtol=1e-10, atol=1e-10
-    )
-
-
-@pytest.mark.parametrize("d", [1, 3])
-def test_kde_default_bandwidth_is_scotts_rule(d):
-    g = gen(42)
-    data = torch.randn(50, d, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
-    arr = data.numpy()
-    # Docstring: σ = s · N^(−1/(D+4)), s the mean per-feature standard deviation.
-    s = float(np.mean(np.std(arr, axis=0, ddof=1)))
-    expected = s * 50 ** (-1.0 / (d + 4))
-    assert scott_bandwidth(data) == pytest.approx(expected, rel=1e-12)
-    model = MFA.kde(data)
-    torch.testing.assert_close(
-        model.noise_variance, torch.full((50, d), expected**2, dtype=F64), rtol=1e-12, atol=0
-    )
-    x = torch.randn(10, d, generator=g, dtype=F64)
-    torch.testing.assert_close(
-        model.log_prob(x), dense_kde_log_prob(x, data, expected), rtol=1e-10, atol=1e-10
-    )
-
-
-def test_select_kde_bandwidth_picks_the_best_held_out_candidate():
-    g = gen(43)
-    train = torch.randn(60, 2, generator=g, dtype=F64)
-    val = torch.randn(40, 2, generator=g, dtype=F64)
-    candidates = [0.05, 0.1, 0.2, 0.3, 0.45, 0.7, 1.0, 2.0]
-    best, scores = select_kde_bandwidth(train, val, candidates)
-    brute = [dense_kde_log_prob(val, train, c).mean().item() for c in candidates]
-    torch.testing.assert_close(scores, torch.tensor(brute, dtype=F64), rtol=1e-10, atol=1e-10)
-    assert best == candidates[int(np.argmax(brute))]
-    assert candidates[0] < best < candidates[-1]  # a real interior maximum, not an edge
-
-    # Default candidates: 25 log-spaced values from Scott/100 to 2·Scott.
-    best_default, scores_default = select_kde_bandwidth(train, val)
-    assert scores_default.shape == (25,)
-    scott = scott_bandwidth(train)
-    grid = np.logspace(np.log10(scott / 100), np.log10(2 * scott), 25)
-    brute = [dense_kde_log_prob(val, train, float(c)).mean().item() for c in grid]
-    assert best_default == pytest.approx(float(grid[int(np.argmax(brute))]), rel=1e-5)
-
-
 # ---------------------------------------------------------------------- validation
 
 
@@ -524,23 +466,12 @@ def test_constructor_validation():
         MFA(2, 3, 1, chunk_elements=0)
 
 
-def test_sample_and_kde_validation():
+def test_sample_validation():
     model = random_model(2, 3, 1, seed=53)
     with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
         model.sample(-1)
     with pytest.raises(TypeError, match=r"n must be an int, got float"):
         model.sample(2.0)
-    data = torch.randn(5, 2, generator=gen(54), dtype=F64)
-    with pytest.raises(ValueError, match=r"bandwidth must be a finite float > 0, got 0\.0"):
-        MFA.kde(data, bandwidth=0.0)
-    with pytest.raises(ValueError, match=r"bandwidth must be a finite float > 0, got nan"):
-        MFA.kde(data, bandwidth=float("nan"))
-    with pytest.raises(ValueError, match=r"data must have shape \[N, D\] with N >= 1, got \(5,\)"):
-        MFA.kde(data[:, 0])
-    with pytest.raises(TypeError, match=r"data must be floating point, got torch\.int64"):
-        MFA.kde(data.long())
-    with pytest.raises(ValueError, match=r"candidates must not be empty"):
-        select_kde_bandwidth(data, data, [])
 
 
 def test_failed_set_parameters_changes_nothing():
@@ -569,3 +500,146 @@ def test_failed_set_parameters_changes_nothing():
     torch.testing.assert_close(
         model.log_prob(x), DenseMixture.from_parameters(**good).log_prob(x), rtol=1e-6, atol=1e-9
     )
+
+
+# ---------------------------------------------------------------------- structure and defects
+
+
+def _imports_of(path):
+    """Every ``mfa.*`` module a source file imports, at any depth (lazy imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mfa"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("mfa"))
+    return found
+
+
+def test_model_layer_does_not_import_inference_or_kde():
+    # The model and the modules it is built from sit below mfa.inference and mfa.kde (no
+    # import cycle, not even a lazy one inside a method).
+    from pathlib import Path
+
+    import mfa
+
+    root = Path(mfa.__file__).parent
+    for name in ("model", "conditioning", "_terms", "parameters", "sampling", "linalg"):
+        imported = _imports_of(root / f"{name}.py")
+        assert not {m for m in imported if m.startswith(("mfa.inference", "mfa.kde"))}, name
+    assert "mfa.model" not in _imports_of(root / "conditioning.py")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_refused(dtype):
+    # They used to be accepted and then fail in Cholesky ("not implemented for 'Half'").
+    match = rf"cannot use dtype {dtype}.*'torch\.float32', 'torch\.float64'"
+    with pytest.raises(TypeError, match=match):
+        MFA(2, 3, 1, dtype=dtype)
+    params = random_parameters(2, 3, 1, seed=60)
+    with pytest.raises(TypeError, match=match):
+        MFA.from_parameters(**{k: v.to(dtype) for k, v in params.items()})
+    model = MFA.from_parameters(**params)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=match):
+        model.to(dtype)
+    with pytest.raises(TypeError, match=match):
+        model.half() if dtype == torch.float16 else model.bfloat16()
+    for k, v in model.state_dict().items():  # nothing was converted
+        assert v.dtype == F64 and torch.equal(v, before[k]), k
+    assert model.float().dtype == torch.float32 and model.double().dtype == F64
+
+
+def test_noise_that_underflows_is_a_clear_error_not_nan():
+    x = torch.zeros(4, 3)
+    # min_noise + softplus(raw_noise) underflows to exactly 0 in float32.
+    model = MFA(2, 3, 1, min_noise=0.0, dtype=torch.float32)
+    with torch.no_grad():
+        model.raw_noise.fill_(-200.0)
+    match = r"noise variance underflowed to 0 in torch\.float32 .*component 0, feature 0"
+    for call in (model.log_prob, lambda v: model.conditional_mean(v, v == 0),
+                 lambda v: model.observed_log_prob(v, v == 0)):
+        with pytest.raises(ValueError, match=match):
+            call(x)
+    # A subnormal variance: 1/d overflows to inf and log_prob used to be NaN.
+    params = random_parameters(2, 3, 1, seed=61, dtype=torch.float32)
+    params["noise_variance"] = torch.full((2, 3), 1e-40)
+    with pytest.raises(ValueError, match=r"noise variance is so small that 1/d overflows in "
+                                         r"torch\.float32"):
+        MFA.from_parameters(**params)
+    # The same variances are fine in float64.
+    params64 = {k: v.double() for k, v in params.items()}
+    params64["weights"] = params64["weights"] / params64["weights"].sum()
+    assert bool(torch.isfinite(MFA.from_parameters(**params64).log_prob(x.double())).all())
+
+
+@pytest.mark.parametrize("d", [3, 8])
+def test_float32_inputs_too_large_are_a_clear_error(d):
+    model = random_model(2, d, 1, seed=62, dtype=torch.float32)
+    ok = torch.full((3, d), 1e17)
+    assert bool(torch.isfinite(model.log_prob(ok)).all())  # large but representable
+    huge = torch.full((3, d), 1e19 if d == 8 else 1e20)
+    observed = torch.ones(3, d, dtype=torch.bool)
+    observed[:, 0] = False
+    match = r"input values too large for torch\.float32: .*overflow .*largest \|x\| is 1e\+(19|20)"
+    calls = {
+        "log_prob": lambda: model.log_prob(huge),
+        "responsibilities": lambda: model.responsibilities(huge),
+        "predict": lambda: model.predict(huge),
+        "condition": lambda: model.condition([1, 2], huge[0, 1:3]),
+        "observed_log_prob": lambda: model.observed_log_prob(huge, observed),
+        "conditional_mean": lambda: model.conditional_mean(huge, observed),
+        # used to fail inside torch.multinomial ("invalid multinomial distribution")
+        "conditional_sample": lambda: model.conditional_sample(huge, observed, gen(0)),
+    }
+    for call in calls.values():  # a failure shows the lambda, which names the method
+        with pytest.raises(ValueError, match=match):
+            call()
+    # A float64 model handles the same values.
+    model64 = random_model(2, d, 1, seed=62)
+    assert bool(torch.isfinite(model64.log_prob(huge.double())).all())
+
+
+def test_sample_with_non_finite_weights_says_why():
+    model = random_model(2, 3, 1, seed=63)
+    with torch.no_grad():
+        model.logits[0] = float("nan")
+    with pytest.raises(ValueError, match=r"cannot sample: the mixture weights are not finite"):
+        model.sample(5, generator=gen(0))
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_from_raw_parameters_rebuilds_the_same_model(noise):
+    model = random_model(3, 4, 2, noise=noise, seed=64)
+    with torch.no_grad():
+        model.raw_noise[0] = -60.0  # a variance at the floor min_noise: kept exactly
+    raw = {name: p.detach() for name, p in model.named_parameters()}
+    rebuilt = MFA.from_raw_parameters(**raw, noise=noise, min_noise=model.min_noise)
+    for name, p in rebuilt.named_parameters():
+        assert torch.equal(p, raw[name]), name
+    x = random_data(6, model, seed=65)
+    torch.testing.assert_close(rebuilt.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    # A component of weight 0 (logits −inf) is allowed; NaN, +inf and wrong shapes are not.
+    logits = raw["logits"].clone()
+    logits[1] = -math.inf
+    zero = MFA.from_raw_parameters(logits, raw["loc"], raw["loadings"], raw["raw_noise"], noise)
+    assert zero.weights[1] == 0
+    bad_logits = raw["logits"].clone()
+    bad_logits[0] = math.nan
+    with pytest.raises(ValueError, match=r"logits must not contain NaN or \+inf"):
+        MFA.from_raw_parameters(bad_logits, raw["loc"], raw["loadings"], raw["raw_noise"], noise)
+    with pytest.raises(ValueError, match=r"logits must have at least one finite entry"):
+        MFA.from_raw_parameters(torch.full((3,), -math.inf, dtype=F64), raw["loc"],
+                                raw["loadings"], raw["raw_noise"], noise)
+    with pytest.raises(ValueError, match=r"raw_noise must have shape"):
+        MFA.from_raw_parameters(raw["logits"], raw["loc"], raw["loadings"],
+                                torch.zeros(3, 7, dtype=F64), noise)
+    with pytest.raises(ValueError, match=r"loadings must have shape \[K, D, L\] = \[3, 4, L\]"):
+        MFA.from_raw_parameters(raw["logits"], raw["loc"], raw["loadings"][:2], raw["raw_noise"])
+    with pytest.raises(ValueError, match=r"loc contains 1 non-finite"):
+        loc = raw["loc"].clone()
+        loc[0, 0] = math.inf
+        MFA.from_raw_parameters(raw["logits"], loc, raw["loadings"], raw["raw_noise"], noise)

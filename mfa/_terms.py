@@ -1,0 +1,136 @@
+"""Per-component quantities of a mixture of factor analyzers and the log-densities of rows.
+
+:class:`ComponentTerms` holds what every row shares (computed once per call in
+``O(K·D·L²)``); :func:`component_log_prob_from_terms` evaluates one chunk of rows with three
+matrix products and the Woodbury identity (:func:`mfa.linalg.woodbury_mahalanobis`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mfa import linalg
+
+#: The parameter dtypes the model computes in (Cholesky and SVD need float32 or float64).
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_supported_dtype(dtype: torch.dtype) -> None:
+    """Refuse parameter dtypes the factorisations do not support (float16, bfloat16, ints)."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"a MixtureOfFactorAnalyzers cannot use dtype {dtype}: its Cholesky and SVD "
+            f"factorisations need one of {[str(t) for t in SUPPORTED_DTYPES]}; "
+            "keep the model in float32 and convert the data instead"
+        )
+
+
+def check_noise(noise: Tensor) -> None:
+    """Raise when a noise variance ``[K, D]`` underflowed to 0, or is so small that its
+    reciprocal overflows, in its dtype (the densities would silently be NaN). ``O(K·D)``."""
+    bad = ~(noise > 0) | ~torch.isfinite(noise.reciprocal())
+    if bool(bad.any()):
+        k, j = (int(i) for i in bad.nonzero()[0])
+        value = noise[k, j].item()
+        cause = "underflowed to 0" if value == 0 else "is so small that 1/d overflows"
+        raise ValueError(
+            f"the noise variance {cause} in {noise.dtype} ({value:.3g} at component {k}, "
+            f"feature {j}; the smallest normal {noise.dtype} is "
+            f"{torch.finfo(noise.dtype).tiny:.3g}): raise min_noise or use float64"
+        )
+
+
+def check_log_densities(
+    log_joint: Tensor, log_weights: Tensor, x: Tensor, inv_noise: Tensor
+) -> None:
+    """Raise when finite data ``x`` [n, D] gave non-finite log-densities ``[n, K]``
+    (``log_weights`` [K] may be ``−inf`` for a component of weight 0): the quadratic form
+    ``Σ_j (x_j − μ_j)²/d_j`` overflowed. ``inv_noise`` [K, D] is ``1/d``; ``O(n·K)``."""
+    bad = ~torch.isfinite(log_joint) & torch.isfinite(log_weights)
+    if bool(bad.any()):
+        finfo = torch.finfo(x.dtype)
+        largest = x.abs().max().item() if x.numel() else 0.0
+        raise ValueError(
+            f"input values too large for {x.dtype}: the squared distances (x − μ)²/d overflow "
+            f"(largest |x| is {largest:.3g}, smallest noise variance "
+            f"{1.0 / inv_noise.max().item():.3g}; squares overflow above |x| ≈ "
+            f"{finfo.max ** 0.5:.3g}). Rescale the data or use a float64 model"
+        )
+
+
+@dataclass(frozen=True)
+class ComponentTerms:
+    """Quantities derived once per call from the parameters (all centred on ``reference``).
+
+    Shapes: ``log_weights`` [K], ``reference`` [D], ``means`` [K, D] (centred),
+    ``inv_noise`` [K, D], ``whitened`` [K, L, D] (``C⁻¹ Aᵀ D⁻¹``), ``log_norm`` [K]
+    (``−½(D log 2π + log|Σ_k|)``), ``whitened_means`` [K, L]; ``precise``: evaluate the
+    diagonal quadratic form in float64 (see :func:`mfa.linalg.needs_float64_quadratic`).
+    """
+
+    log_weights: Tensor
+    reference: Tensor
+    means: Tensor
+    inv_noise: Tensor
+    whitened: Tensor
+    log_norm: Tensor
+    whitened_means: Tensor
+    precise: bool = False
+
+    def to(self, dtype: torch.dtype) -> ComponentTerms:
+        """The same terms in another floating dtype (``precise`` is dropped for float64)."""
+        fields = {name: getattr(self, name).to(dtype) for name in (
+            "log_weights", "reference", "means", "inv_noise", "whitened", "log_norm",
+            "whitened_means")}
+        return ComponentTerms(**fields, precise=self.precise and dtype != torch.float64)
+
+
+def build_component_terms(
+    log_weights: Tensor, means: Tensor, loadings: Tensor, noise: Tensor
+) -> ComponentTerms:
+    """:class:`ComponentTerms` of log-weights [K], means [K, D], loadings [K, D, L] and
+    noise variances [K, D] (checked with :func:`check_noise`)."""
+    check_noise(noise)
+    # Centre everything on the weighted mean of the means: the densities are unchanged,
+    # and the expanded quadratic forms keep float32 accuracy for data far from 0.
+    reference = (log_weights.exp() @ means).detach()  # [D]
+    centred = means - reference  # [K, D]
+    chol = linalg.capacitance_cholesky(loadings, noise)  # [K, L, L]
+    whitened = linalg.whitened_factors(loadings, noise, chol)  # [K, L, D]
+    logdet = linalg.lowrank_logdet(chol, noise)  # [K]
+    log_norm = linalg.gaussian_log_normaliser(means.shape[-1], logdet)
+    whitened_means = (whitened @ centred.unsqueeze(-1)).squeeze(-1)  # [K, L]
+    inv_noise = noise.reciprocal()  # [K, D]
+    return ComponentTerms(
+        log_weights=log_weights,
+        reference=reference,
+        means=centred,
+        inv_noise=inv_noise,
+        whitened=whitened,
+        log_norm=log_norm,
+        whitened_means=whitened_means,
+        precise=linalg.needs_float64_quadratic(centred, inv_noise),
+    )
+
+
+def component_log_prob_from_terms(x: Tensor, terms: ComponentTerms) -> Tensor:
+    """``log w_k + log N(x; μ_k, Σ_k)`` for a chunk ``x`` of shape ``[n, D]`` → ``[n, K]``.
+
+    ``(x−μ)ᵀΣ⁻¹(x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖B(x−μ)‖²`` with ``B = C⁻¹AᵀD⁻¹``; the first
+    term is expanded into two matrix products, the second is one product ``x @ Bᵀ``.
+    """
+    xc = x - terms.reference  # [n, D]
+    k, n_lat, d = terms.whitened.shape
+    diag_quad = linalg.diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)
+    if n_lat:
+        proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)  # [n, K, L]
+        proj = proj - terms.whitened_means
+        maha = linalg.woodbury_mahalanobis(diag_quad, proj)  # [n, K]
+    else:
+        maha = diag_quad
+    # Rounding can push a tiny Mahalanobis distance below zero.
+    maha = maha.clamp_min(0.0)
+    return terms.log_weights + terms.log_norm - 0.5 * maha

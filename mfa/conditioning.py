@@ -1,0 +1,301 @@
+"""The math of exact marginals and conditionals of a Mixture of Factor Analyzers.
+
+A conditional of a mixture is a reweighted mixture of the component conditionals::
+
+    p(x_h | x_o) = Σ_k w̃_k N(x_h; μ_k,h|o, Σ_k,h|o),   w̃_k ∝ w_k N(x_o; μ_k,o, Σ_k,oo)
+
+For a factor analyzer the component conditional follows from the latent posterior
+``z | x_o ~ N(m, M_o⁻¹)`` with ``M_o = I + A_oᵀ D_o⁻¹ A_o`` and
+``m = M_o⁻¹ A_oᵀ D_o⁻¹ (x_o − μ_o)``::
+
+    μ_k,h|o = μ_h + A_h m                       (= μ_h + Σ_ho Σ_oo⁻¹ (x_o − μ_o))
+    Σ_k,h|o = A_h M_o⁻¹ A_hᵀ + D_h              (= Σ_hh − Σ_ho Σ_oo⁻¹ Σ_oh)
+
+so the conditional covariance is again low rank plus diagonal, with loadings ``A_h C⁻ᵀ``
+(``M_o = C Cᵀ``). Only ``L × L`` matrices are factorised.
+
+Everything here works on parameter tensors and never builds a model: the methods of
+:class:`mfa.model.MixtureOfFactorAnalyzers` check their inputs and call these functions, and
+:mod:`mfa.inference` offers the same operations as functions of a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mfa import linalg
+from mfa._terms import check_log_densities, check_noise
+from mfa._validation import (
+    check_finite,
+    check_floating,
+    check_mask,
+    check_tensor,
+    feature_index,
+)
+
+
+def reduce_rank(loadings: Tensor) -> Tensor:
+    """Loadings ``[K, n, L]`` with ``L > n`` rewritten as ``[K, n, n]`` with the same ``A Aᵀ``.
+
+    A rank-``L`` term over ``n < L`` features has rank ``<= n``: with ``Aᵀ = Q R`` (reduced
+    QR), ``A Aᵀ = Rᵀ R``, so ``Rᵀ`` serves as loadings.
+    """
+    n, n_lat = loadings.shape[-2:]
+    if n_lat <= n:
+        return loadings
+    _, r = torch.linalg.qr(loadings.mT, mode="reduced")  # [K, n, n]
+    return r.mT
+
+
+def split_features(
+    observed_features: object, n_features: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Observed indices (as given) and hidden indices (increasing) of ``n_features``, on
+    ``device``; ``observed_features`` are indices or a bool mask ``[D]`` that must leave at
+    least one feature hidden."""
+    obs = feature_index(observed_features, n_features, "observed_features")
+    if obs.numel() == n_features:
+        raise ValueError("observed_features covers every feature: nothing is left to condition")
+    hidden_mask = torch.ones(n_features, dtype=torch.bool)
+    hidden_mask[obs] = False
+    return obs.to(device), hidden_mask.nonzero().flatten().to(device)
+
+
+def conditional_components(
+    means: Tensor, loadings: Tensor, noise: Tensor, obs: Tensor, hid: Tensor, values: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Means and loadings of every component conditional ``p(x_h | x_o = values, k)``.
+
+    Args:
+        means: ``μ`` [K, D]; loadings: ``A`` [K, D, L]; noise: ``d`` [K, D].
+        obs: observed feature indices ``[|o|]``; hid: hidden feature indices ``[|h|]``.
+        values: ``x_o`` [|o|].
+
+    Returns:
+        ``(μ_h|o [K, |h|], A_h C⁻ᵀ [K, |h|, L])``; the conditional noise is ``d_h``.
+    """
+    a_o, a_h = loadings[:, obs], loadings[:, hid]  # [K, |o|, L], [K, |h|, L]
+    if not loadings.shape[-1]:
+        return means[:, hid], a_h
+    d_o = noise[:, obs]
+    chol = linalg.capacitance_cholesky(a_o, d_o)  # [K, L, L]
+    resid = values - means[:, obs]  # [K, |o|]
+    b = (a_o / d_o.unsqueeze(-1)).mT @ resid.unsqueeze(-1)  # [K, L, 1]
+    m = torch.cholesky_solve(b, chol)  # M_o⁻¹ b, [K, L, 1]
+    cond_means = means[:, hid] + (a_h @ m).squeeze(-1)
+    cond_loadings = a_h @ linalg.capacitance_inverse_factor(chol)
+    return cond_means, cond_loadings
+
+
+# ---------------------------------------------------------------------- per-row masks
+
+
+@dataclass
+class MaskedTerms:
+    """Per-call quantities shared by every chunk of :func:`row_posterior` (built once).
+
+    ``log_w`` [K], ``means`` [K, D], ``loadings`` [K, D, L], ``noise`` [K, D], ``inv_noise``
+    [K, D], ``reference`` [D], ``mu`` [K, D] (centred), ``outer`` [D, K·L·L]
+    (``A_kj A_kjᵀ / d_kj``), ``scaled`` [D, K·L] (``A/d``), ``mu_scaled`` [D, K·L]
+    (``A μ / d``). ``outer`` holds ``K·D·L²`` values, the largest allocation of masked
+    inference.
+    """
+
+    log_w: Tensor
+    means: Tensor
+    loadings: Tensor
+    noise: Tensor
+    inv_noise: Tensor
+    reference: Tensor
+    mu: Tensor
+    outer: Tensor | None
+    scaled: Tensor | None
+    mu_scaled: Tensor | None
+    precise: bool
+
+    def chunk_size(self, chunk_elements: int) -> int:
+        """Rows per chunk so that one chunk's intermediates hold ≲ ``chunk_elements`` values."""
+        k, d, n_lat = self.loadings.shape
+        per_row = d * 3 + k * (n_lat + 2) ** 2
+        return max(1, chunk_elements // per_row)
+
+
+def masked_terms(log_w: Tensor, means: Tensor, loadings: Tensor, noise: Tensor) -> MaskedTerms:
+    """:class:`MaskedTerms` of a model with log-weights [K], means [K, D], loadings
+    [K, D, L] and noise variances [K, D] (checked by :func:`mfa._terms.check_noise`);
+    ``O(K·D·L²)``."""
+    check_noise(noise)
+    k, d, n_lat = loadings.shape
+    inv_noise = noise.reciprocal()  # [K, D]
+    reference = (log_w.exp() @ means).detach()
+    mu = means - reference  # [K, D]
+    outer = scaled_flat = mu_scaled = None
+    if n_lat:
+        scaled = loadings * inv_noise.unsqueeze(-1)  # D⁻¹A  [K, D, L]
+        outer = (scaled.unsqueeze(-1) * loadings.unsqueeze(-2)).permute(1, 0, 2, 3).reshape(d, -1)
+        scaled_flat = scaled.permute(1, 0, 2).reshape(d, k * n_lat)
+        mu_scaled = (scaled * mu.unsqueeze(-1)).permute(1, 0, 2).reshape(d, k * n_lat)
+    precise = linalg.needs_float64_quadratic(mu, inv_noise)
+    return MaskedTerms(log_w, means, loadings, noise, inv_noise, reference, mu, outer,
+                       scaled_flat, mu_scaled, precise)
+
+
+@dataclass
+class RowPosterior:
+    """Per-row, per-component conditional quantities for one chunk of ``n`` rows.
+
+    ``log_joint`` [n, K]: ``log w_k + log N(x_o; μ_k,o, Σ_k,oo)``; ``latent_mean`` [n, K, L]:
+    ``E[z | x_o, k]``; ``chol`` [n, K, L, L]: Cholesky of ``M_o``; ``reference`` [D].
+    """
+
+    log_joint: Tensor
+    latent_mean: Tensor
+    chol: Tensor
+    reference: Tensor
+
+
+def row_posterior(terms: MaskedTerms, x: Tensor, observed: Tensor) -> RowPosterior:
+    """The latent posterior of every row and component under per-row masks.
+
+    With ``m`` the float mask of a chunk ``[n, D]`` and ``P[j, k] = A_kj A_kjᵀ / d_kj``
+    (``[D, K·L·L]``), ``M_o = I + m @ P``; every other quantity is a product of ``m``,
+    ``m ⊙ x`` or ``m ⊙ x²`` with a ``[D, ·]`` matrix. Cost ``O(n·K·D·L²)``.
+
+    Args:
+        x: ``[n, D]``, finite where observed; observed: bool ``[n, D]``.
+    """
+    k, _, n_lat = terms.loadings.shape
+    t = terms
+    mask = observed.to(x.dtype)
+    xc = (x - t.reference) * mask  # zero where hidden
+    # Σ_{j∈o} (x_j − μ_kj)² / d_kj  [n, K], in float64 when the expansion would cancel.
+    quad = linalg.diagonal_quadratic(xc, t.mu, t.inv_noise, t.precise, mask=mask)
+    logdet = mask @ t.noise.log().T  # [n, K]
+    n_obs = mask.sum(-1, keepdim=True)  # [n, 1]
+    n = x.shape[0]
+    if n_lat:
+        eye = torch.eye(n_lat, dtype=x.dtype, device=x.device)
+        cap = (mask @ t.outer).view(n, k, n_lat, n_lat) + eye
+        chol = torch.linalg.cholesky(cap)  # [n, K, L, L]
+        b = (xc @ t.scaled - mask @ t.mu_scaled).view(n, k, n_lat, 1)  # A_oᵀD_o⁻¹(x_o − μ_o)
+        u = torch.linalg.solve_triangular(chol, b, upper=False)  # C⁻¹ b
+        latent_mean = torch.linalg.solve_triangular(chol.mT, u, upper=True).squeeze(-1)
+        quad = linalg.woodbury_mahalanobis(quad, u.squeeze(-1))
+        logdet = logdet + 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    else:
+        chol = x.new_zeros(n, k, 0, 0)
+        latent_mean = x.new_zeros(n, k, 0)
+    log_joint = t.log_w + linalg.gaussian_log_normaliser(n_obs, logdet) - 0.5 * quad.clamp_min(0.0)
+    check_log_densities(log_joint.detach(), t.log_w.detach(), x, t.inv_noise)
+    return RowPosterior(log_joint, latent_mean, chol, t.reference)
+
+
+def observed_log_prob(
+    terms: MaskedTerms, x: Tensor, observed: Tensor, chunk_elements: int
+) -> Tensor:
+    """``log p(x_o)`` per row; ``x`` [N, D] (zero where hidden), bool ``observed`` [N, D]
+    → ``[N]``. A row with nothing observed has ``log p = 0``."""
+    size = terms.chunk_size(chunk_elements)
+    parts = [
+        row_posterior(terms, x[i : i + size], observed[i : i + size]).log_joint.logsumexp(-1)
+        for i in range(0, x.shape[0], size)
+    ]
+    return torch.cat(parts) if parts else x.new_zeros(0)
+
+
+def conditional_mean(
+    terms: MaskedTerms, x: Tensor, observed: Tensor, chunk_elements: int
+) -> Tensor:
+    """``E[x_h | x_o]`` per row: ``Σ_k w̃_k (μ_k,h + A_k,h E[z | x_o, k])``.
+
+    Args:
+        x: ``[N, D]``, zero where hidden; observed: bool ``[N, D]``.
+
+    Returns:
+        ``[N, D]``, equal to ``x`` where observed.
+    """
+    k, d, n_lat = terms.loadings.shape
+    loadings_flat = terms.loadings.permute(0, 2, 1).reshape(k * n_lat, d)  # [K·L, D]
+    size = terms.chunk_size(chunk_elements)
+    parts = []
+    for i in range(0, x.shape[0], size):
+        xi, oi = x[i : i + size], observed[i : i + size]
+        post = row_posterior(terms, xi, oi)
+        resp = torch.softmax(post.log_joint, dim=-1)  # [n, K]
+        mean = resp @ terms.means  # [n, D]
+        if n_lat:
+            weighted = (resp.unsqueeze(-1) * post.latent_mean).reshape(-1, k * n_lat)
+            mean = mean + weighted @ loadings_flat
+        parts.append(torch.where(oi, xi, mean))
+    return torch.cat(parts) if parts else x.clone()
+
+
+def conditional_sample(
+    terms: MaskedTerms,
+    x: Tensor,
+    observed: Tensor,
+    chunk_elements: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One exact sample per row from ``p(x_h | x_o)`` (no gradient is recorded).
+
+    Draw ``k ~ w̃``, ``z ~ N(E[z | x_o, k], M_o⁻¹)``, ``x_h = μ_k,h + A_k,h z + √d_k,h ε``.
+
+    Args:
+        x: ``[N, D]``, zero where hidden; observed: bool ``[N, D]``; generator: on ``x``'s
+            device.
+
+    Returns:
+        ``[N, D]``, equal to ``x`` where observed.
+    """
+    _, d, n_lat = terms.loadings.shape
+    size = terms.chunk_size(chunk_elements)
+    parts = []
+    with torch.no_grad():
+        noise_std = terms.noise.sqrt()
+        for i in range(0, x.shape[0], size):
+            xi, oi = x[i : i + size], observed[i : i + size]
+            n = xi.shape[0]
+            post = row_posterior(terms, xi, oi)
+            probs = torch.softmax(post.log_joint, dim=-1)
+            comp = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [n]
+            rows = torch.arange(n, device=x.device)
+            eps = torch.randn(n, d, generator=generator, dtype=x.dtype, device=x.device)
+            sample = terms.means[comp] + noise_std[comp] * eps
+            if n_lat:
+                chol = post.chol[rows, comp]  # [n, L, L]
+                white = torch.randn(n, n_lat, 1, generator=generator,
+                                    dtype=x.dtype, device=x.device)
+                # z = m + C⁻ᵀ ε has covariance C⁻ᵀC⁻¹ = M_o⁻¹.
+                z = post.latent_mean[rows, comp].unsqueeze(-1) + torch.linalg.solve_triangular(
+                    chol.mT, white, upper=True
+                )
+                sample = sample + (terms.loadings[comp] @ z).squeeze(-1)
+            parts.append(torch.where(oi, xi, sample))
+    return torch.cat(parts) if parts else x.clone()
+
+
+def check_masked(
+    x: object, observed: object, n_features: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Validate rows ``x`` [N, D] and their mask ``observed`` (bool [N, D]) against a model's
+    size, dtype and device; hidden entries may be anything (NaN marks missing data).
+
+    Returns ``x`` with its hidden entries set to zero.
+    """
+    x = check_tensor(x, "x")
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape [N, {n_features}], got {tuple(x.shape)}")
+    if x.shape[-1] != n_features:
+        raise ValueError(
+            f"x must have shape [..., {n_features}] (n_features={n_features}), "
+            f"got {tuple(x.shape)}"
+        )
+    check_floating(x, "x", dtype, device)
+    check_mask(observed, "observed", x.shape, device)
+    filled = torch.where(observed, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    check_finite(filled, "x (its observed entries)")
+    return filled
