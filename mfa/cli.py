@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mfa.viz import MASK_KINDS
+from mfa.masks import MASK_KINDS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
 

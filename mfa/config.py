@@ -46,8 +46,8 @@ import torch
 import yaml
 
 from mfa.em import EMConfig
+from mfa.masks import MaskKind
 from mfa.sgd import SGDConfig
-from mfa.viz import MaskKind
 
 __all__ = [
     "DATASET_NAMES",

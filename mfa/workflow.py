@@ -30,6 +30,7 @@ from mfa.config import RunConfig, make_run_dir, resolve_device, save_config
 from mfa.data import ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.inference import inpaint as inpaint_rows
+from mfa.masks import make_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.sgd import SGDTrainer
@@ -241,7 +242,7 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     count = min(n, data.pixels(split).shape[0])
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    observed = viz.make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
+    observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
                              .manual_seed(seed), fraction=fraction,
                              mask_image=mask_image).to(model.device)
     with torch.no_grad():

@@ -23,10 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mfa import cli, viz
+from mfa import cli
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.config import load_config
 from mfa.data import load_dataset
+from mfa.masks import MASK_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "embedded-mnist.yaml"
@@ -305,10 +306,10 @@ HIDDEN = {"center": 14 * 14, "top": 392, "bottom": 392, "left": 392, "right": 39
 
 
 def test_every_mask_kind_is_covered():
-    assert set(HIDDEN) == set(viz.MASK_KINDS)
+    assert set(HIDDEN) == set(MASK_KINDS)
 
 
-@pytest.mark.parametrize("kind", viz.MASK_KINDS)
+@pytest.mark.parametrize("kind", MASK_KINDS)
 def test_inpaint(run_dir, tmp_path, kind):
     out = tmp_path / f"inpaint-{kind}.png"
     extra = []
@@ -554,3 +555,17 @@ def test_installed_console_script(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
     assert open_png(out).size == grid_size(4, 2)
+
+
+def test_python_dash_m_mfa(run_dir, tmp_path):
+    """``python -m mfa`` is the same command as the console script."""
+    out = tmp_path / "s.png"
+    done = subprocess.run([sys.executable, "-m", "mfa", "sample", str(run_dir), "-n", "2",
+                           "--nrow", "2", "--scale", "1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    assert open_png(out).size == grid_size(2, 2)
+    done = subprocess.run([sys.executable, "-m", "mfa", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "usage: mfa" in done.stdout
