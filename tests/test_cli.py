@@ -542,6 +542,85 @@ def test_bad_arguments_are_refused_by_the_parser(run_dir):
     assert run_cli("nonsense")[0] == 2
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["outliers", "RUN", "-n", "-5"], "-n"),
+    (["outliers", "RUN", "-n", "0"], "-n"),
+    (["outliers", "RUN", "--nrow", "0"], "--nrow"),
+    (["inpaint", "RUN", "-n", "0"], "-n"),
+    (["inpaint", "RUN", "-n", "-5"], "-n"),
+    (["inpaint", "RUN", "--samples", "-1"], "--samples"),
+    (["inpaint", "RUN", "--fraction", "1.5"], "--fraction"),
+    (["sample", "RUN", "-n", "0"], "-n"),
+    (["sample", "RUN", "--nrow", "-2"], "--nrow"),
+    (["sample", "RUN", "--image-shape", "1", "0", "28"], "--image-shape"),
+    (["visualize", "RUN", "--scale", "0"], "--scale"),
+    (["evaluate", "RUN", "--ndb-bins", "-1"], "--ndb-bins"),
+    (["inpaint", "RUN", "-n", "two"], "-n"),
+])
+def test_counts_are_checked_by_the_parser(run_dir, tmp_path, argv, option):
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    code, stdout, stderr = run_cli(*argv, "-o" if argv[0] != "outliers" else "--out-dir",
+                                   tmp_path / ("out.png" if argv[0] != "outliers" else "o"))
+    assert code == 2
+    assert f"argument {option}" in stderr, stderr
+    assert stdout == "" and not any(tmp_path.iterdir())
+
+
+def test_inpaint_with_no_conditional_samples_draws_the_mean_only(run_dir, tmp_path):
+    out = tmp_path / "i.png"
+    code, _, stderr = run_cli("inpaint", run_dir, "-n", 2, "--samples", 0, "--scale", 1,
+                              "-o", out)
+    assert code == 0, stderr
+    assert open_png(out).size == grid_size(2 * 3, 3)  # original | masked | mean
+
+
+def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
+    """The probe: `--resume RUN --set train.em.max_iter=40 --config other.yaml` exited 0 and
+    ignored both options."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "checkpoint.pt").read_bytes()
+    code, _, stderr = run_cli("train", "--resume", copy, "--config", CONFIG,
+                              *set_args("train.em.max_iter=40"))
+    assert code == 2
+    assert "cannot change model.n_components when resuming" in stderr  # the first difference
+    code, _, stderr = run_cli("train", "--resume", copy, *set_args("model.n_factors=1"))
+    assert code == 2 and "cannot change model.n_factors when resuming" in stderr
+    code, _, stderr = run_cli("train", "--resume", copy, *set_args("train.em.max_iter=40"))
+    assert code == 2 and "train.em.max_iter" in stderr and "finished" in stderr
+    assert (copy / "checkpoint.pt").read_bytes() == before
+    # The run's own config with a safe change: applied and recorded.
+    code, _, stderr = run_cli("train", "--resume", copy, "--no-figures",
+                              "--config", copy / "config.yaml", *set_args("output.n_samples=4"))
+    assert code == 0, stderr
+    assert load_config(copy / "config.yaml").output.n_samples == 4
+    assert load_checkpoint(copy / "checkpoint.pt").run_config.output.n_samples == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.em.variance_floor=0", "train.em.variance_floor"),
+    ("train.em.kmeans_iter=0", "train.em.kmeans_iter"),
+    ("model.n_factors=1000", "model.n_factors=1000"),
+    ("data.root=/nonexistent/images", "/nonexistent/images"),
+])
+def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, override, key):
+    extra = ["data.name=folder"] if override.startswith("data.root") else []
+    code, stdout, stderr = run_cli("train", "--config", CONFIG,
+                                   *set_args(*TINY, f"output.dir={tmp_path}", *extra, override))
+    assert code == 2, stderr
+    assert stderr.startswith("error: ") and key in stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert not any(tmp_path.iterdir()), "no run folder for a refused run"
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xff\xfe")
+    code, _, stderr = run_cli("train", "--config", path)
+    assert code == 2
+    assert str(path) in stderr and "not UTF-8 YAML" in stderr
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
