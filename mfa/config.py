@@ -228,25 +228,14 @@ _one_or_more = _at_least(1)
 _CONSTRAINTS: dict[type, dict[str, Any]] = {
     ModelConfig: {"n_components": _one_or_more, "n_factors": _count, "min_noise": _count},
     DataConfig: {
-        "root": _non_empty,
-        "image_size": _image_size,
-        "val_fraction": _fraction,
-        "test_fraction": _fraction,
-        "seed": _count,
-        "limit": _one_or_more,
-        "num_workers": _count,
+        "root": _non_empty, "image_size": _image_size, "val_fraction": _fraction,
+        "test_fraction": _fraction, "seed": _count, "limit": _one_or_more, "num_workers": _count,
     },
     OutputConfig: {
-        "dir": _non_empty,
-        "name": _folder_name,
-        "checkpoint_every": _count,
-        "n_samples": _count,
-        "grid_nrow": _one_or_more,
-        "image_scale": _one_or_more,
-        "n_inpaint": _count,
-        "inpaint_samples": _count,
-        "mask_image": _non_empty,
-        "n_factor_components": _count,
+        "dir": _non_empty, "name": _folder_name, "mask_image": _non_empty,
+        "grid_nrow": _one_or_more, "image_scale": _one_or_more,
+        **dict.fromkeys(("checkpoint_every", "n_samples", "n_inpaint", "inpaint_samples",
+                         "n_factor_components"), _count),
     },
     RunConfig: {"seed": _count, "device": _device},
     # The trainers check their own settings (see _check_trainer); only device strings here.
@@ -342,14 +331,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, hint):
             value = dataclasses.asdict(value)
         return _from_dict(hint, value, path)
-    if hint is bool:
-        if isinstance(value, bool):
+    if hint in (bool, int, str):  # bool is an int subclass: an int field refuses True
+        if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
             return value
-        raise _bad(path, value, "expected a bool (true or false)")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _bad(path, value, "expected an int")
+        expected = {bool: "a bool (true or false)", int: "an int", str: "a string"}[hint]
+        raise _bad(path, value, f"expected {expected}")
     if hint is float:
         if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
             value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
@@ -358,10 +344,6 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
                 raise _bad(path, value, "expected a finite float")
             return float(value)
         raise _bad(path, value, "expected a float")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(path, value, "expected a string")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             raise _bad(path, value, f"expected {_describe(hint)}")

@@ -210,10 +210,10 @@ def train(
     setup = _prepare(config, ckpt)
     if ckpt is None:
         run_dir = make_run_dir(config)
-    if ckpt is None or changed:
-        save_config(config, run_dir / "config.yaml")
-    (run_dir / FAILED_NAME).unlink(missing_ok=True)
     try:
+        if ckpt is None or changed:
+            save_config(config, run_dir / "config.yaml")
+        (run_dir / FAILED_NAME).unlink(missing_ok=True)
         handler = _attach_log(run_dir)
         try:
             if changed:

@@ -602,8 +602,12 @@ def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
     ("train.em.kmeans_iter=0", "train.em.kmeans_iter"),
     ("model.n_factors=1000", "model.n_factors=1000"),
     ("data.root=/nonexistent/images", "/nonexistent/images"),
+    ("device=cuda", "asks for CUDA"),
 ])
-def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, override, key):
+def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, monkeypatch,
+                                                               override, key):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only machine
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     extra = ["data.name=folder"] if override.startswith("data.root") else []
     code, stdout, stderr = run_cli("train", "--config", CONFIG,
                                    *set_args(*TINY, f"output.dir={tmp_path}", *extra, override))
