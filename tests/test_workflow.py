@@ -234,6 +234,7 @@ def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
     assert resumed.metrics["test_log_likelihood"] == uninterrupted.metrics["test_log_likelihood"]
 
 
+@pytest.mark.slow
 def test_em_resume_may_run_longer_and_records_the_change(out_dir):
     """A safe change on resume is applied (not ignored): interrupted at 2 of 4 iterations and
     resumed with max_iter=5 gives the model of an uninterrupted 5-iteration run."""
