@@ -137,7 +137,6 @@ def _count_type(minimum: int):
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
 
-    parse.__name__ = "positive int" if minimum == 1 else f"int >= {minimum}"
     return parse
 
 
