@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mfa.viz import MASK_KINDS
+from mfa.masks import MASK_KINDS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
 
@@ -32,16 +32,20 @@ def _default_out(checkpoint: str, name: str) -> Path:
 
 
 def cmd_train(args) -> int:
-    from mfa.config import load_config, validate_config
+    from mfa.config import load_config
     from mfa.workflow import train
 
+    overrides = args.set or []
     if args.resume:
-        result = train(None, resume=args.resume, figures=not args.no_figures)
+        # A --config replaces the saved one and takes the --set values; without one, they
+        # apply to the saved config. Either way only changes safe on resume are accepted.
+        config = load_config(args.config, overrides=overrides) if args.config else None
+        result = train(config, resume=args.resume, overrides=() if args.config else overrides,
+                       figures=not args.no_figures)
     else:
         config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
-        config = load_config(config_path, overrides=args.set or [])
-        validate_config(config)
-        result = train(config, figures=not args.no_figures)
+        result = train(load_config(config_path, overrides=overrides),
+                       figures=not args.no_figures)
     print(f"run folder: {result.run_dir}")
     print(json.dumps(result.metrics, indent=2))
     return 0
@@ -121,6 +125,36 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def _count_type(minimum: int):
+    """An argparse type: an int of at least ``minimum`` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _count_type(1)
+non_negative_int = _count_type(0)
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfa", description="Mixtures of Factor Analyzers on "
                                      "images: train, sample, inpaint, rank outliers, evaluate.")
@@ -130,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     def with_run(p, needs_data=True):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--scale", type=int, default=2, help="upscaling of saved images")
+        p.add_argument("--scale", type=positive_int, default=2, help="upscaling of saved images")
         if needs_data:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override the run's config, e.g. data.root=/data")
@@ -140,19 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one value, e.g. train.em.max_iter=5 (repeatable)")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (--set and "
+                   "--config may change only its iterations, checkpoints, progress, figures "
+                   "and data location)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="a grid of samples as PNG")
     with_run(p, needs_data=False)
-    p.add_argument("-n", type=int, default=64)
-    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("-n", type=positive_int, default=64, help="samples")
+    p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--per-component", action="store_true",
                    help="one row of --nrow samples per component, by weight")
     p.add_argument("--no-noise", action="store_true",
                    help="draw mu_k + A_k z without the per-pixel noise (smoother images)")
-    p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_sample)
 
@@ -160,23 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     with_run(p)
     p.add_argument("--mask", default="center", choices=MASK_KINDS)
     p.add_argument("--mask-image", help="PNG mask for --mask image (black = hidden)")
-    p.add_argument("--fraction", type=float, default=0.5, help="hidden share for --mask random")
-    p.add_argument("-n", type=int, default=8, help="images")
-    p.add_argument("--samples", type=int, default=3, help="conditional samples per image")
+    p.add_argument("--fraction", type=fraction, default=0.5,
+                   help="hidden share for --mask random")
+    p.add_argument("-n", type=positive_int, default=8, help="images")
+    p.add_argument("--samples", type=non_negative_int, default=3,
+                   help="conditional samples per image (0: the conditional mean only)")
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("outliers", help="rank a split by log p: grid + CSV")
     with_run(p)
-    p.add_argument("-n", type=int, default=32, help="least likely images to draw")
-    p.add_argument("--nrow", type=int, default=8)
+    p.add_argument("-n", type=positive_int, default=32, help="least likely images to draw")
+    p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--out-dir")
     p.set_defaults(func=cmd_outliers)
 
     p = sub.add_parser("evaluate", help="held-out log-likelihood, bits/dim, NDB")
     p.add_argument("checkpoint")
     p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"))
-    p.add_argument("--ndb-bins", type=int, default=0, help="NDB with this many bins (0: off)")
+    p.add_argument("--ndb-bins", type=non_negative_int, default=0,
+                   help="NDB with this many bins (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-o", "--out", help="also write the JSON here")
@@ -186,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_run(p, needs_data=False)
     p.add_argument("--components", type=int, nargs="+")
     p.add_argument("--factor-scale", type=float, default=2.0, help="c in μ ± c·A_i")
-    p.add_argument("--image-shape", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_visualize)
     return parser

@@ -21,7 +21,8 @@ Every value is checked when a config is built from a mapping (:func:`config_from
 any level, a value of the wrong type or a value out of range raises :class:`ValueError`
 naming the dotted key path, the value and what is allowed. Type checks follow the
 dataclass annotations (so a field the trainers add later is checked too); range checks are
-listed in ``_CONSTRAINTS``.
+listed in ``_CONSTRAINTS``, except the trainers' settings, which the trainers check themselves
+(``EMTrainer(config)``, ``SGDTrainer(config)``; their errors are reported under the YAML key).
 
 Override values are parsed with ``yaml.safe_load``: ``5`` is an int, ``0.5`` a float,
 ``true`` a bool, ``null`` None, ``[center, top]`` a list. PyYAML reads ``1e-3`` (no dot)
@@ -45,9 +46,9 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
-from mfa.em import EMConfig
-from mfa.sgd import SGDConfig
-from mfa.viz import MaskKind
+from mfa.em import EMConfig, EMTrainer
+from mfa.masks import MaskKind
+from mfa.sgd import SGDConfig, SGDTrainer
 
 __all__ = [
     "DATASET_NAMES",
@@ -60,7 +61,6 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "load_config",
-    "make_run_dir",
     "resolve_device",
     "save_config",
     "validate_config",
@@ -112,8 +112,10 @@ class TrainConfig:
     """The training method and the settings of both trainers (only ``method``'s is used)."""
 
     method: Literal["em", "sgd"] = "em"  # EMTrainer or SGDTrainer
-    em: EMConfig = field(default_factory=EMConfig)
-    sgd: SGDConfig = field(default_factory=SGDConfig)
+    # A run saves every iteration/epoch by default (a checkpoint is small next to a pass over
+    # the data), so a killed run can be resumed.
+    em: EMConfig = field(default_factory=lambda: EMConfig(checkpoint_every=1))
+    sgd: SGDConfig = field(default_factory=lambda: SGDConfig(checkpoint_every=1))
 
 
 @dataclass
@@ -154,10 +156,23 @@ class RunConfig:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else → ``torch.device``."""
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else → ``torch.device``.
+
+    Raises:
+        ValueError: a CUDA device is asked for where there is none (or not that many).
+    """
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r} asks for CUDA, but this PyTorch has no "
+                             "CUDA device; use device=cpu or device=auto")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} "
+                             f"CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return resolved
 
 
 # ---------------------------------------------------------------------------- value checks
@@ -173,11 +188,6 @@ def _at_least(minimum: float):
             raise _bad(path, value, f"must be >= {minimum}")
 
     return check
-
-
-def _positive(value: Any, path: str) -> None:
-    if value is not None and value <= 0:
-        raise _bad(path, value, "must be > 0")
 
 
 def _fraction(value: Any, path: str) -> None:
@@ -218,63 +228,42 @@ _one_or_more = _at_least(1)
 _CONSTRAINTS: dict[type, dict[str, Any]] = {
     ModelConfig: {"n_components": _one_or_more, "n_factors": _count, "min_noise": _count},
     DataConfig: {
-        "root": _non_empty,
-        "image_size": _image_size,
-        "val_fraction": _fraction,
-        "test_fraction": _fraction,
-        "seed": _count,
-        "limit": _one_or_more,
-        "num_workers": _count,
+        "root": _non_empty, "image_size": _image_size, "val_fraction": _fraction,
+        "test_fraction": _fraction, "seed": _count, "limit": _one_or_more, "num_workers": _count,
     },
     OutputConfig: {
-        "dir": _non_empty,
-        "name": _folder_name,
-        "checkpoint_every": _count,
-        "n_samples": _count,
-        "grid_nrow": _one_or_more,
-        "image_scale": _one_or_more,
-        "n_inpaint": _count,
-        "inpaint_samples": _count,
-        "mask_image": _non_empty,
-        "n_factor_components": _count,
+        "dir": _non_empty, "name": _folder_name, "mask_image": _non_empty,
+        "grid_nrow": _one_or_more, "image_scale": _one_or_more,
+        **dict.fromkeys(("checkpoint_every", "n_samples", "n_inpaint", "inpaint_samples",
+                         "n_factor_components"), _count),
     },
     RunConfig: {"seed": _count, "device": _device},
-    EMConfig: {
-        "max_iter": _one_or_more,
-        "tol": _count,
-        "batch_size": _one_or_more,
-        "variance_floor": _count,
-        "device": _device,
-        "seed": _count,
-        "n_init": _one_or_more,
-        "kmeans_iter": _count,
-        "complete_iter": _count,
-        "init_samples": _one_or_more,
-        "min_component_mass": _count,
-        "checkpoint_every": _count,
-    },
-    SGDConfig: {
-        "lr": _positive,
-        "batch_size": _one_or_more,
-        "epochs": _one_or_more,
-        "grad_clip": _positive,
-        "val_fraction": _fraction,
-        "patience": _count,
-        "seed": _count,
-        "device": _device,
-        "kmeans_iter": _count,
-        "complete_iter": _count,
-        "init_samples": _one_or_more,
-        "variance_floor": _count,
-        "weight_decay": _count,
-        "checkpoint_every": _count,
-    },
+    # The trainers check their own settings (see _check_trainer); only device strings here.
+    EMConfig: {"device": _device},
+    SGDConfig: {"device": _device},
 }
+
+
+def _check_trainer(config: EMConfig | SGDConfig, path: str) -> None:
+    """The trainer's own validation (one source of truth), its message naming the YAML key."""
+    trainer = EMTrainer if isinstance(config, EMConfig) else SGDTrainer
+    try:
+        trainer(config)
+    except ValueError as error:
+        name = type(config).__name__
+        match = re.match(rf"{name}\.(\w+) (.*)", str(error), re.DOTALL)
+        if match is None:
+            raise ValueError(f"invalid value in {path}: {error}") from None
+        key, problem = match.groups()
+        problem = problem.replace(f"{name}.", f"{path}.")
+        raise ValueError(f"invalid value for {path}.{key}: {problem}") from None
 
 
 def _cross_check(config: Any, path: str) -> None:
     """Checks that involve several fields of one section."""
     prefix = f"{path}." if path else ""
+    if isinstance(config, (EMConfig, SGDConfig)):
+        _check_trainer(config, path)
     if isinstance(config, DataConfig):
         if isinstance(config.image_size, list) and len(config.image_size) != 2:
             raise _bad(f"{prefix}image_size", config.image_size,
@@ -342,14 +331,11 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if isinstance(value, hint):
             value = dataclasses.asdict(value)
         return _from_dict(hint, value, path)
-    if hint is bool:
-        if isinstance(value, bool):
+    if hint in (bool, int, str):  # bool is an int subclass: an int field refuses True
+        if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
             return value
-        raise _bad(path, value, "expected a bool (true or false)")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _bad(path, value, "expected an int")
+        expected = {bool: "a bool (true or false)", int: "an int", str: "a string"}[hint]
+        raise _bad(path, value, f"expected {expected}")
     if hint is float:
         if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
             value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
@@ -358,10 +344,6 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
                 raise _bad(path, value, "expected a finite float")
             return float(value)
         raise _bad(path, value, "expected a float")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _bad(path, value, "expected a string")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):
             raise _bad(path, value, f"expected {_describe(hint)}")
@@ -494,6 +476,9 @@ def load_config(
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"config file {path} is not UTF-8 YAML text (byte {error.start} "
+                             f"is {error.object[error.start:error.start + 1]!r})") from None
         except yaml.YAMLError as error:
             raise ValueError(f"config file {path} is not valid YAML: {error}") from None
         if data is None:
@@ -521,31 +506,3 @@ def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:
     finally:
         temporary.unlink(missing_ok=True)
     return path
-
-
-_RUN_NUMBER = re.compile(r"^(\d+)-")
-
-
-def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
-    """Create and return the run folder.
-
-    ``output.dir/output.name`` when a name is given (``exist_ok`` as in ``Path.mkdir``);
-    otherwise the next free numbered folder ``output.dir/NNN-<data.name>`` (one more than the
-    highest number there), e.g. ``runs/001-embedded-mnist``. Safe against two runs starting
-    at once: creation is retried with the next number if the folder appeared meanwhile.
-    """
-    parent = Path(config.output.dir)
-    parent.mkdir(parents=True, exist_ok=True)
-    if config.output.name is not None:
-        run_dir = parent / config.output.name
-        run_dir.mkdir(exist_ok=exist_ok)
-        return run_dir
-    numbers = [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_NUMBER.match(p.name))]
-    number = max(numbers, default=0) + 1
-    while True:
-        run_dir = parent / f"{number:03d}-{config.data.name}"
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            number += 1

@@ -10,6 +10,11 @@ importable for scripts and notebooks. A run folder holds::
     metrics.json     held-out log-likelihoods, bits/dim, timing
     curve.png        the training curve
     samples.png, inpaint-<mask>.png, outliers.png, outliers.csv, factors.png
+    FAILED           only after a run failed with a checkpoint to resume from: the error
+
+Every value a run needs is checked before its folder is made: the config, the device, the
+data (loaded first) and the model's sizes against the data. A run that fails before its
+first checkpoint leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -17,19 +22,30 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mfa import viz
 from mfa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from mfa.config import RunConfig, make_run_dir, resolve_device, save_config
+from mfa.config import (
+    OutputConfig,
+    RunConfig,
+    apply_overrides,
+    config_to_dict,
+    resolve_device,
+    save_config,
+)
 from mfa.data import ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.inference import inpaint as inpaint_rows
+from mfa.masks import make_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.sgd import SGDTrainer
@@ -37,6 +53,7 @@ from mfa.sgd import SGDTrainer
 logger = logging.getLogger("mfa")
 
 CHECKPOINT_NAME = "checkpoint.pt"
+FAILED_NAME = "FAILED"
 #: Above this many training values (N·D) EM streams uint8 batches instead of one float tensor.
 STREAM_ABOVE = 2**28
 
@@ -46,6 +63,75 @@ class TrainResult:
     run_dir: Path
     model: MixtureOfFactorAnalyzers
     metrics: dict
+
+
+# ---------------------------------------------------------------------------- run folders
+
+#: What a resumed run may change: how long it runs, how often it saves, whether it shows
+#: progress, what it draws, and where its data files are; not what it computes.
+RESUME_SAFE_KEYS: frozenset[str] = frozenset({
+    "train.em.max_iter", "train.sgd.epochs",
+    "train.em.checkpoint_every", "train.sgd.checkpoint_every", "output.checkpoint_every",
+    "train.em.progress", "train.sgd.progress",
+    "data.root", "data.download", "data.num_workers",
+    *(f"output.{f.name}" for f in fields(OutputConfig)
+      if f.name not in ("dir", "name", "checkpoint_every")),
+})
+
+
+def _leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.update(_leaves(value, f"{path}.") if isinstance(value, Mapping) else {path: value})
+    return out
+
+
+def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
+    """The dotted keys where ``new`` differs from ``saved`` (the config of the run resumed).
+
+    Raises:
+        ValueError: a differing key is not in :data:`RESUME_SAFE_KEYS` (naming the first).
+    """
+    old, now = _leaves(config_to_dict(saved)), _leaves(config_to_dict(new))
+    changed = [key for key in now if now[key] != old.get(key)]
+    for key in changed:
+        if key not in RESUME_SAFE_KEYS:
+            raise ValueError(
+                f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "
+                f"{now[key]!r}): it would change what the run computes; start a new run. A "
+                "resume may change the iterations/epochs, checkpoint cadence, progress, "
+                "figures and the data location"
+            )
+    return changed
+
+
+_RUN_NUMBER = re.compile(r"^(\d+)-")
+
+
+def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
+    """Create and return the run folder.
+
+    ``output.dir/output.name`` when a name is given (``exist_ok`` as in ``Path.mkdir``);
+    otherwise the next free numbered folder ``output.dir/NNN-<data.name>`` (one more than the
+    highest number there), e.g. ``runs/001-embedded-mnist``. Safe against two runs starting
+    at once: creation is retried with the next number if the folder appeared meanwhile.
+    """
+    parent = Path(config.output.dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    if config.output.name is not None:
+        run_dir = parent / config.output.name
+        run_dir.mkdir(exist_ok=exist_ok)
+        return run_dir
+    numbers = [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_NUMBER.match(p.name))]
+    number = max(numbers, default=0) + 1
+    while True:
+        run_dir = parent / f"{number:03d}-{config.data.name}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            number += 1
 
 
 def _attach_log(run_dir: Path) -> logging.Handler:
@@ -84,21 +170,30 @@ def train(
     config: RunConfig | None,
     *,
     resume: str | Path | None = None,
+    overrides: Sequence[str] = (),
     figures: bool = True,
     callbacks: tuple = (),
 ) -> TrainResult:
     """Train the model a config describes, in a new run folder (or continue ``resume``).
 
     Args:
-        config: the run (ignored when resuming: the checkpoint's config is used).
+        config: the run. When resuming, ``None`` keeps the saved config; a config given may
+            differ from the saved one only in :data:`RESUME_SAFE_KEYS`.
         resume: a run folder or checkpoint to continue from its last saved state.
+        overrides: ``"dotted.key=value"`` strings applied to ``config`` (when resuming
+            without a config, to the saved one); on resume only :data:`RESUME_SAFE_KEYS`.
         figures: draw the sample, inpainting, outlier and factor figures at the end.
         callbacks: passed to the trainer's ``fit`` (``cb(trainer, model, record)``).
 
     Returns:
         The run folder, the trained model and the metrics written to ``metrics.json``.
+
+    Raises:
+        ValueError: an invalid config, device, data or model size (before any folder is
+            made), or a change that a resumed run cannot take (naming the key).
     """
     ckpt: Checkpoint | None = None
+    changed: list[str] = []
     if resume is None and config is None:
         raise ValueError("train needs a config, or a run to resume")
     if resume is not None:
@@ -106,38 +201,119 @@ def train(
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_config is None:
             raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
-        config = ckpt.run_config
+        config = apply_overrides(ckpt.run_config if config is None else config, overrides)
+        changed = check_resume_changes(ckpt.run_config, config)
+        _check_can_extend(ckpt, config, changed)
         run_dir = ckpt_path.parent
     else:
+        config = apply_overrides(config, overrides)  # a validated copy
+    setup = _prepare(config, ckpt)
+    if ckpt is None:
         run_dir = make_run_dir(config)
-        save_config(config, run_dir / "config.yaml")
-    handler = _attach_log(run_dir)
     try:
-        return _train(config, run_dir, ckpt, figures, callbacks)
-    finally:
-        logging.getLogger("mfa").removeHandler(handler)
-        handler.close()
+        if ckpt is None or changed:
+            save_config(config, run_dir / "config.yaml")
+        (run_dir / FAILED_NAME).unlink(missing_ok=True)
+        handler = _attach_log(run_dir)
+        try:
+            if changed:
+                logger.info("resumed with new values for %s", ", ".join(changed))
+            return _train(config, run_dir, setup, ckpt, figures, callbacks)
+        finally:
+            logging.getLogger("mfa").removeHandler(handler)
+            handler.close()
+    except BaseException as error:
+        _clean_up_failed(run_dir, error, created=ckpt is None)
+        raise
 
 
-def _train(config: RunConfig, run_dir: Path, ckpt: Checkpoint | None, figures: bool,
-           callbacks: tuple = ()):
+def _check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
+    """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
+    to a finished run would be ignored, so it is refused."""
+    state = ckpt.trainer_state or {}
+    if ("train.em.max_iter" in changed and config.train.method == "em"
+            and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
+        raise ValueError(
+            "cannot change train.em.max_iter when resuming: this run's EM has finished, so "
+            "it would not run again; start a new run (e.g. --config RUN/config.yaml --set "
+            "train.em.max_iter=...)"
+        )
+
+
+def _clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
+    """A new run that failed before its first checkpoint: remove its folder (only the files
+    this module wrote there). Otherwise, for an error (not Ctrl-C), write ``FAILED``."""
+    if created and not (run_dir / CHECKPOINT_NAME).exists():
+        for name in ("config.yaml", "train.log"):
+            (run_dir / name).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+            return
+        except OSError:
+            pass  # something else is in there: leave it, marked
+    if isinstance(error, Exception):
+        (run_dir / FAILED_NAME).write_text(
+            f"{type(error).__name__}: {error}\nsee train.log; continue with "
+            f"`mfa train --resume {run_dir}` once the cause is fixed\n"
+        )
+
+
+@dataclass
+class _Setup:
+    """What a run needs, built and checked before its folder exists."""
+
+    device: torch.device
+    data: ImageData
+    model: MixtureOfFactorAnalyzers
+    trainer: EMTrainer | SGDTrainer
+    train_data: object
+    val_data: object
+
+
+def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     device = resolve_device(config.device)
-    logger.info("run folder %s; device %s", run_dir, device)
+    trainer_config = config.trainer_config()
+    if trainer_config.device is not None:
+        prefix = f"train.{config.train.method}.device"
+        try:
+            resolve_device(trainer_config.device)
+        except ValueError as error:
+            raise ValueError(f"invalid value for {prefix}: {error}") from None
     data = load_data(config)
-    logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
-    train_data, val_data = _training_data(data, config, device)
     mc = config.model
     if ckpt is not None:
         model = ckpt.model.to(device)
+        if model.n_features != data.n_features:
+            raise ValueError(
+                f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
+                f"{data.n_features} features but the run's model has {model.n_features}"
+            )
     else:
-        model = MixtureOfFactorAnalyzers(
-            mc.n_components, data.n_features, mc.n_factors, mc.noise, min_noise=mc.min_noise,
-            generator=torch.Generator().manual_seed(config.seed), device=device,
-        )
-    trainer_config = config.trainer_config()
+        try:
+            model = MixtureOfFactorAnalyzers(
+                mc.n_components, data.n_features, mc.n_factors, mc.noise,
+                min_noise=mc.min_noise, generator=torch.Generator().manual_seed(config.seed),
+                device=device,
+            )
+        except ValueError as error:
+            raise ValueError(
+                f"the model config (model.n_components={mc.n_components}, model.n_factors="
+                f"{mc.n_factors}) does not fit the data {data.name} with "
+                f"{data.n_features} features: {error}"
+            ) from None
     trainer = (EMTrainer if config.train.method == "em" else SGDTrainer)(trainer_config)
     if ckpt is not None and ckpt.trainer_state is not None:
         trainer.load_state_dict(ckpt.trainer_state)
+    train_data, val_data = _training_data(data, config, device)
+    return _Setup(device, data, model, trainer, train_data, val_data)
+
+
+def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | None,
+           figures: bool, callbacks: tuple = ()):
+    data, model, trainer = setup.data, setup.model, setup.trainer
+    logger.info("run folder %s; device %s", run_dir, setup.device)
+    logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
+    mc = config.model
     meta = {"image_shape": list(data.image_shape), "dataset": data.name}
 
     def checkpoint(trainer_, model_):
@@ -147,7 +323,8 @@ def _train(config: RunConfig, run_dir: Path, ckpt: Checkpoint | None, figures: b
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        trainer.fit(model, train_data, val_data, callbacks=callbacks, checkpoint_fn=checkpoint)
+        trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
+                    checkpoint_fn=checkpoint)
     for warning in caught:
         logger.warning("%s", warning.message)
     seconds = time.perf_counter() - started
@@ -241,7 +418,7 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     count = min(n, data.pixels(split).shape[0])
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    observed = viz.make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
+    observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
                              .manual_seed(seed), fraction=fraction,
                              mask_image=mask_image).to(model.device)
     with torch.no_grad():

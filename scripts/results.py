@@ -37,6 +37,7 @@ from mfa import (
 from mfa.data import load_dataset
 from mfa.em import ConvergenceWarning
 from mfa.inference import inpaint
+from mfa.masks import make_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +149,7 @@ def run_dataset(s: Setting, out: Path, seed: int) -> dict:
     em_model = next(iter(models.values()))
     x = data.dataset("test").rows(torch.arange(8))
     for kind in ("center", "bottom"):
-        observed = viz.make_mask(kind, data.image_shape, 8)
+        observed = make_mask(kind, data.image_shape, 8)
         with torch.no_grad():
             mean, samp = inpaint(em_model, x, observed, 3,
                                  generator=torch.Generator().manual_seed(seed))

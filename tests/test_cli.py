@@ -23,10 +23,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mfa import cli, viz
+from mfa import cli
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.config import load_config
 from mfa.data import load_dataset
+from mfa.masks import MASK_KINDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "embedded-mnist.yaml"
@@ -305,10 +306,10 @@ HIDDEN = {"center": 14 * 14, "top": 392, "bottom": 392, "left": 392, "right": 39
 
 
 def test_every_mask_kind_is_covered():
-    assert set(HIDDEN) == set(viz.MASK_KINDS)
+    assert set(HIDDEN) == set(MASK_KINDS)
 
 
-@pytest.mark.parametrize("kind", viz.MASK_KINDS)
+@pytest.mark.parametrize("kind", MASK_KINDS)
 def test_inpaint(run_dir, tmp_path, kind):
     out = tmp_path / f"inpaint-{kind}.png"
     extra = []
@@ -541,6 +542,89 @@ def test_bad_arguments_are_refused_by_the_parser(run_dir):
     assert run_cli("nonsense")[0] == 2
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["outliers", "RUN", "-n", "-5"], "-n"),
+    (["outliers", "RUN", "-n", "0"], "-n"),
+    (["outliers", "RUN", "--nrow", "0"], "--nrow"),
+    (["inpaint", "RUN", "-n", "0"], "-n"),
+    (["inpaint", "RUN", "-n", "-5"], "-n"),
+    (["inpaint", "RUN", "--samples", "-1"], "--samples"),
+    (["inpaint", "RUN", "--fraction", "1.5"], "--fraction"),
+    (["sample", "RUN", "-n", "0"], "-n"),
+    (["sample", "RUN", "--nrow", "-2"], "--nrow"),
+    (["sample", "RUN", "--image-shape", "1", "0", "28"], "--image-shape"),
+    (["visualize", "RUN", "--scale", "0"], "--scale"),
+    (["evaluate", "RUN", "--ndb-bins", "-1"], "--ndb-bins"),
+    (["inpaint", "RUN", "-n", "two"], "-n"),
+])
+def test_counts_are_checked_by_the_parser(run_dir, tmp_path, argv, option):
+    argv = [str(run_dir) if a == "RUN" else a for a in argv]
+    code, stdout, stderr = run_cli(*argv, "-o" if argv[0] != "outliers" else "--out-dir",
+                                   tmp_path / ("out.png" if argv[0] != "outliers" else "o"))
+    assert code == 2
+    assert f"argument {option}" in stderr, stderr
+    assert stdout == "" and not any(tmp_path.iterdir())
+
+
+def test_inpaint_with_no_conditional_samples_draws_the_mean_only(run_dir, tmp_path):
+    out = tmp_path / "i.png"
+    code, _, stderr = run_cli("inpaint", run_dir, "-n", 2, "--samples", 0, "--scale", 1,
+                              "-o", out)
+    assert code == 0, stderr
+    assert open_png(out).size == grid_size(2 * 3, 3)  # original | masked | mean
+
+
+def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
+    """The probe: `--resume RUN --set train.em.max_iter=40 --config other.yaml` exited 0 and
+    ignored both options."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = (copy / "checkpoint.pt").read_bytes()
+    code, _, stderr = run_cli("train", "--resume", copy, "--config", CONFIG,
+                              *set_args("train.em.max_iter=40"))
+    assert code == 2
+    assert "cannot change model.n_components when resuming" in stderr  # the first difference
+    code, _, stderr = run_cli("train", "--resume", copy, *set_args("model.n_factors=1"))
+    assert code == 2 and "cannot change model.n_factors when resuming" in stderr
+    code, _, stderr = run_cli("train", "--resume", copy, *set_args("train.em.max_iter=40"))
+    assert code == 2 and "train.em.max_iter" in stderr and "finished" in stderr
+    assert (copy / "checkpoint.pt").read_bytes() == before
+    # The run's own config with a safe change: applied and recorded.
+    code, _, stderr = run_cli("train", "--resume", copy, "--no-figures",
+                              "--config", copy / "config.yaml", *set_args("output.n_samples=4"))
+    assert code == 0, stderr
+    assert load_config(copy / "config.yaml").output.n_samples == 4
+    assert load_checkpoint(copy / "checkpoint.pt").run_config.output.n_samples == 4
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.em.variance_floor=0", "train.em.variance_floor"),
+    ("train.em.kmeans_iter=0", "train.em.kmeans_iter"),
+    ("model.n_factors=1000", "model.n_factors=1000"),
+    ("data.root=/nonexistent/images", "/nonexistent/images"),
+    ("device=cuda", "asks for CUDA"),
+])
+def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, monkeypatch,
+                                                               override, key):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only machine
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    extra = ["data.name=folder"] if override.startswith("data.root") else []
+    code, stdout, stderr = run_cli("train", "--config", CONFIG,
+                                   *set_args(*TINY, f"output.dir={tmp_path}", *extra, override))
+    assert code == 2, stderr
+    assert stderr.startswith("error: ") and key in stderr
+    assert "Traceback" not in stderr and stdout == ""
+    assert not any(tmp_path.iterdir()), "no run folder for a refused run"
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xff\xfe")
+    code, _, stderr = run_cli("train", "--config", path)
+    assert code == 2
+    assert str(path) in stderr and "not UTF-8 YAML" in stderr
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -554,3 +638,14 @@ def test_installed_console_script(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
     assert open_png(out).size == grid_size(4, 2)
+
+
+def test_python_dash_m_mfa(run_dir, tmp_path):
+    """``python -m mfa`` is the same command as the console script."""
+    out = tmp_path / "s.png"
+    done = subprocess.run([sys.executable, "-m", "mfa", "sample", str(run_dir), "-n", "2",
+                           "--nrow", "2", "--scale", "1", "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(out)
+    assert open_png(out).size == grid_size(2, 2)

@@ -1,4 +1,4 @@
-"""Tests of mfa.config: YAML files, overrides, validation, round trips, run folders."""
+"""Tests of mfa.config: YAML files, overrides, validation, round trips, devices."""
 
 from __future__ import annotations
 
@@ -20,7 +20,6 @@ from mfa.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    make_run_dir,
     resolve_device,
     save_config,
     validate_config,
@@ -118,7 +117,9 @@ def test_missing_keys_take_defaults(tmp_path):
     config = load_config(path)
     assert config.model.n_components == 3
     assert config.model.n_factors == ModelConfig().n_factors
-    assert config.train.em == EMConfig()
+    # The trainers' defaults, except that a run checkpoints every iteration/epoch.
+    assert config.train.em == EMConfig(checkpoint_every=1)
+    assert config.train.sgd == SGDConfig(checkpoint_every=1)
 
 
 def test_empty_file_is_all_defaults(tmp_path):
@@ -256,10 +257,10 @@ def test_malformed_overrides(override, match):
         ("model.n_components=0", r"model\.n_components: must be >= 1, got 0"),
         ("model.n_factors=-2", r"model\.n_factors: must be >= 0, got -2"),
         ("model.min_noise=-1.0", r"model\.min_noise: must be >= 0, got -1\.0"),
-        ("train.em.max_iter=-5", r"train\.em\.max_iter: must be >= 1, got -5"),
-        ("train.em.batch_size=0", r"train\.em\.batch_size: must be >= 1, got 0"),
-        ("train.sgd.lr=0", r"train\.sgd\.lr: must be > 0, got 0\.0"),
-        ("train.sgd.epochs=0", r"train\.sgd\.epochs: must be >= 1, got 0"),
+        ("train.em.max_iter=-5", r"train\.em\.max_iter: must be an int >= 0, got -5"),
+        ("train.em.batch_size=0", r"train\.em\.batch_size: must be an int >= 1, got 0"),
+        ("train.sgd.lr=0", r"train\.sgd\.lr: must be a finite number > 0, got 0\.0"),
+        ("train.sgd.epochs=0", r"train\.sgd\.epochs: must be an int >= 1, got 0"),
         ("data.limit=0", r"data\.limit: must be >= 1, got 0"),
         ("data.num_workers=-1", r"data\.num_workers: must be >= 0, got -1"),
         ("data.image_size=[0, 4]", r"data\.image_size: sizes must be >= 1, got \[0, 4\]"),
@@ -277,7 +278,7 @@ def test_malformed_overrides(override, match):
         # fractions outside [0, 1)
         ("data.val_fraction=1.0", r"data\.val_fraction: must be a fraction in \[0, 1\), got 1\.0"),
         ("data.test_fraction=-0.1", r"data\.test_fraction: must be a fraction.*got -0\.1"),
-        ("train.sgd.val_fraction=1.5", r"train\.sgd\.val_fraction: must be a fraction.*1\.5"),
+        ("train.sgd.val_fraction=1.5", r"train\.sgd\.val_fraction: must be in \[0, 1\).*1\.5"),
         # values that depend on each other
         ("data.test_fraction=0.95", r"data\.val_fraction and data\.test_fraction.*< 1.*0\.95"),
         ("data.name=folder", r"data\.root: required when data\.name is 'folder'"),
@@ -315,7 +316,7 @@ def test_file_errors(tmp_path):
 def test_config_from_dict_validates():
     with pytest.raises(ValueError, match=r"unknown config key 'data\.nam'"):
         config_from_dict({"data": {"nam": "mnist"}})
-    with pytest.raises(ValueError, match=r"train\.em\.n_init: must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"train\.em\.n_init: must be an int >= 1, got 0"):
         config_from_dict({"train": {"em": {"n_init": 0}}})
     assert config_from_dict(None) == RunConfig()
 
@@ -329,26 +330,67 @@ def test_validate_config_catches_edits_in_python():
         config_to_dict({"model": {}})
 
 
-# ---------------------------------------------------------------------------- run folders
-
-
-def test_run_folders_are_numbered(tmp_path):
-    config = load_config(overrides=[f"output.dir={tmp_path / 'runs'}"])
-    first = make_run_dir(config)
-    second = make_run_dir(config)
-    assert first.name == "001-embedded-mnist" and first.is_dir()
-    assert second.name == "002-embedded-mnist"
-    (tmp_path / "runs" / "017-mnist").mkdir()
-    assert make_run_dir(config).name == "018-embedded-mnist"
-
-
-def test_named_run_folder(tmp_path):
-    config = load_config(overrides=[f"output.dir={tmp_path}", "output.name=exp"])
-    assert make_run_dir(config) == tmp_path / "exp"
-    with pytest.raises(FileExistsError):
-        make_run_dir(config)
-    assert make_run_dir(config, exist_ok=True) == tmp_path / "exp"
-
-
 def test_output_defaults_are_valid():
     assert validate_config(RunConfig(output=OutputConfig(n_samples=0))).output.n_samples == 0
+
+
+# ---------------------------------------------------------------------------- trainer settings
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        # accepted by the old copy of the limits in the config loader, refused by the trainers
+        ("train.em.variance_floor=0", r"train\.em\.variance_floor: must be > 0, got 0\.0"),
+        ("train.em.kmeans_iter=0", r"train\.em\.kmeans_iter: must be an int >= 1, got 0"),
+        ("train.sgd.kmeans_iter=0", r"train\.sgd\.kmeans_iter: must be an int >= 1, got 0"),
+        ("train.sgd.variance_floor=0", r"train\.sgd\.variance_floor: must be > 0, got 0\.0"),
+        # a rule over two fields, in the trainer's words with the YAML keys
+        ("train.em={init: none, n_init: 2}", r"train\.em\.n_init: > 1 needs a random init"),
+    ],
+)
+def test_trainer_settings_are_checked_by_the_trainers(override, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        load_config(overrides=[override])
+    assert "EMConfig" not in str(caught.value) and "SGDConfig" not in str(caught.value)
+
+
+def test_trainer_limits_are_the_trainers():
+    """One source of truth: what EMTrainer accepts, the config accepts (max_iter=0 included)."""
+    assert load_config(overrides=["train.em.max_iter=0"]).train.em.max_iter == 0
+    assert load_config(overrides=["train.em.complete_iter=0"]).train.em.complete_iter == 0
+
+
+# ---------------------------------------------------------------------------- devices, files
+
+
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(ValueError, match=r"device 'cuda' asks for CUDA.*no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_a_cuda_index_past_the_devices_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"'cuda:3' does not exist.*1 CUDA device"):
+        resolve_device("cuda:3")
+
+
+def test_a_binary_config_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19.")  # a pickle's first bytes
+    with pytest.raises(ValueError, match=r"weights\.yaml is not UTF-8 YAML text.*byte 0"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_shipped_configs_checkpoint_every_iteration(path):
+    """A killed run of any shipped config can be resumed from its last iteration/epoch."""
+    config = load_config(path)
+    assert config.train.em.checkpoint_every == 1
+    assert config.train.sgd.checkpoint_every == 1
+    assert config.output.checkpoint_every in (None, 1)
+    assert RunConfig().trainer_config().checkpoint_every == 1  # no --config: the defaults

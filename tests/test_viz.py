@@ -1,4 +1,4 @@
-"""Tests of mfa.viz: grids, CHW layout, inpainting and factor figures, masks, plots."""
+"""Tests of mfa.viz: grids, CHW layout, inpainting and factor figures, plots."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import torch
 from PIL import Image
 
 from mfa import MixtureOfFactorAnalyzers
+from mfa.masks import make_mask
 from mfa.viz import (
-    MASK_KINDS,
     factor_grid,
     image_grid,
     images_to_rows,
     inpainting_grid,
-    make_mask,
     plot_training_curve,
     rows_to_images,
     sample_grid,
@@ -119,81 +118,6 @@ def test_rows_to_images_errors():
         rows_to_images(torch.zeros(2, 10), (3, 2, 2))
     with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\)"):
         rows_to_images(torch.zeros(2, 4), (2, 2))
-
-
-# ---------------------------------------------------------------------------- masks
-
-
-@pytest.mark.parametrize("c", [1, 3])
-def test_half_masks_hide_the_right_half(c):
-    h, w = 6, 8
-    for kind, hidden_region in [
-        ("top", (slice(0, 3), slice(None))),
-        ("bottom", (slice(3, 6), slice(None))),
-        ("left", (slice(None), slice(0, 4))),
-        ("right", (slice(None), slice(4, 8))),
-    ]:
-        mask = make_mask(kind, (c, h, w), 2)
-        assert mask.shape == (2, c * h * w) and mask.dtype == torch.bool
-        pixels = mask.view(2, c, h, w)
-        expected = torch.ones(h, w, dtype=torch.bool)
-        expected[hidden_region] = False
-        assert torch.equal(pixels, expected.expand(2, c, h, w)), kind
-        assert (~mask).float().mean().item() == pytest.approx(0.5)
-
-
-def test_center_mask_hides_the_central_half_side_square():
-    mask = make_mask("center", (1, 8, 12), 1).view(8, 12)
-    hidden = ~mask
-    assert hidden.sum().item() == 4 * 6  # a quarter of the pixels
-    rows, cols = hidden.nonzero(as_tuple=True)
-    assert (rows.min().item(), rows.max().item()) == (2, 5)
-    assert (cols.min().item(), cols.max().item()) == (3, 8)
-
-
-def test_random_mask_fraction_seed_and_channels():
-    shape = (3, 10, 10)
-    mask = make_mask("random", shape, 4, generator=gen(0), fraction=0.3)
-    pixels = mask.view(4, 3, 10, 10)
-    assert torch.equal(pixels[:, 0], pixels[:, 1]) and torch.equal(pixels[:, 0], pixels[:, 2])
-    assert ((~pixels[:, 0]).flatten(1).sum(1) == 30).all()  # exactly 30 % per image
-    assert not torch.equal(pixels[0], pixels[1])  # independent per image
-    assert torch.equal(mask, make_mask("random", shape, 4, generator=gen(0), fraction=0.3))
-    assert not torch.equal(mask, make_mask("random", shape, 4, generator=gen(1), fraction=0.3))
-    assert torch.equal(make_mask("random", shape, 2), make_mask("random", shape, 2))  # seeded
-    assert make_mask("random", shape, 2, fraction=0.0).all()
-    assert not make_mask("random", shape, 2, fraction=1.0).any()
-
-
-def test_image_mask_black_is_hidden(tmp_path):
-    picture = Image.new("L", (40, 20), 255)
-    picture.paste(0, (0, 0, 20, 20))  # left half black
-    path = tmp_path / "mask.png"
-    picture.save(path)
-    mask = make_mask("image", (3, 4, 6), 2, mask_image=path)
-    expected = make_mask("left", (3, 4, 6), 2)
-    assert torch.equal(mask, expected)
-    assert torch.equal(make_mask("image", (3, 4, 6), 2, mask_image=picture.convert("RGB")), mask)
-
-
-@pytest.mark.parametrize(
-    "args, kwargs, error, match",
-    [
-        (("blob", (1, 4, 4), 1), {}, ValueError, r"kind must be one of .*'center'.*got 'blob'"),
-        (("random", (1, 4, 4), 1), {"fraction": 1.5}, ValueError, r"fraction must be in \[0, 1\]"),
-        (("image", (1, 4, 4), 1), {}, ValueError, r"needs mask_image"),
-        (("image", (1, 4, 4), 1), {"mask_image": "/nonexistent/m.png"}, FileNotFoundError,
-         r"m\.png does not exist"),
-        (("top", (1, 4, 4), -1), {}, ValueError, r"n must be an int >= 0"),
-    ],
-)
-def test_mask_errors(args, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        make_mask(*args, **kwargs)
-
-
-def test_mask_kinds_are_listed():
-    assert set(MASK_KINDS) == {"center", "top", "bottom", "left", "right", "random", "image"}
 
 
 # ---------------------------------------------------------------------------- figures

@@ -1,10 +1,17 @@
 """End to end: :func:`mfa.workflow.train` on the embedded MNIST digits with a tiny model —
-its result, its checkpoints, interrupting and resuming (EM and SGD), determinism."""
+its result, its checkpoints, interrupting and resuming (EM and SGD; kill -9 of the ``mfa``
+command), what a resume may change, checks before the run folder is made, run folders."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -225,3 +232,169 @@ def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
     assert resumed.metrics["method"] == "sgd"
     assert resumed.metrics["iterations"] == SGD_EPOCHS
     assert resumed.metrics["test_log_likelihood"] == uninterrupted.metrics["test_log_likelihood"]
+
+
+@pytest.mark.slow
+def test_em_resume_may_run_longer_and_records_the_change(out_dir):
+    """A safe change on resume is applied (not ignored): interrupted at 2 of 4 iterations and
+    resumed with max_iter=5 gives the model of an uninterrupted 5-iteration run."""
+    longer = workflow.train(make_config(out_dir, "em-5", "train.em.max_iter=5"), figures=False)
+    config = make_config(out_dir, "em-2-then-5")
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(Interrupt("iteration", 2),))
+    run_dir = Path(config.output.dir) / config.output.name
+    resumed = workflow.train(None, resume=run_dir, figures=False,
+                             overrides=["train.em.max_iter=5", "output.n_samples=4"])
+    assert resumed.metrics["iterations"] == 5
+    assert_same_parameters(resumed.model, longer.model)
+    saved = load_config(run_dir / "config.yaml")
+    assert (saved.train.em.max_iter, saved.output.n_samples) == (5, 4)
+    assert load_checkpoint(run_dir / "checkpoint.pt").run_config == saved
+    assert "train.em.max_iter, output.n_samples" in (run_dir / "train.log").read_text()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.n_components=4", "model.n_components"),
+    ("train.em.tol=0.5", "train.em.tol"),
+    ("train.sgd.lr=0.1", "train.sgd.lr"),
+    ("data.limit=200", "data.limit"),
+    ("output.name=elsewhere", "output.name"),
+    ("seed=3", "seed"),
+])
+def test_resume_refuses_changes_to_what_the_run_computes(em_run, override, key):
+    before = (em_run.run_dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming"):
+        workflow.train(None, resume=em_run.run_dir, overrides=[override], figures=False)
+    assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
+    other = make_config(out_dir, "em-a", "model.n_factors=1")
+    with pytest.raises(ValueError, match=r"cannot change model\.n_factors when resuming.*"
+                                         r"saved 2, given 1"):
+        workflow.train(other, resume=em_run.run_dir, figures=False)
+    same = make_config(out_dir, "em-a", "output.plot=false")  # a safe difference
+    assert workflow.check_resume_changes(load_checkpoint(em_run.run_dir / "checkpoint.pt")
+                                         .run_config, same) == ["output.plot"]
+
+
+def test_a_finished_em_run_refuses_more_iterations(em_run):
+    with pytest.raises(ValueError, match=r"train\.em\.max_iter.*EM has finished"):
+        workflow.train(None, resume=em_run.run_dir, overrides=["train.em.max_iter=40"],
+                       figures=False)
+
+
+# ---------------------------------------------------------------------------- before the folder
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (["model.n_factors=1000"], ValueError,
+     r"model\.n_factors=1000\) does not fit the data embedded-mnist with 784 features"),
+    (["data.name=folder", "data.root=/nonexistent/images"], OSError, r"/nonexistent/images"),
+    (["device=cuda"], ValueError, r"device 'cuda' asks for CUDA"),
+    (["train.em.device=cuda:0"], ValueError, r"train\.em\.device: device 'cuda:0' asks for"),
+])
+def test_values_that_fail_with_the_data_fail_before_the_run_folder(
+        tmp_path, monkeypatch, overrides, error, match):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    with pytest.raises(error, match=match):
+        workflow.train(make_config(tmp_path / "runs", "x", *overrides), figures=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+class Fail:
+    """A callback that raises RuntimeError at iteration ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __call__(self, trainer, model, record) -> None:
+        if record["iteration"] == self.at:
+            raise RuntimeError("simulated failure")
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    config = make_config(tmp_path, "early", "train.em.checkpoint_every=0")
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        workflow.train(config, figures=False, callbacks=(Fail(1),))
+    assert not (tmp_path / "early").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_after_a_checkpoint_is_marked_failed_until_resumed(em_run, tmp_path):
+    config = make_config(tmp_path, "late")
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        workflow.train(config, figures=False, callbacks=(Fail(2),))
+    run_dir = tmp_path / "late"
+    assert "RuntimeError: simulated failure" in (run_dir / "FAILED").read_text()
+    assert "--resume" in (run_dir / "FAILED").read_text()
+    resumed = workflow.train(None, resume=run_dir, figures=False)
+    assert not (run_dir / "FAILED").exists()
+    assert_same_parameters(resumed.model, em_run.model)
+
+
+# ---------------------------------------------------------------------------- kill -9
+
+
+def _mfa(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "mfa", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
+    """`mfa train` with the default config (no --config: its checkpoint settings), killed with
+    SIGKILL mid-run, resumes to exactly the model of an uninterrupted run."""
+    iterations = 40
+    short = ["model.n_components=4", "model.n_factors=2", f"train.em.max_iter={iterations}",
+             "train.em.tol=0", "train.em.kmeans_iter=3", "train.em.progress=false",
+             "data.limit=1000", "device=cpu", f"output.dir={tmp_path}"]
+    sets = [arg for o in short for arg in ("--set", o)]
+    whole = _mfa(*sets, "--set", "output.name=whole", "--no-figures")
+    killed = _mfa(*sets, "--set", "output.name=killed", "--no-figures")
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert killed.poll() is None, killed.communicate()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "metrics.json").exists()  # killed mid-run
+    done = load_checkpoint(checkpoint).trainer_state["history"]
+    assert 1 <= len(done) < iterations
+    resume = _mfa("--resume", str(tmp_path / "killed"), "--no-figures")
+    for process in (whole, resume):
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
+    assert_same_parameters(b.model, a.model)
+    assert history_values(b.trainer_state["history"]) == history_values(
+        a.trainer_state["history"])
+    assert len(a.trainer_state["history"]) == iterations
+
+
+# ---------------------------------------------------------------------------- run folders
+
+
+def test_run_folders_are_numbered(tmp_path):
+    config = load_config(overrides=[f"output.dir={tmp_path / 'runs'}"])
+    first = workflow.make_run_dir(config)
+    second = workflow.make_run_dir(config)
+    assert first.name == "001-embedded-mnist" and first.is_dir()
+    assert second.name == "002-embedded-mnist"
+    (tmp_path / "runs" / "017-mnist").mkdir()
+    assert workflow.make_run_dir(config).name == "018-embedded-mnist"
+
+
+def test_named_run_folder(tmp_path):
+    config = load_config(overrides=[f"output.dir={tmp_path}", "output.name=exp"])
+    assert workflow.make_run_dir(config) == tmp_path / "exp"
+    with pytest.raises(FileExistsError):
+        workflow.make_run_dir(config)
+    assert workflow.make_run_dir(config, exist_ok=True) == tmp_path / "exp"
+
+

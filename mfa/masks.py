@@ -1,0 +1,119 @@
+"""Inpainting masks: which pixels of an image are observed and which are to be filled in.
+
+A mask is a bool *observed* mask ``[N, D]`` over data rows flattened channel-first (CHW):
+``True`` where a pixel is visible, ``False`` where it is hidden. A hidden pixel is hidden in
+every channel. :data:`MASK_KINDS` names the kinds :func:`make_mask` builds.
+
+PIL is imported only when a mask picture is read (kind ``"image"``), so the configuration
+and the command line can list the mask kinds without loading an imaging library.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["MASK_KINDS", "MaskKind", "make_mask"]
+
+MaskKind = Literal["center", "top", "bottom", "left", "right", "random", "image"]
+#: ``"center"``: the central square of half the side is hidden; ``"top"``/``"bottom"``/
+#: ``"left"``/``"right"``: that half is hidden; ``"random"``: a ``fraction`` of the pixels is
+#: hidden; ``"image"``: black pixels of a user mask image are hidden.
+MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+
+
+def _pixel_mask_to_rows(hidden: Tensor, c: int) -> Tensor:
+    """``hidden`` bool ``[N, H, W]`` → observed bool ``[N, C·H·W]`` (all channels alike)."""
+    n = hidden.shape[0]
+    return (~hidden).unsqueeze(1).expand(n, c, *hidden.shape[1:]).reshape(n, -1)
+
+
+def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
+    """A mask picture (path or PIL image; black = hidden) → hidden bool ``[H, W]``."""
+    from PIL import Image  # only this mask kind needs an imaging library
+
+    if isinstance(mask_image, (str, os.PathLike)):
+        path = Path(mask_image)
+        if not path.is_file():
+            raise FileNotFoundError(f"mask image {path} does not exist")
+        with Image.open(path) as opened:
+            picture = opened.convert("L")
+    elif isinstance(mask_image, Image.Image):
+        picture = mask_image.convert("L")
+    else:
+        raise TypeError(
+            f"mask_image must be a path or a PIL image, got {type(mask_image).__name__}"
+        )
+    picture = picture.resize((w, h), Image.Resampling.NEAREST)
+    grey = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(h, w)
+    return grey < 128
+
+
+def make_mask(
+    kind: str,
+    image_shape: Sequence[int],
+    n: int,
+    generator: torch.Generator | None = None,
+    fraction: float = 0.5,
+    mask_image: str | os.PathLike[str] | Image.Image | None = None,
+) -> Tensor:
+    """Observed masks for inpainting: bool ``[n, C·H·W]``, ``True`` where a pixel is visible.
+
+    Kinds (see :data:`MASK_KINDS`):
+
+    * ``"center"``: the central square of side ``H//2 × W//2`` (rows ``H//4 ..``) is hidden.
+    * ``"top"`` / ``"bottom"``: the top ``H//2`` / bottom ``H//2`` rows are hidden.
+    * ``"left"`` / ``"right"``: the left ``W//2`` / right ``W//2`` columns are hidden.
+    * ``"random"``: exactly ``round(fraction·H·W)`` pixels are hidden, chosen independently
+      per image with ``generator`` (CPU; ``None``: a generator seeded with 0, so the same call
+      gives the same masks).
+    * ``"image"``: ``mask_image`` (a path to a PNG or a PIL image) is converted to grey,
+      resized to ``H × W`` with nearest-neighbour resampling, and its dark pixels (grey level
+      < 128, i.e. black) are hidden; the same mask for every image.
+
+    A hidden pixel is hidden in every channel. The masks are on the CPU.
+    """
+    # The pixel-layout rule lives with the data; imported here so that importing this module
+    # (for MASK_KINDS) stays free of the data loaders and PIL.
+    from mfa.data import _check_image_shape
+
+    c, h, w = _check_image_shape(image_shape)
+    if kind not in MASK_KINDS:
+        raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    hidden = torch.zeros(h, w, dtype=torch.bool)
+    if kind == "center":
+        top, left = h // 4, w // 4
+        hidden[top : top + h // 2, left : left + w // 2] = True
+    elif kind == "top":
+        hidden[: h // 2] = True
+    elif kind == "bottom":
+        hidden[h - h // 2 :] = True
+    elif kind == "left":
+        hidden[:, : w // 2] = True
+    elif kind == "right":
+        hidden[:, w - w // 2 :] = True
+    elif kind == "image":
+        if mask_image is None:
+            raise ValueError("kind 'image' needs mask_image (a PNG path or a PIL image)")
+        hidden = _load_mask_image(mask_image, h, w)
+    else:  # random
+        if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+            raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        n_hidden = round(fraction * h * w)
+        order = torch.rand(n, h * w, generator=generator).argsort(dim=1)
+        flat = torch.zeros(n, h * w, dtype=torch.bool)
+        flat.scatter_(1, order[:, :n_hidden], True)
+        return _pixel_mask_to_rows(flat.view(n, h, w), c)
+    return _pixel_mask_to_rows(hidden.expand(n, h, w), c)
