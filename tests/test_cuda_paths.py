@@ -147,9 +147,11 @@ def test_kmeans_start_on_cuda_is_seeded_and_em_climbs():
 
 def test_adam_on_cuda_follows_the_cpu_trajectory():
     """The split and the shuffling come from a CPU generator, so both devices see the same
-    minibatches: float64 Adam from the same start takes the same steps."""
+    minibatches: float64 Adam from the same start takes the same steps. The start is far from
+    the optimum: near it, gradients are differences of large terms and rounding could flip
+    the sign of Adam's first (sign-like) steps."""
     x = _image_like(n=800, dtype=F64)
-    start = _kmeans_start(x)
+    start = random_model(3, 24, 2, seed=2)
     fitted = []
     for device in ("cpu", DEVICE):
         model = copy.deepcopy(start)
@@ -165,9 +167,10 @@ def test_adam_on_cuda_follows_the_cpu_trajectory():
 
 
 def test_float32_adam_step_on_cuda_matches_cpu():
-    """One float32 Adam epoch (the precision people train in) agrees to float32 accuracy."""
+    """One float32 Adam epoch (the precision people train in) agrees to float32 accuracy; a
+    sign flip in a step would show as a difference of ~2·lr = 1e-2."""
     x = _image_like(n=600)
-    start = _kmeans_start(x)
+    start = random_model(3, 24, 2, seed=3, dtype=torch.float32)
     out = []
     for device in ("cpu", DEVICE):
         model = copy.deepcopy(start)
@@ -176,7 +179,7 @@ def test_float32_adam_step_on_cuda_matches_cpu():
         out.append(model.cpu())
     for name in ("means", "factor_loadings", "noise_variance", "weights"):
         torch.testing.assert_close(getattr(out[1], name), getattr(out[0], name), rtol=1e-4,
-                                   atol=1e-5)
+                                   atol=1e-4)
 
 
 # ---------------------------------------------------------------------- inference
