@@ -481,8 +481,10 @@ def large_model_case(pixels, k: int, lat: int, args, clock) -> dict:
         stream = DequantisedStream(pixels, args.batch_size, args.seed, max_batches=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mfa.ConvergenceWarning)
+            # min_component_mass=0: one batch leaves most of K components (almost) empty, and
+            # re-seeding them would only log a long list.
             EMTrainer(EMConfig(max_iter=1, tol=0.0, batch_size=args.batch_size, init="none",
-                               progress=False)).fit(held["model"], stream)
+                               min_component_mass=0.0, progress=False)).fit(held["model"], stream)
 
     def adam_step():
         stream = DequantisedStream(pixels, args.adam_batch_size, args.seed, max_batches=1)
@@ -717,15 +719,18 @@ def run(args, device: torch.device) -> dict:
         print_em_row(res["em"][-1])
         save(res["em"][-1]["case"])
     res["adam"].append(adam_case(model0, pixels, False, args, budget, clock, rates))
+    print(f"done: {res['adam'][-1]['case']}", flush=True)
     save(res["adam"][-1]["case"])
     if budget.allows("inpaint", 30.0 * prior):
         res["inpaint"] = inpaint_case(model0, pixels, args.inpaint_rows, args, clock)
+        print("done: inpaint", flush=True)
         save("inpaint")
     # Five phases, each at most a few E-step batches of the larger model.
     per_batch = max([r.get("per_batch_s", 0.0) for r in res["em"]] + [0.0])
     large = 10.0 * prior + 20 * per_batch * args.large_components / k
     if budget.allows(f"large model K={args.large_components}", large):
         res["large_model"] = large_model_case(pixels, args.large_components, lat, args, clock)
+        print(f"done: large model, fits = {res['large_model']['fits']}", flush=True)
         save("large_model")
     # TF32 variants last: they only matter if the accuracy figures above allow TF32.
     for mode in [m for m in args.modes if m != "float64"]:
