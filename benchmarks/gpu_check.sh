@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# One script for a lent GPU machine: the card, the environment, the CUDA tests and the
+# CelebA-shaped benchmark (benchmarks/bench_gpu.py), in at most ~8 minutes.
+#
+#   bash benchmarks/gpu_check.sh                     # on the GPU machine
+#   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # CPU smoke test: tiny benchmark sizes
+#
+# Writes gpu_check.log, pytest_cuda.xml, bench_gpu.log and bench_gpu.json into $OUT when it is
+# set (the device tool collects files from there), else ./gpu_results/. Each step has its own
+# timeout (override with the variables below); the script runs every step even when one
+# fails and exits non-zero if any did. Nothing is downloaded: the machine has no internet.
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+REPO=$PWD
+RESULTS=${OUT:-$REPO/gpu_results}
+mkdir -p "$RESULTS"
+PY=${PYTHON:-python3}
+QUICK=${GPU_CHECK_QUICK:-0}
+INSTALL_TIMEOUT=${GPU_CHECK_INSTALL_TIMEOUT:-45}
+TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-100}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-320}
+BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-270}  # seconds bench_gpu.py plans for (< its timeout)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's mfa, installed or not
+export PYTHONUNBUFFERED=1
+
+failures=()
+step() { echo; echo "== $* ($(date -u +%H:%M:%S), $((SECONDS)) s in)"; }
+record() {  # record NAME RC
+    if [ "$2" -eq 124 ] || [ "$2" -eq 137 ]; then
+        echo "!! $1: timed out (rc $2)"; failures+=("$1 (timeout)")
+    elif [ "$2" -ne 0 ]; then
+        echo "!! $1: failed (rc $2)"; failures+=("$1 (rc $2)")
+    else
+        echo "ok $1"
+    fi
+}
+
+summary() {
+    echo
+    echo "== gpu_check finished in ${SECONDS} s; files in $RESULTS:"
+    ls -l "$RESULTS" | tail -n +2
+    if [ "${#failures[@]}" -eq 0 ]; then echo "ALL STEPS OK"
+    else echo "FAILED: ${failures[*]}"; fi
+}
+
+main() {
+    echo "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "results -> $RESULTS; quick=$QUICK"
+
+    step "card"
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version,clocks.max.sm,power.limit,mig.mode.current \
+            --format=csv || true
+        nvidia-smi -L || true
+    else
+        echo "nvidia-smi not found (no NVIDIA driver on this machine)"
+    fi
+
+    step "python environment"
+    if ! "$PY" -c "import torch" 2>/dev/null; then
+        echo "!! $PY cannot import torch: nothing below can run"; failures+=("torch missing")
+        summary; return 1
+    fi
+    "$PY" - <<'EOF'
+import importlib, sys
+import torch
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device 0: {p.name}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}")
+need = {  # import name: why
+    "numpy": "mfa.data, tests", "tqdm": "mfa.em progress bars (import mfa fails without it)",
+    "yaml": "mfa.config (pyyaml)", "PIL": "mfa.data (pillow)", "safetensors": "mfa.checkpoint",
+    "matplotlib": "mfa.viz", "scipy": "SVHN loading", "torchvision": "declared dependency",
+    "pytest": "the CUDA tests", "sklearn": "some CPU tests (not the CUDA ones)",
+}
+missing = []
+for name, why in need.items():
+    try:
+        mod = importlib.import_module(name)
+        print(f"  {name:<12} {getattr(mod, '__version__', '?')}")
+    except Exception as exc:  # ImportError, or a broken install
+        missing.append(name)
+        print(f"  {name:<12} MISSING ({why}): {type(exc).__name__}: {exc}")
+print("missing:", ", ".join(missing) if missing else "nothing")
+EOF
+
+    step "mfa from this checkout"
+    # PYTHONPATH puts this checkout first; pip install only when that is not enough (an
+    # editable install adds nothing the tests or the benchmark need).
+    if ! "$PY" -c "import mfa" >/dev/null 2>&1; then
+        echo "import mfa fails with PYTHONPATH=$REPO; trying pip install -e . --no-deps"
+        timeout -k 5 "$INSTALL_TIMEOUT" "$PY" -m pip install -e . --no-deps \
+            --no-build-isolation -q >"$RESULTS/pip_install.log" 2>&1 \
+            || echo "pip install -e . failed (see pip_install.log)"
+    fi
+    if ! "$PY" -c "import mfa; print('import mfa ok:', mfa.__file__)"; then
+        echo "!! import mfa fails: install the modules marked MISSING above"
+        failures+=("import mfa")
+        summary; return 1
+    fi
+
+    step "CUDA tests (timeout ${TEST_TIMEOUT} s)"
+    mapfile -t cuda_files < <(grep -l "mark.cuda" tests/test_*.py)
+    echo "files with CUDA tests: ${cuda_files[*]}"
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs \
+        --junitxml="$RESULTS/pytest_cuda.xml" "${cuda_files[@]}"
+    record "CUDA tests" $?
+
+    step "benchmark (timeout ${BENCH_TIMEOUT} s, budget ${BENCH_BUDGET} s)"
+    if [ "$QUICK" = 1 ]; then
+        bench_args=(--quick --device cpu)
+    else
+        bench_args=(--device cuda --budget-s "$BENCH_BUDGET")
+    fi
+    timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/bench_gpu.py "${bench_args[@]}" \
+        --json "$RESULTS/bench_gpu.json" 2>&1 | tee "$RESULTS/bench_gpu.log"
+    record "benchmark" "${PIPESTATUS[0]}"
+
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        step "card after the run"
+        nvidia-smi --query-gpu=name,memory.used,temperature.gpu,clocks.sm --format=csv || true
+    fi
+    summary
+    [ "${#failures[@]}" -eq 0 ]
+}
+
+main 2>&1 | tee "$RESULTS/gpu_check.log"
+rc=${PIPESTATUS[0]}
+exit "$rc"

@@ -1,0 +1,119 @@
+"""The GPU benchmark script runs end to end on the CPU at tiny sizes, so it cannot rot while
+no GPU is lent: every case reports its figures and the JSON is complete and consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "bench_gpu.py"
+TINY = ["--quick", "--device", "cpu", "--n-rows", "600", "--features", "48", "--components",
+        "4", "--factors", "2", "--batch-size", "256", "--adam-batch-size", "128",
+        "--inpaint-rows", "16", "--large-components", "8"]
+
+
+def _run(args, tmp_path, timeout=60):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path, env=env)
+
+
+@pytest.mark.slow
+def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
+    out = tmp_path / "res" / "bench.json"
+    proc = _run([*TINY, "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    for field in ("device: cpu", "torch ", "matmul [256, 48] @ [48, 8] GFLOP/s", "TF32 accuracy",
+                  "s/epoch", "GFLOP/s", "EM float64", "EM mixed", "EM float32",
+                  "samples/s", "inpaint 16 rows", "large model K=8, L=2: fits = True",
+                  "total "):
+        assert field in text, f"{field!r} missing from the output:\n{text}"
+    res = json.loads(out.read_text())
+    assert res["config"]["n_rows"] == 600 and res["config"]["features"] == 48
+    assert res["skipped"] == [], res["skipped"]
+    for key in ("float32", "tf32", "float64"):
+        assert res["matmul"][key] > 0
+    em = {(r["stats_dtype"], r["tf32"]): r for r in res["em"]}
+    assert set(em) == {("float64", False), ("mixed", False), ("float32", False),
+                       ("mixed", True), ("float32", True)}
+    flops = 4 * 600 * 48 * 4 * (2 + 2)
+    lls = []
+    for r in em.values():
+        assert r["seconds_per_epoch"] > 0 and math.isfinite(r["train_log_likelihood"])
+        assert r["tflop_per_epoch"] == pytest.approx(flops / 1e12)
+        assert r["gflops"] == pytest.approx(flops / r["seconds_per_epoch"] / 1e9)
+        assert r["fraction_of_matmul_rate"] == pytest.approx(r["limit_s"] / r["seconds_per_epoch"])
+        assert r["peak_memory_gb"] is None  # no GPU memory figure on a CPU
+        lls.append(r["train_log_likelihood"])
+    # Every mode scores the same start on the same batches: the log-likelihoods agree.
+    assert max(lls) - min(lls) < 1e-4 * abs(lls[0])
+    adam = res["adam"][0]
+    assert adam["samples_per_s"] == pytest.approx(adam["rows"] / adam["seconds"])
+    assert adam["steps"] >= 3 and adam["rows"] == min(adam["steps"] * 128, 600)
+    acc = res["tf32_accuracy"]
+    assert set(acc["log_prob"]) == {"float32", "tf32"}
+    assert len(acc["em_update"]) == 6
+    # float32 on a CPU is accurate to far better than 1e-3 on this small problem.
+    assert acc["log_prob"]["float32"]["max_rel_error"] < 1e-4
+    assert acc["em_update"]["float64/float32"]["noise_max_rel_error"] < 1e-4
+    assert res["inpaint"]["no_grad"]["finite"] and res["inpaint"]["as_called"]["finite"]
+    assert res["large_model"]["fits"] and set(res["large_model"]["phases"]) == {
+        "construct", "log_prob_batch", "em_iteration_one_batch", "adam_step", "inpaint_64_rows"}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_rejects_bad_options(capsys):
+    bench = _load_script()
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--quick", "--modes", "float16"])
+    assert exc.value.code == 2
+    assert "--modes: unknown stats_dtype ['float16']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--quick", "--components", "0"])
+    assert exc.value.code == 2 and "--components must be positive, got 0" in capsys.readouterr().err
+    args = bench.parse_args(["--quick", "--features", "48"])  # explicit options win over --quick
+    assert (args.features, args.n_rows) == (48, 2048)
+
+
+@pytest.mark.slow  # the Adam warm-up runs before its budget check
+def test_bench_gpu_skips_cases_that_overrun_the_budget(tmp_path, capsys):
+    bench = _load_script()
+    threads = torch.get_num_threads()
+    out = tmp_path / "bench.json"
+    res = bench.main([*TINY, "--budget-s", "0", "--json", str(out)])
+    assert torch.get_num_threads() == threads  # the quick mode's single thread is restored
+    assert "SKIPPED EM float64: needs ~" in capsys.readouterr().out
+    assert json.loads(out.read_text())["skipped"] == res["skipped"]
+    assert all("skipped" in r for r in res["em"] + res["adam"]) and "inpaint" not in res
+    assert len(res["skipped"]) == 10  # every case after the matmul peers
+
+
+def test_dequantised_stream_is_seeded_uint8_and_in_unit_interval():
+    bench = _load_script()
+    pixels = bench.make_pixels(50, 12, torch.device("cpu"), seed=3, chunk=16)
+    assert pixels.dtype == torch.uint8 and torch.equal(
+        pixels, bench.make_pixels(50, 12, torch.device("cpu"), seed=3, chunk=16))
+    stream = bench.DequantisedStream(pixels, 16, seed=1)
+    first, again = list(stream), list(stream)
+    assert len(first) == len(stream) == 4 and first[-1].shape == (2, 12)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # re-seeded every pass
+    x = torch.cat(first)
+    assert x.dtype == torch.float32 and bool(((x >= 0) & (x < 1)).all())
+    assert torch.equal(torch.floor(x * 256).to(torch.uint8), pixels)  # (p + u) / 256
