@@ -46,6 +46,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 
+from mfa.data.names import DATASET_NAMES, DatasetName
 from mfa.em import EMConfig, EMTrainer
 from mfa.masks import MaskKind
 from mfa.sgd import SGDConfig, SGDTrainer
@@ -66,9 +67,6 @@ __all__ = [
     "validate_config",
 ]
 
-DatasetName = Literal["embedded-mnist", "mnist", "fashion-mnist", "svhn", "celeba", "folder"]
-#: The names ``mfa.data.load_dataset`` accepts.
-DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 
 
 # ---------------------------------------------------------------------------- dataclasses
@@ -251,7 +249,7 @@ def _check_trainer(config: EMConfig | SGDConfig, path: str) -> None:
         trainer(config)
     except ValueError as error:
         name = type(config).__name__
-        match = re.match(rf"{name}\.(\w+) (.*)", str(error), re.DOTALL)
+        match = re.match(rf"{name}\.(\w+)(?:=\S+)? (.*)", str(error), re.DOTALL)
         if match is None:
             raise ValueError(f"invalid value in {path}: {error}") from None
         key, problem = match.groups()

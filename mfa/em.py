@@ -110,6 +110,12 @@ class RunState:
     generator: Tensor | None = field(default=None, repr=False)
 
     REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
+    #: The accepted types of each saved key (checked on load, so a tampered state fails there).
+    TYPES = {
+        "run": (int,), "iteration": (int,), "runs_done": (int,),
+        "best_log_likelihood": (float, int), "previous_log_likelihood": (float, int, type(None)),
+        "best_params": (dict, type(None)), "converged": (bool,),
+    }
 
     def as_dict(self) -> dict:
         state = {
@@ -189,7 +195,9 @@ class EMTrainer:
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
         provided the model holds the parameters saved with this state."""
-        state, self.history = training.restore_state(state, RunState.REQUIRED, "EMTrainer")
+        state, self.history = training.restore_state(
+            state, RunState.REQUIRED, "EMTrainer", RunState.TYPES
+        )
         self._resume = RunState.from_dict(state)
 
     # -------------------------------------------------------------- fitting

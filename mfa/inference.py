@@ -94,9 +94,11 @@ def inpaint(
     """Fill the hidden entries of ``x`` with the conditional mean and ``n_samples`` samples.
 
     Returns:
-        ``(mean [N, D], samples [n_samples, N, D])``.
+        ``(mean [N, D], samples [n_samples, N, D])``, without an autograd graph (inpainting
+        is inference: a graph through the masked terms would hold ``O(N·K·L²)`` memory).
     """
-    mean = conditional_mean(model, x, observed)
+    with torch.no_grad():
+        mean = conditional_mean(model, x, observed)
     samples = [conditional_sample(model, x, observed, generator) for _ in range(n_samples)]
     stacked = torch.stack(samples) if samples else x.new_zeros(0, *x.shape)
     return mean, stacked

@@ -83,9 +83,9 @@ def make_mask(
     """
     # The pixel-layout rule lives with the data; imported here so that importing this module
     # (for MASK_KINDS) stays free of the data loaders and PIL.
-    from mfa.data import _check_image_shape
+    from mfa.data import check_image_shape
 
-    c, h, w = _check_image_shape(image_shape)
+    c, h, w = check_image_shape(image_shape)
     if kind not in MASK_KINDS:
         raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:

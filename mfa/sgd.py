@@ -132,7 +132,12 @@ class SGDTrainer:
         """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
         provided the model holds the parameters saved with this state."""
         required = {"epoch", "optimizer", "scheduler", "generator", "best_params", "best_val"}
-        self._resume, self.history = training.restore_state(state, required, "SGDTrainer")
+        types = {
+            "epoch": (int,), "optimizer": (dict,), "scheduler": (dict, type(None)),
+            "best_val": (float, int, type(None)), "best_params": (dict, type(None)),
+            "bad_epochs": (int,), "reference_log_likelihood": (float, int, type(None)),
+        }
+        self._resume, self.history = training.restore_state(state, required, "SGDTrainer", types)
 
     def _split(self, data, validation, model):
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
@@ -231,12 +236,13 @@ class SGDTrainer:
                                 default=None)
         else:
             self.history = []
-            init_source = train_source or DataSource(train, model, cfg.batch_size)
-            initialise(
-                model, gather_rows(init_source, cfg.init_samples, cfg.seed),
-                cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
-                kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
-            )
+            if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
+                init_source = train_source or DataSource(train, model, cfg.batch_size)
+                initialise(
+                    model, gather_rows(init_source, cfg.init_samples, cfg.seed),
+                    cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
+                    kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
+                )
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
             reference = None
         # Restored when the optimisation fails before any epoch has been kept.

@@ -28,7 +28,9 @@ import torch
 from torch import Tensor
 
 from mfa import linalg
-from mfa.model import ComponentTerms, MixtureOfFactorAnalyzers, diagonal_quadratic
+from mfa._terms import ComponentTerms
+from mfa.linalg import diagonal_quadratic
+from mfa.model import MixtureOfFactorAnalyzers
 
 
 @dataclass

@@ -13,6 +13,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
+from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa.model import MixtureOfFactorAnalyzers
 
@@ -70,19 +71,46 @@ def save_state(state: dict, config: object, history: list[dict]) -> dict:
     return out
 
 
-def restore_state(state: dict, required: set[str], trainer: str) -> tuple[dict, list[dict]]:
+def restore_state(
+    state: dict, required: set[str], trainer: str, types: dict[str, tuple] | None = None
+) -> tuple[dict, list[dict]]:
     """Check a state saved by :func:`save_state` and return ``(copy of state, history)``.
 
+    Args:
+        state: the saved state.
+        required: keys the state must hold.
+        trainer: the trainer's name, for messages.
+        types: optional ``{key: accepted types}`` for keys that, when present, must be of one
+            of those types (``bool`` is never taken for an ``int``); a ``"generator"`` key is
+            always checked to be a state ``torch.Generator.set_state`` accepts.
+
     Raises:
-        ValueError: naming the ``required`` keys that ``state`` lacks.
+        TypeError, ValueError: naming the missing key, the wrongly typed key or the invalid
+            generator state, so a tampered checkpoint fails at load time, not inside ``fit``.
     """
     if not isinstance(state, dict):
         raise TypeError(f"{trainer} state must be a dict, got {type(state).__name__}")
     missing = required - set(state)
     if missing:
         raise ValueError(f"{trainer} state is missing keys {sorted(missing)}")
+    for key, kinds in (types or {}).items():
+        if key not in state:
+            continue
+        value = state[key]
+        bad_bool = isinstance(value, bool) and bool not in kinds
+        if bad_bool or not isinstance(value, kinds):
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise TypeError(
+                f"{trainer} state key {key!r} must be {names}, got {type(value).__name__} "
+                f"{value!r:.60}"
+            )
+    if state.get("generator") is not None:
+        check_generator_state(state["generator"], f"{trainer} state key 'generator'")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise TypeError(f"{trainer} state key 'history' must be a list of dicts")
     state = copy.deepcopy(state)
-    return state, copy.deepcopy(state.get("history", []))
+    return state, copy.deepcopy(history)
 
 
 # ---------------------------------------------------------------------- non-finite checks

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mfa.data import _check_image_shape, to_images, to_rows
+from mfa.data import check_image_shape, to_images, to_rows
 
 if TYPE_CHECKING:
     from mfa.model import MixtureOfFactorAnalyzers
@@ -241,7 +241,7 @@ def inpainting_grid(
     Returns:
         A ``PIL.Image`` with ``N`` rows and ``3 + S`` columns.
     """
-    c, h, w = _check_image_shape(image_shape)
+    c, h, w = check_image_shape(image_shape)
     d = c * h * w
     original = _check_rows(original, "original", None, d)
     n = original.shape[0]
@@ -325,7 +325,7 @@ def factor_grid(
         scale: ``c``, how far to move along each factor (in latent standard deviations).
         max_factors: show at most this many factors per component (default all ``L``).
     """
-    c, h, w = _check_image_shape(image_shape)
+    c, h, w = check_image_shape(image_shape)
     if model.n_features != c * h * w:
         raise ValueError(f"image_shape {(c, h, w)} has {c * h * w} pixels but the model has "
                          f"n_features={model.n_features}")

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from mfa import viz
-from mfa.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import (
     OutputConfig,
     RunConfig,
@@ -303,7 +303,13 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
             ) from None
     trainer = (EMTrainer if config.train.method == "em" else SGDTrainer)(trainer_config)
     if ckpt is not None and ckpt.trainer_state is not None:
-        trainer.load_state_dict(ckpt.trainer_state)
+        try:
+            trainer.load_state_dict(ckpt.trainer_state)
+        except (TypeError, ValueError, KeyError) as error:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} holds a trainer state that {type(trainer).__name__} "
+                f"cannot resume from: {error}"
+            ) from None
     train_data, val_data = _training_data(data, config, device)
     return _Setup(device, data, model, trainer, train_data, val_data)
 

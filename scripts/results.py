@@ -37,6 +37,7 @@ from mfa import (
 from mfa.data import load_dataset
 from mfa.em import ConvergenceWarning
 from mfa.inference import inpaint
+from mfa.kde import kde
 from mfa.masks import make_mask
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ def fit_kde(data, s: Setting, seed: int):
     centres = train[torch.randperm(train.shape[0], generator=gen)[: s.kde_centres]]
     val = data.val[:2000]
     bandwidth, _ = select_kde_bandwidth(centres, val, torch.logspace(-2.3, -0.5, 13).tolist())
-    return MixtureOfFactorAnalyzers.kde(centres, bandwidth)
+    return kde(centres, bandwidth)
 
 
 def run_dataset(s: Setting, out: Path, seed: int) -> dict:

@@ -14,7 +14,11 @@ scales and dequantisation. The modules:
 * :mod:`~mfa.data.load`: :func:`load_dataset`.
 """
 
-from mfa.data.image_data import ImageData, ImageDataset
+import importlib
+
+# Light modules are imported now; the loaders (which import PIL, torchvision and scipy) only
+# when one of their names is first used, so that `mfa.config` and `mfa.masks` can take the
+# dataset names and the pixel layout from here without loading an imaging library.
 from mfa.data.layout import (
     LOG_PIXEL_LEVELS,
     PIXEL_LEVELS,
@@ -24,15 +28,34 @@ from mfa.data.layout import (
     to_images,
     to_rows,
 )
-from mfa.data.load import load_dataset
-from mfa.data.locations import DatasetNotFoundError, default_cache_dir, default_data_root
 from mfa.data.names import DATASET_NAMES, DatasetName
-from mfa.data.sources import CELEBA_CROP, FASHION_MNIST_DEBIAN_DIR, IMAGE_EXTENSIONS
 from mfa.data.splits import SPLITS, Split
-from mfa.metrics import bits_per_dim  # re-exported: the conversion belongs with the metrics
 
-#: The former private name, still imported by :mod:`mfa.viz`; use :func:`check_image_shape`.
-_check_image_shape = check_image_shape
+_LAZY = {
+    "ImageData": "mfa.data.image_data",
+    "ImageDataset": "mfa.data.image_data",
+    "load_dataset": "mfa.data.load",
+    "DatasetNotFoundError": "mfa.data.locations",
+    "default_cache_dir": "mfa.data.locations",
+    "default_data_root": "mfa.data.locations",
+    "CELEBA_CROP": "mfa.data.sources",
+    "FASHION_MNIST_DEBIAN_DIR": "mfa.data.sources",
+    "IMAGE_EXTENSIONS": "mfa.data.sources",
+    "bits_per_dim": "mfa.metrics",  # re-exported: the conversion belongs with the metrics
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mfa.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CELEBA_CROP",
