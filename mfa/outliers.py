@@ -320,8 +320,9 @@ def quantize(x: Tensor, scale: float = 256) -> Tensor:
 
 def compressed_bits_per_dim(x: Tensor, image_shape: Sequence[int], *, scale: float = 256,
                             compress_level: int = 9) -> Tensor:
-    """PNG-compressed length of each image in bits/dim: float64 ``[N]`` for rows ``[N, D]``
-    in ``[0, 1]`` (quantised with :func:`quantize`). ``C`` must be 1 (greyscale) or 3 (RGB)."""
+    """PNG-compressed length of each image in bits/dim: float64 ``[N]`` (on ``x``'s device) for
+    rows ``[N, D]`` in ``[0, 1]`` (quantised with :func:`quantize`; compressed on the CPU, one
+    image at a time). ``C`` must be 1 (greyscale) or 3 (RGB)."""
     x = check_tensor(x, "x")
     if x.dim() != 2 or x.shape[0] == 0:
         raise ValueError(f"x must have shape [N, D] with N >= 1, got {tuple(x.shape)}")
@@ -335,7 +336,7 @@ def compressed_bits_per_dim(x: Tensor, image_shape: Sequence[int], *, scale: flo
         Image.fromarray(img[:, :, 0] if c == 1 else img).save(
             buf, format="PNG", compress_level=compress_level)
         out[i] = 8.0 * buf.tell()
-    return out / (c * h * w)
+    return (out / (c * h * w)).to(x.device)
 
 
 def complexity(model: MixtureOfFactorAnalyzers, x: Tensor, *, image_shape: object = None,
