@@ -27,9 +27,9 @@ informs only one child, and ``π_k`` comes from the root's soft responsibilities
 ``k`` saw the hard share. A few EM iterations on the flat model (``final_em``) remove that
 approximation at the cost of full ``K``-component passes.
 
-Cost: the root costs ``O(N·D·K₁·L)`` per EM iteration, child ``k`` ``O(rows_k·D·n_k·L)``, so
-one sweep over all children costs ``O(N·D·max_k n_k·L)`` instead of ``O(N·D·K·L)`` for the
-flat model, and only one child's model and rows are in memory at a time.
+Cost per EM iteration: ``O(N·D·K₁·L)`` for the root, ``O(rows_k·D·n_k·L)`` for child ``k``
+(``≤ O(N·D·max_k n_k·L)`` for all children) against ``O(N·D·K·L)`` for a flat model; only one
+child's model and rows are in memory at a time. Each child pays its own initialisation.
 
 Resuming: with ``checkpoint_dir`` the root (``root.pt``), every finished child
 (``child-00007.pt``) and the flattened result (``model.pt``) are written with
@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mfa._validation import check_int_fields
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
 from mfa.model import MixtureOfFactorAnalyzers
@@ -101,10 +102,7 @@ def _validate_config(config: HierarchicalConfig) -> None:
     minimum = {"root_components": 1, "n_factors": 0, "rows_per_component": 1,
                "min_child_components": 1, "max_child_components": 1, "assign_batch_size": 1,
                "seed": 0}
-    for name, low in minimum.items():
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"HierarchicalConfig.{name} must be an int >= {low}, got {value!r}")
+    check_int_fields(config, minimum)
     if config.min_child_components > config.max_child_components:
         raise ValueError(
             "HierarchicalConfig.min_child_components must be <= max_child_components, got "
@@ -305,8 +303,9 @@ class HierarchicalTrainer:
         history: one dict per stage: ``stage`` (``"root"``, ``"child"``, ``"final"``),
             ``component`` (root index, children only), ``rows``, ``n_components``,
             ``kept`` (children), ``resumed`` (loaded from ``checkpoint_dir``),
-            ``train_log_likelihood`` (mean per row of the stage's own rows, nats; ``None``
-            when kept or resumed) and ``seconds``.
+            ``train_log_likelihood`` (the last of the stage's ``EMTrainer.history``, nats
+            per row of its own rows; ``None`` when kept, resumed or not trained) and
+            ``seconds``.
     """
 
     def __init__(self, config: HierarchicalConfig | None = None) -> None:
@@ -385,6 +384,9 @@ class HierarchicalTrainer:
             _, val_features, _ = _check_data(validation)
             if val_features != n_features:
                 raise ValueError(f"validation has {val_features} features, data {n_features}")
+        home = data.device if isinstance(data, Tensor) else torch.device("cpu")
+        root_device = torch.device(cfg.root_em.device or home)  # where fresh models live
+        child_device = torch.device(cfg.child_em.device or home)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         fingerprint = self._fingerprint()
         self.history, self.children, self.model = [], [], None
@@ -394,6 +396,7 @@ class HierarchicalTrainer:
         root_path = folder / "root.pt" if folder is not None else None
         if root_path is not None and root_path.exists():
             self.root, state = self._load(root_path, "root", n_features)
+            self.root.to(root_device)
             saved_counts = state.get("counts")
             record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
                       "resumed": True, "train_log_likelihood": None}
@@ -401,8 +404,7 @@ class HierarchicalTrainer:
             saved_counts = None
             root = MixtureOfFactorAnalyzers(
                 cfg.root_components, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
-                generator=torch.Generator().manual_seed(cfg.seed),
-                device=data.device if isinstance(data, Tensor) else None,
+                generator=torch.Generator().manual_seed(cfg.seed), device=home,
             )
             trainer = self._em(cfg.root_em, cfg.seed)
             trainer.fit(root, data, validation=validation)
@@ -446,19 +448,23 @@ class HierarchicalTrainer:
                     seed = _child_seed(cfg.seed, k)
                     child = MixtureOfFactorAnalyzers(
                         n_k, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
-                        generator=torch.Generator().manual_seed(seed),
-                        device=data.device if isinstance(data, Tensor) else None,
+                        generator=torch.Generator().manual_seed(seed), device=home,
                     )
                     index = (labels == k).nonzero().flatten()  # [rows_k]
                     trainer = self._em(cfg.child_em, seed)
-                    trainer.fit(child, _rows(data, index))
+                    try:
+                        trainer.fit(child, _rows(data, index))
+                    except FloatingPointError as error:
+                        raise FloatingPointError(
+                            f"child of root component {k} ({rows_k} rows, {n_k} components): "
+                            f"{error}") from error
                     ll = trainer.history[-1]["train_log_likelihood"] if trainer.history else None
                     logger.info("child %d/%d: %d rows, %d components", k + 1,
                                 cfg.root_components, rows_k, n_k)
                 if path is not None:
                     save_checkpoint(path, child, trainer_state={
                         "config": fingerprint, "component": k, "rows": rows_k})
-            self.children.append(child)
+            self.children.append(child.to(child_device))
             self._emit({"stage": "child", "component": k, "rows": rows_k,
                         "n_components": child.n_components, "kept": n_k == 0,
                         "resumed": resumed, "train_log_likelihood": ll,
@@ -469,6 +475,8 @@ class HierarchicalTrainer:
         final_path = folder / "model.pt" if folder is not None else None
         if final_path is not None and final_path.exists():
             self.model, _ = self._load(final_path, "model", n_features)
+            self.model.to(torch.device(cfg.final_em.device or child_device)
+                          if cfg.final_em is not None else child_device)
             resumed, ll = True, None
         else:
             resumed, ll = False, None
