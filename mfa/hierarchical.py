@@ -285,6 +285,13 @@ def assign_rows(root: MixtureOfFactorAnalyzers, data: Tensor | Dataset,
 
 # ---------------------------------------------------------------------------- trainer
 
+
+def _summary(trainer: EMTrainer | None) -> dict:
+    """The last training log-likelihood and the seconds of the EM iterations of a stage."""
+    history = trainer.history if trainer is not None else []
+    return {"train_log_likelihood": history[-1]["train_log_likelihood"] if history else None,
+            "em_seconds": sum(r["seconds"] for r in history)}
+
 Callback = Callable[["HierarchicalTrainer", dict], None]
 
 
@@ -304,8 +311,9 @@ class HierarchicalTrainer:
             ``component`` (root index, children only), ``rows``, ``n_components``,
             ``kept`` (children), ``resumed`` (loaded from ``checkpoint_dir``),
             ``train_log_likelihood`` (the last of the stage's ``EMTrainer.history``, nats
-            per row of its own rows; ``None`` when kept, resumed or not trained) and
-            ``seconds``.
+            per row of its own rows; ``None`` when kept, resumed or not trained),
+            ``em_seconds`` (its EM iterations, without the initialisation) and ``seconds``
+            (the whole stage).
     """
 
     def __init__(self, config: HierarchicalConfig | None = None) -> None:
@@ -399,7 +407,7 @@ class HierarchicalTrainer:
             self.root.to(root_device)
             saved_counts = state.get("counts")
             record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
-                      "resumed": True, "train_log_likelihood": None}
+                      "resumed": True, **_summary(None)}
         else:
             saved_counts = None
             root = MixtureOfFactorAnalyzers(
@@ -409,10 +417,8 @@ class HierarchicalTrainer:
             trainer = self._em(cfg.root_em, cfg.seed)
             trainer.fit(root, data, validation=validation)
             self.root = root
-            last = trainer.history[-1] if trainer.history else {}
             record = {"stage": "root", "rows": n_rows, "n_components": root.n_components,
-                      "resumed": False,
-                      "train_log_likelihood": last.get("train_log_likelihood")}
+                      "resumed": False, **_summary(trainer)}
         labels = assign_rows(self.root, data, cfg.assign_batch_size)  # [N]
         self.counts = torch.bincount(labels, minlength=cfg.root_components)  # [K₁]
         if saved_counts is not None and not torch.equal(saved_counts, self.counts):
@@ -434,7 +440,7 @@ class HierarchicalTrainer:
             n_k = child_components(rows_k, cfg)
             self.kept[k] = n_k == 0
             path = folder / f"child-{k:05d}.pt" if folder is not None else None
-            ll = None
+            trainer = None
             if path is not None and path.exists():
                 child, _ = self._load(path, f"child {k}", n_features)
                 resumed = True
@@ -458,7 +464,6 @@ class HierarchicalTrainer:
                         raise FloatingPointError(
                             f"child of root component {k} ({rows_k} rows, {n_k} components): "
                             f"{error}") from error
-                    ll = trainer.history[-1]["train_log_likelihood"] if trainer.history else None
                     logger.info("child %d/%d: %d rows, %d components", k + 1,
                                 cfg.root_components, rows_k, n_k)
                 if path is not None:
@@ -467,7 +472,7 @@ class HierarchicalTrainer:
             self.children.append(child.to(child_device))
             self._emit({"stage": "child", "component": k, "rows": rows_k,
                         "n_components": child.n_components, "kept": n_k == 0,
-                        "resumed": resumed, "train_log_likelihood": ll,
+                        "resumed": resumed, **_summary(trainer),
                         "seconds": time.perf_counter() - started}, callbacks)
 
         # ---- flatten (and optionally a few EM iterations on the flat model)
@@ -477,18 +482,17 @@ class HierarchicalTrainer:
             self.model, _ = self._load(final_path, "model", n_features)
             self.model.to(torch.device(cfg.final_em.device or child_device)
                           if cfg.final_em is not None else child_device)
-            resumed, ll = True, None
+            resumed, trainer = True, None
         else:
-            resumed, ll = False, None
+            resumed, trainer = False, None
             self.model = flatten_hierarchy(self.root, self.children)
             if cfg.final_em is not None:
                 trainer = self._em(cfg.final_em, cfg.seed)
                 trainer.fit(self.model, data, validation=validation)
-                ll = trainer.history[-1]["train_log_likelihood"] if trainer.history else None
             if final_path is not None:
                 save_checkpoint(final_path, self.model, trainer_state={"config": fingerprint})
         self._emit({"stage": "final", "rows": n_rows, "n_components": self.model.n_components,
-                    "resumed": resumed, "train_log_likelihood": ll,
+                    "resumed": resumed, **_summary(trainer),
                     "seconds": time.perf_counter() - started}, callbacks)
         return self.model
 
