@@ -219,6 +219,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(data, fitted, tmp_path,
     done = HierarchicalTrainer(config())
     assert _same(done.fit(data[0], checkpoint_dir=tmp_path), uninterrupted)
     assert all(r["resumed"] for r in done.history)
+    assert all(r["em_seconds"] == 0 and r["train_log_likelihood"] is None
+               for r in done.history)
+    trained = [r for r in fresh.history if r["stage"] == "child" and not r["resumed"]]
+    assert all(r["em_seconds"] > 0 and r["train_log_likelihood"] is not None for r in trained)
 
 
 def test_resume_refuses_another_config_or_other_data(data, tmp_path):
