@@ -60,6 +60,7 @@ __all__ = [
     "shard_global_batches",
     "shard_loader",
     "shard_range",
+    "shutdown",
     "sum_across_processes",
 ]
 
@@ -149,6 +150,16 @@ def init_from_env(timeout: timedelta | None = None) -> bool:
     logger.info("process group: %s, rank %d of %d, timeout %s", backend, get_rank(),
                 get_world_size(), timeout)
     return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group (if any); errors of a broken group are logged."""
+    if not is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except (RuntimeError, ValueError) as error:
+        logger.warning("destroying the process group failed: %s", error)
 
 
 @contextlib.contextmanager
