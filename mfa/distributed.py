@@ -362,6 +362,8 @@ def all_reduce_statistics(stats: SufficientStatistics | None, model,
         size = parts[name].numel()
         out[name] = flat[offset:offset + size].view(parts[name].shape)
         offset += size
+    if out["n_rows"].item() == 0:
+        raise ValueError(f"the data is empty on all {get_world_size()} processes")
     return SufficientStatistics(reference=reference.to(torch.float64), **out)
 
 
