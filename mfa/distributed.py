@@ -268,13 +268,12 @@ def _whole_dataset_loader(loader) -> bool:
 
 def _check_no_padding(loader) -> None:
     sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and not sampler.drop_last and (
-        sampler.total_size > len(sampler.dataset)
-    ):
+    if isinstance(sampler, DistributedSampler) and sampler.total_size != len(sampler.dataset):
+        how = "drops rows to" if sampler.drop_last else "pads by repeating rows to"
         raise ValueError(
-            f"the DataLoader's DistributedSampler pads its {len(sampler.dataset)} rows to "
-            f"{sampler.total_size} by repeating rows, which would count them twice; pass the "
-            "Dataset itself (mfa shards it) or use mfa.distributed.ShardSampler"
+            f"the DataLoader's DistributedSampler {how} make {len(sampler.dataset)} rows "
+            f"{sampler.total_size}, so rows would be counted twice or never; pass the Dataset "
+            "itself (mfa shards it) or use mfa.distributed.ShardSampler"
         )
 
 
@@ -294,10 +293,10 @@ def shard_loader(loader):
     :func:`shard_range` of it (same batch size, workers and collate function); the whole one
     comes back too, for reading initialisation rows as one process would. Any other iterable
     is taken as this rank's rows as they are (``None`` second); a ``DistributedSampler`` that
-    pads is refused.
+    pads or drops rows is refused.
 
     Raises:
-        ValueError: the loader's ``DistributedSampler`` pads with repeated rows.
+        ValueError: the loader's ``DistributedSampler`` pads with repeated rows or drops rows.
     """
     if not is_active():
         return loader, loader

@@ -276,8 +276,15 @@ def test_padding_sampler_is_refused():
     data = TensorDataset(torch.zeros(5, 2))
     loader = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
                                                          shuffle=False))
-    with pytest.raises(ValueError, match="pads its 5 rows to 6 by repeating rows"):
+    with pytest.raises(ValueError, match="pads by repeating rows to make 5 rows 6"):
         distributed._check_no_padding(loader)
+    dropping = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
+                                                           shuffle=False, drop_last=True))
+    with pytest.raises(ValueError, match="drops rows to make 5 rows 4"):
+        distributed._check_no_padding(dropping)
+    even = TensorDataset(torch.zeros(6, 2))
+    distributed._check_no_padding(DataLoader(even, sampler=DistributedSampler(
+        even, num_replicas=2, rank=0)))  # 3 + 3 rows: nothing padded or dropped
 
 
 def test_shards_tile_the_rows_without_padding():
