@@ -36,7 +36,7 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from mfa.statistics import SufficientStatistics
+from mfa.statistics import SufficientStatistics, accumulate_statistics
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -336,34 +336,33 @@ def all_reduce_statistics(stats: SufficientStatistics | None, model,
 
     Args:
         stats: this rank's sums, or ``None`` for a rank that had no rows.
-        model: supplies ``K``, ``D``, ``L`` and the device for a rank without rows.
+        model: for a rank without rows, its statistics over no rows (every field's shape).
         reference: ``c`` ``[D]`` of the pass.
     """
     if not is_active():
         return stats
-    names = [f.name for f in fields(SufficientStatistics) if f.name != "reference"]
-    if stats is None:
-        k, d, n_lat = model.n_components, model.n_features, model.n_factors
-        shapes = {"mass": (k,), "sum_x": (k, d), "sum_x2": (k, d), "sum_xz": (k, d, n_lat),
-                  "sum_z": (k, n_lat), "sum_zz": (k, n_lat, n_lat), "log_likelihood": (),
-                  "n_rows": ()}
-        parts = {name: torch.zeros(shapes[name], dtype=torch.float64, device=model.device)
-                 for name in names}
-    else:
-        parts = {name: getattr(stats, name).to(torch.float64) for name in names}
+    if stats is None:  # the sums over no rows, with every field's shape
+        with torch.no_grad():
+            empty = model.means.detach().new_zeros(0, model.n_features)  # [0, D]
+            stats = accumulate_statistics(model, empty, model.component_terms(),
+                                          stats_dtype=torch.float64)
+    names = [f.name for f in fields(stats)
+             if f.name != "reference" and isinstance(getattr(stats, f.name), Tensor)]
+    parts = {name: getattr(stats, name).to(torch.float64) for name in names}
     device = next(iter(parts.values())).device
     flat = torch.cat([parts[name].reshape(-1) for name in names]).to(_comm_device(parts["mass"]))
     with _collective("the all-reduce of the EM statistics"):
         dist.all_reduce(flat)
     flat = flat.to(device)
-    out, offset = {}, 0
+    out, offset = {f.name: getattr(stats, f.name) for f in fields(stats)}, 0
     for name in names:
         size = parts[name].numel()
         out[name] = flat[offset:offset + size].view(parts[name].shape)
         offset += size
     if out["n_rows"].item() == 0:
         raise ValueError(f"the data is empty on all {get_world_size()} processes")
-    return SufficientStatistics(reference=reference.to(torch.float64), **out)
+    out["reference"] = reference.to(torch.float64)
+    return type(stats)(**out)
 
 
 def sum_across_processes(*values: float | Tensor) -> list[float]:

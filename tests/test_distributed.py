@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from mfa import MixtureOfFactorAnalyzers, distributed
+from mfa._data_stream import DataSource
 from mfa.checkpoint import load_checkpoint
 from mfa.cli import main
 from mfa.em import EMConfig, EMTrainer
@@ -105,6 +106,11 @@ def _scenarios() -> dict:
         "adam_tensor": _adam(4, x),
         "adam_dataset": _adam(4, TensorDataset(x)),
     }
+    # One row: rank 0's shard is empty, its statistics are the sums over no rows.
+    model = _model()
+    stats = EMTrainer.e_step(model, DataSource(train[:1], model, 32, shard=True))
+    out["stats_one_row"] = {name: value for name, value in vars(stats).items()}
+    out["val_one_row"] = EMTrainer.evaluate(model, DataSource(val[:1], model, 32, shard=True))
     # Interrupted after 3 iterations / 2 epochs (killed after that checkpoint), then resumed
     # on every rank from rank 0's saved state.
     saves: list = []
@@ -252,6 +258,16 @@ def test_resumed_distributed_run_equals_uninterrupted(two_processes, case, unint
         assert [r["train_log_likelihood"] for r in result[case][1]] == pytest.approx(
             [r["train_log_likelihood"] for r in result[uninterrupted][1]], rel=1e-12)
     _assert_close(ranks[0][case][0], single[uninterrupted][0], 1e-6, case)
+
+
+def test_a_rank_without_rows_adds_nothing(two_processes):
+    single, ranks = two_processes
+    for result in ranks:
+        for name, value in single["stats_one_row"].items():
+            assert torch.allclose(result["stats_one_row"][name], value, rtol=1e-12,
+                                  atol=1e-12), name
+        assert result["val_one_row"] == pytest.approx(single["val_one_row"], rel=1e-12)
+    assert single["stats_one_row"]["n_rows"].item() == 1
 
 
 def test_only_rank_zero_checkpoints(two_processes):
