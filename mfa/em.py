@@ -289,7 +289,7 @@ class EMTrainer:
         ll = prev_ll if prev_ll is not None else -math.inf
         bar = tqdm(
             range(state.iteration, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
-            disable=not cfg.progress, leave=False,
+            disable=not cfg.progress or not distributed.is_main_process(), leave=False,
         )
         for it in bar:
             started = time.perf_counter()

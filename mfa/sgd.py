@@ -261,8 +261,8 @@ class SGDTrainer:
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
         stopped = False
-        bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", disable=not cfg.progress,
-                   leave=False)
+        bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", leave=False,
+                   disable=not cfg.progress or not distributed.is_main_process())
         for epoch in bar:
             started = time.perf_counter()
             total, seen = 0.0, 0
