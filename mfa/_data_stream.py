@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mfa import distributed
+
 #: Rows per batch of the streamed computations (evaluation, likelihoods, NDB binning).
 DEFAULT_BATCH_SIZE = 4096
 
@@ -31,9 +33,13 @@ class DataSource:
         model: supplies ``n_features``, dtype and device.
         batch_size: rows per batch for tensors and datasets.
         name: used in error messages.
+        shard: under :mod:`torch.distributed`, stream only this process's rows (see
+            :func:`mfa.distributed.shard_loader`); ``sharded`` tells whether it does, and so
+            whether sums over the stream must be added across processes.
     """
 
-    def __init__(self, data, model, batch_size: int, name: str = "data") -> None:
+    def __init__(self, data, model, batch_size: int, name: str = "data",
+                 shard: bool = False) -> None:
         self.name = name
         self.n_features = model.n_features
         self.dtype = model.dtype
@@ -54,6 +60,10 @@ class DataSource:
                 f"{name} must be a torch.Tensor, a Dataset or a DataLoader, "
                 f"got {type(data).__name__}"
             )
+        self.sharded = shard and distributed.is_active()
+        self.whole = self.iterable  # every process's rows, or None (for gather_rows)
+        if self.sharded and self.iterable is not None:
+            self.iterable, self.whole = distributed.shard_loader(self.iterable)
 
     def _prepare(self, batch, index: int) -> Tensor:
         if isinstance(batch, (tuple, list)):
@@ -88,10 +98,12 @@ class DataSource:
 
     def __iter__(self) -> Iterator[Tensor]:
         if self.tensor is not None:
-            for i in range(0, self.tensor.shape[0], self.batch_size):
-                yield self.tensor[i : i + self.batch_size]
+            start, end = (distributed.shard_range(self.tensor.shape[0]) if self.sharded
+                          else (0, self.tensor.shape[0]))
+            for i in range(start, end, self.batch_size):
+                yield self.tensor[i : min(i + self.batch_size, end)]
             return
-        empty = True
+        empty = not self.sharded  # an empty shard is fine; the sums say whether all are
         for index, batch in enumerate(self.iterable):
             empty = False
             yield self._prepare(batch, index)
@@ -110,9 +122,22 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
         idx = torch.randperm(n, generator=gen)[:max_rows].to(source.device)
         return source.tensor[idx]
     rows, count = [], 0
-    for batch in source:
+    # A sharded stream reads the whole data as one process would, where it can; otherwise
+    # (each process's own iterable) its first rows are joined across processes in rank order.
+    whole = source.sharded and source.whole is not None
+    stream = _rebatch(source, source.whole) if whole else source
+    for batch in stream:
         rows.append(batch)
         count += batch.shape[0]
         if count >= max_rows:
             break
-    return torch.cat(rows)[:max_rows]
+    local = torch.cat(rows)[:max_rows] if rows else torch.empty(
+        0, source.n_features, dtype=source.dtype, device=source.device)
+    if source.sharded and not whole:
+        return distributed.concat_rows(local, max_rows)
+    return local
+
+
+def _rebatch(source: DataSource, iterable: Iterable) -> Iterator[Tensor]:
+    for index, batch in enumerate(iterable):
+        yield source._prepare(batch, index)

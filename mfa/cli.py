@@ -32,6 +32,25 @@ def _default_out(checkpoint: str, name: str) -> Path:
 
 
 def cmd_train(args) -> int:
+    from mfa import distributed
+
+    # Under torchrun: join the process group (NCCL on CUDA, gloo on CPU, with a timeout);
+    # rank 0 alone writes the run folder and prints the results.
+    launched = distributed.init_from_env()
+    main = distributed.is_main_process()
+    if not main:
+        logging.getLogger("mfa").setLevel(logging.WARNING)
+    try:
+        return _train(args, main)
+    except distributed.DistributedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        if launched:
+            distributed.shutdown()
+
+
+def _train(args, main: bool) -> int:
     from mfa.config import load_config
     from mfa.workflow import train
 
@@ -46,8 +65,9 @@ def cmd_train(args) -> int:
         config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
         result = train(load_config(config_path, overrides=overrides),
                        figures=not args.no_figures)
-    print(f"run folder: {result.run_dir}")
-    print(json.dumps(result.metrics, indent=2))
+    if main:
+        print(f"run folder: {result.run_dir}")
+        print(json.dumps(result.metrics, indent=2))
     return 0
 
 

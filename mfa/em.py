@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfa import linalg, training
+from mfa import distributed, linalg, training
 from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import (
     check_bool_field,
@@ -225,9 +225,11 @@ class EMTrainer:
         cfg = self.config
         if cfg.device is not None:
             model.to(cfg.device)
-        source = DataSource(data, model, cfg.batch_size, "data")
+        # Under torch.distributed each process streams its shard; rank 0 alone checkpoints.
+        checkpoint_fn = distributed.main_process_only(checkpoint_fn)
+        source = DataSource(data, model, cfg.batch_size, "data", shard=True)
         val_source = (
-            DataSource(validation, model, cfg.batch_size, "validation")
+            DataSource(validation, model, cfg.batch_size, "validation", shard=True)
             if validation is not None
             else None
         )
@@ -252,6 +254,7 @@ class EMTrainer:
                     model, init_rows, cfg.init, seed=cfg.seed + run, variance_floor=ctx.floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
+                distributed.broadcast_model(model)  # the same start on every process
                 state.iteration, state.previous_log_likelihood, state.generator = 0, None, None
             run_ll, converged = self._run(model, ctx, state)
             state.runs_done = run + 1
@@ -286,7 +289,7 @@ class EMTrainer:
         ll = prev_ll if prev_ll is not None else -math.inf
         bar = tqdm(
             range(state.iteration, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
-            disable=not cfg.progress, leave=False,
+            disable=not cfg.progress or not distributed.is_main_process(), leave=False,
         )
         for it in bar:
             started = time.perf_counter()
@@ -368,6 +371,8 @@ class EMTrainer:
                 part = accumulate_statistics(model, batch, terms, chol, stats_dtype=torch.float64,
                                              precise_moments=stats_dtype != "float32")
                 stats = part if stats is None else stats + part
+            if source.sharded:  # add every process's sums (one all-reduce)
+                stats = distributed.all_reduce_statistics(stats, model, terms.reference)
         return stats
 
     def _apply_m_step(self, model, stats, floor, gen, it) -> None:

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from mfa import training
+from mfa import distributed, training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
 from mfa._validation import (
     check_bool_field,
@@ -151,7 +151,7 @@ class SGDTrainer:
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
             )
         if validation is not None:
-            return data, DataSource(validation, model, cfg.batch_size, "validation")
+            return data, DataSource(validation, model, cfg.batch_size, "validation", shard=True)
         if cfg.val_fraction == 0 or not isinstance(data, (Tensor, Dataset)):
             return data, None
         n = len(data)
@@ -162,10 +162,11 @@ class SGDTrainer:
         if isinstance(data, Tensor):
             perm = perm.to(data.device)
             held_out = data[perm[:n_val]]
-            return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation")
+            return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation",
+                                                  shard=True)
         held_out = Subset(data, perm[:n_val].tolist())
         return (Subset(data, perm[n_val:].tolist()),
-                DataSource(held_out, model, cfg.batch_size, "validation"))
+                DataSource(held_out, model, cfg.batch_size, "validation", shard=True))
 
     def _batches(self, train, source, gen):
         if source is not None:
@@ -173,7 +174,8 @@ class SGDTrainer:
             return
         perm = torch.randperm(train.shape[0], generator=gen).to(train.device)
         for i in range(0, train.shape[0], self.config.batch_size):
-            yield train[perm[i : i + self.config.batch_size]]
+            # Under torch.distributed: this process's part of the global batch.
+            yield train[distributed.shard_batch(perm[i : i + self.config.batch_size])]
 
     def fit(
         self,
@@ -197,6 +199,7 @@ class SGDTrainer:
         cfg = self.config
         if cfg.device is not None:
             model.to(cfg.device)
+        checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         gen = torch.Generator().manual_seed(cfg.seed)
         train, val_source = self._split(data, validation, model)
         if isinstance(train, Tensor):
@@ -208,7 +211,9 @@ class SGDTrainer:
             # iterable (e.g. a DataLoader) is used as it comes.
             loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
                       if isinstance(train, Dataset) else train)
-            train_source = DataSource(loader, model, cfg.batch_size, "data")
+            # Under torch.distributed each process reads its part of every global batch.
+            train_source = DataSource(distributed.shard_global_batches(loader), model,
+                                      cfg.batch_size, "data")
             steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
@@ -237,12 +242,14 @@ class SGDTrainer:
         else:
             self.history = []
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
-                init_source = train_source or DataSource(train, model, cfg.batch_size)
+                init_source = DataSource(train if train_source is None else loader, model,
+                                         cfg.batch_size, shard=not isinstance(train, Dataset))
                 initialise(
                     model, gather_rows(init_source, cfg.init_samples, cfg.seed),
                     cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
+                distributed.broadcast_model(model)  # the same start on every process
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
             reference = None
         # Restored when the optimisation fails before any epoch has been kept.
@@ -254,13 +261,16 @@ class SGDTrainer:
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
         stopped = False
-        bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", disable=not cfg.progress,
-                   leave=False)
+        bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", leave=False,
+                   disable=not cfg.progress or not distributed.is_main_process())
         for epoch in bar:
             started = time.perf_counter()
             total, seen = 0.0, 0
             for batch in self._batches(train, train_source, gen):
-                loss = -model._component_log_prob(batch).logsumexp(-1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                # −mean log p over the global batch (gradients added across processes).
+                loss, rows = distributed.backward_mean(
+                    -model._component_log_prob(batch).logsumexp(-1), model.parameters())
                 if not torch.isfinite(loss):
                     raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
@@ -268,14 +278,12 @@ class SGDTrainer:
                     )
                 if reference is None:  # the initial parameters' fit to the first minibatch
                     reference = -loss.item()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                total += -loss.item() * batch.shape[0]
-                seen += batch.shape[0]
+                total += -loss.item() * rows
+                seen += rows
             train_ll = total / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
             if _diverged(train_ll, val_ll, reference, model.n_features):

@@ -13,6 +13,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
+from mfa import distributed
 from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa.model import MixtureOfFactorAnalyzers
@@ -50,6 +51,9 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
         for batch in source:
             total += model._component_log_prob(batch, terms).logsumexp(-1).double().sum().cpu()
             count += batch.shape[0]
+    if source.sharded:  # every process's rows
+        total, count = distributed.sum_across_processes(total, count)
+        return total / max(count, 1)
     return (total / max(count, 1)).item()
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from mfa import viz
+from mfa import distributed, viz
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import (
     OutputConfig,
@@ -208,22 +208,28 @@ def train(
     else:
         config = apply_overrides(config, overrides)  # a validated copy
     setup = _prepare(config, ckpt)
+    # Under torch.distributed rank 0 alone makes and writes the run folder; the others
+    # learn its path from rank 0.
+    main = distributed.is_main_process()
     if ckpt is None:
-        run_dir = make_run_dir(config)
+        run_dir = distributed.broadcast_from_main(make_run_dir, config)
     try:
-        if ckpt is None or changed:
+        if main and (ckpt is None or changed):
             save_config(config, run_dir / "config.yaml")
-        (run_dir / FAILED_NAME).unlink(missing_ok=True)
-        handler = _attach_log(run_dir)
+        if main:
+            (run_dir / FAILED_NAME).unlink(missing_ok=True)
+        handler = _attach_log(run_dir) if main else None
         try:
             if changed:
                 logger.info("resumed with new values for %s", ", ".join(changed))
             return _train(config, run_dir, setup, ckpt, figures, callbacks)
         finally:
-            logging.getLogger("mfa").removeHandler(handler)
-            handler.close()
+            if handler is not None:
+                logging.getLogger("mfa").removeHandler(handler)
+                handler.close()
     except BaseException as error:
-        _clean_up_failed(run_dir, error, created=ckpt is None)
+        if main:
+            _clean_up_failed(run_dir, error, created=ckpt is None)
         raise
 
 
@@ -334,6 +340,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     for warning in caught:
         logger.warning("%s", warning.message)
     seconds = time.perf_counter() - started
+    if not distributed.is_main_process():  # rank 0 evaluates and writes the results
+        return TrainResult(run_dir, model, {})
     metrics = {**meta, "method": config.train.method, "train_seconds": seconds,
                "iterations": len(trainer.history)}
     metrics.update(evaluate_model(model, data, ("train", "val", "test")))

@@ -1,0 +1,475 @@
+"""Data-parallel training on :mod:`torch.distributed`: sharding without padding, one
+all-reduce per EM iteration or Adam step, and the rank-0 conventions.
+
+EM's sufficient statistics are sums over rows, so when each of ``W`` processes streams its
+own shard and the ``W`` partial sums are added (one all-reduce of one flat float64 buffer per
+iteration), every process takes exactly the single-process M-step, up to the order of the
+float64 additions. Adam is made equal to single-process Adam on the same *global* minibatches:
+every rank draws the same shuffled order from the same seeded generator, takes its contiguous
+part of each global batch, back-propagates the *sum* of its rows' ``−log p`` and one
+all-reduce adds the gradients (with the loss and the row count) before dividing by the global
+batch size. (``DistributedDataParallel`` averages per-rank means, which differs whenever the
+parts are unequal, e.g. the last batch.)
+
+No row counts twice and none is dropped: ``DistributedSampler`` pads its shards by repeating
+rows, which would bias the sums, so :class:`ShardSampler` and :class:`ShardBatchSampler`
+split without padding (a shard may be one row shorter, or empty).
+
+Every helper is a no-op (or the identity) when no process group is initialised or the world
+has one process, so single-process behaviour is unchanged. Collectives that fail — another
+rank crashed, or the process group's ``timeout`` passed — raise :class:`DistributedError`
+naming the operation and this rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import fields
+from datetime import timedelta
+
+import torch
+from torch import Tensor
+from torch import distributed as dist
+from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from mfa.statistics import SufficientStatistics, accumulate_statistics
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DistributedError",
+    "ShardBatchSampler",
+    "ShardSampler",
+    "all_reduce_statistics",
+    "backward_mean",
+    "broadcast_from_main",
+    "broadcast_model",
+    "concat_rows",
+    "get_rank",
+    "get_world_size",
+    "init_from_env",
+    "is_active",
+    "is_initialized",
+    "is_main_process",
+    "launched_by_torchrun",
+    "main_process_only",
+    "shard_batch",
+    "shard_global_batches",
+    "shard_loader",
+    "shard_range",
+    "shutdown",
+    "sum_across_processes",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Collective timeout when ``MFA_DIST_TIMEOUT`` (seconds) is not set: a rank that waits
+#: longer for the others (one crashed or hangs) fails with :class:`DistributedError`.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+class DistributedError(RuntimeError):
+    """A collective operation failed: another process crashed or the timeout passed."""
+
+
+# ---------------------------------------------------------------------- who am I
+
+
+def is_initialized() -> bool:
+    """Whether a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_active() -> bool:
+    """Whether training is data-parallel: a process group of more than one process."""
+    return get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and logs (rank 0, or no process group)."""
+    return get_rank() == 0
+
+
+def main_process_only(fn: Callable | None) -> Callable | None:
+    """``fn`` on the main process, ``None`` elsewhere (for a trainer's ``checkpoint_fn``)."""
+    return fn if is_main_process() else None
+
+
+def launched_by_torchrun() -> bool:
+    """Whether the environment describes a multi-process launch (``torchrun`` sets ``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _timeout() -> timedelta:
+    text = os.environ.get("MFA_DIST_TIMEOUT")
+    if text is None:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError(f"MFA_DIST_TIMEOUT must be a number of seconds, got {text!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"MFA_DIST_TIMEOUT must be positive, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
+def init_from_env(timeout: timedelta | None = None) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment.
+
+    NCCL when CUDA is available (each process then uses ``cuda:LOCAL_RANK``), gloo otherwise.
+    ``timeout`` (default ``MFA_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT`) bounds
+    every collective, so no rank waits forever for one that crashed.
+
+    Returns:
+        Whether this call created the process group (``False`` without a multi-process
+        environment, or when one exists already).
+    """
+    if not launched_by_torchrun() or is_initialized():
+        return False
+    timeout = timeout or _timeout()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timeout)
+    logger.info("process group: %s, rank %d of %d, timeout %s", backend, get_rank(),
+                get_world_size(), timeout)
+    return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group (if any); errors of a broken group are logged."""
+    if not is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except (RuntimeError, ValueError) as error:
+        logger.warning("destroying the process group failed: %s", error)
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn a failed collective into a :class:`DistributedError` that says what happened."""
+    try:
+        yield
+    except (RuntimeError, dist.DistBackendError) as error:
+        if isinstance(error, DistributedError):
+            raise
+        raise DistributedError(
+            f"rank {get_rank()} of {get_world_size()}: {what} failed; another process has "
+            f"probably crashed (see its error) or stopped answering within the process "
+            f"group's timeout: {type(error).__name__}: {str(error).strip()[:400]}"
+        ) from error
+
+
+def _comm_device(like: Tensor | None = None) -> torch.device:
+    """Where collective buffers live: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu") if like is None else like.device
+
+
+# ---------------------------------------------------------------------- sharding
+
+
+def shard_range(n: int, rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """The contiguous rows ``[start, end)`` of ``n`` that ``rank`` owns: the ranks' ranges
+    tile ``[0, n)`` exactly (sizes differ by at most one; a range may be empty)."""
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
+    return n * rank // world, n * (rank + 1) // world
+
+
+def shard_batch(indices: Tensor) -> Tensor:
+    """This rank's contiguous part of a global batch of row indices ``[B]``."""
+    start, end = shard_range(indices.shape[0])
+    return indices[start:end]
+
+
+class ShardSampler(Sampler[int]):
+    """The indices ``[start, end)`` of :func:`shard_range`, in order: no padding, no row
+    twice (unlike ``DistributedSampler``, which repeats rows to even the shards out)."""
+
+    def __init__(self, n: int, rank: int | None = None, world: int | None = None) -> None:
+        self.start, self.end = shard_range(n, rank, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+class ShardBatchSampler(Sampler[list[int]]):
+    """This rank's contiguous part of each batch of ``batch_sampler`` (the global batches).
+
+    Every rank iterates the same global batches (the inner sampler's generator must advance
+    identically on every rank, as a seeded one does), so the ranks' parts of batch ``i`` make
+    up exactly the single-process batch ``i``; parts may be empty. ``set_epoch`` is passed on
+    to an inner sampler that has one.
+    """
+
+    def __init__(self, batch_sampler, rank: int | None = None, world: int | None = None):
+        self.batch_sampler = batch_sampler
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world is None else world
+
+    def set_epoch(self, epoch: int) -> None:
+        inner = getattr(self.batch_sampler, "sampler", self.batch_sampler)
+        if hasattr(inner, "set_epoch"):
+            inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            start, end = shard_range(len(batch), self.rank, self.world)
+            yield list(batch[start:end])
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class _EmptySafeCollate:
+    """A collate function that turns an empty part of a global batch into a batch of zero
+    rows shaped like the dataset's first item (so the rank still takes the step)."""
+
+    def __init__(self, collate, dataset) -> None:
+        self.collate, self.dataset = collate, dataset
+
+    def __call__(self, items):
+        if len(items):
+            return self.collate(items)
+        one = self.collate([self.dataset[0]])
+        if isinstance(one, Tensor):
+            return one[:0]
+        return type(one)(part[:0] for part in one)
+
+
+def _whole_dataset_loader(loader) -> bool:
+    """Whether ``loader`` is a DataLoader that reads its whole map-style dataset (its
+    sampler is torch's sequential or random one), so every process would see every row."""
+    return (isinstance(loader, DataLoader) and loader.batch_size is not None
+            and isinstance(loader.sampler, (SequentialSampler, RandomSampler)))
+
+
+def _check_no_padding(loader) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and sampler.total_size != len(sampler.dataset):
+        how = "drops rows to" if sampler.drop_last else "pads by repeating rows to"
+        raise ValueError(
+            f"the DataLoader's DistributedSampler {how} make {len(sampler.dataset)} rows "
+            f"{sampler.total_size}, so rows would be counted twice or never; pass the Dataset "
+            "itself (mfa shards it) or use mfa.distributed.ShardSampler"
+        )
+
+
+def _rebuild(loader: DataLoader, **sampling) -> DataLoader:
+    return DataLoader(
+        loader.dataset, **sampling, num_workers=loader.num_workers,
+        collate_fn=_EmptySafeCollate(loader.collate_fn, loader.dataset),
+        pin_memory=loader.pin_memory, generator=loader.generator,
+    )
+
+
+def shard_loader(loader):
+    """For sums over rows (EM, evaluation): ``(this rank's loader, the whole loader or
+    None)``.
+
+    A ``DataLoader`` over a whole map-style dataset is re-made over this rank's
+    :func:`shard_range` of it (same batch size, workers and collate function); the whole one
+    comes back too, for reading initialisation rows as one process would. Any other iterable
+    is taken as this rank's rows as they are (``None`` second); a ``DistributedSampler`` that
+    pads or drops rows is refused.
+
+    Raises:
+        ValueError: the loader's ``DistributedSampler`` pads with repeated rows or drops rows.
+    """
+    if not is_active():
+        return loader, loader
+    if _whole_dataset_loader(loader):
+        shard = _rebuild(loader, batch_size=loader.batch_size,
+                         sampler=ShardSampler(len(loader.dataset)))
+        return shard, loader
+    _check_no_padding(loader)
+    return loader, None
+
+
+def shard_global_batches(loader):
+    """For Adam: a ``DataLoader`` over a whole dataset becomes one that yields this rank's
+    part of each of its global batches, drawn from the same generator (so the global order is
+    the single-process one); any other iterable is returned as it is (this rank's batches:
+    every rank must then yield the same number of batches)."""
+    if not is_active():
+        return loader
+    if _whole_dataset_loader(loader):
+        if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is None:
+            raise ValueError(
+                "a shuffled DataLoader needs a seeded generator= under torch.distributed, so "
+                "that every process draws the same order of rows"
+            )
+        return _rebuild(loader, batch_sampler=ShardBatchSampler(loader.batch_sampler))
+    _check_no_padding(loader)
+    return loader
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def all_reduce_statistics(stats: SufficientStatistics | None, model,
+                          reference: Tensor) -> SufficientStatistics:
+    """The sum over every process of each one's :class:`SufficientStatistics`, by ONE
+    all-reduce of one flat float64 buffer (``reference``, equal on every rank, is kept).
+
+    Args:
+        stats: this rank's sums, or ``None`` for a rank that had no rows.
+        model: for a rank without rows, its statistics over no rows (every field's shape).
+        reference: ``c`` ``[D]`` of the pass.
+    """
+    if not is_active():
+        return stats
+    if stats is None:  # the sums over no rows, with every field's shape
+        with torch.no_grad():
+            empty = model.means.detach().new_zeros(0, model.n_features)  # [0, D]
+            stats = accumulate_statistics(model, empty, model.component_terms(),
+                                          stats_dtype=torch.float64)
+    names = [f.name for f in fields(stats)
+             if f.name != "reference" and isinstance(getattr(stats, f.name), Tensor)]
+    parts = {name: getattr(stats, name).to(torch.float64) for name in names}
+    device = next(iter(parts.values())).device
+    flat = torch.cat([parts[name].reshape(-1) for name in names]).to(_comm_device(parts["mass"]))
+    with _collective("the all-reduce of the EM statistics"):
+        dist.all_reduce(flat)
+    flat = flat.to(device)
+    out, offset = {f.name: getattr(stats, f.name) for f in fields(stats)}, 0
+    for name in names:
+        size = parts[name].numel()
+        out[name] = flat[offset:offset + size].view(parts[name].shape)
+        offset += size
+    if out["n_rows"].item() == 0:
+        raise ValueError(f"the data is empty on all {get_world_size()} processes")
+    out["reference"] = reference.to(torch.float64)
+    return type(stats)(**out)
+
+
+def sum_across_processes(*values: float | Tensor) -> list[float]:
+    """Each value summed over every process (float64; one all-reduce); unchanged without a
+    process group."""
+    if not is_active():
+        return [float(v) for v in values]
+    flat = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                        device=_comm_device())
+    with _collective("the all-reduce of a sum"):
+        dist.all_reduce(flat)
+    return flat.cpu().tolist()
+
+
+def backward_mean(values: Tensor, parameters) -> tuple[Tensor, int]:
+    """Back-propagate ``values.mean()`` over the *global* minibatch.
+
+    Alone: ``values.mean().backward()``. Data-parallel: this rank back-propagates its
+    ``values.sum()``, one all-reduce adds the gradients, the sum and the row count, and every
+    gradient is divided by the global row count: the single-process gradient of the mean.
+
+    Args:
+        values: ``[B_r]`` per-row losses of this rank's part of the batch (may be empty).
+        parameters: the parameters to receive gradients (their ``.grad`` must be cleared).
+
+    Returns:
+        ``(mean over the global batch, detached, global row count)``.
+    """
+    if not is_active():
+        loss = values.mean()
+        loss.backward()
+        return loss.detach(), values.shape[0]
+    params = [p for p in parameters if p.requires_grad]
+    total = values.sum()
+    total.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    device = _comm_device(total)
+    flat = torch.cat([g.reshape(-1).to(device) for g in grads]
+                     + [total.detach().reshape(1).to(device, grads[0].dtype),
+                        torch.tensor([float(values.shape[0])], dtype=grads[0].dtype,
+                                     device=device)])
+    with _collective("the all-reduce of the Adam gradients"):
+        dist.all_reduce(flat)
+    rows = int(round(flat[-1].item()))
+    flat = flat / max(rows, 1)
+    offset = 0
+    for p in params:
+        size = p.numel()
+        p.grad = flat[offset:offset + size].view_as(p).to(p.device).clone()
+        offset += size
+    return flat[-2].to(total.device), rows
+
+
+def broadcast_model(model: torch.nn.Module) -> None:
+    """Copy rank 0's parameters and buffers into every process's ``model`` (in place)."""
+    if not is_active():
+        return
+    with torch.no_grad(), _collective("the broadcast of the model"):
+        for value in model.state_dict().values():
+            buffer = value.to(_comm_device(value))
+            dist.broadcast(buffer, src=0)
+            value.copy_(buffer)
+
+
+def broadcast_from_main(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0, its result sent to every process (picklable). An
+    exception on rank 0 is raised on every rank (as ``DistributedError`` elsewhere), so none
+    waits for a result that will not come."""
+    if not is_active():
+        return fn(*args, **kwargs)
+    box: list = [None]
+    error = None
+    if is_main_process():
+        try:
+            box[0] = ("ok", fn(*args, **kwargs))
+        except Exception as exc:  # sent on, then raised here below
+            error = exc
+            box[0] = ("error", f"{type(exc).__name__}: {exc}")
+    with _collective(f"the broadcast of {getattr(fn, '__name__', 'a result')}"):
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    status, value = box[0]
+    if status == "error":
+        raise DistributedError(f"rank 0 failed: {value}")
+    return value
+
+
+def concat_rows(local: Tensor, max_rows: int) -> Tensor:
+    """The first ``max_rows`` of every rank's ``local`` rows ``[n_r, D]`` concatenated in rank
+    order, on every rank (one broadcast per rank that still contributes)."""
+    if not is_active():
+        return local[:max_rows]
+    counts = torch.zeros(get_world_size(), dtype=torch.float64, device=_comm_device(local))
+    counts[get_rank()] = local.shape[0]
+    with _collective("the exchange of initialisation rows"):
+        dist.all_reduce(counts)
+        parts, have = [], 0
+        for rank, count in enumerate(int(c) for c in counts.tolist()):
+            if have >= max_rows:
+                break
+            take = min(count, max_rows - have)
+            if take == 0:
+                continue
+            buffer = (local[:take] if rank == get_rank() else local.new_empty(
+                (take, local.shape[1]))).to(_comm_device(local)).contiguous()
+            dist.broadcast(buffer, src=rank)
+            parts.append(buffer.to(local.device))
+            have += take
+    return torch.cat(parts) if parts else local[:0]

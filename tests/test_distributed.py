@@ -1,0 +1,393 @@
+"""Data-parallel EM and Adam on torch.distributed (mfa.distributed), on CPU with gloo.
+
+Two processes are spawned on 127.0.0.1 and their models are compared with single-process
+fits of the same data and seed: EM equal to 1e-10 (the all-reduced float64 sums differ only
+in their order of addition), Adam to 1e-6; resumed equal to uninterrupted; the torchrun
+launch of ``mfa train``; and a crashed rank that must not leave the other waiting forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+from mfa import MixtureOfFactorAnalyzers, distributed
+from mfa._data_stream import DataSource
+from mfa.checkpoint import load_checkpoint
+from mfa.cli import main
+from mfa.em import EMConfig, EMTrainer
+from mfa.sgd import SGDConfig, SGDTrainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
+
+ROOT = Path(__file__).resolve().parent.parent
+WORLD = 2
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def _data() -> torch.Tensor:
+    """301 float64 rows (odd: the shards differ in size) from two shifted clusters."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(301, 6, generator=g, dtype=torch.float64)
+    x[:150] += 3.0
+    x[:, :2] *= 2.0
+    return x
+
+
+def _model() -> MixtureOfFactorAnalyzers:
+    return MixtureOfFactorAnalyzers(3, 6, 2, generator=torch.Generator().manual_seed(1)).double()
+
+
+def _params(model) -> dict:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def _em(max_iter: int, data, validation, n_init: int = 1, trainer_state=None, params=None,
+        saves: list | None = None):
+    model = _model()
+    if params is not None:
+        model.load_state_dict(params)
+    trainer = EMTrainer(EMConfig(max_iter=max_iter, batch_size=32, tol=0.0, n_init=n_init,
+                                 kmeans_iter=5, complete_iter=2, checkpoint_every=1,
+                                 progress=False))
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+
+    def save(trainer_, model_):
+        if saves is not None:
+            saves.append((trainer_.state_dict(), _params(model_)))
+
+    trainer.fit(model, data, validation, checkpoint_fn=save)
+    return _params(model), trainer.history
+
+
+def _adam(epochs: int, data, trainer_state=None, params=None, saves: list | None = None):
+    model = _model()
+    if params is not None:
+        model.load_state_dict(params)
+    trainer = SGDTrainer(SGDConfig(epochs=epochs, batch_size=30, lr=1e-2, patience=2,
+                                   kmeans_iter=5, complete_iter=2, checkpoint_every=1,
+                                   progress=False))
+    if trainer_state is not None:
+        trainer.load_state_dict(trainer_state)
+
+    def save(trainer_, model_):
+        if saves is not None:
+            saves.append((trainer_.state_dict(), _params(model_)))
+
+    trainer.fit(model, data, checkpoint_fn=save)
+    return _params(model), trainer.history
+
+
+def _scenarios() -> dict:
+    """Every fit compared below; run alike by one process and by each of two."""
+    x = _data()
+    train, val = x[:251], x[251:]
+    out = {
+        "em_tensor": _em(6, train, val),
+        "em_dataset": _em(6, TensorDataset(train), TensorDataset(val), n_init=2),
+        "em_loader": _em(4, DataLoader(TensorDataset(train), batch_size=40), val),
+        "adam_tensor": _adam(4, x),
+        "adam_dataset": _adam(4, TensorDataset(x)),
+    }
+    # One row: rank 0's shard is empty, its statistics are the sums over no rows.
+    model = _model()
+    stats = EMTrainer.e_step(model, DataSource(train[:1], model, 32, shard=True))
+    out["stats_one_row"] = {name: value for name, value in vars(stats).items()}
+    out["val_one_row"] = EMTrainer.evaluate(model, DataSource(val[:1], model, 32, shard=True))
+    # Interrupted after 3 iterations / 2 epochs (killed after that checkpoint), then resumed
+    # on every rank from rank 0's saved state.
+    saves: list = []
+    _em(3, train, val, saves=saves)  # saves[2]: the checkpoint of iteration 3
+    state, params = _exchange(saves[2] if saves else None)
+    out["em_resumed"] = _em(6, train, val, trainer_state=state, params=params)
+    out["em_saves"] = len(saves)
+    saves = []
+    _adam(2, x, saves=saves)  # saves[1]: the checkpoint of epoch 2
+    state, params = _exchange(saves[1] if saves else None)
+    out["adam_resumed"] = _adam(4, x, trainer_state=state, params=params)
+    return out
+
+
+def _exchange(value):
+    """Rank 0's ``value`` on every rank (a checkpoint read back by all of them)."""
+    return distributed.broadcast_from_main(lambda: value)
+
+
+# ---------------------------------------------------------------------- process harness
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, job: str, out_dir: str, timeout_s: float):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        result = globals()[job](rank)
+        torch.save(result, Path(out_dir) / f"{job}-{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def _spawn(job: str, out_dir: Path, timeout_s: float = 30.0, limit_s: float = 90.0) -> list:
+    """Run ``job`` in ``WORLD`` processes; fail (not hang) if they take over ``limit_s``.
+
+    Forked, not spawned: a spawned child re-imports torch (~3 s here) and builds Adam's
+    machinery again (~3 s); the children set one intra-op thread before any work.
+    """
+    context = mp.start_processes(_entry, args=(WORLD, _free_port(), job, str(out_dir),
+                                               timeout_s),
+                                 nprocs=WORLD, start_method="fork", join=False)
+    deadline = time.monotonic() + limit_s
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{job}: the {WORLD} processes did not finish in {limit_s} s")
+    return [torch.load(out_dir / f"{job}-{rank}.pt", weights_only=False)
+            for rank in range(WORLD)]
+
+
+def _scenarios_job(rank: int) -> dict:
+    return _scenarios()
+
+
+def _crash_job(rank: int) -> dict:
+    """Rank 1 fails in its second EM iteration and stays alive (the worst case: its socket
+    stays open); rank 0 must give up within the process group's timeout."""
+    x = _data()
+
+    def fail(trainer, model, record):
+        if rank == 1 and record["iteration"] == 1:
+            raise ValueError("rank 1 broke down")
+
+    started = time.perf_counter()
+    try:
+        EMTrainer(EMConfig(max_iter=20, batch_size=64, tol=0.0, kmeans_iter=2,
+                           complete_iter=0, progress=False)).fit(_model(), x, callbacks=[fail])
+    except Exception as error:  # recorded for the test
+        result = {"type": type(error).__name__, "message": str(error),
+                  "seconds": time.perf_counter() - started}
+        if rank == 1:
+            time.sleep(4.0)  # alive and silent: rank 0 must not wait for it
+        return result
+    return {"type": None, "message": "", "seconds": time.perf_counter() - started,
+            "trace": traceback.format_stack()}
+
+
+# ---------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """(single-process results, [rank 0 results, rank 1 results])."""
+    out_dir = tmp_path_factory.mktemp("dist")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _scenarios()
+    finally:
+        torch.set_num_threads(before)
+    return single, _spawn("_scenarios_job", out_dir)
+
+
+def _assert_close(got: dict, want: dict, rtol: float, what: str) -> None:
+    for name, value in want.items():
+        scale = value.abs().max().clamp_min(1.0)
+        err = ((got[name] - value).abs().max() / scale).item()
+        assert err <= rtol, f"{what}: {name} differs by {err:.3g} (relative) > {rtol:g}"
+
+
+@pytest.mark.parametrize("case", ["em_tensor", "em_dataset", "em_loader"])
+def test_two_process_em_equals_one_process(two_processes, case):
+    single, ranks = two_processes
+    params, history = single[case]
+    for rank, result in enumerate(ranks):
+        _assert_close(result[case][0], params, 1e-10, f"{case} rank {rank}")
+        # The validation log-likelihood is summed over both shards.
+        got = [r["val_log_likelihood"] for r in result[case][1]]
+        want = [r["val_log_likelihood"] for r in history]
+        assert got == pytest.approx(want, rel=1e-12)
+    # Every rank holds the same model, bit for bit.
+    for name in params:
+        assert torch.equal(ranks[0][case][0][name], ranks[1][case][0][name])
+
+
+@pytest.mark.parametrize("case", ["adam_tensor", "adam_dataset"])
+def test_two_process_adam_equals_one_process(two_processes, case):
+    single, ranks = two_processes
+    params, history = single[case]
+    for rank, result in enumerate(ranks):
+        _assert_close(result[case][0], params, 1e-6, f"{case} rank {rank}")
+        assert len(result[case][1]) == len(history)  # the same early stop
+        for got, want in zip(result[case][1], history, strict=True):
+            assert got["train_log_likelihood"] == pytest.approx(want["train_log_likelihood"],
+                                                                rel=1e-9)
+            assert got["val_log_likelihood"] == pytest.approx(want["val_log_likelihood"],
+                                                              rel=1e-9)
+
+
+@pytest.mark.parametrize("case, uninterrupted", [("em_resumed", "em_tensor"),
+                                                 ("adam_resumed", "adam_tensor")])
+def test_resumed_distributed_run_equals_uninterrupted(two_processes, case, uninterrupted):
+    single, ranks = two_processes
+    for result in ranks:
+        _assert_close(result[case][0], result[uninterrupted][0], 1e-12, case)
+        assert [r["train_log_likelihood"] for r in result[case][1]] == pytest.approx(
+            [r["train_log_likelihood"] for r in result[uninterrupted][1]], rel=1e-12)
+    _assert_close(ranks[0][case][0], single[uninterrupted][0], 1e-6, case)
+
+
+def test_a_rank_without_rows_adds_nothing(two_processes):
+    single, ranks = two_processes
+    for result in ranks:
+        for name, value in single["stats_one_row"].items():
+            assert torch.allclose(result["stats_one_row"][name], value, rtol=1e-12,
+                                  atol=1e-12), name
+        assert result["val_one_row"] == pytest.approx(single["val_one_row"], rel=1e-12)
+    assert single["stats_one_row"]["n_rows"].item() == 1
+
+
+def test_only_rank_zero_checkpoints(two_processes):
+    single, ranks = two_processes
+    assert single["em_saves"] == 4  # three iterations and the end
+    assert [r["em_saves"] for r in ranks] == [4, 0]
+
+
+def test_crashed_rank_does_not_hang_the_other(tmp_path):
+    started = time.perf_counter()
+    rank0, rank1 = _spawn("_crash_job", tmp_path, timeout_s=2.0)
+    assert rank1["type"] == "ValueError" and "rank 1 broke down" in rank1["message"]
+    assert rank0["type"] == "DistributedError", rank0
+    assert "another process has probably crashed" in rank0["message"]
+    assert "all-reduce of the EM statistics" in rank0["message"]
+    assert rank0["seconds"] < 10.0
+    assert time.perf_counter() - started < 25.0
+
+
+def test_padding_sampler_is_refused():
+    """Outside a process group nothing is sharded; the check itself is plain."""
+    data = TensorDataset(torch.zeros(5, 2))
+    loader = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
+                                                         shuffle=False))
+    with pytest.raises(ValueError, match="pads by repeating rows to make 5 rows 6"):
+        distributed._check_no_padding(loader)
+    dropping = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
+                                                           shuffle=False, drop_last=True))
+    with pytest.raises(ValueError, match="drops rows to make 5 rows 4"):
+        distributed._check_no_padding(dropping)
+    even = TensorDataset(torch.zeros(6, 2))
+    distributed._check_no_padding(DataLoader(even, sampler=DistributedSampler(
+        even, num_replicas=2, rank=0)))  # 3 + 3 rows: nothing padded or dropped
+
+
+def test_shards_tile_the_rows_without_padding():
+    for n in (0, 1, 5, 301):
+        for world in (1, 2, 3, 7):
+            ranges = [distributed.shard_range(n, r, world) for r in range(world)]
+            rows = [i for start, end in ranges for i in range(start, end)]
+            assert rows == list(range(n))
+            sizes = [end - start for start, end in ranges]
+            assert max(sizes) - min(sizes) <= 1
+            parts = [list(distributed.ShardSampler(n, r, world)) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+
+
+def test_shard_batch_sampler_splits_each_global_batch():
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    def batches(rank, world):
+        inner = BatchSampler(RandomSampler(range(11), generator=torch.Generator()
+                                           .manual_seed(3)), 4, drop_last=False)
+        return list(distributed.ShardBatchSampler(inner, rank, world))
+
+    single = batches(0, 1)
+    parts = [batches(r, 3) for r in range(3)]
+    assert len(single) == 3 and all(len(p) == 3 for p in parts)
+    for i, batch in enumerate(single):
+        assert sum((p[i] for p in parts), []) == batch
+
+
+def test_single_process_helpers_are_identities():
+    assert not distributed.is_active() and distributed.is_main_process()
+    fn = object()
+    assert distributed.main_process_only(fn) is fn
+    assert distributed.sum_across_processes(2.5, 3) == [2.5, 3.0]
+    assert distributed.broadcast_from_main(lambda: 7) == 7
+    assert distributed.init_from_env() is False  # no torchrun environment here
+
+
+def test_timeout_from_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("MFA_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="MFA_DIST_TIMEOUT must be a number of seconds"):
+        distributed._timeout()
+    monkeypatch.setenv("MFA_DIST_TIMEOUT", "-1")
+    with pytest.raises(ValueError, match="MFA_DIST_TIMEOUT must be positive"):
+        distributed._timeout()
+    monkeypatch.setenv("MFA_DIST_TIMEOUT", "90")
+    assert distributed._timeout() == timedelta(seconds=90)
+
+
+TINY = """\
+model: {n_components: 3, n_factors: 2}
+data: {name: embedded-mnist, limit: 301}
+train:
+  method: em
+  em: {max_iter: 3, batch_size: 64, init_samples: 200, kmeans_iter: 3, complete_iter: 1,
+       progress: false}
+output: {n_samples: 0, n_inpaint: 0, n_factor_components: 0, plot: false}
+device: cpu
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_launch_of_mfa_train(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "MFA_DIST_TIMEOUT": "60"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(WORLD), "-m", "mfa", "train", "--config", str(config), "--no-figures",
+         "--set", f"output.dir={tmp_path / 'two'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    folders = list((tmp_path / "two").iterdir())
+    assert [f.name for f in folders] == ["001-embedded-mnist"]
+    assert launched.stdout.count("run folder:") == 1  # printed by rank 0 only
+    metrics = json.loads((folders[0] / "metrics.json").read_text())
+    assert len(json.loads((folders[0] / "history.json").read_text())) == 3
+
+    assert main(["train", "--config", str(config), "--no-figures",
+                 "--set", f"output.dir={tmp_path / 'one'}"]) == 0  # one process
+    one = load_checkpoint(tmp_path / "one" / "001-embedded-mnist" / "checkpoint.pt").model
+    two = load_checkpoint(folders[0] / "checkpoint.pt").model
+    for name, value in one.state_dict().items():
+        err = (two.state_dict()[name] - value).abs().max() / value.abs().max().clamp_min(1.0)
+        assert err.item() < 1e-5, name  # float32 model, float64 sums
+    assert metrics["val_log_likelihood"] == pytest.approx(
+        json.loads((tmp_path / "one" / "001-embedded-mnist" / "metrics.json").read_text())
+        ["val_log_likelihood"], rel=1e-6)
