@@ -1,0 +1,521 @@
+"""Two-level training for a large number of components (Richardson & Weiss, 2018, §4).
+
+The recipe that reached the best CelebA model of *On GANs and GMMs*, where a flat mixture of
+thousands of components does not fit one device:
+
+1. fit a **root** MFA of ``K₁`` components to all rows with EM;
+2. **hard-assign** every row to its most likely root component (streamed in batches: never
+   an ``[N, K₁]`` matrix);
+3. fit a **child** MFA to the rows of each root component ``k``, one child after another,
+   with a number of components proportional to its rows::
+
+       rows_k < min_child_rows  →  the root component is kept as it is (one child, its own
+                                   parameters, no fit)
+       otherwise                →  n_k = min(rows_k, clamp(rows_k // rows_per_component,
+                                             min_child_components, max_child_components))
+
+4. **flatten** root and children into one :class:`~mfa.model.MixtureOfFactorAnalyzers` of
+   ``K = Σ_k n_k`` components with weights ``π_k · π_{k,j}``, means, loadings and noise of
+   child ``k``'s component ``j``::
+
+       p(x) = Σ_k π_k Σ_j π_{k,j} N(x; μ_{k,j}, A_{k,j} A_{k,j}ᵀ + diag(d_{k,j}))
+
+The flattened model is an exact MFA (its densities, samples and conditionals are those of the
+formula above), but it is *not* the maximum-likelihood fit of a ``K``-component mixture: the
+children were fitted to hard-assigned rows, so a row near the border of two root components
+informs only one child, and ``π_k`` comes from the root's soft responsibilities while child
+``k`` saw the hard share. A few EM iterations on the flat model (``final_em``) remove that
+approximation at the cost of full ``K``-component passes.
+
+Cost per EM iteration: ``O(N·D·K₁·L)`` for the root, ``O(rows_k·D·n_k·L)`` for child ``k``
+(``≤ O(N·D·max_k n_k·L)`` for all children) against ``O(N·D·K·L)`` for a flat model; only one
+child's model and rows are in memory at a time. Each child pays its own initialisation.
+
+Resuming: with ``checkpoint_dir`` the root (``root.pt``), every finished child
+(``child-00007.pt``) and the flattened result (``model.pt``) are written with
+:func:`mfa.checkpoint.save_checkpoint` as they finish. A later :meth:`HierarchicalTrainer.fit`
+with the same folder, data and configuration loads them and continues at the first
+unfinished child; because every child is seeded from ``(seed, k)`` alone, the final model is
+the same as that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from mfa._validation import check_int_fields
+from mfa.checkpoint import load_checkpoint, save_checkpoint
+from mfa.em import EMConfig, EMTrainer
+from mfa.model import MixtureOfFactorAnalyzers
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HierarchicalConfig",
+    "HierarchicalTrainer",
+    "assign_rows",
+    "child_components",
+    "fit_hierarchical",
+    "flatten_hierarchy",
+    "total_components",
+]
+
+#: Keys of a nested EMConfig that do not change the fitted parameters (ignored when a
+#: checkpoint folder is matched against the configuration).
+_NEUTRAL_EM_KEYS = ("progress", "device", "checkpoint_every")
+
+
+@dataclass
+class HierarchicalConfig:
+    """Settings of :class:`HierarchicalTrainer`."""
+
+    root_components: int = 10  # K₁, components of the root mixture
+    n_factors: int = 10  # L, latent factors of every component (root and children)
+    noise: Literal["diagonal", "isotropic"] = "diagonal"  # noise type of every component
+    rows_per_component: int = 1000  # a child of rows_k rows gets rows_k // this components
+    min_child_components: int = 1  # lower clamp of a child's component count
+    max_child_components: int = 100  # upper clamp of a child's component count
+    # root components with fewer hard-assigned rows keep their own parameters as their single
+    # child (no fit); None: rows_per_component
+    min_child_rows: int | None = None
+    root_em: EMConfig = field(default_factory=EMConfig)  # EM of the root (its seed is ignored)
+    child_em: EMConfig = field(default_factory=EMConfig)  # EM of each child (seed ignored)
+    # optional EM on the flattened model; its init must be "none" (continue from the
+    # flattened parameters); None: no final EM
+    final_em: EMConfig | None = None
+    assign_batch_size: int = 4096  # rows per batch of the hard assignment
+    seed: int = 0  # seeds the root (seed) and child k (derived from seed and k)
+
+
+def _validate_config(config: HierarchicalConfig) -> None:
+    if not isinstance(config, HierarchicalConfig):
+        raise TypeError(f"config must be a HierarchicalConfig, got {type(config).__name__}")
+    minimum = {"root_components": 1, "n_factors": 0, "rows_per_component": 1,
+               "min_child_components": 1, "max_child_components": 1, "assign_batch_size": 1,
+               "seed": 0}
+    check_int_fields(config, minimum)
+    if config.min_child_components > config.max_child_components:
+        raise ValueError(
+            "HierarchicalConfig.min_child_components must be <= max_child_components, got "
+            f"{config.min_child_components} > {config.max_child_components}"
+        )
+    if config.min_child_rows is not None and (
+        isinstance(config.min_child_rows, bool) or not isinstance(config.min_child_rows, int)
+        or config.min_child_rows < 1
+    ):
+        raise ValueError(
+            f"HierarchicalConfig.min_child_rows must be None or an int >= 1, "
+            f"got {config.min_child_rows!r}"
+        )
+    if config.noise not in ("diagonal", "isotropic"):
+        raise ValueError(
+            f"HierarchicalConfig.noise must be 'diagonal' or 'isotropic', got {config.noise!r}"
+        )
+    for name in ("root_em", "child_em", "final_em"):
+        value = getattr(config, name)
+        if value is None and name == "final_em":
+            continue
+        if not isinstance(value, EMConfig):
+            raise TypeError(
+                f"HierarchicalConfig.{name} must be an EMConfig, got {type(value).__name__}"
+            )
+        EMTrainer(value)  # validates the nested config
+    if config.final_em is not None and config.final_em.init != "none":
+        raise ValueError(
+            "HierarchicalConfig.final_em.init must be 'none' (the final EM continues from the "
+            f"flattened model), got {config.final_em.init!r}"
+        )
+
+
+def child_components(rows: int, config: HierarchicalConfig) -> int:
+    """How many components the child of a root component with ``rows`` rows gets.
+
+    ``0`` means *keep the root component as it is* (``rows < min_child_rows``); otherwise
+    ``min(rows, clamp(rows // rows_per_component, min_child_components,
+    max_child_components))`` — never more components than rows.
+    """
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"rows must be an int >= 0, got {rows!r}")
+    threshold = config.rows_per_component if config.min_child_rows is None else (
+        config.min_child_rows)
+    if rows < threshold:
+        return 0
+    n = min(max(rows // config.rows_per_component, config.min_child_components),
+            config.max_child_components)
+    return min(n, rows)
+
+
+def _child_seed(seed: int, k: int) -> int:
+    """Seed of child ``k``: distinct from the root's ``seed`` and from every other child."""
+    return (seed * 1_000_003 + k + 1) % (2**62)
+
+
+def flatten_hierarchy(
+    root: MixtureOfFactorAnalyzers, children: Sequence[MixtureOfFactorAnalyzers]
+) -> MixtureOfFactorAnalyzers:
+    """One MFA equal to the two-level mixture ``Σ_k π_k Σ_j π_{k,j} N(x; μ_{k,j}, Σ_{k,j})``.
+
+    Args:
+        root: ``K₁`` components; only its weights ``π`` ``[K₁]`` are used.
+        children: ``K₁`` models, child ``k`` with ``n_k`` components; all with the root's
+            ``n_features`` ``D``, and one ``n_factors`` ``L``, noise type, dtype and device.
+
+    Returns:
+        A model of ``K = Σ_k n_k`` components, child ``k``'s components in order after those
+        of children ``0..k-1``: weights ``[K]`` (``π_k · π_{k,j}``), means ``[K, D]``,
+        loadings ``[K, D, L]``, noise ``[K, D]``; ``min_noise`` the smallest of the children's.
+    """
+    if not isinstance(root, MixtureOfFactorAnalyzers):
+        raise TypeError(f"root must be a MixtureOfFactorAnalyzers, got {type(root).__name__}")
+    children = list(children)
+    if len(children) != root.n_components:
+        raise ValueError(
+            f"need one child per root component ({root.n_components}), got {len(children)}"
+        )
+    for k, child in enumerate(children):
+        if not isinstance(child, MixtureOfFactorAnalyzers):
+            raise TypeError(f"child {k} must be a MixtureOfFactorAnalyzers, "
+                            f"got {type(child).__name__}")
+        first = children[0]
+        for name in ("n_features", "n_factors", "noise", "dtype", "device"):
+            if getattr(child, name) != getattr(first, name):
+                raise ValueError(
+                    f"children must share {name}: child 0 has {getattr(first, name)!r}, "
+                    f"child {k} has {getattr(child, name)!r}"
+                )
+    if children[0].n_features != root.n_features:
+        raise ValueError(f"children have {children[0].n_features} features, the root "
+                         f"{root.n_features}")
+    with torch.no_grad():
+        dtype, device = children[0].dtype, children[0].device
+        root_weights = root.weights.to(dtype=dtype, device=device)  # [K₁]
+        weights = torch.cat([root_weights[k] * c.weights for k, c in enumerate(children)])  # [K]
+        weights = weights / weights.sum()
+        means = torch.cat([c.means for c in children])  # [K, D]
+        loadings = torch.cat([c.factor_loadings for c in children])  # [K, D, L]
+        noise = torch.cat([c.noise_variance for c in children])  # [K, D]
+        return MixtureOfFactorAnalyzers.from_parameters(
+            weights, means.clone(), loadings.clone(), noise.clone(), noise=children[0].noise,
+            min_noise=min(c.min_noise for c in children),
+            chunk_elements=children[0].chunk_elements,
+        )
+
+
+def _component_as_model(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyzers:
+    """Component ``k`` of ``model`` as a one-component model of weight 1."""
+    with torch.no_grad():
+        return MixtureOfFactorAnalyzers.from_parameters(
+            model.weights.new_ones(1), model.means[k : k + 1].clone(),
+            model.factor_loadings[k : k + 1].clone(), model.noise_variance[k : k + 1].clone(),
+            noise=model.noise, min_noise=model.min_noise, chunk_elements=model.chunk_elements,
+        )
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _check_data(data: object) -> tuple[int, int, torch.dtype]:
+    """``(N, D, dtype)`` of a tensor ``[N, D]`` or a map-style dataset of rows."""
+    if type(data).__module__ == "numpy":
+        raise TypeError("data is a numpy array; convert it with torch.from_numpy(data).float()")
+    if isinstance(data, Tensor):
+        if data.dim() != 2:
+            raise ValueError(f"data must have shape [N, D], got {tuple(data.shape)}")
+        if not data.is_floating_point():
+            raise TypeError(f"data must be floating point (scale images to [0, 1] first), "
+                            f"got {data.dtype}")
+        bad = ~torch.isfinite(data)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"data contains non-finite values (NaN or inf): row {row}, "
+                             f"feature {col}")
+        return data.shape[0], data.shape[1], data.dtype
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        n = len(data)
+        if n == 0:
+            raise ValueError("data is empty")
+        first = data[0]
+        row = first[0] if isinstance(first, (tuple, list)) else first
+        if not isinstance(row, Tensor) or not row.is_floating_point():
+            raise TypeError("data items must be floating-point tensors (or (tensor, label) "
+                            f"tuples), got {type(row).__name__}")
+        return n, row.numel(), row.dtype
+    raise TypeError(f"data must be a torch.Tensor [N, D] or a map-style Dataset of rows, "
+                    f"got {type(data).__name__}")
+
+
+def _batches(data: Tensor | Dataset, batch_size: int):
+    """Float batches ``[B, D]`` of ``data`` in row order."""
+    if isinstance(data, Tensor):
+        for i in range(0, data.shape[0], batch_size):
+            yield data[i : i + batch_size]
+        return
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+        yield batch.reshape(batch.shape[0], -1)
+
+
+def _rows(data: Tensor | Dataset, index: Tensor) -> Tensor | Dataset:
+    """The rows ``index`` [n] of ``data``: a tensor ``[n, D]`` or a ``Subset``."""
+    if isinstance(data, Tensor):
+        return data[index.to(data.device)]
+    return Subset(data, index.tolist())
+
+
+def assign_rows(root: MixtureOfFactorAnalyzers, data: Tensor | Dataset,
+                batch_size: int = 4096) -> Tensor:
+    """The most likely root component of every row, ``[N]`` int64 on the CPU, computed batch
+    by batch (memory ``O(batch_size · K₁)``)."""
+    labels = []
+    with torch.no_grad():
+        for batch in _batches(data, batch_size):
+            batch = batch.to(device=root.device, dtype=root.dtype)
+            labels.append(root.predict(batch).cpu())
+    return torch.cat(labels)
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+def _summary(trainer: EMTrainer | None) -> dict:
+    """The last training log-likelihood and the seconds of the EM iterations of a stage."""
+    history = trainer.history if trainer is not None else []
+    return {"train_log_likelihood": history[-1]["train_log_likelihood"] if history else None,
+            "em_seconds": sum(r["seconds"] for r in history)}
+
+Callback = Callable[["HierarchicalTrainer", dict], None]
+
+
+class HierarchicalTrainer:
+    """Fit a root MFA, then one child MFA per root component, and flatten them.
+
+    Args:
+        config: a :class:`HierarchicalConfig` (defaults when ``None``).
+
+    Attributes (after :meth:`fit`):
+        root: the root model, ``K₁`` components.
+        children: ``K₁`` child models (a kept root component is a one-component child).
+        counts: ``[K₁]`` int64, the number of rows hard-assigned to each root component.
+        kept: ``[K₁]`` bool, root components kept as they are (too few rows).
+        model: the flattened model (after ``final_em`` when configured).
+        history: one dict per stage: ``stage`` (``"root"``, ``"child"``, ``"final"``),
+            ``component`` (root index, children only), ``rows``, ``n_components``,
+            ``kept`` (children), ``resumed`` (loaded from ``checkpoint_dir``),
+            ``train_log_likelihood`` (the last of the stage's ``EMTrainer.history``, nats
+            per row of its own rows; ``None`` when kept, resumed or not trained),
+            ``em_seconds`` (its EM iterations, without the initialisation) and ``seconds``
+            (the whole stage).
+    """
+
+    def __init__(self, config: HierarchicalConfig | None = None) -> None:
+        self.config = config or HierarchicalConfig()
+        _validate_config(self.config)
+        self.root: MixtureOfFactorAnalyzers | None = None
+        self.children: list[MixtureOfFactorAnalyzers] = []
+        self.counts: Tensor | None = None
+        self.kept: Tensor | None = None
+        self.model: MixtureOfFactorAnalyzers | None = None
+        self.history: list[dict] = []
+
+    def _fingerprint(self) -> dict:
+        """The configuration as plain values, without the keys that do not change the fit."""
+        plain = asdict(self.config)
+        for name in ("root_em", "child_em", "final_em"):
+            if plain[name] is not None:
+                for key in _NEUTRAL_EM_KEYS:
+                    plain[name].pop(key, None)
+        return plain
+
+    def _em(self, em: EMConfig, seed: int) -> EMTrainer:
+        return EMTrainer(replace(em, seed=seed))
+
+    def _load(self, path: Path, what: str, n_features: int) -> tuple[MixtureOfFactorAnalyzers,
+                                                                     dict]:
+        loaded = load_checkpoint(path)
+        state = loaded.trainer_state
+        if not isinstance(state, dict) or state.get("config") != self._fingerprint():
+            raise ValueError(
+                f"{path} was written with a different HierarchicalConfig; resume with the "
+                "configuration that wrote it or use an empty checkpoint_dir"
+            )
+        if loaded.model.n_features != n_features:
+            raise ValueError(f"{path} holds a {what} over {loaded.model.n_features} features, "
+                             f"the data has {n_features}")
+        return loaded.model, state
+
+    def fit(
+        self,
+        data: Tensor | Dataset,
+        validation: Tensor | Dataset | None = None,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> MixtureOfFactorAnalyzers:
+        """Train root and children and return the flattened model.
+
+        Args:
+            data: training rows: a floating tensor ``[N, D]`` or a map-style ``Dataset`` of
+                rows ``[D]`` (or ``(row, label)`` tuples), read in row order; children get the
+                rows of their root component (a ``Subset`` of a dataset).
+            validation: optional held-out rows (same forms), scored by the root's and the
+                final EM's history.
+            checkpoint_dir: folder for ``root.pt``, ``child-#####.pt`` and ``model.pt``; what
+                it already holds is loaded (it must come from the same configuration and
+                data) and the fit continues at the first unfinished child.
+            callbacks: ``cb(trainer, record)`` after the root, after each child (once its
+                checkpoint is written) and after the final model; an exception raised there
+                stops the fit, which can then be resumed from ``checkpoint_dir``.
+
+        Returns:
+            The flattened :class:`MixtureOfFactorAnalyzers` (also in :attr:`model`), on the
+            device and in the dtype of the children (those of ``data`` unless
+            ``child_em.device`` says otherwise).
+        """
+        cfg = self.config
+        n_rows, n_features, dtype = _check_data(data)
+        if n_rows < cfg.root_components:
+            raise ValueError(f"data has {n_rows} rows, fewer than root_components="
+                             f"{cfg.root_components}")
+        if cfg.n_factors > n_features:
+            raise ValueError(f"HierarchicalConfig.n_factors={cfg.n_factors} exceeds the "
+                             f"{n_features} features of the data")
+        if validation is not None:
+            _, val_features, _ = _check_data(validation)
+            if val_features != n_features:
+                raise ValueError(f"validation has {val_features} features, data {n_features}")
+        home = data.device if isinstance(data, Tensor) else torch.device("cpu")
+        root_device = torch.device(cfg.root_em.device or home)  # where fresh models live
+        child_device = torch.device(cfg.child_em.device or home)
+        folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        fingerprint = self._fingerprint()
+        self.history, self.children, self.model = [], [], None
+
+        # ---- root
+        started = time.perf_counter()
+        root_path = folder / "root.pt" if folder is not None else None
+        if root_path is not None and root_path.exists():
+            self.root, state = self._load(root_path, "root", n_features)
+            self.root.to(root_device)
+            saved_counts = state.get("counts")
+            record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
+                      "resumed": True, **_summary(None)}
+        else:
+            saved_counts = None
+            root = MixtureOfFactorAnalyzers(
+                cfg.root_components, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
+                generator=torch.Generator().manual_seed(cfg.seed), device=home,
+            )
+            trainer = self._em(cfg.root_em, cfg.seed)
+            trainer.fit(root, data, validation=validation)
+            self.root = root
+            record = {"stage": "root", "rows": n_rows, "n_components": root.n_components,
+                      "resumed": False, **_summary(trainer)}
+        labels = assign_rows(self.root, data, cfg.assign_batch_size)  # [N]
+        self.counts = torch.bincount(labels, minlength=cfg.root_components)  # [K₁]
+        if saved_counts is not None and not torch.equal(saved_counts, self.counts):
+            raise ValueError(
+                f"{root_path} was fitted to other data: its rows per root component "
+                f"{saved_counts.tolist()} differ from this data's {self.counts.tolist()}"
+            )
+        if root_path is not None and not record["resumed"]:
+            save_checkpoint(root_path, self.root, trainer_state={
+                "config": fingerprint, "counts": self.counts, "n_rows": n_rows})
+        record["seconds"] = time.perf_counter() - started
+        self._emit(record, callbacks)
+
+        # ---- children, one after another
+        self.kept = torch.zeros(cfg.root_components, dtype=torch.bool)
+        for k in range(cfg.root_components):
+            started = time.perf_counter()
+            rows_k = int(self.counts[k])
+            n_k = child_components(rows_k, cfg)
+            self.kept[k] = n_k == 0
+            path = folder / f"child-{k:05d}.pt" if folder is not None else None
+            trainer = None
+            if path is not None and path.exists():
+                child, _ = self._load(path, f"child {k}", n_features)
+                resumed = True
+            else:
+                resumed = False
+                if n_k == 0:
+                    child = _component_as_model(self.root, k)
+                    logger.info("root component %d: %d rows < min_child_rows, kept as it is",
+                                k, rows_k)
+                else:
+                    seed = _child_seed(cfg.seed, k)
+                    child = MixtureOfFactorAnalyzers(
+                        n_k, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
+                        generator=torch.Generator().manual_seed(seed), device=home,
+                    )
+                    index = (labels == k).nonzero().flatten()  # [rows_k]
+                    trainer = self._em(cfg.child_em, seed)
+                    try:
+                        trainer.fit(child, _rows(data, index))
+                    except FloatingPointError as error:
+                        raise FloatingPointError(
+                            f"child of root component {k} ({rows_k} rows, {n_k} components): "
+                            f"{error}") from error
+                    logger.info("child %d/%d: %d rows, %d components", k + 1,
+                                cfg.root_components, rows_k, n_k)
+                if path is not None:
+                    save_checkpoint(path, child, trainer_state={
+                        "config": fingerprint, "component": k, "rows": rows_k})
+            self.children.append(child.to(child_device))
+            self._emit({"stage": "child", "component": k, "rows": rows_k,
+                        "n_components": child.n_components, "kept": n_k == 0,
+                        "resumed": resumed, **_summary(trainer),
+                        "seconds": time.perf_counter() - started}, callbacks)
+
+        # ---- flatten (and optionally a few EM iterations on the flat model)
+        started = time.perf_counter()
+        final_path = folder / "model.pt" if folder is not None else None
+        if final_path is not None and final_path.exists():
+            self.model, _ = self._load(final_path, "model", n_features)
+            self.model.to(torch.device(cfg.final_em.device or child_device)
+                          if cfg.final_em is not None else child_device)
+            resumed, trainer = True, None
+        else:
+            resumed, trainer = False, None
+            self.model = flatten_hierarchy(self.root, self.children)
+            if cfg.final_em is not None:
+                trainer = self._em(cfg.final_em, cfg.seed)
+                trainer.fit(self.model, data, validation=validation)
+            if final_path is not None:
+                save_checkpoint(final_path, self.model, trainer_state={"config": fingerprint})
+        self._emit({"stage": "final", "rows": n_rows, "n_components": self.model.n_components,
+                    "resumed": resumed, **_summary(trainer),
+                    "seconds": time.perf_counter() - started}, callbacks)
+        return self.model
+
+    def _emit(self, record: dict, callbacks: Sequence[Callback]) -> None:
+        self.history.append(record)
+        for callback in callbacks:
+            callback(self, record)
+
+
+def fit_hierarchical(
+    data: Tensor | Dataset,
+    config: HierarchicalConfig | None = None,
+    validation: Tensor | Dataset | None = None,
+    *,
+    checkpoint_dir: str | Path | None = None,
+) -> MixtureOfFactorAnalyzers:
+    """``HierarchicalTrainer(config).fit(data, validation, checkpoint_dir=...)``: the
+    flattened model of ``Σ_k n_k`` components (see :class:`HierarchicalTrainer`)."""
+    return HierarchicalTrainer(config).fit(data, validation, checkpoint_dir=checkpoint_dir)
+
+
+def total_components(counts: Tensor | Sequence[int], config: HierarchicalConfig) -> int:
+    """``K = Σ_k max(1, n_k)`` of the flattened model for root rows ``counts`` ``[K₁]``."""
+    values = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+    return int(sum(max(1, child_components(int(c), config)) for c in values))
+
