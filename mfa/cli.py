@@ -1,5 +1,5 @@
 """The ``mfa`` command: ``train``, ``sample``, ``inpaint``, ``outliers``, ``evaluate``,
-``visualize``. Each subcommand parses its arguments and calls :mod:`mfa.workflow`."""
+``select``, ``visualize``. Each subcommand parses its arguments and calls :mod:`mfa.workflow`."""
 
 from __future__ import annotations
 
@@ -103,6 +103,25 @@ def cmd_evaluate(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from mfa.config import load_config
+    from mfa.selection import select_run
+
+    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    config = load_config(config_path, overrides=args.set or [])
+    sweep, paths = select_run(config, args.components, args.factors, args.out,
+                              method=args.method)
+    print(sweep.table())
+    best, by_bic = sweep.best_by_val, sweep.best_by_bic
+    score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
+             else f"log-likelihood {best['val_log_likelihood']:.2f}")
+    print(f"best by validation: K={best['K']}, L={best['L']} ({score})")
+    print(f"best by BIC: K={by_bic['K']}, L={by_bic['L']} (BIC {by_bic['bic']:.1f})")
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -220,6 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-o", "--out", help="also write the JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("select", help="train one model per (K, L) and compare them: "
+                       "validation bits/dim, BIC, size, time; table + plot")
+    p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one value of the config (repeatable)")
+    p.add_argument("--components", type=positive_int, nargs="+", required=True, metavar="K",
+                   help="the K values, e.g. 10 20 50")
+    p.add_argument("--factors", type=non_negative_int, nargs="+", required=True, metavar="L",
+                   help="the L values, e.g. 2 6 10")
+    p.add_argument("--method", choices=("em", "sgd"), help="override train.method")
+    p.add_argument("--out", metavar="DIR", help="folder for selection.{csv,md,json,png} "
+                   "(default: <output.dir>/select-<dataset>)")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
     with_run(p, needs_data=False)
