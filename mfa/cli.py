@@ -9,7 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
+from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
+from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
 
@@ -87,7 +89,7 @@ def cmd_outliers(args) -> int:
     data = load(config)
     out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
     for path in outliers(ckpt.model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
-                         scale=args.scale):
+                         scale=args.scale, score=args.score, seed=args.seed):
         print(path)
     return 0
 
@@ -96,8 +98,11 @@ def cmd_evaluate(args) -> int:
     from mfa.workflow import evaluate
 
     _, config, _ = _load_run(args.checkpoint, args.set)
+    if args.against_set and not args.outliers_against:
+        raise SystemExit("error: --against-set needs --outliers-against DATASET")
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
-                      config=config, seed=args.seed)
+                      config=config, seed=args.seed, outliers_against=args.outliers_against,
+                      against_overrides=args.against_set, outlier_scores=args.outlier_scores)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -223,8 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_inpaint)
 
-    p = sub.add_parser("outliers", help="rank a split by log p: grid + CSV")
+    p = sub.add_parser("outliers", help="rank a split by an outlier score: grid + CSV")
     with_run(p)
+    p.add_argument("--score", default=DEFAULT_SCORE, choices=SCORE_NAMES,
+                   help=f"outlier score, higher = more outlying (default: {DEFAULT_SCORE}; "
+                   "neg_log_prob ranks by raw -log p)")
     p.add_argument("-n", type=positive_int, default=32, help="least likely images to draw")
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--out-dir")
@@ -237,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NDB with this many bins (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--outliers-against", metavar="DATASET", choices=DATASET_NAMES,
+                   help="AUROC/AUPR of every outlier score: the run's test split against "
+                   f"this dataset's ({', '.join(DATASET_NAMES)}; same image shape)")
+    p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the other dataset's config (it starts from the run's, "
+                   "e.g. data.root=/data/pngs)")
+    p.add_argument("--outlier-scores", nargs="+", choices=SCORE_NAMES, default=list(SCORE_NAMES),
+                   metavar="SCORE", help=f"scores to evaluate (default: all of "
+                   f"{', '.join(SCORE_NAMES)})")
     p.add_argument("-o", "--out", help="also write the JSON here")
     p.set_defaults(func=cmd_evaluate)
 

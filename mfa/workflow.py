@@ -19,7 +19,6 @@ first checkpoint leaves no folder behind.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -48,6 +47,8 @@ from mfa.inference import inpaint as inpaint_rows
 from mfa.masks import make_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
+from mfa.run_outliers import outlier_metrics, rank_outliers
 from mfa.sgd import SGDTrainer
 
 logger = logging.getLogger("mfa")
@@ -435,32 +436,13 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     return viz.save_image(grid, path, scale=scale)
 
 
-def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2):
-    """Rank ``split`` by ``log p``: the ``n`` least likely images as a grid
-    (``outliers.png``, least likely first) and every score as ``outliers.csv``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loader = data.loader(split, batch_size=1024, dtype=model.dtype)
-    scores = []
-    with torch.no_grad():
-        for batch in loader:
-            scores.append(model.log_prob(batch.to(model.device)).double().cpu())
-    log_p = torch.cat(scores)
-    order = torch.argsort(log_p)
-    labels = data.labels(split)
-    csv_path = out_dir / "outliers.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "index", "log_prob", "label"])
-        for rank, i in enumerate(order.tolist()):
-            label = "" if labels is None else int(labels[i])
-            writer.writerow([rank, i, f"{log_p[i].item():.6f}", label])
-    worst = order[: min(n, order.numel())]
-    images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
-    png = viz.save_image_grid(images, out_dir / "outliers.png", nrow, scale=scale)
-    logger.info("least likely %s images: %s", split,
-                ", ".join(f"#{i} ({log_p[i].item():.1f})" for i in worst[:5].tolist()))
-    return [png, csv_path]
+def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2,
+             score: str = DEFAULT_SCORE, seed: int = 0):
+    """Rank ``split`` by the outlier ``score`` (one of :data:`mfa.outliers.SCORE_NAMES`):
+    the ``n`` most outlying images as a grid (``outliers.png``, most outlying first) and every
+    score as ``outliers.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
+    return rank_outliers(model, data, out_dir, split=split, n=n, nrow=nrow, scale=scale,
+                         score=score, seed=seed)
 
 
 def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
@@ -470,11 +452,17 @@ def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scal
 
 
 def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
-             config: RunConfig | None = None, seed: int = 0) -> dict:
+             config: RunConfig | None = None, seed: int = 0,
+             outliers_against: str | None = None, against_overrides: Sequence[str] = (),
+             outlier_scores: Sequence[str] = SCORE_NAMES) -> dict:
     """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples against
     the training bins, with real held-out images as the reference.
 
-    ``config`` names the data (default: the checkpoint's own run config).
+    ``config`` names the data (default: the checkpoint's own run config). With
+    ``outliers_against`` (a dataset name), ``result["outliers"]`` holds the AUROC and AUPR of
+    every score in ``outlier_scores`` for the run's test split against that dataset's test
+    split (:func:`mfa.run_outliers.outlier_metrics`); the other dataset is read with the
+    run's data settings, ``data.name`` replaced and ``against_overrides`` applied.
     """
     from mfa.metrics import ndb
 
@@ -498,4 +486,9 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             "ndb_js": model_ndb.js_divergence, "ndb_real": real_ndb.ndb,
             "ndb_over_k_real": real_ndb.ndb_over_k, "ndb_js_real": real_ndb.js_divergence,
         })
+    if outliers_against is not None:
+        other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
+                                                   *against_overrides]))
+        result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
+                                             seed=seed)
     return result
