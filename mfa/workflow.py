@@ -7,6 +7,7 @@ importable for scripts and notebooks. A run folder holds::
     config.yaml      the resolved RunConfig
     train.log        the log of the run
     checkpoint.pt    model, config, trainer state and metrics (written atomically; resumable)
+    hierarchy/       train.method hierarchical only: root.pt, child-#####.pt, model.pt
     metrics.json     held-out log-likelihoods, bits/dim, timing
     curve.png        the training curve
     samples.png, inpaint-<mask>.png, outliers.png, outliers.csv, factors.png
@@ -43,6 +44,7 @@ from mfa.config import (
 )
 from mfa.data import ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
+from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.inference import inpaint as inpaint_rows
 from mfa.masks import make_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
@@ -74,6 +76,7 @@ RESUME_SAFE_KEYS: frozenset[str] = frozenset({
     "train.em.max_iter", "train.sgd.epochs",
     "train.em.checkpoint_every", "train.sgd.checkpoint_every", "output.checkpoint_every",
     "train.em.progress", "train.sgd.progress",
+    *(f"train.hierarchical.{stage}.progress" for stage in ("root_em", "child_em", "final_em")),
     "data.root", "data.download", "data.num_workers",
     *(f"output.{f.name}" for f in fields(OutputConfig)
       if f.name not in ("dir", "name", "checkpoint_every")),
@@ -158,6 +161,9 @@ def load_data(config: RunConfig) -> ImageData:
 
 def _training_data(data: ImageData, config: RunConfig, device: torch.device):
     n, d = data.train_pixels.shape
+    if config.train.method == "hierarchical" and n * d > STREAM_ABOVE:
+        # the hierarchical trainer reads map-style datasets (children take subsets of rows)
+        return data.dataset("train"), data.dataset("val") if data.val_pixels.shape[0] else None
     if config.train.method == "em" and n * d > STREAM_ABOVE:
         # Large sets (CelebA) stay uint8 on the host and become float one batch at a time.
         batch = config.train.em.batch_size
@@ -230,8 +236,16 @@ def train(
 
 def _check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
-    to a finished run would be ignored, so it is refused."""
+    to a finished run would be ignored, so it is refused. The finished stages of a
+    hierarchical run were fitted with the saved EM settings: none of those may change."""
     state = ckpt.trainer_state or {}
+    if config.train.method == "hierarchical":
+        for key in changed:
+            if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
+                    (".progress", ".checkpoint_every")):
+                raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
+                                 "finished stages were fitted with the saved value; start a "
+                                 "new run")
     if ("train.em.max_iter" in changed and config.train.method == "em"
             and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
         raise ValueError(
@@ -259,6 +273,17 @@ def _clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> N
         )
 
 
+#: The trainer class of each ``train.method``.
+_TRAINERS = {"em": EMTrainer, "sgd": SGDTrainer, "hierarchical": HierarchicalRunTrainer}
+
+
+def _fit_options(config: RunConfig, run_dir: Path) -> dict:
+    """Extra ``fit`` arguments of a method: the hierarchical stages' checkpoint folder."""
+    if config.train.method == "hierarchical":
+        return {"checkpoint_dir": run_dir / HIERARCHY_DIR}
+    return {}
+
+
 @dataclass
 class _Setup:
     """What a run needs, built and checked before its folder exists."""
@@ -266,7 +291,7 @@ class _Setup:
     device: torch.device
     data: ImageData
     model: MixtureOfFactorAnalyzers
-    trainer: EMTrainer | SGDTrainer
+    trainer: EMTrainer | SGDTrainer | HierarchicalRunTrainer
     train_data: object
     val_data: object
 
@@ -274,7 +299,7 @@ class _Setup:
 def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     device = resolve_device(config.device)
     trainer_config = config.trainer_config()
-    if trainer_config.device is not None:
+    if getattr(trainer_config, "device", None) is not None:
         prefix = f"train.{config.train.method}.device"
         try:
             resolve_device(trainer_config.device)
@@ -302,7 +327,7 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"{mc.n_factors}) does not fit the data {data.name} with "
                 f"{data.n_features} features: {error}"
             ) from None
-    trainer = (EMTrainer if config.train.method == "em" else SGDTrainer)(trainer_config)
+    trainer = _TRAINERS[config.train.method](trainer_config)
     if ckpt is not None and ckpt.trainer_state is not None:
         try:
             trainer.load_state_dict(ckpt.trainer_state)
@@ -330,20 +355,22 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
-                    checkpoint_fn=checkpoint)
+        model = trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
+                            checkpoint_fn=checkpoint, **_fit_options(config, run_dir))
     for warning in caught:
         logger.warning("%s", warning.message)
     seconds = time.perf_counter() - started
     metrics = {**meta, "method": config.train.method, "train_seconds": seconds,
                "iterations": len(trainer.history)}
+    if config.train.method == "hierarchical":  # K is known only now
+        metrics["n_components"] = model.n_components
     metrics.update(evaluate_model(model, data, ("train", "val", "test")))
     save_checkpoint(run_dir / CHECKPOINT_NAME, model, run_config=config,
                     trainer_state=trainer.state_dict(), metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)
-    if config.output.plot and trainer.history:
+    if config.output.plot and trainer.history and config.train.method != "hierarchical":
         viz.plot_training_curve(trainer.history, run_dir / "curve.png",
                                 title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
     if figures:
