@@ -7,13 +7,33 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
-from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
+
+
+class _ScoreNames(Sequence):
+    """``mfa.outliers.SCORE_NAMES``, imported when argparse first looks at them (checking a
+    value or printing help): ``mfa.outliers`` imports PIL, which building the parser must
+    not."""
+
+    def _names(self) -> tuple[str, ...]:
+        from mfa.outliers import SCORE_NAMES
+
+        return SCORE_NAMES
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+SCORE_CHOICES = _ScoreNames()
 
 
 def _load_run(checkpoint: str, overrides: list[str]):
@@ -89,9 +109,13 @@ def cmd_outliers(args) -> int:
     data = load(config)
     out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
     for path in outliers(ckpt.model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
-                         scale=args.scale, score=args.score, seed=args.seed):
+                         scale=args.scale, seed=args.seed, **_score(args.score)):
         print(path)
     return 0
+
+
+def _score(name: str | None) -> dict:
+    return {} if name is None else {"score": name}  # None: the library's DEFAULT_SCORE
 
 
 def cmd_evaluate(args) -> int:
@@ -102,7 +126,9 @@ def cmd_evaluate(args) -> int:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                       config=config, seed=args.seed, outliers_against=args.outliers_against,
-                      against_overrides=args.against_set, outlier_scores=args.outlier_scores)
+                      against_overrides=args.against_set,
+                      **({} if args.outlier_scores is None
+                         else {"outlier_scores": tuple(args.outlier_scores)}))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
@@ -230,9 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("outliers", help="rank a split by an outlier score: grid + CSV")
     with_run(p)
-    p.add_argument("--score", default=DEFAULT_SCORE, choices=SCORE_NAMES,
-                   help=f"outlier score, higher = more outlying (default: {DEFAULT_SCORE}; "
-                   "neg_log_prob ranks by raw -log p)")
+    p.add_argument("--score", choices=SCORE_CHOICES, metavar="NAME",
+                   help="outlier score, higher = more outlying: %(choices)s (default: "
+                   "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
+                   "ranks by raw -log p)")
     p.add_argument("-n", type=positive_int, default=32, help="least likely images to draw")
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--out-dir")
@@ -251,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the other dataset's config (it starts from the run's, "
                    "e.g. data.root=/data/pngs)")
-    p.add_argument("--outlier-scores", nargs="+", choices=SCORE_NAMES, default=list(SCORE_NAMES),
-                   metavar="SCORE", help=f"scores to evaluate (default: all of "
-                   f"{', '.join(SCORE_NAMES)})")
+    p.add_argument("--outlier-scores", nargs="+", choices=SCORE_CHOICES, metavar="SCORE",
+                   help="scores to evaluate with --outliers-against: %(choices)s "
+                   "(default: all)")
     p.add_argument("-o", "--out", help="also write the JSON here")
     p.set_defaults(func=cmd_evaluate)
 

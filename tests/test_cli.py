@@ -737,3 +737,21 @@ def test_python_dash_m_mfa(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
     assert open_png(out).size == grid_size(2, 2)
+
+
+def test_the_package_exports_load_pil_only_when_used():
+    """``import mfa`` and the parser stay free of PIL; the outlier names resolve on use to
+    mfa.outliers' objects, and every name of ``mfa.__all__`` exists."""
+    code = ("import sys, mfa, mfa.cli\n"
+            "mfa.cli.build_parser()\n"
+            "print('PIL' in sys.modules)\n"
+            "import mfa.outliers as o, mfa.hierarchical as h\n"
+            "print(mfa.OutlierScorer is o.OutlierScorer and mfa.auroc is o.auroc\n"
+            "      and mfa.aupr is o.aupr and mfa.evaluate_outliers is o.evaluate_outliers\n"
+            "      and mfa.HierarchicalTrainer is h.HierarchicalTrainer\n"
+            "      and mfa.HierarchicalConfig is h.HierarchicalConfig)\n"
+            "print(all(hasattr(mfa, name) for name in mfa.__all__))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]
