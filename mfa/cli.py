@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outlier score, higher = more outlying: %(choices)s (default: "
                    "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
                    "ranks by raw -log p)")
-    p.add_argument("-n", type=positive_int, default=32, help="least likely images to draw")
+    p.add_argument("-n", type=positive_int, default=32, help="most outlying images to draw")
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--out-dir")
     p.set_defaults(func=cmd_outliers)
