@@ -342,15 +342,12 @@ def test_output_defaults_are_valid():
     "override, match",
     [
         # accepted by the old copy of the limits in the config loader, refused by the trainers
-        ("train.em.variance_floor=0",
-         r"train\.em\.variance_floor: must be (a finite number )?> 0, got 0\.0"),
+        ("train.em.variance_floor=0", r"train\.em\.variance_floor: must be (a finite number )?> 0, got 0\.0"),
         ("train.em.kmeans_iter=0", r"train\.em\.kmeans_iter: must be an int >= 1, got 0"),
         ("train.sgd.kmeans_iter=0", r"train\.sgd\.kmeans_iter: must be an int >= 1, got 0"),
-        ("train.sgd.variance_floor=0",
-         r"train\.sgd\.variance_floor: must be (a finite number )?> 0, got 0\.0"),
+        ("train.sgd.variance_floor=0", r"train\.sgd\.variance_floor: must be (a finite number )?> 0, got 0\.0"),
         # a rule over two fields, in the trainer's words with the YAML keys
-        ("train.em={init: none, n_init: 2}",
-         r"train\.em\.n_init: > 1 needs a random train\.em\.init"),
+        ("train.em={init: none, n_init: 2}", r"train\.em\.n_init: > 1 needs a random train\.em\.init"),
     ],
 )
 def test_trainer_settings_are_checked_by_the_trainers(override, match):
