@@ -1,5 +1,5 @@
 """The ``mfa`` command: ``train``, ``sample``, ``inpaint``, ``outliers``, ``evaluate``,
-``visualize``. Each subcommand parses its arguments and calls :mod:`mfa.workflow`."""
+``select``, ``visualize``. Each subcommand parses its arguments and calls :mod:`mfa.workflow`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,33 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
+
+
+class _ScoreNames(Sequence):
+    """``mfa.outliers.SCORE_NAMES``, imported when argparse first looks at them (checking a
+    value or printing help): ``mfa.outliers`` imports PIL, which building the parser must
+    not."""
+
+    def _names(self) -> tuple[str, ...]:
+        from mfa.outliers import SCORE_NAMES
+
+        return SCORE_NAMES
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+SCORE_CHOICES = _ScoreNames()
 
 
 def _load_run(checkpoint: str, overrides: list[str]):
@@ -107,22 +129,50 @@ def cmd_outliers(args) -> int:
     data = load(config)
     out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
     for path in outliers(ckpt.model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
-                         scale=args.scale):
+                         scale=args.scale, seed=args.seed, **_score(args.score)):
         print(path)
     return 0
+
+
+def _score(name: str | None) -> dict:
+    return {} if name is None else {"score": name}  # None: the library's DEFAULT_SCORE
 
 
 def cmd_evaluate(args) -> int:
     from mfa.workflow import evaluate
 
     _, config, _ = _load_run(args.checkpoint, args.set)
+    if args.against_set and not args.outliers_against:
+        raise SystemExit("error: --against-set needs --outliers-against DATASET")
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
-                      config=config, seed=args.seed)
+                      config=config, seed=args.seed, outliers_against=args.outliers_against,
+                      against_overrides=args.against_set,
+                      **({} if args.outlier_scores is None
+                         else {"outlier_scores": tuple(args.outlier_scores)}))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from mfa.config import load_config
+    from mfa.selection import select_run
+
+    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    config = load_config(config_path, overrides=args.set or [])
+    sweep, paths = select_run(config, args.components, args.factors, args.out,
+                              method=args.method)
+    print(sweep.table())
+    best, by_bic = sweep.best_by_val, sweep.best_by_bic
+    score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
+             else f"log-likelihood {best['val_log_likelihood']:.2f}")
+    print(f"best by validation: K={best['K']}, L={best['L']} ({score})")
+    print(f"best by BIC: K={by_bic['K']}, L={by_bic['L']} (BIC {by_bic['bic']:.1f})")
+    for path in paths:
+        print(path)
     return 0
 
 
@@ -224,9 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_inpaint)
 
-    p = sub.add_parser("outliers", help="rank a split by log p: grid + CSV")
+    p = sub.add_parser("outliers", help="rank a split by an outlier score: grid + CSV")
     with_run(p)
-    p.add_argument("-n", type=positive_int, default=32, help="least likely images to draw")
+    p.add_argument("--score", choices=SCORE_CHOICES, metavar="NAME",
+                   help="outlier score, higher = more outlying: %(choices)s (default: "
+                   "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
+                   "ranks by raw -log p)")
+    p.add_argument("-n", type=positive_int, default=32, help="most outlying images to draw")
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--out-dir")
     p.set_defaults(func=cmd_outliers)
@@ -238,8 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NDB with this many bins (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--outliers-against", metavar="DATASET", choices=DATASET_NAMES,
+                   help="AUROC/AUPR of every outlier score: the run's test split against "
+                   f"this dataset's ({', '.join(DATASET_NAMES)}; same image shape)")
+    p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the other dataset's config (it starts from the run's, "
+                   "e.g. data.root=/data/pngs)")
+    p.add_argument("--outlier-scores", nargs="+", choices=SCORE_CHOICES, metavar="SCORE",
+                   help="scores to evaluate with --outliers-against: %(choices)s "
+                   "(default: all)")
     p.add_argument("-o", "--out", help="also write the JSON here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("select", help="train one model per (K, L) and compare them: "
+                       "validation bits/dim, BIC, size, time; table + plot")
+    p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one value of the config (repeatable)")
+    p.add_argument("--components", type=positive_int, nargs="+", required=True, metavar="K",
+                   help="the K values, e.g. 10 20 50")
+    p.add_argument("--factors", type=non_negative_int, nargs="+", required=True, metavar="L",
+                   help="the L values, e.g. 2 6 10")
+    p.add_argument("--method", choices=("em", "sgd"), help="override train.method")
+    p.add_argument("--out", metavar="DIR", help="folder for selection.{csv,md,json,png} "
+                   "(default: <output.dir>/select-<dataset>)")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
     with_run(p, needs_data=False)

@@ -5,9 +5,11 @@ A run is described by one :class:`RunConfig`::
     RunConfig
     ├── model:  ModelConfig   K, L, noise type, noise floor (D comes from the data)
     ├── data:   DataConfig    the arguments of ``mfa.data.load_dataset``
-    ├── train:  TrainConfig   method "em" | "sgd" and the trainer settings
+    ├── train:  TrainConfig   method "em" | "sgd" | "hierarchical" and the trainer settings
     │   ├── em:  mfa.em.EMConfig
-    │   └── sgd: mfa.sgd.SGDConfig
+    │   ├── sgd: mfa.sgd.SGDConfig
+    │   └── hierarchical: HierarchicalSection (mfa.hierarchical.HierarchicalConfig; the
+    │                     root's K₁, L and noise are the model's, its EM is train.em's)
     ├── output: OutputConfig  run folder, checkpoints, sample/inpainting figures
     ├── seed, device
 
@@ -48,12 +50,19 @@ import yaml
 
 from mfa.data.names import DATASET_NAMES, DatasetName
 from mfa.em import EMConfig, EMTrainer
+from mfa.hierarchical_section import (
+    HIERARCHY_FROM_MODEL,
+    HierarchicalSection,
+    check_hierarchical,
+    hierarchical_config,
+)
 from mfa.masks import MaskKind
 from mfa.sgd import SGDConfig, SGDTrainer
 
 __all__ = [
     "DATASET_NAMES",
     "DataConfig",
+    "HierarchicalSection",
     "ModelConfig",
     "OutputConfig",
     "RunConfig",
@@ -61,6 +70,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "hierarchical_config",
     "load_config",
     "resolve_device",
     "save_config",
@@ -107,13 +117,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The training method and the settings of both trainers (only ``method``'s is used)."""
+    """The training method and the settings of the trainers (only ``method``'s is used)."""
 
-    method: Literal["em", "sgd"] = "em"  # EMTrainer or SGDTrainer
+    # EMTrainer, SGDTrainer or HierarchicalTrainer (root of model.n_components, then children)
+    method: Literal["em", "sgd", "hierarchical"] = "em"
     # A run saves every iteration/epoch by default (a checkpoint is small next to a pass over
     # the data), so a killed run can be resumed.
     em: EMConfig = field(default_factory=lambda: EMConfig(checkpoint_every=1))
     sgd: SGDConfig = field(default_factory=lambda: SGDConfig(checkpoint_every=1))
+    hierarchical: HierarchicalSection = field(default_factory=HierarchicalSection)
 
 
 @dataclass
@@ -145,8 +157,12 @@ class RunConfig:
     seed: int = 0  # seeds model construction and sampling
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
 
-    def trainer_config(self) -> EMConfig | SGDConfig:
-        """A copy of the selected trainer's config, with ``output.checkpoint_every`` applied."""
+    def trainer_config(self) -> Any:
+        """A copy of the selected trainer's config: an ``EMConfig`` or ``SGDConfig`` with
+        ``output.checkpoint_every`` applied, or for ``hierarchical`` the
+        ``mfa.hierarchical.HierarchicalConfig`` of ``train.hierarchical`` and the model."""
+        if self.train.method == "hierarchical":
+            return hierarchical_config(self)
         config = copy.deepcopy(self.train.em if self.train.method == "em" else self.train.sgd)
         if self.output.checkpoint_every is not None:
             config.checkpoint_every = self.output.checkpoint_every
@@ -274,6 +290,8 @@ def _cross_check(config: Any, path: str) -> None:
         if config.name == "folder" and config.root is None:
             raise ValueError(f"invalid value for {prefix}root: required when "
                              f"{prefix}name is 'folder', got None")
+    if isinstance(config, RunConfig):
+        check_hierarchical(config)
     if isinstance(config, OutputConfig):
         if "image" in config.inpaint_masks and config.mask_image is None:
             raise ValueError(f"invalid value for {prefix}mask_image: required when "
@@ -318,6 +336,8 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             try:
                 return _coerce(value, arg, path)
             except ValueError:
+                if isinstance(value, Mapping) and dataclasses.is_dataclass(arg):
+                    raise  # a section (e.g. `EMConfig | None`): its own error names the key
                 continue
         raise _bad(path, value, f"expected {_describe(hint)}")
     if origin is Literal:
@@ -352,6 +372,12 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
     return value  # an annotation this module does not know: no check
 
 
+#: Where a key that is not in a section lives instead (named in the unknown-key error).
+_MOVED_KEYS: dict[str, str] = {
+    f"train.hierarchical.{key}": f"model.{name}" for key, name in HIERARCHY_FROM_MODEL.items()
+}
+
+
 def _from_dict(cls: type, data: Any, path: str) -> Any:
     """Build the dataclass ``cls`` from a mapping, checking every key and value."""
     fields = [f for f in dataclasses.fields(cls) if f.init]
@@ -369,6 +395,8 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
             full = f"{path}.{key}" if path else str(key)
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
+            if full in _MOVED_KEYS:
+                hint = f" (it is {_MOVED_KEYS[full]}: the root of a hierarchical run is the model)"
             raise ValueError(
                 f"unknown config key '{full}'{hint}; valid keys under {where}: {', '.join(names)}"
             )

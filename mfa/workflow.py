@@ -7,6 +7,7 @@ importable for scripts and notebooks. A run folder holds::
     config.yaml      the resolved RunConfig
     train.log        the log of the run
     checkpoint.pt    model, config, trainer state and metrics (written atomically; resumable)
+    hierarchy/       train.method hierarchical only: root.pt, child-#####.pt, model.pt
     metrics.json     held-out log-likelihoods, bits/dim, timing
     curve.png        the training curve
     samples.png, inpaint-<mask>.png, outliers.png, outliers.csv, factors.png
@@ -19,7 +20,6 @@ first checkpoint leaves no folder behind.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -44,10 +44,13 @@ from mfa.config import (
 )
 from mfa.data import ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
+from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.inference import inpaint as inpaint_rows
 from mfa.masks import make_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
+from mfa.run_outliers import outlier_metrics, rank_outliers
 from mfa.sgd import SGDTrainer
 
 logger = logging.getLogger("mfa")
@@ -73,6 +76,7 @@ RESUME_SAFE_KEYS: frozenset[str] = frozenset({
     "train.em.max_iter", "train.sgd.epochs",
     "train.em.checkpoint_every", "train.sgd.checkpoint_every", "output.checkpoint_every",
     "train.em.progress", "train.sgd.progress",
+    *(f"train.hierarchical.{stage}.progress" for stage in ("root_em", "child_em", "final_em")),
     "data.root", "data.download", "data.num_workers",
     *(f"output.{f.name}" for f in fields(OutputConfig)
       if f.name not in ("dir", "name", "checkpoint_every")),
@@ -157,6 +161,9 @@ def load_data(config: RunConfig) -> ImageData:
 
 def _training_data(data: ImageData, config: RunConfig, device: torch.device):
     n, d = data.train_pixels.shape
+    if config.train.method == "hierarchical" and n * d > STREAM_ABOVE:
+        # the hierarchical trainer reads map-style datasets (children take subsets of rows)
+        return data.dataset("train"), data.dataset("val") if data.val_pixels.shape[0] else None
     if config.train.method == "em" and n * d > STREAM_ABOVE:
         # Large sets (CelebA) stay uint8 on the host and become float one batch at a time.
         batch = config.train.em.batch_size
@@ -235,8 +242,16 @@ def train(
 
 def _check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
-    to a finished run would be ignored, so it is refused."""
+    to a finished run would be ignored, so it is refused. The finished stages of a
+    hierarchical run were fitted with the saved EM settings: none of those may change."""
     state = ckpt.trainer_state or {}
+    if config.train.method == "hierarchical":
+        for key in changed:
+            if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
+                    (".progress", ".checkpoint_every")):
+                raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
+                                 "finished stages were fitted with the saved value; start a "
+                                 "new run")
     if ("train.em.max_iter" in changed and config.train.method == "em"
             and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
         raise ValueError(
@@ -264,6 +279,17 @@ def _clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> N
         )
 
 
+#: The trainer class of each ``train.method``.
+_TRAINERS = {"em": EMTrainer, "sgd": SGDTrainer, "hierarchical": HierarchicalRunTrainer}
+
+
+def _fit_options(config: RunConfig, run_dir: Path) -> dict:
+    """Extra ``fit`` arguments of a method: the hierarchical stages' checkpoint folder."""
+    if config.train.method == "hierarchical":
+        return {"checkpoint_dir": run_dir / HIERARCHY_DIR}
+    return {}
+
+
 @dataclass
 class _Setup:
     """What a run needs, built and checked before its folder exists."""
@@ -271,7 +297,7 @@ class _Setup:
     device: torch.device
     data: ImageData
     model: MixtureOfFactorAnalyzers
-    trainer: EMTrainer | SGDTrainer
+    trainer: EMTrainer | SGDTrainer | HierarchicalRunTrainer
     train_data: object
     val_data: object
 
@@ -279,7 +305,7 @@ class _Setup:
 def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     device = resolve_device(config.device)
     trainer_config = config.trainer_config()
-    if trainer_config.device is not None:
+    if getattr(trainer_config, "device", None) is not None:
         prefix = f"train.{config.train.method}.device"
         try:
             resolve_device(trainer_config.device)
@@ -307,7 +333,7 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"{mc.n_factors}) does not fit the data {data.name} with "
                 f"{data.n_features} features: {error}"
             ) from None
-    trainer = (EMTrainer if config.train.method == "em" else SGDTrainer)(trainer_config)
+    trainer = _TRAINERS[config.train.method](trainer_config)
     if ckpt is not None and ckpt.trainer_state is not None:
         try:
             trainer.load_state_dict(ckpt.trainer_state)
@@ -335,8 +361,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
-                    checkpoint_fn=checkpoint)
+        model = trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
+                            checkpoint_fn=checkpoint, **_fit_options(config, run_dir))
     for warning in caught:
         logger.warning("%s", warning.message)
     seconds = time.perf_counter() - started
@@ -344,13 +370,15 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
         return TrainResult(run_dir, model, {})
     metrics = {**meta, "method": config.train.method, "train_seconds": seconds,
                "iterations": len(trainer.history)}
+    if config.train.method == "hierarchical":  # K is known only now
+        metrics["n_components"] = model.n_components
     metrics.update(evaluate_model(model, data, ("train", "val", "test")))
     save_checkpoint(run_dir / CHECKPOINT_NAME, model, run_config=config,
                     trainer_state=trainer.state_dict(), metrics=metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)
-    if config.output.plot and trainer.history:
+    if config.output.plot and trainer.history and config.train.method != "hierarchical":
         viz.plot_training_curve(trainer.history, run_dir / "curve.png",
                                 title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
     if figures:
@@ -443,32 +471,13 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     return viz.save_image(grid, path, scale=scale)
 
 
-def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2):
-    """Rank ``split`` by ``log p``: the ``n`` least likely images as a grid
-    (``outliers.png``, least likely first) and every score as ``outliers.csv``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loader = data.loader(split, batch_size=1024, dtype=model.dtype)
-    scores = []
-    with torch.no_grad():
-        for batch in loader:
-            scores.append(model.log_prob(batch.to(model.device)).double().cpu())
-    log_p = torch.cat(scores)
-    order = torch.argsort(log_p)
-    labels = data.labels(split)
-    csv_path = out_dir / "outliers.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "index", "log_prob", "label"])
-        for rank, i in enumerate(order.tolist()):
-            label = "" if labels is None else int(labels[i])
-            writer.writerow([rank, i, f"{log_p[i].item():.6f}", label])
-    worst = order[: min(n, order.numel())]
-    images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
-    png = viz.save_image_grid(images, out_dir / "outliers.png", nrow, scale=scale)
-    logger.info("least likely %s images: %s", split,
-                ", ".join(f"#{i} ({log_p[i].item():.1f})" for i in worst[:5].tolist()))
-    return [png, csv_path]
+def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2,
+             score: str = DEFAULT_SCORE, seed: int = 0):
+    """Rank ``split`` by the outlier ``score`` (one of :data:`mfa.outliers.SCORE_NAMES`):
+    the ``n`` most outlying images as a grid (``outliers.png``, most outlying first) and every
+    score as ``outliers.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
+    return rank_outliers(model, data, out_dir, split=split, n=n, nrow=nrow, scale=scale,
+                         score=score, seed=seed)
 
 
 def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
@@ -478,11 +487,17 @@ def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scal
 
 
 def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
-             config: RunConfig | None = None, seed: int = 0) -> dict:
+             config: RunConfig | None = None, seed: int = 0,
+             outliers_against: str | None = None, against_overrides: Sequence[str] = (),
+             outlier_scores: Sequence[str] = SCORE_NAMES) -> dict:
     """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples against
     the training bins, with real held-out images as the reference.
 
-    ``config`` names the data (default: the checkpoint's own run config).
+    ``config`` names the data (default: the checkpoint's own run config). With
+    ``outliers_against`` (a dataset name), ``result["outliers"]`` holds the AUROC and AUPR of
+    every score in ``outlier_scores`` for the run's test split against that dataset's test
+    split (:func:`mfa.run_outliers.outlier_metrics`); the other dataset is read with the
+    run's data settings, ``data.name`` replaced and ``against_overrides`` applied.
     """
     from mfa.metrics import ndb
 
@@ -506,4 +521,9 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             "ndb_js": model_ndb.js_divergence, "ndb_real": real_ndb.ndb,
             "ndb_over_k_real": real_ndb.ndb_over_k, "ndb_js_real": real_ndb.js_divergence,
         })
+    if outliers_against is not None:
+        other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
+                                                   *against_overrides]))
+        result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
+                                             seed=seed)
     return result

@@ -192,23 +192,38 @@ def test_train_figures_have_the_grid_sizes(run_dir):
 
 def test_train_outliers_csv_ranks_every_test_image(run_dir, test_split):
     rows = read_csv(run_dir / "outliers.csv")
-    assert list(rows[0]) == ["rank", "index", "log_prob", "label"]
+    assert list(rows[0]) == ["rank", "index", "score", "log_prob", "label"]
     assert len(rows) == LIMIT
     assert [int(r["rank"]) for r in rows] == list(range(LIMIT))
     indices = [int(r["index"]) for r in rows]
     assert sorted(indices) == list(range(LIMIT))
     log_p = [float(r["log_prob"]) for r in rows]
-    assert all(math.isfinite(v) for v in log_p)
-    assert log_p == sorted(log_p)
+    scores = [float(r["score"]) for r in rows]
+    assert all(math.isfinite(v) for v in log_p + scores)
+    assert scores == sorted(scores, reverse=True)  # most outlying first
     labels = test_split.labels("test")
     assert [int(r["label"]) for r in rows] == [int(labels[i]) for i in indices]
-    # The scores are the model's log p of the test images.
+    # The log p column is the model's log p of the test images.
     model = load_checkpoint(run_dir / "checkpoint.pt").model
+    x = test_split.test[torch.tensor(indices)]
     with torch.no_grad():
-        expected = model.log_prob(test_split.test[torch.tensor(indices)]).double()
+        expected = model.log_prob(x).double()
     torch.testing.assert_close(torch.tensor(log_p, dtype=torch.float64), expected,
                                rtol=1e-6, atol=1e-5)
-    # The mean of the scores is the test log-likelihood of metrics.json.
+    # The score is the default one, complexity (pixel/255 data: scale 255): bits/dim of
+    # the model minus the PNG length of the image in bits/dim.
+    d = SIDE * SIDE
+    png_bits = []
+    for row in x:
+        buffer = io.BytesIO()
+        pixels = torch.round(row * 255).to(torch.uint8).reshape(SIDE, SIDE).numpy()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=9)
+        png_bits.append(8.0 * buffer.tell() / d)
+    bits = -(expected - d * math.log(255)) / (d * math.log(2))
+    torch.testing.assert_close(torch.tensor(scores, dtype=torch.float64),
+                               bits - torch.tensor(png_bits, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-5)
+    # The mean of the log p column is the test log-likelihood of metrics.json.
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert sum(log_p) / LIMIT == pytest.approx(metrics["test_log_likelihood"], rel=1e-5)
 
@@ -386,9 +401,35 @@ def test_outliers_of_the_validation_split(run_dir, tmp_path):
     rows = read_csv(tmp_path / "outliers.csv")
     assert len(rows) == LIMIT
     assert sorted(int(r["index"]) for r in rows) == list(range(LIMIT))
-    log_p = [float(r["log_prob"]) for r in rows]
-    assert log_p == sorted(log_p)
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
     assert open_png(tmp_path / "outliers.png").size == grid_size(3, 8, 2)
+
+
+def test_outliers_by_neg_log_prob_ranks_by_log_p(run_dir, tmp_path):
+    code, _, stderr = run_cli("outliers", run_dir, "--out-dir", tmp_path, "--score",
+                              "neg_log_prob", "-n", 4)
+    assert code == 0, stderr
+    rows = read_csv(tmp_path / "outliers.csv")
+    log_p = torch.tensor([float(r["log_prob"]) for r in rows], dtype=torch.float64)
+    assert torch.equal(log_p, log_p.sort().values)  # least likely first
+    d = SIDE * SIDE  # pixel/255 data: −log p in bits/dim with scale 255
+    expected = -(log_p - d * math.log(255)) / (d * math.log(2))
+    torch.testing.assert_close(torch.tensor([float(r["score"]) for r in rows],
+                                            dtype=torch.float64), expected,
+                               rtol=1e-6, atol=1e-5)
+    code, _, stderr = run_cli("outliers", run_dir, "--score", "entropy")
+    assert code == 2 and "--score" in stderr and "invalid choice" in stderr
+
+
+def write_pngs(folder: Path, n: int, side: int = SIDE, seed: int = 0) -> Path:
+    """``n`` greyscale PNGs of uniform noise."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        pixels = rng.integers(0, 256, size=(side, side), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folder
 
 
 # ---------------------------------------------------------------------------- mfa evaluate
@@ -428,6 +469,53 @@ def test_evaluate_with_a_data_override(run_dir):
     with torch.no_grad():
         expected = model.log_prob(test).double().mean().item()
     assert result["test_log_likelihood"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_outliers_against_another_dataset(run_dir, tmp_path, test_split):
+    """AUROC/AUPR of every score against sklearn on scores recomputed with OutlierScorer."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from mfa.outliers import SCORE_NAMES, OutlierScorer
+
+    pngs = write_pngs(tmp_path / "noise", 40)
+    code, stdout, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder",
+                                   "--against-set", f"data.root={pngs}",
+                                   "--against-set", "data.test_fraction=0.5")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    report = result["outliers"]
+    assert report["against"] == "folder" and report["split"] == "test"
+    assert (report["n_in"], report["n_out"]) == (LIMIT, 20)
+    assert report["default_score"] == "complexity"
+    model = load_checkpoint(run_dir / "checkpoint.pt").model
+    other = load_dataset("folder", pngs, test_fraction=0.5)
+    train_rows = load_dataset("embedded-mnist", limit=LIMIT).train
+    labels = np.r_[np.zeros(LIMIT), np.ones(20)]
+    for name in SCORE_NAMES:
+        scorer = OutlierScorer.fit(model, train_rows, name, image_shape=(1, SIDE, SIDE),
+                                   scale=255, seed=0)
+        scores = torch.cat([scorer(test_split.test), scorer(other.test)]).numpy()
+        assert report[name]["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert report[name]["aupr"] == pytest.approx(average_precision_score(labels, scores),
+                                                     abs=1e-12)
+    # Uniform noise is far from any digit: raw -log p already separates it perfectly.
+    assert report["neg_log_prob"]["auroc"] == 1.0
+
+
+def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_path):
+    pngs = write_pngs(tmp_path / "big", 10, side=32)
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder",
+                              "--against-set", f"data.root={pngs}",
+                              "--outlier-scores", "neg_log_prob")
+    assert code == 2
+    assert "needs images of one shape" in stderr and "(1, 28, 28)" in stderr
+    assert "(1, 32, 32)" in stderr
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder")
+    assert code == 2 and "data.root: required when data.name is 'folder'" in stderr
+    code, _, stderr = run_cli("evaluate", run_dir, "--against-set", "data.root=x")
+    assert code == 1 and "--against-set needs --outliers-against" in stderr
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "imagenet")
+    assert code == 2 and "invalid choice" in stderr
 
 
 # ---------------------------------------------------------------------------- mfa visualize
@@ -649,3 +737,21 @@ def test_python_dash_m_mfa(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
     assert open_png(out).size == grid_size(2, 2)
+
+
+def test_the_package_exports_load_pil_only_when_used():
+    """``import mfa`` and the parser stay free of PIL; the outlier names resolve on use to
+    mfa.outliers' objects, and every name of ``mfa.__all__`` exists."""
+    code = ("import sys, mfa, mfa.cli\n"
+            "mfa.cli.build_parser()\n"
+            "print('PIL' in sys.modules)\n"
+            "import mfa.outliers as o, mfa.hierarchical as h\n"
+            "print(mfa.OutlierScorer is o.OutlierScorer and mfa.auroc is o.auroc\n"
+            "      and mfa.aupr is o.aupr and mfa.evaluate_outliers is o.evaluate_outliers\n"
+            "      and mfa.HierarchicalTrainer is h.HierarchicalTrainer\n"
+            "      and mfa.HierarchicalConfig is h.HierarchicalConfig)\n"
+            "print(all(hasattr(mfa, name) for name in mfa.__all__))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True", "True"]

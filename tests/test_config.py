@@ -268,7 +268,8 @@ def test_malformed_overrides(override, match):
         ("seed=-1", r"invalid value for seed: must be >= 0, got -1"),
         # unknown enum strings
         ("model.noise=full", r"model\.noise: expected one of 'diagonal', 'isotropic', got 'full'"),
-        ("train.method=adam", r"train\.method: expected one of 'em', 'sgd', got 'adam'"),
+        ("train.method=adam",
+         r"train\.method: expected one of 'em', 'sgd', 'hierarchical', got 'adam'"),
         ("train.em.init=pca", r"train\.em\.init: expected one of 'kmeans'.*got 'pca'"),
         ("train.sgd.schedule=linear", r"train\.sgd\.schedule: expected one of.*got 'linear'"),
         ("data.name=cifar10", r"data\.name: expected one of 'embedded-mnist'.*got 'cifar10'"),
@@ -397,3 +398,63 @@ def test_shipped_configs_checkpoint_every_iteration(path):
     assert config.train.sgd.checkpoint_every == 1
     assert config.output.checkpoint_every in (None, 1)
     assert RunConfig().trainer_config().checkpoint_every == 1  # no --config: the defaults
+
+
+# ---------------------------------------------------------------------------- hierarchical
+
+
+def test_the_hierarchical_section_is_the_trainers_config_less_the_models_values():
+    """One home for the defaults: train.hierarchical has HierarchicalConfig's fields and
+    defaults, less the root's K₁, L and noise (the model's); its stages' EM defaults to
+    train.em."""
+    from mfa.hierarchical import HierarchicalConfig
+    from mfa.hierarchical_section import HIERARCHY_FROM_MODEL, HierarchicalSection
+
+    trainer_fields = {f.name: f for f in dataclasses.fields(HierarchicalConfig)}
+    section_fields = {f.name: f for f in dataclasses.fields(HierarchicalSection)}
+    assert list(section_fields) == [n for n in trainer_fields if n not in HIERARCHY_FROM_MODEL]
+    defaults = HierarchicalConfig()
+    for name in section_fields:
+        if name in ("root_em", "child_em"):
+            assert getattr(HierarchicalSection(), name) is None
+        else:
+            assert getattr(HierarchicalSection(), name) == getattr(defaults, name), name
+
+
+def test_hierarchical_trainer_config_takes_the_model_and_train_em():
+    config = load_config(CONFIG_DIR / "embedded-mnist.yaml", [
+        "train.method=hierarchical", "model.n_components=7", "model.n_factors=3",
+        "model.noise=isotropic", "train.hierarchical.rows_per_component=50",
+        "train.hierarchical.child_em={max_iter: 2}", "train.em.max_iter=11",
+    ])
+    hier = config.trainer_config()
+    assert (hier.root_components, hier.n_factors, hier.noise) == (7, 3, "isotropic")
+    assert hier.rows_per_component == 50
+    assert hier.root_em == config.train.em and hier.root_em.max_iter == 11
+    assert hier.child_em == EMConfig(max_iter=2)
+    assert hier.final_em is None
+    # the YAML round trip keeps it
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.hierarchical.n_factors=3",
+     r"unknown config key 'train\.hierarchical\.n_factors' \(it is model\.n_factors"),
+    ("train.hierarchical.root_components=3",
+     r"'train\.hierarchical\.root_components' \(it is model\.n_components"),
+    ("train.hierarchical.rows_per_component=0",
+     r"train\.hierarchical\.rows_per_component: must be an int >= 1, got 0"),
+    ("train.hierarchical={min_child_components: 5, max_child_components: 2}",
+     r"train\.hierarchical\.min_child_components: must be <= max_child_components, got 5 > 2"),
+    ("train.hierarchical.final_em={max_iter: 2}",
+     r"train\.hierarchical\.final_em\.init: must be 'none'"),
+    ("train.hierarchical.child_em={kmeans_iter: 0}",
+     r"train\.hierarchical\.child_em\.kmeans_iter: must be an int >= 1, got 0"),
+    ("train.hierarchical.min_child_rows=0",
+     r"train\.hierarchical\.min_child_rows: must be None or an int >= 1, got 0"),
+    ("train.method=tree", r"train\.method: expected one of 'em', 'sgd', 'hierarchical'"),
+])
+def test_hierarchical_errors_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match) as caught:
+        load_config(overrides=[override])
+    assert "HierarchicalConfig" not in str(caught.value)

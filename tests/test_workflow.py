@@ -234,6 +234,93 @@ def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
     assert resumed.metrics["test_log_likelihood"] == uninterrupted.metrics["test_log_likelihood"]
 
 
+HIERARCHICAL = [
+    "train.method=hierarchical",
+    "model.n_components=2",  # the root's K₁
+    "train.hierarchical.rows_per_component=60",
+    "train.em.variance_floor=1e-3",  # the root's EM: train.em
+    "train.hierarchical.child_em={max_iter: 3, kmeans_iter: 3, progress: false, "
+    "variance_floor: 1.0e-3}",
+]
+
+
+class StageInterrupt:
+    """Ctrl-C in the callback of child ``at``'s stage record; records the stages seen."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.seen = at, []
+
+    def __call__(self, trainer, model, record) -> None:
+        self.seen.append((record["stage"], record.get("component"), record["resumed"]))
+        if self.at is not None and record.get("component") == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def hierarchical_run(out_dir):
+    return workflow.train(make_config(out_dir, "hier-a", *HIERARCHICAL), figures=False)
+
+
+@pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
+def test_hierarchical_run_is_the_library_fit(hierarchical_run, data):
+    """The run's model is HierarchicalTrainer's flattened model of the same data and config,
+    whose children take their sizes from the rows of each root component."""
+    from mfa.hierarchical import HierarchicalTrainer, total_components
+
+    config = load_config(hierarchical_run.run_dir / "config.yaml")
+    hier = config.trainer_config()
+    assert (hier.root_components, hier.n_factors, hier.noise) == (2, 2, "diagonal")
+    assert hier.root_em == config.train.em and hier.child_em.max_iter == 3
+    trainer = HierarchicalTrainer(hier)
+    expected = trainer.fit(data.train, data.val)
+    assert_same_parameters(hierarchical_run.model, expected)
+    saved = load_checkpoint(hierarchical_run.run_dir / "checkpoint.pt")
+    assert_same_parameters(saved.model, expected)
+    k = total_components(trainer.counts, hier)
+    assert saved.model.n_components == k == hierarchical_run.metrics["n_components"] > 2
+    assert saved.trainer_state["finished"] is True
+    history = json.loads((hierarchical_run.run_dir / "history.json").read_text())
+    assert [(r["stage"], r.get("component")) for r in history] == [
+        ("root", None), ("child", 0), ("child", 1), ("final", None)]
+    assert hierarchical_run.metrics["method"] == "hierarchical"
+    assert sorted(p.name for p in (hierarchical_run.run_dir / "hierarchy").iterdir()) == [
+        "child-00000.pt", "child-00001.pt", "model.pt", "root.pt"]
+    with torch.no_grad():
+        test_ll = expected.log_prob(data.test).double().mean().item()
+    assert hierarchical_run.metrics["test_log_likelihood"] == pytest.approx(test_ll, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
+def test_hierarchical_resume_after_an_interrupt_gives_the_uninterrupted_model(
+        hierarchical_run, out_dir):
+    config = make_config(out_dir, "hier-b", *HIERARCHICAL)
+    run_dir = out_dir / "hier-b"
+    stop = StageInterrupt(at=0)
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(stop,))
+    assert stop.seen == [("root", None, False), ("child", 0, False)]
+    saved = load_checkpoint(run_dir / "checkpoint.pt")  # written once the root was fitted
+    assert saved.model.n_components == 2 and saved.trainer_state["finished"] is False
+    assert not (run_dir / "metrics.json").exists()
+    after = StageInterrupt(at=None)
+    resumed = workflow.train(None, resume=run_dir, figures=False, callbacks=(after,))
+    assert after.seen == [("root", None, True), ("child", 0, True), ("child", 1, False),
+                          ("final", None, False)]
+    assert_same_parameters(resumed.model, hierarchical_run.model)
+    assert resumed.metrics["test_log_likelihood"] == (
+        hierarchical_run.metrics["test_log_likelihood"])
+    # A resume may change the progress bars, not what the stages compute.
+    workflow.train(None, resume=run_dir, figures=False,
+                   overrides=["train.hierarchical.child_em.progress=true"])
+    with pytest.raises(ValueError, match="cannot change train.hierarchical.rows_per_component"):
+        workflow.train(None, resume=run_dir, overrides=[
+            "train.hierarchical.rows_per_component=30"])
+    # safe for an EM run, not for the finished stages of a hierarchical one
+    with pytest.raises(ValueError, match="cannot change train.em.max_iter when resuming a "
+                                         "hierarchical run"):
+        workflow.train(None, resume=run_dir, overrides=["train.em.max_iter=9"])
+
+
 @pytest.mark.slow
 def test_em_resume_may_run_longer_and_records_the_change(out_dir):
     """A safe change on resume is applied (not ignored): interrupted at 2 of 4 iterations and

@@ -1,0 +1,85 @@
+"""The ``train.hierarchical`` section of a run config (:mod:`mfa.config`).
+
+:class:`HierarchicalSection` is :class:`mfa.hierarchical.HierarchicalConfig` as a run sets it:
+the root's ``K₁``, ``L`` and noise type are the run's ``model`` values and the stages' EM is
+the run's ``train.em`` unless given here. :func:`hierarchical_config` builds the trainer's
+config from a :class:`~mfa.config.RunConfig`; :func:`check_hierarchical` validates it with the
+trainer's own checks, naming the YAML keys.
+
+``mfa.hierarchical`` is imported inside the functions: it imports ``mfa.checkpoint``, which
+imports ``mfa.config``, which imports this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from mfa.em import EMConfig
+
+__all__ = ["HIERARCHY_FROM_MODEL", "HierarchicalSection", "check_hierarchical",
+           "hierarchical_config"]
+
+
+#: ``mfa.hierarchical.HierarchicalConfig`` fields a run takes from its ``model`` section.
+HIERARCHY_FROM_MODEL: dict[str, str] = {
+    "root_components": "n_components", "n_factors": "n_factors", "noise": "noise",
+}
+
+
+@dataclass
+class HierarchicalSection:
+    """``train.hierarchical``: :class:`mfa.hierarchical.HierarchicalConfig` as a run sets it.
+
+    The root's ``K₁``, ``L`` and noise type are the run's ``model.n_components``,
+    ``model.n_factors`` and ``model.noise`` (:data:`HIERARCHY_FROM_MODEL`), and the EM of
+    the root and of the children is the run's ``train.em`` unless ``root_em`` / ``child_em``
+    is given. The other fields and defaults are HierarchicalConfig's; a test keeps the two in
+    step.
+    """
+
+    rows_per_component: int = 1000  # a child of rows_k rows gets rows_k // this components
+    min_child_components: int = 1  # lower clamp of a child's component count
+    max_child_components: int = 100  # upper clamp of a child's component count
+    min_child_rows: int | None = None  # fewer rows: keep the root component; None: rows_per_...
+    root_em: EMConfig | None = None  # EM of the root (seed ignored); None: train.em
+    child_em: EMConfig | None = None  # EM of each child (seed ignored); None: train.em
+    final_em: EMConfig | None = None  # EM on the flattened model (init: none); None: no EM
+    assign_batch_size: int = 4096  # rows per batch of the hard assignment
+    seed: int = 0  # seeds the root and the children
+
+
+def hierarchical_config(config: Any) -> Any:
+    """The ``mfa.hierarchical.HierarchicalConfig`` of a run: ``train.hierarchical`` with the
+    root's size, factors and noise type from ``model`` (see :data:`HIERARCHY_FROM_MODEL`) and
+    a copy of ``train.em`` for a ``root_em`` / ``child_em`` left at ``None``."""
+    from mfa.hierarchical import HierarchicalConfig
+
+    section = copy.deepcopy(config.train.hierarchical)
+    values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    values.update({key: getattr(config.model, name) for key, name in HIERARCHY_FROM_MODEL.items()})
+    for stage in ("root_em", "child_em"):
+        if values[stage] is None:
+            values[stage] = copy.deepcopy(config.train.em)
+    return HierarchicalConfig(**values)
+
+
+def check_hierarchical(config: Any) -> None:
+    """``train.hierarchical`` with the model's values, checked by the trainer itself."""
+    from mfa.hierarchical import HierarchicalTrainer
+
+    try:
+        HierarchicalTrainer(hierarchical_config(config))
+    except (TypeError, ValueError) as error:
+        text = str(error)
+        match = re.match(r"HierarchicalConfig\.([\w.]+) (.*)", text, re.DOTALL)
+        if match is None:
+            raise ValueError(f"invalid value in train.hierarchical: {text}") from None
+        key, problem = match.groups()
+        where = (f"model.{HIERARCHY_FROM_MODEL[key]}" if key in HIERARCHY_FROM_MODEL
+                 else f"train.hierarchical.{key}")
+        problem = re.sub(r"HierarchicalConfig\.(\w+)", r"train.hierarchical.\1", problem)
+        raise ValueError(f"invalid value for {where}: {problem}") from None

@@ -1,0 +1,149 @@
+"""Outlier scores on a run's data: the ranking of ``mfa outliers`` and the AUROC/AUPR table
+of ``mfa evaluate --outliers-against``.
+
+The scores themselves live in :mod:`mfa.outliers` (every score *higher = more outlying*);
+this module applies them to :class:`~mfa.data.ImageData` splits: it picks the data scale
+(``256`` for dequantised ``(pixel + u)/256`` rows, ``255`` for ``pixel/255``), fits the
+background model a score needs on (a seeded subset of) the training split, and scores a split
+batch by batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mfa import viz
+from mfa.data import ImageData
+from mfa.model import MixtureOfFactorAnalyzers
+from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES, OutlierScorer, evaluate_outliers, get_score
+
+logger = logging.getLogger("mfa")
+
+__all__ = ["data_scale", "make_scorer", "outlier_metrics", "rank_outliers", "score_split"]
+
+#: At most this many training images (a seeded subset) fit a score's background model.
+BACKGROUND_ROWS = 5000
+#: Rows per scored batch.
+SCORE_BATCH = 1024
+
+
+def data_scale(data: ImageData) -> int:
+    """The divisor that mapped pixels to the model's rows: 256 if dequantised, else 255."""
+    return 256 if data.dequantize else 255
+
+
+def make_scorer(model: MixtureOfFactorAnalyzers, data: ImageData, score: str = DEFAULT_SCORE,
+                *, seed: int = 0) -> OutlierScorer:
+    """An :class:`~mfa.outliers.OutlierScorer` for rows of ``data`` (the model's training
+    data); a background model, when ``score`` needs one, is fitted on up to
+    :data:`BACKGROUND_ROWS` training images chosen with ``seed``."""
+    spec = get_score(score)
+    train = None
+    if spec.needs_background:
+        n = data.pixels("train").shape[0]
+        if n == 0:
+            raise ValueError(f"score {score!r} fits a background model on the training split, "
+                             f"but {data.name} has no training images")
+        index = torch.arange(n)
+        if n > BACKGROUND_ROWS:
+            index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            index = index[:BACKGROUND_ROWS].sort().values
+        train = data.dataset("train", dtype=model.dtype).rows(index).to(model.device)
+    return OutlierScorer.fit(model, train, score, image_shape=data.image_shape,
+                             scale=data_scale(data), seed=seed)
+
+
+def score_split(scorer: OutlierScorer, data: ImageData, split: str = "test") -> Tensor:
+    """The scores of every image of ``split``: float64 ``[N]`` on the CPU."""
+    model = scorer.model
+    out = [scorer(batch.to(model.device)).cpu()
+           for batch in data.loader(split, batch_size=SCORE_BATCH, dtype=model.dtype)]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float64)
+
+
+def _log_prob(model: MixtureOfFactorAnalyzers, data: ImageData, split: str) -> Tensor:
+    with torch.no_grad():
+        return torch.cat([model.log_prob(batch.to(model.device)).double().cpu()
+                          for batch in data.loader(split, batch_size=SCORE_BATCH,
+                                                   dtype=model.dtype)])
+
+
+def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str | Path, *,
+                  split: str = "test", n: int = 32, nrow: int = 8, scale: int = 2,
+                  score: str = DEFAULT_SCORE, seed: int = 0) -> list[Path]:
+    """Rank ``split`` by an outlier score (most outlying first): the ``n`` most outlying
+    images as a grid (``outliers.png``) and every image as ``outliers.csv`` with the columns
+    ``rank, index, score, log_prob, label`` (``score`` as in :mod:`mfa.outliers`, bits/dim;
+    ``log_prob`` in nats). Ties keep the split's order."""
+    out_dir = Path(out_dir)
+    if data.pixels(split).shape[0] == 0:
+        raise ValueError(f"the {split} split of {data.name} is empty: nothing to rank")
+    scorer = make_scorer(model, data, score, seed=seed)
+    scores = score_split(scorer, data, split)  # [N]
+    log_p = _log_prob(model, data, split)  # [N]
+    order = torch.argsort(scores, descending=True, stable=True)
+    labels = data.labels(split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "outliers.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "index", "score", "log_prob", "label"])
+        for rank, i in enumerate(order.tolist()):
+            label = "" if labels is None else int(labels[i])
+            writer.writerow([rank, i, f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}",
+                             label])
+    worst = order[: min(n, order.numel())]
+    images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
+    png = viz.save_image_grid(images, out_dir / "outliers.png", nrow, scale=scale)
+    logger.info("most outlying %s images by %s: %s", split, score,
+                ", ".join(f"#{i} ({scores[i].item():.3f})" for i in worst[:5].tolist()))
+    return [png, csv_path]
+
+
+def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: ImageData, *,
+                    split: str = "test", scores: Sequence[str] = SCORE_NAMES,
+                    seed: int = 0) -> dict:
+    """AUROC and AUPR of telling ``other``'s ``split`` (the outliers, positives) from
+    ``data``'s ``split`` (the model's own data) with every score in ``scores``.
+
+    ``other`` is scored on the scale of ``data`` (its images are read as ``data`` reads its
+    own: ``pixel/255``, or dequantised with ``other``'s seed).
+
+    Returns:
+        ``{"against": other.name, "split", "n_in", "n_out", "default_score",
+        "<score>": {"auroc", "aupr"}, ...}``.
+
+    Raises:
+        ValueError: the two image shapes differ, a split is empty, or a score is unknown.
+    """
+    if tuple(other.image_shape) != tuple(data.image_shape):
+        raise ValueError(
+            f"outlier evaluation needs images of one shape: the run's data {data.name} has "
+            f"(C, H, W) = {tuple(data.image_shape)}, {other.name} has "
+            f"{tuple(other.image_shape)}; resize it (e.g. data.image_size) or pick another "
+            "dataset"
+        )
+    for name, source in (("run's data", data), ("other data", other)):
+        if source.pixels(split).shape[0] == 0:
+            raise ValueError(f"the {split} split of the {name} {source.name} is empty")
+    names = [get_score(s).name for s in scores]
+    if other.dequantize != data.dequantize:
+        raise ValueError(f"{other.name} must be read like the run's data (dequantize="
+                         f"{data.dequantize})")
+    result: dict = {"against": other.name, "split": split,
+                    "n_in": int(data.pixels(split).shape[0]),
+                    "n_out": int(other.pixels(split).shape[0]), "default_score": DEFAULT_SCORE}
+    for name in names:
+        scorer = make_scorer(model, data, name, seed=seed)
+        metrics = evaluate_outliers(score_split(scorer, data, split),
+                                    score_split(scorer, other, split))
+        result[name] = {"auroc": metrics["auroc"], "aupr": metrics["aupr"]}
+        logger.info("outliers %s vs %s by %s: AUROC %.4f, AUPR %.4f", data.name, other.name,
+                    name, metrics["auroc"], metrics["aupr"])
+    return result

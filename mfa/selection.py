@@ -1,0 +1,291 @@
+"""Model selection sweeps over ``(K, L)``: validation bits/dim, BIC, size and fit time.
+
+One model is fitted per pair of a grid ``components × factors`` (by
+:func:`mfa.metrics.select_model`, which scores it on the training data for BIC and on the
+validation data); the sweep keeps one row per model and marks the best by validation
+likelihood (the choice to make: it measures generalisation directly) and the best by BIC
+(``−2 log L + p log N`` on the training rows, the classical penalised choice, which needs no
+held-out data). For dequantised 8-bit images (``x = (pixel + u)/256``) the validation score is
+also given in bits/dim (:func:`mfa.metrics.bits_per_dim`); lower bits/dim is a higher
+log-likelihood, so the two rank the same.
+
+* :func:`sweep_models`: the library function (tensors or loaders, any ``fit_fn``).
+* :func:`select_run`: the ``mfa select`` command: a run config's data and trainer, the table
+  saved as CSV, markdown and JSON and a plot of validation score against ``K`` per ``L``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mfa._validation import check_positive_int
+from mfa.metrics import bits_per_dim, select_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SelectionSweep", "select_run", "sweep_models"]
+
+#: Columns of the saved table, in order.
+COLUMNS = ("K", "L", "n_params", "train_log_likelihood", "val_log_likelihood",
+           "val_bits_per_dim", "bic", "aic", "fit_seconds", "best_val", "best_bic")
+
+
+@dataclass
+class SelectionSweep:
+    """The outcome of :func:`sweep_models`.
+
+    Attributes:
+        rows: one dict per ``(K, L)`` in grid order (``L`` outer, ``K`` inner) with the keys
+            of :data:`COLUMNS`: parameter count, mean train and validation log-likelihood
+            (nats per row), validation bits/dim (``None`` unless a ``scale`` was given), BIC
+            and AIC on the training rows, fit seconds, and ``best_val`` / ``best_bic``
+            marking the best row by each criterion.
+        best_by_val: the row with the highest validation log-likelihood.
+        best_by_bic: the row with the lowest BIC.
+        best_model: the fitted model of ``best_by_val`` (the other models are not kept).
+        n_features: ``D``.
+    """
+
+    rows: list[dict]
+    best_by_val: dict
+    best_by_bic: dict
+    best_model: Any
+    n_features: int
+
+    @property
+    def has_bits_per_dim(self) -> bool:
+        return self.rows[0]["val_bits_per_dim"] is not None
+
+    def table(self, markdown: bool = False) -> str:
+        """The rows as a text (or markdown) table; the best rows are marked."""
+        score = "val bits/dim" if self.has_bits_per_dim else "val log-lik"
+        head = ["K", "L", "params", score, "BIC", "train s", "best"]
+        lines = []
+        for r in self.rows:
+            value = r["val_bits_per_dim"] if self.has_bits_per_dim else r["val_log_likelihood"]
+            marks = [name for name, key in (("val", "best_val"), ("BIC", "best_bic")) if r[key]]
+            lines.append([str(r["K"]), str(r["L"]), str(r["n_params"]), f"{value:.4f}",
+                          f"{r['bic']:.1f}", f"{r['fit_seconds']:.2f}",
+                          " ".join(f"<- {m}" for m in marks)])
+        if markdown:
+            rule = ["---:"] * (len(head) - 1) + [":---"]
+            return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, rule, *lines])
+        widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+        return "\n".join("  ".join(c.rjust(w) if i < len(head) - 1 else c
+                                   for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+                         .rstrip() for cells in [head, *lines])
+
+    def save(self, out_dir: str | Path, *, metadata: dict | None = None,
+             stem: str = "selection") -> list[Path]:
+        """``<stem>.csv``, ``<stem>.md``, ``<stem>.json`` (rows, bests and ``metadata``) and
+        ``<stem>.png`` (:meth:`plot`) in ``out_dir``; returns their paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / f"{stem}.{ext}" for ext in ("csv", "md", "json", "png")]
+        with open(paths[0], "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({key: row[key] for key in COLUMNS} for row in self.rows)
+        paths[1].write_text(self.table(markdown=True) + "\n")
+        record = {**(metadata or {}), "n_features": self.n_features,
+                  "best_by_val": {"K": self.best_by_val["K"], "L": self.best_by_val["L"]},
+                  "best_by_bic": {"K": self.best_by_bic["K"], "L": self.best_by_bic["L"]},
+                  "rows": [{key: row[key] for key in COLUMNS} for row in self.rows]}
+        paths[2].write_text(json.dumps(record, indent=2) + "\n")
+        self.plot(paths[3])
+        return paths
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """Validation bits/dim (or −log-likelihood per row) against ``K``, one line per
+        ``L``; the best by validation is circled. Saved with matplotlib's Agg backend."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot(1, 1, 1)
+        bpd = self.has_bits_per_dim
+
+        def value(r: dict) -> float:
+            return r["val_bits_per_dim"] if bpd else -r["val_log_likelihood"]
+
+        for lat in sorted({r["L"] for r in self.rows}):
+            line = sorted((r for r in self.rows if r["L"] == lat), key=lambda r: r["K"])
+            axes.plot([r["K"] for r in line], [value(r) for r in line], "o-", label=f"L={lat}")
+        best = self.best_by_val
+        axes.plot([best["K"]], [value(best)], "o", markersize=14, markerfacecolor="none",
+                  markeredgecolor="black", label=f"best: K={best['K']}, L={best['L']}")
+        ks = sorted({r["K"] for r in self.rows})
+        if len(ks) > 1:
+            axes.set_xscale("log")
+        axes.set_xticks(ks, [str(k) for k in ks])
+        axes.minorticks_off()
+        axes.set_xlabel("K (components)")
+        axes.set_ylabel("validation bits/dim" if bpd else "validation −log p per row (nats)")
+        axes.set_title(title or "model selection (lower is better)")
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+        figure.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        return path
+
+
+def _grid(values: Sequence[int], name: str, minimum: int) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+    values = list(dict.fromkeys(values))  # duplicates once, order kept
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    for v in values:
+        check_positive_int(v, name, minimum=minimum)
+    return values
+
+
+def sweep_models(
+    train: Tensor | Iterable,
+    validation: Tensor | Iterable,
+    components: Sequence[int],
+    factors: Sequence[int],
+    fit_fn: Callable[[int, int], Any],
+    *,
+    scale: float | None = None,
+) -> SelectionSweep:
+    """Fit one model per ``(K, L)`` in ``components × factors`` and compare them.
+
+    Args:
+        train: the training rows (``[N, D]`` tensor or iterable of batches) that ``fit_fn``
+            fits; BIC and AIC are computed on them.
+        validation: held-out rows, same forms; the main criterion.
+        components: the ``K`` values (ints >= 1; duplicates are dropped).
+        factors: the ``L`` values (ints >= 0).
+        fit_fn: ``fit_fn(K, L) -> model``, the fitted model (see
+            :func:`mfa.metrics.select_model`).
+        scale: for dequantised images, the divisor of :func:`mfa.metrics.bits_per_dim`
+            (256) to report validation bits/dim; ``None``: no bits/dim.
+
+    Returns:
+        A :class:`SelectionSweep`.
+    """
+    ks = _grid(components, "components", 1)
+    ls = _grid(factors, "factors", 0)
+    if validation is None:
+        raise ValueError("sweep_models needs validation data (the main criterion)")
+    candidates = [(k, lat) for lat in ls for k in ks]
+    seconds: dict[tuple[int, int], float] = {}
+
+    def timed_fit(k: int, lat: int):
+        started = time.perf_counter()
+        model = fit_fn(k, lat)
+        seconds[int(model.n_components), int(model.n_factors)] = time.perf_counter() - started
+        return model
+
+    result = select_model(train, candidates, timed_fit, criterion="val_log_lik",
+                          validation=validation)
+    n_features = int(result.best_model.n_features)
+    order = {pair: i for i, pair in enumerate(candidates)}
+    rows = []
+    for r in sorted(result.rows, key=lambda r: order.get((r["K"], r["L"]), len(order))):
+        bpd = None
+        if scale is not None:
+            bpd = float(bits_per_dim(r["val_log_lik"], n_features, scale=scale))
+        rows.append({"K": r["K"], "L": r["L"], "n_params": r["n_params"],
+                     "train_log_likelihood": r["mean_log_lik"],
+                     "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
+                     "bic": r["bic"], "aic": r["aic"], "fit_seconds": seconds[r["K"], r["L"]],
+                     "best_val": False, "best_bic": False})
+    best_val = next(r for r in rows if (r["K"], r["L"]) == (result.best["K"], result.best["L"]))
+    finite_bic = [r for r in rows if math.isfinite(r["bic"])] or rows
+    best_bic = min(finite_bic, key=lambda r: r["bic"])
+    best_val["best_val"] = True
+    best_bic["best_bic"] = True
+    return SelectionSweep(rows, best_val, best_bic, result.best_model, n_features)
+
+
+def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
+               out_dir: str | Path | None = None, *, method: str | None = None,
+               ) -> tuple[SelectionSweep, list[Path]]:
+    """``mfa select``: a sweep on a run config's data with its trainer, saved to ``out_dir``.
+
+    Every model is built as :func:`mfa.workflow.train` builds one (the config's noise type,
+    ``min_noise``, seed and device) and fitted on the train split with the validation split
+    as the trainer's validation data; no run folder or checkpoint is written.
+
+    Args:
+        config: a :class:`~mfa.config.RunConfig`.
+        components, factors: the grid.
+        out_dir: where the table and plot go; ``None``: ``<output.dir>/select-<data.name>``.
+        method: ``"em"`` or ``"sgd"`` to override ``train.method``.
+
+    Returns:
+        The sweep and the paths of the files written.
+
+    Raises:
+        ValueError: an invalid grid, a hierarchical method, no validation split, or a
+            ``(K, L)`` the data cannot take (``L > D`` or ``K`` above the training rows).
+    """
+    from mfa.config import apply_overrides, resolve_device
+    from mfa.em import ConvergenceWarning, EMTrainer
+    from mfa.model import MixtureOfFactorAnalyzers
+    from mfa.sgd import SGDTrainer
+    from mfa.workflow import STREAM_ABOVE, load_data
+
+    if method is not None:
+        config = apply_overrides(config, [f"train.method={method}"])
+    if config.train.method not in ("em", "sgd"):
+        raise ValueError(f"mfa select trains flat models with em or sgd, not train.method="
+                         f"{config.train.method!r}; pass --method em or --method sgd")
+    ks, ls = _grid(components, "components", 1), _grid(factors, "factors", 0)
+    device = resolve_device(config.device)
+    data = load_data(config)
+    n, d = data.train_pixels.shape
+    if data.val_pixels.shape[0] == 0:
+        raise ValueError(f"the data {data.name} has no validation split; set "
+                         "data.val_fraction > 0")
+    if max(ls) > d:
+        raise ValueError(f"factors {[v for v in ls if v > d]} exceed the {d} features of "
+                         f"{data.name}")
+    if max(ks) > n:
+        raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
+                         f"images of {data.name}")
+    if n * d > STREAM_ABOVE:  # large sets stay uint8 and become float batch by batch
+        batch = config.train.em.batch_size
+        train, val = data.loader("train", batch_size=batch), data.loader("val", batch_size=batch)
+    else:
+        train, val = data.train.to(device), data.val.to(device)
+    mc = config.model
+    trainer_cls = EMTrainer if config.train.method == "em" else SGDTrainer
+
+    def fit(k: int, lat: int):
+        model = MixtureOfFactorAnalyzers(k, d, lat, mc.noise, min_noise=mc.min_noise,
+                                         generator=torch.Generator().manual_seed(config.seed),
+                                         device=device)
+        trainer = trainer_cls(config.trainer_config())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            trainer.fit(model, train, val)
+        for warning in caught:
+            logger.warning("K=%d, L=%d: %s", k, lat, warning.message)
+        logger.info("K=%d, L=%d fitted", k, lat)
+        return model
+
+    sweep = sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None)
+    if out_dir is None:
+        out_dir = Path(config.output.dir) / f"select-{data.name}"
+    meta = {"dataset": data.name, "method": config.train.method,
+            "image_shape": list(data.image_shape), "sizes": data.sizes}
+    paths = sweep.save(out_dir, metadata=meta)
+    return sweep, paths

@@ -1,0 +1,185 @@
+"""Model selection sweeps (mfa.selection) and the ``mfa select`` command.
+
+Every number of a row is recomputed independently from the fitted model (mean log p of the
+validation rows, the bits/dim formula, BIC from the parameter count formula) and the marks
+are checked against an argmin/argmax over those recomputed values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mfa import cli
+from mfa.em import EMConfig, EMTrainer
+from mfa.model import MixtureOfFactorAnalyzers
+from mfa.selection import COLUMNS, sweep_models
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")]
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "embedded-mnist.yaml"
+
+
+@pytest.fixture(scope="module")
+def data():
+    """Rows from a known 3-component MFA (D=6, L=1), train/val split."""
+    gen = torch.Generator().manual_seed(0)
+    truth = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.3, 0.3, 0.4], dtype=torch.float64),
+        6.0 * torch.randn(3, 6, generator=gen, dtype=torch.float64),  # well separated
+        2.0 * torch.randn(3, 6, 1, generator=gen, dtype=torch.float64),
+        torch.full((3, 6), 0.1, dtype=torch.float64),
+    )
+    x, _ = truth.sample(900, generator=torch.Generator().manual_seed(1))
+    return x[:600], x[600:]
+
+
+def fitter(train, store):
+    def fit(k, lat):
+        model = MixtureOfFactorAnalyzers(k, train.shape[1], lat, dtype=torch.float64,
+                                         generator=torch.Generator().manual_seed(k * 10 + lat))
+        EMTrainer(EMConfig(max_iter=15, progress=False, seed=0)).fit(model, train)
+        store[(k, lat)] = model
+        return model
+    return fit
+
+
+def test_sweep_rows_are_recomputed_from_the_models(data, tmp_path):
+    train, val = data
+    models = {}
+    sweep = sweep_models(train, val, [1, 3, 5], [0, 1], fitter(train, models), scale=256)
+    assert [(r["K"], r["L"]) for r in sweep.rows] == [(1, 0), (3, 0), (5, 0), (1, 1), (3, 1),
+                                                      (5, 1)]
+    n, d = train.shape
+    for row in sweep.rows:
+        model = models[(row["K"], row["L"])]
+        with torch.no_grad():
+            val_ll = model.log_prob(val).double().mean().item()
+            train_sum = model.log_prob(train).double().sum().item()
+        k, lat = row["K"], row["L"]
+        params = k * (d * lat - lat * (lat - 1) // 2 + 2 * d) + k - 1
+        assert row["n_params"] == params
+        assert row["val_log_likelihood"] == pytest.approx(val_ll, rel=1e-9)
+        assert row["train_log_likelihood"] == pytest.approx(train_sum / n, rel=1e-9)
+        assert row["val_bits_per_dim"] == pytest.approx(
+            -(val_ll - d * math.log(256)) / (d * math.log(2)), rel=1e-9)
+        assert row["bic"] == pytest.approx(-2 * train_sum + params * math.log(n), rel=1e-9)
+        assert row["fit_seconds"] > 0
+    best_val = max(sweep.rows, key=lambda r: r["val_log_likelihood"])
+    best_bic = min(sweep.rows, key=lambda r: r["bic"])
+    assert sweep.best_by_val is best_val and sweep.best_by_bic is best_bic
+    assert [r["best_val"] for r in sweep.rows].count(True) == 1 and best_val["best_val"]
+    assert [r["best_bic"] for r in sweep.rows].count(True) == 1 and best_bic["best_bic"]
+    assert sweep.best_model is models[(best_val["K"], best_val["L"])]
+    # The data come from 3 components with one factor: BIC finds them.
+    assert (best_bic["K"], best_bic["L"]) == (3, 1)
+
+
+def test_sweep_files(data, tmp_path):
+    train, val = data
+    sweep = sweep_models(train, val, [1, 3], [1], fitter(train, {}))
+    assert not sweep.has_bits_per_dim  # no scale: no bits/dim
+    paths = sweep.save(tmp_path / "sel", metadata={"dataset": "synthetic"})
+    assert [p.name for p in paths] == ["selection.csv", "selection.md", "selection.json",
+                                       "selection.png"]
+    with open(paths[0], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(COLUMNS)
+    for saved, row in zip(rows, sweep.rows, strict=True):
+        assert float(saved["bic"]) == pytest.approx(row["bic"], rel=1e-12)
+        assert saved["best_val"] == str(row["best_val"])
+    record = json.loads(paths[2].read_text())
+    assert record["dataset"] == "synthetic"
+    assert record["best_by_val"] == {"K": sweep.best_by_val["K"], "L": sweep.best_by_val["L"]}
+    assert record["rows"][1]["val_bits_per_dim"] is None
+    lines = paths[1].read_text().splitlines()
+    assert lines[0].startswith("| K | L | params | val log-lik | BIC")
+    assert len(lines) == 2 + len(sweep.rows)
+    assert "<- val" in lines[2 + sweep.rows.index(sweep.best_by_val)]
+    with Image.open(paths[3]) as image:
+        assert image.format == "PNG" and image.size == (600, 400)
+
+
+def test_sweep_errors(data):
+    train, val = data
+    fit = fitter(train, {})
+    with pytest.raises(ValueError, match="components must not be empty"):
+        sweep_models(train, val, [], [1], fit)
+    with pytest.raises(ValueError, match="factors must be >= 0, got -1"):
+        sweep_models(train, val, [2], [-1], fit)
+    with pytest.raises(TypeError, match="components must be a sequence of ints"):
+        sweep_models(train, val, 3, [1], fit)
+    with pytest.raises(ValueError, match="needs validation data"):
+        sweep_models(train, None, [2], [1], fit)
+
+
+# ---------------------------------------------------------------------------- mfa select
+
+TINY = ["data.limit=120", "train.em.max_iter=2", "train.em.kmeans_iter=2",
+        "train.em.progress=false", "train.em.variance_floor=1e-3", "device=cpu"]
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def sets(*overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def test_mfa_select_on_the_embedded_digits(tmp_path):
+    out = tmp_path / "sel"
+    code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                   "--components", 2, 3, "--factors", 1, 2, "--out", out)
+    assert code == 0, stderr
+    lines = stdout.splitlines()
+    assert lines[0].split() == ["K", "L", "params", "val", "bits/dim", "BIC", "train", "s",
+                                "best"]
+    assert [tuple(int(v) for v in line.split()[:2]) for line in lines[1:5]] == [
+        (2, 1), (3, 1), (2, 2), (3, 2)]
+    with open(out / "selection.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    best = max(rows, key=lambda r: float(r["val_log_likelihood"]))
+    assert best["best_val"] == "True"
+    assert float(best["val_bits_per_dim"]) == min(float(r["val_bits_per_dim"]) for r in rows)
+    assert f"best by validation: K={best['K']}, L={best['L']}" in stdout
+    by_bic = min(rows, key=lambda r: float(r["bic"]))
+    assert f"best by BIC: K={by_bic['K']}, L={by_bic['L']}" in stdout
+    for row in rows:  # digits in [0, 1): dequantised bits/dim between 0 and 8
+        assert 0 < float(row["val_bits_per_dim"]) < 8
+    record = json.loads((out / "selection.json").read_text())
+    assert record["dataset"] == "embedded-mnist" and record["method"] == "em"
+    assert record["n_features"] == 784
+    assert all(str(out / name) in stdout for name in
+               ("selection.csv", "selection.md", "selection.json", "selection.png"))
+
+
+def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 800, "--out", tmp_path)
+    assert code == 2 and "factors [800] exceed the 784 features" in stderr
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 500, "--factors", 1, "--out", tmp_path)
+    assert code == 2 and "components [500] exceed the 120 training images" in stderr
+    code, _, stderr = run_cli("select", "--components", 0, "--factors", 1)
+    assert code == 2 and "--components" in stderr and "must be >= 1" in stderr
+    code, _, stderr = run_cli("select", "--components", 2, "--factors", 1,
+                              "--method", "hierarchical")
+    assert code == 2 and "invalid choice" in stderr
+    assert not list(tmp_path.iterdir())
