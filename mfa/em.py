@@ -366,7 +366,8 @@ class EMTrainer:
                 if full:
                     batch = batch.double()
                 part = accumulate_statistics(model, batch, terms, chol, stats_dtype=torch.float64,
-                                             precise_moments=stats_dtype != "float32")
+                                             precise_moments=stats_dtype != "float32",
+                                             precise_latent=stats_dtype == "precise")
                 stats = part if stats is None else stats + part
         return stats
 
