@@ -32,6 +32,36 @@ from mfa._terms import ComponentTerms
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
 
+#: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
+#: ``"auto"`` (see the module docstring).
+STATS_DTYPES = ("auto", "float64", "precise", "mixed", "float32")
+
+#: CUDA compute capabilities whose float64 matrix products run at (about) the float32 rate
+#: without tensor cores: P100, V100, A100, H100/H200.
+FULL_RATE_FLOAT64 = ((6, 0), (7, 0), (8, 0), (9, 0))
+
+
+def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The precision mode ``"auto"`` stands for on ``device`` for a model of ``dtype``
+    (other modes are returned as given).
+
+    ``"float64"`` for float64 models and on GPUs with full-rate float64
+    (:data:`FULL_RATE_FLOAT64`), where the exact E-step costs about what float32 costs;
+    ``"precise"`` elsewhere (CPUs, consumer GPUs): it passes the same cancellation tests as
+    ``"float64"`` at a fraction of its cost there.
+    """
+    if mode not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be one of {list(STATS_DTYPES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    device = torch.device(device)
+    if dtype == torch.float64:
+        return "float64"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64:
+        return "float64"
+    return "precise"
+
+
 #: Rows per chunk inside :func:`accumulate_statistics`: the ``[rows, D]`` intermediates of a
 #: chunk stay in the cache, and the products keep their rate.
 CHUNK_ROWS = 1024
