@@ -33,6 +33,10 @@ __all__ = ["SGDConfig", "SGDTrainer"]
 
 logger = logging.getLogger(__name__)
 
+#: Steps between host syncs that check the running loss for NaN/inf (one sync per step
+#: costs more than the step's products on a GPU).
+_SYNC_EVERY = 16
+
 
 @dataclass
 class SGDConfig:
@@ -258,25 +262,33 @@ class SGDTrainer:
                    leave=False)
         for epoch in bar:
             started = time.perf_counter()
-            total, seen = 0.0, 0
-            for batch in self._batches(train, train_source, gen):
+            total, seen = torch.zeros((), dtype=torch.float64), 0  # moved to the loss device
+            for step, batch in enumerate(self._batches(train, train_source, gen)):
                 loss = -model._component_log_prob(batch).logsumexp(-1).mean()
-                if not torch.isfinite(loss):
-                    raise fail(
-                        f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
-                        f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
-                    )
                 if reference is None:  # the initial parameters' fit to the first minibatch
                     reference = -loss.item()
+                total = total.to(loss.device) - loss.detach() * batch.shape[0]
+                # A non-finite loss is checked every _SYNC_EVERY steps and at the epoch's end
+                # (a host sync each); the steps in between cannot hide it (NaN stays NaN in
+                # the sum) and fail() restores the parameters.
+                if step % _SYNC_EVERY == 0 and not bool(torch.isfinite(total)):
+                    raise fail(
+                        f"Adam epoch {epoch + 1}: the minibatch loss is {-total.item()}; lower "
+                        f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                total += -loss.item() * batch.shape[0]
                 seen += batch.shape[0]
-            train_ll = total / max(seen, 1)
+            if not bool(torch.isfinite(total)):
+                raise fail(
+                    f"Adam epoch {epoch + 1}: the minibatch loss is {-total.item()}; lower "
+                    f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
+                )
+            train_ll = total.item() / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
             if _diverged(train_ll, val_ll, reference, model.n_features):
                 val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
