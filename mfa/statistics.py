@@ -254,11 +254,15 @@ def _chunk_sums(
     proj = lin[k:].view(k, n_lat, n) - terms.whitened_means.unsqueeze(-1)  # B(x − μ) [K, L, n]
     maha = diag_quad - (proj * proj).sum(1)  # Woodbury  [K, n]
     log_joint = (terms.log_weights + terms.log_norm).unsqueeze(-1) - 0.5 * maha.clamp_min_(0.0)
-    log_p = torch.logsumexp(log_joint, dim=0)  # [n]
     # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
+    # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
+    top = log_joint.amax(0)  # [n]
+    joint = torch.exp(log_joint.sub_(top), out=rhs[:k] if resp is None else None)  # [K, n]
+    total = joint.sum(0)  # [n]
+    log_p = top + total.log()  # [n]
     if resp is None:
-        torch.exp(log_joint.sub_(log_p), out=rhs[:k])  # p(k | x)  [K, n]
+        joint.div_(total)  # p(k | x)
     else:
         rhs[:k] = resp.T
     resp = rhs[:k]  # [K, n]
