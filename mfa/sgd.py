@@ -33,10 +33,6 @@ __all__ = ["SGDConfig", "SGDTrainer"]
 
 logger = logging.getLogger(__name__)
 
-#: Steps between host syncs that check the running loss for NaN/inf (one sync per step
-#: costs more than the step's products on a GPU).
-_SYNC_EVERY = 16
-
 
 @dataclass
 class SGDConfig:
@@ -263,19 +259,19 @@ class SGDTrainer:
         for epoch in bar:
             started = time.perf_counter()
             total, seen = torch.zeros((), dtype=torch.float64), 0  # moved to the loss device
-            for step, batch in enumerate(self._batches(train, train_source, gen)):
+            for batch in self._batches(train, train_source, gen):
                 loss = -model._component_log_prob(batch).logsumexp(-1).mean()
-                if reference is None:  # the initial parameters' fit to the first minibatch
-                    reference = -loss.item()
-                total = total.to(loss.device) - loss.detach() * batch.shape[0]
-                # A non-finite loss is checked every _SYNC_EVERY steps and at the epoch's end
-                # (a host sync each); the steps in between cannot hide it (NaN stays NaN in
-                # the sum) and fail() restores the parameters.
-                if step % _SYNC_EVERY == 0 and not bool(torch.isfinite(total)):
+                # Checked before the step (one host sync): a NaN step would leave NaN
+                # parameters that the next forward refuses before fail() could restore them.
+                if not bool(torch.isfinite(loss)):
                     raise fail(
-                        f"Adam epoch {epoch + 1}: the minibatch loss is {-total.item()}; lower "
+                        f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
                         f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
                     )
+                if reference is None:  # the initial parameters' fit to the first minibatch
+                    reference = -loss.item()
+                # The epoch's sum stays on the device (no .item() per step).
+                total = total.to(loss.device) - loss.detach() * batch.shape[0]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
@@ -283,11 +279,6 @@ class SGDTrainer:
                 optimizer.step()
                 scheduler.step()
                 seen += batch.shape[0]
-            if not bool(torch.isfinite(total)):
-                raise fail(
-                    f"Adam epoch {epoch + 1}: the minibatch loss is {-total.item()}; lower "
-                    f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
-                )
             train_ll = total.item() / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
             if _diverged(train_ll, val_ll, reference, model.n_features):
