@@ -453,8 +453,8 @@ def initialise(
     The initialisation of both trainers (:mod:`mfa.em`, :mod:`mfa.sgd`); ``seed`` seeds it.
     With ``"kmeans"``, K-means runs on a seeded subsample of
     ``KMEANS_ROWS_PER_COMPONENT·K`` rows and the complete-data fit on
-    ``FIT_ROWS_PER_COMPONENT·K`` (a superset, labelled by the nearest centre): about one EM
-    iteration's time on 50,000 × 784 rows with K = 50, and the same held-out bits/dim after
+    ``FIT_ROWS_PER_COMPONENT·K`` (a superset, labelled by the nearest centre): one to two EM
+    iterations' time on 50,000 × 784 rows with K = 50, and the same held-out bits/dim after
     20 iterations as K-means on every row (docs/benchmarks.md).
     """
     if method == "none":
