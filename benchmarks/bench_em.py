@@ -102,8 +102,17 @@ def time_adam(model, x, batch_size, steps, device) -> float:
     return rows.shape[0] / (time.perf_counter() - start)
 
 
-def time_sklearn(x, k, iters, seed) -> tuple[float, object]:
+def time_sklearn(x, k, iters, seed, threads=None) -> tuple[float, object]:
+    """Seconds per EM iteration of scikit-learn's diagonal GMM (its BLAS limited to
+    ``threads`` when given, like torch)."""
     from sklearn.mixture import GaussianMixture
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(threads):
+        return _time_sklearn(GaussianMixture, x, k, iters, seed)
+
+
+def _time_sklearn(GaussianMixture, x, k, iters, seed) -> tuple[float, object]:  # noqa: N803
 
     xn = x.double().numpy()
     gm = GaussianMixture(k, covariance_type="diag", max_iter=1, tol=0, reg_covar=1e-5,
@@ -227,7 +236,7 @@ def main(argv=None) -> dict:
 
     gm = None
     if not args.no_sklearn:
-        sk_iter, gm = time_sklearn(x, k, args.iters + 1, args.seed)
+        sk_iter, gm = time_sklearn(x, k, args.iters + 1, args.seed, args.threads)
         result["sklearn_diag_seconds_per_iter"] = sk_iter
         print(f"scikit-learn GaussianMixture(diag), K={k}: {sk_iter:.3f} s/iteration "
               f"({sk_iter / limit:.2f} × the MFA limit)")
@@ -240,7 +249,9 @@ def main(argv=None) -> dict:
         print(f"MFA held-out bits/dim after {max(args.fit_iters, 5 * (args.iters + 1))} EM "
               f"iterations: {result['mfa_test_bits_per_dim']:.3f}")
         if gm is not None:
-            with warnings.catch_warnings():
+            from threadpoolctl import threadpool_limits
+
+            with warnings.catch_warnings(), threadpool_limits(args.threads):
                 warnings.simplefilter("ignore")
                 gm.max_iter = max(1, args.fit_iters - args.iters - 2)
                 gm.fit(x.double().numpy())
