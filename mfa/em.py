@@ -25,7 +25,7 @@ from mfa._validation import (
 )
 from mfa.init import floored_weights, initialise
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.statistics import accumulate_statistics, m_step
+from mfa.statistics import STATS_DTYPES, accumulate_statistics, m_step, resolve_stats_dtype
 from mfa.training import ConvergenceWarning
 
 __all__ = ["ConvergenceWarning", "EMConfig", "EMTrainer", "RunState"]
@@ -40,10 +40,12 @@ class EMConfig:
     batch_size: int = 4096  # rows per streamed batch; the result does not depend on it
     variance_floor: float = 1e-5  # lower bound of every noise variance after each M-step
     device: str | None = None  # None: the model's device
-    # float64: the E-step in float64 (exact); mixed: moment sums in float64, latent products in
-    # the data's dtype; float32: every product in the data's dtype (fastest on CPUs). Batch
-    # totals are always summed in float64.
-    stats_dtype: Literal["float64", "mixed", "float32"] = "float64"
+    # E-step precision (mfa.statistics): float64: the whole E-step in float64 (exact);
+    # precise: log-densities in the data's dtype, every sum in float64; mixed: moment sums in
+    # float64, latent sums in the data's dtype; float32: every product in the data's dtype
+    # (fastest). auto: precise on CPUs, float64 on GPUs with full-rate float64 (see
+    # mfa.statistics.resolve_stats_dtype). Batch totals are always summed in float64.
+    stats_dtype: Literal["auto", "float64", "precise", "mixed", "float32"] = "auto"
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
@@ -66,7 +68,7 @@ class EMConfig:
         check_real_field(self, "tol", minimum=0)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_real_field(self, "min_component_mass", minimum=0)
-        check_choice_field(self, "stats_dtype", ("float64", "mixed", "float32"))
+        check_choice_field(self, "stats_dtype", STATS_DTYPES)
         check_choice_field(self, "init", ("kmeans", "random", "none"))
         check_device_field(self)
         check_bool_field(self, "progress")
@@ -350,7 +352,7 @@ class EMTrainer:
 
     @staticmethod
     def e_step(
-        model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "float64"
+        model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "auto"
     ) -> object:
         """One streamed pass: the summed sufficient statistics of every batch.
 
@@ -358,6 +360,7 @@ class EMTrainer:
         """
         if isinstance(stats_dtype, torch.dtype):
             stats_dtype = str(stats_dtype).removeprefix("torch.")
+        stats_dtype = resolve_stats_dtype(stats_dtype, model.means.device, model.dtype)
         full = stats_dtype == "float64" and model.dtype != torch.float64
         with torch.no_grad():
             terms = model.component_terms()
@@ -369,7 +372,8 @@ class EMTrainer:
                 if full:
                     batch = batch.double()
                 part = accumulate_statistics(model, batch, terms, chol, stats_dtype=torch.float64,
-                                             precise_moments=stats_dtype != "float32")
+                                             precise_moments=stats_dtype != "float32",
+                                             precise_latent=stats_dtype == "precise")
                 stats = part if stats is None else stats + part
             if source.sharded:  # add every process's sums (one all-reduce)
                 stats = distributed.all_reduce_statistics(stats, model, terms.reference)

@@ -8,16 +8,37 @@ factor analyzers (Ghahramani & Hinton, 1996) needs, per component::
 
 All of them are sums over rows, so they are accumulated batch by batch: streaming gives the
 same M-step as one full batch. They are computed on ``x − c`` (``c`` the weighted mean of the
-means at E-step time, fixed for the pass) and accumulated in float64 by default, so float32
-data with a large offset cannot lose the variances to cancellation.
+means at E-step time, fixed for the pass).
 
-Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in six matrix products — three for
-the log-densities and ``E[z]`` (shared with :meth:`MixtureOfFactorAnalyzers.log_prob`) and
-three for the sums ``(x−c)ᵀ r``, ``((x−c)²)ᵀ r`` and ``(x−c)ᵀ (r ⊙ E[z])``. With
-``precise_moments`` the first two sums (``2·n·D·K`` flops) run in float64, because the M-step
-subtracts a squared mean from them; :meth:`mfa.em.EMTrainer.e_step` can also run the whole
-batch in float64 (``stats_dtype="float64"``), which makes the M-step exact for float32 models
-whose loadings explain most of the variance.
+Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in four matrix products —
+``(x−c) @ [μ/d ; B]ᵀ`` and ``(x−c)² @ (1/d)ᵀ`` for the log-densities and the whitened
+residuals ``p = B(x − μ)`` (``B = C⁻¹AᵀD⁻¹``, ``M = CCᵀ``), then ``[r ; r⊙p] @ (x−c)`` and
+``r @ (x−c)²`` for the sums. ``E[z] = C⁻ᵀ p`` is linear in ``p``, so the latent sums are
+taken in the whitened basis and moved to ``E[z]`` once per batch
+(:func:`whitened_to_latent`, ``O(K·D·L²)``) rather than by a triangular solve per row.
+Rows run along the last dimension of every ``[K, n]``/``[K, L, n]`` intermediate (no permute
+copies) and each batch is processed in chunks of :data:`CHUNK_ROWS` rows so the ``[rows, D]``
+intermediates stay in the cache.
+
+Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in float64):
+
+* ``"float64"``: the whole E-step in float64 — exact; the reference.
+* ``"precise"``: log-densities and ``p`` in the data's dtype, every sum (``Σ r x``,
+  ``Σ r x²``, ``Σ r x pᵀ``, ``Σ r p``, ``Σ r p pᵀ``) in float64. The M-step subtracts a
+  squared mean and ``Ã·Σ r x z̃ᵀ`` from ``Σ r x²``, which cancels for components far from
+  ``c`` and for loadings that explain most of the variance; float64 sums keep both (the
+  tests' cases: relative noise error 5e-6 and 1e-5, against 0.12 and 6 with float32 sums).
+* ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
+  kept; the high signal-to-noise case loses ~1e-3).
+* ``"float32"``: every product in the data's dtype (fastest; loses both cases).
+* ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"precise"`` on CPUs, whose float64
+  products run at a third to a half of the float32 rate, so only the sums (half the flops)
+  pay it; ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
+  exact E-step costs what float32 without TF32 costs — an argument, not yet a measurement:
+  no GPU was lent to the session that wrote it (``benchmarks/bench_gpu.py`` measures it).
+  On real images the float32 log-densities move the M-step as much as the sums' dtype
+  does (Fashion-MNIST, K=50, L=6: the train log-likelihood after one M-step differs from
+  float64's by 0.011–0.018 of 1,649 nats/row in every float32-based mode).
 """
 
 from __future__ import annotations
@@ -31,6 +52,40 @@ from mfa import linalg
 from mfa._terms import ComponentTerms
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
+
+#: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
+#: ``"auto"`` (see the module docstring).
+STATS_DTYPES = ("auto", "float64", "precise", "mixed", "float32")
+
+#: CUDA compute capabilities whose float64 matrix products run at (about) the float32 rate
+#: without tensor cores: P100, V100, A100, H100/H200.
+FULL_RATE_FLOAT64 = ((6, 0), (7, 0), (8, 0), (9, 0))
+
+
+def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The precision mode ``"auto"`` stands for on ``device`` for a model of ``dtype``
+    (other modes are returned as given).
+
+    ``"float64"`` for float64 models and on GPUs with full-rate float64
+    (:data:`FULL_RATE_FLOAT64`), where the exact E-step costs about what float32 costs;
+    ``"precise"`` elsewhere (CPUs, consumer GPUs): it passes the same cancellation tests as
+    ``"float64"`` at a fraction of its cost there.
+    """
+    if mode not in STATS_DTYPES:
+        raise ValueError(f"stats_dtype must be one of {list(STATS_DTYPES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    device = torch.device(device)
+    if dtype == torch.float64:
+        return "float64"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64:
+        return "float64"
+    return "precise"
+
+
+#: Rows per chunk inside :func:`accumulate_statistics`: the ``[rows, D]`` intermediates of a
+#: chunk stay in the cache, and the products keep their rate.
+CHUNK_ROWS = 1024
 
 
 @dataclass
@@ -78,6 +133,36 @@ def latent_posterior_means(proj: Tensor, chol: Tensor) -> Tensor:
     return sol.permute(2, 0, 1)
 
 
+def whitened_to_latent(
+    sum_xp: Tensor, sum_p: Tensor, sum_pp: Tensor, chol: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums over rows in the whitened basis ``p = B(x − μ)`` → the same sums of ``E[z]``.
+
+    ``E[z] = C⁻ᵀ p`` is linear in ``p``, so ``Σ r x E[z]ᵀ = (Σ r x pᵀ) C⁻¹``,
+    ``Σ r E[z] = C⁻ᵀ Σ r p`` and ``Σ r E[z] E[z]ᵀ = C⁻ᵀ (Σ r p pᵀ) C⁻¹`` (exact algebra): one
+    triangular solve per component on ``K·D·L`` numbers instead of one per row.
+
+    Args:
+        sum_xp: ``[K, D, L]``; sum_p: ``[K, L]``; sum_pp: ``[K, L, L]``; chol: ``C``
+            ``[K, L, L]`` (any dtype; the solves run in ``sum_xp``'s).
+
+    Returns:
+        ``(sum_xz [K, D, L], sum_z [K, L], sum_zz [K, L, L])``.
+    """
+    c = chol.to(sum_xp.dtype)  # lower triangular
+
+    def right_solve(s: Tensor) -> Tensor:
+        # S C⁻¹. On CPUs a right-hand solve of column-major S (``[K, L, D]`` contiguous, seen
+        # as ``[K, D, L]``) runs without a copy, orders of magnitude faster than a left solve.
+        return torch.linalg.solve_triangular(c, s, upper=False, left=False)
+
+    sum_xz = right_solve(sum_xp)
+    sum_z = right_solve(sum_p.unsqueeze(-2)).squeeze(-2)  # (S_pᵀ C⁻¹)ᵀ = C⁻ᵀ S_p
+    sum_zz = right_solve(right_solve(sum_pp).mT)  # ((S C⁻¹)ᵀ) C⁻¹ = C⁻ᵀ S C⁻¹ (S = Sᵀ)
+    return sum_xz, sum_z, 0.5 * (sum_zz + sum_zz.mT)
+
+
+@torch.no_grad()
 def accumulate_statistics(
     model: MixtureOfFactorAnalyzers,
     x: Tensor,
@@ -87,8 +172,14 @@ def accumulate_statistics(
     resp: Tensor | None = None,
     stats_dtype: torch.dtype = torch.float64,
     precise_moments: bool = True,
+    precise_latent: bool = False,
 ) -> SufficientStatistics:
     """E-step statistics of one batch.
+
+    Four large products: ``(x−c) @ [μ/d ; B]ᵀ`` (the linear terms of the log-density and the
+    whitened residuals ``p = B(x − μ)``), ``(x−c)² @ (1/d)ᵀ``, ``(x−c)ᵀ @ [r, r ⊙ p]`` and
+    ``((x−c)²)ᵀ @ r``; the latent sums are taken in the whitened basis and moved to ``E[z]``
+    once per batch (:func:`whitened_to_latent`) instead of one triangular solve per row.
 
     Args:
         model: supplies the number of components and factors.
@@ -106,60 +197,98 @@ def accumulate_statistics(
         The batch's :class:`SufficientStatistics`.
     """
     k, n_lat, d = terms.whitened.shape
-    xc = x - terms.reference  # [n, D]
-    # Log-densities, as in mfa._terms.component_log_prob_from_terms but keeping B(x − μ).
-    diag_quad = diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)  # [n, K]
-    if n_lat:
-        proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)
-        proj = proj - terms.whitened_means  # B(x − μ)  [n, K, L]
-        maha = linalg.woodbury_mahalanobis(diag_quad, proj)
-    else:
-        proj = None
-        maha = diag_quad
-    log_joint = terms.log_weights + terms.log_norm - 0.5 * maha.clamp_min(0.0)  # [n, K]
-    log_p = torch.logsumexp(log_joint, dim=-1)  # [n]
-    if resp is None:
-        resp = torch.exp(log_joint - log_p.unsqueeze(-1))  # [n, K]
+    n = x.shape[0]
+    # One product for −2 x·(μ/d) and B(x − c): [K + K·L, D].
+    weights = torch.cat([terms.means * terms.inv_noise, terms.whitened.reshape(k * n_lat, d)])
+    constant = (terms.means * terms.means * terms.inv_noise).sum(-1)  # [K]
+    precise = precise_moments and stats_dtype != x.dtype
+    totals: list[Tensor] | None = None
+    # Rows in chunks small enough that the [rows, D] intermediates stay in the cache.
+    for start in range(0, n, CHUNK_ROWS):
+        stop = min(n, start + CHUNK_ROWS)
+        part = _chunk_sums(
+            x[start:stop], terms, weights, constant,
+            None if resp is None else resp[start:stop], stats_dtype if precise else None,
+            precise_latent,
+        )
+        part = [value.detach().to(stats_dtype) for value in part]
+        totals = part if totals is None else [a + b for a, b in zip(totals, part, strict=True)]
+    if totals is None:  # no rows
+        zeros = x.new_zeros((0, d))
+        totals = [value.detach().to(stats_dtype) for value in _chunk_sums(
+            zeros, terms, weights, constant, None if resp is None else resp[:0], None)]
+    mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
     if n_lat:
         if chol is None:
             chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
-        ez = latent_posterior_means(proj, chol)  # [n, K, L]
-        rez = resp.unsqueeze(-1) * ez  # [n, K, L]
-        rez_flat = rez.reshape(-1, k * n_lat)
+        sum_xz, sum_z, sum_zz = whitened_to_latent(sum_xp, sum_p, sum_pp, chol.detach())
     else:
-        rez_flat = resp[:, :0]
-    if stats_dtype == x.dtype or not precise_moments:
-        # One product for Σ r x and Σ r x E[z]ᵀ, one for Σ r x².
-        sums = xc.T @ torch.cat([resp, rez_flat], dim=1)  # [D, K + K·L]
-        sum_x, sum_xz_flat = sums[:, :k].T, sums[:, k:]
-        sum_x2 = ((xc * xc).T @ resp).T  # [K, D]
+        sum_xz, sum_z, sum_zz = sum_xp, sum_p, sum_pp
+    return SufficientStatistics(
+        mass=mass, sum_x=sum_x, sum_x2=sum_x2, sum_xz=sum_xz, sum_z=sum_z, sum_zz=sum_zz,
+        log_likelihood=log_likelihood, n_rows=torch.tensor(n, device=x.device).to(stats_dtype),
+        reference=terms.reference.detach().to(stats_dtype),
+    )
+
+
+def _chunk_sums(
+    x: Tensor, terms: ComponentTerms, weights: Tensor, constant: Tensor,
+    resp: Tensor | None, moment_dtype: torch.dtype | None, precise_latent: bool = False,
+) -> list[Tensor]:
+    """The sums of one chunk of rows ``x`` [n, D], the latent ones in the whitened basis:
+    ``[mass [K], Σ r x [K, D], Σ r x² [K, D], Σ r x pᵀ [K, D, L], Σ r p [K, L],
+    Σ r p pᵀ [K, L, L], Σ log p(x)]``; ``moment_dtype``: the dtype of ``Σ r x`` and
+    ``Σ r x²`` (``None``: ``x``'s)."""
+    k, n_lat, d = terms.whitened.shape
+    n = x.shape[0]
+    # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
+    # or factors is then a vectorised column sum and no [n, K, L] permute is ever copied.
+    xc = x - terms.reference  # [n, D]
+    xc2 = xc * xc  # [n, D]
+    lin = weights @ xc.T  # [K + K·L, n]
+    if terms.precise:
+        diag_quad = diagonal_quadratic(xc, terms.means, terms.inv_noise, True).T  # [K, n]
     else:
-        # Σ r x and Σ r x² in the statistics' dtype: the M-step subtracts the squared mean
-        # from the second moment, which cancels in float32 for components far from c.
-        xc_s, resp_s = xc.to(stats_dtype), resp.to(stats_dtype)
-        sum_x = (xc_s.T @ resp_s).T  # [K, D]
-        sum_x2 = ((xc_s * xc_s).T @ resp_s).T  # [K, D]
-        sum_xz_flat = xc.T @ rez_flat
-    if n_lat:
-        sum_xz = sum_xz_flat.reshape(d, k, n_lat).permute(1, 0, 2)  # [K, D, L]
-        sum_z = rez.sum(0)
-        sum_zz = rez.permute(1, 2, 0) @ ez.permute(1, 0, 2)  # [K, L, L]
+        diag_quad = torch.addmm(constant.unsqueeze(-1), terms.inv_noise, xc2.T)  # [K, n]
+        diag_quad.sub_(lin[:k], alpha=2.0)
+    proj = lin[k:].view(k, n_lat, n) - terms.whitened_means.unsqueeze(-1)  # B(x − μ) [K, L, n]
+    maha = diag_quad - (proj * proj).sum(1)  # Woodbury  [K, n]
+    log_joint = (terms.log_weights + terms.log_norm).unsqueeze(-1) - 0.5 * maha.clamp_min_(0.0)
+    # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
+    rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
+    # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
+    top = log_joint.amax(0)  # [n]
+    joint = torch.exp(log_joint.sub_(top), out=rhs[:k] if resp is None else None)  # [K, n]
+    total = joint.sum(0)  # [n]
+    log_p = top + total.log()  # [n]
+    if resp is None:
+        joint.div_(total)  # p(k | x)
     else:
-        sum_xz = x.new_zeros(k, d, 0)
-        sum_z = x.new_zeros(k, 0)
-        sum_zz = x.new_zeros(k, 0, 0)
-    out = {
-        "mass": resp.sum(0),
-        "sum_x": sum_x,
-        "sum_x2": sum_x2,
-        "sum_xz": sum_xz,
-        "sum_z": sum_z,
-        "sum_zz": sum_zz,
-        "log_likelihood": log_p.sum(),
-        "n_rows": torch.tensor(x.shape[0], device=x.device),
-    }
-    out = {name: value.detach().to(stats_dtype) for name, value in out.items()}
-    return SufficientStatistics(reference=terms.reference.detach().to(stats_dtype), **out)
+        rhs[:k] = resp.T
+    resp = rhs[:k]  # [K, n]
+    rp = rhs[k:].view(k, n_lat, n)
+    torch.mul(resp.unsqueeze(1), proj, out=rp)  # r ⊙ p  [K, L, n]
+    if moment_dtype is None:
+        sums = rhs @ xc  # [K + K·L, D]
+        sum_x, sum_xp = sums[:k], sums[k:]
+        sum_x2 = resp @ xc2  # [K, D]
+    else:
+        # Σ r x and Σ r x² in float64: the M-step subtracts the squared mean from the second
+        # moment, which cancels in float32 for components far from c.
+        xc_s = xc.to(moment_dtype)
+        sum_x2 = resp.to(moment_dtype) @ (xc_s * xc_s)  # [K, D]
+        if precise_latent:
+            sums = rhs.to(moment_dtype) @ xc_s  # [K + K·L, D]
+            sum_x, sum_xp = sums[:k], sums[k:]
+        else:
+            sum_x = resp.to(moment_dtype) @ xc_s  # [K, D]
+            sum_xp = rhs[k:] @ xc  # [K·L, D]
+    sum_xp = sum_xp.view(k, n_lat, d).mT  # [K, D, L]
+    if precise_latent and moment_dtype is not None:
+        rp, proj = rp.to(moment_dtype), proj.to(moment_dtype)
+    sum_p = rp.sum(-1)  # [K, L]
+    sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
+    return [resp.sum(-1), sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_p.sum()]
 
 
 def m_step(
