@@ -1,11 +1,7 @@
 """Mixtures of Factor Analyzers: Gaussian mixtures as deep generative models of images.
 
-The public API is re-exported here; see the README for a tour. The outlier names
-(:mod:`mfa.outliers`, which needs PIL) are loaded on first use, so ``import mfa`` (and the
-``mfa`` command's parser) stays free of imaging libraries.
+The public API is re-exported here; see the README for a tour.
 """
-
-import importlib
 
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer, fit_hierarchical
@@ -30,26 +26,11 @@ from mfa.metrics import (
     select_model,
 )
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.outliers import OutlierScorer, aupr, auroc, evaluate_outliers
 from mfa.selection import sweep_models
 from mfa.sgd import SGDConfig, SGDTrainer
 
 __version__ = "0.1.0"
-
-_LAZY = {name: "mfa.outliers" for name in ("OutlierScorer", "auroc", "aupr",
-                                           "evaluate_outliers")}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'mfa' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
 
 __all__ = [
     "NDB",

@@ -7,33 +7,16 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
+from mfa.outliers import SCORE_NAMES
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
 
 
-class _ScoreNames(Sequence):
-    """``mfa.outliers.SCORE_NAMES``, imported when argparse first looks at them (checking a
-    value or printing help): ``mfa.outliers`` imports PIL, which building the parser must
-    not."""
-
-    def _names(self) -> tuple[str, ...]:
-        from mfa.outliers import SCORE_NAMES
-
-        return SCORE_NAMES
-
-    def __getitem__(self, index):
-        return self._names()[index]
-
-    def __len__(self) -> int:
-        return len(self._names())
-
-
-SCORE_CHOICES = _ScoreNames()
+SCORE_CHOICES = SCORE_NAMES
 
 
 def _load_run(checkpoint: str, overrides: list[str]):

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from mfa._validation import check_data, check_positive_int, check_tensor
@@ -329,6 +328,8 @@ def compressed_bits_per_dim(x: Tensor, image_shape: Sequence[int], *, scale: flo
     c, h, w = _check_image_shape(image_shape, x.shape[1])
     if c not in (1, 3):
         raise ValueError(f"PNG needs 1 or 3 channels, got image_shape {(c, h, w)}")
+    from PIL import Image  # only this score needs an imaging library
+
     pixels = quantize(x.detach().cpu(), scale).reshape(-1, c, h, w).permute(0, 2, 3, 1).numpy()
     out = torch.empty(pixels.shape[0], dtype=F64)
     for i, img in enumerate(pixels):
