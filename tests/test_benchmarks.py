@@ -45,8 +45,9 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
     for key in ("float32", "tf32", "float64"):
         assert res["matmul"][key] > 0
     em = {(r["stats_dtype"], r["tf32"]): r for r in res["em"]}
-    assert set(em) == {("float64", False), ("mixed", False), ("float32", False),
-                       ("mixed", True), ("float32", True)}
+    assert set(em) == {("auto", False), ("float64", False), ("precise", False),
+                       ("mixed", False), ("float32", False), ("mixed", True), ("float32", True)}
+    assert em[("auto", False)]["resolved_stats_dtype"] == "precise"  # on a CPU
     flops = 4 * 600 * 48 * 4 * (2 + 2)
     lls = []
     for r in em.values():
@@ -63,7 +64,7 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
     assert adam["steps"] >= 3 and adam["rows"] == min(adam["steps"] * 128, 600)
     acc = res["tf32_accuracy"]
     assert set(acc["log_prob"]) == {"float32", "tf32"}
-    assert len(acc["em_update"]) == 6
+    assert len(acc["em_update"]) == 10  # five modes, TF32 off and on
     # float32 on a CPU is accurate to far better than 1e-3 on this small problem.
     assert acc["log_prob"]["float32"]["max_rel_error"] < 1e-4
     assert acc["em_update"]["float64/float32"]["noise_max_rel_error"] < 1e-4
@@ -99,10 +100,10 @@ def test_bench_gpu_skips_cases_that_overrun_the_budget(tmp_path, capsys):
     out = tmp_path / "bench.json"
     res = bench.main([*TINY, "--budget-s", "0", "--json", str(out)])
     assert torch.get_num_threads() == threads  # the quick mode's single thread is restored
-    assert "SKIPPED EM float64: needs ~" in capsys.readouterr().out
+    assert "SKIPPED EM auto: needs ~" in capsys.readouterr().out
     assert json.loads(out.read_text())["skipped"] == res["skipped"]
     assert all("skipped" in r for r in res["em"] + res["adam"]) and "inpaint" not in res
-    assert len(res["skipped"]) == 10  # every case after the matmul peers
+    assert len(res["skipped"]) == 12  # every case after the matmul peers
 
 
 def test_dequantised_stream_is_seeded_uint8_and_in_unit_interval():
