@@ -31,10 +31,14 @@ class DataSource:
         model: supplies ``n_features``, dtype and device.
         batch_size: rows per batch for tensors and datasets.
         name: used in error messages.
+        allow_missing: accept NaN as a missing entry (trainers with ``missing="allow"``, see
+            :mod:`mfa.missing`); infinities are always refused.
     """
 
-    def __init__(self, data, model, batch_size: int, name: str = "data") -> None:
+    def __init__(self, data, model, batch_size: int, name: str = "data",
+                 allow_missing: bool = False) -> None:
         self.name = name
+        self.allow_missing = allow_missing
         self.n_features = model.n_features
         self.dtype = model.dtype
         self.device = model.device
@@ -77,12 +81,15 @@ class DataSource:
                 f"{rows.dtype} in batch {index}"
             )
         rows = rows.to(device=self.device, dtype=self.dtype)
-        bad = ~torch.isfinite(rows)
+        bad = torch.isinf(rows) if self.allow_missing else ~torch.isfinite(rows)
         if bool(bad.any()):
             row, col = (int(i) for i in bad.nonzero()[0])
+            hint = ("" if self.allow_missing else
+                    "; to train on incomplete data with NaN marking the missing entries, set "
+                    "missing='allow' (EMConfig.missing or SGDConfig.missing)")
             raise ValueError(
                 f"{self.name} contains non-finite values (NaN or inf): batch {index}, row {row}, "
-                f"feature {col}"
+                f"feature {col}{hint}"
             )
         return rows
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfa import linalg, training
+from mfa import linalg, missing, training
 from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import (
     check_bool_field,
@@ -53,6 +53,9 @@ class EMConfig:
     min_component_mass: float = 2.0  # components with less responsibility mass are re-seeded
     checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)
     progress: bool = True  # tqdm progress bar
+    # "allow": NaN marks a missing entry and EM maximises the observed-data likelihood
+    # (mfa.missing); "error": data with NaN is refused
+    missing: Literal["error", "allow"] = "error"
 
     def validate(self) -> None:
         """Check every field; the trainer's limits live here only.
@@ -68,6 +71,7 @@ class EMConfig:
         check_real_field(self, "min_component_mass", minimum=0)
         check_choice_field(self, "stats_dtype", ("float64", "mixed", "float32"))
         check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_choice_field(self, "missing", ("error", "allow"))
         check_device_field(self)
         check_bool_field(self, "progress")
         if self.init == "none" and self.n_init > 1:
@@ -225,9 +229,10 @@ class EMTrainer:
         cfg = self.config
         if cfg.device is not None:
             model.to(cfg.device)
-        source = DataSource(data, model, cfg.batch_size, "data")
+        allow = cfg.missing == "allow"
+        source = DataSource(data, model, cfg.batch_size, "data", allow_missing=allow)
         val_source = (
-            DataSource(validation, model, cfg.batch_size, "validation")
+            DataSource(validation, model, cfg.batch_size, "validation", allow_missing=allow)
             if validation is not None
             else None
         )
@@ -351,7 +356,8 @@ class EMTrainer:
     ) -> object:
         """One streamed pass: the summed sufficient statistics of every batch.
 
-        ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name).
+        ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name). A
+        source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
         """
         if isinstance(stats_dtype, torch.dtype):
             stats_dtype = str(stats_dtype).removeprefix("torch.")
@@ -362,11 +368,13 @@ class EMTrainer:
             if full:
                 terms, chol = terms.to(torch.float64), chol.double()
             stats = None
+            statistics = (missing.batch_statistics if getattr(source, "allow_missing", False)
+                          else accumulate_statistics)
             for batch in source:
                 if full:
                     batch = batch.double()
-                part = accumulate_statistics(model, batch, terms, chol, stats_dtype=torch.float64,
-                                             precise_moments=stats_dtype != "float32")
+                part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
+                                  precise_moments=stats_dtype != "float32")
                 stats = part if stats is None else stats + part
         return stats
 
@@ -395,7 +403,10 @@ class EMTrainer:
     @staticmethod
     def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> float:
         """Mean log-likelihood per row over a data source (float64 accumulation); see
-        :func:`mfa.training.evaluate`."""
+        :func:`mfa.training.evaluate` (the observed-data one, :func:`mfa.missing.evaluate`,
+        for a source that allows missing data)."""
+        if getattr(source, "allow_missing", False):
+            return missing.evaluate(model, source)
         return training.evaluate(model, source)
 
 

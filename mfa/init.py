@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mfa._validation import check_finite, check_positive_int, check_tensor
+from mfa.missing import impute_column_means
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.statistics import accumulate_statistics, m_step
 
@@ -379,9 +380,12 @@ def initialise(
     fit (``method="kmeans"``), or random rows (``"random"``); ``"none"`` leaves it unchanged.
 
     The initialisation of both trainers (:mod:`mfa.em`, :mod:`mfa.sgd`); ``seed`` seeds it.
+    Rows with NaN (a trainer with ``missing="allow"``) are first filled with their columns'
+    observed means; EM on the observed entries then corrects the imputed start.
     """
     if method == "none":
         return
+    rows = impute_column_means(rows)
     gen = torch.Generator(device=rows.device).manual_seed(seed)
     k, lat = model.n_components, model.n_factors
     if method == "kmeans":

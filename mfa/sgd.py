@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from mfa import training
+from mfa import missing, training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
 from mfa._validation import (
     check_bool_field,
@@ -55,6 +55,9 @@ class SGDConfig:
     weight_decay: float = 0.0  # Adam weight decay
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
+    # "allow": NaN marks a missing entry and Adam maximises the observed-data likelihood
+    # (mfa.missing.row_log_prob); "error": data with NaN is refused
+    missing: Literal["error", "allow"] = "error"
 
     def validate(self) -> None:
         """Check every field; the trainer's limits live here only.
@@ -72,6 +75,7 @@ class SGDConfig:
         check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
         check_real_field(self, "val_fraction", minimum=0, maximum=1)
         check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_choice_field(self, "missing", ("error", "allow"))
         check_device_field(self)
         check_bool_field(self, "progress")
 
@@ -143,15 +147,16 @@ class SGDTrainer:
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
         held out when no validation data is given."""
         cfg = self.config
+        allow = cfg.missing == "allow"
         reject_numpy(data, "data")
         if isinstance(data, Tensor):
-            data = DataSource(data, model, cfg.batch_size, "data").tensor
+            data = DataSource(data, model, cfg.batch_size, "data", allow).tensor
         elif not isinstance(data, (Dataset, Iterable)):
             raise TypeError(
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
             )
         if validation is not None:
-            return data, DataSource(validation, model, cfg.batch_size, "validation")
+            return data, DataSource(validation, model, cfg.batch_size, "validation", allow)
         if cfg.val_fraction == 0 or not isinstance(data, (Tensor, Dataset)):
             return data, None
         n = len(data)
@@ -162,10 +167,11 @@ class SGDTrainer:
         if isinstance(data, Tensor):
             perm = perm.to(data.device)
             held_out = data[perm[:n_val]]
-            return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation")
+            return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation",
+                                                  allow)
         held_out = Subset(data, perm[:n_val].tolist())
         return (Subset(data, perm[n_val:].tolist()),
-                DataSource(held_out, model, cfg.batch_size, "validation"))
+                DataSource(held_out, model, cfg.batch_size, "validation", allow))
 
     def _batches(self, train, source, gen):
         if source is not None:
@@ -198,6 +204,7 @@ class SGDTrainer:
         if cfg.device is not None:
             model.to(cfg.device)
         gen = torch.Generator().manual_seed(cfg.seed)
+        allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)
         train, val_source = self._split(data, validation, model)
         if isinstance(train, Tensor):
             n = train.shape[0]
@@ -208,7 +215,7 @@ class SGDTrainer:
             # iterable (e.g. a DataLoader) is used as it comes.
             loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
                       if isinstance(train, Dataset) else train)
-            train_source = DataSource(loader, model, cfg.batch_size, "data")
+            train_source = DataSource(loader, model, cfg.batch_size, "data", allow)
             steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
@@ -237,7 +244,8 @@ class SGDTrainer:
         else:
             self.history = []
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
-                init_source = train_source or DataSource(train, model, cfg.batch_size)
+                init_source = train_source or DataSource(train, model, cfg.batch_size, "data",
+                                                         allow)
                 initialise(
                     model, gather_rows(init_source, cfg.init_samples, cfg.seed),
                     cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
@@ -260,7 +268,10 @@ class SGDTrainer:
             started = time.perf_counter()
             total, seen = 0.0, 0
             for batch in self._batches(train, train_source, gen):
-                loss = -model._component_log_prob(batch).logsumexp(-1).mean()
+                if allow:  # the observed-data likelihood of rows with NaN
+                    loss = -missing.row_log_prob(model, batch).mean()
+                else:
+                    loss = -model._component_log_prob(batch).logsumexp(-1).mean()
                 if not torch.isfinite(loss):
                     raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
@@ -277,7 +288,8 @@ class SGDTrainer:
                 total += -loss.item() * batch.shape[0]
                 seen += batch.shape[0]
             train_ll = total / max(seen, 1)
-            val_ll = training.evaluate(model, val_source) if val_source is not None else None
+            evaluate = missing.evaluate if allow else training.evaluate
+            val_ll = evaluate(model, val_source) if val_source is not None else None
             if _diverged(train_ll, val_ll, reference, model.n_features):
                 val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
                 raise fail(
