@@ -4,6 +4,7 @@ Gaussian references, monotonicity, recovery of a known model, and the trainers' 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -293,3 +294,82 @@ def test_impute_column_means():
     x = torch.tensor([[1.0, float("nan"), float("nan")], [3.0, 4.0, float("nan")]])
     out = missing.impute_column_means(x)
     torch.testing.assert_close(out, torch.tensor([[1.0, 4.0, 8 / 3], [3.0, 4.0, 8 / 3]]))
+
+
+# ---------------------------------------------------------------------- config and workflow
+
+
+def test_missing_mask_kinds_are_seeded():
+    from mfa.masks import missing_mask
+
+    shape = (1, 28, 28)
+    a = missing_mask("random", shape, 5, gen(3), rate=0.25)
+    b = missing_mask("random", shape, 5, gen(3), rate=0.25)
+    assert torch.equal(a, b)
+    assert (~a).sum(1).tolist() == [196] * 5  # exactly a quarter of each image
+    assert not torch.equal(a, missing_mask("random", shape, 5, gen(4), rate=0.25))
+    block = missing_mask("block", shape, 50, gen(5), block_size=14)
+    assert torch.equal(block, missing_mask("block", shape, 50, gen(5), block_size=14))
+    hidden = (~block).view(50, 28, 28)
+    assert hidden.sum((1, 2)).tolist() == [196] * 50
+    rows, cols = hidden.any(2), hidden.any(1)  # the hidden pixels form one 14 × 14 square
+    assert rows.sum(1).tolist() == [14] * 50 and cols.sum(1).tolist() == [14] * 50
+    assert len({tuple(r.nonzero()[0].tolist()) for r in rows}) > 1  # not always the same place
+    assert bool(missing_mask("none", shape, 2, gen(0)).all())
+    with pytest.raises(ValueError, match="kind must be one of"):
+        missing_mask("center", shape, 2, gen(0))
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+        missing_mask("block", shape, 2, gen(0), block_size=0)
+
+
+def test_config_missing_section_checks_its_keys():
+    from mfa.config import config_from_dict
+
+    config = config_from_dict({"data": {"missing": {"kind": "block", "block_size": 7}}})
+    assert config.data.missing.kind == "block" and config.data.missing.block_size == 7
+    assert "missing" not in config.data.load_kwargs()
+    with pytest.raises(ValueError, match=r"data\.missing\.kind"):
+        config_from_dict({"data": {"missing": {"kind": "holes"}}})
+    with pytest.raises(ValueError, match=r"data\.missing\.rate"):
+        config_from_dict({"data": {"missing": {"rate": 1.5}}})
+    with pytest.raises(ValueError, match=r"data\.missing\.block_size"):
+        config_from_dict({"data": {"missing": {"block_size": 0}}})
+    with pytest.raises(ValueError, match=r"data\.missing\.colour"):
+        config_from_dict({"data": {"missing": {"colour": 1}}})
+    with pytest.raises(ValueError, match=r"train\.em\.missing"):
+        config_from_dict({"train": {"em": {"missing": "sometimes"}}})
+
+
+@pytest.mark.parametrize("method", ["em", "sgd"])
+def test_workflow_trains_on_images_with_pixels_removed(tmp_path, method):
+    from pathlib import Path
+
+    from mfa import workflow
+    from mfa.config import load_config
+
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "embedded-mnist.yaml",
+        ["model.n_components=2", "model.n_factors=2", "train.em.max_iter=3",
+         "train.em.kmeans_iter=3", "train.em.progress=false", "train.sgd.epochs=1",
+         "train.sgd.kmeans_iter=3", "train.sgd.progress=false", "data.limit=200",
+         "data.dequantize=false", "output.n_samples=4", "output.n_inpaint=3",
+         "output.inpaint_samples=1", "output.inpaint_masks=[center]",
+         "output.n_factor_components=0", "output.plot=false", "device=cpu",
+         f"train.method={method}", "data.missing.kind=random", "data.missing.rate=0.5",
+         f"output.dir={tmp_path}", "output.name=run"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = workflow.train(config)
+    assert (result.run_dir / "inpaint-train-missing.png").is_file()
+    assert bool(torch.isfinite(result.model.means).all())
+    data = workflow.load_data(config)
+    observed = workflow.missing_masks(config, data, "train")
+    assert observed.shape == data.train_pixels.shape
+    assert (~observed).float().mean().item() == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(observed, workflow.missing_masks(config, data, "train"))
+    assert not torch.equal(observed[: data.val_pixels.shape[0]],
+                           workflow.missing_masks(config, data, "val"))
+    if method == "em":  # the recorded likelihood is the observed-data one of the masked rows
+        history = json.loads((result.run_dir / "history.json").read_text())
+        lls = [r["train_log_likelihood"] for r in history]
+        assert all(b >= a - 1e-6 * abs(a) for a, b in zip(lls, lls[1:], strict=False)), lls
