@@ -149,15 +149,19 @@ def table(results: dict, args: argparse.Namespace, seconds: float) -> str:
             if key not in res:
                 continue
             r = res[key]
-            imp = f"{r['impute_rmse']:.4f}" if "impute_rmse" in r else "–"
+            imp = f"{r['impute_rmse']:.5f}" if "impute_rmse" in r else "–"
             used = res["n_complete"] if key == "b" else res["rows"]
-            lines.append(f"| {label} | {method} | {used} | {r['bpd']:.3f} | {r['rmse']:.4f} | "
+            lines.append(f"| {label} | {method} | {used} | {r['bpd']:.3f} | {r['rmse']:.5f} | "
                          f"{imp} | {r['seconds']:.0f} |")
     lines.append("")
     wins = [s for s, r in results.items()
             if r["a"]["bpd"] < r["c"]["bpd"] and r["a"]["rmse"] < r["c"]["rmse"]]
     lines.append(f"(a) beats (c) on both test bits/dim and RMSE in {len(wins)} of "
-                 f"{len(results)} settings.")
+                 f"{len(results)} settings. Margins, (c) − (a) (positive: (a) better):")
+    lines.append("")
+    for setting, r in results.items():
+        lines.append(f"- {setting}: {r['c']['bpd'] - r['a']['bpd']:+.3f} bits/dim, "
+                     f"{r['c']['rmse'] - r['a']['rmse']:+.5f} RMSE")
     lines.append("")
     return "\n".join(lines)
 
