@@ -199,20 +199,20 @@ def batch_statistics(
     chol: Tensor | None = None,
     *,
     stats_dtype: torch.dtype = torch.float64,
-    precise_moments: bool = True,
+    **precision,
 ) -> SufficientStatistics:
     """E-step statistics of a batch ``x`` [n, D] whose rows may hold NaN (missing entries):
-    complete rows by :func:`mfa.statistics.accumulate_statistics` (same arguments),
-    incomplete ones by :func:`incomplete_statistics`, centred on ``terms.reference``."""
+    complete rows by :func:`mfa.statistics.accumulate_statistics` (the same arguments; the
+    keyword ``precision`` options, e.g. ``precise_moments``, go to it unchanged), incomplete
+    ones by :func:`incomplete_statistics`, centred on ``terms.reference``."""
     incomplete = torch.isnan(x).any(-1)  # [n]
     if not bool(incomplete.any()):
-        return accumulate_statistics(model, x, terms, chol, stats_dtype=stats_dtype,
-                                     precise_moments=precise_moments)
+        return accumulate_statistics(model, x, terms, chol, stats_dtype=stats_dtype, **precision)
     stats = incomplete_statistics(model, x[incomplete], terms.reference, stats_dtype=stats_dtype)
     if bool(incomplete.all()):
         return stats
     complete = accumulate_statistics(model, x[~incomplete], terms, chol,
-                                     stats_dtype=stats_dtype, precise_moments=precise_moments)
+                                     stats_dtype=stats_dtype, **precision)
     return complete + stats
 
 

@@ -150,13 +150,14 @@ class SGDTrainer:
         allow = cfg.missing == "allow"
         reject_numpy(data, "data")
         if isinstance(data, Tensor):
-            data = DataSource(data, model, cfg.batch_size, "data", allow).tensor
+            data = DataSource(data, model, cfg.batch_size, "data", allow_missing=allow).tensor
         elif not isinstance(data, (Dataset, Iterable)):
             raise TypeError(
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
             )
         if validation is not None:
-            return data, DataSource(validation, model, cfg.batch_size, "validation", allow)
+            return data, DataSource(validation, model, cfg.batch_size, "validation",
+                                    allow_missing=allow)
         if cfg.val_fraction == 0 or not isinstance(data, (Tensor, Dataset)):
             return data, None
         n = len(data)
@@ -168,10 +169,10 @@ class SGDTrainer:
             perm = perm.to(data.device)
             held_out = data[perm[:n_val]]
             return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation",
-                                                  allow)
+                                                  allow_missing=allow)
         held_out = Subset(data, perm[:n_val].tolist())
         return (Subset(data, perm[n_val:].tolist()),
-                DataSource(held_out, model, cfg.batch_size, "validation", allow))
+                DataSource(held_out, model, cfg.batch_size, "validation", allow_missing=allow))
 
     def _batches(self, train, source, gen):
         if source is not None:
@@ -215,7 +216,7 @@ class SGDTrainer:
             # iterable (e.g. a DataLoader) is used as it comes.
             loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
                       if isinstance(train, Dataset) else train)
-            train_source = DataSource(loader, model, cfg.batch_size, "data", allow)
+            train_source = DataSource(loader, model, cfg.batch_size, "data", allow_missing=allow)
             steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
@@ -245,7 +246,7 @@ class SGDTrainer:
             self.history = []
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
                 init_source = train_source or DataSource(train, model, cfg.batch_size, "data",
-                                                         allow)
+                                                         allow_missing=allow)
                 initialise(
                     model, gather_rows(init_source, cfg.init_samples, cfg.seed),
                     cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
