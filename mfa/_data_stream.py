@@ -36,11 +36,14 @@ class DataSource:
         shard: under :mod:`torch.distributed`, stream only this process's rows (see
             :func:`mfa.distributed.shard_loader`); ``sharded`` tells whether it does, and so
             whether sums over the stream must be added across processes.
+        allow_missing: accept NaN as a missing entry (trainers with ``missing="allow"``, see
+            :mod:`mfa.missing`); infinities are always refused.
     """
 
     def __init__(self, data, model, batch_size: int, name: str = "data",
-                 shard: bool = False) -> None:
+                 shard: bool = False, allow_missing: bool = False) -> None:
         self.name = name
+        self.allow_missing = allow_missing
         self.n_features = model.n_features
         self.dtype = model.dtype
         self.device = model.device
@@ -87,12 +90,15 @@ class DataSource:
                 f"{rows.dtype} in batch {index}"
             )
         rows = rows.to(device=self.device, dtype=self.dtype)
-        bad = ~torch.isfinite(rows)
+        bad = torch.isinf(rows) if self.allow_missing else ~torch.isfinite(rows)
         if bool(bad.any()):
             row, col = (int(i) for i in bad.nonzero()[0])
+            hint = ("" if self.allow_missing else
+                    "; to train on incomplete data with NaN marking the missing entries, set "
+                    "missing='allow' (EMConfig.missing or SGDConfig.missing)")
             raise ValueError(
                 f"{self.name} contains non-finite values (NaN or inf): batch {index}, row {row}, "
-                f"feature {col}"
+                f"feature {col}{hint}"
             )
         return rows
 

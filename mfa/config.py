@@ -56,13 +56,14 @@ from mfa.hierarchical_section import (
     check_hierarchical,
     hierarchical_config,
 )
-from mfa.masks import MaskKind
+from mfa.masks import MaskKind, MissingKind
 from mfa.sgd import SGDConfig, SGDTrainer
 
 __all__ = [
     "DATASET_NAMES",
     "DataConfig",
     "HierarchicalSection",
+    "MissingConfig",
     "ModelConfig",
     "OutputConfig",
     "RunConfig",
@@ -93,6 +94,18 @@ class ModelConfig:
 
 
 @dataclass
+class MissingConfig:
+    """Pixels removed from the training and validation images after loading (seeded), to
+    train on incomplete data (EM or Adam on the observed entries, :mod:`mfa.missing`; the
+    trainer's ``missing`` setting is then ``"allow"``)."""
+
+    kind: MissingKind = "none"  # none | random (a rate of the pixels) | block (one square each)
+    rate: float = 0.25  # share of each image's pixels hidden (kind "random")
+    block_size: int = 14  # side of the hidden square (kind "block")
+    seed: int = 0  # seeds the masks (validation rows use seed + 1)
+
+
+@dataclass
 class DataConfig:
     """The arguments of ``mfa.data.load_dataset`` (see :meth:`load_kwargs`)."""
 
@@ -106,10 +119,12 @@ class DataConfig:
     limit: int | None = None  # at most this many images in each split; None: all
     dequantize: bool = False  # float views are (pixel + uniform noise) / 256
     num_workers: int = 0  # worker processes for decoding image files
+    missing: MissingConfig = field(default_factory=MissingConfig)  # train on incomplete images
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``mfa.data.load_dataset(**kwargs)``."""
         kwargs = dataclasses.asdict(self)
+        kwargs.pop("missing")  # applied after loading (mfa.workflow)
         if isinstance(self.image_size, list):
             kwargs["image_size"] = tuple(self.image_size)
         return kwargs
@@ -251,6 +266,7 @@ _CONSTRAINTS: dict[type, dict[str, Any]] = {
         **dict.fromkeys(("checkpoint_every", "n_samples", "n_inpaint", "inpaint_samples",
                          "n_factor_components"), _count),
     },
+    MissingConfig: {"rate": _fraction, "block_size": _one_or_more, "seed": _count},
     RunConfig: {"seed": _count, "device": _device},
     # The trainers check their own settings (see _check_trainer); only device strings here.
     EMConfig: {"device": _device},

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfa import distributed, linalg, training
+from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import (
     check_bool_field,
@@ -55,6 +55,9 @@ class EMConfig:
     min_component_mass: float = 2.0  # components with less responsibility mass are re-seeded
     checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)
     progress: bool = True  # tqdm progress bar
+    # "allow": NaN marks a missing entry and EM maximises the observed-data likelihood
+    # (mfa.missing); "error": data with NaN is refused
+    missing: Literal["error", "allow"] = "error"
 
     def validate(self) -> None:
         """Check every field; the trainer's limits live here only.
@@ -70,6 +73,7 @@ class EMConfig:
         check_real_field(self, "min_component_mass", minimum=0)
         check_choice_field(self, "stats_dtype", STATS_DTYPES)
         check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_choice_field(self, "missing", ("error", "allow"))
         check_device_field(self)
         check_bool_field(self, "progress")
         if self.init == "none" and self.n_init > 1:
@@ -229,9 +233,12 @@ class EMTrainer:
             model.to(cfg.device)
         # Under torch.distributed each process streams its shard; rank 0 alone checkpoints.
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
-        source = DataSource(data, model, cfg.batch_size, "data", shard=True)
+        allow = cfg.missing == "allow"
+        source = DataSource(data, model, cfg.batch_size, "data", shard=True,
+                            allow_missing=allow)
         val_source = (
-            DataSource(validation, model, cfg.batch_size, "validation", shard=True)
+            DataSource(validation, model, cfg.batch_size, "validation", shard=True,
+                       allow_missing=allow)
             if validation is not None
             else None
         )
@@ -356,7 +363,8 @@ class EMTrainer:
     ) -> object:
         """One streamed pass: the summed sufficient statistics of every batch.
 
-        ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name).
+        ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name). A
+        source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
         """
         if isinstance(stats_dtype, torch.dtype):
             stats_dtype = str(stats_dtype).removeprefix("torch.")
@@ -368,12 +376,14 @@ class EMTrainer:
             if full:
                 terms, chol = terms.to(torch.float64), chol.double()
             stats = None
+            statistics = (missing.batch_statistics if getattr(source, "allow_missing", False)
+                          else accumulate_statistics)
             for batch in source:
                 if full:
                     batch = batch.double()
-                part = accumulate_statistics(model, batch, terms, chol, stats_dtype=torch.float64,
-                                             precise_moments=stats_dtype != "float32",
-                                             precise_latent=stats_dtype == "precise")
+                part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
+                                  precise_moments=stats_dtype != "float32",
+                                  precise_latent=stats_dtype == "precise")
                 stats = part if stats is None else stats + part
             if source.sharded:  # add every process's sums (one all-reduce)
                 stats = distributed.all_reduce_statistics(stats, model, terms.reference)
@@ -403,7 +413,8 @@ class EMTrainer:
 
     @staticmethod
     def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> float:
-        """Mean log-likelihood per row over a data source (float64 accumulation); see
+        """Mean log-likelihood per row over a data source (float64 accumulation; the
+        observed-data one for a source that allows missing data); see
         :func:`mfa.training.evaluate`."""
         return training.evaluate(model, source)
 

@@ -21,13 +21,20 @@ from torch import Tensor
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["MASK_KINDS", "MaskKind", "make_mask"]
+__all__ = ["MASK_KINDS", "MISSING_KINDS", "MaskKind", "MissingKind", "make_mask",
+           "missing_mask"]
 
 MaskKind = Literal["center", "top", "bottom", "left", "right", "random", "image"]
 #: ``"center"``: the central square of half the side is hidden; ``"top"``/``"bottom"``/
 #: ``"left"``/``"right"``: that half is hidden; ``"random"``: a ``fraction`` of the pixels is
 #: hidden; ``"image"``: black pixels of a user mask image are hidden.
 MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+
+MissingKind = Literal["none", "random", "block"]
+#: How :func:`missing_mask` removes pixels from training images: ``"none"`` keeps them all;
+#: ``"random"``: each image loses a ``rate`` of its pixels; ``"block"``: each image loses one
+#: square of side ``block_size`` at a random place.
+MISSING_KINDS: tuple[str, ...] = get_args(MissingKind)
 
 
 def _pixel_mask_to_rows(hidden: Tensor, c: int) -> Tensor:
@@ -117,3 +124,39 @@ def make_mask(
         flat.scatter_(1, order[:, :n_hidden], True)
         return _pixel_mask_to_rows(flat.view(n, h, w), c)
     return _pixel_mask_to_rows(hidden.expand(n, h, w), c)
+
+
+def missing_mask(
+    kind: str,
+    image_shape: Sequence[int],
+    n: int,
+    generator: torch.Generator,
+    *,
+    rate: float = 0.25,
+    block_size: int = 14,
+) -> Tensor:
+    """Observed masks of incomplete training images: bool ``[n, C·H·W]`` on the CPU.
+
+    Kinds (see :data:`MISSING_KINDS`): ``"none"`` (all observed), ``"random"`` (as
+    :func:`make_mask`'s ``"random"`` with ``fraction=rate``) and ``"block"``: one
+    ``block_size × block_size`` square (clipped to the image) hidden per image, its top-left
+    corner uniform over the places where it fits. ``generator`` (CPU) draws the masks.
+    """
+    from mfa.data import check_image_shape
+
+    c, h, w = check_image_shape(image_shape)
+    if kind not in MISSING_KINDS:
+        raise ValueError(f"kind must be one of {MISSING_KINDS}, got {kind!r}")
+    if kind == "none":
+        return torch.ones(n, c * h * w, dtype=torch.bool)
+    if kind == "random":
+        return make_mask("random", image_shape, n, generator, fraction=rate)
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    bh, bw = min(block_size, h), min(block_size, w)
+    top = torch.randint(0, h - bh + 1, (n, 1, 1), generator=generator)
+    left = torch.randint(0, w - bw + 1, (n, 1, 1), generator=generator)
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    hidden = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+    return _pixel_mask_to_rows(hidden, c)

@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from mfa import distributed, training
+from mfa import distributed, missing, training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
 from mfa._validation import (
     check_bool_field,
@@ -55,6 +55,9 @@ class SGDConfig:
     weight_decay: float = 0.0  # Adam weight decay
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
+    # "allow": NaN marks a missing entry and Adam maximises the observed-data likelihood
+    # (mfa.missing.row_log_prob); "error": data with NaN is refused
+    missing: Literal["error", "allow"] = "error"
 
     def validate(self) -> None:
         """Check every field; the trainer's limits live here only.
@@ -72,6 +75,7 @@ class SGDConfig:
         check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
         check_real_field(self, "val_fraction", minimum=0, maximum=1)
         check_choice_field(self, "init", ("kmeans", "random", "none"))
+        check_choice_field(self, "missing", ("error", "allow"))
         check_device_field(self)
         check_bool_field(self, "progress")
 
@@ -143,15 +147,17 @@ class SGDTrainer:
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
         held out when no validation data is given."""
         cfg = self.config
+        allow = cfg.missing == "allow"
         reject_numpy(data, "data")
         if isinstance(data, Tensor):
-            data = DataSource(data, model, cfg.batch_size, "data").tensor
+            data = DataSource(data, model, cfg.batch_size, "data", allow_missing=allow).tensor
         elif not isinstance(data, (Dataset, Iterable)):
             raise TypeError(
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
             )
         if validation is not None:
-            return data, DataSource(validation, model, cfg.batch_size, "validation", shard=True)
+            return data, DataSource(validation, model, cfg.batch_size, "validation", shard=True,
+                                    allow_missing=allow)
         if cfg.val_fraction == 0 or not isinstance(data, (Tensor, Dataset)):
             return data, None
         n = len(data)
@@ -163,10 +169,11 @@ class SGDTrainer:
             perm = perm.to(data.device)
             held_out = data[perm[:n_val]]
             return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation",
-                                                  shard=True)
+                                                  shard=True, allow_missing=allow)
         held_out = Subset(data, perm[:n_val].tolist())
         return (Subset(data, perm[n_val:].tolist()),
-                DataSource(held_out, model, cfg.batch_size, "validation", shard=True))
+                DataSource(held_out, model, cfg.batch_size, "validation", shard=True,
+                           allow_missing=allow))
 
     def _batches(self, train, source, gen):
         if source is not None:
@@ -201,6 +208,7 @@ class SGDTrainer:
             model.to(cfg.device)
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         gen = torch.Generator().manual_seed(cfg.seed)
+        allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)
         train, val_source = self._split(data, validation, model)
         if isinstance(train, Tensor):
             n = train.shape[0]
@@ -213,7 +221,7 @@ class SGDTrainer:
                       if isinstance(train, Dataset) else train)
             # Under torch.distributed each process reads its part of every global batch.
             train_source = DataSource(distributed.shard_global_batches(loader), model,
-                                      cfg.batch_size, "data")
+                                      cfg.batch_size, "data", allow_missing=allow)
             steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
@@ -243,7 +251,8 @@ class SGDTrainer:
             self.history = []
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
                 init_source = DataSource(train if train_source is None else loader, model,
-                                         cfg.batch_size, shard=not isinstance(train, Dataset))
+                                         cfg.batch_size, shard=not isinstance(train, Dataset),
+                                         allow_missing=allow)
                 initialise(
                     model, gather_rows(init_source, cfg.init_samples, cfg.seed),
                     cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
@@ -268,9 +277,11 @@ class SGDTrainer:
             total, seen = 0.0, 0
             for batch in self._batches(train, train_source, gen):
                 optimizer.zero_grad(set_to_none=True)
+                # The observed-data likelihood when rows may hold NaN (mfa.missing).
+                log_p = (missing.row_log_prob(model, batch) if allow
+                         else model._component_log_prob(batch).logsumexp(-1))
                 # −mean log p over the global batch (gradients added across processes).
-                loss, rows = distributed.backward_mean(
-                    -model._component_log_prob(batch).logsumexp(-1), model.parameters())
+                loss, rows = distributed.backward_mean(-log_p, model.parameters())
                 if not torch.isfinite(loss):
                     raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import torch
 from torch import Tensor
 
-from mfa import distributed
+from mfa import distributed, missing
 from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa.model import MixtureOfFactorAnalyzers
@@ -40,7 +40,8 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
         source: a :class:`DataSource`, or anything it accepts (a tensor ``[N, D]``, a
             ``Dataset`` or a ``DataLoader``), streamed in batches.
 
-    Batch totals are accumulated in float64 on the CPU.
+    Batch totals are accumulated in float64 on the CPU. A source that allows missing entries
+    (NaN) is scored by the observed-data likelihood (:func:`mfa.missing.row_log_prob`).
     """
     if not isinstance(source, DataSource):
         source = DataSource(source, model, DEFAULT_BATCH_SIZE, "data")
@@ -49,7 +50,11 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
     with torch.no_grad():
         terms = model.component_terms()
         for batch in source:
-            total += model._component_log_prob(batch, terms).logsumexp(-1).double().sum().cpu()
+            if source.allow_missing:
+                log_p = missing.row_log_prob(model, batch)
+            else:
+                log_p = model._component_log_prob(batch, terms).logsumexp(-1)
+            total += log_p.double().sum().cpu()
             count += batch.shape[0]
     if source.sharded:  # every process's rows
         total, count = distributed.sum_across_processes(total, count)

@@ -46,7 +46,7 @@ from mfa.data import ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.inference import inpaint as inpaint_rows
-from mfa.masks import make_mask
+from mfa.masks import make_mask, missing_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
@@ -171,6 +171,30 @@ def _training_data(data: ImageData, config: RunConfig, device: torch.device):
         return data.loader("train", batch_size=batch), val
     val = data.val if data.val_pixels.shape[0] else None
     return data.train.to(device), None if val is None else val.to(device)
+
+
+def missing_masks(config: RunConfig, data: ImageData, split: str) -> torch.Tensor | None:
+    """The observed masks (bool ``[N, D]``, CPU) that ``config.data.missing`` gives the rows
+    of ``split`` (``"train"``: seed, ``"val"``: seed + 1), or ``None`` for kind ``"none"``."""
+    mc = config.data.missing
+    if mc.kind == "none":
+        return None
+    gen = torch.Generator().manual_seed(mc.seed + (split == "val"))
+    return missing_mask(mc.kind, data.image_shape, data.pixels(split).shape[0], gen,
+                        rate=mc.rate, block_size=mc.block_size)
+
+
+def _remove_pixels(config: RunConfig, data: ImageData, rows, split: str):
+    """``rows`` (a tensor of ``split``) with the pixels ``data.missing`` hides set to NaN."""
+    observed = missing_masks(config, data, split)
+    if observed is None or rows is None:
+        return rows
+    if not isinstance(rows, torch.Tensor):
+        raise ValueError(f"data.missing.kind={config.data.missing.kind!r} needs the training "
+                         f"data in memory, but {data.name} is streamed (more than "
+                         f"{STREAM_ABOVE} values); lower data.limit")
+    nan = torch.full((), float("nan"), dtype=rows.dtype, device=rows.device)
+    return torch.where(observed.to(rows.device), rows, nan)
 
 
 def train(
@@ -333,6 +357,11 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"{mc.n_factors}) does not fit the data {data.name} with "
                 f"{data.n_features} features: {error}"
             ) from None
+    if config.data.missing.kind != "none":
+        if not hasattr(trainer_config, "missing"):
+            raise ValueError(f"data.missing needs train.method em or sgd, got "
+                             f"{config.train.method!r}")
+        trainer_config.missing = "allow"  # data.missing hides pixels: train on the rest
     trainer = _TRAINERS[config.train.method](trainer_config)
     if ckpt is not None and ckpt.trainer_state is not None:
         try:
@@ -343,6 +372,8 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"cannot resume from: {error}"
             ) from None
     train_data, val_data = _training_data(data, config, device)
+    train_data = _remove_pixels(config, data, train_data, "train")
+    val_data = _remove_pixels(config, data, val_data, "val")
     return _Setup(device, data, model, trainer, train_data, val_data)
 
 
@@ -415,6 +446,12 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
             paths.append(inpaint(model, data, run_dir / f"inpaint-{kind}.png", mask=kind,
                                  n=out.n_inpaint, n_samples=out.inpaint_samples, seed=gen_seed,
                                  scale=out.image_scale, mask_image=out.mask_image))
+        observed = missing_masks(config, data, "train")
+        if observed is not None:  # what training did not see, filled in by the model
+            paths.append(inpaint(model, data, run_dir / "inpaint-train-missing.png",
+                                 split="train", observed=observed[: out.n_inpaint],
+                                 n=out.n_inpaint, n_samples=out.inpaint_samples,
+                                 seed=gen_seed, scale=out.image_scale))
     paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
                           nrow=out.grid_nrow, scale=out.image_scale))
     if out.n_factor_components:
@@ -454,15 +491,17 @@ def _component(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyz
 
 
 def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, split="test",
-            seed=0, scale=2, mask_image=None, fraction=0.5) -> Path:
+            seed=0, scale=2, mask_image=None, fraction=0.5, observed=None) -> Path:
     """original | masked input | conditional mean | ``n_samples`` conditional samples, for
-    the first ``n`` images of ``split``."""
+    the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
+    ``observed`` [n, D])."""
     count = min(n, data.pixels(split).shape[0])
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
-                             .manual_seed(seed), fraction=fraction,
-                             mask_image=mask_image).to(model.device)
+    if observed is None:
+        observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
+                             .manual_seed(seed), fraction=fraction, mask_image=mask_image)
+    observed = observed[:count].to(model.device)
     with torch.no_grad():
         mean, samples = inpaint_rows(model, x, observed, n_samples, generator=gen)
     masked = torch.where(observed, x, torch.zeros_like(x))
