@@ -1,0 +1,47 @@
+"""scripts/baselines.py --quick: every code path runs and both reports are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # a subprocess that fits every model at tiny sizes (~10-20 s)
+def test_quick_run_writes_the_table(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "baselines.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "baselines.md").read_text()
+    results = json.loads((tmp_path / "baselines.json").read_text())
+    assert results["meta"]["complete"] is True
+    assert set(results["datasets"]) == {"fashion-mnist", "embedded-mnist"}
+    for name, ds in results["datasets"].items():
+        assert f"## {name}" in text
+        assert set(ds["per_k"]) == {"3", "5"}
+        for res in ds["per_k"].values():
+            models = [r["model"] for r in res["rows"]]
+            assert any(m.startswith("MFA EM, default") for m in models)
+            assert any(m.startswith("MFA Adam") for m in models)
+            assert "sklearn GMM diag, defaults (reg_covar=1e-6)" in models
+            assert any(m.startswith("sklearn GMM full") for m in models)
+            for r in res["rows"]:  # a number, or a stated reason why there is none
+                assert r["test_bits_per_dim"] is not None or r["note"].startswith(
+                    ("not run (cost)", "failed", "every grid fit failed")), r
+            targets = res["targets"]
+            diag = next(r for r in res["rows"] if r["model"].startswith("sklearn GMM diag, def"))
+            default = res["rows"][0]
+            if default["test_bits_per_dim"] is not None:  # the target is the difference shown
+                assert targets["default_minus_sklearn_diag"] == pytest.approx(
+                    default["test_bits_per_dim"] - diag["test_bits_per_dim"])
+    assert "## Targets (issue 12)" in text
+    assert "smoke test" in text
