@@ -344,7 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fashion-sizes", nargs=3, type=int, default=[3000, 1000, 2000],
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--adam-epochs", type=int, default=3)
-    p.add_argument("--em-max-iter", type=int, default=30,
+    p.add_argument("--em-max-iter", type=int, default=20,
                    help="cap on EM iterations of every MFA EM fit, default and grid alike "
                         "(0: EMConfig's own max_iter)")
     p.add_argument("--mfa-grid", nargs="+", type=float, default=None,
