@@ -203,18 +203,29 @@ def run_k(name: str, k: int, splits: dict, np_splits: dict, args, full_cost: dic
     rows.append(row("sklearn GMM diag, reg_covar tuned on val", k, sk_bits(gmm, te), v, secs,
                     f"reg_covar={reg:g} of {sorted(diag)}"))
 
+    # The overhead target compares wall times, which a shared CPU makes noisy: time the default
+    # fit and the fixed fit at the chosen value once more each and keep each one's faster run.
+    timing = {}
+    if default_em["test_bits_per_dim"] is not None and ok:
+        again = em_row("default (timing repeat)", k, splits, args)
+        fixed = em_row("fixed (timing repeat)", k, splits, args, **{TUNED_KEY: best["value"]})
+        timing = {"default_seconds": [default_em["train_seconds"], again["train_seconds"]],
+                  "fixed_seconds": [best["train_seconds"], fixed["train_seconds"]]}
+        logger.info("%s K=%d timing: default %s s, fixed %s s", name, k,
+                    timing["default_seconds"], timing["fixed_seconds"])
+
     rows.extend(run_full(k, np_splits, args, full_cost))
 
     d, t = default_em["test_bits_per_dim"], tuned_em["test_bits_per_dim"]
     targets = {
         "default_minus_sklearn_diag": None if d is None else d - sk_default["test_bits_per_dim"],
         "default_minus_tuned_mfa": None if d is None or t is None else d - t,
-        "selection_overhead": None if d is None or t is None
-        else default_em["train_seconds"] / tuned_em["train_seconds"] - 1,
+        "selection_overhead": None if not timing
+        else min(timing["default_seconds"]) / min(timing["fixed_seconds"]) - 1,
         "selection_overhead_vs_grid_mean": None if d is None or not ok
         else default_em["train_seconds"] / (sum(grid_seconds) / len(grid_seconds)) - 1,
     }
-    return {"rows": rows, "grid": tuned, "targets": targets}
+    return {"rows": rows, "grid": tuned, "timing": timing, "targets": targets}
 
 
 def run_full(k: int, np_splits: dict, args, cost: dict) -> list[dict]:
@@ -318,8 +329,9 @@ def markdown(results: dict) -> str:
         lines.append("")
     lines += ["## Targets (issue 12)", "",
               "| dataset | K | default MFA − sklearn default diag (≤ −0.1) | "
-              "default MFA − best hand-tuned MFA (≤ 0.02) | selection overhead vs the fixed fit "
-              "at the chosen value (≤ 30 %) | overhead vs mean grid fit |",
+              "default MFA − best hand-tuned MFA (≤ 0.02) | selection overhead: default fit vs the "
+              "fixed fit at the chosen value, faster of two runs each (≤ 30 %) | "
+              "default vs mean grid fit |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, ds in results["datasets"].items():
         for k, res in ds["per_k"].items():
@@ -341,10 +353,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "embedded-mnist"])
     p.add_argument("--ks", nargs="+", type=int, default=[20, 50, 100, 200])
     p.add_argument("--n-factors", type=int, default=6)
-    p.add_argument("--fashion-sizes", nargs=3, type=int, default=[3000, 1000, 2000],
+    p.add_argument("--fashion-sizes", nargs=3, type=int, default=[10000, 2000, 5000],
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--adam-epochs", type=int, default=3)
-    p.add_argument("--em-max-iter", type=int, default=20,
+    p.add_argument("--em-max-iter", type=int, default=30,
                    help="cap on EM iterations of every MFA EM fit, default and grid alike "
                         "(0: EMConfig's own max_iter)")
     p.add_argument("--mfa-grid", nargs="+", type=float, default=None,
@@ -357,7 +369,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.mfa_grid is None:
-        args.mfa_grid = [3e-6, 1e-5, 3e-5] if HAS_PRIORS else [1e-6, 3e-6, 1e-5]
+        args.mfa_grid = [3e-6, 1e-5, 3e-5, 1e-4, 3e-4] if HAS_PRIORS else [1e-6, 1e-5, 1e-4, 1e-3]
     args.em_overrides = {"max_iter": args.em_max_iter} if args.em_max_iter else {}
     if args.quick:  # a smoke test of every code path, not a measurement
         args.em_max_iter = 3
