@@ -297,6 +297,7 @@ def markdown(results: dict) -> str:
         if not meta.get("complete") else "The run completed.",
         *(["", "**`--quick` smoke test: tiny sizes, not a measurement.**"]
           if meta["quick"] else []),
+        *(["", "Notes:", "", *(f"- {n}" for n in meta["notes"])] if meta["notes"] else []),
         "",
         "Protocol: pixels dequantised `x = (pixel + u)/256`; bits/dim = "
         "−(log p(x) − D·ln 256)/(D·ln 2) averaged over held-out rows "
@@ -353,7 +354,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "embedded-mnist"])
     p.add_argument("--ks", nargs="+", type=int, default=[20, 50, 100, 200])
     p.add_argument("--n-factors", type=int, default=6)
-    p.add_argument("--fashion-sizes", nargs=3, type=int, default=[10000, 2000, 5000],
+    p.add_argument("--fashion-sizes", nargs=3, type=int, default=[3000, 1000, 2000],
                    metavar=("TRAIN", "VAL", "TEST"))
     p.add_argument("--adam-epochs", type=int, default=3)
     p.add_argument("--em-max-iter", type=int, default=30,
@@ -366,6 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-budget", type=float, default=90.0,
                    help="seconds a full-covariance fit may take (estimated from a probe)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--note", action="append", default=[],
+                   help="a line for the report's Notes section (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.mfa_grid is None:
@@ -404,7 +407,7 @@ def main(argv=None) -> None:
         "adam_epochs": args.adam_epochs, "em_max_iter": args.em_max_iter,
         "tuned_key": TUNED_KEY, "mfa_grid": args.mfa_grid,
         "reg_grid": args.reg_grid, "full_max_iter": args.full_max_iter,
-        "full_budget": args.full_budget, "quick": args.quick, "python": platform.python_version(),
+        "full_budget": args.full_budget, "quick": args.quick, "notes": args.note, "python": platform.python_version(),
         "code_note": ("MAP EM with the automatic noise prior and early stopping (EMConfig has "
                       "`noise_prior_variance`)." if HAS_PRIORS else
                       "plain EM with a fixed variance floor — the MAP priors / automatic noise "
