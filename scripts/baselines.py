@@ -407,7 +407,8 @@ def main(argv=None) -> None:
         "adam_epochs": args.adam_epochs, "em_max_iter": args.em_max_iter,
         "tuned_key": TUNED_KEY, "mfa_grid": args.mfa_grid,
         "reg_grid": args.reg_grid, "full_max_iter": args.full_max_iter,
-        "full_budget": args.full_budget, "quick": args.quick, "notes": args.note, "python": platform.python_version(),
+        "full_budget": args.full_budget, "quick": args.quick, "notes": args.note,
+        "python": platform.python_version(),
         "code_note": ("MAP EM with the automatic noise prior and early stopping (EMConfig has "
                       "`noise_prior_variance`)." if HAS_PRIORS else
                       "plain EM with a fixed variance floor — the MAP priors / automatic noise "
