@@ -29,6 +29,8 @@ from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 
 F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+#: EMConfig values of plain EM: no prior, no early stopping (the defaults use both).
+PLAIN_EM = {"noise_prior_strength": 0.0, "patience": 0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,8 +81,14 @@ def _dense_log_lik(model: MixtureOfFactorAnalyzers, x: torch.Tensor) -> float:
 
 def _fit(x, k, lat, noise="diagonal", validation=None, callbacks=(), checkpoint_fn=None,
          model=None, trainer=None, **config):
-    """Fit a fresh float64 model, silencing the ConvergenceWarning of fixed-length runs."""
+    """Fit a fresh float64 model, silencing the ConvergenceWarning of fixed-length runs.
+
+    Plain (maximum-likelihood) EM unless the test asks for priors or early stopping: these
+    tests check EM against references of the likelihood (tests/test_priors.py checks MAP EM).
+    """
     config.setdefault("progress", False)
+    for key, value in PLAIN_EM.items():
+        config.setdefault(key, value)
     if model is None:
         model = MixtureOfFactorAnalyzers(k, 5 if not hasattr(x, "shape") else x.shape[1], lat,
                                          noise, dtype=F64)
@@ -353,7 +361,7 @@ def test_resume_after_interrupt_equals_uninterrupted(mixture_data, n_init, stop_
 
     resumed = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
     resumed.load_state_dict(model_state)
-    trainer = EMTrainer(EMConfig(progress=False, **config))
+    trainer = EMTrainer(EMConfig(progress=False, **PLAIN_EM, **config))
     trainer.load_state_dict(state)
     _fit(x, 3, 2, validation=val, model=resumed, trainer=trainer)
 
@@ -395,7 +403,7 @@ def test_checkpoint_fn_schedule(mixture_data):
 def test_convergence_warning_at_max_iter(mixture_data):
     x, _ = mixture_data
     model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
-    trainer = EMTrainer(EMConfig(max_iter=2, tol=1e-12, progress=False))
+    trainer = EMTrainer(EMConfig(max_iter=2, tol=1e-12, progress=False, **PLAIN_EM))
     with pytest.warns(ConvergenceWarning, match="max_iter=2"):
         trainer.fit(model, x)
     assert not trainer.converged
@@ -405,7 +413,7 @@ def test_convergence_warning_at_max_iter(mixture_data):
 def test_no_warning_when_tol_is_met(mixture_data):
     x, _ = mixture_data
     model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
-    trainer = EMTrainer(EMConfig(max_iter=500, tol=1e-3, progress=False))
+    trainer = EMTrainer(EMConfig(max_iter=500, tol=1e-3, progress=False, **PLAIN_EM))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         trainer.fit(model, x)
