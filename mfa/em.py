@@ -453,22 +453,15 @@ class EMTrainer:
     def _search(self, model, stats, ctx: _FitContext, state: RunState) -> float:
         """Choose ``s₀`` on the validation data from this iteration's statistics."""
         cfg = self.config
-        upper = float(prior_search.training_variance(stats).max())
-        grid = prior_search.log_grid(cfg.quantization_variance, upper, cfg.search_per_decade)
-
-        def prior_for(s0: float) -> Prior:
-            return Prior(cfg.noise_prior_strength, s0, cfg.weight_concentration,
-                         cfg.loading_ridge)
-
-        scores = prior_search.score_candidates(model, stats, grid, prior_for, ctx.floor,
-                                               ctx.val_source)
-        best = max(range(len(grid)), key=lambda i: (scores[i], -i))
-        logger.info(
-            "EM run %d: noise prior variance %.3g chosen from %d candidates in [%.3g, %.3g] "
-            "(validation log-likelihood %.6g)", state.run + 1, grid[best], len(grid), grid[0],
-            grid[-1], scores[best],
+        s0, _ = prior_search.choose_noise_variance(
+            model, stats, ctx.val_source, Prior(cfg.noise_prior_strength, 1.0,
+                                                cfg.weight_concentration, cfg.loading_ridge),
+            lower=cfg.quantization_variance, per_decade=cfg.search_per_decade,
+            variance_floor=ctx.floor,
         )
-        return grid[best]
+        logger.info("EM run %d: noise prior variance %.3g chosen on the validation data",
+                    state.run + 1, s0)
+        return s0
 
     def _track_validation(self, model, state: RunState, val_ll: float, counting: bool) -> bool:
         """Keep the best validation parameters; ``True`` when patience has run out (only

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -28,7 +29,9 @@ from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
 from mfa.statistics import SufficientStatistics, m_step
 
-__all__ = ["hold_out", "log_grid", "score_candidates", "training_variance"]
+__all__ = [
+    "choose_noise_variance", "hold_out", "log_grid", "score_candidates", "training_variance",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,38 @@ def score_candidates(
     finally:
         model.load_state_dict(saved)
     return scores
+
+
+def choose_noise_variance(
+    model: MixtureOfFactorAnalyzers,
+    stats: SufficientStatistics,
+    validation: DataSource,
+    prior: Prior,
+    *,
+    lower: float,
+    per_decade: int,
+    variance_floor: float,
+) -> tuple[float, list[tuple[float, float]]]:
+    """The best ``s₀`` of the grid ``log_grid(lower, max training variance, per_decade)``.
+
+    Args:
+        model, stats: the current model and the statistics of its E-step.
+        validation: the held-out rows.
+        prior: the other prior settings (its ``noise_variance`` is replaced by each candidate).
+        lower: the data's lower bound of a useful noise variance (the grid's first point).
+        per_decade: grid points per decade.
+        variance_floor: the hard floor of the M-step.
+
+    Returns:
+        ``(best s₀, [(candidate, validation log-likelihood), ...])``; ties go to the smaller.
+    """
+    upper = float(training_variance(stats).max())
+    grid = log_grid(lower, upper, per_decade)
+    scores = score_candidates(model, stats, grid, lambda s0: replace(prior, noise_variance=s0),
+                              variance_floor, validation)
+    best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+    logger.debug("noise prior variance search: %s", list(zip(grid, scores, strict=True)))
+    return grid[best], list(zip(grid, scores, strict=True))
 
 
 def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,

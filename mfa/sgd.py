@@ -27,6 +27,7 @@ from mfa._validation import (
 )
 from mfa.init import initialise
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.priors import Prior
 from mfa.training import ConvergenceWarning
 
 __all__ = ["SGDConfig", "SGDTrainer"]
@@ -53,6 +54,12 @@ class SGDConfig:
     init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
     variance_floor: float = 1e-5  # noise-variance floor of the initialisation
     weight_decay: float = 0.0  # Adam weight decay
+    # The priors of MAP EM (mfa.priors) as a penalty: −log p(θ) / N_train added to the loss.
+    # Strength 0, concentration 1, ridge 0 (the defaults): no penalty.
+    noise_prior_strength: float = 0.0  # ν, pseudo-rows of the inverse-gamma noise prior
+    noise_prior_variance: float = 1e-4  # s₀, their noise variance
+    weight_concentration: float = 1.0  # α of the Dirichlet prior on the weights
+    loading_ridge: float = 0.0  # λ of the Gaussian prior on the loading rows
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
 
@@ -64,6 +71,10 @@ class SGDConfig:
         """
         check_real_field(self, "lr", minimum=0, strict=True)
         check_real_field(self, "weight_decay", minimum=0)
+        check_real_field(self, "noise_prior_strength", minimum=0)
+        check_real_field(self, "noise_prior_variance", minimum=0, strict=True)
+        check_real_field(self, "weight_concentration", minimum=1)
+        check_real_field(self, "loading_ridge", minimum=0)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
                                 "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
@@ -167,6 +178,19 @@ class SGDTrainer:
         return (Subset(data, perm[n_val:].tolist()),
                 DataSource(held_out, model, cfg.batch_size, "validation"))
 
+    def prior(self) -> Prior:
+        """The config's priors, as a :class:`~mfa.priors.Prior`."""
+        cfg = self.config
+        return Prior(cfg.noise_prior_strength, cfg.noise_prior_variance,
+                     cfg.weight_concentration, cfg.loading_ridge)
+
+    @staticmethod
+    def penalty(model: MixtureOfFactorAnalyzers, prior: Prior, n_train: int) -> Tensor:
+        """``−log p(θ) / n_train`` (constants dropped; see :mod:`mfa.priors`): added to the
+        mean negative log-likelihood of a minibatch, so an epoch's steps follow the MAP
+        objective per row. Differentiable through the model's parameters."""
+        return -prior.log_prior_of(model) / n_train
+
     def _batches(self, train, source, gen):
         if source is not None:
             yield from source
@@ -210,6 +234,8 @@ class SGDTrainer:
                       if isinstance(train, Dataset) else train)
             train_source = DataSource(loader, model, cfg.batch_size, "data")
             steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
+        prior = self.prior()
+        n_train = None if prior.is_flat else _count_rows(train)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -260,21 +286,24 @@ class SGDTrainer:
             started = time.perf_counter()
             total, seen = 0.0, 0
             for batch in self._batches(train, train_source, gen):
-                loss = -model._component_log_prob(batch).logsumexp(-1).mean()
+                nll = -model._component_log_prob(batch).logsumexp(-1).mean()
+                loss = nll
+                if n_train is not None:
+                    loss = nll + self.penalty(model, prior, n_train).to(nll.dtype)
                 if not torch.isfinite(loss):
                     raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
                         f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
                     )
                 if reference is None:  # the initial parameters' fit to the first minibatch
-                    reference = -loss.item()
+                    reference = -nll.item()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                total += -loss.item() * batch.shape[0]
+                total += -nll.item() * batch.shape[0]
                 seen += batch.shape[0]
             train_ll = total / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
@@ -328,3 +357,19 @@ class SGDTrainer:
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model
+
+
+def _count_rows(train) -> int:
+    """Rows of the training data (for the prior penalty's ``1/N``)."""
+    if isinstance(train, Tensor):
+        return train.shape[0]
+    if isinstance(train, Dataset):
+        return len(train)
+    dataset = getattr(train, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    raise ValueError(
+        "SGDConfig priors (noise_prior_strength > 0, weight_concentration > 1 or "
+        "loading_ridge > 0) need the number of training rows: pass a tensor, a Dataset or a "
+        f"DataLoader with a sized dataset, got {type(train).__name__}"
+    )
