@@ -44,7 +44,7 @@ class EMConfig:
     # noise_prior_variance on every noise variance ("auto": chosen on validation data inside
     # fit, see mfa.prior_search), a Dirichlet(weight_concentration) prior on the weights and a
     # ridge prior (rows of A ~ N(0, d/loading_ridge)) on the loadings. 0, any, 1, 0: plain EM.
-    noise_prior_strength: float = 10.0
+    noise_prior_strength: float = 1.0
     noise_prior_variance: float | Literal["auto"] = "auto"
     weight_concentration: float = 1.0
     loading_ridge: float = 0.0
@@ -373,8 +373,11 @@ class EMTrainer:
             range(state.iteration, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
             disable=not cfg.progress, leave=False,
         )
-        stopped = False
+        # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
+        stopped = ctx.early_stopping and state.bad_iterations >= cfg.patience
         for it in bar:
+            if stopped:
+                break
             started = time.perf_counter()
             stats = self.e_step(model, ctx.source, cfg.stats_dtype)
             ll = (stats.log_likelihood / stats.n_rows).item()
@@ -396,7 +399,10 @@ class EMTrainer:
                 break
             prev_ll = objective
             if searching and it >= search_at:
-                state.noise_prior_variance = self._search(model, stats, ctx, state)
+                state.noise_prior_variance, _ = prior_search.choose_noise_variance(
+                    model, stats, ctx.val_source, prior, lower=cfg.quantization_variance,
+                    per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
+                )
                 state.bad_iterations = 0
                 prev_ll = None  # the prior changed: the next iteration starts a new series
             self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
@@ -448,20 +454,7 @@ class EMTrainer:
         s0 = cfg.noise_prior_variance
         if s0 == "auto":
             s0 = state.noise_prior_variance or cfg.quantization_variance
-        return Prior(cfg.noise_prior_strength, s0, cfg.weight_concentration, cfg.loading_ridge)
-
-    def _search(self, model, stats, ctx: _FitContext, state: RunState) -> float:
-        """Choose ``s₀`` on the validation data from this iteration's statistics."""
-        cfg = self.config
-        s0, _ = prior_search.choose_noise_variance(
-            model, stats, ctx.val_source, Prior(cfg.noise_prior_strength, 1.0,
-                                                cfg.weight_concentration, cfg.loading_ridge),
-            lower=cfg.quantization_variance, per_decade=cfg.search_per_decade,
-            variance_floor=ctx.floor,
-        )
-        logger.info("EM run %d: noise prior variance %.3g chosen on the validation data",
-                    state.run + 1, s0)
-        return s0
+        return Prior.from_config(cfg, s0)
 
     def _track_validation(self, model, state: RunState, val_ll: float, counting: bool) -> bool:
         """Keep the best validation parameters; ``True`` when patience has run out (only

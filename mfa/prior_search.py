@@ -132,6 +132,9 @@ def choose_noise_variance(
                               variance_floor, validation)
     best = max(range(len(grid)), key=lambda i: (scores[i], -i))
     logger.debug("noise prior variance search: %s", list(zip(grid, scores, strict=True)))
+    logger.info("noise prior variance %.3g chosen from %d candidates in [%.3g, %.3g] "
+                "(validation log-likelihood %.6g)", grid[best], len(grid), grid[0], grid[-1],
+                scores[best])
     return grid[best], list(zip(grid, scores, strict=True))
 
 

@@ -93,6 +93,14 @@ class Prior:
                 bound = f"> {low}" if strict else f">= {low}"
                 raise ValueError(f"Prior.{name} must be a finite number {bound}, got {value!r}")
 
+    @classmethod
+    def from_config(cls, config, noise_variance: float) -> Prior:
+        """The prior of a trainer config (:class:`~mfa.em.EMConfig` or
+        :class:`~mfa.sgd.SGDConfig`: its ``noise_prior_strength``, ``weight_concentration``
+        and ``loading_ridge``) with noise prior variance ``noise_variance``."""
+        return cls(config.noise_prior_strength, noise_variance, config.weight_concentration,
+                   config.loading_ridge)
+
     # ------------------------------------------------------------------ which terms are on
 
     @property

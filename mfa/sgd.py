@@ -180,9 +180,7 @@ class SGDTrainer:
 
     def prior(self) -> Prior:
         """The config's priors, as a :class:`~mfa.priors.Prior`."""
-        cfg = self.config
-        return Prior(cfg.noise_prior_strength, cfg.noise_prior_variance,
-                     cfg.weight_concentration, cfg.loading_ridge)
+        return Prior.from_config(self.config, self.config.noise_prior_variance)
 
     @staticmethod
     def penalty(model: MixtureOfFactorAnalyzers, prior: Prior, n_train: int) -> Tensor:

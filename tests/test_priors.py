@@ -339,7 +339,7 @@ def test_early_stopping_restores_the_best_validation_parameters(overfit):
     assert trainer.evaluate(model, val) == pytest.approx(vals[best], rel=1e-12)
 
 
-@pytest.mark.parametrize("stop_at", [2, "after-best"])
+@pytest.mark.parametrize("stop_at", [2, "after-best", "at-stop"])
 def test_resume_after_early_stopping_bookkeeping_is_exact(overfit, stop_at):
     """Interrupted (before the best or between the best and the stop) and resumed from the
     saved state, the fit ends exactly as the uninterrupted one, state included."""
@@ -347,7 +347,8 @@ def test_resume_after_early_stopping_bookkeeping_is_exact(overfit, stop_at):
     full, full_trainer = _fit(train, 4, 3, validation=val, **STOP)
     vals = [h["val_log_likelihood"] for h in full_trainer.history]
     best = max(range(len(vals)), key=vals.__getitem__)
-    stop_iteration = stop_at if stop_at == 2 else best + 3  # records count from 1
+    # Records count from 1: the best is record best + 1, the stop record best + 1 + patience.
+    stop_iteration = {2: 2, "after-best": best + 3, "at-stop": best + 4}[stop_at]
     saved = {}
 
     class _Interrupt(KeyboardInterrupt):
@@ -365,7 +366,8 @@ def test_resume_after_early_stopping_bookkeeping_is_exact(overfit, stop_at):
         _fit(train, 4, 3, validation=val, callbacks=[stop], checkpoint_fn=checkpoint, **STOP)
     state = roundtrip(saved["trainer"])
     if stop_at != 2:
-        assert state["bad_iterations"] == 2 and state["best_val_params"] is not None
+        assert state["bad_iterations"] == stop_iteration - best - 1
+        assert state["best_val_params"] is not None
     resumed = MixtureOfFactorAnalyzers(4, 12, 3, dtype=F64)
     resumed.load_state_dict(roundtrip(saved["model"]))
     trainer = EMTrainer(EMConfig(progress=False, **STOP))
