@@ -82,8 +82,11 @@ class EMConfig:
         check_real_field(self, "tol", minimum=0)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_real_field(self, "noise_prior_strength", minimum=0)
-        if self.noise_prior_variance != "auto":
-            check_real_field(self, "noise_prior_variance", minimum=0, strict=True)
+        s0 = self.noise_prior_variance
+        if s0 != "auto" and not (isinstance(s0, (int, float)) and not isinstance(s0, bool)
+                                 and math.isfinite(s0) and s0 > 0):
+            raise ValueError(f"EMConfig.noise_prior_variance must be 'auto' or a finite number "
+                             f"> 0, got {s0!r}")
         check_real_field(self, "weight_concentration", minimum=1)
         check_real_field(self, "loading_ridge", minimum=0)
         check_real_field(self, "quantization_variance", minimum=0, strict=True)
