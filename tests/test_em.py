@@ -669,3 +669,42 @@ def test_state_dict_keys_are_those_of_saved_checkpoints(mixture_data):
     assert saved[3]["run"] == 1 and saved[3]["runs_done"] == 1  # run 2, iteration 1
     assert saved[3]["best_params"] is not None
     assert saved[-1]["run"] == 2 and saved[-1]["iteration"] == 0
+
+
+# --------------------------------------------------------------------- MAP EM defaults
+
+
+def test_defaults_use_the_automatic_noise_prior_and_early_stopping(mixture_data):
+    """EMConfig() is MAP EM with s₀ chosen on validation data and early stopping; every
+    record carries the MAP objective and the prior's s₀."""
+    config = EMConfig()
+    assert config.noise_prior_variance == "auto" and config.noise_prior_strength > 0
+    assert config.patience > 0 and 0 < config.val_fraction < 1
+    x, val = mixture_data
+    model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
+    trainer = EMTrainer(EMConfig(max_iter=8, search_warmup=2, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, validation=val)
+    assert trainer.selected_noise_prior_variance is not None
+    for record in trainer.history:
+        assert {"train_objective", "noise_prior_variance", "early_stop"} <= set(record)
+    assert trainer.history[-1]["noise_prior_variance"] == trainer.selected_noise_prior_variance
+
+
+def test_states_without_the_new_keys_still_load(mixture_data):
+    """Checkpoints from before MAP EM lack the search and early-stopping keys: they load."""
+    x, val = mixture_data
+    saved = []
+    _fit(x, 3, 2, validation=val, max_iter=3, tol=0.0, checkpoint_every=1, patience=2,
+         noise_prior_variance=0.1, noise_prior_strength=1.0,
+         checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
+    state = roundtrip(saved[1])
+    assert {"best_val_params", "best_val_log_likelihood", "bad_iterations"} <= set(state)
+    for key in ("best_val_params", "best_val_log_likelihood", "bad_iterations",
+                "noise_prior_variance"):
+        state.pop(key, None)
+    EMTrainer(EMConfig(progress=False)).load_state_dict(state)
+    bad = dict(roundtrip(saved[1]), bad_iterations="2")
+    with pytest.raises(TypeError, match="'bad_iterations' must be int"):
+        EMTrainer(EMConfig(progress=False)).load_state_dict(bad)
