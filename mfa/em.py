@@ -53,7 +53,7 @@ class EMConfig:
     quantization_variance: float = QUANTIZATION_VARIANCE
     search_warmup: int = 5  # "auto": EM iterations with the weakest candidate before the search
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
-    patience: int = 5  # iterations without a better validation score before stopping (0: never)
+    patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
     # float64: the E-step in float64 (exact); mixed: moment sums in float64, latent products in
@@ -236,7 +236,8 @@ class EMTrainer:
             per row (:mod:`mfa.priors`) of the same parameters under the iteration's prior,
             never lower than the previous iteration's for a fixed prior;
             ``noise_prior_variance``: the ``s₀`` of that prior; ``early_stop``: ``True`` on
-            the record after which early stopping ended the restart.
+            the record after which early stopping ended the restart; ``search_seconds`` on
+            the record of the iteration whose M-step chose ``s₀`` (the search's cost).
         converged: whether the kept run met ``tol``.
         selected_noise_prior_variance: the ``s₀`` chosen by the ``"auto"`` search of the kept
             run (``None`` when the config fixes it).
@@ -245,7 +246,7 @@ class EMTrainer:
     Without validation data, ``val_fraction`` of a tensor's or Dataset's rows is held out
     (seeded by ``seed``) when the search or early stopping needs it. Early stopping
     (``patience > 0``) keeps the parameters with the best validation log-likelihood and
-    returns them; it starts counting once the noise prior is chosen.
+    returns them; it counts iterations from ``search_warmup`` on, and after the search.
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -401,23 +402,31 @@ class EMTrainer:
                     callback(self, model, record)
                 break
             prev_ll = objective
+            search_seconds = None
             if searching and it >= search_at:
+                search_seconds = time.perf_counter()
                 state.noise_prior_variance, _ = prior_search.choose_noise_variance(
                     model, stats, ctx.val_source, prior, lower=cfg.quantization_variance,
                     per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
                 )
                 state.bad_iterations = 0
                 prev_ll = None  # the prior changed: the next iteration starts a new series
+                search_seconds = time.perf_counter() - search_seconds
             self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
             val_ll = self._score_validation(model, ctx)
             state.iteration, state.previous_log_likelihood = it + 1, prev_ll
             state.generator = gen.get_state()
             if ctx.early_stopping:
-                counting = not (ctx.search and state.noise_prior_variance is None)
+                # Patience counts from the end of the warm-up (and the search, if any): the
+                # first iterations from the initialisation can score lower before they rise.
+                counting = it >= cfg.search_warmup and not (
+                    ctx.search and state.noise_prior_variance is None)
                 stopped = self._track_validation(model, state, val_ll, counting)
             self._state = state.as_dict()
             record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
                                   objective=objective, prior=prior, early_stop=stopped)
+            if search_seconds is not None:
+                record["search_seconds"] = search_seconds
             # Checkpoint before the callbacks, so a callback that stops the fit keeps this
             # iteration.
             if ctx.checkpoint_fn is not None and cfg.checkpoint_every and (

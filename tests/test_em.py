@@ -690,6 +690,8 @@ def test_defaults_use_the_automatic_noise_prior_and_early_stopping(mixture_data)
     for record in trainer.history:
         assert {"train_objective", "noise_prior_variance", "early_stop"} <= set(record)
     assert trainer.history[-1]["noise_prior_variance"] == trainer.selected_noise_prior_variance
+    searched = [h for h in trainer.history if "search_seconds" in h]
+    assert len(searched) == 1 and searched[0]["iteration"] == 3  # after search_warmup=2
 
 
 def test_states_without_the_new_keys_still_load(mixture_data):

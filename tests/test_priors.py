@@ -318,7 +318,7 @@ def overfit():
 
 
 STOP = dict(noise_prior_strength=0.0, patience=3, max_iter=60, tol=0.0, seed=1, n_init=1,
-            min_component_mass=0.0, checkpoint_every=1)
+            min_component_mass=0.0, checkpoint_every=1, search_warmup=0)
 
 
 def test_early_stopping_restores_the_best_validation_parameters(overfit):
