@@ -25,7 +25,7 @@ from mfa._validation import (
 )
 from mfa.init import floored_weights, initialise
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.priors import QUANTIZATION_VARIANCE, Prior
+from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
 from mfa.statistics import accumulate_statistics, m_step
 from mfa.training import ConvergenceWarning
 
@@ -81,14 +81,7 @@ class EMConfig:
                                 "seed": 0})
         check_real_field(self, "tol", minimum=0)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
-        check_real_field(self, "noise_prior_strength", minimum=0)
-        s0 = self.noise_prior_variance
-        if s0 != "auto" and not (isinstance(s0, (int, float)) and not isinstance(s0, bool)
-                                 and math.isfinite(s0) and s0 > 0):
-            raise ValueError(f"EMConfig.noise_prior_variance must be 'auto' or a finite number "
-                             f"> 0, got {s0!r}")
-        check_real_field(self, "weight_concentration", minimum=1)
-        check_real_field(self, "loading_ridge", minimum=0)
+        check_prior_fields(self, allow_auto=True)
         check_real_field(self, "quantization_variance", minimum=0, strict=True)
         check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0})
         check_real_field(self, "val_fraction", minimum=0, maximum=1)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["QUANTIZATION_VARIANCE", "Prior", "quantization_variance"]
+__all__ = ["QUANTIZATION_VARIANCE", "Prior", "check_prior_fields", "quantization_variance"]
 
 
 def quantization_variance(levels_per_unit: float = 256.0) -> float:
@@ -61,6 +61,24 @@ def quantization_variance(levels_per_unit: float = 256.0) -> float:
 
 #: The quantisation variance of 8-bit pixels dequantised as ``(p + u) / 256``.
 QUANTIZATION_VARIANCE = quantization_variance(256.0)
+
+
+def check_prior_fields(config: object, *, allow_auto: bool) -> None:
+    """Check a trainer config's prior fields (``noise_prior_strength ≥ 0``,
+    ``noise_prior_variance > 0`` or, when ``allow_auto``, ``"auto"``, ``weight_concentration
+    ≥ 1``, ``loading_ridge ≥ 0``); the error names ``<ConfigClass>.<field>`` and the value."""
+    from mfa._validation import check_real_field
+
+    check_real_field(config, "noise_prior_strength", minimum=0)
+    s0 = config.noise_prior_variance
+    if not (allow_auto and s0 == "auto"):
+        if allow_auto and not (isinstance(s0, (int, float)) and not isinstance(s0, bool)
+                               and math.isfinite(s0) and s0 > 0):
+            raise ValueError(f"{type(config).__name__}.noise_prior_variance must be 'auto' or "
+                             f"a finite number > 0, got {s0!r}")
+        check_real_field(config, "noise_prior_variance", minimum=0, strict=True)
+    check_real_field(config, "weight_concentration", minimum=1)
+    check_real_field(config, "loading_ridge", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from mfa._validation import (
 )
 from mfa.init import initialise
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.priors import Prior
+from mfa.priors import Prior, check_prior_fields
 from mfa.training import ConvergenceWarning
 
 __all__ = ["SGDConfig", "SGDTrainer"]
@@ -71,10 +71,7 @@ class SGDConfig:
         """
         check_real_field(self, "lr", minimum=0, strict=True)
         check_real_field(self, "weight_decay", minimum=0)
-        check_real_field(self, "noise_prior_strength", minimum=0)
-        check_real_field(self, "noise_prior_variance", minimum=0, strict=True)
-        check_real_field(self, "weight_concentration", minimum=1)
-        check_real_field(self, "loading_ridge", minimum=0)
+        check_prior_fields(self, allow_auto=False)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
                                 "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,

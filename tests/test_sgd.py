@@ -488,7 +488,9 @@ def test_resume_from_a_state_without_the_divergence_reference(small):
     "field, value",
     [("lr", 0.0), ("lr", math.nan), ("epochs", 0), ("kmeans_iter", 0), ("variance_floor", 0.0),
      ("grad_clip", -1.0), ("val_fraction", 1.0), ("schedule", "linear"), ("seed", -1),
-     ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3)],
+     ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3),
+     ("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
+     ("noise_prior_variance", "auto"), ("weight_concentration", 0.5), ("loading_ridge", -1.0)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """SGDConfig.validate() holds the trainer's limits; messages name ``SGDConfig.<field>``
