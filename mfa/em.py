@@ -229,11 +229,11 @@ class EMTrainer:
             per row (:mod:`mfa.priors`) of the same parameters under the iteration's prior,
             never lower than the previous iteration's for a fixed prior;
             ``noise_prior_variance``: the ``s₀`` of that prior; ``early_stop``: ``True`` on
-            the record after which early stopping ended the restart; ``search_seconds`` on
-            the record of the iteration whose M-step chose ``s₀`` (the search's cost).
+            the record after which early stopping ended the restart.
         converged: whether the kept run met ``tol``.
         selected_noise_prior_variance: the ``s₀`` chosen by the ``"auto"`` search of the kept
-            run (``None`` when the config fixes it).
+            run (``None`` when the config fixes it); ``search_seconds``: the wall time of the
+            last search (``None`` without one).
 
     MAP EM and the automatic noise prior: see :mod:`mfa.priors` and :mod:`mfa.prior_search`.
     Without validation data, ``val_fraction`` of a tensor's or Dataset's rows is held out
@@ -248,6 +248,7 @@ class EMTrainer:
         self.history: list[dict] = []
         self.converged = False
         self.selected_noise_prior_variance: float | None = None
+        self.search_seconds: float | None = None
         self._resume: RunState | None = None
         self._state: dict = {}
 
@@ -395,16 +396,15 @@ class EMTrainer:
                     callback(self, model, record)
                 break
             prev_ll = objective
-            search_seconds = None
             if searching and it >= search_at:
-                search_seconds = time.perf_counter()
+                search_started = time.perf_counter()
                 state.noise_prior_variance, _ = prior_search.choose_noise_variance(
                     model, stats, ctx.val_source, prior, lower=cfg.quantization_variance,
                     per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
                 )
                 state.bad_iterations = 0
                 prev_ll = None  # the prior changed: the next iteration starts a new series
-                search_seconds = time.perf_counter() - search_seconds
+                self.search_seconds = time.perf_counter() - search_started
             self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
             val_ll = self._score_validation(model, ctx)
             state.iteration, state.previous_log_likelihood = it + 1, prev_ll
@@ -418,8 +418,6 @@ class EMTrainer:
             self._state = state.as_dict()
             record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
                                   objective=objective, prior=prior, early_stop=stopped)
-            if search_seconds is not None:
-                record["search_seconds"] = search_seconds
             # Checkpoint before the callbacks, so a callback that stops the fit keeps this
             # iteration.
             if ctx.checkpoint_fn is not None and cfg.checkpoint_every and (
