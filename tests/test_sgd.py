@@ -568,3 +568,30 @@ def test_prior_penalty_needs_a_sized_training_set(small):
     trainer = SGDTrainer(SGDConfig(epochs=1, progress=False, noise_prior_strength=1.0))
     with pytest.raises(ValueError, match="need the number of training rows"):
         trainer.fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), batches, validation=val)
+
+
+def test_a_nan_minibatch_loss_mid_epoch_restores_finite_parameters(small, monkeypatch):
+    """A NaN loss at step 5 (of the first epoch) raises naming the learning rate, before any
+    step with it: the model is left with its initial parameters, all finite."""
+    train, val = small
+    original = MixtureOfFactorAnalyzers._component_log_prob
+    calls = []
+
+    def nan_at_step_5(self, x, terms=None):
+        out = original(self, x, terms)
+        if torch.is_grad_enabled():  # the training steps, not the validation passes
+            calls.append(1)
+            if len(calls) == 5:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(MixtureOfFactorAnalyzers, "_component_log_prob", nan_at_step_5)
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    trainer = SGDTrainer(SGDConfig(lr=0.02, epochs=3, batch_size=50, progress=False,
+                                   init="random"))
+    with pytest.raises(FloatingPointError, match=r"epoch 1: the minibatch loss is nan.*"
+                                                 r"SGDConfig\.lr.*initial parameters"):
+        trainer.fit(model, train, validation=val)
+    assert len(calls) == 5
+    for name, value in model.state_dict().items():
+        assert bool(torch.isfinite(value).all()), name
