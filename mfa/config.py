@@ -36,18 +36,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import math
 import os
 import re
-import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import torch
 import yaml
 
+from mfa._typed import bad as _bad
+from mfa._typed import coerce
 from mfa.data.names import DATASET_NAMES, DatasetName
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_section import (
@@ -207,10 +207,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
 # ---------------------------------------------------------------------------- value checks
 
 
-def _bad(path: str, value: Any, problem: str) -> ValueError:
-    return ValueError(f"invalid value for {path}: {problem}, got {value!r}")
-
-
 def _at_least(minimum: float):
     def check(value: Any, path: str) -> None:
         if value is not None and value < minimum:
@@ -314,80 +310,6 @@ def _cross_check(config: Any, path: str) -> None:
                              f"{prefix}inpaint_masks contains 'image', got None")
 
 
-# ---------------------------------------------------------------------------- type checks
-
-
-def _describe(hint: Any) -> str:
-    origin = get_origin(hint)
-    if hint is type(None):
-        return "null"
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in get_args(hint))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(arg) for arg in get_args(hint))
-    if origin in (list, tuple, Sequence):
-        args = get_args(hint)
-        return f"a list of ({_describe(args[0])})" if args else "a list"
-    if dataclasses.is_dataclass(hint):
-        return "a mapping"
-    names = {int: "an int", float: "a float", bool: "a bool", str: "a string"}
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-_FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against the annotation ``hint``; return it (ints become floats)."""
-    origin = get_origin(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path)
-            except ValueError:
-                if isinstance(value, Mapping) and dataclasses.is_dataclass(arg):
-                    raise  # a section (e.g. `EMConfig | None`): its own error names the key
-                continue
-        raise _bad(path, value, f"expected {_describe(hint)}")
-    if origin is Literal:
-        options = get_args(hint)
-        if any(value == option and type(value) is type(option) for option in options):
-            return value
-        raise _bad(path, value, f"expected {_describe(hint)}")
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        if isinstance(value, hint):
-            value = dataclasses.asdict(value)
-        return _from_dict(hint, value, path)
-    if hint in (bool, int, str):  # bool is an int subclass: an int field refuses True
-        if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
-            return value
-        expected = {bool: "a bool (true or false)", int: "an int", str: "a string"}[hint]
-        raise _bad(path, value, f"expected {expected}")
-    if hint is float:
-        if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
-            value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise _bad(path, value, "expected a finite float")
-            return float(value)
-        raise _bad(path, value, "expected a float")
-    if origin in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            raise _bad(path, value, f"expected {_describe(hint)}")
-        args = get_args(hint)
-        item_hint = args[0] if args else Any
-        items = [_coerce(item, item_hint, f"{path}[{i}]") for i, item in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    return value  # an annotation this module does not know: no check
-
-
 #: Where a key that is not in a section lives instead (named in the unknown-key error).
 _MOVED_KEYS: dict[str, str] = {
     f"train.hierarchical.{key}": f"model.{name}" for key, name in HIERARCHY_FROM_MODEL.items()
@@ -421,7 +343,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         key_path = f"{path}.{name}" if path else name
-        value = _coerce(value, hints.get(name, Any), key_path)
+        value = coerce(value, hints.get(name, Any), key_path, _from_dict)
         if name in checks:
             checks[name](value, key_path)
         kwargs[name] = value

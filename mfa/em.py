@@ -7,14 +7,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfa import distributed, linalg, missing, training
+from mfa import distributed, linalg, missing, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import (
     check_bool_field,
@@ -23,8 +23,10 @@ from mfa._validation import (
     check_int_fields,
     check_real_field,
 )
+from mfa.em_state import RunState
 from mfa.init import floored_weights, initialise
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
 from mfa.statistics import STATS_DTYPES, accumulate_statistics, m_step, resolve_stats_dtype
 from mfa.training import ConvergenceWarning
 
@@ -36,9 +38,24 @@ class EMConfig:
     """Settings of :class:`EMTrainer`."""
 
     max_iter: int = 100  # EM iterations (full passes over the data)
-    tol: float = 1e-4  # stop when the mean train log-likelihood per sample gains less than this
+    tol: float = 1e-4  # stop when the MAP objective per sample (mfa.priors) gains less than this
     batch_size: int = 4096  # rows per streamed batch; the result does not depend on it
-    variance_floor: float = 1e-5  # lower bound of every noise variance after each M-step
+    variance_floor: float = 1e-6  # hard lower bound of every noise variance after each M-step
+    # MAP EM (mfa.priors): an inverse-gamma prior of noise_prior_strength pseudo-rows of variance
+    # noise_prior_variance on every noise variance ("auto": chosen on validation data inside
+    # fit, see mfa.prior_search), a Dirichlet(weight_concentration) prior on the weights and a
+    # ridge prior (rows of A ~ N(0, d/loading_ridge)) on the loadings. 0, any, 1, 0: plain EM.
+    noise_prior_strength: float = 1.0
+    noise_prior_variance: float | Literal["auto"] = "auto"
+    weight_concentration: float = 1.0
+    loading_ridge: float = 0.0
+    # The data's lower bound of a useful noise variance, where the "auto" grid starts: the
+    # quantisation variance 1/(12·256²) of (p+u)/256 pixels (1/(12·255²) for p/255 pixels).
+    quantization_variance: float = QUANTIZATION_VARIANCE
+    search_warmup: int = 5  # "auto": EM iterations with the weakest candidate before the search
+    search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
+    patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
+    val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
     # E-step precision (mfa.statistics): float64: the whole E-step in float64 (exact);
     # precise: log-densities in the data's dtype, every sum in float64; mixed: moment sums in
@@ -70,6 +87,10 @@ class EMConfig:
                                 "seed": 0})
         check_real_field(self, "tol", minimum=0)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
+        check_prior_fields(self, allow_auto=True)
+        check_real_field(self, "quantization_variance", minimum=0, strict=True)
+        check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0})
+        check_real_field(self, "val_fraction", minimum=0, maximum=1)
         check_real_field(self, "min_component_mass", minimum=0)
         check_choice_field(self, "stats_dtype", STATS_DTYPES)
         check_choice_field(self, "init", ("kmeans", "random", "none"))
@@ -88,63 +109,6 @@ logger = logging.getLogger(__name__)
 Callback = Callable[["EMTrainer", MixtureOfFactorAnalyzers, dict], None]
 
 
-@dataclass
-class RunState:
-    """Where a fit stands, enough to resume it; :meth:`as_dict` gives the keys of
-    :meth:`EMTrainer.state_dict` (unchanged since the first checkpoints, so old ones resume).
-
-    Attributes:
-        run: the restart in progress (``n_init`` once the fit is done).
-        iteration: EM iterations done in that restart.
-        previous_log_likelihood: mean train log-likelihood of the last iteration (``None``
-            at the start of a restart).
-        best_log_likelihood, best_params: the best finished restart so far (its model
-            ``state_dict``), or ``-inf`` and ``None``.
-        runs_done: restarts finished.
-        converged: whether the best restart met ``tol`` (set when the fit ends).
-        generator: the re-seeding generator's state within the restart (``None`` at its start
-            and once the fit is done).
-    """
-
-    run: int = 0
-    iteration: int = 0
-    previous_log_likelihood: float | None = None
-    best_log_likelihood: float = -math.inf
-    best_params: dict[str, Tensor] | None = None
-    runs_done: int = 0
-    converged: bool = False
-    generator: Tensor | None = field(default=None, repr=False)
-
-    REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
-    #: The accepted types of each saved key (checked on load, so a tampered state fails there).
-    TYPES = {
-        "run": (int,), "iteration": (int,), "runs_done": (int,),
-        "best_log_likelihood": (float, int), "previous_log_likelihood": (float, int, type(None)),
-        "best_params": (dict, type(None)), "converged": (bool,),
-    }
-
-    def as_dict(self) -> dict:
-        state = {
-            "run": self.run, "iteration": self.iteration, "runs_done": self.runs_done,
-            "best_log_likelihood": self.best_log_likelihood, "best_params": self.best_params,
-            "previous_log_likelihood": self.previous_log_likelihood,
-            "converged": self.converged,
-        }
-        if self.generator is not None:
-            state["generator"] = self.generator
-        return state
-
-    @classmethod
-    def from_dict(cls, state: dict) -> RunState:
-        return cls(
-            run=int(state["run"]), iteration=int(state["iteration"]),
-            previous_log_likelihood=state.get("previous_log_likelihood"),
-            best_log_likelihood=state["best_log_likelihood"], best_params=state["best_params"],
-            runs_done=int(state["runs_done"]), converged=bool(state.get("converged", False)),
-            generator=state.get("generator"),
-        )
-
-
 @dataclass(frozen=True)
 class _FitContext:
     """What stays fixed during one :meth:`EMTrainer.fit`."""
@@ -152,6 +116,8 @@ class _FitContext:
     source: DataSource
     val_source: DataSource | None
     floor: float  # noise-variance floor of the M-step
+    search: bool  # choose the noise prior's variance on val_source (noise_prior_variance="auto")
+    early_stopping: bool  # patience > 0 and validation data
     callbacks: Sequence[Callback]
     checkpoint_fn: Callable | None
 
@@ -179,8 +145,21 @@ class EMTrainer:
             ``train_log_likelihood`` (mean per row, nats, of the parameters *before* the
             iteration's M-step), ``val_log_likelihood`` (after it, or ``None``), ``seconds``
             and ``final``: ``True`` on the record of a run that met ``tol``, whose parameters
-            get no M-step (they are the ones returned).
+            get no M-step (they are the ones returned); ``train_objective``: the MAP objective
+            per row (:mod:`mfa.priors`) of the same parameters under the iteration's prior,
+            never lower than the previous iteration's for a fixed prior;
+            ``noise_prior_variance``: the ``s₀`` of that prior; ``early_stop``: ``True`` on
+            the record after which early stopping ended the restart.
         converged: whether the kept run met ``tol``.
+        selected_noise_prior_variance: the ``s₀`` chosen by the ``"auto"`` search of the kept
+            run (``None`` when the config fixes it); ``search_seconds``: the wall time of the
+            last search (``None`` without one).
+
+    MAP EM and the automatic noise prior: see :mod:`mfa.priors` and :mod:`mfa.prior_search`.
+    Without validation data, ``val_fraction`` of a tensor's or Dataset's rows is held out
+    (seeded by ``seed``) when the search or early stopping needs it. Early stopping
+    (``patience > 0``) keeps the parameters with the best validation log-likelihood and
+    returns them; it counts iterations from ``search_warmup`` on, and after the search.
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -188,6 +167,8 @@ class EMTrainer:
         self.config.validate()
         self.history: list[dict] = []
         self.converged = False
+        self.selected_noise_prior_variance: float | None = None
+        self.search_seconds: float | None = None
         self._resume: RunState | None = None
         self._state: dict = {}
 
@@ -234,6 +215,11 @@ class EMTrainer:
         # Under torch.distributed each process streams its shard; rank 0 alone checkpoints.
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         allow = cfg.missing == "allow"
+        auto = cfg.noise_prior_variance == "auto" and cfg.noise_prior_strength > 0
+        if validation is None and (auto or cfg.patience) and cfg.val_fraction > 0:
+            # The same seeded rows on every process, before the rest is sharded.
+            data, validation = training.hold_out(data, model, cfg.val_fraction, cfg.seed,
+                                                 cfg.batch_size, allow_missing=allow)
         source = DataSource(data, model, cfg.batch_size, "data", shard=True,
                             allow_missing=allow)
         val_source = (
@@ -242,9 +228,18 @@ class EMTrainer:
             if validation is not None
             else None
         )
+        if auto and val_source is None:
+            warnings.warn(
+                "EMConfig.noise_prior_variance='auto' needs validation data (pass validation=, "
+                "or a tensor/Dataset with val_fraction > 0); using the weakest noise prior, "
+                f"s0 = quantization_variance = {cfg.quantization_variance:g}",
+                UserWarning, stacklevel=2,
+            )
         ctx = _FitContext(
             source=source, val_source=val_source,
             floor=max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30),
+            search=auto and val_source is not None,
+            early_stopping=cfg.patience > 0 and val_source is not None,
             callbacks=tuple(callbacks), checkpoint_fn=checkpoint_fn,
         )
         if self._resume is not None:
@@ -264,13 +259,14 @@ class EMTrainer:
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
                 distributed.broadcast_model(model)  # the same start on every process
-                state.iteration, state.previous_log_likelihood, state.generator = 0, None, None
+                state.start_restart()
             run_ll, converged = self._run(model, ctx, state)
             state.runs_done = run + 1
             if run_ll > state.best_log_likelihood or state.best_params is None:
                 state.best_log_likelihood, state.converged = run_ll, converged
                 state.best_params = training.clone_params(model)
-            state.iteration, state.previous_log_likelihood, state.generator = 0, None, None
+                self.selected_noise_prior_variance = state.noise_prior_variance
+            state.start_restart()
             if cfg.n_init > 1:
                 logger.info("EM run %d/%d: log-likelihood %.6g", run + 1, cfg.n_init, run_ll)
         if state.best_params is not None:
@@ -284,11 +280,13 @@ class EMTrainer:
 
     def _run(self, model: MixtureOfFactorAnalyzers, ctx: _FitContext,
              state: RunState) -> tuple[float, bool]:
-        """One restart from ``state.iteration`` to convergence or ``max_iter``; updates
-        ``state`` after every M-step. Returns ``(final mean train log-likelihood, converged)``.
+        """One restart from ``state.iteration`` to convergence, early stopping or
+        ``max_iter``; updates ``state`` after every M-step. Returns ``(mean train
+        log-likelihood of the parameters it leaves in the model, converged)``.
         """
         cfg = self.config
         run = state.run
+        search_at = min(cfg.search_warmup, cfg.max_iter - 1) if ctx.search else -1
         # A CPU generator: its state resumes on any device.
         gen = torch.Generator().manual_seed(cfg.seed * 1000003 + run)
         if state.generator is not None:
@@ -300,7 +298,11 @@ class EMTrainer:
             range(state.iteration, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
             disable=not cfg.progress or not distributed.is_main_process(), leave=False,
         )
+        # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
+        stopped = ctx.early_stopping and state.bad_iterations >= cfg.patience
         for it in bar:
+            if stopped:
+                break
             started = time.perf_counter()
             stats = self.e_step(model, ctx.source, cfg.stats_dtype)
             ll = (stats.log_likelihood / stats.n_rows).item()
@@ -309,21 +311,40 @@ class EMTrainer:
                     f"EM iteration {it + 1}: the training log-likelihood is {ll}; the "
                     "parameters were left as they were before this iteration"
                 )
-            if prev_ll is not None and abs(ll - prev_ll) < cfg.tol:
+            prior = self._prior(state)
+            objective = ll + prior.log_prior_of(model).item() / stats.n_rows.item()
+            searching = ctx.search and state.noise_prior_variance is None
+            if not searching and prev_ll is not None and abs(objective - prev_ll) < cfg.tol:
                 converged = True
                 val_ll = self._score_validation(model, ctx)
                 record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
-                                      final=True)
+                                      final=True, objective=objective, prior=prior)
                 for callback in ctx.callbacks:
                     callback(self, model, record)
                 break
-            self._apply_m_step(model, stats, ctx.floor, gen, it)
+            prev_ll = objective
+            if searching and it >= search_at:
+                search_started = time.perf_counter()
+                state.noise_prior_variance, _ = prior_search.choose_noise_variance(
+                    model, stats, ctx.val_source, prior, lower=cfg.quantization_variance,
+                    per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
+                )
+                state.bad_iterations = 0
+                prev_ll = None  # the prior changed: the next iteration starts a new series
+                self.search_seconds = time.perf_counter() - search_started
+            self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
             val_ll = self._score_validation(model, ctx)
-            prev_ll = ll
             state.iteration, state.previous_log_likelihood = it + 1, prev_ll
             state.generator = gen.get_state()
+            if ctx.early_stopping:
+                # Patience counts from the end of the warm-up (and the search, if any): the
+                # first iterations from the initialisation can score lower before they rise.
+                counting = it >= cfg.search_warmup and not (
+                    ctx.search and state.noise_prior_variance is None)
+                stopped = self._track_validation(model, state, val_ll, counting)
             self._state = state.as_dict()
-            record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar)
+            record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
+                                  objective=objective, prior=prior, early_stop=stopped)
             # Checkpoint before the callbacks, so a callback that stops the fit keeps this
             # iteration.
             if ctx.checkpoint_fn is not None and cfg.checkpoint_every and (
@@ -332,7 +353,16 @@ class EMTrainer:
                 ctx.checkpoint_fn(self, model)
             for callback in ctx.callbacks:
                 callback(self, model, record)
+            if stopped:
+                break
         bar.close()
+        best = state.best_val_params
+        current = model.state_dict()
+        if best is not None and any(not torch.equal(best[k], current[k]) for k in best):
+            # Stopped early, or ended after iterations that did not beat the best validation
+            # score: return the best parameters, scored for the comparison of restarts.
+            model.load_state_dict(best)
+            return self.evaluate(model, ctx.source), converged
         if not converged and cfg.max_iter > 0:
             # The last M-step's result has not been scored yet: score it for the comparison.
             ll = self.evaluate(model, ctx.source)
@@ -347,10 +377,34 @@ class EMTrainer:
     def _score_validation(self, model, ctx: _FitContext) -> float | None:
         return self.evaluate(model, ctx.val_source) if ctx.val_source is not None else None
 
-    def _record(self, run, it, ll, val_ll, seconds, bar, final=False) -> dict:
+    def _prior(self, state: RunState) -> Prior:
+        """The prior of the current iteration: the configured one, with the chosen (or,
+        before the search, the weakest) ``s₀`` when it is ``"auto"``."""
+        cfg = self.config
+        s0 = cfg.noise_prior_variance
+        if s0 == "auto":
+            s0 = state.noise_prior_variance or cfg.quantization_variance
+        return Prior.from_config(cfg, s0)
+
+    def _track_validation(self, model, state: RunState, val_ll: float, counting: bool) -> bool:
+        """Keep the best validation parameters; ``True`` when patience has run out (only
+        iterations after the noise prior is chosen count)."""
+        if state.best_val_log_likelihood is None or val_ll > state.best_val_log_likelihood:
+            state.best_val_log_likelihood, state.bad_iterations = val_ll, 0
+            state.best_val_params = training.clone_params(model)
+            return False
+        if counting:
+            state.bad_iterations += 1
+        return state.bad_iterations >= self.config.patience
+
+    def _record(self, run, it, ll, val_ll, seconds, bar, final=False, objective=None,
+                prior=None, early_stop=False) -> dict:
         record = {
             "run": run, "iteration": it + 1, "train_log_likelihood": ll,
             "val_log_likelihood": val_ll, "seconds": seconds, "final": final,
+            "train_objective": objective,
+            "noise_prior_variance": None if prior is None else prior.noise_variance,
+            "early_stop": early_stop,
         }
         self.history.append(record)
         bar.set_postfix(ll=f"{ll:.4f}")
@@ -389,12 +443,13 @@ class EMTrainer:
                 stats = distributed.all_reduce_statistics(stats, model, terms.reference)
         return stats
 
-    def _apply_m_step(self, model, stats, floor, gen, it) -> None:
+    def _apply_m_step(self, model, stats, floor, gen, it, prior: Prior) -> None:
         cfg = self.config
         with torch.no_grad():
-            params = m_step(stats, model, variance_floor=floor)
+            params = m_step(stats, model, variance_floor=floor, prior=prior)
             # Every weight stays positive (log 0 = −inf would kill the component for good).
-            params["weights"] = floored_weights(stats.mass, params["weights"].dtype)
+            params["weights"] = floored_weights(prior.weight_counts(stats.mass),
+                                                params["weights"].dtype)
             dead = (stats.mass < cfg.min_component_mass).nonzero().flatten().tolist()
             if dead:
                 _reseed(params, dead, gen)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mfa import distributed, missing, training
@@ -27,6 +27,7 @@ from mfa._validation import (
 )
 from mfa.init import initialise
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.priors import Prior, check_prior_fields
 from mfa.training import ConvergenceWarning
 
 __all__ = ["SGDConfig", "SGDTrainer"]
@@ -53,6 +54,12 @@ class SGDConfig:
     init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
     variance_floor: float = 1e-5  # noise-variance floor of the initialisation
     weight_decay: float = 0.0  # Adam weight decay
+    # The priors of MAP EM (mfa.priors) as a penalty: −log p(θ) / N_train added to the loss.
+    # Strength 0, concentration 1, ridge 0 (the defaults): no penalty.
+    noise_prior_strength: float = 0.0  # ν, pseudo-rows of the inverse-gamma noise prior
+    noise_prior_variance: float = 1e-4  # s₀, their noise variance
+    weight_concentration: float = 1.0  # α of the Dirichlet prior on the weights
+    loading_ridge: float = 0.0  # λ of the Gaussian prior on the loading rows
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
     # "allow": NaN marks a missing entry and Adam maximises the observed-data likelihood
@@ -67,6 +74,7 @@ class SGDConfig:
         """
         check_real_field(self, "lr", minimum=0, strict=True)
         check_real_field(self, "weight_decay", minimum=0)
+        check_prior_fields(self, allow_auto=False)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
                                 "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
@@ -155,25 +163,24 @@ class SGDTrainer:
             raise TypeError(
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
             )
-        if validation is not None:
-            return data, DataSource(validation, model, cfg.batch_size, "validation", shard=True,
-                                    allow_missing=allow)
-        if cfg.val_fraction == 0 or not isinstance(data, (Tensor, Dataset)):
-            return data, None
-        n = len(data)
-        n_val = int(round(n * cfg.val_fraction))
-        if n_val == 0 or n_val == n:
-            return data, None
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-        if isinstance(data, Tensor):
-            perm = perm.to(data.device)
-            held_out = data[perm[:n_val]]
-            return data[perm[n_val:]], DataSource(held_out, model, cfg.batch_size, "validation",
-                                                  shard=True, allow_missing=allow)
-        held_out = Subset(data, perm[:n_val].tolist())
-        return (Subset(data, perm[n_val:].tolist()),
-                DataSource(held_out, model, cfg.batch_size, "validation", shard=True,
-                           allow_missing=allow))
+        if validation is None:
+            data, validation = training.hold_out(data, model, cfg.val_fraction, cfg.seed,
+                                                 cfg.batch_size, allow_missing=allow)
+            if validation is None:
+                return data, None
+        return data, DataSource(validation, model, cfg.batch_size, "validation", shard=True,
+                                allow_missing=allow)
+
+    def prior(self) -> Prior:
+        """The config's priors, as a :class:`~mfa.priors.Prior`."""
+        return Prior.from_config(self.config, self.config.noise_prior_variance)
+
+    @staticmethod
+    def penalty(model: MixtureOfFactorAnalyzers, prior: Prior, n_train: int) -> Tensor:
+        """``−log p(θ) / n_train`` (constants dropped; see :mod:`mfa.priors`): added to the
+        mean negative log-likelihood of a minibatch, so an epoch's steps follow the MAP
+        objective per row. Differentiable through the model's parameters."""
+        return -prior.log_prior_of(model) / n_train
 
     def _batches(self, train, source, gen):
         if source is not None:
@@ -223,6 +230,8 @@ class SGDTrainer:
             train_source = DataSource(distributed.shard_global_batches(loader), model,
                                       cfg.batch_size, "data", allow_missing=allow)
             steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
+        prior = self.prior()
+        n_train = None if prior.is_flat else _count_rows(train)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -281,19 +290,24 @@ class SGDTrainer:
                 log_p = (missing.row_log_prob(model, batch) if allow
                          else model._component_log_prob(batch).logsumexp(-1))
                 # −mean log p over the global batch (gradients added across processes).
-                loss, rows = distributed.backward_mean(-log_p, model.parameters())
+                nll, rows = distributed.backward_mean(-log_p, model.parameters())
+                loss = nll
+                if n_train is not None:  # the priors' penalty: global, the same everywhere
+                    penalty = self.penalty(model, prior, n_train)
+                    penalty.backward()
+                    loss = nll + penalty.detach().to(nll.dtype)
                 if not torch.isfinite(loss):
                     raise fail(
                         f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
                         f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
                     )
                 if reference is None:  # the initial parameters' fit to the first minibatch
-                    reference = -loss.item()
+                    reference = -nll.item()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 scheduler.step()
-                total += -loss.item() * rows
+                total += -nll.item() * rows
                 seen += rows
             train_ll = total / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
@@ -347,3 +361,19 @@ class SGDTrainer:
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model
+
+
+def _count_rows(train) -> int:
+    """Rows of the training data (for the prior penalty's ``1/N``)."""
+    if isinstance(train, Tensor):
+        return train.shape[0]
+    if isinstance(train, Dataset):
+        return len(train)
+    dataset = getattr(train, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    raise ValueError(
+        "SGDConfig priors (noise_prior_strength > 0, weight_concentration > 1 or "
+        "loading_ridge > 0) need the number of training rows: pass a tensor, a Dataset or a "
+        f"DataLoader with a sized dataset, got {type(train).__name__}"
+    )

@@ -52,6 +52,7 @@ from mfa import linalg
 from mfa._terms import ComponentTerms
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.priors import Prior
 
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
 #: ``"auto"`` (see the module docstring).
@@ -297,8 +298,10 @@ def m_step(
     *,
     variance_floor: float,
     latent_covariance: Tensor | None = None,
+    prior: Prior | None = None,
 ) -> dict[str, Tensor]:
-    """Maximise the expected complete-data log-likelihood given the statistics.
+    """Maximise the expected complete-data log-likelihood (log-posterior with ``prior``)
+    given the statistics.
 
     With the augmented loadings ``Ã = [A, μ]`` and ``z̃ = [z; 1]`` (mean and loadings are
     updated jointly)::
@@ -309,13 +312,16 @@ def m_step(
 
     with ``Σ r E[z zᵀ] = Σ r E[z] E[z]ᵀ + (Σ r) M⁻¹``; isotropic noise averages ``d_new`` over
     features. Every variance is floored at ``variance_floor``. Components with no mass keep
-    their current parameters (the caller re-seeds them).
+    their current parameters (the caller re-seeds them). With a :class:`~mfa.priors.Prior`
+    the update is its MAP form (``λ P`` added to the system, pseudo-counts added to the noise
+    and weight updates; see :mod:`mfa.priors`); ``None`` or a flat prior is plain EM.
 
     Args:
         stats: the pass's statistics.
         model: the model the statistics were computed under (supplies ``M⁻¹`` and shapes).
         variance_floor: lower bound of the noise variances.
         latent_covariance: ``M⁻¹`` ``[K, L, L]``; computed from ``model`` when ``None``.
+        prior: the conjugate priors (``None``: none).
 
     Returns:
         ``{"weights", "means", "factor_loadings", "noise_variance"}`` in the model's dtype,
@@ -323,6 +329,8 @@ def m_step(
     """
     dtype = stats.mass.dtype
     k, d, n_lat = model.n_components, model.n_features, model.n_factors
+    if prior is not None and prior.is_flat:
+        prior = None
     mass = stats.mass  # [K]
     safe = mass.clamp_min(torch.finfo(dtype).tiny ** 0.5)
     if n_lat:
@@ -338,6 +346,11 @@ def m_step(
         aug[:, :n_lat, n_lat] = stats.sum_z
         aug[:, n_lat, :n_lat] = stats.sum_z
         aug[:, n_lat, n_lat] = mass
+        if prior is not None and prior.has_loading_prior:
+            # The ridge prior on the loading rows: λ on the loadings' block, not on μ's.
+            aug[:, :n_lat, :n_lat] += prior.loading_ridge * torch.eye(
+                n_lat, dtype=dtype, device=mass.device
+            )
         sum_xzt = torch.cat([stats.sum_xz, stats.sum_x.unsqueeze(-1)], dim=-1)  # [K, D, L+1]
         # Ã_newᵀ = (Σ r E[z̃z̃ᵀ])⁻¹ (Σ r E[z̃] xᵀ): a symmetric positive-definite solve. A tiny
         # ridge keeps it defined for components with (almost) no mass.
@@ -347,17 +360,29 @@ def m_step(
         solved = torch.cholesky_solve(sum_xzt.mT, chol_aug).mT  # [K, D, L+1]
         loadings = solved[..., :n_lat]
         means_c = solved[..., n_lat]
-        noise = (stats.sum_x2 - (solved * sum_xzt).sum(-1)) / safe.unsqueeze(-1)
+        scatter = stats.sum_x2 - (solved * sum_xzt).sum(-1)  # [K, D]
         bad = info != 0
     else:
         means_c = stats.sum_x / safe.unsqueeze(-1)
         loadings = stats.sum_xz
-        noise = stats.sum_x2 / safe.unsqueeze(-1) - means_c * means_c
+        scatter = None
         bad = torch.zeros(k, dtype=torch.bool, device=mass.device)
+    if prior is None:
+        if scatter is not None:
+            noise = scatter / safe.unsqueeze(-1)
+        else:
+            noise = stats.sum_x2 / safe.unsqueeze(-1) - means_c * means_c
+    else:
+        if scatter is None:
+            scatter = stats.sum_x2 - means_c * stats.sum_x
+        extra_scatter, extra_rows = prior.noise_pseudo_counts(n_lat)
+        denominator = (mass + extra_rows).clamp_min(torch.finfo(dtype).tiny ** 0.5)
+        noise = (scatter + extra_scatter) / denominator.unsqueeze(-1)
     if model.noise == "isotropic":
         noise = noise.mean(-1, keepdim=True).expand(k, d)
     noise = noise.clamp_min(variance_floor)
-    weights = mass / mass.sum()
+    counts = mass if prior is None else prior.weight_counts(mass)
+    weights = counts / counts.sum()
     means = means_c + stats.reference
     # Components with no mass (or a singular system) keep their parameters.
     keep = (mass <= torch.finfo(dtype).eps * mass.sum()) | bad

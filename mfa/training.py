@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 from mfa import distributed, missing
 from mfa._checkpoint_checks import check_generator_state
@@ -23,6 +24,7 @@ __all__ = [
     "check_finite_params",
     "clone_params",
     "evaluate",
+    "hold_out",
     "restore_state",
     "save_state",
 ]
@@ -60,6 +62,33 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
         total, count = distributed.sum_across_processes(total, count)
         return total / max(count, 1)
     return (total / max(count, 1)).item()
+
+
+def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
+             fraction: float, seed: int, batch_size: int, *, allow_missing: bool = False):
+    """``(train, validation)``: a seeded ``fraction`` of a tensor's or Dataset's rows held out
+    for validation, the same rows on every process; ``(data, None)`` for any other iterable,
+    for ``fraction == 0`` or when the split would leave either side empty. Both trainers
+    hold out validation data this way when none is given.
+
+    Args:
+        data: a tensor ``[N, D]`` (checked as a :class:`DataSource` would), a ``Dataset`` or
+            another iterable.
+        allow_missing: rows may hold NaN (a trainer with ``missing="allow"``).
+    """
+    if isinstance(data, Tensor):
+        data = DataSource(data, model, batch_size, "data", allow_missing=allow_missing).tensor
+    elif not isinstance(data, Dataset):
+        return data, None
+    n = len(data)
+    n_val = int(round(n * fraction))
+    if n_val == 0 or n_val == n:
+        return data, None
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if isinstance(data, Tensor):
+        perm = perm.to(data.device)
+        return data[perm[n_val:]], data[perm[:n_val]]
+    return Subset(data, perm[n_val:].tolist()), Subset(data, perm[:n_val].tolist())
 
 
 # ---------------------------------------------------------------------- resumable state

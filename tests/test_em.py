@@ -29,6 +29,8 @@ from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 
 F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+#: EMConfig values of plain EM: no prior, no early stopping (the defaults use both).
+PLAIN_EM = {"noise_prior_strength": 0.0, "patience": 0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -79,8 +81,14 @@ def _dense_log_lik(model: MixtureOfFactorAnalyzers, x: torch.Tensor) -> float:
 
 def _fit(x, k, lat, noise="diagonal", validation=None, callbacks=(), checkpoint_fn=None,
          model=None, trainer=None, **config):
-    """Fit a fresh float64 model, silencing the ConvergenceWarning of fixed-length runs."""
+    """Fit a fresh float64 model, silencing the ConvergenceWarning of fixed-length runs.
+
+    Plain (maximum-likelihood) EM unless the test asks for priors or early stopping: these
+    tests check EM against references of the likelihood (tests/test_priors.py checks MAP EM).
+    """
     config.setdefault("progress", False)
+    for key, value in PLAIN_EM.items():
+        config.setdefault(key, value)
     if model is None:
         model = MixtureOfFactorAnalyzers(k, 5 if not hasattr(x, "shape") else x.shape[1], lat,
                                          noise, dtype=F64)
@@ -353,7 +361,7 @@ def test_resume_after_interrupt_equals_uninterrupted(mixture_data, n_init, stop_
 
     resumed = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
     resumed.load_state_dict(model_state)
-    trainer = EMTrainer(EMConfig(progress=False, **config))
+    trainer = EMTrainer(EMConfig(progress=False, **PLAIN_EM, **config))
     trainer.load_state_dict(state)
     _fit(x, 3, 2, validation=val, model=resumed, trainer=trainer)
 
@@ -395,7 +403,7 @@ def test_checkpoint_fn_schedule(mixture_data):
 def test_convergence_warning_at_max_iter(mixture_data):
     x, _ = mixture_data
     model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
-    trainer = EMTrainer(EMConfig(max_iter=2, tol=1e-12, progress=False))
+    trainer = EMTrainer(EMConfig(max_iter=2, tol=1e-12, progress=False, **PLAIN_EM))
     with pytest.warns(ConvergenceWarning, match="max_iter=2"):
         trainer.fit(model, x)
     assert not trainer.converged
@@ -405,7 +413,7 @@ def test_convergence_warning_at_max_iter(mixture_data):
 def test_no_warning_when_tol_is_met(mixture_data):
     x, _ = mixture_data
     model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
-    trainer = EMTrainer(EMConfig(max_iter=500, tol=1e-3, progress=False))
+    trainer = EMTrainer(EMConfig(max_iter=500, tol=1e-3, progress=False, **PLAIN_EM))
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         trainer.fit(model, x)
@@ -661,3 +669,47 @@ def test_state_dict_keys_are_those_of_saved_checkpoints(mixture_data):
     assert saved[3]["run"] == 1 and saved[3]["runs_done"] == 1  # run 2, iteration 1
     assert saved[3]["best_params"] is not None
     assert saved[-1]["run"] == 2 and saved[-1]["iteration"] == 0
+
+
+# --------------------------------------------------------------------- MAP EM defaults
+
+
+def test_defaults_use_the_automatic_noise_prior_and_early_stopping(mixture_data):
+    """EMConfig() is MAP EM with s₀ chosen on validation data and early stopping; every
+    record carries the MAP objective and the prior's s₀."""
+    config = EMConfig()
+    assert config.noise_prior_variance == "auto" and config.noise_prior_strength > 0
+    assert config.patience > 0 and 0 < config.val_fraction < 1
+    x, val = mixture_data
+    model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
+    trainer = EMTrainer(EMConfig(max_iter=8, search_warmup=2, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, validation=val)
+    assert trainer.selected_noise_prior_variance is not None
+    for record in trainer.history:
+        assert {"train_objective", "noise_prior_variance", "early_stop"} <= set(record)
+    assert trainer.history[-1]["noise_prior_variance"] == trainer.selected_noise_prior_variance
+    assert trainer.search_seconds is not None and trainer.search_seconds > 0
+    # The warm-up (search_warmup=2) uses the weakest s₀, the chosen one follows.
+    values = [h["noise_prior_variance"] for h in trainer.history]
+    assert values[:3] == [config.quantization_variance] * 3
+    assert set(values[3:]) == {trainer.selected_noise_prior_variance}
+
+
+def test_states_without_the_new_keys_still_load(mixture_data):
+    """Checkpoints from before MAP EM lack the search and early-stopping keys: they load."""
+    x, val = mixture_data
+    saved = []
+    _fit(x, 3, 2, validation=val, max_iter=3, tol=0.0, checkpoint_every=1, patience=2,
+         noise_prior_variance=0.1, noise_prior_strength=1.0,
+         checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
+    state = roundtrip(saved[1])
+    assert {"best_val_params", "best_val_log_likelihood", "bad_iterations"} <= set(state)
+    for key in ("best_val_params", "best_val_log_likelihood", "bad_iterations",
+                "noise_prior_variance"):
+        state.pop(key, None)
+    EMTrainer(EMConfig(progress=False)).load_state_dict(state)
+    bad = dict(roundtrip(saved[1]), bad_iterations="2")
+    with pytest.raises(TypeError, match="'bad_iterations' must be int"):
+        EMTrainer(EMConfig(progress=False)).load_state_dict(bad)

@@ -95,7 +95,9 @@ def _vals(trainer) -> list[float]:
 def em_optimum(problem):
     train, _, test = problem
     model = MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64)
-    EMTrainer(EMConfig(max_iter=500, tol=1e-8, progress=False)).fit(model, train)
+    # Plain EM (no prior, no early stopping): the maximum-likelihood optimum.
+    EMTrainer(EMConfig(max_iter=500, tol=1e-8, progress=False, noise_prior_strength=0.0,
+                       patience=0)).fit(model, train)
     return _dense_log_lik(model, test)
 
 
@@ -486,7 +488,9 @@ def test_resume_from_a_state_without_the_divergence_reference(small):
     "field, value",
     [("lr", 0.0), ("lr", math.nan), ("epochs", 0), ("kmeans_iter", 0), ("variance_floor", 0.0),
      ("grad_clip", -1.0), ("val_fraction", 1.0), ("schedule", "linear"), ("seed", -1),
-     ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3)],
+     ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3),
+     ("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
+     ("noise_prior_variance", "auto"), ("weight_concentration", 0.5), ("loading_ridge", -1.0)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """SGDConfig.validate() holds the trainer's limits; messages name ``SGDConfig.<field>``
@@ -501,3 +505,93 @@ def test_validate_names_the_field_and_the_bad_value(field, value):
 def test_validate_accepts_the_limits():
     SGDConfig(epochs=1, kmeans_iter=1, complete_iter=0, patience=0, grad_clip=None,
               val_fraction=0.0, weight_decay=0.0, device="cpu").validate()
+
+
+# --------------------------------------------------------------------- prior penalty
+
+
+def _reference_log_prior(weights, loadings, noise, nu, s0, alpha, ridge):
+    """log p(θ) from torch.distributions (an independent writing of mfa.priors)."""
+    from torch.distributions import Dirichlet, InverseGamma, Normal
+
+    ig = InverseGamma(torch.tensor(nu / 2 - 1, dtype=F64), torch.tensor(nu * s0 / 2, dtype=F64))
+    scale = (noise / ridge).sqrt().unsqueeze(-1).expand_as(loadings)
+    return (ig.log_prob(noise).sum()
+            + Dirichlet(torch.full_like(weights, alpha)).log_prob(weights)
+            + Normal(torch.zeros_like(loadings), scale).log_prob(loadings).sum())
+
+
+def test_prior_penalty_gradient_matches_autograd_of_the_log_prior():
+    nu, s0, alpha, ridge, n = 6.0, 0.2, 2.5, 0.4, 321
+    trainer = SGDTrainer(SGDConfig(noise_prior_strength=nu, noise_prior_variance=s0,
+                                   weight_concentration=alpha, loading_ridge=ridge))
+    model = MixtureOfFactorAnalyzers(3, 4, 2, dtype=F64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=gen(5), dtype=F64))
+    def grads():
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                for p in model.parameters()]
+
+    trainer.penalty(model, trainer.prior(), n).backward()
+    got = grads()
+    assert sum(bool(g.abs().sum() > 0) for g in got) == 3  # weights, loadings, noise; no means
+    model.zero_grad()
+    reference = -_reference_log_prior(model.weights, model.factor_loadings,
+                                      model.noise_variance, nu, s0, alpha, ridge) / n
+    reference.backward()
+    for a, b in zip(got, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_zero_prior_strength_changes_nothing_and_a_prior_changes_the_fit(small):
+    train, val = small
+    base = dict(epochs=2, lr=1e-2, batch_size=200, progress=False, seed=3)
+    fits = []
+    for extra in ({}, {"noise_prior_strength": 0.0, "noise_prior_variance": 0.123},
+                  {"noise_prior_strength": 50.0, "noise_prior_variance": 5.0}):
+        model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+        trainer = SGDTrainer(SGDConfig(**base, **extra))
+        trainer.fit(model, train, validation=val)
+        fits.append((model, trainer))
+    (plain, plain_t), (zero, zero_t), (strong, _) = fits
+    for name in PARAMS:
+        assert torch.equal(getattr(plain, name), getattr(zero, name)), name
+    assert _vals(plain_t) == _vals(zero_t)
+    # A strong prior towards s0 = 5 visibly raises the noise variances.
+    assert bool((strong.noise_variance > plain.noise_variance).all())
+
+
+def test_prior_penalty_needs_a_sized_training_set(small):
+    train, val = small
+    batches = [train[:400], train[400:]]  # an iterable of batches: its size is unknown
+    trainer = SGDTrainer(SGDConfig(epochs=1, progress=False, noise_prior_strength=1.0))
+    with pytest.raises(ValueError, match="need the number of training rows"):
+        trainer.fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), batches, validation=val)
+
+
+def test_a_nan_minibatch_loss_mid_epoch_restores_finite_parameters(small, monkeypatch):
+    """A NaN loss at step 5 (of the first epoch) raises naming the learning rate, before any
+    step with it: the model is left with its initial parameters, all finite."""
+    train, val = small
+    original = MixtureOfFactorAnalyzers._component_log_prob
+    calls = []
+
+    def nan_at_step_5(self, x, terms=None):
+        out = original(self, x, terms)
+        if torch.is_grad_enabled():  # the training steps, not the validation passes
+            calls.append(1)
+            if len(calls) == 5:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(MixtureOfFactorAnalyzers, "_component_log_prob", nan_at_step_5)
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    trainer = SGDTrainer(SGDConfig(lr=0.02, epochs=3, batch_size=50, progress=False,
+                                   init="random"))
+    with pytest.raises(FloatingPointError, match=r"epoch 1: the minibatch loss is nan.*"
+                                                 r"SGDConfig\.lr.*initial parameters"):
+        trainer.fit(model, train, validation=val)
+    assert len(calls) == 5
+    for name, value in model.state_dict().items():
+        assert bool(torch.isfinite(value).all()), name

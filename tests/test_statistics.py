@@ -267,6 +267,57 @@ def test_m_step_with_factors_matches_dense_textbook_update(noise, use_posterior)
         torch.testing.assert_close(params[name], expected[name], rtol=1e-8, atol=1e-9, msg=name)
 
 
+def _dense_map_m_step(model, x, r, nu, s0, alpha, ridge):
+    """The MAP update of mfa.priors written per component on uncentred data:
+    Ã = (Σ r x E[z̃]ᵀ)(Σ r E[z̃z̃ᵀ] + λP)⁻¹, Ψ_j = (Σ r x_j² − 2 ã_j·b_j + ã_j G ã_jᵀ + λ‖a_j‖²
+    + ν s₀) / (N_k + ν + L), π_k ∝ N_k + α − 1 (the long form of the residual, not the
+    library's shortcut)."""
+    a = model.factor_loadings.detach()
+    psi = model.noise_variance.detach()
+    k, d, lat = a.shape
+    ez = _dense_posterior_means(model, x)
+    out = {"means": [], "factor_loadings": [], "noise_variance": [], "weights": []}
+    for j in range(k):
+        rj = r[:, j]
+        cov_z = torch.linalg.inv(torch.eye(lat, dtype=F64) + (a[j].T / psi[j]) @ a[j])
+        ez_aug = torch.cat([ez[:, j], torch.ones(x.shape[0], 1, dtype=F64)], dim=1)
+        gram = (rj[:, None] * ez_aug).T @ ez_aug
+        gram[:lat, :lat] += rj.sum() * cov_z  # Σ r E[z̃z̃ᵀ]
+        ridge_block = torch.zeros(lat + 1, lat + 1, dtype=F64)
+        ridge_block[:lat, :lat] = ridge * torch.eye(lat, dtype=F64)
+        b = (rj[:, None] * x).T @ ez_aug  # [D, L+1]
+        a_aug = torch.linalg.solve(gram + ridge_block, b.T).T
+        resid = ((rj[:, None] * x) * x).sum(0) - 2 * (a_aug * b).sum(1) + (
+            (a_aug @ gram) * a_aug).sum(1)
+        num = resid + ridge * a_aug[:, :lat].square().sum(1) + nu * s0
+        den = rj.sum() + nu + (lat if ridge > 0 else 0)
+        diag = num / den
+        out["factor_loadings"].append(a_aug[:, :lat])
+        out["means"].append(a_aug[:, lat])
+        out["noise_variance"].append(diag if model.noise == "diagonal" else diag.mean().expand(d))
+        out["weights"].append(rj.sum() + alpha - 1)
+    out = {name: torch.stack(v) for name, v in out.items()}
+    out["weights"] = out["weights"] / out["weights"].sum()
+    return out
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("ridge", [0.0, 1.5])
+def test_m_step_with_priors_matches_dense_map_update(noise, ridge):
+    from mfa.priors import Prior
+
+    k, d, lat, n = 3, 4, 2, 60
+    model = random_model(k, d, lat, noise, seed=7, offset=3.0)
+    x = random_data(n, model, seed=8)
+    r = _random_resp(n, k, seed=9)
+    nu, s0, alpha = 5.0, 0.6, 4.0
+    params = m_step(_stats(model, x, r), model, variance_floor=1e-12,
+                    prior=Prior(nu, s0, alpha, ridge))
+    expected = _dense_map_m_step(model, x, r, nu, s0, alpha, ridge)
+    for name in ("means", "factor_loadings", "noise_variance", "weights"):
+        torch.testing.assert_close(params[name], expected[name], rtol=1e-8, atol=1e-9, msg=name)
+
+
 def test_m_step_floors_variance_and_keeps_massless_component():
     """A constant feature gets exactly the floor; a component without responsibility keeps its
     parameters (to be re-seeded by the trainer) and gets weight 0."""

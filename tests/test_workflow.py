@@ -451,7 +451,6 @@ def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "metrics.json").exists()  # killed mid-run
     done = load_checkpoint(checkpoint).trainer_state["history"]
-    assert 1 <= len(done) < iterations
     resume = _mfa("--resume", str(tmp_path / "killed"), "--no-figures")
     for process in (whole, resume):
         out, err = process.communicate(timeout=120)
@@ -461,7 +460,9 @@ def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
     assert_same_parameters(b.model, a.model)
     assert history_values(b.trainer_state["history"]) == history_values(
         a.trainer_state["history"])
-    assert len(a.trainer_state["history"]) == iterations
+    # The kill came mid-run: the uninterrupted run (which may stop early on validation, as
+    # the default config does) went further than the killed one had.
+    assert 1 <= len(done) < len(a.trainer_state["history"]) <= iterations
 
 
 # ---------------------------------------------------------------------------- run folders

@@ -1,0 +1,98 @@
+"""Where an EM fit stands (:class:`RunState`): enough to resume it exactly, and the format of
+:meth:`mfa.em.EMTrainer.state_dict`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+__all__ = ["RunState"]
+
+
+@dataclass
+class RunState:
+    """Where a fit stands, enough to resume it; :meth:`as_dict` gives the keys of
+    :meth:`EMTrainer.state_dict` (unchanged since the first checkpoints, so old ones resume).
+
+    Attributes:
+        run: the restart in progress (``n_init`` once the fit is done).
+        iteration: EM iterations done in that restart.
+        previous_log_likelihood: the MAP objective per train row (the mean log-likelihood
+            without a prior) of the last iteration (``None`` at the start of a restart and
+            right after the noise prior was chosen).
+        best_log_likelihood, best_params: the best finished restart so far (its model
+            ``state_dict``), or ``-inf`` and ``None``.
+        runs_done: restarts finished.
+        converged: whether the best restart met ``tol`` (set when the fit ends).
+        generator: the re-seeding generator's state within the restart (``None`` at its start
+            and once the fit is done).
+        noise_prior_variance: the ``s₀`` chosen by the search of this restart (``None``
+            before it, or when the config fixes it).
+        best_val_log_likelihood, best_val_params, bad_iterations: early stopping within the
+            restart: the best validation score so far, its parameters and the iterations since
+            (``None``, ``None``, 0 without early stopping).
+
+    The last two groups are saved only when set, so checkpoints without them still load.
+    """
+
+    run: int = 0
+    iteration: int = 0
+    previous_log_likelihood: float | None = None
+    best_log_likelihood: float = -math.inf
+    best_params: dict[str, Tensor] | None = None
+    runs_done: int = 0
+    converged: bool = False
+    generator: Tensor | None = field(default=None, repr=False)
+    noise_prior_variance: float | None = None
+    best_val_log_likelihood: float | None = None
+    best_val_params: dict[str, Tensor] | None = field(default=None, repr=False)
+    bad_iterations: int = 0
+
+    REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
+    #: The accepted types of each saved key (checked on load, so a tampered state fails there).
+    TYPES = {
+        "run": (int,), "iteration": (int,), "runs_done": (int,),
+        "best_log_likelihood": (float, int), "previous_log_likelihood": (float, int, type(None)),
+        "best_params": (dict, type(None)), "converged": (bool,),
+        "noise_prior_variance": (float, int), "best_val_log_likelihood": (float, int),
+        "best_val_params": (dict,), "bad_iterations": (int,),
+    }
+
+    def as_dict(self) -> dict:
+        state = {
+            "run": self.run, "iteration": self.iteration, "runs_done": self.runs_done,
+            "best_log_likelihood": self.best_log_likelihood, "best_params": self.best_params,
+            "previous_log_likelihood": self.previous_log_likelihood,
+            "converged": self.converged,
+        }
+        if self.generator is not None:
+            state["generator"] = self.generator
+        if self.noise_prior_variance is not None:
+            state["noise_prior_variance"] = self.noise_prior_variance
+        if self.best_val_params is not None:
+            state["best_val_log_likelihood"] = self.best_val_log_likelihood
+            state["best_val_params"] = self.best_val_params
+            state["bad_iterations"] = self.bad_iterations
+        return state
+
+    @classmethod
+    def from_dict(cls, state: dict) -> RunState:
+        return cls(
+            run=int(state["run"]), iteration=int(state["iteration"]),
+            previous_log_likelihood=state.get("previous_log_likelihood"),
+            best_log_likelihood=state["best_log_likelihood"], best_params=state["best_params"],
+            runs_done=int(state["runs_done"]), converged=bool(state.get("converged", False)),
+            generator=state.get("generator"),
+            noise_prior_variance=state.get("noise_prior_variance"),
+            best_val_log_likelihood=state.get("best_val_log_likelihood"),
+            best_val_params=state.get("best_val_params"),
+            bad_iterations=int(state.get("bad_iterations", 0)),
+        )
+
+    def start_restart(self) -> None:
+        """Forget what belongs to the restart that ended (or has not begun)."""
+        self.iteration, self.previous_log_likelihood, self.generator = 0, None, None
+        self.noise_prior_variance, self.bad_iterations = None, 0
+        self.best_val_log_likelihood, self.best_val_params = None, None

@@ -1,0 +1,139 @@
+"""Choosing the noise prior's variance ``s₀`` on validation data, inside one EM fit.
+
+:class:`mfa.em.EMTrainer` with ``noise_prior_variance="auto"`` runs ``search_warmup`` EM
+iterations with the weakest candidate (``s₀`` at the data's lower bound, the quantisation
+variance), then, from the statistics of the next E-step (shared by every candidate, so the
+search costs no extra pass over the training data), takes the MAP M-step of every ``s₀`` on a
+log grid, scores each on the validation data and keeps the best; EM then continues with it
+to convergence. The grid runs from the lower bound (no noise variance of 8-bit data can
+usefully fall below the quantisation variance ``1/(12·256²)``) to the largest per-feature
+variance of the training data, ``per_decade`` points a decade. The cost is one validation
+pass per candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from mfa import linalg, training
+from mfa._data_stream import DataSource
+from mfa.init import floored_weights
+from mfa.model import MixtureOfFactorAnalyzers
+from mfa.priors import Prior
+from mfa.statistics import SufficientStatistics, m_step
+
+__all__ = [
+    "choose_noise_variance", "log_grid", "score_candidates", "training_variance",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def log_grid(lower: float, upper: float, per_decade: int) -> list[float]:
+    """``lower · 10^(i / per_decade)`` for ``i = 0, 1, …`` up to the first point ``≥ upper``
+    (just ``[lower]`` when ``upper <= lower``)."""
+    if not (lower > 0 and per_decade >= 1):
+        raise ValueError(f"need lower > 0 and per_decade >= 1, got {lower!r}, {per_decade!r}")
+    if not upper > lower:
+        return [float(lower)]
+    n = math.ceil(per_decade * math.log10(upper / lower) - 1e-9)
+    return [float(lower * 10 ** (i / per_decade)) for i in range(n + 1)]
+
+
+def training_variance(stats: SufficientStatistics) -> Tensor:
+    """The per-feature variance ``[D]`` of the training rows, from one pass's statistics."""
+    n = stats.mass.sum()
+    mean = stats.sum_x.sum(0) / n  # [D], about the reference point
+    return (stats.sum_x2.sum(0) / n - mean * mean).clamp_min(0.0)
+
+
+def score_candidates(
+    model: MixtureOfFactorAnalyzers,
+    stats: SufficientStatistics,
+    candidates: list[float],
+    prior_for: Callable[[float], Prior],
+    variance_floor: float,
+    validation: DataSource,
+) -> list[float]:
+    """The validation log-likelihood (mean per row) after one MAP M-step with each candidate.
+
+    Every candidate starts from the same statistics (of ``model``'s current parameters); the
+    model is left as it was. A candidate whose M-step is not finite scores ``-inf``.
+
+    Args:
+        model: the model the statistics were computed under.
+        stats: that pass's statistics.
+        candidates: noise prior variances ``s₀``.
+        prior_for: ``s₀`` → the :class:`Prior` of that candidate.
+        variance_floor: the hard floor of the M-step.
+        validation: the held-out rows.
+    """
+    saved = training.clone_params(model)
+    dtype = stats.mass.dtype
+    latent_covariance = None
+    if model.n_factors:
+        chol = linalg.capacitance_cholesky(model.factor_loadings.detach().to(dtype),
+                                           model.noise_variance.detach().to(dtype))
+        latent_covariance = torch.cholesky_inverse(chol)
+    scores = []
+    try:
+        for value in candidates:
+            prior = prior_for(value)
+            with torch.no_grad():
+                params = m_step(stats, model, variance_floor=variance_floor,
+                                latent_covariance=latent_covariance, prior=prior)
+                params["weights"] = floored_weights(prior.weight_counts(stats.mass),
+                                                    params["weights"].dtype)
+            if not all(bool(torch.isfinite(v).all()) for v in params.values()):
+                scores.append(-math.inf)
+                continue
+            model.set_parameters(**params)
+            score = training.evaluate(model, validation)
+            scores.append(score if math.isfinite(score) else -math.inf)
+            model.load_state_dict(saved)
+    finally:
+        model.load_state_dict(saved)
+    return scores
+
+
+def choose_noise_variance(
+    model: MixtureOfFactorAnalyzers,
+    stats: SufficientStatistics,
+    validation: DataSource,
+    prior: Prior,
+    *,
+    lower: float,
+    per_decade: int,
+    variance_floor: float,
+) -> tuple[float, list[tuple[float, float]]]:
+    """The best ``s₀`` of the grid ``log_grid(lower, max training variance, per_decade)``.
+
+    Args:
+        model, stats: the current model and the statistics of its E-step.
+        validation: the held-out rows.
+        prior: the other prior settings (its ``noise_variance`` is replaced by each candidate).
+        lower: the data's lower bound of a useful noise variance (the grid's first point).
+        per_decade: grid points per decade.
+        variance_floor: the hard floor of the M-step.
+
+    Returns:
+        ``(best s₀, [(candidate, validation log-likelihood), ...])``; ties go to the smaller.
+    """
+    upper = float(training_variance(stats).max())
+    grid = log_grid(lower, upper, per_decade)
+    scores = score_candidates(model, stats, grid, lambda s0: replace(prior, noise_variance=s0),
+                              variance_floor, validation)
+    best = max(range(len(grid)), key=lambda i: (scores[i], -i))
+    logger.debug("noise prior variance search: %s", list(zip(grid, scores, strict=True)))
+    logger.info("noise prior variance %.3g chosen from %d candidates in [%.3g, %.3g] "
+                "(validation log-likelihood %.6g)", grid[best], len(grid), grid[0], grid[-1],
+                scores[best])
+    return grid[best], list(zip(grid, scores, strict=True))
+
+

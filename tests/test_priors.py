@@ -1,0 +1,429 @@
+"""MAP EM (mfa.priors, mfa.statistics.m_step with a prior), the automatic noise prior
+(mfa.prior_search) and early stopping in mfa.em.EMTrainer.
+
+References: the expected complete-data log-posterior written densely per component with
+``torch.distributions`` priors (InverseGamma, Dirichlet, Normal), whose gradient must vanish at
+the MAP M-step; planted noise variances; snapshots of the parameters during a fit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import warnings
+
+import pytest
+import torch
+from helpers import gen, random_data, random_model, roundtrip
+from torch.distributions import Dirichlet, InverseGamma, Normal
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.prior_search import log_grid
+from mfa.priors import QUANTIZATION_VARIANCE, Prior, quantization_variance
+from mfa.statistics import accumulate_statistics, m_step
+
+F64 = torch.float64
+PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _reference_log_prior(prior: Prior, weights, loadings, noise) -> torch.Tensor:
+    """log p(θ) from torch.distributions (constants included), ``noise`` ``[K, D]``."""
+    total = torch.zeros((), dtype=F64)
+    if prior.noise_strength > 0:
+        ig = InverseGamma(torch.tensor(prior.noise_strength / 2 - 1, dtype=F64),
+                          torch.tensor(prior.noise_strength * prior.noise_variance / 2, dtype=F64))
+        total = total + ig.log_prob(noise).sum()
+    if prior.weight_concentration != 1:
+        total = total + Dirichlet(torch.full_like(weights, prior.weight_concentration)).log_prob(
+            weights)
+    if prior.loading_ridge > 0:
+        scale = (noise / prior.loading_ridge).sqrt().unsqueeze(-1).expand_as(loadings)
+        total = total + Normal(torch.zeros_like(loadings), scale).log_prob(loadings).sum()
+    return total
+
+
+def _stats(model, x):
+    with torch.no_grad():
+        return accumulate_statistics(model, x, model.component_terms())
+
+
+def _expected_log_posterior(model, x, prior, weights, means, loadings, noise):
+    """Σ_n Σ_k r_nk E[log π_k + log N(x_n | A_k z + μ_k, D_k)] + log p(θ), the expectation
+    under the posterior of ``model`` (dense float64 solves, component by component)."""
+    a0, d0 = model.factor_loadings.detach(), model.noise_variance.detach()
+    k, dim, lat = a0.shape
+    resp = torch.softmax(model._component_log_prob(x).detach(), -1)  # [n, K]
+    total = torch.zeros((), dtype=F64)
+    for j in range(k):
+        prec = torch.eye(lat, dtype=F64) + (a0[j].T / d0[j]) @ a0[j]  # M
+        cov = torch.linalg.solve(prec, torch.eye(lat, dtype=F64))
+        ez = torch.linalg.solve(prec, (a0[j].T / d0[j]) @ (x - model.means.detach()[j]).T).T
+        resid = x - ez @ loadings[j].T - means[j]  # [n, D]
+        quad = resid.square() + ((loadings[j] @ cov) * loadings[j]).sum(-1)  # [n, D]
+        per_row = (weights[j].log() - 0.5 * (math.log(2 * math.pi) * dim + noise[j].log().sum()
+                                             + (quad / noise[j]).sum(-1)))
+        total = total + (resp[:, j] * per_row).sum()
+    return total + _reference_log_prior(prior, weights, loadings, noise)
+
+
+# --------------------------------------------------------------------- the prior itself
+
+
+def test_log_prior_matches_torch_distributions_up_to_a_constant():
+    prior = Prior(noise_strength=5.0, noise_variance=0.3, weight_concentration=2.5,
+                  loading_ridge=0.7)
+    values = []
+    for seed in (0, 1):
+        model = random_model(3, 4, 2, seed=seed)
+        w, a, d = model.weights.detach(), model.factor_loadings.detach(), model.noise_variance
+        values.append((prior.log_prior(w, a, d.detach()), _reference_log_prior(prior, w, a,
+                                                                               d.detach())))
+    (ours0, ref0), (ours1, ref1) = values
+    torch.testing.assert_close(ours1 - ours0, ref1 - ref0, rtol=1e-12, atol=1e-10)
+
+
+def test_flat_prior_is_zero_and_flat():
+    model = random_model(3, 4, 2, seed=0)
+    assert Prior().is_flat and Prior(0.0, 123.0).is_flat
+    assert Prior().log_prior_of(model).item() == 0.0
+    assert not Prior(loading_ridge=0.1).is_flat
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"noise_strength": -1.0}, r"Prior\.noise_strength must be .*>= 0.*-1\.0"),
+     ({"noise_variance": 0.0}, r"Prior\.noise_variance must be .*> 0.*0\.0"),
+     ({"weight_concentration": 0.5}, r"Prior\.weight_concentration must be .*>= 1.*0\.5"),
+     ({"loading_ridge": math.nan}, r"Prior\.loading_ridge must be a finite"),
+     ({"noise_strength": True}, r"Prior\.noise_strength .*True")],
+)
+def test_prior_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Prior(**kwargs)
+
+
+def test_quantization_variance():
+    assert QUANTIZATION_VARIANCE == pytest.approx(1 / (12 * 256**2), rel=1e-15)
+    assert quantization_variance(255) == pytest.approx(1 / (12 * 255**2), rel=1e-15)
+    with pytest.raises(ValueError, match="levels_per_unit must be a number > 0, got 0"):
+        quantization_variance(0)
+
+
+def test_log_grid():
+    grid = log_grid(1e-6, 1e-4, 4)
+    assert len(grid) == 9 and grid[0] == 1e-6 and grid[-1] == pytest.approx(1e-4)
+    assert log_grid(1.0, 0.5, 4) == [1.0]
+    with pytest.raises(ValueError, match="lower > 0"):
+        log_grid(0.0, 1.0, 4)
+
+
+# --------------------------------------------------------------------- the MAP M-step
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("lat, ridge", [(0, 0.0), (2, 0.0), (2, 0.8)])
+def test_map_m_step_maximises_the_dense_expected_log_posterior(noise, lat, ridge):
+    """The gradient of the dense expected complete-data log-posterior vanishes at the M-step's
+    output, in every parameter (weights through softmax logits, variances through logs)."""
+    model = random_model(3, 5, lat, noise, seed=3, offset=2.0)
+    x = random_data(80, model, seed=4)
+    prior = Prior(noise_strength=6.0, noise_variance=0.4, weight_concentration=3.0,
+                  loading_ridge=ridge)
+    params = m_step(_stats(model, x), model, variance_floor=1e-12, prior=prior)
+
+    logits = params["weights"].log().clone().requires_grad_(True)
+    means = params["means"].clone().requires_grad_(True)
+    loadings = params["factor_loadings"].clone().requires_grad_(True)
+    log_noise = (params["noise_variance"] if noise == "diagonal"
+                 else params["noise_variance"][:, :1]).log().clone().requires_grad_(True)
+    objective = _expected_log_posterior(
+        model, x, prior, torch.softmax(logits, 0), means, loadings,
+        log_noise.exp().expand(3, 5),
+    )
+    objective.backward()
+    for name, value in [("weights", logits), ("means", means), ("loadings", loadings),
+                        ("noise", log_noise)]:
+        if value.numel() == 0:  # no loadings when L = 0
+            continue
+        assert value.grad.abs().max().item() < 1e-8 * x.shape[0], (name, value.grad)
+    # And it is a maximum: moving any parameter a little lowers the objective.
+    with torch.no_grad():
+        base = objective.item()
+        for scale in (1e-3, -1e-3):
+            moved = _expected_log_posterior(
+                model, x, prior, torch.softmax(logits + scale * torch.arange(3.0, dtype=F64), 0),
+                means + scale, loadings * (1 + scale), (log_noise + scale).exp().expand(3, 5))
+            assert moved.item() < base
+
+
+def test_flat_prior_m_step_is_plain_em_bit_for_bit():
+    """Strength 0 (ν = 0, α = 1, λ = 0, any s₀) runs exactly the plain M-step."""
+    model = random_model(3, 5, 2, seed=1, offset=1.0)
+    stats = _stats(model, random_data(70, model, seed=2))
+    plain = m_step(stats, model, variance_floor=1e-9)
+    flat = m_step(stats, model, variance_floor=1e-9, prior=Prior(0.0, 0.77, 1.0, 0.0))
+    for name in PARAMS:
+        assert torch.equal(plain[name], flat[name]), name
+
+
+def test_noise_prior_moves_the_variances_towards_s0():
+    """ν pseudo-rows of variance s₀: d = (S + ν s₀) / (N_k + ν), a weighted mean of the
+    plain estimate and s₀ (no loadings prior, so the other parameters are unchanged)."""
+    model = random_model(2, 4, 1, seed=5)
+    stats = _stats(model, random_data(90, model, seed=6))
+    plain = m_step(stats, model, variance_floor=1e-12)
+    nu, s0 = 7.0, 3.0
+    map_ = m_step(stats, model, variance_floor=1e-12, prior=Prior(nu, s0))
+    mass = stats.mass.unsqueeze(-1)
+    expected = (plain["noise_variance"] * mass + nu * s0) / (mass + nu)
+    torch.testing.assert_close(map_["noise_variance"], expected, rtol=1e-12, atol=0)
+    for name in ("means", "factor_loadings", "weights"):
+        torch.testing.assert_close(map_[name], plain[name], rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------- MAP EM
+
+
+def _fit(x, k, lat, noise="diagonal", validation=None, model=None, trainer=None,
+         callbacks=(), checkpoint_fn=None, **config):
+    config.setdefault("progress", False)
+    if model is None:
+        model = MixtureOfFactorAnalyzers(k, x.shape[1], lat, noise, dtype=F64)
+    trainer = trainer or EMTrainer(EMConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, validation=validation, callbacks=callbacks,
+                    checkpoint_fn=checkpoint_fn)
+    return model, trainer
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    model = random_model(3, 6, 2, seed=11, offset=0.0)
+    return random_data(400, model, seed=12, scale=1.0)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+@pytest.mark.parametrize("lat", [0, 2])
+def test_map_objective_never_decreases(blobs, noise, lat):
+    """Every prior on at once; the objective recorded is log p(x) + log p(θ) per row, checked
+    against torch.distributions (differences between iterations, so constants cancel)."""
+    prior = dict(noise_strength=4.0, noise_variance=0.5, weight_concentration=2.0,
+                 loading_ridge=0.3 if lat else 0.0)
+    config = {f"noise_prior_{k[6:]}" if k.startswith("noise_") else k: v
+              for k, v in prior.items()}
+    snapshots = []
+
+    def snap(trainer, model, record):
+        snapshots.append({n: getattr(model, n).detach().clone() for n in PARAMS})
+
+    model = MixtureOfFactorAnalyzers(3, 6, lat, noise, dtype=F64)
+    start = {n: getattr(model, n).detach().clone() for n in PARAMS}
+    _, trainer = _fit(blobs, 3, lat, noise, model=model, init="none", max_iter=20, tol=0.0,
+                      min_component_mass=0.0, variance_floor=1e-9, patience=0,
+                      callbacks=[snap], **config)
+    objectives = [h["train_objective"] for h in trainer.history]
+    assert len(objectives) == 20
+    for before, after in zip(objectives, objectives[1:], strict=False):
+        assert after >= before - 1e-10 * abs(before), objectives
+    assert objectives[-1] > objectives[0] + 0.1
+    reference = Prior(**prior)
+    params = [start, *snapshots]
+    n = blobs.shape[0]
+    for i in (0, 5, 18):
+        ref = [_reference_log_prior(reference, p["weights"], p["factor_loadings"],
+                                    p["noise_variance"]).item() for p in (params[i], params[i + 1])]
+        got = objectives[i + 1] - objectives[i]
+        lls = trainer.history[i + 1]["train_log_likelihood"] - trainer.history[i][
+            "train_log_likelihood"]
+        assert got == pytest.approx(lls + (ref[1] - ref[0]) / n, rel=1e-9, abs=1e-11)
+
+
+def test_strength_zero_reproduces_plain_em_bit_for_bit(blobs):
+    """The configs of strength 0 (with any s₀) give the same fit, bit for bit, as the plain
+    likelihood M-step, and the recorded objective is the log-likelihood itself."""
+    plain_model, plain = _fit(blobs, 3, 2, seed=2, max_iter=8, tol=0.0, patience=0,
+                              noise_prior_strength=0.0, noise_prior_variance=1.0)
+    other_model, other = _fit(blobs, 3, 2, seed=2, max_iter=8, tol=0.0, patience=0,
+                              noise_prior_strength=0.0, noise_prior_variance="auto",
+                              weight_concentration=1.0, loading_ridge=0.0)
+    for name in PARAMS:
+        assert torch.equal(getattr(plain_model, name), getattr(other_model, name)), name
+    for a, b in zip(plain.history, other.history, strict=True):
+        assert a["train_log_likelihood"] == b["train_log_likelihood"]
+        assert a["train_objective"] == a["train_log_likelihood"]
+
+
+# --------------------------------------------------------------------- automatic s₀
+
+
+def _planted_isotropic(n, sigma2, seed):
+    """Two factor analysers in D=20 whose noise variance is ``sigma2`` everywhere."""
+    g = gen(seed)
+    d, lat = 20, 2
+    means = 3 * torch.randn(2, d, generator=g, dtype=F64)
+    loadings = torch.randn(2, d, lat, generator=g, dtype=F64)
+    comp = torch.randint(0, 2, (n,), generator=g)
+    z = torch.randn(n, lat, 1, generator=g, dtype=F64)
+    eps = torch.randn(n, d, generator=g, dtype=F64)
+    return means[comp] + (loadings[comp] @ z).squeeze(-1) + sigma2**0.5 * eps
+
+
+@pytest.mark.parametrize("sigma2", [0.003, 0.05])
+def test_automatic_noise_prior_lands_near_the_planted_noise_variance(sigma2):
+    """With a prior as strong as the data (ν ≈ N_k), the validation search picks s₀ within a
+    factor of 2 of the planted noise variance."""
+    x = _planted_isotropic(3000, sigma2, seed=21)
+    train, val = x[:1500], x[1500:]
+    _, trainer = _fit(train, 2, 2, validation=val, noise_prior_strength=750.0,
+                      quantization_variance=1e-4, search_warmup=3, max_iter=6, tol=0.0,
+                      patience=0)
+    chosen = trainer.selected_noise_prior_variance
+    assert chosen is not None
+    assert sigma2 / 2 <= chosen <= 2 * sigma2, chosen
+    assert [h["noise_prior_variance"] for h in trainer.history][-1] == chosen
+
+
+def test_automatic_search_holds_out_rows_and_warns_without_validation():
+    x = _planted_isotropic(400, 0.05, seed=3)
+    _, trainer = _fit(x, 2, 2, max_iter=3, search_warmup=1, patience=0, val_fraction=0.25)
+    assert trainer.selected_noise_prior_variance is not None
+    assert trainer.history[0]["val_log_likelihood"] is not None  # the held-out quarter
+    model = MixtureOfFactorAnalyzers(2, 20, 2, dtype=F64)
+    with pytest.warns(UserWarning, match="noise_prior_variance='auto' needs validation data"):
+        EMTrainer(EMConfig(max_iter=2, patience=0, val_fraction=0.0, progress=False)).fit(
+            model, x)
+
+
+def test_explicit_noise_prior_variance_skips_the_search(blobs):
+    _, trainer = _fit(blobs, 3, 2, max_iter=3, noise_prior_variance=0.25, patience=0)
+    assert trainer.selected_noise_prior_variance is None
+    assert {h["noise_prior_variance"] for h in trainer.history} == {0.25}
+
+
+# --------------------------------------------------------------------- early stopping
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """Few train rows in D=12: plain EM overfits and the validation score turns down."""
+    model = random_model(2, 12, 3, seed=31)
+    train = random_data(40, model, seed=32, scale=1.0)
+    val = random_data(400, model, seed=33, scale=1.0)
+    return train, val
+
+
+STOP = dict(noise_prior_strength=0.0, patience=3, max_iter=60, tol=0.0, seed=1, n_init=1,
+            min_component_mass=0.0, checkpoint_every=1, search_warmup=0)
+
+
+def test_early_stopping_restores_the_best_validation_parameters(overfit):
+    train, val = overfit
+    snapshots = []
+
+    def snap(trainer, model, record):
+        snapshots.append({n: getattr(model, n).detach().clone() for n in PARAMS})
+
+    model, trainer = _fit(train, 4, 3, validation=val, callbacks=[snap], **STOP)
+    vals = [h["val_log_likelihood"] for h in trainer.history]
+    best = max(range(len(vals)), key=vals.__getitem__)
+    assert len(vals) == best + 1 + 3 < 60  # stopped `patience` iterations after the best
+    assert trainer.history[-1]["early_stop"] and not any(h["early_stop"]
+                                                         for h in trainer.history[:-1])
+    for name in PARAMS:
+        assert torch.equal(getattr(model, name).detach(), snapshots[best][name]), name
+    assert trainer.evaluate(model, val) == pytest.approx(vals[best], rel=1e-12)
+
+
+@pytest.mark.parametrize("stop_at", [2, "after-best", "at-stop"])
+def test_resume_after_early_stopping_bookkeeping_is_exact(overfit, stop_at):
+    """Interrupted (before the best or between the best and the stop) and resumed from the
+    saved state, the fit ends exactly as the uninterrupted one, state included."""
+    train, val = overfit
+    full, full_trainer = _fit(train, 4, 3, validation=val, **STOP)
+    vals = [h["val_log_likelihood"] for h in full_trainer.history]
+    best = max(range(len(vals)), key=vals.__getitem__)
+    # Records count from 1: the best is record best + 1, the stop record best + 1 + patience.
+    stop_iteration = {2: 2, "after-best": best + 3, "at-stop": best + 4}[stop_at]
+    saved = {}
+
+    class _Interrupt(KeyboardInterrupt):
+        pass
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["iteration"] == stop_iteration:
+            raise _Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(train, 4, 3, validation=val, callbacks=[stop], checkpoint_fn=checkpoint, **STOP)
+    state = roundtrip(saved["trainer"])
+    if stop_at != 2:
+        assert state["bad_iterations"] == stop_iteration - best - 1
+        assert state["best_val_params"] is not None
+    resumed = MixtureOfFactorAnalyzers(4, 12, 3, dtype=F64)
+    resumed.load_state_dict(roundtrip(saved["model"]))
+    trainer = EMTrainer(EMConfig(progress=False, **STOP))
+    trainer.load_state_dict(state)
+    _fit(train, 4, 3, validation=val, model=resumed, trainer=trainer)
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    assert [(h["iteration"], h["val_log_likelihood"], h["early_stop"]) for h in trainer.history] \
+        == [(h["iteration"], h["val_log_likelihood"], h["early_stop"])
+            for h in full_trainer.history]
+    got, want = trainer.state_dict(), full_trainer.state_dict()
+    assert set(got) == set(want)
+    for key in ("run", "iteration", "runs_done", "best_log_likelihood", "converged"):
+        assert got[key] == want[key], key
+
+
+def test_resume_with_automatic_search_is_exact(blobs):
+    """Interrupted after the search, the resumed fit keeps the chosen s₀ and ends exactly as
+    the uninterrupted one."""
+    x, val = blobs[:300], blobs[300:]
+    cfg = dict(max_iter=8, tol=0.0, search_warmup=2, patience=2, checkpoint_every=1,
+               noise_prior_strength=20.0)
+    full, full_trainer = _fit(x, 3, 2, validation=val, **cfg)
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["iteration"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(x, 3, 2, validation=val, callbacks=[stop], checkpoint_fn=checkpoint, **cfg)
+    assert saved["trainer"]["noise_prior_variance"] == full_trainer.selected_noise_prior_variance
+    resumed = MixtureOfFactorAnalyzers(3, 6, 2, dtype=F64)
+    resumed.load_state_dict(roundtrip(saved["model"]))
+    trainer = EMTrainer(EMConfig(progress=False, **cfg))
+    trainer.load_state_dict(roundtrip(saved["trainer"]))
+    _fit(x, 3, 2, validation=val, model=resumed, trainer=trainer)
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    assert trainer.selected_noise_prior_variance == full_trainer.selected_noise_prior_variance
+
+
+# --------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
+     ("noise_prior_variance", "fixed"), ("weight_concentration", 0.5), ("loading_ridge", -0.1),
+     ("quantization_variance", 0.0), ("search_warmup", -1), ("search_per_decade", 0),
+     ("patience", -1), ("val_fraction", 1.0)],
+)
+def test_new_em_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=rf"^EMConfig\.{field} .*got {re.escape(repr(value))}"):
+        EMTrainer(EMConfig(**{field: value}))
