@@ -307,9 +307,11 @@ def markdown(results: dict) -> str:
         "Protocol: pixels dequantised `x = (pixel + u)/256`; bits/dim = "
         "−(log p(x) − D·ln 256)/(D·ln 2) averaged over held-out rows "
         "(`mfa.metrics.bits_per_dim`; scikit-learn's log p from `score_samples` on the same rows). "
-        f"MFA has L={meta['n_factors']} factors; every MFA EM fit (default and grid alike) "
-        f"runs at most {meta['em_max_iter'] or 'EMConfig().max_iter'} iterations "
-        "(`max_iter` is the only other field set). \"Default\" MFA EM is "
+        f"MFA has L={meta['n_factors']} factors; "
+        + (f"every MFA EM fit (default and grid alike) runs at most {meta['em_max_iter']} "
+           "iterations (`max_iter` is the only other field set). " if meta["em_max_iter"]
+           else "every MFA EM fit keeps EMConfig's own `max_iter`/`tol`. ")
+        + "\"Default\" MFA EM is "
         "`EMTrainer(EMConfig(seed=0, "
         "progress=False))` with the validation split passed to `fit`; Adam is "
         f"`SGDTrainer(SGDConfig(seed=0, progress=False, epochs={meta['adam_epochs']}))` "
