@@ -34,6 +34,11 @@ def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
 
     Returns:
         ``C`` with ``C Cᵀ = M``, shape ``[..., L, L]``.
+
+    ``M`` is positive definite, but with noise variances near the quantisation level its
+    condition number can pass float32's precision; where the float32 factorisation fails,
+    ``M`` is formed and factored in float64 (``O(D·L²)`` per component) and ``C`` returned in
+    the input's dtype.
     """
     n_factors = factors.shape[-1]
     scaled = factors / noise.unsqueeze(-1)  # D⁻¹A  [..., D, L]
@@ -41,7 +46,12 @@ def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
     capacitance = capacitance + torch.eye(n_factors, dtype=factors.dtype, device=factors.device)
     if n_factors == 0:
         return capacitance
-    return torch.linalg.cholesky(capacitance)
+    chol, info = torch.linalg.cholesky_ex(capacitance)
+    if factors.dtype != torch.float64 and bool((info != 0).any()):
+        return capacitance_cholesky(factors.double(), noise.double()).to(factors.dtype)
+    if bool((info != 0).any()):
+        torch.linalg.cholesky(capacitance)  # raises, naming the failing matrix
+    return chol
 
 
 def lowrank_logdet(capacitance_chol: Tensor, noise: Tensor) -> Tensor:

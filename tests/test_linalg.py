@@ -142,3 +142,21 @@ def test_masked_diagonal_quadratic_sums_over_observed_features_only():
     got = linalg.diagonal_quadratic(x * mask, means, inv_noise, precise=False, mask=mask)
     terms = (x.unsqueeze(1) - means) ** 2 * inv_noise * mask.unsqueeze(1)  # [n, K, D]
     torch.testing.assert_close(got, terms.sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_capacitance_cholesky_falls_back_to_float64_when_float32_fails():
+    """Loadings far above a tiny noise make M = I + AᵀD⁻¹A nearly singular in float32 (its
+    Cholesky fails there); the factor is then computed in float64, in the input's dtype."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 1, generator=g, dtype=torch.float64)
+    factors = torch.cat([base, base + 1e-6 * torch.randn(50, 1, generator=g,
+                                                         dtype=torch.float64)], dim=1)
+    noise = torch.full((50,), 1e-7, dtype=torch.float64)
+    f32, n32 = factors.float(), noise.float()
+    m32 = f32.mT @ (f32 / n32.unsqueeze(-1)) + torch.eye(2)
+    assert bool(torch.linalg.cholesky_ex(m32).info != 0)  # the case this test is about
+    chol = linalg.capacitance_cholesky(f32, n32)
+    assert chol.dtype == torch.float32
+    reference = torch.linalg.cholesky(factors.mT @ (factors / noise.unsqueeze(-1))
+                                      + torch.eye(2, dtype=torch.float64))
+    torch.testing.assert_close(chol.double(), reference, rtol=1e-5, atol=1e-3)
