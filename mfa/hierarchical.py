@@ -44,17 +44,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mfa._validation import check_int_fields
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
+from mfa.hierarchical_config import (
+    HierarchicalConfig,
+    child_components,
+    total_components,
+    validate_hierarchical_config,
+)
 from mfa.model import MixtureOfFactorAnalyzers
 
 logger = logging.getLogger(__name__)
@@ -72,86 +76,6 @@ __all__ = [
 #: Keys of a nested EMConfig that do not change the fitted parameters (ignored when a
 #: checkpoint folder is matched against the configuration).
 _NEUTRAL_EM_KEYS = ("progress", "device", "checkpoint_every")
-
-
-@dataclass
-class HierarchicalConfig:
-    """Settings of :class:`HierarchicalTrainer`."""
-
-    root_components: int = 10  # K₁, components of the root mixture
-    n_factors: int = 10  # L, latent factors of every component (root and children)
-    noise: Literal["diagonal", "isotropic"] = "diagonal"  # noise type of every component
-    rows_per_component: int = 1000  # a child of rows_k rows gets rows_k // this components
-    min_child_components: int = 1  # lower clamp of a child's component count
-    max_child_components: int = 100  # upper clamp of a child's component count
-    # root components with fewer hard-assigned rows keep their own parameters as their single
-    # child (no fit); None: rows_per_component
-    min_child_rows: int | None = None
-    root_em: EMConfig = field(default_factory=EMConfig)  # EM of the root (its seed is ignored)
-    child_em: EMConfig = field(default_factory=EMConfig)  # EM of each child (seed ignored)
-    # optional EM on the flattened model; its init must be "none" (continue from the
-    # flattened parameters); None: no final EM
-    final_em: EMConfig | None = None
-    assign_batch_size: int = 4096  # rows per batch of the hard assignment
-    seed: int = 0  # seeds the root (seed) and child k (derived from seed and k)
-
-
-def _validate_config(config: HierarchicalConfig) -> None:
-    if not isinstance(config, HierarchicalConfig):
-        raise TypeError(f"config must be a HierarchicalConfig, got {type(config).__name__}")
-    minimum = {"root_components": 1, "n_factors": 0, "rows_per_component": 1,
-               "min_child_components": 1, "max_child_components": 1, "assign_batch_size": 1,
-               "seed": 0}
-    check_int_fields(config, minimum)
-    if config.min_child_components > config.max_child_components:
-        raise ValueError(
-            "HierarchicalConfig.min_child_components must be <= max_child_components, got "
-            f"{config.min_child_components} > {config.max_child_components}"
-        )
-    if config.min_child_rows is not None and (
-        isinstance(config.min_child_rows, bool) or not isinstance(config.min_child_rows, int)
-        or config.min_child_rows < 1
-    ):
-        raise ValueError(
-            f"HierarchicalConfig.min_child_rows must be None or an int >= 1, "
-            f"got {config.min_child_rows!r}"
-        )
-    if config.noise not in ("diagonal", "isotropic"):
-        raise ValueError(
-            f"HierarchicalConfig.noise must be 'diagonal' or 'isotropic', got {config.noise!r}"
-        )
-    for name in ("root_em", "child_em", "final_em"):
-        value = getattr(config, name)
-        if value is None and name == "final_em":
-            continue
-        if not isinstance(value, EMConfig):
-            raise TypeError(
-                f"HierarchicalConfig.{name} must be an EMConfig, got {type(value).__name__}"
-            )
-        EMTrainer(value)  # validates the nested config
-    if config.final_em is not None and config.final_em.init != "none":
-        raise ValueError(
-            "HierarchicalConfig.final_em.init must be 'none' (the final EM continues from the "
-            f"flattened model), got {config.final_em.init!r}"
-        )
-
-
-def child_components(rows: int, config: HierarchicalConfig) -> int:
-    """How many components the child of a root component with ``rows`` rows gets.
-
-    ``0`` means *keep the root component as it is* (``rows < min_child_rows``); otherwise
-    ``min(rows, clamp(rows // rows_per_component, min_child_components,
-    max_child_components))`` — never more components than rows.
-    """
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-        raise ValueError(f"rows must be an int >= 0, got {rows!r}")
-    threshold = config.rows_per_component if config.min_child_rows is None else (
-        config.min_child_rows)
-    if rows < threshold:
-        return 0
-    n = min(max(rows // config.rows_per_component, config.min_child_components),
-            config.max_child_components)
-    return min(n, rows)
 
 
 def _child_seed(seed: int, k: int) -> int:
@@ -318,7 +242,7 @@ class HierarchicalTrainer:
 
     def __init__(self, config: HierarchicalConfig | None = None) -> None:
         self.config = config or HierarchicalConfig()
-        _validate_config(self.config)
+        validate_hierarchical_config(self.config)
         self.root: MixtureOfFactorAnalyzers | None = None
         self.children: list[MixtureOfFactorAnalyzers] = []
         self.counts: Tensor | None = None
@@ -512,10 +436,3 @@ def fit_hierarchical(
     """``HierarchicalTrainer(config).fit(data, validation, checkpoint_dir=...)``: the
     flattened model of ``Σ_k n_k`` components (see :class:`HierarchicalTrainer`)."""
     return HierarchicalTrainer(config).fit(data, validation, checkpoint_dir=checkpoint_dir)
-
-
-def total_components(counts: Tensor | Sequence[int], config: HierarchicalConfig) -> int:
-    """``K = Σ_k max(1, n_k)`` of the flattened model for root rows ``counts`` ``[K₁]``."""
-    values = counts.tolist() if isinstance(counts, Tensor) else list(counts)
-    return int(sum(max(1, child_components(int(c), config)) for c in values))
-
