@@ -5,7 +5,7 @@ Figures printed (and written as JSON with --out):
 
 * the FLOP limit: the same run's rate of ``[batch, D] @ [D, K·(L+2)]`` in float32 (best of
   5 blocks), and one EM iteration's ``4·N·D·K·(L+2)`` flops at that rate;
-* per ``stats_dtype`` (``auto`` resolved, then ``float64``, ``precise``, ``mixed``,
+* per ``stats_dtype`` (``auto`` resolved, then ``float64``, ``precise``, ``centred``, ``mixed``,
   ``float32``): seconds per EM iteration (E-step over every batch + M-step; median of the
   timed iterations after one warm-up) and × the limit;
 * the K-means initialisation (``EMConfig`` defaults) in seconds and in default iterations;
@@ -42,7 +42,7 @@ from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 from mfa.statistics import m_step, resolve_stats_dtype
 
-MODES = ("float64", "precise", "mixed", "float32")
+MODES = ("float64", "precise", "centred", "mixed", "float32")
 
 
 def _sync(device: torch.device) -> None:

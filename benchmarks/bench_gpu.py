@@ -60,7 +60,7 @@ from mfa.statistics import resolve_stats_dtype
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
                     torch.cuda.OutOfMemoryError})
-MODES = ("auto", "float64", "precise", "mixed", "float32")
+MODES = ("auto", "float64", "precise", "centred", "mixed", "float32")
 GB = 1024**3
 
 
@@ -364,8 +364,9 @@ def em_case(model0, pixels, mode: str, allow_tf32: bool, args, budget, clock, ra
     resolved = resolve_stats_dtype(mode, device, model0.dtype)
     result["resolved_stats_dtype"] = resolved
     # float64 share of the flops: everything, the sums (half), the two moment sums, none.
+    # "centred": the owner shares, 2·n·D·(L+2) (1/K of the E-step; n = N rows).
     f64_flops = {"float64": flops, "precise": flops // 2, "mixed": 2 * n * d * k,
-                 "float32": 0}[resolved]
+                 "centred": 2 * n * d * (lat + 2), "float32": 0}[resolved]
     limit = f64_flops / f64_rate + (flops - f64_flops) / f32_rate
     epoch = marks[0] - t0
     result.update({
@@ -740,7 +741,7 @@ def run(args, device: torch.device) -> dict:
     # TF32 variants last: they only matter if the accuracy figures above allow TF32.
     # TF32 only where the latent products run in float32 ("auto" is float64 on full-rate
     # float64 GPUs, "precise" keeps the sums in float64 and is timed plainly above).
-    for mode in [m for m in args.modes if m in ("mixed", "float32")]:
+    for mode in [m for m in args.modes if m in ("centred", "mixed", "float32")]:
         res["em"].append(em_case(model0, pixels, mode, True, args, budget, clock, rates))
         print_em_row(res["em"][-1])
         save(res["em"][-1]["case"])

@@ -200,7 +200,7 @@ def observed_log_prob(
     → ``[N]``. A row with nothing observed has ``log p = 0``."""
     size = terms.chunk_size(chunk_elements)
     parts = [
-        row_posterior(terms, x[i : i + size], observed[i : i + size]).log_joint.logsumexp(-1)
+        linalg.logsumexp(row_posterior(terms, x[i : i + size], observed[i : i + size]).log_joint)
         for i in range(0, x.shape[0], size)
     ]
     return torch.cat(parts) if parts else x.new_zeros(0)

@@ -58,11 +58,12 @@ class EMConfig:
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
     # E-step precision (mfa.statistics): float64: the whole E-step in float64 (exact);
-    # precise: log-densities in the data's dtype, every sum in float64; mixed: moment sums in
-    # float64, latent sums in the data's dtype; float32: every product in the data's dtype
-    # (fastest). auto: precise on CPUs, float64 on GPUs with full-rate float64 (see
-    # mfa.statistics.resolve_stats_dtype). Batch totals are always summed in float64.
-    stats_dtype: Literal["auto", "float64", "precise", "mixed", "float32"] = "auto"
+    # precise: log-densities in the data's dtype, every sum in float64; centred: each row's
+    # most responsible component summed in float64 about its own mean, the rest in the data's
+    # dtype; mixed: moment sums in float64, latent sums in the data's dtype; float32: every
+    # product in the data's dtype (fastest). auto: centred for float32 models, float64 on GPUs
+    # with full-rate float64 (mfa.statistics.resolve_stats_dtype). Totals are float64.
+    stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "float32"] = "auto"
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
@@ -437,7 +438,8 @@ class EMTrainer:
                     batch = batch.double()
                 part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
                                   precise_moments=stats_dtype != "float32",
-                                  precise_latent=stats_dtype == "precise")
+                                  precise_latent=stats_dtype == "precise",
+                                  centred=stats_dtype == "centred")
                 stats = part if stats is None else stats + part
             if source.sharded:  # add every process's sums (one all-reduce)
                 stats = distributed.all_reduce_statistics(stats, model, terms.reference)

@@ -176,3 +176,32 @@ def diagonal_quadratic(
     else:
         constant = mask @ (means * means * inv_noise).T  # [n, K]
     return (xc * xc) @ inv_noise.T - 2.0 * (xc @ (means * inv_noise).T) + constant
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """The smallest argument worth passing to ``exp`` in ``dtype``: ``log`` of the smallest
+    normal number plus 1. ``exp`` of anything lower is subnormal or 0, which CPUs compute on
+    a slow path (~10× slower; 5× for a whole ``logsumexp``); its value changes no sum it
+    enters at the dtype's precision."""
+    return math.log(torch.finfo(dtype).tiny) + 1.0
+
+
+def logsumexp(x: Tensor, dim: int = -1) -> Tensor:
+    """``log Σ exp(x)`` over ``dim``, as :func:`torch.logsumexp` (rows of ``-inf`` give
+    ``-inf``), with the shifted arguments clamped at :func:`exp_floor`: the same value and
+    gradient to the dtype's precision (terms below ~1e-38 in float32 count as ~1e-38, not
+    0) at a fraction of the time on CPUs, where mixture log-joints span thousands of nats.
+
+    Args:
+        x: ``[..., K, ...]`` floating point.
+
+    Returns:
+        ``x`` with ``dim`` removed.
+    """
+    top = x.detach().amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    summed = (x - top).clamp_min(exp_floor(x.dtype)).exp().sum(dim)
+    # A row of -inf: every term sits at the floor; its log-sum is -inf, as torch's.
+    out = summed.log() + top.squeeze(dim)
+    empty = torch.isneginf(x.detach()).all(dim)
+    return torch.where(empty, torch.full_like(out, -math.inf), out)

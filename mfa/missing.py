@@ -151,7 +151,7 @@ def _chunk_statistics(terms: MaskedTerms, x: Tensor, stats_dtype: torch.dtype
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     filled = torch.where(observed, x, zero)
     post = row_posterior(terms, filled, observed)
-    log_p = torch.logsumexp(post.log_joint, dim=-1)  # [n]
+    log_p = linalg.logsumexp(post.log_joint)  # [n]
     resp = torch.exp(post.log_joint - log_p.unsqueeze(-1))  # [n, K]
     hidden = (~observed).to(x.dtype)  # [n, D]
     xc = torch.where(observed, x - terms.reference, zero)  # observed x − c, 0 where hidden

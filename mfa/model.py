@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfa import conditioning, parameters, sampling
+from mfa import conditioning, linalg, parameters, sampling
 from mfa._terms import (
     ComponentTerms,
     build_component_terms,
@@ -330,7 +330,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Returns:
             ``[...]``. Memory as in :meth:`component_log_prob`.
         """
-        return torch.logsumexp(self.component_log_prob(x), dim=-1)
+        return linalg.logsumexp(self.component_log_prob(x), dim=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """``log p(x)``, the same as :meth:`log_prob`; ``[..., D]`` → ``[...]``."""

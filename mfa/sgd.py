@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mfa import distributed, missing, training
+from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
 from mfa._validation import (
     check_bool_field,
@@ -288,7 +288,7 @@ class SGDTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 # The observed-data likelihood when rows may hold NaN (mfa.missing).
                 log_p = (missing.row_log_prob(model, batch) if allow
-                         else model._component_log_prob(batch).logsumexp(-1))
+                         else linalg.logsumexp(model._component_log_prob(batch)))
                 # −mean log p over the global batch (gradients added across processes).
                 nll, rows = distributed.backward_mean(-log_p, model.parameters())
                 loss = nll

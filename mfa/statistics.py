@@ -28,17 +28,34 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   squared mean and ``Ã·Σ r x z̃ᵀ`` from ``Σ r x²``, which cancels for components far from
   ``c`` and for loadings that explain most of the variance; float64 sums keep both (the
   tests' cases: relative noise error 5e-6 and 1e-5, against 0.12 and 6 with float32 sums).
+* ``"centred"``: log-densities, ``p`` and the large products in the data's dtype, but each
+  row's share of its most responsible component (its *owner*, which carries almost all of
+  its mass on image data) is taken apart, in float64, about that component's own mean
+  ``μ_k`` (exact in float64), and moved to ``c`` by exact algebra (:func:`_owner_sums`);
+  the large products see only the other components' shares. The owner's sums are where
+  both cancellations live (a component's own rows, far from ``c``; its own loadings'
+  variance), so this mode keeps them like ``"precise"`` (the tests' cases: 5.6e-6, 3e-6)
+  for ``2·n·D·(L+2)`` float64 flops (``1/K`` of the E-step) and one small product per
+  component and batch. What it does not cover: the non-owner shares are float32 sums about
+  ``c``, so a component that owns few of its rows (one of two near-identical components)
+  and lies far from ``c`` with a tiny variance gets float32's error on that mass.
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
   kept; the high signal-to-noise case loses ~1e-3).
 * ``"float32"``: every product in the data's dtype (fastest; loses both cases).
-* ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"precise"`` on CPUs, whose float64
-  products run at a third to a half of the float32 rate, so only the sums (half the flops)
-  pay it; ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
+* ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"centred"`` for float32 models,
+  except ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
   exact E-step costs what float32 without TF32 costs — an argument, not yet a measurement:
   no GPU was lent to the session that wrote it (``benchmarks/bench_gpu.py`` measures it).
-  On real images the float32 log-densities move the M-step as much as the sums' dtype
-  does (Fashion-MNIST, K=50, L=6: the train log-likelihood after one M-step differs from
-  float64's by 0.011–0.018 of 1,649 nats/row in every float32-based mode).
+  On a 2-core CPU ``"centred"`` costs about what ``"mixed"`` costs, well under
+  ``"precise"`` (whose float64 products run at half the float32 rate; figures in
+  ``docs/benchmarks.md``). On real images the float32 log-densities move the M-step as much
+  as the sums' dtype does (Fashion-MNIST, K=50, L=6: the train log-likelihood after one
+  M-step differs from float64's by 0.011–0.018 of 1,649 nats/row in every float32-based
+  mode).
+
+``exp`` of the log-joint is taken at arguments no lower than :func:`mfa.linalg.exp_floor`
+(``exp`` of a result below the smallest normal number runs ~10× slower on CPUs); the terms
+this lifts from 0 to ~1e-38 (float32) change no sum at the dtype's precision.
 """
 
 from __future__ import annotations
@@ -55,8 +72,9 @@ from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
 
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
-#: ``"auto"`` (see the module docstring).
-STATS_DTYPES = ("auto", "float64", "precise", "mixed", "float32")
+#: ``"auto"`` (see the module docstring; ``"centred"`` is as exact as ``"precise"`` on the
+#: tests' cancellation cases).
+STATS_DTYPES = ("auto", "float64", "precise", "centred", "mixed", "float32")
 
 #: CUDA compute capabilities whose float64 matrix products run at (about) the float32 rate
 #: without tensor cores: P100, V100, A100, H100/H200.
@@ -69,8 +87,8 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
 
     ``"float64"`` for float64 models and on GPUs with full-rate float64
     (:data:`FULL_RATE_FLOAT64`), where the exact E-step costs about what float32 costs;
-    ``"precise"`` elsewhere (CPUs, consumer GPUs): it passes the same cancellation tests as
-    ``"float64"`` at a fraction of its cost there.
+    ``"centred"`` elsewhere (CPUs, consumer GPUs): it passes the same cancellation tests as
+    ``"float64"`` at little more than the float32 cost.
     """
     if mode not in STATS_DTYPES:
         raise ValueError(f"stats_dtype must be one of {list(STATS_DTYPES)}, got {mode!r}")
@@ -81,7 +99,7 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
         return "float64"
     if device.type == "cuda" and torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64:
         return "float64"
-    return "precise"
+    return "centred"
 
 
 #: Rows per chunk inside :func:`accumulate_statistics`: the ``[rows, D]`` intermediates of a
@@ -174,6 +192,7 @@ def accumulate_statistics(
     stats_dtype: torch.dtype = torch.float64,
     precise_moments: bool = True,
     precise_latent: bool = False,
+    centred: bool = False,
 ) -> SufficientStatistics:
     """E-step statistics of one batch.
 
@@ -193,6 +212,10 @@ def accumulate_statistics(
         precise_moments: compute ``Σ r x`` and ``Σ r x²`` in ``stats_dtype`` (exact for
             components far from the reference point, but a float64 product is ~3× slower on a
             CPU); ``False`` computes them in ``x``'s dtype like the other sums.
+        precise_latent: also ``Σ r x pᵀ``, ``Σ r p`` and ``Σ r p pᵀ`` in ``stats_dtype``.
+        centred: the ``"centred"`` mode (module docstring): each row's share of its most
+            responsible component in ``stats_dtype`` about that component's mean, the rest in
+            ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored).
 
     Returns:
         The batch's :class:`SufficientStatistics`.
@@ -202,15 +225,18 @@ def accumulate_statistics(
     # One product for −2 x·(μ/d) and B(x − c): [K + K·L, D].
     weights = torch.cat([terms.means * terms.inv_noise, terms.whitened.reshape(k * n_lat, d)])
     constant = (terms.means * terms.means * terms.inv_noise).sum(-1)  # [K]
-    precise = precise_moments and stats_dtype != x.dtype
+    centred = centred and stats_dtype != x.dtype
+    precise = precise_moments and stats_dtype != x.dtype and not centred
+    precise_latent = precise_latent and not centred
     totals: list[Tensor] | None = None
+    owners: list[tuple[Tensor, Tensor, Tensor]] = []
     # Rows in chunks small enough that the [rows, D] intermediates stay in the cache.
     for start in range(0, n, CHUNK_ROWS):
         stop = min(n, start + CHUNK_ROWS)
         part = _chunk_sums(
             x[start:stop], terms, weights, constant,
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
-            precise_latent,
+            precise_latent, owners if centred else None,
         )
         part = [value.detach().to(stats_dtype) for value in part]
         totals = part if totals is None else [a + b for a, b in zip(totals, part, strict=True)]
@@ -218,6 +244,9 @@ def accumulate_statistics(
         zeros = x.new_zeros((0, d))
         totals = [value.detach().to(stats_dtype) for value in _chunk_sums(
             zeros, terms, weights, constant, None if resp is None else resp[:0], None)]
+    if owners:
+        own = _owner_sums(x, terms, owners, stats_dtype)
+        totals = [a + b for a, b in zip(totals, own, strict=True)]
     mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
     if n_lat:
         if chol is None:
@@ -235,11 +264,14 @@ def accumulate_statistics(
 def _chunk_sums(
     x: Tensor, terms: ComponentTerms, weights: Tensor, constant: Tensor,
     resp: Tensor | None, moment_dtype: torch.dtype | None, precise_latent: bool = False,
+    owners: list[tuple[Tensor, Tensor, Tensor]] | None = None,
 ) -> list[Tensor]:
     """The sums of one chunk of rows ``x`` [n, D], the latent ones in the whitened basis:
     ``[mass [K], Σ r x [K, D], Σ r x² [K, D], Σ r x pᵀ [K, D, L], Σ r p [K, L],
     Σ r p pᵀ [K, L, L], Σ log p(x)]``; ``moment_dtype``: the dtype of ``Σ r x`` and
-    ``Σ r x²`` (``None``: ``x``'s)."""
+    ``Σ r x²`` (``None``: ``x``'s). With ``owners`` (the ``"centred"`` mode) the sums leave
+    out each row's share of its most responsible component, and ``(owner [n], r_own [n],
+    p_own [L, n])`` is appended to ``owners`` for :func:`_owner_sums`."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -259,7 +291,11 @@ def _chunk_sums(
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
     top = log_joint.amax(0)  # [n]
-    joint = torch.exp(log_joint.sub_(top), out=rhs[:k] if resp is None else None)  # [K, n]
+    # exp of arguments whose result is subnormal or 0 takes a slow path (~10× on CPUs): clamp
+    # them to linalg.exp_floor, whose exp (a few times the smallest normal number) changes no
+    # responsibility or log-density at the dtype's precision.
+    log_joint.sub_(top).clamp_min_(linalg.exp_floor(log_joint.dtype))
+    joint = torch.exp(log_joint, out=rhs[:k] if resp is None else None)  # [K, n]
     total = joint.sum(0)  # [n]
     log_p = top + total.log()  # [n]
     if resp is None:
@@ -267,6 +303,14 @@ def _chunk_sums(
     else:
         rhs[:k] = resp.T
     resp = rhs[:k]  # [K, n]
+    if owners is not None:
+        # Each row's most responsible component ("owner") is summed apart, exactly, about its
+        # own mean (_owner_sums); the products below take the other components' shares.
+        owner = resp.argmax(0)  # [n]
+        own = resp.gather(0, owner.unsqueeze(0)).squeeze(0)  # [n]
+        p_own = proj.gather(0, owner.view(1, 1, n).expand(1, n_lat, n)).squeeze(0)  # [L, n]
+        owners.append((owner, own, p_own))
+        resp.scatter_(0, owner.unsqueeze(0), 0.0)
     rp = rhs[k:].view(k, n_lat, n)
     torch.mul(resp.unsqueeze(1), proj, out=rp)  # r ⊙ p  [K, L, n]
     if moment_dtype is None:
@@ -290,6 +334,67 @@ def _chunk_sums(
     sum_p = rp.sum(-1)  # [K, L]
     sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
     return [resp.sum(-1), sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_p.sum()]
+
+
+def _owner_sums(
+    x: Tensor, terms: ComponentTerms, owners: list[tuple[Tensor, Tensor, Tensor]],
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """The ``"centred"`` mode's own shares: for every component ``k``, the sums over the rows
+    it owns (``owner = k``) with weights ``r_own``, taken in ``dtype`` about ``μ_k`` and moved
+    to the reference ``c`` by exact algebra (``δ = μ_k − c``)::
+
+        Σ r (x−c) = Σ r y + δ Σ r,   Σ r (x−c)² = Σ r y² + 2δ ⊙ Σ r y + δ² Σ r,
+        Σ r (x−c) pᵀ = Σ r y pᵀ + δ (Σ r p)ᵀ          (y = x − μ_k)
+
+    One small product per component and batch: ``2·n·D·(L+2)`` flops in all, ``1/K`` of the
+    E-step's.
+
+    Args:
+        x: the batch ``[n, D]``; terms: the pass's terms; owners: the chunks'
+            ``(owner [m], r_own [m], p_own [L, m])`` in row order; dtype: of the sums.
+
+    Returns:
+        The seven sums of :func:`_chunk_sums` (log-likelihood 0), in ``dtype``.
+    """
+    k, n_lat, d = terms.whitened.shape
+    owner = torch.cat([o[0] for o in owners])  # [n]
+    own = torch.cat([o[1] for o in owners]).to(dtype)  # [n]
+    p_own = torch.cat([o[2] for o in owners], dim=1).to(dtype)  # [L, n]
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=k).tolist()
+    means = terms.means.detach().to(dtype)  # [K, D]
+    delta = means - terms.reference.detach().to(dtype)  # [K, D]
+    zeros = x.new_zeros((), dtype=dtype)
+    mass = zeros.new_zeros(k)
+    sum_y = zeros.new_zeros(k, d)
+    sum_y2 = zeros.new_zeros(k, d)
+    sum_yp = zeros.new_zeros(k, n_lat, d)
+    sum_p = zeros.new_zeros(k, n_lat)
+    sum_pp = zeros.new_zeros(k, n_lat, n_lat)
+    own_sorted = own[order]  # [n]
+    p_sorted = p_own[:, order]  # [L, n]
+    weights = torch.cat([own_sorted.unsqueeze(0), p_sorted * own_sorted], 0)  # [L+1, n]
+    start = 0
+    for j, count in enumerate(counts):
+        if not count:
+            continue
+        stop = start + count
+        # y = x − μ_j in dtype: exact, as x and μ are both x's dtype.
+        y = x.index_select(0, order[start:stop]).to(dtype).sub_(means[j])  # [m, D]
+        w = weights[:, start:stop]  # [L+1, m]: r, r ⊙ p
+        sums = w @ y  # [L+1, D]
+        sum_y[j], sum_yp[j] = sums[0], sums[1:]
+        sum_y2[j] = w[0] @ y.mul_(y)
+        mass[j] = w[0].sum()
+        sum_p[j] = w[1:].sum(-1)
+        sum_pp[j] = w[1:] @ p_sorted[:, start:stop].T
+        start = stop
+    delta_col = delta.unsqueeze(1)  # [K, 1, D]
+    sum_x = sum_y + delta * mass.unsqueeze(-1)
+    sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
+    sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta_col).mT  # [K, D, L]
+    return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]
 
 
 def m_step(

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from mfa import distributed, missing
+from mfa import distributed, linalg, missing
 from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa.model import MixtureOfFactorAnalyzers
@@ -55,7 +55,7 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
             if source.allow_missing:
                 log_p = missing.row_log_prob(model, batch)
             else:
-                log_p = model._component_log_prob(batch, terms).logsumexp(-1)
+                log_p = linalg.logsumexp(model._component_log_prob(batch, terms))
             total += log_p.double().sum().cpu()
             count += batch.shape[0]
     if source.sharded:  # every process's rows

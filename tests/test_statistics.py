@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import DenseMixture, gen, random_data, random_model
 
-from mfa import MixtureOfFactorAnalyzers
+from mfa import MixtureOfFactorAnalyzers, linalg
 from mfa._data_stream import DataSource
 from mfa.em import EMTrainer
 from mfa.statistics import SufficientStatistics, accumulate_statistics, m_step
@@ -437,13 +437,15 @@ def _high_snr_problem():
 
 @pytest.mark.parametrize(
     "mode, tol",
-    [("float64", 1e-5), ("precise", 1e-5), ("auto", 1e-5), ("mixed", 1e-2), ("float32", 0.5)],
+    [("float64", 1e-5), ("precise", 1e-5), ("centred", 1e-5), ("auto", 1e-5), ("mixed", 1e-2),
+     ("float32", 0.5)],
 )
 def test_float32_model_e_step_modes_against_float64(mode, tol):
     """stats_dtype='float64' runs the float32 model's E-step in float64: its M-step equals
-    the float64 model's (measured 1.3e-7 relative). 'precise' (and 'auto', which is
-    'precise' on a CPU) keeps the log-densities in float32 but takes every sum in float64
-    (measured 4.8e-6); 'mixed' keeps the latent products in float32 (measured 6.6e-4 on
+    the float64 model's (measured 1.3e-7 relative). 'precise' keeps the log-densities in
+    float32 but takes every sum in float64 (measured 4.8e-6); 'centred' (and 'auto', which is
+    'centred' on a CPU) takes each row's owner share in float64 about its mean (5.6e-6);
+    'mixed' keeps the latent products in float32 (measured 6.6e-4 on
     this high signal-to-noise case); 'float32' loses the far component's variances to
     cancellation (measured 0.12). All stay finite and positive."""
     x, start64 = _high_snr_problem()
@@ -487,11 +489,13 @@ def test_float32_log_prob_of_far_apart_components():
 
 @pytest.mark.parametrize("lat", [0, 1])
 @pytest.mark.parametrize(
-    "mode, tol", [("float64", 1e-6), ("precise", 1e-4), ("auto", 1e-4), ("mixed", 1e-4)]
+    "mode, tol",
+    [("float64", 1e-6), ("precise", 1e-4), ("centred", 1e-5), ("auto", 1e-5), ("mixed", 1e-4)],
 )
 def test_e_step_modes_keep_far_apart_variances(mode, tol, lat):
     """The far-apart case through EMTrainer.e_step in every precision mode of a float32
-    model, against a float64 model's M-step (measured: float64 8e-8, precise/mixed 2e-5;
+    model, against a float64 model's M-step (measured: float64 8e-8, precise/mixed 2e-5,
+    centred 4e-8 (L=0) and 3e-6 (L=1);
     float32 is off by 6× and is only checked to stay positive in the test below)."""
     n = 2000
     lab = torch.arange(n) % 2
@@ -525,7 +529,7 @@ def test_float32_mode_far_apart_variances_stay_positive():
     assert bool(torch.isfinite(got).all()) and bool((got >= 1e-12).all())
 
 
-@pytest.mark.parametrize("mode", ["float64", "precise", "mixed", "float32"])
+@pytest.mark.parametrize("mode", ["float64", "precise", "centred", "mixed", "float32"])
 def test_e_step_streamed_equals_full_batch_in_every_mode(mode, monkeypatch):
     """Batches of 37 rows and chunks of 16 rows inside each batch give the statistics of one
     batch of every row (float32 modes within float32 rounding)."""
@@ -567,9 +571,76 @@ def test_whitened_to_latent_matches_per_row_posterior_means():
 def test_resolve_stats_dtype():
     from mfa.statistics import resolve_stats_dtype
 
-    assert resolve_stats_dtype("auto", "cpu", torch.float32) == "precise"
+    assert resolve_stats_dtype("auto", "cpu", torch.float32) == "centred"
     assert resolve_stats_dtype("auto", "cpu", F64) == "float64"
-    for mode in ("float64", "precise", "mixed", "float32"):
+    for mode in ("float64", "precise", "centred", "mixed", "float32"):
         assert resolve_stats_dtype(mode, "cpu", torch.float32) == mode
     with pytest.raises(ValueError, match="stats_dtype must be one of"):
         resolve_stats_dtype("float16", "cpu", torch.float32)
+
+
+# --------------------------------------------------------------------- the "centred" mode
+
+
+def _overlapping_problem(lat: int):
+    """float32 data from 4 overlapping components near the origin (many rows share their
+    mass between two components, so the owner and non-owner sums both matter)."""
+    g = gen(31)
+    k, d = 4, 12
+    means = 0.1 * torch.randn(k, d, generator=g, dtype=F64)
+    loadings = 0.4 * torch.randn(k, d, lat, generator=g, dtype=F64)
+    noise = 0.05 + 0.1 * torch.rand(k, d, generator=g, dtype=F64)
+    true = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((k,), 1.0 / k, dtype=F64), means, loadings, noise)
+    x, _ = true.sample(3000, generator=g)
+    start = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((k,), 1.0 / k), (means + 0.1).float(), (0.9 * loadings).float(),
+        (1.3 * noise).float())
+    return x.float(), start
+
+
+@pytest.mark.parametrize("lat", [0, 2])
+@pytest.mark.parametrize("given_resp", [False, True])
+def test_centred_statistics_match_float64_e_step(lat, given_resp):
+    """Every sum of the centred mode (owner shares + the rest) against the float64 E-step of
+    the same float32 model and rows, with posterior and with given (soft) responsibilities;
+    the non-owner shares carry real mass here, so a lost or double-counted share shows."""
+    x, model = _overlapping_problem(lat)
+    resp = None
+    if given_resp:
+        resp = torch.softmax(torch.randn(x.shape[0], 4, generator=gen(2)), -1)
+        # The responsibilities are data here: the same float32 values in both runs.
+    terms = model.component_terms()
+    got = accumulate_statistics(model, x, terms, resp=resp, centred=True)
+    terms64 = terms.to(F64)
+    chol64 = linalg.capacitance_cholesky(model.factor_loadings.double(),
+                                         model.noise_variance.double())
+    ref = accumulate_statistics(model, x.double(), terms64, chol64,
+                                resp=None if resp is None else resp.double())
+    # Not bit-equal: the log-densities, p and the non-owner products are float32.
+    _assert_stats_close(got, ref, rtol=2e-5)
+    # The non-owner products carry a real share of the mass in this problem.
+    owner_mass = torch.zeros(4, dtype=F64)
+    r = (model.responsibilities(x) if resp is None else resp).detach().double()
+    owner_mass.index_add_(0, r.argmax(1), r.max(1).values)
+    assert float((r.sum(0) - owner_mass).min()) > 0.05 * x.shape[0] / 4  # > 5 % of its mass
+
+
+def test_centred_m_step_matches_precise_on_overlapping_components():
+    """The M-step after a centred E-step equals the float64 M-step as closely as 'precise'
+    does (both keep float32 log-densities)."""
+    x, model = _overlapping_problem(2)
+    m64 = MixtureOfFactorAnalyzers.from_parameters(
+        *(t.detach().double() for t in (model.weights, model.means, model.factor_loadings,
+                                        model.noise_variance)))
+    ref = m_step(EMTrainer.e_step(m64, DataSource(x.double(), m64, 1000), "float64"), m64,
+                 variance_floor=1e-9)
+    errors = {}
+    for mode in ("precise", "centred"):
+        got = m_step(EMTrainer.e_step(model, DataSource(x, model, 1000), mode), model,
+                     variance_floor=1e-9)
+        errors[mode] = max(
+            ((got[name].double() - ref[name]).abs().max() / ref[name].abs().max()).item()
+            for name in ("means", "factor_loadings", "noise_variance"))
+    assert errors["centred"] < 1e-4
+    assert errors["centred"] < 10 * errors["precise"] + 1e-6
