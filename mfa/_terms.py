@@ -67,8 +67,12 @@ class ComponentTerms:
 
     Shapes: ``log_weights`` [K], ``reference`` [D], ``means`` [K, D] (centred),
     ``inv_noise`` [K, D], ``whitened`` [K, L, D] (``C⁻¹ Aᵀ D⁻¹``), ``log_norm`` [K]
-    (``−½(D log 2π + log|Σ_k|)``), ``whitened_means`` [K, L]; ``precise``: evaluate the
-    diagonal quadratic form in float64 (see :func:`mfa.linalg.needs_float64_quadratic`).
+    (``−½(D log 2π + log|Σ_k|)``), ``whitened_means`` [K, L]; ``rounding``: the worst-case
+    rounding error (nats) of the expanded diagonal quadratic form in the terms' dtype
+    (:func:`mfa.linalg.quadratic_rounding`). Up to :data:`mfa.linalg.QUADRATIC_TOLERANCE` it
+    is ignored; up to :data:`mfa.linalg.REFINE_LIMIT` (``refine``) the entries near each
+    row's top are recomputed directly (:func:`mfa.linalg.refine_near_top`); above it
+    (``precise``) the form is evaluated in float64.
     """
 
     log_weights: Tensor
@@ -78,14 +82,25 @@ class ComponentTerms:
     whitened: Tensor
     log_norm: Tensor
     whitened_means: Tensor
-    precise: bool = False
+    rounding: float = 0.0
+
+    @property
+    def precise(self) -> bool:
+        """Evaluate the diagonal quadratic form in float64."""
+        return self.rounding > linalg.REFINE_LIMIT
+
+    @property
+    def refine(self) -> bool:
+        """Recompute the near-top entries of the expanded form directly."""
+        return linalg.QUADRATIC_TOLERANCE < self.rounding <= linalg.REFINE_LIMIT
 
     def to(self, dtype: torch.dtype) -> ComponentTerms:
-        """The same terms in another floating dtype (``precise`` is dropped for float64)."""
+        """The same terms in another floating dtype (``rounding`` is 0 in float64)."""
         fields = {name: getattr(self, name).to(dtype) for name in (
             "log_weights", "reference", "means", "inv_noise", "whitened", "log_norm",
             "whitened_means")}
-        return ComponentTerms(**fields, precise=self.precise and dtype != torch.float64)
+        return ComponentTerms(**fields, rounding=linalg.quadratic_rounding(
+            fields["means"], fields["inv_noise"]))
 
 
 def build_component_terms(
@@ -112,7 +127,7 @@ def build_component_terms(
         whitened=whitened,
         log_norm=log_norm,
         whitened_means=whitened_means,
-        precise=linalg.needs_float64_quadratic(centred, inv_noise),
+        rounding=linalg.quadratic_rounding(centred, inv_noise),
     )
 
 
@@ -125,12 +140,17 @@ def component_log_prob_from_terms(x: Tensor, terms: ComponentTerms) -> Tensor:
     xc = x - terms.reference  # [n, D]
     k, n_lat, d = terms.whitened.shape
     diag_quad = linalg.diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)
+    proj = None
     if n_lat:
         proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)  # [n, K, L]
         proj = proj - terms.whitened_means
-        maha = linalg.woodbury_mahalanobis(diag_quad, proj)  # [n, K]
-    else:
-        maha = diag_quad
-    # Rounding can push a tiny Mahalanobis distance below zero.
-    maha = maha.clamp_min(0.0)
-    return terms.log_weights + terms.log_norm - 0.5 * maha
+
+    def log_joint(quad: Tensor) -> Tensor:
+        maha = quad if proj is None else linalg.woodbury_mahalanobis(quad, proj)  # [n, K]
+        # Rounding can push a tiny Mahalanobis distance below zero.
+        return terms.log_weights + terms.log_norm - 0.5 * maha.clamp_min(0.0)
+
+    if terms.refine:
+        diag_quad = linalg.refine_near_top(diag_quad, log_joint(diag_quad), xc, terms.means,
+                                           terms.inv_noise, terms.rounding)
+    return log_joint(diag_quad)

@@ -285,8 +285,14 @@ def _chunk_sums(
         diag_quad = torch.addmm(constant.unsqueeze(-1), terms.inv_noise, xc2.T)  # [K, n]
         diag_quad.sub_(lin[:k], alpha=2.0)
     proj = lin[k:].view(k, n_lat, n) - terms.whitened_means.unsqueeze(-1)  # B(x − μ) [K, L, n]
-    maha = diag_quad - (proj * proj).sum(1)  # Woodbury  [K, n]
-    log_joint = (terms.log_weights + terms.log_norm).unsqueeze(-1) - 0.5 * maha.clamp_min_(0.0)
+    proj_sq = (proj * proj).sum(1)  # [K, n]
+    offset = (terms.log_weights + terms.log_norm).unsqueeze(-1)  # [K, 1]
+    if terms.refine:  # the entries near each row's top, recomputed directly
+        estimate = offset - 0.5 * (diag_quad - proj_sq)
+        diag_quad = linalg.refine_near_top(diag_quad.T, estimate.T, xc, terms.means,
+                                           terms.inv_noise, terms.rounding).T
+    maha = diag_quad - proj_sq  # Woodbury  [K, n]
+    log_joint = offset - 0.5 * maha.clamp_min_(0.0)
     # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
