@@ -2,10 +2,12 @@
 
 Data: ``N`` rows of ``D`` random pixels kept on the device as uint8 ``[N, D]`` (CelebA at
 64×64×3 is 2 GB so, 8 GB as float32), built on the device in chunks from a seeded generator
-and dequantised per batch to float32 ``(p + u) / 256`` with ``u ~ U[0, 1)`` drawn from a
-seeded device generator (re-seeded every pass, so every epoch sees the same batches). No
-float32 copy of the whole set is ever made. The values are noise, not faces: the timings
-depend on the shapes only.
+and given to the trainers as :class:`mfa.data.QuantizedRows`, as the workflow gives a large
+set on CUDA: dequantised per batch to float32 ``(p + u) / 256`` with ``u ~ U[0, 1)`` hashed
+from ``(seed, row, column)`` on the device (the same every pass). No float32 copy of the
+whole set is ever made. TF32 is switched by ``EMConfig.allow_tf32`` /
+``SGDConfig.allow_tf32`` (:func:`mfa.training.tf32_matmul`), as a user's run switches it.
+The values are noise, not faces: the timings depend on the shapes only.
 
 Cases, each under a share of one time budget (``--budget-s``; a case whose extrapolated cost
 would overrun it is skipped with a message):
@@ -55,8 +57,10 @@ import torch
 
 import mfa
 from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers, SGDConfig, SGDTrainer
+from mfa.data import QuantizedRows
 from mfa.inference import inpaint
 from mfa.statistics import resolve_stats_dtype
+from mfa.training import tf32_enabled, tf32_matmul
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
                     torch.cuda.OutOfMemoryError})
@@ -101,32 +105,6 @@ def allocated_gb(device: torch.device) -> float | None:
     return torch.cuda.memory_allocated(device) / GB
 
 
-def tf32_state() -> bool:
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # the newer fp32_precision API was used elsewhere
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
-
-
-@contextlib.contextmanager
-def tf32(enabled: bool):
-    """TF32 for float32 CUDA matrix products on (``True``) or off inside the block."""
-    before = tf32_state()
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        legacy = True
-    except RuntimeError:
-        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
-        legacy = False
-    try:
-        yield
-    finally:
-        if legacy:
-            torch.backends.cuda.matmul.allow_tf32 = before
-        else:
-            torch.backends.cuda.matmul.fp32_precision = "tf32" if before else "ieee"
-
-
 class Budget:
     """One time budget for the whole run; a case that would overrun it is skipped."""
 
@@ -166,19 +144,19 @@ def make_pixels(n: int, d: int, device: torch.device, seed: int, chunk: int = 81
 
 
 class DequantisedStream:
-    """A re-iterable stream of float32 batches ``(p + u) / 256`` ``[B, D]`` on the device.
+    """A re-iterable stream of float32 batches ``(p + u) / 256`` ``[B, D]`` on the device:
+    consecutive slices of :class:`mfa.data.QuantizedRows` (hashed noise, the same every pass).
 
     Args:
         pixels: uint8 ``[N, D]`` on the device.
         batch_size: rows per batch.
-        seed: seeds the dequantisation noise; the generator is re-seeded at every pass.
+        seed: seeds the dequantisation noise.
         max_batches: stop after this many batches (``None``: all ``ceil(N / B)``).
     """
 
     def __init__(self, pixels, batch_size: int, seed: int, max_batches: int | None = None):
-        self.pixels = pixels
+        self.rows = QuantizedRows(pixels, dequantize=True, seed=seed)
         self.batch_size = batch_size
-        self.seed = seed
         total = math.ceil(pixels.shape[0] / batch_size)
         self.n_batches = total if max_batches is None else min(total, max_batches)
 
@@ -186,15 +164,18 @@ class DequantisedStream:
         return self.n_batches
 
     def n_rows(self) -> int:
-        return min(self.n_batches * self.batch_size, self.pixels.shape[0])
+        return min(self.n_batches * self.batch_size, len(self.rows))
 
     def __iter__(self):
-        device = self.pixels.device
-        gen = torch.Generator(device=device).manual_seed(self.seed)
         for b in range(self.n_batches):
-            p = self.pixels[b * self.batch_size : (b + 1) * self.batch_size]  # [B, D] uint8
-            u = torch.rand(p.shape, generator=gen, device=device, dtype=torch.float32)
-            yield u.add_(p).div_(256.0)  # [B, D] float32
+            yield self.rows[b * self.batch_size : (b + 1) * self.batch_size]  # [B, D] float32
+
+
+def first_rows(pixels, n: int, seed: int) -> QuantizedRows:
+    """The first ``n`` rows of ``pixels`` as dequantised :class:`QuantizedRows` (what the
+    workflow gives a trainer for a large set on CUDA)."""
+    rows = QuantizedRows(pixels, dequantize=True, seed=seed)
+    return rows if n >= len(rows) else rows.subset(torch.arange(n, device=pixels.device))
 
 
 def start_model(pixels, k: int, lat: int, seed: int) -> MixtureOfFactorAnalyzers:
@@ -241,7 +222,7 @@ def matmul_rate(b: int, d: int, width: int, dtype, allow_tf32: bool, device, rep
     w = torch.rand(d, width, generator=gen, device=device, dtype=dtype)
     out = torch.empty(b, width, device=device, dtype=dtype)
     best = 0.0
-    with tf32(allow_tf32):
+    with tf32_matmul(allow_tf32):
         for _ in range(2):
             torch.matmul(a, w, out=out)
         for _ in range(blocks):
@@ -293,9 +274,9 @@ def tf32_accuracy(device, d: int, k: int, lat: int, n: int, seed: int) -> dict:
         lp_ref = reference.log_prob(x64)  # [n]
     out: dict = {"shape": {"n": n, "d": d, "k": k, "l": lat}, "log_prob": {}, "em_update": {}}
 
-    def one_update(model, data, mode):
+    def one_update(model, data, mode, allow=False):
         trainer = EMTrainer(EMConfig(max_iter=1, tol=0.0, init="none", stats_dtype=mode,
-                                     batch_size=n, progress=False))
+                                     batch_size=n, progress=False, allow_tf32=allow))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mfa.ConvergenceWarning)
             trainer.fit(model, data)
@@ -304,7 +285,7 @@ def tf32_accuracy(device, d: int, k: int, lat: int, n: int, seed: int) -> dict:
     ref_model, ref_ll = one_update(copy.deepcopy(reference), x64, "float64")
     for allow in (False, True):
         key = "tf32" if allow else "float32"
-        with tf32(allow), torch.no_grad():
+        with tf32_matmul(allow), torch.no_grad():
             model32 = copy.deepcopy(reference).float()
             lp = model32.log_prob(x32).double()
         err = (lp - lp_ref).abs()
@@ -313,8 +294,7 @@ def tf32_accuracy(device, d: int, k: int, lat: int, n: int, seed: int) -> dict:
             "max_rel_error": (err / lp_ref.abs().clamp_min(1e-300)).max().item(),
         }
         for mode in MODES:
-            with tf32(allow):
-                model, ll = one_update(copy.deepcopy(reference).float(), x32, mode)
+            model, ll = one_update(copy.deepcopy(reference).float(), x32, mode, allow)
             out["em_update"][f"{mode}/{key}"] = {
                 "log_likelihood_rel_error": abs(ll - ref_ll) / abs(ref_ll),
                 "means_rel_error": relative_error(model.means, ref_model.means),
@@ -334,19 +314,24 @@ def em_case(model0, pixels, mode: str, allow_tf32: bool, args, budget, clock, ra
     n, d = pixels.shape
     k, lat = model0.n_components, model0.n_factors
     name = f"EM {mode}" + (" + TF32" if allow_tf32 else "")
+    # The data as the workflow gives a large set on CUDA: uint8 QuantizedRows on the device;
+    # no validation split, and the noise prior "auto" falls back to without one.
     cfg = EMConfig(max_iter=1, tol=0.0, batch_size=args.batch_size, stats_dtype=mode,
-                   init="none", progress=False)
-    stream = DequantisedStream(pixels, args.batch_size, args.seed)
+                   init="none", progress=False, allow_tf32=allow_tf32, val_fraction=0.0,
+                   patience=0, noise_prior_variance=EMConfig.quantization_variance)
+    stream = first_rows(pixels, n, args.seed)
+    n_batches = math.ceil(n / args.batch_size)
     result: dict = {"case": name, "stats_dtype": mode, "tf32": allow_tf32}
-    with tf32(allow_tf32), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", mfa.ConvergenceWarning)
-        warm = DequantisedStream(pixels, args.batch_size, args.seed, max_batches=2)
+        warm = first_rows(pixels, 2 * args.batch_size, args.seed)
+        warm_batches = math.ceil(len(warm) / args.batch_size)
         per_batch = 0.0
         for _ in range(2):  # the first call pays kernel selection; the second is timed
             t0 = clock.now()
             EMTrainer(cfg).fit(copy.deepcopy(model0), warm)
-            per_batch = (clock.now() - t0) / (2 * len(warm))  # E + log-likelihood pass
-        estimate = per_batch * len(stream) * 1.2 + 1.0
+            per_batch = (clock.now() - t0) / (2 * warm_batches)  # E + log-likelihood pass
+        estimate = per_batch * n_batches * 1.2 + 1.0
         result["estimate_s"], result["per_batch_s"] = estimate, per_batch
         if not budget.allows(name, estimate):
             result["skipped"] = budget.skipped[-1]
@@ -392,34 +377,33 @@ def adam_case(model0, pixels, allow_tf32: bool, args, budget, clock, rates) -> d
     name = "Adam" + (" + TF32" if allow_tf32 else "")
     result: dict = {"case": name, "tf32": allow_tf32, "batch_size": bs}
     cfg = SGDConfig(lr=1e-3, batch_size=bs, epochs=1, init="none", init_samples=1, patience=0,
-                    progress=False)
+                    progress=False, allow_tf32=allow_tf32, val_fraction=0.0)
 
     def run(steps):
         model = copy.deepcopy(model0)
         trainer = SGDTrainer(cfg)
-        stream = DequantisedStream(pixels, bs, args.seed, max_batches=steps)
+        rows = first_rows(pixels, steps * bs, args.seed)  # shuffled by the trainer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mfa.ConvergenceWarning)
-            trainer.fit(model, stream)
-        return trainer.history[0]["seconds"], stream.n_rows()
+            trainer.fit(model, rows)
+        return trainer.history[0]["seconds"], len(rows)
 
-    with tf32(allow_tf32):
-        per_step = 0.0
-        for _ in range(2):  # warm-up, then an estimate
-            seconds, _ = run(3)
-            per_step = seconds / 3
-        full = math.ceil(n / bs)
-        steps = full
-        share = max(budget.left() - 30.0, 0.0) / 4  # leave room for the cases after this one
-        if per_step * steps > share:
-            steps = max(3, int(share / max(per_step, 1e-9)))
-        estimate = per_step * steps * 1.2 + 1.0
-        result["estimate_s"] = estimate
-        if not budget.allows(name, estimate):
-            result["skipped"] = budget.skipped[-1]
-            return result
-        reset_peak(device)
-        seconds, rows = run(steps)
+    per_step = 0.0
+    for _ in range(2):  # warm-up, then an estimate
+        seconds, _ = run(3)
+        per_step = seconds / 3
+    full = math.ceil(n / bs)
+    steps = full
+    share = max(budget.left() - 30.0, 0.0) / 4  # leave room for the cases after this one
+    if per_step * steps > share:
+        steps = max(3, int(share / max(per_step, 1e-9)))
+    estimate = per_step * steps * 1.2 + 1.0
+    result["estimate_s"] = estimate
+    if not budget.allows(name, estimate):
+        result["skipped"] = budget.skipped[-1]
+        return result
+    reset_peak(device)
+    seconds, rows = run(steps)
     flops = 4 * rows * d * k * (lat + 2)
     rate = rates["tf32" if allow_tf32 else "float32"] * 1e9
     result.update({
@@ -670,7 +654,7 @@ def run(args, device: torch.device) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "mfa": mfa.__version__,
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "default_stats_dtype": EMConfig().stats_dtype,
-        "tf32_default": tf32_state(),
+        "tf32_default": tf32_enabled(),
         "skipped": budget.skipped,
     }
 

@@ -1,5 +1,5 @@
-"""Turn what a user passes as data (a tensor, a Dataset or a DataLoader) into validated
-batches ``[B, D]`` on a model's device and in its dtype."""
+"""Turn what a user passes as data (a tensor, :class:`~mfa.data.QuantizedRows`, a Dataset or a
+DataLoader) into validated batches ``[B, D]`` on a model's device and in its dtype."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mfa import distributed
+from mfa.data.quantized import QuantizedRows
 
 #: Rows per batch of the streamed computations (evaluation, likelihoods, NDB binning).
 DEFAULT_BATCH_SIZE = 4096
@@ -27,9 +28,12 @@ class DataSource:
     """A re-iterable stream of batches ``[B, D]`` checked against ``model``.
 
     Args:
-        data: a tensor ``[N, D]`` (or ``[N, C, H, W]``, flattened), a ``Dataset`` whose items
-            are rows or ``(row, label)`` tuples, or any iterable of such batches (e.g. a
-            ``DataLoader``).
+        data: a tensor ``[N, D]`` (or ``[N, C, H, W]``, flattened), a
+            :class:`~mfa.data.QuantizedRows` (its uint8 pixels moved to the model's device
+            once, made float one batch at a time), a ``Dataset`` whose items are rows or
+            ``(row, label)`` tuples, or any iterable of such batches (e.g. a ``DataLoader``).
+            ``tensor`` holds a tensor's rows or the ``QuantizedRows``: both are indexed by
+            slices and index tensors into float rows.
         model: supplies ``n_features``, dtype and device.
         batch_size: rows per batch for tensors and datasets.
         name: used in error messages.
@@ -50,8 +54,14 @@ class DataSource:
         self.batch_size = batch_size
         reject_numpy(data, name)
         if isinstance(data, Tensor):
-            self.tensor: Tensor | None = self._prepare(data, 0)
+            self.tensor: Tensor | QuantizedRows | None = self._prepare(data, 0)
             self.iterable: Iterable | None = None
+        elif isinstance(data, QuantizedRows):
+            if data.shape[1] != self.n_features:
+                raise ValueError(f"{name} must have {self.n_features} features per row, got "
+                                 f"QuantizedRows of shape {tuple(data.shape)}")
+            self.tensor = data.to(self.device, self.dtype)  # uint8 values are always finite
+            self.iterable = None
         elif isinstance(data, Dataset):
             self.tensor = None
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
@@ -123,7 +133,7 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
     if source.tensor is not None:
         n = source.tensor.shape[0]
         if n <= max_rows:
-            return source.tensor
+            return source.tensor[0:n]
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n, generator=gen)[:max_rows].to(source.device)
         return source.tensor[idx]

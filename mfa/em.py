@@ -64,6 +64,9 @@ class EMConfig:
     # product in the data's dtype (fastest). auto: centred for float32 models, float64 on GPUs
     # with full-rate float64 (mfa.statistics.resolve_stats_dtype). Totals are float64.
     stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "float32"] = "auto"
+    # TF32 for the float32 products during fit (CUDA only; set and restored by
+    # mfa.training.tf32_matmul). Off until measured on a GPU (tests/test_em.py, bench_gpu.py).
+    allow_tf32: bool = False
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
@@ -98,6 +101,7 @@ class EMConfig:
         check_choice_field(self, "missing", ("error", "allow"))
         check_device_field(self)
         check_bool_field(self, "progress")
+        check_bool_field(self, "allow_tf32")
         if self.init == "none" and self.n_init > 1:
             raise ValueError(
                 f"EMConfig.n_init={self.n_init} > 1 needs a random EMConfig.init ('kmeans' or "
@@ -190,6 +194,7 @@ class EMTrainer:
 
     # -------------------------------------------------------------- fitting
 
+    @training.with_config_tf32
     def fit(
         self,
         model: MixtureOfFactorAnalyzers,
@@ -202,8 +207,8 @@ class EMTrainer:
 
         Args:
             model: the model to fit; its shape and noise type are kept.
-            data: a tensor ``[N, D]``, a ``Dataset`` or a ``DataLoader`` of rows (or of
-                ``(rows, labels)`` tuples); images are flattened.
+            data: a tensor ``[N, D]``, :class:`~mfa.data.QuantizedRows`, a ``Dataset`` or a
+                ``DataLoader`` of rows (or of ``(rows, labels)`` tuples); images are flattened.
             validation: optional held-out data, same forms; its mean log-likelihood is
                 recorded each iteration.
             callbacks: ``cb(trainer, model, record)`` after each iteration.
@@ -234,7 +239,7 @@ class EMTrainer:
                 "EMConfig.noise_prior_variance='auto' needs validation data (pass validation=, "
                 "or a tensor/Dataset with val_fraction > 0); using the weakest noise prior, "
                 f"s0 = quantization_variance = {cfg.quantization_variance:g}",
-                UserWarning, stacklevel=2,
+                UserWarning, stacklevel=3,
             )
         ctx = _FitContext(
             source=source, val_source=val_source,
@@ -371,7 +376,7 @@ class EMTrainer:
                 f"EM stopped at max_iter={cfg.max_iter} before the log-likelihood gain fell "
                 f"below tol={cfg.tol}",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return ll, converged
 

@@ -25,6 +25,7 @@ from mfa._validation import (
     check_int_fields,
     check_real_field,
 )
+from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior, check_prior_fields
@@ -62,6 +63,8 @@ class SGDConfig:
     loading_ridge: float = 0.0  # λ of the Gaussian prior on the loading rows
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar
+    # TF32 tensor cores for the float32 products during fit (CUDA only; see EMConfig.allow_tf32)
+    allow_tf32: bool = False
     # "allow": NaN marks a missing entry and Adam maximises the observed-data likelihood
     # (mfa.missing.row_log_prob); "error": data with NaN is refused
     missing: Literal["error", "allow"] = "error"
@@ -86,6 +89,7 @@ class SGDConfig:
         check_choice_field(self, "missing", ("error", "allow"))
         check_device_field(self)
         check_bool_field(self, "progress")
+        check_bool_field(self, "allow_tf32")
 
 
 #: An epoch whose mean train log-likelihood per row falls more than this many times
@@ -157,7 +161,7 @@ class SGDTrainer:
         cfg = self.config
         allow = cfg.missing == "allow"
         reject_numpy(data, "data")
-        if isinstance(data, Tensor):
+        if isinstance(data, (Tensor, QuantizedRows)):
             data = DataSource(data, model, cfg.batch_size, "data", allow_missing=allow).tensor
         elif not isinstance(data, (Dataset, Iterable)):
             raise TypeError(
@@ -191,6 +195,7 @@ class SGDTrainer:
             # Under torch.distributed: this process's part of the global batch.
             yield train[distributed.shard_batch(perm[i : i + self.config.batch_size])]
 
+    @training.with_config_tf32
     def fit(
         self,
         model: MixtureOfFactorAnalyzers,
@@ -203,7 +208,9 @@ class SGDTrainer:
 
         Args:
             model: the model to train.
-            data: ``[N, D]`` training rows, a ``Dataset`` or a ``DataLoader``.
+            data: ``[N, D]`` training rows (a tensor, or :class:`~mfa.data.QuantizedRows`
+                made float per batch on the model's device), a ``Dataset`` or a
+                ``DataLoader``.
             validation: held-out rows for early stopping, in any of those forms (else a split
                 of ``data``).
             callbacks: ``cb(trainer, model, record)`` after each epoch.
@@ -217,7 +224,7 @@ class SGDTrainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)
         train, val_source = self._split(data, validation, model)
-        if isinstance(train, Tensor):
+        if isinstance(train, (Tensor, QuantizedRows)):  # rows drawn by index, shuffled
             n = train.shape[0]
             steps_per_epoch = math.ceil(n / cfg.batch_size)
             train_source = None
@@ -356,7 +363,7 @@ class SGDTrainer:
         if not stopped and val_source is None and cfg.epochs > 0:
             warnings.warn(
                 f"Adam ran all {cfg.epochs} epochs without validation data to stop on",
-                ConvergenceWarning, stacklevel=2,
+                ConvergenceWarning, stacklevel=3,
             )
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
@@ -365,7 +372,7 @@ class SGDTrainer:
 
 def _count_rows(train) -> int:
     """Rows of the training data (for the prior penalty's ``1/N``)."""
-    if isinstance(train, Tensor):
+    if isinstance(train, (Tensor, QuantizedRows)):
         return train.shape[0]
     if isinstance(train, Dataset):
         return len(train)

@@ -1,13 +1,16 @@
 """What the two trainers (:mod:`mfa.em`, :mod:`mfa.sgd`) share: the convergence warning, the
-streamed evaluation of a model on data, the resumable-state helpers and the non-finite checks.
+streamed evaluation of a model on data, the hold-out split, the TF32 switch of a fit, the
+resumable-state helpers and the non-finite checks.
 
 Neither trainer imports the other; both import this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 
 import torch
@@ -17,6 +20,7 @@ from torch.utils.data import Dataset, Subset
 from mfa import distributed, linalg, missing
 from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
+from mfa.data.quantized import QuantizedRows
 from mfa.model import MixtureOfFactorAnalyzers
 
 __all__ = [
@@ -25,6 +29,9 @@ __all__ = [
     "clone_params",
     "evaluate",
     "hold_out",
+    "tf32_enabled",
+    "tf32_matmul",
+    "with_config_tf32",
     "restore_state",
     "save_state",
 ]
@@ -72,11 +79,12 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
     hold out validation data this way when none is given.
 
     Args:
-        data: a tensor ``[N, D]`` (checked as a :class:`DataSource` would), a ``Dataset`` or
+        data: a tensor ``[N, D]`` or :class:`~mfa.data.QuantizedRows` (checked and moved as a
+            :class:`DataSource` would; quantized rows are split as uint8), a ``Dataset`` or
             another iterable.
         allow_missing: rows may hold NaN (a trainer with ``missing="allow"``).
     """
-    if isinstance(data, Tensor):
+    if isinstance(data, (Tensor, QuantizedRows)):
         data = DataSource(data, model, batch_size, "data", allow_missing=allow_missing).tensor
     elif not isinstance(data, Dataset):
         return data, None
@@ -85,10 +93,59 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
     if n_val == 0 or n_val == n:
         return data, None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if isinstance(data, QuantizedRows):
+        return data.subset(perm[n_val:]), data.subset(perm[:n_val])
     if isinstance(data, Tensor):
         perm = perm.to(data.device)
         return data[perm[n_val:]], data[perm[:n_val]]
     return Subset(data, perm[n_val:].tolist()), Subset(data, perm[:n_val].tolist())
+
+
+# ---------------------------------------------------------------------- TF32 switch
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 CUDA matrix products may use TF32 now (either of torch's APIs)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # the newer fp32_precision API was used: the legacy getter refuses
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
+def _set_tf32(allow: bool) -> None:
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    except RuntimeError:
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if allow else "ieee"
+
+
+@contextlib.contextmanager
+def tf32_matmul(allow: bool) -> Iterator[None]:
+    """Inside the block, float32 CUDA matrix products may (``allow=True``) or may not use
+    TF32 tensor cores (``torch.backends.cuda.matmul.allow_tf32``, or its newer
+    ``fp32_precision`` where that API is in use); the previous state is restored on exit,
+    error or not. Nothing is touched when the state is already ``allow``. The flags exist
+    on CPU builds too, where they change nothing."""
+    before = tf32_enabled()
+    if before == bool(allow):
+        yield
+        return
+    _set_tf32(bool(allow))
+    try:
+        yield
+    finally:
+        _set_tf32(before)
+
+
+def with_config_tf32(fit: Callable) -> Callable:
+    """Run a trainer's ``fit`` under :func:`tf32_matmul` of its ``config.allow_tf32``."""
+
+    @functools.wraps(fit)
+    def wrapper(self, *args, **kwargs):
+        with tf32_matmul(self.config.allow_tf32):
+            return fit(self, *args, **kwargs)
+
+    return wrapper
 
 
 # ---------------------------------------------------------------------- resumable state

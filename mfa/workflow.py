@@ -59,7 +59,8 @@ from mfa.sgd import SGDTrainer
 
 logger = logging.getLogger("mfa")
 
-#: Above this many training values (N·D) EM streams uint8 batches instead of one float tensor.
+#: Above this many training values (N·D) the trainers get uint8 rows made float per batch
+#: (see ``_training_data``) instead of one float tensor.
 STREAM_ABOVE = 2**28
 
 
@@ -76,17 +77,28 @@ def load_data(config: RunConfig) -> ImageData:
 
 
 def _training_data(data: ImageData, config: RunConfig, device: torch.device):
+    """The train and val data a run's trainer gets. Up to :data:`STREAM_ABOVE` values: float
+    tensors on ``device``. Above (CelebA), never a float copy of the whole set: the uint8
+    pixels as :class:`~mfa.data.QuantizedRows` on ``device`` for EM on CUDA and for Adam
+    (made float per batch there; their dequantisation noise is hashed, not that of
+    ``data.loader``), a streamed uint8 ``DataLoader`` for EM on the CPU (its noise is cheaper
+    there), map-style datasets for the hierarchical trainer."""
     n, d = data.train_pixels.shape
-    if config.train.method == "hierarchical" and n * d > STREAM_ABOVE:
+    has_val = data.val_pixels.shape[0] > 0
+    method = config.train.method
+    if n * d <= STREAM_ABOVE:
+        val = data.val if has_val else None
+        return data.train.to(device), None if val is None else val.to(device)
+    if method == "hierarchical":
         # the hierarchical trainer reads map-style datasets (children take subsets of rows)
-        return data.dataset("train"), data.dataset("val") if data.val_pixels.shape[0] else None
-    if config.train.method == "em" and n * d > STREAM_ABOVE:
-        # Large sets (CelebA) stay uint8 on the host and become float one batch at a time.
-        batch = config.train.em.batch_size
-        val = data.loader("val", batch_size=batch) if data.val_pixels.shape[0] else None
-        return data.loader("train", batch_size=batch), val
-    val = data.val if data.val_pixels.shape[0] else None
-    return data.train.to(device), None if val is None else val.to(device)
+        return data.dataset("train"), data.dataset("val") if has_val else None
+    if method == "sgd" or device.type == "cuda":
+        val = data.quantized("val", device=device) if has_val else None
+        return data.quantized("train", device=device), val
+    # EM on the CPU: uint8 on the host, float one batch at a time.
+    batch = config.train.em.batch_size
+    val = data.loader("val", batch_size=batch) if has_val else None
+    return data.loader("train", batch_size=batch), val
 
 
 def missing_masks(config: RunConfig, data: ImageData, split: str) -> torch.Tensor | None:
@@ -107,8 +119,8 @@ def _remove_pixels(config: RunConfig, data: ImageData, rows, split: str):
         return rows
     if not isinstance(rows, torch.Tensor):
         raise ValueError(f"data.missing.kind={config.data.missing.kind!r} needs the training "
-                         f"data in memory, but {data.name} is streamed (more than "
-                         f"{STREAM_ABOVE} values); lower data.limit")
+                         f"data in memory as floats, but {data.name} is kept as uint8 (more "
+                         f"than {STREAM_ABOVE} values); lower data.limit")
     nan = torch.full((), float("nan"), dtype=rows.dtype, device=rows.device)
     return torch.where(observed.to(rows.device), rows, nan)
 

@@ -102,7 +102,8 @@ def _kmeans_start(x):
 # ---------------------------------------------------------------------- trainers
 
 
-@pytest.mark.parametrize("stats_dtype", ["auto", "float64", "precise", "mixed", "float32"])
+@pytest.mark.parametrize(
+    "stats_dtype", ["auto", "float64", "precise", "centred", "mixed", "float32"])
 def test_float32_em_on_cuda_matches_cpu(stats_dtype):
     """A float32 model exercises the mode-specific products (a float64 model runs every
     mode in float64); the same start on both devices, three iterations."""

@@ -29,6 +29,7 @@ from mfa import MixtureOfFactorAnalyzers, distributed
 from mfa._data_stream import DataSource
 from mfa.checkpoint import load_checkpoint
 from mfa.cli import main
+from mfa.data import QuantizedRows
 from mfa.em import EMConfig, EMTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 
@@ -117,6 +118,12 @@ def _scenarios() -> dict:
         "adam_tensor": _adam(4, x),
         "adam_dataset": _adam(4, TensorDataset(x)),
     }
+    # uint8 rows made float per batch: sharded by rows as a tensor is
+    pixels = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8)
+    rows = QuantizedRows(pixels, dequantize=True, seed=0)
+    out["em_quantized"] = _em(6, rows.subset(torch.arange(251)),
+                              rows.subset(torch.arange(251, 301)))
+    out["adam_quantized"] = _adam(4, rows)
     # One row: rank 0's shard is empty, its statistics are the sums over no rows.
     model = _model()
     stats = EMTrainer.e_step(model, DataSource(train[:1], model, 32, shard=True))
@@ -231,7 +238,7 @@ def _assert_close(got: dict, want: dict, rtol: float, what: str) -> None:
         assert err <= rtol, f"{what}: {name} differs by {err:.3g} (relative) > {rtol:g}"
 
 
-@pytest.mark.parametrize("case", ["em_tensor", "em_dataset", "em_loader"])
+@pytest.mark.parametrize("case", ["em_tensor", "em_dataset", "em_loader", "em_quantized"])
 def test_two_process_em_equals_one_process(two_processes, case):
     single, ranks = two_processes
     params, history = single[case]
@@ -246,7 +253,7 @@ def test_two_process_em_equals_one_process(two_processes, case):
         assert torch.equal(ranks[0][case][0][name], ranks[1][case][0][name])
 
 
-@pytest.mark.parametrize("case", ["adam_tensor", "adam_dataset"])
+@pytest.mark.parametrize("case", ["adam_tensor", "adam_dataset", "adam_quantized"])
 def test_two_process_adam_equals_one_process(two_processes, case):
     single, ranks = two_processes
     params, history = single[case]

@@ -713,3 +713,98 @@ def test_states_without_the_new_keys_still_load(mixture_data):
     bad = dict(roundtrip(saved[1]), bad_iterations="2")
     with pytest.raises(TypeError, match="'bad_iterations' must be int"):
         EMTrainer(EMConfig(progress=False)).load_state_dict(bad)
+
+
+# ---------------------------------------------------------------------- uint8 data, TF32
+
+
+def _quantized_problem(seed=0):
+    """uint8 rows of two shifted clusters ([400, 12]) and the float32 model fitted to them."""
+    g = gen(seed)
+    levels = 60 + 30 * torch.randn(400, 12, generator=g)
+    levels[:200] += 120
+    from mfa.data import QuantizedRows
+    rows = QuantizedRows(levels.clamp(0, 255).round().to(torch.uint8), dequantize=True, seed=3)
+    return rows, MixtureOfFactorAnalyzers(2, 12, 2, generator=gen(seed + 1))
+
+
+@pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
+@pytest.mark.parametrize("validation", [True, False])
+def test_quantized_rows_fit_as_their_float_tensor(validation):
+    """Trained on uint8 QuantizedRows (made float per batch, initialisation subsample, hold-out
+    split) EM gives exactly what the same rows converted up front give."""
+    rows, model = _quantized_problem()
+    cfg = dict(max_iter=4, tol=0.0, batch_size=64, init_samples=150, kmeans_iter=3,
+               complete_iter=1, progress=False, patience=2)
+    train, val = (rows.subset(torch.arange(300)), rows.subset(torch.arange(300, 400)))
+    if not validation:
+        train, val = rows, None  # val_fraction is held out of the uint8 rows
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    ta, tb = EMTrainer(EMConfig(**cfg)), EMTrainer(EMConfig(**cfg))
+    ta.fit(a, train, val)
+    tb.fit(b, train[0:len(train)], None if val is None else val[0:len(val)])
+    def untimed(history):
+        return [{key: v for key, v in record.items() if key != "seconds"} for record in history]
+
+    assert untimed(ta.history) == untimed(tb.history)
+    for name, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[name]), name
+
+
+@pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
+def test_allow_tf32_is_set_during_fit_only():
+    from mfa.training import tf32_enabled
+    rows, model = _quantized_problem()
+    seen = []
+    before = tf32_enabled()
+    EMTrainer(EMConfig(max_iter=2, allow_tf32=True, progress=False, patience=0,
+                       noise_prior_variance=1e-3)).fit(
+        model, rows, callbacks=[lambda *_: seen.append(tf32_enabled())])
+    assert seen == [True, True] and tf32_enabled() == before
+    with pytest.raises(ValueError, match="allow_tf32"):
+        EMConfig(allow_tf32="yes").validate()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stats_dtype", ["float64", "precise", "centred", "mixed", "float32"])
+def test_tf32_m_step_against_float64_reference(stats_dtype):
+    """One EM update of a float32 model with TF32 on (EMConfig.allow_tf32), against float64
+    on an image-like problem (D=768, K=8, means in [0.2, 0.8], loadings explaining ~90 % of
+    the variance, noise 1e-3, n=4096). TF32 may be allowed in a mode only if its errors stay
+    ≥ 6× below the sampling error of one M-step at this n (~6e-3 relative on the means, ~6 %
+    on a noise variance): means ≤ 1e-4 (relative to max |μ|), loadings ≤ 1e-3 (relative
+    Frobenius), noise variances ≤ 1e-2 (max relative). float32 without TF32 (measured on the
+    CPU): 8e-8, 5.5e-7 and 6e-7 (float64/precise) to 2.8e-5 (float32 mode). TF32 rounds each
+    product's inputs to 11 significant bits (2⁻¹¹ ≈ 4.9e-4)."""
+    g = gen(0)
+    k, d, lat, n = 8, 768, 6, 4096
+    truth = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((k,), 1.0 / k, dtype=F64), 0.2 + 0.6 * torch.rand(k, d, generator=g,
+                                                                    dtype=F64),
+        0.1 / lat**0.5 * torch.randn(k, d, lat, generator=g, dtype=F64),
+        torch.full((k, d), 1e-3, dtype=F64)).to("cuda")
+    x64, _ = truth.sample(n, generator=torch.Generator("cuda").manual_seed(1))
+
+    def update(model, x, mode, tf32):
+        cfg = EMConfig(max_iter=1, tol=0.0, init="none", stats_dtype=mode, batch_size=1024,
+                       progress=False, patience=0, noise_prior_strength=0.0,
+                       allow_tf32=tf32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            EMTrainer(cfg).fit(model, x)
+        return model
+
+    ref = update(copy.deepcopy(truth), x64, "float64", False)
+    bounds = {"means": 1e-4, "loadings": 1e-3, "noise": 1e-2}
+    for tf32 in (False, True):
+        m = update(copy.deepcopy(truth).float(), x64.float(), stats_dtype, tf32)
+        errors = {
+            "means": ((m.means.double() - ref.means).abs().max() / ref.means.abs().max()),
+            "loadings": ((m.factor_loadings.double() - ref.factor_loadings).norm()
+                         / ref.factor_loadings.norm()),
+            "noise": ((m.noise_variance.double() - ref.noise_variance).abs()
+                      / ref.noise_variance).max(),
+        }
+        for name, bound in bounds.items():
+            assert errors[name].item() <= bound, (stats_dtype, tf32, name, errors[name].item())

@@ -595,3 +595,20 @@ def test_a_nan_minibatch_loss_mid_epoch_restores_finite_parameters(small, monkey
     assert len(calls) == 5
     for name, value in model.state_dict().items():
         assert bool(torch.isfinite(value).all()), name
+
+
+def test_quantized_rows_train_as_their_float_tensor():
+    """Adam on uint8 QuantizedRows (rows drawn by index, made float per batch) takes exactly
+    the steps it takes on the same rows converted up front."""
+    from mfa.data import QuantizedRows
+    levels = (60 + 30 * torch.randn(300, 8, generator=gen(0))).clamp(0, 255).round()
+    rows = QuantizedRows(levels.to(torch.uint8), dequantize=True, seed=1)
+    cfg = dict(epochs=2, batch_size=50, lr=1e-2, kmeans_iter=2, complete_iter=1,
+               progress=False, noise_prior_strength=1.0)
+    models = []
+    for data in (rows, rows[0:300]):
+        model = MixtureOfFactorAnalyzers(2, 8, 1, generator=gen(2))
+        SGDTrainer(SGDConfig(**cfg)).fit(model, data)
+        models.append(model)
+    for name, value in models[0].state_dict().items():
+        assert torch.equal(value, models[1].state_dict()[name]), name

@@ -1,6 +1,11 @@
-"""mfa.training: what both trainers share — here, the checks of a saved trainer state, so a
-tampered checkpoint fails when it is loaded (as CheckpointError in the workflow), never
-inside ``fit`` with a raw error."""
+"""mfa.training: what both trainers share — here, the TF32 switch of a fit, and the checks of
+a saved trainer state, so a tampered checkpoint fails when it is loaded (as CheckpointError
+in the workflow), never inside ``fit`` with a raw error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from mfa.config import load_config
 from mfa.em import EMConfig, EMTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 from mfa.training import restore_state
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,51 @@ def test_resume_from_a_tampered_trainer_state_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"trainer state that EMTrainer cannot resume "
                                               r"from: .*'iteration' must be int"):
         workflow.train(None, resume=result.run_dir, figures=False)
+
+
+def test_tf32_matmul_sets_and_restores_the_flag():
+    from mfa.training import tf32_enabled, tf32_matmul
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        for start in (False, True):
+            matmul.allow_tf32 = start
+            with tf32_matmul(not start):
+                assert tf32_enabled() is (not start)
+            assert tf32_enabled() is start
+            with pytest.raises(RuntimeError, match="inside"), tf32_matmul(not start):
+                raise RuntimeError("inside")
+            assert tf32_enabled() is start
+            with tf32_matmul(start):  # already so: nothing is touched
+                assert tf32_enabled() is start
+    finally:
+        matmul.allow_tf32 = before
+
+
+def test_tf32_matmul_under_the_newer_precision_api():
+    """After ``fp32_precision`` is set, torch refuses the legacy getter: the switch still
+    works and restores. In a child process, since that state cannot be undone."""
+    code = (
+        "import torch\n"
+        "from mfa.training import tf32_enabled, tf32_matmul\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "with tf32_matmul(False):\n"
+        "    assert not tf32_enabled()\n"
+        "assert tf32_enabled() and torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_sgd_fit_runs_under_its_tf32_setting():
+    from mfa.training import tf32_enabled
+    seen = []
+    before = tf32_enabled()
+    model = random_model(2, 5, 1, seed=0)
+    SGDTrainer(SGDConfig(epochs=1, allow_tf32=not before, progress=False, kmeans_iter=2)).fit(
+        model, random_data(200, model, seed=1), callbacks=[lambda *_: seen.append(tf32_enabled())])
+    assert seen == [not before] and tf32_enabled() == before
+    with pytest.raises(ValueError, match="allow_tf32"):
+        SGDConfig(allow_tf32=1).validate()

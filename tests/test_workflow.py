@@ -486,3 +486,23 @@ def test_named_run_folder(tmp_path):
     assert workflow.make_run_dir(config, exist_ok=True) == tmp_path / "exp"
 
 
+
+
+def test_large_sets_train_adam_on_uint8_rows_with_the_same_result(out_dir, monkeypatch):
+    """Above STREAM_ABOVE values Adam gets the uint8 pixels as QuantizedRows (no float copy
+    of the set); with pixel/255 values its batches, and so its model, are the float path's."""
+    from mfa.data import ImageData
+    reference = workflow.train(make_config(out_dir, "sgd-float", "train.method=sgd"),
+                               figures=False)
+    calls = []
+    quantized = ImageData.quantized
+
+    def spy(self, split, **kwargs):
+        calls.append(split)
+        return quantized(self, split, **kwargs)
+
+    monkeypatch.setattr(ImageData, "quantized", spy)
+    monkeypatch.setattr(workflow, "STREAM_ABOVE", 0)
+    run = workflow.train(make_config(out_dir, "sgd-uint8", "train.method=sgd"), figures=False)
+    assert calls == ["val", "train"]
+    assert_same_parameters(run.model, reference.model)

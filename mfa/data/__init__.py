@@ -9,6 +9,8 @@ scales and dequantisation. The modules:
 * :mod:`~mfa.data.layout`: CHW rows ↔ images, ``pixel/255``, dequantisation.
 * :mod:`~mfa.data.splits`: seeded random streams and the train/val/test assignment.
 * :mod:`~mfa.data.image_data`: :class:`ImageData` and :class:`ImageDataset`.
+* :mod:`~mfa.data.quantized`: :class:`QuantizedRows` (uint8 rows a trainer makes float per
+  batch, on its device).
 * :mod:`~mfa.data.sources`: one module per dataset family.
 * :mod:`~mfa.data.transforms`, :mod:`~mfa.data.decode`: crop/resize; decoding files (cached).
 * :mod:`~mfa.data.load`: :func:`load_dataset`.
@@ -29,6 +31,7 @@ from mfa.data.layout import (
     to_rows,
 )
 from mfa.data.names import DATASET_NAMES, DatasetName
+from mfa.data.quantized import QuantizedRows
 from mfa.data.splits import SPLITS, Split
 
 _LAZY = {
@@ -65,6 +68,7 @@ __all__ = [
     "LOG_PIXEL_LEVELS",
     "PIXEL_LEVELS",
     "SPLITS",
+    "QuantizedRows",
     "DatasetName",
     "DatasetNotFoundError",
     "ImageData",

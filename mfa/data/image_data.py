@@ -16,7 +16,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mfa.data.checks import check_positive_int, check_uint8
-from mfa.data.layout import PIXEL_LEVELS, check_image_shape, pixels_to_float, to_images
+from mfa.data.layout import (
+    check_image_shape,
+    dequantize_with_noise,
+    pixels_to_float,
+    to_images,
+)
+from mfa.data.quantized import QuantizedRows
 from mfa.data.splits import (
     SPLIT_STREAM,
     SPLITS,
@@ -124,7 +130,7 @@ class ImageDataset(Dataset):
         for j, i in enumerate(idx):
             gen.manual_seed(mix_seed(TAG_DEQUANT, self.seed, self.stream, self.epoch, i))
             torch.rand(pix.shape[1], generator=gen, dtype=self.dtype, out=out[j])
-        return out.add_(pix).div_(PIXEL_LEVELS)
+        return dequantize_with_noise(pix, out)
 
     def __getitem__(self, index: int):
         i = self._index(index)
@@ -306,6 +312,26 @@ class ImageData:
             for start in range(0, n, step):
                 out[start : start + step] = ds.rows(range(start, min(start + step, n)))
         return out if device is None else out.to(device)
+
+    def quantized(
+        self,
+        split: Split,
+        *,
+        dequantize: bool | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> QuantizedRows:
+        """``split`` as :class:`~mfa.data.QuantizedRows`: uint8 rows (on ``device``, 1 byte
+        per value) that a trainer makes float batch by batch. ``dequantize=None``: this data's
+        default. Its dequantisation noise is hashed on the device, so it differs from that of
+        :meth:`as_float` and :meth:`loader` (see ``docs/data.md``)."""
+        split = check_split(split)
+        rows = QuantizedRows(
+            self.pixels(split),
+            dequantize=self.dequantize if dequantize is None else dequantize,
+            seed=self.seed, stream=SPLIT_STREAM[split], dtype=dtype,
+        )
+        return rows if device is None else rows.to(device)
 
     @property
     def train(self) -> Tensor:

@@ -20,6 +20,7 @@ __all__ = [
     "PIXEL_LEVELS",
     "check_image_shape",
     "dequantize",
+    "dequantize_with_noise",
     "pixels_to_float",
     "to_images",
     "to_rows",
@@ -70,6 +71,12 @@ def dequantize(
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
     noise = torch.rand(pixels.shape, generator=generator, dtype=dtype, device=pixels.device)
+    return dequantize_with_noise(pixels, noise)
+
+
+def dequantize_with_noise(pixels: Tensor, noise: Tensor) -> Tensor:
+    """``(pixels + noise) / 256``, written into ``noise`` (float, ``u ∈ [0, 1)`` of
+    ``pixels``' shape): the one rule of dequantisation, whatever draws the noise."""
     return noise.add_(pixels).div_(PIXEL_LEVELS)
 
 
