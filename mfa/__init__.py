@@ -13,8 +13,9 @@ from mfa.inference import (
     marginal,
     observed_log_prob,
 )
-from mfa.init import KMeansResult, fit_complete, kmeans, random_init
+from mfa.init import fit_complete, random_init
 from mfa.kde import scott_bandwidth, select_kde_bandwidth
+from mfa.kmeans import KMeansResult, kmeans
 from mfa.metrics import (
     NDB,
     aic,

@@ -71,7 +71,7 @@ class EMConfig:
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
-    complete_iter: int = 5  # factor-analysis iterations of the complete-data initial fit
+    complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
     init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
     min_component_mass: float = 2.0  # components with less responsibility mass are re-seeded
     checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)

@@ -2,7 +2,7 @@
 NeurIPS 2018).
 
 The training samples are split into ``K`` bins by K-means; every training sample and every
-sample of the model goes to its nearest bin centre (:func:`mfa.init.nearest_center`), and each
+sample of the model goes to its nearest bin centre (:func:`mfa.kmeans.nearest_center`), and each
 bin gets a two-proportion z-test of "the training proportion equals the sample proportion".
 NDB is the number of bins where the test rejects at level ``alpha``; for samples from the
 training distribution ``NDB / K ≈ alpha``, a model that drops modes or invents some scores
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mfa._data_stream import DEFAULT_BATCH_SIZE
 from mfa._validation import check_finite, check_positive_int, check_tensor, feature_index
-from mfa.init import kmeans, nearest_center
+from mfa.kmeans import kmeans, nearest_center
 
 __all__ = ["NDB", "NDBResult", "js_divergence", "ndb", "two_proportion_z_test"]
 
@@ -149,7 +149,7 @@ class NDB:
                 ``max_dims`` features (sorted indices), as in the reference implementation
                 for large ``D``.
             batch_size: rows per batch of the nearest-centre assignment; no ``[N, K, D]``
-                tensor is formed (:func:`mfa.init.kmeans` chunks its own distances).
+                tensor is formed (:func:`mfa.kmeans.kmeans` chunks its own distances).
             kmeans_iter: maximum number of Lloyd iterations.
 
         The training proportions are recomputed by assigning every training sample to its

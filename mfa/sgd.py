@@ -51,7 +51,7 @@ class SGDConfig:
     device: str | None = None  # None: the model's device
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
-    complete_iter: int = 5  # factor-analysis iterations of the complete-data initial fit
+    complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
     init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
     variance_floor: float = 1e-5  # noise-variance floor of the initialisation
     weight_decay: float = 0.0  # Adam weight decay

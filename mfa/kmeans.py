@@ -1,0 +1,216 @@
+"""K-means: K-means++ seeding (Arthur & Vassilvitskii, 2007) and Lloyd's algorithm, with
+expanded, chunked squared distances; the clustering behind :mod:`mfa.init` and the NDB bins
+(:mod:`mfa.ndb`).
+
+Everything runs on the data's device and every random choice takes a seed or a
+``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mfa._validation import check_finite, check_positive_int, check_tensor
+
+_DIST_CHUNK_ELEMENTS = 2**24
+
+
+def _generator(seed: int | None, generator: torch.Generator | None, device) -> torch.Generator:
+    if generator is not None:
+        return generator
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    return gen
+
+
+def _check_rows(x: object, name: str = "x") -> Tensor:
+    x = check_tensor(x, name)
+    if x.dim() != 2 or x.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [N, D] with N >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+    check_finite(x, name)
+    return x
+
+
+@dataclass
+class KMeansResult:
+    """``centers`` [K, D], ``labels`` [N] (int64), ``inertia`` (sum of squared distances to
+    the assigned centre), ``n_iter`` (Lloyd iterations run)."""
+
+    centers: Tensor
+    labels: Tensor
+    inertia: float
+    n_iter: int
+
+
+def squared_distances(x: Tensor, centers: Tensor) -> Tensor:
+    """``‖x − c‖²`` of every row and centre: ``x`` ``[n, D]``, ``centers`` ``[K, D]`` →
+    ``[n, K]``, clamped at 0.
+
+    Expanded as ``‖x‖² − 2 x·c + ‖c‖²`` (one matrix product), so no ``[n, K, D]`` tensor is
+    formed; the expansion loses precision for rows far from the origin, so callers centre
+    the data first (as :func:`kmeans` does).
+    """
+    c_norm = (centers * centers).sum(-1)  # [K]
+    d2 = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ centers.T) + c_norm  # [n, K]
+    return d2.clamp_min(0.0)
+
+
+def _distances_to(x: Tensor, x_norm: Tensor, centers: Tensor) -> Tensor:
+    """:func:`squared_distances` with the rows' squared norms ``x_norm`` [N] given."""
+    d2 = torch.addmm((centers * centers).sum(-1), x, centers.T, alpha=-2.0)  # [N, K]
+    return d2.add_(x_norm.unsqueeze(-1)).clamp_min_(0.0)
+
+
+def nearest_center(
+    x: Tensor,
+    centers: Tensor,
+    chunk_elements: int = _DIST_CHUNK_ELEMENTS,
+    *,
+    batch_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Index of and squared distance to the nearest centre, chunked over rows.
+
+    The one nearest-centre rule of the package: K-means, K-means++ and the NDB bins
+    (:mod:`mfa.ndb`) all assign rows with it. Each chunk costs one ``[n, K]`` matrix product
+    (:func:`squared_distances`).
+
+    Args:
+        x: ``[N, D]``; centers: ``[K, D]`` (same dtype and device).
+        chunk_elements: bound on the elements of one chunk's ``[n, K]`` distance matrix.
+        batch_size: rows per chunk; overrides ``chunk_elements`` when given.
+
+    Returns:
+        ``(labels [N] int64, squared_distance [N])``.
+    """
+    if batch_size is None:
+        batch_size = max(1, chunk_elements // max(1, centers.shape[0] + x.shape[1]))
+    labels, dists = [], []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            best, idx = squared_distances(x[i : i + batch_size], centers).min(dim=-1)
+            labels.append(idx)
+            dists.append(best)
+    if not labels:
+        empty = x.new_zeros(0)
+        return empty.long(), empty
+    return torch.cat(labels), torch.cat(dists)
+
+
+def _nearest(x: Tensor, x_norm: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`nearest_center` with the rows' squared norms ``x_norm`` [N] given."""
+    size = max(1, _DIST_CHUNK_ELEMENTS // max(1, centers.shape[0] + x.shape[1]))
+    labels, dists = [], []
+    for i in range(0, x.shape[0], size):
+        best, idx = _distances_to(x[i : i + size], x_norm[i : i + size], centers).min(-1)
+        labels.append(idx)
+        dists.append(best)
+    return torch.cat(labels), torch.cat(dists)
+
+
+def kmeans_plus_plus(
+    x: Tensor, n_clusters: int, generator: torch.Generator, n_trials: int | None = None
+) -> Tensor:
+    """K-means++ seeding (Arthur & Vassilvitskii, 2007), greedy variant.
+
+    The first centre is a uniformly drawn row; each next one is drawn with probability
+    proportional to the squared distance to the nearest chosen centre, keeping the best of
+    ``n_trials`` (default ``2 + ln K``) candidates by the resulting potential.
+
+    Returns:
+        ``[K, D]`` centres (rows of ``x``).
+    """
+    n = x.shape[0]
+    if n_trials is None:
+        n_trials = 2 + int(torch.log(torch.tensor(float(n_clusters))).item())
+    first = torch.randint(n, (1,), generator=generator, device=x.device)
+    chosen = [first]
+    x_norm = (x * x).sum(-1)  # [N], computed once for every distance below
+    closest = _distances_to(x, x_norm, x[first])[:, 0]
+    for _ in range(1, n_clusters):
+        total = closest.sum()
+        if total <= 0:  # every row coincides with a centre: fall back to uniform draws
+            probs = torch.ones_like(closest)
+        else:
+            probs = closest / total
+        candidates = torch.multinomial(probs, n_trials, replacement=True, generator=generator)
+        cand_d2 = _distances_to(x, x_norm, x[candidates])  # [N, T]
+        potentials = torch.minimum(cand_d2, closest.unsqueeze(-1)).sum(0)  # [T]
+        best = int(potentials.argmin())
+        chosen.append(candidates[best : best + 1])
+        closest = torch.minimum(closest, cand_d2[:, best])
+    return x[torch.cat(chosen)]
+
+
+def kmeans(
+    x: Tensor,
+    n_clusters: int,
+    *,
+    n_iter: int = 50,
+    tol: float = 1e-4,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    init: str = "k-means++",
+    seed_rows: int | None = None,
+) -> KMeansResult:
+    """Lloyd's algorithm from K-means++ (or uniformly drawn) seeds, on ``x``'s device.
+
+    Args:
+        x: ``[N, D]`` with ``N >= n_clusters``.
+        n_clusters: ``K``.
+        n_iter: maximum Lloyd iterations.
+        tol: stop when the centres move by less than ``tol`` times the mean feature
+            variance (squared Frobenius norm of the shift, as scikit-learn does).
+        seed, generator: the seeding's randomness (``generator`` wins when given).
+        init: ``"k-means++"`` or ``"random"`` (K distinct rows drawn uniformly).
+        seed_rows: run the K-means++ seeding on this many rows drawn uniformly (seeded)
+            instead of all ``N``: its ``K`` sequential steps each read every row it is given,
+            so on a subsample they cost ``K`` passes over far fewer rows (``None``: all rows).
+
+    An empty cluster is re-seeded at the row farthest from its centre, so every one of the
+    ``K`` centres is a mean of at least one row.
+    """
+    x = _check_rows(x)
+    check_positive_int(n_clusters, "n_clusters")
+    check_positive_int(n_iter, "n_iter", minimum=0)
+    n = x.shape[0]
+    if n < n_clusters:
+        raise ValueError(f"kmeans needs at least n_clusters={n_clusters} rows, got {n}")
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    gen = _generator(seed, generator, x.device)
+    # Distances are expanded as ‖x‖² − 2x·c + ‖c‖²: centre the data first so that float32
+    # rows far from the origin keep their spread.
+    offset = x.mean(0)
+    x = x - offset
+    if init == "k-means++":
+        if seed_rows is not None and n_clusters <= seed_rows < n:
+            pool = x[torch.randperm(n, generator=gen, device=x.device)[:seed_rows]]
+        else:
+            pool = x
+        centers = kmeans_plus_plus(pool, n_clusters, gen)
+    else:
+        centers = x[torch.randperm(n, generator=gen, device=x.device)[:n_clusters]]
+    x_norm = (x * x).sum(-1)  # [N]
+    threshold = tol * x.var(dim=0, unbiased=False).mean().item()
+    labels, d2 = _nearest(x, x_norm, centers)
+    it = 0
+    while it < n_iter:
+        it += 1
+        sums = torch.zeros_like(centers).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=n_clusters).to(x.dtype)
+        new = sums / counts.clamp_min(1.0).unsqueeze(-1)
+        empty = (counts == 0).nonzero().flatten()
+        if empty.numel():
+            far = d2.argsort(descending=True)[: empty.numel()]
+            new[empty] = x[far]
+        shift = ((new - centers) ** 2).sum().item()
+        centers = new
+        labels, d2 = _nearest(x, x_norm, centers)
+        if shift <= threshold:
+            break
+    return KMeansResult(centers + offset, labels, float(d2.sum()), it)
