@@ -381,21 +381,21 @@ def _owner_sums(
     own_sorted = own[order]  # [n]
     p_sorted = p_own[:, order]  # [L, n]
     weights = torch.cat([own_sorted.unsqueeze(0), p_sorted * own_sorted], 0)  # [L+1, n]
-    start = 0
-    for j, count in enumerate(counts):
-        if not count:
-            continue
-        stop = start + count
-        # y = x − μ_j in dtype: exact, as x and μ are both x's dtype.
-        y = x.index_select(0, order[start:stop]).to(dtype).sub_(means[j])  # [m, D]
-        w = weights[:, start:stop]  # [L+1, m]: r, r ⊙ p
-        sums = w @ y  # [L+1, D]
-        sum_y[j], sum_yp[j] = sums[0], sums[1:]
-        sum_y2[j] = w[0] @ y.mul_(y)
-        mass[j] = w[0].sum()
-        sum_p[j] = w[1:].sum(-1)
-        sum_pp[j] = w[1:] @ p_sorted[:, start:stop].T
-        start = stop
+    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    for j in range(k):
+        # A component's rows in slices of CHUNK_ROWS (the float64 copy stays small).
+        for start in range(bounds[j], bounds[j + 1], CHUNK_ROWS):
+            stop = min(start + CHUNK_ROWS, bounds[j + 1])
+            # y = x − μ_j in dtype: exact, as x and μ are both x's dtype.
+            y = x.index_select(0, order[start:stop]).to(dtype).sub_(means[j])  # [m, D]
+            w = weights[:, start:stop]  # [L+1, m]: r, r ⊙ p
+            sums = w @ y  # [L+1, D]
+            sum_y[j] += sums[0]
+            sum_yp[j] += sums[1:]
+            sum_y2[j] += w[0] @ y.mul_(y)
+            mass[j] += w[0].sum()
+            sum_p[j] += w[1:].sum(-1)
+            sum_pp[j] += w[1:] @ p_sorted[:, start:stop].T
     delta_col = delta.unsqueeze(1)  # [K, 1, D]
     sum_x = sum_y + delta * mass.unsqueeze(-1)
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
