@@ -41,7 +41,7 @@ def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
     the input's dtype.
     """
     n_factors = factors.shape[-1]
-    scaled = factors / noise.unsqueeze(-1)  # D⁻¹A  [..., D, L]
+    scaled = factors * noise.reciprocal().unsqueeze(-1)  # D⁻¹A  [..., D, L]
     capacitance = factors.mT @ scaled  # [..., L, L]
     capacitance = capacitance + torch.eye(n_factors, dtype=factors.dtype, device=factors.device)
     if n_factors == 0:
@@ -79,7 +79,7 @@ def whitened_factors(factors: Tensor, noise: Tensor, capacitance_chol: Tensor) -
     Returns:
         ``B``, shape ``[..., L, D]``.
     """
-    scaled_t = (factors / noise.unsqueeze(-1)).mT  # [..., L, D]
+    scaled_t = (factors * noise.reciprocal().unsqueeze(-1)).mT  # [..., L, D]
     if factors.shape[-1] == 0:
         return scaled_t
     return torch.linalg.solve_triangular(capacitance_chol, scaled_t, upper=False)
