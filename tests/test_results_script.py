@@ -1,0 +1,53 @@
+"""scripts/results.py --quick: every model, metric and figure runs and the report is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MODELS = ("MFA, EM", "MFA, Adam", "diagonal GMM, EM", "KDE")
+FIGURES = ("samples-mfa-em", "samples-mfa-adam", "samples-diagonal-gmm-em", "samples-kde",
+           "inpaint-center", "inpaint-bottom", "outliers")
+
+
+@pytest.mark.slow  # a subprocess that fits every model at tiny sizes (~5 s on one thread)
+def test_quick_run_writes_the_report(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        # One thread: on a busy 2-core machine two OpenMP threads per process run ~10x slower.
+        "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "results.py"),
+                           "--datasets", "embedded-mnist", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "results.md").read_text()
+    (res,) = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert res["dataset"] == "embedded-mnist" and res["quick"] is True
+    rows = res["rows"]
+    assert [r["model"].split(" (")[0] for r in rows] == list(MODELS)
+    for row in rows:
+        assert row["model"] in text
+        assert row["test_bits_per_dim"] > 0 and 0 <= row["ndb_over_k"] <= 1
+    em_rows = [r for r in rows if ", EM" in r["model"]]
+    for row in em_rows:  # the automatic noise prior was chosen, and EM ran (capped by --quick)
+        assert row["noise_prior_variance"] > 0
+        assert 1 <= row["iterations"] <= res["setting"]["em_max_iter"]
+    adam = rows[1]
+    assert adam["noise_prior_variance"] is None
+    assert 1 <= adam["iterations"] <= res["setting"]["sgd_epochs"]
+    assert "| model | noise prior s₀ (chosen) | iterations |" in text
+    for row in em_rows:  # the table shows what the fit chose
+        assert f"| {row['model']} | {row['noise_prior_variance']:.3g} | {row['iterations']} |" \
+            in text
+    assert "| real test images | — | — | — |" in text
+    assert "More results:" in text and "(results/baselines.md)" in text
+    assert "smoke test" in text and "FLOORS" not in text and "floor among" not in text
+    for figure in FIGURES:
+        assert (tmp_path / "results" / f"embedded-mnist-{figure}.png").is_file(), figure
