@@ -52,7 +52,9 @@ class EMConfig:
     # The data's lower bound of a useful noise variance, where the "auto" grid starts: the
     # quantisation variance 1/(12·256²) of (p+u)/256 pixels (1/(12·255²) for p/255 pixels).
     quantization_variance: float = QUANTIZATION_VARIANCE
-    search_warmup: int = 5  # "auto": EM iterations with the weakest candidate before the search
+    # "auto": EM iterations with the weakest candidate before the search (0: search from the
+    # statistics of the initialisation, before its unregularised fit can overfit further)
+    search_warmup: int = 0
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
@@ -69,7 +71,9 @@ class EMConfig:
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
     complete_iter: int = 5  # factor-analysis iterations of the complete-data initial fit
     init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
-    min_component_mass: float = 2.0  # components with less responsibility mass are re-seeded
+    # components with less responsibility mass are re-seeded by splitting the heaviest one (0:
+    # never; the default, as splitting hurts where components have few rows each)
+    min_component_mass: float = 0.0
     checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)
     progress: bool = True  # tqdm progress bar
     # "allow": NaN marks a missing entry and EM maximises the observed-data likelihood
