@@ -52,9 +52,7 @@ class EMConfig:
     # The data's lower bound of a useful noise variance, where the "auto" grid starts: the
     # quantisation variance 1/(12·256²) of (p+u)/256 pixels (1/(12·255²) for p/255 pixels).
     quantization_variance: float = QUANTIZATION_VARIANCE
-    # "auto": EM iterations with the weakest candidate before the search (0: search from the
-    # statistics of the initialisation, before its unregularised fit can overfit further)
-    search_warmup: int = 0
+    search_warmup: int = 5  # "auto": EM iterations with the weakest candidate before the search
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation

@@ -2,14 +2,12 @@
 
 :class:`mfa.em.EMTrainer` with ``noise_prior_variance="auto"`` runs ``search_warmup`` EM
 iterations with the weakest candidate (``s₀`` at the data's lower bound, the quantisation
-variance; by default none, as the initialisation's complete-data fit has no prior and those
-iterations only overfit further), then, from the statistics of the next E-step (by default
-the first, of the initialisation; shared by every candidate, so the search costs no extra
-pass over the training data), takes the MAP M-step of every ``s₀`` on a log grid, scores each
-on the validation data and keeps the best; EM then continues with it to convergence. The grid
-runs from the lower bound (no noise variance of 8-bit data can usefully fall below the
-quantisation variance ``1/(12·256²)``) to the largest per-feature variance of the training
-data, ``per_decade`` points a decade. The cost is one validation
+variance), then, from the statistics of the next E-step (shared by every candidate, so the
+search costs no extra pass over the training data), takes the MAP M-step of every ``s₀`` on a
+log grid, scores each on the validation data and keeps the best; EM then continues with it
+to convergence. The grid runs from the lower bound (no noise variance of 8-bit data can
+usefully fall below the quantisation variance ``1/(12·256²)``) to the largest per-feature
+variance of the training data, ``per_decade`` points a decade. The cost is one validation
 pass per candidate.
 """
 

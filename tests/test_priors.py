@@ -306,13 +306,13 @@ def test_explicit_noise_prior_variance_skips_the_search(blobs):
 
 
 def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
-    """By default (search_warmup=0) the search runs on the initialisation's statistics: with
+    """With search_warmup=0 the search runs on the initialisation's statistics: with
     max_iter=1 the automatic fit must equal the fixed-prior fit, one per grid value, with the
     best validation score."""
     x = _planted_isotropic(800, 0.05, seed=5)
     train, val = x[:400], x[400:]
-    common = dict(noise_prior_strength=150.0, max_iter=1, tol=0.0, patience=0, seed=3)
-    assert EMConfig().search_warmup == 0
+    common = dict(noise_prior_strength=150.0, max_iter=1, tol=0.0, patience=0, seed=3,
+                  search_warmup=0)
     grid = log_grid(1e-4, float(train.var(0, unbiased=False).max()), 4)
     scores, models = [], []
     for s0 in grid:
