@@ -73,7 +73,9 @@ class EMConfig:
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
     complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
     init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
-    min_component_mass: float = 2.0  # components with less responsibility mass are re-seeded
+    # components with less responsibility mass are re-seeded by splitting the heaviest one (0:
+    # never; the default, as splitting hurts where components have few rows each)
+    min_component_mass: float = 0.0
     checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)
     progress: bool = True  # tqdm progress bar
     # "allow": NaN marks a missing entry and EM maximises the observed-data likelihood

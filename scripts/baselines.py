@@ -385,7 +385,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.mfa_grid is None:
-        args.mfa_grid = ([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2] if HAS_PRIORS
+        args.mfa_grid = ([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1] if HAS_PRIORS
                          else [1e-6, 1e-5, 1e-4, 1e-3])
     args.em_overrides = {"max_iter": args.em_max_iter} if args.em_max_iter else {}
     if args.quick:  # a smoke test of every code path, not a measurement

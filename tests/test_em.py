@@ -454,7 +454,7 @@ def test_more_components_than_distinct_points(noise, lat, caplog):
     distinct = torch.randn(5, 4, generator=gen(1), dtype=F64)
     x = distinct.repeat(40, 1)
     with caplog.at_level(logging.WARNING, logger="mfa.em"):
-        model, trainer = _fit(x, 8, lat, noise, max_iter=20)
+        model, trainer = _fit(x, 8, lat, noise, max_iter=20, min_component_mass=2.0)
     _assert_finite_model(model, x)
     assert all(math.isfinite(v) for v in _lls(trainer))
     assert any("re-seeded" in r.getMessage() for r in caplog.records)
@@ -469,7 +469,7 @@ def test_far_away_component_is_reseeded(caplog):
         torch.ones(2, 3, dtype=F64),
     )
     with caplog.at_level(logging.WARNING, logger="mfa.em"):
-        _fit(x, 2, 1, model=model, init="none", max_iter=10)
+        _fit(x, 2, 1, model=model, init="none", max_iter=10, min_component_mass=2.0)
     messages = [r.getMessage() for r in caplog.records if r.name == "mfa.em"]
     assert any("[1]" in m and "re-seeded" in m for m in messages), messages
     _assert_finite_model(model, x)

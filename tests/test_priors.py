@@ -305,6 +305,43 @@ def test_explicit_noise_prior_variance_skips_the_search(blobs):
     assert {h["noise_prior_variance"] for h in trainer.history} == {0.25}
 
 
+def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
+    """With search_warmup=0 the search runs on the initialisation's statistics: with
+    max_iter=1 the automatic fit must equal the fixed-prior fit, one per grid value, with the
+    best validation score."""
+    x = _planted_isotropic(800, 0.05, seed=5)
+    train, val = x[:400], x[400:]
+    common = dict(noise_prior_strength=150.0, max_iter=1, tol=0.0, patience=0, seed=3,
+                  search_warmup=0)
+    grid = log_grid(1e-4, float(train.var(0, unbiased=False).max()), 4)
+    scores, models = [], []
+    for s0 in grid:
+        model, trainer = _fit(train, 2, 2, validation=val, noise_prior_variance=s0, **common)
+        scores.append(trainer.history[-1]["val_log_likelihood"])
+        models.append(model)
+    best = max(range(len(grid)), key=lambda i: scores[i])
+    assert 0 < best < len(grid) - 1, scores  # an interior optimum: the check can fail
+    auto, trainer = _fit(train, 2, 2, validation=val, quantization_variance=1e-4, **common)
+    assert trainer.selected_noise_prior_variance == pytest.approx(grid[best], rel=1e-12)
+    assert trainer.history[-1]["val_log_likelihood"] == pytest.approx(scores[best], rel=1e-12)
+    for name in PARAMS:
+        torch.testing.assert_close(getattr(auto, name), getattr(models[best], name),
+                                   rtol=1e-12, atol=0, msg=name)
+
+
+def test_default_fit_is_reproducible_with_its_seed(blobs):
+    """The default fit (automatic noise prior, early stopping, held-out rows) twice with one
+    seed gives the same parameters and s₀; another seed holds out other rows."""
+    (a, ta), (b, tb), (c, _) = [_fit(blobs, 3, 2, seed=seed) for seed in (4, 4, 5)]
+    for name in PARAMS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert ta.selected_noise_prior_variance is not None
+    assert ta.selected_noise_prior_variance == tb.selected_noise_prior_variance
+    assert [h["val_log_likelihood"] for h in ta.history] == [
+        h["val_log_likelihood"] for h in tb.history]
+    assert not torch.equal(a.means, c.means)
+
+
 # --------------------------------------------------------------------- early stopping
 
 
