@@ -57,12 +57,9 @@ class EMConfig:
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
-    # E-step precision (mfa.statistics): float64: the whole E-step in float64 (exact);
-    # precise: log-densities in the data's dtype, every sum in float64; centred: each row's
-    # most responsible component summed in float64 about its own mean, the rest in the data's
-    # dtype; mixed: moment sums in float64, latent sums in the data's dtype; float32: every
-    # product in the data's dtype (fastest). auto: centred for float32 models, float64 on GPUs
-    # with full-rate float64 (mfa.statistics.resolve_stats_dtype). Totals are float64.
+    # E-step precision (mfa.statistics): float64 (exact), precise (every sum in float64),
+    # centred (each row's main component summed in float64 about its own mean), mixed, float32
+    # (fastest). auto: centred for float32 models, float64 on full-rate-float64 GPUs.
     stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "float32"] = "auto"
     # TF32 for the float32 products during fit (CUDA only; set and restored by
     # mfa.training.tf32_matmul). Off until measured on a GPU (tests/test_em.py, bench_gpu.py).
