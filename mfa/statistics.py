@@ -31,10 +31,11 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
 * ``"centred"``: log-densities, ``p`` and the large products in the data's dtype, but each
   row's share of its most responsible component (its *owner*, which carries almost all of
   its mass on image data) is taken apart, in float64, about that component's own mean
-  ``μ_k`` (exact in float64), and moved to ``c`` by exact algebra (:func:`_owner_sums`);
+  ``μ_k`` (exact in float64), and moved to ``c`` by exact algebra
+  (:func:`mfa.owner_sums.owner_sums`);
   the large products see only the other components' shares. The owner's sums are where
   both cancellations live (a component's own rows, far from ``c``; its own loadings'
-  variance), so this mode keeps them like ``"precise"`` (the tests' cases: 5.6e-6, 3e-6)
+  variance), so this mode keeps them like ``"precise"`` (the tests' cases: 6.3e-6, 3e-6)
   for ``2·n·D·(L+2)`` float64 flops (``1/K`` of the E-step) and one small product per
   component and batch. What it does not cover: the non-owner shares are float32 sums about
   ``c``, so a component that owns few of its rows (one of two near-identical components)
@@ -69,6 +70,7 @@ from mfa import linalg
 from mfa._terms import ComponentTerms
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.owner_sums import owner_sums
 from mfa.priors import Prior
 
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
@@ -245,7 +247,7 @@ def accumulate_statistics(
         totals = [value.detach().to(stats_dtype) for value in _chunk_sums(
             zeros, terms, weights, constant, None if resp is None else resp[:0], None)]
     if owners:
-        own = _owner_sums(x, terms, owners, stats_dtype)
+        own = owner_sums(x, terms, owners, stats_dtype)
         totals = [a + b for a, b in zip(totals, own, strict=True)]
     mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
     if n_lat:
@@ -271,7 +273,7 @@ def _chunk_sums(
     Σ r p pᵀ [K, L, L], Σ log p(x)]``; ``moment_dtype``: the dtype of ``Σ r x`` and
     ``Σ r x²`` (``None``: ``x``'s). With ``owners`` (the ``"centred"`` mode) the sums leave
     out each row's share of its most responsible component, and ``(owner [n], r_own [n],
-    p_own [L, n])`` is appended to ``owners`` for :func:`_owner_sums`."""
+    p_own [L, n])`` is appended to ``owners`` for :func:`mfa.owner_sums.owner_sums`."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -311,7 +313,7 @@ def _chunk_sums(
     resp = rhs[:k]  # [K, n]
     if owners is not None:
         # Each row's most responsible component ("owner") is summed apart, exactly, about its
-        # own mean (_owner_sums); the products below take the other components' shares.
+        # own mean (owner_sums); the products below take the other components' shares.
         owner = resp.argmax(0)  # [n]
         own = resp.gather(0, owner.unsqueeze(0)).squeeze(0)  # [n]
         p_own = proj.gather(0, owner.view(1, 1, n).expand(1, n_lat, n)).squeeze(0)  # [L, n]
@@ -340,67 +342,6 @@ def _chunk_sums(
     sum_p = rp.sum(-1)  # [K, L]
     sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
     return [resp.sum(-1), sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_p.sum()]
-
-
-def _owner_sums(
-    x: Tensor, terms: ComponentTerms, owners: list[tuple[Tensor, Tensor, Tensor]],
-    dtype: torch.dtype,
-) -> list[Tensor]:
-    """The ``"centred"`` mode's own shares: for every component ``k``, the sums over the rows
-    it owns (``owner = k``) with weights ``r_own``, taken in ``dtype`` about ``μ_k`` and moved
-    to the reference ``c`` by exact algebra (``δ = μ_k − c``)::
-
-        Σ r (x−c) = Σ r y + δ Σ r,   Σ r (x−c)² = Σ r y² + 2δ ⊙ Σ r y + δ² Σ r,
-        Σ r (x−c) pᵀ = Σ r y pᵀ + δ (Σ r p)ᵀ          (y = x − μ_k)
-
-    One small product per component and batch: ``2·n·D·(L+2)`` flops in all, ``1/K`` of the
-    E-step's.
-
-    Args:
-        x: the batch ``[n, D]``; terms: the pass's terms; owners: the chunks'
-            ``(owner [m], r_own [m], p_own [L, m])`` in row order; dtype: of the sums.
-
-    Returns:
-        The seven sums of :func:`_chunk_sums` (log-likelihood 0), in ``dtype``.
-    """
-    k, n_lat, d = terms.whitened.shape
-    owner = torch.cat([o[0] for o in owners])  # [n]
-    own = torch.cat([o[1] for o in owners]).to(dtype)  # [n]
-    p_own = torch.cat([o[2] for o in owners], dim=1).to(dtype)  # [L, n]
-    order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=k).tolist()
-    means = terms.means.detach().to(dtype)  # [K, D]
-    delta = means - terms.reference.detach().to(dtype)  # [K, D]
-    zeros = x.new_zeros((), dtype=dtype)
-    mass = zeros.new_zeros(k)
-    sum_y = zeros.new_zeros(k, d)
-    sum_y2 = zeros.new_zeros(k, d)
-    sum_yp = zeros.new_zeros(k, n_lat, d)
-    sum_p = zeros.new_zeros(k, n_lat)
-    sum_pp = zeros.new_zeros(k, n_lat, n_lat)
-    own_sorted = own[order]  # [n]
-    p_sorted = p_own[:, order]  # [L, n]
-    weights = torch.cat([own_sorted.unsqueeze(0), p_sorted * own_sorted], 0)  # [L+1, n]
-    bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
-    for j in range(k):
-        # A component's rows in slices of CHUNK_ROWS (the float64 copy stays small).
-        for start in range(bounds[j], bounds[j + 1], CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, bounds[j + 1])
-            # y = x − μ_j in dtype: exact, as x and μ are both x's dtype.
-            y = x.index_select(0, order[start:stop]).to(dtype).sub_(means[j])  # [m, D]
-            w = weights[:, start:stop]  # [L+1, m]: r, r ⊙ p
-            sums = w @ y  # [L+1, D]
-            sum_y[j] += sums[0]
-            sum_yp[j] += sums[1:]
-            sum_y2[j] += w[0] @ y.mul_(y)
-            mass[j] += w[0].sum()
-            sum_p[j] += w[1:].sum(-1)
-            sum_pp[j] += w[1:] @ p_sorted[:, start:stop].T
-    delta_col = delta.unsqueeze(1)  # [K, 1, D]
-    sum_x = sum_y + delta * mass.unsqueeze(-1)
-    sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
-    sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta_col).mT  # [K, D, L]
-    return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]
 
 
 def m_step(
