@@ -248,10 +248,10 @@ def logsumexp(x: Tensor, dim: int = -1) -> Tensor:
     Returns:
         ``x`` with ``dim`` removed.
     """
-    top = x.detach().amax(dim, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    peak = x.detach().amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     summed = (x - top).clamp_min(exp_floor(x.dtype)).exp().sum(dim)
-    # A row of -inf: every term sits at the floor; its log-sum is -inf, as torch's.
+    # A row of -inf (its maximum is -inf): every term sits at the floor; its log-sum is -inf,
+    # as torch's.
     out = summed.log() + top.squeeze(dim)
-    empty = torch.isneginf(x.detach()).all(dim)
-    return torch.where(empty, torch.full_like(out, -math.inf), out)
+    return torch.where(torch.isneginf(peak.squeeze(dim)), torch.full_like(out, -math.inf), out)
