@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mfa import distributed
+from mfa._validation import all_finite, all_not_inf
 from mfa.data.quantized import QuantizedRows
 
 #: Rows per batch of the streamed computations (evaluation, likelihoods, NDB binning).
@@ -100,8 +101,9 @@ class DataSource:
                 f"{rows.dtype} in batch {index}"
             )
         rows = rows.to(device=self.device, dtype=self.dtype)
-        bad = torch.isinf(rows) if self.allow_missing else ~torch.isfinite(rows)
-        if bool(bad.any()):
+        clean = all_not_inf(rows) if self.allow_missing else all_finite(rows)
+        if not clean:
+            bad = torch.isinf(rows) if self.allow_missing else ~torch.isfinite(rows)
             row, col = (int(i) for i in bad.nonzero()[0])
             hint = ("" if self.allow_missing else
                     "; to train on incomplete data with NaN marking the missing entries, set "

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mfa._validation import all_finite
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_config import (
@@ -157,8 +158,8 @@ def _check_data(data: object) -> tuple[int, int, torch.dtype]:
         if not data.is_floating_point():
             raise TypeError(f"data must be floating point (scale images to [0, 1] first), "
                             f"got {data.dtype}")
-        bad = ~torch.isfinite(data)
-        if bool(bad.any()):
+        if not all_finite(data):
+            bad = ~torch.isfinite(data)
             row, col = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"data contains non-finite values (NaN or inf): row {row}, "
                              f"feature {col}")

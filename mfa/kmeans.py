@@ -196,7 +196,8 @@ def kmeans(
     else:
         centers = x[torch.randperm(n, generator=gen, device=x.device)[:n_clusters]]
     x_norm = (x * x).sum(-1)  # [N]
-    threshold = tol * x.var(dim=0, unbiased=False).mean().item()
+    # The mean feature variance: x is centred, so it is the mean squared norm over D.
+    threshold = tol * x_norm.mean().item() / x.shape[1]
     labels, d2 = _nearest(x, x_norm, centers)
     it = 0
     while it < n_iter:

@@ -44,6 +44,7 @@ from torch import Tensor
 from mfa import linalg
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa._terms import ComponentTerms
+from mfa._validation import all_not_nan
 from mfa.conditioning import MaskedTerms, masked_terms, row_posterior
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.statistics import SufficientStatistics, accumulate_statistics
@@ -64,9 +65,9 @@ def impute_column_means(x: Tensor) -> Tensor:
     """``x`` [N, D] with every NaN replaced by its column's mean over the observed entries (a
     column with nothing observed takes the mean of all observed entries, or 0). Used by the
     initialisation (K-means and the complete-data fit run on the imputed rows)."""
-    missing = torch.isnan(x)
-    if not bool(missing.any()):
+    if all_not_nan(x):
         return x
+    missing = torch.isnan(x)
     observed = (~missing).to(x.dtype)
     filled = torch.where(missing, torch.zeros((), dtype=x.dtype, device=x.device), x)
     counts = observed.sum(0)  # [D]

@@ -1,0 +1,47 @@
+"""The finite checks of mfa._validation: the sum shortcut never changes the answer."""
+
+import math
+
+import pytest
+import torch
+
+from mfa._validation import all_finite, all_not_inf, all_not_nan, check_finite
+
+BIG = 3e38  # float32: two of these overflow a sum though each is finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.0, 1.0, -2.0],
+        [BIG, BIG, BIG],  # the sum overflows (float32, float16): the element-wise fallback
+        [-BIG, -BIG],
+        [math.nan, 1.0],
+        [math.inf, 1.0],
+        [-math.inf, 1.0],
+        [math.inf, -math.inf],  # the sum is NaN, not inf
+        [math.nan, math.inf],
+        [],
+    ],
+)
+def test_checks_agree_with_elementwise_tests(values, dtype):
+    x = torch.tensor(values, dtype=torch.float64).to(dtype)  # float16 turns BIG into inf
+    assert all_finite(x) == bool(torch.isfinite(x).all())
+    assert all_not_nan(x) == (not bool(torch.isnan(x).any()))
+    assert all_not_inf(x) == (not bool(torch.isinf(x).any()))
+
+
+def test_a_single_bad_entry_in_a_large_tensor_is_found():
+    x = torch.rand(1000, 300)
+    assert all_finite(x) and all_not_nan(x) and all_not_inf(x)
+    x[731, 17] = math.nan
+    assert not all_finite(x) and not all_not_nan(x) and all_not_inf(x)
+    x[731, 17] = -math.inf
+    assert not all_finite(x) and all_not_nan(x) and not all_not_inf(x)
+    with pytest.raises(ValueError, match=r"1 non-finite value\(s\).*-inf at index \(731, 17\)"):
+        check_finite(x, "x")
+
+
+def test_integer_tensors_are_finite():
+    assert all_finite(torch.arange(5)) and all_not_nan(torch.arange(5))
