@@ -103,22 +103,42 @@ class ComponentTerms:
             fields["means"], fields["inv_noise"]))
 
 
+def precision_weighted_reference(log_weights: Tensor, means: Tensor, inv_noise: Tensor) -> Tensor:
+    """The point ``c`` [D] every quadratic form is expanded around: per feature, the means
+    averaged with weights ``w_k / d_kj``, ``c_j = Σ_k w_k μ_kj/d_kj / Σ_k w_k/d_kj``
+    (detached; the densities do not depend on it).
+
+    The expansion ``Σ_j (x_j−c_j)²/d_kj − 2 (x−c)·(μ_k−c)/d_k + Σ_j (μ_kj−c_j)²/d_kj`` loses
+    about ``ε·Σ_j (μ_kj−c_j)²/d_kj`` to rounding (:func:`mfa.linalg.quadratic_rounding`), and
+    the M-step's moment sums about ``c`` cancel in proportion to the same terms; this ``c``
+    minimises their weighted sum over components. The plain weighted mean of the means lets
+    a feature where a component is sharp (``d_kj`` at the floor) but the mean lies elsewhere
+    dominate: on Fashion-MNIST (K=50, L=6, 8 EM iterations) it gave ``ε·κ`` = 3.8 nats and an
+    error of 27 nats in the top component's log-density, against 0.12 and 0.04 here.
+
+    Args:
+        log_weights: [K]; means: [K, D]; inv_noise: ``1/d`` [K, D].
+    """
+    # In float64: K precisions near the largest float32 could overflow their sum.
+    precision = log_weights.detach().double().exp().unsqueeze(-1) * inv_noise.detach().double()
+    reference = (precision * means.detach().double()).sum(0) / precision.sum(0)  # [D]
+    return reference.to(means.dtype)
+
+
 def build_component_terms(
     log_weights: Tensor, means: Tensor, loadings: Tensor, noise: Tensor
 ) -> ComponentTerms:
     """:class:`ComponentTerms` of log-weights [K], means [K, D], loadings [K, D, L] and
     noise variances [K, D] (checked with :func:`check_noise`)."""
     check_noise(noise)
-    # Centre everything on the weighted mean of the means: the densities are unchanged,
-    # and the expanded quadratic forms keep float32 accuracy for data far from 0.
-    reference = (log_weights.exp() @ means).detach()  # [D]
+    inv_noise = noise.reciprocal()  # [K, D]
+    reference = precision_weighted_reference(log_weights, means, inv_noise)  # [D]
     centred = means - reference  # [K, D]
     chol = linalg.capacitance_cholesky(loadings, noise)  # [K, L, L]
     whitened = linalg.whitened_factors(loadings, noise, chol)  # [K, L, D]
     logdet = linalg.lowrank_logdet(chol, noise)  # [K]
     log_norm = linalg.gaussian_log_normaliser(means.shape[-1], logdet)
     whitened_means = (whitened @ centred.unsqueeze(-1)).squeeze(-1)  # [K, L]
-    inv_noise = noise.reciprocal()  # [K, D]
     return ComponentTerms(
         log_weights=log_weights,
         reference=reference,

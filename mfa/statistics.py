@@ -7,8 +7,9 @@ factor analyzers (Ghahramani & Hinton, 1996) needs, per component::
     Σ r,   Σ r x,   Σ r x²  (diagonal),   Σ r x E[z]ᵀ,   Σ r E[z],   Σ r E[z zᵀ]
 
 All of them are sums over rows, so they are accumulated batch by batch: streaming gives the
-same M-step as one full batch. They are computed on ``x − c`` (``c`` the weighted mean of the
-means at E-step time, fixed for the pass).
+same M-step as one full batch. They are computed on ``x − c`` (``c`` the precision-weighted mean
+of the means at E-step time, :func:`mfa._terms.precision_weighted_reference`, fixed for the
+pass).
 
 Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in four matrix products —
 ``(x−c) @ [μ/d ; B]ᵀ`` and ``(x−c)² @ (1/d)ᵀ`` for the log-densities and the whitened

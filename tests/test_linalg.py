@@ -295,3 +295,38 @@ def test_refine_near_top_recomputes_only_entries_near_the_top():
     # a larger rounding widens the margin: 30 + 8·10 = 110 nats > 100
     got = linalg.refine_near_top(expanded, log_joint, xc, means, inv_noise, rounding=10.0)
     torch.testing.assert_close(got, direct, rtol=1e-14, atol=0)
+
+
+def test_precision_weighted_reference_keeps_the_expansion_in_float32():
+    """Image-like components, each sharp (variance 1e-7) on its own background pixels (mean
+    0) where the others' means are not 0: about the weighted mean of the means the expanded
+    form would lose several nats (ε·κ > 1, the refinement's range); about the
+    precision-weighted reference (mfa._terms.precision_weighted_reference) it loses far less
+    than a nat, so log p needs no refinement and still matches float64."""
+    from mfa import MixtureOfFactorAnalyzers
+
+    g = gen(5)
+    k, d = 4, 300
+    means = 0.3 + 0.4 * torch.rand(k, d, generator=g, dtype=F64)
+    noise = torch.full((k, d), 1e-2, dtype=F64)
+    loadings = 0.02 * torch.randn(k, d, 2, generator=g, dtype=F64)
+    for j in range(k):  # component j's background: pixels [75j, 75j + 50)
+        means[j, 75 * j : 75 * j + 50] = 0.0
+        noise[j, 75 * j : 75 * j + 50] = 1e-7
+        loadings[j, 75 * j : 75 * j + 50] = 0.0
+    weights = torch.full((k,), 1.0 / k, dtype=F64)
+    truth = MixtureOfFactorAnalyzers.from_parameters(weights, means, loadings, noise)
+    x, _ = truth.sample(1000, generator=g)
+    params = [t.detach().float() for t in (truth.weights, truth.means, truth.factor_loadings,
+                                           truth.noise_variance)]
+    m32 = MixtureOfFactorAnalyzers.from_parameters(*params)
+    m64 = MixtureOfFactorAnalyzers.from_parameters(*(t.double() for t in params))
+
+    plain_mean = params[0] @ params[1]
+    assert linalg.quadratic_rounding(params[1] - plain_mean, 1 / params[3]) > 1.0
+    terms = m32.component_terms()
+    assert terms.rounding < 0.1 and not terms.refine and not terms.precise
+    with torch.no_grad():
+        x = x.float()
+        err = (m32.log_prob(x).double() - m64.log_prob(x.double())).abs().max()
+    assert err < 0.05, err

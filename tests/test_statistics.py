@@ -114,7 +114,9 @@ def test_given_resp_sums_equal_hand_computed(noise, lat):
     r = _random_resp(n, k, seed=13)
     stats = _stats(model, x, r)
 
-    c = model.weights.detach() @ model.means.detach()  # the documented reference point
+    # The documented reference point: per feature, the means weighted by w_k / d_kj.
+    precision = model.weights.detach().unsqueeze(-1) / model.noise_variance.detach()
+    c = (precision * model.means.detach()).sum(0) / precision.sum(0)
     torch.testing.assert_close(stats.reference, c, rtol=1e-12, atol=1e-12)
     xc = x - c
     torch.testing.assert_close(stats.mass, r.sum(0), rtol=1e-12, atol=1e-12)
