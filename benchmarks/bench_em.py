@@ -6,8 +6,9 @@ Figures printed (and written as JSON with --out):
 * the FLOP limit: the same run's rate of ``[batch, D] @ [D, K·(L+2)]`` in float32 (best of
   5 blocks), and one EM iteration's ``4·N·D·K·(L+2)`` flops at that rate;
 * per ``stats_dtype`` (``auto`` resolved, then ``float64``, ``precise``, ``centred``, ``mixed``,
-  ``float32``): seconds per EM iteration (E-step over every batch + M-step; median of the
-  timed iterations after one warm-up) and × the limit;
+  ``float32``): seconds per EM iteration (E-step over every batch + M-step; the modes are
+  timed round-robin, ``--iters`` rounds after a warm-up round, median per mode) and × the
+  limit;
 * the K-means initialisation (``EMConfig`` defaults) in seconds and in default iterations;
 * Adam (``SGDTrainer``): samples/s and the fraction of the matmul rate at
   ``4·D·K·(L+2)`` flops per sample (forward and the parameter-side backward);
@@ -72,14 +73,37 @@ def matmul_rate(batch: int, d: int, width: int, device: torch.device, repeats: i
 def time_mfa_iterations(model, x, batch_size, iters, device, stats_dtype="auto"):
     """Seconds of each of ``iters`` full EM iterations (E-step over all batches + M-step)."""
     source = DataSource(x, model, batch_size)
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        stats = EMTrainer.e_step(model, source, stats_dtype)
-        model.set_parameters(**m_step(stats, model, variance_floor=1e-5))
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    return [_one_iteration(model, source, device, stats_dtype) for _ in range(iters)]
+
+
+def _one_iteration(model, source, device, stats_dtype) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    stats = EMTrainer.e_step(model, source, stats_dtype)
+    model.set_parameters(**m_step(stats, model, variance_floor=1e-5))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def time_modes_interleaved(model, x, batch_size, rounds, device, modes) -> dict[str, list]:
+    """Seconds of one EM iteration in each mode, ``rounds`` times round-robin, the first
+    round a warm-up that is dropped. Within a round every mode starts from the same
+    parameters (a ``float32`` M-step can leave parameters that cost the next E-step more),
+    and the model then moves on by the first mode's iteration; so every mode sees the same
+    models and the same moments of a shared machine."""
+    source = DataSource(x, model, batch_size)
+    times: dict[str, list] = {mode: [] for mode in modes}
+    for round_ in range(rounds):
+        start = {name: v.clone() for name, v in model.state_dict().items()}
+        moved = None
+        for mode in modes:
+            model.load_state_dict(start)
+            seconds = _one_iteration(model, source, device, mode)
+            if round_:
+                times[mode].append(seconds)
+            if moved is None:
+                moved = {name: v.clone() for name, v in model.state_dict().items()}
+        model.load_state_dict(moved)
     return times
 
 
@@ -135,7 +159,8 @@ def main(argv=None) -> dict:
     parser.add_argument("-k", "--components", type=int, default=50)
     parser.add_argument("-l", "--factors", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--iters", type=int, default=2, help="timed EM iterations per mode")
+    parser.add_argument("--iters", type=int, default=3,
+                        help="timed EM iterations per mode (round-robin rounds)")
     parser.add_argument("--adam-batch", type=int, default=1024)
     parser.add_argument("--adam-steps", type=int, default=20)
     parser.add_argument("--fit-iters", type=int, default=10,
@@ -196,10 +221,11 @@ def main(argv=None) -> dict:
 
     default_mode = resolve_stats_dtype("auto", device, model.dtype)
     print(f"{'stats_dtype':<22}{'s/iteration':>12}{'× limit':>10}")
-    for mode in ("auto", *MODES):
-        times = time_mfa_iterations(model, x_dev, args.batch_size, args.iters + 1, device,
-                                    mode)[1:]
-        per_iter = statistics.median(times)
+    modes = ("auto", *MODES)
+    all_times = time_modes_interleaved(model, x_dev, args.batch_size, args.iters + 1, device,
+                                       modes)
+    for mode in modes:
+        per_iter = statistics.median(all_times[mode])
         result[f"mfa_{mode}_seconds_per_iter"] = per_iter
         result[f"mfa_{mode}_times_limit"] = per_iter / limit
         label = f"auto (= {default_mode})" if mode == "auto" else mode
@@ -242,11 +268,12 @@ def main(argv=None) -> dict:
               f"({sk_iter / limit:.2f} × the MFA limit)")
 
     if test is not None and args.fit_iters > 0:
-        remaining = max(0, args.fit_iters - (1 + len(MODES)) * (args.iters + 1))
-        time_mfa_iterations(model, x_dev, args.batch_size, remaining, device)
+        done = args.iters + 1  # the model moved one iteration a round
+        time_mfa_iterations(model, x_dev, args.batch_size, max(0, args.fit_iters - done),
+                            device)
         mfa_ll = EMTrainer.evaluate(model, DataSource(test.to(device), model, 4096))
         result["mfa_test_bits_per_dim"] = float(bits_per_dim(mfa_ll, d))
-        print(f"MFA held-out bits/dim after {max(args.fit_iters, 5 * (args.iters + 1))} EM "
+        print(f"MFA held-out bits/dim after {max(args.fit_iters, done)} EM "
               f"iterations: {result['mfa_test_bits_per_dim']:.3f}")
         if gm is not None:
             from threadpoolctl import threadpool_limits

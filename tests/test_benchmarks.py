@@ -119,3 +119,33 @@ def test_dequantised_stream_is_seeded_uint8_and_in_unit_interval():
     x = torch.cat(first)
     assert x.dtype == torch.float32 and bool(((x >= 0) & (x < 1)).all())
     assert torch.equal(torch.floor(x * 256).to(torch.uint8), pixels)  # (p + u) / 256
+
+
+@pytest.mark.slow
+def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
+    """benchmarks/bench_em.py end to end on a tiny synthetic set: every precision mode is timed
+    (round-robin), the initialisation and Adam are reported, and the JSON's ratios follow
+    from its own figures."""
+    out = tmp_path / "em.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_em.py"), "--synthetic", "900", "40",
+         "-k", "3", "-l", "2", "--batch-size", "300", "--iters", "2", "--adam-batch", "100",
+         "--adam-steps", "2", "--no-sklearn", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for field in ("auto (= centred)", "float64", "precise", "mixed", "float32",
+                  "initialisation", "Adam (batch 100)"):
+        assert field in proc.stdout, f"{field!r} missing from:\n{proc.stdout}"
+    res = json.loads(out.read_text())
+    limit = res["limit_seconds_per_iter"]
+    assert limit == pytest.approx(res["gflop_per_iter"] / max(
+        res["matmul_gflops"], res["matmul_gflops_after_modes"]))
+    for mode in ("auto", "float64", "precise", "centred", "mixed", "float32"):
+        seconds = res[f"mfa_{mode}_seconds_per_iter"]
+        assert seconds > 0
+        assert res[f"mfa_{mode}_times_limit"] == pytest.approx(seconds / limit)
+    assert res["init_in_default_iterations"] == pytest.approx(
+        res["init_seconds"] / res["mfa_auto_seconds_per_iter"])
+    assert res["adam_samples_per_s"] > 0
