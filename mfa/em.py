@@ -24,7 +24,7 @@ from mfa._validation import (
     check_real_field,
 )
 from mfa.em_state import RunState
-from mfa.init import floored_weights, initialise
+from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
 from mfa.statistics import STATS_DTYPES, accumulate_statistics, m_step, resolve_stats_dtype
@@ -52,7 +52,9 @@ class EMConfig:
     # The data's lower bound of a useful noise variance, where the "auto" grid starts: the
     # quantisation variance 1/(12·256²) of (p+u)/256 pixels (1/(12·255²) for p/255 pixels).
     quantization_variance: float = QUANTIZATION_VARIANCE
-    search_warmup: int = 5  # "auto": EM iterations with the weakest candidate before the search
+    search_warmup: int = 1  # "auto": EM iterations with the weakest candidate before the search
+    # "auto": searches a restart at most; another when patience runs out (mfa.prior_search)
+    max_searches: int = 4
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
@@ -92,7 +94,8 @@ class EMConfig:
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_prior_fields(self, allow_auto=True)
         check_real_field(self, "quantization_variance", minimum=0, strict=True)
-        check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0})
+        check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0,
+                                "max_searches": 1})
         check_real_field(self, "val_fraction", minimum=0, maximum=1)
         check_real_field(self, "min_component_mass", minimum=0)
         check_choice_field(self, "stats_dtype", STATS_DTYPES)
@@ -163,7 +166,8 @@ class EMTrainer:
     Without validation data, ``val_fraction`` of a tensor's or Dataset's rows is held out
     (seeded by ``seed``) when the search or early stopping needs it. Early stopping
     (``patience > 0``) keeps the parameters with the best validation log-likelihood and
-    returns them; it counts iterations from ``search_warmup`` on, and after the search.
+    returns them; it counts iterations from ``search_warmup`` on, and after each search;
+    with ``"auto"``, running out of patience first searches ``s₀`` again (``max_searches``).
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -334,9 +338,16 @@ class EMTrainer:
                     model, stats, ctx.val_source, prior, lower=cfg.quantization_variance,
                     per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
                 )
-                state.bad_iterations = 0
+                state.bad_iterations, state.searches = 0, state.searches + 1
                 prev_ll = None  # the prior changed: the next iteration starts a new series
                 self.search_seconds = time.perf_counter() - search_started
+                previous = state.previous_noise_prior_variance
+                if previous is not None and state.noise_prior_variance <= previous:
+                    # A repeated search found no stronger prior: the restart ends here.
+                    state.noise_prior_variance, stopped = previous, True
+                    self._record(run, it, ll, None, time.perf_counter() - started, bar,
+                                 objective=objective, prior=prior, early_stop=True)
+                    break
             self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
             val_ll = self._score_validation(model, ctx)
             state.iteration, state.previous_log_likelihood = it + 1, prev_ll
@@ -347,6 +358,9 @@ class EMTrainer:
                 counting = it >= cfg.search_warmup and not (
                     ctx.search and state.noise_prior_variance is None)
                 stopped = self._track_validation(model, state, val_ll, counting)
+                if stopped and ctx.search and state.searches < cfg.max_searches:
+                    state.search_again()  # patience ran out: search from where EM got to
+                    stopped = False
             self._state = state.as_dict()
             record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
                                   objective=objective, prior=prior, early_stop=stopped)
@@ -363,6 +377,9 @@ class EMTrainer:
         bar.close()
         best = state.best_val_params
         current = model.state_dict()
+        if best is not None and ctx.search:  # the s₀ of the kept parameters (or the warm-up's)
+            state.noise_prior_variance = (state.best_val_noise_prior_variance
+                                          or cfg.quantization_variance)
         if best is not None and any(not torch.equal(best[k], current[k]) for k in best):
             # Stopped early, or ended after iterations that did not beat the best validation
             # score: return the best parameters, scored for the comparison of restarts.
@@ -387,8 +404,9 @@ class EMTrainer:
         before the search, the weakest) ``s₀`` when it is ``"auto"``."""
         cfg = self.config
         s0 = cfg.noise_prior_variance
-        if s0 == "auto":
-            s0 = state.noise_prior_variance or cfg.quantization_variance
+        if s0 == "auto":  # during a repeated search: the previous choice
+            s0 = (state.noise_prior_variance or state.previous_noise_prior_variance
+                  or cfg.quantization_variance)
         return Prior.from_config(cfg, s0)
 
     def _track_validation(self, model, state: RunState, val_ll: float, counting: bool) -> bool:
@@ -397,6 +415,7 @@ class EMTrainer:
         if state.best_val_log_likelihood is None or val_ll > state.best_val_log_likelihood:
             state.best_val_log_likelihood, state.bad_iterations = val_ll, 0
             state.best_val_params = training.clone_params(model)
+            state.best_val_noise_prior_variance = state.noise_prior_variance
             return False
         if counting:
             state.bad_iterations += 1
@@ -458,7 +477,7 @@ class EMTrainer:
                                                 params["weights"].dtype)
             dead = (stats.mass < cfg.min_component_mass).nonzero().flatten().tolist()
             if dead:
-                _reseed(params, dead, gen)
+                split_heaviest(params, dead, gen)
                 logger.warning(
                     "EM iteration %d: component(s) %s lost their mass (< %g rows) and were "
                     "re-seeded by splitting the heaviest component", it + 1, dead,
@@ -479,20 +498,3 @@ class EMTrainer:
         :func:`mfa.training.evaluate`."""
         return training.evaluate(model, source)
 
-
-def _reseed(params: dict[str, Tensor], dead: list[int], gen: torch.Generator) -> None:
-    """Split the heaviest component into itself and each dead one: copy its parameters,
-    shift the two means apart by ± half a standard deviation along a random direction, and
-    share its weight."""
-    weights = params["weights"].clone()
-    for k in dead:
-        j = int(weights.argmax())
-        std = params["noise_variance"][j].sqrt()
-        direction = torch.randn(std.shape, generator=gen, dtype=std.dtype).to(std.device)
-        params["means"][k] = params["means"][j] + 0.5 * std * direction
-        params["means"][j] = params["means"][j] - 0.5 * std * direction
-        params["factor_loadings"][k] = params["factor_loadings"][j]
-        params["noise_variance"][k] = params["noise_variance"][j]
-        weights[j] = weights[j] / 2
-        weights[k] = weights[j]
-    params["weights"] = weights / weights.sum()

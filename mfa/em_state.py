@@ -28,8 +28,11 @@ class RunState:
         converged: whether the best restart met ``tol`` (set when the fit ends).
         generator: the re-seeding generator's state within the restart (``None`` at its start
             and once the fit is done).
-        noise_prior_variance: the ``s₀`` chosen by the search of this restart (``None``
-            before it, or when the config fixes it).
+        noise_prior_variance: the ``s₀`` chosen by the latest search of this restart
+            (``None`` before it, while a repeated search is due, or when the config fixes it).
+        searches, previous_noise_prior_variance: the searches run in this restart and the
+            choice of the one before the latest (``None`` before a second one is due).
+        best_val_noise_prior_variance: the ``s₀`` under which ``best_val_params`` were fitted.
         best_val_log_likelihood, best_val_params, bad_iterations: early stopping within the
             restart: the best validation score so far, its parameters and the iterations since
             (``None``, ``None``, 0 without early stopping).
@@ -49,6 +52,9 @@ class RunState:
     best_val_log_likelihood: float | None = None
     best_val_params: dict[str, Tensor] | None = field(default=None, repr=False)
     bad_iterations: int = 0
+    searches: int = 0
+    previous_noise_prior_variance: float | None = None
+    best_val_noise_prior_variance: float | None = None
 
     REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
     #: The accepted types of each saved key (checked on load, so a tampered state fails there).
@@ -57,7 +63,9 @@ class RunState:
         "best_log_likelihood": (float, int), "previous_log_likelihood": (float, int, type(None)),
         "best_params": (dict, type(None)), "converged": (bool,),
         "noise_prior_variance": (float, int), "best_val_log_likelihood": (float, int),
-        "best_val_params": (dict,), "bad_iterations": (int,),
+        "best_val_params": (dict,), "bad_iterations": (int,), "searches": (int,),
+        "previous_noise_prior_variance": (float, int),
+        "best_val_noise_prior_variance": (float, int),
     }
 
     def as_dict(self) -> dict:
@@ -75,6 +83,11 @@ class RunState:
             state["best_val_log_likelihood"] = self.best_val_log_likelihood
             state["best_val_params"] = self.best_val_params
             state["bad_iterations"] = self.bad_iterations
+        if self.searches:
+            state["searches"] = self.searches
+        for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance"):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name)
         return state
 
     @classmethod
@@ -89,6 +102,9 @@ class RunState:
             best_val_log_likelihood=state.get("best_val_log_likelihood"),
             best_val_params=state.get("best_val_params"),
             bad_iterations=int(state.get("bad_iterations", 0)),
+            searches=int(state.get("searches", 0)),
+            previous_noise_prior_variance=state.get("previous_noise_prior_variance"),
+            best_val_noise_prior_variance=state.get("best_val_noise_prior_variance"),
         )
 
     def start_restart(self) -> None:
@@ -96,3 +112,10 @@ class RunState:
         self.iteration, self.previous_log_likelihood, self.generator = 0, None, None
         self.noise_prior_variance, self.bad_iterations = None, 0
         self.best_val_log_likelihood, self.best_val_params = None, None
+        self.searches, self.previous_noise_prior_variance = 0, None
+        self.best_val_noise_prior_variance = None
+
+    def search_again(self) -> None:
+        """Make the next E-step run another noise prior search (from the current model)."""
+        self.previous_noise_prior_variance = self.noise_prior_variance
+        self.noise_prior_variance, self.bad_iterations = None, 0

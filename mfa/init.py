@@ -314,3 +314,23 @@ def initialise(
         factor_loadings=init.factor_loadings.detach(),
         noise_variance=init.noise_variance.detach(),
     )
+
+
+def split_heaviest(params: dict[str, Tensor], dead: list[int], gen: torch.Generator) -> None:
+    """Re-seed the components ``dead`` of an M-step's ``params`` (``weights``, ``means``,
+    ``factor_loadings``, ``noise_variance``; changed in place) by splitting the heaviest
+    component into itself and each dead one: copy its parameters, shift the two means apart
+    by ± half a standard deviation along a random direction drawn from ``gen``, and share its
+    weight. Used by :class:`mfa.em.EMTrainer` with ``min_component_mass > 0``."""
+    weights = params["weights"].clone()
+    for k in dead:
+        j = int(weights.argmax())
+        std = params["noise_variance"][j].sqrt()
+        direction = torch.randn(std.shape, generator=gen, dtype=std.dtype).to(std.device)
+        params["means"][k] = params["means"][j] + 0.5 * std * direction
+        params["means"][j] = params["means"][j] - 0.5 * std * direction
+        params["factor_loadings"][k] = params["factor_loadings"][j]
+        params["noise_variance"][k] = params["noise_variance"][j]
+        weights[j] = weights[j] / 2
+        weights[k] = weights[j]
+    params["weights"] = weights / weights.sum()

@@ -4,8 +4,13 @@
 iterations with the weakest candidate (``s₀`` at the data's lower bound, the quantisation
 variance), then, from the statistics of the next E-step (shared by every candidate, so the
 search costs no extra pass over the training data), takes the MAP M-step of every ``s₀`` on a
-log grid, scores each on the validation data and keeps the best; EM then continues with it
-to convergence. The grid runs from the lower bound (no noise variance of 8-bit data can
+log grid, scores each on the validation data and keeps the best; EM then continues with it.
+When early stopping's patience runs out, the search runs again from the model EM reached
+(up to ``max_searches`` searches a restart): overfitting shows there, where it did not
+after the warm-up, so a stronger prior can win; EM continues under a stronger choice, and
+the restart ends (returning the best validation parameters) when the choice is not
+stronger. On the embedded digits (4,000 rows, K = 200) this took held-out 6.14 to 5.84
+bits/dim. The grid runs from the lower bound (no noise variance of 8-bit data can
 usefully fall below the quantisation variance ``1/(12·256²)``) to the largest per-feature
 variance of the training data, ``per_decade`` points a decade. The cost is one validation
 pass per candidate.

@@ -451,6 +451,115 @@ def test_resume_with_automatic_search_is_exact(blobs):
     assert trainer.selected_noise_prior_variance == full_trainer.selected_noise_prior_variance
 
 
+# --------------------------------------------------------------------- repeated searches
+
+
+def _scripted_search(monkeypatch, choices):
+    """Replace the grid search by one that returns ``choices`` in turn; returns the list of
+    calls (the model's parameters are not needed: the trainer's control flow is tested)."""
+    import mfa.prior_search as prior_search
+
+    calls = []
+
+    def choose(*args, **kwargs):
+        calls.append(len(calls))
+        return choices[min(len(calls), len(choices)) - 1], []
+
+    monkeypatch.setattr(prior_search, "choose_noise_variance", choose)
+    return calls
+
+
+SEARCH = dict(noise_prior_strength=2.0, patience=2, max_iter=60, tol=0.0, seed=1,
+              search_warmup=0, checkpoint_every=1)
+
+
+def _used_priors(trainer):
+    """The s₀ of each recorded iteration's objective, in order, repeats removed."""
+    used = []
+    for h in trainer.history:
+        if not used or used[-1] != h["noise_prior_variance"]:
+            used.append(h["noise_prior_variance"])
+    return used
+
+
+def test_repeated_search_continues_with_a_stronger_prior_and_ends_on_a_weaker_one(
+        overfit, monkeypatch):
+    """When patience runs out, the next E-step searches again; a stronger choice continues
+    EM under it, one that is not stronger ends the restart before any M-step with it, and
+    the best validation parameters (and their s₀) are returned."""
+    train, val = overfit
+    calls = _scripted_search(monkeypatch, [0.1, 0.3, 0.2])
+    snapshots = []
+
+    def snap(trainer, model, record):
+        snapshots.append((record, {n: getattr(model, n).detach().clone() for n in PARAMS}))
+
+    model, trainer = _fit(train, 4, 3, validation=val, callbacks=[snap], max_searches=4,
+                          **SEARCH)
+    assert len(calls) == 3
+    assert _used_priors(trainer)[1:] == [0.1, 0.3]  # 0.2 (weaker than 0.3) was never used
+    assert trainer.history[-1]["early_stop"] and trainer.history[-1]["val_log_likelihood"] is None
+    scored = [(r["val_log_likelihood"], i) for i, (r, _) in enumerate(snapshots)
+              if r["val_log_likelihood"] is not None]
+    best = max(scored)[1]
+    for name in PARAMS:
+        assert torch.equal(getattr(model, name).detach(), snapshots[best][1][name]), name
+    # The s₀ reported is the one the kept parameters were fitted under: the prior of the
+    # next record's objective.
+    assert trainer.selected_noise_prior_variance == trainer.history[best + 1][
+        "noise_prior_variance"]
+
+
+def test_one_search_when_max_searches_is_1(overfit, monkeypatch):
+    train, val = overfit
+    calls = _scripted_search(monkeypatch, [0.1, 0.3])
+    _, trainer = _fit(train, 4, 3, validation=val, max_searches=1, **SEARCH)
+    assert len(calls) == 1 and _used_priors(trainer)[1:] == [0.1]
+    assert trainer.history[-1]["early_stop"]
+
+
+@pytest.mark.parametrize("stop_offset", [0, 1, 2])
+def test_resume_across_a_repeated_search_is_exact(overfit, monkeypatch, stop_offset):
+    """Interrupted at the iteration whose patience ran out (the second search due), at the
+    second search, or after it: the resumed fit ends exactly as the uninterrupted one."""
+    train, val = overfit
+    _scripted_search(monkeypatch, [0.1, 0.3, 0.2])
+    full, full_trainer = _fit(train, 4, 3, validation=val, max_searches=4, **SEARCH)
+    first_stronger = next(i for i, h in enumerate(full_trainer.history)
+                          if h["noise_prior_variance"] == 0.3)  # the record after the search
+    stop_iteration = first_stronger - 1 + stop_offset  # records count from 1
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["iteration"] == stop_iteration:
+            raise KeyboardInterrupt
+
+    _scripted_search(monkeypatch, [0.1, 0.3, 0.2])
+    with pytest.raises(KeyboardInterrupt):
+        _fit(train, 4, 3, validation=val, callbacks=[stop], checkpoint_fn=checkpoint,
+             max_searches=4, **SEARCH)
+    # The resumed fit's search calls continue the script where the interrupted one stopped.
+    state = roundtrip(saved["trainer"])
+    done = state["searches"]
+    _scripted_search(monkeypatch, [0.1, 0.3, 0.2][done:])
+    resumed = MixtureOfFactorAnalyzers(4, 12, 3, dtype=F64)
+    resumed.load_state_dict(roundtrip(saved["model"]))
+    trainer = EMTrainer(EMConfig(progress=False, max_searches=4, **SEARCH))
+    trainer.load_state_dict(state)
+    _fit(train, 4, 3, validation=val, model=resumed, trainer=trainer)
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    assert [(h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
+            for h in trainer.history] == [
+        (h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
+        for h in full_trainer.history]
+    assert trainer.selected_noise_prior_variance == full_trainer.selected_noise_prior_variance
+
+
 # --------------------------------------------------------------------- config
 
 
@@ -459,7 +568,7 @@ def test_resume_with_automatic_search_is_exact(blobs):
     [("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
      ("noise_prior_variance", "fixed"), ("weight_concentration", 0.5), ("loading_ridge", -0.1),
      ("quantization_variance", 0.0), ("search_warmup", -1), ("search_per_decade", 0),
-     ("patience", -1), ("val_fraction", 1.0)],
+     ("patience", -1), ("val_fraction", 1.0), ("max_searches", 0)],
 )
 def test_new_em_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=rf"^EMConfig\.{field} .*got {re.escape(repr(value))}"):
