@@ -18,7 +18,7 @@ Figures printed (and written as JSON with --out):
   iterations.
 
 Default data: the first 50,000 rows of Fashion-MNIST (Debian's ``dataset-fashion-mnist``),
-K = 50, L = 6, batches of 10,000 (the shape of issue 11); about 2–3 minutes on 2 idle cores.
+K = 50, L = 6, batches of 10,000 (the shape of issue 11); about 3–4 minutes on 2 idle cores.
 ``--synthetic N D`` times random data of another shape instead (no bits/dim then).
 
     python benchmarks/bench_em.py --out docs/bench_em_cpu.json
@@ -88,20 +88,21 @@ def _one_iteration(model, source, device, stats_dtype) -> float:
 def time_modes_interleaved(model, x, batch_size, rounds, device, modes) -> dict[str, list]:
     """Seconds of one EM iteration in each mode, ``rounds`` times round-robin, the first
     round a warm-up that is dropped. Within a round every mode starts from the same
-    parameters (a ``float32`` M-step can leave parameters that cost the next E-step more),
-    and the model then moves on by the first mode's iteration; so every mode sees the same
-    models and the same moments of a shared machine."""
+    parameters and the model then moves on by ``modes[0]``'s iteration, so every mode sees
+    the same models; the order rotates from round to round (the mode timed first measured
+    ~5–8 % slower than the same mode later in a round)."""
     source = DataSource(x, model, batch_size)
     times: dict[str, list] = {mode: [] for mode in modes}
     for round_ in range(rounds):
         start = {name: v.clone() for name, v in model.state_dict().items()}
         moved = None
-        for mode in modes:
+        shift = round_ % len(modes)
+        for mode in modes[shift:] + modes[:shift]:
             model.load_state_dict(start)
             seconds = _one_iteration(model, source, device, mode)
             if round_:
                 times[mode].append(seconds)
-            if moved is None:
+            if mode == modes[0]:
                 moved = {name: v.clone() for name, v in model.state_dict().items()}
         model.load_state_dict(moved)
     return times
@@ -159,7 +160,7 @@ def main(argv=None) -> dict:
     parser.add_argument("-k", "--components", type=int, default=50)
     parser.add_argument("-l", "--factors", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--iters", type=int, default=3,
+    parser.add_argument("--iters", type=int, default=6,
                         help="timed EM iterations per mode (round-robin rounds)")
     parser.add_argument("--adam-batch", type=int, default=1024)
     parser.add_argument("--adam-steps", type=int, default=20)
