@@ -344,9 +344,11 @@ class EMTrainer:
                 previous = state.previous_noise_prior_variance
                 if previous is not None and state.noise_prior_variance <= previous:
                     # A repeated search found no stronger prior: the restart ends here.
-                    state.noise_prior_variance, stopped = previous, True
-                    self._record(run, it, ll, None, time.perf_counter() - started, bar,
-                                 objective=objective, prior=prior, early_stop=True)
+                    state.noise_prior_variance = previous
+                    record = self._record(run, it, ll, None, time.perf_counter() - started,
+                                          bar, objective=objective, prior=prior, early_stop=True)
+                    for callback in ctx.callbacks:
+                        callback(self, model, record)
                     break
             self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
             val_ll = self._score_validation(model, ctx)
@@ -357,7 +359,8 @@ class EMTrainer:
                 # first iterations from the initialisation can score lower before they rise.
                 counting = it >= cfg.search_warmup and not (
                     ctx.search and state.noise_prior_variance is None)
-                stopped = self._track_validation(model, state, val_ll, counting)
+                stopped = state.track_validation(training.clone_params, model, val_ll,
+                                                 counting, cfg.patience)
                 if stopped and ctx.search and state.searches < cfg.max_searches:
                     state.search_again()  # patience ran out: search from where EM got to
                     stopped = False
@@ -408,18 +411,6 @@ class EMTrainer:
             s0 = (state.noise_prior_variance or state.previous_noise_prior_variance
                   or cfg.quantization_variance)
         return Prior.from_config(cfg, s0)
-
-    def _track_validation(self, model, state: RunState, val_ll: float, counting: bool) -> bool:
-        """Keep the best validation parameters; ``True`` when patience has run out (only
-        iterations after the noise prior is chosen count)."""
-        if state.best_val_log_likelihood is None or val_ll > state.best_val_log_likelihood:
-            state.best_val_log_likelihood, state.bad_iterations = val_ll, 0
-            state.best_val_params = training.clone_params(model)
-            state.best_val_noise_prior_variance = state.noise_prior_variance
-            return False
-        if counting:
-            state.bad_iterations += 1
-        return state.bad_iterations >= self.config.patience
 
     def _record(self, run, it, ll, val_ll, seconds, bar, final=False, objective=None,
                 prior=None, early_stop=False) -> dict:

@@ -115,6 +115,21 @@ class RunState:
         self.searches, self.previous_noise_prior_variance = 0, None
         self.best_val_noise_prior_variance = None
 
+    def track_validation(self, clone, model, val_ll: float, counting: bool,
+                         patience: int) -> bool:
+        """Keep the best validation score and ``clone(model)``, the parameters that reached it
+        (and their ``s₀``); ``True`` when ``patience`` iterations have passed without a better
+        score (only iterations with ``counting`` count: those after the warm-up and the
+        search)."""
+        if self.best_val_log_likelihood is None or val_ll > self.best_val_log_likelihood:
+            self.best_val_log_likelihood, self.bad_iterations = val_ll, 0
+            self.best_val_params = clone(model)
+            self.best_val_noise_prior_variance = self.noise_prior_variance
+            return False
+        if counting:
+            self.bad_iterations += 1
+        return self.bad_iterations >= patience
+
     def search_again(self) -> None:
         """Make the next E-step run another noise prior search (from the current model)."""
         self.previous_noise_prior_variance = self.noise_prior_variance

@@ -499,6 +499,7 @@ def test_repeated_search_continues_with_a_stronger_prior_and_ends_on_a_weaker_on
     assert len(calls) == 3
     assert _used_priors(trainer)[1:] == [0.1, 0.3]  # 0.2 (weaker than 0.3) was never used
     assert trainer.history[-1]["early_stop"] and trainer.history[-1]["val_log_likelihood"] is None
+    assert snapshots[-1][0] is trainer.history[-1]  # the callbacks see the last record too
     scored = [(r["val_log_likelihood"], i) for i, (r, _) in enumerate(snapshots)
               if r["val_log_likelihood"] is not None]
     best = max(scored)[1]
