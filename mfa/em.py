@@ -337,6 +337,7 @@ class EMTrainer:
                 state.noise_prior_variance, _ = prior_search.choose_noise_variance(
                     model, stats, ctx.val_source, prior, lower=cfg.quantization_variance,
                     per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
+                    above=state.previous_noise_prior_variance,
                 )
                 state.bad_iterations, state.searches = 0, state.searches + 1
                 prev_ll = None  # the prior changed: the next iteration starts a new series

@@ -329,6 +329,40 @@ def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
                                    rtol=1e-12, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("sigma2, strength", [(0.003, 150.0), (0.05, 150.0), (0.05, 20.0)])
+def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, strength):
+    """choose_noise_variance scores about half the grid and returns the candidate an
+    exhaustive scoring of every grid point picks; from a weaker previous choice (``above``)
+    it climbs to the same best, and from a stronger one it returns that choice."""
+    from mfa._data_stream import DataSource
+    from mfa.prior_search import choose_noise_variance, score_candidates
+
+    x = _planted_isotropic(800, sigma2, seed=7)
+    train, val = x[:400], x[400:]
+    model, _ = _fit(train, 2, 2, max_iter=3, tol=0.0, patience=0, seed=3,
+                    noise_prior_variance=1e-3, noise_prior_strength=strength)
+    stats = _stats(model, train)
+    source = DataSource(val, model, 4096)
+    prior = Prior(strength, 1e-4)
+    kwargs = dict(lower=1e-4, per_decade=4, variance_floor=1e-6)
+    grid = log_grid(1e-4, float((stats.sum_x2.sum(0) / stats.mass.sum()
+                                 - (stats.sum_x.sum(0) / stats.mass.sum()) ** 2).max()), 4)
+    exhaustive = score_candidates(model, stats, grid, lambda s0: Prior(strength, s0), 1e-6,
+                                  source)
+    best = max(range(len(grid)), key=lambda i: (exhaustive[i], -i))
+    assert 0 < best < len(grid) - 1, exhaustive  # an interior optimum: the check can fail
+    chosen, scored = choose_noise_variance(model, stats, source, prior, **kwargs)
+    assert chosen == pytest.approx(grid[best], rel=1e-12)
+    assert len(scored) <= len(grid) // 2 + 2 < len(grid)
+    for s0, value in scored:  # the scores are the exhaustive ones
+        assert value == pytest.approx(exhaustive[grid.index(s0)], rel=1e-12)
+    climbed, walk = choose_noise_variance(model, stats, source, prior, above=grid[best - 1],
+                                          **kwargs)
+    assert climbed == pytest.approx(grid[best], rel=1e-12) and len(walk) <= 4
+    kept, _ = choose_noise_variance(model, stats, source, prior, above=grid[best + 1], **kwargs)
+    assert kept == pytest.approx(grid[best + 1], rel=1e-12)
+
+
 def test_default_fit_is_reproducible_with_its_seed(blobs):
     """The default fit (automatic noise prior, early stopping, held-out rows) twice with one
     seed gives the same parameters and s₀; another seed holds out other rows."""
