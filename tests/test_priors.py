@@ -379,6 +379,17 @@ def test_default_fit_is_reproducible_with_its_seed(blobs):
 # --------------------------------------------------------------------- early stopping
 
 
+def _saving_into(saved: dict):
+    """A ``checkpoint_fn`` that keeps copies of the trainer's and the model's state in
+    ``saved`` (keys ``"trainer"``, ``"model"``)."""
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    return checkpoint
+
+
 @pytest.fixture(scope="module")
 def overfit():
     """Few train rows in D=12: plain EM overfits and the validation score turns down."""
@@ -425,9 +436,7 @@ def test_resume_after_early_stopping_bookkeeping_is_exact(overfit, stop_at):
     class _Interrupt(KeyboardInterrupt):
         pass
 
-    def checkpoint(trainer, model):
-        saved["trainer"] = copy.deepcopy(trainer.state_dict())
-        saved["model"] = copy.deepcopy(model.state_dict())
+    checkpoint = _saving_into(saved)
 
     def stop(trainer, model, record):
         if record["iteration"] == stop_iteration:
@@ -464,9 +473,7 @@ def test_resume_with_automatic_search_is_exact(blobs):
     full, full_trainer = _fit(x, 3, 2, validation=val, **cfg)
     saved = {}
 
-    def checkpoint(trainer, model):
-        saved["trainer"] = copy.deepcopy(trainer.state_dict())
-        saved["model"] = copy.deepcopy(model.state_dict())
+    checkpoint = _saving_into(saved)
 
     def stop(trainer, model, record):
         if record["iteration"] == 4:
@@ -565,9 +572,7 @@ def test_resume_across_a_repeated_search_is_exact(overfit, monkeypatch, stop_off
     stop_iteration = first_stronger - 1 + stop_offset  # records count from 1
     saved = {}
 
-    def checkpoint(trainer, model):
-        saved["trainer"] = copy.deepcopy(trainer.state_dict())
-        saved["model"] = copy.deepcopy(model.state_dict())
+    checkpoint = _saving_into(saved)
 
     def stop(trainer, model, record):
         if record["iteration"] == stop_iteration:
