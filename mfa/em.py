@@ -53,7 +53,7 @@ class EMConfig:
     # quantisation variance 1/(12·256²) of (p+u)/256 pixels (1/(12·255²) for p/255 pixels).
     quantization_variance: float = QUANTIZATION_VARIANCE
     search_warmup: int = 1  # "auto": EM iterations with the weakest candidate before the search
-    # "auto": searches a restart at most; another when patience runs out (mfa.prior_search)
+    # "auto": searches a restart at most; a stronger s₀ when patience runs out (mfa.prior_search)
     max_searches: int = 4
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
@@ -167,7 +167,9 @@ class EMTrainer:
     (seeded by ``seed``) when the search or early stopping needs it. Early stopping
     (``patience > 0``) keeps the parameters with the best validation log-likelihood and
     returns them; it counts iterations from ``search_warmup`` on, and after each search;
-    with ``"auto"``, running out of patience first searches ``s₀`` again (``max_searches``).
+    with ``"auto"``, running out of patience first moves to a stronger ``s₀``
+    (``max_searches``), whose stint ends the restart unless it beats the best score
+    (:meth:`~mfa.em_state.RunState.track_validation`).
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -308,7 +310,7 @@ class EMTrainer:
             disable=not cfg.progress or not distributed.is_main_process(), leave=False,
         )
         # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
-        stopped = ctx.early_stopping and state.bad_iterations >= cfg.patience
+        stopped = ctx.early_stopping and state.stint_over(cfg.patience)
         for it in bar:
             if stopped:
                 break
@@ -362,8 +364,9 @@ class EMTrainer:
                     ctx.search and state.noise_prior_variance is None)
                 stopped = state.track_validation(training.clone_params, model, val_ll,
                                                  counting, cfg.patience)
-                if stopped and ctx.search and state.searches < cfg.max_searches:
-                    state.search_again()  # patience ran out: search from where EM got to
+                if (stopped and ctx.search and state.searches < cfg.max_searches
+                        and state.stint_improved()):
+                    state.search_again()  # patience ran out: a stronger prior from here
                     stopped = False
             self._state = state.as_dict()
             record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,

@@ -33,6 +33,11 @@ class RunState:
         searches, previous_noise_prior_variance: the searches run in this restart and the
             choice of the one before the latest (``None`` before a second one is due).
         best_val_noise_prior_variance: the ``s₀`` under which ``best_val_params`` were fitted.
+        val_at_search, stint_best, stale_iterations: the best validation score when the
+            latest repeated search was due (``None`` before one), the best since then (before
+            one: the best so far), and the iterations since the best so far; patience counts
+            against ``stint_best`` (see :meth:`track_validation`), and a stint under the
+            stronger prior that does not beat ``val_at_search`` ends the restart.
         best_val_log_likelihood, best_val_params, bad_iterations: early stopping within the
             restart: the best validation score so far, its parameters and the iterations since
             (``None``, ``None``, 0 without early stopping).
@@ -55,6 +60,9 @@ class RunState:
     searches: int = 0
     previous_noise_prior_variance: float | None = None
     best_val_noise_prior_variance: float | None = None
+    val_at_search: float | None = None
+    stint_best: float | None = None
+    stale_iterations: int = 0
 
     REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
     #: The accepted types of each saved key (checked on load, so a tampered state fails there).
@@ -65,7 +73,8 @@ class RunState:
         "noise_prior_variance": (float, int), "best_val_log_likelihood": (float, int),
         "best_val_params": (dict,), "bad_iterations": (int,), "searches": (int,),
         "previous_noise_prior_variance": (float, int),
-        "best_val_noise_prior_variance": (float, int),
+        "best_val_noise_prior_variance": (float, int), "val_at_search": (float, int),
+        "stint_best": (float, int), "stale_iterations": (int,),
     }
 
     def as_dict(self) -> dict:
@@ -83,9 +92,11 @@ class RunState:
             state["best_val_log_likelihood"] = self.best_val_log_likelihood
             state["best_val_params"] = self.best_val_params
             state["bad_iterations"] = self.bad_iterations
+            state["stale_iterations"] = self.stale_iterations
         if self.searches:
             state["searches"] = self.searches
-        for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance"):
+        for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance",
+                     "val_at_search", "stint_best"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         return state
@@ -105,32 +116,51 @@ class RunState:
             searches=int(state.get("searches", 0)),
             previous_noise_prior_variance=state.get("previous_noise_prior_variance"),
             best_val_noise_prior_variance=state.get("best_val_noise_prior_variance"),
+            val_at_search=state.get("val_at_search"),
+            # Checkpoints from before repeated stints: the stint is the whole restart.
+            stint_best=state.get("stint_best", state.get("best_val_log_likelihood")),
+            stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
         )
 
     def start_restart(self) -> None:
         """Forget what belongs to the restart that ended (or has not begun)."""
         self.iteration, self.previous_log_likelihood, self.generator = 0, None, None
-        self.noise_prior_variance, self.bad_iterations = None, 0
+        self.noise_prior_variance, self.bad_iterations, self.stale_iterations = None, 0, 0
         self.best_val_log_likelihood, self.best_val_params = None, None
         self.searches, self.previous_noise_prior_variance = 0, None
-        self.best_val_noise_prior_variance = None
+        self.best_val_noise_prior_variance = self.val_at_search = self.stint_best = None
 
     def track_validation(self, clone, model, val_ll: float, counting: bool,
                          patience: int) -> bool:
         """Keep the best validation score and ``clone(model)``, the parameters that reached it
-        (and their ``s₀``); ``True`` when ``patience`` iterations have passed without a better
-        score (only iterations with ``counting`` count: those after the warm-up and the
-        search)."""
+        (and their ``s₀``). ``True`` when the stint is over: ``patience`` iterations without
+        a better score in the current stint, or ``2·patience`` without a better score overall
+        (a stronger prior's stint may climb from below the best for a while, but not for
+        ever). Only iterations with ``counting`` count: those after the warm-up and the
+        search."""
         if self.best_val_log_likelihood is None or val_ll > self.best_val_log_likelihood:
-            self.best_val_log_likelihood, self.bad_iterations = val_ll, 0
+            self.best_val_log_likelihood, self.stale_iterations = val_ll, 0
             self.best_val_params = clone(model)
             self.best_val_noise_prior_variance = self.noise_prior_variance
-            return False
-        if counting:
+        elif counting:
+            self.stale_iterations += 1
+        if self.stint_best is None or val_ll > self.stint_best:
+            self.stint_best, self.bad_iterations = val_ll, 0
+        elif counting:
             self.bad_iterations += 1
-        return self.bad_iterations >= patience
+        return self.stint_over(patience)
+
+    def stint_over(self, patience: int) -> bool:
+        """Whether patience has run out (see :meth:`track_validation`)."""
+        return self.bad_iterations >= patience or self.stale_iterations >= 2 * patience
+
+    def stint_improved(self) -> bool:
+        """Whether the iterations since the latest repeated search beat the best validation
+        score it started from (``True`` before any repeated search)."""
+        return self.val_at_search is None or self.stint_best > self.val_at_search
 
     def search_again(self) -> None:
         """Make the next E-step run another noise prior search (from the current model)."""
         self.previous_noise_prior_variance = self.noise_prior_variance
-        self.noise_prior_variance, self.bad_iterations = None, 0
+        self.val_at_search, self.stint_best = self.best_val_log_likelihood, None
+        self.noise_prior_variance, self.bad_iterations, self.stale_iterations = None, 0, 0

@@ -221,8 +221,9 @@ def _protocol(results: list[dict]) -> str:
         f"({em.search_per_decade} a decade, up to the largest per-feature training variance) "
         "is scored on the validation rows and the best is kept; the column *noise prior s₀* "
         "is that choice. When early stopping's patience runs out the search runs again from "
-        f"the model reached (at most {em.max_searches} searches), and EM continues only under "
-        "a stronger s₀. EM then runs until the MAP objective gains less than "
+        f"the model reached (at most {em.max_searches} searches) and moves to a stronger s₀; "
+        "EM continues under it while that stint beats the best validation score. EM then "
+        "runs until the MAP objective gains less than "
         f"{em.tol:g} nats per row, for at most {em.max_iter} iterations"
         + (f" (capped at {', '.join(map(str, caps))} here)" if caps else "")
         + f", or stops early after {em.patience} iterations without a better validation "

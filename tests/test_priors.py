@@ -333,7 +333,9 @@ def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
 def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, strength):
     """choose_noise_variance scores about half the grid and returns the candidate an
     exhaustive scoring of every grid point picks; from a weaker previous choice (``above``)
-    it climbs to the same best, and from a stronger one it returns that choice."""
+    it climbs to the same best, from a stronger one it still moves one step stronger (the
+    trainer judges that stint by the validation score EM reaches), and from the grid's top
+    it returns that choice without scoring anything."""
     from mfa._data_stream import DataSource
     from mfa.prior_search import choose_noise_variance, score_candidates
 
@@ -359,8 +361,14 @@ def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, str
     climbed, walk = choose_noise_variance(model, stats, source, prior, above=grid[best - 1],
                                           **kwargs)
     assert climbed == pytest.approx(grid[best], rel=1e-12) and len(walk) <= 4
-    kept, _ = choose_noise_variance(model, stats, source, prior, above=grid[best + 1], **kwargs)
-    assert kept == pytest.approx(grid[best + 1], rel=1e-12)
+    assert best + 2 < len(grid)
+    stepped, walk = choose_noise_variance(model, stats, source, prior, above=grid[best + 1],
+                                          **kwargs)
+    assert exhaustive[best + 2] < exhaustive[best + 1]  # one step up scores lower: taken anyway
+    assert stepped == pytest.approx(grid[best + 2], rel=1e-12)
+    assert [s0 for s0, _ in walk] == pytest.approx(grid[best + 2:best + 4], rel=1e-12)
+    top, walk = choose_noise_variance(model, stats, source, prior, above=grid[-1], **kwargs)
+    assert top == grid[-1] and walk == []
 
 
 def test_default_fit_is_reproducible_with_its_seed(blobs):
@@ -550,6 +558,26 @@ def test_repeated_search_continues_with_a_stronger_prior_and_ends_on_a_weaker_on
     # next record's objective.
     assert trainer.selected_noise_prior_variance == trainer.history[best + 1][
         "noise_prior_variance"]
+
+
+def test_a_stronger_prior_whose_stint_does_not_beat_the_best_ends_the_restart(
+        overfit, monkeypatch):
+    """A repeated search's stronger prior runs for its stint; when no iteration of it beats
+    the best validation score, the restart ends there (no third search) and returns the
+    best parameters, fitted under the first choice."""
+    train, val = overfit
+    calls = _scripted_search(monkeypatch, [0.1, 1e5, 2e5])  # 1e5: far too smooth
+    model, trainer = _fit(train, 4, 3, validation=val, max_searches=4, **SEARCH)
+    assert len(calls) == 2 and _used_priors(trainer)[1:] == [0.1, 1e5]
+    vals = [h["val_log_likelihood"] for h in trainer.history]
+    switch = next(i for i, h in enumerate(trainer.history) if h["noise_prior_variance"] == 1e5)
+    # Record switch - 1 ran the search: its M-step (and validation score) is the stint's first.
+    best = max(v for v in vals[:switch - 1] if v is not None)
+    assert all(v < best for v in vals[switch - 1:] if v is not None)  # the stint never beat it
+    assert len(vals) - switch <= 2 * SEARCH["patience"] + 1
+    assert trainer.history[-1]["early_stop"]
+    assert trainer.selected_noise_prior_variance == 0.1
+    assert trainer.evaluate(model, val) == pytest.approx(best, rel=1e-12)
 
 
 def test_one_search_when_max_searches_is_1(overfit, monkeypatch):

@@ -1,0 +1,72 @@
+"""RunState's early-stopping bookkeeping (mfa.em_state): patience within a stint, the
+overall limit of 2·patience, and what a stint after a repeated search must reach."""
+
+from __future__ import annotations
+
+import pytest
+
+from mfa.em_state import RunState
+
+
+def _feed(state: RunState, scores, patience=3, counting=True):
+    """Track each score in turn (the clone is the score itself); returns the stop flags."""
+    return [state.track_validation(lambda model: {"score": model}, value, value, counting,
+                                   patience) for value in scores]
+
+
+def test_patience_counts_iterations_without_a_better_score():
+    state = RunState()
+    assert _feed(state, [1.0, 2.0, 1.5, 1.9, 1.8]) == [False] * 4 + [True]
+    assert state.best_val_log_likelihood == 2.0 and state.best_val_params == {"score": 2.0}
+    assert state.bad_iterations == 3 and state.stale_iterations == 3
+
+
+def test_iterations_that_do_not_count_do_not_use_up_patience():
+    state = RunState()
+    assert _feed(state, [2.0, 1.0, 1.0, 1.0, 1.0], counting=False) == [False] * 5
+    assert state.bad_iterations == 0
+
+
+def test_a_stint_climbing_from_below_the_best_runs_until_two_patiences():
+    """After a repeated search, patience counts against the stint's own best; a stint that
+    keeps improving on itself but stays below the best so far still ends 2·patience
+    iterations after the switch, and then no further search is due."""
+    state = RunState()
+    _feed(state, [5.0, 4.0, 4.0, 4.0])
+    state.search_again()
+    assert state.val_at_search == 5.0 and state.stint_best is None
+    flags = _feed(state, [1.0, 2.0, 3.0, 3.5, 3.8, 3.9])
+    assert flags == [False] * 5 + [True]
+    assert state.bad_iterations == 0 and state.stale_iterations == 6
+    assert not state.stint_improved()
+    assert state.best_val_params == {"score": 5.0}
+
+
+def test_a_stint_that_stops_improving_on_itself_ends_after_patience():
+    state = RunState()
+    _feed(state, [5.0, 4.0, 4.0, 4.0])
+    state.search_again()
+    assert _feed(state, [4.5, 4.0, 4.2, 4.4]) == [False, False, False, True]
+    assert not state.stint_improved()
+
+
+def test_a_stint_that_beats_the_best_earns_another_search():
+    state = RunState()
+    _feed(state, [5.0, 4.0, 4.0, 4.0])
+    state.search_again()
+    assert _feed(state, [4.0, 4.9, 5.5, 5.2, 5.1, 5.0]) == [False] * 5 + [True]
+    assert state.stint_improved() and state.best_val_params == {"score": 5.5}
+
+
+@pytest.mark.parametrize("keys", [(), ("stint_best", "stale_iterations")])
+def test_round_trip_and_checkpoints_without_the_stint_keys(keys):
+    """as_dict/from_dict keep every field; a checkpoint saved before the stint fields
+    existed resumes with the whole restart as one stint."""
+    state = RunState(best_params=None)
+    _feed(state, [5.0, 4.0, 4.5])
+    saved = state.as_dict()
+    for key in keys:
+        del saved[key]
+    back = RunState.from_dict(saved)
+    assert back.stint_best == 5.0 and back.bad_iterations == 2 and back.stale_iterations == 2
+    assert back.as_dict() == state.as_dict()
