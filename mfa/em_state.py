@@ -33,9 +33,10 @@ class RunState:
         searches, previous_noise_prior_variance: the searches run in this restart and the
             choice of the one before the latest (``None`` before a second one is due).
         best_val_noise_prior_variance: the ``s₀`` under which ``best_val_params`` were fitted.
-        val_at_search, stint_best, stale_iterations: the best validation score when the
-            latest repeated search was due (``None`` before one), the best since then (before
-            one: the best so far), and the iterations since the best so far; patience counts
+        val_at_search, stint_best, stint_gain, stale_iterations: the best validation score
+            when the latest repeated search was due (``None`` before one), the best since then
+            (before one: the best so far) and its latest gain, and the iterations since the
+            best so far; patience counts
             against ``stint_best`` (see :meth:`track_validation`), and a stint under the
             stronger prior that does not beat ``val_at_search`` ends the restart.
         best_val_log_likelihood, best_val_params, bad_iterations: early stopping within the
@@ -63,6 +64,7 @@ class RunState:
     val_at_search: float | None = None
     stint_best: float | None = None
     stale_iterations: int = 0
+    stint_gain: float | None = None
 
     REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
     #: The accepted types of each saved key (checked on load, so a tampered state fails there).
@@ -75,6 +77,7 @@ class RunState:
         "previous_noise_prior_variance": (float, int),
         "best_val_noise_prior_variance": (float, int), "val_at_search": (float, int),
         "stint_best": (float, int), "stale_iterations": (int,),
+        "stint_gain": (float, int),
     }
 
     def as_dict(self) -> dict:
@@ -96,7 +99,7 @@ class RunState:
         if self.searches:
             state["searches"] = self.searches
         for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance",
-                     "val_at_search", "stint_best"):
+                     "val_at_search", "stint_best", "stint_gain"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         return state
@@ -120,6 +123,7 @@ class RunState:
             # Checkpoints from before repeated stints: the stint is the whole restart.
             stint_best=state.get("stint_best", state.get("best_val_log_likelihood")),
             stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
+            stint_gain=state.get("stint_gain"),
         )
 
     def start_restart(self) -> None:
@@ -129,15 +133,16 @@ class RunState:
         self.best_val_log_likelihood, self.best_val_params = None, None
         self.searches, self.previous_noise_prior_variance = 0, None
         self.best_val_noise_prior_variance = self.val_at_search = self.stint_best = None
+        self.stint_gain = None
 
     def track_validation(self, clone, model, val_ll: float, counting: bool,
                          patience: int) -> bool:
         """Keep the best validation score and ``clone(model)``, the parameters that reached it
         (and their ``s₀``). ``True`` when the stint is over: ``patience`` iterations without
-        a better score in the current stint, or ``2·patience`` without a better score overall
-        (a stronger prior's stint may climb from below the best for a while, but not for
-        ever). Only iterations with ``counting`` count: those after the warm-up and the
-        search."""
+        a better score in the current stint (``patience // 2`` in a stint after a repeated
+        search), or ``2·patience`` without a better score overall (a stronger prior's stint
+        may climb from below the best for a while, but not for ever). Only iterations with
+        ``counting`` count: those after the warm-up and the search."""
         if self.best_val_log_likelihood is None or val_ll > self.best_val_log_likelihood:
             self.best_val_log_likelihood, self.stale_iterations = val_ll, 0
             self.best_val_params = clone(model)
@@ -145,14 +150,26 @@ class RunState:
         elif counting:
             self.stale_iterations += 1
         if self.stint_best is None or val_ll > self.stint_best:
+            self.stint_gain = None if self.stint_best is None else val_ll - self.stint_best
             self.stint_best, self.bad_iterations = val_ll, 0
         elif counting:
             self.bad_iterations += 1
         return self.stint_over(patience)
 
     def stint_over(self, patience: int) -> bool:
-        """Whether patience has run out (see :meth:`track_validation`)."""
-        return self.bad_iterations >= patience or self.stale_iterations >= 2 * patience
+        """Whether patience has run out (see :meth:`track_validation`). A stint after a
+        repeated search explores a stronger prior: it is over once it stops climbing for
+        ``patience // 2`` iterations (at least 1), or once, climbing from below the best, its
+        latest gain per iteration would not reach the best within ``2·patience`` iterations of
+        the switch: what a prior that does not pay costs is a few iterations."""
+        if self.val_at_search is None:
+            return self.bad_iterations >= patience
+        left = 2 * patience - self.stale_iterations
+        if self.bad_iterations >= max(1, patience // 2) or left <= 0:
+            return True
+        # Still below the best: over when its latest gain, kept up, would not get there in time.
+        gap = self.best_val_log_likelihood - self.stint_best
+        return gap > 0 and self.stint_gain is not None and self.stint_gain * left < gap
 
     def stint_improved(self) -> bool:
         """Whether the iterations since the latest repeated search beat the best validation
@@ -162,5 +179,6 @@ class RunState:
     def search_again(self) -> None:
         """Make the next E-step run another noise prior search (from the current model)."""
         self.previous_noise_prior_variance = self.noise_prior_variance
-        self.val_at_search, self.stint_best = self.best_val_log_likelihood, None
+        self.val_at_search = self.best_val_log_likelihood
+        self.stint_best = self.stint_gain = None
         self.noise_prior_variance, self.bad_iterations, self.stale_iterations = None, 0, 0

@@ -29,24 +29,36 @@ def test_iterations_that_do_not_count_do_not_use_up_patience():
 
 def test_a_stint_climbing_from_below_the_best_runs_until_two_patiences():
     """After a repeated search, patience counts against the stint's own best; a stint that
-    keeps improving on itself but stays below the best so far still ends 2·patience
+    keeps climbing fast enough to reach the best but stays below it still ends 2·patience
     iterations after the switch, and then no further search is due."""
     state = RunState()
     _feed(state, [5.0, 4.0, 4.0, 4.0])
     state.search_again()
     assert state.val_at_search == 5.0 and state.stint_best is None
-    flags = _feed(state, [1.0, 2.0, 3.0, 3.5, 3.8, 3.9])
+    flags = _feed(state, [1.0, 2.0, 3.0, 4.0, 4.9, 4.99])
     assert flags == [False] * 5 + [True]
     assert state.bad_iterations == 0 and state.stale_iterations == 6
     assert not state.stint_improved()
     assert state.best_val_params == {"score": 5.0}
 
 
-def test_a_stint_that_stops_improving_on_itself_ends_after_patience():
+def test_a_stint_whose_gains_would_not_reach_the_best_in_time_ends_early():
+    """Climbing by 1, then 0.5 with 2 of its 2·patience iterations left and 1.5 to go: the
+    latest gain kept up would not get there, so the stint is over."""
     state = RunState()
     _feed(state, [5.0, 4.0, 4.0, 4.0])
     state.search_again()
-    assert _feed(state, [4.5, 4.0, 4.2, 4.4]) == [False, False, False, True]
+    assert _feed(state, [1.0, 2.0, 3.0, 3.5]) == [False] * 3 + [True]
+    assert state.stint_gain == 0.5 and state.stale_iterations == 4
+
+
+def test_a_stint_that_stops_improving_on_itself_ends_after_half_the_patience():
+    """Before any repeated search the whole patience applies; a stint after one is over
+    once it has not climbed for patience // 2 iterations."""
+    state = RunState()
+    assert _feed(state, [5.0, 4.0, 4.0, 4.0, 4.0], patience=4) == [False] * 4 + [True]
+    state.search_again()
+    assert _feed(state, [4.5, 4.0, 4.2], patience=4) == [False, False, True]
     assert not state.stint_improved()
 
 
@@ -54,8 +66,9 @@ def test_a_stint_that_beats_the_best_earns_another_search():
     state = RunState()
     _feed(state, [5.0, 4.0, 4.0, 4.0])
     state.search_again()
-    assert _feed(state, [4.0, 4.9, 5.5, 5.2, 5.1, 5.0]) == [False] * 5 + [True]
-    assert state.stint_improved() and state.best_val_params == {"score": 5.5}
+    assert _feed(state, [4.0, 4.9, 5.5, 5.7, 5.2], patience=4) == [False] * 4 + [False]
+    assert _feed(state, [5.1], patience=4) == [True]
+    assert state.stint_improved() and state.best_val_params == {"score": 5.7}
 
 
 @pytest.mark.parametrize("keys", [(), ("stint_best", "stale_iterations")])
