@@ -456,6 +456,9 @@ def large_model_case(pixels, k: int, lat: int, args, clock) -> dict:
         except OOM_ERRORS as exc:
             phases[name] = {"ok": False, "out_of_memory": str(exc).splitlines()[0],
                             "peak_memory_gb": peak_gb(device)}
+        except Exception as exc:  # noqa: BLE001 - a failure is a result: report it, go on
+            phases[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                            "peak_memory_gb": peak_gb(device)}
         return phases[name]["ok"]
 
     def build():
@@ -476,6 +479,14 @@ def large_model_case(pixels, k: int, lat: int, args, clock) -> dict:
             EMTrainer(EMConfig(max_iter=1, tol=0.0, batch_size=args.batch_size, init="none",
                                min_component_mass=0.0, progress=False)).fit(held["model"], stream)
 
+    def em_epoch():  # every row once: s/epoch of the larger model (its phase seconds)
+        stream = DequantisedStream(pixels, args.batch_size, args.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", mfa.ConvergenceWarning)
+            EMTrainer(EMConfig(max_iter=1, tol=0.0, batch_size=args.batch_size, init="none",
+                               min_component_mass=0.0, noise_prior_variance=1e-4,
+                               progress=False)).fit(held["model"], stream)
+
     def adam_step():
         stream = DequantisedStream(pixels, args.adam_batch_size, args.seed, max_batches=1)
         cfg = SGDConfig(batch_size=args.adam_batch_size, epochs=1, init="none",
@@ -495,7 +506,8 @@ def large_model_case(pixels, k: int, lat: int, args, clock) -> dict:
         result["parameters_gb"] = sum(p.numel() * p.element_size()
                                       for p in held["model"].parameters()) / GB
         for name, fn in (("log_prob_batch", log_prob), ("em_iteration_one_batch", em_iteration),
-                         ("adam_step", adam_step), ("inpaint_64_rows", inpaint_small)):
+                         ("adam_step", adam_step), ("inpaint_64_rows", inpaint_small),
+                         ("em_epoch", em_epoch)):
             phase(name, fn)
     held.clear()
     reset_peak(device)
@@ -581,8 +593,10 @@ def print_report(res: dict) -> None:
         print(f"\nlarge model {r['case']}: fits = {r['fits']} "
               f"(parameters {fmt(r.get('parameters_gb'), '.2f')} GB)")
         for name, v in r["phases"].items():
-            state = "ok" if v["ok"] else f"OUT OF MEMORY: {v['out_of_memory']}"
-            print(f"  {name:<24} {state}, peak {fmt(v.get('peak_memory_gb'), '.2f')} GB")
+            state = ("ok" if v["ok"] else f"OUT OF MEMORY: {v['out_of_memory']}"
+                     if "out_of_memory" in v else f"FAILED: {v['error']}")
+            print(f"  {name:<24} {state}, {fmt(v.get('seconds'), '.3f')} s, "
+                  f"peak {fmt(v.get('peak_memory_gb'), '.2f')} GB")
     for message in res["skipped"]:
         print(message)
     print("\ncase wall times (warm-ups included): " + ", ".join(
@@ -715,9 +729,10 @@ def run(args, device: torch.device) -> dict:
         res["inpaint"] = inpaint_case(model0, pixels, args.inpaint_rows, args, clock)
         print("done: inpaint", flush=True)
         save("inpaint")
-    # Five phases, each at most a few E-step batches of the larger model.
+    # Five phases of at most a few E-step batches of the larger model, then one EM epoch.
     per_batch = max([r.get("per_batch_s", 0.0) for r in res["em"]] + [0.0])
-    large = 10.0 * prior + 20 * per_batch * args.large_components / k
+    batches = 20 + math.ceil(n / args.batch_size)
+    large = 10.0 * prior + batches * per_batch * args.large_components / k
     if budget.allows(f"large model K={args.large_components}", large):
         res["large_model"] = large_model_case(pixels, args.large_components, lat, args, clock)
         print(f"done: large model, fits = {res['large_model']['fits']}", flush=True)

@@ -157,6 +157,41 @@ class RowPosterior:
     reference: Tensor
 
 
+def masked_capacitance_cholesky(terms: MaskedTerms, mask: Tensor) -> Tensor:
+    """Cholesky factors of ``M_o = I + A_oᵀ D_o⁻¹ A_o`` for every row's observed set and
+    component: float ``mask`` [n, D] → ``[n, K, L, L]``.
+
+    ``M_o`` is positive definite, but summed in float32 from terms of size ``A²/d`` its
+    smallest eigenvalues drown in rounding once the noise is near the quantisation level
+    (seen on CUDA: K = 1000 after one EM iteration). Where the float32 factorisation fails,
+    the failing rows' and components' ``M_o`` are summed and factored in float64 (in
+    component chunks of bounded memory) and the factors returned in ``mask``'s dtype.
+    """
+    k, d, n_lat = terms.loadings.shape
+    n = mask.shape[0]
+    eye = torch.eye(n_lat, dtype=mask.dtype, device=mask.device)
+    cap = (mask @ terms.outer).view(n, k, n_lat, n_lat) + eye
+    chol, info = torch.linalg.cholesky_ex(cap)
+    failed = info != 0  # [n, K]
+    if not bool(failed.any()):
+        return chol
+    if mask.dtype == torch.float64:
+        torch.linalg.cholesky(cap)  # raises, naming the failing matrix
+    rows = failed.any(1).nonzero().squeeze(1)
+    comps = failed.any(0).nonzero().squeeze(1)
+    mask64 = mask[rows].double()
+    outer = terms.outer.view(d, k, n_lat * n_lat)
+    eye64 = eye.double()
+    chol = chol.clone()
+    step = max(1, 2**25 // (d * n_lat * n_lat))  # ≤ 256 MB of float64 terms at a time
+    for i in range(0, comps.numel(), step):
+        c = comps[i : i + step]
+        cap64 = (mask64 @ outer[:, c].double().reshape(d, -1)).view(rows.numel(), -1, n_lat,
+                                                                       n_lat) + eye64
+        chol[rows.unsqueeze(1), c.unsqueeze(0)] = torch.linalg.cholesky(cap64).to(chol.dtype)
+    return chol
+
+
 def row_posterior(terms: MaskedTerms, x: Tensor, observed: Tensor) -> RowPosterior:
     """The latent posterior of every row and component under per-row masks.
 
@@ -177,9 +212,7 @@ def row_posterior(terms: MaskedTerms, x: Tensor, observed: Tensor) -> RowPosteri
     n_obs = mask.sum(-1, keepdim=True)  # [n, 1]
     n = x.shape[0]
     if n_lat:
-        eye = torch.eye(n_lat, dtype=x.dtype, device=x.device)
-        cap = (mask @ t.outer).view(n, k, n_lat, n_lat) + eye
-        chol = torch.linalg.cholesky(cap)  # [n, K, L, L]
+        chol = masked_capacitance_cholesky(t, mask)  # [n, K, L, L]
         b = (xc @ t.scaled - mask @ t.mu_scaled).view(n, k, n_lat, 1)  # A_oᵀD_o⁻¹(x_o − μ_o)
         u = torch.linalg.solve_triangular(chol, b, upper=False)  # C⁻¹ b
         latent_mean = torch.linalg.solve_triangular(chol.mT, u, upper=True).squeeze(-1)

@@ -71,7 +71,8 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
     assert acc["em_update"]["float64/float32"]["noise_max_rel_error"] < 1e-4
     assert res["inpaint"]["no_grad"]["finite"] and res["inpaint"]["as_called"]["finite"]
     assert res["large_model"]["fits"] and set(res["large_model"]["phases"]) == {
-        "construct", "log_prob_batch", "em_iteration_one_batch", "adam_step", "inpaint_64_rows"}
+        "construct", "log_prob_batch", "em_iteration_one_batch", "adam_step", "inpaint_64_rows",
+        "em_epoch"}
 
 
 def _load_script():

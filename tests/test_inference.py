@@ -240,6 +240,48 @@ def test_masked_methods_far_from_origin_float32():
                                rtol=1e-5, atol=1e-3)
 
 
+def test_masked_capacitance_falls_back_to_float64_where_float32_fails():
+    """Two nearly parallel loading columns over noise at the quantisation level make the
+    per-row ``M_o = I + A_oᵀD_o⁻¹A_o`` singular in float32 (seen on CUDA at K = 1000): the
+    failing factors come from float64, so the conditional mean is still the dense one."""
+    from mfa.conditioning import masked_capacitance_cholesky, masked_terms
+
+    g = gen(0)
+    k, d, n = 2, 50, 8
+    base = torch.randn(k, d, 1, generator=g, dtype=F64)
+    loadings = torch.cat([base, base + 1e-6 * torch.randn(k, d, 1, generator=g, dtype=F64)], -1)
+    noise = torch.full((k, d), 1e-6, dtype=F64)
+    noise[1] = 0.05
+    means = 0.5 + 0.1 * torch.randn(k, d, generator=g, dtype=F64)
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5], dtype=F64), means, loadings, noise)
+    x, _ = model.sample(n, generator=g)
+    observed = _random_masks(n, d, seed=3, p=0.7)
+    m32 = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5]), means.float(), loadings.float(), noise.float())
+    terms = masked_terms(m32.weights.log(), m32.means, m32.factor_loadings, m32.noise_variance)
+    mask = observed.float()
+    cap = (mask @ terms.outer).view(n, k, 2, 2) + torch.eye(2)
+    failed = torch.linalg.cholesky_ex(cap).info != 0
+    assert bool(failed.any()) and not bool(failed.all())  # the case this test is about
+    chol = masked_capacitance_cholesky(terms, mask)
+    assert chol.dtype == torch.float32
+    cap64 = (mask.double() @ terms.outer.double()).view(n, k, 2, 2) + torch.eye(2, dtype=F64)
+    reference = torch.linalg.cholesky(cap64)
+    torch.testing.assert_close(chol[failed].double(), reference[failed], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(chol[~failed], torch.linalg.cholesky_ex(cap).L[~failed])
+
+    ref = DenseMixture.from_model(model)
+    with torch.no_grad():
+        mean = m32.conditional_mean(x.float(), observed).double()
+        lp = m32.observed_log_prob(x.float(), observed).double()
+    torch.testing.assert_close(mean, _dense_conditional_mean(ref, x, observed),
+                               rtol=1e-5, atol=1e-4)
+    # log p itself is computed (no longer raises) but cancels ~ε·Σ(Az)²/d ≈ 20 nats in
+    # float32 here, as the float32 model's full-row log_prob does: float64 models for that.
+    assert bool(torch.isfinite(lp).all())
+
+
 def test_masked_methods_chunked_equal_unchunked():
     big = random_model(3, 6, 2, "isotropic", seed=126)
     tiny = random_model(3, 6, 2, "isotropic", seed=126, chunk_elements=50)
