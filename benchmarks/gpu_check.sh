@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One script for a lent GPU machine: the card, the environment, the CUDA tests and the
-# CelebA-shaped benchmark (benchmarks/bench_gpu.py), in at most ~8 minutes.
+# One script for a lent GPU machine: the card, the environment, the CUDA tests, the
+# CelebA-shaped benchmark (benchmarks/bench_gpu.py) and a kernel profile
+# (benchmarks/profile_gpu.py), in at most ~8 minutes.
 #
 #   bash benchmarks/gpu_check.sh                     # on the GPU machine
 #   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # CPU smoke test: tiny benchmark sizes
 #
-# Writes gpu_check.log, pytest_cuda.xml, bench_gpu.log and bench_gpu.json into $OUT when it is
-# set (the device tool collects files from there), else ./gpu_results/. Each step has its own
+# Writes gpu_check.log, pytest_cuda.xml, bench_gpu.log, bench_gpu.json and profile_gpu.log
+# into $OUT when it is set (the device tool collects files from there), else ./gpu_results/. Each step has its own
 # timeout (override with the variables below); the script runs every step even when one
 # fails and exits non-zero if any did. Nothing is downloaded: the machine has no internet.
 
@@ -21,6 +22,7 @@ INSTALL_TIMEOUT=${GPU_CHECK_INSTALL_TIMEOUT:-45}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-100}
 BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-320}
 BENCH_BUDGET=${GPU_CHECK_BENCH_BUDGET:-270}  # seconds bench_gpu.py plans for (< its timeout)
+PROFILE_TIMEOUT=${GPU_CHECK_PROFILE_TIMEOUT:-60}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's mfa, installed or not
 export PYTHONUNBUFFERED=1
 
@@ -118,6 +120,17 @@ EOF
     timeout -k 10 "$BENCH_TIMEOUT" "$PY" benchmarks/bench_gpu.py "${bench_args[@]}" \
         --json "$RESULTS/bench_gpu.json" 2>&1 | tee "$RESULTS/bench_gpu.log"
     record "benchmark" "${PIPESTATUS[0]}"
+
+    step "profile: top kernels of one E-step batch and one Adam step (timeout ${PROFILE_TIMEOUT} s)"
+    if [ "$QUICK" = 1 ]; then
+        profile_args=(--quick --device cpu --rows 5)
+    else
+        profile_args=(--device cuda --modes centred float64)
+    fi
+    timeout -k 10 "$PROFILE_TIMEOUT" "$PY" benchmarks/profile_gpu.py "${profile_args[@]}" \
+        >"$RESULTS/profile_gpu.log" 2>&1
+    record "profile" $?
+    grep -E "^== |Self CUDA time total|Self CPU time total" "$RESULTS/profile_gpu.log" || true
 
     if command -v nvidia-smi >/dev/null 2>&1; then
         step "card after the run"

@@ -12,6 +12,9 @@ from mfa._terms import ComponentTerms
 #: Rows per slice of one component's owned rows (the float64 copy stays small).
 SLICE_ROWS = 1024
 
+#: Values per chunk of the scattered form's ``[rows, L+1, D]`` products (256 MB of float64).
+SCATTER_ELEMENTS = 2**25
+
 
 def owner_sums(
     x: Tensor, terms: ComponentTerms, owners: list[tuple[Tensor, Tensor, Tensor]],
@@ -39,6 +42,8 @@ def owner_sums(
     owner = torch.cat([o[0] for o in owners])  # [n]
     own = torch.cat([o[1] for o in owners]).to(dtype)  # [n]
     p_own = torch.cat([o[2] for o in owners], dim=1).to(dtype)  # [L, n]
+    if x.device.type != "cpu":
+        return scattered_owner_sums(x, terms, owner, own, p_own, dtype)
     order = torch.argsort(owner, stable=True)
     counts = torch.bincount(owner, minlength=k).tolist()
     means = terms.means.detach().to(dtype)  # [K, D]
@@ -72,4 +77,48 @@ def owner_sums(
     sum_x = sum_y + delta * mass.unsqueeze(-1)
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
     sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta_col).mT  # [K, D, L]
+    return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]
+
+
+def scattered_owner_sums(
+    x: Tensor, terms: ComponentTerms, owner: Tensor, own: Tensor, p_own: Tensor,
+    dtype: torch.dtype,
+) -> list[Tensor]:
+    """:func:`owner_sums` without a loop over components, for GPUs: each row's weighted
+    ``y = x − μ_owner`` products are added into its owner's sums with ``index_add_`` in
+    chunks of rows (no ``.tolist()`` synchronisation, a few kernels per chunk instead of
+    ``K``). The loop's one small product per component and batch is launch-bound on a GPU
+    (an H200 took 4.2 s for a CelebA-shaped epoch against 0.84 s for the whole float64
+    E-step); on a CPU the loop's products are faster than these elementwise ones. The same
+    sums up to float64 rounding; on CUDA ``index_add_`` adds in no fixed order.
+
+    Args: ``owner`` [n], ``r_own`` [n] and ``p_own`` [L, n] of every row, in row order
+    (the rest as :func:`owner_sums`).
+    """
+    k, n_lat, d = terms.whitened.shape
+    n = x.shape[0]
+    own, p_own = own.to(dtype), p_own.to(dtype)
+    means = terms.means.detach().to(dtype)  # [K, D]
+    delta = means - terms.reference.detach().to(dtype)  # [K, D]
+    zeros = x.new_zeros((), dtype=dtype)
+    rp = (p_own * own).T  # r ⊙ p  [n, L]
+    mass = zeros.new_zeros(k).index_add_(0, owner, own)
+    sum_p = zeros.new_zeros(k, n_lat).index_add_(0, owner, rp)
+    sum_pp = zeros.new_zeros(k, n_lat, n_lat).index_add_(
+        0, owner, rp.unsqueeze(-1) * p_own.T.unsqueeze(1))
+    sum_y = zeros.new_zeros(k, d)
+    sum_y2 = zeros.new_zeros(k, d)
+    sum_yp = zeros.new_zeros(k, n_lat, d)
+    step = max(1, SCATTER_ELEMENTS // ((n_lat + 1) * d))
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        o = owner[rows]
+        y = x[rows].to(dtype).sub_(means.index_select(0, o))  # [m, D], exact in dtype
+        ry = y * own[rows].unsqueeze(-1)  # [m, D]
+        sum_y.index_add_(0, o, ry)
+        sum_y2.index_add_(0, o, ry.mul_(y))
+        sum_yp.index_add_(0, o, rp[rows].unsqueeze(-1) * y.unsqueeze(1))  # [m, L, D]
+    sum_x = sum_y + delta * mass.unsqueeze(-1)
+    sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
+    sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta.unsqueeze(1)).mT  # [K, D, L]
     return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]

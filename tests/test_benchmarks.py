@@ -75,6 +75,19 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
         "em_epoch"}
 
 
+@pytest.mark.slow
+def test_profile_gpu_quick_on_cpu_lists_the_top_kernels(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "profile_gpu.py"), "--quick", "--device",
+         "cpu", "--modes", "centred", "--rows", "5"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for field in ("== E-step, one batch of 512 rows, stats_dtype=centred",
+                  "== Adam, one step of 256 rows", "aten::mm", "Self CPU time total"):
+        assert field in proc.stdout, f"{field!r} missing from the output:\n{proc.stdout}"
+
+
 def _load_script():
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)

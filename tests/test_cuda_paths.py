@@ -128,9 +128,11 @@ def test_em_streams_cpu_batches_to_a_cuda_model():
     start = _kmeans_start(x)
     loader = DataLoader(TensorDataset(x), batch_size=256, shuffle=False)
     streamed, resident = _on(start), _on(start)
-    # A fixed prior: "auto" would hold out val_fraction of the tensor (not of the loader).
-    t1 = _em(streamed, loader, DEVICE, noise_prior_variance=1e-4)
-    t2 = _em(resident, x.to(DEVICE), DEVICE, noise_prior_variance=1e-4)
+    # A fixed prior and no hold-out: "auto" and patience would hold out val_fraction of the
+    # tensor's rows (a DataLoader's rows cannot be split).
+    fixed = dict(noise_prior_variance=1e-4, val_fraction=0.0)
+    t1 = _em(streamed, loader, DEVICE, **fixed)
+    t2 = _em(resident, x.to(DEVICE), DEVICE, **fixed)
     assert _is_on_device(streamed.means)
     assert [h["train_log_likelihood"] for h in t1.history] == pytest.approx(
         [h["train_log_likelihood"] for h in t2.history], rel=1e-12)

@@ -1,0 +1,51 @@
+"""mfa.owner_sums: the scattered (GPU) form of the owner shares equals the per-component
+loop, and both equal the sums written out row by row in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import F64, random_data, random_model
+
+import mfa.owner_sums as owner_sums_module
+from mfa.owner_sums import owner_sums, scattered_owner_sums
+
+
+def _case(n=300, seed=0):
+    model = random_model(4, 7, 2, "diagonal", seed=seed, offset=50.0).float()
+    x = random_data(n, model, seed=seed + 1).float()
+    terms = model.component_terms()
+    g = torch.Generator().manual_seed(seed + 2)
+    owner = torch.randint(0, 3, (n,), generator=g)  # component 3 owns no row
+    own = torch.rand(n, generator=g)
+    p_own = torch.randn(2, n, generator=g)
+    return x, terms, owner, own, p_own
+
+
+def _row_by_row(x, terms, owner, own, p_own):
+    """The seven sums straight from their definition, about the reference c, in float64."""
+    k, n_lat, d = terms.whitened.shape
+    xc = x.double() - terms.reference.double()
+    onehot = torch.nn.functional.one_hot(owner, k).double() * own.double().unsqueeze(-1)  # [n, K]
+    p = p_own.double().T  # [n, L]
+    return [onehot.sum(0), onehot.T @ xc, onehot.T @ (xc * xc),
+            torch.einsum("nk,nd,nl->kdl", onehot, xc, p), onehot.T @ p,
+            torch.einsum("nk,nl,nm->klm", onehot, p, p)]
+
+
+@pytest.mark.parametrize("scatter_elements", [2**25, 50])
+def test_scattered_owner_sums_equal_the_loop_and_the_definition(scatter_elements, monkeypatch):
+    """Components 50 away from the reference (the cancellation the owner sums exist for),
+    one component without rows, and chunks of 3 rows (scatter_elements=50) or one chunk."""
+    monkeypatch.setattr(owner_sums_module, "SCATTER_ELEMENTS", scatter_elements)
+    x, terms, owner, own, p_own = _case()
+    scattered = scattered_owner_sums(x, terms, owner, own, p_own, F64)
+    looped = owner_sums(x, terms, [(owner, own, p_own)], F64)  # x on the CPU: the loop
+    reference = _row_by_row(x, terms, owner, own, p_own)
+    names = ["mass", "sum_x", "sum_x2", "sum_xp", "sum_p", "sum_pp"]
+    for name, got, loop, ref in zip(names, scattered, looped, reference, strict=False):
+        assert got.dtype == F64, name
+        torch.testing.assert_close(got, loop, rtol=1e-12, atol=1e-9, msg=name)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-8, msg=name)
+    assert float(scattered[-1]) == 0.0
+    assert float(scattered[0][3]) == 0.0 and float(scattered[1][3].abs().sum()) == 0.0
