@@ -9,7 +9,8 @@
 # Writes gpu_check.log, pytest_cuda.xml, bench_gpu.log, bench_gpu.json and profile_gpu.log
 # into $OUT when it is set (the device tool collects files from there), else ./gpu_results/.
 # Each step has its own timeout (override with the variables below); the script runs every
-# step even when one fails and exits non-zero if any did. Nothing is downloaded: the machine has no internet.
+# step even when one fails and exits non-zero if any did. Nothing is downloaded: the
+# machine has no internet.
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
