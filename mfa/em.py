@@ -23,10 +23,11 @@ from mfa._validation import (
     check_int_fields,
     check_real_field,
 )
-from mfa.em_state import RunState
+from mfa.em_state import Callback, FitContext, RunState
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
+from mfa.pruning import reseed_round
 from mfa.statistics import STATS_DTYPES, accumulate_statistics, m_step, resolve_stats_dtype
 from mfa.training import ConvergenceWarning
 
@@ -68,6 +69,9 @@ class EMConfig:
     allow_tf32: bool = False
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
+    # then, with early stopping, rounds that re-seed the components that lower the validation
+    # score and fit again from there, kept if their validation score is better (mfa.pruning)
+    reseed_rounds: int = 1
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
     complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
@@ -89,7 +93,7 @@ class EMConfig:
         """
         check_int_fields(self, {"max_iter": 0, "batch_size": 1, "n_init": 1, "kmeans_iter": 1,
                                 "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
-                                "seed": 0})
+                                "seed": 0, "reseed_rounds": 0})
         check_real_field(self, "tol", minimum=0)
         check_real_field(self, "variance_floor", minimum=0, strict=True)
         check_prior_fields(self, allow_auto=True)
@@ -112,21 +116,6 @@ class EMConfig:
 
 
 logger = logging.getLogger(__name__)
-
-Callback = Callable[["EMTrainer", MixtureOfFactorAnalyzers, dict], None]
-
-
-@dataclass(frozen=True)
-class _FitContext:
-    """What stays fixed during one :meth:`EMTrainer.fit`."""
-
-    source: DataSource
-    val_source: DataSource | None
-    floor: float  # noise-variance floor of the M-step
-    search: bool  # choose the noise prior's variance on val_source (noise_prior_variance="auto")
-    early_stopping: bool  # patience > 0 and validation data
-    callbacks: Sequence[Callback]
-    checkpoint_fn: Callable | None
 
 
 class EMTrainer:
@@ -169,7 +158,11 @@ class EMTrainer:
     returns them; it counts iterations from ``search_warmup`` on, and after each search;
     with ``"auto"``, running out of patience first moves to a stronger ``s₀``
     (``max_searches``), whose stint ends the restart unless it beats the best score
-    (:meth:`~mfa.em_state.RunState.track_validation`).
+    (:meth:`~mfa.em_state.RunState.track_validation`). After the restarts, with early
+    stopping and complete data, ``reseed_rounds`` rounds each re-seed the best result's
+    components that lower the validation score (:mod:`mfa.pruning`) and run EM again from
+    there (``run`` = ``n_init``, ``n_init + 1``, ...); a round is kept if its best validation
+    score beats the best so far, and the first that does not ends them.
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -246,7 +239,7 @@ class EMTrainer:
                 f"s0 = quantization_variance = {cfg.quantization_variance:g}",
                 UserWarning, stacklevel=3,
             )
-        ctx = _FitContext(
+        ctx = FitContext(
             source=source, val_source=val_source,
             floor=max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30),
             search=auto and val_source is not None,
@@ -259,10 +252,16 @@ class EMTrainer:
             self.history = []
             state = RunState()
         init_rows = None
-        for run in range(state.run, cfg.n_init):
+        rounds = cfg.reseed_rounds if ctx.early_stopping and not allow else 0
+        for run in range(state.run, cfg.n_init + rounds):
             resuming = run == state.run and state.iteration > 0
             state.run = run
-            if not resuming:
+            if not resuming and run >= cfg.n_init:  # a re-seeding round, from the best so far
+                model.load_state_dict(state.best_params)
+                if not reseed_round(model, validation, cfg.batch_size, cfg.seed + run):
+                    break
+                state.start_restart()
+            elif not resuming:
                 if init_rows is None and cfg.init != "none":
                     init_rows = gather_rows(source, cfg.init_samples, cfg.seed)
                 initialise(
@@ -272,24 +271,27 @@ class EMTrainer:
                 distributed.broadcast_model(model)  # the same start on every process
                 state.start_restart()
             run_ll, converged = self._run(model, ctx, state)
-            state.runs_done = run + 1
-            if run_ll > state.best_log_likelihood or state.best_params is None:
+            run_val, state.runs_done = state.best_val_log_likelihood, run + 1
+            if (state.best_params is None or (run_ll > state.best_log_likelihood if run < cfg.n_init
+                                              else run_val > state.best_run_val)):
                 state.best_log_likelihood, state.converged = run_ll, converged
-                state.best_params = training.clone_params(model)
+                state.best_params, state.best_run_val = training.clone_params(model), run_val
                 self.selected_noise_prior_variance = state.noise_prior_variance
+            elif run >= cfg.n_init:
+                break  # the round did not pay: no further one would start from elsewhere
             state.start_restart()
             if cfg.n_init > 1:
                 logger.info("EM run %d/%d: log-likelihood %.6g", run + 1, cfg.n_init, run_ll)
         if state.best_params is not None:
             model.load_state_dict(state.best_params)
         self.converged = state.converged
-        state.run = cfg.n_init
+        state.run = cfg.n_init + rounds
         self._state = state.as_dict()
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model
 
-    def _run(self, model: MixtureOfFactorAnalyzers, ctx: _FitContext,
+    def _run(self, model: MixtureOfFactorAnalyzers, ctx: FitContext,
              state: RunState) -> tuple[float, bool]:
         """One restart from ``state.iteration`` to convergence, early stopping or
         ``max_iter``; updates ``state`` after every M-step. Returns ``(mean train
@@ -403,7 +405,7 @@ class EMTrainer:
             )
         return ll, converged
 
-    def _score_validation(self, model, ctx: _FitContext) -> float | None:
+    def _score_validation(self, model, ctx: FitContext) -> float | None:
         return self.evaluate(model, ctx.val_source) if ctx.val_source is not None else None
 
     def _prior(self, state: RunState) -> Prior:

@@ -1,14 +1,34 @@
 """Where an EM fit stands (:class:`RunState`): enough to resume it exactly, and the format of
-:meth:`mfa.em.EMTrainer.state_dict`."""
+:meth:`mfa.em.EMTrainer.state_dict`; and what stays fixed during one fit
+(:class:`FitContext`)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
-__all__ = ["RunState"]
+from mfa._data_stream import DataSource
+
+__all__ = ["Callback", "FitContext", "RunState"]
+
+#: ``cb(trainer, model, record)`` after each EM iteration.
+Callback = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What stays fixed during one :meth:`mfa.em.EMTrainer.fit`."""
+
+    source: DataSource
+    val_source: DataSource | None
+    floor: float  # noise-variance floor of the M-step
+    search: bool  # choose the noise prior's variance on val_source (noise_prior_variance="auto")
+    early_stopping: bool  # patience > 0 and validation data
+    callbacks: Sequence[Callback]
+    checkpoint_fn: Callable | None
 
 
 @dataclass
@@ -23,7 +43,8 @@ class RunState:
             without a prior) of the last iteration (``None`` at the start of a restart and
             right after the noise prior was chosen).
         best_log_likelihood, best_params: the best finished restart so far (its model
-            ``state_dict``), or ``-inf`` and ``None``.
+            ``state_dict``), or ``-inf`` and ``None``; best_run_val: its best validation score
+            (``None`` without early stopping), which a re-seeding round must beat.
         runs_done: restarts finished.
         converged: whether the best restart met ``tol`` (set when the fit ends).
         generator: the re-seeding generator's state within the restart (``None`` at its start
@@ -51,6 +72,7 @@ class RunState:
     previous_log_likelihood: float | None = None
     best_log_likelihood: float = -math.inf
     best_params: dict[str, Tensor] | None = None
+    best_run_val: float | None = None
     runs_done: int = 0
     converged: bool = False
     generator: Tensor | None = field(default=None, repr=False)
@@ -77,7 +99,7 @@ class RunState:
         "previous_noise_prior_variance": (float, int),
         "best_val_noise_prior_variance": (float, int), "val_at_search": (float, int),
         "stint_best": (float, int), "stale_iterations": (int,),
-        "stint_gain": (float, int),
+        "stint_gain": (float, int), "best_run_val": (float, int),
     }
 
     def as_dict(self) -> dict:
@@ -99,7 +121,7 @@ class RunState:
         if self.searches:
             state["searches"] = self.searches
         for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance",
-                     "val_at_search", "stint_best", "stint_gain"):
+                     "val_at_search", "stint_best", "stint_gain", "best_run_val"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         return state
@@ -123,7 +145,7 @@ class RunState:
             # Checkpoints from before repeated stints: the stint is the whole restart.
             stint_best=state.get("stint_best", state.get("best_val_log_likelihood")),
             stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
-            stint_gain=state.get("stint_gain"),
+            stint_gain=state.get("stint_gain"), best_run_val=state.get("best_run_val"),
         )
 
     def start_restart(self) -> None:

@@ -407,8 +407,9 @@ def overfit():
     return train, val
 
 
+# One restart, no re-seeding round after it (those are tested in tests/test_em_reseed.py).
 STOP = dict(noise_prior_strength=0.0, patience=3, max_iter=60, tol=0.0, seed=1, n_init=1,
-            min_component_mass=0.0, checkpoint_every=1, search_warmup=0)
+            min_component_mass=0.0, checkpoint_every=1, search_warmup=0, reseed_rounds=0)
 
 
 def test_early_stopping_restores_the_best_validation_parameters(overfit):
@@ -519,7 +520,7 @@ def _scripted_search(monkeypatch, choices):
 
 
 SEARCH = dict(noise_prior_strength=2.0, patience=2, max_iter=60, tol=0.0, seed=1,
-              search_warmup=0, checkpoint_every=1)
+              search_warmup=0, checkpoint_every=1, reseed_rounds=0)
 
 
 def _used_priors(trainer):

@@ -1,0 +1,148 @@
+"""EMTrainer's re-seeding rounds (EMConfig.reseed_rounds, mfa.pruning): after the restarts,
+the components that lower the validation score are re-seeded and EM runs again from there;
+the round is kept only if its validation score is better; resume inside a round is exact."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import F64, random_data, random_model, roundtrip
+
+from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers
+from mfa.pruning import harmful_components
+from mfa.training import ConvergenceWarning
+
+PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+CFG = dict(noise_prior_strength=0.0, patience=3, max_iter=60, tol=0.0, seed=1,
+           min_component_mass=0.0, checkpoint_every=1, search_warmup=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def overfit():
+    """Few train rows in D=12 from 2 components, fitted with K=6: components overfit."""
+    model = random_model(2, 12, 3, seed=31)
+    return random_data(40, model, seed=32, scale=1.0), random_data(400, model, seed=33, scale=1.0)
+
+
+def _fit(train, val, model=None, trainer=None, callbacks=(), checkpoint_fn=None, **config):
+    model = model or MixtureOfFactorAnalyzers(6, 12, 3, dtype=F64)
+    trainer = trainer or EMTrainer(EMConfig(**{**CFG, **config}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, train, validation=val, callbacks=callbacks,
+                    checkpoint_fn=checkpoint_fn)
+    return model, trainer
+
+
+def _params(model):
+    return {n: getattr(model, n).detach().clone() for n in PARAMS}
+
+
+def test_a_round_reseeds_the_harmful_components_and_keeps_the_better_validation_score(overfit):
+    train, val = overfit
+    first, _ = _fit(train, val, reseed_rounds=0)
+    harmful = harmful_components(first, val)
+    assert harmful, "the case this test is about: some components lower the validation score"
+    snapshots = []
+
+    def snap(trainer, model, record):
+        snapshots.append((record, _params(model)))
+
+    model, trainer = _fit(train, val, reseed_rounds=1, callbacks=[snap])
+    runs = [h["run"] for h in trainer.history]
+    assert runs[0] == 0 and runs[-1] == 1 and runs == sorted(runs)  # the round ran after
+    first_best = max(h["val_log_likelihood"] for h in trainer.history if h["run"] == 0)
+    round_scored = [(r["val_log_likelihood"], i) for i, (r, _) in enumerate(snapshots)
+                    if r["run"] == 1 and r["val_log_likelihood"] is not None]
+    round_best, at = max(round_scored)
+    final = trainer.evaluate(model, val)
+    assert final == pytest.approx(max(first_best, round_best), rel=1e-12)
+    kept = snapshots[at][1] if round_best > first_best else _params(first)
+    for name in PARAMS:
+        assert torch.equal(getattr(model, name).detach(), kept[name]), name
+    # the round started from the first restart's result with the harmful components re-seeded
+    start = snapshots[runs.index(1)][1]
+    untouched = [k for k in range(6) if k not in harmful]
+    assert not torch.equal(start["means"], first.means.detach())
+    assert start["means"].shape == first.means.shape and untouched
+
+
+def test_no_round_without_validation_or_with_reseed_rounds_0(overfit):
+    train, val = overfit
+    _, trainer = _fit(train, None, reseed_rounds=1, val_fraction=0.0, patience=0,
+                      max_iter=5)
+    assert {h["run"] for h in trainer.history} == {0}
+    _, trainer = _fit(train, val, reseed_rounds=0)
+    assert {h["run"] for h in trainer.history} == {0}
+
+
+@pytest.mark.parametrize("stop_in_round", [1, 3])
+def test_resume_inside_a_round_is_exact(overfit, stop_in_round):
+    """Interrupted at the round's first or third iteration and resumed from the saved state,
+    the fit ends exactly as the uninterrupted one, history and state included."""
+    train, val = overfit
+    full, full_trainer = _fit(train, val, reseed_rounds=1)
+    saved = {}
+
+    class _Interrupt(KeyboardInterrupt):
+        pass
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["run"] == 1 and record["iteration"] == stop_in_round:
+            raise _Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(train, val, reseed_rounds=1, callbacks=[stop], checkpoint_fn=checkpoint)
+    resumed = MixtureOfFactorAnalyzers(6, 12, 3, dtype=F64)
+    resumed.load_state_dict(roundtrip(saved["model"]))
+    trainer = EMTrainer(EMConfig(**{**CFG, "reseed_rounds": 1}))
+    trainer.load_state_dict(roundtrip(saved["trainer"]))
+    _fit(train, val, model=resumed, trainer=trainer)
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    assert [(h["run"], h["iteration"], h["val_log_likelihood"]) for h in trainer.history] == [
+        (h["run"], h["iteration"], h["val_log_likelihood"]) for h in full_trainer.history]
+    got, want = trainer.state_dict(), full_trainer.state_dict()
+    assert set(got) == set(want) and got["run"] == want["run"] == 2
+    assert got["best_run_val"] == want["best_run_val"]
+
+
+def test_reseed_rounds_is_validated():
+    with pytest.raises(ValueError, match="reseed_rounds"):
+        EMConfig(reseed_rounds=-1).validate()
+
+
+def test_a_round_that_does_not_pay_leaves_the_first_result(overfit, monkeypatch):
+    """Every validation score of the round lowered by 100 nats (so the round cannot beat the
+    first restart): the first restart's parameters and score stay."""
+    import mfa.pruning
+
+    in_round = []
+    reseed = mfa.pruning.reseed_components
+    score = EMTrainer._score_validation
+
+    def reseed_and_mark(model, components, generator):
+        in_round.append(True)
+        reseed(model, components, generator)
+
+    def lowered(self, model, ctx):
+        value = score(self, model, ctx)
+        return value - 100.0 if in_round and value is not None else value
+
+    train, val = overfit
+    first, _ = _fit(train, val, reseed_rounds=0)
+    monkeypatch.setattr(mfa.pruning, "reseed_components", reseed_and_mark)
+    monkeypatch.setattr(EMTrainer, "_score_validation", lowered)
+    model, trainer = _fit(train, val, reseed_rounds=1)
+    assert in_round and {h["run"] for h in trainer.history} == {0, 1}
+    first_best = max(h["val_log_likelihood"] for h in trainer.history if h["run"] == 0)
+    for name in PARAMS:
+        assert torch.equal(getattr(model, name).detach(), getattr(first, name).detach()), name
+    assert trainer.state_dict()["best_run_val"] == pytest.approx(first_best, rel=1e-12)

@@ -1,0 +1,132 @@
+"""mfa.pruning: removal gains against models rebuilt without the components (float64), the
+greedy harmful set on a planted case, and the seeded re-seeding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import F64, gen, random_data, random_model
+from torch.utils.data import DataLoader, TensorDataset
+
+from mfa import MixtureOfFactorAnalyzers
+from mfa.pruning import (
+    harmful_components,
+    removal_gains,
+    reseed_components,
+    validation_log_joint,
+)
+
+
+def _without(model: MixtureOfFactorAnalyzers, keep: torch.Tensor) -> MixtureOfFactorAnalyzers:
+    """The same mixture rebuilt from the kept components, weights renormalised."""
+    w = model.weights.detach()[keep]
+    return MixtureOfFactorAnalyzers.from_parameters(
+        w / w.sum(), model.means.detach()[keep], model.factor_loadings.detach()[keep],
+        model.noise_variance.detach()[keep])
+
+
+def _mean_ll(model, x) -> float:
+    with torch.no_grad():
+        return float(model.log_prob(x).mean())
+
+
+@pytest.mark.parametrize("removed", [[], [3], [0, 2]])
+def test_removal_gains_equal_the_models_rebuilt_without_each_component(removed):
+    model = random_model(5, 6, 2, seed=0)
+    x = random_data(200, model, seed=1)
+    keep = torch.ones(5, dtype=torch.bool)
+    keep[removed] = False
+    gains = removal_gains(validation_log_joint(model, x), model.weights.detach(), keep)
+    base = _mean_ll(_without(model, keep), x)
+    for k in range(5):
+        if not keep[k]:
+            assert gains[k] == float("-inf")
+            continue
+        fewer = keep.clone()
+        fewer[k] = False
+        expected = _mean_ll(_without(model, fewer), x) - base
+        assert float(gains[k]) == pytest.approx(expected, rel=1e-9, abs=1e-9), k
+
+
+def test_removal_gain_of_a_rows_dominant_component_is_exact():
+    """A component with responsibility 1 − 1e-30 for a row (1 − r rounds to 0 in float64):
+    the gain still equals the rebuilt model's, not −inf."""
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5], dtype=F64), torch.tensor([[0.0], [12.0]], dtype=F64),
+        torch.zeros(2, 1, 0, dtype=F64), torch.ones(2, 1, dtype=F64))
+    x = torch.tensor([[0.0], [12.0], [6.0]], dtype=F64)
+    gains = removal_gains(validation_log_joint(model, x), model.weights.detach(),
+                          torch.ones(2, dtype=torch.bool))
+    expected = _mean_ll(_without(model, torch.tensor([False, True])), x) - _mean_ll(model, x)
+    assert float(gains[0]) == pytest.approx(expected, rel=1e-9)
+    assert torch.isfinite(gains).all()
+
+
+def _planted():
+    """Two separated clusters and a third component collapsed on one training row with a
+    tiny variance and a fifth of the weight: it explains no validation row."""
+    g = gen(3)
+    truth = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5], dtype=F64), torch.tensor([[0.0] * 4, [10.0] * 4], dtype=F64),
+        0.5 * torch.randn(2, 4, 1, generator=g, dtype=F64), torch.ones(2, 4, dtype=F64))
+    train, _ = truth.sample(100, generator=g)
+    val, _ = truth.sample(300, generator=g)
+    fitted = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.4, 0.4, 0.2], dtype=F64),
+        torch.cat([truth.means.detach(), train[:1]]),
+        torch.cat([truth.factor_loadings.detach(), torch.zeros(1, 4, 1, dtype=F64)]),
+        torch.cat([truth.noise_variance.detach(), torch.full((1, 4), 1e-6, dtype=F64)]))
+    return truth, fitted, val
+
+
+def test_harmful_components_finds_the_planted_component_and_no_other():
+    truth, fitted, val = _planted()
+    assert harmful_components(fitted, val) == [2]
+    assert harmful_components(truth, val) == []
+    # the same from a DataLoader of (row, label) batches
+    loader = DataLoader(TensorDataset(val, torch.zeros(300)), batch_size=64)
+    assert harmful_components(fitted, loader) == [2]
+
+
+def test_removing_the_harmful_set_raises_validation_and_no_further_removal_does():
+    model = random_model(8, 5, 1, seed=5)
+    x = random_data(300, random_model(3, 5, 1, seed=5), seed=6)  # fewer clusters than K
+    removed = harmful_components(model, x)
+    assert removed, "the case this test is about: some components hurt"
+    keep = torch.ones(8, dtype=torch.bool)
+    keep[removed] = False
+    after = _mean_ll(_without(model, keep), x)
+    assert after > _mean_ll(model, x)
+    for k in keep.nonzero().flatten().tolist():
+        if int(keep.sum()) == 1:
+            break
+        fewer = keep.clone()
+        fewer[k] = False
+        assert _mean_ll(_without(model, fewer), x) <= after + 1e-12
+
+
+def test_reseed_components_is_seeded_keeps_k_and_splits_the_heaviest():
+    _, fitted, _ = _planted()
+    a, b = (MixtureOfFactorAnalyzers.from_parameters(
+        fitted.weights.detach(), fitted.means.detach(), fitted.factor_loadings.detach(),
+        fitted.noise_variance.detach()) for _ in range(2))
+    reseed_components(a, [2], torch.Generator().manual_seed(0))
+    reseed_components(b, [2], torch.Generator().manual_seed(0))
+    assert a.n_components == 3
+    for name in ("weights", "means", "factor_loadings", "noise_variance"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
+    heaviest = 0  # weights 0.4, 0.4, 0.2: the first maximum
+    torch.testing.assert_close(a.noise_variance[2], fitted.noise_variance[heaviest])
+    torch.testing.assert_close((a.means[2] + a.means[heaviest]) / 2, fitted.means[heaviest])
+    torch.testing.assert_close(a.weights.detach(), torch.tensor([0.2, 0.4, 0.2], dtype=F64)
+                               / 0.8)
+    with pytest.raises(ValueError, match=r"components must be in \[0, 3\)"):
+        reseed_components(a, [3], torch.Generator())
+
+
+def test_validation_log_joint_refuses_bad_rows():
+    model = random_model(2, 3, 1, seed=0)
+    with pytest.raises(ValueError, match="features per row"):
+        validation_log_joint(model, torch.zeros(4, 5, dtype=F64))
+    with pytest.raises(ValueError, match="non-finite"):
+        validation_log_joint(model, torch.full((4, 3), float("nan"), dtype=F64))
