@@ -69,8 +69,7 @@ class EMConfig:
     allow_tf32: bool = False
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
-    # then, with early stopping, rounds that re-seed the components that lower the validation
-    # score and fit again from there, kept if their validation score is better (mfa.pruning)
+    # then rounds that re-seed the components lowering the validation score, EM again (pruning)
     reseed_rounds: int = 1
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
@@ -116,6 +115,10 @@ class EMConfig:
 
 
 logger = logging.getLogger(__name__)
+
+
+def _beats(score: float | None, best: float | None) -> bool:
+    return score is not None and (best is None or score > best)
 
 
 class EMTrainer:
@@ -252,7 +255,7 @@ class EMTrainer:
             self.history = []
             state = RunState()
         init_rows = None
-        rounds = cfg.reseed_rounds if ctx.early_stopping and not allow else 0
+        rounds = cfg.reseed_rounds if ctx.early_stopping and not allow and cfg.max_iter else 0
         for run in range(state.run, cfg.n_init + rounds):
             resuming = run == state.run and state.iteration > 0
             state.run = run
@@ -272,8 +275,8 @@ class EMTrainer:
                 state.start_restart()
             run_ll, converged = self._run(model, ctx, state)
             run_val, state.runs_done = state.best_val_log_likelihood, run + 1
-            if (state.best_params is None or (run_ll > state.best_log_likelihood if run < cfg.n_init
-                                              else run_val > state.best_run_val)):
+            if state.best_params is None or (run_ll > state.best_log_likelihood if run < cfg.n_init
+                                             else _beats(run_val, state.best_run_val)):
                 state.best_log_likelihood, state.converged = run_ll, converged
                 state.best_params, state.best_run_val = training.clone_params(model), run_val
                 self.selected_noise_prior_variance = state.noise_prior_variance

@@ -82,7 +82,10 @@ def _image_like(n=1500, d=24, k=3, lat=2, seed=0, dtype=torch.float32):
 
 
 def _em(model, data, device, **overrides):
-    cfg = dict(max_iter=3, tol=0.0, progress=False, device=device, batch_size=256, init="none")
+    # No re-seeding round: its discrete choice (which components) is compared on its own in
+    # test_reseed_round_on_cuda_matches_cpu, in float64.
+    cfg = dict(max_iter=3, tol=0.0, progress=False, device=device, batch_size=256, init="none",
+               reseed_rounds=0)
     cfg.update(overrides)
     trainer = EMTrainer(EMConfig(**cfg))
     with warnings.catch_warnings():
@@ -137,6 +140,32 @@ def test_em_streams_cpu_batches_to_a_cuda_model():
     assert [h["train_log_likelihood"] for h in t1.history] == pytest.approx(
         [h["train_log_likelihood"] for h in t2.history], rel=1e-12)
     torch.testing.assert_close(streamed.factor_loadings, resident.factor_loadings)
+
+
+def test_reseed_round_on_cuda_matches_cpu():
+    """The re-seeding round (mfa.pruning: the harmful set from validation log-joints, the
+    split, EM again) on a float64 model: the same history and parameters on both devices."""
+    x = _image_like(n=300, dtype=F64)
+    train, val = x[:60], x[60:]
+    start = MixtureOfFactorAnalyzers(6, x.shape[1], 2, dtype=F64)
+    _em(start, train, "cpu", max_iter=0, init="kmeans")
+    fitted = []
+    for device in ("cpu", DEVICE):
+        model = copy.deepcopy(start).to(device)
+        trainer = EMTrainer(EMConfig(max_iter=30, tol=0.0, progress=False, device=device,
+                                     init="none", patience=2, noise_prior_strength=0.0,
+                                     search_warmup=0, reseed_rounds=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            trainer.fit(model, train.to(device), validation=val.to(device))
+        fitted.append((model.cpu(), trainer.history))
+    (cpu, cpu_h), (cuda, cuda_h) = fitted
+    assert {h["run"] for h in cpu_h} == {0, 1}  # the round ran
+    assert [(h["run"], h["iteration"]) for h in cuda_h] == [
+        (h["run"], h["iteration"]) for h in cpu_h]
+    for name in ("weights", "means", "factor_loadings", "noise_variance"):
+        torch.testing.assert_close(getattr(cuda, name), getattr(cpu, name), rtol=1e-6,
+                                   atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_kmeans_start_on_cuda_is_seeded_and_em_climbs():

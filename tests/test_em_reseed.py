@@ -77,6 +77,9 @@ def test_no_round_without_validation_or_with_reseed_rounds_0(overfit):
     assert {h["run"] for h in trainer.history} == {0}
     _, trainer = _fit(train, val, reseed_rounds=0)
     assert {h["run"] for h in trainer.history} == {0}
+    # max_iter=0 (initialisation only): nothing to re-seed from
+    _, trainer = _fit(train, val, reseed_rounds=1, max_iter=0, init="kmeans")
+    assert trainer.history == [] and trainer.state_dict()["run"] == 1
 
 
 @pytest.mark.parametrize("stop_in_round", [1, 3])
