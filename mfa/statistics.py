@@ -57,8 +57,9 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   mode).
 
 ``exp`` of the log-joint is taken at arguments no lower than :func:`mfa.linalg.exp_floor`
-(``exp`` of a result below the smallest normal number runs ~10× slower on CPUs); the terms
-this lifts from 0 to ~1e-38 (float32) change no sum at the dtype's precision.
+(``exp`` of a result below the smallest normal number runs ~10× slower on CPUs, and the
+products of such responsibilities with the data far slower on some); the terms this lifts
+from 0 to ~6e-30 (float32) change no sum at the dtype's precision.
 """
 
 from __future__ import annotations
@@ -301,9 +302,10 @@ def _chunk_sums(
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
     top = log_joint.amax(0)  # [n]
-    # exp of arguments whose result is subnormal or 0 takes a slow path (~10× on CPUs): clamp
-    # them to linalg.exp_floor, whose exp (a few times the smallest normal number) changes no
-    # responsibility or log-density at the dtype's precision.
+    # exp of arguments whose result is subnormal or 0 takes a slow path (~10× on CPUs), and
+    # so do the products below with subnormal results: clamp them to linalg.exp_floor, whose
+    # exp (~5e8 × the smallest normal number) changes no responsibility or log-density at the
+    # dtype's precision.
     log_joint.sub_(top).clamp_min_(linalg.exp_floor(log_joint.dtype))
     joint = torch.exp(log_joint, out=rhs[:k] if resp is None else None)  # [K, n]
     total = joint.sum(0)  # [n]
