@@ -228,6 +228,10 @@ def _protocol(results: list[dict]) -> str:
         + (f" (capped at {', '.join(map(str, caps))} here)" if caps else "")
         + f", or stops early after {em.patience} iterations without a better validation "
         "log-likelihood, and returns the parameters of best validation log-likelihood. "
+        f"Then {em.reseed_rounds} round(s) re-seed the components whose removal would raise "
+        "the validation log-likelihood (`mfa.pruning`) by splitting the heaviest component "
+        "and run EM again from there, kept if the validation score is better (the column "
+        "*iterations* counts both). "
         "MFA Adam is `SGDTrainer(SGDConfig(seed=0, progress=False, epochs=E))` "
         f"(E = {epochs}; the default is {sgd.epochs}): Adam with lr {sgd.lr:g}, a "
         f"{sgd.schedule} schedule, batches of {sgd.batch_size}, {penalty}, noise variances "
