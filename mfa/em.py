@@ -70,7 +70,7 @@ class EMConfig:
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     # then rounds that re-seed the components lowering the validation score, EM again (pruning)
-    reseed_rounds: int = 1
+    reseed_rounds: int = 3
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
     complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
