@@ -69,8 +69,7 @@ class EMConfig:
     allow_tf32: bool = False
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
-    # then rounds that re-seed the components lowering the validation score, EM again (pruning)
-    reseed_rounds: int = 3
+    reseed_rounds: int = 3  # then re-seed the components lowering the val score, EM again
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
     complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
@@ -261,6 +260,8 @@ class EMTrainer:
             state.run = run
             if not resuming and run >= cfg.n_init:  # a re-seeding round, from the best so far
                 model.load_state_dict(state.best_params)
+                if state.best_run_val is None:  # a fit saved before the rounds existed
+                    state.best_run_val = self._score_validation(model, ctx)
                 if not reseed_round(model, validation, cfg.batch_size, cfg.seed + run):
                     break
                 state.start_restart()

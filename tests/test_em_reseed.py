@@ -149,3 +149,30 @@ def test_a_round_that_does_not_pay_leaves_the_first_result(overfit, monkeypatch)
     for name in PARAMS:
         assert torch.equal(getattr(model, name).detach(), getattr(first, name).detach()), name
     assert trainer.state_dict()["best_run_val"] == pytest.approx(first_best, rel=1e-12)
+
+
+def test_a_fit_saved_before_the_rounds_gets_them_against_its_own_score(overfit, monkeypatch):
+    """A finished fit's state without ``best_run_val`` (saved before re-seeding rounds
+    existed): fit again runs the rounds and keeps them only above the saved fit's own
+    validation score (here every score of the round is lowered by 100 nats: none is kept)."""
+    import mfa.pruning
+
+    in_round = []
+    reseed = mfa.pruning.reseed_components
+    score = EMTrainer._score_validation
+    monkeypatch.setattr(mfa.pruning, "reseed_components",
+                        lambda m, c, g: (in_round.append(True), reseed(m, c, g)))
+    monkeypatch.setattr(EMTrainer, "_score_validation", lambda self, m, ctx: (
+        score(self, m, ctx) - (100.0 if in_round else 0.0)))
+    train, val = overfit
+    first, first_trainer = _fit(train, val, reseed_rounds=0)
+    state = first_trainer.state_dict()
+    state.pop("best_run_val", None)
+    model = MixtureOfFactorAnalyzers(6, 12, 3, dtype=F64)
+    model.load_state_dict(first.state_dict())
+    trainer = EMTrainer(EMConfig(**{**CFG, "reseed_rounds": 1}))
+    trainer.load_state_dict(roundtrip(state))
+    _fit(train, val, model=model, trainer=trainer)
+    assert in_round  # the round ran
+    for name in PARAMS:
+        assert torch.equal(getattr(model, name).detach(), getattr(first, name).detach()), name
