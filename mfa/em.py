@@ -116,10 +116,6 @@ class EMConfig:
 logger = logging.getLogger(__name__)
 
 
-def _beats(score: float | None, best: float | None) -> bool:
-    return score is not None and (best is None or score > best)
-
-
 class EMTrainer:
     """Exact, streamed EM for a :class:`MixtureOfFactorAnalyzers`.
 
@@ -276,8 +272,9 @@ class EMTrainer:
                 state.start_restart()
             run_ll, converged = self._run(model, ctx, state)
             run_val, state.runs_done = state.best_val_log_likelihood, run + 1
+            round_val = -math.inf if run_val is None else run_val  # None: never scored
             if state.best_params is None or (run_ll > state.best_log_likelihood if run < cfg.n_init
-                                             else _beats(run_val, state.best_run_val)):
+                                             else round_val > state.best_run_val):
                 state.best_log_likelihood, state.converged = run_ll, converged
                 state.best_params, state.best_run_val = training.clone_params(model), run_val
                 self.selected_noise_prior_variance = state.noise_prior_variance
