@@ -1,6 +1,7 @@
-"""The ``"centred"`` E-step's owner shares (:mod:`mfa.statistics`): every row's share of its
-most responsible component, summed in float64 about that component's own mean and moved to
-the pass's reference point by exact algebra."""
+"""The ``"centred"`` E-step's float64 shares (:mod:`mfa.statistics`): chosen (row, component)
+pairs — each row's most responsible component, and in chunks where every other share is
+negligible, every share that is not — summed in float64 about the component's own mean and
+moved to the pass's reference point by exact algebra."""
 
 from __future__ import annotations
 
@@ -9,42 +10,44 @@ from torch import Tensor
 
 from mfa._terms import ComponentTerms
 
-#: Rows per slice of one component's owned rows (the float64 copy stays small).
+#: Rows per slice of one component's pairs (the float64 copy stays small).
 SLICE_ROWS = 1024
 
 #: Values per chunk of the scattered form's ``[rows, L+1, D]`` products (256 MB of float64).
 SCATTER_ELEMENTS = 2**25
 
+#: One chunk's pairs: ``(component [P], row [P] (in the batch), r [P], p [L, P])``.
+Pairs = tuple[Tensor, Tensor, Tensor, Tensor]
 
-def owner_sums(
-    x: Tensor, terms: ComponentTerms, owners: list[tuple[Tensor, Tensor, Tensor]],
-    dtype: torch.dtype,
-) -> list[Tensor]:
-    """The ``"centred"`` mode's own shares: for every component ``k``, the sums over the rows
-    it owns (``owner = k``) with weights ``r_own``, taken in ``dtype`` about ``μ_k`` and moved
-    to the reference ``c`` by exact algebra (``δ = μ_k − c``)::
+
+def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torch.dtype
+               ) -> list[Tensor]:
+    """The ``"centred"`` mode's float64 shares: for every component ``k``, the sums over its
+    pairs (rows ``i`` with weights ``r_ik``), taken in ``dtype`` about ``μ_k`` and moved to
+    the reference ``c`` by exact algebra (``δ = μ_k − c``)::
 
         Σ r (x−c) = Σ r y + δ Σ r,   Σ r (x−c)² = Σ r y² + 2δ ⊙ Σ r y + δ² Σ r,
         Σ r (x−c) pᵀ = Σ r y pᵀ + δ (Σ r p)ᵀ          (y = x − μ_k)
 
-    One small product per component and batch: ``2·n·D·(L+2)`` flops in all, ``1/K`` of the
-    E-step's.
+    One small product per component and batch: ``2·P·D·(L+2)`` flops for ``P`` pairs.
 
     Args:
-        x: the batch ``[n, D]``; terms: the pass's terms; owners: the chunks'
-            ``(owner [m], r_own [m], p_own [L, m])`` in row order; dtype: of the sums.
+        x: the batch ``[n, D]``; terms: the pass's terms; pairs: the chunks'
+            ``(component [P], row [P], r [P], p [L, P])``; dtype: of the sums.
 
     Returns:
         The seven sums of :func:`mfa.statistics.accumulate_statistics`'s chunks (log-likelihood
         0), in ``dtype``.
     """
     k, n_lat, d = terms.whitened.shape
-    owner = torch.cat([o[0] for o in owners])  # [n]
-    own = torch.cat([o[1] for o in owners]).to(dtype)  # [n]
-    p_own = torch.cat([o[2] for o in owners], dim=1).to(dtype)  # [L, n]
+    owner = torch.cat([o[0] for o in pairs])  # [P]
+    rows = torch.cat([o[1] for o in pairs])  # [P]
+    own = torch.cat([o[2] for o in pairs]).to(dtype)  # [P]
+    p_own = torch.cat([o[3] for o in pairs], dim=1).to(dtype)  # [L, P]
     if x.device.type != "cpu":
-        return scattered_owner_sums(x, terms, owner, own, p_own, dtype)
+        return scattered_owner_sums(x, terms, owner, own, p_own, dtype, rows)
     order = torch.argsort(owner, stable=True)
+    rows = rows[order]
     counts = torch.bincount(owner, minlength=k).tolist()
     means = terms.means.detach().to(dtype)  # [K, D]
     delta = means - terms.reference.detach().to(dtype)  # [K, D]
@@ -64,7 +67,7 @@ def owner_sums(
         for start in range(bounds[j], bounds[j + 1], SLICE_ROWS):
             stop = min(start + SLICE_ROWS, bounds[j + 1])
             # y = x − μ_j in dtype: exact, as x and μ are both x's dtype.
-            y = x.index_select(0, order[start:stop]).to(dtype).sub_(means[j])  # [m, D]
+            y = x.index_select(0, rows[start:stop]).to(dtype).sub_(means[j])  # [m, D]
             w = weights[:, start:stop]  # [L+1, m]: r, r ⊙ p
             sums = w @ y  # [L+1, D]
             sum_y[j] += sums[0]
@@ -82,7 +85,7 @@ def owner_sums(
 
 def scattered_owner_sums(
     x: Tensor, terms: ComponentTerms, owner: Tensor, own: Tensor, p_own: Tensor,
-    dtype: torch.dtype,
+    dtype: torch.dtype, rows: Tensor,
 ) -> list[Tensor]:
     """:func:`owner_sums` without a loop over components, for GPUs: each row's weighted
     ``y = x − μ_owner`` products are added into its owner's sums with ``index_add_`` in
@@ -92,11 +95,11 @@ def scattered_owner_sums(
     E-step); on a CPU the loop's products are faster than these elementwise ones. The same
     sums up to float64 rounding; on CUDA ``index_add_`` adds in no fixed order.
 
-    Args: ``owner`` [n], ``r_own`` [n] and ``p_own`` [L, n] of every row, in row order
-    (the rest as :func:`owner_sums`).
+    Args: the pairs' component ``owner`` [P], weight ``own`` [P], ``p_own`` [L, P] and
+    row ``rows`` [P] (indices into ``x``); the rest as :func:`owner_sums`.
     """
     k, n_lat, d = terms.whitened.shape
-    n = x.shape[0]
+    n = owner.shape[0]
     own, p_own = own.to(dtype), p_own.to(dtype)
     means = terms.means.detach().to(dtype)  # [K, D]
     delta = means - terms.reference.detach().to(dtype)  # [K, D]
@@ -111,13 +114,14 @@ def scattered_owner_sums(
     sum_yp = zeros.new_zeros(k, n_lat, d)
     step = max(1, SCATTER_ELEMENTS // ((n_lat + 1) * d))
     for start in range(0, n, step):
-        rows = slice(start, min(start + step, n))
-        o = owner[rows]
-        y = x[rows].to(dtype).sub_(means.index_select(0, o))  # [m, D], exact in dtype
-        ry = y * own[rows].unsqueeze(-1)  # [m, D]
+        span = slice(start, min(start + step, n))
+        o = owner[span]
+        # y = x − μ_owner [m, D], exact in dtype
+        y = x.index_select(0, rows[span]).to(dtype).sub_(means.index_select(0, o))
+        ry = y * own[span].unsqueeze(-1)  # [m, D]
         sum_y.index_add_(0, o, ry)
         sum_y2.index_add_(0, o, ry.mul_(y))
-        sum_yp.index_add_(0, o, rp[rows].unsqueeze(-1) * y.unsqueeze(1))  # [m, L, D]
+        sum_yp.index_add_(0, o, rp[span].unsqueeze(-1) * y.unsqueeze(1))  # [m, L, D]
     sum_x = sum_y + delta * mass.unsqueeze(-1)
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
     sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta.unsqueeze(1)).mT  # [K, D, L]

@@ -14,7 +14,8 @@ pass).
 Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in four matrix products —
 ``(x−c) @ [μ/d ; B]ᵀ`` and ``(x−c)² @ (1/d)ᵀ`` for the log-densities and the whitened
 residuals ``p = B(x − μ)`` (``B = C⁻¹AᵀD⁻¹``, ``M = CCᵀ``), then ``[r ; r⊙p] @ (x−c)`` and
-``r @ (x−c)²`` for the sums. ``E[z] = C⁻ᵀ p`` is linear in ``p``, so the latent sums are
+``r @ (x−c)²`` for the sums (which the ``"centred"`` mode's sparse chunks replace by
+``2·P·D·(L+2)`` float64 flops for their ``P`` pairs). ``E[z] = C⁻ᵀ p`` is linear in ``p``, so the latent sums are
 taken in the whitened basis and moved to ``E[z]`` once per batch
 (:func:`whitened_to_latent`, ``O(K·D·L²)``) rather than by a triangular solve per row.
 Rows run along the last dimension of every ``[K, n]``/``[K, L, n]`` intermediate (no permute
@@ -29,28 +30,34 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   squared mean and ``Ã·Σ r x z̃ᵀ`` from ``Σ r x²``, which cancels for components far from
   ``c`` and for loadings that explain most of the variance; float64 sums keep both (the
   tests' cases: relative noise error 5e-6 and 1e-5, against 0.12 and 6 with float32 sums).
-* ``"centred"``: log-densities, ``p`` and the large products in the data's dtype, but each
-  row's share of its most responsible component (its *owner*, which carries almost all of
-  its mass on image data) is taken apart, in float64, about that component's own mean
-  ``μ_k`` (exact in float64), and moved to ``c`` by exact algebra
-  (:func:`mfa.owner_sums.owner_sums`);
-  the large products see only the other components' shares. The owner's sums are where
-  both cancellations live (a component's own rows, far from ``c``; its own loadings'
-  variance), so this mode keeps them like ``"precise"`` (the tests' cases: 6.3e-6, 3e-6)
-  for ``2·n·D·(L+2)`` float64 flops (``1/K`` of the E-step) and one small product per
-  component and batch. What it does not cover: the non-owner shares are float32 sums about
+* ``"centred"``: log-densities and ``p`` in the data's dtype; the sums in float64, each
+  (row, component) share about that component's own mean ``μ_k`` (exact in float64) and
+  moved to ``c`` by exact algebra (:func:`mfa.owner_sums.owner_sums`). On image data almost
+  every responsibility is 0 to float precision, so a chunk of rows goes *sparse*
+  (:func:`_significant_pairs`): only its shares ``r ≥ 1e-12`` are summed, one float64 pair
+  each, and the two sum products are skipped (Fashion-MNIST, K=50, L=6: 1.06 pairs a row,
+  the left-out mass ≤ 1.2e-14 of any component's). A chunk whose shares are too many (more
+  than ``1 + K/32`` a row) or whose left-out mass is not negligible (above 1e-9 of a
+  component's kept mass) goes *dense*: each row's most responsible component (its
+  *owner*) as a float64 pair, the other components' shares by the products in the data's
+  dtype about ``c``. The float64 pairs are where both cancellations live (a component's own
+  rows, far from ``c``; its own loadings' variance), so this mode keeps them like
+  ``"precise"`` (the tests' cases: 6.3e-6, 3e-6); the sparse form is also the fastest mode
+  on CPUs. What the dense form does not cover: the non-owner shares are float32 sums about
   ``c``, so a component that owns few of its rows (one of two near-identical components)
   and lies far from ``c`` with a tiny variance gets float32's error on that mass.
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
   kept; the high signal-to-noise case loses ~1e-3).
-* ``"float32"``: every product in the data's dtype (fastest; loses both cases).
+* ``"float32"``: every product in the data's dtype (loses both cases; on image data the
+  sparse ``"centred"`` form is as fast or faster on CPUs).
 * ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"centred"`` for float32 models,
   except ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
   exact E-step costs what float32 without TF32 costs (measured on an H200, CelebA-shaped:
   0.81 s an epoch in ``"float64"``, 0.92 s in ``"float32"``, 1.30 s in ``"centred"``;
   ``docs/benchmarks.md``).
-  On a 2-core CPU ``"centred"`` costs about what ``"mixed"`` costs, well under
-  ``"precise"`` (whose float64 products run at half the float32 rate; figures in
+  On a 2-core CPU ``"centred"`` is the fastest mode on image data (Fashion-MNIST 50,000
+  rows, K=50, L=6: 1.10× the FLOP limit on one thread, against 1.28× for ``"float32"``
+  and 2.11× for ``"precise"``, whose float64 products run at half the float32 rate;
   ``docs/benchmarks.md``). On real images the float32 log-densities move the M-step as much
   as the sums' dtype does (Fashion-MNIST, K=50, L=6: the train log-likelihood after one
   M-step differs from float64's by 0.011–0.018 of 1,649 nats/row in every float32-based
@@ -73,7 +80,7 @@ from mfa import linalg
 from mfa._terms import ComponentTerms
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.owner_sums import owner_sums
+from mfa.owner_sums import Pairs, owner_sums
 from mfa.priors import Prior
 
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
@@ -110,6 +117,15 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
 #: Rows per chunk inside :func:`accumulate_statistics`: the ``[rows, D]`` intermediates of a
 #: chunk stay in the cache, and the products keep their rate.
 CHUNK_ROWS = 1024
+
+#: The ``"centred"`` mode's sparse chunks (:func:`_significant_pairs`): responsibilities below
+#: this are left out, when their mass is below ``PAIR_TOLERANCE`` × each component's kept
+#: mass; a chunk goes sparse while its pairs are at most ``n·(1 + K/PAIR_COST)`` (one float64
+#: pair costs about what ``PAIR_COST`` components' float32 shares of a row cost in the
+#: products).
+PAIR_THRESHOLD = 1e-12
+PAIR_TOLERANCE = 1e-9
+PAIR_COST = 32.0
 
 
 @dataclass
@@ -233,8 +249,8 @@ def accumulate_statistics(
     centred = centred and stats_dtype != x.dtype
     precise = precise_moments and stats_dtype != x.dtype and not centred
     precise_latent = precise_latent and not centred
-    totals: list[Tensor] | None = None
-    owners: list[tuple[Tensor, Tensor, Tensor]] = []
+    totals: list[Tensor | None] = [None] * 7
+    pairs: list[Pairs] = []
     # [rows, D] scratch for x − c and (x − c)², reused by every chunk.
     scratch = x.new_empty((2, min(n, CHUNK_ROWS), d))
     # Rows in chunks small enough that the [rows, D] intermediates stay in the cache. The
@@ -245,20 +261,16 @@ def accumulate_statistics(
         part = _chunk_sums(
             x[start:stop], terms, weights, constant,
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
-            precise_latent, owners if centred else None, scratch[:, :stop - start],
+            precise_latent, pairs if centred else None, scratch[:, :stop - start], start,
         )
-        if totals is None:
-            totals = [value.detach() for value in part]
-        else:
-            for total, value in zip(totals, part, strict=True):
-                total.add_(value.detach())
-    if totals is None:  # no rows
-        zeros = x.new_zeros((0, d))
-        totals = _chunk_sums(zeros, terms, weights, constant,
-                             None if resp is None else resp[:0], None)
-    totals = [value.detach().to(stats_dtype) for value in totals]
-    if owners:
-        own = owner_sums(x, terms, owners, stats_dtype)
+        for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
+            if value is not None:
+                totals[i] = value.detach() if totals[i] is None else totals[i].add_(value.detach())
+    shapes = [(k,), (k, d), (k, d), (k, d, n_lat), (k, n_lat), (k, n_lat, n_lat), ()]
+    totals = [x.new_zeros(shape, dtype=stats_dtype) if value is None else
+              value.to(stats_dtype) for value, shape in zip(totals, shapes, strict=True)]
+    if pairs:
+        own = owner_sums(x, terms, pairs, stats_dtype)
         totals = [a + b for a, b in zip(totals, own, strict=True)]
     mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
     if n_lat:
@@ -277,14 +289,16 @@ def accumulate_statistics(
 def _chunk_sums(
     x: Tensor, terms: ComponentTerms, weights: Tensor, constant: Tensor,
     resp: Tensor | None, moment_dtype: torch.dtype | None, precise_latent: bool = False,
-    owners: list[tuple[Tensor, Tensor, Tensor]] | None = None, scratch: Tensor | None = None,
-) -> list[Tensor]:
+    pairs: list[Pairs] | None = None, scratch: Tensor | None = None, row_offset: int = 0,
+) -> list[Tensor | None]:
     """The sums of one chunk of rows ``x`` [n, D], the latent ones in the whitened basis:
     ``[mass [K], Σ r x [K, D], Σ r x² [K, D], Σ r x pᵀ [K, D, L], Σ r p [K, L],
     Σ r p pᵀ [K, L, L], Σ log p(x)]``; ``moment_dtype``: the dtype of ``Σ r x`` and
-    ``Σ r x²`` (``None``: ``x``'s). With ``owners`` (the ``"centred"`` mode) the sums leave
-    out each row's share of its most responsible component, and ``(owner [n], r_own [n],
-    p_own [L, n])`` is appended to ``owners`` for :func:`mfa.owner_sums.owner_sums`."""
+    ``Σ r x²`` (``None``: ``x``'s). With ``pairs`` (the ``"centred"`` mode) the chunk's
+    float64 pairs are appended to it for :func:`mfa.owner_sums.owner_sums`
+    (:func:`_significant_pairs`: then every sum but the log-likelihood is ``None``; else
+    each row's most responsible component, left out of the products' sums). ``row_offset``:
+    the chunk's first row in the batch."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -313,7 +327,7 @@ def _chunk_sums(
     # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
-    if owners is None or resp is not None:
+    if pairs is None or resp is not None:
         top = log_joint.amax(0)  # [n]
     else:  # each row's most responsible component ("owner") too: one max (argmax is slower)
         top, owner = log_joint.max(0)  # [n], [n]
@@ -329,15 +343,22 @@ def _chunk_sums(
         joint.div_(total)  # p(k | x)
     else:
         rhs[:k] = resp.T
-        if owners is not None:
+        if pairs is not None:
             owner = resp.argmax(-1)  # [n]
     resp = rhs[:k]  # [K, n]
-    if owners is not None:
+    # log p summed in float64: a float32 sum of ~1,000 rows of ~10³ nats is off by ~0.1 nat.
+    log_likelihood = log_p.sum(dtype=torch.float64)
+    if pairs is not None:
+        significant = _significant_pairs(resp, proj, row_offset)
+        if significant is not None:  # every share that counts, in float64 (owner_sums)
+            pairs.append(significant)
+            return [None] * 6 + [log_likelihood]
         # Each row's most responsible component ("owner") is summed apart, exactly, about its
         # own mean (owner_sums); the products below take the other components' shares.
         own = resp.gather(0, owner.unsqueeze(0)).squeeze(0)  # [n]
         p_own = proj.gather(0, owner.view(1, 1, n).expand(1, n_lat, n)).squeeze(0)  # [L, n]
-        owners.append((owner, own, p_own))
+        rows = torch.arange(row_offset, row_offset + n, device=x.device)
+        pairs.append((owner, rows, own, p_own))
         resp.scatter_(0, owner.unsqueeze(0), 0.0)
     rp = rhs[k:].view(k, n_lat, n)
     torch.mul(resp.unsqueeze(1), proj, out=rp)  # r ⊙ p  [K, L, n]
@@ -361,9 +382,29 @@ def _chunk_sums(
         rp, proj = rp.to(moment_dtype), proj.to(moment_dtype)
     sum_p = rp.sum(-1)  # [K, L]
     sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
-    # log p summed in float64: a float32 sum of ~1,000 rows of ~10³ nats is off by ~0.1 nat.
-    log_likelihood = log_p.sum(dtype=torch.float64)
     return [resp.sum(-1), sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood]
+
+
+def _significant_pairs(resp: Tensor, proj: Tensor, row_offset: int) -> Pairs | None:
+    """The ``"centred"`` mode's sparse form of a chunk: every (component, row) pair with
+    ``r ≥ PAIR_THRESHOLD``, as ``(component [P], row [P], r [P], p [L, P])`` — or ``None``
+    when they are too many to beat the dense products (more than ``n·(1 + K/PAIR_COST)``)
+    or when what they leave out is not negligible: a component whose left-out mass exceeds
+    ``PAIR_TOLERANCE`` × its kept mass (plus ``ε₆₄·n``, below which the M-step keeps a
+    component as massless anyway).
+
+    ``resp`` [K, n], ``proj`` [K, L, n]."""
+    k, n = resp.shape
+    keep = resp >= PAIR_THRESHOLD  # [K, n]
+    kept = torch.where(keep, resp, 0.0).sum(-1, dtype=torch.float64)  # [K]
+    dropped = torch.where(keep, 0.0, resp).sum(-1, dtype=torch.float64)  # [K]
+    count = keep.sum()
+    too_many = count > n * (1.0 + k / PAIR_COST)
+    lost = (dropped > PAIR_TOLERANCE * kept + torch.finfo(torch.float64).eps * n).any()
+    if bool(too_many | lost):  # one synchronisation
+        return None
+    comp, row = keep.nonzero(as_tuple=True)  # component-major: sorted by component
+    return comp, row + row_offset, resp[comp, row], proj[comp, :, row].T
 
 
 def m_step(

@@ -1,5 +1,5 @@
-"""mfa.owner_sums: the scattered (GPU) form of the owner shares equals the per-component
-loop, and both equal the sums written out row by row in float64."""
+"""mfa.owner_sums: the scattered (GPU) form of the float64 pair sums equals the per-component
+loop, and both equal the sums written out pair by pair in float64."""
 
 from __future__ import annotations
 
@@ -12,22 +12,28 @@ from mfa.owner_sums import owner_sums, scattered_owner_sums
 
 
 def _case(n=300, seed=0):
+    """Pairs of 300 rows: each row's owner, then a second component for a third of the rows
+    (a row in two pairs, the pairs not in row order)."""
     model = random_model(4, 7, 2, "diagonal", seed=seed, offset=50.0).float()
     x = random_data(n, model, seed=seed + 1).float()
     terms = model.component_terms()
     g = torch.Generator().manual_seed(seed + 2)
     owner = torch.randint(0, 3, (n,), generator=g)  # component 3 owns no row
-    own = torch.rand(n, generator=g)
-    p_own = torch.randn(2, n, generator=g)
-    return x, terms, owner, own, p_own
+    rows = torch.arange(n)
+    extra = torch.randperm(n, generator=g)[: n // 3]
+    comp = torch.cat([owner, (owner[extra] + 1) % 3])
+    rows = torch.cat([rows, extra])
+    r = torch.rand(comp.shape[0], generator=g)
+    p = torch.randn(2, comp.shape[0], generator=g)
+    return x, terms, comp, rows, r, p
 
 
-def _row_by_row(x, terms, owner, own, p_own):
+def _pair_by_pair(x, terms, comp, rows, r, p):
     """The seven sums straight from their definition, about the reference c, in float64."""
     k, n_lat, d = terms.whitened.shape
-    xc = x.double() - terms.reference.double()
-    onehot = torch.nn.functional.one_hot(owner, k).double() * own.double().unsqueeze(-1)  # [n, K]
-    p = p_own.double().T  # [n, L]
+    xc = x.double()[rows] - terms.reference.double()  # [P, D]
+    onehot = torch.nn.functional.one_hot(comp, k).double() * r.double().unsqueeze(-1)  # [P, K]
+    p = p.double().T  # [P, L]
     return [onehot.sum(0), onehot.T @ xc, onehot.T @ (xc * xc),
             torch.einsum("nk,nd,nl->kdl", onehot, xc, p), onehot.T @ p,
             torch.einsum("nk,nl,nm->klm", onehot, p, p)]
@@ -38,10 +44,12 @@ def test_scattered_owner_sums_equal_the_loop_and_the_definition(scatter_elements
     """Components 50 away from the reference (the cancellation the owner sums exist for),
     one component without rows, and chunks of 3 rows (scatter_elements=50) or one chunk."""
     monkeypatch.setattr(owner_sums_module, "SCATTER_ELEMENTS", scatter_elements)
-    x, terms, owner, own, p_own = _case()
-    scattered = scattered_owner_sums(x, terms, owner, own, p_own, F64)
-    looped = owner_sums(x, terms, [(owner, own, p_own)], F64)  # x on the CPU: the loop
-    reference = _row_by_row(x, terms, owner, own, p_own)
+    x, terms, comp, rows, r, p = _case()
+    scattered = scattered_owner_sums(x, terms, comp, r, p, F64, rows)
+    half = comp.shape[0] // 2  # two chunks' pairs
+    looped = owner_sums(x, terms, [(comp[:half], rows[:half], r[:half], p[:, :half]),
+                                   (comp[half:], rows[half:], r[half:], p[:, half:])], F64)
+    reference = _pair_by_pair(x, terms, comp, rows, r, p)
     names = ["mass", "sum_x", "sum_x2", "sum_xp", "sum_p", "sum_pp"]
     for name, got, loop, ref in zip(names, scattered, looped, reference, strict=False):
         assert got.dtype == F64, name

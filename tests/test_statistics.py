@@ -684,3 +684,140 @@ def test_e_step_refines_the_quadratic_form_near_each_rows_top():
     torch.testing.assert_close(got.mass, ref.mass, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got.sum_x + shift * got.mass.unsqueeze(-1), ref.sum_x,
                                rtol=1e-4, atol=1e-3)
+
+
+# ------------------------------------------- the "centred" mode's sparse chunks (float64 pairs)
+
+
+def _record_chunks(monkeypatch) -> list:
+    """Spy on the centred mode's choice per chunk: the pairs of a sparse chunk, None dense."""
+    import mfa.statistics as statistics
+
+    seen = []
+    original = statistics._significant_pairs
+
+    def spy(resp, proj, row_offset):
+        out = original(resp, proj, row_offset)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(statistics, "_significant_pairs", spy)
+    return seen
+
+
+def _two_close_one_far(n=900, d=20, lat=2, far=30.0, gap=2.5):
+    """float32 rows of two components ``gap`` apart (a band of rows between them carries
+    both) and a third ``far`` away from both, tight (noise 1e-4) so its moments cancel
+    about c."""
+    g = gen(41)
+    means = torch.zeros(3, d, dtype=F64)
+    means[1, 0] = gap
+    means[2] += far
+    loadings = 0.2 * torch.randn(3, d, lat, generator=g, dtype=F64)
+    noise = torch.tensor([0.05, 0.05, 1e-4], dtype=F64).unsqueeze(-1).expand(3, d).clone()
+    truth = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((3,), 1 / 3, dtype=F64), means, loadings, noise)
+    x, _ = truth.sample(n, generator=g)
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((3,), 1 / 3), (means + 0.02).float(), (0.9 * loadings).float(),
+        (1.2 * noise).float())
+    return x.float(), model
+
+
+def _float64_statistics(model, x, resp=None):
+    terms64 = model.component_terms().to(F64)
+    chol64 = linalg.capacitance_cholesky(model.factor_loadings.double(),
+                                         model.noise_variance.double())
+    return accumulate_statistics(model, x.double(), terms64, chol64,
+                                 resp=None if resp is None else resp.double())
+
+
+def _assert_sums_close(a: SufficientStatistics, b: SufficientStatistics, rtol: float) -> None:
+    """The sums as :func:`_assert_stats_close`; the log-likelihood (float32 log-densities in
+    both forms, unchanged by how the sums are taken) within 0.01 nat a row."""
+    for name in STAT_FIELDS:
+        if name != "log_likelihood":
+            va, vb = getattr(a, name), getattr(b, name)
+            scale = max(1.0, float(vb.abs().max())) if vb.numel() else 1.0
+            torch.testing.assert_close(va, vb, rtol=rtol, atol=rtol * scale, msg=name)
+    assert abs(float(a.log_likelihood - b.log_likelihood)) < 0.01 * float(b.n_rows)
+
+
+def test_centred_sparse_chunks_match_float64_e_step(monkeypatch):
+    """Chunks whose shares below 1e-12 carry no mass are summed as float64 pairs only (the
+    owner and every other share that counts): every sum equals the float64 E-step's, the
+    far, tight component's too (its variance cancels 1e6-fold about c in float32)."""
+    x, model = _two_close_one_far()
+    seen = _record_chunks(monkeypatch)
+    got = accumulate_statistics(model, x, model.component_terms(), centred=True)
+    assert seen and all(pairs is not None for pairs in seen)
+    n_pairs = sum(pairs[0].numel() for pairs in seen)
+    assert x.shape[0] + 20 < n_pairs < 2 * x.shape[0]  # the band's rows carry two pairs
+    ref = _float64_statistics(model, x)
+    _assert_sums_close(got, ref, rtol=2e-5)
+    # Per component, relative to its own scale (the far one's variance is ~1e-4 of its moment).
+    variance = (got.sum_x2 / got.mass.unsqueeze(-1) - (got.sum_x / got.mass.unsqueeze(-1)) ** 2)
+    variance_ref = (ref.sum_x2 / ref.mass.unsqueeze(-1)
+                    - (ref.sum_x / ref.mass.unsqueeze(-1)) ** 2)
+    torch.testing.assert_close(variance, variance_ref, rtol=1e-4, atol=0)
+
+
+def test_centred_sparse_and_dense_chunks_in_one_batch(monkeypatch):
+    """Rows of well-separated components first, rows shared by overlapping ones after them:
+    with chunks of 64 rows both forms occur in one batch, and the batch's sums equal the
+    all-float64 sums and the one-chunk statistics."""
+    import mfa.statistics as statistics
+
+    x_hard, model = _two_close_one_far(n=300)
+    second = model.responsibilities(x_hard).topk(2, dim=-1).values[:, 1]
+    hard = x_hard[second < 1e-13][:128]
+    assert hard.shape[0] == 128
+    between = 0.5 * (model.means[0] + model.means[1]).detach()
+    soft = between + 0.1 * torch.randn(128, x_hard.shape[1], generator=gen(3))
+    x = torch.cat([hard, soft.float()])
+    seen = _record_chunks(monkeypatch)
+    monkeypatch.setattr(statistics, "CHUNK_ROWS", 64)
+    got = accumulate_statistics(model, x, model.component_terms(), centred=True)
+    kinds = ["sparse" if pairs is not None else "dense" for pairs in seen]
+    assert kinds[:2] == ["sparse", "sparse"] and "dense" in kinds[2:], kinds
+    # Against "precise" (the same float32 responsibilities, every sum a float64 product):
+    # the float64 E-step's own log-densities move these soft rows' responsibilities.
+    precise = accumulate_statistics(model, x, model.component_terms(), precise_latent=True)
+    _assert_sums_close(got, precise, rtol=1e-5)
+    monkeypatch.setattr(statistics, "CHUNK_ROWS", 1024)
+    _assert_stats_close(got, accumulate_statistics(model, x, model.component_terms(),
+                                                   centred=True), rtol=1e-5)
+
+
+def test_significant_pairs_rules(monkeypatch):
+    """The sparse form keeps exactly the entries ≥ PAIR_THRESHOLD (component-major, rows
+    offset into the batch), and refuses when a component's left-out mass is not negligible
+    against its kept mass, or when the pairs are too many to pay."""
+    import mfa.statistics as statistics
+    from mfa.statistics import PAIR_THRESHOLD, _significant_pairs
+
+    monkeypatch.setattr(statistics, "PAIR_COST", 4.0)  # up to n·(1 + 3/4) = 14 pairs
+    k, lat, n = 3, 2, 8
+    proj = torch.randn(k, lat, n, generator=gen(5))
+    resp = torch.zeros(k, n)
+    resp[0, :5] = 1.0
+    resp[1, 5:] = 0.75
+    resp[2, 5:] = 0.25
+    resp[1, 0] = 1e-20  # left out: 1e-20 against component 1's kept mass 2.25
+    pairs = _significant_pairs(resp, proj, row_offset=100)
+    assert pairs is not None
+    comp, rows, r, p = pairs
+    assert comp.tolist() == [0] * 5 + [1] * 3 + [2] * 3
+    assert rows.tolist() == [100, 101, 102, 103, 104, 105, 106, 107, 105, 106, 107]
+    torch.testing.assert_close(r, resp[comp, rows - 100])
+    torch.testing.assert_close(p, proj[comp, :, rows - 100].T)
+    # A component made only of shares below the threshold: its mass would be lost.
+    dead = resp.clone()
+    dead[2] = 0.5 * PAIR_THRESHOLD
+    dead[2, :5] = 0.0
+    assert _significant_pairs(dead, proj, 0) is None
+    # ... unless that mass is below what the M-step treats as no mass at all (ε₆₄ per row).
+    dead[2, 5:] = 1e-17
+    assert _significant_pairs(dead, proj, 0) is not None
+    # Too many pairs: every entry of every row counts (24 > 14).
+    assert _significant_pairs(torch.full((k, n), 1 / 3), proj, 0) is None
