@@ -25,6 +25,21 @@ from torch import Tensor
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the incoming gradient contiguous. The Cholesky
+    backward hands ``M``'s gradient on as a transposed view, and a CPU ``bmm`` of two
+    transposed operands (that gradient and ``Aᵀ``, ``[50, 6, 6] @ [50, 6, 784]``) takes a
+    slow path: 2 ms against 0.05 ms, a tenth of an Adam step at K=50, D=784, L=6."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad.contiguous()
+
+
 def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
     """Lower Cholesky factor ``C`` of the capacitance ``M = I + Aᵀ diag(d)⁻¹ A``.
 
@@ -42,7 +57,7 @@ def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
     """
     n_factors = factors.shape[-1]
     scaled = factors * noise.reciprocal().unsqueeze(-1)  # D⁻¹A  [..., D, L]
-    capacitance = factors.mT @ scaled  # [..., L, L]
+    capacitance = _ContiguousGrad.apply(scaled.mT @ factors)  # [..., L, L]
     capacitance = capacitance + torch.eye(n_factors, dtype=factors.dtype, device=factors.device)
     if n_factors == 0:
         return capacitance
@@ -79,10 +94,13 @@ def whitened_factors(factors: Tensor, noise: Tensor, capacitance_chol: Tensor) -
     Returns:
         ``B``, shape ``[..., L, D]``.
     """
-    scaled_t = (factors * noise.reciprocal().unsqueeze(-1)).mT  # [..., L, D]
+    scaled = factors * noise.reciprocal().unsqueeze(-1)  # D⁻¹A  [..., D, L]
     if factors.shape[-1] == 0:
-        return scaled_t
-    return torch.linalg.solve_triangular(capacitance_chol, scaled_t, upper=False)
+        return scaled.mT
+    # Bᵀ = D⁻¹A C⁻ᵀ solved from the right: the same values as C⁻¹(D⁻¹A)ᵀ, and its backward
+    # avoids the slow CPU bmm of two transposed operands (see capacitance_cholesky).
+    return torch.linalg.solve_triangular(capacitance_chol.mT, scaled, upper=True,
+                                         left=False).mT
 
 
 def capacitance_inverse_factor(capacitance_chol: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ Cost of one batch of ``n`` rows: ``4·n·D·K·(L+2)`` flops in four matrix prod
 ``(x−c) @ [μ/d ; B]ᵀ`` and ``(x−c)² @ (1/d)ᵀ`` for the log-densities and the whitened
 residuals ``p = B(x − μ)`` (``B = C⁻¹AᵀD⁻¹``, ``M = CCᵀ``), then ``[r ; r⊙p] @ (x−c)`` and
 ``r @ (x−c)²`` for the sums (which the ``"centred"`` mode's sparse chunks replace by
-``2·P·D·(L+2)`` float64 flops for their ``P`` pairs). ``E[z] = C⁻ᵀ p`` is linear in ``p``, so the latent sums are
-taken in the whitened basis and moved to ``E[z]`` once per batch
+``2·P·D·(L+2)`` float64 flops for their ``P`` pairs). ``E[z] = C⁻ᵀ p`` is linear in ``p``,
+so the latent sums are taken in the whitened basis and moved to ``E[z]`` once per batch
 (:func:`whitened_to_latent`, ``O(K·D·L²)``) rather than by a triangular solve per row.
 Rows run along the last dimension of every ``[K, n]``/``[K, L, n]`` intermediate (no permute
 copies) and each batch is processed in chunks of :data:`CHUNK_ROWS` rows so the ``[rows, D]``
