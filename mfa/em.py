@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from mfa import distributed, linalg, missing, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
+from mfa._terms import component_log_prob_from_terms
 from mfa._validation import (
     check_bool_field,
     check_choice_field,
@@ -29,6 +30,7 @@ from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
 from mfa.pruning import reseed_round
 from mfa.statistics import STATS_DTYPES, accumulate_statistics, m_step, resolve_stats_dtype
+from mfa.tempering import TemperedStep, tempered_step
 from mfa.training import ConvergenceWarning
 
 __all__ = ["ConvergenceWarning", "EMConfig", "EMTrainer", "RunState"]
@@ -70,6 +72,8 @@ class EMConfig:
     seed: int = 0  # seeds initialisation and re-seeding of empty components
     n_init: int = 1  # restarts; the best by final train log-likelihood is kept
     reseed_rounds: int = 3  # then re-seed the components lowering the val score, EM again
+    # "auto": then one M-step from tempered responsibilities if it raises the val score
+    tempered_step: bool = True  # (mfa.tempering)
     init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
     kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
     complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
@@ -106,6 +110,7 @@ class EMConfig:
         check_device_field(self)
         check_bool_field(self, "progress")
         check_bool_field(self, "allow_tf32")
+        check_bool_field(self, "tempered_step")
         if self.init == "none" and self.n_init > 1:
             raise ValueError(
                 f"EMConfig.n_init={self.n_init} > 1 needs a random EMConfig.init ('kmeans' or "
@@ -148,6 +153,8 @@ class EMTrainer:
         selected_noise_prior_variance: the ``s₀`` chosen by the ``"auto"`` search of the kept
             run (``None`` when the config fixes it); ``search_seconds``: the wall time of the
             last search (``None`` without one).
+        tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
+            not run): its temperature, ``s₀`` and validation score, and whether it was applied.
 
     MAP EM and the automatic noise prior: see :mod:`mfa.priors` and :mod:`mfa.prior_search`.
     Without validation data, ``val_fraction`` of a tensor's or Dataset's rows is held out
@@ -160,7 +167,10 @@ class EMTrainer:
     stopping and complete data, ``reseed_rounds`` rounds each re-seed the best result's
     components that lower the validation score (:mod:`mfa.pruning`) and run EM again from
     there (``run`` = ``n_init``, ``n_init + 1``, ...); a round is kept if its best validation
-    score beats the best so far, and the first that does not ends them.
+    score beats the best so far, and the first that does not ends them. Last, with
+    ``"auto"``, complete data and ``tempered_step``, one M-step from tempered
+    responsibilities replaces the result when it raises the validation score clearly
+    (:mod:`mfa.tempering`; ``history`` has no record of it).
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -170,6 +180,7 @@ class EMTrainer:
         self.converged = False
         self.selected_noise_prior_variance: float | None = None
         self.search_seconds: float | None = None
+        self.tempered: TemperedStep | None = None
         self._resume: RunState | None = None
         self._state: dict = {}
 
@@ -285,6 +296,12 @@ class EMTrainer:
                 logger.info("EM run %d/%d: log-likelihood %.6g", run + 1, cfg.n_init, run_ll)
         if state.best_params is not None:
             model.load_state_dict(state.best_params)
+        if cfg.tempered_step and ctx.search and not allow and cfg.max_iter:
+            self.tempered = tempered_step(
+                model, lambda t: self.e_step(model, source, cfg.stats_dtype, t), val_source,
+                Prior.from_config(cfg, cfg.quantization_variance),
+                before=self._score_validation(model, ctx), lower=cfg.quantization_variance,
+                per_decade=cfg.search_per_decade, variance_floor=ctx.floor)
         self.converged = state.converged
         state.run = cfg.n_init + rounds
         self._state = state.as_dict()
@@ -435,12 +452,15 @@ class EMTrainer:
 
     @staticmethod
     def e_step(
-        model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "auto"
+        model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "auto",
+        temperature: float = 1.0,
     ) -> object:
         """One streamed pass: the summed sufficient statistics of every batch.
 
         ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name). A
         source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
+        ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
+        (:mod:`mfa.tempering`; complete data only).
         """
         if isinstance(stats_dtype, torch.dtype):
             stats_dtype = str(stats_dtype).removeprefix("torch.")
@@ -454,10 +474,14 @@ class EMTrainer:
             stats = None
             statistics = (missing.batch_statistics if getattr(source, "allow_missing", False)
                           else accumulate_statistics)
+            if temperature != 1.0 and statistics is not accumulate_statistics:
+                raise ValueError("a tempered E-step needs complete data")
             for batch in source:
                 if full:
                     batch = batch.double()
-                part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
+                resp = None if temperature == 1.0 else torch.softmax(
+                    component_log_prob_from_terms(batch, terms) / temperature, -1)
+                part = statistics(model, batch, terms, chol, resp=resp, stats_dtype=torch.float64,
                                   precise_moments=stats_dtype != "float32",
                                   precise_latent=stats_dtype == "precise",
                                   centred=stats_dtype == "centred")

@@ -100,7 +100,9 @@ def fit_em(data, s: Setting, n_factors: int, seed: int):
             "iterations": len(history),
             "early_stopped": any(r["early_stop"] for r in history),
             "converged": trainer.converged,
-            "search_seconds": trainer.search_seconds}
+            "search_seconds": trainer.search_seconds,
+            "tempered_temperature": (trainer.tempered.temperature if trainer.tempered is not None
+                                     and trainer.tempered.applied else None)}
     logging.info("  EM L=%d: %s", n_factors, info)
     return model, info
 

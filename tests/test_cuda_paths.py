@@ -168,6 +168,43 @@ def test_reseed_round_on_cuda_matches_cpu():
                                    atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("stats_dtype", ["float64", "centred"])
+def test_tempered_e_step_and_step_on_cuda_match_cpu(stats_dtype):
+    """The tempered E-step (mfa.tempering) on both devices: the same statistics, and the
+    tempered step's choice and resulting parameters (float32 model: the centred mode's dense
+    chunks, as tempered responsibilities are soft)."""
+    from mfa._data_stream import DataSource
+    from mfa.priors import QUANTIZATION_VARIANCE, Prior
+    from mfa.tempering import tempered_step
+    from mfa.training import evaluate
+
+    dtype = F64 if stats_dtype == "float64" else torch.float32
+    x = _image_like(n=400, dtype=dtype)
+    train, val = x[:300], x[300:]
+    start = _kmeans_start(train)
+    results = []
+    for device in ("cpu", DEVICE):
+        model = copy.deepcopy(start).to(device)
+        source = DataSource(train.to(device), model, 128)
+        validation = DataSource(val.to(device), model, 128)
+        stats = EMTrainer.e_step(model, source, stats_dtype, 50.0)
+        step = tempered_step(
+            model, lambda t, m=model, s=source: EMTrainer.e_step(m, s, stats_dtype, t),
+            validation, Prior(1.0, QUANTIZATION_VARIANCE), before=evaluate(model, validation),
+            lower=QUANTIZATION_VARIANCE, per_decade=4, variance_floor=1.00002e-6)
+        results.append((stats, step, model.cpu()))
+    (cpu_stats, cpu_step, cpu), (cuda_stats, cuda_step, cuda) = results
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
+    for name in ("mass", "sum_x", "sum_x2", "sum_xz", "sum_zz"):
+        torch.testing.assert_close(getattr(cuda_stats, name).cpu(), getattr(cpu_stats, name),
+                                   **tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert (cuda_step.temperature, cuda_step.applied) == (cpu_step.temperature,
+                                                          cpu_step.applied)
+    for name in ("means", "noise_variance"):
+        torch.testing.assert_close(getattr(cuda, name), getattr(cpu, name), rtol=2e-3,
+                                   atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_kmeans_start_on_cuda_is_seeded_and_em_climbs():
     """The initialisation draws on the device: same seed, same fit (up to rounding: Lloyd's
     ``index_add_`` uses atomics on CUDA, whose summation order varies); EM never descends."""

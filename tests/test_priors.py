@@ -312,7 +312,7 @@ def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
     x = _planted_isotropic(800, 0.05, seed=5)
     train, val = x[:400], x[400:]
     common = dict(noise_prior_strength=150.0, max_iter=1, tol=0.0, patience=0, seed=3,
-                  search_warmup=0)
+                  search_warmup=0, tempered_step=False)
     grid = log_grid(1e-4, float(train.var(0, unbiased=False).max()), 4)
     scores, models = [], []
     for s0 in grid:
@@ -520,7 +520,7 @@ def _scripted_search(monkeypatch, choices):
 
 
 SEARCH = dict(noise_prior_strength=2.0, patience=2, max_iter=60, tol=0.0, seed=1,
-              search_warmup=0, checkpoint_every=1, reseed_rounds=0)
+              search_warmup=0, checkpoint_every=1, reseed_rounds=0, tempered_step=False)
 
 
 def _used_priors(trainer):

@@ -1,0 +1,163 @@
+"""mfa.tempering: the tempered E-step against a dense float64 reference, the step's choice
+and its bookkeeping, and EMTrainer's use of it (never a lower validation score)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from helpers import DenseMixture, gen, random_data, random_model
+
+import mfa.tempering as tempering
+from mfa import MixtureOfFactorAnalyzers, training
+from mfa._data_stream import DataSource
+from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.priors import QUANTIZATION_VARIANCE, Prior
+from mfa.statistics import accumulate_statistics, m_step
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0, 50.0])
+def test_tempered_e_step_equals_statistics_of_tempered_dense_posterior(temperature):
+    """``e_step(T)`` equals the statistics under ``r ∝ (w_k N(x; μ_k, Σ_k))^(1/T)`` with the
+    log-densities from dense float64 covariances (T = 1: the plain E-step)."""
+    model = random_model(3, 6, 2, "diagonal", seed=1)
+    x = random_data(200, model, seed=2)
+    log_joint = DenseMixture.from_model(model).component_log_prob(x)  # [n, K], log w + log N
+    resp = torch.softmax(log_joint / temperature, -1)
+    ref = accumulate_statistics(model, x, model.component_terms(), resp=resp)
+    got = EMTrainer.e_step(model, DataSource(x, model, 64), "float64", temperature)
+    for name in ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=1e-9,
+                                   atol=1e-9, msg=name)
+    if temperature == 1.0:
+        plain = EMTrainer.e_step(model, DataSource(x, model, 64), "float64")
+        torch.testing.assert_close(got.sum_xz, plain.sum_xz, rtol=1e-12, atol=1e-12)
+
+
+def test_tempered_e_step_refuses_missing_data():
+    model = random_model(2, 4, 1, "diagonal", seed=3)
+    x = random_data(20, model, seed=4)
+    x[0, 1] = math.nan
+    source = DataSource(x, model, 8, allow_missing=True)
+    with pytest.raises(ValueError, match="tempered E-step needs complete data"):
+        EMTrainer.e_step(model, source, "float64", 10.0)
+
+
+def _digits(n_train=1000, n_val=400):
+    from mfa.data import load_dataset
+
+    data = load_dataset("embedded-mnist", dequantize=True, seed=0)
+    return data.train[:n_train].double(), data.train[n_train:n_train + n_val].double()
+
+
+def _strongly_regularised_fit(x, k=20, s0=0.05):
+    """A float64 MFA fitted under a strong fixed noise prior (broad components: where the
+    tempered step pays on the embedded digits)."""
+    model = MixtureOfFactorAnalyzers(k, x.shape[1], 3, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        EMTrainer(EMConfig(max_iter=15, noise_prior_variance=s0, patience=0, reseed_rounds=0,
+                           progress=False)).fit(model, x)
+    return model
+
+
+def _step(model, x, val, **kwargs):
+    source = DataSource(x, model, 512)
+    validation = DataSource(val, model, 512)
+    floor = 1e-6 * (1 + 1e-5) + 1e-30
+    before = training.evaluate(model, validation)
+    result = tempering.tempered_step(
+        model, lambda t: EMTrainer.e_step(model, source, "float64", t), validation,
+        Prior(noise_strength=1.0, noise_variance=QUANTIZATION_VARIANCE), before=before,
+        lower=QUANTIZATION_VARIANCE, per_decade=4, variance_floor=floor, **kwargs)
+    return result, before, source, validation, floor
+
+
+def test_tempered_step_applied_is_the_map_step_of_its_temperature():
+    """On a strongly regularised fit of 1,000 real digits the step pays by many standard
+    errors; the model it leaves is exactly the MAP M-step of the tempered statistics at the
+    reported (T, s₀), and scores the reported validation log-likelihood."""
+    x, val = _digits()
+    model = _strongly_regularised_fit(x)
+    start = training.clone_params(model)
+    result, before, source, validation, floor = _step(model, x, val)
+    assert result.applied and result.val_log_likelihood > before + 50
+    assert result.val_log_likelihood - before > tempering.MARGIN * result.standard_error
+    assert result.temperature > 1.0
+    # Rebuild it independently from the starting parameters.
+    again = MixtureOfFactorAnalyzers(20, x.shape[1], 3, dtype=F64)
+    again.load_state_dict(start)
+    stats = EMTrainer.e_step(again, DataSource(x, again, 512), "float64", result.temperature)
+    prior = Prior(noise_strength=1.0, noise_variance=result.noise_prior_variance)
+    params = m_step(stats, again, variance_floor=floor, prior=prior)
+    for name in ("means", "factor_loadings", "noise_variance"):
+        torch.testing.assert_close(getattr(model, name), params[name], rtol=1e-10, atol=1e-12)
+    assert training.evaluate(model, validation) == pytest.approx(result.val_log_likelihood,
+                                                                 rel=1e-9)
+
+
+def test_tempered_step_not_applied_leaves_the_model_bit_for_bit(monkeypatch):
+    """Demanding an impossible margin: the best candidate is found, not applied, and the
+    model's parameters are exactly the fit's."""
+    x, val = _digits(600, 200)
+    model = _strongly_regularised_fit(x, k=8)
+    start = training.clone_params(model)
+    monkeypatch.setattr(tempering, "MARGIN", 1e12)
+    result, before, *_ = _step(model, x, val)
+    assert not result.applied and result.val_log_likelihood > before
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+
+
+def test_paired_gain_is_the_mean_difference_and_its_standard_error():
+    g = gen(5)
+    new = [torch.randn(30, generator=g, dtype=F64), torch.randn(20, generator=g, dtype=F64)]
+    old = [torch.randn(30, generator=g, dtype=F64), torch.randn(20, generator=g, dtype=F64)]
+    diff = torch.cat(new) - torch.cat(old)
+    mean, error = tempering._paired_gain(new, old, sharded=False)
+    assert mean == pytest.approx(float(diff.mean()), rel=1e-12)
+    assert error == pytest.approx(float(diff.std(unbiased=False)) / math.sqrt(50), rel=1e-9)
+
+
+def test_em_fit_with_the_tempered_step_never_scores_lower_on_validation():
+    """The same fit with and without the step: identical up to the step, and the step's
+    model scores at least as well on the validation rows (it is kept only if better); the
+    trainer reports what it tried. Resuming the finished fit from its state reproduces the
+    model."""
+    x, val = _digits(800, 300)
+    models, trainers = {}, {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = MixtureOfFactorAnalyzers(10, x.shape[1], 3, dtype=F64)
+        trainer = EMTrainer(EMConfig(max_iter=8, tempered_step=flag, reseed_rounds=1,
+                                     progress=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            trainer.fit(model, x, val)
+        models[flag], trainers[flag] = model, trainer
+    assert trainers[False].tempered is None
+    step = trainers[True].tempered
+    assert step is not None
+    scores = {flag: training.evaluate(m, DataSource(val, m, 512)) for flag, m in models.items()}
+    assert step.before == pytest.approx(scores[False], rel=1e-12)
+    assert scores[True] >= scores[False]
+    if step.applied:
+        assert scores[True] == pytest.approx(step.val_log_likelihood, rel=1e-9)
+    else:
+        for name, value in models[False].state_dict().items():
+            assert torch.equal(value, models[True].state_dict()[name]), name
+    # Resume the finished fit: the step runs again from the kept parameters, the same way.
+    resumed_trainer = EMTrainer(EMConfig(max_iter=8, tempered_step=True, reseed_rounds=1,
+                                         progress=False))
+    resumed_trainer.load_state_dict(trainers[True].state_dict())
+    resumed = MixtureOfFactorAnalyzers(10, x.shape[1], 3, dtype=F64)
+    resumed.load_state_dict(models[True].state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        resumed_trainer.fit(resumed, x, val)
+    for name, value in models[True].state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
