@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from mfa import distributed, linalg, missing, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
-from mfa._terms import component_log_prob_from_terms
 from mfa._validation import (
     check_bool_field,
     check_choice_field,
@@ -479,8 +478,8 @@ class EMTrainer:
             for batch in source:
                 if full:
                     batch = batch.double()
-                resp = None if temperature == 1.0 else torch.softmax(
-                    component_log_prob_from_terms(batch, terms) / temperature, -1)
+                resp = None if temperature == 1.0 else torch.softmax(  # chunked log-densities
+                    model._component_log_prob(batch, terms) / temperature, -1)
                 part = statistics(model, batch, terms, chol, resp=resp, stats_dtype=torch.float64,
                                   precise_moments=stats_dtype != "float32",
                                   precise_latent=stats_dtype == "precise",
