@@ -19,6 +19,37 @@ SCATTER_ELEMENTS = 2**25
 #: One chunk's pairs: ``(component [P], row [P] (in the batch), r [P], p [L, P])``.
 Pairs = tuple[Tensor, Tensor, Tensor, Tensor]
 
+#: The ``"centred"`` mode's sparse chunks (:func:`significant_pairs`): responsibilities below
+#: this are left out, when their mass is below ``PAIR_TOLERANCE`` × each component's kept
+#: mass; a chunk goes sparse while its pairs are at most ``n·(1 + K/PAIR_COST)`` (one float64
+#: pair costs about what ``PAIR_COST`` components' float32 shares of a row cost in the
+#: products).
+PAIR_THRESHOLD = 1e-12
+PAIR_TOLERANCE = 1e-9
+PAIR_COST = 32.0
+
+
+def significant_pairs(resp: Tensor, proj: Tensor, row_offset: int) -> Pairs | None:
+    """The ``"centred"`` mode's sparse form of a chunk: every (component, row) pair with
+    ``r ≥ PAIR_THRESHOLD``, as ``(component [P], row [P], r [P], p [L, P])`` — or ``None``
+    when they are too many to beat the dense products (more than ``n·(1 + K/PAIR_COST)``)
+    or when what they leave out is not negligible: a component whose left-out mass exceeds
+    ``PAIR_TOLERANCE`` × its kept mass (plus ``ε₆₄·n``, below which the M-step keeps a
+    component as massless anyway).
+
+    ``resp`` [K, n], ``proj`` [K, L, n]."""
+    k, n = resp.shape
+    keep = resp >= PAIR_THRESHOLD  # [K, n]
+    kept = torch.where(keep, resp, 0.0).sum(-1, dtype=torch.float64)  # [K]
+    dropped = torch.where(keep, 0.0, resp).sum(-1, dtype=torch.float64)  # [K]
+    count = keep.sum()
+    too_many = count > n * (1.0 + k / PAIR_COST)
+    lost = (dropped > PAIR_TOLERANCE * kept + torch.finfo(torch.float64).eps * n).any()
+    if bool(too_many | lost):  # one synchronisation
+        return None
+    comp, row = keep.nonzero(as_tuple=True)  # component-major: sorted by component
+    return comp, row + row_offset, resp[comp, row], proj[comp, :, row].T
+
 
 def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torch.dtype
                ) -> list[Tensor]:

@@ -34,18 +34,18 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   (row, component) share about that component's own mean ``μ_k`` (exact in float64) and
   moved to ``c`` by exact algebra (:func:`mfa.owner_sums.owner_sums`). On image data almost
   every responsibility is 0 to float precision, so a chunk of rows goes *sparse*
-  (:func:`_significant_pairs`): only its shares ``r ≥ 1e-12`` are summed, one float64 pair
-  each, and the two sum products are skipped (Fashion-MNIST, K=50, L=6: 1.06 pairs a row,
-  the left-out mass ≤ 1.2e-14 of any component's). A chunk whose shares are too many (more
-  than ``1 + K/32`` a row) or whose left-out mass is not negligible (above 1e-9 of a
-  component's kept mass) goes *dense*: each row's most responsible component (its
+  (:func:`mfa.owner_sums.significant_pairs`): only its shares ``r ≥ 1e-12`` are summed, one
+  float64 pair each, and the two sum products are skipped (Fashion-MNIST, K=50, L=6: 1.06
+  pairs a row, the left-out mass ≤ 1.2e-14 of any component's). A chunk whose shares are too
+  many (more than ``1 + K/32`` a row) or whose left-out mass is not negligible (above 1e-9
+  of a component's kept mass) goes *dense*: each row's most responsible component (its
   *owner*) as a float64 pair, the other components' shares by the products in the data's
   dtype about ``c``. The float64 pairs are where both cancellations live (a component's own
   rows, far from ``c``; its own loadings' variance), so this mode keeps them like
   ``"precise"`` (the tests' cases: 6.3e-6, 3e-6); the sparse form is also the fastest mode
   on CPUs. What the dense form does not cover: the non-owner shares are float32 sums about
-  ``c``, so a component that owns few of its rows (one of two near-identical components)
-  and lies far from ``c`` with a tiny variance gets float32's error on that mass.
+  ``c``, so a component that owns few of its rows (one of two near-identical components) and
+  lies far from ``c`` with a tiny variance gets float32's error on that mass.
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
   kept; the high signal-to-noise case loses ~1e-3).
 * ``"float32"``: every product in the data's dtype (loses both cases; on image data the
@@ -80,7 +80,7 @@ from mfa import linalg
 from mfa._terms import ComponentTerms
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.owner_sums import Pairs, owner_sums
+from mfa.owner_sums import Pairs, owner_sums, significant_pairs
 from mfa.priors import Prior
 
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
@@ -117,15 +117,6 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
 #: Rows per chunk inside :func:`accumulate_statistics`: the ``[rows, D]`` intermediates of a
 #: chunk stay in the cache, and the products keep their rate.
 CHUNK_ROWS = 1024
-
-#: The ``"centred"`` mode's sparse chunks (:func:`_significant_pairs`): responsibilities below
-#: this are left out, when their mass is below ``PAIR_TOLERANCE`` × each component's kept
-#: mass; a chunk goes sparse while its pairs are at most ``n·(1 + K/PAIR_COST)`` (one float64
-#: pair costs about what ``PAIR_COST`` components' float32 shares of a row cost in the
-#: products).
-PAIR_THRESHOLD = 1e-12
-PAIR_TOLERANCE = 1e-9
-PAIR_COST = 32.0
 
 
 @dataclass
@@ -296,9 +287,9 @@ def _chunk_sums(
     Σ r p pᵀ [K, L, L], Σ log p(x)]``; ``moment_dtype``: the dtype of ``Σ r x`` and
     ``Σ r x²`` (``None``: ``x``'s). With ``pairs`` (the ``"centred"`` mode) the chunk's
     float64 pairs are appended to it for :func:`mfa.owner_sums.owner_sums`
-    (:func:`_significant_pairs`: then every sum but the log-likelihood is ``None``; else
-    each row's most responsible component, left out of the products' sums). ``row_offset``:
-    the chunk's first row in the batch."""
+    (:func:`mfa.owner_sums.significant_pairs`: then every sum but the log-likelihood is
+    ``None``; else each row's most responsible component, left out of the products' sums).
+    ``row_offset``: the chunk's first row in the batch."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -349,7 +340,7 @@ def _chunk_sums(
     # log p summed in float64: a float32 sum of ~1,000 rows of ~10³ nats is off by ~0.1 nat.
     log_likelihood = log_p.sum(dtype=torch.float64)
     if pairs is not None:
-        significant = _significant_pairs(resp, proj, row_offset)
+        significant = significant_pairs(resp, proj, row_offset)
         if significant is not None:  # every share that counts, in float64 (owner_sums)
             pairs.append(significant)
             return [None] * 6 + [log_likelihood]
@@ -383,28 +374,6 @@ def _chunk_sums(
     sum_p = rp.sum(-1)  # [K, L]
     sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
     return [resp.sum(-1), sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood]
-
-
-def _significant_pairs(resp: Tensor, proj: Tensor, row_offset: int) -> Pairs | None:
-    """The ``"centred"`` mode's sparse form of a chunk: every (component, row) pair with
-    ``r ≥ PAIR_THRESHOLD``, as ``(component [P], row [P], r [P], p [L, P])`` — or ``None``
-    when they are too many to beat the dense products (more than ``n·(1 + K/PAIR_COST)``)
-    or when what they leave out is not negligible: a component whose left-out mass exceeds
-    ``PAIR_TOLERANCE`` × its kept mass (plus ``ε₆₄·n``, below which the M-step keeps a
-    component as massless anyway).
-
-    ``resp`` [K, n], ``proj`` [K, L, n]."""
-    k, n = resp.shape
-    keep = resp >= PAIR_THRESHOLD  # [K, n]
-    kept = torch.where(keep, resp, 0.0).sum(-1, dtype=torch.float64)  # [K]
-    dropped = torch.where(keep, 0.0, resp).sum(-1, dtype=torch.float64)  # [K]
-    count = keep.sum()
-    too_many = count > n * (1.0 + k / PAIR_COST)
-    lost = (dropped > PAIR_TOLERANCE * kept + torch.finfo(torch.float64).eps * n).any()
-    if bool(too_many | lost):  # one synchronisation
-        return None
-    comp, row = keep.nonzero(as_tuple=True)  # component-major: sorted by component
-    return comp, row + row_offset, resp[comp, row], proj[comp, :, row].T
 
 
 def m_step(

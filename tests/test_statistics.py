@@ -694,14 +694,14 @@ def _record_chunks(monkeypatch) -> list:
     import mfa.statistics as statistics
 
     seen = []
-    original = statistics._significant_pairs
+    original = statistics.significant_pairs
 
     def spy(resp, proj, row_offset):
         out = original(resp, proj, row_offset)
         seen.append(out)
         return out
 
-    monkeypatch.setattr(statistics, "_significant_pairs", spy)
+    monkeypatch.setattr(statistics, "significant_pairs", spy)
     return seen
 
 
@@ -793,10 +793,10 @@ def test_significant_pairs_rules(monkeypatch):
     """The sparse form keeps exactly the entries ≥ PAIR_THRESHOLD (component-major, rows
     offset into the batch), and refuses when a component's left-out mass is not negligible
     against its kept mass, or when the pairs are too many to pay."""
-    import mfa.statistics as statistics
-    from mfa.statistics import PAIR_THRESHOLD, _significant_pairs
+    import mfa.owner_sums as owner_sums
+    from mfa.owner_sums import PAIR_THRESHOLD, significant_pairs
 
-    monkeypatch.setattr(statistics, "PAIR_COST", 4.0)  # up to n·(1 + 3/4) = 14 pairs
+    monkeypatch.setattr(owner_sums, "PAIR_COST", 4.0)  # up to n·(1 + 3/4) = 14 pairs
     k, lat, n = 3, 2, 8
     proj = torch.randn(k, lat, n, generator=gen(5))
     resp = torch.zeros(k, n)
@@ -804,7 +804,7 @@ def test_significant_pairs_rules(monkeypatch):
     resp[1, 5:] = 0.75
     resp[2, 5:] = 0.25
     resp[1, 0] = 1e-20  # left out: 1e-20 against component 1's kept mass 2.25
-    pairs = _significant_pairs(resp, proj, row_offset=100)
+    pairs = significant_pairs(resp, proj, row_offset=100)
     assert pairs is not None
     comp, rows, r, p = pairs
     assert comp.tolist() == [0] * 5 + [1] * 3 + [2] * 3
@@ -815,9 +815,9 @@ def test_significant_pairs_rules(monkeypatch):
     dead = resp.clone()
     dead[2] = 0.5 * PAIR_THRESHOLD
     dead[2, :5] = 0.0
-    assert _significant_pairs(dead, proj, 0) is None
+    assert significant_pairs(dead, proj, 0) is None
     # ... unless that mass is below what the M-step treats as no mass at all (ε₆₄ per row).
     dead[2, 5:] = 1e-17
-    assert _significant_pairs(dead, proj, 0) is not None
+    assert significant_pairs(dead, proj, 0) is not None
     # Too many pairs: every entry of every row counts (24 > 14).
-    assert _significant_pairs(torch.full((k, n), 1 / 3), proj, 0) is None
+    assert significant_pairs(torch.full((k, n), 1 / 3), proj, 0) is None
