@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mfa import distributed, linalg, missing, prior_search, training
+from mfa import distributed, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import (
     check_bool_field,
@@ -23,12 +23,13 @@ from mfa._validation import (
     check_int_fields,
     check_real_field,
 )
+from mfa.e_step import streamed_e_step
 from mfa.em_state import Callback, FitContext, RunState
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
 from mfa.pruning import reseed_round
-from mfa.statistics import STATS_DTYPES, accumulate_statistics, m_step, resolve_stats_dtype
+from mfa.statistics import STATS_DTYPES, m_step
 from mfa.tempering import TemperedStep, tempered_step
 from mfa.training import ConvergenceWarning
 
@@ -449,45 +450,7 @@ class EMTrainer:
         logger.debug("EM run %d iteration %d: log-likelihood %.6f", run, it + 1, ll)
         return record
 
-    @staticmethod
-    def e_step(
-        model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "auto",
-        temperature: float = 1.0,
-    ) -> object:
-        """One streamed pass: the summed sufficient statistics of every batch.
-
-        ``stats_dtype`` as in :class:`EMConfig` (a ``torch.dtype`` is read as its name). A
-        source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
-        ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
-        (:mod:`mfa.tempering`; complete data only).
-        """
-        if isinstance(stats_dtype, torch.dtype):
-            stats_dtype = str(stats_dtype).removeprefix("torch.")
-        stats_dtype = resolve_stats_dtype(stats_dtype, model.means.device, model.dtype)
-        full = stats_dtype == "float64" and model.dtype != torch.float64
-        with torch.no_grad():
-            terms = model.component_terms()
-            chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
-            if full:
-                terms, chol = terms.to(torch.float64), chol.double()
-            stats = None
-            statistics = (missing.batch_statistics if getattr(source, "allow_missing", False)
-                          else accumulate_statistics)
-            if temperature != 1.0 and statistics is not accumulate_statistics:
-                raise ValueError("a tempered E-step needs complete data")
-            for batch in source:
-                if full:
-                    batch = batch.double()
-                resp = None if temperature == 1.0 else torch.softmax(  # chunked log-densities
-                    model._component_log_prob(batch, terms) / temperature, -1)
-                part = statistics(model, batch, terms, chol, resp=resp, stats_dtype=torch.float64,
-                                  precise_moments=stats_dtype != "float32",
-                                  precise_latent=stats_dtype == "precise",
-                                  centred=stats_dtype == "centred")
-                stats = part if stats is None else stats + part
-            if source.sharded:  # add every process's sums (one all-reduce)
-                stats = distributed.all_reduce_statistics(stats, model, terms.reference)
-        return stats
+    e_step = staticmethod(streamed_e_step)  # one pass over a source (mfa.e_step)
 
     def _apply_m_step(self, model, stats, floor, gen, it, prior: Prior) -> None:
         cfg = self.config

@@ -1,0 +1,55 @@
+"""EM's E-step over a data source: the summed sufficient statistics of one streamed pass,
+in the precision mode of ``EMConfig.stats_dtype`` (:mod:`mfa.statistics`), with the rows that
+hold NaN routed to :mod:`mfa.missing` and every process's sums added under torch.distributed.
+:meth:`mfa.em.EMTrainer.e_step` is this function."""
+
+from __future__ import annotations
+
+import torch
+
+from mfa import distributed, linalg, missing
+from mfa._data_stream import DataSource
+from mfa.model import MixtureOfFactorAnalyzers
+from mfa.statistics import SufficientStatistics, accumulate_statistics, resolve_stats_dtype
+
+__all__ = ["streamed_e_step"]
+
+
+def streamed_e_step(
+    model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "auto",
+    temperature: float = 1.0,
+) -> SufficientStatistics:
+    """One streamed pass: the summed sufficient statistics of every batch.
+
+    ``stats_dtype`` as in :class:`mfa.em.EMConfig` (a ``torch.dtype`` is read as its name). A
+    source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
+    ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
+    (:mod:`mfa.tempering`; complete data only).
+    """
+    if isinstance(stats_dtype, torch.dtype):
+        stats_dtype = str(stats_dtype).removeprefix("torch.")
+    stats_dtype = resolve_stats_dtype(stats_dtype, model.means.device, model.dtype)
+    full = stats_dtype == "float64" and model.dtype != torch.float64
+    with torch.no_grad():
+        terms = model.component_terms()
+        chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
+        if full:
+            terms, chol = terms.to(torch.float64), chol.double()
+        stats = None
+        statistics = (missing.batch_statistics if getattr(source, "allow_missing", False)
+                      else accumulate_statistics)
+        if temperature != 1.0 and statistics is not accumulate_statistics:
+            raise ValueError("a tempered E-step needs complete data")
+        for batch in source:
+            if full:
+                batch = batch.double()
+            resp = None if temperature == 1.0 else torch.softmax(  # chunked log-densities
+                model._component_log_prob(batch, terms) / temperature, -1)
+            part = statistics(model, batch, terms, chol, resp=resp, stats_dtype=torch.float64,
+                              precise_moments=stats_dtype != "float32",
+                              precise_latent=stats_dtype == "precise",
+                              centred=stats_dtype == "centred")
+            stats = part if stats is None else stats + part
+        if source.sharded:  # add every process's sums (one all-reduce)
+            stats = distributed.all_reduce_statistics(stats, model, terms.reference)
+    return stats
