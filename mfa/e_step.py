@@ -43,12 +43,10 @@ def streamed_e_step(
         for batch in source:
             if full:
                 batch = batch.double()
-            resp = None if temperature == 1.0 else torch.softmax(  # chunked log-densities
-                model._component_log_prob(batch, terms) / temperature, -1)
-            part = statistics(model, batch, terms, chol, resp=resp, stats_dtype=torch.float64,
+            part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
                               precise_moments=stats_dtype != "float32",
                               precise_latent=stats_dtype == "precise",
-                              centred=stats_dtype == "centred")
+                              centred=stats_dtype == "centred", temperature=temperature)
             stats = part if stats is None else stats + part
         if source.sharded:  # add every process's sums (one all-reduce)
             stats = distributed.all_reduce_statistics(stats, model, terms.reference)

@@ -205,6 +205,7 @@ def accumulate_statistics(
     precise_moments: bool = True,
     precise_latent: bool = False,
     centred: bool = False,
+    temperature: float = 1.0,
 ) -> SufficientStatistics:
     """E-step statistics of one batch.
 
@@ -228,6 +229,8 @@ def accumulate_statistics(
         centred: the ``"centred"`` mode (module docstring): each row's share of its most
             responsible component in ``stats_dtype`` about that component's mean, the rest in
             ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored).
+        temperature: ``T ≠ 1``: responsibilities ``∝ p(k, x)^(1/T)`` (:mod:`mfa.tempering`;
+            ignored with ``resp``); the log-likelihood stays the model's.
 
     Returns:
         The batch's :class:`SufficientStatistics`.
@@ -253,6 +256,7 @@ def accumulate_statistics(
             x[start:stop], terms, weights, constant,
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
             precise_latent, pairs if centred else None, scratch[:, :stop - start], start,
+            temperature,
         )
         for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
             if value is not None:
@@ -281,6 +285,7 @@ def _chunk_sums(
     x: Tensor, terms: ComponentTerms, weights: Tensor, constant: Tensor,
     resp: Tensor | None, moment_dtype: torch.dtype | None, precise_latent: bool = False,
     pairs: list[Pairs] | None = None, scratch: Tensor | None = None, row_offset: int = 0,
+    temperature: float = 1.0,
 ) -> list[Tensor | None]:
     """The sums of one chunk of rows ``x`` [n, D], the latent ones in the whitened basis:
     ``[mass [K], Σ r x [K, D], Σ r x² [K, D], Σ r x pᵀ [K, D, L], Σ r p [K, L],
@@ -289,7 +294,8 @@ def _chunk_sums(
     float64 pairs are appended to it for :func:`mfa.owner_sums.owner_sums`
     (:func:`mfa.owner_sums.significant_pairs`: then every sum but the log-likelihood is
     ``None``; else each row's most responsible component, left out of the products' sums).
-    ``row_offset``: the chunk's first row in the batch."""
+    ``row_offset``: the chunk's first row in the batch; ``temperature`` as in
+    :func:`accumulate_statistics`."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -326,11 +332,19 @@ def _chunk_sums(
     # so do the products below with subnormal results: clamp them to linalg.exp_floor, whose
     # exp (~5e8 × the smallest normal number) changes no responsibility or log-density at the
     # dtype's precision.
-    log_joint.sub_(top).clamp_min_(linalg.exp_floor(log_joint.dtype))
-    joint = torch.exp(log_joint, out=rhs[:k] if resp is None else None)  # [K, n]
+    floor = linalg.exp_floor(log_joint.dtype)
+    log_joint.sub_(top)
+    # Tempered before the clamp: a component 10⁴ nats below the top is 10⁴/T below it.
+    tempered = None if temperature == 1.0 or resp is not None else (
+        log_joint / temperature).clamp_min_(floor)
+    log_joint.clamp_min_(floor)
+    joint = torch.exp(log_joint, out=rhs[:k] if resp is None and tempered is None else None)
     total = joint.sum(0)  # [n]
     log_p = top + total.log()  # [n]
-    if resp is None:
+    if tempered is not None:  # r ∝ p(k, x)^(1/T)
+        joint = torch.exp(tempered, out=rhs[:k])
+        joint.div_(joint.sum(0))
+    elif resp is None:
         joint.div_(total)  # p(k | x)
     else:
         rhs[:k] = resp.T

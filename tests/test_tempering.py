@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import DenseMixture, gen, random_data, random_model
+from helpers import DenseMixture, gen, random_data, random_model, random_parameters
 
 import mfa.tempering as tempering
 from mfa import MixtureOfFactorAnalyzers, training
@@ -36,6 +36,31 @@ def test_tempered_e_step_equals_statistics_of_tempered_dense_posterior(temperatu
     if temperature == 1.0:
         plain = EMTrainer.e_step(model, DataSource(x, model, 64), "float64")
         torch.testing.assert_close(got.sum_xz, plain.sum_xz, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stats_dtype", ["auto", "float32", "precise"])
+def test_float32_tempered_e_step_keeps_far_components_shares(stats_dtype):
+    """A float32 model whose components lie thousands of nats apart: each row's tempered
+    shares (``T = 200``) must come from the log-densities before they are clamped for ``exp``
+    (a gap of 3,000 nats is 15 nats at ``T = 200``, not the clamp's ~87/200); compared with
+    the statistics of a float64 model under dense float64 tempered posteriors."""
+    params = random_parameters(3, 8, 2, "diagonal", seed=5, dtype=torch.float32)
+    params["means"] = params["means"] * 10.0  # 1,000s of nats apart (unit-scale noise)
+    single = MixtureOfFactorAnalyzers.from_parameters(**params)
+    double = MixtureOfFactorAnalyzers.from_parameters(
+        **{name: value.double() for name, value in params.items()})
+    x = random_data(300, double, seed=6, scale=1.0).float().double()  # exact in float32
+    log_joint = DenseMixture.from_model(double).component_log_prob(x)  # [n, K]
+    assert float((log_joint.amax(-1, keepdim=True) - log_joint).max()) > 1000
+    temperature = 200.0
+    resp = torch.softmax(log_joint / temperature, -1)
+    assert float(resp.min()) < 1e-3 and float((resp > 1e-5).sum(-1).float().mean()) > 1.5
+    ref = accumulate_statistics(double, x, double.component_terms(), resp=resp)
+    got = EMTrainer.e_step(single, DataSource(x.float(), single, 64), stats_dtype, temperature)
+    for name in ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz"):
+        want = getattr(ref, name)
+        torch.testing.assert_close(getattr(got, name), want, rtol=2e-4,
+                                   atol=2e-4 * float(want.abs().max()), msg=name)
 
 
 def test_tempered_e_step_refuses_missing_data():
