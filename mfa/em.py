@@ -288,7 +288,7 @@ class EMTrainer:
                                              else round_val > state.best_run_val):
                 state.best_log_likelihood, state.converged = run_ll, converged
                 state.best_params, state.best_run_val = training.clone_params(model), run_val
-                self.selected_noise_prior_variance = state.noise_prior_variance
+                state.selected_noise_prior_variance = state.noise_prior_variance
             elif run >= cfg.n_init:
                 break  # the round did not pay: no further one would start from elsewhere
             state.start_restart()
@@ -296,12 +296,14 @@ class EMTrainer:
                 logger.info("EM run %d/%d: log-likelihood %.6g", run + 1, cfg.n_init, run_ll)
         if state.best_params is not None:
             model.load_state_dict(state.best_params)
+        self.selected_noise_prior_variance = state.selected_noise_prior_variance
         if cfg.tempered_step and ctx.search and not allow and cfg.max_iter:
             self.tempered = tempered_step(
                 model, lambda t: self.e_step(model, source, cfg.stats_dtype, t), val_source,
                 Prior.from_config(cfg, cfg.quantization_variance),
                 before=self._score_validation(model, ctx), lower=cfg.quantization_variance,
-                per_decade=cfg.search_per_decade, variance_floor=ctx.floor)
+                per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
+                start=self.selected_noise_prior_variance)
         self.converged = state.converged
         state.run = cfg.n_init + rounds
         self._state = state.as_dict()

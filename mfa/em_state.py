@@ -54,6 +54,8 @@ class RunState:
         searches, previous_noise_prior_variance: the searches run in this restart and the
             choice of the one before the latest (``None`` before a second one is due).
         best_val_noise_prior_variance: the ``s₀`` under which ``best_val_params`` were fitted.
+        selected_noise_prior_variance: the ``s₀`` of ``best_params`` (``None`` without a
+            search).
         val_at_search, stint_best, stint_gain, stale_iterations: the best validation score
             when the latest repeated search was due (``None`` before one), the best since then
             (before one: the best so far) and its latest gain, and the iterations since the
@@ -87,6 +89,7 @@ class RunState:
     stint_best: float | None = None
     stale_iterations: int = 0
     stint_gain: float | None = None
+    selected_noise_prior_variance: float | None = None
 
     REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
     #: The accepted types of each saved key (checked on load, so a tampered state fails there).
@@ -100,6 +103,7 @@ class RunState:
         "best_val_noise_prior_variance": (float, int), "val_at_search": (float, int),
         "stint_best": (float, int), "stale_iterations": (int,),
         "stint_gain": (float, int), "best_run_val": (float, int),
+        "selected_noise_prior_variance": (float, int),
     }
 
     def as_dict(self) -> dict:
@@ -121,7 +125,8 @@ class RunState:
         if self.searches:
             state["searches"] = self.searches
         for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance",
-                     "val_at_search", "stint_best", "stint_gain", "best_run_val"):
+                     "val_at_search", "stint_best", "stint_gain", "best_run_val",
+                     "selected_noise_prior_variance"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         return state
@@ -146,6 +151,7 @@ class RunState:
             stint_best=state.get("stint_best", state.get("best_val_log_likelihood")),
             stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
             stint_gain=state.get("stint_gain"), best_run_val=state.get("best_run_val"),
+            selected_noise_prior_variance=state.get("selected_noise_prior_variance"),
         )
 
     def start_restart(self) -> None:

@@ -120,6 +120,7 @@ def choose_noise_variance(
     per_decade: int,
     variance_floor: float,
     above: float | None = None,
+    near: float | None = None,
 ) -> tuple[float, list[tuple[float, float]]]:
     """The best ``s₀`` of the grid ``log_grid(lower, max training variance, per_decade)``,
     found coarse to fine: one candidate a decade (and the grid's top), then halving steps
@@ -135,6 +136,11 @@ def choose_noise_variance(
     score yet raised the validation score EM reached), and the trainer ends the restart when
     that stint does not beat the best validation score.
 
+    With ``near`` (a warm start: the best value of a similar problem), the coarse pass is
+    that value and a decade either side, widened a decade at a time while an end scores best,
+    then the same halving steps: about 7 passes instead of 11 when the best lies within a
+    decade of ``near``, and the grid's best under the same unimodality.
+
     Args:
         model, stats: the current model and the statistics of its E-step.
         validation: the held-out rows.
@@ -143,6 +149,7 @@ def choose_noise_variance(
         per_decade: grid points per decade.
         variance_floor: the hard floor of the M-step.
         above: the previous choice, for a repeated search.
+        near: a warm start for the coarse pass (ignored with ``above``).
 
     Returns:
         ``(best s₀, [(candidate, validation log-likelihood), ...])`` (the candidates scored, in
@@ -162,8 +169,11 @@ def choose_noise_variance(
     def best_of(indices) -> int:
         return max((i for i in indices if i in scored), key=lambda i: (scored[i], -i))
 
+    def nearest(value: float) -> int:
+        return min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / value)))
+
     if above is not None:
-        best = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / above)))
+        best = nearest(above)
         if best + 1 >= len(grid):  # nothing stronger on the grid
             return above, []
         best += 1
@@ -172,7 +182,21 @@ def choose_noise_variance(
             best += 1
             score([best + 1])
     else:
-        score([*range(0, len(grid), per_decade), len(grid) - 1])
+        if near is None:
+            score([*range(0, len(grid), per_decade), len(grid) - 1])
+        else:  # a decade either side of the warm start, widened while an end is best
+            centre = nearest(near)
+            low, high = max(centre - per_decade, 0), min(centre + per_decade, len(grid) - 1)
+            score([low, centre, high])
+            while True:
+                top = best_of(scored)
+                if top == low > 0:
+                    low = max(low - per_decade, 0)
+                elif top == high < len(grid) - 1:
+                    high = min(high + per_decade, len(grid) - 1)
+                else:
+                    break
+                score([low, high])
         best = best_of(scored)
         step = (per_decade + 1) // 2
         while step:

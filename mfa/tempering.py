@@ -6,17 +6,18 @@ computes the E-step statistics with *tempered* responsibilities::
 
     r_nk(T) ∝ (w_k N(x_n; μ_k, Σ_k))^(1/T)        (T = 1: the posterior)
 
-for ``T`` in ``D/4, D, 4D`` and then halfway to the best one's neighbours (``T/2``, ``2T``;
-the log-densities of image rows differ by hundreds to thousands of nats between components,
-so the temperatures that matter scale with ``D``), and for each the MAP M-step of every
-noise prior variance ``s₀`` on the search's grid
-(:func:`mfa.prior_search.choose_noise_variance`, scored on the validation rows). The best
+for ``T`` in ``D/4, D, 4D`` and then, when one of them beats the fit, halfway to the best
+one's neighbours (``T/2``, ``2T``; the log-densities of image rows differ by hundreds to
+thousands of nats between components, so the temperatures that matter scale with ``D``),
+and for each the MAP M-step of the noise prior variances ``s₀`` on the search's grid
+(:func:`mfa.prior_search.choose_noise_variance`, scored on the validation rows, warm-started
+from the fit's ``s₀`` and then from the nearest temperature's). The best
 (``T``, ``s₀``) replaces the model when its validation log-likelihood beats the fit's by
 more than :data:`MARGIN` standard errors of the paired per-row gain (the 55-odd candidates
 were chosen on those rows too). The score need not be unimodal in ``T`` (on the embedded
 digits at K=50: ``D/8`` scored 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854),
-hence the refinement. Cost: five passes over the training rows (each the price of an E-step
-plus the log-densities) and about eleven validation passes a temperature.
+hence the refinement. Cost: three to five passes over the training rows (each about the
+price of an E-step) and about seven validation passes a temperature.
 
 Why: with few rows per component, EM's responsibilities (near 0 or 1) let each component
 fit its own rows' pixels to the noise floor, and the noise prior that prevents this also
@@ -84,6 +85,7 @@ def tempered_step(
     lower: float,
     per_decade: int,
     variance_floor: float,
+    start: float | None = None,
 ) -> TemperedStep | None:
     """Try the tempered M-steps of the module docstring on ``model`` and apply the best in
     place when its validation log-likelihood beats ``before``.
@@ -97,6 +99,9 @@ def tempered_step(
         before: the mean validation log-likelihood of ``model``.
         lower, per_decade: the ``s₀`` grid (:func:`mfa.prior_search.choose_noise_variance`).
         variance_floor: the hard floor of the M-step.
+        start: the fit's own ``s₀``, where the first temperature's search starts (each
+            later one starts from the ``s₀`` of the nearest temperature tried); ``None``
+            searches the whole grid coarse to fine for each.
 
     Returns:
         The best candidate (``applied`` if the model now holds it); ``None`` when no candidate
@@ -104,25 +109,30 @@ def tempered_step(
     """
     best: tuple[float, float, float, SufficientStatistics] | None = None
     tempered_scores: dict[float, float] = {}  # T → its best score
+    chosen: dict[float, float] = {}  # T → its s₀
 
     def consider(temperature: float) -> None:
         nonlocal best
         stats = e_step(temperature)
+        near = start if not chosen else chosen[min(
+            chosen, key=lambda t: abs(math.log(t / temperature)))]
         s0, scored = choose_noise_variance(model, stats, validation, prior, lower=lower,
                                            per_decade=per_decade,
-                                           variance_floor=variance_floor)
+                                           variance_floor=variance_floor, near=near)
         score = max((value for _, value in scored), default=-math.inf)
         logger.debug("tempered step T=%.4g: s0 %.3g, validation %.6g", temperature, s0, score)
-        tempered_scores[temperature] = score
+        tempered_scores[temperature], chosen[temperature] = score, s0
         if best is None or score > best[0]:
             best = (score, temperature, s0, stats)
 
     for temperature in (t * model.n_features for t in TEMPERATURES):
         consider(temperature)
-    # Halfway to the best tempered one's neighbours (a factor 4 apart).
-    top = max(tempered_scores, key=tempered_scores.__getitem__)
-    consider(top / 2)
-    consider(top * 2)
+    # Halfway to the best tempered one's neighbours (a factor 4 apart), unless none of the
+    # three beat the fit (then the step would not be applied from there).
+    if best is not None and best[0] > before:
+        top = max(tempered_scores, key=tempered_scores.__getitem__)
+        consider(top / 2)
+        consider(top * 2)
     if best is None or not math.isfinite(best[0]):
         return None
     score, temperature, s0, stats = best

@@ -335,7 +335,8 @@ def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, str
     exhaustive scoring of every grid point picks; from a weaker previous choice (``above``)
     it climbs to the same best, from a stronger one it still moves one step stronger (the
     trainer judges that stint by the validation score EM reaches), and from the grid's top
-    it returns that choice without scoring anything."""
+    it returns that choice without scoring anything; warm-started (``near``) it finds the
+    same best."""
     from mfa._data_stream import DataSource
     from mfa.prior_search import choose_noise_variance, score_candidates
 
@@ -369,6 +370,15 @@ def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, str
     assert [s0 for s0, _ in walk] == pytest.approx(grid[best + 2:best + 4], rel=1e-12)
     top, walk = choose_noise_variance(model, stats, source, prior, above=grid[-1], **kwargs)
     assert top == grid[-1] and walk == []
+    # Warm starts (the tempered step's): within a decade of the best, and far below it
+    # (the coarse pass widens a decade at a time) — the same best, from the same scores.
+    for start, most in ((best - 3, 8), (best + 2, 8), (0, len(grid) // 2 + 3)):
+        warm, walk = choose_noise_variance(model, stats, source, prior, near=grid[start],
+                                           **kwargs)
+        assert warm == pytest.approx(grid[best], rel=1e-12), start
+        assert len(walk) <= most, (start, walk)
+        for s0, value in walk:
+            assert value == pytest.approx(exhaustive[grid.index(s0)], rel=1e-12)
 
 
 def test_default_fit_is_reproducible_with_its_seed(blobs):

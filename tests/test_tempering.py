@@ -186,3 +186,8 @@ def test_em_fit_with_the_tempered_step_never_scores_lower_on_validation():
         resumed_trainer.fit(resumed, x, val)
     for name, value in models[True].state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    # The kept run's s₀ (where the step's search starts) comes back with the state.
+    assert resumed_trainer.selected_noise_prior_variance is not None
+    assert (resumed_trainer.selected_noise_prior_variance
+            == trainers[True].selected_noise_prior_variance)
+    assert resumed_trainer.tempered == step
