@@ -43,5 +43,12 @@ def test_quick_run_writes_the_table(tmp_path):
             if default["test_bits_per_dim"] is not None:  # the target is the difference shown
                 assert targets["default_minus_sklearn_diag"] == pytest.approx(
                     default["test_bits_per_dim"] - diag["test_bits_per_dim"])
+                # The overhead is against the fixed fit at the default's own choice.
+                assert default["selected"] is not None
+                assert any("(the default's choice" in m for m in models)
+                timing = res["timing"]
+                assert timing["chosen"] == default["selected"]
+                assert targets["selection_overhead"] == pytest.approx(
+                    min(timing["default_seconds"]) / min(timing["chosen_seconds"]) - 1)
     assert "## Targets (issue 12)" in text
     assert "smoke test" in text
