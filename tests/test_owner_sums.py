@@ -57,3 +57,34 @@ def test_scattered_owner_sums_equal_the_loop_and_the_definition(scatter_elements
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-8, msg=name)
     assert float(scattered[-1]) == 0.0
     assert float(scattered[0][3]) == 0.0 and float(scattered[1][3].abs().sum()) == 0.0
+
+
+def test_sums_are_taken_about_each_components_own_mean():
+    """Components 1e8 from the origin, a few units from each other and from the reference
+    c, with a spread of 0.1: sums taken about each component's own mean keep each
+    component's variance and covariance with ``p`` (what the M-step keeps after cancelling
+    the mean) to float64's precision against a two-pass reference; products about a point
+    1e8 from the rows (such as ``μ − c``) would carry squares of 1e16 and lose them."""
+    model = random_model(4, 7, 2, "diagonal", seed=3, offset=1e8)
+    terms = model.component_terms()
+    g = torch.Generator().manual_seed(5)
+    comp = torch.randint(0, 4, (600,), generator=g)  # each row in its own component's pair
+    x = model.means.detach()[comp] + 0.1 * torch.randn(600, 7, generator=g, dtype=F64)
+    rows = torch.arange(600)
+    r = torch.rand(600, generator=g, dtype=F64) * 0.5 + 0.5
+    p = torch.randn(2, 600, generator=g, dtype=F64)
+    mass, sum_x, sum_x2, sum_xp, sum_p = owner_sums(x, terms, [(comp, rows, r, p)], F64)[:5]
+    mean = sum_x / mass[:, None]  # about c
+    var = sum_x2 / mass[:, None] - mean**2
+    cov = sum_xp / mass[:, None, None] - mean[:, :, None] * (sum_p / mass[:, None])[:, None, :]
+    for k in range(4):  # two passes: the weighted mean, then the spread about it
+        w, rows_k, p_k = r[comp == k], x[comp == k], p[:, comp == k].T
+        centre = (w[:, None] * rows_k).sum(0) / w.sum()
+        y = rows_k - centre
+        torch.testing.assert_close(var[k], (w[:, None] * y * y).sum(0) / w.sum(), rtol=1e-6,
+                                   atol=0)
+        p_mean = (w[:, None] * p_k).sum(0) / w.sum()
+        torch.testing.assert_close(cov[k], (w[:, None, None] * y[:, :, None]
+                                            * (p_k - p_mean)[:, None, :]).sum(0) / w.sum(),
+                                   rtol=0, atol=1e-6 * 0.1)
+        assert 0.005 < float(var[k].min()) and float(var[k].max()) < 0.02
