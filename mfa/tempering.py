@@ -13,8 +13,8 @@ and for each the MAP M-step of the noise prior variances ``s₀`` on the search'
 (:func:`mfa.prior_search.choose_noise_variance`, scored on the validation rows, warm-started
 from the fit's ``s₀`` and then from the nearest temperature's). The best
 (``T``, ``s₀``) replaces the model when its validation log-likelihood beats the fit's by
-more than :data:`MARGIN` standard errors of the paired per-row gain (the 55-odd candidates
-were chosen on those rows too). The score need not be unimodal in ``T`` (on the embedded
+more than :data:`MARGIN` standard errors of the paired per-row gain (the 20 to 35
+candidates were chosen on those rows too). The score need not be unimodal in ``T`` (on the embedded
 digits at K=50: ``D/8`` scored 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854),
 hence the refinement. Cost: three to five passes over the training rows (each about the
 price of an E-step) and about seven validation passes a temperature.
