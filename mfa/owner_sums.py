@@ -86,15 +86,11 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
     counts = torch.bincount(owner, minlength=k).tolist()
     means, delta = _means_and_shift(terms, dtype)
     zeros = x.new_zeros((), dtype=dtype)
-    mass = zeros.new_zeros(k)
-    sum_y = zeros.new_zeros(k, d)
+    # The [P]- and [L, P]-sized sums in a few vectorised ops; the loop keeps the [m, D] ones.
+    rp, mass, sum_p, sum_pp = _weight_sums(owner, own, p_own, k, zeros)
+    sums = zeros.new_zeros(k, n_lat + 1, d)  # [Σ r y ; Σ r y pᵀ]
     sum_y2 = zeros.new_zeros(k, d)
-    sum_yp = zeros.new_zeros(k, n_lat, d)
-    sum_p = zeros.new_zeros(k, n_lat)
-    sum_pp = zeros.new_zeros(k, n_lat, n_lat)
-    own_sorted = own[order]  # [n]
-    p_sorted = p_own[:, order]  # [L, n]
-    weights = torch.cat([own_sorted.unsqueeze(0), p_sorted * own_sorted], 0)  # [L+1, n]
+    weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order]  # [L+1, P]: r, r ⊙ p
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     for j in range(k):
         # A component's rows in slices of SLICE_ROWS (the float64 copy stays small).
@@ -102,14 +98,10 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
             stop = min(start + SLICE_ROWS, bounds[j + 1])
             # y = x − μ_j in dtype: the spread of the rows about their component
             y = x.index_select(0, rows[start:stop]).to(dtype).sub_(means[j])  # [m, D]
-            w = weights[:, start:stop]  # [L+1, m]: r, r ⊙ p
-            sums = w @ y  # [L+1, D]
-            sum_y[j] += sums[0]
-            sum_yp[j] += sums[1:]
+            w = weights[:, start:stop]  # [L+1, m]
+            sums[j].addmm_(w, y)
             sum_y2[j] += w[0] @ y.mul_(y)
-            mass[j] += w[0].sum()
-            sum_p[j] += w[1:].sum(-1)
-            sum_pp[j] += w[1:] @ p_sorted[:, start:stop].T
+    sum_y, sum_yp = sums[:, 0], sums[:, 1:]
     delta_col = delta.unsqueeze(1)  # [K, 1, D]
     sum_x = sum_y + delta * mass.unsqueeze(-1)
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
@@ -137,11 +129,7 @@ def scattered_owner_sums(
     own, p_own = own.to(dtype), p_own.to(dtype)
     means, delta = _means_and_shift(terms, dtype)
     zeros = x.new_zeros((), dtype=dtype)
-    rp = (p_own * own).T  # r ⊙ p  [n, L]
-    mass = zeros.new_zeros(k).index_add_(0, owner, own)
-    sum_p = zeros.new_zeros(k, n_lat).index_add_(0, owner, rp)
-    sum_pp = zeros.new_zeros(k, n_lat, n_lat).index_add_(
-        0, owner, rp.unsqueeze(-1) * p_own.T.unsqueeze(1))
+    rp, mass, sum_p, sum_pp = _weight_sums(owner, own, p_own, k, zeros)
     sum_y = zeros.new_zeros(k, d)
     sum_y2 = zeros.new_zeros(k, d)
     sum_yp = zeros.new_zeros(k, n_lat, d)
@@ -158,6 +146,19 @@ def scattered_owner_sums(
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
     sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta.unsqueeze(1)).mT  # [K, D, L]
     return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]
+
+
+def _weight_sums(owner: Tensor, own: Tensor, p_own: Tensor, k: int, zeros: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``r ⊙ p`` [P, L] and the pairs' ``Σ r`` [K], ``Σ r p`` [K, L], ``Σ r p pᵀ`` [K, L, L]
+    (``own`` [P], ``p_own`` [L, P] in ``zeros``' dtype)."""
+    n_lat = p_own.shape[0]
+    rp = (p_own * own).T  # [P, L]
+    mass = zeros.new_zeros(k).index_add_(0, owner, own)
+    sum_p = zeros.new_zeros(k, n_lat).index_add_(0, owner, rp)
+    sum_pp = zeros.new_zeros(k, n_lat, n_lat).index_add_(
+        0, owner, rp.unsqueeze(-1) * p_own.T.unsqueeze(1))
+    return rp, mass, sum_p, sum_pp
 
 
 def _means_and_shift(terms: ComponentTerms, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
