@@ -114,9 +114,9 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
     return "centred"
 
 
-#: Rows per chunk inside :func:`accumulate_statistics`: the ``[rows, D]`` intermediates of a
-#: chunk stay in the cache, and the products keep their rate.
-CHUNK_ROWS = 1024
+#: Rows per chunk of :func:`accumulate_statistics` (the ``[rows, D]`` intermediates stay in
+#: cache; 2,048 beat 1,024 by 4 % on Fashion-MNIST at K=50, L=6 on 1 and 2 Xeon threads).
+CHUNK_ROWS = 2048
 
 
 @dataclass
