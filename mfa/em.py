@@ -150,9 +150,12 @@ class EMTrainer:
             ``noise_prior_variance``: the ``s₀`` of that prior; ``early_stop``: ``True`` on
             the record after which early stopping ended the restart.
         converged: whether the kept run met ``tol``.
-        selected_noise_prior_variance: the ``s₀`` chosen by the ``"auto"`` search of the kept
-            run (``None`` when the config fixes it); ``search_seconds``: the wall time of the
-            last search (``None`` without one).
+        selected_noise_prior_variance: the ``s₀`` of the M-step that gave the kept run's
+            parameters: the ``"auto"`` search's choice, or the warm-up's weakest value when
+            that run scored best on validation before its search (then the parameters also
+            carry the earlier rounds' priors, and a fit with this ``s₀`` fixed is not the same
+            fit); ``None`` when the config fixes ``s₀``. ``search_seconds``: the wall time of
+            the last search (``None`` without one).
         tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
             not run): its temperature, ``s₀`` and validation score, and whether it was applied.
 
