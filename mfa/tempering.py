@@ -110,20 +110,19 @@ def tempered_step(
         had a finite score.
     """
     best: tuple[float, float, float, SufficientStatistics] | None = None
-    tempered_scores: dict[float, float] = {}  # T → its best score
-    chosen: dict[float, float] = {}  # T → its s₀
+    tried: dict[float, tuple[float, float]] = {}  # T → (its best score, its s₀)
 
     def consider(temperature: float) -> None:
         nonlocal best
         stats = e_step(temperature)
-        near = start if not chosen else chosen[min(
-            chosen, key=lambda t: abs(math.log(t / temperature)))]
+        near = start if not tried else tried[min(
+            tried, key=lambda t: abs(math.log(t / temperature)))][1]
         s0, scored = choose_noise_variance(model, stats, validation, prior, lower=lower,
                                            per_decade=per_decade,
                                            variance_floor=variance_floor, near=near)
         score = max((value for _, value in scored), default=-math.inf)
         logger.debug("tempered step T=%.4g: s0 %.3g, validation %.6g", temperature, s0, score)
-        tempered_scores[temperature], chosen[temperature] = score, s0
+        tried[temperature] = (score, s0)
         if best is None or score > best[0]:
             best = (score, temperature, s0, stats)
 
@@ -132,7 +131,7 @@ def tempered_step(
     # Halfway to the best tempered one's neighbours (a factor 4 apart), unless none of the
     # three beat the fit (then the step would not be applied from there).
     if best is not None and best[0] > before:
-        top = max(tempered_scores, key=tempered_scores.__getitem__)
+        top = max(tried, key=lambda t: tried[t][0])
         consider(top / 2)
         consider(top * 2)
     if best is None or not math.isfinite(best[0]):
@@ -140,10 +139,10 @@ def tempered_step(
     score, temperature, s0, stats = best
     applied, error = False, math.nan
     if score > before:
-        chosen = replace(prior, noise_variance=s0)
+        step_prior = replace(prior, noise_variance=s0)
         with torch.no_grad():
-            params = m_step(stats, model, variance_floor=variance_floor, prior=chosen)
-            params["weights"] = floored_weights(chosen.weight_counts(stats.mass),
+            params = m_step(stats, model, variance_floor=variance_floor, prior=step_prior)
+            params["weights"] = floored_weights(step_prior.weight_counts(stats.mass),
                                                 params["weights"].dtype)
         saved = training.clone_params(model)
         old = _row_log_probs(model, validation)
