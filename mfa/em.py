@@ -155,7 +155,10 @@ class EMTrainer:
             that run scored best on validation before its search (then the parameters also
             carry the earlier rounds' priors, and a fit with this ``s₀`` fixed is not the same
             fit); ``None`` when the config fixes ``s₀``. ``search_seconds``: the wall time of
-            the last search (``None`` without one).
+            the last search (``None`` without one); ``selection_seconds``: that of every
+            search and of the tempered step in the last call of ``fit`` together — what the
+            automatic choice of ``s₀`` cost beyond the EM iterations it led to (``None`` when
+            the config fixes ``s₀``; a resumed fit counts its own call only).
         tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
             not run): its temperature, ``s₀`` and validation score, and whether it was applied.
 
@@ -183,6 +186,7 @@ class EMTrainer:
         self.converged = False
         self.selected_noise_prior_variance: float | None = None
         self.search_seconds: float | None = None
+        self.selection_seconds: float | None = None
         self.tempered: TemperedStep | None = None
         self._resume: RunState | None = None
         self._state: dict = {}
@@ -258,6 +262,7 @@ class EMTrainer:
             early_stopping=cfg.patience > 0 and val_source is not None,
             callbacks=tuple(callbacks), checkpoint_fn=checkpoint_fn,
         )
+        self.selection_seconds = 0.0 if ctx.search else None
         if self._resume is not None:
             state, self._resume = self._resume, None
         else:
@@ -301,12 +306,14 @@ class EMTrainer:
             model.load_state_dict(state.best_params)
         self.selected_noise_prior_variance = state.selected_noise_prior_variance
         if cfg.tempered_step and ctx.search and not allow and cfg.max_iter:
+            tempering_started = time.perf_counter()
             self.tempered = tempered_step(
                 model, lambda t: self.e_step(model, source, cfg.stats_dtype, t), val_source,
                 Prior.from_config(cfg, cfg.quantization_variance),
                 before=self._score_validation(model, ctx), lower=cfg.quantization_variance,
                 per_decade=cfg.search_per_decade, variance_floor=ctx.floor,
                 start=self.selected_noise_prior_variance)
+            self.selection_seconds += time.perf_counter() - tempering_started
         self.converged = state.converged
         state.run = cfg.n_init + rounds
         self._state = state.as_dict()
@@ -369,6 +376,7 @@ class EMTrainer:
                 state.bad_iterations, state.searches = 0, state.searches + 1
                 prev_ll = None  # the prior changed: the next iteration starts a new series
                 self.search_seconds = time.perf_counter() - search_started
+                self.selection_seconds += self.search_seconds
                 previous = state.previous_noise_prior_variance
                 if previous is not None and state.noise_prior_variance <= previous:
                     # A repeated search found no stronger prior: the restart ends here.

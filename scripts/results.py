@@ -101,6 +101,7 @@ def fit_em(data, s: Setting, n_factors: int, seed: int):
             "early_stopped": any(r["early_stop"] for r in history),
             "converged": trainer.converged,
             "search_seconds": trainer.search_seconds,
+            "selection_seconds": trainer.selection_seconds,
             "tempered_temperature": (trainer.tempered.temperature if trainer.tempered is not None
                                      and trainer.tempered.applied else None)}
     logging.info("  EM L=%d: %s", n_factors, info)

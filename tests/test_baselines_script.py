@@ -50,5 +50,11 @@ def test_quick_run_writes_the_table(tmp_path):
                 assert timing["chosen"] == default["selected"]
                 assert targets["selection_overhead"] == pytest.approx(
                     min(timing["default_seconds"]) / min(timing["chosen_seconds"]) - 1)
+                # The searches' own time: part of the faster default fit, over the rest of it.
+                total, selection = min(zip(timing["default_seconds"],
+                                           timing["default_selection_seconds"], strict=True))
+                assert 0 < selection < total
+                assert targets["selection_share"] == pytest.approx(
+                    selection / (total - selection))
     assert "## Targets (issue 12)" in text
     assert "smoke test" in text

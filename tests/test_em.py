@@ -12,6 +12,7 @@ import copy
 import logging
 import math
 import re
+import time
 import warnings
 
 import numpy as np
@@ -683,14 +684,19 @@ def test_defaults_use_the_automatic_noise_prior_and_early_stopping(mixture_data)
     x, val = mixture_data
     model = MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64)
     trainer = EMTrainer(EMConfig(max_iter=8, search_warmup=2, progress=False))
+    started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         trainer.fit(model, x, validation=val)
+    fit_seconds = time.perf_counter() - started
     assert trainer.selected_noise_prior_variance is not None
     for record in trainer.history:
         assert {"train_objective", "noise_prior_variance", "early_stop"} <= set(record)
     assert trainer.history[-1]["noise_prior_variance"] == trainer.selected_noise_prior_variance
     assert trainer.search_seconds is not None and trainer.search_seconds > 0
+    # Every search and the tempered step: at least the last search, at most the whole fit.
+    assert trainer.tempered is not None
+    assert trainer.search_seconds <= trainer.selection_seconds < fit_seconds
     # The warm-up (search_warmup=2) uses the weakest s₀, the chosen one follows.
     values = [h["noise_prior_variance"] for h in trainer.history]
     assert values[:3] == [config.quantization_variance] * 3
@@ -757,10 +763,11 @@ def test_allow_tf32_is_set_during_fit_only():
     rows, model = _quantized_problem()
     seen = []
     before = tf32_enabled()
-    EMTrainer(EMConfig(max_iter=2, allow_tf32=True, progress=False, patience=0,
-                       noise_prior_variance=1e-3)).fit(
-        model, rows, callbacks=[lambda *_: seen.append(tf32_enabled())])
+    trainer = EMTrainer(EMConfig(max_iter=2, allow_tf32=True, progress=False, patience=0,
+                                 noise_prior_variance=1e-3))
+    trainer.fit(model, rows, callbacks=[lambda *_: seen.append(tf32_enabled())])
     assert seen == [True, True] and tf32_enabled() == before
+    assert trainer.selection_seconds is None  # s₀ fixed: nothing was selected
     with pytest.raises(ValueError, match="allow_tf32"):
         EMConfig(allow_tf32="yes").validate()
 
