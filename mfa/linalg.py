@@ -103,6 +103,21 @@ def whitened_factors(factors: Tensor, noise: Tensor, capacitance_chol: Tensor) -
                                          left=False).mT
 
 
+def flush_subnormal(values: Tensor) -> Tensor:
+    """``values`` with its subnormal entries (``0 < |v| <`` the dtype's smallest normal
+    number) set to 0, when no gradient is being recorded (else ``values`` as they are).
+
+    Loadings of pixels that are constant within a component shrink towards 0 over EM
+    iterations, and their whitened factors ``B`` end up subnormal: on the embedded digits
+    (K = 200, L = 6) 14,000 of B's 940,000 float32 entries were, and every product with B
+    (the log-densities of a 500-row validation pass) ran 10× slower on an Intel Xeon with
+    MKL (55 ms against 5 ms). A subnormal entry's share of any density is below the dtype's
+    precision (``|v·x| < 1.2e-38·|x|``), so flushing it changes no result."""
+    if values.requires_grad and torch.is_grad_enabled():
+        return values
+    return values.masked_fill(values.abs() < torch.finfo(values.dtype).tiny, 0.0)
+
+
 def capacitance_inverse_factor(capacitance_chol: Tensor) -> Tensor:
     """``C⁻ᵀ``: a square root of ``M⁻¹`` (``M⁻¹ = C⁻ᵀ C⁻¹``), shape ``[..., L, L]``.
 
