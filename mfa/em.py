@@ -160,7 +160,8 @@ class EMTrainer:
             automatic choice of ``s₀`` cost beyond the EM iterations it led to (``None`` when
             the config fixes ``s₀``; a resumed fit counts its own call only).
         tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
-            not run): its temperature, ``s₀`` and validation score, and whether it was applied.
+            not run): its temperature, prior strength, ``s₀`` and validation score, and whether
+            it was applied.
 
     MAP EM and the automatic noise prior: see :mod:`mfa.priors` and :mod:`mfa.prior_search`.
     Without validation data, ``val_fraction`` of a tensor's or Dataset's rows is held out

@@ -117,12 +117,44 @@ def test_tempered_step_applied_is_the_map_step_of_its_temperature():
     again = MixtureOfFactorAnalyzers(20, x.shape[1], 3, dtype=F64)
     again.load_state_dict(start)
     stats = EMTrainer.e_step(again, DataSource(x, again, 512), "float64", result.temperature)
-    prior = Prior(noise_strength=1.0, noise_variance=result.noise_prior_variance)
+    prior = Prior(noise_strength=result.noise_prior_strength,
+                  noise_variance=result.noise_prior_variance)
     params = m_step(stats, again, variance_floor=floor, prior=prior)
     for name in ("means", "factor_loadings", "noise_variance"):
         torch.testing.assert_close(getattr(model, name), params[name], rtol=1e-10, atol=1e-12)
     assert training.evaluate(model, validation) == pytest.approx(result.val_log_likelihood,
                                                                  rel=1e-9)
+
+
+def test_tempered_step_strengths_are_candidates_too(monkeypatch):
+    """The step's M-step prior strength is chosen with ``T`` and ``s₀``: with one strength
+    (16× the fit's) it reports and applies that strength; with the default ones, its best
+    score is at least that of each strength alone (more candidates, the same scores)."""
+    x, val = _digits(600, 200)
+    model = _strongly_regularised_fit(x, k=8)
+    start = training.clone_params(model)
+    monkeypatch.setattr(tempering, "MARGIN", 1e12)  # keep the model as it is between runs
+    alone = {}
+    for factor in tempering.STRENGTHS:
+        monkeypatch.setattr(tempering, "STRENGTHS", (factor,))
+        alone[factor], *_ = _step(model, x, val)
+        assert alone[factor].noise_prior_strength == factor  # the fit's prior has ν = 1
+    monkeypatch.undo()
+    monkeypatch.setattr(tempering, "MARGIN", 1e12)
+    both, *_ = _step(model, x, val)
+    assert both.val_log_likelihood == max(r.val_log_likelihood for r in alone.values())
+    assert both.noise_prior_strength == max(alone, key=lambda f: alone[f].val_log_likelihood)
+    monkeypatch.setattr(tempering, "MARGIN", 0.0)
+    monkeypatch.setattr(tempering, "STRENGTHS", (16.0,))
+    result, before, source, validation, floor = _step(model, x, val)
+    assert result.applied and result.noise_prior_strength == 16.0
+    again = MixtureOfFactorAnalyzers(8, x.shape[1], 3, dtype=F64)
+    again.load_state_dict(start)
+    stats = EMTrainer.e_step(again, DataSource(x, again, 512), "float64", result.temperature)
+    params = m_step(stats, again, variance_floor=floor, prior=Prior(
+        noise_strength=16.0, noise_variance=result.noise_prior_variance))
+    torch.testing.assert_close(model.noise_variance, params["noise_variance"], rtol=1e-10,
+                               atol=1e-12)
 
 
 def test_tempered_step_not_applied_leaves_the_model_bit_for_bit(monkeypatch):
