@@ -95,7 +95,7 @@ class TemperedStep:
     before: float
     standard_error: float
     applied: bool
-    noise_prior_strength: float = 1.0
+    noise_prior_strength: float
 
 
 def tempered_step(
@@ -122,9 +122,9 @@ def tempered_step(
         before: the mean validation log-likelihood of ``model``.
         lower, per_decade: the ``s₀`` grid (:func:`mfa.prior_search.choose_noise_variance`).
         variance_floor: the hard floor of the M-step.
-        start: the fit's own ``s₀``, where the first temperature's search starts (each
-            later one starts from the ``s₀`` of the nearest temperature tried); ``None``
-            searches the whole grid coarse to fine for each.
+        start: the fit's own ``s₀``, where each strength's first search starts (each later
+            one starts from the ``s₀`` of the nearest temperature tried at that strength);
+            ``None`` searches the whole grid coarse to fine for the first.
 
     Returns:
         The best candidate (``applied`` if the model now holds it); ``None`` when no candidate
