@@ -145,12 +145,12 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
         [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_em.py"), "--synthetic", "900", "40",
-         "-k", "3", "-l", "2", "--batch-size", "300", "--iters", "2", "--adam-batch", "100",
+         "-k", "3", "-l", "2", "--batch-size", "300", "--iters", "2", "--adam-batch", "50", "100",
          "--adam-steps", "2", "--no-sklearn", "--threads", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for field in ("auto (= centred)", "float64", "precise", "mixed", "float32",
-                  "initialisation", "Adam (batch 100)"):
+                  "initialisation", "Adam (batch 50)", "Adam (batch 100)"):
         assert field in proc.stdout, f"{field!r} missing from:\n{proc.stdout}"
     res = json.loads(out.read_text())
     limit = res["limit_seconds_per_iter"]
@@ -162,4 +162,11 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
         assert res[f"mfa_{mode}_times_limit"] == pytest.approx(seconds / limit)
     assert res["init_in_default_iterations"] == pytest.approx(
         res["init_seconds"] / res["mfa_auto_seconds_per_iter"])
-    assert res["adam_samples_per_s"] > 0
+    by_batch = res["adam_by_batch"]
+    assert set(by_batch) == {"50", "100"}  # JSON keys
+    for figures in by_batch.values():
+        assert figures["samples_per_s"] > 0
+        assert figures["fraction_of_matmul"] == pytest.approx(
+            figures["samples_per_s"] * 4 * 40 * 3 * (2 + 2) / 1e9 / max(
+                res["matmul_gflops"], res["matmul_gflops_after_modes"]))
+    assert res["adam_samples_per_s"] == by_batch["100"]["samples_per_s"]
