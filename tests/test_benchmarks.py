@@ -146,7 +146,8 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_em.py"), "--synthetic", "900", "40",
          "-k", "3", "-l", "2", "--batch-size", "300", "--iters", "2", "--adam-batch", "50", "100",
-         "--adam-steps", "2", "--no-sklearn", "--threads", "1", "--out", str(out)],
+         "--adam-steps", "2", "--init-runs", "2", "--no-sklearn", "--threads", "1", "--out",
+         str(out)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for field in ("auto (= centred)", "float64", "precise", "mixed", "float32",
@@ -160,6 +161,8 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
         seconds = res[f"mfa_{mode}_seconds_per_iter"]
         assert seconds > 0
         assert res[f"mfa_{mode}_times_limit"] == pytest.approx(seconds / limit)
+    assert len(res["init_seconds_runs"]) == 2
+    assert res["init_seconds"] == pytest.approx(sum(res["init_seconds_runs"]) / 2)
     assert res["init_in_default_iterations"] == pytest.approx(
         res["init_seconds"] / res["mfa_auto_seconds_per_iter"])
     by_batch = res["adam_by_batch"]
