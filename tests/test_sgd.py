@@ -612,3 +612,37 @@ def test_quantized_rows_train_as_their_float_tensor():
         models.append(model)
     for name, value in models[0].state_dict().items():
         assert torch.equal(value, models[1].state_dict()[name]), name
+
+
+def test_adam_is_fused_where_the_device_has_the_kernel_and_falls_back_otherwise(monkeypatch):
+    """The trainer's Adam uses the fused kernel on CPUs (the same update as the default
+    implementation, to rounding), and the default implementation where ``fused=True`` is
+    refused (a device or dtype without the kernel)."""
+    import mfa.sgd as sgd
+
+    params = [torch.zeros(3, requires_grad=True)]
+    assert sgd._adam(params, 1e-3, 0.0).defaults["fused"] is True
+
+    real_adam = torch.optim.Adam
+
+    def no_fused(params, **kwargs):
+        if kwargs.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        return real_adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", no_fused)
+    fallback = sgd._adam(params, 1e-3, 0.0)
+    assert not fallback.defaults["fused"]
+    monkeypatch.undo()
+
+    # One step of each on the same gradient agrees to float32 rounding.
+    steps = []
+    for fused in (True, False):
+        p = torch.linspace(-1.0, 1.0, 50, requires_grad=True)
+        opt = torch.optim.Adam([p], lr=1e-2, fused=fused)
+        for _ in range(3):
+            opt.zero_grad()
+            (p.sin() * p).sum().backward()
+            opt.step()
+        steps.append(p.detach())
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-6, atol=1e-7)
