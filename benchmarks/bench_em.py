@@ -6,9 +6,9 @@ Figures printed (and written as JSON with --out):
 * the FLOP limit: the same run's rate of ``[batch, D] @ [D, K·(L+2)]`` in float32 (best of
   5 blocks), and one EM iteration's ``4·N·D·K·(L+2)`` flops at that rate;
 * per ``stats_dtype`` (``auto`` resolved, then ``float64``, ``precise``, ``centred``, ``mixed``,
-  ``float32``): seconds per EM iteration (E-step over every batch + M-step; the modes are
-  timed round-robin, ``--iters`` rounds after a warm-up round, median per mode) and × the
-  limit;
+  ``centred32``, ``float32``): seconds per EM iteration (E-step over every batch + M-step;
+  the modes are timed round-robin, ``--iters`` rounds after a warm-up round, median per
+  mode) and × the limit;
 * the K-means initialisation (``EMConfig`` defaults) in seconds and in default iterations;
 * Adam (``SGDTrainer``): samples/s and the fraction of the matmul rate at
   ``4·D·K·(L+2)`` flops per sample (forward and the parameter-side backward);
@@ -43,7 +43,7 @@ from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 from mfa.statistics import m_step, resolve_stats_dtype
 
-MODES = ("float64", "precise", "centred", "mixed", "float32")
+MODES = ("float64", "precise", "centred", "mixed", "centred32", "float32")
 
 
 def _sync(device: torch.device) -> None:

@@ -46,7 +46,9 @@ def streamed_e_step(
             part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
                               precise_moments=stats_dtype != "float32",
                               precise_latent=stats_dtype == "precise",
-                              centred=stats_dtype == "centred", temperature=temperature)
+                              centred=stats_dtype in ("centred", "centred32"),
+                              pair_dtype=torch.float32 if stats_dtype == "centred32" else None,
+                              temperature=temperature)
             stats = part if stats is None else stats + part
         if source.sharded:  # add every process's sums (one all-reduce)
             stats = distributed.all_reduce_statistics(stats, model, terms.reference)

@@ -63,9 +63,11 @@ class EMConfig:
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
     # E-step precision (mfa.statistics): float64 (exact), precise (every sum in float64),
-    # centred (each row's main component summed in float64 about its own mean), mixed, float32
-    # (fastest). auto: centred for float32 models, float64 on full-rate-float64 GPUs.
-    stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "float32"] = "auto"
+    # centred (each row's main component summed in float64 about its own mean), mixed,
+    # centred32 (centred's form with float32 sums: the fastest on CPUs), float32.
+    # auto: centred for float32 models, float64 on full-rate-float64 GPUs.
+    stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "centred32",
+                         "float32"] = "auto"
     # TF32 for the float32 products during fit (CUDA only; set and restored by
     # mfa.training.tf32_matmul). Off until measured on a GPU (tests/test_em.py, bench_gpu.py).
     allow_tf32: bool = False

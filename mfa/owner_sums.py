@@ -51,9 +51,9 @@ def significant_pairs(resp: Tensor, proj: Tensor, row_offset: int) -> Pairs | No
     return comp, row + row_offset, resp[comp, row], proj[comp, :, row].T
 
 
-def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torch.dtype
-               ) -> list[Tensor]:
-    """The ``"centred"`` mode's float64 shares: for every component ``k``, the sums over its
+def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torch.dtype,
+               work_dtype: torch.dtype | None = None) -> list[Tensor]:
+    """The ``"centred"`` modes' shares: for every component ``k``, the sums over its
     pairs (rows ``i`` with weights ``r_ik``), taken in ``dtype`` about ``μ_k`` and moved to
     the reference ``c`` by exact algebra (``δ = μ_k − c``)::
 
@@ -62,13 +62,16 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
 
     One small product per component and batch: ``2·P·D·(L+2)`` flops for ``P`` pairs.
     ``y`` is the spread of the component's rows, not their distance from ``c``, so ``Σ r y²``
-    keeps the variance however far ``μ_k`` lies from ``c`` (float32 products would still lose
-    a noise variance that the loadings' variance dwarfs: measured 5.8e-4 relative on the
-    tests' high signal-to-noise case, so these products stay in ``dtype``).
+    keeps the variance however far ``μ_k`` lies from ``c``. The products run in
+    ``work_dtype`` (default ``dtype``) and their sums are moved to ``c`` in ``dtype``:
+    float32 products (the ``"centred32"`` mode) still lose a noise variance that the
+    loadings' variance dwarfs (measured 5.8e-4 relative on the tests' high signal-to-noise
+    case, against 6e-6 in float64), at about 60 % of the float64 products' time.
 
     Args:
         x: the batch ``[n, D]``; terms: the pass's terms; pairs: the chunks'
-            ``(component [P], row [P], r [P], p [L, P])``; dtype: of the sums.
+            ``(component [P], row [P], r [P], p [L, P])``; dtype: of the sums;
+            work_dtype: of the products (``None``: ``dtype``).
 
     Returns:
         The seven sums of :func:`mfa.statistics.accumulate_statistics`'s chunks (log-likelihood
@@ -80,27 +83,30 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
     own = torch.cat([o[2] for o in pairs]).to(dtype)  # [P]
     p_own = torch.cat([o[3] for o in pairs], dim=1).to(dtype)  # [L, P]
     if x.device.type != "cpu":
-        return scattered_owner_sums(x, terms, owner, own, p_own, dtype, rows)
+        return scattered_owner_sums(x, terms, owner, own, p_own, dtype, rows, work_dtype)
+    work = dtype if work_dtype is None else work_dtype
     order = torch.argsort(owner, stable=True)
     rows = rows[order]
     counts = torch.bincount(owner, minlength=k).tolist()
-    means, delta = _means_and_shift(terms, dtype)
+    means, delta = _means_and_shift(terms, dtype, work)
     zeros = x.new_zeros((), dtype=dtype)
     # The [P]- and [L, P]-sized sums in a few vectorised ops; the loop keeps the [m, D] ones.
     rp, mass, sum_p, sum_pp = _weight_sums(owner, own, p_own, k, zeros)
-    sums = zeros.new_zeros(k, n_lat + 1, d)  # [Σ r y ; Σ r y pᵀ]
-    sum_y2 = zeros.new_zeros(k, d)
-    weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order]  # [L+1, P]: r, r ⊙ p
+    sums = x.new_zeros((k, n_lat + 1, d), dtype=work)  # [Σ r y ; Σ r y pᵀ]
+    sum_y2 = x.new_zeros((k, d), dtype=work)
+    # [L+1, P]: r, r ⊙ p
+    weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order].to(work)
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     for j in range(k):
         # A component's rows in slices of SLICE_ROWS (the float64 copy stays small).
         for start in range(bounds[j], bounds[j + 1], SLICE_ROWS):
             stop = min(start + SLICE_ROWS, bounds[j + 1])
             # y = x − μ_j in dtype: the spread of the rows about their component
-            y = x.index_select(0, rows[start:stop]).to(dtype).sub_(means[j])  # [m, D]
+            y = x.index_select(0, rows[start:stop]).to(work).sub_(means[j])  # [m, D]
             w = weights[:, start:stop]  # [L+1, m]
             sums[j].addmm_(w, y)
             sum_y2[j] += w[0] @ y.mul_(y)
+    sums, sum_y2 = sums.to(dtype), sum_y2.to(dtype)
     sum_y, sum_yp = sums[:, 0], sums[:, 1:]
     delta_col = delta.unsqueeze(1)  # [K, 1, D]
     sum_x = sum_y + delta * mass.unsqueeze(-1)
@@ -111,7 +117,7 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
 
 def scattered_owner_sums(
     x: Tensor, terms: ComponentTerms, owner: Tensor, own: Tensor, p_own: Tensor,
-    dtype: torch.dtype, rows: Tensor,
+    dtype: torch.dtype, rows: Tensor, work_dtype: torch.dtype | None = None,
 ) -> list[Tensor]:
     """:func:`owner_sums` without a loop over components, for GPUs: each row's weighted
     ``y = x − μ_owner`` products are added into its owner's sums with ``index_add_`` in
@@ -126,22 +132,25 @@ def scattered_owner_sums(
     """
     k, n_lat, d = terms.whitened.shape
     n = owner.shape[0]
+    work = dtype if work_dtype is None else work_dtype
     own, p_own = own.to(dtype), p_own.to(dtype)
-    means, delta = _means_and_shift(terms, dtype)
+    means, delta = _means_and_shift(terms, dtype, work)
     zeros = x.new_zeros((), dtype=dtype)
     rp, mass, sum_p, sum_pp = _weight_sums(owner, own, p_own, k, zeros)
-    sum_y = zeros.new_zeros(k, d)
-    sum_y2 = zeros.new_zeros(k, d)
-    sum_yp = zeros.new_zeros(k, n_lat, d)
+    own_w, rp_w = own.to(work), rp.to(work)
+    sum_y = x.new_zeros((k, d), dtype=work)
+    sum_y2 = x.new_zeros((k, d), dtype=work)
+    sum_yp = x.new_zeros((k, n_lat, d), dtype=work)
     step = max(1, SCATTER_ELEMENTS // ((n_lat + 1) * d))
     for start in range(0, n, step):
         span = slice(start, min(start + step, n))
         o = owner[span]
-        y = x.index_select(0, rows[span]).to(dtype).sub_(means.index_select(0, o))
-        ry = y * own[span].unsqueeze(-1)  # [m, D]
+        y = x.index_select(0, rows[span]).to(work).sub_(means.index_select(0, o))
+        ry = y * own_w[span].unsqueeze(-1)  # [m, D]
         sum_y.index_add_(0, o, ry)
         sum_y2.index_add_(0, o, ry.mul_(y))
-        sum_yp.index_add_(0, o, rp[span].unsqueeze(-1) * y.unsqueeze(1))  # [m, L, D]
+        sum_yp.index_add_(0, o, rp_w[span].unsqueeze(-1) * y.unsqueeze(1))  # [m, L, D]
+    sum_y, sum_y2, sum_yp = sum_y.to(dtype), sum_y2.to(dtype), sum_yp.to(dtype)
     sum_x = sum_y + delta * mass.unsqueeze(-1)
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
     sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta.unsqueeze(1)).mT  # [K, D, L]
@@ -161,8 +170,10 @@ def _weight_sums(owner: Tensor, own: Tensor, p_own: Tensor, k: int, zeros: Tenso
     return rp, mass, sum_p, sum_pp
 
 
-def _means_and_shift(terms: ComponentTerms, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``μ`` and ``δ = μ − c`` [K, D] in ``dtype`` (``terms`` holds ``μ − c`` and ``c``)."""
-    reference = terms.reference.detach().to(dtype)
-    means = terms.means.detach().to(dtype) + reference  # [K, D]
-    return means, means - reference
+def _means_and_shift(terms: ComponentTerms, dtype: torch.dtype, work: torch.dtype | None = None
+                     ) -> tuple[Tensor, Tensor]:
+    """``μ`` [K, D] in ``work`` (default ``dtype``) and ``δ = μ − c`` [K, D] in ``dtype``, of
+    the same ``μ`` (``terms`` holds ``μ − c`` and ``c``)."""
+    work = dtype if work is None else work
+    means = terms.means.detach().to(work) + terms.reference.detach().to(work)  # [K, D]
+    return means, means.to(dtype) - terms.reference.detach().to(dtype)

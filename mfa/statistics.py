@@ -48,8 +48,14 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   lies far from ``c`` with a tiny variance gets float32's error on that mass.
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
   kept; the high signal-to-noise case loses ~1e-3).
+* ``"centred32"``: ``"centred"``'s form with the pairs' products in float32 (about each
+  component's own mean, then moved to ``c`` in float64): far components are kept, the high
+  signal-to-noise case loses ~6e-4 (float32's error on a variance the loadings dwarf). The
+  fastest mode on CPUs: the float64 pairs are bound by memory traffic, and float32 halves it
+  (Fashion-MNIST, K=50, L=6: the pair sums 0.113 → 0.070 s an E-step on one thread, the
+  E-step 0.418 → 0.370 s; ``docs/benchmarks.md``).
 * ``"float32"``: every product in the data's dtype (loses both cases; on image data the
-  sparse ``"centred"`` form is as fast or faster on CPUs).
+  sparse ``"centred"`` forms are faster on CPUs).
 * ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"centred"`` for float32 models,
   except ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
   exact E-step costs what float32 without TF32 costs (measured on an H200, CelebA-shaped:
@@ -86,7 +92,7 @@ from mfa.priors import Prior
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
 #: ``"auto"`` (see the module docstring; ``"centred"`` is as exact as ``"precise"`` on the
 #: tests' cancellation cases).
-STATS_DTYPES = ("auto", "float64", "precise", "centred", "mixed", "float32")
+STATS_DTYPES = ("auto", "float64", "precise", "centred", "mixed", "centred32", "float32")
 
 #: CUDA compute capabilities whose float64 matrix products run at (about) the float32 rate
 #: without tensor cores: P100, V100, A100, H100/H200.
@@ -206,6 +212,7 @@ def accumulate_statistics(
     precise_latent: bool = False,
     centred: bool = False,
     temperature: float = 1.0,
+    pair_dtype: torch.dtype | None = None,
 ) -> SufficientStatistics:
     """E-step statistics of one batch.
 
@@ -226,11 +233,13 @@ def accumulate_statistics(
             components far from the reference point, but a float64 product is ~3× slower on a
             CPU); ``False`` computes them in ``x``'s dtype like the other sums.
         precise_latent: also ``Σ r x pᵀ``, ``Σ r p`` and ``Σ r p pᵀ`` in ``stats_dtype``.
-        centred: the ``"centred"`` mode (module docstring): each row's share of its most
-            responsible component in ``stats_dtype`` about that component's mean, the rest in
+        centred: the ``"centred"`` modes (module docstring): each row's share of its most
+            responsible component in ``pair_dtype`` about that component's mean, the rest in
             ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored).
         temperature: ``T ≠ 1``: responsibilities ``∝ p(k, x)^(1/T)`` (:mod:`mfa.tempering`;
             ignored with ``resp``); the log-likelihood stays the model's.
+        pair_dtype: the dtype of the ``centred`` pairs' products (``None``: ``stats_dtype``;
+            float32 in ``"centred32"``); their sums are moved to ``c`` in ``stats_dtype``.
 
     Returns:
         The batch's :class:`SufficientStatistics`.
@@ -265,7 +274,7 @@ def accumulate_statistics(
     totals = [x.new_zeros(shape, dtype=stats_dtype) if value is None else
               value.to(stats_dtype) for value, shape in zip(totals, shapes, strict=True)]
     if pairs:
-        own = owner_sums(x, terms, pairs, stats_dtype)
+        own = owner_sums(x, terms, pairs, stats_dtype, pair_dtype)
         totals = [a + b for a, b in zip(totals, own, strict=True)]
     mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
     if n_lat:

@@ -150,14 +150,14 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
          str(out)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for field in ("auto (= centred)", "float64", "precise", "mixed", "float32",
+    for field in ("auto (= centred)", "float64", "precise", "mixed", "centred32", "float32",
                   "initialisation", "Adam (batch 50)", "Adam (batch 100)"):
         assert field in proc.stdout, f"{field!r} missing from:\n{proc.stdout}"
     res = json.loads(out.read_text())
     limit = res["limit_seconds_per_iter"]
     assert limit == pytest.approx(res["gflop_per_iter"] / max(
         res["matmul_gflops"], res["matmul_gflops_after_modes"]))
-    for mode in ("auto", "float64", "precise", "centred", "mixed", "float32"):
+    for mode in ("auto", "float64", "precise", "centred", "mixed", "centred32", "float32"):
         seconds = res[f"mfa_{mode}_seconds_per_iter"]
         assert seconds > 0
         assert res[f"mfa_{mode}_times_limit"] == pytest.approx(seconds / limit)

@@ -58,7 +58,7 @@ def test_sampling_with_a_cuda_generator_is_reproducible():
 
 
 @pytest.mark.parametrize(
-    "stats_dtype", ["auto", "float64", "precise", "centred", "mixed", "float32"])
+    "stats_dtype", ["auto", "float64", "precise", "centred", "mixed", "centred32", "float32"])
 def test_em_on_cuda_matches_cpu(stats_dtype):
     """From the same start (CUDA and CPU generators draw different numbers, so the start is
     made once on the CPU), five EM iterations agree."""

@@ -106,7 +106,7 @@ def _kmeans_start(x):
 
 
 @pytest.mark.parametrize(
-    "stats_dtype", ["auto", "float64", "precise", "centred", "mixed", "float32"])
+    "stats_dtype", ["auto", "float64", "precise", "centred", "mixed", "centred32", "float32"])
 def test_float32_em_on_cuda_matches_cpu(stats_dtype):
     """A float32 model exercises the mode-specific products (a float64 model runs every
     mode in float64); the same start on both devices, three iterations."""

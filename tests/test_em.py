@@ -774,7 +774,8 @@ def test_allow_tf32_is_set_during_fit_only():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("stats_dtype", ["float64", "precise", "centred", "mixed", "float32"])
+@pytest.mark.parametrize("stats_dtype", ["float64", "precise", "centred", "mixed", "centred32",
+                                         "float32"])
 def test_tf32_m_step_against_float64_reference(stats_dtype):
     """One EM update of a float32 model with TF32 on (EMConfig.allow_tf32), against float64
     on an image-like problem (D=768, K=8, means in [0.2, 0.8], loadings explaining ~90 % of

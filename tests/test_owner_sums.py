@@ -88,3 +88,42 @@ def test_sums_are_taken_about_each_components_own_mean():
                                             * (p_k - p_mean)[:, None, :]).sum(0) / w.sum(),
                                    rtol=0, atol=1e-6 * 0.1)
         assert 0.005 < float(var[k].min()) and float(var[k].max()) < 0.02
+
+
+def test_float32_products_are_summed_about_each_mean_and_moved_in_float64():
+    """``work_dtype=float32`` (the "centred32" mode): the loop and the scattered form give
+    float64 sums whose spread about each component's mean (what the M-step keeps once the
+    mean cancels) matches the definition to float32's precision relative to that spread:
+    the components lie 60 apart (±60 from the reference c) with a spread of 0.1, where
+    float32 sums about c lose a fifth of a variance to cancellation."""
+    g = torch.Generator().manual_seed(6)
+    k, d, n = 4, 7, 600
+    means = torch.zeros(k, d, dtype=F64)
+    means[1], means[2] = 60.0, -60.0  # component 3 owns no row
+    model = random_model(k, d, 2, "diagonal", seed=6).float()
+    model.set_parameters(means=means.float())
+    terms = model.component_terms()
+    comp = torch.randint(0, 3, (n,), generator=g)
+    x = (means[comp] + 0.1 * torch.randn(n, d, generator=g, dtype=F64)).float()
+    rows = torch.arange(n)
+    r = torch.rand(n, generator=g) * 0.5 + 0.5
+    p = torch.randn(2, n, generator=g)
+    reference = _pair_by_pair(x, terms, comp, rows, r, p)
+    m = reference[0].clamp_min(1e-30)[:, None]
+    owned = reference[0] > 0
+
+    def spread(sums):
+        return (sums[2] / m - (sums[1] / m) ** 2)[owned]
+
+    xc = x[rows] - terms.reference  # float32 about c, for contrast
+    onehot = torch.nn.functional.one_hot(comp, k).float() * r.unsqueeze(-1)
+    about_c = [None, (onehot.T @ xc).double(), (onehot.T @ (xc * xc)).double()]
+    lost = ((spread(about_c) - spread(reference)).abs() / spread(reference)).max().item()
+    assert lost > 1e-3  # the case this test is about
+    looped = owner_sums(x, terms, [(comp, rows, r, p)], F64, torch.float32)
+    scattered = scattered_owner_sums(x, terms, comp, r, p, F64, rows, torch.float32)
+    for got in (looped, scattered):
+        assert all(t.dtype == F64 for t in got)
+        torch.testing.assert_close(got[0], reference[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(got[4], reference[4], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(spread(got), spread(reference), rtol=1e-5, atol=0)
