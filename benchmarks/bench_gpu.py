@@ -64,7 +64,7 @@ from mfa.training import tf32_enabled, tf32_matmul
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
                     torch.cuda.OutOfMemoryError})
-MODES = ("auto", "float64", "precise", "centred", "mixed", "float32")
+MODES = ("auto", "float64", "precise", "centred", "mixed", "centred32", "float32")
 GB = 1024**3
 
 
@@ -349,9 +349,10 @@ def em_case(model0, pixels, mode: str, allow_tf32: bool, args, budget, clock, ra
     resolved = resolve_stats_dtype(mode, device, model0.dtype)
     result["resolved_stats_dtype"] = resolved
     # float64 share of the flops: everything, the sums (half), the two moment sums, none.
-    # "centred": the owner shares, 2·n·D·(L+2) (1/K of the E-step; n = N rows).
+    # "centred": the owner shares, 2·n·D·(L+2) (1/K of the E-step; n = N rows); "centred32"
+    # takes them in float32.
     f64_flops = {"float64": flops, "precise": flops // 2, "mixed": 2 * n * d * k,
-                 "centred": 2 * n * d * (lat + 2), "float32": 0}[resolved]
+                 "centred": 2 * n * d * (lat + 2), "centred32": 0, "float32": 0}[resolved]
     limit = f64_flops / f64_rate + (flops - f64_flops) / f32_rate
     epoch = marks[0] - t0
     result.update({

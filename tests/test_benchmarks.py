@@ -46,8 +46,9 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
         assert res["matmul"][key] > 0
     em = {(r["stats_dtype"], r["tf32"]): r for r in res["em"]}
     assert set(em) == {("auto", False), ("float64", False), ("precise", False),
-                       ("centred", False), ("mixed", False), ("float32", False),
-                       ("centred", True), ("mixed", True), ("float32", True)}
+                       ("centred", False), ("mixed", False), ("centred32", False),
+                       ("float32", False), ("centred", True), ("mixed", True),
+                       ("float32", True)}
     assert em[("auto", False)]["resolved_stats_dtype"] == "centred"  # on a CPU
     flops = 4 * 600 * 48 * 4 * (2 + 2)
     lls = []
@@ -65,7 +66,7 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
     assert adam["steps"] >= 3 and adam["rows"] == min(adam["steps"] * 128, 600)
     acc = res["tf32_accuracy"]
     assert set(acc["log_prob"]) == {"float32", "tf32"}
-    assert len(acc["em_update"]) == 12  # six modes, TF32 off and on
+    assert len(acc["em_update"]) == 14  # seven modes, TF32 off and on
     # float32 on a CPU is accurate to far better than 1e-3 on this small problem.
     assert acc["log_prob"]["float32"]["max_rel_error"] < 1e-4
     assert acc["em_update"]["float64/float32"]["noise_max_rel_error"] < 1e-4
@@ -118,7 +119,7 @@ def test_bench_gpu_skips_cases_that_overrun_the_budget(tmp_path, capsys):
     assert "SKIPPED EM auto: needs ~" in capsys.readouterr().out
     assert json.loads(out.read_text())["skipped"] == res["skipped"]
     assert all("skipped" in r for r in res["em"] + res["adam"]) and "inpaint" not in res
-    assert len(res["skipped"]) == 14  # every case after the matmul peers
+    assert len(res["skipped"]) == 15  # every case after the matmul peers
 
 
 def test_dequantised_stream_is_seeded_uint8_and_in_unit_interval():
