@@ -43,17 +43,19 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   dtype about ``c``. The float64 pairs are where both cancellations live (a component's own
   rows, far from ``c``; its own loadings' variance), so this mode keeps them like
   ``"precise"`` (the tests' cases: 6.3e-6, 3e-6); the sparse form is also the fastest mode
-  on CPUs. What the dense form does not cover: the non-owner shares are float32 sums about
-  ``c``, so a component that owns few of its rows (one of two near-identical components) and
-  lies far from ``c`` with a tiny variance gets float32's error on that mass.
+  of that accuracy on CPUs. What the dense form does not cover: the non-owner shares are
+  float32 sums about ``c``, so a component that owns few of its rows (one of two
+  near-identical components) and lies far from ``c`` with a tiny variance gets float32's
+  error on that mass.
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
   kept; the high signal-to-noise case loses ~1e-3).
 * ``"centred32"``: ``"centred"``'s form with the pairs' products in float32 (about each
   component's own mean, then moved to ``c`` in float64): far components are kept, the high
   signal-to-noise case loses ~6e-4 (float32's error on a variance the loadings dwarf). The
   fastest mode on CPUs: the float64 pairs are bound by memory traffic, and float32 halves it
-  (Fashion-MNIST, K=50, L=6: the pair sums 0.113 → 0.070 s an E-step on one thread, the
-  E-step 0.418 → 0.370 s; ``docs/benchmarks.md``).
+  (Fashion-MNIST 50,000 rows, K=50, L=6: the pair sums 0.113 → 0.070 s an E-step on one
+  thread; an EM iteration at 0.99× the FLOP limit on one thread, 1.19–1.25× on two, against
+  1.11× and 1.37–1.41× for ``"centred"``; ``docs/benchmarks.md``).
 * ``"float32"``: every product in the data's dtype (loses both cases; on image data the
   sparse ``"centred"`` forms are faster on CPUs).
 * ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"centred"`` for float32 models,
@@ -61,13 +63,13 @@ Precision modes (``EMConfig.stats_dtype``; batch totals are always summed in flo
   exact E-step costs what float32 without TF32 costs (measured on an H200, CelebA-shaped:
   0.81 s an epoch in ``"float64"``, 0.92 s in ``"float32"``, 1.30 s in ``"centred"``;
   ``docs/benchmarks.md``).
-  On a 2-core CPU ``"centred"`` is the fastest mode on image data (Fashion-MNIST 50,000
-  rows, K=50, L=6: 1.10× the FLOP limit on one thread, against 1.28× for ``"float32"``
-  and 2.11× for ``"precise"``, whose float64 products run at half the float32 rate;
-  ``docs/benchmarks.md``). On real images the float32 log-densities move the M-step as much
-  as the sums' dtype does (Fashion-MNIST, K=50, L=6: the train log-likelihood after one
-  M-step differs from float64's by 0.011–0.018 of 1,649 nats/row in every float32-based
-  mode).
+  On a 2-core CPU ``"centred"`` is the fastest mode that keeps the tests' cancellation
+  cases (Fashion-MNIST 50,000 rows, K=50, L=6: 1.11× the FLOP limit on one thread, against
+  1.33× for ``"float32"`` and 2.45× for ``"precise"``, whose float64 products run at half
+  the float32 rate; ``docs/benchmarks.md``). On real images the float32 log-densities move
+  the M-step as much as the sums' dtype does (Fashion-MNIST, K=50, L=6: the train
+  log-likelihood after one M-step differs from float64's by 0.011–0.018 of 1,649 nats/row
+  in every float32-based mode).
 
 ``exp`` of the log-joint is taken at arguments no lower than :func:`mfa.linalg.exp_floor`
 (``exp`` of a result below the smallest normal number runs ~10× slower on CPUs, and the
