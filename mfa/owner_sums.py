@@ -98,10 +98,10 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
     weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order].to(work)
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     for j in range(k):
-        # A component's rows in slices of SLICE_ROWS (the float64 copy stays small).
+        # A component's rows in slices of SLICE_ROWS (the copy in `work` stays small).
         for start in range(bounds[j], bounds[j + 1], SLICE_ROWS):
             stop = min(start + SLICE_ROWS, bounds[j + 1])
-            # y = x − μ_j in dtype: the spread of the rows about their component
+            # y = x − μ_j in `work`: the spread of the rows about their component
             y = x.index_select(0, rows[start:stop]).to(work).sub_(means[j])  # [m, D]
             w = weights[:, start:stop]  # [L+1, m]
             sums[j].addmm_(w, y)
