@@ -40,8 +40,9 @@ from mfa import MixtureOfFactorAnalyzers
 from mfa._data_stream import DataSource
 from mfa.data import bits_per_dim, load_dataset
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.precision import resolve_stats_dtype
 from mfa.sgd import SGDConfig, SGDTrainer
-from mfa.statistics import m_step, resolve_stats_dtype
+from mfa.statistics import m_step
 
 MODES = ("float64", "precise", "centred", "mixed", "centred32", "float32")
 

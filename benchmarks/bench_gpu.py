@@ -59,7 +59,7 @@ import mfa
 from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers, SGDConfig, SGDTrainer
 from mfa.data import QuantizedRows
 from mfa.inference import inpaint
-from mfa.statistics import resolve_stats_dtype
+from mfa.precision import resolve_stats_dtype
 from mfa.training import tf32_enabled, tf32_matmul
 
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),

@@ -1,5 +1,5 @@
 """EM's E-step over a data source: the summed sufficient statistics of one streamed pass,
-in the precision mode of ``EMConfig.stats_dtype`` (:mod:`mfa.statistics`), with the rows that
+in the precision mode of ``EMConfig.stats_dtype`` (:mod:`mfa.precision`), with the rows that
 hold NaN routed to :mod:`mfa.missing` and every process's sums added under torch.distributed.
 :meth:`mfa.em.EMTrainer.e_step` is this function."""
 
@@ -10,7 +10,8 @@ import torch
 from mfa import distributed, linalg, missing
 from mfa._data_stream import DataSource
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.statistics import SufficientStatistics, accumulate_statistics, resolve_stats_dtype
+from mfa.precision import resolve_stats_dtype
+from mfa.statistics import SufficientStatistics, accumulate_statistics
 
 __all__ = ["streamed_e_step"]
 

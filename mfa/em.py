@@ -27,9 +27,10 @@ from mfa.e_step import streamed_e_step
 from mfa.em_state import Callback, FitContext, RunState
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.precision import STATS_DTYPES
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
 from mfa.pruning import reseed_round
-from mfa.statistics import STATS_DTYPES, m_step
+from mfa.statistics import m_step
 from mfa.tempering import TemperedStep, tempered_step
 from mfa.training import ConvergenceWarning
 
@@ -62,10 +63,9 @@ class EMConfig:
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
-    # E-step precision (mfa.statistics): float64 (exact), precise (every sum in float64),
-    # centred (each row's main component summed in float64 about its own mean), mixed,
-    # centred32 (centred's form with float32 sums: the fastest on CPUs), float32.
-    # auto: centred for float32 models, float64 on full-rate-float64 GPUs.
+    # E-step precision (mfa.precision): float64 (exact), precise, centred (each row's main
+    # component summed in float64 about its own mean), mixed, centred32 (its float32 form, the
+    # fastest on CPUs), float32. auto: centred, or float64 on full-rate-float64 GPUs.
     stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "centred32",
                          "float32"] = "auto"
     # TF32 for the float32 products during fit (CUDA only; set and restored by

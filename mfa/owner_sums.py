@@ -1,7 +1,7 @@
-"""The ``"centred"`` E-step's float64 shares (:mod:`mfa.statistics`): chosen (row, component)
-pairs — each row's most responsible component, and in chunks where every other share is
-negligible, every share that is not — summed in float64 about the component's own mean and
-moved to the pass's reference point by exact algebra."""
+"""The ``"centred"`` E-steps' shares (:mod:`mfa.precision`): chosen (row, component) pairs —
+each row's most responsible component, and in chunks where every other share is negligible,
+every share that is not — summed about the component's own mean (in float64; in float32 for
+``"centred32"``) and moved to the pass's reference point by exact algebra in float64."""
 
 from __future__ import annotations
 

@@ -576,17 +576,6 @@ def test_whitened_to_latent_matches_per_row_posterior_means():
                                atol=1e-12)
 
 
-def test_resolve_stats_dtype():
-    from mfa.statistics import resolve_stats_dtype
-
-    assert resolve_stats_dtype("auto", "cpu", torch.float32) == "centred"
-    assert resolve_stats_dtype("auto", "cpu", F64) == "float64"
-    for mode in ("float64", "precise", "centred", "mixed", "centred32", "float32"):
-        assert resolve_stats_dtype(mode, "cpu", torch.float32) == mode
-    with pytest.raises(ValueError, match="stats_dtype must be one of"):
-        resolve_stats_dtype("float16", "cpu", torch.float32)
-
-
 # --------------------------------------------------------------------- the "centred" mode
 
 
