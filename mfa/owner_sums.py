@@ -108,11 +108,7 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
             sum_y2[j] += w[0] @ y.mul_(y)
     sums, sum_y2 = sums.to(dtype), sum_y2.to(dtype)
     sum_y, sum_yp = sums[:, 0], sums[:, 1:]
-    delta_col = delta.unsqueeze(1)  # [K, 1, D]
-    sum_x = sum_y + delta * mass.unsqueeze(-1)
-    sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
-    sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta_col).mT  # [K, D, L]
-    return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]
+    return _about_reference(delta, mass, sum_y, sum_y2, sum_yp, sum_p, sum_pp)
 
 
 def scattered_owner_sums(
@@ -151,10 +147,18 @@ def scattered_owner_sums(
         sum_y2.index_add_(0, o, ry.mul_(y))
         sum_yp.index_add_(0, o, rp_w[span].unsqueeze(-1) * y.unsqueeze(1))  # [m, L, D]
     sum_y, sum_y2, sum_yp = sum_y.to(dtype), sum_y2.to(dtype), sum_yp.to(dtype)
+    return _about_reference(delta, mass, sum_y, sum_y2, sum_yp, sum_p, sum_pp)
+
+
+def _about_reference(delta: Tensor, mass: Tensor, sum_y: Tensor, sum_y2: Tensor,
+                     sum_yp: Tensor, sum_p: Tensor, sum_pp: Tensor) -> list[Tensor]:
+    """The sums about each ``μ_k`` (``Σ r y`` [K, D], ``Σ r y²`` [K, D], ``Σ r y pᵀ``
+    [K, L, D]) moved to the reference ``c`` by the exact algebra of :func:`owner_sums`
+    (``δ = μ − c`` [K, D]): the seven sums of a chunk, log-likelihood 0."""
     sum_x = sum_y + delta * mass.unsqueeze(-1)
     sum_x2 = sum_y2 + 2.0 * delta * sum_y + delta * delta * mass.unsqueeze(-1)
     sum_xp = (sum_yp + sum_p.unsqueeze(-1) * delta.unsqueeze(1)).mT  # [K, D, L]
-    return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, zeros.clone()]
+    return [mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, mass.new_zeros(())]
 
 
 def _weight_sums(owner: Tensor, own: Tensor, p_own: Tensor, k: int, zeros: Tensor
