@@ -244,6 +244,23 @@ def test_fashion_mnist_default_root_falls_back_to_debian_folder(tmp_path, monkey
         load_dataset("mnist")  # the fallback is for Fashion-MNIST only
 
 
+def test_default_root_is_not_read_flat(tmp_path, monkeypatch):
+    # MNIST's and Fashion-MNIST's idx files share their names: idx files lying directly in
+    # the shared default root must not load as either dataset (they would as both).
+    write_mnist(tmp_path / "default-data", seed=4)
+    monkeypatch.setattr(mnist_source, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "no-debian")
+    for key in ("mnist", "fashion-mnist"):
+        with pytest.raises(DatasetNotFoundError, match=key):
+            load_dataset(key)
+    tr, trl, te, tel = write_mnist(tmp_path / "default-data" / "MNIST" / "raw", seed=5)
+    check_mnist_like(load_dataset("mnist"), tr, trl, te, tel)
+    with pytest.raises(DatasetNotFoundError, match="fashion-mnist"):
+        load_dataset("fashion-mnist")
+    # a root passed explicitly names one dataset: read flat
+    tr, trl, te, tel = write_mnist(tmp_path / "fashion-flat", seed=6)
+    check_mnist_like(load_dataset("fashion-mnist", tmp_path / "fashion-flat"), tr, trl, te, tel)
+
+
 @pytest.mark.skipif(
     not (FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file(),
     reason=f"Debian package dataset-fashion-mnist is not installed ({FASHION_MNIST_DEBIAN_DIR})",

@@ -73,16 +73,19 @@ def _materialise(files: dict[str, Path], raw: Path) -> None:
 def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) -> Path:
     """A folder ``R`` with ``R/<Class>/raw/<idx files>`` uncompressed, for torchvision."""
     cls = _MNIST_CLASS[key]
+    # (folder, whether the idx files may lie directly in it). MNIST and Fashion-MNIST share
+    # their idx files' names, so only a folder that names one dataset (an explicit root, the
+    # Debian package's) is read flat; the shared default root only as <root>/<Class>/raw.
     if root is not None:
-        candidates = [root]
+        candidates = [(root, True)]
     else:
-        candidates = [default_data_root()]
+        candidates = [(default_data_root(), False)]
         if key == "fashion-mnist":
-            candidates.append(FASHION_MNIST_DEBIAN_DIR)
+            candidates.append((FASHION_MNIST_DEBIAN_DIR, True))
     looked = []
-    for base in candidates:
+    for base, flat in candidates:
         raw = base / cls / "raw"
-        looked += [str(raw), str(base)]
+        looked += [str(raw), str(base)] if flat else [str(raw)]
         files = _idx_files(raw)
         if files is not None:
             if all(p.suffix != ".gz" for p in files.values()):
@@ -92,7 +95,7 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
                 return base
             except OSError:
                 pass  # read-only: use the cache below
-        else:
+        elif flat:
             files = _idx_files(base)
         if files is not None:
             tag = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:12]
@@ -106,7 +109,7 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
         f"{key} not found: looked for its idx files ({names}, optionally .gz) in "
         f"{' and '.join(dict.fromkeys(looked))}. Pass {DOWNLOAD_HINT} to fetch "
         f"it with torchvision into {root or default_data_root()}, or put the four files in "
-        f"<root>/{cls}/raw/ or directly in <root>"
+        f"<root>/{cls}/raw/ (or directly in a folder passed as the root)"
         + (
             " (Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
             f"{FASHION_MNIST_DEBIAN_DIR})"
