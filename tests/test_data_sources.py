@@ -441,6 +441,25 @@ def test_folder_greyscale_sizes_and_errors(tmp_path):
         load_dataset("folder", _empty(tmp_path))
 
 
+def test_folder_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    root = tmp_path / "wide"
+    root.mkdir()
+    values = np.array([[0, 257, 1000, 32767], [32768, 47000, 65280, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(root / "a.png")  # a 16-bit greyscale PNG
+    with Image.open(root / "a.png") as im:
+        assert im.mode.startswith("I")  # what Pillow reads it as (not 8-bit "L")
+    d = load_dataset("folder", root, val_fraction=0.0, test_fraction=0.0)
+    expected = np.round(values.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert torch.equal(d.train_pixels[0], torch.from_numpy(expected.reshape(-1)))
+    e = load_dataset("folder", root, val_fraction=0.0, test_fraction=0.0, channels=3)
+    assert torch.equal(e.images("train")[0, 2], torch.from_numpy(expected))
+    bad = tmp_path / "float"
+    bad.mkdir()
+    Image.fromarray(np.full((2, 2), 3.5, dtype=np.float32), mode="F").save(bad / "f.tif")
+    with pytest.raises(ValueError, match="f.tif.*no defined 8-bit scale"):
+        load_dataset("folder", bad, val_fraction=0.0, test_fraction=0.0)
+
+
 def _empty(tmp_path: Path) -> Path:
     p = tmp_path / "empty"
     p.mkdir()

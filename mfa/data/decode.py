@@ -26,6 +26,26 @@ from mfa.data.transforms import check_crop_fits, transform
 __all__ = ["DecodeFiles", "decode_splits"]
 
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+#: Greyscale modes of more than 8 bits, which ``Image.convert`` would clip at 255.
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
+def _eight_bit(im: Image.Image, path) -> Image.Image:
+    """``im`` itself, or for a 16-bit greyscale image (``I;16*``, or ``I`` with values in
+    ``[0, 65535]``, as PNG decoders give) the same image scaled to 8 bits
+    (``round(v·255/65535)``). Other wide images (``F``, ``I`` beyond 16 bits) have no
+    defined pixel scale and are refused."""
+    if im.mode not in _WIDE_MODES:
+        return im
+    values = np.asarray(im)
+    if im.mode == "F" or values.min() < 0 or values.max() > 65535:
+        raise ValueError(
+            f"{path}: a mode-{im.mode} image with values in [{values.min()}, {values.max()}] "
+            "has no defined 8-bit scale; only 8-bit and 16-bit images are read (convert it "
+            "to an 8-bit or 16-bit PNG)"
+        )
+    scaled = (values.astype(np.uint32) * 255 + 32767) // 65535
+    return Image.fromarray(scaled.astype(np.uint8), "L")
 
 
 class DecodeFiles(Dataset):
@@ -44,7 +64,7 @@ class DecodeFiles(Dataset):
             with Image.open(path) as im:
                 if self.crop is not None:
                     check_crop_fits(self.crop, im.height, im.width, str(path))
-                img = transform(im.convert(self.mode), self.crop, self.size)
+                img = transform(_eight_bit(im, path).convert(self.mode), self.crop, self.size)
                 arr = np.array(img, dtype=np.uint8)  # a writable copy
         except FileNotFoundError as err:
             raise DatasetNotFoundError(f"image file {path} is missing") from err
@@ -80,9 +100,16 @@ def _default_workers(n: int) -> int:
     return min(8, cpus)
 
 
+#: Part of every cache fingerprint: raised when decoding changes, so older caches are not
+#: reused (2: 16-bit greyscale scaled to 8 bits, no longer clipped).
+DECODER_VERSION = 2
+
+
 def _fingerprint(files: dict[str, list[Path]], key: dict) -> str:
-    """A hash of the options ``key`` and every file's path, size and modification time."""
-    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    """A hash of the decoder's version, the options ``key`` and every file's path, size and
+    modification time."""
+    h = hashlib.sha256(f"decoder {DECODER_VERSION}|".encode())
+    h.update(json.dumps(key, sort_keys=True, default=str).encode())
     for s in SPLITS:
         h.update(f"|{s}|".encode())
         for p in files[s]:
