@@ -244,6 +244,38 @@ def test_fashion_mnist_default_root_falls_back_to_debian_folder(tmp_path, monkey
         load_dataset("mnist")  # the fallback is for Fashion-MNIST only
 
 
+def test_inconsistent_or_corrupt_idx_files_are_refused_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def folder(name, n_train=50, n_train_labels=50, test_side=28):
+        f = tmp_path / name
+        f.mkdir()
+        write_idx(f / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, 28, 28)), False)
+        write_idx(f / "train-labels-idx1-ubyte", rng.integers(0, 10, n_train_labels), False)
+        write_idx(f / "t10k-images-idx3-ubyte",
+                  rng.integers(0, 256, (20, test_side, test_side)), False)
+        write_idx(f / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 20), False)
+        return f
+
+    with pytest.raises(ValueError, match="train split has 50 images but 40 labels"):
+        load_dataset("mnist", folder("fewer", n_train_labels=40))
+    with pytest.raises(ValueError, match="train split has 50 images but 60 labels"):
+        load_dataset("mnist", folder("more", n_train_labels=60))
+    with pytest.raises(ValueError, match=r"differ in shape.*train \(1, 28, 28\).*test \(1, 32"):
+        load_dataset("mnist", folder("sizes", test_side=32))
+    garbage = folder("garbage")
+    (garbage / "train-images-idx3-ubyte").write_bytes(b"not an idx file at all")
+    with pytest.raises(ValueError, match="train idx files in .* are not valid idx files"):
+        load_dataset("mnist", garbage, cache_dir=tmp_path / "cache")
+
+
+def test_corrupt_svhn_file_is_named(tmp_path):
+    write_svhn(tmp_path / "svhn")
+    (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"garbage, not MATLAB" * 10)
+    with pytest.raises(ValueError, match="cannot read .*test_32x32.mat as a MATLAB"):
+        load_dataset("svhn", tmp_path / "svhn")
+
+
 def test_default_root_is_not_read_flat(tmp_path, monkeypatch):
     # MNIST's and Fashion-MNIST's idx files share their names: idx files lying directly in
     # the shared default root must not load as either dataset (they would as both).

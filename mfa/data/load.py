@@ -109,6 +109,7 @@ def load_dataset(
     root_path = Path(root).expanduser() if root is not None else None
 
     pools = read_pools(key, root_path, download, cache_path)
+    pools.check(key)
     if key == "celeba":
         if crop is None:
             crop = CELEBA_CROP

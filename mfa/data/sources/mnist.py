@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -133,6 +134,12 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
         except RuntimeError as err:
             raise DatasetNotFoundError(
                 f"{key}: torchvision could not load or download it into {base}: {err}"
+            ) from err
+        except (AssertionError, ValueError, struct.error) as err:  # torchvision's idx reader
+            raw = Path(base) / _MNIST_CLASS[key] / "raw"
+            raise ValueError(
+                f"{key}: the {pool} idx files in {raw} are not valid idx files (a truncated "
+                f"or corrupt download?): {type(err).__name__} {err}".rstrip()
             ) from err
         images[pool] = ds.data.unsqueeze(1).contiguous()
         labels[pool] = ds.targets.to(torch.int64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 __all__ = ["Pools"]
@@ -26,3 +27,27 @@ class Pools:
     files: dict[str, list[Path]] | None = None
     classes: tuple[str, ...] = ()
     metadata: dict = field(default_factory=dict)
+
+    def check(self, name: str) -> None:
+        """Refuse pools that disagree with themselves, naming ``name`` and the pool: as many
+        labels as images (or files), uint8 images ``[N, C, H, W]`` of one shape in every
+        pool. (Without this, fewer labels than images silently dropped images and more
+        failed deep inside the split.)
+        """
+        shapes = {}
+        for pool, labels in self.labels.items():
+            if self.images is not None:
+                images = self.images[pool]
+                if images.dtype != torch.uint8 or images.dim() != 4:
+                    raise ValueError(f"{name}: the {pool} images must be uint8 [N, C, H, W], "
+                                     f"got {images.dtype} of shape {tuple(images.shape)}")
+                count, what = images.shape[0], "images"
+                shapes[pool] = tuple(images.shape[1:])
+            else:
+                count, what = len(self.files[pool]), "image files"
+            if labels.shape != (count,):
+                raise ValueError(f"{name}: the {pool} split has {count} {what} but "
+                                 f"{labels.shape[0] if labels.dim() else 0} labels")
+        if len(set(shapes.values())) > 1:
+            described = ", ".join(f"{p} {s}" for p, s in shapes.items())
+            raise ValueError(f"{name}: the splits' images differ in shape (C, H, W): {described}")

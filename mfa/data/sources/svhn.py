@@ -47,7 +47,11 @@ def svhn_pools(root: Path | None, download: bool) -> Pools:
             import scipy.io as sio
         except ImportError as err:  # pragma: no cover - scipy is installed with the tests
             raise ImportError("loading SVHN needs scipy: pip install scipy") from err
-        mat = sio.loadmat(str(path), variable_names=["X", "y"])
+        try:
+            mat = sio.loadmat(str(path), variable_names=["X", "y"])
+        except Exception as err:  # scipy's MatReadError, ValueError, … on a corrupt file
+            raise ValueError(f"svhn: cannot read {path} as a MATLAB .mat file (a truncated "
+                             f"or corrupt download?): {err}") from err
         x, y = mat.get("X"), mat.get("y")
         if x is None or y is None or x.ndim != 4 or x.shape[2] != 3 or x.dtype != np.uint8:
             raise ValueError(
