@@ -26,6 +26,7 @@ from torch import Tensor
 
 from mfa._data_stream import DEFAULT_BATCH_SIZE
 from mfa._validation import check_positive_int
+from mfa.data.quantized import QuantizedRows
 from mfa.ndb import NDB, NDBResult, js_divergence, ndb, two_proportion_z_test
 
 __all__ = [
@@ -97,9 +98,10 @@ def total_log_likelihood(
         model: anything with ``log_prob(x[B, D]) -> [B]`` (e.g. a
             :class:`~mfa.model.MixtureOfFactorAnalyzers`); if it has ``device`` and
             ``dtype`` attributes, floating-point batches are moved/cast to them.
-        data: a ``[N, D]`` tensor (processed in slices of ``batch_size`` rows) or an
-            iterable such as a ``DataLoader`` yielding tensors ``[B, D]`` or tuples whose
-            first element is that tensor (``(x, label)``).
+        data: a ``[N, D]`` tensor or :class:`~mfa.data.QuantizedRows` (processed in slices
+            of ``batch_size`` rows; a ``QuantizedRows``' pixels move to the model's device
+            once) or an iterable such as a ``DataLoader`` yielding tensors ``[B, D]`` or
+            tuples whose first element is that tensor (``(x, label)``).
         batch_size: rows per slice for tensor data.
 
     Returns:
@@ -112,6 +114,11 @@ def total_log_likelihood(
         if data.dim() < 2:
             raise ValueError(f"data must have shape [N, D], got {tuple(data.shape)}")
         batches: Iterable = (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
+    elif isinstance(data, QuantizedRows):
+        dtype = getattr(model, "dtype", None)
+        rows = data.to(getattr(model, "device", None),
+                       dtype if isinstance(dtype, torch.dtype) else None)
+        batches = (rows[i : i + batch_size] for i in range(0, rows.shape[0], batch_size))
     else:
         try:
             batches = iter(data)

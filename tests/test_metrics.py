@@ -12,6 +12,7 @@ from sklearn.mixture import GaussianMixture
 from torch.utils.data import DataLoader, TensorDataset
 
 from mfa import MixtureOfFactorAnalyzers
+from mfa.data import QuantizedRows
 from mfa.metrics import (
     aic,
     bic,
@@ -75,6 +76,18 @@ def test_mean_log_likelihood_streams_tensors_and_loaders(small_model):
     assert mean_log_likelihood(small_model, loader) == pytest.approx(ref, rel=1e-6)
     total, n = total_log_likelihood(small_model, x.double(), batch_size=64)  # cast to float32
     assert n == 1_000 and total == pytest.approx(1_000 * ref, rel=1e-6)
+
+
+def test_likelihood_metrics_take_quantized_rows():
+    pixels = torch.randint(0, 256, (300, 12), dtype=torch.uint8, generator=gen(3))
+    rows = QuantizedRows(pixels, dequantize=True, seed=5)
+    model = MixtureOfFactorAnalyzers(3, 12, 2).double()
+    floats = rows.to(dtype=torch.float64)[0:300]  # the same rows, made float at once
+    with torch.no_grad():
+        ref = model.log_prob(floats).double().mean().item()
+    assert mean_log_likelihood(model, rows, batch_size=7) == pytest.approx(ref, rel=1e-12)
+    assert bic(model, rows) == pytest.approx(bic(model, floats), rel=1e-12)
+    assert aic(model, rows) == pytest.approx(aic(model, floats), rel=1e-12)
 
 
 def test_mean_log_likelihood_errors(small_model):
