@@ -30,6 +30,10 @@ def test_dequantize_function():
     frac = x.double() * 256 - p
     assert abs(frac.mean().item() - 0.5) < 0.02  # u ~ U[0, 1)
     assert dequantize(pixels, dtype=torch.float64).dtype == torch.float64
+    # p + u in float32 would round up to p + 1 for a few u near 1 (3 in 10⁶ at p = 200)
+    bright = torch.full((2000, 1000), 200, dtype=torch.uint8)
+    b = dequantize(bright, generator=torch.Generator().manual_seed(0))
+    assert b.min() >= 200 / 256 and b.max() < 201 / 256
     assert torch.equal(pixels_to_float(pixels)[[0, 255]], torch.tensor([0.0, 1.0]))
     with pytest.raises(TypeError, match="uint8"):
         dequantize(pixels.float())

@@ -43,11 +43,17 @@ def test_dequantised_rows_lie_in_their_pixel_bins_with_uniform_noise():
     x = QuantizedRows(p, dequantize=True, seed=3, dtype=torch.float64)[0:2000]  # [2000, 300]
     u = x * 256 - p.double()  # exact in float64
     assert (u >= 0).all() and (u < 1).all()
-    # float32 keeps 24 bits of p + u: u within 2⁻¹⁷ of 1 may round up to the next level
+    # float32 keeps 24 bits of p + u, but a value never rounds up into the next level
     x32 = QuantizedRows(p, dequantize=True, seed=3)[0:2000]
     assert (x32.double() - x).abs().max() <= 2.0**-24
     x32, levels = x32.double(), p.double()
-    assert ((x32 >= levels / 256) & (x32 <= (levels + 1) / 256)).all()
+    assert ((x32 >= levels / 256) & (x32 < (levels + 1) / 256)).all()
+    white = QuantizedRows(torch.full((4000, 1000), 255, dtype=torch.uint8), dequantize=True)
+    assert white[0:4000].max() < 1  # (without the bound: 20 values of exactly 1.0)
+    for half in (torch.float16, torch.bfloat16):  # 24-bit noise must not overflow them
+        h = QuantizedRows(p, dequantize=True, seed=3, dtype=half)[0:2000].double()
+        assert ((h >= levels / 256) & (h < (levels + 1) / 256)).all(), half
+        assert (h - x).abs().max() <= 2.0**-8  # within half precision's rounding
     assert abs(u.mean().item() - 0.5) < 3e-3  # 6e5 draws: standard error 3.7e-4
     assert abs(u.var().item() - 1 / 12) < 1e-3
     counts = torch.histc(u, bins=16, min=0, max=1)

@@ -64,10 +64,15 @@ def hashed_uniform(row_ids: Tensor, n_columns: int, key: int, dtype: torch.dtype
     cols = torch.arange(n_columns, dtype=torch.int64, device=row_ids.device)
     cols = _mix32(_mix32(cols ^ k2) ^ k1)  # [D]
     out = torch.empty(row_ids.shape[0], n_columns, dtype=dtype, device=row_ids.device)
+    # 24-bit integers are exact in float32 (and overflow float16): scale them there.
+    work = dtype if torch.finfo(dtype).bits >= 32 else torch.float32
     step = max(1, _NOISE_CHUNK // max(n_columns, 1))
     for start in range(0, row_ids.shape[0], step):
         bits = _mix32(rows[start : start + step, None] ^ cols) >> 8  # [b, D] in [0, 2²⁴)
-        out[start : start + step] = bits.to(dtype).mul_(2.0**-24)
+        out[start : start + step] = bits.to(work).mul_(2.0**-24)
+    if work != dtype:  # u near 1 rounds to 1 in a narrower dtype: keep u < 1
+        below_one = torch.nextafter(torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype))
+        out.clamp_(max=below_one.item())
     return out
 
 
