@@ -358,6 +358,11 @@ def two_proportion_z_test(
     check_positive_int(n2, "n2")
     p1 = torch.as_tensor(p1, dtype=torch.float64).cpu()
     p2 = torch.as_tensor(p2, dtype=torch.float64).cpu()
+    for name, p in (("p1", p1), ("p2", p2)):  # NaN or 1.5 would read as "no difference"
+        check_finite(p, name)
+        if p.numel() and not bool(((p >= 0) & (p <= 1)).all()):
+            raise ValueError(f"{name} must hold proportions in [0, 1], got values in "
+                             f"[{p.min().item():.4g}, {p.max().item():.4g}]")
     pooled = (n1 * p1 + n2 * p2) / (n1 + n2)
     se = (pooled * (1.0 - pooled)).clamp_min(0.0).mul(1.0 / n1 + 1.0 / n2).sqrt()
     ok = se > 0

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mfa._validation import check_data, check_positive_int, check_tensor
+from mfa._validation import check_data, check_finite, check_positive_int, check_tensor
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.metrics import bits_per_dim
 from mfa.model import MixtureOfFactorAnalyzers
@@ -309,6 +309,7 @@ def quantize(x: Tensor, scale: float = 256) -> Tensor:
     (``scale=256``, the inverse of :func:`mfa.data.dequantize`), ``round(255 x)`` for
     ``scale=255``; values are clipped to ``0..255``."""
     scale = _check_scale(scale)
+    check_finite(check_tensor(x, "x"), "x")  # NaN would pass the range test and become 0
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(f"x must lie in [0, 1] to be quantised to 8-bit pixels, got values "

@@ -131,6 +131,12 @@ def test_two_proportion_z_test_matches_scipy():
     np.testing.assert_allclose(p.numpy(), 2 * norm.sf(np.abs(ref_z)), rtol=1e-9, atol=1e-300)
     z, p = two_proportion_z_test(torch.tensor([0.0, 1.0]), 10, torch.tensor([0.0, 1.0]), 20)
     assert z.tolist() == [0.0, 0.0] and p.tolist() == [1.0, 1.0]
+    for bad, match in ((float("nan"), "p1 contains 1 non-finite"), (1.5, r"p1 must hold"),
+                       (-0.2, r"p1 must hold")):  # (these read as "no difference" before)
+        with pytest.raises(ValueError, match=match):
+            two_proportion_z_test(torch.tensor([0.5, bad]), 10, torch.tensor([0.5, 0.3]), 10)
+    with pytest.raises(ValueError, match="p2 must hold"):
+        two_proportion_z_test(torch.tensor([0.5]), 10, torch.tensor([1.01]), 10)
 
 
 def test_js_divergence_matches_scipy():

@@ -188,6 +188,10 @@ def test_quantize_inverts_dequantize_and_scaling():
         quantize(torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="scale must be 256"):
         quantize(torch.tensor([0.5]), scale=1)
+    with pytest.raises(ValueError, match="x contains 1 non-finite"):  # was pixel 0
+        quantize(torch.tensor([float("nan"), 0.5]))
+    with pytest.raises(ValueError, match="x contains 4 non-finite"):  # was a score of 142
+        compressed_bits_per_dim(torch.full((1, 4), float("nan")), (1, 2, 2))
 
 
 @pytest.mark.parametrize("channels", [1, 3])
