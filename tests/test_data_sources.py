@@ -492,6 +492,21 @@ def test_folder_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path):
         load_dataset("folder", bad, val_fraction=0.0, test_fraction=0.0)
 
 
+def test_folder_follows_links_but_each_real_folder_once(tmp_path):
+    root = tmp_path / "linked"
+    (root / "a").mkdir(parents=True)
+    for name, value in (("a/x.png", 10), ("y.png", 20)):
+        Image.fromarray(np.full((3, 3), value, dtype=np.uint8), mode="L").save(root / name)
+    (root / "a" / "back").symlink_to("..")  # a loop (was: 82 files from these 2 images)
+    (root / "b").symlink_to(tmp_path / "outside")  # a linked folder elsewhere: followed
+    (tmp_path / "outside").mkdir()
+    Image.fromarray(np.full((3, 3), 30, dtype=np.uint8), mode="L").save(tmp_path / "outside/z.png")
+    (root / "c").symlink_to("b")  # a second link to the same folder: read once
+    d = load_dataset("folder", root, val_fraction=0.0, test_fraction=0.0)
+    assert sorted(int(r[0]) for r in d.train_pixels) == [10, 20, 30]
+    assert d.classes == ("a", "b")
+
+
 def _empty(tmp_path: Path) -> Path:
     p = tmp_path / "empty"
     p.mkdir()

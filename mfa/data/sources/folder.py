@@ -25,8 +25,17 @@ def folder_pools(root: Path | None) -> Pools:
     if not root.is_dir():
         raise DatasetNotFoundError(f"folder: {root} is not a directory")
     paths: list[Path] = []
+    # Linked folders are followed, each real folder once: a link back up the tree (a loop)
+    # or a second link to the same folder would otherwise list its images again and again.
+    seen = {_identity(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for d in sorted(d for d in dirnames if not d.startswith(".")):
+            key = _identity(Path(dirpath) / d)
+            if key not in seen:
+                seen.add(key)
+                kept.append(d)
+        dirnames[:] = kept
         paths += [
             Path(dirpath) / f
             for f in sorted(filenames)
@@ -48,3 +57,9 @@ def folder_pools(root: Path | None) -> Pools:
         classes=classes,
         metadata={"root": str(root)},
     )
+
+
+def _identity(folder: Path) -> tuple[int, int]:
+    """The real folder behind ``folder`` (links followed): (device, inode)."""
+    st = folder.stat()
+    return st.st_dev, st.st_ino
