@@ -152,6 +152,7 @@ class SGDTrainer:
             "epoch": (int,), "optimizer": (dict,), "scheduler": (dict, type(None)),
             "best_val": (float, int, type(None)), "best_params": (dict, type(None)),
             "bad_epochs": (int,), "reference_log_likelihood": (float, int, type(None)),
+            "stopped": (bool,),
         }
         self._resume, self.history = training.restore_state(state, required, "SGDTrainer", types)
 
@@ -258,6 +259,12 @@ class SGDTrainer:
             gen.set_state(state["generator"])
             best_val, best_params = state["best_val"], state["best_params"]
             bad_epochs = int(state.get("bad_epochs", 0))
+            # A fit that stopped early is finished: resuming it returns its best epoch.
+            stopped = bool(state.get("stopped", cfg.patience and bad_epochs >= cfg.patience))
+            # What state_dict() gives until an epoch runs (none does when stopped).
+            self._state = {key: value for key, value in state.items()
+                           if key not in ("config", "history")}
+            self._state["stopped"] = stopped
             # Checkpoints from before the divergence check lack the reference: the best epoch.
             reference = state.get("reference_log_likelihood")
             if reference is None:
@@ -276,7 +283,7 @@ class SGDTrainer:
                 )
                 distributed.broadcast_model(model)  # the same start on every process
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
-            reference = None
+            reference, stopped = None, False
         # Restored when the optimisation fails before any epoch has been kept.
         start_params = training.clone_params(model) if best_params is None else None
 
@@ -285,8 +292,8 @@ class SGDTrainer:
             kept = "the best epoch's" if best_params is not None else "the initial"
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
-        stopped = False
-        bar = tqdm(range(start_epoch, cfg.epochs), desc="Adam", leave=False,
+        bar = tqdm(range(start_epoch, start_epoch if stopped else cfg.epochs), desc="Adam",
+                   leave=False,
                    disable=not cfg.progress or not distributed.is_main_process())
         for epoch in bar:
             started = time.perf_counter()
@@ -344,7 +351,7 @@ class SGDTrainer:
                 "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
-                "reference_log_likelihood": reference,
+                "reference_log_likelihood": reference, "stopped": False,
             }
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0
@@ -355,7 +362,7 @@ class SGDTrainer:
             if cfg.patience and bad_epochs >= cfg.patience:
                 logger.info("Adam: early stop after epoch %d (no improvement in %d epochs)",
                             epoch + 1, cfg.patience)
-                stopped = True
+                stopped = self._state["stopped"] = True
                 break
         bar.close()
         if best_params is not None:

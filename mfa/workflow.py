@@ -194,8 +194,10 @@ def train(
 
 def _check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
-    to a finished run would be ignored, so it is refused. The finished stages of a
-    hierarchical run were fitted with the saved EM settings: none of those may change."""
+    to a finished run would be ignored, so it is refused. Adam's ``epochs`` may grow only for
+    an interrupted run with a constant learning rate (a finished run returned its best
+    epoch; a cosine or step schedule is laid out over the saved epochs). The finished stages
+    of a hierarchical run were fitted with the saved EM settings: none of those may change."""
     state = ckpt.trainer_state or {}
     if config.train.method == "hierarchical":
         for key in changed:
@@ -204,6 +206,19 @@ def _check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -
                 raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
                                  "finished stages were fitted with the saved value; start a "
                                  "new run")
+    if "train.sgd.epochs" in changed and config.train.method == "sgd":
+        saved = ckpt.run_config.train.sgd
+        if state.get("stopped") or int(state.get("epoch", 0)) >= saved.epochs:
+            raise ValueError(
+                "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
+                "(it returned its best epoch, not its last), so more epochs would not continue "
+                "the same run; start a new run (e.g. --config RUN/config.yaml --set "
+                "train.sgd.epochs=...)")
+        if saved.schedule != "constant":
+            raise ValueError(
+                f"cannot change train.sgd.epochs when resuming a run with train.sgd.schedule="
+                f"{saved.schedule!r}: the learning-rate schedule is laid out over the saved "
+                "number of epochs; resume with it, or start a new run")
     if ("train.em.max_iter" in changed and config.train.method == "em"
             and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
         raise ValueError(

@@ -139,6 +139,29 @@ def test_early_stopping_keeps_the_best_validation_parameters(small):
     assert _dense_log_lik(model, val) == pytest.approx(vals[best], rel=1e-10)
 
 
+def test_resuming_a_fit_that_stopped_early_returns_it_unchanged(small):
+    train, val = small
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    config = dict(lr=0.1, epochs=60, patience=2, batch_size=64, seed=0)
+    model, trainer = _fit(train, 2, 1, validation=val, checkpoint_fn=checkpoint, **config)
+    stopped_at = len(trainer.history)
+    assert stopped_at < 60 and saved["trainer"]["stopped"] is True
+    for _ in range(2):  # (it trained on to epoch ~26, then further, before)
+        resumed = MixtureOfFactorAnalyzers(2, train.shape[1], 1, dtype=F64)
+        resumed.load_state_dict(roundtrip(saved["model"]))
+        again = SGDTrainer(SGDConfig(progress=False, **config))
+        again.load_state_dict(roundtrip(saved["trainer"]))
+        _fit(train, 2, 1, validation=val, model=resumed, trainer=again,
+             checkpoint_fn=checkpoint)
+        assert len(again.history) == stopped_at
+        _assert_same_params(resumed, model, rtol=0, atol=0)
+
+
 def test_no_early_stopping_with_patience_zero_still_returns_the_best(small):
     train, val = small
     model, trainer = _fit(train, 2, 1, validation=val, lr=0.1, epochs=12, patience=0,

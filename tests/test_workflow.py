@@ -340,6 +340,35 @@ def test_em_resume_may_run_longer_and_records_the_change(out_dir):
     assert "train.em.max_iter, output.n_samples" in (run_dir / "train.log").read_text()
 
 
+def test_sgd_epochs_change_on_resume_only_where_it_continues_the_same_run(out_dir):
+    # A finished run returned its best epoch; cosine (the config's schedule) is laid out over
+    # the saved epochs: both would give another model than an uninterrupted longer run.
+    finished = workflow.train(make_config(out_dir, "sgd-done", "train.method=sgd"),
+                              figures=False)
+    before = (finished.run_dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="train.sgd.epochs when resuming: this run's Adam has"):
+        workflow.train(None, resume=finished.run_dir, figures=False,
+                       overrides=[f"train.sgd.epochs={SGD_EPOCHS + 2}"])
+    assert (finished.run_dir / "checkpoint.pt").read_bytes() == before
+    config = make_config(out_dir, "sgd-cut", "train.method=sgd")
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(Interrupt("epoch", 1),))
+    run_dir = Path(config.output.dir) / config.output.name
+    with pytest.raises(ValueError, match="train.sgd.schedule='cosine'"):
+        workflow.train(None, resume=run_dir, figures=False,
+                       overrides=[f"train.sgd.epochs={SGD_EPOCHS + 2}"])
+    # a constant learning rate: the longer resumed run is the uninterrupted longer run
+    constant = ["train.method=sgd", "train.sgd.schedule=constant"]
+    longer = workflow.train(make_config(out_dir, "sgd-long", *constant,
+                                        f"train.sgd.epochs={SGD_EPOCHS + 2}"), figures=False)
+    config = make_config(out_dir, "sgd-cut-constant", *constant)
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(Interrupt("epoch", 1),))
+    resumed = workflow.train(None, resume=Path(config.output.dir) / config.output.name,
+                             figures=False, overrides=[f"train.sgd.epochs={SGD_EPOCHS + 2}"])
+    assert_same_parameters(resumed.model, longer.model)
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.n_components=4", "model.n_components"),
     ("train.em.tol=0.5", "train.em.tol"),
