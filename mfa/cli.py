@@ -317,8 +317,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as err:
+        # A FloatingPointError (Adam or EM diverged) or a RuntimeError from torch (e.g. out
+        # of memory) is the user's to act on, like a bad value: its message, no traceback
+        # (--verbose shows it).
+        if args.verbose:
+            raise
+        plain = isinstance(err, (ValueError, TypeError, OSError))
+        kind = "" if plain else f"{type(err).__name__}: "
+        print(f"error: {kind}{err}", file=sys.stderr)
         return 2
 
 

@@ -157,6 +157,12 @@ def train(
         raise ValueError("train needs a config, or a run to resume")
     if resume is not None:
         ckpt_path = resolve_checkpoint(resume)
+        if ckpt_path.name != CHECKPOINT_NAME:  # its folder is not its run's: never write there
+            raise ValueError(
+                f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {ckpt_path} is a "
+                f"checkpoint file of another name, and resuming writes {CHECKPOINT_NAME}, "
+                f"metrics and figures beside it: copy it as {CHECKPOINT_NAME} into an empty "
+                "folder and resume that")
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_config is None:
             raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
@@ -242,7 +248,9 @@ def _clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> N
     if isinstance(error, Exception):
         (run_dir / FAILED_NAME).write_text(
             f"{type(error).__name__}: {error}\nsee train.log; continue with "
-            f"`mfa train --resume {run_dir}` once the cause is fixed\n"
+            f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
+            "only iterations, checkpoints, progress, figures and data location: a cause in "
+            "another setting, such as a learning rate, needs a new run)\n"
         )
 
 

@@ -707,6 +707,18 @@ def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, monkeyp
     assert not any(tmp_path.iterdir()), "no run folder for a refused run"
 
 
+def test_a_diverging_run_ends_with_its_message_not_a_traceback(tmp_path):
+    args = ("train", "--config", CONFIG, "--no-figures",
+            *set_args(*TINY, f"output.dir={tmp_path}", "train.method=sgd", "train.sgd.lr=1000",
+                      "train.sgd.epochs=2", "train.sgd.progress=false",
+                      "train.sgd.checkpoint_every=1"))
+    code, _, stderr = run_cli(*args)
+    assert code == 2 and stderr.startswith("error: FloatingPointError: Adam diverged"), stderr
+    assert "Traceback" not in stderr
+    with pytest.raises(FloatingPointError):  # --verbose shows where
+        cli.main(["--verbose", *[str(a) for a in args]])
+
+
 def test_a_binary_config_file_is_named(tmp_path):
     path = tmp_path / "model.pt"
     path.write_bytes(b"PK\x03\x04\x14\x00\x00\x08\x08\x00\xff\xfe")

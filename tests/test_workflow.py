@@ -384,6 +384,16 @@ def test_resume_refuses_changes_to_what_the_run_computes(em_run, override, key):
     assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
 
 
+def test_resume_of_a_checkpoint_file_outside_its_run_folder_is_refused(em_run, tmp_path):
+    # it would write checkpoint.pt, metrics.json, ... beside it, over another run's files
+    (tmp_path / "mine.pt").write_bytes((em_run.run_dir / "checkpoint.pt").read_bytes())
+    (tmp_path / "metrics.json").write_text('{"mine": 1}')
+    with pytest.raises(ValueError, match="--resume takes a run folder"):
+        workflow.train(None, resume=tmp_path / "mine.pt", figures=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "mine.pt"]
+    assert (tmp_path / "metrics.json").read_text() == '{"mine": 1}'
+
+
 def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
     other = make_config(out_dir, "em-a", "model.n_factors=1")
     with pytest.raises(ValueError, match=r"cannot change model\.n_factors when resuming.*"
