@@ -154,6 +154,9 @@ def missing_mask(
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     bh, bw = min(block_size, h), min(block_size, w)
+    if (bh, bw) == (h, w):
+        raise ValueError(f"block_size={block_size} hides the whole {h}×{w} image: every pixel "
+                         "would be missing; use a block smaller than the image")
     top = torch.randint(0, h - bh + 1, (n, 1, 1), generator=generator)
     left = torch.randint(0, w - bw + 1, (n, 1, 1), generator=generator)
     rows = torch.arange(h).view(1, h, 1)

@@ -1,5 +1,6 @@
-"""Run folders: their names, the log file, the checkpoint path, and which config changes a
-resumed run may make (:data:`RESUME_SAFE_KEYS`)."""
+"""Run folders: their names, the log file, the checkpoint path, which config changes a
+resumed run may make (:data:`RESUME_SAFE_KEYS`, :func:`check_can_extend`), and what a failed
+run leaves (:func:`clean_up_failed`)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,24 @@ import re
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mfa.config import OutputConfig, RunConfig, config_to_dict
+
+if TYPE_CHECKING:
+    from mfa.checkpoint import Checkpoint
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FAILED_NAME",
     "RESUME_SAFE_KEYS",
     "attach_log",
+    "check_can_extend",
     "check_resume_changes",
+    "clean_up_failed",
     "make_run_dir",
     "resolve_checkpoint",
+    "resume_checkpoint",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -108,3 +115,73 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder → its ``checkpoint.pt``; a file → itself."""
     path = Path(path)
     return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def resume_checkpoint(resume: str | Path) -> Path:
+    """The checkpoint a resumed run continues: a run folder's ``checkpoint.pt``. A checkpoint
+    file of another name is refused: resuming writes ``checkpoint.pt``, metrics and figures
+    into its folder, which is then not its run's."""
+    path = resolve_checkpoint(resume)
+    if path.name != CHECKPOINT_NAME:
+        raise ValueError(
+            f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a "
+            f"checkpoint file of another name, and resuming writes {CHECKPOINT_NAME}, "
+            f"metrics and figures beside it: copy it as {CHECKPOINT_NAME} into an empty "
+            "folder and resume that")
+    return path
+
+
+def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
+    """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
+    to a finished run would be ignored, so it is refused. Adam's ``epochs`` may grow only for
+    an interrupted run with a constant learning rate (a finished run returned its best
+    epoch; a cosine or step schedule is laid out over the saved epochs). The finished stages
+    of a hierarchical run were fitted with the saved EM settings: none of those may change."""
+    state = ckpt.trainer_state or {}
+    if config.train.method == "hierarchical":
+        for key in changed:
+            if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
+                    (".progress", ".checkpoint_every")):
+                raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
+                                 "finished stages were fitted with the saved value; start a "
+                                 "new run")
+    if "train.sgd.epochs" in changed and config.train.method == "sgd":
+        saved = ckpt.run_config.train.sgd
+        if state.get("stopped") or int(state.get("epoch", 0)) >= saved.epochs:
+            raise ValueError(
+                "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
+                "(it returned its best epoch, not its last), so more epochs would not continue "
+                "the same run; start a new run (e.g. --config RUN/config.yaml --set "
+                "train.sgd.epochs=...)")
+        if saved.schedule != "constant":
+            raise ValueError(
+                f"cannot change train.sgd.epochs when resuming a run with train.sgd.schedule="
+                f"{saved.schedule!r}: the learning-rate schedule is laid out over the saved "
+                "number of epochs; resume with it, or start a new run")
+    if ("train.em.max_iter" in changed and config.train.method == "em"
+            and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
+        raise ValueError(
+            "cannot change train.em.max_iter when resuming: this run's EM has finished, so "
+            "it would not run again; start a new run (e.g. --config RUN/config.yaml --set "
+            "train.em.max_iter=...)"
+        )
+
+
+def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
+    """A new run that failed before its first checkpoint: remove its folder (only the files
+    this module wrote there). Otherwise, for an error (not Ctrl-C), write ``FAILED``."""
+    if created and not (run_dir / CHECKPOINT_NAME).exists():
+        for name in ("config.yaml", "train.log"):
+            (run_dir / name).unlink(missing_ok=True)
+        try:
+            run_dir.rmdir()
+            return
+        except OSError:
+            pass  # something else is in there: leave it, marked
+    if isinstance(error, Exception):
+        (run_dir / FAILED_NAME).write_text(
+            f"{type(error).__name__}: {error}\nsee train.log; continue with "
+            f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
+            "only iterations, checkpoints, progress, figures and data location: a cause in "
+            "another setting, such as a learning rate, needs a new run)\n"
+        )

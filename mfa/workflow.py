@@ -50,9 +50,12 @@ from mfa.run_folder import (
     CHECKPOINT_NAME,
     FAILED_NAME,
     attach_log,
+    check_can_extend,
     check_resume_changes,
+    clean_up_failed,
     make_run_dir,
     resolve_checkpoint,
+    resume_checkpoint,
 )
 from mfa.run_outliers import outlier_metrics, rank_outliers
 from mfa.sgd import SGDTrainer
@@ -108,8 +111,11 @@ def missing_masks(config: RunConfig, data: ImageData, split: str) -> torch.Tenso
     if mc.kind == "none":
         return None
     gen = torch.Generator().manual_seed(mc.seed + (split == "val"))
-    return missing_mask(mc.kind, data.image_shape, data.pixels(split).shape[0], gen,
-                        rate=mc.rate, block_size=mc.block_size)
+    try:
+        return missing_mask(mc.kind, data.image_shape, data.pixels(split).shape[0], gen,
+                            rate=mc.rate, block_size=mc.block_size)
+    except ValueError as error:
+        raise ValueError(f"invalid data.missing for {data.name}: {error}") from None
 
 
 def _remove_pixels(config: RunConfig, data: ImageData, rows, split: str):
@@ -156,19 +162,13 @@ def train(
     if resume is None and config is None:
         raise ValueError("train needs a config, or a run to resume")
     if resume is not None:
-        ckpt_path = resolve_checkpoint(resume)
-        if ckpt_path.name != CHECKPOINT_NAME:  # its folder is not its run's: never write there
-            raise ValueError(
-                f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {ckpt_path} is a "
-                f"checkpoint file of another name, and resuming writes {CHECKPOINT_NAME}, "
-                f"metrics and figures beside it: copy it as {CHECKPOINT_NAME} into an empty "
-                "folder and resume that")
+        ckpt_path = resume_checkpoint(resume)
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_config is None:
             raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
         config = apply_overrides(ckpt.run_config if config is None else config, overrides)
         changed = check_resume_changes(ckpt.run_config, config)
-        _check_can_extend(ckpt, config, changed)
+        check_can_extend(ckpt, config, changed)
         run_dir = ckpt_path.parent
     else:
         config = apply_overrides(config, overrides)  # a validated copy
@@ -194,64 +194,8 @@ def train(
                 handler.close()
     except BaseException as error:
         if main:
-            _clean_up_failed(run_dir, error, created=ckpt is None)
+            clean_up_failed(run_dir, error, created=ckpt is None)
         raise
-
-
-def _check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
-    """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
-    to a finished run would be ignored, so it is refused. Adam's ``epochs`` may grow only for
-    an interrupted run with a constant learning rate (a finished run returned its best
-    epoch; a cosine or step schedule is laid out over the saved epochs). The finished stages
-    of a hierarchical run were fitted with the saved EM settings: none of those may change."""
-    state = ckpt.trainer_state or {}
-    if config.train.method == "hierarchical":
-        for key in changed:
-            if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
-                    (".progress", ".checkpoint_every")):
-                raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
-                                 "finished stages were fitted with the saved value; start a "
-                                 "new run")
-    if "train.sgd.epochs" in changed and config.train.method == "sgd":
-        saved = ckpt.run_config.train.sgd
-        if state.get("stopped") or int(state.get("epoch", 0)) >= saved.epochs:
-            raise ValueError(
-                "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
-                "(it returned its best epoch, not its last), so more epochs would not continue "
-                "the same run; start a new run (e.g. --config RUN/config.yaml --set "
-                "train.sgd.epochs=...)")
-        if saved.schedule != "constant":
-            raise ValueError(
-                f"cannot change train.sgd.epochs when resuming a run with train.sgd.schedule="
-                f"{saved.schedule!r}: the learning-rate schedule is laid out over the saved "
-                "number of epochs; resume with it, or start a new run")
-    if ("train.em.max_iter" in changed and config.train.method == "em"
-            and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
-        raise ValueError(
-            "cannot change train.em.max_iter when resuming: this run's EM has finished, so "
-            "it would not run again; start a new run (e.g. --config RUN/config.yaml --set "
-            "train.em.max_iter=...)"
-        )
-
-
-def _clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
-    """A new run that failed before its first checkpoint: remove its folder (only the files
-    this module wrote there). Otherwise, for an error (not Ctrl-C), write ``FAILED``."""
-    if created and not (run_dir / CHECKPOINT_NAME).exists():
-        for name in ("config.yaml", "train.log"):
-            (run_dir / name).unlink(missing_ok=True)
-        try:
-            run_dir.rmdir()
-            return
-        except OSError:
-            pass  # something else is in there: leave it, marked
-    if isinstance(error, Exception):
-        (run_dir / FAILED_NAME).write_text(
-            f"{type(error).__name__}: {error}\nsee train.log; continue with "
-            f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
-            "only iterations, checkpoints, progress, figures and data location: a cause in "
-            "another setting, such as a learning rate, needs a new run)\n"
-        )
 
 
 #: The trainer class of each ``train.method``.
@@ -322,6 +266,9 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"checkpoint {ckpt.path} holds a trainer state that {type(trainer).__name__} "
                 f"cannot resume from: {error}"
             ) from None
+    if config.output.n_inpaint and "image" in config.output.inpaint_masks:
+        # the mask file is read at the end, for the figures: read it now, before training
+        make_mask("image", data.image_shape, 1, mask_image=config.output.mask_image)
     train_data, val_data = _training_data(data, config, device)
     train_data = _remove_pixels(config, data, train_data, "train")
     val_data = _remove_pixels(config, data, val_data, "val")
@@ -392,19 +339,25 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
     if out.n_samples:
         paths.append(sample(model, data.image_shape, run_dir / "samples.png", n=out.n_samples,
                             nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale))
-    if out.n_inpaint:
+    held_out = data.pixels("test").shape[0] > 0  # the inpainting and outlier figures' split
+    if not held_out:
+        logger.warning("the test split is empty (data.test_fraction=0?): no inpainting or "
+                       "outlier figures")
+    if out.n_inpaint and held_out:
         for kind in out.inpaint_masks:
             paths.append(inpaint(model, data, run_dir / f"inpaint-{kind}.png", mask=kind,
                                  n=out.n_inpaint, n_samples=out.inpaint_samples, seed=gen_seed,
                                  scale=out.image_scale, mask_image=out.mask_image))
+    if out.n_inpaint:
         observed = missing_masks(config, data, "train")
         if observed is not None:  # what training did not see, filled in by the model
             paths.append(inpaint(model, data, run_dir / "inpaint-train-missing.png",
                                  split="train", observed=observed[: out.n_inpaint],
                                  n=out.n_inpaint, n_samples=out.inpaint_samples,
                                  seed=gen_seed, scale=out.image_scale))
-    paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
-                          nrow=out.grid_nrow, scale=out.image_scale))
+    if held_out:
+        paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
+                              nrow=out.grid_nrow, scale=out.image_scale))
     if out.n_factor_components:
         paths.append(visualize(model, data.image_shape, run_dir / "factors.png",
                                components=range(min(out.n_factor_components,
@@ -447,6 +400,8 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
     ``observed`` [n, D])."""
     count = min(n, data.pixels(split).shape[0])
+    if count == 0:
+        raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     if observed is None:
@@ -497,6 +452,10 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
         raise ValueError(f"{checkpoint} holds no run config: cannot tell which data to load")
     data = load_data(config)
     model = ckpt.model
+    empty = [split for split in splits if data.pixels(split).shape[0] == 0]
+    if empty:
+        raise ValueError(f"the {', '.join(empty)} split of {data.name} is empty: nothing to "
+                         "evaluate")
     result = evaluate_model(model, data, splits)
     if ndb_bins:
         train = data.train

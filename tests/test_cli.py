@@ -581,6 +581,10 @@ def test_checkpoint_without_run_metadata(run_dir, tmp_path):
         code, _, stderr = run_cli(command, bare)
         assert code != 0 and "no run config" in stderr, command
     code, _, stderr = run_cli("train", "--resume", bare)
+    assert code == 2 and "--resume takes a run folder" in stderr  # not named checkpoint.pt
+    (tmp_path / "bare-run").mkdir()
+    bare.rename(tmp_path / "bare-run" / "checkpoint.pt")
+    code, _, stderr = run_cli("train", "--resume", tmp_path / "bare-run")
     assert code == 2 and "no run config" in stderr
 
 
@@ -693,14 +697,19 @@ def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
     ("model.n_factors=1000", "model.n_factors=1000"),
     ("data.root=/nonexistent/images", "/nonexistent/images"),
     ("device=cuda", "asks for CUDA"),
+    (["data.missing.kind=block", "data.missing.block_size=28"],  # every pixel hidden
+     "invalid data.missing for embedded-mnist: block_size=28 hides the whole 28×28 image"),
+    (["output.inpaint_masks=[image]", "output.mask_image=/nonexistent/mask.png"],  # was
+     "/nonexistent/mask.png"),  # found only after training
 ])
 def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, monkeypatch,
                                                                override, key):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only machine
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
-    extra = ["data.name=folder"] if override.startswith("data.root") else []
+    override = [override] if isinstance(override, str) else override
+    extra = ["data.name=folder"] if override[0].startswith("data.root") else []
     code, stdout, stderr = run_cli("train", "--config", CONFIG,
-                                   *set_args(*TINY, f"output.dir={tmp_path}", *extra, override))
+                                   *set_args(*TINY, f"output.dir={tmp_path}", *extra, *override))
     assert code == 2, stderr
     assert stderr.startswith("error: ") and key in stderr
     assert "Traceback" not in stderr and stdout == ""
@@ -717,6 +726,18 @@ def test_a_diverging_run_ends_with_its_message_not_a_traceback(tmp_path):
     assert "Traceback" not in stderr
     with pytest.raises(FloatingPointError):  # --verbose shows where
         cli.main(["--verbose", *[str(a) for a in args]])
+
+
+def test_a_run_without_a_test_split_trains_and_draws_what_it_can(tmp_path):
+    code, _, stderr = run_cli("train", "--config", CONFIG, *set_args(
+        *TINY, f"output.dir={tmp_path}", "data.test_fraction=0"))  # (was: a traceback)
+    assert code == 0, stderr
+    run = next(tmp_path.iterdir())
+    assert (run / "samples.png").is_file() and not (run / "outliers.png").exists()
+    assert not list(run.glob("inpaint-*.png")) and not (run / "FAILED").exists()
+    for command in (("inpaint", run), ("evaluate", run), ("outliers", run)):
+        code, _, stderr = run_cli(*command, "--split", "test")
+        assert code == 2 and "the test split of embedded-mnist is empty" in stderr, stderr
 
 
 def test_a_binary_config_file_is_named(tmp_path):
