@@ -115,12 +115,15 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
 
 
 def check_int_fields(config: object, minimum: dict[str, int]) -> None:
-    """Every ``config.<name>`` is an int (not a bool) of at least ``minimum[name]``."""
+    """Every ``config.<name>`` is an int (not a bool) of at least ``minimum[name]`` and below
+    ``2**63`` (torch's int64: a larger seed failed deep inside with an unnamed overflow)."""
     cls = type(config).__name__
     for name, low in minimum.items():
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}")
+        if value >= 2**63:
+            raise ValueError(f"{cls}.{name} must be below 2**63, got {value!r}")
 
 
 def check_real_field(

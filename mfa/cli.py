@@ -147,7 +147,7 @@ def cmd_select(args) -> int:
     config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     config = load_config(config_path, overrides=args.set or [])
     sweep, paths = select_run(config, args.components, args.factors, args.out,
-                              method=args.method)
+                              method=args.method, overwrite=args.overwrite)
     print(sweep.table())
     best, by_bic = sweep.best_by_val, sweep.best_by_bic
     score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
@@ -188,6 +188,8 @@ def _count_type(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value >= 2**63:  # torch takes int64 (seeds, sizes)
+            raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
         return value
 
     return parse
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_run(p, needs_data=True):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=non_negative_int, default=0)
         p.add_argument("--scale", type=positive_int, default=2, help="upscaling of saved images")
         if needs_data:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -273,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"))
     p.add_argument("--ndb-bins", type=non_negative_int, default=0,
                    help="NDB with this many bins (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--outliers-against", metavar="DATASET", choices=DATASET_NAMES,
                    help="AUROC/AUPR of every outlier score: the run's test split against "
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("em", "sgd"), help="override train.method")
     p.add_argument("--out", metavar="DIR", help="folder for selection.{csv,md,json,png} "
                    "(default: <output.dir>/select-<dataset>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier sweep's selection.* files in that folder")
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("visualize", help="mean, noise and factor columns per component")

@@ -249,12 +249,19 @@ def _non_empty(value: Any, path: str) -> None:
 _count = _at_least(0)
 _one_or_more = _at_least(1)
 
+
+def _seed(value: Any, path: str) -> None:
+    _count(value, path)
+    if value is not None and value >= 2**63:  # torch's generators take int64 seeds
+        raise _bad(path, value, "must be below 2**63")
+
+
 #: Range checks per dataclass and field (type checks come from the annotations).
 _CONSTRAINTS: dict[type, dict[str, Any]] = {
     ModelConfig: {"n_components": _one_or_more, "n_factors": _count, "min_noise": _count},
     DataConfig: {
         "root": _non_empty, "image_size": _image_size, "val_fraction": _fraction,
-        "test_fraction": _fraction, "seed": _count, "limit": _one_or_more, "num_workers": _count,
+        "test_fraction": _fraction, "seed": _seed, "limit": _one_or_more, "num_workers": _count,
     },
     OutputConfig: {
         "dir": _non_empty, "name": _folder_name, "mask_image": _non_empty,
@@ -262,8 +269,8 @@ _CONSTRAINTS: dict[type, dict[str, Any]] = {
         **dict.fromkeys(("checkpoint_every", "n_samples", "n_inpaint", "inpaint_samples",
                          "n_factor_components"), _count),
     },
-    MissingConfig: {"rate": _fraction, "block_size": _one_or_more, "seed": _count},
-    RunConfig: {"seed": _count, "device": _device},
+    MissingConfig: {"rate": _fraction, "block_size": _one_or_more, "seed": _seed},
+    RunConfig: {"seed": _seed, "device": _device},
     # The trainers check their own settings (see _check_trainer); only device strings here.
     EMConfig: {"device": _device},
     SGDConfig: {"device": _device},

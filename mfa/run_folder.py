@@ -60,12 +60,13 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
         ValueError: a differing key is not in :data:`RESUME_SAFE_KEYS` (naming the first).
     """
     old, now = _leaves(config_to_dict(saved)), _leaves(config_to_dict(new))
-    changed = [key for key in now if now[key] != old.get(key)]
+    # Both sides' keys: a section set to null on one side has leaves on the other only.
+    changed = [key for key in {**now, **old} if now.get(key) != old.get(key)]
     for key in changed:
         if key not in RESUME_SAFE_KEYS:
             raise ValueError(
                 f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "
-                f"{now[key]!r}): it would change what the run computes; start a new run. A "
+                f"{now.get(key)!r}): it would change what the run computes; start a new run. A "
                 "resume may change the iterations/epochs, checkpoint cadence, progress, "
                 "figures and the data location"
             )

@@ -217,7 +217,7 @@ def sweep_models(
 
 def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
                out_dir: str | Path | None = None, *, method: str | None = None,
-               ) -> tuple[SelectionSweep, list[Path]]:
+               overwrite: bool = False) -> tuple[SelectionSweep, list[Path]]:
     """``mfa select``: a sweep on a run config's data with its trainer, saved to ``out_dir``.
 
     Every model is built as :func:`mfa.workflow.train` builds one (the config's noise type,
@@ -229,13 +229,16 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         components, factors: the grid.
         out_dir: where the table and plot go; ``None``: ``<output.dir>/select-<data.name>``.
         method: ``"em"`` or ``"sgd"`` to override ``train.method``.
+        overwrite: replace the ``selection.*`` files of an earlier sweep in ``out_dir``
+            (otherwise refused before anything is fitted).
 
     Returns:
         The sweep and the paths of the files written.
 
     Raises:
-        ValueError: an invalid grid, a hierarchical method, no validation split, or a
-            ``(K, L)`` the data cannot take (``L > D`` or ``K`` above the training rows).
+        ValueError: an invalid grid, a hierarchical method, no validation split, a
+            ``(K, L)`` the data cannot take (``L > D`` or ``K`` above the training rows), or
+            an earlier sweep's files in ``out_dir`` without ``overwrite``.
     """
     from mfa.config import apply_overrides, resolve_device
     from mfa.em import ConvergenceWarning, EMTrainer
@@ -261,6 +264,11 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     if max(ks) > n:
         raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
                          f"images of {data.name}")
+    out_dir = Path(config.output.dir) / f"select-{data.name}" if out_dir is None else Path(out_dir)
+    earlier = sorted(p.name for p in out_dir.glob("selection.*")) if out_dir.is_dir() else []
+    if earlier and not overwrite:
+        raise ValueError(f"{out_dir} already holds an earlier sweep ({', '.join(earlier)}); "
+                         "pass another --out folder, or --overwrite to replace it")
     if n * d > STREAM_ABOVE:  # large sets stay uint8 and become float batch by batch
         batch = config.train.em.batch_size
         train, val = data.loader("train", batch_size=batch), data.loader("val", batch_size=batch)
@@ -283,8 +291,6 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         return model
 
     sweep = sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None)
-    if out_dir is None:
-        out_dir = Path(config.output.dir) / f"select-{data.name}"
     meta = {"dataset": data.name, "method": config.train.method,
             "image_shape": list(data.image_shape), "sizes": data.sizes}
     paths = sweep.save(out_dir, metadata=meta)

@@ -699,6 +699,8 @@ def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
     ("device=cuda", "asks for CUDA"),
     (["data.missing.kind=block", "data.missing.block_size=28"],  # every pixel hidden
      "invalid data.missing for embedded-mnist: block_size=28 hides the whole 28×28 image"),
+    ("seed=99999999999999999999999", "invalid value for seed: must be below 2**63"),
+    ("train.em.seed=99999999999999999999999", "invalid value for train.em.seed: must be below"),
     (["output.inpaint_masks=[image]", "output.mask_image=/nonexistent/mask.png"],  # was
      "/nonexistent/mask.png"),  # found only after training
 ])

@@ -168,6 +168,16 @@ def test_mfa_select_on_the_embedded_digits(tmp_path):
     assert record["n_features"] == 784
     assert all(str(out / name) in stdout for name in
                ("selection.csv", "selection.md", "selection.json", "selection.png"))
+    # a second sweep into the same folder is refused (it replaced the first without a word)
+    before = (out / "selection.csv").read_bytes()
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", out)
+    assert code == 2 and "already holds an earlier sweep" in stderr and "--overwrite" in stderr
+    assert (out / "selection.csv").read_bytes() == before
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", out, "--overwrite")
+    assert code == 0, stderr
+    assert len(list(csv.DictReader(open(out / "selection.csv", newline="")))) == 1
 
 
 def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):

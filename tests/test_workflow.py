@@ -402,6 +402,14 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
     same = make_config(out_dir, "em-a", "output.plot=false")  # a safe difference
     assert workflow.check_resume_changes(load_checkpoint(em_run.run_dir / "checkpoint.pt")
                                          .run_config, same) == ["output.plot"]
+    # a section given on one side and null on the other is a change of its leaves
+    saved = make_config(out_dir, "h", "train.method=hierarchical",
+                        "train.hierarchical.child_em={max_iter: 1}")
+    reset = apply_overrides(saved, ["train.hierarchical.child_em=null"])
+    for a, b, given in ((saved, reset, "None"), (reset, saved, "1")):
+        with pytest.raises(ValueError, match=r"cannot change train\.hierarchical\.child_em\."
+                                             rf"max_iter when resuming .*given {given}\)"):
+            workflow.check_resume_changes(a, b)
 
 
 def test_a_finished_em_run_refuses_more_iterations(em_run):
