@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -210,6 +211,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def finite(text: str) -> float:
+    """An argparse type: a finite float (nan or inf would draw a blank or saturated image)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfa", description="Mixtures of Factor Analyzers on "
                                      "images: train, sample, inpaint, rank outliers, evaluate.")
@@ -308,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
     with_run(p, needs_data=False)
     p.add_argument("--components", type=int, nargs="+")
-    p.add_argument("--factor-scale", type=float, default=2.0, help="c in μ ± c·A_i")
+    p.add_argument("--factor-scale", type=finite, default=2.0, help="c in μ ± c·A_i")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_visualize)

@@ -566,6 +566,14 @@ def test_taken_run_folder_name_fails_clearly(tmp_path):
     assert stderr.startswith("error: ") and "taken" in stderr
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_visualize_refuses_a_factor_scale_that_is_not_finite(run_dir, tmp_path, value):
+    code, _, stderr = run_cli("visualize", run_dir, "--factor-scale", value,
+                              "-o", tmp_path / "f.png")
+    assert code == 2 and f"must be a finite number, got {value}" in stderr
+    assert not (tmp_path / "f.png").exists()  # (nan drew an image before)
+
+
 def test_checkpoint_without_run_metadata(run_dir, tmp_path):
     """A bare checkpoint (model only): the image shape must be given, data commands refuse."""
     bare = save_checkpoint(tmp_path / "bare.pt", load_checkpoint(run_dir / "checkpoint.pt").model)
