@@ -147,8 +147,10 @@ class RunState:
             previous_noise_prior_variance=state.get("previous_noise_prior_variance"),
             best_val_noise_prior_variance=state.get("best_val_noise_prior_variance"),
             val_at_search=state.get("val_at_search"),
-            # Checkpoints from before repeated stints: the stint is the whole restart.
-            stint_best=state.get("stint_best", state.get("best_val_log_likelihood")),
+            # Checkpoints from before repeated stints: the stint is the whole restart. (Right
+            # after a repeated search, marked by val_at_search, the stint has no best yet.)
+            stint_best=state.get("stint_best", None if "val_at_search" in state
+                                 else state.get("best_val_log_likelihood")),
             stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
             stint_gain=state.get("stint_gain"), best_run_val=state.get("best_run_val"),
             selected_noise_prior_variance=state.get("selected_noise_prior_variance"),
@@ -195,6 +197,8 @@ class RunState:
         left = 2 * patience - self.stale_iterations
         if self.bad_iterations >= max(1, patience // 2) or left <= 0:
             return True
+        if self.stint_best is None:  # a repeated search's stint that has not begun
+            return False
         # Still below the best: over when its latest gain, kept up, would not get there in time.
         gap = self.best_val_log_likelihood - self.stint_best
         return gap > 0 and self.stint_gain is not None and self.stint_gain * left < gap

@@ -26,6 +26,7 @@ from torch.distributions import MultivariateNormal
 from torch.utils.data import DataLoader, TensorDataset
 
 from mfa import MixtureOfFactorAnalyzers
+from mfa.data import load_dataset
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 
 F64 = torch.float64
@@ -816,3 +817,35 @@ def test_tf32_m_step_against_float64_reference(stats_dtype):
         }
         for name, bound in bounds.items():
             assert errors[name].item() <= bound, (stats_dtype, tf32, name, errors[name].item())
+
+
+def test_resume_right_after_a_repeated_search_equals_the_uninterrupted_fit():
+    """A checkpoint taken as patience ran out and a stronger s₀ search was due (its stint has
+    no best yet) resumes to the uninterrupted fit (it ended 12 iterations later, elsewhere)."""
+    d = load_dataset("embedded-mnist", dequantize=True)
+
+    def pool(t):  # 14×14 digits: a quick fit
+        return torch.nn.functional.avg_pool2d(t.view(-1, 1, 28, 28), 2).flatten(1).contiguous()
+
+    x, v = pool(d.train[:800]), pool(d.val[:150])
+    config = dict(max_iter=60, patience=3, reseed_rounds=0, tempered_step=False, tol=0,
+                  checkpoint_every=1, progress=False)
+
+    def new():
+        return MixtureOfFactorAnalyzers(20, 196, 2, generator=torch.Generator().manual_seed(5))
+
+    snapshots = []
+    full, trainer = new(), EMTrainer(EMConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(full, x, v, checkpoint_fn=lambda t, m: snapshots.append(
+            (copy.deepcopy(t.state_dict()), copy.deepcopy(m.state_dict()))))
+        state, params = next(s for s in snapshots
+                             if "val_at_search" in s[0] and "stint_best" not in s[0])
+        resumed, again = new(), EMTrainer(EMConfig(**config))
+        resumed.load_state_dict(params)
+        again.load_state_dict(state)
+        again.fit(resumed, x, v)
+    assert len(again.history) == len(trainer.history)
+    for name, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name

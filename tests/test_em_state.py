@@ -83,3 +83,16 @@ def test_round_trip_and_checkpoints_without_the_stint_keys(keys):
     back = RunState.from_dict(saved)
     assert back.stint_best == 5.0 and back.bad_iterations == 2 and back.stale_iterations == 2
     assert back.as_dict() == state.as_dict()
+
+
+def test_a_checkpoint_right_after_a_repeated_search_resumes_the_same_stint():
+    # search_again() clears stint_best; the state saved then must not resume with the
+    # restart's best as the stint's (its first iteration would count as a bad one)
+    state = RunState(best_params=None)
+    _feed(state, [5.0, 4.0, 4.0, 4.0])
+    state.search_again()
+    back = RunState.from_dict(state.as_dict())
+    assert back.stint_best is None and back.as_dict() == state.as_dict()
+    assert not back.stint_over(4)  # (raised on best − None before)
+    assert _feed(back, [4.5], patience=4) == _feed(state, [4.5], patience=4) == [False]
+    assert back.as_dict() == state.as_dict()
