@@ -74,6 +74,8 @@ class DataSource:
                 f"{name} must be a torch.Tensor, a Dataset or a DataLoader, "
                 f"got {type(data).__name__}"
             )
+        if self.tensor is not None and self.tensor.shape[0] == 0:
+            raise ValueError(f"{name} is empty (0 rows)")
         self.sharded = shard and distributed.is_active()
         self.whole = self.iterable  # every process's rows, or None (for gather_rows)
         if self.sharded and self.iterable is not None:

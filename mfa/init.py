@@ -8,6 +8,7 @@ Everything runs on the data's device and every random choice takes a seed or a
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 from torch import Tensor
@@ -323,8 +324,13 @@ def split_heaviest(params: dict[str, Tensor], dead: list[int], gen: torch.Genera
     by ± half a standard deviation along a random direction drawn from ``gen``, and share its
     weight. Used by :class:`mfa.em.EMTrainer` with ``min_component_mass > 0``."""
     weights = params["weights"].clone()
+    waiting = set(dead)  # not yet re-seeded: never the one split (it may be the heaviest)
     for k in dead:
-        j = int(weights.argmax())
+        alive = weights.clone()
+        if len(waiting) < alive.shape[0]:
+            alive[list(waiting)] = -math.inf
+        j = int(alive.argmax())
+        waiting.discard(k)
         std = params["noise_variance"][j].sqrt()
         direction = torch.randn(std.shape, generator=gen, dtype=std.dtype).to(std.device)
         params["means"][k] = params["means"][j] + 0.5 * std * direction

@@ -67,8 +67,9 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
             count += batch.shape[0]
     if source.sharded:  # every process's rows
         total, count = distributed.sum_across_processes(total, count)
-        return total / max(count, 1)
-    return (total / max(count, 1)).item()
+    if count == 0:  # (a mean of 0.0 would score it as a fit)
+        raise ValueError(f"{getattr(source, 'name', 'data')} is empty (0 rows)")
+    return total / count if source.sharded else (total / count).item()
 
 
 def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,

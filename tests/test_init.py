@@ -11,7 +11,7 @@ from helpers import gen
 from sklearn.decomposition import PCA, FactorAnalysis
 from torch.distributions import MultivariateNormal
 
-from mfa.init import fit_complete, random_init
+from mfa.init import fit_complete, random_init, split_heaviest
 
 F64 = torch.float64
 
@@ -287,3 +287,20 @@ def test_fast_initialise_quality_on_embedded_digits(monkeypatch):
         monkeypatch.setattr(init_module, name, 10**9)
     earlier = np.mean([held_out_bits(s) for s in range(8)])
     assert fast <= earlier + 0.1
+
+
+def test_split_heaviest_never_splits_a_component_waiting_to_be_reseeded():
+    # component 0 is to be re-seeded and is also the heaviest: it must be re-seeded from
+    # the heaviest of the others (it was "split" with itself: only its weight changed)
+    d = 3
+    params = {"weights": torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64),
+              "means": torch.tensor([[0.0] * d, [5.0] * d, [9.0] * d], dtype=torch.float64),
+              "factor_loadings": torch.arange(3 * d * 1, dtype=torch.float64).view(3, d, 1),
+              "noise_variance": torch.full((3, d), 0.25, dtype=torch.float64)}
+    split_heaviest(params, [0, 2], gen(0))
+    # 0 and 2 both copy component 1 (the only one not waiting), whose weight is shared out
+    for k in (0, 2):
+        assert torch.equal(params["factor_loadings"][k], torch.arange(3, 6.0).view(d, 1)), k
+        assert (params["means"][k] - 5.0).abs().max() <= 0.5 * 0.5 * 4  # ± std/2 · N(0, 1)
+    assert not torch.equal(params["means"][0], torch.zeros(d))
+    assert torch.isclose(params["weights"].sum(), torch.tensor(1.0, dtype=torch.float64))

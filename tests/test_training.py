@@ -138,3 +138,19 @@ def test_sgd_fit_runs_under_its_tf32_setting():
     assert seen == [not before] and tf32_enabled() == before
     with pytest.raises(ValueError, match="allow_tf32"):
         SGDConfig(allow_tf32=1).validate()
+
+
+def test_empty_data_or_validation_is_refused_by_name():
+    from mfa import EMConfig, EMTrainer, SGDConfig, SGDTrainer
+    from mfa.training import evaluate
+
+    model = random_model(2, 4, 1)
+    x = random_data(60, model)
+    with pytest.raises(ValueError, match="data is empty"):
+        evaluate(model, x[:0])  # (scored 0.0)
+    with pytest.raises(ValueError, match="validation is empty"):
+        EMTrainer(EMConfig(max_iter=3, progress=False)).fit(model, x, validation=x[:0])
+    with pytest.raises(ValueError, match="data is empty"):
+        SGDTrainer(SGDConfig(epochs=1, init="none", progress=False)).fit(model, x[:0])
+    with pytest.raises(ValueError, match="data is empty"):
+        EMTrainer(EMConfig(init="none", progress=False)).fit(model, x[:0])
