@@ -173,13 +173,13 @@ class EMTrainer:
     with ``"auto"``, running out of patience first moves to a stronger ``s₀``
     (``max_searches``), whose stint ends the restart unless it beats the best score
     (:meth:`~mfa.em_state.RunState.track_validation`). After the restarts, with early
-    stopping and complete data, ``reseed_rounds`` rounds each re-seed the best result's
+    stopping and ``missing="error"`` (with ``"allow"`` this and the tempered step are skipped,
+    even if no entry is missing), ``reseed_rounds`` rounds each re-seed the best result's
     components that lower the validation score (:mod:`mfa.pruning`) and run EM again from
     there (``run`` = ``n_init``, ``n_init + 1``, ...); a round is kept if its best validation
-    score beats the best so far, and the first that does not ends them. Last, with
-    ``"auto"``, complete data and ``tempered_step``, one M-step from tempered
-    responsibilities replaces the result when it raises the validation score clearly
-    (:mod:`mfa.tempering`; ``history`` has no record of it).
+    score beats the best so far, and the first that does not ends them. Last, with ``"auto"``
+    and ``tempered_step``, one M-step from tempered responsibilities replaces the result when
+    it raises the validation score clearly (:mod:`mfa.tempering`; ``history`` has none).
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
