@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from mfa import distributed
 from mfa._validation import all_finite, all_not_inf
@@ -48,6 +48,7 @@ class DataSource:
     def __init__(self, data, model, batch_size: int, name: str = "data",
                  shard: bool = False, allow_missing: bool = False) -> None:
         self.name = name
+        self.dataset: Dataset | None = None
         self.allow_missing = allow_missing
         self.n_features = model.n_features
         self.dtype = model.dtype
@@ -66,6 +67,8 @@ class DataSource:
         elif isinstance(data, Dataset):
             self.tensor = None
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
+            if not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
+                self.dataset = data  # indexable: gather_rows draws a random subset
         elif isinstance(data, Iterable):
             self.tensor = None
             self.iterable = data
@@ -132,8 +135,10 @@ class DataSource:
 
 
 def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
-    """Up to ``max_rows`` rows for initialisation: a seeded random subset of a tensor, or the
-    first ``max_rows`` rows of a stream."""
+    """Up to ``max_rows`` rows for initialisation: a seeded random subset of a tensor or of a
+    sized map-style ``Dataset`` (the same rows for the same data, so a class-sorted folder
+    does not initialise from its first classes), or the first ``max_rows`` rows of a
+    stream."""
     if source.tensor is not None:
         n = source.tensor.shape[0]
         if n <= max_rows:
@@ -141,6 +146,11 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n, generator=gen)[:max_rows].to(source.device)
         return source.tensor[idx]
+    if source.dataset is not None and len(source.dataset) > max_rows:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(source.dataset), generator=gen)[:max_rows].tolist()
+        subset = DataLoader(Subset(source.dataset, idx), batch_size=source.batch_size)
+        return torch.cat(list(_rebatch(source, subset)))
     rows, count = [], 0
     # A sharded stream reads the whole data as one process would, where it can; otherwise
     # (each process's own iterable) its first rows are joined across processes in rank order.

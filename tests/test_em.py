@@ -849,3 +849,24 @@ def test_resume_right_after_a_repeated_search_equals_the_uninterrupted_fit():
     assert len(again.history) == len(trainer.history)
     for name, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_a_dataset_initialises_from_the_same_seeded_subset_as_a_tensor():
+    # rows sorted by cluster, init_samples a third of them: a Dataset was initialised from
+    # its first rows (one cluster), a tensor from a seeded random subset
+    g = gen(3)
+    centres = torch.tensor([[-6.0, 0.0, 0.0], [0.0, 6.0, 0.0], [0.0, 0.0, 6.0]], dtype=F64)
+    x = (centres.repeat_interleave(200, 0) + torch.randn(600, 3, generator=g, dtype=F64))
+    val = centres.repeat_interleave(20, 0) + torch.randn(60, 3, generator=g, dtype=F64)
+    fits = []
+    for data in (x, TensorDataset(x)):
+        model = MixtureOfFactorAnalyzers(3, 3, 1, dtype=F64)
+        config = EMConfig(max_iter=30, init_samples=200, noise_prior_variance=1e-3,
+                          patience=0, tempered_step=False, progress=False, batch_size=64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            EMTrainer(config).fit(model, data, validation=val)
+        fits.append(model)
+    for name, value in fits[0].state_dict().items():
+        torch.testing.assert_close(fits[1].state_dict()[name], value, rtol=1e-9, atol=1e-9)
+    assert (fits[1].weights - 1 / 3).abs().max() < 0.02  # every cluster found
