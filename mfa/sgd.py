@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from mfa import distributed, linalg, missing, training
@@ -233,11 +233,16 @@ class SGDTrainer:
             # A Dataset is shuffled by a DataLoader driven by the trainer's generator; any other
             # iterable (e.g. a DataLoader) is used as it comes.
             loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
-                      if isinstance(train, Dataset) else train)
+                      if isinstance(train, Dataset) and not isinstance(train, IterableDataset)
+                      else DataLoader(train, batch_size=cfg.batch_size)
+                      if isinstance(train, IterableDataset) else train)
             # Under torch.distributed each process reads its part of every global batch.
             train_source = DataSource(distributed.shard_global_batches(loader), model,
                                       cfg.batch_size, "data", allow_missing=allow)
-            steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 1
+            try:  # (a DataLoader of an IterableDataset has __len__ only if the dataset has)
+                steps_per_epoch = len(loader)
+            except TypeError:
+                steps_per_epoch = 1
         prior = self.prior()
         n_train = None if prior.is_flat else _count_rows(train)
         optimizer = _adam(list(model.parameters()), cfg.lr, cfg.weight_decay)

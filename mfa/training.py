@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, IterableDataset, Subset
 
 from mfa import distributed, linalg, missing
 from mfa._checkpoint_checks import check_generator_state
@@ -87,8 +87,8 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
     """
     if isinstance(data, (Tensor, QuantizedRows)):
         data = DataSource(data, model, batch_size, "data", allow_missing=allow_missing).tensor
-    elif not isinstance(data, Dataset):
-        return data, None
+    elif not isinstance(data, Dataset) or isinstance(data, IterableDataset):
+        return data, None  # a stream (an IterableDataset has no rows to choose from)
     n = len(data)
     n_val = int(round(n * fraction))
     if n_val == 0 or n_val == n:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import random_data, random_model
+from torch.utils.data import DataLoader, TensorDataset
 
-from mfa import workflow
+from mfa import MixtureOfFactorAnalyzers, workflow
 from mfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import load_config
 from mfa.em import EMConfig, EMTrainer
@@ -154,3 +155,33 @@ def test_empty_data_or_validation_is_refused_by_name():
         SGDTrainer(SGDConfig(epochs=1, init="none", progress=False)).fit(model, x[:0])
     with pytest.raises(ValueError, match="data is empty"):
         EMTrainer(EMConfig(init="none", progress=False)).fit(model, x[:0])
+
+
+def test_an_iterable_dataset_trains_as_a_stream():
+    # (EM: "object has no len()"; Adam: DataLoader refused shuffle for an IterableDataset)
+    from torch.utils.data import IterableDataset
+
+    from mfa import EMConfig, EMTrainer, SGDConfig, SGDTrainer
+
+    class Rows(IterableDataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    model = random_model(2, 4, 1)
+    x = random_data(80, model)
+    em = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
+    reference = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
+    config = dict(max_iter=3, progress=False, noise_prior_variance=1e-3, tempered_step=False)
+    with pytest.warns(UserWarning):  # no validation: early stopping has nothing to stop on
+        EMTrainer(EMConfig(**config)).fit(em, Rows(x))
+    with pytest.warns(UserWarning):
+        EMTrainer(EMConfig(**config)).fit(reference, DataLoader(TensorDataset(x), 64))
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(em.state_dict()[name], value)
+    sgd = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
+    SGDTrainer(SGDConfig(epochs=2, progress=False, patience=0)).fit(sgd, Rows(x),
+                                                                     validation=x[:20])
+    assert torch.isfinite(sgd.means).all()
