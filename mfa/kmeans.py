@@ -130,6 +130,13 @@ def kmeans_plus_plus(
     first = torch.randint(n, (1,), generator=generator, device=x.device)
     chosen = [first]
     x_norm = (x * x).sum(-1)  # [N], computed once for every distance below
+    if not bool(torch.isfinite(x_norm).all()):
+        finfo = torch.finfo(x.dtype)
+        raise ValueError(
+            f"input values too large for {x.dtype}: the rows' squared norms overflow "
+            f"(largest |x| is {x.abs().max().item():.3g}; squares overflow above |x| ≈ "
+            f"{finfo.max ** 0.5 / max(1, x.shape[1]) ** 0.5:.3g} in {x.shape[1]} features). "
+            "Rescale the data or use a float64 model")
     closest = _distances_to(x, x_norm, x[first])[:, 0]
     for _ in range(1, n_clusters):
         total = closest.sum()

@@ -217,3 +217,10 @@ def test_kmeans_plus_plus_spreads_over_separated_blobs(blobs):
         centers = kmeans_plus_plus(x, 5, gen(seed))
         idx = torch.cdist(centers, x).argmin(-1)
         assert len(set(y[idx.numpy()].tolist())) == 5  # one seed per blob
+
+
+def test_kmeans_plus_plus_refuses_rows_whose_squares_overflow():
+    # (torch.multinomial failed on the NaN probabilities: "invalid multinomial distribution")
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 1e19
+    with pytest.raises(ValueError, match="input values too large for torch.float32"):
+        kmeans_plus_plus(x, 3, torch.Generator().manual_seed(0))
