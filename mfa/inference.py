@@ -97,6 +97,8 @@ def inpaint(
         ``(mean [N, D], samples [n_samples, N, D])``, without an autograd graph (inpainting
         is inference: a graph through the masked terms would hold ``O(N·K·L²)`` memory).
     """
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+        raise ValueError(f"n_samples must be an int >= 0, got {n_samples!r}")
     with torch.no_grad():
         mean = conditional_mean(model, x, observed)
     samples = [conditional_sample(model, x, observed, generator) for _ in range(n_samples)]

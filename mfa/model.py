@@ -185,8 +185,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
         means, loadings = parameters.check_sizes(means, means_name, loadings, loadings_name)
         k, d, lat = loadings.shape
         dtype = means.dtype if means.is_floating_point() else None
+        # placeholder loadings from a private generator: the global one must not advance
         return cls(k, d, lat, noise, min_noise=min_noise, dtype=dtype, device=means.device,
-                   chunk_elements=chunk_elements)
+                   chunk_elements=chunk_elements, generator=torch.Generator())
 
     def set_parameters(
         self,
@@ -210,8 +211,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
                 getattr(self, name).copy_(value)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype), .half(), .bfloat16() ... all go through here: refuse an unsupported
-        # dtype before any parameter is converted.
+        # .to(dtype), .half(), ... all come here: refuse a dtype before any parameter changes
         check_supported_dtype(fn(torch.zeros((), dtype=self.dtype, device=self.device)).dtype)
         return super()._apply(fn, recurse)
 

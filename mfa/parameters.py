@@ -124,8 +124,11 @@ def unconstrained(
             if noise_variance.shape in ((k,), (k, 1)):
                 nv = noise_variance.reshape(k, 1)
             elif tuple(noise_variance.shape) == (k, d):
-                spread = (noise_variance - noise_variance[:, :1]).abs().max().item()
-                if spread > 1e-6 * noise_variance.abs().max().item():
+                # each row against its own size (a small row may not vary because another
+                # row is large)
+                spread = (noise_variance - noise_variance[:, :1]).abs().amax(1)
+                if bool((spread > 1e-6 * noise_variance.abs().amax(1)).any()):
+                    spread = spread.max().item()
                     raise ValueError(
                         "noise_variance of shape [K, D] must be constant along D for "
                         f"isotropic noise; rows vary by up to {spread}"

@@ -508,3 +508,11 @@ def test_empty_list_of_features_is_reported_as_empty():
         model.marginal([])
     with pytest.raises(ValueError, match=r"observed_features selects no features"):
         model.condition([], torch.zeros(0, dtype=F64))
+
+
+@pytest.mark.parametrize("bad", [-5, True, 1.5])
+def test_inpaint_refuses_a_bad_number_of_samples(bad):
+    model = MixtureOfFactorAnalyzers(2, 4, 1, generator=torch.Generator().manual_seed(0))
+    x = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="n_samples must be an int >= 0"):
+        inpaint(model, x, torch.ones(3, 4, dtype=torch.bool), n_samples=bad)

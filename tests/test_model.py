@@ -643,3 +643,24 @@ def test_from_raw_parameters_rebuilds_the_same_model(noise):
         loc = raw["loc"].clone()
         loc[0, 0] = math.inf
         MFA.from_raw_parameters(raw["logits"], loc, raw["loadings"], raw["raw_noise"], noise)
+
+
+def test_isotropic_kd_noise_is_checked_row_by_row():
+    # a small row varying 9× passed beside a large row, and only its first column was kept
+    nv = torch.tensor([[1000.0, 1000.0, 1000.0], [1e-4, 5e-4, 9e-4]])
+    with pytest.raises(ValueError, match="must be constant along D"):
+        MixtureOfFactorAnalyzers.from_parameters(
+            torch.tensor([0.5, 0.5]), torch.zeros(2, 3), torch.zeros(2, 3, 1), nv, "isotropic")
+
+
+def test_models_built_from_parameters_leave_the_global_generator_alone():
+    model = MixtureOfFactorAnalyzers(3, 5, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    MixtureOfFactorAnalyzers.from_parameters(model.weights.detach(), model.means.detach(),
+                                             model.factor_loadings.detach(),
+                                             model.noise_variance.detach())
+    model.marginal([0, 1])
+    model.condition([0], torch.zeros(1))
+    assert torch.equal(torch.rand(3), expected)
