@@ -147,6 +147,12 @@ def missing_mask(
     c, h, w = check_image_shape(image_shape)
     if kind not in MISSING_KINDS:
         raise ValueError(f"kind must be one of {MISSING_KINDS}, got {kind!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if not isinstance(generator, torch.Generator):  # (None drew from the global generator)
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if kind == "random" and (isinstance(rate, bool) or not 0 <= rate <= 1):
+        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
     if kind == "none":
         return torch.ones(n, c * h * w, dtype=torch.bool)
     if kind == "random":

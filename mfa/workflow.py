@@ -38,7 +38,7 @@ from mfa.config import (
     resolve_device,
     save_config,
 )
-from mfa.data import ImageData, load_dataset
+from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.inference import inpaint as inpaint_rows
@@ -471,8 +471,12 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             "ndb_over_k_real": real_ndb.ndb_over_k, "ndb_js_real": real_ndb.js_divergence,
         })
     if outliers_against is not None:
-        other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
-                                                   *against_overrides]))
+        try:
+            other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
+                                                       *against_overrides]))
+        except DatasetNotFoundError as error:  # its data settings come from --against-set
+            raise DatasetNotFoundError(
+                str(error).replace("--set data.", "--against-set data.")) from None
         result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
                                              seed=seed)
     return result

@@ -518,6 +518,11 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     assert code == 1 and "--against-set needs --outliers-against" in stderr
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "imagenet")
     assert code == 2 and "invalid choice" in stderr
+    # a missing other dataset: its settings are given with --against-set, not --set
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "svhn",
+                              "--against-set", f"data.root={tmp_path / 'no-svhn'}")
+    assert code == 2 and "svhn" in stderr and "--against-set data.download=true" in stderr
+    assert "--set data.download" not in stderr
 
 
 # ---------------------------------------------------------------------------- mfa visualize

@@ -340,6 +340,15 @@ def test_missing_mask_kinds_are_seeded():
         missing_mask("center", shape, 2, gen(0))
     with pytest.raises(ValueError, match="block_size must be an int >= 1"):
         missing_mask("block", shape, 2, gen(0), block_size=0)
+    with pytest.raises(ValueError, match="hides the whole 28×28 image"):
+        missing_mask("block", shape, 2, gen(0), block_size=28)
+    for bad in (-1, 2.5, True):  # (torch's "negative dimension" / randint signature errors)
+        with pytest.raises(ValueError, match="n must be an int >= 0"):
+            missing_mask("block", shape, bad, gen(0))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got NoneType"):
+        missing_mask("block", shape, 2, None)  # (drew from the unseeded global generator)
+    with pytest.raises(ValueError, match="rate must be in"):  # (its error named `fraction`)
+        missing_mask("random", shape, 2, gen(0), rate=1.5)
 
 
 def test_config_missing_section_checks_its_keys():
