@@ -425,6 +425,18 @@ def test_from_parameters_validation(name, params, exc, match):
         MFA.from_parameters(**params)
 
 
+def test_from_parameters_accepts_float64_weights_from_float32_ones():
+    """Weights normalised in float32 sum to one only within ~1e-7 once in float64; a float64
+    model takes them (softmax renormalises), and still refuses a sum off by 1e-5."""
+    p = random_parameters(3, 4, 2, seed=53)
+    w32 = torch.tensor([0.1, 0.2, 0.7], dtype=torch.float32)
+    assert w32.double().sum().item() != 1.0
+    model = MFA.from_parameters(**{**p, "weights": w32.double()})
+    torch.testing.assert_close(model.weights, w32.double() / w32.double().sum())
+    with pytest.raises(ValueError, match="weights must sum to one"):
+        MFA.from_parameters(**{**p, "weights": w32.double() * (1 + 1e-5)})
+
+
 def test_from_parameters_noise_validation():
     p = random_parameters(3, 4, 2, seed=52)
     with pytest.raises(ValueError, match=r"noise must be one of \('diagonal', 'isotropic'\), "
