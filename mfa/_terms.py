@@ -72,7 +72,9 @@ class ComponentTerms:
     (:func:`mfa.linalg.quadratic_rounding`). Up to :data:`mfa.linalg.QUADRATIC_TOLERANCE` it
     is ignored; up to :data:`mfa.linalg.REFINE_LIMIT` (``refine``) the entries near each
     row's top are recomputed directly (:func:`mfa.linalg.refine_near_top`); above it
-    (``precise``) the form is evaluated in float64.
+    (``precise``) the form is evaluated in float64. ``factors`` (``A`` [K, D, L]) and
+    ``capacitance_chol`` (``C`` [K, L, L]) serve the residual form of the near-top entries
+    (:func:`mfa.linalg.refine_woodbury_near_top`); without them it is skipped.
     """
 
     log_weights: Tensor
@@ -83,6 +85,8 @@ class ComponentTerms:
     log_norm: Tensor
     whitened_means: Tensor
     rounding: float = 0.0
+    factors: Tensor | None = None
+    capacitance_chol: Tensor | None = None
 
     @property
     def precise(self) -> bool:
@@ -99,6 +103,9 @@ class ComponentTerms:
         fields = {name: getattr(self, name).to(dtype) for name in (
             "log_weights", "reference", "means", "inv_noise", "whitened", "log_norm",
             "whitened_means")}
+        for name in ("factors", "capacitance_chol"):
+            value = getattr(self, name)
+            fields[name] = None if value is None else value.to(dtype)
         return ComponentTerms(**fields, rounding=linalg.quadratic_rounding(
             fields["means"], fields["inv_noise"]))
 
@@ -148,14 +155,28 @@ def build_component_terms(
         log_norm=log_norm,
         whitened_means=whitened_means,
         rounding=linalg.quadratic_rounding(centred, inv_noise),
+        factors=loadings,
+        capacitance_chol=chol,
     )
 
 
-def component_log_prob_from_terms(x: Tensor, terms: ComponentTerms) -> Tensor:
+def component_log_prob_from_terms(
+    x: Tensor, terms: ComponentTerms, exact: bool = True
+) -> Tensor:
     """``log w_k + log N(x; μ_k, Σ_k)`` for a chunk ``x`` of shape ``[n, D]`` → ``[n, K]``.
 
     ``(x−μ)ᵀΣ⁻¹(x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖B(x−μ)‖²`` with ``B = C⁻¹AᵀD⁻¹``; the first
-    term is expanded into two matrix products, the second is one product ``x @ Bᵀ``.
+    term is expanded into two matrix products, the second is one product ``x @ Bᵀ``. With
+    ``exact``, below float64 and with factors, the entries near each row's top are then
+    recomputed in the residual form (:func:`mfa.linalg.refine_woodbury_near_top`), which
+    keeps float32's relative precision where the Woodbury subtraction loses up to tens of
+    nats on a row its component explains well (34 nats on Fashion-MNIST, K = 50, noise at
+    1e-6; 0.017 nats a row on average). That costs about four passes over the ``[n, D]``
+    rows it recomputes (+18 % on a 2-core CPU at K = 50, D = 784 for that sharply fitted
+    model, +3 % where no component explains a row sharply); averages over many rows, whose
+    errors average out, pass ``exact=False``. Before that, the diagonal form's near-top
+    entries are recomputed when its expansion loses more than
+    :data:`mfa.linalg.QUADRATIC_TOLERANCE` (``terms.refine``).
     """
     xc = x - terms.reference  # [n, D]
     k, n_lat, d = terms.whitened.shape
@@ -164,13 +185,19 @@ def component_log_prob_from_terms(x: Tensor, terms: ComponentTerms) -> Tensor:
     if n_lat:
         proj = (xc @ terms.whitened.reshape(k * n_lat, d).T).view(-1, k, n_lat)  # [n, K, L]
         proj = proj - terms.whitened_means
+    scale = terms.log_weights + terms.log_norm  # [K]
 
     def log_joint(quad: Tensor) -> Tensor:
         maha = quad if proj is None else linalg.woodbury_mahalanobis(quad, proj)  # [n, K]
         # Rounding can push a tiny Mahalanobis distance below zero.
-        return terms.log_weights + terms.log_norm - 0.5 * maha.clamp_min(0.0)
+        return scale - 0.5 * maha.clamp_min(0.0)
 
     if terms.refine:
         diag_quad = linalg.refine_near_top(diag_quad, log_joint(diag_quad), xc, terms.means,
                                            terms.inv_noise, terms.rounding)
-    return log_joint(diag_quad)
+    out = log_joint(diag_quad)
+    if exact and proj is not None and terms.factors is not None and x.dtype != torch.float64:
+        out = linalg.refine_woodbury_near_top(
+            out, scale, xc, terms.means, terms.inv_noise, terms.factors,
+            terms.capacitance_chol, proj, diag_quad, slack=8.0 * terms.rounding)
+    return out

@@ -291,18 +291,16 @@ class MixtureOfFactorAnalyzers(nn.Module):
     def component_log_prob(self, x: Tensor) -> Tensor:
         """``log w_k + log N(x; μ_k, Σ_k)`` for every row and component.
 
-        Args:
-            x: ``[..., D]``.
-
-        Returns:
-            ``[..., K]``.
+        Args: x: ``[..., D]``. Returns: ``[..., K]``.
 
         Cost and memory: ``O(N·K·D·L)`` time in three matrix products per chunk
         (``x² @ (1/d)ᵀ``, ``x @ (μ/d)ᵀ`` and ``x @ Bᵀ`` with ``B`` of shape ``[K·L, D]``);
         rows are processed in chunks of :meth:`chunk_size` rows so that the intermediates of
         one chunk hold about ``chunk_elements`` values (``[n, D]`` for ``x²``, ``[n, K·L]``
         and ``[n, K]``), plus the ``O(K·D·L)`` derived parameters. No ``[N, K, D]`` tensor and
-        no ``D × D`` matrix is formed.
+        no ``D × D`` matrix is formed. In float32 the entries within 30 nats of each row's top
+        are recomputed in a residual form that keeps float32's relative precision
+        (:func:`mfa.linalg.residual_mahalanobis`; about one ``[n, D]`` pass more).
         """
         x = check_data(x, "x", self.n_features, self.dtype, self.device)
         batch_shape = x.shape[:-1]
@@ -311,12 +309,14 @@ class MixtureOfFactorAnalyzers(nn.Module):
         check_log_densities(out.detach(), terms.log_weights.detach(), x, terms.inv_noise)
         return out.reshape(*batch_shape, self.n_components)
 
-    def _component_log_prob(self, x: Tensor, terms: ComponentTerms | None = None) -> Tensor:
-        """Unchecked :meth:`component_log_prob` for ``x`` of shape ``[N, D]``."""
+    def _component_log_prob(self, x: Tensor, terms: ComponentTerms | None = None,
+                            exact: bool = True) -> Tensor:
+        """Unchecked :meth:`component_log_prob` for ``x`` ``[N, D]`` (``exact``: see
+        :func:`mfa._terms.component_log_prob_from_terms`)."""
         terms = terms or self.component_terms()
         size = self.chunk_size()
         parts = [
-            component_log_prob_from_terms(x[i : i + size], terms)
+            component_log_prob_from_terms(x[i : i + size], terms, exact)
             for i in range(0, max(x.shape[0], 1), size)
         ]
         return torch.cat(parts) if len(parts) > 1 else parts[0]

@@ -307,7 +307,7 @@ class SGDTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 # The observed-data likelihood when rows may hold NaN (mfa.missing).
                 log_p = (missing.row_log_prob(model, batch) if allow
-                         else linalg.logsumexp(model._component_log_prob(batch)))
+                         else linalg.logsumexp(model._component_log_prob(batch, exact=False)))
                 # −mean log p over the global batch (gradients added across processes).
                 nll, rows = distributed.backward_mean(-log_p, model.parameters())
                 loss = nll

@@ -195,7 +195,7 @@ def _row_log_probs(model: MixtureOfFactorAnalyzers, validation: DataSource) -> l
     """``log p(x)`` of every validation row, per batch (float64, on the CPU)."""
     with torch.no_grad():
         terms = model.component_terms()
-        return [linalg.logsumexp(component_log_prob_from_terms(batch, terms)).double().cpu()
+        return [linalg.logsumexp(component_log_prob_from_terms(batch, terms, False)).double().cpu()
                 for batch in validation]
 
 

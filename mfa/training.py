@@ -62,7 +62,7 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
             if source.allow_missing:
                 log_p = missing.row_log_prob(model, batch)
             else:
-                log_p = linalg.logsumexp(model._component_log_prob(batch, terms))
+                log_p = linalg.logsumexp(model._component_log_prob(batch, terms, exact=False))
             total += log_p.double().sum().cpu()
             count += batch.shape[0]
     if source.sharded:  # every process's rows
