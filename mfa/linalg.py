@@ -240,37 +240,35 @@ def refine_near_top(
 
 def residual_mahalanobis(
     rows: Tensor, comps: Tensor, means: Tensor, factors: Tensor, inv_noise: Tensor,
-    capacitance_chol: Tensor, whitened_residual: Tensor, grouped: bool | None = None,
+    posterior: Tensor, mask: Tensor | None = None, grouped: bool | None = None,
 ) -> Tensor:
     """``(x−μ_k)ᵀ Σ_k⁻¹ (x−μ_k)`` of row–component pairs as a sum of two non-negative terms,
     without the cancellation of :func:`woodbury_mahalanobis`::
 
-        (x−μ)ᵀ Σ⁻¹ (x−μ) = Σ_j (x_j − μ_j − (A m)_j)²/d_j + ‖m‖²,   m = C⁻ᵀ C⁻¹ Aᵀ D⁻¹ (x−μ)
+        (x−μ)ᵀ Σ⁻¹ (x−μ) = Σ_j (x_j − μ_j − (A m)_j)²/d_j + ‖m‖²,   m = M⁻¹ Aᵀ D⁻¹ (x−μ)
 
-    (``m`` is the posterior mean of the factors; the identity follows from ``M m = AᵀD⁻¹(x−μ)``).
-    The Woodbury form subtracts two terms of size ``Σ_j (x_j−μ_j)²/d_j``, which with noise
-    variances near the quantisation level reaches 10⁷ for a row its component explains well,
-    and float32 then loses tens of nats; it also inherits the rounding of ``C`` where the
-    capacitance is ill-conditioned. Here both terms keep the dtype's relative precision, and
-    an error ``δ`` in ``m`` moves the sum by ``δᵀ M δ`` only (the sum is stationary in ``m``).
+    (``m`` is the posterior mean of the factors; the identity follows from ``M m = AᵀD⁻¹(x−μ)``;
+    with a ``mask`` the sum and ``A``, ``D`` run over the observed features). The Woodbury
+    form subtracts two terms of size ``Σ_j (x_j−μ_j)²/d_j``, which with noise variances near
+    the quantisation level reaches 10⁷ for a row its component explains well, and float32
+    then loses tens of nats; it also inherits the rounding of ``C`` where the capacitance is
+    ill-conditioned. Here both terms keep the dtype's relative precision, and an error ``δ``
+    in ``m`` moves the sum by ``δᵀ M δ`` only (the sum is stationary in ``m``).
     On the CPU (``grouped``) one product per component present in ``comps``; elsewhere,
     where each small operation costs a kernel launch, each pair's loadings are gathered
     (``[s, D, L]``, :data:`GATHER_ELEMENTS` at a time) and the pairs handled in a few batched
     products: at K = 300 a loop over components would cost ~10× the chunk's matrix products.
 
     Args:
-        rows: ``x`` of each pair ``[P, D]``; comps: each pair's component ``[P]``, sorted;
-        means: ``[K, D]``; factors: ``A`` ``[K, D, L]``; inv_noise: ``1/d`` ``[K, D]``;
-        capacitance_chol: ``C`` ``[K, L, L]``; whitened_residual: ``C⁻¹ Aᵀ D⁻¹ (x−μ)`` of
-        each pair ``[P, L]``; grouped: the CPU strategy (``None``: by ``rows``' device).
+        rows: ``x`` of each pair ``[P, D]`` (overwritten when no gradient is recorded);
+        comps: each pair's component ``[P]``, sorted; means: ``[K, D]``; factors: ``A``
+        ``[K, D, L]``; inv_noise: ``1/d`` ``[K, D]``; posterior: ``m`` of each pair
+        ``[P, L]``; mask: optional float ``[P, D]``, 1 where observed; grouped: the CPU
+        strategy (``None``: by ``rows``' device).
 
     Returns:
         Shape ``[P]``.
     """
-    # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
-    eye = torch.eye(capacitance_chol.shape[-1], dtype=rows.dtype, device=rows.device)
-    inverse = torch.linalg.solve_triangular(capacitance_chol, eye, upper=False)  # [K, L, L]
-    posterior = torch.einsum("pl,plm->pm", whitened_residual, inverse[comps])  # [P, L]
     coefficients = torch.cat([posterior, torch.ones_like(posterior[:, :1])], 1)  # [m, 1]
     if grouped is None:
         grouped = rows.device.type == "cpu"
@@ -288,6 +286,8 @@ def residual_mahalanobis(
                 diff = rows[part].addmm_(coefficients[part], basis, alpha=-1.0).square_()
             else:
                 diff = torch.addmm(rows[part], coefficients[part], basis, alpha=-1.0).square()
+            if mask is not None:
+                diff = diff * mask[part]
             left.append(diff @ inv_noise[k])
     else:  # each pair's loadings gathered, a slice of pairs at a time (no per-component loop)
         n_feat, n_lat = factors.shape[-2:]
@@ -297,15 +297,17 @@ def residual_mahalanobis(
             k = comps[part]
             explained = (factors.index_select(0, k) @ posterior[part].unsqueeze(-1)).squeeze(-1)
             diff = rows[part] - means.index_select(0, k) - explained  # [s, D]
-            left.append((diff * diff * inv_noise.index_select(0, k)).sum(-1))
+            weight = inv_noise.index_select(0, k)
+            if mask is not None:
+                weight = weight * mask[part]
+            left.append((diff * diff * weight).sum(-1))
     return torch.cat(left) + (posterior * posterior).sum(-1)
 
 
 #: Loadings gathered per pair at a time by :func:`residual_mahalanobis` off the CPU (elements).
 GATHER_ELEMENTS = 1 << 24
 
-
-#: The near-top entries :func:`refine_woodbury_near_top` considers per row, at most.
+#: The near-top entries :func:`near_top_pairs` keeps per row when more qualify.
 REFINE_TOP = 4
 
 #: Woodbury terms ``‖C⁻¹AᵀD⁻¹(x−μ)‖²`` below this many units of the dtype's ``ε`` leave an
@@ -314,45 +316,61 @@ REFINE_TOP = 4
 CANCELLATION_TOLERANCE = 1e-4
 
 
-def refine_woodbury_near_top(
-    log_joint: Tensor, log_scale: Tensor, xc: Tensor, means: Tensor, inv_noise: Tensor,
-    factors: Tensor, capacitance_chol: Tensor, whitened_residual: Tensor, diag_quad: Tensor,
-    slack: float = 0.0,
-) -> Tensor:
-    """``log_joint`` [n, K] with the entries that can carry the Woodbury form's rounding
-    recomputed from :func:`residual_mahalanobis` as ``log_scale − ½ (x−μ)ᵀ Σ⁻¹ (x−μ)``.
+def near_top_pairs(
+    log_joint: Tensor, diag_quad: Tensor, cancelled: Tensor, slack: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The entries of ``log_joint`` [n, K] whose Woodbury rounding can matter, as
+    ``(rows, comps)`` sorted by component.
 
-    The Woodbury form subtracts ``‖w‖² = ‖C⁻¹AᵀD⁻¹(x−μ)‖²`` from the diagonal form and loses
-    about ``ε·‖w‖²`` (``ε`` of the dtype), more where the capacitance is ill-conditioned. An
-    entry is recomputed when it is among its row's :data:`REFINE_TOP` largest, its estimate
-    lies within ``30 + slack + 2⁸·ε·diag_quad`` nats of the row's top (``slack`` covers the
-    rounding of the expanded ``diag_quad``), and ``ε·‖w‖²`` exceeds
-    :data:`CANCELLATION_TOLERANCE`: on image data about one entry per row of a well-fitted
-    model, none for rows no component explains sharply. Entries more than 30 nats below the
-    top move no log-density or responsibility. Differentiable.
-
-    Args:
-        log_joint: the Woodbury estimate ``[n, K]``; log_scale: ``log w + log_norm`` ``[K]``;
-        xc: centred rows ``[n, D]``; means: centred means ``[K, D]``; inv_noise: ``[K, D]``;
-        factors: ``A`` ``[K, D, L]``; capacitance_chol: ``[K, L, L]``; whitened_residual:
-        ``w`` ``[n, K, L]``; diag_quad: ``[n, K]``; slack: nats.
+    The Woodbury form subtracts ``cancelled`` = ``‖C⁻¹AᵀD⁻¹(x−μ)‖²`` [n, K] from the
+    diagonal form ``diag_quad`` [n, K] and loses about ``ε·cancelled`` (``ε`` of the dtype),
+    more where the capacitance is ill-conditioned. An entry qualifies when its estimate lies
+    within ``30 + slack + 2⁸·ε·diag_quad`` nats of its row's top (``slack`` covers the
+    rounding of the expanded ``diag_quad``) and ``ε·cancelled`` exceeds
+    :data:`CANCELLATION_TOLERANCE`; when more than :data:`REFINE_TOP` a row qualify on
+    average, each row keeps its :data:`REFINE_TOP` largest. On image data that is about one
+    entry per row of a well-fitted model, none for rows no component explains sharply.
+    Entries more than 30 nats below the top move no log-density or responsibility.
     """
     estimate = log_joint.detach()
     eps = torch.finfo(estimate.dtype).eps
     window = (30.0 + slack) + (256.0 * eps) * diag_quad.detach()
     near = estimate >= estimate.amax(-1, keepdim=True) - window  # [n, K]
-    # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate
-    cancelled = diag_quad.detach() - 2.0 * (log_scale.detach() - estimate)
-    near &= cancelled * eps > CANCELLATION_TOLERANCE
+    near &= cancelled.detach() * eps > CANCELLATION_TOLERANCE
     comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
     if rows.numel() > REFINE_TOP * near.shape[0]:  # many components alike: the top few
         kth = estimate.topk(min(REFINE_TOP, near.shape[-1]), dim=-1).values[:, -1]  # [n]
         top_few = estimate[rows, comps] >= kth[rows]
         rows, comps = rows[top_few], comps[top_few]
+    return rows, comps
+
+
+def refine_woodbury_near_top(
+    log_joint: Tensor, log_scale: Tensor, xc: Tensor, means: Tensor, inv_noise: Tensor,
+    factors: Tensor, capacitance_chol: Tensor, whitened_residual: Tensor, diag_quad: Tensor,
+    slack: float = 0.0,
+) -> Tensor:
+    """``log_joint`` [n, K] with the entries of :func:`near_top_pairs` recomputed from
+    :func:`residual_mahalanobis` as ``log_scale − ½ (x−μ)ᵀ Σ⁻¹ (x−μ)``. Differentiable.
+
+    Args:
+        log_joint: the Woodbury estimate ``[n, K]``; log_scale: ``log w + log_norm`` ``[K]``;
+        xc: centred rows ``[n, D]``; means: centred means ``[K, D]``; inv_noise: ``[K, D]``;
+        factors: ``A`` ``[K, D, L]``; capacitance_chol: ``C`` ``[K, L, L]``;
+        whitened_residual: ``w = C⁻¹AᵀD⁻¹(x−μ)`` ``[n, K, L]``; diag_quad: ``[n, K]``;
+        slack: nats.
+    """
+    # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate
+    cancelled = diag_quad.detach() - 2.0 * (log_scale.detach() - log_joint.detach())
+    rows, comps = near_top_pairs(log_joint, diag_quad, cancelled, slack)
     if rows.numel() == 0:
         return log_joint
+    # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
+    eye = torch.eye(capacitance_chol.shape[-1], dtype=xc.dtype, device=xc.device)
+    inverse = torch.linalg.solve_triangular(capacitance_chol, eye, upper=False)  # [K, L, L]
+    posterior = torch.einsum("pl,plm->pm", whitened_residual[rows, comps], inverse[comps])
     maha = residual_mahalanobis(xc.index_select(0, rows), comps, means, factors, inv_noise,
-                                capacitance_chol, whitened_residual[rows, comps])
+                                posterior)
     exact = log_scale.index_select(0, comps) - 0.5 * maha
     return log_joint.index_put((rows, comps), exact.to(log_joint.dtype))
 

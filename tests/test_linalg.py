@@ -421,10 +421,12 @@ def test_component_terms_have_no_subnormal_whitened_factors():
 
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("grad", [False, True])
-def test_residual_mahalanobis_matches_dense_float64(grouped, grad):
-    """Both strategies (one product per component; gathered loadings) and both modes (in
-    place without autograd; out of place with it) against ``(x−μ)ᵀ Σ⁻¹ (x−μ)`` from a dense
-    solve, and the gradient against ``2 Σ⁻¹ (x−μ)``."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_residual_mahalanobis_matches_dense_float64(grouped, grad, masked):
+    """Both strategies (one product per component; gathered loadings), both modes (in place
+    without autograd; out of place with it), with and without a mask of observed features,
+    against ``(x_o−μ_o)ᵀ Σ_oo⁻¹ (x_o−μ_o)`` from a dense solve, and the gradient against
+    ``2 Σ_oo⁻¹ (x_o−μ_o)``."""
     g = gen(5)
     k, d, lat, p = 3, 12, 3, 9
     a = torch.randn(k, d, lat, generator=g, dtype=F64)
@@ -432,19 +434,30 @@ def test_residual_mahalanobis_matches_dense_float64(grouped, grad):
     means = torch.randn(k, d, generator=g, dtype=F64)
     comps = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2])  # sorted; every component present
     rows = torch.randn(p, d, generator=g, dtype=F64).requires_grad_(grad)
-    chol, whitened = linalg.whitening(a, noise)
+    observed = torch.rand(p, d, generator=g) < (0.6 if masked else 2.0)
+    mask = observed.to(F64)
+    # m = M_o⁻¹ A_oᵀ D_o⁻¹ (x_o − μ_o) from a dense solve (an independent route)
+    a_o = a[comps] * mask.unsqueeze(-1)  # [P, D, L], zero rows where hidden
+    scaled = a_o / noise[comps].unsqueeze(-1)
+    cap = torch.eye(lat, dtype=F64) + scaled.mT @ a_o
     with torch.set_grad_enabled(grad):
-        proj = ((rows - means[comps]).unsqueeze(1) @ whitened[comps].mT).squeeze(1)  # [P, L]
+        y = (rows - means[comps]) * mask
+        posterior = torch.linalg.solve(cap, (scaled.mT @ y.unsqueeze(-1))).squeeze(-1)
         got = linalg.residual_mahalanobis(rows.clone() if grad else rows.detach().clone(),
-                                          comps, means, a, noise.reciprocal(), chol, proj,
-                                          grouped=grouped)
-    cov = _dense(a, noise)[comps]  # [P, D, D]
-    y = (rows.detach() - means[comps]).unsqueeze(-1)
-    solved = torch.linalg.solve(cov, y)
-    torch.testing.assert_close(got.detach(), (y * solved).sum((-2, -1)), rtol=1e-10, atol=0)
+                                          comps, means, a, noise.reciprocal(), posterior,
+                                          mask=mask if masked else None, grouped=grouped)
+    want, grads = [], []
+    for i in range(p):
+        o = observed[i]
+        cov = (a[comps[i]] @ a[comps[i]].T + torch.diag(noise[comps[i]]))[o][:, o]
+        yi = (rows[i].detach() - means[comps[i]])[o]
+        solved = torch.linalg.solve(cov, yi)
+        want.append(yi @ solved)
+        grads.append(torch.zeros(d, dtype=F64).index_put((o.nonzero().flatten(),), 2 * solved))
+    torch.testing.assert_close(got.detach(), torch.stack(want), rtol=1e-10, atol=0)
     if grad:
         got.sum().backward()
-        torch.testing.assert_close(rows.grad, 2 * solved.squeeze(-1), rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(rows.grad, torch.stack(grads), rtol=1e-8, atol=1e-10)
 
 
 def _woodbury_cancels(noise: float):
