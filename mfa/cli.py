@@ -14,7 +14,9 @@ from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
 from mfa.outliers import SCORE_NAMES
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "embedded-mnist.yaml"
+# configs/embedded-mnist.yaml, shipped in the package (a link in the source tree) so that an
+# installed mfa runs the same default as a checkout.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "embedded-mnist.yaml"
 
 
 SCORE_CHOICES = SCORE_NAMES
@@ -68,7 +70,7 @@ def _train(args, main: bool) -> int:
         result = train(config, resume=args.resume, overrides=() if args.config else overrides,
                        figures=not args.no_figures)
     else:
-        config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+        config_path = args.config or DEFAULT_CONFIG
         result = train(load_config(config_path, overrides=overrides),
                        figures=not args.no_figures)
     if main:
@@ -145,7 +147,7 @@ def cmd_select(args) -> int:
     from mfa.config import load_config
     from mfa.selection import select_run
 
-    config_path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    config_path = args.config or DEFAULT_CONFIG
     config = load_config(config_path, overrides=args.set or [])
     sweep, paths = select_run(config, args.components, args.factors, args.out,
                               method=args.method, overwrite=args.overwrite)

@@ -805,3 +805,22 @@ def test_the_package_exports_load_pil_only_when_used():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True", "True"]
+
+
+def test_the_default_config_ships_inside_the_package():
+    """``mfa train`` without ``--config`` reads ``configs/embedded-mnist.yaml`` through a copy
+    inside the package (a link in the checkout), so a wheel install runs the same default
+    (before, it fell back to the library defaults: K = 10, no dequantisation); the package
+    data of pyproject.toml covers the file."""
+    import fnmatch
+    import tomllib
+
+    package = Path(cli.__file__).resolve().parent
+    assert cli.DEFAULT_CONFIG.is_relative_to(package)
+    assert cli.DEFAULT_CONFIG.read_bytes() == CONFIG.read_bytes()
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["mfa"]
+    relative = cli.DEFAULT_CONFIG.relative_to(package).as_posix()
+    assert any(fnmatch.fnmatch(relative, p) for p in patterns)
+    config = load_config(cli.DEFAULT_CONFIG)
+    assert config.model.n_components == 20 and config.data.dequantize
