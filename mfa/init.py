@@ -279,9 +279,16 @@ def initialise(
     """
     if method == "none":
         return
+    k, lat = model.n_components, model.n_factors
+    if method in ("kmeans", "random") and rows.shape[0] < k:
+        raise ValueError(
+            f"the {method} initialisation of K={k} components needs at least {k} rows, got "
+            f"{rows.shape[0]}: the trainer's training rows (after any validation hold-out, "
+            "val_fraction) or its init_samples, whichever is fewer; use fewer components, "
+            "more rows or a larger init_samples"
+        )
     rows = impute_column_means(rows)
     gen = torch.Generator(device=rows.device).manual_seed(seed)
-    k, lat = model.n_components, model.n_factors
     if method == "kmeans":
         # Seeded subsamples sized from K: K-means on KMEANS_ROWS_PER_COMPONENT·K rows, the
         # complete-data fit on FIT_ROWS_PER_COMPONENT·K (a superset), labelled by the centres.

@@ -304,3 +304,20 @@ def test_split_heaviest_never_splits_a_component_waiting_to_be_reseeded():
         assert (params["means"][k] - 5.0).abs().max() <= 0.5 * 0.5 * 4  # ± std/2 · N(0, 1)
     assert not torch.equal(params["means"][0], torch.zeros(d))
     assert torch.isclose(params["weights"].sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("trainer", ["em", "sgd"])
+@pytest.mark.parametrize("init", ["kmeans", "random"])
+def test_too_few_rows_for_the_initialisation_names_the_settings(trainer, init):
+    """60 rows, 6 of them held out for validation, and K = 55: both trainers refuse with a
+    message that counts the rows and names val_fraction and init_samples (it used to say
+    only "kmeans needs at least n_clusters=55 rows, got 54")."""
+    from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers, SGDConfig, SGDTrainer
+
+    x = torch.rand(60, 10, generator=gen(0))
+    fit = (EMTrainer(EMConfig(progress=False, init=init)) if trainer == "em"
+           else SGDTrainer(SGDConfig(progress=False, epochs=1, init=init)))
+    with pytest.raises(ValueError, match=rf"the {init} initialisation of K=55 components needs "
+                                         r"at least 55 rows, got 54: .*val_fraction.*"
+                                         r"init_samples"):
+        fit.fit(MixtureOfFactorAnalyzers(55, 10, 2), x)
