@@ -151,8 +151,9 @@ def missing_mask(
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if not isinstance(generator, torch.Generator):  # (None drew from the global generator)
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if kind == "random" and (isinstance(rate, bool) or not 0 <= rate <= 1):
-        raise ValueError(f"rate must be in [0, 1], got {rate!r}")
+    if kind == "random" and (isinstance(rate, bool) or not 0 <= rate < 1):
+        raise ValueError(f"rate must be in [0, 1), got {rate!r}: at 1 every pixel would be "
+                         "missing")
     if kind == "none":
         return torch.ones(n, c * h * w, dtype=torch.bool)
     if kind == "random":

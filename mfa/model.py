@@ -407,8 +407,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Args:
             observed_features: indices (or a bool mask ``[D]``) of the observed features;
                 at least one feature must remain hidden.
-            observed_values: ``[len(observed_features)]``, in the order of
-                ``observed_features``.
+            observed_values: ``[O]``, O observed features (a mask's ``True`` count), in the
+                order of the indices given (a mask's: increasing).
 
         Returns:
             A model over the hidden features, in increasing index order.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,5 +70,10 @@ def test_check_image_shape():
         check_image_shape((3, 0, 5))
     with pytest.raises(ValueError, match=r"\(C, H, W\) of positive ints"):
         check_image_shape((28, 28))
-    with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\), got 'abc'"):
+    with pytest.raises(ValueError, match=r"image_shape must be \(C, H, W\) of ints, got 'abc'"):
         check_image_shape("abc")
+    # a float is refused, not truncated (28.7 became 28); numpy's and 0-d tensors' ints pass
+    for bad in ((1, 28.7, 28), (1, 28.0, 28), (True, 28, 28)):
+        with pytest.raises(ValueError, match=r"of ints, got"):
+            check_image_shape(bad)
+    assert check_image_shape((np.int64(1), torch.tensor(28), 28)) == (1, 28, 28)

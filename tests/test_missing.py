@@ -349,6 +349,9 @@ def test_missing_mask_kinds_are_seeded():
         missing_mask("block", shape, 2, None)  # (drew from the unseeded global generator)
     with pytest.raises(ValueError, match="rate must be in"):  # (its error named `fraction`)
         missing_mask("random", shape, 2, gen(0), rate=1.5)
+    # every pixel missing: refused, as a block covering the image is (and as the config does)
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got 1.0: at 1 every pixel"):
+        missing_mask("random", shape, 2, gen(0), rate=1.0)
 
 
 def test_config_missing_section_checks_its_keys():

@@ -8,6 +8,7 @@ are ``(pixel + u) / 256`` with ``u ~ U[0, 1)`` in ``[0, 1)``. See ``docs/data.md
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -33,11 +34,14 @@ LOG_PIXEL_LEVELS = math.log(PIXEL_LEVELS)
 
 
 def check_image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
-    """``shape`` as a ``(C, H, W)`` tuple of positive ints (``ValueError`` otherwise)."""
+    """``shape`` as a ``(C, H, W)`` tuple of positive ints (``ValueError`` otherwise; a float
+    such as 28.7 is refused, not truncated)."""
     try:
-        out = tuple(int(v) for v in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"image_shape must be (C, H, W), got {shape!r}") from None
+        if any(isinstance(v, bool) for v in shape):
+            raise TypeError
+        out = tuple(operator.index(v) for v in shape)  # ints (numpy's and 0-d tensors too)
+    except TypeError:
+        raise ValueError(f"image_shape must be (C, H, W) of ints, got {shape!r}") from None
     if len(out) != 3 or min(out) < 1:
         raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {shape!r}")
     return out  # type: ignore[return-value]
