@@ -88,7 +88,12 @@ def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     if config.output.name is not None:
         run_dir = parent / config.output.name
-        run_dir.mkdir(exist_ok=exist_ok)
+        try:
+            run_dir.mkdir(exist_ok=exist_ok)
+        except FileExistsError:
+            raise FileExistsError(
+                f"the run folder {run_dir} already exists: choose another output.name, "
+                f"remove it, or continue it with `mfa train --resume {run_dir}`") from None
         return run_dir
     numbers = [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_NUMBER.match(p.name))]
     number = max(numbers, default=0) + 1
@@ -130,6 +135,17 @@ def resume_checkpoint(resume: str | Path) -> Path:
             f"metrics and figures beside it: copy it as {CHECKPOINT_NAME} into an empty "
             "folder and resume that")
     return path
+
+
+def unstarted_run(resume: str | Path) -> Path | None:
+    """``resume`` when it is a run folder that holds its ``config.yaml`` but no
+    ``checkpoint.pt`` (its process was killed before the first checkpoint, so nothing was
+    cleaned up): there is nothing to continue, and resuming starts it over there."""
+    path = Path(resume)
+    if path.is_dir() and not (path / CHECKPOINT_NAME).exists() and (
+            path / "config.yaml").is_file():
+        return path
+    return None
 
 
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:

@@ -35,6 +35,7 @@ from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_ch
 from mfa.config import (
     RunConfig,
     apply_overrides,
+    load_config,
     resolve_device,
     save_config,
 )
@@ -56,6 +57,7 @@ from mfa.run_folder import (
     make_run_dir,
     resolve_checkpoint,
     resume_checkpoint,
+    unstarted_run,
 )
 from mfa.run_outliers import outlier_metrics, rank_outliers
 from mfa.sgd import SGDTrainer
@@ -144,7 +146,9 @@ def train(
     Args:
         config: the run. When resuming, ``None`` keeps the saved config; a config given may
             differ from the saved one only in :data:`RESUME_SAFE_KEYS`.
-        resume: a run folder or checkpoint to continue from its last saved state.
+        resume: a run folder or checkpoint to continue from its last saved state; a run
+            folder with its ``config.yaml`` but no checkpoint (killed before the first one)
+            starts over there, from that config.
         overrides: ``"dotted.key=value"`` strings applied to ``config`` (when resuming
             without a config, to the saved one); on resume only :data:`RESUME_SAFE_KEYS`.
         figures: draw the sample, inpainting, outlier and factor figures at the end.
@@ -161,6 +165,10 @@ def train(
     changed: list[str] = []
     if resume is None and config is None:
         raise ValueError("train needs a config, or a run to resume")
+    restart = unstarted_run(resume) if resume is not None else None
+    if restart is not None:  # killed before its first checkpoint: start it over there
+        config = config if config is not None else load_config(restart / "config.yaml")
+        resume = None
     if resume is not None:
         ckpt_path = resume_checkpoint(resume)
         ckpt = load_checkpoint(ckpt_path)
@@ -177,7 +185,7 @@ def train(
     # learn its path from rank 0.
     main = distributed.is_main_process()
     if ckpt is None:
-        run_dir = distributed.broadcast_from_main(make_run_dir, config)
+        run_dir = restart or distributed.broadcast_from_main(make_run_dir, config)
     try:
         if main and (ckpt is None or changed):
             save_config(config, run_dir / "config.yaml")
@@ -185,6 +193,9 @@ def train(
             (run_dir / FAILED_NAME).unlink(missing_ok=True)
         handler = attach_log(run_dir) if main else None
         try:
+            if restart is not None:
+                logger.warning("%s holds no %s (stopped before the first one): starting the "
+                               "run over from its config", run_dir, CHECKPOINT_NAME)
             if changed:
                 logger.info("resumed with new values for %s", ", ".join(changed))
             return _train(config, run_dir, setup, ckpt, figures, callbacks)
@@ -194,7 +205,7 @@ def train(
                 handler.close()
     except BaseException as error:
         if main:
-            clean_up_failed(run_dir, error, created=ckpt is None)
+            clean_up_failed(run_dir, error, created=ckpt is None and restart is None)
         raise
 
 

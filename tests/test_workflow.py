@@ -19,7 +19,7 @@ import torch
 
 from mfa import workflow
 from mfa.checkpoint import load_checkpoint
-from mfa.config import apply_overrides, load_config
+from mfa.config import apply_overrides, load_config, save_config
 from mfa.data import load_dataset
 from mfa.model import MixtureOfFactorAnalyzers
 
@@ -510,6 +510,28 @@ def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
     # The kill came mid-run: the uninterrupted run (which may stop early on validation, as
     # the default config does) went further than the killed one had.
     assert 1 <= len(done) < len(a.trainer_state["history"]) <= iterations
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(em_run, out_dir):
+    """A run folder holding only config.yaml and train.log (its process was killed before the
+    first checkpoint, so nothing was cleaned up): --resume starts the run over there from the
+    saved config, to the uninterrupted run's model (it used to fail with "checkpoint ...
+    does not exist", and a new run of that name with "File exists")."""
+    run_dir = out_dir / "killed-early"
+    run_dir.mkdir()
+    save_config(make_config(out_dir, "killed-early"), run_dir / "config.yaml")
+    (run_dir / "train.log").write_text("started\n")
+    resumed = workflow.train(None, resume=run_dir, figures=False)
+    assert resumed.run_dir == run_dir
+    assert_same_parameters(resumed.model, em_run.model)
+    assert resumed.metrics["test_log_likelihood"] == em_run.metrics["test_log_likelihood"]
+    log = (run_dir / "train.log").read_text()
+    assert log.startswith("started") and "starting the run over from its config" in log
+    # a new run under that name is refused with a message that says what to do
+    with pytest.raises(FileExistsError, match=r"already exists: choose another output\.name, "
+                                              r"remove it, or continue it with `mfa train "
+                                              r"--resume"):
+        workflow.train(make_config(out_dir, "killed-early"), figures=False)
 
 
 # ---------------------------------------------------------------------------- run folders
