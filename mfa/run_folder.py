@@ -149,8 +149,9 @@ def unstarted_run(resume: str | Path) -> Path | None:
 
 
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
-    """EM that has finished all its restarts does not run again: a larger ``max_iter`` given
-    to a finished run would be ignored, so it is refused. Adam's ``epochs`` may grow only for
+    """EM that has finished all its restarts and re-seeding rounds does not run again: a
+    larger ``max_iter`` given to a finished run would be ignored, so it is refused (one
+    interrupted in a round continues that round with it). Adam's ``epochs`` may grow only for
     an interrupted run with a constant learning rate (a finished run returned its best
     epoch; a cosine or step schedule is laid out over the saved epochs). The finished stages
     of a hierarchical run were fitted with the saved EM settings: none of those may change."""
@@ -175,8 +176,14 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
                 f"cannot change train.sgd.epochs when resuming a run with train.sgd.schedule="
                 f"{saved.schedule!r}: the learning-rate schedule is laid out over the saved "
                 "number of epochs; resume with it, or start a new run")
-    if ("train.em.max_iter" in changed and config.train.method == "em"
-            and int(state.get("run", 0)) >= ckpt.run_config.train.em.n_init):
+    saved_em = ckpt.run_config.train.em
+    run, iteration = int(state.get("run", 0)), int(state.get("iteration", 0))
+    # Checkpoints come after EM iterations (iteration >= 1) and at the end of the fit, where
+    # run is n_init + the re-seeding rounds run and iteration 0 (or, when a round did not
+    # pay, n_init + reseed_rounds): a run past n_init mid-iteration is a re-seeding round.
+    finished = run >= saved_em.n_init and (
+        iteration == 0 or run >= saved_em.n_init + saved_em.reseed_rounds)
+    if "train.em.max_iter" in changed and config.train.method == "em" and finished:
         raise ValueError(
             "cannot change train.em.max_iter when resuming: this run's EM has finished, so "
             "it would not run again; start a new run (e.g. --config RUN/config.yaml --set "

@@ -412,6 +412,30 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
             workflow.check_resume_changes(a, b)
 
 
+@pytest.mark.parametrize("run,iteration,finished", [
+    (0, 2, False),  # mid first run
+    (1, 3, False),  # mid re-seeding round (n_init = 1): it used to be refused
+    (3, 1, False),  # mid the last round (reseed_rounds = 3)
+    (1, 0, True),  # done without rounds (no early stopping)
+    (4, 0, True),  # done after every round
+    (4, 2, True),  # done: a round did not pay (the fit stopped mid-count)
+])
+def test_max_iter_may_change_on_resume_exactly_while_em_still_runs(run, iteration, finished):
+    from types import SimpleNamespace
+
+    from mfa.run_folder import check_can_extend
+
+    saved = load_config(overrides=["train.em.n_init=1", "train.em.reseed_rounds=3"])
+    ckpt = SimpleNamespace(run_config=saved,
+                           trainer_state={"run": run, "iteration": iteration})
+    config = apply_overrides(saved, ["train.em.max_iter=60"])
+    if finished:
+        with pytest.raises(ValueError, match=r"train\.em\.max_iter.*EM has finished"):
+            check_can_extend(ckpt, config, ["train.em.max_iter"])
+    else:
+        check_can_extend(ckpt, config, ["train.em.max_iter"])
+
+
 def test_a_finished_em_run_refuses_more_iterations(em_run):
     with pytest.raises(ValueError, match=r"train\.em\.max_iter.*EM has finished"):
         workflow.train(None, resume=em_run.run_dir, overrides=["train.em.max_iter=40"],
