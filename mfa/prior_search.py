@@ -34,7 +34,7 @@ from mfa._data_stream import DataSource
 from mfa.init import floored_weights
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
-from mfa.statistics import SufficientStatistics, m_step
+from mfa.statistics import SufficientStatistics, m_steps
 
 __all__ = [
     "choose_noise_variance", "log_grid", "score_candidates", "training_variance",
@@ -90,12 +90,14 @@ def score_candidates(
                                            model.noise_variance.detach().to(dtype))
         latent_covariance = torch.cholesky_inverse(chol)
     scores = []
+    priors = [prior_for(value) for value in candidates]
+    # one loadings' solve for every candidate (they differ only in the noise update)
+    steps = m_steps(stats, model, priors, variance_floor=variance_floor,
+                    latent_covariance=latent_covariance)
     try:
-        for value in candidates:
-            prior = prior_for(value)
+        for prior in priors:
             with torch.no_grad():
-                params = m_step(stats, model, variance_floor=variance_floor,
-                                latent_covariance=latent_covariance, prior=prior)
+                params = next(steps)
                 params["weights"] = floored_weights(prior.weight_counts(stats.mass),
                                                     params["weights"].dtype)
             if not all(bool(torch.isfinite(v).all()) for v in params.values()):

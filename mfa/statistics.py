@@ -33,6 +33,7 @@ from 0 to ~6e-30 (float32) change no sum at the dtype's precision.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -359,46 +360,81 @@ def m_step(
         ``{"weights", "means", "factor_loadings", "noise_variance"}`` in the model's dtype,
         ready for :meth:`MixtureOfFactorAnalyzers.set_parameters`.
     """
+    return next(m_steps(stats, model, [prior], variance_floor=variance_floor,
+                        latent_covariance=latent_covariance))
+
+
+def m_steps(
+    stats: SufficientStatistics,
+    model: MixtureOfFactorAnalyzers,
+    priors: list[Prior | None],
+    *,
+    variance_floor: float,
+    latent_covariance: Tensor | None = None,
+) -> Iterator[dict[str, Tensor]]:
+    """:func:`m_step` under each of ``priors`` in turn (yielded one at a time, so that only
+    one parameter set is held beside the shared work), the same values as one call each,
+    with the loadings' solve (``O(K·D·L²)``, the bulk of the work) done once for the priors
+    that share a loading ridge: the noise prior's ``s₀`` and strength and the weights'
+    Dirichlet enter only the noise and weight updates (the noise-prior search scores many
+    ``s₀`` against one pass's statistics)."""
+    solved: dict[float, tuple] = {}
+    for prior in priors:
+        if prior is not None and prior.is_flat:
+            prior = None
+        ridge = prior.loading_ridge if prior is not None and prior.has_loading_prior else 0.0
+        if ridge not in solved:
+            solved[ridge] = _solve_loadings(stats, model, ridge, latent_covariance)
+        yield _finish_m_step(stats, model, prior, variance_floor, *solved[ridge])
+
+
+def _solve_loadings(stats: SufficientStatistics, model: MixtureOfFactorAnalyzers,
+                    loading_ridge: float, latent_covariance: Tensor | None) -> tuple:
+    """The part of :func:`m_step` shared by every noise prior: ``(means_c [K, D], loadings
+    [K, D, L], scatter [K, D] or None, bad [K])`` (``scatter``: ``Σ r x² − Ã ⊙ Σ r x E[z̃]ᵀ``)."""
     dtype = stats.mass.dtype
-    k, d, n_lat = model.n_components, model.n_features, model.n_factors
-    if prior is not None and prior.is_flat:
-        prior = None
+    k, n_lat = model.n_components, model.n_factors
     mass = stats.mass  # [K]
     safe = mass.clamp_min(torch.finfo(dtype).tiny ** 0.5)
-    if n_lat:
-        if latent_covariance is None:
-            chol = linalg.capacitance_cholesky(
-                model.factor_loadings.detach().to(dtype), model.noise_variance.detach().to(dtype)
-            )
-            latent_covariance = torch.cholesky_inverse(chol)
-        cov = latent_covariance.detach().to(dtype)
-        ezz = stats.sum_zz + mass.view(k, 1, 1) * cov  # [K, L, L]
-        aug = torch.zeros(k, n_lat + 1, n_lat + 1, dtype=dtype, device=mass.device)
-        aug[:, :n_lat, :n_lat] = ezz
-        aug[:, :n_lat, n_lat] = stats.sum_z
-        aug[:, n_lat, :n_lat] = stats.sum_z
-        aug[:, n_lat, n_lat] = mass
-        if prior is not None and prior.has_loading_prior:
-            # The ridge prior on the loading rows: λ on the loadings' block, not on μ's.
-            aug[:, :n_lat, :n_lat] += prior.loading_ridge * torch.eye(
-                n_lat, dtype=dtype, device=mass.device
-            )
-        sum_xzt = torch.cat([stats.sum_xz, stats.sum_x.unsqueeze(-1)], dim=-1)  # [K, D, L+1]
-        # Ã_newᵀ = (Σ r E[z̃z̃ᵀ])⁻¹ (Σ r E[z̃] xᵀ): a symmetric positive-definite solve. A tiny
-        # ridge keeps it defined for components with (almost) no mass.
-        ridge = 1e-10 * aug.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-30)
-        aug = aug + ridge.view(k, 1, 1) * torch.eye(n_lat + 1, dtype=dtype, device=mass.device)
-        chol_aug, info = torch.linalg.cholesky_ex(aug)
-        solved = torch.cholesky_solve(sum_xzt.mT, chol_aug).mT  # [K, D, L+1]
-        loadings = solved[..., :n_lat]
-        means_c = solved[..., n_lat]
-        scatter = stats.sum_x2 - (solved * sum_xzt).sum(-1)  # [K, D]
-        bad = info != 0
-    else:
-        means_c = stats.sum_x / safe.unsqueeze(-1)
-        loadings = stats.sum_xz
-        scatter = None
-        bad = torch.zeros(k, dtype=torch.bool, device=mass.device)
+    if not n_lat:
+        return (stats.sum_x / safe.unsqueeze(-1), stats.sum_xz, None,
+                torch.zeros(k, dtype=torch.bool, device=mass.device))
+    if latent_covariance is None:
+        chol = linalg.capacitance_cholesky(
+            model.factor_loadings.detach().to(dtype), model.noise_variance.detach().to(dtype)
+        )
+        latent_covariance = torch.cholesky_inverse(chol)
+    cov = latent_covariance.detach().to(dtype)
+    ezz = stats.sum_zz + mass.view(k, 1, 1) * cov  # [K, L, L]
+    aug = torch.zeros(k, n_lat + 1, n_lat + 1, dtype=dtype, device=mass.device)
+    aug[:, :n_lat, :n_lat] = ezz
+    aug[:, :n_lat, n_lat] = stats.sum_z
+    aug[:, n_lat, :n_lat] = stats.sum_z
+    aug[:, n_lat, n_lat] = mass
+    if loading_ridge:
+        # The ridge prior on the loading rows: λ on the loadings' block, not on μ's.
+        aug[:, :n_lat, :n_lat] += loading_ridge * torch.eye(
+            n_lat, dtype=dtype, device=mass.device
+        )
+    sum_xzt = torch.cat([stats.sum_xz, stats.sum_x.unsqueeze(-1)], dim=-1)  # [K, D, L+1]
+    # Ã_newᵀ = (Σ r E[z̃z̃ᵀ])⁻¹ (Σ r E[z̃] xᵀ): a symmetric positive-definite solve. A tiny
+    # ridge keeps it defined for components with (almost) no mass.
+    ridge = 1e-10 * aug.diagonal(dim1=-2, dim2=-1).abs().amax(-1).clamp_min(1e-30)
+    aug = aug + ridge.view(k, 1, 1) * torch.eye(n_lat + 1, dtype=dtype, device=mass.device)
+    chol_aug, info = torch.linalg.cholesky_ex(aug)
+    solved = torch.cholesky_solve(sum_xzt.mT, chol_aug).mT  # [K, D, L+1]
+    scatter = stats.sum_x2 - (solved * sum_xzt).sum(-1)  # [K, D]
+    return solved[..., n_lat], solved[..., :n_lat], scatter, info != 0
+
+
+def _finish_m_step(stats: SufficientStatistics, model: MixtureOfFactorAnalyzers,
+                   prior: Prior | None, variance_floor: float, means_c: Tensor,
+                   loadings: Tensor, scatter: Tensor | None, bad: Tensor) -> dict[str, Tensor]:
+    """The noise and weight updates of :func:`m_step` given :func:`_solve_loadings`."""
+    dtype = stats.mass.dtype
+    k, d, n_lat = model.n_components, model.n_features, model.n_factors
+    mass = stats.mass  # [K]
+    safe = mass.clamp_min(torch.finfo(dtype).tiny ** 0.5)
     if prior is None:
         if scatter is not None:
             noise = scatter / safe.unsqueeze(-1)

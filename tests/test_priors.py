@@ -652,3 +652,24 @@ def test_resume_across_a_repeated_search_is_exact(overfit, monkeypatch, stop_off
 def test_new_em_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=rf"^EMConfig\.{field} .*got {re.escape(repr(value))}"):
         EMTrainer(EMConfig(**{field: value}))
+
+
+@pytest.mark.parametrize("noise,lat", [("diagonal", 3), ("isotropic", 2), ("diagonal", 0)])
+def test_m_steps_share_the_solve_and_equal_one_m_step_each(noise, lat):
+    """The search's batched M-steps (one loadings' solve per loading ridge) give bit for bit
+    what one m_step per prior gives: noise priors of several s₀ and strengths, a weight
+    prior, loading ridges, a flat prior and none."""
+    from mfa.statistics import m_steps
+
+    model = random_model(4, 7, lat, noise, seed=61)
+    x = random_data(300, model, seed=62)
+    stats = _stats(model, x)
+    priors = [Prior(1.0, 1e-3), Prior(1.0, 3e-2), Prior(16.0, 1e-3), None,
+              Prior(1.0, 1e-3, 2.0, 0.0), Prior(1.0, 1e-3, 1.0, 0.5), Prior(0.0, 0.7, 1.0, 0.0),
+              Prior(2.0, 1e-2, 1.0, 0.5)]
+    together = list(m_steps(stats, model, priors, variance_floor=1e-9))
+    for prior, got in zip(priors, together, strict=True):
+        want = m_step(stats, model, variance_floor=1e-9, prior=prior)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (prior, name)
+    assert not torch.equal(together[0]["noise_variance"], together[1]["noise_variance"])
