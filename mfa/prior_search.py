@@ -139,9 +139,10 @@ def choose_noise_variance(
     that stint does not beat the best validation score.
 
     With ``near`` (a warm start: the best value of a similar problem), the coarse pass is
-    that value and a decade either side, widened a decade at a time while an end scores best,
-    then the same halving steps: about 7 passes instead of 11 when the best lies within a
-    decade of ``near``, and the grid's best under the same unimodality.
+    that value and half a decade either side, widened a decade at a time while an end scores
+    best, then the same halving steps: 5 passes instead of 11 when the best lies within half
+    a decade of ``near`` (7 before 2026-12: a decade either side), and the grid's best under
+    the same unimodality.
 
     Args:
         model, stats: the current model and the statistics of its E-step.
@@ -186,10 +187,11 @@ def choose_noise_variance(
     else:
         if near is None:
             score([*range(0, len(grid), per_decade), len(grid) - 1])
-        else:  # a decade either side of the warm start, widened while an end is best
-            centre = nearest(near)
-            low, high = max(centre - per_decade, 0), min(centre + per_decade, len(grid) - 1)
+        else:  # half a decade either side of the warm start, widened while an end is best
+            centre, half = nearest(near), max(1, per_decade // 2)
+            low, high = max(centre - half, 0), min(centre + half, len(grid) - 1)
             score([low, centre, high])
+            spacing = half
             while True:
                 top = best_of(scored)
                 if top == low > 0:
@@ -198,9 +200,10 @@ def choose_noise_variance(
                     high = min(high + per_decade, len(grid) - 1)
                 else:
                     break
+                spacing = per_decade  # a decade at a time once the best lies further out
                 score([low, high])
         best = best_of(scored)
-        step = (per_decade + 1) // 2
+        step = (per_decade + 1) // 2 if near is None else (spacing + 1) // 2
         while step:
             score([best - step, best + step])
             best = best_of([best - step, best, best + step])

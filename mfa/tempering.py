@@ -18,8 +18,8 @@ when its validation log-likelihood beats the fit's by more than :data:`MARGIN` s
 errors of the paired per-row gain (the 40 to 70 candidates were chosen on those rows too).
 The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8`` scored
 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: three
-to seven passes over the training rows (each about the price of an E-step) and about
-seven validation passes a temperature and strength.
+to seven passes over the training rows (each about the price of an E-step) and
+five to seven validation passes a temperature and strength.
 
 Why: with few rows per component, EM's responsibilities (near 0 or 1) let each component
 fit its own rows' pixels to the noise floor, and the noise prior that prevents this also
