@@ -84,13 +84,21 @@ def cmd_sample(args) -> int:
     from mfa.workflow import resolve_checkpoint, sample
 
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    shape = (ckpt.metrics or {}).get("image_shape") or args.image_shape
+    recorded = (ckpt.metrics or {}).get("image_shape")
+    if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
+        raise SystemExit(f"error: --image-shape {' '.join(map(str, args.image_shape))} "
+                         f"differs from the run's image shape {' '.join(map(str, recorded))}")
+    if args.per_component and args.n is not None:
+        raise SystemExit("error: -n and --per-component exclude each other: --per-component "
+                         "draws --nrow samples of every component")
+    shape = recorded or args.image_shape
     if shape is None:
         raise SystemExit("error: the checkpoint does not record an image shape; pass "
                          "--image-shape C H W")
     out = Path(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
-    sample(ckpt.model, shape, out, n=args.n, nrow=args.nrow, seed=args.seed, scale=args.scale,
-           per_component=args.per_component, with_noise=not args.no_noise)
+    sample(ckpt.model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
+           seed=args.seed, scale=args.scale, per_component=args.per_component,
+           with_noise=not args.no_noise)
     print(out)
     return 0
 
@@ -130,6 +138,8 @@ def cmd_evaluate(args) -> int:
     _, config, _ = _load_run(args.checkpoint, args.set)
     if args.against_set and not args.outliers_against:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
+    if args.outlier_scores is not None and not args.outliers_against:
+        raise SystemExit("error: --outlier-scores needs --outliers-against DATASET")
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                       config=config, seed=args.seed, outliers_against=args.outliers_against,
                       against_overrides=args.against_set,
@@ -167,7 +177,11 @@ def cmd_visualize(args) -> int:
     from mfa.workflow import resolve_checkpoint, visualize
 
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    shape = (ckpt.metrics or {}).get("image_shape") or args.image_shape
+    recorded = (ckpt.metrics or {}).get("image_shape")
+    if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
+        raise SystemExit(f"error: --image-shape {' '.join(map(str, args.image_shape))} "
+                         f"differs from the run's image shape {' '.join(map(str, recorded))}")
+    shape = recorded or args.image_shape
     if shape is None:
         raise SystemExit("error: pass --image-shape C H W")
     comps = args.components or list(range(min(4, ckpt.model.n_components)))
@@ -251,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="a grid of samples as PNG")
     with_run(p, needs_data=False)
-    p.add_argument("-n", type=positive_int, default=64, help="samples")
+    p.add_argument("-n", type=positive_int, help="samples (default 64)")
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--per-component", action="store_true",
                    help="one row of --nrow samples per component, by weight")
@@ -335,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        hint = (" (a run keeps its last checkpoint: continue with `mfa train --resume RUN`)"
+                if args.func is cmd_train else "")
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as err:
         # A FloatingPointError (Adam or EM diverged) or a RuntimeError from torch (e.g. out
         # of memory) is the user's to act on, like a bad value: its message, no traceback

@@ -446,7 +446,7 @@ def load_config(
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
         except UnicodeDecodeError as error:
             raise ValueError(f"config file {path} is not UTF-8 YAML text (byte {error.start} "
                              f"is {error.object[error.start:error.start + 1]!r})") from None
@@ -457,12 +457,35 @@ def load_config(
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping at the top level, "
                              f"got {type(data).__name__}")
-    data = _apply_overrides(data, overrides)
+    merged = _apply_overrides(data, overrides)
     try:
-        return config_from_dict(data)
+        return config_from_dict(merged)
     except ValueError as error:
         where = f"config file {path}" if path is not None else "config"
+        if overrides and path is not None:
+            try:  # the file alone is valid: the fault is in the overrides
+                config_from_dict(data)
+                where = f"the overrides (--set) of config file {path}"
+            except ValueError:
+                pass
         raise ValueError(f"{where}: {error}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last
+    silently: a second ``model:`` section would drop the first's values)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:

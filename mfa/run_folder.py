@@ -127,6 +127,8 @@ def resume_checkpoint(resume: str | Path) -> Path:
     """The checkpoint a resumed run continues: a run folder's ``checkpoint.pt``. A checkpoint
     file of another name is refused: resuming writes ``checkpoint.pt``, metrics and figures
     into its folder, which is then not its run's."""
+    if not Path(resume).exists():
+        raise FileNotFoundError(f"--resume: {resume} does not exist")
     path = resolve_checkpoint(resume)
     if path.name != CHECKPOINT_NAME:
         raise ValueError(
@@ -183,6 +185,12 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     # pay, n_init + reseed_rounds): a run past n_init mid-iteration is a re-seeding round.
     finished = run >= saved_em.n_init and (
         iteration == 0 or run >= saved_em.n_init + saved_em.reseed_rounds)
+    done = int(state.get("iteration", 0))
+    if ("train.em.max_iter" in changed and config.train.method == "em" and not finished
+            and config.train.em.max_iter < done):
+        raise ValueError(
+            f"cannot lower train.em.max_iter to {config.train.em.max_iter} when resuming: "
+            f"this run's EM has already done {done} iterations of its restart")
     if "train.em.max_iter" in changed and config.train.method == "em" and finished:
         raise ValueError(
             "cannot change train.em.max_iter when resuming: this run's EM has finished, so "

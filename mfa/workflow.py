@@ -167,8 +167,10 @@ def train(
         raise ValueError("train needs a config, or a run to resume")
     restart = unstarted_run(resume) if resume is not None else None
     if restart is not None:  # killed before its first checkpoint: start it over there
-        config = config if config is not None else load_config(restart / "config.yaml")
-        resume = None
+        saved = load_config(restart / "config.yaml")
+        config = apply_overrides(saved if config is None else config, overrides)
+        overrides, resume = (), None
+        check_resume_changes(saved, config)  # the same rules as any resume
     if resume is not None:
         ckpt_path = resume_checkpoint(resume)
         ckpt = load_checkpoint(ckpt_path)

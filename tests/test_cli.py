@@ -276,7 +276,8 @@ def test_train_resume_of_a_finished_run_changes_nothing(run_dir, tmp_path):
                                    ["--per-component", "--no-noise"]])
 def test_sample(run_dir, tmp_path, flags):
     out = tmp_path / "s.png"
-    code, stdout, stderr = run_cli("sample", run_dir, "-n", 6, "--nrow", 4, "--scale", 1,
+    count = [] if "--per-component" in flags else ["-n", 6]  # -n with it is refused
+    code, stdout, stderr = run_cli("sample", run_dir, *count, "--nrow", 4, "--scale", 1,
                                    "--seed", 3, "-o", out, *flags)
     assert code == 0, stderr
     assert stdout.strip() == str(out)
@@ -286,9 +287,25 @@ def test_sample(run_dir, tmp_path, flags):
     assert image.mode == "L"
     # The same seed draws the same images.
     again = tmp_path / "again.png"
-    assert run_cli("sample", run_dir, "-n", 6, "--nrow", 4, "--scale", 1, "--seed", 3,
+    assert run_cli("sample", run_dir, *count, "--nrow", 4, "--scale", 1, "--seed", 3,
                    "-o", again, *flags)[0] == 0
     assert open_png(again).tobytes() == image.tobytes()
+
+
+def test_sample_refuses_flags_it_would_ignore(run_dir, tmp_path):
+    """-n with --per-component (which draws --nrow a component) and an --image-shape other
+    than the run's were silently ignored; both are refused, naming the conflict."""
+    code, _, stderr = run_cli("sample", run_dir, "-n", 10, "--per-component",
+                              "-o", tmp_path / "a.png")
+    assert code != 0 and "-n and --per-component exclude each other" in stderr
+    code, _, stderr = run_cli("sample", run_dir, "--image-shape", 1, 14, 56,
+                              "-o", tmp_path / "b.png")
+    assert code != 0 and "differs from the run's image shape 1 28 28" in stderr
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "b.png").exists()
+    code, _, stderr = run_cli("evaluate", run_dir, "--outlier-scores", "neg_log_prob")
+    assert code != 0 and "--outlier-scores needs --outliers-against" in stderr
+    code, _, stderr = run_cli("train", "--resume", tmp_path / "no-such-run")
+    assert code != 0 and "no-such-run does not exist" in stderr
 
 
 def test_sample_without_noise_differs_and_defaults_to_the_run_folder(run_dir, tmp_path):
@@ -826,3 +843,16 @@ def test_the_default_config_ships_inside_the_package():
     assert any(fnmatch.fnmatch(relative, p) for p in patterns)
     config = load_config(cli.DEFAULT_CONFIG)
     assert config.model.n_components == 20 and config.data.dequantize
+
+
+def test_ctrl_c_ends_with_a_resume_hint_not_a_traceback(monkeypatch):
+    """Ctrl-C during `mfa train` printed a 30-frame traceback; it prints where to go on and
+    exits with 130, as shells expect of SIGINT."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    code, _, stderr = run_cli("train")
+    assert code == 130
+    assert "interrupted" in stderr and "mfa train --resume RUN" in stderr
+    assert "Traceback" not in stderr

@@ -412,6 +412,21 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
             workflow.check_resume_changes(a, b)
 
 
+def test_max_iter_below_the_iterations_done_is_refused_on_resume():
+    from types import SimpleNamespace
+
+    from mfa.run_folder import check_can_extend
+
+    saved = load_config(overrides=["train.em.n_init=1"])
+    ckpt = SimpleNamespace(run_config=saved, trainer_state={"run": 0, "iteration": 7})
+    with pytest.raises(ValueError, match=r"cannot lower train\.em\.max_iter to 2 .* already "
+                                         r"done 7 iterations"):
+        check_can_extend(ckpt, apply_overrides(saved, ["train.em.max_iter=2"]),
+                         ["train.em.max_iter"])
+    check_can_extend(ckpt, apply_overrides(saved, ["train.em.max_iter=7"]),
+                     ["train.em.max_iter"])
+
+
 @pytest.mark.parametrize("run,iteration,finished", [
     (0, 2, False),  # mid first run
     (1, 3, False),  # mid re-seeding round (n_init = 1): it used to be refused
@@ -551,6 +566,14 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(em_ru
     assert resumed.metrics["test_log_likelihood"] == em_run.metrics["test_log_likelihood"]
     log = (run_dir / "train.log").read_text()
     assert log.startswith("started") and "starting the run over from its config" in log
+    # the same rules as any resume: a change to what the run computes, or to where it
+    # lives, is refused
+    other = out_dir / "killed-early-2"
+    other.mkdir()
+    save_config(make_config(out_dir, "killed-early-2"), other / "config.yaml")
+    for change in ("model.n_components=4", f"output.dir={out_dir / 'elsewhere'}"):
+        with pytest.raises(ValueError, match=change.split("=")[0].replace(".", r"\.")):
+            workflow.train(None, resume=other, overrides=[change], figures=False)
     # a new run under that name is refused with a message that says what to do
     with pytest.raises(FileExistsError, match=r"already exists: choose another output\.name, "
                                               r"remove it, or continue it with `mfa train "
