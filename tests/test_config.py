@@ -458,3 +458,21 @@ def test_hierarchical_errors_name_the_key(override, match):
     with pytest.raises(ValueError, match=match) as caught:
         load_config(overrides=[override])
     assert "HierarchicalConfig" not in str(caught.value)
+
+
+def test_a_key_given_twice_is_refused_and_override_errors_name_the_overrides(tmp_path):
+    """PyYAML keeps a repeated key's last value: a second `model:` section silently dropped
+    the first's n_components. And an unknown --set key was blamed on the config file."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  n_components: 3\ntrain:\n  method: em\nmodel:\n  n_factors: 2\n")
+    with pytest.raises(ValueError, match=r"found the key 'model' twice \(first on line 1\)"):
+        load_config(path)
+    good = tmp_path / "good.yaml"
+    good.write_text("model:\n  n_components: 3\n")
+    with pytest.raises(ValueError, match=r"^the overrides \(--set\) of config file .*good\.yaml: "
+                                         r"unknown config key 'model\.n_component'"):
+        load_config(good, ["model.n_component=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_component: 3\n")
+    with pytest.raises(ValueError, match=r"^config file .*bad\.yaml: unknown config key"):
+        load_config(bad, ["model.n_factors=2"])
