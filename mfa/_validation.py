@@ -138,10 +138,14 @@ def check_real_field(
     value = getattr(config, name)
     if value is None and allow_none:
         return
-    ok = (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        and (value > minimum if strict else value >= minimum) and value < maximum
-    )
+    try:  # (math.isfinite of an int beyond float's range raises OverflowError)
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value > minimum if strict else value >= minimum) and value < maximum
+        )
+    except OverflowError:
+        ok = False
     if not ok:
         bound = f"> {minimum}" if strict else f">= {minimum}"
         if maximum < math.inf:
@@ -170,6 +174,8 @@ def check_device_field(config: object, name: str = "device") -> None:
     if value is None:
         return
     try:
+        if not isinstance(value, (str, torch.device)):  # torch.device(5) is cuda:5
+            raise TypeError(value)
         torch.device(value)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(

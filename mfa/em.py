@@ -268,6 +268,7 @@ class EMTrainer:
         self.selection_seconds = 0.0 if ctx.search else None
         if self._resume is not None:
             state, self._resume = self._resume, None
+            self.history = state.records_up_to(self.history)  # later ones come again
         else:
             self.history = []
             state = RunState()
@@ -409,9 +410,8 @@ class EMTrainer:
                                   objective=objective, prior=prior, early_stop=stopped)
             # Checkpoint before the callbacks, so a callback that stops the fit keeps this
             # iteration.
-            if ctx.checkpoint_fn is not None and cfg.checkpoint_every and (
-                (it + 1) % cfg.checkpoint_every == 0
-            ):
+            if (ctx.checkpoint_fn is not None and cfg.checkpoint_every
+                    and (it + 1) % cfg.checkpoint_every == 0):
                 ctx.checkpoint_fn(self, model)
             for callback in ctx.callbacks:
                 callback(self, model, record)

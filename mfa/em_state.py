@@ -156,6 +156,12 @@ class RunState:
             selected_noise_prior_variance=state.get("selected_noise_prior_variance"),
         )
 
+    def records_up_to(self, history: list[dict]) -> list[dict]:
+        """The ``history`` records up to this state's iteration of its restart: a state saved
+        in a callback of the iteration that converged (or found no stronger prior) stands
+        before that iteration, whose record the resumed fit writes again."""
+        return [r for r in history if (r["run"], r["iteration"]) <= (self.run, self.iteration)]
+
     def start_restart(self) -> None:
         """Forget what belongs to the restart that ended (or has not begun)."""
         self.iteration, self.previous_log_likelihood, self.generator = 0, None, None

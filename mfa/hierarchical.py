@@ -385,8 +385,8 @@ class HierarchicalTrainer:
                     trainer = self._em(cfg.child_em, seed)
                     try:
                         trainer.fit(child, _rows(data, index))
-                    except FloatingPointError as error:
-                        raise FloatingPointError(
+                    except (FloatingPointError, ValueError) as error:
+                        raise type(error)(
                             f"child of root component {k} ({rows_k} rows, {n_k} components): "
                             f"{error}") from error
                     logger.info("child %d/%d: %d rows, %d components", k + 1,

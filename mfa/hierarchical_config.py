@@ -87,8 +87,10 @@ def child_components(rows: int, config: HierarchicalConfig) -> int:
     """How many components the child of a root component with ``rows`` rows gets.
 
     ``0`` means *keep the root component as it is* (``rows < min_child_rows``); otherwise
-    ``min(rows, clamp(rows // rows_per_component, min_child_components,
-    max_child_components))`` — never more components than rows.
+    ``min(rows', clamp(rows // rows_per_component, min_child_components,
+    max_child_components))`` — never more components than the child's EM trains on:
+    ``rows'`` is ``rows`` less the validation rows that EM holds out (``child_em.val_fraction``
+    when its automatic noise prior or early stopping needs them).
     """
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"rows must be an int >= 0, got {rows!r}")
@@ -98,7 +100,12 @@ def child_components(rows: int, config: HierarchicalConfig) -> int:
         return 0
     n = min(max(rows // config.rows_per_component, config.min_child_components),
             config.max_child_components)
-    return min(n, rows)
+    em = config.child_em
+    held = 0
+    if (em.noise_prior_variance == "auto" and em.noise_prior_strength > 0) or em.patience:
+        held = int(round(rows * em.val_fraction))  # as mfa.training.hold_out
+        held = 0 if held == rows else held
+    return max(1, min(n, rows - held))
 
 
 def total_components(counts: Tensor | Sequence[int], config: HierarchicalConfig) -> int:

@@ -870,3 +870,35 @@ def test_a_dataset_initialises_from_the_same_seeded_subset_as_a_tensor():
     for name, value in fits[0].state_dict().items():
         torch.testing.assert_close(fits[1].state_dict()[name], value, rtol=1e-9, atol=1e-9)
     assert (fits[1].weights - 1 / 3).abs().max() < 0.02  # every cluster found
+
+
+def test_resume_from_the_callback_of_the_converged_iteration_writes_its_record_once():
+    """The iteration that converges records itself and runs the callbacks without an M-step;
+    a state saved there stood before it, so the resumed fit redid it and the history held
+    its final record twice. The history now matches the uninterrupted fit's."""
+    x = load_dataset("embedded-mnist", dequantize=True, seed=0).as_float("train")[:600].double()
+    config = dict(max_iter=30, tol=0.5, patience=0, noise_prior_variance=1e-3,
+                  reseed_rounds=0, tempered_step=False, progress=False, seed=2)
+
+    def fresh():
+        return MixtureOfFactorAnalyzers(3, x.shape[1], 2, dtype=torch.float64)
+
+    whole = EMTrainer(EMConfig(**config))
+    whole.fit(fresh(), x)
+    assert whole.history[-1]["final"] and len(whole.history) >= 3
+    saved = {}
+
+    def stop_at_the_final_record(trainer, model, record):
+        if record["final"]:
+            saved["trainer"], saved["model"] = trainer.state_dict(), model.state_dict()
+            raise KeyboardInterrupt
+
+    model = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        EMTrainer(EMConfig(**config)).fit(model, x, callbacks=[stop_at_the_final_record])
+    resumed, again = EMTrainer(EMConfig(**config)), fresh()
+    resumed.load_state_dict(saved["trainer"])
+    again.load_state_dict(saved["model"])
+    resumed.fit(again, x)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in whole.history]

@@ -124,6 +124,16 @@ def test_child_component_rule():
     assert child_components(10_000, cfg) == 5  # clamped down
     assert child_components(1, config(rows_per_component=1, min_child_components=3,
                                       min_child_rows=1)) == 1  # never more than the rows
+    # never more than the rows the child's EM trains on: with the default (automatic) noise
+    # prior it holds out val_fraction of them (49 rows, 5 held out: 44); without, all 49
+    from mfa.em import EMConfig
+    holds = config(rows_per_component=1, min_child_components=60, max_child_components=60,
+                   min_child_rows=10, child_em=EMConfig(progress=False))
+    assert child_components(49, holds) == 44
+    keeps = config(rows_per_component=1, min_child_components=60, max_child_components=60,
+                   min_child_rows=10, child_em=EMConfig(progress=False, patience=0,
+                                                        noise_prior_variance=1e-3))
+    assert child_components(49, keeps) == 49
     default = config(rows_per_component=100)  # min_child_rows None: rows_per_component
     assert child_components(99, default) == 0 and child_components(100, default) == 1
     assert total_components([0, 250, 10_000], cfg) == 1 + 2 + 5

@@ -1,6 +1,7 @@
 """The finite checks of mfa._validation: the sum shortcut never changes the answer."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -45,3 +46,17 @@ def test_a_single_bad_entry_in_a_large_tensor_is_found():
 
 def test_integer_tensors_are_finite():
     assert all_finite(torch.arange(5)) and all_not_nan(torch.arange(5))
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: __import__("mfa").EMConfig(tol=10**400), "EMConfig.tol"),
+    (lambda: __import__("mfa").EMConfig(noise_prior_variance=10**400),
+     "EMConfig.noise_prior_variance"),
+    (lambda: __import__("mfa").SGDConfig(lr=10**400), "SGDConfig.lr"),
+    (lambda: __import__("mfa").EMConfig(device=5), "EMConfig.device"),
+])
+def test_config_fields_refuse_huge_ints_and_non_string_devices(make, field):
+    """An int beyond float's range raised a bare OverflowError, and device=5 passed (torch
+    reads it as cuda:5) to fail later naming no field; both name the field now."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)} must be"):
+        make().validate()
