@@ -27,11 +27,33 @@ def _load_run(checkpoint: str, overrides: list[str]):
     from mfa.config import apply_overrides
     from mfa.workflow import load_data, resolve_checkpoint
 
+    _data_only(overrides, "--set")
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     if ckpt.run_config is None:
         raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")
     config = apply_overrides(ckpt.run_config, overrides) if overrides else ckpt.run_config
-    return ckpt, config, load_data
+
+    def load(config):
+        data = load_data(config)
+        if data.n_features != ckpt.model.n_features:
+            changed = [o for o in overrides if o.startswith("data.")]
+            raise SystemExit(
+                f"error: the data ({data.name}, image shape {tuple(data.image_shape)}) has "
+                f"{data.n_features} features but the run's model has "
+                f"{ckpt.model.n_features}" + (f" (check {', '.join(changed)})" if changed
+                                              else ""))
+        return data
+
+    return ckpt, config, load
+
+
+def _data_only(overrides: list[str] | None, flag: str) -> None:
+    """Commands that use a trained run read only its data settings: refuse other keys (they
+    would be accepted and ignored)."""
+    other = [o for o in overrides or [] if not o.strip().startswith("data.")]
+    if other:
+        raise SystemExit(f"error: {flag} takes data.* settings only here (the trained model "
+                         f"is used as it is), got {', '.join(other)}")
 
 
 def _default_out(checkpoint: str, name: str) -> Path:
@@ -136,6 +158,7 @@ def cmd_evaluate(args) -> int:
     from mfa.workflow import evaluate
 
     _, config, _ = _load_run(args.checkpoint, args.set)
+    _data_only(args.against_set, "--against-set")
     if args.against_set and not args.outliers_against:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
     if args.outlier_scores is not None and not args.outliers_against:

@@ -465,6 +465,10 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
         raise ValueError(f"{checkpoint} holds no run config: cannot tell which data to load")
     data = load_data(config)
     model = ckpt.model
+    if data.n_features != model.n_features:
+        raise ValueError(f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
+                         f"{data.n_features} features but the run's model has "
+                         f"{model.n_features}: check the data.* settings")
     empty = [split for split in splits if data.pixels(split).shape[0] == 0]
     if empty:
         raise ValueError(f"the {', '.join(empty)} split of {data.name} is empty: nothing to "

@@ -856,3 +856,18 @@ def test_ctrl_c_ends_with_a_resume_hint_not_a_traceback(monkeypatch):
     assert code == 130
     assert "interrupted" in stderr and "mfa train --resume RUN" in stderr
     assert "Traceback" not in stderr
+
+
+def test_commands_on_a_run_take_data_settings_only_and_check_the_shape(run_dir, tmp_path):
+    """inpaint/outliers/evaluate accepted (and ignored) any --set key, and a data setting that
+    changes the number of features failed deep inside with a shape error."""
+    for command in (["inpaint", run_dir, "-o", tmp_path / "i.png"],
+                    ["outliers", run_dir, "--out-dir", tmp_path],
+                    ["evaluate", run_dir]):
+        code, _, stderr = run_cli(*command, "--set", "model.n_components=50")
+        assert code != 0 and "takes data.* settings only" in stderr, command
+        code, _, stderr = run_cli(*command, "--set", "data.image_size=14")
+        assert code != 0 and "has 196 features but the run's model has 784" in stderr, command
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "fashion-mnist",
+                              "--against-set", "model.n_components=4")
+    assert code != 0 and "--against-set takes data.* settings only" in stderr
