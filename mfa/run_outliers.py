@@ -25,7 +25,8 @@ from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES, OutlierScorer, evaluate_out
 
 logger = logging.getLogger("mfa")
 
-__all__ = ["data_scale", "make_scorer", "outlier_metrics", "rank_outliers", "score_split"]
+__all__ = ["data_scale", "make_scorer", "outlier_metrics", "patch_size_for", "rank_outliers",
+           "score_split"]
 
 #: At most this many training images (a seeded subset) fit a score's background model.
 BACKGROUND_ROWS = 5000
@@ -55,8 +56,20 @@ def make_scorer(model: MixtureOfFactorAnalyzers, data: ImageData, score: str = D
             index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             index = index[:BACKGROUND_ROWS].sort().values
         train = data.dataset("train", dtype=model.dtype).rows(index).to(model.device)
+        options = {"patch_size": patch_size_for(data.image_shape)}
     return OutlierScorer.fit(model, train, score, image_shape=data.image_shape,
-                             scale=data_scale(data), seed=seed)
+                             scale=data_scale(data), seed=seed,
+                             **(options if spec.needs_background else {}))
+
+
+def patch_size_for(image_shape, preferred: int = 4) -> int:
+    """The background model's patch side for ``image_shape`` ``(C, H, W)``: ``preferred`` when
+    it divides ``H`` and ``W``, else the side nearest to it that does, the smaller on a tie
+    (3 for 15×15 images; 1 at worst: local statistics), so that every image size has a
+    background score."""
+    _, h, w = image_shape
+    sides = sorted(range(1, min(h, w) + 1), key=lambda p: (abs(p - preferred), p))
+    return next(p for p in sides if h % p == 0 and w % p == 0)
 
 
 def score_split(scorer: OutlierScorer, data: ImageData, split: str = "test") -> Tensor:

@@ -243,3 +243,22 @@ def test_score_input_errors(image_model):
         OutlierScorer(model, "complexity")
     with pytest.raises(TypeError, match="model must be a MixtureOfFactorAnalyzers"):
         OutlierScorer(object(), "neg_log_prob")
+
+
+def test_background_patch_side_fits_every_image_size():
+    """The runs' likelihood-ratio score used 4×4 patches whatever the image size, so 15×15
+    images failed (and `mfa evaluate --outliers-against` with them, which tries every
+    score): the side is now the nearest to 4 that divides H and W."""
+    from mfa.run_outliers import patch_size_for
+
+    assert [patch_size_for(s) for s in ((1, 28, 28), (3, 64, 64), (1, 15, 15), (1, 7, 7),
+                                        (1, 10, 15), (3, 32, 32))] == [4, 4, 3, 1, 5, 4]
+    shape = (1, 15, 15)
+    g = gen(71)
+    train = torch.rand(200, 225, generator=g, dtype=F64)
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.ones(1, dtype=F64), train.mean(0, keepdim=True),
+        torch.zeros(1, 225, 0, dtype=F64), train.var(0, keepdim=True) + 1e-3)
+    scorer = OutlierScorer.fit(model, train, "likelihood_ratio", image_shape=shape,
+                               patch_size=patch_size_for(shape), n_components=2, n_factors=1)
+    assert_finite(scorer(train[:5]), (5,))
