@@ -56,6 +56,19 @@ def _data_only(overrides: list[str] | None, flag: str) -> None:
                          f"is used as it is), got {', '.join(other)}")
 
 
+def _image_out(out: str) -> Path:
+    """``-o`` of a command that writes an image: refused, naming it, when it is a folder or
+    has no image suffix (PIL's error was "unknown file extension: ", after the work)."""
+    path = Path(out)
+    if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f"error: -o {out} must be an image file name ending in one of "
+                         f"{', '.join(IMAGE_SUFFIXES)}")
+    return path
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
 def _default_out(checkpoint: str, name: str) -> Path:
     path = Path(checkpoint)
     return (path if path.is_dir() else path.parent) / name
@@ -117,7 +130,7 @@ def cmd_sample(args) -> int:
     if shape is None:
         raise SystemExit("error: the checkpoint does not record an image shape; pass "
                          "--image-shape C H W")
-    out = Path(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
+    out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
     sample(ckpt.model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
            seed=args.seed, scale=args.scale, per_component=args.per_component,
            with_noise=not args.no_noise)
@@ -130,7 +143,8 @@ def cmd_inpaint(args) -> int:
 
     ckpt, config, load = _load_run(args.checkpoint, args.set)
     data = load(config)
-    out = Path(args.out) if args.out else _default_out(args.checkpoint, f"inpaint-{args.mask}.png")
+    out = (_image_out(args.out) if args.out
+           else _default_out(args.checkpoint, f"inpaint-{args.mask}.png"))
     inpaint(ckpt.model, data, out, mask=args.mask, n=args.n, n_samples=args.samples,
             split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
             fraction=args.fraction)
@@ -211,7 +225,7 @@ def cmd_visualize(args) -> int:
     bad = [c for c in comps if not 0 <= c < ckpt.model.n_components]
     if bad:
         raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
-    out = Path(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
+    out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
     visualize(ckpt.model, shape, out, components=comps, scale=args.scale,
               factor_scale=args.factor_scale)
     print(out)

@@ -85,6 +85,8 @@ def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
     at once: creation is retried with the next number if the folder appeared meanwhile.
     """
     parent = Path(config.output.dir)
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"output.dir {parent} is a file, not a folder for run folders")
     parent.mkdir(parents=True, exist_ok=True)
     if config.output.name is not None:
         run_dir = parent / config.output.name

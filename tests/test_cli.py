@@ -871,3 +871,17 @@ def test_commands_on_a_run_take_data_settings_only_and_check_the_shape(run_dir, 
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "fashion-mnist",
                               "--against-set", "model.n_components=4")
     assert code != 0 and "--against-set takes data.* settings only" in stderr
+
+
+def test_bad_output_paths_are_named(run_dir, tmp_path):
+    """-o a folder or a name without an image suffix failed with PIL's "unknown file
+    extension: "; an output.dir that is a file with a bare "[Errno 17] File exists"."""
+    for out in (tmp_path, tmp_path / "noext"):
+        code, _, stderr = run_cli("sample", run_dir, "-o", out)
+        assert code != 0 and f"-o {out} must be an image file name" in stderr
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, stderr = run_cli("train", "--set", f"output.dir={afile}", "--set",
+                              "model.n_components=2", "--no-figures")
+    assert code != 0 and f"output.dir {afile} is a file" in stderr
+    assert afile.read_text() == "mine"
