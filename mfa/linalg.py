@@ -307,13 +307,14 @@ def residual_mahalanobis(
 #: Loadings gathered per pair at a time by :func:`residual_mahalanobis` off the CPU (elements).
 GATHER_ELEMENTS = 1 << 24
 
-#: The near-top entries :func:`near_top_pairs` keeps per row when more qualify.
-REFINE_TOP = 4
-
 #: Woodbury terms ``‖C⁻¹AᵀD⁻¹(x−μ)‖²`` below this many units of the dtype's ``ε`` leave an
 #: entry as it is (float32: 840): its rounding stays below ~0.03 nats (measured on
 #: Fashion-MNIST, K = 50, L = 6, noise at 1e-6: at most 0.024 nats a row).
 CANCELLATION_TOLERANCE = 1e-4
+
+#: Components whose capacitance factor ``C`` has ``ε·(max diag C / min diag C)²`` above this
+#: keep the Woodbury form (their posterior means are not accurate enough for the residual).
+CONDITION_TOLERANCE = 1e-3
 
 
 def near_top_pairs(
@@ -327,8 +328,8 @@ def near_top_pairs(
     more where the capacitance is ill-conditioned. An entry qualifies when its estimate lies
     within ``30 + slack + 2⁸·ε·diag_quad`` nats of its row's top (``slack`` covers the
     rounding of the expanded ``diag_quad``) and ``ε·cancelled`` exceeds
-    :data:`CANCELLATION_TOLERANCE`; when more than :data:`REFINE_TOP` a row qualify on
-    average, each row keeps its :data:`REFINE_TOP` largest. On image data that is about one
+    :data:`CANCELLATION_TOLERANCE` (every such entry: keeping only the largest estimates
+    left others off by tens of nats where components are alike). On image data that is about one
     entry per row of a well-fitted model, none for rows no component explains sharply.
     Entries more than 30 nats below the top move no log-density or responsibility.
     """
@@ -338,10 +339,6 @@ def near_top_pairs(
     near = estimate >= estimate.amax(-1, keepdim=True) - window  # [n, K]
     near &= cancelled.detach() * eps > CANCELLATION_TOLERANCE
     comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
-    if rows.numel() > REFINE_TOP * near.shape[0]:  # many components alike: the top few
-        kth = estimate.topk(min(REFINE_TOP, near.shape[-1]), dim=-1).values[:, -1]  # [n]
-        top_few = estimate[rows, comps] >= kth[rows]
-        rows, comps = rows[top_few], comps[top_few]
     return rows, comps
 
 
@@ -363,6 +360,13 @@ def refine_woodbury_near_top(
     # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate
     cancelled = diag_quad.detach() - 2.0 * (log_scale.detach() - log_joint.detach())
     rows, comps = near_top_pairs(log_joint, diag_quad, cancelled, slack)
+    # Where C is ill-conditioned in this dtype, m = C⁻ᵀw errs along M's small directions
+    # by more than the Woodbury form loses (δᵀMδ): those components keep the Woodbury form.
+    diag_c = capacitance_chol.detach().diagonal(dim1=-2, dim2=-1)  # [K, L]
+    spread = (diag_c.amax(-1) / diag_c.amin(-1)) ** 2  # ≤ cond(M)
+    sound = spread * torch.finfo(xc.dtype).eps < CONDITION_TOLERANCE  # [K]
+    keep = sound[comps]
+    rows, comps = rows[keep], comps[keep]
     if rows.numel() == 0:
         return log_joint
     # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
