@@ -33,6 +33,7 @@ as a string; float fields accept such strings, so ``train.em.tol=1e-3`` works.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -463,11 +464,9 @@ def load_config(
     except ValueError as error:
         where = f"config file {path}" if path is not None else "config"
         if overrides and path is not None:
-            try:  # the file alone is valid: the fault is in the overrides
+            with contextlib.suppress(ValueError):  # the file alone is valid: the overrides
                 config_from_dict(data)
                 where = f"the overrides (--set) of config file {path}"
-            except ValueError:
-                pass
         raise ValueError(f"{where}: {error}") from None
 
 
@@ -480,10 +479,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found the key {key!r} twice (first on line {seen[key] + 1})",
-                    key_node.start_mark)
+                raise yaml.constructor.ConstructorError("while constructing a mapping",
+                    node.start_mark, f"found the key {key!r} twice (first on line "
+                    f"{seen[key] + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
