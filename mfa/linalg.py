@@ -269,12 +269,12 @@ def residual_mahalanobis(
     Returns:
         Shape ``[P]``.
     """
-    coefficients = torch.cat([posterior, torch.ones_like(posterior[:, :1])], 1)  # [m, 1]
     if grouped is None:
         grouped = rows.device.type == "cpu"
     inplace = not torch.is_grad_enabled()  # rows is the caller's copy
     left = []
     if grouped:  # one product per component: few, large operations (CPUs)
+        coefficients = torch.cat([posterior, torch.ones_like(posterior[:, :1])], 1)  # [m, 1]
         bounds = comps.unique_consecutive(return_counts=True)
         start = 0
         for k, count in zip(*(t.tolist() for t in bounds), strict=True):
