@@ -80,6 +80,11 @@ def conditional_components(
     a_o, a_h = loadings[:, obs], loadings[:, hid]  # [K, |o|, L], [K, |h|, L]
     if not loadings.shape[-1]:
         return means[:, hid], a_h
+    if obs.numel() <= loadings.shape[-1] and loadings.dtype != torch.float64:
+        # Rank-deficient A_o: see the float64 note in row_posterior.
+        cond = conditional_components(means.double(), loadings.double(), noise.double(),
+                                      obs, hid, values.double())
+        return tuple(t.to(loadings.dtype) for t in cond)
     d_o = noise[:, obs]
     chol = linalg.capacitance_cholesky(a_o, d_o)  # [K, L, L]
     resid = values - means[:, obs]  # [K, |o|]
@@ -101,7 +106,8 @@ class MaskedTerms:
     [K, D], ``reference`` [D], ``mu`` [K, D] (centred), ``outer`` [D, K·L·L]
     (``A_kj A_kjᵀ / d_kj``), ``scaled`` [D, K·L] (``A/d``), ``mu_scaled`` [D, K·L]
     (``A μ / d``). ``outer`` holds ``K·D·L²`` values, the largest allocation of masked
-    inference.
+    inference. ``float64``: the same terms in float64, built on first use
+    (:meth:`in_float64`).
     """
 
     log_w: Tensor
@@ -115,6 +121,16 @@ class MaskedTerms:
     scaled: Tensor | None
     mu_scaled: Tensor | None
     precise: bool
+    float64: MaskedTerms | None = None
+
+    def in_float64(self) -> MaskedTerms:
+        """These terms in float64 (themselves when already float64), built once."""
+        if self.loadings.dtype == torch.float64:
+            return self
+        if self.float64 is None:
+            self.float64 = masked_terms(self.log_w.double(), self.means.double(),
+                                        self.loadings.double(), self.noise.double())
+        return self.float64
 
     def chunk_size(self, chunk_elements: int) -> int:
         """Rows per chunk so that one chunk's intermediates hold ≲ ``chunk_elements`` values."""
@@ -205,6 +221,12 @@ def row_posterior(
     Woodbury subtraction loses tens of nats in float32 on rows their component explains well
     with noise near the quantisation level. The trainers' E-step leaves it off.
 
+    Rows with at most ``L`` observed features are computed in float64 when ``x`` is not:
+    there ``A_o`` has rank ``|o| < L`` (or is square), so ``M_o`` has eigenvalues 1 beside
+    ones of size ``A²/d``, and float32 rounding of the large ones (relative 1e-7 of 1e6 and
+    more with noise near the quantisation level) lands in the small ones' directions, which
+    ``A_h`` maps to the hidden features: conditional means off by the data's own scale.
+
     Args:
         x: ``[n, D]``, finite where observed; observed: bool ``[n, D]``.
     """
@@ -237,6 +259,14 @@ def row_posterior(
                 xc.index_select(0, rows), comps, t.mu, t.loadings, t.inv_noise,
                 latent_mean[rows, comps], mask=mask.index_select(0, rows))
             log_joint = log_joint.index_put((rows, comps), log_scale[rows, comps] - 0.5 * maha)
+    if n_lat and x.dtype != torch.float64:
+        few = (n_obs.squeeze(-1) <= n_lat).nonzero().squeeze(-1)
+        if few.numel():
+            sub = row_posterior(t.in_float64(), x.index_select(0, few).double(),
+                                observed.index_select(0, few))
+            log_joint = log_joint.index_copy(0, few, sub.log_joint.to(x.dtype))
+            latent_mean = latent_mean.index_copy(0, few, sub.latent_mean.to(x.dtype))
+            chol = chol.index_copy(0, few, sub.chol.to(x.dtype))
     check_log_densities(log_joint.detach(), t.log_w.detach(), x, t.inv_noise)
     return RowPosterior(log_joint, latent_mean, chol, t.reference)
 
@@ -252,7 +282,10 @@ def observed_log_prob(
                                        exact=True).log_joint)
         for i in range(0, x.shape[0], size)
     ]
-    return torch.cat(parts) if parts else x.new_zeros(0)
+    if not parts:
+        return x.new_zeros(0)
+    # exactly 0 where nothing is observed (the weights' logsumexp rounds to ~1e-7 in float32)
+    return torch.cat(parts).masked_fill(~observed.any(-1), 0.0)
 
 
 def conditional_mean(
