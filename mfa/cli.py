@@ -69,6 +69,26 @@ def _image_out(out: str) -> Path:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
+def _output(path: Path, args, explicit: str | None, companions: tuple[str, ...] = ()) -> Path:
+    """Where a command writes ``path`` (and ``path`` with each suffix in ``companions``):
+    ``path`` itself when nothing is there or with ``--overwrite``; else a default name moves
+    on to the first free ``<stem>-2``, ``-3``, … (a run's own figures are kept) and a path
+    the user gave (``explicit``: the option that gave it) is refused before any work."""
+
+    def taken(p: Path) -> bool:
+        return p.exists() or any(p.with_suffix(s).exists() for s in companions)
+
+    if args.overwrite or not taken(path):
+        return path
+    if explicit:
+        raise SystemExit(f"error: {path} already exists; pass --overwrite to replace it, "
+                         f"or another {explicit}")
+    i = 2
+    while taken(candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")):
+        i += 1
+    return candidate
+
+
 def _default_out(checkpoint: str, name: str) -> Path:
     path = Path(checkpoint)
     return (path if path.is_dir() else path.parent) / name
@@ -131,6 +151,7 @@ def cmd_sample(args) -> int:
         raise SystemExit("error: the checkpoint does not record an image shape; pass "
                          "--image-shape C H W")
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
+    out = _output(out, args, args.out and "-o")
     sample(ckpt.model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
            seed=args.seed, scale=args.scale, per_component=args.per_component,
            with_noise=not args.no_noise)
@@ -142,9 +163,10 @@ def cmd_inpaint(args) -> int:
     from mfa.workflow import inpaint
 
     ckpt, config, load = _load_run(args.checkpoint, args.set)
-    data = load(config)
     out = (_image_out(args.out) if args.out
            else _default_out(args.checkpoint, f"inpaint-{args.mask}.png"))
+    out = _output(out, args, args.out and "-o")
+    data = load(config)
     inpaint(ckpt.model, data, out, mask=args.mask, n=args.n, n_samples=args.samples,
             split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
             fraction=args.fraction)
@@ -156,10 +178,12 @@ def cmd_outliers(args) -> int:
     from mfa.workflow import outliers
 
     ckpt, config, load = _load_run(args.checkpoint, args.set)
-    data = load(config)
     out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
+    name = _output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
+                   companions=(".csv",)).stem
+    data = load(config)
     for path in outliers(ckpt.model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
-                         scale=args.scale, seed=args.seed, **_score(args.score)):
+                         scale=args.scale, seed=args.seed, name=name, **_score(args.score)):
         print(path)
     return 0
 
@@ -177,6 +201,13 @@ def cmd_evaluate(args) -> int:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
     if args.outlier_scores is not None and not args.outliers_against:
         raise SystemExit("error: --outlier-scores needs --outliers-against DATASET")
+    out = None
+    if args.out:  # settled (and its folder made) before the work, not after
+        out = Path(args.out)
+        named = not out.is_dir()
+        out = _output(out if named else out / "evaluation.json", args,
+                      named and "-o")
+        out.parent.mkdir(parents=True, exist_ok=True)
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                       config=config, seed=args.seed, outliers_against=args.outliers_against,
                       against_overrides=args.against_set,
@@ -184,9 +215,9 @@ def cmd_evaluate(args) -> int:
                          else {"outlier_scores": tuple(args.outlier_scores)}))
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    if out is not None:
+        out.write_text(text + "\n")
+        print(out, file=sys.stderr)
     return 0
 
 
@@ -226,6 +257,7 @@ def cmd_visualize(args) -> int:
     if bad:
         raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
+    out = _output(out, args, args.out and "-o")
     visualize(ckpt.model, shape, out, components=comps, scale=args.scale,
               factor_scale=args.factor_scale)
     print(out)
@@ -281,10 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def overwrite_flag(p):
+        p.add_argument("--overwrite", action="store_true", help="replace existing output "
+                       "files (else a default name moves on to name-2, … and -o is refused)")
+
     def with_run(p, needs_data=True):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
         p.add_argument("--seed", type=non_negative_int, default=0)
         p.add_argument("--scale", type=positive_int, default=2, help="upscaling of saved images")
+        overwrite_flag(p)
         if needs_data:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override the run's config, e.g. data.root=/data")
@@ -351,7 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outlier-scores", nargs="+", choices=SCORE_CHOICES, metavar="SCORE",
                    help="scores to evaluate with --outliers-against: %(choices)s "
                    "(default: all)")
-    p.add_argument("-o", "--out", help="also write the JSON here")
+    p.add_argument("-o", "--out", help="also write the JSON here (a file, or a folder for "
+                   "evaluation.json)")
+    overwrite_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("select", help="train one model per (K, L) and compare them: "

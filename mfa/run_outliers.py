@@ -89,9 +89,10 @@ def _log_prob(model: MixtureOfFactorAnalyzers, data: ImageData, split: str) -> T
 
 def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str | Path, *,
                   split: str = "test", n: int = 32, nrow: int = 8, scale: int = 2,
-                  score: str = DEFAULT_SCORE, seed: int = 0) -> list[Path]:
+                  score: str = DEFAULT_SCORE, seed: int = 0,
+                  name: str = "outliers") -> list[Path]:
     """Rank ``split`` by an outlier score (most outlying first): the ``n`` most outlying
-    images as a grid (``outliers.png``) and every image as ``outliers.csv`` with the columns
+    images as a grid (``<name>.png``) and every image as ``<name>.csv`` with the columns
     ``rank, index, score, log_prob, label`` (``score`` as in :mod:`mfa.outliers`, bits/dim;
     ``log_prob`` in nats). Ties keep the split's order."""
     out_dir = Path(out_dir)
@@ -103,7 +104,7 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     order = torch.argsort(scores, descending=True, stable=True)
     labels = data.labels(split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / "outliers.csv"
+    csv_path = out_dir / f"{name}.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "index", "score", "log_prob", "label"])
@@ -113,7 +114,7 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
                              label])
     worst = order[: min(n, order.numel())]
     images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
-    png = viz.save_image_grid(images, out_dir / "outliers.png", nrow, scale=scale)
+    png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale)
     logger.info("most outlying %s images by %s: %s", split, score,
                 ", ".join(f"#{i} ({scores[i].item():.3f})" for i in worst[:5].tolist()))
     return [png, csv_path]

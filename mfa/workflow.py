@@ -430,12 +430,12 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
 
 
 def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2,
-             score: str = DEFAULT_SCORE, seed: int = 0):
+             score: str = DEFAULT_SCORE, seed: int = 0, name: str = "outliers"):
     """Rank ``split`` by the outlier ``score`` (one of :data:`mfa.outliers.SCORE_NAMES`):
-    the ``n`` most outlying images as a grid (``outliers.png``, most outlying first) and every
-    score as ``outliers.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
+    the ``n`` most outlying images as a grid (``<name>.png``, most outlying first) and every
+    score as ``<name>.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
     return rank_outliers(model, data, out_dir, split=split, n=n, nrow=nrow, scale=scale,
-                         score=score, seed=seed)
+                         score=score, seed=seed, name=name)
 
 
 def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:

@@ -559,6 +559,55 @@ def test_visualize(run_dir, tmp_path):
     assert open_png(tmp_path / "all.png").size == grid_size(K * (2 + 3 * L), 2 + 3 * L)
 
 
+# ---------------------------------------------------------------------------- outputs kept
+
+
+def test_commands_keep_the_files_a_run_already_has(run_dir, tmp_path):
+    """sample, inpaint, outliers, visualize and evaluate never replace a file unasked: a
+    default name inside the run folder moves on to name-2 (the training figures stay as they
+    were), a path given with -o / --out-dir is refused before any work, --overwrite replaces."""
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for command, made in [(["sample"], ["samples-2.png"]),
+                          (["inpaint"], ["inpaint-center-2.png"]),
+                          (["visualize"], ["factors-2.png"]),
+                          (["outliers", "-n", 4], ["outliers-2.png", "outliers-2.csv"])]:
+        code, stdout, stderr = run_cli(command[0], folder, *command[1:])
+        assert code == 0, stderr
+        assert stdout.split() == [str(folder / name) for name in made]
+    code, stdout, _ = run_cli("sample", folder, "--seed", 1)
+    assert stdout.strip() == str(folder / "samples-3.png")
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
+
+    code, _, stderr = run_cli("sample", folder, "-o", folder / "samples.png")
+    assert code != 0 and "samples.png already exists; pass --overwrite" in stderr
+    code, _, stderr = run_cli("outliers", folder, "--out-dir", folder)
+    assert code != 0 and "outliers.png already exists" in stderr and "--out-dir" in stderr
+    assert (folder / "samples.png").read_bytes() == before["samples.png"]
+    code, _, stderr = run_cli("sample", folder, "-n", 4, "-o", folder / "samples.png",
+                              "--overwrite")
+    assert code == 0, stderr
+    assert open_png(folder / "samples.png").size == grid_size(4, 8, 2)
+
+
+def test_evaluate_out_takes_a_folder_and_keeps_an_existing_file(run_dir, tmp_path):
+    """-o DIR wrote nothing (IsADirectoryError after the evaluation); now it writes
+    DIR/evaluation.json, then evaluation-2.json. An existing file given as -o is refused
+    before the evaluation runs."""
+    code, stdout, stderr = run_cli("evaluate", run_dir, "-o", tmp_path)
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert result == json.loads(stdout)
+    assert run_cli("evaluate", run_dir, "-o", tmp_path)[0] == 0
+    assert json.loads((tmp_path / "evaluation-2.json").read_text()) == result
+    code, stdout, stderr = run_cli("evaluate", run_dir, "-o", tmp_path / "evaluation.json")
+    assert code != 0 and "evaluation.json already exists" in stderr and stdout == ""
+    code, _, stderr = run_cli("evaluate", run_dir, "-o", tmp_path / "evaluation.json",
+                              "--overwrite")
+    assert code == 0, stderr
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
