@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from mfa.data.names import DATASET_NAMES
+from mfa.data.names import DATASET_NAMES, normalise_name
 from mfa.masks import MASK_KINDS
 from mfa.outliers import SCORE_NAMES
 
@@ -296,6 +296,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def dataset_name(text: str) -> str:
+    """An argparse type: a dataset name or an alias that ``mfa.data.load_dataset`` takes."""
+    try:
+        return normalise_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def finite(text: str) -> float:
     """An argparse type: a finite float (nan or inf would draw a blank or saturated image)."""
     try:
@@ -379,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NDB with this many bins (0: off)")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--outliers-against", metavar="DATASET", choices=DATASET_NAMES,
+    p.add_argument("--outliers-against", metavar="DATASET", type=dataset_name,
                    help="AUROC/AUPR of every outlier score: the run's test split against "
                    f"this dataset's ({', '.join(DATASET_NAMES)}; same image shape)")
     p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",

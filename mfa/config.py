@@ -49,7 +49,7 @@ import yaml
 
 from mfa._typed import bad as _bad
 from mfa._typed import coerce
-from mfa.data.names import DATASET_NAMES, DatasetName
+from mfa.data.names import DATASET_NAMES, DatasetName, canonical_name
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_section import (
     HIERARCHY_FROM_MODEL,
@@ -78,7 +78,6 @@ __all__ = [
     "save_config",
     "validate_config",
 ]
-
 
 
 # ---------------------------------------------------------------------------- dataclasses
@@ -247,8 +246,7 @@ def _non_empty(value: Any, path: str) -> None:
         raise _bad(path, value, "must not be empty")
 
 
-_count = _at_least(0)
-_one_or_more = _at_least(1)
+_count, _one_or_more = _at_least(0), _at_least(1)
 
 
 def _seed(value: Any, path: str) -> None:
@@ -351,6 +349,8 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         key_path = f"{path}.{name}" if path else name
+        if cls is DataConfig and name == "name":  # aliases as load_dataset takes them
+            value = canonical_name(value)
         value = coerce(value, hints.get(name, Any), key_path, _from_dict)
         if name in checks:
             checks[name](value, key_path)

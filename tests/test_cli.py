@@ -591,6 +591,15 @@ def test_commands_keep_the_files_a_run_already_has(run_dir, tmp_path):
     assert open_png(folder / "samples.png").size == grid_size(4, 8, 2)
 
 
+def test_outliers_against_takes_dataset_aliases():
+    parser = cli.build_parser()
+    args = parser.parse_args(["evaluate", "run", "--outliers-against", "FMNIST"])
+    assert args.outliers_against == "fashion-mnist"
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "run", "--outliers-against", "cifar"])
+    assert "unknown dataset 'cifar'; choose one of embedded-mnist" in err.getvalue()
+
+
 def test_evaluate_out_takes_a_folder_and_keeps_an_existing_file(run_dir, tmp_path):
     """-o DIR wrote nothing (IsADirectoryError after the evaluation); now it writes
     DIR/evaluation.json, then evaluation-2.json. An existing file given as -o is refused

@@ -101,6 +101,20 @@ def test_dataset_names_match_the_loader():
         assert key in parameters, f"load_dataset has no parameter {key!r}"
 
 
+@pytest.mark.parametrize("typed,name", [("fmnist", "fashion-mnist"), ("Fashion_MNIST",
+                                         "fashion-mnist"), ("mnist5k", "embedded-mnist"),
+                                         ("ImageFolder", "folder"), ("CelebA", "celeba")])
+def test_data_name_takes_the_aliases_the_loader_takes(typed, name, tmp_path):
+    """The config refused names load_dataset accepts (``fmnist``, any case, ``_``); it
+    stores the canonical name, so the saved config and run folder name agree."""
+    from mfa.data.names import normalise_name
+
+    extra = [f"data.root={tmp_path}"] if name == "folder" else []
+    config = load_config(overrides=[f"data.name={typed}", *extra])
+    assert config.data.name == name == normalise_name(typed)
+    assert config_from_dict(config_to_dict(config)).data.name == name
+
+
 # ---------------------------------------------------------------------------- defaults, round trip
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["DATASET_NAMES", "DatasetName", "normalise_name"]
+__all__ = ["DATASET_NAMES", "DatasetName", "canonical_name", "normalise_name"]
 
 #: A dataset name accepted by :func:`mfa.data.load_dataset`.
 DatasetName = Literal["embedded-mnist", "mnist", "fashion-mnist", "svhn", "celeba", "folder"]
@@ -39,3 +39,12 @@ def normalise_name(name: object) -> str:
     if key not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     return key
+
+
+def canonical_name(name: object) -> object:
+    """:func:`normalise_name` of ``name`` where it names a dataset, else ``name`` unchanged
+    (for a caller whose own check reports the bad value, e.g. the config's typed fields)."""
+    try:
+        return normalise_name(name)
+    except (TypeError, ValueError):
+        return name
