@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 
@@ -76,8 +77,9 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
              fraction: float, seed: int, batch_size: int, *, allow_missing: bool = False):
     """``(train, validation)``: a seeded ``fraction`` of a tensor's or Dataset's rows held out
     for validation, the same rows on every process; ``(data, None)`` for any other iterable,
-    for ``fraction == 0`` or when the split would leave either side empty. Both trainers
-    hold out validation data this way when none is given.
+    for ``fraction == 0``. Both trainers hold out validation data this way when none is
+    given. A ``fraction`` that rounds to every row is refused (nothing would be left to
+    train on); one that rounds to no row warns and returns ``(data, None)``.
 
     Args:
         data: a tensor ``[N, D]`` or :class:`~mfa.data.QuantizedRows` (checked and moved as a
@@ -91,7 +93,14 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
         return data, None  # a stream (an IterableDataset has no rows to choose from)
     n = len(data)
     n_val = int(round(n * fraction))
-    if n_val == 0 or n_val == n:
+    if fraction > 0 and n and n_val == n:
+        raise ValueError(f"val_fraction={fraction} holds out all {n} rows, leaving none to "
+                         "train on; use a smaller val_fraction or pass validation data")
+    if n_val == 0:
+        if fraction > 0 and n:
+            warnings.warn(f"val_fraction={fraction} of {n} rows holds out none: fitting "
+                          "without validation data (no early stopping, no validation-chosen "
+                          "settings); pass validation data or use more rows", stacklevel=3)
         return data, None
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     if isinstance(data, QuantizedRows):

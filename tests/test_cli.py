@@ -534,7 +534,7 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     code, _, stderr = run_cli("evaluate", run_dir, "--against-set", "data.root=x")
     assert code == 1 and "--against-set needs --outliers-against" in stderr
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "imagenet")
-    assert code == 2 and "invalid choice" in stderr
+    assert code == 2 and "unknown dataset 'imagenet'" in stderr and "fashion-mnist" in stderr
     # a missing other dataset: its settings are given with --against-set, not --set
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "svhn",
                               "--against-set", f"data.root={tmp_path / 'no-svhn'}")

@@ -185,3 +185,38 @@ def test_an_iterable_dataset_trains_as_a_stream():
     SGDTrainer(SGDConfig(epochs=2, progress=False, patience=0)).fit(sgd, Rows(x),
                                                                      validation=x[:20])
     assert torch.isfinite(sgd.means).all()
+
+
+def test_hold_out_refuses_a_fraction_that_leaves_nothing_to_train_on():
+    from mfa.training import hold_out
+
+    model = random_model(2, 5, 1, seed=0)
+    x = random_data(200, model, seed=1)
+    with pytest.raises(ValueError, match=r"val_fraction=0.999 holds out all 200 rows"):
+        hold_out(x, model, 0.999, seed=0, batch_size=64)
+    with pytest.raises(ValueError, match="holds out all 200 rows"):
+        EMTrainer(EMConfig(max_iter=1, patience=1, val_fraction=0.999, progress=False)).fit(
+            model, x)
+
+
+def test_hold_out_warns_when_the_fraction_rounds_to_no_row():
+    from mfa.training import hold_out
+
+    model = random_model(2, 5, 1, seed=0)
+    x = random_data(4, model, seed=1)
+    with pytest.warns(UserWarning, match=r"val_fraction=0.1 of 4 rows holds out none"):
+        train, val = hold_out(x, model, 0.1, seed=0, batch_size=64)
+    assert val is None and train is x
+    # fraction 0 asks for no validation: no warning
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hold_out(x, model, 0.0, seed=0, batch_size=64) == (x, None)
+    # a split that leaves both sides rows is seeded and disjoint
+    x = random_data(50, model, seed=2)
+    train, val = hold_out(x, model, 0.2, seed=3, batch_size=64)
+    assert train.shape == (40, 5) and val.shape == (10, 5)
+    again, val_again = hold_out(x, model, 0.2, seed=3, batch_size=64)
+    assert torch.equal(train, again) and torch.equal(val, val_again)
+    rows = {tuple(r.tolist()) for r in torch.cat([train, val])}
+    assert len(rows) == 50
