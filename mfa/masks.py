@@ -10,6 +10,7 @@ and the command line can list the mask kinds without loading an imaging library.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,6 +65,13 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
     return grey < 128
 
 
+def _real(value: object, name: str) -> float:
+    """``value`` as a float: a real number (numpy's included), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
 def make_mask(
     kind: str,
     image_shape: Sequence[int],
@@ -114,7 +122,8 @@ def make_mask(
             raise ValueError("kind 'image' needs mask_image (a PNG path or a PIL image)")
         hidden = _load_mask_image(mask_image, h, w)
     else:  # random
-        if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+        fraction = _real(fraction, "fraction")
+        if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {fraction!r}")
         if generator is None:
             generator = torch.Generator().manual_seed(0)
@@ -151,9 +160,11 @@ def missing_mask(
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     if not isinstance(generator, torch.Generator):  # (None drew from the global generator)
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if kind == "random" and (isinstance(rate, bool) or not 0 <= rate < 1):
-        raise ValueError(f"rate must be in [0, 1), got {rate!r}: at 1 every pixel would be "
-                         "missing")
+    if kind == "random":
+        rate = _real(rate, "rate")
+        if not 0 <= rate < 1 or round(rate * h * w) >= h * w:
+            raise ValueError(f"rate must be in [0, 1) and hide fewer than all {h * w} pixels "
+                             f"of an image, got {rate!r}: every pixel would be missing")
     if kind == "none":
         return torch.ones(n, c * h * w, dtype=torch.bool)
     if kind == "random":

@@ -218,9 +218,14 @@ def batch_statistics(
 
 
 def row_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor) -> Tensor:
-    """``log p(x_o)`` of every row of ``x`` [n, D] (NaN where missing), differentiable: the
-    full log-density for complete rows, the observed-data marginal for the others → ``[n]``.
-    A row with nothing observed scores 0."""
+    """``log p(x_o)`` of every row of ``x`` ``[..., D]`` (NaN where missing), differentiable:
+    the full log-density for complete rows, the observed-data marginal for the others →
+    ``[...]``. A row with nothing observed scores 0."""
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor [..., D] with D = "
+                         f"{model.n_features}, got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dim() != 2:  # one row [D], or [..., D]: as rows [n, D], the result shaped back
+        return row_log_prob(model, x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
     observed = ~torch.isnan(x)
     incomplete = ~observed.all(-1)  # [n]
     if not bool(incomplete.any()):

@@ -76,6 +76,8 @@ def test_image_mask_black_is_hidden(tmp_path):
     [
         (("blob", (1, 4, 4), 1), {}, ValueError, r"kind must be one of .*'center'.*got 'blob'"),
         (("random", (1, 4, 4), 1), {"fraction": 1.5}, ValueError, r"fraction must be in \[0, 1\]"),
+        (("random", (1, 4, 4), 1), {"fraction": True}, TypeError, r"fraction must be a real"),
+        (("random", (1, 4, 4), 1), {"fraction": "0.5"}, TypeError, r"fraction must be a real"),
         (("image", (1, 4, 4), 1), {}, ValueError, r"needs mask_image"),
         (("image", (1, 4, 4), 1), {"mask_image": "/nonexistent/m.png"}, FileNotFoundError,
          r"m\.png does not exist"),
@@ -85,6 +87,13 @@ def test_image_mask_black_is_hidden(tmp_path):
 def test_mask_errors(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         make_mask(*args, **kwargs)
+
+
+def test_random_mask_takes_numpy_fractions():
+    np = pytest.importorskip("numpy")
+    gen = torch.Generator().manual_seed(0)
+    mask = make_mask("random", (1, 4, 4), 2, gen, fraction=np.float32(0.5))
+    assert mask.shape == (2, 16) and (~mask).sum(1).tolist() == [8, 8]
 
 
 def test_mask_kinds_are_listed():

@@ -162,6 +162,14 @@ def test_observed_log_likelihood_matches_dense_marginal(noise, n_lat):
     got = missing.row_log_prob(model, x).detach()
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert missing.evaluate(model, x) == pytest.approx(expected.mean().item(), rel=1e-12)
+    # one row [D] gives a scalar and [..., D] keeps its leading shape, NaN or not
+    for i in (0, 7):
+        one = missing.row_log_prob(model, x[i]).detach()
+        assert one.shape == () and one.item() == pytest.approx(expected[i].item(), rel=1e-10)
+    torch.testing.assert_close(missing.row_log_prob(model, x[:30].reshape(5, 6, 6)).detach(),
+                               expected[:30].reshape(5, 6), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match=r"x must be a tensor \[\.\.\., D\] with D = 6"):
+        missing.row_log_prob(model, torch.tensor(1.0, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------- EM behaviour
@@ -350,8 +358,15 @@ def test_missing_mask_kinds_are_seeded():
     with pytest.raises(ValueError, match="rate must be in"):  # (its error named `fraction`)
         missing_mask("random", shape, 2, gen(0), rate=1.5)
     # every pixel missing: refused, as a block covering the image is (and as the config does)
-    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got 1.0: at 1 every pixel"):
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\) .* got 1.0: every pixel"):
         missing_mask("random", shape, 2, gen(0), rate=1.0)
+    # a rate below 1 that rounds to every pixel of a small image is refused too
+    with pytest.raises(ValueError, match=r"fewer than all 4 pixels of an image, got 0.9"):
+        missing_mask("random", (1, 2, 2), 3, gen(0), rate=0.9)
+    assert missing_mask("random", (1, 2, 2), 3, gen(0), rate=0.8).sum(1).tolist() == [1, 1, 1]
+    for bad in ("0.5", True, None):
+        with pytest.raises(TypeError, match="rate must be a real number"):
+            missing_mask("random", shape, 2, gen(0), rate=bad)
 
 
 def test_config_missing_section_checks_its_keys():
