@@ -286,7 +286,8 @@ def select_model(
             log-likelihood, BIC and AIC are computed; ``fit_fn`` is expected to fit on it.
         candidates: ``(K, L)`` pairs.
         fit_fn: ``fit_fn(K, L) -> model``, a fitted model (e.g. a closure around a trainer).
-            The row records the returned model's own ``n_components`` and ``n_factors``.
+            The row records the returned model's own ``n_components`` and ``n_factors``
+            (``K``, ``L``) and the candidate asked for (``requested``).
         criterion: ``"bic"`` or ``"aic"`` (lower is better) or ``"val_log_lik"`` (higher is
             better; needs ``validation``).
         validation: optional held-out data; adds ``val_log_lik`` to every row.
@@ -322,6 +323,7 @@ def select_model(
         row = {
             "K": int(model.n_components),
             "L": int(model.n_factors),
+            "requested": (k, lat),
             "noise": model.noise,
             "n_params": p,
             "log_lik": total,

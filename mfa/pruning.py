@@ -26,6 +26,7 @@ components harmful); Fashion-MNIST (10,000 rows), K = 200: 18 of 200 harmful.
 from __future__ import annotations
 
 import logging
+import numbers
 
 import torch
 from torch import Tensor
@@ -67,6 +68,10 @@ def removal_gains(log_joint: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
         weights: the model's mixture weights ``[K]``.
         keep: bool ``[K]``, the components still in the mixture.
     """
+    if not bool(keep.any()):
+        raise ValueError("keep marks no component: removal gains need a mixture to remove from")
+    if int(keep.sum()) == 1:  # the last component is every row's only support
+        return torch.full_like(weights, float("-inf"))
     kept = log_joint[:, keep]  # [N, K']
     total = torch.logsumexp(kept, dim=1, keepdim=True)  # [N, 1]
     # log(1 − r_k(x)): log1p is exact where r ≤ ½; a row's top component (r up to 1, where
@@ -115,9 +120,14 @@ def reseed_components(
     if not components:
         return
     k = model.n_components
-    bad = [c for c in components if not 0 <= int(c) < k]
+    bad = [c for c in components if isinstance(c, bool) or not isinstance(c, numbers.Integral)
+           or not 0 <= int(c) < k]
     if bad:
-        raise ValueError(f"components must be in [0, {k}), got {bad}")
+        raise ValueError(f"components must be ints in [0, {k}), got {bad}")
+    if len(set(map(int, components))) != len(components):
+        raise ValueError(f"components must be distinct, got {list(components)}")
+    if len(components) >= k:
+        raise ValueError(f"cannot re-seed all {k} components: each is split from a kept one")
     with torch.no_grad():
         params = {name: getattr(model, name).detach().clone() for name in
                   ("weights", "means", "factor_loadings", "noise_variance")}

@@ -155,6 +155,28 @@ def _grid(values: Sequence[int], name: str, minimum: int) -> list[int]:
     return values
 
 
+def _check_rows(train: Any, train_name: str, validation: Any, val_name: str) -> None:
+    """Refuse, before any fit, what the sweep would fail on after one: a one-shot iterator
+    (read once per model), and tensors that are not finite ``[N, D]`` with one ``D``."""
+    width = None
+    for rows, name in ((train, train_name), (validation, val_name)):
+        if isinstance(rows, Tensor):
+            if rows.dim() != 2 or rows.shape[0] == 0:
+                raise ValueError(f"{name} must be a tensor [N, D] with N > 0, got shape "
+                                 f"{tuple(rows.shape)}")
+            if not rows.is_floating_point() or not bool(torch.isfinite(rows).all()):
+                raise ValueError(f"{name} must hold finite floating-point values (dtype "
+                                 f"{rows.dtype}; NaN or inf present or not a float tensor)")
+            if width is not None and rows.shape[1] != width:
+                raise ValueError(f"{train_name} has {width} features but {name} has "
+                                 f"{rows.shape[1]}")
+            width = rows.shape[1]
+        elif isinstance(rows, Iterable) and iter(rows) is rows:
+            raise TypeError(f"{name} is a one-shot iterator ({type(rows).__name__}), but the "
+                            "sweep reads it once per model; pass a tensor, a Dataset, a "
+                            "DataLoader or a list of batches")
+
+
 def sweep_models(
     train: Tensor | Iterable,
     validation: Tensor | Iterable,
@@ -184,30 +206,32 @@ def sweep_models(
     ls = _grid(factors, "factors", 0)
     if validation is None:
         raise ValueError("sweep_models needs validation data (the main criterion)")
+    _check_rows(train, "train", validation, "validation")
     candidates = [(k, lat) for lat in ls for k in ks]
-    seconds: dict[tuple[int, int], float] = {}
+    seconds: dict[tuple[int, int], float] = {}  # by the candidate asked for
 
     def timed_fit(k: int, lat: int):
         started = time.perf_counter()
         model = fit_fn(k, lat)
-        seconds[int(model.n_components), int(model.n_factors)] = time.perf_counter() - started
+        seconds[k, lat] = time.perf_counter() - started
         return model
 
     result = select_model(train, candidates, timed_fit, criterion="val_log_lik",
                           validation=validation)
     n_features = int(result.best_model.n_features)
     order = {pair: i for i, pair in enumerate(candidates)}
-    rows = []
-    for r in sorted(result.rows, key=lambda r: order.get((r["K"], r["L"]), len(order))):
+    rows, best_val = [], None
+    for r in sorted(result.rows, key=lambda r: order[r["requested"]]):
         bpd = None
         if scale is not None:
             bpd = float(bits_per_dim(r["val_log_lik"], n_features, scale=scale))
         rows.append({"K": r["K"], "L": r["L"], "n_params": r["n_params"],
                      "train_log_likelihood": r["mean_log_lik"],
                      "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
-                     "bic": r["bic"], "aic": r["aic"], "fit_seconds": seconds[r["K"], r["L"]],
+                     "bic": r["bic"], "aic": r["aic"], "fit_seconds": seconds[r["requested"]],
                      "best_val": False, "best_bic": False})
-    best_val = next(r for r in rows if (r["K"], r["L"]) == (result.best["K"], result.best["L"]))
+        if r is result.best:
+            best_val = rows[-1]
     finite_bic = [r for r in rows if math.isfinite(r["bic"])] or rows
     best_bic = min(finite_bic, key=lambda r: r["bic"])
     best_val["best_val"] = True
@@ -238,7 +262,8 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     Raises:
         ValueError: an invalid grid, a hierarchical method, no validation split, a
             ``(K, L)`` the data cannot take (``L > D`` or ``K`` above the training rows), or
-            an earlier sweep's files in ``out_dir`` without ``overwrite``.
+            an earlier sweep's files in ``out_dir`` without ``overwrite`` (or ``out_dir`` a
+            file), ``data.missing`` set, or a trainer device this machine does not have.
     """
     from mfa.config import apply_overrides, resolve_device
     from mfa.em import ConvergenceWarning, EMTrainer
@@ -252,7 +277,17 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         raise ValueError(f"mfa select trains flat models with em or sgd, not train.method="
                          f"{config.train.method!r}; pass --method em or --method sgd")
     ks, ls = _grid(components, "components", 1), _grid(factors, "factors", 0)
+    if config.data.missing.kind != "none":
+        raise ValueError(f"mfa select compares models on complete images; data.missing.kind="
+                         f"{config.data.missing.kind!r} is not supported here (use mfa train)")
     device = resolve_device(config.device)
+    trainer_config = config.trainer_config()
+    if getattr(trainer_config, "device", None) is not None:
+        try:
+            resolve_device(trainer_config.device)
+        except ValueError as error:
+            raise ValueError(f"invalid value for train.{config.train.method}.device: "
+                             f"{error}") from None
     data = load_data(config)
     n, d = data.train_pixels.shape
     if data.val_pixels.shape[0] == 0:
@@ -265,6 +300,8 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
                          f"images of {data.name}")
     out_dir = Path(config.output.dir) / f"select-{data.name}" if out_dir is None else Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; pass a folder (--out) for the sweep's files")
     earlier = sorted(p.name for p in out_dir.glob("selection.*")) if out_dir.is_dir() else []
     if earlier and not overwrite:
         raise ValueError(f"{out_dir} already holds an earlier sweep ({', '.join(earlier)}); "

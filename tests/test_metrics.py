@@ -205,8 +205,9 @@ def test_select_model_bic_picks_the_true_number_of_components(separated_data):
     bics = [r["bic"] for r in result.rows]
     assert bics == sorted(bics)
     row = result.best
-    assert set(row) == {"K", "L", "noise", "n_params", "log_lik", "mean_log_lik", "bic",
-                        "aic", "val_log_lik"}
+    assert set(row) == {"K", "L", "requested", "noise", "n_params", "log_lik", "mean_log_lik",
+                        "bic", "aic", "val_log_lik"}
+    assert row["requested"] == (4, 0)
     assert row["n_params"] == n_parameters(4, 5, 0) == 4 * 10 + 3
     n = len(train)
     assert row["bic"] == pytest.approx(-2 * row["log_lik"] + row["n_params"] * math.log(n))

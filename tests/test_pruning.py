@@ -3,6 +3,8 @@ greedy harmful set on a planted case, and the seeded re-seeding."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import F64, gen, random_data, random_model
@@ -120,8 +122,25 @@ def test_reseed_components_is_seeded_keeps_k_and_splits_the_heaviest():
     torch.testing.assert_close((a.means[2] + a.means[heaviest]) / 2, fitted.means[heaviest])
     torch.testing.assert_close(a.weights.detach(), torch.tensor([0.2, 0.4, 0.2], dtype=F64)
                                / 0.8)
-    with pytest.raises(ValueError, match=r"components must be in \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"components must be ints in \[0, 3\), got \[3\]"):
         reseed_components(a, [3], torch.Generator())
+    for bad in ([1.7], [True]):  # (read as 1 before)
+        with pytest.raises(ValueError, match="components must be ints"):
+            reseed_components(a, bad, torch.Generator())
+    with pytest.raises(ValueError, match="must be distinct"):  # (lost half a weight)
+        reseed_components(a, [1, 1], torch.Generator())
+    with pytest.raises(ValueError, match="cannot re-seed all 3 components"):
+        reseed_components(a, [0, 1, 2], torch.Generator())
+
+
+def test_removal_gains_of_the_last_kept_component():
+    model = random_model(3, 4, 1, seed=0)
+    log_joint = validation_log_joint(model, random_data(50, model, seed=1))
+    weights = model.weights.detach()
+    gains = removal_gains(log_joint, weights, torch.tensor([True, False, False]))
+    assert gains.tolist() == [-math.inf] * 3  # (nan for the kept one before)
+    with pytest.raises(ValueError, match="keep marks no component"):
+        removal_gains(log_joint, weights, torch.zeros(3, dtype=torch.bool))
 
 
 def test_validation_log_joint_refuses_bad_rows():

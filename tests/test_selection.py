@@ -121,6 +121,45 @@ def test_sweep_errors(data):
         sweep_models(train, val, 3, [1], fit)
     with pytest.raises(ValueError, match="needs validation data"):
         sweep_models(train, None, [2], [1], fit)
+    # refused before the first fit (they failed after it), naming the argument
+    calls = []
+
+    def counted(k, lat):
+        calls.append((k, lat))
+        return fit(k, lat)
+
+    batches = lambda t: (t[i : i + 100] for i in range(0, len(t), 100))  # noqa: E731
+    with pytest.raises(TypeError, match="validation is a one-shot iterator"):
+        sweep_models(train, batches(val), [1, 3], [1], counted)
+    with pytest.raises(ValueError, match="train has 6 features but validation has 4"):
+        sweep_models(train, val[:, :4], [1, 3], [1], counted)
+    bad = val.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="validation must hold finite"):
+        sweep_models(train, bad, [1, 3], [1], counted)
+    assert calls == []
+    # a list of batches is read once per model
+    sweep = sweep_models(list(batches(train)), list(batches(val)), [1], [1], counted)
+    assert [(r["K"], r["L"]) for r in sweep.rows] == [(1, 1)]
+
+
+def test_sweep_times_each_fit_asked_for_even_when_models_differ(data):
+    """A fit_fn may return another K or L than asked (a hierarchical fit does): each row keeps
+    its own fit's time, in grid order."""
+    import time
+
+    train, val = data
+    base = fitter(train, {})
+
+    def fit(k, lat):
+        if k == 4:
+            time.sleep(0.3)
+        return base(2, lat)  # K=2 whatever was asked
+
+    sweep = sweep_models(train, val, [4, 8], [1], fit)
+    assert [r["K"] for r in sweep.rows] == [2, 2]
+    assert sweep.rows[0]["fit_seconds"] >= 0.3 > sweep.rows[1]["fit_seconds"]
+    assert sum(r["best_val"] for r in sweep.rows) == 1
 
 
 # ---------------------------------------------------------------------------- mfa select
@@ -193,3 +232,21 @@ def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
                               "--method", "hierarchical")
     assert code == 2 and "invalid choice" in stderr
     assert not list(tmp_path.iterdir())
+    # an --out that is a file, data.missing, a trainer device that is not here: refused
+    # before anything is fitted
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", afile)
+    assert code == 2 and "is a file" in stderr and "fitted" not in stderr
+    assert afile.read_text() == "mine"
+    code, _, stderr = run_cli("select", "--config", CONFIG,
+                              *sets(*TINY, "data.missing.kind=random"),
+                              "--components", 2, "--factors", 1, "--out", tmp_path / "m")
+    assert code == 2 and "data.missing.kind='random' is not supported" in stderr
+    if not torch.cuda.is_available():
+        code, _, stderr = run_cli("select", "--config", CONFIG,
+                                  *sets(*TINY, "train.em.device=cuda"),
+                                  "--components", 2, "--factors", 1, "--out", tmp_path / "d")
+        assert code == 2 and "invalid value for train.em.device" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
