@@ -9,6 +9,7 @@ the ones whose writer is gone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -34,9 +35,20 @@ _writing: set[str] = set()  # names of the temporaries this process is writing n
 _writing_lock = threading.Lock()
 
 
+def _tag(path: Path) -> str:
+    """``path``'s name in its temporaries' names: the name itself, or where that would make a
+    temporary's name longer than a folder entry may be (255 bytes), its first 100 characters
+    (at most 100 bytes) and a hash of the whole."""
+    name = path.name
+    if len(name.encode()) <= 255 - 32:  # room for ".", ".<pid>.<8 hex>.tmp"
+        return name
+    head = name.encode()[:100].decode(errors="ignore")
+    return f"{head}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
 def _temporary_pattern(path: Path) -> re.Pattern[str]:
     """Names that ``save_checkpoint`` gives the temporaries of ``path``; group 1: the pid."""
-    return re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]+\.tmp")
+    return re.compile(rf"\.{re.escape(_tag(path))}\.(\d+)\.[0-9a-f]+\.tmp")
 
 
 def _process_exists(pid: int) -> bool:
@@ -113,7 +125,7 @@ def clean_stale_temporaries(
 def reserved_temporary(path: Path) -> Iterator[Path]:
     """A fresh temporary name beside ``path`` that no cleaner in this process removes while
     the ``with`` block runs (the caller creates, writes and renames the file)."""
-    name = f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    name = f".{_tag(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     with _writing_lock:  # before the file exists, so no cleaner takes it for a stale one
         _writing.add(name)
     try:

@@ -205,6 +205,13 @@ def save_checkpoint(
         "metrics": _plain(None if metrics is None else dict(metrics), "metrics"),
     }
 
+    try:  # what load_checkpoint would refuse is not written over the file at path
+        check_model_state(payload["model_config"], payload["model_state"])
+        check_parameters_finite(payload["model_state"])
+        check_trainer_state(payload["trainer_state"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"cannot save checkpoint {path}: {error}; load_checkpoint would "
+                         "refuse it, so nothing was written") from None
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)

@@ -24,7 +24,7 @@ from mfa._validation import (
     check_real_field,
 )
 from mfa.e_step import streamed_e_step
-from mfa.em_state import Callback, FitContext, RunState
+from mfa.em_state import RESUMABLE, Callback, FitContext, RunState
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.precision import STATS_DTYPES
@@ -205,8 +205,8 @@ class EMTrainer:
         """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
         provided the model holds the parameters saved with this state."""
         state, self.history = training.restore_state(
-            state, RunState.REQUIRED, "EMTrainer", RunState.TYPES
-        )
+            state, RunState.REQUIRED, "EMTrainer", RunState.TYPES)
+        training.check_resumed_config(state, self.config, "EMTrainer", RESUMABLE)
         self._resume = RunState.from_dict(state)
 
     # -------------------------------------------------------------- fitting
@@ -232,9 +232,12 @@ class EMTrainer:
             checkpoint_fn: ``fn(trainer, model)`` every ``checkpoint_every`` iterations and
                 at the end.
         """
-        cfg = self.config
+        cfg, resume = self.config, self._resume
         if cfg.device is not None:
             model.to(cfg.device)
+        training.check_fit_inputs(model, data, validation, {} if resume is None else {
+            "best_params": resume.best_params, "best_val_params": resume.best_val_params},
+            "EMTrainer")
         # Under torch.distributed each process streams its shard; rank 0 alone checkpoints.
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         allow = cfg.missing == "allow"
@@ -245,12 +248,8 @@ class EMTrainer:
                                                  cfg.batch_size, allow_missing=allow)
         source = DataSource(data, model, cfg.batch_size, "data", shard=True,
                             allow_missing=allow)
-        val_source = (
-            DataSource(validation, model, cfg.batch_size, "validation", shard=True,
-                       allow_missing=allow)
-            if validation is not None
-            else None
-        )
+        val_source = None if validation is None else DataSource(
+            validation, model, cfg.batch_size, "validation", shard=True, allow_missing=allow)
         if auto and val_source is None:
             warnings.warn(
                 "EMConfig.noise_prior_variance='auto' needs validation data (pass validation=, "

@@ -12,10 +12,15 @@ from torch import Tensor
 
 from mfa._data_stream import DataSource
 
-__all__ = ["Callback", "FitContext", "RunState"]
+__all__ = ["RESUMABLE", "Callback", "FitContext", "RunState"]
 
 #: ``cb(trainer, model, record)`` after each EM iteration.
 Callback = Callable[..., None]
+
+#: What a resumed fit's :class:`~mfa.em.EMConfig` may change from the saved one (how long and
+#: where it runs, how often it saves, progress); anything else would be ignored or would
+#: change what the rest of the fit computes, so it is refused.
+RESUMABLE = frozenset({"max_iter", "checkpoint_every", "progress", "device"})
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mfa._validation import check_positive_int
 from mfa.metrics import bits_per_dim, select_model
+from mfa.training import check_reiterable
 
 logger = logging.getLogger(__name__)
 
@@ -171,10 +172,8 @@ def _check_rows(train: Any, train_name: str, validation: Any, val_name: str) -> 
                 raise ValueError(f"{train_name} has {width} features but {name} has "
                                  f"{rows.shape[1]}")
             width = rows.shape[1]
-        elif isinstance(rows, Iterable) and iter(rows) is rows:
-            raise TypeError(f"{name} is a one-shot iterator ({type(rows).__name__}), but the "
-                            "sweep reads it once per model; pass a tensor, a Dataset, a "
-                            "DataLoader or a list of batches")
+        else:
+            check_reiterable(rows, name)
 
 
 def sweep_models(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -97,6 +98,10 @@ class SGDConfig:
 #: has diverged: a working optimisation never loses that much.
 DIVERGENCE_FACTOR = 10.0
 
+#: What a resumed fit's config may change from the saved one (how long and where it runs,
+#: how often it saves, progress); anything else would be ignored, so it is refused.
+RESUMABLE = frozenset({"epochs", "checkpoint_every", "progress", "device"})
+
 
 def _diverged(train_ll: float, val_ll: float | None, reference: float | None,
               n_features: int) -> bool:
@@ -130,7 +135,8 @@ class SGDTrainer:
 
     Attributes:
         history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
-            minibatches), ``val_log_likelihood``, ``lr``, ``seconds``.
+            minibatches), ``val_log_likelihood``, ``lr`` (that of the epoch's first step),
+            ``seconds``.
     """
 
     def __init__(self, config: SGDConfig | None = None) -> None:
@@ -149,12 +155,17 @@ class SGDTrainer:
         provided the model holds the parameters saved with this state."""
         required = {"epoch", "optimizer", "scheduler", "generator", "best_params", "best_val"}
         types = {
-            "epoch": (int,), "optimizer": (dict,), "scheduler": (dict, type(None)),
+            "epoch": (int,), "optimizer": (dict,), "scheduler": (dict,),
             "best_val": (float, int, type(None)), "best_params": (dict, type(None)),
             "bad_epochs": (int,), "reference_log_likelihood": (float, int, type(None)),
             "stopped": (bool,),
         }
-        self._resume, self.history = training.restore_state(state, required, "SGDTrainer", types)
+        resume, history = training.restore_state(state, required, "SGDTrainer", types)
+        for key in ("epoch", "bad_epochs"):
+            if resume.get(key, 0) < 0:
+                raise ValueError(f"SGDTrainer state key {key!r} must be >= 0, got {resume[key]}")
+        training.check_resumed_config(resume, self.config, "SGDTrainer", RESUMABLE)
+        self._resume, self.history = resume, history
 
     def _split(self, data, validation, model):
         """``(train, validation source)``: a seeded ``val_fraction`` of a tensor or Dataset is
@@ -221,6 +232,11 @@ class SGDTrainer:
         cfg = self.config
         if cfg.device is not None:
             model.to(cfg.device)
+        resume = self._resume or {}
+        training.check_fit_inputs(model, data, validation,
+                                  {"best_params": resume.get("best_params")}, "SGDTrainer")
+        if resume:  # saved for this model? (else Adam's fused kernel reads past its buffers)
+            _check_adam_state(resume["optimizer"], model)
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         gen = torch.Generator().manual_seed(cfg.seed)
         allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)
@@ -242,6 +258,11 @@ class SGDTrainer:
             try:  # (a DataLoader of an IterableDataset has __len__ only if the dataset has)
                 steps_per_epoch = len(loader)
             except TypeError:
+                if cfg.schedule != "constant":  # stepped per batch: its length is needed
+                    raise ValueError(
+                        f"SGDConfig.schedule={cfg.schedule!r} needs the number of batches an "
+                        f"epoch, but the training data ({type(train).__name__}) has no length; "
+                        "use schedule='constant' or data with a length") from None
                 steps_per_epoch = 1
         prior = self.prior()
         n_train = None if prior.is_flat else _count_rows(train)
@@ -302,7 +323,7 @@ class SGDTrainer:
                    disable=not cfg.progress or not distributed.is_main_process())
         for epoch in bar:
             started = time.perf_counter()
-            total, seen = 0.0, 0
+            total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
             for batch in self._batches(train, train_source, gen):
                 optimizer.zero_grad(set_to_none=True)
                 # The observed-data likelihood when rows may hold NaN (mfa.missing).
@@ -346,7 +367,7 @@ class SGDTrainer:
                 bad_epochs += 1
             record = {
                 "epoch": epoch + 1, "train_log_likelihood": train_ll,
-                "val_log_likelihood": val_ll, "lr": optimizer.param_groups[0]["lr"],
+                "val_log_likelihood": val_ll, "lr": lr,
                 "seconds": time.perf_counter() - started,
             }
             self.history.append(record)
@@ -382,6 +403,29 @@ class SGDTrainer:
         return model
 
 
+def _check_adam_state(state: dict, model: MixtureOfFactorAnalyzers) -> None:
+    """Refuse a saved Adam state whose moment buffers do not have the shapes of ``model``'s
+    parameters (Adam's fused kernel would read past them)."""
+    params = list(model.parameters())
+    groups = state.get("param_groups")
+    moments = state.get("state")
+    if (not isinstance(groups, list) or len(groups) != 1 or not isinstance(moments, dict)
+            or list(groups[0].get("params", ())) != list(range(len(params)))):
+        raise ValueError("SGDTrainer state key 'optimizer' is not an Adam state of this "
+                         f"model's {len(params)} parameters")
+    for index, buffers in moments.items():
+        if not 0 <= int(index) < len(params) or not isinstance(buffers, dict):
+            raise ValueError(f"SGDTrainer state key 'optimizer' has no parameter {index}")
+        shape = params[int(index)].shape
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = buffers.get(key)
+            if not isinstance(value, Tensor) or value.shape != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"SGDTrainer state: Adam's {key} of parameter {index} has shape {got}, but "
+                    f"the model's is {tuple(shape)}: the state was saved for another model")
+
+
 def _adam(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Adam:
     """Adam with its fused kernel where the parameters' device has one (the same update in
     one pass over each tensor: 0.3 against 0.7 ms a step for K=50, D=784, L=6 on one CPU
@@ -398,6 +442,10 @@ def _count_rows(train) -> int:
         return train.shape[0]
     if isinstance(train, Dataset):
         return len(train)
+    sampler = getattr(train, "sampler", None)  # a DataLoader's: the rows it draws an epoch
+    if sampler is not None and not isinstance(train.dataset, IterableDataset):
+        with contextlib.suppress(TypeError):
+            return len(sampler)
     dataset = getattr(train, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)

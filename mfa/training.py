@@ -27,6 +27,10 @@ from mfa.model import MixtureOfFactorAnalyzers
 __all__ = [
     "ConvergenceWarning",
     "check_finite_params",
+    "check_fit_inputs",
+    "check_params_match",
+    "check_reiterable",
+    "check_resumed_config",
     "clone_params",
     "evaluate",
     "hold_out",
@@ -216,6 +220,79 @@ def restore_state(
         raise TypeError(f"{trainer} state key 'history' must be a list of dicts")
     state = copy.deepcopy(state)
     return state, copy.deepcopy(history)
+
+
+def check_reiterable(data: object, name: str) -> None:
+    """Refuse a one-shot iterator (a generator, ``iter(...)``) as ``name``: it is read more
+    than once (initialisation, every iteration or epoch, every model), and read again it is
+    empty."""
+    if isinstance(data, Iterable) and not isinstance(data, Tensor) and iter(data) is data:
+        raise TypeError(f"{name} is a one-shot iterator ({type(data).__name__}), but it is "
+                        "read more than once; pass a tensor, a Dataset, a DataLoader or a "
+                        "list of batches")
+
+
+def _plain(value: object) -> object:
+    """Tuples as lists, recursively (a saved config may hold either)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_resumed_config(state: dict, config: object, trainer: str,
+                         changeable: frozenset[str]) -> None:
+    """Refuse to resume ``state`` under a ``config`` that differs from the one it was saved
+    with in a field outside ``changeable`` (how long the fit runs, how often it saves,
+    progress): the optimizer's and the fit's saved state would carry the old settings on and
+    the new ones would be ignored without a word.
+
+    Raises:
+        ValueError: naming the first differing field, both values and what may change.
+    """
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return  # a state saved without its config: nothing to compare
+    now = asdict(config)
+    for key in sorted(now.keys() & saved.keys() - changeable):
+        if _plain(now[key]) != _plain(saved[key]):
+            raise ValueError(
+                f"{trainer} state was saved with {key}={saved[key]!r} but this trainer's "
+                f"config has {key}={now[key]!r}; a resumed fit continues under its saved "
+                f"settings: resume with the same config (only {', '.join(sorted(changeable))} "
+                "may change) or start a new fit"
+            )
+
+
+def check_fit_inputs(model: MixtureOfFactorAnalyzers, data: object, validation: object,
+                     saved: dict[str, dict | None], trainer: str) -> None:
+    """What both trainers' ``fit`` refuse before any work: one-shot iterators as ``data`` or
+    ``validation`` (:func:`check_reiterable`) and, when resuming, saved parameters ``saved``
+    (``{state key: params}``) of another model (:func:`check_params_match`)."""
+    check_reiterable(data, "data")
+    check_reiterable(validation, "validation")
+    for key, params in saved.items():
+        check_params_match(params, model, f"{trainer} state {key!r}")
+
+
+def check_params_match(params: dict | None, model: MixtureOfFactorAnalyzers, what: str) -> None:
+    """Refuse saved parameters (``{name: tensor}``) whose names, shapes or dtypes are not those
+    of ``model``'s state dict, before a resumed fit uses them: ``what`` names them."""
+    if params is None:
+        return
+    expected = model.state_dict()
+    if set(params) != set(expected):
+        raise ValueError(f"{what} holds {sorted(params)}, but the model has {sorted(expected)}")
+    for name, value in expected.items():
+        got = params[name]
+        if not isinstance(got, Tensor) or got.shape != value.shape or got.dtype != value.dtype:
+            shape = tuple(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise ValueError(
+                f"{what} {name!r} has shape {shape} ({getattr(got, 'dtype', '?')}), but the "
+                f"model's is {tuple(value.shape)} ({value.dtype}): the state was saved for "
+                f"another model (K, D, L or dtype differ)"
+            )
 
 
 # ---------------------------------------------------------------------- non-finite checks

@@ -404,7 +404,8 @@ def test_em_trainer_state_round_trips(tmp_path):
     loaded = load_checkpoint(path)
     assert_same(loaded.trainer_state, _plain_copy(state))
     assert torch.equal(loaded.model.log_prob(x), model.log_prob(x))
-    em.EMTrainer(em.EMConfig(max_iter=2, progress=False)).load_state_dict(loaded.trainer_state)
+    em.EMTrainer(em.EMConfig(max_iter=2, progress=False, kmeans_iter=3)).load_state_dict(
+        loaded.trainer_state)
 
 
 def _plain_copy(state):
@@ -769,3 +770,42 @@ def test_a_tampered_generator_in_a_real_em_state_is_refused(tmp_path):
                                               r"generator state: it is rejected by "
                                               r"torch\.Generator\.set_state"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("trainer_state, match", [
+    ({"history": {}}, r"trainer_state\['history'\] is a dict, not a list"),
+    ({"generator": 5}, "not a valid generator state"),
+    ({"generator": torch.zeros(3, dtype=torch.uint8)}, "not a valid generator state"),
+])
+def test_save_refuses_what_load_would_refuse_and_keeps_the_earlier_file(
+        tmp_path, trainer_state, match):
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_model(), metrics={"version": "good"})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"cannot save checkpoint .*m\.pt: .*{match}"):
+        save_checkpoint(path, make_model(seed=1), trainer_state=trainer_state)
+    bad = make_model(seed=2)
+    with torch.no_grad():
+        bad.loc[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"cannot save checkpoint .*'loc'.*nothing was written"):
+        save_checkpoint(path, bad)
+    assert path.read_bytes() == before
+    assert load_checkpoint(path).metrics == {"version": "good"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_long_file_name_saves_and_its_stale_temporaries_are_cleaned(tmp_path):
+    """The temporary's name added ~20 characters to the file's: a 250-character name that the
+    file system takes failed with 'File name too long'."""
+    path = tmp_path / ("a" * 245 + ".pt")
+    save_checkpoint(path, make_model(), metrics={"version": "long"})
+    assert load_checkpoint(path).metrics == {"version": "long"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    from mfa._temporaries import _tag
+
+    stale = tmp_path / f".{_tag(path)}.{_dead_pid()}.0a1b2c3d.tmp"
+    stale.write_bytes(b"PK\x03\x04 partial")
+    other = tmp_path / f".{_tag(tmp_path / ('a' * 244 + '.pt'))}.{_dead_pid()}.0a1b2c3d.tmp"
+    other.write_bytes(b"PK\x03\x04 partial")
+    assert len(stale.name) < 255 and clean_stale_temporaries(path) == [stale]
+    assert other.exists()  # another long name's temporary

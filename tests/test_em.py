@@ -381,10 +381,29 @@ def test_state_dict_is_weights_only_loadable_after_fit(mixture_data):
     state = roundtrip(trainer.state_dict())
     assert state["config"]["n_init"] == 2
     assert len(state["history"]) == len(trainer.history)
-    fresh = EMTrainer(EMConfig(progress=False))
-    fresh.load_state_dict(state)
+    same = {**PLAIN_EM, "tol": 0.0, "n_init": 2}
+    fresh = EMTrainer(EMConfig(progress=True, max_iter=9, checkpoint_every=4, **same))
+    fresh.load_state_dict(state)  # how long it runs, how often it saves: may change
     with pytest.raises(ValueError, match="missing keys"):
         fresh.load_state_dict({"run": 0})
+    # anything else would be ignored or change the rest of the fit: refused, named
+    with pytest.raises(ValueError, match=r"saved with n_init=2 but .* config has n_init=1"):
+        EMTrainer(EMConfig(progress=False)).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"saved with stats_dtype="):
+        EMTrainer(EMConfig(**{**same, "stats_dtype": "float32"})).load_state_dict(state)
+
+
+def test_resume_onto_another_model_is_refused_before_the_fit(mixture_data):
+    """It ran the rest of the restart, then failed with torch's 'size mismatch for logits'."""
+    x, _ = mixture_data
+    _, trainer = _fit(x, 3, 2, max_iter=2, tol=0.0)
+    fresh = EMTrainer(EMConfig(**{**PLAIN_EM, "progress": False, "max_iter": 4, "tol": 0.0}))
+    fresh.load_state_dict(roundtrip(trainer.state_dict()))
+    with pytest.raises(ValueError, match="'best_params' 'logits' has shape .* saved for another"):
+        fresh.fit(MixtureOfFactorAnalyzers(4, x.shape[1], 2, dtype=torch.float64), x)
+    with pytest.raises(TypeError, match="data is a one-shot iterator"):
+        EMTrainer(EMConfig(progress=False)).fit(
+            MixtureOfFactorAnalyzers(3, x.shape[1], 2, dtype=torch.float64), iter([x]))
 
 
 def test_checkpoint_fn_schedule(mixture_data):
@@ -716,10 +735,11 @@ def test_states_without_the_new_keys_still_load(mixture_data):
     for key in ("best_val_params", "best_val_log_likelihood", "bad_iterations",
                 "noise_prior_variance"):
         state.pop(key, None)
-    EMTrainer(EMConfig(progress=False)).load_state_dict(state)
+    same = EMConfig(**state["config"])  # the config it was saved with
+    EMTrainer(same).load_state_dict(state)
     bad = dict(roundtrip(saved[1]), bad_iterations="2")
     with pytest.raises(TypeError, match="'bad_iterations' must be int"):
-        EMTrainer(EMConfig(progress=False)).load_state_dict(bad)
+        EMTrainer(same).load_state_dict(bad)
 
 
 # ---------------------------------------------------------------------- uint8 data, TF32

@@ -208,17 +208,18 @@ def test_schedules(small, schedule):
     lr, epochs = 0.01, 6
     model, trainer = _fit(train, 2, 1, validation=val, lr=lr, epochs=epochs, patience=0,
                           schedule=schedule, batch_size=200)
-    lrs = [h["lr"] for h in trainer.history]  # after each epoch's last step
+    lrs = [h["lr"] for h in trainer.history]  # at each epoch's first step
     assert len(lrs) == epochs
     if schedule == "constant":
         assert lrs == pytest.approx([lr] * epochs)
     elif schedule == "cosine":
-        # Annealed over all steps: strictly decreasing, zero after the last one.
-        assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+        # Annealed over all steps: from lr, strictly decreasing, the last epoch's above 0.
+        assert lrs[0] == lr and lrs[-1] > 0
         assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+        assert lrs[3] == pytest.approx(lr / 2)  # half-way: cos(π/2)
     else:
         # Decays by 0.3 every epochs // 3 = 2 epochs.
-        assert lrs == pytest.approx([lr, lr * 0.3, lr * 0.3, lr * 0.09, lr * 0.09, lr * 0.027])
+        assert lrs == pytest.approx([lr, lr, lr * 0.3, lr * 0.3, lr * 0.09, lr * 0.09])
     assert all(math.isfinite(v) for v in _vals(trainer))
 
 
@@ -312,10 +313,81 @@ def test_state_dict_is_weights_only_loadable(small):
     assert state["epoch"] == 2
     assert state["config"]["epochs"] == 2
     assert len(state["history"]) == 2
-    fresh = SGDTrainer(SGDConfig(progress=False))
-    fresh.load_state_dict(state)
+    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=5, checkpoint_every=3))
+    fresh.load_state_dict(state)  # how long it runs and how often it saves may change
     with pytest.raises(ValueError, match="missing keys"):
         fresh.load_state_dict({"epoch": 1})
+    # anything else would be ignored (Adam's saved state carries lr on): refused, named
+    for change in ({"lr": 1e-4}, {"patience": 5}, {"batch_size": 32}):
+        other = SGDTrainer(SGDConfig(**{"progress": False, "patience": 0, **change}))
+        key, value = next(iter(change.items()))
+        with pytest.raises(ValueError, match=rf"saved with {key}=.* config has {key}={value}"):
+            other.load_state_dict(state)
+    with pytest.raises(ValueError, match="'epoch' must be >= 0, got -3"):
+        fresh.load_state_dict({**state, "epoch": -3})
+    with pytest.raises(TypeError, match="'scheduler' must be dict"):
+        fresh.load_state_dict({**state, "scheduler": None})
+
+
+@pytest.mark.parametrize("k, d", [(3, 4), (2, 5), (1, 4)])
+def test_resume_onto_another_model_is_refused_before_adam_runs(small, k, d):
+    """The fused Adam kernel read past the saved moment buffers (munmap_chunk(): invalid
+    pointer, exit 134) when the state was resumed onto a model of another size."""
+    train, val = small
+    _, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
+    state = roundtrip(trainer.state_dict())
+    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=3))
+    fresh.load_state_dict(state)
+    rows = torch.randn(50, d, dtype=F64, generator=gen(1))
+    with pytest.raises(ValueError, match="saved for another model"):
+        fresh.fit(MixtureOfFactorAnalyzers(k, d, 1, dtype=F64), rows)
+
+
+def test_resume_with_adam_buffers_of_the_wrong_shape_is_refused(small):
+    train, val = small
+    model, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
+    state = roundtrip(trainer.state_dict())
+    for buffers in state["optimizer"]["state"].values():
+        buffers["exp_avg"] = torch.zeros(1, dtype=F64)
+    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=3))
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"Adam's exp_avg of parameter 0 has shape \(1,\)"):
+        fresh.fit(model, train, val)
+
+
+def test_one_shot_iterators_are_refused_up_front(small):
+    train, val = small
+    trainer = SGDTrainer(SGDConfig(progress=False, epochs=2))
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    with pytest.raises(TypeError, match="data is a one-shot iterator"):
+        trainer.fit(model, iter(list(train.split(64))))
+    with pytest.raises(TypeError, match="validation is a one-shot iterator"):
+        trainer.fit(model, train, validation=(b for b in val.split(20)))
+
+
+def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
+    from torch.utils.data import SubsetRandomSampler
+
+    from mfa.sgd import _count_rows
+
+    train, _ = small
+    data = TensorDataset(train)
+    loader = DataLoader(data, batch_size=50, sampler=SubsetRandomSampler(range(100)))
+    assert _count_rows(loader) == 100
+    assert _count_rows(DataLoader(data, batch_size=50)) == len(train)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_per_batch_schedules_need_data_with_a_length(small, schedule):
+    train, _ = small
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(train)
+
+    trainer = SGDTrainer(SGDConfig(progress=False, epochs=2, schedule=schedule))
+    with pytest.raises(ValueError, match=f"schedule='{schedule}' needs the number of batches"):
+        trainer.fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), Stream(), validation=train)
 
 
 def test_checkpoint_fn_schedule(small):
