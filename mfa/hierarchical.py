@@ -148,33 +148,34 @@ def _component_as_model(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFac
 # ---------------------------------------------------------------------------- data
 
 
-def _check_data(data: object) -> tuple[int, int, torch.dtype]:
-    """``(N, D, dtype)`` of a tensor ``[N, D]`` or a map-style dataset of rows."""
+def _check_data(data: object, name: str = "data") -> tuple[int, int, torch.dtype]:
+    """``(N, D, dtype)`` of a tensor ``[N, D]`` or a map-style dataset of rows (``name``: the
+    argument, for messages)."""
     if type(data).__module__ == "numpy":
-        raise TypeError("data is a numpy array; convert it with torch.from_numpy(data).float()")
+        raise TypeError(f"{name} is a numpy array; convert it with torch.from_numpy(...).float()")
     if isinstance(data, Tensor):
         if data.dim() != 2:
-            raise ValueError(f"data must have shape [N, D], got {tuple(data.shape)}")
+            raise ValueError(f"{name} must have shape [N, D], got {tuple(data.shape)}")
         if not data.is_floating_point():
-            raise TypeError(f"data must be floating point (scale images to [0, 1] first), "
+            raise TypeError(f"{name} must be floating point (scale images to [0, 1] first), "
                             f"got {data.dtype}")
         if not all_finite(data):
             bad = ~torch.isfinite(data)
             row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"data contains non-finite values (NaN or inf): row {row}, "
+            raise ValueError(f"{name} contains non-finite values (NaN or inf): row {row}, "
                              f"feature {col}")
         return data.shape[0], data.shape[1], data.dtype
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         n = len(data)
         if n == 0:
-            raise ValueError("data is empty")
+            raise ValueError(f"{name} is empty")
         first = data[0]
         row = first[0] if isinstance(first, (tuple, list)) else first
         if not isinstance(row, Tensor) or not row.is_floating_point():
-            raise TypeError("data items must be floating-point tensors (or (tensor, label) "
+            raise TypeError(f"{name} items must be floating-point tensors (or (tensor, label) "
                             f"tuples), got {type(row).__name__}")
         return n, row.numel(), row.dtype
-    raise TypeError(f"data must be a torch.Tensor [N, D] or a map-style Dataset of rows, "
+    raise TypeError(f"{name} must be a torch.Tensor [N, D] or a map-style Dataset of rows, "
                     f"got {type(data).__name__}")
 
 
@@ -314,7 +315,7 @@ class HierarchicalTrainer:
             raise ValueError(f"HierarchicalConfig.n_factors={cfg.n_factors} exceeds the "
                              f"{n_features} features of the data")
         if validation is not None:
-            _, val_features, _ = _check_data(validation)
+            _, val_features, _ = _check_data(validation, "validation")
             if val_features != n_features:
                 raise ValueError(f"validation has {val_features} features, data {n_features}")
         home = data.device if isinstance(data, Tensor) else torch.device("cpu")

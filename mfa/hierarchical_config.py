@@ -86,7 +86,8 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
 def child_components(rows: int, config: HierarchicalConfig) -> int:
     """How many components the child of a root component with ``rows`` rows gets.
 
-    ``0`` means *keep the root component as it is* (``rows < min_child_rows``); otherwise
+    ``0`` means *keep the root component as it is* (``rows < min_child_rows``, or the
+    child's EM would hold out every row for validation); otherwise
     ``min(rows', clamp(rows // rows_per_component, min_child_components,
     max_child_components))`` — never more components than the child's EM trains on:
     ``rows'`` is ``rows`` less the validation rows that EM holds out (``child_em.val_fraction``
@@ -104,7 +105,8 @@ def child_components(rows: int, config: HierarchicalConfig) -> int:
     held = 0
     if (em.noise_prior_variance == "auto" and em.noise_prior_strength > 0) or em.patience:
         held = int(round(rows * em.val_fraction))  # as mfa.training.hold_out
-        held = 0 if held == rows else held
+        if held == rows:  # hold_out refuses to hold out every row: keep the root component
+            return 0
     return max(1, min(n, rows - held))
 
 

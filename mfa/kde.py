@@ -35,12 +35,7 @@ def kde(
             is far too wide; pick ``σ`` on held-out data with :func:`select_kde_bandwidth`.
         chunk_elements: as in :class:`~mfa.model.MixtureOfFactorAnalyzers`.
     """
-    data = check_tensor(data, "data")
-    if data.dim() != 2 or data.shape[0] < 1:
-        raise ValueError(f"data must have shape [N, D] with N >= 1, got {tuple(data.shape)}")
-    if not data.is_floating_point():
-        raise TypeError(f"data must be floating point, got {data.dtype}")
-    check_finite(data, "data")
+    data = _check_rows(data, "data")
     n, d = data.shape
     if bandwidth is None:
         bandwidth = scott_bandwidth(data)
@@ -58,10 +53,24 @@ def kde(
     )
 
 
+def _check_rows(rows: object, name: str, width: int | None = None) -> Tensor:
+    """``rows`` as a checked tensor: finite floating point ``[N, D]``, ``N >= 1`` (and
+    ``D == width`` when given)."""
+    rows = check_tensor(rows, name)
+    if rows.dim() != 2 or rows.shape[0] < 1:
+        raise ValueError(f"{name} must have shape [N, D] with N >= 1, got {tuple(rows.shape)}")
+    if width is not None and rows.shape[1] != width:
+        raise ValueError(f"{name} has {rows.shape[1]} features, the kernel centres {width}")
+    if not rows.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {rows.dtype}")
+    check_finite(rows, name)
+    return rows
+
+
 def scott_bandwidth(data: Tensor) -> float:
     """Scott's rule ``σ = s · N^(−1/(D+4))``, ``s`` the mean per-feature standard deviation
     of ``data`` ``[N, D]`` (1 when ``N < 2`` or every feature is constant)."""
-    n, d = data.shape
+    n, d = _check_rows(data, "data").shape
     if n < 2:
         return 1.0
     std = data.std(dim=0).mean().item()
@@ -86,6 +95,8 @@ def select_kde_bandwidth(
         ``(best_bandwidth, scores)``, ``scores[i]`` the mean held-out log-likelihood of
         ``candidates[i]``.
     """
+    train = _check_rows(train, "train")
+    validation = _check_rows(validation, "validation", train.shape[1])
     if candidates is None:
         base = scott_bandwidth(train)
         candidates = torch.logspace(math.log10(base / 100), math.log10(base * 2), 25).tolist()

@@ -232,6 +232,9 @@ class PatchBackground(nn.Module):
         image_shape = _check_patch_layout(image_shape, patch_size)
         c = image_shape[0]
         train = check_tensor(train, "train")
+        if not train.is_floating_point():
+            raise TypeError(f"train must be a floating-point tensor (pixels scaled as the main "
+                            f"model's rows, e.g. to [0, 1]), got {train.dtype}")
         train = _check_rows(train, "train", math.prod(image_shape), train.dtype, train.device)
         check_positive_int(max_patches, "max_patches")
         patches = to_patches(train, image_shape, patch_size).reshape(-1, c * patch_size**2)
@@ -429,7 +432,10 @@ class OutlierScorer:
         model's training rows) when the score needs one. ``background_options`` go to
         :meth:`PatchBackground.fit` (``patch_size``, ``n_components``, ``n_factors`` …)."""
         background = None
-        if get_score(score).needs_background:
+        if get_score(score).needs_background:  # in the model's dtype, on its device
+            train = check_tensor(train, "train")
+            if train.is_floating_point():
+                train = train.to(model.device, model.dtype)
             background = PatchBackground.fit(train, image_shape, seed=seed, **background_options)
         return cls(model, score, image_shape=image_shape, background=background, scale=scale)
 

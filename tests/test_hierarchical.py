@@ -134,6 +134,11 @@ def test_child_component_rule():
                    min_child_rows=10, child_em=EMConfig(progress=False, patience=0,
                                                         noise_prior_variance=1e-3))
     assert child_components(49, keeps) == 49
+    # a child whose EM would hold out every row (which hold_out refuses) keeps the root
+    # component (a child fit of 1 row at val_fraction 0.6 failed)
+    tiny = config(rows_per_component=1, min_child_rows=1, max_child_components=2,
+                  child_em=EMConfig(progress=False, val_fraction=0.6))
+    assert child_components(1, tiny) == 0 and child_components(3, tiny) == 1
     default = config(rows_per_component=100)  # min_child_rows None: rows_per_component
     assert child_components(99, default) == 0 and child_components(100, default) == 1
     assert total_components([0, 250, 10_000], cfg) == 1 + 2 + 5
@@ -344,6 +349,11 @@ def test_bad_data(data):
         trainer.fit(x[:, :1])
     with pytest.raises(ValueError, match="validation has 4 features, data 5"):
         trainer.fit(x, validation=x[:, :4])
+    # the bad argument is named (a 1-D validation was reported as data)
+    with pytest.raises(ValueError, match=r"validation must have shape \[N, D\], got \(5,\)"):
+        trainer.fit(x, validation=x[0])
+    with pytest.raises(ValueError, match="validation contains non-finite values.*row 3"):
+        trainer.fit(x, validation=bad)
 
 
 def test_flatten_rejects_mismatched_children():

@@ -76,3 +76,20 @@ def test_kde_validation():
         kde(data.long())
     with pytest.raises(ValueError, match=r"candidates must not be empty"):
         select_kde_bandwidth(data, data, [])
+
+
+def test_bandwidth_selection_checks_its_rows():
+    """An empty validation set returned the first candidate with NaN scores; 1-D or integer
+    rows failed inside Scott's rule with raw errors."""
+    x = torch.randn(40, 3, generator=gen(1), dtype=F64)
+    v = torch.randn(10, 3, generator=gen(2), dtype=F64)
+    with pytest.raises(ValueError, match=r"validation must have shape \[N, D\] with N >= 1"):
+        select_kde_bandwidth(x, v[:0], [0.5, 1.0])
+    with pytest.raises(ValueError, match=r"train must have shape \[N, D\] with N >= 1"):
+        select_kde_bandwidth(x[:, 0], v[:, 0])
+    with pytest.raises(TypeError, match="train must be floating point"):
+        select_kde_bandwidth(x.long(), v)
+    with pytest.raises(ValueError, match="validation has 2 features, the kernel centres 3"):
+        select_kde_bandwidth(x, v[:, :2], [0.5])
+    with pytest.raises(ValueError, match=r"data must have shape \[N, D\]"):
+        scott_bandwidth(x[:, 0])

@@ -262,3 +262,16 @@ def test_background_patch_side_fits_every_image_size():
     scorer = OutlierScorer.fit(model, train, "likelihood_ratio", image_shape=shape,
                                patch_size=patch_size_for(shape), n_components=2, n_factors=1)
     assert_finite(scorer(train[:5]), (5,))
+
+
+def test_scorer_fits_its_background_in_the_model_s_dtype():
+    """A float64 ``train`` for a float32 model built a scorer that refused every input."""
+    model = random_model(2, 64, 2, dtype=torch.float32, seed=0)
+    x = torch.rand(30, 64, generator=gen(1), dtype=F64)
+    scorer = OutlierScorer.fit(model, x, "likelihood_ratio", image_shape=(1, 8, 8),
+                               n_components=2, max_iter=2)
+    assert scorer.background.patch_model.dtype == torch.float32
+    scores = scorer(x.float())
+    assert scores.shape == (30,) and bool(torch.isfinite(scores).all())
+    with pytest.raises(TypeError, match=r"train must be a floating-point tensor .* torch\.uint8"):
+        PatchBackground.fit((x * 255).to(torch.uint8), (1, 8, 8), n_components=2, max_iter=2)
