@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -203,10 +204,9 @@ def cmd_evaluate(args) -> int:
         raise SystemExit("error: --outlier-scores needs --outliers-against DATASET")
     out = None
     if args.out:  # settled (and its folder made) before the work, not after
-        out = Path(args.out)
-        named = not out.is_dir()
-        out = _output(out if named else out / "evaluation.json", args,
-                      named and "-o")
+        out = Path(args.out)  # a folder: one that exists, or a path ending in "/"
+        folder = out.is_dir() or args.out.endswith(("/", os.sep))
+        out = _output(out / "evaluation.json" if folder else out, args, "-o")
         out.parent.mkdir(parents=True, exist_ok=True)
     result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                       config=config, seed=args.seed, outliers_against=args.outliers_against,

@@ -203,9 +203,16 @@ def shard_batch(indices: Tensor) -> Tensor:
 
 class ShardSampler(Sampler[int]):
     """The indices ``[start, end)`` of :func:`shard_range`, in order: no padding, no row
-    twice (unlike ``DistributedSampler``, which repeats rows to even the shards out)."""
+    twice (unlike ``DistributedSampler``, which repeats rows to even the shards out).
+    ``n``: the number of rows, or the dataset itself (``len(n)`` rows), as
+    ``DistributedSampler(dataset)`` takes it."""
 
-    def __init__(self, n: int, rank: int | None = None, world: int | None = None) -> None:
+    def __init__(self, n, rank: int | None = None, world: int | None = None) -> None:
+        if not isinstance(n, int) or isinstance(n, bool):
+            if not hasattr(n, "__len__"):
+                raise TypeError(f"ShardSampler takes a number of rows or a sized dataset, got "
+                                f"{type(n).__name__}")
+            n = len(n)
         self.start, self.end = shard_range(n, rank, world)
 
     def __iter__(self) -> Iterator[int]:

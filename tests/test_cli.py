@@ -602,16 +602,19 @@ def test_outliers_against_takes_dataset_aliases():
 
 def test_evaluate_out_takes_a_folder_and_keeps_an_existing_file(run_dir, tmp_path):
     """-o DIR wrote nothing (IsADirectoryError after the evaluation); now it writes
-    DIR/evaluation.json, then evaluation-2.json. An existing file given as -o is refused
-    before the evaluation runs."""
+    DIR/evaluation.json. An existing file, given as -o or in the folder given, is refused
+    before the evaluation runs (as outliers --out-dir is); a path ending in / is a folder."""
     code, stdout, stderr = run_cli("evaluate", run_dir, "-o", tmp_path)
     assert code == 0, stderr
     result = json.loads((tmp_path / "evaluation.json").read_text())
     assert result == json.loads(stdout)
-    assert run_cli("evaluate", run_dir, "-o", tmp_path)[0] == 0
-    assert json.loads((tmp_path / "evaluation-2.json").read_text()) == result
+    code, stdout, stderr = run_cli("evaluate", run_dir, "-o", tmp_path)
+    assert code != 0 and "evaluation.json already exists" in stderr and stdout == ""
     code, stdout, stderr = run_cli("evaluate", run_dir, "-o", tmp_path / "evaluation.json")
     assert code != 0 and "evaluation.json already exists" in stderr and stdout == ""
+    code, _, stderr = run_cli("evaluate", run_dir, "-o", f"{tmp_path / 'new'}/")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "new" / "evaluation.json").read_text()) == result
     code, _, stderr = run_cli("evaluate", run_dir, "-o", tmp_path / "evaluation.json",
                               "--overwrite")
     assert code == 0, stderr

@@ -331,6 +331,11 @@ def test_shards_tile_the_rows_without_padding():
             assert max(sizes) - min(sizes) <= 1
             parts = [list(distributed.ShardSampler(n, r, world)) for r in range(world)]
             assert sum(parts, []) == list(range(n))
+    # a dataset, as DistributedSampler(dataset) takes it (it failed on `dataset * int`)
+    rows = torch.utils.data.TensorDataset(torch.zeros(7, 2))
+    assert list(distributed.ShardSampler(rows, 1, 2)) == list(distributed.ShardSampler(7, 1, 2))
+    with pytest.raises(TypeError, match="number of rows or a sized dataset, got object"):
+        distributed.ShardSampler(object(), 0, 1)
 
 
 def test_shard_batch_sampler_splits_each_global_batch():
