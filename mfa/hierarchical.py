@@ -75,8 +75,9 @@ __all__ = [
 ]
 
 #: Keys of a nested EMConfig that do not change the fitted parameters (ignored when a
-#: checkpoint folder is matched against the configuration).
-_NEUTRAL_EM_KEYS = ("progress", "device", "checkpoint_every")
+#: checkpoint folder is matched against the configuration; each stage's seed is derived from
+#: HierarchicalConfig.seed).
+_NEUTRAL_EM_KEYS = ("progress", "device", "checkpoint_every", "seed")
 
 
 def _child_seed(seed: int, k: int) -> int:
@@ -255,6 +256,7 @@ class HierarchicalTrainer:
     def _fingerprint(self) -> dict:
         """The configuration as plain values, without the keys that do not change the fit."""
         plain = asdict(self.config)
+        plain.pop("assign_batch_size")  # the hard assignment is the same in any batch size
         for name in ("root_em", "child_em", "final_em"):
             if plain[name] is not None:
                 for key in _NEUTRAL_EM_KEYS:

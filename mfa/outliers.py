@@ -76,6 +76,9 @@ def _check_scores(scores: object, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape [N], got {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty; AUROC/AUPR need at least one score per class")
+    if not t.is_floating_point() and bool((t.detach().abs() > 2**53).any()):
+        raise ValueError(f"{name} holds integers beyond 2**53, which float64 ranks as ties; "
+                         "rescale them first")
     t = t.detach().to("cpu", F64)
     if bool(torch.isnan(t).any()):
         raise ValueError(f"{name} contains {int(torch.isnan(t).sum())} NaN score(s)")

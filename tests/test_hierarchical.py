@@ -247,6 +247,10 @@ def test_resume_refuses_another_config_or_other_data(data, tmp_path):
     # settings that do not change the fit (progress, device) are not a different config
     quiet = config(child_em=replace(EM, progress=True))
     HierarchicalTrainer(quiet).fit(data[0], checkpoint_dir=tmp_path)
+    # nor are the nested seeds (derived from HierarchicalConfig.seed) or the assignment's
+    # batch size (the same labels in any): they were refused
+    for neutral in (config(root_em=replace(EM, seed=5)), config(assign_batch_size=7)):
+        HierarchicalTrainer(neutral).fit(data[0], checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="fitted to other data"):
         HierarchicalTrainer(config()).fit(data[0][:500], checkpoint_dir=tmp_path)
 

@@ -90,6 +90,10 @@ def test_metric_input_errors(fn):
         fn(good, torch.tensor([True, False]))
     with pytest.raises(TypeError, match="scores_in must be a 1-D tensor of scores, got str"):
         fn("0.1", good)
+    # float64 would rank 2**53 and 2**53 + 1 as a tie (AUROC 0.5 where scikit-learn gives 0)
+    with pytest.raises(ValueError, match=r"scores_in holds integers beyond 2\*\*53"):
+        fn(torch.tensor([2**53 + 1]), torch.tensor([2**53]))
+    assert auroc(torch.tensor([3, 1]), torch.tensor([2, 5])) == 0.75  # 3 of 4 pairs; ints are fine
 
 
 # ---------------------------------------------------------------------- scores
