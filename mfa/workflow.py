@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -253,18 +254,17 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"{data.n_features} features but the run's model has {model.n_features}"
             )
     else:
-        try:
+        try:  # (K-means needs K rows: checked before the run folder is made)
+            rows = min(data.sizes["train"], getattr(trainer_config, "init_samples", math.inf))
+            if getattr(trainer_config, "init", "none") != "none" and mc.n_components > rows:
+                raise ValueError(f"its initialisation gets {rows} training images")
             model = MixtureOfFactorAnalyzers(
-                mc.n_components, data.n_features, mc.n_factors, mc.noise,
-                min_noise=mc.min_noise, generator=torch.Generator().manual_seed(config.seed),
-                device=device,
-            )
+                mc.n_components, data.n_features, mc.n_factors, mc.noise, min_noise=mc.min_noise,
+                generator=torch.Generator().manual_seed(config.seed), device=device)
         except ValueError as error:
-            raise ValueError(
-                f"the model config (model.n_components={mc.n_components}, model.n_factors="
-                f"{mc.n_factors}) does not fit the data {data.name} with "
-                f"{data.n_features} features: {error}"
-            ) from None
+            raise ValueError(f"the model config (model.n_components={mc.n_components}, "
+                             f"model.n_factors={mc.n_factors}) does not fit the data "
+                             f"{data.name} with {data.n_features} features: {error}") from None
     if config.data.missing.kind != "none":
         if not hasattr(trainer_config, "missing"):
             raise ValueError(f"data.missing needs train.method em or sgd, got "

@@ -463,6 +463,11 @@ def test_a_finished_em_run_refuses_more_iterations(em_run):
 @pytest.mark.parametrize("overrides, error, match", [
     (["model.n_factors=1000"], ValueError,
      r"model\.n_factors=1000\) does not fit the data embedded-mnist with 784 features"),
+    # (K-means failed after the folder was announced, then made and removed)
+    (["model.n_components=500", "data.limit=300"], ValueError,
+     r"model\.n_components=500, .* initialisation gets 300 training images"),
+    (["model.n_components=50", "train.em.init_samples=40"], ValueError,
+     r"initialisation gets 40 training images"),
     (["data.name=folder", "data.root=/nonexistent/images"], OSError, r"/nonexistent/images"),
     (["device=cuda"], ValueError, r"device 'cuda' asks for CUDA"),
     (["train.em.device=cuda:0"], ValueError, r"train\.em\.device: device 'cuda:0' asks for"),
