@@ -64,6 +64,14 @@ def split_features(
     return obs.to(device), hidden_mask.nonzero().flatten().to(device)
 
 
+def _ill_conditioned(chol: Tensor) -> Tensor:
+    """``[...]``: capacitance factors ``C`` ``[..., L, L]`` too ill-conditioned for their dtype
+    (``ε·(max diag C / min diag C)² >`` :data:`mfa.linalg.CONDITION_TOLERANCE`)."""
+    diag = chol.detach().diagonal(dim1=-2, dim2=-1)
+    spread = (diag.amax(-1) / diag.amin(-1)) ** 2
+    return spread * torch.finfo(chol.dtype).eps > linalg.CONDITION_TOLERANCE
+
+
 def conditional_components(
     means: Tensor, loadings: Tensor, noise: Tensor, obs: Tensor, hid: Tensor, values: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -87,6 +95,12 @@ def conditional_components(
         return tuple(t.to(loadings.dtype) for t in cond)
     d_o = noise[:, obs]
     chol = linalg.capacitance_cholesky(a_o, d_o)  # [K, L, L]
+    if loadings.dtype != torch.float64 and bool(_ill_conditioned(chol).any()):
+        # M_o's eigenvalues too far apart for the dtype (a feature of tiny noise under
+        # sizeable loadings): the conditional's mean and factors in float64.
+        cond = conditional_components(means.double(), loadings.double(), noise.double(),
+                                      obs, hid, values.double())
+        return tuple(t.to(loadings.dtype) for t in cond)
     resid = values - means[:, obs]  # [K, |o|]
     b = (a_o / d_o.unsqueeze(-1)).mT @ resid.unsqueeze(-1)  # [K, L, 1]
     m = torch.cholesky_solve(b, chol)  # M_o⁻¹ b, [K, L, 1]
@@ -260,7 +274,17 @@ def row_posterior(
                 latent_mean[rows, comps], mask=mask.index_select(0, rows))
             log_joint = log_joint.index_put((rows, comps), log_scale[rows, comps] - 0.5 * maha)
     if n_lat and x.dtype != torch.float64:
-        few = (n_obs.squeeze(-1) <= n_lat).nonzero().squeeze(-1)
+        # Rows with at most L observed features, or with a component near the top whose
+        # masked capacitance is ill-conditioned in the dtype (its rounding bound
+        # ε·cond·‖w‖² widening the window), are recomputed in float64.
+        ill = _ill_conditioned(chol)  # [n, K]
+        bound = ill * (diag_quad - quad).detach().clamp_min(0.0) * torch.finfo(x.dtype).eps
+        diag = chol.detach().diagonal(dim1=-2, dim2=-1)
+        bound = bound * (diag.amax(-1) / diag.amin(-1)) ** 2
+        estimate = log_joint.detach()
+        near = estimate >= estimate.amax(-1, keepdim=True) - (
+            30.0 + bound + bound.amax(-1, keepdim=True))
+        few = ((n_obs.squeeze(-1) <= n_lat) | (ill & near).any(-1)).nonzero().squeeze(-1)
         if few.numel():
             sub = row_posterior(t.in_float64(), x.index_select(0, few).double(),
                                 observed.index_select(0, few))

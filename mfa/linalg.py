@@ -313,8 +313,10 @@ GATHER_ELEMENTS = 1 << 24
 CANCELLATION_TOLERANCE = 1e-4
 
 #: Components whose capacitance factor ``C`` has ``ε·(max diag C / min diag C)²`` above this
-#: keep the Woodbury form (their posterior means are not accurate enough for the residual).
-CONDITION_TOLERANCE = 1e-3
+#: are recomputed near the top in float64 (neither their posterior means nor their log
+#: determinant are accurate enough in the dtype: one feature's noise of 1e-7 under loadings of
+#: size 1 left float32 log-densities 11 nats off).
+CONDITION_TOLERANCE = 1e-5
 
 
 def near_top_pairs(
@@ -361,12 +363,18 @@ def refine_woodbury_near_top(
     cancelled = diag_quad.detach() - 2.0 * (log_scale.detach() - log_joint.detach())
     rows, comps = near_top_pairs(log_joint, diag_quad, cancelled, slack)
     # Where C is ill-conditioned in this dtype, m = C⁻ᵀw errs along M's small directions
-    # by more than the Woodbury form loses (δᵀMδ): those components keep the Woodbury form.
+    # by more than the Woodbury form loses (δᵀMδ), and log|C| errs too: those components'
+    # near-top entries are recomputed in float64 instead.
     diag_c = capacitance_chol.detach().diagonal(dim1=-2, dim2=-1)  # [K, L]
     spread = (diag_c.amax(-1) / diag_c.amin(-1)) ** 2  # ≤ cond(M)
     sound = spread * torch.finfo(xc.dtype).eps < CONDITION_TOLERANCE  # [K]
     keep = sound[comps]
     rows, comps = rows[keep], comps[keep]
+    if not bool(sound.all()):  # their rounding bound: ε·cond·‖w‖² (0 for the sound ones)
+        error = (spread * torch.finfo(xc.dtype).eps * ~sound) * cancelled.clamp_min(0.0)
+        log_joint = _refine_ill_conditioned(log_joint, log_scale, xc, means, inv_noise,
+                                            factors, capacitance_chol, diag_quad, slack, ~sound,
+                                            error)
     if rows.numel() == 0:
         return log_joint
     # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
@@ -376,6 +384,39 @@ def refine_woodbury_near_top(
     maha = residual_mahalanobis(xc.index_select(0, rows), comps, means, factors, inv_noise,
                                 posterior)
     exact = log_scale.index_select(0, comps) - 0.5 * maha
+    return log_joint.index_put((rows, comps), exact.to(log_joint.dtype))
+
+
+def _refine_ill_conditioned(
+    log_joint: Tensor, log_scale: Tensor, xc: Tensor, means: Tensor, inv_noise: Tensor,
+    factors: Tensor, capacitance_chol: Tensor, diag_quad: Tensor, slack: float, ill: Tensor,
+    error: Tensor,
+) -> Tensor:
+    """``log_joint`` with every entry of the ``ill`` components ``[K]`` (bool) within the
+    near-top window (:func:`near_top_pairs`, whatever its cancellation, widened by each
+    entry's and its row's largest rounding bound ``error`` [n, K]) recomputed in float64:
+    the capacitance, its log-determinant and the residual form."""
+    estimate = log_joint.detach()
+    window = (30.0 + slack) + (256.0 * torch.finfo(estimate.dtype).eps) * diag_quad.detach()
+    window = window + error + error.amax(-1, keepdim=True)
+    near = (estimate >= estimate.amax(-1, keepdim=True) - window) & ill  # [n, K]
+    comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
+    if rows.numel() == 0:
+        return log_joint
+    which = ill.nonzero().squeeze(-1)  # [K'], the ill components
+    f64, inv64 = factors[which].double(), inv_noise[which].double()  # [K', D, L], [K', D]
+    chol64 = capacitance_cholesky(f64, 1.0 / inv64)  # [K', L, L]
+    # log_scale holds −log|C| of the dtype's C: swap it for float64's.
+    log_det = lambda c: c.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # noqa: E731
+    scale64 = (log_scale[which].double() + log_det(capacitance_chol[which].double())
+               - log_det(chol64))  # [K']
+    local = torch.searchsorted(which, comps)  # pairs' index among the ill components
+    y = xc.index_select(0, rows).double() - means[which].double().index_select(0, local)
+    rhs = torch.einsum("pd,pdl->pl", y * inv64.index_select(0, local), f64.index_select(0, local))
+    posterior = torch.cholesky_solve(rhs.unsqueeze(-1), chol64.index_select(0, local))
+    maha = residual_mahalanobis(xc.index_select(0, rows).double(), local, means[which].double(),
+                                f64, inv64, posterior.squeeze(-1))
+    exact = scale64.index_select(0, local) - 0.5 * maha
     return log_joint.index_put((rows, comps), exact.to(log_joint.dtype))
 
 
