@@ -173,8 +173,9 @@ def component_log_prob_from_terms(
     nats on a row its component explains well (34 nats on Fashion-MNIST, K = 50, noise at
     1e-6; 0.017 nats a row on average). That costs about four passes over the ``[n, D]``
     rows it recomputes (+18 % on a 2-core CPU at K = 50, D = 784 for that sharply fitted
-    model, +3 % where no component explains a row sharply); averages over many rows, whose
-    errors average out, pass ``exact=False``. Before that, the diagonal form's near-top
+    model, +3 % where no component explains a row sharply); Adam's loss, an average whose
+    errors mostly cancel, passes ``exact=False`` (not for ill-conditioned components: their
+    errors do not cancel). Before that, the diagonal form's near-top
     entries are recomputed when its expansion loses more than
     :data:`mfa.linalg.QUADRATIC_TOLERANCE` (``terms.refine``).
     """

@@ -49,6 +49,11 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   the M-step as much as the sums' dtype does (Fashion-MNIST, K=50, L=6: the train
   log-likelihood after one M-step differs from float64's by 0.011–0.018 of 1,649 nats/row
   in every float32-based mode).
+
+Whatever the mode, a float32 model with a component whose capacitance ``I + AᵀD⁻¹A`` is too
+ill-conditioned for float32 (a noise variance far below its loadings': the Heywood case;
+:data:`mfa.e_step.CONDITION_LIMIT`) gets the float64 E-step, with a warning: every float32
+mode's sums were then wrong (the mass 1.5× off at a noise variance of 1e-9).
 """
 
 from __future__ import annotations

@@ -54,8 +54,11 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
         source: a :class:`DataSource`, or anything it accepts (a tensor ``[N, D]``, a
             ``Dataset`` or a ``DataLoader``), streamed in batches.
 
-    Batch totals are accumulated in float64 on the CPU. A source that allows missing entries
-    (NaN) is scored by the observed-data likelihood (:func:`mfa.missing.row_log_prob`).
+    Each row's log-density is the model's exact one (as in ``model.log_prob``; the plain
+    Woodbury form, ~20 % cheaper, was 3 nats a row off for a float32 component with one noise
+    variance at 1e-9). Batch totals are accumulated in float64 on the CPU. A source that
+    allows missing entries (NaN) is scored by the observed-data likelihood
+    (:func:`mfa.missing.row_log_prob`).
     """
     if not isinstance(source, DataSource):
         source = DataSource(source, model, DEFAULT_BATCH_SIZE, "data")
@@ -67,7 +70,7 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
             if source.allow_missing:
                 log_p = missing.row_log_prob(model, batch)
             else:
-                log_p = linalg.logsumexp(model._component_log_prob(batch, terms, exact=False))
+                log_p = linalg.logsumexp(model._component_log_prob(batch, terms))
             total += log_p.double().sum().cpu()
             count += batch.shape[0]
     if source.sharded:  # every process's rows

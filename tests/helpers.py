@@ -203,3 +203,17 @@ def roundtrip(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def heywood_float32_models(seed: int = 4, noise: float = 1e-9):
+    """A float32 model (K=3, D=6, L=2) whose component 1 has one noise variance at ``noise``
+    under loadings of size ~1 (a Heywood case), its exact float64 copy, and 2,000 float32 rows
+    drawn from that copy."""
+    import copy
+
+    params = random_parameters(3, 6, 2, seed=seed, dtype=torch.float32)
+    params["noise_variance"][1, 2] = noise
+    m32 = MixtureOfFactorAnalyzers.from_parameters(**params)
+    m64 = copy.deepcopy(m32).double()
+    x, _ = m64.sample(2000, generator=gen(5))
+    return m32, m64, x.float()
