@@ -334,7 +334,7 @@ class EMTrainer:
         run = state.run
         search_at = min(cfg.search_warmup, cfg.max_iter - 1) if ctx.search else -1
         # A CPU generator: its state resumes on any device.
-        gen = torch.Generator().manual_seed(cfg.seed * 1000003 + run)
+        gen = torch.Generator().manual_seed((cfg.seed * 1000003 + run) % 2**63)
         if state.generator is not None:
             gen.set_state(state.generator)
         converged = False

@@ -944,3 +944,17 @@ def test_resume_from_the_callback_of_the_converged_iteration_writes_its_record_o
     resumed.fit(again, x)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in whole.history]
+
+
+@pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
+def test_the_largest_seed_fits_and_reproduces():
+    """EMConfig accepts seeds up to 2**63 - 1; the restarts' generator seed (seed·1000003 + run)
+    overflowed torch's range there and failed with an unnamed overflow."""
+    x = torch.randn(200, 3, generator=gen(1), dtype=torch.float64)
+    fits = []
+    for _ in range(2):
+        model = MixtureOfFactorAnalyzers(2, 3, 1)
+        EMTrainer(EMConfig(seed=2**63 - 1, n_init=2, max_iter=3, progress=False)).fit(model, x)
+        fits.append(model.state_dict())
+    for name, value in fits[0].items():
+        assert torch.equal(value, fits[1][name]), name
