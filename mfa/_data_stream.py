@@ -7,7 +7,15 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    default_collate,
+)
 
 from mfa import distributed
 from mfa._validation import all_finite, all_not_inf
@@ -48,7 +56,8 @@ class DataSource:
     def __init__(self, data, model, batch_size: int, name: str = "data",
                  shard: bool = False, allow_missing: bool = False) -> None:
         self.name = name
-        self.dataset: Dataset | None = None
+        self.dataset: Dataset | None = None  # the rows gather_rows draws from, if indexable
+        self.in_order = False  # the pass reads self.dataset in order (errors name the item)
         self.allow_missing = allow_missing
         self.n_features = model.n_features
         self.dtype = model.dtype
@@ -68,10 +77,11 @@ class DataSource:
             self.tensor = None
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
             if not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
-                self.dataset = data  # indexable: gather_rows draws a random subset
+                self.dataset, self.in_order = data, True
         elif isinstance(data, Iterable):
             self.tensor = None
             self.iterable = data
+            self.dataset = _whole_dataset(data)
         else:
             raise TypeError(
                 f"{name} must be a torch.Tensor, a Dataset or a DataLoader, "
@@ -84,7 +94,20 @@ class DataSource:
         if self.sharded and self.iterable is not None:
             self.iterable, self.whole = distributed.shard_loader(self.iterable)
 
-    def _prepare(self, batch, index: int) -> Tensor:
+    def _item(self, index: int, row: int) -> str:
+        """Where row ``row`` of batch ``index`` of this source's own pass lies in the Dataset
+        it reads in order (through any ``Subset``, e.g. the rows :func:`hold_out` left for
+        training), or ``""`` for other sources."""
+        if not self.in_order or self.sharded:
+            return ""
+        item, data = index * self.batch_size + row, self.dataset
+        while isinstance(data, Subset):
+            item, data = int(data.indices[item]), data.dataset
+        return f" (item {item} of the {type(data).__name__})"
+
+    def _prepare(self, batch, index: int, in_order: bool = False) -> Tensor:
+        """Batch ``index`` as float rows ``[n, D]`` in the model's dtype and device, checked;
+        ``in_order``: it comes from this source's own pass (errors then name the item)."""
         if isinstance(batch, (tuple, list)):
             batch = batch[0]
         if not isinstance(batch, Tensor):
@@ -113,9 +136,10 @@ class DataSource:
             hint = ("" if self.allow_missing else
                     "; to train on incomplete data with NaN marking the missing entries, set "
                     "missing='allow' (EMConfig.missing or SGDConfig.missing)")
+            where = self._item(index, row) if in_order else ""
             raise ValueError(
-                f"{self.name} contains non-finite values (NaN or inf): batch {index}, row {row}, "
-                f"feature {col}{hint}"
+                f"{self.name} contains non-finite values (NaN or inf): batch {index}, row {row}"
+                f"{where}, feature {col}{hint}"
             )
         return rows
 
@@ -129,7 +153,7 @@ class DataSource:
         empty = not self.sharded  # an empty shard is fine; the sums say whether all are
         for index, batch in enumerate(self.iterable):
             empty = False
-            yield self._prepare(batch, index)
+            yield self._prepare(batch, index, in_order=True)
         if empty:
             raise ValueError(f"{self.name} is empty")
 
@@ -137,8 +161,9 @@ class DataSource:
 def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
     """Up to ``max_rows`` rows for initialisation: a seeded random subset of a tensor or of a
     sized map-style ``Dataset`` (the same rows for the same data, so a class-sorted folder
-    does not initialise from its first classes), or the first ``max_rows`` rows of a
-    stream."""
+    does not initialise from its first classes), also of the one a ``DataLoader`` reads whole
+    (in order or shuffled: a shuffled loader's first rows changed with torch's global seed),
+    or the first ``max_rows`` rows of another stream."""
     if source.tensor is not None:
         n = source.tensor.shape[0]
         if n <= max_rows:
@@ -146,11 +171,12 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(n, generator=gen)[:max_rows].to(source.device)
         return source.tensor[idx]
-    if source.dataset is not None and len(source.dataset) > max_rows:
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(source.dataset), generator=gen)[:max_rows].tolist()
-        subset = DataLoader(Subset(source.dataset, idx), batch_size=source.batch_size)
-        return torch.cat(list(_rebatch(source, subset)))
+    if source.dataset is not None and (len(source.dataset) > max_rows or not source.in_order):
+        rows = source.dataset
+        if len(rows) > max_rows:
+            gen = torch.Generator().manual_seed(seed)
+            rows = Subset(rows, torch.randperm(len(rows), generator=gen)[:max_rows].tolist())
+        return torch.cat(list(_rebatch(source, DataLoader(rows, batch_size=source.batch_size))))
     rows, count = [], 0
     # A sharded stream reads the whole data as one process would, where it can; otherwise
     # (each process's own iterable) its first rows are joined across processes in rank order.
@@ -166,6 +192,20 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
     if source.sharded and not whole:
         return distributed.concat_rows(local, max_rows)
     return local
+
+
+def _whole_dataset(loader: Iterable) -> Dataset | None:
+    """The sized map-style Dataset a ``DataLoader`` reads every item of once, in order or
+    shuffled, with the default collation (its rows are then the Dataset's); else ``None``."""
+    if not isinstance(loader, DataLoader) or loader.collate_fn is not default_collate:
+        return None
+    data, sampler = loader.dataset, loader.sampler
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__"):
+        return None
+    whole = isinstance(sampler, SequentialSampler) or (
+        isinstance(sampler, RandomSampler) and not sampler.replacement
+        and sampler.num_samples == len(data))
+    return data if whole else None
 
 
 def _rebatch(source: DataSource, iterable: Iterable) -> Iterator[Tensor]:

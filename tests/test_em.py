@@ -914,6 +914,40 @@ def test_a_dataset_initialises_from_the_same_seeded_subset_as_a_tensor():
     assert (fits[1].weights - 1 / 3).abs().max() < 0.02  # every cluster found
 
 
+@pytest.mark.parametrize("init_samples", [300, 5000])  # a subset, every row
+def test_a_shuffled_dataloader_initialises_like_its_dataset(init_samples):
+    """A DataLoader with shuffle=True initialised from its first (shuffled) rows, so the fit
+    changed with torch's global seed; it now draws EMConfig.seed's subset of its Dataset."""
+    x = torch.randn(1000, 4, generator=gen(4), dtype=F64)
+    config = EMConfig(max_iter=1, init_samples=init_samples, reseed_rounds=0, patience=0,
+                      tempered_step=False, noise_prior_strength=0.0, progress=False)
+    fits = []
+    for global_seed, data in ((1, TensorDataset(x)), (1, None), (2, None)):
+        torch.manual_seed(global_seed)
+        loader = data or DataLoader(TensorDataset(x), batch_size=128, shuffle=True)
+        model = MixtureOfFactorAnalyzers(3, 4, 1, dtype=F64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            EMTrainer(config).fit(model, loader)
+        fits.append(model)
+    for other in fits[1:]:
+        for name, value in fits[0].state_dict().items():
+            torch.testing.assert_close(other.state_dict()[name], value, rtol=1e-9, atol=1e-9)
+
+
+def test_a_non_finite_dataset_item_is_named_through_the_held_out_split():
+    """NaN in a Dataset: the error names the item of the Dataset (it named the row's
+    position in a batch of the shuffled training subset that hold_out made)."""
+    x = torch.randn(300, 4, generator=gen(5), dtype=F64)
+    x[7, 2] = float("nan")
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    with pytest.raises(ValueError, match=r"item 7 of the TensorDataset\), feature 2"):
+        EMTrainer(EMConfig(max_iter=1, progress=False)).fit(model, TensorDataset(x))
+    with pytest.raises(ValueError, match=r"item 7 of the TensorDataset\), feature 2"):
+        EMTrainer(EMConfig(max_iter=1, progress=False, init="none")).fit(
+            model, TensorDataset(x), validation=x[8:20])
+
+
 def test_resume_from_the_callback_of_the_converged_iteration_writes_its_record_once():
     """The iteration that converges records itself and runs the callbacks without an M-step;
     a state saved there stood before it, so the resumed fit redid it and the history held
