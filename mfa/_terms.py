@@ -28,6 +28,29 @@ def check_supported_dtype(dtype: torch.dtype) -> None:
         )
 
 
+def check_parameters(log_weights: Tensor, means: Tensor, loadings: Tensor, noise: Tensor,
+                     action: str = "cannot evaluate the model") -> None:
+    """Raise when a parameter is NaN or infinite (a diverged run or a bad assignment): the
+    densities would be NaN, or fail later with a message about something else. Log-weights
+    ``[K]`` may be ``−inf`` (a component of weight 0). ``O(K·D·L)``, one sync."""
+    log_weights = log_weights.detach()
+    named = (("the mixture weights", log_weights.masked_fill(log_weights == -torch.inf, 0.0)),
+             ("the means", means.detach()), ("the factor loadings", loadings.detach()),
+             ("the noise variances", noise.detach()))
+    if all(bool(torch.isfinite(value).all()) for _, value in named):
+        return
+    for name, value in named:
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            index = [int(i) for i in bad.nonzero()[0]]
+            where = ", ".join(f"{axis} {i}" for axis, i in
+                              zip(("component", "feature", "factor"), index, strict=False))
+            raise ValueError(
+                f"{action}: {name} are not finite ({value[tuple(index)].item()} at {where}): "
+                "a training run that diverged, or an assignment to the parameters; load a good "
+                "checkpoint or initialise again")
+
+
 def check_noise(noise: Tensor) -> None:
     """Raise when a noise variance ``[K, D]`` underflowed to 0, or is so small that its
     reciprocal overflows, in its dtype (the densities would silently be NaN). ``O(K·D)``."""
@@ -136,7 +159,8 @@ def build_component_terms(
     log_weights: Tensor, means: Tensor, loadings: Tensor, noise: Tensor
 ) -> ComponentTerms:
     """:class:`ComponentTerms` of log-weights [K], means [K, D], loadings [K, D, L] and
-    noise variances [K, D] (checked with :func:`check_noise`)."""
+    noise variances [K, D] (checked with :func:`check_parameters` and :func:`check_noise`)."""
+    check_parameters(log_weights, means, loadings, noise)
     check_noise(noise)
     inv_noise = noise.reciprocal()  # [K, D]
     reference = precision_weighted_reference(log_weights, means, inv_noise)  # [D]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from mfa import linalg
-from mfa._terms import check_log_densities, check_noise
+from mfa._terms import check_log_densities, check_noise, check_parameters
 from mfa._validation import (
     check_finite,
     check_floating,
@@ -155,8 +155,9 @@ class MaskedTerms:
 
 def masked_terms(log_w: Tensor, means: Tensor, loadings: Tensor, noise: Tensor) -> MaskedTerms:
     """:class:`MaskedTerms` of a model with log-weights [K], means [K, D], loadings
-    [K, D, L] and noise variances [K, D] (checked by :func:`mfa._terms.check_noise`);
-    ``O(K·D·L²)``."""
+    [K, D, L] and noise variances [K, D] (checked by :func:`mfa._terms.check_parameters` and
+    :func:`mfa._terms.check_noise`); ``O(K·D·L²)``."""
+    check_parameters(log_w, means, loadings, noise)
     check_noise(noise)
     k, d, n_lat = loadings.shape
     inv_noise = noise.reciprocal()  # [K, D]

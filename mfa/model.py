@@ -28,6 +28,7 @@ from mfa._terms import (
     ComponentTerms,
     build_component_terms,
     check_log_densities,
+    check_parameters,
     check_supported_dtype,
     component_log_prob_from_terms,
 )
@@ -370,13 +371,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
             empty = self.loc.new_zeros(0, self.n_features).detach()
             return empty, torch.zeros(0, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            weights = self.weights
-            if not bool(torch.isfinite(weights).all()):
-                raise ValueError(
-                    "cannot sample: the mixture weights are not finite (the logits contain "
-                    f"NaN or +inf: {self.logits.tolist()[:8]})"
-                )
-            components = torch.multinomial(weights, n, replacement=True, generator=generator)
+            check_parameters(self.log_weights, self.means, self.factor_loadings,
+                             self.noise_variance, "cannot sample")
+            components = torch.multinomial(self.weights, n, replacement=True,
+                                           generator=generator)
             size = self.chunk_size(extra_per_row=self.n_features * self.n_factors)
             x = sampling.ancestral_sample(
                 self.means, self.factor_loadings, self.noise_variance, components, size,

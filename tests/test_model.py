@@ -676,3 +676,32 @@ def test_models_built_from_parameters_leave_the_global_generator_alone():
     model.marginal([0, 1])
     model.condition([0], torch.zeros(1))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("name,what", [("logits", "mixture weights"), ("loc", "means"),
+                                       ("loadings", "factor loadings"),
+                                       ("raw_noise", "noise variances")])
+def test_non_finite_parameters_are_named_by_every_path(name, what, value):
+    """A NaN or infinite parameter (a diverged run, an assignment): log p and the
+    responsibilities were NaN, sampling returned NaN, and other paths failed with a message
+    about overflowing data, tiny noise or a Cholesky factor. Each now names the parameter."""
+    from mfa import inference
+    from mfa.em import EMConfig, EMTrainer
+
+    model = random_model(2, 4, 1, seed=66)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].view(-1)[1] = value
+    x = random_data(20, random_model(2, 4, 1, seed=66), seed=67)
+    observed = torch.tensor([True, True, False, False]).expand(20, 4)
+    calls = {
+        "log_prob": lambda: model.log_prob(x),
+        "responsibilities": lambda: model.responsibilities(x),
+        "sample": lambda: model.sample(3, generator=gen(0)),
+        "conditional_mean": lambda: model.conditional_mean(x, observed),
+        "inpaint": lambda: inference.inpaint(model, x, observed),
+        "EM": lambda: EMTrainer(EMConfig(max_iter=1, init="none", progress=False)).fit(model, x),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=f"{what} are not finite"):
+            call()
