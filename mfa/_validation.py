@@ -203,6 +203,9 @@ def feature_index(features: object, n_features: int, name: str = "features") -> 
         except (TypeError, ValueError, RuntimeError) as err:
             raise TypeError(f"{name} must be indices or a bool mask, got {features!r}") from err
     idx = idx.cpu()
+    if idx.dim() > 1:
+        raise ValueError(f"{name} must be a 1-D sequence of indices or a bool mask of shape "
+                         f"({n_features},), got shape {tuple(idx.shape)}")
     if idx.numel() == 0:
         raise ValueError(f"{name} selects no features")
     if idx.dtype == torch.bool:

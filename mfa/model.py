@@ -185,9 +185,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """A model with the sizes, dtype and device of ``means`` and ``loadings``."""
         means, loadings = parameters.check_sizes(means, means_name, loadings, loadings_name)
         k, d, lat = loadings.shape
-        dtype = means.dtype if means.is_floating_point() else None
         # placeholder loadings from a private generator: the global one must not advance
-        return cls(k, d, lat, noise, min_noise=min_noise, dtype=dtype, device=means.device,
+        return cls(k, d, lat, noise, min_noise=min_noise, dtype=means.dtype, device=means.device,
                    chunk_elements=chunk_elements, generator=torch.Generator())
 
     def set_parameters(

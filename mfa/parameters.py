@@ -32,7 +32,8 @@ def check_config(
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
     if not (
-        isinstance(min_noise, (int, float)) and math.isfinite(min_noise) and min_noise >= 0
+        isinstance(min_noise, (int, float)) and not isinstance(min_noise, bool)
+        and math.isfinite(min_noise) and min_noise >= 0
     ):
         raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
 
@@ -170,6 +171,9 @@ def check_sizes(
     means = check_tensor(means, means_name)
     if means.dim() != 2:
         raise ValueError(f"{means_name} must have shape [K, D], got {tuple(means.shape)}")
+    if not means.is_floating_point():  # they set the model's dtype
+        raise TypeError(f"{means_name} must be floating point (float32 or float64), got "
+                        f"{means.dtype}")
     n_components, n_features = means.shape
     loadings = check_tensor(loadings, loadings_name)
     if loadings.dim() != 3 or tuple(loadings.shape[:2]) != (n_components, n_features):

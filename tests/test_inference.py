@@ -543,6 +543,8 @@ def test_marginal_feature_validation():
         model.marginal([-1, 2])
     with pytest.raises(ValueError, match=r"features contains duplicated feature indices"):
         model.marginal([1, 2, 1])
+    with pytest.raises(ValueError, match=r"features must be a 1-D sequence .* got shape \(1, 2\)"):
+        model.marginal([[0, 1]])  # was flattened and accepted
     with pytest.raises(ValueError, match=r"features selects no features"):
         model.marginal(torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match=r"features selects no features"):

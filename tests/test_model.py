@@ -474,6 +474,12 @@ def test_constructor_validation():
         MFA(2, 3, 1, noise="full")
     with pytest.raises(ValueError, match=r"min_noise must be a finite float >= 0, got -1"):
         MFA(2, 3, 1, min_noise=-1.0)
+    with pytest.raises(ValueError, match=r"min_noise must be a finite float >= 0, got True"):
+        MFA(2, 3, 1, min_noise=True)  # was read as 1.0
+    p = random_parameters(2, 3, 1)  # integer means: the error blamed the weights' dtype
+    with pytest.raises(TypeError, match=r"means must be floating point .* got torch.int64"):
+        MFA.from_parameters(p["weights"], p["means"].long(), p["factor_loadings"],
+                            p["noise_variance"])
     with pytest.raises(ValueError, match=r"chunk_elements must be >= 1, got 0"):
         MFA(2, 3, 1, chunk_elements=0)
 
