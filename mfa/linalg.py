@@ -180,14 +180,10 @@ def woodbury_mahalanobis(diagonal_quad: Tensor, whitened_residual: Tensor) -> Te
     return diagonal_quad - (whitened_residual * whitened_residual).sum(-1)
 
 
-#: Largest estimated rounding error (nats, ε·κ) of the expanded quadratic form left as it
-#: is; above it the near-top entries are recomputed (or, in the masked paths, the form is
-#: evaluated in float64). The estimate leaves out the rows' own terms: at 1.0 (before
-#: 2026-12) an estimate of 0.78 came with errors of 1.37 nats on rows drawn from the model;
-#: at 0.01 the largest error over 96 such float32 models was 0.004 nats. Trained image models
-#: sit far below it (the embedded digits, K = 20: 2e-4).
+#: Largest estimated rounding error (nats, ε·κ; the rows' own terms left out) of the expanded
+#: quadratic form left as it is. At 1.0 (before 2026-12) float32 rows drawn from far-mean models
+#: were 1.4 nats off; at 0.01 at most 0.004 (96 models). The embedded digits (K = 20): 2e-4.
 QUADRATIC_TOLERANCE = 0.01
-
 
 #: Above this worst-case rounding error (nats) the expanded quadratic form is evaluated in
 #: float64; between :data:`QUADRATIC_TOLERANCE` and it, the entries near each row's top are
