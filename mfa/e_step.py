@@ -8,47 +8,21 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import Tensor
 
 from mfa import distributed, linalg, missing
 from mfa._data_stream import DataSource
-from mfa._terms import build_component_terms
+from mfa._terms import CONDITION_LIMIT, build_component_terms, ill_conditioned
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.precision import resolve_stats_dtype
 from mfa.statistics import SufficientStatistics, accumulate_statistics
 
-__all__ = ["CONDITION_LIMIT", "capacitance_condition", "streamed_e_step"]
-
-#: Above this ``ε·cond(M)`` of any component's capacitance ``M = I + AᵀD⁻¹A`` (``ε`` of the
-#: model's dtype) a float32 E-step is taken in float64. The float32 sums err by about
-#: ``ε·cond(M)`` relative (measured, one feature's noise far below its loadings': 3e-3 → 3e-4
-#: relative in ``Σ r E[z]E[z]ᵀ``, 3.5e-2 → 7e-3, 0.5 → 240×, the responsibilities' mass 0.9×
-#: off); trained image models sit far below (Fashion-MNIST, K = 50, 20 default iterations:
-#: 1.5e-4, sums within 2e-4).
-CONDITION_LIMIT = 1e-3
-
-
-def capacitance_condition(loadings: Tensor, noise: Tensor) -> Tensor:
-    """``cond(M)`` of ``M = I + AᵀD⁻¹A`` per component, from its eigenvalues in float64.
-
-    Args: loadings: ``A`` ``[K, D, L]``; noise: ``d`` ``[K, D]``. Returns: ``[K]`` float64
-    (ones when ``L = 0``). Cost ``O(K·D·L² + K·L³)``.
-    """
-    a, d = loadings.detach().double(), noise.detach().double()
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    values = torch.linalg.eigvalsh(eye + a.mT @ (a / d.unsqueeze(-1)))  # ascending, ≥ 1
-    if values.shape[-1] == 0:
-        return torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
-    return values[..., -1] / values[..., 0]
+__all__ = ["streamed_e_step"]
 
 
 def _needs_float64(model: MixtureOfFactorAnalyzers) -> bool:
     """Whether a component is too ill-conditioned for an E-step in the model's dtype; warns."""
-    if model.dtype == torch.float64 or model.n_factors == 0:
-        return False
-    error = torch.finfo(model.dtype).eps * capacitance_condition(model.factor_loadings,
-                                                                 model.noise_variance)
-    ill = (error > CONDITION_LIMIT).nonzero().flatten().tolist()
+    ill = ill_conditioned(model.factor_loadings, model.noise_variance).nonzero()
+    ill = ill.flatten().tolist()
     if ill:
         warnings.warn(
             f"E-step in float64: component(s) {ill[:10]} have a capacitance too "
@@ -66,8 +40,9 @@ def streamed_e_step(
 
     ``stats_dtype`` as in :class:`mfa.em.EMConfig` (a ``torch.dtype`` is read as its name). A
     source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
-    A float32 model with a component whose ``ε·cond(M)`` exceeds :data:`CONDITION_LIMIT` is
-    passed in float64 whatever ``stats_dtype`` says (with a ``RuntimeWarning``).
+    A float32 model with a component whose ``ε·cond(M)`` exceeds
+    :data:`mfa._terms.CONDITION_LIMIT` is passed in float64 whatever ``stats_dtype`` says
+    (with a ``RuntimeWarning``).
     ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
     (:mod:`mfa.tempering`; complete data only).
     """

@@ -28,7 +28,7 @@ def test_streamed_e_step_equals_one_batch_and_is_the_trainers():
 def test_capacitance_condition_is_the_condition_number_of_the_dense_capacitance():
     from helpers import random_parameters
 
-    from mfa.e_step import capacitance_condition
+    from mfa._terms import capacitance_condition
 
     p = random_parameters(3, 7, 3, seed=2)
     a, d = p["factor_loadings"], p["noise_variance"]
@@ -70,3 +70,14 @@ def test_well_conditioned_float32_model_keeps_its_e_step_dtype():
         got = streamed_e_step(model, DataSource(x, model, 40), "float32")
     ref = accumulate_statistics(model, x, model.component_terms(), precise_moments=False)
     torch.testing.assert_close(got.sum_x2, ref.sum_x2, rtol=1e-6, atol=1e-6)
+
+
+def test_ill_conditioned_flags_the_heywood_component_in_float32_only():
+    from helpers import heywood_float32_models
+
+    from mfa._terms import ill_conditioned
+
+    m32, m64, _ = heywood_float32_models(4)
+    assert ill_conditioned(m32.factor_loadings, m32.noise_variance).tolist() == [False, True,
+                                                                                 False]
+    assert not ill_conditioned(m64.factor_loadings, m64.noise_variance).any()
