@@ -29,7 +29,7 @@ def test_quick_run_writes_the_table(tmp_path):
         env.update(MFA_DATA_DIR=str(tmp_path / "data"), MFA_CACHE_DIR=str(tmp_path / "cache"))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "baselines.py"), "--quick",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          timeout=60, cwd=ROOT)
+                          timeout=300, cwd=ROOT)  # ~15 s alone; a loaded machine is slower
     assert done.returncode == 0, done.stderr[-2000:]
     text = (tmp_path / "out" / "baselines.md").read_text()
     results = json.loads((tmp_path / "out" / "baselines.json").read_text())
