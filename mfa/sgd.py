@@ -166,6 +166,20 @@ class SGDTrainer:
             if resume.get(key, 0) < 0:
                 raise ValueError(f"SGDTrainer state key {key!r} must be >= 0, got {resume[key]}")
         training.check_resumed_config(resume, self.config, "SGDTrainer", RESUMABLE)
+        saved, epochs = resume.get("config"), self.config.epochs
+        if isinstance(saved, dict) and saved.get("epochs", epochs) != epochs:
+            if resume.get("stopped") or resume["epoch"] >= saved["epochs"]:
+                raise ValueError(
+                    f"SGDTrainer state is of a finished fit ({resume['epoch']} of "
+                    f"{saved['epochs']} epochs{', stopped early' if resume.get('stopped') else ''}"
+                    f"): its model holds the best epoch, not the last one its Adam state "
+                    f"continues from, so epochs={self.config.epochs} would not continue the same "
+                    "run; start a new fit from the model (init='none')")
+            if saved.get("schedule", "constant") != "constant":
+                raise ValueError(
+                    f"SGDTrainer state was saved with schedule={saved['schedule']!r}, laid out "
+                    f"over epochs={saved['epochs']}; resume with that many epochs (not "
+                    f"{self.config.epochs}) or start a new fit")
         self._resume, self.history = resume, history
 
     def _split(self, data, validation, model):
@@ -377,11 +391,13 @@ class SGDTrainer:
             self.history.append(record)
             bar.set_postfix(ll=f"{train_ll:.4f}", val=f"{val_ll:.4f}" if val_ll else "-")
             logger.debug("Adam epoch %d: %s", epoch + 1, record)
+            # Decided before the checkpoint: resumed from it, the fit must stop here too.
+            stopped = bool(cfg.patience and bad_epochs >= cfg.patience)
             self._state = {
                 "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
-                "reference_log_likelihood": reference, "stopped": False,
+                "reference_log_likelihood": reference, "stopped": stopped,
             }
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0
@@ -389,10 +405,9 @@ class SGDTrainer:
                 checkpoint_fn(self, model)
             for callback in callbacks:
                 callback(self, model, record)
-            if cfg.patience and bad_epochs >= cfg.patience:
+            if stopped:
                 logger.info("Adam: early stop after epoch %d (no improvement in %d epochs)",
                             epoch + 1, cfg.patience)
-                stopped = self._state["stopped"] = True
                 break
         bar.close()
         if best_params is not None:

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import gen, roundtrip
+from helpers import gen, random_data, random_model, roundtrip
 from torch.distributions import MultivariateNormal
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -306,6 +306,56 @@ def test_resume_after_interrupt_equals_uninterrupted(small, schedule):
     )
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_resume_from_the_checkpoint_of_the_early_stopping_epoch_stops_there(seed):
+    """The checkpoint written in the epoch where early stopping fires said stopped=False (the
+    decision came after it): resumed from it, the fit trained on (5 epochs instead of 2 at
+    seed 0) and ended elsewhere. It now stops where the uninterrupted fit stopped."""
+    truth = random_model(3, 4, 1, seed=0)
+    x = random_data(600, truth, seed=1, scale=1.0)
+    val = random_data(200, truth, seed=2, scale=1.0)
+    config = dict(lr=0.05, epochs=60, patience=1, batch_size=64, seed=seed, checkpoint_every=1,
+                  progress=False)
+    saved = []
+
+    def checkpoint(trainer, model):
+        saved.append((copy.deepcopy(trainer.state_dict()), copy.deepcopy(model.state_dict())))
+
+    full = MixtureOfFactorAnalyzers(3, 4, 1, dtype=F64)
+    full_trainer = SGDTrainer(SGDConfig(**config))
+    full_trainer.fit(full, x, validation=val, checkpoint_fn=checkpoint)
+    state, params = saved[-2]  # the stopping epoch's own checkpoint (the last is the final one)
+    assert state["epoch"] == len(full_trainer.history) and state["stopped"]
+    resumed = MixtureOfFactorAnalyzers(3, 4, 1, dtype=F64)
+    resumed.load_state_dict(params)
+    trainer = SGDTrainer(SGDConfig(**config))
+    trainer.load_state_dict(roundtrip(state))
+    trainer.fit(resumed, x, validation=val)
+    assert len(trainer.history) == len(full_trainer.history)
+    _assert_same_params(resumed, full, rtol=0, atol=0)
+
+
+def test_resume_with_other_epochs_under_a_schedule_is_refused(small):
+    """A cosine or step schedule is laid out over the saved epochs: resumed with another
+    number, the old schedule went on (cosine back up from 0 after its end) without a word."""
+    train, _ = small
+    config = dict(lr=0.02, schedule="cosine", patience=0, checkpoint_every=1, batch_size=128)
+    saved = {}
+
+    def checkpoint(trainer, model):
+        if trainer.state_dict()["epoch"] == 2:
+            saved["trainer"] = copy.deepcopy(trainer.state_dict())
+
+    _fit(train, 2, 1, epochs=4, checkpoint_fn=checkpoint, **config)
+    trainer = SGDTrainer(SGDConfig(progress=False, epochs=8, **config))
+    with pytest.raises(ValueError, match=r"schedule='cosine', laid out over epochs=4"):
+        trainer.load_state_dict(saved["trainer"])
+    SGDTrainer(SGDConfig(progress=False, epochs=4, **config)).load_state_dict(saved["trainer"])
+    constant = {**config, "schedule": "constant"}  # an interrupted constant-rate fit may grow
+    _fit(train, 2, 1, epochs=4, checkpoint_fn=checkpoint, **constant)
+    SGDTrainer(SGDConfig(progress=False, epochs=8, **constant)).load_state_dict(saved["trainer"])
+
+
 def test_state_dict_is_weights_only_loadable(small):
     train, val = small
     _, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
@@ -313,8 +363,11 @@ def test_state_dict_is_weights_only_loadable(small):
     assert state["epoch"] == 2
     assert state["config"]["epochs"] == 2
     assert len(state["history"]) == 2
-    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=5, checkpoint_every=3))
-    fresh.load_state_dict(state)  # how long it runs and how often it saves may change
+    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=2, checkpoint_every=3))
+    fresh.load_state_dict(state)  # how often it saves may change (how long: not when finished)
+    longer = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=5))
+    with pytest.raises(ValueError, match=r"finished fit \(2 of 2 epochs\).*best epoch"):
+        longer.load_state_dict(state)
     with pytest.raises(ValueError, match="missing keys"):
         fresh.load_state_dict({"epoch": 1})
     # anything else would be ignored (Adam's saved state carries lr on): refused, named
@@ -329,14 +382,22 @@ def test_state_dict_is_weights_only_loadable(small):
         fresh.load_state_dict({**state, "scheduler": None})
 
 
+def _first_epoch_state(train, val) -> dict:
+    """The trainer state saved after epoch 1 of a 2-epoch fit (one epoch left to run)."""
+    saved = []
+    _fit(train, 2, 1, validation=val, epochs=2, patience=0, checkpoint_every=1,
+         checkpoint_fn=lambda trainer, model: saved.append(roundtrip(trainer.state_dict())))
+    assert saved[0]["epoch"] == 1
+    return saved[0]
+
+
 @pytest.mark.parametrize("k, d", [(3, 4), (2, 5), (1, 4)])
 def test_resume_onto_another_model_is_refused_before_adam_runs(small, k, d):
     """The fused Adam kernel read past the saved moment buffers (munmap_chunk(): invalid
     pointer, exit 134) when the state was resumed onto a model of another size."""
     train, val = small
-    _, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
-    state = roundtrip(trainer.state_dict())
-    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=3))
+    state = _first_epoch_state(train, val)
+    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=2))
     fresh.load_state_dict(state)
     rows = torch.randn(50, d, dtype=F64, generator=gen(1))
     with pytest.raises(ValueError, match="saved for another model"):
@@ -345,11 +406,11 @@ def test_resume_onto_another_model_is_refused_before_adam_runs(small, k, d):
 
 def test_resume_with_adam_buffers_of_the_wrong_shape_is_refused(small):
     train, val = small
-    model, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
-    state = roundtrip(trainer.state_dict())
+    model, _ = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
+    state = _first_epoch_state(train, val)
     for buffers in state["optimizer"]["state"].values():
         buffers["exp_avg"] = torch.zeros(1, dtype=F64)
-    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=3))
+    fresh = SGDTrainer(SGDConfig(progress=False, patience=0, epochs=2))
     fresh.load_state_dict(state)
     with pytest.raises(ValueError, match=r"Adam's exp_avg of parameter 0 has shape \(1,\)"):
         fresh.fit(model, train, val)
