@@ -146,11 +146,9 @@ def capacitance_inverse_factor(capacitance_chol: Tensor) -> Tensor:
     """``C⁻ᵀ``: a square root of ``M⁻¹`` (``M⁻¹ = C⁻ᵀ C⁻¹``), shape ``[..., L, L]``.
 
     ``M⁻¹`` is the posterior covariance of the latent factors, so ``A C⁻ᵀ`` factors the
-    low-rank part of a conditional covariance ``A M⁻¹ Aᵀ``.
-    """
+    low-rank part of a conditional covariance ``A M⁻¹ Aᵀ``."""
     n = capacitance_chol.shape[-1]
-    eye = torch.eye(n, dtype=capacitance_chol.dtype, device=capacitance_chol.device)
-    eye = eye.expand_as(capacitance_chol)
+    eye = capacitance_chol.new_ones(n).diag().expand_as(capacitance_chol)
     if n == 0:
         return eye
     return torch.linalg.solve_triangular(capacitance_chol, eye, upper=False).mT
@@ -359,8 +357,10 @@ def refine_woodbury_near_top(
         whitened_residual: ``w = C⁻¹AᵀD⁻¹(x−μ)`` ``[n, K, L]``; diag_quad: ``[n, K]``;
         slack: nats.
     """
-    # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate
+    # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate; 0 for a
+    # component of weight 0 (its NaN, −inf − −inf, poisoned every row's window)
     cancelled = diag_quad.detach() - 2.0 * (log_scale.detach() - log_joint.detach())
+    cancelled = cancelled.nan_to_num(0.0)
     rows, comps = near_top_pairs(log_joint, diag_quad, cancelled, slack)
     # Where C is ill-conditioned in this dtype, m = C⁻ᵀw errs along M's small directions
     # by more than the Woodbury form loses (δᵀMδ), and log|C| errs too: those components'

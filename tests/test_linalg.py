@@ -568,3 +568,27 @@ def test_float32_log_prob_of_components_far_from_the_origin(seed, lat):
         ref = DenseMixture.from_model(m64).log_prob(x)
         got = m32.log_prob(x.float()).double()
     assert (got - ref).abs().max() < 0.02
+
+
+def test_a_component_of_weight_0_leaves_the_ill_conditioned_refinement_on():
+    """A Heywood component (one float32 noise variance at 1e-9) beside a component of weight
+    0: the weight-0 component's −inf − −inf (NaN) turned the float64 refinement off for every
+    row (log p 14 nats off, responsibilities 0.99996 off); the refinement now holds."""
+    import copy
+
+    from helpers import DenseMixture, random_parameters
+
+    from mfa import MixtureOfFactorAnalyzers
+
+    p = random_parameters(3, 6, 2, seed=4, dtype=torch.float32)
+    p["noise_variance"][1, 2] = 1e-9
+    p["weights"][0] = 0.0
+    p["weights"] = p["weights"] / p["weights"].sum()
+    m32 = MixtureOfFactorAnalyzers.from_parameters(**p)
+    m64 = copy.deepcopy(m32).double()
+    x = m64.sample(2000, generator=gen(5))[0].float()
+    with torch.no_grad():
+        ref = DenseMixture.from_model(m64).log_prob(x.double())
+        assert (m32.log_prob(x).double() - ref).abs().max() < 1e-3
+        torch.testing.assert_close(m32.responsibilities(x).double(),
+                                   m64.responsibilities(x.double()), rtol=0, atol=1e-4)
