@@ -211,14 +211,17 @@ def masked_capacitance_cholesky(terms: MaskedTerms, mask: Tensor) -> Tensor:
     rows = failed.any(1).nonzero().squeeze(1)
     comps = failed.any(0).nonzero().squeeze(1)
     mask64 = mask[rows].double()
-    outer = terms.outer.view(d, k, n_lat * n_lat)
     eye64 = eye.double()
     chol = chol.clone()
     step = max(1, 2**25 // (d * n_lat * n_lat))  # ≤ 256 MB of float64 terms at a time
     for i in range(0, comps.numel(), step):
         c = comps[i : i + step]
-        cap64 = (mask64 @ outer[:, c].double().reshape(d, -1)).view(rows.numel(), -1, n_lat,
-                                                                       n_lat) + eye64
+        # A A^T/d from the parameters in float64: terms.outer's float32 rounding (ε·|a|²/d)
+        # can exceed M_o's smallest eigenvalue (1) and leave the float64 sum indefinite.
+        a64 = terms.loadings[c].double()  # [c, D, L]
+        outer = (a64 / terms.noise[c].double().unsqueeze(-1)).unsqueeze(-1) * a64.unsqueeze(-2)
+        cap64 = (mask64 @ outer.permute(1, 0, 2, 3).reshape(d, -1)).view(
+            rows.numel(), -1, n_lat, n_lat) + eye64
         chol[rows.unsqueeze(1), c.unsqueeze(0)] = torch.linalg.cholesky(cap64).to(chol.dtype)
     return chol
 

@@ -653,3 +653,32 @@ def test_float32_heywood_masked_inference_matches_the_dense_reference(noise):
     torch.testing.assert_close(cond.weights.double(), expected.weights, rtol=0, atol=1e-4)
     torch.testing.assert_close(cond.means.double(), expected.means, rtol=0, atol=1e-3)
     torch.testing.assert_close(cond.covariance().double(), expected.covs, rtol=1e-4, atol=1e-3)
+
+
+def test_masked_paths_where_float32_rounding_of_the_capacitance_terms_exceeds_one():
+    """float32, every noise variance ~1e-8 under loadings of size 1 (|a|²/d ~ 1e8), a row with
+    one observed feature (fewer than L = 2): the float64 retry of M_o = I + A_oᵀD_o⁻¹A_o summed
+    float32-rounded terms (rounding ~10 > its smallest eigenvalue 1), and every masked path
+    raised a raw Cholesky error. Now: the dense float64 marginal's value."""
+    import copy
+
+    from helpers import random_parameters
+
+    from mfa.missing import row_log_prob
+
+    p = random_parameters(1, 3, 2, "isotropic", seed=0, dtype=torch.float32)
+    p["noise_variance"] = p["noise_variance"] * 1e-8
+    m32 = MixtureOfFactorAnalyzers.from_parameters(**p, noise="isotropic")
+    m64 = copy.deepcopy(m32).double()
+    x = m32.means.detach().clone()
+    observed = torch.tensor([[True, False, False]])
+    with torch.no_grad():
+        ref = DenseMixture.from_model(m64).marginal([0]).log_prob(x[:, [0]].double())
+        assert m32.observed_log_prob(x, observed).double() == pytest.approx(ref, abs=1e-4)
+        hidden = x.clone()
+        hidden[0, 1:] = math.nan
+        assert row_log_prob(m32, hidden).double() == pytest.approx(ref, abs=1e-4)
+        torch.testing.assert_close(m32.conditional_mean(x, observed).double(),
+                                   m64.conditional_mean(x.double(), observed), rtol=1e-4,
+                                   atol=1e-4)
+        assert torch.isfinite(inpaint(m32, x, observed, 1)[1]).all()
