@@ -345,8 +345,10 @@ def test_masked_capacitance_falls_back_to_float64_where_float32_fails():
     assert bool(failed.any()) and not bool(failed.all())  # the case this test is about
     chol = masked_capacitance_cholesky(terms, mask)
     assert chol.dtype == torch.float32
-    cap64 = (mask.double() @ terms.outer.double()).view(n, k, 2, 2) + torch.eye(2, dtype=F64)
-    reference = torch.linalg.cholesky(cap64)
+    # M_o of the float32 parameters, exactly (in float64): Σ_j∈o a_j a_jᵀ / d_j + I
+    a64, d64 = m32.factor_loadings.detach().double(), m32.noise_variance.detach().double()
+    cap64 = torch.einsum("nj,kja,kjb->nkab", mask.double(), a64 / d64.unsqueeze(-1), a64)
+    reference = torch.linalg.cholesky(cap64 + torch.eye(2, dtype=F64))
     torch.testing.assert_close(chol[failed].double(), reference[failed], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(chol[~failed], torch.linalg.cholesky_ex(cap).L[~failed])
 
