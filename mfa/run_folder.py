@@ -169,7 +169,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
                                  "new run")
     if "train.sgd.epochs" in changed and config.train.method == "sgd":
         saved = ckpt.run_config.train.sgd
-        if state.get("stopped") or int(state.get("epoch", 0)) >= saved.epochs:
+        if state.get("stopped") or state.get("final", int(state.get("epoch", 0)) >= saved.epochs):
             raise ValueError(
                 "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
                 "(it returned its best epoch, not its last), so more epochs would not continue "

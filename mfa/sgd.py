@@ -159,7 +159,7 @@ class SGDTrainer:
             "epoch": (int,), "optimizer": (dict,), "scheduler": (dict,),
             "best_val": (float, int, type(None)), "best_params": (dict, type(None)),
             "bad_epochs": (int,), "reference_log_likelihood": (float, int, type(None)),
-            "stopped": (bool,),
+            "stopped": (bool,), "final": (bool,),
         }
         resume, history = training.restore_state(state, required, "SGDTrainer", types)
         for key in ("epoch", "bad_epochs"):
@@ -168,7 +168,8 @@ class SGDTrainer:
         training.check_resumed_config(resume, self.config, "SGDTrainer", RESUMABLE)
         saved, epochs = resume.get("config"), self.config.epochs
         if isinstance(saved, dict) and saved.get("epochs", epochs) != epochs:
-            if resume.get("stopped") or resume["epoch"] >= saved["epochs"]:
+            # "final": saved after fit() returned (before 2026-12: read from the epoch count)
+            if resume.get("stopped") or resume.get("final", resume["epoch"] >= saved["epochs"]):
                 raise ValueError(
                     f"SGDTrainer state is of a finished fit ({resume['epoch']} of "
                     f"{saved['epochs']} epochs{', stopped early' if resume.get('stopped') else ''}"
@@ -397,7 +398,7 @@ class SGDTrainer:
                 "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
-                "reference_log_likelihood": reference, "stopped": stopped,
+                "reference_log_likelihood": reference, "stopped": stopped, "final": False,
             }
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0
@@ -417,6 +418,8 @@ class SGDTrainer:
                 f"Adam ran all {cfg.epochs} epochs without validation data to stop on",
                 ConvergenceWarning, stacklevel=3,
             )
+        if self._state:  # the model now holds the best epoch, not the last
+            self._state["final"] = True
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model

@@ -356,6 +356,30 @@ def test_resume_with_other_epochs_under_a_schedule_is_refused(small):
     SGDTrainer(SGDConfig(progress=False, epochs=8, **constant)).load_state_dict(saved["trainer"])
 
 
+def test_a_killed_fit_extends_from_its_last_epochs_checkpoint_but_a_returned_one_does_not(small):
+    """The checkpoint written inside the last epoch (the model at that epoch) may grow into a
+    longer constant-rate fit, equal to the uninterrupted one; the one written after fit
+    returned holds the best epoch and refuses (it continued from the best epoch with the last
+    epoch's Adam state, off by 0.18 from the uninterrupted fit)."""
+    train, val = small
+    config = dict(lr=0.02, patience=0, checkpoint_every=1, batch_size=128, seed=1)
+    saved = []
+    _fit(train, 2, 1, validation=val, epochs=2, **config,
+         checkpoint_fn=lambda t, m: saved.append((roundtrip(t.state_dict()),
+                                                  copy.deepcopy(m.state_dict()))))
+    (in_loop, params), (final, _) = saved[-2], saved[-1]
+    assert in_loop["epoch"] == final["epoch"] == 2 and final["final"] and not in_loop["final"]
+    longer = SGDTrainer(SGDConfig(progress=False, epochs=4, **config))
+    with pytest.raises(ValueError, match="finished fit"):
+        longer.load_state_dict(final)
+    longer.load_state_dict(in_loop)
+    resumed = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    resumed.load_state_dict(params)
+    _fit(train, 2, 1, validation=val, model=resumed, trainer=longer)
+    full, _ = _fit(train, 2, 1, validation=val, epochs=4, **config)
+    _assert_same_params(resumed, full, rtol=1e-9, atol=1e-9)
+
+
 def test_state_dict_is_weights_only_loadable(small):
     train, val = small
     _, trainer = _fit(train, 2, 1, validation=val, epochs=2, patience=0)
