@@ -512,3 +512,35 @@ def _empty(tmp_path: Path) -> Path:
     p.mkdir()
     (p / "notes.txt").write_text("no images here")
     return p
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "flat"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "not gzip"])
+def test_a_damaged_gz_idx_file_is_named_and_leaves_nothing_behind(tmp_path, layout, damage):
+    """A cut-off or corrupted .gz raised EOFError / zlib.error with a traceback (not gzip at
+    all: an error without the file's name) and left a hidden .tmp file beside it (or in the
+    cache) on every attempt."""
+    folder = tmp_path / "data" / ("MNIST/raw" if layout == "torchvision" else "")
+    write_mnist(folder, n_train=200, compress=True)
+    bad = folder / "train-images-idx3-ubyte.gz"
+    payload = bytearray(bad.read_bytes())
+    if damage == "truncated":
+        payload = payload[: len(payload) // 2]
+    elif damage == "corrupt":
+        for i in range(len(payload) // 3, len(payload) // 3 + 100):
+            payload[i] ^= 0xFF
+    else:
+        payload = bytearray(b"no gzip here")
+    bad.write_bytes(bytes(payload))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + " is not a valid gzip file"):
+        load_dataset("mnist", tmp_path / "data", cache_dir=tmp_path / "cache")
+    left = [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    assert not left, left
+
+
+def test_a_truncated_idx_file_is_reported_as_invalid_not_as_a_failed_download(tmp_path):
+    write_mnist(tmp_path / "data", n_train=200)
+    path = tmp_path / "data" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"mnist: the train idx files in .* are not valid"):
+        load_dataset("mnist", tmp_path / "data", cache_dir=tmp_path / "cache")

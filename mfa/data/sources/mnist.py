@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import torch
@@ -61,14 +62,20 @@ def _materialise(files: dict[str, Path], raw: Path) -> None:
         if src == dest or _fresh(dest, src):
             continue
         tmp = raw / f".{base}.tmp{os.getpid()}"
-        if src.suffix == ".gz":
-            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-        else:
-            shutil.copyfile(src, tmp)
-        st = src.stat()
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-        os.replace(tmp, dest)
+        try:
+            if src.suffix == ".gz":
+                with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            else:
+                shutil.copyfile(src, tmp)
+            st = src.stat()
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.replace(tmp, dest)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # the file, not the folder
+            raise ValueError(f"{src} is not a valid gzip file (a truncated or corrupt "
+                             f"download?): {type(err).__name__}: {err}") from err
+        finally:
+            tmp.unlink(missing_ok=True)  # nothing half-written is left in the user's folder
 
 
 def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) -> Path:
@@ -132,15 +139,21 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
         try:
             ds = cls(str(base), train=train, download=download)
         except RuntimeError as err:
-            raise DatasetNotFoundError(
-                f"{key}: torchvision could not load or download it into {base}: {err}"
-            ) from err
+            if download:
+                raise DatasetNotFoundError(
+                    f"{key}: torchvision could not load or download it into {base}: {err}"
+                ) from err
+            bad = err  # the idx files are there: torch could not read them (e.g. truncated)
         except (AssertionError, ValueError, struct.error) as err:  # torchvision's idx reader
+            bad = err
+        else:
+            bad = None
+        if bad is not None:
             raw = Path(base) / _MNIST_CLASS[key] / "raw"
             raise ValueError(
                 f"{key}: the {pool} idx files in {raw} are not valid idx files (a truncated "
-                f"or corrupt download?): {type(err).__name__} {err}".rstrip()
-            ) from err
+                f"or corrupt download?): {type(bad).__name__} {bad}".rstrip()
+            ) from bad
         images[pool] = ds.data.unsqueeze(1).contiguous()
         labels[pool] = ds.targets.to(torch.int64)
     return Pools(
