@@ -24,7 +24,7 @@ from mfa._validation import (
     check_real_field,
 )
 from mfa.e_step import streamed_e_step
-from mfa.em_state import RESUMABLE, Callback, FitContext, RunState
+from mfa.em_state import RESUMABLE, Callback, FitContext, RunState, check_resumed_max_iter
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.precision import STATS_DTYPES
@@ -207,6 +207,7 @@ class EMTrainer:
         state, self.history = training.restore_state(
             state, RunState.REQUIRED, "EMTrainer", RunState.TYPES)
         training.check_resumed_config(state, self.config, "EMTrainer", RESUMABLE)
+        check_resumed_max_iter(state, self.config.max_iter)
         self._resume = RunState.from_dict(state)
 
     # -------------------------------------------------------------- fitting

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mfa._data_stream import DataSource
 
-__all__ = ["RESUMABLE", "Callback", "FitContext", "RunState"]
+__all__ = ["RESUMABLE", "Callback", "FitContext", "RunState", "check_resumed_max_iter"]
 
 #: ``cb(trainer, model, record)`` after each EM iteration.
 Callback = Callable[..., None]
@@ -21,6 +21,24 @@ Callback = Callable[..., None]
 #: where it runs, how often it saves, progress); anything else would be ignored or would
 #: change what the rest of the fit computes, so it is refused.
 RESUMABLE = frozenset({"max_iter", "checkpoint_every", "progress", "device"})
+
+
+def check_resumed_max_iter(state: dict, max_iter: int) -> None:
+    """Refuse resuming ``state`` with a ``max_iter`` other than its saved one once a restart
+    or re-seeding round has run under the saved one (``run > 0``; the fit would then mix two
+    limits and no config would describe it), or below the iterations its restart has done."""
+    saved = state.get("config")
+    if not isinstance(saved, dict) or saved.get("max_iter", max_iter) == max_iter:
+        return
+    run, done = int(state.get("run", 0)), int(state.get("iteration", 0))
+    if run > 0:
+        raise ValueError(
+            f"EMTrainer state was saved in restart/round {run + 1}, after earlier ones ran "
+            f"with max_iter={saved['max_iter']}; resume with that max_iter (not {max_iter}) "
+            "or start a new fit")
+    if max_iter < done:
+        raise ValueError(f"EMTrainer state has already done {done} iterations of its restart; "
+                         f"max_iter={max_iter} is below that")
 
 
 @dataclass(frozen=True)

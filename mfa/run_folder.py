@@ -154,10 +154,12 @@ def unstarted_run(resume: str | Path) -> Path | None:
 
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts and re-seeding rounds does not run again: a
-    larger ``max_iter`` given to a finished run would be ignored, so it is refused (one
-    interrupted in a round continues that round with it). Adam's ``epochs`` may grow only for
-    an interrupted run with a constant learning rate (a finished run returned its best
-    epoch; a cosine or step schedule is laid out over the saved epochs). The finished stages
+    larger ``max_iter`` given to a finished run would be ignored, so it is refused; so is any
+    change once a restart or round has finished under the saved one (the saved config would
+    no longer describe the fit), and one below the iterations done. Adam's ``epochs`` may
+    change only for an interrupted run with a constant learning rate, not below the epochs
+    done (a finished run returned its best epoch; a cosine or step schedule is laid out over
+    the saved epochs). The finished stages
     of a hierarchical run were fitted with the saved EM settings: none of those may change."""
     state = ckpt.trainer_state or {}
     if config.train.method == "hierarchical":
@@ -175,6 +177,10 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
                 "(it returned its best epoch, not its last), so more epochs would not continue "
                 "the same run; start a new run (e.g. --config RUN/config.yaml --set "
                 "train.sgd.epochs=...)")
+        if config.train.sgd.epochs < int(state.get("epoch", 0)):
+            raise ValueError(
+                f"cannot lower train.sgd.epochs to {config.train.sgd.epochs} when resuming: "
+                f"this run's Adam has already done {int(state.get('epoch', 0))} epochs")
         if saved.schedule != "constant":
             raise ValueError(
                 f"cannot change train.sgd.epochs when resuming a run with train.sgd.schedule="
@@ -193,6 +199,11 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
         raise ValueError(
             f"cannot lower train.em.max_iter to {config.train.em.max_iter} when resuming: "
             f"this run's EM has already done {done} iterations of its restart")
+    if "train.em.max_iter" in changed and config.train.method == "em" and 0 < run and not finished:
+        raise ValueError(
+            f"cannot change train.em.max_iter when resuming: this run is in restart/round "
+            f"{run + 1} and the earlier ones ran with max_iter={saved_em.max_iter}; resume with "
+            "it, or start a new run")
     if "train.em.max_iter" in changed and config.train.method == "em" and finished:
         raise ValueError(
             "cannot change train.em.max_iter when resuming: this run's EM has finished, so "

@@ -176,6 +176,9 @@ class SGDTrainer:
                     f"): its model holds the best epoch, not the last one its Adam state "
                     f"continues from, so epochs={self.config.epochs} would not continue the same "
                     "run; start a new fit from the model (init='none')")
+            if epochs < resume["epoch"]:
+                raise ValueError(f"SGDTrainer state has already done {resume['epoch']} epochs; "
+                                 f"epochs={epochs} is below that")
             if saved.get("schedule", "constant") != "constant":
                 raise ValueError(
                     f"SGDTrainer state was saved with schedule={saved['schedule']!r}, laid out "

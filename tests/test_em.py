@@ -992,3 +992,30 @@ def test_the_largest_seed_fits_and_reproduces():
         fits.append(model.state_dict())
     for name, value in fits[0].items():
         assert torch.equal(value, fits[1][name]), name
+
+
+def test_resumed_max_iter_may_change_only_within_the_first_restart():
+    """Resumed in a second restart (or a re-seeding round) with another max_iter, the fit mixed
+    two limits (the first restart ran under the saved one) without a word."""
+    from mfa.em_state import check_resumed_max_iter
+
+    state = {"config": {"max_iter": 12}, "run": 1, "iteration": 3}
+    with pytest.raises(ValueError, match=r"restart/round 2, after earlier ones ran with "
+                                         r"max_iter=12; resume with that max_iter \(not 5\)"):
+        check_resumed_max_iter(state, 5)
+    check_resumed_max_iter(state, 12)
+    first = {"config": {"max_iter": 12}, "run": 0, "iteration": 7}
+    check_resumed_max_iter(first, 20)
+    with pytest.raises(ValueError, match=r"already done 7 iterations .* max_iter=5 is below"):
+        check_resumed_max_iter(first, 5)
+    x = torch.randn(120, 3, generator=gen(2), dtype=F64)
+    saved = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        EMTrainer(EMConfig(max_iter=3, n_init=2, progress=False, checkpoint_every=1)).fit(
+            MixtureOfFactorAnalyzers(2, 3, 1, dtype=F64), x,
+            checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
+    later = next(s for s in saved if s["run"] == 1)
+    with pytest.raises(ValueError, match="earlier ones ran with max_iter=3"):
+        EMTrainer(EMConfig(max_iter=6, n_init=2, progress=False,
+                           checkpoint_every=1)).load_state_dict(later)

@@ -841,3 +841,15 @@ def test_adam_loss_is_exact_for_a_float32_heywood_component():
     with torch.no_grad():
         expected = m64.log_prob(x.double()).mean().item()
     assert trainer.history[0]["train_log_likelihood"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(small):
+    train, val = small
+    saved = []
+    config = dict(lr=0.02, patience=0, checkpoint_every=1, batch_size=128)
+    _fit(train, 2, 1, validation=val, epochs=5, **config,
+         checkpoint_fn=lambda t, m: saved.append(roundtrip(t.state_dict())))
+    third = next(s for s in saved if s["epoch"] == 3 and not s["final"])
+    with pytest.raises(ValueError, match=r"already done 3 epochs; epochs=2 is below that"):
+        SGDTrainer(SGDConfig(progress=False, epochs=2, **config)).load_state_dict(third)
+    SGDTrainer(SGDConfig(progress=False, epochs=4, **config)).load_state_dict(third)

@@ -427,28 +427,46 @@ def test_max_iter_below_the_iterations_done_is_refused_on_resume():
                      ["train.em.max_iter"])
 
 
-@pytest.mark.parametrize("run,iteration,finished", [
-    (0, 2, False),  # mid first run
-    (1, 3, False),  # mid re-seeding round (n_init = 1): it used to be refused
-    (3, 1, False),  # mid the last round (reseed_rounds = 3)
-    (1, 0, True),  # done without rounds (no early stopping)
-    (4, 0, True),  # done after every round
-    (4, 2, True),  # done: a round did not pay (the fit stopped mid-count)
+@pytest.mark.parametrize("run,iteration,refusal", [
+    (0, 2, None),  # mid first run
+    # mid a re-seeding round (n_init = 1) or the last one (reseed_rounds = 3): the first
+    # restart ran under the saved max_iter, so the saved config would no longer describe
+    # the fit (allowed before 2026-12)
+    (1, 3, "earlier ones ran with max_iter=100"),
+    (3, 1, "earlier ones ran with max_iter=100"),
+    (1, 0, "EM has finished"),  # done without rounds (no early stopping)
+    (4, 0, "EM has finished"),  # done after every round
+    (4, 2, "EM has finished"),  # done: a round did not pay (the fit stopped mid-count)
 ])
-def test_max_iter_may_change_on_resume_exactly_while_em_still_runs(run, iteration, finished):
+def test_max_iter_may_change_on_resume_only_in_the_first_restart(run, iteration, refusal):
     from types import SimpleNamespace
 
     from mfa.run_folder import check_can_extend
 
-    saved = load_config(overrides=["train.em.n_init=1", "train.em.reseed_rounds=3"])
+    saved = load_config(overrides=["train.em.n_init=1", "train.em.reseed_rounds=3",
+                                   "train.em.max_iter=100"])
     ckpt = SimpleNamespace(run_config=saved,
                            trainer_state={"run": run, "iteration": iteration})
     config = apply_overrides(saved, ["train.em.max_iter=60"])
-    if finished:
-        with pytest.raises(ValueError, match=r"train\.em\.max_iter.*EM has finished"):
+    if refusal:
+        with pytest.raises(ValueError, match=rf"train\.em\.max_iter.*{refusal}"):
             check_can_extend(ckpt, config, ["train.em.max_iter"])
     else:
         check_can_extend(ckpt, config, ["train.em.max_iter"])
+
+
+def test_lowering_adam_epochs_below_those_done_is_refused_on_resume():
+    from types import SimpleNamespace
+
+    from mfa.run_folder import check_can_extend
+
+    saved = load_config(overrides=["train.method=sgd", "train.sgd.epochs=5"])
+    ckpt = SimpleNamespace(run_config=saved, trainer_state={"epoch": 3, "stopped": False})
+    with pytest.raises(ValueError, match=r"cannot lower train\.sgd\.epochs to 2 .* already "
+                                         r"done 3 epochs"):
+        check_can_extend(ckpt, apply_overrides(saved, ["train.sgd.epochs=2"]),
+                         ["train.sgd.epochs"])
+    check_can_extend(ckpt, apply_overrides(saved, ["train.sgd.epochs=4"]), ["train.sgd.epochs"])
 
 
 def test_a_finished_em_run_refuses_more_iterations(em_run):
