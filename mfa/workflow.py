@@ -158,9 +158,8 @@ def train(
     Returns:
         The run folder, the trained model and the metrics written to ``metrics.json``.
 
-    Raises:
-        ValueError: an invalid config, device, data or model size (before any folder is
-            made), or a change that a resumed run cannot take (naming the key).
+    Raises: ValueError: an invalid config, device, data or model size (before any folder is
+    made), or a change that a resumed run cannot take (naming the key).
     """
     ckpt: Checkpoint | None = None
     changed: list[str] = []
@@ -251,8 +250,7 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
         if model.n_features != data.n_features:
             raise ValueError(
                 f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
-                f"{data.n_features} features but the run's model has {model.n_features}"
-            )
+                f"{data.n_features} features but the run's model has {model.n_features}")
     else:
         try:  # (K-means needs K rows: checked before the run folder is made)
             rows = min(data.sizes["train"], getattr(trainer_config, "init_samples", math.inf))
@@ -449,7 +447,8 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
              outliers_against: str | None = None, against_overrides: Sequence[str] = (),
              outlier_scores: Sequence[str] = SCORE_NAMES) -> dict:
     """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples against
-    the training bins, with real held-out images as the reference.
+    the training bins, with real held-out images (``ndb_reference``: the first split other
+    than train, else test) as the reference.
 
     ``config`` names the data (default: the checkpoint's own run config). With
     ``outliers_against`` (a dataset name), ``result["outliers"]`` holds the AUROC and AUPR of
@@ -475,17 +474,19 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
                          "evaluate")
     result = evaluate_model(model, data, splits)
     if ndb_bins:
-        train = data.train
-        reference = data.as_float(splits[0])
+        train = data.train  # the reference: held-out images, even if train is listed first
+        held = next((s for s in splits if s != "train"), "test")
+        reference = data.as_float(held)
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             samples, _ = model.sample(reference.shape[0], generator=gen)
         model_ndb = ndb(train, samples.float(), n_bins=ndb_bins, seed=seed)
         real_ndb = ndb(train, reference, n_bins=ndb_bins, seed=seed)
         result.update({
-            "ndb_bins": ndb_bins, "ndb": model_ndb.ndb, "ndb_over_k": model_ndb.ndb_over_k,
-            "ndb_js": model_ndb.js_divergence, "ndb_real": real_ndb.ndb,
-            "ndb_over_k_real": real_ndb.ndb_over_k, "ndb_js_real": real_ndb.js_divergence,
+            "ndb_bins": ndb_bins, "ndb_reference": held, "ndb": model_ndb.ndb,
+            "ndb_over_k": model_ndb.ndb_over_k, "ndb_js": model_ndb.js_divergence,
+            "ndb_real": real_ndb.ndb, "ndb_over_k_real": real_ndb.ndb_over_k,
+            "ndb_js_real": real_ndb.js_divergence,
         })
     if outliers_against is not None:
         try:

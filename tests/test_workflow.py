@@ -645,3 +645,13 @@ def test_large_sets_train_adam_on_uint8_rows_with_the_same_result(out_dir, monke
     run = workflow.train(make_config(out_dir, "sgd-uint8", "train.method=sgd"), figures=False)
     assert calls == ["val", "train"]
     assert_same_parameters(run.model, reference.model)
+
+
+def test_ndb_reference_is_held_out_even_when_train_is_listed_first(em_run):
+    """``splits=("train", "test")`` used the training images as NDB's "real held-out"
+    reference (ndb_real 0 trivially, as they made the bins); it is the test split."""
+    both = workflow.evaluate(em_run.run_dir, splits=("train", "test"), ndb_bins=5)
+    test = workflow.evaluate(em_run.run_dir, splits=("test",), ndb_bins=5)
+    assert both["ndb_reference"] == test["ndb_reference"] == "test"
+    for key in ("ndb", "ndb_real", "ndb_js_real"):
+        assert both[key] == test[key], key
