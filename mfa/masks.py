@@ -49,7 +49,7 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
     from PIL import Image  # only this mask kind needs an imaging library
 
     if isinstance(mask_image, (str, os.PathLike)):
-        path = Path(mask_image)
+        path = Path(mask_image).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"mask image {path} does not exist")
         with Image.open(path) as opened:

@@ -84,7 +84,7 @@ def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
     highest number there), e.g. ``runs/001-embedded-mnist``. Safe against two runs starting
     at once: creation is retried with the next number if the folder appeared meanwhile.
     """
-    parent = Path(config.output.dir)
+    parent = Path(config.output.dir).expanduser()
     if parent.exists() and not parent.is_dir():
         raise NotADirectoryError(f"output.dir {parent} is a file, not a folder for run folders")
     parent.mkdir(parents=True, exist_ok=True)

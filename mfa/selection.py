@@ -298,7 +298,8 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     if max(ks) > n:
         raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
                          f"images of {data.name}")
-    out_dir = Path(config.output.dir) / f"select-{data.name}" if out_dir is None else Path(out_dir)
+    out_dir = (Path(config.output.dir).expanduser() / f"select-{data.name}" if out_dir is None
+               else Path(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; pass a folder (--out) for the sweep's files")
     earlier = sorted(p.name for p in out_dir.glob("selection.*")) if out_dir.is_dir() else []

@@ -71,6 +71,12 @@ def test_image_mask_black_is_hidden(tmp_path):
     assert torch.equal(make_mask("image", (3, 4, 6), 2, mask_image=picture.convert("RGB")), mask)
 
 
+def test_image_mask_path_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("L", (6, 4), 0).save(tmp_path / "mask.png")
+    assert not make_mask("image", (1, 4, 6), 2, mask_image="~/mask.png").any()
+
+
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [

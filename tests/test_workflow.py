@@ -617,6 +617,15 @@ def test_run_folders_are_numbered(tmp_path):
     assert workflow.make_run_dir(config).name == "018-embedded-mnist"
 
 
+def test_output_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    """``output.dir=~/runs`` made a folder literally named ``~`` in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    run_dir = workflow.make_run_dir(load_config(overrides=["output.dir=~/runs"]))
+    assert run_dir == tmp_path / "home" / "runs" / "001-embedded-mnist" and run_dir.is_dir()
+    assert not (tmp_path / "~").exists()
+
+
 def test_named_run_folder(tmp_path):
     config = load_config(overrides=[f"output.dir={tmp_path}", "output.name=exp"])
     assert workflow.make_run_dir(config) == tmp_path / "exp"
