@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.verbose:
             raise
-        hint = (" (a run keeps its last checkpoint: continue with `mfa train --resume RUN`)"
+        hint = (" (a run that wrote a checkpoint keeps its last one: continue with `mfa train "
+                "--resume RUN`; one stopped before its first checkpoint was removed)"
                 if args.func is cmd_train else "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130

@@ -917,6 +917,7 @@ def test_ctrl_c_ends_with_a_resume_hint_not_a_traceback(monkeypatch):
     code, _, stderr = run_cli("train")
     assert code == 130
     assert "interrupted" in stderr and "mfa train --resume RUN" in stderr
+    assert "stopped before its first checkpoint was removed" in stderr  # it said: resume it
     assert "Traceback" not in stderr
 
 
