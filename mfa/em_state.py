@@ -19,7 +19,8 @@ Callback = Callable[..., None]
 
 #: What a resumed fit's :class:`~mfa.em.EMConfig` may change from the saved one (how long and
 #: where it runs, how often it saves, progress); anything else would be ignored or would
-#: change what the rest of the fit computes, so it is refused.
+#: change what the rest of the fit computes, so it is refused (``max_iter`` only in the first
+#: restart and not below its iterations done: :func:`check_resumed_max_iter`).
 RESUMABLE = frozenset({"max_iter", "checkpoint_every", "progress", "device"})
 
 

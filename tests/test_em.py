@@ -404,8 +404,10 @@ def test_state_dict_is_weights_only_loadable_after_fit(mixture_data):
     assert state["config"]["n_init"] == 2
     assert len(state["history"]) == len(trainer.history)
     same = {**PLAIN_EM, "tol": 0.0, "n_init": 2}
-    fresh = EMTrainer(EMConfig(progress=True, max_iter=9, checkpoint_every=4, **same))
-    fresh.load_state_dict(state)  # how long it runs, how often it saves: may change
+    fresh = EMTrainer(EMConfig(progress=True, max_iter=3, checkpoint_every=4, **same))
+    fresh.load_state_dict(state)  # how often it saves, progress: may change
+    with pytest.raises(ValueError, match=r"earlier ones ran with max_iter=3"):  # finished
+        EMTrainer(EMConfig(progress=False, max_iter=9, **same)).load_state_dict(state)
     with pytest.raises(ValueError, match="missing keys"):
         fresh.load_state_dict({"run": 0})
     # anything else would be ignored or change the rest of the fit: refused, named
@@ -419,7 +421,7 @@ def test_resume_onto_another_model_is_refused_before_the_fit(mixture_data):
     """It ran the rest of the restart, then failed with torch's 'size mismatch for logits'."""
     x, _ = mixture_data
     _, trainer = _fit(x, 3, 2, max_iter=2, tol=0.0)
-    fresh = EMTrainer(EMConfig(**{**PLAIN_EM, "progress": False, "max_iter": 4, "tol": 0.0}))
+    fresh = EMTrainer(EMConfig(**{**PLAIN_EM, "progress": False, "max_iter": 2, "tol": 0.0}))
     fresh.load_state_dict(roundtrip(trainer.state_dict()))
     with pytest.raises(ValueError, match="'best_params' 'logits' has shape .* saved for another"):
         fresh.fit(MixtureOfFactorAnalyzers(4, x.shape[1], 2, dtype=torch.float64), x)

@@ -56,7 +56,7 @@ def test_em_state_with_a_cut_generator_is_refused_on_load(em_state):
 
 
 def test_a_valid_em_state_loads(em_state):
-    EMTrainer(EMConfig(progress=False)).load_state_dict(em_state)
+    EMTrainer(EMConfig(max_iter=2, progress=False)).load_state_dict(em_state)
 
 
 def test_sgd_state_with_a_wrong_type_is_refused_on_load():
