@@ -433,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except SystemExit as exit_:  # a command's own refusal ("error: ..."): 2, as argparse's
+        if not isinstance(exit_.code, str):
+            raise
+        print(exit_.code, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.verbose:
             raise

@@ -533,7 +533,7 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder")
     assert code == 2 and "data.root: required when data.name is 'folder'" in stderr
     code, _, stderr = run_cli("evaluate", run_dir, "--against-set", "data.root=x")
-    assert code == 1 and "--against-set needs --outliers-against" in stderr
+    assert code == 2 and "--against-set needs --outliers-against" in stderr  # was 1: one code
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "imagenet")
     assert code == 2 and "unknown dataset 'imagenet'" in stderr and "fashion-mnist" in stderr
     # a missing other dataset: its settings are given with --against-set, not --set
