@@ -108,7 +108,7 @@ def cmd_train(args) -> int:
         return _train(args, main)
     except distributed.DistributedError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         if launched:
             distributed.shutdown()
