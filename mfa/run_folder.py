@@ -4,6 +4,7 @@ run leaves (:func:`clean_up_failed`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Mapping
@@ -74,6 +75,18 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
 
 
 _RUN_NUMBER = re.compile(r"^(\d+)-")
+
+
+def absolute_data_root(config: RunConfig) -> RunConfig:
+    """``config`` with a relative ``data.root`` resolved against the working directory (``~``
+    expanded): the run folder's config then reads the same files from anywhere (``--resume``,
+    ``evaluate``, ``inpaint``); saved relative, it found nothing from another directory, or
+    other files that lay at that path there."""
+    root = config.data.root
+    if root is None or Path(root).is_absolute():
+        return config
+    data = dataclasses.replace(config.data, root=str(Path(root).expanduser().resolve()))
+    return dataclasses.replace(config, data=data)
 
 
 def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:

@@ -51,6 +51,7 @@ from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
 from mfa.run_folder import (
     CHECKPOINT_NAME,
     FAILED_NAME,
+    absolute_data_root,
     attach_log,
     check_can_extend,
     check_resume_changes,
@@ -135,12 +136,8 @@ def _remove_pixels(config: RunConfig, data: ImageData, rows, split: str):
 
 
 def train(
-    config: RunConfig | None,
-    *,
-    resume: str | Path | None = None,
-    overrides: Sequence[str] = (),
-    figures: bool = True,
-    callbacks: tuple = (),
+    config: RunConfig | None, *, resume: str | Path | None = None,
+    overrides: Sequence[str] = (), figures: bool = True, callbacks: tuple = (),
 ) -> TrainResult:
     """Train the model a config describes, in a new run folder (or continue ``resume``).
 
@@ -151,7 +148,8 @@ def train(
             folder with its ``config.yaml`` but no checkpoint (killed before the first one)
             starts over there, from that config.
         overrides: ``"dotted.key=value"`` strings applied to ``config`` (when resuming
-            without a config, to the saved one); on resume only :data:`RESUME_SAFE_KEYS`.
+            without a config, to the saved one); on resume only :data:`RESUME_SAFE_KEYS`. A
+            new run's relative ``data.root`` is saved resolved (absolute).
         figures: draw the sample, inpainting, outlier and factor figures at the end.
         callbacks: passed to the trainer's ``fit`` (``cb(trainer, model, record)``).
 
@@ -176,12 +174,13 @@ def train(
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_config is None:
             raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
-        config = apply_overrides(ckpt.run_config if config is None else config, overrides)
+        config = absolute_data_root(
+            apply_overrides(ckpt.run_config if config is None else config, overrides))
         changed = check_resume_changes(ckpt.run_config, config)
         check_can_extend(ckpt, config, changed)
         run_dir = ckpt_path.parent
-    else:
-        config = apply_overrides(config, overrides)  # a validated copy
+    else:  # a validated copy whose folder's config reads the same files from anywhere
+        config = absolute_data_root(apply_overrides(config, overrides))
     setup = _prepare(config, ckpt)
     # Under torch.distributed rank 0 alone makes and writes the run folder; the others
     # learn its path from rank 0.

@@ -664,3 +664,34 @@ def test_ndb_reference_is_held_out_even_when_train_is_listed_first(em_run):
     assert both["ndb_reference"] == test["ndb_reference"] == "test"
     for key in ("ndb", "ndb_real", "ndb_js_real"):
         assert both[key] == test[key], key
+
+
+def test_a_relative_data_root_is_saved_resolved(tmp_path, monkeypatch):
+    """A relative data.root was saved as typed: from another directory the run's config found
+    nothing (or other files at that path)."""
+    from mfa.run_folder import absolute_data_root
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(overrides=["data.root=data/here"])
+    assert absolute_data_root(config).data.root == str(tmp_path / "data" / "here")
+    assert config.data.root == "data/here"  # a copy
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert absolute_data_root(load_config(overrides=["data.root=~/d"])).data.root == str(
+        tmp_path / "home" / "d")
+    unset = load_config()
+    assert absolute_data_root(unset) is unset
+
+
+def test_a_new_run_trains_and_saves_with_its_data_root_resolved(tmp_path, monkeypatch):
+    """workflow.train hands the resolved config on (it is the one saved in the folder)."""
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def prepare(config, ckpt):
+        seen.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(workflow, "_prepare", prepare)
+    with pytest.raises(RuntimeError, match="stop after the config"):
+        workflow.train(load_config(overrides=["data.root=rel", f"output.dir={tmp_path}"]))
+    assert seen[0].data.root == str(tmp_path / "rel")
