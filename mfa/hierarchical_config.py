@@ -75,7 +75,13 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
             raise TypeError(
                 f"HierarchicalConfig.{name} must be an EMConfig, got {type(value).__name__}"
             )
-        EMTrainer(value)  # validates the nested config
+        try:
+            EMTrainer(value)  # validates the nested config
+        except (ValueError, TypeError) as err:  # named as the stage's field
+            text = str(err)
+            named = (text.replace("EMConfig.", f"HierarchicalConfig.{name}.", 1)
+                     if text.startswith("EMConfig.") else f"HierarchicalConfig.{name}: {text}")
+            raise type(err)(named) from None
     if config.final_em is not None and config.final_em.init != "none":
         raise ValueError(
             "HierarchicalConfig.final_em.init must be 'none' (the final EM continues from the "

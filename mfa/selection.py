@@ -206,6 +206,8 @@ def sweep_models(
     if validation is None:
         raise ValueError("sweep_models needs validation data (the main criterion)")
     _check_rows(train, "train", validation, "validation")
+    if scale is not None:
+        bits_per_dim(0.0, 1, scale=scale)  # a bad scale refused before any fit, not after all
     candidates = [(k, lat) for lat in ls for k in ks]
     seconds: dict[tuple[int, int], float] = {}  # by the candidate asked for
 

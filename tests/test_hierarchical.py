@@ -382,3 +382,17 @@ def test_warnings_from_children_are_convergence_warnings_only(data):
         warnings.simplefilter("always")
         fit_hierarchical(data[0], config())
     assert {type(w.message).__name__ for w in caught} <= {"ConvergenceWarning"}
+
+
+@pytest.mark.parametrize("stage", ["root_em", "child_em", "final_em"])
+def test_a_bad_nested_em_setting_names_its_stage(stage):
+    """Every stage's bad max_iter said 'EMConfig.max_iter ...' (which stage?), and run configs
+    got a generic 'invalid value in train.hierarchical'."""
+    from mfa.config import load_config
+
+    bad = EMConfig(max_iter=-1, **({"init": "none"} if stage == "final_em" else {}))
+    with pytest.raises(ValueError, match=rf"HierarchicalConfig\.{stage}\.max_iter must be"):
+        HierarchicalTrainer(config(**{stage: bad}))
+    with pytest.raises(ValueError, match=rf"train\.hierarchical\.{stage}\.max_iter: must be"):
+        load_config(overrides=["train.method=hierarchical",
+                               f"train.hierarchical.{stage}={{max_iter: -1}}"])

@@ -253,3 +253,18 @@ def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
                                   "--components", 2, "--factors", 1, "--out", tmp_path / "d")
         assert code == 2 and "invalid value for train.em.device" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("scale", [0, -256, "256", float("nan")])
+def test_a_bad_scale_is_refused_before_any_fit(data, scale):
+    """It was refused by bits_per_dim after every candidate had been fitted."""
+    train, val = data
+    fits = []
+
+    def fit(k, lat):
+        fits.append((k, lat))
+        return fitter(train, {})(k, lat)
+
+    with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+        sweep_models(train, val, [2, 3], [1], fit, scale=scale)
+    assert fits == []
