@@ -544,3 +544,42 @@ def test_a_truncated_idx_file_is_reported_as_invalid_not_as_a_failed_download(tm
     path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match=r"mnist: the train idx files in .* are not valid"):
         load_dataset("mnist", tmp_path / "data", cache_dir=tmp_path / "cache")
+
+
+def test_folder_channels_follow_the_folders_first_image_whatever_the_seed_or_limit(tmp_path):
+    """With channels=None the channel count came from the first file of the shuffled,
+    limited train split: (1, 8, 8) for some seeds, (3, 8, 8) for others."""
+    for i in range(10):  # 00..04 greyscale (sorted first), 05..09 RGB
+        shape = (8, 8) if i < 5 else (8, 8, 3)
+        Image.fromarray(np.full(shape, 20 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    for seed, limit in [(s, None) for s in range(6)] + [(0, n) for n in (1, 2, 3)]:
+        data = load_dataset("folder", root=tmp_path, seed=seed, limit=limit, val_fraction=0.2,
+                            test_fraction=0.2, cache_dir=tmp_path / "cache")
+        assert data.image_shape == (1, 8, 8), (seed, limit)
+
+
+def test_a_damaged_decoded_image_cache_entry_is_decoded_again(tmp_path, caplog):
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(10):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(root / f"{i:02d}.png")
+    options = dict(root=root, cache=True, cache_dir=tmp_path / "cache", val_fraction=0.2,
+                   test_fraction=0.2)
+    first = load_dataset("folder", **options)
+    (entry,) = (tmp_path / "cache" / "decoded").iterdir()
+    entry.write_bytes(entry.read_bytes()[:200])  # a partial copy, a full disk
+    again = load_dataset("folder", **options)  # raised a raw torch error, every time
+    assert torch.equal(again.train_pixels, first.train_pixels)
+    assert "unreadable" in caplog.text
+    assert torch.equal(load_dataset("folder", **options).test_pixels, first.test_pixels)
+
+
+def test_celeba_default_size_is_the_int_64_for_any_crop(tmp_path):
+    """image_size=None was an exact 64×64 resize, which squashed a non-square crop; the docs
+    say the default is 64 (the shorter side to 64, then the centre square)."""
+    write_celeba(tmp_path)
+    whole = (0, 0, 218, 178)
+    default = load_dataset("celeba", tmp_path, crop=whole, cache_dir=tmp_path / "c")
+    given = load_dataset("celeba", tmp_path, crop=whole, image_size=64, cache_dir=tmp_path / "c")
+    assert default.image_shape == (3, 64, 64)
+    assert torch.equal(default.train_pixels, given.train_pixels)

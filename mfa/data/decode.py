@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from mfa.data.locations import DatasetNotFoundError
 from mfa.data.splits import SPLITS
 from mfa.data.transforms import check_crop_fits, transform
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DecodeFiles", "decode_splits"]
 
@@ -132,19 +135,25 @@ def decode_splits(
     progress: bool,
     cache: Path | None,
     cache_key: dict,
+    first: Path | None = None,
 ) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
     """Decode ``files`` (per split) into uint8 rows ``{split: [N, D]}`` and their ``(C, H, W)``.
 
-    ``channels`` 1 or 3 converts to greyscale/RGB (``None``: as the first image); every image
-    must come out with the first one's shape. ``cache`` (a folder or ``None``) keeps the result
+    ``channels`` 1 or 3 converts to greyscale/RGB (``None``: as the image ``first``, the
+    dataset's first file, whatever the split or subset; default: the first of ``files``);
+    every image must come out with its shape. ``cache`` (a folder or ``None``) keeps the result
     under a fingerprint of ``cache_key`` and the files.
     """
     cache_file = None
     if cache is not None:
         cache_file = cache / "decoded" / f"{cache_key['name']}-{_fingerprint(files, cache_key)}.pt"
         if cache_file.is_file():
-            saved = torch.load(cache_file, weights_only=True)
-            return {s: saved[s] for s in SPLITS}, tuple(saved["image_shape"])
+            try:
+                saved = torch.load(cache_file, weights_only=True)
+                return {s: saved[s] for s in SPLITS}, tuple(saved["image_shape"])
+            except Exception as err:  # noqa: BLE001 - a damaged entry is decoded again
+                logger.warning("decoded-image cache %s is unreadable (%s: %s): decoding the "
+                               "images again", cache_file, type(err).__name__, err)
 
     everything = [p for s in SPLITS for p in files[s]]
     missing = [p for p in everything if not p.is_file()]
@@ -152,8 +161,9 @@ def decode_splits(
         raise DatasetNotFoundError(
             f"{len(missing)} of {len(everything)} image files are missing, e.g. {missing[0]}"
         )
-    mode = "L" if channels == 1 else "RGB" if channels == 3 else _first_mode(everything[0])
-    probe = DecodeFiles(everything[:1], mode, crop, size)[0]
+    first = everything[0] if first is None else first
+    mode = "L" if channels == 1 else "RGB" if channels == 3 else _first_mode(first)
+    probe = DecodeFiles([first], mode, crop, size)[0]
     shape = tuple(int(v) for v in probe.shape)
     d = shape[0] * shape[1] * shape[2]
     workers = _default_workers(len(everything)) if num_workers is None else num_workers
@@ -189,6 +199,9 @@ def decode_splits(
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save({**out, "image_shape": list(shape)}, tmp)
-        os.replace(tmp, cache_file)
+        try:
+            torch.save({**out, "image_shape": list(shape)}, tmp)
+            os.replace(tmp, cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
     return out, shape  # type: ignore[return-value]

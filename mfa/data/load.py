@@ -113,8 +113,8 @@ def load_dataset(
     if key == "celeba":
         if crop is None:
             crop = CELEBA_CROP
-        if size is None:
-            size = (64, 64)
+        if size is None:  # as image_size=64: the shorter side to 64, then the centre square
+            size = (64,)
 
     if pools.images is not None and channels is not None:
         native = next(iter(pools.images.values())).shape[1]
@@ -163,6 +163,8 @@ def load_dataset(
             progress=progress,
             cache=cache_path if cache else None,
             cache_key=dict(meta, channels=channels),
+            # the dataset's first file in sorted order (not the shuffled, limited train split's)
+            first=min(p for paths in pools.files.values() for p in paths),
         )
         meta["channels"] = image_shape[0]
 
