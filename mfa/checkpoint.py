@@ -44,6 +44,7 @@ import os
 import pickle
 import pickletools
 import re
+import stat
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -212,17 +213,22 @@ def save_checkpoint(
     except (TypeError, ValueError) as error:
         raise ValueError(f"cannot save checkpoint {path}: {error}; load_checkpoint would "
                          "refuse it, so nothing was written") from None
-    folder = path.parent
+    # Through a symlink (e.g. latest.pt) to its target, which keeps its permissions: the
+    # rename replaced the link with a file, and a 0600 file became 0644.
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)
-    with reserved_temporary(path) as temporary:
+    clean_stale_temporaries(target)
+    with reserved_temporary(target) as temporary:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as file:
                 torch.save(payload, file)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, path)
+            if target.exists():
+                os.chmod(temporary, stat.S_IMODE(target.stat().st_mode))
+            os.replace(temporary, target)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

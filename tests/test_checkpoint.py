@@ -809,3 +809,20 @@ def test_a_long_file_name_saves_and_its_stale_temporaries_are_cleaned(tmp_path):
     other.write_bytes(b"PK\x03\x04 partial")
     assert len(stale.name) < 255 and clean_stale_temporaries(path) == [stale]
     assert other.exists()  # another long name's temporary
+
+
+def test_overwriting_keeps_the_files_permissions_and_writes_through_a_symlink(tmp_path):
+    """The atomic rename made a 0600 checkpoint 0644 and replaced a symlink (latest.pt) with
+    a file, leaving the link's target with the old model."""
+    first = MixtureOfFactorAnalyzers(2, 3, 1, generator=torch.Generator().manual_seed(0))
+    second = MixtureOfFactorAnalyzers(2, 3, 1, generator=torch.Generator().manual_seed(1))
+    path = save_checkpoint(tmp_path / "private.pt", first)
+    os.chmod(path, 0o600)
+    save_checkpoint(path, second)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    link = tmp_path / "latest.pt"
+    link.symlink_to(path.name)
+    save_checkpoint(link, first)
+    assert link.is_symlink()
+    assert torch.equal(load_checkpoint(path).model.loc, first.loc)
+    assert os.stat(path).st_mode & 0o777 == 0o600
