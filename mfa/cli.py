@@ -163,12 +163,15 @@ def cmd_sample(args) -> int:
 def cmd_inpaint(args) -> int:
     from mfa.workflow import inpaint
 
+    if args.mask_image and args.mask not in (None, "image"):  # it was silently ignored
+        raise SystemExit(f"error: --mask-image is a mask of kind image, not --mask {args.mask}")
+    mask = args.mask or ("image" if args.mask_image else "center")
     ckpt, config, load = _load_run(args.checkpoint, args.set)
     out = (_image_out(args.out) if args.out
-           else _default_out(args.checkpoint, f"inpaint-{args.mask}.png"))
+           else _default_out(args.checkpoint, f"inpaint-{mask}.png"))
     out = _output(out, args, args.out and "-o")
     data = load(config)
-    inpaint(ckpt.model, data, out, mask=args.mask, n=args.n, n_samples=args.samples,
+    inpaint(ckpt.model, data, out, mask=mask, n=args.n, n_samples=args.samples,
             split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
             fraction=args.fraction)
     print(out)
@@ -359,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inpaint", help="original | masked | conditional mean | samples")
     with_run(p)
-    p.add_argument("--mask", default="center", choices=MASK_KINDS)
-    p.add_argument("--mask-image", help="PNG mask for --mask image (black = hidden)")
+    p.add_argument("--mask", choices=MASK_KINDS, help="default: center (image with --mask-image)")
+    p.add_argument("--mask-image", help="PNG mask (black = hidden); implies --mask image")
     p.add_argument("--fraction", type=fraction, default=0.5,
                    help="hidden share for --mask random")
     p.add_argument("-n", type=positive_int, default=8, help="images")

@@ -378,6 +378,14 @@ def test_inpaint_with_a_mask_image_matches_the_same_builtin_mask(run_dir, tmp_pa
     assert run_cli("inpaint", run_dir, "--mask", "image", "--mask-image", mask,
                    "-o", tmp_path / "i.png", *common)[0] == 0
     assert open_png(tmp_path / "l.png").tobytes() == open_png(tmp_path / "i.png").tobytes()
+    # --mask-image alone implies --mask image; with another kind it was silently ignored
+    assert run_cli("inpaint", run_dir, "--mask-image", mask, "-o", tmp_path / "j.png",
+                   *common)[0] == 0
+    assert open_png(tmp_path / "j.png").tobytes() == open_png(tmp_path / "i.png").tobytes()
+    code, _, stderr = run_cli("inpaint", run_dir, "--mask", "top", "--mask-image", mask,
+                              "-o", tmp_path / "t.png", *common)
+    assert code == 2 and "--mask-image is a mask of kind image, not --mask top" in stderr
+    assert not (tmp_path / "t.png").exists()
 
 
 def test_inpaint_image_mask_without_a_file_fails_clearly(run_dir, tmp_path):
