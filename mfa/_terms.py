@@ -32,12 +32,13 @@ def check_parameters(log_weights: Tensor, means: Tensor, loadings: Tensor, noise
                      action: str = "cannot evaluate the model") -> None:
     """Raise when a parameter is NaN or infinite (a diverged run or a bad assignment): the
     densities would be NaN, or fail later with a message about something else. Log-weights
-    ``[K]`` may be ``−inf`` (a component of weight 0). ``O(K·D·L)``, one sync."""
+    ``[K]`` may be ``−inf`` (a component of weight 0). ``O(K·D·L)``, one sync (it runs on
+    every density call, Adam's steps included)."""
     log_weights = log_weights.detach()
     named = (("the mixture weights", log_weights.masked_fill(log_weights == -torch.inf, 0.0)),
              ("the means", means.detach()), ("the factor loadings", loadings.detach()),
              ("the noise variances", noise.detach()))
-    if all(bool(torch.isfinite(value).all()) for _, value in named):
+    if bool(torch.stack([torch.isfinite(value).all() for _, value in named]).all()):
         return
     for name, value in named:
         bad = ~torch.isfinite(value)
