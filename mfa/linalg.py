@@ -363,18 +363,16 @@ def refine_woodbury_near_top(
     cancelled = cancelled.nan_to_num(0.0)
     rows, comps = near_top_pairs(log_joint, diag_quad, cancelled, slack)
     # Where C is ill-conditioned in this dtype, m = C⁻ᵀw errs along M's small directions
-    # by more than the Woodbury form loses (δᵀMδ), and log|C| errs too: those components'
-    # near-top entries are recomputed in float64 instead.
+    # by more than the Woodbury form loses (δᵀMδ), and log|C| errs too: every entry of
+    # those components is recomputed in float64 instead.
     diag_c = capacitance_chol.detach().diagonal(dim1=-2, dim2=-1)  # [K, L]
     spread = (diag_c.amax(-1) / diag_c.amin(-1)) ** 2  # ≤ cond(M)
     sound = spread * torch.finfo(xc.dtype).eps < CONDITION_TOLERANCE  # [K]
     keep = sound[comps]
     rows, comps = rows[keep], comps[keep]
-    if not bool(sound.all()):  # their rounding bound: ε·cond·‖w‖² (0 for the sound ones)
-        error = (spread * torch.finfo(xc.dtype).eps * ~sound) * cancelled.clamp_min(0.0)
-        log_joint = _refine_ill_conditioned(log_joint, log_scale, xc, means, inv_noise,
-                                            factors, capacitance_chol, diag_quad, slack, ~sound,
-                                            error)
+    if not bool(sound.all()):
+        log_joint = _ill_conditioned_in_float64(log_joint, log_scale, xc, means, inv_noise,
+                                                factors, capacitance_chol, ~sound)
     if rows.numel() == 0:
         return log_joint
     # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
@@ -387,37 +385,30 @@ def refine_woodbury_near_top(
     return log_joint.index_put((rows, comps), exact.to(log_joint.dtype))
 
 
-def _refine_ill_conditioned(
+def _ill_conditioned_in_float64(
     log_joint: Tensor, log_scale: Tensor, xc: Tensor, means: Tensor, inv_noise: Tensor,
-    factors: Tensor, capacitance_chol: Tensor, diag_quad: Tensor, slack: float, ill: Tensor,
-    error: Tensor,
+    factors: Tensor, capacitance_chol: Tensor, ill: Tensor,
 ) -> Tensor:
-    """``log_joint`` with every entry of the ``ill`` components ``[K]`` (bool) within the
-    near-top window (:func:`near_top_pairs`, whatever its cancellation, widened by each
-    entry's and its row's largest rounding bound ``error`` [n, K]) recomputed in float64:
-    the capacitance, its log-determinant and the residual form."""
-    estimate = log_joint.detach()
-    window = (30.0 + slack) + (256.0 * torch.finfo(estimate.dtype).eps) * diag_quad.detach()
-    window = window + error + error.amax(-1, keepdim=True)
-    near = (estimate >= estimate.amax(-1, keepdim=True) - window) & ill  # [n, K]
-    comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
-    if rows.numel() == 0:
-        return log_joint
-    which = ill.nonzero().squeeze(-1)  # [K'], the ill components
-    f64, inv64 = factors[which].double(), inv_noise[which].double()  # [K', D, L], [K', D]
-    chol64 = capacitance_cholesky(f64, 1.0 / inv64)  # [K', L, L]
+    """``log_joint`` [n, K] with every entry of the ``ill`` components ``[K]`` (bool)
+    recomputed in float64: the Woodbury form with ``C`` and ``B`` (and so the log-determinant)
+    derived in float64, in a few dense products over all rows (``O(n·K'·D·L)`` for ``K'``
+    such components). Differentiable. A residual form of their near-top entries alone, one
+    gathered pair at a time, took 15 s against 0.3 s for the E-step of the same model (the
+    embedded digits, 4,000 rows, K = 200 with 48 such components)."""
+    which = ill.nonzero().squeeze(-1)  # [K']
+    f64, inv64, mu64 = factors[which].double(), inv_noise[which].double(), means[which].double()
+    chol64, whitened64 = whitening(f64, inv64.reciprocal())  # [K', L, L], [K', L, D]
     # log_scale holds −log|C| of the dtype's C: swap it for float64's.
     log_det = lambda c: c.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # noqa: E731
     scale64 = (log_scale[which].double() + log_det(capacitance_chol[which].double())
                - log_det(chol64))  # [K']
-    local = torch.searchsorted(which, comps)  # pairs' index among the ill components
-    y = xc.index_select(0, rows).double() - means[which].double().index_select(0, local)
-    rhs = torch.einsum("pd,pdl->pl", y * inv64.index_select(0, local), f64.index_select(0, local))
-    posterior = torch.cholesky_solve(rhs.unsqueeze(-1), chol64.index_select(0, local))
-    maha = residual_mahalanobis(xc.index_select(0, rows).double(), local, means[which].double(),
-                                f64, inv64, posterior.squeeze(-1))
-    exact = scale64.index_select(0, local) - 0.5 * maha
-    return log_joint.index_put((rows, comps), exact.to(log_joint.dtype))
+    xc64 = xc.double()
+    k, n_lat, d = whitened64.shape
+    proj = (xc64 @ whitened64.reshape(k * n_lat, d).T).view(-1, k, n_lat)  # [n, K', L]
+    proj = proj - (whitened64 @ mu64.unsqueeze(-1)).squeeze(-1)
+    maha = woodbury_mahalanobis(diagonal_quadratic(xc64, mu64, inv64, False), proj)
+    exact = scale64 - 0.5 * maha.clamp_min(0.0)  # [n, K']
+    return log_joint.index_copy(1, which, exact.to(log_joint.dtype))
 
 
 def needs_float64_quadratic(centred_means: Tensor, inv_noise: Tensor) -> bool:

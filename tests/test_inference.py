@@ -637,6 +637,22 @@ def test_float32_heywood_components_match_the_dense_reference(noise):
                                atol=1e-4)
 
 
+@pytest.mark.parametrize("noise", [1e-7, 1e-9])
+def test_float32_heywood_component_log_prob_matches_float64_on_every_row(noise):
+    """An ill-conditioned component's column is recomputed in float64 on every row (one dense
+    pass, linalg._ill_conditioned_in_float64), the rows its neighbours explain 900 nats better
+    included: each entry within float32's relative rounding of the float64 reference."""
+    from helpers import heywood_float32_models
+
+    m32, m64, x = heywood_float32_models(4, noise)
+    x = x[:300]
+    expected = DenseMixture.from_model(m64).component_log_prob(x.double())  # [n, K]
+    with torch.no_grad():
+        got = m32.component_log_prob(x).double()
+    assert float((expected.amax(-1) - expected[:, 1]).max()) > 500  # far rows exist
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-3)
+
+
 @pytest.mark.parametrize("noise", [1e-6, 1e-7])
 def test_float32_heywood_masked_inference_matches_the_dense_reference(noise):
     """Masked log p and conditional means were off by up to 25 nats and 9.9 (and condition()
