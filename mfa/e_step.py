@@ -8,10 +8,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import Tensor
 
 from mfa import distributed, linalg, missing
 from mfa._data_stream import DataSource
 from mfa._terms import CONDITION_LIMIT, build_component_terms, ill_conditioned
+from mfa.exact_components import ExactComponents
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.precision import resolve_stats_dtype
 from mfa.statistics import SufficientStatistics, accumulate_statistics
@@ -19,17 +21,17 @@ from mfa.statistics import SufficientStatistics, accumulate_statistics
 __all__ = ["streamed_e_step"]
 
 
-def _needs_float64(model: MixtureOfFactorAnalyzers) -> bool:
-    """Whether a component is too ill-conditioned for an E-step in the model's dtype; warns."""
-    ill = ill_conditioned(model.factor_loadings, model.noise_variance).nonzero()
-    ill = ill.flatten().tolist()
-    if ill:
+def _ill_components(model: MixtureOfFactorAnalyzers, warn: bool) -> Tensor:
+    """The components too ill-conditioned for an E-step in the model's dtype ``[K']``;
+    with ``warn`` (the whole E-step then goes to float64), a warning names them."""
+    ill = ill_conditioned(model.factor_loadings, model.noise_variance).nonzero().flatten()
+    if warn and ill.numel():
         warnings.warn(
-            f"E-step in float64: component(s) {ill[:10]} have a capacitance too "
+            f"E-step in float64: component(s) {ill[:10].tolist()} have a capacitance too "
             f"ill-conditioned for {model.dtype} (a noise variance far below its loadings'; "
-            f"ε·cond above {CONDITION_LIMIT}); a float64 E-step costs 2-4x the time",
-            RuntimeWarning, stacklevel=3)
-    return bool(ill)
+            f"ε·cond above {CONDITION_LIMIT}), and the data may have missing entries; a "
+            "float64 E-step costs 2-4x the time", RuntimeWarning, stacklevel=3)
+    return ill
 
 
 def streamed_e_step(
@@ -40,9 +42,10 @@ def streamed_e_step(
 
     ``stats_dtype`` as in :class:`mfa.em.EMConfig` (a ``torch.dtype`` is read as its name). A
     source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
-    A float32 model with a component whose ``ε·cond(M)`` exceeds
-    :data:`mfa._terms.CONDITION_LIMIT` is passed in float64 whatever ``stats_dtype`` says
-    (with a ``RuntimeWarning``).
+    The share of a float32 model's components whose ``ε·cond(M)`` exceeds
+    :data:`mfa._terms.CONDITION_LIMIT` is taken in float64 whatever ``stats_dtype`` says
+    (:mod:`mfa.exact_components`); where the source allows missing data the whole pass then
+    is (with a ``RuntimeWarning``).
     ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
     (:mod:`mfa.tempering`; complete data only).
     """
@@ -50,16 +53,20 @@ def streamed_e_step(
         stats_dtype = str(stats_dtype).removeprefix("torch.")
     stats_dtype = resolve_stats_dtype(stats_dtype, model.means.device, model.dtype)
     with torch.no_grad():
-        full = model.dtype != torch.float64 and (stats_dtype == "float64"
-                                                 or _needs_float64(model))
+        allow_missing = getattr(source, "allow_missing", False)
+        ill = (None if model.dtype == torch.float64 or stats_dtype == "float64"
+               else _ill_components(model, warn=allow_missing))
+        full = model.dtype != torch.float64 and (stats_dtype == "float64" or (
+            allow_missing and ill.numel() > 0))
         params = (model.log_weights, model.means, model.factor_loadings, model.noise_variance)
         if full:  # derived from the parameters in float64, not rounded in float32 first
             params = tuple(t.double() for t in params)
         terms = build_component_terms(*params)
         chol = linalg.capacitance_cholesky(params[2], params[3])
+        exact = (ExactComponents.build(ill, *params, terms.reference)
+                 if not full and ill is not None and ill.numel() else None)
         stats = None
-        statistics = (missing.batch_statistics if getattr(source, "allow_missing", False)
-                      else accumulate_statistics)
+        statistics = missing.batch_statistics if allow_missing else accumulate_statistics
         if temperature != 1.0 and statistics is not accumulate_statistics:
             raise ValueError("a tempered E-step needs complete data")
         for batch in source:
@@ -70,7 +77,7 @@ def streamed_e_step(
                               precise_latent=stats_dtype == "precise",
                               centred=stats_dtype in ("centred", "centred32"),
                               pair_dtype=torch.float32 if stats_dtype == "centred32" else None,
-                              temperature=temperature)
+                              temperature=temperature, exact=exact)
             stats = part if stats is None else stats + part
         if source.sharded:  # add every process's sums (one all-reduce)
             stats = distributed.all_reduce_statistics(stats, model, terms.reference)

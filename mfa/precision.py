@@ -52,8 +52,9 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
 
 Whatever the mode, a float32 model with a component whose capacitance ``I + AᵀD⁻¹A`` is too
 ill-conditioned for float32 (a noise variance far below its loadings': the Heywood case;
-:data:`mfa._terms.CONDITION_LIMIT`) gets the float64 E-step, with a warning: every float32
-mode's sums were then wrong (the mass 1.5× off at a noise variance of 1e-9).
+:data:`mfa._terms.CONDITION_LIMIT`) has that component's share of the E-step taken in float64
+(:mod:`mfa.exact_components`): every float32 mode's sums were wrong there (the mass 1.5×
+off at a noise variance of 1e-9).
 """
 
 from __future__ import annotations

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from mfa import linalg
 from mfa._terms import ComponentTerms
+from mfa.exact_components import ExactComponents
 from mfa.linalg import diagonal_quadratic
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.owner_sums import Pairs, owner_sums, significant_pairs
@@ -139,6 +140,7 @@ def accumulate_statistics(
     centred: bool = False,
     temperature: float = 1.0,
     pair_dtype: torch.dtype | None = None,
+    exact: ExactComponents | None = None,
 ) -> SufficientStatistics:
     """E-step statistics of one batch.
 
@@ -166,6 +168,9 @@ def accumulate_statistics(
             ignored with ``resp``); the log-likelihood stays the model's.
         pair_dtype: the dtype of the ``centred`` pairs' products (``None``: ``stats_dtype``;
             float32 in ``"centred32"``); their sums are moved to ``c`` in ``stats_dtype``.
+        exact: the components whose share (log-densities, ``p`` and sums) is taken in
+            float64 whatever the mode (:mod:`mfa.exact_components`); ``chol``'s rows of
+            them are replaced by its float64 factors.
 
     Returns:
         The batch's :class:`SufficientStatistics`.
@@ -180,6 +185,7 @@ def accumulate_statistics(
     precise_latent = precise_latent and not centred
     totals: list[Tensor | None] = [None] * 7
     pairs: list[Pairs] = []
+    exact_sums: list[list[Tensor]] = []
     # [rows, D] scratch for x − c and (x − c)², reused by every chunk.
     scratch = x.new_empty((2, min(n, CHUNK_ROWS), d))
     # Rows in chunks small enough that the [rows, D] intermediates stay in the cache. The
@@ -191,7 +197,7 @@ def accumulate_statistics(
             x[start:stop], terms, weights, constant,
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
             precise_latent, pairs if centred else None, scratch[:, :stop - start], start,
-            temperature,
+            temperature, exact, exact_sums,
         )
         for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
             if value is not None:
@@ -202,10 +208,16 @@ def accumulate_statistics(
     if pairs:
         own = owner_sums(x, terms, pairs, stats_dtype, pair_dtype)
         totals = [a + b for a, b in zip(totals, own, strict=True)]
+    for part in exact_sums:  # the float64 share of the ill-conditioned components
+        for total, value in zip(totals, part, strict=False):
+            total.index_add_(0, exact.index, value.to(stats_dtype))
     mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
     if n_lat:
         if chol is None:
             chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
+        if exact is not None:  # their sums are in the basis of their float64 B
+            chol = chol.detach().to(stats_dtype).index_copy(0, exact.index,
+                                                             exact.chol.to(stats_dtype))
         sum_xz, sum_z, sum_zz = whitened_to_latent(sum_xp, sum_p, sum_pp, chol.detach())
     else:
         sum_xz, sum_z, sum_zz = sum_xp, sum_p, sum_pp
@@ -220,7 +232,8 @@ def _chunk_sums(
     x: Tensor, terms: ComponentTerms, weights: Tensor, constant: Tensor,
     resp: Tensor | None, moment_dtype: torch.dtype | None, precise_latent: bool = False,
     pairs: list[Pairs] | None = None, scratch: Tensor | None = None, row_offset: int = 0,
-    temperature: float = 1.0,
+    temperature: float = 1.0, exact: ExactComponents | None = None,
+    exact_sums: list[list[Tensor]] | None = None,
 ) -> list[Tensor | None]:
     """The sums of one chunk of rows ``x`` [n, D], the latent ones in the whitened basis:
     ``[mass [K], Σ r x [K, D], Σ r x² [K, D], Σ r x pᵀ [K, D, L], Σ r p [K, L],
@@ -230,7 +243,9 @@ def _chunk_sums(
     (:func:`mfa.owner_sums.significant_pairs`: then every sum but the log-likelihood is
     ``None``; else each row's most responsible component, left out of the products' sums).
     ``row_offset``: the chunk's first row in the batch; ``temperature`` as in
-    :func:`accumulate_statistics`."""
+    :func:`accumulate_statistics`. With ``exact``, those components' log-densities and ``p``
+    come from float64 and their float64 sums are appended to ``exact_sums`` (their shares
+    are then left out of every other sum)."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -256,6 +271,10 @@ def _chunk_sums(
                                            terms.inv_noise, terms.rounding).T
     maha = diag_quad - proj_sq  # Woodbury  [K, n]
     log_joint = offset - 0.5 * maha.clamp_min_(0.0)
+    if exact is not None:
+        exact_joint, exact_proj, exact_xc = exact.log_joint(x)
+        log_joint.index_copy_(0, exact.index, exact_joint.to(log_joint.dtype))
+        proj.index_copy_(0, exact.index, exact_proj.to(proj.dtype))
     # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
@@ -288,6 +307,9 @@ def _chunk_sums(
     resp = rhs[:k]  # [K, n]
     # log p summed in float64: a float32 sum of ~1,000 rows of ~10³ nats is off by ~0.1 nat.
     log_likelihood = log_p.sum(dtype=torch.float64)
+    if exact is not None:
+        exact_sums.append(exact.sums(resp.index_select(0, exact.index), exact_proj, exact_xc))
+        resp.index_fill_(0, exact.index, 0.0)
     if pairs is not None:
         significant = significant_pairs(resp, proj, row_offset)
         if significant is not None:  # every share that counts, in float64 (owner_sums)
