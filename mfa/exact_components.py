@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mfa import linalg
+from mfa.owner_sums import PAIR_THRESHOLD
 
 __all__ = ["ExactComponents"]
 
@@ -84,9 +85,16 @@ class ExactComponents:
         """The components' sums over the rows, in the whitened basis and float64: ``[Σ r
         [K'], Σ r x [K', D], Σ r x² [K', D], Σ r x pᵀ [K', D, L], Σ r p [K', L], Σ r p pᵀ
         [K', L, L]]`` from responsibilities ``resp`` [K', n] and :meth:`log_joint`'s ``p``
-        and ``x − c``."""
-        k, n_lat, n = proj.shape
+        and ``x − c``; rows where every ``r`` is below
+        :data:`mfa.owner_sums.PAIR_THRESHOLD` are left out."""
+        k, n_lat, _ = proj.shape
         resp = resp.double()
+        # Rows none of them is responsible for (below the centred mode's pair threshold: on
+        # image data most rows) add nothing at float32's precision: left out.
+        active = (resp >= PAIR_THRESHOLD).any(0)  # [n]
+        if not bool(active.all()):
+            resp, proj, xc = resp[:, active], proj[:, :, active], xc[active]
+        n = resp.shape[1]
         rp = resp.unsqueeze(1) * proj  # [K', L, n]
         sums = torch.cat([resp, rp.reshape(k * n_lat, n)]) @ xc  # [K' + K'·L, D]
         sum_xp = sums[k:].view(k, n_lat, -1).mT  # [K', D, L]
