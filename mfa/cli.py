@@ -166,6 +166,9 @@ def cmd_inpaint(args) -> int:
     if args.mask_image and args.mask not in (None, "image"):  # it was silently ignored
         raise SystemExit(f"error: --mask-image is a mask of kind image, not --mask {args.mask}")
     mask = args.mask or ("image" if args.mask_image else "center")
+    if args.fraction is not None and mask != "random":  # it was silently ignored
+        raise SystemExit(f"error: --fraction is the hidden share of --mask random, not of "
+                         f"--mask {mask}")
     ckpt, config, load = _load_run(args.checkpoint, args.set)
     out = (_image_out(args.out) if args.out
            else _default_out(args.checkpoint, f"inpaint-{mask}.png"))
@@ -173,7 +176,7 @@ def cmd_inpaint(args) -> int:
     data = load(config)
     inpaint(ckpt.model, data, out, mask=mask, n=args.n, n_samples=args.samples,
             split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
-            fraction=args.fraction)
+            fraction=0.5 if args.fraction is None else args.fraction)
     print(out)
     return 0
 
@@ -364,8 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_run(p)
     p.add_argument("--mask", choices=MASK_KINDS, help="default: center (image with --mask-image)")
     p.add_argument("--mask-image", help="PNG mask (black = hidden); implies --mask image")
-    p.add_argument("--fraction", type=fraction, default=0.5,
-                   help="hidden share for --mask random")
+    p.add_argument("--fraction", type=fraction,
+                   help="hidden share for --mask random (default 0.5)")
     p.add_argument("-n", type=positive_int, default=8, help="images")
     p.add_argument("--samples", type=non_negative_int, default=3,
                    help="conditional samples per image (0: the conditional mean only)")

@@ -492,8 +492,9 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
                                                        *against_overrides]))
         except DatasetNotFoundError as error:  # its data settings come from --against-set
-            raise DatasetNotFoundError(
-                str(error).replace("--set data.", "--against-set data.")) from None
+            raise type(error)(str(error).replace("--set data.", "--against-set data.")) from None
+        except ValueError as error:  # e.g. a folder without data.root
+            raise ValueError(f"{error} (its settings: CLI --against-set data.KEY=VALUE)") from None
         result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
                                              seed=seed)
     return result

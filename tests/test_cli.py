@@ -388,6 +388,24 @@ def test_inpaint_with_a_mask_image_matches_the_same_builtin_mask(run_dir, tmp_pa
     assert not (tmp_path / "t.png").exists()
 
 
+def test_inpaint_fraction_belongs_to_random_masks(run_dir, tmp_path):
+    """--fraction with another mask kind was silently ignored; now refused (exit 2), and
+    with --mask random it sets the hidden share (0.5 when absent)."""
+    common = ["-n", 2, "--samples", 0, "--seed", 3]
+    code, _, stderr = run_cli("inpaint", run_dir, "--fraction", 0.2, "-o", tmp_path / "c.png",
+                              *common)
+    assert code == 2 and "--fraction is the hidden share of --mask random" in stderr
+    assert "--mask center" in stderr and not (tmp_path / "c.png").exists()
+    pngs = {}
+    for name, extra in (("default", []), ("tenth", ["--fraction", 0.1]),
+                        ("explicit", ["--fraction", 0.5])):
+        out = tmp_path / f"{name}.png"
+        assert run_cli("inpaint", run_dir, "--mask", "random", "-o", out, *extra,
+                       *common)[0] == 0
+        pngs[name] = open_png(out).tobytes()
+    assert pngs["default"] == pngs["explicit"] != pngs["tenth"]
+
+
 def test_inpaint_image_mask_without_a_file_fails_clearly(run_dir, tmp_path):
     code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "-o", tmp_path / "x.png")
     assert code == 2
@@ -540,6 +558,7 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     assert "(1, 32, 32)" in stderr
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder")
     assert code == 2 and "data.root: required when data.name is 'folder'" in stderr
+    assert "--against-set data.KEY=VALUE" in stderr  # the other dataset's, not --set
     code, _, stderr = run_cli("evaluate", run_dir, "--against-set", "data.root=x")
     assert code == 2 and "--against-set needs --outliers-against" in stderr  # was 1: one code
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "imagenet")
