@@ -458,8 +458,9 @@ def test_folder_greyscale_sizes_and_errors(tmp_path):
         arr = np.full((h, w), 10 * i, dtype=np.uint8)
         arr[0, 0] = 255
         Image.fromarray(arr, mode="L").save(root / f"{i}.png")
-    with pytest.raises(ValueError, match="image_size"):
+    with pytest.raises(ValueError, match="image_size") as caught:
         load_dataset("folder", root)
+    assert "--set data.image_size=" in str(caught.value)  # the CLI's spelling too
     d = load_dataset("folder", root, image_size=6, val_fraction=0.25, test_fraction=0.0)
     assert d.image_shape == (1, 6, 6) and d.sizes == {"train": 3, "val": 1, "test": 0}
     assert d.classes == () and (d.train_labels == -1).all()

@@ -78,7 +78,8 @@ class DecodeFiles(Dataset):
         if self.expected is not None and tuple(t.shape) != self.expected:
             raise ValueError(
                 f"{path} gives an image of shape {tuple(t.shape)} (C, H, W) but the first "
-                f"image gives {self.expected}; pass image_size= to resize all images to one size"
+                f"image gives {self.expected}; pass image_size= (CLI: --set data.image_size=S) "
+                "to resize all images to one size"
             )
         return t
 
