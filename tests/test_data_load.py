@@ -31,6 +31,22 @@ def test_embedded_split_is_seeded():
     assert e.val.shape == (0, 784) and e.dataset("val").rows([]).shape == (0, 784)
 
 
+def test_the_test_split_does_not_depend_on_val_fraction():
+    """With val taken first, val_fraction 0.1 and 0.2 gave disjoint test sets (the second's
+    test images were the first's training images): runs with different validation shares
+    could not be compared on held-out data."""
+    base = load_dataset("embedded-mnist", seed=2)
+    for val_fraction in (0.0, 0.2, 0.5):
+        other = load_dataset("embedded-mnist", seed=2, val_fraction=val_fraction)
+        assert torch.equal(other.pixels("test"), base.pixels("test"))
+        assert torch.equal(other.labels("test"), base.labels("test"))
+        keys = {s: set(row_keys(other.pixels(s))) for s in ("train", "val", "test")}
+        assert not (keys["train"] & keys["test"]) and not (keys["val"] & keys["test"])
+    # a larger test share keeps the smaller one's test images
+    wider = load_dataset("embedded-mnist", seed=2, test_fraction=0.2)
+    assert set(row_keys(base.pixels("test"))) <= set(row_keys(wider.pixels("test")))
+
+
 def test_limit_subsamples_each_split_without_changing_the_split():
     full = load_dataset("embedded-mnist", seed=1)
     small = load_dataset("embedded-mnist", seed=1, limit=100)

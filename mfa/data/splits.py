@@ -97,9 +97,11 @@ def assign_splits(
                 f"test_fraction={test_fraction}"
             )
         perm = torch.randperm(n, generator=seeded_generator(TAG_SPLIT, seed))
-        out["train"] = ("all", perm[n_val + n_test :])
-        out["val"] = ("all", perm[:n_val])
-        out["test"] = ("all", perm[n_val : n_val + n_test])
+        # test first: it then depends on test_fraction and seed only, so runs with another
+        # val_fraction are scored on the same images (val first made them disjoint)
+        out["train"] = ("all", perm[n_test + n_val :])
+        out["val"] = ("all", perm[n_test : n_test + n_val])
+        out["test"] = ("all", perm[:n_test])
     elif kind == "train-test":
         n = pool_sizes["train"]
         n_val = round(n * val_fraction)
