@@ -8,8 +8,8 @@ variance at 1e-9 under loadings of size 1: the mass 1.5× off, ``Σ r E[z]E[z]�
 3.5 nats a row). Until 2026-12-05 the whole E-step then ran in float64, which cost 2–9× the
 time on small image sets, where such components come and go during a fit (the embedded
 digits, 4,000 rows, default ``EMConfig``, 2 threads, one machine: K = 200 took 125 s, against
-24.6 s before any float64 handling and 30 s now, all with held-out bits/dim 4.103). Now
-only those components' share is taken in float64
+24.6 s before any float64 handling and 30 s now, all with held-out bits/dim 4.103 on the
+splits of then). Now only those components' share is taken in float64
 (:func:`mfa.statistics.accumulate_statistics` with ``exact=``): their log-densities, ``p``
 and sums, from ``B`` and ``C`` derived from the float64 parameters; their responsibilities
 are normalised with the other components' float32 log-densities as usual. The other
