@@ -62,8 +62,8 @@ def test_float32_e_step_with_an_ill_conditioned_component_matches_float64(mode, 
 
 
 def test_ill_conditioned_share_is_exact_in_every_chunk_form():
-    """The ill component's share is the same whatever the other components' form: a temperature
-    (dense chunks), fixed responsibilities, and several chunks of one batch."""
+    """The ill component's share matches float64 with tempered responsibilities too, and is
+    the same split over several chunks of one batch."""
     from helpers import heywood_float32_models
 
     from mfa import statistics
