@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfa import linalg
+from mfa import linalg, residual_form
 
 #: The parameter dtypes the model computes in (Cholesky and SVD need float32 or float64).
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -132,7 +132,7 @@ class ComponentTerms:
     row's top are recomputed directly (:func:`mfa.linalg.refine_near_top`); above it
     (``precise``) the form is evaluated in float64. ``factors`` (``A`` [K, D, L]) and
     ``capacitance_chol`` (``C`` [K, L, L]) serve the residual form of the near-top entries
-    (:func:`mfa.linalg.refine_woodbury_near_top`); without them it is skipped.
+    (:func:`mfa.residual_form.refine_woodbury_near_top`); without them it is skipped.
     """
 
     log_weights: Tensor
@@ -227,7 +227,7 @@ def component_log_prob_from_terms(
     ``(x−μ)ᵀΣ⁻¹(x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖B(x−μ)‖²`` with ``B = C⁻¹AᵀD⁻¹``; the first
     term is expanded into two matrix products, the second is one product ``x @ Bᵀ``. With
     ``exact``, below float64 and with factors, the entries near each row's top are then
-    recomputed in the residual form (:func:`mfa.linalg.refine_woodbury_near_top`), which
+    recomputed in the residual form (:func:`mfa.residual_form.refine_woodbury_near_top`), which
     keeps float32's relative precision where the Woodbury subtraction loses up to tens of
     nats on a row its component explains well (34 nats on Fashion-MNIST, K = 50, noise at
     1e-6; 0.017 nats a row on average). That costs about four passes over the ``[n, D]``
@@ -252,12 +252,15 @@ def component_log_prob_from_terms(
         # Rounding can push a tiny Mahalanobis distance below zero.
         return scale - 0.5 * maha.clamp_min(0.0)
 
-    if terms.refine:
+    residual = (exact and proj is not None and terms.factors is not None
+                and x.dtype != torch.float64)
+    if terms.refine and not residual:
         diag_quad = linalg.refine_near_top(diag_quad, log_joint(diag_quad), xc, terms.means,
                                            terms.inv_noise, terms.rounding)
     out = log_joint(diag_quad)
-    if exact and proj is not None and terms.factors is not None and x.dtype != torch.float64:
-        out = linalg.refine_woodbury_near_top(
+    if residual:  # the residual form also recomputes the diagonal form: one pass for both
+        out = residual_form.refine_woodbury_near_top(
             out, scale, xc, terms.means, terms.inv_noise, terms.factors,
-            terms.capacitance_chol, proj, diag_quad, slack=8.0 * terms.rounding)
+            terms.capacitance_chol, proj, diag_quad, slack=8.0 * terms.rounding,
+            every=terms.refine)
     return out

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfa import linalg
+from mfa import linalg, residual_form
 from mfa._terms import check_log_densities, check_noise, check_parameters
 from mfa._validation import (
     check_finite,
@@ -64,12 +64,18 @@ def split_features(
     return obs.to(device), hidden_mask.nonzero().flatten().to(device)
 
 
+#: Masked capacitance factors ``C`` with ``ε·(max diag C / min diag C)²`` above this are
+#: recomputed in float64 here (a cheap test, one per row and component; the complete-data
+#: log-densities use the predicted error of :data:`mfa.residual_form.ILL_CONDITIONED_ERROR`).
+CONDITION_TOLERANCE = 1e-5
+
+
 def _ill_conditioned(chol: Tensor) -> Tensor:
     """``[...]``: capacitance factors ``C`` ``[..., L, L]`` too ill-conditioned for their dtype
-    (``ε·(max diag C / min diag C)² >`` :data:`mfa.linalg.CONDITION_TOLERANCE`)."""
+    (``ε·(max diag C / min diag C)² >`` :data:`CONDITION_TOLERANCE`)."""
     diag = chol.detach().diagonal(dim1=-2, dim2=-1)
     spread = (diag.amax(-1) / diag.amin(-1)) ** 2
-    return spread * torch.finfo(chol.dtype).eps > linalg.CONDITION_TOLERANCE
+    return spread * torch.finfo(chol.dtype).eps > CONDITION_TOLERANCE
 
 
 def conditional_components(
@@ -235,7 +241,7 @@ def row_posterior(
     (``[D, K·L·L]``), ``M_o = I + m @ P``; every other quantity is a product of ``m``,
     ``m ⊙ x`` or ``m ⊙ x²`` with a ``[D, ·]`` matrix. Cost ``O(n·K·D·L²)``. With ``exact``
     (below float64), each row's near-top log-joints are recomputed in the residual form
-    (:func:`mfa.linalg.residual_mahalanobis`, as the complete-data densities are): the
+    (:func:`mfa.residual_form.residual_mahalanobis`, as the complete-data densities are): the
     Woodbury subtraction loses tens of nats in float32 on rows their component explains well
     with noise near the quantisation level. The trainers' E-step leaves it off.
 
@@ -270,10 +276,10 @@ def row_posterior(
     log_scale = t.log_w + linalg.gaussian_log_normaliser(n_obs, logdet)  # [n, K]
     log_joint = log_scale - 0.5 * quad.clamp_min(0.0)
     if exact and n_lat and x.dtype != torch.float64:
-        rows, comps = linalg.near_top_pairs(log_joint, diag_quad, diag_quad - quad,
+        rows, comps = residual_form.near_top_pairs(log_joint, diag_quad, diag_quad - quad,
                                             slack=8.0 * linalg.QUADRATIC_TOLERANCE)
         if rows.numel():
-            maha = linalg.residual_mahalanobis(
+            maha = residual_form.residual_mahalanobis(
                 xc.index_select(0, rows), comps, t.mu, t.loadings, t.inv_noise,
                 latent_mean[rows, comps], mask=mask.index_select(0, rows))
             log_joint = log_joint.index_put((rows, comps), log_scale[rows, comps] - 0.5 * maha)

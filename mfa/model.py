@@ -300,7 +300,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         and ``[n, K]``), plus the ``O(K·D·L)`` derived parameters. No ``[N, K, D]`` tensor and
         no ``D × D`` matrix is formed. In float32 the entries within 30 nats of each row's top
         are recomputed in a residual form that keeps float32's relative precision
-        (:func:`mfa.linalg.residual_mahalanobis`; about one ``[n, D]`` pass more).
+        (:func:`mfa.residual_form.residual_mahalanobis`; about one ``[n, D]`` pass more).
         """
         x = check_data(x, "x", self.n_features, self.dtype, self.device)
         batch_shape = x.shape[:-1]

@@ -640,8 +640,8 @@ def test_float32_heywood_components_match_the_dense_reference(noise):
 @pytest.mark.parametrize("noise", [1e-7, 1e-9])
 def test_float32_heywood_component_log_prob_matches_float64_on_every_row(noise):
     """An ill-conditioned component's column is recomputed in float64 on every row (one dense
-    pass, linalg._ill_conditioned_in_float64), the rows its neighbours explain 900 nats better
-    included: each entry within float32's relative rounding of the float64 reference."""
+    pass, mfa.residual_form._ill_conditioned_in_float64), the rows its neighbours explain 900
+    nats better included: each entry within float32's relative rounding of the float64 reference."""
     from helpers import heywood_float32_models
 
     m32, m64, x = heywood_float32_models(4, noise)
