@@ -20,6 +20,7 @@ from torch.utils.data import (
 from mfa import distributed
 from mfa._validation import all_finite, all_not_inf
 from mfa.data.quantized import QuantizedRows
+from mfa.loader_shards import shard_loader
 
 #: Rows per batch of the streamed computations (evaluation, likelihoods, NDB binning).
 DEFAULT_BATCH_SIZE = 4096
@@ -47,7 +48,7 @@ class DataSource:
         batch_size: rows per batch for tensors and datasets.
         name: used in error messages.
         shard: under :mod:`torch.distributed`, stream only this process's rows (see
-            :func:`mfa.distributed.shard_loader`); ``sharded`` tells whether it does, and so
+            :func:`mfa.loader_shards.shard_loader`); ``sharded`` tells whether it does, and so
             whether sums over the stream must be added across processes.
         allow_missing: accept NaN as a missing entry (trainers with ``missing="allow"``, see
             :mod:`mfa.missing`); infinities are always refused.
@@ -92,7 +93,7 @@ class DataSource:
         self.sharded = shard and distributed.is_active()
         self.whole = self.iterable  # every process's rows, or None (for gather_rows)
         if self.sharded and self.iterable is not None:
-            self.iterable, self.whole = distributed.shard_loader(self.iterable)
+            self.iterable, self.whole = shard_loader(self.iterable)
 
     def _item(self, index: int, row: int) -> str:
         """Where row ``row`` of batch ``index`` of this source's own pass lies in the Dataset

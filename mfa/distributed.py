@@ -33,8 +33,7 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 from torch import distributed as dist
-from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Sampler
 
 from mfa.statistics import SufficientStatistics, accumulate_statistics
 
@@ -56,9 +55,8 @@ __all__ = [
     "is_main_process",
     "launched_by_torchrun",
     "main_process_only",
+    "range_across_processes",
     "shard_batch",
-    "shard_global_batches",
-    "shard_loader",
     "shard_range",
     "shutdown",
     "sum_across_processes",
@@ -69,6 +67,9 @@ logger = logging.getLogger(__name__)
 #: Collective timeout when ``MFA_DIST_TIMEOUT`` (seconds) is not set: a rank that waits
 #: longer for the others (one crashed or hangs) fails with :class:`DistributedError`.
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+#: The largest ``MFA_DIST_TIMEOUT`` a ``timedelta`` holds (seconds).
+MAX_TIMEOUT_S = timedelta.max.total_seconds()
 
 
 class DistributedError(RuntimeError):
@@ -124,7 +125,11 @@ def _timeout() -> timedelta:
         raise ValueError(f"MFA_DIST_TIMEOUT must be a number of seconds, got {text!r}") from None
     if not seconds > 0:
         raise ValueError(f"MFA_DIST_TIMEOUT must be positive, got {text!r}")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:  # inf, 1e20: beyond what a timedelta (and the process group) holds
+        raise ValueError(f"MFA_DIST_TIMEOUT must be a finite number of seconds below "
+                         f"{MAX_TIMEOUT_S:.0f} (about 10,000 years), got {text!r}") from None
 
 
 def init_from_env(timeout: timedelta | None = None) -> bool:
@@ -250,89 +255,6 @@ class ShardBatchSampler(Sampler[list[int]]):
         return len(self.batch_sampler)
 
 
-class _EmptySafeCollate:
-    """A collate function that turns an empty part of a global batch into a batch of zero
-    rows shaped like the dataset's first item (so the rank still takes the step)."""
-
-    def __init__(self, collate, dataset) -> None:
-        self.collate, self.dataset = collate, dataset
-
-    def __call__(self, items):
-        if len(items):
-            return self.collate(items)
-        one = self.collate([self.dataset[0]])
-        if isinstance(one, Tensor):
-            return one[:0]
-        return type(one)(part[:0] for part in one)
-
-
-def _whole_dataset_loader(loader) -> bool:
-    """Whether ``loader`` is a DataLoader that reads its whole map-style dataset (its
-    sampler is torch's sequential or random one), so every process would see every row."""
-    return (isinstance(loader, DataLoader) and loader.batch_size is not None
-            and isinstance(loader.sampler, (SequentialSampler, RandomSampler)))
-
-
-def _check_no_padding(loader) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and sampler.total_size != len(sampler.dataset):
-        how = "drops rows to" if sampler.drop_last else "pads by repeating rows to"
-        raise ValueError(
-            f"the DataLoader's DistributedSampler {how} make {len(sampler.dataset)} rows "
-            f"{sampler.total_size}, so rows would be counted twice or never; pass the Dataset "
-            "itself (mfa shards it) or use mfa.distributed.ShardSampler"
-        )
-
-
-def _rebuild(loader: DataLoader, **sampling) -> DataLoader:
-    return DataLoader(
-        loader.dataset, **sampling, num_workers=loader.num_workers,
-        collate_fn=_EmptySafeCollate(loader.collate_fn, loader.dataset),
-        pin_memory=loader.pin_memory, generator=loader.generator,
-    )
-
-
-def shard_loader(loader):
-    """For sums over rows (EM, evaluation): ``(this rank's loader, the whole loader or
-    None)``.
-
-    A ``DataLoader`` over a whole map-style dataset is re-made over this rank's
-    :func:`shard_range` of it (same batch size, workers and collate function); the whole one
-    comes back too, for reading initialisation rows as one process would. Any other iterable
-    is taken as this rank's rows as they are (``None`` second); a ``DistributedSampler`` that
-    pads or drops rows is refused.
-
-    Raises:
-        ValueError: the loader's ``DistributedSampler`` pads with repeated rows or drops rows.
-    """
-    if not is_active():
-        return loader, loader
-    if _whole_dataset_loader(loader):
-        shard = _rebuild(loader, batch_size=loader.batch_size,
-                         sampler=ShardSampler(len(loader.dataset)))
-        return shard, loader
-    _check_no_padding(loader)
-    return loader, None
-
-
-def shard_global_batches(loader):
-    """For Adam: a ``DataLoader`` over a whole dataset becomes one that yields this rank's
-    part of each of its global batches, drawn from the same generator (so the global order is
-    the single-process one); any other iterable is returned as it is (this rank's batches:
-    every rank must then yield the same number of batches)."""
-    if not is_active():
-        return loader
-    if _whole_dataset_loader(loader):
-        if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is None:
-            raise ValueError(
-                "a shuffled DataLoader needs a seeded generator= under torch.distributed, so "
-                "that every process draws the same order of rows"
-            )
-        return _rebuild(loader, batch_sampler=ShardBatchSampler(loader.batch_sampler))
-    _check_no_padding(loader)
-    return loader
-
-
 # ---------------------------------------------------------------------- collectives
 
 
@@ -382,6 +304,19 @@ def sum_across_processes(*values: float | Tensor) -> list[float]:
     with _collective("the all-reduce of a sum"):
         dist.all_reduce(flat)
     return flat.cpu().tolist()
+
+
+def range_across_processes(value: float) -> tuple[float, float]:
+    """``(smallest, largest)`` of ``value`` over every process (one all-reduce);
+    ``(value, value)`` without a process group."""
+    if not is_active():
+        return float(value), float(value)
+    flat = torch.tensor([float(value), -float(value)], dtype=torch.float64,
+                        device=_comm_device())
+    with _collective("the all-reduce of a maximum"):
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    high, low = flat.cpu().tolist()
+    return -low, high
 
 
 def backward_mean(values: Tensor, parameters) -> tuple[Tensor, int]:

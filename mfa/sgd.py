@@ -29,6 +29,7 @@ from mfa._validation import (
 )
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
+from mfa.loader_shards import check_same_batch_count, shard_global_batches
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior, check_prior_fields
 from mfa.training import ConvergenceWarning
@@ -260,6 +261,7 @@ class SGDTrainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)
         train, val_source = self._split(data, validation, model)
+        per_rank = False  # the training rows are this process's own (a loader of them)
         if isinstance(train, (Tensor, QuantizedRows)):  # rows drawn by index, shuffled
             n = train.shape[0]
             steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -272,8 +274,10 @@ class SGDTrainer:
                       else DataLoader(train, batch_size=cfg.batch_size)
                       if isinstance(train, IterableDataset) else train)
             # Under torch.distributed each process reads its part of every global batch.
-            train_source = DataSource(distributed.shard_global_batches(loader), model,
-                                      cfg.batch_size, "data", allow_missing=allow)
+            sharded = shard_global_batches(loader)
+            per_rank = distributed.is_active() and sharded is loader  # this process's rows
+            train_source = DataSource(sharded, model, cfg.batch_size, "data",
+                                      allow_missing=allow)
             try:  # (a DataLoader of an IterableDataset has __len__ only if the dataset has)
                 steps_per_epoch = len(loader)
             except TypeError:
@@ -282,9 +286,15 @@ class SGDTrainer:
                         f"SGDConfig.schedule={cfg.schedule!r} needs the number of batches an "
                         f"epoch, but the training data ({type(train).__name__}) has no length; "
                         "use schedule='constant' or data with a length") from None
-                steps_per_epoch = 1
+                steps_per_epoch = None
+            if per_rank and steps_per_epoch is not None:
+                check_same_batch_count(steps_per_epoch)
+            steps_per_epoch = steps_per_epoch or 1
         prior = self.prior()
         n_train = None if prior.is_flat else _count_rows(train)
+        if n_train is not None and per_rank:
+            # the penalty's 1/N: every process's rows, the same on all of them
+            n_train = round(distributed.sum_across_processes(n_train)[0])
         optimizer = _adam(list(model.parameters()), cfg.lr, cfg.weight_decay)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(

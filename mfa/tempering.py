@@ -203,7 +203,8 @@ def _paired_gain(new: list[Tensor], old: list[Tensor], sharded: bool) -> tuple[f
     """The mean per-row gain ``log p_new − log p_old`` over the validation rows and its
     standard error (a paired comparison: the same rows under both models; every process's
     rows when ``sharded``)."""
-    diff = torch.cat(new) - torch.cat(old)
+    # (a process whose validation shard is empty has no batches: it adds zeros)
+    diff = (torch.cat(new) - torch.cat(old)) if new else torch.zeros(0, dtype=torch.float64)
     total, squares, count = diff.sum(), diff.square().sum(), diff.numel()
     if sharded:
         total, squares, count = distributed.sum_across_processes(total, squares, count)

@@ -25,7 +25,7 @@ from torch import distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from mfa import MixtureOfFactorAnalyzers, distributed
+from mfa import MixtureOfFactorAnalyzers, distributed, loader_shards
 from mfa._data_stream import DataSource
 from mfa.checkpoint import load_checkpoint
 from mfa.cli import main
@@ -215,6 +215,48 @@ def _crash_job(rank: int) -> dict:
             "trace": traceback.format_stack()}
 
 
+def _edges_job(rank: int) -> dict:
+    """Review cases under two processes, each recorded (not raised) for the tests below."""
+    x = _data()
+    out = {}
+
+    class Recording(SGDTrainer):
+        seen: list = []
+
+        @staticmethod
+        def penalty(model, prior, n_train):
+            Recording.seen.append(n_train)
+            return SGDTrainer.penalty(model, prior, n_train)
+
+    # Adam with a prior on each process's own rows (150 and 151): the penalty's 1/N was
+    # 1/150 on one process and 1/151 on the other, and their parameters drifted apart.
+    data = TensorDataset(x)
+    loader = DataLoader(data, batch_size=31, sampler=distributed.ShardSampler(data))
+    model = _model()
+    Recording(SGDConfig(epochs=2, batch_size=31, lr=1e-2, patience=0, kmeans_iter=3,
+                        complete_iter=1, progress=False, noise_prior_strength=50.0,
+                        noise_prior_variance=1.0)).fit(model, loader, x[:40])
+    out["adam_prior"] = (sorted(set(Recording.seen)), _params(model))
+    for case, fit in {
+        # drop_last: single-process EM sums 240 of 251 rows; the shards summed all 251
+        "em_drop_last": lambda: _em(2, DataLoader(TensorDataset(x[:251]), batch_size=40,
+                                                  drop_last=True), x[251:]),
+        # 5 batches of 30 on one process, 6 on the other: gloo aborted the process
+        "adam_unequal": lambda: SGDTrainer(SGDConfig(epochs=1, batch_size=30, progress=False,
+                                                     kmeans_iter=2, complete_iter=0)).fit(
+            _model(), DataLoader(data, batch_size=30, sampler=distributed.ShardSampler(data))),
+        # one validation row: rank 0's shard is empty; its tempered step failed on no batches
+        "tempered_one_val_row": lambda: EMTrainer(EMConfig(
+            max_iter=3, batch_size=32, kmeans_iter=2, complete_iter=0, progress=False)).fit(
+            _model(), x[:60], x[60:61]).weights.tolist(),
+    }.items():
+        try:
+            out[case] = ("ok", fit())
+        except ValueError as error:
+            out[case] = ("ValueError", str(error))
+    return out
+
+
 # ---------------------------------------------------------------------- tests
 
 
@@ -305,19 +347,54 @@ def test_crashed_rank_does_not_hang_the_other(tmp_path):
     assert time.perf_counter() - started < 25.0
 
 
+@pytest.fixture(scope="module")
+def edges(tmp_path_factory):
+    return _spawn("_edges_job", tmp_path_factory.mktemp("edges"))
+
+
+def test_adam_prior_over_per_process_loaders_counts_every_process_rows(edges):
+    """The prior's 1/N is the global 301 rows on both processes, whose parameters stay
+    identical (they were 150 and 151, and the parameters 1.1e-4 apart)."""
+    (seen0, params0), (seen1, params1) = edges[0]["adam_prior"], edges[1]["adam_prior"]
+    assert seen0 == seen1 == [301]
+    for name, value in params0.items():
+        assert torch.equal(value, params1[name]), name
+
+
+def test_em_refuses_a_loader_whose_epoch_is_not_every_row_once(edges):
+    for rank in edges:
+        kind, message = rank["em_drop_last"]
+        assert kind == "ValueError"
+        assert "drop_last=True drops the last 11 of its 251 rows" in message
+
+
+def test_adam_refuses_per_process_loaders_of_unequal_length(edges):
+    for rank in edges:
+        kind, message = rank["adam_unequal"]
+        assert kind == "ValueError"
+        assert "yield between 5 and 6 (this process:" in message
+
+
+def test_tempered_step_with_an_empty_validation_shard(edges):
+    """One validation row: the process without it takes the step too, and both end with the
+    same model."""
+    assert edges[0]["tempered_one_val_row"][0] == "ok"
+    assert edges[0]["tempered_one_val_row"] == edges[1]["tempered_one_val_row"]
+
+
 def test_padding_sampler_is_refused():
     """Outside a process group nothing is sharded; the check itself is plain."""
     data = TensorDataset(torch.zeros(5, 2))
     loader = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
                                                          shuffle=False))
     with pytest.raises(ValueError, match="pads by repeating rows to make 5 rows 6"):
-        distributed._check_no_padding(loader)
+        loader_shards._check_no_padding(loader)
     dropping = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
                                                            shuffle=False, drop_last=True))
     with pytest.raises(ValueError, match="drops rows to make 5 rows 4"):
-        distributed._check_no_padding(dropping)
+        loader_shards._check_no_padding(dropping)
     even = TensorDataset(torch.zeros(6, 2))
-    distributed._check_no_padding(DataLoader(even, sampler=DistributedSampler(
+    loader_shards._check_no_padding(DataLoader(even, sampler=DistributedSampler(
         even, num_replicas=2, rank=0)))  # 3 + 3 rows: nothing padded or dropped
 
 
@@ -369,6 +446,10 @@ def test_timeout_from_environment_is_checked(monkeypatch):
     monkeypatch.setenv("MFA_DIST_TIMEOUT", "-1")
     with pytest.raises(ValueError, match="MFA_DIST_TIMEOUT must be positive"):
         distributed._timeout()
+    for text in ("inf", "1e20"):  # an OverflowError that did not name the variable
+        monkeypatch.setenv("MFA_DIST_TIMEOUT", text)
+        with pytest.raises(ValueError, match="MFA_DIST_TIMEOUT must be a finite number"):
+            distributed._timeout()
     monkeypatch.setenv("MFA_DIST_TIMEOUT", "90")
     assert distributed._timeout() == timedelta(seconds=90)
 
