@@ -23,9 +23,8 @@ import torch
 import torch.multiprocessing as mp
 from torch import distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
 
-from mfa import MixtureOfFactorAnalyzers, distributed, loader_shards
+from mfa import MixtureOfFactorAnalyzers, distributed
 from mfa._data_stream import DataSource
 from mfa.checkpoint import load_checkpoint
 from mfa.cli import main
@@ -380,22 +379,6 @@ def test_tempered_step_with_an_empty_validation_shard(edges):
     same model."""
     assert edges[0]["tempered_one_val_row"][0] == "ok"
     assert edges[0]["tempered_one_val_row"] == edges[1]["tempered_one_val_row"]
-
-
-def test_padding_sampler_is_refused():
-    """Outside a process group nothing is sharded; the check itself is plain."""
-    data = TensorDataset(torch.zeros(5, 2))
-    loader = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
-                                                         shuffle=False))
-    with pytest.raises(ValueError, match="pads by repeating rows to make 5 rows 6"):
-        loader_shards._check_no_padding(loader)
-    dropping = DataLoader(data, sampler=DistributedSampler(data, num_replicas=2, rank=0,
-                                                           shuffle=False, drop_last=True))
-    with pytest.raises(ValueError, match="drops rows to make 5 rows 4"):
-        loader_shards._check_no_padding(dropping)
-    even = TensorDataset(torch.zeros(6, 2))
-    loader_shards._check_no_padding(DataLoader(even, sampler=DistributedSampler(
-        even, num_replicas=2, rank=0)))  # 3 + 3 rows: nothing padded or dropped
 
 
 def test_shards_tile_the_rows_without_padding():
