@@ -63,7 +63,6 @@ from torch import Tensor
 
 from mfa import distributed, linalg, training
 from mfa._data_stream import DataSource
-from mfa._terms import component_log_prob_from_terms
 from mfa.init import floored_weights
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.prior_search import choose_noise_variance
@@ -192,10 +191,12 @@ MARGIN = 2.0
 
 
 def _row_log_probs(model: MixtureOfFactorAnalyzers, validation: DataSource) -> list[Tensor]:
-    """``log p(x)`` of every validation row, per batch (float64, on the CPU)."""
+    """``log p(x)`` of every validation row, per batch (float64, on the CPU): the exact
+    log-density, as the candidates were scored (the plain Woodbury form put rows up to 12.5
+    nats off float64 under a float32 component with one noise variance at 1e-9)."""
     with torch.no_grad():
         terms = model.component_terms()
-        return [linalg.logsumexp(component_log_prob_from_terms(batch, terms, False)).double().cpu()
+        return [linalg.logsumexp(model._component_log_prob(batch, terms)).double().cpu()
                 for batch in validation]
 
 
