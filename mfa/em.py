@@ -7,8 +7,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -16,108 +14,25 @@ from tqdm.auto import tqdm
 
 from mfa import distributed, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
-from mfa._validation import (
-    check_bool_field,
-    check_choice_field,
-    check_device_field,
-    check_int_fields,
-    check_real_field,
-)
 from mfa.e_step import streamed_e_step
-from mfa.em_state import RESUMABLE, Callback, FitContext, RunState, check_resumed_max_iter
+from mfa.em_config import EMConfig
+from mfa.em_state import (
+    RESUMABLE,
+    Callback,
+    FitContext,
+    RunState,
+    check_resumed_max_iter,
+    restart_seed,
+)
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.precision import STATS_DTYPES
-from mfa.priors import QUANTIZATION_VARIANCE, Prior, check_prior_fields
+from mfa.priors import Prior
 from mfa.pruning import reseed_round
 from mfa.statistics import m_step
 from mfa.tempering import TemperedStep, tempered_step
 from mfa.training import ConvergenceWarning
 
 __all__ = ["ConvergenceWarning", "EMConfig", "EMTrainer", "RunState"]
-
-
-@dataclass
-class EMConfig:
-    """Settings of :class:`EMTrainer`."""
-
-    max_iter: int = 100  # EM iterations (full passes over the data)
-    tol: float = 1e-4  # stop when the MAP objective per sample (mfa.priors) gains less than this
-    batch_size: int = 4096  # rows per streamed batch; the result does not depend on it
-    variance_floor: float = 1e-6  # hard lower bound of every noise variance after each M-step
-    # MAP EM (mfa.priors): an inverse-gamma prior of noise_prior_strength pseudo-rows of variance
-    # noise_prior_variance on every noise variance ("auto": chosen on validation data inside
-    # fit, see mfa.prior_search), a Dirichlet(weight_concentration) prior on the weights and a
-    # ridge prior (rows of A ~ N(0, d/loading_ridge)) on the loadings. 0, any, 1, 0: plain EM.
-    noise_prior_strength: float = 1.0
-    noise_prior_variance: float | Literal["auto"] = "auto"
-    weight_concentration: float = 1.0
-    loading_ridge: float = 0.0
-    # The data's lower bound of a useful noise variance, where the "auto" grid starts: the
-    # quantisation variance 1/(12·256²) of (p+u)/256 pixels (1/(12·255²) for p/255 pixels).
-    quantization_variance: float = QUANTIZATION_VARIANCE
-    search_warmup: int = 1  # "auto": EM iterations with the weakest candidate before the search
-    # "auto": searches a restart at most; a stronger s₀ when patience runs out (mfa.prior_search)
-    max_searches: int = 4
-    search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
-    patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
-    val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
-    device: str | None = None  # None: the model's device
-    # E-step precision (mfa.precision): float64 (exact), precise, centred (each row's main
-    # component summed in float64 about its own mean), mixed, centred32 (its float32 form, the
-    # fastest on CPUs), float32. auto: centred, or float64 on full-rate-float64 GPUs.
-    stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "centred32",
-                         "float32"] = "auto"
-    # TF32 for the float32 products during fit (CUDA only; set and restored by
-    # mfa.training.tf32_matmul). Off until measured on a GPU (tests/test_em.py, bench_gpu.py).
-    allow_tf32: bool = False
-    seed: int = 0  # seeds initialisation and re-seeding of empty components
-    n_init: int = 1  # restarts; the best by final train log-likelihood is kept
-    reseed_rounds: int = 3  # then re-seed the components lowering the val score, EM again
-    # "auto": then one M-step from tempered responsibilities if it raises the val score
-    tempered_step: bool = True  # (mfa.tempering)
-    init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
-    kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
-    complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
-    init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
-    # components with less responsibility mass are re-seeded by splitting the heaviest one (0:
-    # never; the default, as splitting hurts where components have few rows each)
-    min_component_mass: float = 0.0
-    checkpoint_every: int = 0  # call checkpoint_fn every this many iterations (0: only at the end)
-    progress: bool = True  # tqdm progress bar
-    # "allow": NaN marks a missing entry and EM maximises the observed-data likelihood
-    # (mfa.missing); "error": data with NaN is refused
-    missing: Literal["error", "allow"] = "error"
-
-    def validate(self) -> None:
-        """Check every field; the trainer's limits live here only.
-
-        Raises:
-            ValueError: naming the field as ``EMConfig.<field>`` with the bad value.
-        """
-        check_int_fields(self, {"max_iter": 0, "batch_size": 1, "n_init": 1, "kmeans_iter": 1,
-                                "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
-                                "seed": 0, "reseed_rounds": 0})
-        check_real_field(self, "tol", minimum=0)
-        check_real_field(self, "variance_floor", minimum=0, strict=True)
-        check_prior_fields(self, allow_auto=True)
-        check_real_field(self, "quantization_variance", minimum=0, strict=True)
-        check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0,
-                                "max_searches": 1})
-        check_real_field(self, "val_fraction", minimum=0, maximum=1)
-        check_real_field(self, "min_component_mass", minimum=0)
-        check_choice_field(self, "stats_dtype", STATS_DTYPES)
-        check_choice_field(self, "init", ("kmeans", "random", "none"))
-        check_choice_field(self, "missing", ("error", "allow"))
-        check_device_field(self)
-        check_bool_field(self, "progress")
-        check_bool_field(self, "allow_tf32")
-        check_bool_field(self, "tempered_step")
-        if self.init == "none" and self.n_init > 1:
-            raise ValueError(
-                f"EMConfig.n_init={self.n_init} > 1 needs a random EMConfig.init ('kmeans' or "
-                f"'random'), got {self.init!r}"
-            )
 
 
 logger = logging.getLogger(__name__)
@@ -265,7 +180,9 @@ class EMTrainer:
             early_stopping=cfg.patience > 0 and val_source is not None,
             callbacks=tuple(callbacks), checkpoint_fn=checkpoint_fn,
         )
+        # (None until this fit runs them: not an earlier fit's)
         self.selection_seconds = 0.0 if ctx.search else None
+        self.search_seconds, self.tempered = None, None
         if self._resume is not None:
             state, self._resume = self._resume, None
             self.history = state.records_up_to(self.history)  # later ones come again
@@ -288,7 +205,8 @@ class EMTrainer:
                 if init_rows is None and cfg.init != "none":
                     init_rows = gather_rows(source, cfg.init_samples, cfg.seed)
                 initialise(
-                    model, init_rows, cfg.init, seed=cfg.seed + run, variance_floor=ctx.floor,
+                    model, init_rows, cfg.init, seed=restart_seed(cfg.seed, run),
+                    variance_floor=ctx.floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
                 distributed.broadcast_model(model)  # the same start on every process

@@ -8,11 +8,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from torch import Tensor
 
 from mfa._data_stream import DataSource
 
-__all__ = ["RESUMABLE", "Callback", "FitContext", "RunState", "check_resumed_max_iter"]
+__all__ = ["RESUMABLE", "Callback", "FitContext", "RunState", "check_resumed_max_iter",
+           "restart_seed"]
 
 #: ``cb(trainer, model, record)`` after each EM iteration.
 Callback = Callable[..., None]
@@ -23,6 +25,15 @@ Callback = Callable[..., None]
 #: restart and not below its iterations done: :func:`check_resumed_max_iter`).
 RESUMABLE = frozenset({"max_iter", "checkpoint_every", "progress", "device"})
 
+
+def restart_seed(seed: int, run: int) -> int:
+    """The initialisation seed of restart ``run`` of a fit seeded ``seed``: ``seed`` itself
+    for the first, then a hash of ``(seed, run)``. (``seed + run`` made restart 1 of seed 0
+    restart 0 of seed 1, and so on: with ``n_init`` restarts two consecutive seeds shared
+    ``n_init − 1`` of them and often kept the same model.)"""
+    if run == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, run]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 def check_resumed_max_iter(state: dict, max_iter: int) -> None:
     """Refuse resuming ``state`` with a ``max_iter`` other than its saved one once a restart

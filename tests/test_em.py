@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mfa import MixtureOfFactorAnalyzers
 from mfa.data import load_dataset
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.em_state import restart_seed
 
 F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
@@ -331,8 +332,9 @@ def test_init_samples_subset_is_seeded_and_progress_bar_runs(mixture_data):
 def test_n_init_keeps_the_best_run(mixture_data):
     x, _ = mixture_data
     singles = []
-    for seed in range(3):
-        model, _ = _fit(x, 4, 1, init="random", seed=seed, max_iter=20, tol=0.0)
+    for run in range(3):  # restart r starts as a single fit seeded restart_seed(0, r)
+        model, _ = _fit(x, 4, 1, init="random", seed=restart_seed(0, run), max_iter=20,
+                        tol=0.0)
         singles.append(_dense_log_lik(model, x))
     best, trainer = _fit(x, 4, 1, init="random", seed=0, n_init=3, max_iter=20, tol=0.0)
     ll = _dense_log_lik(best, x)
@@ -340,6 +342,20 @@ def test_n_init_keeps_the_best_run(mixture_data):
         assert ll >= single - 1e-9
     assert ll == pytest.approx(max(singles), abs=1e-9)
     assert sorted({h["run"] for h in trainer.history}) == [0, 1, 2]
+
+
+def test_consecutive_seeds_share_no_restart(mixture_data):
+    """Restart r was seeded seed + r: seed 1's restarts 0 and 1 were seed 0's restarts 1
+    and 2, and the two fits often kept the same model."""
+    x, _ = mixture_data
+    runs = {}
+    for seed in (0, 1):
+        _, trainer = _fit(x, 4, 1, init="random", seed=seed, n_init=3, max_iter=3, tol=0.0)
+        runs[seed] = [[h["train_log_likelihood"] for h in trainer.history if h["run"] == r]
+                      for r in range(3)]
+    assert not any(a == b for a in runs[0] for b in runs[1])
+    assert restart_seed(7, 0) == 7 and len({restart_seed(s, r) for s in range(20)
+                                            for r in range(5)}) == 100
 
 
 def test_same_seed_same_result_different_seed_differs(mixture_data):
