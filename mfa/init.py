@@ -52,6 +52,15 @@ def floored_weights(mass: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 
 
+def _floor(variance_floor: float, min_noise: float) -> float:
+    """The noise variances' lower bound: ``variance_floor``, raised just above ``min_noise``
+    (every noise variance of the model lies above it). A negative or non-finite floor is
+    refused (NaN failed later in a Cholesky factorisation, a negative one passed silently)."""
+    floor = float(variance_floor)
+    if not math.isfinite(floor) or floor < 0:
+        raise ValueError(f"variance_floor must be a finite number >= 0, got {variance_floor!r}")
+    return max(floor, min_noise * (1 + 1e-6) + 1e-30)
+
 def fit_complete(
     x: Tensor,
     labels: Tensor,
@@ -80,7 +89,8 @@ def fit_complete(
         x: ``[N, D]``; labels: ``[N]`` int64 in ``[0, n_components)``.
         n_components, n_factors, noise: the model to build.
         n_iter: factor-analysis iterations (diagonal noise only).
-        variance_floor: lower bound of the noise variances (``> min_noise``).
+        variance_floor: lower bound of the noise variances (finite, ``>= 0``; raised just
+            above ``min_noise`` when below it).
         min_noise: the built model's ``min_noise``.
         batch_size: unused (kept for callers of the earlier streamed version).
         generator: the randomised SVD's randomness (default: seed 0, so the fit is
@@ -100,7 +110,7 @@ def fit_complete(
             f"labels must lie in [0, {n_components}), got range [{int(labels.min())}, "
             f"{int(labels.max())}]"
         )
-    floor = max(float(variance_floor), min_noise * (1 + 1e-6) + 1e-30)
+    floor = _floor(variance_floor, min_noise)
     labels = labels.long()
     n, d = x.shape
     k, lat = n_components, n_factors
@@ -227,7 +237,7 @@ def random_init(
     if n < n_components:
         raise ValueError(f"random initialisation needs >= {n_components} rows, got {n}")
     idx = torch.randperm(n, generator=generator, device=x.device)[:n_components]
-    floor = max(float(variance_floor), min_noise * (1 + 1e-6) + 1e-30)
+    floor = _floor(variance_floor, min_noise)
     var = x.var(dim=0, unbiased=False).clamp_min(floor)
     scale = 0.1 * var.mean().sqrt() / max(1, n_factors) ** 0.5
     loadings = scale * torch.randn(
@@ -296,8 +306,10 @@ def initialise(
         order = torch.randperm(n, generator=gen, device=rows.device)
         n_fit = min(n, max(k, FIT_ROWS_PER_COMPONENT * k))
         n_kmeans = min(n_fit, max(k, KMEANS_ROWS_PER_COMPONENT * k))
+        # Both random subsets of the rows (the K-means rows the first of the fit rows): rows
+        # in file order (sorted by class, say) would otherwise leave K-means some classes only.
         fit_rows = rows[order[:n_fit]] if n_fit < n else rows
-        km_rows = fit_rows[:n_kmeans] if n_kmeans < n_fit else fit_rows
+        km_rows = rows[order[:n_kmeans]] if n_kmeans < n else rows
         result = kmeans(km_rows, k, n_iter=kmeans_iter, generator=gen,
                         seed_rows=SEED_ROWS_PER_COMPONENT * k)
         if n_kmeans == n_fit:

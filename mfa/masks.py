@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,7 +46,8 @@ def _pixel_mask_to_rows(hidden: Tensor, c: int) -> Tensor:
 
 
 def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
-    """A mask picture (path or PIL image; black = hidden) → hidden bool ``[H, W]``."""
+    """A mask picture (path or PIL image; black = hidden) → hidden bool ``[H, W]``: grey
+    levels below half the format's range (128 of 8-bit, 32,768 of 16-bit) are hidden."""
     from PIL import Image  # only this mask kind needs an imaging library
 
     if isinstance(mask_image, (str, os.PathLike)):
@@ -53,16 +55,25 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
         if not path.is_file():
             raise FileNotFoundError(f"mask image {path} does not exist")
         with Image.open(path) as opened:
-            picture = opened.convert("L")
+            opened.load()
+            picture = opened.copy()
     elif isinstance(mask_image, Image.Image):
-        picture = mask_image.convert("L")
+        picture = mask_image
     else:
         raise TypeError(
             f"mask_image must be a path or a PIL image, got {type(mask_image).__name__}"
         )
-    picture = picture.resize((w, h), Image.Resampling.NEAREST)
+    if picture.mode in SIXTEEN_BIT_MODES:  # convert("L") clipped every level >= 128 to white
+        picture = picture.resize((w, h), Image.Resampling.NEAREST)
+        grey = torch.from_numpy(np.asarray(picture).astype(np.int64).reshape(h, w))
+        return grey < 32768
+    picture = picture.convert("L").resize((w, h), Image.Resampling.NEAREST)
     grey = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(h, w)
     return grey < 128
+
+
+#: PIL modes of 16-bit grey pictures (a 16-bit PNG opens as one of them).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
 
 
 def _real(value: object, name: str) -> float:
@@ -84,7 +95,8 @@ def make_mask(
 
     Kinds (see :data:`MASK_KINDS`):
 
-    * ``"center"``: the central square of side ``H//2 × W//2`` (rows ``H//4 ..``) is hidden.
+    * ``"center"``: the central ``H//2 × W//2`` rectangle (rows from ``(H − H//2)//2``) is
+      hidden.
     * ``"top"`` / ``"bottom"``: the top ``H//2`` / bottom ``H//2`` rows are hidden.
     * ``"left"`` / ``"right"``: the left ``W//2`` / right ``W//2`` columns are hidden.
     * ``"random"``: exactly ``round(fraction·H·W)`` pixels are hidden, chosen independently
@@ -92,7 +104,8 @@ def make_mask(
       gives the same masks).
     * ``"image"``: ``mask_image`` (a path to a PNG or a PIL image) is converted to grey,
       resized to ``H × W`` with nearest-neighbour resampling, and its dark pixels (grey level
-      < 128, i.e. black) are hidden; the same mask for every image.
+      below half the range: < 128 of 8-bit, < 32,768 of a 16-bit PNG) are hidden; the same
+      mask for every image.
 
     A hidden pixel is hidden in every channel. The masks are on the CPU.
     """
@@ -106,8 +119,8 @@ def make_mask(
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     hidden = torch.zeros(h, w, dtype=torch.bool)
-    if kind == "center":
-        top, left = h // 4, w // 4
+    if kind == "center":  # centred also for odd sides (h // 4 hid the corner pixel of 3×3)
+        top, left = (h - h // 2) // 2, (w - w // 2) // 2
         hidden[top : top + h // 2, left : left + w // 2] = True
     elif kind == "top":
         hidden[: h // 2] = True
@@ -132,6 +145,9 @@ def make_mask(
         flat = torch.zeros(n, h * w, dtype=torch.bool)
         flat.scatter_(1, order[:, :n_hidden], True)
         return _pixel_mask_to_rows(flat.view(n, h, w), c)
+    if kind != "image" and not bool(hidden.any()):
+        raise ValueError(f"a {kind!r} mask of {h}×{w} images hides no pixel (it hides half a "
+                         "side of 2 or more pixels); use another kind or a larger image")
     return _pixel_mask_to_rows(hidden.expand(n, h, w), c)
 
 

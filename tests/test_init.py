@@ -176,6 +176,11 @@ def test_fit_complete_errors(labelled):
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):
         fit_complete(bad, lab, 3, 1)
+    for floor in (float("nan"), -1.0):  # a Cholesky error, and silently accepted
+        with pytest.raises(ValueError, match="variance_floor must be a finite number >= 0"):
+            fit_complete(x, lab, 3, 1, variance_floor=floor)
+        with pytest.raises(ValueError, match="variance_floor must be a finite number >= 0"):
+            random_init(x, 3, 1, generator=gen(0), variance_floor=floor)
 
 
 # --------------------------------------------------------------------- random init
@@ -232,6 +237,18 @@ def test_initialise_subsamples_are_seeded_and_reproducible():
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
     assert not torch.equal(a.means, c.means)
 
+
+
+def test_initialise_draws_its_kmeans_rows_at_random_from_rows_in_file_order():
+    """Ten blobs of 300 rows, stored blob by blob; K = 10 fits on all 3,000 rows and runs
+    K-means on 2,000. Those were the first 2,000 in file order (blobs 0-6 only): 6 of 10
+    blobs got a component. Now a seeded random subset: every blob does."""
+    g = gen(7)
+    centres = 6.0 * torch.randn(10, 20, generator=g, dtype=F64)
+    x = centres.repeat_interleave(300, 0) + torch.randn(3000, 20, generator=g, dtype=F64)
+    model = _initialised(x, 10, 2, seed=0)
+    nearest = torch.cdist(centres, model.means.detach()).min(-1).values
+    assert (nearest < 1.0).all(), nearest
 
 def test_randomised_svd_ppca_matches_exact_ppca():
     """A cluster larger than EXACT_SVD_LIMIT in both directions takes the randomised SVD: its

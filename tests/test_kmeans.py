@@ -184,6 +184,8 @@ def test_kmeans_errors():
         kmeans(np.zeros((5, 2)), 2)
     with pytest.raises(ValueError, match="n_clusters"):
         kmeans(x, 0)
+    with pytest.raises(ValueError, match=r"D >= 1, got \(5, 0\)"):  # was a ZeroDivisionError
+        kmeans(torch.zeros(5, 0, dtype=F64), 2)
 
 
 def test_kmeans_float32_offset_data_keeps_clusters():
@@ -195,6 +197,19 @@ def test_kmeans_float32_offset_data_keeps_clusters():
     res = kmeans((x + 1e4).float(), 3, seed=0)
     assert adjusted_rand_score(lab.numpy(), res.labels.numpy()) == pytest.approx(1.0)
 
+
+
+def test_kmeans_plus_plus_seeds_float32_rows_far_from_the_origin():
+    """Four blobs of spread 1, 10 apart, 3·10⁴ from the origin: the distances expanded
+    about the origin lost the spread in float32 and the seeds covered all four blobs in 5 of
+    20 draws; taken about the rows' mean, in every draw."""
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=F64)
+    lab = torch.arange(400) % 4
+    x = centres[lab] + torch.randn(400, 2, generator=gen(0), dtype=F64)
+    far = (x + 3e4).float()
+    for seed in range(20):
+        picked = kmeans_plus_plus(far, 4, gen(seed)).double() - 3e4
+        assert len(set(torch.cdist(picked, centres).argmin(-1).tolist())) == 4, seed
 
 def test_kmeans_plus_plus_picks_distinct_rows():
     x = torch.randn(200, 3, generator=gen(0), dtype=F64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -46,6 +47,25 @@ def test_center_mask_hides_the_central_half_side_square():
     assert (cols.min().item(), cols.max().item()) == (3, 8)
 
 
+
+@pytest.mark.parametrize("h, w, rows, cols", [(7, 7, (2, 4), (2, 4)), (3, 3, (1, 1), (1, 1)),
+                                              (5, 9, (1, 2), (2, 5))])
+def test_center_mask_is_centred_for_odd_sides(h, w, rows, cols):
+    """Rows from H//4 put the square off centre on odd sides: rows 1-3 of 7, and the corner
+    pixel of a 3×3 image."""
+    hidden = ~make_mask("center", (1, h, w), 1).view(h, w)
+    r, c = hidden.nonzero(as_tuple=True)
+    assert (r.min().item(), r.max().item()) == rows
+    assert (c.min().item(), c.max().item()) == cols
+    assert hidden.sum().item() == (h // 2) * (w // 2)
+
+
+@pytest.mark.parametrize("kind, shape", [("center", (1, 1, 8)), ("top", (1, 1, 5)),
+                                         ("right", (3, 4, 1))])
+def test_a_mask_that_hides_no_pixel_is_refused(kind, shape):
+    with pytest.raises(ValueError, match=f"a '{kind}' mask of .* images hides no pixel"):
+        make_mask(kind, shape, 1)
+
 def test_random_mask_fraction_seed_and_channels():
     shape = (3, 10, 10)
     mask = make_mask("random", shape, 4, generator=gen(0), fraction=0.3)
@@ -70,6 +90,20 @@ def test_image_mask_black_is_hidden(tmp_path):
     assert torch.equal(mask, expected)
     assert torch.equal(make_mask("image", (3, 4, 6), 2, mask_image=picture.convert("RGB")), mask)
 
+
+
+def test_sixteen_bit_image_mask_hides_below_half_its_range(tmp_path):
+    """A 16-bit PNG was converted to 8-bit grey by clipping: every level from 128 of 65,535
+    up counted as white, so a 25 % grey row was visible (in 8-bit it is hidden)."""
+    levels = np.array([[0] * 6, [16384] * 6, [40000] * 6, [65535] * 6], dtype=np.uint16)
+    path = tmp_path / "mask16.png"
+    Image.fromarray(levels).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")  # what Pillow reads a 16-bit PNG as
+    hidden = ~make_mask("image", (1, 4, 6), 1, mask_image=path).view(4, 6)
+    assert hidden.all(1).tolist() == [True, True, False, False]
+    eight = Image.fromarray((levels // 257).astype(np.uint8))
+    assert torch.equal(make_mask("image", (1, 4, 6), 1, mask_image=eight), ~hidden.view(1, -1))
 
 def test_image_mask_path_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
