@@ -80,14 +80,24 @@ def main(argv=None) -> dict:
           f"{ours_s * 1e3:.1f} ms, torch.distributions {peer_s * 1e3:.1f} ms "
           f"(speed-up {peer_s / ours_s:.1f}x); max |difference| {diff:.2e} nats")
     # The residual form's cost and accuracy: on these rows (no component explains any
-    # sharply) and on rows drawn from a sharp model (noise at the quantisation level).
+    # sharply), on rows drawn from a sharp model (noise at the quantisation level) and from
+    # one whose first 5 components each have one noise variance at 1e-9.
     sharp = copy.deepcopy(model).cpu()  # sampled with a CPU generator, then moved
     with torch.no_grad():
         sharp.set_parameters(factor_loadings=0.1 * sharp.factor_loadings / 3.0,
                              noise_variance=torch.full_like(sharp.noise_variance, 1.3e-6))
         sharp_x = sharp.sample(args.n, generator=torch.Generator().manual_seed(1))[0]
-    sharp = sharp.to(device)
-    for name, m, rows in (("random rows", model, x), ("sharp model", sharp, sharp_x)):
+        # Heywood components: one noise variance far below its loadings' (ill-conditioned
+        # capacitances, which the exact form computes in float64).
+        p = {name: getattr(sharp, name).clone() for name in
+             ("weights", "means", "factor_loadings", "noise_variance")}
+        p["noise_variance"][:5, 3] = 1e-9
+        p["factor_loadings"][:5, 3] *= 30.0
+        heywood = MixtureOfFactorAnalyzers.from_parameters(**p)
+        heywood_x = heywood.sample(args.n, generator=torch.Generator().manual_seed(2))[0]
+    sharp, heywood = sharp.to(device), heywood.to(device)
+    for name, m, rows in (("random rows", model, x), ("sharp model", sharp, sharp_x),
+                          ("Heywood components", heywood, heywood_x)):
         result[name] = _exactness(m, rows.to(device), device, args.repeats)
         r = result[name]
         print(f"  {name}: without the checks {r['exact_seconds'] * 1e3:.1f} ms; the Woodbury "
