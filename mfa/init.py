@@ -117,10 +117,13 @@ def fit_complete(
     dtype = x.dtype
     counts = torch.bincount(labels, minlength=k).to(dtype)
     weights = floored_weights(counts)
-    pooled_var = x.var(dim=0, unbiased=False).clamp_min(floor)  # [D]
     means = torch.zeros(k, d, dtype=dtype, device=x.device)
     loadings = torch.zeros(k, d, lat, dtype=dtype, device=x.device)
-    noise_var = pooled_var.expand(k, d).clone()
+    noise_var = torch.empty(k, d, dtype=dtype, device=x.device)
+    # Σ over the clusters' rows of (x − their mean)², for the pooled variance (x.var over all
+    # rows cost another pass over [N, D]: 55 ms of a 0.85 s initialisation on a 2-core CPU).
+    within = torch.zeros(d, dtype=torch.float64, device=x.device)
+    unfit = []  # clusters of fewer than 2 rows: they get the pooled variance
     order = torch.argsort(labels)
     bounds = torch.cumsum(torch.bincount(labels, minlength=k), 0).tolist()
     gen = _generator(0, generator, x.device)
@@ -131,13 +134,16 @@ def fit_complete(
         start = bounds[c]
         if rows.shape[0] == 0:
             means[c] = x.mean(0)
+            unfit.append(c)
             continue
         means[c] = rows.mean(0)
         if rows.shape[0] < 2:
+            unfit.append(c)
             continue
         # Each cluster's fit in float64 (the rows of one cluster are few).
         centred = (rows - means[c]).double()  # [n_c, D]
         total_var = (centred * centred).mean(0)  # [D]
+        within += total_var * rows.shape[0]
         s, vh = _top_singular(centred, lat, gen)
         eig = s * s / rows.shape[0]  # the top eigenvalues of the cluster covariance
         top = eig[:lat]
@@ -162,6 +168,11 @@ def fit_complete(
         )
         loadings[c] = cluster_loadings.to(dtype)
         noise_var[c] = fa_noise.to(dtype)
+    if unfit:  # the pooled per-feature variance: within the clusters plus between them
+        m64, n_c = means.double(), counts.double().unsqueeze(-1)  # [K, D], [K, 1]
+        spread = m64 - (n_c * m64).sum(0) / n
+        pooled_var = ((within + (n_c * spread * spread).sum(0)) / n).clamp_min(floor)
+        noise_var[unfit] = pooled_var.to(dtype)
     if noise == "isotropic":
         noise_var = noise_var.mean(-1, keepdim=True).expand(k, d)
     return MixtureOfFactorAnalyzers.from_parameters(
@@ -309,7 +320,8 @@ def initialise(
         # Both random subsets of the rows (the K-means rows the first of the fit rows): rows
         # in file order (sorted by class, say) would otherwise leave K-means some classes only.
         fit_rows = rows[order[:n_fit]] if n_fit < n else rows
-        km_rows = rows[order[:n_kmeans]] if n_kmeans < n else rows
+        km_rows = (fit_rows[:n_kmeans] if n_fit < n  # (a view: the same rows, no copy)
+                   else rows[order[:n_kmeans]] if n_kmeans < n else rows)
         result = kmeans(km_rows, k, n_iter=kmeans_iter, generator=gen,
                         seed_rows=SEED_ROWS_PER_COMPONENT * k)
         if n_kmeans == n_fit:

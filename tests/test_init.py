@@ -139,6 +139,10 @@ def test_fit_complete_tiny_and_empty_clusters(noise, lat):
     assert bool((model.noise_variance > 0).all())
     torch.testing.assert_close(model.means[1].detach(), x[25])
     assert bool(torch.isfinite(model.log_prob(x)).all())
+    if noise == "diagonal":  # the one-row and empty clusters get the pooled variance
+        pooled = x.var(0, unbiased=False)
+        torch.testing.assert_close(model.noise_variance[1].detach(), pooled)
+        torch.testing.assert_close(model.noise_variance[2].detach(), pooled)
 
 
 def test_fit_complete_constant_cluster_gets_floor():
