@@ -141,9 +141,15 @@ def near_top_pairs(
     component explains sharply. Entries more than 30 nats below the top move
     no log-density or responsibility.
     """
-    near = _near_top(log_joint, diag_quad, cancelled, slack, inflation)
+    return _pairs(_near_top(log_joint, diag_quad, cancelled, slack, inflation), cancelled,
+                  skip, every)
+
+
+def _pairs(near: Tensor, cancelled: Tensor, skip: Tensor | None,
+           every: bool) -> tuple[Tensor, Tensor]:
+    """:func:`near_top_pairs` from its window ``near`` [n, K] (bool, overwritten)."""
     if not every:
-        near &= cancelled.detach() * torch.finfo(log_joint.dtype).eps > CANCELLATION_TOLERANCE
+        near &= cancelled.detach() * torch.finfo(cancelled.dtype).eps > CANCELLATION_TOLERANCE
     if skip is not None:
         near &= ~skip
     comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
@@ -198,8 +204,9 @@ def refine_woodbury_near_top(
     if bool(ill.any()):
         log_joint = _ill_conditioned_in_float64(log_joint, log_scale, xc, means, inv_noise,
                                                 factors, capacitance_chol, ill)
-    rows, comps = near_top_pairs(log_joint, diag_quad, cancelled, slack, inflation, ill,
-                                 every)
+        # their float64 entries may move a row's top: the window again
+        near = _near_top(log_joint, diag_quad, cancelled, slack, inflation)
+    rows, comps = _pairs(near, cancelled, ill, every)
     if rows.numel() == 0:
         return log_joint
     # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
