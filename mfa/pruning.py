@@ -68,6 +68,12 @@ def removal_gains(log_joint: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
         weights: the model's mixture weights ``[K]``.
         keep: bool ``[K]``, the components still in the mixture.
     """
+    n_components = log_joint.shape[-1]
+    if keep.dtype != torch.bool or keep.shape != (n_components,):
+        raise ValueError(f"keep must be a bool mask of shape ({n_components},) (one entry per "
+                         f"column of log_joint), got {keep.dtype} of shape {tuple(keep.shape)}")
+    if weights.shape != (n_components,):
+        raise ValueError(f"weights must have shape ({n_components},), got {tuple(weights.shape)}")
     if not bool(keep.any()):
         raise ValueError("keep marks no component: removal gains need a mixture to remove from")
     if int(keep.sum()) == 1:  # the last component is every row's only support
@@ -80,9 +86,14 @@ def removal_gains(log_joint: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
     top = kept.argmax(dim=1, keepdim=True)  # [N, 1]
     others = kept.scatter(1, top, float("-inf"))
     per_row.scatter_(1, top, torch.logsumexp(others, dim=1, keepdim=True) - total)
-    w = weights[keep] / weights[keep].sum()
+    w = weights[keep] / weights[keep].sum()  # [K']
+    # log(1 − w_k) likewise: the largest weight (up to 1 − 1e-16, where 1 − w rounds to 0)
+    # takes the log of the others' sum.
+    rest = torch.log1p(-w.clamp(max=1.0))  # [K']
+    heaviest = int(w.argmax())
+    rest[heaviest] = torch.cat([w[:heaviest], w[heaviest + 1:]]).sum().log()
     gains = torch.full_like(weights, float("-inf"))
-    gains[keep] = per_row.mean(0) - torch.log1p(-w.clamp(max=1.0))
+    gains[keep] = per_row.mean(0) - rest
     return gains
 
 

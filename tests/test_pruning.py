@@ -64,6 +64,33 @@ def test_removal_gain_of_a_rows_dominant_component_is_exact():
     assert torch.isfinite(gains).all()
 
 
+def test_removal_gain_of_a_component_holding_almost_all_the_weight_is_exact():
+    """The other weight 1e-18 (1 − w rounds to 1 in float64): removing the dominant
+    component costs what the rebuilt model says, it is not a +inf gain."""
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([1 - 1e-18, 1e-18], dtype=F64), torch.tensor([[0.0, 0.0], [3.0, 3.0]],
+                                                                  dtype=F64),
+        torch.zeros(2, 2, 1, dtype=F64), torch.ones(2, 2, dtype=F64))
+    x = torch.randn(200, 2, generator=gen(0), dtype=F64)
+    gains = removal_gains(validation_log_joint(model, x), model.weights.detach(),
+                          torch.ones(2, dtype=torch.bool))
+    expected = _mean_ll(_without(model, torch.tensor([False, True])), x) - _mean_ll(model, x)
+    assert float(gains[0]) == pytest.approx(expected, rel=1e-9)
+    assert 0 not in harmful_components(model, x)  # the component that generates the data
+
+
+def test_removal_gains_refuse_a_keep_that_is_not_a_bool_mask():
+    model = random_model(3, 4, 1, seed=0)
+    log_joint = validation_log_joint(model, random_data(20, model, seed=1))
+    weights = model.weights.detach()
+    with pytest.raises(ValueError, match="keep must be a bool mask of shape \\(3,\\)"):
+        removal_gains(log_joint, weights, torch.tensor([1, 1, 0]))
+    with pytest.raises(ValueError, match="keep must be a bool mask"):
+        removal_gains(log_joint, weights, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        removal_gains(log_joint, weights[:2], torch.ones(3, dtype=torch.bool))
+
+
 def _planted():
     """Two separated clusters and a third component collapsed on one training row with a
     tiny variance and a fifth of the weight: it explains no validation row."""
