@@ -257,6 +257,8 @@ class HierarchicalTrainer:
         """The configuration as plain values, without the keys that do not change the fit."""
         plain = asdict(self.config)
         plain.pop("assign_batch_size")  # the hard assignment is the same in any batch size
+        if plain["min_noise"] == 1e-6:  # folders from before the field fitted with this value
+            plain.pop("min_noise")
         for name in ("root_em", "child_em", "final_em"):
             if plain[name] is not None:
                 for key in _NEUTRAL_EM_KEYS:
@@ -266,8 +268,8 @@ class HierarchicalTrainer:
     def _em(self, em: EMConfig, seed: int) -> EMTrainer:
         return EMTrainer(replace(em, seed=seed))
 
-    def _load(self, path: Path, what: str, n_features: int) -> tuple[MixtureOfFactorAnalyzers,
-                                                                     dict]:
+    def _load(self, path: Path, what: str, n_features: int,
+              dtype: torch.dtype) -> tuple[MixtureOfFactorAnalyzers, dict]:
         loaded = load_checkpoint(path)
         state = loaded.trainer_state
         if not isinstance(state, dict) or state.get("config") != self._fingerprint():
@@ -278,6 +280,10 @@ class HierarchicalTrainer:
         if loaded.model.n_features != n_features:
             raise ValueError(f"{path} holds a {what} over {loaded.model.n_features} features, "
                              f"the data has {n_features}")
+        if loaded.model.dtype != dtype:  # (else found only when the children are flattened)
+            raise ValueError(f"{path} holds a {str(loaded.model.dtype).removeprefix('torch.')} "
+                             f"{what}, the data is {str(dtype).removeprefix('torch.')}; resume "
+                             "with data of the dtype that wrote the folder")
         return loaded.model, state
 
     def fit(
@@ -331,7 +337,7 @@ class HierarchicalTrainer:
         started = time.perf_counter()
         root_path = folder / "root.pt" if folder is not None else None
         if root_path is not None and root_path.exists():
-            self.root, state = self._load(root_path, "root", n_features)
+            self.root, state = self._load(root_path, "root", n_features, dtype)
             self.root.to(root_device)
             saved_counts = state.get("counts")
             record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
@@ -340,7 +346,8 @@ class HierarchicalTrainer:
             saved_counts = None
             root = MixtureOfFactorAnalyzers(
                 cfg.root_components, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
-                generator=torch.Generator().manual_seed(cfg.seed), device=home,
+                min_noise=cfg.min_noise, generator=torch.Generator().manual_seed(cfg.seed),
+                device=home,
             )
             trainer = self._em(cfg.root_em, cfg.seed)
             trainer.fit(root, data, validation=validation)
@@ -370,7 +377,7 @@ class HierarchicalTrainer:
             path = folder / f"child-{k:05d}.pt" if folder is not None else None
             trainer = None
             if path is not None and path.exists():
-                child, _ = self._load(path, f"child {k}", n_features)
+                child, _ = self._load(path, f"child {k}", n_features, dtype)
                 resumed = True
             else:
                 resumed = False
@@ -382,7 +389,8 @@ class HierarchicalTrainer:
                     seed = _child_seed(cfg.seed, k)
                     child = MixtureOfFactorAnalyzers(
                         n_k, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
-                        generator=torch.Generator().manual_seed(seed), device=home,
+                        min_noise=cfg.min_noise, generator=torch.Generator().manual_seed(seed),
+                        device=home,
                     )
                     index = (labels == k).nonzero().flatten()  # [rows_k]
                     trainer = self._em(cfg.child_em, seed)
@@ -407,7 +415,7 @@ class HierarchicalTrainer:
         started = time.perf_counter()
         final_path = folder / "model.pt" if folder is not None else None
         if final_path is not None and final_path.exists():
-            self.model, _ = self._load(final_path, "model", n_features)
+            self.model, _ = self._load(final_path, "model", n_features, dtype)
             self.model.to(torch.device(cfg.final_em.device or child_device)
                           if cfg.final_em is not None else child_device)
             resumed, trainer = True, None

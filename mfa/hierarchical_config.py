@@ -9,7 +9,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from mfa._validation import check_int_fields
+from mfa._validation import check_int_fields, check_real_field
 from mfa.em import EMConfig, EMTrainer
 
 __all__ = [
@@ -27,6 +27,7 @@ class HierarchicalConfig:
     root_components: int = 10  # K₁, components of the root mixture
     n_factors: int = 10  # L, latent factors of every component (root and children)
     noise: Literal["diagonal", "isotropic"] = "diagonal"  # noise type of every component
+    min_noise: float = 1e-6  # the floor added to every noise variance (root and children)
     rows_per_component: int = 1000  # a child of rows_k rows gets rows_k // this components
     min_child_components: int = 1  # lower clamp of a child's component count
     max_child_components: int = 100  # upper clamp of a child's component count
@@ -63,6 +64,7 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
             f"HierarchicalConfig.min_child_rows must be None or an int >= 1, "
             f"got {config.min_child_rows!r}"
         )
+    check_real_field(config, "min_noise", minimum=0)
     if config.noise not in ("diagonal", "isotropic"):
         raise ValueError(
             f"HierarchicalConfig.noise must be 'diagonal' or 'isotropic', got {config.noise!r}"
@@ -82,6 +84,11 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
             named = (text.replace("EMConfig.", f"HierarchicalConfig.{name}.", 1)
                      if text.startswith("EMConfig.") else f"HierarchicalConfig.{name}: {text}")
             raise type(err)(named) from None
+        if value.missing != "error":
+            raise ValueError(
+                f"HierarchicalConfig.{name}.missing must be 'error': hierarchical training "
+                "assigns every row to a root component and needs complete rows (train on "
+                "incomplete rows with EMTrainer and missing='allow')")
     if config.final_em is not None and config.final_em.init != "none":
         raise ValueError(
             "HierarchicalConfig.final_em.init must be 'none' (the final EM continues from the "

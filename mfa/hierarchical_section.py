@@ -27,6 +27,7 @@ __all__ = ["HIERARCHY_FROM_MODEL", "HierarchicalSection", "check_hierarchical",
 #: ``mfa.hierarchical.HierarchicalConfig`` fields a run takes from its ``model`` section.
 HIERARCHY_FROM_MODEL: dict[str, str] = {
     "root_components": "n_components", "n_factors": "n_factors", "noise": "noise",
+    "min_noise": "min_noise",
 }
 
 
@@ -34,8 +35,9 @@ HIERARCHY_FROM_MODEL: dict[str, str] = {
 class HierarchicalSection:
     """``train.hierarchical``: :class:`mfa.hierarchical.HierarchicalConfig` as a run sets it.
 
-    The root's ``K₁``, ``L`` and noise type are the run's ``model.n_components``,
-    ``model.n_factors`` and ``model.noise`` (:data:`HIERARCHY_FROM_MODEL`), and the EM of
+    The root's ``K₁``, ``L``, noise type and noise floor are the run's ``model.n_components``,
+    ``model.n_factors``, ``model.noise`` and ``model.min_noise`` (:data:`HIERARCHY_FROM_MODEL`;
+    the children's too), and the EM of
     the root and of the children is the run's ``train.em`` unless ``root_em`` / ``child_em``
     is given. The other fields and defaults are HierarchicalConfig's; a test keeps the two in
     step.
@@ -54,7 +56,7 @@ class HierarchicalSection:
 
 def hierarchical_config(config: Any) -> Any:
     """The ``mfa.hierarchical.HierarchicalConfig`` of a run: ``train.hierarchical`` with the
-    root's size, factors and noise type from ``model`` (see :data:`HIERARCHY_FROM_MODEL`) and
+    root's size, factors, noise type and floor from ``model`` (see :data:`HIERARCHY_FROM_MODEL`) and
     a copy of ``train.em`` for a ``root_em`` / ``child_em`` left at ``None``."""
     from mfa.hierarchical import HierarchicalConfig
 

@@ -438,11 +438,13 @@ def test_the_hierarchical_section_is_the_trainers_config_less_the_models_values(
 def test_hierarchical_trainer_config_takes_the_model_and_train_em():
     config = load_config(CONFIG_DIR / "embedded-mnist.yaml", [
         "train.method=hierarchical", "model.n_components=7", "model.n_factors=3",
-        "model.noise=isotropic", "train.hierarchical.rows_per_component=50",
+        "model.noise=isotropic", "model.min_noise=0.002",
+        "train.hierarchical.rows_per_component=50",
         "train.hierarchical.child_em={max_iter: 2}", "train.em.max_iter=11",
     ])
     hier = config.trainer_config()
-    assert (hier.root_components, hier.n_factors, hier.noise) == (7, 3, "isotropic")
+    assert (hier.root_components, hier.n_factors, hier.noise, hier.min_noise) == (
+        7, 3, "isotropic", 0.002)
     assert hier.rows_per_component == 50
     assert hier.root_em == config.train.em and hier.root_em.max_iter == 11
     assert hier.child_em == EMConfig(max_iter=2)

@@ -255,6 +255,41 @@ def test_resume_refuses_another_config_or_other_data(data, tmp_path):
         HierarchicalTrainer(config()).fit(data[0][:500], checkpoint_dir=tmp_path)
 
 
+def test_resume_with_data_of_another_dtype_is_refused_before_training(data, tmp_path):
+    def kill(trainer, record):
+        if record["stage"] == "child":
+            raise Killed
+
+    with pytest.raises(Killed):
+        HierarchicalTrainer(config()).fit(data[0], checkpoint_dir=tmp_path, callbacks=[kill])
+    seen = []
+    with pytest.raises(ValueError, match="root.pt holds a float64 root, the data is float32"):
+        HierarchicalTrainer(config()).fit(data[0].float(), checkpoint_dir=tmp_path,
+                                          callbacks=[lambda t, r: seen.append(r)])
+    assert seen == []
+
+
+def test_min_noise_floors_the_root_and_every_child(data):
+    """model.min_noise reaches every model the trainer builds (it was the default 1e-6)."""
+    floor = 0.05
+    trainer = HierarchicalTrainer(config(min_noise=floor))
+    flat = trainer.fit(0.01 * data[0])  # a noise variance of this data falls far below it
+    for model in (trainer.root, *trainer.children, flat):
+        assert model.min_noise == floor
+        assert float(model.noise_variance.min()) >= floor
+
+
+def test_a_folder_without_min_noise_resumes_at_the_default(data, fitted, tmp_path):
+    """Folders written before HierarchicalConfig.min_noise existed fitted with 1e-6: they
+    resume under that value and are refused under another."""
+    HierarchicalTrainer(config()).fit(data[0], checkpoint_dir=tmp_path)
+    done = HierarchicalTrainer(config(min_noise=1e-6))
+    assert "min_noise" not in done._fingerprint()
+    assert _same(done.fit(data[0], checkpoint_dir=tmp_path), fitted[1])
+    with pytest.raises(ValueError, match="different HierarchicalConfig"):
+        HierarchicalTrainer(config(min_noise=1e-3)).fit(data[0], checkpoint_dir=tmp_path)
+
+
 # ---------------------------------------------------------------------- final EM, datasets
 
 
@@ -326,6 +361,9 @@ def test_two_level_model_is_comparable_to_a_flat_model_of_the_same_size():
     ({"child_em": EMConfig(max_iter=-1)}, ValueError, "max_iter"),
     ({"final_em": EMConfig()}, ValueError, "final_em.init must be 'none'"),
     ({"seed": -1}, ValueError, "seed must be an int >= 0"),
+    ({"min_noise": -1e-3}, ValueError, "min_noise must be"),
+    ({"child_em": replace(EM, missing="allow")}, ValueError,
+     "child_em.missing must be 'error': hierarchical training .* needs complete rows"),
 ])
 def test_bad_config(overrides, error, match):
     with pytest.raises(error, match=match):
