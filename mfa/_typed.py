@@ -11,7 +11,7 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ["bad", "coerce", "describe"]
+__all__ = ["bad", "coerce", "describe", "over_section_defaults"]
 
 
 def bad(path: str, value: Any, problem: str) -> ValueError:
@@ -89,3 +89,25 @@ def coerce(value: Any, hint: Any, path: str, build: Callable[[type, Any, str], A
         items = [coerce(item, item_hint, f"{path}[{i}]", build) for i, item in enumerate(value)]
         return tuple(items) if origin is tuple else items
     return value  # an annotation this module does not know: no check
+
+
+def over_section_defaults(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` (the mapping of the dataclass ``cls``) with each nested section it gives laid
+    over that field's own default: a section whose default differs from its class's (e.g. a
+    run's ``EMConfig(checkpoint_every=1)``) keeps those values for the keys the mapping
+    leaves out, instead of falling back to the class defaults."""
+    out = dict(data)
+    for f in dataclasses.fields(cls):
+        value = out.get(f.name)
+        if not isinstance(value, Mapping) or f.default_factory is dataclasses.MISSING:
+            continue
+        default = f.default_factory()
+        if not dataclasses.is_dataclass(default):
+            continue
+        plain = type(default)()
+        changed = {g.name: getattr(default, g.name) for g in dataclasses.fields(default)
+                   if g.init and getattr(default, g.name) != getattr(plain, g.name)}
+        changed = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                   for k, v in changed.items()}
+        out[f.name] = {**changed, **value}
+    return out

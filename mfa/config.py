@@ -48,13 +48,14 @@ import torch
 import yaml
 
 from mfa._typed import bad as _bad
-from mfa._typed import coerce
+from mfa._typed import coerce, over_section_defaults
 from mfa.data.names import DATASET_NAMES, DatasetName, canonical_name
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_section import (
-    HIERARCHY_FROM_MODEL,
+    MOVED_KEYS,
     HierarchicalSection,
     check_hierarchical,
+    fill_stages,
     hierarchical_config,
 )
 from mfa.masks import MaskKind, MissingKind
@@ -316,12 +317,6 @@ def _cross_check(config: Any, path: str) -> None:
                              f"{prefix}inpaint_masks contains 'image', got None")
 
 
-#: Where a key that is not in a section lives instead (named in the unknown-key error).
-_MOVED_KEYS: dict[str, str] = {
-    f"train.hierarchical.{key}": f"model.{name}" for key, name in HIERARCHY_FROM_MODEL.items()
-}
-
-
 def _from_dict(cls: type, data: Any, path: str) -> Any:
     """Build the dataclass ``cls`` from a mapping, checking every key and value."""
     fields = [f for f in dataclasses.fields(cls) if f.init]
@@ -339,11 +334,14 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
             full = f"{path}.{key}" if path else str(key)
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            if full in _MOVED_KEYS:
-                hint = f" (it is {_MOVED_KEYS[full]}: the root of a hierarchical run is the model)"
+            if full in MOVED_KEYS:
+                hint = f" (it is {MOVED_KEYS[full]}: the root of a hierarchical run is the model)"
             raise ValueError(
                 f"unknown config key '{full}'{hint}; valid keys under {where}: {', '.join(names)}"
             )
+    data = over_section_defaults(cls, data)  # a partial section keeps its field's defaults
+    if cls is TrainConfig:
+        data = fill_stages(data, TrainConfig().em)
     hints = get_type_hints(cls)
     checks = _CONSTRAINTS.get(cls, {})
     kwargs = {}

@@ -15,19 +15,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mfa.em import EMConfig
 
-__all__ = ["HIERARCHY_FROM_MODEL", "HierarchicalSection", "check_hierarchical",
-           "hierarchical_config"]
+__all__ = ["HIERARCHY_FROM_MODEL", "MOVED_KEYS", "HierarchicalSection", "check_hierarchical",
+           "fill_stages", "hierarchical_config"]
 
 
 #: ``mfa.hierarchical.HierarchicalConfig`` fields a run takes from its ``model`` section.
 HIERARCHY_FROM_MODEL: dict[str, str] = {
     "root_components": "n_components", "n_factors": "n_factors", "noise": "noise",
     "min_noise": "min_noise",
+}
+
+#: Where a key that is not in ``train.hierarchical`` lives instead (named in the unknown-key
+#: error of :mod:`mfa.config`).
+MOVED_KEYS: dict[str, str] = {
+    f"train.hierarchical.{key}": f"model.{name}" for key, name in HIERARCHY_FROM_MODEL.items()
 }
 
 
@@ -85,3 +92,32 @@ def check_hierarchical(config: Any) -> None:
                  else f"train.hierarchical.{key}")
         problem = re.sub(r"HierarchicalConfig\.(\w+)", r"train.hierarchical.\1", problem)
         raise ValueError(f"invalid value for {where}: {problem}") from None
+
+
+def fill_stages(train: Mapping[str, Any], em_default: EMConfig) -> Mapping[str, Any]:
+    """The ``train`` mapping with a partial ``hierarchical.root_em`` / ``child_em`` completed
+    from ``train.em`` (``em_default`` with the keys ``train.em`` gives): the keys a stage
+    leaves out take the run's EM values, as a null stage does, not EMConfig's class
+    defaults (which save no checkpoint until the end)."""
+    hier = train.get("hierarchical")
+    if not isinstance(hier, Mapping):
+        return train
+    base = {f.name: getattr(em_default, f.name) for f in dataclasses.fields(EMConfig)}
+    em = train.get("em")
+    if isinstance(em, Mapping):  # (unknown keys are reported under train.em)
+        base.update({key: value for key, value in em.items() if key in base})
+    hier = {stage: {**base, **value} if stage in ("root_em", "child_em")
+            and isinstance(value, Mapping) else value for stage, value in hier.items()}
+    return {**train, "hierarchical": hier}
+
+
+def resolve_stages(config: Any) -> Any:
+    """``config`` with a null ``train.hierarchical.root_em`` / ``child_em`` replaced by a
+    copy of ``train.em`` (what the run uses), for comparing two configs."""
+    section = config.train.hierarchical
+    stages = {stage: copy.deepcopy(config.train.em) for stage in ("root_em", "child_em")
+              if getattr(section, stage) is None}
+    if not stages:
+        return config
+    train = dataclasses.replace(config.train, hierarchical=dataclasses.replace(section, **stages))
+    return dataclasses.replace(config, train=train)

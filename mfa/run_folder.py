@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mfa.config import OutputConfig, RunConfig, config_to_dict
+from mfa.hierarchical_section import resolve_stages
 
 if TYPE_CHECKING:
     from mfa.checkpoint import Checkpoint
@@ -60,6 +61,12 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
     Raises:
         ValueError: a differing key is not in :data:`RESUME_SAFE_KEYS` (naming the first).
     """
+    # A null hierarchical stage is train.em: compared as that when the other side sets it.
+    saved_stages, new_stages = (
+        {stage for stage in ("root_em", "child_em")
+         if getattr(c.train.hierarchical, stage) is None} for c in (saved, new))
+    if saved_stages != new_stages:
+        saved, new = resolve_stages(saved), resolve_stages(new)
     old, now = _leaves(config_to_dict(saved)), _leaves(config_to_dict(new))
     # Both sides' keys: a section set to null on one side has leaves on the other only.
     changed = [key for key in {**now, **old} if now.get(key) != old.get(key)]

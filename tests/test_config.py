@@ -435,6 +435,38 @@ def test_the_hierarchical_section_is_the_trainers_config_less_the_models_values(
             assert getattr(HierarchicalSection(), name) == getattr(defaults, name), name
 
 
+def test_a_partial_trainer_section_keeps_the_runs_defaults(tmp_path):
+    """train.em / train.sgd given in part were built from the class defaults: a run then
+    saved no checkpoint until the end (checkpoint_every 0), and a killed run lost it all."""
+    run = RunConfig().train
+    assert run.em.checkpoint_every == run.sgd.checkpoint_every == 1
+    em = load_config(None, ["train.em.max_iter=8"]).train.em
+    assert em == dataclasses.replace(run.em, max_iter=8)
+    sgd = load_config(None, ["train.sgd.epochs=8"]).train.sgd
+    assert sgd == dataclasses.replace(run.sgd, epochs=8)
+    path = tmp_path / "partial.yaml"
+    path.write_text("train:\n  em: {max_iter: 5, tol: 0.0}\n  sgd: {lr: 0.01}\n")
+    config = load_config(path)
+    assert config.train.em.checkpoint_every == 1 and config.train.em.max_iter == 5
+    assert config.train.sgd.checkpoint_every == 1 and config.train.sgd.lr == 0.01
+    # an explicit value still wins, and the round trip keeps it
+    explicit = load_config(None, ["train.em.checkpoint_every=0"])
+    assert explicit.train.em.checkpoint_every == 0
+    assert config_from_dict(config_to_dict(explicit)) == explicit
+
+
+def test_a_partial_hierarchical_stage_takes_the_runs_em_for_the_keys_it_leaves_out():
+    config = load_config(None, ["train.method=hierarchical", "train.em.max_iter=7",
+                                "train.hierarchical.root_em={tol: 0.01}"])
+    hier = config.trainer_config()
+    assert hier.root_em == dataclasses.replace(config.train.em, tol=0.01)
+    assert hier.root_em.max_iter == 7 and hier.root_em.checkpoint_every == 1
+    assert hier.child_em == config.train.em  # null: train.em itself
+    with pytest.raises(ValueError, match=r"unknown config key 'train\.em\.max_iterr'"):
+        load_config(None, ["train.method=hierarchical", "train.em.max_iterr=7",
+                           "train.hierarchical.root_em={tol: 0.01}"])
+
+
 def test_hierarchical_trainer_config_takes_the_model_and_train_em():
     config = load_config(CONFIG_DIR / "embedded-mnist.yaml", [
         "train.method=hierarchical", "model.n_components=7", "model.n_factors=3",
@@ -447,7 +479,7 @@ def test_hierarchical_trainer_config_takes_the_model_and_train_em():
         7, 3, "isotropic", 0.002)
     assert hier.rows_per_component == 50
     assert hier.root_em == config.train.em and hier.root_em.max_iter == 11
-    assert hier.child_em == EMConfig(max_iter=2)
+    assert hier.child_em == dataclasses.replace(config.train.em, max_iter=2)  # the rest: train.em
     assert hier.final_em is None
     # the YAML round trip keeps it
     assert config_from_dict(config_to_dict(config)) == config

@@ -4,6 +4,7 @@ command), what a resume may change, checks before the run folder is made, run fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -402,14 +403,21 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
     same = make_config(out_dir, "em-a", "output.plot=false")  # a safe difference
     assert workflow.check_resume_changes(load_checkpoint(em_run.run_dir / "checkpoint.pt")
                                          .run_config, same) == ["output.plot"]
-    # a section given on one side and null on the other is a change of its leaves
+    # a stage given on one side and null (train.em) on the other: compared as train.em
     saved = make_config(out_dir, "h", "train.method=hierarchical",
                         "train.hierarchical.child_em={max_iter: 1}")
     reset = apply_overrides(saved, ["train.hierarchical.child_em=null"])
-    for a, b, given in ((saved, reset, "None"), (reset, saved, "1")):
+    run_em = saved.train.em.max_iter
+    for a, b, given in ((saved, reset, run_em), (reset, saved, 1)):
         with pytest.raises(ValueError, match=r"cannot change train\.hierarchical\.child_em\."
                                              rf"max_iter when resuming .*given {given}\)"):
             workflow.check_resume_changes(a, b)
+    # a stage that sets only a resume-safe key over a null one changes only that key (it was
+    # refused, naming max_iter: the stage took EMConfig's class defaults)
+    quiet = apply_overrides(reset, ["train.hierarchical.child_em.progress=true"])
+    assert quiet.train.hierarchical.child_em == dataclasses.replace(reset.train.em,
+                                                                    progress=True)
+    assert workflow.check_resume_changes(reset, quiet) == ["train.hierarchical.child_em.progress"]
 
 
 def test_max_iter_below_the_iterations_done_is_refused_on_resume():
