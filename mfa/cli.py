@@ -98,18 +98,15 @@ def _output(path: Path, args, explicit: str | None, companions: tuple[str, ...] 
     on to the first free ``<stem>-2``, ``-3``, … (a run's own figures are kept) and a path
     the user gave (``explicit``: the option that gave it) is refused before any work."""
 
-    def taken(p: Path) -> bool:
-        return p.exists() or any(p.with_suffix(s).exists() for s in companions)
+    from mfa.run_folder import free_path
 
-    if args.overwrite or not taken(path):
+    free = free_path(path, companions)
+    if args.overwrite or free == path:
         return path
     if explicit:
         raise SystemExit(f"error: {path} already exists; pass --overwrite to replace it, "
                          f"or another {explicit}")
-    i = 2
-    while taken(candidate := path.with_name(f"{path.stem}-{i}{path.suffix}")):
-        i += 1
-    return candidate
+    return free
 
 
 def _default_out(checkpoint: str, name: str) -> Path:

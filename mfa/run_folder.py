@@ -26,6 +26,7 @@ __all__ = [
     "check_can_extend",
     "check_resume_changes",
     "clean_up_failed",
+    "free_path",
     "make_run_dir",
     "resolve_checkpoint",
     "resume_checkpoint",
@@ -79,6 +80,20 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
                 "figures and the data location"
             )
     return changed
+
+
+def free_path(path: Path, companions: tuple[str, ...] = ()) -> Path:
+    """``path`` when neither it nor ``path`` with any suffix in ``companions`` exists, else the
+    first free ``<stem>-2``, ``<stem>-3``, … beside it (nothing there is replaced)."""
+
+    def taken(p: Path) -> bool:
+        return p.exists() or any(p.with_suffix(s).exists() for s in companions)
+
+    i, candidate = 2, path
+    while taken(candidate):
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        i += 1
+    return candidate
 
 
 _RUN_NUMBER = re.compile(r"^(\d+)-")

@@ -1,5 +1,6 @@
 """The user's workflow as functions: train a run from a config, then draw samples, inpaint,
-rank outliers, evaluate and visualise factors from its checkpoint.
+rank outliers, evaluate and visualise factors from its checkpoint (the figures themselves
+are :mod:`mfa.figures`, re-exported here).
 
 The ``mfa`` command (:mod:`mfa.cli`) is a thin argument parser over these functions; they are
 importable for scripts and notebooks. A run folder holds::
@@ -42,12 +43,12 @@ from mfa.config import (
 )
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
+from mfa.figures import inpaint, outliers, sample, visualize
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
-from mfa.inference import inpaint as inpaint_rows
 from mfa.masks import make_mask, missing_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES
+from mfa.outliers import SCORE_NAMES
 from mfa.run_folder import (
     CHECKPOINT_NAME,
     FAILED_NAME,
@@ -56,12 +57,13 @@ from mfa.run_folder import (
     check_can_extend,
     check_resume_changes,
     clean_up_failed,
+    free_path,
     make_run_dir,
     resolve_checkpoint,
     resume_checkpoint,
     unstarted_run,
 )
-from mfa.run_outliers import outlier_metrics, rank_outliers
+from mfa.run_outliers import outlier_metrics
 from mfa.sgd import SGDTrainer
 
 logger = logging.getLogger("mfa")
@@ -320,8 +322,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     if config.output.plot and trainer.history and config.train.method != "hierarchical":
         viz.plot_training_curve(trainer.history, run_dir / "curve.png",
                                 title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
-    if figures:
-        draw_figures(model, data, config, run_dir)
+    if figures:  # a resume keeps the files the per-run commands wrote meanwhile
+        draw_figures(model, data, config, run_dir, replace=ckpt is None)
     return TrainResult(run_dir, model, metrics)
 
 
@@ -341,13 +343,19 @@ def evaluate_model(model: MixtureOfFactorAnalyzers, data: ImageData, splits) -> 
 
 
 def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunConfig,
-                 run_dir: Path) -> list[Path]:
-    """The figures a run's config asks for, saved in ``run_dir``."""
+                 run_dir: Path, *, replace: bool = True) -> list[Path]:
+    """The figures a run's config asks for, saved in ``run_dir``; with ``replace=False`` (a
+    resumed run) a name that is taken moves on to ``<name>-2``, … (``mfa outliers`` and the
+    other commands write the same default names into a run folder)."""
     out = config.output
     paths = []
     gen_seed = config.seed
+
+    def at(name: str, *companions: str) -> Path:
+        return run_dir / name if replace else free_path(run_dir / name, companions)
+
     if out.n_samples:
-        paths.append(sample(model, data.image_shape, run_dir / "samples.png", n=out.n_samples,
+        paths.append(sample(model, data.image_shape, at("samples.png"), n=out.n_samples,
                             nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale))
     held_out = data.pixels("test").shape[0] > 0  # the inpainting and outlier figures' split
     if not held_out:
@@ -355,90 +363,26 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
                        "outlier figures")
     if out.n_inpaint and held_out:
         for kind in out.inpaint_masks:
-            paths.append(inpaint(model, data, run_dir / f"inpaint-{kind}.png", mask=kind,
+            paths.append(inpaint(model, data, at(f"inpaint-{kind}.png"), mask=kind,
                                  n=out.n_inpaint, n_samples=out.inpaint_samples, seed=gen_seed,
                                  scale=out.image_scale, mask_image=out.mask_image))
     if out.n_inpaint:
         observed = missing_masks(config, data, "train")
         if observed is not None:  # what training did not see, filled in by the model
-            paths.append(inpaint(model, data, run_dir / "inpaint-train-missing.png",
+            paths.append(inpaint(model, data, at("inpaint-train-missing.png"),
                                  split="train", observed=observed[: out.n_inpaint],
                                  n=out.n_inpaint, n_samples=out.inpaint_samples,
                                  seed=gen_seed, scale=out.image_scale))
     if held_out:
         paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
-                              nrow=out.grid_nrow, scale=out.image_scale))
+                              nrow=out.grid_nrow, scale=out.image_scale,
+                              name=at("outliers.png", ".csv").stem))
     if out.n_factor_components:
-        paths.append(visualize(model, data.image_shape, run_dir / "factors.png",
+        paths.append(visualize(model, data.image_shape, at("factors.png"),
                                components=range(min(out.n_factor_components,
                                                     model.n_components)),
                                scale=out.image_scale))
     return paths
-
-
-def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
-           per_component: bool = False, with_noise: bool = True) -> Path:
-    """A grid of ``n`` samples (or, with ``per_component``, one row of ``nrow`` samples per
-    component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
-    ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`)."""
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    with torch.no_grad():
-        if per_component:
-            order = torch.argsort(model.weights, descending=True)
-            rows = []
-            for k in order.tolist():
-                single = _component(model, k)
-                rows.append(single.sample(nrow, generator=gen, with_noise=with_noise)[0])
-            x = torch.cat(rows)
-        else:
-            x, _ = model.sample(n, generator=gen, with_noise=with_noise)
-    images = viz.rows_to_images(x.float().cpu(), image_shape)
-    return viz.save_image_grid(images, path, nrow, scale=scale)
-
-
-def _component(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyzers:
-    one = torch.ones(1, dtype=model.dtype, device=model.device)
-    return MixtureOfFactorAnalyzers.from_parameters(
-        one, model.means[k : k + 1].detach(), model.factor_loadings[k : k + 1].detach(),
-        model.noise_variance[k : k + 1].detach(), noise=model.noise,
-    )
-
-
-def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, split="test",
-            seed=0, scale=2, mask_image=None, fraction=0.5, observed=None) -> Path:
-    """original | masked input | conditional mean | ``n_samples`` conditional samples, for
-    the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
-    ``observed`` [n, D])."""
-    count = min(n, data.pixels(split).shape[0])
-    if count == 0:
-        raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
-    x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    if observed is None:
-        observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
-                             .manual_seed(seed), fraction=fraction, mask_image=mask_image)
-    observed = observed[:count].to(model.device)
-    with torch.no_grad():
-        mean, samples = inpaint_rows(model, x, observed, n_samples, generator=gen)
-    masked = torch.where(observed, x, torch.zeros_like(x))
-    grid = viz.inpainting_grid(x.float().cpu(), masked.float().cpu(), mean.float().cpu(),
-                               samples.float().cpu(), data.image_shape, observed.cpu())
-    return viz.save_image(grid, path, scale=scale)
-
-
-def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2,
-             score: str = DEFAULT_SCORE, seed: int = 0, name: str = "outliers"):
-    """Rank ``split`` by the outlier ``score`` (one of :data:`mfa.outliers.SCORE_NAMES`):
-    the ``n`` most outlying images as a grid (``<name>.png``, most outlying first) and every
-    score as ``<name>.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
-    return rank_outliers(model, data, out_dir, split=split, n=n, nrow=nrow, scale=scale,
-                         score=score, seed=seed, name=name)
-
-
-def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
-    """Per component: mean | noise | μ − c·A_i | A_i | μ + c·A_i for every factor column."""
-    grid = viz.factor_grid(model, list(components), image_shape, factor_scale)
-    return viz.save_image(grid, path, scale=scale)
 
 
 def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,

@@ -269,6 +269,26 @@ def test_train_resume_of_a_finished_run_changes_nothing(run_dir, tmp_path):
     assert len(json.loads((copy / "history.json").read_text())) == ITERATIONS
 
 
+def test_train_resume_keeps_the_files_the_per_run_commands_wrote(run_dir, tmp_path):
+    """A run trained without figures, then `mfa outliers` and `mfa sample` into its folder:
+    `mfa train --resume` redrew samples.png and outliers.csv over them (the scores became
+    another score's)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for figure in copy.glob("*.png"):
+        figure.unlink()
+    (copy / "outliers.csv").unlink()
+    assert run_cli("outliers", copy, "--score", "neg_log_prob")[0] == 0
+    assert run_cli("sample", copy, "--seed", "7")[0] == 0
+    mine = {name: (copy / name).read_bytes() for name in ("outliers.csv", "samples.png")}
+    code, _, stderr = run_cli("train", "--resume", copy)
+    assert code == 0, stderr
+    for name, content in mine.items():
+        assert (copy / name).read_bytes() == content, name
+    assert (copy / "outliers-2.csv").exists() and (copy / "outliers-2.png").exists()
+    assert (copy / "samples-2.png").exists()
+
+
 # ---------------------------------------------------------------------------- mfa sample
 
 

@@ -1,0 +1,84 @@
+"""The figures of a trained run: sample grids, inpainting grids, outlier rankings and factor
+grids, each saved as an image (the ``mfa sample`` / ``inpaint`` / ``outliers`` / ``factors``
+commands and the end of ``mfa train``, :mod:`mfa.workflow`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mfa import viz
+from mfa.data import ImageData
+from mfa.inference import inpaint as inpaint_rows
+from mfa.masks import make_mask
+from mfa.model import MixtureOfFactorAnalyzers
+from mfa.outliers import DEFAULT_SCORE
+from mfa.run_outliers import rank_outliers
+
+__all__ = ["inpaint", "outliers", "sample", "visualize"]
+
+
+def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
+           per_component: bool = False, with_noise: bool = True) -> Path:
+    """A grid of ``n`` samples (or, with ``per_component``, one row of ``nrow`` samples per
+    component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
+    ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        if per_component:
+            order = torch.argsort(model.weights, descending=True)
+            rows = []
+            for k in order.tolist():
+                single = _component(model, k)
+                rows.append(single.sample(nrow, generator=gen, with_noise=with_noise)[0])
+            x = torch.cat(rows)
+        else:
+            x, _ = model.sample(n, generator=gen, with_noise=with_noise)
+    images = viz.rows_to_images(x.float().cpu(), image_shape)
+    return viz.save_image_grid(images, path, nrow, scale=scale)
+
+
+def _component(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyzers:
+    one = torch.ones(1, dtype=model.dtype, device=model.device)
+    return MixtureOfFactorAnalyzers.from_parameters(
+        one, model.means[k : k + 1].detach(), model.factor_loadings[k : k + 1].detach(),
+        model.noise_variance[k : k + 1].detach(), noise=model.noise,
+    )
+
+
+def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, split="test",
+            seed=0, scale=2, mask_image=None, fraction=0.5, observed=None) -> Path:
+    """original | masked input | conditional mean | ``n_samples`` conditional samples, for
+    the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
+    ``observed`` [n, D])."""
+    count = min(n, data.pixels(split).shape[0])
+    if count == 0:
+        raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
+    x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    if observed is None:
+        observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
+                             .manual_seed(seed), fraction=fraction, mask_image=mask_image)
+    observed = observed[:count].to(model.device)
+    with torch.no_grad():
+        mean, samples = inpaint_rows(model, x, observed, n_samples, generator=gen)
+    masked = torch.where(observed, x, torch.zeros_like(x))
+    grid = viz.inpainting_grid(x.float().cpu(), masked.float().cpu(), mean.float().cpu(),
+                               samples.float().cpu(), data.image_shape, observed.cpu())
+    return viz.save_image(grid, path, scale=scale)
+
+
+def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2,
+             score: str = DEFAULT_SCORE, seed: int = 0, name: str = "outliers"):
+    """Rank ``split`` by the outlier ``score`` (one of :data:`mfa.outliers.SCORE_NAMES`):
+    the ``n`` most outlying images as a grid (``<name>.png``, most outlying first) and every
+    score as ``<name>.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
+    return rank_outliers(model, data, out_dir, split=split, n=n, nrow=nrow, scale=scale,
+                         score=score, seed=seed, name=name)
+
+
+def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
+    """Per component: mean | noise | μ − c·A_i | A_i | μ + c·A_i for every factor column."""
+    grid = viz.factor_grid(model, list(components), image_shape, factor_scale)
+    return viz.save_image(grid, path, scale=scale)
