@@ -51,6 +51,16 @@ def check_resumed_max_iter(state: dict, max_iter: int) -> None:
     if max_iter < done:
         raise ValueError(f"EMTrainer state has already done {done} iterations of its restart; "
                          f"max_iter={max_iter} is below that")
+    if saved.get("noise_prior_variance") == "auto" and saved.get("noise_prior_strength", 1):
+        # The automatic s₀ search runs after min(search_warmup, max_iter − 1) iterations.
+        warmup = saved.get("search_warmup", 1)
+        before, after = (min(warmup, limit - 1) for limit in (saved["max_iter"], max_iter))
+        if before != after:
+            raise ValueError(
+                f"EMTrainer state was saved with max_iter={saved['max_iter']}, under which the "
+                f"automatic noise-prior search ran after {before} iteration(s), not after "
+                f"search_warmup={warmup} as with max_iter={max_iter}: the resumed fit would "
+                "be neither run; resume with the saved max_iter or start a new fit")
 
 
 @dataclass(frozen=True)

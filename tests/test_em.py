@@ -1014,6 +1014,31 @@ def test_the_largest_seed_fits_and_reproduces():
         assert torch.equal(value, fits[1][name]), name
 
 
+def test_resumed_max_iter_may_not_move_the_automatic_search():
+    """Saved with max_iter=1 the s₀ search ran after 0 iterations; resumed with max_iter=8
+    (where it runs after search_warmup=1) the fit was neither run: its parameters were up to
+    1.6 off the uninterrupted max_iter=8 fit, without a word."""
+    from mfa.em_state import check_resumed_max_iter
+
+    x = torch.randn(300, 3, generator=gen(4), dtype=F64)
+    saved = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        EMTrainer(EMConfig(max_iter=1, progress=False, checkpoint_every=1)).fit(
+            MixtureOfFactorAnalyzers(2, 3, 1, dtype=F64), x,
+            checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
+    state = next(s for s in saved if s["run"] == 0 and s["iteration"] == 1)
+    with pytest.raises(ValueError, match=r"saved with max_iter=1, under which the automatic "
+                                         r"noise-prior search ran after 0 iteration\(s\)"):
+        EMTrainer(EMConfig(max_iter=8, progress=False)).load_state_dict(state)
+    # limits that leave the search where it was may change; so may any without the search
+    auto = {"config": {"max_iter": 4, "noise_prior_variance": "auto", "search_warmup": 1},
+            "run": 0, "iteration": 2}
+    check_resumed_max_iter(auto, 8)
+    fixed = {"config": {"max_iter": 1, "noise_prior_variance": 1e-3}, "run": 0, "iteration": 1}
+    check_resumed_max_iter(fixed, 8)
+
+
 def test_resumed_max_iter_may_change_only_within_the_first_restart():
     """Resumed in a second restart (or a re-seeding round) with another max_iter, the fit mixed
     two limits (the first restart ran under the saved one) without a word."""
