@@ -205,6 +205,8 @@ def cmd_outliers(args) -> int:
 
     ckpt, config, load = _load_run(args.checkpoint, args.set)
     out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
+    if out_dir.exists() and not out_dir.is_dir():  # (found after the scoring: "[Errno 17]")
+        raise SystemExit(f"error: --out-dir {out_dir} is a file, not a folder")
     name = _output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
                    companions=(".csv",)).stem
     data = load(config)

@@ -104,11 +104,15 @@ def absolute_data_root(config: RunConfig) -> RunConfig:
     expanded): the run folder's config then reads the same files from anywhere (``--resume``,
     ``evaluate``, ``inpaint``); saved relative, it found nothing from another directory, or
     other files that lay at that path there."""
-    root = config.data.root
-    if root is None or Path(root).is_absolute():
-        return config
-    data = dataclasses.replace(config.data, root=str(Path(root).expanduser().resolve()))
-    return dataclasses.replace(config, data=data)
+    root, mask = config.data.root, config.output.mask_image  # (the mask file likewise)
+    if root is not None and not Path(root).is_absolute():
+        data = dataclasses.replace(config.data, root=str(Path(root).expanduser().resolve()))
+        config = dataclasses.replace(config, data=data)
+    if mask is not None and not Path(mask).is_absolute():
+        output = dataclasses.replace(config.output,
+                                     mask_image=str(Path(mask).expanduser().resolve()))
+        config = dataclasses.replace(config, output=output)
+    return config
 
 
 def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:

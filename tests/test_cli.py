@@ -999,6 +999,14 @@ def test_commands_on_a_run_refuse_data_settings_that_change_its_splits(run_dir):
     assert code == 0, stderr
 
 
+def test_outliers_out_dir_that_is_a_file_is_refused_before_the_work(run_dir, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, stdout, stderr = run_cli("outliers", run_dir, "--out-dir", afile)
+    assert code != 0 and f"--out-dir {afile} is a file, not a folder" in stderr
+    assert afile.read_text() == "mine" and stdout == ""
+
+
 def test_bad_output_paths_are_named(run_dir, tmp_path):
     """-o a folder or a name without an image suffix failed with PIL's "unknown file
     extension: "; an output.dir that is a file with a bare "[Errno 17] File exists"."""

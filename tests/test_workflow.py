@@ -688,6 +688,9 @@ def test_a_relative_data_root_is_saved_resolved(tmp_path, monkeypatch):
         tmp_path / "home" / "d")
     unset = load_config()
     assert absolute_data_root(unset) is unset
+    # output.mask_image likewise (a resume from another directory failed to find it)
+    masked = load_config(overrides=["output.mask_image=masks/m.png"])
+    assert absolute_data_root(masked).output.mask_image == str(tmp_path / "masks" / "m.png")
 
 
 def test_a_new_run_trains_and_saves_with_its_data_root_resolved(tmp_path, monkeypatch):
