@@ -378,7 +378,8 @@ def adam_case(model0, pixels, allow_tf32: bool, args, budget, clock, rates) -> d
     name = "Adam" + (" + TF32" if allow_tf32 else "")
     result: dict = {"case": name, "tf32": allow_tf32, "batch_size": bs}
     cfg = SGDConfig(lr=1e-3, batch_size=bs, epochs=1, init="none", init_samples=1, patience=0,
-                    progress=False, allow_tf32=allow_tf32, val_fraction=0.0)
+                    progress=False, allow_tf32=allow_tf32, val_fraction=0.0,
+                    noise_prior_variance=1e-4)
 
     def run(steps):
         model = copy.deepcopy(model0)
@@ -490,8 +491,9 @@ def large_model_case(pixels, k: int, lat: int, args, clock) -> dict:
 
     def adam_step():
         stream = DequantisedStream(pixels, args.adam_batch_size, args.seed, max_batches=1)
+        # (a stream has no length for the prior's 1/N: the step costs the same without it)
         cfg = SGDConfig(batch_size=args.adam_batch_size, epochs=1, init="none",
-                        init_samples=1, patience=0, progress=False)
+                        init_samples=1, patience=0, progress=False, noise_prior_strength=0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", mfa.ConvergenceWarning)
             SGDTrainer(cfg).fit(held["model"], stream)

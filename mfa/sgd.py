@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,79 +17,19 @@ from tqdm.auto import tqdm
 from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
 from mfa._terms import ill_conditioned
-from mfa._validation import (
-    check_bool_field,
-    check_choice_field,
-    check_device_field,
-    check_int_fields,
-    check_real_field,
-)
+from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
 from mfa.loader_shards import check_same_batch_count, shard_global_batches
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.priors import Prior, check_prior_fields
+from mfa.priors import Prior
+from mfa.sgd_config import SGDConfig
+from mfa.sgd_start import em_start
 from mfa.training import ConvergenceWarning
 
 __all__ = ["SGDConfig", "SGDTrainer"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class SGDConfig:
-    """Settings of :class:`SGDTrainer`."""
-
-    lr: float = 5e-3  # Adam learning rate
-    batch_size: int = 256  # rows per step
-    epochs: int = 20  # passes over the training data
-    schedule: Literal["constant", "cosine", "step"] = "constant"  # learning-rate schedule
-    grad_clip: float | None = 10.0  # max global gradient norm; None disables clipping
-    val_fraction: float = 0.1  # held out for early stopping when no validation data is given
-    patience: int = 5  # epochs without validation improvement before stopping (0: never)
-    seed: int = 0  # seeds the split, the shuffling and the initialisation
-    device: str | None = None  # None: the model's device
-    init: Literal["kmeans", "random", "none"] = "kmeans"  # "none": start from the model as is
-    kmeans_iter: int = 20  # Lloyd iterations of the K-means initialisation
-    complete_iter: int = 2  # factor-analysis iterations of the complete-data initial fit
-    init_samples: int = 50_000  # rows (a seeded random subset) used by the initialisation
-    variance_floor: float = 1e-5  # noise-variance floor of the initialisation
-    weight_decay: float = 0.0  # Adam weight decay
-    # The priors of MAP EM (mfa.priors) as a penalty: −log p(θ) / N_train added to the loss.
-    # Strength 0, concentration 1, ridge 0 (the defaults): no penalty.
-    noise_prior_strength: float = 0.0  # ν, pseudo-rows of the inverse-gamma noise prior
-    noise_prior_variance: float = 1e-4  # s₀, their noise variance
-    weight_concentration: float = 1.0  # α of the Dirichlet prior on the weights
-    loading_ridge: float = 0.0  # λ of the Gaussian prior on the loading rows
-    checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
-    progress: bool = True  # tqdm progress bar
-    # TF32 tensor cores for the float32 products during fit (CUDA only; see EMConfig.allow_tf32)
-    allow_tf32: bool = False
-    # "allow": NaN marks a missing entry and Adam maximises the observed-data likelihood
-    # (mfa.missing.row_log_prob); "error": data with NaN is refused
-    missing: Literal["error", "allow"] = "error"
-
-    def validate(self) -> None:
-        """Check every field; the trainer's limits live here only.
-
-        Raises:
-            ValueError: naming the field as ``SGDConfig.<field>`` with the bad value.
-        """
-        check_real_field(self, "lr", minimum=0, strict=True)
-        check_real_field(self, "weight_decay", minimum=0)
-        check_prior_fields(self, allow_auto=False)
-        check_real_field(self, "variance_floor", minimum=0, strict=True)
-        check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
-                                "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
-                                "patience": 0, "seed": 0})
-        check_choice_field(self, "schedule", ("constant", "cosine", "step"))
-        check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
-        check_real_field(self, "val_fraction", minimum=0, maximum=1)
-        check_choice_field(self, "init", ("kmeans", "random", "none"))
-        check_choice_field(self, "missing", ("error", "allow"))
-        check_device_field(self)
-        check_bool_field(self, "progress")
-        check_bool_field(self, "allow_tf32")
 
 
 #: An epoch whose mean train log-likelihood per row falls more than this many times
@@ -147,6 +84,10 @@ class SGDTrainer:
         self.history: list[dict] = []
         self._state: dict = {}
         self._resume: dict | None = None
+        #: ``s₀`` chosen at the start (``noise_prior_variance="auto"``), else ``None``.
+        self.selected_noise_prior_variance: float | None = None
+        #: Validation log-likelihood of the start (mean per row; ``None`` without validation).
+        self.start_val_log_likelihood: float | None = None
 
     def state_dict(self) -> dict:
         """Resume state (primitives and tensors only); save the model's state beside it."""
@@ -161,6 +102,8 @@ class SGDTrainer:
             "best_val": (float, int, type(None)), "best_params": (dict, type(None)),
             "bad_epochs": (int,), "reference_log_likelihood": (float, int, type(None)),
             "stopped": (bool,), "final": (bool,),
+            "noise_prior_variance": (float, int, type(None)),
+            "start_val": (float, int, type(None)), "n_train": (float, int, type(None)),
         }
         resume, history = training.restore_state(state, required, "SGDTrainer", types)
         for key in ("epoch", "bad_epochs"):
@@ -208,8 +151,44 @@ class SGDTrainer:
                                 allow_missing=allow)
 
     def prior(self) -> Prior:
-        """The config's priors, as a :class:`~mfa.priors.Prior`."""
-        return Prior.from_config(self.config, self.config.noise_prior_variance)
+        """The config's priors, as a :class:`~mfa.priors.Prior` (``s₀`` the one chosen at the
+        start when ``"auto"``; the quantisation variance before a fit has chosen one)."""
+        s0 = self.config.noise_prior_variance
+        if s0 == "auto":
+            s0 = self.selected_noise_prior_variance or self.config.quantization_variance
+        return Prior.from_config(self.config, s0)
+
+    def _passes_at_start(self, has_validation: bool) -> tuple[bool, bool]:
+        """``(search, step)``: whether the start chooses ``s₀`` and takes an EM step."""
+        cfg = self.config
+        return cfg.auto_noise_prior and has_validation, cfg.em_start and cfg.init != "none"
+
+    def _start(self, model, train, loader, val_source,
+               floor: float) -> tuple[float | None, float | None]:
+        """The noise prior's ``s₀`` ("auto": chosen on ``val_source``) and, after an
+        initialisation with ``em_start``, one MAP EM step (:mod:`mfa.sgd_start`); returns
+        ``(s₀ or None, training rows the pass read or None)``."""
+        cfg = self.config
+        auto = cfg.auto_noise_prior
+        search, step = self._passes_at_start(val_source is not None)
+        if auto and val_source is None:
+            warnings.warn(
+                "SGDConfig.noise_prior_variance='auto' needs validation data (pass "
+                "validation=, or a tensor/Dataset with val_fraction > 0); using the weakest "
+                f"noise prior, s0 = quantization_variance = {cfg.quantization_variance:g}",
+                UserWarning, stacklevel=4)
+        self.selected_noise_prior_variance = None  # (prior() then gives the grid's bottom)
+        if not (search or step):
+            return (cfg.quantization_variance if auto else None), None
+        indexable = isinstance(train, Dataset) and not isinstance(train, IterableDataset)
+        rows = train if loader is None or indexable else loader  # (the Dataset: not its
+        # shuffling loader, whose draws would move the epochs' order)
+        source = DataSource(rows, model, max(cfg.batch_size, 4096), "data", shard=True,
+                            allow_missing=cfg.missing == "allow")
+        s0, rows = em_start(model, source, val_source, self.prior(),
+                      auto=search, step=step, lower=cfg.quantization_variance,
+                      per_decade=cfg.search_per_decade, variance_floor=floor)
+        return (s0 if auto else None), rows
 
     @staticmethod
     def penalty(model: MixtureOfFactorAnalyzers, prior: Prior, n_train: int) -> Tensor:
@@ -256,7 +235,7 @@ class SGDTrainer:
         training.check_fit_inputs(model, data, validation,
                                   {"best_params": resume.get("best_params")}, "SGDTrainer")
         if resume:  # saved for this model? (else Adam's fused kernel reads past its buffers)
-            _check_adam_state(resume["optimizer"], model)
+            check_adam_state(resume["optimizer"], model)
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         gen = torch.Generator().manual_seed(cfg.seed)
         allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)
@@ -290,12 +269,13 @@ class SGDTrainer:
             if per_rank and steps_per_epoch is not None:
                 check_same_batch_count(steps_per_epoch)
             steps_per_epoch = steps_per_epoch or 1
-        prior = self.prior()
-        n_train = None if prior.is_flat else _count_rows(train)
-        if n_train is not None and per_rank:
-            # the penalty's 1/N: every process's rows, the same on all of them
-            n_train = round(distributed.sum_across_processes(n_train)[0])
-        optimizer = _adam(list(model.parameters()), cfg.lr, cfg.weight_decay)
+        # The penalty's 1/N: the data's length, else the rows the start's pass reads.
+        needs_rows = not Prior.from_config(cfg, 1.0).is_flat  # (whatever s₀ is)
+        n_train = count_rows(train) if needs_rows else None
+        if needs_rows and n_train is None and self._resume is None and not any(
+                self._passes_at_start(val_source is not None)):
+            raise _unknown_rows(train)
+        optimizer = make_adam(list(model.parameters()), cfg.lr, cfg.weight_decay)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimizer, T_max=cfg.epochs * steps_per_epoch
@@ -313,6 +293,9 @@ class SGDTrainer:
             scheduler.load_state_dict(state["scheduler"])
             gen.set_state(state["generator"])
             best_val, best_params = state["best_val"], state["best_params"]
+            self.selected_noise_prior_variance = state.get("noise_prior_variance")
+            counted = state.get("n_train")
+            self.start_val_log_likelihood = state.get("start_val")
             bad_epochs = int(state.get("bad_epochs", 0))
             # A fit that stopped early is finished: resuming it returns its best epoch.
             stopped = bool(state.get("stopped", cfg.patience and bad_epochs >= cfg.patience))
@@ -326,25 +309,40 @@ class SGDTrainer:
                 reference = max((r["train_log_likelihood"] for r in self.history),
                                 default=None)
         else:
-            self.history = []
+            self.history, self.start_val_log_likelihood = [], None
+            floor = max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30)
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
                 init_source = DataSource(train if train_source is None else loader, model,
                                          cfg.batch_size, shard=not isinstance(train, Dataset),
                                          allow_missing=allow)
                 initialise(
                     model, gather_rows(init_source, cfg.init_samples, cfg.seed),
-                    cfg.init, seed=cfg.seed, variance_floor=cfg.variance_floor,
+                    cfg.init, seed=cfg.seed, variance_floor=floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
                 distributed.broadcast_model(model)  # the same start on every process
+            self.selected_noise_prior_variance, counted = self._start(
+                model, train, loader if train_source is not None else None, val_source, floor)
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
             reference, stopped = None, False
+            if val_source is not None:  # the start competes with the epochs
+                best_val = self.start_val_log_likelihood = training.evaluate(model, val_source)
+                best_params = training.clone_params(model)
+        prior = self.prior()
+        if needs_rows and n_train is None:  # counted by the start's pass (every process's)
+            n_train = counted
+            if n_train is None:
+                raise _unknown_rows(train)
+        elif n_train is not None and per_rank:
+            # the penalty's 1/N: every process's rows, the same on all of them
+            n_train = round(distributed.sum_across_processes(n_train)[0])
         # Restored when the optimisation fails before any epoch has been kept.
         start_params = training.clone_params(model) if best_params is None else None
 
         def fail(message: str) -> FloatingPointError:
             model.load_state_dict(best_params if best_params is not None else start_params)
-            kept = "the best epoch's" if best_params is not None else "the initial"
+            start = best_params is None or best_val == self.start_val_log_likelihood
+            kept = "the initial" if start else "the best epoch's"
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
         bar = tqdm(range(start_epoch, start_epoch if stopped else cfg.epochs), desc="Adam",
@@ -377,7 +375,7 @@ class SGDTrainer:
                     reference = -nll.item()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                scaled_step(optimizer, model, cfg.step_scale == "noise")
                 scheduler.step()
                 total += -nll.item() * rows
                 seen += rows
@@ -412,6 +410,8 @@ class SGDTrainer:
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                 "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
                 "reference_log_likelihood": reference, "stopped": stopped, "final": False,
+                "noise_prior_variance": self.selected_noise_prior_variance,
+                "start_val": self.start_val_log_likelihood, "n_train": n_train,
             }
             if checkpoint_fn is not None and cfg.checkpoint_every and (
                 (epoch + 1) % cfg.checkpoint_every == 0
@@ -438,54 +438,9 @@ class SGDTrainer:
         return model
 
 
-def _check_adam_state(state: dict, model: MixtureOfFactorAnalyzers) -> None:
-    """Refuse a saved Adam state whose moment buffers do not have the shapes of ``model``'s
-    parameters (Adam's fused kernel would read past them)."""
-    params = list(model.parameters())
-    groups = state.get("param_groups")
-    moments = state.get("state")
-    if (not isinstance(groups, list) or len(groups) != 1 or not isinstance(moments, dict)
-            or list(groups[0].get("params", ())) != list(range(len(params)))):
-        raise ValueError("SGDTrainer state key 'optimizer' is not an Adam state of this "
-                         f"model's {len(params)} parameters")
-    for index, buffers in moments.items():
-        if not 0 <= int(index) < len(params) or not isinstance(buffers, dict):
-            raise ValueError(f"SGDTrainer state key 'optimizer' has no parameter {index}")
-        shape = params[int(index)].shape
-        for key in ("exp_avg", "exp_avg_sq"):
-            value = buffers.get(key)
-            if not isinstance(value, Tensor) or value.shape != shape:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(
-                    f"SGDTrainer state: Adam's {key} of parameter {index} has shape {got}, but "
-                    f"the model's is {tuple(shape)}: the state was saved for another model")
-
-
-def _adam(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Adam:
-    """Adam with its fused kernel where the parameters' device has one (the same update in
-    one pass over each tensor: 0.3 against 0.7 ms a step for K=50, D=784, L=6 on one CPU
-    thread), else the default ``foreach`` implementation."""
-    try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-
-def _count_rows(train) -> int:
-    """Rows of the training data (for the prior penalty's ``1/N``)."""
-    if isinstance(train, (Tensor, QuantizedRows)):
-        return train.shape[0]
-    if isinstance(train, Dataset):
-        return len(train)
-    sampler = getattr(train, "sampler", None)  # a DataLoader's: the rows it draws an epoch
-    if sampler is not None and not isinstance(train.dataset, IterableDataset):
-        with contextlib.suppress(TypeError):
-            return len(sampler)
-    dataset = getattr(train, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        return len(dataset)
-    raise ValueError(
+def _unknown_rows(train) -> ValueError:
+    return ValueError(
         "SGDConfig priors (noise_prior_strength > 0, weight_concentration > 1 or "
         "loading_ridge > 0) need the number of training rows: pass a tensor, a Dataset or a "
-        f"DataLoader with a sized dataset, got {type(train).__name__}"
-    )
+        "DataLoader with a sized dataset, keep em_start (its pass counts them), or set "
+        f"noise_prior_strength=0, got {type(train).__name__}")

@@ -133,10 +133,11 @@ def test_early_stopping_keeps_the_best_validation_parameters(small):
     model, trainer = _fit(train, 2, 1, validation=val, lr=0.1, epochs=60, patience=2,
                           batch_size=64, seed=0)
     vals = _vals(trainer)
-    best = max(range(len(vals)), key=vals.__getitem__)
+    scores = [trainer.start_val_log_likelihood, *vals]  # the start competes (index 0)
+    best = max(range(len(scores)), key=scores.__getitem__)
     assert len(vals) < 60, "the noisy lr=0.1 run should have stopped early"
-    assert len(vals) == best + 1 + 2  # stopped exactly `patience` epochs after the best
-    assert _dense_log_lik(model, val) == pytest.approx(vals[best], rel=1e-10)
+    assert len(vals) == best + 2  # stopped exactly `patience` epochs after the best
+    assert _dense_log_lik(model, val) == pytest.approx(scores[best], rel=1e-10)
 
 
 def test_resuming_a_fit_that_stopped_early_returns_it_unchanged(small):
@@ -238,7 +239,7 @@ def test_gradient_clipping_is_applied(small, monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     model, trainer = _fit(train, 2, 1, validation=val, grad_clip=0.5, epochs=2,
-                          batch_size=100, init="random", patience=0)
+                          batch_size=100, init="random", em_start=False, patience=0)
     steps = 2 * math.ceil(800 / 100)
     assert len(calls) == steps
     assert all(c[0] == 0.5 for c in calls)
@@ -453,13 +454,13 @@ def test_one_shot_iterators_are_refused_up_front(small):
 def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
     from torch.utils.data import SubsetRandomSampler
 
-    from mfa.sgd import _count_rows
+    from mfa.adam import count_rows
 
     train, _ = small
     data = TensorDataset(train)
     loader = DataLoader(data, batch_size=50, sampler=SubsetRandomSampler(range(100)))
-    assert _count_rows(loader) == 100
-    assert _count_rows(DataLoader(data, batch_size=50)) == len(train)
+    assert count_rows(loader) == 100
+    assert count_rows(DataLoader(data, batch_size=50)) == len(train)
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step"])
@@ -531,7 +532,8 @@ def test_training_data_as_dataset_or_loader(small, wrap):
     vals = _vals(trainer_a)
     assert len(vals) == 3 and all(math.isfinite(v) for v in vals)
     with torch.no_grad():
-        assert model_a.log_prob(val).mean().item() == pytest.approx(max(vals), rel=1e-9)
+        assert model_a.log_prob(val).mean().item() == pytest.approx(
+            max(vals + [trainer_a.start_val_log_likelihood]), rel=1e-9)
 
 
 @pytest.mark.parametrize("wrap", ["dataset", "dataloader"])
@@ -670,7 +672,9 @@ def test_resume_from_a_state_without_the_divergence_reference(small):
      ("grad_clip", -1.0), ("val_fraction", 1.0), ("schedule", "linear"), ("seed", -1),
      ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3),
      ("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
-     ("noise_prior_variance", "auto"), ("weight_concentration", 0.5), ("loading_ridge", -1.0)],
+     ("noise_prior_variance", "max"), ("weight_concentration", 0.5), ("loading_ridge", -1.0),
+     ("step_scale", "pixel"), ("search_per_decade", 0), ("quantization_variance", 0.0),
+     ("em_start", 1)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """SGDConfig.validate() holds the trainer's limits; messages name ``SGDConfig.<field>``
@@ -728,7 +732,8 @@ def test_zero_prior_strength_changes_nothing_and_a_prior_changes_the_fit(small):
     train, val = small
     base = dict(epochs=2, lr=1e-2, batch_size=200, progress=False, seed=3)
     fits = []
-    for extra in ({}, {"noise_prior_strength": 0.0, "noise_prior_variance": 0.123},
+    for extra in ({"noise_prior_strength": 0.0},
+                  {"noise_prior_strength": 0.0, "noise_prior_variance": 0.123},
                   {"noise_prior_strength": 50.0, "noise_prior_variance": 5.0}):
         model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
         trainer = SGDTrainer(SGDConfig(**base, **extra))
@@ -742,12 +747,22 @@ def test_zero_prior_strength_changes_nothing_and_a_prior_changes_the_fit(small):
     assert bool((strong.noise_variance > plain.noise_variance).all())
 
 
-def test_prior_penalty_needs_a_sized_training_set(small):
+def test_prior_penalty_counts_an_unsized_training_set_in_the_starts_pass(small):
+    """An iterable of batches has no length: the start's E-step pass counts its rows for the
+    penalty's 1/N, as a tensor's length does; without a pass it is refused before any work."""
     train, val = small
     batches = [train[:400], train[400:]]  # an iterable of batches: its size is unknown
-    trainer = SGDTrainer(SGDConfig(epochs=1, progress=False, noise_prior_strength=1.0))
-    with pytest.raises(ValueError, match="need the number of training rows"):
-        trainer.fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), batches, validation=val)
+    for data in (batches, train):
+        model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+        trainer = SGDTrainer(SGDConfig(epochs=1, progress=False, init="none", lr=1e-2))
+        with torch.no_grad():
+            model.loc.copy_(train[:2])
+        trainer.fit(model, data, validation=val)
+        assert trainer.state_dict()["n_train"] == 800
+    no_pass = SGDTrainer(SGDConfig(epochs=1, progress=False, init="none",
+                                   noise_prior_variance=1e-3))
+    with pytest.raises(ValueError, match="need the number of training rows.*keep em_start"):
+        no_pass.fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), batches, validation=val)
 
 
 def test_a_nan_minibatch_loss_mid_epoch_restores_finite_parameters(small, monkeypatch):
@@ -798,10 +813,10 @@ def test_adam_is_fused_where_the_device_has_the_kernel_and_falls_back_otherwise(
     """The trainer's Adam uses the fused kernel on CPUs (the same update as the default
     implementation, to rounding), and the default implementation where ``fused=True`` is
     refused (a device or dtype without the kernel)."""
-    import mfa.sgd as sgd
+    import mfa.adam as sgd
 
     params = [torch.zeros(3, requires_grad=True)]
-    assert sgd._adam(params, 1e-3, 0.0).defaults["fused"] is True
+    assert sgd.make_adam(params, 1e-3, 0.0).defaults["fused"] is True
 
     real_adam = torch.optim.Adam
 
@@ -811,7 +826,7 @@ def test_adam_is_fused_where_the_device_has_the_kernel_and_falls_back_otherwise(
         return real_adam(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "Adam", no_fused)
-    fallback = sgd._adam(params, 1e-3, 0.0)
+    fallback = sgd.make_adam(params, 1e-3, 0.0)
     assert not fallback.defaults["fused"]
     monkeypatch.undo()
 
@@ -853,3 +868,99 @@ def test_resume_with_fewer_epochs_than_done_is_refused(small):
     with pytest.raises(ValueError, match=r"already done 3 epochs; epochs=2 is below that"):
         SGDTrainer(SGDConfig(progress=False, epochs=2, **config)).load_state_dict(third)
     SGDTrainer(SGDConfig(progress=False, epochs=4, **config)).load_state_dict(third)
+
+
+# --------------------------------------------------------------------- the start, noise steps
+
+
+def _start_of(trainer: SGDTrainer, model, train, val, monkeypatch) -> dict:
+    """Adam's start (after the initialisation and mfa.sgd_start), captured before any step."""
+    captured = {}
+    real = SGDTrainer._start
+
+    def spy(self, *args, **kwargs):
+        s0 = real(self, *args, **kwargs)
+        captured.update({name: getattr(model, name).detach().clone() for name in PARAMS})
+        return s0
+
+    monkeypatch.setattr(SGDTrainer, "_start", spy)
+    _fit(train, 2, 1, validation=val, model=model, trainer=trainer)
+    return captured
+
+
+@pytest.mark.parametrize("s0", ["auto", 0.05])
+def test_the_start_is_one_map_em_iteration_with_ems_noise_prior(small, monkeypatch, s0):
+    """Adam's start equals EM after one iteration from the same initialisation: EM with
+    search_warmup=0 chooses s₀ from the same statistics (auto), or uses the fixed one."""
+    train, val = small
+    common = dict(seed=4, kmeans_iter=5, complete_iter=1, noise_prior_variance=s0,
+                  progress=False)
+    trainer = SGDTrainer(SGDConfig(epochs=1, **common))
+    start = _start_of(trainer, MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), train, val,
+                      monkeypatch)
+    em_model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    em = EMTrainer(EMConfig(max_iter=1, search_warmup=0, patience=0, tempered_step=False,
+                            **common))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        em.fit(em_model, train, validation=val)
+    if s0 == "auto":
+        assert trainer.selected_noise_prior_variance == em.selected_noise_prior_variance
+        assert trainer.prior().noise_variance == em.selected_noise_prior_variance
+    else:
+        assert trainer.selected_noise_prior_variance is None
+        assert trainer.prior().noise_variance == s0
+    for name in PARAMS:
+        torch.testing.assert_close(start[name], getattr(em_model, name).detach(),
+                                   rtol=1e-10, atol=1e-12)
+    # the start's validation score is the first the epochs compete with
+    with torch.no_grad():
+        assert trainer.start_val_log_likelihood == pytest.approx(
+            _dense_log_lik(MixtureOfFactorAnalyzers.from_parameters(
+                *(start[name] for name in PARAMS)), val), rel=1e-10)
+
+
+def test_without_em_start_or_prior_the_start_is_the_initialisation(small, monkeypatch):
+    train, val = small
+    common = dict(seed=4, kmeans_iter=5, complete_iter=1, progress=False,
+                  noise_prior_strength=0.0)
+    trainer = SGDTrainer(SGDConfig(epochs=1, em_start=False, **common))
+    start = _start_of(trainer, MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), train, val,
+                      monkeypatch)
+    em_model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    EMTrainer(EMConfig(max_iter=0, patience=0, tempered_step=False, **common)).fit(
+        em_model, train, validation=val)  # initialisation only
+    for name in PARAMS:
+        assert torch.equal(start[name], getattr(em_model, name).detach()), name
+
+
+def test_noise_scaled_steps_are_adam_on_means_and_loadings_over_the_noise_std():
+    """step_scale='noise': three steps of the trainer's update equal Adam on θ = μ/√d and
+    Λ = A/√d (d held fixed: the noise parameter frozen), mapped back."""
+    from mfa.adam import make_adam, scaled_step
+
+    model = random_model(3, 5, 2, seed=1)
+    x = random_data(64, model, seed=2)
+    model.raw_noise.requires_grad_(False)  # d fixed, so the reparametrisation is linear
+    scale = model.noise_variance.detach().sqrt()  # [K, D]
+    theta = (model.loc.detach() / scale).requires_grad_(True)
+    lam = (model.loadings.detach() / scale[..., None]).requires_grad_(True)
+    logits = model.logits.detach().clone().requires_grad_(True)
+    reference = torch.optim.Adam([logits, theta, lam], lr=0.05)
+    optimizer = make_adam([model.logits, model.loc, model.loadings], 0.05, 0.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-model.log_prob(x).mean()).backward()
+        scaled_step(optimizer, model, by_noise=True)
+        reference.zero_grad()
+        log_w = torch.log_softmax(logits, 0)
+        cov = (lam * scale[..., None]) @ (lam * scale[..., None]).mT + torch.diag_embed(
+            model.noise_variance.detach())
+        comp = MultivariateNormal(theta * scale, covariance_matrix=cov)
+        (-torch.logsumexp(log_w + comp.log_prob(x.unsqueeze(1)), -1).mean()).backward()
+        reference.step()
+    # (Adam's eps=1e-8 acts on gradients of another scale: the only difference)
+    torch.testing.assert_close(model.loc.detach(), theta.detach() * scale, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(model.loadings.detach(), lam.detach() * scale[..., None],
+                               rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(model.logits.detach(), logits.detach(), rtol=1e-5, atol=1e-8)
