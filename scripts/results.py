@@ -109,8 +109,9 @@ def fit_em(data, s: Setting, n_factors: int, seed: int):
 
 
 def fit_sgd(data, s: Setting, seed: int):
-    """Adam with SGDConfig's defaults (no prior penalty, early stopping on the validation
-    split passed to ``fit``); only ``epochs`` is set per dataset."""
+    """Adam with SGDConfig's defaults (the start and the noise prior of ``mfa.sgd_start``,
+    early stopping on the validation split passed to ``fit``); only ``epochs`` is set per
+    dataset. ``best_epoch`` 0: no epoch beat the start."""
     model = MixtureOfFactorAnalyzers(s.k, data.n_features, s.l)
     trainer = SGDTrainer(SGDConfig(seed=seed, progress=False, epochs=s.sgd_epochs))
     with warnings.catch_warnings():
@@ -119,7 +120,11 @@ def fit_sgd(data, s: Setting, seed: int):
     history = trainer.history
     scored = [r for r in history if r["val_log_likelihood"] is not None]
     best = max(scored, key=lambda r: r["val_log_likelihood"]) if scored else None
-    info = {"noise_prior_variance": None, "iterations": len(history),
+    start = trainer.start_val_log_likelihood
+    if best is not None and start is not None and start >= best["val_log_likelihood"]:
+        best = {"epoch": 0}
+    info = {"noise_prior_variance": trainer.selected_noise_prior_variance,
+            "iterations": len(history),
             "best_epoch": None if best is None else best["epoch"],
             "early_stopped": len(history) < s.sgd_epochs}
     logging.info("  Adam: %s", info)
@@ -202,7 +207,14 @@ def _protocol(results: list[dict]) -> str:
     loadings = (f"a ridge prior (λ = {em.loading_ridge:g}) on the loadings" if em.loading_ridge
                 else "no prior on the loadings")
     penalty = ("no prior penalty" if not sgd.noise_prior_strength and not sgd.loading_ridge
-               and sgd.weight_concentration == 1 else "the priors of MAP EM as a penalty")
+               and sgd.weight_concentration == 1 else "the priors of MAP EM as a penalty"
+               + (" (s₀ chosen on the validation split at the start, as EM's first search "
+                  "chooses it)" if sgd.auto_noise_prior
+                  else f" (s₀ = {sgd.noise_prior_variance:g})"))
+    start = ("the initialisation followed by one MAP EM step" if sgd.em_start
+             else "the initialisation")
+    steps = ("each mean and loading step scaled by the entry's noise standard deviation "
+             "(`step_scale='noise'`)" if sgd.step_scale == "noise" else "plain Adam steps")
     return (
         "Protocol: pixels are uniformly dequantised, `x = (pixel + u)/256`; bits/dim is the "
         "held-out negative log-likelihood of the discrete images, "
@@ -236,11 +248,12 @@ def _protocol(results: list[dict]) -> str:
         "and run EM again from there, kept if the validation score is better (the column "
         "*iterations* counts both). "
         "MFA Adam is `SGDTrainer(SGDConfig(seed=0, progress=False, epochs=E))` "
-        f"(E = {epochs}; the default is {sgd.epochs}): Adam with lr {sgd.lr:g}, a "
-        f"{sgd.schedule} schedule, batches of {sgd.batch_size}, {penalty}, noise variances "
-        f"above the model's `min_noise` = {model.min_noise:g}, and early stopping after "
-        f"{sgd.patience} epochs without a better validation log-likelihood, keeping the best "
-        "parameters. The column *iterations* counts the EM iterations (Adam epochs) run. "
+        f"(E = {epochs}; the default is {sgd.epochs}): from {start}, Adam with lr {sgd.lr:g}, "
+        f"{steps}, a {sgd.schedule} schedule, batches of {sgd.batch_size}, {penalty}, noise "
+        f"variances above the model's `min_noise` = {model.min_noise:g}, and early stopping "
+        f"after {sgd.patience} epochs without a better validation log-likelihood, keeping the "
+        "best parameters (the start's among them). The column *iterations* counts the EM "
+        "iterations (Adam epochs) run. "
         "Training time is the wall time of the fit, K-means initialisation and the choice of "
         "s₀ (or of the KDE bandwidth, on the validation split) included."
     )
