@@ -40,7 +40,7 @@ def test_quick_run_writes_the_report(tmp_path):
         assert row["noise_prior_variance"] > 0
         assert 1 <= row["iterations"] <= res["setting"]["em_max_iter"]
     adam = rows[1]
-    assert adam["noise_prior_variance"] is None
+    assert adam["noise_prior_variance"] > 0  # Adam chose its s₀ at the start (auto)
     assert 1 <= adam["iterations"] <= res["setting"]["sgd_epochs"]
     assert "| model | noise prior s₀ (chosen) | iterations |" in text
     for row in em_rows:  # the table shows what the fit chose
