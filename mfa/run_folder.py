@@ -100,11 +100,12 @@ _RUN_NUMBER = re.compile(r"^(\d+)-")
 
 
 def absolute_data_root(config: RunConfig) -> RunConfig:
-    """``config`` with a relative ``data.root`` resolved against the working directory (``~``
-    expanded): the run folder's config then reads the same files from anywhere (``--resume``,
+    """``config`` with a relative ``data.root`` (and ``output.mask_image``) resolved against
+    the working directory (``~`` expanded): the run folder's config then reads the same files
+    from anywhere (``--resume``,
     ``evaluate``, ``inpaint``); saved relative, it found nothing from another directory, or
     other files that lay at that path there."""
-    root, mask = config.data.root, config.output.mask_image  # (the mask file likewise)
+    root, mask = config.data.root, config.output.mask_image
     if root is not None and not Path(root).is_absolute():
         data = dataclasses.replace(config.data, root=str(Path(root).expanduser().resolve()))
         config = dataclasses.replace(config, data=data)
