@@ -14,27 +14,39 @@ from torch.utils.data import Dataset, IterableDataset
 from mfa.data.quantized import QuantizedRows
 from mfa.model import MixtureOfFactorAnalyzers
 
-__all__ = ["check_adam_state", "count_rows", "make_adam", "scaled_step"]
+__all__ = ["check_adam_state", "count_rows", "make_adam", "scaled_step", "step_buffers"]
 
 
 def scaled_step(optimizer: torch.optim.Optimizer, model: MixtureOfFactorAnalyzers,
-                 by_noise: bool) -> None:
+                by_noise: bool, before: tuple[Tensor, Tensor] | None = None) -> None:
     """One Adam step; with ``by_noise`` the change of each mean entry ``μ_kj`` and loading row
     ``A_kj`` is multiplied by ``√d_kj`` (before the step), which is Adam on ``μ/√d`` and
     ``A/√d`` with ``d`` held fixed for the step: each moves by about ``lr`` noise standard
     deviations. Adam's step is about ``lr`` per entry whatever its gradient's scale, so in
     pixel units it moved the mean of a near-constant pixel (noise std ~0.001 on 8-bit images)
-    by several of its standard deviations a step."""
+    by several of its standard deviations a step.
+
+    ``before``: buffers shaped like ``(model.loc, model.loadings)`` (``[K, D]``,
+    ``[K, D, L]``) that hold the parameters before the step, reused across steps instead of
+    two new tensors a step (:func:`step_buffers`)."""
     if not by_noise:
         optimizer.step()
         return
     with torch.no_grad():
-        scale = model.noise_variance.sqrt()  # [K, D]
-        before = (model.loc.clone(), model.loadings.clone())
+        if before is None:
+            before = step_buffers(model)
+        before[0].copy_(model.loc)
+        before[1].copy_(model.loadings)
+        keep = 1.0 - model.noise_variance.sqrt()  # [K, D]: the share of the old value kept
     optimizer.step()
-    with torch.no_grad():
-        model.loc.copy_(torch.lerp(before[0], model.loc, scale))
-        model.loadings.copy_(torch.lerp(before[1], model.loadings, scale.unsqueeze(-1)))
+    with torch.no_grad():  # after + (1 − √d)(before − after) = before + √d (after − before)
+        model.loc.lerp_(before[0], keep)
+        model.loadings.lerp_(before[1], keep.unsqueeze(-1))
+
+
+def step_buffers(model: MixtureOfFactorAnalyzers) -> tuple[Tensor, Tensor]:
+    """Uninitialised ``([K, D], [K, D, L])`` buffers for :func:`scaled_step`'s ``before``."""
+    return torch.empty_like(model.loc), torch.empty_like(model.loadings)
 
 
 def check_adam_state(state: dict, model: MixtureOfFactorAnalyzers) -> None:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, gather_rows, reject_numpy
 from mfa._terms import ill_conditioned
-from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step
+from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step, step_buffers
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
 from mfa.loader_shards import check_same_batch_count, shard_global_batches
@@ -345,6 +345,7 @@ class SGDTrainer:
             kept = "the initial" if start else "the best epoch's"
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
+        before = step_buffers(model) if cfg.step_scale == "noise" else None  # (scaled_step)
         bar = tqdm(range(start_epoch, start_epoch if stopped else cfg.epochs), desc="Adam",
                    leave=False,
                    disable=not cfg.progress or not distributed.is_main_process())
@@ -375,7 +376,7 @@ class SGDTrainer:
                     reference = -nll.item()
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaled_step(optimizer, model, cfg.step_scale == "noise")
+                scaled_step(optimizer, model, before is not None, before)
                 scheduler.step()
                 total += -nll.item() * rows
                 seen += rows

@@ -934,10 +934,12 @@ def test_without_em_start_or_prior_the_start_is_the_initialisation(small, monkey
         assert torch.equal(start[name], getattr(em_model, name).detach()), name
 
 
-def test_noise_scaled_steps_are_adam_on_means_and_loadings_over_the_noise_std():
+@pytest.mark.parametrize("reuse", [False, True])
+def test_noise_scaled_steps_are_adam_on_means_and_loadings_over_the_noise_std(reuse):
     """step_scale='noise': three steps of the trainer's update equal Adam on θ = μ/√d and
-    Λ = A/√d (d held fixed: the noise parameter frozen), mapped back."""
-    from mfa.adam import make_adam, scaled_step
+    Λ = A/√d (d held fixed: the noise parameter frozen), mapped back; with the trainer's
+    buffers reused across steps, too."""
+    from mfa.adam import make_adam, scaled_step, step_buffers
 
     model = random_model(3, 5, 2, seed=1)
     x = random_data(64, model, seed=2)
@@ -948,10 +950,11 @@ def test_noise_scaled_steps_are_adam_on_means_and_loadings_over_the_noise_std():
     logits = model.logits.detach().clone().requires_grad_(True)
     reference = torch.optim.Adam([logits, theta, lam], lr=0.05)
     optimizer = make_adam([model.logits, model.loc, model.loadings], 0.05, 0.0)
+    before = step_buffers(model) if reuse else None
     for _ in range(3):
         optimizer.zero_grad()
         (-model.log_prob(x).mean()).backward()
-        scaled_step(optimizer, model, by_noise=True)
+        scaled_step(optimizer, model, by_noise=True, before=before)
         reference.zero_grad()
         log_w = torch.log_softmax(logits, 0)
         cov = (lam * scale[..., None]) @ (lam * scale[..., None]).mT + torch.diag_embed(
