@@ -10,7 +10,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from mfa.distributed import ShardBatchSampler, ShardSampler, is_active, range_across_processes
 
-__all__ = ["check_same_batch_count", "shard_global_batches", "shard_loader"]
+__all__ = ["check_same_batch_count", "reads_whole_dataset", "shard_global_batches",
+           "shard_loader"]
 
 
 class _EmptySafeCollate:
@@ -29,7 +30,7 @@ class _EmptySafeCollate:
         return type(one)(part[:0] for part in one)
 
 
-def _whole_dataset_loader(loader) -> bool:
+def reads_whole_dataset(loader) -> bool:
     """Whether ``loader`` is a DataLoader that reads its whole map-style dataset (its
     sampler is torch's sequential or random one), so every process would see every row."""
     return (isinstance(loader, DataLoader) and loader.batch_size is not None
@@ -56,20 +57,48 @@ def _check_every_row_once(loader: DataLoader) -> None:
         )
 
 
+def _samplers(loader):
+    """The samplers ``loader`` draws through: its ``sampler`` and ``batch_sampler`` and
+    whatever they wrap in a ``sampler`` attribute (e.g. a ``BatchSampler`` over a
+    ``DistributedSampler``)."""
+    todo = [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    seen: list = []
+    while todo:
+        sampler = todo.pop()
+        if sampler is None or any(sampler is other for other in seen) or len(seen) > 16:
+            continue
+        seen.append(sampler)
+        todo.append(getattr(sampler, "sampler", None))
+    return seen
+
+
 def _check_no_padding(loader) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler) and sampler.total_size != len(sampler.dataset):
-        how = "drops rows to" if sampler.drop_last else "pads by repeating rows to"
-        raise ValueError(
-            f"the DataLoader's DistributedSampler {how} make {len(sampler.dataset)} rows "
-            f"{sampler.total_size}, so rows would be counted twice or never; pass the Dataset "
-            "itself (mfa shards it) or use mfa.distributed.ShardSampler"
-        )
+    for sampler in _samplers(loader):
+        if (isinstance(sampler, DistributedSampler)
+                and sampler.total_size != len(sampler.dataset)):
+            how = "drops rows to" if sampler.drop_last else "pads by repeating rows to"
+            raise ValueError(
+                f"the DataLoader's DistributedSampler {how} make {len(sampler.dataset)} rows "
+                f"{sampler.total_size}, so rows would be counted twice or never; pass the "
+                "Dataset itself (mfa shards it) or use mfa.distributed.ShardSampler"
+            )
 
 
 def _rebuild(loader: DataLoader, **sampling) -> DataLoader:
+    """``loader`` over other samplers, with every other setting of it (workers and their
+    ``worker_init_fn``, collation, pinning, the generator)."""
+    workers = {"num_workers": loader.num_workers, "worker_init_fn": loader.worker_init_fn,
+               "timeout": loader.timeout,
+               "multiprocessing_context": loader.multiprocessing_context}
+    if loader.num_workers:  # (torch refuses these without workers)
+        workers.update(persistent_workers=loader.persistent_workers,
+                       prefetch_factor=loader.prefetch_factor)
+    if hasattr(loader, "in_order"):  # (torch >= 2.6)
+        workers["in_order"] = loader.in_order
+    if getattr(loader, "pin_memory_device", ""):
+        workers["pin_memory_device"] = loader.pin_memory_device
     return DataLoader(
-        loader.dataset, **sampling, num_workers=loader.num_workers,
+        loader.dataset, **sampling, **workers,
         collate_fn=_EmptySafeCollate(loader.collate_fn, loader.dataset),
         pin_memory=loader.pin_memory, generator=loader.generator,
     )
@@ -94,7 +123,7 @@ def shard_loader(loader):
     """
     if not is_active():
         return loader, loader
-    if _whole_dataset_loader(loader):
+    if reads_whole_dataset(loader):
         _check_every_row_once(loader)
         shard = _rebuild(loader, batch_size=loader.batch_size,
                          sampler=ShardSampler(len(loader.dataset)))
@@ -110,7 +139,7 @@ def shard_global_batches(loader):
     every rank must then yield the same number of batches)."""
     if not is_active():
         return loader
-    if _whole_dataset_loader(loader):
+    if reads_whole_dataset(loader):
         if isinstance(loader.sampler, RandomSampler) and loader.sampler.generator is None:
             raise ValueError(
                 "a shuffled DataLoader needs a seeded generator= under torch.distributed, so "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from mfa import loader_shards
@@ -37,3 +37,52 @@ def test_a_loader_whose_epoch_is_not_every_row_once_is_refused_for_em():
     # every row once: drop_last with batches that divide the rows drops nothing
     loader_shards._check_every_row_once(DataLoader(data, batch_size=5, drop_last=True))
     loader_shards._check_every_row_once(DataLoader(data, batch_size=4, shuffle=True))
+
+
+def test_padding_sampler_inside_a_batch_sampler_is_refused():
+    """A DistributedSampler wrapped in a BatchSampler: the loader's own sampler is the default
+    sequential one, and the padding passed unnoticed (302 rows summed for 301)."""
+    data = TensorDataset(torch.zeros(301, 2))
+    inner = DistributedSampler(data, num_replicas=2, rank=0, shuffle=False)
+    loader = DataLoader(data, batch_sampler=BatchSampler(inner, 32, drop_last=False))
+    with pytest.raises(ValueError, match="pads by repeating rows to make 301 rows 302"):
+        loader_shards._check_no_padding(loader)
+    even = TensorDataset(torch.zeros(300, 2))
+    loader_shards._check_no_padding(DataLoader(even, batch_sampler=BatchSampler(
+        DistributedSampler(even, num_replicas=2, rank=0), 32, drop_last=False)))
+
+
+def _opened(worker_id):  # (module level: worker processes pickle it)
+    torch.utils.data.get_worker_info().dataset.handle = worker_id
+
+
+class _NeedsHandle(Dataset):
+    """A dataset that opens its handle in worker_init_fn, as HDF5/LMDB readers do."""
+
+    handle = None
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, index):
+        if self.handle is None:
+            raise RuntimeError("worker_init_fn was not run: no handle")
+        return torch.full((2,), float(index))
+
+
+def test_a_remade_loader_keeps_the_loaders_settings():
+    """_rebuild (the loader each process reads under torch.distributed) kept only workers,
+    collation, pinning and the generator: a dataset opened in worker_init_fn failed."""
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(_NeedsHandle(), batch_size=4, num_workers=1, worker_init_fn=_opened,
+                        persistent_workers=True, prefetch_factor=3, timeout=30.0,
+                        generator=generator)
+    remade = loader_shards._rebuild(loader, batch_size=2, sampler=[0, 1, 2])
+    for name in ("num_workers", "worker_init_fn", "persistent_workers", "prefetch_factor",
+                 "timeout", "generator", "pin_memory", "multiprocessing_context"):
+        assert getattr(remade, name) == getattr(loader, name), name
+    rows = torch.cat(list(remade))
+    assert rows[:, 0].tolist() == [0.0, 1.0, 2.0]
+    no_workers = loader_shards._rebuild(DataLoader(TensorDataset(torch.zeros(3, 2))),
+                                        batch_size=2, sampler=[0, 1, 2])
+    assert no_workers.num_workers == 0 and not no_workers.persistent_workers
