@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mfa.data.quantized import QuantizedRows
 from mfa.model import MixtureOfFactorAnalyzers
@@ -91,6 +91,8 @@ def count_rows(train) -> int | None:
         with contextlib.suppress(TypeError):  # (an IterableDataset may have no length)
             return len(train)
         return None
+    if isinstance(train, DataLoader) and train.batch_sampler is None:
+        return None  # automatic batching off: each item is a batch of unknown rows
     sampler = getattr(train, "sampler", None)  # a DataLoader's: the rows it draws an epoch
     if sampler is not None and not isinstance(train.dataset, IterableDataset):
         with contextlib.suppress(TypeError):

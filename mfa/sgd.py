@@ -20,7 +20,7 @@ from mfa._terms import ill_conditioned
 from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step, step_buffers
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
-from mfa.loader_shards import check_same_batch_count, shard_global_batches
+from mfa.loader_shards import check_same_batch_count, reads_whole_dataset, shard_global_batches
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
 from mfa.sgd_config import SGDConfig
@@ -312,8 +312,13 @@ class SGDTrainer:
             self.history, self.start_val_log_likelihood = [], None
             floor = max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30)
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
+                # A loader over a whole Dataset is the same on every process: its rows are
+                # drawn as one process draws them (not sharded, which EM's every-row-once
+                # check would refuse for drop_last=True).
+                whole = train_source is not None and reads_whole_dataset(loader)
                 init_source = DataSource(train if train_source is None else loader, model,
-                                         cfg.batch_size, shard=not isinstance(train, Dataset),
+                                         cfg.batch_size,
+                                         shard=not (isinstance(train, Dataset) or whole),
                                          allow_missing=allow)
                 initialise(
                     model, gather_rows(init_source, cfg.init_samples, cfg.seed),
@@ -321,8 +326,10 @@ class SGDTrainer:
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
                 distributed.broadcast_model(model)  # the same start on every process
+            # (under torch.distributed the start reads each process's part of the epochs'
+            # global batches: the rows one process reads, drawn from the same generator)
             self.selected_noise_prior_variance, counted = self._start(
-                model, train, loader if train_source is not None else None, val_source, floor)
+                model, train, sharded if train_source is not None else None, val_source, floor)
             start_epoch, best_val, best_params, bad_epochs = 0, -math.inf, None, 0
             reference, stopped = None, False
             if val_source is not None:  # the start competes with the epochs

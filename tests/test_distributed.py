@@ -88,7 +88,8 @@ def _em(max_iter: int, data, validation, n_init: int = 1, trainer_state=None, pa
     return _params(model), trainer.history
 
 
-def _adam(epochs: int, data, trainer_state=None, params=None, saves: list | None = None):
+def _adam(epochs: int, data, trainer_state=None, params=None, saves: list | None = None,
+          validation=None):
     model = _model()
     if params is not None:
         model.load_state_dict(params)
@@ -102,7 +103,7 @@ def _adam(epochs: int, data, trainer_state=None, params=None, saves: list | None
         if saves is not None:
             saves.append((trainer_.state_dict(), _params(model_)))
 
-    trainer.fit(model, data, checkpoint_fn=save)
+    trainer.fit(model, data, validation, checkpoint_fn=save)
     return _params(model), trainer.history
 
 
@@ -116,6 +117,16 @@ def _scenarios() -> dict:
         "em_loader": _em(4, DataLoader(TensorDataset(train), batch_size=40), val),
         "adam_tensor": _adam(4, x),
         "adam_dataset": _adam(4, TensorDataset(x)),
+        # A shuffled loader: the start's pass (one EM step, s₀ chosen on validation) moved
+        # its generator by one permutation on one process and by none on two, so every
+        # epoch's order differed (parameters 1e-2 apart).
+        "adam_loader": _adam(4, DataLoader(TensorDataset(train), batch_size=30, shuffle=True,
+                                           generator=torch.Generator().manual_seed(3)),
+                             validation=val),
+        # drop_last=True: refused by the initialisation's every-row-once check for EM.
+        "adam_loader_drop_last": _adam(
+            4, DataLoader(TensorDataset(train), batch_size=40, shuffle=True, drop_last=True,
+                          generator=torch.Generator().manual_seed(4)), validation=val),
     }
     # uint8 rows made float per batch: sharded by rows as a tensor is
     pixels = ((x - x.min()) / (x.max() - x.min()) * 255).round().to(torch.uint8)
@@ -294,7 +305,8 @@ def test_two_process_em_equals_one_process(two_processes, case):
         assert torch.equal(ranks[0][case][0][name], ranks[1][case][0][name])
 
 
-@pytest.mark.parametrize("case", ["adam_tensor", "adam_dataset", "adam_quantized"])
+@pytest.mark.parametrize("case", ["adam_tensor", "adam_dataset", "adam_quantized",
+                                  "adam_loader", "adam_loader_drop_last"])
 def test_two_process_adam_equals_one_process(two_processes, case):
     single, ranks = two_processes
     params, history = single[case]

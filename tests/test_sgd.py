@@ -463,6 +463,37 @@ def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
     assert count_rows(DataLoader(data, batch_size=50)) == len(train)
 
 
+def test_prior_penalty_counts_rows_not_batches_of_a_loader_without_batching(small):
+    """DataLoader(batch_size=None) over a Dataset of batches: its items are batches, and
+    count_rows gave their number (7 for 400 rows: a prior 57x too strong); the start's pass
+    now counts the rows, as for a list of the same batches."""
+    from mfa.adam import count_rows
+
+    train, val = small
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return train[index * 50:(index + 1) * 50]
+
+    loader = DataLoader(Batches(), batch_size=None)
+    assert count_rows(loader) is None
+    seen = []
+
+    class Recording(SGDTrainer):
+        @staticmethod
+        def penalty(model, prior, n_train):
+            seen.append(n_train)
+            return SGDTrainer.penalty(model, prior, n_train)
+
+    for data in (loader, list(loader)):
+        Recording(SGDConfig(progress=False, epochs=1, seed=0)).fit(
+            MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), data, validation=val)
+    assert set(seen) == {200.0}
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "step"])
 def test_per_batch_schedules_need_data_with_a_length(small, schedule):
     train, _ = small
