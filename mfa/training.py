@@ -63,20 +63,25 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
     if not isinstance(source, DataSource):
         source = DataSource(source, model, DEFAULT_BATCH_SIZE, "data")
     total = torch.zeros((), dtype=torch.float64)
-    count = 0
+    count, observed = 0, torch.zeros((), dtype=torch.int64)
     with torch.no_grad():
         terms = model.component_terms()
         for batch in source:
             if source.allow_missing:
                 log_p = missing.row_log_prob(model, batch)
+                observed += (~torch.isnan(batch)).sum().cpu()
             else:
                 log_p = linalg.logsumexp(model._component_log_prob(batch, terms))
             total += log_p.double().sum().cpu()
             count += batch.shape[0]
     if source.sharded:  # every process's rows
-        total, count = distributed.sum_across_processes(total, count)
+        total, count, observed = distributed.sum_across_processes(total, count, observed)
+    name = getattr(source, "name", "data")
     if count == 0:  # (a mean of 0.0 would score it as a fit)
-        raise ValueError(f"{getattr(source, 'name', 'data')} is empty (0 rows)")
+        raise ValueError(f"{name} is empty (0 rows)")
+    if source.allow_missing and observed == 0:  # (every model would score 0.0 on it)
+        raise ValueError(f"{name} has no observed entry: all of its {int(count)} rows are NaN "
+                         "(missing), so it cannot score a model")
     return total / count if source.sharded else (total / count).item()
 
 

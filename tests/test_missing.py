@@ -281,6 +281,21 @@ def test_em_streams_batches_and_validation_with_missing():
     assert h1[-1]["val_log_likelihood"] == pytest.approx(missing.evaluate(m1, val), 1e-12)
 
 
+@pytest.mark.parametrize("trainer", ["em", "adam"])
+def test_validation_without_an_observed_entry_is_refused(trainer):
+    """Validation rows that are all NaN scored 0.0 nats a row for every model: early stopping
+    and the noise prior's search chose on a constant, silently."""
+    x = random_data(300, random_model(2, 5, 1, seed=0), seed=1)
+    validation = torch.full((50, 5), float("nan"), dtype=F64)
+    fit = (EMTrainer(EMConfig(missing="allow", progress=False, max_iter=3)) if trainer == "em"
+           else SGDTrainer(SGDConfig(missing="allow", progress=False, epochs=2)))
+    with pytest.raises(ValueError, match="validation has no observed entry: all of its 50 "
+                                         "rows are NaN"):
+        fit.fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x, validation)
+    validation[0, 0] = 0.5  # one observed entry is a score
+    fit.fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x, validation)
+
+
 def test_float32_model_with_missing_data():
     truth = random_model(2, 6, 2, seed=25)
     x = hide(truth.sample(400, generator=gen(26))[0].detach(), 0.3, seed=27).float()
