@@ -269,6 +269,31 @@ def test_inconsistent_or_corrupt_idx_files_are_refused_by_name(tmp_path):
         load_dataset("mnist", garbage, cache_dir=tmp_path / "cache")
 
 
+def test_an_idx_file_of_another_element_type_is_refused_by_name(tmp_path):
+    """Type byte 0x09 (int8) instead of 0x08 (uint8): torchvision 0.29 raised a TypeError that
+    named neither the file nor the dataset."""
+    folder = tmp_path / "int8"
+    write_mnist(folder)
+    path = folder / "train-images-idx3-ubyte"
+    data = bytearray(path.read_bytes())
+    data[2] = 0x09
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="train idx files in .* are not valid idx files"):
+        load_dataset("mnist", folder, cache_dir=tmp_path / "cache")
+
+
+def test_svhn_labels_outside_1_to_10_are_refused(tmp_path):
+    from scipy.io import savemat
+
+    write_svhn(tmp_path / "svhn")
+    x = np.zeros((32, 32, 3, 3), dtype=np.uint8)
+    savemat(str(tmp_path / "svhn" / "test_32x32.mat"),
+            {"X": x, "y": np.array([[1], [77], [3]], dtype=np.uint8)})
+    with pytest.raises(ValueError, match="test_32x32.mat has a label 77; SVHN's labels are 1 "
+                                         "to 10"):
+        load_dataset("svhn", tmp_path / "svhn")
+
+
 def test_corrupt_svhn_file_is_named(tmp_path):
     write_svhn(tmp_path / "svhn")
     (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"garbage, not MATLAB" * 10)
@@ -427,6 +452,17 @@ def test_celeba_missing_files(tmp_path):
     (folder / "img_align_celeba" / "000002.jpg").unlink()
     with pytest.raises(DatasetNotFoundError, match="000002.jpg"):
         load_dataset("celeba", tmp_path / "x")
+
+
+def test_celeba_image_listed_twice_is_refused(tmp_path):
+    """A partition file listing a training image again as a test image made the splits
+    overlap, silently."""
+    folder = write_celeba(tmp_path)
+    with open(folder / "list_eval_partition.txt", "a") as f:
+        f.write("000001.jpg 2\n")
+    with pytest.raises(ValueError, match=r"list_eval_partition.txt:7 lists 000001.jpg again "
+                                         r"\(first at line 1\)"):
+        load_dataset("celeba", tmp_path)
 
 
 # --------------------------------------------------------------------------------------

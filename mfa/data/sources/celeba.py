@@ -54,6 +54,7 @@ def celeba_pools(root: Path | None, download: bool) -> Pools:
     partition = folder / "list_eval_partition.txt"
     files: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
     names = {0: "train", 1: "val", 2: "test"}
+    first_at: dict[str, int] = {}  # image → the line that listed it
     with open(partition) as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
@@ -63,6 +64,10 @@ def celeba_pools(root: Path | None, download: bool) -> Pools:
                 raise ValueError(
                     f"celeba: {partition}:{lineno} must read '<image> <0|1|2>', got {line!r}"
                 )
+            if parts[0] in first_at:  # (two splits would share it, or one count it twice)
+                raise ValueError(f"celeba: {partition}:{lineno} lists {parts[0]} again (first "
+                                 f"at line {first_at[parts[0]]})")
+            first_at[parts[0]] = lineno
             files[names[int(parts[1])]].append(folder / "img_align_celeba" / parts[0])
     if not files["train"]:
         raise ValueError(f"celeba: {partition} lists no training images (partition 0)")

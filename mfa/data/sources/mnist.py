@@ -144,7 +144,8 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
                     f"{key}: torchvision could not load or download it into {base}: {err}"
                 ) from err
             bad = err  # the idx files are there: torch could not read them (e.g. truncated)
-        except (AssertionError, ValueError, struct.error) as err:  # torchvision's idx reader
+        except (AssertionError, ValueError, TypeError, struct.error) as err:  # its idx reader
+            # (TypeError: torchvision 0.29 on an idx file of another element type)
             bad = err
         else:
             bad = None
