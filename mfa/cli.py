@@ -27,7 +27,7 @@ SCORE_CHOICES = SCORE_NAMES
 def _load_run(checkpoint: str, overrides: list[str]):
     from mfa.checkpoint import load_checkpoint
     from mfa.config import apply_overrides
-    from mfa.workflow import load_data, resolve_checkpoint
+    from mfa.workflow import check_same_pools, load_data, resolve_checkpoint
 
     _data_only(overrides, "--set")
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
@@ -45,6 +45,7 @@ def _load_run(checkpoint: str, overrides: list[str]):
                 f"{data.n_features} features but the run's model has "
                 f"{ckpt.model.n_features}" + (f" (check {', '.join(changed)})" if changed
                                               else ""))
+        check_same_pools((ckpt.metrics or {}).get("pools"), data)
         return data
 
     return ckpt, config, load

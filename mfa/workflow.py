@@ -235,6 +235,37 @@ class _Setup:
     val_data: object
 
 
+def check_same_pools(recorded: dict | None, data: ImageData) -> None:
+    """Refuse data whose pools (image counts; for image files, their folders and names) are
+    not those a run recorded (``metrics["pools"]``): its seeded splits would hold other
+    images, and a "test" score could include training images. Runs saved before the record
+    existed (``None``) are not checked.
+
+    Raises:
+        ValueError: naming each pool that differs."""
+    current = data.metadata.get("pools")
+    if not recorded or current is None or _as_lists(recorded) == _as_lists(current):
+        return
+    differ = []
+    for pool in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(pool), current.get(pool)
+        if was is None or now is None:
+            differ.append(f"pool {pool!r} {'is new' if was is None else 'is gone'}")
+        elif list(was)[0] != list(now)[0]:
+            differ.append(f"pool {pool!r} has {now[0]} images, the run's had {was[0]}")
+        elif list(was) != list(now):
+            differ.append(f"pool {pool!r} lists other image files ({now[1]} against the "
+                          f"run's {was[1]})")
+    raise ValueError(
+        f"the {data.name} data is not the data the run was trained on: {'; '.join(differ)}. "
+        "Its seeded splits would hold other images (the test split could hold training "
+        "images); point data.root at the images the run used")
+
+
+def _as_lists(pools: dict) -> dict:
+    return {pool: list(value) for pool, value in pools.items()}
+
+
 def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     device = resolve_device(config.device)
     trainer_config = config.trainer_config()
@@ -252,6 +283,7 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
             raise ValueError(
                 f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
                 f"{data.n_features} features but the run's model has {model.n_features}")
+        check_same_pools((ckpt.metrics or {}).get("pools"), data)
     else:
         try:  # (K-means needs K rows: checked before the run folder is made)
             rows = min(data.sizes["train"], getattr(trainer_config, "init_samples", math.inf))
@@ -293,7 +325,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     logger.info("run folder %s; device %s", run_dir, setup.device)
     logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
     mc = config.model
-    meta = {"image_shape": list(data.image_shape), "dataset": data.name}
+    meta = {"image_shape": list(data.image_shape), "dataset": data.name,
+            "pools": data.metadata.get("pools")}  # (check_same_pools)
 
     def checkpoint(trainer_, model_):
         save_checkpoint(run_dir / CHECKPOINT_NAME, model_, run_config=config,
@@ -411,6 +444,7 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
         raise ValueError(f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
                          f"{data.n_features} features but the run's model has "
                          f"{model.n_features}: check the data.* settings")
+    check_same_pools((ckpt.metrics or {}).get("pools"), data)
     empty = [split for split in splits if data.pixels(split).shape[0] == 0]
     if empty:
         raise ValueError(f"the {', '.join(empty)} split of {data.name} is empty: nothing to "

@@ -537,6 +537,41 @@ def test_evaluate_with_a_data_override(run_dir):
     assert result["test_log_likelihood"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_commands_refuse_a_folder_that_changed_since_training(tmp_path):
+    """A folder dataset that gains one file is split afresh (the seeded permutation is over
+    the file count): 8 of 10 "test" images were training images, and `mfa evaluate` printed
+    a test score far better than the run's, silently. The run records each pool's count and
+    file list; evaluate, the per-run commands and --resume refuse another."""
+    pngs = write_pngs(tmp_path / "pngs", 60)
+    out = tmp_path / "runs"
+    code, stdout, stderr = run_cli(
+        "train", "--config", CONFIG, "--no-figures",
+        *set_args("data.name=folder", f"data.root={pngs}", "data.test_fraction=0.2",
+                  "model.n_components=2", "model.n_factors=1", "train.em.max_iter=2",
+                  "train.em.kmeans_iter=2", "train.em.progress=false", "device=cpu",
+                  f"output.dir={out}"))
+    assert code == 0, stderr
+    run = next(out.iterdir())
+    assert json.loads((run / "metrics.json").read_text())["pools"]["all"][0] == 60
+    code, _, stderr = run_cli("evaluate", run)  # the same folder: accepted
+    assert code == 0, stderr
+    moved = tmp_path / "moved"  # the same files elsewhere (data.root may change): accepted
+    shutil.copytree(pngs, moved)
+    code, _, stderr = run_cli("evaluate", run, "--set", f"data.root={moved}")
+    assert code == 0, stderr
+    Image.fromarray(np.zeros((SIDE, SIDE), np.uint8)).save(pngs / "extra.png")
+    for argv in (("evaluate", run), ("outliers", run, "--out-dir", tmp_path / "o"),
+                 ("train", "--resume", run)):
+        code, _, stderr = run_cli(*argv)
+        assert code == 2, (argv, stderr)
+        assert "is not the data the run was trained on: pool 'all' has 61 images, the " \
+               "run's had 60" in stderr, stderr
+    (pngs / "extra.png").unlink()
+    (pngs / "000.png").rename(pngs / "zzz.png")  # as many files, another list
+    code, _, stderr = run_cli("evaluate", run)
+    assert code == 2 and "pool 'all' lists other image files" in stderr, stderr
+
+
 def test_evaluate_outliers_against_another_dataset(run_dir, tmp_path, test_split):
     """AUROC/AUPR of every score against sklearn on scores recomputed with OutlierScorer."""
     from sklearn.metrics import average_precision_score, roc_auc_score

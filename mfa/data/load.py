@@ -167,6 +167,7 @@ def load_dataset(
             first=min(p for paths in pools.files.values() for p in paths),
         )
         meta["channels"] = image_shape[0]
+    meta["pools"] = pools.fingerprint()  # (after decoding: not part of the cache's key)
 
     return ImageData(
         name=key,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,3 +53,24 @@ class Pools:
         if len(set(shapes.values())) > 1:
             described = ", ".join(f"{p} {s}" for p, s in shapes.items())
             raise ValueError(f"{name}: the splits' images differ in shape (C, H, W): {described}")
+
+    def fingerprint(self) -> dict[str, list]:
+        """``{pool: [images, digest]}``: what the seeded split is drawn from. ``digest`` (of
+        image files, else ``None``) hashes each file's path below the folder all the files
+        share, in the pool's order (the split permutes positions in it), so a run's splits
+        can be told apart from those of a folder that gained, lost or renamed a file — not
+        from the same files under another root."""
+        top = None
+        if self.files is not None:
+            folders = {os.path.dirname(os.fspath(f)) for paths in self.files.values()
+                       for f in paths}
+            top = os.path.commonpath(sorted(folders)) if folders else ""
+        out = {}
+        for pool, labels in self.labels.items():
+            digest = None
+            if self.files is not None:
+                names = "\n".join(Path(os.path.relpath(f, top)).as_posix()
+                                   for f in self.files[pool])
+                digest = hashlib.sha256(names.encode()).hexdigest()[:16]
+            out[pool] = [int(labels.shape[0]), digest]
+        return out
