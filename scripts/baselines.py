@@ -345,10 +345,12 @@ def markdown(results: dict) -> str:
         + (f"every MFA EM fit (default and grid alike) runs at most {meta['em_max_iter']} "
            "iterations (`max_iter` is the only other field set). " if meta["em_max_iter"]
            else "every MFA EM fit keeps EMConfig's own `max_iter`/`tol`. ")
-        + "\"Default\" MFA EM is "
-        "`EMTrainer(EMConfig(seed=0, "
+        + f"Data, models and scikit-learn are seeded with {meta.get('seed', 0)} (the seed "
+        "of `load_dataset`, which draws the train/val/test split). \"Default\" MFA EM is "
+        f"`EMTrainer(EMConfig(seed={meta.get('seed', 0)}, "
         "progress=False))` with the validation split passed to `fit`; Adam is "
-        f"`SGDTrainer(SGDConfig(seed=0, progress=False, epochs={meta['adam_epochs']}))` "
+        f"`SGDTrainer(SGDConfig(seed={meta.get('seed', 0)}, progress=False, "
+        f"epochs={meta['adam_epochs']}))` "
         + ("(SGDConfig's own default)" if meta["adam_epochs"] == SGDConfig().epochs
            else f"(the default is {SGDConfig().epochs} epochs; reduced for the time budget)")
         + ". The hand-tuned MFA fixes "
@@ -460,6 +462,7 @@ def main(argv=None) -> None:
     results = {"meta": {
         "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit,
         "load_before": load_before, "torch_threads": args.threads, "n_factors": args.n_factors,
+        "seed": args.seed,
         "adam_epochs": args.adam_epochs, "em_max_iter": args.em_max_iter,
         "tuned_key": TUNED_KEY, "mfa_grid": args.mfa_grid,
         "floor_grid": args.floor_grid if HAS_PRIORS else [],

@@ -68,3 +68,29 @@ def test_quick_run_writes_the_table(tmp_path):
                     selection / (total - selection))
     assert "## Targets (issue 12)" in text
     assert "smoke test" in text
+    # scripts/split_summary.py over this run and a copy of it with other figures: each cell is
+    # the mean of the seeds' values, every seed's value printed beside it.
+    other = json.loads(json.dumps(results))
+    other["meta"]["seed"] = 1
+    cell = other["datasets"]["embedded-mnist"]["per_k"]["3"]
+    first = results["datasets"]["embedded-mnist"]["per_k"]["3"]
+    cell["targets"]["default_minus_tuned_mfa"] = 0.5
+    cell["rows"][0]["test_bits_per_dim"] = (first["rows"][0]["test_bits_per_dim"] or 0) + 1.0
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "split_summary.py"),
+                           str(tmp_path / "out" / "baselines.json"), str(tmp_path / "other.json"),
+                           "--out", str(tmp_path / "summary.md")], capture_output=True,
+                          text=True, env=env, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| seed 0 | seed 1 | mean |" in summary
+    gap = first["targets"]["default_minus_tuned_mfa"]
+    row = next(line for line in summary.splitlines()
+               if line.startswith("| 3 | default MFA − best hand-tuned MFA"))
+    assert row.split(" | ")[2:5] == [f"{gap:.3f}", "0.500", f"{(gap + 0.5) / 2:.3f}"]
+    default = first["rows"][0]["test_bits_per_dim"]
+    if default is not None:
+        row = next(line for line in summary.splitlines()
+                   if line.startswith("| 3 | default MFA EM |"))
+        cells = [c.strip(" |") for c in row.split(" | ")[2:5]]
+        assert cells == [f"{default:.3f}", f"{default + 1:.3f}", f"{default + 0.5:.3f}"]
