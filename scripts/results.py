@@ -52,6 +52,9 @@ MORE_RESULTS = (
     "default and tuned scikit-learn diagonal GMMs and hand-tuned MFA, K ∈ {20, 50, 100, 200}, "
     "on 10,000 Fashion-MNIST training rows and the embedded digits, with the issue-12 targets "
     "(`scripts/baselines.py`; full-covariance GMMs priced, not run).",
+    "[docs/results/embedded-mnist-splits.md](results/embedded-mnist-splits.md): the same "
+    "targets on the embedded digits over three seeds (train/val/test splits), each seed's "
+    "value and the mean (`scripts/split_summary.py`).",
     "[docs/results/outliers.md](results/outliers.md): outlier detection, AUROC and AUPR of "
     "every score (`scripts/outlier_eval.py`).",
     "[docs/results/missing.md](results/missing.md): training on incomplete Fashion-MNIST "

@@ -68,6 +68,8 @@ def summarize(runs: list[dict], dataset: str) -> str:
             lines.append(f"| {k} | {label} | " + " | ".join(_num(v) for v in values)
                          + f" | {_num(_mean(values))} |")
     lines += ["", "## Targets (issue 12)", "",
+              "*met* holds the mean against the target; the seeds' timings come from runs "
+              "one after another on the same machine (read them as each run's own ratio).", "",
               "| K | target | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | met |",
               "|---:|---|" + "---:|" * (len(seeds) + 2)]
     for k in ks:
