@@ -236,8 +236,9 @@ class _Setup:
 
 
 def check_same_pools(recorded: dict | None, data: ImageData) -> None:
-    """Refuse data whose pools (image counts; for image files, their folders and names) are
-    not those a run recorded (``metrics["pools"]``): its seeded splits would hold other
+    """Refuse data whose pools are not those a run recorded (``metrics["pools"]``: image
+    counts and, for image files, a digest of their paths below the folder they share, from
+    :meth:`mfa.data.sources.pools.Pools.fingerprint`): its seeded splits would hold other
     images, and a "test" score could include training images. Runs saved before the record
     existed (``None``) are not checked.
 
