@@ -95,7 +95,10 @@ class SGDTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from :meth:`state_dict`; the next :meth:`fit` continues where it stopped,
-        provided the model holds the parameters saved with this state."""
+        provided the model holds the parameters saved with this state. Exactly so for a
+        tensor, ``QuantizedRows`` or ``Dataset`` (the trainer's generator, saved here, draws
+        their order); a ``DataLoader`` you pass keeps its own sampler and generator, which
+        this state does not hold, so its epochs after a resume come in another order."""
         required = {"epoch", "optimizer", "scheduler", "generator", "best_params", "best_val"}
         types = {
             "epoch": (int,), "optimizer": (dict,), "scheduler": (dict,),
