@@ -247,7 +247,9 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
 
     Every model is built as :func:`mfa.workflow.train` builds one (the config's noise type,
     ``min_noise``, seed and device) and fitted on the train split with the validation split
-    as the trainer's validation data; no run folder or checkpoint is written.
+    as the trainer's validation data, both fed as ``mfa train`` feeds them (uint8 rows made
+    float per batch above :data:`mfa.workflow.STREAM_ABOVE` values); no run folder or
+    checkpoint is written.
 
     Args:
         config: a :class:`~mfa.config.RunConfig`.
@@ -270,7 +272,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     from mfa.em import ConvergenceWarning, EMTrainer
     from mfa.model import MixtureOfFactorAnalyzers
     from mfa.sgd import SGDTrainer
-    from mfa.workflow import STREAM_ABOVE, load_data
+    from mfa.workflow import _training_data, load_data
 
     if method is not None:
         config = apply_overrides(config, [f"train.method={method}"])
@@ -308,11 +310,10 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     if earlier and not overwrite:
         raise ValueError(f"{out_dir} already holds an earlier sweep ({', '.join(earlier)}); "
                          "pass another --out folder, or --overwrite to replace it")
-    if n * d > STREAM_ABOVE:  # large sets stay uint8 and become float batch by batch
-        batch = config.train.em.batch_size
-        train, val = data.loader("train", batch_size=batch), data.loader("val", batch_size=batch)
-    else:
-        train, val = data.train.to(device), data.val.to(device)
+    # As mfa train feeds them: above STREAM_ABOVE values uint8 rows made float per batch (for
+    # Adam, rows it draws its own batches from; a loader of EM's batch size gave it batches
+    # of 4,096 rows instead of its 256)
+    train, val = _training_data(data, config, device)
     mc = config.model
     trainer_cls = EMTrainer if config.train.method == "em" else SGDTrainer
 

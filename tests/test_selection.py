@@ -222,6 +222,34 @@ def test_mfa_select_on_the_embedded_digits(tmp_path):
     assert len(list(csv.DictReader(open(out / "selection.csv", newline="")))) == 1
 
 
+@pytest.mark.parametrize("method", ["em", "sgd"])
+def test_mfa_select_feeds_a_large_set_as_mfa_train_does(tmp_path, monkeypatch, method):
+    """Above STREAM_ABOVE values the sweep gave every trainer a CPU loader of EM's batch
+    size: Adam then stepped on batches of 4,096 rows instead of its own 256. It now gets the
+    data mfa train gives it (uint8 rows for Adam; a streamed loader for EM on the CPU)."""
+    from mfa import workflow
+    from mfa.data import QuantizedRows
+    from mfa.sgd import SGDTrainer
+
+    seen = []
+    trainer = EMTrainer if method == "em" else SGDTrainer
+    fit = trainer.fit
+
+    def spy(self, model, data, validation=None, **kwargs):
+        seen.append((type(data).__name__, type(validation).__name__))
+        return fit(self, model, data, validation, **kwargs)
+
+    monkeypatch.setattr(trainer, "fit", spy)
+    monkeypatch.setattr(workflow, "STREAM_ABOVE", 0)
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY, "train.sgd.epochs=1",
+                                                                  "train.sgd.progress=false"),
+                              "--components", 2, "--factors", 1, "--method", method,
+                              "--out", tmp_path)
+    assert code == 0, stderr
+    want = (QuantizedRows.__name__,) * 2 if method == "sgd" else ("DataLoader",) * 2
+    assert seen == [want]
+
+
 def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
                               "--components", 2, "--factors", 800, "--out", tmp_path)
