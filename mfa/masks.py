@@ -47,7 +47,9 @@ def _pixel_mask_to_rows(hidden: Tensor, c: int) -> Tensor:
 
 def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
     """A mask picture (path or PIL image; black = hidden) → hidden bool ``[H, W]``: grey
-    levels below half the format's range (128 of 8-bit, 32,768 of 16-bit) are hidden."""
+    levels below half the format's range (128 of 8-bit, 32,768 of 16-bit) are hidden. A
+    picture in an integer mode (``"I"``, ``"I;16"``: a 16-bit PNG, or 8-bit levels converted
+    to one) is read as 8-bit when every level is at most 255, else as 16-bit."""
     from PIL import Image  # only this mask kind needs an imaging library
 
     if isinstance(mask_image, (str, os.PathLike)):
@@ -66,7 +68,12 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
     if picture.mode in SIXTEEN_BIT_MODES:  # convert("L") clipped every level >= 128 to white
         picture = picture.resize((w, h), Image.Resampling.NEAREST)
         grey = torch.from_numpy(np.asarray(picture).astype(np.int64).reshape(h, w))
-        return grey < 32768
+        top = int(grey.max()) if grey.numel() else 0
+        if grey.numel() and (int(grey.min()) < 0 or top > 65535):
+            raise ValueError(f"mask image levels must lie in 0..65535 (an 8- or 16-bit grey "
+                             f"picture), got {int(grey.min())}..{top} in mode {picture.mode}")
+        # (8-bit levels in a 32-bit "I" picture, e.g. convert("I") of a PNG, were all hidden)
+        return grey < (128 if top <= 255 else 32768)
     picture = picture.convert("L").resize((w, h), Image.Resampling.NEAREST)
     grey = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(h, w)
     return grey < 128

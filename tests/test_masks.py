@@ -105,6 +105,21 @@ def test_sixteen_bit_image_mask_hides_below_half_its_range(tmp_path):
     eight = Image.fromarray((levels // 257).astype(np.uint8))
     assert torch.equal(make_mask("image", (1, 4, 6), 1, mask_image=eight), ~hidden.view(1, -1))
 
+@pytest.mark.parametrize("mode", ["I", "I;16"])
+def test_eight_bit_levels_in_an_integer_mode_are_read_as_eight_bit(mode):
+    """convert("I") of an 8-bit picture (or Image.fromarray of int32 0/255) was read on the
+    16-bit scale: white (255) fell below 32,768 and every pixel was hidden, silently."""
+    levels = np.zeros((4, 6), dtype=np.uint8)
+    levels[:, 3:] = 255
+    picture = Image.fromarray(levels).convert(mode)
+    assert picture.mode == mode
+    hidden = ~make_mask("image", (1, 4, 6), 1, mask_image=picture).view(4, 6)
+    assert torch.equal(hidden, torch.from_numpy(levels == 0))
+    wide = Image.fromarray(np.full((4, 6), 70000, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"levels must lie in 0\.\.65535.*got 70000\.\.70000"):
+        make_mask("image", (1, 4, 6), 1, mask_image=wide)
+
+
 def test_image_mask_path_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     Image.new("L", (6, 4), 0).save(tmp_path / "mask.png")
