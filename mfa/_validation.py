@@ -82,12 +82,14 @@ def check_finite(x: Tensor, name: str) -> None:
         )
 
 
-def check_data(x: object, name: str, n_features: int, dtype: torch.dtype, device) -> Tensor:
-    """Validate data of shape ``[..., n_features]`` against a model's dtype and device."""
+def check_data(x: object, name: str, n_features: int, dtype: torch.dtype, device,
+               what: str = "n_features") -> Tensor:
+    """Validate data of shape ``[..., n_features]`` against a model's dtype and device;
+    ``what`` names ``n_features`` in the error (e.g. the observed features it counts)."""
     x = check_tensor(x, name)
     if x.dim() < 1 or x.shape[-1] != n_features:
         raise ValueError(
-            f"{name} must have shape [..., {n_features}] (n_features={n_features}), "
+            f"{name} must have shape [..., {n_features}] ({what}={n_features}), "
             f"got {tuple(x.shape)}"
         )
     check_floating(x, name, dtype, device)

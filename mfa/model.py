@@ -412,7 +412,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """
         obs, hid = conditioning.split_features(observed_features, self.n_features, self.device)
         values = check_data(observed_values, "observed_values", obs.numel(), self.dtype,
-                            self.device)
+                            self.device, what="observed features")
         if values.dim() != 1:
             raise ValueError(
                 f"observed_values must have shape [{obs.numel()}], got {tuple(values.shape)}"

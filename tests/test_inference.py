@@ -567,7 +567,7 @@ def test_condition_validation():
     with pytest.raises(ValueError, match=r"observed_features covers every feature"):
         model.condition(torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=F64))
     with pytest.raises(ValueError, match=r"observed_values must have shape \[\.\.\., 2\] "
-                                         r"\(n_features=2\), got \(3,\)"):
+                                         r"\(observed features=2\), got \(3,\)"):
         model.condition([0, 1], torch.zeros(3, dtype=F64))
     with pytest.raises(ValueError, match=r"observed_values must have shape \[2\], got \(1, 2\)"):
         model.condition([0, 1], v2[None])
