@@ -34,6 +34,27 @@ def reject_numpy(data, name: str) -> None:
         )
 
 
+class RowCollate:
+    """``default_collate`` of a Dataset's items, refusing items that are batches ``[b, D]``
+    (``b > 1``) rather than rows: stacking them failed in torch with "stack expects each
+    tensor to be equal size", or stacked them into rows of ``b·D`` features."""
+
+    def __init__(self, n_features: int, name: str) -> None:
+        self.n_features, self.name = n_features, name
+
+    def __call__(self, items):
+        first = items[0] if items else None
+        if isinstance(first, (tuple, list)) and first:
+            first = first[0]
+        if (isinstance(first, Tensor) and first.dim() == 2 and first.shape[0] > 1
+                and first.shape[1] == self.n_features):
+            raise ValueError(
+                f"{self.name}: its Dataset yields batches of shape {tuple(first.shape)}, not "
+                f"rows of {self.n_features} features; pass DataLoader(dataset, "
+                "batch_size=None) to use them as batches, or yield one row per item")
+        return default_collate(items)
+
+
 class DataSource:
     """A re-iterable stream of batches ``[B, D]`` checked against ``model``.
 
@@ -76,7 +97,8 @@ class DataSource:
             self.iterable = None
         elif isinstance(data, Dataset):
             self.tensor = None
-            self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False)
+            self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False,
+                                       collate_fn=RowCollate(self.n_features, name))
             if not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
                 self.dataset, self.in_order = data, True
         elif isinstance(data, Iterable):

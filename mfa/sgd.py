@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from mfa import distributed, linalg, missing, training
-from mfa._data_stream import DataSource, gather_rows, reject_numpy
+from mfa._data_stream import DataSource, RowCollate, gather_rows, reject_numpy
 from mfa._terms import ill_conditioned
 from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step, step_buffers
 from mfa.data.quantized import QuantizedRows
@@ -253,7 +253,8 @@ class SGDTrainer:
             # iterable (e.g. a DataLoader) is used as it comes.
             loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
                       if isinstance(train, Dataset) and not isinstance(train, IterableDataset)
-                      else DataLoader(train, batch_size=cfg.batch_size)
+                      else DataLoader(train, batch_size=cfg.batch_size,
+                                      collate_fn=RowCollate(model.n_features, "data"))
                       if isinstance(train, IterableDataset) else train)
             # Under torch.distributed each process reads its part of every global batch.
             sharded = shard_global_batches(loader)

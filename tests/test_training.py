@@ -235,3 +235,30 @@ def test_evaluate_is_exact_for_a_float32_heywood_component(seed):
     with torch.no_grad():
         expected = m64.log_prob(x.double()).mean().item()
     assert evaluate(m32, x) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("trainer", ["em", "adam"])
+def test_a_dataset_of_batches_is_refused_with_a_hint(trainer):
+    """An IterableDataset yielding batches [b, D] instead of rows failed inside torch's
+    collation ("stack expects each tensor to be equal size"), naming neither the data nor the
+    fix; it is refused, and the same batches through DataLoader(batch_size=None) train."""
+    from torch.utils.data import IterableDataset
+
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    class Batches(IterableDataset):
+        def __iter__(self):
+            yield from (x[:100], x[100:250], x[250:])
+
+    def fit(data):
+        config = (EMConfig(progress=False, max_iter=2) if trainer == "em"
+                  else SGDConfig(progress=False, epochs=1))
+        trainer_cls = EMTrainer if trainer == "em" else SGDTrainer
+        return trainer_cls(config).fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64),
+                                       data, x[:50])
+
+    with pytest.raises(ValueError, match=r"data: its Dataset yields batches of shape \(100, 4\)"
+                                         r", not rows of 4 features; pass DataLoader\(dataset, "
+                                         r"batch_size=None\)"):
+        fit(Batches())
+    fit(DataLoader(Batches(), batch_size=None))
