@@ -76,7 +76,9 @@ def _check_scores(scores: object, name: str) -> Tensor:
         raise ValueError(f"{name} must have shape [N], got {tuple(t.shape)}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty; AUROC/AUPR need at least one score per class")
-    if not t.is_floating_point() and bool((t.detach().abs() > 2**53).any()):
+    # Only int64 holds integers float64 cannot tell apart (2**53 wraps in a narrower type,
+    # where the comparison held for every non-zero score); abs() of int64's minimum wraps too.
+    if t.dtype == torch.int64 and bool(((t.detach() > 2**53) | (t.detach() < -2**53)).any()):
         raise ValueError(f"{name} holds integers beyond 2**53, which float64 ranks as ties; "
                          "rescale them first")
     t = t.detach().to("cpu", F64)

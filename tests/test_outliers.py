@@ -96,6 +96,22 @@ def test_metric_input_errors(fn):
     assert auroc(torch.tensor([3, 1]), torch.tensor([2, 5])) == 0.75  # 3 of 4 pairs; ints are fine
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_integer_scores_of_every_width(dtype):
+    """Narrow integer scores (PNG lengths, counts) are ranked, not refused: the 2**53 check
+    once wrapped in their dtype and refused every non-zero score."""
+    s_in, s_out = [1, 2, 3], [2, 3, 4]
+    ref_roc, ref_ap = sklearn_pair(s_in, s_out)
+    a, b = torch.tensor(s_in, dtype=dtype), torch.tensor(s_out, dtype=dtype)
+    assert auroc(a, b) == pytest.approx(ref_roc, abs=1e-12)
+    assert aupr(a, b) == pytest.approx(ref_ap, abs=1e-12)
+    np_dtype = str(dtype).removeprefix("torch.")
+    res = evaluate_outliers(np.array(s_in, np_dtype), np.array(s_out, np_dtype))
+    assert res["auroc"] == pytest.approx(ref_roc, abs=1e-12)
+    with pytest.raises(ValueError, match=r"scores_out holds integers beyond 2\*\*53"):
+        auroc(torch.tensor([0]), torch.tensor([-(2**63)]))
+
+
 # ---------------------------------------------------------------------- scores
 
 
