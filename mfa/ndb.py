@@ -14,6 +14,7 @@ statistics (``[K]`` vectors) are computed and returned on the CPU in float64.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -179,6 +180,13 @@ class NDB:
         centers = centers.to(dtype=z.dtype, device=z.device)
         labels, _ = nearest_center(z, centers, batch_size=batch_size)
         counts = _bin_counts(labels, n_bins)
+        empty = int((counts == 0).sum())
+        if empty:  # K-means' centres coincide where the rows have fewer distinct values
+            warnings.warn(
+                f"{empty} of the {n_bins} NDB bins hold no training sample (the training "
+                "data has fewer distinct rows than bins, or duplicates K-means could not "
+                "separate); such a bin can never differ, so NDB/K is biased low: use fewer "
+                "bins", UserWarning, stacklevel=2)
         return cls(
             centers, counts, n_features=d, alpha=alpha, features=features,
             mean=mean, std=std, batch_size=batch_size,

@@ -4,6 +4,7 @@ z-test and the JS divergence, against scipy and brute-force references."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -219,6 +220,17 @@ def test_ndb_accepts_integer_pixels_and_other_dtypes():
     b = ndb(train.float(), query.double(), 6)
     assert a.centers.dtype == torch.float32
     assert torch.equal(a.z_scores, b.z_scores)
+
+
+def test_ndb_warns_of_bins_without_training_rows():
+    """Two distinct rows and six bins: K-means' centres coincide and four bins stay empty,
+    which can never differ; NDB says so instead of dividing by six silently."""
+    train = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(3, 1)  # [6, 2]
+    with pytest.warns(UserWarning, match="4 of the 6 NDB bins hold no training sample"):
+        NDB.fit(train, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NDB.fit(train, 2)
 
 
 def test_ndb_validation_errors():
