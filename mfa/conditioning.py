@@ -243,7 +243,8 @@ def row_posterior(
     (below float64), each row's near-top log-joints are recomputed in the residual form
     (:func:`mfa.residual_form.residual_mahalanobis`, as the complete-data densities are): the
     Woodbury subtraction loses tens of nats in float32 on rows their component explains well
-    with noise near the quantisation level. The trainers' E-step leaves it off.
+    with noise near the quantisation level. The trainers' E-step turns it on (but in the
+    ``"float32"`` mode).
 
     Rows with at most ``L`` observed features are computed in float64 when ``x`` is not:
     there ``A_o`` has rank ``|o| < L`` (or is square), so ``M_o`` has eigenvalues 1 beside

@@ -105,6 +105,7 @@ def incomplete_statistics(
     reference: Tensor,
     *,
     stats_dtype: torch.dtype = torch.float64,
+    precise: bool = True,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> SufficientStatistics:
     """Expected sufficient statistics of rows with missing entries (see the module notes).
@@ -116,6 +117,12 @@ def incomplete_statistics(
         reference: ``c`` [D] in ``x``'s dtype: the sums are of ``x − c`` (the reference of
             the complete-data statistics they are added to, ``model.component_terms()``).
         stats_dtype: dtype of the returned sums.
+        precise: below float64, each row's near-top log-joints in the residual form
+            (``row_posterior(exact=True)``) and every product after the posterior in
+            ``stats_dtype``; ``False`` (the ``"float32"`` mode) takes them in ``x``'s dtype.
+            A float32 model with noise near the quantisation level otherwise recorded a
+            training log-likelihood 30 nats a row off and EM lowered the observed-data
+            likelihood (12 of 30 iterations on rows 30 % hidden, K = 2, D = 20, L = 2).
         chunk_elements: rows are processed in chunks whose ``[n, K, L, L]`` intermediates
             hold about this many values.
 
@@ -128,7 +135,7 @@ def incomplete_statistics(
     size = _chunk_rows(k, d, n_lat, chunk_elements)
     total = None
     for i in range(0, x.shape[0], size):
-        part = _chunk_statistics(terms, x[i : i + size], stats_dtype)
+        part = _chunk_statistics(terms, x[i : i + size], stats_dtype, precise)
         total = part if total is None else total + part
     if total is None:
         raise ValueError("incomplete_statistics needs at least one row, got x of shape "
@@ -142,8 +149,8 @@ def incomplete_statistics(
     return total
 
 
-def _chunk_statistics(terms: MaskedTerms, x: Tensor, stats_dtype: torch.dtype
-                      ) -> SufficientStatistics:
+def _chunk_statistics(terms: MaskedTerms, x: Tensor, stats_dtype: torch.dtype,
+                      precise: bool = True) -> SufficientStatistics:
     """:func:`incomplete_statistics` of one chunk ``x`` [n, D] (NaN where missing), with
     ``sum_zz = Σ r E[z zᵀ]`` (nothing subtracted yet)."""
     k, d, n_lat = terms.loadings.shape
@@ -151,12 +158,16 @@ def _chunk_statistics(terms: MaskedTerms, x: Tensor, stats_dtype: torch.dtype
     observed = ~torch.isnan(x)  # [n, D]
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     filled = torch.where(observed, x, zero)
-    post = row_posterior(terms, filled, observed)
+    post = row_posterior(terms, filled, observed, exact=precise)
     log_p = linalg.logsumexp(post.log_joint)  # [n]
-    resp = torch.exp(post.log_joint - log_p.unsqueeze(-1))  # [n, K]
-    hidden = (~observed).to(x.dtype)  # [n, D]
-    xc = torch.where(observed, x - terms.reference, zero)  # observed x − c, 0 where hidden
     s = stats_dtype
+    # The products after the posterior: in stats_dtype when precise (their sums over rows
+    # feed the noise update, a small difference of large second moments).
+    w = s if precise else x.dtype
+    resp = torch.exp(post.log_joint - log_p.unsqueeze(-1)).to(w)  # [n, K]
+    hidden = (~observed).to(w)  # [n, D]
+    # observed x − c, 0 where hidden
+    xc = torch.where(observed, x.to(w) - terms.reference.to(w), zero.to(w))
     mu, noise = terms.mu.to(s), terms.noise.to(s)  # [K, D]
     resp_s = resp.to(s)
     xc_s = xc.to(s)
@@ -164,8 +175,8 @@ def _chunk_statistics(terms: MaskedTerms, x: Tensor, stats_dtype: torch.dtype
     sum_x = (xc_s.T @ resp_s).T + mu * hr  # [K, D]
     sum_x2 = ((xc_s * xc_s).T @ resp_s).T + (mu * mu + noise) * hr  # [K, D]
     if n_lat:
-        ez = post.latent_mean  # [n, K, L]
-        cov = torch.cholesky_inverse(post.chol)  # M_nk⁻¹  [n, K, L, L]
+        ez = post.latent_mean.to(w)  # [n, K, L]
+        cov = torch.cholesky_inverse(post.chol.to(w))  # M_nk⁻¹  [n, K, L, L]
         second = ez.unsqueeze(-1) * ez.unsqueeze(-2) + cov  # S  [n, K, L, L]
         rez = resp.unsqueeze(-1) * ez  # [n, K, L]
         rs = resp.view(n, k, 1, 1) * second  # [n, K, L, L]
@@ -205,11 +216,13 @@ def batch_statistics(
     """E-step statistics of a batch ``x`` [n, D] whose rows may hold NaN (missing entries):
     complete rows by :func:`mfa.statistics.accumulate_statistics` (the same arguments; the
     keyword ``precision`` options, e.g. ``precise_moments``, go to it unchanged), incomplete
-    ones by :func:`incomplete_statistics`, centred on ``terms.reference``."""
+    ones by :func:`incomplete_statistics`, centred on ``terms.reference``, ``precise`` unless
+    ``precise_moments=False`` (the ``"float32"`` mode)."""
     incomplete = torch.isnan(x).any(-1)  # [n]
     if not bool(incomplete.any()):
         return accumulate_statistics(model, x, terms, chol, stats_dtype=stats_dtype, **precision)
-    stats = incomplete_statistics(model, x[incomplete], terms.reference, stats_dtype=stats_dtype)
+    stats = incomplete_statistics(model, x[incomplete], terms.reference, stats_dtype=stats_dtype,
+                                  precise=precision.get("precise_moments", True))
     if bool(incomplete.all()):
         return stats
     complete = accumulate_statistics(model, x[~incomplete], terms, chol,
