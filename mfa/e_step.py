@@ -69,7 +69,10 @@ def streamed_e_step(
         statistics = missing.batch_statistics if allow_missing else accumulate_statistics
         if temperature != 1.0 and statistics is not accumulate_statistics:
             raise ValueError("a tempered E-step needs complete data")
+        observed = torch.zeros((), dtype=torch.int64, device=model.means.device)
         for batch in source:
+            if allow_missing:  # (no host sync: checked once, after the pass)
+                observed += (~torch.isnan(batch)).sum().to(observed.device)
             if full:
                 batch = batch.double()
             part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
@@ -81,4 +84,12 @@ def streamed_e_step(
             stats = part if stats is None else stats + part
         if source.sharded:  # add every process's sums (one all-reduce)
             stats = distributed.all_reduce_statistics(stats, model, terms.reference)
+        if allow_missing:
+            if source.sharded:
+                observed = distributed.sum_across_processes(observed)[0]
+            if int(observed) == 0:  # the sums are the prior's: EM "converged" on nothing
+                raise ValueError(
+                    f"{source.name} has no observed entry: all of its "
+                    f"{int(stats.n_rows) if stats is not None else 0} rows are NaN (missing), "
+                    "so there is nothing to fit")
     return stats

@@ -296,6 +296,17 @@ def test_validation_without_an_observed_entry_is_refused(trainer):
     fit.fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x, validation)
 
 
+@pytest.mark.parametrize("trainer", ["em", "adam"])
+def test_training_data_without_an_observed_entry_is_refused(trainer):
+    """All-NaN training rows 'converged' at log-likelihood 0.0, with no warning, returning
+    whatever the initialisation made of nothing."""
+    x = torch.full((40, 5), float("nan"), dtype=F64)
+    fit = (EMTrainer(em_config(max_iter=3)) if trainer == "em"
+           else SGDTrainer(SGDConfig(missing="allow", progress=False, epochs=2)))
+    with pytest.raises(ValueError, match="data has no observed entry: all of its 40 rows"):
+        fit.fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x, x[:10] * 0 + 0.5)
+
+
 def test_float32_model_with_missing_data():
     truth = random_model(2, 6, 2, seed=25)
     x = hide(truth.sample(400, generator=gen(26))[0].detach(), 0.3, seed=27).float()
