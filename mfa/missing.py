@@ -239,6 +239,12 @@ def row_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor) -> Tensor:
                          f"{model.n_features}, got {getattr(x, 'shape', type(x).__name__)}")
     if x.dim() != 2:  # one row [D], or [..., D]: as rows [n, D], the result shaped back
         return row_log_prob(model, x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
+    infinite = torch.isinf(x)
+    if bool(infinite.any()):  # (checked here: the subsets below would misname the row)
+        first = tuple(infinite.nonzero()[0].tolist())
+        raise ValueError(f"x contains {int(infinite.sum())} infinite value(s); the first is "
+                         f"{x[first].item()} at index {first} (NaN marks a missing entry; "
+                         "an observed entry must be finite)")
     observed = ~torch.isnan(x)
     incomplete = ~observed.all(-1)  # [n]
     if not bool(incomplete.any()):

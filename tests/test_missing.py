@@ -307,6 +307,20 @@ def test_training_data_without_an_observed_entry_is_refused(trainer):
         fit.fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x, x[:10] * 0 + 0.5)
 
 
+def test_row_log_prob_names_the_infinite_entry_in_x():
+    """The error indexed the subset of incomplete (or complete) rows, not x."""
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    x = torch.zeros(5, 4, dtype=F64)
+    x[0, 0] = x[1, 0] = x[4, 1] = float("nan")
+    x[4, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"the first is inf at index \(4, 3\)"):
+        missing.row_log_prob(model, x)
+    x[4, 3], x[3, 2] = 0.0, -float("inf")  # in a complete row
+    with pytest.raises(ValueError, match=r"1 infinite value\(s\); the first is -inf at "
+                                         r"index \(3, 2\)"):
+        missing.row_log_prob(model, x)
+
+
 def test_float32_model_with_missing_data():
     truth = random_model(2, 6, 2, seed=25)
     x = hide(truth.sample(400, generator=gen(26))[0].detach(), 0.3, seed=27).float()
