@@ -69,10 +69,11 @@ def streamed_e_step(
         statistics = missing.batch_statistics if allow_missing else accumulate_statistics
         if temperature != 1.0 and statistics is not accumulate_statistics:
             raise ValueError("a tempered E-step needs complete data")
-        observed = torch.zeros((), dtype=torch.int64, device=model.means.device)
+        # observed entries per feature (no host sync: checked once, after the pass)
+        observed = torch.zeros(model.n_features, dtype=torch.int64, device=model.means.device)
         for batch in source:
-            if allow_missing:  # (no host sync: checked once, after the pass)
-                observed += (~torch.isnan(batch)).sum().to(observed.device)
+            if allow_missing:
+                observed += (~torch.isnan(batch)).sum(0).to(observed.device)
             if full:
                 batch = batch.double()
             part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
@@ -85,11 +86,27 @@ def streamed_e_step(
         if source.sharded:  # add every process's sums (one all-reduce)
             stats = distributed.all_reduce_statistics(stats, model, terms.reference)
         if allow_missing:
-            if source.sharded:
-                observed = distributed.sum_across_processes(observed)[0]
-            if int(observed) == 0:  # the sums are the prior's: EM "converged" on nothing
-                raise ValueError(
-                    f"{source.name} has no observed entry: all of its "
-                    f"{int(stats.n_rows) if stats is not None else 0} rows are NaN (missing), "
-                    "so there is nothing to fit")
+            _check_observed(observed, source, stats)
     return stats
+
+
+def _check_observed(observed: Tensor, source: DataSource,
+                    stats: SufficientStatistics | None) -> None:
+    """Refuse a pass without an observed entry (its sums are the prior's: EM "converged" on
+    nothing); warn of features observed in no row (EM keeps their initial values: a noise
+    variance at the floor, under which any later observation of them scores ~−10⁵ nats)."""
+    counts = observed.cpu()
+    if source.sharded and distributed.is_active():
+        counts = torch.tensor(distributed.sum_across_processes(*counts.tolist()))
+    if int(counts.sum()) == 0:
+        rows = int(stats.n_rows) if stats is not None else 0
+        raise ValueError(f"{source.name} has no observed entry: all of its {rows} rows are "
+                         "NaN (missing), so there is nothing to fit")
+    never = (counts == 0).nonzero().flatten()
+    if never.numel():
+        warnings.warn(
+            f"{never.numel()} feature(s) of {source.name} are missing (NaN) in every row, e.g. "
+            f"{never[:10].tolist()}: EM cannot learn them and keeps their initial values (a "
+            "noise variance at the floor), so the model's densities of rows observing them "
+            "and its samples of them mean nothing; drop those features or supply values",
+            UserWarning, stacklevel=4)

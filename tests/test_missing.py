@@ -307,6 +307,21 @@ def test_training_data_without_an_observed_entry_is_refused(trainer):
         fit.fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x, x[:10] * 0 + 0.5)
 
 
+@pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
+def test_a_feature_missing_in_every_training_row_is_named():
+    """EM cannot move a feature no row observes: it stayed at its initial noise variance (the
+    floor), and a later row observing it scored ~-1e5 nats, without a word."""
+    x = random_data(200, random_model(2, 5, 1, seed=0), seed=1)
+    x[:, 2] = float("nan")
+    with pytest.warns(UserWarning, match=r"1 feature\(s\) of data are missing \(NaN\) in "
+                                         r"every row, e\.g\. \[2\]"):
+        EMTrainer(em_config(max_iter=2)).fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x)
+    x[0, 2] = 0.5  # one observation is enough to learn from
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing \\(NaN\\) in every row")
+        EMTrainer(em_config(max_iter=2)).fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x)
+
+
 def test_row_log_prob_names_the_infinite_entry_in_x():
     """The error indexed the subset of incomplete (or complete) rows, not x."""
     model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
