@@ -190,7 +190,7 @@ def train(
     if ckpt is None:
         run_dir = restart or distributed.broadcast_from_main(make_run_dir, config)
     try:
-        if main and (ckpt is None or changed):
+        if main and ckpt is None:  # (a resume's changes: with its first checkpoint)
             save_config(config, run_dir / "config.yaml")
         if main:
             (run_dir / FAILED_NAME).unlink(missing_ok=True)
@@ -201,7 +201,8 @@ def train(
                                "run over from its config", run_dir, CHECKPOINT_NAME)
             if changed:
                 logger.info("resumed with new values for %s", ", ".join(changed))
-            return _train(config, run_dir, setup, ckpt, figures, callbacks)
+            return _train(config, run_dir, setup, ckpt, figures, callbacks,
+                          config_changed=bool(changed))
         finally:
             if handler is not None:
                 logging.getLogger("mfa").removeHandler(handler)
@@ -321,17 +322,30 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
 
 
 def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | None,
-           figures: bool, callbacks: tuple = ()):
+           figures: bool, callbacks: tuple = (), config_changed: bool = False):
+    """Fit, evaluate and save. ``config_changed``: a resume with new values, whose
+    ``config.yaml`` is rewritten with its first checkpoint (before it, a stopped resume left
+    a config.yaml describing values the checkpoint was never trained with)."""
     data, model, trainer = setup.data, setup.model, setup.trainer
     logger.info("run folder %s; device %s", run_dir, setup.device)
     logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
     mc = config.model
     meta = {"image_shape": list(data.image_shape), "dataset": data.name,
             "pools": data.metadata.get("pools")}  # (check_same_pools)
+    # The fit's wall time over the run's sessions: the resumed checkpoint's, plus this one's.
+    earlier = float((ckpt.metrics or {}).get("train_seconds", 0.0)) if ckpt is not None else 0.0
+    config_pending = [config_changed]
+
+    def save(model_, trainer_state, metrics):
+        save_checkpoint(run_dir / CHECKPOINT_NAME, model_, run_config=config,
+                        trainer_state=trainer_state, metrics=metrics)
+        if config_pending[0]:
+            save_config(config, run_dir / "config.yaml")
+            config_pending[0] = False
 
     def checkpoint(trainer_, model_):
-        save_checkpoint(run_dir / CHECKPOINT_NAME, model_, run_config=config,
-                        trainer_state=trainer_.state_dict(), metrics=meta)
+        seconds = earlier + time.perf_counter() - started
+        save(model_, trainer_.state_dict(), {**meta, "train_seconds": seconds})
 
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -340,7 +354,7 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
                             checkpoint_fn=checkpoint, **_fit_options(config, run_dir))
     for warning in caught:
         logger.warning("%s", warning.message)
-    seconds = time.perf_counter() - started
+    seconds = earlier + time.perf_counter() - started
     if not distributed.is_main_process():  # rank 0 evaluates and writes the results
         return TrainResult(run_dir, model, {})
     metrics = {**meta, "method": config.train.method, "train_seconds": seconds,
@@ -348,8 +362,7 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     if config.train.method == "hierarchical":  # K is known only now
         metrics["n_components"] = model.n_components
     metrics.update(evaluate_model(model, data, ("train", "val", "test")))
-    save_checkpoint(run_dir / CHECKPOINT_NAME, model, run_config=config,
-                    trainer_state=trainer.state_dict(), metrics=metrics)
+    save(model, trainer.state_dict(), metrics)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)

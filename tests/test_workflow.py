@@ -341,6 +341,37 @@ def test_em_resume_may_run_longer_and_records_the_change(out_dir):
     assert "train.em.max_iter, output.n_samples" in (run_dir / "train.log").read_text()
 
 
+def test_config_yaml_stays_the_checkpoints_when_a_resume_stops_before_saving(out_dir,
+                                                                              monkeypatch):
+    """A resume with new values wrote config.yaml before training; stopped before its first
+    checkpoint, the run then finished under the checkpoint's values while config.yaml named
+    others. The new values are now written with the first checkpoint that uses them. And
+    train_seconds adds up the run's sessions (it held the last session's time alone)."""
+    config = make_config(out_dir, "config-sync")
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(Interrupt("iteration", 2),))
+    run_dir = Path(config.output.dir) / config.output.name
+    first = load_checkpoint(run_dir / "checkpoint.pt").metrics["train_seconds"]
+    assert first > 0
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workflow, "save_checkpoint", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            workflow.train(None, resume=run_dir, figures=False,
+                           overrides=["train.em.max_iter=6"])
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    assert load_config(run_dir / "config.yaml") == saved.run_config
+    assert saved.run_config.train.em.max_iter == EM_ITERATIONS
+    finished = workflow.train(None, resume=run_dir, figures=False)
+    assert finished.metrics["iterations"] == EM_ITERATIONS
+    assert load_config(run_dir / "config.yaml") == load_checkpoint(
+        run_dir / "checkpoint.pt").run_config
+    assert finished.metrics["train_seconds"] > first
+
+
 def test_sgd_epochs_change_on_resume_only_where_it_continues_the_same_run(out_dir):
     # A finished run returned its best epoch; cosine (the config's schedule) is laid out over
     # the saved epochs: both would give another model than an uninterrupted longer run.
