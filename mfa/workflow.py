@@ -176,6 +176,9 @@ def train(
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.run_config is None:
             raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
+        if ckpt.trainer_state is None:  # (a fit would start over and overwrite the file)
+            raise ValueError(f"{ckpt_path} holds no trainer state (a model saved on its own), "
+                             "so there is nothing to resume; train a new run from its config")
         config = absolute_data_root(
             apply_overrides(ckpt.run_config if config is None else config, overrides))
         changed = check_resume_changes(ckpt.run_config, config)
@@ -281,6 +284,11 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     mc = config.model
     if ckpt is not None:
         model = ckpt.model.to(device)
+        shape = (model.n_components, model.n_factors, model.noise)
+        if config.train.method != "hierarchical" and shape != (mc.n_components, mc.n_factors,
+                                                               mc.noise):
+            raise CheckpointError(f"checkpoint {ckpt.path} holds a model with (K, L, noise) "
+                                  f"= {shape}, but its run config says {mc}")
         if model.n_features != data.n_features:
             raise ValueError(
                 f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
@@ -323,9 +331,8 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
 
 def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | None,
            figures: bool, callbacks: tuple = (), config_changed: bool = False):
-    """Fit, evaluate and save. ``config_changed``: a resume with new values, whose
-    ``config.yaml`` is rewritten with its first checkpoint (before it, a stopped resume left
-    a config.yaml describing values the checkpoint was never trained with)."""
+    """Fit, evaluate, save; ``config_changed``: a resume's new values, written to config.yaml
+    with its first checkpoint (a resume stopped before it keeps the checkpoint's)."""
     data, model, trainer = setup.data, setup.model, setup.trainer
     logger.info("run folder %s; device %s", run_dir, setup.device)
     logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)

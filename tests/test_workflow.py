@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mfa import workflow
-from mfa.checkpoint import load_checkpoint
+from mfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import apply_overrides, load_config, save_config
 from mfa.data import load_dataset
 from mfa.model import MixtureOfFactorAnalyzers
@@ -414,6 +414,28 @@ def test_resume_refuses_changes_to_what_the_run_computes(em_run, override, key):
     with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming"):
         workflow.train(None, resume=em_run.run_dir, overrides=[override], figures=False)
     assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_of_a_checkpoint_without_trainer_state_or_of_another_model_is_refused(
+        em_run, tmp_path):
+    """A checkpoint holding a model and its run config but no trainer state was 'resumed' by
+    a fresh K-means start that overwrote it, silently; one whose model disagrees with its
+    run config (K, L, noise) trained the model the config did not describe."""
+    saved = load_checkpoint(em_run.run_dir / "checkpoint.pt")
+    run_dir = tmp_path / "model-only"
+    run_dir.mkdir()
+    save_config(saved.run_config, run_dir / "config.yaml")
+    save_checkpoint(run_dir / "checkpoint.pt", saved.model, run_config=saved.run_config)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds no trainer state .* nothing to resume"):
+        workflow.train(None, resume=run_dir, figures=False)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    other = MixtureOfFactorAnalyzers(5, saved.model.n_features, 2)
+    save_checkpoint(run_dir / "checkpoint.pt", other, run_config=saved.run_config,
+                    trainer_state=saved.trainer_state, metrics=saved.metrics)
+    with pytest.raises(CheckpointError, match=r"holds a model with \(K, L, noise\) = \(5, 2, "
+                                              r"'diagonal'\), but its run config says"):
+        workflow.train(None, resume=run_dir, figures=False)
 
 
 def test_resume_of_a_checkpoint_file_outside_its_run_folder_is_refused(em_run, tmp_path):
