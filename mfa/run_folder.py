@@ -202,7 +202,16 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     the saved epochs). The finished stages
     of a hierarchical run were fitted with the saved EM settings: none of those may change."""
     state = ckpt.trainer_state or {}
-    if config.train.method == "hierarchical":
+    method = config.train.method
+    used = {"em": ("train.em.",), "sgd": ("train.sgd.",)}.get(
+        method, ("train.em.", "train.hierarchical."))
+    for key in changed:  # accepted, logged, saved: and ignored by the run's trainer
+        if key.startswith(("train.em.", "train.sgd.", "train.hierarchical.")) and (
+                not key.startswith(used)):
+            raise ValueError(f"cannot change {key} when resuming: this run trains with "
+                             f"train.method={method}, which reads "
+                             f"{' and '.join(u + '*' for u in used)} only")
+    if method == "hierarchical":
         for key in changed:
             if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
                     (".progress", ".checkpoint_every")):

@@ -416,6 +416,19 @@ def test_resume_refuses_changes_to_what_the_run_computes(em_run, override, key):
     assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("override", ["train.sgd.epochs=50", "train.sgd.progress=true",
+                                      "train.hierarchical.root_em.progress=true"])
+def test_resume_refuses_settings_of_a_trainer_the_run_does_not_use(em_run, override):
+    """They were accepted, logged as new values and saved in config.yaml, and did nothing."""
+    before = (em_run.run_dir / "checkpoint.pt").read_bytes()
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming: this "
+                                         r"run trains with train.method=em, which reads "
+                                         r"train.em.\* only"):
+        workflow.train(None, resume=em_run.run_dir, overrides=[override], figures=False)
+    assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
+
+
 def test_resume_of_a_checkpoint_without_trainer_state_or_of_another_model_is_refused(
         em_run, tmp_path):
     """A checkpoint holding a model and its run config but no trainer state was 'resumed' by
