@@ -377,7 +377,14 @@ class HierarchicalTrainer:
             path = folder / f"child-{k:05d}.pt" if folder is not None else None
             trainer = None
             if path is not None and path.exists():
-                child, _ = self._load(path, f"child {k}", n_features, dtype)
+                child, state = self._load(path, f"child {k}", n_features, dtype)
+                found = (state.get("component"), state.get("rows"), child.n_components)
+                if found != (k, rows_k, n_k or 1):  # (swapped files gave another model)
+                    raise ValueError(
+                        f"{path} holds the child of root component {found[0]} ({found[1]} "
+                        f"rows, {found[2]} components), not that of component {k} ({rows_k} "
+                        f"rows, {n_k or 1}): the folder's files were renamed or mixed; use it "
+                        "as written or an empty checkpoint_dir")
                 resumed = True
             else:
                 resumed = False

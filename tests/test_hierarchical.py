@@ -255,6 +255,21 @@ def test_resume_refuses_another_config_or_other_data(data, tmp_path):
         HierarchicalTrainer(config()).fit(data[0][:500], checkpoint_dir=tmp_path)
 
 
+def test_resume_refuses_child_files_swapped_between_components(data, tmp_path):
+    """Each child file records its component and rows; swapped files were loaded into the
+    other components' places and gave another model, silently."""
+    HierarchicalTrainer(config()).fit(data[0], checkpoint_dir=tmp_path)
+    (tmp_path / "model.pt").unlink()
+    a, b = tmp_path / "child-00000.pt", tmp_path / "child-00001.pt"
+    a.rename(tmp_path / "swap.pt")
+    b.rename(a)
+    (tmp_path / "swap.pt").rename(b)
+    with pytest.raises(ValueError, match=r"child-00000.pt holds the child of root component "
+                                         r"1 \(\d+ rows, \d+ components\), not that of "
+                                         r"component 0"):
+        HierarchicalTrainer(config()).fit(data[0], checkpoint_dir=tmp_path)
+
+
 def test_resume_with_data_of_another_dtype_is_refused_before_training(data, tmp_path):
     def kill(trainer, record):
         if record["stage"] == "child":
