@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -60,24 +59,14 @@ def _data_only(overrides: list[str] | None, flag: str) -> None:
                          f"is used as it is), got {', '.join(other)}")
 
 
-#: The data settings a command on a trained run may change: where the files are and how many
-#: of each split's images it reads (a seeded subset of the same split).
-RUN_DATA_KEYS = ("root", "download", "num_workers", "limit")
-
-
 def _same_split(saved, config) -> None:
-    """Refuse data settings that would change which images are in each split or how they
-    are read: scores on the "test" split would then include images the model trained on."""
-    changed = [f"data.{f.name}" for f in dataclasses.fields(saved.data)
-               if f.name not in RUN_DATA_KEYS
-               and getattr(saved.data, f.name) != getattr(config.data, f.name)]
-    if changed:
-        allowed = ", ".join(f"data.{key}" for key in RUN_DATA_KEYS)
-        raise SystemExit(
-            f"error: --set {', '.join(changed)} would change which images the run's splits "
-            "hold or how they are read, so the scores would not be those of the data the run "
-            f"was trained and held out on (its test split could hold training images); here "
-            f"--set may change {allowed} only")
+    """:func:`mfa.run_folder.check_same_split`, as the command's error."""
+    from mfa.run_folder import check_same_split
+
+    try:
+        check_same_split(saved, config)
+    except ValueError as error:
+        raise SystemExit(f"error: --set {error}") from None
 
 
 def _image_out(out: str) -> Path:

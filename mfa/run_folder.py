@@ -22,9 +22,11 @@ __all__ = [
     "CHECKPOINT_NAME",
     "FAILED_NAME",
     "RESUME_SAFE_KEYS",
+    "RUN_DATA_KEYS",
     "attach_log",
     "check_can_extend",
     "check_resume_changes",
+    "check_same_split",
     "clean_up_failed",
     "free_path",
     "make_run_dir",
@@ -80,6 +82,27 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
                 "figures and the data location"
             )
     return changed
+
+
+#: The data settings a command on a trained run may change: where the files are and how many
+#: of each split's images it reads (a seeded subset of the same split).
+RUN_DATA_KEYS = ("root", "download", "num_workers", "limit")
+
+
+def check_same_split(saved: RunConfig, config: RunConfig) -> None:
+    """Refuse data settings of ``config`` that would change which images are in each of the
+    ``saved`` run's splits or how they are read: scores on the "test" split would then
+    include images the model trained on (ValueError naming the keys)."""
+    changed = [f"data.{f.name}" for f in dataclasses.fields(saved.data)
+               if f.name not in RUN_DATA_KEYS
+               and getattr(saved.data, f.name) != getattr(config.data, f.name)]
+    if changed:
+        allowed = ", ".join(f"data.{key}" for key in RUN_DATA_KEYS)
+        raise ValueError(
+            f"{', '.join(changed)} would change which images the run's splits hold or how "
+            "they are read, so the scores would not be those of the data the run was trained "
+            f"and held out on (its test split could hold training images); of the data "
+            f"settings only {allowed} may differ from the run's")
 
 
 def free_path(path: Path, companions: tuple[str, ...] = ()) -> Path:

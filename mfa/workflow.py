@@ -34,13 +34,7 @@ import torch
 
 from mfa import distributed, viz
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from mfa.config import (
-    RunConfig,
-    apply_overrides,
-    load_config,
-    resolve_device,
-    save_config,
-)
+from mfa.config import RunConfig, apply_overrides, load_config, resolve_device, save_config
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.figures import inpaint, outliers, sample, visualize
@@ -56,6 +50,7 @@ from mfa.run_folder import (
     attach_log,
     check_can_extend,
     check_resume_changes,
+    check_same_split,
     clean_up_failed,
     free_path,
     make_run_dir,
@@ -341,14 +336,14 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
             "pools": data.metadata.get("pools")}  # (check_same_pools)
     # The fit's wall time over the run's sessions: the resumed checkpoint's, plus this one's.
     earlier = float((ckpt.metrics or {}).get("train_seconds", 0.0)) if ckpt is not None else 0.0
-    config_pending = [config_changed]
 
     def save(model_, trainer_state, metrics):
+        nonlocal config_changed
         save_checkpoint(run_dir / CHECKPOINT_NAME, model_, run_config=config,
                         trainer_state=trainer_state, metrics=metrics)
-        if config_pending[0]:
+        if config_changed:
             save_config(config, run_dir / "config.yaml")
-            config_pending[0] = False
+            config_changed = False
 
     def checkpoint(trainer_, model_):
         seconds = earlier + time.perf_counter() - started
@@ -447,7 +442,8 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     the training bins, with real held-out images (``ndb_reference``: the first split other
     than train, else test) as the reference.
 
-    ``config`` names the data (default: the checkpoint's own run config). With
+    ``config`` names the data (default: the checkpoint's own run config; one that would
+    re-split the run's data is refused, :func:`mfa.run_folder.check_same_split`). With
     ``outliers_against`` (a dataset name), ``result["outliers"]`` holds the AUROC and AUPR of
     every score in ``outlier_scores`` for the run's test split against that dataset's test
     split (:func:`mfa.run_outliers.outlier_metrics`); the other dataset is read with the
@@ -456,6 +452,8 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     from mfa.metrics import ndb
 
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    if config is not None and ckpt.run_config is not None:  # (the CLI's --set rule)
+        check_same_split(ckpt.run_config, config)
     config = config or ckpt.run_config
     if config is None:
         raise ValueError(f"{checkpoint} holds no run config: cannot tell which data to load")

@@ -740,6 +740,18 @@ def test_ndb_reference_is_held_out_even_when_train_is_listed_first(em_run):
         assert both[key] == test[key], key
 
 
+def test_evaluate_refuses_a_config_that_re_splits_the_runs_data(em_run):
+    """The CLI refused --set data.seed on a trained run; the library's evaluate(config=...)
+    used it, and its "test" split then held training images, silently."""
+    saved = load_checkpoint(em_run.run_dir / "checkpoint.pt").run_config
+    for override in ("data.seed=1", "data.test_fraction=0.5"):
+        with pytest.raises(ValueError, match=rf"data\.{override[5:].split('=')[0]} would "
+                                             "change which images the run's splits hold"):
+            workflow.evaluate(em_run.run_dir, config=apply_overrides(saved, [override]))
+    same = workflow.evaluate(em_run.run_dir, config=apply_overrides(saved, ["data.limit=100"]))
+    assert math.isfinite(same["test_log_likelihood"])
+
+
 def test_a_relative_data_root_is_saved_resolved(tmp_path, monkeypatch):
     """A relative data.root was saved as typed: from another directory the run's config found
     nothing (or other files at that path)."""
