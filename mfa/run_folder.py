@@ -207,10 +207,22 @@ def resume_checkpoint(resume: str | Path) -> Path:
 def unstarted_run(resume: str | Path) -> Path | None:
     """``resume`` when it is a run folder that holds its ``config.yaml`` but no
     ``checkpoint.pt`` (its process was killed before the first checkpoint, so nothing was
-    cleaned up): there is nothing to continue, and resuming starts it over there."""
+    cleaned up): there is nothing to continue, and resuming starts it over there. A folder
+    that also holds other files (metrics, figures: a finished run whose checkpoint is gone)
+    is refused (ValueError)."""
     path = Path(resume)
     if path.is_dir() and not (path / CHECKPOINT_NAME).exists() and (
             path / "config.yaml").is_file():
+        # What a run writes before its first checkpoint (a hierarchical run's finished
+        # stages are reused); anything else is a finished run's output, which starting over
+        # would replace.
+        results = sorted(p.name for p in path.iterdir()
+                         if p.name not in ("config.yaml", "train.log", FAILED_NAME, "hierarchy"))
+        if results:
+            raise ValueError(
+                f"{path} holds no {CHECKPOINT_NAME} but holds results ({', '.join(results[:5])}"
+                f"): resuming would start the run over and replace them; put its "
+                f"{CHECKPOINT_NAME} back, or train a new run from its config.yaml")
         return path
     return None
 

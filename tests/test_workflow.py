@@ -663,6 +663,15 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(em_ru
     assert resumed.metrics["test_log_likelihood"] == em_run.metrics["test_log_likelihood"]
     log = (run_dir / "train.log").read_text()
     assert log.startswith("started") and "starting the run over from its config" in log
+    # a finished run whose checkpoint was moved away is not started over (it replaced its
+    # metrics, history and figures)
+    (run_dir / "checkpoint.pt").rename(out_dir / "moved.pt")
+    metrics = (run_dir / "metrics.json").read_bytes()
+    with pytest.raises(ValueError, match=r"holds no checkpoint.pt but holds results \(.*"
+                                         r"metrics.json.*\): resuming would start the run over"):
+        workflow.train(None, resume=run_dir, figures=False)
+    assert (run_dir / "metrics.json").read_bytes() == metrics
+    (out_dir / "moved.pt").rename(run_dir / "checkpoint.pt")
     # the same rules as any resume: a change to what the run computes, or to where it
     # lives, is refused
     other = out_dir / "killed-early-2"
