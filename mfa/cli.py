@@ -342,9 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace existing output "
                        "files (else a default name moves on to name-2, … and -o is refused)")
 
-    def with_run(p, needs_data=True):
+    def with_run(p, needs_data=True, seeded=True):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
-        p.add_argument("--seed", type=non_negative_int, default=0)
+        if seeded:  # (visualize draws nothing at random: it offered --seed and ignored it)
+            p.add_argument("--seed", type=non_negative_int, default=0)
         p.add_argument("--scale", type=positive_int, default=2, help="upscaling of saved images")
         overwrite_flag(p)
         if needs_data:
@@ -435,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
-    with_run(p, needs_data=False)
+    with_run(p, needs_data=False, seeded=False)
     p.add_argument("--components", type=int, nargs="+")
     p.add_argument("--factor-scale", type=finite, default=2.0, help="c in μ ± c·A_i")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))

@@ -740,6 +740,13 @@ def test_visualize_refuses_a_factor_scale_that_is_not_finite(run_dir, tmp_path, 
     assert not (tmp_path / "f.png").exists()  # (nan drew an image before)
 
 
+def test_visualize_offers_no_seed(run_dir, tmp_path):
+    """It draws nothing at random: --seed was listed, accepted and ignored."""
+    code, _, stderr = run_cli("visualize", run_dir, "--seed", "1", "-o", tmp_path / "f.png")
+    assert code == 2 and "unrecognized arguments: --seed" in stderr
+    assert not (tmp_path / "f.png").exists()
+
+
 def test_checkpoint_without_run_metadata(run_dir, tmp_path):
     """A bare checkpoint (model only): the image shape must be given, data commands refuse."""
     bare = save_checkpoint(tmp_path / "bare.pt", load_checkpoint(run_dir / "checkpoint.pt").model)
