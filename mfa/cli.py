@@ -23,6 +23,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "embedded-mnist.ya
 SCORE_CHOICES = SCORE_NAMES
 
 
+def _warn_unfinished(ckpt, checkpoint: str) -> None:
+    """A command on an interrupted run says so (it used the last checkpoint's model, e.g. a
+    hierarchical run's root, silently)."""
+    from mfa.run_folder import is_unfinished
+
+    if is_unfinished(ckpt):
+        print(f"warning: {checkpoint} is an unfinished run (stopped before its training "
+              "ended): this uses its last checkpoint's model; continue it with `mfa train "
+              f"--resume {checkpoint}`", file=sys.stderr)
+
+
 def _load_run(checkpoint: str, overrides: list[str]):
     from mfa.checkpoint import load_checkpoint
     from mfa.config import apply_overrides
@@ -30,6 +41,7 @@ def _load_run(checkpoint: str, overrides: list[str]):
 
     _data_only(overrides, "--set")
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    _warn_unfinished(ckpt, checkpoint)
     if ckpt.run_config is None:
         raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")
     config = apply_overrides(ckpt.run_config, overrides) if overrides else ckpt.run_config
@@ -149,6 +161,7 @@ def cmd_sample(args) -> int:
     from mfa.workflow import resolve_checkpoint, sample
 
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    _warn_unfinished(ckpt, args.checkpoint)
     recorded = (ckpt.metrics or {}).get("image_shape")
     if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
         raise SystemExit(f"error: --image-shape {' '.join(map(str, args.image_shape))} "
@@ -262,6 +275,7 @@ def cmd_visualize(args) -> int:
     from mfa.workflow import resolve_checkpoint, visualize
 
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    _warn_unfinished(ckpt, args.checkpoint)
     recorded = (ckpt.metrics or {}).get("image_shape")
     if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
         raise SystemExit(f"error: --image-shape {' '.join(map(str, args.image_shape))} "

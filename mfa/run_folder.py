@@ -29,6 +29,7 @@ __all__ = [
     "check_same_split",
     "clean_up_failed",
     "free_path",
+    "is_unfinished",
     "make_run_dir",
     "resolve_checkpoint",
     "resume_checkpoint",
@@ -103,6 +104,12 @@ def check_same_split(saved: RunConfig, config: RunConfig) -> None:
             "they are read, so the scores would not be those of the data the run was trained "
             f"and held out on (its test split could hold training images); of the data "
             f"settings only {allowed} may differ from the run's")
+
+
+def is_unfinished(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` is a run's checkpoint from before its training ended (an interrupted
+    run): only the final one records the run's metrics (``method`` among them)."""
+    return ckpt.run_config is not None and "method" not in (ckpt.metrics or {})
 
 
 def free_path(path: Path, companions: tuple[str, ...] = ()) -> Path:

@@ -53,6 +53,7 @@ from mfa.run_folder import (
     check_same_split,
     clean_up_failed,
     free_path,
+    is_unfinished,
     make_run_dir,
     resolve_checkpoint,
     resume_checkpoint,
@@ -494,4 +495,6 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             raise ValueError(f"{error} (its settings: CLI --against-set data.KEY=VALUE)") from None
         result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
                                              seed=seed)
+    if is_unfinished(ckpt):  # (an interrupted run: its last checkpoint's model)
+        result["unfinished"] = True
     return result

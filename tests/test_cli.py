@@ -740,6 +740,29 @@ def test_visualize_refuses_a_factor_scale_that_is_not_finite(run_dir, tmp_path, 
     assert not (tmp_path / "f.png").exists()  # (nan drew an image before)
 
 
+def test_commands_on_an_interrupted_run_say_it_is_unfinished(run_dir, tmp_path):
+    """sample, evaluate and the rest used an interrupted run's last checkpoint (a
+    hierarchical run's root, say) without a word."""
+    from mfa import workflow
+
+    def stop(trainer, model, record):
+        if record["iteration"] == 1:
+            raise KeyboardInterrupt
+
+    config = load_config(CONFIG, [*TINY, "train.em.checkpoint_every=1",
+                                  f"output.dir={tmp_path}", "output.name=cut"])
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(stop,))
+    cut = tmp_path / "cut"
+    for argv in (("sample", cut, "-n", "4"), ("visualize", cut), ("evaluate", cut)):
+        code, stdout, stderr = run_cli(*argv)
+        assert code == 0, stderr
+        assert f"warning: {cut} is an unfinished run" in stderr, argv
+    assert json.loads(stdout)["unfinished"] is True
+    code, stdout, stderr = run_cli("evaluate", run_dir)  # a finished run: no such word
+    assert code == 0 and "unfinished" not in stderr + stdout
+
+
 def test_visualize_offers_no_seed(run_dir, tmp_path):
     """It draws nothing at random: --seed was listed, accepted and ignored."""
     code, _, stderr = run_cli("visualize", run_dir, "--seed", "1", "-o", tmp_path / "f.png")
