@@ -24,8 +24,7 @@ SCORE_CHOICES = SCORE_NAMES
 
 
 def _warn_unfinished(ckpt, checkpoint: str) -> None:
-    """A command on an interrupted run says so (it used the last checkpoint's model, e.g. a
-    hierarchical run's root, silently)."""
+    """A command on an interrupted run says so (it used its last checkpoint silently)."""
     from mfa.run_folder import is_unfinished
 
     if is_unfinished(ckpt):
@@ -224,6 +223,7 @@ def _score(name: str | None) -> dict:
 
 
 def cmd_evaluate(args) -> int:
+    from mfa._temporaries import write_text_atomically
     from mfa.workflow import evaluate
 
     _, config, _ = _load_run(args.checkpoint, args.set)
@@ -246,7 +246,7 @@ def cmd_evaluate(args) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:
-        out.write_text(text + "\n")
+        write_text_atomically(out, text + "\n")
         print(out, file=sys.stderr)
     return 0
 
@@ -256,6 +256,12 @@ def cmd_select(args) -> int:
     from mfa.selection import select_run
 
     config_path = args.config or DEFAULT_CONFIG
+    keys = [o.split("=", 1)[0].strip() for o in args.set or []]
+    ignored = [k for k in keys if k in ("model.n_components", "model.n_factors")
+               or (k.startswith("output.") and k != "output.dir")]
+    if ignored:  # (accepted and ignored before)
+        raise SystemExit(f"error: mfa select does not use --set {', '.join(ignored)}: the grid "
+                         "is --components/--factors, and it writes selection.* only (--out)")
     config = load_config(config_path, overrides=args.set or [])
     sweep, paths = select_run(config, args.components, args.factors, args.out,
                               method=args.method, overwrite=args.overwrite)

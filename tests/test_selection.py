@@ -250,6 +250,18 @@ def test_mfa_select_feeds_a_large_set_as_mfa_train_does(tmp_path, monkeypatch, m
     assert seen == [want]
 
 
+@pytest.mark.parametrize("override", ["model.n_components=5", "model.n_factors=3",
+                                      "output.n_samples=4"])
+def test_mfa_select_refuses_settings_it_does_not_use(tmp_path, override):
+    """The grid sets K and L, and a sweep draws no figures: these were accepted and
+    ignored."""
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY, override),
+                              "--components", 2, "--factors", 1, "--out", tmp_path)
+    key = override.split("=")[0]
+    assert code != 0 and f"mfa select does not use --set {key}" in stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
                               "--components", 2, "--factors", 800, "--out", tmp_path)
