@@ -1,9 +1,11 @@
-"""The temporary files of atomic checkpoint writes, and removing those that killed writers left.
+"""The temporary files of atomic writes, and removing those that killed writers left.
 
 :func:`mfa.checkpoint.save_checkpoint` writes to ``.<name>.<pid>.<hex>.tmp`` beside the
 destination (:func:`reserved_temporary`), fsyncs it and renames it over the destination. A
 writer killed outright cannot remove its temporary; :func:`clean_stale_temporaries` removes
-the ones whose writer is gone.
+the ones whose writer is gone. A run's other results (metrics, history, figures, CSV files)
+go through :func:`write_atomically`: an interrupted write leaves the earlier file, never a
+truncated one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "clean_stale_temporaries",
     "fsync_folder",
     "reserved_temporary",
+    "write_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -147,3 +150,23 @@ def fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """``write(temporary)`` to a temporary beside ``path``, then one ``os.replace`` onto it:
+    a write interrupted or failed (Ctrl-C, a full disk) leaves ``path`` as it was. Returns
+    ``path``."""
+    path = Path(path)
+    with reserved_temporary(path) as temporary:
+        try:
+            write(temporary)
+            os.replace(temporary, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+    """:func:`write_atomically` of ``text`` (UTF-8)."""
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))

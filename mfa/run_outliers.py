@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mfa import viz
+from mfa._temporaries import write_atomically
 from mfa.data import ImageData
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES, OutlierScorer, evaluate_outliers, get_score
@@ -105,13 +106,16 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     labels = data.labels(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{name}.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["rank", "index", "score", "log_prob", "label"])
-        for rank, i in enumerate(order.tolist()):
-            label = "" if labels is None else int(labels[i])
-            writer.writerow([rank, i, f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}",
-                             label])
+    def write_csv(temporary: Path) -> None:  # (whole, or the earlier file left as it was)
+        with open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["rank", "index", "score", "log_prob", "label"])
+            for rank, i in enumerate(order.tolist()):
+                label = "" if labels is None else int(labels[i])
+                writer.writerow([rank, i, f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}",
+                                 label])
+
+    write_atomically(csv_path, write_csv)
     worst = order[: min(n, order.numel())]
     images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
     png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mfa._temporaries import write_atomically, write_text_atomically
 from mfa._validation import check_positive_int
 from mfa.metrics import bits_per_dim, select_model
 from mfa.training import check_reiterable
@@ -95,16 +96,19 @@ class SelectionSweep:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"{stem}.{ext}" for ext in ("csv", "md", "json", "png")]
-        with open(paths[0], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({key: row[key] for key in COLUMNS} for row in self.rows)
-        paths[1].write_text(self.table(markdown=True) + "\n")
+        def write_csv(temporary: Path) -> None:
+            with open(temporary, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS)
+                writer.writeheader()
+                writer.writerows({key: row[key] for key in COLUMNS} for row in self.rows)
+
+        write_atomically(paths[0], write_csv)  # (each file whole or as it was)
+        write_text_atomically(paths[1], self.table(markdown=True) + "\n")
         record = {**(metadata or {}), "n_features": self.n_features,
                   "best_by_val": {"K": self.best_by_val["K"], "L": self.best_by_val["L"]},
                   "best_by_bic": {"K": self.best_by_bic["K"], "L": self.best_by_bic["L"]},
                   "rows": [{key: row[key] for key in COLUMNS} for row in self.rows]}
-        paths[2].write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomically(paths[2], json.dumps(record, indent=2) + "\n")
         self.plot(paths[3])
         return paths
 
@@ -141,7 +145,8 @@ class SelectionSweep:
         figure.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        image_format = path.suffix[1:].lower() or "png"
+        write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format))
         return path
 
 

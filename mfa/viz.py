@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from mfa._temporaries import write_atomically
 from mfa.data import check_image_shape, to_images, to_rows
 
 if TYPE_CHECKING:
@@ -165,9 +166,12 @@ def upscale(image: Image.Image, scale: int) -> Image.Image:
 def save_image(image: Image.Image, path: str | os.PathLike[str], *, scale: int = 1) -> Path:
     """Save a PIL image (format from the suffix, e.g. ``.png``), creating parent folders."""
     path = Path(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:  # (the temporary's suffix would hide PIL's own error)
+        raise ValueError(f"unknown image file extension: {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    upscale(image, scale).save(path)
-    return path
+    image = upscale(image, scale)
+    return write_atomically(path, lambda temporary: image.save(temporary, format=image_format))
 
 
 def save_image_grid(
@@ -416,5 +420,6 @@ def plot_training_curve(
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    image_format = path.suffix[1:].lower() or "png"  # (matplotlib's default)
+    write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format))
     return path

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from mfa import distributed, viz
+from mfa._temporaries import write_text_atomically
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import RunConfig, apply_overrides, load_config, resolve_device, save_config
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
@@ -200,8 +201,7 @@ def train(
                                "run over from its config", run_dir, CHECKPOINT_NAME)
             if changed:
                 logger.info("resumed with new values for %s", ", ".join(changed))
-            return _train(config, run_dir, setup, ckpt, figures, callbacks,
-                          config_changed=bool(changed))
+            return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
         finally:
             if handler is not None:
                 logging.getLogger("mfa").removeHandler(handler)
@@ -366,8 +366,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
         metrics["n_components"] = model.n_components
     metrics.update(evaluate_model(model, data, ("train", "val", "test")))
     save(model, trainer.state_dict(), metrics)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    (run_dir / "history.json").write_text(json.dumps(trainer.history, indent=2) + "\n")
+    write_text_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomically(run_dir / "history.json", json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)
     if config.output.plot and trainer.history and config.train.method != "hierarchical":
         viz.plot_training_curve(trainer.history, run_dir / "curve.png",

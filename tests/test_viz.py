@@ -16,6 +16,7 @@ from mfa.viz import (
     plot_training_curve,
     rows_to_images,
     sample_grid,
+    save_image,
     save_image_grid,
 )
 
@@ -249,3 +250,34 @@ def test_plot_does_not_touch_pyplot(tmp_path):
     had_pyplot = "matplotlib.pyplot" in sys.modules
     plot_training_curve([{"iteration": 1, "train_log_likelihood": 1.0}], tmp_path / "c.png")
     assert ("matplotlib.pyplot" in sys.modules) == had_pyplot
+
+
+def test_an_interrupted_save_leaves_the_earlier_file(tmp_path, monkeypatch):
+    """Figures were written in place: Ctrl-C (or a full disk) during an --overwrite left a
+    truncated PNG. Now the earlier file stays whole and no temporary is left behind."""
+    path = tmp_path / "grid.png"
+    save_image(Image.new("L", (4, 4), 200), path)
+    before = path.read_bytes()
+
+    def interrupted(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_image(Image.new("L", (4, 4), 0), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    save_image(Image.new("L", (4, 4), 0), path, scale=2)
+    assert Image.open(path).size == (8, 8)
+    with pytest.raises(ValueError, match="unknown image file extension: 'grid.xyz'"):
+        save_image(Image.new("L", (4, 4), 0), tmp_path / "grid.xyz")
+
+
+def test_training_curve_is_written_whole(tmp_path):
+    path = plot_training_curve([{"iteration": 1, "train_log_likelihood": 1.0}],
+                               tmp_path / "curve.png")
+    assert Image.open(path).format == "PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
