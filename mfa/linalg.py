@@ -314,3 +314,18 @@ def logsumexp(x: Tensor, dim: int = -1) -> Tensor:
     # as torch's.
     out = summed.log() + top.squeeze(dim)
     return torch.where(torch.isneginf(peak.squeeze(dim)), torch.full_like(out, -math.inf), out)
+
+
+def latent_posterior_means(proj: Tensor, chol: Tensor) -> Tensor:
+    """``E[z | x, k] = M⁻¹ Aᵀ D⁻¹ (x − μ) = C⁻ᵀ (B (x − μ))`` from ``proj = B(x − μ)``.
+
+    Args:
+        proj: ``[n, K, L]``; chol: ``C`` ``[K, L, L]``.
+
+    Returns:
+        ``[n, K, L]``.
+    """
+    # Solve Cᵀ e = proj for every row: move rows last so each component is one solve.
+    rhs = proj.permute(1, 2, 0)  # [K, L, n]
+    sol = torch.linalg.solve_triangular(chol.mT, rhs, upper=True)
+    return sol.permute(2, 0, 1)

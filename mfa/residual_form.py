@@ -146,10 +146,10 @@ def near_top_pairs(
 
 
 def _pairs(near: Tensor, cancelled: Tensor, skip: Tensor | None,
-           every: bool) -> tuple[Tensor, Tensor]:
+           every: bool, tolerance: float = CANCELLATION_TOLERANCE) -> tuple[Tensor, Tensor]:
     """:func:`near_top_pairs` from its window ``near`` [n, K] (bool, overwritten)."""
     if not every:
-        near &= cancelled.detach() * torch.finfo(cancelled.dtype).eps > CANCELLATION_TOLERANCE
+        near &= cancelled.detach() * torch.finfo(cancelled.dtype).eps > tolerance
     if skip is not None:
         near &= ~skip
     comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
@@ -171,7 +171,8 @@ def _near_top(log_joint: Tensor, diag_quad: Tensor, cancelled: Tensor, slack: fl
 def refine_woodbury_near_top(
     log_joint: Tensor, log_scale: Tensor, xc: Tensor, means: Tensor, inv_noise: Tensor,
     factors: Tensor, capacitance_chol: Tensor, whitened_residual: Tensor, diag_quad: Tensor,
-    slack: float = 0.0, every: bool = False,
+    slack: float = 0.0, every: bool = False, tolerance: float = CANCELLATION_TOLERANCE,
+    ill_in_float64: bool = True,
 ) -> Tensor:
     """``log_joint`` [n, K] with the entries of :func:`near_top_pairs` recomputed from
     :func:`residual_mahalanobis` as ``log_scale − ½ (x−μ)ᵀ Σ⁻¹ (x−μ)``. Differentiable.
@@ -189,6 +190,10 @@ def refine_woodbury_near_top(
         factors: ``A`` ``[K, D, L]``; capacitance_chol: ``C`` ``[K, L, L]``;
         whitened_residual: ``w = C⁻¹AᵀD⁻¹(x−μ)`` ``[n, K, L]``; diag_quad: ``[n, K]``;
         slack: nats; every: see above.
+        tolerance: the predicted rounding ``ε·‖w‖²`` (nats) below which an entry is left as
+            it is (:data:`CANCELLATION_TOLERANCE`); ill_in_float64: ``False`` leaves the
+            ill-conditioned components to the caller (the E-step's
+            :mod:`mfa.exact_components`).
     """
     # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate; 0 for a
     # component of weight 0 (its NaN, −inf − −inf, poisoned every row's window)
@@ -201,12 +206,12 @@ def refine_woodbury_near_top(
     near = _near_top(log_joint, diag_quad, cancelled, slack, inflation)
     predicted = inflation.square().to(cancelled.dtype) * cancelled  # [n, K]
     ill = (near & (predicted > ILL_CONDITIONED_ERROR)).any(0)  # [K]
-    if bool(ill.any()):
+    if ill_in_float64 and bool(ill.any()):
         log_joint = _ill_conditioned_in_float64(log_joint, log_scale, xc, means, inv_noise,
                                                 factors, capacitance_chol, ill)
         # their float64 entries may move a row's top: the window again
         near = _near_top(log_joint, diag_quad, cancelled, slack, inflation)
-    rows, comps = _pairs(near, cancelled, ill, every)
+    rows, comps = _pairs(near, cancelled, ill if ill_in_float64 else None, every, tolerance)
     if rows.numel() == 0:
         return log_joint
     # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
@@ -243,3 +248,28 @@ def _ill_conditioned_in_float64(
     maha = woodbury_mahalanobis(diagonal_quadratic(xc64, mu64, inv64, False), proj)
     exact = scale64 - 0.5 * maha.clamp_min(0.0)  # [n, K']
     return log_joint.index_copy(1, which, exact.to(log_joint.dtype))
+
+
+def refine_e_step_chunk(log_joint: Tensor, offset: Tensor, xc: Tensor, terms,
+                        proj: Tensor, diag_quad: Tensor) -> Tensor:
+    """:func:`refine_woodbury_near_top` in the E-step's layout (rows last): ``log_joint``
+    ``[K, n]``, ``offset`` ``log w + log_norm`` ``[K, 1]``, ``xc`` ``[n, D]``, ``terms`` the
+    pass's :class:`mfa._terms.ComponentTerms` (with factors), ``proj`` ``B(x − μ)``
+    ``[K, L, n]``, ``diag_quad`` ``[K, n]`` → ``[K, n]``. Without it the E-step's
+    log-densities kept the Woodbury form's rounding: on pixel-like rows (noise 1e-6 under
+    loadings of 0.3) the recorded log-likelihood was 0.2–0.3 nats a row off and the MAP
+    objective fell in 9 of 20 iterations. Only entries whose predicted rounding exceeds
+    :data:`E_STEP_TOLERANCE` are recomputed (ill-conditioned components are the E-step's
+    float64 share already)."""
+    out = refine_woodbury_near_top(
+        log_joint.T, offset.squeeze(-1), xc, terms.means, terms.inv_noise, terms.factors,
+        terms.capacitance_chol, proj.permute(2, 0, 1), diag_quad.T, slack=8.0 * terms.rounding,
+        every=terms.refine, tolerance=E_STEP_TOLERANCE, ill_in_float64=False)
+    return out.T.contiguous()
+
+
+#: The E-step's :data:`CANCELLATION_TOLERANCE` (nats): its sums average the rounding of many
+#: rows, and recomputing every entry above 1e-4 cost +32 % an E-step on a Fashion-MNIST model
+#: (50,000 rows, K = 50, L = 6, noise at 1e-6; 54 % of the rows' top entries) for a
+#: log-likelihood per row already within 2e-4 of float64's; above 1e-2, 0.04 % of the rows.
+E_STEP_TOLERANCE = 1e-2

@@ -22,8 +22,10 @@ Rows run along the last dimension of every ``[K, n]``/``[K, L, n]`` intermediate
 copies) and each batch is processed in chunks of :data:`CHUNK_ROWS` rows so the ``[rows, D]``
 intermediates stay in the cache.
 
-The precision modes (``EMConfig.stats_dtype``), which choose the dtype of each sum, are
-described in :mod:`mfa.precision`.
+The precision modes (``EMConfig.stats_dtype``, the dtype of each sum): :mod:`mfa.precision`.
+Below float64, the log-densities near each row's top are recomputed in the residual form
+(:func:`mfa.residual_form.refine_e_step_chunk`), as :meth:`MixtureOfFactorAnalyzers.log_prob`
+does.
 
 ``exp`` of the log-joint is taken at arguments no lower than :func:`mfa.linalg.exp_floor`
 (``exp`` of a result below the smallest normal number runs ~10× slower on CPUs, and the
@@ -42,10 +44,11 @@ from torch import Tensor
 from mfa import linalg
 from mfa._terms import ComponentTerms
 from mfa.exact_components import ExactComponents
-from mfa.linalg import diagonal_quadratic
+from mfa.linalg import diagonal_quadratic, latent_posterior_means  # noqa: F401 (its home was here)
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.owner_sums import Pairs, owner_sums, significant_pairs
 from mfa.priors import Prior
+from mfa.residual_form import refine_e_step_chunk
 
 #: Rows per chunk of :func:`accumulate_statistics` (the ``[rows, D]`` intermediates stay in
 #: cache; 2,048 beat 1,024 by 4 % on Fashion-MNIST at K=50, L=6 on 1 and 2 Xeon threads).
@@ -80,21 +83,6 @@ class SufficientStatistics:
             if f.name != "reference"
         }
         return SufficientStatistics(reference=self.reference, **summed)
-
-
-def latent_posterior_means(proj: Tensor, chol: Tensor) -> Tensor:
-    """``E[z | x, k] = M⁻¹ Aᵀ D⁻¹ (x − μ) = C⁻ᵀ (B (x − μ))`` from ``proj = B(x − μ)``.
-
-    Args:
-        proj: ``[n, K, L]``; chol: ``C`` ``[K, L, L]``.
-
-    Returns:
-        ``[n, K, L]``.
-    """
-    # Solve Cᵀ e = proj for every row: move rows last so each component is one solve.
-    rhs = proj.permute(1, 2, 0)  # [K, L, n]
-    sol = torch.linalg.solve_triangular(chol.mT, rhs, upper=True)
-    return sol.permute(2, 0, 1)
 
 
 def whitened_to_latent(
@@ -265,12 +253,14 @@ def _chunk_sums(
     proj = lin[k:].view(k, n_lat, n).sub_(terms.whitened_means.unsqueeze(-1))  # B(x − μ) [K, L, n]
     proj_sq = (proj * proj).sum(1)  # [K, n]
     offset = (terms.log_weights + terms.log_norm).unsqueeze(-1)  # [K, 1]
-    if terms.refine:  # the entries near each row's top, recomputed directly
+    residual = n_lat and terms.factors is not None and x.dtype != torch.float64
+    if terms.refine and not residual:  # the entries near each row's top, recomputed directly
         estimate = offset - 0.5 * (diag_quad - proj_sq)
         diag_quad = linalg.refine_near_top(diag_quad.T, estimate.T, xc, terms.means,
                                            terms.inv_noise, terms.rounding).T
-    maha = diag_quad - proj_sq  # Woodbury  [K, n]
-    log_joint = offset - 0.5 * maha.clamp_min_(0.0)
+    log_joint = offset - 0.5 * (diag_quad - proj_sq).clamp_min_(0.0)  # Woodbury  [K, n]
+    if residual:  # (which recomputes the diagonal form too, where terms.refine)
+        log_joint = refine_e_step_chunk(log_joint, offset, xc, terms, proj, diag_quad)
     if exact is not None:
         exact_joint, exact_proj, exact_xc = exact.log_joint(x)
         log_joint.index_copy_(0, exact.index, exact_joint.to(log_joint.dtype))

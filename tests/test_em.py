@@ -1064,3 +1064,42 @@ def test_resumed_max_iter_may_change_only_within_the_first_restart():
     with pytest.raises(ValueError, match="earlier ones ran with max_iter=3"):
         EMTrainer(EMConfig(max_iter=6, n_init=2, progress=False,
                            checkpoint_every=1)).load_state_dict(later)
+
+
+@pytest.mark.parametrize("stats_dtype", ["auto", "precise", "float32"])
+def test_float32_e_step_records_the_log_likelihood_at_image_signal_to_noise(stats_dtype):
+    """Pixel-like rows (means 0.4-0.6, loadings of 0.3, noise variances at 1e-6), a float32
+    model: the E-step's recorded log-likelihood matches a dense float64 MultivariateNormal of
+    the same parameters. Its log-densities kept the Woodbury form's rounding (no residual
+    form, unlike log_prob): 0.2-0.3 nats a row off, and the MAP objective fell by as much."""
+    g = gen(0)
+    k, d, lat, n = 2, 20, 2, 500
+    means = 0.4 + 0.2 * torch.rand(k, d, generator=g, dtype=torch.float64)
+    loadings = 0.3 * torch.randn(k, d, lat, generator=g, dtype=torch.float64)
+    noise = torch.full((k, d), 1e-6, dtype=torch.float64)
+    comp = torch.randint(0, k, (n,), generator=g)
+    x = (means[comp] + (loadings[comp] @ torch.randn(n, lat, 1, generator=g,
+                                                     dtype=torch.float64)).squeeze(-1)
+         + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+
+    def exact(model):  # mean log p per row of a float64 copy, by dense Gaussians
+        w, mu, a, psi = (t.detach().double() for t in (model.weights, model.means,
+                                                       model.factor_loadings,
+                                                       model.noise_variance))
+        joint = torch.stack([w[j].log() + MultivariateNormal(
+            mu[j], a[j] @ a[j].T + torch.diag(psi[j])).log_prob(x.double()) for j in range(k)])
+        return torch.logsumexp(joint, 0).mean().item()
+
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5]), means.float(), loadings.float(), 3 * noise.float(),
+        min_noise=1e-9)
+    scores = [exact(model)]
+    trainer = EMTrainer(EMConfig(max_iter=8, tol=0.0, patience=0, noise_prior_strength=0.0,
+                                 init="none", variance_floor=1e-9, stats_dtype=stats_dtype,
+                                 progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, callbacks=[lambda t, m, r: scores.append(exact(m))])
+    recorded = [r["train_log_likelihood"] for r in trainer.history]
+    errors = [abs(r - s) for r, s in zip(recorded, scores[:-1], strict=True)]
+    assert max(errors) < 0.01, errors
