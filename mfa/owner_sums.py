@@ -66,7 +66,8 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
     ``work_dtype`` (default ``dtype``) and their sums are moved to ``c`` in ``dtype``:
     float32 products (the ``"centred32"`` mode) still lose a noise variance that the
     loadings' variance dwarfs (measured 5.8e-4 relative on the tests' high signal-to-noise
-    case, against 6e-6 in float64), at about 60 % of the float64 products' time.
+    case, against 6e-6 in float64), at about 60 % of the float64 products' time; the pairs
+    of components sharper than :data:`SHARP_LIMIT` allows are summed in ``dtype``.
 
     Args:
         x: the batch ``[n, D]``; terms: the pass's terms; pairs: the chunks'
@@ -77,14 +78,47 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
         The seven sums of :func:`mfa.statistics.accumulate_statistics`'s chunks (log-likelihood
         0), in ``dtype``.
     """
-    k, n_lat, d = terms.whitened.shape
     owner = torch.cat([o[0] for o in pairs])  # [P]
     rows = torch.cat([o[1] for o in pairs])  # [P]
     own = torch.cat([o[2] for o in pairs]).to(dtype)  # [P]
     p_own = torch.cat([o[3] for o in pairs], dim=1).to(dtype)  # [L, P]
-    if x.device.type != "cpu":
-        return scattered_owner_sums(x, terms, owner, own, p_own, dtype, rows, work_dtype)
     work = dtype if work_dtype is None else work_dtype
+    sums = scattered_owner_sums if x.device.type != "cpu" else _looped_owner_sums
+    risky = _too_sharp_for(work, terms) if work != dtype else None
+    if risky is None or not bool(risky.any()):
+        return sums(x, terms, owner, own, p_own, dtype, rows, work)
+    # The pairs of components too sharp for `work` in dtype, the rest in `work`.
+    at_risk = risky.index_select(0, owner)  # [P]
+    parts = [sums(x, terms, owner[keep], own[keep], p_own[:, keep], dtype, rows[keep], w)
+             for keep, w in ((~at_risk, work), (at_risk, dtype))]
+    return [a + b for a, b in zip(*parts, strict=True)]
+
+
+#: ``ε·max_j |a_kj|²/d_kj`` (``ε`` of the products' dtype) above which a component's pairs
+#: are summed in float64 even in ``"centred32"``: the noise update subtracts two sums of
+#: size ``|a_j|² + d_j`` to get ``d_j``, and float32 products erred by about
+#: ``100·ε·|a|²/d`` relative (1.2e-2 at ``ε·|a|²/d`` = 1e-4; at 1e-2, pixel-like rows with
+#: noise 1e-6 under loadings of 0.3, the noise variances ran down to the floor in 20
+#: iterations).
+SHARP_LIMIT = 1e-5
+
+
+def _too_sharp_for(work: torch.dtype, terms: ComponentTerms) -> Tensor | None:
+    """``[K]`` bool: the components whose pair sums lose more than :data:`SHARP_LIMIT` in
+    ``work`` (``None`` without factors)."""
+    if terms.factors is None:
+        return None
+    explained = terms.factors.detach().square().sum(-1)  # [K, D]
+    sharpness = (explained * terms.inv_noise.detach()).amax(-1)  # [K]
+    return torch.finfo(work).eps * sharpness > SHARP_LIMIT
+
+
+def _looped_owner_sums(x: Tensor, terms: ComponentTerms, owner: Tensor, own: Tensor,
+                       p_own: Tensor, dtype: torch.dtype, rows: Tensor, work: torch.dtype
+                       ) -> list[Tensor]:
+    """:func:`owner_sums` on the CPU: one small product per component and slice of its pairs
+    (arguments as :func:`scattered_owner_sums`)."""
+    k, n_lat, d = terms.whitened.shape
     order = torch.argsort(owner, stable=True)
     rows = rows[order]
     counts = torch.bincount(owner, minlength=k).tolist()

@@ -27,16 +27,23 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   near-identical components) and lies far from ``c`` with a tiny variance gets float32's
   error on that mass.
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
-  kept; the high signal-to-noise case loses ~1e-3).
+  kept; the high signal-to-noise case loses ~1e-3, pixel-like rows with noise at 1e-6 under
+  loadings of 0.3 lose 0.1 in one M-step).
 * ``"centred32"``: ``"centred"``'s form with the pairs' products in float32 (about each
   component's own mean, then moved to ``c`` in float64): far components are kept, the high
-  signal-to-noise case loses ~6e-4 (float32's error on a variance the loadings dwarf). The
+  signal-to-noise case loses ~6e-4 (float32's error on a variance the loadings dwarf); a
+  component sharper than that allows (``ε·max |a_j|²/d_j`` above
+  :data:`mfa.owner_sums.SHARP_LIMIT`) has its pairs in float64: on pixel-like rows with
+  noise at 1e-6 its float32 pairs erred by 1.2 in one M-step and ran the noise variances to
+  the floor (9e-6 now; on a Fashion-MNIST fit, K = 50, 4–9 such components, +2–5 % an
+  E-step). The
   fastest mode on CPUs: the float64 pairs are bound by memory traffic, and float32 halves it
   (Fashion-MNIST 50,000 rows, K=50, L=6: the pair sums 0.113 → 0.070 s an E-step on one
   thread; an EM iteration at 0.99× the FLOP limit on one thread, 1.19–1.25× on two, against
   1.11× and 1.37–1.41× for ``"centred"``; ``docs/benchmarks.md``).
-* ``"float32"``: every product in the data's dtype (loses both cases; on image data the
-  sparse ``"centred"`` forms are faster on CPUs).
+* ``"float32"``: every product in the data's dtype (loses both cases, and 0.4 of the noise
+  variances of the pixel-like rows above; on image data the sparse ``"centred"`` forms are
+  faster on CPUs).
 * ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"centred"`` for float32 models,
   except ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
   exact E-step costs what float32 without TF32 costs (measured on an H200, CelebA-shaped:
