@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -109,11 +110,13 @@ def check_mask(mask: object, name: str, shape: Sequence[int], device) -> Tensor:
 
 
 def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int of at least ``minimum``: an int or a numpy integer (``D`` read
+    from an array's shape or a count), not a bool or a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_int_fields(config: object, minimum: dict[str, int]) -> None:

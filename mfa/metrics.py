@@ -17,6 +17,7 @@ Every function runs on the device of its inputs.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ def bits_per_dim(
     Returns:
         A float (for a float input) or a tensor of the input's shape.
     """
-    check_positive_int(n_dims, "n_dims")
+    n_dims = check_positive_int(n_dims, "n_dims")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
         math.isfinite(scale) and scale > 0
     ):
@@ -189,7 +190,8 @@ def n_parameters(
             ``n_factors`` and ``noise``) or ``K``.
         n_features, n_factors, noise: ``D``, ``L`` and the noise type when ``K`` is given.
     """
-    if not isinstance(model_or_n_components, int) or isinstance(model_or_n_components, bool):
+    if not isinstance(model_or_n_components, numbers.Integral) or isinstance(
+            model_or_n_components, bool):
         model = model_or_n_components
         try:
             k, d, lat = model.n_components, model.n_features, model.n_factors
@@ -203,9 +205,9 @@ def n_parameters(
         k, d, lat = model_or_n_components, n_features, n_factors
         if d is None or lat is None:
             raise TypeError("n_parameters(K, D, L, noise) needs n_features and n_factors")
-    check_positive_int(k, "n_components")
-    check_positive_int(d, "n_features")
-    check_positive_int(lat, "n_factors", minimum=0)
+    k = check_positive_int(k, "n_components")
+    d = check_positive_int(d, "n_features")
+    lat = check_positive_int(lat, "n_factors", minimum=0)
     if lat > d:
         raise ValueError(f"n_factors must be <= n_features ({d}), got {lat}")
     if noise == "diagonal":

@@ -88,12 +88,12 @@ class MixtureOfFactorAnalyzers(nn.Module):
         dtype = dtype or torch.get_default_dtype()
         check_supported_dtype(dtype)
         factory = {"dtype": dtype, "device": device}
-        self.n_components = n_components
-        self.n_features = n_features
-        self.n_factors = n_factors
+        # (ints, also from numpy integers: the checkpoint's metadata must load as primitives)
+        self.n_components, self.n_features = int(n_components), int(n_features)
+        self.n_factors = int(n_factors)
         self.noise = noise
         self.min_noise = float(min_noise)
-        self.chunk_elements = chunk_elements
+        self.chunk_elements = int(chunk_elements)
 
         noise_width = n_features if noise == "diagonal" else 1
         draw_on = generator.device if generator is not None else "cpu"

@@ -60,3 +60,24 @@ def test_config_fields_refuse_huge_ints_and_non_string_devices(make, field):
     reads it as cuda:5) to fail later naming no field; both name the field now."""
     with pytest.raises(ValueError, match=rf"^{re.escape(field)} must be"):
         make().validate()
+
+
+def test_numpy_integers_are_ints_for_sizes_and_counts(tmp_path):
+    """bits_per_dim(ll, x.shape[1]) of a numpy array, a model sized from numpy counts: numpy
+    integers were refused as 'must be an int, got int64'."""
+    import numpy as np
+
+    from mfa import MixtureOfFactorAnalyzers
+    from mfa.checkpoint import load_checkpoint, save_checkpoint
+    from mfa.metrics import bits_per_dim, n_parameters
+
+    assert bits_per_dim(0.0, np.int64(784)) == pytest.approx(8.0)
+    assert n_parameters(np.int32(3), np.int64(10), np.int16(2)) == n_parameters(3, 10, 2)
+    model = MixtureOfFactorAnalyzers(np.int64(2), np.int64(5), np.int64(1))
+    assert type(model.n_components) is int and type(model.n_factors) is int
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model)).model
+    assert loaded.n_components == 2
+    with pytest.raises(TypeError, match="n_dims must be an int, got float"):
+        bits_per_dim(0.0, 784.0)
+    with pytest.raises(TypeError, match="n_dims must be an int, got bool"):
+        bits_per_dim(0.0, np.bool_(True))
