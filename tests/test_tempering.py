@@ -182,6 +182,10 @@ def test_paired_gain_is_the_mean_difference_and_its_standard_error():
     # one row: no standard error (it was 0, and any gain passed the margin)
     mean, error, rows = tempering._paired_gain([diff[:1]], [torch.zeros(1, dtype=F64)], False)
     assert rows == 1 and mean == float(diff[0]) and math.isnan(error)
+    # a large gain beside a small spread: Σd² − n·mean² cancelled (46 % off here)
+    big = 1e4 + 1e-4 * torch.randn(200, generator=g, dtype=F64)
+    mean, error, rows = tempering._paired_gain([big], [torch.zeros(200, dtype=F64)], False)
+    assert error == pytest.approx(float(big.std()) / math.sqrt(200), rel=1e-6)
 
 
 def test_tempered_step_is_not_applied_on_fewer_validation_rows_than_min_rows(monkeypatch):
