@@ -130,15 +130,16 @@ def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: Ima
     """AUROC and AUPR of telling ``other``'s ``split`` (the outliers, positives) from
     ``data``'s ``split`` (the model's own data) with every score in ``scores``.
 
-    ``other`` is scored on the scale of ``data`` (its images are read as ``data`` reads its
-    own: ``pixel/255``, or dequantised with ``other``'s seed).
+    ``other`` must be read as ``data`` reads its own (``pixel/255``, or dequantised, with
+    ``other``'s seed), so both are scored on one scale.
 
     Returns:
         ``{"against": other.name, "split", "n_in", "n_out", "default_score",
         "<score>": {"auroc", "aupr"}, ...}``.
 
     Raises:
-        ValueError: the two image shapes differ, a split is empty, or a score is unknown.
+        ValueError: the two image shapes differ, ``other`` is read on another scale
+            (``dequantize``), a split is empty, or a score is unknown.
     """
     if tuple(other.image_shape) != tuple(data.image_shape):
         raise ValueError(
