@@ -127,3 +127,35 @@ def test_float32_products_are_summed_about_each_mean_and_moved_in_float64():
         torch.testing.assert_close(got[0], reference[0], rtol=1e-12, atol=0)
         torch.testing.assert_close(got[4], reference[4], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(spread(got), spread(reference), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("path", ["loop", "scattered"])
+def test_float32_pairs_of_a_too_sharp_component_are_summed_in_float64(path, monkeypatch):
+    """``"centred32"`` with one component too sharp for float32 pair sums (loadings of 0.3
+    over noise variances of 1e-6: ε·|a|²/d ≈ 1e-2) and one that is not (noise 1e-2): the
+    sharp one's sums are those of float64 pairs, the other's those of float32 pairs, on the
+    CPU's loop and on the GPUs' scattered form alike."""
+    if path == "scattered":  # the CPU takes the GPUs' form
+        monkeypatch.setattr(owner_sums_module, "_looped_owner_sums", scattered_owner_sums)
+    g = torch.Generator().manual_seed(3)
+    k, d, lat, n = 2, 12, 2, 400
+    noise = torch.stack([torch.full((d,), 1e-6), torch.full((d,), 1e-2)])
+    from mfa import MixtureOfFactorAnalyzers
+
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5]), 0.4 + 0.2 * torch.rand(k, d, generator=g),
+        0.3 * torch.randn(k, d, lat, generator=g), noise, min_noise=0.0)
+    terms = model.component_terms()
+    assert owner_sums_module._too_sharp_for(torch.float32, terms).tolist() == [True, False]
+    x = model.sample(n, generator=g)[0].detach()
+    comp = torch.randint(0, k, (n,), generator=g)
+    pairs = [(comp, torch.arange(n), torch.rand(n, generator=g), torch.randn(lat, n,
+                                                                          generator=g))]
+    mixed = owner_sums(x, terms, pairs, F64, torch.float32)
+    exact = owner_sums(x, terms, pairs, F64)
+    monkeypatch.setattr(owner_sums_module, "_too_sharp_for", lambda work, terms: None)
+    plain32 = owner_sums(x, terms, pairs, F64, torch.float32)
+    for got, want64, want32 in zip(mixed, exact, plain32, strict=True):
+        if got.dim():
+            torch.testing.assert_close(got[0], want64[0], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[1], want32[1], rtol=1e-12, atol=1e-12)
