@@ -253,14 +253,13 @@ def _chunk_sums(
     proj = lin[k:].view(k, n_lat, n).sub_(terms.whitened_means.unsqueeze(-1))  # B(x − μ) [K, L, n]
     proj_sq = (proj * proj).sum(1)  # [K, n]
     offset = (terms.log_weights + terms.log_norm).unsqueeze(-1)  # [K, 1]
-    residual = n_lat and terms.factors is not None and x.dtype != torch.float64
-    if terms.refine and not residual:  # the entries near each row's top, recomputed directly
+    if terms.refine:  # the entries near each row's top, recomputed directly
         estimate = offset - 0.5 * (diag_quad - proj_sq)
         diag_quad = linalg.refine_near_top(diag_quad.T, estimate.T, xc, terms.means,
                                            terms.inv_noise, terms.rounding).T
     log_joint = offset - 0.5 * (diag_quad - proj_sq).clamp_min_(0.0)  # Woodbury  [K, n]
-    if residual:  # (which recomputes the diagonal form too, where terms.refine)
-        log_joint = refine_e_step_chunk(log_joint, offset, xc, terms, proj, diag_quad)
+    if n_lat and terms.factors is not None and x.dtype != torch.float64:
+        log_joint = refine_e_step_chunk(log_joint, offset, xc, terms, proj, proj_sq, diag_quad)
     if exact is not None:
         exact_joint, exact_proj, exact_xc = exact.log_joint(x)
         log_joint.index_copy_(0, exact.index, exact_joint.to(log_joint.dtype))
