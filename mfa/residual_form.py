@@ -146,10 +146,10 @@ def near_top_pairs(
 
 
 def _pairs(near: Tensor, cancelled: Tensor, skip: Tensor | None,
-           every: bool, tolerance: float = CANCELLATION_TOLERANCE) -> tuple[Tensor, Tensor]:
+           every: bool) -> tuple[Tensor, Tensor]:
     """:func:`near_top_pairs` from its window ``near`` [n, K] (bool, overwritten)."""
     if not every:
-        near &= cancelled.detach() * torch.finfo(cancelled.dtype).eps > tolerance
+        near &= cancelled.detach() * torch.finfo(cancelled.dtype).eps > CANCELLATION_TOLERANCE
     if skip is not None:
         near &= ~skip
     comps, rows = near.T.nonzero(as_tuple=True)  # sorted by component
@@ -171,8 +171,7 @@ def _near_top(log_joint: Tensor, diag_quad: Tensor, cancelled: Tensor, slack: fl
 def refine_woodbury_near_top(
     log_joint: Tensor, log_scale: Tensor, xc: Tensor, means: Tensor, inv_noise: Tensor,
     factors: Tensor, capacitance_chol: Tensor, whitened_residual: Tensor, diag_quad: Tensor,
-    slack: float = 0.0, every: bool = False, tolerance: float = CANCELLATION_TOLERANCE,
-    ill_in_float64: bool = True,
+    slack: float = 0.0, every: bool = False,
 ) -> Tensor:
     """``log_joint`` [n, K] with the entries of :func:`near_top_pairs` recomputed from
     :func:`residual_mahalanobis` as ``log_scale − ½ (x−μ)ᵀ Σ⁻¹ (x−μ)``. Differentiable.
@@ -190,10 +189,6 @@ def refine_woodbury_near_top(
         factors: ``A`` ``[K, D, L]``; capacitance_chol: ``C`` ``[K, L, L]``;
         whitened_residual: ``w = C⁻¹AᵀD⁻¹(x−μ)`` ``[n, K, L]``; diag_quad: ``[n, K]``;
         slack: nats; every: see above.
-        tolerance: the predicted rounding ``ε·‖w‖²`` (nats) below which an entry is left as
-            it is (:data:`CANCELLATION_TOLERANCE`); ill_in_float64: ``False`` leaves the
-            ill-conditioned components to the caller (the E-step's
-            :mod:`mfa.exact_components`).
     """
     # ‖w‖² = diag_quad − (x−μ)ᵀΣ⁻¹(x−μ), the latter read back from the estimate; 0 for a
     # component of weight 0 (its NaN, −inf − −inf, poisoned every row's window)
@@ -206,12 +201,12 @@ def refine_woodbury_near_top(
     near = _near_top(log_joint, diag_quad, cancelled, slack, inflation)
     predicted = inflation.square().to(cancelled.dtype) * cancelled  # [n, K]
     ill = (near & (predicted > ILL_CONDITIONED_ERROR)).any(0)  # [K]
-    if ill_in_float64 and bool(ill.any()):
+    if bool(ill.any()):
         log_joint = _ill_conditioned_in_float64(log_joint, log_scale, xc, means, inv_noise,
                                                 factors, capacitance_chol, ill)
         # their float64 entries may move a row's top: the window again
         near = _near_top(log_joint, diag_quad, cancelled, slack, inflation)
-    rows, comps = _pairs(near, cancelled, ill if ill_in_float64 else None, every, tolerance)
+    rows, comps = _pairs(near, cancelled, ill, every)
     if rows.numel() == 0:
         return log_joint
     # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
