@@ -80,8 +80,15 @@ def check_hierarchical(config: Any) -> None:
     """``train.hierarchical`` with the model's values, checked by the trainer itself."""
     from mfa.hierarchical import HierarchicalTrainer
 
+    checked = hierarchical_config(config)
+    if config.train.method != "hierarchical":  # a null stage copies train.em, which the run
+        # uses as it is (missing='allow' for EM on incomplete rows): not a stage's value
+        checked = dataclasses.replace(checked, **{
+            stage: dataclasses.replace(getattr(checked, stage), missing="error")
+            for stage in ("root_em", "child_em")
+            if getattr(config.train.hierarchical, stage) is None})
     try:
-        HierarchicalTrainer(hierarchical_config(config))
+        HierarchicalTrainer(checked)
     except (TypeError, ValueError) as error:
         text = str(error)
         match = re.match(r"HierarchicalConfig\.([\w.]+) (.*)", text, re.DOTALL)

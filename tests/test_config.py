@@ -485,6 +485,17 @@ def test_hierarchical_trainer_config_takes_the_model_and_train_em():
     assert config_from_dict(config_to_dict(config)) == config
 
 
+def test_em_on_incomplete_rows_is_not_refused_by_the_unused_hierarchical_stages():
+    """The README's `--set train.em.missing=allow` was refused for an EM run: the hierarchical
+    stages copy train.em and were checked as if hierarchical training would run."""
+    assert load_config(overrides=["train.em.missing=allow"]).train.em.missing == "allow"
+    with pytest.raises(ValueError, match=r"train\.hierarchical\.root_em\.missing: must be "
+                                         "'error'"):
+        load_config(overrides=["train.em.missing=allow", "train.method=hierarchical"])
+    with pytest.raises(ValueError, match=r"child_em\.missing: must be 'error'"):
+        load_config(overrides=["train.hierarchical.child_em={missing: allow}"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("train.hierarchical.n_factors=3",
      r"unknown config key 'train\.hierarchical\.n_factors' \(it is model\.n_factors"),
