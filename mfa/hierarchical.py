@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from mfa import parameters
 from mfa._validation import all_finite
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
@@ -123,25 +124,28 @@ def flatten_hierarchy(
                          f"{root.n_features}")
     with torch.no_grad():
         dtype, device = children[0].dtype, children[0].device
-        root_weights = root.weights.to(dtype=dtype, device=device)  # [K₁]
-        weights = torch.cat([root_weights[k] * c.weights for k, c in enumerate(children)])  # [K]
-        weights = weights / weights.sum()
-        means = torch.cat([c.means for c in children])  # [K, D]
-        loadings = torch.cat([c.factor_loadings for c in children])  # [K, D, L]
-        noise = torch.cat([c.noise_variance for c in children])  # [K, D]
-        return MixtureOfFactorAnalyzers.from_parameters(
-            weights, means.clone(), loadings.clone(), noise.clone(), noise=children[0].noise,
-            min_noise=min(c.min_noise for c in children),
-            chunk_elements=children[0].chunk_elements,
+        # log π_k + log π_{k,j}: products of small weights underflowed in float32
+        root_log = root.log_weights.to(dtype=dtype, device=device)  # [K₁]
+        logits = torch.cat([root_log[k] + c.log_weights for k, c in enumerate(children)])
+        floor = min(c.min_noise for c in children)
+        # the children's own raw noise where their floor is the common one: a variance at
+        # that floor (Adam's, a marginal's) was refused by from_parameters
+        raw = torch.cat([c.raw_noise if c.min_noise == floor else
+                         parameters.softplus_inverse(c.noise_variance[:, :c.raw_noise.shape[1]]
+                                                     - floor) for c in children])
+        return MixtureOfFactorAnalyzers.from_raw_parameters(
+            logits, torch.cat([c.means for c in children]),
+            torch.cat([c.factor_loadings for c in children]), raw,
+            noise=children[0].noise, min_noise=floor, chunk_elements=children[0].chunk_elements,
         )
 
 
 def _component_as_model(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyzers:
     """Component ``k`` of ``model`` as a one-component model of weight 1."""
     with torch.no_grad():
-        return MixtureOfFactorAnalyzers.from_parameters(
-            model.weights.new_ones(1), model.means[k : k + 1].clone(),
-            model.factor_loadings[k : k + 1].clone(), model.noise_variance[k : k + 1].clone(),
+        return MixtureOfFactorAnalyzers.from_raw_parameters(
+            model.logits.new_zeros(1), model.means[k : k + 1].clone(),
+            model.factor_loadings[k : k + 1].clone(), model.raw_noise[k : k + 1].clone(),
             noise=model.noise, min_noise=model.min_noise, chunk_elements=model.chunk_elements,
         )
 

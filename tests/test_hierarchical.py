@@ -110,6 +110,38 @@ def test_flatten_isotropic_children_against_dense_reference():
     torch.testing.assert_close(flat.log_prob(x).detach(), ref.detach(), rtol=1e-10, atol=1e-10)
 
 
+def test_flatten_children_at_their_noise_floor_and_with_tiny_weights():
+    """A float32 child whose noise variance rounds to its floor (a valid model: Adam's, a
+    marginal's) was refused by from_parameters; weights multiplied in linear space underflowed
+    to 0 in float32 (a root weight and a child weight of ~1e-30 each). Both are kept now,
+    also when the children's floors differ."""
+    root = random_model(2, 3, 1, seed=1).float()
+    raw = torch.zeros(2, 3)
+    raw[0, 1] = -100.0  # d = 1e-6 + 4e-44: the floor itself in float32
+    at_floor = MixtureOfFactorAnalyzers.from_raw_parameters(
+        torch.tensor([0.3, -0.2]), torch.randn(2, 3, generator=gen(5)),
+        torch.randn(2, 3, 1, generator=gen(6)), raw, min_noise=1e-6)
+    assert float(at_floor.noise_variance[0, 1].detach()) == torch.tensor(1e-6).item()
+    third = random_model(2, 3, 1, seed=3).float()
+    other = MixtureOfFactorAnalyzers.from_parameters(
+        third.weights.detach(), third.means.detach(), third.factor_loadings.detach(),
+        third.noise_variance.detach() + 1e-3, min_noise=1e-3)  # another floor
+    flat = flatten_hierarchy(root, [at_floor, other])
+    assert flat.min_noise == at_floor.min_noise
+    x = torch.randn(40, 3, generator=gen(0))
+    parts = [root.log_weights[k].double() + DenseMixture.from_model(c.double()).log_prob(
+        x.double()) for k, c in enumerate([at_floor, other])]
+    torch.testing.assert_close(flat.log_prob(x).detach().double(),
+                               torch.logsumexp(torch.stack(parts, -1), -1).detach(),
+                               rtol=1e-5, atol=1e-4)
+    tiny_root = MixtureOfFactorAnalyzers.from_raw_parameters(
+        torch.tensor([0.0, -69.0]), torch.zeros(2, 3), torch.zeros(2, 3, 1), torch.zeros(2, 3))
+    tiny_child = MixtureOfFactorAnalyzers.from_raw_parameters(
+        torch.tensor([0.0, -69.0]), torch.ones(2, 3), torch.zeros(2, 3, 1), torch.zeros(2, 3))
+    flat32 = flatten_hierarchy(tiny_root, [tiny_child, tiny_child])
+    assert float(flat32.log_weights[3].detach()) == pytest.approx(-138.0, abs=1e-3)  # e⁻¹³⁸ ≈ 1e-60
+
+
 # ---------------------------------------------------------------------- the child rule
 
 
