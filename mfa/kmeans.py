@@ -128,6 +128,12 @@ def kmeans_plus_plus(
         ``[K, D]`` centres (rows of ``x``).
     """
     x = _check_rows(x)
+    check_positive_int(n_clusters, "n_clusters")
+    if n_trials is not None:
+        check_positive_int(n_trials, "n_trials")
+    if x.shape[0] < n_clusters:  # (it returned repeated rows)
+        raise ValueError(f"kmeans_plus_plus needs at least n_clusters={n_clusters} rows, got "
+                         f"{x.shape[0]}")
     index = _seed_indices(x - x.mean(0), n_clusters, generator, n_trials)
     return x[index]
 

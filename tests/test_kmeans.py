@@ -239,3 +239,19 @@ def test_kmeans_plus_plus_refuses_rows_whose_squares_overflow():
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 1e19
     with pytest.raises(ValueError, match="input values too large for torch.float32"):
         kmeans_plus_plus(x, 3, torch.Generator().manual_seed(0))
+
+
+def test_kmeans_plus_plus_checks_its_arguments():
+    """It failed with errors naming nothing (OverflowError for K=0, a multinomial error for
+    n_trials=0) and returned repeated rows for K above the rows; kmeans already checked."""
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    with pytest.raises(ValueError, match="n_clusters must be >= 1, got 0"):
+        kmeans_plus_plus(x, 0, gen)
+    with pytest.raises(TypeError, match="n_clusters must be an int, got float"):
+        kmeans_plus_plus(x, 2.5, gen)
+    with pytest.raises(ValueError, match="n_trials must be >= 1, got 0"):
+        kmeans_plus_plus(x, 2, gen, n_trials=0)
+    with pytest.raises(ValueError, match="needs at least n_clusters=8 rows, got 5"):
+        kmeans_plus_plus(x, 8, gen)
+    assert kmeans_plus_plus(x, 5, gen).unique(dim=0).shape == (5, 3)
