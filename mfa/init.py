@@ -357,9 +357,11 @@ def initialise(
 def split_heaviest(params: dict[str, Tensor], dead: list[int], gen: torch.Generator) -> None:
     """Re-seed the components ``dead`` of an M-step's ``params`` (``weights``, ``means``,
     ``factor_loadings``, ``noise_variance``; changed in place) by splitting the heaviest
-    component into itself and each dead one: copy its parameters, shift the two means apart
-    by ± half a standard deviation along a random direction drawn from ``gen``, and share its
-    weight. Used by :class:`mfa.em.EMTrainer` with ``min_component_mass > 0``."""
+    component into itself and each dead one: copy its parameters, shift the two means by
+    ``± ½·σ_j·z_j`` per feature (``σ_j`` its noise standard deviation, ``z ~ N(0, I)`` drawn
+    from ``gen``: half a standard deviation per feature, so about ``√D`` of them apart along
+    ``z``), and share its weight. Used by :class:`mfa.em.EMTrainer` with
+    ``min_component_mass > 0`` and by :mod:`mfa.pruning`."""
     weights = params["weights"].clone()
     waiting = set(dead)  # not yet re-seeded: never the one split (it may be the heaviest)
     for k in dead:

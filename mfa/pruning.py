@@ -125,8 +125,9 @@ def reseed_components(
     model: MixtureOfFactorAnalyzers, components: list[int], generator: torch.Generator
 ) -> None:
     """Re-seed ``components`` of ``model`` in place, each as a split of the heaviest
-    component (:func:`mfa.init.split_heaviest`: the means moved ± half a standard deviation
-    apart along a direction drawn from ``generator``, the weight shared); ``K`` is unchanged.
+    component (:func:`mfa.init.split_heaviest`: the means moved by ± half a noise standard
+    deviation per feature along a direction drawn from ``generator``, the weight shared);
+    ``K`` is unchanged.
     """
     if not components:
         return
