@@ -29,7 +29,8 @@ approximation at the cost of full ``K``-component passes.
 
 Cost per EM iteration: ``O(N·D·K₁·L)`` for the root, ``O(rows_k·D·n_k·L)`` for child ``k``
 (``≤ O(N·D·max_k n_k·L)`` for all children) against ``O(N·D·K·L)`` for a flat model; only one
-child's model and rows are in memory at a time. Each child pays its own initialisation.
+child's rows and EM state are in memory at a time (the fitted children are kept, together the
+size of the flat model). Each child pays its own initialisation.
 
 Resuming: with ``checkpoint_dir`` the root (``root.pt``), every finished child
 (``child-00007.pt``) and the flattened result (``model.pt``) are written with
