@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import F64, gen
 
-from mfa import linalg, residual_form
+from mfa import MixtureOfFactorAnalyzers, linalg, residual_form
 
 
 @pytest.mark.parametrize("grouped", [True, False])
@@ -191,3 +191,39 @@ def test_float32_log_prob_of_components_ill_conditioned_beyond_their_diagonal(se
         ref = DenseMixture.from_model(m64).log_prob(x)
         got = m32.log_prob(x.float()).double()
     assert (got - ref).abs().max() < 0.01
+
+
+def test_e_step_refinement_takes_the_gpu_form_alike(monkeypatch):
+    """The E-step's residual refinement (refine_e_step_chunk) off the CPU gathers each pair's
+    loadings instead of grouping by component: both forms give the same statistics on
+    pixel-like rows (noise 1e-6 under loadings of 0.3), where entries are refined."""
+    import mfa.residual_form as rf
+    from mfa._data_stream import DataSource
+    from mfa.e_step import streamed_e_step
+
+    g = torch.Generator().manual_seed(0)
+    k, d, lat, n = 2, 20, 2, 300
+    means = 0.4 + 0.2 * torch.rand(k, d, generator=g)
+    loadings = 0.3 * torch.randn(k, d, lat, generator=g)
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5]), means, loadings, torch.full((k, d), 1e-6), min_noise=1e-9)
+    comp = torch.randint(0, k, (n,), generator=g)
+    x = means[comp] + (loadings[comp] @ torch.randn(n, lat, 1, generator=g)).squeeze(-1)
+    x = x + 1e-3 * torch.randn(n, d, generator=g)
+    calls = []
+    plain = rf.residual_mahalanobis
+
+    def counted(*args, grouped=None, **kwargs):
+        calls.append(grouped)
+        return plain(*args, grouped=grouped, **kwargs)
+
+    monkeypatch.setattr(rf, "residual_mahalanobis", counted)
+    grouped = streamed_e_step(model, DataSource(x, model, 1000), "centred")
+    assert calls, "no entry was refined: the test lost its case"
+    monkeypatch.setattr(rf, "residual_mahalanobis",
+                        lambda *args, grouped=None, **kwargs: plain(*args, grouped=False,
+                                                                     **kwargs))
+    gathered = streamed_e_step(model, DataSource(x, model, 1000), "centred")
+    for name in ("log_likelihood", "mass", "sum_x", "sum_x2", "sum_xz"):
+        torch.testing.assert_close(getattr(gathered, name), getattr(grouped, name),
+                                   rtol=1e-6, atol=1e-6, msg=name)
