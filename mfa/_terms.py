@@ -110,6 +110,26 @@ def capacitance_condition(loadings: Tensor, noise: Tensor) -> Tensor:
     return values[..., -1] / values[..., 0]
 
 
+#: Above this ``ε·max λ(M)`` (``ε`` of the model's dtype, ``M = I + AᵀD⁻¹A``) Adam's loss
+#: uses the exact form (:mod:`mfa.sgd`): the Woodbury form loses about ``ε·‖w‖²`` nats a row
+#: (``‖w‖² ≲ λ_max(M)·|z|²``), and on pixel-like rows (noise variances at 1e-6 under
+#: loadings of 0.3: ``ε·λ_max`` ≈ 0.2, while ``ε·cond`` stayed at 2e-7) its loss was
+#: +0.05 nats a row off in every batch (not cancelling) and the noise variances' gradient
+#: 0.47 relative off.
+SHARP_LOSS_LIMIT = 1e-2
+
+
+def woodbury_rounding(loadings: Tensor, noise: Tensor) -> float:
+    """``ε·max_k λ_max(I + A_kᵀD_k⁻¹A_k)`` in the parameters' dtype (0 in float64 or without
+    factors): the scale of the Woodbury form's rounding, nats a row."""
+    if loadings.dtype == torch.float64 or loadings.shape[-1] == 0:
+        return 0.0
+    a, d = loadings.detach().double(), noise.detach().double()
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    largest = torch.linalg.eigvalsh(eye + a.mT @ (a / d.unsqueeze(-1)))[..., -1].max()
+    return torch.finfo(loadings.dtype).eps * float(largest)
+
+
 def ill_conditioned(loadings: Tensor, noise: Tensor) -> Tensor:
     """``[K]`` bool: components whose ``ε·cond(M)`` in the parameters' dtype exceeds
     :data:`CONDITION_LIMIT` (never in float64, nor without factors)."""
@@ -232,9 +252,9 @@ def component_log_prob_from_terms(
     nats on a row its component explains well (34 nats on Fashion-MNIST, K = 50, noise at
     1e-6; 0.017 nats a row on average). That costs about four passes over the ``[n, D]``
     rows it recomputes (+18 % on a 2-core CPU at K = 50, D = 784 for that sharply fitted
-    model, +3 % where no component explains a row sharply); Adam's loss, an average whose
-    errors mostly cancel, passes ``exact=False`` (not for ill-conditioned components: their
-    errors do not cancel). Before that, the diagonal form's near-top
+    model, +3 % where no component explains a row sharply); Adam's loss passes
+    ``exact=False`` unless a component is ill-conditioned or sharp (:data:`SHARP_LOSS_LIMIT`:
+    then its errors do not cancel). Before that, the diagonal form's near-top
     entries are recomputed when its expansion loses more than
     :data:`mfa.linalg.QUADRATIC_TOLERANCE` (``terms.refine``).
     """

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, RowCollate, gather_rows, reject_numpy
-from mfa._terms import ill_conditioned
+from mfa._terms import SHARP_LOSS_LIMIT, ill_conditioned, woodbury_rounding
 from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step, step_buffers
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
@@ -364,8 +364,11 @@ class SGDTrainer:
             started = time.perf_counter()
             total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
             # The plain Woodbury loss is cheaper, but its gradients were 30-90x off for a
-            # float32 component with a noise variance far below its loadings' (checked per epoch).
-            exact = bool(ill_conditioned(model.factor_loadings, model.noise_variance).any())
+            # float32 component with a noise variance far below its loadings', and its loss
+            # biased on sharp fits (_terms.SHARP_LOSS_LIMIT); checked per epoch.
+            a, d = model.factor_loadings, model.noise_variance
+            exact = (bool(ill_conditioned(a, d).any())
+                     or woodbury_rounding(a, d) > SHARP_LOSS_LIMIT)
             for batch in self._batches(train, train_source, gen):
                 optimizer.zero_grad(set_to_none=True)
                 # The observed-data likelihood when rows may hold NaN (mfa.missing).
