@@ -27,6 +27,7 @@ __all__ = [
     "fsync_folder",
     "reserved_temporary",
     "write_atomically",
+    "write_text_atomically",
 ]
 
 logger = logging.getLogger(__name__)
