@@ -96,17 +96,21 @@ def check_log_densities(
 CONDITION_LIMIT = 1e-3
 
 
-def capacitance_condition(loadings: Tensor, noise: Tensor) -> Tensor:
-    """``cond(M)`` of ``M = I + AᵀD⁻¹A`` per component, from its eigenvalues in float64.
-
-    Args: loadings: ``A`` ``[K, D, L]``; noise: ``d`` ``[K, D]``. Returns: ``[K]`` float64
-    (ones when ``L = 0``). Cost ``O(K·D·L² + K·L³)``.
-    """
+def capacitance_eigenvalues(loadings: Tensor, noise: Tensor) -> Tensor:
+    """The eigenvalues of ``M = I + AᵀD⁻¹A`` per component, ascending (all ``≥ 1``), in
+    float64: loadings ``A`` ``[K, D, L]``, noise ``d`` ``[K, D]`` → ``[K, L]``. Cost
+    ``O(K·D·L² + K·L³)``."""
     a, d = loadings.detach().double(), noise.detach().double()
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    values = torch.linalg.eigvalsh(eye + a.mT @ (a / d.unsqueeze(-1)))  # ascending, ≥ 1
+    return torch.linalg.eigvalsh(eye + a.mT @ (a / d.unsqueeze(-1)))
+
+
+def capacitance_condition(loadings: Tensor, noise: Tensor) -> Tensor:
+    """``cond(M)`` of ``M = I + AᵀD⁻¹A`` per component, from
+    :func:`capacitance_eigenvalues`: ``[K]`` float64 (ones when ``L = 0``)."""
+    values = capacitance_eigenvalues(loadings, noise)
     if values.shape[-1] == 0:
-        return torch.ones(a.shape[0], dtype=a.dtype, device=a.device)
+        return values.new_ones(values.shape[0])
     return values[..., -1] / values[..., 0]
 
 
@@ -124,9 +128,7 @@ def woodbury_rounding(loadings: Tensor, noise: Tensor) -> float:
     factors): the scale of the Woodbury form's rounding, nats a row."""
     if loadings.dtype == torch.float64 or loadings.shape[-1] == 0:
         return 0.0
-    a, d = loadings.detach().double(), noise.detach().double()
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    largest = torch.linalg.eigvalsh(eye + a.mT @ (a / d.unsqueeze(-1)))[..., -1].max()
+    largest = capacitance_eigenvalues(loadings, noise)[..., -1].max()
     return torch.finfo(loadings.dtype).eps * float(largest)
 
 

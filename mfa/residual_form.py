@@ -209,14 +209,22 @@ def refine_woodbury_near_top(
     rows, comps = _pairs(near, cancelled, ill, every)
     if rows.numel() == 0:
         return log_joint
-    # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
-    eye = torch.eye(capacitance_chol.shape[-1], dtype=xc.dtype, device=xc.device)
-    inverse = torch.linalg.solve_triangular(capacitance_chol, eye, upper=False)  # [K, L, L]
-    posterior = torch.einsum("pl,plm->pm", whitened_residual[rows, comps], inverse[comps])
-    maha = residual_mahalanobis(xc.index_select(0, rows), comps, means, factors, inv_noise,
-                                posterior)
+    maha = _pairs_residual(xc, rows, comps, whitened_residual[rows, comps], means, factors,
+                           inv_noise, capacitance_chol)
     exact = log_scale.index_select(0, comps) - 0.5 * maha
     return log_joint.index_put((rows, comps), exact.to(log_joint.dtype))
+
+
+def _pairs_residual(xc: Tensor, rows: Tensor, comps: Tensor, w: Tensor, means: Tensor,
+                    factors: Tensor, inv_noise: Tensor, capacitance_chol: Tensor) -> Tensor:
+    """:func:`residual_mahalanobis` of the pairs ``(rows, comps)`` (sorted by component) from
+    their whitened residuals ``w`` ``[P, L]``: the posterior means ``m = C⁻ᵀw``, as rows
+    ``wᵀC⁻¹`` (``C⁻¹`` of the K small factors, gathered per pair) → ``[P]``."""
+    eye = torch.eye(capacitance_chol.shape[-1], dtype=xc.dtype, device=xc.device)
+    inverse = torch.linalg.solve_triangular(capacitance_chol, eye, upper=False)  # [K, L, L]
+    posterior = torch.einsum("pl,plm->pm", w, inverse[comps])
+    return residual_mahalanobis(xc.index_select(0, rows), comps, means, factors, inv_noise,
+                                posterior)
 
 
 def _ill_conditioned_in_float64(
@@ -266,12 +274,8 @@ def refine_e_step_chunk(log_joint: Tensor, offset: Tensor, xc: Tensor, terms, pr
     comps, rows = near.nonzero(as_tuple=True)  # sorted by component
     if rows.numel() == 0:
         return log_joint
-    # m = C⁻ᵀ w, as rows: wᵀ C⁻¹ (C⁻¹ of the K small factors, gathered per pair).
-    eye = torch.eye(proj.shape[1], dtype=xc.dtype, device=xc.device)
-    inverse = torch.linalg.solve_triangular(terms.capacitance_chol, eye, upper=False)
-    posterior = torch.einsum("pl,plm->pm", proj[comps, :, rows], inverse[comps])
-    maha = residual_mahalanobis(xc.index_select(0, rows), comps, terms.means, terms.factors,
-                                terms.inv_noise, posterior)
+    maha = _pairs_residual(xc, rows, comps, proj[comps, :, rows], terms.means, terms.factors,
+                           terms.inv_noise, terms.capacitance_chol)
     return log_joint.index_put_((comps, rows), (offset[comps, 0] - 0.5 * maha).to(
         log_joint.dtype))
 
