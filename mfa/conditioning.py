@@ -213,7 +213,7 @@ def masked_capacitance_cholesky(terms: MaskedTerms, mask: Tensor) -> Tensor:
     if not bool(failed.any()):
         return chol
     if mask.dtype == torch.float64:
-        torch.linalg.cholesky(cap)  # raises, naming the failing matrix
+        raise linalg.capacitance_error(terms.loadings, terms.noise, failed.any(0))
     rows = failed.any(1).nonzero().squeeze(1)
     comps = failed.any(0).nonzero().squeeze(1)
     mask64 = mask[rows].double()
@@ -228,7 +228,12 @@ def masked_capacitance_cholesky(terms: MaskedTerms, mask: Tensor) -> Tensor:
         outer = (a64 / terms.noise[c].double().unsqueeze(-1)).unsqueeze(-1) * a64.unsqueeze(-2)
         cap64 = (mask64 @ outer.permute(1, 0, 2, 3).reshape(d, -1)).view(
             rows.numel(), -1, n_lat, n_lat) + eye64
-        chol[rows.unsqueeze(1), c.unsqueeze(0)] = torch.linalg.cholesky(cap64).to(chol.dtype)
+        chol64, info = torch.linalg.cholesky_ex(cap64)
+        if bool((info != 0).any()):
+            bad = torch.zeros(k, dtype=torch.bool, device=c.device)
+            bad[c[(info != 0).any(0)]] = True
+            raise linalg.capacitance_error(terms.loadings, terms.noise, bad)
+        chol[rows.unsqueeze(1), c.unsqueeze(0)] = chol64.to(chol.dtype)
     return chol
 
 

@@ -69,8 +69,24 @@ def _capacitance_cholesky(factors: Tensor, noise: Tensor, scaled: Tensor) -> Ten
     if factors.dtype != torch.float64 and bool((info != 0).any()):
         return capacitance_cholesky(factors.double(), noise.double()).to(factors.dtype)
     if bool((info != 0).any()):
-        torch.linalg.cholesky(capacitance)  # raises, naming the failing matrix
+        raise capacitance_error(factors, noise, info != 0)
     return chol
+
+
+def capacitance_error(factors: Tensor, noise: Tensor, failed: Tensor) -> Exception:
+    """The error of a float64 capacitance ``I + AᵀD⁻¹A`` that is not positive definite to
+    rounding: its eigenvalues (1 and up to ``‖a_j‖²/d_j`` summed) span more than float64
+    resolves, so no answer in float64 is trustworthy. ``factors`` ``[..., D, L]``, ``noise``
+    ``[..., D]``, ``failed`` ``[...]`` bool (the leading index of the first names it)."""
+    first = tuple(int(i) for i in failed.nonzero()[0]) if failed.ndim else ()
+    a, d = factors.detach()[first].double(), noise.detach()[first].double()
+    ratio = float((a.square().sum(-1) / d).max()) if a.numel() else math.nan
+    where = f" (component {first[-1]})" if first else ""
+    return torch.linalg.LinAlgError(
+        f"the capacitance I + AᵀD⁻¹A{where} is not positive definite in float64: squared "
+        f"loadings reach {ratio:.3g} times the noise variance, beyond float64's resolution "
+        "(about 1e15); raise the noise variance (min_noise, variance_floor) or rescale the "
+        "data")
 
 
 def lowrank_logdet(capacitance_chol: Tensor, noise: Tensor) -> Tensor:

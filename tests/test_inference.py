@@ -99,6 +99,33 @@ def test_condition_matches_dense_block_formulas(case):
     torch.testing.assert_close(mfa.condition(model, obs, values).means, cond.means)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_capacitance_beyond_float64_is_a_clear_error_in_every_path(dtype):
+    """Loadings of 1e4 over noise 1e-8 (M's eigenvalues 1 and ~1e17: past float64's
+    resolution): log_prob, the masked paths (one observed feature, so the per-row M_o) and
+    condition raise an error naming float64 and the noise, not torch's bare Cholesky one."""
+    a = torch.tensor([3.0, 1.0, 2.0, -1.0], dtype=torch.float64) * 1e4
+    loadings = torch.stack([a, a.flip(0)], -1).unsqueeze(0)  # [1, 4, 2]
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.ones(1, dtype=dtype), torch.zeros(1, 4, dtype=dtype), loadings.to(dtype),
+        torch.full((1, 4), 1e-8, dtype=dtype))
+    x = (0.3 * a).unsqueeze(0).to(dtype)
+    observed = torch.tensor([[True, False, False, False]])
+    calls = {
+        "log_prob (parallel columns)": lambda: MixtureOfFactorAnalyzers.from_parameters(
+            torch.ones(1, dtype=dtype), torch.zeros(1, 4, dtype=dtype),
+            torch.stack([a, a], -1).unsqueeze(0).to(dtype),
+            torch.full((1, 4), 1e-8, dtype=dtype)).log_prob(x),
+        "observed_log_prob": lambda: model.observed_log_prob(x, observed),
+        "conditional_mean": lambda: model.conditional_mean(x, observed),
+        "condition": lambda: model.condition([0], x[0, :1]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(torch.linalg.LinAlgError, match="float64.*noise variance"):
+            call()
+            pytest.fail(f"{name} did not raise")
+
+
 def test_condition_weights_are_informative():
     """Observing a value near one component's mean must move the weights towards it."""
     model = random_model(3, 5, 2, seed=103)

@@ -195,6 +195,20 @@ def test_capacitance_cholesky_falls_back_to_float64_when_float32_fails():
     torch.testing.assert_close(chol.double(), reference, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_capacitance_beyond_float64_raises_a_clear_error(dtype):
+    """Two parallel loading columns of size 1e4 over noise 1e-8: M's eigenvalues are 1 and
+    ~1e17, past float64's resolution, so its Cholesky fails even in float64. The error names
+    the component, float64 and the noise (it was torch's bare 'not positive-definite')."""
+    a = torch.tensor([3.0, 1.0, 2.0, -1.0], dtype=torch.float64) * 1e4
+    factors = torch.stack([torch.ones(4, 2, dtype=torch.float64),
+                           torch.stack([a, a], -1)]).to(dtype)  # [2, 4, 2]; component 1 fails
+    noise = torch.full((2, 4), 1e-8, dtype=torch.float64).to(dtype)
+    with pytest.raises(torch.linalg.LinAlgError,
+                       match=r"\(component 1\).*float64.*1\.8e\+17.*noise variance"):
+        linalg.capacitance_cholesky(factors, noise)
+
+
 # --------------------------------------------------------------------- logsumexp
 
 
