@@ -25,6 +25,7 @@ __all__ = [
     "STALE_TEMPORARY_AGE",
     "clean_stale_temporaries",
     "fsync_folder",
+    "folder_for_output",
     "reserved_temporary",
     "write_atomically",
     "write_text_atomically",
@@ -171,3 +172,20 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
     """:func:`write_atomically` of ``text`` (UTF-8)."""
     return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def folder_for_output(folder: Path) -> Iterator[Path]:
+    """Make ``folder`` (and missing parents) before a command's work, so that an unusable
+    path fails first; when the work raises, remove the folders it made that are still
+    empty (a failed command leaves nothing behind)."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # innermost first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        for path in made:
+            with contextlib.suppress(OSError):  # not empty, or gone: leave it
+                path.rmdir()
+        raise

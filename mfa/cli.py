@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -18,9 +19,6 @@ from mfa.outliers import SCORE_NAMES
 # configs/embedded-mnist.yaml, shipped in the package (a link in the source tree) so that an
 # installed mfa runs the same default as a checkout.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "embedded-mnist.yaml"
-
-
-SCORE_CHOICES = SCORE_NAMES
 
 
 def _warn_unfinished(ckpt, checkpoint: str) -> None:
@@ -223,7 +221,7 @@ def _score(name: str | None) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from mfa._temporaries import write_text_atomically
+    from mfa._temporaries import folder_for_output, write_text_atomically
     from mfa.workflow import evaluate
 
     _, config, _ = _load_run(args.checkpoint, args.set)
@@ -237,12 +235,12 @@ def cmd_evaluate(args) -> int:
         out = Path(args.out)  # a folder: one that exists, or a path ending in "/"
         folder = out.is_dir() or args.out.endswith(("/", os.sep))
         out = _output(out / "evaluation.json" if folder else out, args, "-o")
-        out.parent.mkdir(parents=True, exist_ok=True)
-    result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
-                      config=config, seed=args.seed, outliers_against=args.outliers_against,
-                      against_overrides=args.against_set,
-                      **({} if args.outlier_scores is None
-                         else {"outlier_scores": tuple(args.outlier_scores)}))
+    with folder_for_output(out.parent) if out else contextlib.nullcontext():
+        result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
+                          config=config, seed=args.seed, outliers_against=args.outliers_against,
+                          against_overrides=args.against_set,
+                          **({} if args.outlier_scores is None
+                             else {"outlier_scores": tuple(args.outlier_scores)}))
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:
@@ -409,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("outliers", help="rank a split by an outlier score: grid + CSV")
     with_run(p)
-    p.add_argument("--score", choices=SCORE_CHOICES, metavar="NAME",
+    p.add_argument("--score", choices=SCORE_NAMES, metavar="NAME",
                    help="outlier score, higher = more outlying: %(choices)s (default: "
                    "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
                    "ranks by raw -log p)")
@@ -431,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the other dataset's config (it starts from the run's, "
                    "e.g. data.root=/data/pngs)")
-    p.add_argument("--outlier-scores", nargs="+", choices=SCORE_CHOICES, metavar="SCORE",
+    p.add_argument("--outlier-scores", nargs="+", choices=SCORE_NAMES, metavar="SCORE",
                    help="scores to evaluate with --outliers-against: %(choices)s "
                    "(default: all)")
     p.add_argument("-o", "--out", help="also write the JSON here (a file, or a folder for "

@@ -611,6 +611,13 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     assert code == 2
     assert "needs images of one shape" in stderr and "(1, 28, 28)" in stderr
     assert "(1, 32, 32)" in stderr
+    # -o into new folders: made before the work, removed again when it fails (they were left)
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder",
+                              "--against-set", f"data.root={pngs}",
+                              "--outlier-scores", "neg_log_prob",
+                              "-o", f"{tmp_path / 'made' / 'sub'}/")
+    assert code == 2 and "needs images of one shape" in stderr
+    assert not (tmp_path / "made").exists()
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder")
     assert code == 2 and "data.root: required when data.name is 'folder'" in stderr
     assert "--against-set data.KEY=VALUE" in stderr  # the other dataset's, not --set
