@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.func is cmd_train else "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError) as err:
+    except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError, MemoryError) as err:
         # A FloatingPointError (Adam or EM diverged) or a RuntimeError from torch (e.g. out
         # of memory) is the user's to act on, like a bad value: its message, no traceback
         # (--verbose shows it).
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         plain = isinstance(err, (ValueError, TypeError, OSError))
         kind = "" if plain else f"{type(err).__name__}: "
-        print(f"error: {kind}{err}", file=sys.stderr)
+        print(f"error: {kind}{str(err) or 'out of memory'}", file=sys.stderr)
         return 2
 
 

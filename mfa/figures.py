@@ -16,7 +16,19 @@ from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import DEFAULT_SCORE
 from mfa.run_outliers import rank_outliers
 
-__all__ = ["inpaint", "outliers", "sample", "visualize"]
+__all__ = ["check_sizes", "inpaint", "outliers", "sample", "visualize"]
+
+
+def check_sizes(output, image_shape) -> None:
+    """Refuse, before training, a run's output config (:class:`mfa.config.OutputConfig`)
+    whose sample, outlier or inpainting grid of ``image_shape`` ``(C, H, W)`` images would
+    exceed :data:`mfa.viz.MAX_FIGURE_PIXELS` (it failed after the training, out of memory)."""
+    _, height, width = image_shape
+    grids = [(output.n_samples or 32, output.grid_nrow)]  # the sample and outlier grids
+    if output.n_inpaint:  # a row an image: the image, the masked one, the mean, the samples
+        grids.append((output.n_inpaint * (3 + output.inpaint_samples), 3 + output.inpaint_samples))
+    for n, nrow in grids:
+        viz.check_figure_size(*viz.grid_size(n, nrow, height, width), output.image_scale)
 
 
 def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,

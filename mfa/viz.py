@@ -34,7 +34,10 @@ if TYPE_CHECKING:
     from mfa.model import MixtureOfFactorAnalyzers
 
 __all__ = [
+    "MAX_FIGURE_PIXELS",
+    "check_figure_size",
     "factor_grid",
+    "grid_size",
     "image_grid",
     "images_to_rows",
     "inpainting_grid",
@@ -100,14 +103,36 @@ def _to_uint8(x: Tensor) -> Tensor:
     return (x * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
 
 
+#: The most pixels a saved figure may have after upscaling (2^28: 0.8 GB as RGB); a larger
+#: one is refused before it is drawn (PIL ran out of memory, with a traceback, after the work).
+MAX_FIGURE_PIXELS = 2**28
+
+
+def grid_size(n: int, nrow: int, height: int, width: int, padding: int = 2) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a grid of ``n`` images ``height × width``, ``nrow`` a
+    row (as :func:`image_grid` lays them out)."""
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    return cols * (width + padding) + padding, rows * (height + padding) + padding
+
+
+def check_figure_size(width: int, height: int, scale: int) -> None:
+    """Refuse a ``width × height`` figure that upscaled ``scale`` times would have more than
+    :data:`MAX_FIGURE_PIXELS` pixels (a ``ValueError`` naming the sizes)."""
+    pixels = width * scale * height * scale
+    if pixels > MAX_FIGURE_PIXELS:
+        raise ValueError(
+            f"a {width}×{height}-pixel figure upscaled {scale}× would have {pixels:,} pixels, "
+            f"more than mfa.viz.MAX_FIGURE_PIXELS = {MAX_FIGURE_PIXELS:,}; use a smaller scale "
+            "(--scale, output.image_scale) or fewer images")
+
+
 def _grid_tensor(images: Tensor, nrow: int, padding: int, pad_value: float) -> Tensor:
     """``[N, C, H, W]`` in [0, 1] → ``[C, H', W']`` with ``nrow`` images per row."""
     n, c, h, w = images.shape
     cols = min(nrow, n)
-    rows = math.ceil(n / cols)
-    grid = images.new_full(
-        (c, rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value)
-    )
+    width, height = grid_size(n, nrow, h, w, padding)
+    grid = images.new_full((c, height, width), float(pad_value))
     for i in range(n):
         top = padding + (i // cols) * (h + padding)
         left = padding + (i % cols) * (w + padding)
@@ -158,6 +183,7 @@ def upscale(image: Image.Image, scale: int) -> Image.Image:
     """Enlarge by an integer factor with nearest-neighbour resampling (crisp pixels)."""
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
         raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    check_figure_size(image.width, image.height, scale)
     if scale == 1:
         return image
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)

@@ -38,7 +38,7 @@ from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_ch
 from mfa.config import RunConfig, apply_overrides, load_config, resolve_device, save_config
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
-from mfa.figures import inpaint, outliers, sample, visualize
+from mfa.figures import check_sizes, inpaint, outliers, sample, visualize
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.masks import make_mask, missing_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
@@ -314,10 +314,10 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
         except (TypeError, ValueError, KeyError) as error:
             raise CheckpointError(
                 f"checkpoint {ckpt.path} holds a trainer state that {type(trainer).__name__} "
-                f"cannot resume from: {error}"
-            ) from None
+                f"cannot resume from: {error}") from None
+    # The figures are drawn at the end: their sizes and the mask file are checked now.
+    check_sizes(config.output, data.image_shape)
     if config.output.n_inpaint and "image" in config.output.inpaint_masks:
-        # the mask file is read at the end, for the figures: read it now, before training
         make_mask("image", data.image_shape, 1, mask_image=config.output.mask_image)
     train_data, val_data = _training_data(data, config, device)
     train_data = _remove_pixels(config, data, train_data, "train")

@@ -914,6 +914,7 @@ def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
     ("train.em.seed=99999999999999999999999", "invalid value for train.em.seed: must be below"),
     (["output.inpaint_masks=[image]", "output.mask_image=/nonexistent/mask.png"],  # was
      "/nonexistent/mask.png"),  # found only after training
+    ("output.image_scale=100000", "use a smaller scale"),  # was: MemoryError after training
 ])
 def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, monkeypatch,
                                                                override, key):
@@ -1069,6 +1070,21 @@ def test_commands_on_a_run_refuse_data_settings_that_change_its_splits(run_dir):
     code, _, stderr = run_cli("evaluate", run_dir, "--set", "data.seed=0", "--set",
                               "data.limit=50")
     assert code == 0, stderr
+
+
+def test_a_figure_too_large_to_draw_is_an_error_not_a_traceback(run_dir, tmp_path):
+    code, stdout, stderr = run_cli("sample", run_dir, "--scale", 100000, "-n", 1,
+                                   "-o", tmp_path / "huge.png")
+    assert code == 2 and stderr.startswith("error: ") and "MAX_FIGURE_PIXELS" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "huge.png").exists()
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    with pytest.MonkeyPatch.context() as patch:  # any other MemoryError: its message, code 2
+        patch.setattr("mfa.workflow.sample", out_of_memory)
+        code, _, stderr = run_cli("sample", run_dir, "-o", tmp_path / "x.png")
+    assert code == 2 and stderr.strip() == "error: MemoryError: out of memory", stderr
 
 
 def test_outliers_out_dir_that_is_a_file_is_refused_before_the_work(run_dir, tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
 
-from mfa import MixtureOfFactorAnalyzers
+from mfa import MixtureOfFactorAnalyzers, viz
 from mfa.masks import make_mask
 from mfa.viz import (
     factor_grid,
@@ -41,6 +43,7 @@ def test_grid_size_and_mode_grayscale(n, nrow):
     image = image_grid(torch.rand(n, 1, 5, 7, generator=gen(0)), nrow=nrow)
     assert image.mode == "L"
     assert image.size == grid_size(n, nrow, 5, 7)
+    assert viz.grid_size(n, nrow, 5, 7) == grid_size(n, nrow, 5, 7)  # the library's formula
 
 
 def test_grid_rgb_padding_and_pixel_values():
@@ -99,6 +102,18 @@ def test_save_image_grid_upscales_and_decodes(tmp_path):
         assert len(set(block)) == 1
     with pytest.raises(ValueError, match="scale must be an int >= 1"):
         save_image_grid(images, tmp_path / "bad.png", scale=0)
+
+
+def test_a_figure_past_the_pixel_limit_is_refused_before_it_is_drawn(tmp_path):
+    """A huge scale ran PIL out of memory (a traceback, after the work); now one pixel past
+    MAX_FIGURE_PIXELS is refused naming the sizes, and the limit itself is drawn."""
+    side = math.isqrt(viz.MAX_FIGURE_PIXELS)  # 2^14: side² is the limit exactly
+    assert side * side == viz.MAX_FIGURE_PIXELS
+    viz.check_figure_size(1, 1, side)  # at the limit: allowed
+    with pytest.raises(ValueError, match=r"1×1-pixel figure upscaled 16385× would have "
+                                         r"268,468,225 pixels.*smaller scale"):
+        save_image(Image.new("L", (1, 1)), tmp_path / "huge.png", scale=side + 1)
+    assert not (tmp_path / "huge.png").exists()
 
 
 # ---------------------------------------------------------------------------- CHW layout
