@@ -266,8 +266,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
             raise ValueError(
                 "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
                 "(it returned its best epoch, not its last), so more epochs would not continue "
-                "the same run; start a new run (e.g. --config RUN/config.yaml --set "
-                "train.sgd.epochs=...)")
+                f"the same run; start a new run ({_new_run_hint(ckpt, 'train.sgd.epochs')})")
         if config.train.sgd.epochs < int(state.get("epoch", 0)):
             raise ValueError(
                 f"cannot lower train.sgd.epochs to {config.train.sgd.epochs} when resuming: "
@@ -298,9 +297,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     if "train.em.max_iter" in changed and config.train.method == "em" and finished:
         raise ValueError(
             "cannot change train.em.max_iter when resuming: this run's EM has finished, so "
-            "it would not run again; start a new run (e.g. --config RUN/config.yaml --set "
-            "train.em.max_iter=...)"
-        )
+            f"it would not run again; start a new run ({_new_run_hint(ckpt, 'train.em.max_iter')})")
 
 
 def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
@@ -321,3 +318,12 @@ def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> No
             "only iterations, checkpoints, progress, figures and data location: a cause in "
             "another setting, such as a learning rate, needs a new run)\n"
         )
+
+
+def _new_run_hint(ckpt, key: str) -> str:
+    """How to start a new run from a run's saved config, changing ``key``: a run folder
+    named by ``output.name`` needs another name (the saved one is taken)."""
+    hint = f"e.g. --config RUN/config.yaml --set {key}=..."
+    if ckpt.run_config.output.name is not None:
+        hint += f" --set output.name={ckpt.run_config.output.name}-2"
+    return hint

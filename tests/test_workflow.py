@@ -529,6 +529,29 @@ def test_max_iter_may_change_on_resume_only_in_the_first_restart(run, iteration,
         check_can_extend(ckpt, config, ["train.em.max_iter"])
 
 
+@pytest.mark.parametrize("method, key, state", [
+    ("em", "train.em.max_iter", {"run": 1, "iteration": 0}),
+    ("sgd", "train.sgd.epochs", {"epoch": 5, "stopped": True}),
+])
+@pytest.mark.parametrize("name", [None, "named"])
+def test_the_new_run_advice_of_a_finished_run_works_for_a_named_run(method, key, state, name):
+    """A finished run refuses more iterations/epochs and advises a new run from its config;
+    the saved config keeps output.name, whose folder exists, so the advice names another
+    (following it was refused again)."""
+    from types import SimpleNamespace
+
+    from mfa.run_folder import check_can_extend
+
+    saved = load_config(overrides=[f"train.method={method}", "train.em.n_init=1",
+                                   "train.em.reseed_rounds=0", "train.sgd.epochs=5",
+                                   *([f"output.name={name}"] if name else [])])
+    ckpt = SimpleNamespace(run_config=saved, trainer_state=state)
+    with pytest.raises(ValueError, match=r"start a new run \(e\.g\. --config RUN/config\.yaml "
+                                         rf"--set {key}=\.\.\.") as error:
+        check_can_extend(ckpt, apply_overrides(saved, [f"{key}=9"]), [key])
+    assert ("--set output.name=named-2" in str(error.value)) == (name is not None)
+
+
 def test_lowering_adam_epochs_below_those_done_is_refused_on_resume():
     from types import SimpleNamespace
 
