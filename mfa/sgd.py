@@ -379,7 +379,8 @@ class SGDTrainer:
                 loss = nll
                 if n_train is not None:  # the priors' penalty: global, the same everywhere
                     penalty = self.penalty(model, prior, n_train)
-                    penalty.backward()
+                    if penalty.requires_grad:  # (a ridge alone, without loadings: 0)
+                        penalty.backward()
                     loss = nll + penalty.detach().to(nll.dtype)
                 if not torch.isfinite(loss):
                     raise fail(

@@ -1029,3 +1029,20 @@ def test_float32_adam_loss_is_exact_on_pixel_like_rows():
     exact = torch.logsumexp(torch.stack([w[j].log() + MultivariateNormal(
         mu[j], a[j] @ a[j].T + torch.diag(psi[j])).log_prob(x) for j in range(k)]), 0).mean()
     assert trainer.history[0]["train_log_likelihood"] == pytest.approx(float(exact), abs=5e-3)
+
+
+def test_a_loading_ridge_without_loadings_is_no_penalty():
+    """A diagonal GMM (L = 0) with loading_ridge > 0 as the only prior term: the ridge has
+    nothing to act on, so the fit equals the unregularised one up to rounding (the start's
+    M-step takes the MAP form) (it crashed: backward() of the constant 0 penalty, 'element 0
+    of tensors does not require grad')."""
+    x = torch.randn(100, 6, generator=gen(0), dtype=F64)
+    val = torch.randn(30, 6, generator=gen(1), dtype=F64)
+    fits = []
+    for ridge in (0.0, 1.0):
+        model = MixtureOfFactorAnalyzers(2, 6, 0, dtype=F64)
+        SGDTrainer(SGDConfig(progress=False, epochs=2, seed=0, noise_prior_strength=0.0,
+                             loading_ridge=ridge)).fit(model, x, validation=val)
+        fits.append(model.state_dict())
+    for key in fits[0]:
+        torch.testing.assert_close(fits[1][key], fits[0][key], rtol=1e-9, atol=1e-12)
