@@ -347,7 +347,9 @@ class EMTrainer:
             # score: return the best parameters, scored for the comparison of restarts.
             model.load_state_dict(best)
             return self.evaluate(model, ctx.source), converged
-        if not converged and cfg.max_iter > 0:
+        if cfg.max_iter == 0:  # the initialisation, scored for the comparison of restarts
+            ll = self.evaluate(model, ctx.source)
+        elif not converged:
             # The last M-step's result has not been scored yet: score it for the comparison.
             ll = self.evaluate(model, ctx.source)
             warnings.warn(

@@ -1103,3 +1103,24 @@ def test_float32_e_step_records_the_log_likelihood_at_image_signal_to_noise(stat
     recorded = [r["train_log_likelihood"] for r in trainer.history]
     errors = [abs(r - s) for r, s in zip(recorded, scores[:-1], strict=True)]
     assert max(errors) < 0.01, errors
+
+
+def test_restarts_without_iterations_keep_the_best_initialisation():
+    """n_init > 1 with max_iter = 0 keeps the initialisation with the best train
+    log-likelihood (it kept restart 0's: never scored, every restart compared at −inf)."""
+    from mfa.em_state import restart_seed
+    from mfa.init import initialise
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(60, 6, generator=g) + 4 * torch.randn(1, 6, generator=g)
+                   for _ in range(5)]).double()
+    starts = []
+    for run in range(3):  # each restart's initialisation, as the trainer draws it
+        model = MixtureOfFactorAnalyzers(4, 6, 1, dtype=torch.float64)
+        initialise(model, x, "random", seed=restart_seed(3, run), variance_floor=1e-6)
+        starts.append(model.log_prob(x).mean().item())
+    assert max(starts) > starts[0] + 0.1  # the case this test is about
+    model = MixtureOfFactorAnalyzers(4, 6, 1, dtype=torch.float64)
+    EMTrainer(EMConfig(progress=False, max_iter=0, n_init=3, init="random", patience=0,
+                       noise_prior_strength=0, seed=3)).fit(model, x)
+    assert model.log_prob(x).mean().item() == pytest.approx(max(starts), rel=1e-12)
