@@ -396,6 +396,13 @@ class EMTrainer:
             # Every weight stays positive (log 0 = −inf would kill the component for good).
             params["weights"] = floored_weights(prior.weight_counts(stats.mass),
                                                 params["weights"].dtype)
+            if cfg.min_component_mass * model.n_components > float(stats.n_rows):
+                raise ValueError(
+                    f"EMConfig.min_component_mass={cfg.min_component_mass:g} with "
+                    f"{model.n_components} components needs at least "
+                    f"{cfg.min_component_mass * model.n_components:g} rows, the data has "
+                    f"{float(stats.n_rows):g}: some component would be re-seeded at every "
+                    "iteration; lower min_component_mass or the number of components")
             dead = (stats.mass < cfg.min_component_mass).nonzero().flatten().tolist()
             if dead:
                 split_heaviest(params, dead, gen)

@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import gen, roundtrip
+from helpers import gen, random_model, roundtrip
 from scipy.optimize import linear_sum_assignment
 from sklearn.decomposition import PCA, FactorAnalysis
 from sklearn.mixture import GaussianMixture
@@ -539,6 +539,21 @@ def test_far_away_component_is_reseeded(caplog):
     # The re-seeded component was moved next to the data and now carries real weight.
     assert float(model.means.detach().abs().max()) < 10
     assert float(model.weights.detach().min()) > 0.05
+
+
+def test_a_min_component_mass_the_data_cannot_give_every_component_is_refused():
+    """K · min_component_mass above the row count: the masses sum to N, so some component
+    would fall below it (and be re-seeded) at every iteration, with only a log line saying
+    so; refused at the first M-step, the model left as it was."""
+    x = torch.randn(40, 3, generator=gen(2), dtype=F64)
+    model = random_model(4, 3, 1, seed=0, dtype=F64)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"min_component_mass=11 with 4 components needs at "
+                                         r"least 44 rows, the data has 40"):
+        _fit(x, 4, 1, model=model, init="none", max_iter=5, min_component_mass=11.0)
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value)
+    _fit(x, 4, 1, model=model, init="none", max_iter=2, min_component_mass=10.0)  # 40: allowed
 
 
 # --------------------------------------------------------------------- validation and errors
