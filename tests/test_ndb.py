@@ -287,3 +287,26 @@ def test_ndb_on_cuda_matches_cpu_assignment():
     cpu = NDB.from_centers(train, bins.centers.cpu()).evaluate(query)
     assert torch.equal(result.bin_counts_samples, cpu.bin_counts_samples)
     assert result.z_scores.device.type == "cpu"
+
+
+def test_bins_do_not_move_with_a_common_shift_of_the_data():
+    """Rows far from the origin (float32): the bin of each row is its nearest centre, as a
+    float64 assignment to the returned centres says, and the counts are those of the
+    unshifted data (the distances' expansion about the origin cancelled: at 1e4, 282 of 400
+    training rows fell in one of 4 bins of ~100)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0, 0, 0], [3, 0, 0, 0], [0, 3, 0, 0], [0, 0, 3, 0]])
+    train = means[torch.randint(0, 4, (400,), generator=g)] + 0.5 * torch.randn(
+        400, 4, generator=g)
+    samples = means[torch.randint(0, 4, (400,), generator=g)] + 0.5 * torch.randn(
+        400, 4, generator=g)
+    found = []
+    for offset in (0.0, 1e4):
+        result = ndb(train + offset, samples + offset, n_bins=4, seed=0)
+        centers = result.centers.double()
+        for rows, counts in ((train + offset, result.bin_counts_train),
+                             (samples + offset, result.bin_counts_samples)):
+            nearest = torch.cdist(rows.double(), centers).argmin(1)
+            assert counts.tolist() == torch.bincount(nearest, minlength=4).tolist()
+        found.append((result.bin_counts_train.tolist(), result.bin_counts_samples.tolist()))
+    assert found[1] == found[0]
