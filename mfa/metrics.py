@@ -29,6 +29,7 @@ from mfa._data_stream import DEFAULT_BATCH_SIZE
 from mfa._validation import check_positive_int
 from mfa.data.quantized import QuantizedRows
 from mfa.ndb import NDB, NDBResult, js_divergence, ndb, two_proportion_z_test
+from mfa.training import check_reiterable
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -112,7 +113,7 @@ def total_log_likelihood(
     """
     check_positive_int(batch_size, "batch_size")
     if isinstance(data, Tensor):
-        if data.dim() < 2:
+        if data.dim() != 2:
             raise ValueError(f"data must have shape [N, D], got {tuple(data.shape)}")
         batches: Iterable = (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
     elif isinstance(data, QuantizedRows):
@@ -313,6 +314,8 @@ def select_model(
         check_positive_int(cand[1], "L", minimum=0)
     if not callable(fit_fn):
         raise TypeError(f"fit_fn must be callable, got {type(fit_fn).__name__}")
+    check_reiterable(train, "train")  # read once a candidate: refused before any fit
+    check_reiterable(validation, "validation")
 
     rows: list[dict] = []
     best_key = math.inf

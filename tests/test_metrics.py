@@ -242,6 +242,24 @@ def test_select_model_errors(separated_data):
         select_model(x, [3], fit_fn)
     with pytest.raises(TypeError, match="fit_fn must be callable"):
         select_model(x, [(1, 0)], None)
+    # A one-shot iterator is read once a candidate: refused before any fit (it failed with
+    # "data is empty" after fitting every candidate).
+    fitted = []
+
+    def counting_fit(k, lat):
+        fitted.append((k, lat))
+        return fit_fn(k, lat)
+
+    for kwargs in ({"train": iter([x])}, {"train": x, "validation": (b for b in [x])}):
+        with pytest.raises(TypeError, match="one-shot iterator"):
+            select_model(kwargs.pop("train"), [(1, 0), (2, 1)], counting_fit, **kwargs)
+    assert fitted == []
+    # A tensor with more than two dimensions: refused (its rows were counted as N·M).
+    model = fit_fn(1, 0)
+    with pytest.raises(ValueError, match=r"data must have shape \[N, D\], got \(10, 3, 5\)"):
+        total_log_likelihood(model, torch.zeros(10, 3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"data must have shape \[N, D\]"):
+        bic(model, torch.zeros(10, 3, 5, dtype=torch.float64))
     # Unfitted models with factors are fine as long as fit_fn returns something usable.
     result = select_model(x, [(1, 1), (2, 2)], fit_fn)
     assert {(r["K"], r["L"]) for r in result.rows} == {(1, 1), (2, 2)}
