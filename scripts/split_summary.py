@@ -87,8 +87,9 @@ def summarize(runs: list[dict], dataset: str) -> str:
 
 
 def _mean(values):
-    present = [v for v in values if v is not None]
-    return statistics.fmean(present) if present else None
+    """The mean over the seeds, or ``None`` when a seed has no value (a mean of the others
+    would be read as every seed's, and held against the target)."""
+    return None if not values or any(v is None for v in values) else statistics.fmean(values)
 
 
 def _num(value) -> str:

@@ -75,6 +75,7 @@ def test_quick_run_writes_the_table(tmp_path):
     cell = other["datasets"]["embedded-mnist"]["per_k"]["3"]
     first = results["datasets"]["embedded-mnist"]["per_k"]["3"]
     cell["targets"]["default_minus_tuned_mfa"] = 0.5
+    cell["targets"]["default_minus_sklearn_diag"] = None  # a seed without the figure
     cell["rows"][0]["test_bits_per_dim"] = (first["rows"][0]["test_bits_per_dim"] or 0) + 1.0
     (tmp_path / "other.json").write_text(json.dumps(other))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "split_summary.py"),
@@ -88,6 +89,10 @@ def test_quick_run_writes_the_table(tmp_path):
     row = next(line for line in summary.splitlines()
                if line.startswith("| 3 | default MFA − best hand-tuned MFA"))
     assert row.split(" | ")[2:5] == [f"{gap:.3f}", "0.500", f"{(gap + 0.5) / 2:.3f}"]
+    # no mean (nor verdict) from some of the seeds: it read as every seed's, "met"
+    row = next(line for line in summary.splitlines()
+               if line.startswith("| 3 | default MFA − sklearn default diag"))
+    assert [c.strip(" |") for c in row.split(" | ")[3:6]] == ["—", "—", "—"]
     default = first["rows"][0]["test_bits_per_dim"]
     if default is not None:
         row = next(line for line in summary.splitlines()
