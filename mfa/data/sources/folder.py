@@ -1,6 +1,8 @@
 """The ``"folder"`` source: every image file under ``root`` (recursively, sorted by path),
-labelled by its first-level sub-folder as :class:`torchvision.datasets.ImageFolder` does
-(``-1`` for images directly in ``root``); one pool split by seed."""
+labelled by its first-level sub-folder's index among those that hold images, sorted, as
+:class:`torchvision.datasets.ImageFolder` numbers them (which refuses a sub-folder without
+images; here it gets no index) (``-1`` for images directly in ``root``); one pool split by
+seed."""
 
 from __future__ import annotations
 
