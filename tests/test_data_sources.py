@@ -13,6 +13,7 @@ import gzip
 import os
 import re
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -593,6 +594,64 @@ def test_folder_channels_follow_the_folders_first_image_whatever_the_seed_or_lim
         data = load_dataset("folder", root=tmp_path, seed=seed, limit=limit, val_fraction=0.2,
                             test_fraction=0.2, cache_dir=tmp_path / "cache")
         assert data.image_shape == (1, 8, 8), (seed, limit)
+
+
+def test_the_cache_follows_the_first_image_that_sets_the_channels(tmp_path):
+    """The channels come from the folder's first file, also when a limit leaves it out of
+    the splits; the cache key left it out too, and a cached load kept 1 channel after it
+    became RGB (an uncached load: 3)."""
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(tmp_path / f"{i:02d}.png")
+    options = dict(root=tmp_path, limit=3, cache=True, cache_dir=tmp_path / "cache",
+                   val_fraction=0.2, test_fraction=0.2)
+    for seed in range(20):  # a split that leaves 00.png (all 0) out
+        data = load_dataset("folder", **options, seed=seed)
+        if all((data.pixels(s) != 0).all() for s in ("train", "val", "test")):
+            break
+    else:
+        pytest.fail("no seed left 00.png out")
+    options["seed"] = seed
+    assert data.image_shape == (1, 8, 8)
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / "00.png")
+    assert load_dataset("folder", **options).image_shape == (3, 8, 8)
+    assert load_dataset("folder", **{**options, "cache": False}).image_shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_file_name_that_is_not_utf8_loads(tmp_path, cache):
+    """A Latin-1 name (bytes b'caf\\xe9.png', decoded by Python with surrogateescape):
+    hashing it for the pools' fingerprint and the cache key raised UnicodeEncodeError."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for name in (b"a.png", b"caf\xe9.png", b"z.png"):
+        Image.fromarray(np.full((4, 4), len(name), np.uint8)).save(
+            os.fsdecode(os.fsencode(root) + b"/" + name))
+    data = load_dataset("folder", root, val_fraction=0.0, test_fraction=0.0, cache=cache,
+                        cache_dir=tmp_path / "cache")
+    assert data.sizes["train"] == 3 and sorted(data.train_pixels[:, 0].tolist()) == [5, 5, 8]
+
+
+@pytest.mark.parametrize("kind", ["pgm header cut short", "png claiming 20000×20000"])
+def test_a_damaged_image_is_named_in_the_error(tmp_path, kind):
+    """PIL's errors for these (a ValueError, a DecompressionBombError) named no file; the
+    first file (read for the channels) and any later one are named."""
+    for position in ("00", "05"):
+        root = tmp_path / f"{kind[:3]}-{position}"
+        root.mkdir()
+        for i in range(8):
+            Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(root / f"{i:02d}.png")
+        bad = root / f"{position}.{kind[:3]}"
+        (root / f"{position}.png").unlink()
+        if kind.startswith("pgm"):
+            bad.write_bytes(b"P5\n8")  # the header stops before the height
+        else:
+            Image.new("L", (1, 1)).save(bad)
+            raw = bytearray(bad.read_bytes())
+            raw[16:24] = struct.pack(">II", 20000, 20000)  # IHDR width, height
+            raw[29:33] = struct.pack(">I", zlib.crc32(raw[12:29]))  # and its checksum
+            bad.write_bytes(bytes(raw))
+        with pytest.raises(OSError, match=rf"cannot read image {re.escape(str(bad))}: "):
+            load_dataset("folder", root, val_fraction=0.0, test_fraction=0.0)
 
 
 def test_a_damaged_decoded_image_cache_entry_is_decoded_again(tmp_path, caplog):

@@ -71,8 +71,8 @@ class DecodeFiles(Dataset):
                 arr = np.array(img, dtype=np.uint8)  # a writable copy
         except FileNotFoundError as err:
             raise DatasetNotFoundError(f"image file {path} is missing") from err
-        except OSError as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from err
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         t = torch.from_numpy(np.ascontiguousarray(arr))
         if self.expected is not None and tuple(t.shape) != self.expected:
@@ -84,13 +84,27 @@ class DecodeFiles(Dataset):
         return t
 
 
+#: What PIL raises for a damaged file: OSError, ValueError (a PPM/PGM header cut short) and
+#: DecompressionBombError (a header claiming too many pixels), which name no file.
+_READ_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _unreadable(path: Path, err: Exception) -> Exception:
+    """``err`` as an error naming ``path`` (as it is, when it names it already)."""
+    if str(path) in str(err):
+        return err
+    return OSError(f"cannot read image {path}: {err}")
+
+
 def _first_mode(path: Path) -> str:
     """``"L"`` for a greyscale first image, else ``"RGB"``."""
     try:
         with Image.open(path) as im:
             return "L" if im.mode in _GREY_MODES else "RGB"
-    except OSError as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+    except FileNotFoundError as err:
+        raise DatasetNotFoundError(f"image file {path} is missing") from err
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from err
 
 
 def _default_workers(n: int) -> int:
@@ -109,19 +123,21 @@ def _default_workers(n: int) -> int:
 DECODER_VERSION = 2
 
 
-def _fingerprint(files: dict[str, list[Path]], key: dict) -> str:
+def _fingerprint(files: dict[str, list[Path]], key: dict, first: Path | None = None) -> str:
     """A hash of the decoder's version, the options ``key`` and every file's path, size and
-    modification time."""
+    modification time, and those of ``first`` (the file whose mode sets the channels)."""
     h = hashlib.sha256(f"decoder {DECODER_VERSION}|".encode())
     h.update(json.dumps(key, sort_keys=True, default=str).encode())
-    for s in SPLITS:
+    for s, paths in [*((s, files[s]) for s in SPLITS), ("first", [first] if first else [])]:
         h.update(f"|{s}|".encode())
-        for p in files[s]:
+        for p in paths:
             try:
                 st = p.stat()
-                h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                entry = f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n"
             except OSError:
-                h.update(f"{p}\0missing\n".encode())
+                entry = f"{p}\0missing\n"
+            # (surrogateescape: a name that is not UTF-8 keeps the bytes it was read from)
+            h.update(entry.encode(errors="surrogateescape"))
     return h.hexdigest()[:24]
 
 
@@ -147,7 +163,8 @@ def decode_splits(
     """
     cache_file = None
     if cache is not None:
-        cache_file = cache / "decoded" / f"{cache_key['name']}-{_fingerprint(files, cache_key)}.pt"
+        fingerprint = _fingerprint(files, cache_key, first)
+        cache_file = cache / "decoded" / f"{cache_key['name']}-{fingerprint}.pt"
         if cache_file.is_file():
             try:
                 saved = torch.load(cache_file, weights_only=True)

@@ -71,6 +71,7 @@ class Pools:
             if self.files is not None:
                 names = "\n".join(Path(os.path.relpath(f, top)).as_posix()
                                    for f in self.files[pool])
-                digest = hashlib.sha256(names.encode()).hexdigest()[:16]
+                # (surrogateescape: a name that is not UTF-8 keeps the bytes it was read from)
+                digest = hashlib.sha256(names.encode(errors="surrogateescape")).hexdigest()[:16]
             out[pool] = [int(labels.shape[0]), digest]
         return out
