@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -192,6 +193,8 @@ class EMTrainer:
             state = RunState()
         init_rows = None
         rounds = cfg.reseed_rounds if ctx.early_stopping and not allow and cfg.max_iter else 0
+        # A finished fit resumed: the model holds its result (the tempered step's included).
+        finished = state.run >= cfg.n_init + rounds
         for run in range(state.run, cfg.n_init + rounds):
             resuming = run == state.run and state.iteration > 0
             state.run = run
@@ -225,10 +228,12 @@ class EMTrainer:
             state.start_restart()
             if cfg.n_init > 1:
                 logger.info("EM run %d/%d: log-likelihood %.6g", run + 1, cfg.n_init, run_ll)
-        if state.best_params is not None:
+        if state.best_params is not None and not finished:
             model.load_state_dict(state.best_params)
         self.selected_noise_prior_variance = state.selected_noise_prior_variance
-        if cfg.tempered_step and ctx.search and not allow and cfg.max_iter:
+        if finished:
+            self.tempered = None if state.tempered is None else TemperedStep(**state.tempered)
+        elif cfg.tempered_step and ctx.search and not allow and cfg.max_iter:
             tempering_started = time.perf_counter()
             self.tempered = tempered_step(
                 model, lambda t: self.e_step(model, source, cfg.stats_dtype, t), val_source,
@@ -239,6 +244,7 @@ class EMTrainer:
             self.selection_seconds += time.perf_counter() - tempering_started
         self.converged = state.converged
         state.run = cfg.n_init + rounds
+        state.tempered = None if self.tempered is None else dataclasses.asdict(self.tempered)
         self._state = state.as_dict()
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)

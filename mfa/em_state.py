@@ -110,6 +110,9 @@ class RunState:
         best_val_log_likelihood, best_val_params, bad_iterations: early stopping within the
             restart: the best validation score so far, its parameters and the iterations since
             (``None``, ``None``, 0 without early stopping).
+        tempered: the fields of the fit's :class:`~mfa.tempering.TemperedStep` once the fit
+            is done (``None`` before, or when it was not tried): a finished fit resumed keeps
+            its result rather than trying the step again.
 
     The last two groups are saved only when set, so checkpoints without them still load.
     """
@@ -135,6 +138,7 @@ class RunState:
     stale_iterations: int = 0
     stint_gain: float | None = None
     selected_noise_prior_variance: float | None = None
+    tempered: dict | None = None
 
     REQUIRED = frozenset({"run", "iteration", "best_log_likelihood", "best_params", "runs_done"})
     #: The accepted types of each saved key (checked on load, so a tampered state fails there).
@@ -148,7 +152,7 @@ class RunState:
         "best_val_noise_prior_variance": (float, int), "val_at_search": (float, int),
         "stint_best": (float, int), "stale_iterations": (int,),
         "stint_gain": (float, int), "best_run_val": (float, int),
-        "selected_noise_prior_variance": (float, int),
+        "selected_noise_prior_variance": (float, int), "tempered": (dict,),
     }
 
     def as_dict(self) -> dict:
@@ -171,7 +175,7 @@ class RunState:
             state["searches"] = self.searches
         for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance",
                      "val_at_search", "stint_best", "stint_gain", "best_run_val",
-                     "selected_noise_prior_variance"):
+                     "selected_noise_prior_variance", "tempered"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
         return state
@@ -199,6 +203,7 @@ class RunState:
             stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
             stint_gain=state.get("stint_gain"), best_run_val=state.get("best_run_val"),
             selected_noise_prior_variance=state.get("selected_noise_prior_variance"),
+            tempered=state.get("tempered"),
         )
 
     def records_up_to(self, history: list[dict]) -> list[dict]:
