@@ -202,7 +202,7 @@ class EMTrainer:
                 model.load_state_dict(state.best_params)
                 if state.best_run_val is None:  # a fit saved before the rounds existed
                     state.best_run_val = self._score_validation(model, ctx)
-                if not reseed_round(model, validation, cfg.batch_size, cfg.seed + run):
+                if not reseed_round(model, ctx.val_source, cfg.batch_size, cfg.seed + run):
                     break
                 state.start_restart()
             elif not resuming:

@@ -46,16 +46,22 @@ def validation_log_joint(
 
     Args:
         model: the fitted mixture.
-        validation: a tensor ``[N, D]``, :class:`~mfa.data.QuantizedRows`, ``Dataset`` or
+        validation: a :class:`~mfa._data_stream.DataSource` (a sharded one: every process's
+            rows), or a tensor ``[N, D]``, :class:`~mfa.data.QuantizedRows`, ``Dataset`` or
             iterable of batches (as the trainers take it).
         batch_size: rows per batch for tensors and datasets.
     """
-    source = DataSource(validation, model, batch_size, name="validation")
+    source = (validation if isinstance(validation, DataSource)
+              else DataSource(validation, model, batch_size, name="validation"))
     with torch.no_grad():
         parts = [model.component_log_prob(batch).double() for batch in source]
-    if not parts or sum(p.shape[0] for p in parts) == 0:
+    log_joint = torch.cat(parts) if parts else torch.zeros(
+        0, model.n_components, dtype=torch.float64, device=model.means.device)
+    if source.sharded:  # every process's rows, in rank order, on every process
+        log_joint = distributed.concat_rows(log_joint, max_rows=2**62)
+    if log_joint.shape[0] == 0:
         raise ValueError("validation is empty")
-    return torch.cat(parts)
+    return log_joint
 
 
 def removal_gains(log_joint: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
@@ -150,10 +156,15 @@ def reseed_components(
 def reseed_round(model: MixtureOfFactorAnalyzers, validation, batch_size: int,
                  seed: int) -> bool:
     """The start of :class:`~mfa.em.EMTrainer`'s re-seeding round: re-seed ``model``'s
-    harmful components in place (found on rank 0 under :mod:`torch.distributed` and the
+    harmful components in place (under :mod:`torch.distributed` found on every process from
+    all of a sharded :class:`~mfa._data_stream.DataSource`'s rows, else on rank 0, and the
     model broadcast, so every process starts the round alike), with a generator seeded by
     ``seed``. ``False`` (the model untouched) when no component is harmful."""
-    harmful = distributed.broadcast_from_main(harmful_components, model, validation, batch_size)
+    if isinstance(validation, DataSource) and validation.sharded:  # (the same on every one)
+        harmful = harmful_components(model, validation, batch_size)
+    else:
+        harmful = distributed.broadcast_from_main(harmful_components, model, validation,
+                                                  batch_size)
     if harmful:
         logger.info("EM: re-seeding %d component(s) that lower the validation score",
                     len(harmful))

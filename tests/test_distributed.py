@@ -225,6 +225,20 @@ def _crash_job(rank: int) -> dict:
             "trace": traceback.format_stack()}
 
 
+def _sharded_reseed(val_rows: int):
+    """EM with re-seeding rounds over per-process loaders of train and validation rows (what
+    docs/distributed.md recommends): ``(parameters, [(run, iteration)])``."""
+    x = _data()
+    train, val = TensorDataset(x[:240]), TensorDataset(x[240:240 + val_rows])
+    loaders = [DataLoader(d, batch_size=32, sampler=distributed.ShardSampler(d))
+               for d in (train, val)]
+    model = MixtureOfFactorAnalyzers(4, 6, 2, generator=torch.Generator().manual_seed(1)).double()
+    trainer = EMTrainer(EMConfig(max_iter=15, batch_size=32, kmeans_iter=5, complete_iter=2,
+                                 progress=False, patience=2, reseed_rounds=3, tol=0.0))
+    trainer.fit(model, *loaders)
+    return _params(model), [(r["run"], r["iteration"]) for r in trainer.history]
+
+
 def _edges_job(rank: int) -> dict:
     """Review cases under two processes, each recorded (not raised) for the tests below."""
     x = _data()
@@ -255,6 +269,10 @@ def _edges_job(rank: int) -> dict:
         "adam_unequal": lambda: SGDTrainer(SGDConfig(epochs=1, batch_size=30, progress=False,
                                                      kmeans_iter=2, complete_iter=0)).fit(
             _model(), DataLoader(data, batch_size=30, sampler=distributed.ShardSampler(data))),
+        # re-seeding rounds judged the components on rank 0's validation rows alone (results
+        # 0.7-1.4 apart from one process's), and failed where its shard was empty
+        "em_sharded_reseed": lambda: _sharded_reseed(61),
+        "em_sharded_reseed_one_val_row": lambda: _sharded_reseed(1),
         # one validation row: rank 0's shard is empty; its tempered step failed on no batches
         "tempered_one_val_row": lambda: EMTrainer(EMConfig(
             max_iter=3, batch_size=32, kmeans_iter=2, complete_iter=0, progress=False)).fit(
@@ -384,6 +402,23 @@ def test_adam_refuses_per_process_loaders_of_unequal_length(edges):
         kind, message = rank["adam_unequal"]
         assert kind == "ValueError"
         assert "yield between 5 and 6 (this process:" in message
+
+
+@pytest.mark.parametrize("case, val_rows", [("em_sharded_reseed", 61),
+                                            ("em_sharded_reseed_one_val_row", 1)])
+def test_reseeding_rounds_over_per_process_validation_equal_one_process(edges, case, val_rows):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params, history = _sharded_reseed(val_rows)
+    finally:
+        torch.set_num_threads(before)
+    assert max(run for run, _ in history) >= 1  # a re-seeding round ran (what this is about)
+    for rank in edges:
+        kind, result = rank[case]
+        assert kind == "ok", result
+        _assert_close(result[0], params, 1e-10, f"{case} rank")
+        assert result[1] == history
 
 
 def test_tempered_step_with_an_empty_validation_shard(edges):
