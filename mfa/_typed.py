@@ -99,11 +99,15 @@ def over_section_defaults(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(data)
     for f in dataclasses.fields(cls):
         value = out.get(f.name)
-        if not isinstance(value, Mapping) or f.default_factory is dataclasses.MISSING:
+        given = isinstance(value, Mapping) or (value is None and f.name in out)
+        if not given or f.default_factory is dataclasses.MISSING:
             continue
         default = f.default_factory()
         if not dataclasses.is_dataclass(default):
             continue
+        # An empty section (`em:` with every key commented out, or `null`) is that field's
+        # default, as an omitted one is (it was the class's: checkpoint_every=0, not 1).
+        value = {} if value is None else value
         plain = type(default)()
         changed = {g.name: getattr(default, g.name) for g in dataclasses.fields(default)
                    if g.init and getattr(default, g.name) != getattr(plain, g.name)}

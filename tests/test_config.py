@@ -455,6 +455,21 @@ def test_a_partial_trainer_section_keeps_the_runs_defaults(tmp_path):
     assert config_from_dict(config_to_dict(explicit)) == explicit
 
 
+def test_an_empty_trainer_section_keeps_the_runs_defaults(tmp_path):
+    """`em:` with every key commented out (YAML null), `em: null` or `--set train.em=null`:
+    the run's section, as an omitted one gives (they took the class defaults: no checkpoint
+    until the end, so a killed run could not be resumed)."""
+    run = RunConfig().train
+    for i, text in enumerate(["train:\n  em:\n    # max_iter: 5\n  sgd:\n",
+                              "train: {em: null, sgd: null}\n"]):
+        path = tmp_path / f"empty-{i}.yaml"
+        path.write_text(text)
+        config = load_config(path)
+        assert config.train.em == run.em and config.train.sgd == run.sgd, text
+    config = load_config(None, ["train.em=null", "train.sgd=null"])
+    assert config.train.em == run.em and config.train.sgd == run.sgd
+
+
 def test_a_partial_hierarchical_stage_takes_the_runs_em_for_the_keys_it_leaves_out():
     config = load_config(None, ["train.method=hierarchical", "train.em.max_iter=7",
                                 "train.hierarchical.root_em={tol: 0.01}"])
