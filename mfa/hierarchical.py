@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mfa import parameters
+from mfa import distributed, parameters
 from mfa._validation import all_finite
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
@@ -273,6 +273,16 @@ class HierarchicalTrainer:
     def _em(self, em: EMConfig, seed: int) -> EMTrainer:
         return EMTrainer(replace(em, seed=seed))
 
+    def _stage_file(self, path: Path | None, what: str, n_features: int,
+                    dtype: torch.dtype) -> tuple[MixtureOfFactorAnalyzers, dict] | None:
+        """A stage's saved ``(model, state)`` as rank 0 reads it, on every process (``None``
+        where rank 0 has no such file): under torch.distributed only rank 0 writes them, and
+        the others' view of the folder raced its writes."""
+        if path is None:
+            return None
+        return distributed.broadcast_from_main(
+            lambda: self._load(path, what, n_features, dtype) if path.exists() else None)
+
     def _load(self, path: Path, what: str, n_features: int,
               dtype: torch.dtype) -> tuple[MixtureOfFactorAnalyzers, dict]:
         loaded = load_checkpoint(path)
@@ -341,8 +351,9 @@ class HierarchicalTrainer:
         # ---- root
         started = time.perf_counter()
         root_path = folder / "root.pt" if folder is not None else None
-        if root_path is not None and root_path.exists():
-            self.root, state = self._load(root_path, "root", n_features, dtype)
+        saved = self._stage_file(root_path, "root", n_features, dtype)
+        if saved is not None:
+            self.root, state = saved
             self.root.to(root_device)
             saved_counts = state.get("counts")
             record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
@@ -366,7 +377,7 @@ class HierarchicalTrainer:
                 f"{root_path} was fitted to other data: its rows per root component "
                 f"{saved_counts.tolist()} differ from this data's {self.counts.tolist()}"
             )
-        if root_path is not None and not record["resumed"]:
+        if root_path is not None and not record["resumed"] and distributed.is_main_process():
             save_checkpoint(root_path, self.root, trainer_state={
                 "config": fingerprint, "counts": self.counts, "n_rows": n_rows})
         record["seconds"] = time.perf_counter() - started
@@ -381,8 +392,9 @@ class HierarchicalTrainer:
             self.kept[k] = n_k == 0
             path = folder / f"child-{k:05d}.pt" if folder is not None else None
             trainer = None
-            if path is not None and path.exists():
-                child, state = self._load(path, f"child {k}", n_features, dtype)
+            saved = self._stage_file(path, f"child {k}", n_features, dtype)
+            if saved is not None:
+                child, state = saved
                 found = (state.get("component"), state.get("rows"), child.n_components)
                 if found != (k, rows_k, n_k or 1):  # (swapped files gave another model)
                     raise ValueError(
@@ -414,7 +426,7 @@ class HierarchicalTrainer:
                             f"{error}") from error
                     logger.info("child %d/%d: %d rows, %d components", k + 1,
                                 cfg.root_components, rows_k, n_k)
-                if path is not None:
+                if path is not None and distributed.is_main_process():
                     save_checkpoint(path, child, trainer_state={
                         "config": fingerprint, "component": k, "rows": rows_k})
             self.children.append(child.to(child_device))
@@ -426,8 +438,9 @@ class HierarchicalTrainer:
         # ---- flatten (and optionally a few EM iterations on the flat model)
         started = time.perf_counter()
         final_path = folder / "model.pt" if folder is not None else None
-        if final_path is not None and final_path.exists():
-            self.model, _ = self._load(final_path, "model", n_features, dtype)
+        saved = self._stage_file(final_path, "model", n_features, dtype)
+        if saved is not None:
+            self.model = saved[0]
             self.model.to(torch.device(cfg.final_em.device or child_device)
                           if cfg.final_em is not None else child_device)
             resumed, trainer = True, None
@@ -437,7 +450,7 @@ class HierarchicalTrainer:
             if cfg.final_em is not None:
                 trainer = self._em(cfg.final_em, cfg.seed)
                 trainer.fit(self.model, data, validation=validation)
-            if final_path is not None:
+            if final_path is not None and distributed.is_main_process():
                 save_checkpoint(final_path, self.model, trainer_state={"config": fingerprint})
         self._emit({"stage": "final", "rows": n_rows, "n_components": self.model.n_components,
                     "resumed": resumed, **_summary(trainer),

@@ -30,6 +30,7 @@ from mfa.checkpoint import load_checkpoint
 from mfa.cli import main
 from mfa.data import QuantizedRows
 from mfa.em import EMConfig, EMTrainer
+from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
@@ -225,6 +226,32 @@ def _crash_job(rank: int) -> dict:
             "trace": traceback.format_stack()}
 
 
+def _hierarchical_job(rank: int) -> dict:
+    """A hierarchical fit into one checkpoint folder, then the same fit resumed from it: the
+    stage files each rank wrote, each stage's "resumed" flag and the model, per attempt."""
+    import mfa.hierarchical as hierarchical
+
+    writes: list[str] = []
+    save = hierarchical.save_checkpoint
+
+    def spy(path, *args, **kwargs):
+        writes.append(Path(path).name)
+        return save(path, *args, **kwargs)
+
+    hierarchical.save_checkpoint = spy
+    em = EMConfig(max_iter=3, batch_size=64, kmeans_iter=3, complete_iter=1, progress=False,
+                  patience=0)
+    config = HierarchicalConfig(root_components=2, n_factors=2, rows_per_component=60,
+                                max_child_components=2, root_em=em, child_em=em)
+    out = {}
+    for attempt in ("fresh", "resumed"):
+        trainer = HierarchicalTrainer(config)
+        model = trainer.fit(_data(), checkpoint_dir=Path(os.environ["MFA_TEST_HIERARCHY"]))
+        out[attempt] = (list(writes), [r["resumed"] for r in trainer.history], _params(model))
+        writes.clear()
+    return out
+
+
 def _sharded_reseed(val_rows: int):
     """EM with re-seeding rounds over per-process loaders of train and validation rows (what
     docs/distributed.md recommends): ``(parameters, [(run, iteration)])``."""
@@ -363,6 +390,21 @@ def test_only_rank_zero_checkpoints(two_processes):
     single, ranks = two_processes
     assert single["em_saves"] == 3  # one per iteration until the stop after iteration 3
     assert [r["em_saves"] for r in ranks] == [3, 0]
+
+
+def test_hierarchical_stage_files_are_written_by_rank_zero_and_resumed_by_all(tmp_path,
+                                                                             monkeypatch):
+    """Every rank wrote the stage files, or loaded another's half-written one, as the race of
+    their folder checks went; now rank 0 writes them and every rank resumes from its view."""
+    monkeypatch.setenv("MFA_TEST_HIERARCHY", str(tmp_path / "hierarchy"))
+    rank0, rank1 = _spawn("_hierarchical_job", tmp_path)
+    assert rank0["fresh"][0] == ["root.pt", "child-00000.pt", "child-00001.pt", "model.pt"]
+    assert rank1["fresh"][0] == [] and rank0["resumed"][0] == rank1["resumed"][0] == []
+    for rank in (rank0, rank1):
+        assert not any(rank["fresh"][1]) and all(rank["resumed"][1])
+        for name, value in rank0["fresh"][2].items():
+            assert torch.equal(rank["fresh"][2][name], value), name
+            assert torch.equal(rank["resumed"][2][name], value), name
 
 
 def test_crashed_rank_does_not_hang_the_other(tmp_path):
