@@ -1,5 +1,5 @@
 """The figures of a trained run: sample grids, inpainting grids, outlier rankings and factor
-grids, each saved as an image (the ``mfa sample`` / ``inpaint`` / ``outliers`` / ``factors``
+grids, each saved as an image (the ``mfa sample`` / ``inpaint`` / ``outliers`` / ``visualize``
 commands and the end of ``mfa train``, :mod:`mfa.workflow`)."""
 
 from __future__ import annotations

@@ -11,8 +11,13 @@ thousands of components does not fit one device:
 
        rows_k < min_child_rows  →  the root component is kept as it is (one child, its own
                                    parameters, no fit)
-       otherwise                →  n_k = min(rows_k, clamp(rows_k // rows_per_component,
+       otherwise                →  n_k = min(rows_k − held_k, clamp(rows_k // rows_per_component,
                                              min_child_components, max_child_components))
+
+   at least 1, where ``held_k = round(rows_k · child_em.val_fraction)`` are the rows the
+   child's EM holds out for validation when ``child_em`` needs them (the automatic noise
+   prior or early stopping; else 0); a component whose rows would all be held out is kept as
+   it is (:func:`mfa.hierarchical_config.child_components`).
 
 4. **flatten** root and children into one :class:`~mfa.model.MixtureOfFactorAnalyzers` of
    ``K = Σ_k n_k`` components with weights ``π_k · π_{k,j}``, means, loadings and noise of
