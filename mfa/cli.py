@@ -358,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def overwrite_flag(p):
         p.add_argument("--overwrite", action="store_true", help="replace existing output "
-                       "files (else a default name moves on to name-2, … and a path given is refused)")
+                       "files (else a default name moves on to name-2, …, and a path given "
+                       "is refused)")
 
     def with_run(p, needs_data=True, seeded=True):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
