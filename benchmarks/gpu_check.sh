@@ -115,8 +115,10 @@ EOF
     step "CUDA tests (timeout ${TEST_TIMEOUT} s)"
     mapfile -t cuda_files < <(grep -l "mark.cuda" tests/test_*.py)
     echo "files with CUDA tests: ${cuda_files[*]}"
-    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -m cuda -p no:cacheprovider -rs \
-        --junitxml="$RESULTS/pytest_cuda.xml" "${cuda_files[@]}"
+    # -v: one line a test as it ends, so a step killed by its timeout shows where it hung
+    # (the JUnit XML is written only at the end)
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v -m cuda -p no:cacheprovider -rs \
+        --durations=5 --junitxml="$RESULTS/pytest_cuda.xml" "${cuda_files[@]}"
     rc=$?
     if [ "$has_cuda" = 0 ] && [ "$rc" -eq 0 ]; then
         echo "-- CUDA tests: skipped, no CUDA device (they only collected and skipped)"

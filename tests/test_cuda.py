@@ -4,6 +4,7 @@ CPU suite covers the logic; these check device placement, generators and kernels
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -79,10 +80,21 @@ def test_em_on_cuda_matches_cpu(stats_dtype):
     torch.testing.assert_close(cuda.means, cpu.means, rtol=1e-6, atol=1e-8)
 
 
-def test_adam_on_cuda_runs_and_improves():
+def _adam_from_a_poor_start(device: str) -> tuple[MixtureOfFactorAnalyzers, SGDTrainer]:
+    """Adam on ``device`` for 3 epochs from a model of other data (``init="none"``: no
+    K-means, no EM step at the start), which leaves it room to improve. (From the default
+    start, K-means then one MAP EM step, 3 epochs lowered the validation score in 6 of 8
+    seeds on the CPU: the test failed there whatever the device did.)"""
     x = _data().float()
-    model = MixtureOfFactorAnalyzers(3, 12, 2)
-    trainer = SGDTrainer(SGDConfig(epochs=3, progress=False, device="cuda", patience=0))
-    trainer.fit(model, x.cuda())
+    model = random_model(3, 12, 2, seed=9).float()
+    trainer = SGDTrainer(SGDConfig(epochs=3, progress=False, device=device, patience=0,
+                                   init="none"))
+    trainer.fit(model, x.to(device))
+    return model, trainer
+
+
+def test_adam_on_cuda_runs_and_improves():
+    model, trainer = _adam_from_a_poor_start("cuda")
     vals = [h["val_log_likelihood"] for h in trainer.history]
-    assert model.loc.is_cuda and vals[-1] >= vals[0]
+    assert model.loc.is_cuda and all(math.isfinite(v) for v in vals)
+    assert vals[-1] > trainer.start_val_log_likelihood + 1.0

@@ -862,7 +862,10 @@ def test_tf32_m_step_against_float64_reference(stats_dtype):
     on a noise variance): means ≤ 1e-4 (relative to max |μ|), loadings ≤ 1e-3 (relative
     Frobenius), noise variances ≤ 1e-2 (max relative). float32 without TF32 (measured on the
     CPU): 8e-8, 5.5e-7 and 6e-7 (float64/precise) to 2.8e-5 (float32 mode). TF32 rounds each
-    product's inputs to 11 significant bits (2⁻¹¹ ≈ 4.9e-4)."""
+    product's inputs to 11 significant bits (2⁻¹¹ ≈ 4.9e-4). The ``mixed`` and ``float32``
+    modes sum in float32 and keep TF32's error (opt-in, documented): their noise variances
+    are held to 3e-2 with TF32 (a CPU emulation of TF32's rounding gave 4.6e-3 and 1.01e-2,
+    on the edge of 1e-2; the H200 benchmark's other problem 0.7 % and 2.1 %)."""
     g = gen(0)
     k, d, lat, n = 8, 768, 6, 4096
     truth = MixtureOfFactorAnalyzers.from_parameters(
@@ -893,6 +896,8 @@ def test_tf32_m_step_against_float64_reference(stats_dtype):
                       / ref.noise_variance).max(),
         }
         for name, bound in bounds.items():
+            if tf32 and name == "noise" and stats_dtype in ("mixed", "float32"):
+                bound = 3e-2
             assert errors[name].item() <= bound, (stats_dtype, tf32, name, errors[name].item())
 
 
