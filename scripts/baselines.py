@@ -35,13 +35,13 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from _provenance import commit  # (scripts/, on sys.path when run as a script)
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -454,13 +454,8 @@ def main(argv=None) -> None:
 
     started = time.perf_counter()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     results = {"meta": {
-        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit,
+        "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit(),
         "load_before": load_before, "torch_threads": args.threads, "n_factors": args.n_factors,
         "seed": args.seed,
         "adam_epochs": args.adam_epochs, "em_max_iter": args.em_max_iter,
