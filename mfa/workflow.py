@@ -330,7 +330,6 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     """Fit, evaluate, save; ``config_changed``: a resume's new values, written to config.yaml
     with its first checkpoint (a resume stopped before it keeps the checkpoint's)."""
     data, model, trainer = setup.data, setup.model, setup.trainer
-    finished = ckpt is not None and not is_unfinished(ckpt) and not config_changed  # as it was
     logger.info("run folder %s; device %s", run_dir, setup.device)
     logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
     mc = config.model
@@ -374,7 +373,7 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
         viz.plot_training_curve(trainer.history, run_dir / "curve.png",
                                 title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
     if figures:  # a resume keeps the files the per-run commands wrote meanwhile
-        draw_figures(model, data, config, run_dir, replace=None if finished else ckpt is None)
+        draw_figures(model, data, config, run_dir, replace=ckpt is None)
     return TrainResult(run_dir, model, metrics)
 
 
@@ -394,44 +393,45 @@ def evaluate_model(model: MixtureOfFactorAnalyzers, data: ImageData, splits) -> 
 
 
 def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunConfig,
-                 run_dir: Path, *, replace: bool | None = True) -> list[Path]:
-    """The figures a run's config asks for, saved in ``run_dir``: ``replace=False`` (a resumed
-    run) moves a taken name on to ``<name>-2``, … (the per-run commands write the same names),
-    ``None`` (a finished run resumed as it was: the same model) draws only those it lacks."""
-    out, seed = config.output, config.seed
-    figures = []  # (name, companions, draw(path) → path or paths)
+                 run_dir: Path, *, replace: bool = True) -> list[Path]:
+    """The figures a run's config asks for, saved in ``run_dir``; with ``replace=False`` (a
+    resumed run) a name that is taken moves on to ``<name>-2``, … (``mfa outliers`` and the
+    other commands write the same default names into a run folder)."""
+    out = config.output
+    paths = []
+    gen_seed = config.seed
+
+    def at(name: str, *companions: str) -> Path:
+        return run_dir / name if replace else free_path(run_dir / name, companions)
+
     if out.n_samples:
-        figures.append(("samples.png", (), lambda p: sample(
-            model, data.image_shape, p, n=out.n_samples, nrow=out.grid_nrow, seed=seed,
-            scale=out.image_scale)))
+        paths.append(sample(model, data.image_shape, at("samples.png"), n=out.n_samples,
+                            nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale))
     held_out = data.pixels("test").shape[0] > 0  # the inpainting and outlier figures' split
     if not held_out:
         logger.warning("the test split is empty (data.test_fraction=0?): no inpainting or "
                        "outlier figures")
-    for kind in out.inpaint_masks if out.n_inpaint and held_out else ():
-        figures.append((f"inpaint-{kind}.png", (), lambda p, kind=kind: inpaint(
-            model, data, p, mask=kind, n=out.n_inpaint, n_samples=out.inpaint_samples,
-            seed=seed, scale=out.image_scale, mask_image=out.mask_image)))
-    observed = missing_masks(config, data, "train") if out.n_inpaint else None
-    if observed is not None:  # what training did not see, filled in by the model
-        figures.append(("inpaint-train-missing.png", (), lambda p: inpaint(
-            model, data, p, split="train", observed=observed[: out.n_inpaint], n=out.n_inpaint,
-            n_samples=out.inpaint_samples, seed=seed, scale=out.image_scale)))
+    if out.n_inpaint and held_out:
+        for kind in out.inpaint_masks:
+            paths.append(inpaint(model, data, at(f"inpaint-{kind}.png"), mask=kind,
+                                 n=out.n_inpaint, n_samples=out.inpaint_samples, seed=gen_seed,
+                                 scale=out.image_scale, mask_image=out.mask_image))
+    if out.n_inpaint:
+        observed = missing_masks(config, data, "train")
+        if observed is not None:  # what training did not see, filled in by the model
+            paths.append(inpaint(model, data, at("inpaint-train-missing.png"),
+                                 split="train", observed=observed[: out.n_inpaint],
+                                 n=out.n_inpaint, n_samples=out.inpaint_samples,
+                                 seed=gen_seed, scale=out.image_scale))
     if held_out:
-        figures.append(("outliers.png", (".csv",), lambda p: outliers(
-            model, data, run_dir, n=out.n_samples or 32, nrow=out.grid_nrow,
-            scale=out.image_scale, name=p.stem)))
+        paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
+                              nrow=out.grid_nrow, scale=out.image_scale,
+                              name=at("outliers.png", ".csv").stem))
     if out.n_factor_components:
-        figures.append(("factors.png", (), lambda p: visualize(
-            model, data.image_shape, p, scale=out.image_scale,
-            components=range(min(out.n_factor_components, model.n_components)))))
-    paths = []
-    for name, companions, draw in figures:
-        path = run_dir / name
-        if replace is None and free_path(path, companions) != path:
-            continue  # drawn already, from the same model
-        drawn = draw(path if replace is not False else free_path(path, companions))
-        paths.extend(drawn if isinstance(drawn, list) else [drawn])
+        paths.append(visualize(model, data.image_shape, at("factors.png"),
+                               components=range(min(out.n_factor_components,
+                                                    model.n_components)),
+                               scale=out.image_scale))
     return paths
 
 

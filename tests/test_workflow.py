@@ -196,29 +196,6 @@ def test_no_inpainting_figures_still_ranks_outliers(em_run, data, tmp_path):
     assert {"samples.png", "outliers.png", "outliers.csv", "factors.png"} <= names
 
 
-def test_draw_figures_of_a_finished_run_adds_only_what_it_lacks(em_run, data, tmp_path):
-    """replace=None (a finished run resumed as it was: the same model): the figures already
-    there stay as they are and no -2 copies appear; a missing one is drawn."""
-    config = load_checkpoint(em_run.run_dir / "checkpoint.pt").run_config
-    workflow.draw_figures(em_run.model, data, config, tmp_path)
-    (tmp_path / "factors.png").unlink()
-    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    paths = workflow.draw_figures(em_run.model, data, config, tmp_path, replace=None)
-    assert [p.name for p in paths] == ["factors.png"]
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name in before} == before
-    assert not any("-2" in p.name for p in tmp_path.iterdir())
-
-
-def test_resuming_a_finished_run_draws_no_copies_of_its_figures(tmp_path):
-    """`mfa train --resume` of a finished run drew every figure again as <name>-2."""
-    config = make_config(tmp_path, "done", "train.em.max_iter=2")
-    run = workflow.train(config).run_dir
-    names = sorted(p.name for p in run.iterdir())
-    workflow.train(None, resume=run)
-    assert sorted(p.name for p in run.iterdir()) == names
-    assert "samples.png" in names
-
-
 # ---------------------------------------------------------------------------- resume
 
 
