@@ -332,9 +332,8 @@ def initialise(
                         seed_rows=SEED_ROWS_PER_COMPONENT * k)
         if n_kmeans == n_fit:
             labels = result.labels
-        else:  # centred first, as in kmeans: the distances are expanded
-            offset = km_rows.mean(0)
-            labels = nearest_center(fit_rows - offset, result.centers - offset)[0]
+        else:
+            labels = nearest_center(fit_rows, result.centers)[0]
         init = fit_complete(
             fit_rows, labels, k, lat, model.noise, n_iter=complete_iter,
             variance_floor=variance_floor, min_noise=model.min_noise, generator=gen,

@@ -78,7 +78,8 @@ def nearest_center(
 
     The one nearest-centre rule of the package: K-means, K-means++ and the NDB bins
     (:mod:`mfa.ndb`) all assign rows with it. Each chunk costs one ``[n, K]`` matrix product
-    (:func:`squared_distances`).
+    (:func:`squared_distances`), about the centres' mean: the expansion about a far origin
+    cancels (float32 rows 1e4 from it put 282 of 400 rows in one of 4 NDB bins of ~100).
 
     Args:
         x: ``[N, D]``; centers: ``[K, D]`` (same dtype and device).
@@ -92,8 +93,10 @@ def nearest_center(
         batch_size = max(1, chunk_elements // max(1, centers.shape[0] + x.shape[1]))
     labels, dists = [], []
     with torch.no_grad():
+        offset = centers.mean(0)
+        centred = centers - offset
         for i in range(0, x.shape[0], batch_size):
-            best, idx = squared_distances(x[i : i + batch_size], centers).min(dim=-1)
+            best, idx = squared_distances(x[i : i + batch_size] - offset, centred).min(dim=-1)
             labels.append(idx)
             dists.append(best)
     if not labels:

@@ -178,7 +178,7 @@ class NDB:
         z = _transform(train, features, mean, std)
         centers = kmeans(z, n_bins, n_iter=kmeans_iter, seed=seed).centers
         centers = centers.to(dtype=z.dtype, device=z.device)
-        labels = _nearest_bin(z, centers, batch_size)
+        labels, _ = nearest_center(z, centers, batch_size=batch_size)
         counts = _bin_counts(labels, n_bins)
         empty = int((counts == 0).sum())
         if empty:  # K-means' centres coincide where the rows have fewer distinct values
@@ -233,7 +233,7 @@ class NDB:
         mean, std = _whitening_stats(train, idx) if whiten else (None, None)
         z = _transform(train, idx, mean, std)
         centers = centers.to(dtype=z.dtype, device=z.device)
-        labels = _nearest_bin(z, centers, batch_size)
+        labels, _ = nearest_center(z, centers, batch_size=batch_size)
         counts = _bin_counts(labels, centers.shape[0])
         return cls(
             centers, counts, n_features=d, alpha=alpha, features=idx,
@@ -310,15 +310,7 @@ class NDB:
 
     def _assign(self, x: Tensor) -> Tensor:
         z = _transform(x, self.features, self.mean, self.std)
-        return _nearest_bin(z, self.centers, self.batch_size)
-
-
-def _nearest_bin(z: Tensor, centers: Tensor, batch_size: int) -> Tensor:
-    """The nearest centre of each row ``z`` [N, D'] (labels [N]), both centred on the
-    centres' mean first: the distances expand ``‖z‖² − 2z·c + ‖c‖²``, which about a far
-    origin cancels (float32 rows 1e4 from it put 170 of 400 in the wrong bin)."""
-    offset = centers.mean(0)
-    return nearest_center(z - offset, centers - offset, batch_size=batch_size)[0]
+        return nearest_center(z, self.centers, batch_size=self.batch_size)[0]
 
 
 def ndb(
