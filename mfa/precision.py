@@ -26,8 +26,10 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   float32 sums about ``c``, so a component that owns few of its rows (one of two
   near-identical components) and lies far from ``c`` with a tiny variance gets float32's
   error on that mass.
-* ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components are
-  kept; the high signal-to-noise case loses ~1e-3, pixel-like rows with noise at 1e-6 under
+* ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components
+  without loadings are kept; with loadings ``Σ r x pᵀ`` is a float32 sum about ``c``, which
+  loses a far component's variance (one M-step, means 1e4 from ``c``: noise 1e-3 off by
+  0.27); the high signal-to-noise case loses ~1e-3, pixel-like rows with noise at 1e-6 under
   loadings of 0.3 lose 0.1 in one M-step).
 * ``"centred32"``: ``"centred"``'s form with the pairs' products in float32 (about each
   component's own mean, then moved to ``c`` in float64): far components are kept, the high
@@ -44,6 +46,12 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
 * ``"float32"``: every product in the data's dtype (loses both cases, and 0.4 of the noise
   variances of the pixel-like rows above; on image data the sparse ``"centred"`` forms are
   faster on CPUs).
+* How far is far: in every mode but ``"float64"`` the log-densities and ``p`` are float32
+  products about ``c``, which carry a relative error of about ``ε·|μ_k − c|/σ`` into the
+  latent sums — the size of float32's own rounding of rows that far out. One M-step of
+  components 1e3 from ``c`` (noise 1e-2, loadings 0.3, L = 2) puts the noise variances
+  ~7e-5 off in ``"precise"`` and ``"centred"``, at 1e4 ~5e-4 (noise 1e-3: 1e-3); on pixel
+  data (``|μ_k − c| ≤ 1``) this is below the tests' tolerances.
 * ``"auto"`` (the default, :func:`resolve_stats_dtype`): ``"centred"`` for float32 models,
   except ``"float64"`` on GPUs with full-rate float64 (P100/V100/A100/H100), where the
   exact E-step costs what float32 without TF32 costs (measured on an H200, CelebA-shaped:

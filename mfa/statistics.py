@@ -319,8 +319,9 @@ def _chunk_sums(
         sum_x2 = resp @ xc2  # [K, D]
     else:
         # Σ r x and Σ r x² in float64: the M-step subtracts the squared mean from the second
-        # moment, which cancels in float32 for components far from c.
-        xc_s = xc.to(moment_dtype)
+        # moment, which cancels in float32 for components far from c. x − c taken in float64
+        # (exact for float32 x and c): the float32 difference loses ε·|x − c| per entry.
+        xc_s = x.to(moment_dtype) - terms.reference.to(moment_dtype)
         sum_x2 = resp.to(moment_dtype) @ (xc_s * xc_s)  # [K, D]
         if precise_latent:
             sums = rhs.to(moment_dtype) @ xc_s  # [K + K·L, D]

@@ -554,15 +554,18 @@ def test_float32_log_prob_of_far_apart_components():
 
 @pytest.mark.parametrize("lat", [0, 1])
 @pytest.mark.parametrize(
-    "mode, tol",
-    [("float64", 1e-6), ("precise", 1e-4), ("centred", 1e-5), ("auto", 1e-5), ("mixed", 1e-4),
-     ("centred32", 1e-5)],
+    "mode, tols",
+    [("float64", (1e-6, 1e-6)), ("precise", (1e-6, 1e-5)), ("centred", (1e-6, 1e-5)),
+     ("auto", (1e-6, 1e-5)), ("mixed", (1e-6, 1e-4)), ("centred32", (1e-6, 1e-5))],
 )
-def test_e_step_modes_keep_far_apart_variances(mode, tol, lat):
+def test_e_step_modes_keep_far_apart_variances(mode, tols, lat):
     """The far-apart case through EMTrainer.e_step in every precision mode of a float32
-    model, against a float64 model's M-step (measured: float64 8e-8, precise/mixed 2e-5,
-    centred 4e-8 (L=0) and 3e-6 (L=1), centred32 1.6e-7 and 3.2e-6;
-    float32 is off by 6× and is only checked to stay positive in the test below)."""
+    model, against a float64 model's M-step; tolerance ``tols[lat]`` (measured, L=0 / L=1:
+    float64 4e-8 / 8e-8, precise 4e-8 / 3.2e-6, centred 6e-8 / 3.2e-6, mixed 4e-8 / 2.2e-5,
+    centred32 1.6e-7 / 3.1e-6; precise and mixed were at 1.5e-5 with L=0 while x − c was
+    taken in float32; float32 is off by 6× and is only checked to stay positive in the test
+    below)."""
+    tol = tols[lat]
     n = 2000
     lab = torch.arange(n) % 2
     x32 = (lab[:, None] * 100.0 + 0.01 * torch.randn(n, 3, generator=gen(0), dtype=F64)).float()
