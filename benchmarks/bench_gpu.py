@@ -21,7 +21,7 @@ would overrun it is skipped with a message):
   ``EMTrainer.fit`` for each ``EMConfig.stats_dtype``; s/epoch, GFLOP/s at
   ``4·N·D·K·(L+2)`` flops, the same-run FLOP limit and its fraction, peak GPU memory. The
   limit counts each product at the matmul rate of its precision: ``float64`` all at the
-  float64 rate; ``mixed`` ``2·N·D·K`` (``Σ r x``, ``Σ r x²``) at the float64 rate and the rest
+  float64 rate; ``mixed`` ``4·N·D·K`` (``Σ r x``, ``Σ r x²``) at the float64 rate and the rest
   at the float32 (or TF32) rate; ``float32`` all at the float32 (or TF32) rate. The
   log-likelihood pass that ``fit`` runs after its last M-step is timed separately.
 * **Adam**: ``SGDTrainer`` for one epoch (or as many steps as the budget allows); samples/s
@@ -348,10 +348,11 @@ def em_case(model0, pixels, mode: str, allow_tf32: bool, args, budget, clock, ra
     f64_rate = rates["float64"] * 1e9
     resolved = resolve_stats_dtype(mode, device, model0.dtype)
     result["resolved_stats_dtype"] = resolved
-    # float64 share of the flops: everything, the sums (half), the two moment sums, none.
+    # float64 share of the flops: everything, the sums (half), the two moment sums (each
+    # [K, n] @ [n, D], 2·n·D·K), none.
     # "centred": the owner shares, 2·n·D·(L+2) (1/K of the E-step; n = N rows); "centred32"
     # takes them in float32.
-    f64_flops = {"float64": flops, "precise": flops // 2, "mixed": 2 * n * d * k,
+    f64_flops = {"float64": flops, "precise": flops // 2, "mixed": 4 * n * d * k,
                  "centred": 2 * n * d * (lat + 2), "centred32": 0, "float32": 0}[resolved]
     limit = f64_flops / f64_rate + (flops - f64_flops) / f32_rate
     epoch = marks[0] - t0
@@ -544,7 +545,7 @@ def print_report(res: dict) -> None:
           f"mfa {res['mfa']}")
     print(f"shape: N={cfg['n_rows']} D={cfg['features']} K={cfg['components']} "
           f"L={cfg['factors']} batch={cfg['batch_size']}; data uint8 on the device "
-          f"({fmt(res.get('data_gb'), '.2f')} GB), built in {res.get('data_build_s', 0):.2f} s")
+          f"({fmt(res.get('data_gb'), '.2f')} GiB), built in {res.get('data_build_s', 0):.2f} s")
     if "matmul" in res:
         m = res["matmul"]
         print(f"\nmatmul [{m['shape'][0]}, {m['shape'][1]}] @ [{m['shape'][1]}, {m['shape'][2]}]"
@@ -567,7 +568,7 @@ def print_report(res: dict) -> None:
         print(f"\nEM, one epoch ({res['em'][0].get('tflop_per_epoch', float('nan')):.3g} TFLOP "
               f"= 4·N·D·K·(L+2)); default stats_dtype = {res['default_stats_dtype']!r}")
         print(f"  {'case':<22} {'s/epoch':>9} {'GFLOP/s':>10} {'limit s':>9} {'fraction':>9} "
-              f"{'peak GB':>9} {'ll pass':>8}  train ll")
+              f"{'peak GiB':>9} {'ll pass':>8}  train ll")
         for r in res["em"]:
             print_em_row(r)
     if res.get("adam"):
@@ -580,7 +581,7 @@ def print_report(res: dict) -> None:
                   f"steps: {r['samples_per_s']:.0f} samples/s, {r['gflops']:.1f} GFLOP/s, "
                   f"fraction {r['fraction_of_matmul_rate']:.2f}, epoch ≈ "
                   f"{r['seconds_per_epoch_extrapolated']:.2f} s, peak "
-                  f"{fmt(r['peak_memory_gb'], '.2f')} GB")
+                  f"{fmt(r['peak_memory_gb'], '.2f')} GiB")
     if "inpaint" in res:
         r = res["inpaint"]
         print(f"\ninpaint {r['rows']} rows ({r['hidden_fraction']:.0%} hidden, mean + 1 sample):")
@@ -590,16 +591,16 @@ def print_report(res: dict) -> None:
                 print(f"  {label:<10} OUT OF MEMORY: {v['out_of_memory']}")
             elif v:
                 print(f"  {label:<10} {v['seconds']:.3f} s, peak {fmt(v['peak_memory_gb'], '.2f')}"
-                      f" GB, finite {v['finite']}")
+                      f" GiB, finite {v['finite']}")
     if "large_model" in res:
         r = res["large_model"]
         print(f"\nlarge model {r['case']}: fits = {r['fits']} "
-              f"(parameters {fmt(r.get('parameters_gb'), '.2f')} GB)")
+              f"(parameters {fmt(r.get('parameters_gb'), '.2f')} GiB)")
         for name, v in r["phases"].items():
             state = ("ok" if v["ok"] else f"OUT OF MEMORY: {v['out_of_memory']}"
                      if "out_of_memory" in v else f"FAILED: {v['error']}")
             print(f"  {name:<24} {state}, {fmt(v.get('seconds'), '.3f')} s, "
-                  f"peak {fmt(v.get('peak_memory_gb'), '.2f')} GB")
+                  f"peak {fmt(v.get('peak_memory_gb'), '.2f')} GiB")
     for message in res["skipped"]:
         print(message)
     print("\ncase wall times (warm-ups included): " + ", ".join(
