@@ -174,3 +174,47 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
             figures["samples_per_s"] * 4 * 40 * 3 * (2 + 2) / 1e9 / max(
                 res["matmul_gflops"], res["matmul_gflops_after_modes"]))
     assert res["adam_samples_per_s"] == by_batch["100"]["samples_per_s"]
+
+
+def _bench_em_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+
+
+def test_bench_em_without_scikit_learn_says_so_before_timing(tmp_path):
+    """Without scikit-learn the peer is refused at the start with what to do (it crashed
+    after all the timing, writing no JSON)."""
+    code = ("import runpy, sys; sys.modules['sklearn'] = None; "
+            f"sys.argv = ['bench_em.py', '--synthetic', '900', '40', '--out', "
+            f"{str(tmp_path / 'em.json')!r}]; "
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'bench_em.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path, env=_bench_em_env())
+    assert proc.returncode == 2
+    assert "scikit-learn" in proc.stderr and "--no-sklearn" in proc.stderr
+    assert "s/iteration" not in proc.stdout  # nothing was timed
+
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed")
+def test_bench_em_held_out_peer_runs_as_many_iterations_as_mfa(tmp_path):
+    """The held-out comparison gives scikit-learn's GMM as many EM iterations as MFA (with
+    --iters 4 --fit-iters 5 it ran 7 against MFA's 5 and printed 5)."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "em.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_em.py"), "--root", str(FASHION),
+         "--rows", "400", "-k", "2", "-l", "1", "--batch-size", "200", "--iters", "4",
+         "--fit-iters", "8", "--adam-batch", "100", "--adam-steps", "1", "--init-runs", "1",
+         "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_bench_em_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["sklearn_diag_test_iterations"] == 8
+    assert "MFA held-out bits/dim after 8 EM iterations" in proc.stdout
+    assert "scikit-learn diag held-out bits/dim after 8 iterations" in proc.stdout
+    assert res["sklearn_diag_seconds_per_iter"] > 0
