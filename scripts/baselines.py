@@ -22,7 +22,7 @@ target ≤ 30 %; beside it, against the fixed fit at the hand-tuned grid's best,
 searches' and tempered step's own time over the rest of the default fit,
 ``EMTrainer.selection_seconds``).
 
-    python scripts/baselines.py --out docs/results            # the full run (≤ 25 min, 2 CPUs)
+    python scripts/baselines.py --out docs/results            # the full run (~50 min, 2 CPUs)
     python scripts/baselines.py --quick --out /tmp/baselines  # everything at tiny sizes
 """
 

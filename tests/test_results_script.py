@@ -51,3 +51,13 @@ def test_quick_run_writes_the_report(tmp_path):
     assert "smoke test" in text and "FLOORS" not in text and "floor among" not in text
     for figure in FIGURES:
         assert (tmp_path / "results" / f"embedded-mnist-{figure}.png").is_file(), figure
+    # --markdown-only rewrites the same page: the run's commit, threads and protocol come
+    # from results.json, not from the environment that rewrites it (it wrote 2 threads here).
+    assert res["run"]["torch_threads"] == 1 and res["run"]["commit"]
+    assert f"at commit `{res['run']['commit']}`" in text and "with 1 torch threads" in text
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "results.py"),
+                            "--markdown-only", "--out", str(tmp_path)],
+                           capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "2"},
+                           timeout=60, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "results.md").read_text() == text
