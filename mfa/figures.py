@@ -11,24 +11,27 @@ import torch
 from mfa import viz
 from mfa.data import ImageData
 from mfa.inference import inpaint as inpaint_rows
-from mfa.masks import make_mask
+from mfa.masks import make_mask, require_hidden
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import DEFAULT_SCORE
 from mfa.run_outliers import rank_outliers
 
-__all__ = ["check_sizes", "inpaint", "outliers", "sample", "visualize"]
+__all__ = ["check_output", "inpaint", "outliers", "sample", "visualize"]
 
 
-def check_sizes(output, image_shape) -> None:
+def check_output(output, image_shape) -> None:
     """Refuse, before training, a run's output config (:class:`mfa.config.OutputConfig`)
     whose sample, outlier or inpainting grid of ``image_shape`` ``(C, H, W)`` images would
-    exceed :data:`mfa.viz.MAX_FIGURE_PIXELS` (it failed after the training, out of memory)."""
+    exceed :data:`mfa.viz.MAX_FIGURE_PIXELS` (it failed after the training, out of memory),
+    or whose inpainting mask image cannot be read or hides no pixel."""
     _, height, width = image_shape
     grids = [(output.n_samples or 32, output.grid_nrow)]  # the sample and outlier grids
     if output.n_inpaint:  # a row an image: the image, the masked one, the mean, the samples
         grids.append((output.n_inpaint * (3 + output.inpaint_samples), 3 + output.inpaint_samples))
     for n, nrow in grids:
         viz.check_figure_size(*viz.grid_size(n, nrow, height, width), output.image_scale)
+    if output.n_inpaint and "image" in output.inpaint_masks:
+        require_hidden(make_mask("image", image_shape, 1, mask_image=output.mask_image), "image")
 
 
 def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
@@ -69,10 +72,12 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
+    kind = mask if observed is None else "given"
     if observed is None:
         observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
                              .manual_seed(seed), fraction=fraction, mask_image=mask_image)
-    observed = observed[:count].to(model.device)
+    observed = require_hidden(observed[:count], kind)
+    observed = observed.to(model.device)
     with torch.no_grad():
         mean, samples = inpaint_rows(model, x, observed, n_samples, generator=gen)
     masked = torch.where(observed, x, torch.zeros_like(x))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = ["MASK_KINDS", "MISSING_KINDS", "MaskKind", "MissingKind", "make_mask",
-           "missing_mask"]
+           "missing_mask", "require_hidden"]
 
 MaskKind = Literal["center", "top", "bottom", "left", "right", "random", "image"]
 #: ``"center"``: the central square of half the side is hidden; ``"top"``/``"bottom"``/
@@ -156,6 +156,23 @@ def make_mask(
         raise ValueError(f"a {kind!r} mask of {h}×{w} images hides no pixel (it hides half a "
                          "side of 2 or more pixels); use another kind or a larger image")
     return _pixel_mask_to_rows(hidden.expand(n, h, w), c)
+
+
+def require_hidden(observed: Tensor, kind: str) -> Tensor:
+    """``observed`` (bool ``[n, D]``) when it hides some pixel, for figures of inpainting:
+    a mask that hides nothing (``"random"`` with ``fraction·H·W`` rounding to 0, an
+    ``"image"`` mask without a dark pixel) would show every image unchanged.
+
+    Raises:
+        ValueError: naming ``kind`` when every entry is observed.
+    """
+    if observed.numel() and bool(observed.all()):
+        why = {"random": "its fraction of the pixels rounds to 0 of them",
+               "image": "the mask image has no dark pixel (grey level below half the range)"}
+        raise ValueError(f"the {kind!r} mask hides no pixel"
+                         + (f": {why[kind]}" if kind in why else "")
+                         + "; inpainting would show every image unchanged")
+    return observed
 
 
 def missing_mask(

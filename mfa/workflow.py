@@ -38,9 +38,9 @@ from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_ch
 from mfa.config import RunConfig, apply_overrides, load_config, resolve_device, save_config
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
-from mfa.figures import check_sizes, inpaint, outliers, sample, visualize
+from mfa.figures import check_output, inpaint, outliers, sample, visualize
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
-from mfa.masks import make_mask, missing_mask
+from mfa.masks import missing_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import SCORE_NAMES
@@ -316,9 +316,7 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"checkpoint {ckpt.path} holds a trainer state that {type(trainer).__name__} "
                 f"cannot resume from: {error}") from None
     # The figures are drawn at the end: their sizes and the mask file are checked now.
-    check_sizes(config.output, data.image_shape)
-    if config.output.n_inpaint and "image" in config.output.inpaint_masks:
-        make_mask("image", data.image_shape, 1, mask_image=config.output.mask_image)
+    check_output(config.output, data.image_shape)
     train_data, val_data = _training_data(data, config, device)
     train_data = _remove_pixels(config, data, train_data, "train")
     val_data = _remove_pixels(config, data, val_data, "val")

@@ -408,6 +408,26 @@ def test_inpaint_with_a_mask_image_matches_the_same_builtin_mask(run_dir, tmp_pa
     assert not (tmp_path / "t.png").exists()
 
 
+def test_inpaint_refuses_a_mask_that_hides_nothing(run_dir, tmp_path):
+    """--mask random --fraction 0 and an all-white mask image drew a figure of unchanged
+    images with exit 0; now each is refused (exit 2), naming why, and nothing is written.
+    mfa train refuses such output.mask_image before training."""
+    white = tmp_path / "white.png"
+    Image.new("L", (28, 28), 255).save(white)
+    for extra, why in ((["--mask", "random", "--fraction", 0], "fraction of the pixels"),
+                       (["--mask-image", white], "no dark pixel")):
+        code, _, stderr = run_cli("inpaint", run_dir, *extra, "-o", tmp_path / "x.png",
+                                  "-n", 2, "--samples", 0)
+        assert code == 2 and "mask hides no pixel" in stderr and why in stderr, stderr
+        assert "Traceback" not in stderr and not (tmp_path / "x.png").exists()
+    runs = tmp_path / "runs"
+    code, stdout, stderr = run_cli("train", "--config", CONFIG, *set_args(
+        *TINY, f"output.dir={runs}", "output.inpaint_masks=[image]",
+        f"output.mask_image={white}"))
+    assert code == 2 and "'image' mask hides no pixel" in stderr, stderr
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_inpaint_fraction_belongs_to_random_masks(run_dir, tmp_path):
     """--fraction with another mask kind was silently ignored; now refused (exit 2), and
     with --mask random it sets the hidden share (0.5 when absent)."""

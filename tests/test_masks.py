@@ -166,3 +166,14 @@ def test_importing_the_config_and_the_cli_does_not_import_pil():
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["mfa.masks", "False", "mfa.config", "False", "mfa.cli",
                                    "False"]
+
+
+def test_require_hidden_refuses_only_masks_that_hide_nothing():
+    from mfa.masks import require_hidden
+
+    some = make_mask("random", (1, 4, 4), 3, fraction=0.1)
+    assert require_hidden(some, "random") is some
+    with pytest.raises(ValueError, match="'random' mask hides no pixel: its fraction"):
+        require_hidden(make_mask("random", (1, 4, 4), 3, fraction=0.01), "random")
+    with pytest.raises(ValueError, match="'given' mask hides no pixel; inpainting"):
+        require_hidden(torch.ones(2, 5, dtype=torch.bool), "given")
