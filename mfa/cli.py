@@ -7,12 +7,12 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 
-from mfa.data.names import DATASET_NAMES, normalise_name
+from mfa.cli_types import dataset_name, finite, fraction, non_negative_int, positive_int
+from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
 from mfa.outliers import SCORE_NAMES
 
@@ -57,6 +57,19 @@ def _load_run(checkpoint: str, overrides: list[str]):
         return data
 
     return ckpt, config, load
+
+
+def _device(config, args):
+    """``--device``; by default the run's own ``device`` setting (``auto``: CUDA where there
+    is one), where training drew its figures (the CPU for a checkpoint without a run
+    config)."""
+    from mfa.config import resolve_device
+
+    try:
+        return resolve_device(args.device or getattr(config, "device", "cpu"))
+    except ValueError as error:
+        raise SystemExit(f"error: {error}" + ("" if args.device else
+                         " (the run's device setting; pass --device cpu)")) from None
 
 
 def _data_only(overrides: list[str] | None, flag: str) -> None:
@@ -170,9 +183,10 @@ def cmd_sample(args) -> int:
     if shape is None:
         raise SystemExit("error: the checkpoint does not record an image shape; pass "
                          "--image-shape C H W")
+    model = ckpt.model.to(_device(ckpt.run_config, args))
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
     out = _output(out, args, args.out and "-o")
-    sample(ckpt.model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
+    sample(model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
            seed=args.seed, scale=args.scale, per_component=args.per_component,
            with_noise=not args.no_noise)
     print(out)
@@ -189,11 +203,12 @@ def cmd_inpaint(args) -> int:
         raise SystemExit(f"error: --fraction is the hidden share of --mask random, not of "
                          f"--mask {mask}")
     ckpt, config, load = _load_run(args.checkpoint, args.set)
+    model = ckpt.model.to(_device(config, args))
     out = (_image_out(args.out) if args.out
            else _default_out(args.checkpoint, f"inpaint-{mask}.png"))
     out = _output(out, args, args.out and "-o")
     data = load(config)
-    inpaint(ckpt.model, data, out, mask=mask, n=args.n, n_samples=args.samples,
+    inpaint(model, data, out, mask=mask, n=args.n, n_samples=args.samples,
             split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
             fraction=0.5 if args.fraction is None else args.fraction)
     print(out)
@@ -204,13 +219,14 @@ def cmd_outliers(args) -> int:
     from mfa.workflow import outliers
 
     ckpt, config, load = _load_run(args.checkpoint, args.set)
+    model = ckpt.model.to(_device(config, args))
     out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
     if out_dir.exists() and not out_dir.is_dir():  # (found after the scoring: "[Errno 17]")
         raise SystemExit(f"error: --out-dir {out_dir} is a file, not a folder")
     name = _output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
                    companions=(".csv",)).stem
     data = load(config)
-    for path in outliers(ckpt.model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
+    for path in outliers(model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
                          scale=args.scale, seed=args.seed, name=name, **_score(args.score)):
         print(path)
     return 0
@@ -224,7 +240,8 @@ def cmd_evaluate(args) -> int:
     from mfa._temporaries import folder_for_output, write_text_atomically
     from mfa.workflow import evaluate
 
-    _, config, _ = _load_run(args.checkpoint, args.set)
+    ckpt, config, _ = _load_run(args.checkpoint, args.set)
+    device = _device(config, args)
     _data_only(args.against_set, "--against-set")
     if args.against_set and not args.outliers_against:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
@@ -238,6 +255,7 @@ def cmd_evaluate(args) -> int:
     with folder_for_output(out.parent) if out else contextlib.nullcontext():
         result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                           config=config, seed=args.seed, outliers_against=args.outliers_against,
+                          device=device,
                           against_overrides=args.against_set,
                           **({} if args.outlier_scores is None
                              else {"outlier_scores": tuple(args.outlier_scores)}))
@@ -291,63 +309,13 @@ def cmd_visualize(args) -> int:
     bad = [c for c in comps if not 0 <= c < ckpt.model.n_components]
     if bad:
         raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
+    model = ckpt.model.to(_device(ckpt.run_config, args))
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
     out = _output(out, args, args.out and "-o")
-    visualize(ckpt.model, shape, out, components=comps, scale=args.scale,
+    visualize(model, shape, out, components=comps, scale=args.scale,
               factor_scale=args.factor_scale)
     print(out)
     return 0
-
-
-def _count_type(minimum: int):
-    """An argparse type: an int of at least ``minimum`` (argparse names the option)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        if value >= 2**63:  # torch takes int64 (seeds, sizes)
-            raise argparse.ArgumentTypeError(f"must be below 2**63, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = _count_type(1)
-non_negative_int = _count_type(0)
-
-
-def fraction(text: str) -> float:
-    """An argparse type: a float in [0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
-
-
-def dataset_name(text: str) -> str:
-    """An argparse type: a dataset name or an alias that ``mfa.data.load_dataset`` takes."""
-    try:
-        return normalise_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def finite(text: str) -> float:
-    """An argparse type: a finite float (nan or inf would draw a blank or saturated image)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -361,8 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "files (else a default name moves on to name-2, …, and a path given "
                        "is refused)")
 
+    def device_option(p):
+        p.add_argument("--device", help="where to compute: cpu, cuda, cuda:1, auto (default: "
+                       "the run's own device setting, where training drew its figures)")
+
     def with_run(p, needs_data=True, seeded=True):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
+        device_option(p)
         if seeded:  # (visualize draws nothing at random: it offered --seed and ignored it)
             p.add_argument("--seed", type=non_negative_int, default=0)
         p.add_argument("--scale", type=positive_int, default=2, help="upscaling of saved images")
@@ -435,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all)")
     p.add_argument("-o", "--out", help="also write the JSON here (a file, or a folder for "
                    "evaluation.json)")
+    device_option(p)
     overwrite_flag(p)
     p.set_defaults(func=cmd_evaluate)
 

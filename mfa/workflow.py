@@ -436,7 +436,7 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
 def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
              config: RunConfig | None = None, seed: int = 0,
              outliers_against: str | None = None, against_overrides: Sequence[str] = (),
-             outlier_scores: Sequence[str] = SCORE_NAMES) -> dict:
+             outlier_scores: Sequence[str] = SCORE_NAMES, device=None) -> dict:
     """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples against
     the training bins, with real held-out images (``ndb_reference``: the first split other
     than train, else test) as the reference.
@@ -446,7 +446,8 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     ``outliers_against`` (a dataset name), ``result["outliers"]`` holds the AUROC and AUPR of
     every score in ``outlier_scores`` for the run's test split against that dataset's test
     split (:func:`mfa.run_outliers.outlier_metrics`); the other dataset is read with the
-    run's data settings, ``data.name`` replaced and ``against_overrides`` applied.
+    run's data settings, ``data.name`` replaced and ``against_overrides`` applied. ``device``:
+    where the model computes (default: the CPU, where the checkpoint loads).
     """
     from mfa.metrics import ndb
 
@@ -457,7 +458,7 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     if config is None:
         raise ValueError(f"{checkpoint} holds no run config: cannot tell which data to load")
     data = load_data(config)
-    model = ckpt.model
+    model = ckpt.model if device is None else ckpt.model.to(device)
     if data.n_features != model.n_features:
         raise ValueError(f"the data ({data.name}, image shape {tuple(data.image_shape)}) has "
                          f"{data.n_features} features but the run's model has "
@@ -472,10 +473,10 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
         train = data.train  # the reference: held-out images, even if train is listed first
         held = next((s for s in splits if s != "train"), "test")
         reference = data.as_float(held)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device=model.device).manual_seed(seed)
         with torch.no_grad():
             samples, _ = model.sample(reference.shape[0], generator=gen)
-        model_ndb = ndb(train, samples.float(), n_bins=ndb_bins, seed=seed)
+        model_ndb = ndb(train, samples.float().cpu(), n_bins=ndb_bins, seed=seed)
         real_ndb = ndb(train, reference, n_bins=ndb_bins, seed=seed)
         result.update({
             "ndb_bins": ndb_bins, "ndb_reference": held, "ndb": model_ndb.ndb,

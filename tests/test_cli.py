@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -326,6 +327,38 @@ def test_sample_refuses_flags_it_would_ignore(run_dir, tmp_path):
     assert code != 0 and "--outlier-scores needs --outliers-against" in stderr
     code, _, stderr = run_cli("train", "--resume", tmp_path / "no-such-run")
     assert code != 0 and "no-such-run does not exist" in stderr
+
+
+def test_per_run_commands_compute_on_the_runs_device_or_device(run_dir, tmp_path,
+                                                               monkeypatch):
+    """The per-run commands use the run's own device setting (they always loaded onto the
+    CPU, so a run trained on a GPU could not reproduce its figures there); --device
+    overrides it, and a device this machine lacks is refused naming the way out."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only machine
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    code, _, stderr = run_cli("sample", run_dir, "--device", "cuda", "-o", tmp_path / "x.png")
+    assert code == 2 and "asks for CUDA" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "x.png").exists()
+    gpu_run = tmp_path / "gpu-run"  # a run trained with device=cuda, moved to this machine
+    gpu_run.mkdir()
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    save_checkpoint(gpu_run / "checkpoint.pt", ckpt.model,
+                    run_config=dataclasses.replace(ckpt.run_config, device="cuda"),
+                    trainer_state=ckpt.trainer_state, metrics=ckpt.metrics)
+    for command in ("sample", "inpaint", "outliers", "visualize", "evaluate"):
+        code, _, stderr = run_cli(command, gpu_run)
+        assert code == 2 and "asks for CUDA" in stderr, (command, stderr)
+        assert "(the run's device setting; pass --device cpu)" in stderr, command
+    assert sorted(p.name for p in gpu_run.iterdir()) == ["checkpoint.pt"]
+    seed = ckpt.run_config.seed
+    code, stdout, _ = run_cli("sample", gpu_run, "--device", "cpu", "--seed", seed,
+                              "-n", N_SAMPLES, "--nrow", NROW, "--scale", SCALE)
+    assert code == 0
+    assert (gpu_run / "samples.png").read_bytes() == (run_dir / "samples.png").read_bytes()
+    code, stdout, _ = run_cli("evaluate", gpu_run, "--device", "cpu")
+    assert code == 0
+    assert json.loads(stdout)["test_log_likelihood"] == pytest.approx(
+        json.loads((run_dir / "metrics.json").read_text())["test_log_likelihood"], rel=1e-6)
 
 
 def test_sample_without_noise_differs_and_defaults_to_the_run_folder(run_dir, tmp_path):

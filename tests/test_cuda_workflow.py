@@ -1,0 +1,49 @@
+"""``mfa train`` on CUDA and the per-run commands on its run folder: the workflow's
+evaluation, figures and commands with the model on the GPU (the CPU suite runs the same
+commands on the CPU, tests/test_cli.py). Skipped where no CUDA device is present."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_cli import CONFIG, N_SAMPLES, NROW, SCALE, TINY, run_cli, set_args
+
+from mfa.checkpoint import load_checkpoint
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_a_cuda_run_and_its_commands_on_the_gpu(tmp_path):
+    code, stdout, stderr = run_cli("train", "--config", CONFIG, *set_args(
+        *TINY, f"output.dir={tmp_path / 'runs'}", "device=cuda"))
+    assert code == 0, stderr
+    folder = next((tmp_path / "runs").iterdir())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert load_checkpoint(folder / "checkpoint.pt").run_config.device == "cuda"
+    # evaluate on the run's device (CUDA), NDB's samples drawn there, then on the CPU
+    code, stdout, stderr = run_cli("evaluate", folder, "--ndb-bins", 5)
+    assert code == 0, stderr
+    on_gpu = json.loads(stdout)
+    assert on_gpu["test_log_likelihood"] == pytest.approx(metrics["test_log_likelihood"],
+                                                          rel=1e-6)
+    assert 0 <= on_gpu["ndb"] <= 5
+    code, stdout, stderr = run_cli("evaluate", folder, "--device", "cpu")
+    assert code == 0, stderr
+    assert json.loads(stdout)["test_log_likelihood"] == pytest.approx(
+        metrics["test_log_likelihood"], rel=1e-4)
+    # the run's own sample figure, drawn again on its device with its seed
+    seed = load_checkpoint(folder / "checkpoint.pt").run_config.seed
+    code, _, stderr = run_cli("sample", folder, "--seed", seed, "-n", N_SAMPLES,
+                              "--nrow", NROW, "--scale", SCALE, "-o", tmp_path / "s.png")
+    assert code == 0, stderr
+    assert (tmp_path / "s.png").read_bytes() == (folder / "samples.png").read_bytes()
+    for command, extra in (("inpaint", ["-o", tmp_path / "i.png"]),
+                           ("outliers", ["--out-dir", tmp_path / "o"]),
+                           ("visualize", ["-o", tmp_path / "v.png"])):
+        code, _, stderr = run_cli(command, folder, *extra)
+        assert code == 0, (command, stderr)
