@@ -313,6 +313,7 @@ class HierarchicalTrainer:
         *,
         checkpoint_dir: str | Path | None = None,
         callbacks: Sequence[Callback] = (),
+        device: torch.device | str | None = None,
     ) -> MixtureOfFactorAnalyzers:
         """Train root and children and return the flattened model.
 
@@ -328,11 +329,13 @@ class HierarchicalTrainer:
             callbacks: ``cb(trainer, record)`` after the root, after each child (once its
                 checkpoint is written) and after the final model; an exception raised there
                 stops the fit, which can then be resumed from ``checkpoint_dir``.
+            device: where the root and children are fitted unless ``root_em.device`` /
+                ``child_em.device`` say otherwise (default: ``data``'s device, the CPU for a
+                dataset).
 
         Returns:
             The flattened :class:`MixtureOfFactorAnalyzers` (also in :attr:`model`), on the
-            device and in the dtype of the children (those of ``data`` unless
-            ``child_em.device`` says otherwise).
+            device and in the dtype of the children.
         """
         cfg = self.config
         n_rows, n_features, dtype = _check_data(data)
@@ -346,7 +349,8 @@ class HierarchicalTrainer:
             _, val_features, _ = _check_data(validation, "validation")
             if val_features != n_features:
                 raise ValueError(f"validation has {val_features} features, data {n_features}")
-        home = data.device if isinstance(data, Tensor) else torch.device("cpu")
+        home = torch.device(device) if device is not None else (
+            data.device if isinstance(data, Tensor) else torch.device("cpu"))
         root_device = torch.device(cfg.root_em.device or home)  # where fresh models live
         child_device = torch.device(cfg.child_em.device or home)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None

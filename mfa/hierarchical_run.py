@@ -7,7 +7,8 @@ through, so a run folder works as for EM and Adam:
 
 * ``fit(model, data, validation, callbacks, checkpoint_fn, checkpoint_dir=...)`` returns the
   flattened model (``model``, the run's freshly built or resumed root-sized model, only fixes
-  ``D``); the stages' checkpoints go to ``checkpoint_dir`` (the run's ``hierarchy/``);
+  ``D`` and the device the stages are fitted on); the stages' checkpoints go to
+  ``checkpoint_dir`` (the run's ``hierarchy/``);
 * ``checkpoint_fn(trainer, model)`` is called once the root is fitted (the run's
   ``checkpoint.pt`` then holds the root, so the run can be resumed from the first unfinished
   child) and at the end with the flattened model;
@@ -79,8 +80,9 @@ class HierarchicalRunTrainer:
                 callback(self, current, record)
 
         self.finished = False
+        # On the model's device (the run's): a dataset (above STREAM_ABOVE) is not on one.
         flat = self.trainer.fit(data, validation, checkpoint_dir=checkpoint_dir,
-                                callbacks=[on_stage])
+                                callbacks=[on_stage], device=model.device)
         self.history = copy.deepcopy(self.trainer.history)
         self.finished = True
         if checkpoint_fn is not None:

@@ -47,3 +47,20 @@ def test_a_cuda_run_and_its_commands_on_the_gpu(tmp_path):
                            ("visualize", ["-o", tmp_path / "v.png"])):
         code, _, stderr = run_cli(command, folder, *extra)
         assert code == 0, (command, stderr)
+
+
+def test_hierarchical_stages_on_a_dataset_run_on_the_models_cuda_device():
+    """Above STREAM_ABOVE the hierarchical trainer gets a map-style dataset (on no device):
+    its stages ran on the CPU while the run said cuda."""
+    from helpers import gen
+
+    from mfa import MixtureOfFactorAnalyzers
+    from mfa.data import ImageDataset
+    from mfa.hierarchical import HierarchicalConfig
+    from mfa.hierarchical_run import HierarchicalRunTrainer
+
+    pixels = torch.randint(0, 256, (300, 6), generator=gen(0), dtype=torch.uint8)
+    model = MixtureOfFactorAnalyzers(2, 6, 1, device="cuda")
+    cfg = HierarchicalConfig(root_components=2, n_factors=1, rows_per_component=60)
+    flat = HierarchicalRunTrainer(cfg).fit(model, ImageDataset(pixels))
+    assert flat.device.type == "cuda" and flat.n_components >= 2
