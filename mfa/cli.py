@@ -128,15 +128,19 @@ def _default_out(checkpoint: str, name: str) -> Path:
 
 def cmd_train(args) -> int:
     from mfa import distributed
+    from mfa.config import load_config
 
+    # A new run's config, read before the process group (whose backend follows its device).
+    config = (load_config(args.config or DEFAULT_CONFIG, overrides=args.set or [])
+              if args.config or not args.resume else None)
     # Under torchrun: join the process group (NCCL on CUDA, gloo on CPU, with a timeout);
     # rank 0 alone writes the run folder and prints the results.
-    launched = distributed.init_from_env()
+    launched = distributed.init_from_env(device=None if config is None else config.device)
     main = distributed.is_main_process()
     if not main:
         logging.getLogger("mfa").setLevel(logging.WARNING)
     try:
-        return _train(args, main)
+        return _train(args, config, main)
     except distributed.DistributedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -145,21 +149,17 @@ def cmd_train(args) -> int:
             distributed.shutdown()
 
 
-def _train(args, main: bool) -> int:
-    from mfa.config import load_config
+def _train(args, config, main: bool) -> int:
     from mfa.workflow import train
 
-    overrides = args.set or []
     if args.resume:
         # A --config replaces the saved one and takes the --set values; without one, they
         # apply to the saved config. Either way only changes safe on resume are accepted.
-        config = load_config(args.config, overrides=overrides) if args.config else None
-        result = train(config, resume=args.resume, overrides=() if args.config else overrides,
+        result = train(config, resume=args.resume,
+                       overrides=() if args.config else args.set or [],
                        figures=not args.no_figures)
     else:
-        config_path = args.config or DEFAULT_CONFIG
-        result = train(load_config(config_path, overrides=overrides),
-                       figures=not args.no_figures)
+        result = train(config, figures=not args.no_figures)
     if main:
         print(f"run folder: {result.run_dir}")
         print(json.dumps(result.metrics, indent=2))

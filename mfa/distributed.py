@@ -132,10 +132,12 @@ def _timeout() -> timedelta:
                          f"{MAX_TIMEOUT_S:.0f} (about 10,000 years), got {text!r}") from None
 
 
-def init_from_env(timeout: timedelta | None = None) -> bool:
+def init_from_env(timeout: timedelta | None = None, device: str | None = None) -> bool:
     """Initialise the default process group from ``torchrun``'s environment.
 
-    NCCL when CUDA is available (each process then uses ``cuda:LOCAL_RANK``), gloo otherwise.
+    NCCL when CUDA is available and ``device`` (the run's setting; ``None``/``"auto"``: any)
+    is not a CPU one (each process then uses ``cuda:LOCAL_RANK``), gloo otherwise: a CPU run
+    on a machine with fewer GPUs than processes failed in ``set_device``.
     ``timeout`` (default ``MFA_DIST_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT`) bounds
     every collective, so no rank waits forever for one that crashed.
 
@@ -146,7 +148,8 @@ def init_from_env(timeout: timedelta | None = None) -> bool:
     if not launched_by_torchrun() or is_initialized():
         return False
     timeout = timeout or _timeout()
-    if torch.cuda.is_available():
+    on_cpu = device not in (None, "auto") and not str(device).startswith("cuda")
+    if torch.cuda.is_available() and not on_cpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:

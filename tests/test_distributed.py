@@ -511,6 +511,26 @@ def test_single_process_helpers_are_identities():
     assert distributed.init_from_env() is False  # no torchrun environment here
 
 
+@pytest.mark.parametrize("device, backend", [
+    (None, "nccl"), ("auto", "nccl"), ("cuda", "nccl"), ("cpu", "gloo")])
+def test_the_backend_follows_the_runs_device(monkeypatch, device, backend):
+    """On a machine with CUDA, a run with device cpu takes gloo and leaves the GPUs alone: it
+    took NCCL and cuda:LOCAL_RANK, which failed where there were fewer GPUs than processes."""
+    calls = {}
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, timeout: calls.setdefault("backend", backend))
+    monkeypatch.setattr(distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.init_from_env(device=device) is True
+    assert calls["backend"] == backend
+    assert calls.get("set_device") == (3 if backend == "nccl" else None)
+
+
 def test_timeout_from_environment_is_checked(monkeypatch):
     monkeypatch.setenv("MFA_DIST_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="MFA_DIST_TIMEOUT must be a number of seconds"):
