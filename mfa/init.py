@@ -358,8 +358,8 @@ def split_heaviest(params: dict[str, Tensor], dead: list[int], gen: torch.Genera
     ``factor_loadings``, ``noise_variance``; changed in place) by splitting the heaviest
     component into itself and each dead one: copy its parameters, shift the two means by
     ``± ½·σ_j·z_j`` per feature (``σ_j`` its noise standard deviation, ``z ~ N(0, I)`` drawn
-    from ``gen``: half a standard deviation per feature, so about ``√D`` of them apart along
-    ``z``), and share its weight. Used by :class:`mfa.em.EMTrainer` with
+    from ``gen``, a generator on any device: half a standard deviation per feature, so about
+    ``√D`` of them apart along ``z``), and share its weight. Used by :class:`mfa.em.EMTrainer` with
     ``min_component_mass > 0`` and by :mod:`mfa.pruning`."""
     weights = params["weights"].clone()
     waiting = set(dead)  # not yet re-seeded: never the one split (it may be the heaviest)
@@ -370,7 +370,8 @@ def split_heaviest(params: dict[str, Tensor], dead: list[int], gen: torch.Genera
         j = int(alive.argmax())
         waiting.discard(k)
         std = params["noise_variance"][j].sqrt()
-        direction = torch.randn(std.shape, generator=gen, dtype=std.dtype).to(std.device)
+        direction = torch.randn(std.shape, generator=gen, dtype=std.dtype,
+                                device=gen.device).to(std.device)  # drawn where gen is
         params["means"][k] = params["means"][j] + 0.5 * std * direction
         params["means"][j] = params["means"][j] - 0.5 * std * direction
         params["factor_loadings"][k] = params["factor_loadings"][j]

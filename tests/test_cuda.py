@@ -98,3 +98,16 @@ def test_adam_on_cuda_runs_and_improves():
     vals = [h["val_log_likelihood"] for h in trainer.history]
     assert model.loc.is_cuda and all(math.isfinite(v) for v in vals)
     assert vals[-1] > trainer.start_val_log_likelihood + 1.0
+
+
+def test_reseed_components_takes_a_generator_on_either_device():
+    """Like every other sampling API, re-seeding takes a generator on the model's device (it
+    drew with torch.randn on the CPU and refused a CUDA generator); a CPU one still works."""
+    from mfa.pruning import reseed_components
+
+    model = random_model(4, 12, 2, seed=3).cuda()
+    for generator in (torch.Generator(device="cuda").manual_seed(0),
+                      torch.Generator().manual_seed(0)):
+        copy_ = copy.deepcopy(model)
+        reseed_components(copy_, [1], generator)
+        assert copy_.means.is_cuda and not torch.equal(copy_.means[1], model.means[1])
