@@ -65,7 +65,8 @@ class EMTrainer:
             get no M-step (they are the ones returned); ``train_objective``: the MAP objective
             per row (:mod:`mfa.priors`) of the same parameters under the iteration's prior,
             never lower than the previous iteration's for a fixed prior (for a float32
-            model, up to the E-step's rounding: ~2e-3 nats a row on pixel-like rows);
+            model, up to the E-step's rounding: ~2e-3 nats a row on pixel-like rows; not
+            across an iteration that re-seeded a component, ``min_component_mass``);
             ``noise_prior_variance``: the ``s₀`` of that prior; ``early_stop``: ``True`` on
             the record after which early stopping ended the restart.
         converged: whether the kept run met ``tol``.
@@ -73,9 +74,11 @@ class EMTrainer:
             parameters: the ``"auto"`` search's choice, or the warm-up's weakest value when
             that run scored best on validation before its search (then the parameters also
             carry the earlier rounds' priors, and a fit with this ``s₀`` fixed is not the same
-            fit); ``None`` when the config fixes ``s₀``. ``search_seconds``: the wall time of
-            the last search (``None`` without one); ``selection_seconds``: that of every
-            search and of the tempered step in the last call of ``fit`` together — what the
+            fit); ``None`` when no search chose it: the config fixes ``s₀``, or ``"auto"`` had
+            no validation data (it then warns and uses ``quantization_variance``).
+            ``search_seconds``: the wall time of the last search (``None`` without one);
+            ``selection_seconds``: that of every search and of the tempered step in the
+            last call of ``fit`` together — what the
             automatic choice of ``s₀`` cost beyond the EM iterations it led to (``None`` when
             the config fixes ``s₀``; a resumed fit counts its own call only).
         tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
@@ -126,6 +129,7 @@ class EMTrainer:
         training.check_resumed_config(state, self.config, "EMTrainer", RESUMABLE)
         check_resumed_max_iter(state, self.config.max_iter)
         self._resume = RunState.from_dict(state)
+        self._state = self._resume.as_dict()  # what state_dict() gives until fit moves on
 
     # -------------------------------------------------------------- fitting
 
@@ -191,6 +195,9 @@ class EMTrainer:
         else:
             self.history = []
             state = RunState()
+        # Records before this fit's first M-step (a converged or a search-ended one) save
+        # this state: not an earlier fit's, nor an empty one.
+        self._state = state.as_dict()
         init_rows = None
         rounds = cfg.reseed_rounds if ctx.early_stopping and not allow and cfg.max_iter else 0
         # A finished fit resumed: the model holds its result (the tempered step's included).

@@ -1020,6 +1020,43 @@ def test_resume_from_the_callback_of_the_converged_iteration_writes_its_record_o
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in whole.history]
 
 
+def test_a_resumed_fit_saves_its_state_before_its_first_m_step():
+    """Resumed one iteration before it converges, a fit's first record is the converged one,
+    which has no M-step: a state saved there was empty (not loadable) on a fresh trainer, and
+    an earlier fit's finished state on a reused one (its resume returned the wrong model).
+    state_dict() right after load_state_dict() gave no state either."""
+    x = load_dataset("embedded-mnist", dequantize=True, seed=0).as_float("train")[:600].double()
+    config = dict(max_iter=30, tol=0.5, patience=0, noise_prior_variance=1e-3,
+                  reseed_rounds=0, tempered_step=False, progress=False, seed=2)
+
+    def fresh():
+        return MixtureOfFactorAnalyzers(3, x.shape[1], 2, dtype=torch.float64)
+
+    snaps = []
+    whole = EMTrainer(EMConfig(**config))
+    whole.fit(fresh(), x, callbacks=[lambda t, m, r: snaps.append(
+        (copy.deepcopy(t.state_dict()), copy.deepcopy(m.state_dict())))])
+    assert whole.history[-1]["final"] and len(whole.history) >= 3
+    state, params = snaps[-2]  # the record before the converged one
+    for trainer in (EMTrainer(EMConfig(**config)), whole):  # a fresh one, a reused one
+        trainer.load_state_dict(state)
+        assert trainer.state_dict()["iteration"] == state["iteration"]
+        model = fresh()
+        model.load_state_dict(params)
+        saved = []
+        trainer.fit(model, x, callbacks=[lambda t, m, r, saved=saved: saved.append(
+            (r["final"], copy.deepcopy(t.state_dict()), copy.deepcopy(m.state_dict())))])
+        final, state_there, params_there = saved[0]
+        assert final and state_there["iteration"] == state["iteration"]
+        again, model = EMTrainer(EMConfig(**config)), fresh()
+        again.load_state_dict(state_there)
+        model.load_state_dict(params_there)
+        again.fit(model, x)
+        assert len(again.history) == len(snaps)
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, snaps[-1][1][name]), name
+
+
 @pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
 def test_the_largest_seed_fits_and_reproduces():
     """EMConfig accepts seeds up to 2**63 - 1; the restarts' generator seed (seed·1000003 + run)
