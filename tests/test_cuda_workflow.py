@@ -64,3 +64,33 @@ def test_hierarchical_stages_on_a_dataset_run_on_the_models_cuda_device():
     cfg = HierarchicalConfig(root_components=2, n_factors=1, rows_per_component=60)
     flat = HierarchicalRunTrainer(cfg).fit(model, ImageDataset(pixels))
     assert flat.device.type == "cuda" and flat.n_components >= 2
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("em", []),
+    ("sgd", ["train.sgd.epochs=2", "train.sgd.progress=false"]),
+    ("hierarchical", ["model.n_components=2", "train.hierarchical.rows_per_component=60",
+                      "train.hierarchical.child_em={max_iter: 2, kmeans_iter: 3, "
+                      "progress: false}"]),
+])
+def test_each_method_trains_on_cuda_from_uint8_pixels_and_resumes(tmp_path, monkeypatch,
+                                                                  method, extra):
+    """Every trainer through mfa train on CUDA, with the data past STREAM_ABOVE (lowered to 0
+    here): QuantizedRows on the GPU for EM and Adam, datasets for the hierarchical trainer;
+    then a --resume of the finished run keeps its result."""
+    from mfa import workflow
+
+    monkeypatch.setattr(workflow, "STREAM_ABOVE", 0)
+    runs = tmp_path / "runs"
+    args = set_args(*TINY, f"output.dir={runs}", "device=cuda", f"train.method={method}",
+                    "output.n_inpaint=0", *extra)
+    code, _, stderr = run_cli("train", "--config", CONFIG, *args)
+    assert code == 0, stderr
+    folder = next(runs.iterdir())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["test_log_likelihood"] == metrics["test_log_likelihood"]  # not NaN
+    code, stdout, stderr = run_cli("train", "--resume", folder)
+    assert code == 0, stderr
+    resumed = json.loads(stdout[stdout.index("{"):])
+    assert resumed["test_log_likelihood"] == pytest.approx(metrics["test_log_likelihood"],
+                                                           rel=1e-6)
