@@ -3,8 +3,9 @@ random numbers, against the model's exact moments). Skipped where no CUDA device
 as in ``tests/test_cuda.py``, which this extends: that file covers float64 EM, an Adam smoke
 run, ``log_prob``/``conditional_mean`` and generator reproducibility; this one adds float32
 EM in each precision mode, streamed CPU batches, the K-means start, Adam against the CPU
-trajectory, and the remaining inference paths (responsibilities, outlier scores, marginals,
-conditionals, masked likelihoods, inpainting, KDE, metrics, sampling moments).
+trajectory, and the remaining inference paths (responsibilities, the model's outlier scores
+(``score_outliers``; the ``mfa.outliers`` scores run in ``tests/test_cuda_workflow.py``),
+marginals, conditionals, masked likelihoods, inpainting, KDE, metrics, sampling moments).
 
 TF32 is switched off for the comparisons (a fixture), so float32 products on the GPU are
 IEEE float32 like the CPU's; ``benchmarks/bench_gpu.py`` measures what TF32 costs in accuracy.
