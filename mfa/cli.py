@@ -240,7 +240,7 @@ def cmd_evaluate(args) -> int:
     from mfa._temporaries import folder_for_output, write_text_atomically
     from mfa.workflow import evaluate
 
-    ckpt, config, _ = _load_run(args.checkpoint, args.set)
+    _, config, _ = _load_run(args.checkpoint, args.set)
     device = _device(config, args)
     _data_only(args.against_set, "--against-set")
     if args.against_set and not args.outliers_against:

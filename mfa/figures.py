@@ -72,12 +72,11 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    kind = mask if observed is None else "given"
-    if observed is None:
-        observed = make_mask(mask, data.image_shape, x.shape[0], generator=torch.Generator()
-                             .manual_seed(seed), fraction=fraction, mask_image=mask_image)
-    observed = require_hidden(observed[:count], kind)
-    observed = observed.to(model.device)
+    if observed is None:  # (given masks, of training rows' missing pixels, are drawn as are)
+        observed = require_hidden(make_mask(
+            mask, data.image_shape, x.shape[0], generator=torch.Generator().manual_seed(seed),
+            fraction=fraction, mask_image=mask_image), mask)
+    observed = observed[:count].to(model.device)
     with torch.no_grad():
         mean, samples = inpaint_rows(model, x, observed, n_samples, generator=gen)
     masked = torch.where(observed, x, torch.zeros_like(x))
