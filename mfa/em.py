@@ -78,9 +78,9 @@ class EMTrainer:
             no validation data (it then warns and uses ``quantization_variance``).
             ``search_seconds``: the wall time of the last search (``None`` without one);
             ``selection_seconds``: that of every search and of the tempered step in the
-            last call of ``fit`` together — what the
-            automatic choice of ``s₀`` cost beyond the EM iterations it led to (``None`` when
-            the config fixes ``s₀``; a resumed fit counts its own call only).
+            last call of ``fit`` together — what the automatic choice of ``s₀`` cost beyond
+            the EM iterations it led to (``None`` when the config fixes ``s₀``; a resumed fit
+            counts its own call only).
         tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
             not run): its temperature, prior strength, ``s₀`` and validation score, and whether
             it was applied.
