@@ -43,14 +43,25 @@ def kde(
         bandwidth = bandwidth.item()
     if isinstance(bandwidth, numbers.Real) and not isinstance(bandwidth, bool):
         bandwidth = float(bandwidth)
-    if not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
+    if not (isinstance(bandwidth, float) and math.isfinite(bandwidth) and bandwidth > 0):
         raise ValueError(f"bandwidth must be a finite float > 0, got {bandwidth!r}")
+    _check_variance(bandwidth, data.dtype)
     weights = torch.full((n,), 1.0 / n, dtype=data.dtype, device=data.device)
     variance = torch.full((n,), float(bandwidth) ** 2, dtype=data.dtype, device=data.device)
     loadings = data.new_zeros(n, d, 0)
     return MixtureOfFactorAnalyzers.from_parameters(
         weights, data, loadings, variance, noise="isotropic", chunk_elements=chunk_elements
     )
+
+
+def _check_variance(bandwidth: float, dtype: torch.dtype) -> None:
+    """Refuse a bandwidth whose square ``σ²`` (the kernels' variance) overflows or falls
+    below the smallest normal number of ``dtype``."""
+    info = torch.finfo(dtype)
+    if not info.tiny <= bandwidth * bandwidth <= info.max:
+        raise ValueError(
+            f"bandwidth {bandwidth:g}: its square, the kernels' variance, is outside the range of "
+            f"{dtype} ([{info.tiny:.3g}, {info.max:.3g}]); rescale the data or use float64")
 
 
 def _check_rows(rows: object, name: str, width: int | None = None) -> Tensor:
@@ -97,10 +108,21 @@ def select_kde_bandwidth(
     """
     train = _check_rows(train, "train")
     validation = _check_rows(validation, "validation", train.shape[1])
+    if validation.dtype != train.dtype:
+        raise TypeError(f"validation has dtype {validation.dtype} but train (the kernel "
+                        f"centres) {train.dtype}; convert one to the other")
     if candidates is None:
         base = scott_bandwidth(train)
         candidates = torch.logspace(math.log10(base / 100), math.log10(base * 2), 25).tolist()
-    candidates = [float(c) for c in candidates]
+    if isinstance(candidates, Tensor):
+        if candidates.dim() != 1:
+            raise ValueError(f"candidates must be a 1-D tensor or a sequence of floats, got "
+                             f"shape {tuple(candidates.shape)}")
+        candidates = candidates.tolist()
+    try:
+        candidates = [float(c) for c in candidates]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"candidates must be a sequence of floats ({error})") from None
     if not candidates:
         raise ValueError("candidates must not be empty")
     scores = []

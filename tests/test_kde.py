@@ -93,3 +93,35 @@ def test_bandwidth_selection_checks_its_rows():
         select_kde_bandwidth(x, v[:, :2], [0.5])
     with pytest.raises(ValueError, match=r"data must have shape \[N, D\]"):
         scott_bandwidth(x[:, 0])
+
+
+def test_bandwidth_is_a_real_number_whose_square_the_dtype_holds():
+    """``True`` passed as 1.0 (bool is an int); a bandwidth whose square overflows or
+    underflows the data's dtype failed later with messages that never named the bandwidth
+    (on the default Scott path too, for data of tiny or huge scale)."""
+    data = torch.randn(50, 3, generator=gen(0))  # float32
+    with pytest.raises(ValueError, match=r"bandwidth must be a finite float > 0, got True"):
+        kde(data, bandwidth=True)
+    for bandwidth in (1e20, 1e-23):
+        with pytest.raises(ValueError, match=r"bandwidth .*square.*outside the range of "
+                                             r"torch\.float32"):
+            kde(data, bandwidth)
+    for scale in (1e20, 1e-22):  # Scott's rule picks the bandwidth
+        with pytest.raises(ValueError, match=r"bandwidth .*rescale the data or use float64"):
+            kde(data * scale)
+    # the same bandwidth is fine in float64, and the kernels' variance is its square
+    model = kde(data.double(), 1e-23)
+    assert model.noise_variance.detach()[0, 0].item() == pytest.approx(1e-46)
+
+
+def test_bandwidth_selection_names_bad_candidates_and_dtypes():
+    x = torch.randn(40, 3, generator=gen(1))
+    v = torch.randn(10, 3, generator=gen(2))
+    with pytest.raises(ValueError, match=r"candidates must be a 1-D tensor .* shape \(1, 2\)"):
+        select_kde_bandwidth(x, v, torch.tensor([[0.3, 0.5]]))
+    with pytest.raises(ValueError, match=r"candidates must be a sequence of floats"):
+        select_kde_bandwidth(x, v, ["wide"])
+    with pytest.raises(TypeError, match=r"validation has dtype torch\.float64 but train"):
+        select_kde_bandwidth(x, v.double(), [0.5])
+    best, scores = select_kde_bandwidth(x, v, torch.tensor([0.5, 1.0]))  # a 1-D tensor works
+    assert best in (0.5, 1.0) and scores.shape == (2,)
