@@ -160,9 +160,10 @@ class DataSource:
                     "; to train on incomplete data with NaN marking the missing entries, set "
                     "missing='allow' (EMConfig.missing or SGDConfig.missing)")
             where = self._item(index, row) if in_order else ""
+            what = ("an infinite value (NaN marks a missing entry; an observed one must be "
+                    "finite)" if self.allow_missing else "non-finite values (NaN or inf)")
             raise ValueError(
-                f"{self.name} contains non-finite values (NaN or inf): batch {index}, row {row}"
-                f"{where}, feature {col}{hint}"
+                f"{self.name} contains {what}: batch {index}, row {row}{where}, feature {col}{hint}"
             )
         return rows
 

@@ -93,8 +93,9 @@ def streamed_e_step(
 def _check_observed(observed: Tensor, source: DataSource,
                     stats: SufficientStatistics | None) -> None:
     """Refuse a pass without an observed entry (its sums are the prior's: EM "converged" on
-    nothing); warn of features observed in no row (EM keeps their initial values: a noise
-    variance at the floor, under which any later observation of them scores ~−10⁵ nats)."""
+    nothing); warn of features observed in no row (only the initialisation and the priors set
+    their parameters: a noise variance at the floor without a noise prior, under which any
+    later observation of them scores ~−10⁵ nats; one the prior alone grows with it)."""
     counts = observed.cpu()
     if source.sharded and distributed.is_active():
         counts = torch.tensor(distributed.sum_across_processes(*counts.tolist()))
@@ -106,7 +107,8 @@ def _check_observed(observed: Tensor, source: DataSource,
     if never.numel():
         warnings.warn(
             f"{never.numel()} feature(s) of {source.name} are missing (NaN) in every row, e.g. "
-            f"{never[:10].tolist()}: EM cannot learn them and keeps their initial values (a "
-            "noise variance at the floor), so the model's densities of rows observing them "
-            "and its samples of them mean nothing; drop those features or supply values",
+            f"{never[:10].tolist()}: EM cannot learn them (only the initialisation and the "
+            "priors set their means and variances), so the model's densities of rows "
+            "observing them and its samples of them mean nothing; drop those features or "
+            "supply values",
             UserWarning, stacklevel=4)

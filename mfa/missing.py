@@ -234,9 +234,9 @@ def row_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor) -> Tensor:
     """``log p(x_o)`` of every row of ``x`` ``[..., D]`` (NaN where missing), differentiable:
     the full log-density for complete rows, the observed-data marginal for the others →
     ``[...]``. A row with nothing observed scores 0."""
-    if not isinstance(x, Tensor) or x.dim() < 1:
-        raise ValueError("x must be a tensor [..., D] with D = "
-                         f"{model.n_features}, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != model.n_features:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a tensor [..., D] with D = {model.n_features}, got {shape}")
     if x.dim() != 2:  # one row [D], or [..., D]: as rows [n, D], the result shaped back
         return row_log_prob(model, x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
     infinite = torch.isinf(x)

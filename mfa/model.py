@@ -458,7 +458,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
         """One exact sample of ``x_h ~ p(x_h | x_o)`` per row; observed entries copied through.
 
         Args:
-            x: ``[N, D]``; observed: bool ``[N, D]``; generator: on the model's device.
+            x: ``[N, D]``; observed: bool ``[N, D]``; generator: on the model's device
+                (the same seed gives the same samples for the same ``chunk_elements``: the
+                draws are made chunk by chunk).
 
         Returns:
             ``[N, D]``.

@@ -46,8 +46,9 @@ def subsample(rows: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
 def fit(rows: torch.Tensor, args: argparse.Namespace, allow_missing: bool):
     """An MFA fitted by EM and the seconds: ``EMConfig``'s defaults (the automatic noise
     prior and early stopping on a seeded 10 % of the rows held out) with at most ``max_iter``
-    iterations, and without the re-seeding rounds and the tempered step, which apply to
-    complete data only: every method gets the same procedure."""
+    iterations, ``stats_dtype="mixed"`` (float64 moment sums; the default, ``"auto"``, is
+    ``"centred"`` on the CPU), and without the re-seeding rounds and the tempered step,
+    which apply to complete data only: every method gets the same procedure."""
     started = time.perf_counter()
     model = MixtureOfFactorAnalyzers(args.n_components, rows.shape[1], args.n_factors,
                                      generator=torch.Generator().manual_seed(args.seed))
@@ -129,7 +130,8 @@ def table(results: dict, args: argparse.Namespace, seconds: float) -> str:
         "was shared, so timings are noisy).",
         "",
         f"MFA with K={args.n_components}, L={args.n_factors}, diagonal noise, fitted by MAP EM "
-        f"with `EMConfig`'s defaults but at most {args.max_iter} iterations and no re-seeding "
+        f"with `EMConfig`'s defaults but `stats_dtype=\"mixed\"`, at most {args.max_iter} "
+        "iterations and no re-seeding "
         "rounds or tempered step (those apply to complete data only; every method gets the "
         "same procedure): the noise prior chosen, and early stopping judged, on a seeded 10 % "
         "of the rows held out (K-means initialisation; for (a) on column-mean-imputed "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -258,8 +259,12 @@ def test_default_refuses_nan_with_a_hint():
         SGDConfig(missing=True).validate()
     inf = x.nan_to_num()
     inf[0, 0] = float("inf")
-    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\): batch 0, row 0"):
+    # where NaN is allowed, the message names the infinite value (it said "NaN or inf")
+    with pytest.raises(ValueError, match=r"data contains an infinite value \(NaN marks a "
+                                         r"missing entry.*\): batch 0, row 0, feature 0$"):
         EMTrainer(em_config(max_iter=1)).fit(model, inf)
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or inf\): batch 0, row 0"):
+        EMTrainer(EMConfig(progress=False, max_iter=1)).fit(model, inf)
 
 
 def test_em_streams_batches_and_validation_with_missing():
@@ -314,7 +319,8 @@ def test_a_feature_missing_in_every_training_row_is_named():
     x = random_data(200, random_model(2, 5, 1, seed=0), seed=1)
     x[:, 2] = float("nan")
     with pytest.warns(UserWarning, match=r"1 feature\(s\) of data are missing \(NaN\) in "
-                                         r"every row, e\.g\. \[2\]"):
+                                         r"every row, e\.g\. \[2\]: EM cannot learn them \(only "
+                                         r"the initialisation and the priors"):
         EMTrainer(em_config(max_iter=2)).fit(MixtureOfFactorAnalyzers(2, 5, 1, dtype=F64), x)
     x[0, 2] = 0.5  # one observation is enough to learn from
     with warnings.catch_warnings():
@@ -334,6 +340,17 @@ def test_row_log_prob_names_the_infinite_entry_in_x():
     with pytest.raises(ValueError, match=r"1 infinite value\(s\); the first is -inf at "
                                          r"index \(3, 2\)"):
         missing.row_log_prob(model, x)
+
+
+def test_row_log_prob_names_the_shape_of_x():
+    """A row width unlike the model's was reported with the shape of the subset of incomplete
+    rows (``(1, 4)`` for x of shape ``(4, 4)``)."""
+    model = MixtureOfFactorAnalyzers(2, 5, 2, dtype=F64)
+    x = torch.zeros(4, 4, dtype=F64)
+    x[0, 1] = float("nan")
+    for bad in (x, x.nan_to_num(), x.reshape(2, 2, 4)):
+        with pytest.raises(ValueError, match=rf"D = 5, got {re.escape(str(tuple(bad.shape)))}"):
+            missing.row_log_prob(model, bad)
 
 
 def test_float32_model_with_missing_data():
