@@ -6,6 +6,7 @@ deviation, the check of a saved Adam state, and the training rows behind the pri
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -14,11 +15,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from mfa.data.quantized import QuantizedRows
 from mfa.model import MixtureOfFactorAnalyzers
 
-__all__ = ["check_adam_state", "count_rows", "make_adam", "scaled_step", "step_buffers"]
+__all__ = [
+    "add_weight_decay", "check_adam_state", "count_rows", "drop_saved_weight_decay", "make_adam",
+    "relative_step_factor", "scaled_step", "step_buffers",
+]
 
 
 def scaled_step(optimizer: torch.optim.Optimizer, model: MixtureOfFactorAnalyzers,
-                by_noise: bool, before: tuple[Tensor, Tensor] | None = None) -> None:
+                by_noise: bool, before: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """One Adam step; with ``by_noise`` the change of each mean entry ``μ_kj`` and loading row
     ``A_kj`` is multiplied by ``√d_kj`` (before the step), which is Adam on ``μ/√d`` and
     ``A/√d`` with ``d`` held fixed for the step: each moves by about ``lr`` noise standard
@@ -26,9 +30,16 @@ def scaled_step(optimizer: torch.optim.Optimizer, model: MixtureOfFactorAnalyzer
     pixel units it moved the mean of a near-constant pixel (noise std ~0.001 on 8-bit images)
     by several of its standard deviations a step.
 
-    ``before``: buffers shaped like ``(model.loc, model.loadings)`` (``[K, D]``,
-    ``[K, D, L]``) that hold the parameters before the step, reused across steps instead of
-    two new tensors a step (:func:`step_buffers`)."""
+    The change of each noise parameter ``r`` (``d = min_noise + softplus(r)``) is multiplied
+    by ``softplus(r)/sigmoid(r)``, which is Adam on ``log softplus(r)`` (for that step): the
+    noise variances move by about ``lr`` relative to themselves, at any scale of the data.
+    The factor is ``≈ 1 + d`` for small ``d`` (a step on ``r`` already is one on ``log d``
+    there), but for ``d ≫ 1`` (pixels in 0-255) a step of about ``lr`` on ``r`` moved ``d``
+    by about ``lr`` in absolute terms: the noise variances stayed where they started.
+
+    ``before``: buffers shaped like ``(model.loc, model.loadings, model.raw_noise)`` that
+    hold the parameters before the step, reused across steps instead of new tensors a step
+    (:func:`step_buffers`)."""
     if not by_noise:
         optimizer.step()
         return
@@ -37,16 +48,33 @@ def scaled_step(optimizer: torch.optim.Optimizer, model: MixtureOfFactorAnalyzer
             before = step_buffers(model)
         before[0].copy_(model.loc)
         before[1].copy_(model.loadings)
+        before[2].copy_(model.raw_noise)
         keep = 1.0 - model.noise_variance.sqrt()  # [K, D]: the share of the old value kept
+        keep_raw = 1.0 - relative_step_factor(model.raw_noise)
     optimizer.step()
-    with torch.no_grad():  # after + (1 − √d)(before − after) = before + √d (after − before)
+    with torch.no_grad():  # after + (1 − s)(before − after) = before + s (after − before)
         model.loc.lerp_(before[0], keep)
         model.loadings.lerp_(before[1], keep.unsqueeze(-1))
+        model.raw_noise.lerp_(before[2], keep_raw)
 
 
-def step_buffers(model: MixtureOfFactorAnalyzers) -> tuple[Tensor, Tensor]:
-    """Uninitialised ``([K, D], [K, D, L])`` buffers for :func:`scaled_step`'s ``before``."""
-    return torch.empty_like(model.loc), torch.empty_like(model.loadings)
+def relative_step_factor(raw: Tensor) -> Tensor:
+    """``softplus(r)/sigmoid(r)`` elementwise (``≥ 1``; ``→ 1`` as ``r → −∞``, ``≈ r`` for
+    large ``r``), without overflow: with ``u = e^(−|r|)`` it is ``(r + log1p(u))(1 + u)``
+    for ``r > 0`` and ``log1p(u)(1 + u)/u`` otherwise (``1 + u/2 + …``: 1 where ``u`` is
+    below the dtype's epsilon, and so where it is subnormal or 0)."""
+    u = torch.exp(-raw.abs())
+    tiny = u < torch.finfo(u.dtype).eps
+    below = torch.log1p(u) * (1 + u) / torch.where(tiny, torch.ones_like(u), u)
+    above = (raw + torch.log1p(u)) * (1 + u)
+    return torch.where(raw > 0, above, torch.where(tiny, torch.ones_like(u), below))
+
+
+def step_buffers(model: MixtureOfFactorAnalyzers) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised buffers shaped like ``(model.loc, model.loadings, model.raw_noise)``
+    for :func:`scaled_step`'s ``before``."""
+    return (torch.empty_like(model.loc), torch.empty_like(model.loadings),
+            torch.empty_like(model.raw_noise))
 
 
 def check_adam_state(state: dict, model: MixtureOfFactorAnalyzers) -> None:
@@ -72,14 +100,34 @@ def check_adam_state(state: dict, model: MixtureOfFactorAnalyzers) -> None:
                     f"the model's is {tuple(shape)}: the state was saved for another model")
 
 
-def make_adam(params: list[Tensor], lr: float, weight_decay: float) -> torch.optim.Adam:
+def make_adam(params: list[Tensor], lr: float) -> torch.optim.Adam:
     """Adam with its fused kernel where the parameters' device has one (the same update in
     one pass over each tensor: 0.3 against 0.7 ms a step for K=50, D=784, L=6 on one CPU
-    thread), else the default ``foreach`` implementation."""
+    thread), else the default ``foreach`` implementation. Without weight decay: see
+    :func:`add_weight_decay`."""
     try:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(params, lr=lr, fused=True)
     except RuntimeError:  # no fused kernel for this device or dtype
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr)
+
+
+def add_weight_decay(params: Iterable[Tensor], weight_decay: float) -> None:
+    """Add ``weight_decay · p`` to each parameter's gradient: Adam's (L2, not decoupled)
+    weight decay, as ``torch.optim.Adam(weight_decay=)`` adds it, except at entries that are
+    infinite: the logit ``−inf`` of a component of weight 0 (its gradient is 0) would get a
+    gradient ``−inf`` and Adam would make it NaN."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.add_(p.nan_to_num(posinf=0.0, neginf=0.0), alpha=weight_decay)
+
+
+def drop_saved_weight_decay(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict``: a state saved when the optimizer itself applied
+    ``SGDConfig.weight_decay`` restores it in its parameter group; the decay is now added to
+    the gradients (:func:`add_weight_decay`), so the group's must be 0."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = 0.0
 
 
 def count_rows(train) -> int | None:

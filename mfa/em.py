@@ -155,6 +155,7 @@ class EMTrainer:
                 at the end.
         """
         cfg, resume = self.config, self._resume
+        cfg.validate()  # (again: a field may have been set since __init__)
         if cfg.device is not None:
             model.to(cfg.device)
         training.check_fit_inputs(model, data, validation, {} if resume is None else {

@@ -17,7 +17,15 @@ from tqdm.auto import tqdm
 from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, RowCollate, gather_rows, reject_numpy
 from mfa._terms import SHARP_LOSS_LIMIT, ill_conditioned, woodbury_rounding
-from mfa.adam import check_adam_state, count_rows, make_adam, scaled_step, step_buffers
+from mfa.adam import (
+    add_weight_decay,
+    check_adam_state,
+    count_rows,
+    drop_saved_weight_decay,
+    make_adam,
+    scaled_step,
+    step_buffers,
+)
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
 from mfa.loader_shards import check_same_batch_count, reads_whole_dataset, shard_global_batches
@@ -64,13 +72,15 @@ class SGDTrainer:
     an iterable of batches such as a ``DataLoader`` (used as it comes). Without explicit
     validation data a seeded ``val_fraction`` of a tensor's or Dataset's rows is held out; the
     parameters with the best validation log-likelihood are kept (early stopping after
-    ``patience`` epochs without improvement).
+    ``patience`` epochs without improvement). With no validation rows at all, every epoch
+    runs and the last is kept (a ``ConvergenceWarning`` says so).
 
-    Divergence (a learning rate too large) raises ``FloatingPointError``, as a NaN loss
-    does, saying so and naming ``SGDConfig.lr``: an epoch whose scores are not finite, or
-    whose mean train log-likelihood falls far below that of the initial parameters (or of
-    the best epoch so far; see :data:`DIVERGENCE_FACTOR`). The model is first reset to the
-    best epoch's parameters (the initial ones if no epoch finished), so it stays usable.
+    Divergence (a learning rate too large) raises ``FloatingPointError``, as a NaN loss or
+    non-finite gradients do, saying so and naming ``SGDConfig.lr``: an epoch whose scores are
+    not finite, or whose mean train log-likelihood falls far below that of the initial
+    parameters (or of the best epoch so far; see :data:`DIVERGENCE_FACTOR`). The model is
+    first reset to the best epoch's parameters (the initial ones if no epoch finished), so
+    it stays usable.
 
     Attributes:
         history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
@@ -232,6 +242,7 @@ class SGDTrainer:
                 the end.
         """
         cfg = self.config
+        cfg.validate()  # (again: a field may have been set since __init__)
         if cfg.device is not None:
             model.to(cfg.device)
         resume = self._resume or {}
@@ -279,7 +290,7 @@ class SGDTrainer:
         if needs_rows and n_train is None and self._resume is None and not any(
                 self._passes_at_start(val_source is not None)):
             raise _unknown_rows(train)
-        optimizer = make_adam(list(model.parameters()), cfg.lr, cfg.weight_decay)
+        optimizer = make_adam(list(model.parameters()), cfg.lr)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimizer, T_max=cfg.epochs * steps_per_epoch
@@ -294,6 +305,7 @@ class SGDTrainer:
             state, self._resume = self._resume, None
             start_epoch = int(state["epoch"])
             optimizer.load_state_dict(state["optimizer"])
+            drop_saved_weight_decay(optimizer)
             scheduler.load_state_dict(state["scheduler"])
             gen.set_state(state["generator"])
             best_val, best_params = state["best_val"], state["best_params"]
@@ -353,7 +365,8 @@ class SGDTrainer:
         def fail(message: str) -> FloatingPointError:
             model.load_state_dict(best_params if best_params is not None else start_params)
             start = best_params is None or best_val == self.start_val_log_likelihood
-            kept = "the initial" if start else "the best epoch's"
+            kept = ("the initial" if start else "the best epoch's" if val_source is not None
+                    else "the last finished epoch's")
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
         before = step_buffers(model) if cfg.step_scale == "noise" else None  # (scaled_step)
@@ -382,15 +395,25 @@ class SGDTrainer:
                     if penalty.requires_grad:  # (a ridge alone, without loadings: 0)
                         penalty.backward()
                     loss = nll + penalty.detach().to(nll.dtype)
-                if not torch.isfinite(loss):
+                # The gradient's norm (clipped to grad_clip): a finite loss can have
+                # non-finite gradients (a noise variance whose 1/d² overflows), and a step
+                # on them would leave every parameter NaN. One check for both.
+                norm = (torch.nn.utils.get_total_norm(
+                            [p.grad for p in model.parameters() if p.grad is not None])
+                        if cfg.grad_clip is None else
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                if not torch.isfinite(loss + norm.to(loss.dtype)):
+                    what = (f"the minibatch loss is {loss.item()}" if not torch.isfinite(loss)
+                            else f"the gradient's norm is {norm.item()} (the loss "
+                                 f"{loss.item():.6g})")
                     raise fail(
-                        f"Adam epoch {epoch + 1}: the minibatch loss is {loss.item()}; lower "
-                        f"the learning rate (SGDConfig.lr={cfg.lr:g}) or raise min_noise"
+                        f"Adam epoch {epoch + 1}: {what}; lower the learning rate "
+                        f"(SGDConfig.lr={cfg.lr:g}) or raise min_noise"
                     )
                 if reference is None:  # the initial parameters' fit to the first minibatch
                     reference = -nll.item()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.weight_decay:
+                    add_weight_decay(model.parameters(), cfg.weight_decay)
                 scaled_step(optimizer, model, before is not None, before)
                 scheduler.step()
                 total += -nll.item() * rows
@@ -398,16 +421,20 @@ class SGDTrainer:
             train_ll = total / max(seen, 1)
             val_ll = training.evaluate(model, val_source) if val_source is not None else None
             if _diverged(train_ll, val_ll, reference, model.n_features):
-                val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
-                raise fail(
-                    f"Adam diverged at epoch {epoch + 1}: the mean train log-likelihood is "
-                    f"{train_ll:.4g} nats per row{val_text}, down from {reference:.4g}; use a "
-                    f"smaller learning rate than SGDConfig.lr={cfg.lr:g}"
-                )
+                if math.isfinite(train_ll) and val_ll is not None and not math.isfinite(val_ll):
+                    what = (f"the validation log-likelihood is {val_ll:.4g} (train: "
+                            f"{train_ll:.4g} nats per row)")
+                else:
+                    val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
+                    what = (f"the mean train log-likelihood is {train_ll:.4g} nats per row"
+                            f"{val_text}, down from {reference:.4g}")
+                raise fail(f"Adam diverged at epoch {epoch + 1}: {what}; use a smaller "
+                           f"learning rate than SGDConfig.lr={cfg.lr:g}")
             reference = train_ll if reference is None else max(reference, train_ll)
-            score = val_ll if val_ll is not None else train_ll
-            if score > best_val:
-                best_val, bad_epochs = score, 0
+            if val_ll is None:  # nothing to stop on: the last epoch is kept
+                best_params = training.clone_params(model)
+            elif val_ll > best_val:
+                best_val, bad_epochs = val_ll, 0
                 best_params = training.clone_params(model)
             else:
                 bad_epochs += 1

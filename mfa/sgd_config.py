@@ -12,7 +12,7 @@ from mfa._validation import (
     check_int_fields,
     check_real_field,
 )
-from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields
+from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields, check_search_grid
 
 __all__ = ["SGDConfig"]
 
@@ -22,8 +22,9 @@ class SGDConfig:
     """Settings of :class:`mfa.sgd.SGDTrainer`."""
 
     # Adam learning rate. With step_scale "noise" a step moves a mean or loading entry by
-    # about lr noise standard deviations of its component and feature (weights' logits and
-    # the noise's softplus parameter: lr itself); with "none", lr in the data's own units.
+    # about lr noise standard deviations of its component and feature, and a noise variance
+    # by about lr of itself (weights' logits: lr itself); with "none", lr in the data's own
+    # units (and on the noise's softplus parameter).
     lr: float = 0.05
     step_scale: Literal["noise", "none"] = "noise"
     batch_size: int = 256  # rows per step
@@ -80,6 +81,7 @@ class SGDConfig:
         check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
                                 "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
                                 "patience": 0, "seed": 0, "search_per_decade": 1})
+        check_search_grid(self)
         check_choice_field(self, "schedule", ("constant", "cosine", "step"))
         check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
         check_real_field(self, "val_fraction", minimum=0, maximum=1)

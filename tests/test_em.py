@@ -713,7 +713,8 @@ def test_zero_min_component_mass_keeps_every_weight_positive():
     "field, value",
     [("max_iter", -1), ("kmeans_iter", 0), ("variance_floor", 0.0), ("tol", math.nan),
      ("min_component_mass", math.inf), ("stats_dtype", "float16"), ("init", "kmeans++"),
-     ("seed", -1), ("device", "gpu0"), ("progress", "yes"), ("batch_size", True)],
+     ("seed", -1), ("device", "gpu0"), ("progress", "yes"), ("batch_size", True),
+     ("search_per_decade", 10**9)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """EMConfig.validate() is the one home of the trainer's limits: every message names the
@@ -724,6 +725,17 @@ def test_validate_names_the_field_and_the_bad_value(field, value):
         config.validate()
     with pytest.raises(ValueError, match=rf"^EMConfig\.{field} "):
         EMTrainer(config)
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("tol", math.nan),
+                                          ("stats_dtype", "half")])
+def test_fit_checks_a_config_changed_after_the_trainer_was_made(field, value):
+    """The config was checked in __init__ only; a field set afterwards failed deep inside."""
+    trainer = EMTrainer(EMConfig(max_iter=2, progress=False))
+    setattr(trainer.config, field, value)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"^EMConfig\.{field} "):
+        trainer.fit(MixtureOfFactorAnalyzers(2, 3, 1, dtype=torch.float64), x)
 
 
 def test_validate_accepts_the_limits():

@@ -191,6 +191,30 @@ def test_warning_without_validation_data(small):
     assert all(h["val_log_likelihood"] is None for h in trainer.history)
 
 
+def test_without_validation_every_epoch_runs_and_the_last_is_kept(small):
+    """Without validation data Adam early-stopped on the epoch's running mean train
+    log-likelihood (patience is about validation), kept the parameters of the epoch that
+    mean favoured, and the 'ran all epochs' warning never came."""
+    train, _ = small
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    epochs_seen, last = [], {}
+
+    def remember(trainer, m, record):
+        epochs_seen.append(record["epoch"])
+        last.update({k: v.clone() for k, v in m.state_dict().items()})
+
+    trainer = SGDTrainer(SGDConfig(val_fraction=0.0, epochs=8, patience=1, lr=0.3,
+                                   noise_prior_strength=0.0, progress=False))
+    with pytest.warns(ConvergenceWarning, match="ran all 8 epochs without validation"):
+        trainer.fit(model, train, callbacks=[remember])
+    assert epochs_seen == list(range(1, 9))
+    scores = [h["train_log_likelihood"] for h in trainer.history]
+    # patience 1 would have stopped at the first epoch that scored no better
+    assert any(b <= a for a, b in zip(scores, scores[1:], strict=False))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, last[name]), name
+
+
 def test_no_warning_with_validation_data(small):
     train, val = small
     with warnings.catch_warnings():
@@ -704,8 +728,8 @@ def test_resume_from_a_state_without_the_divergence_reference(small):
      ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3),
      ("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
      ("noise_prior_variance", "max"), ("weight_concentration", 0.5), ("loading_ridge", -1.0),
-     ("step_scale", "pixel"), ("search_per_decade", 0), ("quantization_variance", 0.0),
-     ("em_start", 1)],
+     ("step_scale", "pixel"), ("search_per_decade", 0), ("search_per_decade", 10**9),
+     ("quantization_variance", 0.0), ("em_start", 1)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """SGDConfig.validate() holds the trainer's limits; messages name ``SGDConfig.<field>``
@@ -847,7 +871,7 @@ def test_adam_is_fused_where_the_device_has_the_kernel_and_falls_back_otherwise(
     import mfa.adam as sgd
 
     params = [torch.zeros(3, requires_grad=True)]
-    assert sgd.make_adam(params, 1e-3, 0.0).defaults["fused"] is True
+    assert sgd.make_adam(params, 1e-3).defaults["fused"] is True
 
     real_adam = torch.optim.Adam
 
@@ -857,7 +881,7 @@ def test_adam_is_fused_where_the_device_has_the_kernel_and_falls_back_otherwise(
         return real_adam(params, **kwargs)
 
     monkeypatch.setattr(torch.optim, "Adam", no_fused)
-    fallback = sgd.make_adam(params, 1e-3, 0.0)
+    fallback = sgd.make_adam(params, 1e-3)
     assert not fallback.defaults["fused"]
     monkeypatch.undo()
 
@@ -980,7 +1004,7 @@ def test_noise_scaled_steps_are_adam_on_means_and_loadings_over_the_noise_std(re
     lam = (model.loadings.detach() / scale[..., None]).requires_grad_(True)
     logits = model.logits.detach().clone().requires_grad_(True)
     reference = torch.optim.Adam([logits, theta, lam], lr=0.05)
-    optimizer = make_adam([model.logits, model.loc, model.loadings], 0.05, 0.0)
+    optimizer = make_adam([model.logits, model.loc, model.loadings], 0.05)
     before = step_buffers(model) if reuse else None
     for _ in range(3):
         optimizer.zero_grad()
@@ -1046,3 +1070,101 @@ def test_a_loading_ridge_without_loadings_is_no_penalty():
         fits.append(model.state_dict())
     for key in fits[0]:
         torch.testing.assert_close(fits[1][key], fits[0][key], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("lr", math.nan), ("epochs", 2.5),
+                                          ("grad_clip", math.nan)])
+def test_fit_checks_a_config_changed_after_the_trainer_was_made(small, field, value):
+    """The config was checked in __init__ only: a field set afterwards failed deep inside
+    (ZeroDivisionError, torch's own message) or, for grad_clip=nan, left a NaN model."""
+    train, val = small
+    trainer = SGDTrainer(SGDConfig(epochs=2, progress=False))
+    setattr(trainer.config, field, value)
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    with pytest.raises(ValueError, match=rf"^SGDConfig\.{field} "):
+        trainer.fit(model, train, validation=val)
+
+
+def test_non_finite_gradients_raise_and_leave_the_best_epoch():
+    """A float32 noise variance driven toward 0 on a constant feature (min_noise=0): the loss
+    stayed finite while 1/d² overflowed in the gradients, Adam's step made every parameter
+    NaN, and the next density call raised a ValueError with the model left NaN."""
+    g = gen(0)
+    x = torch.randn(300, 4, generator=g)
+    v = torch.randn(60, 4, generator=g)
+    x[:, 0] = v[:, 0] = 0.5  # one constant feature
+    model = MixtureOfFactorAnalyzers(1, 4, 0, min_noise=0.0)
+    trainer = SGDTrainer(SGDConfig(progress=False, epochs=60, batch_size=8,
+                                   noise_prior_strength=0.0))
+    with pytest.raises(FloatingPointError, match=r"the gradient's norm is (nan|inf).*lower the "
+                                                 r"learning rate.*the best epoch's parameters"):
+        trainer.fit(model, x, validation=v)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    best = max(h["val_log_likelihood"] for h in trainer.history)
+    assert model.log_prob(v).mean().item() == pytest.approx(best, rel=1e-5)
+
+
+def test_weight_decay_keeps_a_component_of_weight_zero():
+    """A component of weight 0 (logit −inf, allowed by from_parameters) with weight_decay > 0:
+    Adam's decay gave it a gradient −inf and the step made its logit NaN."""
+    truth = random_model(2, 4, 1, seed=3)
+    x, v = random_data(200, truth, seed=4), random_data(50, truth, seed=5)
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.5, 0.0], dtype=F64), torch.cat([truth.means.detach(),
+                                                            truth.means.detach()[:1]]),
+        torch.cat([truth.factor_loadings.detach(), truth.factor_loadings.detach()[:1]]),
+        torch.cat([truth.noise_variance.detach(), truth.noise_variance.detach()[:1]]))
+    SGDTrainer(SGDConfig(progress=False, epochs=3, init="none", em_start=False,
+                         weight_decay=1e-3, noise_prior_strength=0.0)).fit(model, x, validation=v)
+    assert model.logits.detach()[2] == -math.inf
+    assert all(bool(torch.isfinite(p).all()) for name, p in model.named_parameters()
+               if name != "logits")
+    assert model.weights.detach()[2] == 0 and torch.isfinite(model.weights.detach()).all()
+
+
+@pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
+def test_weight_decay_resumes_exactly_from_a_state_saved_when_adam_applied_it(small):
+    """The decay moved from Adam's parameter group to the gradients: a state saved by the
+    earlier form (group weight_decay > 0) must not decay twice on resume."""
+    train, _ = small
+    val = None  # without validation the last epoch is the result, so epochs 3 and 4 count
+    config = dict(epochs=4, patience=0, weight_decay=0.05, progress=False, checkpoint_every=1,
+                  val_fraction=0.0, noise_prior_strength=0.0)
+    full = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    SGDTrainer(SGDConfig(**config)).fit(full, train, validation=val)
+    saved = {}
+
+    def keep(trainer, model):
+        if trainer.history and trainer.history[-1]["epoch"] == 2 and "t" not in saved:
+            saved["t"] = copy.deepcopy(trainer.state_dict())
+            saved["m"] = copy.deepcopy(model.state_dict())
+
+    SGDTrainer(SGDConfig(**config)).fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), train,
+                                        validation=val, checkpoint_fn=keep)
+    for group in saved["t"]["optimizer"]["param_groups"]:
+        group["weight_decay"] = 0.05  # as the earlier form saved it
+    resumed = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    resumed.load_state_dict(saved["m"])
+    trainer = SGDTrainer(SGDConfig(**config))
+    trainer.load_state_dict(saved["t"])
+    trainer.fit(resumed, train, validation=val)
+    for name, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_divergence_on_validation_names_the_validation_score(small, monkeypatch):
+    """An epoch whose validation score was -inf was reported as a fall of the train
+    log-likelihood, which had not fallen."""
+    train, val = small
+    calls = []
+
+    def evaluate(model, source):
+        calls.append(1)
+        return 0.0 if len(calls) == 1 else -math.inf  # the start scores, the epoch does not
+
+    monkeypatch.setattr("mfa.training.evaluate", evaluate)
+    with pytest.raises(FloatingPointError, match=r"diverged at epoch 1: the validation "
+                                                 r"log-likelihood is -inf \(train: "):
+        SGDTrainer(SGDConfig(epochs=2, progress=False, em_start=False,
+                             noise_prior_strength=0.0)).fit(
+            MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), train, validation=val)
