@@ -12,6 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mfa._temporaries import clean_stale_temporaries
 from mfa.config import OutputConfig, RunConfig, config_to_dict
 from mfa.hierarchical_section import resolve_stages
 
@@ -222,7 +223,8 @@ def unstarted_run(resume: str | Path) -> Path | None:
             path / "config.yaml").is_file():
         # What a run writes before its first checkpoint (a hierarchical run's finished
         # stages are reused); anything else is a finished run's output, which starting over
-        # would replace.
+        # would replace. The temporary of a first checkpoint whose writer was killed is not.
+        clean_stale_temporaries(path / CHECKPOINT_NAME)
         results = sorted(p.name for p in path.iterdir()
                          if p.name not in ("config.yaml", "train.log", FAILED_NAME, "hierarchy"))
         if results:

@@ -370,8 +370,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     if config.output.plot and trainer.history and config.train.method != "hierarchical":
         viz.plot_training_curve(trainer.history, run_dir / "curve.png",
                                 title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
-    if figures:  # a resume keeps the files the per-run commands wrote meanwhile
-        draw_figures(model, data, config, run_dir, replace=ckpt is None)
+    if figures:  # keeping the files the per-run commands wrote meanwhile (new runs too)
+        draw_figures(model, data, config, run_dir, replace=False)
     return TrainResult(run_dir, model, metrics)
 
 

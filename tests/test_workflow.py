@@ -671,6 +671,38 @@ def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
     assert 1 <= len(done) < len(a.trainer_state["history"]) <= iterations
 
 
+def test_a_new_runs_figures_keep_files_written_into_its_folder_during_training(out_dir):
+    """`mfa sample RUN` during training wrote samples.png; the new run's own figures then
+    replaced it (only a resumed run kept such files)."""
+    config = make_config(out_dir, "figures-meanwhile", "output.n_samples=4",
+                         "output.n_inpaint=0")
+    theirs = b"what mfa sample wrote"
+
+    def sample_meanwhile(trainer, model, record):
+        target = out_dir / "figures-meanwhile" / "samples.png"
+        if not target.exists():
+            target.write_bytes(theirs)
+
+    result = workflow.train(config, callbacks=(sample_meanwhile,))
+    assert (result.run_dir / "samples.png").read_bytes() == theirs
+    assert (result.run_dir / "samples-2.png").stat().st_size > 0
+
+
+def test_a_run_killed_while_writing_its_first_checkpoint_starts_over(em_run, out_dir):
+    """kill -9 during the first checkpoint's write leaves its temporary beside config.yaml:
+    that counted as a result, and --resume refused to start the run over as documented."""
+    run_dir = out_dir / "killed-mid-save"
+    run_dir.mkdir()
+    save_config(make_config(out_dir, "killed-mid-save"), run_dir / "config.yaml")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid whose process has exited: the writer is gone
+    temporary = run_dir / f".checkpoint.pt.{gone.pid}.deadbeef.tmp"
+    temporary.write_bytes(b"")
+    resumed = workflow.train(None, resume=run_dir, figures=False)
+    assert_same_parameters(resumed.model, em_run.model)
+    assert not temporary.exists()
+
+
 def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(em_run, out_dir):
     """A run folder holding only config.yaml and train.log (its process was killed before the
     first checkpoint, so nothing was cleaned up): --resume starts the run over there from the
