@@ -1,13 +1,16 @@
 """Run folders: their names, the log file, the checkpoint path, which config changes a
-resumed run may make (:data:`RESUME_SAFE_KEYS`, :func:`check_can_extend`), and what a failed
-run leaves (:func:`clean_up_failed`)."""
+resumed run may make (:data:`RESUME_SAFE_KEYS`, :func:`check_can_extend`), the lock that
+keeps a second ``mfa train`` out of a folder in use (:func:`hold_run_folder`), and what a
+failed run leaves (:func:`clean_up_failed`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,18 +21,23 @@ from mfa.hierarchical_section import resolve_stages
 
 if TYPE_CHECKING:
     from mfa.checkpoint import Checkpoint
+    from mfa.data import ImageData
 
 __all__ = [
     "CHECKPOINT_NAME",
     "FAILED_NAME",
+    "LOCK_NAME",
     "RESUME_SAFE_KEYS",
+    "RunFolderInUse",
     "RUN_DATA_KEYS",
     "attach_log",
     "check_can_extend",
     "check_resume_changes",
+    "check_same_pools",
     "check_same_split",
     "clean_up_failed",
     "free_path",
+    "hold_run_folder",
     "is_unfinished",
     "make_run_dir",
     "resolve_checkpoint",
@@ -38,6 +46,7 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FAILED_NAME = "FAILED"
+LOCK_NAME = ".lock"  # held by the `mfa train` that writes the folder (hold_run_folder)
 
 #: What a resumed run may change: how long it runs, how often it saves, whether it shows
 #: progress, what it draws, and where its data files are; not what it computes.
@@ -105,6 +114,38 @@ def check_same_split(saved: RunConfig, config: RunConfig) -> None:
             "they are read, so the scores would not be those of the data the run was trained "
             f"and held out on (its test split could hold training images); of the data "
             f"settings only {allowed} may differ from the run's")
+
+
+def check_same_pools(recorded: dict | None, data: ImageData) -> None:
+    """Refuse data whose pools are not those a run recorded (``metrics["pools"]``: image
+    counts and, for image files, a digest of their paths below the folder they share, from
+    :meth:`mfa.data.sources.pools.Pools.fingerprint`): its seeded splits would hold other
+    images, and a "test" score could include training images. Runs saved before the record
+    existed (``None``) are not checked.
+
+    Raises:
+        ValueError: naming each pool that differs."""
+    current = data.metadata.get("pools")
+    if not recorded or current is None or _as_lists(recorded) == _as_lists(current):
+        return
+    differ = []
+    for pool in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(pool), current.get(pool)
+        if was is None or now is None:
+            differ.append(f"pool {pool!r} {'is new' if was is None else 'is gone'}")
+        elif list(was)[0] != list(now)[0]:
+            differ.append(f"pool {pool!r} has {now[0]} images, the run's had {was[0]}")
+        elif list(was) != list(now):
+            differ.append(f"pool {pool!r} lists other image files ({now[1]} against the "
+                          f"run's {was[1]})")
+    raise ValueError(
+        f"the {data.name} data is not the data the run was trained on: {'; '.join(differ)}. "
+        "Its seeded splits would hold other images (the test split could hold training "
+        "images); point data.root at the images the run used")
+
+
+def _as_lists(pools: dict) -> dict:
+    return {pool: list(value) for pool, value in pools.items()}
 
 
 def is_unfinished(ckpt: Checkpoint) -> bool:
@@ -226,7 +267,8 @@ def unstarted_run(resume: str | Path) -> Path | None:
         # would replace. The temporary of a first checkpoint whose writer was killed is not.
         clean_stale_temporaries(path / CHECKPOINT_NAME)
         results = sorted(p.name for p in path.iterdir()
-                         if p.name not in ("config.yaml", "train.log", FAILED_NAME, "hierarchy"))
+                         if p.name not in ("config.yaml", "train.log", FAILED_NAME, "hierarchy",
+                                           LOCK_NAME))
         if results:
             raise ValueError(
                 f"{path} holds no {CHECKPOINT_NAME} but holds results ({', '.join(results[:5])}"
@@ -302,11 +344,52 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
             f"it would not run again; start a new run ({_new_run_hint(ckpt, 'train.em.max_iter')})")
 
 
+class RunFolderInUse(RuntimeError):
+    """Another process holds the run folder (:func:`hold_run_folder`)."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, *, held: bool = True) -> Iterator[None]:
+    """Hold ``run_dir`` for one ``mfa train`` while it writes there: an exclusive advisory
+    lock (``flock``) on ``run_dir/.lock``, which also records the holder's pid; the
+    operating system releases it when the process ends, however it ends. Two trainings
+    of one folder (a ``--resume`` of a run still training) wrote its checkpoint, metrics
+    and ``config.yaml`` in turn and left them disagreeing.
+
+    Raises:
+        RunFolderInUse: another process holds the folder (naming its pid).
+
+    With ``held=False`` (a process that does not write the folder), and where ``fcntl``
+    does not exist (Windows), nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or not held:
+        yield
+        return
+    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunFolderInUse(
+                f"the run folder {run_dir} is in use by another `mfa train` (pid {holder}): "
+                "wait for it to end, or stop it, before resuming or restarting it") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
     """A new run that failed before its first checkpoint: remove its folder (only the files
     this module wrote there). Otherwise, for an error (not Ctrl-C), write ``FAILED``."""
     if created and not (run_dir / CHECKPOINT_NAME).exists():
-        for name in ("config.yaml", "train.log"):
+        for name in ("config.yaml", "train.log", LOCK_NAME):
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()

@@ -13,6 +13,7 @@ importable for scripts and notebooks. A run folder holds::
     curve.png        the training curve
     samples.png, inpaint-<mask>.png, outliers.png, outliers.csv, factors.png
     FAILED           only after a run failed with a checkpoint to resume from: the error
+    .lock            held by the `mfa train` writing the folder (a second one is refused)
 
 Every value a run needs is checked before its folder is made: the config, the device, the
 data (loaded first) and the model's sizes against the data. A run that fails before its
@@ -51,9 +52,11 @@ from mfa.run_folder import (
     attach_log,
     check_can_extend,
     check_resume_changes,
+    check_same_pools,
     check_same_split,
     clean_up_failed,
     free_path,
+    hold_run_folder,
     is_unfinished,
     make_run_dir,
     resolve_checkpoint,
@@ -184,32 +187,33 @@ def train(
     else:  # a validated copy whose folder's config reads the same files from anywhere
         config = absolute_data_root(apply_overrides(config, overrides))
     setup = _prepare(config, ckpt)
-    # Under torch.distributed rank 0 alone makes and writes the run folder; the others
-    # learn its path from rank 0.
+    # Under torch.distributed rank 0 alone makes, holds and writes the run folder (a second
+    # `mfa train` of it is refused); the others learn its path from rank 0.
     main = distributed.is_main_process()
     if ckpt is None:
         run_dir = restart or distributed.broadcast_from_main(make_run_dir, config)
-    try:
-        if main and ckpt is None:  # (a resume's changes: with its first checkpoint)
-            save_config(config, run_dir / "config.yaml")
-        if main:
-            (run_dir / FAILED_NAME).unlink(missing_ok=True)
-        handler = attach_log(run_dir) if main else None
+    with hold_run_folder(run_dir, held=main):
         try:
-            if restart is not None:
-                logger.warning("%s holds no %s (stopped before the first one): starting the "
-                               "run over from its config", run_dir, CHECKPOINT_NAME)
-            if changed:
-                logger.info("resumed with new values for %s", ", ".join(changed))
-            return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
-        finally:
-            if handler is not None:
-                logging.getLogger("mfa").removeHandler(handler)
-                handler.close()
-    except BaseException as error:
-        if main:
-            clean_up_failed(run_dir, error, created=ckpt is None and restart is None)
-        raise
+            if main:  # (a resume's changes: with its first checkpoint)
+                (run_dir / FAILED_NAME).unlink(missing_ok=True)
+                if ckpt is None:
+                    save_config(config, run_dir / "config.yaml")
+            handler = attach_log(run_dir) if main else None
+            try:
+                if restart is not None:
+                    logger.warning("%s holds no %s (stopped before the first one): starting "
+                                   "the run over from its config", run_dir, CHECKPOINT_NAME)
+                if changed:
+                    logger.info("resumed with new values for %s", ", ".join(changed))
+                return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
+            finally:
+                if handler is not None:
+                    logging.getLogger("mfa").removeHandler(handler)
+                    handler.close()
+        except BaseException as error:
+            if main:
+                clean_up_failed(run_dir, error, created=ckpt is None and restart is None)
+            raise
 
 
 #: The trainer class of each ``train.method``.
@@ -233,38 +237,6 @@ class _Setup:
     trainer: EMTrainer | SGDTrainer | HierarchicalRunTrainer
     train_data: object
     val_data: object
-
-
-def check_same_pools(recorded: dict | None, data: ImageData) -> None:
-    """Refuse data whose pools are not those a run recorded (``metrics["pools"]``: image
-    counts and, for image files, a digest of their paths below the folder they share, from
-    :meth:`mfa.data.sources.pools.Pools.fingerprint`): its seeded splits would hold other
-    images, and a "test" score could include training images. Runs saved before the record
-    existed (``None``) are not checked.
-
-    Raises:
-        ValueError: naming each pool that differs."""
-    current = data.metadata.get("pools")
-    if not recorded or current is None or _as_lists(recorded) == _as_lists(current):
-        return
-    differ = []
-    for pool in sorted(set(recorded) | set(current)):
-        was, now = recorded.get(pool), current.get(pool)
-        if was is None or now is None:
-            differ.append(f"pool {pool!r} {'is new' if was is None else 'is gone'}")
-        elif list(was)[0] != list(now)[0]:
-            differ.append(f"pool {pool!r} has {now[0]} images, the run's had {was[0]}")
-        elif list(was) != list(now):
-            differ.append(f"pool {pool!r} lists other image files ({now[1]} against the "
-                          f"run's {was[1]})")
-    raise ValueError(
-        f"the {data.name} data is not the data the run was trained on: {'; '.join(differ)}. "
-        "Its seeded splits would hold other images (the test split could hold training "
-        "images); point data.root at the images the run used")
-
-
-def _as_lists(pools: dict) -> dict:
-    return {pool: list(value) for pool, value in pools.items()}
 
 
 def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfa import workflow
+from mfa import run_folder, workflow
 from mfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import apply_overrides, load_config, save_config
 from mfa.data import load_dataset
@@ -137,7 +137,7 @@ def test_train_returns_the_run_folder_model_and_metrics(em_run, out_dir):
     # figures=False: the training curve only.
     names = {p.name for p in em_run.run_dir.iterdir()}
     assert names == {"config.yaml", "train.log", "checkpoint.pt", "metrics.json",
-                     "history.json", "curve.png"}
+                     "history.json", "curve.png", ".lock"}
 
 
 def test_train_log_names_the_run_folder(em_run):
@@ -669,6 +669,24 @@ def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
     # The kill came mid-run: the uninterrupted run (which may stop early on validation, as
     # the default config does) went further than the killed one had.
     assert 1 <= len(done) < len(a.trainer_state["history"]) <= iterations
+
+
+def test_a_run_folder_in_use_is_refused(em_run, out_dir):
+    """Two `mfa train` of one folder (a --resume of a run still training) wrote its
+    checkpoint, metrics and config.yaml in turn and left them disagreeing."""
+    run_dir = out_dir / "in-use"
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(make_config(out_dir, "in-use"), figures=False,
+                       callbacks=(Interrupt("iteration", 2),))
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    with run_folder.hold_run_folder(run_dir):  # as the training process holds it
+        with pytest.raises(run_folder.RunFolderInUse,
+                           match=rf"{re.escape(str(run_dir))} is in use by another `mfa "
+                                 rf"train` \(pid {os.getpid()}\)"):
+            workflow.train(None, resume=run_dir, figures=False)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # no FAILED either
+    resumed = workflow.train(None, resume=run_dir, figures=False)  # released: it runs
+    assert_same_parameters(resumed.model, em_run.model)
 
 
 def test_a_new_runs_figures_keep_files_written_into_its_folder_during_training(out_dir):
