@@ -179,9 +179,18 @@ def train(
         if ckpt.trainer_state is None:  # (a fit would start over and overwrite the file)
             raise ValueError(f"{ckpt_path} holds no trainer state (a model saved on its own), "
                              "so there is nothing to resume; train a new run from its config")
+        folder_config = ckpt_path.parent / "config.yaml"
+        if config is None and folder_config.is_file():  # its edits count as a --config's
+            config = load_config(folder_config)
         config = absolute_data_root(
             apply_overrides(ckpt.run_config if config is None else config, overrides))
-        changed = check_resume_changes(ckpt.run_config, config)
+        try:
+            changed = check_resume_changes(ckpt.run_config, config)
+        except ValueError as error:
+            if folder_config.is_file() and load_config(folder_config) == config:
+                raise ValueError(f"{folder_config}: {error} (this file was edited since the "
+                                 "checkpoint; restore the value to resume)") from None
+            raise
         check_can_extend(ckpt, config, changed)
         run_dir = ckpt_path.parent
     else:  # a validated copy whose folder's config reads the same files from anywhere

@@ -671,6 +671,29 @@ def test_kill_9_of_mfa_train_with_the_default_config_then_resume(tmp_path):
     assert 1 <= len(done) < len(a.trainer_state["history"]) <= iterations
 
 
+def test_resume_reads_the_run_folders_config_yaml(out_dir):
+    """An edited config.yaml was ignored by --resume without a word and left disagreeing
+    with the checkpoint: its edits now count as a --config's (a safe one is applied and
+    saved with the checkpoint, another refused naming the file and the key)."""
+    run_dir = out_dir / "yaml-edit"
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(make_config(out_dir, "yaml-edit"), figures=False,
+                       callbacks=(Interrupt("iteration", 2),))
+    text = (run_dir / "config.yaml").read_text()
+    assert "n_components: 3" in text and f"max_iter: {EM_ITERATIONS}" in text
+    (run_dir / "config.yaml").write_text(text.replace("n_components: 3", "n_components: 5"))
+    with pytest.raises(ValueError, match=r"yaml-edit/config\.yaml: cannot change "
+                                         r"model\.n_components .*saved 3, given 5.*edited"):
+        workflow.train(None, resume=run_dir, figures=False)
+    (run_dir / "config.yaml").write_text(text.replace(f"max_iter: {EM_ITERATIONS}",
+                                                      f"max_iter: {EM_ITERATIONS + 2}"))
+    resumed = workflow.train(None, resume=run_dir, figures=False)
+    assert resumed.metrics["iterations"] == EM_ITERATIONS + 2
+    saved = load_checkpoint(run_dir / "checkpoint.pt").run_config
+    assert saved.train.em.max_iter == EM_ITERATIONS + 2
+    assert load_config(run_dir / "config.yaml") == saved
+
+
 def test_a_run_folder_in_use_is_refused(em_run, out_dir):
     """Two `mfa train` of one folder (a --resume of a run still training) wrote its
     checkpoint, metrics and config.yaml in turn and left them disagreeing."""
