@@ -49,6 +49,7 @@ import yaml
 
 from mfa._typed import bad as _bad
 from mfa._typed import coerce, over_section_defaults
+from mfa.config_text import apply_override_strings, read_yaml_mapping
 from mfa.data.names import DATASET_NAMES, DatasetName, canonical_name
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_section import (
@@ -383,46 +384,9 @@ def validate_config(config: RunConfig) -> RunConfig:
     return config_from_dict(config_to_dict(config))
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if not isinstance(text, str) or "=" not in text:
-        raise ValueError(f"invalid override {text!r}: expected 'dotted.key=value', "
-                         "e.g. 'train.em.max_iter=5'")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    parts = key.split(".")
-    if not key or any(not part for part in parts):
-        raise ValueError(f"invalid override {text!r}: empty key in '{key}'")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as error:
-        raise ValueError(f"invalid override {text!r}: the value is not valid YAML "
-                         f"({error})") from None
-    return parts, value
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    if isinstance(overrides, str):
-        overrides = [overrides]
-    data = copy.deepcopy(data)
-    for text in overrides:
-        parts, value = _parse_override(text)
-        node = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                section = ".".join(parts[: i + 1])
-                raise ValueError(f"invalid override {text!r}: '{section}' is a value "
-                                 f"({child!r}), not a section")
-            node = child
-        node[parts[-1]] = value
-    return data
-
-
 def apply_overrides(config: RunConfig, overrides: Sequence[str]) -> RunConfig:
     """A validated copy of ``config`` with ``"dotted.key=value"`` overrides applied."""
-    return config_from_dict(_apply_overrides(config_to_dict(config), overrides))
+    return config_from_dict(apply_override_strings(config_to_dict(config), overrides))
 
 
 def load_config(
@@ -439,24 +403,8 @@ def load_config(
         FileNotFoundError: ``path`` does not exist.
         ValueError: invalid YAML, an unknown key or an invalid value (naming the key path).
     """
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"config file {path} is not UTF-8 YAML text (byte {error.start} "
-                             f"is {error.object[error.start:error.start + 1]!r})") from None
-        except yaml.YAMLError as error:
-            raise ValueError(f"config file {path} is not valid YAML: {error}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping at the top level, "
-                             f"got {type(data).__name__}")
-    merged = _apply_overrides(data, overrides)
+    data: Any = {} if path is None else read_yaml_mapping(Path(path))
+    merged = apply_override_strings(data, overrides)
     try:
         return config_from_dict(merged)
     except ValueError as error:
@@ -466,22 +414,6 @@ def load_config(
                 config_from_dict(data)
                 where = f"the overrides (--set) of config file {path}"
         raise ValueError(f"{where}: {error}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last
-    silently: a second ``model:`` section would drop the first's values)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError("while constructing a mapping",
-                    node.start_mark, f"found the key {key!r} twice (first on line "
-                    f"{seen[key] + 1})", key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
 
 
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:

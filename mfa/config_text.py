@@ -1,0 +1,126 @@
+"""A run config's text, up to the nested dict that :func:`mfa.config.config_from_dict`
+checks: YAML files (a key given twice is refused; merge keys ``<<:`` work) and the
+``"dotted.key=value"`` strings of ``--set``, a mapping value merged into the section it
+names."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["apply_override_strings", "parse_override", "read_yaml_mapping"]
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last
+    silently: a second ``model:`` section would drop the first's values). A merge key
+    (``<<: *defaults``) is not a key: the keys it brings may be overridden, as YAML says."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (``{}`` for an empty file).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not UTF-8, not valid YAML, a key given twice, or not a mapping at the
+            top level (naming the file).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"config file {path} is not UTF-8 YAML text (byte {error.start} "
+                         f"is {error.object[error.start:error.start + 1]!r})") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level, "
+                         f"got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"dotted.key=value"`` → ``(key parts, value parsed as YAML)``; an empty value is
+    ``None``.
+
+    Raises:
+        ValueError: no ``=``, an empty key part, or a value that is not valid YAML (a
+            mapping key given twice included).
+    """
+    if not isinstance(text, str) or "=" not in text:
+        raise ValueError(f"invalid override {text!r}: expected 'dotted.key=value', "
+                         "e.g. 'train.em.max_iter=5'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise ValueError(f"invalid override {text!r}: empty key in '{key}'")
+    try:
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ValueError(f"invalid override {text!r}: the value is not valid YAML "
+                         f"({error})") from None
+    return parts, value
+
+
+def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:
+    """Set ``value``'s keys in ``into``, section by section (a mapping into a mapping)."""
+    for key, item in value.items():
+        if isinstance(item, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], item)
+        else:
+            into[key] = copy.deepcopy(item)
+
+
+def apply_override_strings(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the config tree ``data`` with ``overrides`` applied in order. A mapping
+    value given to a section (``model={n_factors: 2}``) sets those keys and keeps the
+    section's others (it replaced the whole section: the file's other values fell back to
+    their defaults).
+
+    Raises:
+        ValueError: an invalid override, or a dotted path through a value, not a section.
+    """
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                section = ".".join(parts[: i + 1])
+                raise ValueError(f"invalid override {text!r}: '{section}' is a value "
+                                 f"({child!r}), not a section")
+            node = child
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            _merge(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
+    return data

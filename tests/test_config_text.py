@@ -1,0 +1,48 @@
+"""Tests of mfa.config_text: YAML files and --set strings, up to the config tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mfa.config import apply_overrides, load_config
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded-mnist.yaml"
+
+
+def test_a_mapping_given_to_a_section_keeps_its_other_keys():
+    """`--set model={n_factors: 2}` replaced the whole section: the file's K fell back to
+    the default and data.dequantize was switched off without a word."""
+    base = load_config(CONFIG)
+    assert base.model.n_components != 10 and base.data.dequantize  # the file's own values
+    got = load_config(CONFIG, ["model={n_factors: 2}", "data={limit: 100}"])
+    assert got.model.n_factors == 2 and got.data.limit == 100
+    assert got.model.n_components == base.model.n_components
+    assert got.data.dequantize == base.data.dequantize
+    # nested sections merge too; a plain value still replaces
+    nested = apply_overrides(base, ["train={em: {max_iter: 7}}"])
+    assert nested.train.em.max_iter == 7 and nested.train.em.tol == base.train.em.tol
+    assert nested.train.method == base.train.method
+    assert apply_overrides(base, ["train.em.max_iter=9"]).train.em.max_iter == 9
+
+
+def test_an_override_value_with_a_key_twice_is_refused():
+    with pytest.raises(ValueError, match=r"(?s)invalid override .*found the key .n_components. "
+                                         r"twice"):
+        load_config(CONFIG, ["model={n_components: 3, n_components: 5}"])
+
+
+def test_yaml_merge_keys_work_and_may_be_overridden(tmp_path):
+    """`<<: *defaults` was refused as "not valid YAML" (the duplicate-key check constructed
+    the merge key itself)."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("train:\n  em: &em {max_iter: 5, tol: 0.001}\n  hierarchical:\n"
+                    "    root_em:\n      <<: *em\n      max_iter: 2\n")
+    config = load_config(path)
+    assert config.train.em.max_iter == 5
+    assert config.train.hierarchical.root_em.max_iter == 2  # the explicit key wins
+    assert config.train.hierarchical.root_em.tol == 0.001  # from the merge
+    path.write_text("model:\n  n_components: 3\n  n_components: 4\n")
+    with pytest.raises(ValueError, match=r"found the key 'n_components' twice"):
+        load_config(path)
