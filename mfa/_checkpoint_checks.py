@@ -12,6 +12,7 @@ file.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "check_model_config",
     "check_model_state",
     "check_parameters_finite",
+    "check_run_metrics",
     "check_trainer_state",
     "expected_shapes",
 ]
@@ -159,6 +161,37 @@ def check_trainer_state(state: Any) -> None:
             raise TypeError(f"trainer_state[{key!r}] is a {type(state[key]).__name__}, not a "
                             f"{kind.__name__}")
     _check_generators(state, "trainer_state")
+
+
+def check_run_metrics(metrics: Any) -> None:
+    """The values of a run's ``metrics`` that resuming and the per-run commands read back:
+    ``pools`` (``{pool: [images, digest or None]}``), ``image_shape`` (2 or 3 sizes ≥ 1) and
+    ``train_seconds`` (finite, ≥ 0), each when present."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise TypeError(f"it is a {type(metrics).__name__}, not a dict")
+    pools = metrics.get("pools")
+    if pools is not None and not (isinstance(pools, dict) and all(
+            isinstance(name, str) and isinstance(value, (list, tuple)) and len(value) == 2
+            and _count(value[0]) and (value[1] is None or isinstance(value[1], str))
+            for name, value in pools.items())):
+        raise ValueError(f"metrics['pools'] must map pool names to [images, digest], got "
+                         f"{pools!r}")
+    shape = metrics.get("image_shape")
+    if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) in (2, 3)
+                                  and all(_count(size) and size > 0 for size in shape)):
+        raise ValueError(f"metrics['image_shape'] must be 2 or 3 sizes >= 1, got {shape!r}")
+    seconds = metrics.get("train_seconds")
+    if seconds is not None and not (
+            isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            and math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"metrics['train_seconds'] must be a finite number >= 0, got "
+                         f"{seconds!r}")
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_generators(value: Any, where: str) -> None:

@@ -60,6 +60,7 @@ from mfa._checkpoint_checks import (
     check_model_config,
     check_model_state,
     check_parameters_finite,
+    check_run_metrics,
     check_trainer_state,
 )
 from mfa._temporaries import clean_stale_temporaries, fsync_folder, reserved_temporary
@@ -210,6 +211,7 @@ def save_checkpoint(
         check_model_state(payload["model_config"], payload["model_state"])
         check_parameters_finite(payload["model_state"])
         check_trainer_state(payload["trainer_state"])
+        check_run_metrics(payload["metrics"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"cannot save checkpoint {path}: {error}; load_checkpoint would "
                          "refuse it, so nothing was written") from None
@@ -357,6 +359,10 @@ def _check_payload(payload: Any, path: Path) -> None:
     if metrics is not None and not isinstance(metrics, dict):
         raise CheckpointError(f"checkpoint {path} is damaged: 'metrics' is a "
                               f"{type(metrics).__name__}, not a dict")
+    try:
+        check_run_metrics(metrics)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is damaged: {error}") from None
 
 
 def _rebuild_model(payload: dict, path: Path) -> MixtureOfFactorAnalyzers:

@@ -23,6 +23,7 @@ from mfa.em_state import (
     FitContext,
     RunState,
     check_resumed_max_iter,
+    check_state_ranges,
     restart_seed,
 )
 from mfa.init import floored_weights, initialise, split_heaviest
@@ -127,6 +128,8 @@ class EMTrainer:
         state, self.history = training.restore_state(
             state, RunState.REQUIRED, "EMTrainer", RunState.TYPES)
         training.check_resumed_config(state, self.config, "EMTrainer", RESUMABLE)
+        check_state_ranges(state, self.config.max_iter,
+                           self.config.n_init + self.config.reseed_rounds)
         check_resumed_max_iter(state, self.config.max_iter)
         self._resume = RunState.from_dict(state)
         self._state = self._resume.as_dict()  # what state_dict() gives until fit moves on

@@ -14,7 +14,7 @@ from torch import Tensor
 from mfa._data_stream import DataSource
 
 __all__ = ["RESUMABLE", "Callback", "FitContext", "RunState", "check_resumed_max_iter",
-           "restart_seed"]
+           "check_state_ranges", "restart_seed"]
 
 #: ``cb(trainer, model, record)`` after each EM iteration.
 Callback = Callable[..., None]
@@ -34,6 +34,20 @@ def restart_seed(seed: int, run: int) -> int:
     if run == 0:
         return seed
     return int(np.random.SeedSequence([seed, run]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+def check_state_ranges(state: dict, max_iter: int, runs: int) -> None:
+    """Refuse a state whose counters no fit of this config reaches (a tampered or foreign
+    checkpoint: ``iteration = 10000`` resumed as a finished run): ``0 ≤ run ≤ runs`` (the
+    restarts and re-seeding rounds), ``0 ≤ runs_done ≤ runs`` and ``0 ≤ iteration ≤`` the
+    saved ``max_iter`` (else ``max_iter``)."""
+    saved = state.get("config")
+    limit = saved.get("max_iter", max_iter) if isinstance(saved, dict) else max_iter
+    for key, top in (("run", runs), ("runs_done", runs), ("iteration", limit)):
+        value = state.get(key, 0)
+        if not 0 <= value <= top:
+            raise ValueError(f"EMTrainer state key {key!r} is {value}, outside [0, {top}]: "
+                             "not a state of a fit with this config")
+
 
 def check_resumed_max_iter(state: dict, max_iter: int) -> None:
     """Refuse resuming ``state`` with a ``max_iter`` other than its saved one once a restart

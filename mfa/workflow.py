@@ -188,8 +188,9 @@ def train(
             changed = check_resume_changes(ckpt.run_config, config)
         except ValueError as error:
             if folder_config.is_file() and load_config(folder_config) == config:
-                raise ValueError(f"{folder_config}: {error} (this file was edited since the "
-                                 "checkpoint; restore the value to resume)") from None
+                raise ValueError(f"{folder_config}: {error} (this file differs from the "
+                                 "checkpoint's config, and a resume reads it as a --config: "
+                                 "make them agree to resume)") from None
             raise
         check_can_extend(ckpt, config, changed)
         run_dir = ckpt_path.parent

@@ -390,10 +390,9 @@ def test_malicious_legacy_torch_file_is_refused(tmp_path):
 
 
 def test_em_trainer_state_round_trips(tmp_path):
-    em = pytest.importorskip("mfa.em")
-    if not hasattr(em, "EMTrainer"):
-        pytest.skip("mfa.em.EMTrainer is not written yet")
     import warnings
+
+    from mfa import em
 
     x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     model = make_model(k=2, d=8, lat=1)
@@ -409,6 +408,14 @@ def test_em_trainer_state_round_trips(tmp_path):
     assert torch.equal(loaded.model.log_prob(x), model.log_prob(x))
     em.EMTrainer(em.EMConfig(max_iter=2, progress=False, kmeans_iter=3)).load_state_dict(
         loaded.trainer_state)
+    # counters no fit of that config reaches are refused, naming the key
+    for key, value, top in (("iteration", 10000, 2), ("iteration", -5, 2), ("run", 5, 4),
+                            ("runs_done", -1, 4)):
+        tampered = {**loaded.trainer_state, key: value}
+        with pytest.raises(ValueError, match=rf"EMTrainer state key '{key}' is {value}, "
+                                             rf"outside \[0, {top}\]"):
+            em.EMTrainer(em.EMConfig(max_iter=2, progress=False, kmeans_iter=3)
+                         ).load_state_dict(tampered)
 
 
 def _plain_copy(state):
@@ -665,6 +672,29 @@ def test_trainer_state_of_the_wrong_type_is_refused(tmp_path):
         load_checkpoint(path)
     with pytest.raises(TypeError, match=r"trainer_state must be a dict or None, got list"):
         save_checkpoint(tmp_path / "m2.pt", make_model(), trainer_state=[1, 2])
+
+
+@pytest.mark.parametrize("metrics, problem", [
+    ({"pools": "x"}, r"metrics\['pools'\] must map pool names to \[images, digest\], got 'x'"),
+    ({"pools": {"all": 5}}, r"metrics\['pools'\] must map"),
+    ({"pools": {"all": [-1, None]}}, r"metrics\['pools'\] must map"),
+    ({"image_shape": "abc"}, r"metrics\['image_shape'\] must be 2 or 3 sizes >= 1"),
+    ({"image_shape": [1, 0, 28]}, r"metrics\['image_shape'\] must be"),
+    ({"train_seconds": "abc"}, r"metrics\['train_seconds'\] must be a finite number >= 0"),
+    ({"train_seconds": math.nan}, r"metrics\['train_seconds'\]"),
+])
+def test_tampered_run_metrics_are_refused(tmp_path, metrics, problem):
+    """The values resuming and the per-run commands read from a run's metrics: a tampered
+    one gave a traceback (pools 'x': AttributeError) or an error naming no key."""
+    good = {"pools": {"all": [5000, None]}, "image_shape": [1, 28, 28], "train_seconds": 1.5}
+    path = save_checkpoint(tmp_path / "m.pt", make_model(), metrics=good)
+    assert load_checkpoint(path).metrics == good
+    rewrite(path, lambda p: p["metrics"].update(metrics))
+    with pytest.raises(CheckpointError, match=rf"m\.pt is damaged: {problem}"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match=rf"cannot save checkpoint .*{problem}"):
+        save_checkpoint(tmp_path / "m2.pt", make_model(), metrics={**good, **metrics})
+    assert not (tmp_path / "m2.pt").exists()
 
 
 @pytest.mark.parametrize("protocol", [4, 5])

@@ -683,7 +683,8 @@ def test_resume_reads_the_run_folders_config_yaml(out_dir):
     assert "n_components: 3" in text and f"max_iter: {EM_ITERATIONS}" in text
     (run_dir / "config.yaml").write_text(text.replace("n_components: 3", "n_components: 5"))
     with pytest.raises(ValueError, match=r"yaml-edit/config\.yaml: cannot change "
-                                         r"model\.n_components .*saved 3, given 5.*edited"):
+                                         r"model\.n_components .*saved 3, given 5.*differs from "
+                                         r"the checkpoint's config"):
         workflow.train(None, resume=run_dir, figures=False)
     (run_dir / "config.yaml").write_text(text.replace(f"max_iter: {EM_ITERATIONS}",
                                                       f"max_iter: {EM_ITERATIONS + 2}"))
