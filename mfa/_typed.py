@@ -77,9 +77,13 @@ def coerce(value: Any, hint: Any, path: str, build: Callable[[type, Any, str], A
         if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
             value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            try:  # (an int beyond float's range overflows)
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
                 raise bad(path, value, "expected a finite float")
-            return float(value)
+            return number
         raise bad(path, value, "expected a float")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, (list, tuple)):

@@ -172,16 +172,31 @@ def check_choice_field(config: object, name: str, choices: Sequence[str]) -> Non
         )
 
 
+#: The device types the library runs on (a ``meta`` device was accepted and failed deep
+#: inside, naming no setting).
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def supported_device(value: str | torch.device) -> torch.device:
+    """``torch.device(value)``, refused (ValueError) unless its type is in
+    :data:`DEVICE_TYPES`."""
+    device = torch.device(value)
+    if device.type not in DEVICE_TYPES:
+        raise ValueError(f"device type {device.type!r} is not one this library runs on "
+                         f"({', '.join(DEVICE_TYPES)})")
+    return device
+
+
 def check_device_field(config: object, name: str = "device") -> None:
-    """``config.<name>`` is ``None`` or a device string torch can parse (``"cpu"``,
-    ``"cuda:0"``...); whether that device is present is not checked here."""
+    """``config.<name>`` is ``None`` or a device string of a type in :data:`DEVICE_TYPES`
+    (``"cpu"``, ``"cuda:0"``...); whether that device is present is not checked here."""
     value = getattr(config, name)
     if value is None:
         return
     try:
         if not isinstance(value, (str, torch.device)):  # torch.device(5) is cuda:5
             raise TypeError(value)
-        torch.device(value)
+        supported_device(value)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(
             f"{type(config).__name__}.{name} must be None or a device such as 'cpu' or "

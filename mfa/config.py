@@ -49,6 +49,7 @@ import yaml
 
 from mfa._typed import bad as _bad
 from mfa._typed import coerce, over_section_defaults
+from mfa._validation import supported_device
 from mfa.config_text import apply_override_strings, read_yaml_mapping
 from mfa.data.names import DATASET_NAMES, DatasetName, canonical_name
 from mfa.em import EMConfig, EMTrainer
@@ -194,7 +195,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    resolved = supported_device(device)
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -232,10 +233,9 @@ def _device(value: Any, path: str) -> None:
     if value is None or value == "auto":
         return
     try:
-        torch.device(value)
+        supported_device(value)
     except (RuntimeError, ValueError, TypeError):
-        raise _bad(path, value, "must be 'auto', 'cpu', 'cuda', 'cuda:N' or another "
-                   "torch device string") from None
+        raise _bad(path, value, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 
 
 def _folder_name(value: Any, path: str) -> None:

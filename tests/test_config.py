@@ -182,6 +182,27 @@ def test_resolve_device():
     assert resolve_device("auto").type in ("cpu", "cuda")
 
 
+def test_a_device_type_the_library_does_not_run_on_is_refused():
+    """device=meta was accepted, and training failed with "Tensor.item() cannot be called on
+    meta tensors", naming no setting."""
+    for key in ("device", "train.em.device", "train.sgd.device"):
+        with pytest.raises(ValueError, match=rf"invalid value for {re.escape(key)}: must be "
+                                             r"'auto', 'cpu', 'cuda' or 'cuda:N', got 'meta'"):
+            load_config(CONFIG_DIR / "embedded-mnist.yaml", [f"{key}=meta"])
+    with pytest.raises(ValueError, match=r"device type 'meta' is not one this library runs on"):
+        resolve_device("meta")
+    with pytest.raises(ValueError, match=r"EMConfig\.device must be None or a device"):
+        EMConfig(device="meta").validate()
+
+
+def test_an_int_too_large_for_a_float_field_names_the_key():
+    """It raised "OverflowError: int too large to convert to float", naming no key."""
+    huge = "1" + "0" * 400
+    with pytest.raises(ValueError, match=r"invalid value for model\.min_noise: expected a "
+                                         r"finite float"):
+        load_config(CONFIG_DIR / "embedded-mnist.yaml", [f"model.min_noise={huge}"])
+
+
 # ---------------------------------------------------------------------------- overrides
 
 
