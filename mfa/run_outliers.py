@@ -26,8 +26,8 @@ from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES, OutlierScorer, evaluate_out
 
 logger = logging.getLogger("mfa")
 
-__all__ = ["data_scale", "make_scorer", "outlier_metrics", "patch_size_for", "rank_outliers",
-           "score_split"]
+__all__ = ["check_outlier_data", "data_scale", "make_scorer", "outlier_metrics",
+           "patch_size_for", "rank_outliers", "score_split"]
 
 #: At most this many training images (a seeded subset) fit a score's background model.
 BACKGROUND_ROWS = 5000
@@ -141,6 +141,29 @@ def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: Ima
         ValueError: the two image shapes differ, ``other`` is read on another scale
             (``dequantize``), a split is empty, or a score is unknown.
     """
+    names = check_outlier_data(data, other, split, scores)
+    result: dict = {"against": other.name, "split": split,
+                    "n_in": int(data.pixels(split).shape[0]),
+                    "n_out": int(other.pixels(split).shape[0]), "default_score": DEFAULT_SCORE}
+    for name in names:
+        scorer = make_scorer(model, data, name, seed=seed)
+        metrics = evaluate_outliers(score_split(scorer, data, split),
+                                    score_split(scorer, other, split))
+        result[name] = {"auroc": metrics["auroc"], "aupr": metrics["aupr"]}
+        logger.info("outliers %s vs %s by %s: AUROC %.4f, AUPR %.4f", data.name, other.name,
+                    name, metrics["auroc"], metrics["aupr"])
+    return result
+
+
+def check_outlier_data(data: ImageData, other: ImageData, split: str = "test",
+                       scores: Sequence[str] = SCORE_NAMES) -> list[str]:
+    """What :func:`outlier_metrics` refuses, checked before any scoring; returns the scores'
+    names.
+
+    Raises:
+        ValueError: the two image shapes differ, ``other`` is read on another scale
+            (``dequantize``), a split is empty, or a score is unknown.
+    """
     if tuple(other.image_shape) != tuple(data.image_shape):
         raise ValueError(
             f"outlier evaluation needs images of one shape: the run's data {data.name} has "
@@ -155,14 +178,4 @@ def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: Ima
     if other.dequantize != data.dequantize:
         raise ValueError(f"{other.name} must be read like the run's data (dequantize="
                          f"{data.dequantize})")
-    result: dict = {"against": other.name, "split": split,
-                    "n_in": int(data.pixels(split).shape[0]),
-                    "n_out": int(other.pixels(split).shape[0]), "default_score": DEFAULT_SCORE}
-    for name in names:
-        scorer = make_scorer(model, data, name, seed=seed)
-        metrics = evaluate_outliers(score_split(scorer, data, split),
-                                    score_split(scorer, other, split))
-        result[name] = {"auroc": metrics["auroc"], "aupr": metrics["aupr"]}
-        logger.info("outliers %s vs %s by %s: AUROC %.4f, AUPR %.4f", data.name, other.name,
-                    name, metrics["auroc"], metrics["aupr"])
-    return result
+    return names

@@ -63,7 +63,7 @@ from mfa.run_folder import (
     resume_checkpoint,
     unstarted_run,
 )
-from mfa.run_outliers import outlier_metrics
+from mfa.run_outliers import check_outlier_data, outlier_metrics
 from mfa.sgd import SGDTrainer
 
 logger = logging.getLogger("mfa")
@@ -419,9 +419,10 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
              config: RunConfig | None = None, seed: int = 0,
              outliers_against: str | None = None, against_overrides: Sequence[str] = (),
              outlier_scores: Sequence[str] = SCORE_NAMES, device=None) -> dict:
-    """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples against
-    the training bins, with real held-out images (``ndb_reference``: the first split other
-    than train, else test) as the reference.
+    """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples
+    (clamped to the pixel range [0, 1]) against the training bins, with real held-out images
+    (``ndb_reference``: the first listed split other than train, else val, else test, that
+    has images) as the reference. Every input is checked before anything is computed.
 
     ``config`` names the data (default: the checkpoint's own run config; one that would
     re-split the run's data is refused, :func:`mfa.run_folder.check_same_split`). With
@@ -431,7 +432,7 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     run's data settings, ``data.name`` replaced and ``against_overrides`` applied. ``device``:
     where the model computes (default: the CPU, where the checkpoint loads).
     """
-    from mfa.metrics import ndb
+    from mfa.ndb import NDB
 
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     if config is not None and ckpt.run_config is not None:  # (the CLI's --set rule)
@@ -450,23 +451,8 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     if empty:
         raise ValueError(f"the {', '.join(empty)} split of {data.name} is empty: nothing to "
                          "evaluate")
-    result = evaluate_model(model, data, splits)
-    if ndb_bins:
-        train = data.train  # the reference: held-out images, even if train is listed first
-        held = next((s for s in splits if s != "train"), "test")
-        reference = data.as_float(held)
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-        with torch.no_grad():
-            samples, _ = model.sample(reference.shape[0], generator=gen)
-        model_ndb = ndb(train, samples.float().cpu(), n_bins=ndb_bins, seed=seed)
-        real_ndb = ndb(train, reference, n_bins=ndb_bins, seed=seed)
-        result.update({
-            "ndb_bins": ndb_bins, "ndb_reference": held, "ndb": model_ndb.ndb,
-            "ndb_over_k": model_ndb.ndb_over_k, "ndb_js": model_ndb.js_divergence,
-            "ndb_real": real_ndb.ndb, "ndb_over_k_real": real_ndb.ndb_over_k,
-            "ndb_js_real": real_ndb.js_divergence,
-        })
-    if outliers_against is not None:
+    other = None
+    if outliers_against is not None:  # loaded and checked before anything is computed
         try:
             other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
                                                        *against_overrides]))
@@ -474,6 +460,33 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             raise type(error)(str(error).replace("--set data.", "--against-set data.")) from None
         except ValueError as error:  # e.g. a folder without data.root
             raise ValueError(f"{error} (its settings: CLI --against-set data.KEY=VALUE)") from None
+        check_outlier_data(data, other, scores=outlier_scores)
+    if ndb_bins:  # the reference: real held-out images, the first listed split not train
+        held = next((s for s in (*splits, "val", "test")
+                     if s != "train" and data.pixels(s).shape[0] > 0), None)
+        if held is None:
+            raise ValueError(f"NDB needs real held-out images, but {data.name}'s val and test "
+                             "splits are empty")
+        if not 1 <= ndb_bins <= data.pixels("train").shape[0]:
+            raise ValueError(f"--ndb-bins {ndb_bins} must be between 1 and the "
+                             f"{data.pixels('train').shape[0]} training images")
+    result = evaluate_model(model, data, splits)
+    if ndb_bins:
+        bins = NDB.fit(data.train, ndb_bins, seed=seed)  # once, for both sample sets
+        reference = data.as_float(held)
+        gen = torch.Generator(device=model.device).manual_seed(seed)
+        with torch.no_grad():
+            samples, _ = model.sample(reference.shape[0], generator=gen)
+        # clamped to the pixel range, as docs/results.md's protocol (scripts/results.py)
+        model_ndb = bins.evaluate(samples.float().clamp(0.0, 1.0).cpu())
+        real_ndb = bins.evaluate(reference)
+        result.update({
+            "ndb_bins": ndb_bins, "ndb_reference": held, "ndb": model_ndb.ndb,
+            "ndb_over_k": model_ndb.ndb_over_k, "ndb_js": model_ndb.js_divergence,
+            "ndb_real": real_ndb.ndb, "ndb_over_k_real": real_ndb.ndb_over_k,
+            "ndb_js_real": real_ndb.js_divergence,
+        })
+    if other is not None:
         result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
                                              seed=seed)
     if is_unfinished(ckpt):  # (an interrupted run: its last checkpoint's model)

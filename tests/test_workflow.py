@@ -21,7 +21,7 @@ import torch
 from mfa import run_folder, workflow
 from mfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import apply_overrides, load_config, save_config
-from mfa.data import load_dataset
+from mfa.data import DatasetNotFoundError, load_dataset
 from mfa.model import MixtureOfFactorAnalyzers
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded-mnist.yaml"
@@ -844,6 +844,54 @@ def test_ndb_reference_is_held_out_even_when_train_is_listed_first(em_run):
     assert both["ndb_reference"] == test["ndb_reference"] == "test"
     for key in ("ndb", "ndb_real", "ndb_js_real"):
         assert both[key] == test[key], key
+
+
+def test_ndb_of_evaluate_follows_the_documented_protocol(em_run):
+    """Model samples clamped to the pixel range [0, 1] (docs/results.md's protocol), against
+    bins fitted once on the training images: evaluate binned them unclamped."""
+    from mfa.ndb import NDB
+
+    got = workflow.evaluate(em_run.run_dir, ndb_bins=5, seed=3)
+    data = workflow.load_data(load_checkpoint(em_run.run_dir / "checkpoint.pt").run_config)
+    reference = data.as_float("test")
+    samples, _ = em_run.model.sample(reference.shape[0],
+                                     generator=torch.Generator().manual_seed(3))
+    assert bool(((samples < 0) | (samples > 1)).any())  # the clamp has work to do
+    bins = NDB.fit(data.train, 5, seed=3)
+    want, real = bins.evaluate(samples.detach().clamp(0, 1)), bins.evaluate(reference)
+    assert (got["ndb"], got["ndb_js"]) == (want.ndb, pytest.approx(want.js_divergence))
+    assert (got["ndb_real"], got["ndb_js_real"]) == (real.ndb,
+                                                      pytest.approx(real.js_divergence))
+
+
+def test_evaluate_checks_its_inputs_before_computing(em_run, monkeypatch):
+    """--ndb-bins above the training images, or a dataset for --outliers-against that is not
+    there, were found only after the held-out pass and two K-means fits."""
+    def too_late(*args, **kwargs):
+        raise AssertionError("computed before the inputs were checked")
+
+    monkeypatch.setattr(workflow, "evaluate_model", too_late)
+    with pytest.raises(ValueError, match=r"--ndb-bins 100000 must be between 1 and the \d+ "
+                                         r"training images"):
+        workflow.evaluate(em_run.run_dir, ndb_bins=100_000)
+    with pytest.raises(DatasetNotFoundError, match=r"--against-set data\."):
+        workflow.evaluate(em_run.run_dir, outliers_against="svhn",
+                          against_overrides=["data.root=/nonexistent"])
+
+
+def test_ndb_reference_falls_back_to_a_split_with_images(out_dir):
+    """With an empty test split, --split train took "test" as the reference and failed
+    after the held-out pass: "samples must have shape [N, D] with N >= 1, got (0, 784)"."""
+    run = workflow.train(make_config(out_dir, "no-test", "data.test_fraction=0"),
+                         figures=False)
+    result = workflow.evaluate(run.run_dir, splits=("train",), ndb_bins=5)
+    assert result["ndb_reference"] == "val" and 0 <= result["ndb"] <= 5
+    run2 = workflow.train(make_config(out_dir, "no-held", "data.test_fraction=0",
+                                      "data.val_fraction=0", "train.em.patience=0",
+                                      "train.em.noise_prior_variance=0.001"), figures=False)
+    with pytest.raises(ValueError, match=r"NDB needs real held-out images, but .* val and "
+                                         r"test splits are empty"):
+        workflow.evaluate(run2.run_dir, splits=("train",), ndb_bins=5)
 
 
 def test_evaluate_refuses_a_config_that_re_splits_the_runs_data(em_run):
