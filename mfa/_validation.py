@@ -177,26 +177,28 @@ def check_choice_field(config: object, name: str, choices: Sequence[str]) -> Non
 DEVICE_TYPES = ("cpu", "cuda")
 
 
-def supported_device(value: str | torch.device) -> torch.device:
-    """``torch.device(value)``, refused (ValueError) unless its type is in
-    :data:`DEVICE_TYPES`."""
+def supported_device(value: str | torch.device, name: str = "device") -> torch.device:
+    """``torch.device(value)``, refused (ValueError naming ``name``) unless its type is in
+    :data:`DEVICE_TYPES`. Checked where a device is used, not where a config is read: a
+    saved run's config still loads, to run elsewhere (``--device cpu``)."""
     device = torch.device(value)
     if device.type not in DEVICE_TYPES:
-        raise ValueError(f"device type {device.type!r} is not one this library runs on "
-                         f"({', '.join(DEVICE_TYPES)})")
+        raise ValueError(f"{name} {str(value)!r}: the device type {device.type!r} is not one "
+                         f"this library runs on ({', '.join(DEVICE_TYPES)})")
     return device
 
 
 def check_device_field(config: object, name: str = "device") -> None:
-    """``config.<name>`` is ``None`` or a device string of a type in :data:`DEVICE_TYPES`
-    (``"cpu"``, ``"cuda:0"``...); whether that device is present is not checked here."""
+    """``config.<name>`` is ``None`` or a device string torch can parse (``"cpu"``,
+    ``"cuda:0"``...); whether that device is present, and of a type the library runs on
+    (:func:`supported_device`), is checked where it is used."""
     value = getattr(config, name)
     if value is None:
         return
     try:
         if not isinstance(value, (str, torch.device)):  # torch.device(5) is cuda:5
             raise TypeError(value)
-        supported_device(value)
+        torch.device(value)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(
             f"{type(config).__name__}.{name} must be None or a device such as 'cpu' or "

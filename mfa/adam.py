@@ -33,7 +33,7 @@ def scaled_step(optimizer: torch.optim.Optimizer, model: MixtureOfFactorAnalyzer
     The change of each noise parameter ``r`` (``d = min_noise + softplus(r)``) is multiplied
     by ``softplus(r)/sigmoid(r)``, which is Adam on ``log softplus(r)`` (for that step): the
     noise variances move by about ``lr`` relative to themselves, at any scale of the data.
-    The factor is ``≈ 1 + d`` for small ``d`` (a step on ``r`` already is one on ``log d``
+    The factor is ``≈ 1 + d/2`` for small ``d`` (a step on ``r`` already is one on ``log d``
     there), but for ``d ≫ 1`` (pixels in 0-255) a step of about ``lr`` on ``r`` moved ``d``
     by about ``lr`` in absolute terms: the noise variances stayed where they started.
 

@@ -233,7 +233,7 @@ def _device(value: Any, path: str) -> None:
     if value is None or value == "auto":
         return
     try:
-        supported_device(value)
+        torch.device(value)
     except (RuntimeError, ValueError, TypeError):
         raise _bad(path, value, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 

@@ -19,22 +19,24 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last
-    silently: a second ``model:`` section would drop the first's values). A merge key
-    (``<<: *defaults``) is not a key: the keys it brings may be overridden, as YAML says."""
+    silently: a second ``model:`` section would drop the first's values). Checked as each
+    mapping is composed, before merge keys (``<<: *defaults``) are flattened into it: the
+    keys a merge brings may be overridden, as YAML says."""
 
-    def construct_mapping(self, node, deep=False):
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
         seen: dict = {}
         for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:
+            if key_node.tag == _MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
                 continue
-            key = self.construct_object(key_node, deep=deep)
+            key = (key_node.tag, key_node.value)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping", node.start_mark,
-                    f"found the key {key!r} twice (first on line {seen[key] + 1})",
+                    f"found the key {key_node.value!r} twice (first on line {seen[key] + 1})",
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+        return node
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

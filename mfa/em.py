@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from mfa import distributed, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
+from mfa._validation import supported_device
 from mfa.e_step import streamed_e_step
 from mfa.em_config import EMConfig
 from mfa.em_state import (
@@ -160,7 +161,7 @@ class EMTrainer:
         cfg, resume = self.config, self._resume
         cfg.validate()  # (again: a field may have been set since __init__)
         if cfg.device is not None:
-            model.to(cfg.device)
+            model.to(supported_device(cfg.device, "EMConfig.device"))
         training.check_fit_inputs(model, data, validation, {} if resume is None else {
             "best_params": resume.best_params, "best_val_params": resume.best_val_params},
             "EMTrainer")

@@ -13,7 +13,7 @@ from mfa._validation import (
     check_real_field,
 )
 from mfa.precision import STATS_DTYPES
-from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields, check_search_grid
+from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields
 
 __all__ = ["EMConfig"]
 
@@ -85,7 +85,6 @@ class EMConfig:
         check_real_field(self, "quantization_variance", minimum=0, strict=True)
         check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0,
                                 "max_searches": 1})
-        check_search_grid(self)
         check_real_field(self, "val_fraction", minimum=0, maximum=1)
         check_real_field(self, "min_component_mass", minimum=0)
         check_choice_field(self, "stats_dtype", STATS_DTYPES)

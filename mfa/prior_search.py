@@ -44,6 +44,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+#: The most points :func:`log_grid` makes (8-bit images' grid spans about 5 decades).
+MAX_GRID_POINTS = 10_000
+
+
 def log_grid(lower: float, upper: float, per_decade: int) -> list[float]:
     """``lower · 10^(i / per_decade)`` for ``i = 0, 1, …`` up to the first point ``≥ upper``
     (just ``[lower]`` when ``upper <= lower``)."""
@@ -52,6 +56,10 @@ def log_grid(lower: float, upper: float, per_decade: int) -> list[float]:
     if not upper > lower:
         return [float(lower)]
     n = math.ceil(per_decade * math.log10(upper / lower) - 1e-9)
+    if n >= MAX_GRID_POINTS:  # (a per-decade count of 10⁹ filled the memory)
+        raise ValueError(f"the noise prior's search grid would have {n + 1} points from "
+                         f"{lower:.3g} to {upper:.3g}: lower search_per_decade (got "
+                         f"{per_decade})")
     return [float(lower * 10 ** (i / per_decade)) for i in range(n + 1)]
 
 

@@ -81,21 +81,6 @@ def check_prior_fields(config: object, *, allow_auto: bool) -> None:
     check_real_field(config, "loading_ridge", minimum=0)
 
 
-#: The most grid points a decade the ``"auto"`` search takes (its grid spans about 5 decades
-#: of 8-bit images' noise variances; a per-decade count of 10⁹ was accepted and filled the
-#: memory building the grid).
-MAX_SEARCH_PER_DECADE = 100
-
-
-def check_search_grid(config: object) -> None:
-    """``config.search_per_decade`` (an int ≥ 1, checked before) is at most
-    :data:`MAX_SEARCH_PER_DECADE`."""
-    per_decade = config.search_per_decade
-    if per_decade > MAX_SEARCH_PER_DECADE:
-        raise ValueError(f"{type(config).__name__}.search_per_decade must be at most "
-                         f"{MAX_SEARCH_PER_DECADE}, got {per_decade!r}")
-
-
 @dataclass(frozen=True)
 class Prior:
     """The conjugate priors of the module docstring.

@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mfa._temporaries import clean_stale_temporaries
-from mfa.config import OutputConfig, RunConfig, config_to_dict
+from mfa.config import (
+    OutputConfig,
+    RunConfig,
+    apply_overrides,
+    config_to_dict,
+    load_config,
+)
 from mfa.hierarchical_section import resolve_stages
 
 if TYPE_CHECKING:
@@ -42,7 +49,10 @@ __all__ = [
     "make_run_dir",
     "resolve_checkpoint",
     "resume_checkpoint",
+    "run_config_of",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FAILED_NAME = "FAILED"
@@ -278,6 +288,44 @@ def unstarted_run(resume: str | Path) -> Path | None:
     return None
 
 
+def run_config_of(config: RunConfig | None, resume: str | Path | None,
+                  overrides: Sequence[str]) -> tuple:
+    """:func:`mfa.workflow.train`'s config, the checkpoint it resumes (or ``None``), the
+    folder it starts over (or ``None``) and the keys a resume changes."""
+    restart = unstarted_run(resume) if resume is not None else None
+    if restart is not None:  # killed before its first checkpoint: start it over there
+        saved = load_config(restart / "config.yaml")
+        config = apply_overrides(saved if config is None else config, overrides)
+        check_resume_changes(saved, config)  # the same rules as any resume
+        return absolute_data_root(config), None, restart, []
+    if resume is None:  # a validated copy whose folder's config reads the same files anywhere
+        return absolute_data_root(apply_overrides(config, overrides)), None, None, []
+    from mfa.checkpoint import load_checkpoint
+
+    ckpt_path = resume_checkpoint(resume)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.run_config is None:
+        raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
+    if ckpt.trainer_state is None:  # (a fit would start over and overwrite the file)
+        raise ValueError(f"{ckpt_path} holds no trainer state (a model saved on its own), "
+                         "so there is nothing to resume; train a new run from its config")
+    folder_config = ckpt_path.parent / "config.yaml"
+    if config is None and folder_config.is_file():  # its edits count as a --config's
+        config = load_config(folder_config)
+    config = absolute_data_root(
+        apply_overrides(ckpt.run_config if config is None else config, overrides))
+    try:
+        changed = check_resume_changes(ckpt.run_config, config)
+    except ValueError as error:
+        if folder_config.is_file() and load_config(folder_config) == config:
+            raise ValueError(f"{folder_config}: {error} (this file differs from the "
+                             "checkpoint's config, and a resume reads it as a --config: "
+                             "make them agree to resume)") from None
+        raise
+    check_can_extend(ckpt, config, changed)
+    return config, ckpt, None, changed
+
+
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts and re-seeding rounds does not run again: a
     larger ``max_iter`` given to a finished run would be ignored, so it is refused; so is any
@@ -344,6 +392,11 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
             f"it would not run again; start a new run ({_new_run_hint(ckpt, 'train.em.max_iter')})")
 
 
+#: ``flock`` errors of a file system that cannot lock: the run goes on unlocked, warned.
+_NO_LOCKS = frozenset(getattr(errno, name) for name in ("ENOLCK", "ENOSYS", "EOPNOTSUPP",
+                                                         "ENOTSUP") if hasattr(errno, name))
+
+
 class RunFolderInUse(RuntimeError):
     """Another process holds the run folder (:func:`hold_run_folder`)."""
 
@@ -378,6 +431,13 @@ def hold_run_folder(run_dir: Path, *, held: bool = True) -> Iterator[None]:
             raise RunFolderInUse(
                 f"the run folder {run_dir} is in use by another `mfa train` (pid {holder}): "
                 "wait for it to end, or stop it, before resuming or restarting it") from None
+        except OSError as error:  # a file system without locks (some network mounts)
+            if error.errno not in _NO_LOCKS:
+                raise
+            logger.warning("cannot lock %s (%s): a second `mfa train` of this folder would "
+                           "not be refused", run_dir / LOCK_NAME, error.strerror)
+            yield
+            return
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
         yield

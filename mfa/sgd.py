@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, RowCollate, gather_rows, reject_numpy
 from mfa._terms import SHARP_LOSS_LIMIT, ill_conditioned, woodbury_rounding
+from mfa._validation import supported_device
 from mfa.adam import (
     add_weight_decay,
     check_adam_state,
@@ -244,7 +245,7 @@ class SGDTrainer:
         cfg = self.config
         cfg.validate()  # (again: a field may have been set since __init__)
         if cfg.device is not None:
-            model.to(cfg.device)
+            model.to(supported_device(cfg.device, "SGDConfig.device"))
         resume = self._resume or {}
         training.check_fit_inputs(model, data, validation,
                                   {"best_params": resume.get("best_params")}, "SGDTrainer")

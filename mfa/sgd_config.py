@@ -12,7 +12,7 @@ from mfa._validation import (
     check_int_fields,
     check_real_field,
 )
-from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields, check_search_grid
+from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields
 
 __all__ = ["SGDConfig"]
 
@@ -81,7 +81,6 @@ class SGDConfig:
         check_int_fields(self, {"batch_size": 1, "epochs": 1, "kmeans_iter": 1,
                                 "init_samples": 1, "complete_iter": 0, "checkpoint_every": 0,
                                 "patience": 0, "seed": 0, "search_per_decade": 1})
-        check_search_grid(self)
         check_choice_field(self, "schedule", ("constant", "cosine", "step"))
         check_real_field(self, "grad_clip", minimum=0, strict=True, allow_none=True)
         check_real_field(self, "val_fraction", minimum=0, maximum=1)

@@ -22,6 +22,7 @@ first checkpoint leaves no folder behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import torch
 from mfa import distributed, viz
 from mfa._temporaries import write_text_atomically
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from mfa.config import RunConfig, apply_overrides, load_config, resolve_device, save_config
+from mfa.config import RunConfig, apply_overrides, resolve_device, save_config
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.figures import check_output, inpaint, outliers, sample, visualize
@@ -48,10 +49,7 @@ from mfa.outliers import SCORE_NAMES
 from mfa.run_folder import (
     CHECKPOINT_NAME,
     FAILED_NAME,
-    absolute_data_root,
     attach_log,
-    check_can_extend,
-    check_resume_changes,
     check_same_pools,
     check_same_split,
     clean_up_failed,
@@ -61,7 +59,7 @@ from mfa.run_folder import (
     make_run_dir,
     resolve_checkpoint,
     resume_checkpoint,
-    unstarted_run,
+    run_config_of,
 )
 from mfa.run_outliers import check_outlier_data, outlier_metrics
 from mfa.sgd import SGDTrainer
@@ -161,49 +159,22 @@ def train(
     Raises: ValueError: an invalid config, device, data or model size (before any folder is
     made), or a change that a resumed run cannot take (naming the key).
     """
-    ckpt: Checkpoint | None = None
-    changed: list[str] = []
     if resume is None and config is None:
         raise ValueError("train needs a config, or a run to resume")
-    restart = unstarted_run(resume) if resume is not None else None
-    if restart is not None:  # killed before its first checkpoint: start it over there
-        saved = load_config(restart / "config.yaml")
-        config = apply_overrides(saved if config is None else config, overrides)
-        overrides, resume = (), None
-        check_resume_changes(saved, config)  # the same rules as any resume
-    if resume is not None:
-        ckpt_path = resume_checkpoint(resume)
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.run_config is None:
-            raise ValueError(f"{ckpt_path} holds no run config, so it cannot be resumed")
-        if ckpt.trainer_state is None:  # (a fit would start over and overwrite the file)
-            raise ValueError(f"{ckpt_path} holds no trainer state (a model saved on its own), "
-                             "so there is nothing to resume; train a new run from its config")
-        folder_config = ckpt_path.parent / "config.yaml"
-        if config is None and folder_config.is_file():  # its edits count as a --config's
-            config = load_config(folder_config)
-        config = absolute_data_root(
-            apply_overrides(ckpt.run_config if config is None else config, overrides))
-        try:
-            changed = check_resume_changes(ckpt.run_config, config)
-        except ValueError as error:
-            if folder_config.is_file() and load_config(folder_config) == config:
-                raise ValueError(f"{folder_config}: {error} (this file differs from the "
-                                 "checkpoint's config, and a resume reads it as a --config: "
-                                 "make them agree to resume)") from None
-            raise
-        check_can_extend(ckpt, config, changed)
-        run_dir = ckpt_path.parent
-    else:  # a validated copy whose folder's config reads the same files from anywhere
-        config = absolute_data_root(apply_overrides(config, overrides))
-    setup = _prepare(config, ckpt)
     # Under torch.distributed rank 0 alone makes, holds and writes the run folder (a second
-    # `mfa train` of it is refused); the others learn its path from rank 0.
+    # `mfa train` of it is refused; a resumed one is held before it is read); the others
+    # learn its path from rank 0.
     main = distributed.is_main_process()
-    if ckpt is None:
-        run_dir = restart or distributed.broadcast_from_main(make_run_dir, config)
-    with hold_run_folder(run_dir, held=main):
+    with contextlib.ExitStack() as held:
+        folder = None if resume is None else resume_checkpoint(resume).parent
+        if folder is not None:
+            held.enter_context(hold_run_folder(folder, held=main))
+        config, ckpt, restart, changed = run_config_of(config, resume, overrides)
+        setup = _prepare(config, ckpt)
+        run_dir = folder or distributed.broadcast_from_main(make_run_dir, config)
         try:
+            if folder is None:
+                held.enter_context(hold_run_folder(run_dir, held=main))
             if main:  # (a resume's changes: with its first checkpoint)
                 (run_dir / FAILED_NAME).unlink(missing_ok=True)
                 if ckpt is None:
@@ -222,7 +193,7 @@ def train(
                     handler.close()
         except BaseException as error:
             if main:
-                clean_up_failed(run_dir, error, created=ckpt is None and restart is None)
+                clean_up_failed(run_dir, error, created=folder is None)
             raise
 
 
@@ -320,11 +291,11 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
 
     def save(model_, trainer_state, metrics):
         nonlocal config_changed
+        if config_changed:  # first: a kill between the two leaves a --resume that re-applies
+            save_config(config, run_dir / "config.yaml")  # the change (the file is read)
+            config_changed = False
         save_checkpoint(run_dir / CHECKPOINT_NAME, model_, run_config=config,
                         trainer_state=trainer_state, metrics=metrics)
-        if config_changed:
-            save_config(config, run_dir / "config.yaml")
-            config_changed = False
 
     def checkpoint(trainer_, model_):
         seconds = earlier + time.perf_counter() - started

@@ -325,6 +325,20 @@ def test_state_that_does_not_match_the_config(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_run_config_with_a_device_or_grid_refused_only_at_use_still_loads(tmp_path):
+    """A device type the library does not run on, or a fine search grid, is refused where
+    it is used, not when a saved run is read back (that blocked resume, sample and evaluate
+    of checkpoints the earlier code wrote, even with --device cpu)."""
+    config = RunConfig()
+    path = save_checkpoint(tmp_path / "m.pt", make_model(), run_config=config)
+    def change(payload):
+        payload["run_config"]["device"] = "mps"
+        payload["run_config"]["train"]["em"]["search_per_decade"] = 200
+    rewrite(path, change)
+    loaded = load_checkpoint(path).run_config
+    assert loaded.device == "mps" and loaded.train.em.search_per_decade == 200
+
+
 def test_invalid_run_config_inside(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", make_model(), run_config=RunConfig())
     rewrite(path, lambda p: p["run_config"]["model"].update(n_components=-4))

@@ -46,3 +46,20 @@ def test_yaml_merge_keys_work_and_may_be_overridden(tmp_path):
     path.write_text("model:\n  n_components: 3\n  n_components: 4\n")
     with pytest.raises(ValueError, match=r"found the key 'n_components' twice"):
         load_config(path)
+
+
+def test_merge_chains_read_as_pyyaml_reads_them(tmp_path):
+    """An anchor whose mapping merges another, merged again later: the first construction
+    flattened it, and the duplicate check then took the merged key and its override for a
+    key given twice."""
+    import yaml
+
+    text = ("train:\n  hierarchical:\n    root_em: &A\n      <<: &B {max_iter: 5, tol: 0.001}\n"
+            "      max_iter: 3\n  em:\n    <<: *A\n    n_init: 2\n")
+    path = tmp_path / "chain.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.train.hierarchical.root_em.max_iter == 3
+    assert (config.train.em.max_iter, config.train.em.n_init) == (3, 2)
+    assert config.train.em.tol == 0.001
+    assert yaml.safe_load(text)["train"]["em"] == {"max_iter": 3, "tol": 0.001, "n_init": 2}

@@ -713,8 +713,7 @@ def test_zero_min_component_mass_keeps_every_weight_positive():
     "field, value",
     [("max_iter", -1), ("kmeans_iter", 0), ("variance_floor", 0.0), ("tol", math.nan),
      ("min_component_mass", math.inf), ("stats_dtype", "float16"), ("init", "kmeans++"),
-     ("seed", -1), ("device", "gpu0"), ("progress", "yes"), ("batch_size", True),
-     ("search_per_decade", 10**9)],
+     ("seed", -1), ("device", "gpu0"), ("progress", "yes"), ("batch_size", True)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """EMConfig.validate() is the one home of the trainer's limits: every message names the
@@ -725,6 +724,26 @@ def test_validate_names_the_field_and_the_bad_value(field, value):
         config.validate()
     with pytest.raises(ValueError, match=rf"^EMConfig\.{field} "):
         EMTrainer(config)
+
+
+def test_a_search_grid_too_fine_to_build_is_refused():
+    """search_per_decade=10**9 was accepted and filled the memory building the grid."""
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    trainer = EMTrainer(EMConfig(max_iter=3, progress=False, search_per_decade=10**9))
+    with pytest.raises(ValueError, match=r"search grid would have \d+ points .*lower "
+                                         r"search_per_decade \(got 1000000000\)"):
+        trainer.fit(MixtureOfFactorAnalyzers(2, 3, 1, dtype=torch.float64), x[:50],
+                    validation=x[50:])
+
+
+def test_a_device_type_the_library_does_not_run_on_is_refused_by_fit():
+    """EMConfig(device="meta") moved the model to the meta device, and the fit failed with
+    "Tensor.item() cannot be called on meta tensors", naming no setting."""
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"EMConfig\.device 'meta': the device type 'meta' "
+                                         r"is not one this library runs on \(cpu, cuda\)"):
+        EMTrainer(EMConfig(device="meta", progress=False)).fit(
+            MixtureOfFactorAnalyzers(2, 3, 1, dtype=torch.float64), x)
 
 
 @pytest.mark.parametrize("field, value", [("batch_size", 0), ("tol", math.nan),

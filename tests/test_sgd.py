@@ -728,8 +728,8 @@ def test_resume_from_a_state_without_the_divergence_reference(small):
      ("device", "gpu0"), ("progress", 1), ("weight_decay", -1e-3),
      ("noise_prior_strength", -1.0), ("noise_prior_variance", 0.0),
      ("noise_prior_variance", "max"), ("weight_concentration", 0.5), ("loading_ridge", -1.0),
-     ("step_scale", "pixel"), ("search_per_decade", 0), ("search_per_decade", 10**9),
-     ("quantization_variance", 0.0), ("em_start", 1)],
+     ("step_scale", "pixel"), ("search_per_decade", 0), ("quantization_variance", 0.0),
+     ("em_start", 1)],
 )
 def test_validate_names_the_field_and_the_bad_value(field, value):
     """SGDConfig.validate() holds the trainer's limits; messages name ``SGDConfig.<field>``

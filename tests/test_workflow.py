@@ -341,12 +341,14 @@ def test_em_resume_may_run_longer_and_records_the_change(out_dir):
     assert "train.em.max_iter, output.n_samples" in (run_dir / "train.log").read_text()
 
 
-def test_config_yaml_stays_the_checkpoints_when_a_resume_stops_before_saving(out_dir,
-                                                                              monkeypatch):
+def test_a_resume_stopped_at_its_first_save_keeps_its_change(out_dir, monkeypatch):
     """A resume with new values wrote config.yaml before training; stopped before its first
     checkpoint, the run then finished under the checkpoint's values while config.yaml named
-    others. The new values are now written with the first checkpoint that uses them. And
-    train_seconds adds up the run's sessions (it held the last session's time alone)."""
+    others. Then config.yaml came after the checkpoint, and a kill between the two left a
+    config.yaml that a plain --resume (which reads it) took as an edit undoing the change.
+    Now config.yaml is written first, with the first checkpoint that uses it: the change
+    survives, and the two agree at the end. train_seconds adds up the run's sessions (it
+    held the last session's time alone)."""
     config = make_config(out_dir, "config-sync")
     with pytest.raises(KeyboardInterrupt):
         workflow.train(config, figures=False, callbacks=(Interrupt("iteration", 2),))
@@ -358,15 +360,15 @@ def test_config_yaml_stays_the_checkpoints_when_a_resume_stops_before_saving(out
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(workflow, "save_checkpoint", stopped)
+        patch.setattr(workflow, "save_checkpoint", stopped)  # killed at the first save
         with pytest.raises(KeyboardInterrupt):
             workflow.train(None, resume=run_dir, figures=False,
-                           overrides=["train.em.max_iter=6"])
-    saved = load_checkpoint(run_dir / "checkpoint.pt")
-    assert load_config(run_dir / "config.yaml") == saved.run_config
-    assert saved.run_config.train.em.max_iter == EM_ITERATIONS
+                           overrides=[f"train.em.max_iter={EM_ITERATIONS + 2}"])
+    assert load_checkpoint(run_dir / "checkpoint.pt").run_config.train.em.max_iter == (
+        EM_ITERATIONS)
+    assert load_config(run_dir / "config.yaml").train.em.max_iter == EM_ITERATIONS + 2
     finished = workflow.train(None, resume=run_dir, figures=False)
-    assert finished.metrics["iterations"] == EM_ITERATIONS
+    assert finished.metrics["iterations"] == EM_ITERATIONS + 2
     assert load_config(run_dir / "config.yaml") == load_checkpoint(
         run_dir / "checkpoint.pt").run_config
     assert finished.metrics["train_seconds"] > first
@@ -467,7 +469,7 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
                                          r"saved 2, given 1"):
         workflow.train(other, resume=em_run.run_dir, figures=False)
     same = make_config(out_dir, "em-a", "output.plot=false")  # a safe difference
-    assert workflow.check_resume_changes(load_checkpoint(em_run.run_dir / "checkpoint.pt")
+    assert run_folder.check_resume_changes(load_checkpoint(em_run.run_dir / "checkpoint.pt")
                                          .run_config, same) == ["output.plot"]
     # a stage given on one side and null (train.em) on the other: compared as train.em
     saved = make_config(out_dir, "h", "train.method=hierarchical",
@@ -477,13 +479,13 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
     for a, b, given in ((saved, reset, run_em), (reset, saved, 1)):
         with pytest.raises(ValueError, match=r"cannot change train\.hierarchical\.child_em\."
                                              rf"max_iter when resuming .*given {given}\)"):
-            workflow.check_resume_changes(a, b)
+            run_folder.check_resume_changes(a, b)
     # a stage that sets only a resume-safe key over a null one changes only that key (it was
     # refused, naming max_iter: the stage took EMConfig's class defaults)
     quiet = apply_overrides(reset, ["train.hierarchical.child_em.progress=true"])
     assert quiet.train.hierarchical.child_em == dataclasses.replace(reset.train.em,
                                                                     progress=True)
-    assert workflow.check_resume_changes(reset, quiet) == ["train.hierarchical.child_em.progress"]
+    assert run_folder.check_resume_changes(reset, quiet) == ["train.hierarchical.child_em.progress"]
 
 
 def test_max_iter_below_the_iterations_done_is_refused_on_resume():
@@ -711,6 +713,35 @@ def test_a_run_folder_in_use_is_refused(em_run, out_dir):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # no FAILED either
     resumed = workflow.train(None, resume=run_dir, figures=False)  # released: it runs
     assert_same_parameters(resumed.model, em_run.model)
+
+
+def test_a_held_run_folder_is_refused_before_it_is_read(em_run, out_dir):
+    """The lock was taken after the resume had read the checkpoint and loaded the data: a
+    run that finished meanwhile was continued from its stale checkpoint. Now a held folder
+    is refused first, whatever its checkpoint would say (a finished run's own refusal)."""
+    with run_folder.hold_run_folder(em_run.run_dir):
+        with pytest.raises(run_folder.RunFolderInUse):
+            workflow.train(None, resume=em_run.run_dir, figures=False,
+                           overrides=["train.em.max_iter=9"])
+    with pytest.raises(ValueError, match=r"this run's EM has finished"):
+        workflow.train(None, resume=em_run.run_dir, figures=False,
+                       overrides=["train.em.max_iter=9"])
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(out_dir, monkeypatch,
+                                                                     caplog):
+    """flock's ENOLCK (some network mounts) aborted `mfa train` and left a stray folder."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="mfa.run_folder"):
+        run = workflow.train(make_config(out_dir, "no-locks"), figures=False)
+    assert (run.run_dir / "metrics.json").exists()
+    assert "cannot lock" in caplog.text and "would not be refused" in caplog.text
 
 
 def test_a_new_runs_figures_keep_files_written_into_its_folder_during_training(out_dir):
