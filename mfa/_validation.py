@@ -119,6 +119,15 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2**63)`` (torch's generators take int64): not a bool,
+    a float (1.5 ran as 1) or a string."""
+    seed = check_positive_int(seed, name, minimum=0)
+    if seed >= 2**63:
+        raise ValueError(f"{name} must be below 2**63, got {seed}")
+    return seed
+
+
 def check_int_fields(config: object, minimum: dict[str, int]) -> None:
     """Every ``config.<name>`` is an int (not a bool) of at least ``minimum[name]`` and below
     ``2**63`` (torch's int64: a larger seed failed deep inside with an unnamed overflow)."""

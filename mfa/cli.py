@@ -116,7 +116,9 @@ def _output(path: Path, args, explicit: str | None, companions: tuple[str, ...] 
     if args.overwrite or free == path:
         return path
     if explicit:
-        raise SystemExit(f"error: {path} already exists; pass --overwrite to replace it, "
+        taken = next((p for p in (path, *(path.with_suffix(c) for c in companions))
+                      if p.exists()), path)
+        raise SystemExit(f"error: {taken} already exists; pass --overwrite to replace it, "
                          f"or another {explicit}")
     return free
 

@@ -19,15 +19,21 @@ from mfa.run_outliers import rank_outliers
 __all__ = ["check_output", "inpaint", "outliers", "sample", "visualize"]
 
 
-def check_output(output, image_shape) -> None:
+def check_output(output, image_shape, n_components: int | None = None,
+                 n_factors: int = 0) -> None:
     """Refuse, before training, a run's output config (:class:`mfa.config.OutputConfig`)
-    whose sample, outlier or inpainting grid of ``image_shape`` ``(C, H, W)`` images would
-    exceed :data:`mfa.viz.MAX_FIGURE_PIXELS` (it failed after the training, out of memory),
-    or whose inpainting mask image cannot be read or hides no pixel."""
+    whose sample, outlier, inpainting or factor grid of ``image_shape`` ``(C, H, W)`` images
+    would exceed :data:`mfa.viz.MAX_FIGURE_PIXELS` (it failed after the training, out of
+    memory), or whose inpainting mask image cannot be read or hides no pixel. The factor
+    grid has ``min(n_factor_components, n_components)`` rows (all of them when ``K`` is not
+    known yet, as in a hierarchical run) of ``2 + 3·n_factors`` images."""
     _, height, width = image_shape
     grids = [(output.n_samples or 32, output.grid_nrow)]  # the sample and outlier grids
     if output.n_inpaint:  # a row an image: the image, the masked one, the mean, the samples
         grids.append((output.n_inpaint * (3 + output.inpaint_samples), 3 + output.inpaint_samples))
+    rows = min(output.n_factor_components, n_components or output.n_factor_components)
+    if rows:
+        grids.append((rows * (2 + 3 * n_factors), 2 + 3 * n_factors))
     for n, nrow in grids:
         viz.check_figure_size(*viz.grid_size(n, nrow, height, width), output.image_scale)
     if output.n_inpaint and "image" in output.inpaint_masks:

@@ -22,7 +22,13 @@ import torch
 from torch import Tensor
 
 from mfa._data_stream import DEFAULT_BATCH_SIZE
-from mfa._validation import check_finite, check_positive_int, check_tensor, feature_index
+from mfa._validation import (
+    check_finite,
+    check_positive_int,
+    check_seed,
+    check_tensor,
+    feature_index,
+)
 from mfa.kmeans import kmeans, nearest_center
 
 __all__ = ["NDB", "NDBResult", "js_divergence", "ndb", "two_proportion_z_test"]
@@ -160,6 +166,7 @@ class NDB:
         check_positive_int(n_bins, "n_bins")
         check_positive_int(batch_size, "batch_size")
         check_positive_int(kmeans_iter, "kmeans_iter")
+        seed = check_seed(seed)
         _check_alpha(alpha)
         n, d = train.shape
         if n_bins > n:

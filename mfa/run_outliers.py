@@ -97,8 +97,11 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     ``rank, index, score, log_prob, label`` (``score`` as in :mod:`mfa.outliers`, bits/dim;
     ``log_prob`` in nats). Ties keep the split's order."""
     out_dir = Path(out_dir)
-    if data.pixels(split).shape[0] == 0:
+    rows = data.pixels(split).shape[0]
+    if rows == 0:
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to rank")
+    _, height, width = data.image_shape  # (refused before the scoring, not after it)
+    viz.check_figure_size(*viz.grid_size(min(n, rows), nrow, height, width), scale)
     scorer = make_scorer(model, data, score, seed=seed)
     scores = score_split(scorer, data, split)  # [N]
     log_p = _log_prob(model, data, split)  # [N]
@@ -115,10 +118,10 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
                 writer.writerow([rank, i, f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}",
                                  label])
 
-    write_atomically(csv_path, write_csv)
     worst = order[: min(n, order.numel())]
     images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
     png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale)
+    write_atomically(csv_path, write_csv)  # (after the figure: both, or the CSV not alone)
     logger.info("most outlying %s images by %s: %s", split, score,
                 ", ".join(f"#{i} ({scores[i].item():.3f})" for i in worst[:5].tolist()))
     return [png, csv_path]

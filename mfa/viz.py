@@ -18,6 +18,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -359,12 +360,18 @@ def factor_grid(
     if model.n_features != c * h * w:
         raise ValueError(f"image_shape {(c, h, w)} has {c * h * w} pixels but the model has "
                          f"n_features={model.n_features}")
-    components = [component] if isinstance(component, int) else list(component)
+    single = isinstance(component, numbers.Integral) or (
+        isinstance(component, Tensor) and component.dim() == 0)
+    components = [component] if single else list(component)
     if not components:
         raise ValueError("component must name at least one component")
-    for k in components:
-        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k < model.n_components:
+    for i, k in enumerate(components):  # (numpy or 0-d tensor integers too)
+        if isinstance(k, Tensor) and k.dim() == 0 and not k.is_floating_point():
+            k = k.item()
+        if (not isinstance(k, numbers.Integral) or isinstance(k, bool)
+                or not 0 <= k < model.n_components):
             raise ValueError(f"component must be in [0, {model.n_components}), got {k!r}")
+        components[i] = int(k)
     n_factors = model.n_factors if max_factors is None else min(max_factors, model.n_factors)
     if n_factors < 0:
         raise ValueError(f"max_factors must be >= 0, got {max_factors!r}")

@@ -269,7 +269,8 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
                 f"checkpoint {ckpt.path} holds a trainer state that {type(trainer).__name__} "
                 f"cannot resume from: {error}") from None
     # The figures are drawn at the end: their sizes and the mask file are checked now.
-    check_output(config.output, data.image_shape)
+    check_output(config.output, data.image_shape, None if config.train.method ==
+                 "hierarchical" else config.model.n_components, config.model.n_factors)
     train_data, val_data = _training_data(data, config, device)
     train_data = _remove_pixels(config, data, train_data, "train")
     val_data = _remove_pixels(config, data, val_data, "val")

@@ -1148,6 +1148,26 @@ def test_outliers_out_dir_that_is_a_file_is_refused_before_the_work(run_dir, tmp
     assert afile.read_text() == "mine" and stdout == ""
 
 
+def test_outliers_refuse_an_oversized_grid_before_scoring_and_name_the_taken_file(
+        run_dir, tmp_path, monkeypatch):
+    """An oversized grid was refused after all the scoring, leaving outliers.csv alone; the
+    rerun was then refused naming outliers.png, which did not exist."""
+    def never(*args, **kwargs):
+        raise AssertionError("scored before the figure was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("mfa.run_outliers.make_scorer", never)
+        code, _, stderr = run_cli("outliers", run_dir, "-n", 300, "--scale", 200,
+                                  "--out-dir", tmp_path / "big")
+    assert code == 2 and "MAX_FIGURE_PIXELS" in stderr, stderr
+    assert not (tmp_path / "big" / "outliers.csv").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "outliers.csv").write_text("mine")
+    code, _, stderr = run_cli("outliers", run_dir, "--out-dir", tmp_path / "taken")
+    assert code != 0 and f"{tmp_path / 'taken' / 'outliers.csv'} already exists" in stderr
+    assert (tmp_path / "taken" / "outliers.csv").read_text() == "mine"
+
+
 def test_bad_output_paths_are_named(run_dir, tmp_path):
     """-o a folder or a name without an image suffix failed with PIL's "unknown file
     extension: "; an output.dir that is a file with a bare "[Errno 17] File exists"."""

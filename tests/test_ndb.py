@@ -94,6 +94,19 @@ def test_ndb_function_is_seeded_and_reproducible():
     assert not torch.equal(a.centers, d.centers)
 
 
+def test_ndb_seed_is_a_whole_number_below_2_63():
+    """seed=1.5 ran as seed 1, "1" was taken, 2**70 failed with a bare overflow."""
+    train, _ = gaussian_mixture_data(200, seed=3)
+    for bad, error, message in ((1.5, TypeError, "seed must be an int, got float"),
+                                ("1", TypeError, "seed must be an int, got str"),
+                                (-1, ValueError, "seed must be >= 0"),
+                                (2**70, ValueError, r"seed must be below 2\*\*63")):
+        with pytest.raises(error, match=message):
+            ndb(train, train, 5, seed=bad)
+    a = ndb(train, train, 5, seed=np.int64(3), kmeans_iter=5)  # numpy integers are ints
+    assert torch.equal(a.centers, ndb(train, train, 5, seed=3, kmeans_iter=5).centers)
+
+
 def test_ndb_hand_computed_z_test():
     # 1-D bins at 0, 10 and 100 (nothing near 100): train 30/70/0, samples 50/50/0.
     train = torch.cat([torch.zeros(30, 1), torch.full((70, 1), 10.0)]) + 0.1

@@ -216,6 +216,18 @@ def test_factor_grid_layout():
     assert rgb.mode == "RGB"
 
 
+def test_factor_grid_takes_numpy_and_tensor_integers():
+    """factor_grid(model, np.int64(0), ...) raised "'numpy.int64' object is not iterable"."""
+    import numpy as np
+
+    model = small_model()
+    want = factor_grid(model, 1, (1, 4, 5)).tobytes()
+    for k in (np.int64(1), torch.tensor(1), [np.int32(1)]):
+        assert factor_grid(model, k, (1, 4, 5)).tobytes() == want
+    with pytest.raises(ValueError, match=r"component must be in \[0, 3\), got 1\.0"):
+        factor_grid(model, [1.0], (1, 4, 5))
+
+
 def test_factor_grid_errors():
     model = small_model()
     with pytest.raises(ValueError, match=r"component must be in \[0, 3\), got 3"):
