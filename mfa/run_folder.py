@@ -95,6 +95,11 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
     # Both sides' keys: a section set to null on one side has leaves on the other only.
     changed = [key for key in {**now, **old} if now.get(key) != old.get(key)]
     for key in changed:
+        if key in ("output.dir", "output.name"):  # (it computes the same: not the reason)
+            raise ValueError(
+                f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "
+                f"{now.get(key)!r}): a resume continues in the folder given to --resume; "
+                "to keep the result elsewhere, copy the run folder and resume the copy")
         if key not in RESUME_SAFE_KEYS:
             raise ValueError(
                 f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "

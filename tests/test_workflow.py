@@ -408,13 +408,25 @@ def test_sgd_epochs_change_on_resume_only_where_it_continues_the_same_run(out_di
     ("train.em.tol=0.5", "train.em.tol"),
     ("train.sgd.lr=0.1", "train.sgd.lr"),
     ("data.limit=200", "data.limit"),
-    ("output.name=elsewhere", "output.name"),
     ("seed=3", "seed"),
 ])
 def test_resume_refuses_changes_to_what_the_run_computes(em_run, override, key):
     before = (em_run.run_dir / "checkpoint.pt").read_bytes()
-    with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming"):
+    with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming.*"
+                                         "would change what the run computes"):
         workflow.train(None, resume=em_run.run_dir, overrides=[override], figures=False)
+    assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("override", ["output.name=elsewhere", "output.dir=/elsewhere"])
+def test_resume_refuses_another_folder_for_the_right_reason(em_run, override):
+    """It said a new folder name "would change what the run computes", which is false."""
+    before = (em_run.run_dir / "checkpoint.pt").read_bytes()
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming.*"
+                                         "continues in the folder given to --resume") as error:
+        workflow.train(None, resume=em_run.run_dir, overrides=[override], figures=False)
+    assert "computes" not in str(error.value)
     assert (em_run.run_dir / "checkpoint.pt").read_bytes() == before
 
 
