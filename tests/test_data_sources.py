@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import mfa
 from mfa.config import load_config
 from mfa.data import (
     CELEBA_CROP,
@@ -679,3 +680,29 @@ def test_celeba_default_size_is_the_int_64_for_any_crop(tmp_path):
     given = load_dataset("celeba", tmp_path, crop=whole, image_size=64, cache_dir=tmp_path / "c")
     assert default.image_shape == (3, 64, 64)
     assert torch.equal(default.train_pixels, given.train_pixels)
+
+
+def test_each_row_names_its_source(tmp_path):
+    """`mfa outliers` numbered images by their place in the (seeded, limited) split only:
+    nothing said which file or row an outlier was. Each row's source, checked against the
+    files themselves."""
+    markers = write_png_folder(tmp_path / "imgs")
+    d = load_dataset("folder", tmp_path / "imgs", val_fraction=0.2, test_fraction=0.2, limit=3)
+    for s in ("train", "val", "test"):
+        names = d.source_names(s)
+        assert len(names) == d.sizes[s]
+        for row, name in zip(d.pixels(s), names, strict=True):
+            assert not Path(name).is_absolute() and (tmp_path / "imgs" / name).is_file()
+            png = np.asarray(Image.open(tmp_path / "imgs" / name))  # [H, W, C]
+            assert int(row[0]) == png[0, 0, 0] and markers[int(row[0])] == Path(name).parent.name
+    tr, _, te, _ = write_mnist(tmp_path / "MNIST" / "raw", n_train=20, n_test=8)
+    m = load_dataset("mnist", tmp_path, limit=5)
+    for s, pool, arrays in (("train", "train", tr), ("val", "train", tr), ("test", "test", te)):
+        for row, name in zip(m.pixels(s), m.source_names(s), strict=True):
+            where, i = name.split(":")
+            assert where == pool and np.array_equal(row.numpy(), arrays[int(i)].reshape(-1))
+    raw = np.load(Path(mfa.__file__).parent / "assets" / "mnist_5k.npz")["images"]
+    e = load_dataset("embedded-mnist", seed=4, limit=50)
+    for row, name in zip(e.pixels("test"), e.source_names("test"), strict=True):
+        assert name.startswith("all:")
+        assert np.array_equal(row.numpy(), raw[int(name[4:])].reshape(-1))

@@ -159,6 +159,9 @@ class ImageData:
         seed: seeds the dequantisation noise (and was used for the split).
         classes: class names by label index, when known.
         metadata: how the data was made (root, crop, sizes …), for logs.
+        sources: per split, where each row comes from (one string per row: a file path
+            below the dataset's folder, or ``"<pool>:<row>"`` of the dataset's own files;
+            :meth:`~mfa.data.sources.pools.Pools.source_names`); empty when not known.
     """
 
     name: str
@@ -173,6 +176,7 @@ class ImageData:
     seed: int = 0
     classes: tuple[str, ...] = ()
     metadata: dict = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.image_shape = check_image_shape(self.image_shape)
@@ -191,6 +195,13 @@ class ImageData:
                     f"{split}_labels must be an int64 tensor of shape [{pix.shape[0]}], "
                     f"got {lab.dtype} {tuple(lab.shape)}"
                 )
+            names = self.sources.get(split)
+            if names is not None and len(names) != pix.shape[0]:
+                raise ValueError(f"sources[{split!r}] must name each of the {pix.shape[0]} "
+                                 f"rows, got {len(names)} names")
+        unknown = set(self.sources) - set(SPLITS)
+        if unknown:
+            raise ValueError(f"sources has keys {sorted(unknown)}; splits are {SPLITS}")
 
     # -- sizes ---------------------------------------------------------------------------
 
@@ -229,6 +240,10 @@ class ImageData:
     def labels(self, split: Split) -> Tensor:
         """The int64 labels ``[N]`` of ``split`` (``-1``: unlabelled)."""
         return getattr(self, f"{check_split(split)}_labels")
+
+    def source_names(self, split: Split) -> list[str] | None:
+        """Where each row of ``split`` comes from (see ``sources``), or ``None``."""
+        return self.sources.get(check_split(split))
 
     def images(self, split: Split) -> Tensor:
         """The uint8 images ``[N, C, H, W]`` of ``split`` (a view)."""

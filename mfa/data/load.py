@@ -182,4 +182,5 @@ def load_dataset(
         seed=seed,
         classes=pools.classes,
         metadata=meta,
+        sources={s: pools.source_names(p, idx) for s, (p, idx) in assignment.items()},
     )

@@ -54,17 +54,31 @@ class Pools:
             described = ", ".join(f"{p} {s}" for p, s in shapes.items())
             raise ValueError(f"{name}: the splits' images differ in shape (C, H, W): {described}")
 
+    def source_names(self, pool: str, indices: Tensor) -> list[str]:
+        """Where each of ``pool``'s images ``indices`` comes from: its file's path below the
+        folder all the files share (``img_align_celeba/000001.jpg``), or for images read
+        from the dataset's own files ``"<pool>:<row>"`` (``"test:17"``: row 17 of the
+        official test set; ``"all:17"``: of the one set a seeded split divides)."""
+        if self.files is None:
+            return [f"{pool}:{i}" for i in indices.tolist()]
+        top = self._top()
+        return [Path(os.path.relpath(self.files[pool][i], top)).as_posix()
+                for i in indices.tolist()]
+
+    def _top(self) -> str | None:
+        """The folder all the image files share (``None`` without files)."""
+        if self.files is None:
+            return None
+        folders = {os.path.dirname(os.fspath(f)) for paths in self.files.values() for f in paths}
+        return os.path.commonpath(sorted(folders)) if folders else ""
+
     def fingerprint(self) -> dict[str, list]:
         """``{pool: [images, digest]}``: what the seeded split is drawn from. ``digest`` (of
         image files, else ``None``) hashes each file's path below the folder all the files
         share, in the pool's order (the split permutes positions in it), so a run's splits
         can be told apart from those of a folder that gained, lost or renamed a file — not
         from the same files under another root."""
-        top = None
-        if self.files is not None:
-            folders = {os.path.dirname(os.fspath(f)) for paths in self.files.values()
-                       for f in paths}
-            top = os.path.commonpath(sorted(folders)) if folders else ""
+        top = self._top()
         out = {}
         for pool, labels in self.labels.items():
             digest = None
