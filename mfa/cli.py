@@ -65,11 +65,24 @@ def _device(config, args):
     config)."""
     from mfa.config import resolve_device
 
+    device = args.device or getattr(config, "device", "cpu")
     try:
-        return resolve_device(args.device or getattr(config, "device", "cpu"))
-    except ValueError as error:
-        raise SystemExit(f"error: {error}" + ("" if args.device else
+        return resolve_device(device)
+    except (RuntimeError, ValueError) as error:  # (torch's own for an unknown device type)
+        if isinstance(error, RuntimeError):
+            error = (f"device {device!r} is not a device: use cpu, cuda, cuda:N or auto")
+        message = str(error).replace("use device=cpu or device=auto",
+                                     "use --device cpu or --device auto")
+        raise SystemExit(f"error: {message}" + ("" if args.device else
                          " (the run's device setting; pass --device cpu)")) from None
+
+
+def _scale(config, args) -> int:
+    """``--scale``; by default the run's ``output.image_scale`` (2 without a run config), so
+    a command redraws a figure at the size training drew it."""
+    if args.scale is not None:
+        return args.scale
+    return config.output.image_scale if config is not None else 2
 
 
 def _data_only(overrides: list[str] | None, flag: str) -> None:
@@ -189,7 +202,7 @@ def cmd_sample(args) -> int:
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
     out = _output(out, args, args.out and "-o")
     sample(model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
-           seed=args.seed, scale=args.scale, per_component=args.per_component,
+           seed=args.seed, scale=_scale(ckpt.run_config, args), per_component=args.per_component,
            with_noise=not args.no_noise)
     print(out)
     return 0
@@ -211,7 +224,8 @@ def cmd_inpaint(args) -> int:
     out = _output(out, args, args.out and "-o")
     data = load(config)
     inpaint(model, data, out, mask=mask, n=args.n, n_samples=args.samples,
-            split=args.split, seed=args.seed, scale=args.scale, mask_image=args.mask_image,
+            split=args.split, seed=args.seed, scale=_scale(config, args),
+            mask_image=args.mask_image,
             fraction=0.5 if args.fraction is None else args.fraction)
     print(out)
     return 0
@@ -229,7 +243,8 @@ def cmd_outliers(args) -> int:
                    companions=(".csv",)).stem
     data = load(config)
     for path in outliers(model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
-                         scale=args.scale, seed=args.seed, name=name, **_score(args.score)):
+                         scale=_scale(config, args), seed=args.seed, name=name,
+                         **_score(args.score)):
         print(path)
     return 0
 
@@ -314,7 +329,7 @@ def cmd_visualize(args) -> int:
     model = ckpt.model.to(_device(ckpt.run_config, args))
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
     out = _output(out, args, args.out and "-o")
-    visualize(model, shape, out, components=comps, scale=args.scale,
+    visualize(model, shape, out, components=comps, scale=_scale(ckpt.run_config, args),
               factor_scale=args.factor_scale)
     print(out)
     return 0
@@ -340,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         device_option(p)
         if seeded:  # (visualize draws nothing at random: it offered --seed and ignored it)
             p.add_argument("--seed", type=non_negative_int, default=0)
-        p.add_argument("--scale", type=positive_int, default=2, help="upscaling of saved images")
+        p.add_argument("--scale", type=positive_int, help="upscaling of saved images "
+                       "(default: the run's output.image_scale, as its own figures)")
         overwrite_flag(p)
         if needs_data:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,8 +95,10 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
                   name: str = "outliers") -> list[Path]:
     """Rank ``split`` by an outlier score (most outlying first): the ``n`` most outlying
     images as a grid (``<name>.png``) and every image as ``<name>.csv`` with the columns
-    ``rank, index, score, log_prob, label`` (``score`` as in :mod:`mfa.outliers`, bits/dim;
-    ``log_prob`` in nats). Ties keep the split's order."""
+    ``rank, index, source, score, log_prob, label`` (``index``: the row of ``split``, as
+    ``data.dataset(split)`` numbers it; ``source``: where that image comes from, see
+    :meth:`ImageData.source_names`, empty when unknown; ``score`` as in
+    :mod:`mfa.outliers`, bits/dim; ``log_prob`` in nats). Ties keep the split's order."""
     out_dir = Path(out_dir)
     rows = data.pixels(split).shape[0]
     if rows == 0:
@@ -107,16 +110,17 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     log_p = _log_prob(model, data, split)  # [N]
     order = torch.argsort(scores, descending=True, stable=True)
     labels = data.labels(split)
+    sources = data.source_names(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{name}.csv"
     def write_csv(temporary: Path) -> None:  # (whole, or the earlier file left as it was)
         with open(temporary, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["rank", "index", "score", "log_prob", "label"])
+            writer.writerow(["rank", "index", "source", "score", "log_prob", "label"])
             for rank, i in enumerate(order.tolist()):
                 label = "" if labels is None else int(labels[i])
-                writer.writerow([rank, i, f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}",
-                                 label])
+                writer.writerow([rank, i, "" if sources is None else sources[i],
+                                 f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}", label])
 
     worst = order[: min(n, order.numel())]
     images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
@@ -181,4 +185,16 @@ def check_outlier_data(data: ImageData, other: ImageData, split: str = "test",
     if other.dequantize != data.dequantize:
         raise ValueError(f"{other.name} must be read like the run's data (dequantize="
                          f"{data.dequantize})")
+    own = {bytes(row) for row in data.pixels(split).numpy()}
+    shared = sum(bytes(row) in own for row in other.pixels(split).numpy())
+    n_other = other.pixels(split).shape[0]
+    if 2 * shared > n_other:  # (the run's own data: an AUROC near 0.5 by construction)
+        raise ValueError(
+            f"{shared} of the {n_other} {split} images of {other.name} are images of the "
+            f"run's own {split} split ({data.name}): they are not outliers; give another "
+            "dataset (or other files, --against-set data.root=...)")
+    if shared:
+        warnings.warn(f"{shared} of the {n_other} {split} images of {other.name} are also in "
+                      f"the run's {split} split ({data.name}); they count as outliers",
+                      stacklevel=2)
     return names

@@ -195,7 +195,7 @@ def test_train_figures_have_the_grid_sizes(run_dir):
 
 def test_train_outliers_csv_ranks_every_test_image(run_dir, test_split):
     rows = read_csv(run_dir / "outliers.csv")
-    assert list(rows[0]) == ["rank", "index", "score", "log_prob", "label"]
+    assert list(rows[0]) == ["rank", "index", "source", "score", "log_prob", "label"]
     assert len(rows) == LIMIT
     assert [int(r["rank"]) for r in rows] == list(range(LIMIT))
     indices = [int(r["index"]) for r in rows]
@@ -206,6 +206,9 @@ def test_train_outliers_csv_ranks_every_test_image(run_dir, test_split):
     assert scores == sorted(scores, reverse=True)  # most outlying first
     labels = test_split.labels("test")
     assert [int(r["label"]) for r in rows] == [int(labels[i]) for i in indices]
+    sources = test_split.source_names("test")  # (the image's row in the dataset's files)
+    assert [r["source"] for r in rows] == [sources[i] for i in indices]
+    assert all(r["source"].startswith("all:") for r in rows)
     # The log p column is the model's log p of the test images.
     model = load_checkpoint(run_dir / "checkpoint.pt").model
     x = test_split.test[torch.tensor(indices)]
@@ -338,7 +341,12 @@ def test_per_run_commands_compute_on_the_runs_device_or_device(run_dir, tmp_path
     monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
     code, _, stderr = run_cli("sample", run_dir, "--device", "cuda", "-o", tmp_path / "x.png")
     assert code == 2 and "asks for CUDA" in stderr and "Traceback" not in stderr
+    assert "use --device cpu" in stderr and "device=cpu" not in stderr  # (not config syntax)
     assert not (tmp_path / "x.png").exists()
+    for bad in ("tpu", "cuda:x"):  # torch's own RuntimeError was printed as it came
+        code, _, stderr = run_cli("sample", run_dir, "--device", bad, "-o", tmp_path / "x.png")
+        assert code == 2 and f"device {bad!r} is not a device" in stderr, stderr
+        assert "RuntimeError" not in stderr and not (tmp_path / "x.png").exists()
     gpu_run = tmp_path / "gpu-run"  # a run trained with device=cuda, moved to this machine
     gpu_run.mkdir()
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
@@ -365,11 +373,11 @@ def test_sample_without_noise_differs_and_defaults_to_the_run_folder(run_dir, tm
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copy(run_dir / "checkpoint.pt", folder / "checkpoint.pt")
-    code, stdout, stderr = run_cli("sample", folder / "checkpoint.pt")  # -n 64, nrow 8, ×2
+    code, stdout, stderr = run_cli("sample", folder / "checkpoint.pt")  # -n 64, nrow 8
     assert code == 0, stderr
     assert stdout.strip() == str(folder / "samples.png")
     noisy = open_png(folder / "samples.png")
-    assert noisy.size == grid_size(64, 8, 2)
+    assert noisy.size == grid_size(64, 8, SCALE)  # (the run's output.image_scale)
     assert run_cli("sample", folder, "--no-noise", "-o", folder / "smooth.png")[0] == 0
     smooth = open_png(folder / "smooth.png")
     assert smooth.size == noisy.size
@@ -521,7 +529,7 @@ def test_outliers_of_the_validation_split(run_dir, tmp_path):
     assert sorted(int(r["index"]) for r in rows) == list(range(LIMIT))
     scores = [float(r["score"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
-    assert open_png(tmp_path / "outliers.png").size == grid_size(3, 8, 2)
+    assert open_png(tmp_path / "outliers.png").size == grid_size(3, 8, SCALE)  # (the run's)
 
 
 def test_outliers_by_neg_log_prob_ranks_by_log_p(run_dir, tmp_path):
@@ -685,6 +693,26 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     assert "--set data.download" not in stderr
 
 
+def test_evaluate_outliers_against_the_runs_own_images_is_refused(run_dir):
+    """Against the run's own dataset the "outliers" were its test images: AUROC 0.5 came
+    back as a result, without a word."""
+    code, stdout, stderr = run_cli("evaluate", run_dir, "--outliers-against", "embedded-mnist",
+                                   "--outlier-scores", "neg_log_prob")
+    assert code == 2 and stdout == ""
+    assert f"{LIMIT} of the {LIMIT} test images of embedded-mnist are images of the run's own"\
+        in stderr
+
+
+def test_outlier_data_sharing_some_images_warns():
+    from mfa.run_outliers import check_outlier_data
+
+    data = load_dataset("embedded-mnist")  # test: 500 images
+    wider = load_dataset("embedded-mnist", test_fraction=0.2)  # test: those 500 and 500 more
+    with pytest.warns(UserWarning, match="500 of the 1000 test images of embedded-mnist are "
+                                         "also in the run's test split"):
+        check_outlier_data(data, wider)
+
+
 # ---------------------------------------------------------------------------- mfa visualize
 
 
@@ -731,7 +759,7 @@ def test_commands_keep_the_files_a_run_already_has(run_dir, tmp_path):
     code, _, stderr = run_cli("sample", folder, "-n", 4, "-o", folder / "samples.png",
                               "--overwrite")
     assert code == 0, stderr
-    assert open_png(folder / "samples.png").size == grid_size(4, 8, 2)
+    assert open_png(folder / "samples.png").size == grid_size(4, 8, SCALE)
 
 
 def test_outliers_against_takes_dataset_aliases():
@@ -1180,3 +1208,17 @@ def test_bad_output_paths_are_named(run_dir, tmp_path):
                               "model.n_components=2", "--no-figures")
     assert code != 0 and f"output.dir {afile} is a file" in stderr
     assert afile.read_text() == "mine"
+
+
+def test_per_run_commands_draw_at_the_runs_image_scale_by_default(run_dir, tmp_path):
+    """They drew at --scale 2 whatever the run's output.image_scale: `mfa sample` with the
+    run's settings did not reproduce its samples.png."""
+    seed = load_checkpoint(run_dir / "checkpoint.pt").run_config.seed
+    code, _, _ = run_cli("sample", run_dir, "--seed", seed, "-n", N_SAMPLES, "--nrow", NROW,
+                         "-o", tmp_path / "same.png")
+    assert code == 0
+    assert (tmp_path / "same.png").read_bytes() == (run_dir / "samples.png").read_bytes()
+    code, _, _ = run_cli("visualize", run_dir, "-o", tmp_path / "f.png")
+    wide = Image.open(tmp_path / "f.png").size
+    code, _, _ = run_cli("visualize", run_dir, "-o", tmp_path / "f1.png", "--scale", 1)
+    assert code == 0 and wide == tuple(SCALE * s for s in Image.open(tmp_path / "f1.png").size)

@@ -63,3 +63,4 @@ def test_merge_chains_read_as_pyyaml_reads_them(tmp_path):
     assert (config.train.em.max_iter, config.train.em.n_init) == (3, 2)
     assert config.train.em.tol == 0.001
     assert yaml.safe_load(text)["train"]["em"] == {"max_iter": 3, "tol": 0.001, "n_init": 2}
+
