@@ -167,7 +167,9 @@ def train(
     main = distributed.is_main_process()
     with contextlib.ExitStack() as held:
         folder = None if resume is None else resume_checkpoint(resume).parent
-        if folder is not None:
+        # (a folder that is no run is refused below, and is left without a .lock)
+        if folder is not None and ((folder / CHECKPOINT_NAME).exists()
+                                   or (folder / "config.yaml").exists()):
             held.enter_context(hold_run_folder(folder, held=main))
         config, ckpt, restart, changed = run_config_of(config, resume, overrides)
         setup = _prepare(config, ckpt)

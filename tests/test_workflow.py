@@ -740,6 +740,16 @@ def test_a_held_run_folder_is_refused_before_it_is_read(em_run, out_dir):
                        overrides=["train.em.max_iter=9"])
 
 
+def test_resuming_a_folder_that_is_no_run_leaves_it_as_it_was(tmp_path):
+    """It was refused, but only after a .lock file had been made in the user's folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt does not exist"):
+        workflow.train(None, resume=folder, figures=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]
+
+
 def test_a_file_system_without_locks_trains_unlocked_with_a_warning(out_dir, monkeypatch,
                                                                      caplog):
     """flock's ENOLCK (some network mounts) aborted `mfa train` and left a stray folder."""
