@@ -146,7 +146,8 @@ def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: Ima
 
     Raises:
         ValueError: the two image shapes differ, ``other`` is read on another scale
-            (``dequantize``), a split is empty, or a score is unknown.
+            (``dequantize``), a split is empty, a score is unknown, or more than half of
+            ``other``'s images are images of ``data``'s split (some: a warning).
     """
     names = check_outlier_data(data, other, split, scores)
     result: dict = {"against": other.name, "split": split,
@@ -169,7 +170,8 @@ def check_outlier_data(data: ImageData, other: ImageData, split: str = "test",
 
     Raises:
         ValueError: the two image shapes differ, ``other`` is read on another scale
-            (``dequantize``), a split is empty, or a score is unknown.
+            (``dequantize``), a split is empty, a score is unknown, or more than half of
+            ``other``'s images are images of ``data``'s split (some: a warning).
     """
     if tuple(other.image_shape) != tuple(data.image_shape):
         raise ValueError(

@@ -56,7 +56,7 @@ class Pools:
 
     def source_names(self, pool: str, indices: Tensor) -> list[str]:
         """Where each of ``pool``'s images ``indices`` comes from: its file's path below the
-        folder all the files share (``img_align_celeba/000001.jpg``), or for images read
+        folder all the files share (``cats/img001.png``), or for images read
         from the dataset's own files ``"<pool>:<row>"`` (``"test:17"``: row 17 of the
         official test set; ``"all:17"``: of the one set a seeded split divides)."""
         if self.files is None:
