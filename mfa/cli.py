@@ -286,10 +286,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_select(args) -> int:
     from mfa.config import load_config
+    from mfa.config_text import override_keys
     from mfa.selection import select_run
 
     config_path = args.config or DEFAULT_CONFIG
-    keys = [o.split("=", 1)[0].strip() for o in args.set or []]
+    try:  # (a mapping, --set model={n_components: 4}, sets the keys inside it)
+        keys = [key for o in args.set or [] for key in override_keys(o)]
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     ignored = [k for k in keys if k in ("model.n_components", "model.n_factors")
                or (k.startswith("output.") and k != "output.dir")]
     if ignored:  # (accepted and ignored before)

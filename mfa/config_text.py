@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["apply_override_strings", "parse_override", "read_yaml_mapping"]
+__all__ = ["apply_override_strings", "override_keys", "parse_override",
+           "read_yaml_mapping"]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -86,6 +87,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ValueError(f"invalid override {text!r}: the value is not valid YAML "
                          f"({error})") from None
     return parts, value
+
+
+def override_keys(text: str) -> list[str]:
+    """The dotted keys an override sets: its own, or for a mapping value each key inside it
+    (``"model={n_factors: 2}"`` → ``["model.n_factors"]``).
+
+    Raises:
+        ValueError: an invalid override (:func:`parse_override`).
+    """
+    def leaves(prefix: str, value: Any) -> list[str]:
+        if isinstance(value, dict) and value:
+            return [key for name, item in value.items() for key in leaves(f"{prefix}.{name}", item)]
+        return [prefix]
+
+    parts, value = parse_override(text)
+    return leaves(".".join(parts), value)
 
 
 def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:

@@ -407,7 +407,8 @@ class RunFolderInUse(RuntimeError):
 
 
 @contextlib.contextmanager
-def hold_run_folder(run_dir: Path, *, held: bool = True) -> Iterator[None]:
+def hold_run_folder(run_dir: Path, *, held: bool = True,
+                    command: str = "mfa train") -> Iterator[None]:
     """Hold ``run_dir`` for one ``mfa train`` while it writes there: an exclusive advisory
     lock (``flock``) on ``run_dir/.lock``, which also records the holder's pid; the
     operating system releases it when the process ends, however it ends. Two trainings
@@ -418,7 +419,8 @@ def hold_run_folder(run_dir: Path, *, held: bool = True) -> Iterator[None]:
         RunFolderInUse: another process holds the folder (naming its pid).
 
     With ``held=False`` (a process that does not write the folder), and where ``fcntl``
-    does not exist (Windows), nothing is locked.
+    does not exist (Windows), nothing is locked. ``command``: what holds it, for the
+    messages (``mfa select`` holds its ``--out`` folder the same way).
     """
     try:
         import fcntl
@@ -434,13 +436,13 @@ def hold_run_folder(run_dir: Path, *, held: bool = True) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RunFolderInUse(
-                f"the run folder {run_dir} is in use by another `mfa train` (pid {holder}): "
+                f"the folder {run_dir} is in use by another `{command}` (pid {holder}): "
                 "wait for it to end, or stop it, before resuming or restarting it") from None
         except OSError as error:  # a file system without locks (some network mounts)
             if error.errno not in _NO_LOCKS:
                 raise
-            logger.warning("cannot lock %s (%s): a second `mfa train` of this folder would "
-                           "not be refused", run_dir / LOCK_NAME, error.strerror)
+            logger.warning("cannot lock %s (%s): a second `%s` of this folder would not be "
+                           "refused", run_dir / LOCK_NAME, error.strerror, command)
             yield
             return
         os.ftruncate(descriptor, 0)

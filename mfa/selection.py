@@ -16,6 +16,7 @@ log-likelihood, so the two rank the same.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -161,9 +162,19 @@ def _grid(values: Sequence[int], name: str, minimum: int) -> list[int]:
     return values
 
 
-def _check_rows(train: Any, train_name: str, validation: Any, val_name: str) -> None:
+def _check_rows(train: Any, train_name: str, validation: Any, val_name: str,
+                ks: Sequence[int] = (), ls: Sequence[int] = ()) -> None:
     """Refuse, before any fit, what the sweep would fail on after one: a one-shot iterator
-    (read once per model), and tensors that are not finite ``[N, D]`` with one ``D``."""
+    (read once per model), tensors that are not finite ``[N, D]`` with one ``D``, and for a
+    training tensor, ``ks`` above its rows or ``ls`` above its features."""
+    if isinstance(train, Tensor) and train.dim() == 2:
+        n, d = train.shape
+        if ls and max(ls) > d:
+            raise ValueError(f"factors {[v for v in ls if v > d]} exceed the {d} features of "
+                             f"{train_name}")
+        if ks and max(ks) > n:
+            raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} rows of "
+                             f"{train_name}")
     width = None
     for rows, name in ((train, train_name), (validation, val_name)):
         if isinstance(rows, Tensor):
@@ -210,7 +221,7 @@ def sweep_models(
     ls = _grid(factors, "factors", 0)
     if validation is None:
         raise ValueError("sweep_models needs validation data (the main criterion)")
-    _check_rows(train, "train", validation, "validation")
+    _check_rows(train, "train", validation, "validation", ks, ls)
     if scale is not None:
         bits_per_dim(0.0, 1, scale=scale)  # a bad scale refused before any fit, not after all
     candidates = [(k, lat) for lat in ls for k in ks]
@@ -274,10 +285,8 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
             file), ``data.missing`` set, or a trainer device this machine does not have.
     """
     from mfa.config import apply_overrides, resolve_device
-    from mfa.em import ConvergenceWarning, EMTrainer
-    from mfa.model import MixtureOfFactorAnalyzers
-    from mfa.sgd import SGDTrainer
-    from mfa.workflow import _training_data, load_data
+    from mfa.run_folder import LOCK_NAME, hold_run_folder
+    from mfa.workflow import load_data
 
     if method is not None:
         config = apply_overrides(config, [f"train.method={method}"])
@@ -307,14 +316,39 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     if max(ks) > n:
         raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
                          f"images of {data.name}")
-    out_dir = (Path(config.output.dir).expanduser() / f"select-{data.name}" if out_dir is None
-               else Path(out_dir))
+    out_dir = (Path(config.output.dir) / f"select-{data.name}" if out_dir is None
+               else Path(out_dir)).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; pass a folder (--out) for the sweep's files")
-    earlier = sorted(p.name for p in out_dir.glob("selection.*")) if out_dir.is_dir() else []
-    if earlier and not overwrite:
-        raise ValueError(f"{out_dir} already holds an earlier sweep ({', '.join(earlier)}); "
-                         "pass another --out folder, or --overwrite to replace it")
+    made = [] if out_dir.is_dir() else [q for q in (out_dir, *out_dir.parents)
+                                        if not q.exists()]
+    try:  # (an unusable folder was found when the sweep's files were saved, after every fit)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with hold_run_folder(out_dir, command="mfa select"):  # (two sweeps: one replaced the
+            earlier = sorted(q.name for q in out_dir.glob("selection.*"))  # other's files)
+            if earlier and not overwrite:
+                raise ValueError(f"{out_dir} already holds an earlier sweep "
+                                 f"({', '.join(earlier)}); pass another --out folder, or "
+                                 "--overwrite to replace it")
+            sweep, meta = _select(config, data, ks, ls, device)
+            return sweep, sweep.save(out_dir, metadata=meta)
+    except BaseException:
+        for folder in made:  # the folders made for it, when they stayed empty
+            with contextlib.suppress(OSError):
+                (folder / LOCK_NAME).unlink(missing_ok=True)
+                folder.rmdir()
+        raise
+
+
+def _select(config: Any, data: Any, ks: list[int], ls: list[int],
+            device: torch.device) -> tuple[SelectionSweep, dict]:
+    """The sweep of :func:`select_run` (its checks done) and its metadata."""
+    from mfa.em import ConvergenceWarning, EMTrainer
+    from mfa.model import MixtureOfFactorAnalyzers
+    from mfa.sgd import SGDTrainer
+    from mfa.workflow import _training_data
+
+    d = data.train_pixels.shape[1]
     # As mfa train feeds them: above STREAM_ABOVE values uint8 rows made float per batch (for
     # Adam, rows it draws its own batches from; a loader of EM's batch size gave it batches
     # of 4,096 rows instead of its 256)
@@ -335,8 +369,9 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         logger.info("K=%d, L=%d fitted", k, lat)
         return model
 
+    if trainer_cls is SGDTrainer:  # (the first Adam imports torch._dynamo: 1.5-3.7 s that
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first fit was charged)
     sweep = sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None)
     meta = {"dataset": data.name, "method": config.train.method,
             "image_shape": list(data.image_shape), "sizes": data.sizes}
-    paths = sweep.save(out_dir, metadata=meta)
-    return sweep, paths
+    return sweep, meta

@@ -250,14 +250,17 @@ def test_mfa_select_feeds_a_large_set_as_mfa_train_does(tmp_path, monkeypatch, m
     assert seen == [want]
 
 
-@pytest.mark.parametrize("override", ["model.n_components=5", "model.n_factors=3",
-                                      "output.n_samples=4"])
-def test_mfa_select_refuses_settings_it_does_not_use(tmp_path, override):
+@pytest.mark.parametrize("override, key", [
+    ("model.n_components=5", "model.n_components"), ("model.n_factors=3", "model.n_factors"),
+    ("output.n_samples=4", "output.n_samples"),
+    ("model={n_components: 4, n_factors: 5}", "model.n_components, model.n_factors"),  # (the
+    ("output={name: x}", "output.name"),  # mapping form got past the check, then ignored)
+])
+def test_mfa_select_refuses_settings_it_does_not_use(tmp_path, override, key):
     """The grid sets K and L, and a sweep draws no figures: these were accepted and
     ignored."""
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY, override),
                               "--components", 2, "--factors", 1, "--out", tmp_path)
-    key = override.split("=")[0]
     assert code != 0 and f"mfa select does not use --set {key}" in stderr
     assert not any(tmp_path.iterdir())
 
@@ -293,6 +296,55 @@ def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
                                   "--components", 2, "--factors", 1, "--out", tmp_path / "d")
         assert code == 2 and "invalid value for train.em.device" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_mfa_select_holds_its_folder_and_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """Two sweeps into one folder each reported their files; the later replaced the
+    other's. A sweep that fails leaves no folder it made."""
+    from mfa.run_folder import RunFolderInUse, hold_run_folder
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with hold_run_folder(out, command="mfa select"):  # as another sweep holds it
+        code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                  "--components", 2, "--factors", 1, "--out", out)
+    assert code == 2 and f"{out} is in use by another `mfa select`" in stderr
+    assert not list(out.glob("selection.*"))
+    with pytest.raises(RunFolderInUse), hold_run_folder(out), hold_run_folder(out):
+        pass  # (the same lock as mfa train's)
+    def failing(*args, **kwargs):
+        raise ValueError("a fit failed")
+
+    monkeypatch.setattr("mfa.selection._select", failing)
+    afile = tmp_path / "afile"  # a folder that cannot be made was found after every fit
+    afile.write_text("mine")
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", afile / "sweep")
+    assert code == 2 and "Not a directory" in stderr and "a fit failed" not in stderr
+    afile.unlink()
+
+    monkeypatch.setattr("mfa.selection._select", failing)
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1,
+                              "--out", tmp_path / "new" / "sweep")
+    assert code == 2 and "a fit failed" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_sweep_refuses_a_grid_the_rows_cannot_take_before_any_fit(data):
+    """L above D or K above N failed after the earlier candidates had been fitted."""
+    train, val = data
+    calls = []
+
+    def fit(k, lat):
+        calls.append((k, lat))
+        return fitter(train, {})(k, lat)
+
+    with pytest.raises(ValueError, match=r"factors \[7\] exceed the 6 features of train"):
+        sweep_models(train, val, [2], [1, 7], fit)
+    with pytest.raises(ValueError, match=r"components \[601\] exceed the 600 rows of train"):
+        sweep_models(train, val, [2, 601], [1], fit)
+    assert calls == []
 
 
 @pytest.mark.parametrize("scale", [0, -256, "256", float("nan")])
