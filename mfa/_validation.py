@@ -119,6 +119,14 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def check_positive_real(value: object, name: str) -> float:
+    """``value`` as a finite float above 0: a real number (numpy's included), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
+            not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_seed(seed: object, name: str = "seed") -> int:
     """``seed`` as an int in ``[0, 2**63)`` (torch's generators take int64): not a bool,
     a float (1.5 ran as 1) or a string."""

@@ -13,6 +13,7 @@ from torch import Tensor
 from mfa import distributed, linalg, missing
 from mfa._data_stream import DataSource
 from mfa._terms import CONDITION_LIMIT, build_component_terms, ill_conditioned
+from mfa._validation import check_positive_real
 from mfa.exact_components import ExactComponents
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.precision import resolve_stats_dtype
@@ -49,6 +50,7 @@ def streamed_e_step(
     ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
     (:mod:`mfa.tempering`; complete data only).
     """
+    temperature = check_positive_real(temperature, "temperature")  # (0 or NaN: NaN sums)
     if isinstance(stats_dtype, torch.dtype):
         stats_dtype = str(stats_dtype).removeprefix("torch.")
     stats_dtype = resolve_stats_dtype(stats_dtype, model.means.device, model.dtype)

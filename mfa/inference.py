@@ -12,6 +12,7 @@ functions are the methods of :class:`~mfa.model.MixtureOfFactorAnalyzers` of the
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -97,8 +98,10 @@ def inpaint(
         ``(mean [N, D], samples [n_samples, N, D])``, without an autograd graph (inpainting
         is inference: a graph through the masked terms would hold ``O(N·K·L²)`` memory).
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or \
+            n_samples < 0:
         raise ValueError(f"n_samples must be an int >= 0, got {n_samples!r}")
+    n_samples = int(n_samples)
     with torch.no_grad():
         mean = conditional_mean(model, x, observed)
     samples = [conditional_sample(model, x, observed, generator) for _ in range(n_samples)]

@@ -74,6 +74,14 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
                              f"picture), got {int(grey.min())}..{top} in mode {picture.mode}")
         # (8-bit levels in a 32-bit "I" picture, e.g. convert("I") of a PNG, were all hidden)
         return grey < (128 if top <= 255 else 32768)
+    if picture.mode == "F":  # float levels: convert("L") made 0.0 and 1.0 grey 0 and 1,
+        picture = picture.resize((w, h), Image.Resampling.NEAREST)  # both hidden
+        grey = torch.from_numpy(np.asarray(picture, dtype=np.float64).reshape(h, w).copy())
+        if not bool(torch.isfinite(grey).all()) or (grey.numel() and float(grey.min()) < 0):
+            raise ValueError("mask image levels must be finite and >= 0 (mode F: 0..1, 0..255 "
+                             "or 0..65535 grey)")
+        top = float(grey.max()) if grey.numel() else 0.0
+        return grey < (0.5 if top <= 1 else 128 if top <= 255 else 32768)
     picture = picture.convert("L").resize((w, h), Image.Resampling.NEAREST)
     grey = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8).view(h, w)
     return grey < 128
@@ -81,6 +89,13 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
 
 #: PIL modes of 16-bit grey pictures (a 16-bit PNG opens as one of them).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+
+
+def _count(value: object, name: str, minimum: int = 0) -> int:
+    """``value`` as an int of at least ``minimum``: an int or a numpy integer, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _real(value: object, name: str) -> float:
@@ -123,8 +138,7 @@ def make_mask(
     c, h, w = check_image_shape(image_shape)
     if kind not in MASK_KINDS:
         raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    n = _count(n, "n")
     hidden = torch.zeros(h, w, dtype=torch.bool)
     if kind == "center":  # centred also for odd sides (h // 4 hid the corner pixel of 3×3)
         top, left = (h - h // 2) // 2, (w - w // 2) // 2
@@ -196,8 +210,7 @@ def missing_mask(
     c, h, w = check_image_shape(image_shape)
     if kind not in MISSING_KINDS:
         raise ValueError(f"kind must be one of {MISSING_KINDS}, got {kind!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    n = _count(n, "n")
     if not isinstance(generator, torch.Generator):  # (None drew from the global generator)
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if kind == "random":
@@ -209,8 +222,7 @@ def missing_mask(
         return torch.ones(n, c * h * w, dtype=torch.bool)
     if kind == "random":
         return make_mask("random", image_shape, n, generator, fraction=rate)
-    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    block_size = _count(block_size, "block_size", 1)
     bh, bw = min(block_size, h), min(block_size, w)
     if (bh, bw) == (h, w):
         raise ValueError(f"block_size={block_size} hides the whole {h}×{w} image: every pixel "

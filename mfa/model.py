@@ -87,6 +87,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         check_positive_int(chunk_elements, "chunk_elements")
         dtype = dtype or torch.get_default_dtype()
         check_supported_dtype(dtype)
+        self.register_load_state_dict_pre_hook(parameters.check_assigned_state)
         factory = {"dtype": dtype, "device": device}
         # (ints, also from numpy integers: the checkpoint's metadata must load as primitives)
         self.n_components, self.n_features = int(n_components), int(n_features)

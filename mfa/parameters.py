@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from mfa._terms import check_noise
+from mfa._terms import check_noise, check_supported_dtype
 from mfa._validation import check_finite, check_floating, check_positive_int, check_tensor
 
 NOISE_TYPES = ("diagonal", "isotropic")
@@ -182,3 +182,24 @@ def check_sizes(
             f"got {tuple(loadings.shape)}"
         )
     return means, loadings
+
+
+def check_assigned_state(module, state_dict, prefix, local_metadata, *args) -> None:
+    """A ``load_state_dict`` pre-hook: with ``assign=True`` (the tensors become the
+    parameters, unconverted) the four must share one supported dtype and one device; a
+    bfloat16 state made a bfloat16 model whose ``log_prob`` failed inside torch's Cholesky.
+    A plain load copies into the parameters, converting, and needs no check."""
+    if not local_metadata.get("assign_to_params_buffers", False):
+        return
+    given = {}  # (a name the state leaves out keeps the module's parameter)
+    for name in ("logits", "loc", "loadings", "raw_noise"):
+        value = state_dict.get(prefix + name)
+        given[name] = value if isinstance(value, Tensor) else getattr(module, name)
+    kinds = {(t.dtype, t.device) for t in given.values()}
+    if len(kinds) > 1:
+        described = ", ".join(f"{name} {t.dtype} on {t.device}" for name, t in given.items())
+        raise ValueError(f"load_state_dict(assign=True) needs the parameters in one dtype on "
+                         f"one device, got {described}")
+    for dtype, _ in kinds:
+        check_supported_dtype(dtype)
+

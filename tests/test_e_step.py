@@ -117,3 +117,12 @@ def test_ill_conditioned_flags_the_heywood_component_in_float32_only():
     assert ill_conditioned(m32.factor_loadings, m32.noise_variance).tolist() == [False, True,
                                                                                  False]
     assert not ill_conditioned(m64.factor_loadings, m64.noise_variance).any()
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), True])
+def test_a_temperature_that_is_not_a_positive_number_is_refused(temperature):
+    """0 and NaN gave NaN sums, -1 a zero and a NaN mass, without a word."""
+    model = random_model(2, 5, 1, dtype=torch.float64)
+    x = random_data(30, model)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        streamed_e_step(model, DataSource(x, model, 40), "float64", temperature)

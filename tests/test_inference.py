@@ -628,6 +628,17 @@ def test_inpaint_refuses_a_bad_number_of_samples(bad):
         inpaint(model, x, torch.ones(3, 4, dtype=torch.bool), n_samples=bad)
 
 
+def test_inpaint_takes_a_numpy_integer_number_of_samples():
+    import numpy as np
+
+    model = MixtureOfFactorAnalyzers(2, 4, 1, generator=torch.Generator().manual_seed(0))
+    observed = torch.ones(3, 4, dtype=torch.bool)
+    observed[:, 0] = False
+    _, samples = inpaint(model, torch.zeros(3, 4), observed, n_samples=np.int64(2),
+                         generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (2, 3, 4)
+
+
 def _heywood_case(noise: float, seed: int = 0):
     """A float32 model where one feature's noise (``noise``) is tiny under loadings of size
     1 (a Heywood case: the factors explain that feature exactly), its float64 twin, float64

@@ -177,3 +177,28 @@ def test_require_hidden_refuses_only_masks_that_hide_nothing():
         require_hidden(make_mask("random", (1, 4, 4), 3, fraction=0.01), "random")
     with pytest.raises(ValueError, match="'given' mask hides no pixel; inpainting"):
         require_hidden(torch.ones(2, 5, dtype=torch.bool), "given")
+
+
+@pytest.mark.parametrize("top", [1.0, 255.0, 65535.0])
+def test_a_float_mask_image_reads_its_own_range(top):
+    """A mode-F picture (float levels, e.g. from a float array) hid every pixel: convert("L")
+    made 0.0 and 1.0 grey levels 0 and 1, both below 128."""
+    levels = np.full((4, 6), top, dtype=np.float32)
+    levels[:, :3] = 0.0  # left half black
+    picture = Image.fromarray(levels)
+    assert picture.mode == "F"
+    assert torch.equal(make_mask("image", (1, 4, 6), 2, mask_image=picture),
+                       make_mask("left", (1, 4, 6), 2))
+    levels[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="mask image levels must be finite"):
+        make_mask("image", (1, 4, 6), 2, mask_image=Image.fromarray(levels))
+
+
+def test_numpy_integer_counts_are_taken():
+    """np.int64 counts were refused as "n must be an int >= 0, got np.int64(3)"."""
+    from mfa.masks import missing_mask
+
+    assert make_mask("center", (1, 4, 4), np.int64(3)).shape == (3, 16)
+    gen = torch.Generator().manual_seed(0)
+    mask = missing_mask("block", (1, 4, 4), np.int64(2), gen, block_size=np.int64(2))
+    assert mask.shape == (2, 16) and int((~mask).sum()) == 8

@@ -711,3 +711,24 @@ def test_non_finite_parameters_are_named_by_every_path(name, what, value):
     for call in calls.values():
         with pytest.raises(ValueError, match=f"{what} are not finite"):
             call()
+
+
+def test_an_assigned_state_of_another_dtype_is_refused():
+    """load_state_dict(assign=True) made a bfloat16 model whose log_prob failed inside
+    torch's Cholesky, and a float64 loc beside float32 parameters failed in a product."""
+    model = MixtureOfFactorAnalyzers(2, 4, 1)
+    half = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match="cannot use dtype torch.bfloat16"):
+        model.load_state_dict(half, assign=True)
+    mixed = {**model.state_dict(), "loc": model.loc.detach().double()}
+    with pytest.raises(ValueError, match=r"one dtype on one device, got .*loc torch.float64"):
+        model.load_state_dict(mixed, assign=True)
+    with pytest.raises(ValueError, match="one dtype on one device"):  # (the others kept)
+        model.load_state_dict({"loc": model.loc.detach().double()}, strict=False, assign=True)
+    assert model.dtype == torch.float32
+    model.load_state_dict(half)  # a plain load converts into the parameters
+    wide = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
+    model.load_state_dict(wide.state_dict(), assign=True)  # one supported dtype: taken
+    assert model.dtype == torch.float64
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(model.log_prob(x), wide.log_prob(x))
