@@ -17,7 +17,8 @@ Figures printed (and written as JSON with --out):
 * held-out bits/dim of MFA (default precision) and of the diagonal GMM after ``--fit-iters``
   iterations.
 
-Default data: the first 50,000 rows of Fashion-MNIST (Debian's ``dataset-fashion-mnist``),
+Default data: a seeded random 50,000 of Fashion-MNIST's 60,000 training images (``--seed``;
+Debian's ``dataset-fashion-mnist``),
 K = 50, L = 6, batches of 10,000 (the shape of issue 11); about 3–4 minutes on 2 idle cores.
 ``--synthetic N D`` times random data of another shape instead (no bits/dim then).
 
