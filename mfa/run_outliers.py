@@ -126,8 +126,9 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
     png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale)
     write_atomically(csv_path, write_csv)  # (after the figure: both, or the CSV not alone)
-    logger.info("most outlying %s images by %s: %s", split, score,
-                ", ".join(f"#{i} ({scores[i].item():.3f})" for i in worst[:5].tolist()))
+    logger.info("most outlying %s images by %s: %s", split, score, ", ".join(
+        f"#{i}{'' if sources is None else f' {sources[i]}'} ({scores[i].item():.3f})"
+        for i in worst[:5].tolist()))
     return [png, csv_path]
 
 
