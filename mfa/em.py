@@ -64,12 +64,18 @@ class EMTrainer:
             ``train_log_likelihood`` (mean per row, nats, of the parameters *before* the
             iteration's M-step), ``val_log_likelihood`` (after it, or ``None``), ``seconds``
             and ``final``: ``True`` on the record of a run that met ``tol``, whose parameters
-            get no M-step (they are the ones returned); ``train_objective``: the MAP objective
-            per row (:mod:`mfa.priors`) of the same parameters under the iteration's prior,
-            never lower than the previous iteration's for a fixed prior (for a float32
+            get no M-step (they are the ones returned, unless early stopping keeps an
+            earlier iteration's that scored better on validation); ``train_objective``: the
+            MAP objective per row (:mod:`mfa.priors`) of the same parameters under the
+            iteration's prior, never lower than the previous iteration's for a fixed prior
+            (for a float32
             model, up to the E-step's rounding: ~2e-3 nats a row on pixel-like rows; not
             across an iteration that re-seeded a component, ``min_component_mass``);
-            ``noise_prior_variance``: the ``s₀`` of that prior; ``early_stop``: ``True`` on
+            ``noise_prior_variance``: the ``s₀`` of that prior;
+            ``step_noise_prior_variance``: the ``s₀`` of the iteration's M-step, whose
+            parameters ``val_log_likelihood`` scores (``None`` without an M-step; at an
+            iteration that ran the ``"auto"`` search, the value it chose, where
+            ``noise_prior_variance`` is still the one before); ``early_stop``: ``True`` on
             the record after which early stopping ended the restart.
         converged: whether the kept run met ``tol``.
         selected_noise_prior_variance: the ``s₀`` of the M-step that gave the kept run's
@@ -284,6 +290,7 @@ class EMTrainer:
         )
         # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
         stopped = ctx.early_stopping and state.stint_over(cfg.patience)
+        exhausted = False  # (the loop ran to max_iter: not tol, patience or a search)
         for it in bar:
             if stopped:
                 break
@@ -327,7 +334,8 @@ class EMTrainer:
                     for callback in ctx.callbacks:
                         callback(self, model, record)
                     break
-            self._apply_m_step(model, stats, ctx.floor, gen, it, self._prior(state))
+            step_prior = self._prior(state)  # (after a search: the s₀ it chose)
+            self._apply_m_step(model, stats, ctx.floor, gen, it, step_prior)
             val_ll = self._score_validation(model, ctx)
             state.iteration, state.previous_log_likelihood = it + 1, prev_ll
             state.generator = gen.get_state()
@@ -344,7 +352,8 @@ class EMTrainer:
                     stopped = False
             self._state = state.as_dict()
             record = self._record(run, it, ll, val_ll, time.perf_counter() - started, bar,
-                                  objective=objective, prior=prior, early_stop=stopped)
+                                  objective=objective, prior=prior, early_stop=stopped,
+                                  step_prior=step_prior)
             # Checkpoint before the callbacks, so a callback that stops the fit keeps this
             # iteration.
             if (ctx.checkpoint_fn is not None and cfg.checkpoint_every
@@ -354,28 +363,32 @@ class EMTrainer:
                 callback(self, model, record)
             if stopped:
                 break
+        else:
+            exhausted = not stopped
         bar.close()
         best = state.best_val_params
         current = model.state_dict()
         if best is not None and ctx.search:  # the s₀ of the kept parameters (or the warm-up's)
             state.noise_prior_variance = (state.best_val_noise_prior_variance
                                           or cfg.quantization_variance)
-        if best is not None and any(not torch.equal(best[k], current[k]) for k in best):
+        kept_best = best is not None and any(not torch.equal(best[k], current[k])
+                                             for k in best)
+        if exhausted and cfg.max_iter > 0 and not converged:  # (also when the best is kept:
+            warnings.warn(  # it was silent then)
+                f"EM stopped at max_iter={cfg.max_iter} before the log-likelihood gain fell "
+                f"below tol={cfg.tol}" + (" (or early stopping's patience ran out); the "
+                                          "best-validation iteration's parameters are kept"
+                                          if kept_best else ""),
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        if kept_best:
             # Stopped early, or ended after iterations that did not beat the best validation
             # score: return the best parameters, scored for the comparison of restarts.
             model.load_state_dict(best)
             return self.evaluate(model, ctx.source), converged
-        if cfg.max_iter == 0:  # the initialisation, scored for the comparison of restarts
-            ll = self.evaluate(model, ctx.source)
-        elif not converged:
-            # The last M-step's result has not been scored yet: score it for the comparison.
-            ll = self.evaluate(model, ctx.source)
-            warnings.warn(
-                f"EM stopped at max_iter={cfg.max_iter} before the log-likelihood gain fell "
-                f"below tol={cfg.tol}",
-                ConvergenceWarning,
-                stacklevel=4,
-            )
+        if cfg.max_iter == 0 or not converged:  # the initialisation, or the last M-step's
+            ll = self.evaluate(model, ctx.source)  # result: scored for the comparison
         return ll, converged
 
     def _score_validation(self, model, ctx: FitContext) -> float | None:
@@ -392,12 +405,14 @@ class EMTrainer:
         return Prior.from_config(cfg, s0)
 
     def _record(self, run, it, ll, val_ll, seconds, bar, final=False, objective=None,
-                prior=None, early_stop=False) -> dict:
+                prior=None, early_stop=False, step_prior=None) -> dict:
         record = {
             "run": run, "iteration": it + 1, "train_log_likelihood": ll,
             "val_log_likelihood": val_ll, "seconds": seconds, "final": final,
             "train_objective": objective,
             "noise_prior_variance": None if prior is None else prior.noise_variance,
+            "step_noise_prior_variance": None if step_prior is None
+            else step_prior.noise_variance,
             "early_stop": early_stop,
         }
         self.history.append(record)

@@ -183,9 +183,22 @@ def save_state(state: dict, config: object, history: list[dict]) -> dict:
     stored as a dict) and ``history``; primitives and tensors only, so it loads with
     ``torch.load(weights_only=True)``."""
     out = copy.deepcopy(state)
-    out["config"] = asdict(config)
+    out["config"] = _builtin(asdict(config))
     out["history"] = copy.deepcopy(history)
     return out
+
+
+def _builtin(value: object) -> object:
+    """``value`` with subclasses of Python's numbers and strings (``numpy.float64``, which a
+    config's float field accepts) made the builtins that ``weights_only`` loading rebuilds."""
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, dict):
+        return {key: _builtin(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_builtin(item) for item in value)
+    return value
 
 
 def restore_state(

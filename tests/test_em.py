@@ -1212,3 +1212,67 @@ def test_restarts_without_iterations_keep_the_best_initialisation():
     EMTrainer(EMConfig(progress=False, max_iter=0, n_init=3, init="random", patience=0,
                        noise_prior_strength=0, seed=3)).fit(model, x)
     assert model.log_prob(x).mean().item() == pytest.approx(max(starts), rel=1e-12)
+
+
+def _clusters(n=200, n_val=60, d=12, k=4, seed=0):
+    """Rows around ``k`` centres in [0, 1] (float64), split train/validation."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, k, (n + n_val,), generator=g)
+    x = centres[labels] + 0.3 * torch.randn(n + n_val, d, generator=g, dtype=torch.float64)
+    x = (x - x.min()) / (x.max() - x.min())
+    return x[:n], x[n:]
+
+
+def test_max_iter_warns_when_early_stopping_keeps_an_earlier_iteration():
+    """Reaching max_iter with patience left was silent whenever an earlier iteration had
+    scored best on validation (its parameters were returned before the warning)."""
+    x, val = _clusters()
+    model = MixtureOfFactorAnalyzers(8, 12, 2, dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(5))
+    trainer = EMTrainer(EMConfig(max_iter=8, tol=0.0, patience=50, reseed_rounds=0,
+                                 tempered_step=False, progress=False,
+                                 noise_prior_variance=1e-3))
+    with pytest.warns(ConvergenceWarning, match=r"max_iter=8 .*best-validation iteration"):
+        trainer.fit(model, x, val)
+    best = max(trainer.history, key=lambda r: r["val_log_likelihood"])["iteration"]
+    assert best < 8 and not trainer.converged  # (the case: an earlier iteration kept)
+    assert not any(r["early_stop"] for r in trainer.history)
+
+
+def test_the_record_of_a_search_names_the_noise_prior_its_m_step_used():
+    """At the iteration that ran the "auto" search, the record gave the s₀ before it, while
+    its validation score came from the M-step under the chosen one."""
+    x, val = _clusters()
+    model = MixtureOfFactorAnalyzers(6, 12, 2, dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(5))
+    trainer = EMTrainer(EMConfig(max_iter=8, reseed_rounds=0, tempered_step=False,
+                                 progress=False, seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, val)
+    history = trainer.history
+    search = history[EMConfig().search_warmup]  # the iteration after the warm-up
+    assert search["step_noise_prior_variance"] != search["noise_prior_variance"]
+    assert search["step_noise_prior_variance"] == history[EMConfig().search_warmup + 1][
+        "noise_prior_variance"]  # the chosen s₀, the next record's prior
+    for record in history:
+        if record["final"] or record["val_log_likelihood"] is None:
+            assert record["step_noise_prior_variance"] is None
+    kept = max((r for r in history if r["val_log_likelihood"] is not None),
+               key=lambda r: r["val_log_likelihood"])
+    assert kept["step_noise_prior_variance"] == trainer.selected_noise_prior_variance
+
+
+def test_a_config_with_numpy_floats_saves_a_weights_only_state(mixture_data):
+    """np.float64 fields passed validation, and the state failed torch.load(weights_only)."""
+    x, _ = mixture_data
+    config = EMConfig(**{**PLAIN_EM, "tol": np.float64(1e-3)}, max_iter=2, progress=False)
+    model = MixtureOfFactorAnalyzers(3, x.shape[1], 1, dtype=torch.float64,
+                                     generator=torch.Generator().manual_seed(0))
+    trainer = EMTrainer(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x)
+    state = roundtrip(trainer.state_dict())
+    assert type(state["config"]["tol"]) is float and state["config"]["tol"] == 1e-3
