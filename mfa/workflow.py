@@ -39,6 +39,7 @@ from mfa._temporaries import write_text_atomically
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import RunConfig, apply_overrides, resolve_device, save_config
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
+from mfa.data.names import canonical_name
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.figures import check_output, inpaint, outliers, sample, visualize
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
@@ -428,8 +429,12 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     other = None
     if outliers_against is not None:  # loaded and checked before anything is computed
         try:
+            # (the run's data.root is where the run's files are: another dataset is looked
+            # for at its default place unless --against-set data.root says)
+            same = canonical_name(outliers_against) == canonical_name(config.data.name)
+            root = [] if same else ["data.root=null"]
             other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
-                                                       *against_overrides]))
+                                                       *root, *against_overrides]))
         except DatasetNotFoundError as error:  # its data settings come from --against-set
             raise type(error)(str(error).replace("--set data.", "--against-set data.")) from None
         except ValueError as error:  # e.g. a folder without data.root

@@ -693,6 +693,20 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     assert "--set data.download" not in stderr
 
 
+def test_evaluate_outliers_against_does_not_read_the_runs_data_root(run_dir, tmp_path):
+    """The other dataset took the run's data.root: against mnist, a Fashion-MNIST run read
+    its own files again (MNIST's share their names) and was refused as its own images."""
+    pngs = write_pngs(tmp_path / "mine", 10)  # the run's data.root: not the other dataset's
+    code, _, stderr = run_cli("evaluate", run_dir, "--set", f"data.root={pngs}",
+                              "--outliers-against", "folder")
+    assert code == 2 and "data.root: required when data.name is 'folder'" in stderr
+    code, stdout, stderr = run_cli("evaluate", run_dir, "--set", f"data.root={pngs}",
+                                   "--outliers-against", "folder", "--against-set",
+                                   f"data.root={pngs}", "--outlier-scores", "neg_log_prob")
+    assert code == 0, stderr
+    assert json.loads(stdout)["outliers"]["against"] == "folder"
+
+
 def test_evaluate_outliers_against_the_runs_own_images_is_refused(run_dir):
     """Against the run's own dataset the "outliers" were its test images: AUROC 0.5 came
     back as a result, without a word."""

@@ -706,3 +706,16 @@ def test_each_row_names_its_source(tmp_path):
     for row, name in zip(e.pixels("test"), e.source_names("test"), strict=True):
         assert name.startswith("all:")
         assert np.array_equal(row.numpy(), raw[int(name[4:])].reshape(-1))
+
+
+def test_a_fashion_mnist_folder_is_not_read_as_mnist(tmp_path):
+    """The two share their idx files' names: data.name=mnist with Debian's Fashion-MNIST
+    folder as data.root trained on clothing, logged and recorded as mnist."""
+    write_mnist(tmp_path / "fashion-mnist", compress=True)
+    with pytest.raises(ValueError, match=r"folder named for Fashion-MNIST.*data.name="
+                                         r"fashion-mnist"):
+        load_dataset("mnist", tmp_path / "fashion-mnist", cache_dir=tmp_path / "cache")
+    assert load_dataset("fashion-mnist", tmp_path / "fashion-mnist",
+                        cache_dir=tmp_path / "cache").sizes["test"] == 8
+    write_mnist(tmp_path / "digits", compress=True)  # the same files elsewhere: read
+    assert load_dataset("mnist", tmp_path / "digits", cache_dir=tmp_path / "c2").sizes["test"] == 8

@@ -105,6 +105,11 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
                 pass  # read-only: use the cache below
         elif flat:
             files = _idx_files(base)
+            if files is not None and key == "mnist" and "fashion" in base.resolve().name.lower():
+                raise ValueError(  # (the names are shared: clothing was read as digits)
+                    f"{base} holds idx files in a folder named for Fashion-MNIST; MNIST's files "
+                    "have the same names, so it is not read as mnist: use data.name="
+                    "fashion-mnist, or a root that holds MNIST (e.g. <root>/MNIST/raw)")
         if files is not None:
             tag = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:12]
             mirror = cache_dir / "idx" / f"{key}-{tag}"
