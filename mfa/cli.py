@@ -22,10 +22,19 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "embedded-mnist.ya
 
 
 def _warn_unfinished(ckpt, checkpoint: str) -> None:
-    """A command on an interrupted run says so (it used its last checkpoint silently)."""
+    """A command on an interrupted run, or one still training, says so (it used its last
+    checkpoint silently)."""
+    from mfa.folder_lock import holder_of
     from mfa.run_folder import is_unfinished
 
-    if is_unfinished(ckpt):
+    if not is_unfinished(ckpt):
+        return
+    holder = None if ckpt.path is None else holder_of(Path(ckpt.path).parent)
+    if holder is not None:  # (its advice to resume was refused: the folder is held)
+        print(f"warning: {checkpoint} is still training (pid {holder}): this uses its last "
+              "checkpoint's model; the run draws its own figures when it ends",
+              file=sys.stderr)
+    else:
         print(f"warning: {checkpoint} is an unfinished run (stopped before its training "
               "ended): this uses its last checkpoint's model; continue it with `mfa train "
               f"--resume {checkpoint}`", file=sys.stderr)
@@ -123,9 +132,13 @@ def _output(path: Path, args, explicit: str | None, companions: tuple[str, ...] 
     on to the first free ``<stem>-2``, ``-3``, … (a run's own figures are kept) and a path
     the user gave (``explicit``: the option that gave it) is refused before any work."""
 
+    from mfa.folder_lock import holder_of
     from mfa.run_folder import free_path
 
     free = free_path(path, companions)
+    if not explicit and not args.overwrite and holder_of(path.parent) is not None:
+        # a run still training draws its figures under these names when it ends
+        free = free_path(path, companions, skip=path)
     if args.overwrite or free == path:
         return path
     if explicit:

@@ -34,6 +34,7 @@ how ``"complexity"`` turns rows back into uint8 pixels.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -51,6 +52,19 @@ from mfa.metrics import bits_per_dim
 from mfa.model import MixtureOfFactorAnalyzers
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quieter(log: logging.Logger):
+    """``log`` at WARNING while inside where it is at INFO (the background fit's INFO lines
+    read as the main model's); at DEBUG it shows them all."""
+    level = log.level
+    if log.getEffectiveLevel() == logging.INFO:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 F64 = torch.float64
 
@@ -252,8 +266,11 @@ class PatchBackground(nn.Module):
             generator=gen, dtype=train.dtype, device=train.device,
         )
         config = EMConfig(max_iter=max_iter, seed=seed, progress=False, stats_dtype="mixed")
-        with warnings.catch_warnings():  # a fixed, small budget: convergence is not sought
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        logger.info("fitting the background model: K=%d on %d %d×%d patches (its EM's "
+                    "info lines not shown)", n_components, patches.shape[0], patch_size,
+                    patch_size)
+        with warnings.catch_warnings(), _quieter(logging.getLogger("mfa")):
+            warnings.simplefilter("ignore", ConvergenceWarning)  # (a fixed, small budget)
             EMTrainer(config).fit(model, patches.contiguous())
         return cls(model, image_shape, patch_size)
 

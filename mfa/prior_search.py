@@ -132,6 +132,7 @@ def choose_noise_variance(
     variance_floor: float,
     above: float | None = None,
     near: float | None = None,
+    log_level: int = logging.INFO,
 ) -> tuple[float, list[tuple[float, float]]]:
     """The best ``s₀`` of the grid ``log_grid(lower, max training variance, per_decade)``,
     found coarse to fine: one candidate a decade (and the grid's top), then halving steps
@@ -162,6 +163,8 @@ def choose_noise_variance(
         variance_floor: the hard floor of the M-step.
         above: the previous choice, for a repeated search.
         near: a warm start for the coarse pass (ignored with ``above``).
+        log_level: of the line naming the choice (the tempered step's searches: DEBUG, as
+            they choose no prior of the fit).
 
     Returns:
         ``(best s₀, [(candidate, validation log-likelihood), ...])`` (the candidates scored, in
@@ -219,9 +222,9 @@ def choose_noise_variance(
             step = (step + 1) // 2 if step > 1 else 0
     logger.debug("noise prior variance search: %s", sorted(
         (grid[i], v) for i, v in scored.items()))
-    logger.info("noise prior variance %.3g chosen from %d of %d candidates in [%.3g, %.3g] "
-                "(validation log-likelihood %.6g)", grid[best], len(scored), len(grid), grid[0],
-                grid[-1], scored[best])
+    logger.log(log_level, "noise prior variance %.3g chosen from %d of %d candidates in "
+               "[%.3g, %.3g] (validation log-likelihood %.6g)", grid[best], len(scored),
+               len(grid), grid[0], grid[-1], scored[best])
     return grid[best], [(grid[i], scored[i]) for i in sorted(scored)]
 
 

@@ -1,17 +1,15 @@
 """Run folders: their names, the log file, the checkpoint path, which config changes a
 resumed run may make (:data:`RESUME_SAFE_KEYS`, :func:`check_can_extend`), the lock that
-keeps a second ``mfa train`` out of a folder in use (:func:`hold_run_folder`), and what a
+keeps a second ``mfa train`` out of a folder in use (:func:`hold_run_folder`, from
+:mod:`mfa.folder_lock`), and what a
 failed run leaves (:func:`clean_up_failed`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import logging
-import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,7 @@ from mfa.config import (
     config_to_dict,
     load_config,
 )
+from mfa.folder_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, holder_of
 from mfa.hierarchical_section import resolve_stages
 
 if TYPE_CHECKING:
@@ -45,6 +44,7 @@ __all__ = [
     "clean_up_failed",
     "free_path",
     "hold_run_folder",
+    "holder_of",
     "is_unfinished",
     "make_run_dir",
     "resolve_checkpoint",
@@ -56,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FAILED_NAME = "FAILED"
-LOCK_NAME = ".lock"  # held by the `mfa train` that writes the folder (hold_run_folder)
 
 #: What a resumed run may change: how long it runs, how often it saves, whether it shows
 #: progress, what it draws, and where its data files are; not what it computes.
@@ -169,12 +168,13 @@ def is_unfinished(ckpt: Checkpoint) -> bool:
     return ckpt.run_config is not None and "method" not in (ckpt.metrics or {})
 
 
-def free_path(path: Path, companions: tuple[str, ...] = ()) -> Path:
+def free_path(path: Path, companions: tuple[str, ...] = (), skip: Path | None = None) -> Path:
     """``path`` when neither it nor ``path`` with any suffix in ``companions`` exists, else the
-    first free ``<stem>-2``, ``<stem>-3``, … beside it (nothing there is replaced)."""
+    first free ``<stem>-2``, ``<stem>-3``, … beside it (nothing there is replaced); ``skip``:
+    a name taken even when free (kept for the run that will write it)."""
 
     def taken(p: Path) -> bool:
-        return p.exists() or any(p.with_suffix(s).exists() for s in companions)
+        return p == skip or p.exists() or any(p.with_suffix(s).exists() for s in companions)
 
     i, candidate = 2, path
     while taken(candidate):
@@ -395,61 +395,6 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
         raise ValueError(
             "cannot change train.em.max_iter when resuming: this run's EM has finished, so "
             f"it would not run again; start a new run ({_new_run_hint(ckpt, 'train.em.max_iter')})")
-
-
-#: ``flock`` errors of a file system that cannot lock: the run goes on unlocked, warned.
-_NO_LOCKS = frozenset(getattr(errno, name) for name in ("ENOLCK", "ENOSYS", "EOPNOTSUPP",
-                                                         "ENOTSUP") if hasattr(errno, name))
-
-
-class RunFolderInUse(RuntimeError):
-    """Another process holds the run folder (:func:`hold_run_folder`)."""
-
-
-@contextlib.contextmanager
-def hold_run_folder(run_dir: Path, *, held: bool = True,
-                    command: str = "mfa train") -> Iterator[None]:
-    """Hold ``run_dir`` for one ``mfa train`` while it writes there: an exclusive advisory
-    lock (``flock``) on ``run_dir/.lock``, which also records the holder's pid; the
-    operating system releases it when the process ends, however it ends. Two trainings
-    of one folder (a ``--resume`` of a run still training) wrote its checkpoint, metrics
-    and ``config.yaml`` in turn and left them disagreeing.
-
-    Raises:
-        RunFolderInUse: another process holds the folder (naming its pid).
-
-    With ``held=False`` (a process that does not write the folder), and where ``fcntl``
-    does not exist (Windows), nothing is locked. ``command``: what holds it, for the
-    messages (``mfa select`` holds its ``--out`` folder the same way).
-    """
-    try:
-        import fcntl
-    except ImportError:
-        fcntl = None
-    if fcntl is None or not held:
-        yield
-        return
-    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunFolderInUse(
-                f"the folder {run_dir} is in use by another `{command}` (pid {holder}): "
-                "wait for it to end, or stop it, before resuming or restarting it") from None
-        except OSError as error:  # a file system without locks (some network mounts)
-            if error.errno not in _NO_LOCKS:
-                raise
-            logger.warning("cannot lock %s (%s): a second `%s` of this folder would not be "
-                           "refused", run_dir / LOCK_NAME, error.strerror, command)
-            yield
-            return
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(descriptor)
 
 
 def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:

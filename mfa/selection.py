@@ -284,11 +284,11 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
             an earlier sweep's files in ``out_dir`` without ``overwrite`` (or ``out_dir`` a
             file), ``data.missing`` set, or a trainer device this machine does not have.
         OSError: ``out_dir`` cannot be made (checked before any fit).
-        mfa.run_folder.RunFolderInUse: another ``mfa select`` (or ``mfa train``) holds
+        mfa.folder_lock.RunFolderInUse: another ``mfa select`` (or ``mfa train``) holds
             ``out_dir``.
     """
     from mfa.config import apply_overrides, resolve_device
-    from mfa.run_folder import LOCK_NAME, hold_run_folder
+    from mfa.folder_lock import LOCK_NAME, hold_run_folder
     from mfa.workflow import load_data
 
     if method is not None:

@@ -144,7 +144,8 @@ def tempered_step(
                 min(same, key=lambda t: abs(math.log(t / temperature))), strength][1]
             s0, scored = choose_noise_variance(
                 model, stats, validation, replace(prior, noise_strength=strength),
-                lower=lower, per_decade=per_decade, variance_floor=variance_floor, near=near)
+                lower=lower, per_decade=per_decade, variance_floor=variance_floor, near=near,
+                log_level=logging.DEBUG)
             score = max((value for _, value in scored), default=-math.inf)
             logger.debug("tempered step T=%.4g, strength %g: s0 %.3g, validation %.6g",
                          temperature, strength, s0, score)

@@ -863,6 +863,20 @@ def test_commands_on_an_interrupted_run_say_it_is_unfinished(run_dir, tmp_path):
     assert json.loads(stdout)["unfinished"] is True
     code, stdout, stderr = run_cli("evaluate", run_dir)  # a finished run: no such word
     assert code == 0 and "unfinished" not in stderr + stdout
+    # A run still training (its folder held): said so, and its own figures' names are kept
+    # for it (a sample took samples.png and the run's own went to samples-2.png; the
+    # advice to resume it was refused as the folder is in use)
+    from mfa.run_folder import hold_run_folder
+
+    (cut / "samples.png").unlink()  # (drawn above)
+    with hold_run_folder(cut):
+        code, stdout, stderr = run_cli("sample", cut, "-n", "4")
+    assert code == 0 and f"warning: {cut} is still training (pid {os.getpid()})" in stderr
+    assert "--resume" not in stderr
+    assert stdout.strip() == str(cut / "samples-2.png") and not (cut / "samples.png").exists()
+    code, stdout, stderr = run_cli("sample", cut, "-n", "4")  # (ended: the name is free)
+    assert code == 0 and stdout.strip() == str(cut / "samples.png")
+    assert "is an unfinished run" in stderr
 
 
 def test_visualize_offers_no_seed(run_dir, tmp_path):

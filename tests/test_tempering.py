@@ -288,3 +288,29 @@ def test_a_second_fit_does_not_report_the_first_fits_step_or_search():
         trainer.fit(MixtureOfFactorAnalyzers(3, 5, 1).double(), loader)
     assert trainer.tempered is None and trainer.search_seconds is None
     assert trainer.selection_seconds is None
+
+
+def test_the_tempered_steps_searches_log_below_info(caplog):
+    """Its ten or so s₀ searches logged "noise prior variance X chosen" at INFO after the
+    fit's own, in train.log too, though they choose no prior of the fit; its own summary line
+    stays at INFO."""
+    x, val = _digits(n_train=300, n_val=100)
+    model = _strongly_regularised_fit(x, k=5)
+    with caplog.at_level("INFO", logger="mfa"):
+        _step(model, x, val)
+    assert not [r for r in caplog.records if r.name == "mfa.prior_search"
+                and r.levelno >= 20]
+    assert any(r.name == "mfa.tempering" and r.levelno == 20 for r in caplog.records)
+
+
+def test_the_background_models_fit_logs_one_line_at_info(caplog):
+    """mfa outliers --score likelihood_ratio printed the background fit's EM and search
+    lines as if they were the run model's."""
+    from mfa.outliers import PatchBackground
+
+    x, _ = _digits(n_train=200, n_val=0)
+    with caplog.at_level("INFO", logger="mfa"):
+        PatchBackground.fit(x.float(), (1, 28, 28), max_iter=2)
+    lines = [r for r in caplog.records if r.levelno >= 20]
+    assert [r.name for r in lines] == ["mfa.outliers"]
+    assert "fitting the background model" in lines[0].getMessage()

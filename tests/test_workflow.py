@@ -760,7 +760,7 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(out_dir, mon
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with caplog.at_level("WARNING", logger="mfa.run_folder"):
+    with caplog.at_level("WARNING", logger="mfa.folder_lock"):
         run = workflow.train(make_config(out_dir, "no-locks"), figures=False)
     assert (run.run_dir / "metrics.json").exists()
     assert "cannot lock" in caplog.text and "would not be refused" in caplog.text

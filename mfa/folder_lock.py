@@ -1,0 +1,97 @@
+"""The lock that keeps a second writer out of a folder in use: ``mfa train`` holds its run
+folder, ``mfa select`` its ``--out`` folder (:func:`hold_run_folder`); :func:`holder_of`
+tells another command that a folder is being written now."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["LOCK_NAME", "RunFolderInUse", "hold_run_folder", "holder_of"]
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".lock"  # held by the process that writes the folder (hold_run_folder)
+
+#: ``flock`` errors of a file system that cannot lock: the run goes on unlocked, warned.
+_NO_LOCKS = frozenset(getattr(errno, name) for name in ("ENOLCK", "ENOSYS", "EOPNOTSUPP",
+                                                         "ENOTSUP") if hasattr(errno, name))
+
+
+class RunFolderInUse(RuntimeError):
+    """Another process holds the run folder (:func:`hold_run_folder`)."""
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, *, held: bool = True,
+                    command: str = "mfa train") -> Iterator[None]:
+    """Hold ``run_dir`` for one ``mfa train`` while it writes there: an exclusive advisory
+    lock (``flock``) on ``run_dir/.lock``, which also records the holder's pid; the
+    operating system releases it when the process ends, however it ends. Two trainings
+    of one folder (a ``--resume`` of a run still training) wrote its checkpoint, metrics
+    and ``config.yaml`` in turn and left them disagreeing.
+
+    Raises:
+        RunFolderInUse: another process holds the folder (naming its pid).
+
+    With ``held=False`` (a process that does not write the folder), and where ``fcntl``
+    does not exist (Windows), nothing is locked. ``command``: what holds it, for the
+    messages (``mfa select`` holds its ``--out`` folder the same way).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or not held:
+        yield
+        return
+    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunFolderInUse(
+                f"the folder {run_dir} is in use by another `{command}` (pid {holder}): "
+                "wait for it to end, or stop it, before resuming or restarting it") from None
+        except OSError as error:  # a file system without locks (some network mounts)
+            if error.errno not in _NO_LOCKS:
+                raise
+            logger.warning("cannot lock %s (%s): a second `%s` of this folder would not be "
+                           "refused", run_dir / LOCK_NAME, error.strerror, command)
+            yield
+            return
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def holder_of(folder: Path) -> str | None:
+    """The pid (as recorded) of the process that holds ``folder`` (:func:`hold_run_folder`)
+    now, or ``None``: not held, no lock file, or a system without ``flock``. Nothing is
+    created; the lock is tried shared and released at once."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        descriptor = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(descriptor)
