@@ -190,6 +190,11 @@ def train(
                 if changed:
                     logger.info("resumed with new values for %s", ", ".join(changed))
                 return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
+            except KeyboardInterrupt:  # said in train.log too, naming the folder
+                if main and (run_dir / CHECKPOINT_NAME).exists():
+                    logger.warning("interrupted: %s keeps its last checkpoint; continue with "
+                                   "`mfa train --resume %s`", run_dir, run_dir)
+                raise
             finally:
                 if handler is not None:
                     logging.getLogger("mfa").removeHandler(handler)

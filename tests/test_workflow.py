@@ -216,6 +216,9 @@ def test_em_resume_after_an_interrupt_gives_the_uninterrupted_model(em_run, out_
     with torch.no_grad():
         assert torch.equal(final.model.log_prob(data.test), em_run.model.log_prob(data.test))
     assert (run_dir / "train.log").read_text().count(f"run folder {run_dir}") == 2
+    # the interrupt is in the log, with the way on (it was on stderr only, naming no folder)
+    assert (f"interrupted: {run_dir} keeps its last checkpoint; continue with `mfa train "
+            f"--resume {run_dir}`") in (run_dir / "train.log").read_text()
 
 
 def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
