@@ -227,6 +227,8 @@ def cmd_inpaint(args) -> int:
     if args.mask_image and args.mask not in (None, "image"):  # it was silently ignored
         raise SystemExit(f"error: --mask-image is a mask of kind image, not --mask {args.mask}")
     mask = args.mask or ("image" if args.mask_image else "center")
+    if mask == "image" and not args.mask_image:  # (it named the API's mask_image)
+        raise SystemExit("error: --mask image needs --mask-image PNG (black = hidden)")
     if args.fraction is not None and mask != "random":  # it was silently ignored
         raise SystemExit(f"error: --fraction is the hidden share of --mask random, not of "
                          f"--mask {mask}")
@@ -498,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         # (--verbose shows it).
         if args.verbose:
             raise
-        plain = isinstance(err, (ValueError, TypeError, OSError))
+        from mfa.folder_lock import RunFolderInUse
+
+        plain = isinstance(err, (ValueError, TypeError, OSError, RunFolderInUse))
         kind = "" if plain else f"{type(err).__name__}: "
         print(f"error: {kind}{str(err) or 'out of memory'}", file=sys.stderr)
         return 2

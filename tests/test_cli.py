@@ -870,6 +870,9 @@ def test_commands_on_an_interrupted_run_say_it_is_unfinished(run_dir, tmp_path):
 
     (cut / "samples.png").unlink()  # (drawn above)
     with hold_run_folder(cut):
+        code, _, error = run_cli("train", "--resume", cut)
+        assert code == 2 and error.startswith(f"error: the folder {cut} is in use")  # (it
+        # printed the class name, RunFolderInUse, first)
         code, stdout, stderr = run_cli("sample", cut, "-n", "4")
     assert code == 0 and f"warning: {cut} is still training (pid {os.getpid()})" in stderr
     assert "--resume" not in stderr
@@ -1250,3 +1253,10 @@ def test_per_run_commands_draw_at_the_runs_image_scale_by_default(run_dir, tmp_p
     wide = Image.open(tmp_path / "f.png").size
     code, _, _ = run_cli("visualize", run_dir, "-o", tmp_path / "f1.png", "--scale", 1)
     assert code == 0 and wide == tuple(SCALE * s for s in Image.open(tmp_path / "f1.png").size)
+
+
+def test_inpaint_mask_image_without_a_file_names_the_option(run_dir, tmp_path):
+    """It said "needs mask_image (a PNG path or a PIL image)", the library's argument."""
+    code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "-o", tmp_path / "i.png")
+    assert code == 2 and "--mask image needs --mask-image PNG" in stderr
+    assert not (tmp_path / "i.png").exists()
