@@ -89,9 +89,19 @@ def _device(config, args):
 def _scale(config, args) -> int:
     """``--scale``; by default the run's ``output.image_scale`` (2 without a run config), so
     a command redraws a figure at the size training drew it."""
-    if args.scale is not None:
-        return args.scale
-    return config.output.image_scale if config is not None else 2
+    return _from_run(args.scale, config, "image_scale", 2)
+
+
+def _from_run(value, config, name: str, fallback):
+    """An option's ``value``; unset, the run's ``output.<name>`` (``seed``: the run's seed),
+    as the run drew its own figures, or ``fallback`` without a run config or where the run
+    drew none (0)."""
+    if value is not None:
+        return value
+    if config is None:
+        return fallback
+    run = config.seed if name == "seed" else getattr(config.output, name)
+    return fallback if run == 0 and name in ("n_samples", "n_inpaint") else run
 
 
 def _data_only(overrides: list[str] | None, flag: str) -> None:
@@ -214,8 +224,11 @@ def cmd_sample(args) -> int:
     model = ckpt.model.to(_device(ckpt.run_config, args))
     out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
     out = _output(out, args, args.out and "-o")
-    sample(model, shape, out, n=64 if args.n is None else args.n, nrow=args.nrow,
-           seed=args.seed, scale=_scale(ckpt.run_config, args), per_component=args.per_component,
+    run = ckpt.run_config
+    sample(model, shape, out, n=_from_run(args.n, run, "n_samples", 64),
+           nrow=_from_run(args.nrow, run, "grid_nrow", 8),
+           seed=_from_run(args.seed, run, "seed", 0),
+           scale=_scale(run, args), per_component=args.per_component,
            with_noise=not args.no_noise)
     print(out)
     return 0
@@ -238,8 +251,10 @@ def cmd_inpaint(args) -> int:
            else _default_out(args.checkpoint, f"inpaint-{mask}.png"))
     out = _output(out, args, args.out and "-o")
     data = load(config)
-    inpaint(model, data, out, mask=mask, n=args.n, n_samples=args.samples,
-            split=args.split, seed=args.seed, scale=_scale(config, args),
+    inpaint(model, data, out, mask=mask, n=_from_run(args.n, config, "n_inpaint", 8),
+            n_samples=_from_run(args.samples, config, "inpaint_samples", 3),
+            split=args.split, seed=_from_run(args.seed, config, "seed", 0),
+            scale=_scale(config, args),
             mask_image=args.mask_image,
             fraction=0.5 if args.fraction is None else args.fraction)
     print(out)
@@ -257,7 +272,9 @@ def cmd_outliers(args) -> int:
     name = _output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
                    companions=(".csv",)).stem
     data = load(config)
-    for path in outliers(model, data, out_dir, split=args.split, n=args.n, nrow=args.nrow,
+    for path in outliers(model, data, out_dir, split=args.split,
+                         n=_from_run(args.n, config, "n_samples", 32),
+                         nrow=_from_run(args.nrow, config, "grid_nrow", 8),
                          scale=_scale(config, args), seed=args.seed, name=name,
                          **_score(args.score)):
         print(path)
@@ -369,11 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="where to compute: cpu, cuda, cuda:1, auto (default: "
                        "the run's own device setting, where training drew its figures)")
 
-    def with_run(p, needs_data=True, seeded=True):
+    run_nrow = "images per row (default: the run's output.grid_nrow)"
+
+    def with_run(p, needs_data=True, seeded=True, seed=None):
         p.add_argument("checkpoint", help="a run folder or a checkpoint file")
         device_option(p)
         if seeded:  # (visualize draws nothing at random: it offered --seed and ignored it)
-            p.add_argument("--seed", type=non_negative_int, default=0)
+            p.add_argument("--seed", type=non_negative_int, default=seed,
+                           help="default: " + ("the run's seed, as its figures" if seed is None
+                                               else str(seed)))
         p.add_argument("--scale", type=positive_int, help="upscaling of saved images "
                        "(default: the run's output.image_scale, as its own figures)")
         overwrite_flag(p)
@@ -394,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="a grid of samples as PNG")
     with_run(p, needs_data=False)
-    p.add_argument("-n", type=positive_int, help="samples (default 64)")
-    p.add_argument("--nrow", type=positive_int, default=8)
+    p.add_argument("-n", type=positive_int,
+                   help="samples (default: the run's output.n_samples, else 64)")
+    p.add_argument("--nrow", type=positive_int, help=run_nrow)
     p.add_argument("--per-component", action="store_true",
                    help="one row of --nrow samples per component, by weight")
     p.add_argument("--no-noise", action="store_true",
@@ -410,20 +432,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-image", help="PNG mask (black = hidden); implies --mask image")
     p.add_argument("--fraction", type=fraction,
                    help="hidden share for --mask random (default 0.5)")
-    p.add_argument("-n", type=positive_int, default=8, help="images")
-    p.add_argument("--samples", type=non_negative_int, default=3,
-                   help="conditional samples per image (0: the conditional mean only)")
+    p.add_argument("-n", type=positive_int,
+                   help="images (default: the run's output.n_inpaint, else 8)")
+    p.add_argument("--samples", type=non_negative_int,
+                   help="conditional samples per image (0: the conditional mean only; "
+                   "default: the run's output.inpaint_samples)")
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_inpaint)
 
     p = sub.add_parser("outliers", help="rank a split by an outlier score: grid + CSV")
-    with_run(p)
+    with_run(p, seed=0)  # (the run's outlier figure is drawn with seed 0)
     p.add_argument("--score", choices=SCORE_NAMES, metavar="NAME",
                    help="outlier score, higher = more outlying: %(choices)s (default: "
                    "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
                    "ranks by raw -log p)")
-    p.add_argument("-n", type=positive_int, default=32, help="most outlying images to draw")
-    p.add_argument("--nrow", type=positive_int, default=8)
+    p.add_argument("-n", type=positive_int, help="most outlying images to draw (default: "
+                   "the run's output.n_samples, else 32)")
+    p.add_argument("--nrow", type=positive_int, help=run_nrow)
     p.add_argument("--out-dir")
     p.set_defaults(func=cmd_outliers)
 

@@ -373,11 +373,11 @@ def test_sample_without_noise_differs_and_defaults_to_the_run_folder(run_dir, tm
     folder = tmp_path / "run"
     folder.mkdir()
     shutil.copy(run_dir / "checkpoint.pt", folder / "checkpoint.pt")
-    code, stdout, stderr = run_cli("sample", folder / "checkpoint.pt")  # -n 64, nrow 8
+    code, stdout, stderr = run_cli("sample", folder / "checkpoint.pt")  # the run's n, nrow
     assert code == 0, stderr
     assert stdout.strip() == str(folder / "samples.png")
     noisy = open_png(folder / "samples.png")
-    assert noisy.size == grid_size(64, 8, SCALE)  # (the run's output.image_scale)
+    assert noisy.size == grid_size(N_SAMPLES, NROW, SCALE)  # (the run's output.*)
     assert run_cli("sample", folder, "--no-noise", "-o", folder / "smooth.png")[0] == 0
     smooth = open_png(folder / "smooth.png")
     assert smooth.size == noisy.size
@@ -490,7 +490,7 @@ def test_inpaint_fraction_belongs_to_random_masks(run_dir, tmp_path):
 def test_inpaint_image_mask_without_a_file_fails_clearly(run_dir, tmp_path):
     code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "-o", tmp_path / "x.png")
     assert code == 2
-    assert "mask_image" in stderr
+    assert "--mask image needs --mask-image PNG" in stderr  # (it named the API's mask_image)
     code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "--mask-image",
                               tmp_path / "nope.png", "-o", tmp_path / "x.png")
     assert code == 2
@@ -1241,22 +1241,20 @@ def test_bad_output_paths_are_named(run_dir, tmp_path):
     assert afile.read_text() == "mine"
 
 
-def test_per_run_commands_draw_at_the_runs_image_scale_by_default(run_dir, tmp_path):
-    """They drew at --scale 2 whatever the run's output.image_scale: `mfa sample` with the
-    run's settings did not reproduce its samples.png."""
-    seed = load_checkpoint(run_dir / "checkpoint.pt").run_config.seed
-    code, _, _ = run_cli("sample", run_dir, "--seed", seed, "-n", N_SAMPLES, "--nrow", NROW,
-                         "-o", tmp_path / "same.png")
-    assert code == 0
-    assert (tmp_path / "same.png").read_bytes() == (run_dir / "samples.png").read_bytes()
+def test_per_run_commands_redraw_the_runs_figures_by_default(run_dir, tmp_path):
+    """They drew at --scale 2, 64 samples in rows of 8 with seed 0, 32 outliers, 8 images
+    with 3 samples, whatever the run's output.* and seed: a command with its defaults did not
+    reproduce the run's own figure."""
+    for command, name in (("sample", "samples.png"), ("inpaint", "inpaint-center.png")):
+        code, _, stderr = run_cli(command, run_dir, "-o", tmp_path / name)
+        assert code == 0, stderr
+        assert (tmp_path / name).read_bytes() == (run_dir / name).read_bytes(), command
+    code, _, stderr = run_cli("outliers", run_dir, "--out-dir", tmp_path)
+    assert code == 0, stderr
+    for name in ("outliers.png", "outliers.csv"):
+        assert (tmp_path / name).read_bytes() == (run_dir / name).read_bytes(), name
     code, _, _ = run_cli("visualize", run_dir, "-o", tmp_path / "f.png")
     wide = Image.open(tmp_path / "f.png").size
     code, _, _ = run_cli("visualize", run_dir, "-o", tmp_path / "f1.png", "--scale", 1)
     assert code == 0 and wide == tuple(SCALE * s for s in Image.open(tmp_path / "f1.png").size)
 
-
-def test_inpaint_mask_image_without_a_file_names_the_option(run_dir, tmp_path):
-    """It said "needs mask_image (a PNG path or a PIL image)", the library's argument."""
-    code, _, stderr = run_cli("inpaint", run_dir, "--mask", "image", "-o", tmp_path / "i.png")
-    assert code == 2 and "--mask image needs --mask-image PNG" in stderr
-    assert not (tmp_path / "i.png").exists()
