@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -68,22 +69,49 @@ def summarize(runs: list[dict], dataset: str) -> str:
             lines.append(f"| {k} | {label} | " + " | ".join(_num(v) for v in values)
                          + f" | {_num(_mean(values))} |")
     lines += ["", "## Targets (issue 12)", "",
-              "*met* holds the mean against the target; the seeds' timings come from runs "
-              "one after another on the same machine (read them as each run's own ratio).", "",
-              "| K | target | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | met |",
-              "|---:|---|" + "---:|" * (len(seeds) + 2)]
+              "*met* holds the mean against the target, with the standard error of the mean "
+              "over the seeds (s.e.): *met* when the mean is within the target by more than "
+              "two standard errors, *not met* when it misses it by more, *undetermined* in "
+              "between (the seeds do not settle it). The seeds' timings come from runs one "
+              "after another on the same machine (read them as each run's own ratio).", "",
+              "| K | target | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | mean | s.e. | met |",
+              "|---:|---|" + "---:|" * (len(seeds) + 3)]
     for k in ks:
         for key, title, bound, share in TARGETS:
             values = [p.get(str(k), {}).get("targets", {}).get(key) for p in per_k]
-            mean = _mean(values)
+            mean, error = _mean(values), _standard_error(values)
             fmt = _percent if share else _num
-            met = ("—" if bound is None or mean is None
-                   else "met" if mean <= bound else "**not met**")
             bound_text = "" if bound is None else (
                 f" (≤ {bound:.0%})" if share else f" (≤ {bound:+g})")
             lines.append(f"| {k} | {title}{bound_text} | "
-                         + " | ".join(fmt(v) for v in values) + f" | {fmt(mean)} | {met} |")
+                         + " | ".join(fmt(v) for v in values)
+                         + f" | {fmt(mean)} | {fmt(error).lstrip('+')} | "
+                         f"{verdict(values, bound)} |")
     return "\n".join(lines) + "\n"
+
+
+def verdict(values, bound) -> str:
+    """*met*, **not met** or *undetermined*: the seeds' mean against ``bound`` (at most),
+    two standard errors of the mean apart; with one seed, the value itself; "—" without a
+    bound or a value from every seed."""
+    mean, error = _mean(values), _standard_error(values)
+    if bound is None or mean is None:
+        return "—"
+    margin = 2 * (error or 0.0)
+    if mean + margin <= bound:
+        return "met"
+    if mean - margin > bound:
+        return "**not met**"
+    return "undetermined"
+
+
+def _standard_error(values):
+    """The standard error of the seeds' mean (``None`` below two seeds or without every
+    seed's value)."""
+    if _mean(values) is None or len(values) < 2:
+        return None
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _mean(values):

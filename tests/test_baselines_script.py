@@ -99,3 +99,18 @@ def test_quick_run_writes_the_table(tmp_path):
                    if line.startswith("| 3 | default MFA EM |"))
         cells = [c.strip(" |") for c in row.split(" | ")[2:5]]
         assert cells == [f"{default:.3f}", f"{default + 1:.3f}", f"{default + 0.5:.3f}"]
+
+
+def test_split_summary_verdicts_allow_for_the_spread_of_the_seeds():
+    """A mean within the target was stamped "met" though the seeds spread over it by tenths
+    (K=50 on the digits: +0.099, +0.268, -0.432 against <= 0.02)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from split_summary import verdict
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert verdict([0.099, 0.268, -0.432], 0.02) == "undetermined"
+    assert verdict([-0.571, -0.902, -1.127], 0.02) == "met"
+    assert verdict([4.08, 3.87, 4.38], 0.30) == "**not met**"
+    assert verdict([0.01], 0.02) == "met" and verdict([0.03], 0.02) == "**not met**"
+    assert verdict([0.01, None], 0.02) == "—" and verdict([0.5, 0.6], None) == "—"
