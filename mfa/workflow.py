@@ -352,6 +352,25 @@ def evaluate_model(model: MixtureOfFactorAnalyzers, data: ImageData, splits) -> 
     return out
 
 
+def _other_data(config: RunConfig, name: str, overrides: Sequence[str]) -> ImageData:
+    """The dataset ``name`` read with the run's data settings and ``overrides``: from the
+    run's ``data.root`` where it is there (torchvision's layout holds several datasets), else,
+    unless the overrides give a root, from its own default place (against mnist, a
+    Fashion-MNIST run's flat folder was read again: the two share their files' names)."""
+    settings = [f"data.name={name}", *overrides]
+    try:
+        return load_data(apply_overrides(config, settings))
+    except (DatasetNotFoundError, ValueError):
+        given = any(o.split("=", 1)[0].strip() == "data.root" for o in overrides)
+        same = canonical_name(name) == canonical_name(config.data.name)
+        if given or same or config.data.root is None:
+            raise
+    logger.info("%s is not in the run's data.root %s: read from its own default place",
+                name, config.data.root)
+    return load_data(apply_overrides(config, [f"data.name={name}", "data.root=null",
+                                              *overrides]))
+
+
 def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunConfig,
                  run_dir: Path, *, replace: bool = True) -> list[Path]:
     """The figures a run's config asks for, saved in ``run_dir``; with ``replace=False`` (a
@@ -434,12 +453,7 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     other = None
     if outliers_against is not None:  # loaded and checked before anything is computed
         try:
-            # (the run's data.root is where the run's files are: another dataset is looked
-            # for at its default place unless --against-set data.root says)
-            same = canonical_name(outliers_against) == canonical_name(config.data.name)
-            root = [] if same else ["data.root=null"]
-            other = load_data(apply_overrides(config, [f"data.name={outliers_against}",
-                                                       *root, *against_overrides]))
+            other = _other_data(config, outliers_against, against_overrides)
         except DatasetNotFoundError as error:  # its data settings come from --against-set
             raise type(error)(str(error).replace("--set data.", "--against-set data.")) from None
         except ValueError as error:  # e.g. a folder without data.root
@@ -472,7 +486,7 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
         })
     if other is not None:
         result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
-                                             seed=seed)
+                                             seed=seed, checked=True)
     if is_unfinished(ckpt):  # (an interrupted run: its last checkpoint's model)
         result["unfinished"] = True
     return result

@@ -693,18 +693,35 @@ def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_p
     assert "--set data.download" not in stderr
 
 
-def test_evaluate_outliers_against_does_not_read_the_runs_data_root(run_dir, tmp_path):
-    """The other dataset took the run's data.root: against mnist, a Fashion-MNIST run read
-    its own files again (MNIST's share their names) and was refused as its own images."""
-    pngs = write_pngs(tmp_path / "mine", 10)  # the run's data.root: not the other dataset's
-    code, _, stderr = run_cli("evaluate", run_dir, "--set", f"data.root={pngs}",
-                              "--outliers-against", "folder")
-    assert code == 2 and "data.root: required when data.name is 'folder'" in stderr
-    code, stdout, stderr = run_cli("evaluate", run_dir, "--set", f"data.root={pngs}",
-                                   "--outliers-against", "folder", "--against-set",
-                                   f"data.root={pngs}", "--outlier-scores", "neg_log_prob")
-    assert code == 0, stderr
-    assert json.loads(stdout)["outliers"]["against"] == "folder"
+def test_the_other_dataset_is_read_from_the_runs_root_where_it_is_there(tmp_path,
+                                                                        monkeypatch):
+    """Against mnist, a Fashion-MNIST run's flat folder (its data.root) was read again (the
+    two share their files' names) and refused as the run's own images; another dataset is
+    read from the run's root where it is there (torchvision's layout holds several), else
+    from its own default place."""
+    from test_data_sources import write_mnist
+
+    from mfa.data import DatasetNotFoundError
+    from mfa.workflow import _other_data
+
+    monkeypatch.setenv("MFA_DATA_DIR", str(tmp_path / "default"))
+    monkeypatch.setenv("MFA_CACHE_DIR", str(tmp_path / "cache"))
+    flat = tmp_path / "fashion-mnist"  # as Debian's package: one dataset's files, flat
+    write_mnist(flat, compress=True)
+    run = load_config(overrides=["data.name=fashion-mnist", f"data.root={flat}"])
+    with pytest.raises(DatasetNotFoundError, match="mnist"):  # not in either place
+        _other_data(run, "mnist", ())
+    _, _, digits, _ = write_mnist(tmp_path / "default" / "MNIST" / "raw", n_test=5, seed=7)
+    other = _other_data(run, "mnist", ())  # from its default place
+    assert torch.equal(other.test_pixels, torch.from_numpy(digits).reshape(5, -1))
+    both = tmp_path / "both"  # torchvision's layout, both datasets under one root
+    _, _, clothes, _ = write_mnist(both / "FashionMNIST" / "raw", n_test=6, seed=3)
+    _, _, digits, _ = write_mnist(both / "MNIST" / "raw", n_test=4, seed=4)
+    run = load_config(overrides=["data.name=fashion-mnist", f"data.root={both}"])
+    other = _other_data(run, "mnist", ())  # from the run's root
+    assert torch.equal(other.test_pixels, torch.from_numpy(digits).reshape(4, -1))
+    given = _other_data(run, "mnist", [f"data.root={tmp_path / 'default'}"])
+    assert given.test_pixels.shape[0] == 5
 
 
 def test_evaluate_outliers_against_the_runs_own_images_is_refused(run_dir):
@@ -1258,3 +1275,26 @@ def test_per_run_commands_redraw_the_runs_figures_by_default(run_dir, tmp_path):
     code, _, _ = run_cli("visualize", run_dir, "-o", tmp_path / "f1.png", "--scale", 1)
     assert code == 0 and wide == tuple(SCALE * s for s in Image.open(tmp_path / "f1.png").size)
 
+
+
+def test_evaluate_checks_the_outlier_data_once(run_dir, tmp_path, monkeypatch):
+    """Both splits were hashed (and a warning printed) twice: in evaluate and again in
+    outlier_metrics."""
+    import mfa.run_outliers
+    import mfa.workflow
+
+    calls = []
+    real = mfa.run_outliers.check_outlier_data
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mfa.run_outliers, "check_outlier_data", counted)
+    monkeypatch.setattr(mfa.workflow, "check_outlier_data", counted)
+    pngs = write_pngs(tmp_path / "noise", 10)
+    code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder",
+                              "--against-set", f"data.root={pngs}",
+                              "--outlier-scores", "neg_log_prob")
+    assert code == 0, stderr
+    assert len(calls) == 1
