@@ -240,12 +240,14 @@ def cmd_inpaint(args) -> int:
     if args.mask_image and args.mask not in (None, "image"):  # it was silently ignored
         raise SystemExit(f"error: --mask-image is a mask of kind image, not --mask {args.mask}")
     mask = args.mask or ("image" if args.mask_image else "center")
-    if mask == "image" and not args.mask_image:  # (it named the API's mask_image)
-        raise SystemExit("error: --mask image needs --mask-image PNG (black = hidden)")
     if args.fraction is not None and mask != "random":  # it was silently ignored
         raise SystemExit(f"error: --fraction is the hidden share of --mask random, not of "
                          f"--mask {mask}")
     ckpt, config, load = _load_run(args.checkpoint, args.set)
+    mask_image = args.mask_image or (config.output.mask_image if mask == "image" else None)
+    if mask == "image" and not mask_image:  # (the run's output.mask_image by default)
+        raise SystemExit("error: --mask image needs --mask-image PNG (black = hidden); the "
+                         "run has no output.mask_image")
     model = ckpt.model.to(_device(config, args))
     out = (_image_out(args.out) if args.out
            else _default_out(args.checkpoint, f"inpaint-{mask}.png"))
@@ -255,7 +257,7 @@ def cmd_inpaint(args) -> int:
             n_samples=_from_run(args.samples, config, "inpaint_samples", 3),
             split=args.split, seed=_from_run(args.seed, config, "seed", 0),
             scale=_scale(config, args),
-            mask_image=args.mask_image,
+            mask_image=mask_image,
             fraction=0.5 if args.fraction is None else args.fraction)
     print(out)
     return 0
@@ -358,7 +360,8 @@ def cmd_visualize(args) -> int:
     shape = recorded or args.image_shape
     if shape is None:
         raise SystemExit("error: pass --image-shape C H W")
-    comps = args.components or list(range(min(4, ckpt.model.n_components)))
+    shown = _from_run(None, ckpt.run_config, "n_factor_components", 4) or 4  # (as the run's)
+    comps = args.components or list(range(min(shown, ckpt.model.n_components)))
     bad = [c for c in comps if not 0 <= c < ckpt.model.n_components]
     if bad:
         raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
@@ -492,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
     with_run(p, needs_data=False, seeded=False)
-    p.add_argument("--components", type=int, nargs="+")
+    p.add_argument("--components", type=int, nargs="+",
+                   help="default: the first output.n_factor_components of the run")
     p.add_argument("--factor-scale", type=finite, default=2.0, help="c in μ ± c·A_i")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))
     p.add_argument("-o", "--out")

@@ -447,6 +447,17 @@ def test_inpaint_with_a_mask_image_matches_the_same_builtin_mask(run_dir, tmp_pa
                               "-o", tmp_path / "t.png", *common)
     assert code == 2 and "--mask-image is a mask of kind image, not --mask top" in stderr
     assert not (tmp_path / "t.png").exists()
+    # a run drawn with output.mask_image: --mask image takes it (it was refused)
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    output = dataclasses.replace(ckpt.run_config.output, mask_image=str(mask))
+    masked = tmp_path / "masked-run"
+    save_checkpoint(masked / "checkpoint.pt", ckpt.model,
+                    run_config=dataclasses.replace(ckpt.run_config, output=output),
+                    trainer_state=ckpt.trainer_state, metrics=ckpt.metrics)
+    code, _, stderr = run_cli("inpaint", masked, "--mask", "image", "-o", tmp_path / "r.png",
+                              *common)
+    assert code == 0, stderr
+    assert open_png(tmp_path / "r.png").tobytes() == open_png(tmp_path / "i.png").tobytes()
 
 
 def test_inpaint_refuses_a_mask_that_hides_nothing(run_dir, tmp_path):
@@ -1262,7 +1273,8 @@ def test_per_run_commands_redraw_the_runs_figures_by_default(run_dir, tmp_path):
     """They drew at --scale 2, 64 samples in rows of 8 with seed 0, 32 outliers, 8 images
     with 3 samples, whatever the run's output.* and seed: a command with its defaults did not
     reproduce the run's own figure."""
-    for command, name in (("sample", "samples.png"), ("inpaint", "inpaint-center.png")):
+    for command, name in (("sample", "samples.png"), ("inpaint", "inpaint-center.png"),
+                          ("visualize", "factors.png")):
         code, _, stderr = run_cli(command, run_dir, "-o", tmp_path / name)
         assert code == 0, stderr
         assert (tmp_path / name).read_bytes() == (run_dir / name).read_bytes(), command
