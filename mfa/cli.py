@@ -31,7 +31,7 @@ def _warn_unfinished(ckpt, checkpoint: str) -> None:
         return
     holder = None if ckpt.path is None else holder_of(Path(ckpt.path).parent)
     if holder is not None:  # (its advice to resume was refused: the folder is held)
-        print(f"warning: {checkpoint} is still training (pid {holder}): this uses its last "
+        print(f"warning: {checkpoint} is in use by {holder}, still training: this uses its last "
               "checkpoint's model; the run draws its own figures when it ends",
               file=sys.stderr)
     else:

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,12 +53,11 @@ def hold_run_folder(run_dir: Path, *, held: bool = True,
     descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_within(fcntl, descriptor, RETRY_SECONDS)
         except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RunFolderInUse(
-                f"the folder {run_dir} is in use by another `{command}` (pid {holder}): "
-                "wait for it to end, or stop it, before resuming or restarting it") from None
+                f"the folder {run_dir} is in use by {_recorded(descriptor)}: wait for it to "
+                "end, or stop it, and run this again") from None
         except OSError as error:  # a file system without locks (some network mounts)
             if error.errno not in _NO_LOCKS:
                 raise
@@ -66,15 +66,42 @@ def hold_run_folder(run_dir: Path, *, held: bool = True,
             yield
             return
         os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(descriptor, f"{os.getpid()} {command}\n".encode(), 0)
         yield
     finally:
         os.close(descriptor)
 
 
+#: How long :func:`hold_run_folder` waits for a lock that is held (a :func:`holder_of` of
+#: another command holds it for a moment).
+RETRY_SECONDS = 0.2
+
+
+def _lock_within(fcntl, descriptor: int, seconds: float) -> None:
+    """``LOCK_EX`` on ``descriptor``, tried until ``seconds`` have passed (BlockingIOError
+    then)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
+def _recorded(descriptor: int) -> str:
+    """What the holder wrote: ``"`mfa train` (pid 123)"`` (a pid alone from a lock file
+    written before the command was recorded)."""
+    text = os.pread(descriptor, 200, 0).decode(errors="replace").strip()
+    pid, _, command = text.partition(" ")
+    return f"`{command or 'mfa train'}` (pid {pid or 'unknown'})"
+
+
 def holder_of(folder: Path) -> str | None:
-    """The pid (as recorded) of the process that holds ``folder`` (:func:`hold_run_folder`)
-    now, or ``None``: not held, no lock file, or a system without ``flock``. Nothing is
+    """Who holds ``folder`` (:func:`hold_run_folder`) now, as recorded (``"`mfa train` (pid
+    123)"``), or ``None``: not held, no lock file, or a system without ``flock``. Nothing is
     created; the lock is tried shared and released at once."""
     try:
         import fcntl
@@ -88,7 +115,7 @@ def holder_of(folder: Path) -> str | None:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            return os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            return _recorded(descriptor)
         except OSError:
             return None
         fcntl.flock(descriptor, fcntl.LOCK_UN)

@@ -325,6 +325,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         raise ValueError(f"{out_dir} is a file; pass a folder (--out) for the sweep's files")
     made = [] if out_dir.is_dir() else [q for q in (out_dir, *out_dir.parents)
                                         if not q.exists()]
+    lock_made = not (out_dir / LOCK_NAME).exists()
     try:  # (an unusable folder was found when the sweep's files were saved, after every fit)
         out_dir.mkdir(parents=True, exist_ok=True)
         with hold_run_folder(out_dir, command="mfa select"):  # (two sweeps: one replaced the
@@ -336,6 +337,9 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
             sweep, meta = _select(config, data, ks, ls, device)
             return sweep, sweep.save(out_dir, metadata=meta)
     except BaseException:
+        if lock_made:  # (a refused sweep left it in the user's folder)
+            with contextlib.suppress(OSError):
+                (out_dir / LOCK_NAME).unlink()
         for folder in made:  # the folders made for it, when they stayed empty
             with contextlib.suppress(OSError):
                 (folder / LOCK_NAME).unlink(missing_ok=True)

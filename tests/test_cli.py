@@ -902,7 +902,8 @@ def test_commands_on_an_interrupted_run_say_it_is_unfinished(run_dir, tmp_path):
         assert code == 2 and error.startswith(f"error: the folder {cut} is in use")  # (it
         # printed the class name, RunFolderInUse, first)
         code, stdout, stderr = run_cli("sample", cut, "-n", "4")
-    assert code == 0 and f"warning: {cut} is still training (pid {os.getpid()})" in stderr
+    assert code == 0 and (f"warning: {cut} is in use by `mfa train` (pid {os.getpid()}), "
+                          "still training") in stderr
     assert "--resume" not in stderr
     assert stdout.strip() == str(cut / "samples-2.png") and not (cut / "samples.png").exists()
     code, stdout, stderr = run_cli("sample", cut, "-n", "4")  # (ended: the name is free)

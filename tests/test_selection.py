@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -305,11 +306,18 @@ def test_mfa_select_holds_its_folder_and_removes_the_folders_it_made(tmp_path, m
 
     out = tmp_path / "busy"
     out.mkdir()
-    with hold_run_folder(out, command="mfa select"):  # as another sweep holds it
-        code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
-                                  "--components", 2, "--factors", 1, "--out", out)
-    assert code == 2 and f"{out} is in use by another `mfa select`" in stderr
+    for holder in ("mfa select", "mfa train"):  # the message names the holder (it named
+        with hold_run_folder(out, command=holder):  # the command refused)
+            code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                      "--components", 2, "--factors", 1, "--out", out)
+        assert code == 2 and f"{out} is in use by `{holder}` (pid {os.getpid()})" in stderr
     assert not list(out.glob("selection.*"))
+    (out / "selection.csv").write_text("an earlier sweep")  # refused: leaves no .lock
+    (out / ".lock").unlink()
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", out)
+    assert code == 2 and "already holds an earlier sweep" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["selection.csv"]
     with pytest.raises(RunFolderInUse), hold_run_folder(out), hold_run_folder(out):
         pass  # (the same lock as mfa train's)
     def failing(*args, **kwargs):

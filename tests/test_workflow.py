@@ -722,7 +722,7 @@ def test_a_run_folder_in_use_is_refused(em_run, out_dir):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     with run_folder.hold_run_folder(run_dir):  # as the training process holds it
         with pytest.raises(run_folder.RunFolderInUse,
-                           match=rf"{re.escape(str(run_dir))} is in use by another `mfa "
+                           match=rf"{re.escape(str(run_dir))} is in use by `mfa "
                                  rf"train` \(pid {os.getpid()}\)"):
             workflow.train(None, resume=run_dir, figures=False)
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before  # no FAILED either

@@ -62,15 +62,23 @@ class Pools:
         if self.files is None:
             return [f"{pool}:{i}" for i in indices.tolist()]
         top = self._top()
-        return [Path(os.path.relpath(self.files[pool][i], top)).as_posix()
-                for i in indices.tolist()]
+        prefix = os.path.join(top, "")  # (a prefix cut: relpath per file took 2.4 s on CelebA)
+        names = []
+        for i in indices.tolist():
+            name = os.fspath(self.files[pool][i])
+            name = name[len(prefix):] if name.startswith(prefix) else os.path.relpath(name, top)
+            names.append(name.replace(os.sep, "/"))
+        return names
 
     def _top(self) -> str | None:
-        """The folder all the image files share (``None`` without files)."""
+        """The folder all the image files share (``None`` without files), computed once."""
         if self.files is None:
             return None
-        folders = {os.path.dirname(os.fspath(f)) for paths in self.files.values() for f in paths}
-        return os.path.commonpath(sorted(folders)) if folders else ""
+        if getattr(self, "_top_folder", None) is None:
+            folders = {os.path.dirname(os.fspath(f))
+                       for paths in self.files.values() for f in paths}
+            self._top_folder = os.path.commonpath(sorted(folders)) if folders else ""
+        return self._top_folder
 
     def fingerprint(self) -> dict[str, list]:
         """``{pool: [images, digest]}``: what the seeded split is drawn from. ``digest`` (of
