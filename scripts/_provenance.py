@@ -8,9 +8,14 @@ from pathlib import Path
 
 
 def commit() -> str:
-    """The checkout's short commit (``unknown`` outside a git checkout)."""
+    """The checkout's short commit, ``-dirty`` added when tracked files differ from it (a run
+    from a modified checkout read as the clean commit); ``unknown`` outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True, cwd=Path(__file__).parent).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -148,6 +148,16 @@ def em_row(label: str, k: int, splits: dict, args, **overrides) -> dict:
         r["selected"] = getattr(trainer, "selected_noise_prior_variance", None)
         # What the searches and the tempered step took of it (None when s₀ is fixed).
         r["selection_seconds"] = getattr(trainer, "selection_seconds", None)
+        # The tempered last step (s₀ "auto" only): applied, its model is the fit's.
+        step = getattr(trainer, "tempered", None)
+        r["tempered"] = None if step is None else {
+            "applied": step.applied, "temperature": step.temperature,
+            "noise_prior_variance": step.noise_prior_variance,
+            "noise_prior_strength": step.noise_prior_strength}
+        if step is not None and step.applied:
+            r["note"] += (f"; tempered step applied (T={step.temperature:g}, s0="
+                          f"{step.noise_prior_variance:.3g}, strength "
+                          f"{step.noise_prior_strength:g})")
         return r
     except (RuntimeError, ValueError, FloatingPointError) as error:
         return failed(label, k, error)
@@ -230,10 +240,11 @@ def run_k(name: str, k: int, splits: dict, np_splits: dict, args, full_cost: dic
         chosen = default_em.get("selected")
         if HAS_PRIORS and chosen is not None:
             at_chosen = [em_row(f"MFA EM, {TUNED_KEY}={chosen:.3g} fixed (the default's "
-                                f"choice, L={n_factors})", k, splits, args,
+                                f"searches' choice, L={n_factors})", k, splits, args,
                                 **{TUNED_KEY: chosen}) for _ in range(2)]
             rows.append({**at_chosen[0], "note": at_chosen[0]["note"]
-                         + "; the noise prior the default fit chose, fixed from the start"})
+                         + "; the noise prior the default fit's searches chose, fixed from "
+                         "the start (no tempered step: it runs with the automatic s0 only)"})
             timing["chosen"] = chosen
             timing["chosen_seconds"] = [r["train_seconds"] for r in at_chosen]
         logger.info("%s K=%d timing: %s", name, k, timing)
@@ -274,14 +285,17 @@ def run_full(k: int, np_splits: dict, args, cost: dict) -> list[dict]:
     tr, va, te = np_splits["train"], np_splits["val"], np_splits["test"]
     if "per_iter_per_k" not in cost:  # one probe iteration at this K
         gmm, secs = fit_sklearn(k, tr, args.seed, covariance_type="full", max_iter=1)
-        cost["per_iter_per_k"] = secs / k
+        cost["per_iter_per_k"], cost["probe_k"] = secs / k, k
         logger.info("full-covariance probe at K=%d: %.1f s for init + 1 iteration", k, secs)
     per_iter = cost["per_iter_per_k"] * k
+    how = ("measured: initialisation and one iteration" if cost["probe_k"] == k else
+           f"the K={cost['probe_k']} probe's initialisation and one iteration, scaled by "
+           f"K/{cost['probe_k']}")
     estimate = per_iter * args.full_max_iter
     grid = sorted(set(args.reg_grid) | {1e-6})
     label = f"sklearn GMM full, max_iter={args.full_max_iter}"
     if estimate > args.full_budget:
-        note = (f"not run (cost): ≈{per_iter:.1f} s/iteration measured → "
+        note = (f"not run (cost): ≈{per_iter:.1f} s/iteration ({how}) → "
                 f"≈{estimate:.0f} s a fit > budget {args.full_budget:.0f} s")
         return [row(f"{label}, defaults otherwise", k, None, None, math.nan, note)]
     fits = {}

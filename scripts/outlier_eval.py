@@ -99,8 +99,8 @@ def table(rows: list[dict], default: str, args: argparse.Namespace, seconds: flo
         "",
         f"MFA fitted to dequantised pixels by MAP EM with `EMConfig`'s defaults but at most "
         f"{args.max_iter} iterations a run (the noise prior chosen, and early stopping judged, "
-        "on a seeded 10 % of the training rows held out; re-seeding rounds and the tempered "
-        "step); outliers are the positive class; higher score "
+        "on a seeded 10 % of the training rows held out; the re-seeding rounds and the "
+        "tempered step run too); outliers are the positive class; higher score "
         "= more outlying. *val*: in-distribution val rows vs the other set's val rows; *test*: "
         "test rows vs test rows (disjoint from val). The default score is chosen on *val* "
         "only: the best worse-direction AUROC (ties: worse-direction AUPR).",
@@ -122,8 +122,9 @@ def table(rows: list[dict], default: str, args: argparse.Namespace, seconds: flo
         name = r["direction"].split(" model")[0]
         if name not in seen:
             seen.add(name)
-            lines.append(f"- {name}: K={args.n_components}, L={args.n_factors}, EM on "
-                         f"{r['n_train']} train rows in {r['fit_s']:.0f} s, test "
+            lines.append(f"- {name}: K={args.n_components}, L={args.n_factors}, EM given "
+                         f"{r['n_train']} train rows (10 % of them held out for "
+                         f"validation) in {r['fit_s']:.0f} s, test "
                          f"{r['test_bpd']:.3f} bits/dim (mean over rows; the median "
                          f"row's {r['median_bpd']:.3f}).")
     lines += ["", f"Default score chosen on validation: `{default}` "

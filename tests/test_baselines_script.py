@@ -55,7 +55,14 @@ def test_quick_run_writes_the_table(tmp_path):
                     default["test_bits_per_dim"] - diag["test_bits_per_dim"])
                 # The overhead is against the fixed fit at the default's own choice.
                 assert default["selected"] is not None
-                assert any("(the default's choice" in m for m in models)
+                assert any("(the default's searches' choice" in m for m in models)
+                # the tempered step is recorded, and said in the note when it was applied
+                step = default["tempered"]
+                assert step is None or set(step) == {"applied", "temperature",
+                                                     "noise_prior_variance",
+                                                     "noise_prior_strength"}
+                assert ("tempered step applied" in default["note"]) == bool(
+                    step and step["applied"])
                 timing = res["timing"]
                 assert timing["chosen"] == default["selected"]
                 assert targets["selection_overhead"] == pytest.approx(
@@ -112,5 +119,7 @@ def test_split_summary_verdicts_allow_for_the_spread_of_the_seeds():
     assert verdict([0.099, 0.268, -0.432], 0.02) == "undetermined"
     assert verdict([-0.571, -0.902, -1.127], 0.02) == "met"
     assert verdict([4.08, 3.87, 4.38], 0.30) == "**not met**"
+    assert verdict([-6.876, -1.308, -1.280], -0.1) == "met"  # every seed, a wide spread
+    assert verdict([3.68, 0.47, 0.12], 0.30) == "undetermined"  # one seed within it
     assert verdict([0.01], 0.02) == "met" and verdict([0.03], 0.02) == "**not met**"
     assert verdict([0.01, None], 0.02) == "—" and verdict([0.5, 0.6], None) == "—"
