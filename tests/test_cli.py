@@ -767,9 +767,9 @@ def test_visualize(run_dir, tmp_path):
     image = open_png(out)
     assert image.size == grid_size(2 * (2 + 3 * L), 2 + 3 * L)
     assert image.mode == "L"
-    # Default: the first min(4, K) components.
+    # Default: the run's first output.n_factor_components (2 of K = 3), as its factors.png
     assert run_cli("visualize", run_dir, "--scale", 1, "-o", tmp_path / "all.png")[0] == 0
-    assert open_png(tmp_path / "all.png").size == grid_size(K * (2 + 3 * L), 2 + 3 * L)
+    assert open_png(tmp_path / "all.png").size == grid_size(2 * (2 + 3 * L), 2 + 3 * L)
 
 
 # ---------------------------------------------------------------------------- outputs kept
