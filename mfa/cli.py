@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from mfa import cli_run as run_io
 from mfa.cli_types import dataset_name, finite, fraction, non_negative_int, positive_int
 from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
@@ -19,149 +20,6 @@ from mfa.outliers import SCORE_NAMES
 # configs/embedded-mnist.yaml, shipped in the package (a link in the source tree) so that an
 # installed mfa runs the same default as a checkout.
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "assets" / "embedded-mnist.yaml"
-
-
-def _warn_unfinished(ckpt, checkpoint: str) -> None:
-    """A command on an interrupted run, or one still training, says so (it used its last
-    checkpoint silently)."""
-    from mfa.folder_lock import holder_of
-    from mfa.run_folder import is_unfinished
-
-    if not is_unfinished(ckpt):
-        return
-    holder = None if ckpt.path is None else holder_of(Path(ckpt.path).parent)
-    if holder is not None:  # (its advice to resume was refused: the folder is held)
-        print(f"warning: {checkpoint} is in use by {holder}, still training: this uses its last "
-              "checkpoint's model; the run draws its own figures when it ends",
-              file=sys.stderr)
-    else:
-        print(f"warning: {checkpoint} is an unfinished run (stopped before its training "
-              "ended): this uses its last checkpoint's model; continue it with `mfa train "
-              f"--resume {checkpoint}`", file=sys.stderr)
-
-
-def _load_run(checkpoint: str, overrides: list[str]):
-    from mfa.checkpoint import load_checkpoint
-    from mfa.config import apply_overrides
-    from mfa.workflow import check_same_pools, load_data, resolve_checkpoint
-
-    _data_only(overrides, "--set")
-    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
-    _warn_unfinished(ckpt, checkpoint)
-    if ckpt.run_config is None:
-        raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")
-    config = apply_overrides(ckpt.run_config, overrides) if overrides else ckpt.run_config
-    _same_split(ckpt.run_config, config)
-
-    def load(config):
-        data = load_data(config)
-        if data.n_features != ckpt.model.n_features:
-            changed = [o for o in overrides if o.startswith("data.")]
-            raise SystemExit(
-                f"error: the data ({data.name}, image shape {tuple(data.image_shape)}) has "
-                f"{data.n_features} features but the run's model has "
-                f"{ckpt.model.n_features}" + (f" (check {', '.join(changed)})" if changed
-                                              else ""))
-        check_same_pools((ckpt.metrics or {}).get("pools"), data)
-        return data
-
-    return ckpt, config, load
-
-
-def _device(config, args):
-    """``--device``; by default the run's own ``device`` setting (``auto``: CUDA where there
-    is one), where training drew its figures (the CPU for a checkpoint without a run
-    config)."""
-    from mfa.config import resolve_device
-
-    device = args.device or getattr(config, "device", "cpu")
-    try:
-        return resolve_device(device)
-    except (RuntimeError, ValueError) as error:  # (torch's own for an unknown device type)
-        if isinstance(error, RuntimeError):
-            error = (f"device {device!r} is not a device: use cpu, cuda, cuda:N or auto")
-        message = str(error).replace("use device=cpu or device=auto",
-                                     "use --device cpu or --device auto")
-        raise SystemExit(f"error: {message}" + ("" if args.device else
-                         " (the run's device setting; pass --device cpu)")) from None
-
-
-def _scale(config, args) -> int:
-    """``--scale``; by default the run's ``output.image_scale`` (2 without a run config), so
-    a command redraws a figure at the size training drew it."""
-    return _from_run(args.scale, config, "image_scale", 2)
-
-
-def _from_run(value, config, name: str, fallback):
-    """An option's ``value``; unset, the run's ``output.<name>`` (``seed``: the run's seed),
-    as the run drew its own figures, or ``fallback`` without a run config or where the run
-    drew none (0)."""
-    if value is not None:
-        return value
-    if config is None:
-        return fallback
-    run = config.seed if name == "seed" else getattr(config.output, name)
-    return fallback if run == 0 and name in ("n_samples", "n_inpaint") else run
-
-
-def _data_only(overrides: list[str] | None, flag: str) -> None:
-    """Commands that use a trained run read only its data settings: refuse other keys (they
-    would be accepted and ignored)."""
-    other = [o for o in overrides or [] if not o.strip().startswith("data.")]
-    if other:
-        raise SystemExit(f"error: {flag} takes data.* settings only here (the trained model "
-                         f"is used as it is), got {', '.join(other)}")
-
-
-def _same_split(saved, config) -> None:
-    """:func:`mfa.run_folder.check_same_split`, as the command's error."""
-    from mfa.run_folder import check_same_split
-
-    try:
-        check_same_split(saved, config)
-    except ValueError as error:
-        raise SystemExit(f"error: --set {error}") from None
-
-
-def _image_out(out: str) -> Path:
-    """``-o`` of a command that writes an image: refused, naming it, when it is a folder or
-    has no image suffix (PIL's error was "unknown file extension: ", after the work)."""
-    path = Path(out)
-    if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise SystemExit(f"error: -o {out} must be an image file name ending in one of "
-                         f"{', '.join(IMAGE_SUFFIXES)}")
-    return path
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-def _output(path: Path, args, explicit: str | None, companions: tuple[str, ...] = ()) -> Path:
-    """Where a command writes ``path`` (and ``path`` with each suffix in ``companions``):
-    ``path`` itself when nothing is there or with ``--overwrite``; else a default name moves
-    on to the first free ``<stem>-2``, ``-3``, … (a run's own figures are kept) and a path
-    the user gave (``explicit``: the option that gave it) is refused before any work."""
-
-    from mfa.folder_lock import holder_of
-    from mfa.run_folder import free_path
-
-    free = free_path(path, companions)
-    if not explicit and not args.overwrite and holder_of(path.parent) is not None:
-        # a run still training draws its figures under these names when it ends
-        free = free_path(path, companions, skip=path)
-    if args.overwrite or free == path:
-        return path
-    if explicit:
-        taken = next((p for p in (path, *(path.with_suffix(c) for c in companions))
-                      if p.exists()), path)
-        raise SystemExit(f"error: {taken} already exists; pass --overwrite to replace it, "
-                         f"or another {explicit}")
-    return free
-
-
-def _default_out(checkpoint: str, name: str) -> Path:
-    path = Path(checkpoint)
-    return (path if path.is_dir() else path.parent) / name
 
 
 def cmd_train(args) -> int:
@@ -209,7 +67,7 @@ def cmd_sample(args) -> int:
     from mfa.workflow import resolve_checkpoint, sample
 
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    _warn_unfinished(ckpt, args.checkpoint)
+    run_io.warn_unfinished(ckpt, args.checkpoint)
     recorded = (ckpt.metrics or {}).get("image_shape")
     if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
         raise SystemExit(f"error: --image-shape {' '.join(map(str, args.image_shape))} "
@@ -221,14 +79,15 @@ def cmd_sample(args) -> int:
     if shape is None:
         raise SystemExit("error: the checkpoint does not record an image shape; pass "
                          "--image-shape C H W")
-    model = ckpt.model.to(_device(ckpt.run_config, args))
-    out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "samples.png")
-    out = _output(out, args, args.out and "-o")
+    model = ckpt.model.to(run_io.device(ckpt.run_config, args))
+    out = (run_io.image_out(args.out) if args.out
+           else run_io.default_out(args.checkpoint, "samples.png"))
+    out = run_io.output(out, args, args.out and "-o")
     run = ckpt.run_config
-    sample(model, shape, out, n=_from_run(args.n, run, "n_samples", 64),
-           nrow=_from_run(args.nrow, run, "grid_nrow", 8),
-           seed=_from_run(args.seed, run, "seed", 0),
-           scale=_scale(run, args), per_component=args.per_component,
+    sample(model, shape, out, n=run_io.from_run(args.n, run, "n_samples", 64),
+           nrow=run_io.from_run(args.nrow, run, "grid_nrow", 8),
+           seed=run_io.from_run(args.seed, run, "seed", 0),
+           scale=run_io.scale(run, args), per_component=args.per_component,
            with_noise=not args.no_noise)
     print(out)
     return 0
@@ -243,20 +102,20 @@ def cmd_inpaint(args) -> int:
     if args.fraction is not None and mask != "random":  # it was silently ignored
         raise SystemExit(f"error: --fraction is the hidden share of --mask random, not of "
                          f"--mask {mask}")
-    ckpt, config, load = _load_run(args.checkpoint, args.set)
+    ckpt, config, load = run_io.load_run(args.checkpoint, args.set)
     mask_image = args.mask_image or (config.output.mask_image if mask == "image" else None)
     if mask == "image" and not mask_image:  # (the run's output.mask_image by default)
         raise SystemExit("error: --mask image needs --mask-image PNG (black = hidden); the "
                          "run has no output.mask_image")
-    model = ckpt.model.to(_device(config, args))
-    out = (_image_out(args.out) if args.out
-           else _default_out(args.checkpoint, f"inpaint-{mask}.png"))
-    out = _output(out, args, args.out and "-o")
+    model = ckpt.model.to(run_io.device(config, args))
+    out = (run_io.image_out(args.out) if args.out
+           else run_io.default_out(args.checkpoint, f"inpaint-{mask}.png"))
+    out = run_io.output(out, args, args.out and "-o")
     data = load(config)
-    inpaint(model, data, out, mask=mask, n=_from_run(args.n, config, "n_inpaint", 8),
-            n_samples=_from_run(args.samples, config, "inpaint_samples", 3),
-            split=args.split, seed=_from_run(args.seed, config, "seed", 0),
-            scale=_scale(config, args),
+    inpaint(model, data, out, mask=mask, n=run_io.from_run(args.n, config, "n_inpaint", 8),
+            n_samples=run_io.from_run(args.samples, config, "inpaint_samples", 3),
+            split=args.split, seed=run_io.from_run(args.seed, config, "seed", 0),
+            scale=run_io.scale(config, args),
             mask_image=mask_image,
             fraction=0.5 if args.fraction is None else args.fraction)
     print(out)
@@ -266,18 +125,18 @@ def cmd_inpaint(args) -> int:
 def cmd_outliers(args) -> int:
     from mfa.workflow import outliers
 
-    ckpt, config, load = _load_run(args.checkpoint, args.set)
-    model = ckpt.model.to(_device(config, args))
-    out_dir = Path(args.out_dir) if args.out_dir else _default_out(args.checkpoint, "")
+    ckpt, config, load = run_io.load_run(args.checkpoint, args.set)
+    model = ckpt.model.to(run_io.device(config, args))
+    out_dir = Path(args.out_dir) if args.out_dir else run_io.default_out(args.checkpoint, "")
     if out_dir.exists() and not out_dir.is_dir():  # (found after the scoring: "[Errno 17]")
         raise SystemExit(f"error: --out-dir {out_dir} is a file, not a folder")
-    name = _output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
+    name = run_io.output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
                    companions=(".csv",)).stem
     data = load(config)
     for path in outliers(model, data, out_dir, split=args.split,
-                         n=_from_run(args.n, config, "n_samples", 32),
-                         nrow=_from_run(args.nrow, config, "grid_nrow", 8),
-                         scale=_scale(config, args), seed=args.seed, name=name,
+                         n=run_io.from_run(args.n, config, "n_samples", 32),
+                         nrow=run_io.from_run(args.nrow, config, "grid_nrow", 8),
+                         scale=run_io.scale(config, args), seed=args.seed, name=name,
                          **_score(args.score)):
         print(path)
     return 0
@@ -291,9 +150,9 @@ def cmd_evaluate(args) -> int:
     from mfa._temporaries import folder_for_output, write_text_atomically
     from mfa.workflow import evaluate
 
-    _, config, _ = _load_run(args.checkpoint, args.set)
-    device = _device(config, args)
-    _data_only(args.against_set, "--against-set")
+    _, config, _ = run_io.load_run(args.checkpoint, args.set)
+    device = run_io.device(config, args)
+    run_io.data_only(args.against_set, "--against-set")
     if args.against_set and not args.outliers_against:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
     if args.outlier_scores is not None and not args.outliers_against:
@@ -302,7 +161,7 @@ def cmd_evaluate(args) -> int:
     if args.out:  # settled (and its folder made) before the work, not after
         out = Path(args.out)  # a folder: one that exists, or a path ending in "/"
         folder = out.is_dir() or args.out.endswith(("/", os.sep))
-        out = _output(out / "evaluation.json" if folder else out, args, "-o")
+        out = run_io.output(out / "evaluation.json" if folder else out, args, "-o")
     with folder_for_output(out.parent) if out else contextlib.nullcontext():
         result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                           config=config, seed=args.seed, outliers_against=args.outliers_against,
@@ -352,7 +211,7 @@ def cmd_visualize(args) -> int:
     from mfa.workflow import resolve_checkpoint, visualize
 
     ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
-    _warn_unfinished(ckpt, args.checkpoint)
+    run_io.warn_unfinished(ckpt, args.checkpoint)
     recorded = (ckpt.metrics or {}).get("image_shape")
     if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
         raise SystemExit(f"error: --image-shape {' '.join(map(str, args.image_shape))} "
@@ -360,15 +219,16 @@ def cmd_visualize(args) -> int:
     shape = recorded or args.image_shape
     if shape is None:
         raise SystemExit("error: pass --image-shape C H W")
-    shown = _from_run(None, ckpt.run_config, "n_factor_components", 4) or 4  # (as the run's)
+    shown = run_io.from_run(None, ckpt.run_config, "n_factor_components", 4) or 4  # (as the run's)
     comps = args.components or list(range(min(shown, ckpt.model.n_components)))
     bad = [c for c in comps if not 0 <= c < ckpt.model.n_components]
     if bad:
         raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
-    model = ckpt.model.to(_device(ckpt.run_config, args))
-    out = _image_out(args.out) if args.out else _default_out(args.checkpoint, "factors.png")
-    out = _output(out, args, args.out and "-o")
-    visualize(model, shape, out, components=comps, scale=_scale(ckpt.run_config, args),
+    model = ckpt.model.to(run_io.device(ckpt.run_config, args))
+    out = (run_io.image_out(args.out) if args.out
+           else run_io.default_out(args.checkpoint, "factors.png"))
+    out = run_io.output(out, args, args.out and "-o")
+    visualize(model, shape, out, components=comps, scale=run_io.scale(ckpt.run_config, args),
               factor_scale=args.factor_scale)
     print(out)
     return 0

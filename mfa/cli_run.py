@@ -1,0 +1,156 @@
+"""A trained run as the ``mfa`` per-run commands read it: the run and its data
+(:func:`load_run`), its device, the figure settings a command takes from it by default
+(:func:`from_run`), and where a command writes (:func:`output`: nothing replaced unasked)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+__all__ = [
+    "IMAGE_SUFFIXES", "data_only", "default_out", "device", "from_run", "image_out",
+    "load_run", "output", "same_split", "scale", "warn_unfinished",
+]
+
+
+def warn_unfinished(ckpt, checkpoint: str) -> None:
+    """A command on an interrupted run, or one still training, says so (it used its last
+    checkpoint silently)."""
+    from mfa.folder_lock import holder_of
+    from mfa.run_folder import is_unfinished
+
+    if not is_unfinished(ckpt):
+        return
+    holder = None if ckpt.path is None else holder_of(Path(ckpt.path).parent)
+    if holder is not None:  # (its advice to resume was refused: the folder is held)
+        print(f"warning: {checkpoint} is in use by {holder}, still training: this uses its last "
+              "checkpoint's model; the run draws its own figures when it ends",
+              file=sys.stderr)
+    else:
+        print(f"warning: {checkpoint} is an unfinished run (stopped before its training "
+              "ended): this uses its last checkpoint's model; continue it with `mfa train "
+              f"--resume {checkpoint}`", file=sys.stderr)
+
+
+def load_run(checkpoint: str, overrides: list[str]):
+    from mfa.checkpoint import load_checkpoint
+    from mfa.config import apply_overrides
+    from mfa.workflow import check_same_pools, load_data, resolve_checkpoint
+
+    data_only(overrides, "--set")
+    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    warn_unfinished(ckpt, checkpoint)
+    if ckpt.run_config is None:
+        raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")
+    config = apply_overrides(ckpt.run_config, overrides) if overrides else ckpt.run_config
+    same_split(ckpt.run_config, config)
+
+    def load(config):
+        data = load_data(config)
+        if data.n_features != ckpt.model.n_features:
+            changed = [o for o in overrides if o.startswith("data.")]
+            raise SystemExit(
+                f"error: the data ({data.name}, image shape {tuple(data.image_shape)}) has "
+                f"{data.n_features} features but the run's model has "
+                f"{ckpt.model.n_features}" + (f" (check {', '.join(changed)})" if changed
+                                              else ""))
+        check_same_pools((ckpt.metrics or {}).get("pools"), data)
+        return data
+
+    return ckpt, config, load
+
+
+def device(config, args):
+    """``--device``; by default the run's own ``device`` setting (``auto``: CUDA where there
+    is one), where training drew its figures (the CPU for a checkpoint without a run
+    config)."""
+    from mfa.config import resolve_device
+
+    device = args.device or getattr(config, "device", "cpu")
+    try:
+        return resolve_device(device)
+    except (RuntimeError, ValueError) as error:  # (torch's own for an unknown device type)
+        if isinstance(error, RuntimeError):
+            error = (f"device {device!r} is not a device: use cpu, cuda, cuda:N or auto")
+        message = str(error).replace("use device=cpu or device=auto",
+                                     "use --device cpu or --device auto")
+        raise SystemExit(f"error: {message}" + ("" if args.device else
+                         " (the run's device setting; pass --device cpu)")) from None
+
+
+def scale(config, args) -> int:
+    """``--scale``; by default the run's ``output.image_scale`` (2 without a run config), so
+    a command redraws a figure at the size training drew it."""
+    return from_run(args.scale, config, "image_scale", 2)
+
+
+def from_run(value, config, name: str, fallback):
+    """An option's ``value``; unset, the run's ``output.<name>`` (``seed``: the run's seed),
+    as the run drew its own figures, or ``fallback`` without a run config or where the run
+    drew none (0)."""
+    if value is not None:
+        return value
+    if config is None:
+        return fallback
+    run = config.seed if name == "seed" else getattr(config.output, name)
+    return fallback if run == 0 and name in ("n_samples", "n_inpaint") else run
+
+
+def data_only(overrides: list[str] | None, flag: str) -> None:
+    """Commands that use a trained run read only its data settings: refuse other keys (they
+    would be accepted and ignored)."""
+    other = [o for o in overrides or [] if not o.strip().startswith("data.")]
+    if other:
+        raise SystemExit(f"error: {flag} takes data.* settings only here (the trained model "
+                         f"is used as it is), got {', '.join(other)}")
+
+
+def same_split(saved, config) -> None:
+    """:func:`mfa.run_folder.check_same_split`, as the command's error."""
+    from mfa.run_folder import check_same_split
+
+    try:
+        check_same_split(saved, config)
+    except ValueError as error:
+        raise SystemExit(f"error: --set {error}") from None
+
+
+def image_out(out: str) -> Path:
+    """``-o`` of a command that writes an image: refused, naming it, when it is a folder or
+    has no image suffix (PIL's error was "unknown file extension: ", after the work)."""
+    path = Path(out)
+    if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f"error: -o {out} must be an image file name ending in one of "
+                         f"{', '.join(IMAGE_SUFFIXES)}")
+    return path
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def output(path: Path, args, explicit: str | None, companions: tuple[str, ...] = ()) -> Path:
+    """Where a command writes ``path`` (and ``path`` with each suffix in ``companions``):
+    ``path`` itself when nothing is there or with ``--overwrite``; else a default name moves
+    on to the first free ``<stem>-2``, ``-3``, … (a run's own figures are kept) and a path
+    the user gave (``explicit``: the option that gave it) is refused before any work."""
+
+    from mfa.folder_lock import holder_of
+    from mfa.run_folder import free_path
+
+    free = free_path(path, companions)
+    if not explicit and not args.overwrite and holder_of(path.parent) is not None:
+        # a run still training draws its figures under these names when it ends
+        free = free_path(path, companions, skip=path)
+    if args.overwrite or free == path:
+        return path
+    if explicit:
+        taken = next((p for p in (path, *(path.with_suffix(c) for c in companions))
+                      if p.exists()), path)
+        raise SystemExit(f"error: {taken} already exists; pass --overwrite to replace it, "
+                         f"or another {explicit}")
+    return free
+
+
+def default_out(checkpoint: str, name: str) -> Path:
+    path = Path(checkpoint)
+    return (path if path.is_dir() else path.parent) / name
