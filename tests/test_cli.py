@@ -710,15 +710,16 @@ def test_the_other_dataset_is_read_from_the_runs_root_where_it_is_there(tmp_path
     two share their files' names) and refused as the run's own images; another dataset is
     read from the run's root where it is there (torchvision's layout holds several), else
     from its own default place."""
-    from test_data_sources import write_mnist
+    from test_data_sources import write_labelled_mnist, write_mnist
 
     from mfa.data import DatasetNotFoundError
+    from mfa.data.sources.mnist import _FIRST_LABELS
     from mfa.workflow import _other_data
 
     monkeypatch.setenv("MFA_DATA_DIR", str(tmp_path / "default"))
     monkeypatch.setenv("MFA_CACHE_DIR", str(tmp_path / "cache"))
     flat = tmp_path / "fashion-mnist"  # as Debian's package: one dataset's files, flat
-    write_mnist(flat, compress=True)
+    write_labelled_mnist(flat, _FIRST_LABELS["fashion-mnist"])
     run = load_config(overrides=["data.name=fashion-mnist", f"data.root={flat}"])
     with pytest.raises(DatasetNotFoundError, match="mnist"):  # not in either place
         _other_data(run, "mnist", ())

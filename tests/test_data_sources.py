@@ -87,6 +87,16 @@ def write_mnist(folder: Path, n_train=20, n_test=8, compress=False, seed=0):
     return tr, trl, te, tel
 
 
+def write_labelled_mnist(folder: Path, first: tuple[int, ...]) -> None:
+    """Flat gzipped idx files whose first ten training labels are ``first`` (the real files'
+    own: how a flat folder of one dataset is told from the other's)."""
+    write_mnist(folder, compress=True)
+    path = folder / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[8:18] = bytes(first)
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+
 def write_svhn(folder: Path, n_train=12, n_test=5):
     from scipy.io import savemat
 
@@ -708,14 +718,23 @@ def test_each_row_names_its_source(tmp_path):
         assert np.array_equal(row.numpy(), raw[int(name[4:])].reshape(-1))
 
 
-def test_a_fashion_mnist_folder_is_not_read_as_mnist(tmp_path):
+def test_a_flat_folder_of_the_other_datasets_files_is_refused(tmp_path, monkeypatch):
     """The two share their idx files' names: data.name=mnist with Debian's Fashion-MNIST
-    folder as data.root trained on clothing, logged and recorded as mnist."""
-    write_mnist(tmp_path / "fashion-mnist", compress=True)
-    with pytest.raises(ValueError, match=r"folder named for Fashion-MNIST.*data.name="
+    folder as data.root trained on clothing, logged and recorded as mnist. A flat folder is
+    told apart by its first training labels (those of the real files), whatever its name."""
+    from mfa.data.sources import mnist
+
+    labelled = write_labelled_mnist
+    labelled(tmp_path / "data", mnist._FIRST_LABELS["fashion-mnist"])
+    with pytest.raises(ValueError, match=r"holds fashion-mnist's idx files .*data.name="
                                          r"fashion-mnist"):
-        load_dataset("mnist", tmp_path / "fashion-mnist", cache_dir=tmp_path / "cache")
-    assert load_dataset("fashion-mnist", tmp_path / "fashion-mnist",
+        load_dataset("mnist", tmp_path / "data", cache_dir=tmp_path / "cache")
+    assert load_dataset("fashion-mnist", tmp_path / "data",
                         cache_dir=tmp_path / "cache").sizes["test"] == 8
-    write_mnist(tmp_path / "digits", compress=True)  # the same files elsewhere: read
-    assert load_dataset("mnist", tmp_path / "digits", cache_dir=tmp_path / "c2").sizes["test"] == 8
+    labelled(tmp_path / "fashion-digits", mnist._FIRST_LABELS["mnist"])  # (a name: no matter)
+    with pytest.raises(ValueError, match=r"holds mnist's idx files"):
+        load_dataset("fashion-mnist", tmp_path / "fashion-digits", cache_dir=tmp_path / "c2")
+    assert load_dataset("mnist", tmp_path / "fashion-digits",
+                        cache_dir=tmp_path / "c3").sizes["test"] == 8
+    write_mnist(tmp_path / "other", compress=True)  # neither's labels (test files): read
+    assert load_dataset("mnist", tmp_path / "other", cache_dir=tmp_path / "c4").sizes["test"] == 8

@@ -34,6 +34,34 @@ MNIST_FILES = (
 )
 _MNIST_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
+#: The first ten training labels of each dataset's real files. The two share their files'
+#: names, so a flat folder (an explicit root) is told apart by these: Debian's
+#: Fashion-MNIST folder given as mnist's root trained on clothing, recorded as mnist.
+_FIRST_LABELS = {"mnist": (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
+                 "fashion-mnist": (9, 0, 0, 3, 0, 2, 7, 2, 5, 5)}
+
+
+def _first_labels(path: Path) -> tuple[int, ...] | None:
+    """The first ten labels of an idx label file (``.gz`` or not), ``None`` if unreadable."""
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(18)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return tuple(head[8:18]) if len(head) == 18 else None
+
+
+def _check_not_the_other(key: str, base: Path, files: dict[str, Path]) -> None:
+    """Refuse a flat folder whose files are the other dataset's (by their first labels)."""
+    first = _first_labels(files["train-labels-idx1-ubyte"])
+    other = next((name for name, labels in _FIRST_LABELS.items()
+                  if name != key and labels == first), None)
+    if other is not None:
+        raise ValueError(
+            f"{base} holds {other}'s idx files (its first training labels are {other}'s), "
+            f"not {key}'s: the two share their files' names; use data.name={other}, or a "
+            f"root that holds {key} (e.g. <root>/{_MNIST_CLASS[key]}/raw)")
+
 
 def _idx_file(folder: Path, base: str) -> Path | None:
     for candidate in (folder / base, folder / f"{base}.gz"):
@@ -105,11 +133,8 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
                 pass  # read-only: use the cache below
         elif flat:
             files = _idx_files(base)
-            if files is not None and key == "mnist" and "fashion" in base.resolve().name.lower():
-                raise ValueError(  # (the names are shared: clothing was read as digits)
-                    f"{base} holds idx files in a folder named for Fashion-MNIST; MNIST's files "
-                    "have the same names, so it is not read as mnist: use data.name="
-                    "fashion-mnist, or a root that holds MNIST (e.g. <root>/MNIST/raw)")
+            if files is not None:
+                _check_not_the_other(key, base, files)
         if files is not None:
             tag = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:12]
             mirror = cache_dir / "idx" / f"{key}-{tag}"
