@@ -37,11 +37,13 @@ def hold_run_folder(run_dir: Path, *, held: bool = True,
     and ``config.yaml`` in turn and left them disagreeing.
 
     Raises:
-        RunFolderInUse: another process holds the folder (naming its pid).
+        RunFolderInUse: another process holds the folder (naming its command and pid),
+            still after :data:`RETRY_SECONDS`.
 
     With ``held=False`` (a process that does not write the folder), and where ``fcntl``
-    does not exist (Windows), nothing is locked. ``command``: what holds it, for the
-    messages (``mfa select`` holds its ``--out`` folder the same way).
+    does not exist (Windows), nothing is locked. ``command``: recorded with the pid, so a
+    refused command names what holds the folder (``mfa select`` holds its ``--out`` folder
+    the same way).
     """
     try:
         import fcntl
