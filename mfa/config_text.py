@@ -6,13 +6,13 @@ names."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["apply_override_strings", "override_keys", "parse_override",
+__all__ = ["apply_override_strings", "dotted_leaves", "override_keys", "parse_override",
            "read_yaml_mapping"]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -96,13 +96,20 @@ def override_keys(text: str) -> list[str]:
     Raises:
         ValueError: an invalid override (:func:`parse_override`).
     """
-    def leaves(prefix: str, value: Any) -> list[str]:
-        if isinstance(value, dict) and value:
-            return [key for name, item in value.items() for key in leaves(f"{prefix}.{name}", item)]
-        return [prefix]
-
     parts, value = parse_override(text)
-    return leaves(".".join(parts), value)
+    key = ".".join(parts)
+    return list(dotted_leaves(value, f"{key}.")) if isinstance(value, dict) and value else [key]
+
+
+def dotted_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value, ...}``: the values of a nested mapping by dotted key (an empty
+    mapping has none)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        out.update(dotted_leaves(value, f"{path}.") if isinstance(value, Mapping)
+                   else {path: value})
+    return out
 
 
 def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:

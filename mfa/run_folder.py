@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mfa._temporaries import clean_stale_temporaries
 from mfa.config import (
@@ -22,6 +22,7 @@ from mfa.config import (
     config_to_dict,
     load_config,
 )
+from mfa.config_text import dotted_leaves
 from mfa.folder_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, holder_of
 from mfa.hierarchical_section import resolve_stages
 
@@ -70,14 +71,6 @@ RESUME_SAFE_KEYS: frozenset[str] = frozenset({
 })
 
 
-def _leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        out.update(_leaves(value, f"{path}.") if isinstance(value, Mapping) else {path: value})
-    return out
-
-
 def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
     """The dotted keys where ``new`` differs from ``saved`` (the config of the run resumed).
 
@@ -90,7 +83,7 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
          if getattr(c.train.hierarchical, stage) is None} for c in (saved, new))
     if saved_stages != new_stages:
         saved, new = resolve_stages(saved), resolve_stages(new)
-    old, now = _leaves(config_to_dict(saved)), _leaves(config_to_dict(new))
+    old, now = dotted_leaves(config_to_dict(saved)), dotted_leaves(config_to_dict(new))
     # Both sides' keys: a section set to null on one side has leaves on the other only.
     changed = [key for key in {**now, **old} if now.get(key) != old.get(key)]
     for key in changed:
