@@ -104,7 +104,8 @@ class EMTrainer:
     stopping and ``missing="error"`` (with ``"allow"`` this and the tempered step are skipped,
     even if no entry is missing), ``reseed_rounds`` rounds each re-seed the best result's
     components that lower the validation score (:mod:`mfa.pruning`) and run EM again from
-    there (``run`` = ``n_init``, ``n_init + 1``, ...); a round is kept if its best validation
+    there (``run`` = ``n_init``, ``n_init + 1``, ...) under the kept result's ``s₀`` (with
+    ``"auto"``: no warm-up and no search in a round); a round is kept if its best validation
     score beats the best so far, and the first that does not ends them. Last, with ``"auto"``
     and ``tempered_step``, one M-step from tempered responsibilities replaces the result when
     it raises the validation score clearly (:mod:`mfa.tempering`; ``history`` has none).
@@ -223,6 +224,10 @@ class EMTrainer:
                 if not reseed_round(model, ctx.val_source, cfg.batch_size, cfg.seed + run):
                     break
                 state.start_restart()
+                if ctx.search:  # the round refines the kept result under its s₀: no search
+                    state.noise_prior_variance = (state.selected_noise_prior_variance
+                                                  or cfg.quantization_variance)
+                    state.searches = cfg.max_searches
             elif not resuming:
                 if init_rows is None and cfg.init != "none":
                     init_rows = gather_rows(source, cfg.init_samples, cfg.seed)
@@ -345,7 +350,8 @@ class EMTrainer:
                 counting = it >= cfg.search_warmup and not (
                     ctx.search and state.noise_prior_variance is None)
                 stopped = state.track_validation(training.clone_params, model, val_ll,
-                                                 counting, cfg.patience)
+                                                 counting, cfg.patience,
+                                                 cfg.min_delta * model.n_features)
                 if (stopped and ctx.search and state.searches < cfg.max_searches
                         and state.stint_improved()):
                     state.search_again()  # patience ran out: a stronger prior from here

@@ -42,6 +42,9 @@ class EMConfig:
     max_searches: int = 4
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
+    # early stopping: "better" is a mean validation log-likelihood this many nats per row and
+    # feature (× D nats a row) above the score at which patience last restarted (0: any gain)
+    min_delta: float = 1e-4
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device
     # E-step precision (mfa.precision): float64 (exact), precise, centred (each row's main
@@ -86,6 +89,7 @@ class EMConfig:
         check_int_fields(self, {"search_warmup": 0, "search_per_decade": 1, "patience": 0,
                                 "max_searches": 1})
         check_real_field(self, "val_fraction", minimum=0, maximum=1)
+        check_real_field(self, "min_delta", minimum=0)
         check_real_field(self, "min_component_mass", minimum=0)
         check_choice_field(self, "stats_dtype", STATS_DTYPES)
         check_choice_field(self, "init", ("kmeans", "random", "none"))

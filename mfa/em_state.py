@@ -118,9 +118,11 @@ class RunState:
         val_at_search, stint_best, stint_gain, stale_iterations: the best validation score
             when the latest repeated search was due (``None`` before one), the best since then
             (before one: the best so far) and its latest gain, and the iterations since the
-            best so far; patience counts
-            against ``stint_best`` (see :meth:`track_validation`), and a stint under the
-            stronger prior that does not beat ``val_at_search`` ends the restart.
+            best so far; a stint under the stronger prior that does not beat
+            ``val_at_search`` ends the restart.
+        stint_mark: the score at which patience last restarted in the stint; patience counts
+            against it (see :meth:`track_validation`; with ``min_delta = 0`` it is
+            ``stint_best``).
         best_val_log_likelihood, best_val_params, bad_iterations: early stopping within the
             restart: the best validation score so far, its parameters and the iterations since
             (``None``, ``None``, 0 without early stopping).
@@ -151,6 +153,7 @@ class RunState:
     stint_best: float | None = None
     stale_iterations: int = 0
     stint_gain: float | None = None
+    stint_mark: float | None = None
     selected_noise_prior_variance: float | None = None
     tempered: dict | None = None
 
@@ -165,7 +168,7 @@ class RunState:
         "previous_noise_prior_variance": (float, int),
         "best_val_noise_prior_variance": (float, int), "val_at_search": (float, int),
         "stint_best": (float, int), "stale_iterations": (int,),
-        "stint_gain": (float, int), "best_run_val": (float, int),
+        "stint_gain": (float, int), "stint_mark": (float, int), "best_run_val": (float, int),
         "selected_noise_prior_variance": (float, int), "tempered": (dict,),
     }
 
@@ -188,7 +191,7 @@ class RunState:
         if self.searches:
             state["searches"] = self.searches
         for name in ("previous_noise_prior_variance", "best_val_noise_prior_variance",
-                     "val_at_search", "stint_best", "stint_gain", "best_run_val",
+                     "val_at_search", "stint_best", "stint_gain", "stint_mark", "best_run_val",
                      "selected_noise_prior_variance", "tempered"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name)
@@ -196,6 +199,10 @@ class RunState:
 
     @classmethod
     def from_dict(cls, state: dict) -> RunState:
+        # Checkpoints from before repeated stints: the stint is the whole restart. (Right
+        # after a repeated search, marked by val_at_search, the stint has no best yet.)
+        stint_best = state.get("stint_best", None if "val_at_search" in state
+                               else state.get("best_val_log_likelihood"))
         return cls(
             run=int(state["run"]), iteration=int(state["iteration"]),
             previous_log_likelihood=state.get("previous_log_likelihood"),
@@ -210,12 +217,11 @@ class RunState:
             previous_noise_prior_variance=state.get("previous_noise_prior_variance"),
             best_val_noise_prior_variance=state.get("best_val_noise_prior_variance"),
             val_at_search=state.get("val_at_search"),
-            # Checkpoints from before repeated stints: the stint is the whole restart. (Right
-            # after a repeated search, marked by val_at_search, the stint has no best yet.)
-            stint_best=state.get("stint_best", None if "val_at_search" in state
-                                 else state.get("best_val_log_likelihood")),
+            stint_best=stint_best,
             stale_iterations=int(state.get("stale_iterations", state.get("bad_iterations", 0))),
             stint_gain=state.get("stint_gain"), best_run_val=state.get("best_run_val"),
+            # (saved before min_delta: patience counted against the stint's best)
+            stint_mark=state.get("stint_mark", stint_best),
             selected_noise_prior_variance=state.get("selected_noise_prior_variance"),
             tempered=state.get("tempered"),
         )
@@ -233,16 +239,19 @@ class RunState:
         self.best_val_log_likelihood, self.best_val_params = None, None
         self.searches, self.previous_noise_prior_variance = 0, None
         self.best_val_noise_prior_variance = self.val_at_search = self.stint_best = None
-        self.stint_gain = None
+        self.stint_gain = self.stint_mark = None
 
     def track_validation(self, clone, model, val_ll: float, counting: bool,
-                         patience: int) -> bool:
+                         patience: int, min_gain: float = 0.0) -> bool:
         """Keep the best validation score and ``clone(model)``, the parameters that reached it
         (and their ``s₀``). ``True`` when the stint is over: ``patience`` iterations without
-        a better score in the current stint (``patience // 2`` in a stint after a repeated
-        search), or ``2·patience`` without a better score overall (a stronger prior's stint
-        may climb from below the best for a while, but not for ever). Only iterations with
-        ``counting`` count: those after the warm-up and the search."""
+        a score ``min_gain`` above the one at which patience last restarted, in the current
+        stint (``patience // 2`` in a stint after a repeated search; with ``min_gain = 0``:
+        without a better score), or ``2·patience`` without a better score overall (a stronger
+        prior's stint may climb from below the best for a while, but not for ever). Only
+        iterations with ``counting`` count: those after the warm-up and the search. (Gains
+        below ``min_gain`` still keep their parameters as the best; a creep of small gains
+        restarts patience once it adds up to ``min_gain``.)"""
         if self.best_val_log_likelihood is None or val_ll > self.best_val_log_likelihood:
             self.best_val_log_likelihood, self.stale_iterations = val_ll, 0
             self.best_val_params = clone(model)
@@ -251,7 +260,9 @@ class RunState:
             self.stale_iterations += 1
         if self.stint_best is None or val_ll > self.stint_best:
             self.stint_gain = None if self.stint_best is None else val_ll - self.stint_best
-            self.stint_best, self.bad_iterations = val_ll, 0
+            self.stint_best = val_ll
+        if self.stint_mark is None or val_ll > self.stint_mark + min_gain:
+            self.stint_mark, self.bad_iterations = val_ll, 0
         elif counting:
             self.bad_iterations += 1
         return self.stint_over(patience)
@@ -282,5 +293,5 @@ class RunState:
         """Make the next E-step run another noise prior search (from the current model)."""
         self.previous_noise_prior_variance = self.noise_prior_variance
         self.val_at_search = self.best_val_log_likelihood
-        self.stint_best = self.stint_gain = None
+        self.stint_best = self.stint_gain = self.stint_mark = None
         self.noise_prior_variance, self.bad_iterations, self.stale_iterations = None, 0, 0

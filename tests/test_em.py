@@ -1276,3 +1276,39 @@ def test_a_config_with_numpy_floats_saves_a_weights_only_state(mixture_data):
         trainer.fit(model, x)
     state = roundtrip(trainer.state_dict())
     assert type(state["config"]["tol"]) is float and state["config"]["tol"] == 1e-3
+
+
+def test_min_delta_ends_the_fit_once_patience_iterations_gain_less_than_it():
+    """min_delta of 1 nat per row and feature, which no iteration here gains: patience
+    restarts only at the first scored iteration, so the fit ends ``patience`` iterations
+    later, on the same path as the fit without it (which ran on), keeping the best-scoring
+    of those iterations' parameters; min_delta < 0 is refused."""
+    d = load_dataset("embedded-mnist", dequantize=True)
+
+    def pool(t):  # 14×14 digits: a quick fit whose validation score climbs for a while
+        return torch.nn.functional.avg_pool2d(t.view(-1, 1, 28, 28), 2).flatten(1).contiguous()
+
+    train, val = pool(d.train[:800]), pool(d.val[:150])
+    config = dict(noise_prior_variance=1e-3, patience=3, reseed_rounds=0, tempered_step=False,
+                  tol=0.0, max_iter=30, search_warmup=0, progress=False, seed=3)
+    fits = {}
+    for min_delta in (0.0, 1.0):
+        snapshots = []
+        model = MixtureOfFactorAnalyzers(20, 196, 2)
+        trainer = EMTrainer(EMConfig(min_delta=min_delta, **config))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            trainer.fit(model, train, val, callbacks=[
+                lambda t, m, r, kept=snapshots: kept.append(copy.deepcopy(m.state_dict()))])
+        fits[min_delta] = ([{k: v for k, v in h.items() if k != "seconds"}
+                            for h in trainer.history], snapshots, model)
+    plain, _, _ = fits[0.0]
+    history, snapshots, model = fits[1.0]
+    assert len(history) == config["patience"] + 1 < len(plain)
+    assert history == [dict(h, early_stop=False) for h in plain[:3]] + [
+        dict(plain[3], early_stop=True)]
+    best = max(range(len(history)), key=lambda i: history[i]["val_log_likelihood"])
+    for name, value in snapshots[best].items():
+        assert torch.equal(model.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="min_delta"):
+        EMConfig(min_delta=-1e-3).validate()

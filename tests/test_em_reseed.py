@@ -82,12 +82,39 @@ def test_no_round_without_validation_or_with_reseed_rounds_0(overfit):
     assert trainer.history == [] and trainer.state_dict()["run"] == 1
 
 
+#: The automatic noise prior (EMConfig's default) on the same data, tempered step off.
+AUTO = dict(noise_prior_strength=1.0, noise_prior_variance="auto", search_warmup=1,
+            tempered_step=False)
+AUTO_LOWER = EMConfig().quantization_variance  # the weakest s₀, that of the warm-up
+
+
+def test_under_auto_a_round_keeps_the_chosen_noise_prior_and_runs_no_search(overfit):
+    """A round refines the kept result under the s₀ its search chose: no warm-up under the
+    weakest s₀ (which undid the fit before the search recovered it) and no search."""
+    train, val = overfit
+    _, first = _fit(train, val, reseed_rounds=0, **AUTO)
+    chosen = first.selected_noise_prior_variance
+    assert chosen is not None and chosen > AUTO_LOWER
+    _, trainer = _fit(train, val, reseed_rounds=2, **AUTO)
+    in_rounds = [h for h in trainer.history if h["run"] >= 1]
+    assert in_rounds, "the case this test is about: a round ran"
+    def timeless(records):
+        return [{k: v for k, v in h.items() if k != "seconds"} for h in records]
+
+    assert timeless(h for h in trainer.history if h["run"] == 0) == timeless(first.history)
+    for h in in_rounds:
+        assert h["noise_prior_variance"] == chosen, h
+        assert h["step_noise_prior_variance"] in (chosen, None), h
+    assert trainer.selected_noise_prior_variance == chosen
+
+
+@pytest.mark.parametrize("config", [{}, AUTO], ids=["fixed", "auto"])
 @pytest.mark.parametrize("stop_in_round", [1, 3])
-def test_resume_inside_a_round_is_exact(overfit, stop_in_round):
+def test_resume_inside_a_round_is_exact(overfit, stop_in_round, config):
     """Interrupted at the round's first or third iteration and resumed from the saved state,
     the fit ends exactly as the uninterrupted one, history and state included."""
     train, val = overfit
-    full, full_trainer = _fit(train, val, reseed_rounds=1)
+    full, full_trainer = _fit(train, val, reseed_rounds=1, **config)
     saved = {}
 
     class _Interrupt(KeyboardInterrupt):
@@ -102,10 +129,10 @@ def test_resume_inside_a_round_is_exact(overfit, stop_in_round):
             raise _Interrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _fit(train, val, reseed_rounds=1, callbacks=[stop], checkpoint_fn=checkpoint)
+        _fit(train, val, reseed_rounds=1, callbacks=[stop], checkpoint_fn=checkpoint, **config)
     resumed = MixtureOfFactorAnalyzers(6, 12, 3, dtype=F64)
     resumed.load_state_dict(roundtrip(saved["model"]))
-    trainer = EMTrainer(EMConfig(**{**CFG, "reseed_rounds": 1}))
+    trainer = EMTrainer(EMConfig(**{**CFG, "reseed_rounds": 1, **config}))
     trainer.load_state_dict(roundtrip(saved["trainer"]))
     _fit(train, val, model=resumed, trainer=trainer)
     for name in PARAMS:

@@ -8,10 +8,10 @@ import pytest
 from mfa.em_state import RunState
 
 
-def _feed(state: RunState, scores, patience=3, counting=True):
+def _feed(state: RunState, scores, patience=3, counting=True, min_gain=0.0):
     """Track each score in turn (the clone is the score itself); returns the stop flags."""
     return [state.track_validation(lambda model: {"score": model}, value, value, counting,
-                                   patience) for value in scores]
+                                   patience, min_gain) for value in scores]
 
 
 def test_patience_counts_iterations_without_a_better_score():
@@ -19,6 +19,27 @@ def test_patience_counts_iterations_without_a_better_score():
     assert _feed(state, [1.0, 2.0, 1.5, 1.9, 1.8]) == [False] * 4 + [True]
     assert state.best_val_log_likelihood == 2.0 and state.best_val_params == {"score": 2.0}
     assert state.bad_iterations == 3 and state.stale_iterations == 3
+
+
+def test_gains_below_min_gain_keep_their_parameters_but_do_not_restart_patience():
+    """min_delta: 1.2, 1.4 and 1.45 each beat the best, but none is 0.5 above 1.0, where
+    patience last restarted: three bad iterations; the best parameters are still the last."""
+    state = RunState()
+    assert _feed(state, [1.0, 1.2, 1.4, 1.45], min_gain=0.5) == [False] * 3 + [True]
+    assert state.best_val_params == {"score": 1.45} and state.stint_best == 1.45
+    assert state.stint_mark == 1.0 and state.bad_iterations == 3
+
+
+def test_small_gains_that_add_up_to_min_gain_restart_patience():
+    """1.6 is 0.6 above the mark 1.0 (after a bad 1.3); then 2.2 is 0.6 above 1.6: patience
+    restarts at each, so the creep goes on."""
+    state = RunState()
+    assert _feed(state, [1.0, 1.3, 1.6, 1.7, 1.8, 2.2, 2.3], min_gain=0.5) == [False] * 7
+    assert state.stint_mark == 2.2 and state.bad_iterations == 1
+    # the same scores with min_gain 0 never count a bad iteration (each beats the last)
+    plain = RunState()
+    assert _feed(plain, [1.0, 1.3, 1.6, 1.7, 1.8, 2.2, 2.3]) == [False] * 7
+    assert plain.bad_iterations == 0 and plain.stint_mark == plain.stint_best == 2.3
 
 
 def test_iterations_that_do_not_count_do_not_use_up_patience():
@@ -71,17 +92,20 @@ def test_a_stint_that_beats_the_best_earns_another_search():
     assert state.stint_improved() and state.best_val_params == {"score": 5.7}
 
 
-@pytest.mark.parametrize("keys", [(), ("stint_best", "stale_iterations")])
+@pytest.mark.parametrize("keys", [(), ("stint_mark",),
+                                  ("stint_best", "stale_iterations", "stint_mark")])
 def test_round_trip_and_checkpoints_without_the_stint_keys(keys):
     """as_dict/from_dict keep every field; a checkpoint saved before the stint fields
-    existed resumes with the whole restart as one stint."""
+    (or before min_delta's mark) existed resumes with the whole restart as one stint,
+    patience counted against its best."""
     state = RunState(best_params=None)
     _feed(state, [5.0, 4.0, 4.5])
     saved = state.as_dict()
     for key in keys:
         del saved[key]
     back = RunState.from_dict(saved)
-    assert back.stint_best == 5.0 and back.bad_iterations == 2 and back.stale_iterations == 2
+    assert back.stint_best == back.stint_mark == 5.0
+    assert back.bad_iterations == 2 and back.stale_iterations == 2
     assert back.as_dict() == state.as_dict()
 
 
@@ -92,7 +116,8 @@ def test_a_checkpoint_right_after_a_repeated_search_resumes_the_same_stint():
     _feed(state, [5.0, 4.0, 4.0, 4.0])
     state.search_again()
     back = RunState.from_dict(state.as_dict())
-    assert back.stint_best is None and back.as_dict() == state.as_dict()
+    assert back.stint_best is None and back.stint_mark is None
+    assert back.as_dict() == state.as_dict()
     assert not back.stint_over(4)  # (raised on best − None before)
     assert _feed(back, [4.5], patience=4) == _feed(state, [4.5], patience=4) == [False]
     assert back.as_dict() == state.as_dict()
