@@ -129,8 +129,14 @@ def tempered_step(
 
     Returns:
         The best candidate (``applied`` if the model now holds it); ``None`` when no candidate
-        had a finite score.
+        had a finite score, or when ``validation`` has fewer than :data:`MIN_ROWS` rows (the
+        step could not be applied: nothing is tried).
     """
+    rows = _validation_rows(validation)
+    if rows < MIN_ROWS:
+        logger.info("tempered step skipped: %d validation row(s), fewer than the %d it needs",
+                    rows, MIN_ROWS)
+        return None
     best: tuple[float, float, float, float, SufficientStatistics] | None = None
     tried: dict[tuple[float, float], tuple[float, float]] = {}  # (T, ν) → (score, s₀)
     strengths = [prior.noise_strength * factor for factor in STRENGTHS]
@@ -197,6 +203,16 @@ MARGIN = 2.0
 #: gain says little (with one row it was 0, and the step was applied on any gain: on held-out
 #: rows it then lost 1.7 nats a row in 4 of 5 draws).
 MIN_ROWS = 10
+
+
+def _validation_rows(validation: DataSource) -> int:
+    """The number of validation rows of every process (a tensor's without a pass)."""
+    if validation.tensor is not None:  # (every process holds the whole tensor)
+        return int(validation.tensor.shape[0])
+    count = sum(batch.shape[0] for batch in validation)
+    if validation.sharded:
+        (count,) = distributed.sum_across_processes(count)
+    return int(round(count))
 
 
 def _row_log_probs(model: MixtureOfFactorAnalyzers, validation: DataSource) -> list[Tensor]:

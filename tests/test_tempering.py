@@ -188,10 +188,14 @@ def test_paired_gain_is_the_mean_difference_and_its_standard_error():
     assert error == pytest.approx(float(big.std()) / math.sqrt(200), rel=1e-6)
 
 
-def test_tempered_step_is_not_applied_on_fewer_validation_rows_than_min_rows(monkeypatch):
+@pytest.mark.parametrize("as_loader", [False, True], ids=["tensor", "loader"])
+def test_tempered_step_is_not_applied_on_fewer_validation_rows_than_min_rows(monkeypatch,
+                                                                           as_loader):
     """With one validation row the step was applied on any gain (its standard error was 0);
     on held-out rows it then lost 1.7 nats a row in 4 of 5 draws. Below MIN_ROWS it never is,
-    whatever the margin: here at MARGIN 0, where any higher score would apply it."""
+    whatever the margin (here MARGIN 0, where any higher score would apply it), and it is not
+    even tried: no tempered pass over the training rows is spent on it."""
+    from torch.utils.data import DataLoader, TensorDataset
     g = gen(4)  # four components of 2 factors, two constant features, few rows each
     means = torch.rand(4, 12, generator=g, dtype=F64)
     loadings = 0.1 * torch.randn(4, 12, 2, generator=g, dtype=F64)
@@ -201,15 +205,31 @@ def test_tempered_step_is_not_applied_on_fewer_validation_rows_than_min_rows(mon
          + 0.02 * torch.randn(320, 12, generator=g, dtype=F64))
     x[:, :2] = 0.5
     monkeypatch.setattr(tempering, "MARGIN", 0.0)
-    for n_val in (1, 60):
+    tempered_passes = []
+    e_step = EMTrainer.e_step
+
+    def counting(model, source, stats_dtype, temperature=1.0):
+        tempered_passes.append(temperature != 1.0)
+        return e_step(model, source, stats_dtype, temperature)
+
+    monkeypatch.setattr(EMTrainer, "e_step", staticmethod(counting))
+    for n_val in (1, tempering.MIN_ROWS - 1, 60):
         trainer = EMTrainer(EMConfig(max_iter=20, progress=False, reseed_rounds=0))
         model = MixtureOfFactorAnalyzers(4, 12, 2, dtype=F64, generator=gen(5))
+        val = x[121:121 + n_val]
+        if as_loader:
+            val = DataLoader(TensorDataset(val), batch_size=3)
+        tempered_passes.clear()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            trainer.fit(model, x[:120], x[121:121 + n_val])
+            trainer.fit(model, x[:120], val)
         step = trainer.tempered
-        assert step.val_log_likelihood > step.before, n_val  # it scored higher
-        assert step.applied == (n_val >= tempering.MIN_ROWS), n_val
+        if n_val < tempering.MIN_ROWS:
+            assert step is None and not any(tempered_passes), n_val
+        else:
+            assert any(tempered_passes), n_val
+            assert step.val_log_likelihood > step.before, n_val  # it scored higher
+            assert step.applied, n_val
 
 
 def test_paired_gain_scores_rows_with_the_exact_log_density():
