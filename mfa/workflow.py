@@ -295,8 +295,13 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     mc = config.model
     meta = {"image_shape": list(data.image_shape), "dataset": data.name,
             "pools": data.metadata.get("pools")}  # (check_same_pools)
-    # The fit's wall time over the run's sessions: the resumed checkpoint's, plus this one's.
+    # The fit's wall time over the run's sessions: the resumed checkpoint's, plus this one's
+    # (none for a finished run resumed: its fit only returns the saved result).
     earlier = float((ckpt.metrics or {}).get("train_seconds", 0.0)) if ckpt is not None else 0.0
+    finished = ckpt is not None and not is_unfinished(ckpt)
+    if finished:
+        logger.info("the run had finished: nothing is left to fit; its results are written "
+                    "again (train_seconds unchanged)")
 
     def save(model_, trainer_state, metrics):
         nonlocal config_changed
@@ -307,6 +312,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
                         trainer_state=trainer_state, metrics=metrics)
 
     def checkpoint(trainer_, model_):
+        if finished:  # (its final checkpoint is rewritten with the metrics below)
+            return
         seconds = earlier + time.perf_counter() - started
         save(model_, trainer_.state_dict(), {**meta, "train_seconds": seconds})
 
@@ -317,7 +324,7 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
                             checkpoint_fn=checkpoint, **_fit_options(config, run_dir))
     for warning in caught:
         logger.warning("%s", warning.message)
-    seconds = earlier + time.perf_counter() - started
+    seconds = earlier + (0.0 if finished else time.perf_counter() - started)
     if not distributed.is_main_process():  # rank 0 evaluates and writes the results
         return TrainResult(run_dir, model, {})
     metrics = {**meta, "method": config.train.method, "train_seconds": seconds,

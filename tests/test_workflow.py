@@ -221,6 +221,24 @@ def test_em_resume_after_an_interrupt_gives_the_uninterrupted_model(em_run, out_
             f"--resume {run_dir}`") in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.parametrize("method", ["em", "sgd"])
+def test_resume_of_a_finished_run_leaves_its_results_as_they_were(out_dir, method):
+    """Nothing is left to fit: metrics.json (train_seconds included: it grew by the resumed
+    fit's call), history.json and the checkpoint's model and metrics stay the same."""
+    done = workflow.train(make_config(out_dir, f"{method}-resumed-when-done",
+                                      f"train.method={method}"),
+                          figures=False)
+    run_dir = done.run_dir
+    before = {name: (run_dir / name).read_text() for name in ("metrics.json", "history.json")}
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    again = workflow.train(None, resume=run_dir, figures=False)
+    assert again.metrics == done.metrics
+    assert {name: (run_dir / name).read_text() for name in before} == before
+    final = load_checkpoint(run_dir / "checkpoint.pt")
+    assert final.metrics == saved.metrics
+    assert_same_parameters(final.model, saved.model)
+
+
 def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
     uninterrupted = workflow.train(make_config(out_dir, "sgd-a", "train.method=sgd"),
                                    figures=False)
