@@ -137,15 +137,26 @@ def check_seed(seed: object, name: str = "seed") -> int:
 
 
 def check_int_fields(config: object, minimum: dict[str, int]) -> None:
-    """Every ``config.<name>`` is an int (not a bool) of at least ``minimum[name]`` and below
-    ``2**63`` (torch's int64: a larger seed failed deep inside with an unnamed overflow)."""
+    """Every ``config.<name>`` is an integer (numpy's included, stored back as an ``int``;
+    not a bool) of at least ``minimum[name]`` and below ``2**63`` (torch's int64: a larger
+    seed failed deep inside with an unnamed overflow)."""
     cls = type(config).__name__
     for name, low in minimum.items():
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{cls}.{name} must be an int >= {low}, got {value!r}"
+                             + _type_note(value))
         if value >= 2**63:
             raise ValueError(f"{cls}.{name} must be below 2**63, got {value!r}")
+        if type(value) is not int:  # (a numpy integer: the config is saved as YAML/JSON)
+            object.__setattr__(config, name, int(value))  # (a frozen dataclass too)
+
+
+def _type_note(value: object) -> str:
+    """`` (a Tensor)`` for a value of a type that is no number here, whatever it holds."""
+    if isinstance(value, (bool, numbers.Real, str)) or value is None:
+        return ""
+    return f" (a {type(value).__name__}: pass a Python or numpy number)"
 
 
 def check_real_field(
@@ -155,14 +166,15 @@ def check_real_field(
     """``config.<name>`` is a finite real number (not a bool) ``>= minimum`` (``> minimum``
     when ``strict``) and ``< maximum``, or ``None`` when ``allow_none``.
 
-    The error names the field as ``<ConfigClass>.<name>`` and shows the bad value.
+    The error names the field as ``<ConfigClass>.<name>`` and shows the bad value. A numpy
+    number is stored back as a Python ``int``/``float`` (the config is saved as YAML/JSON).
     """
     value = getattr(config, name)
     if value is None and allow_none:
         return
     try:  # (math.isfinite of an int beyond float's range raises OverflowError)
         ok = (
-            isinstance(value, (int, float)) and not isinstance(value, bool)
+            isinstance(value, numbers.Real) and not isinstance(value, bool)
             and math.isfinite(value)
             and (value > minimum if strict else value >= minimum) and value < maximum
         )
@@ -175,8 +187,11 @@ def check_real_field(
         none = " or None" if allow_none else ""
         raise ValueError(
             f"{type(config).__name__}.{name} must be a finite number {bound}{none}, "
-            f"got {value!r}"
+            f"got {value!r}" + _type_note(value)
         )
+    if type(value) not in (int, float):  # (a numpy number)
+        builtin = int(value) if isinstance(value, numbers.Integral) else float(value)
+        object.__setattr__(config, name, builtin)  # (a frozen dataclass too)
 
 
 def check_choice_field(config: object, name: str, choices: Sequence[str]) -> None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mfa._data_stream import DEFAULT_BATCH_SIZE
-from mfa._validation import check_positive_int
+from mfa._validation import check_positive_int, check_positive_real
 from mfa.data.quantized import QuantizedRows
 from mfa.ndb import NDB, NDBResult, js_divergence, ndb, two_proportion_z_test
 from mfa.training import check_reiterable
@@ -80,10 +80,7 @@ def bits_per_dim(
         A float (for a float input) or a tensor of the input's shape.
     """
     n_dims = check_positive_int(n_dims, "n_dims")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
-        math.isfinite(scale) and scale > 0
-    ):
-        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    scale = check_positive_real(scale, "scale")
     offset = n_dims * math.log(scale)
     denom = n_dims * math.log(2.0)
     if isinstance(log_likelihood, Tensor):

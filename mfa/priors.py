@@ -39,6 +39,7 @@ then runs the unregularised formulas unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ def check_prior_fields(config: object, *, allow_auto: bool) -> None:
     check_real_field(config, "noise_prior_strength", minimum=0)
     s0 = config.noise_prior_variance
     if not (allow_auto and s0 == "auto"):
-        if allow_auto and not (isinstance(s0, (int, float)) and not isinstance(s0, bool)
+        if allow_auto and not (isinstance(s0, numbers.Real) and not isinstance(s0, bool)
                                and s0 > 0 and math.isfinite(float(s0) if s0 < 1e308 else 1e309)):
             raise ValueError(f"{type(config).__name__}.noise_prior_variance must be 'auto' or "
                              f"a finite number > 0, got {s0!r}")

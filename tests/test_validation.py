@@ -81,3 +81,30 @@ def test_numpy_integers_are_ints_for_sizes_and_counts(tmp_path):
         bits_per_dim(0.0, 784.0)
     with pytest.raises(TypeError, match="n_dims must be an int, got bool"):
         bits_per_dim(0.0, np.bool_(True))
+
+
+def test_config_fields_take_numpy_numbers_and_store_python_ones():
+    """A value from np.arange or a float32 grid was refused with a message its value met
+    ("must be a finite number > 0, got np.float32(0.01)"); now it is taken and stored as a
+    Python number (configs are saved as YAML/JSON). A tensor is refused naming its type."""
+    import numpy as np
+
+    from mfa import EMConfig, SGDConfig
+    from mfa.metrics import bits_per_dim
+
+    config = SGDConfig(lr=np.float32(0.01), batch_size=np.int64(64), epochs=np.int64(3),
+                       noise_prior_variance=np.float64(0.5))
+    config.validate()
+    assert (type(config.lr), type(config.batch_size), type(config.epochs)) == (float, int, int)
+    assert config.lr == pytest.approx(0.01) and config.batch_size == 64
+    assert type(config.noise_prior_variance) is float and config.noise_prior_variance == 0.5
+    em = EMConfig(tol=np.float64(1e-3), max_iter=np.int32(5), min_delta=np.float16(0))
+    em.validate()
+    assert (type(em.tol), type(em.max_iter), type(em.min_delta)) == (float, int, float)
+    assert bits_per_dim(0.0, 10, scale=np.float32(256.0)) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match=r"SGDConfig.lr must be .* \(a Tensor: pass a Python"):
+        SGDConfig(lr=torch.tensor(0.01)).validate()
+    with pytest.raises(ValueError, match="SGDConfig.epochs must be an int >= 1"):
+        SGDConfig(epochs=np.float64(3.0)).validate()
+    with pytest.raises(ValueError, match="SGDConfig.lr must be a finite number > 0"):
+        SGDConfig(lr=np.float32("nan")).validate()
