@@ -217,10 +217,22 @@ def batch_statistics(
     complete rows by :func:`mfa.statistics.accumulate_statistics` (the same arguments; the
     keyword ``precision`` options, e.g. ``precise_moments``, go to it unchanged), incomplete
     ones by :func:`incomplete_statistics`, centred on ``terms.reference``, ``precise`` unless
-    ``precise_moments=False`` (the ``"float32"`` mode)."""
+    ``precise_moments=False`` (the ``"float32"`` mode).
+
+    Raises:
+        ValueError: fixed responsibilities (``resp``) or tempered ones (``temperature`` ≠ 1)
+            asked for a batch with incomplete rows: their statistics use the posterior.
+    """
     incomplete = torch.isnan(x).any(-1)  # [n]
     if not bool(incomplete.any()):
         return accumulate_statistics(model, x, terms, chol, stats_dtype=stats_dtype, **precision)
+    unsupported = ["resp"] if precision.get("resp") is not None else []
+    if precision.get("temperature", 1.0) != 1.0:
+        unsupported.append(f"temperature={precision['temperature']!r}")
+    if unsupported:
+        raise ValueError(f"batch_statistics: {' and '.join(unsupported)} cannot be applied to "
+                         f"the {int(incomplete.sum())} row(s) with missing entries (NaN); "
+                         "pass complete rows, or leave it out")
     stats = incomplete_statistics(model, x[incomplete], terms.reference, stats_dtype=stats_dtype,
                                   precise=precision.get("precise_moments", True))
     if bool(incomplete.all()):

@@ -533,3 +533,26 @@ def test_workflow_trains_on_images_with_pixels_removed(tmp_path, method):
                  for a, b in zip(history, history[1:], strict=False)
                  if a["noise_prior_variance"] == b["noise_prior_variance"]]
         assert pairs and all(b >= a - 1e-6 * abs(a) for a, b in pairs), history
+
+
+def test_batch_statistics_refuses_fixed_or_tempered_responsibilities_with_missing_rows():
+    """resp [n, K] went to the complete rows unsubset (they took the first rows' resp) while
+    the incomplete rows used the posterior, and a temperature tempered only the complete
+    rows: a silent wrong answer; now refused, naming the option. Complete batches take both."""
+    model = random_model(2, 5, 1, seed=3)
+    x = random_data(6, model, seed=4)
+    terms = model.component_terms()
+    resp = torch.zeros(6, 2, dtype=F64)
+    resp[:, 1] = 1.0
+    stats = missing.batch_statistics(model, x, terms, resp=resp)  # complete: as before
+    assert torch.allclose(stats.mass, torch.tensor([0.0, 6.0], dtype=F64))
+    tempered = missing.batch_statistics(model, x, terms, temperature=5.0)
+    assert torch.equal(tempered.mass, accumulate_statistics(model, x, terms,
+                                                            temperature=5.0).mass)
+    x[[0, 3], 2] = float("nan")
+    with pytest.raises(ValueError, match=r"resp cannot be applied to the 2 row\(s\) with "
+                                         r"missing entries"):
+        missing.batch_statistics(model, x, terms, resp=resp)
+    with pytest.raises(ValueError, match=r"temperature=5.0 cannot be applied"):
+        missing.batch_statistics(model, x, terms, temperature=5.0)
+    missing.batch_statistics(model, x, terms, temperature=1.0)  # (the default: fine)
