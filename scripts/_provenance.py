@@ -3,7 +3,9 @@ lines (run as ``python scripts/<name>.py``, which puts this folder on ``sys.path
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -19,3 +21,14 @@ def commit() -> str:
         return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def write_report(out: Path, text: str, figures: object, seconds: float) -> None:
+    """``text`` to ``out`` (markdown) and, beside it, its JSON twin (``out`` with ``.json``):
+    the figures the page shows, with the command line, the commit and the wall time, so a
+    later page or check can read the numbers rather than parse the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    twin = {"command": " ".join(["python", *sys.argv]), "commit": commit(),
+            "seconds": round(seconds, 1), "figures": figures}
+    out.with_suffix(".json").write_text(json.dumps(twin, indent=1, default=float) + "\n")

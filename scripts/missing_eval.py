@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _provenance import commit  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, write_report  # (scripts/, on sys.path when run as a script)
 
 from mfa import ConvergenceWarning, EMConfig, EMTrainer, MixtureOfFactorAnalyzers, bits_per_dim
 from mfa.data import load_dataset
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--knn-neighbors", type=int, default=5)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="markdown file to write the table to")
+    p.add_argument("--out", type=Path, default=None, help="markdown file to write the table "
+                   "to (its figures go beside it, to the same name with .json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
@@ -211,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                for name in args.settings}
     text = table(results, args, time.perf_counter() - start)
     print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if args.out is not None:  # (and its JSON twin)
+        write_report(args.out, text, results, time.perf_counter() - start)
     return 0
 
 

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _provenance import commit  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, write_report  # (scripts/, on sys.path when run as a script)
 
 from mfa import ConvergenceWarning, EMConfig, EMTrainer, MixtureOfFactorAnalyzers, bits_per_dim
 from mfa.data import ImageData, load_dataset
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rows per val/test split and dataset (default: all)")
     p.add_argument("--patch-size", type=int, default=4, help="of the likelihood-ratio background")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="markdown file to write the table to")
+    p.add_argument("--out", type=Path, default=None, help="markdown file to write the table "
+                   "to (its figures go beside it, to the same name with .json)")
     args = p.parse_args(argv)
     args.train_limit = args.train_limit or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -158,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     default = choose_default(rows)
     text = table(rows, default, args, time.perf_counter() - start)
     print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    if args.out is not None:  # (and its JSON twin)
+        write_report(args.out, text, rows, time.perf_counter() - start)
     return 0
 
 

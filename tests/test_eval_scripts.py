@@ -1,0 +1,51 @@
+"""scripts/outlier_eval.py and scripts/missing_eval.py at tiny sizes: each runs and writes
+its page and the page's JSON twin (the figures, the command, the commit and the wall time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mfa.data import FASHION_MNIST_DEBIAN_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = {
+    "outlier_eval": ["--n-components", "3", "--n-factors", "2", "--max-iter", "2",
+                     "--train-limit", "300", "--eval-limit", "60"],
+    "missing_eval": ["--n-components", "2", "--n-factors", "2", "--max-iter", "2",
+                     "--train-limit", "300", "--test-limit", "60", "--knn-donors", "100"],
+}
+
+
+@pytest.mark.slow  # a subprocess that fits small models (~5 s on one thread)
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_tiny_run_writes_the_page_and_its_json_twin(tmp_path, script):
+    if not (FASHION_MNIST_DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("needs Debian's dataset-fashion-mnist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "page.md"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"),
+                           *TINY[script], "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    twin = json.loads(out.with_suffix(".json").read_text())
+    assert twin["command"].endswith(f"{script}.py {' '.join(TINY[script])} --out {out}")
+    assert twin["seconds"] > 0 and twin["commit"]
+    text = out.read_text()
+    if script == "outlier_eval":  # one row per direction and score, each on the page
+        assert len(twin["figures"]) >= 2
+        for row in twin["figures"]:
+            assert 0 <= row["test"]["auroc"] <= 1 and row["score"] in text
+    else:  # every setting with each method's bits/dim and RMSE
+        assert set(twin["figures"]) == {"random 25 %", "random 50 %", "one 14×14 block"}
+        for setting, methods in twin["figures"].items():
+            assert setting in text
+            scored = [m for m in methods.values() if isinstance(m, dict)]  # (a), (c), (d)
+            assert len(scored) == 3 and all(m["bpd"] > 0 and m["rmse"] >= 0 for m in scored)
