@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 import types
 from collections.abc import Callable, Mapping, Sequence
@@ -71,12 +72,14 @@ def coerce(value: Any, hint: Any, path: str, build: Callable[[type, Any, str], A
     if hint in (bool, int, str):  # bool is an int subclass: an int field refuses True
         if isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
             return value
+        if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)  # a numpy integer
         expected = {bool: "a bool (true or false)", int: "an int", str: "a string"}[hint]
         raise bad(path, value, f"expected {expected}")
     if hint is float:
         if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
             value = float(value)  # PyYAML reads 1e-3 (no dot) as a string
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):  # (numpy's too)
             try:  # (an int beyond float's range overflows)
                 number = float(value)
             except OverflowError:

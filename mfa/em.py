@@ -139,6 +139,15 @@ class EMTrainer:
         check_state_ranges(state, self.config.max_iter,
                            self.config.n_init + self.config.reseed_rounds)
         check_resumed_max_iter(state, self.config.max_iter)
+        saved = state.get("config")
+        if (isinstance(saved, dict) and saved and "min_delta" not in saved
+                and self.config.min_delta > 0 and state["run"] < self.config.n_init
+                + self.config.reseed_rounds):
+            warnings.warn(
+                "EMTrainer state saved before EMConfig.min_delta existed: its early stopping "
+                "counted any validation gain (min_delta=0); resumed with min_delta="
+                f"{self.config.min_delta:g} it may stop elsewhere than it would have; pass "
+                "min_delta=0 to continue it as it was", UserWarning, stacklevel=2)
         self._resume = RunState.from_dict(state)
         self._state = self._resume.as_dict()  # what state_dict() gives until fit moves on
 
@@ -224,9 +233,10 @@ class EMTrainer:
                 if not reseed_round(model, ctx.val_source, cfg.batch_size, cfg.seed + run):
                     break
                 state.start_restart()
-                if ctx.search:  # the round refines the kept result under its s₀: no search
-                    state.noise_prior_variance = (state.selected_noise_prior_variance
-                                                  or cfg.quantization_variance)
+                if ctx.search and state.selected_noise_prior_variance is not None:
+                    # The round refines the kept result under its s₀: no warm-up, no search.
+                    # (A state saved before the s₀ was recorded searches as a restart does.)
+                    state.noise_prior_variance = state.selected_noise_prior_variance
                     state.searches = cfg.max_searches
             elif not resuming:
                 if init_rows is None and cfg.init != "none":

@@ -110,8 +110,9 @@ class RunState:
             and once the fit is done).
         noise_prior_variance: the ``s₀`` chosen by the latest search of this restart
             (``None`` before it, while a repeated search is due, or when the config fixes it).
-        searches, previous_noise_prior_variance: the searches run in this restart and the
-            choice of the one before the latest (``None`` before a second one is due).
+        searches, previous_noise_prior_variance: the searches run in this restart (a
+            re-seeding round, which runs none, starts at ``max_searches``) and the choice of
+            the one before the latest (``None`` before a second one is due).
         best_val_noise_prior_variance: the ``s₀`` under which ``best_val_params`` were fitted.
         selected_noise_prior_variance: the ``s₀`` of ``best_params`` (``None`` without a
             search).

@@ -3,6 +3,7 @@ the rule that sizes each child mixture."""
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,14 +57,13 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
             "HierarchicalConfig.min_child_components must be <= max_child_components, got "
             f"{config.min_child_components} > {config.max_child_components}"
         )
-    if config.min_child_rows is not None and (
-        isinstance(config.min_child_rows, bool) or not isinstance(config.min_child_rows, int)
-        or config.min_child_rows < 1
-    ):
-        raise ValueError(
-            f"HierarchicalConfig.min_child_rows must be None or an int >= 1, "
-            f"got {config.min_child_rows!r}"
-        )
+    rows = config.min_child_rows
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, numbers.Integral)
+                             or not 1 <= rows < 2**63):
+        raise ValueError(f"HierarchicalConfig.min_child_rows must be None or an int >= 1, "
+                         f"got {rows!r}")
+    if rows is not None:
+        config.min_child_rows = int(rows)  # (a numpy integer: the config is saved as YAML)
     check_real_field(config, "min_noise", minimum=0)
     if config.noise not in ("diagonal", "isotropic"):
         raise ValueError(

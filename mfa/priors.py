@@ -64,6 +64,14 @@ def quantization_variance(levels_per_unit: float = 256.0) -> float:
 QUANTIZATION_VARIANCE = quantization_variance(256.0)
 
 
+def _finite_positive(value: numbers.Real) -> bool:
+    try:  # (an int beyond float's range: OverflowError; a numpy float32 compares as itself)
+        value = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(value) and value > 0
+
+
 def check_prior_fields(config: object, *, allow_auto: bool) -> None:
     """Check a trainer config's prior fields (``noise_prior_strength ≥ 0``,
     ``noise_prior_variance > 0`` or, when ``allow_auto``, ``"auto"``, ``weight_concentration
@@ -74,7 +82,7 @@ def check_prior_fields(config: object, *, allow_auto: bool) -> None:
     s0 = config.noise_prior_variance
     if not (allow_auto and s0 == "auto"):
         if allow_auto and not (isinstance(s0, numbers.Real) and not isinstance(s0, bool)
-                               and s0 > 0 and math.isfinite(float(s0) if s0 < 1e308 else 1e309)):
+                               and _finite_positive(s0)):
             raise ValueError(f"{type(config).__name__}.noise_prior_variance must be 'auto' or "
                              f"a finite number > 0, got {s0!r}")
         check_real_field(config, "noise_prior_variance", minimum=0, strict=True)

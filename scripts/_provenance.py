@@ -23,12 +23,16 @@ def commit() -> str:
         return "unknown"
 
 
-def write_report(out: Path, text: str, figures: object, seconds: float) -> None:
+def write_report(out: Path, text: str, figures: object, seconds: float, script: str,
+                 argv: list[str] | None) -> None:
     """``text`` to ``out`` (markdown) and, beside it, its JSON twin (``out`` with ``.json``):
-    the figures the page shows, with the command line, the commit and the wall time, so a
-    later page or check can read the numbers rather than parse the table."""
+    the figures the page shows, with the command line (``script`` and its ``argv``, the
+    process's own when ``None``), the commit and the wall time, so a later page or check
+    can read the numbers rather than parse the table."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    twin = {"command": " ".join(["python", *sys.argv]), "commit": commit(),
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python", f"scripts/{Path(script).name}", *map(str, argv)])
+    twin = {"command": command, "commit": commit(),
             "seconds": round(seconds, 1), "figures": figures}
     out.with_suffix(".json").write_text(json.dumps(twin, indent=1, default=float) + "\n")

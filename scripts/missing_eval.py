@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results, args, time.perf_counter() - start)
     print(text)
     if args.out is not None:  # (and its JSON twin)
-        write_report(args.out, text, results, time.perf_counter() - start)
+        write_report(args.out, text, results, time.perf_counter() - start, __file__, argv)
     return 0
 
 

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows, default, args, time.perf_counter() - start)
     print(text)
     if args.out is not None:  # (and its JSON twin)
-        write_report(args.out, text, rows, time.perf_counter() - start)
+        write_report(args.out, text, rows, time.perf_counter() - start, __file__, argv)
     return 0
 
 

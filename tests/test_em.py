@@ -1312,3 +1312,31 @@ def test_min_delta_ends_the_fit_once_patience_iterations_gain_less_than_it():
         assert torch.equal(model.state_dict()[name], value), name
     with pytest.raises(ValueError, match="min_delta"):
         EMConfig(min_delta=-1e-3).validate()
+
+
+def test_a_state_saved_before_min_delta_warns_that_its_early_stopping_changes():
+    """A state whose saved config has no min_delta fitted with any gain counting; resumed
+    under the default it may stop elsewhere, which is said, with the way to continue as it
+    was (min_delta=0, no warning); a finished fit's state has nothing left to stop."""
+    from helpers import random_data
+
+    truth = random_model(2, 6, 1, seed=51)
+    train, val = random_data(120, truth, seed=52), random_data(40, truth, seed=53)
+    config = dict(noise_prior_variance=1e-2, patience=2, reseed_rounds=0, tempered_step=False,
+                  max_iter=6, progress=False)
+    saved = []
+    trainer = EMTrainer(EMConfig(**config, checkpoint_every=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(MixtureOfFactorAnalyzers(2, 6, 1, dtype=torch.float64), train, val,
+                    checkpoint_fn=lambda t, m: saved.append(copy.deepcopy(t.state_dict())))
+    middle, done = saved[0], saved[-1]
+    assert middle["run"] == 0 and done["run"] == 1
+    for state in (middle, done):
+        del state["config"]["min_delta"]
+    with pytest.warns(UserWarning, match=r"before EMConfig.min_delta existed.*pass min_delta=0"):
+        EMTrainer(EMConfig(**config)).load_state_dict(roundtrip(middle))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EMTrainer(EMConfig(**config, min_delta=0.0)).load_state_dict(roundtrip(middle))
+        EMTrainer(EMConfig(**config)).load_state_dict(roundtrip(done))

@@ -88,6 +88,24 @@ AUTO = dict(noise_prior_strength=1.0, noise_prior_variance="auto", search_warmup
 AUTO_LOWER = EMConfig().quantization_variance  # the weakest s₀, that of the warm-up
 
 
+def test_a_state_saved_without_its_chosen_noise_prior_gets_rounds_that_search(overfit):
+    """A finished fit's state from before the chosen s₀ was recorded: its rounds cannot know
+    it, so they warm up and search as a restart does (they ran at the weakest s₀, searchless)."""
+    train, val = overfit
+    first, first_trainer = _fit(train, val, reseed_rounds=0, **AUTO)
+    state = first_trainer.state_dict()
+    assert state.pop("selected_noise_prior_variance") > AUTO_LOWER
+    del state["config"]["reseed_rounds"]  # (an EMConfig field since the rounds)
+    model = MixtureOfFactorAnalyzers(6, 12, 3, dtype=F64)
+    model.load_state_dict(first.state_dict())
+    trainer = EMTrainer(EMConfig(**{**CFG, **AUTO, "reseed_rounds": 1}))
+    trainer.load_state_dict(roundtrip(state))
+    _fit(train, val, model=model, trainer=trainer)
+    in_round = [h for h in trainer.history if h["run"] == 1]
+    assert in_round and in_round[0]["noise_prior_variance"] == AUTO_LOWER  # the warm-up
+    assert any(h["step_noise_prior_variance"] not in (AUTO_LOWER, None) for h in in_round)
+
+
 def test_under_auto_a_round_keeps_the_chosen_noise_prior_and_runs_no_search(overfit):
     """A round refines the kept result under the s₀ its search chose: no warm-up under the
     weakest s₀ (which undid the fit before the search recovered it) and no search."""

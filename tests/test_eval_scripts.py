@@ -36,7 +36,7 @@ def test_tiny_run_writes_the_page_and_its_json_twin(tmp_path, script):
                           capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     twin = json.loads(out.with_suffix(".json").read_text())
-    assert twin["command"].endswith(f"{script}.py {' '.join(TINY[script])} --out {out}")
+    assert twin["command"] == f"python scripts/{script}.py {' '.join(TINY[script])} --out {out}"
     assert twin["seconds"] > 0 and twin["commit"]
     text = out.read_text()
     if script == "outlier_eval":  # one row per direction and score, each on the page
@@ -49,3 +49,17 @@ def test_tiny_run_writes_the_page_and_its_json_twin(tmp_path, script):
             assert setting in text
             scored = [m for m in methods.values() if isinstance(m, dict)]  # (a), (c), (d)
             assert len(scored) == 3 and all(m["bpd"] > 0 and m["rmse"] >= 0 for m in scored)
+
+
+def test_the_json_twin_names_the_argv_given_to_main(tmp_path, monkeypatch):
+    """A script's main(argv) called from Python: the twin records that argv (it recorded the
+    calling process's own command line, unlike the page)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import _provenance
+
+    out = tmp_path / "page.md"
+    _provenance.write_report(out, "text\n", {"x": 1.5}, 2.0, "/somewhere/missing_eval.py",
+                             ["--seed", 3, "--out", out])
+    twin = json.loads(out.with_suffix(".json").read_text())
+    assert twin["command"] == f"python scripts/missing_eval.py --seed 3 --out {out}"
+    assert twin["figures"] == {"x": 1.5} and twin["seconds"] == 2.0 and out.read_text() == "text\n"

@@ -2,6 +2,7 @@
 
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -90,6 +91,8 @@ def test_config_fields_take_numpy_numbers_and_store_python_ones():
     import numpy as np
 
     from mfa import EMConfig, SGDConfig
+    from mfa.config import RunConfig, validate_config
+    from mfa.hierarchical_config import HierarchicalConfig, validate_hierarchical_config
     from mfa.metrics import bits_per_dim
 
     config = SGDConfig(lr=np.float32(0.01), batch_size=np.int64(64), epochs=np.int64(3),
@@ -102,6 +105,17 @@ def test_config_fields_take_numpy_numbers_and_store_python_ones():
     em.validate()
     assert (type(em.tol), type(em.max_iter), type(em.min_delta)) == (float, int, float)
     assert bits_per_dim(0.0, 10, scale=np.float32(256.0)) == pytest.approx(8.0)
+    with warnings.catch_warnings():  # (a float32 s₀ compared with 1e308 overflowed)
+        warnings.simplefilter("error")
+        EMConfig(noise_prior_variance=np.float32(0.01)).validate()
+        SGDConfig(noise_prior_variance=np.float16(0.01)).validate()
+    hier = HierarchicalConfig(min_child_rows=np.int64(5))
+    validate_hierarchical_config(hier)
+    assert type(hier.min_child_rows) is int
+    run = RunConfig()
+    run.train.em.tol, run.model.n_components = np.float32(1e-3), np.int64(7)
+    run = validate_config(run)
+    assert type(run.train.em.tol) is float and type(run.model.n_components) is int
     with pytest.raises(ValueError, match=r"SGDConfig.lr must be .* \(a Tensor: pass a Python"):
         SGDConfig(lr=torch.tensor(0.01)).validate()
     with pytest.raises(ValueError, match="SGDConfig.epochs must be an int >= 1"):
