@@ -82,6 +82,10 @@ def check_model_state(config: dict, state: dict[str, Tensor]) -> None:
         if actual != shape:
             raise ValueError(f"size mismatch for {name}: stored shape {list(actual)}, "
                              f"expected {list(shape)} from the config")
+    for name, tensor in state.items():  # (torch's weights_only load lets these through)
+        if tensor.layout != torch.strided or tensor.is_meta:
+            raise ValueError(f"'{name}' is a {'meta' if tensor.is_meta else tensor.layout} "
+                             "tensor without dense data; parameters are dense tensors")
     for name, tensor in state.items():  # a stride-0 tensor can have any shape in a tiny file
         stored = tensor.untyped_storage().nbytes() // max(1, tensor.element_size())
         if tensor.numel() > stored:

@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         hint = (" (a run that wrote a checkpoint keeps its last one: continue with `mfa train "
-                "--resume RUN`; one stopped before its first checkpoint was removed)"
+                "--resume RUN`; one stopped before its first checkpoint was removed, unless "
+                "it held finished hierarchical stages: `--resume` starts it over, reusing them)"
                 if args.func is cmd_train else "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130

@@ -27,9 +27,15 @@ def warn_unfinished(ckpt, checkpoint: str) -> None:
               "checkpoint's model; the run draws its own figures when it ends",
               file=sys.stderr)
     else:
+        from mfa.run_folder import CHECKPOINT_NAME
+
+        path = None if ckpt.path is None else Path(ckpt.path)
+        how = (f"continue it with `mfa train --resume {checkpoint}`"
+               if path is None or path.name == CHECKPOINT_NAME else
+               f"to continue it, copy it as {CHECKPOINT_NAME} into an empty folder and "
+               "`mfa train --resume` that folder")
         print(f"warning: {checkpoint} is an unfinished run (stopped before its training "
-              "ended): this uses its last checkpoint's model; continue it with `mfa train "
-              f"--resume {checkpoint}`", file=sys.stderr)
+              f"ended): this uses its last checkpoint's model; {how}", file=sys.stderr)
 
 
 def load_run(checkpoint: str, overrides: list[str]):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import fields
@@ -352,28 +353,29 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
                                  "new run")
     if "train.sgd.epochs" in changed and config.train.method == "sgd":
         saved = ckpt.run_config.train.sgd
-        if state.get("stopped") or state.get("final", int(state.get("epoch", 0)) >= saved.epochs):
+        epoch = _saved_count(state, "epoch")
+        if state.get("stopped") or state.get("final", epoch >= saved.epochs):
             raise ValueError(
                 "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
                 "(it returned its best epoch, not its last), so more epochs would not continue "
                 f"the same run; start a new run ({_new_run_hint(ckpt, 'train.sgd.epochs')})")
-        if config.train.sgd.epochs < int(state.get("epoch", 0)):
+        if config.train.sgd.epochs < epoch:
             raise ValueError(
                 f"cannot lower train.sgd.epochs to {config.train.sgd.epochs} when resuming: "
-                f"this run's Adam has already done {int(state.get('epoch', 0))} epochs")
+                f"this run's Adam has already done {epoch} epochs")
         if saved.schedule != "constant":
             raise ValueError(
                 f"cannot change train.sgd.epochs when resuming a run with train.sgd.schedule="
                 f"{saved.schedule!r}: the learning-rate schedule is laid out over the saved "
                 "number of epochs; resume with it, or start a new run")
     saved_em = ckpt.run_config.train.em
-    run, iteration = int(state.get("run", 0)), int(state.get("iteration", 0))
+    run, iteration = _saved_count(state, "run"), _saved_count(state, "iteration")
     # Checkpoints come after EM iterations (iteration >= 1) and at the end of the fit, where
     # run is n_init + the re-seeding rounds run and iteration 0 (or, when a round did not
     # pay, n_init + reseed_rounds): a run past n_init mid-iteration is a re-seeding round.
     finished = run >= saved_em.n_init and (
         iteration == 0 or run >= saved_em.n_init + saved_em.reseed_rounds)
-    done = int(state.get("iteration", 0))
+    done = _saved_count(state, "iteration")
     if ("train.em.max_iter" in changed and config.train.method == "em" and not finished
             and config.train.em.max_iter < done):
         raise ValueError(
@@ -390,17 +392,32 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
             f"it would not run again; start a new run ({_new_run_hint(ckpt, 'train.em.max_iter')})")
 
 
+def _saved_count(state: dict, key: str) -> int:
+    """The trainer state's ``key`` (0 when absent) as an int, read before the trainer checks
+    the state: a tampered value is named here, not failed on in ``int()``."""
+    value = state.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"the checkpoint's trainer state key {key!r} must be an int, got "
+                         f"{value!r:.60}; the file is damaged or crafted")
+    return int(value)
+
+
 def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
-    """A new run that failed before its first checkpoint: remove its folder (only the files
-    this module wrote there). Otherwise, for an error (not Ctrl-C), write ``FAILED``."""
-    if created and not (run_dir / CHECKPOINT_NAME).exists():
-        for name in ("config.yaml", "train.log", LOCK_NAME):
+    """A new run that failed before its first checkpoint with nothing but the files this
+    module wrote there: remove its folder. Otherwise, for an error (not Ctrl-C), write
+    ``FAILED``."""
+    own = {"config.yaml", "train.log", LOCK_NAME}
+    if (created and not (run_dir / CHECKPOINT_NAME).exists()
+            and {p.name for p in run_dir.iterdir()} <= own):
+        for name in own:
             (run_dir / name).unlink(missing_ok=True)
         try:
             run_dir.rmdir()
             return
         except OSError:
-            pass  # something else is in there: leave it, marked
+            pass  # something else came in meanwhile: leave it, marked
+    # Something else is in there (a hierarchical run's finished stages): the folder stays
+    # whole, config.yaml and train.log included, so `--resume` starts it over and reuses them.
     if isinstance(error, Exception):
         (run_dir / FAILED_NAME).write_text(
             f"{type(error).__name__}: {error}\nsee train.log; continue with "

@@ -589,6 +589,28 @@ def test_huge_shapes_backed_by_a_tiny_storage_are_refused(tmp_path, monkeypatch)
     assert built == []
 
 
+@pytest.mark.parametrize("kind", ["sparse", "meta"])
+def test_sparse_or_meta_parameters_are_refused_naming_the_file(tmp_path, kind):
+    """torch's weights_only load lets sparse and meta tensors through; the storage check then
+    failed inside torch (NotImplementedError, or 'Tensor.item() cannot be called on meta
+    tensors' from `mfa sample`), naming neither the file nor the parameter."""
+    path = save_checkpoint(tmp_path / "m.pt", make_model(k=3, d=12, lat=2))
+
+    def damage(payload):
+        state = payload["model_state"]
+        if kind == "sparse":
+            state["logits"] = state["logits"].to_sparse()
+        else:
+            for name in list(state):
+                state[name] = state[name].to("meta")
+
+    rewrite(path, damage)
+    with pytest.raises(CheckpointError, match=rf"m\.pt: .*'logits' is a "
+                                              rf"{'meta' if kind == 'meta' else 'torch.sparse_coo'}"
+                                              r" tensor without dense data"):
+        load_checkpoint(path)
+
+
 def test_aliased_parameters_are_not_shared_by_the_loaded_model(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", make_model(noise="diagonal"))
 

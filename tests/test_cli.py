@@ -910,6 +910,14 @@ def test_commands_on_an_interrupted_run_say_it_is_unfinished(run_dir, tmp_path):
     code, stdout, stderr = run_cli("sample", cut, "-n", "4")  # (ended: the name is free)
     assert code == 0 and stdout.strip() == str(cut / "samples.png")
     assert "is an unfinished run" in stderr
+    assert f"continue it with `mfa train --resume {cut}`" in stderr
+    # a copy under another name: --resume refuses that file, so it is not advised
+    other = tmp_path / "best.pt"
+    other.write_bytes((cut / "checkpoint.pt").read_bytes())
+    code, _, stderr = run_cli("sample", other, "-n", "4", "-o", tmp_path / "s.png")
+    assert code == 0 and f"warning: {other} is an unfinished run" in stderr
+    assert "--resume" in stderr and f"--resume {other}" not in stderr
+    assert "copy it as checkpoint.pt into an empty folder" in stderr
 
 
 def test_visualize_offers_no_seed(run_dir, tmp_path):

@@ -221,6 +221,24 @@ def test_em_resume_after_an_interrupt_gives_the_uninterrupted_model(em_run, out_
             f"--resume {run_dir}`") in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.parametrize("method, key", [("em", "iteration"), ("em", "run"),
+                                         ("sgd", "epoch")])
+def test_a_tampered_count_in_the_trainer_state_is_named_on_resume(out_dir, method, key):
+    """The resume checks read the saved counts with int() before the trainer checked them:
+    'invalid literal for int() with base 10' named neither the key nor the file's state."""
+    config = make_config(out_dir, f"tampered-{method}-{key}", f"train.method={method}")
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config, figures=False, callbacks=(
+            Interrupt("iteration" if method == "em" else "epoch", 1),))
+    path = Path(config.output.dir) / config.output.name / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["trainer_state"][key] = "x"
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match=rf"state key '{key}' must be (an )?int, got (str )?'x'"):
+        workflow.train(None, resume=path.parent, figures=False,
+                       overrides=[f"train.{method}.progress=false"])
+
+
 @pytest.mark.parametrize("method", ["em", "sgd"])
 def test_resume_of_a_finished_run_leaves_its_results_as_they_were(out_dir, method):
     """Nothing is left to fit: metrics.json (train_seconds included: it grew by the resumed
@@ -310,6 +328,36 @@ def test_hierarchical_run_is_the_library_fit(hierarchical_run, data):
     with torch.no_grad():
         test_ll = expected.log_prob(data.test).double().mean().item()
     assert hierarchical_run.metrics["test_log_likelihood"] == pytest.approx(test_ll, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
+@pytest.mark.parametrize("failure", [OSError, KeyboardInterrupt])
+def test_a_hierarchical_run_failing_at_its_first_checkpoint_keeps_its_stages_and_config(
+        hierarchical_run, out_dir, monkeypatch, failure):
+    """The root stage saved hierarchy/root.pt, then writing checkpoint.pt failed (a full
+    disk, Ctrl-C): the clean-up deleted config.yaml and train.log and left the folder with
+    only the stage (and a FAILED that pointed at both), so --resume was refused. Now the
+    folder stays whole and --resume starts it over, reusing the finished root stage."""
+    real = workflow.save_checkpoint
+
+    def failing(path, *args, **kwargs):
+        if path.name == "checkpoint.pt":
+            raise failure(28, "No space left on device") if failure is OSError else failure()
+        return real(path, *args, **kwargs)
+
+    name = f"hier-full-disk-{failure.__name__}"
+    monkeypatch.setattr(workflow, "save_checkpoint", failing)
+    with pytest.raises(failure):
+        workflow.train(make_config(out_dir, name, *HIERARCHICAL), figures=False)
+    monkeypatch.undo()
+    run_dir = out_dir / name
+    kept = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "train.log", "hierarchy"} <= kept
+    assert ("FAILED" in kept) == (failure is OSError)
+    after = StageInterrupt(at=None)
+    resumed = workflow.train(None, resume=run_dir, figures=False, callbacks=(after,))
+    assert after.seen[0] == ("root", None, True)  # the finished root stage, reused
+    assert_same_parameters(resumed.model, hierarchical_run.model)
 
 
 @pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
