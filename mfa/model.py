@@ -217,7 +217,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         return super()._apply(fn, recurse)
 
     def config(self) -> dict:
-        """The constructor arguments, enough to rebuild the module before ``load_state_dict``."""
+        """Constructor arguments to rebuild it for ``load_state_dict`` (not ``chunk_elements``)."""
         return {
             "n_components": self.n_components,
             "n_features": self.n_features,
