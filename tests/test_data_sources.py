@@ -13,6 +13,7 @@ import gzip
 import os
 import re
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -226,6 +227,30 @@ def test_mnist_gz_in_raw_is_extracted_in_place(tmp_path):
     d = load_dataset("mnist", tmp_path)
     check_mnist_like(d, tr, trl, te, tel)
     assert (raw / "train-images-idx3-ubyte").is_file()  # as torchvision's download() leaves it
+
+
+def test_mnist_gz_replaced_after_extraction_is_extracted_again(tmp_path):
+    """The copy extracted next to the .gz files was read ever after, so replaced .gz files
+    (another download) left the old images loading without a word. An uncompressed file
+    newer than its .gz (the user's own) is still read as it is."""
+    raw = tmp_path / "MNIST" / "raw"
+    write_mnist(raw, compress=True, seed=0)
+    first = load_dataset("mnist", tmp_path)
+    tr, trl, te, tel = write_mnist(raw, compress=True, seed=7)
+    later = time.time_ns() + 10**9  # (a replaced file is newer than the extracted copy)
+    for path in raw.glob("*.gz"):
+        os.utime(path, ns=(later, later))
+    again = load_dataset("mnist", tmp_path)
+    check_mnist_like(again, tr, trl, te, tel)
+    assert not torch.equal(again.test_pixels, first.test_pixels)
+    # the user's own uncompressed file, newer than the .gz beside it, wins
+    own = raw / "t10k-labels-idx1-ubyte"
+    labels = bytearray(own.read_bytes())
+    labels[8] = (labels[8] + 1) % 10
+    own.write_bytes(bytes(labels))
+    newest = later + 10**9
+    os.utime(own, ns=(newest, newest))
+    assert load_dataset("mnist", tmp_path).labels("test")[0] == labels[8]
 
 
 def test_fashion_mnist_flat_gz_folder_is_mirrored_into_cache(tmp_path):

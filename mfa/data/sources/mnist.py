@@ -64,10 +64,15 @@ def _check_not_the_other(key: str, base: Path, files: dict[str, Path]) -> None:
 
 
 def _idx_file(folder: Path, base: str) -> Path | None:
-    for candidate in (folder / base, folder / f"{base}.gz"):
-        if candidate.is_file():
-            return candidate
-    return None
+    """``folder/base``, or its ``.gz`` where only that is there or it is newer than the
+    uncompressed file (replaced since it was extracted: extracting it again is due; an
+    uncompressed file newer than its ``.gz`` is the user's and is read as it is)."""
+    plain, packed = folder / base, folder / f"{base}.gz"
+    if plain.is_file():
+        if packed.is_file() and packed.stat().st_mtime_ns > plain.stat().st_mtime_ns:
+            return packed
+        return plain
+    return packed if packed.is_file() else None
 
 
 def _idx_files(folder: Path) -> dict[str, Path] | None:
