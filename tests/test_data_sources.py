@@ -632,6 +632,24 @@ def test_folder_channels_follow_the_folders_first_image_whatever_the_seed_or_lim
         assert data.image_shape == (1, 8, 8), (seed, limit)
 
 
+def test_a_colour_image_after_a_greyscale_first_one_is_refused_not_turned_grey(tmp_path):
+    """The first file made the folder greyscale and every colour photo was converted to
+    grey without a word (a size mismatch had a clear error); colour stored in RGB files
+    whose channels are equal is still fine (see the test above)."""
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(tmp_path / "a.png")
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0], colour[..., 1], colour[..., 2] = 200, 100, 50
+    for i in range(5):
+        Image.fromarray(colour).save(tmp_path / f"b{i}.png")
+    options = dict(root=tmp_path, val_fraction=0.2, test_fraction=0.2, cache=False)
+    with pytest.raises(ValueError, match=r"b\d\.png is a colour image, but the first image "
+                                         r"\(.*a\.png\) is greyscale.*channels=3"):
+        load_dataset("folder", **options)
+    data = load_dataset("folder", **options, channels=3)
+    assert data.image_shape == (3, 8, 8)
+    assert load_dataset("folder", **options, channels=1).image_shape == (1, 8, 8)
+
+
 def test_the_cache_follows_the_first_image_that_sets_the_channels(tmp_path):
     """The channels come from the folder's first file, also when a limit leaves it out of
     the splits; the cache key left it out too, and a cached load kept 1 channel after it

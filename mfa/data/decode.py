@@ -54,9 +54,12 @@ def _eight_bit(im: Image.Image, path) -> Image.Image:
 class DecodeFiles(Dataset):
     """Decodes image files to uint8 ``[C, H, W]`` tensors (used inside a DataLoader)."""
 
-    def __init__(self, paths, mode, crop, size, expected=None):
+    def __init__(self, paths, mode, crop, size, expected=None, grey_from=None):
         self.paths, self.mode, self.crop, self.size = paths, mode, crop, size
         self.expected = expected
+        # the greyscale first image that chose mode "L" (channels not given): a colour image
+        # (not one whose channels are all equal) is refused rather than turned grey
+        self.grey_from = grey_from
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,6 +70,8 @@ class DecodeFiles(Dataset):
             with Image.open(path) as im:
                 if self.crop is not None:
                     check_crop_fits(self.crop, im.height, im.width, str(path))
+                if self.grey_from is not None and im.mode not in _GREY_MODES:
+                    _check_grey(im, path, self.grey_from)
                 img = transform(_eight_bit(im, path).convert(self.mode), self.crop, self.size)
                 arr = np.array(img, dtype=np.uint8)  # a writable copy
         except FileNotFoundError as err:
@@ -94,6 +99,18 @@ def _unreadable(path: Path, err: Exception) -> Exception:
     if str(path) in str(err):
         return err
     return OSError(f"cannot read image {path}: {err}")
+
+
+def _check_grey(im: Image.Image, path, first) -> None:
+    """Refuse a colour image among greyscale ones (its channels differ somewhere)."""
+    rgb = np.asarray(im.convert("RGB"))
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return  # grey content stored as colour: nothing is lost
+    raise ValueError(
+        f"{path} is a colour image, but the first image ({first}) is greyscale, which makes "
+        "every image greyscale (channels 1); pass channels=3 to load_dataset to read them all "
+        "in colour, or channels=1 to read them all as greyscale, or remove or convert the "
+        "odd file")
 
 
 def _first_mode(path: Path) -> str:
@@ -198,7 +215,8 @@ def decode_splits(
             pix = torch.empty((len(paths), d), dtype=torch.uint8)
             if paths:
                 loader = DataLoader(
-                    DecodeFiles(paths, mode, crop, size, expected=shape),
+                    DecodeFiles(paths, mode, crop, size, expected=shape,
+                                grey_from=first if channels is None and mode == "L" else None),
                     batch_size=batch_size,
                     num_workers=workers if len(paths) > batch_size else 0,
                 )
