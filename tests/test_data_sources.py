@@ -253,6 +253,20 @@ def test_mnist_gz_replaced_after_extraction_is_extracted_again(tmp_path):
     assert load_dataset("mnist", tmp_path).labels("test")[0] == labels[8]
 
 
+def test_an_old_downloads_processed_files_do_not_replace_the_idx_files(tmp_path):
+    """torchvision's MNIST class loads processed/training.pt and test.pt (an old download's)
+    instead of the idx files in raw/ wherever those exist: 3 + 2 images were read in place
+    of the 20 + 8 of the idx files, which are what the docs say is read."""
+    raw = tmp_path / "MNIST" / "raw"
+    tr, trl, te, tel = write_mnist(raw)
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    for name, n in (("training.pt", 3), ("test.pt", 2)):
+        torch.save((torch.zeros(n, 28, 28, dtype=torch.uint8),
+                    torch.zeros(n, dtype=torch.int64)), processed / name)
+    check_mnist_like(load_dataset("mnist", tmp_path), tr, trl, te, tel)
+
+
 def test_fashion_mnist_flat_gz_folder_is_mirrored_into_cache(tmp_path):
     # the layout of Debian's /usr/share/datasets/fashion-mnist: four .gz files, no raw/
     flat = tmp_path / "flat"
@@ -302,7 +316,7 @@ def test_inconsistent_or_corrupt_idx_files_are_refused_by_name(tmp_path):
         load_dataset("mnist", folder("sizes", test_side=32))
     garbage = folder("garbage")
     (garbage / "train-images-idx3-ubyte").write_bytes(b"not an idx file at all")
-    with pytest.raises(ValueError, match="train idx files in .* are not valid idx files"):
+    with pytest.raises(ValueError, match=r"train idx files \(.*\) in .* are not valid idx files"):
         load_dataset("mnist", garbage, cache_dir=tmp_path / "cache")
 
 
@@ -315,7 +329,7 @@ def test_an_idx_file_of_another_element_type_is_refused_by_name(tmp_path):
     data = bytearray(path.read_bytes())
     data[2] = 0x09
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="train idx files in .* are not valid idx files"):
+    with pytest.raises(ValueError, match=r"train idx files \(.*\) in .* are not valid idx files"):
         load_dataset("mnist", folder, cache_dir=tmp_path / "cache")
 
 
@@ -616,7 +630,12 @@ def test_a_truncated_idx_file_is_reported_as_invalid_not_as_a_failed_download(tm
     write_mnist(tmp_path / "data", n_train=200)
     path = tmp_path / "data" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(ValueError, match=r"mnist: the train idx files in .* are not valid"):
+    # the user's folder is named (the files are read from a copy in the cache, which the
+    # message named alone), with the two files of the split
+    with pytest.raises(ValueError, match=r"mnist: the train idx files \(train-images-idx3-ubyte "
+                                         r"and train-labels-idx1-ubyte\) in "
+                                         + re.escape(str(tmp_path / "data")) +
+                                         r" \(read from their copy in .*cache.*\) are not valid"):
         load_dataset("mnist", tmp_path / "data", cache_dir=tmp_path / "cache")
 
 

@@ -111,8 +111,10 @@ def _materialise(files: dict[str, Path], raw: Path) -> None:
             tmp.unlink(missing_ok=True)  # nothing half-written is left in the user's folder
 
 
-def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) -> Path:
-    """A folder ``R`` with ``R/<Class>/raw/<idx files>`` uncompressed, for torchvision."""
+def _mnist_root(key: str, root: Path | None, download: bool,
+                cache_dir: Path) -> tuple[Path, Path | None]:
+    """A folder ``R`` with ``R/<Class>/raw/<idx files>`` uncompressed, for torchvision, and
+    the folder the files came from when ``R`` is a copy of them in the cache (else ``None``)."""
     cls = _MNIST_CLASS[key]
     # (folder, whether the idx files may lie directly in it). MNIST and Fashion-MNIST share
     # their idx files' names, so only a folder that names one dataset (an explicit root, the
@@ -130,10 +132,10 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
         files = _idx_files(raw)
         if files is not None:
             if all(p.suffix != ".gz" for p in files.values()):
-                return base
+                return base, None
             try:  # extract next to the .gz files, as torchvision's download() would
                 _materialise(files, raw)
-                return base
+                return base, None
             except OSError:
                 pass  # read-only: use the cache below
         elif flat:
@@ -144,9 +146,9 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
             tag = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:12]
             mirror = cache_dir / "idx" / f"{key}-{tag}"
             _materialise(files, mirror / cls / "raw")
-            return mirror
+            return mirror, next(iter(files.values())).parent
     if download:
-        return root if root is not None else default_data_root()
+        return (root if root is not None else default_data_root()), None
     names = ", ".join(MNIST_FILES)
     raise DatasetNotFoundError(
         f"{key} not found: looked for its idx files ({names}, optionally .gz) in "
@@ -166,32 +168,36 @@ def _mnist_root(key: str, root: Path | None, download: bool, cache_dir: Path) ->
 def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) -> Pools:
     """The official train and test splits of ``key`` as uint8 images ``[N, 1, 28, 28]``."""
     import torchvision.datasets as tvd
+    from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    base = _mnist_root(key, root, download, cache_dir)
+    base, source = _mnist_root(key, root, download, cache_dir)
     cls = getattr(tvd, _MNIST_CLASS[key])
+    raw = Path(base) / _MNIST_CLASS[key] / "raw"
     images, labels = {}, {}
     for pool, train in (("train", True), ("test", False)):
-        try:
-            ds = cls(str(base), train=train, download=download)
-        except RuntimeError as err:
-            if download:
+        if download:  # (torchvision fetches the files; they are read below)
+            try:
+                cls(str(base), train=train, download=True)
+            except RuntimeError as err:
                 raise DatasetNotFoundError(
                     f"{key}: torchvision could not load or download it into {base}: {err}"
                 ) from err
-            bad = err  # the idx files are there: torch could not read them (e.g. truncated)
-        except (AssertionError, ValueError, TypeError, struct.error) as err:  # its idx reader
-            # (TypeError: torchvision 0.29 on an idx file of another element type)
-            bad = err
-        else:
-            bad = None
-        if bad is not None:
-            raw = Path(base) / _MNIST_CLASS[key] / "raw"
+        # The idx files themselves: torchvision's class loads an old download's
+        # processed/*.pt instead, where those exist.
+        prefix = "train" if train else "t10k"
+        try:
+            data = read_image_file(str(raw / f"{prefix}-images-idx3-ubyte"))
+            targets = read_label_file(str(raw / f"{prefix}-labels-idx1-ubyte"))
+        except (RuntimeError, AssertionError, ValueError, TypeError, struct.error,
+                OSError) as bad:  # its idx reader (TypeError: another element type)
+            where = raw if source is None else f"{source} (read from their copy in {raw})"
             raise ValueError(
-                f"{key}: the {pool} idx files in {raw} are not valid idx files (a truncated "
+                f"{key}: the {pool} idx files ({prefix}-images-idx3-ubyte and "
+                f"{prefix}-labels-idx1-ubyte) in {where} are not valid idx files (a truncated "
                 f"or corrupt download?): {type(bad).__name__} {bad}".rstrip()
             ) from bad
-        images[pool] = ds.data.unsqueeze(1).contiguous()
-        labels[pool] = ds.targets.to(torch.int64)
+        images[pool] = data.unsqueeze(1).contiguous()
+        labels[pool] = targets.to(torch.int64)
     return Pools(
         kind="train-test",
         images=images,
