@@ -343,6 +343,24 @@ def test_svhn_labels_outside_1_to_10_are_refused(tmp_path):
     with pytest.raises(ValueError, match="test_32x32.mat has a label 77; SVHN's labels are 1 "
                                          "to 10"):
         load_dataset("svhn", tmp_path / "svhn")
+    # 0 is no SVHN label either (it was read as the digit 0, whose label is 10)
+    savemat(str(tmp_path / "svhn" / "test_32x32.mat"),
+            {"X": x, "y": np.array([[1], [0], [3]], dtype=np.uint8)})
+    with pytest.raises(ValueError, match="test_32x32.mat has a label 0; SVHN's labels are 1 "):
+        load_dataset("svhn", tmp_path / "svhn")
+
+
+def test_mnist_labels_outside_0_to_9_are_refused(tmp_path):
+    """A labels file of 77s loaded without a word."""
+    raw = tmp_path / "MNIST" / "raw"
+    write_mnist(raw)
+    labels = raw / "t10k-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[9] = 77
+    labels.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte has a label 77; the labels "
+                                         "are the ten classes 0 to 9"):
+        load_dataset("mnist", tmp_path)
 
 
 def test_corrupt_svhn_file_is_named(tmp_path):

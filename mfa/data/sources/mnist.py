@@ -196,6 +196,10 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
                 f"{prefix}-labels-idx1-ubyte) in {where} are not valid idx files (a truncated "
                 f"or corrupt download?): {type(bad).__name__} {bad}".rstrip()
             ) from bad
+        if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) <= 9:
+            bad = int(targets[(targets < 0) | (targets > 9)][0])
+            raise ValueError(f"{key}: {raw / f'{prefix}-labels-idx1-ubyte'} has a label "
+                             f"{bad}; the labels are the ten classes 0 to 9")
         images[pool] = data.unsqueeze(1).contiguous()
         labels[pool] = targets.to(torch.int64)
     return Pools(

@@ -61,11 +61,11 @@ def svhn_pools(root: Path | None, download: bool) -> Pools:
         y = y.astype(np.int64).reshape(-1)
         if y.shape[0] != x.shape[3]:
             raise ValueError(f"svhn: {path} has {x.shape[3]} images but {y.shape[0]} labels")
-        y[y == 10] = 0  # SVHN labels digit 0 as 10
-        if y.size and (y.min() < 0 or y.max() > 9):
-            bad = int(y[(y < 0) | (y > 9)][0])
+        if y.size and (y.min() < 1 or y.max() > 10):  # (checked before 10 becomes 0)
+            bad = int(y[(y < 1) | (y > 10)][0])
             raise ValueError(f"svhn: {path} has a label {bad}; SVHN's labels are 1 to 10 "
                              "(10 for the digit 0)")
+        y[y == 10] = 0  # SVHN labels digit 0 as 10
         # [H, W, C, N] -> [N, C, H, W], as torchvision's np.transpose(X, (3, 2, 0, 1))
         images[pool] = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))
         labels[pool] = torch.from_numpy(y)
