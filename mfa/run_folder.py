@@ -353,7 +353,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
                                  "new run")
     if "train.sgd.epochs" in changed and config.train.method == "sgd":
         saved = ckpt.run_config.train.sgd
-        epoch = _saved_count(state, "epoch")
+        epoch = _saved_count(ckpt, "epoch")
         if state.get("stopped") or state.get("final", epoch >= saved.epochs):
             raise ValueError(
                 "cannot change train.sgd.epochs when resuming: this run's Adam has finished "
@@ -369,13 +369,13 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
                 f"{saved.schedule!r}: the learning-rate schedule is laid out over the saved "
                 "number of epochs; resume with it, or start a new run")
     saved_em = ckpt.run_config.train.em
-    run, iteration = _saved_count(state, "run"), _saved_count(state, "iteration")
+    run, iteration = _saved_count(ckpt, "run"), _saved_count(ckpt, "iteration")
     # Checkpoints come after EM iterations (iteration >= 1) and at the end of the fit, where
     # run is n_init + the re-seeding rounds run and iteration 0 (or, when a round did not
     # pay, n_init + reseed_rounds): a run past n_init mid-iteration is a re-seeding round.
     finished = run >= saved_em.n_init and (
         iteration == 0 or run >= saved_em.n_init + saved_em.reseed_rounds)
-    done = _saved_count(state, "iteration")
+    done = _saved_count(ckpt, "iteration")
     if ("train.em.max_iter" in changed and config.train.method == "em" and not finished
             and config.train.em.max_iter < done):
         raise ValueError(
@@ -392,13 +392,19 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
             f"it would not run again; start a new run ({_new_run_hint(ckpt, 'train.em.max_iter')})")
 
 
-def _saved_count(state: dict, key: str) -> int:
+def _saved_count(ckpt: Checkpoint, key: str) -> int:
     """The trainer state's ``key`` (0 when absent) as an int, read before the trainer checks
-    the state: a tampered value is named here, not failed on in ``int()``."""
-    value = state.get(key, 0)
+    the state: a tampered value is named here, as the trainer's check would, not failed on
+    in ``int()``."""
+    from mfa.checkpoint import CheckpointError
+
+    value = (ckpt.trainer_state or {}).get(key, 0)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"the checkpoint's trainer state key {key!r} must be an int, got "
-                         f"{value!r:.60}; the file is damaged or crafted")
+        trainer = {"em": "EMTrainer", "sgd": "SGDTrainer"}.get(
+            ckpt.run_config.train.method, "the trainer")
+        raise CheckpointError(
+            f"checkpoint {ckpt.path} holds a trainer state that {trainer} cannot resume "
+            f"from: state key {key!r} must be int, got {type(value).__name__} {value!r:.60}")
     return int(value)
 
 
