@@ -206,10 +206,15 @@ MIN_ROWS = 10
 
 
 def _validation_rows(validation: DataSource) -> int:
-    """The number of validation rows of every process (a tensor's without a pass)."""
+    """The number of validation rows of every process (a tensor's without a pass), counted
+    up to :data:`MIN_ROWS` a process: a stream is read only until it has that many."""
     if validation.tensor is not None:  # (every process holds the whole tensor)
         return int(validation.tensor.shape[0])
-    count = sum(batch.shape[0] for batch in validation)
+    count = 0
+    for batch in validation:
+        count += batch.shape[0]
+        if count >= MIN_ROWS:
+            break
     if validation.sharded:
         (count,) = distributed.sum_across_processes(count)
     return int(round(count))
