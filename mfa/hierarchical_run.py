@@ -74,7 +74,9 @@ class HierarchicalRunTrainer:
         def on_stage(trainer: HierarchicalTrainer, record: dict) -> None:
             self.history = copy.deepcopy(trainer.history)
             current = trainer.model if record["stage"] == "final" else trainer.root
-            if record["stage"] == "root" and checkpoint_fn is not None:
+            # After the root and each child: the checkpoint (and its train_seconds) covers
+            # every finished stage, which a resume reuses from checkpoint_dir.
+            if record["stage"] in ("root", "child") and checkpoint_fn is not None:
                 checkpoint_fn(self, trainer.root)
             for callback in callbacks:
                 callback(self, current, record)

@@ -95,7 +95,11 @@ def check_hierarchical(config: Any) -> None:
         if match is None:
             raise ValueError(f"invalid value in train.hierarchical: {text}") from None
         key, problem = match.groups()
+        stage, _, field = key.partition(".")
         where = (f"model.{HIERARCHY_FROM_MODEL[key]}" if key in HIERARCHY_FROM_MODEL
+                 # a null stage is train.em's copy: the value came from there
+                 else f"train.em.{field}" if field and stage in ("root_em", "child_em")
+                 and getattr(config.train.hierarchical, stage) is None
                  else f"train.hierarchical.{key}")
         problem = re.sub(r"HierarchicalConfig\.(\w+)", r"train.hierarchical.\1", problem)
         raise ValueError(f"invalid value for {where}: {problem}") from None

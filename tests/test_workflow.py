@@ -361,6 +361,20 @@ def test_a_hierarchical_run_failing_at_its_first_checkpoint_keeps_its_stages_and
 
 
 @pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
+def test_a_hierarchical_runs_checkpoint_follows_every_finished_child(out_dir):
+    """The checkpoint was written after the root only, so a resume's train_seconds lost the
+    time of every child an interrupted session had fitted; now it follows each child."""
+    config = make_config(out_dir, "hier-each-child", *HIERARCHICAL)
+    with pytest.raises(KeyboardInterrupt):  # in the last child's callback (K₁ = 2)
+        workflow.train(config, figures=False, callbacks=(StageInterrupt(at=1),))
+    saved = load_checkpoint(out_dir / "hier-each-child" / "checkpoint.pt")
+    stages = [r["stage"] for r in saved.trainer_state["history"]]
+    assert stages == ["root", "child", "child"] and saved.trainer_state["finished"] is False
+    fitted = sum(r["seconds"] for r in saved.trainer_state["history"])
+    assert saved.metrics["train_seconds"] >= fitted
+
+
+@pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
 def test_hierarchical_resume_after_an_interrupt_gives_the_uninterrupted_model(
         hierarchical_run, out_dir):
     config = make_config(out_dir, "hier-b", *HIERARCHICAL)
