@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mfa import viz
+from mfa._validation import check_positive_int
 from mfa.data import ImageData
 from mfa.inference import inpaint as inpaint_rows
 from mfa.masks import make_mask, require_hidden
@@ -73,7 +74,7 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     """original | masked input | conditional mean | ``n_samples`` conditional samples, for
     the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
     ``observed`` [n, D])."""
-    count = min(n, data.pixels(split).shape[0])
+    count = min(check_positive_int(n, "n"), data.pixels(split).shape[0])
     if count == 0:
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mfa import viz
 from mfa._temporaries import write_atomically
+from mfa._validation import check_positive_int
 from mfa.data import ImageData
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import DEFAULT_SCORE, SCORE_NAMES, OutlierScorer, evaluate_outliers, get_score
@@ -101,6 +102,7 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     :meth:`ImageData.source_names`, empty when unknown; ``score`` as in
     :mod:`mfa.outliers`, bits/dim; ``log_prob`` in nats). Ties keep the split's order."""
     out_dir = Path(out_dir)
+    n, nrow = check_positive_int(n, "n"), check_positive_int(nrow, "nrow")  # (n=-3 drew N-3)
     rows = data.pixels(split).shape[0]
     if rows == 0:
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to rank")
@@ -187,6 +189,9 @@ def check_outlier_data(data: ImageData, other: ImageData, split: str = "test",
     for name, source in (("run's data", data), ("other data", other)):
         if source.pixels(split).shape[0] == 0:
             raise ValueError(f"the {split} split of the {name} {source.name} is empty")
+    if isinstance(scores, str):  # (its characters were taken for score names)
+        raise TypeError(f"scores must be a sequence of score names, got the string "
+                        f"{scores!r}; pass [{scores!r}]")
     names = [get_score(s).name for s in scores]
     if other.dequantize != data.dequantize:
         raise ValueError(f"{other.name} must be read like the run's data (dequantize="

@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from mfa._temporaries import write_atomically
+from mfa._validation import check_positive_int
 from mfa.data import check_image_shape, to_images, to_rows
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ MAX_FIGURE_PIXELS = 2**28
 def grid_size(n: int, nrow: int, height: int, width: int, padding: int = 2) -> tuple[int, int]:
     """``(width, height)`` in pixels of a grid of ``n`` images ``height × width``, ``nrow`` a
     row (as :func:`image_grid` lays them out)."""
+    n, nrow = check_positive_int(n, "n"), check_positive_int(nrow, "nrow")
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
     return cols * (width + padding) + padding, rows * (height + padding) + padding
@@ -292,7 +294,7 @@ def inpainting_grid(
     if tuple(mask.shape) != (n, d):
         raise ValueError(f"mask must have shape [{n}, {d}] or [{d}], got {tuple(mask.shape)}")
 
-    if isinstance(hidden_color, (int, float)):
+    if isinstance(hidden_color, numbers.Real) and not isinstance(hidden_color, bool):
         color = [float(hidden_color)] * (1 if c == 1 else 3)
     else:
         color = [float(v) for v in hidden_color]
@@ -431,9 +433,9 @@ def plot_training_curve(
     for key in keys:
         for run, records in groups:
             points = [
-                (record.get(x_key, i) if x_key else i, record[key])
-                for i, record in enumerate(records)
-                if isinstance(record.get(key), (int, float)) and not isinstance(record[key], bool)
+                (record.get(x_key, i) if x_key else i, float(record[key]))
+                for i, record in enumerate(records)  # (numpy numbers too)
+                if isinstance(record.get(key), numbers.Real) and not isinstance(record[key], bool)
             ]
             if points:
                 xs, ys = zip(*points, strict=True)

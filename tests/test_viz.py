@@ -308,3 +308,30 @@ def test_training_curve_is_written_whole(tmp_path):
                                tmp_path / "curve.png")
     assert Image.open(path).format == "PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+
+
+def test_numpy_numbers_are_numbers_to_the_figures(tmp_path, monkeypatch):
+    """A numpy grey level fell through to the RGB branch ('numpy.float32' object is not
+    iterable), and numpy values in a history were skipped as missing ("no data")."""
+    import numpy as np
+
+    shape = (1, 4, 4)
+    x = torch.rand(2, 16, generator=gen(0))
+    mask = make_mask("top", shape, 2)
+    image = inpainting_grid(x, None, x, None, shape, mask, hidden_color=np.float32(0.5))
+    assert image.mode == "L" and image.getpixel((2 + 6, 2)) == 128
+    import matplotlib.axes
+
+    drawn, original = [], matplotlib.axes.Axes.plot
+
+    def plot(self, xs, ys, *args, **kwargs):  # (the points the curve draws)
+        drawn.append(list(ys))
+        return original(self, xs, ys, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    plot_training_curve([{"iteration": 1, "train_log_likelihood": np.float32(1.5)},
+                         {"iteration": 2, "train_log_likelihood": np.float64(2.5)}],
+                        tmp_path / "c.png")
+    assert drawn == [[1.5, 2.5]]
+    with pytest.raises(ValueError, match="nrow must be >= 1"):
+        viz.grid_size(3, 0, 4, 4)

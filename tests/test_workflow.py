@@ -1074,3 +1074,21 @@ def test_a_new_run_trains_and_saves_with_its_data_root_resolved(tmp_path, monkey
     with pytest.raises(RuntimeError, match="stop after the config"):
         workflow.train(load_config(overrides=["data.root=rel", f"output.dir={tmp_path}"]))
     assert seen[0].data.root == str(tmp_path / "rel")
+
+
+def test_figure_counts_below_one_and_a_string_of_scores_are_refused(em_run, data, tmp_path):
+    """rank_outliers(n=-3) drew the N-3 most outlying images (order[:-3]); n=0 or nrow=0
+    divided by zero; figures.inpaint(n=0) said the split was empty; outlier_metrics(scores=
+    "complexity") took each character for a score name."""
+    from mfa import figures
+    from mfa.run_outliers import outlier_metrics, rank_outliers
+
+    for bad in ({"n": -3}, {"n": 0}, {"nrow": 0}):
+        with pytest.raises(ValueError, match=rf"{next(iter(bad))} must be >= 1"):
+            rank_outliers(em_run.model, data, tmp_path, **bad)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        figures.inpaint(em_run.model, data, tmp_path / "i.png", n=0)
+    with pytest.raises(TypeError, match=r"scores must be a sequence of score names, got the "
+                                        r"string 'complexity'; pass \['complexity'\]"):
+        outlier_metrics(em_run.model, data, data, scores="complexity")
