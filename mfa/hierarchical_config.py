@@ -104,7 +104,8 @@ def child_components(rows: int, config: HierarchicalConfig) -> int:
     ``min(rows', clamp(rows // rows_per_component, min_child_components,
     max_child_components))`` — never more components than the child's EM trains on:
     ``rows'`` is ``rows`` less the validation rows that EM holds out (``child_em.val_fraction``
-    when its automatic noise prior or early stopping needs them).
+    when its automatic noise prior or early stopping needs them), and at most
+    ``child_em.init_samples``, the rows its initialisation reads (unless ``init="none"``).
     """
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"rows must be an int >= 0, got {rows!r}")
@@ -120,6 +121,8 @@ def child_components(rows: int, config: HierarchicalConfig) -> int:
         held = int(round(rows * em.val_fraction))  # as mfa.training.hold_out
         if held == rows:  # hold_out refuses to hold out every row: keep the root component
             return 0
+    if em.init != "none":  # (K-means needs K rows: more was refused after the root's fit)
+        n = min(n, em.init_samples)
     return max(1, min(n, rows - held))
 
 

@@ -83,9 +83,14 @@ def _check_scores(scores: object, name: str) -> Tensor:
             raise TypeError(f"{name} must be a 1-D tensor of real numbers: {err}") from None
     else:
         raise TypeError(f"{name} must be a 1-D tensor of scores, got {type(scores).__name__}")
-    if t.dtype == torch.bool or t.is_complex() or not (t.is_floating_point() or t.dtype in (
-        torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+    if t.dtype in (torch.uint16, torch.uint32):  # (numpy's unsigned counts: exact as int64)
+        t = t.to(torch.int64)
+    if t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must hold real numbers, got dtype {t.dtype}")
+    if not (t.is_floating_point() or t.dtype in (
+            torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"{name} has dtype {t.dtype}, which is not supported; pass int64 or "
+                        "float64 scores")
     if t.dim() != 1:
         raise ValueError(f"{name} must have shape [N], got {tuple(t.shape)}")
     if t.numel() == 0:

@@ -173,6 +173,13 @@ def test_child_component_rule():
     assert child_components(1, tiny) == 0 and child_components(3, tiny) == 1
     default = config(rows_per_component=100)  # min_child_rows None: rows_per_component
     assert child_components(99, default) == 0 and child_components(100, default) == 1
+    # nor more than the rows its K-means initialisation reads (init_samples): 11 components
+    # for 3 initialisation rows were refused only once the root had been fitted
+    few = config(rows_per_component=10, max_child_components=20, min_child_rows=10,
+                 child_em=EMConfig(progress=False, patience=0, noise_prior_variance=1e-3,
+                                   init_samples=3))
+    assert child_components(117, few) == 3
+    assert child_components(117, replace(few, child_em=replace(few.child_em, init="none"))) == 11
     assert total_components([0, 250, 10_000], cfg) == 1 + 2 + 5
     with pytest.raises(ValueError, match="rows must be an int >= 0"):
         child_components(-1, cfg)

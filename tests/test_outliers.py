@@ -112,6 +112,20 @@ def test_integer_scores_of_every_width(dtype):
         auroc(torch.tensor([0]), torch.tensor([-(2**63)]))
 
 
+@pytest.mark.parametrize("np_dtype", ["uint16", "uint32"])
+def test_unsigned_numpy_scores_are_ranked(np_dtype):
+    """numpy's unsigned counts were refused as 'must hold real numbers, got dtype
+    torch.uint32'; they are exact as int64. A dtype still refused is named as unsupported."""
+    s_in, s_out = [1, 2, 3], [2, 3, 70_000 if np_dtype == "uint32" else 4]
+    ref_roc, ref_ap = sklearn_pair(s_in, s_out)
+    res = evaluate_outliers(np.array(s_in, np_dtype), np.array(s_out, np_dtype))
+    assert res["auroc"] == pytest.approx(ref_roc, abs=1e-12)
+    assert res["aupr"] == pytest.approx(ref_ap, abs=1e-12)
+    with pytest.raises(TypeError, match=r"scores_in has dtype torch.uint64, which is not "
+                                        r"supported; pass int64 or float64"):
+        auroc(torch.tensor([1, 2], dtype=torch.uint64), torch.tensor([3]))
+
+
 # ---------------------------------------------------------------------- scores
 
 
