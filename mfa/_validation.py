@@ -119,6 +119,11 @@ def check_positive_int(value: object, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def is_real_number(value: object) -> bool:
+    """A real number: Python's or numpy's int or float, not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def check_positive_real(value: object, name: str) -> float:
     """``value`` as a finite float above 0: a real number (numpy's included), not a bool."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
@@ -174,8 +179,7 @@ def check_real_field(
         return
     try:  # (math.isfinite of an int beyond float's range raises OverflowError)
         ok = (
-            isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and math.isfinite(value)
+            is_real_number(value) and math.isfinite(value)
             and (value > minimum if strict else value >= minimum) and value < maximum
         )
     except OverflowError:

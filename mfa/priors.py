@@ -76,13 +76,12 @@ def check_prior_fields(config: object, *, allow_auto: bool) -> None:
     """Check a trainer config's prior fields (``noise_prior_strength ≥ 0``,
     ``noise_prior_variance > 0`` or, when ``allow_auto``, ``"auto"``, ``weight_concentration
     ≥ 1``, ``loading_ridge ≥ 0``); the error names ``<ConfigClass>.<field>`` and the value."""
-    from mfa._validation import check_real_field
+    from mfa._validation import check_real_field, is_real_number
 
     check_real_field(config, "noise_prior_strength", minimum=0)
     s0 = config.noise_prior_variance
     if not (allow_auto and s0 == "auto"):
-        if allow_auto and not (isinstance(s0, numbers.Real) and not isinstance(s0, bool)
-                               and _finite_positive(s0)):
+        if allow_auto and not (is_real_number(s0) and _finite_positive(s0)):
             raise ValueError(f"{type(config).__name__}.noise_prior_variance must be 'auto' or "
                              f"a finite number > 0, got {s0!r}")
         check_real_field(config, "noise_prior_variance", minimum=0, strict=True)

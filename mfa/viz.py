@@ -29,7 +29,7 @@ from PIL import Image
 from torch import Tensor
 
 from mfa._temporaries import write_atomically
-from mfa._validation import check_positive_int
+from mfa._validation import check_positive_int, is_real_number
 from mfa.data import check_image_shape, to_images, to_rows
 
 if TYPE_CHECKING:
@@ -294,7 +294,7 @@ def inpainting_grid(
     if tuple(mask.shape) != (n, d):
         raise ValueError(f"mask must have shape [{n}, {d}] or [{d}], got {tuple(mask.shape)}")
 
-    if isinstance(hidden_color, numbers.Real) and not isinstance(hidden_color, bool):
+    if is_real_number(hidden_color):
         color = [float(hidden_color)] * (1 if c == 1 else 3)
     else:
         color = [float(v) for v in hidden_color]
@@ -435,7 +435,7 @@ def plot_training_curve(
             points = [
                 (record.get(x_key, i) if x_key else i, float(record[key]))
                 for i, record in enumerate(records)  # (numpy numbers too)
-                if isinstance(record.get(key), numbers.Real) and not isinstance(record[key], bool)
+                if is_real_number(record.get(key))
             ]
             if points:
                 xs, ys = zip(*points, strict=True)
