@@ -200,9 +200,14 @@ def cmd_select(args) -> int:
     score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
              else f"log-likelihood {best['val_log_likelihood']:.2f}")
     print(f"best by validation: K={best['K']}, L={best['L']} ({score})")
-    print(f"best by BIC: K={by_bic['K']}, L={by_bic['L']} (BIC {by_bic['bic']:.1f})")
+    print("best by BIC: " + ("none (no finite BIC)" if by_bic is None else
+                             f"K={by_bic['K']}, L={by_bic['L']} (BIC {by_bic['bic']:.1f})"))
     for path in paths:
         print(path)
+    if sweep.failed:  # (their rows are in the table: the other fits are kept)
+        print(f"error: {len(sweep.failed)} of {len(sweep.rows)} fits failed: " + "; ".join(
+            f"K={r['K']}, L={r['L']}: {r['error']}" for r in sweep.failed), file=sys.stderr)
+        return 1
     return 0
 
 

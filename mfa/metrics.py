@@ -179,9 +179,10 @@ def n_parameters(
         diagonal:  K · (D·L − L(L−1)/2 + 2D)    + K − 1
         isotropic: K · (D·L − L(L−1)/2 + D + 1) + K − 1
 
-    With ``L = 0`` these are the counts of a diagonal and a spherical GMM. This is the
-    standard count; for large ``L`` (e.g. ``L = D``) the loadings and noise are no longer
-    jointly identifiable and it over-counts the ``D + D(D+1)/2`` of a full covariance.
+    With ``L = 0`` these are the counts of a diagonal and a spherical GMM. For large ``L``
+    (``(D−L)² < D+L``, e.g. ``L ≥ D−1``) the loadings and noise are no longer jointly
+    identifiable: the covariance's count is then capped at the ``D(D+1)/2`` of a full
+    covariance (the count above over-penalised such models' BIC).
 
     Args:
         model_or_n_components: a model (anything with ``n_components``, ``n_features``,
@@ -214,8 +215,10 @@ def n_parameters(
         noise_params = 1
     else:
         raise ValueError(f"noise must be 'diagonal' or 'isotropic', got {noise!r}")
-    per_component = d * lat - lat * (lat - 1) // 2 + d + noise_params
-    return k * per_component + k - 1
+    # The covariance's free parameters (loadings up to rotation, and noise), at most those of
+    # a full covariance: with (D−L)² < D+L (e.g. L ≥ D−1) the count above that is redundant.
+    covariance = min(d * lat - lat * (lat - 1) // 2 + noise_params, d * (d + 1) // 2)
+    return k * (d + covariance) + k - 1
 
 
 def bic(model: Any, data: Tensor | Iterable, batch_size: int = DEFAULT_BATCH_SIZE) -> float:

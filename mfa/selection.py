@@ -42,7 +42,11 @@ __all__ = ["SelectionSweep", "select_run", "sweep_models"]
 
 #: Columns of the saved table, in order.
 COLUMNS = ("K", "L", "n_params", "train_log_likelihood", "val_log_likelihood",
-           "val_bits_per_dim", "bic", "aic", "fit_seconds", "best_val", "best_bic")
+           "val_bits_per_dim", "bic", "aic", "fit_seconds", "best_val", "best_bic", "error")
+
+#: What a fit may raise and the sweep records as that row's failure (an error of the data or
+#: the grid is refused before the first fit).
+FIT_ERRORS = (RuntimeError, ValueError, FloatingPointError)
 
 
 @dataclass
@@ -53,23 +57,33 @@ class SelectionSweep:
         rows: one dict per ``(K, L)`` in grid order (``L`` outer, ``K`` inner) with the keys
             of :data:`COLUMNS`: parameter count, mean train and validation log-likelihood
             (nats per row), validation bits/dim (``None`` unless a ``scale`` was given), BIC
-            and AIC on the training rows, fit seconds, and ``best_val`` / ``best_bic``
-            marking the best row by each criterion.
-        best_by_val: the row with the highest validation log-likelihood.
-        best_by_bic: the row with the lowest BIC.
+            and AIC on the training rows, fit seconds, ``best_val`` / ``best_bic``
+            marking the best row by each criterion, and ``error`` (``None``, or the message
+            of a fit that raised: its scores are ``None``).
+        best_by_val: the row with the highest finite validation log-likelihood.
+        best_by_bic: the row with the lowest finite BIC (``None`` when none is finite).
         best_model: the fitted model of ``best_by_val`` (the other models are not kept).
         n_features: ``D``.
+        scale: :func:`sweep_models`' ``scale`` (``val_bits_per_dim`` is reported when set).
+        complete: ``False`` for the partial sweeps passed to ``on_row`` before the last fit.
     """
 
     rows: list[dict]
     best_by_val: dict
-    best_by_bic: dict
+    best_by_bic: dict | None
     best_model: Any
     n_features: int
+    complete: bool = True
+    scale: float | None = None  # of sweep_models: validation bits/dim reported when set
+
+    @property
+    def failed(self) -> list[dict]:
+        """The rows whose fit raised."""
+        return [r for r in self.rows if r["error"] is not None]
 
     @property
     def has_bits_per_dim(self) -> bool:
-        return self.rows[0]["val_bits_per_dim"] is not None
+        return self.scale is not None
 
     def table(self, markdown: bool = False) -> str:
         """The rows as a text (or markdown) table; the best rows are marked."""
@@ -79,9 +93,12 @@ class SelectionSweep:
         for r in self.rows:
             value = r["val_bits_per_dim"] if self.has_bits_per_dim else r["val_log_likelihood"]
             marks = [name for name, key in (("val", "best_val"), ("BIC", "best_bic")) if r[key]]
-            lines.append([str(r["K"]), str(r["L"]), str(r["n_params"]), f"{value:.4f}",
-                          f"{r['bic']:.1f}", f"{r['fit_seconds']:.2f}",
-                          " ".join(f"<- {m}" for m in marks)])
+            note = " ".join(f"<- {m}" for m in marks)
+            if r["error"] is not None:
+                note = "failed: " + r["error"].replace("|", "/")[:120]
+            lines.append([str(r["K"]), str(r["L"]), _text(r["n_params"], "d"),
+                          _text(value, ".4f"), _text(r["bic"], ".1f"),
+                          f"{r['fit_seconds']:.2f}", note])
         if markdown:
             rule = ["---:"] * (len(head) - 1) + [":---"]
             return "\n".join("| " + " | ".join(cells) + " |" for cells in [head, rule, *lines])
@@ -105,11 +122,16 @@ class SelectionSweep:
 
         write_atomically(paths[0], write_csv)  # (each file whole or as it was)
         write_text_atomically(paths[1], self.table(markdown=True) + "\n")
+        def pair(row: dict | None) -> dict | None:
+            return None if row is None else {"K": row["K"], "L": row["L"]}
+
         record = {**(metadata or {}), "n_features": self.n_features,
-                  "best_by_val": {"K": self.best_by_val["K"], "L": self.best_by_val["L"]},
-                  "best_by_bic": {"K": self.best_by_bic["K"], "L": self.best_by_bic["L"]},
-                  "rows": [{key: row[key] for key in COLUMNS} for row in self.rows]}
-        write_text_atomically(paths[2], json.dumps(record, indent=2) + "\n")
+                  "complete": self.complete, "best_by_val": pair(self.best_by_val),
+                  "best_by_bic": pair(self.best_by_bic),
+                  "rows": [{key: _finite_or_none(row[key]) for key in COLUMNS}
+                           for row in self.rows]}
+        # (strict JSON: a non-finite score is null, not NaN/Infinity)
+        write_text_atomically(paths[2], json.dumps(record, indent=2, allow_nan=False) + "\n")
         self.plot(paths[3])
         return paths
 
@@ -127,8 +149,9 @@ class SelectionSweep:
         def value(r: dict) -> float:
             return r["val_bits_per_dim"] if bpd else -r["val_log_likelihood"]
 
-        for lat in sorted({r["L"] for r in self.rows}):
-            line = sorted((r for r in self.rows if r["L"] == lat), key=lambda r: r["K"])
+        scored = [r for r in self.rows if r["error"] is None]
+        for lat in sorted({r["L"] for r in scored}):
+            line = sorted((r for r in scored if r["L"] == lat), key=lambda r: r["K"])
             axes.plot([r["K"] for r in line], [value(r) for r in line], "o-", label=f"L={lat}")
         best = self.best_by_val
         axes.plot([best["K"]], [value(best)], "o", markersize=14, markerfacecolor="none",
@@ -151,15 +174,21 @@ class SelectionSweep:
         return path
 
 
+def _text(value: float | int | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _finite_or_none(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _grid(values: Sequence[int], name: str, minimum: int) -> list[int]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
-    values = list(dict.fromkeys(values))  # duplicates once, order kept
-    if not values:
+    values = [check_positive_int(v, name, minimum=minimum) for v in values]
+    if not values:  # (checked first: True == 1 and 2.0 == 2 were dropped as duplicates)
         raise ValueError(f"{name} must not be empty")
-    for v in values:
-        check_positive_int(v, name, minimum=minimum)
-    return values
+    return list(dict.fromkeys(values))  # duplicates once, order kept
 
 
 def _check_rows(train: Any, train_name: str, validation: Any, val_name: str,
@@ -200,8 +229,13 @@ def sweep_models(
     fit_fn: Callable[[int, int], Any],
     *,
     scale: float | None = None,
+    on_row: Callable[[SelectionSweep], None] | None = None,
 ) -> SelectionSweep:
     """Fit one model per ``(K, L)`` in ``components × factors`` and compare them.
+
+    A fit that raises (:data:`FIT_ERRORS`, e.g. Adam diverging) is logged and recorded as a
+    failed row (its ``error`` set, its scores ``None``); the sweep goes on. Rows whose
+    validation score is not finite are never the best.
 
     Args:
         train: the training rows (``[N, D]`` tensor or iterable of batches) that ``fit_fn``
@@ -213,9 +247,15 @@ def sweep_models(
             :func:`mfa.metrics.select_model`).
         scale: for dequantised images, the divisor of :func:`mfa.metrics.bits_per_dim`
             (256) to report validation bits/dim; ``None``: no bits/dim.
+        on_row: called after each fit but the last, once a row has a finite validation
+            score, with the sweep so far (``complete=False``): to save it as it goes.
 
     Returns:
         A :class:`SelectionSweep`.
+
+    Raises:
+        ValueError: a bad grid or data (before any fit), or no fit with a finite validation
+            score (after the sweep).
     """
     ks = _grid(components, "components", 1)
     ls = _grid(factors, "factors", 0)
@@ -225,35 +265,56 @@ def sweep_models(
     if scale is not None:
         bits_per_dim(0.0, 1, scale=scale)  # a bad scale refused before any fit, not after all
     candidates = [(k, lat) for lat in ls for k in ks]
-    seconds: dict[tuple[int, int], float] = {}  # by the candidate asked for
-
-    def timed_fit(k: int, lat: int):
+    rows: list[dict] = []
+    best: tuple[dict, Any] | None = None  # the best row by validation so far and its model
+    n_features = None
+    for k, lat in candidates:
         started = time.perf_counter()
-        model = fit_fn(k, lat)
-        seconds[k, lat] = time.perf_counter() - started
-        return model
+        try:
+            result = select_model(train, [(k, lat)], fit_fn, criterion="val_log_lik",
+                                  validation=validation)
+        except FIT_ERRORS as error:  # recorded; the sweep goes on
+            logger.warning("K=%d, L=%d failed: %s: %s", k, lat, type(error).__name__, error)
+            rows.append(dict.fromkeys(COLUMNS) | {
+                "K": k, "L": lat, "fit_seconds": time.perf_counter() - started,
+                "best_val": False, "best_bic": False,
+                "error": f"{type(error).__name__}: {(str(error) or '-').splitlines()[0]}"})
+        else:
+            r, model = result.rows[0], result.best_model
+            n_features = n_features or int(model.n_features)
+            bpd = None if scale is None else float(
+                bits_per_dim(r["val_log_lik"], n_features, scale=scale))
+            rows.append({"K": r["K"], "L": r["L"], "n_params": r["n_params"],
+                         "train_log_likelihood": r["mean_log_lik"],
+                         "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
+                         "bic": r["bic"], "aic": r["aic"],
+                         "fit_seconds": time.perf_counter() - started,
+                         "best_val": False, "best_bic": False, "error": None})
+            score = r["val_log_lik"]
+            if math.isfinite(score) and (best is None or score > best[0]["val_log_likelihood"]):
+                best = (rows[-1], model)
+        if on_row is not None and best is not None and len(rows) < len(candidates):
+            on_row(_marked(rows, best, n_features, scale, complete=False))
+    if best is None:
+        raise ValueError("no (K, L) of the sweep gave a finite validation log-likelihood: "
+                         + "; ".join(f"K={r['K']}, L={r['L']}: {r['error'] or 'not finite'}"
+                                     for r in rows))
+    return _marked(rows, best, n_features, scale, complete=True)
 
-    result = select_model(train, candidates, timed_fit, criterion="val_log_lik",
-                          validation=validation)
-    n_features = int(result.best_model.n_features)
-    order = {pair: i for i, pair in enumerate(candidates)}
-    rows, best_val = [], None
-    for r in sorted(result.rows, key=lambda r: order[r["requested"]]):
-        bpd = None
-        if scale is not None:
-            bpd = float(bits_per_dim(r["val_log_lik"], n_features, scale=scale))
-        rows.append({"K": r["K"], "L": r["L"], "n_params": r["n_params"],
-                     "train_log_likelihood": r["mean_log_lik"],
-                     "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
-                     "bic": r["bic"], "aic": r["aic"], "fit_seconds": seconds[r["requested"]],
-                     "best_val": False, "best_bic": False})
-        if r is result.best:
-            best_val = rows[-1]
-    finite_bic = [r for r in rows if math.isfinite(r["bic"])] or rows
-    best_bic = min(finite_bic, key=lambda r: r["bic"])
-    best_val["best_val"] = True
-    best_bic["best_bic"] = True
-    return SelectionSweep(rows, best_val, best_bic, result.best_model, n_features)
+
+def _marked(rows: list[dict], best: tuple[dict, Any], n_features: int, scale: float | None,
+            complete: bool) -> SelectionSweep:
+    """The sweep of ``rows`` with ``best`` (the best row by validation, its model) and the
+    lowest finite BIC marked (ties: the first in grid order)."""
+    for r in rows:
+        r["best_val"] = r is best[0]
+        r["best_bic"] = False
+    finite_bic = [r for r in rows if r["bic"] is not None and math.isfinite(r["bic"])]
+    best_bic = min(finite_bic, key=lambda r: r["bic"]) if finite_bic else None
+    if best_bic is not None:
+        best_bic["best_bic"] = True
+    return SelectionSweep(list(rows), best[0], best_bic, best[1], n_features,
+                          complete=complete, scale=scale)
 
 
 def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
@@ -319,6 +380,11 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     if max(ks) > n:
         raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
                          f"images of {data.name}")
+    rows = min(n, getattr(trainer_config, "init_samples", n))  # (as mfa train checks it)
+    if getattr(trainer_config, "init", "none") != "none" and max(ks) > rows:
+        raise ValueError(f"components {[v for v in ks if v > rows]} exceed the {rows} training "
+                         f"images the initialisation gets (train.{config.train.method}."
+                         "init_samples)")
     out_dir = (Path(config.output.dir) / f"select-{data.name}" if out_dir is None
                else Path(out_dir)).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
@@ -334,7 +400,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
                 raise ValueError(f"{out_dir} already holds an earlier sweep "
                                  f"({', '.join(earlier)}); pass another --out folder, or "
                                  "--overwrite to replace it")
-            sweep, meta = _select(config, data, ks, ls, device)
+            sweep, meta = _select(config, data, ks, ls, device, out_dir)
             return sweep, sweep.save(out_dir, metadata=meta)
     except BaseException:
         if lock_made:  # (a refused sweep left it in the user's folder)
@@ -347,9 +413,11 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         raise
 
 
-def _select(config: Any, data: Any, ks: list[int], ls: list[int],
-            device: torch.device) -> tuple[SelectionSweep, dict]:
-    """The sweep of :func:`select_run` (its checks done) and its metadata."""
+def _select(config: Any, data: Any, ks: list[int], ls: list[int], device: torch.device,
+            out_dir: Path) -> tuple[SelectionSweep, dict]:
+    """The sweep of :func:`select_run` (its checks done) and its metadata; the rows so far
+    are saved in ``out_dir`` after each fit (``complete: false`` in the JSON), so a failure
+    or Ctrl-C keeps the finished fits."""
     from mfa.em import ConvergenceWarning, EMTrainer
     from mfa.model import MixtureOfFactorAnalyzers
     from mfa.sgd import SGDTrainer
@@ -378,7 +446,8 @@ def _select(config: Any, data: Any, ks: list[int], ls: list[int],
 
     if trainer_cls is SGDTrainer:  # (the first Adam imports torch._dynamo: 1.5-3.7 s that
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first fit was charged)
-    sweep = sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None)
     meta = {"dataset": data.name, "method": config.train.method,
             "image_shape": list(data.image_shape), "sizes": data.sizes}
+    sweep = sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None,
+                         on_row=lambda partial: partial.save(out_dir, metadata=meta))
     return sweep, meta

@@ -109,16 +109,20 @@ def test_mean_log_likelihood_errors(small_model):
 
 
 def test_n_parameters_hand_counts():
-    # K=1, D=2, L=1, diagonal: mean 2 + loadings 2·1 − 0 + noise 2 + weights 0 = 6.
-    assert n_parameters(1, 2, 1) == 6
-    # K=3, D=4, L=2, diagonal: per component 4 + (8 − 1) + 4 = 15; 3·15 + 2 = 47.
-    assert n_parameters(3, 4, 2, "diagonal") == 47
-    # Isotropic: per component 4 + (8 − 1) + 1 = 12; 3·12 + 2 = 38.
+    # K=2, D=10, L=3, diagonal: mean 10 + loadings 30 − 3 (rotation) + noise 10 = 47 a
+    # component, below a full covariance's 55; 2·47 + 1 = 95.
+    assert n_parameters(2, 10, 3) == 95
+    # Isotropic K=3, D=4, L=2: 4 + (8 − 1) + 1 = 12 a component (covariance 8 ≤ 10); 38.
     assert n_parameters(3, 4, 2, "isotropic") == 38
-    # K=2, D=5, L=3, diagonal: 5 + (15 − 3) + 5 = 22; 2·22 + 1 = 45.
-    assert n_parameters(2, 5, 3) == 45
-    # K=1, D=3, L=3, diagonal: 3 + (9 − 3) + 3 = 12 (over-counts a full covariance's 3 + 6).
-    assert n_parameters(1, 3, 3) == 12
+    # Where (D−L)² < D+L the loadings-and-noise count exceeds a full covariance's D(D+1)/2
+    # (the Ledermann bound): the covariance counts D(D+1)/2. K=1, D=2, L=1: 2 + 3 = 5 (not 6).
+    assert n_parameters(1, 2, 1) == 5
+    # K=3, D=4, L=2, diagonal: (8 − 1) + 4 = 11 > 10: 3·(4 + 10) + 2 = 44 (not 47).
+    assert n_parameters(3, 4, 2, "diagonal") == 44
+    # K=2, D=5, L=3: 12 + 5 = 17 > 15: 2·20 + 1 = 41; L = D = 3: a full Gaussian's 3 + 6.
+    assert n_parameters(2, 5, 3) == 41
+    assert n_parameters(1, 3, 3) == 9
+    assert n_parameters(1, 6, 6) == n_parameters(1, 6, 5) == 6 + 21
     # L=0: a diagonal GMM has K·2D + K − 1, a spherical one K·(D + 1) + K − 1.
     assert n_parameters(4, 10, 0) == 4 * 20 + 3
     assert n_parameters(4, 10, 0, "isotropic") == 4 * 11 + 3

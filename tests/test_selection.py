@@ -368,3 +368,112 @@ def test_a_bad_scale_is_refused_before_any_fit(data, scale):
     with pytest.raises(ValueError, match="scale must be a finite number > 0"):
         sweep_models(train, val, [2, 3], [1], fit, scale=scale)
     assert fits == []
+
+
+def test_grid_values_are_checked_before_duplicates_are_dropped(data):
+    """``True == 1`` and ``2.0 == 2``: after an equal int they were dropped as duplicates
+    (accepted), first in the grid they were refused."""
+    train, val = data
+    fit = fitter(train, {})
+    for grid in ([1, True], [2, 2.0], [[2]]):
+        with pytest.raises(TypeError, match="components must be an int"):
+            sweep_models(train, val, grid, [1], fit)
+
+
+class _Scored:
+    """A stand-in model whose log-density of every row is ``value`` (D=6, L=0)."""
+
+    n_features, n_factors, noise = 6, 0, "diagonal"
+
+    def __init__(self, value, k=1):
+        self.value, self.n_components = value, k
+
+    def log_prob(self, x):
+        return torch.full((x.shape[0],), self.value, dtype=torch.float64)
+
+
+def test_a_fit_that_fails_is_a_row_and_the_sweep_goes_on(data, tmp_path):
+    """One fit that raised (Adam diverging) lost every finished fit of the sweep."""
+    train, val = data
+    base, partial = fitter(train, {}), []
+
+    def fit(k, lat):
+        if k == 2:
+            raise FloatingPointError("Adam diverged")
+        return base(k, lat)
+
+    sweep = sweep_models(train, val, [1, 2, 3], [1], fit,
+                         on_row=lambda s: partial.append([r["K"] for r in s.rows]))
+    assert [r["K"] for r in sweep.rows] == [1, 2, 3] and sweep.complete
+    assert sweep.failed == [sweep.rows[1]]
+    assert sweep.rows[1]["error"] == "FloatingPointError: Adam diverged"
+    assert sweep.rows[1]["val_log_likelihood"] is None and not sweep.rows[1]["best_val"]
+    assert sweep.best_by_val["K"] in (1, 3) and sweep.best_by_bic["K"] in (1, 3)
+    assert "failed: FloatingPointError: Adam diverged" in sweep.table()
+    assert partial == [[1], [1, 2]]  # the sweep so far, after each fit but the last
+    paths = sweep.save(tmp_path)
+    record = json.loads(paths[2].read_text())
+    assert record["rows"][1]["error"] == "FloatingPointError: Adam diverged"
+    assert record["complete"] is True
+
+
+@pytest.mark.parametrize("values", [(float("nan"), -5.0), (float("inf"), -5.0),
+                                    (-float("inf"), -5.0)])
+def test_non_finite_scores_are_never_the_best(data, tmp_path, values):
+    """A NaN, +inf or -inf validation score was marked the best (NaN when every score was),
+    and the JSON held bare NaN/Infinity, which strict parsers refuse."""
+    train, val = data
+    models = {1: _Scored(values[0], 1), 2: _Scored(values[1], 2)}
+    sweep = sweep_models(train, val, [1, 2], [0], lambda k, lat: models[k], scale=256)
+    assert sweep.best_by_val is sweep.rows[1] and sweep.best_model is models[2]
+    assert sweep.best_by_bic is sweep.rows[1]
+    text = sweep.save(tmp_path)[2].read_text()
+
+    def refuse(name):
+        raise ValueError(name)
+
+    record = json.loads(text, parse_constant=refuse)  # strict JSON
+    assert record["rows"][0]["bic"] is None and record["best_by_val"] == {"K": 2, "L": 0}
+    with pytest.raises(ValueError, match="no .K, L. of the sweep gave a finite validation"):
+        sweep_models(train, val, [1], [0], lambda k, lat: _Scored(values[0]))
+
+
+def test_mfa_select_keeps_the_finished_fits_when_one_fails_or_it_is_stopped(tmp_path,
+                                                                            monkeypatch):
+    """A failed fit or Ctrl-C after two fits left nothing (a new folder was removed)."""
+    real_fit, calls = EMTrainer.fit, []
+
+    def fit(self, model, *args, **kwargs):
+        calls.append(model.n_components)
+        if model.n_components == 3:
+            raise FloatingPointError("EM diverged")
+        if model.n_components == 4:
+            raise KeyboardInterrupt
+        return real_fit(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(EMTrainer, "fit", fit)
+    out = tmp_path / "new" / "sweep"
+    code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                   "--components", 1, 2, 3, "--factors", 1, "--out", out)
+    assert code == 1 and "1 of 3 fits failed: K=3, L=1: FloatingPointError: EM diverged" \
+        in stderr
+    rows = list(csv.DictReader(open(out / "selection.csv", newline="")))
+    assert [r["error"] for r in rows] == ["", "", "FloatingPointError: EM diverged"]
+    out = tmp_path / "stopped"
+    code, _, _ = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                         "--components", 1, 2, 4, "--factors", 1, "--out", out)
+    assert code == 130
+    record = json.loads((out / "selection.json").read_text())
+    assert record["complete"] is False and [r["K"] for r in record["rows"]] == [1, 2]
+    assert not (out / ".lock").exists()
+
+
+def test_mfa_select_refuses_more_components_than_the_initialisation_gets(tmp_path):
+    """mfa train refused K above init_samples up front; mfa select fitted the smaller K
+    first and then failed."""
+    code, _, stderr = run_cli("select", "--config", CONFIG,
+                              *sets(*TINY, "train.em.init_samples=5"),
+                              "--components", 2, 8, "--factors", 1, "--out", tmp_path / "s")
+    assert code == 2 and "components [8] exceed the 5 training images the initialisation" \
+        in stderr
+    assert not (tmp_path / "s").exists()
