@@ -132,6 +132,15 @@ def check_positive_real(value: object, name: str) -> float:
     return float(value)
 
 
+def check_generator(generator: object, name: str = "generator", optional: bool = True) -> None:
+    """``generator`` is a ``torch.Generator`` (or ``None`` when ``optional``): an int failed
+    inside torch after the work before the draw; ``None`` where one is required drew from
+    torch's global generator."""
+    if not (isinstance(generator, torch.Generator) or (optional and generator is None)):
+        raise TypeError(f"{name} must be a torch.Generator{' or None' if optional else ''}, "
+                        f"got {type(generator).__name__}")
+
+
 def check_seed(seed: object, name: str = "seed") -> int:
     """``seed`` as an int in ``[0, 2**63)`` (torch's generators take int64): not a bool,
     a float (1.5 ran as 1) or a string."""

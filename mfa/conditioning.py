@@ -409,13 +409,9 @@ def check_masked(
     Returns ``x`` with its hidden entries set to zero.
     """
     x = check_tensor(x, "x")
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape [N, {n_features}], got {tuple(x.shape)}")
-    if x.shape[-1] != n_features:
-        raise ValueError(
-            f"x must have shape [..., {n_features}] (n_features={n_features}), "
-            f"got {tuple(x.shape)}"
-        )
+    if x.dim() != 2 or x.shape[-1] != n_features:
+        raise ValueError(f"x must have shape [N, {n_features}] (n_features={n_features}), "
+                         f"got {tuple(x.shape)}")
     check_floating(x, "x", dtype, device)
     check_mask(observed, "observed", x.shape, device)
     filled = torch.where(observed, x, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mfa._validation import check_generator
 from mfa.model import MixtureOfFactorAnalyzers
 
 
@@ -102,6 +103,7 @@ def inpaint(
             n_samples < 0:
         raise ValueError(f"n_samples must be an int >= 0, got {n_samples!r}")
     n_samples = int(n_samples)
+    check_generator(generator)  # (before the mean: an int failed inside torch after it)
     with torch.no_grad():
         mean = conditional_mean(model, x, observed)
     samples = [conditional_sample(model, x, observed, generator) for _ in range(n_samples)]

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from mfa._validation import check_tensor
+from mfa._validation import check_generator, check_tensor
 from mfa.kmeans import (  # noqa: F401  (K-means names re-exported from their former home)
     KMeansResult,
     _check_rows,
@@ -96,7 +96,9 @@ def fit_complete(
         generator: the randomised SVD's randomness (default: seed 0, so the fit is
             deterministic either way).
 
-    Clusters with fewer than two rows get the pooled per-feature variance and zero loadings.
+    Clusters of at most ``L + 1`` rows (fewer than two when ``L = 0``) or of identical rows,
+    whose centred rows leave no variance beside the top ``L``, get the pooled per-feature
+    variance and zero loadings (their own fit would collapse to the floor).
     """
     x = _check_rows(x)
     labels = check_tensor(labels, "labels")
@@ -123,7 +125,7 @@ def fit_complete(
     # Σ over the clusters' rows of (x − their mean)², for the pooled variance (x.var over all
     # rows cost another pass over [N, D]: 55 ms of a 0.85 s initialisation on a 2-core CPU).
     within = torch.zeros(d, dtype=torch.float64, device=x.device)
-    unfit = []  # clusters of fewer than 2 rows: they get the pooled variance
+    unfit = []  # clusters too small (or flat) to fit: they get the pooled variance
     order = torch.argsort(labels)
     bounds = torch.cumsum(torch.bincount(labels, minlength=k), 0).tolist()
     gen = _generator(0, generator, x.device)
@@ -137,13 +139,16 @@ def fit_complete(
             unfit.append(c)
             continue
         means[c] = rows.mean(0)
-        if rows.shape[0] < 2:
-            unfit.append(c)
-            continue
         # Each cluster's fit in float64 (the rows of one cluster are few).
         centred = (rows - means[c]).double()  # [n_c, D]
         total_var = (centred * centred).mean(0)  # [D]
         within += total_var * rows.shape[0]
+        # rank(centred) <= n_c - 1: with n_c <= L + 1 rows (or identical rows) no variance
+        # is left beside the top L and the fit below is a component collapsed to the floor
+        # (log p +23 a row against -8), which EM kept and the restarts' ranking preferred.
+        if rows.shape[0] < 2 + lat or not bool(total_var.sum() > 0):
+            unfit.append(c)
+            continue
         s, vh = _top_singular(centred, lat, gen)
         eig = s * s / rows.shape[0]  # the top eigenvalues of the cluster covariance
         top = eig[:lat]
@@ -250,6 +255,7 @@ def random_init(
     """Means at ``K`` distinct random rows, uniform weights, the pooled per-feature variance
     as noise, and small random loadings (a tenth of the data scale)."""
     x = _check_rows(x)
+    check_generator(generator, optional=False)  # (None drew from torch's global generator)
     n, d = x.shape
     if n < n_components:
         raise ValueError(f"random initialisation needs >= {n_components} rows, got {n}")
@@ -307,6 +313,10 @@ def initialise(
     if method == "none":
         return
     k, lat = model.n_components, model.n_factors
+    rows = check_tensor(rows, "rows")  # (named here: it failed in the M-step's parameters)
+    if rows.dim() != 2 or rows.shape[1] != model.n_features or rows.dtype != model.dtype:
+        raise ValueError(f"rows must be a {model.dtype} tensor [n, {model.n_features}] (the "
+                         f"model's), got {rows.dtype} {tuple(rows.shape)}")
     if method in ("kmeans", "random") and rows.shape[0] < k:
         raise ValueError(
             f"the {method} initialisation of K={k} components needs at least {k} rows, got "

@@ -8,21 +8,29 @@ Everything runs on the data's device and every random choice takes a seed or a
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mfa._validation import check_finite, check_positive_int, check_tensor
+from mfa._validation import (
+    check_finite,
+    check_generator,
+    check_positive_int,
+    check_seed,
+    check_tensor,
+)
 
 _DIST_CHUNK_ELEMENTS = 2**24
 
 
 def _generator(seed: int | None, generator: torch.Generator | None, device) -> torch.Generator:
+    check_generator(generator)
     if generator is not None:
         return generator
     gen = torch.Generator(device=device)
-    gen.manual_seed(0 if seed is None else int(seed))
+    gen.manual_seed(0 if seed is None else check_seed(seed))  # (1.9 ran as 1)
     return gen
 
 
@@ -132,6 +140,7 @@ def kmeans_plus_plus(
     """
     x = _check_rows(x)
     check_positive_int(n_clusters, "n_clusters")
+    check_generator(generator, optional=False)  # (None drew from torch's global generator)
     if n_trials is not None:
         check_positive_int(n_trials, "n_trials")
     if x.shape[0] < n_clusters:  # (it returned repeated rows)
@@ -199,12 +208,17 @@ def kmeans(
             instead of all ``N``: its ``K`` sequential steps each read every row it is given,
             so on a subsample they cost ``K`` passes over far fewer rows (``None``: all rows).
 
-    An empty cluster is re-seeded at the row farthest from its centre, so every one of the
-    ``K`` centres is a mean of at least one row.
+    A cluster left empty by an iteration is re-seeded at the row farthest from its centre
+    for the next one. The last assignment can still leave a cluster empty (rows with fewer
+    than ``K`` distinct values; or, rarely, the last iteration's step):
+    :func:`mfa.init.fit_complete` starts such a component at the data's mean and pooled
+    variance.
     """
     x = _check_rows(x)
     check_positive_int(n_clusters, "n_clusters")
     check_positive_int(n_iter, "n_iter", minimum=0)
+    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and tol >= 0):
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")  # (NaN ran every n_iter)
     n = x.shape[0]
     if n < n_clusters:
         raise ValueError(f"kmeans needs at least n_clusters={n_clusters} rows, got {n}")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mfa._validation import check_generator
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -41,8 +43,8 @@ MISSING_KINDS: tuple[str, ...] = get_args(MissingKind)
 
 def _pixel_mask_to_rows(hidden: Tensor, c: int) -> Tensor:
     """``hidden`` bool ``[N, H, W]`` → observed bool ``[N, C·H·W]`` (all channels alike)."""
-    n = hidden.shape[0]
-    return (~hidden).unsqueeze(1).expand(n, c, *hidden.shape[1:]).reshape(n, -1)
+    n, h, w = hidden.shape
+    return (~hidden).unsqueeze(1).expand(n, c, h, w).reshape(n, c * h * w)  # (-1: n = 0 failed)
 
 
 def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
@@ -211,8 +213,7 @@ def missing_mask(
     if kind not in MISSING_KINDS:
         raise ValueError(f"kind must be one of {MISSING_KINDS}, got {kind!r}")
     n = _count(n, "n")
-    if not isinstance(generator, torch.Generator):  # (None drew from the global generator)
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_generator(generator, optional=False)  # (None drew from the global generator)
     if kind == "random":
         rate = _real(rate, "rate")
         if not 0 <= rate < 1 or round(rate * h * w) >= h * w:

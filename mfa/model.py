@@ -32,7 +32,7 @@ from mfa._terms import (
     check_supported_dtype,
     component_log_prob_from_terms,
 )
-from mfa._validation import check_data, check_positive_int, feature_index
+from mfa._validation import check_data, check_generator, check_positive_int, feature_index
 
 # Re-exported: defined in mfa.linalg and mfa.parameters, importable from here as before.
 from mfa.linalg import diagonal_quadratic, needs_float64_quadratic  # noqa: F401
@@ -367,6 +367,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             ``(x, components)`` of shapes ``[n, D]`` and ``[n]`` (int64).
         """
         check_positive_int(n, "n", minimum=0)
+        check_generator(generator)
         if n == 0:
             empty = self.loc.new_zeros(0, self.n_features).detach()
             return empty, torch.zeros(0, dtype=torch.long, device=self.device)
@@ -376,10 +377,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
             components = torch.multinomial(self.weights, n, replacement=True,
                                            generator=generator)
             size = self.chunk_size(extra_per_row=self.n_features * self.n_factors)
-            x = sampling.ancestral_sample(
-                self.means, self.factor_loadings, self.noise_variance, components, size,
-                generator, with_noise,
-            )
+            x = sampling.ancestral_sample(self.means, self.factor_loadings, self.noise_variance,
+                                          components, size, generator, with_noise)
         return x, components
 
     # ------------------------------------------------------------------ inference (formulas:
@@ -412,12 +411,11 @@ class MixtureOfFactorAnalyzers(nn.Module):
             A model over the hidden features, in increasing index order.
         """
         obs, hid = conditioning.split_features(observed_features, self.n_features, self.device)
+        if isinstance(observed_values, Tensor) and observed_values.shape != obs.shape:  # (the
+            raise ValueError(f"observed_values must have shape [{obs.numel()}] (observed "  # error
+                             f"features), got {tuple(observed_values.shape)}")  # said [..., O])
         values = check_data(observed_values, "observed_values", obs.numel(), self.dtype,
                             self.device, what="observed features")
-        if values.dim() != 1:
-            raise ValueError(
-                f"observed_values must have shape [{obs.numel()}], got {tuple(values.shape)}"
-            )
         with torch.no_grad():
             log_evidence = self.marginal(obs).component_log_prob(values)  # [K]
             cond_means, cond_loadings = conditioning.conditional_components(
@@ -467,6 +465,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             ``[N, D]``.
         """
         x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
+        check_generator(generator)
         with torch.no_grad():
             terms = self._masked_terms()
         return conditioning.conditional_sample(terms, x, observed, self.chunk_elements,

@@ -11,7 +11,8 @@ from helpers import gen
 from sklearn.decomposition import PCA, FactorAnalysis
 from torch.distributions import MultivariateNormal
 
-from mfa.init import fit_complete, random_init, split_heaviest
+from mfa.init import fit_complete, initialise, random_init, split_heaviest
+from mfa.model import MixtureOfFactorAnalyzers
 
 F64 = torch.float64
 
@@ -145,16 +146,28 @@ def test_fit_complete_tiny_and_empty_clusters(noise, lat):
         torch.testing.assert_close(model.noise_variance[2].detach(), pooled)
 
 
-def test_fit_complete_constant_cluster_gets_floor():
-    x = torch.randn(30, 3, generator=gen(1), dtype=F64)
-    x[:10] = torch.tensor([1.0, 2.0, 3.0], dtype=F64)  # a cluster of identical rows
-    lab = torch.cat([torch.zeros(10), torch.ones(20)]).long()
+def test_fit_complete_flat_clusters_get_the_pooled_variance():
+    """A cluster of identical rows, or of at most L + 1 rows, leaves no variance beside its
+    top L: its PPCA noise was the floor everywhere, a collapsed start (a 2-row cluster scored
+    log p +23 a row against -8 for the rest) that EM kept and the restarts' ranking by
+    training likelihood preferred. A one-row cluster already got the pooled variance."""
+    x = torch.randn(60, 5, generator=gen(1), dtype=F64)
+    x[:10] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=F64)  # identical rows
+    lab = torch.full((60,), 3, dtype=torch.int64)
+    lab[:10], lab[10:12], lab[12:15] = 0, 1, 2  # identical; 2 rows; 3 rows
     for noise in ("diagonal", "isotropic"):
-        model = fit_complete(x, lab, 2, 1, noise, variance_floor=1e-4)
-        torch.testing.assert_close(
-            model.noise_variance[0].detach(), torch.full((3,), 1e-4, dtype=F64)
-        )
-        assert bool(torch.isfinite(model.log_prob(x)).all())
+        for lat in (1, 2):
+            model = fit_complete(x, lab, 4, lat, noise, variance_floor=1e-4)
+            pooled = x.var(0, unbiased=False)
+            if noise == "isotropic":
+                pooled = pooled.mean().expand(5)
+            flat = [0, 1] if lat == 1 else [0, 1, 2]
+            for c in flat:  # the pooled variance and no loadings
+                torch.testing.assert_close(model.noise_variance[c].detach(), pooled)
+                assert not bool(model.factor_loadings[c].any())
+            if lat == 1:  # 3 rows, L = 1: a fit of its own, above the floor
+                assert bool((model.noise_variance[2] > 1e-3).all())
+            assert bool(torch.isfinite(model.log_prob(x)).all())
 
 
 def test_fit_complete_full_rank_factors():
@@ -342,3 +355,19 @@ def test_too_few_rows_for_the_initialisation_names_the_settings(trainer, init):
                                          r"at least 55 rows, got 54: .*val_fraction.*"
                                          r"init_samples"):
         fit.fit(MixtureOfFactorAnalyzers(55, 10, 2), x)
+
+
+def test_initialise_names_rows_that_do_not_fit_the_model():
+    """Rows of another width or dtype failed in the M-step's parameter checks, naming
+    ``means`` or ``weights``; a list failed with an AttributeError."""
+    model = MixtureOfFactorAnalyzers(3, 4, 1)
+    x = torch.randn(60, 4, generator=gen(0))
+    for rows, text in ((x[:, :3], r"got torch.float32 \(60, 3\)"),
+                       (x.double(), r"got torch.float64 \(60, 4\)")):
+        with pytest.raises(ValueError, match=r"rows must be a torch.float32 tensor \[n, 4\] "
+                           r"\(the model's\), " + text):
+            initialise(model, rows, "kmeans", seed=0, variance_floor=1e-6)
+    with pytest.raises(TypeError, match="rows"):
+        initialise(model, x.tolist(), "kmeans", seed=0, variance_floor=1e-6)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got NoneType"):
+        random_init(x, 3, 1, generator=None)

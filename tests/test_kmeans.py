@@ -255,3 +255,18 @@ def test_kmeans_plus_plus_checks_its_arguments():
     with pytest.raises(ValueError, match="needs at least n_clusters=8 rows, got 5"):
         kmeans_plus_plus(x, 8, gen)
     assert kmeans_plus_plus(x, 5, gen).unique(dim=0).shape == (5, 3)
+
+
+def test_random_choices_need_a_generator_and_bad_settings_are_named():
+    """None as the generator drew from torch's global generator (another seeding each call);
+    a NaN or negative tol ran every iteration; seed=1.9 ran as seed 1."""
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got NoneType"):
+        kmeans_plus_plus(x, 3, None)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None"):
+        kmeans(x, 3, generator=7)
+    for tol in (float("nan"), -1.0, True):
+        with pytest.raises(ValueError, match="tol must be a number >= 0"):
+            kmeans(x, 3, tol=tol)
+    with pytest.raises(TypeError, match="seed must be an int, got float"):
+        kmeans(x, 3, seed=1.9)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mfa.masks import MASK_KINDS, make_mask
+from mfa.masks import MASK_KINDS, make_mask, missing_mask
 
 
 def gen(seed: int) -> torch.Generator:
@@ -202,3 +202,12 @@ def test_numpy_integer_counts_are_taken():
     gen = torch.Generator().manual_seed(0)
     mask = missing_mask("block", (1, 4, 4), np.int64(2), gen, block_size=np.int64(2))
     assert mask.shape == (2, 16) and int((~mask).sum()) == 8
+
+
+def test_masks_of_no_images():
+    """n = 0 failed in a reshape (a run with data.missing and an empty validation split)."""
+    for kind in ("center", "bottom", "random"):
+        assert make_mask(kind, (1, 4, 4), 0).shape == (0, 16)
+    for kind, extra in (("random", {"rate": 0.25}), ("block", {"block_size": 2})):
+        observed = missing_mask(kind, (3, 4, 4), 0, torch.Generator(), **extra)
+        assert observed.shape == (0, 48) and observed.dtype == torch.bool
