@@ -114,16 +114,21 @@ class DataSource:
             raise ValueError(f"{name} is empty (0 rows)")
         self.sharded = shard and distributed.is_active()
         self.whole = self.iterable  # every process's rows, or None (for gather_rows)
+        self.offset = 0  # the index of this process's first row in the Dataset it reads
         if self.sharded and self.iterable is not None:
             self.iterable, self.whole = shard_loader(self.iterable)
+            sampler = getattr(self.iterable, "sampler", None)
+            self.offset = (sampler.start if isinstance(sampler, distributed.ShardSampler)
+                           else None)
 
     def _item(self, index: int, row: int) -> str:
         """Where row ``row`` of batch ``index`` of this source's own pass lies in the Dataset
         it reads in order (through any ``Subset``, e.g. the rows :func:`hold_out` left for
-        training), or ``""`` for other sources."""
-        if not self.in_order or self.sharded:
+        training; under torch.distributed, past this process's shard's start), or ``""`` for
+        other sources."""
+        if not self.in_order or self.offset is None:
             return ""
-        item, data = index * self.batch_size + row, self.dataset
+        item, data = self.offset + index * self.batch_size + row, self.dataset
         while isinstance(data, Subset):
             item, data = int(data.indices[item]), data.dataset
         return f" (item {item} of the {type(data).__name__})"

@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
               if args.config or not args.resume else None)
     # Under torchrun: join the process group (NCCL on CUDA, gloo on CPU, with a timeout);
     # rank 0 alone writes the run folder and prints the results.
-    launched = distributed.init_from_env(device=None if config is None else config.device)
+    launched = distributed.init_from_env(device=_run_device(args, config))
     main = distributed.is_main_process()
     if not main:
         logging.getLogger("mfa").setLevel(logging.WARNING)
@@ -43,6 +43,23 @@ def cmd_train(args) -> int:
     finally:
         if launched:
             distributed.shutdown()
+
+
+def _run_device(args, config) -> str | None:
+    """The ``device`` of the run ``mfa train`` starts or resumes, read before the process
+    group (its backend follows it): a resumed run's from its ``config.yaml`` with the
+    ``--set`` values (a CPU run resumed took NCCL and ``cuda:LOCAL_RANK``, which failed with
+    more processes than GPUs); ``None`` when unknown (the resume reports what is wrong)."""
+    if config is not None:
+        return config.device
+    from mfa.config import load_config
+    from mfa.run_folder import resume_checkpoint
+
+    try:
+        folder = resume_checkpoint(args.resume).parent
+        return load_config(folder / "config.yaml", overrides=args.set or []).device
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _train(args, config, main: bool) -> int:

@@ -322,6 +322,29 @@ def range_across_processes(value: float) -> tuple[float, float]:
     return -low, high
 
 
+def check_same_rows(rows, name: str) -> None:
+    """Refuse a tensor of rows (or ``QuantizedRows``) that is not the same on every process:
+    the trainers split one tensor into the processes' shards, so a tensor of each process's
+    own rows had half of every process's rows dropped, silently. The comparison is of a
+    fingerprint (the row count and three rows' sums), one all-reduce; nothing without a
+    process group."""
+    if not is_active() or rows is None:
+        return
+    n = int(rows.shape[0])
+    picks = sorted({0, n // 2, n - 1}) if n else []
+    sums = [float(rows[i : i + 1].double().nan_to_num(0.0).sum()) for i in picks]
+    values = torch.tensor([n, *sums, -n, *(-v for v in sums)], dtype=torch.float64,
+                          device=_comm_device())
+    with _collective(f"the check that every process has the same {name}"):
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    high, low = values[: len(values) // 2], -values[len(values) // 2:]
+    if not bool(torch.equal(high, low)):
+        raise ValueError(
+            f"{name} differs between the processes ({int(low[0])} to {int(high[0])} rows, or "
+            "other values): pass every process the same tensor (each trains on its own shard "
+            "of it), or per-process loaders (mfa.distributed.ShardSampler) of one Dataset")
+
+
 def backward_mean(values: Tensor, parameters) -> tuple[Tensor, int]:
     """Back-propagate ``values.mean()`` over the *global* minibatch.
 

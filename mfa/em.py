@@ -193,6 +193,9 @@ class EMTrainer:
                             allow_missing=allow)
         val_source = None if validation is None else DataSource(
             validation, model, cfg.batch_size, "validation", shard=True, allow_missing=allow)
+        for checked in (source, val_source):  # (a tensor per process lost rows silently)
+            if checked is not None and checked.sharded:
+                distributed.check_same_rows(checked.tensor, checked.name)
         if auto and val_source is None:
             warnings.warn(
                 "EMConfig.noise_prior_variance='auto' needs validation data (pass validation=, "

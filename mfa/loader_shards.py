@@ -27,7 +27,9 @@ class _EmptySafeCollate:
         one = self.collate([self.dataset[0]])
         if isinstance(one, Tensor):
             return one[:0]
-        return type(one)(part[:0] for part in one)
+        parts = [part[:0] for part in one]
+        # (a namedtuple takes its fields as arguments: one generator failed there)
+        return type(one)(*parts) if hasattr(one, "_fields") else type(one)(parts)
 
 
 def reads_whole_dataset(loader) -> bool:

@@ -152,6 +152,7 @@ class SGDTrainer:
         reject_numpy(data, "data")
         if isinstance(data, (Tensor, QuantizedRows)):
             data = DataSource(data, model, cfg.batch_size, "data", allow_missing=allow).tensor
+            distributed.check_same_rows(data, "data")  # (global batches index it)
         elif not isinstance(data, (Dataset, Iterable)):
             raise TypeError(
                 f"data must be a tensor, a Dataset or a DataLoader, got {type(data).__name__}"
@@ -161,8 +162,10 @@ class SGDTrainer:
                                                  cfg.batch_size, allow_missing=allow)
             if validation is None:
                 return data, None
-        return data, DataSource(validation, model, cfg.batch_size, "validation", shard=True,
+        val_source = DataSource(validation, model, cfg.batch_size, "validation", shard=True,
                                 allow_missing=allow)
+        distributed.check_same_rows(val_source.tensor, "validation")
+        return data, val_source
 
     def prior(self) -> Prior:
         """The config's priors, as a :class:`~mfa.priors.Prior` (``s₀`` the one chosen at the
@@ -342,7 +345,9 @@ class SGDTrainer:
                     cfg.init, seed=cfg.seed, variance_floor=floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
-                distributed.broadcast_model(model)  # the same start on every process
+            # the same start on every process (init="none" too: each process then trained
+            # its own model from its own start with the shared gradients)
+            distributed.broadcast_model(model)
             # (under torch.distributed the start reads each process's part of the epochs'
             # global batches: the rows one process reads, drawn from the same generator)
             self.selected_noise_prior_variance, counted = self._start(

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import namedtuple
 from datetime import timedelta
 from pathlib import Path
 
@@ -304,11 +305,37 @@ def _edges_job(rank: int) -> dict:
         "tempered_one_val_row": lambda: EMTrainer(EMConfig(
             max_iter=3, batch_size=32, kmeans_iter=2, complete_iter=0, progress=False)).fit(
             _model(), x[:60], x[60:61]).weights.tolist(),
+        # each process its own tensor (rows 0-149, 150-299): each kept half of its own
+        "em_own_tensor": lambda: _em(2, x[150 * rank:150 * (rank + 1)], None),
+        "adam_own_tensor": lambda: _adam(1, x[150 * rank:150 * (rank + 1)]),
+        # a NaN at item 200: rank 1 named "batch 1, row 18" of its shard, no item (a pass
+        # over the shards, without the fit's collectives, which rank 0 alone would enter)
+        "nan_item": lambda: len(list(DataSource(TensorDataset(torch.cat(
+            [x[:200], torch.full((1, 6), float("nan"), dtype=x.dtype), x[201:]])),
+            _model(), 32, "data", shard=True))),
     }.items():
         try:
             out[case] = ("ok", fit())
         except ValueError as error:
             out[case] = ("ValueError", str(error))
+    # Adam from init="none" and a start of each process's own: each trained its own model
+    # with the shared gradients (rank 0's start is everyone's now).
+    torch.manual_seed(100 + rank)
+    model = MixtureOfFactorAnalyzers(3, 6, 2, dtype=torch.float64)
+    SGDTrainer(SGDConfig(epochs=2, batch_size=30, init="none", progress=False)).fit(model, x)
+    out["adam_init_none"] = _params(model)
+    # a Dataset of namedtuples: rank 0's empty part of the last global batch (301 = 10·30 + 1)
+    # failed in the collate function
+    item = namedtuple("Item", "x label")
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(x)
+
+        def __getitem__(self, i):
+            return item(x[i], i)
+
+    out["adam_namedtuple"] = _adam(1, Items())[0]
     return out
 
 
@@ -430,6 +457,26 @@ def test_adam_prior_over_per_process_loaders_counts_every_process_rows(edges):
     assert seen0 == seen1 == [301]
     for name, value in params0.items():
         assert torch.equal(value, params1[name]), name
+
+
+def test_processes_start_adam_from_one_model_and_take_namedtuple_items(edges):
+    for name, value in edges[0]["adam_init_none"].items():
+        assert torch.equal(value, edges[1]["adam_init_none"][name]), name
+    for name, value in edges[0]["adam_namedtuple"].items():
+        assert torch.equal(value, edges[1]["adam_namedtuple"][name]), name
+
+
+def test_a_tensor_that_differs_between_processes_is_refused(edges):
+    for rank in edges:
+        for case in ("em_own_tensor", "adam_own_tensor"):
+            kind, message = rank[case]
+            assert kind == "ValueError" and "data differs between the processes" in message
+
+
+def test_a_bad_value_is_named_by_its_item_on_any_process(edges):
+    assert edges[0]["nan_item"] == ("ok", 5)  # 150 rows in batches of 32
+    kind, message = edges[1]["nan_item"]  # (rank 1's shard holds item 200)
+    assert kind == "ValueError" and "batch 1, row 18 (item 200 of the TensorDataset)" in message
 
 
 def test_em_refuses_a_loader_whose_epoch_is_not_every_row_once(edges):
@@ -593,3 +640,22 @@ def test_torchrun_launch_of_mfa_train(tmp_path):
     assert metrics["val_log_likelihood"] == pytest.approx(
         json.loads((tmp_path / "one" / "001-embedded-mnist" / "metrics.json").read_text())
         ["val_log_likelihood"], rel=1e-6)
+
+
+def test_a_resumed_cpu_run_takes_gloo(monkeypatch, tmp_path):
+    """`mfa train --resume` read no config before the process group: a CPU run resumed on a
+    machine with GPUs took NCCL and cuda:LOCAL_RANK (invalid with more processes than
+    GPUs), whatever its saved device or --set device=cpu said."""
+    from mfa import cli
+    from mfa.config import load_config, save_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(cli.DEFAULT_CONFIG, overrides=["device=cpu"]), run / "config.yaml")
+    seen = []
+    monkeypatch.setattr(distributed, "init_from_env", lambda device=None: seen.append(device))
+    monkeypatch.setattr(cli, "_train", lambda args, config, main: 0)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--set", "device=auto"]) == 0
+    assert main(["train", "--resume", str(tmp_path / "none")]) == 0  # (reported by _train)
+    assert seen == ["cpu", "auto", None]
