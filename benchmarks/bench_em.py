@@ -39,6 +39,7 @@ import torch
 
 from mfa import MixtureOfFactorAnalyzers
 from mfa._data_stream import DataSource
+from mfa.cli_types import non_negative_int, positive_int
 from mfa.data import bits_per_dim, load_dataset
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.precision import resolve_stats_dtype
@@ -163,24 +164,24 @@ def _time_sklearn(GaussianMixture, x, k, iters, seed) -> tuple[float, object]:  
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--rows", type=int, default=50_000, help="training rows used")
-    parser.add_argument("--synthetic", nargs=2, type=int, metavar=("N", "D"))
-    parser.add_argument("-k", "--components", type=int, default=50)
-    parser.add_argument("-l", "--factors", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=10_000)
-    parser.add_argument("--iters", type=int, default=6,
+    parser.add_argument("--rows", type=positive_int, default=50_000, help="training rows used")
+    parser.add_argument("--synthetic", nargs=2, type=positive_int, metavar=("N", "D"))
+    parser.add_argument("-k", "--components", type=positive_int, default=50)
+    parser.add_argument("-l", "--factors", type=non_negative_int, default=6)
+    parser.add_argument("--batch-size", type=positive_int, default=10_000)
+    parser.add_argument("--iters", type=positive_int, default=6,
                         help="timed EM iterations per mode (round-robin rounds)")
-    parser.add_argument("--init-runs", type=int, default=3,
+    parser.add_argument("--init-runs", type=positive_int, default=3,
                         help="initialisations timed (median; the first is a cold start)")
-    parser.add_argument("--adam-batch", type=int, nargs="+", default=[256, 1024],
+    parser.add_argument("--adam-batch", type=positive_int, nargs="+", default=[256, 1024],
                         help="Adam batch sizes (256 is SGDConfig's default)")
-    parser.add_argument("--adam-steps", type=int, default=20)
-    parser.add_argument("--fit-iters", type=int, default=10,
+    parser.add_argument("--adam-steps", type=non_negative_int, default=20)
+    parser.add_argument("--fit-iters", type=positive_int, default=10,
                         help="EM iterations (both models) before measuring bits/dim")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-sklearn", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int,
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int,
                         help="torch threads (default: torch's; 1 gives steadier figures on a "
                              "shared machine)")
     parser.add_argument("--out")

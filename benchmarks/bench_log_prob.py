@@ -18,6 +18,7 @@ import time
 import torch
 
 from mfa import MixtureOfFactorAnalyzers, linalg
+from mfa.cli_types import non_negative_int, positive_int
 
 
 def _time(fn, device, repeats: int) -> float:
@@ -53,11 +54,11 @@ def _exactness(model, x, device, repeats: int) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", type=int, default=2000)
-    parser.add_argument("-d", type=int, default=784)
-    parser.add_argument("-k", type=int, default=50)
-    parser.add_argument("-l", type=int, default=6)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("-n", type=positive_int, default=2000)
+    parser.add_argument("-d", type=positive_int, default=784)
+    parser.add_argument("-k", type=positive_int, default=50)
+    parser.add_argument("-l", type=non_negative_int, default=6)
+    parser.add_argument("--repeats", type=positive_int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out")
     args = parser.parse_args(argv)

@@ -104,7 +104,7 @@ def test_bench_gpu_rejects_bad_options(capsys):
     assert "--modes: unknown stats_dtype ['float16']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(["--quick", "--components", "0"])
-    assert exc.value.code == 2 and "--components must be positive, got 0" in capsys.readouterr().err
+    assert exc.value.code == 2 and "--components: must be >= 1, got 0" in capsys.readouterr().err
     args = bench.parse_args(["--quick", "--features", "48"])  # explicit options win over --quick
     assert (args.features, args.n_rows) == (48, 2048)
 
@@ -218,3 +218,22 @@ def test_bench_em_held_out_peer_runs_as_many_iterations_as_mfa(tmp_path):
     assert "MFA held-out bits/dim after 8 EM iterations" in proc.stdout
     assert "scikit-learn diag held-out bits/dim after 8 iterations" in proc.stdout
     assert res["sklearn_diag_seconds_per_iter"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_keeps_to_its_deadline(tmp_path):
+    """Its steps' timeouts added up to 480 s, but the checks before the tests had none (27 s
+    on the H200) and a pip step could add 30 s: one deadline now bounds every step. With a
+    deadline of 18 s the quick (CPU) run (21 s here unbounded) is cut short and says so."""
+    import time
+
+    env = dict(os.environ, GPU_CHECK_QUICK="1", GPU_CHECK_DEADLINE="18", OUT=str(tmp_path),
+               PYTHON=sys.executable)
+    started = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    wall = time.monotonic() - started
+    out = proc.stdout
+    assert "== card" in out and "== gpu_check finished" in out, out[-3000:]
+    assert proc.returncode != 0 and "FAILED: " in out  # (which step was cut varies with load)
+    assert wall < 18 + 12, f"{wall:.0f} s"  # (a kill grace of up to 10 s past a cut step)
