@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mfa import distributed, prior_search, training
 from mfa._data_stream import DataSource, gather_rows
@@ -302,10 +301,9 @@ class EMTrainer:
         converged = False
         prev_ll = state.previous_log_likelihood
         ll = prev_ll if prev_ll is not None else -math.inf
-        bar = tqdm(
-            range(state.iteration, cfg.max_iter), desc=f"EM run {run + 1}/{cfg.n_init}",
-            disable=not cfg.progress or not distributed.is_main_process(), leave=False,
-        )
+        bar = training.progress_bar(
+            range(state.iteration, cfg.max_iter), cfg.progress and distributed.is_main_process(),
+            desc=f"EM run {run + 1}/{cfg.n_init}", leave=False)
         # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
         stopped = ctx.early_stopping and state.stint_over(cfg.patience)
         exhausted = False  # (the loop ran to max_iter: not tol, patience or a search)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from tqdm.auto import tqdm
 
 from mfa import distributed, linalg, missing, training
 from mfa._data_stream import DataSource, RowCollate, gather_rows, reject_numpy
@@ -376,9 +375,9 @@ class SGDTrainer:
             return FloatingPointError(f"{message}; the model holds {kept} parameters")
 
         before = step_buffers(model) if cfg.step_scale == "noise" else None  # (scaled_step)
-        bar = tqdm(range(start_epoch, start_epoch if stopped else cfg.epochs), desc="Adam",
-                   leave=False,
-                   disable=not cfg.progress or not distributed.is_main_process())
+        bar = training.progress_bar(range(start_epoch, start_epoch if stopped else cfg.epochs),
+                                    cfg.progress and distributed.is_main_process(),
+                                    desc="Adam", leave=False)
         for epoch in bar:
             started = time.perf_counter()
             total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]

@@ -173,6 +173,33 @@ def with_config_tf32(fit: Callable) -> Callable:
 # ---------------------------------------------------------------------- resumable state
 
 
+class _NoBar:
+    """:func:`progress_bar` when it is off: the iterable, and a bar's methods doing nothing."""
+
+    def __init__(self, iterable: Iterable) -> None:
+        self.iterable = iterable
+
+    def __iter__(self) -> Iterator:
+        return iter(self.iterable)
+
+    def set_postfix(self, **_) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(iterable: Iterable, enabled: bool, **options):
+    """A ``tqdm.auto`` bar over ``iterable`` when ``enabled``, else the iterable with no bar.
+    tqdm is imported only then: in a Jupyter kernel without ipywidgets its import warned
+    ("IProgress not found") on ``import mfa``, also for fits with ``progress=False``."""
+    if not enabled:
+        return _NoBar(iterable)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **options)
+
+
 def clone_params(model: MixtureOfFactorAnalyzers) -> dict[str, Tensor]:
     """A detached copy of ``model.state_dict()`` (to keep the best parameters of a fit)."""
     return {name: value.detach().clone() for name, value in model.state_dict().items()}

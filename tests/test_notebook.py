@@ -24,3 +24,8 @@ def test_quickstart_notebook_executes():
     assert len(images) == 4  # curve, samples, inpainting, outliers
     text = "".join(o.get("text", "") for c in code_cells for o in c.get("outputs", []))
     assert "bits/dim" in text and "NDB" in text
+    # no warning in a cell's output: a ConvergenceWarning of a capped fit and tqdm's
+    # "IProgress not found" were shown to every reader
+    stderr = [o.get("text", "") for c in code_cells for o in c.get("outputs", [])
+              if o.output_type == "stream" and o.get("name") == "stderr"]
+    assert not any("Warning" in t for t in stderr), stderr

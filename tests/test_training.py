@@ -262,3 +262,23 @@ def test_a_dataset_of_batches_is_refused_with_a_hint(trainer):
                                          r"batch_size=None\)"):
         fit(Batches())
     fit(DataLoader(Batches(), batch_size=None))
+
+
+def test_tqdm_auto_is_imported_only_for_a_progress_bar():
+    """``import mfa`` imported tqdm.auto, which in a Jupyter kernel without ipywidgets warns
+    "IProgress not found" (the notebook showed it though every fit had progress=False)."""
+    code = ("import sys, torch, mfa, mfa.em, mfa.sgd, mfa.workflow\n"
+            "assert not any(m.startswith(('tqdm.auto', 'tqdm.notebook')) for m in sys.modules)\n"
+            "x = torch.randn(40, 3)\n"
+            "def fit(progress):\n"
+            "    mfa.EMTrainer(mfa.EMConfig(max_iter=1, progress=progress, patience=0,\n"
+            "        noise_prior_variance=1e-2, kmeans_iter=2)).fit(\n"
+            "            mfa.MixtureOfFactorAnalyzers(2, 3, 1), x)\n"
+            "fit(False)\n"
+            "assert 'tqdm.auto' not in sys.modules\n"
+            "fit(True)\n"
+            "assert 'tqdm.auto' in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "EM run 1/1" in proc.stderr  # the bar itself
