@@ -23,9 +23,10 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   rows, far from ``c``; its own loadings' variance), so this mode keeps them like
   ``"precise"`` (the tests' cases: 6.3e-6, 3e-6); the sparse form is also the fastest mode
   of that accuracy on CPUs. What the dense form does not cover: the non-owner shares are
-  float32 sums about ``c``, so a component that owns few of its rows (one of two
-  near-identical components) and lies far from ``c`` with a tiny variance gets float32's
-  error on that mass.
+  float32 sums about ``c``, which cancel for components far from ``c`` beside their
+  variance: past :data:`FAR_LIMIT` (:func:`far_from_reference`) the dense chunks take
+  ``Σ r x``, ``Σ r x²`` in float64 as ``"precise"`` does (overlapping components 1e4 from
+  ``c``, variance 0.5: noise variances 0.9 off in one M-step before, 4e-6 now).
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components
   without loadings are kept; with loadings ``Σ r x pᵀ`` is a float32 sum about ``c``, which
   loses a far component's variance (one M-step, means 1e4 from ``c``: noise 1e-3 off by
@@ -74,7 +75,12 @@ off at a noise variance of 1e-9).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from mfa._terms import ComponentTerms
 
 #: The E-step precision modes of :meth:`mfa.em.EMTrainer.e_step`, most exact first after
 #: ``"auto"`` (see the module docstring; ``"centred"`` is as exact as ``"precise"`` on the
@@ -105,3 +111,21 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
     if device.type == "cuda" and torch.cuda.get_device_capability(device) in FULL_RATE_FLOAT64:
         return "float64"
     return "centred"
+
+
+#: ``ε·max (μ_kj − c_j)²/d_kj`` above which the ``"centred"`` modes' dense chunks take the
+#: non-owner shares' ``Σ r x``, ``Σ r x²`` in float64: their float32 sums about ``c`` err by
+#: about that much of a variance, times the shares' part of the component's mass (components
+#: 1e4 from ``c`` beside a variance of 0.5: noise variances 0.9 off in one M-step, and the
+#: MAP objective fell by 0.5 nats a row). Pixel rows (``|μ − c| ≤ 1``) pass it only with
+#: noise variances below ~1e-5 (``|μ − c| = 1``) to 3e-6 (0.5), at the quantisation level,
+#: where it is the only precise choice: the float64 moments cost a dense chunk (rare on
+#: images, which are sparse) a float64 product; on GPUs without full-rate float64 more.
+FAR_LIMIT = 1e-2
+
+
+def far_from_reference(terms: ComponentTerms, dtype: torch.dtype) -> bool:
+    """Whether the moments about ``c`` in ``dtype`` of some component lose more than
+    :data:`FAR_LIMIT` of its variance (``terms.means`` are the means less ``c``)."""
+    spread = (terms.means * terms.means * terms.inv_noise).amax()
+    return bool(torch.finfo(dtype).eps * spread > FAR_LIMIT)

@@ -47,6 +47,7 @@ from mfa.exact_components import ExactComponents
 from mfa.linalg import diagonal_quadratic, latent_posterior_means  # noqa: F401 (its home was here)
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.owner_sums import Pairs, owner_sums, significant_pairs
+from mfa.precision import far_from_reference
 from mfa.priors import Prior
 from mfa.residual_form import refine_e_step_chunk
 
@@ -169,7 +170,10 @@ def accumulate_statistics(
     weights = torch.cat([terms.means * terms.inv_noise, terms.whitened.reshape(k * n_lat, d)])
     constant = (terms.means * terms.means * terms.inv_noise).sum(-1)  # [K]
     centred = centred and stats_dtype != x.dtype
-    precise = precise_moments and stats_dtype != x.dtype and not centred
+    # (the dense chunks of "centred" take the other components' Σ r x, Σ r x² in stats_dtype
+    # too where their moments about c would cancel: mfa.precision.far_from_reference)
+    precise = stats_dtype != x.dtype and (
+        (precise_moments and not centred) or (centred and far_from_reference(terms, x.dtype)))
     precise_latent = precise_latent and not centred
     totals: list[Tensor | None] = [None] * 7
     pairs: list[Pairs] = []
@@ -334,7 +338,9 @@ def _chunk_sums(
         rp, proj = rp.to(moment_dtype), proj.to(moment_dtype)
     sum_p = rp.sum(-1)  # [K, L]
     sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
-    return [resp.sum(-1), sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood]
+    # (the mass in moment_dtype too: Σ r x² − (Σ r x)²/Σ r cancels in it as in the others)
+    return [resp.sum(-1, dtype=moment_dtype), sum_x, sum_x2, sum_xp, sum_p, sum_pp,
+            log_likelihood]
 
 
 def m_step(
