@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mfa import distributed, linalg, missing
-from mfa._data_stream import DataSource
+from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa._terms import CONDITION_LIMIT, build_component_terms, ill_conditioned
 from mfa._validation import check_positive_real
 from mfa.exact_components import ExactComponents
@@ -36,10 +36,15 @@ def _ill_components(model: MixtureOfFactorAnalyzers, warn: bool) -> Tensor:
 
 
 def streamed_e_step(
-    model: MixtureOfFactorAnalyzers, source: DataSource, stats_dtype: str = "auto",
+    model: MixtureOfFactorAnalyzers, source: DataSource | Tensor, stats_dtype: str = "auto",
     temperature: float = 1.0,
 ) -> SufficientStatistics:
     """One streamed pass: the summed sufficient statistics of every batch.
+
+    ``source``: a :class:`~mfa._data_stream.DataSource`, or what it takes (a tensor
+    ``[N, D]``, a ``Dataset``, a ``DataLoader``), streamed in batches of
+    :data:`~mfa._data_stream.DEFAULT_BATCH_SIZE` (a tensor was iterated row by row and
+    failed in a matrix product).
 
     ``stats_dtype`` as in :class:`mfa.em.EMConfig` (a ``torch.dtype`` is read as its name). A
     source that allows missing data routes its rows with NaN to :mod:`mfa.missing`.
@@ -51,6 +56,8 @@ def streamed_e_step(
     (:mod:`mfa.tempering`; complete data only).
     """
     temperature = check_positive_real(temperature, "temperature")  # (0 or NaN: NaN sums)
+    if not isinstance(source, DataSource):
+        source = DataSource(source, model, DEFAULT_BATCH_SIZE, "data")
     if isinstance(stats_dtype, torch.dtype):
         stats_dtype = str(stats_dtype).removeprefix("torch.")
     stats_dtype = resolve_stats_dtype(stats_dtype, model.means.device, model.dtype)

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mfa._validation import is_real_number
+
 __all__ = ["QUANTIZATION_VARIANCE", "Prior", "check_prior_fields", "quantization_variance"]
 
 
@@ -113,11 +115,14 @@ class Prior:
             "loading_ridge": (self.loading_ridge, 0.0, False),
         }
         for name, (value, low, strict) in checks.items():
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                  and math.isfinite(value) and (value > low if strict else value >= low))
-            if not ok:
+            try:  # (numpy's numbers too, stored as Python floats; 10**400: OverflowError)
+                number = float(value) if is_real_number(value) else math.nan
+            except OverflowError:
+                number = math.nan
+            if not (math.isfinite(number) and (number > low if strict else number >= low)):
                 bound = f"> {low}" if strict else f">= {low}"
                 raise ValueError(f"Prior.{name} must be a finite number {bound}, got {value!r}")
+            object.__setattr__(self, name, number)
 
     @classmethod
     def from_config(cls, config, noise_variance: float) -> Prior:

@@ -35,6 +35,7 @@ from 0 to ~6e-30 (float32) change no sum at the dtype's precision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
@@ -43,6 +44,7 @@ from torch import Tensor
 
 from mfa import linalg
 from mfa._terms import ComponentTerms
+from mfa._validation import is_real_number
 from mfa.exact_components import ExactComponents
 from mfa.linalg import diagonal_quadratic, latent_posterior_means  # noqa: F401 (its home was here)
 from mfa.model import MixtureOfFactorAnalyzers
@@ -378,6 +380,8 @@ def m_step(
         ``{"weights", "means", "factor_loadings", "noise_variance"}`` in the model's dtype,
         ready for :meth:`MixtureOfFactorAnalyzers.set_parameters`.
     """
+    if not (is_real_number(variance_floor) and 0 <= variance_floor < math.inf):  # (NaN: NaNs)
+        raise ValueError(f"variance_floor must be a finite number >= 0, got {variance_floor!r}")
     return next(m_steps(stats, model, [prior], variance_floor=variance_floor,
                         latent_covariance=latent_covariance))
 

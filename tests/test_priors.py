@@ -674,3 +674,29 @@ def test_m_steps_share_the_solve_and_equal_one_m_step_each(noise, lat):
         for name in want:
             assert torch.equal(got[name], want[name]), (prior, name)
     assert not torch.equal(together[0]["noise_variance"], together[1]["noise_variance"])
+
+
+def test_prior_takes_numpy_numbers_and_names_huge_ones():
+    """np.float32(2.0) was refused with a message its value met; 10**400 raised a bare
+    OverflowError."""
+    import numpy as np
+
+    prior = Prior(noise_strength=np.float32(2.0), noise_variance=np.int64(3),
+                  weight_concentration=np.float64(1.5))
+    assert (prior.noise_strength, prior.noise_variance, prior.weight_concentration) == (
+        2.0, 3.0, 1.5)
+    assert all(type(v) is float for v in (prior.noise_strength, prior.noise_variance))
+    for bad in (10**400, float("nan"), True, "1"):
+        with pytest.raises(ValueError, match="Prior.noise_strength must be a finite number"):
+            Prior(noise_strength=bad)
+
+
+def test_m_step_refuses_a_floor_that_is_not_a_number():
+    """variance_floor=NaN gave every noise variance NaN, without an error."""
+    model = random_model(2, 4, 1, seed=3)
+    x = random_data(50, model, seed=4)
+    stats = EMTrainer.e_step(model, x)  # (a tensor: streamed as a DataSource)
+    for bad in (float("nan"), -1.0, float("inf"), "1e-3"):
+        with pytest.raises(ValueError, match="variance_floor must be a finite number >= 0"):
+            m_step(stats, model, variance_floor=bad)
+    assert torch.isfinite(m_step(stats, model, variance_floor=1e-6)["noise_variance"]).all()
