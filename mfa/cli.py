@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from mfa import cli_run as run_io
@@ -97,7 +99,7 @@ def cmd_sample(args) -> int:
         raise SystemExit("error: the checkpoint does not record an image shape; pass "
                          "--image-shape C H W")
     model = ckpt.model.to(run_io.device(ckpt.run_config, args))
-    out = (run_io.image_out(args.out) if args.out
+    out = (run_io.image_out(args.out) if args.out is not None
            else run_io.default_out(args.checkpoint, "samples.png"))
     out = run_io.output(out, args, args.out and "-o")
     run = ckpt.run_config
@@ -125,7 +127,7 @@ def cmd_inpaint(args) -> int:
         raise SystemExit("error: --mask image needs --mask-image PNG (black = hidden); the "
                          "run has no output.mask_image")
     model = ckpt.model.to(run_io.device(config, args))
-    out = (run_io.image_out(args.out) if args.out
+    out = (run_io.image_out(args.out) if args.out is not None
            else run_io.default_out(args.checkpoint, f"inpaint-{mask}.png"))
     out = run_io.output(out, args, args.out and "-o")
     data = load(config)
@@ -144,7 +146,8 @@ def cmd_outliers(args) -> int:
 
     ckpt, config, load = run_io.load_run(args.checkpoint, args.set)
     model = ckpt.model.to(run_io.device(config, args))
-    out_dir = Path(args.out_dir) if args.out_dir else run_io.default_out(args.checkpoint, "")
+    out_dir = (run_io.given_path(args.out_dir, "--out-dir") if args.out_dir is not None
+               else run_io.default_out(args.checkpoint, ""))
     if out_dir.exists() and not out_dir.is_dir():  # (found after the scoring: "[Errno 17]")
         raise SystemExit(f"error: --out-dir {out_dir} is a file, not a folder")
     name = run_io.output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
@@ -169,14 +172,16 @@ def cmd_evaluate(args) -> int:
 
     _, config, _ = run_io.load_run(args.checkpoint, args.set)
     device = run_io.device(config, args)
-    run_io.data_only(args.against_set, "--against-set")
+    if "data.name" in run_io.data_only(args.against_set, "--against-set"):  # (it replaced
+        raise SystemExit("error: --against-set data.name: the dataset is --outliers-against's "
+                         "(a data.name here replaced it)")  # --outliers-against silently)
     if args.against_set and not args.outliers_against:
         raise SystemExit("error: --against-set needs --outliers-against DATASET")
     if args.outlier_scores is not None and not args.outliers_against:
         raise SystemExit("error: --outlier-scores needs --outliers-against DATASET")
     out = None
-    if args.out:  # settled (and its folder made) before the work, not after
-        out = Path(args.out)  # a folder: one that exists, or a path ending in "/"
+    if args.out is not None:  # settled (and its folder made) before the work, not after
+        out = run_io.given_path(args.out, "-o")  # a folder: one that exists, or ending in "/"
         folder = out.is_dir() or args.out.endswith(("/", os.sep))
         out = run_io.output(out / "evaluation.json" if folder else out, args, "-o")
     with folder_for_output(out.parent) if out else contextlib.nullcontext():
@@ -247,7 +252,7 @@ def cmd_visualize(args) -> int:
     if bad:
         raise SystemExit(f"error: components {bad} out of range [0, {ckpt.model.n_components})")
     model = ckpt.model.to(run_io.device(ckpt.run_config, args))
-    out = (run_io.image_out(args.out) if args.out
+    out = (run_io.image_out(args.out) if args.out is not None
            else run_io.default_out(args.checkpoint, "factors.png"))
     out = run_io.output(out, args, args.out and "-o")
     visualize(model, shape, out, components=comps, scale=run_io.scale(ckpt.run_config, args),
@@ -259,8 +264,16 @@ def cmd_visualize(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mfa", description="Mixtures of Factor Analyzers on "
                                      "images: train, sample, inpaint, rank outliers, evaluate.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and a traceback with an error")
     sub = parser.add_subparsers(dest="command", required=True)
+    # -v after the command too (`mfa sample RUN -v` was refused by the top-level parser)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and a traceback with an error")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[verbose], help=summary)
 
     def overwrite_flag(p):
         p.add_argument("--overwrite", action="store_true", help="replace existing output "
@@ -288,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="override the run's config, e.g. data.root=/data")
             p.add_argument("--split", default="test", choices=("train", "val", "test"))
 
-    p = sub.add_parser("train", help="train a model from a config into a new run folder")
+    p = command("train", "train a model from a config into a new run folder")
     p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one value, e.g. train.em.max_iter=5 (repeatable)")
@@ -298,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="a grid of samples as PNG")
+    p = command("sample", "a grid of samples as PNG")
     with_run(p, needs_data=False)
     p.add_argument("-n", type=positive_int,
                    help="samples (default: the run's output.n_samples, else 64)")
@@ -311,33 +324,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("inpaint", help="original | masked | conditional mean | samples")
+    p = command("inpaint", "original | masked | conditional mean | samples")
     with_run(p)
     p.add_argument("--mask", choices=MASK_KINDS, help="default: center (image with --mask-image)")
     p.add_argument("--mask-image", help="PNG mask (black = hidden); implies --mask image")
     p.add_argument("--fraction", type=fraction,
                    help="hidden share for --mask random (default 0.5)")
     p.add_argument("-n", type=positive_int,
-                   help="images (default: the run's output.n_inpaint, else 8)")
+                   help="images, at most the split's (default: the run's output.n_inpaint, "
+                   "else 8)")
     p.add_argument("--samples", type=non_negative_int,
                    help="conditional samples per image (0: the conditional mean only; "
                    "default: the run's output.inpaint_samples)")
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_inpaint)
 
-    p = sub.add_parser("outliers", help="rank a split by an outlier score: grid + CSV")
+    p = command("outliers", "rank a split by an outlier score: grid + CSV")
     with_run(p, seed=0)  # (the run's outlier figure is drawn with seed 0)
     p.add_argument("--score", choices=SCORE_NAMES, metavar="NAME",
                    help="outlier score, higher = more outlying: %(choices)s (default: "
                    "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
                    "ranks by raw -log p)")
-    p.add_argument("-n", type=positive_int, help="most outlying images to draw (default: "
-                   "the run's output.n_samples, else 32)")
+    p.add_argument("-n", type=positive_int, help="most outlying images to draw, at most the "
+                   "split's (default: the run's output.n_samples, else 32)")
     p.add_argument("--nrow", type=positive_int, help=run_nrow)
     p.add_argument("--out-dir")
     p.set_defaults(func=cmd_outliers)
 
-    p = sub.add_parser("evaluate", help="held-out log-likelihood, bits/dim, NDB")
+    p = command("evaluate", "held-out log-likelihood, bits/dim, NDB")
     p.add_argument("checkpoint")
     p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"))
     p.add_argument("--ndb-bins", type=non_negative_int, default=0,
@@ -359,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     overwrite_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("select", help="train one model per (K, L) and compare them: "
+    p = command("select", "train one model per (K, L) and compare them: "
                        "validation bits/dim, BIC, size, time; table + plot")
     p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -375,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an earlier sweep's selection.* files in that folder")
     p.set_defaults(func=cmd_select)
 
-    p = sub.add_parser("visualize", help="mean, noise and factor columns per component")
+    p = command("visualize", "mean, noise and factor columns per component")
     with_run(p, needs_data=False, seeded=False)
     p.add_argument("--components", type=int, nargs="+",
                    help="default: the first output.n_factor_components of the run")
@@ -386,20 +400,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            if not args.verbose:  # a library's warning as one line, as the commands' own
+                warnings.showwarning = _one_line  # (not a source path and a line of code)
+            return args.func(args)
     except SystemExit as exit_:  # a command's own refusal ("error: ..."): 2, as argparse's
         if not isinstance(exit_.code, str):
             raise
         print(exit_.code, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if args.verbose:
-            raise
+        if args.verbose:  # (the traceback too; the exit status as without -v: it was 1)
+            traceback.print_exc()
         hint = (" (a run that wrote a checkpoint keeps its last one: continue with `mfa train "
                 "--resume RUN`; one stopped before its first checkpoint was removed, unless "
                 "it held finished hierarchical stages: `--resume` starts it over, reusing them)"
@@ -409,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError, MemoryError) as err:
         # A FloatingPointError (Adam or EM diverged) or a RuntimeError from torch (e.g. out
         # of memory) is the user's to act on, like a bad value: its message, no traceback
-        # (--verbose shows it).
+        # (--verbose shows it, and exits as without it: it was 1).
         if args.verbose:
-            raise
+            traceback.print_exc()
         from mfa.folder_lock import RunFolderInUse
 
         plain = isinstance(err, (ValueError, TypeError, OSError, RunFolderInUse))

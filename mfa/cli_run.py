@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -102,13 +103,24 @@ def from_run(value, config, name: str, fallback):
     return fallback if run == 0 and name in ("n_samples", "n_inpaint") else run
 
 
-def data_only(overrides: list[str] | None, flag: str) -> None:
+def data_only(overrides: list[str] | None, flag: str) -> list[str]:
     """Commands that use a trained run read only its data settings: refuse other keys (they
-    would be accepted and ignored)."""
-    other = [o for o in overrides or [] if not o.strip().startswith("data.")]
+    would be accepted and ignored) and overrides that are not ``KEY=VALUE`` (a mapping,
+    ``data={limit: 5}``, sets the keys inside it: it was refused as not data.*). Returns
+    the dotted keys set."""
+    from mfa.config_text import override_keys
+
+    keys = []
+    for text in overrides or []:
+        try:
+            keys += override_keys(text)
+        except ValueError as error:
+            raise SystemExit(f"error: {flag} {text}: {error}") from None
+    other = [k for k in keys if not k.startswith("data.")]
     if other:
         raise SystemExit(f"error: {flag} takes data.* settings only here (the trained model "
                          f"is used as it is), got {', '.join(other)}")
+    return keys
 
 
 def same_split(saved, config) -> None:
@@ -121,10 +133,32 @@ def same_split(saved, config) -> None:
         raise SystemExit(f"error: --set {error}") from None
 
 
+def given_path(text: str, option: str) -> Path:
+    """A path option's value; an empty one is refused (``-o ""`` was taken for no ``-o``:
+    nothing was written, and the command said nothing)."""
+    if not text.strip():
+        raise SystemExit(f"error: {option} is empty: give a path")
+    return Path(text)
+
+
+def check_writable(folder: Path, option: str | None) -> None:
+    """Refuse, before the work, an output folder the command cannot write into (read-only,
+    not permitted, or a file in the way): the error came after the work and named the
+    temporary file of the atomic write. ``option``: the option that gave the path, or
+    ``None`` for a default place."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    hint = f"pass another {option}" if option else "pass -o (or --out-dir) to write elsewhere"
+    if not existing.is_dir():
+        raise SystemExit(f"error: {existing} is a file, not a folder; {hint}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: cannot write into {existing} (read-only or not permitted); "
+                         f"{hint}")
+
+
 def image_out(out: str) -> Path:
     """``-o`` of a command that writes an image: refused, naming it, when it is a folder or
     has no image suffix (PIL's error was "unknown file extension: ", after the work)."""
-    path = Path(out)
+    path = given_path(out, "-o")
     if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
         raise SystemExit(f"error: -o {out} must be an image file name ending in one of "
                          f"{', '.join(IMAGE_SUFFIXES)}")
@@ -143,6 +177,7 @@ def output(path: Path, args, explicit: str | None, companions: tuple[str, ...] =
     from mfa.folder_lock import holder_of
     from mfa.run_folder import free_path
 
+    check_writable(path.parent, explicit or None)
     free = free_path(path, companions)
     if not explicit and not args.overwrite and holder_of(path.parent) is not None:
         # a run still training draws its figures under these names when it ends

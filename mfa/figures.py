@@ -11,6 +11,7 @@ import torch
 from mfa import viz
 from mfa._validation import check_positive_int
 from mfa.data import ImageData
+from mfa.data.layout import check_image_shape
 from mfa.inference import inpaint as inpaint_rows
 from mfa.masks import make_mask, require_hidden
 from mfa.model import MixtureOfFactorAnalyzers
@@ -46,6 +47,9 @@ def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
     """A grid of ``n`` samples (or, with ``per_component``, one row of ``nrow`` samples per
     component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
     ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`)."""
+    _, height, width = _model_image_shape(model, image_shape)
+    count = model.n_components * nrow if per_component else n  # (checked before the draws:
+    viz.check_figure_size(*viz.grid_size(count, nrow, height, width), scale)  # 33 s wasted)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         if per_component:
@@ -59,6 +63,16 @@ def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
             x, _ = model.sample(n, generator=gen, with_noise=with_noise)
     images = viz.rows_to_images(x.float().cpu(), image_shape)
     return viz.save_image_grid(images, path, nrow, scale=scale)
+
+
+def _model_image_shape(model, image_shape) -> tuple[int, int, int]:
+    """``image_shape`` ``(C, H, W)`` checked against the model's ``D`` before any work (a
+    wrong one failed after the sampling)."""
+    c, h, w = check_image_shape(image_shape)
+    if c not in (1, 3) or c * h * w != model.n_features:
+        raise ValueError(f"image shape (C, H, W) = {(c, h, w)} does not fit the model: it needs "
+                         f"C = 1 or 3 and C·H·W = its {model.n_features} features")
+    return c, h, w
 
 
 def _component(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyzers:
@@ -77,6 +91,9 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     count = min(check_positive_int(n, "n"), data.pixels(split).shape[0])
     if count == 0:
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
+    columns = 3 + check_positive_int(n_samples, "n_samples", minimum=0)  # (checked first: the
+    viz.check_figure_size(*viz.grid_size(count * columns, columns,  # sampling took 35 s)
+                                         *data.image_shape[1:]), scale)
     x = data.dataset(split, dtype=model.dtype).rows(torch.arange(count)).to(model.device)
     gen = torch.Generator(device=model.device).manual_seed(seed)
     if observed is None:  # (given masks, of training rows' missing pixels, are drawn as are)
@@ -103,5 +120,6 @@ def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, sca
 
 def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
     """Per component: mean | noise | μ − c·A_i | A_i | μ + c·A_i for every factor column."""
+    _model_image_shape(model, image_shape)
     grid = viz.factor_grid(model, list(components), image_shape, factor_scale)
     return viz.save_image(grid, path, scale=scale)

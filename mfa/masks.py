@@ -56,8 +56,10 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
 
     if isinstance(mask_image, (str, os.PathLike)):
         path = Path(mask_image).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"mask image {path} does not exist")
+        if not path.is_file():  # (a folder was said not to exist)
+            raise FileNotFoundError(f"mask image {path} "
+                                    + ("is a folder, not an image file" if path.is_dir()
+                                       else "does not exist"))
         with Image.open(path) as opened:
             opened.load()
             picture = opened.copy()

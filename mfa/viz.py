@@ -198,8 +198,8 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], *, scale: int =
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:  # (the temporary's suffix would hide PIL's own error)
         raise ValueError(f"unknown image file extension: {path.name!r}")
+    image = upscale(image, scale)  # (its size check first: a refused figure left a folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = upscale(image, scale)
     return write_atomically(path, lambda temporary: image.save(temporary, format=image_format))
 
 

@@ -29,6 +29,7 @@ from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.config import load_config
 from mfa.data import load_dataset
 from mfa.masks import MASK_KINDS
+from mfa.model import MixtureOfFactorAnalyzers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "embedded-mnist.yaml"
@@ -746,14 +747,26 @@ def test_evaluate_outliers_against_the_runs_own_images_is_refused(run_dir):
         in stderr
 
 
-def test_outlier_data_sharing_some_images_warns():
+def test_outlier_data_of_the_runs_training_images_is_refused():
+    """Only the run's own test split was compared: its training images passed as outliers
+    (a warning for the test images among them, AUROC 0.18)."""
     from mfa.run_outliers import check_outlier_data
 
     data = load_dataset("embedded-mnist")  # test: 500 images
-    wider = load_dataset("embedded-mnist", test_fraction=0.2)  # test: those 500 and 500 more
-    with pytest.warns(UserWarning, match="500 of the 1000 test images of embedded-mnist are "
-                                         "also in the run's test split"):
+    wider = load_dataset("embedded-mnist", test_fraction=0.2)  # test: those 500, 500 of train
+    with pytest.raises(ValueError, match="1000 of the 1000 test images of embedded-mnist are "
+                                         "images of the run's own data"):
         check_outlier_data(data, wider)
+
+
+def test_outlier_data_sharing_some_images_warns():
+    from mfa.run_outliers import check_outlier_data
+
+    data = load_dataset("embedded-mnist", limit=100)  # 100 of each split
+    other = load_dataset("embedded-mnist")  # test: 500 images, the run's 100 among them
+    with pytest.warns(UserWarning, match="100 of the 500 test images of embedded-mnist are "
+                                         "also in the run's own data"):
+        check_outlier_data(data, other)
 
 
 # ---------------------------------------------------------------------------- mfa visualize
@@ -1088,8 +1101,10 @@ def test_a_diverging_run_ends_with_its_message_not_a_traceback(tmp_path):
     code, _, stderr = run_cli(*args)
     assert code == 2 and stderr.startswith("error: FloatingPointError: Adam diverged"), stderr
     assert "Traceback" not in stderr
-    with pytest.raises(FloatingPointError):  # --verbose shows where
-        cli.main(["--verbose", *[str(a) for a in args]])
+    # --verbose shows where, with the same exit status (it raised: 1)
+    code, _, stderr = run_cli("--verbose", *args)
+    assert code == 2 and "Traceback" in stderr and "FloatingPointError" in stderr
+    assert stderr.rstrip().splitlines()[-1].startswith("error: FloatingPointError: Adam")
 
 
 def test_a_run_without_a_test_split_trains_and_draws_what_it_can(tmp_path):
@@ -1320,3 +1335,105 @@ def test_evaluate_checks_the_outlier_data_once(run_dir, tmp_path, monkeypatch):
                               "--outlier-scores", "neg_log_prob")
     assert code == 0, stderr
     assert len(calls) == 1
+
+
+# --------------------------------------------------- after-training commands (review findings)
+
+
+def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(run_dir, tmp_path,
+                                                                          monkeypatch):
+    """A read-only folder failed after the work, naming the atomic write's temporary file;
+    a file in the way raised a bare [Errno 17]; -o "" was taken for no -o (nothing written,
+    exit 0)."""
+    from mfa import figures
+
+    def never(*args, **kwargs):
+        raise AssertionError("the work ran")
+
+    monkeypatch.setattr(figures, "sample", never)
+    afile = tmp_path / "keep.png"
+    afile.write_text("mine")
+    code, _, stderr = run_cli("sample", run_dir, "-o", afile / "x.png")
+    assert code == 2 and f"{afile} is a file, not a folder; pass another -o" in stderr
+    code, _, stderr = run_cli("evaluate", run_dir, "-o", afile / "e.json")
+    assert code == 2 and "is a file, not a folder" in stderr and afile.read_text() == "mine"
+    for command in (("sample", run_dir, "-o", ""), ("evaluate", run_dir, "-o", ""),
+                    ("outliers", run_dir, "--out-dir", "")):
+        code, _, stderr = run_cli(*command)
+        assert code == 2 and "is empty: give a path" in stderr, stderr
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != readonly
+                        and real(path, mode))
+    code, _, stderr = run_cli("sample", run_dir, "-o", readonly / "x.png")
+    assert code == 2 and f"cannot write into {readonly} (read-only or not permitted)" in stderr
+    assert not list(readonly.iterdir())
+
+
+def test_a_figure_too_large_is_refused_before_the_sampling(run_dir, tmp_path, monkeypatch):
+    """-n 400000 sampled for 33 s before the size was refused, and inpainting left the
+    folder it made."""
+    def never(*args, **kwargs):
+        raise AssertionError("sampled")
+
+    monkeypatch.setattr(MixtureOfFactorAnalyzers, "sample", never)
+    code, _, stderr = run_cli("sample", run_dir, "-n", 400000, "-o", tmp_path / "a" / "x.png")
+    assert code == 2 and "MAX_FIGURE_PIXELS" in stderr, stderr
+    monkeypatch.setattr("mfa.figures.inpaint_rows", never)
+    code, _, stderr = run_cli("inpaint", run_dir, "--samples", 20000, "-n", 2,
+                              "-o", tmp_path / "b" / "x.png")
+    assert code == 2 and "MAX_FIGURE_PIXELS" in stderr, stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_image_shape_that_does_not_fit_the_model_is_refused_first():
+    from mfa import figures
+
+    model = MixtureOfFactorAnalyzers(2, 784, 1, generator=torch.Generator().manual_seed(0))
+    for shape in ((1, 14, 14), (2, 14, 28)):
+        for draw in (figures.sample, figures.visualize):
+            with pytest.raises(ValueError, match="does not fit the model: it needs C = 1 or 3 "
+                                                 "and C·H·W = its 784 features"):
+                draw(model, shape, "never.png")
+
+
+def test_run_commands_take_the_mapping_form_and_verbose_after_the_command(run_dir, tmp_path):
+    """--set data={limit: 5} was refused as not data.*, --set foo with the same message;
+    -v after the command was refused by the top-level parser."""
+    code, stdout, stderr = run_cli("inpaint", run_dir, "--set", "data={limit: 5}", "-n", 2,
+                                   "-o", tmp_path / "i.png", "-v")
+    assert code == 0, stderr
+    code, _, stderr = run_cli("inpaint", run_dir, "--set", "foo")
+    assert code == 2 and "--set foo: invalid override 'foo'" in stderr
+
+
+def test_against_set_may_not_name_another_dataset(run_dir):
+    """--against-set data.name=... replaced --outliers-against silently."""
+    code, stdout, stderr = run_cli("evaluate", run_dir, "--outliers-against", "fashion-mnist",
+                                   "--against-set", "data.name=embedded-mnist")
+    assert code == 2 and stdout == ""
+    assert "--against-set data.name: the dataset is --outliers-against's" in stderr
+
+
+def test_a_mask_image_folder_is_named_as_a_folder(tmp_path):
+    from mfa.masks import make_mask
+
+    with pytest.raises(FileNotFoundError, match="is a folder, not an image file"):
+        make_mask("image", (1, 4, 4), 1, mask_image=tmp_path)
+
+
+def test_a_library_warning_is_one_line(monkeypatch):
+    """Warnings reached the terminal as Python prints them: the category, a source path
+    and a line of code (e.g. the outlier data's overlap)."""
+    def warns(args):
+        import warnings
+
+        warnings.warn("3 of the 15 test images are also in the run's own data", UserWarning,
+                      stacklevel=2)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_sample", warns)
+    code, _, stderr = run_cli("sample", "anything")
+    assert code == 0
+    assert stderr == "warning: 3 of the 15 test images are also in the run's own data\n"
