@@ -170,9 +170,6 @@ def with_config_tf32(fit: Callable) -> Callable:
     return wrapper
 
 
-# ---------------------------------------------------------------------- resumable state
-
-
 class _NoBar:
     """:func:`progress_bar` when it is off: the iterable, and a bar's methods doing nothing."""
 
@@ -198,6 +195,9 @@ def progress_bar(iterable: Iterable, enabled: bool, **options):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **options)
+
+
+# ---------------------------------------------------------------------- resumable state
 
 
 def clone_params(model: MixtureOfFactorAnalyzers) -> dict[str, Tensor]:
