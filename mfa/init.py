@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from mfa._validation import check_generator, check_tensor
+from mfa._validation import check_generator, check_positive_int, check_tensor
 from mfa.kmeans import (  # noqa: F401  (K-means names re-exported from their former home)
     KMeansResult,
     _check_rows,
@@ -101,6 +101,9 @@ def fit_complete(
     variance and zero loadings (their own fit would collapse to the floor).
     """
     x = _check_rows(x)
+    n_components = check_positive_int(n_components, "n_components")  # (2.0: a bincount error)
+    n_factors = check_positive_int(n_factors, "n_factors", minimum=0)
+    n_iter = check_positive_int(n_iter, "n_iter", minimum=0)  # (-1 was taken)
     labels = check_tensor(labels, "labels")
     if labels.shape != (x.shape[0],) or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(

@@ -371,3 +371,13 @@ def test_initialise_names_rows_that_do_not_fit_the_model():
         initialise(model, x.tolist(), "kmeans", seed=0, variance_floor=1e-6)
     with pytest.raises(TypeError, match="generator must be a torch.Generator, got NoneType"):
         random_init(x, 3, 1, generator=None)
+
+
+def test_fit_complete_names_bad_counts():
+    """n_components=2.0 failed in torch.bincount; n_iter=-1 was taken."""
+    x = torch.randn(20, 3, generator=gen(0), dtype=F64)
+    labels = torch.zeros(20, dtype=torch.int64)
+    with pytest.raises(TypeError, match="n_components must be an int, got float"):
+        fit_complete(x, labels, 2.0, 1)
+    with pytest.raises(ValueError, match="n_iter must be >= 0, got -1"):
+        fit_complete(x, labels, 2, 1, n_iter=-1)
