@@ -29,9 +29,13 @@ PROFILE_TIMEOUT=${GPU_CHECK_PROFILE_TIMEOUT:-55}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's mfa, installed or not
 export PYTHONUNBUFFERED=1
 
-# within TIMEOUT seconds and the deadline (less a 10 s kill grace); 1 s when it has passed
-limit() { local left=$((DEADLINE - SECONDS - 10)); [ "$left" -lt 1 ] && left=1
+# within TIMEOUT seconds and the deadline (less a 10 s kill grace); 0 when no time is left
+# (the step is then skipped: run for 1 s, each such step's kill grace overran the deadline)
+limit() { local left=$((DEADLINE - SECONDS - 10)); [ "$left" -lt 0 ] && left=0
           echo $(( $1 < left ? $1 : left )); }
+limit1() { local v; v=$(limit "$1"); echo $(( v < 1 ? 1 : v )); }  # (timeout 0: no limit)
+skipped() { echo "!! $1: skipped, no time left before the deadline (${DEADLINE} s)"
+            failures+=("$1 (deadline)"); }
 
 failures=()
 notes=()  # what passed only in a reduced form (no CUDA device)
@@ -70,11 +74,11 @@ main() {
     fi
 
     step "python environment"
-    if ! timeout -k 5 "$(limit 60)" "$PY" -c "import torch" 2>/dev/null; then
+    if ! timeout -k 5 "$(limit1 60)" "$PY" -c "import torch" 2>/dev/null; then
         echo "!! $PY cannot import torch: nothing below can run"; failures+=("torch missing")
         summary; return 1
     fi
-    timeout -k 5 "$(limit 60)" "$PY" - <<'EOF'
+    timeout -k 5 "$(limit1 60)" "$PY" - <<'EOF'
 import importlib, sys
 import torch
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -102,7 +106,7 @@ EOF
     step "mfa from this checkout"
     # PYTHONPATH puts this checkout first (no install: where importing fails, a dependency
     # marked MISSING above is, which pip could not fetch without internet)
-    if ! timeout -k 5 "$(limit 60)" "$PY" -c "import mfa; print('import mfa ok:', mfa.__file__)"
+    if ! timeout -k 5 "$(limit1 60)" "$PY" -c "import mfa; print('import mfa ok:', mfa.__file__)"
     then
         echo "!! import mfa fails: install the modules marked MISSING above"
         failures+=("import mfa")
@@ -110,57 +114,71 @@ EOF
     fi
 
     has_cuda=1
-    timeout -k 5 "$(limit 60)" "$PY" -c \
+    timeout -k 5 "$(limit1 60)" "$PY" -c \
         "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || has_cuda=0
 
-    step "CUDA tests (timeout $(limit "$TEST_TIMEOUT") s)"
+    lim=$(limit "$TEST_TIMEOUT")
+    step "CUDA tests (timeout $lim s)"
     mapfile -t cuda_files < <(grep -l "mark.cuda" tests/test_*.py)
     echo "files with CUDA tests: ${cuda_files[*]}"
     # -v: one line a test as it ends, so a step killed by its timeout shows where it hung
     # (the JUnit XML is written only at the end); a file that fails to import (a test-only
     # package missing there) stops only its own tests
-    timeout -k 10 "$(limit "$TEST_TIMEOUT")" "$PY" -m pytest -v -m cuda -p no:cacheprovider \
-        -rs --durations=5 --continue-on-collection-errors \
-        --junitxml="$RESULTS/pytest_cuda.xml" "${cuda_files[@]}"
-    rc=$?
-    if [ "$has_cuda" = 0 ] && [ "$rc" -eq 0 ]; then
+    if [ "$lim" -eq 0 ]; then
+        rc=-1; skipped "CUDA tests"
+    else
+        timeout -k 10 "$lim" "$PY" -m pytest -v -m cuda -p no:cacheprovider \
+            -rs --durations=5 --continue-on-collection-errors \
+            --junitxml="$RESULTS/pytest_cuda.xml" "${cuda_files[@]}"
+        rc=$?
+    fi
+    if [ "$rc" -eq -1 ]; then
+        :
+    elif [ "$has_cuda" = 0 ] && [ "$rc" -eq 0 ]; then
         echo "-- CUDA tests: skipped, no CUDA device (they only collected and skipped)"
         notes+=("no CUDA device: the CUDA tests were skipped, not run")
     else
         record "CUDA tests" "$rc"
     fi
 
+    lim=$(limit "$BENCH_TIMEOUT")
+    # the budget it plans for: 40 s under its timeout (as the defaults are), never above it
+    budget=$((lim - 40))
+    [ "$budget" -gt "$BENCH_BUDGET" ] && budget=$BENCH_BUDGET
+    [ "$budget" -lt 1 ] && budget=$(( lim / 2 > 0 ? lim / 2 : 1 ))
     if [ "$QUICK" = 1 ]; then
-        step "benchmark (timeout $(limit "$BENCH_TIMEOUT") s, quick sizes on the CPU)"
+        step "benchmark (timeout $lim s, quick sizes on the CPU)"
         notes+=("quick mode: the benchmark and the profile ran at tiny sizes on the CPU")
-    else
-        step "benchmark (timeout $(limit "$BENCH_TIMEOUT") s, budget ${BENCH_BUDGET} s)"
-    fi
-    if [ "$QUICK" = 1 ]; then
         bench_args=(--quick --device cpu)
     else
-        # the budget it plans for: at most 40 s under its timeout, as the defaults are
-        budget=$(( $(limit "$BENCH_TIMEOUT") - 40 ))
-        [ "$budget" -gt "$BENCH_BUDGET" ] && budget=$BENCH_BUDGET
-        [ "$budget" -lt 10 ] && budget=10
+        step "benchmark (timeout $lim s, budget $budget s)"
         bench_args=(--device cuda --budget-s "$budget")
     fi
-    timeout -k 10 "$(limit "$BENCH_TIMEOUT")" "$PY" benchmarks/bench_gpu.py "${bench_args[@]}" \
-        --json "$RESULTS/bench_gpu.json" 2>&1 | tee "$RESULTS/bench_gpu.log"
-    record "benchmark" "${PIPESTATUS[0]}"
+    if [ "$lim" -eq 0 ]; then
+        skipped "benchmark"
+    else
+        timeout -k 10 "$lim" "$PY" benchmarks/bench_gpu.py "${bench_args[@]}" \
+            --json "$RESULTS/bench_gpu.json" 2>&1 | tee "$RESULTS/bench_gpu.log"
+        record "benchmark" "${PIPESTATUS[0]}"
+    fi
 
-    step "profile: top kernels of one E-step batch and one Adam step (timeout $(limit "$PROFILE_TIMEOUT") s)"
+    lim=$(limit "$PROFILE_TIMEOUT")
+    step "profile: top kernels of one E-step batch and one Adam step (timeout $lim s)"
     if [ "$QUICK" = 1 ]; then
         profile_args=(--quick --device cpu --rows 5)
     else
         profile_args=(--device cuda --modes centred float64)
     fi
-    timeout -k 10 "$(limit "$PROFILE_TIMEOUT")" "$PY" benchmarks/profile_gpu.py "${profile_args[@]}" \
-        >"$RESULTS/profile_gpu.log" 2>&1
-    record "profile" $?
-    grep -E "^== |Self CUDA time total|Self CPU time total" "$RESULTS/profile_gpu.log" || true
+    if [ "$lim" -eq 0 ]; then
+        skipped "profile"
+    else
+        timeout -k 10 "$lim" "$PY" benchmarks/profile_gpu.py "${profile_args[@]}" \
+            >"$RESULTS/profile_gpu.log" 2>&1
+        record "profile" $?
+        grep -E "^== |Self CUDA time total|Self CPU time total" "$RESULTS/profile_gpu.log" || true
+    fi
 
-    if command -v nvidia-smi >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && [ "$(limit 10)" -ge 10 ]; then
         step "card after the run"
         timeout -k 2 10 nvidia-smi --query-gpu=name,memory.used,temperature.gpu,clocks.sm \
             --format=csv || true

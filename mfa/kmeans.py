@@ -14,13 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mfa._validation import (
-    check_finite,
-    check_generator,
-    check_positive_int,
-    check_seed,
-    check_tensor,
-)
+from mfa._validation import check_finite, check_generator, check_positive_int, check_tensor
 
 _DIST_CHUNK_ELEMENTS = 2**24
 
@@ -30,7 +24,9 @@ def _generator(seed: int | None, generator: torch.Generator | None, device) -> t
     if generator is not None:
         return generator
     gen = torch.Generator(device=device)
-    gen.manual_seed(0 if seed is None else check_seed(seed))  # (1.9 ran as 1)
+    if not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")  # (1.9 ran as 1)
+    gen.manual_seed(0 if seed is None else int(seed))
     return gen
 
 
@@ -220,8 +216,12 @@ def kmeans(
     x = _check_rows(x)
     check_positive_int(n_clusters, "n_clusters")
     check_positive_int(n_iter, "n_iter", minimum=0)
-    if not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and tol >= 0):
-        raise ValueError(f"tol must be a number >= 0, got {tol!r}")  # (NaN ran every n_iter)
+    try:  # (a number, a 0-d tensor; NaN ran every iteration)
+        ok = not isinstance(tol, (bool, str)) and float(tol) >= 0
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}")
     n = x.shape[0]
     if n < n_clusters:
         raise ValueError(f"kmeans needs at least n_clusters={n_clusters} rows, got {n}")

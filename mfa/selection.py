@@ -79,11 +79,12 @@ class SelectionSweep:
     @property
     def failed(self) -> list[dict]:
         """The rows whose fit raised."""
-        return [r for r in self.rows if r["error"] is not None]
+        return [r for r in self.rows if r.get("error") is not None]
 
     @property
     def has_bits_per_dim(self) -> bool:
-        return self.scale is not None
+        # (a sweep built by hand, without scale, reports them when its rows hold them)
+        return self.scale is not None or self.rows[0].get("val_bits_per_dim") is not None
 
     def table(self, markdown: bool = False) -> str:
         """The rows as a text (or markdown) table; the best rows are marked."""
@@ -94,7 +95,7 @@ class SelectionSweep:
             value = r["val_bits_per_dim"] if self.has_bits_per_dim else r["val_log_likelihood"]
             marks = [name for name, key in (("val", "best_val"), ("BIC", "best_bic")) if r[key]]
             note = " ".join(f"<- {m}" for m in marks)
-            if r["error"] is not None:
+            if r.get("error") is not None:
                 note = "failed: " + r["error"].replace("|", "/")[:120]
             lines.append([str(r["K"]), str(r["L"]), _text(r["n_params"], "d"),
                           _text(value, ".4f"), _text(r["bic"], ".1f"),
@@ -118,7 +119,7 @@ class SelectionSweep:
             with open(temporary, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=COLUMNS)
                 writer.writeheader()
-                writer.writerows({key: row[key] for key in COLUMNS} for row in self.rows)
+                writer.writerows({key: row.get(key) for key in COLUMNS} for row in self.rows)
 
         write_atomically(paths[0], write_csv)  # (each file whole or as it was)
         write_text_atomically(paths[1], self.table(markdown=True) + "\n")
@@ -128,7 +129,7 @@ class SelectionSweep:
         record = {**(metadata or {}), "n_features": self.n_features,
                   "complete": self.complete, "best_by_val": pair(self.best_by_val),
                   "best_by_bic": pair(self.best_by_bic),
-                  "rows": [{key: _finite_or_none(row[key]) for key in COLUMNS}
+                  "rows": [{key: _finite_or_none(row.get(key)) for key in COLUMNS}
                            for row in self.rows]}
         # (strict JSON: a non-finite score is null, not NaN/Infinity)
         write_text_atomically(paths[2], json.dumps(record, indent=2, allow_nan=False) + "\n")
@@ -149,7 +150,7 @@ class SelectionSweep:
         def value(r: dict) -> float:
             return r["val_bits_per_dim"] if bpd else -r["val_log_likelihood"]
 
-        scored = [r for r in self.rows if r["error"] is None]
+        scored = [r for r in self.rows if r.get("error") is None]
         for lat in sorted({r["L"] for r in scored}):
             line = sorted((r for r in scored if r["L"] == lat), key=lambda r: r["K"])
             axes.plot([r["K"] for r in line], [value(r) for r in line], "o-", label=f"L={lat}")

@@ -270,3 +270,13 @@ def test_random_choices_need_a_generator_and_bad_settings_are_named():
             kmeans(x, 3, tol=tol)
     with pytest.raises(TypeError, match="seed must be an int, got float"):
         kmeans(x, 3, seed=1.9)
+
+
+def test_kmeans_takes_a_negative_seed_and_a_tensor_tol():
+    """The checks added for seed=1.9 and tol=NaN refused what torch takes (a negative seed)
+    and a 0-d tensor tol, which ran before."""
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(0))
+    a = kmeans(x, 3, seed=-1)
+    assert torch.equal(a.labels, kmeans(x, 3, seed=-1).labels)
+    b = kmeans(x, 3, tol=torch.tensor(1e-4))
+    assert torch.equal(b.labels, kmeans(x, 3, tol=1e-4).labels)

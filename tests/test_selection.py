@@ -477,3 +477,16 @@ def test_mfa_select_refuses_more_components_than_the_initialisation_gets(tmp_pat
     assert code == 2 and "components [8] exceed the 5 training images the initialisation" \
         in stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_built_by_hand_still_draws_its_table():
+    """Rows without the new "error" key (a SelectionSweep built before it) raised KeyError in
+    table(), and without a scale it reported log-likelihoods though its rows held bits/dim."""
+    from mfa.selection import SelectionSweep
+
+    row = {"K": 2, "L": 1, "n_params": 17, "train_log_likelihood": -5.0,
+           "val_log_likelihood": -5.1, "val_bits_per_dim": 9.9, "bic": 100.0, "aic": 90.0,
+           "fit_seconds": 0.1, "best_val": True, "best_bic": True}
+    sweep = SelectionSweep([row], row, row, None, 4)
+    assert sweep.has_bits_per_dim and sweep.failed == []
+    assert "9.9000" in sweep.table() and "<- val <- BIC" in sweep.table()
