@@ -4,8 +4,8 @@
 destination (:func:`reserved_temporary`), fsyncs it and renames it over the destination. A
 writer killed outright cannot remove its temporary; :func:`clean_stale_temporaries` removes
 the ones whose writer is gone. A run's other results (metrics, history, figures, CSV files)
-go through :func:`write_atomically`: an interrupted write leaves the earlier file, never a
-truncated one.
+go through :func:`write_atomically`, which fsyncs them the same way: an interrupted write
+leaves the earlier file, never a truncated one.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 __all__ = [
     "STALE_TEMPORARY_AGE",
     "clean_stale_temporaries",
+    "fsync_file",
     "fsync_folder",
     "folder_for_output",
     "reserved_temporary",
@@ -154,18 +155,31 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush ``path``'s data to the disk (a no-op where the file system cannot)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """``write(temporary)`` to a temporary beside ``path``, then one ``os.replace`` onto it:
-    a write interrupted or failed (Ctrl-C, a full disk) leaves ``path`` as it was. Returns
-    ``path``."""
+    """``write(temporary)`` to a temporary beside ``path``, fsync it, then one ``os.replace``
+    onto it (and fsync the folder): a write interrupted or failed (Ctrl-C, a full disk, a
+    power cut) leaves ``path`` as it was or the new file whole, never a truncated one.
+    Returns ``path``."""
     path = Path(path)
     with reserved_temporary(path) as temporary:
         try:
             write(temporary)
+            fsync_file(temporary)  # (a rename can reach the disk before the data it names)
             os.replace(temporary, path)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()
+    fsync_folder(path.parent)
     return path
 
 
