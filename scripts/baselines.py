@@ -279,45 +279,56 @@ def selection_share(timing: dict) -> float | None:
 
 
 def run_full(k: int, np_splits: dict, args, cost: dict) -> list[dict]:
-    """Full-covariance GMMs where the measured cost fits ``args.full_budget`` seconds a fit.
+    """Full-covariance GMMs, each fit within ``args.full_budget`` seconds.
 
-    ``cost`` carries the measured seconds per EM iteration per component across K."""
+    A probe at the first K times scikit-learn's fit with ``max_iter`` 1 and 2: the difference
+    is one EM iteration, the rest the initialisation (K-means, the first M-step and the last
+    E-step). Each fit then runs ``max_iter = args.full_max_iter`` capped at the iterations
+    that fit the budget after the initialisation (costs scaled by K from the probe, then
+    from the last fit), and is not run where not even one does. A fit that converges before
+    its cap is the fit ``max_iter=args.full_max_iter`` would have given (the note says
+    whether it converged). ``cost`` carries the per-component costs across K."""
     tr, va, te = np_splits["train"], np_splits["val"], np_splits["test"]
-    if "per_iter_per_k" not in cost:  # one probe iteration at this K
-        gmm, secs = fit_sklearn(k, tr, args.seed, covariance_type="full", max_iter=1)
-        cost["per_iter_per_k"], cost["probe_k"] = secs / k, k
-        logger.info("full-covariance probe at K=%d: %.1f s for init + 1 iteration", k, secs)
-    per_iter = cost["per_iter_per_k"] * k
-    how = ("measured: initialisation and one iteration" if cost["probe_k"] == k else
-           f"the K={cost['probe_k']} probe's initialisation and one iteration, scaled by "
-           f"K/{cost['probe_k']}")
-    estimate = per_iter * args.full_max_iter
+    if "per_iter_per_k" not in cost:
+        _, one = fit_sklearn(k, tr, args.seed, covariance_type="full", max_iter=1)
+        _, two = fit_sklearn(k, tr, args.seed, covariance_type="full", max_iter=2)
+        per_iter = max(two - one, 1e-3)
+        cost.update(per_iter_per_k=per_iter / k, init_per_k=max(one - per_iter, 0.0) / k,
+                    probe_k=k)
+        logger.info("full-covariance probe at K=%d: %.1f s (max_iter=1), %.1f s (max_iter=2)",
+                    k, one, two)
+    per_iter, init = cost["per_iter_per_k"] * k, cost["init_per_k"] * k
+    how = ("probed at this K" if cost["probe_k"] == k else
+           f"scaled by K from K={cost['probe_k']}")
+    cap = min(args.full_max_iter, math.floor((args.full_budget - init) / per_iter))
     grid = sorted(set(args.reg_grid) | {1e-6})
     label = f"sklearn GMM full, max_iter={args.full_max_iter}"
-    if estimate > args.full_budget:
-        note = (f"not run (cost): ≈{per_iter:.1f} s/iteration ({how}) → "
-                f"≈{estimate:.0f} s a fit > budget {args.full_budget:.0f} s")
+    price = f"≈{init:.1f} s initialisation + {per_iter:.1f} s an iteration ({how})"
+    if cap < 1:
+        note = f"not run (cost): {price} > budget {args.full_budget:.0f} s a fit"
         return [row(f"{label}, defaults otherwise", k, None, None, math.nan, note)]
+    capped = "" if cap == args.full_max_iter else (
+        f"; max_iter capped at {cap} by the {args.full_budget:.0f} s budget ({price})")
+    whole_grid = len(grid) * (init + cap * per_iter) <= args.full_budget
     fits = {}
-    for reg in grid:
-        if reg != 1e-6 and per_iter * args.full_max_iter * (len(grid)) > args.full_budget:
-            continue  # the tuned grid only where the whole grid fits the budget
+    for reg in grid if whole_grid else [1e-6]:  # the tuned grid only where all of it fits
         gmm, secs = fit_sklearn(k, tr, args.seed, covariance_type="full", reg_covar=reg,
-                                max_iter=args.full_max_iter)
+                                max_iter=cap)
         fits[reg] = (sk_bits(gmm, va), gmm, secs)
-        cost["per_iter_per_k"] = secs / max(gmm.n_iter_, 1) / k
+        if secs > init:
+            cost["per_iter_per_k"] = (secs - init) / max(gmm.n_iter_, 1) / k
     v, gmm, secs = fits[1e-6]
     out = [row(f"{label}, defaults otherwise", k, sk_bits(gmm, te), v, secs,
-               f"{gmm.n_iter_} iterations, converged={gmm.converged_}")]
+               f"{gmm.n_iter_} iterations, converged={gmm.converged_}{capped}")]
     if len(fits) > 1:
         reg = min(fits, key=lambda r: fits[r][0])
         v, gmm, secs = fits[reg]
         out.append(row(f"{label}, reg_covar tuned on val", k, sk_bits(gmm, te), v, secs,
-                       f"reg_covar={reg:g} of {sorted(fits)}"))
+                       f"reg_covar={reg:g} of {sorted(fits)}, {gmm.n_iter_} iterations, "
+                       f"converged={gmm.converged_}{capped}"))
     else:
         out.append(row(f"{label}, reg_covar tuned on val", k, None, None, math.nan,
-                       f"not run (cost): grid of {len(grid)} "
-                       f"≈{per_iter * args.full_max_iter * len(grid):.0f} s"
+                       f"not run (cost): grid of {len(grid)} fits at {price}"
                        f" > budget {args.full_budget:.0f} s"))
     return out
 
@@ -373,9 +384,11 @@ def markdown(results: dict) -> str:
            f"{meta['floor_grid']}" if meta["floor_grid"] else "")
         + ", keeping the best on validation. "
         f"scikit-learn `reg_covar` grid: {meta['reg_grid']} (1e-6 is its default). Full-covariance "
-        f"GMMs run with `max_iter={meta['full_max_iter']}` only where the measured cost per fit is "
-        f"≤ {meta['full_budget']:.0f} s. Train time is wall time of `fit` (initialisation "
-        "included) on a shared 2-core CPU; it is indicative only.",
+        f"GMMs run with `max_iter={meta['full_max_iter']}`, capped at the iterations that fit "
+        f"{meta['full_budget']:.0f} s a fit after the initialisation (both timed by a probe "
+        "at the first K, `max_iter` 1 and 2); not run where not one does. Train time is wall "
+        "time of `fit` (initialisation included) on a shared 2-core CPU; it is indicative "
+        "only.",
         "",
     ]
     for name, ds in results["datasets"].items():
@@ -394,7 +407,8 @@ def markdown(results: dict) -> str:
               "default MFA − best hand-tuned MFA (≤ 0.02) | selection overhead: default fit vs the "
               "fixed fit at the value it chose, faster of two runs each (≤ 30 %) | "
               "default vs the fixed fit at the hand-tuned best | default vs mean grid fit | "
-              "the searches' and tempered step's own time over the rest of the default fit |",
+              "the searches' and tempered step's own time over the rest of the default fit "
+              "(≤ 30 %, the strict reading) |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, ds in results["datasets"].items():
         for k, res in ds["per_k"].items():
@@ -408,8 +422,13 @@ def markdown(results: dict) -> str:
                 f"{verdict(t['selection_overhead'], 0.3, percent=True)} | "
                 f"{'—' if tuned is None else f'{100 * tuned:+.0f} %'} | "
                 f"{'—' if mean is None else f'{100 * mean:+.0f} %'} | "
-                f"{'—' if share is None else f'{100 * share:.0f} %'} |")
-    lines.append("")
+                f"{'—' if share is None else verdict(share, 0.3, percent=True)} |")
+    lines += ["", "The overhead target (selection costs at most 30 % more wall time than one "
+              "fixed fit) has two readings here: the default fit's wall time against the fixed "
+              "fit at the s₀ it chose, which the default meets wherever that fixed fit runs "
+              "enough more iterations (its path differs from the default's), and, strictly, "
+              "the time of the searches and the tempered step themselves over the rest of the "
+              "default fit.", ""]
     return "\n".join(lines)
 
 

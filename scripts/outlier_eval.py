@@ -55,6 +55,8 @@ def run_direction(name_in: str, data_in: ImageData, name_out: str, data_out: Ima
         test_bpd = float(bits_per_dim(test_lp.mean(), train.shape[1]))
         # (a few rows with pixels no training image has on can dominate the mean)
         median_bpd = float(bits_per_dim(test_lp.median(), train.shape[1]))
+        # and the log-likelihood (nats) of the median row and of the 1 % scoring lowest
+        median_nats, low_nats = float(test_lp.median()), float(test_lp.quantile(0.01))
     logging.info("%s: EM on %d rows in %.0f s, test %.3f bits/dim", name_in, train.shape[0],
                  fit_s, test_bpd)
     rows = []
@@ -66,8 +68,8 @@ def run_direction(name_in: str, data_in: ImageData, name_out: str, data_out: Ima
                for s, (x_in, x_out) in splits.items()}
         rows.append(dict(direction=f"{name_in} model: {name_in} vs {name_out}", score=score,
                          val=res["val"], test=res["test"], seconds=time.perf_counter() - t0,
-                         test_bpd=test_bpd, median_bpd=median_bpd, n_train=train.shape[0],
-                         fit_s=fit_s))
+                         test_bpd=test_bpd, median_bpd=median_bpd, median_nats=median_nats,
+                         low_nats=low_nats, n_train=train.shape[0], fit_s=fit_s))
         logging.info("  %-16s val AUROC %.3f  test AUROC %.3f", score, res["val"]["auroc"],
                      res["test"]["auroc"])
     return rows
@@ -126,7 +128,9 @@ def table(rows: list[dict], default: str, args: argparse.Namespace, seconds: flo
                          f"{r['n_train']} train rows (10 % of them held out for "
                          f"validation) in {r['fit_s']:.0f} s, test "
                          f"{r['test_bpd']:.3f} bits/dim (mean over rows; the median "
-                         f"row's {r['median_bpd']:.3f}).")
+                         f"row's {r['median_bpd']:.3f}; 1 % of the test rows score below "
+                         f"{r['low_nats']:,.0f} nats, the median row "
+                         f"{r['median_nats']:,.0f}).")
     lines += ["", f"Default score chosen on validation: `{default}` "
               f"(`mfa.outliers.DEFAULT_SCORE` is `{DEFAULT_SCORE}`"
               f"{'' if default == DEFAULT_SCORE else ': update it'}).", ""]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_data_sources import write_mnist
 
@@ -87,11 +88,17 @@ def test_quick_run_writes_the_table(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "split_summary.py"),
                            str(tmp_path / "out" / "baselines.json"), str(tmp_path / "other.json"),
-                           "--out", str(tmp_path / "summary.md")], capture_output=True,
+                           "--out", str(tmp_path / "summary.md"),
+                           "--note", "Seed 1 is a copy of seed 0 with other figures."],
+                          capture_output=True,
                           text=True, env=env, timeout=60, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
     assert "| seed 0 | seed 1 | mean |" in summary
+    assert "\nSeed 1 is a copy of seed 0 with other figures.\n" in summary
+    # the overhead target's strict reading has its verdict too
+    assert any(line.startswith("| 3 | searches' and tempered step's own time over the rest "
+                               "(≤ 30%) |") for line in summary.splitlines())
     gap = first["targets"]["default_minus_tuned_mfa"]
     row = next(line for line in summary.splitlines()
                if line.startswith("| 3 | default MFA − best hand-tuned MFA"))
@@ -123,3 +130,50 @@ def test_split_summary_verdicts_allow_for_the_spread_of_the_seeds():
     assert verdict([3.68, 0.47, 0.12], 0.30) == "undetermined"  # one seed within it
     assert verdict([0.01], 0.02) == "met" and verdict([0.03], 0.02) == "**not met**"
     assert verdict([0.01, None], 0.02) == "—" and verdict([0.5, 0.6], None) == "—"
+    # the mean's interval takes Student's t for the seeds' degrees of freedom, not 2: with 4
+    # seeds the mean -0.143 lies 2.8 s.e. below 0.02, short of t(3) = 3.18
+    assert verdict([0.03, -0.2, -0.2, -0.2], 0.02) == "undetermined"
+    assert verdict([0.03, -0.1, -0.1, -0.1, -0.1], 0.02) == "met"  # t(4) = 2.78
+
+
+def test_full_covariance_fits_run_capped_by_the_budget_priced_from_a_two_step_probe(
+        monkeypatch):
+    """The probe's fit with ``max_iter=1`` was taken for one iteration's cost and multiplied
+    by ``max_iter``: on the digits (K=20) it priced a fit that converges in 2 iterations
+    (16 s) at 127 s, over the 90 s budget, and it was not run."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import baselines
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    calls = []
+
+    class FakeGMM:
+        n_iter_, converged_ = 2, True
+
+        def score_samples(self, rows):
+            return np.zeros(rows.shape[0])
+
+    def fake_fit(k, train, seed, covariance_type, max_iter=100, reg_covar=1e-6):
+        calls.append((k, max_iter, reg_covar))
+        # 4 s initialisation and 6 s an iteration per 20 components
+        return FakeGMM(), (4.0 + 6.0 * min(max_iter, 2)) * k / 20
+
+    monkeypatch.setattr(baselines, "fit_sklearn", fake_fit)
+    rows = np.zeros((4, 3))
+    splits = {"train": rows, "val": rows, "test": rows}
+    args = argparse.Namespace(seed=0, full_max_iter=20, full_budget=90.0, reg_grid=[1e-6, 1e-3])
+    cost: dict = {}
+    out = baselines.run_full(20, splits, args, cost)
+    assert calls[:2] == [(20, 1, 1e-6), (20, 2, 1e-6)]  # the probe
+    assert cost["per_iter_per_k"] == pytest.approx(6.0 / 20)
+    assert cost["init_per_k"] == pytest.approx(4.0 / 20)
+    assert calls[2] == (20, 14, 1e-6)  # (90 - 4) / 6 iterations fit the budget
+    assert out[0]["test_bits_per_dim"] is not None
+    assert "converged=True" in out[0]["note"] and "capped at 14" in out[0]["note"]
+    assert "not run" in out[1]["note"]  # the 2-fit grid does not fit 90 s
+    calls.clear()
+    out = baselines.run_full(200, splits, args, cost)  # 40 s + 60 s an iteration
+    assert calls == [] and out[0]["test_bits_per_dim"] is None
+    assert out[0]["note"].startswith("not run (cost): ≈40.0 s initialisation + 60.0 s")

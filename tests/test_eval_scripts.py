@@ -43,6 +43,9 @@ def test_tiny_run_writes_the_page_and_its_json_twin(tmp_path, script):
         assert len(twin["figures"]) >= 2
         for row in twin["figures"]:
             assert 0 <= row["test"]["auroc"] <= 1 and row["score"] in text
+            # the page names the tail that dominates the mean (the README cites it)
+            assert row["low_nats"] <= row["median_nats"]
+            assert f"score below {row['low_nats']:,.0f} nats" in text
     else:  # every setting with each method's bits/dim and RMSE
         assert set(twin["figures"]) == {"random 25 %", "random 50 %", "one 14×14 block"}
         for setting, methods in twin["figures"].items():
