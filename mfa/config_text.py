@@ -6,6 +6,8 @@ names."""
 from __future__ import annotations
 
 import copy
+import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,15 @@ __all__ = ["apply_override_strings", "dotted_leaves", "override_keys", "parse_ov
            "read_yaml_mapping"]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2's core schema for numbers (PyYAML resolves YAML 1.1's: ``010`` was octal 8,
+# ``1:5`` base-60 65, ``1e-3`` a string): decimal, 0o octal and 0x hexadecimal integers;
+# decimal floats with an optional exponent, ``.inf``, ``.nan``. Anything else is a string,
+# which the config's type checks then refuse by name.
+_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -38,6 +49,29 @@ class UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return node
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)  # (a leading zero is decimal, as in YAML 1.2)
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    if text.endswith(".inf"):
+        return -math.inf if text.startswith("-") else math.inf
+    return math.nan if text == ".nan" else float(text)
+
+
+UniqueKeyLoader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 numbers
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+UniqueKeyLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+UniqueKeyLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
+UniqueKeyLoader.add_constructor(_INT_TAG, _construct_int)
+UniqueKeyLoader.add_constructor(_FLOAT_TAG, _construct_float)
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

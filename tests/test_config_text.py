@@ -64,3 +64,36 @@ def test_merge_chains_read_as_pyyaml_reads_them(tmp_path):
     assert config.train.em.tol == 0.001
     assert yaml.safe_load(text)["train"]["em"] == {"max_iter": 3, "tol": 0.001, "n_init": 2}
 
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("train.em.max_iter=010", 10),  # YAML 1.1 (PyYAML): octal 8
+    ("seed=0123", 123),  # octal 83
+    ("train.em.max_iter=0x1F", 31),
+    ("train.em.tol=1e-3", 1e-3),  # YAML 1.1: the string '1e-3'
+    ("train.em.tol=.5", 0.5),
+])
+def test_numbers_read_as_yaml_1_2_reads_them(text, value):
+    config = load_config(None, [text])
+    key = text.split("=")[0].split(".")
+    got = config
+    for part in key:
+        got = getattr(got, part)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("text", ["model.n_components=1:5", "train.em.tol=1:0.5",
+                                  "train.em.max_iter=1_0"])
+def test_yaml_1_1_base_60_and_underscored_numbers_are_refused_not_read(text):
+    """``1:5`` was read as 65 (base 60), ``1:0.5`` as 60.5, silently."""
+    key = text.split("=")[0]
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(None, [text])
+
+
+def test_a_config_file_reads_numbers_the_same_way(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 010\ntrain:\n  em:\n    tol: 1e-3\n    max_iter: 007\n",
+                    encoding="utf-8")
+    config = load_config(path)
+    assert (config.seed, config.train.em.tol, config.train.em.max_iter) == (10, 1e-3, 7)
