@@ -73,6 +73,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_trainer_devices",
     "config_from_dict",
     "config_to_dict",
     "hierarchical_config",
@@ -185,6 +186,26 @@ class RunConfig:
         if self.output.checkpoint_every is not None:
             config.checkpoint_every = self.output.checkpoint_every
         return config
+
+
+def check_trainer_devices(method: str, trainer_config: Any) -> None:
+    """Resolve every device ``trainer_config`` (:meth:`RunConfig.trainer_config`) names, so
+    that a run stops before its folder exists (a hierarchical run's stages failed after the
+    root's fit, leaving a folder whose resume refused the corrected device).
+
+    Raises:
+        ValueError: naming the key, e.g. ``train.hierarchical.child_em.device``.
+    """
+    stages = {f"train.{method}": trainer_config}
+    if method == "hierarchical":
+        stages = {f"train.hierarchical.{stage}": getattr(trainer_config, stage)
+                  for stage in ("root_em", "child_em", "final_em")}
+    for prefix, stage in stages.items():
+        if getattr(stage, "device", None) is not None:
+            try:
+                resolve_device(stage.device)
+            except ValueError as error:
+                raise ValueError(f"invalid value for {prefix}.device: {error}") from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -56,7 +56,8 @@ class HierarchicalSection:
     min_child_rows: int | None = None  # fewer rows: keep the root component; None: rows_per_...
     root_em: EMConfig | None = None  # EM of the root (seed ignored); None: train.em
     child_em: EMConfig | None = None  # EM of each child (seed ignored); None: train.em
-    final_em: EMConfig | None = None  # EM on the flattened model (init: none); None: no EM
+    final_em: EMConfig | None = None  # EM on the flattened model (keys left out: train.em's,
+    # init "none"); None: no EM
     assign_batch_size: int = 4096  # rows per batch of the hard assignment
     seed: int = 0  # seeds the root and the children
 
@@ -106,18 +107,23 @@ def check_hierarchical(config: Any) -> None:
 
 
 def fill_stages(train: Mapping[str, Any], em_default: EMConfig) -> Mapping[str, Any]:
-    """The ``train`` mapping with a partial ``hierarchical.root_em`` / ``child_em`` completed
-    from ``train.em`` (``em_default`` with the keys ``train.em`` gives): the keys a stage
-    leaves out take the run's EM values, as a null stage does, not EMConfig's class
-    defaults (which save no checkpoint until the end)."""
+    """The ``train`` mapping with a partial ``hierarchical.root_em`` / ``child_em`` /
+    ``final_em`` completed from ``train.em`` (``em_default`` with the keys ``train.em``
+    gives): the keys a stage leaves out take the run's EM values, as a null root or child
+    stage does, not EMConfig's class defaults (which save no checkpoint until the end);
+    ``final_em``'s ``init`` is ``"none"`` unless given (it continues from the flattened
+    model: the only value it takes). ``missing`` is not copied: a stage takes only
+    ``"error"`` (an EM run on incomplete rows was refused for its unused partial stage)."""
     hier = train.get("hierarchical")
     if not isinstance(hier, Mapping):
         return train
     base = {f.name: getattr(em_default, f.name) for f in dataclasses.fields(EMConfig)}
     em = train.get("em")
     if isinstance(em, Mapping):  # (unknown keys are reported under train.em)
-        base.update({key: value for key, value in em.items() if key in base})
-    hier = {stage: {**base, **value} if stage in ("root_em", "child_em")
+        base.update({key: value for key, value in em.items()
+                     if key in base and key != "missing"})
+    filled = {"root_em": base, "child_em": base, "final_em": {**base, "init": "none"}}
+    hier = {stage: {**filled[stage], **value} if stage in filled
             and isinstance(value, Mapping) else value for stage, value in hier.items()}
     return {**train, "hierarchical": hier}
 

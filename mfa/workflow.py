@@ -37,7 +37,13 @@ import torch
 from mfa import distributed, viz
 from mfa._temporaries import write_text_atomically
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from mfa.config import RunConfig, apply_overrides, resolve_device, save_config
+from mfa.config import (
+    RunConfig,
+    apply_overrides,
+    check_trainer_devices,
+    resolve_device,
+    save_config,
+)
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.data.names import canonical_name
 from mfa.em import ConvergenceWarning, EMTrainer
@@ -231,12 +237,7 @@ class _Setup:
 def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     device = resolve_device(config.device)
     trainer_config = config.trainer_config()
-    if getattr(trainer_config, "device", None) is not None:
-        prefix = f"train.{config.train.method}.device"
-        try:
-            resolve_device(trainer_config.device)
-        except ValueError as error:
-            raise ValueError(f"invalid value for {prefix}: {error}") from None
+    check_trainer_devices(config.train.method, trainer_config)
     data = load_data(config)
     mc = config.model
     if ckpt is not None:

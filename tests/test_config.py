@@ -540,7 +540,7 @@ def test_em_on_incomplete_rows_is_not_refused_by_the_unused_hierarchical_stages(
      r"train\.hierarchical\.rows_per_component: must be an int >= 1, got 0"),
     ("train.hierarchical={min_child_components: 5, max_child_components: 2}",
      r"train\.hierarchical\.min_child_components: must be <= max_child_components, got 5 > 2"),
-    ("train.hierarchical.final_em={max_iter: 2}",
+    ("train.hierarchical.final_em={init: kmeans}",
      r"train\.hierarchical\.final_em\.init: must be 'none'"),
     ("train.hierarchical.child_em={kmeans_iter: 0}",
      r"train\.hierarchical\.child_em\.kmeans_iter: must be an int >= 1, got 0"),
@@ -571,3 +571,24 @@ def test_a_key_given_twice_is_refused_and_override_errors_name_the_overrides(tmp
     with pytest.raises(ValueError, match=r"^config file .*bad\.yaml: unknown config key"):
         load_config(bad, ["model.n_factors=2"])
 
+
+
+def test_em_on_incomplete_rows_is_not_refused_for_a_partial_unused_hierarchical_stage():
+    """A partial stage copied train.em.missing=allow, which a stage refuses, although the
+    run trains by EM (the null stages were already exempt)."""
+    for stage in ("root_em", "child_em"):
+        config = load_config(None, ["train.em.missing=allow",
+                                    f"train.hierarchical.{stage}={{max_iter: 2}}"])
+        assert config.train.em.missing == "allow"
+        assert getattr(config.train.hierarchical, stage).missing == "error"
+
+
+def test_a_partial_final_em_takes_the_runs_em_and_continues_from_the_flattened_model():
+    """A partial final_em took EMConfig's class defaults (init 'kmeans', which it refuses;
+    progress on), unlike root_em and child_em."""
+    config = load_config(None, ["train.method=hierarchical", "train.em.max_iter=7",
+                                "train.em.progress=false",
+                                "train.hierarchical.final_em={tol: 0.01}"])
+    final = config.trainer_config().final_em
+    assert final == dataclasses.replace(config.train.em, tol=0.01, init="none")
+    assert (final.max_iter, final.progress) == (7, False)

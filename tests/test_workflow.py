@@ -683,6 +683,14 @@ def test_a_finished_em_run_refuses_more_iterations(em_run):
     (["data.name=folder", "data.root=/nonexistent/images"], OSError, r"/nonexistent/images"),
     (["device=cuda"], ValueError, r"device 'cuda' asks for CUDA"),
     (["train.em.device=cuda:0"], ValueError, r"train\.em\.device: device 'cuda:0' asks for"),
+    # a hierarchical run's stages: the child's failed after the root's fit, leaving a folder
+    # whose resume refused the corrected device
+    (["train.method=hierarchical", "train.hierarchical.child_em={device: cuda}"], ValueError,
+     r"train\.hierarchical\.child_em\.device: device 'cuda' asks for"),
+    (["train.method=hierarchical", "train.em.device=cuda"], ValueError,
+     r"train\.hierarchical\.root_em\.device: device 'cuda' asks for"),
+    (["train.method=hierarchical", "train.hierarchical.final_em={device: cuda}"], ValueError,
+     r"train\.hierarchical\.final_em\.device: device 'cuda' asks for"),
 ])
 def test_values_that_fail_with_the_data_fail_before_the_run_folder(
         tmp_path, monkeypatch, overrides, error, match):
