@@ -314,6 +314,7 @@ class HierarchicalTrainer:
         checkpoint_dir: str | Path | None = None,
         callbacks: Sequence[Callback] = (),
         device: torch.device | str | None = None,
+        root: MixtureOfFactorAnalyzers | None = None,
     ) -> MixtureOfFactorAnalyzers:
         """Train root and children and return the flattened model.
 
@@ -332,6 +333,9 @@ class HierarchicalTrainer:
             device: where the root and children are fitted unless ``root_em.device`` /
                 ``child_em.device`` say otherwise (default: ``data``'s device, the CPU for a
                 dataset).
+            root: the root's starting model (the config's ``K₁``, ``L``, noise and floor; a
+                run's model, seeded by the run's ``seed``), copied in the data's dtype; default:
+                a new one seeded with ``config.seed``; unused once ``root.pt`` is saved.
 
         Returns:
             The flattened :class:`MixtureOfFactorAnalyzers` (also in :attr:`model`), on the
@@ -364,21 +368,13 @@ class HierarchicalTrainer:
         if saved is not None:
             self.root, state = saved
             self.root.to(root_device)
-            saved_counts = state.get("counts")
-            record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
-                      "resumed": True, **_summary(None)}
+            saved_counts, trainer = state.get("counts"), None
         else:
-            saved_counts = None
-            root = MixtureOfFactorAnalyzers(
-                cfg.root_components, n_features, cfg.n_factors, cfg.noise, dtype=dtype,
-                min_noise=cfg.min_noise, generator=torch.Generator().manual_seed(cfg.seed),
-                device=home,
-            )
-            trainer = self._em(cfg.root_em, cfg.seed)
-            trainer.fit(root, data, validation=validation)
-            self.root = root
-            record = {"stage": "root", "rows": n_rows, "n_components": root.n_components,
-                      "resumed": False, **_summary(trainer)}
+            saved_counts, trainer = None, self._em(cfg.root_em, cfg.seed)
+            root = self._start_root(root, n_features, dtype, home)
+            self.root = trainer.fit(root, data, validation=validation)
+        record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
+                  "resumed": saved is not None, **_summary(trainer)}
         labels = assign_rows(self.root, data, cfg.assign_batch_size)  # [N]
         self.counts = torch.bincount(labels, minlength=cfg.root_components)  # [K₁]
         if saved_counts is not None and not torch.equal(saved_counts, self.counts):
@@ -465,6 +461,25 @@ class HierarchicalTrainer:
                     "resumed": resumed, **_summary(trainer),
                     "seconds": time.perf_counter() - started}, callbacks)
         return self.model
+
+    def _start_root(self, start: MixtureOfFactorAnalyzers | None, n_features: int,
+                    dtype: torch.dtype, device: torch.device) -> MixtureOfFactorAnalyzers:
+        """The root before its EM: ``start`` in ``dtype`` on ``device``, or seeded anew."""
+        cfg = self.config
+        wanted = (cfg.root_components, n_features, cfg.n_factors, cfg.noise, cfg.min_noise)
+        if start is None:
+            return MixtureOfFactorAnalyzers(*wanted[:4], dtype=dtype, min_noise=cfg.min_noise,
+                                            generator=torch.Generator().manual_seed(cfg.seed),
+                                            device=device)
+        found = tuple(getattr(start, name) for name in ("n_components", "n_features",
+                                                        "n_factors", "noise", "min_noise"))
+        if found != wanted:
+            raise ValueError(f"the root's starting model has (K, D, L, noise, min_noise) = "
+                             f"{found}; the config and data give {wanted}")
+        return MixtureOfFactorAnalyzers.from_raw_parameters(
+            *(p.detach().to(dtype=dtype, device=device, copy=True) for p in
+              (start.logits, start.loc, start.loadings, start.raw_noise)),
+            noise=start.noise, min_noise=start.min_noise, chunk_elements=start.chunk_elements)
 
     def _emit(self, record: dict, callbacks: Sequence[Callback]) -> None:
         self.history.append(record)

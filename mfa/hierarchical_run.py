@@ -6,14 +6,18 @@ per root component) and keeps its own checkpoints, one file per finished stage, 
 through, so a run folder works as for EM and Adam:
 
 * ``fit(model, data, validation, callbacks, checkpoint_fn, checkpoint_dir=...)`` returns the
-  flattened model (``model``, the run's freshly built or resumed root-sized model, only fixes
-  ``D`` and the device the stages are fitted on); the stages' checkpoints go to
-  ``checkpoint_dir`` (the run's ``hierarchy/``);
+  flattened model; ``model``, the run's freshly built (seeded by the run's ``seed``) or resumed
+  model, fixes ``D`` and the device the stages are fitted on, and is where the root's EM
+  starts unless ``checkpoint_dir`` holds the fitted root (``train.hierarchical.seed`` seeds
+  the stages' EM and the children); the stages' checkpoints go to ``checkpoint_dir`` (the
+  run's ``hierarchy/``);
 * ``checkpoint_fn(trainer, model)`` is called once the root is fitted (the run's
   ``checkpoint.pt`` then holds the root, so the run can be resumed from the first unfinished
   child) and at the end with the flattened model;
 * ``callbacks`` get ``cb(trainer, model, record)`` per stage record (root, each child, final);
-* ``history``, ``state_dict()`` and ``load_state_dict()`` as for the other trainers.
+* ``history``, ``state_dict()`` and ``load_state_dict()`` as for the other trainers; a
+  resumed stage keeps the record of the session that fitted it (its log-likelihood and
+  seconds), so a resumed run's history is that of an uninterrupted one.
 
 A resume reloads every finished stage from ``checkpoint_dir`` and gives the model of an
 uninterrupted run (each child is seeded from the seed and its root index alone). A run killed
@@ -71,8 +75,12 @@ class HierarchicalRunTrainer:
             raise ValueError(f"the model has {model.n_features} features, the data "
                              f"{_n_features(data)}")
 
+        # The records of an earlier session (load_state_dict): kept for the stages it fitted.
+        earlier = {(r.get("stage"), r.get("component")): r for r in self.history
+                   if isinstance(r, dict)}
+
         def on_stage(trainer: HierarchicalTrainer, record: dict) -> None:
-            self.history = copy.deepcopy(trainer.history)
+            self.history = _merged(trainer.history, earlier)
             current = trainer.model if record["stage"] == "final" else trainer.root
             # After the root and each child: the checkpoint (and its train_seconds) covers
             # every finished stage, which a resume reuses from checkpoint_dir.
@@ -84,8 +92,8 @@ class HierarchicalRunTrainer:
         self.finished = False
         # On the model's device (the run's): a dataset (above STREAM_ABOVE) is not on one.
         flat = self.trainer.fit(data, validation, checkpoint_dir=checkpoint_dir,
-                                callbacks=[on_stage], device=model.device)
-        self.history = copy.deepcopy(self.trainer.history)
+                                callbacks=[on_stage], device=model.device, root=model)
+        self.history = _merged(self.trainer.history, earlier)
         self.finished = True
         if checkpoint_fn is not None:
             checkpoint_fn(self, flat)
@@ -107,6 +115,20 @@ class HierarchicalRunTrainer:
                              f"{sorted(_STATE_KEYS)}, got {sorted(state)}")
         self.history = copy.deepcopy(state["history"])
         self.finished = bool(state["finished"])
+
+
+def _merged(records: list[dict], earlier: dict) -> list[dict]:
+    """A copy of ``records`` with each resumed stage's record replaced by the one an earlier
+    session wrote when it fitted that stage (``earlier``, by ``(stage, component)``; where it
+    has one of the same rows and components)."""
+    out = []
+    for record in records:
+        saved = earlier.get((record["stage"], record.get("component")))
+        if record["resumed"] and saved is not None and all(
+                saved.get(key) == record[key] for key in ("rows", "n_components")):
+            record = saved
+        out.append(copy.deepcopy(record))
+    return out
 
 
 def _n_features(data: Tensor | Dataset) -> int:

@@ -59,7 +59,7 @@ class HierarchicalSection:
     final_em: EMConfig | None = None  # EM on the flattened model (keys left out: train.em's,
     # init "none"); None: no EM
     assign_batch_size: int = 4096  # rows per batch of the hard assignment
-    seed: int = 0  # seeds the root and the children
+    seed: int = 0  # seeds the stages' EM and the children (the root starts from the run's model)
 
 
 def hierarchical_config(config: Any) -> Any:

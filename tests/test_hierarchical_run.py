@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import torch
-from helpers import gen
+import json
+from dataclasses import replace
+from pathlib import Path
 
-from mfa import MixtureOfFactorAnalyzers
+import pytest
+import torch
+from helpers import gen, random_model
+
+from mfa import EMConfig, MixtureOfFactorAnalyzers, workflow
+from mfa.config import load_config
 from mfa.data import ImageDataset
 from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
 from mfa.hierarchical_run import HierarchicalRunTrainer
@@ -29,3 +35,134 @@ def test_the_stages_are_fitted_on_the_run_models_device(monkeypatch):
     flat = HierarchicalRunTrainer(cfg).fit(model, ImageDataset(pixels, dtype=torch.float64))
     assert seen["device"] == model.device
     assert flat.device == model.device
+
+
+# ---------------------------------------------------------------------- resume, seeds
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded-mnist.yaml"
+EM = EMConfig(max_iter=6, batch_size=256, progress=False)
+
+
+def _config(**overrides) -> HierarchicalConfig:
+    base = dict(root_components=3, n_factors=2, rows_per_component=60, max_child_components=3,
+                root_em=EM, child_em=EM, seed=0)
+    return HierarchicalConfig(**{**base, **overrides})
+
+
+def _rows() -> torch.Tensor:
+    """500 rows from a 6-component MFA over 5 features (float64)."""
+    return random_model(6, 5, 2, seed=11).sample(500, generator=gen(5))[0]
+
+
+def _start(seed: int) -> MixtureOfFactorAnalyzers:
+    """The model a run builds with its top-level ``seed`` (model.* as in _config)."""
+    return MixtureOfFactorAnalyzers(3, 5, 2, dtype=torch.float64, generator=gen(seed))
+
+
+def _same(a: MixtureOfFactorAnalyzers, b: MixtureOfFactorAnalyzers) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k])
+                                          for k in sa)
+
+
+def _values(history: list[dict]) -> list[dict]:
+    """Without the wall times."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "em_seconds")}
+            for r in history]
+
+
+class Stop(RuntimeError):
+    pass
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tmp_path):
+    """The resumed trainer restored the saved history, then fit replaced it with the new
+    session's records: the stages fitted before the stop read train_log_likelihood None and
+    em_seconds 0. Now the history (history.json) is that of an uninterrupted run."""
+    x = _rows()
+    whole = HierarchicalRunTrainer(_config())
+    expected = whole.fit(_start(0), x, checkpoint_dir=tmp_path / "a")
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["state"] = trainer.state_dict()
+
+    def stop(trainer, model, record):
+        if record.get("component") == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        HierarchicalRunTrainer(_config()).fit(_start(0), x, callbacks=[stop],
+                                              checkpoint_fn=checkpoint,
+                                              checkpoint_dir=tmp_path / "b")
+    for _ in range(2):  # the interrupted run, then the finished one, resumed
+        resumed = HierarchicalRunTrainer(_config())
+        resumed.load_state_dict(saved["state"])
+        model = resumed.fit(_start(1), x, checkpoint_fn=checkpoint,  # (root.pt: unused)
+                            checkpoint_dir=tmp_path / "b")
+        assert _same(model, expected)
+        assert [r["resumed"] for r in resumed.trainer.history][:2] == [True, True]
+        assert _values(resumed.history) == _values(whole.history)
+        assert resumed.history[0]["train_log_likelihood"] is not None
+        assert all(r["em_seconds"] > 0 for r in resumed.history if r["stage"] != "final")
+        assert saved["state"]["history"] == resumed.history  # (the last checkpoint's)
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_the_runs_seed_seeds_the_root_it_starts_from():
+    """The root was built from train.hierarchical.seed whatever model the run had built with
+    its own seed, documented as seeding model construction: with init none, seeds 0 and 1
+    gave the same model (flat EM gives two). Now the root's EM starts from (a copy of) the
+    run's model; a run model seeded as the library's root gives the library's model."""
+    x = _rows()
+    still = _config(root_em=replace(EM, init="none"))
+    start = _start(0)
+    zero = HierarchicalRunTrainer(still).fit(start, x)
+    assert _same(start, _start(0))  # (copied, not fitted in place)
+    assert not _same(zero, HierarchicalRunTrainer(still).fit(_start(1), x))
+    assert _same(zero, HierarchicalTrainer(still).fit(x))  # still.seed == 0
+    with pytest.raises(ValueError, match="root's starting model"):
+        HierarchicalTrainer(still).fit(x, root=MixtureOfFactorAnalyzers(
+            3, 5, 1, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------- as a run
+
+RUN = ["model.n_components=2", "model.n_factors=2", "train.method=hierarchical",
+       "train.em.max_iter=3", "train.em.kmeans_iter=3", "train.em.progress=false",
+       "train.em.variance_floor=1e-3", "train.hierarchical.rows_per_component=60",
+       "train.hierarchical.child_em={max_iter: 3, kmeans_iter: 3, progress: false}",
+       "data.limit=300", "data.dequantize=false", "output.plot=false", "device=cpu"]
+
+
+def _run(out_dir, name: str, *overrides: str, callbacks: tuple = ()):
+    config = load_config(CONFIG, [*RUN, f"output.dir={out_dir}", f"output.name={name}",
+                                  *overrides])
+    return workflow.train(config, figures=False, callbacks=callbacks)
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_resumed_runs_history_json_is_the_uninterrupted_runs(tmp_path):
+    """history.json of a run stopped after child 0 and resumed (the reviewer's repro)."""
+
+    def stop(trainer, model, record):
+        if record.get("component") == 0:
+            raise KeyboardInterrupt
+
+    whole = _run(tmp_path, "a")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "b", callbacks=(stop,))
+    resumed = workflow.train(None, resume=tmp_path / "b", figures=False)
+    assert _same(resumed.model, whole.model)
+    history = [json.loads((tmp_path / name / "history.json").read_text()) for name in "ab"]
+    assert _values(history[1]) == _values(history[0])
+    assert history[1][0]["train_log_likelihood"] is not None
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_runs_seed_changes_its_hierarchical_model(tmp_path):
+    """With train.em.init none (the root starts from the run's model), as for flat EM."""
+    seeded = [_run(tmp_path, f"s{seed}", f"seed={seed}", "train.em.init=none").model
+              for seed in (0, 1)]
+    assert not _same(*seeded)
