@@ -306,11 +306,13 @@ def _check_trainer(config: EMConfig | SGDConfig, path: str) -> None:
         trainer(config)
     except ValueError as error:
         name = type(config).__name__
-        match = re.match(rf"{name}\.(\w+)(?:=\S+)? (.*)", str(error), re.DOTALL)
+        match = re.match(rf"{name}\.(\w+)(=\S+)? (.*)", str(error), re.DOTALL)
         if match is None:
             raise ValueError(f"invalid value in {path}: {error}") from None
-        key, problem = match.groups()
+        key, value, problem = match.groups()
         problem = problem.replace(f"{name}.", f"{path}.")
+        if value:  # (the message states the value before its problem: keep it)
+            problem = f"{path}.{key}{value} {problem}"
         raise ValueError(f"invalid value for {path}.{key}: {problem}") from None
 
 

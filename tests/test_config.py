@@ -382,7 +382,7 @@ def test_output_defaults_are_valid():
          r"train\.sgd\.variance_floor: must be a finite number > 0, got 0\.0"),
         # a rule over two fields, in the trainer's words with the YAML keys
         ("train.em={init: none, n_init: 2}",
-         r"train\.em\.n_init: > 1 needs a random train\.em\.init"),
+         r"train\.em\.n_init: train\.em\.n_init=2 > 1 needs a random train\.em\.init"),
     ],
 )
 def test_trainer_settings_are_checked_by_the_trainers(override, match):
@@ -592,3 +592,10 @@ def test_a_partial_final_em_takes_the_runs_em_and_continues_from_the_flattened_m
     final = config.trainer_config().final_em
     assert final == dataclasses.replace(config.train.em, tol=0.01, init="none")
     assert (final.max_iter, final.progress) == (7, False)
+
+
+def test_a_trainer_refusal_keeps_the_value_it_names():
+    """'invalid value for train.em.n_init: > 1 needs …' dropped the 3 it refused."""
+    with pytest.raises(ValueError, match=r"invalid value for train\.em\.n_init: "
+                                         r"train\.em\.n_init=3 > 1 needs a random train\.em"):
+        load_config(None, ["train.em.n_init=3", "train.em.init=none"])
