@@ -173,6 +173,10 @@ def _type_note(value: object) -> str:
     return f" (a {type(value).__name__}: pass a Python or numpy number)"
 
 
+#: The largest finite float32 (a trainer's real setting beyond it overflows in its tensors).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_real_field(
     config: object, name: str, *, minimum: float, strict: bool = False,
     maximum: float = math.inf, allow_none: bool = False,
@@ -202,6 +206,10 @@ def check_real_field(
             f"{type(config).__name__}.{name} must be a finite number {bound}{none}, "
             f"got {value!r}" + _type_note(value)
         )
+    if abs(float(value)) > FLOAT32_MAX:  # (weight_decay=1e300 failed in Adam after it began)
+        raise ValueError(f"{type(config).__name__}.{name} must lie within float32's range "
+                         f"(at most {FLOAT32_MAX:.4g} in size): the trainers compute in "
+                         f"float32, got {value!r}")
     if type(value) not in (int, float):  # (a numpy number)
         builtin = int(value) if isinstance(value, numbers.Integral) else float(value)
         object.__setattr__(config, name, builtin)  # (a frozen dataclass too)

@@ -599,3 +599,15 @@ def test_a_trainer_refusal_keeps_the_value_it_names():
     with pytest.raises(ValueError, match=r"invalid value for train\.em\.n_init: "
                                          r"train\.em\.n_init=3 > 1 needs a random train\.em"):
         load_config(None, ["train.em.n_init=3", "train.em.init=none"])
+
+
+@pytest.mark.parametrize("override", ["train.sgd.weight_decay=1e300",
+                                      "train.em.noise_prior_variance=1e300",
+                                      "train.em.quantization_variance=1e39"])
+def test_a_real_setting_beyond_float32_is_refused_at_load(override):
+    """weight_decay=1e300 failed in Adam with a raw overflow RuntimeError after the run folder
+    was made; noise_prior_variance=1e300 gave a non-finite M-step."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError,
+                       match=rf"invalid value for {re.escape(key)}: must lie within float32's"):
+        load_config(None, [override])
