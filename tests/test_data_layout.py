@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,13 +11,17 @@ import torch
 
 from mfa import data as mdata
 from mfa.data import (
+    ImageDataset,
+    QuantizedRows,
     bits_per_dim,
     check_image_shape,
     dequantize,
+    load_dataset,
     pixels_to_float,
     to_images,
     to_rows,
 )
+from mfa.data.layout import dequantize_with_noise
 
 
 def test_dequantize_function():
@@ -38,6 +43,33 @@ def test_dequantize_function():
     assert torch.equal(pixels_to_float(pixels)[[0, 255]], torch.tensor([0.0, 1.0]))
     with pytest.raises(TypeError, match="uint8"):
         dequantize(pixels.float())
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_dequantised_values_in_half_precision_are_refused(half):
+    """pixel + u was formed in the output dtype: in bfloat16 (8 significant bits) u vanished
+    and every value was pixel/256; float16 (11 bits) kept 8 noise levels. Each place that
+    takes a dtype for dequantised values refuses them; plain pixel/255 is still allowed."""
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(16, 16)
+    name = re.escape(str(half))
+    with pytest.raises(ValueError, match=rf"dequantised values cannot be {name}.*float32"):
+        dequantize(pixels, dtype=half)
+    with pytest.raises(ValueError, match=name):
+        dequantize_with_noise(pixels, torch.rand(16, 16).to(half))
+    with pytest.raises(ValueError, match=name):
+        ImageDataset(pixels, dequantize=True, dtype=half)
+    with pytest.raises(ValueError, match=name):
+        QuantizedRows(pixels, dequantize=True, dtype=half)
+    with pytest.raises(ValueError, match=name):
+        QuantizedRows(pixels, dequantize=True).to(dtype=half)
+    data = load_dataset("embedded-mnist", limit=4, dequantize=True)
+    for view in (data.as_float, data.loader, data.quantized):
+        with pytest.raises(ValueError, match=name):
+            view("val", dtype=half)
+    plain = data.as_float("val", dtype=half, dequantize=False)
+    assert plain.dtype == half and torch.equal(plain, pixels_to_float(data.val_pixels, half))
+    assert QuantizedRows(pixels, dtype=half)[0:16].dtype == half
+    assert ImageDataset(pixels, dtype=half)[0].dtype == half
 
 
 def test_bits_per_dim():

@@ -90,6 +90,15 @@ def test_bad_names_and_arguments(tmp_path):
         load_dataset("folder", tmp_path / "missing")
 
 
+@pytest.mark.parametrize("flag", ["dequantize", "download", "cache", "progress"])
+def test_flags_must_be_bools(flag):
+    """The string "false" (from a hand-written config or script) counted as true."""
+    for bad in ("false", 0, None):
+        with pytest.raises(ValueError, match=rf"{flag} must be True or False, got {bad!r}"):
+            load_dataset("embedded-mnist", limit=2, **{flag: bad})
+    assert load_dataset("embedded-mnist", limit=2, **{flag: False}).sizes["val"] == 2
+
+
 @pytest.mark.parametrize("name", DATASET_NAMES)
 def test_every_dataset_name_has_a_source(tmp_path, name):
     # DATASET_NAMES is the one list of names: each must reach its loader, which either loads

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_fraction", "check_nonnegative_int", "check_positive_int", "check_uint8"]
+__all__ = [
+    "check_bool",
+    "check_fraction",
+    "check_nonnegative_int",
+    "check_positive_int",
+    "check_uint8",
+]
 
 
 def check_uint8(x: object, name: str) -> None:
@@ -32,3 +38,9 @@ def check_fraction(v: object, name: str) -> None:
     """``v`` must be a number in ``[0, 1)`` (bools refused)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+
+
+def check_bool(v: object, name: str) -> None:
+    """``v`` must be ``True`` or ``False`` (the string ``"false"`` would count as true)."""
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be True or False, got {v!r}")

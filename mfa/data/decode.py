@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from mfa.data.locations import DatasetNotFoundError
 from mfa.data.splits import SPLITS
@@ -87,6 +88,47 @@ class DecodeFiles(Dataset):
                 "to resize all images to one size"
             )
         return t
+
+
+class _ErrorsAsValues(Dataset):
+    """``files[i]``, or the exception it raised, returned rather than raised: a DataLoader
+    worker wraps a raised error into a new one whose message holds the worker's traceback
+    (``Caught OSError in DataLoader worker process 0. Original Traceback …``), while a returned
+    one reaches the main process as it was (see :func:`_stack_or_error`)."""
+
+    def __init__(self, files: DecodeFiles) -> None:
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor | Exception:
+        try:
+            return self.files[i]
+        except Exception as err:  # noqa: BLE001 - re-raised by decode_splits
+            return err if get_worker_info() is None else _portable(err)
+
+
+def _portable(err: Exception) -> Exception:
+    """``err``, if it survives pickling (as a worker's result must: one that does not is
+    lost, and the main process waits for it forever), else its message as the nearest base
+    class that does (a ``ValueError`` for a ``ValueError`` subclass defined in a function)."""
+    for cls in type(err).__mro__:
+        try:
+            candidate = err if cls is type(err) else cls(str(err))
+            if type(pickle.loads(pickle.dumps(candidate))) is cls:
+                return candidate
+        except Exception:  # noqa: BLE001 - not this class: try its base
+            continue
+    return RuntimeError(f"{type(err).__name__}: {err}")  # pragma: no cover
+
+
+def _stack_or_error(items: list[Tensor | Exception]) -> Tensor | Exception:
+    """The images ``[B, C, H, W]`` of a batch, or the first error among them."""
+    for item in items:
+        if isinstance(item, Exception):
+            return item
+    return default_collate(items)  # (in a worker: straight into shared memory)
 
 
 #: What PIL raises for a damaged file: OSError, ValueError (a PPM/PGM header cut short) and
@@ -175,8 +217,12 @@ def decode_splits(
 
     ``channels`` 1 or 3 converts to greyscale/RGB (``None``: as the image ``first``, the
     dataset's first file, whatever the split or subset; default: the first of ``files``);
-    every image must come out with its shape. ``cache`` (a folder or ``None``) keeps the result
-    under a fingerprint of ``cache_key`` and the files.
+    every image must come out with the shape of that image (with ``channels`` given: of the
+    first of ``files``; ``first`` is then not opened). ``cache`` (a folder or ``None``) keeps
+    the result under a fingerprint of ``cache_key`` and the files; a cache that cannot be
+    written is logged and skipped.
+
+    An image that cannot be decoded raises the same error with worker processes as without.
     """
     cache_file = None
     if cache is not None:
@@ -198,7 +244,9 @@ def decode_splits(
         )
     first = everything[0] if first is None else first
     mode = "L" if channels == 1 else "RGB" if channels == 3 else _first_mode(first)
-    probe = DecodeFiles([first], mode, crop, size)[0]
+    # the shape of the image that chose the mode, or (channels given) of the first selected
+    # one: a dataset's first file outside a limited selection need not exist
+    probe = DecodeFiles([first if channels is None else everything[0]], mode, crop, size)[0]
     shape = tuple(int(v) for v in probe.shape)
     d = shape[0] * shape[1] * shape[2]
     workers = _default_workers(len(everything)) if num_workers is None else num_workers
@@ -215,13 +263,17 @@ def decode_splits(
             pix = torch.empty((len(paths), d), dtype=torch.uint8)
             if paths:
                 loader = DataLoader(
-                    DecodeFiles(paths, mode, crop, size, expected=shape,
-                                grey_from=first if channels is None and mode == "L" else None),
+                    _ErrorsAsValues(DecodeFiles(
+                        paths, mode, crop, size, expected=shape,
+                        grey_from=first if channels is None and mode == "L" else None)),
                     batch_size=batch_size,
                     num_workers=workers if len(paths) > batch_size else 0,
+                    collate_fn=_stack_or_error,
                 )
                 pos = 0
                 for batch in loader:
+                    if isinstance(batch, Exception):
+                        raise batch  # as decoding in this process raises it
                     b = batch.shape[0]
                     pix[pos : pos + b] = batch.reshape(b, d)
                     pos += b
@@ -233,11 +285,22 @@ def decode_splits(
             bar.close()
 
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        _save_cache(cache_file, {**out, "image_shape": list(shape)})
+    return out, shape  # type: ignore[return-value]
+
+
+def _save_cache(cache_file: Path, entry: dict) -> None:
+    """Write ``entry`` to ``cache_file`` atomically; a failure (a cache folder that is a file
+    or read-only, a full disk) is logged, not raised: the images are decoded already."""
+    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+    try:
         try:
-            torch.save({**out, "image_shape": list(shape)}, tmp)
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(entry, tmp)  # (torch raises RuntimeError where it cannot write)
             os.replace(tmp, cache_file)
         finally:
-            tmp.unlink(missing_ok=True)
-    return out, shape  # type: ignore[return-value]
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as err:
+        logger.warning("decoded-image cache %s cannot be written (%s: %s): the decoded images "
+                       "are used without it", cache_file, type(err).__name__, err)

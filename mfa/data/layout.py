@@ -19,6 +19,7 @@ from mfa.data.checks import check_uint8
 __all__ = [
     "LOG_PIXEL_LEVELS",
     "PIXEL_LEVELS",
+    "check_dequantized_dtype",
     "check_image_shape",
     "dequantize",
     "dequantize_with_noise",
@@ -47,6 +48,27 @@ def check_image_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return out  # type: ignore[return-value]
 
 
+def check_dequantized_dtype(dtype: torch.dtype) -> None:
+    """``dtype`` must hold dequantised values: float32 or float64 (``TypeError`` for a dtype
+    that is not floating point, ``ValueError`` for a narrower one).
+
+    ``pixel + u`` is formed in ``dtype``; the pixel level takes 8 of its significant bits, so
+    float16 (11) keeps 3 bits of ``u`` (8 noise levels) and bfloat16 (8) none: ``u`` vanishes
+    and the values are ``pixel/256``, which no density can be fitted to."""
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    info = torch.finfo(dtype)
+    if info.bits < 32:
+        significant = round(-math.log2(info.eps)) + 1
+        kept = max(significant - 8, 0)
+        raise ValueError(
+            f"dequantised values cannot be {dtype}: (pixel + u)/256 is formed in the output "
+            f"dtype, whose {significant} significant bits leave {kept} bit(s) of the noise u "
+            f"({2**kept if kept else 'no'} noise levels per pixel level); use float32 or "
+            "float64, or dequantize=False"
+        )
+
+
 def pixels_to_float(pixels: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``pixels / 255`` as ``dtype``: uint8 levels 0..255 to values in ``[0, 1]``."""
     check_uint8(pixels, "pixels")
@@ -65,15 +87,15 @@ def dequantize(
         pixels: uint8 tensor of any shape.
         generator: the source of ``u`` (on ``pixels``' device); ``None`` uses torch's global
             generator.
-        dtype: floating-point dtype of the result.
+        dtype: float32 or float64, the dtype of the result (float16 and bfloat16 are
+            refused: see :func:`check_dequantized_dtype`).
 
     Returns:
         A tensor of ``pixels``' shape with values in ``[pixel/256, (pixel+1)/256)`` ⊂ ``[0, 1)``.
         Bits per dimension of a density over these values: :func:`mfa.metrics.bits_per_dim`.
     """
     check_uint8(pixels, "pixels")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    check_dequantized_dtype(dtype)
     noise = torch.rand(pixels.shape, generator=generator, dtype=dtype, device=pixels.device)
     return dequantize_with_noise(pixels, noise)
 
@@ -84,7 +106,9 @@ def dequantize_with_noise(pixels: Tensor, noise: Tensor) -> Tensor:
 
     Every value stays below ``(pixel + 1)/256``: ``pixel + u`` rounds up to ``pixel + 1``
     in the dtype when ``u`` is within half an ulp of 1 (float32 keeps 24 bits, so for pixels
-    ≥ 128 about 3 values in 10⁶ would), and such a value becomes the largest one below."""
+    ≥ 128 about 3 values in 10⁶ would), and such a value becomes the largest one below.
+    ``noise`` must be float32 or float64 (:func:`check_dequantized_dtype`)."""
+    check_dequantized_dtype(noise.dtype)
     out = noise.add_(pixels).div_(PIXEL_LEVELS)
     upper = pixels.to(out.dtype).add_(1).div_(PIXEL_LEVELS)  # exact: a multiple of 2⁻⁸
     return torch.minimum(out, torch.nextafter(upper, torch.zeros((), dtype=out.dtype,

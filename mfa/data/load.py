@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from mfa.data.checks import check_fraction, check_nonnegative_int, check_positive_int
+from mfa.data.checks import check_bool, check_fraction, check_nonnegative_int, check_positive_int
 from mfa.data.decode import decode_splits
 from mfa.data.image_data import ImageData
 from mfa.data.locations import default_cache_dir
@@ -95,6 +95,9 @@ def load_dataset(
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    for flag, value in (("download", download), ("dequantize", dequantize), ("cache", cache),
+                        ("progress", progress)):
+        check_bool(value, flag)
     if limit is not None:
         check_positive_int(limit, "limit")
     size = check_size(image_size)
@@ -155,7 +158,9 @@ def load_dataset(
         files = {s: [pools.files[p][i] for i in idx.tolist()] for s, (p, idx) in assignment.items()}
         pixels, image_shape = decode_splits(
             files,
-            channels=channels,
+            # CelebA is RGB by definition: no file is opened to choose (its first file in
+            # sorted order need not be among those a limit selects, nor exist)
+            channels=3 if key == "celeba" and channels is None else channels,
             crop=crop,
             size=size,
             num_workers=num_workers,

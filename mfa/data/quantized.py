@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mfa.data.checks import check_uint8
-from mfa.data.layout import dequantize_with_noise, pixels_to_float
+from mfa.data.layout import check_dequantized_dtype, dequantize_with_noise, pixels_to_float
 from mfa.data.splits import mix_seed
 
 __all__ = ["QuantizedRows"]
@@ -89,13 +89,15 @@ class QuantizedRows:
         dequantize: add noise as above instead of dividing by 255.
         seed, stream, epoch: key the noise (``stream`` tells splits apart; a new ``epoch``
             gives fresh noise); no effect without ``dequantize``.
-        dtype: floating-point dtype of the rows given out.
+        dtype: floating-point dtype of the rows given out (with ``dequantize``: float32 or
+            float64, see :func:`~mfa.data.layout.check_dequantized_dtype`).
         row_ids: int64 ``[N]``, each row's index in the data the noise is keyed by
             (``None``: ``0 … N−1``).
 
     Raises:
         TypeError: ``pixels`` not uint8, or ``dtype`` not floating point.
-        ValueError: ``pixels`` not 2-d, or ``row_ids`` not of shape ``[N]``.
+        ValueError: ``pixels`` not 2-d, ``row_ids`` not of shape ``[N]``, or ``dtype``
+            float16/bfloat16 with ``dequantize``.
     """
 
     def __init__(self, pixels: Tensor, *, dequantize: bool = False, seed: int = 0,
@@ -106,6 +108,8 @@ class QuantizedRows:
             raise ValueError(f"pixels must have shape [N, D], got {tuple(pixels.shape)}")
         if not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        if dequantize:
+            check_dequantized_dtype(dtype)
         if row_ids is not None and (row_ids.dtype != torch.int64
                                     or tuple(row_ids.shape) != (pixels.shape[0],)):
             raise ValueError(f"row_ids must be int64 of shape [{pixels.shape[0]}], got "
