@@ -32,8 +32,10 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,9 @@ from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.precision import resolve_stats_dtype
 from mfa.sgd import SGDConfig, SGDTrainer
 from mfa.statistics import m_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from _provenance import commit  # noqa: E402  (the checkout's commit, for the JSON)
 
 MODES = ("float64", "precise", "centred", "mixed", "centred32", "float32")
 
@@ -131,8 +136,8 @@ def time_adam(model, x, batch_size, steps, device) -> float:
 
 
 def time_sklearn(x, k, iters, seed, threads=None) -> tuple[float, object]:
-    """Seconds per EM iteration of scikit-learn's diagonal GMM (its BLAS limited to
-    ``threads`` when given, like torch), and the fitted mixture after ``1 + iters``
+    """Seconds per EM iteration of scikit-learn's diagonal GMM on ``x`` in float32 (its BLAS
+    limited to ``threads`` when given, like torch), and the fitted mixture after ``1 + iters``
     iterations."""
     from sklearn.mixture import GaussianMixture
     from threadpoolctl import threadpool_limits
@@ -143,7 +148,7 @@ def time_sklearn(x, k, iters, seed, threads=None) -> tuple[float, object]:
 
 def _time_sklearn(GaussianMixture, x, k, iters, seed) -> tuple[float, object]:  # noqa: N803
 
-    xn = x.double().numpy()
+    xn = x.numpy()  # float32, as MFA's products (scikit-learn >= 1.4 keeps float32)
     gm = GaussianMixture(k, covariance_type="diag", max_iter=1, tol=0, reg_covar=1e-5,
                          init_params="random_from_data", random_state=seed, warm_start=True)
     with warnings.catch_warnings():
@@ -223,6 +228,7 @@ def main(argv=None) -> dict:
     print(f"FLOP limit: [{min(args.batch_size, n)}, {d}] @ [{d}, {k * (lat + 2)}] at "
           f"{peer:.1f} GFLOP/s; one EM iteration = {flops / 1e9:.1f} GFLOP = {limit:.3f} s")
     result = {
+        "commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "data": name, "n": n, "d": d, "k": k, "l": lat, "device": str(device),
         "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "load_average_start": load, "gflop_per_iter": flops / 1e9, "matmul_gflops": peer,
@@ -297,7 +303,8 @@ def main(argv=None) -> dict:
 
     gm = None
     if not args.no_sklearn:
-        sk_iter, gm = time_sklearn(x, k, args.iters + 1, args.seed, args.threads)
+        # (its BLAS threads capped at torch's: an uncapped BLAS takes every core)
+        sk_iter, gm = time_sklearn(x, k, args.iters + 1, args.seed, torch.get_num_threads())
         result["sklearn_diag_seconds_per_iter"] = sk_iter
         print(f"scikit-learn GaussianMixture(diag), K={k}: {sk_iter:.3f} s/iteration "
               f"({sk_iter / limit:.2f} × the MFA limit)")
@@ -317,10 +324,10 @@ def main(argv=None) -> dict:
             sk_iters = 1 + (args.iters + 1)  # the untimed and the timed fit
             extra = mfa_iters - sk_iters  # as many iterations as MFA where it has had fewer
             if extra > 0:
-                with warnings.catch_warnings(), threadpool_limits(args.threads):
+                with warnings.catch_warnings(), threadpool_limits(torch.get_num_threads()):
                     warnings.simplefilter("ignore")
                     gm.max_iter = extra
-                    gm.fit(x.double().numpy())
+                    gm.fit(x.numpy())  # (float32, as it was timed)
                 sk_iters += extra
             sk_ll = float(gm.score(test.double().numpy()))
             result["sklearn_diag_test_bits_per_dim"] = float(bits_per_dim(sk_ll, d))

@@ -63,6 +63,9 @@ from mfa.inference import inpaint
 from mfa.precision import resolve_stats_dtype
 from mfa.training import tf32_enabled, tf32_matmul
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from _provenance import commit  # noqa: E402  (the checkout's commit, for the JSON)
+
 OOM_ERRORS = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
                     torch.cuda.OutOfMemoryError})
 MODES = ("auto", "float64", "precise", "centred", "mixed", "centred32", "float32")
@@ -677,6 +680,7 @@ def run(args, device: torch.device) -> dict:
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                         else f"cpu ({torch.get_num_threads()} threads)"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "mfa": mfa.__version__,
+        "commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "default_stats_dtype": EMConfig().stats_dtype,
         "tf32_default": tf32_enabled(),

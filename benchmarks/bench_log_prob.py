@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from mfa import MixtureOfFactorAnalyzers, linalg
 from mfa.cli_types import non_negative_int, positive_int
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from _provenance import commit  # noqa: E402  (the checkout's commit, for the JSON)
 
 
 def _time(fn, device, repeats: int) -> float:
@@ -74,7 +79,9 @@ def main(argv=None) -> dict:
         ours_s = _time(lambda: model.log_prob(x), device, args.repeats)
         peer_s = _time(lambda: peer.log_prob(x), device, args.repeats)
         diff = (model.log_prob(x) - peer.log_prob(x)).abs().max().item()
-    result = {"n": args.n, "d": args.d, "k": args.k, "l": args.l, "device": str(device),
+    result = {"commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "torch_threads": torch.get_num_threads(), "n": args.n, "d": args.d,
+              "k": args.k, "l": args.l, "device": str(device),
               "mfa_seconds": ours_s, "torch_distributions_seconds": peer_s,
               "speedup": peer_s / ours_s, "max_abs_difference": diff}
     print(f"log_prob of {args.n}x{args.d}, K={args.k}, L={args.l} on {device}: mfa "

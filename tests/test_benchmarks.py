@@ -41,6 +41,7 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
         assert field in text, f"{field!r} missing from the output:\n{text}"
     res = json.loads(out.read_text())
     assert res["config"]["n_rows"] == 600 and res["config"]["features"] == 48
+    assert res["commit"] not in ("", "unknown") and res["started_utc"]
     assert res["skipped"] == [], res["skipped"]
     for key in ("float32", "tf32", "float64"):
         assert res["matmul"][key] > 0
@@ -155,6 +156,8 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
                   "initialisation", "Adam (batch 50)", "Adam (batch 100)"):
         assert field in proc.stdout, f"{field!r} missing from:\n{proc.stdout}"
     res = json.loads(out.read_text())
+    # where the figures came from (docs/benchmarks.md names each table's commit)
+    assert res["commit"] not in ("", "unknown") and res["started_utc"]
     limit = res["limit_seconds_per_iter"]
     assert limit == pytest.approx(res["gflop_per_iter"] / max(
         res["matmul_gflops"], res["matmul_gflops_after_modes"]))
