@@ -52,7 +52,8 @@ MORE_RESULTS = (
     "[docs/results/baselines.md](results/baselines.md): default MFA (EM and Adam) against "
     "default and tuned scikit-learn diagonal GMMs and hand-tuned MFA, K ∈ {20, 50, 100, 200}, "
     "on 10,000 Fashion-MNIST training rows and the embedded digits, with the issue-12 targets "
-    "(`scripts/baselines.py`; full-covariance GMMs priced, not run).",
+    "(`scripts/baselines.py`; full-covariance GMMs where a fit's first iterations fit its "
+    "time budget, capped there).",
     "[docs/results/embedded-mnist-splits.md](results/embedded-mnist-splits.md): the same "
     "targets on the embedded digits over three seeds (train/val/test splits), each seed's "
     "value and the mean (`scripts/split_summary.py`).",
