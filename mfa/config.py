@@ -162,7 +162,7 @@ class OutputConfig:
     inpaint_masks: list[MaskKind] = field(default_factory=lambda: ["center", "bottom", "right"])
     mask_image: str | None = None  # PNG mask for the "image" kind (black = hidden)
     n_factor_components: int = 4  # components drawn in the factor figure (0: none)
-    plot: bool = True  # save the training curve as a PNG
+    plot: bool = True  # save the training curve as curve.png (EM and Adam runs; not hierarchical)
 
 
 @dataclass
