@@ -6,8 +6,6 @@ names."""
 from __future__ import annotations
 
 import copy
-import math
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,6 @@ __all__ = ["apply_override_strings", "dotted_leaves", "override_keys", "parse_ov
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
-# YAML 1.2's core schema for numbers (PyYAML resolves YAML 1.1's: ``010`` was octal 8,
-# ``1:5`` base-60 65, ``1e-3`` a string): decimal, 0o octal and 0x hexadecimal integers;
-# decimal floats with an optional exponent, ``.inf``, ``.nan``. Anything else is a string,
-# which the config's type checks then refuse by name.
-_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
-
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last
@@ -52,24 +42,35 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """YAML 1.1's int (PyYAML's resolvers, so a saved config reads as it was written),
+    refusing the two forms it reads unlike the decimal they look like: ``010`` (octal 8)
+    and ``1:5`` (base 60: 65)."""
     text = loader.construct_scalar(node)
-    if text.startswith(("0o", "0x")):
-        return int(text[2:], 8 if text[1] == "o" else 16)
-    return int(text, 10)  # (a leading zero is decimal, as in YAML 1.2)
+    digits = text.replace("_", "").lstrip("+-")
+    value = yaml.SafeLoader.construct_yaml_int(loader, node)
+    if ":" in digits:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is a base-60 number in YAML 1.1 ({value}): write the "
+            "number itself, or quote it for a string", node.start_mark)
+    if len(digits) > 1 and digits[0] == "0" and digits[1] not in "bx":
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is the octal {value} in YAML 1.1: write "
+            f"{'-' if text.startswith('-') else ''}{int(digits, 10)} without the leading "
+            f"zero (or {value} for the octal), or quote it for a string", node.start_mark)
+    return value
 
 
 def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
-    text = loader.construct_scalar(node).lower()
-    if text.endswith(".inf"):
-        return -math.inf if text.startswith("-") else math.inf
-    return math.nan if text == ".nan" else float(text)
+    """YAML 1.1's float, refusing its base-60 form (``1:0.5`` read as 60.5)."""
+    text = loader.construct_scalar(node)
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if ":" in text:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"{text!r} is a base-60 number in YAML 1.1 ({value}): write the "
+            "number itself, or quote it for a string", node.start_mark)
+    return value
 
 
-UniqueKeyLoader.yaml_implicit_resolvers = {  # SafeLoader's, less its YAML 1.1 numbers
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-UniqueKeyLoader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
-UniqueKeyLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+.0123456789"))
 UniqueKeyLoader.add_constructor(_INT_TAG, _construct_int)
 UniqueKeyLoader.add_constructor(_FLOAT_TAG, _construct_float)
 

@@ -89,10 +89,13 @@ class HierarchicalRunTrainer:
             for callback in callbacks:
                 callback(self, current, record)
 
+        # A finished run's model is the flattened one, not a root to start from (its stages'
+        # files gone, the root is then fitted again from config.seed, as before).
+        start = None if self.finished else model
         self.finished = False
         # On the model's device (the run's): a dataset (above STREAM_ABOVE) is not on one.
         flat = self.trainer.fit(data, validation, checkpoint_dir=checkpoint_dir,
-                                callbacks=[on_stage], device=model.device, root=model)
+                                callbacks=[on_stage], device=model.device, root=start)
         self.history = _merged(self.trainer.history, earlier)
         self.finished = True
         if checkpoint_fn is not None:

@@ -300,12 +300,14 @@ def run_full(k: int, np_splits: dict, args, cost: dict) -> list[dict]:
     per_iter, init = cost["per_iter_per_k"] * k, cost["init_per_k"] * k
     how = ("probed at this K" if cost["probe_k"] == k else
            f"scaled by K from K={cost['probe_k']}")
-    cap = min(args.full_max_iter, math.floor((args.full_budget - init) / per_iter))
+    room = (args.full_budget - init) / per_iter  # iterations the budget holds (inf: all)
+    cap = args.full_max_iter if room >= args.full_max_iter else math.floor(room)
     grid = sorted(set(args.reg_grid) | {1e-6})
     label = f"sklearn GMM full, max_iter={args.full_max_iter}"
     price = f"≈{init:.1f} s initialisation + {per_iter:.1f} s an iteration ({how})"
     if cap < 1:
-        note = f"not run (cost): {price} > budget {args.full_budget:.0f} s a fit"
+        note = (f"not run: max_iter={args.full_max_iter}" if args.full_max_iter < 1 else
+                f"not run (cost): {price} > budget {args.full_budget:.0f} s a fit")
         return [row(f"{label}, defaults otherwise", k, None, None, math.nan, note)]
     capped = "" if cap == args.full_max_iter else (
         f"; max_iter capped at {cap} by the {args.full_budget:.0f} s budget ({price})")

@@ -7,6 +7,7 @@ a smoke test either way)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -177,3 +178,34 @@ def test_full_covariance_fits_run_capped_by_the_budget_priced_from_a_two_step_pr
     out = baselines.run_full(200, splits, args, cost)  # 40 s + 60 s an iteration
     assert calls == [] and out[0]["test_bits_per_dim"] is None
     assert out[0]["note"].startswith("not run (cost): ≈40.0 s initialisation + 60.0 s")
+
+
+def test_full_covariance_fits_take_an_infinite_budget_as_no_cap(monkeypatch):
+    """``--full-budget inf`` raised OverflowError in math.floor."""
+    import argparse
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import baselines
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    calls = []
+
+    class FakeGMM:
+        n_iter_, converged_ = 20, False
+
+        def score_samples(self, rows):
+            return np.zeros(rows.shape[0])
+
+    def fake_fit(k, train, seed, covariance_type, max_iter=100, reg_covar=1e-6):
+        calls.append(max_iter)
+        return FakeGMM(), 4.0 + 6.0 * min(max_iter, 2)
+
+    monkeypatch.setattr(baselines, "fit_sklearn", fake_fit)
+    rows = np.zeros((4, 3))
+    splits = {"train": rows, "val": rows, "test": rows}
+    args = argparse.Namespace(seed=0, full_max_iter=20, full_budget=math.inf, reg_grid=[1e-6])
+    out = baselines.run_full(20, splits, args, {})
+    assert calls == [1, 2, 20] and "capped" not in out[0]["note"]
+    args.full_max_iter = 0
+    out = baselines.run_full(20, splits, args, {})
+    assert out[0]["note"] == "not run: max_iter=0"

@@ -67,33 +67,50 @@ def test_merge_chains_read_as_pyyaml_reads_them(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "value"), [
-    ("train.em.max_iter=010", 10),  # YAML 1.1 (PyYAML): octal 8
-    ("seed=0123", 123),  # octal 83
     ("train.em.max_iter=0x1F", 31),
-    ("train.em.tol=1e-3", 1e-3),  # YAML 1.1: the string '1e-3'
+    ("train.em.max_iter=1_0", 10),  # (YAML 1.1 forms that read as they look stay)
+    ("train.em.tol=1e-3", 1e-3),
     ("train.em.tol=.5", 0.5),
+    ("output.name=09", "09"),  # (not a number in YAML 1.1: a saved run's name reads back)
+    ("output.name=1e5", "1e5"),
 ])
-def test_numbers_read_as_yaml_1_2_reads_them(text, value):
+def test_numbers_read_as_they_look(text, value):
     config = load_config(None, [text])
-    key = text.split("=")[0].split(".")
     got = config
-    for part in key:
+    for part in text.split("=")[0].split("."):
         got = getattr(got, part)
     assert got == value and type(got) is type(value)
 
 
-@pytest.mark.parametrize("text", ["model.n_components=1:5", "train.em.tol=1:0.5",
-                                  "train.em.max_iter=1_0"])
-def test_yaml_1_1_base_60_and_underscored_numbers_are_refused_not_read(text):
-    """``1:5`` was read as 65 (base 60), ``1:0.5`` as 60.5, silently."""
-    key = text.split("=")[0]
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+@pytest.mark.parametrize(("text", "problem"), [
+    ("train.em.max_iter=010", "'010' is the octal 8 in YAML 1.1: write 10 without"),
+    ("seed=0123", "'0123' is the octal 83"),
+    ("model.n_components=1:5", "'1:5' is a base-60 number in YAML 1.1 \\(65\\)"),
+    ("train.em.tol=1:0.5", "'1:0.5' is a base-60 number in YAML 1.1 \\(60.5\\)"),
+])
+def test_yaml_1_1_octal_and_base_60_numbers_are_refused_not_read(text, problem):
+    """``010`` was read as 8, ``0123`` as 83, ``1:5`` as 65 (base 60), silently."""
+    with pytest.raises(ValueError, match=problem):
         load_config(None, [text])
 
 
-def test_a_config_file_reads_numbers_the_same_way(tmp_path):
+def test_a_config_file_names_an_octal_number_and_reads_the_rest(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("seed: 010\ntrain:\n  em:\n    tol: 1e-3\n    max_iter: 007\n",
+    path.write_text("seed: 7\ntrain:\n  em:\n    tol: 1e-3\n    max_iter: 007\n",
+                    encoding="utf-8")
+    with pytest.raises(ValueError, match=r"run\.yaml is not valid YAML: .*'007' is the octal"):
+        load_config(path)
+    path.write_text("seed: 7\ntrain:\n  em:\n    tol: 1e-3\n    max_iter: 70\n",
                     encoding="utf-8")
     config = load_config(path)
-    assert (config.seed, config.train.em.tol, config.train.em.max_iter) == (10, 1e-3, 7)
+    assert (config.seed, config.train.em.tol, config.train.em.max_iter) == (7, 1e-3, 70)
+
+
+def test_a_saved_config_with_number_like_strings_reads_back(tmp_path):
+    """The saved config is written by PyYAML (YAML 1.1): a name such as '09' or '1e5' is
+    written unquoted and must read back as the same string (a resume compares it)."""
+    from mfa.config import save_config
+    for name in ("09", "1e5", "0o17", "010", "1:5", "1_000", "0x10"):
+        config = load_config(None, [f"output.name='{name}'"])
+        save_config(config, tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml").output.name == name

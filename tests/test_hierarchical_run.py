@@ -109,6 +109,24 @@ def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tm
         assert saved["state"]["history"] == resumed.history  # (the last checkpoint's)
 
 
+def test_a_finished_run_resumed_without_its_stage_files_fits_its_stages_again(tmp_path):
+    """A finished run's model is the flattened one: passed as the root's start it was
+    refused (its K is not the root's); the root is fitted again as before."""
+    x = _rows()
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["state"] = trainer.state_dict()
+
+    whole = HierarchicalRunTrainer(_config())
+    flat = whole.fit(_start(0), x, checkpoint_fn=checkpoint, checkpoint_dir=tmp_path / "a")
+    assert saved["state"]["finished"] and flat.n_components != _start(0).n_components
+    resumed = HierarchicalRunTrainer(_config())
+    resumed.load_state_dict(saved["state"])
+    again = resumed.fit(flat, x, checkpoint_dir=tmp_path / "gone")  # no stage files there
+    assert _same(again, flat)
+
+
 @pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
 def test_the_runs_seed_seeds_the_root_it_starts_from():
     """The root was built from train.hierarchical.seed whatever model the run had built with
