@@ -137,12 +137,10 @@ def test_split_summary_verdicts_allow_for_the_spread_of_the_seeds():
     assert verdict([0.03, -0.1, -0.1, -0.1, -0.1], 0.02) == "met"  # t(4) = 2.78
 
 
-def test_full_covariance_fits_run_capped_by_the_budget_priced_from_a_two_step_probe(
-        monkeypatch):
-    """The probe's fit with ``max_iter=1`` was taken for one iteration's cost and multiplied
-    by ``max_iter``: on the digits (K=20) it priced a fit that converges in 2 iterations
-    (16 s) at 127 s, over the 90 s budget, and it was not run."""
-    import argparse
+def _fake_full_fits(monkeypatch, n_iter: int):
+    """scripts/baselines.py with scikit-learn's fit replaced: 4 s initialisation and 6 s an
+    iteration per 20 components, ``n_iter`` iterations (converged below 20); the module, the
+    list of its ``(K, max_iter, reg_covar)`` calls and tiny splits."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import baselines
@@ -151,19 +149,27 @@ def test_full_covariance_fits_run_capped_by_the_budget_priced_from_a_two_step_pr
     calls = []
 
     class FakeGMM:
-        n_iter_, converged_ = 2, True
+        n_iter_, converged_ = n_iter, n_iter < 20
 
         def score_samples(self, rows):
             return np.zeros(rows.shape[0])
 
     def fake_fit(k, train, seed, covariance_type, max_iter=100, reg_covar=1e-6):
         calls.append((k, max_iter, reg_covar))
-        # 4 s initialisation and 6 s an iteration per 20 components
         return FakeGMM(), (4.0 + 6.0 * min(max_iter, 2)) * k / 20
 
     monkeypatch.setattr(baselines, "fit_sklearn", fake_fit)
     rows = np.zeros((4, 3))
-    splits = {"train": rows, "val": rows, "test": rows}
+    return baselines, calls, {"train": rows, "val": rows, "test": rows}
+
+
+def test_full_covariance_fits_run_capped_by_the_budget_priced_from_a_two_step_probe(
+        monkeypatch):
+    """The probe's fit with ``max_iter=1`` was taken for one iteration's cost and multiplied
+    by ``max_iter``: on the digits (K=20) it priced a fit that converges in 2 iterations
+    (16 s) at 127 s, over the 90 s budget, and it was not run."""
+    import argparse
+    baselines, calls, splits = _fake_full_fits(monkeypatch, n_iter=2)
     args = argparse.Namespace(seed=0, full_max_iter=20, full_budget=90.0, reg_grid=[1e-6, 1e-3])
     cost: dict = {}
     out = baselines.run_full(20, splits, args, cost)
@@ -183,29 +189,11 @@ def test_full_covariance_fits_run_capped_by_the_budget_priced_from_a_two_step_pr
 def test_full_covariance_fits_take_an_infinite_budget_as_no_cap(monkeypatch):
     """``--full-budget inf`` raised OverflowError in math.floor."""
     import argparse
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import baselines
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    calls = []
-
-    class FakeGMM:
-        n_iter_, converged_ = 20, False
-
-        def score_samples(self, rows):
-            return np.zeros(rows.shape[0])
-
-    def fake_fit(k, train, seed, covariance_type, max_iter=100, reg_covar=1e-6):
-        calls.append(max_iter)
-        return FakeGMM(), 4.0 + 6.0 * min(max_iter, 2)
-
-    monkeypatch.setattr(baselines, "fit_sklearn", fake_fit)
-    rows = np.zeros((4, 3))
-    splits = {"train": rows, "val": rows, "test": rows}
+    baselines, calls, splits = _fake_full_fits(monkeypatch, n_iter=20)
     args = argparse.Namespace(seed=0, full_max_iter=20, full_budget=math.inf, reg_grid=[1e-6])
     out = baselines.run_full(20, splits, args, {})
-    assert calls == [1, 2, 20] and "capped" not in out[0]["note"]
+    assert [max_iter for _, max_iter, _ in calls] == [1, 2, 20]
+    assert "capped" not in out[0]["note"]
     args.full_max_iter = 0
     out = baselines.run_full(20, splits, args, {})
     assert out[0]["note"] == "not run: max_iter=0"
