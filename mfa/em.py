@@ -88,6 +88,9 @@ class EMTrainer:
             last call of ``fit`` together — what the automatic choice of ``s₀`` cost beyond
             the EM iterations it led to (``None`` when the config fixes ``s₀``; a resumed fit
             counts its own call only).
+        init_seconds: the wall time the last call of ``fit`` spent initialising: sampling
+            the rows the initialisation sees, K-means and the per-cluster factor analysis,
+            summed over restarts (``None`` before a fit; 0.0 when it resumed past them).
         tempered: the :class:`~mfa.tempering.TemperedStep` tried last (``None`` when it did
             not run): its temperature, prior strength, ``s₀`` and validation score, and whether
             it was applied.
@@ -118,6 +121,7 @@ class EMTrainer:
         self.selected_noise_prior_variance: float | None = None
         self.search_seconds: float | None = None
         self.selection_seconds: float | None = None
+        self.init_seconds: float | None = None
         self.tempered: TemperedStep | None = None
         self._resume: RunState | None = None
         self._state: dict = {}
@@ -211,7 +215,7 @@ class EMTrainer:
         )
         # (None until this fit runs them: not an earlier fit's)
         self.selection_seconds = 0.0 if ctx.search else None
-        self.search_seconds, self.tempered = None, None
+        self.search_seconds, self.tempered, self.init_seconds = None, None, 0.0
         if self._resume is not None:
             state, self._resume = self._resume, None
             self.history = state.records_up_to(self.history)  # later ones come again
@@ -241,6 +245,7 @@ class EMTrainer:
                     state.noise_prior_variance = state.selected_noise_prior_variance
                     state.searches = cfg.max_searches
             elif not resuming:
+                init_started = time.perf_counter()
                 if init_rows is None and cfg.init != "none":
                     init_rows = gather_rows(source, cfg.init_samples, cfg.seed)
                 initialise(
@@ -249,6 +254,7 @@ class EMTrainer:
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
                 distributed.broadcast_model(model)  # the same start on every process
+                self.init_seconds += time.perf_counter() - init_started
                 state.start_restart()
             run_ll, converged = self._run(model, ctx, state)
             run_val, state.runs_done = state.best_val_log_likelihood, run + 1

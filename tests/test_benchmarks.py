@@ -169,6 +169,11 @@ def test_bench_em_synthetic_prints_every_mode_and_writes_json(tmp_path):
     assert res["init_seconds"] == pytest.approx(sum(res["init_seconds_runs"]) / 2)
     assert res["init_in_default_iterations"] == pytest.approx(
         res["init_seconds"] / res["mfa_auto_seconds_per_iter"])
+    # the initialisation proper is part of the whole fit(max_iter=0), reported beside it
+    assert 0 < res["init_seconds"] < res["fit_max_iter_0_seconds"]
+    assert res["fit_max_iter_0_in_default_iterations"] == pytest.approx(
+        res["fit_max_iter_0_seconds"] / res["mfa_auto_seconds_per_iter"])
+    assert "the whole fit(max_iter=0)" in proc.stdout
     by_batch = res["adam_by_batch"]
     assert set(by_batch) == {"50", "100"}  # JSON keys
     for figures in by_batch.values():

@@ -1340,3 +1340,29 @@ def test_a_state_saved_before_min_delta_warns_that_its_early_stopping_changes():
         warnings.simplefilter("error")
         EMTrainer(EMConfig(**config, min_delta=0.0)).load_state_dict(roundtrip(middle))
         EMTrainer(EMConfig(**config)).load_state_dict(roundtrip(done))
+
+
+def test_init_seconds_counts_every_restarts_initialisation(monkeypatch, mixture_data):
+    """``init_seconds`` is the wall time of this fit's initialisations, summed over restarts:
+    ``None`` before a fit, at least the time spent inside ``initialise`` (slowed by 0.1 s a
+    call here) and less than the whole fit."""
+    import mfa.em
+
+    real, calls = mfa.em.initialise, []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mfa.em, "initialise", slow)
+    x, val = mixture_data
+    trainer = EMTrainer(EMConfig(max_iter=2, n_init=2, progress=False))
+    assert trainer.init_seconds is None
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64), x, validation=val)
+    fit_seconds = time.perf_counter() - started
+    assert len(calls) == 2
+    assert 0.2 <= trainer.init_seconds < fit_seconds
