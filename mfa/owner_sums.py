@@ -131,15 +131,25 @@ def _looped_owner_sums(x: Tensor, terms: ComponentTerms, owner: Tensor, own: Ten
     # [L+1, P]: r, r ⊙ p
     weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order].to(work)
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+    # Every slice's rows in the same two buffers (a fresh [m, D] allocation per slice cost
+    # ~5 % of this function: the memory is new to the process each time).
+    longest = min(SLICE_ROWS, max(counts, default=0))
+    picked = x.new_empty((longest, d)) if work != x.dtype else None
+    spread = x.new_empty((longest, d), dtype=work)
     for j in range(k):
         # A component's rows in slices of SLICE_ROWS (the copy in `work` stays small).
         for start in range(bounds[j], bounds[j + 1], SLICE_ROWS):
             stop = min(start + SLICE_ROWS, bounds[j + 1])
             # y = x − μ_j in `work`: the spread of the rows about their component
-            y = x.index_select(0, rows[start:stop]).to(work).sub_(means[j])  # [m, D]
+            if picked is None:
+                y = torch.index_select(x, 0, rows[start:stop], out=spread[:stop - start])
+            else:
+                y = spread[:stop - start].copy_(
+                    torch.index_select(x, 0, rows[start:stop], out=picked[:stop - start]))
+            y.sub_(means[j])  # [m, D]
             w = weights[:, start:stop]  # [L+1, m]
             sums[j].addmm_(w, y)
-            sum_y2[j] += w[0] @ y.mul_(y)
+            sum_y2[j].addmv_(y.mul_(y).T, w[0])
     sums, sum_y2 = sums.to(dtype), sum_y2.to(dtype)
     sum_y, sum_yp = sums[:, 0], sums[:, 1:]
     return _about_reference(delta, mass, sum_y, sum_y2, sum_yp, sum_p, sum_pp)
