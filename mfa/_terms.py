@@ -242,7 +242,7 @@ def build_component_terms(
 
 
 def component_log_prob_from_terms(
-    x: Tensor, terms: ComponentTerms, exact: bool = True
+    x: Tensor, terms: ComponentTerms, exact: bool = True, near_rows_only: bool = False
 ) -> Tensor:
     """``log w_k + log N(x; μ_k, Σ_k)`` for a chunk ``x`` of shape ``[n, D]`` → ``[n, K]``.
 
@@ -258,7 +258,9 @@ def component_log_prob_from_terms(
     ``exact=False`` unless a component is ill-conditioned or sharp (:data:`SHARP_LOSS_LIMIT`:
     then its errors do not cancel). Before that, the diagonal form's near-top
     entries are recomputed when its expansion loses more than
-    :data:`mfa.linalg.QUADRATIC_TOLERANCE` (``terms.refine``).
+    :data:`mfa.linalg.QUADRATIC_TOLERANCE` (``terms.refine``). ``near_rows_only``: an
+    ill-conditioned component's float64 entries only where they can move a row's log-density
+    or responsibilities (see :func:`~mfa.residual_form.refine_woodbury_near_top`).
     """
     xc = x - terms.reference  # [n, D]
     k, n_lat, d = terms.whitened.shape
@@ -284,5 +286,5 @@ def component_log_prob_from_terms(
         out = residual_form.refine_woodbury_near_top(
             out, scale, xc, terms.means, terms.inv_noise, terms.factors,
             terms.capacitance_chol, proj, diag_quad, slack=8.0 * terms.rounding,
-            every=terms.refine)
+            every=terms.refine, near_rows_only=near_rows_only)
     return out

@@ -311,15 +311,12 @@ class MixtureOfFactorAnalyzers(nn.Module):
         return out.reshape(*batch_shape, self.n_components)
 
     def _component_log_prob(self, x: Tensor, terms: ComponentTerms | None = None,
-                            exact: bool = True) -> Tensor:
-        """Unchecked :meth:`component_log_prob` for ``x`` ``[N, D]`` (``exact``: see
-        :func:`mfa._terms.component_log_prob_from_terms`)."""
-        terms = terms or self.component_terms()
-        size = self.chunk_size()
-        parts = [
-            component_log_prob_from_terms(x[i : i + size], terms, exact)
-            for i in range(0, max(x.shape[0], 1), size)
-        ]
+                            exact: bool = True, near_rows_only: bool = False) -> Tensor:
+        """Unchecked :meth:`component_log_prob` for ``x`` ``[N, D]`` (``exact``,
+        ``near_rows_only``: see :func:`mfa._terms.component_log_prob_from_terms`)."""
+        terms, size = terms or self.component_terms(), self.chunk_size()
+        parts = [component_log_prob_from_terms(x[i : i + size], terms, exact, near_rows_only)
+                 for i in range(0, max(x.shape[0], 1), size)]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def log_prob(self, x: Tensor) -> Tensor:

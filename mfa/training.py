@@ -71,7 +71,8 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
                 log_p = missing.row_log_prob(model, batch)
                 observed += (~torch.isnan(batch)).sum().cpu()
             else:
-                log_p = linalg.logsumexp(model._component_log_prob(batch, terms))
+                log_p = linalg.logsumexp(model._component_log_prob(batch, terms,
+                                                                   near_rows_only=True))
             total += log_p.double().sum().cpu()
             count += batch.shape[0]
     if source.sharded:  # every process's rows
