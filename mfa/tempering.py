@@ -226,8 +226,8 @@ def _row_log_probs(model: MixtureOfFactorAnalyzers, validation: DataSource) -> l
     nats off float64 under a float32 component with one noise variance at 1e-9)."""
     with torch.no_grad():
         terms = model.component_terms()
-        return [linalg.logsumexp(model._component_log_prob(batch, terms)).double().cpu()
-                for batch in validation]
+        return [linalg.logsumexp(model._component_log_prob(batch, terms, near_rows_only=True)
+                                 ).double().cpu() for batch in validation]
 
 
 def _paired_gain(new: list[Tensor], old: list[Tensor],
