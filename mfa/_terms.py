@@ -33,12 +33,15 @@ def check_parameters(log_weights: Tensor, means: Tensor, loadings: Tensor, noise
     """Raise when a parameter is NaN or infinite (a diverged run or a bad assignment): the
     densities would be NaN, or fail later with a message about something else. Log-weights
     ``[K]`` may be ``−inf`` (a component of weight 0). ``O(K·D·L)``, one sync (it runs on
-    every density call, Adam's steps included)."""
+    every density call, Adam's steps included). A finite float64 sum of each proves its
+    entries finite (an element-wise ``isfinite`` of the four was ~10 % of scoring 500 rows at
+    K = 20, D = 784); only where a sum is not finite are the entries tested one by one."""
     log_weights = log_weights.detach()
     named = (("the mixture weights", log_weights.masked_fill(log_weights == -torch.inf, 0.0)),
              ("the means", means.detach()), ("the factor loadings", loadings.detach()),
              ("the noise variances", noise.detach()))
-    if bool(torch.stack([torch.isfinite(value).all() for _, value in named]).all()):
+    sums = torch.stack([value.sum(dtype=torch.float64) for _, value in named])
+    if bool(torch.isfinite(sums).all()):
         return
     for name, value in named:
         bad = ~torch.isfinite(value)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from mfa import linalg, training
 from mfa._data_stream import DataSource
+from mfa._validation import all_finite
 from mfa.init import floored_weights
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
@@ -109,7 +110,7 @@ def score_candidates(
                 params = next(steps)
                 params["weights"] = floored_weights(prior.weight_counts(stats.mass),
                                                     params["weights"].dtype)
-            if not all(bool(torch.isfinite(v).all()) for v in params.values()):
+            if not all(all_finite(v) for v in params.values()):
                 scores.append(-math.inf)
                 continue
             model.set_parameters(**params)
