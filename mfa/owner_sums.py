@@ -119,6 +119,7 @@ def _looped_owner_sums(x: Tensor, terms: ComponentTerms, owner: Tensor, own: Ten
     """:func:`owner_sums` on the CPU: one small product per component and slice of its pairs
     (arguments as :func:`scattered_owner_sums`)."""
     k, n_lat, d = terms.whitened.shape
+    x = x.detach()  # (the buffers' out= takes no gradient)
     order = torch.argsort(owner, stable=True)
     rows = rows[order]
     counts = torch.bincount(owner, minlength=k).tolist()
