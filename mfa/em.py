@@ -212,6 +212,9 @@ class EMTrainer:
             search=auto and val_source is not None,
             early_stopping=cfg.patience > 0 and val_source is not None,
             callbacks=tuple(callbacks), checkpoint_fn=checkpoint_fn,
+            features_per_row=(training.observed_per_row(val_source)
+                              if allow and val_source is not None and cfg.patience > 0
+                              else float(model.n_features)),
         )
         # (None until this fit runs them: not an earlier fit's)
         self.selection_seconds = 0.0 if ctx.search else None
@@ -368,7 +371,7 @@ class EMTrainer:
                     ctx.search and state.noise_prior_variance is None)
                 stopped = state.track_validation(training.clone_params, model, val_ll,
                                                  counting, cfg.patience,
-                                                 cfg.min_delta * model.n_features)
+                                                 cfg.min_delta * ctx.features_per_row)
                 if (stopped and ctx.search and state.searches < cfg.max_searches
                         and state.stint_improved()):
                     state.search_again()  # patience ran out: a stronger prior from here

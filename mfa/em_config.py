@@ -43,7 +43,8 @@ class EMConfig:
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
     patience: int = 5  # iterations (after search_warmup) without a better validation score (0: off)
     # early stopping: "better" is a mean validation log-likelihood this many nats per row and
-    # feature (× D nats a row) above the score at which patience last restarted (0: any gain)
+    # feature (× D nats a row; with missing="allow", × the validation rows' mean observed
+    # count) above the score at which patience last restarted (0: any gain)
     min_delta: float = 1e-4
     val_fraction: float = 0.1  # held out of a tensor/Dataset for "auto"/patience without validation
     device: str | None = None  # None: the model's device

@@ -88,6 +88,9 @@ class FitContext:
     early_stopping: bool  # patience > 0 and validation data
     callbacks: Sequence[Callback]
     checkpoint_fn: Callable | None
+    # the features a validation row's score covers, which min_delta (per row and feature)
+    # scales by: D, or with missing data the validation rows' mean observed count
+    features_per_row: float = math.nan
 
 
 @dataclass

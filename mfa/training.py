@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -84,6 +85,18 @@ def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> 
         raise ValueError(f"{name} has no observed entry: all of its {int(count)} rows are NaN "
                          "(missing), so it cannot score a model")
     return total / count if source.sharded else (total / count).item()
+
+
+def observed_per_row(source: DataSource) -> float:
+    """The mean number of observed (not NaN) features per row of ``source`` (one pass; every
+    process's rows under torch.distributed); ``nan`` for a source without rows."""
+    count, observed = 0, torch.zeros((), dtype=torch.int64)
+    for batch in source:
+        observed += (~torch.isnan(batch)).sum().cpu()
+        count += batch.shape[0]
+    if source.sharded:
+        count, observed = distributed.sum_across_processes(count, observed)
+    return float(observed) / float(count) if float(count) else math.nan
 
 
 def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,

@@ -1373,3 +1373,27 @@ def test_init_seconds_counts_every_restarts_initialisation(monkeypatch, mixture_
         warnings.simplefilter("ignore", ConvergenceWarning)
         trainer.fit(MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64), x, validation=val)
     assert len(calls) == 4 and sum(calls[2:]) <= trainer.init_seconds < sum(calls[2:]) + 0.1
+
+
+def test_min_delta_scales_by_the_validation_rows_observed_features(monkeypatch, mixture_data):
+    """min_delta is nats per row and feature; with missing="allow" a validation row is scored
+    on its observed features only, so the gain early stopping asks for scales by their mean
+    count (4 of 5 here: half the rows hide 2 features), not by D (which asked a row hiding
+    half its pixels for twice the gain per observed feature)."""
+    from mfa.em_state import RunState
+
+    real, seen = RunState.track_validation, []
+
+    def spy(self, clone, model, val_ll, counting, patience, min_gain=0.0):
+        seen.append(min_gain)
+        return real(self, clone, model, val_ll, counting, patience, min_gain)
+
+    monkeypatch.setattr(RunState, "track_validation", spy)
+    x, val = mixture_data
+    val = val.clone()
+    val[::2, :2] = float("nan")
+    config = EMConfig(max_iter=3, missing="allow", patience=2, min_delta=1e-3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        EMTrainer(config).fit(MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64), x, validation=val)
+    assert seen and seen == [pytest.approx(1e-3 * 4.0)] * len(seen)
