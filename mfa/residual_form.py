@@ -189,9 +189,8 @@ def refine_woodbury_near_top(
     ``near_rows_only`` (for callers that need only each row's log-density and
     responsibilities, such as scoring), only on the rows where one of those components is near
     the top (the window widened by the top entry's own error bound): its other entries move
-    neither (evaluating a Fashion-MNIST model, K = 50, with
-    two such components took 0.57 s for 45,000 rows, of which the float64 pass over every row
-    was ~40 %).
+    neither. Scoring 45,000 Fashion-MNIST rows under a model (K = 50) with two such
+    components took 0.57 s with the float64 pass over every row, 0.31 s without.
 
     Args:
         log_joint: the Woodbury estimate ``[n, K]``; log_scale: ``log w + log_norm`` ``[K]``;
