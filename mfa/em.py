@@ -257,6 +257,8 @@ class EMTrainer:
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
                 distributed.broadcast_model(model)  # the same start on every process
+                if model.means.is_cuda:  # (its kernels done: the time is the initialisation's)
+                    torch.cuda.synchronize(model.means.device)
                 self.init_seconds += time.perf_counter() - init_started
                 state.start_restart()
             run_ll, converged = self._run(model, ctx, state)
