@@ -55,20 +55,25 @@ def residual_mahalanobis(
     left = []
     if grouped:  # one product per component: few, large operations (CPUs)
         coefficients = torch.cat([posterior, torch.ones_like(posterior[:, :1])], 1)  # [m, 1]
-        bounds = comps.unique_consecutive(return_counts=True)
-        start = 0
-        for k, count in zip(*(t.tolist() for t in bounds), strict=True):
-            part = slice(start, start + count)
-            start += count
+        present, counts = (t.tolist() for t in comps.unique_consecutive(return_counts=True))
+        # Pieces by split and unbind, not by slicing or indexing per component: the backward
+        # of a slice or an index fills and adds a zero gradient of the whole tensor per
+        # component (Adam on a sharp model, K = 50: 0.7 s a step of 256 rows, most of it
+        # those fills), theirs assembles each gradient once.
+        row_parts, coefficient_parts = rows.split(counts), coefficients.split(counts)
+        mask_parts = None if mask is None else mask.split(counts)
+        factor_list, mean_list, inv_list = factors.unbind(0), means.unbind(0), inv_noise.unbind(0)
+        for i, k in enumerate(present):
             # x − μ − A m as one product: [m, 1] @ [A, μ]ᵀ subtracted from x.
-            basis = torch.cat([factors[k], means[k].unsqueeze(-1)], 1).T  # [L+1, D]
+            basis = torch.cat([factor_list[k], mean_list[k].unsqueeze(-1)], 1).T  # [L+1, D]
             if inplace:
-                diff = rows[part].addmm_(coefficients[part], basis, alpha=-1.0).square_()
+                diff = row_parts[i].addmm_(coefficient_parts[i], basis, alpha=-1.0).square_()
             else:
-                diff = torch.addmm(rows[part], coefficients[part], basis, alpha=-1.0).square()
-            if mask is not None:
-                diff = diff * mask[part]
-            left.append(diff @ inv_noise[k])
+                diff = torch.addmm(row_parts[i], coefficient_parts[i], basis,
+                                   alpha=-1.0).square()
+            if mask_parts is not None:
+                diff = diff * mask_parts[i]
+            left.append(diff @ inv_list[k])
     else:  # each pair's loadings gathered, a slice of pairs at a time (no per-component loop)
         n_feat, n_lat = factors.shape[-2:]
         step = max(1, GATHER_ELEMENTS // max(1, n_feat * n_lat))
