@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mfa import pair_kernel
 from mfa._terms import ComponentTerms
 
 #: Rows per slice of one component's pairs (the float64 copy stays small).
@@ -116,8 +117,9 @@ def _too_sharp_for(work: torch.dtype, terms: ComponentTerms) -> Tensor | None:
 def _looped_owner_sums(x: Tensor, terms: ComponentTerms, owner: Tensor, own: Tensor,
                        p_own: Tensor, dtype: torch.dtype, rows: Tensor, work: torch.dtype
                        ) -> list[Tensor]:
-    """:func:`owner_sums` on the CPU: one small product per component and slice of its pairs
-    (arguments as :func:`scattered_owner_sums`)."""
+    """:func:`owner_sums` on the CPU: the compiled kernel of :mod:`mfa.pair_kernel` where it
+    is available, else one small product per component and slice of its pairs (arguments as
+    :func:`scattered_owner_sums`)."""
     k, n_lat, d = terms.whitened.shape
     x = x.detach()  # (the buffers' out= takes no gradient)
     order = torch.argsort(owner, stable=True)
@@ -127,10 +129,14 @@ def _looped_owner_sums(x: Tensor, terms: ComponentTerms, owner: Tensor, own: Ten
     zeros = x.new_zeros((), dtype=dtype)
     # The [P]- and [L, P]-sized sums in a few vectorised ops; the loop keeps the [m, D] ones.
     rp, mass, sum_p, sum_pp = _weight_sums(owner, own, p_own, k, zeros)
-    sums = x.new_zeros((k, n_lat + 1, d), dtype=work)  # [Σ r y ; Σ r y pᵀ]
-    sum_y2 = x.new_zeros((k, d), dtype=work)
     # [L+1, P]: r, r ⊙ p
     weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order].to(work)
+    if pair_kernel.available():  # one compiled pass over the rows (mfa.pair_kernel)
+        sums, sum_y2 = pair_kernel.pair_sums(x, rows, counts, weights.T, means)
+        sums, sum_y2 = sums.to(dtype), sum_y2.to(dtype)
+        return _about_reference(delta, mass, sums[:, 0], sum_y2, sums[:, 1:], sum_p, sum_pp)
+    sums = x.new_zeros((k, n_lat + 1, d), dtype=work)  # [Σ r y ; Σ r y pᵀ]
+    sum_y2 = x.new_zeros((k, d), dtype=work)
     bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
     # Every slice's rows in the same two buffers (a fresh [m, D] allocation per slice cost
     # ~5 % of this function: the memory is new to the process each time).

@@ -1,5 +1,6 @@
 """mfa.owner_sums: the scattered (GPU) form of the float64 pair sums equals the per-component
-loop, and both equal the sums written out pair by pair in float64."""
+loop, and both equal the sums written out pair by pair in float64. Every test runs with the
+CPU's compiled kernel (:mod:`mfa.pair_kernel`) and with its torch fallback."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import torch
 from helpers import F64, random_data, random_model
 
 import mfa.owner_sums as owner_sums_module
+from mfa import pair_kernel
 from mfa.owner_sums import owner_sums, scattered_owner_sums
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def cpu_pair_sums(request, monkeypatch):
+    """The CPU's pair sums from the compiled kernel (numba is a dependency: its absence
+    fails here) or from torch ops (``MFA_NUMBA=0``)."""
+    monkeypatch.setenv("MFA_NUMBA", "1" if request.param == "kernel" else "0")
+    assert pair_kernel.available() == (request.param == "kernel")
+    return request.param
 
 
 def _case(n=300, seed=0):

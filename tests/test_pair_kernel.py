@@ -1,0 +1,143 @@
+"""mfa.pair_kernel: the compiled CPU kernel of the owner pairs' sums against the torch ops it
+replaces, independent of the thread count, and safe in a forked process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import torch
+from helpers import F64
+
+from mfa import owner_sums as owner_sums_module
+from mfa import pair_kernel
+
+
+def _pairs(n_rows=50, k=6, d=37, n_w=4, seed=0, x_dtype=torch.float32, work=F64):
+    """Pairs sorted by component with uneven counts: 0 (components 1 and 4), 1, 3 (below
+    the kernel's block of four), 4 and more, rows repeated and out of order; means far from
+    the rows (50), where float32 spreads would cancel."""
+    g = torch.Generator().manual_seed(seed)
+    x = (50.0 + torch.rand(n_rows, d, generator=g, dtype=F64)).to(x_dtype)
+    counts = [5, 0, 1, 3, 0, 17][:k] + [4] * max(0, k - 6)
+    rows = torch.randint(0, n_rows, (sum(counts),), generator=g)
+    weights = torch.rand(sum(counts), n_w, generator=g, dtype=F64).to(work)
+    means = (50.0 + torch.rand(k, d, generator=g, dtype=F64)).to(work)
+    return x, rows, counts, weights, means
+
+
+def _reference(x, rows, counts, weights, means):
+    """The sums pair by pair in float64."""
+    k, d = means.shape
+    comp = torch.repeat_interleave(torch.arange(k), torch.tensor(counts))
+    y = x.double()[rows] - means.double()[comp]  # [P, D]
+    w = weights.double()
+    sums = torch.zeros(k, w.shape[1], d, dtype=F64).index_add_(
+        0, comp, w.unsqueeze(-1) * y.unsqueeze(1))
+    sum_y2 = torch.zeros(k, d, dtype=F64).index_add_(0, comp, w[:, :1] * y * y)
+    return sums, sum_y2
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, F64])
+def test_kernel_equals_the_sums_pair_by_pair(x_dtype):
+    x, rows, counts, weights, means = _pairs(x_dtype=x_dtype)
+    sums, sum_y2 = pair_kernel.pair_sums(x, rows, counts, weights, means)
+    want, want2 = _reference(x, rows, counts, weights, means)
+    assert sums.dtype == F64 and sum_y2.dtype == F64
+    torch.testing.assert_close(sums, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(sum_y2, want2, rtol=1e-13, atol=1e-13)
+    assert float(sums[1].abs().sum() + sums[4].abs().sum()) == 0.0  # no pairs: zeros
+
+
+def test_kernel_in_float32_work_keeps_float32_spreads():
+    """``"centred32"``: the spread and its sums in float32, within float32's rounding of
+    the float64 sums (the spreads are small beside the means, as about each component's
+    own mean)."""
+    x, rows, counts, weights, means = _pairs(work=torch.float32)
+    sums, sum_y2 = pair_kernel.pair_sums(x, rows, counts, weights, means)
+    want, want2 = _reference(x, rows, counts, weights, means)
+    assert sums.dtype == torch.float32
+    torch.testing.assert_close(sums.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sum_y2.double(), want2, rtol=1e-5, atol=1e-5)
+
+
+def test_result_does_not_depend_on_the_thread_count():
+    """Each component's sums come from one thread in pair order: bit for bit the same on
+    1, 2 and 5 threads (5 > the components with pairs)."""
+    x, rows, counts, weights, means = _pairs(k=9, n_rows=200, d=64)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            results.append(pair_kernel.pair_sums(x, rows, counts, weights, means))
+    finally:
+        torch.set_num_threads(before)
+    for sums, sum_y2 in results[1:]:
+        assert torch.equal(sums, results[0][0]) and torch.equal(sum_y2, results[0][1])
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 7])
+def test_ranges_cover_every_component_once_in_order(parts):
+    bounds = [0, 5, 5, 6, 9, 9, 26, 30, 30]  # 8 components, some without pairs
+    ranges = pair_kernel._ranges(bounds, parts)
+    assert len(ranges) <= parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == 8
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(first < last for first, last in ranges)
+
+
+def test_owner_sums_take_the_kernel_unless_disabled(monkeypatch):
+    """``MFA_NUMBA=0`` turns the kernel off (the torch loop runs); by default it runs."""
+    calls = []
+    original = pair_kernel.pair_sums
+    monkeypatch.setattr(pair_kernel, "pair_sums", lambda *a: calls.append(1) or original(*a))
+    from helpers import random_data, random_model
+
+    model = random_model(3, 8, 2, "diagonal", seed=1).float()
+    x = random_data(40, model, seed=2).float()
+    terms = model.component_terms()
+    comp = torch.arange(40) % 3
+    pairs = [(comp, torch.arange(40), torch.rand(40), torch.randn(2, 40))]
+    monkeypatch.setenv("MFA_NUMBA", "1")
+    with_kernel = owner_sums_module.owner_sums(x, terms, pairs, F64)
+    assert calls == [1]
+    monkeypatch.setenv("MFA_NUMBA", "0")
+    without = owner_sums_module.owner_sums(x, terms, pairs, F64)
+    assert calls == [1]
+    for a, b in zip(with_kernel, without, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin",
+                    reason="os.fork is POSIX (and unsafe with threads on macOS)")
+def test_a_forked_process_makes_its_own_threads():
+    """A child forked after the pool exists inherits it without its threads: with the
+    parent's pool its jobs would wait for ever. The child sums and exits within 60 s."""
+    x, rows, counts, weights, means = _pairs(k=9, n_rows=200, d=64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want = pair_kernel.pair_sums(x, rows, counts, weights, means)  # the pool exists now
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 on equal sums, 1 otherwise, never raise
+            try:
+                got = pair_kernel.pair_sums(x, rows, counts, weights, means)
+                os._exit(0 if torch.equal(got[0], want[0]) else 1)
+            except BaseException:
+                os._exit(2)
+        deadline = time.monotonic() + 60
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child's pair sums never finished")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(before)
