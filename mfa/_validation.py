@@ -291,6 +291,9 @@ def feature_index(features: object, n_features: int, name: str = "features") -> 
         idx = idx.nonzero().flatten()
     elif idx.dtype.is_floating_point or idx.dtype.is_complex:
         raise TypeError(f"{name} must be integer indices or a bool mask, got dtype {idx.dtype}")
+    elif idx.dtype == torch.uint8:  # torch's old mask dtype: a 0/1 mask read as indices
+        raise TypeError(f"{name} is a uint8 tensor, which could be a mask or indices: pass a "
+                        "bool mask (.bool()) or int64 indices (.long())")
     idx = idx.long().flatten()
     if idx.numel() == 0:
         raise ValueError(f"{name} selects no features")

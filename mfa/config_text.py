@@ -79,10 +79,13 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The mapping a YAML config file holds (``{}`` for an empty file).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist (``IsADirectoryError``: it is a folder).
         ValueError: not UTF-8, not valid YAML, a key given twice, or not a mapping at the
             top level (naming the file).
     """
+    if path.is_dir():
+        raise IsADirectoryError(f"config file {path} is a folder, not a YAML file (a run "
+                                "folder's config is its config.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:

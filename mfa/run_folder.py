@@ -253,6 +253,11 @@ def resume_checkpoint(resume: str | Path) -> Path:
     if not Path(resume).exists():
         raise FileNotFoundError(f"--resume: {resume} does not exist")
     path = resolve_checkpoint(resume)
+    if path.suffix.lower() in (".yaml", ".yml"):  # (not a checkpoint: copying it would fail)
+        raise ValueError(
+            f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a config "
+            f"file: resume its run with --resume {path.parent}, or start a new run from it "
+            f"with --config {path}")
     if path.name != CHECKPOINT_NAME:
         raise ValueError(
             f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a "

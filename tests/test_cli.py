@@ -331,6 +331,12 @@ def test_sample_refuses_flags_it_would_ignore(run_dir, tmp_path):
     assert code != 0 and "--outlier-scores needs --outliers-against" in stderr
     code, _, stderr = run_cli("train", "--resume", tmp_path / "no-such-run")
     assert code != 0 and "no-such-run does not exist" in stderr
+    # a run's config.yaml was called a checkpoint of another name, to be copied as one
+    code, _, stderr = run_cli("train", "--resume", run_dir / "config.yaml")
+    assert code == 2 and "is a config file: resume its run with --resume" in stderr
+    assert "copy it" not in stderr
+    code, _, stderr = run_cli("train", "--config", tmp_path)
+    assert code == 2 and "is a folder, not a YAML file" in stderr
 
 
 def test_per_run_commands_compute_on_the_runs_device_or_device(run_dir, tmp_path,

@@ -336,6 +336,9 @@ def test_errors_from_a_file_name_the_file(tmp_path):
 def test_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
+    # a folder was reported as missing
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a YAML file"):
+        load_config(tmp_path)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match=r"broken\.yaml is not valid YAML"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import F64, DenseMixture, assert_finite, gen, random_data, random_model
@@ -585,6 +586,11 @@ def test_marginal_feature_validation():
     with pytest.raises(TypeError, match=r"features must be integer indices or a bool mask, "
                                         r"got dtype torch\.float32"):
         model.marginal(torch.tensor([0.0, 1.0]))
+    # A uint8 0/1 mask was read as indices: [0, 1] kept both features (a mask keeps one).
+    for mask in (torch.tensor([0, 1, 0, 1], dtype=torch.uint8), np.array([1, 0], np.uint8)):
+        with pytest.raises(TypeError, match=r"features is a uint8 tensor, which could be a "
+                                            r"mask or indices"):
+            model.marginal(mask)
 
 
 def test_condition_validation():
