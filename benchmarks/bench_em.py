@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from mfa import MixtureOfFactorAnalyzers
+from mfa import MixtureOfFactorAnalyzers, pair_kernel
 from mfa._data_stream import DataSource
 from mfa.cli_types import non_negative_int, positive_int
 from mfa.data import bits_per_dim, load_dataset
@@ -223,8 +223,10 @@ def main(argv=None) -> dict:
     x_dev = x.to(device)
     flops = 4 * n * d * k * (lat + 2)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    kernel = device.type == "cpu" and pair_kernel.available()  # (the CPU's centred pairs)
     print(f"data: {name}; K={k}, L={lat}; batches of {args.batch_size}; device {device}; "
-          f"torch threads {torch.get_num_threads()}; load average {load:.2f} at start")
+          f"torch threads {torch.get_num_threads()}; load average {load:.2f} at start; "
+          f"pair sums {'compiled (mfa.pair_kernel)' if kernel else 'in torch ops'}")
 
     peer = matmul_rate(min(args.batch_size, n), d, k * (lat + 2), device)
     limit = flops / peer / 1e9
@@ -233,6 +235,7 @@ def main(argv=None) -> dict:
     result = {
         "commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "data": name, "n": n, "d": d, "k": k, "l": lat, "device": str(device),
+        "pair_kernel": kernel,
         "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "load_average_start": load, "gflop_per_iter": flops / 1e9, "matmul_gflops": peer,
         "limit_seconds_per_iter": limit,
