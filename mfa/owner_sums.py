@@ -61,13 +61,16 @@ def owner_sums(x: Tensor, terms: ComponentTerms, pairs: list[Pairs], dtype: torc
         Σ r (x−c) = Σ r y + δ Σ r,   Σ r (x−c)² = Σ r y² + 2δ ⊙ Σ r y + δ² Σ r,
         Σ r (x−c) pᵀ = Σ r y pᵀ + δ (Σ r p)ᵀ          (y = x − μ_k)
 
-    One small product per component and batch: ``2·P·D·(L+2)`` flops for ``P`` pairs.
+    ``2·P·D·(L+2)`` flops for ``P`` pairs: on the CPU in one compiled pass over the pairs'
+    rows (:mod:`mfa.pair_kernel`) or one small product per component and slice (torch
+    ops), on GPUs scattered (:func:`scattered_owner_sums`).
     ``y`` is the spread of the component's rows, not their distance from ``c``, so ``Σ r y²``
     keeps the variance however far ``μ_k`` lies from ``c``. The products run in
     ``work_dtype`` (default ``dtype``) and their sums are moved to ``c`` in ``dtype``:
     float32 products (the ``"centred32"`` mode) still lose a noise variance that the
     loadings' variance dwarfs (measured 5.8e-4 relative on the tests' high signal-to-noise
-    case, against 6e-6 in float64), at about 60 % of the float64 products' time; the pairs
+    case, against 6e-6 in float64), at about 60 % of the float64 products' time in torch ops
+    (about the same time in the CPU's compiled kernel, :mod:`mfa.pair_kernel`); the pairs
     of components sharper than :data:`SHARP_LIMIT` allows are summed in ``dtype``.
 
     Args:

@@ -39,11 +39,12 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   :data:`mfa.owner_sums.SHARP_LIMIT`) has its pairs in float64: on pixel-like rows with
   noise at 1e-6 its float32 pairs erred by 1.2 in one M-step and ran the noise variances to
   the floor (9e-6 now; on a Fashion-MNIST fit, K = 50, 4–9 such components, +2–5 % an
-  E-step). The
-  fastest mode on CPUs: the float64 pairs are bound by memory traffic, and float32 halves it
-  (Fashion-MNIST 50,000 rows, K=50, L=6: the pair sums 0.113 → 0.070 s an E-step on one
-  thread; an EM iteration at 0.99× the FLOP limit on one thread, 1.19–1.25× on two, against
-  1.11× and 1.37–1.41× for ``"centred"``; ``docs/benchmarks.md``).
+  E-step). It was the
+  fastest mode on CPUs while the pairs were summed in torch ops, bound by memory traffic that
+  float32 halves (Fashion-MNIST 50,000 rows, K=50, L=6: the pair sums 0.113 → 0.070 s an
+  E-step on one thread); with the compiled kernel (:mod:`mfa.pair_kernel`, the default where
+  numba is installed) it gains nothing measurable (0.292 against 0.291 s an iteration on two
+  threads; ``docs/benchmarks.md``).
 * ``"float32"``: every product in the data's dtype (loses both cases, and 0.4 of the noise
   variances of the pixel-like rows above; on image data the sparse ``"centred"`` forms are
   faster on CPUs).
