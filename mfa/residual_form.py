@@ -58,8 +58,8 @@ def residual_mahalanobis(
         present, counts = (t.tolist() for t in comps.unique_consecutive(return_counts=True))
         # Pieces by split and unbind, not by slicing or indexing per component: the backward
         # of a slice or an index fills and adds a zero gradient of the whole tensor per
-        # component (Adam on a sharp model, K = 50: 0.7 s a step of 256 rows, most of it
-        # those fills), theirs assembles each gradient once.
+        # component, theirs assembles each gradient once (Adam on a sharp Fashion-MNIST
+        # model, K = 50, batch 256, one thread: 36 ms a step with those fills, 24 without).
         row_parts, coefficient_parts = rows.split(counts), coefficients.split(counts)
         mask_parts = None if mask is None else mask.split(counts)
         factor_list, mean_list, inv_list = factors.unbind(0), means.unbind(0), inv_noise.unbind(0)
