@@ -134,9 +134,11 @@ def _looped_owner_sums(x: Tensor, terms: ComponentTerms, owner: Tensor, own: Ten
     rp, mass, sum_p, sum_pp = _weight_sums(owner, own, p_own, k, zeros)
     # [L+1, P]: r, r ⊙ p
     weights = torch.cat([own.unsqueeze(0), rp.T], 0)[:, order].to(work)
-    if pair_kernel.available():  # one compiled pass over the rows (mfa.pair_kernel)
-        sums, sum_y2 = pair_kernel.pair_sums(x, rows, counts, weights.T, means)
-        sums, sum_y2 = sums.to(dtype), sum_y2.to(dtype)
+    # one compiled pass over the rows (mfa.pair_kernel; None: not available, torch ops)
+    compiled = pair_kernel.pair_sums(x, rows, counts, weights.T, means) if (
+        pair_kernel.available()) else None
+    if compiled is not None:
+        sums, sum_y2 = (t.to(dtype) for t in compiled)
         return _about_reference(delta, mass, sums[:, 0], sum_y2, sums[:, 1:], sum_p, sum_pp)
     sums = x.new_zeros((k, n_lat + 1, d), dtype=work)  # [Σ r y ; Σ r y pᵀ]
     sum_y2 = x.new_zeros((k, d), dtype=work)

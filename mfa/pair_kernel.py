@@ -19,8 +19,9 @@ about equal pair counts, each summed by one Python thread (the kernel releases t
 each component's sums come from one thread in pair order, so the result does not depend on
 the thread count. Inside an E-step a second thread gains little on two cores (3 %): torch's
 OpenMP worker keeps busy-waiting for the next product on the other core. Where numba is
-missing or ``MFA_NUMBA=0`` is set, :mod:`mfa.owner_sums` takes the same sums in torch ops
-(the same values to float64 rounding, about 1e-15 relative).
+missing, the kernel fails to build or run (a ``RuntimeWarning`` says so once) or
+``MFA_NUMBA=0`` is set, :mod:`mfa.owner_sums` takes the same sums in torch ops (the same
+values to the work dtype's rounding: about 1e-15 relative in float64).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+import warnings
 
 import torch
 from torch import Tensor
@@ -42,8 +44,9 @@ _pool_key: tuple[int, int] | None = None  # (size, the process it was made in)
 
 
 def available() -> bool:
-    """Whether the compiled kernel can run here: ``numba`` imports and ``MFA_NUMBA`` is not
-    ``"0"`` (checked on every call; numba is imported on the first)."""
+    """Whether the compiled kernel is to be used: ``MFA_NUMBA`` is not ``"0"`` (checked on
+    every call), numba imports and the kernel builds (tried once), and no run of it has
+    failed in this process (then a ``RuntimeWarning`` said why, and the torch ops run)."""
     if os.environ.get("MFA_NUMBA", "1") == "0":
         return False
     return _compiled() is not None
@@ -56,17 +59,31 @@ def _compiled():
     with _lock:
         if _kernel is None and not _failed:
             try:
-                _kernel = _build()
+                _kernel = _build(cache=True)
             except ImportError:
                 _failed = True
+            except Exception:  # (numba found no writable cache folder: no cache)
+                try:
+                    _kernel = _build(cache=False)
+                except Exception as error:
+                    _disable(error)
     return _kernel
 
 
-def _build():
+def _disable(error: BaseException) -> None:
+    """Turn the kernel off for this process, saying why once."""
+    global _kernel, _failed
+    _kernel, _failed = None, True
+    warnings.warn(f"mfa.pair_kernel: the compiled pair sums failed ({type(error).__name__}: "
+                  f"{error}); the E-step takes them in torch ops from now on (slower; "
+                  "MFA_NUMBA=0 skips the kernel)", RuntimeWarning, stacklevel=3)
+
+
+def _build(cache: bool):
     import numba
     import numpy as np
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False)
+    @numba.njit(cache=cache, nogil=True, boundscheck=False)
     def spread_sums(x, rows, bounds, first, last, weights, means, sums, sum_y2):
         # Components first..last-1; pairs bounds[k]..bounds[k+1]-1 of component k, whose rows
         # are x[rows[p]] and weights weights[p] ([r, r p_1, ..., r p_L]).
@@ -127,22 +144,23 @@ def _ranges(bounds: list[int], parts: int) -> list[tuple[int, int]]:
 
 def _executor(size: int) -> concurrent.futures.ThreadPoolExecutor:
     """A pool of ``size`` threads of this process (a forked child inherits the parent's pool
-    without its threads, and its jobs would never run: it makes its own)."""
+    without its threads, and its jobs would never run: it makes its own). A pool of another
+    size is dropped, not shut down (another thread may be submitting to it); its threads end
+    when it is collected."""
     global _pool, _pool_key
     key = (size, os.getpid())
     with _lock:
         if _pool is None or _pool_key != key:
-            if _pool is not None and _pool_key[1] == key[1]:
-                _pool.shutdown(wait=False)
             _pool = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="mfa-pairs")
             _pool_key = key
         return _pool
 
 
 def pair_sums(x: Tensor, rows: Tensor, counts: list[int], weights: Tensor, means: Tensor
-              ) -> tuple[Tensor, Tensor]:
+              ) -> tuple[Tensor, Tensor] | None:
     """``(Σ r y [and Σ r y pᵀ] [K, L+1, D], Σ r y² [K, D])`` in ``means``' dtype (the work
-    dtype) for pairs sorted by component.
+    dtype) for pairs sorted by component; ``None`` when the kernel is not available or its
+    run failed (:func:`available` is then false for the rest of the process).
 
     Args:
         x: the batch ``[n, D]`` (CPU, float32 or float64).
@@ -153,7 +171,7 @@ def pair_sums(x: Tensor, rows: Tensor, counts: list[int], weights: Tensor, means
     """
     kernel = _compiled()
     if kernel is None:
-        raise RuntimeError("the compiled pair kernel needs numba (pip install numba)")
+        return None
     k, d = means.shape
     work = means.dtype
     sums = torch.zeros((k, weights.shape[1], d), dtype=work)
@@ -167,11 +185,16 @@ def pair_sums(x: Tensor, rows: Tensor, counts: list[int], weights: Tensor, means
             sums.numpy(), sum_y2.numpy())
     threads = max(1, min(torch.get_num_threads(), k))
     ranges = _ranges(bounds, threads) if bounds[-1] else []
-    if len(ranges) <= 1:
-        for first, last in ranges:
-            kernel(*arrays, first, last, *rest)
-    else:
-        pool = _executor(threads)
-        for job in [pool.submit(kernel, *arrays, first, last, *rest) for first, last in ranges]:
-            job.result()
+    try:
+        if len(ranges) <= 1:
+            for first, last in ranges:
+                kernel(*arrays, first, last, *rest)
+        else:
+            pool = _executor(threads)
+            jobs = [pool.submit(kernel, *arrays, first, last, *rest) for first, last in ranges]
+            for job in jobs:
+                job.result()
+    except Exception as error:  # (numba's typing or compilation failing here)
+        _disable(error)
+        return None
     return sums, sum_y2

@@ -254,10 +254,11 @@ def resume_checkpoint(resume: str | Path) -> Path:
         raise FileNotFoundError(f"--resume: {resume} does not exist")
     path = resolve_checkpoint(resume)
     if path.suffix.lower() in (".yaml", ".yml"):  # (not a checkpoint: copying it would fail)
+        run = (f"resume its run with --resume {path.parent}, or "
+               if (path.parent / CHECKPOINT_NAME).is_file() else "")
         raise ValueError(
             f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a config "
-            f"file: resume its run with --resume {path.parent}, or start a new run from it "
-            f"with --config {path}")
+            f"file: {run}start a new run from it with --config {path}")
     if path.name != CHECKPOINT_NAME:
         raise ValueError(
             f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a "

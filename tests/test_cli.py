@@ -335,6 +335,10 @@ def test_sample_refuses_flags_it_would_ignore(run_dir, tmp_path):
     code, _, stderr = run_cli("train", "--resume", run_dir / "config.yaml")
     assert code == 2 and "is a config file: resume its run with --resume" in stderr
     assert "copy it" not in stderr
+    # a config outside a run (flags mixed up): no run folder to advise
+    (tmp_path / "mine.yaml").write_text("model:\n  n_components: 3\n")
+    code, _, stderr = run_cli("train", "--resume", tmp_path / "mine.yaml")
+    assert code == 2 and "is a config file: start a new run from it with --config" in stderr
     code, _, stderr = run_cli("train", "--config", tmp_path)
     assert code == 2 and "is a folder, not a YAML file" in stderr
 

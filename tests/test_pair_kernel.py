@@ -141,3 +141,60 @@ def test_a_forked_process_makes_its_own_threads():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernel_without_factors_has_one_weight_column():
+    """L = 0 (a diagonal mixture): the weights are r alone."""
+    x, rows, counts, weights, means = _pairs(n_w=1, seed=3)
+    sums, sum_y2 = pair_kernel.pair_sums(x, rows, counts, weights, means)
+    want, want2 = _reference(x, rows, counts, weights, means)
+    assert sums.shape == (len(counts), 1, x.shape[1])
+    torch.testing.assert_close(sums, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(sum_y2, want2, rtol=1e-13, atol=1e-13)
+
+
+def test_a_kernel_that_cannot_cache_is_built_without_the_cache(monkeypatch):
+    """numba refuses ``cache=True`` where no cache folder is writable (a read-only install
+    with an unwritable home): the kernel is built uncached instead of failing every E-step."""
+    built = []
+    real = pair_kernel._build
+
+    def build(cache):
+        built.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(cache)
+
+    monkeypatch.setattr(pair_kernel, "_build", build)
+    monkeypatch.setattr(pair_kernel, "_kernel", None)
+    monkeypatch.setattr(pair_kernel, "_failed", False)
+    monkeypatch.delenv("MFA_NUMBA", raising=False)
+    assert pair_kernel.available() and built == [True, False]
+    x, rows, counts, weights, means = _pairs()
+    sums, _ = pair_kernel.pair_sums(x, rows, counts, weights, means)
+    torch.testing.assert_close(sums, _reference(x, rows, counts, weights, means)[0],
+                               rtol=1e-13, atol=1e-13)
+
+
+def test_a_failing_kernel_is_turned_off_and_the_torch_ops_take_over(monkeypatch):
+    """A run of the kernel that raises (numba failing to compile it for these types) warns
+    once, and the E-step's sums come from the torch ops, correct, from then on."""
+    from helpers import random_data, random_model
+
+    def broken(*args):
+        raise TypeError("no matching definition for argument type(s)")
+
+    monkeypatch.setattr(pair_kernel, "_kernel", broken)
+    monkeypatch.setattr(pair_kernel, "_failed", False)
+    monkeypatch.delenv("MFA_NUMBA", raising=False)
+    model = random_model(3, 8, 2, "diagonal", seed=1).float()
+    x = random_data(40, model, seed=2).float()
+    terms = model.component_terms()
+    pairs = [(torch.arange(40) % 3, torch.arange(40), torch.rand(40), torch.randn(2, 40))]
+    with pytest.warns(RuntimeWarning, match="compiled pair sums failed .*TypeError"):
+        got = owner_sums_module.owner_sums(x, terms, pairs, F64)
+    assert not pair_kernel.available()
+    monkeypatch.setenv("MFA_NUMBA", "0")
+    want = owner_sums_module.owner_sums(x, terms, pairs, F64)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
