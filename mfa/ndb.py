@@ -113,9 +113,12 @@ class NDB:
         mean: Tensor | None = None,
         std: Tensor | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        integer_train: bool | None = None,
     ) -> None:
         """Low-level constructor from already computed parts; use :meth:`fit` or
-        :meth:`from_centers` instead."""
+        :meth:`from_centers` instead. ``integer_train``: whether the training samples were
+        integers (pixels 0..255): samples of the other kind are then refused (``None``: not
+        checked)."""
         self.centers = centers
         self.bin_counts_train = bin_counts_train
         self.n_train = int(bin_counts_train.sum())
@@ -127,6 +130,7 @@ class NDB:
         self.mean = mean
         self.std = std
         self.batch_size = check_positive_int(batch_size, "batch_size")
+        self.integer_train = integer_train
 
     # ------------------------------------------------------------------ construction
 
@@ -147,7 +151,11 @@ class NDB:
 
         Args:
             train: ``[N, D]`` training samples (floating point, or integer such as ``uint8``
-                pixels, which is converted to float32). K-means runs on their device.
+                pixels, which is converted to float32 on its own scale, 0..255). K-means runs
+                on their device. Samples evaluated later must be of the same kind (integers
+                for integer training data, floating point for floating): uint8 pixels
+                against samples in ``[0, 1]`` would put every sample in the darkest bins, so
+                the mix is refused (``mfa.data.pixels_to_float`` converts pixels).
             n_bins: ``K``, the number of bins (``1 <= K <= N``).
             alpha: significance level of the per-bin tests (in ``(0, 1)``).
             seed: seeds K-means and the random feature subset; same seed, same bins.
@@ -162,6 +170,7 @@ class NDB:
         The training proportions are recomputed by assigning every training sample to its
         nearest final centre, the same rule as for the evaluated samples.
         """
+        integer = _integer_kind(check_tensor(train, "train"))
         train = _check_matrix(train, "train")
         check_positive_int(n_bins, "n_bins")
         check_positive_int(batch_size, "batch_size")
@@ -196,7 +205,7 @@ class NDB:
                 "bins", UserWarning, stacklevel=2)
         return cls(
             centers, counts, n_features=d, alpha=alpha, features=features,
-            mean=mean, std=std, batch_size=batch_size,
+            mean=mean, std=std, batch_size=batch_size, integer_train=integer,
         )
 
     @classmethod
@@ -220,6 +229,7 @@ class NDB:
             features: indices (or a bool mask ``[D]``) of the features to bin on, in the
                 order the columns of ``centers`` use; ``None`` for all.
         """
+        integer = _integer_kind(check_tensor(train, "train"))
         train = _check_matrix(train, "train")
         check_positive_int(batch_size, "batch_size")
         n, d = train.shape
@@ -244,7 +254,7 @@ class NDB:
         counts = _bin_counts(labels, centers.shape[0])
         return cls(
             centers, counts, n_features=d, alpha=alpha, features=idx,
-            mean=mean, std=std, batch_size=batch_size,
+            mean=mean, std=std, batch_size=batch_size, integer_train=integer,
         )
 
     # ------------------------------------------------------------------ use
@@ -307,6 +317,9 @@ class NDB:
         )
 
     def _check_samples(self, x: Tensor) -> Tensor:
+        x = check_tensor(x, "samples")
+        if self.integer_train is not None:
+            _check_kind(self.integer_train, x)
         x = _check_matrix(x, "samples")
         if x.shape[1] != self.n_features:
             raise ValueError(
@@ -339,8 +352,9 @@ def ndb(
     """
     # Fail before K-means on bad samples; train is checked (once) by NDB.fit.
     train = check_tensor(train, "train")
-    samples = _check_matrix(samples, "samples")
-    if train.dim() == 2 and samples.shape[1] != train.shape[1]:
+    _check_kind(_integer_kind(train), check_tensor(samples, "samples"))
+    width = _check_matrix(samples, "samples").shape[1]  # (evaluate converts the samples)
+    if train.dim() == 2 and width != train.shape[1]:
         raise ValueError(
             f"samples must have shape [M, {train.shape[1]}] like train (D={train.shape[1]}), "
             f"got {tuple(samples.shape)}"
@@ -425,6 +439,23 @@ def _check_alpha(alpha: object) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     return float(alpha)
+
+
+def _integer_kind(x: Tensor) -> bool:
+    """Whether ``x`` holds integers (pixel levels), not floating-point values or booleans."""
+    return not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def _check_kind(integer_train: bool, samples: Tensor) -> None:
+    """Refuse samples of another kind than the training data: integer pixels (0..255) and
+    floating-point values (``[0, 1]`` in this library) are on different scales."""
+    if _integer_kind(samples) != integer_train:
+        kinds = ("integers (pixels 0..255?)", "floating point (values in [0, 1]?)")
+        train_kind, sample_kind = (kinds[0], kinds[1]) if integer_train else (kinds[1], kinds[0])
+        raise ValueError(
+            f"samples are {sample_kind} ({samples.dtype}) but the bins were fitted on "
+            f"training data of {train_kind}: the two are on different scales; convert one "
+            "to the other's (mfa.data.pixels_to_float turns uint8 pixels into [0, 1])")
 
 
 def _check_matrix(x: object, name: str) -> Tensor:

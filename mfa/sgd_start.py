@@ -27,7 +27,7 @@ from mfa._data_stream import DataSource
 from mfa.e_step import streamed_e_step
 from mfa.init import floored_weights
 from mfa.model import MixtureOfFactorAnalyzers
-from mfa.prior_search import choose_noise_variance
+from mfa.prior_search import choose_noise_variance, warn_if_floored
 from mfa.priors import Prior
 from mfa.statistics import m_step
 
@@ -59,6 +59,7 @@ def em_start(model: MixtureOfFactorAnalyzers, source: DataSource,
     if not auto and not step:
         return prior.noise_variance, None
     stats = streamed_e_step(model, source)
+    warn_if_floored(stats, variance_floor, stacklevel=4)
     s0 = prior.noise_variance
     if auto:
         s0 = lower

@@ -235,6 +235,26 @@ def test_ndb_accepts_integer_pixels_and_other_dtypes():
     assert torch.equal(a.z_scores, b.z_scores)
 
 
+def test_ndb_refuses_samples_of_another_kind_than_the_training_data():
+    """Bins fitted on uint8 pixels (0..255, as fit's docstring allows) and samples in
+    [0, 1] (what a model samples, what the float rows hold) gave NDB = K for the same
+    distribution; now the mix is refused, naming both scales, and each kind alone works."""
+    g = gen(12)
+    train = torch.randint(0, 256, (400, 6), generator=g, dtype=torch.uint8)
+    test = torch.randint(0, 256, (200, 6), generator=g, dtype=torch.uint8)
+    bins = NDB.fit(train, 5)
+    match = r"samples are floating point .* bins were fitted on training data of integers"
+    with pytest.raises(ValueError, match=match):
+        bins.evaluate(test.float() / 255)
+    with pytest.raises(ValueError, match=match):
+        ndb(train, test.float() / 255, 5)
+    with pytest.raises(ValueError, match=r"samples are integers .* training data of floating"):
+        NDB.fit(train.float() / 255, 5).evaluate(test)
+    same = bins.evaluate(test)  # integers against integers, floats against floats: as before
+    scaled = NDB.fit(train.float() / 255, 5).evaluate(test.float() / 255)
+    assert same.ndb == scaled.ndb == 0
+
+
 def test_ndb_warns_of_bins_without_training_rows():
     """Two distinct rows and six bins: K-means' centres coincide and four bins stay empty,
     which can never differ; NDB says so instead of dividing by six silently."""
