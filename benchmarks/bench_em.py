@@ -223,7 +223,8 @@ def main(argv=None) -> dict:
     x_dev = x.to(device)
     flops = 4 * n * d * k * (lat + 2)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    kernel = device.type == "cpu" and pair_kernel.available()  # (the CPU's centred pairs)
+    kernel = (device.type == "cpu" and pair_kernel.worthwhile(n, d)  # (the CPU's pairs)
+              and pair_kernel.available())
     print(f"data: {name}; K={k}, L={lat}; batches of {args.batch_size}; device {device}; "
           f"torch threads {torch.get_num_threads()}; load average {load:.2f} at start; "
           f"pair sums {'compiled (mfa.pair_kernel)' if kernel else 'in torch ops'}")

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from mfa import distributed, linalg, missing
+from mfa import distributed, linalg, missing, pair_kernel
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa._terms import CONDITION_LIMIT, build_component_terms, ill_conditioned
 from mfa._validation import check_positive_real
@@ -80,23 +80,33 @@ def streamed_e_step(
             raise ValueError("a tempered E-step needs complete data")
         # observed entries per feature (no host sync: checked once, after the pass)
         observed = torch.zeros(model.n_features, dtype=torch.int64, device=model.means.device)
-        for batch in source:
-            if allow_missing:
-                observed += (~torch.isnan(batch)).sum(0).to(observed.device)
-            if full:
-                batch = batch.double()
-            part = statistics(model, batch, terms, chol, stats_dtype=torch.float64,
-                              precise_moments=stats_dtype != "float32",
-                              precise_latent=stats_dtype == "precise",
-                              centred=stats_dtype in ("centred", "centred32"),
-                              pair_dtype=torch.float32 if stats_dtype == "centred32" else None,
-                              temperature=temperature, exact=exact)
-            stats = part if stats is None else stats + part
+        # The CPU's compiled pair sums where the data repay their one-time cost
+        with pair_kernel.preferred(pair_kernel.worthwhile(_rows(source), model.n_features)):
+            for batch in source:
+                if allow_missing:
+                    observed += (~torch.isnan(batch)).sum(0).to(observed.device)
+                if full:
+                    batch = batch.double()
+                part = statistics(
+                    model, batch, terms, chol, stats_dtype=torch.float64,
+                    precise_moments=stats_dtype != "float32",
+                    precise_latent=stats_dtype == "precise",
+                    centred=stats_dtype in ("centred", "centred32"),
+                    pair_dtype=torch.float32 if stats_dtype == "centred32" else None,
+                    temperature=temperature, exact=exact)
+                stats = part if stats is None else stats + part
         if source.sharded:  # add every process's sums (one all-reduce)
             stats = distributed.all_reduce_statistics(stats, model, terms.reference)
         if allow_missing:
             _check_observed(observed, source, stats)
     return stats
+
+
+def _rows(source: DataSource) -> int | None:
+    """The rows a pass over ``source`` reads (every process's), or ``None`` for a stream."""
+    if source.tensor is not None:
+        return int(source.tensor.shape[0])
+    return None if source.dataset is None else len(source.dataset)
 
 
 def _check_observed(observed: Tensor, source: DataSource,

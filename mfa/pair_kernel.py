@@ -12,7 +12,8 @@ four rows) and its spread never leaves the cache: 10–12 ms a 10,000-row batch 
 E-step against ~25 ms, the default EM iteration 15–17 % faster (``docs/benchmarks.md``).
 The kernel is written with `numba` (a declared dependency) and compiled on first use (about
 3 s, then cached on disk beside this module or in numba's user cache; a later process loads
-it in ~0.2 s, importing numba ~0.2 s more).
+it in ~0.33 s, importing numba 0.22 s more), so only passes over data large enough to repay
+that take it (:data:`MIN_PASS_VALUES`, :func:`worthwhile`).
 
 Threads: the components are split into ``torch.get_num_threads()`` contiguous ranges of
 about equal pair counts, each summed by one Python thread (the kernel releases the GIL);
@@ -27,14 +28,28 @@ values to the work dtype's rounding: about 1e-15 relative in float64).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "pair_sums"]
+__all__ = ["MIN_PASS_VALUES", "available", "pair_sums", "preferred", "worthwhile"]
+
+#: Passes over fewer values than this (rows × features) take the torch ops
+#: (:func:`worthwhile`): the kernel costs ~0.55 s once a process (importing numba 0.22 s,
+#: loading the cached kernel 0.33 s) and saves ~1.8 ns a pair and feature (14 ms a pass of
+#: 10,000 rows of 784 pixels), so on small data it never pays: the default ``mfa train``
+#: (4,000 embedded digits) took 5.0 s with it against 4.1 s without. At this size (25,000
+#: rows of 784 pixels) it repays its cost in about 15 passes.
+MIN_PASS_VALUES = 2 * 10**7
+
+_preferred: contextvars.ContextVar[bool] = contextvars.ContextVar("mfa_pair_kernel",
+                                                                  default=True)
 
 _lock = threading.Lock()
 _kernel = None  # the compiled function, once built
@@ -45,11 +60,29 @@ _pool_key: tuple[int, int] | None = None  # (size, the process it was made in)
 
 def available() -> bool:
     """Whether the compiled kernel is to be used: ``MFA_NUMBA`` is not ``"0"`` (checked on
-    every call), numba imports and the kernel builds (tried once), and no run of it has
-    failed in this process (then a ``RuntimeWarning`` said why, and the torch ops run)."""
-    if os.environ.get("MFA_NUMBA", "1") == "0":
+    every call), the pass in progress is large enough (:func:`preferred`), numba imports and
+    the kernel builds (tried once), and no run of it has failed in this process (then a
+    ``RuntimeWarning`` said why, and the torch ops run)."""
+    if os.environ.get("MFA_NUMBA", "1") == "0" or not _preferred.get():
         return False
     return _compiled() is not None
+
+
+def worthwhile(rows: int | None, n_features: int) -> bool:
+    """Whether a pass over ``rows`` rows (``None``: unknown, a stream) of ``n_features``
+    features is large enough for the kernel (:data:`MIN_PASS_VALUES`). A rule of the data's
+    size alone: the same data take the same path whatever ran before in the process."""
+    return rows is None or rows * n_features >= MIN_PASS_VALUES
+
+
+@contextlib.contextmanager
+def preferred(flag: bool) -> Iterator[None]:
+    """Within the block (this thread or task), use the kernel only if ``flag``."""
+    token = _preferred.set(bool(flag))
+    try:
+        yield
+    finally:
+        _preferred.reset(token)
 
 
 def _compiled():
