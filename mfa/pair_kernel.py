@@ -53,7 +53,7 @@ _preferred: contextvars.ContextVar[bool] = contextvars.ContextVar("mfa_pair_kern
 
 _lock = threading.Lock()
 _kernel = None  # the compiled function, once built
-_failed = False  # numba did not import
+_failed = False  # numba did not import, or the kernel failed to build or run (_disable)
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None  # (size, the process it was made in)
 
