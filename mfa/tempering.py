@@ -12,15 +12,18 @@ of image rows differ by hundreds to thousands of nats between components, so the
 temperatures that matter scale with ``D``), and for each the MAP M-step under the fit's
 prior strength ``ν`` and under ``16ν`` (:data:`STRENGTHS`), with the noise prior variance
 ``s₀`` on the search's grid (:func:`mfa.prior_search.choose_noise_variance`, scored on the
-validation rows, warm-started from the fit's ``s₀`` and then from the nearest
-temperature's of the same strength). The best (``T``, ``ν``, ``s₀``) replaces the model
-when its validation log-likelihood beats the fit's by more than :data:`MARGIN` standard
-errors of the paired per-row gain (the 40 to 70 candidates were chosen on those rows too),
-on at least :data:`MIN_ROWS` validation rows.
+validation rows, hill-climbing from a warm start: the fit's ``s₀``, then the nearest
+temperature's of the same strength, or, for a strength's first search, the other strength's
+at this temperature scaled to the same ``ν·s₀``; :func:`_warm_start`). The best (``T``,
+``ν``, ``s₀``) replaces the model when its validation log-likelihood beats the fit's by more
+than :data:`MARGIN` standard errors of the paired per-row gain (the 25 to 45 candidates were
+chosen on those rows too), on at least :data:`MIN_ROWS` validation rows.
 The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8`` scored
 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: three
 to seven passes over the training rows (each about the price of an E-step) and
-five to seven validation passes a temperature and strength.
+three to six validation passes a temperature and strength (4.2 on average in the eight
+default fits of ``scripts/baselines.py``; 6.0 with the coarse-to-fine searches before
+2026-12-07, which made the same choices).
 
 Why: with few rows per component, EM's responsibilities (near 0 or 1) let each component
 fit its own rows' pixels to the noise floor, and the noise prior that prevents this also
@@ -145,9 +148,7 @@ def tempered_step(
         nonlocal best
         stats = e_step(temperature)  # one pass, shared by the strengths
         for strength in among:
-            same = [t for t, nu in tried if nu == strength]
-            near = start if not same else tried[
-                min(same, key=lambda t: abs(math.log(t / temperature))), strength][1]
+            near = _warm_start(tried, temperature, strength, start)
             s0, scored = choose_noise_variance(
                 model, stats, validation, replace(prior, noise_strength=strength),
                 lower=lower, per_decade=per_decade, variance_floor=variance_floor, near=near,
@@ -194,6 +195,28 @@ def tempered_step(
                 "standard error %.3g (%s)", temperature, strength, s0, score, before, error,
                 "applied" if applied else "not applied")
     return TemperedStep(temperature, s0, score, before, error, applied, strength)
+
+
+def _warm_start(tried: dict[tuple[float, float], tuple[float, float]], temperature: float,
+                strength: float, start: float | None) -> float | None:
+    """Where the ``s₀`` search at (``temperature``, ``strength``) starts, from the searches
+    ``tried`` so far ((T, ν) → (score, s₀)): the same strength's ``s₀`` at the nearest
+    temperature tried (the geometric mean of the two where one lies either side at the same
+    distance, as the refinements' ``T/2`` and ``2T`` do); at a strength's first temperature,
+    another strength's ``s₀`` at this temperature times the ratio of the strengths (the same
+    prior sum of squares ``ν·s₀``; the baselines' 16ν searches chose 3 to 18 times below
+    ν's), else ``start``."""
+    same = {t: s0 for (t, nu), (_, s0) in tried.items() if nu == strength}
+    if same:
+        gap = {t: abs(math.log(t / temperature)) for t in same}
+        closest = min(gap.values())
+        ties = [same[t] for t in same if gap[t] <= closest * (1 + 1e-9)]
+        return math.exp(sum(math.log(s0) for s0 in ties) / len(ties))
+    other = [(nu, s0) for (t, nu), (_, s0) in tried.items() if t == temperature]
+    if other:
+        nu, s0 = other[0]
+        return s0 * nu / strength
+    return start
 
 
 #: Standard errors by which the step's mean gain over the validation rows must exceed 0.

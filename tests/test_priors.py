@@ -370,14 +370,14 @@ def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, str
     assert [s0 for s0, _ in walk] == pytest.approx(grid[best + 2:best + 4], rel=1e-12)
     top, walk = choose_noise_variance(model, stats, source, prior, above=grid[-1], **kwargs)
     assert top == grid[-1] and walk == []
-    # Warm starts (the tempered step's): at the best (5 passes: half a decade either side,
-    # then its neighbours), within a decade of it, and far below it (the coarse pass widens
-    # a decade at a time) — the same best, from the same scores.
-    for start, most in ((best, 5), (best - 3, 8), (best + 2, 8), (0, len(grid) // 2 + 3)):
+    # Warm starts (the tempered step's): at the best (3 passes: it and its neighbours),
+    # near it and far below it (a hill climb, one pass a step) — the same best, from the
+    # same scores.
+    for start in (best, best - 3, best + 2, best + 1, 0):
         warm, walk = choose_noise_variance(model, stats, source, prior, near=grid[start],
                                            **kwargs)
         assert warm == pytest.approx(grid[best], rel=1e-12), start
-        assert len(walk) <= most, (start, walk)
+        assert len(walk) == 3 + abs(start - best) - (start == 0), (start, walk)
         for s0, value in walk:
             assert value == pytest.approx(exhaustive[grid.index(s0)], rel=1e-12)
 

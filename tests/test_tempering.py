@@ -334,3 +334,22 @@ def test_the_background_models_fit_logs_one_line_at_info(caplog):
     lines = [r for r in caplog.records if r.levelno >= 20]
     assert [r.name for r in lines] == ["mfa.outliers"]
     assert "fitting the background model" in lines[0].getMessage()
+
+
+def test_warm_starts_come_from_the_nearest_temperature_or_the_other_strength():
+    """Each search starts at its strength's s₀ of the nearest temperature tried (between two
+    at the same distance, their geometric mean); a strength's first search at the other
+    strength's s₀ of that temperature times the strengths' ratio; the first of all at the
+    fit's own s₀."""
+    warm = tempering._warm_start
+    assert warm({}, 196.0, 1.0, 3e-4) == 3e-4
+    assert warm({}, 196.0, 1.0, None) is None
+    tried = {(196.0, 1.0): (10.0, 4e-4)}
+    assert warm(tried, 196.0, 16.0, 3e-4) == pytest.approx(4e-4 / 16, rel=1e-12)
+    tried |= {(196.0, 16.0): (9.0, 2e-5), (784.0, 1.0): (11.0, 1e-4),
+              (3136.0, 1.0): (12.0, 1e-6)}
+    assert warm(tried, 784.0 * 2 ** 0.5, 1.0, 3e-4) == pytest.approx(1e-4, rel=1e-12)
+    assert warm(tried, 392.0, 1.0, 3e-4) == pytest.approx(2e-4, rel=1e-12)  # √(4e-4·1e-4)
+    assert warm(tried, 1568.0, 1.0, 3e-4) == pytest.approx(1e-5, rel=1e-12)  # √(1e-4·1e-6)
+    assert warm(tried, 6272.0, 1.0, 3e-4) == pytest.approx(1e-6, rel=1e-12)
+    assert warm(tried, 784.0, 16.0, 3e-4) == pytest.approx(2e-5, rel=1e-12)  # its own strength's
