@@ -6,21 +6,22 @@ computes the E-step statistics with *tempered* responsibilities::
 
     r_nk(T) ∝ (w_k N(x_n; μ_k, Σ_k))^(1/T)        (T = 1: the posterior)
 
-for ``T`` in ``D/4, D, 4D`` and then, for each prior strength, when one of them beats the
-fit, halfway to that strength's best one's neighbours (``T/2``, ``2T``; the log-densities
-of image rows differ by hundreds to thousands of nats between components, so the
-temperatures that matter scale with ``D``), and for each the MAP M-step under the fit's
-prior strength ``ν`` and under ``16ν`` (:data:`STRENGTHS`), with the noise prior variance
+for ``T`` in ``D/4, D, 4D`` (the log-densities of image rows differ by hundreds to
+thousands of nats between components, so the temperatures that matter scale with ``D``),
+and for each the MAP M-step under the fit's prior strength ``ν`` and under ``16ν``
+(:data:`STRENGTHS`); then, when the best of these beats the fit, at its strength, halfway to
+its temperature's neighbours (``T/2``, ``2T``). Each M-step takes the noise prior variance
 ``s₀`` on the search's grid (:func:`mfa.prior_search.choose_noise_variance`, scored on the
 validation rows, hill-climbing from a warm start: the fit's ``s₀``, then the nearest
 temperature's of the same strength, or, for a strength's first search, the other strength's
 at this temperature scaled to the same ``ν·s₀``; :func:`_warm_start`). The best (``T``,
 ``ν``, ``s₀``) replaces the model when its validation log-likelihood beats the fit's by more
-than :data:`MARGIN` standard errors of the paired per-row gain (the 25 to 45 candidates were
-chosen on those rows too), on at least :data:`MIN_ROWS` validation rows.
+than :data:`MARGIN` standard errors of the paired per-row gain (the 30 to 42 candidates of
+the baselines' default fits were chosen on those rows too), on at least :data:`MIN_ROWS`
+validation rows.
 The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8`` scored
 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: three
-to seven passes over the training rows (each about the price of an E-step) and
+to five passes over the training rows (each about the price of an E-step) and
 three to six validation passes a temperature and strength (4.2 on average in the eight
 default fits of ``scripts/baselines.py``; 6.0 with the coarse-to-fine searches before
 2026-12-07, which made the same choices).
@@ -162,17 +163,14 @@ def tempered_step(
 
     for temperature in (t * model.n_features for t in TEMPERATURES):
         consider(temperature, strengths)
-    # For each strength, halfway to its best temperature's neighbours (a factor 4 apart),
-    # unless none of its three beat the fit (then the step would not be applied from there).
-    refine: dict[float, list[float]] = {}
-    for strength in strengths:
-        mine = {t: value[0] for (t, nu), value in tried.items() if nu == strength}
-        top = max(mine, key=mine.__getitem__)
-        if mine[top] > before:
-            for temperature in (top / 2, top * 2):
-                refine.setdefault(temperature, []).append(strength)
-    for temperature, among in refine.items():
-        consider(temperature, among)
+    # Halfway to the best candidate's temperature's neighbours (a factor 4 apart), at its
+    # strength only, unless it does not beat the fit (then the step would not be applied).
+    # (Refining the other strength's best too cost 2 searches and at times a pass; in the
+    # eight default fits of scripts/baselines.py it never led after refining.)
+    if best is not None and best[0] > before:
+        _, top, strength, _, _ = best
+        for temperature in (top / 2, top * 2):
+            consider(temperature, [strength])
     if best is None or not math.isfinite(best[0]):
         return None
     score, temperature, strength, s0, stats = best

@@ -353,3 +353,45 @@ def test_warm_starts_come_from_the_nearest_temperature_or_the_other_strength():
     assert warm(tried, 1568.0, 1.0, 3e-4) == pytest.approx(1e-5, rel=1e-12)  # √(1e-4·1e-6)
     assert warm(tried, 6272.0, 1.0, 3e-4) == pytest.approx(1e-6, rel=1e-12)
     assert warm(tried, 784.0, 16.0, 3e-4) == pytest.approx(2e-5, rel=1e-12)  # its own strength's
+
+
+def test_only_the_leading_strength_is_refined(monkeypatch):
+    """After D/4, D and 4D at both strengths, the step tries T/2 and 2T of the best
+    candidate, at its strength alone; when no candidate beats the fit, nothing more."""
+    x, val = _digits(600, 200)
+    model = _strongly_regularised_fit(x, k=8)
+    monkeypatch.setattr(tempering, "MARGIN", 1e12)  # keep the model as it is
+    searches = []
+    search = tempering.choose_noise_variance
+
+    def recording(model, stats, validation, prior, **kwargs):
+        s0, scored = search(model, stats, validation, prior, **kwargs)
+        searches.append((prior.noise_strength, max(v for _, v in scored)))
+        return s0, scored
+
+    monkeypatch.setattr(tempering, "choose_noise_variance", recording)
+    temperatures = []
+    source = DataSource(x, model, 512)
+
+    def e_step(t):
+        temperatures.append(t)
+        return EMTrainer.e_step(model, source, "float64", t)
+
+    validation = DataSource(val, model, 512)
+    before = training.evaluate(model, validation)
+    kwargs = dict(lower=QUANTIZATION_VARIANCE, per_decade=4,
+                  variance_floor=1e-6 * (1 + 1e-5) + 1e-30)
+    prior = Prior(noise_strength=1.0, noise_variance=QUANTIZATION_VARIANCE)
+    result = tempering.tempered_step(model, e_step, validation, prior, before=before, **kwargs)
+    d = x.shape[1]
+    assert result.val_log_likelihood > before  # a refinement: the check can fail
+    assert temperatures[:3] == [d / 4, d, 4 * d]
+    assert [s for s, _ in searches[:6]] == [1.0, 16.0] * 3
+    coarse = max(range(6), key=lambda i: searches[i][1])
+    leader, top = searches[coarse][0], temperatures[coarse // 2]
+    assert temperatures[3:] == [top / 2, top * 2]
+    assert [s for s, _ in searches[6:]] == [leader, leader]
+    temperatures.clear()
+    searches.clear()
+    tempering.tempered_step(model, e_step, validation, prior, before=math.inf, **kwargs)
+    assert temperatures == [d / 4, d, 4 * d] and len(searches) == 6
