@@ -62,10 +62,18 @@ def residual_mahalanobis(
         # model, K = 50, batch 256, one thread: 36 ms a step with those fills, 24 without).
         row_parts, coefficient_parts = rows.split(counts), coefficients.split(counts)
         mask_parts = None if mask is None else mask.split(counts)
-        factor_list, mean_list, inv_list = factors.unbind(0), means.unbind(0), inv_noise.unbind(0)
+        # [A, μ] ([L+1, D]) of every component in one copy where most are present (scoring at
+        # K = 100: 3.6 to 2.8 ms a call), else of each present one
+        if 2 * len(present) >= factors.shape[0]:
+            bases = torch.cat([factors, means.unsqueeze(-1)], -1).mT.unbind(0)
+        else:
+            factor_list, mean_list = factors.unbind(0), means.unbind(0)
+            bases = {k: torch.cat([factor_list[k], mean_list[k].unsqueeze(-1)], 1).T
+                     for k in present}
+        inv_list = inv_noise.unbind(0)
         for i, k in enumerate(present):
             # x − μ − A m as one product: [m, 1] @ [A, μ]ᵀ subtracted from x.
-            basis = torch.cat([factor_list[k], mean_list[k].unsqueeze(-1)], 1).T  # [L+1, D]
+            basis = bases[k]
             if inplace:
                 diff = row_parts[i].addmm_(coefficient_parts[i], basis, alpha=-1.0).square_()
             else:
