@@ -47,9 +47,9 @@ from mfa._data_stream import DataSource
 from mfa.cli_types import non_negative_int, positive_int
 from mfa.data import bits_per_dim, load_dataset
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.m_step import m_step
 from mfa.precision import resolve_stats_dtype
 from mfa.sgd import SGDConfig, SGDTrainer
-from mfa.statistics import m_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from _provenance import commit  # noqa: E402  (the checkout's commit, for the JSON)

@@ -27,10 +27,10 @@ from mfa.em_state import (
     restart_seed,
 )
 from mfa.init import floored_weights, initialise, split_heaviest
+from mfa.m_step import m_step
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
 from mfa.pruning import reseed_round
-from mfa.statistics import m_step
 from mfa.tempering import TemperedStep, tempered_step
 from mfa.training import ConvergenceWarning
 

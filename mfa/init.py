@@ -225,7 +225,7 @@ def _factor_analysis(
 ) -> tuple[Tensor, Tensor]:
     """``n_iter`` factor-analysis EM iterations (Rubin & Thayer, 1982) on one cluster's rows
     centred at their mean, ``centred`` ``[n, D]`` (``total_var`` [D] their mean squares),
-    from ``loadings`` [D, L] and ``noise`` [D]: the update of :func:`mfa.statistics.m_step`
+    from ``loadings`` [D, L] and ``noise`` [D]: the update of :func:`mfa.m_step.m_step`
     with one-hot responsibilities, on this cluster's rows only (``O(n·D·L)`` each). The mean
     stays the cluster mean (the rows' ``E[z]`` sum to zero). Returns the new pair."""
     n, lat = centred.shape[0], loadings.shape[1]

@@ -21,7 +21,7 @@ sum over rows is a matrix product with an ``[n, ·]`` matrix::
 
 the largest being ``hᵀ (r⊙S)``: ``[D, n] @ [n, K·L·L]``, the same size as the masked
 capacitances ``o @ [D, K·L·L]``. The statistics are those of
-:class:`mfa.statistics.SufficientStatistics`, so :func:`mfa.statistics.m_step` maximises
+:class:`mfa.statistics.SufficientStatistics`, so :func:`mfa.m_step.m_step` maximises
 them unchanged: that M-step adds ``(Σ r) M⁻¹`` (the complete-data posterior covariance) to
 ``sum_zz`` itself, so ``sum_zz`` here is ``Σ r S − (Σ r) M⁻¹``, which makes the M-step use
 each row's own ``M_nk⁻¹`` exactly. With isotropic noise the M-step's average over features is

@@ -35,9 +35,10 @@ from mfa import linalg, training
 from mfa._data_stream import DataSource
 from mfa._validation import all_finite
 from mfa.init import floored_weights
+from mfa.m_step import m_steps
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
-from mfa.statistics import SufficientStatistics, m_steps
+from mfa.statistics import SufficientStatistics
 
 __all__ = [
     "choose_noise_variance", "log_grid", "score_candidates", "training_variance",

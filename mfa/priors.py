@@ -32,7 +32,7 @@ Derivation: for fixed ``d_kj`` the terms in ``ã_kj`` are ``−(E Σ r (x_j − 
 the quadratic form), and the terms in ``d_kj`` are ``−(N_k + ν + L[λ>0])/2 · log d_kj −
 (that + ν s₀) / (2 d_kj)``, maximised at the ratio above. The weights maximise
 ``Σ_k (N_k + α − 1) log π_k`` on the simplex. Isotropic noise averages the numerators over
-features. Strength 0 (``ν = 0, α = 1, λ = 0``) is plain EM; :func:`mfa.statistics.m_step`
+features. Strength 0 (``ν = 0, α = 1, λ = 0``) is plain EM; :func:`mfa.m_step.m_step`
 then runs the unregularised formulas unchanged.
 """
 

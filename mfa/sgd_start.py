@@ -26,10 +26,10 @@ import torch
 from mfa._data_stream import DataSource
 from mfa.e_step import streamed_e_step
 from mfa.init import floored_weights
+from mfa.m_step import m_step
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.prior_search import choose_noise_variance, warn_if_floored
 from mfa.priors import Prior
-from mfa.statistics import m_step
 
 __all__ = ["em_start"]
 

@@ -69,10 +69,11 @@ from torch import Tensor
 from mfa import distributed, linalg, training
 from mfa._data_stream import DataSource
 from mfa.init import floored_weights
+from mfa.m_step import m_step
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.prior_search import choose_noise_variance
 from mfa.priors import Prior
-from mfa.statistics import SufficientStatistics, m_step
+from mfa.statistics import SufficientStatistics
 
 __all__ = ["TEMPERATURES", "TemperedStep", "tempered_step"]
 

@@ -15,8 +15,9 @@ from torch.distributions import MultivariateNormal
 
 from mfa import MixtureOfFactorAnalyzers, missing
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.m_step import m_step
 from mfa.sgd import SGDConfig, SGDTrainer
-from mfa.statistics import accumulate_statistics, m_step
+from mfa.statistics import accumulate_statistics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

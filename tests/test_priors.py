@@ -1,4 +1,4 @@
-"""MAP EM (mfa.priors, mfa.statistics.m_step with a prior), the automatic noise prior
+"""MAP EM (mfa.priors, mfa.m_step.m_step with a prior), the automatic noise prior
 (mfa.prior_search) and early stopping in mfa.em.EMTrainer.
 
 References: the expected complete-data log-posterior written densely per component with
@@ -20,9 +20,10 @@ from torch.distributions import Dirichlet, InverseGamma, Normal
 
 from mfa import MixtureOfFactorAnalyzers
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.m_step import m_step
 from mfa.prior_search import log_grid
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, quantization_variance
-from mfa.statistics import accumulate_statistics, m_step
+from mfa.statistics import accumulate_statistics
 
 F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
@@ -660,7 +661,7 @@ def test_m_steps_share_the_solve_and_equal_one_m_step_each(noise, lat):
     """The search's batched M-steps (one loadings' solve per loading ridge) give bit for bit
     what one m_step per prior gives: noise priors of several s₀ and strengths, a weight
     prior, loading ridges, a flat prior and none."""
-    from mfa.statistics import m_steps
+    from mfa.m_step import m_steps
 
     model = random_model(4, 7, lat, noise, seed=61)
     x = random_data(300, model, seed=62)

@@ -1,4 +1,4 @@
-"""Sufficient statistics and the M-step (mfa.statistics).
+"""Sufficient statistics (mfa.statistics) and the M-step (mfa.m_step).
 
 References are written out densely and independently of the library: responsibilities and
 log-likelihoods from full covariances (``helpers.DenseMixture``), latent posterior means from
@@ -16,7 +16,8 @@ from helpers import DenseMixture, gen, random_data, random_model
 from mfa import MixtureOfFactorAnalyzers, linalg
 from mfa._data_stream import DataSource
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
-from mfa.statistics import SufficientStatistics, accumulate_statistics, m_step
+from mfa.m_step import m_step
+from mfa.statistics import SufficientStatistics, accumulate_statistics
 
 F64 = torch.float64
 STAT_FIELDS = ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz", "log_likelihood", "n_rows")

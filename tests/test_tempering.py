@@ -14,8 +14,9 @@ import mfa.tempering as tempering
 from mfa import MixtureOfFactorAnalyzers, training
 from mfa._data_stream import DataSource
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
+from mfa.m_step import m_step
 from mfa.priors import QUANTIZATION_VARIANCE, Prior
-from mfa.statistics import accumulate_statistics, m_step
+from mfa.statistics import accumulate_statistics
 
 F64 = torch.float64
 
