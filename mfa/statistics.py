@@ -36,6 +36,7 @@ from 0 to ~6e-30 (float32) change no sum at the dtype's precision.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -126,10 +127,10 @@ def accumulate_statistics(
     precise_moments: bool = True,
     precise_latent: bool = False,
     centred: bool = False,
-    temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
     pair_dtype: torch.dtype | None = None,
     exact: ExactComponents | None = None,
-) -> SufficientStatistics:
+) -> SufficientStatistics | list[SufficientStatistics]:
     """E-step statistics of one batch.
 
     Four large products: ``(x−c) @ [μ/d ; B]ᵀ`` (the linear terms of the log-density and the
@@ -153,7 +154,9 @@ def accumulate_statistics(
             responsible component in ``pair_dtype`` about that component's mean, the rest in
             ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored).
         temperature: ``T ≠ 1``: responsibilities ``∝ p(k, x)^(1/T)`` (:mod:`mfa.tempering`;
-            ignored with ``resp``); the log-likelihood stays the model's.
+            ignored with ``resp``); the log-likelihood stays the model's. A sequence of
+            temperatures: the statistics of each (a list), from one computation of the
+            log-densities (the same values as one call each).
         pair_dtype: the dtype of the ``centred`` pairs' products (``None``: ``stats_dtype``;
             float32 in ``"centred32"``); their sums are moved to ``c`` in ``stats_dtype``.
         exact: the components whose share (log-densities, ``p`` and sums) is taken in
@@ -161,8 +164,11 @@ def accumulate_statistics(
             them are replaced by its float64 factors.
 
     Returns:
-        The batch's :class:`SufficientStatistics`.
+        The batch's :class:`SufficientStatistics` (a list of them, one per temperature, for a
+        sequence of temperatures).
     """
+    several = isinstance(temperature, Sequence)
+    temperatures = list(temperature) if several else [temperature]
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # One product for −2 x·(μ/d) and B(x − c): [K + K·L, D].
@@ -174,9 +180,7 @@ def accumulate_statistics(
     precise = stats_dtype != x.dtype and (
         (precise_moments and not centred) or (centred and far_from_reference(terms, x.dtype)))
     precise_latent = precise_latent and not centred
-    totals: list[Tensor | None] = [None] * 7
-    pairs: list[Pairs] = []
-    exact_sums: list[list[Tensor]] = []
+    each = [([None] * 7, [], []) for _ in temperatures]  # totals, pairs, exact sums per T
     # [rows, D] scratch for x − c and (x − c)², reused by every chunk.
     scratch = x.new_empty((2, min(n, CHUNK_ROWS), d))
     # Rows in chunks small enough that the [rows, D] intermediates stay in the cache. The
@@ -184,59 +188,67 @@ def accumulate_statistics(
     # each product's own) and moved to stats_dtype once per batch.
     for start in range(0, n, CHUNK_ROWS):
         stop = min(n, start + CHUNK_ROWS)
-        part = _chunk_sums(
+        parts = _chunk_sums(
             x[start:stop], terms, weights, constant,
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
-            precise_latent, pairs if centred else None, scratch[:, :stop - start], start,
-            temperature, exact, exact_sums,
+            precise_latent, [p for _, p, _ in each] if centred else None,
+            scratch[:, :stop - start], start, temperatures, exact, [e for _, _, e in each],
         )
-        for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
-            if value is not None:
-                totals[i] = value.detach() if totals[i] is None else totals[i].add_(value.detach())
-    shapes = [(k,), (k, d), (k, d), (k, d, n_lat), (k, n_lat), (k, n_lat, n_lat), ()]
-    totals = [x.new_zeros(shape, dtype=stats_dtype) if value is None else
-              value.to(stats_dtype) for value, shape in zip(totals, shapes, strict=True)]
-    if pairs:
-        own = owner_sums(x, terms, pairs, stats_dtype, pair_dtype)
-        totals = [a + b for a, b in zip(totals, own, strict=True)]
-    for part in exact_sums:  # the float64 share of the ill-conditioned components
-        for total, value in zip(totals, part, strict=False):
-            total.index_add_(0, exact.index, value.to(stats_dtype))
-    mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
+        for (totals, _, _), part in zip(each, parts, strict=True):
+            for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
+                if value is not None:
+                    totals[i] = (value.detach() if totals[i] is None
+                                 else totals[i].add_(value.detach()))
     if n_lat:
         if chol is None:
             chol = linalg.capacitance_cholesky(model.factor_loadings, model.noise_variance)
         if exact is not None:  # their sums are in the basis of their float64 B
             chol = chol.detach().to(stats_dtype).index_copy(0, exact.index,
                                                              exact.chol.to(stats_dtype))
-        sum_xz, sum_z, sum_zz = whitened_to_latent(sum_xp, sum_p, sum_pp, chol.detach())
-    else:
-        sum_xz, sum_z, sum_zz = sum_xp, sum_p, sum_pp
-    return SufficientStatistics(
-        mass=mass, sum_x=sum_x, sum_x2=sum_x2, sum_xz=sum_xz, sum_z=sum_z, sum_zz=sum_zz,
-        log_likelihood=log_likelihood, n_rows=torch.tensor(n, device=x.device).to(stats_dtype),
-        reference=terms.reference.detach().to(stats_dtype),
-    )
+    shapes = [(k,), (k, d), (k, d), (k, d, n_lat), (k, n_lat), (k, n_lat, n_lat), ()]
+    out = []
+    for totals, pairs, exact_sums in each:
+        totals = [x.new_zeros(shape, dtype=stats_dtype) if value is None else
+                  value.to(stats_dtype) for value, shape in zip(totals, shapes, strict=True)]
+        if pairs:
+            own = owner_sums(x, terms, pairs, stats_dtype, pair_dtype)
+            totals = [a + b for a, b in zip(totals, own, strict=True)]
+        for part in exact_sums:  # the float64 share of the ill-conditioned components
+            for total, value in zip(totals, part, strict=False):
+                total.index_add_(0, exact.index, value.to(stats_dtype))
+        mass, sum_x, sum_x2, sum_xp, sum_p, sum_pp, log_likelihood = totals
+        if n_lat:
+            sum_xz, sum_z, sum_zz = whitened_to_latent(sum_xp, sum_p, sum_pp, chol.detach())
+        else:
+            sum_xz, sum_z, sum_zz = sum_xp, sum_p, sum_pp
+        out.append(SufficientStatistics(
+            mass=mass, sum_x=sum_x, sum_x2=sum_x2, sum_xz=sum_xz, sum_z=sum_z, sum_zz=sum_zz,
+            log_likelihood=log_likelihood,
+            n_rows=torch.tensor(n, device=x.device).to(stats_dtype),
+            reference=terms.reference.detach().to(stats_dtype),
+        ))
+    return out if several else out[0]
 
 
 def _chunk_sums(
     x: Tensor, terms: ComponentTerms, weights: Tensor, constant: Tensor,
     resp: Tensor | None, moment_dtype: torch.dtype | None, precise_latent: bool = False,
-    pairs: list[Pairs] | None = None, scratch: Tensor | None = None, row_offset: int = 0,
-    temperature: float = 1.0, exact: ExactComponents | None = None,
-    exact_sums: list[list[Tensor]] | None = None,
-) -> list[Tensor | None]:
-    """The sums of one chunk of rows ``x`` [n, D], the latent ones in the whitened basis:
+    pairs: list[list[Pairs]] | None = None, scratch: Tensor | None = None,
+    row_offset: int = 0, temperatures: Sequence[float] = (1.0,),
+    exact: ExactComponents | None = None, exact_sums: list[list[list[Tensor]]] | None = None,
+) -> list[list[Tensor | None]]:
+    """For each of ``temperatures`` (as in :func:`accumulate_statistics`; the log-densities
+    computed once), with its list of ``pairs`` and of ``exact_sums``, the sums of one chunk
+    of rows ``x`` [n, D], the latent ones in the whitened basis:
     ``[mass [K], Σ r x [K, D], Σ r x² [K, D], Σ r x pᵀ [K, D, L], Σ r p [K, L],
     Σ r p pᵀ [K, L, L], Σ log p(x)]``; ``moment_dtype``: the dtype of ``Σ r x`` and
     ``Σ r x²`` (``None``: ``x``'s). With ``pairs`` (the ``"centred"`` mode) the chunk's
     float64 pairs are appended to it for :func:`mfa.owner_sums.owner_sums`
     (:func:`mfa.owner_sums.significant_pairs`: then every sum but the log-likelihood is
     ``None``; else each row's most responsible component, left out of the products' sums).
-    ``row_offset``: the chunk's first row in the batch; ``temperature`` as in
-    :func:`accumulate_statistics`. With ``exact``, those components' log-densities and ``p``
-    come from float64 and their float64 sums are appended to ``exact_sums`` (their shares
-    are then left out of every other sum)."""
+    ``row_offset``: the chunk's first row in the batch. With ``exact``, those components'
+    log-densities and ``p`` come from float64 and their float64 sums are appended to
+    ``exact_sums`` (their shares are then left out of every other sum)."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -263,15 +275,14 @@ def _chunk_sums(
     log_joint = offset - 0.5 * (diag_quad - proj_sq).clamp_min_(0.0)  # Woodbury  [K, n]
     if n_lat and terms.factors is not None and x.dtype != torch.float64:
         log_joint = refine_e_step_chunk(log_joint, offset, xc, terms, proj, proj_sq, diag_quad)
+    exact_proj = exact_xc = None
     if exact is not None:
         exact_joint, exact_proj, exact_xc = exact.log_joint(x)
         log_joint.index_copy_(0, exact.index, exact_joint.to(log_joint.dtype))
         proj.index_copy_(0, exact.index, exact_proj.to(proj.dtype))
-    # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
-    rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     # log p(x) and p(k | x) from one exp (a logsumexp, then the posterior, would take two).
     if pairs is None or resp is not None:
-        top = log_joint.amax(0)  # [n]
+        top, owner = log_joint.amax(0), None  # [n]
     else:  # each row's most responsible component ("owner") too: one max (argmax is slower)
         top, owner = log_joint.max(0)  # [n], [n]
     # exp of arguments whose result is subnormal or 0 takes a slow path (~10× on CPUs), and
@@ -280,25 +291,55 @@ def _chunk_sums(
     # dtype's precision.
     floor = linalg.exp_floor(log_joint.dtype)
     log_joint.sub_(top)
+    tempered = resp is None and any(t != 1.0 for t in temperatures)
     # Tempered before the clamp: a component 10⁴ nats below the top is 10⁴/T below it.
-    tempered = None if temperature == 1.0 or resp is not None else (
-        log_joint / temperature).clamp_min_(floor)
+    shifted = log_joint.clone() if tempered else None
     log_joint.clamp_min_(floor)
-    joint = torch.exp(log_joint, out=rhs[:k] if resp is None and tempered is None else None)
+    # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
+    rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
+    alone = resp is None and not tempered and len(temperatures) == 1  # exp straight into rhs
+    joint = torch.exp(log_joint, out=rhs[:k] if alone else None)
     total = joint.sum(0)  # [n]
     log_p = top + total.log()  # [n]
-    if tempered is not None:  # r ∝ p(k, x)^(1/T)
-        joint = torch.exp(tempered, out=rhs[:k])
-        joint.div_(joint.sum(0))
-    elif resp is None:
-        joint.div_(total)  # p(k | x)
-    else:
-        rhs[:k] = resp.T
-        if pairs is not None:
-            owner = resp.argmax(-1)  # [n]
-    resp = rhs[:k]  # [K, n]
     # log p summed in float64: a float32 sum of ~1,000 rows of ~10³ nats is off by ~0.1 nat.
     log_likelihood = log_p.sum(dtype=torch.float64)
+    out = []
+    for i, temperature in enumerate(temperatures):
+        if i:
+            rhs = torch.empty_like(rhs)
+        if resp is not None:
+            rhs[:k] = resp.T
+            if pairs is not None:
+                owner = resp.argmax(-1)  # [n]
+        elif temperature != 1.0:  # r ∝ p(k, x)^(1/T)
+            torch.exp((shifted / temperature).clamp_min_(floor), out=rhs[:k])
+            rhs[:k].div_(rhs[:k].sum(0))
+        elif alone:
+            joint.div_(total)  # p(k | x)
+        else:
+            torch.div(joint, total, out=rhs[:k])
+        out.append(_weighted_sums(
+            rhs, x, xc, xc2, proj, owner, moment_dtype, precise_latent, row_offset,
+            terms.reference, log_likelihood.clone() if i else log_likelihood,  # (added to)
+            None if pairs is None else pairs[i],
+            exact, exact_proj, exact_xc, None if exact is None else exact_sums[i]))
+    return out
+
+
+def _weighted_sums(
+    rhs: Tensor, x: Tensor, xc: Tensor, xc2: Tensor, proj: Tensor, owner: Tensor | None,
+    moment_dtype: torch.dtype | None, precise_latent: bool, row_offset: int,
+    reference: Tensor, log_likelihood: Tensor, pairs: list[Pairs] | None,
+    exact: ExactComponents | None, exact_proj: Tensor | None, exact_xc: Tensor | None,
+    exact_sums: list[list[Tensor]] | None,
+) -> list[Tensor | None]:
+    """:func:`_chunk_sums`' sums of one temperature, from ``rhs`` ``[K + K·L, n]`` holding
+    the responsibilities ``r`` ``[K, n]`` in its first ``K`` rows (the rest is filled with
+    ``r ⊙ p`` here; ``r`` is changed in place) and the chunk's ``x``, ``x − c``, ``(x − c)²``
+    ``[n, D]`` and ``p`` ``[K, L, n]``."""
+    k, n_lat, n = proj.shape
+    d = x.shape[1]
+    resp = rhs[:k]  # [K, n]
     if exact is not None:
         exact_sums.append(exact.sums(resp.index_select(0, exact.index), exact_proj, exact_xc))
         resp.index_fill_(0, exact.index, 0.0)
@@ -324,7 +365,7 @@ def _chunk_sums(
         # Σ r x and Σ r x² in float64: the M-step subtracts the squared mean from the second
         # moment, which cancels in float32 for components far from c. x − c taken in float64
         # (exact for float32 x and c): the float32 difference loses ε·|x − c| per entry.
-        xc_s = x.to(moment_dtype) - terms.reference.to(moment_dtype)
+        xc_s = x.to(moment_dtype) - reference.to(moment_dtype)
         sum_x2 = resp.to(moment_dtype) @ (xc_s * xc_s)  # [K, D]
         if precise_latent:
             sums = rhs.to(moment_dtype) @ xc_s  # [K + K·L, D]

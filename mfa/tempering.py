@@ -20,8 +20,10 @@ than :data:`MARGIN` standard errors of the paired per-row gain (the 30 to 42 can
 the baselines' default fits were chosen on those rows too), on at least :data:`MIN_ROWS`
 validation rows.
 The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8`` scored
-1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: three
-to five passes over the training rows (each about the price of an E-step) and
+1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: one or
+two passes over the training rows (the first computes the log-densities once for its three
+temperatures, about 0.65 of three E-steps; the second, when the refinement runs, for its two)
+and
 three to six validation passes a temperature and strength (4.2 on average in the eight
 default fits of ``scripts/baselines.py``; 6.0 with the coarse-to-fine searches before
 2026-12-07, which made the same choices).
@@ -106,7 +108,7 @@ class TemperedStep:
 
 def tempered_step(
     model: MixtureOfFactorAnalyzers,
-    e_step: Callable[[float], SufficientStatistics],
+    e_step: Callable[[list[float]], list[SufficientStatistics]],
     validation: DataSource,
     prior: Prior,
     *,
@@ -121,8 +123,10 @@ def tempered_step(
 
     Args:
         model: the fitted model (left as it is unless the step pays).
-        e_step: ``T`` → the statistics of one pass over the training rows with
-            responsibilities tempered by ``T``.
+        e_step: temperatures ``[T, ...]`` → for each, the statistics of the training rows
+            with responsibilities tempered by ``T``, from one pass
+            (:func:`mfa.e_step.streamed_e_step` given a sequence of temperatures; the three
+            temperatures' statistics are then held at once: 3 × ``K·D·(L+2)`` floats).
         validation: the held-out rows.
         prior: the fit's prior (its ``noise_variance`` is replaced by each candidate).
         before: the mean validation log-likelihood of ``model``.
@@ -146,9 +150,14 @@ def tempered_step(
     tried: dict[tuple[float, float], tuple[float, float]] = {}  # (T, ν) → (score, s₀)
     strengths = [prior.noise_strength * factor for factor in STRENGTHS]
 
-    def consider(temperature: float, among: list[float]) -> None:
+    def consider(temperatures: list[float], among: list[float]) -> None:
         nonlocal best
-        stats = e_step(temperature)  # one pass, shared by the strengths
+        # one pass for them all, each one's statistics shared by the strengths
+        for temperature, stats in zip(temperatures, e_step(temperatures), strict=True):
+            search(temperature, stats, among)
+
+    def search(temperature: float, stats: SufficientStatistics, among: list[float]) -> None:
+        nonlocal best
         for strength in among:
             near = _warm_start(tried, temperature, strength, start)
             s0, scored = choose_noise_variance(
@@ -162,16 +171,14 @@ def tempered_step(
             if best is None or score > best[0]:
                 best = (score, temperature, strength, s0, stats)
 
-    for temperature in (t * model.n_features for t in TEMPERATURES):
-        consider(temperature, strengths)
+    consider([t * model.n_features for t in TEMPERATURES], strengths)
     # Halfway to the best candidate's temperature's neighbours (a factor 4 apart), at its
     # strength only, unless it does not beat the fit (then the step would not be applied).
     # (Refining the other strength's best too cost 2 searches and at times a pass; in the
     # eight default fits of scripts/baselines.py it never led after refining.)
     if best is not None and best[0] > before:
         _, top, strength, _, _ = best
-        for temperature in (top / 2, top * 2):
-            consider(temperature, [strength])
+        consider([top / 2, top * 2], [strength])
     if best is None or not math.isfinite(best[0]):
         return None
     score, temperature, strength, s0, stats = best

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 from helpers import random_data, random_model
 
+from mfa import statistics
 from mfa._data_stream import DataSource
 from mfa.e_step import streamed_e_step
 from mfa.em import EMTrainer
@@ -126,3 +128,36 @@ def test_a_temperature_that_is_not_a_positive_number_is_refused(temperature):
     x = random_data(30, model)
     with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         streamed_e_step(model, DataSource(x, model, 40), "float64", temperature)
+
+
+def test_several_temperatures_in_one_pass_equal_one_pass_each():
+    """A sequence of temperatures gives each one's statistics, bit for bit those of one pass
+    each (the log-densities are computed once), in the float32 default mode with its pairs,
+    over several batches and chunks; a bad or empty sequence is refused by name."""
+    from helpers import heywood_float32_models
+
+    model = random_model(4, 30, 3, seed=5)
+    x = random_data(700, model, seed=6).float()
+    model = model.float()
+    heywood, _, rows = heywood_float32_models(4)  # with components taken in float64
+    temperatures = [1.0, 7.5, 30.0, 120.0]
+    old = statistics.CHUNK_ROWS
+    try:
+        statistics.CHUNK_ROWS = 100
+        for m, data, mode in ((model, x, "auto"), (model, x, "float32"),
+                              (heywood, rows, "centred")):
+            source = DataSource(data, m, 256)
+            together = streamed_e_step(m, source, mode, temperatures)
+            assert isinstance(together, list) and len(together) == len(temperatures)
+            for temperature, stats in zip(temperatures, together, strict=True):
+                alone = streamed_e_step(m, source, mode, temperature)
+                for field in dataclasses.fields(alone):
+                    assert torch.equal(getattr(stats, field.name),
+                                       getattr(alone, field.name)), (mode, temperature, field)
+            assert not torch.equal(together[0].sum_x, together[-1].sum_x)  # they differ
+    finally:
+        statistics.CHUNK_ROWS = old
+    source = DataSource(x, model, 256)
+    for bad in ([], [2.0, 0.0], (float("nan"),)):
+        with pytest.raises(ValueError, match="temperature"):
+            streamed_e_step(model, source, "auto", bad)
