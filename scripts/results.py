@@ -255,8 +255,9 @@ def _protocol(results: list[dict], seed: int) -> str:
         "search), "
         "kept if the validation score is better (the column *iterations* counts both). "
         + ("Last, one MAP M-step from tempered responsibilities (`mfa.tempering`: "
-           "temperatures D/4, D and 4D, then halfway to the best one's neighbours, at the "
-           "fit's prior strength and 16 times it, s₀ searched again) replaces the model when "
+           "temperatures D/4, D and 4D at the fit's prior strength and 16 times it, then "
+           "halfway to the best candidate's neighbours at its strength, s₀ searched again) "
+           "replaces the model when "
            "its validation log-likelihood beats the fit's by more than two standard errors of "
            "the paired per-row gain. " if em.tempered_step else "")
         + f"MFA Adam is `SGDTrainer(SGDConfig(seed={seed}, progress=False, epochs=E))` "
