@@ -245,3 +245,37 @@ def test_gpu_check_keeps_to_its_deadline(tmp_path):
     assert "== card" in out and "== gpu_check finished" in out, out[-3000:]
     assert proc.returncode != 0 and "FAILED: " in out  # (which step was cut varies with load)
     assert wall < 18 + 12, f"{wall:.0f} s"  # (a kill grace of up to 10 s past a cut step)
+
+
+def test_bench_selection_quick_reports_every_case_and_writes_json(tmp_path, monkeypatch,
+                                                                 capsys):
+    """The selection-overhead benchmark runs its smoke test: each dataset here fits and
+    reports its figures; a dataset that is not on the machine is skipped by name."""
+    from mfa.data.locations import DatasetNotFoundError
+
+    spec = importlib.util.spec_from_file_location("bench_selection",
+                                                  ROOT / "benchmarks" / "bench_selection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    load = bench.load_dataset
+
+    def here(name, **kwargs):
+        if name == "fashion-mnist":
+            raise DatasetNotFoundError("fashion-mnist: not here")
+        return load(name, **kwargs)
+
+    monkeypatch.setattr(bench, "load_dataset", here)
+    out = tmp_path / "sel.json"
+    result = bench.main(["--quick", "--datasets", "fashion-mnist", "embedded-mnist", "--out",
+                         str(out)])
+    assert "fashion-mnist: skipped (fashion-mnist: not here)" in capsys.readouterr().out
+    (case,) = result["cases"].values()
+    assert case["K"] == 4 and case["fit_seconds"] > case["selection_seconds"] > 0
+    assert case["selection_share"] == pytest.approx(
+        case["selection_seconds"] / (case["fit_seconds"] - case["selection_seconds"]))
+    assert case["candidates_scored"] > 3 and case["iterations"] > 0
+    assert 0 < case["test_bits_per_dim"] < 8
+    assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(result["cases"]))
+    from mfa import prior_search  # the benchmark's counter is removed again
+
+    assert prior_search.score_candidates.__name__ == "score_candidates"
