@@ -134,7 +134,7 @@ def tempered_step(
         variance_floor: the hard floor of the M-step.
         start: the fit's own ``s₀``, where each strength's first search starts (each later
             one starts from the ``s₀`` of the nearest temperature tried at that strength);
-            ``None`` searches the whole grid coarse to fine for the first.
+            ``None`` searches the whole grid by golden section for the first.
 
     Returns:
         The best candidate (``applied`` if the model now holds it); ``None`` when no candidate

@@ -331,9 +331,9 @@ def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
 
 
 @pytest.mark.parametrize("sigma2, strength", [(0.003, 150.0), (0.05, 150.0), (0.05, 20.0)])
-def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, strength):
-    """choose_noise_variance scores about half the grid and returns the candidate an
-    exhaustive scoring of every grid point picks; from a weaker previous choice (``above``)
+def test_search_finds_the_grid_best_with_fewer_passes(sigma2, strength):
+    """choose_noise_variance scores about log_φ of the grid's points and returns the
+    candidate an exhaustive scoring of every grid point picks; from a weaker previous choice (``above``)
     it climbs to the same best, from a stronger one it still moves one step stronger (the
     trainer judges that stint by the validation score EM reaches), and from the grid's top
     it returns that choice without scoring anything; warm-started (``near``) it finds the
@@ -357,7 +357,8 @@ def test_coarse_to_fine_search_finds_the_grid_best_with_fewer_passes(sigma2, str
     assert 0 < best < len(grid) - 1, exhaustive  # an interior optimum: the check can fail
     chosen, scored = choose_noise_variance(model, stats, source, prior, **kwargs)
     assert chosen == pytest.approx(grid[best], rel=1e-12)
-    assert len(scored) <= len(grid) // 2 + 2 < len(grid)
+    # a golden-section search: about log_φ(n) + 1 passes (11 with the coarse-to-fine walk)
+    assert len(scored) <= math.ceil(math.log(len(grid)) / math.log((1 + 5 ** 0.5) / 2)) + 1
     for s0, value in scored:  # the scores are the exhaustive ones
         assert value == pytest.approx(exhaustive[grid.index(s0)], rel=1e-12)
     climbed, walk = choose_noise_variance(model, stats, source, prior, above=grid[best - 1],
