@@ -22,10 +22,9 @@ validation rows.
 The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8`` scored
 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: one or
 two passes over the training rows (the first computes the log-densities once for its three
-temperatures, about 0.65 of three E-steps; the second, when the refinement runs, for its two)
-and
-three to six validation passes a temperature and strength (4.2 on average in the eight
-default fits of ``scripts/baselines.py``; 6.0 with the coarse-to-fine searches before
+temperatures, about 0.65 of three E-steps; the second, when the refinement runs, for its
+two) and three to six validation passes a temperature and strength (4.2 on average in the
+eight default fits of ``scripts/baselines.py``; 6.0 with the coarse-to-fine searches before
 2026-12-07, which made the same choices).
 
 Why: with few rows per component, EM's responsibilities (near 0 or 1) let each component
@@ -132,9 +131,9 @@ def tempered_step(
         before: the mean validation log-likelihood of ``model``.
         lower, per_decade: the ``s₀`` grid (:func:`mfa.prior_search.choose_noise_variance`).
         variance_floor: the hard floor of the M-step.
-        start: the fit's own ``s₀``, where each strength's first search starts (each later
-            one starts from the ``s₀`` of the nearest temperature tried at that strength);
-            ``None`` searches the whole grid by golden section for the first.
+        start: the fit's own ``s₀``, where the first search starts (the others start from
+            :func:`_warm_start`'s value); ``None`` searches the whole grid by golden section
+            for the first.
 
     Returns:
         The best candidate (``applied`` if the model now holds it); ``None`` when no candidate
@@ -151,7 +150,6 @@ def tempered_step(
     strengths = [prior.noise_strength * factor for factor in STRENGTHS]
 
     def consider(temperatures: list[float], among: list[float]) -> None:
-        nonlocal best
         # one pass for them all, each one's statistics shared by the strengths
         for temperature, stats in zip(temperatures, e_step(temperatures), strict=True):
             search(temperature, stats, among)
