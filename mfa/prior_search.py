@@ -17,7 +17,7 @@ step), within 0.01 of the best fixed ``s₀`` hand-tuned on validation then (5.7
 grid runs from the lower bound (no noise variance of 8-bit data can usefully fall below the
 quantisation variance ``1/(12·256²)``) to the largest per-feature variance of the training
 data, ``per_decade`` points a decade. The cost is one validation pass per candidate scored
-(6 or 7 of the 22 points of 8-bit images' grid for the first search, two to four for a
+(6 or 7 of the 22 points of 8-bit images' grid for the first search, one to four for a
 repeated one).
 """
 
@@ -166,12 +166,12 @@ def choose_noise_variance(
 ) -> tuple[float, list[tuple[float, float]]]:
     """The best ``s₀`` of the grid ``log_grid(lower, max training variance, per_decade)``,
     found by a golden-section search over its points: two probes split the bracket in the
-    golden ratio and the worse one's outer part is dropped, so each step after the first
-    scores one new point; about ``log_φ(n) + 1`` validation passes for ``n`` grid points (6
-    or 7 of 22 on 8-bit images, where the coarse-to-fine walk it replaced in 2026-12, a
-    candidate a decade and then halving steps, took 11, with the same choices in the eight
-    default fits of ``scripts/baselines.py``). It finds the grid's best when the validation
-    score is unimodal in ``log s₀``.
+    golden ratio and the worse one's outer part is dropped (both non-finite: the weaker
+    side's), so most steps after the first score one new point; about ``log_φ(n) + 1``
+    validation passes for ``n`` grid points (6 or 7 of 22 on 8-bit images, where the
+    coarse-to-fine walk it replaced in 2026-12, a candidate a decade and then halving steps,
+    took 11, with the same choices in the eight default fits of ``scripts/baselines.py``).
+    It finds the grid's best when the validation score is unimodal in ``log s₀``.
 
     With ``above`` (a repeated search, which moves to a stronger prior), the walk starts one
     grid step above that value and climbs while the score rises; ``above`` itself comes back
@@ -246,7 +246,9 @@ def choose_noise_variance(
             if a >= b:  # (a short bracket: probes one apart)
                 a, b = low + (high - low) // 2, low + (high - low) // 2 + 1
             score([a, b])
-            if scored[a] >= scored[b]:  # ties go to the smaller
+            # Ties go to the smaller, except between probes whose M-step or score is not
+            # finite (-inf both): those lie at the weak end, where the M-step overfits.
+            if scored[a] > scored[b] or scored[a] == scored[b] > -math.inf:
                 high = b
             else:
                 low = a

@@ -51,6 +51,17 @@ from mfa.owner_sums import Pairs, owner_sums, significant_pairs
 from mfa.precision import far_from_reference
 from mfa.residual_form import refine_e_step_chunk
 
+
+def __getattr__(name: str):
+    """``m_step`` and ``m_steps`` lived here until 2026-12-07 (now :mod:`mfa.m_step`, which
+    imports this module): still importable from here."""
+    if name in ("m_step", "m_steps"):
+        from mfa import m_step as module
+
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 #: Rows per chunk of :func:`accumulate_statistics` (the ``[rows, D]`` intermediates stay in
 #: cache; 2,048 beat 1,024 by 4 % on Fashion-MNIST at K=50, L=6 on 1 and 2 Xeon threads).
 CHUNK_ROWS = 2048

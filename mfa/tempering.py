@@ -12,9 +12,10 @@ and for each the MAP M-step under the fit's prior strength ``ν`` and under ``16
 (:data:`STRENGTHS`); then, when the best of these beats the fit, at its strength, halfway to
 its temperature's neighbours (``T/2``, ``2T``). Each M-step takes the noise prior variance
 ``s₀`` on the search's grid (:func:`mfa.prior_search.choose_noise_variance`, scored on the
-validation rows, hill-climbing from a warm start: the fit's ``s₀``, then the nearest
-temperature's of the same strength, or, for a strength's first search, the other strength's
-at this temperature scaled to the same ``ν·s₀``; :func:`_warm_start`). The best (``T``,
+validation rows, hill-climbing from a warm start: the fit's ``s₀`` (a golden-section search
+when the fit has none), then the nearest temperature's of the same strength, or, for a
+strength's first search, the other strength's at this temperature scaled to the same
+``ν·s₀``; :func:`_warm_start`). The best (``T``,
 ``ν``, ``s₀``) replaces the model when its validation log-likelihood beats the fit's by more
 than :data:`MARGIN` standard errors of the paired per-row gain (the 30 to 42 candidates of
 the baselines' default fits were chosen on those rows too), on at least :data:`MIN_ROWS`
@@ -23,9 +24,9 @@ The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8``
 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: one or
 two passes over the training rows (the first computes the log-densities once for its three
 temperatures, about 0.65 of three E-steps; the second, when the refinement runs, for its
-two) and three to six validation passes a temperature and strength (4.2 on average in the
-eight default fits of ``scripts/baselines.py``; 6.0 with the coarse-to-fine searches before
-2026-12-07, which made the same choices).
+two) and ``3 + d`` validation passes a temperature and strength for a best ``d`` grid steps
+from its warm start (4.2 on average in the eight default fits of ``scripts/baselines.py``;
+6.0 with the coarse-to-fine searches before 2026-12-07, which made the same choices).
 
 Why: with few rows per component, EM's responsibilities (near 0 or 1) let each component
 fit its own rows' pixels to the noise floor, and the noise prior that prevents this also

@@ -333,11 +333,11 @@ def test_search_picks_what_a_brute_force_loop_of_fixed_prior_fits_picks():
 @pytest.mark.parametrize("sigma2, strength", [(0.003, 150.0), (0.05, 150.0), (0.05, 20.0)])
 def test_search_finds_the_grid_best_with_fewer_passes(sigma2, strength):
     """choose_noise_variance scores about log_φ of the grid's points and returns the
-    candidate an exhaustive scoring of every grid point picks; from a weaker previous choice (``above``)
-    it climbs to the same best, from a stronger one it still moves one step stronger (the
-    trainer judges that stint by the validation score EM reaches), and from the grid's top
-    it returns that choice without scoring anything; warm-started (``near``) it finds the
-    same best."""
+    candidate an exhaustive scoring of every grid point picks; from a weaker previous choice
+    (``above``) it climbs to the same best, from a stronger one it still moves one step
+    stronger (the trainer judges that stint by the validation score EM reaches), and from
+    the grid's top it returns that choice without scoring anything; warm-started (``near``)
+    it finds the same best."""
     from mfa._data_stream import DataSource
     from mfa.prior_search import choose_noise_variance, score_candidates
 
@@ -728,3 +728,29 @@ def test_data_below_the_noise_floor_warns(trainer):
     messages = fit(x.detach() * 1e-4)
     assert len(messages) == 1
     assert "largest per-feature variance" in messages[0] and "(1e-06)" in messages[0]
+
+
+def test_golden_section_search_leaves_a_non_finite_weak_end(monkeypatch):
+    """Where the weak priors' candidates score -inf (a non-finite M-step or score), the
+    golden-section search moves toward the stronger priors and finds the finite peak (ties
+    between finite scores still go to the smaller)."""
+    import mfa.prior_search as prior_search
+    from mfa._data_stream import DataSource
+
+    x = _planted_isotropic(400, 0.05, seed=7)
+    model = random_model(2, x.shape[1], 2, seed=3)
+    stats = _stats(model, x)
+    grid = log_grid(1e-4, float(prior_search.training_variance(stats).max()), 4)
+    peak = len(grid) - 3
+    assert peak > 2 * len(grid) // 3  # both first probes lie in the -inf region
+
+    def fake(model, stats, candidates, prior_for, floor, validation):
+        index = [min(range(len(grid)), key=lambda i: abs(grid[i] - c)) for c in candidates]
+        return [-math.inf if i < 2 * len(grid) // 3 else -float((i - peak) ** 2)
+                for i in index]
+
+    monkeypatch.setattr(prior_search, "score_candidates", fake)
+    chosen, scored = prior_search.choose_noise_variance(
+        model, stats, DataSource(x, model, 512), Prior(1.0, 1e-4), lower=1e-4, per_decade=4,
+        variance_floor=1e-6)
+    assert chosen == pytest.approx(grid[peak], rel=1e-12)

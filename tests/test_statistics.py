@@ -923,3 +923,16 @@ def test_default_em_objective_does_not_fall_with_far_components():
         trainer.fit(m, x)
     objective = [r["train_objective"] for r in trainer.history]
     assert min(b - a for a, b in zip(objective, objective[1:], strict=False)) > -2e-3
+
+
+def test_the_m_step_is_still_importable_from_its_old_home():
+    """m_step and m_steps moved to mfa.m_step; mfa.statistics still hands them out."""
+    import mfa.m_step
+    from mfa.statistics import m_step as old
+    from mfa.statistics import m_steps as old_steps
+
+    assert old is mfa.m_step.m_step and old_steps is mfa.m_step.m_steps
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        from mfa import statistics
+
+        statistics.nothing  # noqa: B018

@@ -129,8 +129,10 @@ def test_tempered_step_applied_is_the_map_step_of_its_temperature():
 
 def test_tempered_step_strengths_are_candidates_too(monkeypatch):
     """The step's M-step prior strength is chosen with ``T`` and ``s₀``: with one strength
-    (16× the fit's) it reports and applies that strength; with the default ones, its best
-    score is at least that of each strength alone (more candidates, the same scores)."""
+    (16× the fit's) it reports and applies that strength; with the default ones, it reports
+    the strength that led the coarse temperatures and what that strength reaches alone (the
+    same coarse candidates and the same refinement; the other strength is not refined, so
+    alone it may reach more: not on these rows, where it also reaches less)."""
     x, val = _digits(600, 200)
     model = _strongly_regularised_fit(x, k=8)
     start = training.clone_params(model)
@@ -143,8 +145,8 @@ def test_tempered_step_strengths_are_candidates_too(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setattr(tempering, "MARGIN", 1e12)
     both, *_ = _step(model, x, val)
+    assert both.val_log_likelihood == alone[both.noise_prior_strength].val_log_likelihood
     assert both.val_log_likelihood == max(r.val_log_likelihood for r in alone.values())
-    assert both.noise_prior_strength == max(alone, key=lambda f: alone[f].val_log_likelihood)
     monkeypatch.setattr(tempering, "MARGIN", 0.0)
     monkeypatch.setattr(tempering, "STRENGTHS", (16.0,))
     result, before, source, validation, floor = _step(model, x, val)
