@@ -140,6 +140,12 @@ def _scenarios() -> dict:
     model = _model()
     stats = EMTrainer.e_step(model, DataSource(train[:1], model, 32, shard=True))
     out["stats_one_row"] = {name: value for name, value in vars(stats).items()}
+    # Several temperatures in one pass: one all-reduce each, the empty shard's included.
+    out["stats_tempered"] = [
+        {name: value for name, value in vars(part).items()}
+        for rows in (train[:1], train)
+        for part in EMTrainer.e_step(model, DataSource(rows, model, 32, shard=True), "auto",
+                                     [1.0, 30.0])]
     out["val_one_row"] = EMTrainer.evaluate(model, DataSource(val[:1], model, 32, shard=True))
     # Interrupted after 3 iterations / 2 epochs (killed after that checkpoint), then resumed
     # on every rank from rank 0's saved state.
@@ -411,6 +417,20 @@ def test_a_rank_without_rows_adds_nothing(two_processes):
                                   atol=1e-12), name
         assert result["val_one_row"] == pytest.approx(single["val_one_row"], rel=1e-12)
     assert single["stats_one_row"]["n_rows"].item() == 1
+
+
+def test_several_temperatures_sum_every_process_rows(two_processes):
+    """A pass with a sequence of temperatures adds each temperature's sums over the
+    processes (one row: rank 0's shard empty; all rows), as one process computes them."""
+    single, ranks = two_processes
+    assert len(single["stats_tempered"]) == 4
+    for result in ranks:
+        for got, want in zip(result["stats_tempered"], single["stats_tempered"], strict=True):
+            for name, value in want.items():
+                assert torch.allclose(got[name], value, rtol=1e-10, atol=1e-10), name
+    one_row, all_rows = single["stats_tempered"][:2], single["stats_tempered"][2:]
+    assert one_row[0]["n_rows"].item() == one_row[1]["n_rows"].item() == 1
+    assert not torch.equal(all_rows[0]["sum_x"], all_rows[1]["sum_x"])  # T changes the sums
 
 
 def test_only_rank_zero_checkpoints(two_processes):
