@@ -144,8 +144,10 @@ def test_several_temperatures_in_one_pass_equal_one_pass_each():
     old = statistics.CHUNK_ROWS
     try:
         statistics.CHUNK_ROWS = 100
+        flat = random_model(3, 30, 0, seed=8).float()  # L = 0: a diagonal GMM
         for m, data, mode in ((model, x, "auto"), (model, x, "float32"),
-                              (heywood, rows, "centred")):
+                              (model, x, "precise"), (heywood, rows, "centred"),
+                              (flat, x, "auto")):
             source = DataSource(data, m, 256)
             together = streamed_e_step(m, source, mode, temperatures)
             assert isinstance(together, list) and len(together) == len(temperatures)
@@ -157,6 +159,15 @@ def test_several_temperatures_in_one_pass_equal_one_pass_each():
             assert not torch.equal(together[0].sum_x, together[-1].sum_x)  # they differ
     finally:
         statistics.CHUNK_ROWS = old
+    # fixed responsibilities (the temperatures then change nothing) and a batch of no rows
+    terms = model.component_terms()
+    resp = torch.softmax(torch.randn(50, 4, generator=torch.Generator().manual_seed(9)), -1)
+    for rows_, r in ((x[:50], resp), (x[:0], None)):
+        together = accumulate_statistics(model, rows_, terms, resp=r, temperature=[1.0, 9.0])
+        alone = accumulate_statistics(model, rows_, terms, resp=r)
+        for stats in together:
+            for field in dataclasses.fields(alone):
+                assert torch.equal(getattr(stats, field.name), getattr(alone, field.name))
     source = DataSource(x, model, 256)
     for bad in ([], [2.0, 0.0], (float("nan"),)):
         with pytest.raises(ValueError, match="temperature"):
