@@ -257,8 +257,9 @@ def _protocol(results: list[dict], seed: int) -> str:
         "kept if the validation score is better (the column *iterations* counts both). "
         + ("Last, one MAP M-step from tempered responsibilities (`mfa.tempering`: "
            "temperatures D/4, D and 4D at the fit's prior strength and 16 times it, then "
-           "halfway to the best candidate's neighbours at its strength, s₀ searched again) "
-           "replaces the model when "
+           "halfway to the best candidate's neighbours at its strength, s₀ searched again, "
+           "then raised to the strongest within one standard error of the best's validation "
+           "score) replaces the model when "
            "its validation log-likelihood beats the fit's by more than two standard errors of "
            "the paired per-row gain. " if em.tempered_step else "")
         + f"MFA Adam is `SGDTrainer(SGDConfig(seed={seed}, progress=False, epochs=E))` "
