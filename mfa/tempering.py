@@ -227,16 +227,17 @@ def _candidate_rows(model: MixtureOfFactorAnalyzers, stats: SufficientStatistics
                     validation: DataSource, prior: Prior, variance_floor: float,
                     saved: dict[str, Tensor]) -> list[Tensor] | None:
     """Each validation row's ``log p`` (per batch) under the step's M-step with ``prior``
-    (``None`` when that M-step or a score is not finite); the model is left as ``saved``."""
+    (``None`` when that M-step is not finite: the same on every process); the model is left
+    as ``saved``. A row's non-finite score is kept: the paired comparison, summed over the
+    processes, then fails on every process alike."""
     params = _step_params(model, stats, prior, variance_floor)
     if not all(all_finite(v) for v in params.values()):
         return None
     try:
         model.set_parameters(**params)
-        rows = _row_log_probs(model, validation)
+        return _row_log_probs(model, validation)
     finally:
         model.load_state_dict(saved)
-    return rows if all(all_finite(r) for r in rows) else None
 
 
 def _one_standard_error(
@@ -265,11 +266,11 @@ def _one_standard_error(
     fits, against the best-scoring ``s₀`` (2026-12-07): on the embedded digits, seeds 0–7 at
     K = 50 and 100 (500 test rows each), held-out bits/dim 0.19 ± 0.08 better on average;
     the worst results improved most (6.90 → 5.61, 5.09 → 4.56 where the best alone was not
-    applied, 5.05 → 4.63), three cases lost 0.15–0.25 (a weaker prior paid there), and six
-    moved by less than 0.02. On Fashion-MNIST (10,000 training rows, K = 20 to 200; 4,000
-    rows, seeds 0–3, K = 50 and 100, 10,000 test rows) the validation curve is sharper and
-    the choice changed once, by 0.001 bits/dim. Cost: one validation pass for the best and
-    one for each step up (one more than taken)."""
+    applied, 5.05 → 4.63; eight gained 0.10 to 1.29 in all), three lost 0.15–0.25 (a
+    weaker prior paid there), and five moved by less than 0.02. On Fashion-MNIST (10,000
+    training rows, K = 20 to 200; 4,000 rows, seeds 0–3, K = 50 and 100, 10,000 test rows)
+    the validation curve is sharper and the choice changed once, by 0.001 bits/dim. Cost:
+    one validation pass for the best and one for each step up (one more than taken)."""
     grid = log_grid(lower, float(training_variance(stats).max()), per_decade)
     at = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / s0)))
     best = _candidate_rows(model, stats, validation, replace(prior, noise_variance=s0),
@@ -283,7 +284,7 @@ def _one_standard_error(
         if candidate is None:
             break
         loss, error, _ = _paired_gain(best, candidate, validation.sharded)
-        if not loss <= ONE_SE * error:
+        if not loss <= ONE_SE * error:  # (also a NaN: a row not finite under one of them)
             break
         chosen, rows = value, candidate
     return chosen, rows, _mean(rows, validation.sharded)
