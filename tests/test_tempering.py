@@ -427,9 +427,11 @@ def test_warm_starts_come_from_the_nearest_temperature_or_the_other_strength():
     assert warm(tried, 784.0, 16.0, 3e-4) == pytest.approx(2e-5, rel=1e-12)  # its own strength's
 
 
-def test_only_the_leading_strength_is_refined(monkeypatch):
-    """After D/4, D and 4D at both strengths, the step tries T/2 and 2T of the best
-    candidate, at its strength alone; when no candidate beats the fit, nothing more."""
+def test_every_strength_that_beats_the_fit_is_refined_around_its_own_best(monkeypatch):
+    """After D/4, D and 4D at both strengths (one pass), each strength whose best coarse
+    candidate beats the fit is tried at T/2 and 2T of its own best temperature (one more
+    pass for all of them), strength by strength; when no candidate beats the fit, nothing
+    more. Refining the leader alone missed the best candidate on 3,000 Fashion-MNIST rows."""
     x, val = _digits(600, 200)
     model = _strongly_regularised_fit(x, k=8)
     monkeypatch.setattr(tempering, "MARGIN", 1e12)  # keep the model as it is
@@ -456,13 +458,20 @@ def test_only_the_leading_strength_is_refined(monkeypatch):
     prior = Prior(noise_strength=1.0, noise_variance=QUANTIZATION_VARIANCE)
     result = tempering.tempered_step(model, e_step, validation, prior, before=before, **kwargs)
     d = x.shape[1]
-    assert result.val_log_likelihood > before  # a refinement: the check can fail
+    assert result.val_log_likelihood > before
     assert temperatures[0] == [d / 4, d, 4 * d]  # one pass for the three
     assert [s for s, _ in searches[:6]] == [1.0, 16.0] * 3
-    coarse = max(range(6), key=lambda i: searches[i][1])
-    leader, top = searches[coarse][0], temperatures[0][coarse // 2]
-    assert temperatures[1:] == [[top / 2, top * 2]]  # and one for the refinement's two
-    assert [s for s, _ in searches[6:]] == [leader, leader]
+    plan: dict[float, list[float]] = {}
+    for strength in (1.0, 16.0):
+        mine = [i for i in range(6) if searches[i][0] == strength]
+        best = max(mine, key=lambda i: searches[i][1])
+        if searches[best][1] > before:
+            top = temperatures[0][best // 2]
+            for t in (top / 2, top * 2):
+                plan.setdefault(t, []).append(strength)
+    assert len({s for ss in plan.values() for s in ss}) == 2  # both beat the fit: both refined
+    assert temperatures[1:] == [list(plan)]  # one pass for the refinement
+    assert [s for s, _ in searches[6:]] == [s for t in plan for s in plan[t]]
     temperatures.clear()
     searches.clear()
     tempering.tempered_step(model, e_step, validation, prior, before=math.inf, **kwargs)
