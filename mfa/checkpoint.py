@@ -5,7 +5,8 @@ Format: one ``torch.save`` zip archive holding a dict of tensors and plain Pytho
 
     {"format": "mfa-checkpoint", "version": 1, "mfa_version": ..., "torch_version": ...,
      "created": ISO time, "model_class": "MixtureOfFactorAnalyzers",
-     "model_config": model.config(), "model_state": model.state_dict() (on the CPU),
+     "model_config": model.config() + chunk_elements (since 2026-12-07),
+     "model_state": model.state_dict() (on the CPU),
      "run_config": config_to_dict(RunConfig) | None,
      "trainer_state": trainer.state_dict() | None, "metrics": dict | None}
 
@@ -199,7 +200,11 @@ def save_checkpoint(
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_class": type(model).__name__,
-        "model_config": _plain(model.config(), "model.config()"),
+        # chunk_elements too: sampling's draws are made chunk by chunk, so a seed gives the
+        # same samples only under the same chunk_elements (a model loaded without it sampled
+        # other images than the one saved)
+        "model_config": _plain({**model.config(), "chunk_elements": model.chunk_elements},
+                               "model.config()"),
         "model_state": _plain(dict(model.state_dict()), "model.state_dict()"),
         "run_config": _plain(None if run_config is None else config_to_dict(run_config),
                              "run_config"),

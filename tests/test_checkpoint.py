@@ -31,6 +31,7 @@ from mfa.checkpoint import (
     save_checkpoint,
 )
 from mfa.config import RunConfig, load_config
+from mfa.model import DEFAULT_CHUNK_ELEMENTS
 
 
 def make_model(k=3, d=12, lat=2, noise="diagonal", seed=0, dtype=torch.float64):
@@ -105,6 +106,28 @@ def test_round_trip(tmp_path, noise):
     assert loaded.run_config == config
     assert_same(loaded.trainer_state, state)
     assert loaded.metrics == {"test_bits_per_dim": 1.25, "n": 10}
+
+
+def test_chunk_elements_round_trip(tmp_path):
+    """A model's chunk_elements is saved: draws are made chunk by chunk, so a seed gives the
+    loaded model the saved one's samples only under the same chunk_elements."""
+    model = make_model()
+    model.chunk_elements = 40  # (chunks of a few rows)
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "m.pt", model)).model
+    assert loaded.chunk_elements == 40
+    draw = lambda m: m.sample(50, torch.Generator().manual_seed(3))[0]  # noqa: E731
+    assert torch.equal(draw(loaded), draw(model))
+    default = make_model()
+    assert not torch.equal(draw(default), draw(model))  # (the test can fail)
+
+    # A checkpoint written before chunk_elements was saved loads with the default.
+    path = save_checkpoint(tmp_path / "old.pt", model)
+    rewrite(path, lambda p: p["model_config"].pop("chunk_elements"))
+    assert load_checkpoint(path).model.chunk_elements == DEFAULT_CHUNK_ELEMENTS
+    rewrite(path, lambda p: p["model_config"].update(chunk_elements=0))
+    with pytest.raises(CheckpointError, match=r"old\.pt has an invalid model config.*"
+                                              r"chunk_elements"):
+        load_checkpoint(path)
 
 
 def test_minimal_checkpoint_and_float32(tmp_path):
