@@ -718,6 +718,41 @@ def test_float32_heywood_masked_inference_matches_the_dense_reference(noise):
     torch.testing.assert_close(cond.covariance().double(), expected.covs, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("seed", [659, 2393])
+def test_float32_masked_capacitance_ill_conditioned_beyond_its_diagonal(seed):
+    """One isotropic component whose loadings span four decades of feature scale (|a|²/d up
+    to ~1e10): ε·cond(M_o) reaches 0.46 where ε·(max diag C / min diag C)², the test masked
+    inference used until 2026-12-07, stayed at 3.5e-6, so such rows kept float32 and
+    observed_log_prob came out up to 2 nats off, silently (log_prob was right). Now every
+    row matches the dense float64 marginal, as marginal(o).log_prob does, and so do the
+    conditional means."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    d = int(torch.randint(3, 8, (1,), generator=g))
+    lat = min(int(torch.randint(1, 4, (1,), generator=g)), d - 1)
+    scales = 10 ** (torch.rand(d, generator=g, dtype=torch.float64) * 4 - 2)
+    a = torch.randn(1, d, lat, generator=g, dtype=torch.float64) * scales[:, None]
+    cap = 1e10 if seed == 659 else 1e8
+    noise = float((a ** 2).sum(-1).max()) / cap * float(10 ** (torch.rand(1, generator=g) * 2))
+    m32 = MixtureOfFactorAnalyzers.from_parameters(torch.ones(1), torch.zeros(1, d), a.float(),
+                                                   torch.full((1,), noise), "isotropic")
+    m64 = copy.deepcopy(m32).double()
+    x = m64.sample(40, torch.Generator().manual_seed(seed))[0].float()
+    observed = torch.rand(40, d, generator=g) < 0.7
+    observed[:10] = True
+    observed[:, 0] = True  # (at least one observed feature a row)
+    ref = DenseMixture.from_model(m64)
+    with torch.no_grad():
+        lp = m32.observed_log_prob(x, observed).double()
+        partial = ~observed.all(-1)
+        mean = m32.conditional_mean(x, observed).double()[partial]
+    torch.testing.assert_close(lp, _dense_observed_log_prob(ref, x.double(), observed),
+                               rtol=0, atol=1e-2)
+    expected = _dense_conditional_mean(ref, x.double(), observed)[partial]
+    torch.testing.assert_close(mean, expected, rtol=1e-4, atol=1e-4 * float(scales.max()))
+
+
 def test_masked_paths_where_float32_rounding_of_the_capacitance_terms_exceeds_one():
     """float32, every noise variance ~1e-8 under loadings of size 1 (|a|²/d ~ 1e8), a row with
     one observed feature (fewer than L = 2): the float64 retry of M_o = I + A_oᵀD_o⁻¹A_o summed
