@@ -71,20 +71,26 @@ def check_noise(noise: Tensor) -> None:
 
 
 def check_log_densities(
-    log_joint: Tensor, log_weights: Tensor, x: Tensor, inv_noise: Tensor
+    log_joint: Tensor, log_weights: Tensor, x: Tensor, inv_noise: Tensor, means: Tensor
 ) -> None:
     """Raise when finite data ``x`` [n, D] gave non-finite log-densities ``[n, K]``
     (``log_weights`` [K] may be ``−inf`` for a component of weight 0): the quadratic form
-    ``Σ_j (x_j − μ_j)²/d_j`` overflowed. ``inv_noise`` [K, D] is ``1/d``; ``O(n·K)``."""
+    ``Σ_j (x_j − μ_j)²/d_j`` overflowed. ``inv_noise`` [K, D] is ``1/d``, ``means`` [K, D]
+    ``μ``; ``O(n·K)``. The message blames the larger of ``|x|`` and ``|μ|`` (a model whose
+    means were 3e38 was reported as "input values too large", largest |x| 0)."""
     bad = ~torch.isfinite(log_joint) & torch.isfinite(log_weights)
     if bool(bad.any()):
         finfo = torch.finfo(x.dtype)
         largest = x.abs().max().item() if x.numel() else 0.0
+        mean = means.detach().abs().max().item() if means.numel() else 0.0
+        what, fix = ((f"the model's means are too large for {x.dtype}", "Rescale the model "
+                      "(and the data with it)") if mean > largest else
+                     (f"input values too large for {x.dtype}", "Rescale the data"))
         raise ValueError(
-            f"input values too large for {x.dtype}: the squared distances (x − μ)²/d overflow "
-            f"(largest |x| is {largest:.3g}, smallest noise variance "
-            f"{1.0 / inv_noise.max().item():.3g}; squares overflow above |x| ≈ "
-            f"{finfo.max ** 0.5:.3g}). Rescale the data or use a float64 model"
+            f"{what}: the squared distances (x − μ)²/d overflow (largest |x| is "
+            f"{largest:.3g}, largest |μ| {mean:.3g}, smallest noise variance "
+            f"{1.0 / inv_noise.max().item():.3g}; squares overflow above "
+            f"{finfo.max ** 0.5:.3g}). {fix} or use a float64 model"
         )
 
 

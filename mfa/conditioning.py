@@ -314,7 +314,7 @@ def row_posterior(
             log_joint = log_joint.index_copy(0, few, sub.log_joint.to(x.dtype))
             latent_mean = latent_mean.index_copy(0, few, sub.latent_mean.to(x.dtype))
             chol = chol.index_copy(0, few, sub.chol.to(x.dtype))
-    check_log_densities(log_joint.detach(), t.log_w.detach(), x, t.inv_noise)
+    check_log_densities(log_joint.detach(), t.log_w.detach(), x, t.inv_noise, t.means)
     return RowPosterior(log_joint, latent_mean, chol, t.reference)
 
 

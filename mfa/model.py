@@ -307,7 +307,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
         batch_shape = x.shape[:-1]
         terms = self.component_terms()
         out = self._component_log_prob(x.reshape(-1, self.n_features), terms)
-        check_log_densities(out.detach(), terms.log_weights.detach(), x, terms.inv_noise)
+        check_log_densities(out.detach(), terms.log_weights.detach(), x, terms.inv_noise,
+                            self.means)
         return out.reshape(*batch_shape, self.n_components)
 
     def _component_log_prob(self, x: Tensor, terms: ComponentTerms | None = None,

@@ -437,6 +437,21 @@ def test_from_parameters_accepts_float64_weights_from_float32_ones():
         MFA.from_parameters(**{**p, "weights": w32.double() * (1 + 1e-5)})
 
 
+@pytest.mark.parametrize("k", [10, 10_000, 100_000])
+def test_weights_off_by_half_a_percent_are_refused_at_any_k(k):
+    """The sum's tolerance grew like √K (3 % at K = 100,000): weights summing to 1.005 were
+    taken and silently renormalised from K = 10,000 on. Honest float32 weights (a float32
+    softmax) are still taken at every K."""
+    logits = torch.randn(k, generator=torch.Generator().manual_seed(k))
+    honest = torch.softmax(logits, 0)
+    params = {"weights": honest, "means": torch.zeros(k, 2), "factor_loadings":
+              torch.zeros(k, 2, 0), "noise_variance": torch.ones(k, 2)}
+    model = MFA.from_parameters(**params)
+    torch.testing.assert_close(model.weights, honest)
+    with pytest.raises(ValueError, match=r"weights must sum to one, got sum 1\.00"):
+        MFA.from_parameters(**{**params, "weights": honest * 1.005})
+
+
 def test_from_parameters_noise_validation():
     p = random_parameters(3, 4, 2, seed=52)
     with pytest.raises(ValueError, match=r"noise must be one of \('diagonal', 'isotropic'\), "
@@ -619,6 +634,21 @@ def test_float32_inputs_too_large_are_a_clear_error(d):
     # A float64 model handles the same values.
     model64 = random_model(2, d, 1, seed=62)
     assert bool(torch.isfinite(model64.log_prob(huge.double())).all())
+
+
+def test_float32_means_too_large_are_blamed_not_the_input():
+    """Means of 3e38 overflow the squared distances of zero rows: the message said "input
+    values too large" with "largest |x| is 0"; it now names the model's means."""
+    model = MFA.from_parameters(torch.tensor([0.5, 0.5]), torch.full((2, 4), 3e38),
+                                torch.ones(2, 4, 2), torch.ones(2, 4))
+    observed = torch.ones(2, 4, dtype=torch.bool)
+    observed[:, 0] = False
+    match = (r"the model's means are too large for torch\.float32: .*largest \|x\| is 0, "
+             r"largest \|μ\| 3e\+38.*Rescale the model")
+    for call in (lambda: model.log_prob(torch.zeros(2, 4)),
+                 lambda: model.observed_log_prob(torch.zeros(2, 4), observed)):
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_sample_with_non_finite_weights_says_why():
