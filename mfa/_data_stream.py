@@ -3,6 +3,7 @@ DataLoader) into validated batches ``[B, D]`` on a model's device and in its dty
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -120,6 +121,41 @@ class DataSource:
             sampler = getattr(self.iterable, "sampler", None)
             self.offset = (sampler.start if isinstance(sampler, distributed.ShardSampler)
                            else None)
+
+    def in_fixed_order(self) -> DataSource:
+        """This source, or a copy that reads the same rows in the same order on every pass:
+        a ``DataLoader`` that shuffles its whole Dataset (a ``RandomSampler`` without
+        replacement, one pass its every row once) is read through an unshuffled loader over
+        that Dataset, with the same batch size and collation. For comparisons of rows across
+        passes (the tempered step's paired per-row gains, :mod:`mfa.tempering`): a shuffled
+        validation loader paired other rows (the standard error of one model against itself
+        came out 8.6 nats, not 0, and the step was refused where it paid). Tensors, streams
+        sharded under torch.distributed (read in order) and other iterables come back as
+        they are; a ``RandomSampler`` that draws other rows each pass cannot be fixed here
+        and raises ``ValueError``."""
+        loader = self.iterable
+        if self.tensor is not None or not isinstance(loader, DataLoader):
+            return self
+        sampler = loader.sampler
+        if not isinstance(sampler, RandomSampler) or loader.batch_size is None:
+            return self
+        data = loader.dataset
+        if sampler.replacement or sampler.num_samples != len(data):
+            raise ValueError(
+                f"{self.name} is a DataLoader whose RandomSampler draws "
+                f"{sampler.num_samples} of {len(data)} rows"
+                f"{' with replacement' if sampler.replacement else ''}, other rows each pass; "
+                "validation rows are compared row by row across passes: pass a DataLoader "
+                "that reads every row once (shuffle=False)")
+        fixed = copy.copy(self)
+        fixed.iterable = DataLoader(data, batch_size=loader.batch_size, shuffle=False,
+                                    collate_fn=loader.collate_fn, drop_last=loader.drop_last,
+                                    num_workers=loader.num_workers,
+                                    pin_memory=loader.pin_memory)
+        fixed.whole = fixed.iterable
+        fixed.dataset, fixed.in_order, fixed.offset = data, True, 0
+        fixed.batch_size = loader.batch_size  # (errors name the item by it)
+        return fixed
 
     def _item(self, index: int, row: int) -> str:
         """Where row ``row`` of batch ``index`` of this source's own pass lies in the Dataset

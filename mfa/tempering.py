@@ -134,7 +134,9 @@ def tempered_step(
             with responsibilities tempered by ``T``, from one pass
             (:func:`mfa.e_step.streamed_e_step` given a sequence of temperatures; the three
             temperatures' statistics are then held at once: 3 × ``K·D·(L+2)`` floats).
-        validation: the held-out rows.
+        validation: the held-out rows (a shuffling DataLoader is read in a fixed order here,
+            :meth:`mfa._data_stream.DataSource.in_fixed_order`: the per-row comparisons pair
+            passes; another iterable must yield the same rows in the same order each pass).
         prior: the fit's prior (its ``noise_variance`` is replaced by each candidate).
         before: the mean validation log-likelihood of ``model``.
         lower, per_decade: the ``s₀`` grid (:func:`mfa.prior_search.choose_noise_variance`).
@@ -148,6 +150,8 @@ def tempered_step(
         had a finite score, or when ``validation`` has fewer than :data:`MIN_ROWS` rows (the
         step could not be applied: nothing is tried).
     """
+    # The same rows in the same order on every pass: the paired gains subtract passes
+    validation = validation.in_fixed_order()
     rows = _validation_rows(validation)
     if rows < MIN_ROWS:
         logger.info("tempered step skipped: %d validation row(s), fewer than the %d it needs",
