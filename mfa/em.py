@@ -221,6 +221,7 @@ class EMTrainer:
         self.search_seconds, self.tempered, self.init_seconds = None, None, 0.0
         if self._resume is not None:
             state, self._resume = self._resume, None
+            state.params_to(model.device)
             self.history = state.records_up_to(self.history)  # later ones come again
         else:
             self.history = []

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from mfa._data_stream import DataSource
@@ -235,6 +236,16 @@ class RunState:
         in a callback of the iteration that converged (or found no stronger prior) stands
         before that iteration, whose record the resumed fit writes again."""
         return [r for r in history if (r["run"], r["iteration"]) <= (self.run, self.iteration)]
+
+    def params_to(self, device: torch.device) -> None:
+        """Move the kept parameters (``best_params``, ``best_val_params``) to ``device``, the
+        model's: a state read onto the CPU (``load_checkpoint``'s default) met the parameters
+        of a CUDA model in ``torch.equal``, which refuses tensors on two devices (a resumed
+        GPU fit raised where no iteration after the resume beat the saved best)."""
+        for name in ("best_params", "best_val_params"):
+            params = getattr(self, name)
+            if params is not None:
+                setattr(self, name, {k: v.to(device) for k, v in params.items()})
 
     def start_restart(self) -> None:
         """Forget what belongs to the restart that ended (or has not begun)."""

@@ -235,7 +235,7 @@ def accumulate_statistics(
         out.append(SufficientStatistics(
             mass=mass, sum_x=sum_x, sum_x2=sum_x2, sum_xz=sum_xz, sum_z=sum_z, sum_zz=sum_zz,
             log_likelihood=log_likelihood,
-            n_rows=torch.tensor(n, device=x.device).to(stats_dtype),
+            n_rows=torch.full((), float(n), dtype=stats_dtype, device=x.device),  # (no copy)
             reference=terms.reference.detach().to(stats_dtype),
         ))
     return out if several else out[0]

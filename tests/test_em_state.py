@@ -121,3 +121,20 @@ def test_a_checkpoint_right_after_a_repeated_search_resumes_the_same_stint():
     assert not back.stint_over(4)  # (raised on best − None before)
     assert _feed(back, [4.5], patience=4) == _feed(state, [4.5], patience=4) == [False]
     assert back.as_dict() == state.as_dict()
+
+
+def test_kept_parameters_move_to_the_models_device():
+    """A state read onto the CPU (load_checkpoint's default) holds its kept parameters there;
+    a resumed fit on CUDA compared them with the model's in torch.equal, which refuses two
+    devices (tests/test_cuda_selection.py runs that fit). params_to moves both sets, and
+    leaves the generator state (a CPU generator's) where it is."""
+    import torch
+
+    params = {"loc": torch.zeros(2, 3), "logits": torch.zeros(2)}
+    state = RunState(best_params=params, best_val_params=dict(params),
+                     generator=torch.Generator().get_state())
+    state.params_to(torch.device("meta"))
+    for kept in (state.best_params, state.best_val_params):
+        assert {v.device.type for v in kept.values()} == {"meta"}
+    assert state.generator.device.type == "cpu"
+    RunState().params_to(torch.device("meta"))  # (nothing kept yet)
