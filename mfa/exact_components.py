@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from mfa import linalg
-from mfa.owner_sums import PAIR_THRESHOLD
+from mfa.owner_sums import PAIR_THRESHOLD, PAIR_TOLERANCE
 
 __all__ = ["ExactComponents"]
 
@@ -87,14 +87,23 @@ class ExactComponents:
         [K'], Σ r x [K', D], Σ r x² [K', D], Σ r x pᵀ [K', D, L], Σ r p [K', L], Σ r p pᵀ
         [K', L, L]]`` from responsibilities ``resp`` [K', n] and :meth:`log_joint`'s ``p``
         and ``x − c``; rows where every ``r`` is below
-        :data:`mfa.owner_sums.PAIR_THRESHOLD` are left out."""
+        :data:`mfa.owner_sums.PAIR_THRESHOLD` are left out when the mass they hold is
+        negligible beside each component's kept mass (the test of
+        :func:`mfa.owner_sums.significant_pairs`); else every row is summed."""
         k, n_lat, _ = proj.shape
         resp = resp.double()
         # Rows none of them is responsible for (below the centred mode's pair threshold: on
-        # image data most rows) add nothing at float32's precision: left out.
+        # image data most rows) add nothing at float32's precision: left out, unless a
+        # component's mass lies there (a component of weight 1e-14 lost all of its 5e-11
+        # and its weight for good, where the same component well-conditioned kept it).
         active = (resp >= PAIR_THRESHOLD).any(0)  # [n]
         if not bool(active.all()):
-            resp, proj, xc = resp[:, active], proj[:, :, active], xc[active]
+            dropped = resp[:, ~active].sum(-1)  # [K']
+            kept = resp[:, active].sum(-1)
+            n = resp.shape[1]
+            if not bool((dropped > PAIR_TOLERANCE * kept
+                         + torch.finfo(torch.float64).eps * n).any()):
+                resp, proj, xc = resp[:, active], proj[:, :, active], xc[active]
         n = resp.shape[1]
         rp = resp.unsqueeze(1) * proj  # [K', L, n]
         sums = torch.cat([resp, rp.reshape(k * n_lat, n)]) @ xc  # [K' + K'·L, D]

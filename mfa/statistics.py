@@ -36,6 +36,7 @@ from 0 to ~6e-30 (float32) change no sum at the dtype's precision.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -192,6 +193,9 @@ def accumulate_statistics(
         (precise_moments and not centred) or (centred and far_from_reference(terms, x.dtype)))
     precise_latent = precise_latent and not centred
     each = [([None] * 7, [], []) for _ in temperatures]  # totals, pairs, exact sums per T
+    # Components of weight 0 keep responsibilities of exactly 0 (one check a batch).
+    dead = torch.isneginf(terms.log_weights.detach())
+    dead = dead.unsqueeze(-1) if bool(dead.any()) else None
     # [rows, D] scratch for x − c and (x − c)², reused by every chunk.
     scratch = x.new_empty((2, min(n, CHUNK_ROWS), d))
     # Rows in chunks small enough that the [rows, D] intermediates stay in the cache. The
@@ -204,6 +208,7 @@ def accumulate_statistics(
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
             precise_latent, [p for _, p, _ in each] if centred else None,
             scratch[:, :stop - start], start, temperatures, exact, [e for _, _, e in each],
+            dead,
         )
         for (totals, _, _), part in zip(each, parts, strict=True):
             for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
@@ -247,6 +252,7 @@ def _chunk_sums(
     pairs: list[list[Pairs]] | None = None, scratch: Tensor | None = None,
     row_offset: int = 0, temperatures: Sequence[float] = (1.0,),
     exact: ExactComponents | None = None, exact_sums: list[list[list[Tensor]]] | None = None,
+    dead: Tensor | None = None,
 ) -> list[list[Tensor | None]]:
     """For each of ``temperatures`` (as in :func:`accumulate_statistics`; the log-densities
     computed once), with its list of ``pairs`` and of ``exact_sums``, the sums of one chunk
@@ -259,7 +265,9 @@ def _chunk_sums(
     ``None``; else each row's most responsible component, left out of the products' sums).
     ``row_offset``: the chunk's first row in the batch. With ``exact``, those components'
     log-densities and ``p`` come from float64 and their float64 sums are appended to
-    ``exact_sums`` (their shares are then left out of every other sum)."""
+    ``exact_sums`` (their shares are then left out of every other sum). ``dead`` [K, 1]
+    (bool, or ``None`` when there are none): the components of weight 0, whose
+    responsibilities stay exactly 0 (not lifted to ``exp`` of the floor)."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -306,6 +314,8 @@ def _chunk_sums(
     # Tempered before the clamp: a component 10⁴ nats below the top is 10⁴/T below it.
     shifted = log_joint.clone() if tempered else None
     log_joint.clamp_min_(floor)
+    if dead is not None:  # (the floor lifted them to ~6e-30: EM regrew them, 1e-21 in 4 steps)
+        log_joint.masked_fill_(dead, -math.inf)
     # [r ; r ⊙ p] stacked, so one product gives Σ r x and Σ r x pᵀ.
     rhs = torch.empty(k * (n_lat + 1), n, dtype=x.dtype, device=x.device)  # [K + K·L, n]
     alone = resp is None and not tempered and len(temperatures) == 1  # exp straight into rhs
@@ -323,7 +333,10 @@ def _chunk_sums(
             if pairs is not None:
                 owner = resp.argmax(-1)  # [n]
         elif temperature != 1.0:  # r ∝ p(k, x)^(1/T)
-            torch.exp((shifted / temperature).clamp_min_(floor), out=rhs[:k])
+            scaled = (shifted / temperature).clamp_min_(floor)
+            if dead is not None:
+                scaled.masked_fill_(dead, -math.inf)
+            torch.exp(scaled, out=rhs[:k])
             rhs[:k].div_(rhs[:k].sum(0))
         elif alone:
             joint.div_(total)  # p(k | x)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import random_data, random_model
 
-from mfa import statistics
+from mfa import MixtureOfFactorAnalyzers, statistics
 from mfa._data_stream import DataSource
 from mfa.e_step import streamed_e_step
 from mfa.em import EMTrainer
@@ -172,3 +172,53 @@ def test_several_temperatures_in_one_pass_equal_one_pass_each():
     for bad in ([], [2.0, 0.0], (float("nan"),)):
         with pytest.raises(ValueError, match="temperature"):
             streamed_e_step(model, source, "auto", bad)
+
+
+@pytest.mark.parametrize("mode", ["float64", "centred", "centred32", "mixed", "float32"])
+def test_a_component_of_weight_0_stays_at_weight_0(mode):
+    """exp of the clamped log-joint (linalg.exp_floor) gave a weight-0 component ~6e-30 of
+    every row, and EM regrew it (5.7e-30, 6.8e-28, 1.8e-26, 2.9e-25 in four float32
+    iterations); its responsibilities are now exactly 0 in every mode, tempered too, as in
+    exact arithmetic."""
+    from mfa.m_step import m_step
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(3, 5, generator=g) * 3
+    loadings = torch.randn(3, 5, 2, generator=g) * 0.3
+    x = mu[torch.arange(3000) % 3] + torch.randn(3000, 5, generator=g) * 0.6
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.5, 0.0, 0.5]), mu, loadings, torch.full((3, 5), 0.3))
+    source = DataSource(x, model, 1000)
+    for temperature in (5.0, 1.0):
+        stats = EMTrainer.e_step(model, source, mode, [temperature])[0]
+        assert float(stats.mass[1]) == 0.0 and float(stats.mass[0]) > 0
+    for _ in range(4):
+        model.set_parameters(**m_step(EMTrainer.e_step(model, source, mode), model,
+                                      variance_floor=1e-6))
+        assert float(model.weights.detach()[1]) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["centred", "float32"])
+def test_an_ill_conditioned_component_of_tiny_weight_keeps_its_mass(mode):
+    """The float64 share of ill-conditioned components left out every row whose
+    responsibilities were all below the pair threshold: a component of weight 1e-14 lost all
+    of its mass (5e-11, and with it its weight for good), where the same component
+    well-conditioned kept it. Now rows are left out only when their mass is negligible
+    beside each component's kept mass, as in the centred mode's sparse chunks."""
+    from mfa._terms import ill_conditioned
+
+    g = torch.Generator().manual_seed(0)
+    loadings = torch.zeros(2, 4, 2)
+    loadings[:, 0, 0] = 1.0
+    loadings[:, 1, 1] = 1.0
+    x = torch.randn(5000, 4, generator=g) * 1.2
+    noise = torch.full((2, 4), 0.5)
+    noise[1, 0] = 1e-9
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([1 - 1e-14, 1e-14]), torch.zeros(2, 4), loadings, noise)
+    assert ill_conditioned(model.factor_loadings, model.noise_variance).tolist() == [False,
+                                                                                     True]
+    reference = EMTrainer.e_step(model, DataSource(x, model, 5000), "float64")
+    stats = EMTrainer.e_step(model, DataSource(x, model, 5000), mode)
+    assert float(reference.mass[1]) > 1e-11
+    assert float(stats.mass[1]) == pytest.approx(float(reference.mass[1]), rel=1e-4)
