@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = [
@@ -153,6 +154,16 @@ def check_writable(folder: Path, option: str | None) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SystemExit(f"error: cannot write into {existing} (read-only or not permitted); "
                          f"{hint}")
+    # os.access says yes to root on special filesystems (/proc, /sys), where creating a file
+    # fails: there the error came after the work, naming the atomic write's temporary file.
+    # A probe file, created and removed, settles it.
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".mfa-write-probe-")
+    except OSError as error:
+        raise SystemExit(f"error: cannot write into {existing} ({error.strerror}); "
+                         f"{hint}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def image_out(out: str) -> Path:

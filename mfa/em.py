@@ -315,7 +315,10 @@ class EMTrainer:
         ll = prev_ll if prev_ll is not None else -math.inf
         bar = training.progress_bar(
             range(state.iteration, cfg.max_iter), cfg.progress and distributed.is_main_process(),
-            desc=f"EM run {run + 1}/{cfg.n_init}", leave=False)
+            # (a re-seeding round read "EM run 3/1")
+            desc=(f"EM run {run + 1}/{cfg.n_init}" if run < cfg.n_init else
+                  f"EM re-seeding round {run - cfg.n_init + 1}/{cfg.reseed_rounds}"),
+            leave=False)
         # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
         stopped = ctx.early_stopping and state.stint_over(cfg.patience)
         exhausted = False  # (the loop ran to max_iter: not tol, patience or a search)

@@ -71,11 +71,16 @@ def check_resumed_max_iter(state: dict, max_iter: int) -> None:
         warmup = saved.get("search_warmup", 1)
         before, after = (min(warmup, limit - 1) for limit in (saved["max_iter"], max_iter))
         if before != after:
+            # (the message said "ran after 1 iteration(s), not after search_warmup=1 as with
+            # max_iter=1", which read as a contradiction: it is min(search_warmup, max_iter − 1))
+            fits = (f"max_iter >= {warmup + 1}" if before == warmup
+                    else f"max_iter={saved['max_iter']}")
             raise ValueError(
-                f"EMTrainer state was saved with max_iter={saved['max_iter']}, under which the "
-                f"automatic noise-prior search ran after {before} iteration(s), not after "
-                f"search_warmup={warmup} as with max_iter={max_iter}: the resumed fit would "
-                "be neither run; resume with the saved max_iter or start a new fit")
+                f"EMTrainer state was saved with max_iter={saved['max_iter']}; the automatic "
+                f"noise-prior search runs after min(search_warmup, max_iter - 1) iterations, "
+                f"{before} there but {after} with max_iter={max_iter} (search_warmup="
+                f"{warmup}), so the resumed fit would be neither run: resume with {fits} "
+                "(the config key train.em.max_iter) or start a new fit")
 
 
 @dataclass(frozen=True)

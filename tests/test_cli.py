@@ -1379,6 +1379,24 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(run_d
     code, _, stderr = run_cli("sample", run_dir, "-o", readonly / "x.png")
     assert code == 2 and f"cannot write into {readonly} (read-only or not permitted)" in stderr
     assert not list(readonly.iterdir())
+    # Where os.access says yes but no file can be made (root on /proc or /sys), evaluate
+    # printed its whole JSON, then failed naming the temporary file.
+    special = tmp_path / "special"
+    special.mkdir()
+    import tempfile
+
+    make = tempfile.mkstemp
+
+    def refuse(*args, dir=None, **kwargs):
+        if Path(dir) == special:
+            raise PermissionError(13, "Permission denied")
+        return make(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr("mfa.cli_run.tempfile.mkstemp", refuse)
+    code, stdout, stderr = run_cli("evaluate", run_dir, "-o", special / "e.json")
+    assert code == 2 and f"cannot write into {special} (Permission denied)" in stderr, stderr
+    assert "bits_per_dim" not in stdout and not list(special.iterdir())
 
 
 def test_a_figure_too_large_is_refused_before_the_sampling(run_dir, tmp_path, monkeypatch):

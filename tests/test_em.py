@@ -1116,9 +1116,18 @@ def test_resumed_max_iter_may_not_move_the_automatic_search():
             MixtureOfFactorAnalyzers(2, 3, 1, dtype=F64), x,
             checkpoint_fn=lambda t, m: saved.append(t.state_dict()))
     state = next(s for s in saved if s["run"] == 0 and s["iteration"] == 1)
-    with pytest.raises(ValueError, match=r"saved with max_iter=1, under which the automatic "
-                                         r"noise-prior search ran after 0 iteration\(s\)"):
+    with pytest.raises(ValueError, match=r"saved with max_iter=1; the automatic noise-prior "
+                                         r"search runs after min\(search_warmup, max_iter - 1\) "
+                                         r"iterations, 0 there but 1 with max_iter=8 .*resume "
+                                         r"with max_iter=1 \(the config key train\.em\.max_iter\)"):
         EMTrainer(EMConfig(max_iter=8, progress=False)).load_state_dict(state)
+    # The other way (a reviewer's run: 1 iteration done of max_iter=30, resumed with
+    # max_iter=1) names the limits that would resume.
+    done = {"config": {"max_iter": 30, "noise_prior_variance": "auto", "search_warmup": 1},
+            "run": 0, "iteration": 1}
+    with pytest.raises(ValueError, match=r"1 there but 0 with max_iter=1 \(search_warmup=1\)"
+                                         r".*resume with max_iter >= 2"):
+        check_resumed_max_iter(done, 1)
     # limits that leave the search where it was may change; so may any without the search
     auto = {"config": {"max_iter": 4, "noise_prior_variance": "auto", "search_warmup": 1},
             "run": 0, "iteration": 2}

@@ -222,3 +222,23 @@ def test_a_fit_saved_before_the_rounds_gets_them_against_its_own_score(overfit, 
     assert in_round  # the round ran
     for name in PARAMS:
         assert torch.equal(getattr(model, name).detach(), getattr(first, name).detach()), name
+
+
+def test_the_progress_bar_names_a_round_as_a_round(overfit, monkeypatch):
+    """A round's bar read "EM run 2/1" (the run counter past n_init); it now reads as a
+    re-seeding round of reseed_rounds."""
+    from mfa import training
+
+    labels = []
+    real = training.progress_bar
+
+    def spy(iterable, enabled, **kwargs):
+        labels.append(kwargs.get("desc"))
+        return real(iterable, enabled, **kwargs)
+
+    monkeypatch.setattr(training, "progress_bar", spy)
+    train, val = overfit
+    _, trainer = _fit(train, val, reseed_rounds=2)
+    assert {h["run"] for h in trainer.history} >= {0, 1}  # (a round ran)
+    assert labels[0] == "EM run 1/1"
+    assert labels[1] == "EM re-seeding round 1/2"
