@@ -32,8 +32,7 @@ __all__ = [
     "expected_shapes",
 ]
 
-_CONFIG_KEYS = ("n_components", "n_features", "n_factors", "noise", "min_noise",
-                "chunk_elements")  # (chunk_elements: absent from checkpoints before 2026-12-07)
+_CONFIG_KEYS = ("n_components", "n_features", "n_factors", "noise", "min_noise")
 _REQUIRED_CONFIG_KEYS = ("n_components", "n_features", "n_factors")
 # Keys a trainer state may hold that load_checkpoint can check whatever the trainer:
 _GENERATOR_KEYS = ("generator",)  # a CPU torch.Generator state (uint8 tensor)

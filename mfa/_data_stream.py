@@ -9,19 +9,23 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 from torch.utils.data import (
+    BatchSampler,
     DataLoader,
     Dataset,
     IterableDataset,
     RandomSampler,
+    Sampler,
     SequentialSampler,
     Subset,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
     default_collate,
 )
 
 from mfa import distributed
 from mfa._validation import all_finite, all_not_inf
 from mfa.data.quantized import QuantizedRows
-from mfa.loader_shards import shard_loader
+from mfa.loader_shards import _rebuild, _samplers, shard_loader  # (its private tools)
 
 #: Rows per batch of the streamed computations (evaluation, likelihoods, NDB binning).
 DEFAULT_BATCH_SIZE = 4096
@@ -98,8 +102,11 @@ class DataSource:
             self.iterable = None
         elif isinstance(data, Dataset):
             self.tensor = None
+            # (its own generator: iterating a DataLoader without one draws its base seed
+            # from torch's global RNG, which a fit on a Dataset then moved)
             self.iterable = DataLoader(data, batch_size=batch_size, shuffle=False,
-                                       collate_fn=RowCollate(self.n_features, name))
+                                       collate_fn=RowCollate(self.n_features, name),
+                                       generator=torch.Generator())
             if not isinstance(data, IterableDataset) and hasattr(data, "__len__"):
                 self.dataset, self.in_order = data, True
         elif isinstance(data, Iterable):
@@ -123,38 +130,46 @@ class DataSource:
                            else None)
 
     def in_fixed_order(self) -> DataSource:
-        """This source, or a copy that reads the same rows in the same order on every pass:
-        a ``DataLoader`` that shuffles its whole Dataset (a ``RandomSampler`` without
-        replacement, one pass its every row once) is read through an unshuffled loader over
-        that Dataset, with the same batch size and collation. For comparisons of rows across
-        passes (the tempered step's paired per-row gains, :mod:`mfa.tempering`): a shuffled
-        validation loader paired other rows (the standard error of one model against itself
-        came out 8.6 nats, not 0, and the step was refused where it paid). Tensors, streams
-        sharded under torch.distributed (read in order) and other iterables come back as
-        they are; a ``RandomSampler`` that draws other rows each pass cannot be fixed here
-        and raises ``ValueError``."""
+        """This source, or a copy that reads the same rows in the same order on every pass.
+        For comparisons of rows across passes (the tempered step's paired per-row gains,
+        :mod:`mfa.tempering`): a shuffled validation loader paired other rows (the standard
+        error of one model against itself came out 8.6 nats, not 0, and the step was
+        refused where it paid).
+
+        A ``DataLoader`` whose sampler (or whose ``BatchSampler``'s) draws the same rows in
+        a new order each pass is rebuilt with every other setting of it over those rows in
+        order: a ``RandomSampler`` without replacement over its whole Dataset (``shuffle=
+        True``) reads the Dataset in order, a ``SubsetRandomSampler`` its indices sorted.
+        Tensors, sharded streams (read in order) and loaders that draw nothing at random
+        come back as they are; a loader that draws other rows each pass (with replacement,
+        ``num_samples``, weights) or through another batch sampler raises ``ValueError``.
+        Other iterables are taken to yield the same rows in the same order each pass."""
         loader = self.iterable
-        if self.tensor is not None or not isinstance(loader, DataLoader):
+        if self.tensor is not None or self.sharded or not isinstance(loader, DataLoader):
             return self
-        sampler = loader.sampler
-        if not isinstance(sampler, RandomSampler) or loader.batch_size is None:
+        drawn = [s for s in _samplers(loader)
+                 if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))]
+        if not drawn:
             return self
-        data = loader.dataset
-        if sampler.replacement or sampler.num_samples != len(data):
+        batches = loader.batch_sampler
+        custom = loader.batch_size is None and batches is not None  # (a batch_sampler given)
+        order = _in_order(batches.sampler if custom and type(batches) is BatchSampler
+                          else None if custom else loader.sampler)
+        if order is None:
             raise ValueError(
-                f"{self.name} is a DataLoader whose RandomSampler draws "
-                f"{sampler.num_samples} of {len(data)} rows"
-                f"{' with replacement' if sampler.replacement else ''}, other rows each pass; "
-                "validation rows are compared row by row across passes: pass a DataLoader "
-                "that reads every row once (shuffle=False)")
+                f"{self.name} is a DataLoader that draws its rows at random each pass "
+                f"({', '.join(type(s).__name__ for s in drawn)}: with replacement, a number "
+                "of samples, weights, or through a batch sampler of its own), but validation "
+                "rows are compared row by row across passes: pass one that reads the same "
+                "rows each pass (shuffle=True or a SubsetRandomSampler are read in order here)")
+        sampling = ({"batch_sampler": BatchSampler(order, batches.batch_size, batches.drop_last)}
+                    if custom else {"batch_size": loader.batch_size, "sampler": order,
+                                    "drop_last": loader.drop_last})
         fixed = copy.copy(self)
-        fixed.iterable = DataLoader(data, batch_size=loader.batch_size, shuffle=False,
-                                    collate_fn=loader.collate_fn, drop_last=loader.drop_last,
-                                    num_workers=loader.num_workers,
-                                    pin_memory=loader.pin_memory)
+        fixed.iterable = _rebuild(loader, empty_safe=False, generator=torch.Generator(),
+                                  **sampling)
         fixed.whole = fixed.iterable
-        fixed.dataset, fixed.in_order, fixed.offset = data, True, 0
-        fixed.batch_size = loader.batch_size  # (errors name the item by it)
+        fixed.in_order = False  # (errors name no Dataset item: the order is not the Dataset's)
         return fixed
 
     def _item(self, index: int, row: int) -> str:
@@ -241,7 +256,8 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
         if len(rows) > max_rows:
             gen = torch.Generator().manual_seed(seed)
             rows = Subset(rows, torch.randperm(len(rows), generator=gen)[:max_rows].tolist())
-        return torch.cat(list(_rebatch(source, DataLoader(rows, batch_size=source.batch_size))))
+        return torch.cat(list(_rebatch(source, DataLoader(rows, batch_size=source.batch_size,
+                                                                   generator=torch.Generator()))))
     rows, count = [], 0
     # A sharded stream reads the whole data as one process would, where it can; otherwise
     # (each process's own iterable) its first rows are joined across processes in rank order.
@@ -271,6 +287,19 @@ def _whole_dataset(loader: Iterable) -> Dataset | None:
         isinstance(sampler, RandomSampler) and not sampler.replacement
         and sampler.num_samples == len(data))
     return data if whole else None
+
+
+def _in_order(sampler) -> Sampler | list[int] | None:
+    """The indices ``sampler`` draws each pass, in a fixed order, where it draws the same
+    ones each pass in a new order (``None`` where it does not)."""
+    if (isinstance(sampler, RandomSampler) and not sampler.replacement
+            and sampler.num_samples == len(sampler.data_source)):
+        return SequentialSampler(sampler.data_source)
+    if isinstance(sampler, SubsetRandomSampler):
+        return sorted(int(i) for i in sampler.indices)
+    if isinstance(sampler, SequentialSampler):
+        return sampler
+    return None
 
 
 def _rebatch(source: DataSource, iterable: Iterable) -> Iterator[Tensor]:

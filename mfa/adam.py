@@ -17,7 +17,7 @@ from mfa.model import MixtureOfFactorAnalyzers
 
 __all__ = [
     "add_weight_decay", "check_adam_state", "count_rows", "drop_saved_weight_decay", "make_adam",
-    "relative_step_factor", "scaled_step", "step_buffers",
+    "relative_step_factor", "scaled_step", "step_buffers", "unknown_rows",
 ]
 
 
@@ -149,3 +149,13 @@ def count_rows(train) -> int | None:
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
     return None
+
+
+def unknown_rows(train) -> ValueError:
+    """The error of priors whose penalty needs the training rows (:func:`count_rows`) where
+    ``train`` does not tell them."""
+    return ValueError(
+        "SGDConfig priors (noise_prior_strength > 0, weight_concentration > 1 or "
+        "loading_ridge > 0) need the number of training rows: pass a tensor, a Dataset or a "
+        "DataLoader with a sized dataset, keep em_start (its pass counts them), or set "
+        f"noise_prior_strength=0, got {type(train).__name__}")

@@ -5,8 +5,8 @@ Format: one ``torch.save`` zip archive holding a dict of tensors and plain Pytho
 
     {"format": "mfa-checkpoint", "version": 1, "mfa_version": ..., "torch_version": ...,
      "created": ISO time, "model_class": "MixtureOfFactorAnalyzers",
-     "model_config": model.config() + chunk_elements (since 2026-12-07),
-     "model_state": model.state_dict() (on the CPU),
+     "model_config": model.config(), "model_state": model.state_dict() (on the CPU),
+     "chunk_elements": model.chunk_elements (since 2026-12-07; older readers ignore it),
      "run_config": config_to_dict(RunConfig) | None,
      "trainer_state": trainer.state_dict() | None, "metrics": dict | None}
 
@@ -200,12 +200,12 @@ def save_checkpoint(
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model_class": type(model).__name__,
-        # chunk_elements too: sampling's draws are made chunk by chunk, so a seed gives the
-        # same samples only under the same chunk_elements (a model loaded without it sampled
-        # other images than the one saved)
-        "model_config": _plain({**model.config(), "chunk_elements": model.chunk_elements},
-                               "model.config()"),
+        "model_config": _plain(model.config(), "model.config()"),
         "model_state": _plain(dict(model.state_dict()), "model.state_dict()"),
+        # Sampling draws chunk by chunk: a seed gives the saved model's samples only under the
+        # same chunk_elements (a loaded model sampled other images). Beside model_config, not
+        # in it: an older mfa, which refuses unknown config keys, ignores it.
+        "chunk_elements": model.chunk_elements,
         "run_config": _plain(None if run_config is None else config_to_dict(run_config),
                              "run_config"),
         "trainer_state": _plain(trainer_state, "trainer_state"),
@@ -437,6 +437,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     payload = _read(path, map_location)
     _check_payload(payload, path)
     model = _rebuild_model(payload, path)
+    chunk = payload.get("chunk_elements")  # (absent before 2026-12-07: the default)
+    if chunk is not None:
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise CheckpointError(f"checkpoint {path} holds an invalid chunk_elements "
+                                  f"{chunk!r}: a positive int")
+        model.chunk_elements = chunk
     try:
         check_trainer_state(payload.get("trainer_state"))
     except (TypeError, ValueError) as error:

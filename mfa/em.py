@@ -309,7 +309,7 @@ class EMTrainer:
         # A CPU generator: its state resumes on any device.
         gen = torch.Generator().manual_seed((cfg.seed * 1000003 + run) % 2**63)
         if state.generator is not None:
-            gen.set_state(state.generator)
+            gen.set_state(state.generator.cpu())  # (a checkpoint read onto a GPU: cuda)
         converged = False
         prev_ll = state.previous_log_likelihood
         ll = prev_ll if prev_ll is not None else -math.inf

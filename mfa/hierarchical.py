@@ -196,7 +196,8 @@ def _batches(data: Tensor | Dataset, batch_size: int):
         for i in range(0, data.shape[0], batch_size):
             yield data[i : i + batch_size]
         return
-    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(data, batch_size=batch_size, shuffle=False,
+                            generator=torch.Generator()):  # (not torch's global RNG)
         batch = batch[0] if isinstance(batch, (tuple, list)) else batch
         yield batch.reshape(batch.shape[0], -1)
 

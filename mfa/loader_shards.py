@@ -86,9 +86,11 @@ def _check_no_padding(loader) -> None:
             )
 
 
-def _rebuild(loader: DataLoader, **sampling) -> DataLoader:
+def _rebuild(loader: DataLoader, *, empty_safe: bool = True, generator=None,
+             **sampling) -> DataLoader:
     """``loader`` over other samplers, with every other setting of it (workers and their
-    ``worker_init_fn``, collation, pinning, the generator)."""
+    ``worker_init_fn``, collation, pinning, the generator: ``generator`` instead when given).
+    ``empty_safe``: its collation also makes empty parts of global batches (Adam)."""
     workers = {"num_workers": loader.num_workers, "worker_init_fn": loader.worker_init_fn,
                "timeout": loader.timeout,
                "multiprocessing_context": loader.multiprocessing_context}
@@ -99,10 +101,12 @@ def _rebuild(loader: DataLoader, **sampling) -> DataLoader:
         workers["in_order"] = loader.in_order
     if getattr(loader, "pin_memory_device", ""):
         workers["pin_memory_device"] = loader.pin_memory_device
+    collate = (_EmptySafeCollate(loader.collate_fn, loader.dataset) if empty_safe
+               else loader.collate_fn)
     return DataLoader(
-        loader.dataset, **sampling, **workers,
-        collate_fn=_EmptySafeCollate(loader.collate_fn, loader.dataset),
-        pin_memory=loader.pin_memory, generator=loader.generator,
+        loader.dataset, **sampling, **workers, collate_fn=collate,
+        pin_memory=loader.pin_memory,
+        generator=loader.generator if generator is None else generator,
     )
 
 

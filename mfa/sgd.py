@@ -25,6 +25,7 @@ from mfa.adam import (
     make_adam,
     scaled_step,
     step_buffers,
+    unknown_rows,
 )
 from mfa.data.quantized import QuantizedRows
 from mfa.init import initialise
@@ -268,7 +269,8 @@ class SGDTrainer:
             loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
                       if isinstance(train, Dataset) and not isinstance(train, IterableDataset)
                       else DataLoader(train, batch_size=cfg.batch_size,
-                                      collate_fn=RowCollate(model.n_features, "data"))
+                                      collate_fn=RowCollate(model.n_features, "data"),
+                                      generator=torch.Generator())  # (not the global RNG)
                       if isinstance(train, IterableDataset) else train)
             # Under torch.distributed each process reads its part of every global batch.
             sharded = shard_global_batches(loader)
@@ -292,7 +294,7 @@ class SGDTrainer:
         n_train = count_rows(train) if needs_rows else None
         if needs_rows and n_train is None and self._resume is None and not any(
                 self._passes_at_start(val_source is not None)):
-            raise _unknown_rows(train)
+            raise unknown_rows(train)
         optimizer = make_adam(list(model.parameters()), cfg.lr)
         if cfg.schedule == "cosine":
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -310,7 +312,7 @@ class SGDTrainer:
             optimizer.load_state_dict(state["optimizer"])
             drop_saved_weight_decay(optimizer)
             scheduler.load_state_dict(state["scheduler"])
-            gen.set_state(state["generator"])
+            gen.set_state(state["generator"].cpu())  # (a checkpoint read onto a GPU: cuda)
             best_val, best_params = state["best_val"], state["best_params"]
             self.selected_noise_prior_variance = state.get("noise_prior_variance")
             counted = state.get("n_train")
@@ -360,7 +362,7 @@ class SGDTrainer:
         if needs_rows and n_train is None:  # counted by the start's pass (every process's)
             n_train = counted
             if n_train is None:
-                raise _unknown_rows(train)
+                raise unknown_rows(train)
         elif n_train is not None and per_rank:
             # the penalty's 1/N: every process's rows, the same on all of them
             n_train = round(distributed.sum_across_processes(n_train)[0])
@@ -378,99 +380,109 @@ class SGDTrainer:
         bar = training.progress_bar(range(start_epoch, start_epoch if stopped else cfg.epochs),
                                     cfg.progress and distributed.is_main_process(),
                                     desc="Adam", leave=False)
-        for epoch in bar:
-            started = time.perf_counter()
-            total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-            # The plain Woodbury loss is cheaper, but its gradients were 30-90x off for a
-            # float32 component with a noise variance far below its loadings', and its loss
-            # biased on sharp fits (_terms.SHARP_LOSS_LIMIT); checked per epoch.
-            a, d = model.factor_loadings, model.noise_variance
-            exact = (bool(ill_conditioned(a, d).any())
-                     or woodbury_rounding(a, d) > SHARP_LOSS_LIMIT)
-            for batch in self._batches(train, train_source, gen):
-                optimizer.zero_grad(set_to_none=True)
-                # The observed-data likelihood when rows may hold NaN (mfa.missing).
-                log_p = (missing.row_log_prob(model, batch) if allow
-                         else linalg.logsumexp(model._component_log_prob(batch, exact=exact)))
-                # −mean log p over the global batch (gradients added across processes).
-                nll, rows = distributed.backward_mean(-log_p, model.parameters())
-                loss = nll
-                if n_train is not None:  # the priors' penalty: global, the same everywhere
-                    penalty = self.penalty(model, prior, n_train)
-                    if penalty.requires_grad:  # (a ridge alone, without loadings: 0)
-                        penalty.backward()
-                    loss = nll + penalty.detach().to(nll.dtype)
-                # The gradient's norm (clipped to grad_clip): a finite loss can have
-                # non-finite gradients (a noise variance whose 1/d² overflows), and a step
-                # on them would leave every parameter NaN. One check for both.
-                norm = (torch.nn.utils.get_total_norm(
-                            [p.grad for p in model.parameters() if p.grad is not None])
-                        if cfg.grad_clip is None else
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-                if not torch.isfinite(loss + norm.to(loss.dtype)):
-                    what = (f"the minibatch loss is {loss.item()}" if not torch.isfinite(loss)
-                            else f"the gradient's norm is {norm.item()} (the loss "
-                                 f"{loss.item():.6g})")
-                    raise fail(
-                        f"Adam epoch {epoch + 1}: {what}; lower the learning rate "
-                        f"(SGDConfig.lr={cfg.lr:g}) or raise min_noise"
-                    )
-                if reference is None:  # the initial parameters' fit to the first minibatch
-                    reference = -nll.item()
-                if cfg.weight_decay:
-                    add_weight_decay(model.parameters(), cfg.weight_decay)
-                scaled_step(optimizer, model, before is not None, before)
-                scheduler.step()
-                total += -nll.item() * rows
-                seen += rows
-            train_ll = total / max(seen, 1)
-            val_ll = training.evaluate(model, val_source) if val_source is not None else None
-            if _diverged(train_ll, val_ll, reference, model.n_features):
-                if math.isfinite(train_ll) and val_ll is not None and not math.isfinite(val_ll):
-                    what = (f"the validation log-likelihood is {val_ll:.4g} (train: "
-                            f"{train_ll:.4g} nats per row)")
+        # Interrupted inside an epoch (Ctrl-C, a data error), the model goes back to that epoch's
+        # start, which state_dict() describes (saved mid-epoch, a resume was 0.018 off, silently)
+        epoch_start = None
+        try:
+            for epoch in bar:
+                epoch_start = training.clone_params(model)
+                started = time.perf_counter()
+                total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
+                # The plain Woodbury loss is cheaper, but its gradients were 30-90x off for a
+                # float32 component with a noise variance far below its loadings', and its loss
+                # biased on sharp fits (_terms.SHARP_LOSS_LIMIT); checked per epoch.
+                a, d = model.factor_loadings, model.noise_variance
+                exact = (bool(ill_conditioned(a, d).any())
+                         or woodbury_rounding(a, d) > SHARP_LOSS_LIMIT)
+                for batch in self._batches(train, train_source, gen):
+                    optimizer.zero_grad(set_to_none=True)
+                    # The observed-data likelihood when rows may hold NaN (mfa.missing).
+                    log_p = (missing.row_log_prob(model, batch) if allow
+                             else linalg.logsumexp(model._component_log_prob(batch, exact=exact)))
+                    # −mean log p over the global batch (gradients added across processes).
+                    nll, rows = distributed.backward_mean(-log_p, model.parameters())
+                    loss = nll
+                    if n_train is not None:  # the priors' penalty: global, the same everywhere
+                        penalty = self.penalty(model, prior, n_train)
+                        if penalty.requires_grad:  # (a ridge alone, without loadings: 0)
+                            penalty.backward()
+                        loss = nll + penalty.detach().to(nll.dtype)
+                    # The gradient's norm (clipped to grad_clip): a finite loss can have
+                    # non-finite gradients (a noise variance whose 1/d² overflows), and a step
+                    # on them would leave every parameter NaN. One check for both.
+                    norm = (torch.nn.utils.get_total_norm(
+                                [p.grad for p in model.parameters() if p.grad is not None])
+                            if cfg.grad_clip is None else
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    if not torch.isfinite(loss + norm.to(loss.dtype)):
+                        what = (f"the minibatch loss is {loss.item()}" if not torch.isfinite(loss)
+                                else f"the gradient's norm is {norm.item()} (the loss "
+                                     f"{loss.item():.6g})")
+                        raise fail(
+                            f"Adam epoch {epoch + 1}: {what}; lower the learning rate "
+                            f"(SGDConfig.lr={cfg.lr:g}) or raise min_noise"
+                        )
+                    if reference is None:  # the initial parameters' fit to the first minibatch
+                        reference = -nll.item()
+                    if cfg.weight_decay:
+                        add_weight_decay(model.parameters(), cfg.weight_decay)
+                    scaled_step(optimizer, model, before is not None, before)
+                    scheduler.step()
+                    total += -nll.item() * rows
+                    seen += rows
+                train_ll = total / max(seen, 1)
+                val_ll = training.evaluate(model, val_source) if val_source is not None else None
+                if _diverged(train_ll, val_ll, reference, model.n_features):
+                    if math.isfinite(train_ll) and val_ll is not None and not math.isfinite(val_ll):
+                        what = (f"the validation log-likelihood is {val_ll:.4g} (train: "
+                                f"{train_ll:.4g} nats per row)")
+                    else:
+                        val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
+                        what = (f"the mean train log-likelihood is {train_ll:.4g} nats per row"
+                                f"{val_text}, down from {reference:.4g}")
+                    raise fail(f"Adam diverged at epoch {epoch + 1}: {what}; use a smaller "
+                               f"learning rate than SGDConfig.lr={cfg.lr:g}")
+                reference = train_ll if reference is None else max(reference, train_ll)
+                if val_ll is None:  # nothing to stop on: the last epoch is kept
+                    best_params = training.clone_params(model)
+                elif val_ll > best_val:
+                    best_val, bad_epochs = val_ll, 0
+                    best_params = training.clone_params(model)
                 else:
-                    val_text = "" if val_ll is None else f" (validation: {val_ll:.4g})"
-                    what = (f"the mean train log-likelihood is {train_ll:.4g} nats per row"
-                            f"{val_text}, down from {reference:.4g}")
-                raise fail(f"Adam diverged at epoch {epoch + 1}: {what}; use a smaller "
-                           f"learning rate than SGDConfig.lr={cfg.lr:g}")
-            reference = train_ll if reference is None else max(reference, train_ll)
-            if val_ll is None:  # nothing to stop on: the last epoch is kept
-                best_params = training.clone_params(model)
-            elif val_ll > best_val:
-                best_val, bad_epochs = val_ll, 0
-                best_params = training.clone_params(model)
-            else:
-                bad_epochs += 1
-            record = {
-                "epoch": epoch + 1, "train_log_likelihood": train_ll,
-                "val_log_likelihood": val_ll, "lr": lr,
-                "seconds": time.perf_counter() - started,
-            }
-            self.history.append(record)
-            bar.set_postfix(ll=f"{train_ll:.4f}", val=f"{val_ll:.4f}" if val_ll else "-")
-            logger.debug("Adam epoch %d: %s", epoch + 1, record)
-            # Decided before the checkpoint: resumed from it, the fit must stop here too.
-            stopped = bool(cfg.patience and bad_epochs >= cfg.patience)
-            self._state = {
-                "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
-                "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
-                "reference_log_likelihood": reference, "stopped": stopped, "final": False,
-                "noise_prior_variance": self.selected_noise_prior_variance,
-                "start_val": self.start_val_log_likelihood, "n_train": n_train,
-            }
-            if checkpoint_fn is not None and cfg.checkpoint_every and (
-                (epoch + 1) % cfg.checkpoint_every == 0
-            ):
-                checkpoint_fn(self, model)
-            for callback in callbacks:
-                callback(self, model, record)
-            if stopped:
-                logger.info("Adam: early stop after epoch %d (no improvement in %d epochs)",
-                            epoch + 1, cfg.patience)
-                break
+                    bad_epochs += 1
+                record = {
+                    "epoch": epoch + 1, "train_log_likelihood": train_ll,
+                    "val_log_likelihood": val_ll, "lr": lr,
+                    "seconds": time.perf_counter() - started,
+                }
+                self.history.append(record)
+                bar.set_postfix(ll=f"{train_ll:.4f}", val=f"{val_ll:.4f}" if val_ll else "-")
+                logger.debug("Adam epoch %d: %s", epoch + 1, record)
+                # Decided before the checkpoint: resumed from it, the fit must stop here too.
+                stopped = bool(cfg.patience and bad_epochs >= cfg.patience)
+                self._state = {
+                    "epoch": epoch + 1, "optimizer": copy.deepcopy(optimizer.state_dict()),
+                    "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                    "best_val": best_val, "best_params": best_params, "bad_epochs": bad_epochs,
+                    "reference_log_likelihood": reference, "stopped": stopped, "final": False,
+                    "noise_prior_variance": self.selected_noise_prior_variance,
+                    "start_val": self.start_val_log_likelihood, "n_train": n_train,
+                }
+                epoch_start = None  # (finished: the state describes the model)
+                if checkpoint_fn is not None and cfg.checkpoint_every and (
+                    (epoch + 1) % cfg.checkpoint_every == 0
+                ):
+                    checkpoint_fn(self, model)
+                for callback in callbacks:
+                    callback(self, model, record)
+                if stopped:
+                    logger.info("Adam: early stop after epoch %d (no improvement in %d epochs)",
+                                epoch + 1, cfg.patience)
+                    break
+        except BaseException as error:
+            if epoch_start is not None and not isinstance(error, FloatingPointError):
+                model.load_state_dict(epoch_start)  # (fail() set the model already)
+            raise
         bar.close()
         if best_params is not None:
             model.load_state_dict(best_params)
@@ -484,11 +496,3 @@ class SGDTrainer:
         if checkpoint_fn is not None:
             checkpoint_fn(self, model)
         return model
-
-
-def _unknown_rows(train) -> ValueError:
-    return ValueError(
-        "SGDConfig priors (noise_prior_strength > 0, weight_concentration > 1 or "
-        "loading_ridge > 0) need the number of training rows: pass a tensor, a Dataset or a "
-        "DataLoader with a sized dataset, keep em_start (its pass counts them), or set "
-        f"noise_prior_strength=0, got {type(train).__name__}")

@@ -120,14 +120,16 @@ def test_chunk_elements_round_trip(tmp_path):
     default = make_model()
     assert not torch.equal(draw(default), draw(model))  # (the test can fail)
 
-    # A checkpoint written before chunk_elements was saved loads with the default.
+    # Beside model_config, whose unknown keys an older mfa refuses: it reads the file.
     path = save_checkpoint(tmp_path / "old.pt", model)
-    rewrite(path, lambda p: p["model_config"].pop("chunk_elements"))
+    assert "chunk_elements" not in torch.load(path, weights_only=True)["model_config"]
+    # A checkpoint written before chunk_elements was saved loads with the default.
+    rewrite(path, lambda p: p.pop("chunk_elements"))
     assert load_checkpoint(path).model.chunk_elements == DEFAULT_CHUNK_ELEMENTS
-    rewrite(path, lambda p: p["model_config"].update(chunk_elements=0))
-    with pytest.raises(CheckpointError, match=r"old\.pt has an invalid model config.*"
-                                              r"chunk_elements"):
-        load_checkpoint(path)
+    for bad in (0, 2.5, "40", True):
+        rewrite(path, lambda p, bad=bad: p.update(chunk_elements=bad))
+        with pytest.raises(CheckpointError, match=r"old\.pt holds an invalid chunk_elements"):
+            load_checkpoint(path)
 
 
 def test_minimal_checkpoint_and_float32(tmp_path):

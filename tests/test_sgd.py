@@ -331,6 +331,48 @@ def test_resume_after_interrupt_equals_uninterrupted(small, schedule):
     )
 
 
+def test_interrupted_inside_an_epoch_the_model_is_the_state_dicts(small):
+    """Ctrl-C (or an error from the data) half-way through epoch 3: the model held that
+    epoch's half-trained parameters while state_dict() described the end of epoch 2, and a
+    fit resumed from the pair (saved after catching the interrupt) ended 0.018 off the
+    uninterrupted fit, without a word. The model now goes back to where the epoch started,
+    and the resume is exact."""
+    from torch.utils.data import Dataset
+
+    train, _ = small
+    config = dict(epochs=5, batch_size=64, patience=0, seed=3, val_fraction=0.0)
+
+    class Rows(Dataset):
+        def __init__(self, fail_at=None):
+            self.reads, self.fail_at = 0, fail_at
+
+        def __len__(self):
+            return train.shape[0]
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if self.reads == self.fail_at:
+                raise _Interrupt
+            return train[i]
+
+    probe = Rows()
+    full, _ = _fit(probe, 2, 1, model=MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), **config)
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    trainer = SGDTrainer(SGDConfig(progress=False, **config))
+    with pytest.raises(KeyboardInterrupt):  # half-way through epoch 3 of 5
+        _fit(Rows(fail_at=probe.reads - 5 * 800 // 2), 2, 1, model=model, trainer=trainer)
+    assert len(trainer.history) == 2
+    state = roundtrip(trainer.state_dict())
+    saved = roundtrip(model.state_dict())
+    resumed = MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64)
+    resumed.load_state_dict(saved)
+    again = SGDTrainer(SGDConfig(progress=False, **config))
+    again.load_state_dict(state)
+    _fit(Rows(), 2, 1, model=resumed, trainer=again)
+    for name, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize("seed", [0, 5])
 def test_resume_from_the_checkpoint_of_the_early_stopping_epoch_stops_there(seed):
     """The checkpoint written in the epoch where early stopping fires said stopped=False (the

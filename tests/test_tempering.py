@@ -158,27 +158,51 @@ def test_a_shuffled_validation_loader_gives_the_step_of_the_tensor():
 
 
 def test_in_fixed_order_pairs_rows_across_passes_or_refuses():
-    """The same model against itself over two passes of a shuffled loader: gain 0 and
-    standard error 0 in a fixed order (not 0 as shuffled); a sampler that draws other rows
-    each pass is refused with what it draws."""
-    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+    """The same model against itself over two passes of a shuffling loader: gain 0 and
+    standard error 0 in a fixed order (not 0 as shuffled), through shuffle=True, a
+    BatchSampler over a RandomSampler, a SubsetRandomSampler and a loader without automatic
+    batching (the first version fixed only shuffle=True); the loader's other settings are
+    kept; a sampler that draws other rows each pass is refused with what it draws."""
+    from torch.utils.data import (
+        BatchSampler,
+        DataLoader,
+        RandomSampler,
+        SubsetRandomSampler,
+        TensorDataset,
+    )
 
     model = random_model(3, 5, 2, seed=4)
     rows = random_data(40, model, seed=5)
-    shuffled = DataSource(DataLoader(TensorDataset(rows), batch_size=8, shuffle=True,
-                                     generator=torch.Generator().manual_seed(0)), model, 8)
-    first, second = (tempering._row_log_probs(model, shuffled) for _ in range(2))
-    assert tempering._paired_gain(first, second, False)[1] > 0  # (the test can fail)
-    fixed = shuffled.in_fixed_order()
-    first, second = (tempering._row_log_probs(model, fixed) for _ in range(2))
-    assert tempering._paired_gain(first, second, False)[:2] == (0.0, 0.0)
-    torch.testing.assert_close(torch.cat(first), model.log_prob(rows).double())
+    data = TensorDataset(rows)
+    seeded = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    first_of = lambda items: torch.stack([item[0] for item in items])  # noqa: E731
+    loaders = {
+        "shuffle": (DataLoader(data, batch_size=8, shuffle=True, generator=seeded(),
+                               collate_fn=first_of), rows),
+        "batch sampler": (DataLoader(data, batch_sampler=BatchSampler(
+            RandomSampler(data, generator=seeded()), 8, False)), rows),
+        "subset": (DataLoader(data, batch_size=8, sampler=SubsetRandomSampler(
+            range(10, 40), generator=seeded())), rows[10:]),
+        "no batching": (DataLoader(TensorDataset(rows.view(5, 8, 5)), batch_size=None,
+                                   shuffle=True, generator=seeded()), rows),
+    }
+    for name, (loader, expected) in loaders.items():
+        shuffled = DataSource(loader, model, 8)
+        first, second = (tempering._row_log_probs(model, shuffled) for _ in range(2))
+        assert tempering._paired_gain(first, second, False)[1] > 0, name  # (it can fail)
+        fixed = shuffled.in_fixed_order()
+        assert fixed.iterable.collate_fn is loader.collate_fn, name
+        first, second = (tempering._row_log_probs(model, fixed) for _ in range(2))
+        assert tempering._paired_gain(first, second, False)[:2] == (0.0, 0.0), name
+        torch.testing.assert_close(torch.cat(first), model.log_prob(expected).double(),
+                                   msg=name)
     tensor = DataSource(rows, model, 8)
     assert tensor.in_fixed_order() is tensor
-    drawn = DataLoader(TensorDataset(rows), batch_size=8,
-                       sampler=RandomSampler(rows, replacement=True))
-    with pytest.raises(ValueError, match=r"validation is a DataLoader whose RandomSampler draws "
-                                         r"40 of 40 rows with replacement"):
+    plain = DataSource(DataLoader(data, batch_size=8), model, 8)
+    assert plain.in_fixed_order() is plain
+    drawn = DataLoader(data, batch_size=8, sampler=RandomSampler(data, replacement=True))
+    with pytest.raises(ValueError, match=r"validation is a DataLoader that draws its rows at "
+                                         r"random each pass \(RandomSampler: with replacement"):
         DataSource(drawn, model, 8, "validation").in_fixed_order()
 
 

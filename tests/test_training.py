@@ -318,3 +318,47 @@ def test_evaluate_takes_an_ill_conditioned_component_in_float64_only_near_the_to
         every = torch.logsumexp(m32._component_log_prob(x, terms), -1)
     torch.testing.assert_close(near, every, rtol=0, atol=0)
     torch.testing.assert_close(near.double(), dense, rtol=0, atol=2e-3)
+
+
+def test_fits_on_a_dataset_leave_torchs_global_rng_as_it_was():
+    """Iterating a DataLoader without a generator of its own draws its base seed from
+    torch's global RNG: a fit on a Dataset (EM or Adam, a map-style one or a stream) moved
+    the user's later torch.rand draws, where a fit on a tensor did not."""
+    from torch.utils.data import Dataset, IterableDataset
+
+    class Rows(Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    class Stream(IterableDataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __iter__(self):
+            return iter(self.rows)
+
+    model = random_model(2, 4, 1)
+    x = random_data(120, model)
+    fits = {
+        "EM": lambda model, data: EMTrainer(EMConfig(max_iter=3, progress=False)).fit(
+            model, data),
+        "Adam": lambda model, data: SGDTrainer(SGDConfig(epochs=2, progress=False)).fit(
+            model, data, validation=x[:20]),
+    }
+    import warnings
+
+    for name, fit in fits.items():
+        for data in (Rows(x), Stream(x)):
+            model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
+            torch.manual_seed(7)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fit(model, data)
+            assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state()), (
+                name, type(data).__name__)

@@ -269,6 +269,7 @@ def decode_splits(
                     batch_size=batch_size,
                     num_workers=workers if len(paths) > batch_size else 0,
                     collate_fn=_stack_or_error,
+                    generator=torch.Generator(),  # (its workers' seeds: not the global RNG's)
                 )
                 pos = 0
                 for batch in loader:

@@ -313,7 +313,9 @@ class ImageData:
             self.dataset(split, dequantize=dequantize, with_labels=with_labels, dtype=dtype),
             batch_size=batch_size,
             shuffle=shuffle,
-            generator=gen if shuffle else None,
+            # (unshuffled, a generator of its own all the same: without one, each pass drew
+            # its base seed from torch's global RNG)
+            generator=gen if shuffle else torch.Generator(),
             drop_last=drop_last,
             num_workers=num_workers,
             pin_memory=pin_memory,
