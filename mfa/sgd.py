@@ -93,8 +93,7 @@ class SGDTrainer:
         self.config = config or SGDConfig()
         self.config.validate()
         self.history: list[dict] = []
-        self._state: dict = {}
-        self._resume: dict | None = None
+        self._state, self._resume = {}, None  # (dict; dict | None)
         #: ``s₀`` chosen at the start (``noise_prior_variance="auto"``), else ``None``.
         self.selected_noise_prior_variance: float | None = None
         #: Validation log-likelihood of the start (mean per row; ``None`` without validation).
@@ -329,8 +328,8 @@ class SGDTrainer:
             if reference is None:
                 reference = max((r["train_log_likelihood"] for r in self.history),
                                 default=None)
-        else:
-            self.history, self.start_val_log_likelihood = [], None
+        else:  # (and no earlier fit's state: an interrupted first epoch described that one)
+            self.history, self.start_val_log_likelihood, self._state = [], None, {}
             floor = max(cfg.variance_floor, model.min_noise * (1 + 1e-5) + 1e-30)
             if cfg.init != "none":  # gather no rows for nothing (GBs at CelebA size)
                 # A loader over a whole Dataset is the same on every process: its rows are
@@ -369,20 +368,22 @@ class SGDTrainer:
         # Restored when the optimisation fails before any epoch has been kept.
         start_params = training.clone_params(model) if best_params is None else None
 
+        failed: list[FloatingPointError] = []  # (fail()'s: the model is set as they say)
+
         def fail(message: str) -> FloatingPointError:
             model.load_state_dict(best_params if best_params is not None else start_params)
             start = best_params is None or best_val == self.start_val_log_likelihood
             kept = ("the initial" if start else "the best epoch's" if val_source is not None
                     else "the last finished epoch's")
-            return FloatingPointError(f"{message}; the model holds {kept} parameters")
+            failed.append(FloatingPointError(f"{message}; the model holds {kept} parameters"))
+            return failed[-1]
 
         before = step_buffers(model) if cfg.step_scale == "noise" else None  # (scaled_step)
         bar = training.progress_bar(range(start_epoch, start_epoch if stopped else cfg.epochs),
                                     cfg.progress and distributed.is_main_process(),
                                     desc="Adam", leave=False)
         # Interrupted inside an epoch (Ctrl-C, a data error), the model goes back to that epoch's
-        # start, which state_dict() describes (saved mid-epoch, a resume was 0.018 off, silently)
-        epoch_start = None
+        epoch_start = None  # start, as state_dict() says (a resume was 0.018 off, silently)
         try:
             for epoch in bar:
                 epoch_start = training.clone_params(model)
@@ -480,7 +481,7 @@ class SGDTrainer:
                                 epoch + 1, cfg.patience)
                     break
         except BaseException as error:
-            if epoch_start is not None and not isinstance(error, FloatingPointError):
+            if epoch_start is not None and not any(error is own for own in failed):
                 model.load_state_dict(epoch_start)  # (fail() set the model already)
             raise
         bar.close()
