@@ -159,13 +159,7 @@ def _seed_indices(
     first = torch.randint(n, (1,), generator=generator, device=x.device)
     chosen = [first]
     x_norm = (x * x).sum(-1)  # [N], computed once for every distance below
-    if not bool(torch.isfinite(x_norm).all()):
-        finfo = torch.finfo(x.dtype)
-        raise ValueError(
-            f"input values too large for {x.dtype}: the rows' squared norms overflow "
-            f"(largest |x| is {x.abs().max().item():.3g}; squares overflow above |x| ≈ "
-            f"{finfo.max ** 0.5 / max(1, x.shape[1]) ** 0.5:.3g} in {x.shape[1]} features). "
-            "Rescale the data or use a float64 model")
+    _check_norms(x, x_norm)
     closest = _distances_to(x, x_norm, x[first])[:, 0]
     for _ in range(1, n_clusters):
         total = closest.sum()
@@ -241,6 +235,7 @@ def kmeans(
     else:
         centers = x[torch.randperm(n, generator=gen, device=x.device)[:n_clusters]]
     x_norm = (x * x).sum(-1)  # [N]
+    _check_norms(x, x_norm)  # (init="random" returned NaN inertia where they overflowed)
     # The mean feature variance: x is centred, so it is the mean squared norm over D.
     threshold = tol * x_norm.mean().item() / x.shape[1]
     labels, d2 = _nearest(x, x_norm, centers)
@@ -260,3 +255,14 @@ def kmeans(
         if shift <= threshold:
             break
     return KMeansResult(centers + offset, labels, float(d2.sum()), it)
+
+
+def _check_norms(x: Tensor, x_norm: Tensor) -> None:
+    """Refuse rows ``x`` [N, D] whose squared norms ``x_norm`` [N] overflow in their dtype."""
+    if not bool(torch.isfinite(x_norm).all()):
+        finfo = torch.finfo(x.dtype)
+        raise ValueError(
+            f"input values too large for {x.dtype}: the rows' squared norms overflow "
+            f"(largest |x| is {x.abs().max().item():.3g}; squares overflow above |x| ≈ "
+            f"{finfo.max ** 0.5 / max(1, x.shape[1]) ** 0.5:.3g} in {x.shape[1]} features). "
+            "Rescale the data or use a float64 model")

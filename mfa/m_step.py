@@ -54,8 +54,6 @@ def m_step(
         ``{"weights", "means", "factor_loadings", "noise_variance"}`` in the model's dtype,
         ready for :meth:`MixtureOfFactorAnalyzers.set_parameters`.
     """
-    if not (is_real_number(variance_floor) and 0 <= variance_floor < math.inf):  # (NaN: NaNs)
-        raise ValueError(f"variance_floor must be a finite number >= 0, got {variance_floor!r}")
     return next(m_steps(stats, model, [prior], variance_floor=variance_floor,
                         latent_covariance=latent_covariance))
 
@@ -73,7 +71,18 @@ def m_steps(
     with the loadings' solve (``O(K·D·L²)``, the bulk of the work) done once for the priors
     that share a loading ridge: the noise prior's ``s₀`` and strength and the weights'
     Dirichlet enter only the noise and weight updates (the noise-prior search scores many
-    ``s₀`` against one pass's statistics)."""
+    ``s₀`` against one pass's statistics). A bad ``variance_floor`` is refused when called,
+    not at the first ``next`` (NaN, infinite or negative floors gave NaN, infinite or
+    unfloored noise variances here)."""
+    if not (is_real_number(variance_floor) and 0 <= variance_floor < math.inf):  # (NaN: NaNs)
+        raise ValueError(f"variance_floor must be a finite number >= 0, got {variance_floor!r}")
+    return _m_steps(stats, model, priors, variance_floor, latent_covariance)
+
+
+def _m_steps(stats: SufficientStatistics, model: MixtureOfFactorAnalyzers,
+             priors: list[Prior | None], variance_floor: float,
+             latent_covariance: Tensor | None) -> Iterator[dict[str, Tensor]]:
+    """:func:`m_steps`' generator, its floor checked."""
     solved: dict[float, tuple] = {}
     for prior in priors:
         if prior is not None and prior.is_flat:

@@ -123,6 +123,10 @@ class Prior:
                 bound = f"> {low}" if strict else f">= {low}"
                 raise ValueError(f"Prior.{name} must be a finite number {bound}, got {value!r}")
             object.__setattr__(self, name, number)
+        if not math.isfinite(self.noise_strength * self.noise_variance):  # (ν·s₀ overflowed:
+            raise ValueError(  # the M-step's noise variances came out inf, without a word)
+                f"Prior.noise_strength × noise_variance must be finite, got "
+                f"{self.noise_strength!r} × {self.noise_variance!r}")
 
     @classmethod
     def from_config(cls, config, noise_variance: float) -> Prior:

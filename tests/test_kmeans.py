@@ -239,6 +239,9 @@ def test_kmeans_plus_plus_refuses_rows_whose_squares_overflow():
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 1e19
     with pytest.raises(ValueError, match="input values too large for torch.float32"):
         kmeans_plus_plus(x, 3, torch.Generator().manual_seed(0))
+    # init="random" skipped the check and returned NaN inertia and meaningless labels
+    with pytest.raises(ValueError, match="input values too large for torch.float32"):
+        kmeans(x, 3, init="random", seed=0)
 
 
 def test_kmeans_plus_plus_checks_its_arguments():

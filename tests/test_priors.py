@@ -20,7 +20,7 @@ from torch.distributions import Dirichlet, InverseGamma, Normal
 
 from mfa import MixtureOfFactorAnalyzers
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
-from mfa.m_step import m_step
+from mfa.m_step import m_step, m_steps
 from mfa.prior_search import log_grid
 from mfa.priors import QUANTIZATION_VARIANCE, Prior, quantization_variance
 from mfa.statistics import accumulate_statistics
@@ -701,6 +701,8 @@ def test_m_step_refuses_a_floor_that_is_not_a_number():
     for bad in (float("nan"), -1.0, float("inf"), "1e-3"):
         with pytest.raises(ValueError, match="variance_floor must be a finite number >= 0"):
             m_step(stats, model, variance_floor=bad)
+        with pytest.raises(ValueError, match="variance_floor must be a finite number >= 0"):
+            m_steps(stats, model, [None], variance_floor=bad)  # (public too: NaN gave NaN)
     assert torch.isfinite(m_step(stats, model, variance_floor=1e-6)["noise_variance"]).all()
 
 
@@ -754,3 +756,13 @@ def test_golden_section_search_leaves_a_non_finite_weak_end(monkeypatch):
         model, stats, DataSource(x, model, 512), Prior(1.0, 1e-4), lower=1e-4, per_decade=4,
         variance_floor=1e-6)
     assert chosen == pytest.approx(grid[peak], rel=1e-12)
+
+
+def test_a_noise_prior_whose_pseudo_sum_overflows_is_refused():
+    """Prior(1e300, 1e10): each field finite, ν·s₀ not; the M-step's noise variances came out
+    inf without a word."""
+    from mfa.priors import Prior
+
+    with pytest.raises(ValueError, match=r"noise_strength × noise_variance must be finite"):
+        Prior(1e300, 1e10)
+    Prior(1e10, 1e10)  # (large but finite)
