@@ -200,7 +200,11 @@ def _top_singular(centred: Tensor, n_top: int, gen: torch.Generator) -> tuple[Te
     ``O(n·D·(n_top + 10))`` instead of ``O(n·D·min(n, D))``. The range finder runs in
     float32 (its basis only has to span the leading directions; 0.09 s instead of 0.19 s of
     a 0.75 s initialisation of 50,000 × 784 rows, K = 50, 2 CPU cores); the singular values
-    and vectors come from the projection of ``centred`` onto it, in ``centred``'s dtype."""
+    and vectors come from the projection of ``centred`` onto it, in ``centred``'s dtype.
+    So the per-cluster PPCA is the closed form's exactly only below :data:`EXACT_SVD_LIMIT`;
+    above it, on a flat spectrum, σ² came within 0.3–1.4 % and ``AAᵀ`` 7–76 % of the dense
+    result, for a complete-data log-likelihood 0.16 nats a row lower (0.02 after the
+    factor-analysis passes that follow)."""
     n, d = centred.shape
     q = n_top + 10
     if min(n, d) <= max(EXACT_SVD_LIMIT, 2 * q):

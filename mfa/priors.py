@@ -33,7 +33,10 @@ the quadratic form), and the terms in ``d_kj`` are ``−(N_k + ν + L[λ>0])/2 �
 (that + ν s₀) / (2 d_kj)``, maximised at the ratio above. The weights maximise
 ``Σ_k (N_k + α − 1) log π_k`` on the simplex. Isotropic noise averages the numerators over
 features. Strength 0 (``ν = 0, α = 1, λ = 0``) is plain EM; :func:`mfa.m_step.m_step`
-then runs the unregularised formulas unchanged.
+then runs the unregularised formulas unchanged. The ridge's ``L`` pseudo-rows in the noise
+update come with any ``λ > 0`` (the Normal(0, d/λ) prior's normaliser), however small: as
+``λ → 0⁺`` the update does not approach plain EM's (N = 20, L = 3: the noise variances ×
+20/23 even at λ = 1e-300).
 """
 
 from __future__ import annotations
