@@ -64,6 +64,7 @@ from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_config import (
     HierarchicalConfig,
     child_components,
+    stage_devices,
     total_components,
     validate_hierarchical_config,
 )
@@ -354,10 +355,8 @@ class HierarchicalTrainer:
             _, val_features, _ = _check_data(validation, "validation")
             if val_features != n_features:
                 raise ValueError(f"validation has {val_features} features, data {n_features}")
-        home = torch.device(device) if device is not None else (
-            data.device if isinstance(data, Tensor) else torch.device("cpu"))
-        root_device = torch.device(cfg.root_em.device or home)  # where fresh models live
-        child_device = torch.device(cfg.child_em.device or home)
+        # where fresh models live; every stage's device checked before any work
+        home, root_device, child_device = stage_devices(cfg, device, data)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         fingerprint = self._fingerprint()
         self.history, self.children, self.model = [], [], None

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from mfa._validation import check_int_fields, check_real_field
@@ -16,6 +17,7 @@ from mfa.em import EMConfig, EMTrainer
 __all__ = [
     "HierarchicalConfig",
     "child_components",
+    "stage_devices",
     "total_components",
     "validate_hierarchical_config",
 ]
@@ -130,3 +132,26 @@ def total_components(counts: Tensor | Sequence[int], config: HierarchicalConfig)
     """``K = Σ_k max(1, n_k)`` of the flattened model for root rows ``counts`` ``[K₁]``."""
     values = counts.tolist() if isinstance(counts, Tensor) else list(counts)
     return int(sum(max(1, child_components(int(c), config)) for c in values))
+
+
+def stage_devices(config: HierarchicalConfig, device, data) -> tuple:
+    """``(home, root device, child device)`` of a fit (``home``: ``device``, else ``data``'s,
+    the CPU for a dataset), each stage's device (``final_em`` too) refused before any work
+    where this machine lacks it: a ``final_em.device`` of ``cuda`` on a CPU failed with
+    torch's own error after the root and every child were fitted."""
+    from mfa.config import resolve_device  # (mfa.config imports this module)
+
+    checked = {}
+    for name in ("device", "root_em", "child_em", "final_em"):
+        stage = getattr(config, name, None) if name != "device" else None
+        value = device if name == "device" else getattr(stage, "device", None)
+        if value is None:
+            continue
+        try:
+            checked[name] = resolve_device(value)
+        except (ValueError, TypeError) as err:
+            field = "device" if name == "device" else f"HierarchicalConfig.{name}.device"
+            raise type(err)(f"{field}: {err}") from None
+    home = checked.get("device") or (data.device if isinstance(data, Tensor)
+                                     else torch.device("cpu"))
+    return (home, checked.get("root_em", home), checked.get("child_em", home))

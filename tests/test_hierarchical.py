@@ -490,3 +490,26 @@ def test_a_bad_nested_em_setting_names_its_stage(stage):
     with pytest.raises(ValueError, match=rf"train\.hierarchical\.{stage}\.max_iter: must be"):
         load_config(overrides=["train.method=hierarchical",
                                f"train.hierarchical.{stage}={{max_iter: -1}}"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("stage", ["root_em", "child_em", "final_em"])
+def test_a_stage_device_this_machine_lacks_is_refused_before_any_work(stage):
+    """child_em.device or final_em.device = "cuda" on a CPU was accepted, and failed with
+    torch's own error once that stage began: after the root (and for final_em every child)
+    had been fitted. Now refused first, naming the field."""
+    x = torch.randn(600, 6, generator=gen(0))
+    em = EMConfig(max_iter=3, progress=False)
+    stages = {"root_em": em, "child_em": em, "final_em": None}
+    stages[stage] = EMConfig(max_iter=3, progress=False, device="cuda",
+                             **({"init": "none"} if stage == "final_em" else {}))
+    done = []
+    trainer = HierarchicalTrainer(HierarchicalConfig(root_components=2, n_factors=1,
+                                                     rows_per_component=100, **stages))
+    with pytest.raises(ValueError, match=rf"HierarchicalConfig\.{stage}\.device: device "
+                                         r"'cuda' asks for CUDA"):
+        trainer.fit(x, callbacks=[lambda t, record: done.append(record["stage"])])
+    assert done == []
+    with pytest.raises(ValueError, match=r"^device: device 'cuda' asks for CUDA"):
+        HierarchicalTrainer(HierarchicalConfig(root_components=2, n_factors=1)).fit(
+            x, device="cuda")
