@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mfa._data_stream import DEFAULT_BATCH_SIZE
-from mfa._validation import check_positive_int, check_positive_real
+from mfa._validation import check_positive_int, check_positive_real, is_real_number
 from mfa.data.quantized import QuantizedRows
 from mfa.ndb import NDB, NDBResult, js_divergence, ndb, two_proportion_z_test
 from mfa.training import check_reiterable
@@ -83,8 +83,13 @@ def bits_per_dim(
     scale = check_positive_real(scale, "scale")
     offset = n_dims * math.log(scale)
     denom = n_dims * math.log(2.0)
+    if type(log_likelihood).__module__ == "numpy" and getattr(log_likelihood, "ndim", 0):
+        log_likelihood = torch.as_tensor(log_likelihood)  # (an array: its shape, as a tensor)
     if isinstance(log_likelihood, Tensor):
         return -(log_likelihood - offset) / denom
+    if not is_real_number(log_likelihood):  # (True was read as 1.0, "1.5" parsed)
+        raise TypeError(f"log_likelihood must be a number or a tensor, got "
+                        f"{type(log_likelihood).__name__}")
     return -(float(log_likelihood) - offset) / denom
 
 

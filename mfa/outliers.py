@@ -46,7 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mfa._validation import check_data, check_finite, check_positive_int, check_tensor
+from mfa._validation import (
+    check_data,
+    check_finite,
+    check_positive_int,
+    check_seed,
+    check_tensor,
+)
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.metrics import bits_per_dim
 from mfa.model import MixtureOfFactorAnalyzers
@@ -262,7 +268,7 @@ class PatchBackground(nn.Module):
         train = _check_rows(train, "train", math.prod(image_shape), train.dtype, train.device)
         check_positive_int(max_patches, "max_patches")
         patches = to_patches(train, image_shape, patch_size).reshape(-1, c * patch_size**2)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(check_seed(seed))  # (1.5: torch's raw error)
         if patches.shape[0] > max_patches:
             keep = torch.randperm(patches.shape[0], generator=gen)[:max_patches]
             patches = patches[keep.to(patches.device)]
@@ -340,6 +346,8 @@ def quantize(x: Tensor, scale: float = 256) -> Tensor:
     ``scale=255``; values are clipped to ``0..255``."""
     scale = _check_scale(scale)
     check_finite(check_tensor(x, "x"), "x")  # NaN would pass the range test and become 0
+    if x.numel() == 0:  # (min() of nothing raised inside torch)
+        return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     lo, hi = float(x.min()), float(x.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(f"x must lie in [0, 1] to be quantised to 8-bit pixels, got values "

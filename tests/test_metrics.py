@@ -267,3 +267,14 @@ def test_select_model_errors(separated_data):
     # Unfitted models with factors are fine as long as fit_fn returns something usable.
     result = select_model(x, [(1, 1), (2, 2)], fit_fn)
     assert {(r["K"], r["L"]) for r in result.rows} == {(1, 1), (2, 2)}
+
+
+def test_bits_per_dim_takes_numbers_tensors_and_arrays_only():
+    """True was read as 1.0 and "1.5" parsed, silently; a numpy array failed inside float()
+    ("only 0-dimensional arrays can be converted"). Arrays now go as tensors."""
+    for bad in (True, "1.5", None):
+        with pytest.raises(TypeError, match=r"log_likelihood must be a number or a tensor"):
+            bits_per_dim(bad, 2)
+    expected = bits_per_dim(torch.tensor([1.0, 2.0], dtype=torch.float64), 2)
+    torch.testing.assert_close(bits_per_dim(np.array([1.0, 2.0]), 2), expected)
+    assert bits_per_dim(np.float64(1.0), 2) == pytest.approx(float(expected[0]))

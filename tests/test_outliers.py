@@ -271,6 +271,11 @@ def test_score_input_errors(image_model):
         compressed_bits_per_dim(x.repeat(1, 2), (2, 4, 4))
     with pytest.raises(ValueError, match="patch_size 3 must divide the image height 4"):
         PatchBackground.fit(x, (1, 4, 4), patch_size=3)
+    for seed in (1.5, True):  # (torch's raw "manual_seed expected a long")
+        with pytest.raises(TypeError, match=r"seed must be an int"):
+            PatchBackground.fit(x.clamp(0, 1), (1, 4, 4), patch_size=2, seed=seed)
+    # quantize of no rows: no pixels (min() of nothing raised inside torch)
+    assert quantize(torch.empty(0, 3)).shape == (0, 3)
     with pytest.raises(ValueError, match="score 'likelihood_ratio' needs a background"):
         OutlierScorer(model, "likelihood_ratio")
     with pytest.raises(ValueError, match="score 'complexity' needs image_shape"):
