@@ -363,6 +363,32 @@ def test_mnist_labels_outside_0_to_9_are_refused(tmp_path):
         load_dataset("mnist", tmp_path)
 
 
+def test_svhn_labels_that_are_not_whole_numbers_are_refused(tmp_path):
+    """The official y is stored as doubles: a corrupt 10.7 was cast to 10, then read as the
+    digit 0, silently."""
+    from scipy.io import savemat
+
+    write_svhn(tmp_path / "svhn")
+    x = np.zeros((32, 32, 3, 3), dtype=np.uint8)
+    savemat(str(tmp_path / "svhn" / "test_32x32.mat"),
+            {"X": x, "y": np.array([[1.0], [10.7], [3.0]])})
+    with pytest.raises(ValueError, match=r"test_32x32.mat has a label 10.7 that is not a whole "
+                                         r"number"):
+        load_dataset("svhn", tmp_path / "svhn")
+
+
+def test_a_flat_folders_bad_label_names_the_users_file(tmp_path):
+    """For a flat folder the label error named the cache's copy of the file."""
+    write_mnist(tmp_path / "flat")
+    labels = tmp_path / "flat" / "t10k-labels-idx1-ubyte"
+    data = bytearray(labels.read_bytes())
+    data[9] = 77
+    labels.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"t10k-labels-idx1-ubyte in {tmp_path / 'flat'} "
+                                         r"\(read from its copy in .*\) has a label 77"):
+        load_dataset("mnist", tmp_path / "flat", cache_dir=tmp_path / "cache")
+
+
 def test_corrupt_svhn_file_is_named(tmp_path):
     write_svhn(tmp_path / "svhn")
     (tmp_path / "svhn" / "test_32x32.mat").write_bytes(b"garbage, not MATLAB" * 10)
@@ -521,6 +547,19 @@ def test_celeba_missing_files(tmp_path):
     (folder / "img_align_celeba" / "000002.jpg").unlink()
     with pytest.raises(DatasetNotFoundError, match="000002.jpg"):
         load_dataset("celeba", tmp_path / "x")
+
+
+def test_a_celeba_file_of_another_size_is_refused_under_the_default_box(tmp_path):
+    """The face box is placed for 178 × 218 aligned images: a 1024 × 1024 file among them
+    (CelebA-HQ, an unaligned photo) was cropped where no face is, silently. An explicit crop
+    takes any size that fits it."""
+    folder = write_celeba(tmp_path)
+    Image.new("RGB", (1024, 1024), BACKGROUND).save(folder / "img_align_celeba" / "000006.jpg")
+    with pytest.raises(ValueError, match=r"000006.jpg is 1024 × 1024 pixels, not the 178 × 218"):
+        load_dataset("celeba", tmp_path, cache=False)
+    (folder / "img_align_celeba" / "000006.jpg").unlink()
+    Image.new("RGB", (178, 218), BACKGROUND).save(folder / "img_align_celeba" / "000006.jpg")
+    assert load_dataset("celeba", tmp_path, cache=False).sizes["test"] == 1
 
 
 def test_celeba_image_listed_twice_is_refused(tmp_path):

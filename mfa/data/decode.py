@@ -55,9 +55,13 @@ def _eight_bit(im: Image.Image, path) -> Image.Image:
 class DecodeFiles(Dataset):
     """Decodes image files to uint8 ``[C, H, W]`` tensors (used inside a DataLoader)."""
 
-    def __init__(self, paths, mode, crop, size, expected=None, grey_from=None):
+    def __init__(self, paths, mode, crop, size, expected=None, grey_from=None,
+                 source_size=None):
         self.paths, self.mode, self.crop, self.size = paths, mode, crop, size
         self.expected = expected
+        # (width, height) every file must have: a fixed crop box placed for that size (the
+        # aligned CelebA face box) cropped no face from a 1024 × 1024 image, silently
+        self.source_size = source_size
         # the greyscale first image that chose mode "L" (channels not given): a colour image
         # (not one whose channels are all equal) is refused rather than turned grey
         self.grey_from = grey_from
@@ -69,6 +73,12 @@ class DecodeFiles(Dataset):
         path = self.paths[i]
         try:
             with Image.open(path) as im:
+                if self.source_size is not None and tuple(im.size) != self.source_size:
+                    raise ValueError(
+                        f"{path} is {im.width} × {im.height} pixels, not the "
+                        f"{self.source_size[0]} × {self.source_size[1]} of the images the crop "
+                        f"box {self.crop} is placed for (aligned CelebA); load other images "
+                        "with load_dataset(..., crop=...) or as a 'folder' dataset")
                 if self.crop is not None:
                     check_crop_fits(self.crop, im.height, im.width, str(path))
                 if self.grey_from is not None and im.mode not in _GREY_MODES:
@@ -212,6 +222,7 @@ def decode_splits(
     cache: Path | None,
     cache_key: dict,
     first: Path | None = None,
+    source_size: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
     """Decode ``files`` (per split) into uint8 rows ``{split: [N, D]}`` and their ``(C, H, W)``.
 
@@ -265,7 +276,8 @@ def decode_splits(
                 loader = DataLoader(
                     _ErrorsAsValues(DecodeFiles(
                         paths, mode, crop, size, expected=shape,
-                        grey_from=first if channels is None and mode == "L" else None)),
+                        grey_from=first if channels is None and mode == "L" else None,
+                        source_size=source_size)),
                     batch_size=batch_size,
                     num_workers=workers if len(paths) > batch_size else 0,
                     collate_fn=_stack_or_error,

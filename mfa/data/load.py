@@ -17,7 +17,7 @@ from mfa.data.decode import decode_splits
 from mfa.data.image_data import ImageData
 from mfa.data.locations import default_cache_dir
 from mfa.data.names import DatasetName, normalise_name
-from mfa.data.sources import CELEBA_CROP, read_pools
+from mfa.data.sources import CELEBA_CROP, CELEBA_SIZE, read_pools
 from mfa.data.splits import assign_splits
 from mfa.data.transforms import check_crop, check_size, shape_of_transform, transform_tensor
 
@@ -113,9 +113,10 @@ def load_dataset(
 
     pools = read_pools(key, root_path, download, cache_path)
     pools.check(key)
+    source_size = None  # (width, height) every file must have
     if key == "celeba":
         if crop is None:
-            crop = CELEBA_CROP
+            crop, source_size = CELEBA_CROP, CELEBA_SIZE
         if size is None:  # as image_size=64: the shorter side to 64, then the centre square
             size = (64,)
 
@@ -170,6 +171,7 @@ def load_dataset(
             cache_key=dict(meta, channels=channels),
             # the dataset's first file in sorted order (not the shuffled, limited train split's)
             first=min(p for paths in pools.files.values() for p in paths),
+            source_size=source_size,
         )
         meta["channels"] = image_shape[0]
     meta["pools"] = pools.fingerprint()  # (after decoding: not part of the cache's key)

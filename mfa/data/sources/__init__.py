@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mfa.data.sources.celeba import CELEBA_CROP, celeba_pools
+from mfa.data.sources.celeba import CELEBA_CROP, CELEBA_SIZE, celeba_pools
 from mfa.data.sources.embedded import embedded_mnist_pools
 from mfa.data.sources.folder import IMAGE_EXTENSIONS, folder_pools
 from mfa.data.sources.mnist import FASHION_MNIST_DEBIAN_DIR, mnist_pools
 from mfa.data.sources.pools import Pools
 from mfa.data.sources.svhn import svhn_pools
 
-__all__ = ["CELEBA_CROP", "FASHION_MNIST_DEBIAN_DIR", "IMAGE_EXTENSIONS", "Pools", "read_pools"]
+__all__ = ["CELEBA_CROP", "CELEBA_SIZE", "FASHION_MNIST_DEBIAN_DIR", "IMAGE_EXTENSIONS", "Pools",
+           "read_pools"]
 
 
 def read_pools(key: str, root: Path | None, download: bool, cache_dir: Path) -> Pools:

@@ -11,11 +11,15 @@ import torch
 from mfa.data.locations import DOWNLOAD_HINT, DatasetNotFoundError, default_data_root
 from mfa.data.sources.pools import Pools
 
-__all__ = ["CELEBA_CROP", "celeba_pools"]
+__all__ = ["CELEBA_CROP", "CELEBA_SIZE", "celeba_pools"]
 
 #: CelebA face box ``(top, left, height, width)`` in the 178×218 aligned images: rows 50..177,
 #: columns 25..152 (Richardson & Weiss 2018).
 CELEBA_CROP = (50, 25, 128, 128)
+
+#: ``(width, height)`` of the aligned images the face box is placed for; with the default box
+#: every file must have it (another size, e.g. 1024 × 1024 CelebA-HQ, was cropped silently).
+CELEBA_SIZE = (178, 218)
 
 
 def _celeba_folder(base: Path) -> Path | None:

@@ -198,8 +198,11 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
             ) from bad
         if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) <= 9:
             bad = int(targets[(targets < 0) | (targets > 9)][0])
-            raise ValueError(f"{key}: {raw / f'{prefix}-labels-idx1-ubyte'} has a label "
-                             f"{bad}; the labels are the ten classes 0 to 9")
+            labels_file = f"{prefix}-labels-idx1-ubyte"  # (the user's file, not the cache's)
+            where = (raw / labels_file if source is None
+                     else f"{labels_file} in {source} (read from its copy in {raw})")
+            raise ValueError(f"{key}: {where} has a label {bad}; the labels are the ten "
+                             "classes 0 to 9")
         images[pool] = data.unsqueeze(1).contiguous()
         labels[pool] = targets.to(torch.int64)
     return Pools(

@@ -58,6 +58,12 @@ def svhn_pools(root: Path | None, download: bool) -> Pools:
                 f"svhn: {path} must hold X (uint8 [H, W, 3, N]) and y ([N, 1]) as in "
                 f"the official files; got X {None if x is None else (x.dtype, x.shape)}"
             )
+        flat = np.asarray(y, dtype=np.float64).reshape(-1)
+        whole = np.isfinite(flat) & (flat == np.round(flat))
+        if not whole.all():  # (10.7 became 10, then digit 0, silently)
+            bad = flat[~whole][0]
+            raise ValueError(f"svhn: {path} has a label {float(bad)!r} that is not a whole number; "
+                             "SVHN's labels are 1 to 10")
         y = y.astype(np.int64).reshape(-1)
         if y.shape[0] != x.shape[3]:
             raise ValueError(f"svhn: {path} has {x.shape[3]} images but {y.shape[0]} labels")
