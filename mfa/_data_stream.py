@@ -140,12 +140,15 @@ class DataSource:
         a new order each pass is rebuilt with every other setting of it over those rows in
         order: a ``RandomSampler`` without replacement over its whole Dataset (``shuffle=
         True``) reads the Dataset in order, a ``SubsetRandomSampler`` its indices sorted.
-        Tensors, sharded streams (read in order) and loaders that draw nothing at random
-        come back as they are; a loader that draws other rows each pass (with replacement,
-        ``num_samples``, weights) or through another batch sampler raises ``ValueError``.
+        Tensors and loaders that draw nothing at random (such as the shards mfa makes under
+        torch.distributed) come back as they are; a loader that draws other rows each pass
+        (with replacement, ``num_samples``, weights) or through another batch sampler raises
+        ``ValueError``.
         Other iterables are taken to yield the same rows in the same order each pass."""
         loader = self.iterable
-        if self.tensor is not None or self.sharded or not isinstance(loader, DataLoader):
+        # (sharded too: a loader mfa re-made over a ShardSampler draws nothing at random, but
+        # each process's own shuffled loader did, and paired other rows on every process)
+        if self.tensor is not None or not isinstance(loader, DataLoader):
             return self
         drawn = [s for s in _samplers(loader)
                  if isinstance(s, (RandomSampler, SubsetRandomSampler, WeightedRandomSampler))]
@@ -168,7 +171,7 @@ class DataSource:
         fixed = copy.copy(self)
         fixed.iterable = _rebuild(loader, empty_safe=False, generator=torch.Generator(),
                                   **sampling)
-        fixed.whole = fixed.iterable
+        fixed.whole = self.whole if self.sharded else fixed.iterable  # (a shard: not the whole)
         fixed.in_order = False  # (errors name no Dataset item: the order is not the Dataset's)
         return fixed
 

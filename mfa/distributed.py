@@ -46,6 +46,7 @@ __all__ = [
     "backward_mean",
     "broadcast_from_main",
     "broadcast_model",
+    "check_same_dataset",
     "concat_rows",
     "get_rank",
     "get_world_size",
@@ -332,17 +333,41 @@ def check_same_rows(rows, name: str) -> None:
         return
     n = int(rows.shape[0])
     picks = sorted({0, n // 2, n - 1}) if n else []
-    sums = [float(rows[i : i + 1].double().nan_to_num(0.0).sum()) for i in picks]
+    _check_fingerprint(n, [rows[i : i + 1] for i in picks], name,
+                       "pass every process the same tensor (each trains on its own shard of "
+                       "it), or per-process loaders (mfa.distributed.ShardSampler) of one "
+                       "Dataset")
+
+
+def check_same_dataset(dataset, name: str) -> None:
+    """Refuse a DataLoader's map-style ``dataset`` that is not the same on every process, as
+    :func:`check_same_rows` does a tensor: a loader over the whole Dataset is re-made over
+    each process's shard of it, so per-process loaders over each process's own rows (not
+    through a ``ShardSampler``) dropped half of every process's rows, silently (270 of 540
+    rows read on 2 processes)."""
+    if not is_active():
+        return
+    n = len(dataset)
+    picks = sorted({0, n // 2, n - 1}) if n else []
+    items = [dataset[i] for i in picks]
+    items = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+    _check_fingerprint(n, [torch.as_tensor(item) for item in items], name,
+                       "pass every process a DataLoader over the same Dataset (each reads its "
+                       "shard of it), or loaders over each process's rows whose sampler is "
+                       "mfa.distributed.ShardSampler")
+
+
+def _check_fingerprint(n: int, rows: list[Tensor], name: str, advice: str) -> None:
+    """One all-reduce comparing ``n`` and the sums of ``rows`` across the processes."""
+    sums = [float(row.double().nan_to_num(0.0).sum()) for row in rows]
     values = torch.tensor([n, *sums, -n, *(-v for v in sums)], dtype=torch.float64,
                           device=_comm_device())
     with _collective(f"the check that every process has the same {name}"):
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     high, low = values[: len(values) // 2], -values[len(values) // 2:]
     if not bool(torch.equal(high, low)):
-        raise ValueError(
-            f"{name} differs between the processes ({int(low[0])} to {int(high[0])} rows, or "
-            "other values): pass every process the same tensor (each trains on its own shard "
-            "of it), or per-process loaders (mfa.distributed.ShardSampler) of one Dataset")
+        raise ValueError(f"{name} differs between the processes ({int(low[0])} to "
+                         f"{int(high[0])} rows, or other values): {advice}")
 
 
 def backward_mean(values: Tensor, parameters) -> tuple[Tensor, int]:

@@ -8,7 +8,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from mfa.distributed import ShardBatchSampler, ShardSampler, is_active, range_across_processes
+from mfa.distributed import (
+    ShardBatchSampler,
+    ShardSampler,
+    check_same_dataset,
+    is_active,
+    range_across_processes,
+)
 
 __all__ = ["check_same_batch_count", "reads_whole_dataset", "shard_global_batches",
            "shard_loader"]
@@ -131,6 +137,7 @@ def shard_loader(loader):
         return loader, loader
     if reads_whole_dataset(loader):
         _check_every_row_once(loader)
+        check_same_dataset(loader.dataset, "the DataLoader's Dataset")
         shard = _rebuild(loader, batch_size=loader.batch_size,
                          sampler=ShardSampler(len(loader.dataset)))
         return shard, loader
@@ -151,6 +158,7 @@ def shard_global_batches(loader):
                 "a shuffled DataLoader needs a seeded generator= under torch.distributed, so "
                 "that every process draws the same order of rows"
             )
+        check_same_dataset(loader.dataset, "the DataLoader's Dataset")
         return _rebuild(loader, batch_sampler=ShardBatchSampler(loader.batch_sampler))
     _check_no_padding(loader)
     return loader

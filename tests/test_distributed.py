@@ -273,6 +273,30 @@ def _sharded_reseed(val_rows: int):
     return _params(model), [(r["run"], r["iteration"]) for r in trainer.history]
 
 
+def _digits_7x7(n: int = 600) -> torch.Tensor:
+    """The embedded digits pooled to 7 × 7, float64 (the tempered step pays there)."""
+    from mfa.data.sources.embedded import embedded_mnist_pools
+
+    images = embedded_mnist_pools().images["all"][:n].double() / 255
+    return torch.nn.functional.avg_pool2d(images, 4).reshape(n, 49)
+
+
+def _tempered_over_shuffled_validation() -> tuple:
+    """A default fit whose validation is each process's own loader of its rows with a
+    SubsetRandomSampler (one process: all 60): ``(tempered step, parameters)``."""
+    from torch.utils.data import SubsetRandomSampler
+
+    x = _digits_7x7()
+    start, end = distributed.shard_range(60)
+    validation = DataLoader(TensorDataset(x[540:]), batch_size=16, sampler=SubsetRandomSampler(
+        range(start, end), generator=torch.Generator().manual_seed(7)))
+    model = MixtureOfFactorAnalyzers(8, 49, 2, generator=torch.Generator().manual_seed(1))
+    model = model.double()
+    trainer = EMTrainer(EMConfig(progress=False))
+    trainer.fit(model, x[:540], validation)
+    return trainer.tempered, _params(model)
+
+
 def _edges_job(rank: int) -> dict:
     """Review cases under two processes, each recorded (not raised) for the tests below."""
     x = _data()
@@ -314,6 +338,16 @@ def _edges_job(rank: int) -> dict:
         # each process its own tensor (rows 0-149, 150-299): each kept half of its own
         "em_own_tensor": lambda: _em(2, x[150 * rank:150 * (rank + 1)], None),
         "adam_own_tensor": lambda: _adam(1, x[150 * rank:150 * (rank + 1)]),
+        # each process a loader over a Dataset of its own rows: re-made over its shard of
+        # "the" Dataset, each read half of its own rows, silently
+        "em_own_loader": lambda: _em(2, DataLoader(TensorDataset(
+            x[150 * rank:150 * (rank + 1)]), batch_size=32), None),
+        "adam_own_loader": lambda: _adam(1, DataLoader(TensorDataset(
+            x[150 * rank:150 * (rank + 1)]), batch_size=30, shuffle=True,
+            generator=torch.Generator().manual_seed(3))),
+        # validation as each process's own shuffled loader: the tempered step paired other
+        # rows across passes (standard error 7.9 against one process's 0.92, not applied)
+        "tempered_shuffled_val": _tempered_over_shuffled_validation,
         # a NaN at item 200: rank 1 named "batch 1, row 18" of its shard, no item (a pass
         # over the shards, without the fit's collectives, which rank 0 alone would enter)
         "nan_item": lambda: len(list(DataSource(TensorDataset(torch.cat(
@@ -491,6 +525,33 @@ def test_a_tensor_that_differs_between_processes_is_refused(edges):
         for case in ("em_own_tensor", "adam_own_tensor"):
             kind, message = rank[case]
             assert kind == "ValueError" and "data differs between the processes" in message
+
+
+def test_a_loader_over_each_processs_own_rows_is_refused(edges):
+    for rank in edges:
+        for case in ("em_own_loader", "adam_own_loader"):
+            kind, message = rank[case]
+            assert kind == "ValueError", (case, message)
+            assert "the DataLoader's Dataset differs between the processes" in message
+
+
+def test_per_process_shuffled_validation_pairs_the_same_rows(edges):
+    """Each process's own shuffled validation loader is read in a fixed order for the
+    tempered step's paired gains: the step of one process, on both."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step, params = _tempered_over_shuffled_validation()
+    finally:
+        torch.set_num_threads(before)
+    assert step.applied  # (the case this is about)
+    for rank in edges:
+        kind, (got, got_params) = rank["tempered_shuffled_val"]
+        assert kind == "ok"
+        assert (got.applied, got.temperature, got.noise_prior_variance) == (
+            step.applied, step.temperature, step.noise_prior_variance)
+        assert got.standard_error == pytest.approx(step.standard_error, rel=1e-9)
+        _assert_close(got_params, params, 1e-10, "tempered_shuffled_val")
 
 
 def test_a_bad_value_is_named_by_its_item_on_any_process(edges):
