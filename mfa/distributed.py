@@ -349,17 +349,38 @@ def check_same_dataset(dataset, name: str) -> None:
         return
     n = len(dataset)
     picks = sorted({0, n // 2, n - 1}) if n else []
-    items = [dataset[i] for i in picks]
-    items = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
-    _check_fingerprint(n, [torch.as_tensor(item) for item in items], name,
+    rows = [_row_tensor(dataset[i]) for i in picks]
+    # Items that are no tensors (dicts, images for a collate_fn) or that differ from one read
+    # to the next (noise added per access): the rows' count alone is compared.
+    if rows and (any(row is None for row in rows)
+                 or not _same(rows[0], _row_tensor(dataset[picks[0]]))):
+        rows = []
+    _check_fingerprint(n, rows, name,
                        "pass every process a DataLoader over the same Dataset (each reads its "
                        "shard of it), or loaders over each process's rows whose sampler is "
                        "mfa.distributed.ShardSampler")
 
 
+def _row_tensor(item) -> Tensor | None:
+    """A Dataset item's row as a tensor (the first of a tuple), or ``None``."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    try:
+        return torch.as_tensor(item)
+    except (TypeError, RuntimeError, ValueError):
+        return None
+
+
+def _same(a: Tensor, b: Tensor | None) -> bool:
+    return b is not None and a.shape == b.shape and bool(torch.equal(a, b))
+
+
 def _check_fingerprint(n: int, rows: list[Tensor], name: str, advice: str) -> None:
-    """One all-reduce comparing ``n`` and the sums of ``rows`` across the processes."""
+    """One all-reduce comparing ``n`` and the sums of up to three ``rows`` across the
+    processes (a fixed length: processes with 1, 2 or 3 rows, or none compared, take part
+    alike)."""
     sums = [float(row.double().nan_to_num(0.0).sum()) for row in rows]
+    sums += [0.0] * (3 - len(sums))
     values = torch.tensor([n, *sums, -n, *(-v for v in sums)], dtype=torch.float64,
                           device=_comm_device())
     with _collective(f"the check that every process has the same {name}"):

@@ -83,8 +83,10 @@ def bits_per_dim(
     scale = check_positive_real(scale, "scale")
     offset = n_dims * math.log(scale)
     denom = n_dims * math.log(2.0)
-    if type(log_likelihood).__module__ == "numpy" and getattr(log_likelihood, "ndim", 0):
-        log_likelihood = torch.as_tensor(log_likelihood)  # (an array: its shape, as a tensor)
+    if type(log_likelihood).__module__ == "numpy" and hasattr(log_likelihood, "ndim"):
+        # an array: its shape, as a tensor; a 0-d one or a numpy scalar: a number
+        log_likelihood = (torch.as_tensor(log_likelihood) if log_likelihood.ndim
+                          else log_likelihood.item())
     if isinstance(log_likelihood, Tensor):
         return -(log_likelihood - offset) / denom
     if not is_real_number(log_likelihood):  # (True was read as 1.0, "1.5" parsed)

@@ -297,6 +297,28 @@ def _tempered_over_shuffled_validation() -> tuple:
     return trainer.tempered, _params(model)
 
 
+class _Noisy(torch.utils.data.Dataset):
+    """Rows with fresh noise at every read (dequantisation done per access)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i] + 1e-3 * torch.rand(self.rows.shape[1], dtype=self.rows.dtype)
+
+
+class _Dicts(_Noisy):
+    def __getitem__(self, i):
+        return {"x": self.rows[i]}
+
+
+def _stack_dicts(items):
+    return torch.stack([item["x"] for item in items])
+
+
 def _edges_job(rank: int) -> dict:
     """Review cases under two processes, each recorded (not raised) for the tests below."""
     x = _data()
@@ -348,6 +370,14 @@ def _edges_job(rank: int) -> dict:
         # validation as each process's own shuffled loader: the tempered step paired other
         # rows across passes (standard error 7.9 against one process's 0.92, not applied)
         "tempered_shuffled_val": _tempered_over_shuffled_validation,
+        # ... but a Dataset whose items are noisy per read, or dicts for a collate_fn, is the
+        # same Dataset on both: each process reads its half (the check refused the first and
+        # failed on the second)
+        "noisy_rows": lambda: sum(b.shape[0] for b in DataSource(DataLoader(
+            _Noisy(x[:40]), batch_size=8), _model(), 8, "data", shard=True)),
+        "dict_rows": lambda: sum(b.shape[0] for b in DataSource(DataLoader(
+            _Dicts(x[:40]), batch_size=8, collate_fn=_stack_dicts), _model(), 8, "data",
+            shard=True)),
         # a NaN at item 200: rank 1 named "batch 1, row 18" of its shard, no item (a pass
         # over the shards, without the fit's collectives, which rank 0 alone would enter)
         "nan_item": lambda: len(list(DataSource(TensorDataset(torch.cat(
@@ -533,6 +563,11 @@ def test_a_loader_over_each_processs_own_rows_is_refused(edges):
             kind, message = rank[case]
             assert kind == "ValueError", (case, message)
             assert "the DataLoader's Dataset differs between the processes" in message
+
+
+def test_a_dataset_noisy_per_read_or_of_dicts_is_one_dataset(edges):
+    for rank in edges:
+        assert rank["noisy_rows"] == ("ok", 20) and rank["dict_rows"] == ("ok", 20)
 
 
 def test_per_process_shuffled_validation_pairs_the_same_rows(edges):

@@ -278,3 +278,8 @@ def test_bits_per_dim_takes_numbers_tensors_and_arrays_only():
     expected = bits_per_dim(torch.tensor([1.0, 2.0], dtype=torch.float64), 2)
     torch.testing.assert_close(bits_per_dim(np.array([1.0, 2.0]), 2), expected)
     assert bits_per_dim(np.float64(1.0), 2) == pytest.approx(float(expected[0]))
+
+
+def test_bits_per_dim_of_a_0d_array_is_a_number():
+    """A 0-d numpy array (log p of one row) was refused by the check above when it came."""
+    assert bits_per_dim(np.array(-100.0), 10) == pytest.approx(bits_per_dim(-100.0, 10))
