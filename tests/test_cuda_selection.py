@@ -70,6 +70,20 @@ def _both(fn):
     return fn("cpu"), fn(DEVICE)
 
 
+COMMON = dict(lower=QUANTIZATION_VARIANCE, per_decade=4, variance_floor=FLOOR)
+
+
+def _on(device, start, x, temperature):
+    """``start`` copied to ``device``, its validation source (rows 300 on) and the float64
+    E-step statistics of rows 0-299 (tempered by ``temperature`` unless ``None``)."""
+    model = copy.deepcopy(start).to(device)
+    source = DataSource(x[:300].to(device), model, 64)
+    validation = DataSource(x[300:].to(device), model, 64)
+    stats = (EMTrainer.e_step(model, source, "float64") if temperature is None
+             else EMTrainer.e_step(model, source, "float64", [temperature])[0])
+    return model, validation, stats
+
+
 def test_noise_prior_searches_on_cuda_match_cpu():
     """The three walks of choose_noise_variance score the same candidates and choose the same
     s0 on both devices (the E-step's statistics and the validation passes on the GPU)."""
@@ -77,16 +91,12 @@ def test_noise_prior_searches_on_cuda_match_cpu():
     start = _fitted(x[:300])
 
     def run(device):
-        model = copy.deepcopy(start).to(device)
-        source = DataSource(x[:300].to(device), model, 64)
-        validation = DataSource(x[300:].to(device), model, 64)
-        stats = EMTrainer.e_step(model, source, "float64")
+        model, validation, stats = _on(device, start, x, None)
         prior = Prior(1.0, QUANTIZATION_VARIANCE)
-        common = dict(lower=QUANTIZATION_VARIANCE, per_decade=4, variance_floor=FLOOR)
-        golden = choose_noise_variance(model, stats, validation, prior, **common)
-        near = choose_noise_variance(model, stats, validation, prior, near=1e-3, **common)
+        golden = choose_noise_variance(model, stats, validation, prior, **COMMON)
+        near = choose_noise_variance(model, stats, validation, prior, near=1e-3, **COMMON)
         above = choose_noise_variance(model, stats, validation, prior, above=golden[0],
-                                      **common)
+                                      **COMMON)
         assert model.means.device.type == torch.device(device).type
         return golden, near, above
 
@@ -107,17 +117,13 @@ def test_one_standard_error_rule_on_cuda_matches_cpu():
     start = _fitted(x[:300])
 
     def run(device):
-        model = copy.deepcopy(start).to(device)
-        source = DataSource(x[:300].to(device), model, 64)
-        validation = DataSource(x[300:].to(device), model, 64)
-        stats = EMTrainer.e_step(model, source, "float64", [float(x.shape[1])])[0]  # T = D
+        model, validation, stats = _on(device, start, x, float(x.shape[1]))  # T = D
         prior = Prior(16.0, QUANTIZATION_VARIANCE)
-        common = dict(lower=QUANTIZATION_VARIANCE, per_decade=4, variance_floor=FLOOR)
-        best, _ = choose_noise_variance(model, stats, validation, prior, **common)
+        best, _ = choose_noise_variance(model, stats, validation, prior, **COMMON)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         chosen, rows, mean = tempering._one_standard_error(
             model, stats, validation, prior, best, saved=training.clone_params(model),
-            **common)
+            **COMMON)
         for name, value in model.state_dict().items():
             assert torch.equal(value, before[name]), name
         assert all(r.device.type == "cpu" and r.dtype == F64 for r in rows)
