@@ -157,19 +157,21 @@ def test_empty_data_or_validation_is_refused_by_name():
         EMTrainer(EMConfig(init="none", progress=False)).fit(model, x[:0])
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    """Rows as a stream (no length)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
 def test_an_iterable_dataset_trains_as_a_stream():
     # (EM: "object has no len()"; Adam: DataLoader refused shuffle for an IterableDataset)
-    from torch.utils.data import IterableDataset
-
     from mfa import EMConfig, EMTrainer, SGDConfig, SGDTrainer
 
-    class Rows(IterableDataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __iter__(self):
-            return iter(self.rows)
-
+    Rows = _Stream
     model = random_model(2, 4, 1)
     x = random_data(80, model)
     em = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
@@ -324,25 +326,6 @@ def test_fits_on_a_dataset_leave_torchs_global_rng_as_it_was():
     """Iterating a DataLoader without a generator of its own draws its base seed from
     torch's global RNG: a fit on a Dataset (EM or Adam, a map-style one or a stream) moved
     the user's later torch.rand draws, where a fit on a tensor did not."""
-    from torch.utils.data import Dataset, IterableDataset
-
-    class Rows(Dataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __len__(self):
-            return len(self.rows)
-
-        def __getitem__(self, i):
-            return self.rows[i]
-
-    class Stream(IterableDataset):
-        def __init__(self, rows):
-            self.rows = rows
-
-        def __iter__(self):
-            return iter(self.rows)
-
     model = random_model(2, 4, 1)
     x = random_data(120, model)
     fits = {
@@ -354,7 +337,7 @@ def test_fits_on_a_dataset_leave_torchs_global_rng_as_it_was():
     import warnings
 
     for name, fit in fits.items():
-        for data in (Rows(x), Stream(x)):
+        for data in (TensorDataset(x), _Stream(x)):
             model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64)
             torch.manual_seed(7)
             with warnings.catch_warnings():
