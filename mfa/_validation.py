@@ -23,9 +23,11 @@ def check_floating(x: Tensor, name: str, dtype: torch.dtype, device: torch.devic
             f"(convert it first, e.g. {name}.to({dtype}))"
         )
     if x.dtype != dtype:
+        # (a model cannot take float16 or bfloat16: name the one conversion that works)
+        advice = ("convert one of them with .to()" if x.dtype in (torch.float32, torch.float64)
+                  else f"convert the data: {name}.to({dtype})")
         raise TypeError(
-            f"{name} has dtype {x.dtype} but the model has dtype {dtype}; "
-            f"convert one of them with .to()"
+            f"{name} has dtype {x.dtype} but the model has dtype {dtype}; {advice}"
         )
     if x.device.type != device.type or (
         device.index is not None and x.device.index is not None and x.device.index != device.index

@@ -596,6 +596,18 @@ def test_half_precision_models_are_refused(dtype):
     assert model.float().dtype == torch.float32 and model.double().dtype == F64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_data_is_told_to_convert_the_data(dtype):
+    # The message said "convert one of them", and converting the model is refused.
+    model = MFA(2, 3, 1)
+    x = torch.zeros(4, 3, dtype=dtype)
+    for call in (model.log_prob, model.responsibilities):
+        with pytest.raises(TypeError, match=rf"convert the data: x\.to\(torch\.float32\)"):
+            call(x)
+    with pytest.raises(TypeError, match="convert one of them"):  # float64 into float32
+        model.log_prob(x.double())
+
+
 def test_noise_that_underflows_is_a_clear_error_not_nan():
     x = torch.zeros(4, 3)
     # min_noise + softplus(raw_noise) underflows to exactly 0 in float32.
