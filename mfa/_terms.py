@@ -161,7 +161,8 @@ class ComponentTerms:
     (:func:`mfa.linalg.quadratic_rounding`). Up to :data:`mfa.linalg.QUADRATIC_TOLERANCE` it
     is ignored; up to :data:`mfa.linalg.REFINE_LIMIT` (``refine``) the entries near each
     row's top are recomputed directly (:func:`mfa.linalg.refine_near_top`); above it
-    (``precise``) the form is evaluated in float64. ``factors`` (``A`` [K, D, L]) and
+    (``precise``) the form is evaluated in float64, or in float64 terms refined as below the
+    limit. ``factors`` (``A`` [K, D, L]) and
     ``capacitance_chol`` (``C`` [K, L, L]) serve the residual form of the near-top entries
     (:func:`mfa.residual_form.refine_woodbury_near_top`); without them it is skipped.
     """
@@ -179,16 +180,17 @@ class ComponentTerms:
 
     @property
     def precise(self) -> bool:
-        """Evaluate the diagonal quadratic form in float64."""
-        return self.rounding > linalg.REFINE_LIMIT
+        """Evaluate the diagonal quadratic form in float64 (below float64)."""
+        return self.rounding > linalg.REFINE_LIMIT and self.means.dtype != torch.float64
 
     @property
     def refine(self) -> bool:
-        """Recompute the near-top entries of the expanded form directly."""
-        return linalg.QUADRATIC_TOLERANCE < self.rounding <= linalg.REFINE_LIMIT
+        """Recompute the near-top entries of the expanded form directly (in float64 at any
+        rounding above the tolerance: there is no wider dtype to evaluate it in)."""
+        return self.rounding > linalg.QUADRATIC_TOLERANCE and not self.precise
 
     def to(self, dtype: torch.dtype) -> ComponentTerms:
-        """The same terms in another floating dtype (``rounding`` is 0 in float64)."""
+        """The same terms in another floating dtype (``rounding`` recomputed in it)."""
         fields = {name: getattr(self, name).to(dtype) for name in (
             "log_weights", "reference", "means", "inv_noise", "whitened", "log_norm",
             "whitened_means")}

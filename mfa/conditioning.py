@@ -123,7 +123,9 @@ class MaskedTerms:
     ``log_w`` [K], ``means`` [K, D], ``loadings`` [K, D, L], ``noise`` [K, D], ``inv_noise``
     [K, D], ``reference`` [D], ``mu`` [K, D] (centred), ``outer`` [D, K·L·L]
     (``A_kj A_kjᵀ / d_kj``), ``scaled`` [D, K·L] (``A/d``), ``mu_scaled`` [D, K·L]
-    (``A μ / d``). ``outer`` holds ``K·D·L²`` values, the largest allocation of masked
+    (``A μ / d``); ``precise``: the diagonal form expanded around ``reference`` would lose
+    more than :data:`mfa.linalg.QUADRATIC_TOLERANCE` in the dtype (evaluated in float64;
+    in float64 each row's near-top entries recomputed directly). ``outer`` holds ``K·D·L²`` values, the largest allocation of masked
     inference. ``float64``: the same terms in float64, built on first use
     (:meth:`in_float64`).
     """
@@ -262,7 +264,8 @@ def row_posterior(
     t = terms
     mask = observed.to(x.dtype)
     xc = (x - t.reference) * mask  # zero where hidden
-    # Σ_{j∈o} (x_j − μ_kj)² / d_kj  [n, K], in float64 when the expansion would cancel.
+    # Σ_{j∈o} (x_j − μ_kj)² / d_kj  [n, K], in float64 when the expansion would cancel
+    # (float64's own near-top entries recomputed directly below).
     quad = linalg.diagonal_quadratic(xc, t.mu, t.inv_noise, t.precise, mask=mask)
     logdet = mask @ t.noise.log().T  # [n, K]
     n_obs = mask.sum(-1, keepdim=True)  # [n, 1]
@@ -279,6 +282,15 @@ def row_posterior(
         latent_mean = x.new_zeros(n, k, 0)
     log_scale = t.log_w + linalg.gaussian_log_normaliser(n_obs, logdet)  # [n, K]
     log_joint = log_scale - 0.5 * quad.clamp_min(0.0)
+    if t.precise and x.dtype == torch.float64:  # no wider dtype: the near-top entries directly
+        direct = linalg.refine_near_top(
+            diag_quad if n_lat else quad, log_joint, xc, t.mu, t.inv_noise,
+            linalg.quadratic_rounding(t.mu, t.inv_noise), mask=mask)
+        if n_lat:
+            diag_quad, quad = direct, linalg.woodbury_mahalanobis(direct, u.squeeze(-1))
+        else:
+            quad = direct
+        log_joint = log_scale - 0.5 * quad.clamp_min(0.0)
     if exact and n_lat and x.dtype != torch.float64:
         rows, comps = residual_form.near_top_pairs(log_joint, diag_quad, diag_quad - quad,
                                             slack=8.0 * linalg.QUADRATIC_TOLERANCE)

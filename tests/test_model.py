@@ -20,7 +20,8 @@ from helpers import (
     random_parameters,
 )
 
-from mfa import MixtureOfFactorAnalyzers
+from mfa import EMTrainer, MixtureOfFactorAnalyzers
+from mfa._data_stream import DataSource
 
 MFA = MixtureOfFactorAnalyzers
 
@@ -168,6 +169,42 @@ def test_log_prob_far_from_the_origin_float64(noise):
     assert float(x.mean()) > 900
     ref = DenseMixture.from_model(model)
     torch.testing.assert_close(model.log_prob(x), ref.log_prob(x), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("lat", [0, 2])
+@pytest.mark.parametrize("far", [1e4, 1e5])
+def test_float64_sharp_components_far_apart(far, lat):
+    """Two sharp components (noise 1e-6) 2 standard deviations apart, a third ``far`` away:
+    the diagonal form expanded around one reference point lost ``ε·κ`` in float64 too
+    (0.25 nats at 1e4, 35 at 1e5, where the responsibilities went to the wrong component);
+    the rows are exact, so float64 must match a direct float64 sum."""
+    d = 50
+    gen = torch.Generator().manual_seed(0)
+    means = torch.zeros(3, d, dtype=F64)
+    means[1] += 2e-3
+    means[2] += far
+    loadings = 1e-3 * torch.randn(3, d, lat, generator=gen, dtype=F64)
+    noise = torch.full((3, d), 1e-6, dtype=F64)
+    model = MFA.from_parameters(torch.full((3,), 1 / 3, dtype=F64), means, loadings, noise)
+    x = 1e-3 + 1e-3 * torch.randn(100, d, generator=gen, dtype=F64)  # between the near two
+    ref = DenseMixture.from_model(model)
+    expected = ref.component_log_prob(x)  # [n, K]
+    torch.testing.assert_close(model.log_prob(x), torch.logsumexp(expected, -1), rtol=0,
+                               atol=1e-6)
+    torch.testing.assert_close(model.responsibilities(x), torch.softmax(expected, -1),
+                               rtol=0, atol=1e-7)
+    observed = torch.ones_like(x, dtype=torch.bool)
+    observed[:, :5] = False  # the masked path expands the same form
+    hidden_too = DenseMixture.from_parameters(model.weights, means[:, 5:], loadings[:, 5:],
+                                          noise[:, 5:])
+    torch.testing.assert_close(model.observed_log_prob(x, observed),
+                               hidden_too.log_prob(x[:, 5:]), rtol=0, atol=1e-6)
+    # the E-step's log-likelihood and masses (the same expansion)
+    stats = EMTrainer.e_step(model, DataSource(x, model, 100), "float64")
+    torch.testing.assert_close(stats.log_likelihood, torch.logsumexp(expected, -1).sum(),
+                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(stats.mass, torch.softmax(expected, -1).sum(0), rtol=0,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1e3])
