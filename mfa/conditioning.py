@@ -125,9 +125,9 @@ class MaskedTerms:
     (``A_kj A_kjᵀ / d_kj``), ``scaled`` [D, K·L] (``A/d``), ``mu_scaled`` [D, K·L]
     (``A μ / d``); ``precise``: the diagonal form expanded around ``reference`` would lose
     more than :data:`mfa.linalg.QUADRATIC_TOLERANCE` in the dtype (evaluated in float64;
-    in float64 each row's near-top entries recomputed directly). ``outer`` holds ``K·D·L²`` values, the largest allocation of masked
-    inference. ``float64``: the same terms in float64, built on first use
-    (:meth:`in_float64`).
+    in float64 each row's near-top entries recomputed directly). ``outer`` holds
+    ``K·D·L²`` values, the largest allocation of masked inference. ``float64``: the same
+    terms in float64, built on first use (:meth:`in_float64`).
     """
 
     log_w: Tensor

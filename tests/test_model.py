@@ -639,7 +639,7 @@ def test_half_precision_data_is_told_to_convert_the_data(dtype):
     model = MFA(2, 3, 1)
     x = torch.zeros(4, 3, dtype=dtype)
     for call in (model.log_prob, model.responsibilities):
-        with pytest.raises(TypeError, match=rf"convert the data: x\.to\(torch\.float32\)"):
+        with pytest.raises(TypeError, match=r"convert the data: x\.to\(torch\.float32\)"):
             call(x)
     with pytest.raises(TypeError, match="convert one of them"):  # float64 into float32
         model.log_prob(x.double())
