@@ -100,7 +100,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level, "
                          f"got {type(data).__name__}")
-    return data
+    return _unshared(data)  # (YAML aliases: each key its own sections)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -150,6 +150,17 @@ def dotted_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _unshared(value: Any) -> Any:
+    """A copy of a YAML tree in which no two keys share a mapping or list: a YAML alias
+    (``root_em: *em``) gives both keys one object, which ``copy.deepcopy`` keeps shared, so an
+    override of one section changed the other as well."""
+    if isinstance(value, dict):
+        return {key: _unshared(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_unshared(item) for item in value]
+    return copy.deepcopy(value)
+
+
 def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:
     """Set ``value``'s keys in ``into``, section by section (a mapping into a mapping)."""
     for key, item in value.items():
@@ -170,7 +181,7 @@ def apply_override_strings(data: dict[str, Any], overrides: Sequence[str]) -> di
     """
     if isinstance(overrides, str):
         overrides = [overrides]
-    data = copy.deepcopy(data)
+    data = _unshared(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = data

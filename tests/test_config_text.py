@@ -48,6 +48,21 @@ def test_yaml_merge_keys_work_and_may_be_overridden(tmp_path):
         load_config(path)
 
 
+def test_an_override_of_an_aliased_section_changes_that_section_alone(tmp_path):
+    """`root_em: *em` gave both keys one dict (kept shared by deepcopy), so
+    `--set train.hierarchical.root_em.max_iter=7` set train.em's too (and with it the
+    children's, which copy train.em), silently."""
+    path = tmp_path / "alias.yaml"
+    path.write_text("train:\n  em: &em\n    max_iter: 2\n  hierarchical:\n"
+                    "    root_em: *em\n")
+    config = load_config(path, ["train.hierarchical.root_em.max_iter=7"])
+    assert (config.train.em.max_iter, config.train.hierarchical.root_em.max_iter) == (2, 7)
+    config = load_config(path, ["train.em.max_iter=9"])  # (root_em's own max_iter stays)
+    assert (config.train.em.max_iter, config.train.hierarchical.root_em.max_iter) == (9, 2)
+    config = load_config(path, ["train.em={max_iter: 4}"])  # a mapping merged in: the same
+    assert (config.train.em.max_iter, config.train.hierarchical.root_em.max_iter) == (4, 2)
+
+
 def test_merge_chains_read_as_pyyaml_reads_them(tmp_path):
     """An anchor whose mapping merges another, merged again later: the first construction
     flattened it, and the duplicate check then took the merged key and its override for a
