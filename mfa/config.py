@@ -259,6 +259,21 @@ def _device(value: Any, path: str) -> None:
         raise _bad(path, value, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
 
 
+def _stage_device(value: Any, path: str) -> None:
+    """A trainer's ``device``: ``null`` (the run's device) or a device torch can parse; not
+    ``'auto'``, which only the run's own ``device`` takes (the message offered it here, and
+    the trainer then refused it)."""
+    if value is None:
+        return
+    try:
+        if value == "auto":
+            raise ValueError(value)
+        torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        raise _bad(path, value, "must be null (the run's device), 'cpu', 'cuda' or 'cuda:N'"
+                   + ("; 'auto' is the top-level device's" if value == "auto" else "")) from None
+
+
 def _folder_name(value: Any, path: str) -> None:
     if value is not None and (value in ("", ".", "..") or Path(value).name != value):
         raise _bad(path, value, "must be a plain folder name (no path separators)")
@@ -294,8 +309,8 @@ _CONSTRAINTS: dict[type, dict[str, Any]] = {
     MissingConfig: {"rate": _fraction, "block_size": _one_or_more, "seed": _seed},
     RunConfig: {"seed": _seed, "device": _device},
     # The trainers check their own settings (see _check_trainer); only device strings here.
-    EMConfig: {"device": _device},
-    SGDConfig: {"device": _device},
+    EMConfig: {"device": _stage_device},
+    SGDConfig: {"device": _stage_device},
 }
 
 

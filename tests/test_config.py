@@ -307,7 +307,12 @@ def test_malformed_overrides(override, match):
         ("data.name=cifar10", r"data\.name: expected one of 'embedded-mnist'.*got 'cifar10'"),
         ("output.inpaint_masks=[center, blob]", r"output\.inpaint_masks\[1\].*got 'blob'"),
         ("device=gpu", r"invalid value for device: must be 'auto'.*got 'gpu'"),
-        ("train.em.device=tpu0", r"train\.em\.device: must be 'auto'.*got 'tpu0'"),
+        ("train.em.device=tpu0", r"train\.em\.device: must be null \(the run's device\), "
+                                 r"'cpu'.*got 'tpu0'"),
+        # 'auto' was offered for a stage's device, which the trainer then refused
+        ("train.em.device=auto", r"train\.em\.device: must be null.*'auto' is the top-level"),
+        ("train.sgd.device=auto", r"train\.sgd\.device: must be null"),
+        ("train.hierarchical.root_em.device=auto", r"root_em\.device: must be null"),
         # fractions outside [0, 1)
         ("data.val_fraction=1.0", r"data\.val_fraction: must be a fraction in \[0, 1\), got 1\.0"),
         ("data.test_fraction=-0.1", r"data\.test_fraction: must be a fraction.*got -0\.1"),
