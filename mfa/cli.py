@@ -31,6 +31,17 @@ def cmd_train(args) -> int:
     # A new run's config, read before the process group (whose backend follows its device).
     config = (load_config(args.config or DEFAULT_CONFIG, overrides=args.set or [])
               if args.config or not args.resume else None)
+    if config is not None and not args.resume:  # (a resume refuses them in the run folder)
+        from mfa.config_text import override_keys
+        from mfa.run_folder import trainer_sections, unused_trainer_keys
+
+        method = config.train.method
+        unused = unused_trainer_keys(method, [k for o in args.set or []
+                                              for k in override_keys(o)])
+        if unused:  # (ignored without a word before; a resume refuses them)
+            print(f"warning: --set {', '.join(unused)} is not used: this run trains with "
+                  f"train.method={method}, which reads {trainer_sections(method)} only",
+                  file=sys.stderr)
     # Under torchrun: join the process group (NCCL on CUDA, gloo on CPU, with a timeout);
     # rank 0 alone writes the run folder and prints the results.
     launched = distributed.init_from_env(device=_run_device(args, config))
@@ -209,11 +220,13 @@ def cmd_select(args) -> int:
         keys = [key for o in args.set or [] for key in override_keys(o)]
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
-    ignored = [k for k in keys if k in ("model.n_components", "model.n_factors")
+    ignored = [k for k in keys if k in ("model.n_components", "model.n_factors",
+                                        "train.em.checkpoint_every", "train.sgd.checkpoint_every")
                or (k.startswith("output.") and k != "output.dir")]
     if ignored:  # (accepted and ignored before)
         raise SystemExit(f"error: mfa select does not use --set {', '.join(ignored)}: the grid "
-                         "is --components/--factors, and it writes selection.* only (--out)")
+                         "is --components/--factors, and it writes selection.* only (--out; "
+                         "no checkpoints)")
     config = load_config(config_path, overrides=args.set or [])
     sweep, paths = select_run(config, args.components, args.factors, args.out,
                               method=args.method, overwrite=args.overwrite)

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -331,6 +331,24 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
     return config, ckpt, None, changed
 
 
+def _used_sections(method: str) -> tuple[str, ...]:
+    return {"em": ("train.em.",), "sgd": ("train.sgd.",)}.get(
+        method, ("train.em.", "train.hierarchical."))
+
+
+def trainer_sections(method: str) -> str:
+    """The config sections ``train.method`` reads, for messages (``"train.em.*"``, ...)."""
+    return " and ".join(section + "*" for section in _used_sections(method))
+
+
+def unused_trainer_keys(method: str, keys: Iterable[str]) -> list[str]:
+    """The dotted ``keys`` of a trainer section that ``train.method`` does not read (EM's
+    settings in an Adam run, ...)."""
+    return [key for key in keys if key.startswith(("train.em.", "train.sgd.",
+                                                   "train.hierarchical."))
+            and not key.startswith(_used_sections(method))]
+
+
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts and re-seeding rounds does not run again: a
     larger ``max_iter`` given to a finished run would be ignored, so it is refused; so is any
@@ -342,14 +360,9 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     of a hierarchical run were fitted with the saved EM settings: none of those may change."""
     state = ckpt.trainer_state or {}
     method = config.train.method
-    used = {"em": ("train.em.",), "sgd": ("train.sgd.",)}.get(
-        method, ("train.em.", "train.hierarchical."))
-    for key in changed:  # accepted, logged, saved: and ignored by the run's trainer
-        if key.startswith(("train.em.", "train.sgd.", "train.hierarchical.")) and (
-                not key.startswith(used)):
-            raise ValueError(f"cannot change {key} when resuming: this run trains with "
-                             f"train.method={method}, which reads "
-                             f"{' and '.join(u + '*' for u in used)} only")
+    for key in unused_trainer_keys(method, changed):  # accepted, saved: and ignored
+        raise ValueError(f"cannot change {key} when resuming: this run trains with "
+                         f"train.method={method}, which reads {trainer_sections(method)} only")
     if method == "hierarchical":
         for key in changed:
             if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(

@@ -1103,9 +1103,22 @@ def test_train_refuses_bad_values_before_making_the_run_folder(tmp_path, monkeyp
     assert not any(tmp_path.iterdir()), "no run folder for a refused run"
 
 
+def test_settings_of_a_trainer_the_run_does_not_use_are_named(tmp_path):
+    """--set train.em.max_iter=2 in an Adam run was ignored without a word (a resume refuses
+    it)."""
+    code, _, stderr = run_cli("train", "--config", CONFIG, "--no-figures", *set_args(
+        *TINY, f"output.dir={tmp_path}", "train.method=sgd", "train.sgd.epochs=1",
+        "train.sgd.progress=false", "train.hierarchical.seed=3"))
+    assert code == 0, stderr
+    assert ("warning: --set train.em.max_iter, train.em.kmeans_iter, train.em.progress, "
+            "train.hierarchical.seed is not used: this run trains with train.method=sgd, "
+            "which reads train.sgd.* only") in stderr
+
+
 def test_a_diverging_run_ends_with_its_message_not_a_traceback(tmp_path):
+    adam = [s for s in TINY if not s.startswith("train.em.")]
     args = ("train", "--config", CONFIG, "--no-figures",
-            *set_args(*TINY, f"output.dir={tmp_path}", "train.method=sgd", "train.sgd.lr=1000",
+            *set_args(*adam, f"output.dir={tmp_path}", "train.method=sgd", "train.sgd.lr=1000",
                       "train.sgd.epochs=2", "train.sgd.progress=false",
                       "train.sgd.checkpoint_every=1"))
     code, _, stderr = run_cli(*args)

@@ -256,6 +256,8 @@ def test_mfa_select_feeds_a_large_set_as_mfa_train_does(tmp_path, monkeypatch, m
     ("output.n_samples=4", "output.n_samples"),
     ("model={n_components: 4, n_factors: 5}", "model.n_components, model.n_factors"),  # (the
     ("output={name: x}", "output.name"),  # mapping form got past the check, then ignored)
+    ("train.em.checkpoint_every=2", "train.em.checkpoint_every"),  # (a sweep saves none)
+    ("train.sgd.checkpoint_every=2", "train.sgd.checkpoint_every"),
 ])
 def test_mfa_select_refuses_settings_it_does_not_use(tmp_path, override, key):
     """The grid sets K and L, and a sweep draws no figures: these were accepted and
