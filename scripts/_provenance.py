@@ -24,15 +24,20 @@ def commit() -> str:
 
 
 def write_report(out: Path, text: str, figures: object, seconds: float, script: str,
-                 argv: list[str] | None) -> None:
+                 argv: list[str] | None, made_at: str | None = None) -> None:
     """``text`` to ``out`` (markdown) and, beside it, its JSON twin (``out`` with ``.json``):
     the figures the page shows, with the command line (``script`` and its ``argv``, the
     process's own when ``None``), the commit and the wall time, so a later page or check
-    can read the numbers rather than parse the table."""
+    can read the numbers rather than parse the table.
+
+    The commit is ``made_at``, the one the page names; when ``None``, :func:`commit` taken
+    before anything is written (after, a regenerated tracked page would itself make the
+    checkout ``-dirty``)."""
+    made_at = commit() if made_at is None else made_at
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     argv = sys.argv[1:] if argv is None else list(argv)
     command = " ".join(["python", f"scripts/{Path(script).name}", *map(str, argv)])
-    twin = {"command": command, "commit": commit(),
+    twin = {"command": command, "commit": made_at,
             "seconds": round(seconds, 1), "figures": figures}
     out.with_suffix(".json").write_text(json.dumps(twin, indent=1, default=float) + "\n")

@@ -39,6 +39,7 @@ def test_tiny_run_writes_the_page_and_its_json_twin(tmp_path, script):
     assert twin["command"] == f"python scripts/{script}.py {' '.join(TINY[script])} --out {out}"
     assert twin["seconds"] > 0 and twin["commit"]
     text = out.read_text()
+    assert f"at commit `{twin['commit']}`" in text  # the page and its twin name one commit
     if script == "outlier_eval":  # one row per direction and score, each on the page
         assert len(twin["figures"]) >= 2
         for row in twin["figures"]:
@@ -66,3 +67,39 @@ def test_the_json_twin_names_the_argv_given_to_main(tmp_path, monkeypatch):
     twin = json.loads(out.with_suffix(".json").read_text())
     assert twin["command"] == f"python scripts/missing_eval.py --seed 3 --out {out}"
     assert twin["figures"] == {"x": 1.5} and twin["seconds"] == 2.0 and out.read_text() == "text\n"
+
+
+def _scratch_checkout(tmp_path: Path, files: dict[str, str]) -> tuple[Path, str]:
+    """A git checkout in ``tmp_path / "repo"`` with ``files`` (path: text) committed, and
+    its short commit."""
+    repo = tmp_path / "repo"
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=repo, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "scratch")
+    return repo, git("rev-parse", "--short", "HEAD").strip()
+
+
+def test_the_json_twin_names_the_commit_the_page_was_made_at(tmp_path):
+    """Regenerating a tracked page: its twin recorded ``<sha>-dirty`` (the commit was taken
+    after the new page was written, so the page itself made the checkout dirty) while the
+    page said ``<sha>``."""
+    import importlib.util
+
+    repo, sha = _scratch_checkout(tmp_path, {
+        "scripts/_provenance.py": (ROOT / "scripts" / "_provenance.py").read_text(),
+        "docs/page.md": "the old page\n"})
+    spec = importlib.util.spec_from_file_location("scratch_provenance",
+                                                  repo / "scripts" / "_provenance.py")
+    provenance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(provenance)
+    out = repo / "docs" / "page.md"
+    provenance.write_report(out, f"made at {provenance.commit()}\n", {}, 1.0, "x.py", [])
+    assert out.read_text() == f"made at {sha}\n"
+    assert json.loads(out.with_suffix(".json").read_text())["commit"] == sha
