@@ -4,6 +4,7 @@ lines (run as ``python scripts/<name>.py``, which puts this folder on ``sys.path
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ def write_report(out: Path, text: str, figures: object, seconds: float, script: 
                  argv: list[str] | None, made_at: str | None = None) -> None:
     """``text`` to ``out`` (markdown) and, beside it, its JSON twin (``out`` with ``.json``):
     the figures the page shows, with the command line (``script`` and its ``argv``, the
-    process's own when ``None``), the commit and the wall time, so a later page or check
-    can read the numbers rather than parse the table.
+    process's own when ``None``; quoted for a POSIX shell), the commit and the wall time, so
+    a later page or check can read the numbers rather than parse the table.
 
     The commit is ``made_at``, the one the page names; when ``None``, :func:`commit` taken
     before anything is written (after, a regenerated tracked page would itself make the
@@ -37,7 +38,7 @@ def write_report(out: Path, text: str, figures: object, seconds: float, script: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = " ".join(["python", f"scripts/{Path(script).name}", *map(str, argv)])
+    command = shlex.join(["python", f"scripts/{Path(script).name}", *map(str, argv)])
     twin = {"command": command, "commit": made_at,
             "seconds": round(seconds, 1), "figures": figures}
     out.with_suffix(".json").write_text(json.dumps(twin, indent=1, default=float) + "\n")

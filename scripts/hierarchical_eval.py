@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import threading
@@ -162,14 +163,15 @@ def in_fresh_process(kind: str, args, n_components: int = 0) -> dict:
     return result
 
 
-def table(args, results: list[dict]) -> str:
+def table(args, results: list[dict], argv: list[str]) -> str:
+    """The page; ``argv``: the options it was run with (named in its first line)."""
     hier, flat = results
     sizes = hier["child_sizes"]
+    command = shlex.join(["python", "scripts/hierarchical_eval.py", *map(str, argv)])
     lines = [
         "# Hierarchical vs flat MFA on Fashion-MNIST",
         "",
-        "Written by `python scripts/hierarchical_eval.py "
-        + " ".join(sys.argv[1:]) + f"` at commit `{commit()}`.",
+        f"Written by `{command}` at commit `{commit()}`.",
         "",
         f"{args.train_rows} training rows (a seeded random subset of the train split), "
         f"{args.test_rows} test rows, D = 784, L = {args.factors}, dequantised "
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in hier.items() if k != "child_sizes"}), flush=True)
     flat = in_fresh_process("flat", args, hier["K"])
     print(json.dumps(flat), flush=True)
-    text = table(args, [hier, flat])
+    text = table(args, [hier, flat], sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     if args.json is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -116,9 +117,11 @@ def run_setting(name: str, train: torch.Tensor, test: torch.Tensor, image_shape,
 
 
 def command_line(args: argparse.Namespace) -> str:
+    """The options that reproduce this run, quoted for a POSIX shell."""
     opts = ["n_components", "n_factors", "max_iter", "train_limit", "test_limit", "knn_donors",
             "knn_neighbors", "seed"]
-    return " ".join(f"--{o.replace('_', '-')} {getattr(args, o)}" for o in opts)
+    words = [w for o in opts for w in (f"--{o.replace('_', '-')}", str(getattr(args, o)))]
+    return shlex.join([*words, "--settings", *args.settings])
 
 
 def table(results: dict, args: argparse.Namespace, seconds: float, made_at: str) -> str:
@@ -139,9 +142,10 @@ def table(results: dict, args: argparse.Namespace, seconds: float, made_at: str)
         "hidden per image. *test bits/dim*: on complete test images (lower is better). "
         "*RMSE fill*: root mean square error, on the [0, 1] pixel scale, of the hidden training "
         "pixels filled in with the fitted model's conditional mean E[x_h | x_o]; *RMSE "
-        "imputation*: of the imputed values themselves. (d) imputes with scikit-learn's "
-        f"`KNNImputer(n_neighbors={args.knn_neighbors})` using {args.knn_donors} seeded donor "
-        "rows.",
+        "imputation*: of the imputed values themselves. "
+        + (f"(d) imputes with scikit-learn's `KNNImputer(n_neighbors={args.knn_neighbors})` "
+           f"using {args.knn_donors} seeded donor rows." if args.knn_donors else
+           "(d), scikit-learn's `KNNImputer`, was skipped (`--knn-donors 0`)."),
         "",
         "| hidden pixels | method | rows given to fit (10 % held out) | test bits/dim | "
         "RMSE fill | "

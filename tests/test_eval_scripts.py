@@ -103,3 +103,47 @@ def test_the_json_twin_names_the_commit_the_page_was_made_at(tmp_path):
     provenance.write_report(out, f"made at {provenance.commit()}\n", {}, 1.0, "x.py", [])
     assert out.read_text() == f"made at {sha}\n"
     assert json.loads(out.with_suffix(".json").read_text())["commit"] == sha
+
+
+def test_the_printed_commands_rerun_the_same_settings_and_are_shell_safe(tmp_path,
+                                                                       monkeypatch):
+    """missing_eval's page named no --settings (re-running it ran all three) and, like the
+    JSON twin and hierarchical_eval's page, joined the words with spaces: a setting such as
+    "one 14×14 block" came back as three words. hierarchical_eval's page named the calling
+    process's argv, not the one given to main. With --knn-donors 0 the page said (d) used
+    "0 seeded donor rows" though (d) did not run."""
+    import argparse
+    import shlex
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import _provenance
+    import hierarchical_eval
+    import missing_eval
+
+    args = argparse.Namespace(n_components=2, n_factors=2, max_iter=2, train_limit=300,
+                              test_limit=60, knn_donors=0, knn_neighbors=5, seed=0,
+                              settings=["one 14×14 block"])
+    words = shlex.split(missing_eval.command_line(args))
+    assert words[words.index("--settings"):] == ["--settings", "one 14×14 block"]
+    page = missing_eval.table({}, args, 1.0, "abc")
+    assert "0 seeded donor rows" not in page and "(d), scikit-learn's `KNNImputer`, was " \
+        "skipped (`--knn-donors 0`)." in " ".join(page.split())
+
+    out = tmp_path / "page.md"
+    argv = ["--settings", "one 14×14 block", "--out", out]
+    _provenance.write_report(out, "text\n", {}, 1.0, "missing_eval.py", argv, "abc")
+    command = json.loads(out.with_suffix(".json").read_text())["command"]
+    assert shlex.split(command) == ["python", "scripts/missing_eval.py", *map(str, argv)]
+
+    monkeypatch.setattr(sys, "argv", ["pytest", "--not-these"])
+    hier = dict(model="hierarchical", K=6, test_bpd=1.0, train_bpd=1.0, seconds=1.0,
+                em_seconds=1.0, cpu_seconds=1.0, peak_bytes=0, max_rss_bytes=0,
+                peak_kind="RSS increase", root_components=2, kept=0, child_sizes=[3, 3],
+                root_test_bpd=1.0, root_seconds=1.0)
+    flat = dict(hier, model="flat")
+    opts = argparse.Namespace(train_rows=300, test_rows=60, factors=2, stats_dtype="float32",
+                              device="cpu", threads=1, root_iter=1, rows_per_component=100,
+                              max_child_components=60, child_iter=1, final_iter=0, flat_iter=1)
+    page = hierarchical_eval.table(opts, [hier, flat], ["--out", "a b.md"])
+    command = page.split("Written by `")[1].split("`")[0]
+    assert shlex.split(command) == ["python", "scripts/hierarchical_eval.py", "--out", "a b.md"]
