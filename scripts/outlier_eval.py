@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -85,11 +86,15 @@ def choose_default(rows: list[dict]) -> str:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The options that reproduce this run."""
+    """The options that reproduce this run, quoted for a POSIX shell (all the train rows,
+    ``train_limit=None``, as ``--train-limit 0``: left out it would mean 20,000)."""
     opts = ["n_components", "n_factors", "max_iter", "train_limit", "eval_limit", "patch_size",
             "seed"]
-    return " ".join(f"--{o.replace('_', '-')} {getattr(args, o)}" for o in opts
-                    if getattr(args, o) is not None)
+    values = {o: getattr(args, o) for o in opts}
+    if values["train_limit"] is None:
+        values["train_limit"] = 0
+    return shlex.join([w for o, v in values.items() if v is not None
+                       for w in (f"--{o.replace('_', '-')}", str(v))])
 
 
 def table(rows: list[dict], default: str, args: argparse.Namespace, seconds: float,

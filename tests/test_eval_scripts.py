@@ -147,3 +147,19 @@ def test_the_printed_commands_rerun_the_same_settings_and_are_shell_safe(tmp_pat
     page = hierarchical_eval.table(opts, [hier, flat], ["--out", "a b.md"])
     command = page.split("Written by `")[1].split("`")[0]
     assert shlex.split(command) == ["python", "scripts/hierarchical_eval.py", "--out", "a b.md"]
+
+
+def test_outlier_eval_names_train_limit_0_when_it_used_every_row(monkeypatch):
+    """--train-limit 0 (every train row) is kept as None, and the printed command left None
+    options out: re-running it used the default 20,000 rows."""
+    import argparse
+    import shlex
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import outlier_eval
+
+    args = argparse.Namespace(n_components=3, n_factors=2, max_iter=2, train_limit=None,
+                              eval_limit=None, patch_size=4, seed=0)
+    assert shlex.split(outlier_eval.command_line(args)) == [
+        "--n-components", "3", "--n-factors", "2", "--max-iter", "2", "--train-limit", "0",
+        "--patch-size", "4", "--seed", "0"]  # (no --eval-limit: its default is every row)
