@@ -29,6 +29,7 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from queue import Empty
 
 import torch
 from _provenance import commit  # (scripts/, on sys.path when run as a script)
@@ -98,7 +99,17 @@ def em_config(args, iters: int) -> EMConfig:
 
 
 def run(kind: str, args, n_components: int, queue) -> None:
-    """Train one model in this (fresh) process and put its figures on ``queue``."""
+    """Train one model in this (fresh) process and put its figures on ``queue``; if that
+    fails, put ``{"error": "<exception type>: <message>"}`` there and raise it."""
+    try:
+        queue.put(train_one(kind, args, n_components))
+    except Exception as exc:
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def train_one(kind: str, args, n_components: int) -> dict:
+    """Train one model (in this process) and return its figures."""
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     train, test = load(args)
@@ -140,7 +151,7 @@ def run(kind: str, args, n_components: int, queue) -> None:
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     sampler.__exit__()
     peak = (torch.cuda.max_memory_allocated() if cuda else sampler.increase)
-    queue.put({
+    return {
         "model": kind, "K": model.n_components, "seconds": seconds, "cpu_seconds": cpu_seconds,
         "peak_bytes": peak,
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -148,7 +159,7 @@ def run(kind: str, args, n_components: int, queue) -> None:
         "train_bpd": bits_per_dim(mean_log_likelihood(model, train), train.shape[1]),
         "test_bpd": bits_per_dim(mean_log_likelihood(model, test), train.shape[1]),
         **extra,
-    })
+    }
 
 
 def in_fresh_process(kind: str, args, n_components: int = 0) -> dict:
@@ -156,10 +167,22 @@ def in_fresh_process(kind: str, args, n_components: int = 0) -> dict:
     queue = context.Queue()
     process = context.Process(target=run, args=(kind, args, n_components, queue))
     process.start()
-    result = queue.get()
+    result = None
+    while result is None:  # (a child that died sends nothing: queue.get() waited forever)
+        try:
+            result = queue.get(timeout=1.0)
+        except Empty:
+            if not process.is_alive():
+                try:  # what it put just before it ended
+                    result = queue.get(timeout=1.0)
+                except Empty:
+                    break
     process.join()
-    if process.exitcode:
-        raise RuntimeError(f"the {kind} run failed with exit code {process.exitcode}")
+    if result is not None and "error" in result:
+        raise RuntimeError(f"the {kind} run failed: {result['error']}")
+    if result is None or process.exitcode:
+        raise RuntimeError(f"the {kind} run failed with exit code {process.exitcode}"
+                           + ("" if result is not None else ", sending nothing back"))
     return result
 
 

@@ -1,5 +1,7 @@
 """scripts/outlier_eval.py and scripts/missing_eval.py at tiny sizes: each runs and writes
-its page and the page's JSON twin (the figures, the command, the commit and the wall time)."""
+its page and the page's JSON twin (the figures, the command, the commit and the wall time);
+the commands and commits the evaluation scripts print (scripts/_provenance.py,
+scripts/hierarchical_eval.py too), and hierarchical_eval's failing child process."""
 
 from __future__ import annotations
 
@@ -163,3 +165,18 @@ def test_outlier_eval_names_train_limit_0_when_it_used_every_row(monkeypatch):
     assert shlex.split(outlier_eval.command_line(args)) == [
         "--n-components", "3", "--n-factors", "2", "--max-iter", "2", "--train-limit", "0",
         "--patch-size", "4", "--seed", "0"]  # (no --eval-limit: its default is every row)
+
+
+@pytest.mark.slow  # two processes that import torch (~8 s)
+def test_hierarchical_eval_names_the_error_of_a_child_that_failed(tmp_path):
+    """A child process that dies (here: no dataset) ends the script with its error; the
+    parent waited on the queue forever."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "hierarchical_eval.py"),
+                           "--data-root", str(tmp_path / "nowhere"), "--out",
+                           str(tmp_path / "page.md")],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0 and not (tmp_path / "page.md").exists()
+    assert "RuntimeError: the hierarchical run failed: DatasetNotFoundError: fashion-mnist " \
+        "not found" in done.stderr, done.stderr[-2000:]
