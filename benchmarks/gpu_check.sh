@@ -60,8 +60,13 @@ summary() {
     else echo "ALL STEPS OK"; fi
 }
 
+# the checkout's commit as the JSON files record it (scripts/_provenance.py: -dirty when
+# tracked files differ from it)
+commit() { timeout -k 2 20 "$PY" -c "import sys; sys.path.insert(0, 'scripts')
+from _provenance import commit; print(commit())" 2>/dev/null || echo '?'; }
+
 main() {
-    echo "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC') commit $(commit)"
     echo "results -> $RESULTS; quick=$QUICK"
 
     step "card"

@@ -280,3 +280,28 @@ def test_bench_selection_quick_reports_every_case_and_writes_json(tmp_path, monk
     from mfa import prior_search  # the benchmark's counter is removed again
 
     assert prior_search.score_candidates.__name__ == "score_candidates"
+
+
+def test_gpu_check_names_the_commit_as_the_json_does(tmp_path):
+    """Its first line named `git rev-parse --short HEAD` while bench_gpu.json recorded
+    `<sha>-dirty` from a modified checkout: both come from scripts/_provenance.py now."""
+    repo = tmp_path / "repo"
+    for name in ("benchmarks/gpu_check.sh", "scripts/_provenance.py"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text((ROOT / name).read_text())
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=repo, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "scratch")
+    sha = git("rev-parse", "--short", "HEAD").strip()
+    (repo / "benchmarks" / "gpu_check.sh").write_text(  # a modified checkout
+        (repo / "benchmarks" / "gpu_check.sh").read_text() + "# changed\n")
+    env = dict(os.environ, GPU_CHECK_QUICK="1", GPU_CHECK_DEADLINE="0", PYTHONPATH="",
+               OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh")],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.stdout.startswith("gpu_check ") and proc.stdout.splitlines()[0].endswith(
+        f" commit {sha}-dirty"), proc.stdout[:3000]
