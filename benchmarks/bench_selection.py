@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -30,6 +31,9 @@ from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers, prior_search
 from mfa.data import load_dataset
 from mfa.em import ConvergenceWarning
 from mfa.metrics import bits_per_dim, mean_log_likelihood
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from _provenance import commit  # noqa: E402  (the checkout's commit, for the JSON)
 
 #: Train/validation/test rows per dataset (``None``: all), as in ``scripts/baselines.py``.
 SIZES = {"fashion-mnist": (10_000, 2_000, 5_000), "embedded-mnist": (None, None, None)}
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(k < 1 for k in args.components) or args.factors < 0:
         parser.error("--components must be >= 1 and --factors >= 0")
     components = [4] if args.quick else args.components
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": {}}
+    result = {"commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": {}}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; target: the "
           "searches' and tempered step's time <= 30 % of the rest of the fit")
     for name in args.datasets:
