@@ -37,6 +37,17 @@ def describe(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+def _quote_hint(value: Any, hint: Any, path: str) -> str:
+    """For a string field given a number or bool (YAML reads ``2024`` or ``yes`` unquoted as
+    one): how to pass the string."""
+    allowed = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
+    if str in allowed and isinstance(value, (bool, numbers.Number)):
+        kind = "a bool" if isinstance(value, bool) else "a number"
+        return (f" (YAML reads the text unquoted as {kind}: quote it in the file, or on a "
+                f"command line --set '{path}=\"...\"')")
+    return ""
+
+
 _FLOAT_STRING = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -59,7 +70,7 @@ def coerce(value: Any, hint: Any, path: str, build: Callable[[type, Any, str], A
                 if isinstance(value, Mapping) and dataclasses.is_dataclass(arg):
                     raise  # a section (e.g. `EMConfig | None`): its own error names the key
                 continue
-        raise bad(path, value, f"expected {describe(hint)}")
+        raise bad(path, value, f"expected {describe(hint)}{_quote_hint(value, hint, path)}")
     if origin is Literal:
         options = get_args(hint)
         if any(value == option and type(value) is type(option) for option in options):
@@ -75,7 +86,7 @@ def coerce(value: Any, hint: Any, path: str, build: Callable[[type, Any, str], A
         if hint is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
             return int(value)  # a numpy integer
         expected = {bool: "a bool (true or false)", int: "an int", str: "a string"}[hint]
-        raise bad(path, value, f"expected {expected}")
+        raise bad(path, value, f"expected {expected}{_quote_hint(value, hint, path)}")
     if hint is float:
         if isinstance(value, str) and _FLOAT_STRING.match(value.strip()):
             value = float(value)  # PyYAML reads 1e-3 (no dot) as a string

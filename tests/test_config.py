@@ -283,7 +283,7 @@ def test_malformed_overrides(override, match):
         ("train.em.tol=abc", r"train\.em\.tol: expected a float, got 'abc'"),
         ("train.em.tol=.nan", r"train\.em\.tol: expected a finite float, got nan"),
         ("train.em.progress=1", r"train\.em\.progress: expected a bool.*got 1"),
-        ("data.root=5", r"data\.root: expected a string or null, got 5"),
+        ("data.root=5", r"data\.root: expected a string or null \(YAML reads.*got 5"),
         ("model=3", r"invalid value for model: expected a mapping.*got 3"),
         # bad values
         ("model.n_components=0", r"model\.n_components: must be >= 1, got 0"),

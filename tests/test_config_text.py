@@ -63,6 +63,19 @@ def test_an_override_of_an_aliased_section_changes_that_section_alone(tmp_path):
     assert (config.train.em.max_iter, config.train.hierarchical.root_em.max_iter) == (4, 2)
 
 
+@pytest.mark.parametrize(("text", "kind"), [
+    ("output.name=2024", "a number"), ("output.name=yes", "a bool"),
+    ("data.root=3.5", "a number")])
+def test_a_string_read_as_a_number_says_how_to_quote_it(text, kind):
+    """"expected a string or null, got 2024" did not say that YAML read the text as a
+    number, or how to pass the string."""
+    key = text.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key}: expected a string.*YAML reads the text "
+                                         rf"unquoted as {kind}: quote it.*--set '{key}=\"...\"'"):
+        load_config(CONFIG, [text])
+    assert load_config(CONFIG, [text.replace("=", '="') + '"']).output is not None
+
+
 def test_merge_chains_read_as_pyyaml_reads_them(tmp_path):
     """An anchor whose mapping merges another, merged again later: the first construction
     flattened it, and the duplicate check then took the merged key and its override for a
