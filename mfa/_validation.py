@@ -134,6 +134,15 @@ def check_positive_real(value: object, name: str) -> float:
     return float(value)
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``value`` is a bool: a string such as ``'no'`` acted as ``True`` and ``None`` as
+    ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} "
+                        f"({type(value).__name__})")
+    return value
+
+
 def check_generator(generator: object, name: str = "generator", optional: bool = True) -> None:
     """``generator`` is a ``torch.Generator`` (or ``None`` when ``optional``): an int failed
     inside torch after the work before the draw; ``None`` where one is required drew from

@@ -365,7 +365,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             ``(x, components)`` of shapes ``[n, D]`` and ``[n]`` (int64).
         """
         check_positive_int(n, "n", minimum=0)
-        check_generator(generator)
+        sampling.check_options(generator, with_noise)
         if n == 0:
             empty = self.loc.new_zeros(0, self.n_features).detach()
             return empty, torch.zeros(0, dtype=torch.long, device=self.device)

@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mfa._validation import check_bool, check_generator
+
+
+def check_options(generator: object, with_noise: object) -> None:
+    """The sampling options, before any work: ``generator`` a ``torch.Generator`` or
+    ``None``, ``with_noise`` a bool (``'no'`` acted as ``True``, ``None`` as ``False``)."""
+    check_generator(generator)
+    check_bool(with_noise, "with_noise")
+
 
 def ancestral_sample(
     means: Tensor,
@@ -29,6 +38,7 @@ def ancestral_sample(
     Returns:
         ``[n, D]``.
     """
+    check_bool(with_noise, "with_noise")
     _, d, n_lat = loadings.shape
     factory = {"dtype": means.dtype, "device": means.device}
     parts = []

@@ -554,6 +554,16 @@ def test_sample_validation():
         model.sample(2.0)
 
 
+@pytest.mark.parametrize("with_noise", ["no", None, 0])
+def test_sample_refuses_a_with_noise_that_is_not_a_bool(with_noise):
+    """with_noise was never checked: 'no' kept the noise (as True), None dropped it."""
+    model = random_model(2, 3, 1, seed=53)
+    with pytest.raises(TypeError, match=rf"with_noise must be a bool .*got {with_noise!r}"):
+        model.sample(3, gen(0), with_noise=with_noise)
+    with pytest.raises(TypeError, match=r"with_noise must be a bool"):
+        model.sample(0, with_noise=with_noise)  # (before the early return for n = 0)
+
+
 def test_failed_set_parameters_changes_nothing():
     model = random_model(3, 4, 2, seed=55)
     before = {k: v.clone() for k, v in model.state_dict().items()}
