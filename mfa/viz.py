@@ -151,13 +151,17 @@ def _to_pil(grid: Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-def _check_grid_args(nrow: int, padding: int, pad_value: float) -> None:
-    if not isinstance(nrow, int) or isinstance(nrow, bool) or nrow < 1:
+def _check_grid_args(nrow: int, padding: int, pad_value: float) -> tuple[int, int]:
+    """``(nrow, padding)`` as ints: numpy integers too (as :func:`grid_size` takes them)."""
+    if isinstance(nrow, bool) or not isinstance(nrow, numbers.Integral) or nrow < 1:
         raise ValueError(f"nrow must be an int >= 1, got {nrow!r}")
-    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+    if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if not is_real_number(pad_value):  # (a string failed in float(), unnamed)
+        raise TypeError(f"pad_value must be a number in [0, 1], got {pad_value!r}")
     if not 0.0 <= float(pad_value) <= 1.0:
         raise ValueError(f"pad_value must be in [0, 1], got {pad_value!r}")
+    return int(nrow), int(padding)
 
 
 def image_grid(
@@ -178,7 +182,7 @@ def image_grid(
         ``rows·(H + padding) + padding`` (``cols = min(nrow, N)``), mode ``"L"`` for
         ``C = 1`` and ``"RGB"`` for ``C = 3``.
     """
-    _check_grid_args(nrow, padding, pad_value)
+    nrow, padding = _check_grid_args(nrow, padding, pad_value)
     return _to_pil(_grid_tensor(_as_images(images), nrow, padding, pad_value))
 
 
@@ -287,7 +291,8 @@ def inpainting_grid(
         raise ValueError(f"samples must have shape [S, {n}, {d}], got {_shape_of(samples)}")
     samples = samples.detach().cpu()
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor (True = observed), got {_shape_of(mask)}")
+        got = f"dtype {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = observed), got {got}")
     mask = mask.detach().cpu()
     if mask.dim() == 1:
         mask = mask.expand(n, -1)
@@ -297,10 +302,7 @@ def inpainting_grid(
     if is_real_number(hidden_color):
         color = [float(hidden_color)] * (1 if c == 1 else 3)
     else:
-        color = [float(v) for v in hidden_color]
-        if len(color) != 3:
-            raise ValueError(f"hidden_color must be a grey level or an RGB triple, "
-                             f"got {hidden_color!r}")
+        color = _rgb(hidden_color)
     if not all(0.0 <= v <= 1.0 for v in color):
         raise ValueError(f"hidden_color values must be in [0, 1], got {hidden_color!r}")
     out_c = max(c, len(color))
@@ -318,6 +320,21 @@ def inpainting_grid(
     cells = torch.stack(columns, dim=1).reshape(-1, out_c, h, w)  # row-major: image, column
     _check_grid_args(len(columns), padding, pad_value)
     return _to_pil(_grid_tensor(cells, len(columns), padding, pad_value))
+
+
+def _rgb(hidden_color: object) -> list[float]:
+    """An RGB triple of numbers as floats (a colour name failed in float(), unnamed)."""
+    try:
+        if isinstance(hidden_color, str) or any(isinstance(v, str) for v in hidden_color):
+            raise TypeError
+        color = [float(v) for v in hidden_color]
+    except (TypeError, ValueError):
+        raise TypeError(f"hidden_color must be a grey level or an RGB triple of numbers in "
+                        f"[0, 1], got {hidden_color!r}") from None
+    if len(color) != 3:
+        raise ValueError(f"hidden_color must be a grey level or an RGB triple, "
+                         f"got {hidden_color!r}")
+    return color
 
 
 # ---------------------------------------------------------------------------- factors
@@ -374,9 +391,8 @@ def factor_grid(
                 or not 0 <= k < model.n_components):
             raise ValueError(f"component must be in [0, {model.n_components}), got {k!r}")
         components[i] = int(k)
-    n_factors = model.n_factors if max_factors is None else min(max_factors, model.n_factors)
-    if n_factors < 0:
-        raise ValueError(f"max_factors must be >= 0, got {max_factors!r}")
+    n_factors = model.n_factors if max_factors is None else min(
+        check_positive_int(max_factors, "max_factors", minimum=0), model.n_factors)
     with torch.no_grad():
         means = model.means.detach().cpu().float()
         loadings = model.factor_loadings.detach().cpu().float()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -79,6 +80,9 @@ def test_grid_empty_cells_take_the_pad_value():
         (torch.zeros(0, 1, 4, 4), {}, ValueError, r"at least one image"),
         (torch.zeros(2, 1, 4, 4), {"nrow": 0}, ValueError, r"nrow must be an int >= 1"),
         (torch.zeros(2, 1, 4, 4), {"padding": -1}, ValueError, r"padding must be"),
+        (torch.zeros(2, 1, 4, 4), {"pad_value": "a"}, TypeError,
+         r"pad_value must be a number in \[0, 1\], got 'a'"),
+        (torch.zeros(2, 1, 4, 4), {"pad_value": None}, TypeError, r"pad_value must be a number"),
         (torch.zeros(2, 1, 4, 4, dtype=torch.int64), {}, TypeError, r"floating point"),
         ([[0.0]], {}, TypeError, r"torch\.Tensor"),
     ],
@@ -86,6 +90,18 @@ def test_grid_empty_cells_take_the_pad_value():
 def test_grid_errors(images, kwargs, error, match):
     with pytest.raises(error, match=match):
         image_grid(images, **kwargs)
+
+
+def test_grid_takes_numpy_integers_for_nrow_and_padding():
+    """image_grid(nrow=np.int64(2)) was refused ("nrow must be an int >= 1, got
+    np.int64(2)"), though grid_size takes it."""
+    import numpy as np
+
+    images = torch.rand(3, 1, 4, 4, generator=gen(0))
+    want = image_grid(images, nrow=2, padding=1).tobytes()
+    assert image_grid(images, nrow=np.int64(2), padding=np.int32(1)).tobytes() == want
+    with pytest.raises(ValueError, match=r"nrow must be an int >= 1, got True"):
+        image_grid(images, nrow=True)
 
 
 def test_save_image_grid_upscales_and_decodes(tmp_path):
@@ -185,6 +201,26 @@ def test_inpainting_grid_errors():
         inpainting_grid(x, x, x, None, shape, mask.float())
 
 
+def test_inpainting_grid_names_a_bad_mask_dtype_and_hidden_color():
+    """A float mask was reported by its shape ("got (2, 16)"), and a colour name failed in
+    float() ("could not convert string to float: 'r'") without naming hidden_color."""
+    shape = (1, 4, 4)
+    x = torch.rand(2, 16, generator=gen(0))
+    mask = make_mask("top", shape, 2)
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor .*got dtype torch\.float32"):
+        inpainting_grid(x, x, x, None, shape, mask.float())
+    with pytest.raises(TypeError, match=r"mask must be a bool tensor .*got list"):
+        inpainting_grid(x, x, x, None, shape, mask.tolist())
+    for color in ("red", ("1", "0", "0"), None):
+        got = re.escape(repr(color))
+        with pytest.raises(TypeError, match=rf"hidden_color must be a grey level or an RGB "
+                                            rf"triple of numbers in \[0, 1\], got {got}"):
+            inpainting_grid(x, x, x, None, shape, mask, hidden_color=color)
+    with pytest.raises(ValueError, match=r"hidden_color must be a grey level or an RGB triple"):
+        inpainting_grid(x, x, x, None, shape, mask, hidden_color=(1.0, 0.0))
+    assert inpainting_grid(x, x, x, None, shape, mask, hidden_color=(1, 0, 1)).mode == "RGB"
+
+
 def small_model(c=1, h=4, w=5, k=3, lat=2):
     return MixtureOfFactorAnalyzers(k, c * h * w, lat, generator=gen(0))
 
@@ -234,6 +270,24 @@ def test_factor_grid_errors():
         factor_grid(model, 3, (1, 4, 5))
     with pytest.raises(ValueError, match=r"has 12 pixels but the model has n_features=20"):
         factor_grid(model, 0, (1, 3, 4))
+
+
+def test_factor_grid_checks_max_factors():
+    """max_factors=1.5 failed in range() ("'float' object cannot be interpreted as an
+    integer") without naming max_factors."""
+    import numpy as np
+
+    model = small_model()
+    with pytest.raises(TypeError, match=r"max_factors must be an int, got float"):
+        factor_grid(model, 0, (1, 4, 5), max_factors=1.5)
+    with pytest.raises(TypeError, match=r"max_factors must be an int, got bool"):
+        factor_grid(model, 0, (1, 4, 5), max_factors=True)
+    with pytest.raises(ValueError, match=r"max_factors must be >= 0, got -1"):
+        factor_grid(model, 0, (1, 4, 5), max_factors=-1)
+    one = factor_grid(model, 0, (1, 4, 5), max_factors=1)
+    assert factor_grid(model, 0, (1, 4, 5), max_factors=np.int64(1)).tobytes() == one.tobytes()
+    assert one.size == grid_size(5, 5, 4, 5)
+    assert factor_grid(model, 0, (1, 4, 5), max_factors=0).size == grid_size(2, 2, 4, 5)
 
 
 def test_sample_grid():
