@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from mfa import viz
-from mfa._validation import check_positive_int
+from mfa._validation import check_positive_int, check_seed
 from mfa.data import ImageData
 from mfa.data.layout import check_image_shape
 from mfa.inference import inpaint as inpaint_rows
@@ -48,6 +48,7 @@ def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
     component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
     ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`)."""
     _, height, width = _model_image_shape(model, image_shape)
+    nrow, seed = check_positive_int(nrow, "nrow"), check_seed(seed)  # (nrow=0: "n must be >= 1")
     count = model.n_components * nrow if per_component else n  # (checked before the draws:
     viz.check_figure_size(*viz.grid_size(count, nrow, height, width), scale)  # 33 s wasted)
     gen = torch.Generator(device=model.device).manual_seed(seed)
@@ -88,7 +89,7 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     """original | masked input | conditional mean | ``n_samples`` conditional samples, for
     the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
     ``observed`` [n, D])."""
-    count = min(check_positive_int(n, "n"), data.pixels(split).shape[0])
+    count, seed = min(check_positive_int(n, "n"), data.pixels(split).shape[0]), check_seed(seed)
     if count == 0:
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
     columns = 3 + check_positive_int(n_samples, "n_samples", minimum=0)  # (checked first: the
@@ -119,7 +120,8 @@ def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, sca
 
 
 def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
-    """Per component: mean | noise | μ − c·A_i | A_i | μ + c·A_i for every factor column."""
+    """Per component (one index or several): mean | noise | μ − c·A_i | A_i | μ + c·A_i for
+    every factor column."""
     _model_image_shape(model, image_shape)
-    grid = viz.factor_grid(model, list(components), image_shape, factor_scale)
+    grid = viz.factor_grid(model, components, image_shape, factor_scale)
     return viz.save_image(grid, path, scale=scale)

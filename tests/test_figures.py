@@ -1,10 +1,14 @@
-"""Tests of mfa.figures: the output checks made before training."""
+"""Tests of mfa.figures: the output checks made before training, the figures' arguments."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from PIL import Image
 
+from mfa import MixtureOfFactorAnalyzers, figures, viz
 from mfa.config import OutputConfig
+from mfa.data import load_dataset
 from mfa.figures import check_output
 
 
@@ -20,3 +24,39 @@ def test_the_factor_figure_is_checked_before_training():
     check_output(output, (1, 28, 28), n_components=2, n_factors=50)  # two rows: fine
     check_output(OutputConfig(n_samples=1, n_inpaint=0, n_factor_components=0, image_scale=4),
                  (1, 28, 28), n_components=200, n_factors=50)  # no factor figure
+
+
+def tiny_model(n_features=4, n_factors=1):
+    return MixtureOfFactorAnalyzers(2, n_features, n_factors,
+                                    generator=torch.Generator().manual_seed(0))
+
+
+def test_sample_names_nrow_and_seed(tmp_path):
+    """nrow=0 with per_component said "n must be >= 1", and seed=1.5 failed in torch
+    ("manual_seed expected a long")."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"nrow must be >= 1, got 0"):
+        figures.sample(model, (1, 2, 2), tmp_path / "s.png", nrow=0, per_component=True)
+    for seed, error in ((1.5, TypeError), ("1", TypeError), (-1, ValueError)):
+        with pytest.raises(error, match=r"seed must be"):
+            figures.sample(model, (1, 2, 2), tmp_path / "s.png", n=2, seed=seed)
+    with pytest.raises(TypeError, match=r"with_noise must be a bool .*got 'no'"):
+        figures.sample(model, (1, 2, 2), tmp_path / "s.png", n=2, with_noise="no")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_inpaint_names_the_seed(tmp_path):
+    data = load_dataset("embedded-mnist", limit=20)
+    model = tiny_model(784, 2)
+    with pytest.raises(TypeError, match=r"seed must be an int, got float"):
+        figures.inpaint(model, data, tmp_path / "i.png", n=2, n_samples=0, seed=1.5)
+    assert not (tmp_path / "i.png").exists()
+
+
+def test_visualize_takes_one_component_index(tmp_path):
+    """components=1 failed with "'int' object is not iterable"; factor_grid takes an int."""
+    model = tiny_model(n_factors=1)
+    path = figures.visualize(model, (1, 2, 2), tmp_path / "f.png", components=1, scale=1)
+    with Image.open(path) as image:
+        assert image.size == viz.grid_size(5, 5, 2, 2)
+        assert image.tobytes() == viz.factor_grid(model, [1], (1, 2, 2)).tobytes()
