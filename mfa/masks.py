@@ -143,6 +143,7 @@ def make_mask(
     if kind not in MASK_KINDS:
         raise ValueError(f"kind must be one of {MASK_KINDS}, got {kind!r}")
     n = _count(n, "n")
+    check_generator(generator)  # (a string failed inside torch.rand with its signatures)
     hidden = torch.zeros(h, w, dtype=torch.bool)
     if kind == "center":  # centred also for odd sides (h // 4 hid the corner pixel of 3×3)
         top, left = (h - h // 2) // 2, (w - w // 2) // 2

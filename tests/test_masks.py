@@ -80,6 +80,16 @@ def test_random_mask_fraction_seed_and_channels():
     assert not make_mask("random", shape, 2, fraction=1.0).any()
 
 
+def test_make_mask_names_a_generator_that_is_not_one():
+    """generator='x' failed inside torch.rand with a dump of its signatures."""
+    for generator in ("x", 0):
+        with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None, "
+                                            rf"got {type(generator).__name__}"):
+            make_mask("random", (1, 4, 4), 1, generator=generator)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        make_mask("center", (1, 4, 4), 1, generator="x")  # (unused by the kind, still wrong)
+
+
 def test_image_mask_black_is_hidden(tmp_path):
     picture = Image.new("L", (40, 20), 255)
     picture.paste(0, (0, 0, 20, 20))  # left half black
