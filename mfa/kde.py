@@ -114,6 +114,9 @@ def select_kde_bandwidth(
     if candidates is None:
         base = scott_bandwidth(train)
         candidates = torch.logspace(math.log10(base / 100), math.log10(base * 2), 25).tolist()
+    if isinstance(candidates, str):  # (its characters were taken for bandwidths)
+        raise TypeError(f"candidates must be a sequence of floats, got the string "
+                        f"{candidates!r}")
     if isinstance(candidates, Tensor):
         if candidates.dim() != 1:
             raise ValueError(f"candidates must be a 1-D tensor or a sequence of floats, got "

@@ -121,6 +121,10 @@ def test_bandwidth_selection_names_bad_candidates_and_dtypes():
         select_kde_bandwidth(x, v, torch.tensor([[0.3, 0.5]]))
     with pytest.raises(ValueError, match=r"candidates must be a sequence of floats"):
         select_kde_bandwidth(x, v, ["wide"])
+    for text in ("0.5", "25"):  # ("25" ran as the bandwidths 2 and 5)
+        with pytest.raises(TypeError, match=rf"candidates must be a sequence of floats, got "
+                                            rf"the string '{text}'"):
+            select_kde_bandwidth(x, v, text)
     with pytest.raises(TypeError, match=r"validation has dtype torch\.float64 but train"):
         select_kde_bandwidth(x, v.double(), [0.5])
     best, scores = select_kde_bandwidth(x, v, torch.tensor([0.5, 1.0]))  # a 1-D tensor works
