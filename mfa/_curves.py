@@ -37,6 +37,9 @@ def plot_training_curve(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if isinstance(keys, str):  # (its characters were taken for keys: a "no data" figure)
+        raise TypeError(f"keys must be a sequence of record keys, got the string {keys!r}; "
+                        f"pass [{keys!r}]")
     history = list(history)
     if x_key is None:
         first = history[0] if history else {}

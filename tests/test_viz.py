@@ -325,6 +325,15 @@ def test_plot_draws_one_line_per_em_restart(tmp_path):
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_plot_refuses_keys_given_as_one_string(tmp_path):
+    """keys="train_log_likelihood" was taken character by character: a "no data" figure."""
+    history = [{"iteration": i, "train_log_likelihood": float(i)} for i in range(1, 4)]
+    with pytest.raises(TypeError, match=r"keys must be a sequence of record keys, got the "
+                                        r"string 'train_log_likelihood'"):
+        plot_training_curve(history, tmp_path / "c.png", keys="train_log_likelihood")
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_plot_does_not_touch_pyplot(tmp_path):
     import sys
 
