@@ -1,6 +1,6 @@
-"""The figures of a trained run: sample grids, inpainting grids, outlier rankings and factor
-grids, each saved as an image (the ``mfa sample`` / ``inpaint`` / ``outliers`` / ``visualize``
-commands and the end of ``mfa train``, :mod:`mfa.workflow`)."""
+"""The figures of a trained run: sample grids, inpainting grids, outlier rankings, factor
+grids and the training curve, each saved as an image (the ``mfa sample`` / ``inpaint`` /
+``outliers`` / ``visualize`` commands and the end of ``mfa train``, :mod:`mfa.workflow`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from mfa.model import MixtureOfFactorAnalyzers
 from mfa.outliers import DEFAULT_SCORE
 from mfa.run_outliers import rank_outliers
 
-__all__ = ["check_output", "inpaint", "outliers", "sample", "visualize"]
+__all__ = ["check_output", "inpaint", "outliers", "sample", "training_curve", "visualize"]
 
 
 def check_output(output, image_shape, n_components: int | None = None,
@@ -125,3 +125,19 @@ def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scal
     _model_image_shape(model, image_shape)
     grid = viz.factor_grid(model, components, image_shape, factor_scale)
     return viz.save_image(grid, path, scale=scale)
+
+
+def training_curve(history, path, *, method: str, title: str | None = None) -> Path:
+    """A run's ``curve.png``: the train and validation log-likelihoods of the trainer's
+    ``history``. An EM record (``method == "em"``) scores the training data with the
+    parameters *before* its M-step and the validation data with those *after* it, so the
+    train points are drawn one to the left: x counts the M-steps applied to the parameters
+    a point scores. A record without an M-step (``final``) scores the validation data with
+    the parameters of the record before, drawn there already: its point is left out. Adam
+    (``"sgd"``) records, per epoch, are drawn as they are."""
+    if method != "em":
+        return viz.plot_training_curve(history, path, title=title)
+    history = [dict(r, val_log_likelihood=None) if r.get("final") else r for r in history]
+    return viz.plot_training_curve(history, path, title=title,
+                                   x_offsets={"train_log_likelihood": -1},
+                                   x_label="EM iterations (M-steps applied)")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mfa import distributed, viz
+from mfa import distributed
 from mfa._temporaries import write_text_atomically
 from mfa.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from mfa.config import (
@@ -47,7 +47,7 @@ from mfa.config import (
 from mfa.data import DatasetNotFoundError, ImageData, load_dataset
 from mfa.data.names import canonical_name
 from mfa.em import ConvergenceWarning, EMTrainer
-from mfa.figures import check_output, inpaint, outliers, sample, visualize
+from mfa.figures import check_output, inpaint, outliers, sample, training_curve, visualize
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.masks import missing_mask
 from mfa.metrics import bits_per_dim, mean_log_likelihood
@@ -338,8 +338,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     write_text_atomically(run_dir / "history.json", json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)
     if config.output.plot and trainer.history and config.train.method != "hierarchical":
-        viz.plot_training_curve(trainer.history, run_dir / "curve.png",
-                                title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
+        training_curve(trainer.history, run_dir / "curve.png", method=config.train.method,
+                       title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
     if figures:  # keeping the files the per-run commands wrote meanwhile (new runs too)
         draw_figures(model, data, config, run_dir, replace=False)
     return TrainResult(run_dir, model, metrics)

@@ -217,3 +217,27 @@ def heywood_float32_models(seed: int = 4, noise: float = 1e-9):
     m64 = copy.deepcopy(m32).double()
     x, _ = m64.sample(2000, generator=gen(5))
     return m32, m64, x.float()
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def saved_figures(monkeypatch) -> list:
+    """The matplotlib figures saved from now on (to read back what was drawn, not pixels)."""
+    from matplotlib.figure import Figure
+
+    saved, original = [], Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def drawn_lines(figure) -> dict[str, tuple[list, list]]:
+    """``{label: (xs, ys)}`` of the lines of a figure's one axes."""
+    (axes,) = figure.axes
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+            for line in axes.get_lines()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import drawn_lines, saved_figures
 from PIL import Image
 
 from mfa import MixtureOfFactorAnalyzers, figures, viz
@@ -60,3 +61,27 @@ def test_visualize_takes_one_component_index(tmp_path):
     with Image.open(path) as image:
         assert image.size == viz.grid_size(5, 5, 2, 2)
         assert image.tobytes() == viz.factor_grid(model, [1], (1, 2, 2)).tobytes()
+
+
+def test_training_curve_draws_em_points_at_the_parameters_they_score(tmp_path, monkeypatch):
+    """curve.png drew an EM record's train LL (the parameters before its M-step) and val LL
+    (after it) at one x. Now x counts the M-steps applied to the parameters a point scores:
+    train at iteration - 1; the final record (no M-step) repeats the val LL of the record
+    before, of the same parameters, and is left out. Adam's epochs stay as they are."""
+    saved = saved_figures(monkeypatch)
+    em = [{"run": 0, "iteration": i, "train_log_likelihood": 10.0 + i,
+           "val_log_likelihood": 5.0 + min(i, 3), "final": i == 4} for i in range(1, 5)]
+    figures.training_curve(em, tmp_path / "curve.png", method="em", title="t")
+    lines = drawn_lines(saved[-1])
+    assert lines["train_log_likelihood"] == ([0, 1, 2, 3], [11.0, 12.0, 13.0, 14.0])
+    assert lines["val_log_likelihood"] == ([1, 2, 3], [6.0, 7.0, 8.0])
+    (axes,) = saved[-1].axes
+    assert axes.get_xlabel() == "EM iterations (M-steps applied)" and axes.get_title() == "t"
+    assert em[-1]["val_log_likelihood"] == 8.0  # (the history itself is left as it was)
+
+    sgd = [{"epoch": e, "train_log_likelihood": 1.0 * e, "val_log_likelihood": 0.5 * e}
+           for e in range(1, 4)]
+    figures.training_curve(sgd, tmp_path / "curve.png", method="sgd")
+    lines = drawn_lines(saved[-1])
+    assert lines["train_log_likelihood"][0] == lines["val_log_likelihood"][0] == [1, 2, 3]
+    assert saved[-1].axes[0].get_xlabel() == "epoch"

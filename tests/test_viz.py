@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from helpers import drawn_lines, saved_figures
 from PIL import Image
 
 from mfa import MixtureOfFactorAnalyzers, viz
@@ -332,6 +333,70 @@ def test_plot_refuses_keys_given_as_one_string(tmp_path):
                                         r"string 'train_log_likelihood'"):
         plot_training_curve(history, tmp_path / "c.png", keys="train_log_likelihood")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_draws_a_key_at_its_x_offset(tmp_path, monkeypatch):
+    """An EM record's train LL (the parameters before its M-step) and val LL (after it) were
+    drawn at the same x: record i+1's train LL and record i's val LL score the same
+    parameters. x_offsets moves a key's points; x_label says what x is."""
+    saved = saved_figures(monkeypatch)
+    history = [{"iteration": i, "train_log_likelihood": 10.0 + i, "val_log_likelihood": 5.0 + i}
+               for i in range(1, 5)]
+    plot_training_curve(history, tmp_path / "c.png", x_offsets={"train_log_likelihood": -1},
+                        x_label="EM iterations (M-steps applied)")
+    lines = drawn_lines(saved[-1])
+    assert lines["train_log_likelihood"] == ([0, 1, 2, 3], [11.0, 12.0, 13.0, 14.0])
+    assert lines["val_log_likelihood"] == ([1, 2, 3, 4], [6.0, 7.0, 8.0, 9.0])
+    assert saved[-1].axes[0].get_xlabel() == "EM iterations (M-steps applied)"
+    plot_training_curve(history, tmp_path / "c.png")  # by default: at x, labelled by its key
+    lines = drawn_lines(saved[-1])
+    assert lines["train_log_likelihood"][0] == lines["val_log_likelihood"][0] == [1, 2, 3, 4]
+    assert saved[-1].axes[0].get_xlabel() == "iteration"
+    runs = [dict(r, run=run) for run in range(2) for r in history]  # one line per run
+    plot_training_curve(runs, tmp_path / "c.png", x_offsets={"train_log_likelihood": -0.5})
+    lines = drawn_lines(saved[-1])
+    assert lines["train_log_likelihood (run 1)"][0] == [0.5, 1.5, 2.5, 3.5]
+    assert lines["val_log_likelihood (run 1)"][0] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("x_offsets, error, match", [
+    ({"loss": -1}, ValueError, r"x_offsets names 'loss', which is not one of keys"),
+    ({"train_log_likelihood": "-1"}, TypeError,
+     r"x_offsets\['train_log_likelihood'\] must be a finite number, got '-1'"),
+    ({"train_log_likelihood": float("nan")}, TypeError, r"must be a finite number, got nan"),
+    ([("train_log_likelihood", -1)], TypeError, r"x_offsets must be a mapping .*got list"),
+])
+def test_plot_checks_x_offsets(tmp_path, x_offsets, error, match):
+    history = [{"iteration": 1, "train_log_likelihood": 1.0}]
+    with pytest.raises(error, match=match):
+        plot_training_curve(history, tmp_path / "c.png", x_offsets=x_offsets)
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_leaves_a_far_first_point_out_of_the_y_limits(tmp_path, monkeypatch):
+    """EM's first val LL (under the weakest prior, -1205 where the rest lay in 1437..1513)
+    flattened the whole curve. The y-limits now leave it out and the figure says so."""
+    saved = saved_figures(monkeypatch)
+    val = [-1204.9, 1437.6, 1465.6, 1490.6, 1513.1]
+    train = [1730.5, 1937.8, 1648.4, 1683.5, 1703.2]
+    history = [{"iteration": i + 1, "train_log_likelihood": t, "val_log_likelihood": v}
+               for i, (t, v) in enumerate(zip(train, val, strict=True))]
+    plot_training_curve(history, tmp_path / "c.png")
+    (axes,) = saved[-1].axes
+    low, high = axes.get_ylim()
+    assert low > -1204.9 and low < 1437.6 and high > 1937.8  # every other point in view
+    assert high - low < 1.2 * (1937.8 - 1437.6)
+    assert drawn_lines(saved[-1])["val_log_likelihood"][1] == val  # still drawn, off scale
+    notes = [text.get_text() for text in axes.texts]
+    assert notes == ["first point off scale: val_log_likelihood -1205"]
+
+    # Not left out: a first point within its line's range of it (1730.5 of train's
+    # 1648..1938), a line of two points, a first point only just outside.
+    for ys in ([-1204.9, 1437.6], [1400.0, 1437.6, 1465.6, 1490.6]):
+        records = [{"iteration": i + 1, "val_log_likelihood": y} for i, y in enumerate(ys)]
+        plot_training_curve(records, tmp_path / "c.png", keys=["val_log_likelihood"])
+        (axes,) = saved[-1].axes
+        assert axes.get_ylim()[0] < ys[0] and not axes.texts
 
 
 def test_plot_does_not_touch_pyplot(tmp_path):

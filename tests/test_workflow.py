@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import drawn_lines, saved_figures
 
 from mfa import run_folder, workflow
 from mfa.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -138,6 +139,28 @@ def test_train_returns_the_run_folder_model_and_metrics(em_run, out_dir):
     names = {p.name for p in em_run.run_dir.iterdir()}
     assert names == {"config.yaml", "train.log", "checkpoint.pt", "metrics.json",
                      "history.json", "curve.png", ".lock"}
+
+
+@pytest.mark.parametrize("method", ["em", "sgd"])
+def test_the_curve_draws_em_train_points_one_m_step_left(out_dir, monkeypatch, method):
+    """curve.png drew an EM record's train LL (the parameters before its M-step) at the x of
+    its val LL (after it); Adam's records, per epoch, stay where they were."""
+    saved = saved_figures(monkeypatch)
+    result = workflow.train(make_config(out_dir, f"curve-{method}", f"train.method={method}"),
+                            figures=False)
+    history = json.loads((result.run_dir / "history.json").read_text())
+    lines = drawn_lines(saved[-1])
+    train, val = lines["train_log_likelihood"], lines["val_log_likelihood"]
+    assert train[1] == [r["train_log_likelihood"] for r in history]
+    assert val[1] == [r["val_log_likelihood"] for r in history]
+    if method == "em":
+        assert not any(r["final"] for r in history)  # (max_iter: no record without M-step)
+        assert train[0] == list(range(EM_ITERATIONS))
+        assert val[0] == list(range(1, EM_ITERATIONS + 1))
+        assert saved[-1].axes[0].get_xlabel() == "EM iterations (M-steps applied)"
+    else:
+        assert train[0] == val[0] == list(range(1, SGD_EPOCHS + 1))
+        assert saved[-1].axes[0].get_xlabel() == "epoch"
 
 
 def test_train_log_names_the_run_folder(em_run):
