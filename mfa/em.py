@@ -61,7 +61,9 @@ class EMTrainer:
     Attributes:
         history: one dict per iteration: ``run`` (restart index), ``iteration``,
             ``train_log_likelihood`` (mean per row, nats, of the parameters *before* the
-            iteration's M-step), ``val_log_likelihood`` (after it, or ``None``), ``seconds``
+            iteration's M-step), ``val_log_likelihood`` (after it, or ``None``; on a
+            ``final`` record, which has no M-step, of the same parameters as the train
+            figure), ``seconds``
             and ``final``: ``True`` on the record of a run that met ``tol``, whose parameters
             get no M-step (they are the ones returned, unless early stopping keeps an
             earlier iteration's that scored better on validation); ``train_objective``: the
