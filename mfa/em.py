@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from mfa import distributed, prior_search, training
+from mfa import distributed, prior_search, tempering, training
 from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import supported_device
 from mfa.e_step import streamed_e_step
@@ -107,12 +107,13 @@ class EMTrainer:
     (:meth:`~mfa.em_state.RunState.track_validation`). After the restarts, with early
     stopping and ``missing="error"`` (with ``"allow"`` this and the tempered step are skipped,
     even if no entry is missing), ``reseed_rounds`` rounds each re-seed the best result's
-    components that lower the validation score (:mod:`mfa.pruning`) and run EM again from
-    there (``run`` = ``n_init``, ``n_init + 1``, ...) under the kept result's ``s₀`` (with
-    ``"auto"``: no warm-up and no search in a round); a round is kept if its best validation
-    score beats the best so far, and the first that does not ends them. Last, with ``"auto"``
-    and ``tempered_step``, one M-step from tempered responsibilities replaces the result when
-    it raises the validation score clearly (:mod:`mfa.tempering`; ``history`` has none).
+    components that lower the validation score (:mod:`mfa.pruning`; not on fewer than
+    :data:`mfa.tempering.MIN_ROWS` validation rows, whose score is mostly noise) and run EM
+    again from there (``run`` = ``n_init``, ``n_init + 1``, ...) under the kept result's
+    ``s₀`` (with ``"auto"``: no warm-up and no search in a round); a round is kept if its best
+    validation score beats the best so far, and the first that does not ends them. Last, with
+    ``"auto"`` and ``tempered_step``, one M-step from tempered responsibilities replaces the
+    result when it raises the validation score clearly (:mod:`mfa.tempering`).
     """
 
     def __init__(self, config: EMConfig | None = None) -> None:
@@ -233,6 +234,8 @@ class EMTrainer:
         self._state = state.as_dict()
         init_rows = None
         rounds = cfg.reseed_rounds if ctx.early_stopping and not allow and cfg.max_iter else 0
+        if rounds and tempering.too_few_rows(val_source, "EM's re-seeding rounds"):
+            rounds = 0  # (on 1 to 5 rows, rounds that halved the train likelihood were kept)
         # A finished fit resumed: the model holds its result (the tempered step's included).
         finished = state.run >= cfg.n_init + rounds
         for run in range(state.run, cfg.n_init + rounds):
