@@ -214,8 +214,8 @@ class SGDTrainer:
         return -prior.log_prior_of(model) / n_train
 
     def _batches(self, train, source, gen):
-        if source is not None:
-            yield from source
+        if source is not None:  # (a process alone skips a 0-row batch: its mean loss is NaN)
+            yield from (batch for batch in source if batch.shape[0] or distributed.is_active())
             return
         perm = torch.randperm(train.shape[0], generator=gen).to(train.device)
         for i in range(0, train.shape[0], self.config.batch_size):

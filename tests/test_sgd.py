@@ -1222,3 +1222,18 @@ def test_divergence_on_validation_names_the_validation_score(small, monkeypatch)
         SGDTrainer(SGDConfig(epochs=2, progress=False, em_start=False,
                              noise_prior_strength=0.0)).fit(
             MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), train, validation=val)
+
+
+def test_a_batch_of_no_rows_is_skipped_not_taken_for_divergence():
+    """A 0-row batch from an iterable of batches made the minibatch loss NaN (the mean of no
+    rows), reported as divergence with advice to lower the learning rate; EM took it."""
+    x = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
+    config = SGDConfig(epochs=2, progress=False, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_empty = SGDTrainer(config).fit(MixtureOfFactorAnalyzers(3, 6, 2),
+                                            [x[:100], x[100:100], x[100:350]], x[350:])
+        without = SGDTrainer(config).fit(MixtureOfFactorAnalyzers(3, 6, 2),
+                                         [x[:100], x[100:350]], x[350:])
+    for a, b in zip(with_empty.parameters(), without.parameters(), strict=True):
+        assert torch.equal(a, b)
