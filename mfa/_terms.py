@@ -8,6 +8,7 @@ matrix products and the Woodbury identity (:func:`mfa.linalg.woodbury_mahalanobi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -177,6 +178,13 @@ class ComponentTerms:
     rounding: float = 0.0
     factors: Tensor | None = None
     capacitance_chol: Tensor | None = None
+    parameters: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+
+    @cached_property
+    def in_float64(self) -> ComponentTerms:
+        """These terms built in float64 from the uncentred ``parameters`` (log-weights,
+        means, loadings, noise variances) they came from, once."""
+        return build_component_terms(*(t.double() for t in self.parameters))
 
     @property
     def precise(self) -> bool:
@@ -249,6 +257,7 @@ def build_component_terms(
         rounding=linalg.quadratic_rounding(centred, inv_noise),
         factors=loadings,
         capacitance_chol=chol,
+        parameters=(log_weights, means, loadings, noise),
     )
 
 
@@ -273,6 +282,12 @@ def component_log_prob_from_terms(
     ill-conditioned component's float64 entries only where they can move a row's log-density
     or responsibilities (see :func:`~mfa.residual_form.refine_woodbury_near_top`).
     """
+    if terms.precise and terms.parameters is not None:
+        # Below float64 at this spread x − c and μ − c themselves round away the rows'
+        # differences (with one component 1e10 from the rest every row near the others
+        # scored alike): every term in float64, from the uncentred parameters.
+        return component_log_prob_from_terms(x.double(), terms.in_float64, exact,
+                                             near_rows_only).to(x.dtype)
     xc = x - terms.reference  # [n, D]
     k, n_lat, d = terms.whitened.shape
     diag_quad = linalg.diagonal_quadratic(xc, terms.means, terms.inv_noise, terms.precise)

@@ -36,6 +36,15 @@ def _ill_components(model: MixtureOfFactorAnalyzers, warn: bool) -> Tensor:
     return ill
 
 
+#: The warning of an E-step whose components lie too far apart for its sums.
+FAR_APART = (
+    "the components lie so far apart, relative to their noise, that the E-step's sums about "
+    "one reference point lose more than 20 nats to rounding (rows far from the rest, such as "
+    "sentinel values or outliers, pull components there): its statistics and the recorded "
+    "log-likelihood may be wrong, and the MAP objective may fall. Remove or rescale such rows "
+    "(a float64 model goes further, but not past every spread)")
+
+
 def streamed_e_step(
     model: MixtureOfFactorAnalyzers, source: DataSource | Tensor, stats_dtype: str = "auto",
     temperature: float | Sequence[float] = 1.0,
@@ -81,6 +90,8 @@ def streamed_e_step(
         if full:  # derived from the parameters in float64, not rounded in float32 first
             params = tuple(t.double() for t in params)
         terms = build_component_terms(*params)
+        if terms.rounding > linalg.REFINE_LIMIT:
+            warnings.warn(FAR_APART, RuntimeWarning, stacklevel=2)
         chol = linalg.capacitance_cholesky(params[2], params[3])
         exact = (ExactComponents.build(ill, *params, terms.reference)
                  if not full and ill is not None and ill.numel() else None)

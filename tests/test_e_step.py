@@ -222,3 +222,22 @@ def test_an_ill_conditioned_component_of_tiny_weight_keeps_its_mass(mode):
     stats = EMTrainer.e_step(model, DataSource(x, model, 5000), mode)
     assert float(reference.mass[1]) > 1e-11
     assert float(stats.mass[1]) == pytest.approx(float(reference.mass[1]), rel=1e-4)
+
+
+def test_an_e_step_whose_components_lie_beyond_its_precision_says_so():
+    """Four outlier rows at 1e12 among 500 of scale 3 pulled a component and the reference
+    point there: the float64 fit's MAP objective fell (-2.4e6 to -4.0e6 a row under a fixed
+    prior) and the float32 one recorded +36 nats a row where float64 gave -2e7, silently."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.stack([torch.zeros(6), torch.full((6,), 1e12)]).double()
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.99, 0.01], dtype=torch.float64), means,
+        torch.zeros(2, 6, 1, dtype=torch.float64), torch.full((2, 6), 1e-6, dtype=torch.float64))
+    x = torch.randn(100, 6, generator=gen, dtype=torch.float64)
+    for m in (model, model.float()):
+        with pytest.warns(RuntimeWarning, match="components lie so far apart"):
+            streamed_e_step(m, x.to(m.dtype))
+    with warnings.catch_warnings():  # a model of image-like rows: no warning
+        warnings.simplefilter("error")
+        plain = random_model(3, 6, 2, "diagonal", seed=1, dtype=torch.float32)
+        streamed_e_step(plain, random_data(100, plain, seed=2))

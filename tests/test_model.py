@@ -207,6 +207,21 @@ def test_float64_sharp_components_far_apart(far, lat):
                                atol=1e-5)
 
 
+@pytest.mark.parametrize("lat", [0, 2])
+def test_float32_log_prob_beside_a_component_far_beyond_float32s_reach(lat):
+    """A light component 1e10 away (outlier rows, a sentinel value) pulls the reference point
+    there; x − c and μ − c then rounded to the same value for every row near the others, and
+    every such row scored −3.6858 (the float64 path started from the rounded differences)."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.stack([torch.zeros(4), torch.full((4,), 1e10)])
+    loadings = 0.5 * torch.randn(2, 4, lat, generator=gen)
+    model = MFA.from_parameters(torch.tensor([0.99, 0.01]), means, loadings, torch.ones(2, 4))
+    x = torch.randn(50, 4, generator=gen)
+    expected = DenseMixture.from_model(model).log_prob(x.double())  # the float32 parameters
+    assert float(expected.std()) > 0.5  # (the rows differ)
+    torch.testing.assert_close(model.log_prob(x).double(), expected, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e3])
 @pytest.mark.parametrize("case", [(3, 5, 2, "diagonal"), (4, 20, 5, "isotropic"),
                                   (2, 30, 0, "diagonal"), (3, 12, 12, "diagonal")],
