@@ -27,6 +27,7 @@ __all__ = [
     "fsync_file",
     "fsync_folder",
     "folder_for_output",
+    "naming",
     "reserved_temporary",
     "write_atomically",
     "write_text_atomically",
@@ -165,17 +166,39 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def naming(error: BaseException, what: str, note: str = "") -> OSError:
+    """A failed write's ``error`` as an OSError whose message says ``cannot write <what>``
+    (its errno, and so its subclass, kept; ``note`` appended): a write's own error names no
+    file ("[Errno 28] No space left on device") or names the temporary. Torch's RuntimeError
+    of a short write ("[enforce fail at inline_container.cc:672] . unexpected pos ...")
+    becomes one too."""
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error) or type(error).__name__
+    else:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = f"writing failed ({first}); is the disk full?"
+    message = f"cannot write {what}: {reason}{note}"
+    code = getattr(error, "errno", None)
+    return OSError(code, message) if code is not None else OSError(message)
+
+
 def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """``write(temporary)`` to a temporary beside ``path``, fsync it, then one ``os.replace``
     onto it (and fsync the folder): a write interrupted or failed (Ctrl-C, a full disk, a
     power cut) leaves ``path`` as it was or the new file whole, never a truncated one.
-    Returns ``path``."""
+    Returns ``path``.
+
+    Raises:
+        OSError: the write failed, naming ``path`` (the original error is its cause).
+    """
     path = Path(path)
     with reserved_temporary(path) as temporary:
         try:
             write(temporary)
             fsync_file(temporary)  # (a rename can reach the disk before the data it names)
             os.replace(temporary, path)
+        except OSError as error:
+            raise naming(error, str(path)) from error
         finally:
             with contextlib.suppress(FileNotFoundError):
                 temporary.unlink()

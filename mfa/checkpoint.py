@@ -64,7 +64,12 @@ from mfa._checkpoint_checks import (
     check_run_metrics,
     check_trainer_state,
 )
-from mfa._temporaries import clean_stale_temporaries, fsync_folder, reserved_temporary
+from mfa._temporaries import (
+    clean_stale_temporaries,
+    fsync_folder,
+    naming,
+    reserved_temporary,
+)
 from mfa.config import RunConfig, config_from_dict, config_to_dict, validate_config
 from mfa.model import MixtureOfFactorAnalyzers
 
@@ -172,7 +177,9 @@ def save_checkpoint(
         TypeError: ``model`` is not a MixtureOfFactorAnalyzers, or ``trainer_state`` /
             ``metrics`` hold an object that a safe load could not rebuild.
         ValueError: ``run_config`` is invalid.
-        OSError: writing failed; ``path`` then still holds what it held before.
+        OSError: writing failed (torch's RuntimeError of a short write, as on a full disk,
+            too), naming ``path`` (the original error is its cause); ``path`` then still
+            holds what it held before, and no temporary is left.
     """
     import mfa
 
@@ -226,16 +233,21 @@ def save_checkpoint(
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(target)
+    kept = target.exists()
     with reserved_temporary(target) as temporary:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             with os.fdopen(fd, "wb") as file:
-                torch.save(payload, file)
+                torch.save(payload, file)  # (a short write: torch's RuntimeError)
                 file.flush()
                 os.fsync(file.fileno())
-            if target.exists():
+            if kept:
                 os.chmod(temporary, stat.S_IMODE(target.stat().st_mode))
             os.replace(temporary, target)
+        except (OSError, RuntimeError) as error:
+            temporary.unlink(missing_ok=True)
+            raise naming(error, f"checkpoint {path}", f" ({path} still holds the previous "
+                         "checkpoint)" if kept else " (nothing was written)") from error
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

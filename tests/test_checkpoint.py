@@ -231,6 +231,49 @@ def test_failed_write_keeps_the_old_checkpoint_and_leaves_no_temporary(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+def test_a_full_disk_during_a_save_is_an_oserror_naming_the_checkpoint(tmp_path, monkeypatch):
+    """On a full disk torch.save raised its own RuntimeError ("[enforce fail at
+    inline_container.cc:672] . unexpected pos ...", no path), not the OSError the docstring
+    promised (the CLI printed it as an internal error)."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, make_model(seed=0), metrics={"version": "good"})
+    before = path.read_bytes()
+    short = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13248 "
+                         "vs 13200")
+
+    def short_write(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + b"\0" * 4096)  # what fitted on the disk
+        raise short
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match=rf"cannot write checkpoint {re.escape(str(path))}: "
+                                      r"writing failed \(.*unexpected pos.*is the disk full\? "
+                                      r"\(.* still holds the previous checkpoint\)") as caught:
+        save_checkpoint(path, make_model(seed=1), metrics={"version": "bad"})
+    monkeypatch.undo()
+    assert caught.value.__cause__ is short
+    assert path.read_bytes() == before  # the previous checkpoint, whole
+    assert load_checkpoint(path).metrics == {"version": "good"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary
+
+
+def test_a_checkpoint_that_cannot_be_created_is_named_not_its_temporary(tmp_path, monkeypatch):
+    """A read-only folder: the error named the hidden temporary (.checkpoint.pt.<pid>...)."""
+    real_open = os.open
+
+    def refuse(file, *args, **kwargs):
+        if ".tmp" in str(file):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(PermissionError, match=r"cannot write checkpoint .*m\.pt: Permission "
+                                              r"denied \(nothing was written\)$"):
+        save_checkpoint(tmp_path / "m.pt", make_model())
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_interrupted_first_write_leaves_nothing(tmp_path, monkeypatch):
     def interrupted(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04")

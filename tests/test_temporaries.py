@@ -1,6 +1,8 @@
 """Atomic writes (mfa._temporaries): the data reaches the disk before the rename names it."""
 
+import errno
 import os
+import re
 
 import pytest
 
@@ -44,3 +46,20 @@ def test_a_failed_write_leaves_the_earlier_file_and_no_temporary(tmp_path):
         write_atomically(target, fail)
     assert target.read_text() == "before"
     assert [p.name for p in tmp_path.iterdir()] == ["history.csv"]
+
+
+def test_a_full_disk_is_an_oserror_naming_the_destination(tmp_path):
+    """A write's ENOSPC named no file ("[Errno 28] No space left on device")."""
+    target = tmp_path / "metrics.json"
+    target.write_text("before")
+
+    def full(temporary):
+        temporary.write_text("{")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(target))}: No space left "
+                                      "on device") as caught:
+        write_atomically(target, full)
+    assert caught.value.errno == errno.ENOSPC and caught.value.__cause__ is not None
+    assert target.read_text() == "before"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
