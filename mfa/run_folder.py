@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mfa._temporaries import clean_stale_temporaries
+from mfa._temporaries import clean_stale_temporaries, write_text_atomically
 from mfa.config import (
     OutputConfig,
     RunConfig,
@@ -26,6 +26,7 @@ from mfa.config import (
 from mfa.config_text import dotted_leaves
 from mfa.folder_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, holder_of
 from mfa.hierarchical_section import resolve_stages
+from mfa.run_log import attach_log
 
 if TYPE_CHECKING:
     from mfa.checkpoint import Checkpoint
@@ -229,17 +230,6 @@ def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
             number += 1
 
 
-def attach_log(run_dir: Path) -> logging.Handler:
-    """Send the ``mfa`` loggers' records (INFO and up) to ``run_dir/train.log``."""
-    handler = logging.FileHandler(run_dir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("mfa")
-    root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-    return handler
-
-
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder → its ``checkpoint.pt``; a file → itself."""
     path = Path(path)
@@ -430,26 +420,37 @@ def _saved_count(ckpt: Checkpoint, key: str) -> int:
 def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> None:
     """A new run that failed before its first checkpoint with nothing but the files this
     module wrote there: remove its folder. Otherwise, for an error (not Ctrl-C), write
-    ``FAILED``."""
-    own = {"config.yaml", "train.log", LOCK_NAME}
-    if (created and not (run_dir / CHECKPOINT_NAME).exists()
-            and {p.name for p in run_dir.iterdir()} <= own):
-        for name in own:
-            (run_dir / name).unlink(missing_ok=True)
-        try:
-            run_dir.rmdir()
+    ``FAILED``. A folder that cannot be cleaned up or marked (read-only, a full disk) is a
+    warning, not an error: the run's own ``error`` is the one its caller reports."""
+    try:
+        if created and _removed_if_own(run_dir):
             return
-        except OSError:
-            pass  # something else came in meanwhile: leave it, marked
-    # Something else is in there (a hierarchical run's finished stages): the folder stays
-    # whole, config.yaml and train.log included, so `--resume` starts it over and reuses them.
-    if isinstance(error, Exception):
-        (run_dir / FAILED_NAME).write_text(
-            f"{type(error).__name__}: {error}\nsee train.log; continue with "
-            f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
-            "only iterations, checkpoints, progress, figures and data location: a cause in "
-            "another setting, such as a learning rate, needs a new run)\n"
-        )
+        # Something else is in there (a hierarchical run's finished stages): the folder stays
+        # whole, config.yaml and train.log included, so `--resume` starts it over and reuses
+        # them.
+        if isinstance(error, Exception):
+            write_text_atomically(run_dir / FAILED_NAME, (
+                f"{type(error).__name__}: {error}\nsee train.log; continue with "
+                f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
+                "only iterations, checkpoints, progress, figures and data location: a cause in "
+                "another setting, such as a learning rate, needs a new run)\n"))
+    except OSError as failure:
+        logger.warning("cannot clean up or mark the failed run %s: %s", run_dir, failure)
+
+
+def _removed_if_own(run_dir: Path) -> bool:
+    """Remove ``run_dir`` when it holds no checkpoint and only the files this module wrote
+    there; whether it is gone."""
+    own = {"config.yaml", "train.log", LOCK_NAME}
+    if (run_dir / CHECKPOINT_NAME).exists() or not {p.name for p in run_dir.iterdir()} <= own:
+        return False
+    for name in own:
+        (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()
+        return True
+    except OSError:
+        return False  # something else came in meanwhile: leave it, marked
 
 
 def _new_run_hint(ckpt, key: str) -> str:

@@ -68,6 +68,7 @@ from mfa.run_folder import (
     resume_checkpoint,
     run_config_of,
 )
+from mfa.run_log import detach_log, log_ending
 from mfa.run_outliers import check_outlier_data, outlier_metrics
 from mfa.sgd import SGDTrainer
 
@@ -196,15 +197,11 @@ def train(
                 if changed:
                     logger.info("resumed with new values for %s", ", ".join(changed))
                 return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
-            except KeyboardInterrupt:  # said in train.log too, naming the folder
-                if main and (run_dir / CHECKPOINT_NAME).exists():
-                    logger.warning("interrupted: %s keeps its last checkpoint; continue with "
-                                   "`mfa train --resume %s`", run_dir, run_dir)
+            except BaseException as error:  # said in train.log too
+                log_ending(handler, error, run_dir / CHECKPOINT_NAME)
                 raise
             finally:
-                if handler is not None:
-                    logging.getLogger("mfa").removeHandler(handler)
-                    handler.close()
+                detach_log(handler)
         except BaseException as error:
             if main:
                 clean_up_failed(run_dir, error, created=folder is None)

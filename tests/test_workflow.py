@@ -755,6 +755,33 @@ def test_a_run_that_fails_after_a_checkpoint_is_marked_failed_until_resumed(em_r
     assert_same_parameters(resumed.model, em_run.model)
 
 
+def test_a_failed_run_that_cannot_be_marked_reports_its_own_error(tmp_path, monkeypatch,
+                                                                   caplog):
+    """A run whose FAILED marker could not be written (a read-only folder, a full disk)
+    ended with that write's PermissionError, and its train.log held nothing of the error
+    that FAILED would have said to look up there."""
+    real_write_text = Path.write_text
+
+    def read_only(self, *args, **kwargs):
+        if "FAILED" in self.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with caplog.at_level("WARNING", logger="mfa"), pytest.raises(
+            RuntimeError, match="simulated failure"):
+        workflow.train(make_config(tmp_path, "ro"), figures=False, callbacks=(Fail(2),))
+    run_dir = tmp_path / "ro"
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "checkpoint.pt",
+                                                         "config.yaml", "train.log"]
+    assert re.search(rf"cannot clean up or mark the failed run {re.escape(str(run_dir))}: "
+                     r".*FAILED.*Permission denied", caplog.text)
+    log = (run_dir / "train.log").read_text()
+    assert "ERROR mfa: the run failed: RuntimeError: simulated failure" in log
+    assert "Traceback" in log  # (the console gets the message only)
+    assert "simulated failure" not in caplog.text  # (the CLI prints it: not twice)
+
+
 # ---------------------------------------------------------------------------- kill -9
 
 
