@@ -28,6 +28,9 @@ def cmd_train(args) -> int:
     from mfa import distributed
     from mfa.config import load_config
 
+    for text, option in ((args.resume, "--resume"), (args.config, "--config")):
+        if text is not None:  # ("" was taken for none: --resume "$UNSET" trained a new run)
+            run_io.given_path(text, option)
     # A new run's config, read before the process group (whose backend follows its device).
     config = (load_config(args.config or DEFAULT_CONFIG, overrides=args.set or [])
               if args.config or not args.resume else None)
@@ -215,7 +218,8 @@ def cmd_select(args) -> int:
     from mfa.config_text import override_keys
     from mfa.selection import select_run
 
-    config_path = args.config or DEFAULT_CONFIG
+    config_path = DEFAULT_CONFIG if args.config is None else run_io.given_path(args.config,
+                                                                               "--config")
     try:  # (a mapping, --set model={n_components: 4}, sets the keys inside it)
         keys = [key for o in args.set or [] for key in override_keys(o)]
     except ValueError as error:
@@ -228,7 +232,8 @@ def cmd_select(args) -> int:
                          "is --components/--factors, and it writes selection.* only (--out; "
                          "no checkpoints)")
     config = load_config(config_path, overrides=args.set or [])
-    sweep, paths = select_run(config, args.components, args.factors, args.out,
+    out = None if args.out is None else run_io.given_path(args.out, "--out")  # ("": not ".")
+    sweep, paths = select_run(config, args.components, args.factors, out,
                               method=args.method, overwrite=args.overwrite)
     print(sweep.table())
     best, by_bic = sweep.best_by_val, sweep.best_by_bic

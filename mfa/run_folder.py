@@ -240,6 +240,8 @@ def resume_checkpoint(resume: str | Path) -> Path:
     """The checkpoint a resumed run continues: a run folder's ``checkpoint.pt``. A checkpoint
     file of another name is refused: resuming writes ``checkpoint.pt``, metrics and figures
     into its folder, which is then not its run's."""
+    if not str(resume).strip():  # (Path("") is the working folder)
+        raise ValueError("--resume is empty: give a run folder")
     if not Path(resume).exists():
         raise FileNotFoundError(f"--resume: {resume} does not exist")
     path = resolve_checkpoint(resume)

@@ -344,7 +344,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         ValueError: an invalid grid, a hierarchical method, no validation split, a
             ``(K, L)`` the data cannot take (``L > D`` or ``K`` above the training rows), or
             an earlier sweep's files in ``out_dir`` without ``overwrite`` (or ``out_dir`` a
-            file), ``data.missing`` set, or a trainer device this machine does not have.
+            file or empty), ``data.missing`` set, or a trainer device this machine does not have.
         OSError: ``out_dir`` cannot be made (checked before any fit).
         mfa.folder_lock.RunFolderInUse: another ``mfa select`` (or ``mfa train``) holds
             ``out_dir``.
@@ -353,6 +353,8 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
     from mfa.folder_lock import LOCK_NAME, hold_run_folder
     from mfa.workflow import load_data
 
+    if out_dir is not None and not str(out_dir).strip():  # (Path("") is the working folder)
+        raise ValueError("out_dir is empty: give a folder, or None for the default")
     if method is not None:
         config = apply_overrides(config, [f"train.method={method}"])
     if config.train.method not in ("em", "sgd"):

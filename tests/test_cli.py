@@ -1363,6 +1363,22 @@ def test_evaluate_checks_the_outlier_data_once(run_dir, tmp_path, monkeypatch):
 # --------------------------------------------------- after-training commands (review findings)
 
 
+@pytest.mark.parametrize("option", ["--resume", "--config", "-c"])
+def test_train_refuses_an_empty_resume_or_config(tmp_path, monkeypatch, option):
+    """--resume "" (--resume "$RUN" with RUN unset) trained a new run of the default config,
+    and -c "" trained the default config: "" was taken for no option."""
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli("train", option, "", *set_args(*TINY, "train.em.max_iter=1"),
+                              "--no-figures")
+    name = "--resume" if option == "--resume" else "--config"
+    assert code == 2 and f"error: {name} is empty: give a path" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder
+    from mfa import workflow
+
+    with pytest.raises(ValueError, match="--resume is empty"):
+        workflow.train(None, resume="")
+
+
 def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(run_dir, tmp_path,
                                                                           monkeypatch):
     """A read-only folder failed after the work, naming the atomic write's temporary file;

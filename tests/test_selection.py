@@ -301,6 +301,24 @@ def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
+@pytest.mark.parametrize("option", ["--out", "--config"])
+def test_mfa_select_refuses_an_empty_path(tmp_path, monkeypatch, option):
+    """--out "" wrote the sweep's files into the working folder (Path("") is "."), -c ""
+    swept the default config: "" (an unset shell variable) was taken for no option."""
+    monkeypatch.chdir(tmp_path)
+    other = ["--config", CONFIG] if option == "--out" else ["--out", tmp_path / "sweep"]
+    code, _, stderr = run_cli("select", *other, option, "", *sets(*TINY),
+                              "--components", 2, "--factors", 1)
+    assert code == 2 and f"error: {option} is empty: give a path" in stderr, stderr
+    assert list(tmp_path.iterdir()) == []
+    from mfa.config import load_config
+    from mfa.selection import select_run
+
+    with pytest.raises(ValueError, match="out_dir is empty"):
+        select_run(load_config(CONFIG, TINY), [2], [1], "")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_mfa_select_holds_its_folder_and_removes_the_folders_it_made(tmp_path, monkeypatch):
     """Two sweeps into one folder each reported their files; the later replaced the
     other's. A sweep that fails leaves no folder it made."""
