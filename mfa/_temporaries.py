@@ -5,12 +5,15 @@ destination (:func:`reserved_temporary`), fsyncs it and renames it over the dest
 writer killed outright cannot remove its temporary; :func:`clean_stale_temporaries` removes
 the ones whose writer is gone. A run's other results (metrics, history, figures, CSV files)
 go through :func:`write_atomically`, which fsyncs them the same way: an interrupted write
-leaves the earlier file, never a truncated one.
+leaves the earlier file, never a truncated one. A write that must not replace a file (the
+per-run commands' default names, :func:`free_path`) ends with a hard link, which fails
+where a file has that name, and moves on to the next free one (:func:`next_free`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -20,14 +23,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 __all__ = [
     "STALE_TEMPORARY_AGE",
+    "IfExists",
     "clean_stale_temporaries",
     "fsync_file",
     "fsync_folder",
     "folder_for_output",
+    "free_path",
     "naming",
+    "next_free",
     "reserved_temporary",
     "write_atomically",
     "write_text_atomically",
@@ -182,21 +189,40 @@ def naming(error: BaseException, what: str, note: str = "") -> OSError:
     return OSError(code, message) if code is not None else OSError(message)
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+#: How :func:`write_atomically` treats a file that is at its destination when the write
+#: ends: ``"replace"`` it, ``"refuse"`` (FileExistsError), or a function of the taken path
+#: giving the next name to try (e.g. :func:`next_free`'s).
+IfExists = Literal["replace", "refuse"] | Callable[[Path], Path]
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], object], *,
+                     if_exists: IfExists = "replace") -> Path:
     """``write(temporary)`` to a temporary beside ``path``, fsync it, then one ``os.replace``
     onto it (and fsync the folder): a write interrupted or failed (Ctrl-C, a full disk, a
     power cut) leaves ``path`` as it was or the new file whole, never a truncated one.
-    Returns ``path``.
+
+    ``if_exists`` other than ``"replace"`` never replaces a file: the last step is a hard
+    link of the temporary to ``path``, which fails where a file has that name (one another
+    process wrote since ``path`` was chosen free); ``"refuse"`` then raises, and a function
+    gives the name to try next. (On a file system without hard links, an exclusive create
+    claims the name just before the rename.) Returns the path written.
 
     Raises:
-        OSError: the write failed, naming ``path`` (the original error is its cause).
+        OSError: the write failed, naming ``path`` (the original error is its cause);
+            FileExistsError: ``if_exists="refuse"`` and a file is at ``path``.
     """
     path = Path(path)
+    if not (if_exists in ("replace", "refuse") or callable(if_exists)):
+        raise ValueError(f"if_exists must be 'replace', 'refuse' or a function, "
+                         f"got {if_exists!r}")
     with reserved_temporary(path) as temporary:
         try:
             write(temporary)
             fsync_file(temporary)  # (a rename can reach the disk before the data it names)
-            os.replace(temporary, path)
+            if if_exists == "replace":
+                os.replace(temporary, path)
+            else:
+                path = _link_free(temporary, path, if_exists)
         except OSError as error:
             raise naming(error, str(path)) from error
         finally:
@@ -206,9 +232,61 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
     return path
 
 
-def write_text_atomically(path: str | os.PathLike[str], text: str) -> Path:
+def _link_free(temporary: Path, path: Path, if_exists: IfExists) -> Path:
+    """Give ``temporary`` the name ``path``, or where a file has it (FileExistsError with
+    ``if_exists="refuse"``) the next that ``if_exists(path)`` gives; the name given."""
+    for _ in range(1000):
+        try:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise
+            except OSError:  # no hard links on this file system: claim the name, then rename
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                try:
+                    os.replace(temporary, path)
+                except BaseException:
+                    path.unlink(missing_ok=True)
+                    raise
+            return path
+        except FileExistsError:
+            if not callable(if_exists):
+                raise FileExistsError(errno.EEXIST, "a file of that name appeared while this "
+                                      "ran; it is kept, not replaced") from None
+            path = Path(if_exists(path))
+    raise FileExistsError(errno.EEXIST, "every name tried was taken meanwhile")
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str, *,
+                          if_exists: IfExists = "replace") -> Path:
     """:func:`write_atomically` of ``text`` (UTF-8)."""
-    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"),
+                            if_exists=if_exists)
+
+
+def free_path(path: Path, companions: tuple[str, ...] = (), skip: Path | None = None) -> Path:
+    """``path`` when neither it nor ``path`` with any suffix in ``companions`` exists, else the
+    first free ``<stem>-2``, ``<stem>-3``, … beside it (nothing there is replaced; a dangling
+    link is taken too); ``skip``: a name taken even when free (kept for the run that will
+    write it). Another process may take the name before it is written: write with
+    ``if_exists=next_free(...)`` (:func:`write_atomically`)."""
+
+    def taken(p: Path) -> bool:
+        return p == skip or any(os.path.lexists(q) for q in (
+            p, *(p.with_suffix(s) for s in companions)))
+
+    i, candidate = 2, path
+    while taken(candidate):
+        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
+        i += 1
+    return candidate
+
+
+def next_free(path: Path, companions: tuple[str, ...] = (),
+              skip: Path | None = None) -> Callable[[Path], Path]:
+    """``if_exists`` of a write to :func:`free_path`'s name: where that name was taken
+    meanwhile (two commands chose it at once), the next free one, and never a file's."""
+    return lambda taken: free_path(path, companions, skip)
 
 
 @contextlib.contextmanager

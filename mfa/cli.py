@@ -115,14 +115,14 @@ def cmd_sample(args) -> int:
     model = ckpt.model.to(run_io.device(ckpt.run_config, args))
     out = (run_io.image_out(args.out) if args.out is not None
            else run_io.default_out(args.checkpoint, "samples.png"))
-    out = run_io.output(out, args, args.out and "-o")
+    out, if_exists = run_io.output(out, args, args.out and "-o")
     run = ckpt.run_config
-    sample(model, shape, out, n=run_io.from_run(args.n, run, "n_samples", 64),
-           nrow=run_io.from_run(args.nrow, run, "grid_nrow", 8),
-           seed=run_io.from_run(args.seed, run, "seed", 0),
-           scale=run_io.scale(run, args), per_component=args.per_component,
-           with_noise=not args.no_noise)
-    print(out)
+    out = sample(model, shape, out, n=run_io.from_run(args.n, run, "n_samples", 64),
+                 nrow=run_io.from_run(args.nrow, run, "grid_nrow", 8),
+                 seed=run_io.from_run(args.seed, run, "seed", 0),
+                 scale=run_io.scale(run, args), per_component=args.per_component,
+                 with_noise=not args.no_noise, if_exists=if_exists)
+    print(out)  # (the name written: another command may have taken the one chosen)
     return 0
 
 
@@ -143,14 +143,14 @@ def cmd_inpaint(args) -> int:
     model = ckpt.model.to(run_io.device(config, args))
     out = (run_io.image_out(args.out) if args.out is not None
            else run_io.default_out(args.checkpoint, f"inpaint-{mask}.png"))
-    out = run_io.output(out, args, args.out and "-o")
+    out, if_exists = run_io.output(out, args, args.out and "-o")
     data = load(config)
-    inpaint(model, data, out, mask=mask, n=run_io.from_run(args.n, config, "n_inpaint", 8),
-            n_samples=run_io.from_run(args.samples, config, "inpaint_samples", 3),
-            split=args.split, seed=run_io.from_run(args.seed, config, "seed", 0),
-            scale=run_io.scale(config, args),
-            mask_image=mask_image,
-            fraction=0.5 if args.fraction is None else args.fraction)
+    out = inpaint(model, data, out, mask=mask, n=run_io.from_run(args.n, config, "n_inpaint", 8),
+                  n_samples=run_io.from_run(args.samples, config, "inpaint_samples", 3),
+                  split=args.split, seed=run_io.from_run(args.seed, config, "seed", 0),
+                  scale=run_io.scale(config, args), mask_image=mask_image,
+                  fraction=0.5 if args.fraction is None else args.fraction,
+                  if_exists=if_exists)
     print(out)
     return 0
 
@@ -164,14 +164,14 @@ def cmd_outliers(args) -> int:
                else run_io.default_out(args.checkpoint, ""))
     if out_dir.exists() and not out_dir.is_dir():  # (found after the scoring: "[Errno 17]")
         raise SystemExit(f"error: --out-dir {out_dir} is a file, not a folder")
-    name = run_io.output(out_dir / "outliers.png", args, args.out_dir and "--out-dir",
-                   companions=(".csv",)).stem
+    place, if_exists = run_io.output(out_dir / "outliers.png", args,
+                                     args.out_dir and "--out-dir", companions=(".csv",))
     data = load(config)
     for path in outliers(model, data, out_dir, split=args.split,
                          n=run_io.from_run(args.n, config, "n_samples", 32),
                          nrow=run_io.from_run(args.nrow, config, "grid_nrow", 8),
-                         scale=run_io.scale(config, args), seed=args.seed, name=name,
-                         **_score(args.score)):
+                         scale=run_io.scale(config, args), seed=args.seed,
+                         name=place.stem, if_exists=if_exists, **_score(args.score)):
         print(path)
     return 0
 
@@ -197,7 +197,7 @@ def cmd_evaluate(args) -> int:
     if args.out is not None:  # settled (and its folder made) before the work, not after
         out = run_io.given_path(args.out, "-o")  # a folder: one that exists, or ending in "/"
         folder = out.is_dir() or args.out.endswith(("/", os.sep))
-        out = run_io.output(out / "evaluation.json" if folder else out, args, "-o")
+        out, if_exists = run_io.output(out / "evaluation.json" if folder else out, args, "-o")
     with folder_for_output(out.parent) if out else contextlib.nullcontext():
         result = evaluate(args.checkpoint, splits=tuple(args.split), ndb_bins=args.ndb_bins,
                           config=config, seed=args.seed, outliers_against=args.outliers_against,
@@ -208,7 +208,7 @@ def cmd_evaluate(args) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:
-        write_text_atomically(out, text + "\n")
+        out = write_text_atomically(out, text + "\n", if_exists=if_exists)
         print(out, file=sys.stderr)
     return 0
 
@@ -272,9 +272,10 @@ def cmd_visualize(args) -> int:
     model = ckpt.model.to(run_io.device(ckpt.run_config, args))
     out = (run_io.image_out(args.out) if args.out is not None
            else run_io.default_out(args.checkpoint, "factors.png"))
-    out = run_io.output(out, args, args.out and "-o")
-    visualize(model, shape, out, components=comps, scale=run_io.scale(ckpt.run_config, args),
-              factor_scale=args.factor_scale)
+    out, if_exists = run_io.output(out, args, args.out and "-o")
+    out = visualize(model, shape, out, components=comps,
+                    scale=run_io.scale(ckpt.run_config, args), factor_scale=args.factor_scale,
+                    if_exists=if_exists)
     print(out)
     return 0
 

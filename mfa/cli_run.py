@@ -179,28 +179,34 @@ def image_out(out: str) -> Path:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def output(path: Path, args, explicit: str | None, companions: tuple[str, ...] = ()) -> Path:
+def output(path: Path, args, explicit: str | None, companions: tuple[str, ...] = ()):
     """Where a command writes ``path`` (and ``path`` with each suffix in ``companions``):
     ``path`` itself when nothing is there or with ``--overwrite``; else a default name moves
     on to the first free ``<stem>-2``, ``-3``, … (a run's own figures are kept) and a path
-    the user gave (``explicit``: the option that gave it) is refused before any work."""
+    the user gave (``explicit``: the option that gave it) is refused before any work.
 
+    Returns the path and the ``if_exists`` of its write
+    (:func:`mfa._temporaries.write_atomically`): a file that another command wrote there
+    meanwhile (two commands started together chose the same free name) is not replaced
+    unasked either: a default name moves on again, a path given is refused. The command
+    prints the path its write returns."""
+
+    from mfa._temporaries import free_path, next_free
     from mfa.folder_lock import holder_of
-    from mfa.run_folder import free_path
 
     check_writable(path.parent, explicit or None)
-    free = free_path(path, companions)
+    skip = None
     if not explicit and not args.overwrite and holder_of(path.parent) is not None:
-        # a run still training draws its figures under these names when it ends
-        free = free_path(path, companions, skip=path)
-    if args.overwrite or free == path:
-        return path
-    if explicit:
+        skip = path  # a run still training draws its figures under these names when it ends
+    free = free_path(path, companions, skip=skip)
+    if args.overwrite:
+        return path, "replace"
+    if explicit and free != path:
         taken = next((p for p in (path, *(path.with_suffix(c) for c in companions))
-                      if p.exists()), path)
+                      if os.path.lexists(p)), path)
         raise SystemExit(f"error: {taken} already exists; pass --overwrite to replace it, "
                          f"or another {explicit}")
-    return free
+    return free, "refuse" if explicit else next_free(path, companions, skip)
 
 
 def default_out(checkpoint: str, name: str) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mfa import viz
+from mfa._temporaries import IfExists
 from mfa._validation import check_positive_int, check_seed
 from mfa.data import ImageData
 from mfa.data.layout import check_image_shape
@@ -43,10 +44,13 @@ def check_output(output, image_shape, n_components: int | None = None,
 
 
 def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
-           per_component: bool = False, with_noise: bool = True) -> Path:
+           per_component: bool = False, with_noise: bool = True,
+           if_exists: IfExists = "replace") -> Path:
     """A grid of ``n`` samples (or, with ``per_component``, one row of ``nrow`` samples per
     component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
-    ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`)."""
+    ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`).
+    Each figure here returns the path written; ``if_exists``: what a file already at that
+    path does, as in :func:`mfa._temporaries.write_atomically`."""
     _, height, width = _model_image_shape(model, image_shape)
     nrow, seed = check_positive_int(nrow, "nrow"), check_seed(seed)  # (nrow=0: "n must be >= 1")
     count = model.n_components * nrow if per_component else n  # (checked before the draws:
@@ -63,7 +67,7 @@ def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
         else:
             x, _ = model.sample(n, generator=gen, with_noise=with_noise)
     images = viz.rows_to_images(x.float().cpu(), image_shape)
-    return viz.save_image_grid(images, path, nrow, scale=scale)
+    return viz.save_image_grid(images, path, nrow, scale=scale, if_exists=if_exists)
 
 
 def _model_image_shape(model, image_shape) -> tuple[int, int, int]:
@@ -85,7 +89,8 @@ def _component(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFactorAnalyz
 
 
 def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, split="test",
-            seed=0, scale=2, mask_image=None, fraction=0.5, observed=None) -> Path:
+            seed=0, scale=2, mask_image=None, fraction=0.5, observed=None,
+            if_exists: IfExists = "replace") -> Path:
     """original | masked input | conditional mean | ``n_samples`` conditional samples, for
     the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
     ``observed`` [n, D])."""
@@ -107,24 +112,26 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     masked = torch.where(observed, x, torch.zeros_like(x))
     grid = viz.inpainting_grid(x.float().cpu(), masked.float().cpu(), mean.float().cpu(),
                                samples.float().cpu(), data.image_shape, observed.cpu())
-    return viz.save_image(grid, path, scale=scale)
+    return viz.save_image(grid, path, scale=scale, if_exists=if_exists)
 
 
 def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, scale=2,
-             score: str = DEFAULT_SCORE, seed: int = 0, name: str = "outliers"):
+             score: str = DEFAULT_SCORE, seed: int = 0, name: str = "outliers",
+             if_exists: IfExists = "replace"):
     """Rank ``split`` by the outlier ``score`` (one of :data:`mfa.outliers.SCORE_NAMES`):
     the ``n`` most outlying images as a grid (``<name>.png``, most outlying first) and every
     score as ``<name>.csv``; see :func:`mfa.run_outliers.rank_outliers`."""
     return rank_outliers(model, data, out_dir, split=split, n=n, nrow=nrow, scale=scale,
-                         score=score, seed=seed, name=name)
+                         score=score, seed=seed, name=name, if_exists=if_exists)
 
 
-def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0) -> Path:
+def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0,
+              if_exists: IfExists = "replace") -> Path:
     """Per component (one index or several): mean | noise | μ − c·A_i | A_i | μ + c·A_i for
     every factor column."""
     _model_image_shape(model, image_shape)
     grid = viz.factor_grid(model, components, image_shape, factor_scale)
-    return viz.save_image(grid, path, scale=scale)
+    return viz.save_image(grid, path, scale=scale, if_exists=if_exists)
 
 
 def training_curve(history, path, *, method: str, title: str | None = None) -> Path:

@@ -15,7 +15,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mfa._temporaries import clean_stale_temporaries, write_text_atomically
+from mfa._temporaries import (
+    clean_stale_temporaries,
+    free_path,
+    next_free,
+    write_text_atomically,
+)
 from mfa.config import (
     OutputConfig,
     RunConfig,
@@ -45,7 +50,9 @@ __all__ = [
     "check_same_pools",
     "check_same_split",
     "clean_up_failed",
+    "figure_place",
     "free_path",
+    "next_free",
     "hold_run_folder",
     "holder_of",
     "is_unfinished",
@@ -163,19 +170,13 @@ def is_unfinished(ckpt: Checkpoint) -> bool:
     return ckpt.run_config is not None and "method" not in (ckpt.metrics or {})
 
 
-def free_path(path: Path, companions: tuple[str, ...] = (), skip: Path | None = None) -> Path:
-    """``path`` when neither it nor ``path`` with any suffix in ``companions`` exists, else the
-    first free ``<stem>-2``, ``<stem>-3``, … beside it (nothing there is replaced); ``skip``:
-    a name taken even when free (kept for the run that will write it)."""
-
-    def taken(p: Path) -> bool:
-        return p == skip or p.exists() or any(p.with_suffix(s).exists() for s in companions)
-
-    i, candidate = 2, path
-    while taken(candidate):
-        candidate = path.with_name(f"{path.stem}-{i}{path.suffix}")
-        i += 1
-    return candidate
+def figure_place(path: Path, companions: tuple[str, ...] = (), *, replace: bool) -> dict:
+    """The ``path`` and ``if_exists`` of a run's figure meant for ``path``: replacing it, or
+    (``replace=False``) at :func:`free_path`'s name, moving on again if that is taken
+    meanwhile (:func:`next_free`)."""
+    if replace:
+        return {"path": path, "if_exists": "replace"}
+    return {"path": free_path(path, companions), "if_exists": next_free(path, companions)}
 
 
 _RUN_NUMBER = re.compile(r"^(\d+)-")

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mfa import viz
-from mfa._temporaries import write_atomically
+from mfa._temporaries import IfExists, write_atomically
 from mfa._validation import check_positive_int
 from mfa.data import ImageData
 from mfa.model import MixtureOfFactorAnalyzers
@@ -94,13 +94,15 @@ def _log_prob(model: MixtureOfFactorAnalyzers, data: ImageData, split: str) -> T
 def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str | Path, *,
                   split: str = "test", n: int = 32, nrow: int = 8, scale: int = 2,
                   score: str = DEFAULT_SCORE, seed: int = 0,
-                  name: str = "outliers") -> list[Path]:
+                  name: str = "outliers", if_exists: IfExists = "replace") -> list[Path]:
     """Rank ``split`` by an outlier score (most outlying first): the ``n`` most outlying
     images as a grid (``<name>.png``) and every image as ``<name>.csv`` with the columns
     ``rank, index, source, score, log_prob, label`` (``index``: the row of ``split``, as
     ``data.dataset(split)`` numbers it; ``source``: where that image comes from, see
     :meth:`ImageData.source_names`, empty when unknown; ``score`` as in
-    :mod:`mfa.outliers`, bits/dim; ``log_prob`` in nats). Ties keep the split's order."""
+    :mod:`mfa.outliers`, bits/dim; ``log_prob`` in nats). Ties keep the split's order.
+    ``if_exists``: see :func:`mfa._temporaries.write_atomically`; a grid that moves on to
+    another name takes its CSV along. Returns the paths written."""
     out_dir = Path(out_dir)
     n, nrow = check_positive_int(n, "n"), check_positive_int(nrow, "nrow")  # (n=-3 drew N-3)
     rows = data.pixels(split).shape[0]
@@ -115,7 +117,6 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
     labels = data.labels(split)
     sources = data.source_names(split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path = out_dir / f"{name}.csv"
     def write_csv(temporary: Path) -> None:  # (whole, or the earlier file left as it was)
         with open(temporary, "w", newline="") as f:
             writer = csv.writer(f)
@@ -127,8 +128,11 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
 
     worst = order[: min(n, order.numel())]
     images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
-    png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale)
-    write_atomically(csv_path, write_csv)  # (after the figure: both, or the CSV not alone)
+    png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale,
+                              if_exists=if_exists)
+    csv_path = write_atomically(  # (after the figure: both, or the CSV not alone)
+        png.with_suffix(".csv"), write_csv,
+        if_exists="replace" if if_exists == "replace" else "refuse")
     logger.info("most outlying %s images by %s: %s", split, score, ", ".join(
         f"#{i}{'' if sources is None else f' {sources[i]}'} ({scores[i].item():.3f})"
         for i in worst[:5].tolist()))

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor
 
 from mfa._curves import plot_training_curve
-from mfa._temporaries import write_atomically
+from mfa._temporaries import IfExists, write_atomically
 from mfa._validation import check_positive_int, is_real_number
 from mfa.data import check_image_shape, to_images, to_rows
 
@@ -198,15 +198,18 @@ def upscale(image: Image.Image, scale: int) -> Image.Image:
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
 
 
-def save_image(image: Image.Image, path: str | os.PathLike[str], *, scale: int = 1) -> Path:
-    """Save a PIL image (format from the suffix, e.g. ``.png``), creating parent folders."""
+def save_image(image: Image.Image, path: str | os.PathLike[str], *, scale: int = 1,
+               if_exists: IfExists = "replace") -> Path:
+    """Save a PIL image (format from the suffix, e.g. ``.png``), creating parent folders;
+    ``if_exists`` as :func:`mfa._temporaries.write_atomically`'s. Returns the path written."""
     path = Path(path)
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format is None:  # (the temporary's suffix would hide PIL's own error)
         raise ValueError(f"unknown image file extension: {path.name!r}")
     image = upscale(image, scale)  # (its size check first: a refused figure left a folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomically(path, lambda temporary: image.save(temporary, format=image_format))
+    return write_atomically(path, lambda temporary: image.save(temporary, format=image_format),
+                            if_exists=if_exists)
 
 
 def save_image_grid(
@@ -217,12 +220,15 @@ def save_image_grid(
     padding: int = 2,
     pad_value: float = 1.0,
     scale: int = 1,
+    if_exists: IfExists = "replace",
 ) -> Path:
     """:func:`image_grid` saved to ``path``, upscaled ``scale`` times (nearest neighbour).
 
-    ``scale=3`` makes a grid of 28×28 digits readable on screen. Returns ``path``.
+    ``scale=3`` makes a grid of 28×28 digits readable on screen. Returns the path written
+    (``if_exists``: see :func:`save_image`).
     """
-    return save_image(image_grid(images, nrow, padding, pad_value), path, scale=scale)
+    return save_image(image_grid(images, nrow, padding, pad_value), path, scale=scale,
+                      if_exists=if_exists)
 
 
 def sample_grid(

@@ -60,7 +60,7 @@ from mfa.run_folder import (
     check_same_pools,
     check_same_split,
     clean_up_failed,
-    free_path,
+    figure_place,
     hold_run_folder,
     is_unfinished,
     make_run_dir,
@@ -385,11 +385,11 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
     paths = []
     gen_seed = config.seed
 
-    def at(name: str, *companions: str) -> Path:
-        return run_dir / name if replace else free_path(run_dir / name, companions)
+    def at(name: str, *companions: str) -> dict:
+        return figure_place(run_dir / name, companions, replace=replace)
 
     if out.n_samples:
-        paths.append(sample(model, data.image_shape, at("samples.png"), n=out.n_samples,
+        paths.append(sample(model, data.image_shape, **at("samples.png"), n=out.n_samples,
                             nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale))
     held_out = data.pixels("test").shape[0] > 0  # the inpainting and outlier figures' split
     if not held_out:
@@ -397,22 +397,23 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
                        "outlier figures")
     if out.n_inpaint and held_out:
         for kind in out.inpaint_masks:
-            paths.append(inpaint(model, data, at(f"inpaint-{kind}.png"), mask=kind,
+            paths.append(inpaint(model, data, **at(f"inpaint-{kind}.png"), mask=kind,
                                  n=out.n_inpaint, n_samples=out.inpaint_samples, seed=gen_seed,
                                  scale=out.image_scale, mask_image=out.mask_image))
     if out.n_inpaint:
         observed = missing_masks(config, data, "train")
         if observed is not None:  # what training did not see, filled in by the model
-            paths.append(inpaint(model, data, at("inpaint-train-missing.png"),
+            paths.append(inpaint(model, data, **at("inpaint-train-missing.png"),
                                  split="train", observed=observed[: out.n_inpaint],
                                  n=out.n_inpaint, n_samples=out.inpaint_samples,
                                  seed=gen_seed, scale=out.image_scale))
     if held_out:
+        place = at("outliers.png", ".csv")
         paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
                               nrow=out.grid_nrow, scale=out.image_scale,
-                              name=at("outliers.png", ".csv").stem))
+                              name=place["path"].stem, if_exists=place["if_exists"]))
     if out.n_factor_components:
-        paths.append(visualize(model, data.image_shape, at("factors.png"),
+        paths.append(visualize(model, data.image_shape, **at("factors.png"),
                                components=range(min(out.n_factor_components,
                                                     model.n_components)),
                                scale=out.image_scale))

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -826,6 +827,46 @@ def test_commands_keep_the_files_a_run_already_has(run_dir, tmp_path):
                               "--overwrite")
     assert code == 0, stderr
     assert open_png(folder / "samples.png").size == grid_size(4, 8, SCALE)
+
+
+@pytest.mark.parametrize("command, chosen, written", [
+    (["sample", "--seed", 2], ["samples-2.png"], ["samples-3.png"]),
+    (["outliers", "-n", 4], ["outliers-2.png"], ["outliers-3.png", "outliers-3.csv"]),
+    (["visualize", "-o", "mine.png"], ["mine.png"], None),  # a path given: refused
+])
+def test_a_name_another_command_took_meanwhile_is_not_replaced(run_dir, tmp_path, monkeypatch,
+                                                              command, chosen, written):
+    """Two commands started together (mfa sample RUN --seed 1 and --seed 2) chose the same
+    free name, and the later write's os.replace silently replaced the other's file. Here
+    the other command writes that name between this one's choice and its write."""
+    from mfa import _temporaries
+
+    folder = tmp_path / "run"
+    shutil.copytree(run_dir, folder)
+    if command[-1] == "mine.png":
+        command = [*command[:-1], folder / "mine.png"]
+    real_fsync_file = _temporaries.fsync_file
+    theirs = {}
+
+    def other_command_first(temporary):  # (just before the temporary gets its name)
+        name = temporary.name[1:].rsplit(".", 3)[0]  # .<name>.<pid>.<hex>.tmp
+        if name in chosen and not theirs:
+            theirs[name] = b"the other command's " + name.encode()
+            (folder / name).write_bytes(theirs[name])
+        return real_fsync_file(temporary)
+
+    monkeypatch.setattr(_temporaries, "fsync_file", other_command_first)
+    code, stdout, stderr = run_cli(command[0], folder, *command[1:])
+    assert theirs and all((folder / n).read_bytes() == b for n, b in theirs.items())
+    if written is None:
+        assert code == 2 and re.search(r"error: \[Errno 17\] cannot write .*mine\.png: a file "
+                                       "of that name appeared while this ran; it is kept",
+                                       stderr), stderr
+    else:
+        assert code == 0, stderr
+        assert stdout.split() == [str(folder / name) for name in written]  # what it wrote
+        open_png(folder / written[0])
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_outliers_against_takes_dataset_aliases():
