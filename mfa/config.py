@@ -47,6 +47,7 @@ from typing import Any, Literal, get_type_hints
 import torch
 import yaml
 
+from mfa._temporaries import write_text_atomically
 from mfa._typed import bad as _bad
 from mfa._typed import coerce, over_section_defaults
 from mfa._validation import supported_device
@@ -455,14 +456,10 @@ def load_config(
 
 
 def save_config(config: RunConfig, path: str | os.PathLike[str]) -> Path:
-    """Write ``config`` as YAML (atomically: a temporary file, then ``os.replace``)."""
+    """Write ``config`` as YAML, atomically and fsynced
+    (:func:`mfa._temporaries.write_text_atomically`: not renamed before its data reached the
+    disk, which a power cut could leave an empty file)."""
     path = Path(path)
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return write_text_atomically(path, text)

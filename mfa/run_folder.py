@@ -28,7 +28,7 @@ from mfa.config import (
     config_to_dict,
     load_config,
 )
-from mfa.config_text import dotted_leaves
+from mfa.config_text import dotted_leaves, read_yaml_mapping
 from mfa.folder_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, holder_of
 from mfa.hierarchical_section import resolve_stages
 from mfa.run_log import attach_log
@@ -50,6 +50,7 @@ __all__ = [
     "check_same_pools",
     "check_same_split",
     "clean_up_failed",
+    "config_lost",
     "figure_place",
     "free_path",
     "next_free",
@@ -292,6 +293,11 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
     folder it starts over (or ``None``) and the keys a resume changes."""
     restart = unstarted_run(resume) if resume is not None else None
     if restart is not None:  # killed before its first checkpoint: start it over there
+        if config_lost(restart):
+            raise ValueError(
+                f"{restart / 'config.yaml'} is empty (damaged, e.g. cut off by a crash while it "
+                f"was written) and {restart} holds no {CHECKPOINT_NAME}: nothing holds the "
+                "run's config to start it over from; train a new run")
         saved = load_config(restart / "config.yaml")
         config = apply_overrides(saved if config is None else config, overrides)
         check_resume_changes(saved, config)  # the same rules as any resume
@@ -308,20 +314,42 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
         raise ValueError(f"{ckpt_path} holds no trainer state (a model saved on its own), "
                          "so there is nothing to resume; train a new run from its config")
     folder_config = ckpt_path.parent / "config.yaml"
-    if config is None and folder_config.is_file():  # its edits count as a --config's
+    from_folder = config is None and not config_lost(ckpt_path.parent)
+    if config is None and folder_config.exists() and not from_folder:
+        logger.warning("%s is empty (damaged, e.g. cut off by a crash while it was written): "
+                       "resuming with the run's config that %s holds, which is written there "
+                       "again", folder_config, ckpt_path)
+    if from_folder:  # its edits count as a --config's
         config = load_config(folder_config)
     config = absolute_data_root(
         apply_overrides(ckpt.run_config if config is None else config, overrides))
     try:
         changed = check_resume_changes(ckpt.run_config, config)
-    except ValueError as error:
-        if folder_config.is_file() and load_config(folder_config) == config:
-            raise ValueError(f"{folder_config}: {error} (this file differs from the "
-                             "checkpoint's config, and a resume reads it as a --config: "
-                             "make them agree to resume)") from None
+    except ValueError:
+        if from_folder:  # the file alone refused (not only with --set): it is the cause
+            try:
+                check_resume_changes(ckpt.run_config,
+                                     absolute_data_root(load_config(folder_config)))
+            except ValueError as error:
+                raise ValueError(f"{folder_config}: {error} (this file differs from the "
+                                 "checkpoint's config, and a resume reads it as a --config: "
+                                 "make them agree to resume)") from None
         raise
     check_can_extend(ckpt, config, changed)
     return config, ckpt, None, changed
+
+
+def config_lost(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.yaml`` is missing or empty. An empty one is damaged (e.g.
+    cut off by a crash while it was written), not a config of defaults (read as one, a
+    resume refused it as a change of every key): a resume takes the checkpoint's config, as
+    where the file is gone, and writes the file again."""
+    try:
+        return not read_yaml_mapping(run_dir / "config.yaml")
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):  # unreadable: not lost, and refused where it is read
+        return False
 
 
 def _used_sections(method: str) -> tuple[str, ...]:

@@ -60,6 +60,7 @@ from mfa.run_folder import (
     check_same_pools,
     check_same_split,
     clean_up_failed,
+    config_lost,
     figure_place,
     hold_run_folder,
     is_unfinished,
@@ -185,9 +186,9 @@ def train(
         try:
             if folder is None:
                 held.enter_context(hold_run_folder(run_dir, held=main))
-            if main:  # (a resume's changes: with its first checkpoint)
+            if main:  # (a resume's changes: with its first checkpoint; a lost file: now)
                 (run_dir / FAILED_NAME).unlink(missing_ok=True)
-                if ckpt is None:
+                if ckpt is None or config_lost(run_dir):
                     save_config(config, run_dir / "config.yaml")
             handler = attach_log(run_dir) if main else None
             try:

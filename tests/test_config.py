@@ -159,6 +159,25 @@ def test_yaml_round_trip(tmp_path):
     assert not list(path.parent.glob(".*tmp"))
 
 
+def test_save_config_fsyncs_the_file_before_its_rename(tmp_path, monkeypatch):
+    """save_config renamed its temporary without an fsync: after a power cut the run
+    folder's config.yaml could be empty (which a resume then read as all defaults)."""
+    import os
+
+    from mfa import _temporaries
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(_temporaries.os, "fsync", lambda fd: (
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (
+        events.append(("replace", str(b))), real_replace(a, b))[1])
+    path = save_config(load_config(), tmp_path / "config.yaml")
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"], events
+    assert events[0][1].startswith(str(tmp_path / ".config.yaml."))
+    assert events[1][1] == str(path) and load_config(path) == load_config()
+
+
 def test_load_kwargs_match_the_loader_signature():
     config = load_config(overrides=["data.image_size=[20, 24]"])
     kwargs = config.data.load_kwargs()

@@ -850,6 +850,55 @@ def test_resume_reads_the_run_folders_config_yaml(out_dir):
     assert load_config(run_dir / "config.yaml") == saved
 
 
+def test_a_resume_names_the_folders_config_yaml_as_the_cause_with_a_set_too(out_dir):
+    """With any --set (a safe one) an unsafe edit of config.yaml was blamed on a key the
+    user never passed ("cannot change model.n_components ... (saved 3, given 5)"), without
+    naming the file: only a config equal to the file's was taken for the file's."""
+    run_dir = out_dir / "yaml-edit-set"
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(make_config(out_dir, "yaml-edit-set"), figures=False,
+                       callbacks=(Interrupt("iteration", 2),))
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("n_components: 3", "n_components: 5"))
+    with pytest.raises(ValueError, match=r"yaml-edit-set/config\.yaml: cannot change "
+                                         r"model\.n_components .*saved 3, given 5.*differs from "
+                                         r"the checkpoint's config"):
+        workflow.train(None, resume=run_dir, figures=False,
+                       overrides=[f"train.em.max_iter={EM_ITERATIONS + 1}"])
+    (run_dir / "config.yaml").write_text(text)  # the file agrees: a --set is the cause
+    with pytest.raises(ValueError, match=r"^cannot change model\.n_factors .*saved 2, "
+                                         r"given 3\)"):
+        workflow.train(None, resume=run_dir, figures=False, overrides=["model.n_factors=3"])
+
+
+def test_an_empty_config_yaml_resumes_with_the_checkpoints_config(out_dir, caplog):
+    """An empty config.yaml (cut off by a crash) was read as all defaults and refused as a
+    change of every key ("cannot change model.n_components (saved 3, given 20)"). The
+    checkpoint holds the config: the resume takes it, as where the file is gone, and writes
+    the file again. Without a checkpoint nothing holds it: refused, not started over from
+    the defaults."""
+    run_dir = out_dir / "yaml-empty"
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(make_config(out_dir, "yaml-empty"), figures=False,
+                       callbacks=(Interrupt("iteration", 2),))
+    (run_dir / "config.yaml").write_text("")
+    with caplog.at_level("WARNING", logger="mfa"):
+        resumed = workflow.train(None, resume=run_dir, figures=False)
+    assert re.search(rf"{re.escape(str(run_dir / 'config.yaml'))} is empty \(damaged.*"
+                     r"resuming with the run's config that .*checkpoint\.pt holds", caplog.text)
+    assert resumed.metrics["iterations"] == EM_ITERATIONS
+    saved = load_checkpoint(run_dir / "checkpoint.pt").run_config
+    assert load_config(run_dir / "config.yaml") == saved
+    unstarted = out_dir / "yaml-empty-unstarted"
+    unstarted.mkdir()
+    (unstarted / "config.yaml").write_text("\n")
+    with pytest.raises(ValueError, match=r"yaml-empty-unstarted/config\.yaml is empty "
+                                         r"\(damaged.*holds no checkpoint\.pt: nothing holds"):
+        workflow.train(None, resume=unstarted, figures=False,
+                       overrides=["train.em.max_iter=1"])
+    assert sorted(p.name for p in unstarted.iterdir()) == [".lock", "config.yaml"]
+
+
 def test_a_run_folder_in_use_is_refused(em_run, out_dir):
     """Two `mfa train` of one folder (a --resume of a run still training) wrote its
     checkpoint, metrics and config.yaml in turn and left them disagreeing."""
