@@ -241,3 +241,10 @@ def test_an_e_step_whose_components_lie_beyond_its_precision_says_so():
         warnings.simplefilter("error")
         plain = random_model(3, 6, 2, "diagonal", seed=1, dtype=torch.float32)
         streamed_e_step(plain, random_data(100, plain, seed=2))
+        # ... nor one sharp enough for float32's densities to go to float64 (a default
+        # Fashion-MNIST fit at K = 200 reached that; the warning said "outliers" there)
+        means = torch.rand(3, 784, generator=gen)
+        sharp = MixtureOfFactorAnalyzers.from_parameters(
+            torch.full((3,), 1 / 3), means, torch.zeros(3, 784, 1), torch.full((3, 784), 1e-7))
+        assert sharp.component_terms().precise
+        streamed_e_step(sharp, means[:1] + 3e-4 * torch.randn(20, 784, generator=gen))
