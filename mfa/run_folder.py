@@ -28,7 +28,7 @@ from mfa.config import (
     config_to_dict,
     load_config,
 )
-from mfa.config_text import dotted_leaves, read_yaml_mapping
+from mfa.config_text import dotted_leaves
 from mfa.folder_lock import LOCK_NAME, RunFolderInUse, hold_run_folder, holder_of
 from mfa.hierarchical_section import resolve_stages
 from mfa.run_log import attach_log
@@ -340,15 +340,16 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
 
 
 def config_lost(run_dir: Path) -> bool:
-    """Whether ``run_dir/config.yaml`` is missing or empty. An empty one is damaged (e.g.
-    cut off by a crash while it was written), not a config of defaults (read as one, a
-    resume refused it as a change of every key): a resume takes the checkpoint's config, as
-    where the file is gone, and writes the file again."""
+    """Whether ``run_dir/config.yaml`` is missing or empty (no byte but white space). An
+    empty one is damaged (e.g. cut off by a crash while it was written), not a config of
+    defaults (read as one, a resume refused it as a change of every key): a resume takes the
+    checkpoint's config, as where the file is gone, and writes the file again. A file of
+    comments or ``{}`` is the user's and is read as written (it was overwritten)."""
     try:
-        return not read_yaml_mapping(run_dir / "config.yaml")
+        return not (run_dir / "config.yaml").read_bytes().strip()
     except FileNotFoundError:
         return True
-    except (OSError, ValueError):  # unreadable: not lost, and refused where it is read
+    except OSError:  # unreadable: not lost, and refused where it is read
         return False
 
 

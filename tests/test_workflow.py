@@ -889,6 +889,13 @@ def test_an_empty_config_yaml_resumes_with_the_checkpoints_config(out_dir, caplo
     assert resumed.metrics["iterations"] == EM_ITERATIONS
     saved = load_checkpoint(run_dir / "checkpoint.pt").run_config
     assert load_config(run_dir / "config.yaml") == saved
+    # A file of comments is the user's, not damaged: read as written (defaults here, so
+    # refused, naming it) and kept (it was overwritten, the notes lost)
+    (run_dir / "config.yaml").write_text("# notes: try L=8 next\n")
+    with pytest.raises(ValueError, match=r"config\.yaml: cannot change"):
+        workflow.train(None, resume=run_dir, figures=False,
+                       overrides=["train.em.max_iter=" + str(EM_ITERATIONS + 1)])
+    assert (run_dir / "config.yaml").read_text() == "# notes: try L=8 next\n"
     unstarted = out_dir / "yaml-empty-unstarted"
     unstarted.mkdir()
     (unstarted / "config.yaml").write_text("\n")
