@@ -156,6 +156,13 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
+def _short_write(error: RuntimeError) -> bool:
+    """Whether torch's ``RuntimeError`` is its report of a failed write of the file (a full
+    disk: "[enforce fail at inline_container.cc] . unexpected pos ...", or "PytorchStreamWriter
+    failed writing file ...")."""
+    return any(text in str(error) for text in ("unexpected pos", "failed writing"))
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     model: MixtureOfFactorAnalyzers,
@@ -246,6 +253,8 @@ def save_checkpoint(
             os.replace(temporary, target)
         except (OSError, RuntimeError) as error:
             temporary.unlink(missing_ok=True)
+            if not isinstance(error, OSError) and not _short_write(error):
+                raise  # (out of memory, ...: not a failed write, and not "is the disk full?")
             raise naming(error, f"checkpoint {path}", f" ({path} still holds the previous "
                          "checkpoint)" if kept else " (nothing was written)") from error
         except BaseException:

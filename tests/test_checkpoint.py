@@ -257,6 +257,22 @@ def test_a_full_disk_during_a_save_is_an_oserror_naming_the_checkpoint(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary
 
 
+def test_another_error_of_torch_save_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    """Every RuntimeError of torch.save (out of memory too) became "writing failed ...; is the
+    disk full?"; only its reports of a failed write are the write's error."""
+    path = tmp_path / "checkpoint.pt"
+    memory = RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 8 GB")
+
+    def out_of_memory(obj, f, *args, **kwargs):
+        raise memory
+
+    monkeypatch.setattr(torch, "save", out_of_memory)
+    with pytest.raises(RuntimeError) as caught:
+        save_checkpoint(path, make_model(seed=1))
+    assert caught.value is memory and not isinstance(caught.value, OSError)
+    assert not any(tmp_path.iterdir())  # no temporary
+
+
 def test_a_checkpoint_that_cannot_be_created_is_named_not_its_temporary(tmp_path, monkeypatch):
     """A read-only folder: the error named the hidden temporary (.checkpoint.pt.<pid>...)."""
     real_open = os.open
