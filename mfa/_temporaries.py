@@ -205,7 +205,8 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], objec
     link of the temporary to ``path``, which fails where a file has that name (one another
     process wrote since ``path`` was chosen free); ``"refuse"`` then raises, and a function
     gives the name to try next. (On a file system without hard links, an exclusive create
-    claims the name just before the rename.) Returns the path written.
+    claims the name just before the rename: a process killed between the two leaves an empty
+    file there.) Returns the path written.
 
     Raises:
         OSError: the write failed, naming ``path`` (the original error is its cause);
@@ -242,8 +243,10 @@ def _link_free(temporary: Path, path: Path, if_exists: IfExists) -> Path:
             except FileExistsError:
                 raise
             except OSError:  # no hard links on this file system: claim the name, then rename
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                # (a process killed between the two leaves the claim: an empty file)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
                 try:
+                    os.close(fd)
                     os.replace(temporary, path)
                 except BaseException:
                     path.unlink(missing_ok=True)
@@ -251,8 +254,8 @@ def _link_free(temporary: Path, path: Path, if_exists: IfExists) -> Path:
             return path
         except FileExistsError:
             if not callable(if_exists):
-                raise FileExistsError(errno.EEXIST, "a file of that name appeared while this "
-                                      "ran; it is kept, not replaced") from None
+                raise FileExistsError(errno.EEXIST, "a file of that name exists; it is kept, "
+                                      "not replaced") from None
             path = Path(if_exists(path))
     raise FileExistsError(errno.EEXIST, "every name tried was taken meanwhile")
 

@@ -860,7 +860,7 @@ def test_a_name_another_command_took_meanwhile_is_not_replaced(run_dir, tmp_path
     assert theirs and all((folder / n).read_bytes() == b for n, b in theirs.items())
     if written is None:
         assert code == 2 and re.search(r"error: \[Errno 17\] cannot write .*mine\.png: a file "
-                                       "of that name appeared while this ran; it is kept",
+                                       "of that name exists; it is kept, not replaced",
                                        stderr), stderr
     else:
         assert code == 0, stderr

@@ -81,7 +81,7 @@ def test_a_write_that_must_not_replace_keeps_a_file_that_appeared_meanwhile(tmp_
     how = "refuse" if if_exists == "refuse" else next_free(tmp_path / "samples.png")
     if if_exists == "refuse":
         with pytest.raises(FileExistsError, match=rf"cannot write {re.escape(str(target))}: "
-                                                  "a file of that name appeared"):
+                                                  "a file of that name exists"):
             write_atomically(target, write, if_exists=how)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["samples-2.png", "samples.png"]
     else:
