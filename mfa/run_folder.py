@@ -326,7 +326,9 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
     try:
         changed = check_resume_changes(ckpt.run_config, config)
     except ValueError:
-        if from_folder:  # the file alone refused (not only with --set): it is the cause
+        if from_folder:  # the --set values alone refused: theirs is the error; else the file's
+            check_resume_changes(ckpt.run_config, absolute_data_root(
+                apply_overrides(ckpt.run_config, overrides)))
             try:
                 check_resume_changes(ckpt.run_config,
                                      absolute_data_root(load_config(folder_config)))

@@ -865,6 +865,12 @@ def test_a_resume_names_the_folders_config_yaml_as_the_cause_with_a_set_too(out_
                                          r"the checkpoint's config"):
         workflow.train(None, resume=run_dir, figures=False,
                        overrides=[f"train.em.max_iter={EM_ITERATIONS + 1}"])
+    # a --set that undoes the file's edit and makes one of its own: the --set's is refused
+    # (the file was blamed for the key the --set had put back)
+    with pytest.raises(ValueError, match=r"^cannot change model\.n_factors .*saved 2, "
+                                         r"given 3\)"):
+        workflow.train(None, resume=run_dir, figures=False,
+                       overrides=["model.n_components=3", "model.n_factors=3"])
     (run_dir / "config.yaml").write_text(text)  # the file agrees: a --set is the cause
     with pytest.raises(ValueError, match=r"^cannot change model\.n_factors .*saved 2, "
                                          r"given 3\)"):
