@@ -282,7 +282,7 @@ def component_log_prob_from_terms(
     ill-conditioned component's float64 entries only where they can move a row's log-density
     or responsibilities (see :func:`~mfa.residual_form.refine_woodbury_near_top`).
     """
-    if terms.precise and terms.parameters is not None:
+    if terms.rounding > linalg.FLOAT64_LIMIT and terms.precise and terms.parameters is not None:
         # Below float64 at this spread x − c and μ − c themselves round away the rows'
         # differences (with one component 1e10 from the rest every row near the others
         # scored alike): every term in float64, from the uncentred parameters.

@@ -204,6 +204,17 @@ QUADRATIC_TOLERANCE = 0.01
 #: recomputed directly in the data's dtype instead (:func:`refine_near_top`).
 REFINE_LIMIT = 20.0
 
+#: Above this worst-case rounding error (nats, below float64) the rows' own centring
+#: ``x − c`` and ``μ − c`` lose what the float64 form cannot recover, and every term of the
+#: densities is taken in float64 from the uncentred parameters
+#: (:func:`mfa._terms.component_log_prob_from_terms`).
+#: Measured (D = 50 and 784, sharp components 10 to 10⁵ apart, the float64 form of the
+#: centred terms against a float64 model): 0.005 nats off at 265, 0.07–0.09 at 4e3–3e4, 0.8 at
+#: 3e6, 123 at 3e10; the float64 terms from the parameters within 0.006 everywhere. Between
+#: :data:`REFINE_LIMIT` and this (a default Fashion-MNIST fit at K = 200 reached 20) the
+#: cheaper form stays: it cost Adam's steps 1.8× there.
+FLOAT64_LIMIT = 200.0
+
 
 def quadratic_rounding(centred_means: Tensor, inv_noise: Tensor) -> float:
     """``ε·κ``, the worst-case rounding error (nats) of ``Σ_j (x_j − μ_kj)²/d_kj`` expanded
