@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -135,12 +136,14 @@ def check_positive_real(value: object, name: str) -> float:
 
 
 def check_bool(value: object, name: str) -> bool:
-    """``value`` is a bool: a string such as ``'no'`` acted as ``True`` and ``None`` as
-    ``False``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool (True or False), got {value!r} "
+    """``value`` as a bool: Python's, numpy's or a one-element bool tensor's (a string such
+    as ``'no'`` acted as ``True`` and ``None`` as ``False``)."""
+    if isinstance(value, Tensor) and value.dtype == torch.bool and value.numel() == 1:
+        return bool(value)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} "
                         f"({type(value).__name__})")
-    return value
+    return bool(value)
 
 
 def check_generator(generator: object, name: str = "generator", optional: bool = True) -> None:

@@ -41,7 +41,7 @@ def test_sample_names_nrow_and_seed(tmp_path):
     for seed, error in ((1.5, TypeError), ("1", TypeError), (-1, ValueError)):
         with pytest.raises(error, match=r"seed must be"):
             figures.sample(model, (1, 2, 2), tmp_path / "s.png", n=2, seed=seed)
-    with pytest.raises(TypeError, match=r"with_noise must be a bool .*got 'no'"):
+    with pytest.raises(TypeError, match=r"with_noise must be True or False, got 'no'"):
         figures.sample(model, (1, 2, 2), tmp_path / "s.png", n=2, with_noise="no")
     assert not (tmp_path / "s.png").exists()
 

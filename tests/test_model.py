@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
@@ -595,10 +596,19 @@ def test_sample_validation():
 def test_sample_refuses_a_with_noise_that_is_not_a_bool(with_noise):
     """with_noise was never checked: 'no' kept the noise (as True), None dropped it."""
     model = random_model(2, 3, 1, seed=53)
-    with pytest.raises(TypeError, match=rf"with_noise must be a bool .*got {with_noise!r}"):
+    with pytest.raises(TypeError, match=rf"with_noise must be True or False, got "
+                                        rf"{with_noise!r}"):
         model.sample(3, gen(0), with_noise=with_noise)
-    with pytest.raises(TypeError, match=r"with_noise must be a bool"):
+    with pytest.raises(TypeError, match=r"with_noise must be True or False"):
         model.sample(0, with_noise=with_noise)  # (before the early return for n = 0)
+
+
+@pytest.mark.parametrize("flag", [np.False_, np.True_, torch.tensor(False), torch.tensor([True])])
+def test_sample_takes_numpy_and_tensor_bools(flag):
+    """The bool check refused numpy's and one-element tensors' bools, which worked before."""
+    model = MFA.from_parameters(**random_parameters(2, 3, 1, seed=7))
+    torch.testing.assert_close(model.sample(5, gen(0), with_noise=flag),
+                               model.sample(5, gen(0), with_noise=bool(flag)))
 
 
 def test_failed_set_parameters_changes_nothing():
