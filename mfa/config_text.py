@@ -100,7 +100,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping at the top level, "
                          f"got {type(data).__name__}")
-    return _unshared(data)  # (YAML aliases: each key its own sections)
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -150,21 +150,12 @@ def dotted_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _unshared(value: Any) -> Any:
-    """A copy of a YAML tree in which no two keys share a mapping or list: a YAML alias
-    (``root_em: *em``) gives both keys one object, which ``copy.deepcopy`` keeps shared, so an
-    override of one section changed the other as well."""
-    if isinstance(value, dict):
-        return {key: _unshared(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_unshared(item) for item in value]
-    return copy.deepcopy(value)
-
-
 def _merge(into: dict[str, Any], value: dict[str, Any]) -> None:
-    """Set ``value``'s keys in ``into``, section by section (a mapping into a mapping)."""
+    """Set ``value``'s keys in ``into``, section by section (a mapping into a mapping; each
+    section written is a copy of its own, see :func:`apply_override_strings`)."""
     for key, item in value.items():
         if isinstance(item, dict) and isinstance(into.get(key), dict):
+            into[key] = dict(into[key])
             _merge(into[key], item)
         else:
             into[key] = copy.deepcopy(item)
@@ -181,20 +172,23 @@ def apply_override_strings(data: dict[str, Any], overrides: Sequence[str]) -> di
     """
     if isinstance(overrides, str):
         overrides = [overrides]
-    data = _unshared(data)
+    # Every section an override writes is first copied: a YAML alias (`root_em: *em`) gives
+    # two keys one dict, which deepcopy keeps shared, and the override of one set the other's.
+    data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                child = {}
             if not isinstance(child, dict):
                 section = ".".join(parts[: i + 1])
                 raise ValueError(f"invalid override {text!r}: '{section}' is a value "
                                  f"({child!r}), not a section")
-            node = child
+            node[part] = node = dict(child)
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = dict(node[parts[-1]])
             _merge(node[parts[-1]], value)
         else:
             node[parts[-1]] = value

@@ -63,6 +63,15 @@ def test_an_override_of_an_aliased_section_changes_that_section_alone(tmp_path):
     assert (config.train.em.max_iter, config.train.hierarchical.root_em.max_iter) == (4, 2)
 
 
+def test_a_recursive_alias_is_an_unknown_key_not_a_recursion_error(tmp_path):
+    """Copying every alias out (to unshare an overridden section) recursed without end on
+    `notes: &a [*a]` and blew up tenfold per level on nested aliases; the key is refused."""
+    path = tmp_path / "recursive.yaml"
+    path.write_text("notes: &a [*a]\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'notes'"):
+        load_config(path, ["train.em.max_iter=3"])
+
+
 @pytest.mark.parametrize(("text", "kind"), [
     ("output.name=2024", "a number"), ("output.name=yes", "a bool"),
     ("data.root=3.5", "a number")])
