@@ -1228,12 +1228,18 @@ def test_a_batch_of_no_rows_is_skipped_not_taken_for_divergence():
     """A 0-row batch from an iterable of batches made the minibatch loss NaN (the mean of no
     rows), reported as divergence with advice to lower the learning rate; EM took it."""
     x = torch.randn(400, 6, generator=torch.Generator().manual_seed(0))
-    config = SGDConfig(epochs=2, progress=False, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with_empty = SGDTrainer(config).fit(MixtureOfFactorAnalyzers(3, 6, 2),
-                                            [x[:100], x[100:100], x[100:350]], x[350:])
-        without = SGDTrainer(config).fit(MixtureOfFactorAnalyzers(3, 6, 2),
-                                         [x[:100], x[100:350]], x[350:])
+    # No validation: the last epoch's parameters are returned (with it, early stopping kept
+    # the start's, and any two fits compared equal). A constant rate: a schedule counts the
+    # batches of a list, the empty one too.
+    config = SGDConfig(epochs=2, progress=False, seed=0, schedule="constant")
+    fits = []
+    for batches in ([x[:100], x[100:100], x[100:350]], [x[:100], x[100:350]]):
+        trainer = SGDTrainer(config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fits.append((trainer.fit(MixtureOfFactorAnalyzers(3, 6, 2), batches),
+                         [r["train_log_likelihood"] for r in trainer.history]))
+    (with_empty, seen), (without, expected) = fits
+    assert seen == expected and len(seen) == 2 and seen[0] != seen[1]  # (the epochs moved it)
     for a, b in zip(with_empty.parameters(), without.parameters(), strict=True):
         assert torch.equal(a, b)
