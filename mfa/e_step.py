@@ -48,8 +48,9 @@ FAR_APART = (
 def far_apart(terms) -> bool:
     """Whether the expansion about the terms' reference point would lose more than a nat even
     in float64 (``ε₆₄·κ > 1``; the float64 sums and checks cannot recover that). Image rows
-    stay far below it: a default Fashion-MNIST fit at K = 200 reached ``ε₃₂·κ`` ≈ 20 (float32's
-    own limit, past which densities are taken in float64), ``ε₆₄·κ`` ≈ 4e-8."""
+    stay far below it: a default Fashion-MNIST fit at K = 200 reached ``ε₃₂·κ`` ≈ 20
+    (float32's own limit, past which its diagonal form is taken in float64), ``ε₆₄·κ`` ≈
+    4e-8."""
     kappa = terms.rounding / torch.finfo(terms.means.dtype).eps
     return kappa * torch.finfo(torch.float64).eps > 1.0
 
