@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 
 from mfa.data.quantized import QuantizedRows
 from mfa.model import MixtureOfFactorAnalyzers
@@ -145,6 +145,17 @@ def count_rows(train) -> int | None:
         return None
     if isinstance(train, DataLoader) and train.batch_sampler is None:
         return None  # automatic batching off: each item is a batch of unknown rows
+    if isinstance(train, DataLoader) and train.batch_size is None:
+        # A batch_sampler of the user's: its own sampler draws the rows (the loader's
+        # `sampler` is then a default one over the whole dataset, which counted a process's
+        # BatchSampler(ShardSampler(...)) as every row, twice over two processes); another
+        # kind of batch sampler's rows are unknown here (the start's pass counts them).
+        batches = train.batch_sampler
+        if isinstance(batches, BatchSampler) and not isinstance(train.dataset,
+                                                                IterableDataset):
+            with contextlib.suppress(TypeError):
+                return len(batches.sampler)
+        return None
     sampler = getattr(train, "sampler", None)  # a DataLoader's: the rows it draws an epoch
     if sampler is not None and not isinstance(train.dataset, IterableDataset):
         with contextlib.suppress(TypeError):

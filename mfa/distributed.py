@@ -351,10 +351,13 @@ def check_same_dataset(dataset, name: str) -> None:
     picks = sorted({0, n // 2, n - 1}) if n else []
     rows = [_row_tensor(dataset[i]) for i in picks]
     # Items that are no tensors (dicts, images for a collate_fn) or that differ from one read
-    # to the next (noise added per access): the rows' count alone is compared.
-    if rows and (any(row is None for row in rows)
-                 or not _same(rows[0], _row_tensor(dataset[picks[0]]))):
-        rows = []
+    # to the next (noise or a random augmentation per access; each row read twice): the
+    # rows' count alone is compared, on every process if on one (a flip drawn with
+    # probability ½ read alike twice on one process and not on the other, and the check
+    # compared one process's sums with another's zeros).
+    if any(row is None or not _same(row, _row_tensor(dataset[i]))
+           for row, i in zip(rows, picks, strict=True)):
+        rows = None
     _check_fingerprint(n, rows, name,
                        "pass every process a DataLoader over the same Dataset (each reads its "
                        "shard of it), or loaders over each process's rows whose sampler is "
@@ -375,17 +378,19 @@ def _same(a: Tensor, b: Tensor | None) -> bool:
     return b is not None and a.shape == b.shape and bool(torch.equal(a, b))
 
 
-def _check_fingerprint(n: int, rows: list[Tensor], name: str, advice: str) -> None:
+def _check_fingerprint(n: int, rows: list[Tensor] | None, name: str, advice: str) -> None:
     """One all-reduce comparing ``n`` and the sums of up to three ``rows`` across the
-    processes (a fixed length: processes with 1, 2 or 3 rows, or none compared, take part
-    alike)."""
-    sums = [float(row.double().nan_to_num(0.0).sum()) for row in rows]
+    processes (a fixed length: processes with 1, 2 or 3 rows take part alike); ``None``
+    rows: not comparable on this process, so ``n`` alone is compared on every process."""
+    sums = [float(row.double().nan_to_num(0.0).sum()) for row in rows or []]
     sums += [0.0] * (3 - len(sums))
-    values = torch.tensor([n, *sums, -n, *(-v for v in sums)], dtype=torch.float64,
+    skip = float(rows is None)
+    values = torch.tensor([skip, n, *sums, -n, *(-v for v in sums)], dtype=torch.float64,
                           device=_comm_device())
     with _collective(f"the check that every process has the same {name}"):
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    high, low = values[: len(values) // 2], -values[len(values) // 2:]
+    width = 1 if values[0] > 0 else 4  # the count alone where any process could not compare
+    high, low = values[1:1 + width], -values[5:5 + width]
     if not bool(torch.equal(high, low)):
         raise ValueError(f"{name} differs between the processes ({int(low[0])} to "
                          f"{int(high[0])} rows, or other values): {advice}")

@@ -33,6 +33,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mfa import distributed
 from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
 from mfa.model import MixtureOfFactorAnalyzers
 
@@ -75,6 +76,9 @@ class HierarchicalRunTrainer:
             raise ValueError(f"the model has {model.n_features} features, the data "
                              f"{_n_features(data)}")
 
+        # Under torch.distributed only rank 0 writes the run's checkpoint (as EM's and
+        # Adam's trainers do): every rank's write raced for one file and wrote config.yaml.
+        checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         # The records of an earlier session (load_state_dict): kept for the stages it fitted.
         earlier = {(r.get("stage"), r.get("component")): r for r in self.history
                    if isinstance(r, dict)}

@@ -402,6 +402,11 @@ class SGDTrainer:
                              else linalg.logsumexp(model._component_log_prob(batch, exact=exact)))
                     # −mean log p over the global batch (gradients added across processes).
                     nll, rows = distributed.backward_mean(-log_p, model.parameters())
+                    if rows == 0:
+                        # A batch of no rows on every process (a single process skips its own
+                        # empty batch earlier): no step, no schedule step, no reference (a
+                        # momentum step on zero gradients moved the parameters).
+                        continue
                     loss = nll
                     if n_train is not None:  # the priors' penalty: global, the same everywhere
                         penalty = self.penalty(model, prior, n_train)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import distributed as dist
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 from mfa import MixtureOfFactorAnalyzers, distributed
 from mfa._data_stream import DataSource
@@ -32,6 +32,7 @@ from mfa.cli import main
 from mfa.data import QuantizedRows
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
+from mfa.hierarchical_run import HierarchicalRunTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 from mfa.tempering import MIN_ROWS
 
@@ -316,6 +317,20 @@ class _Dicts(_Noisy):
         return {"x": self.rows[i]}
 
 
+class _Flipped(_Noisy):
+    """Rows reversed with probability ½ at every read (a random augmentation)."""
+
+    def __getitem__(self, i):
+        return self.rows[i].flip(0) if torch.rand(()) < 0.5 else self.rows[i]
+
+
+def _read_flipped(rows, seed: int) -> int:
+    """The rows this process reads of a sharded loader over ``_Flipped(rows)``."""
+    torch.manual_seed(seed)
+    return sum(b.shape[0] for b in DataSource(DataLoader(_Flipped(rows), batch_size=8),
+                                              _model(), 8, "data", shard=True))
+
+
 def _stack_dicts(items):
     return torch.stack([item["x"] for item in items])
 
@@ -342,6 +357,38 @@ def _edges_job(rank: int) -> dict:
                         complete_iter=1, progress=False, noise_prior_strength=50.0,
                         noise_prior_variance=1.0)).fit(model, loader, x[:40])
     out["adam_prior"] = (sorted(set(Recording.seen)), _params(model))
+    # The same batches through a batch_sampler of the process's shard: its loader's
+    # `sampler` is a default one over the whole Dataset, and the prior counted 602 rows.
+    Recording.seen = []
+    batches = DataLoader(data, batch_sampler=BatchSampler(distributed.ShardSampler(data), 31,
+                                                          False))
+    model = _model()
+    Recording(SGDConfig(epochs=2, batch_size=31, lr=1e-2, patience=0, kmeans_iter=3,
+                        complete_iter=1, progress=False, noise_prior_strength=50.0,
+                        noise_prior_variance=1.0)).fit(model, batches, x[:40])
+    out["adam_prior_batch_sampler"] = (sorted(set(Recording.seen)), _params(model))
+    # A batch of no rows on every process at one step (each process its own list of
+    # batches): a momentum step on zero gradients moved the parameters, and as the first
+    # batch its loss (-0) became the divergence reference.
+    mine = x[150 * rank:150 * (rank + 1)].float()
+    empty = {}
+    for case, parts in {"with": [mine[:0], mine[:40], mine[40:40], mine[40:]],
+                        "without": [mine[:40], mine[40:]]}.items():
+        fitted = SGDTrainer(SGDConfig(epochs=2, progress=False, seed=0, kmeans_iter=3,
+                                      complete_iter=1, schedule="constant")).fit(
+            MixtureOfFactorAnalyzers(3, 6, 2, generator=torch.Generator().manual_seed(1)),
+            parts)
+        empty[case] = _params(fitted)
+    out["adam_empty_global_batch"] = empty
+    # The run's hierarchical trainer: rank 0 alone writes the run's checkpoint (every rank
+    # wrote it, racing for one file).
+    written: list[int] = []
+    em = EMConfig(max_iter=2, batch_size=64, kmeans_iter=3, complete_iter=1, progress=False,
+                  patience=0)
+    HierarchicalRunTrainer(HierarchicalConfig(
+        root_components=3, n_factors=2, rows_per_component=60, max_child_components=2,
+        root_em=em, child_em=em)).fit(_model(), x, checkpoint_fn=lambda *_: written.append(1))
+    out["hierarchical_run_checkpoints"] = len(written)
     for case, fit in {
         # drop_last: single-process EM sums 240 of 251 rows; the shards summed all 251
         "em_drop_last": lambda: _em(2, DataLoader(TensorDataset(x[:251]), batch_size=40,
@@ -379,6 +426,10 @@ def _edges_job(rank: int) -> dict:
         "dict_rows": lambda: sum(b.shape[0] for b in DataSource(DataLoader(
             _Dicts(x[:40]), batch_size=8, collate_fn=_stack_dicts), _model(), 8, "data",
             shard=True)),
+        # a random flip (probability ½) of its own draw on each process: read alike twice on
+        # one process and not on the other, and refused as another Dataset (5 of 8 seeds)
+        "flipped_rows": lambda: [_read_flipped(x[:40], 100 * seed + rank)
+                                 for seed in range(8)],
         # a NaN at item 200: rank 1 named "batch 1, row 18" of its shard, no item (a pass
         # over the shards, without the fit's collectives, which rank 0 alone would enter)
         "nan_item": lambda: len(list(DataSource(TensorDataset(torch.cat(
@@ -544,6 +595,28 @@ def test_adam_prior_over_per_process_loaders_counts_every_process_rows(edges):
         assert torch.equal(value, params1[name]), name
 
 
+def test_adam_prior_over_a_batch_sampler_of_a_shard_counts_every_process_rows(edges):
+    """A BatchSampler over a ShardSampler gives each process the batches of the sampler
+    form above: the same 1/N (it was 602, each row counted twice) and the same fit."""
+    for rank in edges:
+        seen, params = rank["adam_prior_batch_sampler"]
+        assert seen == [301]
+        for name, value in rank["adam_prior"][1].items():
+            assert torch.equal(params[name], value), name
+
+
+def test_a_batch_of_no_rows_on_every_process_is_skipped(edges):
+    for rank in edges:
+        got = rank["adam_empty_global_batch"]
+        for name, value in got["without"].items():
+            assert torch.equal(got["with"][name], value), name
+
+
+def test_only_rank_zero_writes_a_hierarchical_runs_checkpoint(edges):
+    assert edges[0]["hierarchical_run_checkpoints"] > 0  # the root, each child, the end
+    assert edges[1]["hierarchical_run_checkpoints"] == 0
+
+
 def test_processes_start_adam_from_one_model_and_take_namedtuple_items(edges):
     for name, value in edges[0]["adam_init_none"].items():
         assert torch.equal(value, edges[1]["adam_init_none"][name]), name
@@ -569,6 +642,7 @@ def test_a_loader_over_each_processs_own_rows_is_refused(edges):
 def test_a_dataset_noisy_per_read_or_of_dicts_is_one_dataset(edges):
     for rank in edges:
         assert rank["noisy_rows"] == ("ok", 20) and rank["dict_rows"] == ("ok", 20)
+        assert rank["flipped_rows"] == ("ok", [20] * 8)
 
 
 def test_per_process_shuffled_validation_pairs_the_same_rows(edges):

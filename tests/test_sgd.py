@@ -530,7 +530,7 @@ def test_one_shot_iterators_are_refused_up_front(small):
 
 
 def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
-    from torch.utils.data import SubsetRandomSampler
+    from torch.utils.data import BatchSampler, SubsetRandomSampler
 
     from mfa.adam import count_rows
 
@@ -539,6 +539,14 @@ def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
     loader = DataLoader(data, batch_size=50, sampler=SubsetRandomSampler(range(100)))
     assert count_rows(loader) == 100
     assert count_rows(DataLoader(data, batch_size=50)) == len(train)
+    # A batch_sampler's own sampler draws the rows (the loader's `sampler` is then a
+    # default one over every row: 400 were counted), with drop_last too (the prior's
+    # rows are the data's, as for batch_size with drop_last); another kind of batch
+    # sampler's rows are left to the start's pass.
+    for drop_last in (False, True):
+        batches = BatchSampler(SubsetRandomSampler(range(100)), 30, drop_last)
+        assert count_rows(DataLoader(data, batch_sampler=batches)) == 100
+    assert count_rows(DataLoader(data, batch_sampler=[[0, 1], [2, 3]])) is None
 
 
 def test_prior_penalty_counts_rows_not_batches_of_a_loader_without_batching(small):
