@@ -107,7 +107,11 @@ def check_mask(mask: object, name: str, shape: Sequence[int], device) -> Tensor:
         raise TypeError(f"{name} must be a bool tensor, got dtype {mask.dtype}")
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    if mask.device.type != torch.device(device).type:
+    device = torch.device(device)
+    if mask.device.type != device.type or (  # (the index too: cuda:1 against cuda:0)
+        device.index is not None and mask.device.index is not None
+        and mask.device.index != device.index
+    ):
         raise ValueError(f"{name} is on device {mask.device} but the model is on {device}")
     return mask
 

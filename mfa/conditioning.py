@@ -152,10 +152,11 @@ class MaskedTerms:
                                         self.loadings.double(), self.noise.double())
         return self.float64
 
-    def chunk_size(self, chunk_elements: int) -> int:
-        """Rows per chunk so that one chunk's intermediates hold ≲ ``chunk_elements`` values."""
+    def chunk_size(self, chunk_elements: int, extra_per_row: int = 0) -> int:
+        """Rows per chunk so that one chunk's intermediates hold ≲ ``chunk_elements`` values
+        (``extra_per_row``: a caller's own, per row)."""
         k, d, n_lat = self.loadings.shape
-        per_row = d * 3 + k * (n_lat + 2) ** 2
+        per_row = d * 3 + k * (n_lat + 2) ** 2 + extra_per_row
         return max(1, chunk_elements // per_row)
 
 
@@ -404,7 +405,9 @@ def conditional_sample(
         ``[N, D]``, equal to ``x`` where observed.
     """
     _, d, n_lat = terms.loadings.shape
-    size = terms.chunk_size(chunk_elements)
+    # each row's loadings A_k [D, L] are gathered (as model.sample counts them): at K = 1,
+    # D = 3,072, L = 10 a chunk held 3.3x chunk_elements values in them alone
+    size = terms.chunk_size(chunk_elements, extra_per_row=d * n_lat)
     parts = []
     with torch.no_grad():
         noise_std = terms.noise.sqrt()

@@ -246,9 +246,12 @@ def row_log_prob(model: MixtureOfFactorAnalyzers, x: Tensor) -> Tensor:
     """``log p(x_o)`` of every row of ``x`` ``[..., D]`` (NaN where missing), differentiable:
     the full log-density for complete rows, the observed-data marginal for the others →
     ``[...]``. A row with nothing observed scores 0."""
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != model.n_features:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a tensor [..., D] with D = {model.n_features}, got {shape}")
+    if not isinstance(x, Tensor):  # (a TypeError, as log_prob's)
+        raise TypeError(f"x must be a torch.Tensor [..., D] with D = {model.n_features}, got "
+                        f"{type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != model.n_features:
+        raise ValueError(f"x must be a tensor [..., D] with D = {model.n_features}, got "
+                         f"{tuple(x.shape)}")
     if x.dim() != 2:  # one row [D], or [..., D]: as rows [n, D], the result shaped back
         return row_log_prob(model, x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1])
     infinite = torch.isinf(x)

@@ -416,3 +416,14 @@ def test_conditional_samples_on_cuda_average_to_the_conditional_mean():
     hidden = ~observed[0]
     se = draws[:, hidden].std(0) / n**0.5
     assert ((draws[:, hidden].mean(0) - mean[hidden]).abs() < 5 * se).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_mask_on_another_cuda_device_is_refused_by_name():
+    """The mask check compared the device type only: a mask on cuda:1 for a model on cuda:0
+    got past it and failed inside torch."""
+    model = random_model(2, 4, 1, seed=160).to("cuda:0")
+    x = torch.zeros(3, 4, dtype=model.dtype, device="cuda:0")
+    observed = torch.ones(3, 4, dtype=torch.bool, device="cuda:1")
+    with pytest.raises(ValueError, match="observed is on device cuda:1 but the model is on"):
+        model.conditional_mean(x, observed)

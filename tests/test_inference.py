@@ -504,6 +504,28 @@ def test_conditional_sample_copies_observed_and_is_seeded():
     assert not torch.equal(a[~observed], c[~observed])
 
 
+def test_conditional_sample_chunks_count_the_gathered_loadings(monkeypatch):
+    """Each row's loadings ``A_k`` [D, L] are gathered for its sample: the chunks are sized
+    with them (they held 1.7x ``chunk_elements`` here, 3.3x at D = 3,072, L = 10)."""
+    import mfa.conditioning as conditioning
+
+    model = random_model(1, 50, 10, seed=150, chunk_elements=5000)
+    x = random_data(40, model, seed=151)
+    observed = _random_masks(40, 50, seed=152)
+    chunks = []
+    posterior = conditioning.row_posterior
+
+    def spy(terms, xi, *args, **kwargs):
+        chunks.append(xi.shape[0])
+        return posterior(terms, xi, *args, **kwargs)
+
+    monkeypatch.setattr(conditioning, "row_posterior", spy)
+    sample = model.conditional_sample(x, observed, generator=gen(3))
+    assert sum(chunks) == 40 and len(chunks) > 1
+    assert max(chunks) * 50 * 10 <= model.chunk_elements
+    assert torch.equal(sample[observed], x[observed])
+
+
 def test_inpaint():
     model = random_model(3, 5, 2, seed=147)
     x = random_data(8, model, seed=148)

@@ -172,6 +172,9 @@ def test_observed_log_likelihood_matches_dense_marginal(noise, n_lat):
                                expected[:30].reshape(5, 6), rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match=r"x must be a tensor \[\.\.\., D\] with D = 6"):
         missing.row_log_prob(model, torch.tensor(1.0, dtype=torch.float64))
+    # not a tensor: a TypeError, as log_prob's (it was a ValueError)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor .* got list"):
+        missing.row_log_prob(model, [0.0] * 6)
 
 
 # ---------------------------------------------------------------------- EM behaviour
