@@ -70,6 +70,7 @@ from mfa.run_folder import (
     run_config_of,
 )
 from mfa.run_log import detach_log, log_ending
+from mfa.run_ndb import held_out_split, ndb_metrics
 from mfa.run_outliers import check_outlier_data, outlier_metrics
 from mfa.sgd import SGDTrainer
 
@@ -428,7 +429,9 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     """Held-out log-likelihood, bits/dim and (``ndb_bins > 0``) NDB of model samples
     (clamped to the pixel range [0, 1]) against the training bins, with real held-out images
     (``ndb_reference``: the first listed split other than train, else val, else test, that
-    has images) as the reference. Every input is checked before anything is computed.
+    has images) as the reference (:mod:`mfa.run_ndb`; a large training split fits the bins
+    on a seeded subset, ``ndb_train_rows``). Every input is checked before anything is
+    computed.
 
     ``config`` names the data (default: the checkpoint's own run config; one that would
     re-split the run's data is refused, :func:`mfa.run_folder.check_same_split`). With
@@ -438,8 +441,6 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
     run's data settings, ``data.name`` replaced and ``against_overrides`` applied. ``device``:
     where the model computes (default: the CPU, where the checkpoint loads).
     """
-    from mfa.ndb import NDB
-
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     if config is not None and ckpt.run_config is not None:  # (the CLI's --set rule)
         check_same_split(ckpt.run_config, config)
@@ -467,30 +468,10 @@ def evaluate(checkpoint: str | Path, *, splits=("test",), ndb_bins: int = 0,
             raise ValueError(f"{error} (its settings: CLI --against-set data.KEY=VALUE)") from None
         check_outlier_data(data, other, scores=outlier_scores)
     if ndb_bins:  # the reference: real held-out images, the first listed split not train
-        held = next((s for s in (*splits, "val", "test")
-                     if s != "train" and data.pixels(s).shape[0] > 0), None)
-        if held is None:
-            raise ValueError(f"NDB needs real held-out images, but {data.name}'s val and test "
-                             "splits are empty")
-        if not 1 <= ndb_bins <= data.pixels("train").shape[0]:
-            raise ValueError(f"--ndb-bins {ndb_bins} must be between 1 and the "
-                             f"{data.pixels('train').shape[0]} training images")
+        held = held_out_split(data, splits, ndb_bins)
     result = evaluate_model(model, data, splits)
     if ndb_bins:
-        bins = NDB.fit(data.train, ndb_bins, seed=seed)  # once, for both sample sets
-        reference = data.as_float(held)
-        gen = torch.Generator(device=model.device).manual_seed(seed)
-        with torch.no_grad():
-            samples, _ = model.sample(reference.shape[0], generator=gen)
-        # clamped to the pixel range, as docs/results.md's protocol (scripts/results.py)
-        model_ndb = bins.evaluate(samples.float().clamp(0.0, 1.0).cpu())
-        real_ndb = bins.evaluate(reference)
-        result.update({
-            "ndb_bins": ndb_bins, "ndb_reference": held, "ndb": model_ndb.ndb,
-            "ndb_over_k": model_ndb.ndb_over_k, "ndb_js": model_ndb.js_divergence,
-            "ndb_real": real_ndb.ndb, "ndb_over_k_real": real_ndb.ndb_over_k,
-            "ndb_js_real": real_ndb.js_divergence,
-        })
+        result.update(ndb_metrics(model, data, held, ndb_bins, seed))
     if other is not None:
         result["outliers"] = outlier_metrics(model, data, other, scores=outlier_scores,
                                              seed=seed, checked=True)

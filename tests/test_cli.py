@@ -594,6 +594,7 @@ def test_evaluate(run_dir, tmp_path):
     assert set(result) == {
         "test_log_likelihood", "val_log_likelihood", "ndb_bins", "ndb", "ndb_over_k",
         "ndb_js", "ndb_real", "ndb_over_k_real", "ndb_js_real", "ndb_reference",
+        "ndb_train_rows",
     }
     assert result.pop("ndb_reference") == "test"  # the real images NDB is measured on
     for key, value in result.items():
