@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from test_data_sources import write_celeba
 
-from mfa.data import decode, load_dataset
+from mfa.data import CELEBA_CROP, decode, load_dataset
 
 WHOLE = dict(val_fraction=0.0, test_fraction=0.0)  # every file in the train split
 
@@ -112,3 +112,16 @@ def test_celeba_with_a_limit_opens_only_the_selected_files(tmp_path):
         if channels != 1:
             for s in ("train", "val", "test"):
                 assert torch.equal(kept.pixels(s), data.pixels(s))
+
+
+def test_a_cached_entry_does_not_skip_celebas_size_check(tmp_path):
+    """An entry written with CELEBA_CROP given explicitly (no size check) had the key of the
+    default load, which then returned 256 × 256 files cropped where no face is instead of
+    refusing them as it does without the cache."""
+    folder = write_celeba(tmp_path)
+    for image in (folder / "img_align_celeba").iterdir():
+        Image.new("RGB", (256, 256), (9, 9, 9)).save(image)
+    options = dict(cache=True, cache_dir=tmp_path / "cache", image_size=8)
+    assert load_dataset("celeba", tmp_path, crop=CELEBA_CROP, **options).sizes["test"] == 1
+    with pytest.raises(ValueError, match=r"is 256 × 256 pixels, not the 178 × 218"):
+        load_dataset("celeba", tmp_path, **options)

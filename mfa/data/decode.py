@@ -188,8 +188,9 @@ def _default_workers(n: int) -> int:
 
 
 #: Part of every cache fingerprint: raised when decoding changes, so older caches are not
-#: reused (2: 16-bit greyscale scaled to 8 bits, no longer clipped).
-DECODER_VERSION = 2
+#: reused (2: 16-bit greyscale scaled to 8 bits, no longer clipped; 3: CelebA's files checked
+#: to be 178 × 218 under the default face box, which entries written before skipped).
+DECODER_VERSION = 3
 
 
 def _fingerprint(files: dict[str, list[Path]], key: dict, first: Path | None = None) -> str:
@@ -229,15 +230,19 @@ def decode_splits(
     ``channels`` 1 or 3 converts to greyscale/RGB (``None``: as the image ``first``, the
     dataset's first file, whatever the split or subset; default: the first of ``files``);
     every image must come out with the shape of that image (with ``channels`` given: of the
-    first of ``files``; ``first`` is then not opened). ``cache`` (a folder or ``None``) keeps
-    the result under a fingerprint of ``cache_key`` and the files; a cache that cannot be
-    written is logged and skipped.
+    first of ``files``; ``first`` is then not opened). ``source_size`` is the
+    ``(width, height)`` every file must have (``None``: any). ``cache`` (a folder or ``None``)
+    keeps the result under a fingerprint of ``cache_key``, ``source_size`` and the files; a
+    cache that cannot be written is logged and skipped.
 
     An image that cannot be decoded raises the same error with worker processes as without.
     """
     cache_file = None
     if cache is not None:
-        fingerprint = _fingerprint(files, cache_key, first)
+        # (the size every file must have: an entry decoded without that check, e.g. with the
+        # same crop given explicitly, is not an answer for a load that makes it)
+        key = dict(cache_key, source_size=source_size)
+        fingerprint = _fingerprint(files, key, first)
         cache_file = cache / "decoded" / f"{cache_key['name']}-{fingerprint}.pt"
         if cache_file.is_file():
             try:
