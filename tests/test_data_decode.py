@@ -4,6 +4,7 @@ cannot be written, and which files are opened to choose the channels and shape."
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -125,3 +126,39 @@ def test_a_cached_entry_does_not_skip_celebas_size_check(tmp_path):
     assert load_dataset("celeba", tmp_path, crop=CELEBA_CROP, **options).sizes["test"] == 1
     with pytest.raises(ValueError, match=r"is 256 × 256 pixels, not the 178 × 218"):
         load_dataset("celeba", tmp_path, **options)
+
+
+def _same_looking_projects(tmp_path, write):
+    """``projA/imgs`` and ``projB/imgs`` whose files have the same names, sizes and
+    modification times (as an archive's extraction sets them) but other pixels."""
+    for project, value in (("projA", 10), ("projB", 200)):
+        for path in write(tmp_path / project):
+            Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path, format="PPM")
+            os.utime(path, ns=(1_600_000_000_000_000_000,) * 2)
+
+
+def test_a_relative_root_keys_the_cache_on_its_folder_not_its_spelling(tmp_path, monkeypatch):
+    """load_dataset('folder', 'imgs', cache=True) from two working directories reused one
+    cache entry: project B got project A's pixels. The same for a relative $MFA_DATA_DIR."""
+
+    def images(project):
+        (project / "imgs").mkdir(parents=True)
+        return [project / "imgs" / f"{i}.ppm" for i in range(6)]
+
+    _same_looking_projects(tmp_path, images)
+    options = dict(cache=True, cache_dir=tmp_path / "cache", **WHOLE)
+    for project, value in (("projA", 10), ("projB", 200), ("projA", 10)):
+        monkeypatch.chdir(tmp_path / project)
+        assert (load_dataset("folder", "imgs", **options).train_pixels == value).all()
+    assert len(list((tmp_path / "cache" / "decoded").iterdir())) == 2
+
+    def celeba(project):
+        folder = write_celeba(project)  # (its JPEGs, replaced by PPMs of one byte size)
+        return sorted((folder / "img_align_celeba").iterdir())
+
+    _same_looking_projects(tmp_path / "faces", celeba)
+    monkeypatch.setenv("MFA_DATA_DIR", ".")
+    options = dict(crop=(0, 0, 8, 8), cache=True, cache_dir=tmp_path / "cache")
+    for project, value in (("projA", 10), ("projB", 200)):
+        monkeypatch.chdir(tmp_path / "faces" / project)
+        assert (load_dataset("celeba", **options).train_pixels == value).all()

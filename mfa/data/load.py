@@ -109,7 +109,9 @@ def load_dataset(
         check_nonnegative_int(num_workers, "num_workers")
     check_positive_int(batch_size, "batch_size")
     cache_path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root_path = Path(root).expanduser() if root is not None else None
+    # resolved: the decoded-image cache keys on the files' paths, and a relative root's paths
+    # name other files from another working directory (project B got project A's pixels)
+    root_path = Path(root).expanduser().resolve() if root is not None else None
 
     pools = read_pools(key, root_path, download, cache_path)
     pools.check(key)

@@ -14,10 +14,12 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def default_data_root() -> Path:
-    """Where datasets live when ``root`` is not given: ``$MFA_DATA_DIR``, else
+    """Where datasets live when ``root`` is not given: ``$MFA_DATA_DIR`` (resolved, as a
+    given root is: a relative one names other files from another working directory), else
     ``~/.cache/mfa/datasets``."""
     env = os.environ.get("MFA_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mfa" / "datasets"
+    return (Path(env).expanduser().resolve() if env
+            else Path.home() / ".cache" / "mfa" / "datasets")
 
 
 def default_cache_dir() -> Path:
