@@ -549,6 +549,36 @@ def test_celeba_missing_files(tmp_path):
         load_dataset("celeba", tmp_path / "x")
 
 
+def test_missing_celeba_images_are_refused_with_the_fix(tmp_path):
+    """Missing images said only '13 of 13 image files are missing, e.g. …', with no fix: the
+    zip unpacked one folder too deep (img_align_celeba/img_align_celeba/*.jpg) is found and
+    the files are to be moved up; otherwise the zip is to be extracted again."""
+    folder = write_celeba(tmp_path / "deep")
+    images = folder / "img_align_celeba"
+    images.rename(folder / "tmp")
+    images.mkdir()
+    (folder / "tmp").rename(images / "img_align_celeba")
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("celeba", tmp_path / "deep")
+    assert str(err.value).startswith(f"6 of 6 image files are missing, e.g. {images}/000001.jpg")
+    assert f"in {images}/img_align_celeba/" in str(err.value)
+    assert f"move the files of {images}/img_align_celeba up into {images} " in str(err.value)
+
+    folder = write_celeba(tmp_path / "partial")
+    (folder / "img_align_celeba" / "000005.jpg").unlink()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("celeba", tmp_path / "partial")
+    msg = str(err.value)
+    assert msg.startswith(f"1 of 6 image files are missing, e.g. {folder}/img_align_celeba/"
+                          "000005.jpg")
+    assert "extract img_align_celeba.zip (from https://mmlab" in msg and str(folder) in msg
+    assert "move the files" not in msg and "--set data.download=true" in msg
+    for image in (folder / "img_align_celeba").iterdir():  # all missing, none deeper
+        image.unlink()
+    with pytest.raises(DatasetNotFoundError, match="6 of 6 .* extract img_align_celeba.zip"):
+        load_dataset("celeba", tmp_path / "partial")
+
+
 def test_a_celeba_file_of_another_size_is_refused_under_the_default_box(tmp_path):
     """The face box is placed for 178 × 218 aligned images: a 1024 × 1024 file among them
     (CelebA-HQ, an unaligned photo) was cropped where no face is, silently. An explicit crop

@@ -224,6 +224,7 @@ def decode_splits(
     cache_key: dict,
     first: Path | None = None,
     source_size: tuple[int, int] | None = None,
+    missing_advice: str = "",
 ) -> tuple[dict[str, Tensor], tuple[int, int, int]]:
     """Decode ``files`` (per split) into uint8 rows ``{split: [N, D]}`` and their ``(C, H, W)``.
 
@@ -233,7 +234,8 @@ def decode_splits(
     first of ``files``; ``first`` is then not opened). ``source_size`` is the
     ``(width, height)`` every file must have (``None``: any). ``cache`` (a folder or ``None``)
     keeps the result under a fingerprint of ``cache_key``, ``source_size`` and the files; a
-    cache that cannot be written is logged and skipped.
+    cache that cannot be written is logged and skipped. Missing files raise a
+    :class:`DatasetNotFoundError` that ends with ``missing_advice`` (the source's fix).
 
     An image that cannot be decoded raises the same error with worker processes as without.
     """
@@ -255,9 +257,7 @@ def decode_splits(
     everything = [p for s in SPLITS for p in files[s]]
     missing = [p for p in everything if not p.is_file()]
     if missing:
-        raise DatasetNotFoundError(
-            f"{len(missing)} of {len(everything)} image files are missing, e.g. {missing[0]}"
-        )
+        raise DatasetNotFoundError(_missing(missing, len(everything), missing_advice))
     first = everything[0] if first is None else first
     mode = "L" if channels == 1 else "RGB" if channels == 3 else _first_mode(first)
     # the shape of the image that chose the mode, or (channels given) of the first selected
@@ -305,6 +305,20 @@ def decode_splits(
     if cache_file is not None:
         _save_cache(cache_file, {**out, "image_shape": list(shape)})
     return out, shape  # type: ignore[return-value]
+
+
+def _missing(missing: list[Path], total: int, advice: str) -> str:
+    """The error for ``missing`` of ``total`` files: where all are missing and the first one
+    lies one folder deeper (``img_align_celeba/img_align_celeba/000001.jpg``: an archive
+    unpacked into a folder of its own name), that they are to be moved up; else ``advice``."""
+    head = f"{len(missing)} of {total} image files are missing, e.g. {missing[0]}"
+    folder = missing[0].parent
+    nested = folder / folder.name
+    if len(missing) == total and (nested / missing[0].name).is_file():
+        return (f"{head}: they are one folder too deep, in {nested}/ (an archive unpacked "
+                f"into a folder of its own name); move the files of {nested} up into {folder} "
+                "and remove the then empty folder")
+    return f"{head}; {advice}" if advice else head
 
 
 def _save_cache(cache_file: Path, entry: dict) -> None:

@@ -174,6 +174,7 @@ def load_dataset(
             # the dataset's first file in sorted order (not the shuffled, limited train split's)
             first=min(p for paths in pools.files.values() for p in paths),
             source_size=source_size,
+            missing_advice=pools.missing_advice,
         )
         meta["channels"] = image_shape[0]
     meta["pools"] = pools.fingerprint()  # (after decoding: not part of the cache's key)

@@ -21,6 +21,9 @@ CELEBA_CROP = (50, 25, 128, 128)
 #: every file must have it (another size, e.g. 1024 × 1024 CelebA-HQ, was cropped silently).
 CELEBA_SIZE = (178, 218)
 
+#: Where CelebA's files are downloaded by hand.
+CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
+
 
 def _celeba_folder(base: Path) -> Path | None:
     for folder in (base / "celeba", base):
@@ -44,7 +47,7 @@ def celeba_pools(root: Path | None, download: bool) -> Pools:
                 f"celeba: torchvision could not download CelebA into {base / 'celeba'}: "
                 f"{str(err).rstrip('.')}. "
                 "Download img_align_celeba.zip and list_eval_partition.txt by hand from "
-                "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and unpack them there."
+                f"{CELEBA_URL} and unpack them there."
             ) from err
         folder = _celeba_folder(base)
     if folder is None:
@@ -53,7 +56,7 @@ def celeba_pools(root: Path | None, download: bool) -> Pools:
             f"178x218 JPEGs) and {base / 'celeba' / 'list_eval_partition.txt'} (or both directly "
             f"in {base}). Pass {DOWNLOAD_HINT} to fetch them with torchvision "
             "(needs gdown), or download img_align_celeba.zip and list_eval_partition.txt from "
-            "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and unpack them there."
+            f"{CELEBA_URL} and unpack them there."
         )
     partition = folder / "list_eval_partition.txt"
     files: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
@@ -80,4 +83,9 @@ def celeba_pools(root: Path | None, download: bool) -> Pools:
         files=files,
         labels={s: torch.full((len(v),), -1, dtype=torch.int64) for s, v in files.items()},
         metadata={"root": str(folder)},
+        missing_advice=(
+            f"{partition.name} lists them in {folder / 'img_align_celeba'}/: extract "
+            f"img_align_celeba.zip (from {CELEBA_URL}) again into {folder}, or remove "
+            f"{folder / 'img_align_celeba'} and pass {DOWNLOAD_HINT} to fetch CelebA with "
+            "torchvision (needs gdown)"),
     )

@@ -58,6 +58,8 @@ def folder_pools(root: Path | None) -> Pools:
         labels={"all": labels},
         classes=classes,
         metadata={"root": str(root)},
+        missing_advice=f"they were under {root} when loading began: were they moved or "
+                       "deleted since? Load again once they stay in place",
     )
 
 

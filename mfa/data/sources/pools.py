@@ -20,7 +20,8 @@ class Pools:
     ``kind`` is ``"all"`` (one pool, split train/val/test by seed), ``"train-test"`` (official
     test; val carved out of train by seed) or ``"train-val-test"`` (all official). Each pool is
     either uint8 images ``[N, C, H, W]`` (``images``) or image files (``files``); ``labels``
-    holds int64 ``[N]`` per pool (``-1``: unlabelled).
+    holds int64 ``[N]`` per pool (``-1``: unlabelled). ``missing_advice`` is the fix a
+    source advises where some of its ``files`` are missing.
     """
 
     kind: str
@@ -29,6 +30,7 @@ class Pools:
     files: dict[str, list[Path]] | None = None
     classes: tuple[str, ...] = ()
     metadata: dict = field(default_factory=dict)
+    missing_advice: str = ""
 
     def check(self, name: str) -> None:
         """Refuse pools that disagree with themselves, naming ``name`` and the pool: as many
