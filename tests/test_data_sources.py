@@ -437,6 +437,24 @@ def test_missing_mnist_names_path_and_download(tmp_path):
     assert isinstance(err.value, FileNotFoundError)
 
 
+def test_a_missing_idx_file_is_named_per_folder(tmp_path):
+    """With one of the four idx files missing the error named all four and no folder's gap."""
+    write_mnist(tmp_path / "tv" / "MNIST" / "raw")
+    (tmp_path / "tv" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("mnist", tmp_path / "tv")
+    raw = tmp_path / "tv" / "MNIST" / "raw"
+    assert (f"in {raw} (which lacks t10k-labels-idx1-ubyte) and {tmp_path / 'tv'} (which has "
+            f"none of them). Put the missing ones in {raw} ") in str(err.value)
+    write_mnist(tmp_path / "flat", compress=True)  # a flat folder, .gz files
+    for name in ("train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        (tmp_path / "flat" / name).unlink()
+    with pytest.raises(DatasetNotFoundError, match=re.escape(
+            f"{tmp_path / 'flat'} (which lacks train-labels-idx1-ubyte and "
+            "t10k-images-idx3-ubyte)")):
+        load_dataset("fashion-mnist", tmp_path / "flat")
+
+
 @pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "svhn", "celeba"])
 def test_missing_files_advise_the_download_override_that_exists(tmp_path, name):
     # The CLI has no --download flag: the messages must name the config override instead.

@@ -75,9 +75,22 @@ def _idx_file(folder: Path, base: str) -> Path | None:
     return packed if packed.is_file() else None
 
 
-def _idx_files(folder: Path) -> dict[str, Path] | None:
+def _idx_files(folder: Path, absent: dict[str, list[str]]) -> dict[str, Path] | None:
+    """The four idx files in ``folder``, or ``None`` (recording in ``absent[folder]`` the
+    names of those that are not there) unless all are."""
     found = {b: _idx_file(folder, b) for b in MNIST_FILES}
-    return found if all(found.values()) else None  # type: ignore[return-value]
+    missing = [b for b, path in found.items() if path is None]
+    if missing:
+        absent[str(folder)] = missing
+        return None
+    return found  # type: ignore[return-value]
+
+
+def _absent(folder: str, missing: list[str]) -> str:
+    """``folder`` and which idx files it lacks, for the not-found error."""
+    if len(missing) == len(MNIST_FILES):
+        return f"{folder} (which has none of them)"
+    return f"{folder} (which lacks {' and '.join(missing)})"
 
 
 def _fresh(dest: Path, src: Path) -> bool:
@@ -125,11 +138,10 @@ def _mnist_root(key: str, root: Path | None, download: bool,
         candidates = [(default_data_root(), False)]
         if key == "fashion-mnist":
             candidates.append((FASHION_MNIST_DEBIAN_DIR, True))
-    looked = []
+    absent: dict[str, list[str]] = {}  # folder looked in → the idx files it lacks
     for base, flat in candidates:
         raw = base / cls / "raw"
-        looked += [str(raw), str(base)] if flat else [str(raw)]
-        files = _idx_files(raw)
+        files = _idx_files(raw, absent)
         if files is not None:
             if all(p.suffix != ".gz" for p in files.values()):
                 return base, None
@@ -139,7 +151,7 @@ def _mnist_root(key: str, root: Path | None, download: bool,
             except OSError:
                 pass  # read-only: use the cache below
         elif flat:
-            files = _idx_files(base)
+            files = _idx_files(base, absent)
             if files is not None:
                 _check_not_the_other(key, base, files)
         if files is not None:
@@ -150,10 +162,13 @@ def _mnist_root(key: str, root: Path | None, download: bool,
     if download:
         return (root if root is not None else default_data_root()), None
     names = ", ".join(MNIST_FILES)
+    partial = [f for f, missing in absent.items() if len(missing) < len(MNIST_FILES)]
+    fix = (f"Put the missing ones in {partial[0]} (from the download the others came from), "
+           "or pass" if partial else "Pass")
     raise DatasetNotFoundError(
         f"{key} not found: looked for its idx files ({names}, optionally .gz) in "
-        f"{' and '.join(dict.fromkeys(looked))}. Pass {DOWNLOAD_HINT} to fetch "
-        f"it with torchvision into {root or default_data_root()}, or put the four files in "
+        f"{' and '.join(_absent(f, m) for f, m in absent.items())}. {fix} {DOWNLOAD_HINT} to "
+        f"fetch it with torchvision into {root or default_data_root()}, or put the four files in "
         f"<root>/{cls}/raw/ (or directly in a folder passed as the root)"
         + (
             " (Debian/Ubuntu: apt-get install dataset-fashion-mnist puts them in "
