@@ -300,7 +300,7 @@ def test_inconsistent_or_corrupt_idx_files_are_refused_by_name(tmp_path):
 
     def folder(name, n_train=50, n_train_labels=50, test_side=28):
         f = tmp_path / name
-        f.mkdir()
+        f.mkdir(parents=True)
         write_idx(f / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, 28, 28)), False)
         write_idx(f / "train-labels-idx1-ubyte", rng.integers(0, 10, n_train_labels), False)
         write_idx(f / "t10k-images-idx3-ubyte",
@@ -308,10 +308,20 @@ def test_inconsistent_or_corrupt_idx_files_are_refused_by_name(tmp_path):
         write_idx(f / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 20), False)
         return f
 
-    with pytest.raises(ValueError, match="train split has 50 images but 40 labels"):
-        load_dataset("mnist", folder("fewer", n_train_labels=40))
-    with pytest.raises(ValueError, match="train split has 50 images but 60 labels"):
-        load_dataset("mnist", folder("more", n_train_labels=60))
+    # (the count alone, 'the train split has 50 images but 40 labels', named neither file)
+    def disagree(where, n_labels, copied):
+        return (re.escape(f"mnist: the train idx files in {where}")
+                + (r" \(read from their copies in [^)]*\)" if copied else "")
+                + re.escape(f" disagree: train-images-idx3-ubyte holds 50 images but "
+                            f"train-labels-idx1-ubyte {n_labels} labels")
+                + ".*replace both.*download=True")
+
+    for name, n_labels in (("fewer", 40), ("more", 60)):  # flat folders (copied to the cache)
+        with pytest.raises(ValueError, match=disagree(tmp_path / name, n_labels, True)):
+            load_dataset("mnist", folder(name, n_train_labels=n_labels))
+    raw = folder("tv/MNIST/raw", n_train_labels=40)  # torchvision's layout: read in place
+    with pytest.raises(ValueError, match=disagree(raw, 40, False)):
+        load_dataset("mnist", tmp_path / "tv")
     with pytest.raises(ValueError, match=r"differ in shape.*train \(1, 28, 28\).*test \(1, 32"):
         load_dataset("mnist", folder("sizes", test_side=32))
     garbage = folder("garbage")

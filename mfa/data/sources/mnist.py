@@ -211,6 +211,14 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
                 f"{prefix}-labels-idx1-ubyte) in {where} are not valid idx files (a truncated "
                 f"or corrupt download?): {type(bad).__name__} {bad}".rstrip()
             ) from bad
+        if data.shape[0] != targets.shape[0]:  # (Pools.check would name neither file)
+            where = raw if source is None else f"{source} (read from their copies in {raw})"
+            raise ValueError(
+                f"{key}: the {pool} idx files in {where} disagree: "
+                f"{prefix}-images-idx3-ubyte holds {data.shape[0]} images but "
+                f"{prefix}-labels-idx1-ubyte {targets.shape[0]} labels (not a pair from one "
+                "download, or one cut short); replace both with the files of one download, "
+                f"or delete them and pass {DOWNLOAD_HINT} to fetch them again")
         if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) <= 9:
             bad = int(targets[(targets < 0) | (targets > 9)][0])
             labels_file = f"{prefix}-labels-idx1-ubyte"  # (the user's file, not the cache's)
