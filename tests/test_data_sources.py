@@ -286,6 +286,26 @@ def test_fashion_mnist_flat_gz_folder_is_mirrored_into_cache(tmp_path):
         flat.chmod(0o755)
 
 
+def test_a_flat_folder_with_an_unusable_cache_dir_names_cache_dir(tmp_path, monkeypatch):
+    """A flat folder's copy goes to cache_dir: where that cannot be written (a file here; a
+    read-only ~/.cache takes the same path with PermissionError) a bare NotADirectoryError
+    escaped that named neither cache_dir nor $MFA_CACHE_DIR."""
+    write_mnist(tmp_path / "flat", compress=True)
+    blocked = tmp_path / "cache-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("MFA_CACHE_DIR", str(blocked))
+    for options in ({}, {"cache_dir": blocked}):
+        with pytest.raises(OSError) as err:
+            load_dataset("fashion-mnist", tmp_path / "flat", **options)
+        msg = str(err.value)
+        assert msg.startswith(f"fashion-mnist: the idx files in {tmp_path / 'flat'} are read "
+                              f"from an extracted copy in cache_dir, but {blocked}/idx/")
+        assert f"make cache_dir ({blocked}) a writable folder" in msg
+        assert "load_dataset(cache_dir=...)" in msg and "$MFA_CACHE_DIR" in msg
+        assert isinstance(err.value.__cause__, NotADirectoryError)
+    assert blocked.read_text() == "not a folder"
+
+
 def test_fashion_mnist_default_root_falls_back_to_debian_folder(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     tr, trl, te, tel = write_mnist(debian, compress=True, seed=3)

@@ -124,6 +124,21 @@ def _materialise(files: dict[str, Path], raw: Path) -> None:
             tmp.unlink(missing_ok=True)  # nothing half-written is left in the user's folder
 
 
+def _unusable_cache(key: str, source: Path, mirror: Path, cache_dir: Path,
+                   err: OSError) -> None:
+    """Raise ``err`` as an error naming ``cache_dir`` and how to choose another, where it is
+    the cache that failed (a bare NotADirectoryError or PermissionError escaped); an error
+    reading ``source``'s own files is re-raised as it is."""
+    if err.filename is not None and not os.fspath(err.filename).startswith(str(cache_dir)):
+        raise err
+    raise OSError(
+        f"{key}: the idx files in {source} are read from an extracted copy in cache_dir, but "
+        f"{mirror} cannot be written ({type(err).__name__}: {err}); make cache_dir "
+        f"({cache_dir}) a writable folder, or choose another with load_dataset(cache_dir=...) "
+        "or (for the mfa CLI too) the environment variable $MFA_CACHE_DIR"
+    ) from err
+
+
 def _mnist_root(key: str, root: Path | None, download: bool,
                 cache_dir: Path) -> tuple[Path, Path | None]:
     """A folder ``R`` with ``R/<Class>/raw/<idx files>`` uncompressed, for torchvision, and
@@ -157,8 +172,12 @@ def _mnist_root(key: str, root: Path | None, download: bool,
         if files is not None:
             tag = hashlib.sha1(str(base.resolve()).encode()).hexdigest()[:12]
             mirror = cache_dir / "idx" / f"{key}-{tag}"
-            _materialise(files, mirror / cls / "raw")
-            return mirror, next(iter(files.values())).parent
+            source = next(iter(files.values())).parent
+            try:
+                _materialise(files, mirror / cls / "raw")
+            except OSError as err:
+                _unusable_cache(key, source, mirror, cache_dir, err)
+            return mirror, source
     if download:
         return (root if root is not None else default_data_root()), None
     names = ", ".join(MNIST_FILES)
