@@ -49,8 +49,9 @@ def load_dataset(
         name: one of :data:`DATASET_NAMES` (``"embedded-mnist"``, ``"mnist"``,
             ``"fashion-mnist"``, ``"svhn"``, ``"celeba"``, ``"folder"``); see ``docs/data.md``
             for each one's files and splits.
-        root: the dataset's folder; ``None``: :func:`default_data_root` (``"folder"`` needs
-            one; ``"embedded-mnist"`` ignores it).
+        root: the dataset's folder, resolved (a relative one against the working
+            directory); ``None``: :func:`default_data_root` (``"folder"`` needs one;
+            ``"embedded-mnist"`` ignores it).
         download: let torchvision download a missing dataset into ``root``. Nothing is
             downloaded otherwise.
         image_size: output size. An int ``s``: resize so the shorter side is ``s``, then take
