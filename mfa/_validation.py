@@ -101,6 +101,16 @@ def check_data(x: object, name: str, n_features: int, dtype: torch.dtype, device
     return x
 
 
+def as_real(value: object) -> float | None:
+    """``value`` as a float where it is a real number (numpy's scalars and 0-d tensors
+    included; not a bool), else ``None``."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def check_mask(mask: object, name: str, shape: Sequence[int], device) -> Tensor:
     mask = check_tensor(mask, name)
     if mask.dtype != torch.bool:

@@ -304,8 +304,9 @@ def select_model(
         batch_size: rows per slice when streaming tensors.
 
     Returns:
-        A :class:`ModelSelectionResult`; rows with a NaN criterion sort last, ties keep the
-        candidate order. Only the best model is kept.
+        A :class:`ModelSelectionResult`; rows with a criterion that is not finite (NaN,
+        or a log-likelihood of +inf and its BIC of −inf) sort last, ties keep the candidate
+        order. Only the best model is kept.
     """
     if criterion not in _CRITERIA:
         raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
@@ -359,4 +360,5 @@ def _sort_key(row: dict, criterion: str) -> float:
     value = row[criterion]
     if criterion == "val_log_lik":
         value = -value
-    return math.inf if math.isnan(value) else value
+    # last where not finite: a model whose log p is +inf (BIC −inf) was ranked best
+    return value if math.isfinite(value) else math.inf

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mfa._data_stream import DEFAULT_BATCH_SIZE
 from mfa._validation import (
+    as_real,
     check_finite,
     check_positive_int,
     check_seed,
@@ -426,9 +427,10 @@ def js_divergence(p: Tensor | Sequence[float], q: Tensor | Sequence[float], *,
     kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum()
     js = max(0.5 * float(kl_pm + kl_qm), 0.0)
     if base is not None:
-        if not (isinstance(base, (int, float)) and base > 0 and base != 1):
+        value = as_real(base)
+        if value is None or not (math.isfinite(value) and value > 0 and value != 1):
             raise ValueError(f"base must be a positive number other than 1, got {base!r}")
-        js /= math.log(base)
+        js /= math.log(value)
     return js
 
 
@@ -436,9 +438,12 @@ def js_divergence(p: Tensor | Sequence[float], q: Tensor | Sequence[float], *,
 
 
 def _check_alpha(alpha: object) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+    value = as_real(alpha)  # (np.float32(0.05) was refused as out of range)
+    if value is None:
+        raise TypeError(f"alpha must be a real number in (0, 1), got {type(alpha).__name__}")
+    if not 0 < value < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    return float(alpha)
+    return value
 
 
 def _integer_kind(x: Tensor) -> bool:

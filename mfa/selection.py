@@ -57,7 +57,8 @@ class SelectionSweep:
         rows: one dict per ``(K, L)`` in grid order (``L`` outer, ``K`` inner) with the keys
             of :data:`COLUMNS`: parameter count, mean train and validation log-likelihood
             (nats per row), validation bits/dim (``None`` unless a ``scale`` was given), BIC
-            and AIC on the training rows, fit seconds, ``best_val`` / ``best_bic``
+            and AIC on the training rows, fit seconds (``fit_fn`` alone, not the scoring passes
+            after it), ``best_val`` / ``best_bic``
             marking the best row by each criterion, and ``error`` (``None``, or the message
             of a fit that raised: its scores are ``None``).
         best_by_val: the row with the highest finite validation log-likelihood.
@@ -269,15 +270,26 @@ def sweep_models(
     rows: list[dict] = []
     best: tuple[dict, Any] | None = None  # the best row by validation so far and its model
     n_features = None
-    for k, lat in candidates:
+    fitting: list[float] = []  # the fit's own seconds (not the scoring passes after it)
+
+    def timed_fit(k: int, lat: int):
         started = time.perf_counter()
         try:
-            result = select_model(train, [(k, lat)], fit_fn, criterion="val_log_lik",
+            return fit_fn(k, lat)
+        finally:
+            fitting.append(time.perf_counter() - started)
+
+    for k, lat in candidates:
+        fitting.clear()
+        started = time.perf_counter()
+        try:
+            result = select_model(train, [(k, lat)], timed_fit, criterion="val_log_lik",
                                   validation=validation)
         except FIT_ERRORS as error:  # recorded; the sweep goes on
             logger.warning("K=%d, L=%d failed: %s: %s", k, lat, type(error).__name__, error)
             rows.append(dict.fromkeys(COLUMNS) | {
-                "K": k, "L": lat, "fit_seconds": time.perf_counter() - started,
+                "K": k, "L": lat,
+                "fit_seconds": fitting[0] if fitting else time.perf_counter() - started,
                 "best_val": False, "best_bic": False,
                 "error": f"{type(error).__name__}: {(str(error) or '-').splitlines()[0]}"})
         else:
@@ -288,14 +300,16 @@ def sweep_models(
             rows.append({"K": r["K"], "L": r["L"], "n_params": r["n_params"],
                          "train_log_likelihood": r["mean_log_lik"],
                          "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
-                         "bic": r["bic"], "aic": r["aic"],
-                         "fit_seconds": time.perf_counter() - started,
+                         "bic": r["bic"], "aic": r["aic"], "fit_seconds": fitting[0],
                          "best_val": False, "best_bic": False, "error": None})
             score = r["val_log_lik"]
             if math.isfinite(score) and (best is None or score > best[0]["val_log_likelihood"]):
                 best = (rows[-1], model)
         if on_row is not None and best is not None and len(rows) < len(candidates):
-            on_row(_marked(rows, best, n_features, scale, complete=False))
+            # marked on copies: a later marking rewrote the rows of a partial sweep kept
+            copies = [dict(r) for r in rows]
+            mark = next(c for c, r in zip(copies, rows, strict=True) if r is best[0])
+            on_row(_marked(copies, (mark, best[1]), n_features, scale, complete=False))
     if best is None:
         raise ValueError("no (K, L) of the sweep gave a finite validation log-likelihood: "
                          + "; ".join(f"K={r['K']}, L={r['L']}: {r['error'] or 'not finite'}"

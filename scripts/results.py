@@ -34,7 +34,6 @@ from mfa import (
     SGDTrainer,
     bits_per_dim,
     mean_log_likelihood,
-    ndb,
     select_kde_bandwidth,
     viz,
 )
@@ -43,6 +42,7 @@ from mfa.em import ConvergenceWarning
 from mfa.inference import inpaint
 from mfa.kde import kde
 from mfa.masks import make_mask
+from mfa.ndb import NDB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,8 @@ def run_dataset(s: Setting, out: Path, seed: int) -> dict:
         f"diagonal GMM, EM (K={s.k}, L=0)": lambda: fit_em(train, val, s, 0, seed),
         f"KDE ({s.kde_centres} centres, bandwidth on val)": lambda: fit_kde(train, val, s, seed),
     }
-    real_ndb = ndb(train, test, n_bins=s.ndb_bins, seed=seed)
+    bins = NDB.fit(train, s.ndb_bins, seed=seed)  # once: every sample set is binned alike
+    real_ndb = bins.evaluate(test)
     for label, fit in fits.items():
         torch.manual_seed(seed)
         start = time.perf_counter()
@@ -169,7 +170,7 @@ def run_dataset(s: Setting, out: Path, seed: int) -> dict:
         with torch.no_grad():
             ll = mean_log_likelihood(model, test, batch_size=1000)
             samples, _ = model.sample(test.shape[0], generator=torch.Generator().manual_seed(seed))
-        result = ndb(train, samples.clamp(0, 1), n_bins=s.ndb_bins, seed=seed)
+        result = bins.evaluate(samples.clamp(0, 1))
         rows.append({"model": label, **info, "test_bits_per_dim": float(bits_per_dim(ll, d)),
                      "test_log_likelihood": ll, "ndb": result.ndb, "ndb_over_k": result.ndb_over_k,
                      "ndb_js": result.js_divergence, "train_seconds": seconds})

@@ -343,3 +343,21 @@ def test_bins_do_not_move_with_a_common_shift_of_the_data():
             assert counts.tolist() == torch.bincount(nearest, minlength=4).tolist()
         found.append((result.bin_counts_train.tolist(), result.bin_counts_samples.tolist()))
     assert found[1] == found[0]
+
+
+def test_alpha_and_base_take_numpy_scalars_and_0d_tensors():
+    """np.float32(0.05) and tensor(0.05) were refused as 'alpha must be in (0, 1)' (np.float64
+    passed), and np.float32(2) as a base; a value of another type is a TypeError now."""
+    train = torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    samples = torch.randn(40, 3, generator=torch.Generator().manual_seed(1))
+    want = ndb(train, samples, 5, alpha=0.05)
+    for alpha in (np.float32(0.05), torch.tensor(0.05, dtype=torch.float64)):
+        got = ndb(train, samples, 5, alpha=alpha)
+        assert got.ndb == want.ndb and torch.equal(got.different, want.different)
+    with pytest.raises(TypeError, match="alpha must be a real number in \\(0, 1\\), got str"):
+        ndb(train, samples, 5, alpha="0.05")
+    p, q = [0.2, 0.3, 0.5], [0.5, 0.3, 0.2]
+    assert js_divergence(p, q, base=np.float32(2)) == pytest.approx(
+        js_divergence(p, q) / math.log(2))
+    with pytest.raises(ValueError, match="base must be a positive number other than 1"):
+        js_divergence(p, q, base=np.float32(1))

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -510,3 +511,40 @@ def test_a_sweep_built_by_hand_still_draws_its_table():
     sweep = SelectionSweep([row], row, row, None, 4)
     assert sweep.has_bits_per_dim and sweep.failed == []
     assert "9.9000" in sweep.table() and "<- val <- BIC" in sweep.table()
+
+
+@pytest.mark.parametrize("criterion", ["bic", "aic", "val_log_lik"])
+def test_select_model_ranks_a_non_finite_score_last(data, criterion):
+    """A model whose log p is +inf (BIC and AIC -inf) was select_model's best, as
+    sweep_models' had been."""
+    from mfa.metrics import select_model
+
+    train, val = data
+    models = {1: _Scored(math.inf, 1), 2: _Scored(-5.0, 2)}
+    result = select_model(train, [(1, 0), (2, 0)], lambda k, lat: models[k],
+                          criterion=criterion, validation=val)
+    assert result.best["K"] == 2 and result.best_model is models[2]
+    assert [r["K"] for r in result.rows] == [2, 1]
+
+
+def test_a_partial_sweep_keeps_its_marks_and_fit_seconds_time_the_fit_alone(data):
+    """The partial sweeps given to on_row shared their row dicts with the later ones, which
+    re-marked them (the first's best row lost its mark); and fit_seconds counted the scoring
+    passes after the fit (0.4 s for a fit of none here)."""
+    train, val = data
+    partials = []
+    sweep_models(train, val, [1, 2, 3], [0], lambda k, lat: _Scored({1: -9.0, 2: -5.0,
+                                                                      3: -7.0}[k], k),
+                 on_row=partials.append)
+    assert [p.best_by_val["K"] for p in partials] == [1, 2]
+    first = partials[0]
+    assert first.rows[0]["best_val"] and first.best_by_val is first.rows[0]
+    assert "<- val" in first.table().splitlines()[1]
+
+    class Slow(_Scored):
+        def log_prob(self, x):
+            time.sleep(0.1)
+            return super().log_prob(x)
+
+    sweep = sweep_models(train, val, [1], [0], lambda k, lat: Slow(-1.0))
+    assert sweep.rows[0]["fit_seconds"] < 0.1  # (the two scoring passes take 0.2 s)
