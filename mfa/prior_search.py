@@ -101,7 +101,14 @@ def warn_if_floored(stats: SufficientStatistics, floor: float, stacklevel: int =
     below the same rows rescaled, silently). Image rows in ``[0, 1]`` have variances near
     0.1."""
     largest = float(training_variance(stats).max())
-    if largest < FLOOR_MARGIN * floor:
+    if largest == 0.0:  # (one row, or identical rows: rescaling cannot help)
+        warnings.warn(
+            f"the training rows do not vary ({float(stats.mass.sum()):.6g} row(s), every "
+            "feature constant): every noise variance sits at the floor and the noise prior's "
+            "search has a single candidate, so held-out rows that differ score far below a "
+            "fit of varied rows. Train on rows that differ, or set noise_prior_variance",
+            RuntimeWarning, stacklevel=stacklevel)
+    elif largest < FLOOR_MARGIN * floor:
         warnings.warn(
             f"the training data's largest per-feature variance ({largest:.3g}) is below "
             f"{FLOOR_MARGIN:g}x the noise variances' floor ({floor:.3g}): the noise variances "

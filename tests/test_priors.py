@@ -732,6 +732,23 @@ def test_data_below_the_noise_floor_warns(trainer):
     assert "largest per-feature variance" in messages[0] and "(1e-06)" in messages[0]
 
 
+def test_training_rows_that_do_not_vary_are_named_not_told_to_rescale():
+    """One training row (or identical rows): the search grid has one point, the quantisation
+    variance, and held-out rows scored -4.9e6 nats against -24.5 with s0 = 0.5; the warning
+    said to rescale the data, which cannot help."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(21, 5, generator=g, dtype=torch.float64)
+    for train in (x[:1], x[:1].expand(4, 5)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            EMTrainer(EMConfig(max_iter=2, progress=False)).fit(
+                MixtureOfFactorAnalyzers(1, 5, 1, dtype=torch.float64), train, x[1:])
+        messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert any("the training rows do not vary" in m and "noise_prior_variance" in m
+                   for m in messages), messages
+        assert not any("Rescale the data" in m for m in messages)
+
+
 def test_golden_section_search_leaves_a_non_finite_weak_end(monkeypatch):
     """Where the weak priors' candidates score -inf (a non-finite M-step or score), the
     golden-section search moves toward the stronger priors and finds the finite peak (ties
