@@ -42,7 +42,8 @@ Resuming: with ``checkpoint_dir`` the root (``root.pt``), every finished child
 :func:`mfa.checkpoint.save_checkpoint` as they finish. A later :meth:`HierarchicalTrainer.fit`
 with the same folder, data and configuration loads them and continues at the first
 unfinished child; because every child is seeded from ``(seed, k)`` alone, the final model is
-the same as that of an uninterrupted run.
+the same as that of an uninterrupted run. Each file keeps its stage's history record
+(``HierarchicalTrainer.fitted`` once loaded), for a run whose own checkpoint missed it.
 """
 
 from __future__ import annotations
@@ -72,15 +73,8 @@ from mfa.model import MixtureOfFactorAnalyzers
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "HierarchicalConfig",
-    "HierarchicalTrainer",
-    "assign_rows",
-    "child_components",
-    "fit_hierarchical",
-    "flatten_hierarchy",
-    "total_components",
-]
+__all__ = ["HierarchicalConfig", "HierarchicalTrainer", "assign_rows", "child_components",
+           "fit_hierarchical", "flatten_hierarchy", "total_components"]
 
 #: Keys of a nested EMConfig that do not change the fitted parameters (ignored when a
 #: checkpoint folder is matched against the configuration; each stage's seed is derived from
@@ -253,6 +247,8 @@ class HierarchicalTrainer:
             per row of its own rows; ``None`` when kept, resumed or not trained),
             ``em_seconds`` (its EM iterations, without the initialisation) and ``seconds``
             (the whole stage).
+        fitted: ``(stage, component) → record`` of the stages loaded from ``checkpoint_dir``:
+            the record the session that fitted the stage wrote (``None`` in older files).
     """
 
     def __init__(self, config: HierarchicalConfig | None = None) -> None:
@@ -264,6 +260,7 @@ class HierarchicalTrainer:
         self.kept: Tensor | None = None
         self.model: MixtureOfFactorAnalyzers | None = None
         self.history: list[dict] = []
+        self.fitted: dict[tuple[str, int | None], dict | None] = {}
 
     def _fingerprint(self) -> dict:
         """The configuration as plain values, without the keys that do not change the fit."""
@@ -359,7 +356,7 @@ class HierarchicalTrainer:
         home, root_device, child_device = stage_devices(cfg, device, data)
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
         fingerprint = self._fingerprint()
-        self.history, self.children, self.model = [], [], None
+        self.history, self.children, self.model, self.fitted = [], [], None, {}
 
         # ---- root
         started = time.perf_counter()
@@ -369,6 +366,7 @@ class HierarchicalTrainer:
             self.root, state = saved
             self.root.to(root_device)
             saved_counts, trainer = state.get("counts"), None
+            self.fitted[("root", None)] = state.get("record")
         else:
             saved_counts, trainer = None, self._em(cfg.root_em, cfg.seed)
             root = self._start_root(root, n_features, dtype, home)
@@ -382,10 +380,11 @@ class HierarchicalTrainer:
                 f"{root_path} was fitted to other data: its rows per root component "
                 f"{saved_counts.tolist()} differ from this data's {self.counts.tolist()}"
             )
+        record["seconds"] = time.perf_counter() - started
         if root_path is not None and not record["resumed"] and distributed.is_main_process():
             save_checkpoint(root_path, self.root, trainer_state={
-                "config": fingerprint, "counts": self.counts, "n_rows": n_rows})
-        record["seconds"] = time.perf_counter() - started
+                "config": fingerprint, "counts": self.counts, "n_rows": n_rows,
+                "record": record})
         self._emit(record, callbacks)
 
         # ---- children, one after another
@@ -407,7 +406,7 @@ class HierarchicalTrainer:
                         f"rows, {found[2]} components), not that of component {k} ({rows_k} "
                         f"rows, {n_k or 1}): the folder's files were renamed or mixed; use it "
                         "as written or an empty checkpoint_dir")
-                resumed = True
+                resumed, self.fitted[("child", k)] = True, state.get("record")
             else:
                 resumed = False
                 if n_k == 0:
@@ -431,14 +430,15 @@ class HierarchicalTrainer:
                             f"{error}") from error
                     logger.info("child %d/%d: %d rows, %d components", k + 1,
                                 cfg.root_components, rows_k, n_k)
-                if path is not None and distributed.is_main_process():
-                    save_checkpoint(path, child, trainer_state={
-                        "config": fingerprint, "component": k, "rows": rows_k})
+            record = {"stage": "child", "component": k, "rows": rows_k,
+                      "n_components": child.n_components, "kept": n_k == 0,
+                      "resumed": resumed, **_summary(trainer),
+                      "seconds": time.perf_counter() - started}
+            if not resumed and path is not None and distributed.is_main_process():
+                save_checkpoint(path, child, trainer_state={
+                    "config": fingerprint, "component": k, "rows": rows_k, "record": record})
             self.children.append(child.to(child_device))
-            self._emit({"stage": "child", "component": k, "rows": rows_k,
-                        "n_components": child.n_components, "kept": n_k == 0,
-                        "resumed": resumed, **_summary(trainer),
-                        "seconds": time.perf_counter() - started}, callbacks)
+            self._emit(record, callbacks)
 
         # ---- flatten (and optionally a few EM iterations on the flat model)
         started = time.perf_counter()
@@ -448,18 +448,19 @@ class HierarchicalTrainer:
             self.model = saved[0]
             self.model.to(torch.device(cfg.final_em.device or child_device)
                           if cfg.final_em is not None else child_device)
-            resumed, trainer = True, None
+            resumed, trainer, self.fitted[("final", None)] = True, None, saved[1].get("record")
         else:
             resumed, trainer = False, None
             self.model = flatten_hierarchy(self.root, self.children)
             if cfg.final_em is not None:
                 trainer = self._em(cfg.final_em, cfg.seed)
                 trainer.fit(self.model, data, validation=validation)
-            if final_path is not None and distributed.is_main_process():
-                save_checkpoint(final_path, self.model, trainer_state={"config": fingerprint})
-        self._emit({"stage": "final", "rows": n_rows, "n_components": self.model.n_components,
-                    "resumed": resumed, **_summary(trainer),
-                    "seconds": time.perf_counter() - started}, callbacks)
+        record = {"stage": "final", "rows": n_rows, "n_components": self.model.n_components,
+                  "resumed": resumed, **_summary(trainer), "seconds": time.perf_counter() - started}
+        if not resumed and final_path is not None and distributed.is_main_process():
+            save_checkpoint(final_path, self.model, trainer_state={"config": fingerprint,
+                                                                   "record": record})
+        self._emit(record, callbacks)
         return self.model
 
     def _start_root(self, start: MixtureOfFactorAnalyzers | None, n_features: int,

@@ -84,7 +84,7 @@ class HierarchicalRunTrainer:
                    if isinstance(r, dict)}
 
         def on_stage(trainer: HierarchicalTrainer, record: dict) -> None:
-            self.history = _merged(trainer.history, earlier)
+            self.history = _merged(trainer.history, earlier, trainer.fitted)
             current = trainer.model if record["stage"] == "final" else trainer.root
             # After the root and each child: the checkpoint (and its train_seconds) covers
             # every finished stage, which a resume reuses from checkpoint_dir.
@@ -100,7 +100,7 @@ class HierarchicalRunTrainer:
         # On the model's device (the run's): a dataset (above STREAM_ABOVE) is not on one.
         flat = self.trainer.fit(data, validation, checkpoint_dir=checkpoint_dir,
                                 callbacks=[on_stage], device=model.device, root=start)
-        self.history = _merged(self.trainer.history, earlier)
+        self.history = _merged(self.trainer.history, earlier, self.trainer.fitted)
         self.finished = True
         if checkpoint_fn is not None:
             checkpoint_fn(self, flat)
@@ -124,13 +124,16 @@ class HierarchicalRunTrainer:
         self.finished = bool(state["finished"])
 
 
-def _merged(records: list[dict], earlier: dict) -> list[dict]:
+def _merged(records: list[dict], earlier: dict, fitted: dict | None = None) -> list[dict]:
     """A copy of ``records`` with each resumed stage's record replaced by the one an earlier
-    session wrote when it fitted that stage (``earlier``, by ``(stage, component)``; where it
-    has one of the same rows and components)."""
+    session wrote when it fitted that stage (``earlier``, by ``(stage, component)``, else
+    the record kept in the stage's file, ``fitted``: a run killed after a stage's file was
+    written but before its own checkpoint held the record; where it has one of the same rows
+    and components)."""
     out = []
     for record in records:
-        saved = earlier.get((record["stage"], record.get("component")))
+        key = (record["stage"], record.get("component"))
+        saved = earlier.get(key) or (fitted or {}).get(key)
         if record["resumed"] and saved is not None and all(
                 saved.get(key) == record[key] for key in ("rows", "n_components")):
             record = saved

@@ -109,6 +109,43 @@ def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tm
         assert saved["state"]["history"] == resumed.history  # (the last checkpoint's)
 
 
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+@pytest.mark.parametrize("killed_after", ["root.pt", "child-00001.pt", "model.pt"])
+def test_a_kill_between_a_stage_file_and_the_runs_checkpoint_keeps_its_record(
+        tmp_path, monkeypatch, killed_after):
+    """Killed after a stage's file was written but before the run's checkpoint held its
+    record: the resumed run's history read that stage as resumed, its log-likelihood None.
+    The stage file keeps the record now, and history.json is an uninterrupted run's."""
+    import mfa.hierarchical as hierarchical
+
+    x = _rows()
+    whole = HierarchicalRunTrainer(_config())
+    expected = whole.fit(_start(0), x, checkpoint_dir=tmp_path / "a")
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["state"] = trainer.state_dict()
+
+    write = hierarchical.save_checkpoint
+
+    def killed(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        if Path(path).name == killed_after:
+            raise Stop
+
+    monkeypatch.setattr(hierarchical, "save_checkpoint", killed)
+    with pytest.raises(Stop):
+        HierarchicalRunTrainer(_config()).fit(_start(0), x, checkpoint_fn=checkpoint,
+                                              checkpoint_dir=tmp_path / "b")
+    monkeypatch.setattr(hierarchical, "save_checkpoint", write)
+    resumed = HierarchicalRunTrainer(_config())
+    if "state" in saved:  # (killed after root.pt: the run had no checkpoint yet)
+        resumed.load_state_dict(saved["state"])
+    model = resumed.fit(_start(0), x, checkpoint_dir=tmp_path / "b")
+    assert _same(model, expected)
+    assert _values(resumed.history) == _values(whole.history)
+
+
 def test_a_finished_run_resumed_without_its_stage_files_fits_its_stages_again(tmp_path):
     """A finished run's model is the flattened one: passed as the root's start it was
     refused (its K is not the root's); the root is fitted again as before."""
