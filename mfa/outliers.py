@@ -277,6 +277,9 @@ class PatchBackground(nn.Module):
             generator=gen, dtype=train.dtype, device=train.device,
         )
         config = EMConfig(max_iter=max_iter, seed=seed, progress=False, stats_dtype="mixed")
+        if patches.shape[0] < n_components:  # (EM's own error read as the main model's)
+            raise ValueError(f"the patch background model of K={n_components} needs as many "
+                             f"{patch_size}x{patch_size} patches, got {patches.shape[0]}")
         logger.info("fitting the background model: K=%d on %d %d×%d patches (its EM's "
                     "info lines not shown)", n_components, patches.shape[0], patch_size,
                     patch_size)

@@ -184,12 +184,16 @@ def check_outlier_data(data: ImageData, other: ImageData, split: str = "test",
             ``other``'s images are images of ``data``'s split (some: a warning).
     """
     if tuple(other.image_shape) != tuple(data.image_shape):
+        # (resizing cannot change the channels: data.channels is the library's, not a key)
+        fix = ("resize it (e.g. data.image_size) or pick another dataset"
+               if other.image_shape[0] == data.image_shape[0] else
+               f"its channels differ, which resizing cannot change: pick a dataset of "
+               f"{data.image_shape[0]} channel(s), or compare in Python with "
+               f"load_dataset(..., channels={data.image_shape[0]})")
         raise ValueError(
             f"outlier evaluation needs images of one shape: the run's data {data.name} has "
             f"(C, H, W) = {tuple(data.image_shape)}, {other.name} has "
-            f"{tuple(other.image_shape)}; resize it (e.g. data.image_size) or pick another "
-            "dataset"
-        )
+            f"{tuple(other.image_shape)}; {fix}")
     for name, source in (("run's data", data), ("other data", other)):
         if source.pixels(split).shape[0] == 0:
             raise ValueError(f"the {split} split of the {name} {source.name} is empty")

@@ -771,6 +771,21 @@ def test_outlier_data_of_the_runs_training_images_is_refused():
         check_outlier_data(data, wider)
 
 
+def test_outlier_data_of_other_channels_is_told_resizing_cannot_help():
+    """A greyscale run against RGB images was told to resize them (data.image_size), which
+    cannot change the channels."""
+    from dataclasses import replace
+
+    from mfa.run_outliers import check_outlier_data
+
+    data = load_dataset("embedded-mnist", limit=20)
+    rgb = replace(data, image_shape=(3, 28, 28), **{
+        f"{split}_pixels": data.pixels(split).repeat(1, 3) for split in ("train", "val", "test")})
+    with pytest.raises(ValueError, match="its channels differ, which resizing cannot change: "
+                                         "pick a dataset of 1 channel"):
+        check_outlier_data(data, rgb)
+
+
 def test_outlier_data_sharing_some_images_warns():
     from mfa.run_outliers import check_outlier_data
 

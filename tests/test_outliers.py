@@ -284,6 +284,15 @@ def test_score_input_errors(image_model):
         OutlierScorer(object(), "neg_log_prob")
 
 
+def test_a_background_of_fewer_patches_than_components_is_named():
+    """Two 8x8 images in 4x4 patches are 8 patches: EM's error spoke of 'the kmeans
+    initialisation of K=16 components', read as the main model's."""
+    x = torch.rand(2, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the patch background model of K=16 needs as many "
+                                         "4x4 patches, got 8"):
+        PatchBackground.fit(x, (1, 8, 8), patch_size=4)
+
+
 def test_background_patch_side_fits_every_image_size():
     """The runs' likelihood-ratio score used 4×4 patches whatever the image size, so 15×15
     images failed (and `mfa evaluate --outliers-against` with them, which tries every
