@@ -318,12 +318,11 @@ class EMTrainer:
         converged = False
         prev_ll = state.previous_log_likelihood
         ll = prev_ll if prev_ll is not None else -math.inf
-        bar = training.progress_bar(
-            range(state.iteration, cfg.max_iter), cfg.progress and distributed.is_main_process(),
-            # (a re-seeding round read "EM run 3/1")
-            desc=(f"EM run {run + 1}/{cfg.n_init}" if run < cfg.n_init else
-                  f"EM re-seeding round {run - cfg.n_init + 1}/{cfg.reseed_rounds}"),
-            leave=False)
+        # (a re-seeding round read "EM run 3/1")
+        label = (f"EM run {run + 1}/{cfg.n_init}" if run < cfg.n_init else
+                 f"EM re-seeding round {run - cfg.n_init + 1}/{cfg.reseed_rounds}")
+        bar = training.progress_bar(range(state.iteration, cfg.max_iter), cfg.progress
+                                    and distributed.is_main_process(), desc=label, leave=False)
         # Resumed from the checkpoint of the iteration that stopped early: nothing left to do.
         stopped = ctx.early_stopping and state.stint_over(cfg.patience)
         exhausted = False  # (the loop ran to max_iter: not tol, patience or a search)
@@ -413,8 +412,8 @@ class EMTrainer:
         kept_best = best is not None and any(not torch.equal(best[k], current[k])
                                              for k in best)
         if exhausted and cfg.max_iter > 0 and not converged:  # (also when the best is kept:
-            warnings.warn(  # it was silent then)
-                f"EM stopped at max_iter={cfg.max_iter} before the log-likelihood gain fell "
+            warnings.warn(  # it was silent then; each restart and round its own, named)
+                f"{label}: stopped at max_iter={cfg.max_iter} before the log-likelihood gain fell "
                 f"below tol={cfg.tol}" + (" (or early stopping's patience ran out); the "
                                           "best-validation iteration's parameters are kept"
                                           if kept_best else ""),

@@ -212,10 +212,11 @@ def tempered_step(
             model.set_parameters(**_step_params(model, stats, replace(step_prior,
                                                                       noise_variance=s0),
                                                 variance_floor))
+    # (no standard error where the best did not beat the fit: "nan" read as a failure)
     logger.info("tempered step: T=%.4g, strength %g, s0 %.3g (best on validation: %.3g), "
-                "validation %.6g against %.6g, standard error %.3g (%s)", temperature,
-                strength, s0, best_s0, score, before, error,
-                "applied" if applied else "not applied")
+                "validation %.6g against %.6g, %s (%s)", temperature, strength, s0, best_s0,
+                score, before, f"standard error {error:.3g}" if math.isfinite(error) else
+                "no gain over the fit", "applied" if applied else "not applied")
     return TemperedStep(temperature, s0, score, before, error, applied, strength, best_s0)
 
 

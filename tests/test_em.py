@@ -471,6 +471,13 @@ def test_convergence_warning_at_max_iter(mixture_data):
         trainer.fit(model, x)
     assert not trainer.converged
     assert issubclass(ConvergenceWarning, UserWarning)
+    # one warning a restart, each naming its own (two identical lines read as one repeated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        EMTrainer(EMConfig(max_iter=2, tol=1e-12, progress=False, n_init=2, **PLAIN_EM)).fit(
+            MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64), x)
+    messages = [str(w.message) for w in caught if w.category is ConvergenceWarning]
+    assert [m.split(":")[0] for m in messages] == ["EM run 1/2", "EM run 2/2"], messages
 
 
 def test_no_warning_when_tol_is_met(mixture_data):

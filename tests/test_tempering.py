@@ -472,6 +472,22 @@ def test_the_tempered_steps_searches_log_below_info(caplog):
     assert any(r.name == "mfa.tempering" and r.levelno == 20 for r in caplog.records)
 
 
+def test_a_step_without_gain_logs_no_nan_standard_error(caplog):
+    """Where no candidate beat the fit there is no paired gain: its line read "standard
+    error nan", which looked like a numerical failure."""
+    x, val = _digits(n_train=300, n_val=100)
+    model = _strongly_regularised_fit(x, k=5)
+    source, validation = DataSource(x, model, 512), DataSource(val, model, 512)
+    with caplog.at_level("INFO", logger="mfa"):
+        result = tempering.tempered_step(
+            model, lambda t: EMTrainer.e_step(model, source, "float64", t), validation,
+            Prior(noise_strength=1.0, noise_variance=QUANTIZATION_VARIANCE), before=1e30,
+            lower=QUANTIZATION_VARIANCE, per_decade=4, variance_floor=1e-6)
+    assert not result.applied and math.isnan(result.standard_error)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "mfa.tempering"]
+    assert "no gain over the fit (not applied)" in line and "nan" not in line
+
+
 def test_the_background_models_fit_logs_one_line_at_info(caplog):
     """mfa outliers --score likelihood_ratio printed the background fit's EM and search
     lines as if they were the run model's."""
