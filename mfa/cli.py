@@ -327,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (--set and "
                    "--config may change only its iterations, checkpoints, progress, figures "
                    "and data location)")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures at the end")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures at the end "
+                   "(of this command only: it is not saved with the run, so a --resume draws "
+                   "them unless given --no-figures again)")
     p.set_defaults(func=cmd_train)
 
     p = command("sample", "a grid of samples as PNG")

@@ -275,6 +275,18 @@ def test_train_resume_of_a_finished_run_changes_nothing(run_dir, tmp_path):
     assert len(json.loads((copy / "history.json").read_text())) == ITERATIONS
 
 
+def test_no_figures_says_a_resume_does_not_keep_it():
+    """--no-figures is not saved with the run: a resume started without it drew every figure
+    and neither --help nor the README said so (a new-user review)."""
+    code, stdout, _ = run_cli("train", "--help")
+    assert code == 0
+    text = " ".join(stdout.split())
+    assert "not saved with the run, so a --resume draws them unless given --no-figures again" \
+        in text
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "so a `--resume` draws them unless given `--no-figures` again" in readme
+
+
 def test_train_resume_keeps_the_files_the_per_run_commands_wrote(run_dir, tmp_path):
     """A run trained without figures, then `mfa outliers` and `mfa sample` into its folder:
     `mfa train --resume` redrew samples.png and outliers.csv over them (the scores became
