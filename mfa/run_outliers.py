@@ -150,8 +150,10 @@ def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: Ima
     :func:`check_outlier_data` on them already.
 
     Returns:
-        ``{"against": other.name, "split", "n_in", "n_out", "default_score",
-        "<score>": {"auroc", "aupr"}, ...}``.
+        ``{"against": other.name, "split", "n_in", "n_out", "positive", "aupr_chance",
+        "default_score", "<score>": {"auroc", "aupr"}, ...}``: ``positive`` names the
+        positive class (``other``'s images, the outliers) and ``aupr_chance`` is the AUPR of
+        a random score, the positives' share ``n_out / (n_in + n_out)`` (AUROC's is 0.5).
 
     Raises:
         ValueError: the two image shapes differ, ``other`` is read on another scale
@@ -160,16 +162,21 @@ def outlier_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, other: Ima
     """
     names = (check_outlier_data(data, other, split, scores) if not checked
              else [get_score(s).name for s in scores])
-    result: dict = {"against": other.name, "split": split,
-                    "n_in": int(data.pixels(split).shape[0]),
-                    "n_out": int(other.pixels(split).shape[0]), "default_score": DEFAULT_SCORE}
+    n_in, n_out = int(data.pixels(split).shape[0]), int(other.pixels(split).shape[0])
+    # (an AUPR of 1.0 against 10,000 outliers and 500 own images was read as a feat: chance
+    # is 0.952 there, and nothing said which class was positive)
+    result: dict = {"against": other.name, "split": split, "n_in": n_in, "n_out": n_out,
+                    "positive": f"{other.name} (the outliers)",
+                    "aupr_chance": n_out / (n_in + n_out), "default_score": DEFAULT_SCORE}
     for name in names:
         scorer = make_scorer(model, data, name, seed=seed)
         metrics = evaluate_outliers(score_split(scorer, data, split),
                                     score_split(scorer, other, split))
         result[name] = {"auroc": metrics["auroc"], "aupr": metrics["aupr"]}
-        logger.info("outliers %s vs %s by %s: AUROC %.4f, AUPR %.4f", data.name, other.name,
-                    name, metrics["auroc"], metrics["aupr"])
+        logger.info("outliers %s vs %s by %s: AUROC %.4f (chance 0.5), AUPR %.4f (chance "
+                    "%.4f: positives are the %d %s images)", data.name, other.name, name,
+                    metrics["auroc"], metrics["aupr"], result["aupr_chance"], n_out,
+                    other.name)
     return result
 
 

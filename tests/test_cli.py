@@ -685,6 +685,10 @@ def test_evaluate_outliers_against_another_dataset(run_dir, tmp_path, test_split
     assert report["against"] == "folder" and report["split"] == "test"
     assert (report["n_in"], report["n_out"]) == (LIMIT, 20)
     assert report["default_score"] == "complexity"
+    # which class is positive, and AUPR's chance level (the positives' share: an AUPR of 1.0
+    # against 10,000 outliers and 500 own images, chance 0.952, was read as a feat)
+    assert report["positive"] == "folder (the outliers)"
+    assert report["aupr_chance"] == pytest.approx(20 / (LIMIT + 20))
     model = load_checkpoint(run_dir / "checkpoint.pt").model
     other = load_dataset("folder", pngs, test_fraction=0.5)
     train_rows = load_dataset("embedded-mnist", limit=LIMIT).train
@@ -698,6 +702,20 @@ def test_evaluate_outliers_against_another_dataset(run_dir, tmp_path, test_split
                                                      abs=1e-12)
     # Uniform noise is far from any digit: raw -log p already separates it perfectly.
     assert report["neg_log_prob"]["auroc"] == 1.0
+
+
+def test_outlier_metrics_log_the_positive_class_and_chance(caplog):
+    from mfa.run_outliers import outlier_metrics
+
+    data = load_dataset("embedded-mnist", limit=30)
+    other = load_dataset("embedded-mnist", limit=10)  # (checked=True: not refused as own)
+    torch.manual_seed(0)
+    model = MixtureOfFactorAnalyzers(2, data.n_features, 1)
+    with caplog.at_level("INFO", logger="mfa"):
+        result = outlier_metrics(model, data, other, scores=["neg_log_prob"], checked=True)
+    assert result["aupr_chance"] == pytest.approx(10 / 40)
+    assert "AUPR" in caplog.text and "(chance 0.2500: positives are the 10 embedded-mnist images)" \
+        in caplog.text
 
 
 def test_evaluate_outliers_against_refuses_what_it_cannot_compare(run_dir, tmp_path):
