@@ -75,6 +75,25 @@ UniqueKeyLoader.add_constructor(_INT_TAG, _construct_int)
 UniqueKeyLoader.add_constructor(_FLOAT_TAG, _construct_float)
 
 
+# The configs of a source checkout's configs/ folder (the README's `--config configs/...`).
+SHIPPED_CONFIGS = ("celeba", "embedded-mnist", "fashion-mnist", "mnist", "svhn")
+
+
+def _shipped_hint(path: Path) -> str:
+    """What to do when a missing config is one of the checkout's ``configs/<name>.yaml``
+    (the README's commands, run outside the checkout, said only that it did not exist)."""
+    if path.parent.name != "configs" or path.stem not in SHIPPED_CONFIGS:
+        return ""
+    checkout = Path(__file__).resolve().parent.parent / "configs" / path.name
+    where = ("" if path.is_absolute() else f" (a path relative to the current folder, "
+             f"{Path.cwd()})")
+    full = (f", e.g. --config {checkout}" if checkout.is_file() and checkout != path.resolve()
+            else "")
+    return (f"{where}: the shipped configs live in the source checkout's configs/ folder "
+            "(only embedded-mnist, the default of `mfa train`, ships inside the package); "
+            f"run from the checkout or give the full path{full}")
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The mapping a YAML config file holds (``{}`` for an empty file).
 
@@ -87,7 +106,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         raise IsADirectoryError(f"config file {path} is a folder, not a YAML file (a run "
                                 "folder's config is its config.yaml)")
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+        raise FileNotFoundError(f"config file {path} does not exist{_shipped_hint(path)}")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except UnicodeDecodeError as error:

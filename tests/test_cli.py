@@ -947,6 +947,23 @@ def test_evaluate_out_takes_a_folder_and_keeps_an_existing_file(run_dir, tmp_pat
 # ---------------------------------------------------------------------------- bad input
 
 
+def test_a_shipped_config_missing_outside_the_checkout_says_where_they_are(tmp_path,
+                                                                         monkeypatch):
+    """The README's `mfa train --config configs/fashion-mnist.yaml`, run outside the checkout,
+    said only that the file did not exist."""
+    from mfa.config_text import SHIPPED_CONFIGS
+
+    assert sorted(SHIPPED_CONFIGS) == sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run_cli("train", "--config", "configs/fashion-mnist.yaml")
+    assert code == 2
+    assert "config file configs/fashion-mnist.yaml does not exist" in stderr
+    assert "the shipped configs live in the source checkout's configs/ folder" in stderr
+    assert f"--config {ROOT / 'configs' / 'fashion-mnist.yaml'}" in stderr
+    code, _, stderr = run_cli("train", "--config", "configs/mine.yaml")  # not a shipped one
+    assert code == 2 and "shipped" not in stderr
+
+
 def test_unknown_config_key_is_refused(tmp_path):
     code, stdout, stderr = run_cli("train", "--config", CONFIG,
                                    *set_args(*TINY, f"output.dir={tmp_path}",
