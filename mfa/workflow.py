@@ -255,7 +255,7 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
         try:  # (K-means needs K rows: checked before the run folder is made)
             rows = min(data.sizes["train"], getattr(trainer_config, "init_samples", math.inf))
             if getattr(trainer_config, "init", "none") != "none" and mc.n_components > rows:
-                raise ValueError(f"its initialisation gets {rows} training images")
+                raise ValueError(_too_few_rows(config, data.sizes["train"], rows))
             model = MixtureOfFactorAnalyzers(
                 mc.n_components, data.n_features, mc.n_factors, mc.noise, min_noise=mc.min_noise,
                 generator=torch.Generator().manual_seed(config.seed), device=device)
@@ -283,6 +283,19 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     train_data = _remove_pixels(config, data, train_data, "train")
     val_data = _remove_pixels(config, data, val_data, "val")
     return _Setup(device, data, model, trainer, train_data, val_data)
+
+
+def _too_few_rows(config: RunConfig, n_train: int, rows: int) -> str:
+    """K above the rows K-means reads: what caps them, and the setting that changes it (the
+    error said only "its initialisation gets 4000 training images")."""
+    key, limit = f"train.{config.train.method}.init_samples", config.data.limit
+    if rows < n_train:
+        return (f"K must be at most the training images its initialisation reads, {key}="
+                f"{rows} of {n_train}: lower model.n_components or raise {key}")
+    more = "raise data.limit" if limit is not None else "train on more images"
+    return (f"K must be at most the training images its initialisation reads, the training "
+            f"split's {rows}" + (f" (data.limit={limit})" if limit is not None else "")
+            + f": lower model.n_components or {more}")
 
 
 def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | None,

@@ -699,10 +699,16 @@ def test_a_finished_em_run_refuses_more_iterations(em_run):
     (["model.n_factors=1000"], ValueError,
      r"model\.n_factors=1000\) does not fit the data embedded-mnist with 784 features"),
     # (K-means failed after the folder was announced, then made and removed)
+    # (it said "its initialisation gets 300 training images", not what to change)
     (["model.n_components=500", "data.limit=300"], ValueError,
-     r"model\.n_components=500, .* initialisation gets 300 training images"),
+     r"model\.n_components=500, .* K must be at most the training images its initialisation "
+     r"reads, the training split's 300 \(data\.limit=300\): lower model\.n_components or "
+     r"raise data\.limit"),
     (["model.n_components=50", "train.em.init_samples=40"], ValueError,
-     r"initialisation gets 40 training images"),
+     r"initialisation reads, train\.em\.init_samples=40 of 300: lower model\.n_components "
+     r"or raise train\.em\.init_samples"),
+    (["model.n_components=50", "train.method=sgd", "train.sgd.init_samples=40"], ValueError,
+     r"train\.sgd\.init_samples=40 of 300: .* raise train\.sgd\.init_samples"),
     (["data.name=folder", "data.root=/nonexistent/images"], OSError, r"/nonexistent/images"),
     (["device=cuda"], ValueError, r"device 'cuda' asks for CUDA"),
     (["train.em.device=cuda:0"], ValueError, r"train\.em\.device: device 'cuda:0' asks for"),
