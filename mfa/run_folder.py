@@ -205,13 +205,17 @@ def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
 
     ``output.dir/output.name`` when a name is given (``exist_ok`` as in ``Path.mkdir``);
     otherwise the next free numbered folder ``output.dir/NNN-<data.name>`` (one more than the
-    highest number there), e.g. ``runs/001-embedded-mnist``. Safe against two runs starting
-    at once: creation is retried with the next number if the folder appeared meanwhile.
+    highest number there), e.g. ``runs/001-embedded-mnist``; two runs started at once take
+    two numbers.
     """
     parent = Path(config.output.dir).expanduser()
     if parent.exists() and not parent.is_dir():
         raise NotADirectoryError(f"output.dir {parent} is a file, not a folder for run folders")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:  # (it said "[Errno 2] No such file or directory: '/proc/foo'", naming no setting)
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise type(error)(f"output.dir {parent} cannot be made ({error.strerror}): set "
+                          "output.dir to a folder you can write, --set output.dir=DIR") from None
     if config.output.name is not None:
         run_dir = parent / config.output.name
         try:

@@ -964,6 +964,16 @@ def test_a_shipped_config_missing_outside_the_checkout_says_where_they_are(tmp_p
     assert code == 2 and "shipped" not in stderr
 
 
+def test_an_output_dir_that_cannot_be_made_is_named(tmp_path):
+    """--set output.dir=/proc/foo said only "[Errno 2] No such file or directory"."""
+    (tmp_path / "afile").write_text("")
+    code, _, stderr = run_cli("train", "--config", CONFIG, "--no-figures",
+                              *set_args(*TINY, f"output.dir={tmp_path / 'afile' / 'runs'}"))
+    assert code == 2
+    assert f"output.dir {tmp_path / 'afile' / 'runs'} cannot be made" in stderr
+    assert "--set output.dir=DIR" in stderr
+
+
 def test_unknown_config_key_is_refused(tmp_path):
     code, stdout, stderr = run_cli("train", "--config", CONFIG,
                                    *set_args(*TINY, f"output.dir={tmp_path}",
