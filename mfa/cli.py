@@ -145,6 +145,14 @@ def cmd_inpaint(args) -> int:
            else run_io.default_out(args.checkpoint, f"inpaint-{mask}.png"))
     out, if_exists = run_io.output(out, args, args.out and "-o")
     data = load(config)
+    if mask == "image":  # (PIL's "cannot identify image file 'dup.yaml'" named no option)
+        from mfa.masks import make_mask
+
+        try:
+            make_mask("image", data.image_shape, 1, mask_image=mask_image)
+        except (OSError, ValueError) as error:
+            given = "--mask-image" if args.mask_image else "the run's output.mask_image"
+            raise SystemExit(f"error: {given}: {error}") from None
     out = inpaint(model, data, out, mask=mask, n=run_io.from_run(args.n, config, "n_inpaint", 8),
                   n_samples=run_io.from_run(args.samples, config, "inpaint_samples", 3),
                   split=args.split, seed=run_io.from_run(args.seed, config, "seed", 0),

@@ -40,7 +40,11 @@ def check_output(output, image_shape, n_components: int | None = None,
     for n, nrow in grids:
         viz.check_figure_size(*viz.grid_size(n, nrow, height, width), output.image_scale)
     if output.n_inpaint and "image" in output.inpaint_masks:
-        require_hidden(make_mask("image", image_shape, 1, mask_image=output.mask_image), "image")
+        try:  # (the error named the file, not the setting that gave it)
+            mask = make_mask("image", image_shape, 1, mask_image=output.mask_image)
+        except (OSError, ValueError) as error:
+            raise type(error)(f"output.mask_image: {error}") from None
+        require_hidden(mask, "image")
 
 
 def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,

@@ -52,7 +52,7 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
     levels below half the format's range (128 of 8-bit, 32,768 of 16-bit) are hidden. A
     picture in an integer mode (``"I"``, ``"I;16"``: a 16-bit PNG, or 8-bit levels converted
     to one) is read as 8-bit when every level is at most 255, else as 16-bit."""
-    from PIL import Image  # only this mask kind needs an imaging library
+    from PIL import Image, UnidentifiedImageError  # only this mask kind needs PIL
 
     if isinstance(mask_image, (str, os.PathLike)):
         path = Path(mask_image).expanduser()
@@ -60,9 +60,13 @@ def _load_mask_image(mask_image: object, h: int, w: int) -> Tensor:
             raise FileNotFoundError(f"mask image {path} "
                                     + ("is a folder, not an image file" if path.is_dir()
                                        else "does not exist"))
-        with Image.open(path) as opened:
-            opened.load()
-            picture = opened.copy()
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                picture = opened.copy()
+        except UnidentifiedImageError:  # (PIL's "cannot identify image file 'dup.yaml'")
+            raise UnidentifiedImageError(f"mask image {path} is not an image file: give a "
+                                         "PNG (black = hidden)") from None
     elif isinstance(mask_image, Image.Image):
         picture = mask_image
     else:

@@ -533,6 +533,22 @@ def test_inpaint_image_mask_without_a_file_fails_clearly(run_dir, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_mask_image_that_is_no_image_names_its_option(run_dir, tmp_path):
+    """`--mask-image dup.yaml` said only PIL's "cannot identify image file 'dup.yaml'"."""
+    (tmp_path / "dup.yaml").write_text("model: {}\n")
+    code, _, stderr = run_cli("inpaint", run_dir, "--mask-image", tmp_path / "dup.yaml",
+                              "-o", tmp_path / "x.png")
+    assert code == 2 and not (tmp_path / "x.png").exists()
+    assert f"error: --mask-image: mask image {tmp_path / 'dup.yaml'} is not an image file: " \
+        "give a PNG" in stderr
+    code, _, stderr = run_cli("train", "--config", CONFIG, "--no-figures",
+                              *set_args(*TINY, f"output.dir={tmp_path / 'runs'}",
+                                        f"output.mask_image={tmp_path / 'dup.yaml'}",
+                                        "output.inpaint_masks=[image]"))
+    assert code == 2 and not (tmp_path / "runs").exists()
+    assert "error: output.mask_image: mask image" in stderr and "is not an image file" in stderr
+
+
 # ---------------------------------------------------------------------------- mfa outliers
 
 
