@@ -31,6 +31,8 @@ def cmd_train(args) -> int:
     for text, option in ((args.resume, "--resume"), (args.config, "--config")):
         if text is not None:  # ("" was taken for none: --resume "$UNSET" trained a new run)
             run_io.given_path(text, option)
+    if args.resume is not None:  # (`--resume runs` said "runs/checkpoint.pt does not exist")
+        run_io.run_checkpoint(args.resume)
     # A new run's config, read before the process group (whose backend follows its device).
     config = (load_config(args.config or DEFAULT_CONFIG, overrides=args.set or [])
               if args.config or not args.resume else None)
@@ -97,9 +99,9 @@ def _train(args, config, main: bool) -> int:
 
 def cmd_sample(args) -> int:
     from mfa.checkpoint import load_checkpoint
-    from mfa.workflow import resolve_checkpoint, sample
+    from mfa.workflow import sample
 
-    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    ckpt = load_checkpoint(run_io.run_checkpoint(args.checkpoint))
     run_io.warn_unfinished(ckpt, args.checkpoint)
     recorded = (ckpt.metrics or {}).get("image_shape")
     if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):
@@ -261,9 +263,9 @@ def cmd_select(args) -> int:
 
 def cmd_visualize(args) -> int:
     from mfa.checkpoint import load_checkpoint
-    from mfa.workflow import resolve_checkpoint, visualize
+    from mfa.workflow import visualize
 
-    ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    ckpt = load_checkpoint(run_io.run_checkpoint(args.checkpoint))
     run_io.warn_unfinished(ckpt, args.checkpoint)
     recorded = (ckpt.metrics or {}).get("image_shape")
     if args.image_shape and recorded and tuple(args.image_shape) != tuple(recorded):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 __all__ = [
     "IMAGE_SUFFIXES", "data_only", "default_out", "device", "from_run", "image_out",
-    "load_run", "output", "same_split", "scale", "warn_unfinished",
+    "load_run", "output", "run_checkpoint", "same_split", "scale", "warn_unfinished",
 ]
 
 
@@ -40,13 +40,32 @@ def warn_unfinished(ckpt, checkpoint: str) -> None:
               f"ended): this uses its last checkpoint's model; {how}", file=sys.stderr)
 
 
+def run_checkpoint(checkpoint: str) -> Path:
+    """A per-run command's ``checkpoint`` argument → its checkpoint file. A folder that is not
+    a run folder (no ``checkpoint.pt`` and no ``config.yaml``), such as ``runs`` itself, is
+    refused naming the run folders it holds (it said "checkpoint runs/checkpoint.pt does not
+    exist")."""
+    from mfa.run_folder import CHECKPOINT_NAME, resolve_checkpoint
+
+    folder = Path(checkpoint)
+    if (not folder.is_dir() or (folder / CHECKPOINT_NAME).exists()
+            or (folder / "config.yaml").exists()):  # (a run stopped before its first one)
+        return resolve_checkpoint(checkpoint)
+    runs = sorted(p for p in folder.iterdir() if (p / CHECKPOINT_NAME).is_file())
+    held = (f"it holds {len(runs)} run folder{'s' * (len(runs) > 1)}: give one, e.g. "
+            + " or ".join(str(p) for p in runs[-2:]) if runs
+            else "give a run folder (e.g. runs/001-embedded-mnist) or a checkpoint file")
+    raise SystemExit(f"error: {checkpoint} is not a run folder (it has no {CHECKPOINT_NAME}); "
+                     + held)
+
+
 def load_run(checkpoint: str, overrides: list[str]):
     from mfa.checkpoint import load_checkpoint
     from mfa.config import apply_overrides
-    from mfa.workflow import check_same_pools, load_data, resolve_checkpoint
+    from mfa.workflow import check_same_pools, load_data
 
     data_only(overrides, "--set")
-    ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    ckpt = load_checkpoint(run_checkpoint(checkpoint))
     warn_unfinished(ckpt, checkpoint)
     if ckpt.run_config is None:
         raise SystemExit(f"error: {checkpoint} holds no run config; cannot tell which data to use")

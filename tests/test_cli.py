@@ -1116,6 +1116,23 @@ def test_missing_checkpoint(tmp_path, command):
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: c[0])
+def test_the_parent_of_run_folders_is_not_taken_for_one(run_dir, tmp_path, command):
+    """`mfa sample runs` said "checkpoint runs/checkpoint.pt does not exist"."""
+    for name in ("001-a", "002-b", "003-c"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        shutil.copy(run_dir / "checkpoint.pt", tmp_path / "runs" / name)
+    (tmp_path / "runs" / "select-x").mkdir()  # (no checkpoint: not a run folder)
+    code, _, stderr = run_cli(*command, tmp_path / "runs")
+    assert code == 2
+    assert stderr.startswith(f"error: {tmp_path / 'runs'} is not a run folder (it has no "
+                             "checkpoint.pt); it holds 3 run folders: give one, e.g. "
+                             f"{tmp_path / 'runs' / '002-b'} or {tmp_path / 'runs' / '003-c'}")
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = run_cli(*command, tmp_path / "empty")
+    assert code == 2 and "is not a run folder" in stderr and "or a checkpoint file" in stderr
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: c[0])
 def test_corrupted_checkpoint(tmp_path, command):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(os.urandom(64) + b"not a checkpoint")
