@@ -980,6 +980,16 @@ def test_a_shipped_config_missing_outside_the_checkout_says_where_they_are(tmp_p
     assert code == 2 and "shipped" not in stderr
 
 
+def test_the_readme_says_how_celeba_yaml_runs_on_the_cpu():
+    """configs/celeba.yaml asks for CUDA, while the README said everything runs on the CPU:
+    on a CPU machine its first error was about CUDA, not the missing data."""
+    assert load_config(ROOT / "configs" / "celeba.yaml").device == "cuda"
+    assert load_config(ROOT / "configs" / "celeba.yaml", ["device=cpu"]).device == "cpu"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`celeba.yaml` sets `device: cuda`" in readme
+    assert "add `--set device=cpu` to train it on the CPU" in readme
+
+
 def test_an_output_dir_that_cannot_be_made_is_named(tmp_path):
     """--set output.dir=/proc/foo said only "[Errno 2] No such file or directory"."""
     (tmp_path / "afile").write_text("")
