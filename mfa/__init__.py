@@ -3,6 +3,7 @@
 The public API is re-exported here; see the README for a tour.
 """
 
+from mfa.checkpoint import load_checkpoint
 from mfa.em import ConvergenceWarning, EMConfig, EMTrainer
 from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer, fit_hierarchical
 from mfa.inference import (
@@ -58,6 +59,7 @@ __all__ = [
     "fit_hierarchical",
     "inpaint",
     "kmeans",
+    "load_checkpoint",
     "marginal",
     "mean_log_likelihood",
     "n_parameters",

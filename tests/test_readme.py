@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from mfa import cli
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -16,11 +18,18 @@ def _python_blocks() -> list[str]:
 @pytest.mark.filterwarnings("ignore::mfa.em.ConvergenceWarning")
 def test_readme_python_examples_run(tmp_path, monkeypatch):
     blocks = _python_blocks()
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for block in blocks:  # the second block reuses the first one's imports
+    for block in blocks[:2]:  # the second block reuses the first one's imports
         exec(compile(block, str(README), "exec"), namespace)
+    # the third loads the run that `mfa train` writes (here a small one) into runs/
+    assert cli.main(["train", "--no-figures", *[arg for o in (
+        "model.n_components=3", "train.em.max_iter=2", "train.em.progress=false",
+        "data.limit=300", "device=cpu") for arg in ("--set", o)]]) == 0
+    exec(compile(blocks[2], str(README), "exec"), namespace)
+    assert namespace["model"].n_components == 3
+    assert namespace["images"].shape == (16, 1, 28, 28)
     assert namespace["log_p"].shape == (500,)
     assert namespace["filled"].shape == (500, 8)
     assert namespace["posterior"].n_features == 5
