@@ -46,3 +46,17 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 def test_readme_images_exist():
     for link in re.findall(r"\]\((docs/[^)]+\.png)\)", README.read_text()):
         assert (README.parent / link).is_file(), link
+
+
+def test_readme_says_the_library_and_the_configs_differ_in_adams_schedule():
+    """SGDConfig's schedule is "constant", every YAML config's "cosine": the README said only
+    the configs' value (a user's SGDTrainer(SGDConfig()) did not train as `mfa train`)."""
+    from mfa import SGDConfig
+    from mfa.config import load_config
+
+    assert SGDConfig().schedule == "constant"
+    for path in (README.parent / "configs").glob("*.yaml"):
+        assert load_config(path).train.sgd.schedule == "cosine", path
+    text = " ".join(README.read_text().split())
+    assert ("The library's `SGDConfig` keeps a constant learning rate (`schedule=\"constant\"`) "
+            "while every config in `configs/` sets `schedule: cosine`") in text
