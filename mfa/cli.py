@@ -304,24 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[verbose], help=summary)
 
-    def overwrite_flag(p):
-        p.add_argument("--overwrite", action="store_true", help="replace existing output "
-                       "files (else a default name moves on to name-2, …, and a path given "
-                       "is refused)")
+    def overwrite_flag(p, text="replace existing output files (else a default name moves "
+                       "on to name-2, …, and a path given is refused)"):
+        p.add_argument("--overwrite", action="store_true", help=text)
 
     def device_option(p):
         p.add_argument("--device", help="where to compute: cpu, cuda, cuda:1, auto (default: "
                        "the run's own device setting, where training drew its figures)")
 
     run_nrow = "images per row (default: the run's output.grid_nrow)"
+    checkpoint_help = "a run folder (e.g. runs/001-embedded-mnist) or a checkpoint file"
+    image_shape = ("channels, height and width of the images, for a checkpoint that does not "
+                   "record them (default: the run's)")
 
-    def with_run(p, needs_data=True, seeded=True, seed=None):
-        p.add_argument("checkpoint", help="a run folder or a checkpoint file")
+    def with_run(p, needs_data=True, seeded=True, seed=None, seeds=""):
+        p.add_argument("checkpoint", help=checkpoint_help)
         device_option(p)
         if seeded:  # (visualize draws nothing at random: it offered --seed and ignored it)
             p.add_argument("--seed", type=non_negative_int, default=seed,
-                           help="default: " + ("the run's seed, as its figures" if seed is None
-                                               else str(seed)))
+                           help=f"seeds {seeds} (default: " + (
+                               "the run's seed, as its figures)" if seed is None
+                               else f"{seed})"))
         p.add_argument("--scale", type=positive_int, help="upscaling of saved images "
                        "(default: the run's output.image_scale, as its own figures)")
         overwrite_flag(p)
@@ -334,16 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one value, e.g. train.em.max_iter=5 (repeatable)")
-    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (--set and "
-                   "--config may change only its iterations, checkpoints, progress, figures "
-                   "and data location)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run; a finished "
+                   "one is only evaluated and its figures drawn again, under new names (--set "
+                   "and --config may change only its iterations, checkpoints, progress, "
+                   "figures and data location)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end "
                    "(of this command only: it is not saved with the run, so a --resume draws "
                    "them unless given --no-figures again)")
     p.set_defaults(func=cmd_train)
 
     p = command("sample", "a grid of samples as PNG")
-    with_run(p, needs_data=False)
+    with_run(p, needs_data=False, seeds="the samples")
     p.add_argument("-n", type=positive_int,
                    help="samples (default: the run's output.n_samples, else 64)")
     p.add_argument("--nrow", type=positive_int, help=run_nrow)
@@ -351,12 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row of --nrow samples per component, by weight")
     p.add_argument("--no-noise", action="store_true",
                    help="draw mu_k + A_k z without the per-pixel noise (smoother images)")
-    p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                   help=image_shape)
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_sample)
 
     p = command("inpaint", "original | masked | conditional mean | samples")
-    with_run(p)
+    with_run(p, seeds="the random masks and the conditional samples")
     p.add_argument("--mask", choices=MASK_KINDS, help="default: center (image with --mask-image)")
     p.add_argument("--mask-image", help="PNG mask (black = hidden); implies --mask image")
     p.add_argument("--fraction", type=fraction,
@@ -371,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inpaint)
 
     p = command("outliers", "rank a split by an outlier score: grid + CSV")
-    with_run(p, seed=0)  # (the run's outlier figure is drawn with seed 0)
+    with_run(p, seed=0,  # (the run's outlier figure is drawn with seed 0)
+             seeds="the training images a score's background model is fitted on")
     p.add_argument("--score", choices=SCORE_NAMES, metavar="NAME",
                    help="outlier score, higher = more outlying: %(choices)s (default: "
                    "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
@@ -383,12 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_outliers)
 
     p = command("evaluate", "held-out log-likelihood, bits/dim, NDB")
-    p.add_argument("checkpoint")
-    p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"))
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"),
+                   help="the splits to score (default: test)")
     p.add_argument("--ndb-bins", type=non_negative_int, default=0,
-                   help="NDB with this many bins (0: off)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+                   help="NDB with this many bins (default: 0, off)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seeds NDB's samples and "
+                   "the outlier scores' background model (default: 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the run's data settings, e.g. data.root=/data")
     p.add_argument("--outliers-against", metavar="DATASET", type=dataset_name,
                    help="AUROC/AUPR of every outlier score: the run's test split against "
                    f"this dataset's ({', '.join(DATASET_NAMES)}; same image shape)")
@@ -401,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", help="also write the JSON here (a file, or a folder for "
                    "evaluation.json)")
     device_option(p)
-    overwrite_flag(p)
+    overwrite_flag(p, "replace an existing -o file (else it is refused)")
     p.set_defaults(func=cmd_evaluate)
 
     p = command("select", "train one model per (K, L) and compare them: "
@@ -425,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=int, nargs="+",
                    help="default: the first output.n_factor_components of the run")
     p.add_argument("--factor-scale", type=finite, default=2.0, help="c in μ ± c·A_i")
-    p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
+                   help=image_shape)
     p.add_argument("-o", "--out")
     p.set_defaults(func=cmd_visualize)
     return parser

@@ -287,6 +287,33 @@ def test_no_figures_says_a_resume_does_not_keep_it():
     assert "so a `--resume` draws them unless given `--no-figures` again" in readme
 
 
+def help_of(command: str) -> str:
+    code, stdout, _ = run_cli(command, "--help")
+    assert code == 0
+    return " ".join(stdout.split())
+
+
+def test_help_explains_every_option_it_was_missing():
+    """A new-user review: --seed, --image-shape and the checkpoint positional had no help (or
+    only a default), --ndb-bins did not say its default, evaluate --overwrite spoke of a
+    default name that evaluate does not have, --resume did not say it takes a finished run."""
+    for command in ("sample", "inpaint", "outliers", "evaluate", "visualize"):
+        text = help_of(command)
+        assert "checkpoint a run folder (e.g. runs/001-embedded-mnist) or a checkpoint file" \
+            in text, command
+        if command != "visualize":
+            assert re.search(r"--seed SEED seeds \S", text), command
+    for command in ("sample", "visualize"):
+        assert "--image-shape C H W channels, height and width of the images" in help_of(
+            command)
+    text = help_of("evaluate")
+    assert "--ndb-bins NDB_BINS NDB with this many bins (default: 0, off)" in text
+    assert "--overwrite replace an existing -o file (else it is refused)" in text
+    assert "default name" not in text
+    assert ("continue an interrupted run; a finished one is only evaluated and its figures "
+            "drawn again, under new names") in help_of("train")
+
+
 def test_train_resume_keeps_the_files_the_per_run_commands_wrote(run_dir, tmp_path):
     """A run trained without figures, then `mfa outliers` and `mfa sample` into its folder:
     `mfa train --resume` redrew samples.png and outliers.csv over them (the scores became
