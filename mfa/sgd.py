@@ -389,9 +389,8 @@ class SGDTrainer:
                 epoch_start = training.clone_params(model)
                 started = time.perf_counter()
                 total, seen, lr = 0.0, 0, optimizer.param_groups[0]["lr"]
-                # The plain Woodbury loss is cheaper, but its gradients were 30-90x off for a
-                # float32 component with a noise variance far below its loadings', and its loss
-                # biased on sharp fits (_terms.SHARP_LOSS_LIMIT); checked per epoch.
+                # The plain Woodbury loss is cheaper, but its gradients were 30-90x off (float32, a
+                # noise far below its loadings') and its loss biased on sharp fits; per epoch.
                 a, d = model.factor_loadings, model.noise_variance
                 exact = (bool(ill_conditioned(a, d).any())
                          or woodbury_rounding(a, d) > SHARP_LOSS_LIMIT)
@@ -402,10 +401,7 @@ class SGDTrainer:
                              else linalg.logsumexp(model._component_log_prob(batch, exact=exact)))
                     # −mean log p over the global batch (gradients added across processes).
                     nll, rows = distributed.backward_mean(-log_p, model.parameters())
-                    if rows == 0:
-                        # A batch of no rows on every process (a single process skips its own
-                        # empty batch earlier): no step, no schedule step, no reference (a
-                        # momentum step on zero gradients moved the parameters).
+                    if rows == 0:  # no rows on any process: no (momentum) step, no reference
                         continue
                     loss = nll
                     if n_train is not None:  # the priors' penalty: global, the same everywhere
