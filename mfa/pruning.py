@@ -84,31 +84,50 @@ def removal_gains(log_joint: Tensor, weights: Tensor, keep: Tensor) -> Tensor:
         raise ValueError("keep marks no component: removal gains need a mixture to remove from")
     if int(keep.sum()) == 1:  # the last component is every row's only support
         return torch.full_like(weights, float("-inf"))
-    kept = log_joint[:, keep]  # [N, K']
-    total = torch.logsumexp(kept, dim=1, keepdim=True)  # [N, 1]
+    per_row, _ = _row_terms(log_joint[:, keep])
+    gains = torch.full_like(weights, float("-inf"))
+    gains[keep] = per_row.mean(0) - _weight_terms(weights, keep)
+    return gains
+
+
+def _row_terms(kept: Tensor) -> tuple[Tensor, Tensor]:
+    """``log(1 − r_k(x))`` ``[n, K']`` of the log-joints ``kept`` ``[n, K']`` of the kept
+    components, and each row's ``log Σ_k exp ℓ_k`` ``[n]``."""
+    total = torch.logsumexp(kept, dim=1, keepdim=True)  # [n, 1]
     # log(1 − r_k(x)): log1p is exact where r ≤ ½; a row's top component (r up to 1, where
     # 1 − r cancels) takes log Σ_{j≠k} exp ℓ_j − log Σ_j exp ℓ_j instead.
-    per_row = torch.log1p(-(kept - total).exp().clamp(max=1.0))  # [N, K']
-    top = kept.argmax(dim=1, keepdim=True)  # [N, 1]
+    per_row = torch.log1p(-(kept - total).exp().clamp(max=1.0))  # [n, K']
+    top = kept.argmax(dim=1, keepdim=True)  # [n, 1]
     others = kept.scatter(1, top, float("-inf"))
     per_row.scatter_(1, top, torch.logsumexp(others, dim=1, keepdim=True) - total)
+    return per_row, total.squeeze(1)
+
+
+def _weight_terms(weights: Tensor, keep: Tensor) -> Tensor:
+    """``log(1 − w_k)`` ``[K']`` of the kept components' renormalised weights."""
     w = weights[keep] / weights[keep].sum()  # [K']
-    # log(1 − w_k) likewise: the largest weight (up to 1 − 1e-16, where 1 − w rounds to 0)
-    # takes the log of the others' sum.
+    # log(1 − w_k): the largest weight (up to 1 − 1e-16, where 1 − w rounds to 0) takes the
+    # log of the others' sum.
     rest = torch.log1p(-w.clamp(max=1.0))  # [K']
     heaviest = int(w.argmax())
     rest[heaviest] = torch.cat([w[:heaviest], w[heaviest + 1:]]).sum().log()
-    gains = torch.full_like(weights, float("-inf"))
-    gains[keep] = per_row.mean(0) - rest
-    return gains
+    return rest
+
+
+#: A removed component's responsibility for a row below ``exp(UNMOVED_LOG_SHARE)`` (1e-20)
+#: leaves that row's terms as they were: its log-density moves by less than that, far below
+#: the rounding of a log-density (a float64 ulp of 1 is 2.2e-16).
+UNMOVED_LOG_SHARE = -46.0
 
 
 def harmful_components(
     model: MixtureOfFactorAnalyzers, validation, batch_size: int = 4096
 ) -> list[int]:
     """The components whose removal raises the mean validation log-likelihood, removed one
-    at a time (the largest gain first, gains recomputed after each) until none raises it;
-    at least one component always stays. Deterministic.
+    at a time (the largest gain first, gains recomputed after each: on the rows the removed
+    component had a share of, the others' terms being unmoved) until none raises it; at
+    least one component always stays. Deterministic. Cost ``O(N·K)`` a removal for the
+    gains' mean plus ``O(N_k·K)`` for the ``N_k`` rows recomputed.
 
     Returns:
         The component indices in the order they were removed (empty: none hurts).
@@ -117,13 +136,24 @@ def harmful_components(
     weights = model.weights.detach().to(log_joint)
     keep = torch.ones(model.n_components, dtype=torch.bool, device=log_joint.device)
     removed: list[int] = []
+    # The gains of removal_gains, kept up to date: after a removal only the rows the removed
+    # component had a share of (UNMOVED_LOG_SHARE) change. Recomputing every row after each
+    # removal cost O(N·K) a removal: 83 ms at K = 3,000 on 500 rows, 2.5 minutes for a round
+    # that removed 2,700 components.
+    per_row, total = _row_terms(log_joint)  # [N, K] (columns of removed ones: stale), [N]
     while int(keep.sum()) > 1:
-        gains = removal_gains(log_joint, weights, keep)
+        gains = torch.full_like(weights, float("-inf"))
+        gains[keep] = per_row.mean(0)[keep] - _weight_terms(weights, keep)
         best = int(gains.argmax())
         if not bool(gains[best] > 0):
             break
+        moved = ((log_joint[:, best] - total) > UNMOVED_LOG_SHARE).nonzero().squeeze(-1)
         keep[best] = False
         removed.append(best)
+        if moved.numel():
+            columns = keep.nonzero().squeeze(-1)
+            terms, total[moved] = _row_terms(log_joint[moved][:, columns])
+            per_row[moved.unsqueeze(-1), columns] = terms
     return removed
 
 
