@@ -148,14 +148,15 @@ def count_rows(train) -> int | None:
     if isinstance(train, DataLoader) and train.batch_size is None:
         # A batch_sampler of the user's: its own sampler draws the rows (the loader's
         # `sampler` is then a default one over the whole dataset, which counted a process's
-        # BatchSampler(ShardSampler(...)) as every row, twice over two processes); another
-        # kind of batch sampler's rows are unknown here (the start's pass counts them).
+        # BatchSampler(ShardSampler(...)) as every row, twice over two processes); a list of
+        # index lists, its indices; another kind, the dataset's rows (as before).
         batches = train.batch_sampler
         if isinstance(batches, BatchSampler) and not isinstance(train.dataset,
                                                                 IterableDataset):
             with contextlib.suppress(TypeError):
                 return len(batches.sampler)
-        return None
+        if isinstance(batches, (list, tuple)):
+            return sum(len(b) for b in batches)
     sampler = getattr(train, "sampler", None)  # a DataLoader's: the rows it draws an epoch
     if sampler is not None and not isinstance(train.dataset, IterableDataset):
         with contextlib.suppress(TypeError):

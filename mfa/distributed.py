@@ -375,7 +375,14 @@ def _row_tensor(item) -> Tensor | None:
 
 
 def _same(a: Tensor, b: Tensor | None) -> bool:
-    return b is not None and a.shape == b.shape and bool(torch.equal(a, b))
+    """Equal, NaN where the other is NaN (a row with missing entries read twice is the same
+    row: taken for noise per read, it let per-process datasets that differ through)."""
+    if b is None or a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        nan = a.isnan()
+        return bool(torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan]))
+    return bool(torch.equal(a, b))
 
 
 def _check_fingerprint(n: int, rows: list[Tensor] | None, name: str, advice: str) -> None:

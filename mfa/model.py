@@ -456,8 +456,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
 
         Args:
             x: ``[N, D]``; observed: bool ``[N, D]``; generator: on the model's device
-                (the same seed gives the same samples for the same ``chunk_elements``: the
-                draws are made chunk by chunk).
+                (the same seed gives the same samples for the same ``chunk_elements`` and
+                library version: the draws are made chunk by chunk, whose size changed in
+                2026-12 to count the gathered loadings).
 
         Returns:
             ``[N, D]``.

@@ -192,11 +192,14 @@ def check_outlier_data(data: ImageData, other: ImageData, split: str = "test",
     """
     if tuple(other.image_shape) != tuple(data.image_shape):
         # (resizing cannot change the channels: data.channels is the library's, not a key)
-        fix = ("resize it (e.g. data.image_size) or pick another dataset"
-               if other.image_shape[0] == data.image_shape[0] else
-               f"its channels differ, which resizing cannot change: pick a dataset of "
-               f"{data.image_shape[0]} channel(s), or compare in Python with "
-               f"load_dataset(..., channels={data.image_shape[0]})")
+        fix = "resize it (e.g. data.image_size) or pick another dataset"
+        if other.image_shape[0] != data.image_shape[0]:
+            fix = (f"its channels differ, which resizing cannot change: pick a dataset of "
+                   f"{data.image_shape[0]} channel(s)"
+                   + (f", or compare in Python with load_dataset(..., channels="
+                      f"{data.image_shape[0]})" if other.name in ("folder", "celeba") else "")
+                   + ("; its size differs too: resize it (e.g. data.image_size)"
+                      if tuple(other.image_shape[1:]) != tuple(data.image_shape[1:]) else ""))
         raise ValueError(
             f"outlier evaluation needs images of one shape: the run's data {data.name} has "
             f"(C, H, W) = {tuple(data.image_shape)}, {other.name} has "

@@ -855,8 +855,18 @@ def test_outlier_data_of_other_channels_is_told_resizing_cannot_help():
     rgb = replace(data, image_shape=(3, 28, 28), **{
         f"{split}_pixels": data.pixels(split).repeat(1, 3) for split in ("train", "val", "test")})
     with pytest.raises(ValueError, match="its channels differ, which resizing cannot change: "
-                                         "pick a dataset of 1 channel"):
+                                         r"pick a dataset of 1 channel\(s\)$"):
         check_outlier_data(data, rgb)
+    # load_dataset(channels=...) offered only where the other dataset takes it, and the
+    # resize advice kept where the size differs too (an RGB run against MNIST was offered
+    # channels=3, which MNIST refuses)
+    folder = replace(rgb, name="folder")
+    with pytest.raises(ValueError, match=r"1 channel\(s\), or compare in Python with "
+                                         r"load_dataset\(\.\.\., channels=1\)$"):
+        check_outlier_data(data, folder)
+    with pytest.raises(ValueError, match=r"pick a dataset of 3 channel\(s\); its size differs "
+                                         r"too: resize it \(e\.g\. data\.image_size\)$"):
+        check_outlier_data(replace(rgb, image_shape=(3, 14, 56)), data)
 
 
 def test_outlier_data_sharing_some_images_warns():

@@ -307,6 +307,26 @@ def test_a_flat_folder_with_an_unusable_cache_dir_names_cache_dir(tmp_path, monk
     assert blocked.read_text() == "not a folder"
 
 
+def test_an_unreadable_source_file_inside_cache_dir_is_not_blamed_on_cache_dir(
+        tmp_path, monkeypatch):
+    """The default data root lies inside the default cache dir: an unreadable source file
+    there (simulated: root may read anything) was told to make cache_dir writable."""
+    cache = tmp_path / "cache"
+    flat = cache / "datasets" / "flat"
+    write_mnist(flat, compress=True)
+    real_open = gzip.open
+
+    def denied(path, *args, **kwargs):
+        if Path(path).parent == flat:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(mnist_source.gzip, "open", denied)
+    with pytest.raises(PermissionError, match="Permission denied") as err:
+        load_dataset("fashion-mnist", flat, cache_dir=cache)
+    assert "cache_dir" not in str(err.value) and str(flat) in str(err.value)
+
+
 def test_fashion_mnist_default_root_falls_back_to_debian_folder(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     tr, trl, te, tel = write_mnist(debian, compress=True, seed=3)

@@ -331,6 +331,18 @@ def _read_flipped(rows, seed: int) -> int:
                                               _model(), 8, "data", shard=True))
 
 
+def _check_own_rows(x, rank: int, nan_row: int) -> str:
+    """check_same_dataset of a Dataset of this process's own 10 rows, one NaN in row
+    ``nan_row``: "refused" or "accepted"."""
+    rows = x[10 * rank:10 * (rank + 1)].clone()
+    rows[nan_row, 1] = float("nan")
+    try:
+        distributed.check_same_dataset(TensorDataset(rows), "the DataLoader's Dataset")
+    except ValueError:
+        return "refused"
+    return "accepted"
+
+
 def _stack_dicts(items):
     return torch.stack([item["x"] for item in items])
 
@@ -430,6 +442,9 @@ def _edges_job(rank: int) -> dict:
         # one process and not on the other, and refused as another Dataset (5 of 8 seeds)
         "flipped_rows": lambda: [_read_flipped(x[:40], 100 * seed + rank)
                                  for seed in range(8)],
+        # each process its own rows, with a missing entry (NaN) in a compared row: NaN != NaN
+        # took them for rows noisy per read, and the Datasets that differ passed
+        "own_rows_with_nan": lambda: [_check_own_rows(x, rank, nan_row) for nan_row in (0, 5)],
         # a NaN at item 200: rank 1 named "batch 1, row 18" of its shard, no item (a pass
         # over the shards, without the fit's collectives, which rank 0 alone would enter)
         "nan_item": lambda: len(list(DataSource(TensorDataset(torch.cat(
@@ -637,6 +652,11 @@ def test_a_loader_over_each_processs_own_rows_is_refused(edges):
             kind, message = rank[case]
             assert kind == "ValueError", (case, message)
             assert "the DataLoader's Dataset differs between the processes" in message
+
+
+def test_datasets_of_each_processs_own_rows_with_missing_entries_are_refused(edges):
+    for rank in edges:
+        assert rank["own_rows_with_nan"] == ("ok", ["refused", "refused"])
 
 
 def test_a_dataset_noisy_per_read_or_of_dicts_is_one_dataset(edges):

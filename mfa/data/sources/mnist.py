@@ -129,7 +129,9 @@ def _unusable_cache(key: str, source: Path, mirror: Path, cache_dir: Path,
     """Raise ``err`` as an error naming ``cache_dir`` and how to choose another, where it is
     the cache that failed (a bare NotADirectoryError or PermissionError escaped); an error
     reading ``source``'s own files is re-raised as it is."""
-    if err.filename is not None and not os.fspath(err.filename).startswith(str(cache_dir)):
+    # (the source's folder, not a string prefix of cache_dir: the default data root lies
+    # inside the default cache dir, and an unreadable source file was blamed on the cache)
+    if err.filename is not None and Path(os.fspath(err.filename)).is_relative_to(source):
         raise err
     raise OSError(
         f"{key}: the idx files in {source} are read from an extracted copy in cache_dir, but "
