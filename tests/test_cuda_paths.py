@@ -258,6 +258,56 @@ def test_float32_adam_step_on_cuda_matches_cpu():
                                    atol=1e-4)
 
 
+def _with_missing(x: torch.Tensor, rate: float = 0.1, seed: int = 4) -> torch.Tensor:
+    """``x`` with a seeded ``rate`` of its entries NaN (missing), no row wholly missing."""
+    hidden = torch.rand(x.shape, generator=gen(seed)) < rate
+    hidden[:, 0] = False
+    return x.masked_fill(hidden.to(x.device), float("nan"))
+
+
+def test_em_and_adam_with_missing_entries_on_cuda_match_cpu():
+    """The observed-data E-step (mfa.missing: per-row observed sets, its float64 products)
+    and Adam's observed-data loss, float64, from one start: the same fit on both devices."""
+    x = _with_missing(_image_like(n=600, dtype=F64))
+    start = random_model(3, 24, 2, seed=5)
+    em, adam = [], []
+    for device in ("cpu", DEVICE):
+        model = copy.deepcopy(start)
+        trainer = _em(model, x.to(device), device, missing="allow")
+        em.append((model.cpu(), [h["train_log_likelihood"] for h in trainer.history]))
+        model = copy.deepcopy(start)
+        SGDTrainer(SGDConfig(epochs=2, batch_size=200, lr=1e-2, init="none", patience=0,
+                             missing="allow", progress=False, device=device)).fit(
+            model, x.to(device))
+        adam.append(model.cpu())
+    (cpu, cpu_ll), (cuda, cuda_ll) = em
+    assert cuda_ll == pytest.approx(cpu_ll, rel=1e-9)
+    for fitted_cpu, fitted_cuda in ((cpu, cuda), tuple(adam)):
+        for name, value in fitted_cpu.state_dict().items():
+            torch.testing.assert_close(fitted_cuda.state_dict()[name], value, rtol=1e-6,
+                                       atol=1e-9)
+
+
+def test_float32_e_step_with_an_ill_conditioned_component_on_cuda_matches_float64():
+    """A float32 model with one noise variance at 1e-9 under loadings of size 1: that
+    component's share of the E-step is taken in float64 (mfa.exact_components, index_add_
+    into the chunk's sums), on CUDA as on the CPU, in every mode."""
+    from helpers import heywood_float32_models
+
+    from mfa._data_stream import DataSource
+    from mfa.e_step import streamed_e_step
+
+    m32, m64, x = heywood_float32_models(4)
+    ref = streamed_e_step(m64, DataSource(x.double(), m64, 512), "float64")
+    on_device = _on(m32)
+    for mode in ("float64", "centred", "mixed", "float32"):
+        got = streamed_e_step(on_device, DataSource(x.to(DEVICE), on_device, 512), mode)
+        for name in ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz", "log_likelihood"):
+            value, expected = getattr(got, name).cpu(), getattr(ref, name)
+            error = (value - expected).abs().max() / expected.abs().max()
+            assert error < 1e-5, (mode, name, error.item())
+
+
 # ---------------------------------------------------------------------- inference
 
 
