@@ -75,11 +75,9 @@ class Stop(RuntimeError):
     pass
 
 
-@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
-def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tmp_path):
-    """The resumed trainer restored the saved history, then fit replaced it with the new
-    session's records: the stages fitted before the stop read train_log_likelihood None and
-    em_seconds 0. Now the history (history.json) is that of an uninterrupted run."""
+def _uninterrupted(tmp_path):
+    """The rows, an uninterrupted run's trainer and model (its stage files in ``a``), and a
+    ``checkpoint_fn`` that keeps the last state it is given in the dict returned with it."""
     x = _rows()
     whole = HierarchicalRunTrainer(_config())
     expected = whole.fit(_start(0), x, checkpoint_dir=tmp_path / "a")
@@ -87,6 +85,16 @@ def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tm
 
     def checkpoint(trainer, model):
         saved["state"] = trainer.state_dict()
+
+    return x, whole, expected, saved, checkpoint
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tmp_path):
+    """The resumed trainer restored the saved history, then fit replaced it with the new
+    session's records: the stages fitted before the stop read train_log_likelihood None and
+    em_seconds 0. Now the history (history.json) is that of an uninterrupted run."""
+    x, whole, expected, saved, checkpoint = _uninterrupted(tmp_path)
 
     def stop(trainer, model, record):
         if record.get("component") == 0:
@@ -118,14 +126,7 @@ def test_a_kill_between_a_stage_file_and_the_runs_checkpoint_keeps_its_record(
     The stage file keeps the record now, and history.json is an uninterrupted run's."""
     import mfa.hierarchical as hierarchical
 
-    x = _rows()
-    whole = HierarchicalRunTrainer(_config())
-    expected = whole.fit(_start(0), x, checkpoint_dir=tmp_path / "a")
-    saved = {}
-
-    def checkpoint(trainer, model):
-        saved["state"] = trainer.state_dict()
-
+    x, whole, expected, saved, checkpoint = _uninterrupted(tmp_path)
     write = hierarchical.save_checkpoint
 
     def killed(path, *args, **kwargs):
