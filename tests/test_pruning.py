@@ -222,3 +222,24 @@ def test_harmful_components_equal_the_greedy_removal_recomputed_from_every_row(s
         model.logits.copy_(weights.log().to(model.logits))
     monkeypatch.setattr(pruning, "validation_log_joint", lambda *args: log_joint.clone())
     assert harmful_components(model, torch.zeros(1, 2)) == want
+
+
+def test_a_removal_that_moves_only_the_top_components_term_is_recomputed(monkeypatch):
+    """Row 0 has A on top and B 50 nats below, C nowhere; C holds the other rows. Removing B
+    barely moves row 0's density but takes most of what its top's term rests on (the others'
+    density): that row was left stale, and A was removed next, leaving row 0 no support
+    (mean log-likelihood -inf, where the greedy removal of B alone gives -1.690)."""
+    import mfa.pruning as pruning
+
+    weights = torch.tensor([0.45, 0.45, 0.10], dtype=F64)
+    for c0 in (float("-inf"), -1000.0):
+        log_joint = torch.full((100, 3), -100.0, dtype=F64)
+        log_joint[:, 2] = 0.0
+        log_joint[0] = torch.tensor([0.0, -50.0, c0], dtype=F64)
+        log_joint += weights.log()
+        assert _greedy(log_joint, weights) == [1]
+        model = random_model(3, 2, 0, seed=0)
+        with torch.no_grad():
+            model.logits.copy_(weights.log().to(model.logits))
+        monkeypatch.setattr(pruning, "validation_log_joint", lambda *args, lj=log_joint: lj.clone())
+        assert harmful_components(model, torch.zeros(1, 2)) == [1]
