@@ -134,9 +134,11 @@ def drop_saved_weight_decay(optimizer: torch.optim.Optimizer) -> None:
         group["weight_decay"] = 0.0
 
 
-def count_rows(train) -> int | None:
+def count_rows(train, dataset_if_unknown: bool = False) -> int | None:
     """Rows of the training data (for the prior penalty's ``1/N``); ``None`` when its
-    length is unknown (an iterable of batches, an unsized ``IterableDataset``)."""
+    length is unknown (an iterable of batches, an unsized ``IterableDataset``, a DataLoader's
+    batch sampler of another kind than ``BatchSampler`` or a list: with
+    ``dataset_if_unknown``, where no pass will count them, its dataset's length)."""
     if isinstance(train, (Tensor, QuantizedRows)):
         return train.shape[0]
     if isinstance(train, Dataset):
@@ -149,7 +151,8 @@ def count_rows(train) -> int | None:
         # A batch_sampler of the user's: its own sampler draws the rows (the loader's
         # `sampler` is then a default one over the whole dataset, which counted a process's
         # BatchSampler(ShardSampler(...)) as every row, twice over two processes); a list of
-        # index lists, its indices; another kind, the dataset's rows (as before).
+        # index lists, its indices; another kind: the rows the start's pass reads (it may
+        # draw a subset or a shard), else the dataset's.
         batches = train.batch_sampler
         if isinstance(batches, BatchSampler) and not isinstance(train.dataset,
                                                                 IterableDataset):
@@ -157,6 +160,8 @@ def count_rows(train) -> int | None:
                 return len(batches.sampler)
         if isinstance(batches, (list, tuple)):
             return sum(len(b) for b in batches)
+        if not dataset_if_unknown:
+            return None
     sampler = getattr(train, "sampler", None)  # a DataLoader's: the rows it draws an epoch
     if sampler is not None and not isinstance(train.dataset, IterableDataset):
         with contextlib.suppress(TypeError):

@@ -32,7 +32,7 @@ def cmd_train(args) -> int:
         if text is not None:  # ("" was taken for none: --resume "$UNSET" trained a new run)
             run_io.given_path(text, option)
     if args.resume is not None:  # (`--resume runs` said "runs/checkpoint.pt does not exist")
-        run_io.run_checkpoint(args.resume)
+        run_io.run_checkpoint(args.resume, resume=True)
     # A new run's config, read before the process group (whose backend follows its device).
     config = (load_config(args.config or DEFAULT_CONFIG, overrides=args.set or [])
               if args.config or not args.resume else None)

@@ -40,21 +40,24 @@ def warn_unfinished(ckpt, checkpoint: str) -> None:
               f"ended): this uses its last checkpoint's model; {how}", file=sys.stderr)
 
 
-def run_checkpoint(checkpoint: str) -> Path:
+def run_checkpoint(checkpoint: str, resume: bool = False) -> Path:
     """A per-run command's ``checkpoint`` argument → its checkpoint file. A folder that is not
     a run folder (no ``checkpoint.pt`` and no ``config.yaml``), such as ``runs`` itself, is
     refused naming the run folders it holds (it said "checkpoint runs/checkpoint.pt does not
-    exist")."""
+    exist"); for ``--resume`` (``resume``) also those stopped before their first checkpoint,
+    and no checkpoint file (``--resume`` takes none)."""
     from mfa.run_folder import CHECKPOINT_NAME, resolve_checkpoint
 
     folder = Path(checkpoint)
     if (not folder.is_dir() or (folder / CHECKPOINT_NAME).exists()
             or (folder / "config.yaml").exists()):  # (a run stopped before its first one)
         return resolve_checkpoint(checkpoint)
-    runs = sorted(p for p in folder.iterdir() if (p / CHECKPOINT_NAME).is_file())
+    marks = (CHECKPOINT_NAME, "config.yaml") if resume else (CHECKPOINT_NAME,)
+    runs = sorted(p for p in folder.iterdir() if any((p / m).is_file() for m in marks))
     held = (f"it holds {len(runs)} run folder{'s' * (len(runs) > 1)}: give one, e.g. "
             + " or ".join(str(p) for p in runs[-2:]) if runs
-            else "give a run folder (e.g. runs/001-embedded-mnist) or a checkpoint file")
+            else "give a run folder (e.g. runs/001-embedded-mnist)"
+            + ("" if resume else " or a checkpoint file"))
     raise SystemExit(f"error: {checkpoint} is not a run folder (it has no {CHECKPOINT_NAME}); "
                      + held)
 

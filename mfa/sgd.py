@@ -290,9 +290,9 @@ class SGDTrainer:
             steps_per_epoch = steps_per_epoch or 1
         # The penalty's 1/N: the data's length, else the rows the start's pass reads.
         needs_rows = not Prior.from_config(cfg, 1.0).is_flat  # (whatever s₀ is)
-        n_train = count_rows(train) if needs_rows else None
-        if needs_rows and n_train is None and self._resume is None and not any(
-                self._passes_at_start(val_source is not None)):
+        passes = self._resume is not None or any(self._passes_at_start(val_source is not None))
+        n_train = count_rows(train, dataset_if_unknown=not passes) if needs_rows else None
+        if needs_rows and n_train is None and not passes:
             raise unknown_rows(train)
         optimizer = make_adam(list(model.parameters()), cfg.lr)
         if cfg.schedule == "cosine":

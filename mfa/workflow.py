@@ -289,12 +289,13 @@ def _too_few_rows(config: RunConfig, n_train: int, rows: int) -> str:
     """K above the rows K-means reads: what caps them, and the setting that changes it (the
     error said only "its initialisation gets 4000 training images")."""
     key, limit = f"train.{config.train.method}.init_samples", config.data.limit
-    if rows < n_train:
+    if config.model.n_components <= n_train:  # (then init_samples is the cap)
         return (f"K must be at most the training images its initialisation reads, {key}="
                 f"{rows} of {n_train}: lower model.n_components or raise {key}")
-    more = "raise data.limit" if limit is not None else "train on more images"
+    # (raising data.limit helps only where it binds: it caps each split's images)
+    more = "raise data.limit" if limit is not None and limit <= n_train else "train on more images"
     return (f"K must be at most the training images its initialisation reads, the training "
-            f"split's {rows}" + (f" (data.limit={limit})" if limit is not None else "")
+            f"split's {n_train}" + (f" (data.limit={limit})" if limit is not None else "")
             + f": lower model.n_components or {more}")
 
 

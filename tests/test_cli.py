@@ -1176,7 +1176,23 @@ def test_the_parent_of_run_folders_is_not_taken_for_one(run_dir, tmp_path, comma
                              f"{tmp_path / 'runs' / '002-b'} or {tmp_path / 'runs' / '003-c'}")
     (tmp_path / "empty").mkdir()
     code, _, stderr = run_cli(*command, tmp_path / "empty")
-    assert code == 2 and "is not a run folder" in stderr and "or a checkpoint file" in stderr
+    assert code == 2 and "is not a run folder" in stderr
+    assert ("or a checkpoint file" in stderr) is (command[0] != "train")  # (--resume: none)
+
+
+def test_resume_of_the_parent_of_run_folders_names_those_it_can_resume(run_dir, tmp_path):
+    """--resume takes no checkpoint file, and a run stopped before its first checkpoint
+    (config.yaml only) can be resumed: the message offered the first and not the second."""
+    (tmp_path / "runs" / "001-killed").mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", tmp_path / "runs" / "001-killed")
+    code, _, stderr = run_cli("train", "--resume", tmp_path / "runs")
+    assert code == 2 and stderr.startswith(
+        f"error: {tmp_path / 'runs'} is not a run folder (it has no checkpoint.pt); it holds 1 "
+        f"run folder: give one, e.g. {tmp_path / 'runs' / '001-killed'}")
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = run_cli("train", "--resume", tmp_path / "empty")
+    assert code == 2 and "give a run folder (e.g. runs/001-embedded-mnist)\n" in stderr + "\n"
+    assert "checkpoint file" not in stderr
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS, ids=lambda c: c[0])

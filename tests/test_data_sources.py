@@ -325,6 +325,13 @@ def test_an_unreadable_source_file_inside_cache_dir_is_not_blamed_on_cache_dir(
     with pytest.raises(PermissionError, match="Permission denied") as err:
         load_dataset("fashion-mnist", flat, cache_dir=cache)
     assert "cache_dir" not in str(err.value) and str(flat) in str(err.value)
+    # ... while a cache_dir inside the source folder that cannot be used is still named
+    monkeypatch.setattr(mnist_source.gzip, "open", real_open)
+    inside = flat / "cache"
+    inside.mkdir()
+    (inside / "idx").write_text("a file in the way")
+    with pytest.raises(OSError, match=f"make cache_dir \\({inside}\\) a writable folder"):
+        load_dataset("fashion-mnist", flat, cache_dir=inside)
 
 
 def test_fashion_mnist_default_root_falls_back_to_debian_folder(tmp_path, monkeypatch):

@@ -542,18 +542,20 @@ def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
     # A batch_sampler's own sampler draws the rows (the loader's `sampler` is then a
     # default one over every row: 400 were counted), with drop_last too (the prior's
     # rows are the data's, as for batch_size with drop_last); a list of index lists counts
-    # its indices, and another kind of batch sampler the dataset's rows (it raised when it
-    # was taken for unknown).
+    # its indices; another kind of batch sampler's rows are the start's pass's (it may draw a
+    # subset: 400 were counted for 100), else the dataset's (Adam raised without a pass).
     for drop_last in (False, True):
         batches = BatchSampler(SubsetRandomSampler(range(100)), 30, drop_last)
         assert count_rows(DataLoader(data, batch_sampler=batches)) == 100
     assert count_rows(DataLoader(data, batch_sampler=[[0, 1], [2, 3, 4]])) == 5
 
-    class Pairs(torch.utils.data.Sampler):  # another kind: the dataset's rows, as before
-        def __iter__(self):
+    class Pairs(torch.utils.data.Sampler):  # another kind: the start's pass counts them,
+        def __iter__(self):  # else (no pass) the dataset's rows
             return iter([[0, 1], [2, 3]])
 
-    assert count_rows(DataLoader(data, batch_sampler=Pairs())) == len(train)
+    assert count_rows(DataLoader(data, batch_sampler=Pairs())) is None
+    assert count_rows(DataLoader(data, batch_sampler=Pairs()), dataset_if_unknown=True) == len(
+        train)
 
 
 def test_prior_penalty_counts_rows_not_batches_of_a_loader_without_batching(small):

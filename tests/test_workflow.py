@@ -709,6 +709,14 @@ def test_a_finished_em_run_refuses_more_iterations(em_run):
      r"or raise train\.em\.init_samples"),
     (["model.n_components=50", "train.method=sgd", "train.sgd.init_samples=40"], ValueError,
      r"train\.sgd\.init_samples=40 of 300: .* raise train\.sgd\.init_samples"),
+    # raising init_samples cannot help above the training images, nor data.limit where it
+    # does not bind (the embedded digits' train split has 4,000)
+    (["model.n_components=500", "data.limit=300", "train.em.init_samples=40"], ValueError,
+     r"the training split's 300 \(data\.limit=300\): lower model\.n_components or raise "
+     r"data\.limit$"),
+    (["model.n_components=4200", "data.limit=4500"], ValueError,
+     r"the training split's 4000 \(data\.limit=4500\): lower model\.n_components or train "
+     r"on more images$"),
     (["data.name=folder", "data.root=/nonexistent/images"], OSError, r"/nonexistent/images"),
     (["device=cuda"], ValueError, r"device 'cuda' asks for CUDA"),
     (["train.em.device=cuda:0"], ValueError, r"train\.em\.device: device 'cuda:0' asks for"),

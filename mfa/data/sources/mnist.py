@@ -130,8 +130,11 @@ def _unusable_cache(key: str, source: Path, mirror: Path, cache_dir: Path,
     the cache that failed (a bare NotADirectoryError or PermissionError escaped); an error
     reading ``source``'s own files is re-raised as it is."""
     # (the source's folder, not a string prefix of cache_dir: the default data root lies
-    # inside the default cache dir, and an unreadable source file was blamed on the cache)
-    if err.filename is not None and Path(os.fspath(err.filename)).is_relative_to(source):
+    # inside the default cache dir, and an unreadable source file was blamed on the cache;
+    # the copies' folder, cache_dir and its parents first: they may lie inside the source's)
+    where = None if err.filename is None else Path(os.fspath(err.filename))
+    if (where is not None and where.is_relative_to(source)
+            and not where.is_relative_to(mirror.parent) and not cache_dir.is_relative_to(where)):
         raise err
     raise OSError(
         f"{key}: the idx files in {source} are read from an extracted copy in cache_dir, but "
