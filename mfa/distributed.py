@@ -342,19 +342,16 @@ def check_same_rows(rows, name: str) -> None:
 def check_same_dataset(dataset, name: str) -> None:
     """Refuse a DataLoader's map-style ``dataset`` that is not the same on every process, as
     :func:`check_same_rows` does a tensor: a loader over the whole Dataset is re-made over
-    each process's shard of it, so per-process loaders over each process's own rows (not
-    through a ``ShardSampler``) dropped half of every process's rows, silently (270 of 540
-    rows read on 2 processes)."""
+    each process's shard, so loaders over each process's own rows (not through a
+    ``ShardSampler``) dropped half of every process's rows, silently (270 of 540 read)."""
     if not is_active():
         return
     n = len(dataset)
     picks = sorted({0, n // 2, n - 1}) if n else []
     rows = [_row_tensor(dataset[i]) for i in picks]
-    # Items that are no tensors (dicts, images for a collate_fn) or that differ from one read
-    # to the next (noise or a random augmentation per access; each row read twice): the
-    # rows' count alone is compared, on every process if on one (a flip drawn with
-    # probability ½ read alike twice on one process and not on the other, and the check
-    # compared one process's sums with another's zeros).
+    # Items that are no tensors (dicts, images for a collate_fn) or that differ between two
+    # reads (noise or a random augmentation per access): the count alone is compared, on
+    # every process if on one (else one process's sums met another's zeros).
     if any(row is None or not _same(row, _row_tensor(dataset[i]))
            for row, i in zip(rows, picks, strict=True)):
         rows = None
