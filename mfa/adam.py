@@ -137,7 +137,7 @@ def drop_saved_weight_decay(optimizer: torch.optim.Optimizer) -> None:
 def count_rows(train, dataset_if_unknown: bool = False) -> int | None:
     """Rows of the training data (for the prior penalty's ``1/N``); ``None`` when its
     length is unknown (an iterable of batches, an unsized ``IterableDataset``, a DataLoader's
-    batch sampler of another kind than ``BatchSampler`` or a list: with
+    unsized sampler or batch sampler of another kind than ``BatchSampler`` or a list: with
     ``dataset_if_unknown``, where no pass will count them, its dataset's length)."""
     if isinstance(train, (Tensor, QuantizedRows)):
         return train.shape[0]
@@ -166,6 +166,8 @@ def count_rows(train, dataset_if_unknown: bool = False) -> int | None:
     if sampler is not None and not isinstance(train.dataset, IterableDataset):
         with contextlib.suppress(TypeError):
             return len(sampler)
+        if not dataset_if_unknown:  # (an unsized sampler may draw a subset: the pass counts)
+            return None
     dataset = getattr(train, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)

@@ -377,7 +377,7 @@ def _same(a: Tensor, b: Tensor | None) -> bool:
     if b is None or a.shape != b.shape or a.dtype != b.dtype:
         return False
     if a.is_complex():  # (each part on its own: nan+1j is not nan+5j)
-        a, b = torch.view_as_real(a), torch.view_as_real(b)
+        a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
     if a.is_floating_point():
         nan = a.isnan()
         return bool(torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan]))

@@ -314,7 +314,7 @@ class SGDTrainer:
             gen.set_state(state["generator"].cpu())  # (a checkpoint read onto a GPU: cuda)
             best_val, best_params = state["best_val"], state["best_params"]
             self.selected_noise_prior_variance = state.get("noise_prior_variance")
-            counted = state.get("n_train")
+            counted = n if (n := state.get("n_train")) is not None else count_rows(train, True)
             self.start_val_log_likelihood = state.get("start_val")
             bad_epochs = int(state.get("bad_epochs", 0))
             # A fit that stopped early is finished: resuming it returns its best epoch.

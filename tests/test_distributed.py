@@ -771,6 +771,20 @@ def test_single_process_helpers_are_identities():
     assert distributed.init_from_env() is False  # no torchrun environment here
 
 
+def test_a_row_read_twice_is_the_same_with_nan_and_complex_entries():
+    """The re-read check of check_same_dataset: NaN equals NaN (a missing entry), a complex
+    entry's parts compare on their own (nan+1j is not nan+5j), and a pending conjugate is
+    read (view_as_real refused it)."""
+    same = distributed._same
+    row = torch.tensor([1.0, float("nan"), 3.0])
+    assert same(row, row.clone()) and not same(row, torch.tensor([1.0, 2.0, 3.0]))
+    assert not same(row, row.double()) and same(torch.arange(3), torch.arange(3))
+    z = torch.tensor([complex(float("nan"), 1.0), 2 + 2j])
+    assert same(z, z.clone()) and not same(z, torch.tensor([complex(float("nan"), 5.0), 2 + 2j]))
+    w = torch.tensor([1 + 2j, 3 - 1j])
+    assert same(w.conj(), w.conj().clone()) and not same(w.conj(), w)
+
+
 @pytest.mark.parametrize("device, backend", [
     (None, "nccl"), ("auto", "nccl"), ("cuda", "nccl"), ("cpu", "gloo")])
 def test_the_backend_follows_the_runs_device(monkeypatch, device, backend):

@@ -557,6 +557,40 @@ def test_prior_penalty_counts_the_rows_a_sampler_draws(small):
     assert count_rows(DataLoader(data, batch_sampler=Pairs()), dataset_if_unknown=True) == len(
         train)
 
+    class FirstHundred(torch.utils.data.Sampler):  # unsized: it may draw a subset (it was
+        def __iter__(self):  # counted as the dataset's 400 rows where the pass counts 100)
+            return iter(range(100))
+
+    unsized = DataLoader(data, batch_size=10, sampler=FirstHundred())
+    assert count_rows(unsized) is None
+    assert count_rows(unsized, dataset_if_unknown=True) == len(train)
+
+
+def test_a_resumed_fit_whose_state_lacks_the_row_count_takes_the_datas(small):
+    """A state without n_train (an older one) resumed on a loader whose rows only a pass
+    counts: no pass runs on a resume, and it raised (advising the pass)."""
+    train, val = small
+    state = _first_epoch_state(train, val)
+    state.pop("n_train")
+
+    class Batches(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter([list(range(i, min(i + 50, len(train)))) for i in range(0, len(train), 50)])
+
+    seen = []
+
+    class Recording(SGDTrainer):
+        @staticmethod
+        def penalty(model, prior, n_train):
+            seen.append(n_train)
+            return SGDTrainer.penalty(model, prior, n_train)
+
+    trainer = Recording(SGDConfig(progress=False, patience=0, epochs=2))
+    trainer.load_state_dict(state)
+    _fit(DataLoader(TensorDataset(train), batch_sampler=Batches()), 2, 1, validation=val,
+         trainer=trainer, model=MixtureOfFactorAnalyzers(2, train.shape[1], 1, dtype=F64))
+    assert set(seen) == {len(train)}
+
 
 def test_prior_penalty_counts_rows_not_batches_of_a_loader_without_batching(small):
     """DataLoader(batch_size=None) over a Dataset of batches: its items are batches, and
