@@ -485,6 +485,18 @@ def test_state_dict_is_weights_only_loadable(small):
         fresh.load_state_dict({**state, "scheduler": None})
 
 
+def _recording(seen: list, config: SGDConfig) -> SGDTrainer:
+    """An SGDTrainer that appends the ``n_train`` of each prior penalty it takes to ``seen``."""
+
+    class Recording(SGDTrainer):
+        @staticmethod
+        def penalty(model, prior, n_train):
+            seen.append(n_train)
+            return SGDTrainer.penalty(model, prior, n_train)
+
+    return Recording(config)
+
+
 def _first_epoch_state(train, val) -> dict:
     """The trainer state saved after epoch 1 of a 2-epoch fit (one epoch left to run)."""
     saved = []
@@ -578,14 +590,7 @@ def test_a_resumed_fit_whose_state_lacks_the_row_count_takes_the_datas(small):
             return iter([list(range(i, min(i + 50, len(train)))) for i in range(0, len(train), 50)])
 
     seen = []
-
-    class Recording(SGDTrainer):
-        @staticmethod
-        def penalty(model, prior, n_train):
-            seen.append(n_train)
-            return SGDTrainer.penalty(model, prior, n_train)
-
-    trainer = Recording(SGDConfig(progress=False, patience=0, epochs=2))
+    trainer = _recording(seen, SGDConfig(progress=False, patience=0, epochs=2))
     trainer.load_state_dict(state)
     _fit(DataLoader(TensorDataset(train), batch_sampler=Batches()), 2, 1, validation=val,
          trainer=trainer, model=MixtureOfFactorAnalyzers(2, train.shape[1], 1, dtype=F64))
@@ -610,15 +615,8 @@ def test_prior_penalty_counts_rows_not_batches_of_a_loader_without_batching(smal
     loader = DataLoader(Batches(), batch_size=None)
     assert count_rows(loader) is None
     seen = []
-
-    class Recording(SGDTrainer):
-        @staticmethod
-        def penalty(model, prior, n_train):
-            seen.append(n_train)
-            return SGDTrainer.penalty(model, prior, n_train)
-
     for data in (loader, list(loader)):
-        Recording(SGDConfig(progress=False, epochs=1, seed=0)).fit(
+        _recording(seen, SGDConfig(progress=False, epochs=1, seed=0)).fit(
             MixtureOfFactorAnalyzers(2, 4, 1, dtype=F64), data, validation=val)
     assert set(seen) == {200.0}
 
