@@ -27,10 +27,6 @@ __all__ = ["TRAIN_VALUES", "held_out_split", "ndb_metrics", "training_rows"]
 #: batch).
 TRAIN_VALUES = 2**28
 
-#: Rows converted at a time when a subset is gathered.
-GATHER_ROWS = 4096
-
-
 def held_out_split(data: ImageData, splits, ndb_bins: int) -> str:
     """The split of real held-out images NDB compares with (the first of ``splits`` that is
     not train, else val, else test, whichever has images), with ``ndb_bins`` checked against
@@ -50,19 +46,9 @@ def held_out_split(data: ImageData, splits, ndb_bins: int) -> str:
 
 def training_rows(data: ImageData, seed: int) -> Tensor:
     """The training rows ``[n, D]`` (float32) the bins are fitted on: every row up to
-    :data:`TRAIN_VALUES` values, else a seeded subset of ``TRAIN_VALUES // D`` rows (sorted,
-    gathered :data:`GATHER_ROWS` at a time)."""
-    n, d = data.pixels("train").shape
-    cap = max(1, TRAIN_VALUES // max(d, 1))
-    if n <= cap:
-        return data.train
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:cap]
-    keep = keep.sort().values
-    dataset = data.dataset("train")
-    out = torch.empty((cap, d), dtype=torch.float32)
-    for start in range(0, cap, GATHER_ROWS):
-        out[start:start + GATHER_ROWS] = dataset.rows(keep[start:start + GATHER_ROWS])
-    return out
+    :data:`TRAIN_VALUES` values, else a seeded subset of ``TRAIN_VALUES // D`` rows
+    (:meth:`mfa.data.ImageData.seeded_rows`)."""
+    return data.seeded_rows("train", max(1, TRAIN_VALUES // max(data.n_features, 1)), seed)
 
 
 def ndb_metrics(model: MixtureOfFactorAnalyzers, data: ImageData, held: str, ndb_bins: int,

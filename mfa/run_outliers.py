@@ -55,11 +55,7 @@ def make_scorer(model: MixtureOfFactorAnalyzers, data: ImageData, score: str = D
         if n == 0:
             raise ValueError(f"score {score!r} fits a background model on the training split, "
                              f"but {data.name} has no training images")
-        index = torch.arange(n)
-        if n > BACKGROUND_ROWS:
-            index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-            index = index[:BACKGROUND_ROWS].sort().values
-        train = data.dataset("train", dtype=model.dtype).rows(index).to(model.device)
+        train = data.seeded_rows("train", BACKGROUND_ROWS, seed, model.dtype).to(model.device)
         options = {"patch_size": patch_size_for(data.image_shape)}
     return OutlierScorer.fit(model, train, score, image_shape=data.image_shape,
                              scale=data_scale(data), seed=seed,

@@ -29,7 +29,6 @@ def test_a_large_training_split_is_subset_without_a_whole_float_copy(digits, mon
     whole = digits.train
     n, d = whole.shape
     monkeypatch.setattr(run_ndb, "TRAIN_VALUES", 50 * d + 7)
-    monkeypatch.setattr(run_ndb, "GATHER_ROWS", 16)  # several gathers
     copies = []
     as_float = ImageData.as_float
 

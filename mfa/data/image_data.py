@@ -342,6 +342,23 @@ class ImageData:
                 out[start : start + step] = ds.rows(range(start, min(start + step, n)))
         return out if device is None else out.to(device)
 
+    def seeded_rows(self, split: Split, most: int, seed: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+        """Float rows ``[n, D]`` of ``split`` (its own dequantisation noise, as
+        :meth:`as_float`): every row where it has at most ``most``, else a seeded subset of
+        ``most`` (the first of ``torch.randperm`` with ``seed``, in split order), converted
+        4,096 rows at a time (no float copy of the whole split)."""
+        n = self.pixels(split).shape[0]
+        index = torch.arange(n)
+        if n > most:
+            index = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+            index = index[:most].sort().values
+        dataset = self.dataset(split, dtype=dtype)
+        out = torch.empty((index.numel(), self.n_features), dtype=dtype)
+        for start in range(0, index.numel(), 4096):
+            out[start:start + 4096] = dataset.rows(index[start:start + 4096])
+        return out
+
     def quantized(
         self,
         split: Split,
