@@ -203,7 +203,8 @@ def masked_capacitance_cholesky(terms: MaskedTerms, mask: Tensor) -> Tensor:
     smallest eigenvalues drown in rounding once the noise is near the quantisation level
     (seen on CUDA: K = 1000 after one EM iteration). Where the float32 factorisation fails,
     the failing rows' and components' ``M_o`` are summed and factored in float64 (in
-    component chunks of bounded memory) and the factors returned in ``mask``'s dtype.
+    component chunks of bounded memory) and the factors returned in ``mask``'s dtype
+    (differentiable: the gradients of those slots are the float64 factors').
     """
     k, d, n_lat = terms.loadings.shape
     n = mask.shape[0]
@@ -219,7 +220,9 @@ def masked_capacitance_cholesky(terms: MaskedTerms, mask: Tensor) -> Tensor:
     comps = failed.any(0).nonzero().squeeze(1)
     mask64 = mask[rows].double()
     eye64 = eye.double()
-    chol = chol.clone()
+    # Factored again with the identity in the failed slots: their failed factorisation, though
+    # overwritten below, stayed in the graph and its backward made every gradient NaN.
+    chol = torch.linalg.cholesky_ex(torch.where(failed[..., None, None], eye, cap))[0].clone()
     step = max(1, 2**25 // (d * n_lat * n_lat))  # ≤ 256 MB of float64 terms at a time
     for i in range(0, comps.numel(), step):
         c = comps[i : i + step]
