@@ -259,8 +259,9 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
         if len(rows) > max_rows:
             gen = torch.Generator().manual_seed(seed)
             rows = Subset(rows, torch.randperm(len(rows), generator=gen)[:max_rows].tolist())
-        return torch.cat(list(_rebatch(source, DataLoader(rows, batch_size=source.batch_size,
-                                                                   generator=torch.Generator()))))
+        loader = DataLoader(rows, batch_size=source.batch_size, generator=torch.Generator(),
+                            collate_fn=RowCollate(source.n_features, source.name))
+        return torch.cat(list(_rebatch(source, loader)))
     rows, count = [], 0
     # A sharded stream reads the whole data as one process would, where it can; otherwise
     # (each process's own iterable) its first rows are joined across processes in rank order.

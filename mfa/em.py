@@ -17,15 +17,7 @@ from mfa._data_stream import DataSource, gather_rows
 from mfa._validation import supported_device
 from mfa.e_step import streamed_e_step
 from mfa.em_config import EMConfig
-from mfa.em_state import (
-    RESUMABLE,
-    Callback,
-    FitContext,
-    RunState,
-    check_resumed_max_iter,
-    check_state_ranges,
-    restart_seed,
-)
+from mfa.em_state import Callback, FitContext, RunState, check_resumed_state, restart_seed
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.m_step import m_step
 from mfa.model import MixtureOfFactorAnalyzers
@@ -118,6 +110,8 @@ class EMTrainer:
 
     def __init__(self, config: EMConfig | None = None) -> None:
         self.config = config or EMConfig()
+        if not isinstance(self.config, EMConfig):
+            raise TypeError(f"EMTrainer takes an EMConfig, got {type(self.config).__name__}")
         self.config.validate()
         self.history: list[dict] = []
         self.converged = False
@@ -127,6 +121,7 @@ class EMTrainer:
         self.init_seconds: float | None = None
         self.tempered: TemperedStep | None = None
         self._resume: RunState | None = None
+        self._loaded: dict = {}  # (the state it came from, checked again by fit)
         self._state: dict = {}
 
     # -------------------------------------------------------------- state
@@ -141,10 +136,7 @@ class EMTrainer:
         provided the model holds the parameters saved with this state."""
         state, self.history = training.restore_state(
             state, RunState.REQUIRED, "EMTrainer", RunState.TYPES)
-        training.check_resumed_config(state, self.config, "EMTrainer", RESUMABLE)
-        check_state_ranges(state, self.config.max_iter,
-                           self.config.n_init + self.config.reseed_rounds)
-        check_resumed_max_iter(state, self.config.max_iter)
+        check_resumed_state(state, self.config)
         saved = state.get("config")
         if (isinstance(saved, dict) and saved and "min_delta" not in saved
                 and self.config.min_delta > 0 and state["run"] < self.config.n_init
@@ -154,7 +146,7 @@ class EMTrainer:
                 "counted any validation gain (min_delta=0); resumed with min_delta="
                 f"{self.config.min_delta:g} it may stop elsewhere than it would have; pass "
                 "min_delta=0 to continue it as it was", UserWarning, stacklevel=2)
-        self._resume = RunState.from_dict(state)
+        self._resume, self._loaded = RunState.from_dict(state), state
         self._state = self._resume.as_dict()  # what state_dict() gives until fit moves on
 
     # -------------------------------------------------------------- fitting
@@ -182,6 +174,8 @@ class EMTrainer:
         """
         cfg, resume = self.config, self._resume
         cfg.validate()  # (again: a field may have been set since __init__)
+        if resume is not None:  # (again: as for validate)
+            check_resumed_state(self._loaded, cfg)
         if cfg.device is not None:
             model.to(supported_device(cfg.device, "EMConfig.device"))
         training.check_fit_inputs(model, data, validation, {} if resume is None else {

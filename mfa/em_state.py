@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mfa import training
 from mfa._data_stream import DataSource
 
 __all__ = ["RESUMABLE", "Callback", "FitContext", "RunState", "check_resumed_max_iter",
-           "check_state_ranges", "restart_seed"]
+           "check_resumed_state", "check_state_ranges", "restart_seed"]
 
 #: ``cb(trainer, model, record)`` after each EM iteration.
 Callback = Callable[..., None]
@@ -35,6 +36,17 @@ def restart_seed(seed: int, run: int) -> int:
     if run == 0:
         return seed
     return int(np.random.SeedSequence([seed, run]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+def check_resumed_state(state: dict, config) -> None:
+    """Refuse resuming ``state`` under the :class:`~mfa.em_config.EMConfig` ``config``: a
+    field other than :data:`RESUMABLE` changed (:func:`mfa.training.check_resumed_config`),
+    counters no fit of it reaches (:func:`check_state_ranges`) or a ``max_iter`` it cannot
+    continue under (:func:`check_resumed_max_iter`). Run at ``load_state_dict`` and again by
+    ``fit``, since a config field set between them would otherwise go unchecked."""
+    training.check_resumed_config(state, config, "EMTrainer", RESUMABLE)
+    check_state_ranges(state, config.max_iter, config.n_init + config.reseed_rounds)
+    check_resumed_max_iter(state, config.max_iter)
+
 
 def check_state_ranges(state: dict, max_iter: int, runs: int) -> None:
     """Refuse a state whose counters no fit of this config reaches (a tampered or foreign

@@ -32,7 +32,7 @@ from mfa.init import initialise
 from mfa.loader_shards import check_same_batch_count, reads_whole_dataset, shard_global_batches
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.priors import Prior
-from mfa.sgd_config import SGDConfig
+from mfa.sgd_config import SGDConfig, check_resumed_state
 from mfa.sgd_start import em_start
 from mfa.training import ConvergenceWarning
 
@@ -45,11 +45,6 @@ logger = logging.getLogger(__name__)
 #: ``(|reference| + D)`` nats below the reference (the initial fit, or the best epoch so far)
 #: has diverged: a working optimisation never loses that much.
 DIVERGENCE_FACTOR = 10.0
-
-#: What a resumed fit's config may change from the saved one (how long and where it runs,
-#: how often it saves, progress); anything else would be ignored, so it is refused.
-RESUMABLE = frozenset({"epochs", "checkpoint_every", "progress", "device"})
-
 
 def _diverged(train_ll: float, val_ll: float | None, reference: float | None,
               n_features: int) -> bool:
@@ -80,17 +75,20 @@ class SGDTrainer:
     non-finite gradients do, saying so and naming ``SGDConfig.lr``: an epoch whose scores are
     not finite, or whose mean train log-likelihood falls far below that of the initial
     parameters (or of the best epoch so far; see :data:`DIVERGENCE_FACTOR`). The model is
-    first reset to the best epoch's parameters (the initial ones if no epoch finished), so
+    first reset to the best epoch's parameters (with validation data; without, the last
+    finished epoch's; the initial ones if no epoch finished), and the error says which, so
     it stays usable.
 
     Attributes:
-        history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean over the epoch's
-            minibatches), ``val_log_likelihood``, ``lr`` (that of the epoch's first step),
-            ``seconds``.
+        history: one dict per epoch: ``epoch``, ``train_log_likelihood`` (mean per row over
+            the epoch's minibatches, each scored before its step), ``val_log_likelihood``,
+            ``lr`` (that of the epoch's first step), ``seconds``.
     """
 
     def __init__(self, config: SGDConfig | None = None) -> None:
         self.config = config or SGDConfig()
+        if not isinstance(self.config, SGDConfig):
+            raise TypeError(f"SGDTrainer takes an SGDConfig, got {type(self.config).__name__}")
         self.config.validate()
         self.history: list[dict] = []
         self._state, self._resume = {}, None  # (dict; dict | None)
@@ -119,28 +117,7 @@ class SGDTrainer:
             "start_val": (float, int, type(None)), "n_train": (float, int, type(None)),
         }
         resume, history = training.restore_state(state, required, "SGDTrainer", types)
-        for key in ("epoch", "bad_epochs"):
-            if resume.get(key, 0) < 0:
-                raise ValueError(f"SGDTrainer state key {key!r} must be >= 0, got {resume[key]}")
-        training.check_resumed_config(resume, self.config, "SGDTrainer", RESUMABLE)
-        saved, epochs = resume.get("config"), self.config.epochs
-        if isinstance(saved, dict) and saved.get("epochs", epochs) != epochs:
-            # "final": saved after fit() returned (before 2026-12: read from the epoch count)
-            if resume.get("stopped") or resume.get("final", resume["epoch"] >= saved["epochs"]):
-                raise ValueError(
-                    f"SGDTrainer state is of a finished fit ({resume['epoch']} of "
-                    f"{saved['epochs']} epochs{', stopped early' if resume.get('stopped') else ''}"
-                    f"): its model holds the best epoch, not the last one its Adam state "
-                    f"continues from, so epochs={self.config.epochs} would not continue the same "
-                    "run; start a new fit from the model (init='none')")
-            if epochs < resume["epoch"]:
-                raise ValueError(f"SGDTrainer state has already done {resume['epoch']} epochs; "
-                                 f"epochs={epochs} is below that")
-            if saved.get("schedule", "constant") != "constant":
-                raise ValueError(
-                    f"SGDTrainer state was saved with schedule={saved['schedule']!r}, laid out "
-                    f"over epochs={saved['epochs']}; resume with that many epochs (not "
-                    f"{self.config.epochs}) or start a new fit")
+        check_resumed_state(resume, self.config)
         self._resume, self.history = resume, history
 
     def _split(self, data, validation, model):
@@ -249,6 +226,8 @@ class SGDTrainer:
         if cfg.device is not None:
             model.to(supported_device(cfg.device, "SGDConfig.device"))
         resume = self._resume or {}
+        if resume:  # (again: as for validate)
+            check_resumed_state(resume, cfg)
         training.check_fit_inputs(model, data, validation,
                                   {"best_params": resume.get("best_params")}, "SGDTrainer")
         if resume:  # saved for this model? (else Adam's fused kernel reads past its buffers)
@@ -265,7 +244,8 @@ class SGDTrainer:
         else:
             # A Dataset is shuffled by a DataLoader driven by the trainer's generator; any other
             # iterable (e.g. a DataLoader) is used as it comes.
-            loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen)
+            loader = (DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                                 collate_fn=RowCollate(model.n_features, "data"))
                       if isinstance(train, Dataset) and not isinstance(train, IterableDataset)
                       else DataLoader(train, batch_size=cfg.batch_size,
                                       collate_fn=RowCollate(model.n_features, "data"),

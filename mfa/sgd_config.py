@@ -1,10 +1,12 @@
-"""Settings of :class:`mfa.sgd.SGDTrainer` (Adam): the dataclass and its checks."""
+"""Settings of :class:`mfa.sgd.SGDTrainer` (Adam): the dataclass and its checks, and which
+of them a resumed fit may change (:func:`check_resumed_state`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+from mfa import training
 from mfa._validation import (
     check_bool_field,
     check_choice_field,
@@ -14,7 +16,11 @@ from mfa._validation import (
 )
 from mfa.priors import QUANTIZATION_VARIANCE, check_prior_fields
 
-__all__ = ["SGDConfig"]
+__all__ = ["RESUMABLE", "SGDConfig", "check_resumed_state"]
+
+#: What a resumed fit's config may change from the saved one (how long and where it runs,
+#: how often it saves, progress); anything else would be ignored, so it is refused.
+RESUMABLE = frozenset({"epochs", "checkpoint_every", "progress", "device"})
 
 
 @dataclass
@@ -29,7 +35,9 @@ class SGDConfig:
     step_scale: Literal["noise", "none"] = "noise"
     batch_size: int = 256  # rows per step
     epochs: int = 20  # passes over the training data
-    schedule: Literal["constant", "cosine", "step"] = "constant"  # learning-rate schedule
+    # Learning-rate schedule, stepped per batch: "cosine" anneals lr to 0 over all epochs;
+    # "step" multiplies it by 0.3 every max(1, epochs // 3) epochs.
+    schedule: Literal["constant", "cosine", "step"] = "constant"
     grad_clip: float | None = 10.0  # max global gradient norm; None disables clipping
     val_fraction: float = 0.1  # held out for early stopping when no validation data is given
     patience: int = 5  # epochs without a better validation score than the best so far (0: never)
@@ -90,3 +98,36 @@ class SGDConfig:
         check_bool_field(self, "progress")
         check_bool_field(self, "allow_tf32")
         check_bool_field(self, "em_start")
+
+
+def check_resumed_state(resume: dict, config: SGDConfig) -> None:
+    """Refuse resuming the :meth:`mfa.sgd.SGDTrainer.state_dict` ``resume`` under ``config``:
+    negative counters, a field other than :data:`RESUMABLE` changed, or ``epochs`` changed
+    where the saved run cannot continue under it (a finished fit, fewer epochs than done, a
+    schedule laid out over the saved epochs). Run at ``load_state_dict`` and again by
+    ``fit``: restoring the optimizer and scheduler overwrites their settings (lr, the
+    schedule's length) with the saved ones, so a field set between them would be ignored
+    while the next checkpoint recorded it."""
+    for key in ("epoch", "bad_epochs"):
+        if resume.get(key, 0) < 0:
+            raise ValueError(f"SGDTrainer state key {key!r} must be >= 0, got {resume[key]}")
+    training.check_resumed_config(resume, config, "SGDTrainer", RESUMABLE)
+    saved, epochs = resume.get("config"), config.epochs
+    if not isinstance(saved, dict) or saved.get("epochs", epochs) == epochs:
+        return
+    # "final": saved after fit() returned (before 2026-12: read from the epoch count)
+    if resume.get("stopped") or resume.get("final", resume["epoch"] >= saved["epochs"]):
+        raise ValueError(
+            f"SGDTrainer state is of a finished fit ({resume['epoch']} of "
+            f"{saved['epochs']} epochs{', stopped early' if resume.get('stopped') else ''}"
+            f"): its model holds the best epoch, not the last one its Adam state "
+            f"continues from, so epochs={epochs} would not continue the same "
+            "run; start a new fit from the model (init='none')")
+    if epochs < resume["epoch"]:
+        raise ValueError(f"SGDTrainer state has already done {resume['epoch']} epochs; "
+                         f"epochs={epochs} is below that")
+    if saved.get("schedule", "constant") != "constant":
+        raise ValueError(
+            f"SGDTrainer state was saved with schedule={saved['schedule']!r}, laid out "
+            f"over epochs={saved['epochs']}; resume with that many epochs (not "
+            f"{epochs}) or start a new fit")

@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from mfa import distributed, linalg, missing
 from mfa._checkpoint_checks import check_generator_state
@@ -329,11 +329,23 @@ def check_resumed_config(state: dict, config: object, trainer: str,
 
 def check_fit_inputs(model: MixtureOfFactorAnalyzers, data: object, validation: object,
                      saved: dict[str, dict | None], trainer: str) -> None:
-    """What both trainers' ``fit`` refuse before any work: one-shot iterators as ``data`` or
+    """What both trainers' ``fit`` refuse before any work: a ``model`` of another type, an
+    empty ``Dataset`` (or a ``DataLoader`` of one: torch's error named a sampler's
+    ``num_samples``, or ``torch.cat`` an empty list), one-shot iterators as ``data`` or
     ``validation`` (:func:`check_reiterable`) and, when resuming, saved parameters ``saved``
     (``{state key: params}``) of another model (:func:`check_params_match`)."""
+    if not isinstance(model, MixtureOfFactorAnalyzers):
+        raise TypeError(f"{trainer}.fit needs a MixtureOfFactorAnalyzers, got "
+                        f"{type(model).__name__}")
     check_reiterable(data, "data")
     check_reiterable(validation, "validation")
+    for name, rows in (("data", data), ("validation", validation)):
+        if isinstance(rows, DataLoader):  # (the rows it reads, not a sampler's count)
+            rows = rows.dataset
+        if (isinstance(rows, Dataset) and not isinstance(rows, IterableDataset)
+                and hasattr(rows, "__len__") and len(rows) == 0
+                and not distributed.is_active()):  # (a process's own part may be empty)
+            raise ValueError(f"{name} is empty (0 rows)")
     for key, params in saved.items():
         check_params_match(params, model, f"{trainer} state {key!r}")
 

@@ -1170,6 +1170,27 @@ def test_resumed_max_iter_may_change_only_within_the_first_restart():
                            checkpoint_every=1)).load_state_dict(later)
 
 
+def test_a_config_changed_after_load_state_dict_is_checked_by_fit():
+    """fit validates a config set after __init__, but the resume checks ran only in
+    load_state_dict: a max_iter below the iterations done, or a changed variance floor, set
+    between them went through unchecked."""
+    x = torch.randn(120, 3, generator=gen(2), dtype=F64)
+    saved = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        EMTrainer(EMConfig(max_iter=5, progress=False, checkpoint_every=1, tol=0)).fit(
+            MixtureOfFactorAnalyzers(2, 3, 1, dtype=F64), x,
+            checkpoint_fn=lambda t, m: saved.append(copy.deepcopy(t.state_dict())))
+    third = next(s for s in saved if s["iteration"] == 3)
+    for key, value, match in (("max_iter", 2, "already done 3 iterations"),
+                              ("variance_floor", 1e-2, "saved with variance_floor=")):
+        trainer = EMTrainer(EMConfig(max_iter=5, progress=False, checkpoint_every=1, tol=0))
+        trainer.load_state_dict(third)
+        setattr(trainer.config, key, value)
+        with pytest.raises(ValueError, match=match):
+            trainer.fit(MixtureOfFactorAnalyzers(2, 3, 1, dtype=F64), x)
+
+
 @pytest.mark.parametrize("stats_dtype", ["auto", "precise", "float32"])
 def test_float32_e_step_records_the_log_likelihood_at_image_signal_to_noise(stats_dtype):
     """Pixel-like rows (means 0.4-0.6, loadings of 0.3, noise variances at 1e-6), a float32

@@ -435,6 +435,37 @@ def test_resume_with_other_epochs_under_a_schedule_is_refused(small):
     SGDTrainer(SGDConfig(progress=False, epochs=8, **constant)).load_state_dict(saved["trainer"])
 
 
+@pytest.mark.parametrize("change, match", [
+    ({"epochs": 8}, r"schedule='cosine', laid out over epochs=4"),
+    ({"lr": 0.5}, r"saved with lr=0.02 but this trainer's config has lr=0.5"),
+])
+def test_a_config_changed_after_load_state_dict_is_checked_by_fit(small, change, match):
+    """fit validates a config set after __init__; the resume checks ran only in
+    load_state_dict, so a field set between them went through: restoring the optimizer and
+    scheduler then overwrote it (the cosine rate fell to 0 and climbed back; lr=0.5 was
+    ignored while the next checkpoint recorded it)."""
+    train, _ = small
+    config = dict(lr=0.02, schedule="cosine", patience=0, checkpoint_every=1, batch_size=128)
+    saved = {}
+
+    def checkpoint(trainer, model):
+        if trainer.state_dict()["epoch"] == 2:
+            saved["trainer"] = copy.deepcopy(trainer.state_dict())
+            saved["model"] = copy.deepcopy(model.state_dict())
+
+    _fit(train, 2, 1, epochs=4, checkpoint_fn=checkpoint, **config)
+    trainer = SGDTrainer(SGDConfig(progress=False, epochs=4, **config))
+    trainer.load_state_dict(saved["trainer"])
+    for key, value in change.items():
+        setattr(trainer.config, key, value)
+    model = MixtureOfFactorAnalyzers(2, train.shape[1], 1, dtype=F64)
+    model.load_state_dict(saved["model"])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, train)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_killed_fit_extends_from_its_last_epochs_checkpoint_but_a_returned_one_does_not(small):
     """The checkpoint written inside the last epoch (the model at that epoch) may grow into a
     longer constant-rate fit, equal to the uninterrupted one; the one written after fit

@@ -157,6 +157,38 @@ def test_empty_data_or_validation_is_refused_by_name():
         EMTrainer(EMConfig(init="none", progress=False)).fit(model, x[:0])
 
 
+@pytest.mark.parametrize("trainer", ["em", "adam"])
+@pytest.mark.parametrize("form", ["dataset", "loader"])
+def test_an_empty_dataset_or_loader_is_refused_by_name(trainer, form):
+    """Adam's shuffling loader failed on an empty Dataset with torch's "num_samples should
+    be a positive integer value", and both trainers on a DataLoader of one inside
+    ``torch.cat``; the same "data is empty" as a tensor of 0 rows now."""
+    model = random_model(2, 4, 1)
+    x = random_data(60, model)
+    empty = TensorDataset(x[:0]) if form == "dataset" else DataLoader(TensorDataset(x[:0]),
+                                                                        batch_size=10)
+    fitter = (EMTrainer(EMConfig(max_iter=1, progress=False)) if trainer == "em"
+              else SGDTrainer(SGDConfig(epochs=1, progress=False)))
+    with pytest.raises(ValueError, match=r"^data is empty \(0 rows\)"):
+        fitter.fit(model, empty, validation=x[:20])
+    with pytest.raises(ValueError, match=r"^validation is empty \(0 rows\)"):
+        fitter.fit(model, x, validation=empty)
+
+
+def test_a_config_or_model_of_another_type_is_refused_by_name():
+    """An EMConfig given to SGDTrainer passed (it has a validate() too) and failed later with
+    an AttributeError; so did a model of another type in fit."""
+    with pytest.raises(TypeError, match="SGDTrainer takes an SGDConfig, got EMConfig"):
+        SGDTrainer(EMConfig())
+    with pytest.raises(TypeError, match="EMTrainer takes an EMConfig, got SGDConfig"):
+        EMTrainer(SGDConfig())
+    x = torch.randn(40, 4)
+    for fitter in (EMTrainer(EMConfig(progress=False)), SGDTrainer(SGDConfig(progress=False))):
+        with pytest.raises(TypeError, match=r"\.fit needs a MixtureOfFactorAnalyzers, got "
+                                            r"Linear"):
+            fitter.fit(torch.nn.Linear(4, 4), x)
+
+
 class _Stream(torch.utils.data.IterableDataset):
     """Rows as a stream (no length)."""
 
@@ -264,6 +296,27 @@ def test_a_dataset_of_batches_is_refused_with_a_hint(trainer):
                                          r"batch_size=None\)"):
         fit(Batches())
     fit(DataLoader(Batches(), batch_size=None))
+
+
+@pytest.mark.parametrize("trainer", ["em", "adam"])
+def test_a_map_style_dataset_of_batches_is_refused_with_a_hint(trainer):
+    """The same for a map-style Dataset: Adam's shuffling loader and the initialisation's
+    rows used torch's collation, and Adam said only "must have 4 features per row, got batch
+    0 of shape (10, 30, 4)"."""
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    class Batches(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return x[30 * i : 30 * (i + 1)]
+
+    config = (EMConfig(progress=False, max_iter=2) if trainer == "em"
+              else SGDConfig(progress=False, epochs=1))
+    fitter = (EMTrainer if trainer == "em" else SGDTrainer)(config)
+    with pytest.raises(ValueError, match=r"data: its Dataset yields batches of shape \(30, 4\)"):
+        fitter.fit(MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64), Batches(), x[:50])
 
 
 def test_tqdm_auto_is_imported_only_for_a_progress_bar():
