@@ -226,7 +226,7 @@ def cmd_evaluate(args) -> int:
 def cmd_select(args) -> int:
     from mfa.config import load_config
     from mfa.config_text import override_keys
-    from mfa.selection import select_run
+    from mfa.run_select import select_run
 
     config_path = DEFAULT_CONFIG if args.config is None else run_io.given_path(args.config,
                                                                                "--config")

@@ -313,7 +313,7 @@ def test_mfa_select_refuses_an_empty_path(tmp_path, monkeypatch, option):
     assert code == 2 and f"error: {option} is empty: give a path" in stderr, stderr
     assert list(tmp_path.iterdir()) == []
     from mfa.config import load_config
-    from mfa.selection import select_run
+    from mfa.run_select import select_run
 
     with pytest.raises(ValueError, match="out_dir is empty"):
         select_run(load_config(CONFIG, TINY), [2], [1], "")
@@ -344,7 +344,7 @@ def test_mfa_select_holds_its_folder_and_removes_the_folders_it_made(tmp_path, m
     def failing(*args, **kwargs):
         raise ValueError("a fit failed")
 
-    monkeypatch.setattr("mfa.selection._select", failing)
+    monkeypatch.setattr("mfa.run_select._select", failing)
     afile = tmp_path / "afile"  # a folder that cannot be made was found after every fit
     afile.write_text("mine")
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
@@ -352,7 +352,7 @@ def test_mfa_select_holds_its_folder_and_removes_the_folders_it_made(tmp_path, m
     assert code == 2 and "Not a directory" in stderr and "a fit failed" not in stderr
     afile.unlink()
 
-    monkeypatch.setattr("mfa.selection._select", failing)
+    monkeypatch.setattr("mfa.run_select._select", failing)
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
                               "--components", 2, "--factors", 1,
                               "--out", tmp_path / "new" / "sweep")

@@ -1,0 +1,157 @@
+"""The ``mfa select`` command: a model-selection sweep (:func:`mfa.selection.sweep_models`)
+on a run config's data with its trainer, its table and plot saved in a folder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mfa.selection import SelectionSweep, _grid, sweep_models
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["select_run"]
+
+
+def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
+               out_dir: str | Path | None = None, *, method: str | None = None,
+               overwrite: bool = False) -> tuple[SelectionSweep, list[Path]]:
+    """``mfa select``: a sweep on a run config's data with its trainer, saved to ``out_dir``.
+
+    Every model is built as :func:`mfa.workflow.train` builds one (the config's noise type,
+    ``min_noise``, seed and device) and fitted on the train split with the validation split
+    as the trainer's validation data, both fed as ``mfa train`` feeds them (uint8 rows made
+    float per batch above :data:`mfa.workflow.STREAM_ABOVE` values); no run folder or
+    checkpoint is written.
+
+    Args:
+        config: a :class:`~mfa.config.RunConfig`.
+        components, factors: the grid.
+        out_dir: where the table and plot go; ``None``: ``<output.dir>/select-<data.name>``.
+        method: ``"em"`` or ``"sgd"`` to override ``train.method``.
+        overwrite: replace the ``selection.*`` files of an earlier sweep in ``out_dir``
+            (otherwise refused before anything is fitted).
+
+    Returns:
+        The sweep and the paths of the files written.
+
+    Raises:
+        ValueError: an invalid grid, a hierarchical method, no validation split, a
+            ``(K, L)`` the data cannot take (``L > D`` or ``K`` above the training rows), or
+            an earlier sweep's files in ``out_dir`` without ``overwrite`` (or ``out_dir`` a
+            file or empty), ``data.missing`` set, or a trainer device this machine does not have.
+        OSError: ``out_dir`` cannot be made (checked before any fit).
+        mfa.folder_lock.RunFolderInUse: another ``mfa select`` (or ``mfa train``) holds
+            ``out_dir``.
+    """
+    from mfa.config import apply_overrides, resolve_device
+    from mfa.folder_lock import LOCK_NAME, hold_run_folder
+    from mfa.workflow import load_data
+
+    if out_dir is not None and not str(out_dir).strip():  # (Path("") is the working folder)
+        raise ValueError("out_dir is empty: give a folder, or None for the default")
+    if method is not None:
+        config = apply_overrides(config, [f"train.method={method}"])
+    if config.train.method not in ("em", "sgd"):
+        raise ValueError(f"mfa select trains flat models with em or sgd, not train.method="
+                         f"{config.train.method!r}; pass --method em or --method sgd")
+    ks, ls = _grid(components, "components", 1), _grid(factors, "factors", 0)
+    if config.data.missing.kind != "none":
+        raise ValueError(f"mfa select compares models on complete images; data.missing.kind="
+                         f"{config.data.missing.kind!r} is not supported here (use mfa train)")
+    device = resolve_device(config.device)
+    trainer_config = config.trainer_config()
+    if getattr(trainer_config, "device", None) is not None:
+        try:
+            resolve_device(trainer_config.device)
+        except ValueError as error:
+            raise ValueError(f"invalid value for train.{config.train.method}.device: "
+                             f"{error}") from None
+    data = load_data(config)
+    n, d = data.train_pixels.shape
+    if data.val_pixels.shape[0] == 0:
+        raise ValueError(f"the data {data.name} has no validation split; set "
+                         "data.val_fraction > 0")
+    if max(ls) > d:
+        raise ValueError(f"factors {[v for v in ls if v > d]} exceed the {d} features of "
+                         f"{data.name}")
+    if max(ks) > n:
+        raise ValueError(f"components {[v for v in ks if v > n]} exceed the {n} training "
+                         f"images of {data.name}")
+    rows = min(n, getattr(trainer_config, "init_samples", n))  # (as mfa train checks it)
+    if getattr(trainer_config, "init", "none") != "none" and max(ks) > rows:
+        raise ValueError(f"components {[v for v in ks if v > rows]} exceed the {rows} training "
+                         f"images the initialisation gets (train.{config.train.method}."
+                         "init_samples)")
+    out_dir = (Path(config.output.dir) / f"select-{data.name}" if out_dir is None
+               else Path(out_dir)).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; pass a folder (--out) for the sweep's files")
+    made = [] if out_dir.is_dir() else [q for q in (out_dir, *out_dir.parents)
+                                        if not q.exists()]
+    lock_made = not (out_dir / LOCK_NAME).exists()
+    try:  # (an unusable folder was found when the sweep's files were saved, after every fit)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with hold_run_folder(out_dir, command="mfa select"):  # (two sweeps: one replaced the
+            earlier = sorted(q.name for q in out_dir.glob("selection.*"))  # other's files)
+            if earlier and not overwrite:
+                raise ValueError(f"{out_dir} already holds an earlier sweep "
+                                 f"({', '.join(earlier)}); pass another --out folder, or "
+                                 "--overwrite to replace it")
+            sweep, meta = _select(config, data, ks, ls, device, out_dir)
+            return sweep, sweep.save(out_dir, metadata=meta)
+    except BaseException:
+        if lock_made:  # (a refused sweep left it in the user's folder)
+            with contextlib.suppress(OSError):
+                (out_dir / LOCK_NAME).unlink()
+        for folder in made:  # the folders made for it, when they stayed empty
+            with contextlib.suppress(OSError):
+                (folder / LOCK_NAME).unlink(missing_ok=True)
+                folder.rmdir()
+        raise
+
+
+def _select(config: Any, data: Any, ks: list[int], ls: list[int], device: torch.device,
+            out_dir: Path) -> tuple[SelectionSweep, dict]:
+    """The sweep of :func:`select_run` (its checks done) and its metadata; the rows so far
+    are saved in ``out_dir`` after each fit (``complete: false`` in the JSON), so a failure
+    or Ctrl-C keeps the finished fits."""
+    from mfa.em import ConvergenceWarning, EMTrainer
+    from mfa.model import MixtureOfFactorAnalyzers
+    from mfa.sgd import SGDTrainer
+    from mfa.workflow import _training_data
+
+    d = data.train_pixels.shape[1]
+    # As mfa train feeds them: above STREAM_ABOVE values uint8 rows made float per batch (for
+    # Adam, rows it draws its own batches from; a loader of EM's batch size gave it batches
+    # of 4,096 rows instead of its 256)
+    train, val = _training_data(data, config, device)
+    mc = config.model
+    trainer_cls = EMTrainer if config.train.method == "em" else SGDTrainer
+
+    def fit(k: int, lat: int):
+        model = MixtureOfFactorAnalyzers(k, d, lat, mc.noise, min_noise=mc.min_noise,
+                                         generator=torch.Generator().manual_seed(config.seed),
+                                         device=device)
+        trainer = trainer_cls(config.trainer_config())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            trainer.fit(model, train, val)
+        for warning in caught:
+            logger.warning("K=%d, L=%d: %s", k, lat, warning.message)
+        logger.info("K=%d, L=%d fitted", k, lat)
+        return model
+
+    if trainer_cls is SGDTrainer:  # (the first Adam imports torch._dynamo: 1.5-3.7 s that
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first fit was charged)
+    meta = {"dataset": data.name, "method": config.train.method,
+            "image_shape": list(data.image_shape), "sizes": data.sizes}
+    sweep = sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None,
+                         on_row=lambda partial: partial.save(out_dir, metadata=meta))
+    return sweep, meta
