@@ -9,10 +9,12 @@ held-out data). For dequantised 8-bit images (``x = (pixel + u)/256``) the valid
 also given in bits/dim (:func:`mfa.metrics.bits_per_dim`); lower bits/dim is a higher
 log-likelihood, so the two rank the same.
 
-* :func:`sweep_models`: the library function (tensors or loaders, any ``fit_fn``).
+* :func:`sweep_models`: the library function (tensors or loaders, any ``fit_fn``); given a
+  ``finished`` sweep it fits only the cells that sweep lacks.
 * :func:`mfa.run_select.select_run`: the ``mfa select`` command: a run config's data and
   trainer, the table saved as CSV, markdown and JSON and a plot of validation score against
-  ``K`` per ``L``.
+  ``K`` per ``L``; ``resume=True`` continues the sweep its ``selection.json`` records
+  (:mod:`mfa.selection_resume`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +64,16 @@ class SelectionSweep:
             of a fit that raised: its scores are ``None``).
         best_by_val: the row with the highest finite validation log-likelihood.
         best_by_bic: the row with the lowest finite BIC (``None`` when none is finite).
-        best_model: the fitted model of ``best_by_val`` (the other models are not kept).
+        best_model: the fitted model of ``best_by_val`` (the other models are not kept);
+            ``None`` when that row was read back from a ``finished`` sweep, or the sweep
+            from a file (:meth:`load`).
         n_features: ``D``.
         scale: :func:`sweep_models`' ``scale`` (``val_bits_per_dim`` is reported when set).
         complete: ``False`` for the partial sweeps passed to ``on_row`` before the last fit.
+        outside_grid: rows of a ``finished`` sweep whose ``(K, L)`` is not in this grid: kept
+            (saved in the JSON, read back by :meth:`load` and reused by a later resume whose
+            grid has them) but not in the table, the bests, the CSV or the plot.
+        n_reused: how many of ``rows`` were read back from a ``finished`` sweep, not fitted.
     """
 
     rows: list[dict]
@@ -75,6 +83,8 @@ class SelectionSweep:
     n_features: int
     complete: bool = True
     scale: float | None = None  # of sweep_models: validation bits/dim reported when set
+    outside_grid: list[dict] = field(default_factory=list)
+    n_reused: int = 0
 
     @property
     def failed(self) -> list[dict]:
@@ -110,8 +120,10 @@ class SelectionSweep:
 
     def save(self, out_dir: str | Path, *, metadata: dict | None = None,
              stem: str = "selection") -> list[Path]:
-        """``<stem>.csv``, ``<stem>.md``, ``<stem>.json`` (rows, bests and ``metadata``) and
-        ``<stem>.png`` (:meth:`plot`) in ``out_dir``; returns their paths."""
+        """``<stem>.csv``, ``<stem>.md``, ``<stem>.json`` (``metadata``, the rows, bests,
+        ``scale`` and :attr:`outside_grid`: the record :meth:`load` reads back) and
+        ``<stem>.png`` (:meth:`plot`) in ``out_dir``; returns their paths. Each file is
+        written whole or left as it was; the JSON first."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = [out / f"{stem}.{ext}" for ext in ("csv", "md", "json", "png")]
@@ -121,20 +133,56 @@ class SelectionSweep:
                 writer.writeheader()
                 writer.writerows({key: row.get(key) for key in COLUMNS} for row in self.rows)
 
-        write_atomically(paths[0], write_csv)  # (each file whole or as it was)
-        write_text_atomically(paths[1], self.table(markdown=True) + "\n")
         def pair(row: dict | None) -> dict | None:
             return None if row is None else {"K": row["K"], "L": row["L"]}
 
-        record = {**(metadata or {}), "n_features": self.n_features,
+        def plain(rows: list[dict]) -> list[dict]:
+            return [{key: _finite_or_none(row.get(key)) for key in COLUMNS} for row in rows]
+
+        record = {**(metadata or {}), "n_features": self.n_features, "scale": self.scale,
                   "complete": self.complete, "best_by_val": pair(self.best_by_val),
-                  "best_by_bic": pair(self.best_by_bic),
-                  "rows": [{key: _finite_or_none(row.get(key)) for key in COLUMNS}
-                           for row in self.rows]}
-        # (strict JSON: a non-finite score is null, not NaN/Infinity)
+                  "best_by_bic": pair(self.best_by_bic), "rows": plain(self.rows),
+                  "outside_grid": plain(self.outside_grid)}
+        # (strict JSON: a non-finite score is null, not NaN/Infinity). First: a resume reads
+        # it, and a kill between two files then leaves the newest rows there.
         write_text_atomically(paths[2], json.dumps(record, indent=2, allow_nan=False) + "\n")
+        write_atomically(paths[0], write_csv)  # (each file whole or as it was)
+        write_text_atomically(paths[1], self.table(markdown=True) + "\n")
         self.plot(paths[3])
         return paths
+
+    @classmethod
+    def load(cls, path: str | Path) -> SelectionSweep:
+        """The sweep a ``selection.json`` of :meth:`save` records, to pass to
+        :func:`sweep_models` as ``finished``; no model (``best_model`` is ``None``). A score
+        that was not finite was saved as ``null`` and reads back as ``None``.
+
+        Raises:
+            ValueError: the file is not such a record (naming it and what is wrong), or
+                none of its rows has a finite validation score.
+        """
+        from mfa.selection_resume import rows_by_cell
+
+        try:
+            record = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a sweep's JSON record: {error}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+            raise ValueError(f"{path} is not a sweep's JSON record (no list of rows)")
+        d, scale = record.get("n_features"), record.get("scale")
+        if type(d) is not int or d < 1 or not (scale is None or type(scale) in (int, float)):
+            raise ValueError(f"{path}: n_features={d!r} and scale={scale!r}; they must be an "
+                             "int >= 1 and a number or null")
+        outside = record.get("outside_grid") or []
+        if not isinstance(outside, list):
+            raise ValueError(f"{path}: outside_grid is not a list of rows")
+        cells = list(rows_by_cell([*record["rows"], *outside], str(path)).values())
+        rows, outside = cells[:len(record["rows"])], cells[len(record["rows"]):]
+        best = _best_by_val(rows)
+        if best is None:
+            raise ValueError(f"{path}: no row has a finite validation log-likelihood")
+        return _marked(rows, (best, None), d, scale, complete=record.get("complete") is True,
+                       outside_grid=outside)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
         """Validation bits/dim (or −log-likelihood per row) against ``K``, one line per
@@ -150,7 +198,8 @@ class SelectionSweep:
         def value(r: dict) -> float:
             return r["val_bits_per_dim"] if bpd else -r["val_log_likelihood"]
 
-        scored = [r for r in self.rows if r.get("error") is None]
+        scored = [r for r in self.rows if r.get("error") is None  # (None: a non-finite score
+                  and r["val_log_likelihood"] is not None]  # read back from a saved sweep)
         for lat in sorted({r["L"] for r in scored}):
             line = sorted((r for r in scored if r["L"] == lat), key=lambda r: r["K"])
             axes.plot([r["K"] for r in line], [value(r) for r in line], "o-", label=f"L={lat}")
@@ -193,10 +242,11 @@ def _grid(values: Sequence[int], name: str, minimum: int) -> list[int]:
 
 
 def _check_rows(train: Any, train_name: str, validation: Any, val_name: str,
-                ks: Sequence[int] = (), ls: Sequence[int] = ()) -> None:
+                ks: Sequence[int] = (), ls: Sequence[int] = ()) -> int | None:
     """Refuse, before any fit, what the sweep would fail on after one: a one-shot iterator
     (read once per model), tensors that are not finite ``[N, D]`` with one ``D``, and for a
-    training tensor, ``ks`` above its rows or ``ls`` above its features."""
+    training tensor, ``ks`` above its rows or ``ls`` above its features. Returns the tensors'
+    ``D`` (``None`` when both are iterables)."""
     if isinstance(train, Tensor) and train.dim() == 2:
         n, d = train.shape
         if ls and max(ls) > d:
@@ -220,6 +270,7 @@ def _check_rows(train: Any, train_name: str, validation: Any, val_name: str,
             width = rows.shape[1]
         else:
             check_reiterable(rows, name)
+    return width
 
 
 def sweep_models(
@@ -231,6 +282,7 @@ def sweep_models(
     *,
     scale: float | None = None,
     on_row: Callable[[SelectionSweep], None] | None = None,
+    finished: SelectionSweep | None = None,
 ) -> SelectionSweep:
     """Fit one model per ``(K, L)`` in ``components × factors`` and compare them.
 
@@ -250,25 +302,52 @@ def sweep_models(
             (256) to report validation bits/dim; ``None``: no bits/dim.
         on_row: called after each fit but the last, once a row has a finite validation
             score, with the sweep so far (``complete=False``): to save it as it goes.
+        finished: an earlier sweep of the same data and ``fit_fn`` (a partial one given to
+            ``on_row``, or :meth:`SelectionSweep.load` of its JSON) to resume: its rows
+            (and :attr:`~SelectionSweep.outside_grid`) whose ``(K, L)`` is in the grid are
+            taken as they are (bits/dim recomputed for ``scale``), only the other cells are
+            fitted, failed rows included; its rows outside the grid are returned in
+            ``outside_grid``. Cells are matched by the ``(K, L)`` a row records, so
+            ``fit_fn`` must return the sizes asked for. Whether the settings match is the
+            caller's to check (:func:`select_run` does).
 
     Returns:
-        A :class:`SelectionSweep`.
+        A :class:`SelectionSweep`, rows in grid order.
 
     Raises:
-        ValueError: a bad grid or data (before any fit), or no fit with a finite validation
-            score (after the sweep).
+        ValueError: a bad grid or data (before any fit), a ``finished`` sweep of another
+            ``D``, a fit of other sizes than asked while resuming, or no fit with a finite
+            validation score (after the sweep).
     """
+    from mfa.selection_resume import rows_by_cell
+
     ks = _grid(components, "components", 1)
     ls = _grid(factors, "factors", 0)
     if validation is None:
         raise ValueError("sweep_models needs validation data (the main criterion)")
-    _check_rows(train, "train", validation, "validation", ks, ls)
+    n_features = _check_rows(train, "train", validation, "validation", ks, ls)
     if scale is not None:
         bits_per_dim(0.0, 1, scale=scale)  # a bad scale refused before any fit, not after all
     candidates = [(k, lat) for lat in ls for k in ks]
-    rows: list[dict] = []
-    best: tuple[dict, Any] | None = None  # the best row by validation so far and its model
-    n_features = None
+    done: dict[tuple[int, int], dict] = {}  # the rows of the cells fitted or read back
+    outside: list[dict] = []
+    if finished is not None:
+        if not isinstance(finished, SelectionSweep):
+            raise TypeError(f"finished must be a SelectionSweep, got {type(finished).__name__}")
+        if n_features is not None and finished.n_features != n_features:
+            raise ValueError(f"the finished sweep has {finished.n_features} features but the "
+                             f"data have {n_features}")
+        n_features = finished.n_features
+        pool = rows_by_cell([*finished.rows, *finished.outside_grid], "finished")
+        for cell, row in pool.items():  # (copies: the finished sweep's rows stay as they are)
+            if cell not in candidates:  # (no marks: they are not in this sweep's table)
+                outside.append(row | {"best_val": False, "best_bic": False})
+            elif row["error"] is None:
+                val = row["val_log_likelihood"]
+                done[cell] = row | {"val_bits_per_dim": None if scale is None or val is None
+                                    else float(bits_per_dim(val, n_features, scale=scale))}
+    n_reused = len(done)
+    fitted: tuple[dict, Any] | None = None  # the best row by validation fitted now, its model
     fitting: list[float] = []  # the fit's own seconds (not the scoring passes after it)
 
     def timed_fit(k: int, lat: int):
@@ -278,7 +357,19 @@ def sweep_models(
         finally:
             fitting.append(time.perf_counter() - started)
 
-    for k, lat in candidates:
+    def sweep(rows: list[dict], complete: bool) -> SelectionSweep | None:
+        best = _best_by_val(rows)
+        if best is None:
+            return None
+        model = fitted[1] if fitted is not None and best is fitted[0] else None
+        if not complete:  # marked on copies: a later marking rewrote a partial sweep's rows
+            copies = [dict(r) for r in rows]
+            best = next(c for c, r in zip(copies, rows, strict=True) if r is best)
+            rows = copies
+        return _marked(rows, (best, model), n_features, scale, complete,
+                       outside_grid=list(outside), n_reused=n_reused)
+
+    for k, lat in (cell for cell in candidates if cell not in done):
         fitting.clear()
         started = time.perf_counter()
         try:
@@ -286,40 +377,57 @@ def sweep_models(
                                   validation=validation)
         except FIT_ERRORS as error:  # recorded; the sweep goes on
             logger.warning("K=%d, L=%d failed: %s: %s", k, lat, type(error).__name__, error)
-            rows.append(dict.fromkeys(COLUMNS) | {
+            done[k, lat] = dict.fromkeys(COLUMNS) | {
                 "K": k, "L": lat,
                 "fit_seconds": fitting[0] if fitting else time.perf_counter() - started,
                 "best_val": False, "best_bic": False,
-                "error": f"{type(error).__name__}: {(str(error) or '-').splitlines()[0]}"})
+                "error": f"{type(error).__name__}: {(str(error) or '-').splitlines()[0]}"}
         else:
             r, model = result.rows[0], result.best_model
+            if finished is not None and (r["K"], r["L"]) != (k, lat):
+                raise ValueError(f"fit_fn({k}, {lat}) returned a model of K={r['K']}, "
+                                 f"L={r['L']}: a resumed sweep matches rows to cells by size")
+            if finished is not None and int(model.n_features) != n_features:
+                raise ValueError(f"fit_fn({k}, {lat}) returned a model of "
+                                 f"{model.n_features} features; the finished sweep has "
+                                 f"{n_features}")
             n_features = n_features or int(model.n_features)
             bpd = None if scale is None else float(
                 bits_per_dim(r["val_log_lik"], n_features, scale=scale))
-            rows.append({"K": r["K"], "L": r["L"], "n_params": r["n_params"],
-                         "train_log_likelihood": r["mean_log_lik"],
-                         "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
-                         "bic": r["bic"], "aic": r["aic"], "fit_seconds": fitting[0],
-                         "best_val": False, "best_bic": False, "error": None})
+            done[k, lat] = {"K": r["K"], "L": r["L"], "n_params": r["n_params"],
+                            "train_log_likelihood": r["mean_log_lik"],
+                            "val_log_likelihood": r["val_log_lik"], "val_bits_per_dim": bpd,
+                            "bic": r["bic"], "aic": r["aic"], "fit_seconds": fitting[0],
+                            "best_val": False, "best_bic": False, "error": None}
             score = r["val_log_lik"]
-            if math.isfinite(score) and (best is None or score > best[0]["val_log_likelihood"]):
-                best = (rows[-1], model)
-        if on_row is not None and best is not None and len(rows) < len(candidates):
-            # marked on copies: a later marking rewrote the rows of a partial sweep kept
-            copies = [dict(r) for r in rows]
-            mark = next(c for c, r in zip(copies, rows, strict=True) if r is best[0])
-            on_row(_marked(copies, (mark, best[1]), n_features, scale, complete=False))
-    if best is None:
+            if math.isfinite(score) and (fitted is None
+                                         or score > fitted[0]["val_log_likelihood"]):
+                fitted = (done[k, lat], model)
+        if on_row is not None and len(done) < len(candidates):
+            partial = sweep([done[c] for c in candidates if c in done], complete=False)
+            if partial is not None:
+                on_row(partial)
+    rows = [done[c] for c in candidates]
+    result = sweep(rows, complete=True)
+    if result is None:
         raise ValueError("no (K, L) of the sweep gave a finite validation log-likelihood: "
                          + "; ".join(f"K={r['K']}, L={r['L']}: {r['error'] or 'not finite'}"
                                      for r in rows))
-    return _marked(rows, best, n_features, scale, complete=True)
+    return result
+
+
+def _best_by_val(rows: list[dict]) -> dict | None:
+    """The row of the highest finite validation log-likelihood (ties: the first)."""
+    scored = [r for r in rows if r["val_log_likelihood"] is not None
+              and math.isfinite(r["val_log_likelihood"])]
+    return max(scored, key=lambda r: r["val_log_likelihood"]) if scored else None
 
 
 def _marked(rows: list[dict], best: tuple[dict, Any], n_features: int, scale: float | None,
-            complete: bool) -> SelectionSweep:
+            complete: bool, **extra: Any) -> SelectionSweep:
     """The sweep of ``rows`` with ``best`` (the best row by validation, its model) and the
-    lowest finite BIC marked (ties: the first in grid order)."""
+    lowest finite BIC marked (ties: the first in grid order); ``extra``: the sweep's other
+    fields."""
     for r in rows:
         r["best_val"] = r is best[0]
         r["best_bic"] = False
@@ -328,4 +436,4 @@ def _marked(rows: list[dict], best: tuple[dict, Any], n_features: int, scale: fl
     if best_bic is not None:
         best_bic["best_bic"] = True
     return SelectionSweep(list(rows), best[0], best_bic, best[1], n_features,
-                          complete=complete, scale=scale)
+                          complete=complete, scale=scale, **extra)

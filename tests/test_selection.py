@@ -548,3 +548,142 @@ def test_a_partial_sweep_keeps_its_marks_and_fit_seconds_time_the_fit_alone(data
 
     sweep = sweep_models(train, val, [1], [0], lambda k, lat: Slow(-1.0))
     assert sweep.rows[0]["fit_seconds"] < 0.1  # (the two scoring passes take 0.2 s)
+
+
+# ---------------------------------------------------------------------------- resuming
+
+
+def _without_time(rows):
+    return [{key: value for key, value in row.items() if key != "fit_seconds"} for row in rows]
+
+
+def test_a_resumed_sweep_fits_only_the_missing_cells_and_equals_an_uninterrupted_one(
+        data, tmp_path):
+    """An interrupted sweep kept its finished rows, but going on meant fitting them all
+    again. Resumed from its saved JSON it fits only the cells missing (a failed one
+    included) and ends with the uninterrupted sweep's rows, equal as floats."""
+    from mfa.selection import SelectionSweep
+
+    train, val = data
+    base, calls = fitter(train, {}), []
+
+    def fit(k, lat):
+        calls.append((k, lat))
+        return base(k, lat)
+
+    whole = sweep_models(train, val, [1, 3], [0, 1], fit, scale=256)
+
+    def stopped(k, lat):
+        if (k, lat) == (3, 0):
+            raise FloatingPointError("EM diverged")  # a failed row: fitted again on resume
+        if (k, lat) == (3, 1):
+            raise KeyboardInterrupt
+        return fit(k, lat)
+
+    partials = []
+    with pytest.raises(KeyboardInterrupt):
+        sweep_models(train, val, [1, 3], [0, 1], stopped, scale=256, on_row=partials.append)
+    partials[-1].save(tmp_path)  # (as select_run saves each)
+    finished = SelectionSweep.load(tmp_path / "selection.json")
+    assert [(r["K"], r["L"], r["error"] is None) for r in finished.rows] == [
+        (1, 0, True), (3, 0, False), (1, 1, True)]
+    assert not finished.complete and finished.best_model is None
+    calls.clear()
+    before = [dict(r) for r in finished.rows]
+    resumed = sweep_models(train, val, [1, 3], [0, 1], fit, scale=256, finished=finished)
+    assert calls == [(3, 0), (3, 1)]
+    assert resumed.complete and resumed.n_reused == 2 and resumed.outside_grid == []
+    assert _without_time(resumed.rows) == _without_time(whole.rows)  # (==: equal floats)
+    kept = {(r["K"], r["L"]): r["fit_seconds"] for r in finished.rows}
+    assert [r["fit_seconds"] for r in resumed.rows if r["K"] == 1] == [kept[1, 0], kept[1, 1]]
+    assert resumed.table().splitlines()[0] == whole.table().splitlines()[0]
+    best = (resumed.best_by_val["K"], resumed.best_by_val["L"])
+    assert best == (whole.best_by_val["K"], whole.best_by_val["L"])
+    assert (resumed.best_model is None) is (best in kept)
+    assert finished.rows == before  # (its marks too: the resumed sweep marks copies)
+
+
+def test_a_resumed_sweep_takes_a_new_grid_and_keeps_the_cells_outside_it(data, tmp_path):
+    """A larger grid fits only its new cells; the saved cells a smaller grid leaves out are
+    kept (outside the table, in the JSON's outside_grid) and reused when a grid has them
+    again."""
+    from mfa.selection import SelectionSweep
+
+    train, val = data
+    base, calls = fitter(train, {}), []
+
+    def fit(k, lat):
+        calls.append((k, lat))
+        return base(k, lat)
+
+    first = sweep_models(train, val, [1, 3], [1], fit)
+    calls.clear()
+    larger = sweep_models(train, val, [1, 3, 5], [1], fit, finished=first)
+    assert calls == [(5, 1)] and larger.rows[:2] == first.rows
+    calls.clear()
+    smaller = sweep_models(train, val, [3], [1], fit, finished=larger)
+    assert calls == [] and [(r["K"], r["L"]) for r in smaller.rows] == [(3, 1)]
+    assert [(r["K"], r["L"]) for r in smaller.outside_grid] == [(1, 1), (5, 1)]
+    assert not any(r["best_val"] or r["best_bic"] for r in smaller.outside_grid)
+    assert smaller.best_model is None  # (its only row was read back)
+    assert len(smaller.table().splitlines()) == 2
+    smaller.save(tmp_path)
+    record = json.loads((tmp_path / "selection.json").read_text())
+    assert [(r["K"], r["L"]) for r in record["outside_grid"]] == [(1, 1), (5, 1)]
+    assert len(list(csv.DictReader(open(tmp_path / "selection.csv", newline="")))) == 1
+    again = sweep_models(train, val, [1, 3, 5], [1], fit,
+                         finished=SelectionSweep.load(tmp_path / "selection.json"))
+    assert calls == [] and again.outside_grid == [] and again.n_reused == 3
+    assert again.rows == larger.rows  # (JSON floats read back exactly)
+
+
+def test_resume_refuses_a_finished_sweep_it_cannot_match(data, tmp_path):
+    from mfa.selection import SelectionSweep
+
+    train, val = data
+    finished = sweep_models(train, val, [1, 2], [0], lambda k, lat: _Scored(-float(k), k))
+    scored = lambda k, lat: _Scored(-1.0, k)  # noqa: E731
+    with pytest.raises(TypeError, match="finished must be a SelectionSweep"):
+        sweep_models(train, val, [1], [0], scored, finished=finished.rows)
+    with pytest.raises(ValueError, match="finished sweep has 6 features but the data have 5"):
+        sweep_models(train[:, :5], val[:, :5], [1], [0], scored, finished=finished)
+    with pytest.raises(ValueError, match=r"fit_fn\(3, 0\) returned a model of K=2, L=0"):
+        sweep_models(train, val, [3], [0], lambda k, lat: _Scored(-1.0, 2), finished=finished)
+    twice = SelectionSweep(finished.rows * 2, finished.rows[0], None, None, 6)
+    with pytest.raises(ValueError, match="finished: two rows have K=1, L=0"):
+        sweep_models(train, val, [1], [0], scored, finished=twice)
+    path = tmp_path / "selection.json"
+    for text, problem in [("{", "is not a sweep's JSON record"),
+                          ("[]", r"not a sweep's JSON record \(no list of rows\)"),
+                          ('{"rows": [], "n_features": 0}', "n_features=0"),
+                          ('{"rows": [{"K": 0, "L": 1}], "n_features": 6}', "K=0, L=1"),
+                          ('{"rows": [{"K": 1, "L": 1, "bic": "x", "fit_seconds": 1, '
+                           '"best_val": true, "best_bic": true}], "n_features": 6}',
+                           "invalid values for bic"),
+                          ('{"rows": [{"K": 1, "L": 1, "fit_seconds": 1, "best_val": true, '
+                           '"best_bic": false}], "n_features": 6}', "no row has a finite")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            SelectionSweep.load(path)
+
+
+def test_a_non_finite_score_read_back_stays_out_of_the_bests_and_the_plot(data, tmp_path):
+    """The JSON saves a score that is not finite as null: read back, that row is reused as
+    None (never the best) and the table and plot of the resumed sweep still draw."""
+    from mfa.selection import SelectionSweep
+
+    train, val = data
+    models = {1: _Scored(-3.0, 1), 2: _Scored(-math.inf, 2)}
+    sweep_models(train, val, [1, 2], [0], lambda k, lat: models[k]).save(tmp_path)
+    finished = SelectionSweep.load(tmp_path / "selection.json")
+    assert finished.rows[1]["val_log_likelihood"] is None and finished.rows[1]["error"] is None
+
+    def refit(k, lat):
+        raise AssertionError("nothing is left to fit")
+
+    resumed = sweep_models(train, val, [1, 2], [0], refit, finished=finished)
+    assert resumed.best_by_val["K"] == 1 and resumed.n_reused == 2
+    assert resumed.table().splitlines()[2].split()[:4] == ["2", "0", "25", "-"]
+    resumed.save(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "selection.json").read_text())["rows"] == json.loads(
+        (tmp_path / "selection.json").read_text())["rows"]
