@@ -244,7 +244,8 @@ def cmd_select(args) -> int:
     config = load_config(config_path, overrides=args.set or [])
     out = None if args.out is None else run_io.given_path(args.out, "--out")  # ("": not ".")
     sweep, paths = select_run(config, args.components, args.factors, out,
-                              method=args.method, overwrite=args.overwrite)
+                              method=args.method, overwrite=args.overwrite,
+                              resume=args.resume)
     print(sweep.table())
     best, by_bic = sweep.best_by_val, sweep.best_by_bic
     score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
@@ -425,8 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("em", "sgd"), help="override train.method")
     p.add_argument("--out", metavar="DIR", help="folder for selection.{csv,md,json,png} "
                    "(default: <output.dir>/select-<dataset>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier sweep's selection.* files in that folder")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier sweep's selection.* files in that folder")
+    again.add_argument("--resume", action="store_true",
+                       help="continue the sweep saved in that folder: fit only the (K, L) its "
+                       "selection.json lacks or failed, read the others back (refused if it "
+                       "was made with other settings or images; saved (K, L) outside the grid "
+                       "stay in the JSON); with nothing saved, fit them all")
     p.set_defaults(func=cmd_select)
 
     p = command("visualize", "mean, noise and factor columns per component")
@@ -465,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = (" (a run that wrote a checkpoint keeps its last one: continue with `mfa train "
                 "--resume RUN`; one stopped before its first checkpoint was removed, unless "
                 "it held finished hierarchical stages: `--resume` starts it over, reusing them)"
-                if args.func is cmd_train else "")
+                if args.func is cmd_train else " (any finished fits are kept in selection.json: "
+                "rerun the same command with --resume to fit only the rest)"
+                if args.func is cmd_select else "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, ArithmeticError, RuntimeError, MemoryError) as err:

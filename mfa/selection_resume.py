@@ -1,18 +1,108 @@
-"""Resuming a sweep: the checks of a finished sweep's rows before they are reused
-(:func:`rows_by_cell`, for :func:`mfa.selection.sweep_models`' ``finished`` and
-:meth:`mfa.selection.SelectionSweep.load`).
+"""What a saved ``mfa select`` sweep records so that it can be resumed, and a resume's checks.
+
+``selection.json`` is the sweep's source of truth (:meth:`mfa.selection.SelectionSweep.save`):
+besides its rows it records the settings that decide what a fit computes
+(:func:`sweep_settings`) and a digest of the training and validation images
+(:func:`data_digest`). :func:`mfa.selection.select_run` with ``resume=True`` reads it back
+(:meth:`mfa.selection.SelectionSweep.load`, whose rows :func:`rows_by_cell` checks) and
+refuses it where a setting or the images differ (:func:`check_same_sweep`, naming each
+difference): its rows would not compare with the rows fitted now.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["rows_by_cell"]
+import torch
+
+__all__ = ["FREE_KEYS", "check_same_sweep", "data_digest", "rows_by_cell", "sweep_settings"]
+
+#: Config keys a resume may change: where the data files are and how they are read, and the
+#: grid's own sizes (``--components`` and ``--factors`` set them). Also free: ``output.*``,
+#: ``data.missing.*`` (a sweep refuses missing data), the other trainers' sections, and the
+#: chosen trainer's ``progress`` and ``checkpoint_every`` (a sweep saves no checkpoint).
+FREE_KEYS = frozenset({"data.root", "data.download", "data.num_workers",
+                       "model.n_components", "model.n_factors"})
 
 _NUMBERS = ("n_params", "train_log_likelihood", "val_log_likelihood", "val_bits_per_dim",
             "bic", "aic", "fit_seconds")
 _FLAGS = ("best_val", "best_bic")
+
+
+def sweep_settings(config: Any, device: torch.device) -> dict[str, Any]:
+    """The dotted keys of ``config`` (a :class:`~mfa.config.RunConfig`) that decide what a
+    sweep's fits compute, with their values: ``data.*``, ``model.noise``, ``model.min_noise``,
+    ``seed``, ``train.method`` and its trainer's section, but :data:`FREE_KEYS` and the keys
+    listed with them; ``device`` and the trainer's ``device`` are the device types the fits
+    ran on (``"cpu"``, ``"cuda"``: a CPU's and a GPU's sums round differently, and their fit
+    times are not comparable), ``device`` given as resolved by
+    :func:`mfa.config.resolve_device`."""
+    from mfa.config import config_to_dict, resolve_device
+    from mfa.config_text import dotted_leaves
+
+    method = config.train.method
+    section = f"train.{method}."
+    settings = {}
+    for key, value in dotted_leaves(config_to_dict(config)).items():
+        if (key in FREE_KEYS or key.startswith(("output.", "data.missing."))
+                or key in (f"{section}progress", f"{section}checkpoint_every")
+                or (key.startswith("train.") and key != "train.method"
+                    and not key.startswith(section))):
+            continue
+        settings[key] = value
+    settings["device"] = device.type
+    own = settings.get(f"{section}device")
+    settings[f"{section}device"] = device.type if own is None else resolve_device(own).type
+    return json.loads(json.dumps(settings))  # (as read back: tuples are lists)
+
+
+def data_digest(train_pixels: torch.Tensor, val_pixels: torch.Tensor) -> str:
+    """SHA-256 (hex) of the training and validation images, uint8 ``[N, D]`` each: their
+    shapes and pixels, the rows a sweep fits and scores (with ``data.seed``, which the
+    settings hold, they fix the dequantised rows too)."""
+    digest = hashlib.sha256()
+    for pixels in (train_pixels, val_pixels):
+        digest.update(repr(tuple(pixels.shape)).encode())
+        digest.update(pixels.detach().cpu().contiguous().numpy())
+    return digest.hexdigest()
+
+
+def check_same_sweep(record: dict, settings: dict[str, Any], digest: str, where: str) -> None:
+    """Refuse to resume the sweep ``record`` (``selection.json``, read from ``where``) with
+    the run's ``settings`` (:func:`sweep_settings`) and image ``digest`` (:func:`data_digest`)
+    where they differ from the recorded ones, or where it records none (saved before a sweep
+    could be resumed).
+
+    Raises:
+        ValueError: naming each differing key with its saved and current value.
+    """
+    how = ("; rerun with the saved values, or pass --overwrite (or another --out folder) to "
+           "start a new sweep")
+    saved = record.get("settings")
+    if not isinstance(saved, dict) or not isinstance(record.get("data_digest"), str):
+        raise ValueError(f"cannot resume the sweep in {where}: it records no settings (saved "
+                         "before mfa select could resume), so its rows cannot be checked "
+                         "against this run's; pass --overwrite (or another --out folder) to "
+                         "start a new sweep")
+    missing = object()
+    differ = [f"{key} (saved {_shown(saved, key)}, now {_shown(settings, key)})"
+              for key in sorted({*saved, *settings})
+              if saved.get(key, missing) != settings.get(key, missing)]
+    if differ:
+        raise ValueError(f"cannot resume the sweep in {where}: it was fitted with other "
+                         f"settings, so its rows would not compare with fits made now: "
+                         f"{'; '.join(differ)}{how}")
+    if record["data_digest"] != digest:
+        raise ValueError(f"cannot resume the sweep in {where}: its settings match, but the "
+                         "training or validation images are not those it was fitted on (did "
+                         f"the files under data.root change?){how}")
+
+
+def _shown(settings: dict, key: str) -> str:
+    return repr(settings[key]) if key in settings else "not set"
 
 
 def rows_by_cell(rows: Sequence[Any], where: str) -> dict[tuple[int, int], dict]:

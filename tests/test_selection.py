@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -687,3 +688,150 @@ def test_a_non_finite_score_read_back_stays_out_of_the_bests_and_the_plot(data, 
     resumed.save(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "selection.json").read_text())["rows"] == json.loads(
         (tmp_path / "selection.json").read_text())["rows"]
+
+
+def _saved(out):
+    record = json.loads((out / "selection.json").read_text())
+    return record, list(csv.DictReader(open(out / "selection.csv", newline="")))
+
+
+def test_mfa_select_resume_after_two_interruptions_equals_an_uninterrupted_sweep(
+        tmp_path, monkeypatch, caplog):
+    """`mfa select` stopped by Ctrl-C kept its rows but could only start again
+    (--overwrite). --resume fits the missing (K, L) only, a resume stopped in turn keeps the
+    rows it read back, and the last one's files equal an uninterrupted sweep's."""
+    caplog.set_level(logging.INFO, logger="mfa")
+    real_fit, calls, stop_at = EMTrainer.fit, [], []
+
+    def fit(self, model, *args, **kwargs):
+        if model.n_components in stop_at:
+            raise KeyboardInterrupt
+        calls.append(model.n_components)
+        return real_fit(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(EMTrainer, "fit", fit)
+    grid = ("--components", 1, 2, 3, "--factors", 1)
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), *grid,
+                              "--out", tmp_path / "whole")
+    assert code == 0, stderr
+    out = tmp_path / "resumed"
+    stop_at[:] = [2]
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), *grid, "--out", out)
+    assert code == 130 and "rerun the same command with --resume to fit only the rest" in stderr
+    first_row = _saved(out)[0]["rows"][0]
+    stop_at[:] = [3]
+    calls.clear()
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), *grid, "--out", out,
+                              "--resume")
+    assert code == 130 and calls == [2]
+    record, _ = _saved(out)
+    assert record["complete"] is False and [r["K"] for r in record["rows"]] == [1, 2]
+    unmarked = lambda row: {k: v for k, v in row.items() if k not in ("best_val",  # noqa: E731
+                                                                       "best_bic")}
+    assert unmarked(record["rows"][0]) == unmarked(first_row)  # (read back, saved as it was)
+    stop_at[:] = []
+    calls.clear()
+    code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), *grid,
+                                   "--out", out, "--resume")
+    assert code == 0 and calls == [3], stderr
+    assert "resuming the sweep in" in caplog.text
+    assert "2 of the 3 (K, L) read back, 1 to fit" in caplog.text
+    (whole, whole_csv), (resumed, resumed_csv) = _saved(tmp_path / "whole"), _saved(out)
+    assert resumed["complete"] is True
+    assert unmarked(resumed["rows"][0]) == unmarked(first_row)
+    assert _without_time(resumed["rows"]) == _without_time(whole["rows"])  # equal floats
+    assert _without_time(resumed_csv) == _without_time(whole_csv)
+    assert {k: v for k, v in resumed.items() if k != "rows"} == {
+        k: v for k, v in whole.items() if k != "rows"}
+    assert stdout.splitlines()[0].split()[:4] == ["K", "L", "params", "val"]
+
+
+def test_mfa_select_resume_refuses_a_sweep_of_other_settings(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mfa")
+    out = tmp_path / "sel"
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", out)
+    assert code == 0, stderr
+    saved = {p.name: p.read_bytes() for p in out.glob("selection.*")}
+    code, _, stderr = run_cli("select", "--config", CONFIG,
+                              *sets(*TINY, "seed=1", "train.em.max_iter=3"),
+                              "--components", 2, "--factors", 1, "--out", out, "--resume")
+    assert code == 2 and "it was fitted with other settings" in stderr
+    assert "seed (saved 0, now 1); train.em.max_iter (saved 2, now 3)" in stderr
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY, "data.limit=100"),
+                              "--components", 2, "--factors", 1, "--out", out, "--resume")
+    assert code == 2 and "data.limit (saved 120, now 100)" in stderr
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--method", "sgd",
+                              "--out", out, "--resume")
+    assert code == 2 and "train.method (saved 'em', now 'sgd')" in stderr
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), "--components", 2,
+                              "--factors", 1, "--out", out, "--resume", "--overwrite")
+    assert code == 2 and "--overwrite: not allowed with argument --resume" in stderr
+    from mfa.config import load_config
+    from mfa.run_select import select_run
+
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        select_run(load_config(CONFIG, TINY), [2], [1], out, resume=True, overwrite=True)
+    record = json.loads(saved["selection.json"])
+    for change, problem in [({"data_digest": "0" * 64}, "the training or validation images "
+                             "are not those it was fitted on"),
+                            ({"settings": None}, "it records no settings")]:
+        (out / "selection.json").write_text(json.dumps(record | change))
+        code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                  "--components", 2, "--factors", 1, "--out", out, "--resume")
+        assert code == 2 and problem in stderr
+    (out / "selection.json").unlink()
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                              "--components", 2, "--factors", 1, "--out", out, "--resume")
+    assert code == 2 and "holds selection.csv, selection.md, selection.png but no " \
+        "selection.json" in stderr
+    (out / "selection.json").write_bytes(saved["selection.json"])
+    assert {p.name: p.read_bytes() for p in out.glob("selection.*")} == saved
+    # what may differ: where the data are read from and how, progress
+    code, _, stderr = run_cli("select", "--config", CONFIG,
+                              *sets(*TINY, "data.num_workers=1", "train.em.progress=true",
+                                    "output.dir=elsewhere"),
+                              "--components", 2, "--factors", 1, "--out", out, "--resume")
+    assert code == 0 and "1 of the 1 (K, L) read back, 0 to fit" in caplog.text, stderr
+
+
+def test_mfa_select_resume_with_nothing_saved_fits_every_cell(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="mfa")
+    code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                   "--components", 2, "--factors", 1,
+                                   "--out", tmp_path / "new", "--resume")
+    assert code == 0, stderr
+    assert "nothing to resume in" in caplog.text and "fitting every (K, L)" in caplog.text
+    assert json.loads((tmp_path / "new" / "selection.json").read_text())["complete"] is True
+
+
+def test_mfa_select_resume_on_a_new_grid_keeps_the_saved_cells_outside_it(tmp_path,
+                                                                          monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="mfa")
+    calls, real_fit = [], EMTrainer.fit
+
+    def fit(self, model, *args, **kwargs):
+        calls.append((model.n_components, model.n_factors))
+        return real_fit(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(EMTrainer, "fit", fit)
+    out = tmp_path / "sel"
+    for grid, fitted in [((1, 2), [(1, 1), (2, 1)]), ((2, 3), [(3, 1)]), ((1, 2, 3), [])]:
+        calls.clear()
+        code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                       "--components", *grid, "--factors", 1, "--out", out,
+                                       "--resume")
+        assert code == 0 and calls == fitted, stderr
+        record, rows = _saved(out)
+        assert [int(r["K"]) for r in rows] == [r["K"] for r in record["rows"]] == list(grid)
+        assert [line.split()[0] for line in stdout.splitlines()[1:1 + len(grid)]] == [
+            str(k) for k in grid]
+    assert record["outside_grid"] == [] and record["grid"]["components"] == [1, 2, 3]
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), "--components", 3,
+                              "--factors", 1, "--out", out, "--resume")
+    assert code == 0 and "2 saved (K, L) not in this grid (K=1, L=1; K=2, L=1) stay in " \
+        "selection.json's outside_grid" in caplog.text, stderr
+    record, rows = _saved(out)
+    assert [r["K"] for r in record["outside_grid"]] == [1, 2] and len(rows) == 1
+
