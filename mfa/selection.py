@@ -309,7 +309,7 @@ def sweep_models(
             fitted, failed rows included; its rows outside the grid are returned in
             ``outside_grid``. Cells are matched by the ``(K, L)`` a row records, so
             ``fit_fn`` must return the sizes asked for. Whether the settings match is the
-            caller's to check (:func:`select_run` does).
+            caller's to check (:func:`mfa.run_select.select_run` does).
 
     Returns:
         A :class:`SelectionSweep`, rows in grid order.

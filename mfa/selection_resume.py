@@ -3,7 +3,7 @@
 ``selection.json`` is the sweep's source of truth (:meth:`mfa.selection.SelectionSweep.save`):
 besides its rows it records the settings that decide what a fit computes
 (:func:`sweep_settings`) and a digest of the training and validation images
-(:func:`data_digest`). :func:`mfa.selection.select_run` with ``resume=True`` reads it back
+(:func:`data_digest`). :func:`mfa.run_select.select_run` with ``resume=True`` reads it back
 (:meth:`mfa.selection.SelectionSweep.load`, whose rows :func:`rows_by_cell` checks) and
 refuses it where a setting or the images differ (:func:`check_same_sweep`, naming each
 difference): its rows would not compare with the rows fitted now.
