@@ -158,7 +158,11 @@ def fit_complete(
         if lat < d:
             sigma2 = ((total_var.sum() - top.sum()) / (d - lat)).clamp_min(floor)
         else:
-            sigma2 = torch.tensor(floor, dtype=torch.float64, device=x.device)
+            # No variance is left beside the top L = D: half the smallest eigenvalue goes to
+            # the noise, so A Aᵀ + σ²I is still the cluster's covariance. At the floor, with A
+            # of full rank, E[z] reproduced x exactly and EM's regression returned the same A
+            # and μ: it stopped after 2 iterations, "converged", at the initial fit.
+            sigma2 = (top[-1] / 2).clamp_min(floor)
         n_top = top.shape[0]
         scale = (top - sigma2).clamp_min(0.0).sqrt()
         cluster_loadings = torch.zeros(d, lat, dtype=torch.float64, device=x.device)
@@ -171,8 +175,8 @@ def fit_complete(
             noise_var[c] = total_var.clamp_min(floor).to(dtype)
             continue
         fa_noise = (total_var - (cluster_loadings**2).sum(-1)).clamp_min(floor)
-        cluster_loadings, fa_noise = _factor_analysis(
-            centred, total_var, cluster_loadings, fa_noise, fa_iter, floor
+        cluster_loadings, fa_noise = _factor_analysis(  # (L = D: any noise fits exactly)
+            centred, total_var, cluster_loadings, fa_noise, fa_iter if lat < d else 0, floor
         )
         loadings[c] = cluster_loadings.to(dtype)
         noise_var[c] = fa_noise.to(dtype)

@@ -171,7 +171,8 @@ def test_fit_complete_flat_clusters_get_the_pooled_variance():
 
 
 def test_fit_complete_full_rank_factors():
-    """n_factors = D: the noise sits at the floor and A Aᵀ + diag(d) is the sample covariance."""
+    """n_factors = D: A Aᵀ + diag(d) is the sample covariance, with half its smallest
+    eigenvalue as the noise (at the floor, EM could not move from it: test_em)."""
     x = torch.randn(200, 3, generator=gen(2), dtype=F64) @ torch.tensor(
         [[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]], dtype=F64
     )
@@ -179,6 +180,10 @@ def test_fit_complete_full_rank_factors():
     model = fit_complete(x, lab, 1, 3, "isotropic", variance_floor=1e-8)
     cov = torch.cov(x.T, correction=0)
     torch.testing.assert_close(model.covariance()[0].detach(), cov, rtol=1e-6, atol=1e-7)
+    half = torch.linalg.eigvalsh(cov)[0] / 2
+    torch.testing.assert_close(model.noise_variance[0].detach(), half.expand(3))
+    diagonal = fit_complete(x, lab, 1, 3, "diagonal", variance_floor=1e-8)
+    torch.testing.assert_close(diagonal.covariance()[0].detach(), cov, rtol=1e-6, atol=1e-7)
 
 
 def test_fit_complete_errors(labelled):
