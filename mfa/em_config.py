@@ -24,7 +24,9 @@ class EMConfig:
 
     max_iter: int = 100  # EM iterations (full passes over the data)
     tol: float = 1e-4  # stop when the MAP objective per sample (mfa.priors) gains less than this
-    batch_size: int = 4096  # rows per streamed batch; the result does not depend on it
+    # Rows per streamed batch. A float64 model's result does not depend on it (up to ~1e-13);
+    # a float32 model's sums round differently, which can move where tol or patience stops.
+    batch_size: int = 4096
     variance_floor: float = 1e-6  # hard lower bound of every noise variance after each M-step
     # MAP EM (mfa.priors): an inverse-gamma prior of noise_prior_strength pseudo-rows of variance
     # noise_prior_variance on every noise variance ("auto": chosen on validation data inside

@@ -265,4 +265,4 @@ def _check_norms(x: Tensor, x_norm: Tensor) -> None:
             f"input values too large for {x.dtype}: the rows' squared norms overflow "
             f"(largest |x| is {x.abs().max().item():.3g}; squares overflow above |x| ≈ "
             f"{finfo.max ** 0.5 / max(1, x.shape[1]) ** 0.5:.3g} in {x.shape[1]} features). "
-            "Rescale the data or use a float64 model")
+            "Rescale the data" + ("" if x.dtype == torch.float64 else " or use a float64 model"))

@@ -101,7 +101,13 @@ def warn_if_floored(stats: SufficientStatistics, floor: float, stacklevel: int =
     below the same rows rescaled, silently). Image rows in ``[0, 1]`` have variances near
     0.1."""
     largest = float(training_variance(stats).max())
-    if largest == 0.0:  # (one row, or identical rows: rescaling cannot help)
+    # Identical rows, summed over several components, leave a rounding residue (5e-48 for
+    # float64 rows near 1, 4e-25 for float32 ones) rather than 0: within (16·ε·|x|)² of it,
+    # ε float32's (a float32 model's sums may be float64), they do not vary.
+    mean = stats.sum_x.sum(0) / stats.mass.sum()
+    magnitude = float((stats.reference + mean).abs().max())
+    residue = (16 * torch.finfo(torch.float32).eps * magnitude) ** 2
+    if largest <= residue:  # (one row, or identical rows: rescaling cannot help)
         warnings.warn(
             f"the training rows do not vary ({float(stats.mass.sum()):.6g} row(s), every "
             "feature constant): every noise variance sits at the floor and the noise prior's "
