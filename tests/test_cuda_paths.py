@@ -9,11 +9,13 @@ marginals, conditionals, masked likelihoods, inpainting, KDE, metrics, sampling 
 
 TF32 is switched off for the comparisons (a fixture), so float32 products on the GPU are
 IEEE float32 like the CPU's; ``benchmarks/bench_gpu.py`` measures what TF32 costs in accuracy.
+``MFA_CUDA_TEST_DEVICE=cpu`` runs them CPU against CPU (a dry run of the test code only).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -38,11 +40,12 @@ try:  # the KDE constructor's home after the package restructuring
 except ImportError:  # before it: a classmethod
     kde = MixtureOfFactorAnalyzers.kde
 
-DEVICE = "cuda"
+DEVICE = os.environ.get("MFA_CUDA_TEST_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),  # the CPU halves are tiny problems
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+                       reason="needs a CUDA device"),
 ]
 F64 = torch.float64
 
