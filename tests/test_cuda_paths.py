@@ -113,13 +113,23 @@ def _kmeans_start(x):
     "stats_dtype", ["auto", "float64", "precise", "centred", "mixed", "centred32", "float32"])
 def test_float32_em_on_cuda_matches_cpu(stats_dtype):
     """A float32 model exercises the mode-specific products (a float64 model runs every
-    mode in float64); the same start on both devices, three iterations."""
+    mode in float64); the same start on both devices, three iterations, one mode: "auto"
+    runs on the device and the CPU runs the mode it stands for there ("float64" on GPUs with
+    full-rate float64, "centred" on others: mfa.precision.resolve_stats_dtype), which the
+    CPU's "auto" would not (it compared "float64" on the GPU with "centred"). No tempered
+    step: its decision sits within float32 rounding of its threshold on these rows (on the
+    CPU, changing batch_size alone flipped it in four of the five float32 modes, and so did
+    "centred" against "float64", moving the means by 0.03; without the step those two
+    agree to 6e-8); test_tempered_e_step_and_step_on_cuda_match_cpu compares it."""
+    from mfa.precision import resolve_stats_dtype
+
     x = _image_like()
     start = _kmeans_start(x)
     fitted = []
-    for device in ("cpu", DEVICE):
+    on_device = resolve_stats_dtype(stats_dtype, DEVICE, torch.float32)
+    for device, mode in (("cpu", on_device), (DEVICE, stats_dtype)):
         model = copy.deepcopy(start)
-        trainer = _em(model, x.to(device), device, stats_dtype=stats_dtype)
+        trainer = _em(model, x.to(device), device, stats_dtype=mode, tempered_step=False)
         assert model.means.device.type == torch.device(device).type
         fitted.append((model.cpu(), [h["train_log_likelihood"] for h in trainer.history]))
     (cpu, cpu_ll), (cuda, cuda_ll) = fitted
