@@ -313,7 +313,7 @@ def test_float32_e_step_with_an_ill_conditioned_component_on_cuda_matches_float6
     m32, m64, x = heywood_float32_models(4)
     ref = streamed_e_step(m64, DataSource(x.double(), m64, 512), "float64")
     on_device = _on(m32)
-    for mode in ("float64", "centred", "mixed", "float32"):
+    for mode in ("float64", "precise", "centred", "mixed", "centred32", "float32"):
         got = streamed_e_step(on_device, DataSource(x.to(DEVICE), on_device, 512), mode)
         for name in ("mass", "sum_x", "sum_x2", "sum_xz", "sum_z", "sum_zz", "log_likelihood"):
             value, expected = getattr(got, name).cpu(), getattr(ref, name)
