@@ -160,13 +160,24 @@ def check_bool(value: object, name: str) -> bool:
     return bool(value)
 
 
-def check_generator(generator: object, name: str = "generator", optional: bool = True) -> None:
+def check_generator(generator: object, name: str = "generator", optional: bool = True,
+                    device: torch.device | None = None) -> None:
     """``generator`` is a ``torch.Generator`` (or ``None`` when ``optional``): an int failed
     inside torch after the work before the draw; ``None`` where one is required drew from
-    torch's global generator."""
+    torch's global generator. With ``device``, the generator must be on it (torch failed at
+    the first draw, in ``conditional_sample`` after the first chunk's work)."""
     if not (isinstance(generator, torch.Generator) or (optional and generator is None)):
         raise TypeError(f"{name} must be a torch.Generator{' or None' if optional else ''}, "
                         f"got {type(generator).__name__}")
+    if generator is not None and device is not None and not _same_device(generator.device,
+                                                                         torch.device(device)):
+        raise ValueError(f"{name} is on {generator.device} but the model is on {device}: make "
+                         f"it with torch.Generator(device={str(device)!r})")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same type, and the same index where both name one (``cuda`` is ``cuda:0`` there)."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def check_seed(seed: object, name: str = "seed") -> int:

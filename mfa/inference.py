@@ -103,7 +103,8 @@ def inpaint(
             n_samples < 0:
         raise ValueError(f"n_samples must be an int >= 0, got {n_samples!r}")
     n_samples = int(n_samples)
-    check_generator(generator)  # (before the mean: an int failed inside torch after it)
+    check_generator(generator, device=model.device)  # (before the mean: an int failed inside
+    # torch after it)
     with torch.no_grad():
         mean = conditional_mean(model, x, observed)
     samples = [conditional_sample(model, x, observed, generator) for _ in range(n_samples)]

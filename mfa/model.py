@@ -97,11 +97,12 @@ class MixtureOfFactorAnalyzers(nn.Module):
         self.chunk_elements = int(chunk_elements)
 
         noise_width = n_features if noise == "diagonal" else 1
-        draw_on = generator.device if generator is not None else "cpu"
-        loadings = torch.randn(
-            n_components, n_features, n_factors, generator=generator, dtype=dtype, device=draw_on
-        ).to(device)
         self.logits = nn.Parameter(torch.zeros(n_components, **factory))
+        draw_on = generator.device if generator is not None else "cpu"
+        loadings = torch.randn(  # (moved where the others are: .to(None) left a CUDA
+            # generator's draw on the GPU and the rest on the CPU)
+            n_components, n_features, n_factors, generator=generator, dtype=dtype, device=draw_on
+        ).to(self.logits.device)
         self.loc = nn.Parameter(torch.zeros(n_components, n_features, **factory))
         self.loadings = nn.Parameter(loadings * (0.1 / max(1, n_factors) ** 0.5))
         self.raw_noise = nn.Parameter(
@@ -365,7 +366,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             ``(x, components)`` of shapes ``[n, D]`` and ``[n]`` (int64).
         """
         check_positive_int(n, "n", minimum=0)
-        sampling.check_options(generator, with_noise)
+        sampling.check_options(generator, with_noise, self.device)
         if n == 0:
             empty = self.loc.new_zeros(0, self.n_features).detach()
             return empty, torch.zeros(0, dtype=torch.long, device=self.device)
@@ -464,7 +465,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             ``[N, D]``.
         """
         x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
-        check_generator(generator)
+        check_generator(generator, device=self.device)
         with torch.no_grad():
             terms = self._masked_terms()
         return conditioning.conditional_sample(terms, x, observed, self.chunk_elements,

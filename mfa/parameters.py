@@ -10,6 +10,7 @@ values (weights, means, loadings, noise variances) into them.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -32,7 +33,7 @@ def check_config(
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
     if not (
-        isinstance(min_noise, (int, float)) and not isinstance(min_noise, bool)
+        isinstance(min_noise, numbers.Real) and not isinstance(min_noise, bool)
         and math.isfinite(min_noise) and min_noise >= 0
     ):
         raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")

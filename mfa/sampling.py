@@ -8,10 +8,12 @@ from torch import Tensor
 from mfa._validation import check_bool, check_generator
 
 
-def check_options(generator: object, with_noise: object) -> None:
-    """The sampling options, before any work: ``generator`` a ``torch.Generator`` or
-    ``None``, ``with_noise`` a bool (``'no'`` acted as ``True``, ``None`` as ``False``)."""
-    check_generator(generator)
+def check_options(generator: object, with_noise: object,
+                  device: torch.device | None = None) -> None:
+    """The sampling options, before any work: ``generator`` a ``torch.Generator`` (on
+    ``device`` when given) or ``None``, ``with_noise`` a bool (``'no'`` acted as ``True``,
+    ``None`` as ``False``)."""
+    check_generator(generator, device=device)
     check_bool(with_noise, "with_noise")
 
 

@@ -576,6 +576,11 @@ def test_constructor_validation():
         MFA(2, 3, 1, min_noise=-1.0)
     with pytest.raises(ValueError, match=r"min_noise must be a finite float >= 0, got True"):
         MFA(2, 3, 1, min_noise=True)  # was read as 1.0
+    import numpy as np  # (numpy numbers pass, as everywhere else: np.float32 was refused)
+
+    assert MFA(2, 3, 1, min_noise=np.float32(0.5)).min_noise == 0.5
+    with pytest.raises(ValueError, match=r"min_noise must be a finite float >= 0"):
+        MFA(2, 3, 1, min_noise=np.float32("nan"))
     p = random_parameters(2, 3, 1)  # integer means: the error blamed the weights' dtype
     with pytest.raises(TypeError, match=r"means must be floating point .* got torch.int64"):
         MFA.from_parameters(p["weights"], p["means"].long(), p["factor_loadings"],

@@ -122,3 +122,15 @@ def test_config_fields_take_numpy_numbers_and_store_python_ones():
         SGDConfig(epochs=np.float64(3.0)).validate()
     with pytest.raises(ValueError, match="SGDConfig.lr must be a finite number > 0"):
         SGDConfig(lr=np.float32("nan")).validate()
+
+
+def test_a_generator_on_another_device_than_the_model_is_refused_by_name():
+    """sample, conditional_sample and inpaint say the generator must be on the model's
+    device; one elsewhere failed inside torch at its first draw (conditional_sample: after
+    its first chunk's work). Checked against a device name here (no second device)."""
+    from mfa._validation import check_generator
+
+    check_generator(torch.Generator(), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"generator is on cpu but the model is on cuda:0: make "
+                                         r"it with torch.Generator\(device='cuda:0'\)"):
+        check_generator(torch.Generator(), device=torch.device("cuda:0"))
