@@ -56,6 +56,14 @@ def test_sampling_with_a_cuda_generator_is_reproducible():
     init = MixtureOfFactorAnalyzers(3, 6, 2, device="cuda",
                                     generator=torch.Generator(device="cuda").manual_seed(0))
     assert init.loadings.is_cuda
+    # Without device=, the model is on the default device, every parameter (the loadings
+    # stayed on the generator's GPU); a CPU generator for a CUDA model is refused by name.
+    cpu = MixtureOfFactorAnalyzers(3, 6, 2, generator=torch.Generator(device="cuda"))
+    assert {p.device.type for p in cpu.parameters()} == {"cpu"}
+    with pytest.raises(ValueError, match="generator is on cpu but the model is on cuda"):
+        model.sample(10, generator=torch.Generator())
+    with pytest.raises(ValueError, match="generator is on cpu but the model is on cuda"):
+        model.conditional_sample(x, observed, torch.Generator())
 
 
 @pytest.mark.parametrize(
