@@ -76,7 +76,10 @@ class EMTrainer:
             that run scored best on validation before its search (then the parameters also
             carry the earlier rounds' priors, and a fit with this ``s₀`` fixed is not the same
             fit); ``None`` when no search chose it: the config fixes ``s₀``, or ``"auto"`` had
-            no validation data (it then warns and uses ``quantization_variance``).
+            no validation data (it then warns and uses ``quantization_variance``). A
+            regulariser chosen for the validation score, not an estimate of the noise: on
+            rows with a planted noise variance, the default strength chose ~20× it while the
+            fitted noise variances matched it (a review, 2026-12-07).
             ``search_seconds``: the wall time of the last search (``None`` without one);
             ``selection_seconds``: that of every search and of the tempered step in the
             last call of ``fit`` together — what the automatic choice of ``s₀`` cost beyond
