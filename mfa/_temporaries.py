@@ -79,7 +79,7 @@ def _process_exists(pid: int) -> bool:
 
 
 def clean_stale_temporaries(
-    path: str | os.PathLike[str], max_age: float = STALE_TEMPORARY_AGE
+    path: str | os.PathLike[str], max_age: float = STALE_TEMPORARY_AGE, by_pid: bool = True
 ) -> list[Path]:
     """Remove the temporaries that writers of ``path`` killed mid-write left behind.
 
@@ -88,13 +88,17 @@ def clean_stale_temporaries(
     killer) leaves that file, full-size. A temporary is removed when its writer is gone: its
     pid names no process (or names this process, which is not writing it), or it has not been
     modified for ``max_age`` seconds (a pid reused by another process). The temporary of a
-    live writer is kept. ``save_checkpoint`` and ``load_checkpoint`` call this; resume code
-    may too. On a folder shared between machines, call it only where the writers run: a pid
-    is checked on this machine.
+    live writer is kept. ``save_checkpoint`` calls this; resume code may too. A pid is
+    checked on this machine (in this PID namespace), so on a folder shared with other
+    machines or containers call it only where the writers run; readers
+    (``load_checkpoint``) pass ``by_pid=False`` and remove only temporaries ``max_age`` old:
+    ``mfa sample`` on a run training in another container removed its live temporary, and
+    the run failed at its rename.
 
     Args:
         path: the checkpoint file (it need not exist).
         max_age: seconds without a write after which a temporary counts as abandoned.
+        by_pid: also remove younger temporaries whose pid names no process here.
 
     Returns:
         The removed files. Files that cannot be removed are logged and kept.
@@ -121,7 +125,7 @@ def clean_stale_temporaries(
             age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        if pid != os.getpid() and age < max_age and _process_exists(pid):
+        if age < max_age and (not by_pid or (pid != os.getpid() and _process_exists(pid))):
             continue
         try:
             os.unlink(entry.path)

@@ -450,11 +450,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
             values (a possible code-execution payload, refused before anything runs). A
             subclass of ``ValueError``; every message names the path.
 
-    Stale temporaries of ``path`` left by killed writers are removed first
-    (:func:`clean_stale_temporaries`).
+    Temporaries of ``path`` that writers left :data:`STALE_TEMPORARY_AGE` ago are removed
+    first (:func:`clean_stale_temporaries` without its pid check: a reader cannot tell a
+    writer in another container or on another machine from a dead one).
     """
     path = Path(path)
-    clean_stale_temporaries(path)
+    clean_stale_temporaries(path, by_pid=False)
     payload = _read(path, map_location)
     _check_payload(payload, path)
     model = _rebuild_model(payload, path)

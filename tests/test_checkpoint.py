@@ -581,16 +581,39 @@ def test_clean_stale_temporaries_keeps_those_of_live_writers(tmp_path):
         assert live.exists() and all(p.exists() for p in others)
         assert clean_stale_temporaries(path) == []
 
-        # A save keeps the live writer's temporary too; after the writer dies, a load removes it.
+        # A save keeps the live writer's temporary too; after the writer dies, a load keeps
+        # it (a reader cannot tell a dead writer from one in another container: below) and
+        # the next save removes it.
         save_checkpoint(path, make_model(seed=1))
         assert live.exists()
     finally:
         writer.kill()
         writer.wait()
     assert load_checkpoint(path).model.n_components == 3
+    assert live.exists()
+    save_checkpoint(path, make_model(seed=1))
     assert not live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["m.pt"] + [p.name for p in others])
+
+
+def test_a_load_removes_only_day_old_temporaries(tmp_path):
+    """Every per-run command loads the checkpoint; its load removed the temporaries whose pid
+    named no process here, which is also what a writer in another container or on another
+    machine sharing the folder looks like: ``mfa sample`` removed a training run's live
+    temporary and the run failed at its rename. A load now removes only those a day old."""
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, make_model())
+    elsewhere = tmp_path / f".m.pt.{_dead_pid()}.0a1b2c3d.tmp"  # (no such pid here)
+    abandoned = tmp_path / f".m.pt.{_dead_pid()}.0b1b2c3d.tmp"
+    for p in (elsewhere, abandoned):
+        p.write_bytes(b"PK\x03\x04 partial")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(abandoned, (two_days_ago, two_days_ago))
+    assert load_checkpoint(path).model.n_components == 3
+    assert elsewhere.exists() and not abandoned.exists()
+    assert clean_stale_temporaries(path, by_pid=False) == []
+    assert clean_stale_temporaries(path) == [elsewhere]  # (a writer's clean checks the pid)
 
 
 def test_clean_stale_temporaries_keeps_this_process_s_own_write_in_progress(tmp_path,
