@@ -52,7 +52,7 @@ def hold_run_folder(run_dir: Path, *, held: bool = True,
     if fcntl is None or not held:
         yield
         return
-    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    descriptor = _open_lock(run_dir, command)
     try:
         try:
             _lock_within(fcntl, descriptor, RETRY_SECONDS)
@@ -67,11 +67,41 @@ def hold_run_folder(run_dir: Path, *, held: bool = True,
                            "refused", run_dir / LOCK_NAME, error.strerror, command)
             yield
             return
+        _check_ours(descriptor, run_dir)
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()} {command}\n".encode(), 0)
         yield
     finally:
         os.close(descriptor)
+
+
+def _open_lock(run_dir: Path, command: str) -> int:
+    """The descriptor of ``run_dir/.lock``, made if missing; not through a symbolic link (it
+    was truncated and overwritten wherever the link pointed)."""
+    path = run_dir / LOCK_NAME
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(f"{path} is a symbolic link, where `{command}` keeps its lock file: "
+                          "remove or rename it") from None
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise OSError(f"`{command}` writes in {run_dir}, which cannot be written here "
+                          f"({error.strerror}: {path}): copy the folder to a writable place "
+                          "and run this on the copy") from None
+        raise
+
+
+def _check_ours(descriptor: int, run_dir: Path) -> None:
+    """Refuse a ``.lock`` that holds something else than a holder's ``"<pid> <command>"``
+    (another tool's file of that name, which the lock would overwrite)."""
+    text = os.pread(descriptor, 4096, 0).decode(errors="replace")
+    first, *rest = text.split("\n", 1) if text else [""]
+    pid, _, _ = first.partition(" ")
+    if text and not (pid.isdigit() and (not rest or not rest[0].strip())):
+        raise OSError(f"{run_dir / LOCK_NAME} holds a file mfa did not write (it keeps its "
+                      "lock there and would overwrite it): move it away, or use another "
+                      "folder")
 
 
 #: How long :func:`hold_run_folder` waits for a lock that is held (a :func:`holder_of` of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import threading
@@ -47,3 +48,48 @@ def test_a_lock_held_on_is_refused_naming_the_holder(tmp_path):
             with hold_run_folder(tmp_path, command="mfa select"):
                 pass
         assert time.monotonic() - started < 5  # (a bounded wait)
+
+
+def test_a_lock_file_that_is_a_link_or_another_tools_file_is_left_as_it_is(tmp_path):
+    """The lock was opened through a symbolic link and truncated: a user's notes that a
+    `.lock` link pointed at (or a `.lock` of another tool in an --out folder) were replaced
+    by "<pid> mfa select". Both are refused now, the file untouched."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes: do not lose\n")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / LOCK_NAME).symlink_to(notes)
+    with pytest.raises(OSError, match=r"\.lock is a symbolic link, where `mfa select` keeps"):
+        with hold_run_folder(linked, command="mfa select"):
+            pass
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / LOCK_NAME).write_text("another tool's lock: job 17\n")
+    with pytest.raises(OSError, match=r"\.lock holds a file mfa did not write"):
+        with hold_run_folder(foreign):
+            pass
+    assert notes.read_text() == "my notes: do not lose\n"
+    assert (foreign / LOCK_NAME).read_text() == "another tool's lock: job 17\n"
+    ours = tmp_path / "ours"  # an earlier holder's record (or a bare pid) is taken over
+    ours.mkdir()
+    for earlier in ("123 mfa train\n", "123", ""):
+        (ours / LOCK_NAME).write_text(earlier)
+        with hold_run_folder(ours):
+            assert (ours / LOCK_NAME).read_text() == f"{os.getpid()} mfa train\n"
+
+
+def test_a_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
+    """A read-only mount (or a `.lock` left by root) gave "[Errno 30] Read-only file system:
+    '.../.lock'" and no hint."""
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(LOCK_NAME):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(OSError, match=r"`mfa train` writes in .*, which cannot be written here "
+                                      r"\(Read-only file system: .*\): copy the folder"):
+        with hold_run_folder(tmp_path):
+            pass
