@@ -179,11 +179,11 @@ class EMTrainer:
         cfg.validate()  # (again: a field may have been set since __init__)
         if resume is not None:  # (again: as for validate)
             check_resumed_state(self._loaded, cfg)
-        if cfg.device is not None:
-            model.to(supported_device(cfg.device, "EMConfig.device"))
         training.check_fit_inputs(model, data, validation, {} if resume is None else {
             "best_params": resume.best_params, "best_val_params": resume.best_val_params},
             "EMTrainer")
+        if cfg.device is not None:
+            model.to(supported_device(cfg.device, "EMConfig.device"))
         # Under torch.distributed each process streams its shard; rank 0 alone checkpoints.
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         allow = cfg.missing == "allow"

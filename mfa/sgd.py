@@ -223,13 +223,13 @@ class SGDTrainer:
         """
         cfg = self.config
         cfg.validate()  # (again: a field may have been set since __init__)
-        if cfg.device is not None:
-            model.to(supported_device(cfg.device, "SGDConfig.device"))
         resume = self._resume or {}
         if resume:  # (again: as for validate)
             check_resumed_state(resume, cfg)
         training.check_fit_inputs(model, data, validation,
                                   {"best_params": resume.get("best_params")}, "SGDTrainer")
+        if cfg.device is not None:
+            model.to(supported_device(cfg.device, "SGDConfig.device"))
         if resume:  # saved for this model? (else Adam's fused kernel reads past its buffers)
             check_adam_state(resume["optimizer"], model)
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
