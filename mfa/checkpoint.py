@@ -34,8 +34,9 @@ Writes are atomic: the archive goes to a temporary file ``.<name>.<pid>.<hex>.tm
 destination folder, is flushed and fsynced, then renamed over ``path`` with ``os.replace``.
 A failure at any point removes the temporary file and leaves a previous checkpoint at
 ``path`` untouched. A writer killed outright (``kill -9``, power loss) cannot remove its
-temporary: every save and load removes those of ``path`` whose writer process is gone
-(:func:`clean_stale_temporaries`).
+temporary: every save removes those of ``path`` whose writer process is gone, and a load
+those untouched for :data:`STALE_TEMPORARY_AGE` (24 h; a reader cannot tell a writer in
+another container from a dead one) (:func:`clean_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -339,8 +340,8 @@ def _read(path: Path, map_location: Any) -> Any:
                 f"refusing to load checkpoint {path}: it is not a weights-only checkpoint "
                 f"(unsafe or foreign pickle refused): {detail}. An mfa checkpoint holds only "
                 "tensors and plain Python values; loading this file without the safe loader "
-                "could run arbitrary code: it was not written by mfa.save_checkpoint and may "
-                "be malicious"
+                "could run arbitrary code: it was not written by "
+                "mfa.checkpoint.save_checkpoint and may be malicious"
             ) from None
         raise CheckpointError(
             f"checkpoint {path} is corrupted: {_unpickling_detail(str(error))}"

@@ -19,9 +19,9 @@ strength's first search, the other strength's at this temperature scaled to the 
 ``ν``, ``s₀``), its ``s₀`` then raised by the one-standard-error rule (the strongest prior
 whose validation score is within one standard error of the best's, :func:`_one_standard_error`),
 replaces the model when its validation log-likelihood beats the fit's by more
-than :data:`MARGIN` standard errors of the paired per-row gain (the 30 to 42 candidates of
-the baselines' default fits were chosen on those rows too), on at least :data:`MIN_ROWS`
-validation rows.
+than :data:`MARGIN` standard errors of the paired per-row gain (the 44 to 62 candidates of
+the baselines' default fits, ``bench_selection.py`` at ``bb0f416``, were chosen on those rows
+too), on at least :data:`MIN_ROWS` validation rows.
 The score need not be unimodal in ``T`` (on the embedded digits at K=50: ``D/8`` scored
 1,637 nats, ``D/2`` 1,650, ``D`` 1,917, ``2D`` 1,854), hence the refinement. Cost: one or
 two passes over the training rows (the first computes the log-densities once for its three
@@ -36,14 +36,16 @@ fit its own rows' pixels to the noise floor, and the noise prior that prevents t
 keeps the variance of pixels that are constant across a component's rows far above the
 quantisation level. An M-step from tempered responsibilities pools every component's
 statistics over the rows near it (a kernel-smoothed estimate), and the weak prior that step
-can then afford lets constant pixels reach their true variance. Measured with the default
-``EMConfig`` (L=6, 2 threads): on the embedded digits (4,000 rows) it took held-out bits/dim
-from 5.161 to 4.267 at K=100 (``T`` = 2D, ``s₀`` 2.3e-4) and was not applied at K=20, 50,
-200; on 10,000 Fashion-MNIST rows it took K=50 from 4.770 to 4.756 (``T`` = D/4) and was
-applied at K=200 (``T`` = 2D), not at K=20, 100. Its cost in those fits, timed inside
-them: 0.3–1.4 s of 0.7–17 s on the digits, 0.5–2.7 s of 5–17 s on Fashion-MNIST (at
-c2feeb4, with ``ν`` alone; about half of it the three to five tempered passes, half the
-``s₀`` searches' validation passes).
+can then afford lets constant pixels reach their true variance. When it came (``c2feeb4``,
+the default ``EMConfig``, L=6, 2 threads, ``ν`` alone): on the embedded digits (4,000 rows)
+it took held-out bits/dim from 5.161 to 4.267 at K=100 (``T`` = 2D, ``s₀`` 2.3e-4) and was
+not applied at K=20, 50, 200; on 10,000 Fashion-MNIST rows it took K=50 from 4.770 to 4.756
+(``T`` = D/4) and was applied at K=200 (``T`` = 2D), not at K=20, 100; it cost 0.3–1.4 s
+of 0.7–17 s fits on the digits, 0.5–2.7 s of 5–17 s on Fashion-MNIST (about half the
+tempered passes, half the ``s₀`` searches' validation passes). The fits have changed since
+(re-seeding rounds, ``16ν``, the refinement, the one-standard-error rule): today's choices
+and figures are in ``docs/results/baselines.md`` (at ``23e4f74``: applied at digits K=50,
+100, 200 and Fashion-MNIST K=50, 200).
 
 Why ``16ν``: where components have a few dozen rows each, pixels that are constant within
 a component's rows (background) keep a noise variance near ``ν·s₀/n_k``, and test rows that
