@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,6 +25,8 @@ def plot_training_curve(
     title: str | None = None,
     x_offsets: Mapping[str, float] | None = None,
     x_label: str | None = None,
+    run_labels: Mapping[int, str] | None = None,
+    markers: Sequence[tuple[float, str]] = (),
 ) -> Path:
     """Plot ``keys`` of a trainer's ``history`` against the iteration or epoch; save a PNG.
 
@@ -42,11 +45,19 @@ def plot_training_curve(
             ``{"train_log_likelihood": -1}`` puts both at the count of M-steps applied to
             the parameters they score (:func:`mfa.figures.training_curve`).
         x_label: the x-axis label; default ``x_key`` (``"record"`` without one).
+        run_labels: ``{run: label}`` of runs drawn apart (default ``"run <n>"``; EM's
+            re-seeding rounds are runs after its restarts).
+        markers: ``(x, text)`` pairs drawn as dotted vertical lines, each text once in the
+            legend (e.g. where EM's noise prior changed, which lowers the train curve).
 
-    The y-limits leave out the first point of a line of 3 or more whose first point lies
+    Every key's unit must agree (``*log_likelihood*``: nats per row, ``*bits_per_dim*``:
+    bits per dimension); one run's lines share a colour (one run: a colour a key), one key's
+    lines a line style. The
+    y-limits leave out the first point of a line of 3 or more whose first point lies
     further outside the range of the line's other points than that range is wide (EM's
     first validation score, under the weakest prior, flattened the rest of the curve); the
-    figure then says so ("first point off scale: <key> <value>").
+    figure then says so below the axes ("first point off scale: <key> <value>"), where the
+    legend cannot cover it.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -55,6 +66,7 @@ def plot_training_curve(
         raise TypeError(f"keys must be a sequence of record keys, got the string {keys!r}; "
                         f"pass [{keys!r}]")
     offsets = _check_offsets(x_offsets, keys)
+    y_label = _unit(keys)
     history = list(history)
     if x_key is None:
         first = history[0] if history else {}
@@ -66,10 +78,11 @@ def plot_training_curve(
     groups = [(None, history)] if len(runs) < 2 else [
         (run, [r for r in history if r.get("run") == run]) for run in runs
     ]
-    lines = []  # (label, ys) of every line drawn
-    for key in keys:
+    lines, all_x = [], []  # (label, ys) of every line drawn; every x drawn
+    for k, key in enumerate(keys):
         offset = offsets.get(key, 0)
-        for run, records in groups:
+        for g, (run, records) in enumerate(groups):
+            colour = f"C{(g if len(groups) > 1 else k) % 10}"  # (one run: a colour a key)
             points = [
                 (record.get(x_key, i) if x_key else i, float(record[key]))
                 for i, record in enumerate(records)  # (numpy numbers too)
@@ -78,26 +91,55 @@ def plot_training_curve(
             if points:
                 xs, ys = zip(*points, strict=True)
                 xs = [x + offset for x in xs] if offset else xs
-                label = key if run is None else f"{key} (run {run})"
-                axes.plot(xs, ys, marker="o", markersize=3, label=label)
+                name = None if run is None else (run_labels or {}).get(run, f"run {run}")
+                label = key if name is None else f"{key} ({name})"
+                axes.plot(xs, ys, marker="o", markersize=3, label=label, color=colour,
+                          linestyle=_STYLES[k % len(_STYLES)])
                 lines.append((label, ys))
-    _leave_out_far_first_points(axes, lines)
+                all_x += list(xs)
+    named = set()
+    for x, text in markers:
+        axes.axvline(x, color="0.5", linestyle=":", linewidth=1,
+                     label=None if text in named else text)
+        named.add(text)
+    notes = _leave_out_far_first_points(axes, lines)
     if lines:
-        axes.legend()
+        axes.legend(fontsize=8)
     else:
         axes.text(0.5, 0.5, "no data", ha="center", va="center", transform=axes.transAxes)
+    if all_x and all(float(x).is_integer() for x in all_x):
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # (epochs drew 1.5)
     axes.set_xlabel(x_label or x_key or "record")
-    axes.set_ylabel("log-likelihood per sample (nats)" if any("log_likelihood" in k
-                                                               for k in keys) else "value")
+    axes.set_ylabel(y_label)
     axes.grid(True, alpha=0.3)
-    if title:
-        axes.set_title(title)
-    figure.tight_layout()
+    if title:  # (wrapped: a long one was cut at both edges)
+        axes.set_title(textwrap.fill(str(title), 70), fontsize=10)
+    if notes:
+        figure.text(0.99, 0.01, "\n".join(notes), ha="right", va="bottom", fontsize=8,
+                    color="0.3")
+    figure.tight_layout(rect=(0, 0.045 * len(notes), 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_format = path.suffix[1:].lower() or "png"  # (matplotlib's default)
     write_atomically(path, lambda temporary: figure.savefig(temporary, format=image_format))
     return path
+
+
+#: Line styles of the keys, in order (a run's lines share its colour).
+_STYLES = ("-", "--", "-.", ":")
+
+
+def _unit(keys: Sequence[str]) -> str:
+    """The y-axis label of ``keys``, refused where they mix nats and bits per dimension
+    (one axis labelled in nats showed a bits/dim line)."""
+    units = {"log-likelihood per sample (nats)" if "log_likelihood" in key
+             else "bits per dimension" if "bits_per_dim" in key else "value" for key in keys}
+    if len(units) > 1 and units != {"value"}:
+        raise ValueError(f"keys {list(keys)} mix units ({', '.join(sorted(units))}): one "
+                         "axis cannot show them; plot them in separate figures")
+    return units.pop() if units else "value"
 
 
 def _check_offsets(x_offsets: object, keys: Sequence[str]) -> dict[str, float]:
@@ -114,10 +156,10 @@ def _check_offsets(x_offsets: object, keys: Sequence[str]) -> dict[str, float]:
     return dict(x_offsets)
 
 
-def _leave_out_far_first_points(axes, lines: list[tuple[str, Sequence[float]]]) -> None:
+def _leave_out_far_first_points(axes, lines: list[tuple[str, Sequence[float]]]) -> list[str]:
     """Set the y-limits without the first point of a line (3 points or more) that lies
-    further outside the range of its other points than that range is wide, and name it on
-    the figure; nothing when no line has one."""
+    further outside the range of its other points than that range is wide; the notes that
+    name those points (none when no line has one)."""
     kept, far = [], []
     for label, ys in lines:
         finite = [y for y in ys[1:] if math.isfinite(y)]
@@ -129,13 +171,11 @@ def _leave_out_far_first_points(axes, lines: list[tuple[str, Sequence[float]]]) 
                 continue
         kept += [y for y in ys if math.isfinite(y)]
     if not far:
-        return
+        return []
     low, high = min(kept), max(kept)
     margin = 0.05 * (high - low) if high > low else max(0.5, 0.05 * abs(high))
     low, high = low - margin, high + margin
     far = [(label, y) for label, y in far if not low <= y <= high]
     if far:  # (a first point within the others' margin stays in view, unnamed)
         axes.set_ylim(low, high)
-        axes.text(0.99, 0.01, "\n".join(f"first point off scale: {label} {y:.4g}"
-                                         for label, y in far),
-                  transform=axes.transAxes, ha="right", va="bottom", fontsize=8, color="0.3")
+    return [f"first point off scale: {label} {y:.4g}" for label, y in far]

@@ -138,17 +138,32 @@ def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scal
     return viz.save_image(grid, path, scale=scale, if_exists=if_exists)
 
 
-def training_curve(history, path, *, method: str, title: str | None = None) -> Path:
+def training_curve(history, path, *, method: str, title: str | None = None,
+                   n_init: int | None = None) -> Path:
     """A run's ``curve.png``: the train and validation log-likelihoods of the trainer's
     ``history``. An EM record (``method == "em"``) scores the training data with the
     parameters *before* its M-step and the validation data with those *after* it, so the
     train points are drawn one to the left: x counts the M-steps applied to the parameters
     a point scores. A record without an M-step (``final``) scores the validation data with
-    the parameters of the record before, drawn there already: its point is left out. Adam
-    (``"sgd"``) records, per epoch, are drawn as they are."""
+    the parameters of the record before, drawn there already: its point is left out. Where
+    an iteration's M-step took another noise prior ``s₀`` than the iteration before (the
+    automatic search, or a repeated one), a dotted line marks it: the train log-likelihood
+    falls there, as a stronger prior means (EM's objective, the MAP one, does not). With
+    ``n_init`` (``EMConfig.n_init``), runs from ``n_init`` on are labelled as the
+    re-seeding rounds they are. Adam (``"sgd"``) records, per epoch, are drawn as they
+    are."""
     if method != "em":
         return viz.plot_training_curve(history, path, title=title)
     history = [dict(r, val_log_likelihood=None) if r.get("final") else r for r in history]
+    markers = [(r["iteration"] - 0.5, "noise prior s0 changed") for r in history
+               if r.get("step_noise_prior_variance") is not None
+               and r.get("noise_prior_variance") is not None
+               and r["step_noise_prior_variance"] != r["noise_prior_variance"]
+               and isinstance(r.get("iteration"), int)]
+    runs = {r["run"] for r in history if isinstance(r.get("run"), int)}
+    labels = None if n_init is None else {
+        run: f"run {run}" if run < n_init else f"re-seed {run - n_init + 1}" for run in runs}
     return viz.plot_training_curve(history, path, title=title,
                                    x_offsets={"train_log_likelihood": -1},
-                                   x_label="EM iterations (M-steps applied)")
+                                   x_label="EM iterations (M-steps applied)",
+                                   run_labels=labels, markers=markers)

@@ -79,6 +79,19 @@ def test_training_curve_draws_em_points_at_the_parameters_they_score(tmp_path, m
     assert axes.get_xlabel() == "EM iterations (M-steps applied)" and axes.get_title() == "t"
     assert em[-1]["val_log_likelihood"] == 8.0  # (the history itself is left as it was)
 
+    # A search's new s0 (the M-step's differs from the iteration's prior) is marked between
+    # the parameters before and after it; with n_init, later runs are re-seeding rounds.
+    searched = [dict(r, noise_prior_variance=1e-5, step_noise_prior_variance=1e-5 if i != 2
+                     else 1e-3) for i, r in enumerate(em, 1)]
+    searched += [dict(r, run=1) for r in searched]
+    figures.training_curve(searched, tmp_path / "curve.png", method="em", n_init=1)
+    (axes,) = saved[-1].axes
+    labels = [line.get_label() for line in axes.get_lines()]
+    assert "train_log_likelihood (re-seed 1)" in labels and "val_log_likelihood (run 0)" in labels
+    marks = [line for line in axes.get_lines() if line.get_linestyle() == ":"
+             and list(line.get_xdata()) == [1.5, 1.5]]
+    assert len(marks) == 2 and marks[0].get_label() == "noise prior s0 changed"
+
     sgd = [{"epoch": e, "train_log_likelihood": 1.0 * e, "val_log_likelihood": 0.5 * e}
            for e in range(1, 4)]
     figures.training_curve(sgd, tmp_path / "curve.png", method="sgd")

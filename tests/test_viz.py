@@ -387,8 +387,9 @@ def test_plot_leaves_a_far_first_point_out_of_the_y_limits(tmp_path, monkeypatch
     assert low > -1204.9 and low < 1437.6 and high > 1937.8  # every other point in view
     assert high - low < 1.2 * (1937.8 - 1437.6)
     assert drawn_lines(saved[-1])["val_log_likelihood"][1] == val  # still drawn, off scale
-    notes = [text.get_text() for text in axes.texts]
-    assert notes == ["first point off scale: val_log_likelihood -1205"]
+    notes = [text.get_text() for text in saved[-1].texts]  # (below the axes: the legend
+    assert notes == ["first point off scale: val_log_likelihood -1205"]  # covered it inside)
+    assert not axes.texts
 
     # Not left out: a first point within its line's range of it (1730.5 of train's
     # 1648..1938), a line of two points, a first point only just outside.
@@ -396,7 +397,36 @@ def test_plot_leaves_a_far_first_point_out_of_the_y_limits(tmp_path, monkeypatch
         records = [{"iteration": i + 1, "val_log_likelihood": y} for i, y in enumerate(ys)]
         plot_training_curve(records, tmp_path / "c.png", keys=["val_log_likelihood"])
         (axes,) = saved[-1].axes
-        assert axes.get_ylim()[0] < ys[0] and not axes.texts
+        assert axes.get_ylim()[0] < ys[0] and not saved[-1].texts
+
+
+def test_plot_pairs_colours_by_run_and_styles_by_key_and_labels_units(tmp_path, monkeypatch):
+    """A run's train and validation lines took unrelated colours; a bits/dim line was
+    labelled in nats; integer epochs got ticks at 1.5; markers and run labels are drawn."""
+    saved = saved_figures(monkeypatch)
+    history = [{"run": run, "epoch": e, "train_log_likelihood": 1.0 * e + run,
+                "val_log_likelihood": 0.5 * e + run} for run in range(2) for e in (1, 2)]
+    plot_training_curve(history, tmp_path / "c.png", run_labels={1: "re-seed 1"},
+                        markers=[(1.5, "prior changed"), (1.7, "prior changed")],
+                        title="a long title " * 12)
+    (axes,) = saved[-1].axes
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    train0, val0 = lines["train_log_likelihood (run 0)"], lines["val_log_likelihood (run 0)"]
+    train1 = lines["train_log_likelihood (re-seed 1)"]
+    assert train0.get_color() == val0.get_color() != train1.get_color()
+    assert train0.get_linestyle() != val0.get_linestyle()
+    marked = [line for line in axes.get_lines() if list(line.get_xdata()) in ([1.5, 1.5],
+                                                                              [1.7, 1.7])]
+    assert len(marked) == 2 and [m.get_label() for m in marked].count("prior changed") == 1
+    assert all(float(t).is_integer() for t in axes.get_xticks())
+    assert "\n" in axes.get_title()  # wrapped
+    bits = [{"epoch": 1, "val_bits_per_dim": 5.0}, {"epoch": 2, "val_bits_per_dim": 4.9}]
+    plot_training_curve(bits, tmp_path / "c.png", keys=["val_bits_per_dim"])
+    assert saved[-1].axes[0].get_ylabel() == "bits per dimension"
+    with pytest.raises(ValueError, match=r"mix units .*plot them in separate figures"):
+        plot_training_curve(history, tmp_path / "d.png",
+                            keys=["train_log_likelihood", "val_bits_per_dim"])
+    assert not (tmp_path / "d.png").exists()
 
 
 def test_plot_does_not_touch_pyplot(tmp_path):
