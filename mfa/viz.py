@@ -172,8 +172,9 @@ def image_grid(
     """Tile images into one 8-bit picture.
 
     Args:
-        images: ``[N, C, H, W]`` (or ``[N, H, W]``), float in ``[0, 1]`` (clamped) or uint8;
-            ``C`` is 1 or 3.
+        images: ``[N, C, H, W]`` (or ``[N, H, W]``: ``N`` grey images, so one RGB image
+            ``[3, H, W]`` is drawn as three grey ones: pass ``image[None]``), float in
+            ``[0, 1]`` (clamped) or uint8; ``C`` is 1 or 3.
         nrow: images per row; the grid has ``ceil(N / nrow)`` rows, empty cells are
             ``pad_value``.
         padding: pixels between cells and around the border.
@@ -190,8 +191,9 @@ def image_grid(
 
 def upscale(image: Image.Image, scale: int) -> Image.Image:
     """Enlarge by an integer factor with nearest-neighbour resampling (crisp pixels)."""
-    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+    if not isinstance(scale, numbers.Integral) or isinstance(scale, bool) or scale < 1:
         raise ValueError(f"scale must be an int >= 1, got {scale!r}")
+    scale = int(scale)  # (numpy integers too, as nrow and padding take them)
     check_figure_size(image.width, image.height, scale)
     if scale == 1:
         return image

@@ -119,6 +119,11 @@ def test_save_image_grid_upscales_and_decodes(tmp_path):
         assert len(set(block)) == 1
     with pytest.raises(ValueError, match="scale must be an int >= 1"):
         save_image_grid(images, tmp_path / "bad.png", scale=0)
+    import numpy as np  # (numpy integers, as nrow and padding take them)
+
+    with Image.open(save_image_grid(images, tmp_path / "one.png", scale=1)) as one:
+        with Image.open(save_image_grid(images, tmp_path / "np.png", scale=np.int64(2))) as two:
+            assert two.size == (2 * one.width, 2 * one.height)
 
 
 def test_a_figure_past_the_pixel_limit_is_refused_before_it_is_drawn(tmp_path):
