@@ -439,7 +439,9 @@ def markdown(results: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("docs/results"))
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder of baselines.{md,json} (default docs/results; required with "
+                   "--quick)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, everything in < 60 s")
     p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "embedded-mnist"])
     p.add_argument("--ks", nargs="+", type=int, default=[20, 50, 100, 200])
@@ -465,6 +467,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a line for the report's Notes section (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.quick and args.out is None:  # (it replaced the published page)
+        p.error("--quick needs --out: the default folder, docs/results, holds the published "
+                "page, which a smoke test would replace")
+    args.out = args.out or Path("docs/results")
     if args.mfa_grid is None:
         args.mfa_grid = ([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1] if HAS_PRIORS
                          else [1e-6, 1e-5, 1e-4, 1e-3])

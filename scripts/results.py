@@ -3,7 +3,7 @@ real images — held-out bits/dim, NDB/K against held-out real images, training 
 sample, inpainting and outlier grids.
 
     python scripts/results.py                       # embedded MNIST + Fashion-MNIST
-    python scripts/results.py --datasets embedded-mnist --quick   # a smoke test
+    python scripts/results.py --datasets embedded-mnist --quick --out /tmp/results  # smoke test
 
 Every model is fitted with the library's defaults: ``EMTrainer(EMConfig(seed, progress=False))``
 (MAP EM, the noise prior's variance chosen on the validation split inside ``fit``, early
@@ -349,14 +349,19 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--out", default=None,
+                        help=f"folder of results.md and results/ (default {ROOT / 'docs'}; "
+                        "required with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and 3 EM iterations (a smoke test, not a measurement)")
     parser.add_argument("--markdown-only", action="store_true",
                         help="rewrite results.md from the saved results.json")
     args = parser.parse_args(argv)
+    if args.quick and args.out is None:  # (it replaced the published page and figures)
+        parser.error("--quick needs --out: the default folder, docs/, holds the published "
+                     "results, which a smoke test would replace")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "docs")
     figures = out / "results"
     if args.markdown_only:
         results = json.loads((figures / "results.json").read_text())

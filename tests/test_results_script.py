@@ -91,3 +91,13 @@ def test_each_split_is_dequantised_once_before_the_timed_fits(tmp_path, monkeypa
     res = results.run_dataset(results.quick_setting(results.SETTINGS["embedded-mnist"]), out, 0)
     assert len(res["rows"]) == len(MODELS)
     assert reads == {"train": 1, "val": 1, "test": 1}
+
+
+@pytest.mark.parametrize("script", ["results.py", "baselines.py"])
+def test_quick_without_out_is_refused_before_any_work(script):
+    """``results.py --quick`` wrote to docs/ by default and replaced the published page,
+    JSON and figures with a smoke test's (``baselines.py --quick``: docs/results)."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2
+    assert "--quick needs --out" in done.stderr
