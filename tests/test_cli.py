@@ -800,7 +800,7 @@ def test_the_other_dataset_is_read_from_the_runs_root_where_it_is_there(tmp_path
 
     from mfa.data import DatasetNotFoundError
     from mfa.data.sources.mnist import _FIRST_LABELS
-    from mfa.workflow import _other_data
+    from mfa.run_evaluate import _other_data
 
     monkeypatch.setenv("MFA_DATA_DIR", str(tmp_path / "default"))
     monkeypatch.setenv("MFA_CACHE_DIR", str(tmp_path / "cache"))
@@ -1550,8 +1550,8 @@ def test_per_run_commands_redraw_the_runs_figures_by_default(run_dir, tmp_path):
 def test_evaluate_checks_the_outlier_data_once(run_dir, tmp_path, monkeypatch):
     """Both splits were hashed (and a warning printed) twice: in evaluate and again in
     outlier_metrics."""
+    import mfa.run_evaluate
     import mfa.run_outliers
-    import mfa.workflow
 
     calls = []
     real = mfa.run_outliers.check_outlier_data
@@ -1561,7 +1561,7 @@ def test_evaluate_checks_the_outlier_data_once(run_dir, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mfa.run_outliers, "check_outlier_data", counted)
-    monkeypatch.setattr(mfa.workflow, "check_outlier_data", counted)
+    monkeypatch.setattr(mfa.run_evaluate, "check_outlier_data", counted)
     pngs = write_pngs(tmp_path / "noise", 10)
     code, _, stderr = run_cli("evaluate", run_dir, "--outliers-against", "folder",
                               "--against-set", f"data.root={pngs}",
