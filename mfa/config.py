@@ -13,7 +13,11 @@ A run is described by one :class:`RunConfig`::
     ├── output: OutputConfig  run folder, checkpoints, sample/inpainting figures
     ├── seed, device
 
-Files in ``configs/*.yaml`` hold the same tree; missing keys take the dataclass defaults::
+Files in ``configs/*.yaml`` hold the same tree; missing keys take the defaults, which are
+the values of the default config ``configs/embedded-mnist.yaml`` (a test keeps the two equal,
+so a partial file means that config with the keys it writes changed; the trainers' own
+``EMConfig``/``SGDConfig`` class defaults differ, e.g. ``max_iter`` 100, and stay the
+library's)::
 
     config = load_config("configs/mnist.yaml", overrides=["train.em.max_iter=5",
                                                           "model.n_components=10"])
@@ -92,7 +96,7 @@ __all__ = [
 class ModelConfig:
     """The :class:`~mfa.model.MixtureOfFactorAnalyzers` to build (``n_features`` = data's D)."""
 
-    n_components: int = 10  # K, mixture components
+    n_components: int = 20  # K, mixture components
     n_factors: int = 6  # L, latent factors per component (0 <= L <= D)
     noise: Literal["diagonal", "isotropic"] = "diagonal"  # factor analysis | probabilistic PCA
     min_noise: float = 1e-6  # floor added to every noise variance
@@ -122,7 +126,9 @@ class DataConfig:
     test_fraction: float = 0.1  # share held out for testing (where there is no official split)
     seed: int = 0  # seeds the split, the limit subsets and the dequantization noise
     limit: int | None = None  # at most this many images in each split; None: all
-    dequantize: bool = False  # float views are (pixel + uniform noise) / 256
+    # float views are (pixel + uniform noise) / 256, a density on the 8-bit grid: bits/dim
+    # (False: pixel / 255, no bits/dim)
+    dequantize: bool = True
     num_workers: int = 0  # worker processes for decoding image files
     missing: MissingConfig = field(default_factory=MissingConfig)  # train on incomplete images
 
@@ -142,9 +148,11 @@ class TrainConfig:
     # EMTrainer, SGDTrainer or HierarchicalTrainer (root of model.n_components, then children)
     method: Literal["em", "sgd", "hierarchical"] = "em"
     # A run saves every iteration/epoch by default (a checkpoint is small next to a pass over
-    # the data), so a killed run can be resumed.
-    em: EMConfig = field(default_factory=lambda: EMConfig(checkpoint_every=1))
-    sgd: SGDConfig = field(default_factory=lambda: SGDConfig(checkpoint_every=1))
+    # the data), so a killed run can be resumed. The other values that differ from the
+    # trainers' class defaults are configs/embedded-mnist.yaml's (see the module docstring).
+    em: EMConfig = field(default_factory=lambda: EMConfig(checkpoint_every=1, max_iter=30))
+    sgd: SGDConfig = field(default_factory=lambda: SGDConfig(
+        checkpoint_every=1, epochs=10, schedule="cosine"))
     hierarchical: HierarchicalSection = field(default_factory=HierarchicalSection)
 
 
@@ -157,7 +165,7 @@ class OutputConfig:
     checkpoint_every: int | None = None  # iterations/epochs; None: the trainer's own setting
     n_samples: int = 64  # images in the sample grid (0: no grid)
     grid_nrow: int = 8  # images per row of the sample grid
-    image_scale: int = 2  # nearest-neighbour upscaling of saved figures
+    image_scale: int = 3  # nearest-neighbour upscaling of saved figures
     n_inpaint: int = 8  # test images per inpainting figure (0: no inpainting figures)
     inpaint_samples: int = 3  # conditional samples per image in the inpainting figures
     inpaint_masks: list[MaskKind] = field(default_factory=lambda: ["center", "bottom", "right"])

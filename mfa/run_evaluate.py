@@ -32,7 +32,7 @@ def load_data(config: RunConfig) -> ImageData:
 
 def evaluate_model(model: MixtureOfFactorAnalyzers, data: ImageData, splits) -> dict:
     """Mean held-out log-likelihood per split (nats per image) and, for dequantised data,
-    bits/dim."""
+    bits/dim (otherwise the log says why there are none)."""
     out = {}
     for split in splits:
         if data.pixels(split).shape[0] == 0:
@@ -42,6 +42,11 @@ def evaluate_model(model: MixtureOfFactorAnalyzers, data: ImageData, splits) -> 
         out[f"{split}_log_likelihood"] = ll
         if data.dequantize:
             out[f"{split}_bits_per_dim"] = float(bits_per_dim(ll, data.n_features))
+    if out and not data.dequantize:  # (the keys were left out without a word)
+        logger.info("no bits/dim: data.dequantize is false, so the pixels are pixel/255 "
+                    "floats, not 8-bit levels spread over their bins, and their density is "
+                    "no probability of the 256 grey levels; set data.dequantize=true for "
+                    "bits/dim")
     return out
 
 

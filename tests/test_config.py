@@ -131,9 +131,20 @@ def test_missing_keys_take_defaults(tmp_path):
     config = load_config(path)
     assert config.model.n_components == 3
     assert config.model.n_factors == ModelConfig().n_factors
-    # The trainers' defaults, except that a run checkpoints every iteration/epoch.
-    assert config.train.em == EMConfig(checkpoint_every=1)
-    assert config.train.sgd == SGDConfig(checkpoint_every=1)
+    # The default config's values (a run checkpoints every iteration/epoch, EM stops at 30
+    # iterations, Adam anneals its rate over 10 epochs), not the trainers' class defaults.
+    assert config.train.em == EMConfig(checkpoint_every=1, max_iter=30)
+    assert config.train.sgd == SGDConfig(checkpoint_every=1, epochs=10, schedule="cosine")
+    assert config.data.dequantize  # (False: the run reported no bits/dim, and said nothing)
+
+
+def test_the_defaults_are_the_default_configs_values():
+    """A partial config means the default config with the keys it writes changed: the
+    dataclass defaults fell back to other values (no dequantisation, so no bits/dim; a
+    constant Adam rate; K=10, 100 EM iterations, image_scale 2), and a resume with a partial
+    --config was refused over values the user never wrote. One test keeps them equal."""
+    default = load_config(CONFIG_DIR / "embedded-mnist.yaml")
+    assert config_to_dict(RunConfig()) == config_to_dict(default)
 
 
 def test_empty_file_is_all_defaults(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -677,7 +678,8 @@ def test_lowering_adam_epochs_below_those_done_is_refused_on_resume():
 
     from mfa.run_folder import check_can_extend
 
-    saved = load_config(overrides=["train.method=sgd", "train.sgd.epochs=5"])
+    saved = load_config(overrides=["train.method=sgd", "train.sgd.epochs=5",
+                                   "train.sgd.schedule=constant"])
     ckpt = SimpleNamespace(run_config=saved, trainer_state={"epoch": 3, "stopped": False})
     with pytest.raises(ValueError, match=r"cannot lower train\.sgd\.epochs to 2 .* already "
                                          r"done 3 epochs"):
@@ -1162,6 +1164,16 @@ def test_ndb_reference_falls_back_to_a_split_with_images(out_dir):
     with pytest.raises(ValueError, match=r"NDB needs real held-out images, but .* val and "
                                          r"test splits are empty"):
         workflow.evaluate(run2.run_dir, splits=("train",), ndb_bins=5)
+
+
+def test_a_run_without_dequantisation_says_why_it_reports_no_bits_per_dim(em_run, caplog):
+    """data.dequantize false: the bits/dim keys were left out of the metrics silently."""
+    why = "no bits/dim: data.dequantize is false"
+    assert "test_bits_per_dim" not in em_run.metrics
+    assert why in (em_run.run_dir / "train.log").read_text()
+    with caplog.at_level(logging.INFO, logger="mfa"):
+        result = workflow.evaluate(em_run.run_dir)
+    assert "test_bits_per_dim" not in result and why in caplog.text
 
 
 def test_evaluate_refuses_a_config_that_re_splits_the_runs_data(em_run):
