@@ -34,9 +34,17 @@ def cmd_train(args) -> int:
     if args.resume is not None:  # (`--resume runs` said "runs/checkpoint.pt does not exist")
         run_io.run_checkpoint(args.resume, resume=True)
     # A new run's config, read before the process group (whose backend follows its device).
-    config = (load_config(args.config or DEFAULT_CONFIG, overrides=args.set or [])
-              if args.config or not args.resume else None)
-    if config is not None and not args.resume:  # (a resume refuses them in the run folder)
+    overrides = list(args.set or [])
+    config = (load_config(args.config or DEFAULT_CONFIG, overrides=overrides)
+              if args.config or not args.resume else None)  # (a file's errors name it)
+    if args.resume and args.config:
+        # Its keys are laid over the run's config, as --set values: the keys it leaves out
+        # keep the run's values (they took the defaults, and the resume refused them).
+        from mfa.config_text import mapping_overrides, read_yaml_mapping
+
+        overrides = [*mapping_overrides(read_yaml_mapping(Path(args.config))), *overrides]
+        config = None
+    if not args.resume:  # (a resume refuses them in the run folder)
         from mfa.config_text import override_keys
         from mfa.run_folder import trainer_sections, unused_trainer_keys
 
@@ -49,12 +57,12 @@ def cmd_train(args) -> int:
                   file=sys.stderr)
     # Under torchrun: join the process group (NCCL on CUDA, gloo on CPU, with a timeout);
     # rank 0 alone writes the run folder and prints the results.
-    launched = distributed.init_from_env(device=_run_device(args, config))
+    launched = distributed.init_from_env(device=_run_device(args, config, overrides))
     main = distributed.is_main_process()
     if not main:
         logging.getLogger("mfa").setLevel(logging.WARNING)
     try:
-        return _train(args, config, main)
+        return _train(args, config, overrides, main)
     except distributed.DistributedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -63,11 +71,12 @@ def cmd_train(args) -> int:
             distributed.shutdown()
 
 
-def _run_device(args, config) -> str | None:
+def _run_device(args, config, overrides: list[str]) -> str | None:
     """The ``device`` of the run ``mfa train`` starts or resumes, read before the process
     group (its backend follows it): a resumed run's from its ``config.yaml`` with the
-    ``--set`` values (a CPU run resumed took NCCL and ``cuda:LOCAL_RANK``, which failed with
-    more processes than GPUs); ``None`` when unknown (the resume reports what is wrong)."""
+    ``overrides``, its ``--config`` and ``--set`` (a CPU run resumed took NCCL and
+    ``cuda:LOCAL_RANK``, which failed with more processes than GPUs); ``None`` when unknown
+    (the resume reports what is wrong)."""
     if config is not None:
         return config.device
     from mfa.config import load_config
@@ -75,19 +84,18 @@ def _run_device(args, config) -> str | None:
 
     try:
         folder = resume_checkpoint(args.resume).parent
-        return load_config(folder / "config.yaml", overrides=args.set or []).device
+        return load_config(folder / "config.yaml", overrides=overrides).device
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
 
-def _train(args, config, main: bool) -> int:
+def _train(args, config, overrides: list[str], main: bool) -> int:
     from mfa.workflow import train
 
     if args.resume:
-        # A --config replaces the saved one and takes the --set values; without one, they
-        # apply to the saved config. Either way only changes safe on resume are accepted.
-        result = train(config, resume=args.resume,
-                       overrides=() if args.config else args.set or [],
+        # The --config's keys and the --set values, laid over the saved config; only changes
+        # safe on resume are accepted.
+        result = train(None, resume=args.resume, overrides=overrides,
                        figures=not args.no_figures)
     else:
         result = train(config, figures=not args.no_figures)
@@ -340,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one value, e.g. train.em.max_iter=5 (repeatable)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run; a finished "
                    "one is only evaluated and its figures drawn again, under new names (--set "
-                   "and --config may change only its iterations, checkpoints, progress, "
-                   "figures and data location)")
+                   "and --config, whose keys are laid over the run's config, may change only "
+                   "its iterations, checkpoints, progress, figures and data location)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end "
                    "(of this command only: it is not saved with the run, so a --resume draws "
                    "them unless given --no-figures again)")

@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["apply_override_strings", "dotted_leaves", "override_keys", "parse_override",
-           "read_yaml_mapping"]
+__all__ = ["apply_override_strings", "dotted_leaves", "mapping_overrides", "override_keys",
+           "parse_override", "read_yaml_mapping"]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _INT_TAG = "tag:yaml.org,2002:int"
@@ -156,6 +156,18 @@ def override_keys(text: str) -> list[str]:
     parts, value = parse_override(text)
     key = ".".join(parts)
     return list(dotted_leaves(value, f"{key}.")) if isinstance(value, dict) and value else [key]
+
+
+def mapping_overrides(data: Mapping[str, Any]) -> list[str]:
+    """The ``"key=value"`` override strings that lay the config tree ``data`` over another
+    (one per top-level key, its value as YAML flow text: a section sets the keys it gives
+    and keeps the others, :func:`apply_override_strings`). ``mfa train --resume`` applies a
+    ``--config`` so: the keys the file leaves out keep the run's values, not the defaults."""
+    def flow(value: Any) -> str:  # (a scalar's document ends in "...": dropped)
+        text = yaml.safe_dump(value, default_flow_style=True, width=2**31).strip()
+        return text.removesuffix("...").strip()
+
+    return [f"{key}={flow(value)}" for key, value in data.items()]
 
 
 def dotted_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1285,6 +1285,26 @@ def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
     assert load_checkpoint(copy / "checkpoint.pt").run_config.output.n_samples == 4
 
 
+def test_a_resume_lays_a_partial_config_over_the_runs(run_dir, tmp_path):
+    """`--resume RUN --config small.yaml`: the keys small.yaml left out took the defaults, so
+    the resume was refused over values the user never wrote (model.n_components=20)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    small = tmp_path / "small.yaml"
+    small.write_text("output:\n  n_samples: 4\n")
+    code, _, stderr = run_cli("train", "--resume", copy, "--no-figures", "--config", small)
+    assert code == 0, stderr
+    saved = load_config(copy / "config.yaml")
+    assert saved.output.n_samples == 4 and saved.model.n_components == K
+    assert saved.output.grid_nrow == NROW  # (the run's, not the default 8)
+    small.write_text("model:\n  n_factors: 1\n")  # what the file writes is still checked
+    code, _, stderr = run_cli("train", "--resume", copy, "--config", small)
+    assert code == 2 and "cannot change model.n_factors when resuming" in stderr, stderr
+    small.write_text("model:\n  n_factor: 1\n")  # and its errors name it
+    code, _, stderr = run_cli("train", "--resume", copy, "--config", small)
+    assert code == 2 and f"config file {small}" in stderr and "n_factor'" in stderr, stderr
+
+
 @pytest.mark.parametrize("override, key", [
     ("train.em.variance_floor=0", "train.em.variance_floor"),
     ("train.em.kmeans_iter=0", "train.em.kmeans_iter"),

@@ -151,3 +151,21 @@ def test_a_saved_config_with_number_like_strings_reads_back(tmp_path):
         config = load_config(None, [f"output.name='{name}'"])
         save_config(config, tmp_path / "config.yaml")
         assert load_config(tmp_path / "config.yaml").output.name == name
+
+
+def test_mapping_overrides_lay_a_config_tree_over_another():
+    """``mfa train --resume RUN --config FILE`` applies the file as --set values."""
+    import yaml
+
+    from mfa.config_text import apply_override_strings, mapping_overrides, read_yaml_mapping
+
+    data = read_yaml_mapping(CONFIG)
+    assert apply_override_strings({}, mapping_overrides(data)) == data
+    odd = {"seed": 3, "device": "cpu", "output": {"name": "1e-3", "mask_image": "..."},
+           "train": {"em": {"tol": 1e-6, "device": None}}}
+    assert apply_override_strings({}, mapping_overrides(odd)) == odd
+    assert "seed=3" in mapping_overrides(odd)  # (no YAML document end, "3\n...")
+    base = {"model": {"n_components": 3, "n_factors": 2}}
+    assert apply_override_strings(base, mapping_overrides({"model": {"n_factors": 1}})) == {
+        "model": {"n_components": 3, "n_factors": 1}}
+    assert yaml.safe_load(mapping_overrides(odd)[-1].split("=", 1)[1]) == odd["train"]
