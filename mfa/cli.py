@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
         config = None
     if not args.resume:  # (a resume refuses them in the run folder)
         from mfa.config_text import override_keys
-        from mfa.run_folder import trainer_sections, unused_trainer_keys
+        from mfa.resume_rules import trainer_sections, unused_trainer_keys
 
         method = config.train.method
         unused = unused_trainer_keys(method, [k for o in args.set or []
