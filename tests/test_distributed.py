@@ -881,7 +881,7 @@ def test_a_resumed_cpu_run_takes_gloo(monkeypatch, tmp_path):
     save_config(load_config(cli.DEFAULT_CONFIG, overrides=["device=cpu"]), run / "config.yaml")
     seen = []
     monkeypatch.setattr(distributed, "init_from_env", lambda device=None: seen.append(device))
-    monkeypatch.setattr(cli, "_train", lambda args, config, main: 0)
+    monkeypatch.setattr(cli, "_train", lambda args, config, overrides, main: 0)
     assert main(["train", "--resume", str(run)]) == 0
     assert main(["train", "--resume", str(run), "--set", "device=auto"]) == 0
     assert main(["train", "--resume", str(tmp_path / "none")]) == 0  # (reported by _train)
