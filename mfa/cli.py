@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run; a finished "
                    "one is only evaluated and its figures drawn again, under new names (--set "
                    "and --config, whose keys are laid over the run's config, may change only "
-                   "its iterations, checkpoints, progress, figures and data location)")
+                   "its iterations, checkpoints, progress, device, figures and data location)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures at the end "
                    "(of this command only: it is not saved with the run, so a --resume draws "
                    "them unless given --no-figures again)")

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
+import torch
+
 from mfa.config import OutputConfig, RunConfig, config_to_dict
 from mfa.config_text import dotted_leaves
 from mfa.hierarchical_section import resolve_stages
@@ -18,17 +20,27 @@ from mfa.hierarchical_section import resolve_stages
 if TYPE_CHECKING:
     from mfa.checkpoint import Checkpoint
 
-__all__ = ["RESUME_SAFE_KEYS", "check_can_extend", "check_resume_changes", "trainer_sections",
-           "unused_trainer_keys"]
+__all__ = ["DEVICE_KEYS", "RESUME_SAFE_KEYS", "check_can_extend", "check_resume_changes",
+           "device_change_note", "trainer_sections", "unused_trainer_keys"]
 
+
+_STAGES = ("root_em", "child_em", "final_em")
+
+#: The device settings. A resume may change them (a run trained on CUDA continues on a
+#: machine without it; the trainers' own RESUMABLE fields include ``device`` too): the fit
+#: is the same, its sums rounded by another device (:func:`device_change_note`).
+DEVICE_KEYS: tuple[str, ...] = ("device", "train.em.device", "train.sgd.device",
+                                *(f"train.hierarchical.{stage}.device" for stage in _STAGES))
 
 #: What a resumed run may change: how long it runs, how often it saves, whether it shows
-#: progress, what it draws, and where its data files are; not what it computes.
+#: progress, on which device it computes, what it draws, and where its data files are; not
+#: what it computes.
 RESUME_SAFE_KEYS: frozenset[str] = frozenset({
+    *DEVICE_KEYS,
     "train.em.max_iter", "train.sgd.epochs",
     "train.em.checkpoint_every", "train.sgd.checkpoint_every", "output.checkpoint_every",
     "train.em.progress", "train.sgd.progress",
-    *(f"train.hierarchical.{stage}.progress" for stage in ("root_em", "child_em", "final_em")),
+    *(f"train.hierarchical.{stage}.progress" for stage in _STAGES),
     "data.root", "data.download", "data.num_workers",
     *(f"output.{f.name}" for f in fields(OutputConfig)
       if f.name not in ("dir", "name", "checkpoint_every")),
@@ -49,7 +61,8 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
         saved, new = resolve_stages(saved), resolve_stages(new)
     old, now = dotted_leaves(config_to_dict(saved)), dotted_leaves(config_to_dict(new))
     # Both sides' keys: a section set to null on one side has leaves on the other only.
-    changed = [key for key in {**now, **old} if now.get(key) != old.get(key)]
+    changed = [key for key in {**now, **old}
+               if _spelled_alike(key, now.get(key)) != _spelled_alike(key, old.get(key))]
     for key in changed:
         if key in ("output.dir", "output.name"):  # (it computes the same: not the reason)
             raise ValueError(
@@ -61,9 +74,35 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
                 f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "
                 f"{now.get(key)!r}): it would change what the run computes; start a new run. A "
                 "resume may change the iterations/epochs, checkpoint cadence, progress, "
-                "figures and the data location"
+                "device, figures and the data location"
             )
     return changed
+
+
+def _spelled_alike(key: str, value: object) -> object:
+    """A device setting's ``value`` in one spelling for each device: ``"cuda"`` (the current
+    CUDA device, the first one) is ``"cuda:0"``, ``"cpu:0"`` is ``"cpu"`` (a resume saw a
+    change in ``cuda`` → ``cuda:0``); any other value as it is."""
+    if key not in DEVICE_KEYS or not isinstance(value, str) or value == "auto":
+        return value
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError):
+        return value
+    return device.type if device.type == "cpu" else f"{device.type}:{device.index or 0}"
+
+
+def device_change_note(saved: RunConfig, new: RunConfig, changed: list[str]) -> str | None:
+    """What a resume that changes a device setting (``changed``, of
+    :func:`check_resume_changes`) should be told, or ``None`` where it changes none."""
+    old, now = dotted_leaves(config_to_dict(saved)), dotted_leaves(config_to_dict(new))
+    moved = [f"{key}={now.get(key)!r} (saved {old.get(key)!r})" for key in changed
+             if key in DEVICE_KEYS]
+    if not moved:
+        return None
+    return (f"resumed with {', '.join(moved)}: on another device the continued fit's numbers "
+            "differ from an uninterrupted run's by rounding (its sums round differently), "
+            "and the figures' random draws differ (a random generator per device)")
 
 
 def _used_sections(method: str) -> tuple[str, ...]:
@@ -101,7 +140,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     if method == "hierarchical":
         for key in changed:
             if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
-                    (".progress", ".checkpoint_every")):
+                    (".progress", ".checkpoint_every", ".device")):
                 raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
                                  "finished stages were fitted with the saved value; start a "
                                  "new run")

@@ -330,8 +330,8 @@ def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> No
             write_text_atomically(run_dir / FAILED_NAME, (
                 f"{type(error).__name__}: {error}\nsee train.log; continue with "
                 f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
-                "only iterations, checkpoints, progress, figures and data location: a cause in "
-                "another setting, such as a learning rate, needs a new run)\n"))
+                "only iterations, checkpoints, progress, device, figures and data location: a "
+                "cause in another setting, such as a learning rate, needs a new run)\n"))
     except OSError as failure:
         logger.warning("cannot clean up or mark the failed run %s: %s", run_dir, failure)
 

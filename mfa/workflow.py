@@ -49,6 +49,7 @@ from mfa.figures import check_output, inpaint, outliers, sample, training_curve,
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
 from mfa.masks import missing_mask
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.resume_rules import device_change_note
 from mfa.run_evaluate import evaluate, evaluate_model, load_data
 from mfa.run_folder import (
     CHECKPOINT_NAME,
@@ -190,6 +191,9 @@ def train(
                                    "the run over from its config", run_dir, CHECKPOINT_NAME)
                 if changed:
                     logger.info("resumed with new values for %s", ", ".join(changed))
+                    moved = device_change_note(ckpt.run_config, config, changed)
+                    if moved:
+                        logger.warning("%s", moved)
                 return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
             except BaseException as error:  # said in train.log too
                 log_ending(handler, error, run_dir / CHECKPOINT_NAME)

@@ -1285,6 +1285,29 @@ def test_resume_applies_or_refuses_every_option(run_dir, tmp_path):
     assert load_checkpoint(copy / "checkpoint.pt").run_config.output.n_samples == 4
 
 
+def test_a_run_trained_on_cuda_resumes_on_the_cpu(run_dir, tmp_path, monkeypatch, caplog):
+    """Without CUDA, `--resume` of a CUDA run advised device=cpu, and `--set device=cpu` was
+    then refused ("cannot change device when resuming")."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on a CPU-only machine
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    ckpt = load_checkpoint(copy / "checkpoint.pt")  # as if trained with device: cuda
+    on_cuda = dataclasses.replace(ckpt.run_config, device="cuda")
+    save_checkpoint(copy / "checkpoint.pt", ckpt.model, run_config=on_cuda,
+                    trainer_state=ckpt.trainer_state, metrics=ckpt.metrics)
+    (copy / "config.yaml").write_text(
+        (copy / "config.yaml").read_text().replace("device: cpu", "device: cuda"))
+    code, _, stderr = run_cli("train", "--resume", copy, "--no-figures")
+    assert code == 2 and "use device=cpu or device=auto" in stderr, stderr
+    with caplog.at_level("WARNING", logger="mfa"):
+        code, _, stderr = run_cli("train", "--resume", copy, "--no-figures",
+                                  *set_args("device=cpu"))
+    assert code == 0, stderr
+    assert "resumed with device='cpu' (saved 'cuda')" in caplog.text
+    assert load_checkpoint(copy / "checkpoint.pt").run_config.device == "cpu"
+
+
 def test_a_resume_lays_a_partial_config_over_the_runs(run_dir, tmp_path):
     """`--resume RUN --config small.yaml`: the keys small.yaml left out took the defaults, so
     the resume was refused over values the user never wrote (model.n_components=20)."""

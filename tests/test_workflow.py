@@ -607,6 +607,36 @@ def test_resume_with_a_config_checks_it_against_the_saved_one(em_run, out_dir):
     assert run_folder.check_resume_changes(reset, quiet) == ["train.hierarchical.child_em.progress"]
 
 
+def test_a_resume_may_change_the_device_and_reads_its_spellings_alike():
+    """A run trained on CUDA could not be resumed without CUDA: the error advised
+    device=cpu, which a resume then refused ("cannot change device"), and cuda:0 was a
+    change from cuda. The trainers' own resume checks allow a device change too."""
+    from types import SimpleNamespace
+
+    from mfa.em_state import RESUMABLE as EM_RESUMABLE
+    from mfa.resume_rules import device_change_note
+    from mfa.run_folder import check_can_extend
+    from mfa.sgd_config import RESUMABLE as SGD_RESUMABLE
+
+    assert "device" in EM_RESUMABLE and "device" in SGD_RESUMABLE
+    saved = load_config(overrides=["device=cuda", "train.em.device=cuda:1"])
+    alike = apply_overrides(saved, ["device=cuda:0", "train.em.device=cuda:1"])
+    assert run_folder.check_resume_changes(saved, alike) == []
+    assert device_change_note(saved, alike, []) is None
+    moved = apply_overrides(saved, ["device=cpu", "train.em.device=null"])
+    changed = run_folder.check_resume_changes(saved, moved)
+    assert sorted(changed) == ["device", "train.em.device"]
+    note = device_change_note(saved, moved, changed)
+    assert "device='cpu' (saved 'cuda')" in note and "differ" in note and "rounding" in note
+    for method in ("em", "sgd", "hierarchical"):  # and no trainer's rule refuses it
+        base = apply_overrides(saved, [f"train.method={method}"])
+        keys = ["device", f"train.{'sgd' if method == 'sgd' else 'em'}.device"]
+        if method == "hierarchical":
+            keys.append("train.hierarchical.final_em.device")
+        check_can_extend(SimpleNamespace(run_config=base, trainer_state={}),
+                         apply_overrides(base, ["device=cpu"]), keys)
+
+
 def test_max_iter_below_the_iterations_done_is_refused_on_resume():
     from types import SimpleNamespace
 
