@@ -69,6 +69,9 @@ def check_resume_changes(saved: RunConfig, new: RunConfig) -> list[str]:
                 f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "
                 f"{now.get(key)!r}): a resume continues in the folder given to --resume; "
                 "to keep the result elsewhere, copy the run folder and resume the copy")
+        if (key not in RESUME_SAFE_KEYS and saved.train.method == new.train.method
+                and unused_trainer_keys(new.train.method, [key])):  # (not the reason:
+            raise _unused_key_error(key, new.train.method)  # "would change what it computes")
         if key not in RESUME_SAFE_KEYS:
             raise ValueError(
                 f"cannot change {key} when resuming a run (saved {old.get(key)!r}, given "
@@ -123,6 +126,11 @@ def unused_trainer_keys(method: str, keys: Iterable[str]) -> list[str]:
             and not key.startswith(_used_sections(method))]
 
 
+def _unused_key_error(key: str, method: str) -> ValueError:
+    return ValueError(f"cannot change {key} when resuming: this run trains with "
+                      f"train.method={method}, which reads {trainer_sections(method)} only")
+
+
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts and re-seeding rounds does not run again: a
     larger ``max_iter`` given to a finished run would be ignored, so it is refused; so is any
@@ -135,8 +143,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     state = ckpt.trainer_state or {}
     method = config.train.method
     for key in unused_trainer_keys(method, changed):  # accepted, saved: and ignored
-        raise ValueError(f"cannot change {key} when resuming: this run trains with "
-                         f"train.method={method}, which reads {trainer_sections(method)} only")
+        raise _unused_key_error(key, method)
     if method == "hierarchical":
         for key in changed:
             if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(

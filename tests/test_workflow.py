@@ -538,9 +538,12 @@ def test_resume_refuses_another_folder_for_the_right_reason(em_run, override):
 
 
 @pytest.mark.parametrize("override", ["train.sgd.epochs=50", "train.sgd.progress=true",
-                                      "train.hierarchical.root_em.progress=true"])
+                                      "train.hierarchical.root_em.progress=true",
+                                      "train.sgd.lr=0.3", "train.hierarchical.seed=3"])
 def test_resume_refuses_settings_of_a_trainer_the_run_does_not_use(em_run, override):
-    """They were accepted, logged as new values and saved in config.yaml, and did nothing."""
+    """They were accepted, logged as new values and saved in config.yaml, and did nothing.
+    Those that are not resume-safe were refused as "it would change what the run computes",
+    which EM never reading train.sgd.* contradicts."""
     before = (em_run.run_dir / "checkpoint.pt").read_bytes()
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=rf"cannot change {re.escape(key)} when resuming: this "
