@@ -22,7 +22,7 @@ from typing import Any
 from mfa.em import EMConfig
 
 __all__ = ["HIERARCHY_FROM_MODEL", "MOVED_KEYS", "HierarchicalSection", "check_hierarchical",
-           "fill_stages", "hierarchical_config"]
+           "fill_stages", "hierarchical_config", "ignored_seeds_note"]
 
 
 #: ``mfa.hierarchical.HierarchicalConfig`` fields a run takes from its ``model`` section.
@@ -54,8 +54,9 @@ class HierarchicalSection:
     min_child_components: int = 1  # lower clamp of a child's component count
     max_child_components: int = 100  # upper clamp of a child's component count
     min_child_rows: int | None = None  # fewer rows: keep the root component; None: rows_per_...
-    root_em: EMConfig | None = None  # EM of the root (seed ignored); None: train.em
-    child_em: EMConfig | None = None  # EM of each child (seed ignored); None: train.em
+    # (a stage's seed, and train.em.seed, are not used: train.hierarchical.seed seeds them)
+    root_em: EMConfig | None = None  # EM of the root; None: train.em
+    child_em: EMConfig | None = None  # EM of each child; None: train.em
     final_em: EMConfig | None = None  # EM on the flattened model (keys left out: train.em's,
     # init "none"); None: no EM
     assign_batch_size: int = 4096  # rows per batch of the hard assignment
@@ -75,6 +76,27 @@ def hierarchical_config(config: Any) -> Any:
         if values[stage] is None:
             values[stage] = copy.deepcopy(config.train.em)
     return HierarchicalConfig(**values)
+
+
+def ignored_seeds_note(config: Any) -> str | None:
+    """For a hierarchical run (``config`` a :class:`~mfa.config.RunConfig`) that sets EM
+    seeds it does not use, what to tell it, else ``None``: ``train.em.seed`` when not 0 (its
+    default) and a stage's ``seed`` where it differs from ``train.em``'s (a stage's other
+    keys are used; its seed is derived from ``train.hierarchical.seed``, so that every child
+    is seeded alone; they were ignored without a word)."""
+    if config.train.method != "hierarchical":
+        return None
+    section, em_seed = config.train.hierarchical, config.train.em.seed
+    ignored = [f"train.em.seed={em_seed}"] if em_seed != 0 else []
+    ignored += [f"train.hierarchical.{stage}.seed={getattr(section, stage).seed}"
+                for stage in ("root_em", "child_em", "final_em")
+                if getattr(section, stage) is not None
+                and getattr(section, stage).seed != em_seed]
+    if not ignored:
+        return None
+    return (f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not used by a "
+            f"hierarchical run: train.hierarchical.seed (here {section.seed}) seeds its "
+            "stages' EM and every child; set that instead")
 
 
 def check_hierarchical(config: Any) -> None:

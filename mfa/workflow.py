@@ -47,6 +47,7 @@ from mfa.data import ImageData
 from mfa.em import ConvergenceWarning, EMTrainer
 from mfa.figures import check_output, inpaint, outliers, sample, training_curve, visualize
 from mfa.hierarchical_run import HIERARCHY_DIR, HierarchicalRunTrainer
+from mfa.hierarchical_section import ignored_seeds_note
 from mfa.masks import missing_mask
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.resume_rules import device_change_note
@@ -186,6 +187,9 @@ def train(
                     save_config(config, run_dir / "config.yaml")
             handler = attach_log(run_dir) if main else None
             try:
+                seeds = ignored_seeds_note(config)
+                if seeds:
+                    logger.warning("%s", seeds)
                 if restart is not None:
                     logger.warning("%s holds no %s (stopped before the first one): starting "
                                    "the run over from its config", run_dir, CHECKPOINT_NAME)

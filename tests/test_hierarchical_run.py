@@ -222,3 +222,29 @@ def test_a_runs_seed_changes_its_hierarchical_model(tmp_path):
     seeded = [_run(tmp_path, f"s{seed}", f"seed={seed}", "train.em.init=none").model
               for seed in (0, 1)]
     assert not _same(*seeded)
+
+
+def test_the_em_seeds_a_hierarchical_run_does_not_use_are_named():
+    """train.em.seed and the stages' seeds were ignored without a word (only
+    train.hierarchical.seed seeds the stages)."""
+    from mfa.hierarchical_section import ignored_seeds_note
+
+    def note(*overrides):
+        return ignored_seeds_note(load_config(None, ["train.method=hierarchical", *overrides]))
+
+    assert note() is None and note("train.hierarchical.seed=4") is None
+    assert ignored_seeds_note(load_config(None, ["train.em.seed=5"])) is None  # (EM uses it)
+    assert note("train.em.seed=5") == (
+        "train.em.seed=5 is not used by a hierarchical run: train.hierarchical.seed (here 0) "
+        "seeds its stages' EM and every child; set that instead")
+    # a stage that inherits train.em's seed is not named again; one that sets its own is
+    both = note("train.em.seed=5", "train.hierarchical.child_em={max_iter: 2}",
+                "train.hierarchical.final_em={seed: 7}")
+    assert both.startswith("train.em.seed=5, train.hierarchical.final_em.seed=7 are not used")
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_hierarchical_run_that_sets_an_em_seed_says_it_is_not_used(tmp_path):
+    run = _run(tmp_path, "seeded", "train.em.seed=5")
+    assert ("train.em.seed=5 is not used by a hierarchical run: train.hierarchical.seed"
+            in (run.run_dir / "train.log").read_text())
