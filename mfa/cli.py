@@ -46,15 +46,9 @@ def cmd_train(args) -> int:
         config = None
     if not args.resume:  # (a resume refuses them in the run folder)
         from mfa.config_text import override_keys
-        from mfa.resume_rules import trainer_sections, unused_trainer_keys
 
-        method = config.train.method
-        unused = unused_trainer_keys(method, [k for o in args.set or []
-                                              for k in override_keys(o)])
-        if unused:  # (ignored without a word before; a resume refuses them)
-            print(f"warning: --set {', '.join(unused)} is not used: this run trains with "
-                  f"train.method={method}, which reads {trainer_sections(method)} only",
-                  file=sys.stderr)
+        _warn_unused_trainer_keys([k for o in args.set or [] for k in override_keys(o)],
+                                  config.train.method, "run")
     # Under torchrun: join the process group (NCCL on CUDA, gloo on CPU, with a timeout);
     # rank 0 alone writes the run folder and prints the results.
     launched = distributed.init_from_env(device=_run_device(args, config, overrides))
@@ -69,6 +63,18 @@ def cmd_train(args) -> int:
     finally:
         if launched:
             distributed.shutdown()
+
+
+def _warn_unused_trainer_keys(keys: list[str], method: str, what: str) -> None:
+    """Say which ``--set`` keys (dotted) belong to a trainer section that ``method`` does
+    not read (they were accepted and ignored without a word; a resume refuses them)."""
+    from mfa.resume_rules import trainer_sections, unused_trainer_keys
+
+    unused = unused_trainer_keys(method, keys)
+    if unused:
+        print(f"warning: --set {', '.join(unused)} {'is' if len(unused) == 1 else 'are'} not "
+              f"used: this {what} trains with train.method={method}, which reads "
+              f"{trainer_sections(method)} only", file=sys.stderr)
 
 
 def _run_device(args, config, overrides: list[str]) -> str | None:
@@ -250,6 +256,7 @@ def cmd_select(args) -> int:
                          "is --components/--factors, and it writes selection.* only (--out; "
                          "no checkpoints)")
     config = load_config(config_path, overrides=args.set or [])
+    _warn_unused_trainer_keys(keys, args.method or config.train.method, "sweep")
     out = None if args.out is None else run_io.given_path(args.out, "--out")  # ("": not ".")
     sweep, paths = select_run(config, args.components, args.factors, out,
                               method=args.method, overwrite=args.overwrite,

@@ -1364,7 +1364,7 @@ def test_settings_of_a_trainer_the_run_does_not_use_are_named(tmp_path):
         "train.sgd.progress=false", "train.hierarchical.seed=3"))
     assert code == 0, stderr
     assert ("warning: --set train.em.max_iter, train.em.kmeans_iter, train.em.progress, "
-            "train.hierarchical.seed is not used: this run trains with train.method=sgd, "
+            "train.hierarchical.seed are not used: this run trains with train.method=sgd, "
             "which reads train.sgd.* only") in stderr
 
 

@@ -270,6 +270,24 @@ def test_mfa_select_refuses_settings_it_does_not_use(tmp_path, override, key):
     assert not any(tmp_path.iterdir())
 
 
+def test_mfa_select_names_the_settings_of_a_trainer_it_does_not_use(tmp_path):
+    """train.sgd.* in an EM sweep (and train.hierarchical.*) were ignored without a word,
+    where mfa train warns."""
+    code, _, stderr = run_cli("select", "--config", CONFIG,
+                              *sets(*TINY, "train.sgd.lr=0.3", "train.hierarchical.seed=2"),
+                              "--components", 2, "--factors", 1, "--out", tmp_path)
+    assert code == 0, stderr
+    assert ("warning: --set train.sgd.lr, train.hierarchical.seed are not used: this sweep "
+            "trains with train.method=em, which reads train.em.* only") in stderr
+    code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), "--method", "sgd",
+                              "--components", 2, "--factors", 1, "--out", tmp_path / "sgd",
+                              *sets("train.sgd.epochs=1", "train.sgd.progress=false"))
+    assert code == 0, stderr  # (--method sgd: now train.em.* is the other trainer's)
+    assert ("warning: --set train.em.max_iter, train.em.kmeans_iter, train.em.progress, "
+            "train.em.variance_floor are not used: this sweep trains with train.method=sgd"
+            in stderr)
+
+
 def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
                               "--components", 2, "--factors", 800, "--out", tmp_path)
