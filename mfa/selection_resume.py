@@ -88,9 +88,12 @@ def check_same_sweep(record: dict, settings: dict[str, Any], digest: str, where:
                          "against this run's; pass --overwrite (or another --out folder) to "
                          "start a new sweep")
     missing = object()
+    keys = sorted({*saved, *settings})
+    if saved.get("train.method") != settings.get("train.method"):  # then every key of both
+        keys = [key for key in keys  # trainers' sections differs too: ~55 were listed
+                if key == "train.method" or not key.startswith("train.")]
     differ = [f"{key} (saved {_shown(saved, key)}, now {_shown(settings, key)})"
-              for key in sorted({*saved, *settings})
-              if saved.get(key, missing) != settings.get(key, missing)]
+              for key in keys if saved.get(key, missing) != settings.get(key, missing)]
     if differ:
         raise ValueError(f"cannot resume the sweep in {where}: it was fitted with other "
                          f"settings, so its rows would not compare with fits made now: "

@@ -783,6 +783,9 @@ def test_mfa_select_resume_refuses_a_sweep_of_other_settings(tmp_path, caplog):
                               "--components", 2, "--factors", 1, "--method", "sgd",
                               "--out", out, "--resume")
     assert code == 2 and "train.method (saved 'em', now 'sgd')" in stderr
+    # (only that: every key of both trainers' sections, ~55, was listed after it)
+    error = stderr[stderr.index("error:"):]
+    assert "train.em." not in error and "train.sgd." not in error, error
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY), "--components", 2,
                               "--factors", 1, "--out", out, "--resume", "--overwrite")
     assert code == 2 and "--overwrite: not allowed with argument --resume" in stderr
