@@ -212,13 +212,15 @@ def check_trainer_devices(method: str, trainer_config: Any) -> None:
     for prefix, stage in stages.items():
         if getattr(stage, "device", None) is not None:
             try:
-                resolve_device(stage.device)
+                resolve_device(stage.device, key=f"{prefix}.device")
             except ValueError as error:
                 raise ValueError(f"invalid value for {prefix}.device: {error}") from None
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
+def resolve_device(device: str | torch.device, *, key: str = "device") -> torch.device:
     """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else → ``torch.device``.
+    ``key``: the setting that gave ``device``, for the advice of the error (a trainer's
+    ``train.em.device`` takes ``null``, the run's device, but not ``auto``).
 
     Raises:
         ValueError: a CUDA device is asked for where there is none (or not that many).
@@ -229,8 +231,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
+            advice = (f"{key}=cpu or {key}=auto" if key == "device"
+                      else f"{key}=null (the run's device) or {key}=cpu")
             raise ValueError(f"device {str(device)!r} asks for CUDA, but this PyTorch has no "
-                             "CUDA device; use device=cpu or device=auto")
+                             f"CUDA device; use {advice}")
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device {str(device)!r} does not exist: this machine has {count} "
                              f"CUDA device(s), cuda:0 to cuda:{count - 1}")

@@ -69,7 +69,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
         mfa.folder_lock.RunFolderInUse: another ``mfa select`` (or ``mfa train``) holds
             ``out_dir``.
     """
-    from mfa.config import apply_overrides, resolve_device
+    from mfa.config import apply_overrides, check_trainer_devices, resolve_device
     from mfa.folder_lock import LOCK_NAME, hold_run_folder
     from mfa.selection_resume import data_digest, sweep_settings
     from mfa.workflow import load_data
@@ -90,12 +90,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
                          f"{config.data.missing.kind!r} is not supported here (use mfa train)")
     device = resolve_device(config.device)
     trainer_config = config.trainer_config()
-    if getattr(trainer_config, "device", None) is not None:
-        try:
-            resolve_device(trainer_config.device)
-        except ValueError as error:
-            raise ValueError(f"invalid value for train.{config.train.method}.device: "
-                             f"{error}") from None
+    check_trainer_devices(config.train.method, trainer_config)
     data = load_data(config)
     n, d = data.train_pixels.shape
     if data.val_pixels.shape[0] == 0:

@@ -318,6 +318,7 @@ def test_mfa_select_refuses_what_the_data_cannot_take(tmp_path):
                                   *sets(*TINY, "train.em.device=cuda"),
                                   "--components", 2, "--factors", 1, "--out", tmp_path / "d")
         assert code == 2 and "invalid value for train.em.device" in stderr
+        assert "use train.em.device=null (the run's device) or train.em.device=cpu" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 

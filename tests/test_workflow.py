@@ -755,10 +755,14 @@ def test_a_finished_em_run_refuses_more_iterations(em_run):
     (["data.name=folder", "data.root=/nonexistent/images"], OSError, r"/nonexistent/images"),
     (["device=cuda"], ValueError, r"device 'cuda' asks for CUDA"),
     (["train.em.device=cuda:0"], ValueError, r"train\.em\.device: device 'cuda:0' asks for"),
+    # (its advice was device=auto, which a trainer's device refuses)
+    (["train.em.device=cuda"], ValueError, r"train\.em\.device: .* no CUDA device; use "
+     r"train\.em\.device=null \(the run's device\) or train\.em\.device=cpu$"),
     # a hierarchical run's stages: the child's failed after the root's fit, leaving a folder
     # whose resume refused the corrected device
     (["train.method=hierarchical", "train.hierarchical.child_em={device: cuda}"], ValueError,
-     r"train\.hierarchical\.child_em\.device: device 'cuda' asks for"),
+     r"train\.hierarchical\.child_em\.device: device 'cuda' asks for .*; use "
+     r"train\.hierarchical\.child_em\.device=null \(the run's device\) or"),
     (["train.method=hierarchical", "train.em.device=cuda"], ValueError,
      r"train\.hierarchical\.root_em\.device: device 'cuda' asks for"),
     (["train.method=hierarchical", "train.hierarchical.final_em={device: cuda}"], ValueError,
