@@ -14,7 +14,14 @@ import warnings
 from pathlib import Path
 
 from mfa import cli_run as run_io
-from mfa.cli_types import dataset_name, finite, fraction, non_negative_int, positive_int
+from mfa.cli_types import (
+    dataset_name,
+    finite,
+    fraction,
+    non_empty,
+    non_negative_int,
+    positive_int,
+)
 from mfa.data.names import DATASET_NAMES
 from mfa.masks import MASK_KINDS
 from mfa.outliers import SCORE_NAMES
@@ -325,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help=text)
 
     def device_option(p):
-        p.add_argument("--device", help="where to compute: cpu, cuda, cuda:1, auto (default: "
+        p.add_argument("--device", type=non_empty("a device: cpu, cuda, cuda:N or auto"),
+                       help="where to compute: cpu, cuda, cuda:1, auto (default: "
                        "the run's own device setting, where training drew its figures)")
 
     run_nrow = "images per row (default: the run's output.grid_nrow)"
@@ -379,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("inpaint", "original | masked | conditional mean | samples")
     with_run(p, seeds="the random masks and the conditional samples")
     p.add_argument("--mask", choices=MASK_KINDS, help="default: center (image with --mask-image)")
-    p.add_argument("--mask-image", help="PNG mask (black = hidden); implies --mask image")
+    p.add_argument("--mask-image", type=non_empty("a PNG file"),
+                   help="PNG mask (black = hidden); implies --mask image")
     p.add_argument("--fraction", type=fraction,
                    help="hidden share for --mask random (default 0.5)")
     p.add_argument("-n", type=positive_int,

@@ -8,7 +8,8 @@ import math
 
 from mfa.data.names import normalise_name
 
-__all__ = ["dataset_name", "finite", "fraction", "non_negative_int", "positive_int"]
+__all__ = ["dataset_name", "finite", "fraction", "non_empty", "non_negative_int",
+           "positive_int"]
 
 
 def _count_type(minimum: int):
@@ -60,3 +61,16 @@ def finite(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
+
+
+def non_empty(what: str):
+    """An argparse type: any text but an empty one (``--device ""`` and ``--mask-image ""``
+    were taken for the option not given: the run's device, a centre mask), which is refused
+    asking for ``what``."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"is empty: give {what}")
+        return text
+
+    return parse

@@ -1308,6 +1308,18 @@ def test_a_run_trained_on_cuda_resumes_on_the_cpu(run_dir, tmp_path, monkeypatch
     assert load_checkpoint(copy / "checkpoint.pt").run_config.device == "cpu"
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["sample", "--device", ""], "--device"), (["evaluate", "--device", ""], "--device"),
+    (["inpaint", "--mask-image", ""], "--mask-image"),
+])
+def test_an_empty_option_value_is_refused(run_dir, tmp_path, argv, option):
+    """`--device ""` computed on the run's device and `--mask-image ""` drew a centre mask:
+    an empty value was taken for the option not given (as `-o ""` was, before)."""
+    code, _, stderr = run_cli(argv[0], run_dir, *argv[1:], "-o", tmp_path / "x.png")
+    assert code == 2 and f"argument {option}: is empty: give" in stderr, stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_resume_lays_a_partial_config_over_the_runs(run_dir, tmp_path):
     """`--resume RUN --config small.yaml`: the keys small.yaml left out took the defaults, so
     the resume was refused over values the user never wrote (model.n_components=20)."""

@@ -7,13 +7,21 @@ import argparse
 
 import pytest
 
-from mfa.cli_types import dataset_name, finite, fraction, non_negative_int, positive_int
+from mfa.cli_types import (
+    dataset_name,
+    finite,
+    fraction,
+    non_empty,
+    non_negative_int,
+    positive_int,
+)
 
 
 @pytest.mark.parametrize("parse, text, value", [
     (positive_int, "3", 3), (non_negative_int, "0", 0), (fraction, "0.25", 0.25),
     (fraction, "1", 1.0), (finite, "-2.5", -2.5), (dataset_name, "Fashion-MNIST",
                                                     "fashion-mnist"),
+    (non_empty("a device"), "cpu", "cpu"),
 ])
 def test_accepts(parse, text, value):
     assert parse(text) == value
@@ -29,6 +37,8 @@ def test_accepts(parse, text, value):
     (finite, "nan", "must be a finite number, got nan"),
     (finite, "inf", "must be a finite number, got inf"),
     (dataset_name, "no-such-set", "no-such-set"),
+    (non_empty("a device"), "", "is empty: give a device"),
+    (non_empty("a PNG file"), "  ", "is empty: give a PNG file"),
 ])
 def test_refuses_naming_the_problem(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError) as info:
