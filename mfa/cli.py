@@ -20,6 +20,7 @@ from mfa.cli_types import (
     fraction,
     non_empty,
     non_negative_int,
+    one_of_several,
     positive_int,
 )
 from mfa.data.names import DATASET_NAMES
@@ -414,8 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_outliers)
 
     p = command("evaluate", "held-out log-likelihood, bits/dim, NDB")
-    p.add_argument("checkpoint", help=checkpoint_help)
-    p.add_argument("--split", nargs="+", default=["test"], choices=("train", "val", "test"),
+    p.add_argument("checkpoint", help=checkpoint_help + " (before --split and "
+                   "--outlier-scores, whose values take every word after them)")
+    splits = ("train", "val", "test")
+    p.add_argument("--split", nargs="+", default=["test"], choices=splits,
+                   type=one_of_several("--split", splits),
                    help="the splits to score (default: test)")
     p.add_argument("--ndb-bins", type=non_negative_int, default=0,
                    help="NDB with this many bins (default: 0, off)")
@@ -430,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the other dataset's config (it starts from the run's, "
                    "e.g. data.root=/data/pngs)")
     p.add_argument("--outlier-scores", nargs="+", choices=SCORE_NAMES, metavar="SCORE",
+                   type=one_of_several("--outlier-scores", SCORE_NAMES),
                    help="scores to evaluate with --outliers-against: %(choices)s "
                    "(default: all)")
     p.add_argument("-o", "--out", help="also write the JSON here (a file, or a folder for "
@@ -462,8 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("visualize", "mean, noise and factor columns per component")
     with_run(p, needs_data=False, seeded=False)
-    p.add_argument("--components", type=int, nargs="+",
-                   help="default: the first output.n_factor_components of the run")
+    p.add_argument("--components", type=one_of_several("--components", parse=int), nargs="+",
+                   metavar="INDEX", help="components to draw (give the run folder before "
+                   "--components, whose values take every word after it); default: the first "
+                   "output.n_factor_components of the run")
     p.add_argument("--factor-scale", type=finite, default=2.0, help="c in μ ± c·A_i")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                    help=image_shape)

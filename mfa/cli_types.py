@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from mfa.data.names import normalise_name
 
 __all__ = ["dataset_name", "finite", "fraction", "non_empty", "non_negative_int",
-           "positive_int"]
+           "one_of_several", "positive_int"]
 
 
 def _count_type(minimum: int):
@@ -74,3 +75,31 @@ def non_empty(what: str):
         return text
 
     return parse
+
+
+def one_of_several(option: str, choices: tuple[str, ...] | None = None, parse=None):
+    """An argparse type for a value of ``option``, an option of several values (``nargs="+"``,
+    which takes every word after it): one of ``choices``, or ``parse(text)``. A word that
+    is not one but is a path that exists is told to come before ``option``: `mfa evaluate
+    --split val RUN` took the run folder for a split (and `mfa visualize --components 0 1
+    RUN` for a component) and said only "invalid choice"."""
+
+    def convert(text: str):
+        try:
+            if choices is not None:
+                if text not in choices:
+                    raise argparse.ArgumentTypeError(
+                        f"invalid choice: {text!r} (choose from {', '.join(choices)})")
+                return text
+            try:
+                return parse(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        except argparse.ArgumentTypeError as error:
+            if text and os.path.exists(text):
+                raise argparse.ArgumentTypeError(
+                    f"{error}; {text} is a path: give the run folder before {option}, whose "
+                    "values take every word after it") from None
+            raise
+
+    return convert

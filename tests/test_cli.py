@@ -1320,6 +1320,28 @@ def test_an_empty_option_value_is_refused(run_dir, tmp_path, argv, option):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv, option", [
+    (["evaluate", "--split", "val"], "--split"),
+    (["evaluate", "--outliers-against", "mnist", "--outlier-scores", "complexity"],
+     "--outlier-scores"),
+    (["visualize", "--components", "0", "1"], "--components"),
+])
+def test_a_run_folder_after_an_option_of_several_values_is_told_to_come_first(
+        run_dir, argv, option):
+    """`mfa evaluate --split val RUN` took RUN for a split and said only "invalid choice"
+    (`visualize --components 0 1 RUN`: "invalid int value"); the help did not say either."""
+    code, _, stderr = run_cli(*argv, run_dir)
+    assert code == 2
+    assert (f"argument {option}: " in stderr and f"{run_dir} is a path: give the run folder "
+            f"before {option}, whose values take every word after it") in stderr, stderr
+    code, _, stderr = run_cli(*argv, "nowhere")  # (not a path: the plain error)
+    assert code == 2 and "is a path" not in stderr and "'nowhere'" in stderr
+    assert "whose values take every word after" in " ".join(help_of(argv[0]).split())
+    code, _, stderr = run_cli(argv[0], run_dir, *argv[1:], "-o", run_dir / "x.json"
+                              if argv[0] == "evaluate" else run_dir / "x.png", "--help")
+    assert code == 0  # (the run folder first parses)
+
+
 def test_a_resume_lays_a_partial_config_over_the_runs(run_dir, tmp_path):
     """`--resume RUN --config small.yaml`: the keys small.yaml left out took the defaults, so
     the resume was refused over values the user never wrote (model.n_components=20)."""

@@ -13,6 +13,7 @@ from mfa.cli_types import (
     fraction,
     non_empty,
     non_negative_int,
+    one_of_several,
     positive_int,
 )
 
@@ -22,6 +23,8 @@ from mfa.cli_types import (
     (fraction, "1", 1.0), (finite, "-2.5", -2.5), (dataset_name, "Fashion-MNIST",
                                                     "fashion-mnist"),
     (non_empty("a device"), "cpu", "cpu"),
+    (one_of_several("--split", ("val", "test")), "val", "val"),
+    (one_of_several("--components", parse=int), "3", 3),
 ])
 def test_accepts(parse, text, value):
     assert parse(text) == value
@@ -39,6 +42,11 @@ def test_accepts(parse, text, value):
     (dataset_name, "no-such-set", "no-such-set"),
     (non_empty("a device"), "", "is empty: give a device"),
     (non_empty("a PNG file"), "  ", "is empty: give a PNG file"),
+    (one_of_several("--split", ("val", "test")), "x", "invalid choice: 'x' (choose from val, "
+     "test)"),
+    (one_of_several("--components", parse=int), "y", "expected an int, got 'y'"),
+    (one_of_several("--components", parse=int), ".", "expected an int, got '.'; . is a path: "
+     "give the run folder before --components, whose values take every word after it"),
 ])
 def test_refuses_naming_the_problem(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError) as info:
