@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -479,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_keys(message: str) -> str:
+    """A trainer's message names its settings as the library's fields (``SGDConfig.lr``);
+    a config's reader writes ``train.sgd.lr``: both are named (the config layer's own
+    messages already name the key)."""
+    return re.sub(r"\b(EM|SGD)Config\.(\w+)",
+                  lambda m: f"train.{m[1].lower()}.{m[2]} ({m[0]})", message)
+
+
 def _one_line(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -518,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
 
         plain = isinstance(err, (ValueError, TypeError, OSError, RunFolderInUse))
         kind = "" if plain else f"{type(err).__name__}: "
-        print(f"error: {kind}{str(err) or 'out of memory'}", file=sys.stderr)
+        message = str(err) or "out of memory"
+        if args.func in (cmd_train, cmd_select):
+            message = _config_keys(message)
+        print(f"error: {kind}{message}", file=sys.stderr)
         return 2
 
 

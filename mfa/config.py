@@ -334,14 +334,21 @@ def _check_trainer(config: EMConfig | SGDConfig, path: str) -> None:
         trainer(config)
     except ValueError as error:
         name = type(config).__name__
-        match = re.match(rf"{name}\.(\w+)(=\S+)? (.*)", str(error), re.DOTALL)
+        text = yaml_words(str(error))
+        match = re.match(rf"{name}\.(\w+)(=\S+)? (.*)", text, re.DOTALL)
         if match is None:
-            raise ValueError(f"invalid value in {path}: {error}") from None
+            raise ValueError(f"invalid value in {path}: {text}") from None
         key, value, problem = match.groups()
         problem = problem.replace(f"{name}.", f"{path}.")
         if value:  # (the message states the value before its problem: keep it)
             problem = f"{path}.{key}{value} {problem}"
         raise ValueError(f"invalid value for {path}.{key}: {problem}") from None
+
+
+def yaml_words(text: str) -> str:
+    """A library message as a config's reader writes it: Python's ``None`` is YAML's ``null``
+    (the trainers' checks said "a number > 0 or None" of train.sgd.grad_clip)."""
+    return re.sub(r"\bNone\b", "null", text)
 
 
 def _cross_check(config: Any, path: str) -> None:

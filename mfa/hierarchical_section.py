@@ -113,7 +113,9 @@ def check_hierarchical(config: Any) -> None:
     try:
         HierarchicalTrainer(checked)
     except (TypeError, ValueError) as error:
-        text = str(error)
+        from mfa.config import yaml_words  # (mfa.config imports this module)
+
+        text = yaml_words(str(error))
         match = re.match(r"HierarchicalConfig\.([\w.]+) (.*)", text, re.DOTALL)
         if match is None:
             raise ValueError(f"invalid value in train.hierarchical: {text}") from None

@@ -1411,6 +1411,8 @@ def test_a_diverging_run_ends_with_its_message_not_a_traceback(tmp_path):
     code, _, stderr = run_cli(*args)
     assert code == 2 and stderr.startswith("error: FloatingPointError: Adam diverged"), stderr
     assert "Traceback" not in stderr
+    # the setting as a config names it, and as the library does (it said SGDConfig.lr only)
+    assert "learning rate than train.sgd.lr (SGDConfig.lr)=1000" in stderr, stderr
     # --verbose shows where, with the same exit status (it raised: 1)
     code, _, stderr = run_cli("--verbose", *args)
     assert code == 2 and "Traceback" in stderr and "FloatingPointError" in stderr

@@ -569,6 +569,13 @@ def test_em_on_incomplete_rows_is_not_refused_by_the_unused_hierarchical_stages(
         load_config(overrides=["train.hierarchical.child_em={missing: allow}"])
 
 
+def test_a_trainers_check_says_null_for_none():
+    """A config's reader writes null: "must be a finite number > 0 or None" named Python's."""
+    with pytest.raises(ValueError, match=r"train\.sgd\.grad_clip: must be a finite number > 0 "
+                                         r"or null, got -1\.0$"):
+        load_config(overrides=["train.sgd.grad_clip=-1"])
+
+
 @pytest.mark.parametrize("override, match", [
     ("train.hierarchical.n_factors=3",
      r"unknown config key 'train\.hierarchical\.n_factors' \(it is model\.n_factors"),
@@ -583,7 +590,7 @@ def test_em_on_incomplete_rows_is_not_refused_by_the_unused_hierarchical_stages(
     ("train.hierarchical.child_em={kmeans_iter: 0}",
      r"train\.hierarchical\.child_em\.kmeans_iter: must be an int >= 1, got 0"),
     ("train.hierarchical.min_child_rows=0",
-     r"train\.hierarchical\.min_child_rows: must be None or an int >= 1, got 0"),
+     r"train\.hierarchical\.min_child_rows: must be null or an int >= 1, got 0"),
     ("train.method=tree", r"train\.method: expected one of 'em', 'sgd', 'hierarchical'"),
 ])
 def test_hierarchical_errors_name_the_key(override, match):
