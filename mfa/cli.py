@@ -272,9 +272,12 @@ def cmd_select(args) -> int:
                               resume=args.resume)
     print(sweep.table())
     best, by_bic = sweep.best_by_val, sweep.best_by_bic
-    score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
-             else f"log-likelihood {best['val_log_likelihood']:.2f}")
-    print(f"best by validation: K={best['K']}, L={best['L']} ({score})")
+    if best is None:  # (every fit failed: their rows are saved, for --resume)
+        print("best by validation: none (no fit gave a finite validation score)")
+    else:
+        score = (f"{best['val_bits_per_dim']:.4f} bits/dim" if sweep.has_bits_per_dim
+                 else f"log-likelihood {best['val_log_likelihood']:.2f}")
+        print(f"best by validation: K={best['K']}, L={best['L']} ({score})")
     print("best by BIC: " + ("none (no finite BIC)" if by_bic is None else
                              f"K={by_bic['K']}, L={by_bic['L']} (BIC {by_bic['bic']:.1f})"))
     for path in paths:
@@ -282,6 +285,9 @@ def cmd_select(args) -> int:
     if sweep.failed:  # (their rows are in the table: the other fits are kept)
         print(f"error: {len(sweep.failed)} of {len(sweep.rows)} fits failed: " + "; ".join(
             f"K={r['K']}, L={r['L']}: {r['error']}" for r in sweep.failed), file=sys.stderr)
+        return 1
+    if best is None:
+        print("error: no fit gave a finite validation score", file=sys.stderr)
         return 1
     return 0
 

@@ -62,7 +62,8 @@ class SelectionSweep:
             after it), ``best_val`` / ``best_bic``
             marking the best row by each criterion, and ``error`` (``None``, or the message
             of a fit that raised: its scores are ``None``).
-        best_by_val: the row with the highest finite validation log-likelihood.
+        best_by_val: the row with the highest finite validation log-likelihood; ``None``
+            when no row has one (every fit failed: the rows still say why, and are saved).
         best_by_bic: the row with the lowest finite BIC (``None`` when none is finite).
         best_model: the fitted model of ``best_by_val`` (the other models are not kept);
             ``None`` when that row was read back from a ``finished`` sweep, or the sweep
@@ -77,7 +78,7 @@ class SelectionSweep:
     """
 
     rows: list[dict]
-    best_by_val: dict
+    best_by_val: dict | None
     best_by_bic: dict | None
     best_model: Any
     n_features: int
@@ -158,8 +159,7 @@ class SelectionSweep:
         that was not finite was saved as ``null`` and reads back as ``None``.
 
         Raises:
-            ValueError: the file is not such a record (naming it and what is wrong), or
-                none of its rows has a finite validation score.
+            ValueError: the file is not such a record (naming it and what is wrong).
         """
         from mfa.selection_resume import rows_by_cell
 
@@ -178,9 +178,7 @@ class SelectionSweep:
             raise ValueError(f"{path}: outside_grid is not a list of rows")
         cells = list(rows_by_cell([*record["rows"], *outside], str(path)).values())
         rows, outside = cells[:len(record["rows"])], cells[len(record["rows"]):]
-        best = _best_by_val(rows)
-        if best is None:
-            raise ValueError(f"{path}: no row has a finite validation log-likelihood")
+        best = _best_by_val(rows)  # (None where every fit failed: a resume fits them again)
         return _marked(rows, (best, None), d, scale, complete=record.get("complete") is True,
                        outside_grid=outside)
 
@@ -204,8 +202,9 @@ class SelectionSweep:
             line = sorted((r for r in scored if r["L"] == lat), key=lambda r: r["K"])
             axes.plot([r["K"] for r in line], [value(r) for r in line], "o-", label=f"L={lat}")
         best = self.best_by_val
-        axes.plot([best["K"]], [value(best)], "o", markersize=14, markerfacecolor="none",
-                  markeredgecolor="black", label=f"best: K={best['K']}, L={best['L']}")
+        if best is not None:  # (None: every fit failed, an empty plot)
+            axes.plot([best["K"]], [value(best)], "o", markersize=14, markerfacecolor="none",
+                      markeredgecolor="black", label=f"best: K={best['K']}, L={best['L']}")
         ks = sorted({r["K"] for r in self.rows})
         if len(ks) > 1:
             axes.set_xscale("log")
@@ -215,7 +214,8 @@ class SelectionSweep:
         axes.set_ylabel("validation bits/dim" if bpd else "validation −log p per row (nats)")
         axes.set_title(title or "model selection (lower is better)")
         axes.grid(True, alpha=0.3)
-        axes.legend()
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
         figure.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -288,7 +288,8 @@ def sweep_models(
 
     A fit that raises (:data:`FIT_ERRORS`, e.g. Adam diverging) is logged and recorded as a
     failed row (its ``error`` set, its scores ``None``); the sweep goes on. Rows whose
-    validation score is not finite are never the best.
+    validation score is not finite are never the best; where no row has a finite one (every
+    fit failed), the sweep has no best (``best_by_val`` is ``None``, a warning says why).
 
     Args:
         train: the training rows (``[N, D]`` tensor or iterable of batches) that ``fit_fn``
@@ -300,8 +301,8 @@ def sweep_models(
             :func:`mfa.metrics.select_model`).
         scale: for dequantised images, the divisor of :func:`mfa.metrics.bits_per_dim`
             (256) to report validation bits/dim; ``None``: no bits/dim.
-        on_row: called after each fit but the last, once a row has a finite validation
-            score, with the sweep so far (``complete=False``): to save it as it goes.
+        on_row: called after each fit but the last with the sweep so far
+            (``complete=False``): to save it as it goes (failed rows included).
         finished: an earlier sweep of the same data and ``fit_fn`` (a partial one given to
             ``on_row``, or :meth:`SelectionSweep.load` of its JSON) to resume: its rows
             (and :attr:`~SelectionSweep.outside_grid`) whose ``(K, L)`` is in the grid are
@@ -316,8 +317,7 @@ def sweep_models(
 
     Raises:
         ValueError: a bad grid or data (before any fit), a ``finished`` sweep of another
-            ``D``, a fit of other sizes than asked while resuming, or no fit with a finite
-            validation score (after the sweep).
+            ``D``, or a fit of other sizes than asked while resuming.
     """
     from mfa.selection_resume import rows_by_cell
 
@@ -357,14 +357,12 @@ def sweep_models(
         finally:
             fitting.append(time.perf_counter() - started)
 
-    def sweep(rows: list[dict], complete: bool) -> SelectionSweep | None:
+    def sweep(rows: list[dict], complete: bool) -> SelectionSweep:
         best = _best_by_val(rows)
-        if best is None:
-            return None
         model = fitted[1] if fitted is not None and best is fitted[0] else None
         if not complete:  # marked on copies: a later marking rewrote a partial sweep's rows
             copies = [dict(r) for r in rows]
-            best = next(c for c, r in zip(copies, rows, strict=True) if r is best)
+            best = next((c for c, r in zip(copies, rows, strict=True) if r is best), None)
             rows = copies
         return _marked(rows, (best, model), n_features, scale, complete,
                        outside_grid=list(outside), n_reused=n_reused)
@@ -404,15 +402,13 @@ def sweep_models(
                                          or score > fitted[0]["val_log_likelihood"]):
                 fitted = (done[k, lat], model)
         if on_row is not None and len(done) < len(candidates):
-            partial = sweep([done[c] for c in candidates if c in done], complete=False)
-            if partial is not None:
-                on_row(partial)
+            on_row(sweep([done[c] for c in candidates if c in done], complete=False))
     rows = [done[c] for c in candidates]
     result = sweep(rows, complete=True)
-    if result is None:
-        raise ValueError("no (K, L) of the sweep gave a finite validation log-likelihood: "
-                         + "; ".join(f"K={r['K']}, L={r['L']}: {r['error'] or 'not finite'}"
-                                     for r in rows))
+    if result.best_by_val is None:  # (it raised, and `mfa select` kept none of the rows)
+        logger.warning("no (K, L) of the sweep gave a finite validation log-likelihood: %s",
+                       "; ".join(f"K={r['K']}, L={r['L']}: {r['error'] or 'not finite'}"
+                                 for r in rows))
     return result
 
 
@@ -423,7 +419,7 @@ def _best_by_val(rows: list[dict]) -> dict | None:
     return max(scored, key=lambda r: r["val_log_likelihood"]) if scored else None
 
 
-def _marked(rows: list[dict], best: tuple[dict, Any], n_features: int, scale: float | None,
+def _marked(rows: list[dict], best: tuple[dict | None, Any], n_features: int, scale: float | None,
             complete: bool, **extra: Any) -> SelectionSweep:
     """The sweep of ``rows`` with ``best`` (the best row by validation, its model) and the
     lowest finite BIC marked (ties: the first in grid order); ``extra``: the sweep's other

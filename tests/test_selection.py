@@ -475,8 +475,10 @@ def test_non_finite_scores_are_never_the_best(data, tmp_path, values):
 
     record = json.loads(text, parse_constant=refuse)  # strict JSON
     assert record["rows"][0]["bic"] is None and record["best_by_val"] == {"K": 2, "L": 0}
-    with pytest.raises(ValueError, match="no .K, L. of the sweep gave a finite validation"):
-        sweep_models(train, val, [1], [0], lambda k, lat: _Scored(values[0]))
+    # none finite: no best (it raised, and `mfa select` then kept none of the rows)
+    none = sweep_models(train, val, [1], [0], lambda k, lat: _Scored(values[0]))
+    assert none.best_by_val is None and none.best_model is None
+    assert not none.rows[0]["best_val"]
 
 
 def test_mfa_select_keeps_the_finished_fits_when_one_fails_or_it_is_stopped(tmp_path,
@@ -507,6 +509,37 @@ def test_mfa_select_keeps_the_finished_fits_when_one_fails_or_it_is_stopped(tmp_
     record = json.loads((out / "selection.json").read_text())
     assert record["complete"] is False and [r["K"] for r in record["rows"]] == [1, 2]
     assert not (out / ".lock").exists()
+
+
+def test_mfa_select_keeps_the_rows_when_every_fit_fails(tmp_path, monkeypatch, caplog):
+    """Every fit failing left nothing (the new folder was removed) and exited 2, where the
+    README says failed fits are failed: rows and the command exits 1. A --resume then fits
+    them again."""
+    real_fit = EMTrainer.fit
+
+    def diverging(self, model, *args, **kwargs):
+        raise FloatingPointError("EM diverged")
+
+    monkeypatch.setattr(EMTrainer, "fit", diverging)
+    out = tmp_path / "new" / "sweep"
+    with caplog.at_level(logging.WARNING, logger="mfa"):
+        code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                       "--components", 1, 2, "--factors", 1, "--out", out)
+    assert code == 1 and "2 of 2 fits failed: K=1, L=1: FloatingPointError: EM diverged" \
+        in stderr, stderr
+    assert "best by validation: none" in stdout and "failed: FloatingPointError" in stdout
+    assert "no (K, L) of the sweep gave a finite validation log-likelihood" in caplog.text
+    rows = list(csv.DictReader(open(out / "selection.csv", newline="")))
+    assert [r["error"] for r in rows] == ["FloatingPointError: EM diverged"] * 2
+    record = json.loads((out / "selection.json").read_text())
+    assert record["best_by_val"] is None and record["complete"] is True
+    assert (out / "selection.png").is_file()
+    monkeypatch.setattr(EMTrainer, "fit", real_fit)
+    code, stdout, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
+                                   "--components", 1, 2, "--factors", 1, "--out", out,
+                                   "--resume")
+    assert code == 0, stderr
+    assert "best by validation: K=" in stdout
 
 
 def test_mfa_select_refuses_more_components_than_the_initialisation_gets(tmp_path):
@@ -679,12 +712,15 @@ def test_resume_refuses_a_finished_sweep_it_cannot_match(data, tmp_path):
                           ('{"rows": [{"K": 0, "L": 1}], "n_features": 6}', "K=0, L=1"),
                           ('{"rows": [{"K": 1, "L": 1, "bic": "x", "fit_seconds": 1, '
                            '"best_val": true, "best_bic": true}], "n_features": 6}',
-                           "invalid values for bic"),
-                          ('{"rows": [{"K": 1, "L": 1, "fit_seconds": 1, "best_val": true, '
-                           '"best_bic": false}], "n_features": 6}', "no row has a finite")]:
+                           "invalid values for bic")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=problem):
             SelectionSweep.load(path)
+    # no finite score (every fit failed): read back without a best, for a resume to refit
+    path.write_text('{"rows": [{"K": 1, "L": 1, "fit_seconds": 1, "best_val": true, '
+                    '"best_bic": false, "error": "E: x"}], "n_features": 6}')
+    failed = SelectionSweep.load(path)
+    assert failed.best_by_val is None and not failed.rows[0]["best_val"]
 
 
 def test_a_non_finite_score_read_back_stays_out_of_the_bests_and_the_plot(data, tmp_path):
