@@ -322,8 +322,12 @@ def cmd_visualize(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mfa import __version__
+
     parser = argparse.ArgumentParser(prog="mfa", description="Mixtures of Factor Analyzers on "
-                                     "images: train, sample, inpaint, rank outliers, evaluate.")
+                                     "images: train, sample, inpaint, rank outliers, evaluate, "
+                                     "select K and L, visualize the factors.")
+    parser.add_argument("--version", action="version", version=f"mfa {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and a traceback with an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -373,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "one is only evaluated and its figures drawn again, under new names (--set "
                    "and --config, whose keys are laid over the run's config, may change only "
                    "its iterations, checkpoints, progress, device, figures and data location)")
-    p.add_argument("--no-figures", action="store_true", help="skip the figures at the end "
-                   "(of this command only: it is not saved with the run, so a --resume draws "
-                   "them unless given --no-figures again)")
+    p.add_argument("--no-figures", action="store_true", help="skip the sample, inpainting, "
+                   "outlier and factor figures at the end (curve.png, the training curve, "
+                   "follows output.plot); of this command only: it is not saved with the run, "
+                   "so a --resume draws them unless given --no-figures again")
     p.set_defaults(func=cmd_train)
 
     p = command("sample", "a grid of samples as PNG")
@@ -477,8 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--components", type=one_of_several("--components", parse=int), nargs="+",
                    metavar="INDEX", help="components to draw (give the run folder before "
                    "--components, whose values take every word after it); default: the first "
-                   "output.n_factor_components of the run")
-    p.add_argument("--factor-scale", type=finite, default=2.0, help="c in μ ± c·A_i")
+                   "output.n_factor_components of the run, the first 4 where that is 0 or "
+                   "there is no run config")
+    p.add_argument("--factor-scale", type=finite, default=2.0,
+                   help="c in μ ± c·A_i (default: 2)")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                    help=image_shape)
     p.add_argument("-o", "--out")

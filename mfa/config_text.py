@@ -94,6 +94,18 @@ def _shipped_hint(path: Path) -> str:
             f"run from the checkout or give the full path{full}")
 
 
+def _load(text: str, name: str) -> Any:
+    """``text`` read as YAML; an error's marks name ``name`` (for a string PyYAML says
+    ``in "<unicode string>", line 3``, not which file), with their snippet of the text."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        for mark in (error.context_mark, error.problem_mark):
+            if mark is not None:
+                mark.name = name
+        raise
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The mapping a YAML config file holds (``{}`` for an empty file).
 
@@ -108,7 +120,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist{_shipped_hint(path)}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        data = _load(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as error:
         raise ValueError(f"config file {path} is not UTF-8 YAML text (byte {error.start} "
                          f"is {error.object[error.start:error.start + 1]!r})") from None
@@ -139,7 +151,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in parts):
         raise ValueError(f"invalid override {text!r}: empty key in '{key}'")
     try:
-        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else None
+        value = _load(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError as error:
         raise ValueError(f"invalid override {text!r}: the value is not valid YAML "
                          f"({error})") from None

@@ -253,6 +253,7 @@ def test_train_with_dequantized_data_reports_bits_per_dim(tmp_path):
         # −(log p − D·log 256) / (D·ln 2)
         assert bpd == pytest.approx(-(ll - d * math.log(256)) / (d * math.log(2)), rel=1e-9)
     assert not (tmp_path / "deq" / "samples.png").exists()  # --no-figures
+    assert (tmp_path / "deq" / "curve.png").is_file()  # (output.plot's, as the help says)
     # mfa evaluate reports the same numbers from the checkpoint.
     code, stdout, stderr = run_cli("evaluate", tmp_path / "deq", "--split", "val", "test")
     assert code == 0, stderr
@@ -285,6 +286,34 @@ def test_no_figures_says_a_resume_does_not_keep_it():
         in text
     readme = " ".join((ROOT / "README.md").read_text().split())
     assert "so a `--resume` draws them unless given `--no-figures` again" in readme
+
+
+def test_version_and_the_help_name_what_the_command_does(tmp_path):
+    """No `mfa --version`; the description left out select and visualize; --factor-scale
+    and visualize --components did not say their defaults (4 components where the run's
+    n_factor_components is 0); --no-figures said it skips the figures, and curve.png was
+    drawn (it follows output.plot)."""
+    from mfa import __version__
+
+    code, stdout, _ = run_cli("--version")
+    assert code == 0 and stdout.strip() == f"mfa {__version__}"
+    code, stdout, _ = run_cli("--help")
+    assert "select K and L, visualize the factors" in " ".join(stdout.split())
+    text = help_of("visualize")
+    assert "c in μ ± c·A_i (default: 2)" in text
+    assert "the first 4 where that is 0 or there is no run config" in text
+    assert "(curve.png, the training curve, follows output.plot)" in help_of("train")
+
+
+def test_yaml_errors_name_the_file_and_the_override(tmp_path):
+    """PyYAML's marks said `in "<unicode string>", line 3`, not which file."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_components: [1\n")
+    code, _, stderr = run_cli("train", "--config", bad)
+    assert code == 2 and f'in "{bad}", line 2' in stderr and "<unicode string>" not in stderr
+    assert "n_components: [1" in stderr  # (the snippet stays)
+    code, _, stderr = run_cli("train", *set_args("model.n_components=[1"))
+    assert code == 2 and 'in "--set model.n_components", line 1' in stderr, stderr
 
 
 def help_of(command: str) -> str:
