@@ -94,3 +94,35 @@ def test_each_method_trains_on_cuda_from_uint8_pixels_and_resumes(tmp_path, monk
     resumed = json.loads(stdout[stdout.index("{"):])
     assert resumed["test_log_likelihood"] == pytest.approx(metrics["test_log_likelihood"],
                                                            rel=1e-6)
+
+
+@pytest.mark.parametrize("method, key, extra", [
+    ("em", "iteration", []),
+    ("sgd", "epoch", ["train.sgd.epochs=3", "train.sgd.progress=false"]),
+])
+def test_a_run_interrupted_on_cuda_resumes_on_the_cpu(tmp_path, caplog, method, key, extra):
+    """A run trained on CUDA could not continue on a machine without it: the device was not
+    a setting a resume may change. The continued fit differs from the uninterrupted one by
+    rounding only (and the precision mode each device's "auto" picks)."""
+    from mfa import workflow
+    from mfa.config import load_config
+
+    def config(name):
+        return load_config(CONFIG, [*TINY, *extra, f"train.method={method}", "device=cuda",
+                                    f"output.dir={tmp_path}", f"output.name={name}"])
+
+    def stop(trainer, model, record):
+        if record.get(key) == 2:
+            raise KeyboardInterrupt
+
+    whole = workflow.train(config("whole"), figures=False)
+    with pytest.raises(KeyboardInterrupt):
+        workflow.train(config("cut"), figures=False, callbacks=(stop,))
+    with caplog.at_level("WARNING", logger="mfa"):
+        resumed = workflow.train(None, resume=tmp_path / "cut", overrides=["device=cpu"],
+                                 figures=False)
+    assert "resumed with device='cpu' (saved 'cuda')" in caplog.text
+    assert resumed.model.means.device.type == "cpu"
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt").run_config.device == "cpu"
+    assert resumed.metrics["test_log_likelihood"] == pytest.approx(
+        whole.metrics["test_log_likelihood"], rel=1e-2)
