@@ -873,7 +873,7 @@ def test_a_resumed_cpu_run_takes_gloo(monkeypatch, tmp_path):
     """`mfa train --resume` read no config before the process group: a CPU run resumed on a
     machine with GPUs took NCCL and cuda:LOCAL_RANK (invalid with more processes than
     GPUs), whatever its saved device or --set device=cpu said."""
-    from mfa import cli
+    from mfa import cli, cli_fit
     from mfa.config import load_config, save_config
 
     run = tmp_path / "run"
@@ -881,7 +881,7 @@ def test_a_resumed_cpu_run_takes_gloo(monkeypatch, tmp_path):
     save_config(load_config(cli.DEFAULT_CONFIG, overrides=["device=cpu"]), run / "config.yaml")
     seen = []
     monkeypatch.setattr(distributed, "init_from_env", lambda device=None: seen.append(device))
-    monkeypatch.setattr(cli, "_train", lambda args, config, overrides, main: 0)
+    monkeypatch.setattr(cli_fit, "_train", lambda args, config, overrides, main: 0)
     assert main(["train", "--resume", str(run)]) == 0
     assert main(["train", "--resume", str(run), "--set", "device=auto"]) == 0
     assert main(["train", "--resume", str(tmp_path / "none")]) == 0  # (reported by _train)
