@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mfa import _validation, conditioning, linalg, parameters, sampling
+from mfa import conditioning, linalg, parameters, sampling
 from mfa._terms import (
     ComponentTerms,
     build_component_terms,
@@ -87,7 +87,6 @@ class MixtureOfFactorAnalyzers(nn.Module):
         check_positive_int(chunk_elements, "chunk_elements")
         dtype = dtype or torch.get_default_dtype()
         check_supported_dtype(dtype)
-        device = None if device is None else _validation.supported_device(device)  # (not meta)
         self.register_load_state_dict_pre_hook(parameters.check_assigned_state)
         factory = {"dtype": dtype, "device": device}
         # (ints, also from numpy integers: the checkpoint's metadata must load as primitives)
