@@ -213,12 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where to compute: cpu, cuda, cuda:1, auto (default: "
                        "the run's own device setting, where training drew its figures)")
 
-    run_nrow = "images per row (default: the run's output.grid_nrow)"
+    run_nrow = "images per row (default: the run's output.grid_nrow, else 8)"
     checkpoint_help = "a run folder (e.g. runs/001-embedded-mnist) or a checkpoint file"
     image_shape = ("channels, height and width of the images, for a checkpoint that does not "
                    "record them (default: the run's)")
 
-    def with_run(p, needs_data=True, seeded=True, seed=None, seeds=""):
+    def image_output(p, name):
+        p.add_argument("-o", "--out", help=f"the image file to write (.png, .jpg, …; default: "
+                       f"{name} in the run folder, or beside the checkpoint file)")
+
+    def with_run(p, needs_data=True, seeded=True, seed=None, seeds="", split=""):
         p.add_argument("checkpoint", help=checkpoint_help)
         device_option(p)
         if seeded:  # (visualize draws nothing at random: it offered --seed and ignored it)
@@ -227,12 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "the run's seed, as its figures)" if seed is None
                                else f"{seed})"))
         p.add_argument("--scale", type=positive_int, help="upscaling of saved images "
-                       "(default: the run's output.image_scale, as its own figures)")
+                       "(default: the run's output.image_scale, as its own figures, else 2)")
         overwrite_flag(p)
         if needs_data:
             p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                            help="override the run's config, e.g. data.root=/data")
-            p.add_argument("--split", default="test", choices=("train", "val", "test"))
+            p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                           help=f"the split {split} (default: test)")
 
     p = command("train", "train a model from a config into a new run folder")
     p.add_argument("-c", "--config", help=f"YAML config (default: {DEFAULT_CONFIG.name})")
@@ -259,11 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw mu_k + A_k z without the per-pixel noise (smoother images)")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                    help=image_shape)
-    p.add_argument("-o", "--out")
+    image_output(p, "samples.png")
     p.set_defaults(func=cmd_sample)
 
     p = command("inpaint", "original | masked | conditional mean | samples")
-    with_run(p, seeds="the random masks and the conditional samples")
+    with_run(p, seeds="the random masks and the conditional samples",
+             split="whose images are inpainted")
     p.add_argument("--mask", choices=MASK_KINDS, help="default: center (image with --mask-image)")
     p.add_argument("--mask-image", type=non_empty("a PNG file"),
                    help="PNG mask (black = hidden); implies --mask image")
@@ -275,12 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=non_negative_int,
                    help="conditional samples per image (0: the conditional mean only; "
                    "default: the run's output.inpaint_samples)")
-    p.add_argument("-o", "--out")
+    image_output(p, "inpaint-<mask>.png")
     p.set_defaults(func=cmd_inpaint)
 
     p = command("outliers", "rank a split by an outlier score: grid + CSV")
     with_run(p, seed=0,  # (the run's outlier figure is drawn with seed 0)
-             seeds="the training images a score's background model is fitted on")
+             seeds="the training images a score's background model is fitted on",
+             split="to rank")
     p.add_argument("--score", choices=SCORE_NAMES, metavar="NAME",
                    help="outlier score, higher = more outlying: %(choices)s (default: "
                    "mfa.outliers.DEFAULT_SCORE, chosen on validation pairs; neg_log_prob "
@@ -288,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=positive_int, help="most outlying images to draw, at most the "
                    "split's (default: the run's output.n_samples, else 32)")
     p.add_argument("--nrow", type=positive_int, help=run_nrow)
-    p.add_argument("--out-dir")
+    p.add_argument("--out-dir", help="the folder for outliers.png and outliers.csv "
+                   "(default: the run folder, or the checkpoint file's folder)")
     p.set_defaults(func=cmd_outliers)
 
     p = command("evaluate", "held-out log-likelihood, bits/dim, NDB")
@@ -353,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="c in μ ± c·A_i (default: 2)")
     p.add_argument("--image-shape", type=positive_int, nargs=3, metavar=("C", "H", "W"),
                    help=image_shape)
-    p.add_argument("-o", "--out")
+    image_output(p, "factors.png")
     p.set_defaults(func=cmd_visualize)
     return parser
 

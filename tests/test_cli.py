@@ -343,6 +343,25 @@ def test_help_explains_every_option_it_was_missing():
             "drawn again, under new names") in help_of("train")
 
 
+def test_every_option_of_every_command_has_a_help_text():
+    """-o/--out of sample, inpaint and visualize and outliers' --out-dir had no help, and
+    inpaint's and outliers' --split did not say its default (a docs review)."""
+    import argparse
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    for command, use in (("inpaint", "whose images are inpainted"), ("outliers", "to rank")):
+        assert f"--split {{train,val,test}} the split {use} (default: test)" in help_of(command)
+    for command, name in (("sample", "samples.png"), ("inpaint", "inpaint-<mask>.png"),
+                          ("visualize", "factors.png")):
+        assert f"default: {name} in the run folder" in help_of(command)
+    assert "--out-dir OUT_DIR the folder for outliers.png and outliers.csv" in help_of(
+        "outliers")
+
+
 def test_train_resume_keeps_the_files_the_per_run_commands_wrote(run_dir, tmp_path):
     """A run trained without figures, then `mfa outliers` and `mfa sample` into its folder:
     `mfa train --resume` redrew samples.png and outliers.csv over them (the scores became
