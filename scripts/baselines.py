@@ -543,8 +543,19 @@ def write(results: dict, out: Path, started: float, done: bool) -> str:
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(results)
     (out / "baselines.md").write_text(text)
-    (out / "baselines.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "baselines.json").write_text(
+        json.dumps(finite_or_null(results), indent=1, default=str, allow_nan=False) + "\n")
     return text
+
+
+def finite_or_null(value):
+    """``value`` with every NaN or infinite float (a failed fit's ``train_seconds``) as
+    ``None``: JSON has no NaN, and strict parsers refused the bare ``NaN`` json wrote."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def test_quick_run_writes_the_table(tmp_path):
                           timeout=300, cwd=ROOT)  # ~15 s alone; a loaded machine is slower
     assert done.returncode == 0, done.stderr[-2000:]
     text = (tmp_path / "out" / "baselines.md").read_text()
-    results = json.loads((tmp_path / "out" / "baselines.json").read_text())
+    results = strict_json((tmp_path / "out" / "baselines.json").read_text())
     assert results["meta"]["complete"] is True
     assert set(results["datasets"]) == {"fashion-mnist", "embedded-mnist"}
     # The command that made the page (pages of other sizes said the bare command, whose
@@ -117,6 +118,35 @@ def test_quick_run_writes_the_table(tmp_path):
                    if line.startswith("| 3 | default MFA EM |"))
         cells = [c.strip(" |") for c in row.split(" | ")[2:5]]
         assert cells == [f"{default:.3f}", f"{default + 1:.3f}", f"{default + 0.5:.3f}"]
+
+
+def strict_json(text: str):
+    """``json.loads`` as strict JSON parsers read it: no NaN, Infinity or -Infinity."""
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_json_files_are_strict_json_with_null_for_no_number(tmp_path, monkeypatch):
+    """baselines.json held bare NaN (a failed or skipped fit's train_seconds), which strict
+    JSON parsers refuse; it holds null now, and so do the shipped files."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import baselines
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    results = {"meta": {}, "rows": [baselines.row("fit", 3, None, None, math.nan, "failed"),
+                                    baselines.row("fit", 3, 5.0, 5.1, 1.5)],
+               "timing": {"default_seconds": [math.inf, 2.0]}}
+    monkeypatch.setattr(baselines, "markdown", lambda results: "the page")  # (its own test)
+    baselines.write(results, tmp_path, time.perf_counter(), done=True)
+    written = strict_json((tmp_path / "baselines.json").read_text())
+    assert written["rows"][0]["train_seconds"] is None
+    assert written["rows"][1]["train_seconds"] == 1.5
+    assert written["timing"]["default_seconds"] == [None, 2.0]
+    assert math.isnan(results["rows"][0]["train_seconds"])  # (the caller's dict unchanged)
+    for path in sorted((ROOT / "docs" / "results").rglob("*.json")):
+        strict_json(path.read_text())
 
 
 def test_split_summary_verdicts_allow_for_the_spread_of_the_seeds():
