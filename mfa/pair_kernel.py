@@ -44,7 +44,7 @@ __all__ = ["MIN_PASS_VALUES", "available", "pair_sums", "preferred", "worthwhile
 #: (:func:`worthwhile`): the kernel costs ~0.55 s once a process (importing numba 0.22 s,
 #: loading the cached kernel 0.33 s) and saves ~1.8 ns a pair and feature (14 ms a pass of
 #: 10,000 rows of 784 pixels), so on small data it never pays: the default ``mfa train``
-#: (4,000 embedded digits) took 5.0 s with it against 4.1 s without. At this size (25,000
+#: (4,000 embedded digits) took 5.0 s with it against 4.1 s without. At this size (about 25,500
 #: rows of 784 pixels) it repays its cost in about 15 passes.
 MIN_PASS_VALUES = 2 * 10**7
 
