@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,9 +46,11 @@ __all__ = [
     "RESUME_SAFE_KEYS",
     "RunFolderInUse",
     "RUN_DATA_KEYS",
+    "WRITTEN_THROUGH",
     "attach_log",
     "check_can_extend",
     "check_resume_changes",
+    "check_resume_folder",
     "check_same_pools",
     "check_same_split",
     "clean_up_failed",
@@ -220,6 +224,52 @@ def resume_checkpoint(resume: str | Path) -> Path:
             f"metrics and figures beside it: copy it as {CHECKPOINT_NAME} into an empty "
             "folder and resume that")
     return path
+
+
+#: The files of a run folder that a resume writes through a symbolic link (the checkpoint is
+#: saved to the link's target, the log appended to it), and the hierarchical stages' folder,
+#: whose files are saved the same way. The others (config.yaml, metrics, figures) are
+#: replaced whole, link and all.
+WRITTEN_THROUGH = (CHECKPOINT_NAME, "train.log", LOCK_NAME, "hierarchy")
+
+
+def check_resume_folder(folder: str | Path) -> None:
+    """Refuse, before a resume takes or writes anything in ``folder`` (ValueError):
+
+    * a symbolic link among :data:`WRITTEN_THROUGH` (or in ``hierarchy/``): the resume
+      would write through it into its target, another run's file when the folder is a copy
+      made of links (``cp -rs A B``: resuming B rewrote A's checkpoint and log, and A could
+      not be resumed). The message names each link, its target, and the command that makes
+      it a file of its own."""
+    folder = Path(folder)
+    links = [folder / name for name in WRITTEN_THROUGH if (folder / name).is_symlink()]
+    stages = folder / "hierarchy"
+    if stages.is_dir() and not stages.is_symlink():
+        links += sorted(p for p in stages.iterdir() if p.is_symlink())
+    if links:
+        named = [_link_advice(link) for link in links[:4]]
+        if len(links) > 4:
+            named.append(f"and {len(links) - 4} more in {stages} (each: cp "
+                         "--remove-destination TARGET LINK)")
+        raise ValueError(
+            f"cannot resume {folder}: " + "; ".join(named) + ". A resume writes through "
+            "these links into the files they point to (those of another run, where the "
+            "folder is a copy made of links): make them files of their own, then resume")
+
+
+def _link_advice(link: Path) -> str:
+    """``link`` and its target, and the command that replaces it by a copy of the target."""
+    target = os.path.realpath(link)
+    quoted = f"{shlex.quote(target)} {shlex.quote(str(link))}"
+    if link.name == LOCK_NAME:
+        fix = f"rm {shlex.quote(str(link))}: a lock file need not be copied"
+    elif not os.path.exists(target):
+        fix = f"its target does not exist: rm {shlex.quote(str(link))}"
+    elif os.path.isdir(target):
+        fix = f"rm {shlex.quote(str(link))} && cp -r {quoted}"
+    else:
+        fix = f"cp --remove-destination {quoted}"
+    return f"{link} is a symbolic link to {target} ({fix})"
 
 
 def unstarted_run(resume: str | Path) -> Path | None:

@@ -56,6 +56,7 @@ from mfa.run_folder import (
     CHECKPOINT_NAME,
     FAILED_NAME,
     attach_log,
+    check_resume_folder,
     check_same_pools,
     clean_up_failed,
     config_lost,
@@ -171,6 +172,8 @@ def train(
     main = distributed.is_main_process()
     with contextlib.ExitStack() as held:
         folder = None if resume is None else resume_checkpoint(resume).parent
+        if folder is not None:  # (links it would write through, before its .lock is taken)
+            check_resume_folder(folder)
         # (a folder that is no run is refused below, and is left without a .lock)
         if folder is not None and ((folder / CHECKPOINT_NAME).exists()
                                    or (folder / "config.yaml").exists()):
