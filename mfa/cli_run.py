@@ -52,14 +52,24 @@ def run_checkpoint(checkpoint: str, resume: bool = False) -> Path:
     if (not folder.is_dir() or (folder / CHECKPOINT_NAME).exists()
             or (folder / "config.yaml").exists()):  # (a run stopped before its first one)
         return resolve_checkpoint(checkpoint)
-    marks = (CHECKPOINT_NAME, "config.yaml") if resume else (CHECKPOINT_NAME,)
-    runs = sorted(p for p in folder.iterdir() if any((p / m).is_file() for m in marks))
+    runs = sorted(p for p in folder.iterdir() if (p / CHECKPOINT_NAME).is_file()
+                  or resume and _unstarted(p))
     held = (f"it holds {len(runs)} run folder{'s' * (len(runs) > 1)}: give one, e.g. "
             + " or ".join(str(p) for p in runs[-2:]) if runs
             else "give a run folder (e.g. runs/001-embedded-mnist)"
             + ("" if resume else " or a checkpoint file"))
     raise SystemExit(f"error: {checkpoint} is not a run folder (it has no {CHECKPOINT_NAME}); "
                      + held)
+
+
+def _unstarted(folder: Path) -> bool:
+    """Whether ``folder`` is a run stopped before its first checkpoint: its config.yaml and
+    a trace of the run (:data:`mfa.run_folder.RUN_TRACES`; a config.yaml alone is a
+    user's)."""
+    from mfa.run_folder import RUN_TRACES
+
+    return (folder / "config.yaml").is_file() and any(
+        os.path.lexists(folder / name) for name in RUN_TRACES)
 
 
 def load_run(checkpoint: str, overrides: list[str]):

@@ -46,6 +46,7 @@ __all__ = [
     "RESUME_SAFE_KEYS",
     "RunFolderInUse",
     "RUN_DATA_KEYS",
+    "RUN_TRACES",
     "WRITTEN_THROUGH",
     "attach_log",
     "check_can_extend",
@@ -226,6 +227,12 @@ def resume_checkpoint(resume: str | Path) -> Path:
     return path
 
 
+#: What a run leaves beside its ``config.yaml`` before its first checkpoint: the lock it
+#: takes before writing config.yaml (:func:`hold_run_folder`), its log, the note of a failed
+#: run, a hierarchical run's finished stages. A folder with a config.yaml and none of them is
+#: not a run's (a user's folder of a hand-written config).
+RUN_TRACES = (LOCK_NAME, "train.log", FAILED_NAME, "hierarchy")
+
 #: The files of a run folder that a resume writes through a symbolic link (the checkpoint is
 #: saved to the link's target, the log appended to it), and the hierarchical stages' folder,
 #: whose files are saved the same way. The others (config.yaml, metrics, figures) are
@@ -240,7 +247,10 @@ def check_resume_folder(folder: str | Path) -> None:
       would write through it into its target, another run's file when the folder is a copy
       made of links (``cp -rs A B``: resuming B rewrote A's checkpoint and log, and A could
       not be resumed). The message names each link, its target, and the command that makes
-      it a file of its own."""
+      it a file of its own;
+    * a ``config.yaml`` without a checkpoint and without any of :data:`RUN_TRACES`: a
+      user's folder, not a run killed before its first checkpoint (it was trained there
+      and its config.yaml rewritten, comments lost)."""
     folder = Path(folder)
     links = [folder / name for name in WRITTEN_THROUGH if (folder / name).is_symlink()]
     stages = folder / "hierarchy"
@@ -255,6 +265,13 @@ def check_resume_folder(folder: str | Path) -> None:
             f"cannot resume {folder}: " + "; ".join(named) + ". A resume writes through "
             "these links into the files they point to (those of another run, where the "
             "folder is a copy made of links): make them files of their own, then resume")
+    if ((folder / "config.yaml").is_file() and not os.path.lexists(folder / CHECKPOINT_NAME)
+            and not any(os.path.lexists(folder / name) for name in RUN_TRACES)):
+        raise ValueError(
+            f"{folder} holds a config.yaml but no {CHECKPOINT_NAME} and no trace of an mfa "
+            f"run ({', '.join(RUN_TRACES)}): it is not a run folder, and resuming it would "
+            "train there and rewrite its config.yaml; start a new run from it with "
+            f"`mfa train --config {shlex.quote(str(folder / 'config.yaml'))}`")
 
 
 def _link_advice(link: Path) -> str:
@@ -277,10 +294,12 @@ def unstarted_run(resume: str | Path) -> Path | None:
     ``checkpoint.pt`` (its process was killed before the first checkpoint, so nothing was
     cleaned up): there is nothing to continue, and resuming starts it over there. A folder
     that also holds other files (metrics, figures: a finished run whose checkpoint is gone)
-    is refused (ValueError)."""
+    is refused (ValueError), as is one that shows no trace of a run
+    (:func:`check_resume_folder`)."""
     path = Path(resume)
     if path.is_dir() and not (path / CHECKPOINT_NAME).exists() and (
             path / "config.yaml").is_file():
+        check_resume_folder(path)
         # What a run writes before its first checkpoint (a hierarchical run's finished
         # stages are reused); anything else is a finished run's output, which starting over
         # would replace. The temporary of a first checkpoint whose writer was killed is not.
@@ -300,7 +319,8 @@ def unstarted_run(resume: str | Path) -> Path | None:
 def run_config_of(config: RunConfig | None, resume: str | Path | None,
                   overrides: Sequence[str]) -> tuple:
     """:func:`mfa.workflow.train`'s config, the checkpoint it resumes (or ``None``), the
-    folder it starts over (or ``None``) and the keys a resume changes."""
+    folder it starts over (or ``None``) and the keys a resume changes (a restart's: against
+    the folder's config.yaml, which it rewrites only then)."""
     restart = unstarted_run(resume) if resume is not None else None
     if restart is not None:  # killed before its first checkpoint: start it over there
         if config_lost(restart):
@@ -309,9 +329,11 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
                 f"was written) and {restart} holds no {CHECKPOINT_NAME}: nothing holds the "
                 "run's config to start it over from; train a new run")
         saved = load_config(restart / "config.yaml")
-        config = apply_overrides(saved if config is None else config, overrides)
-        check_resume_changes(saved, config)  # the same rules as any resume
-        return absolute_data_root(config), None, restart, []
+        config = absolute_data_root(apply_overrides(saved if config is None else config,
+                                                    overrides))
+        # The same rules as any resume; none changed, its config.yaml is kept as it is
+        changed = check_resume_changes(saved, config)
+        return config, None, restart, changed
     if resume is None:  # a validated copy whose folder's config reads the same files anywhere
         return absolute_data_root(apply_overrides(config, overrides)), None, None, []
     from mfa.checkpoint import load_checkpoint

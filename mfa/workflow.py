@@ -184,9 +184,11 @@ def train(
         try:
             if folder is None:
                 held.enter_context(hold_run_folder(run_dir, held=main))
-            if main:  # (a resume's changes: with its first checkpoint; a lost file: now)
+            # config.yaml: a new run's now; a resume's changes with its first checkpoint; a
+            # lost file now; a restart's kept as it is unless it changes (a user's comments)
+            if main:
                 (run_dir / FAILED_NAME).unlink(missing_ok=True)
-                if ckpt is None or config_lost(run_dir):
+                if (ckpt is None and (restart is None or changed)) or config_lost(run_dir):
                     save_config(config, run_dir / "config.yaml")
             handler = attach_log(run_dir) if main else None
             try:
@@ -197,11 +199,14 @@ def train(
                     logger.warning("%s holds no %s (stopped before the first one): starting "
                                    "the run over from its config", run_dir, CHECKPOINT_NAME)
                 if changed:
-                    logger.info("resumed with new values for %s", ", ".join(changed))
-                    moved = device_change_note(ckpt.run_config, config, changed)
+                    logger.info("%s with new values for %s", "resumed" if ckpt else "started "
+                                "over", ", ".join(changed))
+                    moved = (None if ckpt is None  # (a restart: nothing computed yet)
+                             else device_change_note(ckpt.run_config, config, changed))
                     if moved:
                         logger.warning("%s", moved)
-                return _train(config, run_dir, setup, ckpt, figures, callbacks, bool(changed))
+                return _train(config, run_dir, setup, ckpt, figures, callbacks,
+                              bool(changed) and ckpt is not None)
             except BaseException as error:  # said in train.log too
                 log_ending(handler, error, run_dir / CHECKPOINT_NAME)
                 raise

@@ -1233,6 +1233,9 @@ def test_resume_of_the_parent_of_run_folders_names_those_it_can_resume(run_dir, 
     (config.yaml only) can be resumed: the message offered the first and not the second."""
     (tmp_path / "runs" / "001-killed").mkdir(parents=True)
     shutil.copy(run_dir / "config.yaml", tmp_path / "runs" / "001-killed")
+    (tmp_path / "runs" / "001-killed" / ".lock").write_text("")  # (a config.yaml alone is
+    (tmp_path / "runs" / "002-mine").mkdir()  # a user's folder, not a run's)
+    shutil.copy(run_dir / "config.yaml", tmp_path / "runs" / "002-mine")
     code, _, stderr = run_cli("train", "--resume", tmp_path / "runs")
     assert code == 2 and stderr.startswith(
         f"error: {tmp_path / 'runs'} is not a run folder (it has no checkpoint.pt); it holds 1 "

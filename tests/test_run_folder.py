@@ -91,3 +91,56 @@ def test_links_in_a_hierarchy_folder_and_the_lock_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"hierarchy is a symbolic link to .* \(rm .* && "
                                          r"cp -r "):
         check_resume_folder(tmp_path / "run")
+
+
+USER_CONFIG = """\
+# My experiment 1: K=3 on the bundled digits.
+model:
+  n_components: 3   # chosen after the sweep
+"""
+
+
+def test_a_users_folder_of_a_config_yaml_is_not_taken_for_a_killed_run(tmp_path):
+    """`mfa train --resume exp1` on a folder holding only a hand-written config.yaml was
+    taken for a run killed before its first checkpoint: it trained there, with a false
+    warning, and rewrote the file (its comments lost). A run leaves its .lock (taken before
+    config.yaml is written) or train.log; without either the folder is refused, untouched,
+    and the message names --config."""
+    folder = tmp_path / "exp1"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(USER_CONFIG)
+    with pytest.raises(ValueError, match=r"exp1 holds a config\.yaml but no checkpoint\.pt and "
+                                         r"no trace of an mfa run .*: it is not a run folder.*"
+                                         r"`mfa train --config .*exp1/config\.yaml`"):
+        workflow.train(None, resume=folder, figures=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml"]  # (no .lock left)
+    assert (folder / "config.yaml").read_text() == USER_CONFIG
+
+
+def test_a_restarted_run_keeps_its_config_yaml_unless_it_changes(tmp_path, caplog):
+    """A run killed before its first checkpoint (its .lock, config.yaml and train.log) starts
+    over there; its config.yaml, read as it is, was rewritten all the same. Now only a
+    change (--set) rewrites it, and the log names the change."""
+    from mfa.config import save_config
+
+    folder = tmp_path / "killed"
+    folder.mkdir()
+    (folder / ".lock").write_text("")
+    save_config(make_config(tmp_path, "killed"), folder / "config.yaml")
+    text = (folder / "config.yaml").read_text() + "# notes: the first try\n"
+    (folder / "config.yaml").write_text(text)
+    (folder / "train.log").write_text("started\n")
+    with caplog.at_level("INFO", logger="mfa"):
+        workflow.train(None, resume=folder, figures=False)
+    assert (folder / "config.yaml").read_text() == text
+    assert "with new values" not in caplog.text
+    # a change: written with the run (a restart refuses what a resume refuses)
+    (folder / "checkpoint.pt").unlink()
+    for name in ("metrics.json", "history.json"):
+        (folder / name).unlink()
+    with caplog.at_level("INFO", logger="mfa"):
+        run = workflow.train(None, resume=folder, figures=False,
+                             overrides=["train.em.max_iter=2"])
+    assert run.metrics["iterations"] == 2
+    assert load_config(folder / "config.yaml").train.em.max_iter == 2
+    assert "started over with new values for train.em.max_iter" in caplog.text

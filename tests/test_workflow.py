@@ -957,6 +957,7 @@ def test_an_empty_config_yaml_resumes_with_the_checkpoints_config(out_dir, caplo
     assert (run_dir / "config.yaml").read_text() == "# notes: try L=8 next\n"
     unstarted = out_dir / "yaml-empty-unstarted"
     unstarted.mkdir()
+    (unstarted / ".lock").write_text("")  # (taken before config.yaml is written)
     (unstarted / "config.yaml").write_text("\n")
     with pytest.raises(ValueError, match=r"yaml-empty-unstarted/config\.yaml is empty "
                                          r"\(damaged.*holds no checkpoint\.pt: nothing holds"):
@@ -1044,6 +1045,7 @@ def test_a_run_killed_while_writing_its_first_checkpoint_starts_over(em_run, out
     that counted as a result, and --resume refused to start the run over as documented."""
     run_dir = out_dir / "killed-mid-save"
     run_dir.mkdir()
+    (run_dir / ".lock").write_text("")  # (taken before config.yaml is written)
     save_config(make_config(out_dir, "killed-mid-save"), run_dir / "config.yaml")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a pid whose process has exited: the writer is gone
@@ -1082,6 +1084,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_it_over(em_ru
     # lives, is refused
     other = out_dir / "killed-early-2"
     other.mkdir()
+    (other / ".lock").write_text("")
     save_config(make_config(out_dir, "killed-early-2"), other / "config.yaml")
     for change in ("model.n_components=4", f"output.dir={out_dir / 'elsewhere'}"):
         with pytest.raises(ValueError, match=change.split("=")[0].replace(".", r"\.")):
