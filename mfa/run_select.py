@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mfa.folder_lock import LOCK_NAME
 from mfa.selection import SelectionSweep, _grid, sweep_models
 
 logger = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
             ``out_dir``.
     """
     from mfa.config import apply_overrides, check_trainer_devices, resolve_device
-    from mfa.folder_lock import LOCK_NAME, hold_run_folder
+    from mfa.folder_lock import hold_run_folder
     from mfa.selection_resume import data_digest, sweep_settings
     from mfa.workflow import load_data
 
@@ -116,13 +117,12 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
                else Path(out_dir)).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} is a file; pass a folder (--out) for the sweep's files")
-    made = [] if out_dir.is_dir() else [q for q in (out_dir, *out_dir.parents)
-                                        if not q.exists()]
-    lock_made = not (out_dir / LOCK_NAME).exists()
-    try:  # (an unusable folder was found when the sweep's files were saved, after every fit)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(out_dir)  # (an unusable folder was found after every fit)
+    lock_made, held = not (out_dir / LOCK_NAME).exists(), False
+    try:
         with hold_run_folder(out_dir, command="mfa select"):  # (two sweeps: one replaced the
-            earlier = sorted(q.name for q in out_dir.glob("selection.*"))  # other's files)
+            held = True  # other's files)
+            earlier = sorted(q.name for q in out_dir.glob("selection.*"))
             finished = None
             if resume:
                 finished = _finished(out_dir, earlier, meta)
@@ -133,14 +133,42 @@ def select_run(config: Any, components: Sequence[int], factors: Sequence[int],
             sweep = _select(config, data, ks, ls, device, out_dir, meta, finished)
             return sweep, sweep.save(out_dir, metadata=meta)
     except BaseException:
-        if lock_made:  # (a refused sweep left it in the user's folder)
-            with contextlib.suppress(OSError):
-                (out_dir / LOCK_NAME).unlink()
-        for folder in made:  # the folders made for it, when they stayed empty
-            with contextlib.suppress(OSError):
-                (folder / LOCK_NAME).unlink(missing_ok=True)
-                folder.rmdir()
+        # Only a sweep that held the folder removes what it made there: one refused
+        # (RunFolderInUse) removed the .lock and the folder of the sweep that held them,
+        # which it had found missing a moment before that sweep made them.
+        if held:
+            _remove_own(out_dir, made, lock_made)
         raise
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make ``folder`` and its missing parents; those this call made, innermost first (one
+    another process made meanwhile is not). A failure removes them again."""
+    made = []
+    try:
+        for path in reversed([q for q in (folder, *folder.parents) if not q.exists()]):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                if not path.is_dir():
+                    raise
+                continue
+            made.insert(0, path)
+    except BaseException:
+        _remove_own(folder, made, False)
+        raise
+    return made
+
+
+def _remove_own(folder: Path, made: list[Path], lock_made: bool) -> None:
+    """Remove ``folder``'s lock where this sweep made it (``lock_made``; a refused sweep left
+    it in the user's folder) and the folders it ``made`` that stay empty."""
+    if lock_made:
+        with contextlib.suppress(OSError):
+            (folder / LOCK_NAME).unlink()
+    for path in made:
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _finished(out_dir: Path, earlier: list[str], meta: dict) -> SelectionSweep | None:

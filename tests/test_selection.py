@@ -481,6 +481,29 @@ def test_non_finite_scores_are_never_the_best(data, tmp_path, values):
     assert not none.rows[0]["best_val"]
 
 
+def test_a_refused_sweep_leaves_the_folder_and_lock_of_the_sweep_that_holds_them(
+        tmp_path, monkeypatch):
+    """Two sweeps started together into one new folder: B made the folder, A took its lock
+    before B could. B was refused (RunFolderInUse) and then removed A's .lock and folder
+    while A ran, as its own; a third sweep was then let in and A replaced its files. Only
+    a sweep that held the folder removes what it made."""
+    import mfa.folder_lock as folder_lock
+    from mfa.config import load_config
+    from mfa.run_select import select_run
+
+    real_hold, out = folder_lock.hold_run_folder, tmp_path / "new" / "sweep"
+    with contextlib.ExitStack() as sweep_a:
+        def a_first(folder, **kwargs):  # A takes the lock between B's mkdir and B's lock
+            sweep_a.enter_context(real_hold(folder, command="mfa select"))
+            return real_hold(folder, **kwargs)
+
+        monkeypatch.setattr(folder_lock, "hold_run_folder", a_first)
+        with pytest.raises(folder_lock.RunFolderInUse, match="in use by `mfa select`"):
+            select_run(load_config(CONFIG, TINY), [2], [1], out)
+        assert (out / ".lock").exists()
+        assert folder_lock.holder_of(out) == f"`mfa select` (pid {os.getpid()})"
+
+
 def test_mfa_select_keeps_the_finished_fits_when_one_fails_or_it_is_stopped(tmp_path,
                                                                             monkeypatch):
     """A failed fit or Ctrl-C after two fits left nothing (a new folder was removed)."""
