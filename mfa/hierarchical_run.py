@@ -21,7 +21,10 @@ through, so a run folder works as for EM and Adam:
 
 A resume reloads every finished stage from ``checkpoint_dir`` and gives the model of an
 uninterrupted run (each child is seeded from the seed and its root index alone). A run killed
-while the root is being fitted has no checkpoint yet and starts again.
+while the root is being fitted has no checkpoint yet and starts again. A finished run
+resumed (its state says so) fits nothing: ``fit`` returns the model it is given, the run's
+flattened result, and keeps the history, whether or not ``checkpoint_dir`` still holds the
+stages.
 """
 
 from __future__ import annotations
@@ -93,13 +96,16 @@ class HierarchicalRunTrainer:
             for callback in callbacks:
                 callback(self, current, record)
 
-        # A finished run's model is the flattened one, not a root to start from (its stages'
-        # files gone, the root is then fitted again from config.seed, as before).
-        start = None if self.finished else model
-        self.finished = False
+        # A finished run resumed: ``model`` is its flattened result, returned as it is with
+        # its history (without the stages' files every stage was fitted again, the log saying
+        # "nothing is left to fit" and train_seconds unchanged).
+        if self.finished:
+            if checkpoint_fn is not None:  # (at the end, as EM's)
+                checkpoint_fn(self, model)
+            return model
         # On the model's device (the run's): a dataset (above STREAM_ABOVE) is not on one.
         flat = self.trainer.fit(data, validation, checkpoint_dir=checkpoint_dir,
-                                callbacks=[on_stage], device=model.device, root=start)
+                                callbacks=[on_stage], device=model.device, root=model)
         self.history = _merged(self.trainer.history, earlier, self.trainer.fitted)
         self.finished = True
         if checkpoint_fn is not None:

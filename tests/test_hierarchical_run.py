@@ -104,13 +104,15 @@ def test_a_resumed_runs_history_keeps_the_records_of_the_stages_fitted_before(tm
         HierarchicalRunTrainer(_config()).fit(_start(0), x, callbacks=[stop],
                                               checkpoint_fn=checkpoint,
                                               checkpoint_dir=tmp_path / "b")
-    for _ in range(2):  # the interrupted run, then the finished one, resumed
+    for finished in (False, True):  # the interrupted run, then the finished one, resumed
         resumed = HierarchicalRunTrainer(_config())
         resumed.load_state_dict(saved["state"])
-        model = resumed.fit(_start(1), x, checkpoint_fn=checkpoint,  # (root.pt: unused)
+        start = expected if finished else _start(1)  # (a finished run's: its result)
+        model = resumed.fit(start, x, checkpoint_fn=checkpoint,  # (root.pt: unused)
                             checkpoint_dir=tmp_path / "b")
         assert _same(model, expected)
-        assert [r["resumed"] for r in resumed.trainer.history][:2] == [True, True]
+        if not finished:
+            assert [r["resumed"] for r in resumed.trainer.history][:2] == [True, True]
         assert _values(resumed.history) == _values(whole.history)
         assert resumed.history[0]["train_log_likelihood"] is not None
         assert all(r["em_seconds"] > 0 for r in resumed.history if r["stage"] != "final")
@@ -147,9 +149,10 @@ def test_a_kill_between_a_stage_file_and_the_runs_checkpoint_keeps_its_record(
     assert _values(resumed.history) == _values(whole.history)
 
 
-def test_a_finished_run_resumed_without_its_stage_files_fits_its_stages_again(tmp_path):
-    """A finished run's model is the flattened one: passed as the root's start it was
-    refused (its K is not the root's); the root is fitted again as before."""
+def test_a_finished_run_resumed_without_its_stage_files_fits_nothing(tmp_path):
+    """A finished run whose stage files were removed (they duplicate its model) was fitted
+    again, stage by stage, on --resume, the log saying "nothing is left to fit" and
+    train_seconds unchanged. The trainer now returns the run's model with its history."""
     x = _rows()
     saved = {}
 
@@ -161,8 +164,15 @@ def test_a_finished_run_resumed_without_its_stage_files_fits_its_stages_again(tm
     assert saved["state"]["finished"] and flat.n_components != _start(0).n_components
     resumed = HierarchicalRunTrainer(_config())
     resumed.load_state_dict(saved["state"])
-    again = resumed.fit(flat, x, checkpoint_dir=tmp_path / "gone")  # no stage files there
-    assert _same(again, flat)
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished run was fitted again")
+
+    resumed.trainer.fit = no_fit
+    again = resumed.fit(flat, x, checkpoint_fn=checkpoint, checkpoint_dir=tmp_path / "gone")
+    assert again is flat and resumed.finished
+    assert resumed.history == whole.history and saved["state"]["history"] == whole.history
+    assert not (tmp_path / "gone").exists()
 
 
 @pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
@@ -248,3 +258,19 @@ def test_a_hierarchical_run_that_sets_an_em_seed_says_it_is_not_used(tmp_path):
     run = _run(tmp_path, "seeded", "train.em.seed=5")
     assert ("train.em.seed=5 is not used by a hierarchical run: train.hierarchical.seed"
             in (run.run_dir / "train.log").read_text())
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_finished_run_without_its_hierarchy_folder_is_not_trained_again(tmp_path):
+    """The reviewer's repro: `mfa train --resume` of a finished run whose hierarchy/ was
+    removed refitted every stage (and wrote hierarchy/ again)."""
+    import shutil
+
+    whole = _run(tmp_path, "done")
+    shutil.rmtree(whole.run_dir / "hierarchy")
+    history = (whole.run_dir / "history.json").read_text()
+    again = workflow.train(None, resume=whole.run_dir, figures=False)
+    assert _same(again.model, whole.model)
+    assert again.metrics["train_seconds"] == whole.metrics["train_seconds"]
+    assert (whole.run_dir / "history.json").read_text() == history
+    assert not (whole.run_dir / "hierarchy").exists()
