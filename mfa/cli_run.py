@@ -174,13 +174,14 @@ def given_path(text: str, option: str) -> Path:
     return Path(text)
 
 
-def check_writable(folder: Path, option: str | None) -> None:
+def check_writable(folder: Path, option: str | None, elsewhere: str = "-o") -> None:
     """Refuse, before the work, an output folder the command cannot write into (read-only,
     not permitted, or a file in the way): the error came after the work and named the
     temporary file of the atomic write. ``option``: the option that gave the path, or
-    ``None`` for a default place."""
+    ``None`` for a default place; ``elsewhere``: the command's option that gives another
+    (``mfa outliers`` has ``--out-dir`` and no ``-o``)."""
     existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
-    hint = f"pass another {option}" if option else "pass -o (or --out-dir) to write elsewhere"
+    hint = f"pass another {option}" if option else f"pass {elsewhere} to write elsewhere"
     if not existing.is_dir():
         raise SystemExit(f"error: {existing} is a file, not a folder; {hint}")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -226,7 +227,8 @@ def output(path: Path, args, explicit: str | None, companions: tuple[str, ...] =
     from mfa._temporaries import free_path, next_free
     from mfa.folder_lock import holder_of
 
-    check_writable(path.parent, explicit or None)
+    check_writable(path.parent, explicit or None,
+                   "--out-dir" if hasattr(args, "out_dir") else "-o")  # (outliers: no -o)
     skip = None
     if not explicit and not args.overwrite and holder_of(path.parent) is not None:
         skip = path  # a run still training draws its figures under these names when it ends

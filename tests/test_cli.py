@@ -1748,6 +1748,19 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(run_d
     code, _, stderr = run_cli("sample", run_dir, "-o", readonly / "x.png")
     assert code == 2 and f"cannot write into {readonly} (read-only or not permitted)" in stderr
     assert not list(readonly.iterdir())
+    # into a read-only run folder, each command names the option it has (outliers has no
+    # -o, and was told to pass one)
+    run = tmp_path / "run-ro"
+    run.mkdir()
+    shutil.copy(run_dir / "checkpoint.pt", run)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) not in (readonly, run)
+                        and real(path, mode))
+    for command, option in (("outliers", "--out-dir"), ("sample", "-o"),
+                            ("visualize", "-o"), ("inpaint", "-o")):
+        code, _, stderr = run_cli(command, run)
+        assert code == 2 and stderr.startswith(
+            f"error: cannot write into {run} (read-only or not permitted); pass {option} to "
+            "write elsewhere"), stderr
     # Where os.access says yes but no file can be made (root on /proc or /sys), evaluate
     # printed its whole JSON, then failed naming the temporary file.
     special = tmp_path / "special"
