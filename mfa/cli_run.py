@@ -10,17 +10,60 @@ import tempfile
 from pathlib import Path
 
 __all__ = [
-    "IMAGE_SUFFIXES", "data_only", "default_out", "device", "from_run", "image_out",
-    "load_run", "output", "run_checkpoint", "same_split", "scale", "warn_unfinished",
+    "IMAGE_SUFFIXES", "RUN_SETTINGS", "data_only", "default_out", "device", "from_run",
+    "image_out", "load_run", "output", "run_checkpoint", "same_split", "scale",
+    "warn_edited_config", "warn_unfinished",
 ]
+
+
+#: The settings of a run that its per-run commands (sample, inpaint, outliers, evaluate,
+#: visualize) take from its checkpoint, besides every ``data.*`` key.
+RUN_SETTINGS = ("seed", "device", "output.n_samples", "output.grid_nrow", "output.image_scale",
+                "output.n_inpaint", "output.inpaint_samples", "output.mask_image",
+                "output.n_factor_components")
+
+
+def warn_edited_config(ckpt, checkpoint: str) -> None:
+    """Say where the run folder's ``config.yaml`` differs from the config the checkpoint
+    holds in :data:`RUN_SETTINGS` or ``data.*``: a command takes the checkpoint's (an edit
+    of the file, which ``mfa train --resume`` reads, was ignored without a word)."""
+    from mfa.config import config_to_dict, load_config
+    from mfa.config_text import dotted_leaves
+    from mfa.run_folder import CHECKPOINT_NAME, config_lost
+
+    path = None if ckpt.path is None else Path(ckpt.path)
+    if ckpt.run_config is None or path is None or path.name != CHECKPOINT_NAME:
+        return  # (a checkpoint of another name: its folder's config.yaml is not its run's)
+    file = path.parent / "config.yaml"
+    if not file.is_file() or config_lost(path.parent):
+        return
+    try:
+        edited = dotted_leaves(config_to_dict(load_config(file)))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        print(f"warning: {file} cannot be read ({error}); {checkpoint}: this uses the config "
+              "its checkpoint holds", file=sys.stderr)
+        return
+    saved = dotted_leaves(config_to_dict(ckpt.run_config))
+    keys = [key for key in sorted({*saved, *edited})
+            if (key in RUN_SETTINGS or key.startswith("data."))
+            and saved.get(key) != edited.get(key)]
+    if keys:
+        values = ", ".join(f"{key} ({edited.get(key)!r} there, {saved.get(key)!r} in the "
+                           "checkpoint)" for key in keys)
+        print(f"warning: {file} differs from the config its checkpoint holds in {values}: "
+              "this command uses the checkpoint's values, not the file's (which `mfa train "
+              "--resume` reads); give others with this command's options (see its --help)",
+              file=sys.stderr)
 
 
 def warn_unfinished(ckpt, checkpoint: str) -> None:
     """A command on an interrupted run, or one still training, says so (it used its last
-    checkpoint silently)."""
+    checkpoint silently); and where the run folder's config.yaml was edited
+    (:func:`warn_edited_config`)."""
     from mfa.folder_lock import holder_of
     from mfa.run_folder import is_unfinished
 
+    warn_edited_config(ckpt, checkpoint)
     if not is_unfinished(ckpt):
         return
     holder = None if ckpt.path is None else holder_of(Path(ckpt.path).parent)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from mfa import cli
@@ -1779,6 +1780,34 @@ def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(run_d
     code, stdout, stderr = run_cli("evaluate", run_dir, "-o", special / "e.json")
     assert code == 2 and f"cannot write into {special} (Permission denied)" in stderr, stderr
     assert "bits_per_dim" not in stdout and not list(special.iterdir())
+
+
+def test_a_per_run_command_names_the_settings_edited_in_config_yaml(run_dir, tmp_path):
+    """The per-run commands take a run's settings from its checkpoint: an edit of the run
+    folder's config.yaml (which --resume reads) was ignored without a word."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.yaml"):
+        shutil.copy(run_dir / name, run)
+    for command in (("sample",), ("visualize",), ("outliers",), ("inpaint",),
+                    ("evaluate", "--split", "test")):
+        code, _, stderr = run_cli(command[0], run, *command[1:], "--overwrite")  # unedited:
+        assert code == 0 and "differs" not in stderr, stderr  # nothing said
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["output"].update(n_samples=8, grid_nrow=4)
+    edited["train"]["em"]["max_iter"] = 9  # (a trainer key: no command's)
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    for command in (("sample",), ("visualize",), ("outliers",), ("inpaint",),
+                    ("evaluate", "--split", "test")):
+        code, _, stderr = run_cli(command[0], run, *command[1:], "--overwrite")
+        assert code == 0 and stderr.startswith(
+            f"warning: {run / 'config.yaml'} differs from the config its checkpoint holds in "
+            f"output.grid_nrow (4 there, {NROW} in the checkpoint), output.n_samples (8 there, "
+            f"{N_SAMPLES} in the checkpoint): this command uses the checkpoint's values, not the "
+            "file's (which `mfa train --resume` reads); give others with this command's "
+            "options"), \
+            stderr
+    assert Image.open(run / "samples.png").size == Image.open(run_dir / "samples.png").size
 
 
 def test_a_figure_too_large_is_refused_before_the_sampling(run_dir, tmp_path, monkeypatch):
