@@ -360,7 +360,8 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     logger.info("metrics: %s", metrics)
     if config.output.plot and trainer.history and config.train.method != "hierarchical":
         training_curve(trainer.history, run_dir / "curve.png", method=config.train.method,
-                       title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}")
+                       title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}",
+                       n_init=config.train.em.n_init if config.train.method == "em" else None)
     if figures:  # keeping the files the per-run commands wrote meanwhile (new runs too)
         draw_figures(model, data, config, run_dir, replace=False)
     return TrainResult(run_dir, model, metrics)

@@ -164,6 +164,22 @@ def test_the_curve_draws_em_train_points_one_m_step_left(out_dir, monkeypatch, m
         assert saved[-1].axes[0].get_xlabel() == "epoch"
 
 
+@pytest.mark.parametrize("method", ["em", "sgd"])
+def test_the_curve_labels_ems_re_seeding_rounds(out_dir, monkeypatch, method):
+    """curve.png was drawn without train.em.n_init, so EM's re-seeding rounds (runs from
+    n_init on) were labelled as restarts ("run 2") instead of "re-seed 1"."""
+    real, given = workflow.training_curve, {}
+
+    def spy(history, path, **kwargs):
+        given.update(kwargs)
+        return real(history, path, **kwargs)
+
+    monkeypatch.setattr(workflow, "training_curve", spy)
+    workflow.train(make_config(out_dir, f"curve-n-init-{method}", f"train.method={method}",
+                               "train.em.n_init=2"), figures=False)
+    assert given["n_init"] == (2 if method == "em" else None)
+
+
 def test_train_log_names_the_run_folder(em_run):
     log = (em_run.run_dir / "train.log").read_text()
     assert f"run folder {em_run.run_dir}; device cpu" in log
