@@ -61,6 +61,7 @@ from mfa.run_folder import (
     clean_up_failed,
     config_lost,
     figure_place,
+    free_path,
     hold_run_folder,
     is_unfinished,
     make_run_dir,
@@ -359,7 +360,10 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     write_text_atomically(run_dir / "history.json", json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)
     if config.output.plot and trainer.history and config.train.method != "hierarchical":
-        training_curve(trainer.history, run_dir / "curve.png", method=config.train.method,
+        # (a free name, as the other figures: a finished run resumed keeps its curve.png;
+        # no other command writes curve*.png, and this run holds the folder)
+        training_curve(trainer.history, free_path(run_dir / "curve.png"),
+                       method=config.train.method,
                        title=f"{data.name}: K={mc.n_components}, L={mc.n_factors}",
                        n_init=config.train.em.n_init if config.train.method == "em" else None)
     if figures:  # keeping the files the per-run commands wrote meanwhile (new runs too)

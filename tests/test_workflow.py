@@ -282,16 +282,21 @@ def test_a_tampered_count_in_the_trainer_state_is_named_on_resume(out_dir, metho
 @pytest.mark.parametrize("method", ["em", "sgd"])
 def test_resume_of_a_finished_run_leaves_its_results_as_they_were(out_dir, method):
     """Nothing is left to fit: metrics.json (train_seconds included: it grew by the resumed
-    fit's call), history.json and the checkpoint's model and metrics stay the same."""
+    fit's call), history.json and the checkpoint's model and metrics stay the same; its
+    curve.png is kept, the curve drawn again going to curve-2.png as samples-2.png and the
+    other figures do (it was replaced)."""
     done = workflow.train(make_config(out_dir, f"{method}-resumed-when-done",
                                       f"train.method={method}"),
                           figures=False)
     run_dir = done.run_dir
     before = {name: (run_dir / name).read_text() for name in ("metrics.json", "history.json")}
     saved = load_checkpoint(run_dir / "checkpoint.pt")
+    (run_dir / "curve.png").write_bytes(b"the curve, annotated")
     again = workflow.train(None, resume=run_dir, figures=False)
     assert again.metrics == done.metrics
     assert {name: (run_dir / name).read_text() for name in before} == before
+    assert (run_dir / "curve.png").read_bytes() == b"the curve, annotated"
+    assert (run_dir / "curve-2.png").read_bytes().startswith(b"\x89PNG")
     final = load_checkpoint(run_dir / "checkpoint.pt")
     assert final.metrics == saved.metrics
     assert_same_parameters(final.model, saved.model)
