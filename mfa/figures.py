@@ -31,7 +31,8 @@ def check_output(output, image_shape, n_components: int | None = None,
     grid has ``min(n_factor_components, n_components)`` rows (all of them when ``K`` is not
     known yet, as in a hierarchical run) of ``2 + 3·n_factors`` images."""
     _, height, width = image_shape
-    grids = [(output.n_samples or 32, output.grid_nrow)]  # the sample and outlier grids
+    grids = [(output.n_samples, output.grid_nrow)] if output.n_samples else []  # the sample
+    # and outlier grids (0: neither, as mfa.workflow.draw_figures draws them)
     if output.n_inpaint:  # a row an image: the image, the masked one, the mean, the samples
         grids.append((output.n_inpaint * (3 + output.inpaint_samples), 3 + output.inpaint_samples))
     rows = min(output.n_factor_components, n_components or output.n_factor_components)

@@ -375,7 +375,9 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
                  run_dir: Path, *, replace: bool = True) -> list[Path]:
     """The figures a run's config asks for, saved in ``run_dir``; with ``replace=False`` (a
     resumed run) a name that is taken moves on to ``<name>-2``, … (``mfa outliers`` and the
-    other commands write the same default names into a run folder)."""
+    other commands write the same default names into a run folder). ``output.n_samples``
+    sizes the sample grid and the outlier grid (with its ``outliers.csv``); 0 draws
+    neither."""
     out = config.output
     paths = []
     gen_seed = config.seed
@@ -387,7 +389,7 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
         paths.append(sample(model, data.image_shape, **at("samples.png"), n=out.n_samples,
                             nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale))
     held_out = data.pixels("test").shape[0] > 0  # the inpainting and outlier figures' split
-    if not held_out:
+    if not held_out and (out.n_inpaint or out.n_samples):
         logger.warning("the test split is empty (data.test_fraction=0?): no inpainting or "
                        "outlier figures")
     if out.n_inpaint and held_out:
@@ -402,9 +404,9 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
                                  split="train", observed=observed[: out.n_inpaint],
                                  n=out.n_inpaint, n_samples=out.inpaint_samples,
                                  seed=gen_seed, scale=out.image_scale))
-    if held_out:
+    if held_out and out.n_samples:  # (0: no sample grid, nor outlier grid and CSV)
         place = at("outliers.png", ".csv")
-        paths.extend(outliers(model, data, run_dir, n=out.n_samples or 32,
+        paths.extend(outliers(model, data, run_dir, n=out.n_samples,
                               nrow=out.grid_nrow, scale=out.image_scale,
                               name=place["path"].stem, if_exists=place["if_exists"]))
     if out.n_factor_components:

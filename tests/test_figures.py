@@ -27,6 +27,14 @@ def test_the_factor_figure_is_checked_before_training():
                  (1, 28, 28), n_components=200, n_factors=50)  # no factor figure
 
 
+def test_no_sample_grid_checks_no_outlier_grid():
+    """n_samples 0 draws neither grid, but an outlier grid of 32 was checked (and refused)."""
+    big = dict(n_inpaint=0, n_factor_components=0, grid_nrow=8, image_scale=2)
+    with pytest.raises(ValueError, match=r"MAX_FIGURE_PIXELS"):
+        check_output(OutputConfig(n_samples=32, **big), (3, 2048, 2048))
+    check_output(OutputConfig(n_samples=0, **big), (3, 2048, 2048))
+
+
 def tiny_model(n_features=4, n_factors=1):
     return MixtureOfFactorAnalyzers(2, n_features, n_factors,
                                     generator=torch.Generator().manual_seed(0))

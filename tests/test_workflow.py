@@ -236,6 +236,16 @@ def test_no_inpainting_figures_still_ranks_outliers(em_run, data, tmp_path):
     assert {"samples.png", "outliers.png", "outliers.csv", "factors.png"} <= names
 
 
+def test_no_samples_draws_no_outlier_grid_either(em_run, data, tmp_path):
+    """output.n_samples: 0 ("sample grid (0: none)") still drew an outlier grid of 32."""
+    config = apply_overrides(load_checkpoint(em_run.run_dir / "checkpoint.pt").run_config,
+                             ["output.n_samples=0"])
+    paths = workflow.draw_figures(em_run.model, data, config, tmp_path)
+    assert {p.name for p in paths} == {"inpaint-center.png", "inpaint-bottom.png",
+                                       "inpaint-right.png", "factors.png"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
 # ---------------------------------------------------------------------------- resume
 
 
