@@ -163,7 +163,7 @@ class OutputConfig:
     dir: str = "runs"  # parent folder of the run folders
     name: str | None = None  # run folder name; None: numbered, e.g. runs/001-embedded-mnist
     checkpoint_every: int | None = None  # iterations/epochs; None: the trainer's own setting
-    n_samples: int = 64  # images in the sample grid (0: no grid)
+    n_samples: int = 64  # images in the sample and outlier grids (0: neither)
     grid_nrow: int = 8  # images per row of the sample grid
     image_scale: int = 3  # nearest-neighbour upscaling of saved figures
     n_inpaint: int = 8  # test images per inpainting figure (0: no inpainting figures)
