@@ -329,7 +329,7 @@ class EMTrainer:
             started = time.perf_counter()
             stats = self.e_step(model, ctx.source, cfg.stats_dtype)
             if it == 0 and run == 0:  # (once a fit: the data's scale against the floor)
-                prior_search.warn_if_floored(stats, ctx.floor, stacklevel=4)
+                prior_search.warn_if_floored(stats, ctx.floor, 4, model.dtype)
             ll = (stats.log_likelihood / stats.n_rows).item()
             if not math.isfinite(ll):
                 raise FloatingPointError(

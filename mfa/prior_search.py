@@ -93,21 +93,25 @@ def training_variance(stats: SufficientStatistics) -> Tensor:
 FLOOR_MARGIN = 10.0
 
 
-def warn_if_floored(stats: SufficientStatistics, floor: float, stacklevel: int = 3) -> None:
+def warn_if_floored(stats: SufficientStatistics, floor: float, stacklevel: int = 3,
+                    dtype: torch.dtype = torch.float32) -> None:
     """Warn when the training rows' largest per-feature variance (from one pass's ``stats``)
     is below :data:`FLOOR_MARGIN` × the noise variances' ``floor``: every noise variance
     then sits at or near the floor whatever the data, and the fit is the floor's, not the
     data's (features of variance 1e-8 under the default floor of 1e-6 fitted ~18 nats a row
     below the same rows rescaled, silently). Image rows in ``[0, 1]`` have variances near
-    0.1."""
-    largest = float(training_variance(stats).max())
-    # Identical rows, summed over several components, leave a rounding residue (5e-48 for
-    # float64 rows near 1, 4e-25 for float32 ones) rather than 0: within (16·ε·|x|)² of it,
-    # ε float32's (a float32 model's sums may be float64), they do not vary.
-    mean = stats.sum_x.sum(0) / stats.mass.sum()
-    magnitude = float((stats.reference + mean).abs().max())
-    residue = (16 * torch.finfo(torch.float32).eps * magnitude) ** 2
-    if largest <= residue:  # (one row, or identical rows: rescaling cannot help)
+    0.1. ``dtype``: the rows' (the model's) floating dtype.
+
+    Identical rows, summed over several components, leave a rounding residue (5e-48 for
+    float64 rows near 1, 4e-25 for float32 ones) rather than 0: the rows do not vary when
+    every feature's variance is within ``(16·ε·|mean|)²`` of 0, ``ε`` the rows' dtype's (a
+    float32 model's sums may be float64), feature by feature (one bound from the largest
+    mean called rows of a small spread about a large mean constant)."""
+    variance = training_variance(stats)  # [D]
+    largest = float(variance.max())
+    mean = stats.reference + stats.sum_x.sum(0) / stats.mass.sum()  # [D]
+    residue = (16 * torch.finfo(dtype).eps * mean.abs()) ** 2
+    if bool((variance <= residue).all()):  # (one row, or identical rows: rescaling cannot help)
         warnings.warn(
             f"the training rows do not vary ({float(stats.mass.sum()):.6g} row(s), every "
             "feature constant): every noise variance sits at the floor and the noise prior's "

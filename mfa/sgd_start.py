@@ -59,7 +59,7 @@ def em_start(model: MixtureOfFactorAnalyzers, source: DataSource,
     if not auto and not step:
         return prior.noise_variance, None
     stats = streamed_e_step(model, source)
-    warn_if_floored(stats, variance_floor, stacklevel=4)
+    warn_if_floored(stats, variance_floor, 4, model.dtype)
     s0 = prior.noise_variance
     if auto:
         s0 = lower

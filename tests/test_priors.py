@@ -752,6 +752,31 @@ def test_training_rows_that_do_not_vary_are_named_not_told_to_rescale(dtype, k):
         assert not any("Rescale the data" in m for m in messages)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_rows_that_vary_little_about_a_large_mean_are_not_called_constant(dtype):
+    """One bound from the largest mean (and float32's ε for float64 rows) called rows of a
+    small spread about a large mean, or any rows beside one large constant column, "do not
+    vary". The bound is per feature now, in the rows' dtype."""
+    from mfa.e_step import streamed_e_step
+    from mfa.prior_search import warn_if_floored
+
+    g = torch.Generator().manual_seed(0)
+    spread = 1e-6 if dtype == torch.float64 else 1e-3
+    cases = {
+        "small spread": 0.5 + spread * torch.rand(200, 4, generator=g, dtype=F64),
+        "large column": torch.cat([torch.rand(200, 3, generator=g, dtype=F64),
+                                   torch.full((200, 1), 1e6, dtype=F64)], 1),
+    }
+    for name, x in cases.items():
+        x = x.to(dtype)
+        model = random_model(3, 4, 1, seed=1).to(dtype)
+        stats = streamed_e_step(model, x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_if_floored(stats, 0.0, dtype=dtype)
+        assert not [w for w in caught if "do not vary" in str(w.message)], name
+
+
 def test_golden_section_search_leaves_a_non_finite_weak_end(monkeypatch):
     """Where the weak priors' candidates score -inf (a non-finite M-step or score), the
     golden-section search moves toward the stronger priors and finds the finite peak (ties
