@@ -36,9 +36,12 @@ def cmd_train(args) -> int:
     if args.resume and args.config:
         # Its keys are laid over the run's config, as --set values: the keys it leaves out
         # keep the run's values (they took the defaults, and the resume refused them).
-        from mfa.config_text import mapping_overrides, read_yaml_mapping
+        from mfa.config import RunConfig, config_to_dict
+        from mfa.config_text import drop_empty_sections, mapping_overrides, read_yaml_mapping
 
-        overrides = [*mapping_overrides(read_yaml_mapping(Path(args.config))), *overrides]
+        given = drop_empty_sections(read_yaml_mapping(Path(args.config)),
+                                    config_to_dict(RunConfig()))  # (an empty one: no keys)
+        overrides = [*mapping_overrides(given), *overrides]
         config = None
     if not args.resume:  # (a resume refuses them in the run folder)
         from mfa.config_text import override_keys

@@ -182,6 +182,21 @@ def mapping_overrides(data: Mapping[str, Any]) -> list[str]:
     return [f"{key}={flow(value)}" for key, value in data.items()]
 
 
+def drop_empty_sections(data: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` without the sections it leaves empty: a key whose value is ``None`` or ``{}``
+    (a YAML section whose keys are all commented out) where ``template`` (the defaults'
+    tree) holds a section. Laid over a run's config (:func:`mapping_overrides`), such a
+    section reset every key of it to the defaults. ``None`` stays where it is a value."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        section = template.get(key) if isinstance(template, Mapping) else None
+        if isinstance(section, Mapping) and (value is None or value == {}):
+            continue
+        out[key] = (drop_empty_sections(value, section)
+                    if isinstance(value, Mapping) and isinstance(section, Mapping) else value)
+    return out
+
+
 def dotted_leaves(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a.b": value, ...}``: the values of a nested mapping by dotted key (an empty
     mapping has none)."""

@@ -1406,6 +1406,13 @@ def test_a_resume_lays_a_partial_config_over_the_runs(run_dir, tmp_path):
     saved = load_config(copy / "config.yaml")
     assert saved.output.n_samples == 4 and saved.model.n_components == K
     assert saved.output.grid_nrow == NROW  # (the run's, not the default 8)
+    before = load_config(copy / "config.yaml")
+    # A section whose keys are all commented out reads as null: it reset the section to
+    # the defaults (max_iter 12 became 30, silently); it now sets nothing.
+    small.write_text("train:\n  em:\n    # max_iter: 50\noutput:\n  n_samples: 4\n")
+    code, _, stderr = run_cli("train", "--resume", copy, "--no-figures", "--config", small)
+    assert code == 0, stderr
+    assert load_config(copy / "config.yaml").train.em == before.train.em
     small.write_text("model:\n  n_factors: 1\n")  # what the file writes is still checked
     code, _, stderr = run_cli("train", "--resume", copy, "--config", small)
     assert code == 2 and "cannot change model.n_factors when resuming" in stderr, stderr

@@ -169,3 +169,16 @@ def test_mapping_overrides_lay_a_config_tree_over_another():
     assert apply_override_strings(base, mapping_overrides({"model": {"n_factors": 1}})) == {
         "model": {"n_components": 3, "n_factors": 1}}
     assert yaml.safe_load(mapping_overrides(odd)[-1].split("=", 1)[1]) == odd["train"]
+
+
+def test_drop_empty_sections_keeps_values_that_are_null():
+    """A YAML section whose keys are all commented out is null: laid over a run's config it
+    reset the section to the defaults. It is dropped; a null that is a value stays."""
+    from mfa.config_text import drop_empty_sections
+
+    template = {"train": {"em": {"max_iter": 30}, "hierarchical": {"root_em": None}},
+                "seed": 0}
+    given = {"train": {"em": None, "hierarchical": {"root_em": None}}, "seed": None,
+             "output": {}}
+    assert drop_empty_sections(given, template) == {
+        "train": {"hierarchical": {"root_em": None}}, "seed": None, "output": {}}
