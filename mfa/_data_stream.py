@@ -261,7 +261,10 @@ def gather_rows(source: DataSource, max_rows: int, seed: int) -> Tensor:
             rows = Subset(rows, torch.randperm(len(rows), generator=gen)[:max_rows].tolist())
         loader = DataLoader(rows, batch_size=source.batch_size, generator=torch.Generator(),
                             collate_fn=RowCollate(source.n_features, source.name))
-        return torch.cat(list(_rebatch(source, loader)))
+        batches = list(_rebatch(source, loader))
+        if not batches:  # (torch.cat said "expected a non-empty list of Tensors")
+            raise ValueError(f"{source.name} is empty (0 rows)")
+        return torch.cat(batches)
     rows, count = [], 0
     # A sharded stream reads the whole data as one process would, where it can; otherwise
     # (each process's own iterable) its first rows are joined across processes in rank order.

@@ -340,11 +340,12 @@ def check_fit_inputs(model: MixtureOfFactorAnalyzers, data: object, validation: 
     check_reiterable(data, "data")
     check_reiterable(validation, "validation")
     for name, rows in (("data", data), ("validation", validation)):
-        if isinstance(rows, DataLoader):  # (the rows it reads, not a sampler's count)
-            rows = rows.dataset
+        # (Under torch.distributed a DataLoader may be a process's own part, which may be
+        # empty; a Dataset is the whole, sharded by the trainer.)
+        if isinstance(rows, DataLoader) and not distributed.is_active():
+            rows = rows.dataset  # (the rows it reads, not a sampler's count)
         if (isinstance(rows, Dataset) and not isinstance(rows, IterableDataset)
-                and hasattr(rows, "__len__") and len(rows) == 0
-                and not distributed.is_active()):  # (a process's own part may be empty)
+                and hasattr(rows, "__len__") and len(rows) == 0):
             raise ValueError(f"{name} is empty (0 rows)")
     for key, params in saved.items():
         check_params_match(params, model, f"{trainer} state {key!r}")

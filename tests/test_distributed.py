@@ -473,6 +473,22 @@ def _edges_job(rank: int) -> dict:
             return item(x[i], i)
 
     out["adam_namedtuple"] = _adam(1, Items())[0]
+    # An empty Dataset (or a loader of one) on every process: torch's errors before
+    # ("num_samples should be a positive integer", "torch.cat(): expected a non-empty list")
+    empty = TensorDataset(x[:0])
+    for case, fit in (
+        ("em_empty_dataset", lambda: EMTrainer(EMConfig(max_iter=1, progress=False)).fit(
+            _model(), empty, x[:20])),
+        ("em_empty_loader", lambda: EMTrainer(EMConfig(max_iter=1, progress=False)).fit(
+            _model(), DataLoader(empty, batch_size=4), x[:20])),
+        ("adam_empty_dataset", lambda: SGDTrainer(SGDConfig(epochs=1, progress=False)).fit(
+            _model(), empty, x[:20])),
+    ):
+        try:
+            fit()
+            out[case] = "fitted"
+        except ValueError as error:
+            out[case] = str(error)
     return out
 
 
@@ -625,6 +641,12 @@ def test_a_batch_of_no_rows_on_every_process_is_skipped(edges):
         got = rank["adam_empty_global_batch"]
         for name, value in got["without"].items():
             assert torch.equal(got["with"][name], value), name
+
+
+def test_empty_data_is_refused_by_name_on_every_process(edges):
+    for rank in edges:
+        for case in ("em_empty_dataset", "em_empty_loader", "adam_empty_dataset"):
+            assert rank[case] == "data is empty (0 rows)", (case, rank[case])
 
 
 def test_only_rank_zero_writes_a_hierarchical_runs_checkpoint(edges):
