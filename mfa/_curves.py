@@ -50,9 +50,9 @@ def plot_training_curve(
         markers: ``(x, text)`` pairs drawn as dotted vertical lines, each text once in the
             legend (e.g. where EM's noise prior changed, which lowers the train curve).
 
-    Every key's unit must agree (``*log_likelihood*``: nats per row, ``*bits_per_dim*``:
-    bits per dimension); one run's lines share a colour (one run: a colour a key), one key's
-    lines a line style. The
+    Every key's unit must agree (``*log_likelihood*`` and ``*objective``: nats per row,
+    ``*bits_per_dim*``: bits per dimension); one run's lines share a colour (one run: a
+    colour a key), one key's lines a line style. The
     y-limits leave out the first point of a line of 3 or more whose first point lies
     further outside the range of the line's other points than that range is wide (EM's
     first validation score, under the weakest prior, flattened the rest of the curve); the
@@ -135,6 +135,7 @@ def _unit(keys: Sequence[str]) -> str:
     """The y-axis label of ``keys``, refused where they mix nats and bits per dimension
     (one axis labelled in nats showed a bits/dim line)."""
     units = {"log-likelihood per sample (nats)" if "log_likelihood" in key
+             or key.endswith("objective")  # (EM's train_objective: nats a row too)
              else "bits per dimension" if "bits_per_dim" in key else "value" for key in keys}
     if len(units) > 1 and units != {"value"}:
         raise ValueError(f"keys {list(keys)} mix units ({', '.join(sorted(units))}): one "

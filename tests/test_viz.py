@@ -428,6 +428,10 @@ def test_plot_pairs_colours_by_run_and_styles_by_key_and_labels_units(tmp_path, 
     bits = [{"epoch": 1, "val_bits_per_dim": 5.0}, {"epoch": 2, "val_bits_per_dim": 4.9}]
     plot_training_curve(bits, tmp_path / "c.png", keys=["val_bits_per_dim"])
     assert saved[-1].axes[0].get_ylabel() == "bits per dimension"
+    objective = [dict(r, train_objective=r["train_log_likelihood"] - 1) for r in history]
+    plot_training_curve(objective, tmp_path / "o.png",  # (EM's MAP objective: nats too)
+                        keys=["train_log_likelihood", "train_objective"])
+    assert saved[-1].axes[0].get_ylabel() == "log-likelihood per sample (nats)"
     with pytest.raises(ValueError, match=r"mix units .*plot them in separate figures"):
         plot_training_curve(history, tmp_path / "d.png",
                             keys=["train_log_likelihood", "val_bits_per_dim"])
