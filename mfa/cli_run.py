@@ -29,6 +29,7 @@ def warn_edited_config(ckpt, checkpoint: str) -> None:
     of the file, which ``mfa train --resume`` reads, was ignored without a word)."""
     from mfa.config import config_to_dict, load_config
     from mfa.config_text import dotted_leaves
+    from mfa.resume_rules import _spelled_alike
     from mfa.run_folder import CHECKPOINT_NAME, config_lost
 
     path = None if ckpt.path is None else Path(ckpt.path)
@@ -44,9 +45,10 @@ def warn_edited_config(ckpt, checkpoint: str) -> None:
               "its checkpoint holds", file=sys.stderr)
         return
     saved = dotted_leaves(config_to_dict(ckpt.run_config))
+    # (a device in two spellings, cpu and cpu:0, is one: a resume kept the file's)
     keys = [key for key in sorted({*saved, *edited})
             if (key in RUN_SETTINGS or key.startswith("data."))
-            and saved.get(key) != edited.get(key)]
+            and _spelled_alike(key, saved.get(key)) != _spelled_alike(key, edited.get(key))]
     if keys:
         values = ", ".join(f"{key} ({edited.get(key)!r} there, {saved.get(key)!r} in the "
                            "checkpoint)" for key in keys)

@@ -1801,6 +1801,16 @@ def test_a_per_run_command_names_the_settings_edited_in_config_yaml(run_dir, tmp
         code, _, stderr = run_cli(command[0], run, *command[1:], "--overwrite")  # unedited:
         assert code == 0 and "differs" not in stderr, stderr  # nothing said
     edited = yaml.safe_load((run / "config.yaml").read_text())
+    # The device in another spelling of the same device (a resume with --set device=cpu:0 on
+    # a cpu run keeps the file's cpu, and its checkpoint cpu:0): not an edit.
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    ckpt.run_config.device = "cpu:0"
+    save_checkpoint(run / "checkpoint.pt", ckpt.model, run_config=ckpt.run_config,
+                    trainer_state=ckpt.trainer_state, metrics=ckpt.metrics)
+    (run / "config.yaml").write_text(yaml.safe_dump(dict(edited, device="cpu")))
+    code, _, stderr = run_cli("sample", run, "--overwrite")
+    assert code == 0 and "differs" not in stderr, stderr
+    edited["device"] = "cpu"  # (the file's from here on)
     edited["output"].update(n_samples=8, grid_nrow=4)
     edited["train"]["em"]["max_iter"] = 9  # (a trainer key: no command's)
     (run / "config.yaml").write_text(yaml.safe_dump(edited))
