@@ -124,7 +124,7 @@ EOF
 
     lim=$(limit "$TEST_TIMEOUT")
     step "CUDA tests (timeout $lim s)"
-    mapfile -t cuda_files < <(grep -l "mark.cuda" tests/test_*.py)
+    mapfile -t cuda_files < <(grep -lE "mark\.cuda|cuda_test_marks" tests/test_*.py)
     echo "files with CUDA tests: ${cuda_files[*]}"
     # -v: one line a test as it ends, so a step killed by its timeout shows where it hung
     # (the JUnit XML is written only at the end); a file that fails to import (a test-only

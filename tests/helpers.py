@@ -7,6 +7,7 @@ no formula with the library beyond the definition of the model.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -241,3 +242,24 @@ def drawn_lines(figure) -> dict[str, tuple[list, list]]:
     (axes,) = figure.axes
     return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
             for line in axes.get_lines()}
+
+
+# ---------------------------------------------------------------------- CUDA test modules
+
+#: The device of the CUDA tests (tests/test_cuda_*.py): ``MFA_CUDA_TEST_DEVICE=cpu`` runs
+#: them CPU against CPU, a dry run of their code on a machine without a GPU.
+CUDA_TEST_DEVICE = os.environ.get("MFA_CUDA_TEST_DEVICE", "cuda")
+
+
+def cuda_test_marks(*fixtures: str) -> list:
+    """A CUDA test module's ``pytestmark``: one intra-op thread for the CPU halves (tiny
+    problems), the ``cuda`` marker, skipped where the device is CUDA and none is present;
+    ``fixtures`` used by every test too (e.g. ``"no_tf32"``)."""
+    import pytest
+
+    return [
+        pytest.mark.usefixtures("one_thread", *fixtures),
+        pytest.mark.cuda,
+        pytest.mark.skipif(CUDA_TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+                           reason="needs a CUDA device"),
+    ]

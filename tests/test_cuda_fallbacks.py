@@ -16,11 +16,9 @@ without a GPU (the CPU suite covers the same paths there).
 from __future__ import annotations
 
 import copy
-import os
 
-import pytest
 import torch
-from helpers import DenseMixture, gen
+from helpers import CUDA_TEST_DEVICE, DenseMixture, cuda_test_marks, gen
 from test_inference import (
     _dense_conditional_mean,
     _dense_observed_log_prob,
@@ -32,13 +30,8 @@ from test_inference import (
 from mfa import MixtureOfFactorAnalyzers, conditioning
 from mfa.inference import inpaint
 
-DEVICE = os.environ.get("MFA_CUDA_TEST_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA device"),
-]
+DEVICE = CUDA_TEST_DEVICE
+pytestmark = cuda_test_marks("no_tf32")
 F64 = torch.float64
 EPS32 = torch.finfo(torch.float32).eps  # 1.2e-7
 
@@ -50,14 +43,6 @@ EPS32 = torch.finfo(torch.float32).eps  # 1.2e-7
 #: off (tests/test_inference.py: 1.3 to 76 nats, conditional means off by 1.7 to 9.9).
 ULPS = 32
 
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """IEEE float32 products on the GPU for the duration of each test."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _assert_within_ulps(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:

@@ -15,12 +15,11 @@ IEEE float32 like the CPU's; ``benchmarks/bench_gpu.py`` measures what TF32 cost
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
-from helpers import gen, random_model
+from helpers import CUDA_TEST_DEVICE, cuda_test_marks, gen, random_model
 from torch.utils.data import DataLoader, TensorDataset
 
 from mfa import (
@@ -40,23 +39,10 @@ try:  # the KDE constructor's home after the package restructuring
 except ImportError:  # before it: a classmethod
     kde = MixtureOfFactorAnalyzers.kde
 
-DEVICE = os.environ.get("MFA_CUDA_TEST_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),  # the CPU halves are tiny problems
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA device"),
-]
+DEVICE = CUDA_TEST_DEVICE
+pytestmark = cuda_test_marks("no_tf32")
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """IEEE float32 products on the GPU for the duration of each test."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _is_on_device(t: torch.Tensor) -> bool:

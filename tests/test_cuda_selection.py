@@ -12,12 +12,11 @@ where no CUDA device is present, as ``tests/test_cuda_paths.py``.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
 import torch
-from helpers import gen
+from helpers import CUDA_TEST_DEVICE, cuda_test_marks, gen
 
 from mfa import (
     ConvergenceWarning,
@@ -31,13 +30,8 @@ from mfa._data_stream import DataSource
 from mfa.prior_search import choose_noise_variance
 from mfa.priors import QUANTIZATION_VARIANCE, Prior
 
-DEVICE = os.environ.get("MFA_CUDA_TEST_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA device"),
-]
+DEVICE = CUDA_TEST_DEVICE
+pytestmark = cuda_test_marks()
 F64 = torch.float64
 FLOOR = 1.00002e-6  # (the trainer's floor for min_noise = 0)
 

@@ -14,35 +14,21 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
 import warnings
 
 import pytest
 import torch
-from helpers import DenseMixture, gen, random_model
+from helpers import CUDA_TEST_DEVICE, DenseMixture, cuda_test_marks, gen, random_model
 
 from mfa import ConvergenceWarning, MixtureOfFactorAnalyzers, SGDConfig, SGDTrainer
 from mfa import em as em_module
 from mfa import sgd as sgd_module
 
-DEVICE = os.environ.get("MFA_CUDA_TEST_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),  # the CPU halves are tiny problems
-    pytest.mark.cuda,
-    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                       reason="needs a CUDA device"),
-]
+DEVICE = CUDA_TEST_DEVICE
+pytestmark = cuda_test_marks("no_tf32")
 F64 = torch.float64
 PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
 
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """IEEE float32 products on the GPU for the duration of each test."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _read_onto_the_cpu(obj):
