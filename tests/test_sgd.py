@@ -414,24 +414,35 @@ def test_resume_from_the_checkpoint_of_the_early_stopping_epoch_stops_there(seed
     _assert_same_params(resumed, full, rtol=0, atol=0)
 
 
-def test_resume_with_other_epochs_under_a_schedule_is_refused(small):
-    """A cosine or step schedule is laid out over the saved epochs: resumed with another
-    number, the old schedule went on (cosine back up from 0 after its end) without a word."""
-    train, _ = small
-    config = dict(lr=0.02, schedule="cosine", patience=0, checkpoint_every=1, batch_size=128)
+#: A cosine-schedule fit whose states the resume tests below take.
+COSINE = dict(lr=0.02, schedule="cosine", patience=0, checkpoint_every=1, batch_size=128)
+
+
+def _saved_at_epoch_2(train, config: dict) -> dict:
+    """The trainer's and model's states saved at epoch 2 of a 4-epoch fit of ``config``."""
     saved = {}
 
     def checkpoint(trainer, model):
         if trainer.state_dict()["epoch"] == 2:
             saved["trainer"] = copy.deepcopy(trainer.state_dict())
+            saved["model"] = copy.deepcopy(model.state_dict())
 
     _fit(train, 2, 1, epochs=4, checkpoint_fn=checkpoint, **config)
+    return saved
+
+
+def test_resume_with_other_epochs_under_a_schedule_is_refused(small):
+    """A cosine or step schedule is laid out over the saved epochs: resumed with another
+    number, the old schedule went on (cosine back up from 0 after its end) without a word."""
+    train, _ = small
+    config = dict(COSINE)
+    saved = _saved_at_epoch_2(train, config)
     trainer = SGDTrainer(SGDConfig(progress=False, epochs=8, **config))
     with pytest.raises(ValueError, match=r"schedule='cosine', laid out over epochs=4"):
         trainer.load_state_dict(saved["trainer"])
     SGDTrainer(SGDConfig(progress=False, epochs=4, **config)).load_state_dict(saved["trainer"])
     constant = {**config, "schedule": "constant"}  # an interrupted constant-rate fit may grow
-    _fit(train, 2, 1, epochs=4, checkpoint_fn=checkpoint, **constant)
+    saved = _saved_at_epoch_2(train, constant)
     SGDTrainer(SGDConfig(progress=False, epochs=8, **constant)).load_state_dict(saved["trainer"])
 
 
@@ -445,15 +456,8 @@ def test_a_config_changed_after_load_state_dict_is_checked_by_fit(small, change,
     scheduler then overwrote it (the cosine rate fell to 0 and climbed back; lr=0.5 was
     ignored while the next checkpoint recorded it)."""
     train, _ = small
-    config = dict(lr=0.02, schedule="cosine", patience=0, checkpoint_every=1, batch_size=128)
-    saved = {}
-
-    def checkpoint(trainer, model):
-        if trainer.state_dict()["epoch"] == 2:
-            saved["trainer"] = copy.deepcopy(trainer.state_dict())
-            saved["model"] = copy.deepcopy(model.state_dict())
-
-    _fit(train, 2, 1, epochs=4, checkpoint_fn=checkpoint, **config)
+    config = dict(COSINE)
+    saved = _saved_at_epoch_2(train, config)
     trainer = SGDTrainer(SGDConfig(progress=False, epochs=4, **config))
     trainer.load_state_dict(saved["trainer"])
     for key, value in change.items():
