@@ -24,6 +24,7 @@ from test_inference import (
     _dense_observed_log_prob,
     _few_observed_case,
     _heywood_case,
+    _near_parallel_case,
     _random_masks,
 )
 
@@ -147,13 +148,8 @@ def test_masked_capacitance_that_float32_cannot_factor_on_cuda_is_factored_in_fl
     conditional means match the dense float64 ones."""
     from mfa.conditioning import masked_capacitance_cholesky, masked_terms
 
-    g = gen(0)
     k, d, n = 2, 50, 32
-    base = torch.randn(k, d, 1, generator=g, dtype=F64)
-    loadings = torch.cat([base, base + 1e-6 * torch.randn(k, d, 1, generator=g, dtype=F64)], -1)
-    noise = torch.full((k, d), 1e-6, dtype=F64)
-    noise[1] = 0.05
-    means = 0.5 + 0.1 * torch.randn(k, d, generator=g, dtype=F64)
+    means, loadings, noise, g = _near_parallel_case(k, d)
     m32 = MixtureOfFactorAnalyzers.from_parameters(
         torch.tensor([0.5, 0.5]), means.float(), loadings.float(), noise.float())
     m64 = copy.deepcopy(m32).double()

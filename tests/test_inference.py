@@ -410,19 +410,28 @@ def test_float32_masked_gradients_where_the_float32_capacitance_fails(method):
         assert error < bound, (name, error.item())
 
 
+def _near_parallel_case(k: int = 2, d: int = 50):
+    """``(means, loadings, noise, generator)`` in float64: two nearly parallel loading
+    columns a component, over noise at the quantisation level for component 0 (0.05 for
+    component 1), which make ``M_o`` singular in float32 for many masks; the generator
+    goes on to draw the rows."""
+    g = gen(0)
+    base = torch.randn(k, d, 1, generator=g, dtype=F64)
+    loadings = torch.cat([base, base + 1e-6 * torch.randn(k, d, 1, generator=g, dtype=F64)], -1)
+    noise = torch.full((k, d), 1e-6, dtype=F64)
+    noise[1] = 0.05
+    means = 0.5 + 0.1 * torch.randn(k, d, generator=g, dtype=F64)
+    return means, loadings, noise, g
+
+
 def test_masked_capacitance_falls_back_to_float64_where_float32_fails():
     """Two nearly parallel loading columns over noise at the quantisation level make the
     per-row ``M_o = I + A_oᵀD_o⁻¹A_o`` singular in float32 (seen on CUDA at K = 1000): the
     failing factors come from float64, so the conditional mean is still the dense one."""
     from mfa.conditioning import masked_capacitance_cholesky, masked_terms
 
-    g = gen(0)
     k, d, n = 2, 50, 8
-    base = torch.randn(k, d, 1, generator=g, dtype=F64)
-    loadings = torch.cat([base, base + 1e-6 * torch.randn(k, d, 1, generator=g, dtype=F64)], -1)
-    noise = torch.full((k, d), 1e-6, dtype=F64)
-    noise[1] = 0.05
-    means = 0.5 + 0.1 * torch.randn(k, d, generator=g, dtype=F64)
+    means, loadings, noise, g = _near_parallel_case()
     model = MixtureOfFactorAnalyzers.from_parameters(
         torch.tensor([0.5, 0.5], dtype=F64), means, loadings, noise)
     x, _ = model.sample(n, generator=g)
