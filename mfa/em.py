@@ -259,6 +259,8 @@ class EMTrainer:
                     variance_floor=ctx.floor,
                     kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter,
                 )
+                if run + 1 >= cfg.n_init:  # the last initialisation: free its float rows
+                    init_rows = None  # (50,000 CelebA rows: 2.5 GB held through the fit)
                 distributed.broadcast_model(model)  # the same start on every process
                 if model.means.is_cuda:  # (its kernels done: the time is the initialisation's)
                     torch.cuda.synchronize(model.means.device)

@@ -874,6 +874,39 @@ def test_quantized_rows_fit_as_their_float_tensor(validation):
 
 
 @pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
+@pytest.mark.parametrize("n_init", [1, 2])
+def test_initialisation_rows_are_freed_before_em_runs(monkeypatch, n_init):
+    """The float rows the initialisation gathers from uint8 data (``min(N, init_samples)``:
+    2.5 GB for CelebA's 50,000) are let go after the last restart's initialisation, not held
+    through every EM iteration (docs/data.md: no float copy of the whole set)."""
+    import weakref
+
+    from mfa import em
+
+    rows, model = _quantized_problem()
+    gathered, alive = [], []
+    gather, run = em.gather_rows, em.EMTrainer._run
+
+    def gathering(*args, **kwargs):
+        out = gather(*args, **kwargs)
+        gathered.append(weakref.ref(out))
+        return out
+
+    def running(self, *args, **kwargs):
+        alive.append([ref() is not None for ref in gathered])
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(em, "gather_rows", gathering)
+    monkeypatch.setattr(em.EMTrainer, "_run", running)
+    cfg = EMConfig(max_iter=2, batch_size=64, init="kmeans", init_samples=1000, kmeans_iter=2,
+                   complete_iter=1, n_init=n_init, progress=False)
+    EMTrainer(cfg).fit(model, rows.subset(torch.arange(300)), rows.subset(torch.arange(300, 400)))
+    assert len(gathered) == 1  # gathered once, for every restart
+    # kept for the restarts still to initialise, freed before the last one's EM
+    assert alive[:n_init] == [[True]] * (n_init - 1) + [[False]]
+
+
+@pytest.mark.filterwarnings("ignore::mfa.training.ConvergenceWarning")
 def test_allow_tf32_is_set_during_fit_only():
     from mfa.training import tf32_enabled
     rows, model = _quantized_problem()
