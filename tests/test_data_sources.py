@@ -370,8 +370,15 @@ def test_inconsistent_or_corrupt_idx_files_are_refused_by_name(tmp_path):
     raw = folder("tv/MNIST/raw", n_train_labels=40)  # torchvision's layout: read in place
     with pytest.raises(ValueError, match=disagree(raw, 40, False)):
         load_dataset("mnist", tmp_path / "tv")
-    with pytest.raises(ValueError, match=r"differ in shape.*train \(1, 28, 28\).*test \(1, 32"):
-        load_dataset("mnist", folder("sizes", test_side=32))
+    sizes = folder("sizes", test_side=32)  # (the message named neither file)
+    with pytest.raises(ValueError, match=r"differ in shape.*train \(1, 28, 28\) "
+                       r"\(train-images-idx3-ubyte in " + re.escape(str(sizes)) +
+                       r"\).*test \(1, 32, 32\) \(t10k-images-idx3-ubyte in "):
+        load_dataset("mnist", sizes)
+    raw = folder("tv2/MNIST/raw", test_side=32)  # read in place: the file's own path
+    test_file = raw / "t10k-images-idx3-ubyte"
+    with pytest.raises(ValueError, match=re.escape(f"(1, 32, 32) ({test_file})")):
+        load_dataset("mnist", tmp_path / "tv2")
     garbage = folder("garbage")
     (garbage / "train-images-idx3-ubyte").write_bytes(b"not an idx file at all")
     with pytest.raises(ValueError, match=r"train idx files \(.*\) in .* are not valid idx files"):
@@ -445,6 +452,18 @@ def test_a_flat_folders_bad_label_names_the_users_file(tmp_path):
     with pytest.raises(ValueError, match=rf"t10k-labels-idx1-ubyte in {tmp_path / 'flat'} "
                                          r"\(read from its copy in .*\) has a label 77"):
         load_dataset("mnist", tmp_path / "flat", cache_dir=tmp_path / "cache")
+
+
+def test_svhn_files_of_different_image_sizes_are_named(tmp_path):
+    from scipy.io import savemat
+
+    write_svhn(tmp_path / "svhn")
+    path = tmp_path / "svhn" / "train_32x32.mat"
+    savemat(str(path), {"X": np.zeros((28, 28, 3, 4), dtype=np.uint8),
+                        "y": np.ones((4, 1), dtype=np.uint8)})
+    with pytest.raises(ValueError, match=r"differ in shape.*train \(3, 28, 28\) \("
+                       + re.escape(str(path)) + r"\).*test \(3, 32, 32\) \(.*test_32x32.mat\)"):
+        load_dataset("svhn", tmp_path / "svhn")
 
 
 def test_corrupt_svhn_file_is_named(tmp_path):

@@ -212,7 +212,7 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
     base, source = _mnist_root(key, root, download, cache_dir)
     cls = getattr(tvd, _MNIST_CLASS[key])
     raw = Path(base) / _MNIST_CLASS[key] / "raw"
-    images, labels = {}, {}
+    images, labels, origins = {}, {}, {}
     for pool, train in (("train", True), ("test", False)):
         if download:  # (torchvision fetches the files; they are read below)
             try:
@@ -251,6 +251,8 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
             raise ValueError(f"{key}: {where} has a label {bad}; the labels are the ten "
                              "classes 0 to 9")
         images[pool] = data.unsqueeze(1).contiguous()
+        origins[pool] = str(raw / f"{prefix}-images-idx3-ubyte") if source is None else (
+            f"{prefix}-images-idx3-ubyte in {source}")
         labels[pool] = targets.to(torch.int64)
     return Pools(
         kind="train-test",
@@ -258,4 +260,5 @@ def mnist_pools(key: str, root: Path | None, download: bool, cache_dir: Path) ->
         labels=labels,
         classes=tuple(cls.classes),
         metadata={"root": str(base)},
+        origins=origins,
     )

@@ -21,7 +21,8 @@ class Pools:
     test; val carved out of train by seed) or ``"train-val-test"`` (all official). Each pool is
     either uint8 images ``[N, C, H, W]`` (``images``) or image files (``files``); ``labels``
     holds int64 ``[N]`` per pool (``-1``: unlabelled). ``missing_advice`` is the fix a
-    source advises where some of its ``files`` are missing.
+    source advises where some of its ``files`` are missing; ``origins``: the file each pool's
+    ``images`` were read from, for messages.
     """
 
     kind: str
@@ -31,6 +32,7 @@ class Pools:
     classes: tuple[str, ...] = ()
     metadata: dict = field(default_factory=dict)
     missing_advice: str = ""
+    origins: dict[str, str] = field(default_factory=dict)
 
     def check(self, name: str) -> None:
         """Refuse pools that disagree with themselves, naming ``name`` and the pool: as many
@@ -53,7 +55,9 @@ class Pools:
                 raise ValueError(f"{name}: the {pool} split has {count} {what} but "
                                  f"{labels.shape[0] if labels.dim() else 0} labels")
         if len(set(shapes.values())) > 1:
-            described = ", ".join(f"{p} {s}" for p, s in shapes.items())
+            described = ", ".join(
+                f"{p} {s}" + (f" ({self.origins[p]})" if p in self.origins else "")
+                for p, s in shapes.items())
             raise ValueError(f"{name}: the splits' images differ in shape (C, H, W): {described}")
 
     def source_names(self, pool: str, indices: Tensor) -> list[str]:

@@ -21,7 +21,7 @@ def svhn_pools(root: Path | None, download: bool) -> Pools:
 
     base = root if root is not None else default_data_root() / "svhn"
     folders = [base, base / "svhn"]
-    images, labels = {}, {}
+    images, labels, origins = {}, {}, {}
     for pool in ("train", "test"):
         url, filename, md5 = SVHN.split_list[pool]
         path = next((f / filename for f in folders if (f / filename).is_file()), None)
@@ -74,6 +74,7 @@ def svhn_pools(root: Path | None, download: bool) -> Pools:
         y[y == 10] = 0  # SVHN labels digit 0 as 10
         # [H, W, C, N] -> [N, C, H, W], as torchvision's np.transpose(X, (3, 2, 0, 1))
         images[pool] = torch.from_numpy(np.ascontiguousarray(x.transpose(3, 2, 0, 1)))
+        origins[pool] = str(path)
         labels[pool] = torch.from_numpy(y)
     return Pools(
         kind="train-test",
@@ -81,4 +82,5 @@ def svhn_pools(root: Path | None, download: bool) -> Pools:
         labels=labels,
         classes=tuple(str(i) for i in range(10)),
         metadata={"root": str(base)},
+        origins=origins,
     )
