@@ -122,6 +122,9 @@ class DataConfig:
     root: str | None = None  # folder of the files; None: $MFA_DATA_DIR or ~/.cache/mfa/datasets
     download: bool = False  # let torchvision fetch a missing dataset into root
     image_size: int | list[int] | None = None  # side s (shorter side → s, centre crop) or [H, W]
+    # 1 (greyscale) or 3 (RGB), for folder and celeba; None: the images' own (folder: the
+    # first image's)
+    channels: Literal[1, 3] | None = None
     val_fraction: float = 0.1  # share held out for validation (where there is no official split)
     test_fraction: float = 0.1  # share held out for testing (where there is no official split)
     seed: int = 0  # seeds the split, the limit subsets and the dequantization noise

@@ -849,6 +849,15 @@ def test_a_colour_image_after_a_greyscale_first_one_is_refused_not_turned_grey(t
     data = load_dataset("folder", **options, channels=3)
     assert data.image_shape == (3, 8, 8)
     assert load_dataset("folder", **options, channels=1).image_shape == (1, 8, 8)
+    # the CLI's way (its advice named only load_dataset's argument, which no config had)
+    with pytest.raises(ValueError, match=r"--set data\.channels=3"):
+        load_dataset("folder", **options)
+    config = load_config(Path(mfa.__file__).parent / "assets" / "embedded-mnist.yaml", [
+        "data.name=folder", f"data.root={tmp_path}", "data.val_fraction=0.2",
+        "data.test_fraction=0.2", "data.channels=3"])
+    kwargs = config.data.load_kwargs()
+    assert kwargs["channels"] == 3
+    assert load_dataset(**kwargs, cache=False).image_shape == (3, 8, 8)
 
 
 def test_the_cache_follows_the_first_image_that_sets_the_channels(tmp_path):

@@ -160,9 +160,9 @@ def _check_grey(im: Image.Image, path, first) -> None:
         return  # grey content stored as colour: nothing is lost
     raise ValueError(
         f"{path} is a colour image, but the first image ({first}) is greyscale, which makes "
-        "every image greyscale (channels 1); pass channels=3 to load_dataset to read them all "
-        "in colour, or channels=1 to read them all as greyscale, or remove or convert the "
-        "odd file")
+        "every image greyscale (channels 1); read them all in colour with channels=3 "
+        "(load_dataset's argument; data.channels in a config, e.g. --set data.channels=3), or "
+        "all as greyscale with channels=1, or remove or convert the odd file")
 
 
 def _first_mode(path: Path) -> str:
