@@ -302,8 +302,10 @@ def component_log_prob_from_terms(
         # Rounding can push a tiny Mahalanobis distance below zero.
         return scale - 0.5 * maha.clamp_min(0.0)
 
+    # (float64 too where its expansion loses precision: x @ Bᵀ − B μ cancels as the diagonal
+    # form does, and the residual form, stationary in the latent mean, does not inherit it)
     residual = (exact and proj is not None and terms.factors is not None
-                and x.dtype != torch.float64)
+                and (x.dtype != torch.float64 or terms.refine))
     if terms.refine and not residual:
         diag_quad = linalg.refine_near_top(diag_quad, log_joint(diag_quad), xc, terms.means,
                                            terms.inv_noise, terms.rounding)
