@@ -18,6 +18,7 @@ from mfa._validation import supported_device
 from mfa.e_step import streamed_e_step
 from mfa.em_config import EMConfig
 from mfa.em_state import Callback, FitContext, RunState, check_resumed_state, restart_seed
+from mfa.fit_agreement import check_same_fit
 from mfa.init import floored_weights, initialise, split_heaviest
 from mfa.m_step import m_step
 from mfa.model import MixtureOfFactorAnalyzers
@@ -184,6 +185,7 @@ class EMTrainer:
             "EMTrainer")
         if cfg.device is not None:
             model.to(supported_device(cfg.device, "EMConfig.device"))
+        check_same_fit("EMTrainer", cfg, model, validation, resume)  # (before any collective)
         # Under torch.distributed each process streams its shard; rank 0 alone checkpoints.
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         allow = cfg.missing == "allow"

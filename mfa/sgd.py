@@ -28,6 +28,7 @@ from mfa.adam import (
     unknown_rows,
 )
 from mfa.data.quantized import QuantizedRows
+from mfa.fit_agreement import check_same_fit
 from mfa.init import initialise
 from mfa.loader_shards import check_same_batch_count, reads_whole_dataset, shard_global_batches
 from mfa.model import MixtureOfFactorAnalyzers
@@ -232,6 +233,7 @@ class SGDTrainer:
             model.to(supported_device(cfg.device, "SGDConfig.device"))
         if resume:  # saved for this model? (else Adam's fused kernel reads past its buffers)
             check_adam_state(resume["optimizer"], model)
+        check_same_fit("SGDTrainer", cfg, model, validation, resume)  # (before any collective)
         checkpoint_fn = distributed.main_process_only(checkpoint_fn)
         gen = torch.Generator().manual_seed(cfg.seed)
         allow = cfg.missing == "allow"  # rows may hold NaN (mfa.missing)

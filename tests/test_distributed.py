@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections import namedtuple
 from datetime import timedelta
 from pathlib import Path
@@ -492,6 +493,79 @@ def _edges_job(rank: int) -> dict:
     return out
 
 
+def _timed(fit) -> tuple:
+    """``("ok" or the error's type, the result or the error's message, seconds)``."""
+    started = time.perf_counter()
+    try:
+        result = fit()
+    except Exception as error:  # recorded for the tests
+        return type(error).__name__, str(error), time.perf_counter() - started
+    return "ok", result, time.perf_counter() - started
+
+
+def _agreement_job(rank: int) -> dict:
+    """Processes given different fits (each case recorded, not raised): gloo aborted the
+    process, a process waited for the timeout, or they mixed into one wrong model."""
+    x = _data()
+    em = {"max_iter": 2, "batch_size": 64, "kmeans_iter": 3, "complete_iter": 1,
+          "progress": False}
+    adam = {"epochs": 1, "batch_size": 30, "kmeans_iter": 3, "complete_iter": 1,
+            "progress": False}
+
+    def em_fit(model=None, validation=None, **config):
+        model = _model() if model is None else model
+        return _params(EMTrainer(EMConfig(**{**em, **config})).fit(
+            model, x.to(model.dtype), validation))
+
+    def adam_fit(validation=None, **config):
+        return _params(SGDTrainer(SGDConfig(**{**adam, **config})).fit(_model(), x, validation))
+
+    def resumed(make, saves):
+        """Rank 0 resumes from the second of rank 0's ``saves``, rank 1 from the first."""
+        second = _exchange(saves[1] if saves else None)
+        first = _exchange(saves[0] if saves else None)
+        state, params = second if rank == 0 else first
+        trainer = make()
+        trainer.load_state_dict(state)
+        return _params(trainer.fit(_loaded(params), x))
+
+    out = {
+        "em_seed": _timed(lambda: em_fit(seed=rank)),  # seed=rank, the DDP idiom
+        "adam_lr": _timed(lambda: adam_fit(lr=0.01 * (1 + rank))),
+        "em_n_components": _timed(lambda: em_fit(MixtureOfFactorAnalyzers(3 + rank, 6, 2)
+                                                 .double())),
+        "em_dtype": _timed(lambda: em_fit(_model() if rank else _model().float())),
+        "em_max_iter": _timed(lambda: em_fit(max_iter=2 + 2 * rank, tol=0.0, patience=0)),
+        "em_validation_on_rank_0": _timed(lambda: em_fit(validation=None if rank else x[:40],
+                                                         val_fraction=0.0)),
+        "adam_validation_on_rank_0": _timed(lambda: adam_fit(
+            validation=None if rank else x[:40], val_fraction=0.0)),
+        # device, progress and checkpoint_every may differ: the same fit on both
+        "em_per_process_fields": _timed(lambda: em_fit(
+            device=None if rank else "cpu", progress=bool(rank), checkpoint_every=rank)),
+        "adam_per_process_fields": _timed(lambda: adam_fit(
+            device=None if rank else "cpu", progress=bool(rank), checkpoint_every=rank)),
+    }
+    # Rank 1 resumed from an older checkpoint than rank 0 (a stale copy of the run folder).
+    saves: list = []
+    EMTrainer(EMConfig(**{**em, "max_iter": 3, "tol": 0.0, "checkpoint_every": 1})).fit(
+        _model(), x, checkpoint_fn=lambda t, m: saves.append((t.state_dict(), _params(m))))
+    out["em_resumed"] = _timed(lambda: resumed(
+        lambda: EMTrainer(EMConfig(**{**em, "max_iter": 3, "tol": 0.0})), saves))
+    saves = []
+    SGDTrainer(SGDConfig(**{**adam, "epochs": 2, "checkpoint_every": 1})).fit(
+        _model(), x, checkpoint_fn=lambda t, m: saves.append((t.state_dict(), _params(m))))
+    out["adam_resumed"] = _timed(lambda: resumed(
+        lambda: SGDTrainer(SGDConfig(**{**adam, "epochs": 2})), saves))
+    return out
+
+
+def _loaded(params: dict) -> MixtureOfFactorAnalyzers:
+    model = _model()
+    model.load_state_dict(params)
+    return model
+
+
 # ---------------------------------------------------------------------- tests
 
 
@@ -750,6 +824,67 @@ def test_tempered_step_with_an_empty_validation_shard(edges):
     same model."""
     assert edges[0]["tempered_one_val_row"][0] == "ok"
     assert edges[0]["tempered_one_val_row"] == edges[1]["tempered_one_val_row"]
+
+
+@pytest.fixture(scope="module")
+def agreement(tmp_path_factory):
+    """The cases of ``_agreement_job``, under a process-group timeout of 5 s: a process that
+    waits for the other fails in seconds (gloo aborted some cases' processes: no result)."""
+    return _spawn("_agreement_job", tmp_path_factory.mktemp("agreement"), timeout_s=5.0)
+
+
+@pytest.mark.parametrize("case, difference", [
+    ("em_seed", "EMConfig.seed is 0 on rank 0; 1 on rank 1"),
+    ("adam_lr", "SGDConfig.lr is 0.01 on rank 0; 0.02 on rank 1"),
+    ("em_n_components", "n_components is 3 on rank 0; 4 on rank 1"),
+    ("em_dtype", "the model's dtype is 'float32' on rank 0; 'float64' on rank 1"),
+    ("em_max_iter", "EMConfig.max_iter is 2 on rank 0; 4 on rank 1"),
+    ("em_validation_on_rank_0", "validation data is 'given' on rank 0; 'none' on rank 1"),
+    ("adam_validation_on_rank_0", "validation data is 'given' on rank 0; 'none' on rank 1"),
+    ("em_resumed", "the resumed state is 'run 0, iteration 2' on rank 0; 'run 0, iteration 1' "
+                   "on rank 1"),
+    ("adam_resumed", "the resumed state is 'epoch 2, step 20' on rank 0; 'epoch 1, step 10' "
+                     "on rank 1"),
+])
+def test_processes_given_different_fits_all_refuse_it_by_name(agreement, case, difference):
+    """Each process gets the same ValueError at once, naming the key and both values: the
+    processes mixed seed=rank or two learning rates into wrong models, gloo aborted them on
+    another K, dtype or resumed state, or one waited for the timeout (max_iter, validation
+    on rank 0 only)."""
+    for rank in agreement:
+        kind, message, seconds = rank[case]
+        assert kind == "ValueError", (case, message)
+        assert f"was given a different fit on the processes: {difference}." in message
+        assert seconds < 3.0
+    assert "a seed per process is not needed" in agreement[0]["em_seed"][1]
+
+
+def test_only_device_progress_and_checkpoint_every_may_differ(agreement):
+    for case in ("em_per_process_fields", "adam_per_process_fields"):
+        (kind0, params0, _), (kind1, params1, _) = (rank[case] for rank in agreement)
+        assert kind0 == kind1 == "ok", (params0, params1)
+        for name, value in params0.items():
+            assert torch.equal(params1[name], value), (case, name)
+    assert "(only checkpoint_every, device, progress may differ)" in agreement[1]["adam_lr"][1]
+
+
+@pytest.mark.parametrize("method", ["em", "adam"])
+def test_a_fit_under_torchrun_without_a_process_group_warns(monkeypatch, method):
+    """torchrun's environment without init_from_env: every process fitted all the rows and
+    wrote the checkpoint, without a word."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not distributed.is_initialized()
+    trainer = (EMTrainer(EMConfig(max_iter=1, kmeans_iter=2, progress=False))
+               if method == "em" else SGDTrainer(SGDConfig(epochs=1, kmeans_iter=2,
+                                                           progress=False)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_model(), _data())
+    said = [w for w in caught if "without a process group" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert "call mfa.distributed.init_from_env() before fit" in str(said[0].message)
+    assert said[0].filename == __file__  # (the line of the fit)
 
 
 def test_shards_tile_the_rows_without_padding():
