@@ -492,9 +492,9 @@ class EMTrainer:
             model.set_parameters(**params)
 
     @staticmethod
-    def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable) -> float:
-        """Mean log-likelihood per row over a data source (float64 accumulation; the
-        observed-data one for a source that allows missing data); see
-        :func:`mfa.training.evaluate`."""
-        return training.evaluate(model, source)
+    def evaluate(model: MixtureOfFactorAnalyzers, source: DataSource | Iterable, *,
+                 across_processes: bool = False) -> float:
+        """Mean log-likelihood per row of a data source (float64 sums; observed-data ones with
+        NaN entries), this process's rows or all processes': :func:`mfa.training.evaluate`."""
+        return training.evaluate(model, source, across_processes=across_processes)
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mfa import distributed
 from mfa._data_stream import DEFAULT_BATCH_SIZE
 from mfa._validation import check_positive_int, check_positive_real, is_real_number
 from mfa.data.quantized import QuantizedRows
@@ -115,6 +116,14 @@ def total_log_likelihood(
         model's device, one synchronisation at the end) and the number of rows.
         Per-sample values are never stored.
     """
+    total, n = _summed(model, data, batch_size)
+    if n == 0:
+        raise ValueError("data is empty")
+    return total, n
+
+
+def _summed(model: Any, data: Tensor | Iterable, batch_size: int) -> tuple[float, int]:
+    """:func:`total_log_likelihood`'s ``(total, n)``, ``(0.0, 0)`` for no rows."""
     check_positive_int(batch_size, "batch_size")
     if isinstance(data, Tensor):
         if data.dim() != 2:
@@ -152,19 +161,27 @@ def total_log_likelihood(
             part = lp.sum(dtype=torch.float64)
             total = part if total is None else total + part
             n += lp.numel()
-    if n == 0 or total is None:
-        raise ValueError("data is empty")
-    return float(total), n
+    return (0.0, 0) if total is None else (float(total), n)
 
 
 def mean_log_likelihood(
-    model: Any, data: Tensor | Iterable, batch_size: int = DEFAULT_BATCH_SIZE
+    model: Any, data: Tensor | Iterable, batch_size: int = DEFAULT_BATCH_SIZE, *,
+    across_processes: bool = False,
 ) -> float:
     """Mean ``log p(x)`` per sample (nats), streamed over a tensor or a ``DataLoader``.
 
     See :func:`total_log_likelihood` for the arguments; accumulation is in float64.
+    ``across_processes``: under :mod:`torch.distributed`, the mean over every process's rows
+    (one all-reduce; call it on every process), each process passing its own (a
+    ``DataLoader`` over ``mfa.distributed.ShardSampler(dataset)``). Without it a process
+    scores the rows it is given: such a loader gives the mean of its shard only.
     """
-    total, n = total_log_likelihood(model, data, batch_size)
+    if not across_processes:
+        total, n = total_log_likelihood(model, data, batch_size)
+        return total / n
+    total, n = distributed.sum_across_processes(*_summed(model, data, batch_size))
+    if n == 0:  # (a process without rows takes part in the sum)
+        raise ValueError("data is empty on every process")
     return total / n
 
 

@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 from torch import distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
-from mfa import MixtureOfFactorAnalyzers, distributed
+from mfa import MixtureOfFactorAnalyzers, distributed, training
 from mfa._data_stream import DataSource
 from mfa.checkpoint import load_checkpoint
 from mfa.cli import main
@@ -34,6 +34,7 @@ from mfa.data import QuantizedRows
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
 from mfa.hierarchical_run import HierarchicalRunTrainer
+from mfa.metrics import mean_log_likelihood
 from mfa.sgd import SGDConfig, SGDTrainer
 from mfa.tempering import MIN_ROWS
 
@@ -557,6 +558,17 @@ def _agreement_job(rank: int) -> dict:
         _model(), x, checkpoint_fn=lambda t, m: saves.append((t.state_dict(), _params(m))))
     out["adam_resumed"] = _timed(lambda: resumed(
         lambda: SGDTrainer(SGDConfig(**{**adam, "epochs": 2})), saves))
+    # Scores of each process's own validation rows: its shard's, or with across_processes
+    # every process's (as fit computes them)
+    out["scored_model"] = em_fit()
+    model = _loaded(out["scored_model"])
+    val = TensorDataset(x[251:])
+    loader = DataLoader(val, batch_size=16, sampler=distributed.ShardSampler(val))
+    out["scores"] = {across: _timed(lambda across=across: [
+        training.evaluate(model, loader, across_processes=across),
+        EMTrainer.evaluate(model, loader, across_processes=across),
+        mean_log_likelihood(model, loader, across_processes=across)])
+        for across in (False, True)}
     return out
 
 
@@ -866,6 +878,23 @@ def test_only_device_progress_and_checkpoint_every_may_differ(agreement):
         for name, value in params0.items():
             assert torch.equal(params1[name], value), (case, name)
     assert "(only checkpoint_every, device, progress may differ)" in agreement[1]["adam_lr"][1]
+
+
+def test_scores_across_processes_of_per_process_loaders_are_every_processs_rows(agreement):
+    """training.evaluate, EMTrainer.evaluate and mean_log_likelihood of a loader over each
+    process's ShardSampler: that shard's mean, or with across_processes=True the mean over
+    all 50 rows, as one process scores them (log_prob)."""
+    model = _loaded(agreement[0]["scored_model"])
+    rows = _data()[251:]
+    with torch.no_grad():
+        per_row = model.log_prob(rows)
+    for rank, result in enumerate(agreement):
+        kind, scores, _ = result["scores"][True]
+        assert kind == "ok", scores
+        assert scores == pytest.approx([per_row.mean().item()] * 3, rel=1e-12)
+        start, end = distributed.shard_range(50, rank, WORLD)
+        kind, scores, _ = result["scores"][False]
+        assert scores == pytest.approx([per_row[start:end].mean().item()] * 3, rel=1e-12)
 
 
 @pytest.mark.parametrize("method", ["em", "adam"])
