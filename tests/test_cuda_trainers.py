@@ -18,10 +18,16 @@ import warnings
 
 import pytest
 import torch
-from helpers import CUDA_TEST_DEVICE, DenseMixture, cuda_test_marks, gen, random_model
+from helpers import (
+    CUDA_TEST_DEVICE,
+    DenseMixture,
+    cuda_test_marks,
+    gen,
+    initialise_on_the_cpu,
+    random_model,
+)
 
 from mfa import ConvergenceWarning, MixtureOfFactorAnalyzers, SGDConfig, SGDTrainer
-from mfa import em as em_module
 from mfa import sgd as sgd_module
 
 DEVICE = CUDA_TEST_DEVICE
@@ -157,20 +163,6 @@ def test_adam_with_weight_decay_and_clipping_on_cuda_matches_cpu_and_resumes_exa
 # ---------------------------------------------------------------------- outlier scores
 
 
-def _initialise_on_the_cpu(monkeypatch):
-    """EM's K-means start (mfa.init.initialise) made on the CPU for a model on either device
-    (a CUDA generator draws other numbers than the CPU's); the rest of the fit runs on the
-    model's device."""
-    real = em_module.initialise
-
-    def on_the_cpu(model, rows, *args, **kwargs):
-        twin = copy.deepcopy(model).cpu()
-        real(twin, rows.cpu(), *args, **kwargs)
-        model.load_state_dict(twin.state_dict())
-
-    monkeypatch.setattr(em_module, "initialise", on_the_cpu)
-
-
 def _images(n, seed, textured=True):
     """8×8 uint8 images ``[n, 64]``: one half (left or right, at random) textured (pixels
     about N(128, 40²)), the other flat at 128; all flat with ``textured=False`` (the outliers
@@ -236,7 +228,7 @@ def test_likelihood_ratio_background_fitted_on_cuda_matches_cpu(monkeypatch):
     terms: 1e-9 is far above it), and the same scores on both devices."""
     from mfa.outliers import OutlierScorer
 
-    _initialise_on_the_cpu(monkeypatch)
+    initialise_on_the_cpu(monkeypatch)
     data, other = _image_data()
     train = data.seeded_rows("train", 250, 0, F64)  # a seeded subset, as make_scorer takes
     x = torch.cat([data.as_float("test", dtype=F64), other.as_float("test", dtype=F64)])
