@@ -33,7 +33,7 @@ from mfa.em import ConvergenceWarning
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from _provenance import commit  # noqa: E402  (the checkout's commit, for the JSON)
+from _provenance import commit, output_folder  # noqa: E402  (the commit, --out)
 
 #: Train/validation/test rows per dataset (``None``: all), as in ``scripts/baselines.py``.
 SIZES = {"fashion-mnist": (10_000, 2_000, 5_000), "embedded-mnist": (None, None, None)}
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if any(k < 1 for k in args.components) or args.factors < 0:
         parser.error("--components must be >= 1 and --factors >= 0")
+    if args.out is not None:  # (a bad one was found after every fit)
+        output_folder(parser, args.out)
     components = [4] if args.quick else args.components
     result = {"commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": {}}
@@ -131,7 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
                   f"tempered step {chose}, test {r['test_bits_per_dim']:.4f} bits/dim",
                   flush=True)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _provenance import commit  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, output_folder  # (scripts/, on sys.path when run as a script)
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -470,7 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick and args.out is None:  # (it replaced the published page)
         p.error("--quick needs --out: the default folder, docs/results, holds the published "
                 "page, which a smoke test would replace")
-    args.out = args.out or Path("docs/results")
+    # (a file there was found when the first K was written, after its fits)
+    args.out = output_folder(p, args.out or Path("docs/results"), is_file=False)
     if args.mfa_grid is None:
         args.mfa_grid = ([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1] if HAS_PRIORS
                          else [1e-6, 1e-5, 1e-4, 1e-3])

@@ -32,7 +32,7 @@ from pathlib import Path
 from queue import Empty
 
 import torch
-from _provenance import commit  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, output_folder  # (scripts/, on sys.path when run as a script)
 
 from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers, bits_per_dim, mean_log_likelihood
 from mfa.data import load_dataset
@@ -269,6 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/hierarchical.md")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    output_folder(parser, args.out)  # (a bad one was found after both fits)
+    if args.json is not None:
+        output_folder(parser, args.json, "--json")
 
     hier = in_fresh_process("hierarchical", args)
     print(json.dumps({k: v for k, v in hier.items() if k != "child_sizes"}), flush=True)

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _provenance import commit, write_report  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, output_folder, write_report  # (scripts/, on sys.path)
 
 from mfa import ConvergenceWarning, EMConfig, EMTrainer, MixtureOfFactorAnalyzers, bits_per_dim
 from mfa.data import load_dataset
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="markdown file to write the table "
                    "to (its figures go beside it, to the same name with .json)")
     args = p.parse_args(argv)
+    if args.out is not None:  # (a bad --out was found after the fits, when writing)
+        output_folder(p, args.out)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
     made_at = commit()  # (the page and its JSON twin name the same one)

@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _provenance import commit, write_report  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, output_folder, write_report  # (scripts/, on sys.path)
 
 from mfa import ConvergenceWarning, EMConfig, EMTrainer, MixtureOfFactorAnalyzers, bits_per_dim
 from mfa.data import ImageData, load_dataset
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="markdown file to write the table "
                    "to (its figures go beside it, to the same name with .json)")
     args = p.parse_args(argv)
+    if args.out is not None:  # (a bad --out was found after the fits, when writing)
+        output_folder(p, args.out)
     args.train_limit = args.train_limit or None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()

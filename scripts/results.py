@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _provenance import commit  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, output_folder  # (scripts/, on sys.path when run as a script)
 
 from mfa import (
     EMConfig,
@@ -363,6 +363,8 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = Path(args.out or ROOT / "docs")
     figures = out / "results"
+    for folder in (out, figures):  # (a file there was found after every fit, when writing)
+        output_folder(parser, folder, is_file=False)
     if args.markdown_only:
         results = json.loads((figures / "results.json").read_text())
         write_markdown(results, out / "results.md")

@@ -245,3 +245,24 @@ def test_full_covariance_fits_take_an_infinite_budget_as_no_cap(monkeypatch):
     args.full_max_iter = 0
     out = baselines.run_full(20, splits, args, {})
     assert out[0]["note"] == "not run: max_iter=0"
+
+
+def _baselines():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import baselines
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return baselines
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """It was found when the first K's page was written (after its fits)."""
+    baselines = _baselines()
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(SystemExit) as stop:
+            baselines.parse_args(["--quick", "--out", str(out)])
+        assert stop.value.code == 2
+        assert f"--out {out}: {tmp_path / 'afile'} is a file, not a folder" in \
+            capsys.readouterr().err

@@ -180,3 +180,56 @@ def test_hierarchical_eval_names_the_error_of_a_child_that_failed(tmp_path):
     assert done.returncode != 0 and not (tmp_path / "page.md").exists()
     assert "RuntimeError: the hierarchical run failed: DatasetNotFoundError: fashion-mnist " \
         "not found" in done.stderr, done.stderr[-2000:]
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the run started before its options were checked")
+
+
+@pytest.mark.parametrize("script", ["outlier_eval", "missing_eval", "hierarchical_eval"])
+def test_an_out_under_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys,
+                                                        script):
+    """An --out under (or at) a file was found when writing, after minutes of fits
+    (FileExistsError from write_report's mkdir)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    module = __import__(script)
+    for heavy in ("load_dataset", "in_fresh_process"):
+        if hasattr(module, heavy):
+            monkeypatch.setattr(module, heavy, _no_work)
+    (tmp_path / "afile").write_text("not a folder")
+    for out, blocking in ((tmp_path / "afile" / "sub" / "page.md", tmp_path / "afile"),
+                          (tmp_path / "afile" / "page.md", tmp_path / "afile")):
+        with pytest.raises(SystemExit) as stop:
+            module.main(["--out", str(out)])
+        assert stop.value.code == 2
+        assert f"--out {out}: {blocking} is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "folder.md").mkdir()
+    with pytest.raises(SystemExit):
+        module.main(["--out", str(tmp_path / "folder.md")])
+    assert "it is a folder; give the name of a file" in capsys.readouterr().err
+    if script == "hierarchical_eval":  # and its --json
+        with pytest.raises(SystemExit):
+            module.main(["--out", str(tmp_path / "p.md"), "--json",
+                         str(tmp_path / "afile" / "h.json")])
+        assert f"--json {tmp_path / 'afile' / 'h.json'}: {tmp_path / 'afile'} is a file" \
+            in capsys.readouterr().err
+
+
+def test_output_folder_creates_the_folder_and_names_a_file_in_the_way(tmp_path):
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import _provenance
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    parser = argparse.ArgumentParser()
+    assert _provenance.output_folder(parser, tmp_path / "a" / "b", is_file=False) == \
+        tmp_path / "a" / "b"
+    assert (tmp_path / "a" / "b").is_dir()
+    _provenance.output_folder(parser, tmp_path / "c" / "page.md")
+    assert (tmp_path / "c").is_dir() and not (tmp_path / "c" / "page.md").exists()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        _provenance.output_folder(parser, tmp_path / "f", is_file=False)

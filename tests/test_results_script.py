@@ -101,3 +101,28 @@ def test_quick_without_out_is_refused_before_any_work(script):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2
     assert "--quick needs --out" in done.stderr
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """An --out at or under a file (or a file named results in it) ended in a raw
+    NotADirectoryError or FileExistsError; now a usage error names the file."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import results
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run started before --out was checked")
+
+    monkeypatch.setattr(results, "run_dataset", no_work)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results").write_text("")
+    for out, blocking in ((tmp_path / "afile", tmp_path / "afile"),
+                          (tmp_path / "afile" / "sub", tmp_path / "afile"),
+                          (tmp_path / "out", tmp_path / "out" / "results")):
+        with pytest.raises(SystemExit) as stop:
+            results.main(["--quick", "--datasets", "embedded-mnist", "--out", str(out)])
+        assert stop.value.code == 2
+        assert f"{blocking} is a file, not a folder" in capsys.readouterr().err
