@@ -233,3 +233,36 @@ def test_output_folder_creates_the_folder_and_names_a_file_in_the_way(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(SystemExit):
         _provenance.output_folder(parser, tmp_path / "f", is_file=False)
+
+
+def test_hierarchical_eval_writes_the_published_page_only_for_the_published_run(
+        tmp_path, monkeypatch, capsys):
+    """Its default --out is docs/results/hierarchical.md: the docstring's own smaller example
+    (and a GPU run) replaced the published page. Without --out only the published settings
+    run (--json and --data-root may differ); everything else needs an --out."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import hierarchical_eval
+
+    monkeypatch.setattr(hierarchical_eval, "ROOT", tmp_path)  # (never the real docs/)
+    monkeypatch.setattr(hierarchical_eval, "in_fresh_process", _no_work)
+    for argv in (["--train-rows", "20000", "--root-components", "10"],
+                 ["--device", "cuda", "--threads", "4"], ["--seed", "1"]):
+        with pytest.raises(SystemExit) as stop:
+            hierarchical_eval.main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{' '.join(argv[::2])} given without --out" in err, err
+    assert not (tmp_path / "docs").exists()
+
+    class Ran(Exception):
+        pass
+
+    def ran(*args, **kwargs):
+        raise Ran
+
+    monkeypatch.setattr(hierarchical_eval, "in_fresh_process", ran)
+    with pytest.raises(Ran):  # the published run, and a smaller one given its own --out
+        hierarchical_eval.main(["--json", str(tmp_path / "h.json"), "--data-root", "x"])
+    assert (tmp_path / "docs" / "results").is_dir()
+    with pytest.raises(Ran):
+        hierarchical_eval.main(["--train-rows", "20000", "--out", str(tmp_path / "h.md")])
