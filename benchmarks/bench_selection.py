@@ -33,7 +33,7 @@ from mfa.em import ConvergenceWarning
 from mfa.metrics import bits_per_dim, mean_log_likelihood
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from _provenance import commit, output_folder  # noqa: E402  (the commit, --out)
+from _provenance import commit, dataset_name, output_folder  # noqa: E402  (the commit, --out)
 
 #: Train/validation/test rows per dataset (``None``: all), as in ``scripts/baselines.py``.
 SIZES = {"fashion-mnist": (10_000, 2_000, 5_000), "embedded-mnist": (None, None, None)}
@@ -93,21 +93,28 @@ def one_fit(splits: dict[str, torch.Tensor], k: int, n_factors: int, seed: int) 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="+", default=list(SIZES))
-    parser.add_argument("--components", type=int, nargs="+", default=[20, 50, 100, 200])
+    parser.add_argument("--datasets", nargs="+", type=dataset_name, default=list(SIZES))
+    parser.add_argument("--components", type=int, nargs="+",
+                        help="K of each fit (default 20 50 100 200; with --quick 4)")
     parser.add_argument("--factors", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
-                        help="600/200/200 rows and K=4: a smoke test of the script")
-    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+                        help="600/200/200 rows and, unless --components is given, K=4: a smoke "
+                        "test of the script")
+    parser.add_argument("--out", type=Path,
+                        help="write the figures as JSON here (again after each fit)")
     args = parser.parse_args(argv)
-    if any(k < 1 for k in args.components) or args.factors < 0:
-        parser.error("--components must be >= 1 and --factors >= 0")
+    if args.components is None:  # (--quick overrode the K given)
+        args.components = [4] if args.quick else [20, 50, 100, 200]
+    if min(args.components) < 1:
+        parser.error(f"--components must be >= 1, got {min(args.components)}")
+    if args.factors < 0:
+        parser.error(f"--factors must be >= 0, got {args.factors}")
     if args.out is not None:  # (a bad one was found after every fit)
         output_folder(parser, args.out)
-    components = [4] if args.quick else args.components
     result = {"commit": commit(), "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": {}}
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "cases": {},
+              "complete": False}  # (True once every case ran)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; target: the "
           "searches' and tempered step's time <= 30 % of the rest of the fit")
     for name in args.datasets:
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         rows = {split: int(t.shape[0]) for split, t in splits.items()}
         print(f"{name} {rows}")
-        for k in components:
+        for k in args.components:
             r = one_fit(splits, k, args.factors, args.seed)
             result["cases"][f"{name} K={k}"] = r
             step = r["tempered"]
@@ -132,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['candidates_scored']} candidates scored, {r['iterations']} iterations, "
                   f"tempered step {chose}, test {r['test_bits_per_dim']:.4f} bits/dim",
                   flush=True)
+            if args.out is not None:  # (every case so far survives a later failure)
+                args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result["complete"] = True
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

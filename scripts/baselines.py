@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _provenance import commit, output_folder  # (scripts/, on sys.path when run as a script)
+from _provenance import commit, dataset_name, output_folder  # (scripts/, on sys.path)
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
@@ -437,57 +437,78 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: The full run's values of the options ``--quick`` shrinks, and the quick ones; each applies
+#: only where the option was not given (their argparse defaults are ``None``).
+FULL = {"ks": [20, 50, 100, 200], "adam_epochs": 20, "em_max_iter": 0, "threads": 2,
+        # The sizes of the run in docs/results (3,000 training rows leave K=50 components ~60
+        # rows each: see that report's notes).
+        "fashion_sizes": [10000, 2000, 5000],
+        "mfa_grid": ([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1] if HAS_PRIORS
+                     else [1e-6, 1e-5, 1e-4, 1e-3]),
+        "floor_grid": [1e-5, 1e-4, 1e-3], "reg_grid": [1e-6, 1e-5, 1e-4, 1e-3],
+        "full_max_iter": 20, "full_budget": 90.0}
+QUICK = {"ks": [3, 5], "adam_epochs": 1, "em_max_iter": 3,
+         "threads": 1,  # tiny problems: a second thread only adds OpenMP spin-waits
+         "fashion_sizes": [300, 100, 100], "mfa_grid": FULL["mfa_grid"][:2],
+         "floor_grid": FULL["floor_grid"][:1], "reg_grid": [1e-6, 1e-4], "full_max_iter": 2,
+         "full_budget": 30.0}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None,
                    help="folder of baselines.{md,json} (default docs/results; required with "
                    "--quick)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, everything in < 60 s")
-    p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "embedded-mnist"])
-    p.add_argument("--ks", nargs="+", type=int, default=[20, 50, 100, 200])
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, everything in < 60 s: the quick value of every option "
+                   f"below that is not given ({', '.join(QUICK)})")
+    p.add_argument("--datasets", nargs="+", type=dataset_name,
+                   default=["fashion-mnist", "embedded-mnist"])
+    p.add_argument("--ks", nargs="+", type=int)
     p.add_argument("--n-factors", type=int, default=6)
-    # The sizes of the run in docs/results (3,000 training rows leave K=50 components ~60 rows
-    # each: see that report's notes).
-    p.add_argument("--fashion-sizes", nargs=3, type=int, default=[10000, 2000, 5000],
-                   metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--adam-epochs", type=int, default=20)
-    p.add_argument("--em-max-iter", type=int, default=0,
+    p.add_argument("--fashion-sizes", nargs=3, type=int, metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--adam-epochs", type=int)
+    p.add_argument("--em-max-iter", type=int,
                    help="cap on EM iterations of every MFA EM fit, default and grid alike "
                         "(0: EMConfig's own max_iter)")
-    p.add_argument("--mfa-grid", nargs="+", type=float, default=None,
+    p.add_argument("--mfa-grid", nargs="+", type=float,
                    help="fixed values of the tuned MFA's noise regularisation")
-    p.add_argument("--floor-grid", nargs="+", type=float, default=[1e-5, 1e-4, 1e-3],
+    p.add_argument("--floor-grid", nargs="+", type=float,
                    help="variance floors of plain EM (prior strength 0) in the hand-tuned grid")
-    p.add_argument("--reg-grid", nargs="+", type=float, default=[1e-6, 1e-5, 1e-4, 1e-3])
-    p.add_argument("--full-max-iter", type=int, default=20)
-    p.add_argument("--full-budget", type=float, default=90.0,
+    p.add_argument("--reg-grid", nargs="+", type=float)
+    p.add_argument("--full-max-iter", type=int)
+    p.add_argument("--full-budget", type=float,
                    help="seconds a full-covariance fit may take (estimated from a probe)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int)
     p.add_argument("--note", action="append", default=[],
                    help="a line for the report's Notes section (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    for action in p._actions:  # (their defaults are None: see FULL)
+        if action.dest in FULL:
+            action.help = ((action.help + " ") if action.help else "") + (
+                f"(default {FULL[action.dest]}; with --quick {QUICK[action.dest]})")
     args = p.parse_args(argv)
     if args.quick and args.out is None:  # (it replaced the published page)
         p.error("--quick needs --out: the default folder, docs/results, holds the published "
                 "page, which a smoke test would replace")
+    # (checked here: a bad value was found after the fits before it, or made every fit fail)
+    for flag, values, least in (("--ks", args.ks, 1), ("--n-factors", [args.n_factors], 0),
+                                ("--fashion-sizes", args.fashion_sizes, 1),
+                                ("--adam-epochs", [args.adam_epochs], 1),
+                                ("--em-max-iter", [args.em_max_iter], 0),
+                                ("--full-max-iter", [args.full_max_iter], 0),
+                                ("--threads", [args.threads], 1)):
+        bad = [v for v in values or () if v is not None and v < least]
+        if bad:
+            p.error(f"{flag} must be >= {least}, got {bad[0]}")
+    if len(set(args.datasets)) < len(args.datasets):
+        p.error(f"--datasets names a dataset twice: {' '.join(args.datasets)}")
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:  # (--quick overrode what was given)
+            setattr(args, name, value)
     # (a file there was found when the first K was written, after its fits)
     args.out = output_folder(p, args.out or Path("docs/results"), is_file=False)
-    if args.mfa_grid is None:
-        args.mfa_grid = ([1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1] if HAS_PRIORS
-                         else [1e-6, 1e-5, 1e-4, 1e-3])
     args.em_overrides = {"max_iter": args.em_max_iter} if args.em_max_iter else {}
-    if args.quick:  # a smoke test of every code path, not a measurement
-        args.em_max_iter = 3
-        args.em_overrides = {"max_iter": 3}
-        args.threads = 1  # tiny problems: a second thread only adds OpenMP spin-waits
-        args.ks = [3, 5]
-        args.fashion_sizes = [300, 100, 100]
-        args.adam_epochs = 1
-        args.mfa_grid = args.mfa_grid[:2]
-        args.floor_grid = args.floor_grid[:1]
-        args.reg_grid = [1e-6, 1e-4]
-        args.full_max_iter = 2
-        args.full_budget = 30.0
     return args
 
 

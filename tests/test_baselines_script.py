@@ -256,6 +256,49 @@ def _baselines():
     return baselines
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--datasets", "embedded-mnist", "fashon-mnist"], "unknown dataset 'fashon-mnist'"),
+    (["--datasets", "folder"], "'folder': an image folder needs a root"),
+    (["--datasets", "fmnist", "fashion-mnist"], "names a dataset twice"),
+    (["--ks", "20", "0"], "--ks must be >= 1, got 0"),
+    (["--n-factors", "-1"], "--n-factors must be >= 0, got -1"),
+    (["--quick", "--adam-epochs", "0"], "--adam-epochs must be >= 1, got 0"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, argv, message):
+    """A typo in the second dataset was found after the first one's fits (a traceback and a
+    partial page in --out, docs/results by default); --n-factors -1 ran to the end with
+    every MFA row "failed" and exit status 0; --ks 0 crashed inside scikit-learn."""
+    baselines = _baselines()
+    with pytest.raises(SystemExit) as stop:
+        baselines.parse_args([*argv, "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert baselines.parse_args(["--datasets", "fmnist", "--out", str(tmp_path)]).datasets == [
+        "fashion-mnist"]
+
+
+def test_quick_keeps_every_option_given(tmp_path):
+    """--quick replaced --ks, --fashion-sizes, --adam-epochs, --em-max-iter and the grids
+    with its own values while the page named the flags given."""
+    baselines = _baselines()
+    out = ["--out", str(tmp_path)]
+    given = baselines.parse_args([
+        "--quick", *out, "--ks", "7", "--fashion-sizes", "50", "20", "30", "--adam-epochs", "2",
+        "--em-max-iter", "5", "--mfa-grid", "0.5", "--floor-grid", "0.01", "--reg-grid", "0.001",
+        "--full-max-iter", "4", "--full-budget", "5", "--threads", "3"])
+    assert (given.ks, given.fashion_sizes, given.adam_epochs, given.em_max_iter) == (
+        [7], [50, 20, 30], 2, 5)
+    assert (given.mfa_grid, given.floor_grid, given.reg_grid) == ([0.5], [0.01], [0.001])
+    assert (given.full_max_iter, given.full_budget, given.threads) == (4, 5.0, 3)
+    assert given.em_overrides == {"max_iter": 5}
+    quick = baselines.parse_args(["--quick", *out])
+    assert (quick.ks, quick.fashion_sizes, quick.adam_epochs, quick.em_overrides) == (
+        [3, 5], [300, 100, 100], 1, {"max_iter": 3})
+    full = baselines.parse_args(out)
+    assert (full.ks, full.fashion_sizes, full.adam_epochs, full.em_overrides) == (
+        [20, 50, 100, 200], [10000, 2000, 5000], 20, {})
+    assert baselines.parse_args(["--quick", "--em-max-iter", "0", *out]).em_overrides == {}
+
+
 def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
     """It was found when the first K's page was written (after its fits)."""
     baselines = _baselines()

@@ -308,3 +308,65 @@ def test_gpu_check_names_the_commit_as_the_json_does(tmp_path):
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.stdout.startswith("gpu_check ") and proc.stdout.splitlines()[0].endswith(
         f" commit {sha}-dirty"), proc.stdout[:3000]
+
+
+def _bench_selection():
+    spec = importlib.util.spec_from_file_location("bench_selection",
+                                                  ROOT / "benchmarks" / "bench_selection.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def _fake_fit(ks: list[int], fail_at: int | None = None):
+    """A stand-in for bench_selection.one_fit recording each K (raising at ``fail_at``)."""
+    def fit(splits, k, n_factors, seed):
+        ks.append(k)
+        if k == fail_at:
+            raise RuntimeError("a later fit failed")
+        return {"K": k, "fit_seconds": 2.0, "selection_seconds": 0.5, "selection_share": 1 / 3,
+                "candidates_scored": 4, "iterations": 3, "tempered": None,
+                "test_bits_per_dim": 5.0}
+    return fit
+
+
+def test_bench_selection_checks_its_options_before_any_fit(tmp_path, monkeypatch, capsys):
+    """A typo in the second dataset's name ended the run after the first's fits (and wrote
+    no JSON); an --out under a file was found after every fit."""
+    bench = _bench_selection()
+    ks: list[int] = []
+    monkeypatch.setattr(bench, "one_fit", _fake_fit(ks))
+    (tmp_path / "afile").write_text("")
+    for argv, message in (
+            (["--datasets", "embedded-mnist", "fashon-mnist"], "unknown dataset 'fashon-mnist'"),
+            (["--out", str(tmp_path / "afile" / "x.json")],
+             f"--out {tmp_path / 'afile' / 'x.json'}: {tmp_path / 'afile'} is a file"),
+            (["--components", "3", "0"], "--components must be >= 1, got 0")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--quick", *argv])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert ks == []
+
+
+def test_bench_selection_writes_each_case_and_quick_keeps_the_components_given(
+        tmp_path, monkeypatch):
+    """The JSON was written once, at the end: a failure lost every case before it. --quick
+    replaced the --components given with K=4."""
+    bench = _bench_selection()
+    monkeypatch.setattr(bench, "splits_of", lambda name, seed, quick: {
+        s: torch.zeros(3, 2) for s in ("train", "val", "test")})
+    ks: list[int] = []
+    monkeypatch.setattr(bench, "one_fit", _fake_fit(ks, fail_at=5))
+    out = tmp_path / "sel.json"
+    with pytest.raises(RuntimeError, match="a later fit failed"):
+        bench.main(["--datasets", "embedded-mnist", "--components", "3", "5", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert list(written["cases"]) == ["embedded-mnist K=3"] and written["complete"] is False
+    ks.clear()
+    result = bench.main(["--quick", "--datasets", "fmnist", "--components", "7", "--out",
+                         str(out)])
+    assert ks == [7] and list(result["cases"]) == ["fashion-mnist K=7"]
+    assert json.loads(out.read_text())["complete"] is True
+    ks.clear()
+    bench.main(["--quick", "--datasets", "embedded-mnist"])
+    assert ks == [4]
