@@ -266,3 +266,51 @@ def test_hierarchical_eval_writes_the_published_page_only_for_the_published_run(
     assert (tmp_path / "docs" / "results").is_dir()
     with pytest.raises(Ran):
         hierarchical_eval.main(["--train-rows", "20000", "--out", str(tmp_path / "h.md")])
+
+
+def test_the_outlier_page_names_every_emconfig_field_the_script_changes(monkeypatch):
+    """The page said "EMConfig's defaults but at most 20 iterations" while the fits ran with
+    stats_dtype="mixed" too. Every field of the config the fits are given that differs from
+    EMConfig() is named on the page, and the published page says what the script prints."""
+    import argparse
+    import dataclasses
+    import types
+
+    import torch
+
+    from mfa import EMConfig
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import outlier_eval
+
+    given = []
+
+    class Stop(Exception):
+        pass
+
+    class Recording:
+        def __init__(self, config):
+            given.append(config)
+
+        def fit(self, *args, **kwargs):
+            raise Stop
+
+    monkeypatch.setattr(outlier_eval, "EMTrainer", Recording)
+    data = types.SimpleNamespace(train=torch.rand(20, 4), image_shape=(1, 2, 2),
+                                 as_float=lambda split: torch.rand(6, 4))
+    published = dict(n_components=50, n_factors=6, max_iter=20, train_limit=20000,
+                     eval_limit=None, patch_size=4, seed=0)  # (docs/results/outliers.md's)
+    for options in ({**published, "n_components": 2, "n_factors": 1},
+                    {**published, "n_components": 2, "n_factors": 1, "max_iter": 3, "seed": 5}):
+        args = argparse.Namespace(**options)
+        with pytest.raises(Stop):
+            outlier_eval.run_direction("a", data, "b", data, args)
+        page = " ".join(outlier_eval.table([], "x", args, 1.0, "abc").split())
+        changed = {f.name: getattr(given[-1], f.name) for f in dataclasses.fields(EMConfig)
+                   if getattr(given[-1], f.name) != getattr(EMConfig(), f.name)}
+        assert {"max_iter", "stats_dtype"} <= set(changed)
+        for name, value in changed.items():
+            assert f"`{name}={value!r}`" in page, name
+    text = outlier_eval.table([], "x", argparse.Namespace(**published), 1.0, "abc")
+    shipped = (ROOT / "docs" / "results" / "outliers.md").read_text()
+    assert text.splitlines()[4] == shipped.splitlines()[4]
