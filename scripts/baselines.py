@@ -358,8 +358,8 @@ QUICK = {"ks": [3, 5], "adam_epochs": 1, "em_max_iter": 3,
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None,
-                   help="folder of baselines.{md,json} (default docs/results; required with "
-                   "--quick)")
+                   help="folder of baselines.{md,json} (default docs/results, for the published "
+                   "run only: required with --quick or any option below but --note)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, everything in < 60 s: the quick value of every option "
                    f"below that is not given ({', '.join(QUICK)})")
@@ -392,6 +392,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick and args.out is None:  # (it replaced the published page)
         p.error("--quick needs --out: the default folder, docs/results, holds the published "
                 "page, which a smoke test would replace")
+    # Without --out only the published run itself may replace docs/results (--ks 7 did too)
+    changed = [f"--{name.replace('_', '-')}" for name, value in vars(args).items()
+               if name not in ("out", "note") and value != p.get_default(name)]
+    if args.out is None and changed:
+        p.error(f"{', '.join(changed)} given without --out: the default folder, docs/results, "
+                "holds the published run's page, which only that run (no such option) "
+                "replaces; pass --out")
     # (checked here: a bad value was found after the fits before it, or made every fit fail)
     for flag, values, least in (("--ks", args.ks, 1), ("--n-factors", [args.n_factors], 0),
                                 ("--fashion-sizes", args.fashion_sizes, 1),

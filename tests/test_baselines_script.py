@@ -309,3 +309,19 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
         assert stop.value.code == 2
         assert f"--out {out}: {tmp_path / 'afile'} is a file, not a folder" in \
             capsys.readouterr().err
+
+
+def test_only_the_published_run_writes_the_default_folder(tmp_path, capsys, monkeypatch):
+    """Without --out the page goes to docs/results, the published one: --quick was refused
+    there, but any other option (--ks 7, a --seed) replaced it with another run's page."""
+    baselines = _baselines()
+    monkeypatch.chdir(tmp_path)  # (the default folder is relative to it)
+    for argv, named in ((["--ks", "7"], "--ks"), (["--seed", "1", "--n-factors", "2"],
+                                                  "--n-factors, --seed")):
+        with pytest.raises(SystemExit) as stop:
+            baselines.parse_args(argv)
+        assert stop.value.code == 2 and f"{named} given without --out" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "docs").exists()
+    for argv in ([], ["--note", "a line"]):  # the published run (notes are the page's text)
+        assert baselines.parse_args(argv).out == Path("docs/results")
