@@ -58,6 +58,7 @@ from mfa._validation import supported_device
 from mfa.config_text import apply_override_strings, read_yaml_mapping
 from mfa.data.names import DATASET_NAMES, DatasetName, canonical_name
 from mfa.em import EMConfig, EMTrainer
+from mfa.hierarchical_config import check_final_em
 from mfa.hierarchical_section import (
     MOVED_KEYS,
     HierarchicalSection,
@@ -334,6 +335,8 @@ def _check_trainer(config: EMConfig | SGDConfig, path: str) -> None:
     """The trainer's own validation (one source of truth), its message naming the YAML key."""
     trainer = EMTrainer if isinstance(config, EMConfig) else SGDTrainer
     try:
+        if path == "train.hierarchical.final_em":  # its own rules first: EMConfig's asks
+            check_final_em(config, "EMConfig")  # n_init > 1 for a random init, refused here
         trainer(config)
     except ValueError as error:
         name = type(config).__name__

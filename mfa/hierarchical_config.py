@@ -16,6 +16,7 @@ from mfa.em import EMConfig, EMTrainer
 
 __all__ = [
     "HierarchicalConfig",
+    "check_final_em",
     "child_components",
     "stage_devices",
     "total_components",
@@ -39,8 +40,8 @@ class HierarchicalConfig:
     min_child_rows: int | None = None
     root_em: EMConfig = field(default_factory=EMConfig)  # EM of the root (its seed is ignored)
     child_em: EMConfig = field(default_factory=EMConfig)  # EM of each child (seed ignored)
-    # optional EM on the flattened model; its init must be "none" (continue from the
-    # flattened parameters); None: no final EM
+    # optional EM on the flattened model; its init must be "none" and its n_init 1 (it
+    # continues from the flattened parameters); None: no final EM
     final_em: EMConfig | None = None
     assign_batch_size: int = 4096  # rows per batch of the hard assignment
     seed: int = 0  # seeds the root (seed) and child k (derived from seed and k)
@@ -79,6 +80,8 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
             raise TypeError(
                 f"HierarchicalConfig.{name} must be an EMConfig, got {type(value).__name__}"
             )
+        if name == "final_em":  # (before EMConfig's own rule, which asks n_init > 1 for a
+            check_final_em(value)  # random init: this stage takes neither)
         try:
             EMTrainer(value)  # validates the nested config
         except (ValueError, TypeError) as err:  # named as the stage's field
@@ -91,11 +94,19 @@ def validate_hierarchical_config(config: HierarchicalConfig) -> None:
                 f"HierarchicalConfig.{name}.missing must be 'error': hierarchical training "
                 "assigns every row to a root component and needs complete rows (train on "
                 "incomplete rows with EMTrainer and missing='allow')")
-    if config.final_em is not None and config.final_em.init != "none":
-        raise ValueError(
-            "HierarchicalConfig.final_em.init must be 'none' (the final EM continues from the "
-            f"flattened model), got {config.final_em.init!r}"
-        )
+
+
+def check_final_em(em: EMConfig, name: str = "HierarchicalConfig.final_em") -> None:
+    """The final EM continues from the flattened model: one start (``init`` ``"none"``,
+    ``n_init`` 1), no initialisation of its own and no restarts. ``name``: the stage as the
+    message names it (a run config's reader passes ``"EMConfig"``, read as the YAML key)."""
+    if em.init != "none":
+        raise ValueError(f"{name}.init must be 'none' (the final EM continues from the "
+                         f"flattened model), got {em.init!r}")
+    if em.n_init != 1:
+        raise ValueError(f"{name}.n_init must be 1 (the final EM continues from the flattened "
+                         f"model: it has one start, so no restarts to choose from), got "
+                         f"{em.n_init!r}")
 
 
 def child_components(rows: int, config: HierarchicalConfig) -> int:

@@ -58,7 +58,7 @@ class HierarchicalSection:
     root_em: EMConfig | None = None  # EM of the root; None: train.em
     child_em: EMConfig | None = None  # EM of each child; None: train.em
     final_em: EMConfig | None = None  # EM on the flattened model (keys left out: train.em's,
-    # init "none"); None: no EM
+    # init "none", n_init 1); None: no EM
     assign_batch_size: int = 4096  # rows per batch of the hard assignment
     seed: int = 0  # seeds the stages' EM and the children (the root starts from the run's model)
 
@@ -135,8 +135,9 @@ def fill_stages(train: Mapping[str, Any], em_default: EMConfig) -> Mapping[str, 
     ``final_em`` completed from ``train.em`` (``em_default`` with the keys ``train.em``
     gives): the keys a stage leaves out take the run's EM values, as a null root or child
     stage does, not EMConfig's class defaults (which save no checkpoint until the end);
-    ``final_em``'s ``init`` is ``"none"`` unless given (it continues from the flattened
-    model: the only value it takes). ``missing`` is not copied: a stage takes only
+    ``final_em``'s ``init`` is ``"none"`` and its ``n_init`` 1 unless given (it continues
+    from the flattened model: the only values it takes; ``train.em.n_init`` 2 made every
+    ``final_em`` section an error). ``missing`` is not copied: a stage takes only
     ``"error"`` (an EM run on incomplete rows was refused for its unused partial stage)."""
     hier = train.get("hierarchical")
     if not isinstance(hier, Mapping):
@@ -146,7 +147,7 @@ def fill_stages(train: Mapping[str, Any], em_default: EMConfig) -> Mapping[str, 
     if isinstance(em, Mapping):  # (unknown keys are reported under train.em)
         base.update({key: value for key, value in em.items()
                      if key in base and key != "missing"})
-    filled = {"root_em": base, "child_em": base, "final_em": {**base, "init": "none"}}
+    filled = {"root_em": base, "child_em": base, "final_em": {**base, "init": "none", "n_init": 1}}
     hier = {stage: {**filled[stage], **value} if stage in filled
             and isinstance(value, Mapping) else value for stage, value in hier.items()}
     return {**train, "hierarchical": hier}

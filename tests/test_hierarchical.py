@@ -492,6 +492,30 @@ def test_a_bad_nested_em_setting_names_its_stage(stage):
                                f"train.hierarchical.{stage}={{max_iter: -1}}"])
 
 
+def test_final_em_takes_one_start_whatever_train_em_n_init_says():
+    """train.em.n_init=2 was copied into a final_em section with init none, an error that
+    advised final_em.init kmeans or random, which another rule forbids. A final_em section
+    now takes n_init 1 (it continues from the flattened model); one set above 1 is refused
+    with a reason that does not send the user to a forbidden init."""
+    from mfa.config import load_config
+
+    run = ["train.method=hierarchical", "train.em.n_init=2"]
+    stages = load_config(overrides=[*run, "train.hierarchical.final_em={max_iter: 1}"]
+                         ).trainer_config()
+    assert (stages.final_em.n_init, stages.final_em.init, stages.final_em.max_iter) == (
+        1, "none", 1)
+    assert stages.root_em.n_init == 2  # (the other stages keep train.em's)
+    for bad in (["train.hierarchical.final_em={n_init: 2}"],
+                ["train.hierarchical.final_em={n_init: 2, init: kmeans}"]):
+        with pytest.raises(ValueError, match=r"train\.hierarchical\.final_em\.(n_init: must "
+                           r"be 1|init: must be 'none')") as caught:
+            load_config(overrides=[*run, *bad])
+        assert "'kmeans' or 'random'" not in str(caught.value)
+    with pytest.raises(ValueError, match=r"HierarchicalConfig\.final_em\.n_init must be 1 "
+                                         r"\(the final EM continues"):
+        HierarchicalTrainer(config(final_em=replace(EM, init="none", n_init=2)))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 @pytest.mark.parametrize("stage", ["root_em", "child_em", "final_em"])
 def test_a_stage_device_this_machine_lacks_is_refused_before_any_work(stage):
