@@ -262,12 +262,8 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
         check_same_pools((ckpt.metrics or {}).get("pools"), data)
     else:
         try:  # (K-means needs K rows: checked before the run folder is made)
-            rows = min(data.sizes["train"], getattr(trainer_config, "init_samples", math.inf))
-            if getattr(trainer_config, "init", "none") != "none" and mc.n_components > rows:
-                raise ValueError(_too_few_rows(config, data.sizes["train"], rows))
-            model = MixtureOfFactorAnalyzers(
-                mc.n_components, data.n_features, mc.n_factors, mc.noise, min_noise=mc.min_noise,
-                generator=torch.Generator().manual_seed(config.seed), device=device)
+            _check_rows(config, trainer_config, data.sizes["train"])
+            model = _new_model(config, data, device)
         except ValueError as error:
             raise ValueError(f"the model config (model.n_components={mc.n_components}, "
                              f"model.n_factors={mc.n_factors}) does not fit the data "
@@ -294,16 +290,46 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     return _Setup(device, data, model, trainer, train_data, val_data)
 
 
-def _too_few_rows(config: RunConfig, n_train: int, rows: int) -> str:
-    """K above the rows K-means reads: what caps them, and the setting that changes it (the
+def _new_model(config: RunConfig, data: ImageData,
+               device: torch.device) -> MixtureOfFactorAnalyzers:
+    """The model a new run starts from: ``model.*`` over the data's features, seeded by the
+    run's ``seed``."""
+    mc = config.model
+    return MixtureOfFactorAnalyzers(
+        mc.n_components, data.n_features, mc.n_factors, mc.noise, min_noise=mc.min_noise,
+        generator=torch.Generator().manual_seed(config.seed), device=device)
+
+
+def _check_rows(config: RunConfig, trainer_config, n_train: int) -> None:
+    """Refuse ``model.n_components`` above the training rows the fit's start reads: the
+    initialisation's (``init_samples`` of them, none for ``init: none``), and for a
+    hierarchical run the root's, which is fitted to every row whatever its init."""
+    method, mc = config.train.method, config.model
+    init, key = trainer_config, f"train.{method}.init_samples"
+    if method == "hierarchical":  # the root's EM: root_em, train.em's copy when null
+        init = trainer_config.root_em
+        key = ("train.em.init_samples" if config.train.hierarchical.root_em is None
+               else "train.hierarchical.root_em.init_samples")
+        if mc.n_components > n_train:
+            raise ValueError(_too_few_rows(config, n_train, n_train, key))
+    rows = min(n_train, getattr(init, "init_samples", math.inf))
+    if getattr(init, "init", "none") != "none" and mc.n_components > rows:
+        raise ValueError(_too_few_rows(config, n_train, rows, key))
+
+
+def _too_few_rows(config: RunConfig, n_train: int, rows: int, key: str) -> str:
+    """K above the rows K-means reads (``rows``; a hierarchical root's fit, all ``n_train``):
+    what caps them, and the setting that changes it (``key``: the ``init_samples`` read; the
     error said only "its initialisation gets 4000 training images")."""
-    key, limit = f"train.{config.train.method}.init_samples", config.data.limit
+    limit, root = config.data.limit, config.train.method == "hierarchical"
     if config.model.n_components <= n_train:  # (then init_samples is the cap)
-        return (f"K must be at most the training images its initialisation reads, {key}="
+        reads = "the root's initialisation reads" if root else "its initialisation reads"
+        return (f"K must be at most the training images {reads}, {key}="
                 f"{rows} of {n_train}: lower model.n_components or raise {key}")
     # (raising data.limit helps only where it binds: it caps each split's images)
     more = "raise data.limit" if limit is not None and limit <= n_train else "train on more images"
-    return (f"K must be at most the training images its initialisation reads, the training "
+    reads = "the root's EM is fitted to" if root else "its initialisation reads"
+    return (f"K must be at most the training images {reads}, the training "
             f"split's {n_train}" + (f" (data.limit={limit})" if limit is not None else "")
             + f": lower model.n_components or {more}")
 

@@ -274,3 +274,24 @@ def test_a_finished_run_without_its_hierarchy_folder_is_not_trained_again(tmp_pa
     assert again.metrics["train_seconds"] == whole.metrics["train_seconds"]
     assert (whole.run_dir / "history.json").read_text() == history
     assert not (whole.run_dir / "hierarchy").exists()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["model.n_components=301"], r"model\.n_components=301.*the training images the root's "
+     r"EM is fitted to, the training split's 300 \(data\.limit=300\): lower "
+     r"model\.n_components or raise data\.limit"),
+    (["model.n_components=301", "train.em.init=none"], r"training split's 300"),
+    (["train.em.init_samples=1"], r"model\.n_components=2.*train\.em\.init_samples=1 of 300: "
+     r"lower model\.n_components or raise train\.em\.init_samples$"),
+    (["train.hierarchical.root_em={init_samples: 1}"],
+     r"train\.hierarchical\.root_em\.init_samples=1 of 300: lower model\.n_components or "
+     r"raise train\.hierarchical\.root_em\.init_samples$"),
+])
+def test_too_few_rows_for_the_root_name_the_run_keys_before_a_folder_is_made(
+        tmp_path, overrides, match):
+    """The check of K against the training rows read trainer_config.init, which a
+    HierarchicalConfig lacks: the root's EM failed after the run folder was made, saying
+    "root_components=301" (no config key) or "a larger init_samples" (which one?)."""
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path / "runs", "few", *overrides)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
