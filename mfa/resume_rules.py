@@ -1,7 +1,8 @@
 """Which config changes a resumed run may make: :data:`RESUME_SAFE_KEYS`, the changes of a
 run config against the saved one (:func:`check_resume_changes`), the keys of a trainer the
 run does not use (:func:`unused_trainer_keys`), and what an interrupted or finished fit can
-still take (:func:`check_can_extend`). Re-exported by :mod:`mfa.run_folder`, which applies
+still take (:func:`check_can_extend`; a hierarchical run's finished stages:
+:func:`check_stage_changes`). Re-exported by :mod:`mfa.run_folder`, which applies
 them to a run folder (:func:`mfa.run_folder.run_config_of`)."""
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
     from mfa.checkpoint import Checkpoint
 
 __all__ = ["DEVICE_KEYS", "RESUME_SAFE_KEYS", "check_can_extend", "check_resume_changes",
-           "device_change_note", "trainer_sections", "unused_trainer_keys"]
+           "check_stage_changes", "device_change_note", "trainer_sections",
+           "unused_trainer_keys"]
 
 
 _STAGES = ("root_em", "child_em", "final_em")
@@ -131,6 +133,20 @@ def _unused_key_error(key: str, method: str) -> ValueError:
                       f"train.method={method}, which reads {trainer_sections(method)} only")
 
 
+def check_stage_changes(changed: list[str]) -> None:
+    """A hierarchical run with finished stages (its ``hierarchy/`` files, fitted with the
+    saved settings) may change none of its ``train.em.*`` and ``train.hierarchical.*`` keys
+    (``changed``, of :func:`check_resume_changes`) but progress, checkpoint cadence and
+    device: the resumed stages would not be the saved ones' (their files refuse another
+    configuration)."""
+    for key in changed:
+        if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
+                (".progress", ".checkpoint_every", ".device")):
+            raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
+                             "finished stages were fitted with the saved value; start a "
+                             "new run")
+
+
 def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) -> None:
     """EM that has finished all its restarts and re-seeding rounds does not run again: a
     larger ``max_iter`` given to a finished run would be ignored, so it is refused; so is any
@@ -145,12 +161,7 @@ def check_can_extend(ckpt: Checkpoint, config: RunConfig, changed: list[str]) ->
     for key in unused_trainer_keys(method, changed):  # accepted, saved: and ignored
         raise _unused_key_error(key, method)
     if method == "hierarchical":
-        for key in changed:
-            if key.startswith(("train.em.", "train.hierarchical.")) and not key.endswith(
-                    (".progress", ".checkpoint_every", ".device")):
-                raise ValueError(f"cannot change {key} when resuming a hierarchical run: its "
-                                 "finished stages were fitted with the saved value; start a "
-                                 "new run")
+        check_stage_changes(changed)
     if "train.sgd.epochs" in changed and config.train.method == "sgd":
         saved = ckpt.run_config.train.sgd
         epoch = _saved_count(ckpt, "epoch")

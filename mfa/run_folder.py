@@ -32,6 +32,7 @@ from mfa.resume_rules import (
     RESUME_SAFE_KEYS,
     check_can_extend,
     check_resume_changes,
+    check_stage_changes,
 )
 from mfa.run_log import attach_log
 
@@ -333,6 +334,10 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
                                                     overrides))
         # The same rules as any resume; none changed, its config.yaml is kept as it is
         changed = check_resume_changes(saved, config)
+        if saved.train.method == "hierarchical" and _holds_stages(restart / "hierarchy"):
+            # (finished stages are reused: refused here, before config.yaml is rewritten,
+            # as where a checkpoint holds them; their files refused the change after it)
+            check_stage_changes(changed)
         return config, None, restart, changed
     if resume is None:  # a validated copy whose folder's config reads the same files anywhere
         return absolute_data_root(apply_overrides(config, overrides)), None, None, []
@@ -371,6 +376,13 @@ def run_config_of(config: RunConfig | None, resume: str | Path | None,
         raise
     check_can_extend(ckpt, config, changed)
     return config, ckpt, None, changed
+
+
+def _holds_stages(folder: Path) -> bool:
+    """Whether a hierarchical run's stage folder holds a finished stage's file."""
+    return folder.is_dir() and any(
+        path.name in ("root.pt", "model.pt") or re.fullmatch(r"child-\d+\.pt", path.name)
+        for path in folder.iterdir())
 
 
 def config_lost(run_dir: Path) -> bool:

@@ -276,6 +276,41 @@ def test_a_finished_run_without_its_hierarchy_folder_is_not_trained_again(tmp_pa
     assert not (whole.run_dir / "hierarchy").exists()
 
 
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_restart_with_stage_files_refuses_a_stage_change_before_its_config_is_rewritten(
+        tmp_path, monkeypatch):
+    """Killed after hierarchy/root.pt but before the first checkpoint.pt, resumed with
+    --set train.em.max_iter=4: the restart (no checkpoint) checked the resume-safe keys only,
+    rewrote config.yaml, then root.pt refused the other config; a plain --resume then failed
+    too. Now refused first, as a resume from a checkpoint is, and the run resumes as it was."""
+    import mfa.hierarchical as hierarchical
+
+    write = hierarchical.save_checkpoint
+
+    def killed(path, *args, **kwargs):
+        write(path, *args, **kwargs)
+        if Path(path).name == "root.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(hierarchical, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "r")
+    monkeypatch.setattr(hierarchical, "save_checkpoint", write)
+    run_dir = tmp_path / "r"
+    assert (run_dir / "hierarchy" / "root.pt").exists()
+    assert not (run_dir / "checkpoint.pt").exists()
+    text = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"^cannot change train\.em\.max_iter when resuming a "
+                                         r"hierarchical run: its finished stages"):
+        workflow.train(None, resume=run_dir, overrides=["train.em.max_iter=4"], figures=False)
+    assert (run_dir / "config.yaml").read_text() == text
+    root = (run_dir / "hierarchy" / "root.pt").read_bytes()
+    workflow.train(None, resume=run_dir, overrides=["train.em.progress=true"],
+                   figures=False)  # (progress: may change)
+    assert (run_dir / "checkpoint.pt").exists()
+    assert (run_dir / "hierarchy" / "root.pt").read_bytes() == root  # (reused, not refitted)
+
+
 @pytest.mark.parametrize("overrides, match", [
     (["model.n_components=301"], r"model\.n_components=301.*the training images the root's "
      r"EM is fitted to, the training split's 300 \(data\.limit=300\): lower "
