@@ -5,12 +5,12 @@ per root component) and keeps its own checkpoints, one file per finished stage, 
 :class:`HierarchicalRunTrainer` gives it the interface :mod:`mfa.workflow` drives a trainer
 through, so a run folder works as for EM and Adam:
 
-* ``fit(model, data, validation, callbacks, checkpoint_fn, checkpoint_dir=...)`` returns the
-  flattened model; ``model``, the run's freshly built (seeded by the run's ``seed``) or resumed
-  model, fixes ``D`` and the device the stages are fitted on, and is where the root's EM
-  starts unless ``checkpoint_dir`` holds the fitted root (``train.hierarchical.seed`` seeds
-  the stages' EM and the children); the stages' checkpoints go to ``checkpoint_dir`` (the
-  run's ``hierarchy/``);
+* ``fit(model, data, validation, callbacks, checkpoint_fn, checkpoint_dir=...,
+  new_model=...)`` returns the flattened model; ``model``, the run's freshly built (seeded by
+  the run's ``seed``) or resumed model, fixes ``D`` and the device the stages are fitted on,
+  and is where a new run's root EM starts (``train.hierarchical.seed`` seeds the stages' EM
+  and the children); the stages' checkpoints go to ``checkpoint_dir`` (the run's
+  ``hierarchy/``);
 * ``checkpoint_fn(trainer, model)`` is called once the root is fitted (the run's
   ``checkpoint.pt`` then holds the root, so the run can be resumed from the first unfinished
   child) and at the end with the flattened model;
@@ -21,15 +21,19 @@ through, so a run folder works as for EM and Adam:
 
 A resume reloads every finished stage from ``checkpoint_dir`` and gives the model of an
 uninterrupted run (each child is seeded from the seed and its root index alone). A run killed
-while the root is being fitted has no checkpoint yet and starts again. A finished run
-resumed (its state says so) fits nothing: ``fit`` returns the model it is given, the run's
-flattened result, and keeps the history, whether or not ``checkpoint_dir`` still holds the
-stages.
+while the root is being fitted has no checkpoint yet and starts again. An unfinished run
+resumed without ``checkpoint_dir/root.pt`` (the folder removed, or a run copied without it)
+fits every stage again, with a warning, its root from ``new_model()``, the model a new run
+starts from (``model`` is then the checkpoint's fitted root: EM from it gave another model).
+A finished run resumed (its state says so) fits nothing: ``fit`` returns the model it is
+given, the run's flattened result, and keeps the history, whether or not ``checkpoint_dir``
+still holds the stages.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,6 +45,8 @@ from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
 from mfa.model import MixtureOfFactorAnalyzers
 
 __all__ = ["HIERARCHY_DIR", "HierarchicalRunTrainer"]
+
+logger = logging.getLogger(__name__)
 
 #: The sub-folder of a run folder that holds the stages' checkpoints.
 HIERARCHY_DIR = "hierarchy"
@@ -72,9 +78,11 @@ class HierarchicalRunTrainer:
         | None = None,
         *,
         checkpoint_dir: str | Path | None = None,
+        new_model: Callable[[], MixtureOfFactorAnalyzers] | None = None,
     ) -> MixtureOfFactorAnalyzers:
         """Fit root and children on ``data`` (``[N, D]`` or a map-style dataset of rows) and
-        return the flattened model; see the module docstring for the arguments."""
+        return the flattened model; see the module docstring for the arguments
+        (``new_model``: called only where a resumed run's root must be fitted again)."""
         if model.n_features != _n_features(data):
             raise ValueError(f"the model has {model.n_features} features, the data "
                              f"{_n_features(data)}")
@@ -103,9 +111,11 @@ class HierarchicalRunTrainer:
             if checkpoint_fn is not None:  # (at the end, as EM's)
                 checkpoint_fn(self, model)
             return model
+        # A resumed run's model is its fitted root: its root starts anew where it is not saved.
+        start = _root_start(model, checkpoint_dir, new_model) if self.history else model
         # On the model's device (the run's): a dataset (above STREAM_ABOVE) is not on one.
         flat = self.trainer.fit(data, validation, checkpoint_dir=checkpoint_dir,
-                                callbacks=[on_stage], device=model.device, root=model)
+                                callbacks=[on_stage], device=model.device, root=start)
         self.history = _merged(self.trainer.history, earlier, self.trainer.fitted)
         self.finished = True
         if checkpoint_fn is not None:
@@ -128,6 +138,26 @@ class HierarchicalRunTrainer:
                              f"{sorted(_STATE_KEYS)}, got {sorted(state)}")
         self.history = copy.deepcopy(state["history"])
         self.finished = bool(state["finished"])
+
+
+def _root_start(model: MixtureOfFactorAnalyzers, checkpoint_dir: str | Path | None,
+                new_model: Callable[[], MixtureOfFactorAnalyzers] | None
+                ) -> MixtureOfFactorAnalyzers:
+    """Where the root of an unfinished run resumed from ``model`` (its fitted root) starts:
+    ``model`` where ``checkpoint_dir`` holds ``root.pt`` (then unused: the root is loaded),
+    else ``new_model()``, the model an uninterrupted run's root started from."""
+    root = Path(checkpoint_dir) / "root.pt" if checkpoint_dir is not None else None
+    if root is not None and distributed.broadcast_from_main(root.exists):  # (rank 0's view)
+        return model
+    missing = f"{root} is missing" if root is not None else "no checkpoint_dir is given"
+    if new_model is None:
+        raise ValueError(f"a resumed hierarchical run's finished stages are not saved "
+                         f"({missing}) and fit has no new_model to fit its root again from (its "
+                         "model is the fitted root, from which EM gives another model): pass "
+                         "new_model, the model a new run starts from")
+    logger.warning("%s (removed, or the run was copied without it): every stage is fitted "
+                   "again, the root from the model a new run starts from", missing)
+    return new_model()
 
 
 def _merged(records: list[dict], earlier: dict, fitted: dict | None = None) -> list[dict]:

@@ -223,10 +223,13 @@ def train(
 _TRAINERS = {"em": EMTrainer, "sgd": SGDTrainer, "hierarchical": HierarchicalRunTrainer}
 
 
-def _fit_options(config: RunConfig, run_dir: Path) -> dict:
-    """Extra ``fit`` arguments of a method: the hierarchical stages' checkpoint folder."""
+def _fit_options(config: RunConfig, run_dir: Path, setup: _Setup) -> dict:
+    """Extra ``fit`` arguments of a method: the hierarchical stages' checkpoint folder, and
+    the model a new run starts from (a resumed run's root starts there again where the folder
+    lost ``root.pt``: its checkpoint holds the fitted root)."""
     if config.train.method == "hierarchical":
-        return {"checkpoint_dir": run_dir / HIERARCHY_DIR}
+        return {"checkpoint_dir": run_dir / HIERARCHY_DIR,
+                "new_model": lambda: _new_model(config, setup.data, setup.device)}
     return {}
 
 
@@ -370,7 +373,7 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model = trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
-                            checkpoint_fn=checkpoint, **_fit_options(config, run_dir))
+                            checkpoint_fn=checkpoint, **_fit_options(config, run_dir, setup))
     for warning in caught:
         logger.warning("%s", warning.message)
     seconds = earlier + (0.0 if finished else time.perf_counter() - started)

@@ -277,6 +277,35 @@ def test_a_finished_run_without_its_hierarchy_folder_is_not_trained_again(tmp_pa
 
 
 @pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_an_unfinished_run_without_its_hierarchy_folder_resumes_to_the_uninterrupted_model(
+        tmp_path):
+    """hierarchy/ removed after child 0 (or a run copied without it): the resumed root's EM
+    started from the checkpoint's model, the fitted root, and with init none gave another
+    model (13 components against 12 in the review's repro) without a word. Now it starts from
+    the model a new run builds with the run's seed, and the log says the stages are refitted."""
+    import shutil
+
+    def stop(trainer, model, record):
+        if record.get("component") == 0:
+            raise KeyboardInterrupt
+
+    whole = _run(tmp_path, "a", "train.em.init=none")
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "b", "train.em.init=none", callbacks=(stop,))
+    shutil.rmtree(tmp_path / "b" / "hierarchy")
+    resumed = workflow.train(None, resume=tmp_path / "b", figures=False)
+    assert _same(resumed.model, whole.model)
+    assert "root.pt is missing (removed, or the run was copied without it): every stage is " \
+           "fitted again" in (tmp_path / "b" / "train.log").read_text()
+    # the trainer alone, resumed without root.pt or the model to start it from, refuses
+    trainer = HierarchicalRunTrainer(_config())
+    trainer.load_state_dict({"method": "hierarchical", "history": [{"stage": "root"}],
+                             "finished": False})
+    with pytest.raises(ValueError, match=r"root\.pt is missing\) and fit has no new_model"):
+        trainer.fit(_start(0), _rows(), checkpoint_dir=tmp_path / "gone")
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
 def test_a_restart_with_stage_files_refuses_a_stage_change_before_its_config_is_rewritten(
         tmp_path, monkeypatch):
     """Killed after hierarchy/root.pt but before the first checkpoint.pt, resumed with
