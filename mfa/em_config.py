@@ -52,7 +52,9 @@ class EMConfig:
     device: str | None = None  # None: the model's device
     # E-step precision (mfa.precision): float64 (exact), precise, centred (each row's main
     # component summed in float64 about its own mean), mixed, centred32 (its float32 form, the
-    # fastest on CPUs), float32. auto: centred, or float64 on full-rate-float64 GPUs.
+    # fastest on CPUs), float32. auto: centred, or float64 on full-rate-float64 GPUs. mixed and
+    # float32 trade accuracy for speed: EM's objective may fall by their rounding, and the
+    # components far or sharp enough for their sums to break EM are summed in float64.
     stats_dtype: Literal["auto", "float64", "precise", "centred", "mixed", "centred32",
                          "float32"] = "auto"
     # TF32 for the float32 products during fit (CUDA only; set and restored by

@@ -28,10 +28,12 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   ``Σ r x``, ``Σ r x²`` in float64 as ``"precise"`` does (overlapping components 1e4 from
   ``c``, variance 0.5: noise variances 0.9 off in one M-step before, 4e-6 now).
 * ``"mixed"``: only the moment sums ``Σ r x``, ``Σ r x²`` in float64 (far components
-  without loadings are kept; with loadings ``Σ r x pᵀ`` is a float32 sum about ``c``, which
-  loses a far component's variance (one M-step, means 1e4 from ``c``: noise 1e-3 off by
-  0.27); the high signal-to-noise case loses ~1e-3, pixel-like rows with noise at 1e-6 under
-  loadings of 0.3 lose 0.1 in one M-step).
+  without loadings are kept); ``Σ r x pᵀ`` is a float32 sum about ``c``, which loses
+  ~2·ε·max (|μ − c|·|a| + |a|²)/d of a noise variance: a component for which that passes
+  :data:`LOSSY_LIMIT` has all its sums in float64 (:func:`float64_components`). Without
+  that, pixel-like rows with noise at 1e-6 under loadings of 0.3 lost 0.14 in one M-step
+  and EM's objective fell by 904 nats a row (floor 1e-9); the high signal-to-noise case
+  now loses 2.7e-4 (8.9e-4 before).
 * ``"centred32"``: ``"centred"``'s form with the pairs' products in float32 (about each
   component's own mean, then moved to ``c`` in float64): far components are kept, the high
   signal-to-noise case loses ~6e-4 (float32's error on a variance the loadings dwarf); a
@@ -45,9 +47,16 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   E-step on one thread); with the compiled kernel (:mod:`mfa.pair_kernel`, the default where
   numba is installed) it gains nothing measurable (0.292 against 0.291 s an iteration on two
   threads; ``docs/benchmarks.md``).
-* ``"float32"``: every product in the data's dtype (loses both cases, and 0.4 of the noise
-  variances of the pixel-like rows above; on image data the sparse ``"centred"`` forms are
-  faster on CPUs).
+* ``"float32"``: every product in the data's dtype, which loses ~4·ε·max ((μ − c)² +
+  |a|²)/d of a noise variance; a component for which that passes :data:`LOSSY_LIMIT` has
+  its sums in float64 (:func:`float64_components`). Without that, the far-apart and high
+  signal-to-noise cases lost 6× and 0.12 (now 7e-8 and 5e-3), the pixel-like rows above 0.4
+  (now 7e-6), and a default fit of two clusters ±1000 apart ran its objective from 3.9 to
+  −44 nats a row. On image data the sparse ``"centred"`` forms are faster on CPUs.
+* ``"mixed"`` and ``"float32"`` are speed trade-offs: below :data:`LOSSY_LIMIT` their sums
+  still err by up to a few 1e-3 of a noise variance, more than the other modes', and EM's
+  objective is monotone only up to that rounding; past it, without the float64 sums, they
+  broke EM (the falls above, silently).
 * How far is far: in every mode but ``"float64"`` the log-densities and ``p`` are float32
   products about ``c``, which carry a relative error of about ``ε·|μ_k − c|/σ`` into the
   latent sums — the size of float32's own rounding of rows that far out. One M-step of
@@ -79,6 +88,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
 
 if TYPE_CHECKING:
     from mfa._terms import ComponentTerms
@@ -130,3 +140,33 @@ def far_from_reference(terms: ComponentTerms, dtype: torch.dtype) -> bool:
     :data:`FAR_LIMIT` of its variance (``terms.means`` are the means less ``c``)."""
     spread = (terms.means * terms.means * terms.inv_noise).amax()
     return bool(torch.finfo(dtype).eps * spread > FAR_LIMIT)
+
+
+#: ``ε·max_j v_kj/d_kj`` above which the ``"float32"`` and ``"mixed"`` modes take component
+#: ``k``'s sums in float64 (:func:`float64_components`), ``v`` the variance their sums about
+#: ``c`` in the data's dtype must resolve beside the noise ``d``: ``(μ − c)² + |a|²`` for
+#: ``"float32"``'s ``Σ r (x−c)²`` (measured: noise variances ~4× this off in one M-step),
+#: ``|μ − c|·|a| + |a|²`` for ``"mixed"``'s ``Σ r (x−c) pᵀ`` (~2× on pixel-like rows; ``a``
+#: the row of loadings). Without it, two clusters ±1000 apart (spread 0.3) ran a default
+#: ``"float32"`` fit from 3.9 to −44 nats a row, and ``"mixed"`` fell 904 nats a row at
+#: noise 1e-6 under loadings of 0.3. A default Fashion-MNIST fit (20,000 rows, K = 50,
+#: L = 6, 40 iterations) stays below it (3e-4 at most): the modes run there as before, the
+#: worst noise variance of their M-step as far from ``"float64"``'s as ``"centred"``'s
+#: (2.1e-3 after 8 iterations: the float32 log-densities move it more than these sums do).
+LOSSY_LIMIT = 1e-3
+
+
+def float64_components(terms: ComponentTerms, dtype: torch.dtype, moments: bool = True
+                       ) -> Tensor | None:
+    """The components ``[K']`` (indices) whose sums about ``c`` in ``dtype`` lose more than
+    :data:`LOSSY_LIMIT` of their noise variances, taken in float64 instead by the
+    ``"float32"`` mode (``moments``: its ``Σ r x``, ``Σ r x²`` are in ``dtype`` too) and
+    the ``"mixed"`` one; ``None`` when none does. One ``O(K·D·L)`` check and one
+    synchronisation a batch."""
+    explained = (torch.zeros_like(terms.means) if terms.factors is None
+                 else terms.factors.detach().square().sum(-1))  # |a|²  [K, D]
+    far = terms.means.detach().abs()  # |μ − c|  [K, D]
+    spread = far.square() if moments else far * explained.sqrt()
+    spread = (spread + explained) * terms.inv_noise.detach()
+    risky = torch.finfo(dtype).eps * spread.amax(-1) > LOSSY_LIMIT  # [K]
+    return risky.nonzero().flatten() if bool(risky.any()) else None

@@ -49,7 +49,7 @@ from mfa.exact_components import ExactComponents
 from mfa.linalg import diagonal_quadratic, latent_posterior_means  # noqa: F401 (its home was here)
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.owner_sums import Pairs, owner_sums, significant_pairs
-from mfa.precision import far_from_reference
+from mfa.precision import far_from_reference, float64_components
 from mfa.residual_form import refine_e_step_chunk
 
 
@@ -162,6 +162,9 @@ def accumulate_statistics(
             components far from the reference point, but a float64 product is ~3× slower on a
             CPU); ``False`` computes them in ``x``'s dtype like the other sums.
         precise_latent: also ``Σ r x pᵀ``, ``Σ r p`` and ``Σ r p pᵀ`` in ``stats_dtype``.
+            Short of both (``"mixed"``, ``"float32"``), the components too far or sharp for
+            sums in ``x``'s dtype take all theirs in ``stats_dtype``
+            (:func:`mfa.precision.float64_components`).
         centred: the ``"centred"`` modes (:mod:`mfa.precision`): each row's share of its most
             responsible component in ``pair_dtype`` about that component's mean, the rest in
             ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored).
@@ -191,6 +194,11 @@ def accumulate_statistics(
     # too where their moments about c would cancel: mfa.precision.far_from_reference)
     precise = stats_dtype != x.dtype and (
         (precise_moments and not centred) or (centred and far_from_reference(terms, x.dtype)))
+    # "float32" and "mixed": the components too far or sharp for their sums in x's dtype
+    # take them in stats_dtype (mfa.precision.float64_components)
+    promoted = (float64_components(terms, x.dtype, moments=not precise)
+                if stats_dtype != x.dtype and not centred
+                and not (precise_moments and precise_latent) else None)
     precise_latent = precise_latent and not centred
     each = [([None] * 7, [], []) for _ in temperatures]  # totals, pairs, exact sums per T
     # Components of weight 0 keep responsibilities of exactly 0 (one check a batch).
@@ -208,7 +216,7 @@ def accumulate_statistics(
             None if resp is None else resp[start:stop], stats_dtype if precise else None,
             precise_latent, [p for _, p, _ in each] if centred else None,
             scratch[:, :stop - start], start, temperatures, exact, [e for _, _, e in each],
-            dead,
+            dead, None if promoted is None else (promoted, stats_dtype),
         )
         for (totals, _, _), part in zip(each, parts, strict=True):
             for i, value in enumerate(part):  # None: a sum this chunk left to its pairs
@@ -252,7 +260,7 @@ def _chunk_sums(
     pairs: list[list[Pairs]] | None = None, scratch: Tensor | None = None,
     row_offset: int = 0, temperatures: Sequence[float] = (1.0,),
     exact: ExactComponents | None = None, exact_sums: list[list[list[Tensor]]] | None = None,
-    dead: Tensor | None = None,
+    dead: Tensor | None = None, promoted: tuple[Tensor, torch.dtype] | None = None,
 ) -> list[list[Tensor | None]]:
     """For each of ``temperatures`` (as in :func:`accumulate_statistics`; the log-densities
     computed once), with its list of ``pairs`` and of ``exact_sums``, the sums of one chunk
@@ -267,7 +275,9 @@ def _chunk_sums(
     log-densities and ``p`` come from float64 and their float64 sums are appended to
     ``exact_sums`` (their shares are then left out of every other sum). ``dead`` [K, 1]
     (bool, or ``None`` when there are none): the components of weight 0, whose
-    responsibilities stay exactly 0 (not lifted to ``exp`` of the floor)."""
+    responsibilities stay exactly 0 (not lifted to ``exp`` of the floor). ``promoted``: the
+    components ``[K']`` whose sums are taken in the given dtype whatever ``moment_dtype``
+    and ``precise_latent`` say (:func:`mfa.precision.float64_components`)."""
     k, n_lat, d = terms.whitened.shape
     n = x.shape[0]
     # Rows run along the last dimension ([K, n], [K, L, n]): every reduction over components
@@ -346,7 +356,7 @@ def _chunk_sums(
             rhs, x, xc, xc2, proj, owner, moment_dtype, precise_latent, row_offset,
             terms.reference, log_likelihood.clone() if i else log_likelihood,  # (added to)
             None if pairs is None else pairs[i],
-            exact, exact_proj, exact_xc, None if exact is None else exact_sums[i]))
+            exact, exact_proj, exact_xc, None if exact is None else exact_sums[i], promoted))
     return out
 
 
@@ -355,7 +365,7 @@ def _weighted_sums(
     moment_dtype: torch.dtype | None, precise_latent: bool, row_offset: int,
     reference: Tensor, log_likelihood: Tensor, pairs: list[Pairs] | None,
     exact: ExactComponents | None, exact_proj: Tensor | None, exact_xc: Tensor | None,
-    exact_sums: list[list[Tensor]] | None,
+    exact_sums: list[list[Tensor]] | None, promoted: tuple[Tensor, torch.dtype] | None = None,
 ) -> list[Tensor | None]:
     """:func:`_chunk_sums`' sums of one temperature, from ``rhs`` ``[K + K·L, n]`` holding
     the responsibilities ``r`` ``[K, n]`` in its first ``K`` rows (the rest is filled with
@@ -403,5 +413,25 @@ def _weighted_sums(
     sum_p = rp.sum(-1)  # [K, L]
     sum_pp = torch.bmm(rp, proj.mT)  # [K, L, L]
     # (the mass in moment_dtype too: Σ r x² − (Σ r x)²/Σ r cancels in it as in the others)
-    return [resp.sum(-1, dtype=moment_dtype), sum_x, sum_x2, sum_xp, sum_p, sum_pp,
-            log_likelihood]
+    sums = [resp.sum(-1, dtype=moment_dtype), sum_x, sum_x2, sum_xp, sum_p, sum_pp]
+    if promoted is not None:
+        sums = _promoted_sums(sums, *promoted, resp, rp, proj, x, reference)
+    return [*sums, log_likelihood]
+
+
+def _promoted_sums(sums: list[Tensor], index: Tensor, dtype: torch.dtype, resp: Tensor,
+                   rp: Tensor, proj: Tensor, x: Tensor, reference: Tensor) -> list[Tensor]:
+    """:func:`_weighted_sums`' six sums (mass to ``Σ r p pᵀ``), all in ``dtype``, with the
+    components ``index`` [K'] taken again in ``dtype`` from ``r`` [K, n], ``r ⊙ p``
+    [K, L, n], ``p`` [K, L, n] and ``x − c`` in ``dtype`` (exact for float32 ``x``)."""
+    n_lat, n, d = rp.shape[1], rp.shape[2], x.shape[1]
+    r = resp.index_select(0, index).to(dtype)  # [K', n]
+    rp = rp.index_select(0, index).to(dtype)  # [K', L, n]
+    xc = x.to(dtype) - reference.to(dtype)  # [n, D]
+    mine = [r.sum(-1), None, None,
+            (rp.reshape(-1, n) @ xc).view(index.shape[0], n_lat, d).mT, rp.sum(-1),
+            torch.bmm(rp, proj.index_select(0, index).to(dtype).mT)]
+    if sums[1].dtype != dtype:  # (else the moments are in dtype already: "mixed")
+        mine[1:3] = r @ xc, r @ (xc * xc)
+    return [s.to(dtype) if m is None else s.to(dtype).index_copy_(0, index, m)
+            for s, m in zip(sums, mine, strict=True)]
