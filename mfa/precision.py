@@ -3,7 +3,12 @@
 a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whitened residuals
 (:mod:`mfa.statistics`); batch totals are always summed in float64.
 
-* ``"float64"``: the whole E-step in float64 — exact; the reference.
+* ``"float64"``: the whole E-step in float64 — the reference (every mode is this one for a
+  float64 model). Its sums are about ``c`` unless the rows lie so far from ``c`` beside
+  their noise that float64 sums about it cancel (:data:`FLOAT64_FAR_LIMIT`); then about each
+  share's own mean, as ``"centred"`` takes them (in float64). What is left is the M-step's
+  own rounding of sums about ``c``, ~2·ε₆₄·max (μ − c)²/d of a noise variance (components
+  ±1e4 apart, noise 1e-2: 7e-6, where the sums about ``c`` had put it 3.5e-5 to 6e-5 off).
 * ``"precise"``: log-densities and ``p`` in the data's dtype, every sum (``Σ r x``,
   ``Σ r x²``, ``Σ r x pᵀ``, ``Σ r p``, ``Σ r p pᵀ``) in float64. The M-step subtracts a
   squared mean and ``Ã·Σ r x z̃ᵀ`` from ``Σ r x²``, which cancels for components far from
@@ -59,7 +64,8 @@ a device. ``c`` is the pass's reference point and ``p = B(x − μ)`` the whiten
   broke EM (the falls above, silently).
 * How far is far: in every mode but ``"float64"`` the log-densities and ``p`` are float32
   products about ``c``, which carry a relative error of about ``ε·|μ_k − c|/σ`` into the
-  latent sums — the size of float32's own rounding of rows that far out. One M-step of
+  latent sums — the size of float32's own rounding of rows that far out (and ``"float64"``
+  keeps the M-step's own ~2·ε₆₄·max (μ − c)²/d, above). One M-step of
   components 1e3 from ``c`` (noise 1e-2, loadings 0.3, L = 2) puts the noise variances
   ~7e-5 off in ``"precise"`` and ``"centred"``, at 1e4 ~5e-4 (noise 1e-3: 1e-3); on pixel
   data (``|μ_k − c| ≤ 1``) this is below the tests' tolerances.
@@ -135,11 +141,22 @@ def resolve_stats_dtype(mode: str, device: torch.device | str, dtype: torch.dtyp
 FAR_LIMIT = 1e-2
 
 
-def far_from_reference(terms: ComponentTerms, dtype: torch.dtype) -> bool:
+def far_from_reference(terms: ComponentTerms, dtype: torch.dtype,
+                       limit: float = FAR_LIMIT) -> bool:
     """Whether the moments about ``c`` in ``dtype`` of some component lose more than
-    :data:`FAR_LIMIT` of its variance (``terms.means`` are the means less ``c``)."""
+    ``limit`` of its variance (``terms.means`` are the means less ``c``)."""
     spread = (terms.means * terms.means * terms.inv_noise).amax()
-    return bool(torch.finfo(dtype).eps * spread > FAR_LIMIT)
+    return bool(torch.finfo(dtype).eps * spread > limit)
+
+
+#: ``ε₆₄·max (μ_kj − c_j)²/d_kj`` above which float64 rows' sums are taken about each
+#: share's own mean (the ``"centred"`` form, its pairs in float64) in every mode: float64
+#: sums about ``c`` lose 10–20× that of a noise variance in one M-step (components ±1e4
+#: apart, noise 1e-2, loadings 0.3: ``ε₆₄·spread`` = 3e-6, noise variances 6.1e-5 off the
+#: dense float64 M-step, 7.8e-6 now, where the M-step from the exact sums is 7.4e-6 off).
+#: Below it the sums lose at most ~2e-6, and the pass is the same as before. Pixel rows
+#: (``|μ − c| ≤ 0.5``) stay below it down to noise variances of ~5e-10.
+FLOAT64_FAR_LIMIT = 1e-7
 
 
 #: ``ε·max_j v_kj/d_kj`` above which the ``"float32"`` and ``"mixed"`` modes take component

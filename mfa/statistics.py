@@ -49,7 +49,7 @@ from mfa.exact_components import ExactComponents
 from mfa.linalg import diagonal_quadratic, latent_posterior_means  # noqa: F401 (its home was here)
 from mfa.model import MixtureOfFactorAnalyzers
 from mfa.owner_sums import Pairs, owner_sums, significant_pairs
-from mfa.precision import far_from_reference, float64_components
+from mfa.precision import FLOAT64_FAR_LIMIT, far_from_reference, float64_components
 from mfa.residual_form import refine_e_step_chunk
 
 
@@ -167,7 +167,9 @@ def accumulate_statistics(
             (:func:`mfa.precision.float64_components`).
         centred: the ``"centred"`` modes (:mod:`mfa.precision`): each row's share of its most
             responsible component in ``pair_dtype`` about that component's mean, the rest in
-            ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored).
+            ``x``'s dtype (``precise_moments``/``precise_latent`` are then ignored). For
+            float64 ``x`` and sums, set by :data:`mfa.precision.FLOAT64_FAR_LIMIT` instead
+            (in float64 pairs).
         temperature: ``T ≠ 1``: responsibilities ``∝ p(k, x)^(1/T)`` (:mod:`mfa.tempering`;
             ignored with ``resp``); the log-likelihood stays the model's. A sequence of
             temperatures: the statistics of each (a list), from one computation of the
@@ -189,7 +191,11 @@ def accumulate_statistics(
     # One product for −2 x·(μ/d) and B(x − c): [K + K·L, D].
     weights = torch.cat([terms.means * terms.inv_noise, terms.whitened.reshape(k * n_lat, d)])
     constant = (terms.means * terms.means * terms.inv_noise).sum(-1)  # [K]
-    centred = centred and stats_dtype != x.dtype
+    if x.dtype == stats_dtype == torch.float64:  # every sum in float64, about c unless far
+        centred = far_from_reference(terms, x.dtype, FLOAT64_FAR_LIMIT)
+        pair_dtype = None
+    else:
+        centred = centred and stats_dtype != x.dtype
     # (the dense chunks of "centred" take the other components' Σ r x, Σ r x² in stats_dtype
     # too where their moments about c would cancel: mfa.precision.far_from_reference)
     precise = stats_dtype != x.dtype and (

@@ -691,6 +691,41 @@ def test_float32_and_mixed_em_on_sharp_pixel_like_rows(mode):
     assert max(a - b for a, b in zip(objective, objective[1:], strict=False)) < 2e-3
 
 
+def _far_float64_problem(dtype):
+    """Three components, two ±1e4 apart and one 1 from the second (noise 1e-2, loadings 0.3,
+    L = 2, D = 10), 1,500 rows drawn from them, and a model near them in ``dtype``."""
+    g = gen(1)
+    k, d, lat = 3, 10, 2
+    means = torch.stack([torch.full((d,), -1e4), torch.full((d,), 1e4), torch.zeros(d)]).to(F64)
+    means = means + torch.randn(k, d, generator=g, dtype=F64)
+    means[2] = means[1] + torch.randn(d, generator=g, dtype=F64)
+    loadings = 0.3 * torch.randn(k, d, lat, generator=g, dtype=F64)
+    noise = torch.full((k, d), 1e-2, dtype=F64)
+    weights = torch.tensor([0.4, 0.35, 0.25], dtype=F64)
+    true = MixtureOfFactorAnalyzers.from_parameters(weights, means, loadings, noise)
+    with torch.no_grad():
+        x = true.sample(1500, generator=g)[0].to(dtype)
+    start = MixtureOfFactorAnalyzers.from_parameters(
+        weights, means + 0.01 * torch.randn(k, d, generator=g, dtype=F64),
+        loadings * (1 + 0.1 * torch.randn(k, d, lat, generator=g, dtype=F64)),
+        noise * (1 + 0.1 * torch.rand(k, d, generator=g, dtype=F64)))
+    return x, start.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_float64_mode_is_exact_for_components_far_apart(dtype):
+    """'float64' ("exact; the reference") took float64 rows' sums about c: with components
+    ±1e4 apart at noise 1e-2 one M-step's noise variances were 3.5e-5 off the dense float64
+    update (a float32 model's float64 E-step 2.1e-4), and the M-step from exact sums about c
+    is ~7e-6 off. Such rows are now summed about each share's own mean
+    (mfa.precision.FLOAT64_FAR_LIMIT): measured 9.0e-6 and 3.5e-6."""
+    x, model = _far_float64_problem(dtype)
+    got = m_step(EMTrainer.e_step(model, DataSource(x, model, 1000), "float64"), model,
+                 variance_floor=0.0)["noise_variance"].double()
+    ref = _dense_noise_update(model, x)
+    assert ((got - ref) / ref).abs().max().item() < 2e-5
+
+
 @pytest.mark.parametrize("mode", ["float64", "precise", "centred", "mixed", "centred32",
                                   "float32"])
 def test_e_step_streamed_equals_full_batch_in_every_mode(mode, monkeypatch):
