@@ -62,9 +62,9 @@ class EMTrainer:
             earlier iteration's that scored better on validation); ``train_objective``: the
             MAP objective per row (:mod:`mfa.priors`) of the same parameters under the
             iteration's prior, never lower than the previous iteration's for a fixed prior
-            (for a float32
-            model, up to the E-step's rounding: ~2e-3 nats a row on pixel-like rows; not
-            across an iteration that re-seeded a component, ``min_component_mass``);
+            (for a float32 model, up to the E-step's rounding of this figure, not of the fit:
+            ~2e-3 nats a row on pixel-like rows, 6e-3 at components ±1e4 apart, noise 1e-2;
+            not across an iteration that re-seeded a component, ``min_component_mass``);
             ``noise_prior_variance``: the ``s₀`` of that prior;
             ``step_noise_prior_variance``: the ``s₀`` of the iteration's M-step, whose
             parameters ``val_log_likelihood`` scores (``None`` without an M-step; at an
