@@ -191,7 +191,7 @@ def _finished(out_dir: Path, earlier: list[str], meta: dict) -> SelectionSweep |
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot resume from {path}: it is not a sweep's JSON record "
                          f"({error}); pass --overwrite to start a new sweep") from None
-    check_same_sweep(record if isinstance(record, dict) else {}, meta["settings"],
+    check_same_sweep(record, meta["settings"],
                      meta["data_digest"], str(out_dir))
     finished = SelectionSweep.load(path)
     grid = {(k, lat) for lat in meta["grid"]["factors"] for k in meta["grid"]["components"]}
@@ -241,4 +241,4 @@ def _select(config: Any, data: Any, ks: list[int], ls: list[int], device: torch.
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the first fit was charged)
     return sweep_models(train, val, ks, ls, fit, scale=256 if data.dequantize else None,
                         on_row=lambda partial: partial.save(out_dir, metadata=meta),
-                        finished=finished)
+                        finished=finished, n_features=d)

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from mfa._temporaries import write_atomically, write_text_atomically
 from mfa._validation import check_positive_int
+from mfa.data.quantized import QuantizedRows
 from mfa.metrics import bits_per_dim, select_model
 from mfa.training import check_reiterable
 
@@ -68,7 +69,8 @@ class SelectionSweep:
         best_model: the fitted model of ``best_by_val`` (the other models are not kept);
             ``None`` when that row was read back from a ``finished`` sweep, or the sweep
             from a file (:meth:`load`).
-        n_features: ``D``.
+        n_features: ``D`` (``None`` only for a sweep of loaders whose fits all failed,
+            given no ``n_features``, or read back from one).
         scale: :func:`sweep_models`' ``scale`` (``val_bits_per_dim`` is reported when set).
         complete: ``False`` for the partial sweeps passed to ``on_row`` before the last fit.
         outside_grid: rows of a ``finished`` sweep whose ``(K, L)`` is not in this grid: kept
@@ -81,7 +83,7 @@ class SelectionSweep:
     best_by_val: dict | None
     best_by_bic: dict | None
     best_model: Any
-    n_features: int
+    n_features: int | None
     complete: bool = True
     scale: float | None = None  # of sweep_models: validation bits/dim reported when set
     outside_grid: list[dict] = field(default_factory=list)
@@ -170,13 +172,17 @@ class SelectionSweep:
         if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
             raise ValueError(f"{path} is not a sweep's JSON record (no list of rows)")
         d, scale = record.get("n_features"), record.get("scale")
-        if type(d) is not int or d < 1 or not (scale is None or type(scale) in (int, float)):
+        if (not (d is None or (type(d) is int and d >= 1))
+                or not (scale is None or type(scale) in (int, float))):
             raise ValueError(f"{path}: n_features={d!r} and scale={scale!r}; they must be an "
-                             "int >= 1 and a number or null")
+                             "int >= 1 (or null where every fit failed) and a number or null")
         outside = record.get("outside_grid") or []
         if not isinstance(outside, list):
             raise ValueError(f"{path}: outside_grid is not a list of rows")
         cells = list(rows_by_cell([*record["rows"], *outside], str(path)).values())
+        if d is None and any(row["error"] is None for row in cells):
+            raise ValueError(f"{path}: n_features is null but some of its fits succeeded; "
+                             "it must be their int D")
         rows, outside = cells[:len(record["rows"])], cells[len(record["rows"]):]
         best = _best_by_val(rows)  # (None where every fit failed: a resume fits them again)
         return _marked(rows, (best, None), d, scale, complete=record.get("complete") is True,
@@ -245,9 +251,10 @@ def _check_rows(train: Any, train_name: str, validation: Any, val_name: str,
                 ks: Sequence[int] = (), ls: Sequence[int] = ()) -> int | None:
     """Refuse, before any fit, what the sweep would fail on after one: a one-shot iterator
     (read once per model), tensors that are not finite ``[N, D]`` with one ``D``, and for a
-    training tensor, ``ks`` above its rows or ``ls`` above its features. Returns the tensors'
-    ``D`` (``None`` when both are iterables)."""
-    if isinstance(train, Tensor) and train.dim() == 2:
+    training tensor (or :class:`~mfa.data.QuantizedRows`), ``ks`` above its rows or ``ls``
+    above its features. Returns the rows' ``D`` (``None`` when neither is a tensor or
+    ``QuantizedRows``)."""
+    if isinstance(train, (Tensor, QuantizedRows)) and len(train.shape) == 2:
         n, d = train.shape
         if ls and max(ls) > d:
             raise ValueError(f"factors {[v for v in ls if v > d]} exceed the {d} features of "
@@ -264,12 +271,14 @@ def _check_rows(train: Any, train_name: str, validation: Any, val_name: str,
             if not rows.is_floating_point() or not bool(torch.isfinite(rows).all()):
                 raise ValueError(f"{name} must hold finite floating-point values (dtype "
                                  f"{rows.dtype}; NaN or inf present or not a float tensor)")
-            if width is not None and rows.shape[1] != width:
-                raise ValueError(f"{train_name} has {width} features but {name} has "
-                                 f"{rows.shape[1]}")
-            width = rows.shape[1]
         else:
             check_reiterable(rows, name)
+            if not isinstance(rows, QuantizedRows):
+                continue
+        if width is not None and rows.shape[1] != width:
+            raise ValueError(f"{train_name} has {width} features but {name} has "
+                             f"{rows.shape[1]}")
+        width = int(rows.shape[1])
     return width
 
 
@@ -283,6 +292,7 @@ def sweep_models(
     scale: float | None = None,
     on_row: Callable[[SelectionSweep], None] | None = None,
     finished: SelectionSweep | None = None,
+    n_features: int | None = None,
 ) -> SelectionSweep:
     """Fit one model per ``(K, L)`` in ``components × factors`` and compare them.
 
@@ -311,13 +321,18 @@ def sweep_models(
             ``outside_grid``. Cells are matched by the ``(K, L)`` a row records, so
             ``fit_fn`` must return the sizes asked for. Whether the settings match is the
             caller's to check (:func:`mfa.run_select.select_run` does).
+        n_features: the data's ``D``, where ``train`` and ``validation`` are loaders (a
+            tensor's or :class:`~mfa.data.QuantizedRows`' is read from it): saved with the
+            sweep, so that one whose fits all failed can be resumed; ``None``: learnt from
+            the first model a fit returns.
 
     Returns:
         A :class:`SelectionSweep`, rows in grid order.
 
     Raises:
-        ValueError: a bad grid or data (before any fit), a ``finished`` sweep of another
-            ``D``, or a fit of other sizes than asked while resuming.
+        ValueError: a bad grid or data (before any fit), an ``n_features`` other than the
+            data's, a ``finished`` sweep of another ``D``, or a fit of other sizes than asked
+            while resuming.
     """
     from mfa.selection_resume import rows_by_cell
 
@@ -325,7 +340,12 @@ def sweep_models(
     ls = _grid(factors, "factors", 0)
     if validation is None:
         raise ValueError("sweep_models needs validation data (the main criterion)")
-    n_features = _check_rows(train, "train", validation, "validation", ks, ls)
+    width = _check_rows(train, "train", validation, "validation", ks, ls)
+    if n_features is not None:
+        check_positive_int(n_features, "n_features")
+        if width is not None and n_features != width:
+            raise ValueError(f"n_features={n_features} but the data have {width} features")
+    n_features = width if n_features is None else int(n_features)
     if scale is not None:
         bits_per_dim(0.0, 1, scale=scale)  # a bad scale refused before any fit, not after all
     candidates = [(k, lat) for lat in ls for k in ks]
@@ -334,10 +354,11 @@ def sweep_models(
     if finished is not None:
         if not isinstance(finished, SelectionSweep):
             raise TypeError(f"finished must be a SelectionSweep, got {type(finished).__name__}")
-        if n_features is not None and finished.n_features != n_features:
+        if (n_features is not None and finished.n_features is not None
+                and finished.n_features != n_features):
             raise ValueError(f"the finished sweep has {finished.n_features} features but the "
                              f"data have {n_features}")
-        n_features = finished.n_features
+        n_features = n_features or finished.n_features  # (None: its fits all failed)
         pool = rows_by_cell([*finished.rows, *finished.outside_grid], "finished")
         for cell, row in pool.items():  # (copies: the finished sweep's rows stay as they are)
             if cell not in candidates:  # (no marks: they are not in this sweep's table)
@@ -385,7 +406,7 @@ def sweep_models(
             if finished is not None and (r["K"], r["L"]) != (k, lat):
                 raise ValueError(f"fit_fn({k}, {lat}) returned a model of K={r['K']}, "
                                  f"L={r['L']}: a resumed sweep matches rows to cells by size")
-            if finished is not None and int(model.n_features) != n_features:
+            if n_features is not None and int(model.n_features) != n_features:
                 raise ValueError(f"fit_fn({k}, {lat}) returned a model of "
                                  f"{model.n_features} features; the finished sweep has "
                                  f"{n_features}")

@@ -70,23 +70,38 @@ def data_digest(train_pixels: torch.Tensor, val_pixels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def check_same_sweep(record: dict, settings: dict[str, Any], digest: str, where: str) -> None:
+def check_same_sweep(record: Any, settings: dict[str, Any], digest: str, where: str) -> None:
     """Refuse to resume the sweep ``record`` (``selection.json``, read from ``where``) with
     the run's ``settings`` (:func:`sweep_settings`) and image ``digest`` (:func:`data_digest`)
     where they differ from the recorded ones, or where it records none (saved before a sweep
     could be resumed).
 
     Raises:
-        ValueError: naming each differing key with its saved and current value.
+        ValueError: naming each differing key with its saved and current value; or
+            ``record`` not a JSON object, its settings missing or not a mapping, its
+            ``data_digest`` not a string (each said so).
     """
     how = ("; rerun with the saved values, or pass --overwrite (or another --out folder) to "
            "start a new sweep")
+    start = "; pass --overwrite (or another --out folder) to start a new sweep"
+    if not isinstance(record, dict):
+        kind = {list: "an array", type(None): "null", str: "a string", bool: "a boolean"
+                }.get(type(record), "a number")
+        raise ValueError(f"cannot resume the sweep in {where}: its selection.json holds "
+                         f"{kind}, not a sweep's record (a JSON object){start}")
     saved = record.get("settings")
-    if not isinstance(saved, dict) or not isinstance(record.get("data_digest"), str):
+    if saved is None:
         raise ValueError(f"cannot resume the sweep in {where}: it records no settings (saved "
-                         "before mfa select could resume), so its rows cannot be checked "
-                         "against this run's; pass --overwrite (or another --out folder) to "
-                         "start a new sweep")
+                         "before mfa select could resume?), so its rows cannot be checked "
+                         f"against this run's{start}")
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot resume the sweep in {where}: its settings are "
+                         f"{saved!r:.60}, not a mapping of config keys, so its rows cannot be "
+                         f"checked against this run's{start}")
+    if not isinstance(record.get("data_digest"), str):
+        raise ValueError(f"cannot resume the sweep in {where}: its data_digest is "
+                         f"{record.get('data_digest')!r:.60}, not a SHA-256 hex string, so "
+                         f"its images cannot be checked against this run's{start}")
     missing = object()
     keys = sorted({*saved, *settings})
     if saved.get("train.method") != settings.get("train.method"):  # then every key of both
@@ -114,7 +129,8 @@ def rows_by_cell(rows: Sequence[Any], where: str) -> dict[tuple[int, int], dict]
 
     Raises:
         ValueError: naming ``where`` and the row: not a mapping, ``K`` not an int >= 1, ``L``
-            not an int >= 0, a score neither a number nor ``None``, ``fit_seconds`` not a
+            not an int >= 0, ``n_params`` neither an int nor ``None``, a score neither a
+            number nor ``None``, ``fit_seconds`` not a
             number, ``error`` neither text nor ``None``, or two rows of one ``(K, L)`` (a
             ``fit_fn`` that returned other sizes than asked: not matched to a grid).
     """
@@ -131,6 +147,8 @@ def rows_by_cell(rows: Sequence[Any], where: str) -> dict[tuple[int, int], dict]
                              "1 and L an int >= 0")
         bad = [key for key in _NUMBERS if row[key] is not None
                and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))]
+        if type(row["n_params"]) is float:  # (3137.0: the table formats it as an int)
+            bad.insert(0, "n_params")
         bad += [key for key in _FLAGS if not isinstance(row[key], bool)]
         if row["fit_seconds"] is None:
             bad.append("fit_seconds")

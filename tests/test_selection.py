@@ -253,6 +253,25 @@ def test_mfa_select_feeds_a_large_set_as_mfa_train_does(tmp_path, monkeypatch, m
     assert seen == [want]
 
 
+def test_mfa_select_resumes_a_streamed_sweep_whose_fits_all_failed(tmp_path, monkeypatch):
+    """Streamed (above STREAM_ABOVE, as CelebA is), a sweep whose Adam fits all diverged
+    saved n_features=null and its --resume was refused (n_features=None); the README says
+    it fits them again."""
+    from mfa import workflow
+
+    monkeypatch.setattr(workflow, "STREAM_ABOVE", 0)
+    argv = ["select", "--config", CONFIG, *sets(*TINY, "train.sgd.epochs=1",
+                                                 "train.sgd.progress=false",
+                                                 "train.sgd.lr=1e30"),
+            "--components", 2, "--factors", 1, "--method", "sgd", "--out", tmp_path]
+    code, _, stderr = run_cli(*argv)
+    assert code == 1 and "1 of 1 fits failed" in stderr, stderr
+    d = json.loads((tmp_path / "selection.json").read_text())["n_features"]
+    assert d == math.prod(json.loads((tmp_path / "selection.json").read_text())["image_shape"])
+    code, _, stderr = run_cli(*argv, "--resume")
+    assert code == 1 and "1 of 1 fits failed" in stderr, stderr  # (fitted again, not refused)
+
+
 @pytest.mark.parametrize("override, key", [
     ("model.n_components=5", "model.n_components"), ("model.n_factors=3", "model.n_factors"),
     ("output.n_samples=4", "output.n_samples"),
@@ -456,6 +475,42 @@ def test_a_fit_that_fails_is_a_row_and_the_sweep_goes_on(data, tmp_path):
     record = json.loads(paths[2].read_text())
     assert record["rows"][1]["error"] == "FloatingPointError: Adam diverged"
     assert record["complete"] is True
+
+
+def test_a_streamed_sweep_whose_fits_all_fail_is_saved_with_its_d_and_resumed(data,
+                                                                             tmp_path):
+    """A sweep of loaders or QuantizedRows (as mfa select streams large sets) learnt D only
+    from the first model a fit returned: every fit failing saved n_features=null, and the
+    resume the README promises was refused by SelectionSweep.load."""
+    from torch.utils.data import DataLoader
+
+    from mfa.data import QuantizedRows
+    from mfa.selection import SelectionSweep
+
+    train, val = data
+
+    def diverging(k, lat):
+        raise FloatingPointError("Adam diverged")
+
+    pixels = torch.randint(0, 256, (40, 6), dtype=torch.uint8, generator=torch.Generator())
+    rows = QuantizedRows(pixels, dequantize=True)
+    assert sweep_models(rows, rows, [1], [0], diverging, scale=256).n_features == 6
+    with pytest.raises(ValueError, match="factors \\[7\\] exceed the 6 features of train"):
+        sweep_models(rows, rows, [1], [7], diverging)
+    loaders = DataLoader(train, batch_size=200), DataLoader(val, batch_size=200)
+    with pytest.raises(ValueError, match="n_features=5 but the data have 6 features"):
+        sweep_models(train, val, [1], [0], diverging, n_features=5)
+    for given, saved_as in [(6, 6), (None, None)]:  # (None: nothing tells the library D)
+        sweep = sweep_models(*loaders, [1, 2], [0], diverging, n_features=given)
+        assert sweep.best_by_val is None and len(sweep.failed) == 2
+        sweep.save(tmp_path / str(given))
+        path = tmp_path / str(given) / "selection.json"
+        assert json.loads(path.read_text())["n_features"] == saved_as
+        finished = SelectionSweep.load(path)
+        assert finished.n_features == saved_as
+        resumed = sweep_models(*loaders, [1, 2], [0], fitter(train, {}), finished=finished,
+                               n_features=given)
+        assert not resumed.failed and resumed.n_features == 6 and resumed.n_reused == 0
 
 
 @pytest.mark.parametrize("values", [(float("nan"), -5.0), (float("inf"), -5.0),
@@ -735,7 +790,13 @@ def test_resume_refuses_a_finished_sweep_it_cannot_match(data, tmp_path):
                           ('{"rows": [{"K": 0, "L": 1}], "n_features": 6}', "K=0, L=1"),
                           ('{"rows": [{"K": 1, "L": 1, "bic": "x", "fit_seconds": 1, '
                            '"best_val": true, "best_bic": true}], "n_features": 6}',
-                           "invalid values for bic")]:
+                           "invalid values for bic"),
+                          # (a float count passed, then formatting the table raised)
+                          ('{"rows": [{"K": 1, "L": 1, "n_params": 13.0, "fit_seconds": 1, '
+                           '"best_val": true, "best_bic": true}], "n_features": 6}',
+                           "invalid values for n_params"),
+                          ('{"rows": [{"K": 1, "L": 1, "n_params": 13, "fit_seconds": 1, '
+                           '"best_val": true, "best_bic": true}]}', "n_features is null but some")]:
         path.write_text(text)
         with pytest.raises(ValueError, match=problem):
             SelectionSweep.load(path)
@@ -855,13 +916,25 @@ def test_mfa_select_resume_refuses_a_sweep_of_other_settings(tmp_path, caplog):
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
         select_run(load_config(CONFIG, TINY), [2], [1], out, resume=True, overwrite=True)
     record = json.loads(saved["selection.json"])
-    for change, problem in [({"data_digest": "0" * 64}, "the training or validation images "
-                             "are not those it was fitted on"),
-                            ({"settings": None}, "it records no settings")]:
-        (out / "selection.json").write_text(json.dumps(record | change))
+    float_count = record | {"rows": [record["rows"][0] | {"n_params": 3137.0}]}
+    for written, problem in [
+            (record | {"data_digest": "0" * 64}, "the training or validation images are not "
+             "those it was fitted on"),
+            (record | {"settings": None}, "it records no settings"),
+            # (each was refused as recording no settings, saved before sweeps could resume)
+            ([record], "its selection.json holds an array, not a sweep's record"),
+            (None, "its selection.json holds null, not a sweep's record"),
+            (record | {"settings": [1]}, "its settings are [1], not a mapping"),
+            (record | {"data_digest": 5}, "its data_digest is 5, not a SHA-256 hex string"),
+            # (it passed, and the resume raised formatting it after rewriting .json and .csv)
+            (float_count, "the row of K=2, L=1 has invalid values for n_params")]:
+        (out / "selection.json").write_text(json.dumps(written))
         code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
                                   "--components", 2, "--factors", 1, "--out", out, "--resume")
-        assert code == 2 and problem in stderr
+        assert code == 2 and problem in stderr, stderr
+        assert (out / "selection.json").read_text() == json.dumps(written)
+        assert {p.name: p.read_bytes() for p in out.glob("selection.[!j]*")} == {
+            name: data for name, data in saved.items() if name != "selection.json"}
     (out / "selection.json").unlink()
     code, _, stderr = run_cli("select", "--config", CONFIG, *sets(*TINY),
                               "--components", 2, "--factors", 1, "--out", out, "--resume")
