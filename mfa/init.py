@@ -214,7 +214,12 @@ def _top_singular(centred: Tensor, n_top: int, gen: torch.Generator) -> tuple[Te
     if min(n, d) <= max(EXACT_SVD_LIMIT, 2 * q):
         _, s, vh = torch.linalg.svd(centred, full_matrices=False)
         return s, vh
-    low = centred.float()  # (centred itself when it is float32)
+    # scaled by a power of two to a largest entry in [0.5, 1) (exact, and the basis does not
+    # change with scale): float64 rows beyond ~1e17 overflowed float32's products, rows below
+    # ~1e-17 underflowed them
+    top = float(centred.abs().max())
+    shift = min(max(math.frexp(top)[1], -1000), 1000) if 0 < top < math.inf else 0
+    low = (centred * 2.0**-shift).float()  # (a copy even when centred is float32)
     omega = torch.randn(d, q, generator=gen, dtype=torch.float32, device=centred.device)
     y = low @ omega  # [n, q]
     for _ in range(2):

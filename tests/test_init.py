@@ -294,6 +294,22 @@ def test_randomised_svd_ppca_matches_exact_ppca():
     np.testing.assert_allclose(a @ a.T, aat, rtol=0, atol=1e-6 * np.abs(aat).max())
 
 
+def test_randomised_svd_of_float64_rows_at_large_scale():
+    """float64 rows at 1e17–1e18 (K-means takes them): the randomised SVD's float32 range
+    finder overflowed (a LinAlgError on non-finite values); it now runs on the rows scaled to
+    a largest entry below 1, so σ² is the exact PPCA's times the scale squared."""
+    g = gen(0)
+    n, d, lat = 400, 100, 3
+    x = torch.randn(n, lat, generator=g, dtype=F64) @ (
+        3 * torch.randn(lat, d, generator=g, dtype=F64)) + torch.randn(n, d, generator=g, dtype=F64)
+    eig = torch.linalg.eigvalsh((x - x.mean(0)).T @ (x - x.mean(0)) / n).flip(0)
+    for scale in (1e17, 1e18):
+        model = fit_complete(x * scale, torch.zeros(n, dtype=torch.int64), 1, lat, "isotropic",
+                             variance_floor=0.0)
+        sigma2 = model.noise_variance[0, 0].item() / scale**2
+        np.testing.assert_allclose(sigma2, eig[lat:].mean().item(), rtol=1e-6)
+
+
 def _initial_train_bits(x, seeds):
     """Train bits/dim of the model ``initialise`` builds on the embedded digits (K=10, L=4),
     before any EM iteration, mean over ``seeds`` (EM would catch up from any start, and a
