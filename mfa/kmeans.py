@@ -162,14 +162,19 @@ def _seed_indices(
     _check_norms(x, x_norm)
     closest = _distances_to(x, x_norm, x[first])[:, 0]
     for _ in range(1, n_clusters):
-        total = closest.sum()
+        weights, total = closest, closest.sum()
+        if torch.isinf(total):  # float32 distances whose sum overflows (rows near 1e18): the
+            weights = closest / closest.max()  # same draws' odds, over the largest distance
+            total = weights.sum()
         if total <= 0:  # every row coincides with a centre: fall back to uniform draws
             probs = torch.ones_like(closest)
         else:
-            probs = closest / total
+            probs = weights / total
         candidates = torch.multinomial(probs, n_trials, replacement=True, generator=generator)
         cand_d2 = _distances_to(x, x_norm, x[candidates])  # [N, T]
         potentials = torch.minimum(cand_d2, closest.unsqueeze(-1)).sum(0)  # [T]
+        if torch.isinf(potentials).any():  # (the same overflow: inf ties picked the first)
+            potentials = torch.minimum(cand_d2, closest.unsqueeze(-1)).sum(0, dtype=torch.float64)
         best = int(potentials.argmin())
         chosen.append(candidates[best : best + 1])
         closest = torch.minimum(closest, cand_d2[:, best])

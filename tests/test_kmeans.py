@@ -234,6 +234,22 @@ def test_kmeans_plus_plus_spreads_over_separated_blobs(blobs):
         assert len(set(y[idx.numpy()].tolist())) == 5  # one seed per blob
 
 
+def test_kmeans_plus_plus_seeds_float32_rows_whose_distances_sum_past_its_range():
+    """Four blobs (spread 1, 10 apart) scaled by 2·10¹⁷ in float32: every squared norm fits
+    (the check passes) but their sum overflowed to inf, and torch.multinomial refused the
+    NaN odds ("invalid multinomial distribution"). Now the seeds cover all four blobs."""
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=F64)
+    lab = torch.arange(400) % 4
+    x = centres[lab] + torch.randn(400, 2, generator=gen(0), dtype=F64)
+    big = (x * 2e17).float()
+    assert torch.isinf(((big - big.mean(0)) ** 2).sum())
+    for seed in range(5):
+        picked = kmeans_plus_plus(big, 4, gen(seed)).double() / 2e17
+        assert len(set(torch.cdist(picked, centres).argmin(-1).tolist())) == 4, seed
+    result = kmeans(big, 4, seed=0)
+    assert len(set(torch.cdist(result.centers.double() / 2e17, centres).argmin(-1).tolist())) == 4
+
+
 def test_kmeans_plus_plus_refuses_rows_whose_squares_overflow():
     # (torch.multinomial failed on the NaN probabilities: "invalid multinomial distribution")
     x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 1e19
