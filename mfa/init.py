@@ -271,6 +271,9 @@ def random_init(
     """Means at ``K`` distinct random rows, uniform weights, the pooled per-feature variance
     as noise, and small random loadings (a tenth of the data scale)."""
     x = _check_rows(x)
+    # (0 divided by zero, 2.0 failed a slice, -1 and 1.0 in torch.randn)
+    n_components = check_positive_int(n_components, "n_components")
+    n_factors = check_positive_int(n_factors, "n_factors", minimum=0)
     check_generator(generator, optional=False)  # (None drew from torch's global generator)
     n, d = x.shape
     if n < n_components:

@@ -227,12 +227,21 @@ def test_random_init_is_deterministic_by_generator(labelled, noise):
     assert bool(torch.isfinite(a.log_prob(x)).all())
 
 
-def test_random_init_errors():
+@pytest.mark.parametrize("k, lat, error, name", [
+    (4, 1, ValueError, "rows"), (0, 1, ValueError, "n_components"),
+    (2.0, 1, TypeError, "n_components"), (2, -1, ValueError, "n_factors"),
+    (2, 1.0, TypeError, "n_factors"),
+])
+def test_random_init_errors(k, lat, error, name):
+    # (the counts failed as ZeroDivisionError, a slice's TypeError and torch.randn's errors)
     x = torch.randn(3, 2, dtype=F64)
-    with pytest.raises(ValueError, match="rows"):
-        random_init(x, 4, 1, generator=gen(0))
+    with pytest.raises(error, match=name):
+        random_init(x, k, lat, generator=gen(0))
+
+
+def test_random_init_refuses_integer_rows():
     with pytest.raises(TypeError):
-        random_init(x.long(), 2, 1, generator=gen(0))
+        random_init(torch.ones(3, 2, dtype=torch.long), 2, 1, generator=gen(0))
 
 
 # ---------------------------------------------------------------------------- fast initialise
