@@ -108,7 +108,9 @@ def total_log_likelihood(
         data: a ``[N, D]`` tensor or :class:`~mfa.data.QuantizedRows` (processed in slices
             of ``batch_size`` rows; a ``QuantizedRows``' pixels move to the model's device
             once) or an iterable such as a ``DataLoader`` yielding tensors ``[B, D]`` or
-            tuples whose first element is that tensor (``(x, label)``).
+            tuples whose first element is that tensor (``(x, label)``). Images (a tensor
+            ``[N, C, H, W]``, batches ``[B, C, H, W]``) are flattened to rows, as the
+            trainers flatten them; the rows must have the model's ``n_features``.
         batch_size: rows per slice for tensor data.
 
     Returns:
@@ -126,8 +128,10 @@ def _summed(model: Any, data: Tensor | Iterable, batch_size: int) -> tuple[float
     """:func:`total_log_likelihood`'s ``(total, n)``, ``(0.0, 0)`` for no rows."""
     check_positive_int(batch_size, "batch_size")
     if isinstance(data, Tensor):
-        if data.dim() != 2:
-            raise ValueError(f"data must have shape [N, D], got {tuple(data.shape)}")
+        if data.dim() < 2:
+            raise ValueError(f"data must have shape [N, D] (or [N, C, H, W], flattened), got "
+                             f"{tuple(data.shape)}")
+        data = _flat_rows(data, model, "data")
         batches: Iterable = (data[i : i + batch_size] for i in range(0, data.shape[0], batch_size))
     elif isinstance(data, QuantizedRows):
         dtype = getattr(model, "dtype", None)
@@ -146,13 +150,14 @@ def _summed(model: Any, data: Tensor | Iterable, batch_size: int) -> tuple[float
     total: Tensor | None = None
     n = 0
     with torch.no_grad():
-        for batch in batches:
+        for index, batch in enumerate(batches):
             if isinstance(batch, (tuple, list)):
                 if not batch:
                     raise ValueError("data yielded an empty tuple")
                 batch = batch[0]
             if not isinstance(batch, Tensor):
                 raise TypeError(f"data must yield tensors, got {type(batch).__name__}")
+            batch = _flat_rows(batch, model, f"data batch {index}")
             if batch.is_floating_point() and isinstance(dtype, torch.dtype):
                 batch = batch.to(dtype=dtype)
             if device is not None:
@@ -162,6 +167,19 @@ def _summed(model: Any, data: Tensor | Iterable, batch_size: int) -> tuple[float
             total = part if total is None else total + part
             n += lp.numel()
     return (0.0, 0) if total is None else (float(total), n)
+
+
+def _flat_rows(data: Tensor, model: Any, name: str) -> Tensor:
+    """``data`` ``[N, ...]`` as rows ``[N, D]`` (images flattened, as the trainers take them),
+    refused where a model with ``n_features`` has another ``D``."""
+    if data.dim() <= 2:  # (rows: a D other than the model's is its log_prob's to refuse)
+        return data
+    rows = data.flatten(1)  # (reshape(N, -1) failed for N = 0)
+    n_features = getattr(model, "n_features", None)
+    if isinstance(n_features, int) and rows.shape[1] != n_features:
+        raise ValueError(f"{name} must have {n_features} features per row (the model's "
+                         f"n_features), got shape {tuple(data.shape)}")
+    return rows
 
 
 def mean_log_likelihood(
@@ -309,7 +327,8 @@ def select_model(
     """Fit every ``(K, L)`` candidate with ``fit_fn`` and rank them.
 
     Args:
-        train: the training data (``[N, D]`` tensor or iterable of batches) on which the
+        train: the training data (``[N, D]`` tensor or iterable of batches; images are
+            flattened, see :func:`total_log_likelihood`) on which the
             log-likelihood, BIC and AIC are computed; ``fit_fn`` is expected to fit on it.
         candidates: ``(K, L)`` pairs.
         fit_fn: ``fit_fn(K, L) -> model``, a fitted model (e.g. a closure around a trainer).

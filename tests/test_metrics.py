@@ -90,6 +90,32 @@ def test_likelihood_metrics_take_quantized_rows():
     assert aic(model, rows) == pytest.approx(aic(model, floats), rel=1e-12)
 
 
+def test_likelihood_metrics_flatten_images_as_the_trainers_do():
+    """The trainers take images (a tensor [N, 1, H, W], a loader of such batches) and flatten
+    them; the metrics refused the tensor ("data must have shape [N, D]") and passed the
+    batches to log_prob unflattened ("x must have shape [..., 12]")."""
+    model = MixtureOfFactorAnalyzers(3, 12, 2, generator=gen(4)).double()
+    x, comp = model.sample(200, generator=gen(5))
+    with torch.no_grad():
+        ref = model.log_prob(x).sum().item()  # the flat rows, scored by the model directly
+    images = x.view(200, 1, 3, 4)
+    loader = DataLoader(TensorDataset(images, comp), batch_size=33)
+    p = n_parameters(3, 12, 2)
+    for data in (images, loader):
+        total, n = total_log_likelihood(model, data, batch_size=17)
+        assert n == 200 and total == pytest.approx(ref, rel=1e-12)
+        assert mean_log_likelihood(model, data) == pytest.approx(ref / 200, rel=1e-12)
+        assert bic(model, data) == pytest.approx(-2 * ref + p * math.log(200), rel=1e-12)
+        assert aic(model, data) == pytest.approx(-2 * ref + 2 * p, rel=1e-12)
+    row = select_model(images, [(3, 2)], lambda k, lat: model, validation=loader).best
+    assert row["log_lik"] == pytest.approx(ref, rel=1e-12)
+    assert row["val_log_lik"] == pytest.approx(ref / 200, rel=1e-12)
+    with pytest.raises(ValueError, match=r"data must have 12 features per row .*\(5, 1, 4, 4\)"):
+        mean_log_likelihood(model, torch.zeros(5, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"data batch 0 must have 12 features per row"):
+        mean_log_likelihood(model, [torch.zeros(5, 1, 4, 4, dtype=torch.float64)])
+
+
 def test_mean_log_likelihood_errors(small_model):
     with pytest.raises(ValueError, match="data is empty"):
         mean_log_likelihood(small_model, torch.zeros(0, 4))
@@ -258,11 +284,12 @@ def test_select_model_errors(separated_data):
         with pytest.raises(TypeError, match="one-shot iterator"):
             select_model(kwargs.pop("train"), [(1, 0), (2, 1)], counting_fit, **kwargs)
     assert fitted == []
-    # A tensor with more than two dimensions: refused (its rows were counted as N·M).
+    # A tensor with more than two dimensions is flattened to rows (its rows were counted as
+    # N·M): rows of another D than the model's are refused.
     model = fit_fn(1, 0)
-    with pytest.raises(ValueError, match=r"data must have shape \[N, D\], got \(10, 3, 5\)"):
+    with pytest.raises(ValueError, match=r"data must have 5 features per row .*\(10, 3, 5\)"):
         total_log_likelihood(model, torch.zeros(10, 3, 5, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"data must have shape \[N, D\]"):
+    with pytest.raises(ValueError, match=r"data must have 5 features per row"):
         bic(model, torch.zeros(10, 3, 5, dtype=torch.float64))
     # Unfitted models with factors are fine as long as fit_fn returns something usable.
     result = select_model(x, [(1, 1), (2, 2)], fit_fn)
