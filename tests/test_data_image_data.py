@@ -3,6 +3,7 @@ loaders and ImageDataset."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,3 +72,36 @@ def test_image_dataset_direct_use():
         ImageDataset(pix, image_shape=(1, 2, 2))
     with pytest.raises(TypeError, match="uint8"):
         ImageDataset(pix.float())
+
+
+def test_seeds_streams_and_epochs_must_be_ints():
+    """They went through int(): a seed of 1.5 ran as 1, "1" as 1 and True as 1, set_epoch(0.9)
+    chose epoch 0, loader(seed=2.7) shuffled as seed 2 and seeded_rows(seed="2") as 2 (where
+    load_dataset and NDB refuse a float seed)."""
+    pix = torch.randint(0, 256, (6, 12), dtype=torch.uint8)
+    for kw in ({"seed": 1.5}, {"seed": "1"}, {"seed": True}, {"stream": 2.0}):
+        with pytest.raises(TypeError, match=f"{next(iter(kw))} must be an int"):
+            ImageDataset(pix, dequantize=True, **kw)
+    with pytest.raises(ValueError, match="stream must be >= 0, got -1"):
+        ImageDataset(pix, dequantize=True, stream=-1)
+    ds = ImageDataset(pix, dequantize=True, seed=np.int64(-4))  # (load_dataset takes -4)
+    for bad in (0.9, "1", True):
+        with pytest.raises(TypeError, match="epoch must be an int"):
+            ds.set_epoch(bad)
+    with pytest.raises(ValueError, match="epoch must be >= 0, got -1"):
+        ds.set_epoch(-1)
+    ds.set_epoch(np.int64(3))
+    assert ds.epoch == 3 and type(ds.epoch) is int and ds.seed == -4
+    d = load_dataset("embedded-mnist", limit=50)
+    for bad in (2.7, "2", True):
+        with pytest.raises(TypeError, match="seed must be an int, a torch.Generator or None"):
+            d.loader("train", 8, shuffle=True, seed=bad)
+        with pytest.raises(TypeError, match="seed must be an int"):
+            d.seeded_rows("train", 10, bad)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        d.seeded_rows("train", 10, -1)
+    with pytest.raises(ValueError, match="seed must be below 2[*][*]63"):
+        d.seeded_rows("train", 10, 2**63)
+    assert torch.equal(next(iter(d.loader("train", 8, shuffle=True, seed=np.int64(2)))),
+                       next(iter(d.loader("train", 8, shuffle=True, seed=2))))
+    assert torch.equal(d.seeded_rows("train", 10, np.int64(2)), d.seeded_rows("train", 10, 2))

@@ -3,6 +3,7 @@ noise, and their use as data by the streaming helpers (batches, initialisation r
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,6 +31,23 @@ def test_batches_equal_the_whole_set_converted_up_front(dequantize):
     assert sub.pixels.dtype == torch.uint8 and torch.equal(sub[0:50], whole[index])
     assert torch.equal(sub[torch.tensor([3, 0])], whole[index[[3, 0]]])
     assert torch.equal(rows.to("cpu", torch.float64)[0:300].float(), whole)
+
+
+def test_noise_key_parts_must_be_ints():
+    """seed, stream and epoch went through int(): 1.5 ran as 1, "1" as 1, True as 1 (where
+    load_dataset and NDB refuse 1.5), and a negative stream or epoch was taken."""
+    p = pixels(3, 4)
+    for name, bad in [("seed", 1.5), ("seed", "1"), ("seed", True), ("stream", 1.0),
+                      ("epoch", 0.9), ("epoch", True)]:
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            QuantizedRows(p, dequantize=True, **{name: bad})
+    for name in ("stream", "epoch"):
+        with pytest.raises(ValueError, match=f"{name} must be >= 0, got -1"):
+            QuantizedRows(p, dequantize=True, **{name: -1})
+    # numpy integers, and a negative seed (load_dataset takes one), run as their ints
+    a = QuantizedRows(p, dequantize=True, seed=np.int64(-3), stream=np.int32(1), epoch=np.int64(2))
+    assert type(a.seed) is int and type(a.epoch) is int
+    assert torch.equal(a[0:3], QuantizedRows(p, dequantize=True, seed=-3, stream=1, epoch=2)[0:3])
 
 
 def test_plain_rows_are_pixel_over_255():

@@ -8,6 +8,7 @@ time by :meth:`ImageData.loader`, or for a whole split by :meth:`ImageData.as_fl
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from mfa.data.layout import (
     pixels_to_float,
     to_images,
 )
-from mfa.data.quantized import QuantizedRows
+from mfa.data.quantized import QuantizedRows, check_key_part
 from mfa.data.splits import (
     SPLIT_STREAM,
     SPLITS,
@@ -56,7 +57,7 @@ class ImageDataset(Dataset):
         labels: int64 tensor ``[N]`` (needed only for ``with_labels=True``).
         image_shape: ``(C, H, W)``, informational (checked against ``D`` when given).
         dequantize: add uniform noise as above instead of dividing by 255.
-        seed, stream: seed the noise (``stream`` tells splits apart).
+        seed, stream: ints that seed the noise (``stream``, ``>= 0``, tells splits apart).
         dtype: floating-point dtype of the rows (with ``dequantize``: float32 or float64,
             see :func:`~mfa.data.layout.check_dequantized_dtype`).
         with_labels: return ``(row, label)`` pairs.
@@ -99,15 +100,16 @@ class ImageDataset(Dataset):
         self.pixels = pixels
         self.labels = labels
         self.dequantize = bool(dequantize)
-        self.seed = int(seed)
-        self.stream = int(stream)
+        self.seed = check_key_part(seed, "seed")
+        self.stream = check_key_part(stream, "stream", minimum=0)
         self.dtype = dtype
         self.with_labels = bool(with_labels)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the dequantisation noise of epoch ``epoch`` (no effect without it)."""
-        self.epoch = int(epoch)
+        """Select the dequantisation noise of epoch ``epoch``, an int ``>= 0`` (no effect
+        without it)."""
+        self.epoch = check_key_part(epoch, "epoch", minimum=0)
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -192,6 +194,7 @@ class ImageData:
 
     def __post_init__(self) -> None:
         self.image_shape = check_image_shape(self.image_shape)
+        self.seed = check_key_part(self.seed, "seed")
         d = self.n_features
         for split in SPLITS:
             pix = getattr(self, f"{split}_pixels")
@@ -307,7 +310,11 @@ class ImageData:
         check_positive_int(batch_size, "batch_size")
         if isinstance(seed, torch.Generator):
             gen = seed
-        else:
+        else:  # (int() ran seed=2.7 as 2; the message names the Generator it also takes)
+            if seed is not None and (isinstance(seed, bool)
+                                     or not isinstance(seed, numbers.Integral)):
+                raise TypeError(f"seed must be an int, a torch.Generator or None, got "
+                                f"{type(seed).__name__} {seed!r}")
             gen = seeded_generator(0x5AFF, self.seed if seed is None else int(seed))
         return DataLoader(
             self.dataset(split, dequantize=dequantize, with_labels=with_labels, dtype=dtype),
@@ -347,7 +354,11 @@ class ImageData:
         """Float rows ``[n, D]`` of ``split`` (its own dequantisation noise, as
         :meth:`as_float`): every row where it has at most ``most``, else a seeded subset of
         ``most`` (the first of ``torch.randperm`` with ``seed``, in split order), converted
-        4,096 rows at a time (no float copy of the whole split)."""
+        4,096 rows at a time (no float copy of the whole split). ``seed``: an int in
+        ``[0, 2**63)``, as a run's seed (``int()`` ran 2.7 as 2 and ``"2"`` as 2)."""
+        seed = check_key_part(seed, "seed", minimum=0)
+        if seed >= 2**63:  # (torch's generator failed with "Overflow when unpacking long")
+            raise ValueError(f"seed must be below 2**63, got {seed}")
         n = self.pixels(split).shape[0]
         index = torch.arange(n)
         if n > most:

@@ -24,6 +24,8 @@ below 2⁶³ in int64 (32-bit values, 31-bit constants), so CPUs and GPUs give t
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -38,6 +40,19 @@ TAG_HASHED_NOISE = 0xDE0B
 _MASK32 = 0xFFFFFFFF
 #: int64 temporaries of the noise hash hold at most this many values at once.
 _NOISE_CHUNK = 1 << 22
+
+
+def check_key_part(value: object, name: str, minimum: int | None = None) -> int:
+    """``value`` as an int (Python's or numpy's; not a bool, a float or a string) of at least
+    ``minimum`` where one is given: a part (seed, stream, epoch) of a noise key, hashed by
+    :func:`~mfa.data.splits.mix_seed`. ``int()`` ran 1.5 as 1, ``"1"`` as 1 and ``True`` as 1.
+    A seed may be negative (``load_dataset`` takes any int, and the hash any); the streams
+    and epochs the library makes are counts, ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -87,17 +102,19 @@ class QuantizedRows:
     Args:
         pixels: uint8 ``[N, D]`` (any device; not copied).
         dequantize: add noise as above instead of dividing by 255.
-        seed, stream, epoch: key the noise (``stream`` tells splits apart; a new ``epoch``
-            gives fresh noise); no effect without ``dequantize``.
+        seed, stream, epoch: ints that key the noise (``stream`` tells splits apart; a new
+            ``epoch`` gives fresh noise; ``stream`` and ``epoch`` ``>= 0``); no effect
+            without ``dequantize``.
         dtype: floating-point dtype of the rows given out (with ``dequantize``: float32 or
             float64, see :func:`~mfa.data.layout.check_dequantized_dtype`).
         row_ids: int64 ``[N]``, each row's index in the data the noise is keyed by
             (``None``: ``0 … N−1``).
 
     Raises:
-        TypeError: ``pixels`` not uint8, or ``dtype`` not floating point.
-        ValueError: ``pixels`` not 2-d, ``row_ids`` not of shape ``[N]``, or ``dtype``
-            float16/bfloat16 with ``dequantize``.
+        TypeError: ``pixels`` not uint8, ``dtype`` not floating point, or ``seed``,
+            ``stream`` or ``epoch`` not an int.
+        ValueError: ``pixels`` not 2-d, ``row_ids`` not of shape ``[N]``, ``dtype``
+            float16/bfloat16 with ``dequantize``, or a negative ``stream`` or ``epoch``.
     """
 
     def __init__(self, pixels: Tensor, *, dequantize: bool = False, seed: int = 0,
@@ -116,7 +133,9 @@ class QuantizedRows:
                              f"{row_ids.dtype} {tuple(row_ids.shape)}")
         self.pixels = pixels
         self.dequantize = bool(dequantize)
-        self.seed, self.stream, self.epoch = int(seed), int(stream), int(epoch)
+        self.seed = check_key_part(seed, "seed")
+        self.stream = check_key_part(stream, "stream", minimum=0)
+        self.epoch = check_key_part(epoch, "epoch", minimum=0)
         self.dtype = dtype
         self.row_ids = None if row_ids is None else row_ids.to(pixels.device)
 
