@@ -85,6 +85,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         super().__init__()
         parameters.check_config(n_components, n_features, n_factors, noise, min_noise)
         check_positive_int(chunk_elements, "chunk_elements")
+        check_generator(generator)  # (an int failed with "'int' object has no attribute")
         dtype = dtype or torch.get_default_dtype()
         check_supported_dtype(dtype)
         self.register_load_state_dict_pre_hook(parameters.check_assigned_state)

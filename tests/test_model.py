@@ -613,6 +613,13 @@ def test_constructor_validation():
         MFA(2, 3, 1, chunk_elements=0)
 
 
+def test_constructor_refuses_a_generator_that_is_not_one():
+    """generator=0 failed with AttributeError "'int' object has no attribute 'device'"."""
+    for bad in (0, "0"):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got"):
+            MFA(2, 3, 1, generator=bad)
+
+
 def test_sample_validation():
     model = random_model(2, 3, 1, seed=53)
     with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
