@@ -28,7 +28,6 @@ from mfa._terms import (
     ComponentTerms,
     build_component_terms,
     check_log_densities,
-    check_parameters,
     check_supported_dtype,
     component_log_prob_from_terms,
 )
@@ -372,8 +371,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
             empty = self.loc.new_zeros(0, self.n_features).detach()
             return empty, torch.zeros(0, dtype=torch.long, device=self.device)
         with torch.no_grad():
-            check_parameters(self.log_weights, self.means, self.factor_loadings,
-                             self.noise_variance, "cannot sample")
+            parameters.check_usable(self, "cannot sample")
             components = torch.multinomial(self.weights, n, replacement=True,
                                            generator=generator)
             size = self.chunk_size(extra_per_row=self.n_features * self.n_factors)
@@ -492,6 +490,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         ``Categorical`` and a ``LowRankMultivariateNormal``."""
         from torch import distributions as td
 
+        parameters.check_usable(self, "cannot build the distribution")  # (NaN log_probs)
         loadings = self.factor_loadings
         if self.n_factors == 0:  # LowRankMultivariateNormal needs a rank of at least one.
             loadings = loadings.new_zeros(self.n_components, self.n_features, 1)

@@ -15,7 +15,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from mfa._terms import check_noise, check_supported_dtype
+from mfa._terms import check_noise, check_parameters, check_supported_dtype
 from mfa._validation import check_finite, check_floating, check_positive_int, check_tensor
 
 NOISE_TYPES = ("diagonal", "isotropic")
@@ -37,6 +37,13 @@ def check_config(
         and math.isfinite(min_noise) and min_noise >= 0
     ):
         raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
+
+
+def check_usable(model, action: str) -> None:
+    """``model`` (a :class:`~mfa.model.MixtureOfFactorAnalyzers`) can be evaluated: its
+    parameters are finite (:func:`mfa._terms.check_parameters`)."""
+    check_parameters(model.log_weights, model.means, model.factor_loadings,
+                     model.noise_variance, action)
 
 
 def softplus_inverse(y: Tensor) -> Tensor:

@@ -889,6 +889,7 @@ def test_non_finite_parameters_are_named_by_every_path(name, what, value):
         "conditional_mean": lambda: model.conditional_mean(x, observed),
         "inpaint": lambda: inference.inpaint(model, x, observed),
         "EM": lambda: EMTrainer(EMConfig(max_iter=1, init="none", progress=False)).fit(model, x),
+        "to_distribution": lambda: model.to_distribution(),  # (its log_prob was NaN)
     }
     for call in calls.values():
         with pytest.raises(ValueError, match=f"{what} are not finite"):
