@@ -28,7 +28,6 @@ from mfa._terms import (
     ComponentTerms,
     build_component_terms,
     check_log_densities,
-    check_supported_dtype,
     component_log_prob_from_terms,
 )
 from mfa._validation import check_data, check_generator, check_positive_int, feature_index
@@ -82,11 +81,10 @@ class MixtureOfFactorAnalyzers(nn.Module):
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__()
-        parameters.check_config(n_components, n_features, n_factors, noise, min_noise)
+        dtype = dtype or torch.get_default_dtype()
+        parameters.check_config(n_components, n_features, n_factors, noise, min_noise, dtype)
         check_positive_int(chunk_elements, "chunk_elements")
         check_generator(generator)  # (an int failed with "'int' object has no attribute")
-        dtype = dtype or torch.get_default_dtype()
-        check_supported_dtype(dtype)
         self.register_load_state_dict_pre_hook(parameters.check_assigned_state)
         factory = {"dtype": dtype, "device": device}
         # (ints, also from numpy integers: the checkpoint's metadata must load as primitives)
@@ -214,7 +212,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype), .half(), ... all come here: refuse a dtype before any parameter changes
-        check_supported_dtype(fn(torch.zeros((), dtype=self.dtype, device=self.device)).dtype)
+        parameters.check_dtype(fn(torch.zeros((), dtype=self.dtype, device=self.device)).dtype,
+                               self.min_noise)
         return super()._apply(fn, recurse)
 
     def config(self) -> dict:

@@ -22,9 +22,10 @@ NOISE_TYPES = ("diagonal", "isotropic")
 
 
 def check_config(
-    n_components: int, n_features: int, n_factors: int, noise: str, min_noise: float
+    n_components: int, n_features: int, n_factors: int, noise: str, min_noise: float,
+    dtype: torch.dtype,
 ) -> None:
-    """The sizes and noise model of a :class:`~mfa.model.MixtureOfFactorAnalyzers`."""
+    """The sizes, noise model and dtype of a :class:`~mfa.model.MixtureOfFactorAnalyzers`."""
     check_positive_int(n_components, "n_components")
     check_positive_int(n_features, "n_features")
     check_positive_int(n_factors, "n_factors", minimum=0)
@@ -32,11 +33,26 @@ def check_config(
         raise ValueError(f"n_factors must be <= n_features ({n_features}), got {n_factors}")
     if noise not in NOISE_TYPES:
         raise ValueError(f"noise must be one of {NOISE_TYPES}, got {noise!r}")
-    if not (
-        isinstance(min_noise, numbers.Real) and not isinstance(min_noise, bool)
-        and math.isfinite(min_noise) and min_noise >= 0
-    ):
+    try:  # (math.isfinite of an int beyond float's range raises OverflowError)
+        ok = (isinstance(min_noise, numbers.Real) and not isinstance(min_noise, bool)
+              and math.isfinite(min_noise) and min_noise >= 0)
+    except OverflowError:
+        ok = False
+    if not ok:
         raise ValueError(f"min_noise must be a finite float >= 0, got {min_noise!r}")
+    check_dtype(dtype, min_noise)
+
+
+def check_dtype(dtype: torch.dtype, min_noise: float) -> None:
+    """``dtype`` is one the model computes in and holds ``min_noise``: 1e39 became inf in
+    float32, and every noise variance with it, which the first evaluation blamed on "a
+    training run that diverged"."""
+    check_supported_dtype(dtype)
+    largest = torch.finfo(dtype).max
+    if min_noise > largest:
+        raise ValueError(f"min_noise={min_noise!r} is beyond the range of {dtype} (at most "
+                         f"{largest:.4g}): the noise variances would be inf; lower min_noise"
+                         + (" or use float64" if dtype != torch.float64 else ""))
 
 
 def check_usable(model, action: str) -> None:

@@ -620,6 +620,25 @@ def test_constructor_refuses_a_generator_that_is_not_one():
             MFA(2, 3, 1, generator=bad)
 
 
+def test_min_noise_beyond_the_dtype_range_is_refused_at_construction():
+    """min_noise=1e39 became inf in float32 (every noise variance inf), which the first
+    evaluation blamed on "a training run that diverged"; 10**400 raised an OverflowError."""
+    with pytest.raises(ValueError, match=r"min_noise=1e\+39 is beyond the range of torch.float32"):
+        MFA(2, 3, 1, min_noise=1e39)
+    p = random_parameters(2, 3, 1)
+    with pytest.raises(ValueError, match=r"min_noise=1e\+39 is beyond the range of torch.float32"):
+        MFA.from_parameters(p["weights"].float(), p["means"].float(),
+                            p["factor_loadings"].float(), p["noise_variance"].float() + 2e39,
+                            min_noise=1e39)
+    with pytest.raises(ValueError, match="min_noise must be a finite float >= 0, got 1000"):
+        MFA(2, 3, 1, min_noise=10**400)
+    wide = MFA(2, 3, 1, min_noise=1e39, dtype=torch.float64)  # within float64's range
+    assert wide.noise_variance.min().item() == pytest.approx(1e39)
+    with pytest.raises(ValueError, match="min_noise=1e\\+39 is beyond the range of torch.float32"):
+        wide.float()
+    assert wide.dtype == torch.float64  # (refused before any parameter changed)
+
+
 def test_sample_validation():
     model = random_model(2, 3, 1, seed=53)
     with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
