@@ -218,13 +218,8 @@ class MixtureOfFactorAnalyzers(nn.Module):
 
     def config(self) -> dict:
         """Constructor arguments to rebuild it for ``load_state_dict`` (not ``chunk_elements``)."""
-        return {
-            "n_components": self.n_components,
-            "n_features": self.n_features,
-            "n_factors": self.n_factors,
-            "noise": self.noise,
-            "min_noise": self.min_noise,
-        }
+        names = ("n_components", "n_features", "n_factors", "noise", "min_noise")
+        return {name: getattr(self, name) for name in names}
 
     # ------------------------------------------------------------------ parameters
 
@@ -280,6 +275,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
 
         Raises ``ValueError`` when a noise variance underflowed to 0 in the model's dtype.
         """
+        parameters.check_device(self.device)  # (the trainers' passes come here too)
         return build_component_terms(
             self.log_weights, self.means, self.factor_loadings, self.noise_variance
         )
@@ -303,6 +299,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         are recomputed in a residual form that keeps float32's relative precision
         (:func:`mfa.residual_form.residual_mahalanobis`; about one ``[n, D]`` pass more).
         """
+        parameters.check_device(self.device)
         x = check_data(x, "x", self.n_features, self.dtype, self.device)
         batch_shape = x.shape[:-1]
         terms = self.component_terms()
@@ -388,6 +385,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         rows of ``μ_k``, ``A_k`` and ``d_k``. Returns a model over ``len(features)`` features
         in the given order.
         """
+        parameters.check_device(self.device, "cannot take a marginal")
         idx = feature_index(features, self.n_features).to(self.device)
         with torch.no_grad():
             return self._derived(self.logits, self.means[:, idx], self.factor_loadings[:, idx],
@@ -407,6 +405,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Returns:
             A model over the hidden features, in increasing index order.
         """
+        parameters.check_device(self.device, "cannot condition the model")
         obs, hid = conditioning.split_features(observed_features, self.n_features, self.device)
         if isinstance(observed_values, Tensor) and observed_values.shape != obs.shape:  # (the
             raise ValueError(f"observed_values must have shape [{obs.numel()}] (observed "  # error
@@ -443,6 +442,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Returns:
             ``[N, D]``.
         """
+        parameters.check_device(self.device)
         x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
         return conditioning.conditional_mean(
             self._masked_terms(), x, observed, self.chunk_elements
@@ -462,6 +462,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
         Returns:
             ``[N, D]``.
         """
+        parameters.check_device(self.device)
         x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
         check_generator(generator, device=self.device)
         with torch.no_grad():
@@ -474,6 +475,7 @@ class MixtureOfFactorAnalyzers(nn.Module):
 
         A row with nothing observed has ``log p = 0``.
         """
+        parameters.check_device(self.device)
         x = conditioning.check_masked(x, observed, self.n_features, self.dtype, self.device)
         return conditioning.observed_log_prob(
             self._masked_terms(), x, observed, self.chunk_elements

@@ -55,9 +55,22 @@ def check_dtype(dtype: torch.dtype, min_noise: float) -> None:
                          + (" or use float64" if dtype != torch.float64 else ""))
 
 
+def check_device(device: torch.device, action: str = "cannot evaluate the model") -> None:
+    """The model's parameters hold values: a ``meta`` model (legitimate before
+    ``load_state_dict(state, assign=True)``) failed at evaluation with torch's "Tensor.item()
+    cannot be called on meta tensors"."""
+    if device.type == "meta":
+        raise ValueError(f"{action}: its device 'meta': the device type 'meta' is not one "
+                         "this library runs on (cpu, cuda); a meta model holds no values: "
+                         "give it some with load_state_dict(state, assign=True), or build it "
+                         "on 'cpu' or 'cuda'")
+
+
 def check_usable(model, action: str) -> None:
     """``model`` (a :class:`~mfa.model.MixtureOfFactorAnalyzers`) can be evaluated: its
-    parameters are finite (:func:`mfa._terms.check_parameters`)."""
+    device holds values (:func:`check_device`) and its parameters are finite
+    (:func:`mfa._terms.check_parameters`)."""
+    check_device(model.device, action)
     check_parameters(model.log_weights, model.means, model.factor_loadings,
                      model.noise_variance, action)
 

@@ -639,6 +639,27 @@ def test_min_noise_beyond_the_dtype_range_is_refused_at_construction():
     assert wide.dtype == torch.float64  # (refused before any parameter changed)
 
 
+def test_a_meta_model_is_refused_at_evaluation_naming_its_device():
+    """A meta model is legitimate before load_state_dict(assign=True), but evaluating it
+    failed inside torch with "Tensor.item() cannot be called on meta tensors"."""
+    source = random_model(2, 3, 1, seed=5)
+    model = MFA(**source.config(), device="meta")
+    rows = torch.zeros(4, 3, device="meta")
+    observed = torch.ones(4, 3, dtype=torch.bool, device="meta")
+    calls = [lambda: model.log_prob(rows), lambda: model.log_prob(torch.zeros(4, 3)),
+             lambda: model.responsibilities(rows), lambda: model.sample(2),
+             lambda: model.conditional_mean(rows, observed),
+             lambda: model.observed_log_prob(rows, observed), lambda: model.marginal([0]),
+             lambda: model.condition([0], torch.zeros(1, device="meta")),
+             lambda: model.to_distribution(), lambda: model.component_terms()]
+    for call in calls:
+        with pytest.raises(ValueError, match="device 'meta'.*not one this library runs on"):
+            call()
+    model.load_state_dict(source.state_dict(), assign=True)
+    x = torch.randn(4, 3, dtype=source.dtype)
+    torch.testing.assert_close(model.log_prob(x), source.log_prob(x))
+
+
 def test_sample_validation():
     model = random_model(2, 3, 1, seed=53)
     with pytest.raises(ValueError, match=r"n must be >= 0, got -1"):
