@@ -26,6 +26,9 @@ def _generator(seed: int | None, generator: torch.Generator | None, device) -> t
     gen = torch.Generator(device=device)
     if not (seed is None or (isinstance(seed, numbers.Integral) and not isinstance(seed, bool))):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")  # (1.9 ran as 1)
+    if seed is not None and not -2**63 <= seed < 2**64:  # (torch: "Overflow when unpacking")
+        raise ValueError(f"seed must lie in [-2**63, 2**64), the range of torch's generators, "
+                         f"got {seed}")
     gen.manual_seed(0 if seed is None else int(seed))
     return gen
 
@@ -200,11 +203,13 @@ def kmeans(
         n_iter: maximum Lloyd iterations.
         tol: stop when the centres move by less than ``tol`` times the mean feature
             variance (squared Frobenius norm of the shift, as scikit-learn does).
-        seed, generator: the seeding's randomness (``generator`` wins when given).
+        seed, generator: the seeding's randomness (``generator`` wins when given; ``seed``
+            an int in the range of torch's generators, ``[-2**63, 2**64)``; ``None``: 0).
         init: ``"k-means++"`` or ``"random"`` (K distinct rows drawn uniformly).
         seed_rows: run the K-means++ seeding on this many rows drawn uniformly (seeded)
             instead of all ``N``: its ``K`` sequential steps each read every row it is given,
-            so on a subsample they cost ``K`` passes over far fewer rows (``None``: all rows).
+            so on a subsample they cost ``K`` passes over far fewer rows (an int ``>= K``;
+            ``None`` or ``>= N``: all rows).
 
     A cluster left empty by an iteration is re-seeded at the row farthest from its centre
     for the next one. The last assignment can still leave a cluster empty (rows with fewer
@@ -226,13 +231,19 @@ def kmeans(
         raise ValueError(f"kmeans needs at least n_clusters={n_clusters} rows, got {n}")
     if init not in ("k-means++", "random"):
         raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}")
+    if seed_rows is not None:  # (0, -5 and 1.5 acted as None; '100' failed comparing)
+        if isinstance(seed_rows, bool) or not isinstance(seed_rows, numbers.Integral):
+            raise TypeError(f"seed_rows must be an int or None, got {type(seed_rows).__name__}")
+        if seed_rows < n_clusters:
+            raise ValueError(f"seed_rows must be None or >= n_clusters={n_clusters} (the "
+                             f"seeding picks that many of its rows), got {seed_rows}")
     gen = _generator(seed, generator, x.device)
     # Distances are expanded as ‖x‖² − 2x·c + ‖c‖²: centre the data first so that float32
     # rows far from the origin keep their spread.
     offset = x.mean(0)
     x = x - offset
     if init == "k-means++":
-        if seed_rows is not None and n_clusters <= seed_rows < n:
+        if seed_rows is not None and seed_rows < n:
             pool = x[torch.randperm(n, generator=gen, device=x.device)[:seed_rows]]
         else:
             pool = x

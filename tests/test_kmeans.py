@@ -299,3 +299,21 @@ def test_kmeans_takes_a_negative_seed_and_a_tensor_tol():
     assert torch.equal(a.labels, kmeans(x, 3, seed=-1).labels)
     b = kmeans(x, 3, tol=torch.tensor(1e-4))
     assert torch.equal(b.labels, kmeans(x, 3, tol=1e-4).labels)
+
+
+def test_seed_rows_and_seeds_out_of_range_are_named():
+    """seed_rows of 0, -5 or 1.5 silently acted as None ('100' failed comparing an int with a
+    str), and seed=2**64 failed inside torch with "Overflow when unpacking long long"."""
+    x = torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    for bad in (0, -5, 2):
+        with pytest.raises(ValueError, match=rf"seed_rows must be None or >= n_clusters=3 .*{bad}"):
+            kmeans(x, 3, seed_rows=bad)
+    for bad in (1.5, "100", True):
+        with pytest.raises(TypeError, match="seed_rows must be an int or None"):
+            kmeans(x, 3, seed_rows=bad)
+    for bad in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match=r"seed must lie in \[-2\*\*63, 2\*\*64\)"):
+            kmeans(x, 3, seed=bad)
+    # seed_rows from K to N - 1 subsamples the seeding's rows; from N on it seeds on all rows
+    assert torch.equal(kmeans(x, 3, seed_rows=np.int64(60)).labels, kmeans(x, 3).labels)
+    assert kmeans(x, 3, seed_rows=3).labels.shape == (60,)
