@@ -58,6 +58,21 @@ def _diverged(train_ll: float, val_ll: float | None, reference: float | None,
     return train_ll < reference - DIVERGENCE_FACTOR * (abs(reference) + n_features)
 
 
+def _check_weights_under_prior(model: MixtureOfFactorAnalyzers, prior: Prior) -> None:
+    """Refuse a component of weight 0 under a Dirichlet weight prior (``α > 1``): its
+    log-prior ``(α − 1) log 0`` is ``−inf``, so every minibatch loss was inf at any learning
+    rate (blamed on ``SGDConfig.lr``), and Adam cannot move a logit of ``−inf``. (EM copes:
+    its counts ``N_k + α − 1`` make the weight positive.)"""
+    zero = (model.weights.detach() == 0).nonzero().flatten().tolist()
+    if prior.has_weight_prior and zero:
+        raise ValueError(
+            f"SGDConfig.weight_concentration={prior.weight_concentration:g} (> 1) gives "
+            f"component(s) {zero}, of weight 0, a log-prior of -inf: the loss would be inf at "
+            "any learning rate; give them a positive weight (set_parameters(weights=...)), "
+            "set weight_concentration=1, or fit with EMTrainer (its MAP counts make them "
+            "positive)")
+
+
 class SGDTrainer:
     """Adam on ``−mean log p(x)`` over shuffled minibatches; trains every parameter (weights,
     means, loadings, noise) through the model's unconstrained parametrisation.
@@ -340,6 +355,7 @@ class SGDTrainer:
                 best_val = self.start_val_log_likelihood = training.evaluate(model, val_source)
                 best_params = training.clone_params(model)
         prior = self.prior()
+        _check_weights_under_prior(model, prior)  # (the model as the epochs would start)
         if needs_rows and n_train is None:  # counted by the start's pass (every process's)
             n_train = counted
             if n_train is None:

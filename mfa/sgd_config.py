@@ -59,7 +59,10 @@ class SGDConfig:
     # "auto": the grid's lower end (8-bit pixels dequantised as (p + u)/256: 1/(12·256²))
     quantization_variance: float = QUANTIZATION_VARIANCE
     search_per_decade: int = 4  # "auto": grid points per decade of noise_prior_variance
-    weight_concentration: float = 1.0  # α of the Dirichlet prior on the weights
+    # α of the Dirichlet prior on the weights. α > 1 refuses a start with a weight of 0 (with
+    # init="none", the model's own): its log-prior is −inf at any lr (EM's counts N_k + α − 1
+    # make such a weight positive; Adam cannot move a logit of −inf).
+    weight_concentration: float = 1.0
     loading_ridge: float = 0.0  # λ of the Gaussian prior on the loading rows
     checkpoint_every: int = 0  # call checkpoint_fn every this many epochs (0: only at the end)
     progress: bool = True  # tqdm progress bar

@@ -1327,3 +1327,30 @@ def test_a_batch_of_no_rows_is_skipped_not_taken_for_divergence():
     assert seen == expected and len(seen) == 2 and seen[0] != seen[1]  # (the epochs moved it)
     for a, b in zip(with_empty.parameters(), without.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_weight_of_zero_under_a_dirichlet_prior_is_refused_naming_the_setting():
+    """from_parameters takes a weight of 0; with weight_concentration > 1 its log-prior
+    (α − 1) log 0 is −inf and Adam failed at its first step with "the minibatch loss is inf;
+    lower the learning rate", at any lr. EM fits the same start (its counts N_k + α − 1)."""
+    truth = random_model(2, 4, 1, seed=3)
+    x, v = random_data(200, truth, seed=4), random_data(50, truth, seed=5)
+
+    def start():
+        def cat(t):
+            return torch.cat([t.detach(), t.detach()[:1]])
+        return MixtureOfFactorAnalyzers.from_parameters(
+            torch.tensor([0.5, 0.5, 0.0], dtype=F64), cat(truth.means),
+            cat(truth.factor_loadings), cat(truth.noise_variance))
+
+    model = start()
+    before = {k: p.clone() for k, p in model.state_dict().items()}
+    for lr in (0.05, 1e-6):
+        config = SGDConfig(progress=False, epochs=2, init="none", lr=lr,
+                           weight_concentration=2.0, noise_prior_strength=0.0)
+        with pytest.raises(ValueError, match=r"SGDConfig.weight_concentration=2 .*"
+                                             r"component\(s\) \[2\], of weight 0"):
+            SGDTrainer(config).fit(model, x, validation=v)
+    assert all(torch.equal(p, before[k]) for k, p in model.state_dict().items())
+    flat = SGDConfig(progress=False, epochs=2, init="none", noise_prior_strength=0.0)
+    SGDTrainer(flat).fit(start(), x, validation=v)  # (α = 1: no prior, a weight of 0 stays)
