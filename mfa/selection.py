@@ -302,8 +302,9 @@ def sweep_models(
     fit failed), the sweep has no best (``best_by_val`` is ``None``, a warning says why).
 
     Args:
-        train: the training rows (``[N, D]`` tensor or iterable of batches) that ``fit_fn``
-            fits; BIC and AIC are computed on them.
+        train: the training rows (``[N, D]`` tensor or iterable of batches; images
+            ``[N, C, H, W]`` are flattened to rows) that ``fit_fn`` fits; BIC and AIC are
+            computed on them.
         validation: held-out rows, same forms; the main criterion.
         components: the ``K`` values (ints >= 1; duplicates are dropped).
         factors: the ``L`` values (ints >= 0).
@@ -340,6 +341,9 @@ def sweep_models(
     ls = _grid(factors, "factors", 0)
     if validation is None:
         raise ValueError("sweep_models needs validation data (the main criterion)")
+    # images [N, C, H, W] as rows, as the trainers and the metrics take them
+    train, validation = (rows.flatten(1) if isinstance(rows, Tensor) and rows.dim() > 2
+                         else rows for rows in (train, validation))
     width = _check_rows(train, "train", validation, "validation", ks, ls)
     if n_features is not None:
         check_positive_int(n_features, "n_features")

@@ -146,6 +146,20 @@ def test_sweep_errors(data):
     assert [(r["K"], r["L"]) for r in sweep.rows] == [(1, 1)]
 
 
+def test_sweep_takes_images_as_the_trainers_and_metrics_do(data):
+    """``[N, C, H, W]`` tensors (what an image dataset holds) are scored as their flattened
+    rows: the trainers and the likelihood metrics flatten them, the sweep refused them."""
+    train, val = data
+    models = {}
+    flat = sweep_models(train, val, [1, 3], [1], fitter(train, models))
+    images = sweep_models(train.view(-1, 1, 2, 3), val.view(-1, 1, 2, 3), [1, 3], [1],
+                          lambda k, lat: models[(k, lat)])
+    for a, b in zip(flat.rows, images.rows, strict=True):
+        for key in ("val_log_likelihood", "train_log_likelihood", "bic", "aic"):
+            assert b[key] == a[key]
+    assert images.n_features == 6
+
+
 def test_sweep_times_each_fit_asked_for_even_when_models_differ(data, monkeypatch):
     """A fit_fn may return another K or L than asked (a hierarchical fit does): each row keeps
     its own fit's time, in grid order. The clock is a fake one that only the fit of K=4
