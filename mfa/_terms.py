@@ -134,9 +134,11 @@ SHARP_LOSS_LIMIT = 1e-2
 
 
 def woodbury_rounding(loadings: Tensor, noise: Tensor) -> float:
-    """``ε·max_k λ_max(I + A_kᵀD_k⁻¹A_k)`` in the parameters' dtype (0 in float64 or without
-    factors): the scale of the Woodbury form's rounding, nats a row."""
-    if loadings.dtype == torch.float64 or loadings.shape[-1] == 0:
+    """``ε·max_k λ_max(I + A_kᵀD_k⁻¹A_k)`` in the parameters' dtype (0 without factors): the
+    scale of the Woodbury form's rounding, nats a row. In float64 too: with noise variances
+    10¹³–10¹⁴ below squared loadings of 1 (``ε·λ_max`` 0.04–0.4) the Woodbury loss was
+    0.04–0.07 nats a row off and the noise variances' gradient 0.4–4 relative off."""
+    if loadings.shape[-1] == 0:
         return 0.0
     largest = capacitance_eigenvalues(loadings, noise)[..., -1].max()
     return torch.finfo(loadings.dtype).eps * float(largest)
@@ -268,12 +270,15 @@ def component_log_prob_from_terms(
 
     ``(x−μ)ᵀΣ⁻¹(x−μ) = Σ_j (x_j−μ_j)²/d_j − ‖B(x−μ)‖²`` with ``B = C⁻¹AᵀD⁻¹``; the first
     term is expanded into two matrix products, the second is one product ``x @ Bᵀ``. With
-    ``exact``, below float64 and with factors, the entries near each row's top are then
-    recomputed in the residual form (:func:`mfa.residual_form.refine_woodbury_near_top`), which
-    keeps float32's relative precision where the Woodbury subtraction loses up to tens of
-    nats on a row its component explains well (34 nats on Fashion-MNIST, K = 50, noise at
-    1e-6; 0.017 nats a row on average). That costs about four passes over the ``[n, D]``
-    rows it recomputes (+18 % on a 2-core CPU at K = 50, D = 784 for that sharply fitted
+    ``exact`` and factors, the entries near each row's top are then recomputed in the
+    residual form (:func:`mfa.residual_form.refine_woodbury_near_top`), which keeps the
+    dtype's relative precision where the Woodbury subtraction loses up to tens of nats on a
+    row its component explains well (float32: 34 nats on Fashion-MNIST, K = 50, noise at
+    1e-6; 0.017 nats a row on average; float64 with noise variances 10¹⁴ below squared
+    loadings of 1: 6.6 nats, 4 nats apart on one row scored alone and in a batch); only
+    entries whose ``ε·‖B(x−μ)‖²`` exceeds :data:`mfa.residual_form.CANCELLATION_TOLERANCE`
+    (none on ordinary float64 models: one comparison). That costs about four passes over the
+    ``[n, D]`` rows it recomputes (+18 % on a 2-core CPU at K = 50, D = 784 for that sharply fitted
     model, +3 % where no component explains a row sharply); Adam's loss passes
     ``exact=False`` unless a component is ill-conditioned or sharp (:data:`SHARP_LOSS_LIMIT`:
     then its errors do not cancel). Before that, the diagonal form's near-top
@@ -302,10 +307,12 @@ def component_log_prob_from_terms(
         # Rounding can push a tiny Mahalanobis distance below zero.
         return scale - 0.5 * maha.clamp_min(0.0)
 
-    # (float64 too where its expansion loses precision: x @ Bᵀ − B μ cancels as the diagonal
-    # form does, and the residual form, stationary in the latent mean, does not inherit it)
-    residual = (exact and proj is not None and terms.factors is not None
-                and (x.dtype != torch.float64 or terms.refine))
+    # (float64 too: its Woodbury subtraction loses ε·‖w‖² as float32's does, up to 15 nats
+    # with noise variances 10¹⁵ below squared loadings of 1 (the near-top filter leaves an
+    # ordinary model's entries as they are); and where its expansion loses precision,
+    # x @ Bᵀ − B μ cancels as the diagonal form does, while the residual form, stationary
+    # in the latent mean, does not inherit it)
+    residual = exact and proj is not None and terms.factors is not None
     if terms.refine and not residual:
         diag_quad = linalg.refine_near_top(diag_quad, log_joint(diag_quad), xc, terms.means,
                                            terms.inv_noise, terms.rounding)

@@ -295,9 +295,9 @@ class MixtureOfFactorAnalyzers(nn.Module):
         rows are processed in chunks of :meth:`chunk_size` rows so that the intermediates of
         one chunk hold about ``chunk_elements`` values (``[n, D]`` for ``x²``, ``[n, K·L]``
         and ``[n, K]``), plus the ``O(K·D·L)`` derived parameters. No ``[N, K, D]`` tensor and
-        no ``D × D`` matrix is formed. In float32 the entries within 30 nats of each row's top
-        are recomputed in a residual form that keeps float32's relative precision
-        (:func:`mfa.residual_form.residual_mahalanobis`; about one ``[n, D]`` pass more).
+        no ``D × D`` matrix is formed. Entries within 30 nats of each row's top whose Woodbury
+        subtraction loses over 1e-4 nats are recomputed in a residual form keeping the dtype's
+        precision (:func:`mfa.residual_form.residual_mahalanobis`; ~one ``[n, D]`` pass more).
         """
         parameters.check_device(self.device)
         x = check_data(x, "x", self.n_features, self.dtype, self.device)
