@@ -1,6 +1,7 @@
 """What the two trainers (:mod:`mfa.em`, :mod:`mfa.sgd`) share: the convergence warning, the
-streamed evaluation of a model on data, the hold-out split, the TF32 switch of a fit, the
-resumable-state helpers and the non-finite checks.
+streamed evaluation of a model on data, the hold-out split, the TF32 switch of a fit, their
+progress bars (from :mod:`mfa.progress`), the resumable-state helpers and the non-finite
+checks.
 
 Neither trainer imports the other; both import this module.
 """
@@ -19,11 +20,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from mfa import distributed, linalg, missing
+from mfa import distributed, linalg, missing, progress
 from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa.data.quantized import QuantizedRows
 from mfa.model import MixtureOfFactorAnalyzers
+from mfa.progress import progress_bar as progress_bar  # (the trainers' bars)
 
 __all__ = [
     "ConvergenceWarning",
@@ -182,41 +184,20 @@ def tf32_matmul(allow: bool) -> Iterator[None]:
 
 
 def with_config_tf32(fit: Callable) -> Callable:
-    """Run a trainer's ``fit`` under :func:`tf32_matmul` of its ``config.allow_tf32``."""
+    """Run a trainer's ``fit`` under :func:`tf32_matmul` of its ``config.allow_tf32``, and
+    close the progress bars it left open (an error or Ctrl-C inside it: the bar, and the
+    console output routed through it, are put away before the error is reported)."""
 
     @functools.wraps(fit)
     def wrapper(self, *args, **kwargs):
-        with tf32_matmul(self.config.allow_tf32):
-            return fit(self, *args, **kwargs)
+        bars = progress.open_bars()
+        try:
+            with tf32_matmul(self.config.allow_tf32):
+                return fit(self, *args, **kwargs)
+        finally:
+            progress.close_bars_opened_since(bars)
 
     return wrapper
-
-
-class _NoBar:
-    """:func:`progress_bar` when it is off: the iterable, and a bar's methods doing nothing."""
-
-    def __init__(self, iterable: Iterable) -> None:
-        self.iterable = iterable
-
-    def __iter__(self) -> Iterator:
-        return iter(self.iterable)
-
-    def set_postfix(self, **_) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(iterable: Iterable, enabled: bool, **options):
-    """A ``tqdm.auto`` bar over ``iterable`` when ``enabled``, else the iterable with no bar.
-    tqdm is imported only then: in a Jupyter kernel without ipywidgets its import warned
-    ("IProgress not found") on ``import mfa``, also for fits with ``progress=False``."""
-    if not enabled:
-        return _NoBar(iterable)
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **options)
 
 
 # ---------------------------------------------------------------------- resumable state

@@ -1,0 +1,84 @@
+"""mfa.progress: console output written while a trainer's progress bar is shown (a log record,
+a warning) starts its own line, no bar is left on screen, and the console is put back after,
+also after Ctrl-C. Checked on what a terminal shows of the captured stderr (``\\r`` returns to
+the line's start, later text overwrites)."""
+
+import logging
+import sys
+import warnings
+
+import pytest
+from helpers import random_data, random_model
+
+from mfa.em import EMConfig, EMTrainer
+from mfa.sgd import SGDConfig, SGDTrainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BAR = ("EM run", "Adam", "it/s", "s/it", "%|")  # fragments of a tqdm bar
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text`` (``\\r``: back to column 0, overwriting)."""
+    lines = []
+    for raw in text.split("\n"):
+        cells: list[str] = []
+        for i, part in enumerate(raw.split("\r")):
+            column = 0 if i else len(cells)
+            for char in part:
+                cells[column:column + 1] = [char]
+                column += 1
+        lines.append("".join(cells).rstrip())
+    return [line for line in lines if line]
+
+
+def one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)  # as the mfa command shows a warning
+
+
+@pytest.mark.parametrize("trainer", ["em", "sgd"])
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_output_during_a_bar_starts_its_own_line_and_the_console_is_put_back(
+        capsys, trainer, interrupt):
+    model = random_model(2, 5, 1, seed=0)
+    x = random_data(200, model, seed=1)
+    fitter = (EMTrainer(EMConfig(max_iter=3, progress=True, noise_prior_variance=1e-3,
+                                 tempered_step=False))
+              if trainer == "em" else SGDTrainer(SGDConfig(epochs=3, progress=True)))
+    handler = logging.StreamHandler(sys.stderr)  # as mfa's CLI: logging.basicConfig
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("mfa.test_progress")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    before = (root.level, log.level, logging.lastResort)
+
+    def callback(trainer_, model_, record):
+        log.info("step %d done", len(trainer_.history))
+        warnings.warn(f"step {len(trainer_.history)} warned", UserWarning, stacklevel=2)
+        if interrupt and len(trainer_.history) == 2:
+            raise KeyboardInterrupt
+
+    try:
+        log.setLevel(logging.INFO)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("always", message="step ")
+            warnings.showwarning = one_line
+            try:
+                fitter.fit(model, x, x[:50], callbacks=[callback])
+            except KeyboardInterrupt:
+                assert interrupt
+            # the console as it was (the Ctrl-C included), once the bar is gone
+            assert handler.stream is sys.stderr
+            assert warnings.showwarning is one_line
+        assert logging.lastResort is before[2]
+    finally:
+        root.removeHandler(handler)
+        log.setLevel(before[1])
+    shown = screen(capsys.readouterr().err)
+    steps = 2 if interrupt else 3
+    assert [line for line in shown if "step" in line] == [
+        text for i in range(1, steps + 1)
+        for text in (f"INFO mfa.test_progress: step {i} done", f"warning: step {i} warned")]
+    left = [line for line in shown if any(part in line for part in BAR)]
+    assert not left, f"a bar left on screen: {left}"
