@@ -56,10 +56,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
 from mfa import distributed, parameters
-from mfa._validation import all_finite
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_config import (
@@ -69,6 +68,7 @@ from mfa.hierarchical_config import (
     total_components,
     validate_hierarchical_config,
 )
+from mfa.hierarchical_rows import assign_rows, check_rows, rows_of
 from mfa.model import MixtureOfFactorAnalyzers
 
 logger = logging.getLogger(__name__)
@@ -149,71 +149,6 @@ def _component_as_model(model: MixtureOfFactorAnalyzers, k: int) -> MixtureOfFac
             model.factor_loadings[k : k + 1].clone(), model.raw_noise[k : k + 1].clone(),
             noise=model.noise, min_noise=model.min_noise, chunk_elements=model.chunk_elements,
         )
-
-
-# ---------------------------------------------------------------------------- data
-
-
-def _check_data(data: object, name: str = "data") -> tuple[int, int, torch.dtype]:
-    """``(N, D, dtype)`` of a tensor ``[N, D]`` or a map-style dataset of rows (``name``: the
-    argument, for messages)."""
-    if type(data).__module__ == "numpy":
-        raise TypeError(f"{name} is a numpy array; convert it with torch.from_numpy(...).float()")
-    if isinstance(data, Tensor):
-        if data.dim() != 2:
-            raise ValueError(f"{name} must have shape [N, D], got {tuple(data.shape)}")
-        if not data.is_floating_point():
-            raise TypeError(f"{name} must be floating point (scale images to [0, 1] first), "
-                            f"got {data.dtype}")
-        if not all_finite(data):
-            bad = ~torch.isfinite(data)
-            row, col = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{name} contains non-finite values (NaN or inf): row {row}, "
-                             f"feature {col}")
-        return data.shape[0], data.shape[1], data.dtype
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        n = len(data)
-        if n == 0:
-            raise ValueError(f"{name} is empty")
-        first = data[0]
-        row = first[0] if isinstance(first, (tuple, list)) else first
-        if not isinstance(row, Tensor) or not row.is_floating_point():
-            raise TypeError(f"{name} items must be floating-point tensors (or (tensor, label) "
-                            f"tuples), got {type(row).__name__}")
-        return n, row.numel(), row.dtype
-    raise TypeError(f"{name} must be a torch.Tensor [N, D] or a map-style Dataset of rows, "
-                    f"got {type(data).__name__}")
-
-
-def _batches(data: Tensor | Dataset, batch_size: int):
-    """Float batches ``[B, D]`` of ``data`` in row order."""
-    if isinstance(data, Tensor):
-        for i in range(0, data.shape[0], batch_size):
-            yield data[i : i + batch_size]
-        return
-    for batch in DataLoader(data, batch_size=batch_size, shuffle=False,
-                            generator=torch.Generator()):  # (not torch's global RNG)
-        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
-        yield batch.reshape(batch.shape[0], -1)
-
-
-def _rows(data: Tensor | Dataset, index: Tensor) -> Tensor | Dataset:
-    """The rows ``index`` [n] of ``data``: a tensor ``[n, D]`` or a ``Subset``."""
-    if isinstance(data, Tensor):
-        return data[index.to(data.device)]
-    return Subset(data, index.tolist())
-
-
-def assign_rows(root: MixtureOfFactorAnalyzers, data: Tensor | Dataset,
-                batch_size: int = 4096) -> Tensor:
-    """The most likely root component of every row, ``[N]`` int64 on the CPU, computed batch
-    by batch (memory ``O(batch_size · K₁)``)."""
-    labels = []
-    with torch.no_grad():
-        for batch in _batches(data, batch_size):
-            batch = batch.to(device=root.device, dtype=root.dtype)
-            labels.append(root.predict(batch).cpu())
-    return torch.cat(labels)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -341,7 +276,7 @@ class HierarchicalTrainer:
             device and in the dtype of the children.
         """
         cfg = self.config
-        n_rows, n_features, dtype = _check_data(data)
+        n_rows, n_features, dtype = check_rows(data)
         if n_rows < cfg.root_components:
             raise ValueError(f"data has {n_rows} rows, fewer than root_components="
                              f"{cfg.root_components}")
@@ -349,7 +284,7 @@ class HierarchicalTrainer:
             raise ValueError(f"HierarchicalConfig.n_factors={cfg.n_factors} exceeds the "
                              f"{n_features} features of the data")
         if validation is not None:
-            _, val_features, _ = _check_data(validation, "validation")
+            _, val_features, _ = check_rows(validation, "validation")
             if val_features != n_features:
                 raise ValueError(f"validation has {val_features} features, data {n_features}")
         # where fresh models live; every stage's device checked before any work
@@ -423,7 +358,7 @@ class HierarchicalTrainer:
                     index = (labels == k).nonzero().flatten()  # [rows_k]
                     trainer = self._em(cfg.child_em, seed)
                     try:
-                        trainer.fit(child, _rows(data, index))
+                        trainer.fit(child, rows_of(data, index))
                     except (FloatingPointError, ValueError) as error:
                         raise type(error)(
                             f"child of root component {k} ({rows_k} rows, {n_k} components): "
