@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mfa import distributed, parameters
+from mfa import distributed, parameters, training
 from mfa.checkpoint import load_checkpoint, save_checkpoint
 from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_config import (
@@ -305,7 +305,7 @@ class HierarchicalTrainer:
         else:
             saved_counts, trainer = None, self._em(cfg.root_em, cfg.seed)
             root = self._start_root(root, n_features, dtype, home)
-            self.root = trainer.fit(root, data, validation=validation)
+            self.root = self._fit_stage("root", trainer, root, n_rows, data, validation)
         record = {"stage": "root", "rows": n_rows, "n_components": self.root.n_components,
                   "resumed": saved is not None, **_summary(trainer)}
         labels = assign_rows(self.root, data, cfg.assign_batch_size)  # [N]
@@ -330,7 +330,7 @@ class HierarchicalTrainer:
             n_k = child_components(rows_k, cfg)
             self.kept[k] = n_k == 0
             path = folder / f"child-{k:05d}.pt" if folder is not None else None
-            trainer = None
+            trainer, stage = None, f"child {k + 1}/{cfg.root_components}"
             saved = self._stage_file(path, f"child {k}", n_features, dtype)
             if saved is not None:
                 child, state = saved
@@ -346,8 +346,8 @@ class HierarchicalTrainer:
                 resumed = False
                 if n_k == 0:
                     child = _component_as_model(self.root, k)
-                    logger.info("root component %d: %d rows < min_child_rows, kept as it is",
-                                k, rows_k)
+                    logger.info("%s: %d rows < min_child_rows: root component %d kept as it is",
+                                stage, rows_k, k)
                 else:
                     seed = _child_seed(cfg.seed, k)
                     child = MixtureOfFactorAnalyzers(
@@ -358,13 +358,11 @@ class HierarchicalTrainer:
                     index = (labels == k).nonzero().flatten()  # [rows_k]
                     trainer = self._em(cfg.child_em, seed)
                     try:
-                        trainer.fit(child, rows_of(data, index))
+                        self._fit_stage(stage, trainer, child, rows_k, rows_of(data, index))
                     except (FloatingPointError, ValueError) as error:
                         raise type(error)(
                             f"child of root component {k} ({rows_k} rows, {n_k} components): "
                             f"{error}") from error
-                    logger.info("child %d/%d: %d rows, %d components", k + 1,
-                                cfg.root_components, rows_k, n_k)
             record = {"stage": "child", "component": k, "rows": rows_k,
                       "n_components": child.n_components, "kept": n_k == 0,
                       "resumed": resumed, **_summary(trainer),
@@ -389,7 +387,7 @@ class HierarchicalTrainer:
             self.model = flatten_hierarchy(self.root, self.children)
             if cfg.final_em is not None:
                 trainer = self._em(cfg.final_em, cfg.seed)
-                trainer.fit(self.model, data, validation=validation)
+                self._fit_stage("final", trainer, self.model, n_rows, data, validation)
         record = {"stage": "final", "rows": n_rows, "n_components": self.model.n_components,
                   "resumed": resumed, **_summary(trainer), "seconds": time.perf_counter() - started}
         if not resumed and final_path is not None and distributed.is_main_process():
@@ -397,6 +395,15 @@ class HierarchicalTrainer:
                                                                    "record": record})
         self._emit(record, callbacks)
         return self.model
+
+    def _fit_stage(self, stage: str, trainer: EMTrainer, model: MixtureOfFactorAnalyzers,
+                   rows: int, data: Tensor | Dataset, validation=None) -> MixtureOfFactorAnalyzers:
+        """``trainer.fit(model, data, validation)`` of ``stage`` (``"root"``, ``"child 2/3"``,
+        ``"final"``), logged before it starts; its warnings name it (as ``"child 2/3: EM run
+        1/1: stopped at max_iter=..."``)."""
+        logger.info("%s: %d rows, %d components", stage, rows, model.n_components)
+        with training.prefixed_warnings(f"{stage}: "):
+            return trainer.fit(model, data, validation=validation)
 
     def _start_root(self, start: MixtureOfFactorAnalyzers | None, n_features: int,
                     dtype: torch.dtype, device: torch.device) -> MixtureOfFactorAnalyzers:

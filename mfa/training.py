@@ -1,7 +1,7 @@
-"""What the two trainers (:mod:`mfa.em`, :mod:`mfa.sgd`) share: the convergence warning, the
-streamed evaluation of a model on data, the hold-out split, the TF32 switch of a fit, their
-progress bars (from :mod:`mfa.progress`), the resumable-state helpers and the non-finite
-checks.
+"""What the two trainers (:mod:`mfa.em`, :mod:`mfa.sgd`) share: the convergence warning (and
+the stage of a larger fit named in it: :func:`prefixed_warnings`), the streamed evaluation of
+a model on data, the hold-out split, the TF32 switch of a fit, their progress bars (from
+:mod:`mfa.progress`), the resumable-state helpers and the non-finite checks.
 
 Neither trainer imports the other; both import this module.
 """
@@ -29,6 +29,7 @@ from mfa.progress import progress_bar as progress_bar  # (the trainers' bars)
 
 __all__ = [
     "ConvergenceWarning",
+    "prefixed_warnings",
     "check_finite_params",
     "check_fit_inputs",
     "check_params_match",
@@ -145,6 +146,25 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
         perm = perm.to(data.device)
         return data[perm[n_val:]], data[perm[:n_val]]
     return Subset(data, perm[n_val:].tolist()), Subset(data, perm[:n_val].tolist())
+
+
+@contextlib.contextmanager
+def prefixed_warnings(prefix: str) -> Iterator[None]:
+    """Hold the warnings of the block and issue each again at its end (after an error too),
+    ``prefix`` before its message (``"child 2/3: "``: which stage of a fit warned), with its
+    category and origin, under the filters in force outside the block. Every
+    :class:`ConvergenceWarning` is held (under the ``"default"`` filter a later stage's,
+    the same text from the same line, was dropped); others as the filters let them through.
+    """
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            yield
+    finally:
+        for held in caught:
+            warnings.warn_explicit(f"{prefix}{held.message}", held.category, held.filename,
+                                   held.lineno, source=held.source)
 
 
 # ---------------------------------------------------------------------- TF32 switch

@@ -3,6 +3,7 @@ reference, the child-count rule, kept root components, determinism and resuming.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
 
@@ -11,7 +12,7 @@ import torch
 from helpers import F64, DenseMixture, gen, random_model, random_parameters
 from torch.distributions import MultivariateNormal
 
-from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers
+from mfa import ConvergenceWarning, EMConfig, EMTrainer, MixtureOfFactorAnalyzers
 from mfa.data import ImageDataset
 from mfa.hierarchical import (
     HierarchicalConfig,
@@ -537,3 +538,47 @@ def test_a_stage_device_this_machine_lacks_is_refused_before_any_work(stage):
     with pytest.raises(ValueError, match=r"^device: device 'cuda' asks for CUDA"):
         HierarchicalTrainer(HierarchicalConfig(root_components=2, n_factors=1)).fit(
             x, device="cuda")
+
+
+# ---------------------------------------------------------------------- what the log says
+
+
+def test_each_stage_is_logged_before_its_fit_and_names_its_warnings(data, caplog):
+    """Each stage's line ("root: 600 rows, 2 components") comes before the EM lines of its own
+    fit (they came after it, so a child's lines read as the next child's), and the EM
+    warnings of each stage name it."""
+    stage_em = replace(EM, max_iter=2, tol=1e-12, noise_prior_variance=1e-3,
+                       tempered_step=False)  # (2 iterations: no stage converges)
+    trainer = HierarchicalTrainer(config(root_components=2, root_em=stage_em, child_em=stage_em,
+                                         final_em=replace(stage_em, init="none")))
+    done = []
+
+    def callback(trainer_, record):  # (called once a stage is fitted)
+        done.append(record)
+        logging.getLogger("mfa.test").info("fitted %s %s", record["stage"],
+                                           record.get("component"))
+
+    with (caplog.at_level(logging.DEBUG, logger="mfa"),
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("always")
+        trainer.fit(data[0], callbacks=[callback])
+    events = []  # the log, EM's iteration lines merged into one "EM"
+    for record in caplog.records:
+        text = "EM" if record.name == "mfa.em" else record.getMessage()
+        if not (events and text == "EM" == events[-1]) and record.name != "mfa.prior_search":
+            events.append(text)
+    root, child_0, child_1 = done[0], done[1], done[2]
+    assert [child_0["kept"], child_1["kept"]] == [False, False]
+    assert events == [
+        "root: 600 rows, 2 components", "EM", "fitted root None",
+        f"child 1/2: {child_0['rows']} rows, {child_0['n_components']} components", "EM",
+        "fitted child 0",
+        f"child 2/2: {child_1['rows']} rows, {child_1['n_components']} components", "EM",
+        "fitted child 1",
+        f"final: 600 rows, {child_0['n_components'] + child_1['n_components']} components",
+        "EM", "fitted final None"]
+    assert root["rows"] == 600
+    stopped = [str(w.message).split(" before ")[0] for w in caught
+               if issubclass(w.category, ConvergenceWarning)]
+    assert stopped == [f"{stage}: EM run 1/1: stopped at max_iter=2"
+                       for stage in ("root", "child 1/2", "child 2/2", "final")]
