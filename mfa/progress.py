@@ -138,8 +138,8 @@ def _route_output(bar_class: type, bar_stream) -> None:
     ``sys.stderr`` or ``bar_stream``), ``logging.lastResort`` and ``warnings.showwarning``,
     queueing in ``_undo`` how to put each back."""
     streams = (sys.stdout, sys.stderr, bar_stream)
-    loggers = [logging.getLogger(), *(item for item in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(item, logging.Logger))]
+    known = list(logging.Logger.manager.loggerDict.values())  # (a copy: threads add loggers)
+    loggers = [logging.getLogger(), *(item for item in known if isinstance(item, logging.Logger))]
     for handler in {id(h): h for lg in loggers for h in lg.handlers}.values():
         stream = getattr(handler, "stream", None)
         if (isinstance(handler, logging.StreamHandler)
