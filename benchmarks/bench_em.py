@@ -22,7 +22,8 @@ Figures printed (and written as JSON with --out):
 
 Default data: a seeded random 50,000 of Fashion-MNIST's 60,000 training images (``--seed``;
 Debian's ``dataset-fashion-mnist``),
-K = 50, L = 6, batches of 10,000 (the shape of issue 11); about 3–4 minutes on 2 idle cores.
+K = 50, L = 6, batches of 10,000 (the shape of issue 11); one to two minutes on 2 idle
+cores (36 s on the 2-core Xeon of docs/benchmarks.md, ~1.5 min on its 2-core EPYC).
 ``--synthetic N D`` times random data of another shape instead (no bits/dim then).
 
     python benchmarks/bench_em.py --out docs/bench_em_cpu.json

@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available (use --device cpu)")
     n, d, k, lat, batch, adam_batch = ((1024, 192, 8, 3, 512, 256) if args.quick
                                        else (8192, 12288, 300, 10, 4096, 1024))
     pixels = make_pixels(n, d, device, seed=0)

@@ -22,7 +22,7 @@ target ≤ 30 %; beside it, against the fixed fit at the hand-tuned grid's best,
 searches' and tempered step's own time over the rest of the default fit,
 ``EMTrainer.selection_seconds``).
 
-    python scripts/baselines.py --out docs/results            # the full run (~50 min, 2 CPUs)
+    python scripts/baselines.py --out docs/results            # the full run (~31 min, 2 CPUs)
     python scripts/baselines.py --quick --out /tmp/baselines  # everything at tiny sizes
 """
 
@@ -57,6 +57,7 @@ from mfa import (
     SGDTrainer,
     bits_per_dim,
 )
+from mfa.cli_types import non_negative_int
 from mfa.data import load_dataset
 from mfa.metrics import mean_log_likelihood
 
@@ -383,7 +384,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int)
     p.add_argument("--note", action="append", default=[],
                    help="a line for the report's Notes section (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     for action in p._actions:  # (their defaults are None: see FULL)
         if action.dest in FULL:
             action.help = ((action.help + " ") if action.help else "") + (

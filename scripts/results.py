@@ -37,6 +37,7 @@ from mfa import (
     select_kde_bandwidth,
     viz,
 )
+from mfa.cli_types import non_negative_int
 from mfa.data import load_dataset
 from mfa.em import ConvergenceWarning
 from mfa.inference import inpaint
@@ -348,7 +349,7 @@ def write_markdown(results: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", default=None,
                         help=f"folder of results.md and results/ (default {ROOT / 'docs'}; "
                         "required with --quick)")

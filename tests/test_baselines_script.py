@@ -263,6 +263,7 @@ def _baselines():
     (["--ks", "20", "0"], "--ks must be >= 1, got 0"),
     (["--n-factors", "-1"], "--n-factors must be >= 0, got -1"),
     (["--quick", "--adam-epochs", "0"], "--adam-epochs must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed: must be >= 0, got -1"),  # (every MFA row failed, then sklearn)
 ])
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, argv, message):
     """A typo in the second dataset was found after the first one's fits (a traceback and a

@@ -91,6 +91,18 @@ def test_profile_gpu_quick_on_cpu_lists_the_top_kernels(tmp_path):
         assert field in proc.stdout, f"{field!r} missing from the output:\n{proc.stdout}"
 
 
+def test_profile_gpu_without_cuda_says_so(monkeypatch):
+    """``--device cuda`` where no CUDA device is: a torch traceback from deep inside (on a
+    lent GPU with a broken driver, too), where ``bench_gpu.py`` says what is wrong."""
+    spec = importlib.util.spec_from_file_location(
+        "profile_gpu", ROOT / "benchmarks" / "profile_gpu.py")
+    profile_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        profile_gpu.main(["--device", "cuda", "--quick"])
+
+
 def _load_script():
     spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -341,7 +353,8 @@ def test_bench_selection_checks_its_options_before_any_fit(tmp_path, monkeypatch
             (["--datasets", "embedded-mnist", "fashon-mnist"], "unknown dataset 'fashon-mnist'"),
             (["--out", str(tmp_path / "afile" / "x.json")],
              f"--out {tmp_path / 'afile' / 'x.json'}: {tmp_path / 'afile'} is a file"),
-            (["--components", "3", "0"], "--components must be >= 1, got 0")):
+            (["--components", "3", "0"], "--components must be >= 1, got 0"),
+            (["--seed", "-1"], "--seed: must be >= 0, got -1")):
         with pytest.raises(SystemExit) as stop:
             bench.main(["--quick", *argv])
         assert stop.value.code == 2 and message in capsys.readouterr().err
