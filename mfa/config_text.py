@@ -6,6 +6,8 @@ names."""
 from __future__ import annotations
 
 import copy
+import json
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,8 +141,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     ``None``.
 
     Raises:
-        ValueError: no ``=``, an empty key part, or a value that is not valid YAML (a
-            mapping key given twice included).
+        ValueError: no ``=``, an empty key part, a value that is not valid YAML (a
+            mapping key given twice included), or one holding a YAML comment (`` #``: the
+            rest of the value was dropped without a word, ``output.name=my run #1`` naming the
+            folder ``my run``), with the quoted form that keeps it.
     """
     if not isinstance(text, str) or "=" not in text:
         raise ValueError(f"invalid override {text!r}: expected 'dotted.key=value', "
@@ -155,7 +159,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     except yaml.YAMLError as error:
         raise ValueError(f"invalid override {text!r}: the value is not valid YAML "
                          f"({error})") from None
+    at = _comment_at(raw)
+    if at is not None:  # (a plain string cut at " #" is the likely mistake: quote it)
+        quoted = shlex.quote(f"{key}={json.dumps(raw.strip(), ensure_ascii=False)}")
+        how = (f"quote the value to keep the '#', e.g. --set {quoted}"
+               if value is None or isinstance(value, str) else
+               "remove the comment, or quote a string that holds a '#'")
+        raise ValueError(f"invalid override {text!r}: {raw[at:].splitlines()[0]!r} in its "
+                         f"value is a YAML comment, which would drop it (leaving {value!r}); "
+                         + how)
     return parts, value
+
+
+def _comment_at(text: str) -> int | None:
+    """Where a YAML comment starts in ``text`` (valid YAML), or ``None``: a ``#`` between
+    its tokens (one inside a token, as in ``a#b`` or a quoted string, is text)."""
+    end = 0
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        gap = text[end:token.start_mark.index]
+        if "#" in gap:
+            return end + gap.index("#")
+        end = max(end, token.end_mark.index)
+    return None
 
 
 def override_keys(text: str) -> list[str]:

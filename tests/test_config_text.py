@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,31 @@ def test_drop_empty_sections_keeps_values_that_are_null():
              "output": {}}
     assert drop_empty_sections(given, template) == {
         "train": {"hierarchical": {"root_em": None}}, "seed": None, "output": {}}
+
+
+@pytest.mark.parametrize("text, kept", [
+    ("output.name=my run #1", "my run"), ("data.root=/data/scans #1/png", "/data/scans"),
+    ("output.name=#1", None), ("train.em.max_iter=5 # five", 5)])
+def test_a_value_holding_a_yaml_comment_is_refused_naming_it(text, kept):
+    """`--set "output.name=my run #1"` named the folder `my run`: YAML read " #1" as a
+    comment and dropped it without a word."""
+    import yaml
+
+    from mfa.config_text import parse_override
+
+    key, raw = text.split("=", 1)
+    assert yaml.safe_load(raw) == kept  # (what the value was cut to)
+    with pytest.raises(ValueError, match=rf"invalid override .*{key}.*YAML comment"):
+        parse_override(text)
+
+
+def test_a_hash_inside_a_word_or_quotes_is_text_and_the_advice_keeps_it():
+    from mfa.config_text import parse_override
+
+    assert parse_override("output.name=run#1")[1] == "run#1"
+    assert parse_override("output.name='my run #1'")[1] == "my run #1"
+    with pytest.raises(ValueError) as refused:
+        parse_override("output.name=my run #1")
+    advice = str(refused.value).split("e.g. --set ")[1]
+    (word,) = shlex.split(advice)  # the advice, pasted into a shell, is one argument
+    assert parse_override(word) == (["output", "name"], "my run #1")
