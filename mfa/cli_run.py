@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -77,7 +78,7 @@ def warn_unfinished(ckpt, checkpoint: str) -> None:
         from mfa.run_folder import CHECKPOINT_NAME
 
         path = None if ckpt.path is None else Path(ckpt.path)
-        how = (f"continue it with `mfa train --resume {checkpoint}`"
+        how = (f"continue it with `mfa train --resume {shlex.quote(checkpoint)}`"
                if path is None or path.name == CHECKPOINT_NAME else
                f"to continue it, copy it as {CHECKPOINT_NAME} into an empty folder and "
                "`mfa train --resume` that folder")

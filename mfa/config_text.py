@@ -89,8 +89,8 @@ def _shipped_hint(path: Path) -> str:
     checkout = Path(__file__).resolve().parent.parent / "configs" / path.name
     where = ("" if path.is_absolute() else f" (a path relative to the current folder, "
              f"{Path.cwd()})")
-    full = (f", e.g. --config {checkout}" if checkout.is_file() and checkout != path.resolve()
-            else "")
+    full = (f", e.g. --config {shlex.quote(str(checkout))}"
+            if checkout.is_file() and checkout != path.resolve() else "")
     return (f"{where}: the shipped configs live in the source checkout's configs/ folder "
             "(only embedded-mnist, the default of `mfa train`, ships inside the package); "
             f"run from the checkout or give the full path{full}")

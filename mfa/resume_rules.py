@@ -8,6 +8,7 @@ them to a run folder (:func:`mfa.run_folder.run_config_of`)."""
 from __future__ import annotations
 
 import numbers
+import shlex
 from collections.abc import Iterable
 from dataclasses import fields
 from typing import TYPE_CHECKING
@@ -224,5 +225,5 @@ def _new_run_hint(ckpt, key: str) -> str:
     named by ``output.name`` needs another name (the saved one is taken)."""
     hint = f"e.g. --config RUN/config.yaml --set {key}=..."
     if ckpt.run_config.output.name is not None:
-        hint += f" --set output.name={ckpt.run_config.output.name}-2"
+        hint += f" --set {shlex.quote(f'output.name={ckpt.run_config.output.name}-2')}"
     return hint

@@ -184,8 +184,9 @@ def make_run_dir(config: RunConfig, *, exist_ok: bool = False) -> Path:
             run_dir.mkdir(exist_ok=exist_ok)
         except FileExistsError:
             raise FileExistsError(
-                f"the run folder {run_dir} already exists: choose another output.name, "
-                f"remove it, or continue it with `mfa train --resume {run_dir}`") from None
+                f"the run folder {run_dir} already exists: choose another output.name, remove "
+                f"it, or continue it with `mfa train --resume {shlex.quote(str(run_dir))}`"
+            ) from None
         return run_dir
     numbers = [int(m.group(1)) for p in parent.iterdir() if (m := _RUN_NUMBER.match(p.name))]
     number = max(numbers, default=0) + 1
@@ -214,11 +215,11 @@ def resume_checkpoint(resume: str | Path) -> Path:
         raise FileNotFoundError(f"--resume: {resume} does not exist")
     path = resolve_checkpoint(resume)
     if path.suffix.lower() in (".yaml", ".yml"):  # (not a checkpoint: copying it would fail)
-        run = (f"resume its run with --resume {path.parent}, or "
+        run = (f"resume its run with --resume {shlex.quote(str(path.parent))}, or "
                if (path.parent / CHECKPOINT_NAME).is_file() else "")
         raise ValueError(
             f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a config "
-            f"file: {run}start a new run from it with --config {path}")
+            f"file: {run}start a new run from it with --config {shlex.quote(str(path))}")
     if path.name != CHECKPOINT_NAME:
         raise ValueError(
             f"--resume takes a run folder (or its {CHECKPOINT_NAME}); {path} is a "
@@ -413,9 +414,10 @@ def clean_up_failed(run_dir: Path, error: BaseException, *, created: bool) -> No
         if isinstance(error, Exception):
             write_text_atomically(run_dir / FAILED_NAME, (
                 f"{type(error).__name__}: {error}\nsee train.log; continue with "
-                f"`mfa train --resume {run_dir}` once the cause is fixed (a resume may change "
-                "only iterations, checkpoints, progress, device, figures and data location: a "
-                "cause in another setting, such as a learning rate, needs a new run)\n"))
+                f"`mfa train --resume {shlex.quote(str(run_dir))}` once the cause is fixed (a "
+                "resume may change only iterations, checkpoints, progress, device, figures and "
+                "data location: a cause in another setting, such as a learning rate, needs a new "
+                "run)\n"))
     except OSError as failure:
         logger.warning("cannot clean up or mark the failed run %s: %s", run_dir, failure)
 

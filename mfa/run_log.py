@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 
 __all__ = ["attach_log", "detach_log", "log_ending"]
@@ -33,7 +34,7 @@ def log_ending(handler: logging.Handler | None, error: BaseException, checkpoint
     if isinstance(error, KeyboardInterrupt):
         if checkpoint.exists():
             logger.warning("interrupted: %s keeps its last checkpoint; continue with `mfa train "
-                           "--resume %s`", checkpoint.parent, checkpoint.parent)
+                           "--resume %s`", checkpoint.parent, shlex.quote(str(checkpoint.parent)))
     elif isinstance(error, Exception):
         handler.handle(logger.makeRecord(
             logger.name, logging.ERROR, __file__, 0, "the run failed: %s: %s",

@@ -4,6 +4,8 @@ through, and folders that are not a run's."""
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -144,3 +146,40 @@ def test_a_restarted_run_keeps_its_config_yaml_unless_it_changes(tmp_path, caplo
     assert run.metrics["iterations"] == 2
     assert load_config(folder / "config.yaml").train.em.max_iter == 2
     assert "started over with new values for train.em.max_iter" in caplog.text
+
+
+def _advised(text: str) -> list[str]:
+    """The words a shell reads from the `mfa train --resume ...` a message advises."""
+    return shlex.split(re.search(r"`(mfa train --resume [^`]*)`", text).group(1))
+
+
+def test_the_advice_to_resume_a_folder_with_a_space_is_shell_quoted(tmp_path, caplog,
+                                                                    capsys):
+    """The Ctrl-C, FAILED, folder-exists and unfinished-run messages said `mfa train
+    --resume runs/my run`: pasted, it resumed `runs/my` (and `run` was an extra word)."""
+    import logging
+    from types import SimpleNamespace
+
+    from mfa.cli_run import warn_unfinished
+    from mfa.config import RunConfig
+    from mfa.run_folder import clean_up_failed, make_run_dir
+    from mfa.run_log import detach_log, log_ending
+
+    run_dir = tmp_path / "my run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"")  # (only its existence is read here)
+    want = ["mfa", "train", "--resume", str(run_dir)]
+    with pytest.raises(FileExistsError) as exists:
+        make_run_dir(make_config(tmp_path, "my run"))
+    assert _advised(str(exists.value)) == want
+    clean_up_failed(run_dir, ValueError("boom"), created=False)
+    assert _advised((run_dir / "FAILED").read_text()) == want
+    handler = logging.NullHandler()
+    with caplog.at_level(logging.WARNING, logger="mfa"):
+        log_ending(handler, KeyboardInterrupt(), run_dir / "checkpoint.pt")
+    detach_log(handler)
+    assert _advised(caplog.text) == want
+    ckpt = SimpleNamespace(path=str(run_dir / "checkpoint.pt"), run_config=RunConfig(),
+                           metrics={})  # (no "method": an unfinished run's checkpoint)
+    warn_unfinished(ckpt, str(run_dir))
+    assert _advised(capsys.readouterr().err) == want
