@@ -279,7 +279,11 @@ def _prepare(config: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     trainer = _TRAINERS[config.train.method](trainer_config)
     if ckpt is not None and ckpt.trainer_state is not None:
         try:
-            trainer.load_state_dict(ckpt.trainer_state)
+            with warnings.catch_warnings():
+                if not is_unfinished(ckpt):  # (not fitted again: how a fit would go is moot)
+                    warnings.filterwarnings("ignore", "EMTrainer state saved before EMConfig."
+                                            "min_delta", UserWarning)
+                trainer.load_state_dict(ckpt.trainer_state)
         except (TypeError, ValueError, KeyError) as error:
             raise CheckpointError(
                 f"checkpoint {ckpt.path} holds a trainer state that {type(trainer).__name__} "
@@ -348,12 +352,12 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     meta = {"image_shape": list(data.image_shape), "dataset": data.name,
             "pools": data.metadata.get("pools")}  # (check_same_pools)
     # The fit's wall time over the run's sessions: the resumed checkpoint's, plus this one's
-    # (none for a finished run resumed: its fit only returns the saved result).
+    # (none for a finished run resumed: no fit runs).
     earlier = float((ckpt.metrics or {}).get("train_seconds", 0.0)) if ckpt is not None else 0.0
     finished = ckpt is not None and not is_unfinished(ckpt)
     if finished:
-        logger.info("the run had finished: nothing is left to fit; its results are written "
-                    "again (train_seconds unchanged)")
+        logger.info("the run had finished: nothing is left to fit; its saved model is "
+                    "evaluated and its results are written again (train_seconds unchanged)")
 
     def save(model_, trainer_state, metrics):
         nonlocal config_changed
@@ -364,18 +368,20 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
                         trainer_state=trainer_state, metrics=metrics)
 
     def checkpoint(trainer_, model_):
-        if finished:  # (its final checkpoint is rewritten with the metrics below)
-            return
         seconds = earlier + time.perf_counter() - started
         save(model_, trainer_.state_dict(), {**meta, "train_seconds": seconds})
 
     started = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model = trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
-                            checkpoint_fn=checkpoint, **_fit_options(config, run_dir, setup))
-    for warning in caught:
-        logger.warning("%s", warning.message)
+    # A finished run is not fitted again: its checkpoint's model and trainer state are the
+    # result (the fit of a state an older mfa saved, without the re-seeding rounds and the
+    # tempered step, ran them and overwrote the saved model).
+    if not finished:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            model = trainer.fit(model, setup.train_data, setup.val_data, callbacks=callbacks,
+                                checkpoint_fn=checkpoint, **_fit_options(config, run_dir, setup))
+        for warning in caught:
+            logger.warning("%s", warning.message)
     seconds = earlier + (0.0 if finished else time.perf_counter() - started)
     if not distributed.is_main_process():  # rank 0 evaluates and writes the results
         return TrainResult(run_dir, model, {})
@@ -384,7 +390,7 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     if config.train.method == "hierarchical":  # K is known only now
         metrics["n_components"] = model.n_components
     metrics.update(evaluate_model(model, data, ("train", "val", "test")))
-    save(model, trainer.state_dict(), metrics)
+    save(model, ckpt.trainer_state if finished else trainer.state_dict(), metrics)
     write_text_atomically(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_text_atomically(run_dir / "history.json", json.dumps(trainer.history, indent=2) + "\n")
     logger.info("metrics: %s", metrics)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,41 @@ def test_resume_of_a_finished_run_leaves_its_results_as_they_were(out_dir, metho
     final = load_checkpoint(run_dir / "checkpoint.pt")
     assert final.metrics == saved.metrics
     assert_same_parameters(final.model, saved.model)
+
+
+def test_resume_of_a_finished_run_of_an_older_mfa_fits_nothing_again(tmp_path):
+    """A finished run saved before the re-seeding rounds and the tempered step (its trainer
+    state without ``best_run_val`` and ``tempered``, its configs without ``reseed_rounds``,
+    ``tempered_step`` and ``min_delta``): the resume logged "nothing is left to fit" but its
+    EM ran the rounds and the tempered step and overwrote the saved model (val log-lik -2912
+    -> 797 on the reviewer's run), and warned that min_delta might stop it elsewhere."""
+    import yaml
+
+    done = workflow.train(make_config(tmp_path, "old", "train.em.reseed_rounds=0",
+                                      "train.em.tempered_step=false"), figures=False)
+    path = done.run_dir / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    for key in ("best_run_val", "tempered", "selected_noise_prior_variance"):
+        payload["trainer_state"].pop(key, None)
+    config = yaml.safe_load((done.run_dir / "config.yaml").read_text())
+    for em in (payload["trainer_state"]["config"], payload["run_config"]["train"]["em"],
+               config["train"]["em"]):
+        for key in ("reseed_rounds", "tempered_step", "min_delta"):
+            del em[key]
+    torch.save(payload, path)
+    (done.run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    saved = load_checkpoint(path)
+    assert saved.run_config.train.em.reseed_rounds > 0  # (the defaults: rounds to run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = workflow.train(None, resume=done.run_dir, figures=False)
+    assert not [w for w in caught if "min_delta" in str(w.message)]
+    final = load_checkpoint(path)
+    assert_same_parameters(final.model, saved.model)
+    assert_same_parameters(again.model, saved.model)
+    assert final.trainer_state.keys() == saved.trainer_state.keys()
+    assert final.trainer_state["history"] == saved.trainer_state["history"]
+    assert again.metrics == done.metrics
 
 
 def test_sgd_resume_after_an_interrupt_gives_the_uninterrupted_model(out_dir):
