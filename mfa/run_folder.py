@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,12 +100,15 @@ def check_same_pools(recorded: dict | None, data: ImageData) -> None:
     """Refuse data whose pools are not those a run recorded (``metrics["pools"]``: image
     counts and, for image files, a digest of their paths below the folder they share, from
     :meth:`mfa.data.sources.pools.Pools.fingerprint`): its seeded splits would hold other
-    images, and a "test" score could include training images. Runs saved before the record
-    existed (``None``) are not checked.
+    images, and a "test" score could include training images. A run saved before the record
+    existed (``None``: by an mfa before 2026-12-06) cannot be checked: a ``UserWarning``
+    says so, and how its splits may differ (it was used silently, on other "test" images).
 
     Raises:
         ValueError: naming each pool that differs."""
     current = data.metadata.get("pools")
+    if not recorded and current is not None:
+        warnings.warn(_unrecorded(data), UserWarning, stacklevel=2)
     if not recorded or current is None or _as_lists(recorded) == _as_lists(current):
         return
     differ = []
@@ -121,6 +125,21 @@ def check_same_pools(recorded: dict | None, data: ImageData) -> None:
         f"the {data.name} data is not the data the run was trained on: {'; '.join(differ)}. "
         "Its seeded splits would hold other images (the test split could hold training "
         "images); point data.root at the images the run used")
+
+
+def _unrecorded(data: ImageData) -> str:
+    """What a run that records no pools (saved before 2026-12-06) risks on ``data``: before
+    2026-12-05 a dataset of one pool (embedded-mnist, folder) was split val first, test next
+    (a0b8db0 takes test first), so its splits here are not the run's."""
+    one_pool = set(data.metadata["pools"]) == {"all"}
+    how = (": if it was saved before 2026-12-05, when a dataset of one pool was split val "
+           "first, its val and test images here are not the run's, the test split holding "
+           "images it validated on (and trained on, where val_fraction differs from "
+           "test_fraction)" if one_pool else "")
+    return (f"the run predates the record of its data's pools (it was saved by an mfa before "
+            f"2026-12-06), so the {data.name} data cannot be checked to be the data it was "
+            f"trained on, and its splits may hold other images than the run's{how}; its "
+            "held-out scores may then include images it saw: train it again to be sure")
 
 
 def _as_lists(pools: dict) -> dict:

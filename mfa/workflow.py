@@ -349,8 +349,10 @@ def _train(config: RunConfig, run_dir: Path, setup: _Setup, ckpt: Checkpoint | N
     logger.info("run folder %s; device %s", run_dir, setup.device)
     logger.info("data %s: %s, image shape %s", data.name, data.sizes, data.image_shape)
     mc = config.model
-    meta = {"image_shape": list(data.image_shape), "dataset": data.name,
-            "pools": data.metadata.get("pools")}  # (check_same_pools)
+    # (check_same_pools; a resumed run keeps its own record, and one saved before the record
+    # existed none: the data it was trained on were not checked, and warned of)
+    pools = data.metadata.get("pools") if ckpt is None else (ckpt.metrics or {}).get("pools")
+    meta = {"image_shape": list(data.image_shape), "dataset": data.name, "pools": pools}
     # The fit's wall time over the run's sessions: the resumed checkpoint's, plus this one's
     # (none for a finished run resumed: no fit runs).
     earlier = float((ckpt.metrics or {}).get("train_seconds", 0.0)) if ckpt is not None else 0.0

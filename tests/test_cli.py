@@ -761,6 +761,29 @@ def test_commands_refuse_a_folder_that_changed_since_training(tmp_path):
     assert code == 2 and "pool 'all' lists other image files" in stderr, stderr
 
 
+def test_a_run_that_records_no_pools_is_warned_of(run_dir, tmp_path):
+    """A run saved before its data's pools were recorded (2026-12-06) was evaluated, and
+    resumed, without a word, on splits an older mfa may not have made (before 2026-12-05 a
+    pool was split val first: its "test" images here are those it validated on)."""
+    old = tmp_path / "old run"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns(".lock"))
+    ckpt = load_checkpoint(old / "checkpoint.pt")
+    assert ckpt.metrics["pools"] == {"all": [5000, None]}  # (the current record)
+    save_checkpoint(old / "checkpoint.pt", ckpt.model, run_config=ckpt.run_config,
+                    trainer_state=ckpt.trainer_state,
+                    metrics={k: v for k, v in ckpt.metrics.items() if k != "pools"})
+    warned = "warning: the run predates the record of its data's pools"
+    code, _, stderr = run_cli("evaluate", run_dir)
+    assert code == 0 and warned not in stderr, stderr
+    for argv in (("evaluate", old), ("inpaint", old, "-o", tmp_path / "i.png"),
+                 ("train", "--resume", old, "--no-figures")):
+        code, _, stderr = run_cli(*argv)
+        assert code == 0 and warned in stderr, (argv, stderr)
+        assert "its val and test images here are not the run's" in stderr  # (one pool)
+    # the resumed run records no pools: the data it was trained on were never checked
+    assert json.loads((old / "metrics.json").read_text())["pools"] is None
+
+
 def test_evaluate_outliers_against_another_dataset(run_dir, tmp_path, test_split):
     """AUROC/AUPR of every score against sklearn on scores recomputed with OutlierScorer."""
     from sklearn.metrics import average_precision_score, roc_auc_score
