@@ -129,6 +129,31 @@ def test_tempered_step_applied_is_the_map_step_of_its_temperature():
                                                                  rel=1e-9)
 
 
+def test_an_applied_step_under_a_weight_prior_leaves_its_map_weights():
+    """With a Dirichlet weight prior (``α = 20``) the applied step's weights are the MAP
+    weights ``(N_k + α − 1) / (N + K(α − 1))`` of the tempered statistics, as every other
+    M-step of the fit computes them (not the plain ``N_k / N``)."""
+    x, val = _digits()
+    model = _strongly_regularised_fit(x)
+    start = training.clone_params(model)
+    alpha, k = 20.0, 20
+    source, validation = DataSource(x, model, 512), DataSource(val, model, 512)
+    result = tempering.tempered_step(
+        model, lambda t: EMTrainer.e_step(model, source, "float64", t), validation,
+        Prior(noise_strength=1.0, noise_variance=QUANTIZATION_VARIANCE,
+              weight_concentration=alpha),
+        before=training.evaluate(model, validation), lower=QUANTIZATION_VARIANCE,
+        per_decade=4, variance_floor=1e-6 * (1 + 1e-5) + 1e-30)
+    assert result.applied
+    again = MixtureOfFactorAnalyzers(k, x.shape[1], 3, dtype=F64)
+    again.load_state_dict(start)
+    mass = EMTrainer.e_step(again, DataSource(x, again, 512), "float64",
+                            result.temperature).mass
+    expected = (mass + alpha - 1) / (mass.sum() + k * (alpha - 1))
+    assert float((expected - mass / mass.sum()).abs().max()) > 1e-3  # the prior matters
+    torch.testing.assert_close(model.weights.detach(), expected, rtol=1e-10, atol=1e-12)
+
+
 def test_a_shuffled_validation_loader_gives_the_step_of_the_tensor():
     """The step subtracts per-row scores of separate passes: a shuffled validation DataLoader
     paired other rows (the standard error of unpaired rows, several times the paired one),
