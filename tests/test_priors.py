@@ -777,6 +777,21 @@ def test_rows_that_vary_little_about_a_large_mean_are_not_called_constant(dtype)
         assert not [w for w in caught if "do not vary" in str(w.message)], name
 
 
+def test_training_variance_is_the_rows_variance_about_their_own_mean():
+    """The statistics are moments about the model's reference point ``c``; the training
+    variance is about the rows' mean: ``x.var(0, unbiased=False)`` whatever ``c`` (here the
+    model's means lie 10 away from every feature's mean)."""
+    from mfa.prior_search import training_variance
+
+    model = random_model(3, 6, 2, seed=2, offset=10.0)
+    x = 0.5 + torch.randn(300, 6, generator=gen(3), dtype=F64) * torch.linspace(0.5, 2, 6,
+                                                                               dtype=F64)
+    stats = EMTrainer.e_step(model, x)
+    assert float((stats.reference - x.mean(0)).abs().min()) > 5  # c is far from the mean
+    torch.testing.assert_close(training_variance(stats), x.var(0, unbiased=False), rtol=0,
+                               atol=1e-12)
+
+
 def test_golden_section_search_leaves_a_non_finite_weak_end(monkeypatch):
     """Where the weak priors' candidates score -inf (a non-finite M-step or score), the
     golden-section search moves toward the stronger priors and finds the finite peak (ties
