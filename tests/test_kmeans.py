@@ -49,6 +49,24 @@ def test_kmeans_lloyd_matches_sklearn_from_the_same_centres(blobs, seed):
     assert ours.inertia == pytest.approx(sk.inertia_, rel=1e-10)
 
 
+def test_kmeans_tol_stops_where_sklearn_does():
+    """``tol`` is relative to the mean feature variance, as scikit-learn's: from the same
+    starting centres, on overlapping blobs in D = 10 (slow to converge), Lloyd with
+    ``tol=1e-3`` stops at scikit-learn's iteration, before full convergence, with its
+    centres (a threshold D times larger stopped 1 to 10 iterations early)."""
+    x, _ = make_blobs(n_samples=1200, centers=5, n_features=10, cluster_std=4.0,
+                      random_state=0)
+    x = torch.from_numpy(x)
+    for seed in range(4):
+        start = kmeans(x, 5, n_iter=0, init="random", seed=seed).centers
+        ours = kmeans(x, 5, n_iter=300, tol=1e-3, init="random", seed=seed)
+        sk = KMeans(5, init=start.numpy(), n_init=1, max_iter=300, tol=1e-3,
+                    algorithm="lloyd").fit(x.numpy())
+        assert ours.n_iter == sk.n_iter_, seed
+        assert ours.n_iter < kmeans(x, 5, n_iter=300, tol=0.0, init="random", seed=seed).n_iter
+        np.testing.assert_allclose(ours.centers.numpy(), sk.cluster_centers_, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_kmeans_plus_plus_inertia_close_to_sklearn_best(blobs, seed):
     x, y = blobs
