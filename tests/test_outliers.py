@@ -171,6 +171,19 @@ def test_neg_log_prob_is_bits_per_dim_of_dense_density():
                                -(ref - d * math.log(255)) / (d * math.log(2)))
 
 
+def test_likelihood_ratio_is_bits_per_dim_of_the_dense_densities_ratio():
+    """``−[log p(x) − log p_bg(x)] / (D ln 2)`` with both densities from dense float64
+    mixtures (torch.distributions); ``scale`` cancels."""
+    model, background = random_model(3, 8, 2, seed=1), random_model(2, 8, 1, seed=2)
+    x = torch.randn(10, 8, generator=gen(3), dtype=F64)
+    ref = -(DenseMixture.from_model(model).log_prob(x)
+            - DenseMixture.from_model(background).log_prob(x)) / (8 * math.log(2))
+    assert float(ref.abs().min()) > 0.1  # (a wrong scale would show)
+    for scale in (256, 255):
+        torch.testing.assert_close(likelihood_ratio(model, x, background=background,
+                                                    scale=scale), ref, rtol=0, atol=1e-10)
+
+
 def test_patch_background_is_sum_of_patch_densities():
     """Against patches cut by hand (C=2, 4×6 images, 2×2 patches) and a dense mixture."""
     c, h, w, p = 2, 4, 6, 2
