@@ -1494,3 +1494,27 @@ def test_min_delta_scales_by_the_validation_rows_observed_features(monkeypatch, 
         warnings.simplefilter("ignore")
         EMTrainer(config).fit(MixtureOfFactorAnalyzers(3, 5, 2, dtype=F64), x, validation=val)
     assert seen and seen == [pytest.approx(1e-3 * 4.0)] * len(seen)
+
+
+@pytest.mark.parametrize("min_mass, reseeded", [(5.0, True), (2.9, False)])
+def test_a_component_below_min_component_mass_is_reseeded_and_one_above_is_not(
+        min_mass, reseeded, caplog):
+    """A component alone on a far clump of 3 rows holds a mass of 3: one M-step with
+    ``min_component_mass=5`` re-seeds it (its mean moves next to the other clumps); with
+    2.9, just below its mass, it stays on the clump."""
+    g = gen(0)
+    centres = torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0], [50, 50, 50]], dtype=F64)
+    x = torch.cat([c + torch.randn(n, 3, generator=g, dtype=F64)
+                   for c, n in zip(centres, [100, 100, 100, 3], strict=True)])
+    model = MixtureOfFactorAnalyzers.from_parameters(
+        torch.full((4,), 0.25, dtype=F64), centres.clone(), torch.full((4, 3, 1), 0.1, dtype=F64),
+        torch.ones(4, 3, dtype=F64))
+    with caplog.at_level(logging.WARNING, logger="mfa.em"):
+        _fit(x, 4, 1, model=model, init="none", max_iter=1, min_component_mass=min_mass,
+             reseed_rounds=0, tempered_step=False)
+    messages = [r.getMessage() for r in caplog.records if "re-seeded" in r.getMessage()]
+    moved = float((model.means[3].detach() - x[-3:].mean(0)).abs().max())
+    if reseeded:
+        assert moved > 30 and len(messages) == 1 and "[3]" in messages[0], messages
+    else:
+        assert moved < 0.1 and messages == [], messages  # (μ is solved jointly with A)
