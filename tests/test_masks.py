@@ -204,6 +204,24 @@ def test_a_float_mask_image_reads_its_own_range(top):
         make_mask("image", (1, 4, 6), 2, mask_image=Image.fromarray(levels))
 
 
+def test_block_masks_hide_one_square_at_every_place_it_fits():
+    """``missing_mask("block")`` on 2×5×7 images, side 3: each mask hides one 3×3 square in
+    every channel, and over many draws its top-left corner takes each of the 3×5 places
+    where the square fits (the last row and column are hidden too)."""
+    c, h, w, b = 2, 5, 7, 3
+    observed = missing_mask("block", (c, h, w), 300, torch.Generator().manual_seed(0),
+                            block_size=b)
+    corners = set()
+    for row in observed:
+        hidden = ~row.view(c, h, w)
+        top, left = (int(i) for i in hidden[0].nonzero().min(0).values)
+        square = torch.zeros(h, w, dtype=torch.bool)
+        square[top:top + b, left:left + b] = True
+        assert torch.equal(hidden, square.expand(c, h, w)), (top, left)
+        corners.add((top, left))
+    assert corners == {(i, j) for i in range(h - b + 1) for j in range(w - b + 1)}
+
+
 def test_numpy_integer_counts_are_taken():
     """np.int64 counts were refused as "n must be an int >= 0, got np.int64(3)"."""
     from mfa.masks import missing_mask
