@@ -732,6 +732,26 @@ def test_data_below_the_noise_floor_warns(trainer):
     assert "largest per-feature variance" in messages[0] and "(1e-06)" in messages[0]
 
 
+@pytest.mark.parametrize("times, warns", [(4.0, True), (20.0, False)])
+def test_the_floor_warning_comes_below_ten_times_the_floor(times, warns):
+    """The warning's margin: rows whose largest per-feature variance is 4× the floor (1e-6)
+    are warned about (the noise variances cannot follow them); 20× is not."""
+    from mfa.e_step import streamed_e_step
+    from mfa.prior_search import warn_if_floored
+
+    x = torch.randn(300, 5, generator=gen(0), dtype=F64) * torch.linspace(0.5, 1, 5,
+                                                                          dtype=F64)
+    x = x * (times * 1e-6 / x.var(0, unbiased=False).max()).sqrt()
+    stats = streamed_e_step(random_model(3, 5, 1, seed=1), x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_floored(stats, 1e-6, dtype=F64)
+    messages = [str(w.message) for w in caught if "noise variances' floor" in str(w.message)]
+    assert len(messages) == warns, messages
+    if warns:
+        assert f"largest per-feature variance ({times * 1e-6:.3g}) is below 10x" in messages[0]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("k", [1, 3])
 def test_training_rows_that_do_not_vary_are_named_not_told_to_rescale(dtype, k):
