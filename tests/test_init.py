@@ -227,6 +227,18 @@ def test_random_init_is_deterministic_by_generator(labelled, noise):
     assert bool(torch.isfinite(a.log_prob(x)).all())
 
 
+@pytest.mark.parametrize("lat", [1, 4, 16])
+def test_random_init_loadings_are_a_tenth_of_the_data_scale_whatever_l(lat):
+    """The docstring's "small random loadings (a tenth of the data scale)": a loading row's
+    norm, the standard deviation it adds to its feature, is about 0.1 × the root mean
+    feature variance for any number of factors (not √L times that)."""
+    x = 2.0 * torch.randn(500, 50, generator=gen(0), dtype=F64)
+    scale = float(x.var(0, unbiased=False).mean().sqrt())
+    model = random_init(x, 5, lat, generator=gen(1))
+    row_norm = float(model.factor_loadings.detach().square().sum(-1).mean().sqrt())
+    assert row_norm == pytest.approx(0.1 * scale, rel=0.15)
+
+
 @pytest.mark.parametrize("k, lat, error, name", [
     (4, 1, ValueError, "rows"), (0, 1, ValueError, "n_components"),
     (2.0, 1, TypeError, "n_components"), (2, -1, ValueError, "n_factors"),
