@@ -399,10 +399,10 @@ class HierarchicalTrainer:
     def _fit_stage(self, stage: str, trainer: EMTrainer, model: MixtureOfFactorAnalyzers,
                    rows: int, data: Tensor | Dataset, validation=None) -> MixtureOfFactorAnalyzers:
         """``trainer.fit(model, data, validation)`` of ``stage`` (``"root"``, ``"child 2/3"``,
-        ``"final"``), logged before it starts; its warnings name it (as ``"child 2/3: EM run
-        1/1: stopped at max_iter=..."``)."""
+        ``"final"``), logged before it starts; its warnings name it at their end (as ``"EM run 1/1:
+        stopped at max_iter=... [child 2/3]"``)."""
         logger.info("%s: %d rows, %d components", stage, rows, model.n_components)
-        with training.prefixed_warnings(f"{stage}: "):
+        with training.stage_warnings(stage):
             return trainer.fit(model, data, validation=validation)
 
     def _start_root(self, start: MixtureOfFactorAnalyzers | None, n_features: int,

@@ -1,5 +1,5 @@
 """What the two trainers (:mod:`mfa.em`, :mod:`mfa.sgd`) share: the convergence warning (and
-the stage of a larger fit named in it: :func:`prefixed_warnings`), the streamed evaluation of
+the stage of a larger fit named in it: :func:`stage_warnings`), the streamed evaluation of
 a model on data, the hold-out split, the TF32 switch of a fit, their progress bars (from
 :mod:`mfa.progress`), the resumable-state helpers and the non-finite checks.
 
@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from mfa.progress import progress_bar as progress_bar  # (the trainers' bars)
 
 __all__ = [
     "ConvergenceWarning",
-    "prefixed_warnings",
+    "stage_warnings",
     "check_finite_params",
     "check_fit_inputs",
     "check_params_match",
@@ -149,12 +150,14 @@ def hold_out(data: Tensor | Dataset | Iterable, model: MixtureOfFactorAnalyzers,
 
 
 @contextlib.contextmanager
-def prefixed_warnings(prefix: str) -> Iterator[None]:
+def stage_warnings(stage: str) -> Iterator[None]:
     """Hold the warnings of the block and issue each again at its end (after an error too),
-    ``prefix`` before its message (``"child 2/3: "``: which stage of a fit warned), with its
-    category and origin, under the filters in force outside the block. Every
-    :class:`ConvergenceWarning` is held (under the ``"default"`` filter a later stage's,
-    the same text from the same line, was dropped); others as the filters let them through.
+    its message followed by ``" [stage]"`` (``"... kept [child 2/3]"``: which stage of a fit
+    warned), with its category, origin and module, under the filters in force outside the
+    block: a user's filter by category, module or the message's start acts on it as on the
+    warning itself. Every :class:`ConvergenceWarning` is held (under the ``"default"`` filter
+    a later stage's, the same text from the same line, was dropped); others as the filters
+    let them through.
     """
     caught: list[warnings.WarningMessage] = []
     try:
@@ -162,9 +165,11 @@ def prefixed_warnings(prefix: str) -> Iterator[None]:
             warnings.simplefilter("always", ConvergenceWarning)
             yield
     finally:
+        modules = {getattr(m, "__file__", None): name for name, m in list(sys.modules.items())}
         for held in caught:
-            warnings.warn_explicit(f"{prefix}{held.message}", held.category, held.filename,
-                                   held.lineno, source=held.source)
+            warnings.warn_explicit(f"{held.message} [{stage}]", held.category, held.filename,
+                                   held.lineno, module=modules.get(held.filename),
+                                   source=held.source)
 
 
 # ---------------------------------------------------------------------- TF32 switch
