@@ -29,6 +29,7 @@ import functools
 import logging
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 __all__ = ["close_bars_opened_since", "open_bars", "progress_bar"]
@@ -59,20 +60,27 @@ def progress_bar(iterable: Iterable, enabled: bool, **options):
     return _bar_class()(iterable, **options)
 
 
-_open: list = []  # the bars of progress_bar not closed yet, oldest first
+# the bars of progress_bar not closed yet, oldest first: weak references, so that a bar its
+# caller dropped unclosed is closed by tqdm's __del__ (and the console put back) as a plain
+# tqdm bar is, not kept alive and redrawn under every later log line
+_open: list[weakref.ref] = []
 _undo: list[Callable[[], None]] = []  # puts the console output back, last step first
+
+
+def _live() -> list:
+    return [bar for bar in (ref() for ref in _open) if bar is not None]
 
 
 def open_bars() -> int:
     """How many bars of :func:`progress_bar` are open now."""
-    return len(_open)
+    return len(_live())
 
 
 def close_bars_opened_since(count: int) -> None:
     """Close the bars opened after the first ``count`` (:func:`open_bars` before a fit), newest
     first: a fit that ended by an error or Ctrl-C leaves no bar on screen and no console
     output routed through a bar that is gone."""
-    for bar in reversed(_open[count:]):
+    for bar in reversed(_live()[count:]):
         bar.close()
 
 
@@ -86,18 +94,19 @@ def _bar_class() -> type:
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             if not self.disable:
-                _open.append(self)
+                _open.append(weakref.ref(self))
                 _route_output(type(self), getattr(self.fp, "_wrapped", self.fp))
 
         def close(self) -> None:
             try:
                 super().close()
-            finally:  # (called again by a trainer after its loop closed it, and by __del__)
-                if any(bar is self for bar in _open):  # (bars compare equal by position)
-                    _open[:] = [bar for bar in _open if bar is not self]
-                    if not _open:
-                        while _undo:
-                            _undo.pop()()
+            finally:  # (called again by a trainer after its loop closed it, and by __del__,
+                # where the garbage collector may have cleared this bar's reference already)
+                before = len(_open)  # (`is`, not `in`: bars compare equal by position)
+                _open[:] = [ref for ref in _open if ref() is not None and ref() is not self]
+                if len(_open) < before and not _open:
+                    while _undo:
+                        _undo.pop()()
 
     return Bar
 

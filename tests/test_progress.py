@@ -82,3 +82,28 @@ def test_output_during_a_bar_starts_its_own_line_and_the_console_is_put_back(
         for text in (f"INFO mfa.test_progress: step {i} done", f"warning: step {i} warned")]
     left = [line for line in shown if any(part in line for part in BAR)]
     assert not left, f"a bar left on screen: {left}"
+
+
+def test_a_bar_dropped_unclosed_puts_the_console_back(capsys):
+    """A bar its caller dropped without iterating or closing it stayed open for good: its
+    list kept it alive, so tqdm never closed it, the console handlers stayed routed through
+    it, and its frozen line was redrawn under every later log record. (A bar whose iterator
+    is dropped mid-loop is closed by tqdm's iterator itself.)"""
+    import gc
+
+    from mfa import progress
+
+    handler = logging.StreamHandler(sys.stderr)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    shown, last_resort = warnings.showwarning, logging.lastResort
+    try:
+        bar = progress.progress_bar(range(10), True, desc="dropped")
+        assert progress.open_bars() == 1 and handler.stream is not sys.stderr
+        del bar
+        gc.collect()
+        assert progress.open_bars() == 0
+        assert handler.stream is sys.stderr
+        assert warnings.showwarning is shown and logging.lastResort is last_resort
+    finally:
+        root.removeHandler(handler)
