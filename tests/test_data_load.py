@@ -90,6 +90,18 @@ def test_bad_names_and_arguments(tmp_path):
         load_dataset("folder", tmp_path / "missing")
 
 
+def test_seed_is_an_int_of_any_kind_and_nothing_else():
+    """A numpy int (``np.random.randint``'s, a config read with numpy) was refused here while
+    the data layer's other entries (``ImageData``, ``QuantizedRows``) take it."""
+    import numpy as np
+
+    same = load_dataset("embedded-mnist", limit=3, seed=np.int64(7)).test
+    assert torch.equal(same, load_dataset("embedded-mnist", limit=3, seed=7).test)
+    for bad in (1.5, "1", True):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            load_dataset("embedded-mnist", limit=2, seed=bad)
+
+
 @pytest.mark.parametrize("flag", ["dequantize", "download", "cache", "progress"])
 def test_flags_must_be_bools(flag):
     """The string "false" (from a hand-written config or script) counted as true."""

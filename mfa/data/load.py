@@ -17,6 +17,7 @@ from mfa.data.decode import decode_splits
 from mfa.data.image_data import ImageData
 from mfa.data.locations import default_cache_dir
 from mfa.data.names import DatasetName, normalise_name
+from mfa.data.quantized import check_key_part
 from mfa.data.sources import CELEBA_CROP, CELEBA_SIZE, read_pools
 from mfa.data.splits import assign_splits
 from mfa.data.transforms import check_crop, check_size, shape_of_transform, transform_tensor
@@ -94,8 +95,7 @@ def load_dataset(
         raise ValueError(
             f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = check_key_part(seed, "seed")  # (a numpy int too, as the data's other entries)
     for flag, value in (("download", download), ("dequantize", dequantize), ("cache", cache),
                         ("progress", progress)):
         check_bool(value, flag)
