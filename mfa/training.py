@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from mfa import distributed, linalg, missing, progress
+from mfa import distributed, linalg, missing, parameters, progress
 from mfa._checkpoint_checks import check_generator_state
 from mfa._data_stream import DEFAULT_BATCH_SIZE, DataSource
 from mfa.data.quantized import QuantizedRows
@@ -343,14 +343,16 @@ def check_resumed_config(state: dict, config: object, trainer: str,
 
 def check_fit_inputs(model: MixtureOfFactorAnalyzers, data: object, validation: object,
                      saved: dict[str, dict | None], trainer: str) -> None:
-    """What both trainers' ``fit`` refuse before any work: a ``model`` of another type, an
-    empty ``Dataset`` (or a ``DataLoader`` of one: torch's error named a sampler's
+    """What both trainers' ``fit`` refuse before any work: a ``model`` of another type or on
+    the ``meta`` device (torch's "Cannot copy out of meta tensor" or an error deep in the data
+    stream), an empty ``Dataset`` (or a ``DataLoader`` of one: torch's error named a sampler's
     ``num_samples``, or ``torch.cat`` an empty list), one-shot iterators as ``data`` or
     ``validation`` (:func:`check_reiterable`) and, when resuming, saved parameters ``saved``
     (``{state key: params}``) of another model (:func:`check_params_match`)."""
     if not isinstance(model, MixtureOfFactorAnalyzers):
         raise TypeError(f"{trainer}.fit needs a MixtureOfFactorAnalyzers, got "
                         f"{type(model).__name__}")
+    parameters.check_device(model.device, f"{trainer}.fit cannot fit the model")
     check_reiterable(data, "data")
     check_reiterable(validation, "validation")
     for name, rows in (("data", data), ("validation", validation)):

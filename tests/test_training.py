@@ -398,3 +398,17 @@ def test_fits_on_a_dataset_leave_torchs_global_rng_as_it_was():
                 fit(model, data)
             assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state()), (
                 name, type(data).__name__)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_both_trainers_refuse_a_meta_model_naming_its_device(device):
+    """A model built on ``meta`` (before ``load_state_dict(assign=True)``) given to a trainer
+    failed deep in the data stream (``device=None``) or with torch's "Cannot copy out of meta
+    tensor" (a config device): it holds no values to fit."""
+    model = MixtureOfFactorAnalyzers(2, 3, 1, device="meta")
+    x = torch.randn(50, 3)
+    for trainer in (EMTrainer(EMConfig(max_iter=1, progress=False, device=device)),
+                    SGDTrainer(SGDConfig(epochs=1, progress=False, device=device))):
+        with pytest.raises(ValueError, match=r"\.fit cannot fit the model: its device 'meta'"):
+            trainer.fit(model, x)
+        assert model.device.type == "meta"
