@@ -165,7 +165,8 @@ def stage_warnings(stage: str) -> Iterator[None]:
             warnings.simplefilter("always", ConvergenceWarning)
             yield
     finally:
-        modules = {getattr(m, "__file__", None): name for name, m in list(sys.modules.items())}
+        modules = {getattr(m, "__file__", None): name
+                   for name, m in list(sys.modules.items())} if caught else {}
         for held in caught:
             warnings.warn_explicit(f"{held.message} [{stage}]", held.category, held.filename,
                                    held.lineno, module=modules.get(held.filename),
