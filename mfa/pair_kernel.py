@@ -16,10 +16,18 @@ it in ~0.33 s, importing numba 0.22 s more), so only passes over data large enou
 that take it (:data:`MIN_PASS_VALUES`, :func:`worthwhile`).
 
 Threads: the components are split into ``torch.get_num_threads()`` contiguous ranges of
-about equal pair counts, each summed by one Python thread (the kernel releases the GIL);
-each component's sums come from one thread in pair order, so the result does not depend on
-the thread count. Inside an E-step a second thread gains little on two cores (3 %): torch's
-OpenMP worker keeps busy-waiting for the next product on the other core. Where numba is
+about equal pair counts, each summed by one thread; each component's sums come from one
+thread in pair order, so the result does not depend on the thread count or on how the ranges
+are run. The ranges run in one ``prange`` of numba's GNU OpenMP threading layer where it
+loads (:func:`_parallel_kernel`): inside an E-step that took the kernel from 10 to 7 ms a
+10,000-row batch on a 2-core Xeon, where Python threads (each range a job of a thread pool,
+the kernel releasing the GIL) or numba's ``workqueue`` layer gained nothing over one thread
+(torch's OpenMP worker keeps busy-waiting for the next product on the other core). Where
+that layer is not to be used, the Python threads run them: in a process forked after a
+launch (GNU OpenMP is not fork-safe: numba would end the child), where another layer was
+chosen (``NUMBA_THREADING_LAYER``) or launched first, or where it fails to load. mfa sets
+``numba.config.THREADING_LAYER`` to ``"omp"`` only when it is still ``"default"`` and no
+layer has been launched. Where numba is
 missing, the kernel fails to build or run (a ``RuntimeWarning`` says so once) or
 ``MFA_NUMBA=0`` is set, :mod:`mfa.owner_sums` takes the same sums in torch ops (the same
 values to the work dtype's rounding: about 1e-15 relative in float64).
@@ -35,6 +43,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -56,6 +65,8 @@ _kernel = None  # the compiled function, once built
 _failed = False  # numba did not import, or the kernel failed to build or run (_disable)
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None  # (size, the process it was made in)
+_parallel = None  # (the serial kernel, the OpenMP kernel over ranges); False: not to be used
+_parallel_pid: int | None = None  # the process that launched it
 
 
 def available() -> bool:
@@ -112,50 +123,129 @@ def _disable(error: BaseException) -> None:
                   "MFA_NUMBA=0 skips the kernel)", RuntimeWarning, stacklevel=3)
 
 
+def _spread_sums(x, rows, bounds, first, last, weights, means, sums, sum_y2):
+    """The kernel (compiled by :func:`_build`): the sums of components ``first..last-1``."""
+    # Components first..last-1; pairs bounds[k]..bounds[k+1]-1 of component k, whose rows
+    # are x[rows[p]] and weights weights[p] ([r, r p_1, ..., r p_L]).
+    d = x.shape[1]
+    n_w = weights.shape[1]
+    y = np.empty((4, d), dtype=means.dtype)
+    for k in range(first, last):
+        mu, acc, acc2 = means[k], sums[k], sum_y2[k]
+        p, stop = bounds[k], bounds[k + 1]
+        while p + 4 <= stop:
+            for b in range(4):
+                row = x[rows[p + b]]
+                for j in range(d):
+                    y[b, j] = row[j] - mu[j]
+            w0, w1, w2, w3 = weights[p, 0], weights[p + 1, 0], weights[p + 2, 0], \
+                weights[p + 3, 0]
+            for j in range(d):
+                acc2[j] += ((y[0, j] * y[0, j]) * w0 + (y[1, j] * y[1, j]) * w1
+                            + (y[2, j] * y[2, j]) * w2 + (y[3, j] * y[3, j]) * w3)
+            for m in range(n_w):
+                a0, a1, a2, a3 = weights[p, m], weights[p + 1, m], weights[p + 2, m], \
+                    weights[p + 3, m]
+                for j in range(d):
+                    acc[m, j] += a0 * y[0, j] + a1 * y[1, j] + a2 * y[2, j] + a3 * y[3, j]
+            p += 4
+        while p < stop:
+            row = x[rows[p]]
+            for j in range(d):
+                y[0, j] = row[j] - mu[j]
+            w0 = weights[p, 0]
+            for j in range(d):
+                acc2[j] += (y[0, j] * y[0, j]) * w0
+            for m in range(n_w):
+                a0 = weights[p, m]
+                for j in range(d):
+                    acc[m, j] += a0 * y[0, j]
+            p += 1
+
+
+# Set by _build: what _ranges_sums calls, and numba.prange. Module globals, not closures:
+# numba keys a cached function by its closure's values, and a compiled function's differ in
+# every process (a closure over it recompiled the OpenMP kernel, ~5 s, in every process).
+_serial = None
+_prange = range
+
+
+def _ranges_sums(x, rows, bounds, firsts, lasts, weights, means, sums, sum_y2):
+    """The compiled kernel over the component ranges ``firsts[t]..lasts[t]``, one ``prange``
+    (compiled by :func:`_build_parallel`)."""
+    for t in _prange(firsts.shape[0]):
+        _serial(x, rows, bounds, firsts[t], lasts[t], weights, means, sums, sum_y2)
+
+
 def _build(cache: bool):
+    global _serial, _prange
     import numba
-    import numpy as np
 
-    @numba.njit(cache=cache, nogil=True, boundscheck=False)
-    def spread_sums(x, rows, bounds, first, last, weights, means, sums, sum_y2):
-        # Components first..last-1; pairs bounds[k]..bounds[k+1]-1 of component k, whose rows
-        # are x[rows[p]] and weights weights[p] ([r, r p_1, ..., r p_L]).
-        d = x.shape[1]
-        n_w = weights.shape[1]
-        y = np.empty((4, d), dtype=means.dtype)
-        for k in range(first, last):
-            mu, acc, acc2 = means[k], sums[k], sum_y2[k]
-            p, stop = bounds[k], bounds[k + 1]
-            while p + 4 <= stop:
-                for b in range(4):
-                    row = x[rows[p + b]]
-                    for j in range(d):
-                        y[b, j] = row[j] - mu[j]
-                w0, w1, w2, w3 = weights[p, 0], weights[p + 1, 0], weights[p + 2, 0], \
-                    weights[p + 3, 0]
-                for j in range(d):
-                    acc2[j] += ((y[0, j] * y[0, j]) * w0 + (y[1, j] * y[1, j]) * w1
-                                + (y[2, j] * y[2, j]) * w2 + (y[3, j] * y[3, j]) * w3)
-                for m in range(n_w):
-                    a0, a1, a2, a3 = weights[p, m], weights[p + 1, m], weights[p + 2, m], \
-                        weights[p + 3, m]
-                    for j in range(d):
-                        acc[m, j] += a0 * y[0, j] + a1 * y[1, j] + a2 * y[2, j] + a3 * y[3, j]
-                p += 4
-            while p < stop:
-                row = x[rows[p]]
-                for j in range(d):
-                    y[0, j] = row[j] - mu[j]
-                w0 = weights[p, 0]
-                for j in range(d):
-                    acc2[j] += (y[0, j] * y[0, j]) * w0
-                for m in range(n_w):
-                    a0 = weights[p, m]
-                    for j in range(d):
-                        acc[m, j] += a0 * y[0, j]
-                p += 1
+    _serial = numba.njit(cache=cache, nogil=True, boundscheck=False)(_spread_sums)
+    _prange = numba.prange
+    return _serial
 
-    return spread_sums
+
+def _build_parallel(cache: bool):
+    import numba
+
+    return numba.njit(cache=cache, nogil=True, boundscheck=False, parallel=True)(_ranges_sums)
+
+
+def _parallel_kernel(serial):
+    """The OpenMP kernel over ranges, or ``None`` where it is not to be used (module
+    docstring): only in the process that launched numba's first layer, or before any
+    launch where the user chose none. Built once per serial kernel."""
+    global _parallel
+    import numba
+
+    if _parallel is False:
+        return None
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no layer launched yet: the first launch takes config's choice
+        layer = None
+    if layer is None:
+        if numba.config.THREADING_LAYER not in ("default", "omp"):  # the user's choice
+            return None
+    elif layer != "omp" or _parallel_pid != os.getpid():
+        return None  # another layer, or launched by other code or before a fork
+    if getattr(serial, "py_func", None) is not _spread_sums:  # (only the compiled kernel)
+        return None
+    if _parallel is None or _parallel[0] is not serial:
+        with _lock:
+            if _parallel is None or _parallel[0] is not serial:
+                try:
+                    _parallel = serial, _build_parallel(cache=True)
+                except Exception:  # (no writable cache folder: checked at definition)
+                    _parallel = serial, _build_parallel(cache=False)
+    return _parallel[1]
+
+
+def _launch_parallel(kernel, arrays, ranges, rest) -> bool:
+    """Run ``kernel`` over ``ranges`` on numba's GNU OpenMP layer; ``False`` where the layer
+    does not load or the launch fails (for good in this process: the threads take over)."""
+    global _parallel, _parallel_pid
+    import numba
+
+    chosen = numba.config.THREADING_LAYER == "default"
+    if chosen:
+        numba.config.THREADING_LAYER = "omp"
+    before = numba.get_num_threads()
+    firsts = np.array([first for first, _ in ranges], dtype=np.int64)
+    lasts = np.array([last for _, last in ranges], dtype=np.int64)
+    try:
+        numba.set_num_threads(min(len(ranges), numba.config.NUMBA_NUM_THREADS))
+        kernel(*arrays, firsts, lasts, *rest)
+    except Exception:  # (the layer did not load, or the build failed)
+        _parallel = False
+        if chosen and numba.config.THREADING_LAYER == "omp":  # leave the user's default
+            numba.config.THREADING_LAYER = "default"
+        return False
+    finally:
+        numba.set_num_threads(before)
+    _parallel_pid = os.getpid()
+    return True
 
 
 def _ranges(bounds: list[int], parts: int) -> list[tuple[int, int]]:
@@ -222,7 +312,12 @@ def pair_sums(x: Tensor, rows: Tensor, counts: list[int], weights: Tensor, means
         if len(ranges) <= 1:
             for first, last in ranges:
                 kernel(*arrays, first, last, *rest)
+        elif (parallel := _parallel_kernel(kernel)) is not None and _launch_parallel(
+                parallel, arrays, ranges, rest):
+            pass
         else:
+            rest[2].fill(0.0)  # (a failed launch may have written part of them)
+            rest[3].fill(0.0)
             pool = _executor(threads)
             jobs = [pool.submit(kernel, *arrays, first, last, *rest) for first, last in ranges]
             for job in jobs:
