@@ -1518,3 +1518,43 @@ def test_a_component_below_min_component_mass_is_reseeded_and_one_above_is_not(
         assert moved > 30 and len(messages) == 1 and "[3]" in messages[0], messages
     else:
         assert moved < 0.1 and messages == [], messages  # (μ is solved jointly with A)
+
+
+# ------------------------------------------------- early stopping's kept parameters and restarts
+
+
+def _early_stopped(x, val, k, seed=5, **config):
+    """Fit a float64 ``k``-component, 2-factor model with patience 2 (no re-seeding rounds, no
+    tempered step: their results would replace the restart's); ``(model, trainer, models)``
+    with ``models`` a copy of the model after each record's iteration."""
+    models = []
+    model = MixtureOfFactorAnalyzers(k, x.shape[1], 2, dtype=F64,
+                                     generator=torch.Generator().manual_seed(seed))
+    trainer = EMTrainer(EMConfig(**{"max_iter": 40, "patience": 2, "tol": 0.0,
+                                    "reseed_rounds": 0, "tempered_step": False,
+                                    "progress": False, **config}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, val, callbacks=[
+            lambda t, m, r: models.append((r, copy.deepcopy(m)))])
+    return model, trainer, models
+
+
+@pytest.mark.parametrize("noise_prior_variance", [1e-3, "auto"])
+def test_early_stopping_returns_the_best_validation_iterations_parameters(noise_prior_variance):
+    """The validation score peaks before the last iteration: the returned model is the
+    peak's (a dense float64 mixture scores it at the history's best, not its last), not the
+    last M-step's, which deleting the load of the best parameters returned."""
+    x, val = _clusters(n=80, n_val=60)
+    model, trainer, models = _early_stopped(x, val, 8, max_searches=1,
+                                            noise_prior_variance=noise_prior_variance)
+    scored = [(r["val_log_likelihood"], m) for r, m in models
+              if r["val_log_likelihood"] is not None]
+    best = max(range(len(scored)), key=lambda i: scored[i][0])
+    assert trainer.history[-1]["early_stop"] and best < len(scored) - 1  # the case
+    assert scored[-1][0] < scored[best][0] - 1e-3
+    kept = _dense_log_lik(model, val)
+    assert kept == pytest.approx(scored[best][0], rel=1e-10, abs=1e-10)
+    assert kept == pytest.approx(_dense_log_lik(scored[best][1], val), rel=1e-12, abs=1e-12)
+    _assert_same_params(model, scored[best][1], rtol=0, atol=0)
+
