@@ -1558,3 +1558,35 @@ def test_early_stopping_returns_the_best_validation_iterations_parameters(noise_
     assert kept == pytest.approx(_dense_log_lik(scored[best][1], val), rel=1e-12, abs=1e-12)
     _assert_same_params(model, scored[best][1], rtol=0, atol=0)
 
+
+def test_each_restart_keeps_its_own_best_validation_parameters():
+    """n_init = 3 with patience: each restart returns its own best-validation iteration's
+    parameters, and the fit keeps the restart whose returned parameters have the best train
+    log-likelihood (RunState.best_log_likelihood). Here restart 2 is kept although restart
+    1 reached a better validation score: a restart that inherited the one before's best
+    validation score and parameters returned restart 1's parameters in its place."""
+    x, _ = _sample(700, *_planted(6, 6, 2, seed=0, spread=2.0), seed=1)
+    train, val = x[:500], x[500:]
+    model = MixtureOfFactorAnalyzers(4, 6, 1, dtype=F64)
+    models = []
+    trainer = EMTrainer(EMConfig(n_init=3, max_iter=15, patience=2, seed=0, init_samples=200,
+                                 kmeans_iter=2, reseed_rounds=0, tempered_step=False,
+                                 noise_prior_variance=1e-2, progress=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, train, val, callbacks=[
+            lambda t, m, r: models.append((r, copy.deepcopy(m)))])
+    own = {}  # each restart's best-validation record and model (the first of equal scores)
+    for record, snapshot in models:
+        run, score = record["run"], record["val_log_likelihood"]
+        if score is not None and (run not in own or score > own[run][0]):
+            own[run] = (score, snapshot)
+    assert sorted(own) == [0, 1, 2]
+    train_ll = {run: _dense_log_lik(m, train) for run, (_, m) in own.items()}
+    kept = max(train_ll, key=train_ll.get)
+    # the case: the kept restart's best validation score is below an earlier restart's
+    assert own[kept][0] < max(own[run][0] for run in range(kept)) - 1e-3, own
+    assert sorted(train_ll.values())[-1] > sorted(train_ll.values())[-2] + 1e-3
+    assert _dense_log_lik(model, train) == pytest.approx(train_ll[kept], rel=1e-12)
+    _assert_same_params(model, own[kept][1], rtol=0, atol=0)
+

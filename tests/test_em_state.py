@@ -138,3 +138,17 @@ def test_kept_parameters_move_to_the_models_device():
         assert {v.device.type for v in kept.values()} == {"meta"}
     assert state.generator.device.type == "cpu"
     RunState().params_to(torch.device("meta"))  # (nothing kept yet)
+
+
+def test_a_new_restart_forgets_the_best_validation_score_and_parameters():
+    """Otherwise the next restart's iterations would have to beat the earlier restart's best
+    validation score, and one that does not would return the earlier restart's parameters."""
+    state = RunState()
+    _feed(state, [3.0, 2.0, 1.0])
+    assert state.best_val_log_likelihood == 3.0 and state.best_val_params == {"score": 3.0}
+    state.start_restart()
+    assert state.best_val_log_likelihood is None and state.best_val_params is None
+    assert state.stint_best is None and state.stint_mark is None and state.bad_iterations == 0
+    # the new restart's first score is its best, however low
+    assert _feed(state, [0.5]) == [False]
+    assert state.best_val_params == {"score": 0.5}
