@@ -1590,3 +1590,29 @@ def test_each_restart_keeps_its_own_best_validation_parameters():
     assert _dense_log_lik(model, train) == pytest.approx(train_ll[kept], rel=1e-12)
     _assert_same_params(model, own[kept][1], rtol=0, atol=0)
 
+
+@pytest.mark.parametrize("search_warmup", [1, 2])
+def test_patience_counts_from_the_iteration_after_the_warm_up(search_warmup):
+    """Fixed s₀ and patience 2: the first ``search_warmup`` iterations do not count, every
+    later one without a score ``min_delta·D`` above the mark (the score at which patience
+    last restarted) does; the fit stops at the iteration where two have counted, which a
+    hand count over the history gives. Here the validation score falls from the first
+    iteration on, so counting from one iteration later stopped one iteration later."""
+    x, val = _clusters(n=200, n_val=60)
+    _, trainer, _ = _early_stopped(x, val, 4, noise_prior_variance=1e-3,
+                                   search_warmup=search_warmup)
+    scores = [r["val_log_likelihood"] for r in trainer.history]
+    min_gain = EMConfig().min_delta * x.shape[1]
+    mark, bad, stop = None, 0, None
+    for i, score in enumerate(scores, start=1):  # i: the iteration, 1-based
+        if mark is None or score > mark + min_gain:
+            mark, bad = score, 0
+        elif i > search_warmup:
+            bad += 1
+        if bad == 2:
+            stop = i
+            break
+    # the case: the first counted iteration (right after the warm-up) is a bad one
+    assert scores[search_warmup] <= scores[0] + min_gain, scores
+    assert stop is not None and len(scores) == stop, (scores, stop)
+    assert [r["early_stop"] for r in trainer.history] == [False] * (stop - 1) + [True]
