@@ -201,16 +201,20 @@ def test_counts_follow_the_root_and_children_follow_the_rule(data, fitted):
     assert len({c.n_components for c in trainer.children}) > 1
 
 
-def test_root_component_with_too_few_rows_is_kept_as_it_is():
+@pytest.mark.parametrize("seed, small_at", [(0, 0), (1, 2)])
+def test_root_component_with_too_few_rows_is_kept_as_it_is(seed, small_at):
+    """(Seed 1 puts the small cluster's root component last: at index 0 a child built
+    from the root's first component passed whichever component it read.)"""
     g = gen(3)
     centres = torch.tensor([[0.0] * 4, [12.0] * 4, [-12.0, 12.0, -12.0, 12.0]], dtype=F64)
     sizes = (300, 300, 12)
     x = torch.cat([c + torch.randn(n, 4, generator=g, dtype=F64)
                    for c, n in zip(centres, sizes, strict=True)])
-    cfg = config(rows_per_component=50, min_child_rows=40, max_child_components=3)
+    cfg = config(rows_per_component=50, min_child_rows=40, max_child_components=3, seed=seed)
     trainer = HierarchicalTrainer(cfg)
     model = trainer.fit(x)
     small = int(trainer.counts.argmin())
+    assert small == small_at, trainer.counts
     assert int(trainer.counts[small]) < 40, trainer.counts  # the scenario is exercised
     assert trainer.kept.tolist() == [k == small for k in range(3)]
     child = trainer.children[small]
@@ -227,6 +231,37 @@ def test_root_component_with_too_few_rows_is_kept_as_it_is():
     assert model.n_components == sum(c.n_components for c in trainer.children) == 1 + 3 + 3
     torch.testing.assert_close(model.log_prob(x).detach(), two_level_reference(trainer, x),
                                rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize("noise, precision", [("diagonal", "float64"), ("isotropic", "float64"),
+                                              ("diagonal", "float32")])
+def test_component_as_model_is_that_component_alone(noise, precision):
+    """_component_as_model(model, k), for every k: one component of weight 1 with component
+    k's mean, loadings and noise variances (those the model was built from), whose density
+    is that of the dense Gaussian N(μ_k, A_k A_kᵀ + diag d_k)."""
+    from mfa.hierarchical import _component_as_model
+
+    dtype = getattr(torch, precision)
+    params = random_parameters(4, 5, 2, noise, seed=7, dtype=dtype)
+    model = MixtureOfFactorAnalyzers.from_parameters(**params, noise=noise)
+    x = torch.randn(20, 5, generator=gen(2), dtype=F64)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == F64 else dict(rtol=1e-5, atol=1e-6)
+    for k in range(4):
+        alone = _component_as_model(model, k)
+        assert alone.n_components == 1 and alone.noise == noise and alone.dtype == dtype
+        assert alone.min_noise == model.min_noise
+        torch.testing.assert_close(alone.weights.detach(), torch.ones(1, dtype=dtype))
+        torch.testing.assert_close(alone.means[0].detach(), params["means"][k], **tol)
+        torch.testing.assert_close(alone.factor_loadings[0].detach(),
+                                   params["factor_loadings"][k], **tol)
+        torch.testing.assert_close(alone.noise_variance[0].detach(),
+                                   params["noise_variance"][k].expand(5), **tol)
+        a = params["factor_loadings"][k].to(F64)
+        cov = a @ a.T + torch.diag(params["noise_variance"][k].to(F64).expand(5))
+        dense = MultivariateNormal(params["means"][k].to(F64), covariance_matrix=cov)
+        torch.testing.assert_close(alone.log_prob(x.to(dtype)).detach().to(F64),
+                                   dense.log_prob(x), rtol=1e-10 if dtype == F64 else 1e-5,
+                                   atol=1e-10 if dtype == F64 else 1e-4)
 
 
 # ---------------------------------------------------------------------- determinism, resume
