@@ -589,19 +589,20 @@ def test_e_step_modes_keep_far_apart_variances(mode, tols, lat):
     assert ((got - ref).abs() / ref).max().item() < tol
 
 
-def _dense_noise_update(model, x) -> torch.Tensor:
+def _dense_noise_update(model, x, components=None) -> torch.Tensor:
     """The noise variances [K, D] of one plain EM step from ``model``'s parameters, all in
     float64 and densely: responsibilities from full covariances (``DenseMixture``), ``E[z]``
     by a solve per component, and each component's sums about its own weighted mean ``x̄``
     (the update ``[A, μ − x̄] = Σ r y E[z̃]ᵀ (Σ r E[z̃z̃ᵀ])⁻¹``, ``y = x − x̄``, is the
-    textbook one translated: rows far from the origin lose nothing to cancellation)."""
+    textbook one translated: rows far from the origin lose nothing to cancellation).
+    ``components``: only these (indices; ``[K', D]``), e.g. the ones with rows."""
     x = x.detach().to(F64)
     r = torch.softmax(DenseMixture.from_model(model).component_log_prob(x), -1)  # [N, K]
     a, psi, mu = (t.detach().to(F64) for t in (model.factor_loadings, model.noise_variance,
                                                model.means))
     lat = a.shape[-1]
     out = []
-    for j in range(a.shape[0]):
+    for j in range(a.shape[0]) if components is None else components:
         rj = r[:, j]
         y = x - (rj @ x) / rj.sum()  # [N, D]
         prec = torch.eye(lat, dtype=F64) + (a[j].T / psi[j]) @ a[j]  # M
@@ -631,6 +632,47 @@ def test_float32_mode_keeps_far_apart_variances():
                  variance_floor=1e-12)["noise_variance"].double()
     ref = _dense_noise_update(m32, x32)
     assert ((got - ref) / ref).abs().max().item() < 1e-4
+
+
+def _concentrated_problem(case: str):
+    """Two components (D = 50, noise 1e-2) whose cancellation lives in feature 0 alone:
+    ``"far"``: the second 82 out there (L = 1, loadings 0.05; ε·(μ − c)²/d = 2e-2 there, 0
+    elsewhere); ``"sharp"``: pixel-like means, loadings 0.3 over noise 1e-6 there (L = 2;
+    ε·|a|²/d = 2e-2, ~2e-6 elsewhere). A float32 model and 1,000 rows drawn from it."""
+    g = gen(21)
+    k, d = 2, 50
+    lat = 1 if case == "far" else 2
+    noise = torch.full((k, d), 1e-2)
+    if case == "far":
+        mu = torch.zeros(k, d)
+        mu[1, 0] = 82.0
+        a = 0.05 * torch.randn(k, d, lat, generator=g)
+    else:
+        mu = 0.4 + 0.2 * torch.rand(k, d, generator=g)
+        a = 0.3 * torch.randn(k, d, lat, generator=g)
+        a[:, 0] = 0.3
+        noise[:, 0] = 1e-6
+    model = MixtureOfFactorAnalyzers.from_parameters(torch.tensor([0.5, 0.5]), mu, a, noise,
+                                                     min_noise=0.0)
+    with torch.no_grad():
+        return model.sample(1000, generator=g)[0], model
+
+
+@pytest.mark.parametrize("case, mode, tol", [("far", "float32", 1e-4),
+                                             ("sharp", "float32", 1e-3),
+                                             ("sharp", "mixed", 1e-3)])
+def test_float32_and_mixed_promote_a_component_lossy_in_one_feature(case, mode, tol):
+    """A component far from c (or sharp) in one of 50 features loses as much there as one
+    that is so in every feature: mfa.precision.float64_components must take the worst
+    feature, not the average (which stays below LOSSY_LIMIT here, and left the sums in
+    float32: one M-step's noise variances 1.8e-2 off in "far", 3e-2 to 7e-2 in "sharp").
+    Against the dense float64 update of the same float32 parameters; measured 6e-7 and
+    1.9e-5."""
+    x, model = _concentrated_problem(case)
+    got = m_step(EMTrainer.e_step(model, DataSource(x, model, 1000), mode), model,
+                 variance_floor=0.0)["noise_variance"].double()
+    ref = _dense_noise_update(model, x)
+    assert ((got - ref) / ref).abs().max().item() < tol
 
 
 def _two_far_clusters():
@@ -1037,6 +1079,36 @@ def test_overlapping_components_far_from_the_reference(mode, far, with_data):
     got = m_step(EMTrainer.e_step(m, DataSource(x, m, 4096), mode), m,
                  variance_floor=1e-6)["noise_variance"]
     assert ((got - ref) / ref)[:2].abs().max().item() < 1e-4
+
+
+def _one_far_pair_of_twenty():
+    """20 components (weights 1/20, variance 0.5, L = 0, D = 20): two overlapping ones
+    (means 0.5 apart) 2,000 out in feature 0 alone with every row (300), the other 18
+    around 0 with none. ε·(μ − c)²/d is 0.77 at most (c_0 ≈ 200; FAR_LIMIT 1e-2) but 4e-3
+    on average over the components and features. Returns the rows and the model."""
+    g, k, d = gen(0), 20, 20
+    mu = 3.0 * torch.randn(k, d, generator=g)
+    mu[1] = mu[0] + 0.5
+    mu[:2, 0] += 2000.0
+    noise = torch.full((k, d), 0.5)
+    model = MixtureOfFactorAnalyzers.from_parameters(torch.full((k,), 1 / k), mu,
+                                                     torch.zeros(k, d, 0), noise)
+    owner = torch.randint(0, 2, (300,), generator=g)
+    return mu[owner] + noise[owner].sqrt() * torch.randn(300, d, generator=g), model
+
+
+@pytest.mark.parametrize("mode", ["centred", "centred32"])
+def test_a_far_pair_of_twenty_components_counts_as_far(mode):
+    """mfa.precision.far_from_reference must take the worst component and feature, not the
+    average over them: with the average, the dense chunks summed the far pair's non-owner
+    shares' Σ r x, Σ r x² about c in float32 and one M-step's noise variances came out 0.31
+    off. Against the dense float64 update of the same parameters (the two components with
+    rows); measured 1e-7 ("centred") and 3.7e-7 ("centred32")."""
+    x, model = _one_far_pair_of_twenty()
+    got = m_step(EMTrainer.e_step(model, DataSource(x, model, 4096), mode), model,
+                 variance_floor=0.0)["noise_variance"].double()[:2]
+    ref = _dense_noise_update(model, x, [0, 1])
+    assert ((got - ref) / ref).abs().max().item() < 1e-4
 
 
 def test_default_em_objective_does_not_fall_with_far_components():
