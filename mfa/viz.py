@@ -3,7 +3,11 @@
 Conventions:
 
 * Images are float tensors ``[N, C, H, W]`` with values in ``[0, 1]`` (clamped for display;
-  NaN shows as 0). ``C`` is 1 (grayscale) or 3 (RGB).
+  NaN shows as 0), or uint8 pixels (drawn as they are). ``C`` is 1 (grayscale) or 3 (RGB).
+  A float ``x`` is drawn as the pixel it stands for (:func:`to_pixels`): ``round(255·x)``
+  for ``pixel/255`` data (the default), ``floor(256·x)`` with ``dequantized=True`` for
+  dequantised ``(pixel + u)/256`` data and a model of them (their samples, means and
+  inpainted pixels), so a dequantised row shows its stored pixel, not ``pixel ± 1``.
 * Data rows are flattened channel-first (CHW): feature ``c·H·W + h·W + w`` is channel ``c``,
   row ``h``, column ``w`` (:func:`rows_to_images`, :func:`images_to_rows`).
 * Grids are returned as ``PIL.Image`` in mode ``"L"`` (8-bit grayscale) for ``C = 1`` and
@@ -50,6 +54,7 @@ __all__ = [
     "sample_grid",
     "save_image",
     "save_image_grid",
+    "to_pixels",
     "upscale",
 ]
 
@@ -83,8 +88,31 @@ def _shape_of(x: object) -> object:
 # ---------------------------------------------------------------------------- grids
 
 
-def _as_images(images: Tensor) -> Tensor:
-    """Validate and convert to float32 ``[N, C, H, W]`` in ``[0, 1]`` on the CPU."""
+def to_pixels(x: Tensor, *, dequantized: bool = False) -> Tensor:
+    """Float values → the uint8 pixels they stand for, ``x``'s shape: ``round(255·x)`` for
+    ``pixel/255`` values, ``floor(256·x)`` for dequantised ``(pixel + u)/256`` values
+    (``dequantized=True``, as :func:`mfa.outliers.quantize`), clipped to ``0..255``; NaN
+    gives 0. Computed in ``x``'s dtype (float16 and bfloat16 in float32): a float64 row cast
+    to float32 first could round ``(pixel + u)/256`` up to ``(pixel + 1)/256``."""
+    _check_dequantized(dequantized)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = f"dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point tensor, got {got}")
+    if torch.finfo(x.dtype).bits < 32:
+        x = x.float()
+    x = torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=0.0)
+    pixels = torch.floor(x * 256.0) if dequantized else torch.floor(x.clamp(0, 1) * 255 + 0.5)
+    return pixels.clamp_(0, 255).to(torch.uint8)
+
+
+def _check_dequantized(dequantized: object) -> None:
+    if not isinstance(dequantized, bool):  # ("no" would draw as True)
+        raise TypeError(f"dequantized must be True or False, got {dequantized!r}")
+
+
+def _as_images(images: Tensor, dequantized: bool = False) -> Tensor:
+    """Validate and convert to uint8 ``[N, C, H, W]`` on the CPU (uint8 as it is, floats by
+    :func:`to_pixels`)."""
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if images.dim() == 3:  # [N, H, W] grayscale
@@ -95,16 +123,18 @@ def _as_images(images: Tensor) -> Tensor:
         )
     if images.shape[0] == 0:
         raise ValueError("images must contain at least one image, got N = 0")
+    _check_dequantized(dequantized)
     images = images.detach().cpu()
     if images.dtype == torch.uint8:
-        return images.float() / 255.0
+        return images
     if not images.is_floating_point():
         raise TypeError(f"images must be floating point (or uint8), got {images.dtype}")
-    return torch.nan_to_num(images.float(), nan=0.0).clamp(0.0, 1.0)
+    return to_pixels(images, dequantized=dequantized)
 
 
-def _to_uint8(x: Tensor) -> Tensor:
-    return (x * 255.0 + 0.5).clamp(0, 255).to(torch.uint8)
+def _grey(value: float) -> int:
+    """A display grey level in ``[0, 1]`` (padding, the hidden marker) as a pixel 0..255."""
+    return int(to_pixels(torch.tensor(float(value), dtype=torch.float64)))
 
 
 #: The most pixels a saved figure may have after upscaling (2^28: 0.8 GB as RGB); a larger
@@ -133,11 +163,11 @@ def check_figure_size(width: int, height: int, scale: int) -> None:
 
 
 def _grid_tensor(images: Tensor, nrow: int, padding: int, pad_value: float) -> Tensor:
-    """``[N, C, H, W]`` in [0, 1] → ``[C, H', W']`` with ``nrow`` images per row."""
+    """uint8 ``[N, C, H, W]`` → uint8 ``[C, H', W']`` with ``nrow`` images per row."""
     n, c, h, w = images.shape
     cols = min(nrow, n)
     width, height = grid_size(n, nrow, h, w, padding)
-    grid = images.new_full((c, height, width), float(pad_value))
+    grid = images.new_full((c, height, width), _grey(pad_value))
     for i in range(n):
         top = padding + (i // cols) * (h + padding)
         left = padding + (i % cols) * (w + padding)
@@ -146,8 +176,8 @@ def _grid_tensor(images: Tensor, nrow: int, padding: int, pad_value: float) -> T
 
 
 def _to_pil(grid: Tensor) -> Image.Image:
-    """``[C, H, W]`` in [0, 1] → PIL ``"L"`` (C = 1) or ``"RGB"`` (C = 3)."""
-    array = _to_uint8(grid).permute(1, 2, 0).contiguous().numpy()
+    """uint8 ``[C, H, W]`` → PIL ``"L"`` (C = 1) or ``"RGB"`` (C = 3)."""
+    array = grid.permute(1, 2, 0).contiguous().numpy()
     if grid.shape[0] == 1:
         return Image.fromarray(array[:, :, 0])
     return Image.fromarray(array)
@@ -167,18 +197,21 @@ def _check_grid_args(nrow: int, padding: int, pad_value: float) -> tuple[int, in
 
 
 def image_grid(
-    images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0
+    images: Tensor, nrow: int = 8, padding: int = 2, pad_value: float = 1.0, *,
+    dequantized: bool = False,
 ) -> Image.Image:
     """Tile images into one 8-bit picture.
 
     Args:
         images: ``[N, C, H, W]`` (or ``[N, H, W]``: ``N`` grey images, so one RGB image
             ``[3, H, W]`` is drawn as three grey ones: pass ``image[None]``), float in
-            ``[0, 1]`` (clamped) or uint8; ``C`` is 1 or 3.
+            ``[0, 1]`` (clamped) or uint8 (drawn as it is); ``C`` is 1 or 3.
         nrow: images per row; the grid has ``ceil(N / nrow)`` rows, empty cells are
             ``pad_value``.
         padding: pixels between cells and around the border.
         pad_value: grey level of the padding, in ``[0, 1]``.
+        dequantized: float images are dequantised ``(pixel + u)/256`` values (or a model of
+            them): drawn as ``floor(256·x)``, not ``round(255·x)`` (:func:`to_pixels`).
 
     Returns:
         A ``PIL.Image`` of width ``cols·(W + padding) + padding`` and height
@@ -186,7 +219,7 @@ def image_grid(
         ``C = 1`` and ``"RGB"`` for ``C = 3``.
     """
     nrow, padding = _check_grid_args(nrow, padding, pad_value)
-    return _to_pil(_grid_tensor(_as_images(images), nrow, padding, pad_value))
+    return _to_pil(_grid_tensor(_as_images(images, dequantized), nrow, padding, pad_value))
 
 
 def upscale(image: Image.Image, scale: int) -> Image.Image:
@@ -223,14 +256,15 @@ def save_image_grid(
     pad_value: float = 1.0,
     scale: int = 1,
     if_exists: IfExists = "replace",
+    dequantized: bool = False,
 ) -> Path:
     """:func:`image_grid` saved to ``path``, upscaled ``scale`` times (nearest neighbour).
 
     ``scale=3`` makes a grid of 28×28 digits readable on screen. Returns the path written
-    (``if_exists``: see :func:`save_image`).
+    (``if_exists``: see :func:`save_image`; ``dequantized``: see :func:`image_grid`).
     """
-    return save_image(image_grid(images, nrow, padding, pad_value), path, scale=scale,
-                      if_exists=if_exists)
+    grid = image_grid(images, nrow, padding, pad_value, dequantized=dequantized)
+    return save_image(grid, path, scale=scale, if_exists=if_exists)
 
 
 def sample_grid(
@@ -241,11 +275,13 @@ def sample_grid(
     *,
     generator: torch.Generator | None = None,
     padding: int = 2,
+    dequantized: bool = False,
 ) -> Image.Image:
-    """A grid of ``n`` samples of ``model`` (rows reshaped to ``image_shape``, clamped)."""
+    """A grid of ``n`` samples of ``model`` (rows reshaped to ``image_shape``, clamped;
+    ``dequantized``: a model of dequantised data, see :func:`image_grid`)."""
     with torch.no_grad():
         x, _ = model.sample(n, generator=generator)
-    return image_grid(rows_to_images(x, image_shape), nrow, padding)
+    return image_grid(rows_to_images(x, image_shape), nrow, padding, dequantized=dequantized)
 
 
 # ---------------------------------------------------------------------------- inpainting
@@ -271,11 +307,13 @@ def inpainting_grid(
     hidden_color: float | Sequence[float] = HIDDEN_COLOR,
     padding: int = 2,
     pad_value: float = 1.0,
+    dequantized: bool = False,
 ) -> Image.Image:
     """One row per image: original | masked input | conditional mean | S samples.
 
     Args:
-        original: ``[N, D]`` the complete images.
+        original: ``[N, D]`` the complete images: float, or the stored uint8 pixels (drawn
+            as they are; a dequantised dataset's ``data.pixels(split)[rows]``).
         masked_input: ``[N, D]`` what the model was given (``None``: ``original``); its hidden
             pixels are painted ``hidden_color``, so only the observed pixels are shown.
         mean: ``[N, D]`` the conditional means ``E[x_hidden | x_observed]``.
@@ -284,6 +322,8 @@ def inpainting_grid(
         mask: bool ``[N, D]`` (or ``[D]`` for all rows), ``True`` where observed.
         hidden_color: RGB triple in ``[0, 1]`` (default magenta) or one grey level. A grey
             level keeps grayscale images in mode ``"L"``; a colour makes the figure RGB.
+        dequantized: the float rows are dequantised ``(pixel + u)/256`` values and the
+            model's outputs over them: drawn as ``floor(256·x)`` (:func:`to_pixels`).
 
     Returns:
         A ``PIL.Image`` with ``N`` rows and ``3 + S`` columns.
@@ -318,12 +358,13 @@ def inpainting_grid(
     out_c = max(c, len(color))
 
     def images(rows: Tensor) -> Tensor:
-        x = _as_images(rows_to_images(rows, (c, h, w)))
+        x = _as_images(rows_to_images(rows, (c, h, w)), dequantized)
         return x.expand(-1, out_c, -1, -1) if x.shape[1] != out_c else x
 
     shown = images(masked_input).clone()
     hidden = ~rows_to_images(mask, (c, h, w)).all(dim=1)  # [N, H, W], any channel hidden
-    fill = torch.tensor(color).view(out_c, 1, 1).expand(out_c, h, w)
+    fill = torch.tensor([_grey(v) for v in color], dtype=torch.uint8)
+    fill = fill.view(out_c, 1, 1).expand(out_c, h, w)
     shown = torch.where(hidden.unsqueeze(1), fill, shown)
 
     columns = [images(original), shown, images(mean)] + [images(s) for s in samples]
@@ -367,6 +408,7 @@ def factor_grid(
     max_factors: int | None = None,
     padding: int = 2,
     pad_value: float = 1.0,
+    dequantized: bool = False,
 ) -> Image.Image:
     """What each factor of a component does, as in the factor figure of "On GANs and GMMs".
 
@@ -376,7 +418,9 @@ def factor_grid(
 
     ``μ_k ± c·A_ki`` are clamped to [0, 1]; the noise standard deviation ``√d_k`` and each
     column ``A_ki`` are min-max normalised to [0, 1] for display (a constant image shows as
-    mid grey).
+    mid grey). ``dequantized``: a model of dequantised data, whose ``μ_k`` and ``μ_k ± c·A_ki``
+    are drawn as ``floor(256·x)`` (:func:`to_pixels`; the normalised cells as
+    ``round(255·x)``).
 
     Args:
         model: a trained model over ``D = C·H·W`` features.
@@ -407,12 +451,15 @@ def factor_grid(
         means = model.means.detach().cpu().float()
         loadings = model.factor_loadings.detach().cpu().float()
         noise_std = model.noise_variance.detach().cpu().float().sqrt()
+    def pixels(x: Tensor) -> Tensor:  # μ_k (± c·A_ki): values on the data's scale
+        return to_pixels(x, dequantized=dequantized)
+
     cells = []
     for k in components:
         mu = means[k]
-        cells += [mu.clamp(0, 1), _normalise(noise_std[k])]
+        cells += [pixels(mu), to_pixels(_normalise(noise_std[k]))]
         for i in range(n_factors):
             a = loadings[k, :, i]
-            cells += [(mu - scale * a).clamp(0, 1), _normalise(a), (mu + scale * a).clamp(0, 1)]
+            cells += [pixels(mu - scale * a), to_pixels(_normalise(a)), pixels(mu + scale * a)]
     images = rows_to_images(torch.stack(cells), (c, h, w))
     return image_grid(images, 2 + 3 * n_factors, padding, pad_value)

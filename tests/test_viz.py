@@ -502,3 +502,94 @@ def test_numpy_numbers_are_numbers_to_the_figures(tmp_path, monkeypatch):
     assert drawn == [[1.5, 2.5]]
     with pytest.raises(ValueError, match="nrow must be >= 1"):
         viz.grid_size(3, 0, 4, 4)
+
+
+# ------------------------------------------------------------- pixels of dequantised data
+
+
+def every_level_dequantised(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every pixel level p (uint8 [256]) with p/256, (p + 0.5)/256 and the largest ``dtype``
+    value below (p + 1)/256 ([3, 256]): rows that stand for p, floor(256 x) = p."""
+    p = torch.arange(256, dtype=torch.uint8)
+    level = p.to(dtype)
+    top = torch.nextafter((level + 1) / 256, torch.zeros((), dtype=dtype))
+    return p, torch.stack([level / 256, (level + 0.5) / 256, top])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dequantised_rows_are_drawn_as_their_pixels(dtype):
+    """image_grid drew round(255 x): p or p ± 1 for x = (p + u)/256. With dequantized=True it
+    draws floor(256 x) = p, computed in x's dtype (a float64 row whose u is within 2^-33 of
+    1 becomes (p + 1)/256 when cast to float32 first)."""
+    p, x = every_level_dequantised(dtype)
+    assert ((x * 256).floor() == p.double()).all()  # (the rows stand for p)
+    image = image_grid(x.view(3, 1, 16, 16), nrow=3, padding=0, dequantized=True)
+    cells = torch.tensor(list(image.tobytes()), dtype=torch.uint8).view(16, 3, 16)
+    for i in range(3):
+        assert torch.equal(cells[:, i].reshape(-1), p)
+    if dtype == torch.float64:  # (the case that casting first got wrong)
+        assert ((x[2].float() * 256).floor() == p.float() + 1).all()
+    old = image_grid(x.view(3, 1, 16, 16), nrow=3, padding=0)  # the default: round(255 x)
+    old = torch.tensor(list(old.tobytes())).view(16, 3, 16)
+    assert (old[:, 0].reshape(-1) != p.long()).sum() > 100  # p/256: p - 1 for p > 128
+
+
+def test_pixel_over_255_rows_keep_their_rounding_by_default():
+    p = torch.arange(256, dtype=torch.uint8)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = (p.to(torch.float64) / 255).to(dtype)
+        assert list(image_grid(x.view(1, 1, 16, 16), padding=0).tobytes()) == p.tolist(), dtype
+    # (a value halfway between two levels rounds up; beyond [0, 1] clipped, NaN black)
+    x = torch.tensor([[0.5 / 255, 1.5 / 255, -1.0, 2.0, float("nan"), float("inf")]])
+    assert list(image_grid(x.view(1, 1, 1, 6), padding=0).tobytes()) == [1, 2, 0, 255, 0, 255]
+    d = list(image_grid(x.view(1, 1, 1, 6), padding=0, dequantized=True).tobytes())
+    assert d == [0, 1, 0, 255, 0, 255]  # floor(256·0.00196) = 0, floor(256·0.00588) = 1
+
+
+def test_to_pixels_and_its_errors():
+    x = torch.tensor([0.0, 0.3, 0.999, 1.0, 1.2, -0.2])
+    assert viz.to_pixels(x).tolist() == [0, 77, 255, 255, 255, 0]  # round(255 x)
+    assert viz.to_pixels(x, dequantized=True).tolist() == [0, 76, 255, 255, 255, 0]
+    assert viz.to_pixels(x).dtype == torch.uint8
+    with pytest.raises(TypeError, match=r"dequantized must be True or False, got 'yes'"):
+        viz.to_pixels(x, dequantized="yes")
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor, got dtype "
+                                        r"torch.uint8"):
+        viz.to_pixels(torch.zeros(2, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"dequantized must be True or False, got 1"):
+        image_grid(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), dequantized=1)
+
+
+def test_inpainting_grid_draws_stored_pixels_and_dequantised_values():
+    """uint8 originals are drawn as they are; the float columns as floor(256 x)."""
+    shape, n = (1, 4, 4), 2
+    pixels = torch.randint(0, 256, (n, 16), generator=gen(0), dtype=torch.uint8)
+    u = torch.rand(n, 16, generator=gen(1))
+    x = (pixels.float() + u) / 256
+    mask = make_mask("bottom", shape, n)
+    image = inpainting_grid(pixels, pixels, x, x.unsqueeze(0), shape, mask, hidden_color=0.0,
+                            padding=0, dequantized=True)
+    cells = torch.tensor(list(image.tobytes()), dtype=torch.uint8).view(n, 4, 4, 4)
+    for column in (0, 2, 3):  # original, mean, sample: all show the pixels
+        assert torch.equal(cells[:, :, column].reshape(n, 16), pixels)
+    masked = cells[:, :, 1].reshape(n, 16)
+    assert torch.equal(masked[mask], pixels[mask]) and (masked[~mask] == 0).all()
+
+
+def test_factor_grid_draws_a_dequantised_models_means_as_pixels():
+    model = small_model()
+    with torch.no_grad():
+        model.loc.copy_(torch.rand(3, 20, generator=gen(4)))
+        model.loadings.mul_(0.02)
+    image = factor_grid(model, 0, (1, 4, 5), padding=0, dequantized=True)
+    cells = torch.tensor(list(image.tobytes()), dtype=torch.uint8).view(4, 8, 5)
+    mu, a = model.means[0].detach().double(), model.factor_loadings[0].detach().double()
+    floor = lambda v: (v * 256).floor().clamp(0, 255).to(torch.uint8)  # noqa: E731
+    assert torch.equal(cells[:, 0].reshape(-1), floor(mu))
+    assert torch.equal(cells[:, 2].reshape(-1), floor(mu - 2 * a[:, 0]))
+    assert torch.equal(cells[:, 7].reshape(-1), floor(mu + 2 * a[:, 1]))
+    default = factor_grid(model, 0, (1, 4, 5), padding=0)  # normalised cells: as before
+    old = torch.tensor(list(default.tobytes()), dtype=torch.uint8).view(4, 8, 5)
+    for column in (1, 3, 6):
+        assert torch.equal(cells[:, column], old[:, column])
+    assert not torch.equal(cells[:, 0], old[:, 0])
