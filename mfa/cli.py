@@ -57,7 +57,8 @@ def cmd_sample(args) -> int:
                  nrow=run_io.from_run(args.nrow, run, "grid_nrow", 8),
                  seed=run_io.from_run(args.seed, run, "seed", 0),
                  scale=run_io.scale(run, args), per_component=args.per_component,
-                 with_noise=not args.no_noise, if_exists=if_exists)
+                 with_noise=not args.no_noise, dequantized=run_io.dequantized(run),
+                 if_exists=if_exists)
     print(out)  # (the name written: another command may have taken the one chosen)
     return 0
 
@@ -181,7 +182,7 @@ def cmd_visualize(args) -> int:
     out, if_exists = run_io.output(out, args, args.out and "-o")
     out = visualize(model, shape, out, components=comps,
                     scale=run_io.scale(ckpt.run_config, args), factor_scale=args.factor_scale,
-                    if_exists=if_exists)
+                    dequantized=run_io.dequantized(ckpt.run_config), if_exists=if_exists)
     print(out)
     return 0
 

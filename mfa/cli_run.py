@@ -170,6 +170,13 @@ def scale(config, args) -> int:
     return from_run(args.scale, config, "image_scale", 2)
 
 
+def dequantized(config) -> bool:
+    """Whether the run's data were dequantised (``data.dequantize``), so its model's values
+    are drawn as the pixels ``floor(256·x)`` they stand for (``False`` without a run config:
+    ``pixel/255`` data, ``round(255·x)``; see :func:`mfa.viz.to_pixels`)."""
+    return config is not None and bool(config.data.dequantize)
+
+
 def from_run(value, config, name: str, fallback):
     """An option's ``value``; unset, the run's ``output.<name>`` (``seed``: the run's seed),
     as the run drew its own figures, or ``fallback`` without a run config or where the run

@@ -49,11 +49,14 @@ def check_output(output, image_shape, n_components: int | None = None,
 
 
 def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
-           per_component: bool = False, with_noise: bool = True,
+           per_component: bool = False, with_noise: bool = True, dequantized: bool = False,
            if_exists: IfExists = "replace") -> Path:
     """A grid of ``n`` samples (or, with ``per_component``, one row of ``nrow`` samples per
     component, rows ordered by weight) saved as a PNG. ``with_noise=False`` draws
     ``μ_k + A_k z`` without the pixel noise (see :meth:`MixtureOfFactorAnalyzers.sample`).
+    ``dequantized``: the model's data were dequantised (a run's ``data.dequantize``), so a
+    value ``x`` is drawn as the pixel ``floor(256·x)`` it stands for (see
+    :func:`mfa.viz.to_pixels`), else as ``round(255·x)``.
     Each figure here returns the path written; ``if_exists``: what a file already at that
     path does, as in :func:`mfa._temporaries.write_atomically`."""
     _, height, width = _model_image_shape(model, image_shape)
@@ -71,8 +74,9 @@ def sample(model, image_shape, path, *, n=64, nrow=8, seed=0, scale=2,
             x = torch.cat(rows)
         else:
             x, _ = model.sample(n, generator=gen, with_noise=with_noise)
-    images = viz.rows_to_images(x.float().cpu(), image_shape)
-    return viz.save_image_grid(images, path, nrow, scale=scale, if_exists=if_exists)
+    images = viz.rows_to_images(x.cpu(), image_shape)
+    return viz.save_image_grid(images, path, nrow, scale=scale, if_exists=if_exists,
+                               dequantized=dequantized)
 
 
 def _model_image_shape(model, image_shape) -> tuple[int, int, int]:
@@ -98,7 +102,9 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
             if_exists: IfExists = "replace") -> Path:
     """original | masked input | conditional mean | ``n_samples`` conditional samples, for
     the first ``n`` images of ``split`` (masked by ``mask``, or by the given bool
-    ``observed`` [n, D])."""
+    ``observed`` [n, D]). The original and masked columns show the stored pixels; the
+    model's values are drawn as the pixels they stand for on ``data``'s scale
+    (``floor(256·x)`` where dequantised, :func:`mfa.viz.to_pixels`)."""
     count, seed = min(check_positive_int(n, "n"), data.pixels(split).shape[0]), check_seed(seed)
     if count == 0:
         raise ValueError(f"the {split} split of {data.name} is empty: nothing to inpaint")
@@ -114,9 +120,10 @@ def inpaint(model, data: ImageData, path, *, mask="center", n=8, n_samples=3, sp
     observed = observed[:count].to(model.device)
     with torch.no_grad():
         mean, samples = inpaint_rows(model, x, observed, n_samples, generator=gen)
-    masked = torch.where(observed, x, torch.zeros_like(x))
-    grid = viz.inpainting_grid(x.float().cpu(), masked.float().cpu(), mean.float().cpu(),
-                               samples.float().cpu(), data.image_shape, observed.cpu())
+    pixels = data.pixels(split)[:count]  # [n, D] uint8: the rows x stands for, drawn as stored
+    masked = torch.where(observed.cpu(), pixels, torch.zeros_like(pixels))
+    grid = viz.inpainting_grid(pixels, masked, mean.cpu(), samples.cpu(), data.image_shape,
+                               observed.cpu(), dequantized=data.dequantize)
     return viz.save_image(grid, path, scale=scale, if_exists=if_exists)
 
 
@@ -131,11 +138,12 @@ def outliers(model, data: ImageData, out_dir, *, split="test", n=32, nrow=8, sca
 
 
 def visualize(model, image_shape, path, *, components=(0,), scale=2, factor_scale=2.0,
-              if_exists: IfExists = "replace") -> Path:
+              dequantized: bool = False, if_exists: IfExists = "replace") -> Path:
     """Per component (one index or several): mean | noise | μ − c·A_i | A_i | μ + c·A_i for
-    every factor column."""
+    every factor column (``dequantized``: as in :func:`sample`)."""
     _model_image_shape(model, image_shape)
-    grid = viz.factor_grid(model, components, image_shape, factor_scale)
+    grid = viz.factor_grid(model, components, image_shape, factor_scale,
+                           dequantized=dequantized)
     return viz.save_image(grid, path, scale=scale, if_exists=if_exists)
 
 

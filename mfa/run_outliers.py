@@ -123,7 +123,7 @@ def rank_outliers(model: MixtureOfFactorAnalyzers, data: ImageData, out_dir: str
                                  f"{scores[i].item():.6f}", f"{log_p[i].item():.6f}", label])
 
     worst = order[: min(n, order.numel())]
-    images = viz.rows_to_images(data.dataset(split).rows(worst), data.image_shape)
+    images = viz.rows_to_images(data.pixels(split)[worst], data.image_shape)  # as stored
     png = viz.save_image_grid(images, out_dir / f"{name}.png", nrow, scale=scale,
                               if_exists=if_exists)
     csv_path = write_atomically(  # (after the figure: both, or the CSV not alone)

@@ -424,7 +424,8 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
 
     if out.n_samples:
         paths.append(sample(model, data.image_shape, **at("samples.png"), n=out.n_samples,
-                            nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale))
+                            nrow=out.grid_nrow, seed=gen_seed, scale=out.image_scale,
+                            dequantized=data.dequantize))
     held_out = data.pixels("test").shape[0] > 0  # the inpainting and outlier figures' split
     if not held_out and (out.n_inpaint or out.n_samples):
         logger.warning("the test split is empty (data.test_fraction=0?): no inpainting or "
@@ -450,5 +451,5 @@ def draw_figures(model: MixtureOfFactorAnalyzers, data: ImageData, config: RunCo
         paths.append(visualize(model, data.image_shape, **at("factors.png"),
                                components=range(min(out.n_factor_components,
                                                     model.n_components)),
-                               scale=out.image_scale))
+                               scale=out.image_scale, dequantized=data.dequantize))
     return paths

@@ -262,6 +262,18 @@ def test_train_with_dequantized_data_reports_bits_per_dim(tmp_path):
     for key in ("val_log_likelihood", "val_bits_per_dim", "test_log_likelihood",
                 "test_bits_per_dim"):
         assert result[key] == pytest.approx(metrics[key], rel=1e-9)
+    # mfa sample and mfa visualize draw the model's values as the pixels floor(256 x) they
+    # stand for on the run's dequantised scale (they drew round(255 x): p or p ± 1).
+    model = load_checkpoint(tmp_path / "deq" / "checkpoint.pt").model
+    assert run_cli("sample", tmp_path / "deq", "-n", 1, "--seed", 3, "--scale", 1,
+                   "-o", tmp_path / "s.png")[0] == 0
+    x, _ = model.sample(1, generator=torch.Generator().manual_seed(3))
+    assert run_cli("visualize", tmp_path / "deq", "--components", 0, "--scale", 1,
+                   "-o", tmp_path / "f.png")[0] == 0
+    for png, value in (("s.png", x[0]), ("f.png", model.means[0])):
+        cell = np.asarray(open_png(tmp_path / png))[PAD : PAD + SIDE, PAD : PAD + SIDE]
+        want = np.clip(np.floor(value.detach().double().numpy() * 256), 0, 255)
+        assert np.array_equal(cell, want.reshape(SIDE, SIDE).astype(np.uint8)), png
 
 
 def test_train_resume_of_a_finished_run_changes_nothing(run_dir, tmp_path):

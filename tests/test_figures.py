@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from helpers import drawn_lines, saved_figures
 from PIL import Image
 
-from mfa import MixtureOfFactorAnalyzers, figures, viz
-from mfa.config import OutputConfig
+from mfa import MixtureOfFactorAnalyzers, figures, viz, workflow
+from mfa.config import OutputConfig, load_config
 from mfa.data import load_dataset
 from mfa.figures import check_output
+from mfa.masks import make_mask
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded-mnist.yaml"
 
 
 def test_the_factor_figure_is_checked_before_training():
@@ -106,3 +113,134 @@ def test_training_curve_draws_em_points_at_the_parameters_they_score(tmp_path, m
     lines = drawn_lines(saved[-1])
     assert lines["train_log_likelihood"][0] == lines["val_log_likelihood"][0] == [1, 2, 3]
     assert saved[-1].axes[0].get_xlabel() == "epoch"
+
+
+# ------------------------------------------------------------- pixels of dequantised data
+# A dequantised row is x = (p + u)/256, u in [0, 1): the pixel it stands for is floor(256 x),
+# while round(255 x) is p or p ± 1 depending on u. The figures drew round(255 x), so about
+# half the pixels of a dequantised dataset were shown one grey level off its stored pixels.
+
+
+def pixel_model(d: int, seed: int = 0) -> MixtureOfFactorAnalyzers:
+    """Two components over ``d`` features whose values lie mostly inside [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return MixtureOfFactorAnalyzers.from_parameters(
+        torch.tensor([0.4, 0.6]), 0.1 + 0.8 * torch.rand(2, d, generator=g),
+        0.05 * torch.randn(2, d, 2, generator=g), torch.full((2, d), 1e-3))
+
+
+def grid_cells(path, n: int, nrow: int, shape) -> np.ndarray:
+    """The ``n`` cells of a saved grid (scale 1, padding 2) as uint8 ``[n, C, H, W]``,
+    decoded by PIL."""
+    c, h, w = shape
+    with Image.open(path) as image:
+        array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    cols = min(nrow, n)
+    cells = [array[2 + (j // cols) * (h + 2):][:h, 2 + (j % cols) * (w + 2):][:, :w]
+             for j in range(n)]
+    return np.stack(cells).transpose(0, 3, 1, 2)
+
+
+def stored(data, split: str, rows) -> np.ndarray:
+    """The dataset's own uint8 pixels of ``rows`` as ``[n, C, H, W]``."""
+    return data.pixels(split)[torch.as_tensor(rows)].numpy().reshape(-1, *data.image_shape)
+
+
+def floor_256(x: torch.Tensor) -> np.ndarray:
+    """The pixels dequantised values stand for, by hand: floor(256 x) clipped to 0..255."""
+    return np.clip(np.floor(x.detach().double().numpy() * 256), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("embedded-mnist", dequantize=True, seed=0, limit=40)
+
+
+@pytest.fixture(scope="module")
+def rgb_folder(tmp_path_factory):
+    """A folder of 40 small RGB images, read dequantised."""
+    root = tmp_path_factory.mktemp("rgb")
+    rng = np.random.default_rng(0)
+    (root / "a").mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).save(
+            root / "a" / f"{i:03d}.png")
+    return load_dataset("folder", root, dequantize=True, seed=0, test_fraction=0.25)
+
+
+def test_inpainting_figure_shows_the_stored_pixels_of_dequantised_data(digits, tmp_path):
+    """The original column, the observed pixels of the masked column and of the conditional
+    mean (equal to the observed row there) are the stored uint8 pixels, byte for byte; the
+    hidden pixels of the mean are floor(256·mean)."""
+    n, shape = 4, digits.image_shape
+    model = pixel_model(digits.n_features)
+    path = figures.inpaint(model, digits, tmp_path / "i.png", mask="center", n=n,
+                           n_samples=1, seed=0, scale=1)
+    cells = grid_cells(path, 4 * n, 4, shape).reshape(n, 4, 3, *shape[1:])  # RGB (magenta)
+    want = stored(digits, "test", range(n))  # [n, 1, H, W]
+    x = digits.dataset("test").rows(torch.arange(n))
+    assert (floor_256(x) == want.reshape(n, -1)).all()  # (the rows stand for these pixels)
+    assert (np.round(x.numpy() * 255) != want.reshape(n, -1)).mean() > 0.2  # (the old rule)
+    for channel in range(3):
+        assert np.array_equal(cells[:, 0, channel], want[:, 0])
+    observed = make_mask("center", shape, n)
+    seen = observed.view(n, *shape[1:]).numpy()
+    assert np.array_equal(cells[:, 1, 0][seen], want[:, 0][seen])
+    hidden_rgb = cells[:, 1].transpose(0, 2, 3, 1)[~seen]
+    assert (hidden_rgb == np.array([255, 0, 255], dtype=np.uint8)).all()
+    mean = model.conditional_mean(x, observed)
+    assert np.array_equal(cells[:, 2, 0], floor_256(mean).reshape(n, *shape[1:]))
+    assert np.array_equal(cells[:, 2, 0][seen], want[:, 0][seen])
+
+
+@pytest.mark.parametrize("which", ["digits", "rgb_folder"])
+def test_outlier_grid_shows_the_stored_pixels_of_dequantised_data(which, request, tmp_path):
+    data = request.getfixturevalue(which)
+    model = pixel_model(data.n_features)
+    n, nrow = 6, 4
+    png, table = figures.outliers(model, data, tmp_path, n=n, nrow=nrow, scale=1,
+                                  score="neg_log_prob")
+    with open(table, newline="") as f:
+        order = [int(row["index"]) for row in csv.DictReader(f)][:n]
+    want = stored(data, "test", order)
+    assert np.array_equal(grid_cells(png, n, nrow, data.image_shape), want)
+
+
+@pytest.mark.parametrize("dequantized", [True, False])
+def test_sample_figure_draws_each_value_as_the_pixel_of_its_scale(dequantized, tmp_path):
+    """A dequantised model's samples are drawn as floor(256 x); pixel/255 ones as
+    round(255 x), as before."""
+    shape, n, nrow = (1, 4, 5), 6, 4
+    model = pixel_model(20)
+    path = figures.sample(model, shape, tmp_path / "s.png", n=n, nrow=nrow, seed=3, scale=1,
+                          dequantized=dequantized)
+    x, _ = model.sample(n, generator=torch.Generator().manual_seed(3))
+    want = (floor_256(x) if dequantized else
+            np.clip(np.floor(x.detach().double().numpy() * 255 + 0.5), 0, 255).astype(np.uint8))
+    assert np.array_equal(grid_cells(path, n, nrow, shape), want.reshape(n, *shape))
+
+
+def test_a_dequantised_runs_figures_show_its_pixels(digits, tmp_path):
+    """draw_figures of a run on dequantised data: samples and the factor grid's means as
+    floor(256 x), the outlier grid as the stored pixels."""
+    config = load_config(CONFIG, ["data.dequantize=true", "output.n_samples=6",
+                                  "output.grid_nrow=3", "output.image_scale=1",
+                                  "output.n_inpaint=0", "output.n_factor_components=1",
+                                  "seed=5"])
+    model = pixel_model(digits.n_features)
+    paths = {p.name: p for p in workflow.draw_figures(model, digits, config, tmp_path)}
+    x, _ = model.sample(6, generator=torch.Generator().manual_seed(5))
+    shape = digits.image_shape
+    assert np.array_equal(grid_cells(paths["samples.png"], 6, 3, shape),
+                          floor_256(x).reshape(6, *shape))
+    factors = grid_cells(paths["factors.png"], 8, 8, shape)  # μ | √d | (μ−2A, A, μ+2A) × 2
+    a = model.factor_loadings[0].detach()
+    mu = model.means[0].detach()
+    for cell, value in ((0, mu), (2, mu - 2 * a[:, 0]), (7, mu + 2 * a[:, 1])):
+        assert np.array_equal(factors[cell, 0], floor_256(value).reshape(shape[1:]))
+    with open(paths["outliers.csv"], newline="") as f:
+        order = [int(row["index"]) for row in csv.DictReader(f)][:6]
+    assert np.array_equal(grid_cells(paths["outliers.png"], 6, 3, shape),
+                          stored(digits, "test", order))
