@@ -181,7 +181,9 @@ def run_dataset(s: Setting, out: Path, seed: int) -> dict:
         with torch.no_grad():
             x, _ = model.sample(32, generator=torch.Generator().manual_seed(seed + 1))
         viz.save_image_grid(viz.rows_to_images(x, data.image_shape),
-                            out / f"{s.name}-samples-{tag}.png", 8, scale=2)
+                            out / f"{s.name}-samples-{tag}.png", 8, scale=2,
+                            dequantized=data.dequantize)  # x as floor(256·x), a pixel
+    pixels = data.pixels("test")  # [N, D] uint8: the figures draw the data as stored
     em_model = next(iter(models.values()))
     x = data.dataset("test").rows(torch.arange(8))
     for kind in ("center", "bottom"):
@@ -189,13 +191,13 @@ def run_dataset(s: Setting, out: Path, seed: int) -> dict:
         with torch.no_grad():
             mean, samp = inpaint(em_model, x, observed, 3,
                                  generator=torch.Generator().manual_seed(seed))
-        grid = viz.inpainting_grid(x, torch.where(observed, x, torch.zeros_like(x)), mean, samp,
-                                   data.image_shape, observed)
+        grid = viz.inpainting_grid(pixels[:8], pixels[:8], mean, samp, data.image_shape,
+                                   observed, dequantized=data.dequantize)  # (hidden: painted)
         viz.save_image(grid, out / f"{s.name}-inpaint-{kind}.png", scale=2)
     with torch.no_grad():
         scores = em_model.log_prob(test)
     worst = torch.argsort(scores)[:32]
-    viz.save_image_grid(viz.rows_to_images(test[worst], data.image_shape),
+    viz.save_image_grid(viz.rows_to_images(pixels[worst], data.image_shape),
                         out / f"{s.name}-outliers.png", 8, scale=2)
     return {"dataset": s.name, "sizes": data.sizes, "setting": s.__dict__,
             "real_test_ndb": real_ndb.ndb, "real_test_ndb_over_k": real_ndb.ndb_over_k,
