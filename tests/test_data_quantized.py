@@ -163,3 +163,33 @@ def test_cuda_rows_equal_cpu_rows():
     index = torch.arange(0, 500, 3)
     assert torch.equal(cuda[0:500].cpu(), rows[0:500])
     assert torch.equal(cuda[index].cpu(), rows[index])
+
+
+def test_to_and_subset_keep_the_noise_epoch():
+    """.to() and .subset() must carry the epoch: with epoch=0 the rows got another epoch's
+    noise (a mean log-likelihood over rows.to(dtype=...) then scored other data)."""
+    p = pixels(200, 16)
+    rows = QuantizedRows(p, dequantize=True, seed=7, epoch=3, dtype=torch.float64)
+    # not vacuous: epoch 3's noise is not epoch 0's
+    epoch0 = QuantizedRows(p, dequantize=True, seed=7, dtype=torch.float64)[0:200]
+    assert (rows[0:200] != epoch0).float().mean() > 0.99
+    index = torch.randperm(200, generator=torch.Generator().manual_seed(2))[:60]
+    moved, sub = rows.to(dtype=torch.float32), rows.subset(index)
+    assert moved.epoch == sub.epoch == 3
+    assert torch.equal(sub[0:60], rows[index])  # each row keeps its own epoch-3 noise
+    direct = QuantizedRows(p, dequantize=True, seed=7, epoch=3, dtype=torch.float32)
+    assert torch.equal(moved[0:200], direct[0:200])
+
+
+def test_subset_of_a_subset_keeps_each_rows_noise():
+    """A subset of a subset must key each row's noise by its row in the whole set (the
+    validation rows EMTrainer holds out of a user's subset go through this); keyed by its
+    place in the first subset, every row got another row's noise."""
+    rows = QuantizedRows(pixels(100, 8), dequantize=True, seed=7, dtype=torch.float64)
+    a = torch.arange(50, 100)
+    b = torch.tensor([0, 5, 9, 49])
+    twice = rows.subset(a).subset(b)
+    assert torch.equal(twice[0:4], rows[a[b]])
+    assert torch.equal(twice[torch.tensor([2])], rows[a[b[2:3]]])
+    x, levels = twice[0:4], rows.pixels[a[b]].double()  # still in their own pixel bins
+    assert ((x >= levels / 256) & (x < (levels + 1) / 256)).all()
