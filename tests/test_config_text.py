@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mfa.config import apply_overrides, load_config
+from mfa.config_text import parse_override
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "embedded-mnist.yaml"
 
@@ -211,3 +212,12 @@ def test_a_hash_inside_a_word_or_quotes_is_text_and_the_advice_keeps_it():
     advice = str(refused.value).split("e.g. --set ")[1]
     (word,) = shlex.split(advice)  # the advice, pasted into a shell, is one argument
     assert parse_override(word) == (["output", "name"], "my run #1")
+
+
+def test_an_override_splits_at_its_first_equals_sign():
+    """The key ends at the first '=': a value may hold '=' (a path, a URL query); split at
+    the last one, 'data.root=/data/set=1' set a key 'data.root=/data/set' to '1'."""
+    assert parse_override("data.root=/data/set=1") == (["data", "root"], "/data/set=1")
+    assert parse_override("output.name=a=b=c") == (["output", "name"], "a=b=c")
+    config = load_config(CONFIG, overrides=["data.root=/data/set=1"])
+    assert config.data.root == "/data/set=1"
