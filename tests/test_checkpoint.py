@@ -1002,3 +1002,36 @@ def test_overwriting_keeps_the_files_permissions_and_writes_through_a_symlink(tm
     assert link.is_symlink()
     assert torch.equal(load_checkpoint(path).model.loc, first.loc)
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_the_temporary_is_fsynced_whole_before_the_rename_and_the_folder_after(tmp_path,
+                                                                               monkeypatch):
+    """A rename can reach the disk before the data it names: without the temporary's fsync
+    before os.replace, a power cut could leave latest.pt empty or cut off where the previous
+    checkpoint stood; without the folder's after, the rename itself could be lost."""
+    calls = []  # ("fsync", inode, size) / ("replace", source, target), in order
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        calls.append(("fsync", info.st_ino, info.st_size))
+        return real_fsync(fd)
+
+    def replace(source, target):
+        calls.append(("replace", Path(source), Path(target)))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "latest.pt"
+    for kept in (False, True):  # a first save, then one over the previous checkpoint
+        calls.clear()
+        save_checkpoint(path, make_model(seed=int(kept)))
+        written = path.stat()  # the rename keeps the temporary's inode
+        renames = [i for i, c in enumerate(calls) if c[0] == "replace" and c[2] == path]
+        assert len(renames) == 1, calls
+        (at,) = renames
+        assert calls[at][1].parent == tmp_path and calls[at][1] != path
+        assert ("fsync", written.st_ino, written.st_size) in calls[:at], calls
+        assert ("fsync", tmp_path.stat().st_ino) in [c[:2] for c in calls[at + 1 :]], calls
+        assert load_checkpoint(path).model.config() == make_model().config()
