@@ -152,3 +152,21 @@ def test_a_new_restart_forgets_the_best_validation_score_and_parameters():
     # the new restart's first score is its best, however low
     assert _feed(state, [0.5]) == [False]
     assert state.best_val_params == {"score": 0.5}
+
+
+def test_a_stint_climbing_from_below_the_best_resumes_with_its_own_counters():
+    """In a stint after a repeated search that climbs from below the best, stale_iterations
+    (since the overall best) and bad_iterations (since the stint's mark) differ; saving one
+    under the other's name resumed the stint with 0 stale iterations, so it ran on past its
+    2·patience iterations."""
+    state = RunState(best_params=None)
+    _feed(state, [5.0, 4.0, 4.0, 4.0])
+    state.search_again()
+    _feed(state, [1.0, 2.0, 3.0, 4.0, 4.9])
+    assert state.stale_iterations == 5 and state.bad_iterations == 0  # (not vacuous)
+    back = RunState.from_dict(state.as_dict())
+    assert back == state  # every field
+    assert back.stint_over(3) == state.stint_over(3) is False
+    assert back.stint_over(2) == state.stint_over(2) is True  # 5 ≥ 2·2 stale iterations
+    # the next iteration ends both at 2·patience = 6 stale iterations
+    assert _feed(back, [4.99]) == _feed(state, [4.99]) == [True]
