@@ -642,6 +642,46 @@ def test_resume_across_a_repeated_search_is_exact(overfit, monkeypatch, stop_off
     assert trainer.selected_noise_prior_variance == full_trainer.selected_noise_prior_variance
 
 
+def test_resume_after_the_last_allowed_search_searches_no_more(overfit, monkeypatch):
+    """max_searches=2, interrupted one iteration after the second search: the resumed fit
+    must know both searches ran (a state resumed with searches=0 searched twice more, under
+    ever stronger priors, and ended elsewhere than the uninterrupted fit)."""
+    train, val = overfit
+    choices = [0.1, 0.3, 0.9, 2.7, 8.1]  # each search would choose a stronger prior
+    calls = _scripted_search(monkeypatch, choices)
+    full, full_trainer = _fit(train, 4, 3, validation=val, max_searches=2, **SEARCH)
+    assert len(calls) == 2 and _used_priors(full_trainer)[-2:] == [0.1, 0.3]
+    after_second = next(i for i, h in enumerate(full_trainer.history)
+                        if h["noise_prior_variance"] == 0.3)  # the record after the search
+    stop_iteration = after_second + 2  # records count from 1: one iteration under 0.3 done
+    assert stop_iteration < full_trainer.history[-1]["iteration"]  # (interrupted mid-fit)
+    saved = {}
+
+    def stop(trainer, model, record):
+        if record["iteration"] == stop_iteration:
+            raise KeyboardInterrupt
+
+    _scripted_search(monkeypatch, choices)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(train, 4, 3, validation=val, callbacks=[stop], checkpoint_fn=_saving_into(saved),
+             max_searches=2, **SEARCH)
+    state = roundtrip(saved["trainer"])
+    assert state["searches"] == 2 and state["iteration"] == stop_iteration
+    resumed_calls = _scripted_search(monkeypatch, choices[2:])
+    resumed = MixtureOfFactorAnalyzers(4, 12, 3, dtype=F64)
+    resumed.load_state_dict(roundtrip(saved["model"]))
+    trainer = EMTrainer(EMConfig(progress=False, max_searches=2, **SEARCH))
+    trainer.load_state_dict(state)
+    _fit(train, 4, 3, validation=val, model=resumed, trainer=trainer)
+    assert resumed_calls == []
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+    assert [(h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
+            for h in trainer.history] == [
+        (h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
+        for h in full_trainer.history]
+
+
 # --------------------------------------------------------------------- config
 
 
