@@ -415,6 +415,52 @@ def test_resume_after_interrupt_equals_uninterrupted(mixture_data, n_init, stop_
             assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12)
 
 
+def _reseeded_at(caplog) -> list[int]:
+    """The EM iterations (from 1) whose re-seeding warning ``caplog`` holds, in order."""
+    found = [re.match(r"EM iteration (\d+): component\(s\) .* re-seeded", r.getMessage())
+             for r in caplog.records if r.name == "mfa.em"]
+    return [int(m.group(1)) for m in found if m]
+
+
+def test_resume_continues_the_reseeding_generator_exactly(caplog):
+    """Dead components are re-seeded from a generator kept in the state: interrupted after
+    iteration 2 with re-seedings before and after, the resumed fit must draw what the
+    uninterrupted one drew (restarted from its seed, it re-drew the first draws)."""
+    g = gen(0)
+    x = torch.cat([torch.randn(200, 6, generator=g, dtype=F64) * 0.3 + 2,
+                   torch.randn(200, 6, generator=g, dtype=F64) * 0.3 - 2])
+    config = dict(max_iter=6, tol=0.0, n_init=1, init="random", seed=3,
+                  min_component_mass=70.0, checkpoint_every=1)
+    with caplog.at_level(logging.WARNING, logger="mfa.em"):
+        full, _ = _fit(x, 5, 2, **config)
+    full_reseeds = _reseeded_at(caplog)
+    assert min(full_reseeds) <= 2 < max(full_reseeds), full_reseeds  # (not vacuous)
+    saved = {}
+
+    def checkpoint(trainer, model):
+        saved["trainer"] = copy.deepcopy(trainer.state_dict())
+        saved["model"] = copy.deepcopy(model.state_dict())
+
+    def stop(trainer, model, record):
+        if record["iteration"] == 2:
+            raise _Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(x, 5, 2, callbacks=[stop], checkpoint_fn=checkpoint, **config)
+    state = roundtrip(saved["trainer"])
+    assert state["iteration"] == 2 and state["generator"] is not None
+    resumed = MixtureOfFactorAnalyzers(5, 6, 2, dtype=F64)
+    resumed.load_state_dict(roundtrip(saved["model"]))
+    trainer = EMTrainer(EMConfig(progress=False, **PLAIN_EM, **config))
+    trainer.load_state_dict(state)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mfa.em"):
+        _fit(x, 5, 2, model=resumed, trainer=trainer)
+    assert _reseeded_at(caplog) == [i for i in full_reseeds if i > 2]
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
+
+
 def test_state_dict_is_weights_only_loadable_after_fit(mixture_data):
     x, _ = mixture_data
     _, trainer = _fit(x, 3, 2, max_iter=3, tol=0.0, n_init=2)
