@@ -582,6 +582,11 @@ def test_sgd_epochs_change_on_resume_only_where_it_continues_the_same_run(out_di
     ("train.em.tol=0.5", "train.em.tol"),
     ("train.em.init=random", "train.em.init"),  # (train.sgd.lr: refused as unused, below)
     ("data.limit=200", "data.limit"),
+    # the seeded split: rows would move between train, val and test (val and test would
+    # hold images the first part of the fit trained on)
+    ("data.val_fraction=0.3", "data.val_fraction"),
+    ("data.test_fraction=0.2", "data.test_fraction"),
+    ("data.seed=5", "data.seed"),
     ("seed=3", "seed"),
 ])
 def test_resume_refuses_changes_to_what_the_run_computes(em_run, override, key):
