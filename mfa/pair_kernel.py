@@ -25,9 +25,11 @@ the kernel releasing the GIL) or numba's ``workqueue`` layer gained nothing over
 (torch's OpenMP worker keeps busy-waiting for the next product on the other core). Where
 that layer is not to be used, the Python threads run them: in a process forked after a
 launch (GNU OpenMP is not fork-safe: numba would end the child), where another layer was
-chosen (``NUMBA_THREADING_LAYER``) or launched first, or where it fails to load. mfa sets
-``numba.config.THREADING_LAYER`` to ``"omp"`` only when it is still ``"default"`` and no
-layer has been launched. Where numba is
+chosen (``NUMBA_THREADING_LAYER``) or launched first, where numba's default would be another
+(TBB, where installed), or where it fails to load. mfa sets
+``numba.config.THREADING_LAYER`` to ``"omp"`` only when it is still ``"default"``, no
+layer has been launched and numba's default would be that layer anyway; torch's thread
+count, which starting that layer resets, is put back after each launch. Where numba is
 missing, the kernel fails to build or run (a ``RuntimeWarning`` says so once) or
 ``MFA_NUMBA=0`` is set, :mod:`mfa.owner_sums` takes the same sums in torch ops (the same
 values to the work dtype's rounding: about 1e-15 relative in float64).
@@ -206,8 +208,9 @@ def _parallel_kernel(serial):
     except ValueError:  # no layer launched yet: the first launch takes config's choice
         layer = None
     if layer is None:
-        if numba.config.THREADING_LAYER not in ("default", "omp"):  # the user's choice
-            return None
+        chosen = numba.config.THREADING_LAYER
+        if chosen != "omp" and (chosen != "default" or not _numbas_default_is_omp()):
+            return None  # the user's choice, or numba's own (TBB, which is fork-safe)
     elif layer != "omp" or _parallel_pid != os.getpid():
         return None  # another layer, or launched by other code or before a fork
     if getattr(serial, "py_func", None) is not _spread_sums:  # (only the compiled kernel)
@@ -222,6 +225,32 @@ def _parallel_kernel(serial):
     return _parallel[1]
 
 
+_POOLS = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}
+_default_is_omp: bool | None = None
+
+
+def _numbas_default_is_omp() -> bool:
+    """Whether numba's ``"default"`` layer would be GNU OpenMP: the first of
+    ``numba.config.THREADING_LAYER_PRIORITY`` whose module imports (checked once). mfa
+    claims the ``"default"`` only then, so that it changes no layer numba would choose (with
+    TBB installed, numba's fork-safe default, the Python threads run the ranges)."""
+    global _default_is_omp
+    if _default_is_omp is None:
+        import importlib
+
+        import numba
+
+        _default_is_omp = False
+        for layer in numba.config.THREADING_LAYER_PRIORITY:
+            try:
+                importlib.import_module(f"numba.np.ufunc.{_POOLS[layer]}")
+            except (ImportError, OSError, KeyError):
+                continue
+            _default_is_omp = layer == "omp"
+            break
+    return _default_is_omp
+
+
 def _launch_parallel(kernel, arrays, ranges, rest) -> bool:
     """Run ``kernel`` over ``ranges`` on numba's GNU OpenMP layer; ``False`` where the layer
     does not load or the launch fails (for good in this process: the threads take over)."""
@@ -231,10 +260,13 @@ def _launch_parallel(kernel, arrays, ranges, rest) -> bool:
     chosen = numba.config.THREADING_LAYER == "default"
     if chosen:
         numba.config.THREADING_LAYER = "omp"
-    before = numba.get_num_threads()
     firsts = np.array([first for first, _ in ranges], dtype=np.int64)
     lasts = np.array([last for _, last in ranges], dtype=np.int64)
+    # Starting numba's OpenMP pool sets the OpenMP thread count that torch reads (to its
+    # NUMBA_NUM_THREADS, the logical CPUs): torch's own count is put back after every launch.
+    torch_threads, before = torch.get_num_threads(), None
     try:
+        before = numba.get_num_threads()  # (the first call starts the layer: may fail)
         numba.set_num_threads(min(len(ranges), numba.config.NUMBA_NUM_THREADS))
         kernel(*arrays, firsts, lasts, *rest)
     except Exception:  # (the layer did not load, or the build failed)
@@ -243,7 +275,10 @@ def _launch_parallel(kernel, arrays, ranges, rest) -> bool:
             numba.config.THREADING_LAYER = "default"
         return False
     finally:
-        numba.set_num_threads(before)
+        if before is not None:
+            numba.set_num_threads(before)
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
     _parallel_pid = os.getpid()
     return True
 

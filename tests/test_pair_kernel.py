@@ -362,3 +362,99 @@ def test_a_failing_openmp_launch_leaves_the_sums_to_python_threads(monkeypatch, 
     want = _reference(x, rows, counts, weights, means)
     torch.testing.assert_close(got[0], want[0], rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(got[1], want[1], rtol=1e-13, atol=1e-13)
+
+
+_CHILD = """
+import json, sys, warnings
+import importlib.abc
+if {block}:  # numba's OpenMP layer does not load (as on a machine without libgomp)
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "numba.np.ufunc.omppool":
+                raise ImportError("blocked: no libgomp")
+    sys.meta_path.insert(0, Block())
+import numba, numpy as np, torch
+from mfa import pair_kernel
+torch.set_num_threads({threads})
+if {force}:  # (as if numba's default were OpenMP: the launch itself fails)
+    pair_kernel._default_is_omp = True
+g = torch.Generator().manual_seed(0)
+x = torch.rand(200, 64, generator=g)
+counts = [5, 0, 1, 3, 0, 17, 4, 4, 4]
+rows = torch.randint(0, 200, (sum(counts),), generator=g)
+weights = torch.rand(sum(counts), 4, generator=g, dtype=torch.float64)
+means = torch.rand(9, 64, generator=g, dtype=torch.float64)
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sums, sum_y2 = pair_kernel.pair_sums(x, rows, counts, weights, means)
+comp = torch.repeat_interleave(torch.arange(9), torch.tensor(counts))
+y = x.double()[rows] - means[comp]
+want = torch.zeros(9, 4, 64, dtype=torch.float64).index_add_(
+    0, comp, weights.unsqueeze(-1) * y.unsqueeze(1))
+
+@numba.njit(parallel=True)
+def user(a):
+    s = 0.0
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+print(json.dumps({{"torch_threads": torch.get_num_threads(),
+                  "launched": pair_kernel._parallel_pid is not None,
+                  "close": bool(torch.allclose(sums, want, rtol=1e-13, atol=1e-13)),
+                  "available": pair_kernel.available(),
+                  "config": numba.config.THREADING_LAYER,
+                  "user": user(np.arange(1000.0)), "layer": numba.threading_layer()}}))
+"""
+
+
+def _child(threads: int, numba_threads: int, block: bool = False, force: bool = False):
+    import json
+    import subprocess
+
+    env = {**os.environ, "NUMBA_NUM_THREADS": str(numba_threads)}
+    env.pop("NUMBA_THREADING_LAYER", None)
+    env.pop("MFA_NUMBA", None)
+    code = _CHILD.format(block=block, force=force, threads=threads)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@needs_omp
+@pytest.mark.parametrize("threads, numba_threads", [(2, 1), (3, 2)])
+def test_the_openmp_launch_keeps_torchs_thread_count(threads, numba_threads):
+    """Starting numba's OpenMP pool set torch's thread count to NUMBA_NUM_THREADS (a user's
+    torch.set_num_threads(8) on 64 cores became 64 after the first E-step): it is put back."""
+    got = _child(threads, numba_threads)
+    assert got["launched"] and got["layer"] == "omp" and got["close"]
+    assert got["torch_threads"] == threads
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_without_numbas_openmp_layer_the_threads_sum_and_user_code_keeps_its_default(force):
+    """Where the OpenMP layer does not load, numba's default is another layer: mfa launches
+    nothing (``force``: it tries, as if the default were OpenMP, and the launch fails). Either
+    way the sums come from the Python threads without a warning, the kernel stays on, and
+    the user's own parallel code still runs on numba's default layer (``workqueue`` here)."""
+    got = _child(2, 2, block=True, force=force)
+    assert not got["launched"] and got["close"] and got["available"]
+    assert got["config"] == "default" and got["user"] == 499500.0
+    assert got["layer"] == "workqueue"
+
+
+@pytest.mark.parametrize("priority, want", [
+    (["omp", "tbb", "workqueue"], True),
+    (["workqueue", "omp", "tbb"], False),
+    (["no-such-layer", "omp"], True),
+])
+def test_mfa_claims_numbas_default_only_where_it_would_be_openmp(monkeypatch, priority,
+                                                                 want):
+    import numba
+
+    if want and not _omp_layer_loads():
+        pytest.skip("numba's GNU OpenMP threading layer does not load here")
+    monkeypatch.setattr(numba.config, "THREADING_LAYER_PRIORITY", priority)
+    monkeypatch.setattr(pair_kernel, "_default_is_omp", None)
+    assert pair_kernel._numbas_default_is_omp() is want
