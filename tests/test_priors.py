@@ -633,13 +633,18 @@ def test_resume_across_a_repeated_search_is_exact(overfit, monkeypatch, stop_off
     trainer = EMTrainer(EMConfig(progress=False, max_searches=4, **SEARCH))
     trainer.load_state_dict(state)
     _fit(train, 4, 3, validation=val, model=resumed, trainer=trainer)
+    _assert_same_fit(resumed, trainer, full, full_trainer)
+    assert trainer.selected_noise_prior_variance == full_trainer.selected_noise_prior_variance
+
+
+def _assert_same_fit(resumed, trainer, full, full_trainer) -> None:
+    """The resumed fit's parameters and history equal the uninterrupted one's, bit for bit."""
     for name in PARAMS:
         assert torch.equal(getattr(resumed, name), getattr(full, name)), name
     assert [(h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
             for h in trainer.history] == [
         (h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
         for h in full_trainer.history]
-    assert trainer.selected_noise_prior_variance == full_trainer.selected_noise_prior_variance
 
 
 def test_resume_after_the_last_allowed_search_searches_no_more(overfit, monkeypatch):
@@ -674,12 +679,7 @@ def test_resume_after_the_last_allowed_search_searches_no_more(overfit, monkeypa
     trainer.load_state_dict(state)
     _fit(train, 4, 3, validation=val, model=resumed, trainer=trainer)
     assert resumed_calls == []
-    for name in PARAMS:
-        assert torch.equal(getattr(resumed, name), getattr(full, name)), name
-    assert [(h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
-            for h in trainer.history] == [
-        (h["iteration"], h["val_log_likelihood"], h["noise_prior_variance"])
-        for h in full_trainer.history]
+    _assert_same_fit(resumed, trainer, full, full_trainer)
 
 
 # --------------------------------------------------------------------- config
