@@ -451,6 +451,7 @@ def factor_grid(
         means = model.means.detach().cpu().float()
         loadings = model.factor_loadings.detach().cpu().float()
         noise_std = model.noise_variance.detach().cpu().float().sqrt()
+
     def pixels(x: Tensor) -> Tensor:  # μ_k (± c·A_ki): values on the data's scale
         return to_pixels(x, dequantized=dequantized)
 
