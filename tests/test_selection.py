@@ -1003,3 +1003,26 @@ def test_mfa_select_resume_on_a_new_grid_keeps_the_saved_cells_outside_it(tmp_pa
     record, rows = _saved(out)
     assert [r["K"] for r in record["outside_grid"]] == [1, 2] and len(rows) == 1
 
+
+
+@pytest.mark.parametrize("init", ["kmeans", "none"])
+def test_a_select_row_is_the_model_mfa_train_fits_of_that_config(tmp_path, init):
+    """select's docstring: every model is built as mfa.workflow.train builds one (its seed,
+    not one per K) and fitted on the train split with the validation split as the trainer's
+    validation data; the row's score is that model's mean log p of the validation rows. An
+    independent mfa train of the same config and (K, L) must give the same number (a sweep
+    that scored the train split, gave the trainer the train split as validation data, or
+    seeded each K's model by seed + K differed; init=none: the seeded start is the fit's)."""
+    from mfa.config import load_config
+    from mfa.metrics import mean_log_likelihood
+    from mfa.run_select import select_run
+    from mfa.workflow import load_data, train
+
+    config = load_config(CONFIG, [*TINY, "train.em.max_iter=3", "train.em.reseed_rounds=0",
+                                  f"train.em.init={init}", f"output.dir={tmp_path}",
+                                  "model.n_components=3", "model.n_factors=2"])
+    sweep, _ = select_run(config, [3], [2], tmp_path / "sel")
+    result = train(config, figures=False)
+    val = load_data(config).loader("val", batch_size=1024, dtype=result.model.dtype)
+    expected = mean_log_likelihood(result.model, val)
+    assert sweep.rows[0]["val_log_likelihood"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
