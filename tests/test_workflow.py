@@ -1230,22 +1230,43 @@ def test_ndb_reference_is_held_out_even_when_train_is_listed_first(em_run):
         assert both[key] == test[key], key
 
 
-def test_ndb_of_evaluate_follows_the_documented_protocol(em_run):
-    """Model samples clamped to the pixel range [0, 1] (docs/results.md's protocol), against
-    bins fitted once on the training images: evaluate binned them unclamped."""
+@pytest.fixture(scope="module")
+def dequantized_run(out_dir):
+    """EM on dequantised pixels, 1,000 training images and 500 each in val and test."""
+    return workflow.train(make_config(out_dir, "em-deq", "data.dequantize=true",
+                                      "data.limit=1000"), figures=False)
+
+
+@pytest.mark.parametrize("run", ["em_run", "dequantized_run"])
+def test_ndb_of_evaluate_follows_the_documented_protocol(run, request):
+    """Model samples clamped to the pixel range [0, 1] (docs/results.md's protocol), as many
+    as the held-out images, against bins fitted once on the training images: evaluate binned
+    them unclamped. (dequantized_run: 500 test images, 1,000 training ones; em_run's splits
+    are of one size, so drawing as many samples as training images passed there.)"""
     from mfa.ndb import NDB
 
-    got = workflow.evaluate(em_run.run_dir, ndb_bins=5, seed=3)
-    data = workflow.load_data(load_checkpoint(em_run.run_dir / "checkpoint.pt").run_config)
+    run = request.getfixturevalue(run)
+    got = workflow.evaluate(run.run_dir, ndb_bins=5, seed=3)
+    data = workflow.load_data(load_checkpoint(run.run_dir / "checkpoint.pt").run_config)
     reference = data.as_float("test")
-    samples, _ = em_run.model.sample(reference.shape[0],
-                                     generator=torch.Generator().manual_seed(3))
+    samples, _ = run.model.sample(reference.shape[0],
+                                  generator=torch.Generator().manual_seed(3))
     assert bool(((samples < 0) | (samples > 1)).any())  # the clamp has work to do
     bins = NDB.fit(data.train, 5, seed=3)
     want, real = bins.evaluate(samples.detach().clamp(0, 1)), bins.evaluate(reference)
     assert (got["ndb"], got["ndb_js"]) == (want.ndb, pytest.approx(want.js_divergence))
     assert (got["ndb_real"], got["ndb_js_real"]) == (real.ndb,
                                                       pytest.approx(real.js_divergence))
+
+
+def test_evaluate_bits_per_dim_is_the_log_likelihood_per_pixel_in_bits(dequantized_run):
+    """bits/dim = −log p(x)/(D ln 2) + log₂ 256 with D = 784 pixels (docs/results.md), from
+    the mean log-likelihood evaluate returns beside it, for every split it scores."""
+    got = workflow.evaluate(dequantized_run.run_dir, splits=("val", "test"))
+    for split in ("val", "test"):
+        ll = got[f"{split}_log_likelihood"]
+        assert got[f"{split}_bits_per_dim"] == pytest.approx(-ll / (784 * math.log(2)) + 8,
+                                                             rel=1e-12), split
 
 
 def test_evaluate_checks_its_inputs_before_computing(em_run, monkeypatch):
