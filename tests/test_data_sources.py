@@ -705,6 +705,13 @@ def test_celeba_image_listed_twice_is_refused(tmp_path):
 
 def test_folder_of_pngs(tmp_path):
     markers = write_png_folder(tmp_path / "imgs")
+    # hidden files are skipped (docs/data.md): a dotfile image, and macOS's AppleDouble
+    # "._" companion, which is no image at all
+    hidden = np.full((5, 7, 3), 50, dtype=np.uint8)
+    hidden[0, 0, 0] = 99
+    Image.fromarray(hidden).save(tmp_path / "imgs" / ".x.png", format="PNG")
+    Image.fromarray(hidden).save(tmp_path / "imgs" / "cats" / ".x.png", format="PNG")
+    (tmp_path / "imgs" / "cats" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     d = load_dataset("folder", tmp_path / "imgs", val_fraction=0.2, test_fraction=0.2)
     assert d.image_shape == (3, 5, 7) and d.classes == ("cats", "dogs")
     assert d.sizes == {"train": 8, "val": 2, "test": 2}
