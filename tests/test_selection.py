@@ -1026,3 +1026,33 @@ def test_a_select_row_is_the_model_mfa_train_fits_of_that_config(tmp_path, init)
     val = load_data(config).loader("val", batch_size=1024, dtype=result.model.dtype)
     expected = mean_log_likelihood(result.model, val)
     assert sweep.rows[0]["val_log_likelihood"] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_mfa_select_resume_refuses_a_sweep_whose_validation_images_changed(tmp_path):
+    """The rows' scores are validation log-likelihoods: a sweep whose validation images
+    changed on disk (the training ones untouched) is not resumed (its data digest hashed
+    the training pixels alone, and the resume mixed rows scored on the old images with rows
+    scored on the new)."""
+    import numpy as np
+
+    from mfa.config import load_config
+    from mfa.run_select import select_run
+    from mfa.workflow import load_data
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).save(root / f"{i}.png")
+    config = load_config(CONFIG, [*TINY, "data.name=folder", f"data.root={root}"])
+    before = load_data(config)
+    select_run(config, [1], [1], tmp_path / "sel")
+    changed = Path(before.source_names("val")[0])
+    changed = changed if changed.is_absolute() else root / changed
+    Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(changed)
+    after = load_data(config)
+    assert torch.equal(after.train_pixels, before.train_pixels)
+    assert not torch.equal(after.val_pixels, before.val_pixels)
+    with pytest.raises(ValueError, match="the training or validation images are not those "
+                                         "it was fitted on"):
+        select_run(config, [1, 2], [1], tmp_path / "sel", resume=True)
