@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,6 +147,34 @@ def test_a_kill_between_a_stage_file_and_the_runs_checkpoint_keeps_its_record(
         resumed.load_state_dict(saved["state"])
     model = resumed.fit(_start(0), x, checkpoint_dir=tmp_path / "b")
     assert _same(model, expected)
+    assert _values(resumed.history) == _values(whole.history)
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_resume_without_its_stage_files_records_the_stages_it_fits_again(tmp_path):
+    """Stopped in a child with max_iter 2, its stage files removed, resumed with max_iter 6
+    (resume-safe): every stage is fitted again, so the history must hold the new fits'
+    records, those of an uninterrupted max_iter-6 run, not the saved root record of the
+    max_iter-2 fit that no longer exists."""
+    x, whole, expected, saved, checkpoint = _uninterrupted(tmp_path)
+    short = replace(EM, max_iter=2)
+
+    def stop(trainer, model, record):
+        if record.get("component") == 0:
+            raise Stop
+
+    with pytest.raises(Stop):
+        HierarchicalRunTrainer(_config(root_em=short, child_em=short)).fit(
+            _start(0), x, callbacks=[stop], checkpoint_fn=checkpoint,
+            checkpoint_dir=tmp_path / "b")
+    old_root = saved["state"]["history"][0]["train_log_likelihood"]
+    shutil.rmtree(tmp_path / "b")
+    resumed = HierarchicalRunTrainer(_config())
+    resumed.load_state_dict(saved["state"])
+    model = resumed.fit(_start(0), x, checkpoint_fn=checkpoint,
+                        checkpoint_dir=tmp_path / "b", new_model=lambda: _start(0))
+    assert _same(model, expected)
+    assert whole.history[0]["train_log_likelihood"] != old_root  # (the fits do differ)
     assert _values(resumed.history) == _values(whole.history)
 
 
