@@ -345,6 +345,21 @@ def test_resume_refuses_child_files_swapped_between_components(data, tmp_path):
         HierarchicalTrainer(config()).fit(data[0], checkpoint_dir=tmp_path)
 
 
+def test_resume_refuses_a_child_file_of_other_rows_in_its_own_place(data, tmp_path):
+    """root.pt (and model.pt) gone and the data changed: the root is fitted again on the new
+    rows, and a child file left from the old fit, in its own component's place, holds the
+    child of other rows and another number of components. It was flattened into the model
+    (the component index alone was checked); it is refused, naming the rows it holds."""
+    HierarchicalTrainer(config()).fit(data[0], checkpoint_dir=tmp_path)
+    (tmp_path / "root.pt").unlink()
+    (tmp_path / "model.pt").unlink()
+    other = random_model(9, 5, 2, seed=12).sample(600, generator=gen(6))[0]
+    with pytest.raises(ValueError, match=r"child-00000.pt holds the child of root component "
+                                         r"0 \(\d+ rows, \d+ components\), not that of "
+                                         r"component 0 \(\d+ rows"):
+        HierarchicalTrainer(config()).fit(other, checkpoint_dir=tmp_path)
+
+
 def test_resume_with_data_of_another_dtype_is_refused_before_training(data, tmp_path):
     def kill(trainer, record):
         if record["stage"] == "child":
