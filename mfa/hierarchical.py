@@ -401,7 +401,8 @@ class HierarchicalTrainer:
         """``trainer.fit(model, data, validation)`` of ``stage`` (``"root"``, ``"child 2/3"``,
         ``"final"``), logged before it starts; its warnings name it at their end (as ``"EM run 1/1:
         stopped at max_iter=... [child 2/3]"``)."""
-        logger.info("%s: %d rows, %d components", stage, rows, model.n_components)
+        logger.info("%s: %d rows, %d component%s", stage, rows, model.n_components,
+                    "" if model.n_components == 1 else "s")
         with training.stage_warnings(stage):
             return trainer.fit(model, data, validation=validation)
 

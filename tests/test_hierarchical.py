@@ -593,6 +593,18 @@ def test_a_stage_device_this_machine_lacks_is_refused_before_any_work(stage):
 # ---------------------------------------------------------------------- what the log says
 
 
+def test_a_stage_of_one_component_is_logged_in_the_singular(data, caplog):
+    """("root: 600 rows, 1 components" read wrong.) A single-component root and final stage."""
+    stage_em = replace(EM, max_iter=2, noise_prior_variance=1e-3, tempered_step=False)
+    trainer = HierarchicalTrainer(config(root_components=1, max_child_components=1,
+                                         root_em=stage_em, child_em=stage_em))
+    with caplog.at_level(logging.INFO, logger="mfa.hierarchical"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(data[0])
+    stages = [r.getMessage() for r in caplog.records if r.name == "mfa.hierarchical"]
+    assert "root: 600 rows, 1 component" in stages, stages
+    assert not any(line.endswith(" 1 components") for line in stages), stages
+
 def test_each_stage_is_logged_before_its_fit_and_names_its_warnings(data, caplog):
     """Each stage's line ("root: 600 rows, 2 components") comes before the EM lines of its own
     fit (they came after it, so a child's lines read as the next child's), and the EM
