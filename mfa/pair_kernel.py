@@ -347,10 +347,8 @@ def pair_sums(x: Tensor, rows: Tensor, counts: list[int], weights: Tensor, means
         if len(ranges) <= 1:
             for first, last in ranges:
                 kernel(*arrays, first, last, *rest)
-        elif (parallel := _parallel_kernel(kernel)) is not None and _launch_parallel(
-                parallel, arrays, ranges, rest):
-            pass
-        else:
+        elif (parallel := _parallel_kernel(kernel)) is None or not _launch_parallel(
+                parallel, arrays, ranges, rest):  # the Python threads, from zeroed sums
             rest[2].fill(0.0)  # (a failed launch may have written part of them)
             rest[3].fill(0.0)
             pool = _executor(threads)
