@@ -14,12 +14,18 @@ logger = logging.getLogger("mfa")
 
 
 def attach_log(run_dir: Path) -> logging.Handler:
-    """Send the ``mfa`` loggers' records (INFO and up) to ``run_dir/train.log``."""
+    """Send the ``mfa`` loggers' records (INFO and up) to ``run_dir/train.log``: the ``mfa``
+    logger lets INFO through while it is attached where it would not (a program that set
+    no level), and keeps what it lets through where that is more (``mfa -v``: DEBUG on the
+    console; it was set to INFO, so ``-v`` showed no debug record of a run)."""
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
     root = logging.getLogger("mfa")
     root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
+    handler.mfa_level = None  # the level of the ``mfa`` logger to put back on detaching
+    if root.getEffectiveLevel() > logging.INFO:
+        handler.mfa_level = root.level
         root.setLevel(logging.INFO)
     return handler
 
@@ -42,7 +48,13 @@ def log_ending(handler: logging.Handler | None, error: BaseException, checkpoint
 
 
 def detach_log(handler: logging.Handler | None) -> None:
-    """Stop :func:`attach_log`'s handler (``None``: nothing to stop) and close its file."""
+    """Stop :func:`attach_log`'s handler (``None``: nothing to stop), close its file and put
+    back the ``mfa`` logger's level it changed (it stayed at INFO after a run: a program
+    that later configured WARNING logging got every INFO record of ``mfa``)."""
     if handler is not None:
-        logging.getLogger("mfa").removeHandler(handler)
+        root = logging.getLogger("mfa")
+        root.removeHandler(handler)
         handler.close()
+        level = getattr(handler, "mfa_level", None)
+        if level is not None and root.level == logging.INFO:  # (unless changed meanwhile)
+            root.setLevel(level)
