@@ -280,9 +280,13 @@ def test_train_resume_of_a_finished_run_changes_nothing(run_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     before = load_checkpoint(copy / "checkpoint.pt")
+    files = sorted(p.name for p in copy.iterdir())
     code, stdout, stderr = run_cli("train", "--resume", copy, "--no-figures")
     assert code == 0, stderr
     assert f"run folder: {copy}" in stdout
+    # --no-figures holds for a resume too: no samples-2.png, outliers-2.csv, … (curve.png
+    # follows output.plot and is redrawn in place)
+    assert sorted(p.name for p in copy.iterdir()) == files
     after = load_checkpoint(copy / "checkpoint.pt")
     for name, value in before.model.state_dict().items():
         assert torch.equal(value, after.model.state_dict()[name]), name
@@ -1746,12 +1750,13 @@ def test_evaluate_checks_the_outlier_data_once(run_dir, tmp_path, monkeypatch):
 # --------------------------------------------------- after-training commands (review findings)
 
 
+@pytest.mark.parametrize("value", ["", "  "])
 @pytest.mark.parametrize("option", ["--resume", "--config", "-c"])
-def test_train_refuses_an_empty_resume_or_config(tmp_path, monkeypatch, option):
+def test_train_refuses_an_empty_resume_or_config(tmp_path, monkeypatch, option, value):
     """--resume "" (--resume "$RUN" with RUN unset) trained a new run of the default config,
     and -c "" trained the default config: "" was taken for no option."""
     monkeypatch.chdir(tmp_path)
-    code, _, stderr = run_cli("train", option, "", *set_args(*TINY, "train.em.max_iter=1"),
+    code, _, stderr = run_cli("train", option, value, *set_args(*TINY, "train.em.max_iter=1"),
                               "--no-figures")
     name = "--resume" if option == "--resume" else "--config"
     assert code == 2 and f"error: {name} is empty: give a path" in stderr, stderr
@@ -1759,7 +1764,7 @@ def test_train_refuses_an_empty_resume_or_config(tmp_path, monkeypatch, option):
     from mfa import workflow
 
     with pytest.raises(ValueError, match="--resume is empty"):
-        workflow.train(None, resume="")
+        workflow.train(None, resume=value)
 
 
 def test_an_output_place_that_cannot_be_written_is_refused_before_the_work(run_dir, tmp_path,
@@ -1928,3 +1933,234 @@ def test_a_library_warning_is_one_line(monkeypatch):
     code, _, stderr = run_cli("sample", "anything")
     assert code == 0
     assert stderr == "warning: 3 of the 15 test images are also in the run's own data\n"
+
+
+# ---------------------------------------------------------------------------- defaults and seeds
+
+
+def test_sample_of_a_bare_checkpoint_takes_the_documented_defaults(run_dir, tmp_path):
+    """Without a run config: 64 samples in rows of 8 at --scale 2 (the help's "else 64",
+    "else 8", "else 2"), written beside the checkpoint file."""
+    bare = save_checkpoint(tmp_path / "bare.pt", load_checkpoint(run_dir / "checkpoint.pt").model)
+    code, stdout, stderr = run_cli("sample", bare, "--image-shape", 1, 28, 28)
+    assert code == 0, stderr
+    assert stdout.strip() == str(tmp_path / "samples.png")
+    assert open_png(tmp_path / "samples.png").size == grid_size(64, 8, 2)
+
+
+def with_run_config(run_dir: Path, folder: Path, **changes) -> Path:
+    """A copy of the run's checkpoint in ``folder`` whose run config has ``changes``."""
+    folder.mkdir()
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    config = ckpt.run_config
+    for key, value in changes.items():
+        section, _, name = key.rpartition("__")
+        if section:
+            config = dataclasses.replace(config, **{section: dataclasses.replace(
+                getattr(config, section), **{name: value})})
+        else:
+            config = dataclasses.replace(config, **{name: value})
+    save_checkpoint(folder / "checkpoint.pt", ckpt.model, run_config=config,
+                    trainer_state=ckpt.trainer_state, metrics=ckpt.metrics)
+    return folder
+
+
+def test_outliers_seed_seeds_the_background_model_and_defaults_to_0(run_dir, tmp_path,
+                                                                   monkeypatch):
+    """--seed seeds the likelihood-ratio score's background fit: the same seed ranks alike,
+    another seed scores otherwise; unset it is 0, as the run's own outliers figure, not the
+    run's seed (5 here)."""
+    from mfa.outliers import PatchBackground
+
+    run = with_run_config(run_dir, tmp_path / "seeded", seed=5)
+    fit, seeds = PatchBackground.fit.__func__, []
+
+    def quick_fit(cls, train, image_shape, *, seed=0, **options):  # a small background
+        seeds.append(seed)
+        return fit(cls, train, image_shape, seed=seed, n_components=2, max_iter=2)
+
+    monkeypatch.setattr(PatchBackground, "fit", classmethod(quick_fit))
+
+    def scores(*seed):
+        out = tmp_path / f"out{len(seeds)}"
+        code, _, stderr = run_cli("outliers", run, "--score", "likelihood_ratio", *seed,
+                                  "--set", "data.limit=20", "--out-dir", out, "-n", 2,
+                                  "--scale", 1)
+        assert code == 0, stderr
+        return [(r["index"], r["score"]) for r in read_csv(out / "outliers.csv")]
+
+    zero = scores("--seed", 0)
+    assert scores() == zero
+    assert scores("--seed", 5) != zero
+    assert seeds == [0, 0, 5]
+
+
+def test_evaluate_seed_seeds_ndb_and_prints_where_it_wrote(run_dir, tmp_path):
+    """--seed seeds NDB's samples (it was passed on): unset it is 0; another seed draws
+    other samples. With -o the file written is named on stderr."""
+    def ndb(*argv):
+        code, stdout, stderr = run_cli("evaluate", run_dir, "--ndb-bins", 5, *argv)
+        assert code == 0, stderr
+        result = json.loads(stdout)
+        return stderr, (result["ndb"], result["ndb_js"])
+
+    stderr, default = ndb("-o", tmp_path)
+    assert str(tmp_path / "evaluation.json") in stderr.splitlines()
+    assert ndb("--seed", 0)[1] == default
+    assert ndb("--seed", 1)[1] != default
+
+
+def test_visualize_draws_the_first_4_components_where_the_run_drew_none(run_dir, tmp_path):
+    """output.n_factor_components 0 (no factors.png in the run): the first 4 components,
+    here all K = 3."""
+    run = with_run_config(run_dir, tmp_path / "none", output__n_factor_components=0)
+    code, _, stderr = run_cli("visualize", run, "--scale", 1, "-o", tmp_path / "f.png")
+    assert code == 0, stderr
+    assert open_png(tmp_path / "f.png").size == grid_size(K * (2 + 3 * L), 2 + 3 * L)
+
+
+@pytest.mark.parametrize("error, shown", [
+    (ValueError("bad value"), "error: bad value"),
+    (TypeError("n_samples must be an int"), "error: n_samples must be an int"),
+    (OSError("disk full"), "error: disk full"),
+    (FloatingPointError("EM diverged"), "error: FloatingPointError: EM diverged"),
+    (RuntimeError("CUDA out of memory"), "error: RuntimeError: CUDA out of memory"),
+    (MemoryError(), "error: MemoryError: out of memory"),
+])
+def test_an_error_is_one_line_naming_its_kind_unless_it_is_a_bad_value(monkeypatch, error,
+                                                                       shown):
+    """A bad value (ValueError, TypeError, OSError) is its message; a failure of another kind
+    (a diverged fit, torch's RuntimeError, memory) is named; exit status 2, no traceback."""
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_sample", fails)
+    code, stdout, stderr = run_cli("sample", "anything")
+    assert (code, stdout, stderr) == (2, "", shown + "\n")
+
+
+@pytest.mark.parametrize("command", ["train", "select", "sample"])
+def test_a_trainers_setting_is_named_as_the_configs_key_by_train_and_select(monkeypatch,
+                                                                            command):
+    """`mfa train` and `mfa select` fit from a config: a trainer's message naming
+    SGDConfig.lr names train.sgd.lr too; a per-run command fits nothing and keeps it."""
+    def fails(args):
+        raise ValueError("SGDConfig.lr must be positive, and EMConfig.max_iter too")
+
+    monkeypatch.setattr(cli, f"cmd_{command}", fails)
+    argv = {"train": ["train"], "select": ["select", "--components", 2, "--factors", 1],
+            "sample": ["sample", "anything"]}[command]
+    code, _, stderr = run_cli(*argv)
+    assert code == 2
+    assert stderr == ("error: train.sgd.lr (SGDConfig.lr) must be positive, and "
+                      "train.em.max_iter (EMConfig.max_iter) too\n" if command != "sample" else
+                      "error: SGDConfig.lr must be positive, and EMConfig.max_iter too\n")
+
+
+def test_ctrl_c_in_select_says_how_to_keep_the_finished_fits(monkeypatch):
+    """Ctrl-C during `mfa select`: exit 130 and the hint to rerun it with --resume (not the
+    train hint); a per-run command says only "interrupted"; --verbose adds the traceback."""
+    def interrupted_select(args):
+        raise KeyboardInterrupt
+
+    def interrupted_sample(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_select", interrupted_select)
+    monkeypatch.setattr(cli, "cmd_sample", interrupted_sample)
+    code, _, stderr = run_cli("select", "--components", 2, "--factors", 1)
+    assert code == 130 and stderr.startswith("interrupted (any finished fits are kept in "
+                                             "selection.json: rerun the same command with "
+                                             "--resume"), stderr
+    assert "Traceback" not in stderr
+    code, _, stderr = run_cli("sample", "anything")
+    assert (code, stderr) == (130, "interrupted\n")
+    code, _, stderr = run_cli("sample", "anything", "-v")
+    assert code == 130 and "Traceback" in stderr and "KeyboardInterrupt" in stderr
+    assert stderr.endswith("interrupted\n")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_verbose_shows_debug_records_and_warnings_as_python_shows_them(monkeypatch, recwarn,
+                                                                       verbose):
+    """-v: the console log takes DEBUG records (else INFO and up), and a warning is left to
+    Python's own display (here pytest's record: source and category) instead of one line."""
+    import logging
+    import warnings
+
+    def logs(args):
+        logging.getLogger("mfa.test_cli").debug("a detail")
+        logging.getLogger("mfa.test_cli").info("news")
+        warnings.warn("a library warning", UserWarning, stacklevel=2)
+        return 0
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # (pytest's: logging.basicConfig adds none)
+    level = root.level
+    monkeypatch.setattr(cli, "cmd_sample", logs)
+    try:
+        code, _, stderr = run_cli("sample", "anything", *(["-v"] if verbose else []))
+    finally:
+        root.setLevel(level)
+    assert code == 0
+    lines = stderr.splitlines()
+    assert ("DEBUG mfa.test_cli: a detail" in lines) is verbose
+    assert "INFO mfa.test_cli: news" in lines
+    assert ("warning: a library warning" in lines) is not verbose
+    assert [str(w.message) for w in recwarn] == (["a library warning"] if verbose else [])
+
+
+def test_an_edit_of_the_mask_image_or_data_is_named_for_the_runs_own_checkpoint_only(
+        run_dir, tmp_path):
+    """output.mask_image and data.* are settings the per-run commands take from the
+    checkpoint: their edit in config.yaml is named. A checkpoint of another name in the
+    folder is no run of that config.yaml: nothing is said of it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("checkpoint.pt", "config.yaml"):
+        shutil.copy(run_dir / name, run)
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["output"]["mask_image"] = "mask.png"
+    edited["data"]["limit"] = 100
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    code, _, stderr = run_cli("sample", run, "-n", 2)
+    assert code == 0, stderr
+    assert stderr.startswith(
+        f"warning: {run / 'config.yaml'} differs from the config its checkpoint holds in "
+        f"data.limit (100 there, {LIMIT} in the checkpoint), output.mask_image ('mask.png' "
+        "there, None in the checkpoint): "), stderr
+    shutil.copy(run / "checkpoint.pt", run / "copy.pt")
+    code, _, stderr = run_cli("sample", run / "copy.pt", "-n", 2)
+    assert (code, stderr) == (0, "")
+
+
+def test_select_fails_when_no_fit_has_a_finite_validation_score(monkeypatch, tmp_path):
+    """Fits that ran but scored no finite validation value (none failed): no best model,
+    exit status 1 with the reason."""
+    from types import SimpleNamespace
+
+    import mfa.run_select
+
+    sweep = SimpleNamespace(table=lambda: "| K | L |", best_by_val=None, best_by_bic=None,
+                            failed=[], rows=[{"K": 2, "L": 1}], has_bits_per_dim=False)
+    monkeypatch.setattr(mfa.run_select, "select_run", lambda *a, **k: (sweep, []))
+    code, stdout, stderr = run_cli("select", "--config", CONFIG, "--components", 2,
+                                   "--factors", 1, "--out", tmp_path)
+    assert code == 1
+    assert "best by validation: none (no fit gave a finite validation score)" in stdout
+    assert "best by BIC: none (no finite BIC)" in stdout
+    assert stderr == "error: no fit gave a finite validation score\n"
+
+
+def test_a_run_that_drew_no_samples_or_inpaintings_draws_the_defaults(run_dir, tmp_path):
+    """output.n_samples 0 and output.n_inpaint 0 (the run drew no such figure): `mfa sample`
+    draws 64 and `mfa inpaint` 8 images, as with -n 64 and -n 8."""
+    run = with_run_config(run_dir, tmp_path / "none", output__n_samples=0,
+                          output__n_inpaint=0)
+    for command, n in (("sample", 64), ("inpaint", 8)):
+        code, _, stderr = run_cli(command, run, "-o", tmp_path / f"{command}.png")
+        assert code == 0, stderr
+        code, _, stderr = run_cli(command, run, "-n", n, "-o", tmp_path / f"{command}-n.png")
+        assert code == 0, stderr
+        assert (tmp_path / f"{command}.png").read_bytes() == \
+            (tmp_path / f"{command}-n.png").read_bytes(), command
