@@ -2164,3 +2164,11 @@ def test_a_run_that_drew_no_samples_or_inpaintings_draws_the_defaults(run_dir, t
         assert code == 0, stderr
         assert (tmp_path / f"{command}.png").read_bytes() == \
             (tmp_path / f"{command}-n.png").read_bytes(), command
+
+
+def test_an_image_suffix_in_capitals_is_an_image_file(run_dir, tmp_path):
+    """-o S.PNG (a suffix in capitals, as some cameras and tools write) is an image file."""
+    code, stdout, stderr = run_cli("sample", run_dir, "-n", 2, "-o", tmp_path / "S.PNG")
+    assert code == 0, stderr
+    assert stdout.strip() == str(tmp_path / "S.PNG")
+    assert open_png(tmp_path / "S.PNG").size == grid_size(2, NROW, SCALE)
