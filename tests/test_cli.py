@@ -2172,3 +2172,4 @@ def test_an_image_suffix_in_capitals_is_an_image_file(run_dir, tmp_path):
     assert code == 0, stderr
     assert stdout.strip() == str(tmp_path / "S.PNG")
     assert open_png(tmp_path / "S.PNG").size == grid_size(2, NROW, SCALE)
+    assert [p.name for p in tmp_path.iterdir()] == ["S.PNG"]  # (no write probe left)

@@ -20,8 +20,8 @@ from mfa.cli_types import (
 
 @pytest.mark.parametrize("parse, text, value", [
     (positive_int, "3", 3), (non_negative_int, "0", 0), (fraction, "0.25", 0.25),
-    (fraction, "1", 1.0), (finite, "-2.5", -2.5), (dataset_name, "Fashion-MNIST",
-                                                    "fashion-mnist"),
+    (fraction, "1", 1.0), (fraction, "0", 0.0), (finite, "-2.5", -2.5),
+    (dataset_name, "Fashion-MNIST", "fashion-mnist"),
     (non_empty("a device"), "cpu", "cpu"),
     (one_of_several("--split", ("val", "test")), "val", "val"),
     (one_of_several("--components", parse=int), "3", 3),
@@ -47,6 +47,9 @@ def test_accepts(parse, text, value):
     (one_of_several("--components", parse=int), "y", "expected an int, got 'y'"),
     (one_of_several("--components", parse=int), ".", "expected an int, got '.'; . is a path: "
      "give the run folder before --components, whose values take every word after it"),
+    # a checkpoint file too, not only a run folder
+    (one_of_several("--split", ("val", "test")), __file__, f"; {__file__} is a path: give the "
+     "run folder before --split"),
 ])
 def test_refuses_naming_the_problem(parse, text, message):
     with pytest.raises(argparse.ArgumentTypeError) as info:
