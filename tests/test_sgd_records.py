@@ -4,6 +4,7 @@ batches, the start's part in early stopping."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -95,3 +96,65 @@ def test_a_start_no_epoch_beats_on_validation_is_kept():
     assert len(vals) == 2 and max(vals) < start_val
     for name in PARAMS:
         assert torch.equal(getattr(model, name).detach(), start[name]), name
+
+
+def _checkpoints(x, v, **config):
+    """``(trainer, model, [(state, model state)] per checkpoint)`` of a fit checkpointing
+    every epoch."""
+    saved = []
+    model = random_model(2, 4, 1, seed=3)
+    trainer = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False,
+                                   noise_prior_strength=0.0, checkpoint_every=1, **config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        trainer.fit(model, x, validation=v, checkpoint_fn=lambda t, m: saved.append(
+            (copy.deepcopy(t.state_dict()), copy.deepcopy(m.state_dict()))))
+    return trainer, model, saved
+
+
+def test_an_old_checkpoint_of_the_early_stopping_epoch_stops_there():
+    """A checkpoint written before 'stopped' and 'final' were saved, at the epoch where the fit
+    stopped early (patience 2 epochs past its best): resumed, it is read from bad_epochs and
+    patience and returns the best epoch at once, with the start's validation score kept."""
+    truth = random_model(2, 4, 1, seed=3)
+    x, v = random_data(800, truth, seed=4), random_data(200, truth, seed=5)
+    config = dict(lr=0.2, epochs=40, patience=2, batch_size=64, seed=0)
+    trainer, model, saved = _checkpoints(x, v, **config)
+    stopped_at = len(trainer.history)
+    assert stopped_at < 40
+    state, _ = saved[-2]  # (the last epoch's, inside the loop: the model there is its own)
+    assert state["epoch"] == stopped_at and state["stopped"] and not state["final"]
+    del state["stopped"], state["final"]
+    resumed = random_model(2, 4, 1, seed=3)
+    resumed.load_state_dict(saved[-2][1])
+    again = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False,
+                                 noise_prior_strength=0.0, checkpoint_every=1, **config))
+    again.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        again.fit(resumed, x, validation=v)
+    assert len(again.history) == stopped_at
+    assert again.start_val_log_likelihood == trainer.start_val_log_likelihood
+    assert again.start_val_log_likelihood == pytest.approx(
+        _dense_rows(random_model(2, 4, 1, seed=3), v).mean().item(), rel=1e-10)
+    for name in PARAMS:
+        assert torch.equal(getattr(resumed, name).detach(), getattr(model, name).detach()), name
+
+
+def test_an_old_checkpoint_of_a_finished_fit_is_not_extended():
+    """A checkpoint without 'final' (saved before it existed) whose epochs are all done was
+    written after fit returned (its model the best epoch): resuming it with more epochs is
+    refused as a finished fit; one of an unfinished fit (epoch 1 of 2) may be extended."""
+    truth = random_model(2, 4, 1, seed=3)
+    x, v = random_data(400, truth, seed=4), random_data(100, truth, seed=5)
+    config = dict(lr=0.02, patience=0, batch_size=200, seed=0)
+    _, _, saved = _checkpoints(x, v, epochs=2, **config)
+    (first, _), (last, _) = saved[0], saved[-1]
+    for state in (first, last):
+        del state["stopped"], state["final"]
+    longer = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False,
+                                  noise_prior_strength=0.0, checkpoint_every=1, epochs=4,
+                                  **config))
+    with pytest.raises(ValueError, match="finished fit"):
+        longer.load_state_dict(last)
+    longer.load_state_dict(first)
