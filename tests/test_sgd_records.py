@@ -158,3 +158,28 @@ def test_an_old_checkpoint_of_a_finished_fit_is_not_extended():
     with pytest.raises(ValueError, match="finished fit"):
         longer.load_state_dict(last)
     longer.load_state_dict(first)
+
+
+def test_a_fit_cut_to_the_epochs_it_has_done_ends_as_a_fit_of_that_length():
+    """The checkpoint of epoch 2 of a constant-rate 4-epoch fit, resumed with epochs=2 (as
+    many as done: allowed, only fewer are refused), runs no epoch and returns what a 2-epoch
+    fit returns: the best of the start and both epochs."""
+    truth = random_model(2, 4, 1, seed=3)
+    x, v = random_data(400, truth, seed=4), random_data(100, truth, seed=5)
+    config = dict(lr=0.05, patience=0, batch_size=100, seed=0)
+    _, _, saved = _checkpoints(x, v, epochs=4, **config)
+    state, params = saved[1]
+    assert state["epoch"] == 2 and not state["final"]
+    short, short_model, _ = _checkpoints(x, v, epochs=2, **config)
+    again = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False,
+                                 noise_prior_strength=0.0, checkpoint_every=1, epochs=2,
+                                 **config))
+    again.load_state_dict(state)
+    resumed = random_model(2, 4, 1, seed=3)
+    resumed.load_state_dict(params)
+    again.fit(resumed, x, validation=v)
+    assert [h["val_log_likelihood"] for h in again.history] == pytest.approx(
+        [h["val_log_likelihood"] for h in short.history], rel=1e-12, abs=0)
+    for name in PARAMS:
+        torch.testing.assert_close(getattr(resumed, name).detach(),
+                                   getattr(short_model, name).detach(), rtol=1e-12, atol=0)
