@@ -1,0 +1,42 @@
+"""The start of an Adam fit (mfa.sgd_start.em_start) where its EM step fails: the model
+keeps its initialisation, with a warning."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from helpers import random_data, random_model
+
+import mfa.sgd_start
+from mfa._data_stream import DataSource
+from mfa.priors import Prior
+from mfa.sgd_start import em_start
+
+PARAMS = ("weights", "means", "factor_loadings", "noise_variance")
+
+
+def test_a_non_finite_em_step_leaves_the_initialisation(monkeypatch, caplog):
+    """An M-step with a NaN mean (e.g. an overflow in float32) is not applied: the model
+    keeps every parameter as it was, the log says so, and the s₀ and the 300 rows read are
+    returned as they would be."""
+    model = random_model(2, 3, 1, seed=0)
+    x = random_data(300, model, seed=1)
+    before = {name: getattr(model, name).detach().clone() for name in PARAMS}
+    real = mfa.sgd_start.m_step
+
+    def nan_mean(*args, **kwargs):
+        params = real(*args, **kwargs)
+        params["means"] = params["means"].clone()
+        params["means"][1, 2] = torch.nan
+        return params
+
+    monkeypatch.setattr(mfa.sgd_start, "m_step", nan_mean)
+    source = DataSource(x, model, 128, "data")
+    with caplog.at_level(logging.WARNING, logger="mfa.sgd_start"):
+        s0, rows = em_start(model, source, None, Prior(1.0, 0.25), auto=False, step=True,
+                            lower=1e-3, per_decade=4, variance_floor=1e-6)
+    assert (s0, rows) == (0.25, 300.0)
+    for name in PARAMS:
+        assert torch.equal(getattr(model, name).detach(), before[name]), name
+    assert any("EM step is not finite" in r.getMessage() for r in caplog.records)
