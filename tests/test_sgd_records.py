@@ -214,3 +214,30 @@ def test_adam_steps_follow_the_map_objective_written_out_by_hand():
     for name in PARAMS:
         torch.testing.assert_close(getattr(model, name).detach(), getattr(twin, name).detach(),
                                    rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_divergence_is_judged_against_the_best_epoch_by_ten_times_its_size_plus_d(
+        monkeypatch):
+    """The train scores are scripted (full batches: one a step and an epoch; D = 4): −5 (the
+    first minibatch's too), −58, −100. Divergence is a fall of more than 10·(|best| + D) =
+    90 below the best so far: −58 is not one (a threshold of 10·|best| = 50 called it one),
+    −100 is, against −5 (the last epoch, −58, as reference allowed down to −678)."""
+    import mfa.sgd
+
+    scores = iter([5.0, 58.0, 100.0])  # −log p of each epoch's one minibatch
+    real = mfa.sgd.distributed.backward_mean
+
+    def scripted(values, parameters):
+        nll, rows = real(values, parameters)
+        return torch.full_like(nll, next(scores)), rows
+
+    monkeypatch.setattr(mfa.sgd.distributed, "backward_mean", scripted)
+    model = random_model(2, 4, 1, seed=3)
+    x = random_data(100, model, seed=4)
+    trainer = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False, lr=1e-6,
+                                   noise_prior_strength=0.0, val_fraction=0.0, batch_size=100,
+                                   epochs=5))
+    with pytest.raises(FloatingPointError, match=r"Adam diverged at epoch 3: the mean train "
+                       r"log-likelihood is -100 nats per row, down from -5;"):
+        trainer.fit(model, x)
+    assert [h["train_log_likelihood"] for h in trainer.history] == [-5.0, -58.0]
