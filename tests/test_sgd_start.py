@@ -40,3 +40,24 @@ def test_a_non_finite_em_step_leaves_the_initialisation(monkeypatch, caplog):
     for name in PARAMS:
         assert torch.equal(getattr(model, name).detach(), before[name]), name
     assert any("EM step is not finite" in r.getMessage() for r in caplog.records)
+
+
+def test_a_min_noise_above_the_variance_floor_floors_the_start():
+    """A model whose min_noise (1e-3) is above SGDConfig.variance_floor (1e-6), on rows with
+    a near-constant feature (variance 1e-8): the initialisation and the start's EM step floor
+    the noise just above min_noise (a floor of 1e-6 gave noise variances the model cannot
+    hold, and the fit raised), and Adam keeps it there."""
+    import warnings
+
+    from mfa import MixtureOfFactorAnalyzers
+    from mfa.sgd import SGDConfig, SGDTrainer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 4, generator=g, dtype=torch.float64)
+    x[:, 3] = 0.5 + 1e-4 * torch.randn(600, generator=g, dtype=torch.float64)
+    model = MixtureOfFactorAnalyzers(2, 4, 1, dtype=torch.float64, min_noise=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SGDTrainer(SGDConfig(progress=False, epochs=1, noise_prior_strength=0.0)).fit(model, x)
+    noise = model.noise_variance.detach()[:, 3]
+    assert bool((noise > 1e-3).all()) and bool((noise < 1.01e-3).all()), noise
