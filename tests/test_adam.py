@@ -76,3 +76,45 @@ def test_noise_steps_are_relative_at_any_scale_of_the_data():
     assert unit < 2.0  # (2.7 when the noise parameter's step was not relative)
     for scale in (255.0, 0.01):
         assert _noise_after_adam(scale).mean().item() == pytest.approx(unit, rel=0.15), scale
+
+
+def test_count_rows_of_tensors_and_datasets_by_hand():
+    """The penalty's N for the forms fit takes as they come: a tensor's and QuantizedRows'
+    rows, a map-style Dataset's length, a sized IterableDataset's, and None for an unsized one
+    or a list of batches (the start's pass counts those)."""
+    from torch.utils.data import IterableDataset, TensorDataset
+
+    from mfa.adam import count_rows
+    from mfa.data.quantized import QuantizedRows
+
+    x = torch.zeros(37, 3, dtype=F64)
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(x)
+
+    class SizedStream(Stream):
+        def __len__(self):
+            return 37
+
+    assert count_rows(x) == 37
+    assert count_rows(QuantizedRows(torch.zeros(21, 3, dtype=torch.uint8))) == 21
+    for unknown in (False, True):
+        assert count_rows(TensorDataset(x), unknown) == 37
+        assert count_rows(SizedStream(), unknown) == 37
+        assert count_rows(Stream(), unknown) is None
+        assert count_rows([x[:10], x[10:]], unknown) is None
+
+
+def test_a_dataset_needs_no_pass_to_count_its_rows_for_the_prior():
+    """A fixed noise prior without the start's pass (init='none', em_start=False) on a map-style
+    Dataset: its length is N, and the fit runs (it would raise if it could not count)."""
+    from torch.utils.data import TensorDataset
+
+    model = random_model(2, 3, 1, seed=1)
+    x = random_data(60, model, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SGDTrainer(SGDConfig(progress=False, epochs=1, init="none", em_start=False,
+                             noise_prior_variance=0.5, val_fraction=0.0)).fit(
+            model, TensorDataset(x))
