@@ -61,3 +61,30 @@ def test_a_min_noise_above_the_variance_floor_floors_the_start():
         SGDTrainer(SGDConfig(progress=False, epochs=1, noise_prior_strength=0.0)).fit(model, x)
     noise = model.noise_variance.detach()[:, 3]
     assert bool((noise > 1e-3).all()) and bool((noise < 1.01e-3).all()), noise
+
+
+def test_auto_without_validation_warns_and_takes_the_quantization_variance():
+    """noise_prior_variance='auto' with no validation rows (val_fraction=0): a UserWarning
+    says so, and s₀ is the grid's lower end, the quantization_variance (0.01 here), as
+    selected_noise_prior_variance, prior() and the saved state all say."""
+    import warnings
+
+    import pytest
+
+    from mfa.sgd import SGDConfig, SGDTrainer
+    from mfa.training import ConvergenceWarning
+
+    model = random_model(2, 3, 1, seed=1)
+    x = random_data(120, model, seed=2)
+    for em_step in (True, False):  # (with or without the start's pass)
+        trainer = SGDTrainer(SGDConfig(progress=False, epochs=1, val_fraction=0.0,
+                                       quantization_variance=0.01, noise_prior_strength=2.0,
+                                       em_start=em_step))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            with pytest.warns(UserWarning, match=r"'auto' needs validation data .* s0 = "
+                                                 r"quantization_variance = 0\.01"):
+                trainer.fit(model, x)
+        assert trainer.selected_noise_prior_variance == 0.01
+        assert trainer.prior() == Prior(2.0, 0.01)
+        assert trainer.state_dict()["noise_prior_variance"] == 0.01
