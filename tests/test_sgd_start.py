@@ -88,3 +88,18 @@ def test_auto_without_validation_warns_and_takes_the_quantization_variance():
         assert trainer.selected_noise_prior_variance == 0.01
         assert trainer.prior() == Prior(2.0, 0.01)
         assert trainer.state_dict()["noise_prior_variance"] == 0.01
+
+
+def test_a_component_the_em_step_leaves_without_rows_keeps_a_positive_weight():
+    """Component 1 lies 1e3 from every row (its responsibilities are exactly 0): the start's
+    EM step gives it the floor's 1e-3 rows of weight, 1e-3/(300 + 1e-3), not 0, whose logit
+    of −inf Adam could never move (and a Dirichlet prior would make every loss inf)."""
+    model = random_model(2, 3, 1, seed=0)
+    x = random_data(300, model, seed=1)
+    params = {name: getattr(model, name).detach().clone() for name in PARAMS}
+    params["means"][1] += 1e3
+    model.set_parameters(**params)
+    em_start(model, DataSource(x, model, 128, "data"), None, Prior(1.0, 0.25), auto=False,
+             step=True, lower=1e-3, per_decade=4, variance_floor=1e-6)
+    expected = torch.tensor([300.0, 1e-3], dtype=torch.float64) / (300.0 + 1e-3)
+    torch.testing.assert_close(model.weights.detach(), expected, rtol=1e-12, atol=0)
