@@ -125,6 +125,12 @@ def test_an_old_checkpoint_of_the_early_stopping_epoch_stops_there():
     assert stopped_at < 40
     state, _ = saved[-2]  # (the last epoch's, inside the loop: the model there is its own)
     assert state["epoch"] == stopped_at and state["stopped"] and not state["final"]
+    longer = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False,
+                                  noise_prior_strength=0.0, checkpoint_every=1,
+                                  **{**config, "epochs": 80}))
+    with pytest.raises(ValueError, match=rf"finished fit \({stopped_at} of 40 epochs, "
+                                         r"stopped early\)"):
+        longer.load_state_dict(state)  # (saved inside the loop, but its fit had ended)
     del state["stopped"], state["final"]
     resumed = random_model(2, 4, 1, seed=3)
     resumed.load_state_dict(saved[-2][1])
