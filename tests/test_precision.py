@@ -52,3 +52,54 @@ def test_auto_on_a_cuda_device_follows_its_float64_rate(monkeypatch, capability,
     assert resolve_stats_dtype("auto", torch.device("cuda"), F64) == "float64"
     for mode in STATS_DTYPES[1:]:  # an explicit mode is the user's on any device
         assert resolve_stats_dtype(mode, "cuda", torch.float32) == mode
+
+
+def _terms(means, factors, noise):
+    """The three fields of mfa._terms.ComponentTerms the checks read (float64 inputs)."""
+    from types import SimpleNamespace
+
+    t = lambda v: torch.tensor(v, dtype=F64)  # noqa: E731
+    return SimpleNamespace(means=t(means), factors=None if factors is None else t(factors),
+                           inv_noise=1.0 / t(noise))
+
+
+def test_float64_components_by_hand():
+    """Which components the "float32" sums (moments: (μ−c)² + |a|²) and the "mixed" ones
+    (|μ−c|·|a| + |a|²) send to float64: those with ε₃₂·max_j v_j/d_j above 1e-3, i.e.
+    v/d above 8389 in some feature. K = 3, D = 2, L = 1, all by hand:
+    component 0, 100 from c without loadings: 1e4 for the moments, 0 for "mixed";
+    component 1 at c, loadings 100: 1e4 for both;
+    component 2, 1 from c in feature 1, noise 1e-4 there, loadings 0.5: 1e4 + 2.5e3 for the
+    moments, 5e3 + 2.5e3 = 7.5e3 (below) for "mixed". float64 rows: none."""
+    from mfa.precision import float64_components
+
+    terms = _terms(means=[[100.0, 0.0], [0.0, 0.0], [0.0, 1.0]],
+                   factors=[[[0.0], [0.0]], [[100.0], [0.0]], [[0.0], [0.5]]],
+                   noise=[[1.0, 1.0], [1.0, 1.0], [1.0, 1e-4]])
+    assert float64_components(terms, torch.float32).tolist() == [0, 1, 2]
+    assert float64_components(terms, torch.float32, moments=False).tolist() == [1]
+    assert float64_components(terms, F64) is None
+    assert float64_components(terms, F64, moments=False) is None
+    # without loadings (L = 0): the moments alone
+    plain = _terms(means=[[100.0, 0.0], [50.0, 0.0]], factors=None, noise=[[1.0, 1.0]] * 2)
+    assert float64_components(plain, torch.float32).tolist() == [0]
+    assert float64_components(plain, torch.float32, moments=False) is None
+
+
+def test_far_from_reference_by_hand():
+    """far_from_reference: ε·max_kj (μ_kj − c_j)²/d_kj above the limit, by hand. float32 at
+    FAR_LIMIT (1e-2, i.e. a spread of 83,886): one entry 300 from c (9e4) is far, whichever
+    component and feature holds it; 250 (6.25e4) is not. float64 at FLOAT64_FAR_LIMIT (1e-7,
+    a spread of 4.5e8): 3e4 from c (9e8) is, 1.5e4 (2.25e8) is not; noise 1e-2 makes 3e3 so."""
+    from mfa.precision import FAR_LIMIT, FLOAT64_FAR_LIMIT, far_from_reference
+
+    def far(offset, dtype, limit=FAR_LIMIT, noise=1.0):
+        means = [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+        means[1][2] = offset
+        return far_from_reference(_terms(means, None, [[noise] * 3] * 2), dtype, limit)
+
+    assert far(300.0, torch.float32) and far(-300.0, torch.float32)
+    assert not far(250.0, torch.float32)
+    assert far(3e4, F64, FLOAT64_FAR_LIMIT) and not far(1.5e4, F64, FLOAT64_FAR_LIMIT)
+    assert far(3e3, F64, FLOAT64_FAR_LIMIT, noise=1e-2)
+    assert not far(300.0, F64)  # (float64's ε at float32's limit)
