@@ -103,3 +103,25 @@ def test_a_component_the_em_step_leaves_without_rows_keeps_a_positive_weight():
              step=True, lower=1e-3, per_decade=4, variance_floor=1e-6)
     expected = torch.tensor([300.0, 1e-3], dtype=torch.float64) / (300.0 + 1e-3)
     torch.testing.assert_close(model.weights.detach(), expected, rtol=1e-12, atol=0)
+
+
+def test_no_noise_prior_means_no_search_and_no_warning():
+    """noise_prior_strength=0 leaves noise_prior_variance='auto' without effect: no search
+    (selected_noise_prior_variance None, with or without validation rows) and no warning
+    that 'auto' needs validation data."""
+    import warnings
+
+    from mfa.sgd import SGDConfig, SGDTrainer
+
+    model = random_model(2, 3, 1, seed=1)
+    x = random_data(150, model, seed=2)
+    for validation, fraction in ((None, 0.0), (x[100:], 0.1)):
+        trainer = SGDTrainer(SGDConfig(progress=False, epochs=1, val_fraction=fraction,
+                                       noise_prior_strength=0.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(random_model(2, 3, 1, seed=1), x[:100], validation=validation)
+        assert not [w for w in caught if issubclass(w.category, UserWarning)
+                    and "needs validation data" in str(w.message)]
+        assert trainer.selected_noise_prior_variance is None
+        assert trainer.state_dict()["noise_prior_variance"] is None
