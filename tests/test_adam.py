@@ -118,3 +118,23 @@ def test_a_dataset_needs_no_pass_to_count_its_rows_for_the_prior():
         SGDTrainer(SGDConfig(progress=False, epochs=1, init="none", em_start=False,
                              noise_prior_variance=0.5, val_fraction=0.0)).fit(
             model, TensorDataset(x))
+
+
+def test_a_loader_without_batching_is_never_counted_by_its_items():
+    """DataLoader(batch_size=None) over a Dataset of 4 batches of 5 rows: its items are
+    batches, so neither count gives 4 (a prior 5× too strong); None, also where no pass
+    counts them (dataset_if_unknown)."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from mfa.adam import count_rows
+
+    class Batches(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.zeros(5, 3, dtype=F64)
+
+    loader = DataLoader(Batches(), batch_size=None)
+    assert count_rows(loader) is None
+    assert count_rows(loader, dataset_if_unknown=True) is None
