@@ -247,3 +247,37 @@ def test_divergence_is_judged_against_the_best_epoch_by_ten_times_its_size_plus_
                        r"log-likelihood is -100 nats per row, down from -5;"):
         trainer.fit(model, x)
     assert [h["train_log_likelihood"] for h in trainer.history] == [-5.0, -58.0]
+
+
+def test_an_old_checkpoint_takes_its_best_epoch_as_the_divergence_reference(monkeypatch):
+    """A checkpoint without reference_log_likelihood (saved before it existed), after scripted
+    epochs of −5 and −58 (D = 4): resumed, an epoch of −100 is divergence against the best,
+    −5 (more than 90 below), not against the worst, −58 (which allowed down to −678)."""
+    import mfa.sgd
+
+    scores = iter([5.0, 58.0, 100.0])
+    real = mfa.sgd.distributed.backward_mean
+
+    def scripted(values, parameters):
+        nll, rows = real(values, parameters)
+        return torch.full_like(nll, next(scores)), rows
+
+    monkeypatch.setattr(mfa.sgd.distributed, "backward_mean", scripted)
+    model = random_model(2, 4, 1, seed=3)
+    x = random_data(100, model, seed=4)
+    config = dict(progress=False, init="none", em_start=False, lr=1e-6, checkpoint_every=1,
+                  noise_prior_strength=0.0, val_fraction=0.0, batch_size=100)
+    saved = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        SGDTrainer(SGDConfig(epochs=2, **config)).fit(
+            model, x, checkpoint_fn=lambda t, m: saved.append(
+                (copy.deepcopy(t.state_dict()), copy.deepcopy(m.state_dict()))))
+    state, params = saved[1]  # (epoch 2's, inside the loop: it may grow)
+    assert state["epoch"] == 2 and state.pop("reference_log_likelihood") == -5.0
+    again = SGDTrainer(SGDConfig(epochs=3, **config))
+    again.load_state_dict(state)
+    model.load_state_dict(params)
+    with pytest.raises(FloatingPointError, match=r"Adam diverged at epoch 3: the mean train "
+                       r"log-likelihood is -100 nats per row, down from -5;"):
+        again.fit(model, x)
