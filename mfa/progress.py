@@ -174,9 +174,14 @@ def _swap(handler: logging.StreamHandler, routed: _BarSafeStream) -> None:
     except AttributeError:  # (a stream that is a read-only property, as lastResort's)
         return
 
-    def undo() -> None:
-        if handler.stream is routed:
-            handler.setStream(routed.stream)
+    def undo() -> None:  # (not setStream: its flush raised for a stream closed meanwhile,
+        # out of the bar's close(), and left the other handlers routed)
+        handler.acquire()
+        try:
+            if handler.stream is routed:
+                handler.stream = routed.stream
+        finally:
+            handler.release()
 
     _undo.append(undo)
 

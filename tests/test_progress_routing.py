@@ -240,3 +240,25 @@ def test_a_fit_with_progress_off_draws_no_bar(capsys):
     assert open_during == [0, 0, 0]
     assert capsys.readouterr().err == ""
 
+
+def test_a_stream_closed_while_a_bar_was_open_does_not_break_putting_back(
+        monkeypatch, tmp_path, logger):
+    """stdout redirected to a file that a handler also writes to, the file closed while a
+    bar was open: putting that handler back flushed the closed file, so the bar's close()
+    raised ValueError (out of the trainer's fit) and the handlers not put back yet (the
+    console's) stayed routed through a bar that was gone."""
+    console = logging.StreamHandler(sys.stderr)
+    logger.addHandler(console)
+    out = (tmp_path / "out.txt").open("w")
+    monkeypatch.setattr(sys, "stdout", out)
+    to_file = logging.StreamHandler(sys.stdout)
+    logging.getLogger("mfa.test_progress_routing.to_file").addHandler(to_file)
+    try:
+        bar = progress.progress_bar(range(3), True, desc="EM run", leave=False)
+        assert console.stream is not sys.stderr and to_file.stream is not out  # (routed)
+        out.close()
+        bar.close()
+        assert progress.open_bars() == 0
+        assert console.stream is sys.stderr and to_file.stream is out
+    finally:
+        logging.getLogger("mfa.test_progress_routing.to_file").removeHandler(to_file)
