@@ -93,3 +93,56 @@ def test_a_folder_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch):
                                       r"\(Read-only file system: .*\): copy the folder"):
         with hold_run_folder(tmp_path):
             pass
+
+
+def test_a_process_that_does_not_write_the_folder_takes_no_lock(tmp_path):
+    """held=False (a rank other than 0): neither refused by the holder nor making a .lock."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with hold_run_folder(bare, held=False):
+        assert not (bare / LOCK_NAME).exists()
+    with hold_run_folder(tmp_path, command="mfa train"):
+        with hold_run_folder(tmp_path, held=False, command="mfa select"):
+            assert holder_of(tmp_path) == f"`mfa train` (pid {os.getpid()})"
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()} mfa train\n"
+
+
+def test_a_longer_earlier_record_is_replaced_whole(tmp_path):
+    """The holder's record is written over the earlier one: a longer one's tail stayed, and
+    the next refusal named a command nobody ran."""
+    (tmp_path / LOCK_NAME).write_text("4294967 mfa select --out a folder with a long name\n")
+    with hold_run_folder(tmp_path, command="mfa train"):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()} mfa train\n"
+        assert holder_of(tmp_path) == f"`mfa train` (pid {os.getpid()})"
+
+
+def test_holder_of_sees_no_holder_while_another_command_looks_too(tmp_path):
+    """holder_of locks shared: a second command looking at the same moment (its own shared
+    lock) is no holder, whereas an exclusive lock is one."""
+    (tmp_path / LOCK_NAME).write_text("4321")  # a pid alone (a lock file of an older mfa)
+    descriptor = os.open(tmp_path / LOCK_NAME, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH)  # the other command's holder_of, now
+        assert holder_of(tmp_path) is None
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # a holder that recorded its pid alone
+        assert holder_of(tmp_path) == "`mfa train` (pid 4321)"
+    finally:
+        os.close(descriptor)
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM])
+def test_a_lock_file_without_permission_says_what_to_do(tmp_path, monkeypatch, code):
+    """A `.lock` left by another user (EACCES/EPERM) gets the read-only folder's advice."""
+    real_open = os.open
+
+    def refused(path, flags, *args):
+        if str(path).endswith(LOCK_NAME):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(OSError, match=r"`mfa select` writes in .*, which cannot be written "
+                                      r"here .*: copy the folder"):
+        with hold_run_folder(tmp_path, command="mfa select"):
+            pass
