@@ -221,3 +221,67 @@ def test_an_override_splits_at_its_first_equals_sign():
     assert parse_override("output.name=a=b=c") == (["output", "name"], "a=b=c")
     config = load_config(CONFIG, overrides=["data.root=/data/set=1"])
     assert config.data.root == "/data/set=1"
+
+
+def test_yaml_binary_numbers_read_as_they_look():
+    """``0b101`` is 5 (binary), as ``0x1F`` is 31: neither is a leading-zero octal."""
+    assert load_config(None, ["train.em.max_iter=0b101"]).train.em.max_iter == 5
+
+
+def test_two_merge_keys_in_one_mapping_are_not_a_key_given_twice():
+    from mfa.config_text import _load
+
+    text = "a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: *a\n  <<: *b\n  z: 3\n"
+    assert _load(text, "f.yaml")["c"] == {"x": 1, "y": 2, "z": 3}  # as PyYAML reads it
+
+
+def test_the_keys_an_override_sets():
+    """What --resume checks against the keys a run may change (an empty mapping sets the
+    section itself)."""
+    from mfa.config_text import dotted_leaves, override_keys
+
+    assert override_keys("train.em.max_iter=5") == ["train.em.max_iter"]
+    assert override_keys("train={em: {max_iter: 2, tol: 0.1}}") == ["train.em.max_iter",
+                                                                   "train.em.tol"]
+    assert override_keys("model={}") == ["model"]
+    assert dotted_leaves({"a": {}, "b": {"c": 1, "d": {"e": None}}}) == {"b.c": 1,
+                                                                         "b.d.e": None}
+
+
+def test_overrides_through_null_sections_and_a_single_string():
+    from mfa.config_text import apply_override_strings
+
+    data = {"train": {"hierarchical": {"root_em": None}}}
+    assert apply_override_strings(data, ["train.hierarchical.root_em.max_iter=3",
+                                         "output.name=x"]) == {
+        "train": {"hierarchical": {"root_em": {"max_iter": 3}}}, "output": {"name": "x"}}
+    assert data == {"train": {"hierarchical": {"root_em": None}}}  # (a copy is changed)
+    assert apply_override_strings({}, "seed=3") == {"seed": 3}  # one string, not its letters
+
+
+def test_a_nested_mapping_override_of_an_aliased_section_changes_that_section_alone(
+        tmp_path):
+    """The section-by-section merge copies each section it writes: through a mapping value
+    two levels up, root_em (an alias of train.em) shared its dict with train.em."""
+    from mfa.config_text import apply_override_strings, read_yaml_mapping
+
+    path = tmp_path / "alias.yaml"
+    path.write_text("train:\n  em: &em\n    max_iter: 2\n  hierarchical:\n"
+                    "    root_em: *em\n")
+    got = apply_override_strings(read_yaml_mapping(path),
+                                 ["train={hierarchical: {root_em: {max_iter: 7}}}"])
+    assert got["train"] == {"em": {"max_iter": 2}, "hierarchical": {"root_em": {"max_iter": 7}}}
+
+
+def test_a_missing_config_of_another_name_in_configs_gets_no_shipped_hint(tmp_path,
+                                                                          monkeypatch):
+    """Only the shipped names are pointed to the checkout (a user's configs/mine.yaml is
+    just missing)."""
+    from mfa.config_text import read_yaml_mapping
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as missing:
+        read_yaml_mapping(Path("configs/mine.yaml"))
+    assert str(missing.value) == "config file configs/mine.yaml does not exist"
+    with pytest.raises(FileNotFoundError, match="the shipped configs live in the source"):
+        read_yaml_mapping(Path("configs/mnist.yaml"))
