@@ -285,3 +285,13 @@ def test_a_missing_config_of_another_name_in_configs_gets_no_shipped_hint(tmp_pa
     assert str(missing.value) == "config file configs/mine.yaml does not exist"
     with pytest.raises(FileNotFoundError, match="the shipped configs live in the source"):
         read_yaml_mapping(Path("configs/mnist.yaml"))
+
+
+def test_drop_empty_sections_drops_an_empty_mapping_of_a_section_too():
+    """``model: {}`` (written out, or every key removed by a tool) is an empty section as a
+    null one is; an empty mapping where the defaults hold no section stays."""
+    from mfa.config_text import drop_empty_sections
+
+    template = {"model": {"n_components": 1}, "train": {"em": {"max_iter": 30}}, "seed": 0}
+    assert drop_empty_sections({"model": {}, "train": {"em": {}}, "seed": 4, "x": {}},
+                               template) == {"train": {}, "seed": 4, "x": {}}

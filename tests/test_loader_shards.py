@@ -86,3 +86,41 @@ def test_a_remade_loader_keeps_the_loaders_settings():
     no_workers = loader_shards._rebuild(DataLoader(TensorDataset(torch.zeros(3, 2))),
                                         batch_size=2, sampler=[0, 1, 2])
     assert no_workers.num_workers == 0 and not no_workers.persistent_workers
+
+
+def test_a_random_sampler_of_fewer_rows_without_replacement_is_refused_for_em():
+    """num_samples below the rows drops some each epoch, with or without replacement."""
+    data = TensorDataset(torch.zeros(10, 2))
+    drawn = RandomSampler(data, num_samples=6)
+    with pytest.raises(ValueError, match=r"draws 6 of 10 rows; pass a DataLoader"):
+        loader_shards._check_every_row_once(DataLoader(data, batch_size=4, sampler=drawn))
+
+
+def test_a_remade_loader_keeps_its_in_order_setting():
+    loader = DataLoader(TensorDataset(torch.zeros(3, 2)), batch_size=2, in_order=False)
+    remade = loader_shards._rebuild(loader, batch_size=2, sampler=[0, 1, 2])
+    assert remade.in_order is False
+
+
+def test_an_empty_part_of_a_global_batch_is_shaped_like_the_datasets_items():
+    """A rank whose part of a global batch is empty gets zero rows of each field, in the
+    type the collation gives (a tensor, a list of tensors, a namedtuple)."""
+    from collections import namedtuple
+
+    pixels, labels = torch.arange(12.0).reshape(4, 3), torch.arange(4)
+    plain = loader_shards._EmptySafeCollate(torch.utils.data.default_collate, pixels)
+    assert plain([]).shape == (0, 3) and plain([pixels[0]]).shape == (1, 3)
+    pairs = TensorDataset(pixels, labels)
+    empty = loader_shards._EmptySafeCollate(torch.utils.data.default_collate, pairs)([])
+    assert [tuple(part.shape) for part in empty] == [(0, 3), (0,)]
+    Item = namedtuple("Item", ["x", "y"])
+
+    class Named(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return Item(pixels[index], labels[index])
+
+    empty = loader_shards._EmptySafeCollate(torch.utils.data.default_collate, Named())([])
+    assert type(empty) is Item and empty.x.shape == (0, 3) and empty.y.shape == (0,)
