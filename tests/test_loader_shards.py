@@ -124,3 +124,13 @@ def test_an_empty_part_of_a_global_batch_is_shaped_like_the_datasets_items():
 
     empty = loader_shards._EmptySafeCollate(torch.utils.data.default_collate, Named())([])
     assert type(empty) is Item and empty.x.shape == (0, 3) and empty.y.shape == (0,)
+
+
+def test_per_process_loaders_yielding_different_batch_counts_are_refused(monkeypatch):
+    """The counts come from one all-reduce (stood in for here): equal ones pass, any spread
+    is refused, naming it."""
+    monkeypatch.setattr(loader_shards, "range_across_processes", lambda count: (4.0, 4.0))
+    loader_shards.check_same_batch_count(4)
+    monkeypatch.setattr(loader_shards, "range_across_processes", lambda count: (3.0, 5.0))
+    with pytest.raises(ValueError, match=r"yield between 3 and 5 \(this process: 5\)"):
+        loader_shards.check_same_batch_count(5)
