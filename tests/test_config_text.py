@@ -295,3 +295,34 @@ def test_drop_empty_sections_drops_an_empty_mapping_of_a_section_too():
     template = {"model": {"n_components": 1}, "train": {"em": {"max_iter": 30}}, "seed": 0}
     assert drop_empty_sections({"model": {}, "train": {"em": {}}, "seed": 4, "x": {}},
                                template) == {"train": {}, "seed": 4, "x": {}}
+
+
+def test_a_yaml_error_names_the_file_or_the_override(tmp_path):
+    """PyYAML names a string '<unicode string>': the marks name the file or the --set key."""
+    from mfa.config_text import read_yaml_mapping
+
+    with pytest.raises(ValueError, match=r'in "--set model", line 1'):
+        parse_override("model={a: 1, a: 2}")
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  a: 1\n  a: 2\n")
+    with pytest.raises(ValueError, match=rf'in "{path}", line 3'):
+        read_yaml_mapping(path)
+
+
+def test_an_empty_config_file_is_an_empty_mapping(tmp_path):
+    from mfa.config_text import read_yaml_mapping
+
+    path = tmp_path / "empty.yaml"
+    for text in ("", "# all commented out\n"):
+        path.write_text(text)
+        assert read_yaml_mapping(path) == {}
+
+
+def test_spaces_around_an_overrides_key_are_not_part_of_it():
+    assert parse_override(" train.em.max_iter =5") == (["train", "em", "max_iter"], 5)
+
+
+def test_a_value_that_is_only_a_comment_is_told_to_quote_it():
+    with pytest.raises(ValueError, match=r"would drop it \(leaving None\); quote the value "
+                                         r"to keep the '#', e\.g\. --set 'output\.name=\"#1\"'"):
+        parse_override("output.name=#1")

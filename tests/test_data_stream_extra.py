@@ -124,3 +124,48 @@ def test_a_non_finite_value_names_its_item_through_a_subset():
     subset = torch.utils.data.Subset(TensorDataset(rows), [0, 1, 2, 3, 4, 7])
     with pytest.raises(ValueError, match=r"batch 1, row 1 \(item 7 of the TensorDataset\)"):
         list(DataSource(subset, _model(6), batch_size=4))
+
+
+def test_a_loader_through_a_batch_sampler_of_its_own_kind_has_no_fixed_order():
+    """Only torch's BatchSampler is re-made over the rows in order: another batch sampler
+    (a subclass here) may batch otherwise."""
+    from torch.utils.data import BatchSampler
+
+    class Pairs(BatchSampler):
+        pass
+
+    data = TensorDataset(ROWS)
+    mine = DataLoader(data, batch_sampler=Pairs(RandomSampler(data), 2, False))
+    with pytest.raises(ValueError, match="draws its rows at random each pass"):
+        DataSource(mine, _model(6), batch_size=4).in_fixed_order()
+    torchs = DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data), 3, False))
+    fixed = DataSource(torchs, _model(6), batch_size=4).in_fixed_order()
+    assert [b.shape[0] for b in fixed] == [3, 3, 3, 1]
+    assert torch.equal(torch.cat(list(fixed)), ROWS.double())
+
+
+def test_with_missing_allowed_an_infinity_is_named_not_the_nans_before_it():
+    rows = ROWS.clone()
+    rows[0, 0] = rows[1, 1] = float("nan")
+    rows[1, 4] = float("inf")
+    with pytest.raises(ValueError, match=r"an infinite value .*: batch 0, row 1 \(item 1 of "
+                                         r"the TensorDataset\), feature 4"):
+        list(DataSource(TensorDataset(rows), _model(6), batch_size=4, allow_missing=True))
+
+
+def test_a_datasets_labelled_batches_are_refused_too():
+    data = TensorDataset(ROWS.reshape(5, 2, 6), torch.arange(5))
+    with pytest.raises(ValueError, match=r"yields batches of shape \(2, 6\), not rows of 6"):
+        list(DataSource(data, _model(6), batch_size=4))
+
+
+def test_a_numpy_array_is_refused_with_the_conversion():
+    numpy = pytest.importorskip("numpy")
+    with pytest.raises(TypeError, match=r"data is a numpy array; convert it with "
+                                        r"torch\.from_numpy\(data\)\.float\(\)"):
+        DataSource(numpy.zeros((4, 6)), _model(6), batch_size=4)
+
+
+def test_an_empty_iterable_is_refused():
+    with pytest.raises(ValueError, match="^data is empty$"):
+        list(DataSource([], _model(6), batch_size=4))

@@ -146,3 +146,15 @@ def test_a_lock_file_without_permission_says_what_to_do(tmp_path, monkeypatch, c
                                       r"here .*: copy the folder"):
         with hold_run_folder(tmp_path, command="mfa select"):
             pass
+
+
+def test_holder_of_on_a_file_system_without_locks_is_no_holder(tmp_path, monkeypatch):
+    """flock failing otherwise than "held" (ENOLCK on some network mounts) tells nothing:
+    holder_of says no holder rather than failing the command that asked."""
+    (tmp_path / LOCK_NAME).write_text("123 mfa train\n")
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert holder_of(tmp_path) is None

@@ -134,3 +134,12 @@ def test_per_process_loaders_yielding_different_batch_counts_are_refused(monkeyp
     monkeypatch.setattr(loader_shards, "range_across_processes", lambda count: (3.0, 5.0))
     with pytest.raises(ValueError, match=r"yield between 3 and 5 \(this process: 5\)"):
         loader_shards.check_same_batch_count(5)
+
+
+def test_a_loader_of_ready_batches_is_not_a_whole_dataset_loader():
+    """batch_size=None: each item is a batch already, which mfa cannot re-split by rows."""
+    data = TensorDataset(torch.zeros(4, 2))
+    assert loader_shards.reads_whole_dataset(DataLoader(data, batch_size=2))
+    assert loader_shards.reads_whole_dataset(DataLoader(data, batch_size=2, shuffle=True))
+    assert not loader_shards.reads_whole_dataset(DataLoader(data, batch_size=None))
+    assert not loader_shards.reads_whole_dataset([torch.zeros(4, 2)])

@@ -201,3 +201,20 @@ def test_a_failed_command_removes_the_empty_folders_it_made(tmp_path, stop):
             (tmp_path / "x" / "note").write_text("a file")
             raise stop()
     assert [p.name for p in (tmp_path / "x").iterdir()] == ["note"]
+
+
+def test_an_unknown_if_exists_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"if_exists must be 'replace', 'refuse' or a "
+                                         r"function, got 'keep'"):
+        write_text_atomically(tmp_path / "a.txt", "x", if_exists="keep")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_that_is_no_oserror_is_named_as_one():
+    """torch.save's short write raises RuntimeError ("unexpected pos"): an OSError naming the
+    file, asking whether the disk is full (its first line only)."""
+    error = _temporaries.naming(RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 64\nframes"), "model.pt")
+    assert type(error) is OSError and error.errno is None
+    assert str(error) == ("cannot write model.pt: writing failed ([enforce fail at "
+                          "inline_container.cc:672] . unexpected pos 64); is the disk full?")

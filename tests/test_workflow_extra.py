@@ -102,3 +102,12 @@ def test_the_factor_figure_shows_at_most_the_models_components(tmp_path):
     model = MixtureOfFactorAnalyzers(2, 16, 1, generator=torch.Generator().manual_seed(0))
     paths = workflow.draw_figures(model, _data(), config, tmp_path)
     assert [p.name for p in paths] == ["factors.png"] and paths[0].stat().st_size > 0
+
+
+def test_missing_pixels_leave_absent_validation_data_absent():
+    config = load_config(None, ["data.missing.kind=random"])
+    data = _data()
+    assert workflow._remove_pixels(config, data, None, "val") is None
+    hidden = workflow._remove_pixels(config, data, data.train.clone(), "train")
+    observed = workflow.missing_masks(config, data, "train")
+    assert torch.equal(torch.isnan(hidden), ~observed)
