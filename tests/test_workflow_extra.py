@@ -111,3 +111,16 @@ def test_missing_pixels_leave_absent_validation_data_absent():
     hidden = workflow._remove_pixels(config, data, data.train.clone(), "train")
     observed = workflow.missing_masks(config, data, "train")
     assert torch.equal(torch.isnan(hidden), ~observed)
+
+
+def test_an_empty_test_split_draws_samples_but_no_inpainting_or_outliers(tmp_path, caplog):
+    from mfa.model import MixtureOfFactorAnalyzers
+
+    config = load_config(None, ["output.n_samples=4", "output.n_inpaint=2",
+                                "output.n_factor_components=0"])
+    model = MixtureOfFactorAnalyzers(2, 16, 1, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="mfa"):
+        paths = workflow.draw_figures(model, _data(), config, tmp_path)
+    assert [p.name for p in paths] == ["samples.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.png"]
+    assert "the test split is empty" in caplog.text
