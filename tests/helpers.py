@@ -283,3 +283,21 @@ def initialise_on_the_cpu(monkeypatch) -> None:
         model.load_state_dict(twin.state_dict())
 
     monkeypatch.setattr(em, "initialise", on_the_cpu)
+
+
+#: Fragments of a tqdm bar (tests/test_progress*.py).
+BAR = ("EM run", "Adam", "it/s", "s/it", "%|")
+
+
+def screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text`` (``\\r``: back to column 0, overwriting)."""
+    lines = []
+    for raw in text.split("\n"):
+        cells: list[str] = []
+        for i, part in enumerate(raw.split("\r")):
+            column = 0 if i else len(cells)
+            for char in part:
+                cells[column:column + 1] = [char]
+                column += 1
+        lines.append("".join(cells).rstrip())
+    return [line for line in lines if line]

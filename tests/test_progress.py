@@ -8,28 +8,13 @@ import sys
 import warnings
 
 import pytest
-from helpers import random_data, random_model
+from helpers import BAR, random_data, random_model, screen
 
 from mfa.em import EMConfig, EMTrainer
 from mfa.sgd import SGDConfig, SGDTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BAR = ("EM run", "Adam", "it/s", "s/it", "%|")  # fragments of a tqdm bar
-
-
-def screen(text: str) -> list[str]:
-    """The lines a terminal shows for ``text`` (``\\r``: back to column 0, overwriting)."""
-    lines = []
-    for raw in text.split("\n"):
-        cells: list[str] = []
-        for i, part in enumerate(raw.split("\r")):
-            column = 0 if i else len(cells)
-            for char in part:
-                cells[column:column + 1] = [char]
-                column += 1
-        lines.append("".join(cells).rstrip())
-    return [line for line in lines if line]
 
 
 def one_line(message, category, filename, lineno, file=None, line=None):

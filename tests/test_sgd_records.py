@@ -222,22 +222,28 @@ def test_adam_steps_follow_the_map_objective_written_out_by_hand():
                                    rtol=1e-9, atol=1e-12, msg=name)
 
 
+def _script_epoch_scores(monkeypatch, scores: list[float]) -> None:
+    """Make each minibatch's mean −log p the next of ``scores`` (one minibatch an epoch), its
+    gradients Adam's own."""
+    import mfa.sgd
+
+    left = iter(scores)
+    real = mfa.sgd.distributed.backward_mean
+
+    def scripted(values, parameters):
+        nll, rows = real(values, parameters)
+        return torch.full_like(nll, next(left)), rows
+
+    monkeypatch.setattr(mfa.sgd.distributed, "backward_mean", scripted)
+
+
 def test_divergence_is_judged_against_the_best_epoch_by_ten_times_its_size_plus_d(
         monkeypatch):
     """The train scores are scripted (full batches: one a step and an epoch; D = 4): −5 (the
     first minibatch's too), −58, −100. Divergence is a fall of more than 10·(|best| + D) =
     90 below the best so far: −58 is not one (a threshold of 10·|best| = 50 called it one),
     −100 is, against −5 (the last epoch, −58, as reference allowed down to −678)."""
-    import mfa.sgd
-
-    scores = iter([5.0, 58.0, 100.0])  # −log p of each epoch's one minibatch
-    real = mfa.sgd.distributed.backward_mean
-
-    def scripted(values, parameters):
-        nll, rows = real(values, parameters)
-        return torch.full_like(nll, next(scores)), rows
-
-    monkeypatch.setattr(mfa.sgd.distributed, "backward_mean", scripted)
+    _script_epoch_scores(monkeypatch, [5.0, 58.0, 100.0])
     model = random_model(2, 4, 1, seed=3)
     x = random_data(100, model, seed=4)
     trainer = SGDTrainer(SGDConfig(progress=False, init="none", em_start=False, lr=1e-6,
@@ -253,16 +259,7 @@ def test_an_old_checkpoint_takes_its_best_epoch_as_the_divergence_reference(monk
     """A checkpoint without reference_log_likelihood (saved before it existed), after scripted
     epochs of −5 and −58 (D = 4): resumed, an epoch of −100 is divergence against the best,
     −5 (more than 90 below), not against the worst, −58 (which allowed down to −678)."""
-    import mfa.sgd
-
-    scores = iter([5.0, 58.0, 100.0])
-    real = mfa.sgd.distributed.backward_mean
-
-    def scripted(values, parameters):
-        nll, rows = real(values, parameters)
-        return torch.full_like(nll, next(scores)), rows
-
-    monkeypatch.setattr(mfa.sgd.distributed, "backward_mean", scripted)
+    _script_epoch_scores(monkeypatch, [5.0, 58.0, 100.0])
     model = random_model(2, 4, 1, seed=3)
     x = random_data(100, model, seed=4)
     config = dict(progress=False, init="none", em_start=False, lr=1e-6, checkpoint_every=1,
