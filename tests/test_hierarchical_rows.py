@@ -91,3 +91,12 @@ def test_assign_rows_is_the_most_likely_root_component_of_every_row(dtype):
     image_root.means.data.copy_(flat[[0, 4, 7]])  # (rows near each of three means)
     assert assign_rows(image_root, dataset, batch_size=3).tolist() == (
         dense_labels(image_root, flat).tolist())
+
+
+def test_check_rows_names_the_first_non_finite_entry():
+    x = torch.zeros(4, 3)
+    x[2, 1], x[3, 0] = float("inf"), float("nan")
+    with pytest.raises(ValueError, match=r"^validation contains non-finite values \(NaN or "
+                                         r"inf\): row 2, feature 1$"):
+        check_rows(x, "validation")
+    assert check_rows(x[:2]) == (2, 3, torch.float32)
