@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from mfa.config import load_config
+from mfa.em import EMConfig
 from mfa.hierarchical_section import hierarchical_config
 
 
@@ -27,3 +30,50 @@ def test_null_stages_are_copies_of_train_em_not_the_runs_section_itself():
     again.final_em.max_iter = 4
     assert given.train.hierarchical.final_em.max_iter == 3
     assert dataclasses.replace(again.final_em, max_iter=3) == given.train.hierarchical.final_em
+
+
+# ------------------------------------------------ mfa.hierarchical_config: what it accepts
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+def test_a_hierarchy_of_diagonal_gaussians_has_no_factors():
+    """n_factors 0 (every component a diagonal Gaussian) is a model the library fits: the
+    trainer and a run config take it, and the flattened model is the dense two-level one."""
+    import torch
+    from helpers import F64, DenseMixture, gen
+
+    from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
+
+    load_config(None, ["train.method=hierarchical", "model.n_factors=0"])
+    g = gen(0)
+    x = torch.cat([torch.randn(60, 3, generator=g, dtype=F64) + shift for shift in (0.0, 8.0)])
+    em = EMConfig(max_iter=3, progress=False, patience=0, noise_prior_variance=1e-3)
+    trainer = HierarchicalTrainer(HierarchicalConfig(
+        root_components=2, n_factors=0, rows_per_component=30, root_em=em, child_em=em))
+    model = trainer.fit(x)
+    assert model.n_factors == 0 and model.n_components == sum(
+        c.n_components for c in trainer.children) > 2
+    outer = [trainer.root.weights.detach()[k].log()
+             + DenseMixture.from_model(child).log_prob(x)
+             for k, child in enumerate(trainer.children)]
+    torch.testing.assert_close(model.log_prob(x).detach(),
+                               torch.logsumexp(torch.stack(outer, -1), -1),
+                               rtol=1e-10, atol=1e-9)
+
+
+def test_a_child_em_without_validation_trains_on_all_its_rows():
+    """A child's EM holds out validation rows only for its automatic noise prior (strength
+    > 0) or early stopping: with strength 0 and patience 0 it trains on all 49 rows, so up
+    to 49 components; with either, round(49 · 0.1) = 5 are held out."""
+    from mfa.hierarchical_config import HierarchicalConfig, child_components
+
+    def children(**em):
+        em = EMConfig(progress=False, **em)
+        return child_components(49, HierarchicalConfig(
+            rows_per_component=1, min_child_components=60, max_child_components=60,
+            min_child_rows=10, child_em=em))
+
+    assert children(noise_prior_strength=0.0, patience=0) == 49
+    assert children(noise_prior_strength=0.5, patience=0) == 44
+    assert children(noise_prior_strength=0.0, patience=3) == 44
+    assert children(noise_prior_strength=0.0, patience=0, noise_prior_variance=1e-3) == 49
