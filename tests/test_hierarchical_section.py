@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from mfa.config import load_config
-from mfa.em import EMConfig
+from mfa.em import EMConfig, EMTrainer
 from mfa.hierarchical_section import hierarchical_config
 
 
@@ -77,3 +77,26 @@ def test_a_child_em_without_validation_trains_on_all_its_rows():
     assert children(noise_prior_strength=0.5, patience=0) == 44
     assert children(noise_prior_strength=0.0, patience=3) == 44
     assert children(noise_prior_strength=0.0, patience=0, noise_prior_variance=1e-3) == 49
+
+
+@pytest.mark.filterwarnings("ignore::mfa.ConvergenceWarning")
+@pytest.mark.parametrize("init", ["random", "kmeans"])
+def test_a_child_gets_no_more_components_than_its_initialisation_reads(init):
+    """Both random and K-means initialisations read init_samples rows and need one a
+    component: the child count is the largest K the child's own EM accepts (117 rows at 10
+    a component would ask 11; init_samples=3 allows 3)."""
+    import torch
+    from helpers import F64, gen
+
+    from mfa.hierarchical_config import HierarchicalConfig, child_components
+    from mfa.model import MixtureOfFactorAnalyzers
+
+    em = EMConfig(max_iter=1, progress=False, patience=0, noise_prior_variance=1e-3,
+                  init_samples=3, init=init)
+    n = child_components(117, HierarchicalConfig(rows_per_component=10,
+                                                 max_child_components=20, min_child_rows=10,
+                                                 child_em=em))
+    x = torch.randn(117, 3, generator=gen(0), dtype=F64)
+    EMTrainer(em).fit(MixtureOfFactorAnalyzers(n, 3, 1, dtype=F64), x)
+    with pytest.raises(ValueError, match=rf"initialisation of K={n + 1} components needs"):
+        EMTrainer(em).fit(MixtureOfFactorAnalyzers(n + 1, 3, 1, dtype=F64), x)
