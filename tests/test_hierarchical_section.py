@@ -100,3 +100,28 @@ def test_a_child_gets_no_more_components_than_its_initialisation_reads(init):
     EMTrainer(em).fit(MixtureOfFactorAnalyzers(n, 3, 1, dtype=F64), x)
     with pytest.raises(ValueError, match=rf"initialisation of K={n + 1} components needs"):
         EMTrainer(em).fit(MixtureOfFactorAnalyzers(n + 1, 3, 1, dtype=F64), x)
+
+
+def test_each_stage_runs_on_its_own_device_else_the_fits():
+    """stage_devices: (home, root, child): a stage's device where it sets one, else the
+    fit's device, else the data's (the CPU for a dataset). cpu:0 and cpu are told apart
+    here to see which setting each stage took, on a machine without CUDA."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from mfa.hierarchical_config import HierarchicalConfig, stage_devices
+
+    cpu, cpu0 = torch.device("cpu"), torch.device("cpu", 0)
+    x = torch.zeros(4, 2)
+
+    def devices(device=None, data=x, **stages):
+        cfg = HierarchicalConfig(**{name: EMConfig(device=value) for name, value
+                                    in stages.items()})
+        return stage_devices(cfg, device, data)
+
+    assert devices() == (cpu, cpu, cpu)
+    assert devices(root_em="cpu:0") == (cpu, cpu0, cpu)
+    assert devices(child_em="cpu:0") == (cpu, cpu, cpu0)
+    assert devices(device="cpu:0") == (cpu0, cpu0, cpu0)
+    assert devices(device="cpu:0", child_em="cpu") == (cpu0, cpu0, cpu)
+    assert devices(data=TensorDataset(x)) == (cpu, cpu, cpu)
