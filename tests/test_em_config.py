@@ -79,3 +79,10 @@ def test_the_defaults_are_those_the_docs_report():
     }
     config = EMConfig()
     assert {name: getattr(config, name) for name in documented} == documented
+
+
+def test_missing_is_error_or_allow():
+    with pytest.raises(ValueError, match=r"^EMConfig\.missing .*got 'ignore'"):
+        EMConfig(missing="ignore").validate()
+    for value in ("error", "allow"):
+        EMConfig(missing=value).validate()

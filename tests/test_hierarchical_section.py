@@ -125,3 +125,24 @@ def test_each_stage_runs_on_its_own_device_else_the_fits():
     assert devices(device="cpu:0") == (cpu0, cpu0, cpu0)
     assert devices(device="cpu:0", child_em="cpu") == (cpu0, cpu0, cpu)
     assert devices(data=TensorDataset(x)) == (cpu, cpu, cpu)
+
+
+def test_only_a_hierarchical_run_is_told_its_em_seeds_are_unused():
+    """An EM run uses train.em.seed (and ignores train.hierarchical): no note for it."""
+    from mfa.hierarchical_section import ignored_seeds_note
+
+    seeds = ["train.em.seed=3", "train.hierarchical.root_em={seed: 4}"]
+    for method in ("em", "sgd"):
+        assert ignored_seeds_note(load_config(None, [f"train.method={method}", *seeds])) is None
+    note = ignored_seeds_note(load_config(None, ["train.method=hierarchical", *seeds]))
+    assert note.startswith("train.em.seed=3, train.hierarchical.root_em.seed=4 are not used")
+
+
+def test_every_stage_but_the_final_one_must_be_an_em_config():
+    from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
+
+    for stage in ("root_em", "child_em"):
+        with pytest.raises(TypeError, match=rf"HierarchicalConfig\.{stage} must be an "
+                                            r"EMConfig, got NoneType"):
+            HierarchicalTrainer(HierarchicalConfig(**{stage: None}))
+    HierarchicalTrainer(HierarchicalConfig(final_em=None))  # None: no final EM
