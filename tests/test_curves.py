@@ -50,3 +50,16 @@ def test_a_far_first_point_within_another_lines_range_stays_in_view_unnamed(
     low, high = axes.get_ylim()
     assert low < -5.0 and high > 20.0
     assert not saved[-1].texts and not axes.texts
+
+
+def test_a_flat_line_after_a_far_first_point_gets_half_a_unit_of_margin(tmp_path, monkeypatch):
+    """The other points all equal (a range of 0): the y-limits are their value ± 0.5 (5 %
+    of it where that is more), not a range too thin to read."""
+    saved = saved_figures(monkeypatch)
+    for flat, margin in ((5.0, 0.5), (100.0, 5.0)):
+        history = [{"iteration": i + 1, "val_log_likelihood": y}
+                   for i, y in enumerate([flat - 50, flat, flat, flat])]
+        plot_training_curve(history, tmp_path / "c.png", keys=["val_log_likelihood"])
+        assert saved[-1].axes[0].get_ylim() == (flat - margin, flat + margin)
+        assert [t.get_text() for t in saved[-1].texts] == [
+            f"first point off scale: val_log_likelihood {flat - 50:.4g}"]

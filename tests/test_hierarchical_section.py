@@ -146,3 +146,16 @@ def test_every_stage_but_the_final_one_must_be_an_em_config():
                                             r"EMConfig, got NoneType"):
             HierarchicalTrainer(HierarchicalConfig(**{stage: None}))
     HierarchicalTrainer(HierarchicalConfig(final_em=None))  # None: no final EM
+
+
+@pytest.mark.parametrize("field, refused, accepted", [
+    ("assign_batch_size", 0, 1), ("rows_per_component", 0, 1), ("root_components", 0, 1),
+    ("n_factors", -1, 0), ("min_child_components", 0, 1), ("seed", -1, 0),
+    ("min_child_rows", 0, 1), ("min_noise", -1e-9, 0.0),
+])
+def test_each_hierarchical_limit_is_refused_beyond_and_accepted_at(field, refused, accepted):
+    from mfa.hierarchical import HierarchicalConfig, HierarchicalTrainer
+
+    with pytest.raises(ValueError, match=rf"HierarchicalConfig\.{field} must be"):
+        HierarchicalTrainer(HierarchicalConfig(**{field: refused}))
+    HierarchicalTrainer(HierarchicalConfig(**{field: accepted}))
