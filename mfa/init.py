@@ -361,10 +361,16 @@ def initialise(
                    else rows[order[:n_kmeans]] if n_kmeans < n else rows)
         result = kmeans(km_rows, k, n_iter=kmeans_iter, generator=gen,
                         seed_rows=SEED_ROWS_PER_COMPONENT * k)
-        if n_kmeans == n_fit:
-            labels = result.labels
-        else:
-            labels = nearest_center(fit_rows, result.centers)[0]
+        # The K-means rows keep their last labels (their nearest final centres); only the
+        # other fit rows are labelled here (the K-means rows were labelled a second time).
+        labels = result.labels
+        if n_kmeans < n_fit and n_fit < n:  # the K-means rows are fit_rows[:n_kmeans]
+            rest = nearest_center(fit_rows[n_kmeans:], result.centers)[0]
+            labels = torch.cat([labels, rest])
+        elif n_kmeans < n_fit:  # the fit takes every row in file order; K-means some of them
+            labels = torch.empty(n, dtype=torch.long, device=rows.device)
+            labels[order[:n_kmeans]] = result.labels
+            labels[order[n_kmeans:]] = nearest_center(rows[order[n_kmeans:]], result.centers)[0]
         init = fit_complete(
             fit_rows, labels, k, lat, model.noise, n_iter=complete_iter,
             variance_floor=variance_floor, min_noise=model.min_noise, generator=gen,

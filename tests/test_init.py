@@ -282,6 +282,41 @@ def test_initialise_subsamples_are_seeded_and_reproducible():
 
 
 
+@pytest.mark.parametrize("n", [1000, 600])
+def test_initialise_fits_every_row_with_its_nearest_final_centre(monkeypatch, n):
+    """The complete-data fit gets each of its rows labelled by the nearest of K-means' final
+    centres: the K-means rows with K-means' own last labels, the others labelled after it.
+    K = 2: 1,000 rows fit on a subsample of 800 (K-means on its first 400); 600 rows fit on
+    every row in file order (K-means on a random 400 of them)."""
+    import mfa.init as init_module
+    from mfa.kmeans import nearest_center
+
+    g = gen(11)
+    x = torch.randn(n, 8, generator=g, dtype=F64) + 2 * torch.randn(
+        4, 8, generator=g, dtype=F64)[torch.arange(n) % 4]  # 4 blobs, K = 2: labels mix
+    seen = {}
+
+    def spy(kmeans, fit):
+        def km(*args, **kwargs):
+            seen["kmeans"] = kmeans(*args, **kwargs)
+            return seen["kmeans"]
+
+        def fc(rows, labels, *args, **kwargs):
+            seen["fit"] = rows, labels
+            return fit(rows, labels, *args, **kwargs)
+        return km, fc
+
+    km, fc = spy(init_module.kmeans, init_module.fit_complete)
+    monkeypatch.setattr(init_module, "kmeans", km)
+    monkeypatch.setattr(init_module, "fit_complete", fc)
+    _initialised(x, 2, 1, seed=0)
+    rows, labels = seen["fit"]
+    assert rows.shape[0] == min(n, 800)
+    expected = nearest_center(rows, seen["kmeans"].centers)[0]
+    assert torch.equal(labels, expected)
+    assert 0 < int(labels.sum()) < rows.shape[0]
+
+
 def test_initialise_draws_its_kmeans_rows_at_random_from_rows_in_file_order():
     """Ten blobs of 300 rows, stored blob by blob; K = 10 fits on all 3,000 rows and runs
     K-means on 2,000. Those were the first 2,000 in file order (blobs 0-6 only): 6 of 10
