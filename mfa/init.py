@@ -7,12 +7,14 @@ Everything runs on the data's device and every random choice takes a seed or a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 
 import torch
 from torch import Tensor
 
+from mfa import cluster_fit
 from mfa._validation import check_generator, check_positive_int, check_tensor
 from mfa.kmeans import (  # noqa: F401  (K-means names re-exported from their former home)
     KMeansResult,
@@ -80,10 +82,11 @@ def fit_complete(
     is fitted in closed form as probabilistic PCA (Tipping & Bishop, 1999) from the SVD of the
     centred cluster: ``σ² = mean of the discarded eigenvalues``, ``A = U_L (Λ_L − σ²)^½``
     (the leading singular pairs from a seeded randomised SVD when the cluster is large, see
-    :func:`_top_singular`). With ``noise="diagonal"`` this starts ``n_iter`` factor-analysis
-    EM iterations (one-hot responsibilities, so each cluster is fitted on its own rows only,
-    at ``O(n_k·D·L)`` each), which never lower the complete-data likelihood. Per-cluster
-    arithmetic runs in float64.
+    :func:`mfa.cluster_fit.top_singular`). With ``noise="diagonal"`` this starts ``n_iter``
+    factor-analysis EM iterations (one-hot responsibilities, so each cluster is fitted on its
+    own rows only, at ``O(n_k·D·L)`` each), which never lower the complete-data likelihood.
+    Per-cluster arithmetic runs in float64, the large clusters batched in groups of bounded
+    memory (:mod:`mfa.cluster_fit`).
 
     Args:
         x: ``[N, D]``; labels: ``[N]`` int64 in ``[0, n_components)``.
@@ -130,56 +133,47 @@ def fit_complete(
     within = torch.zeros(d, dtype=torch.float64, device=x.device)
     unfit = []  # clusters too small (or flat) to fit: they get the pooled variance
     order = torch.argsort(labels)
-    bounds = torch.cumsum(torch.bincount(labels, minlength=k), 0).tolist()
+    sizes = torch.bincount(labels, minlength=k).tolist()
+    starts = [0] + list(itertools.accumulate(sizes))[:-1]
     gen = _generator(0, generator, x.device)
     fa_iter = n_iter if noise == "diagonal" and lat else 0
-    start = 0
+    # A cluster of at most max(EXACT_SVD_LIMIT, 2q) rows or features is factorised alone by
+    # a full SVD; the larger ones in groups, by the randomised SVD (mfa.cluster_fit).
+    exact_limit = max(EXACT_SVD_LIMIT, 2 * (lat + 10))
+    large = [c for c in range(k) if min(sizes[c], d) > exact_limit]
+    groups = [[c] for c in range(k) if 0 < sizes[c] and min(sizes[c], d) <= exact_limit]
+    budget = cluster_fit.group_budget(x.device)
+    for group in cluster_fit.group_clusters([sizes[c] for c in large], d, budget):
+        groups.append([large[i] for i in group])
     for c in range(k):
-        rows = x[order[start : bounds[c]]]
-        start = bounds[c]
-        if rows.shape[0] == 0:
+        if not sizes[c]:
             means[c] = x.mean(0)
             unfit.append(c)
-            continue
-        means[c] = rows.mean(0)
-        # Each cluster's fit in float64 (the rows of one cluster are few).
-        centred = (rows - means[c]).double()  # [n_c, D]
-        total_var = (centred * centred).mean(0)  # [D]
-        within += total_var * rows.shape[0]
+    for members in groups:
+        rows, real = cluster_fit.padded_rows(x, order, starts, sizes, members)  # [G, n, D]
+        n_c = counts[members]  # [G]
+        group_means = rows.sum(1) / n_c.unsqueeze(-1)  # [G, D]
+        means[members] = group_means
+        # Each cluster's fit in float64 (the rows of one group are few), padding kept at 0.
+        centred = (rows - group_means.unsqueeze(1)).double()
+        if real is not None:
+            centred.masked_fill_(~real.unsqueeze(-1), 0.0)
+        total_var = (centred * centred).sum(1) / n_c.double().unsqueeze(-1)  # [G, D]
+        within += (total_var * n_c.double().unsqueeze(-1)).sum(0)
         # rank(centred) <= n_c - 1: with n_c <= L + 1 rows (or identical rows) no variance
         # is left beside the top L and the fit below is a component collapsed to the floor
         # (log p +23 a row against -8), which EM kept and the restarts' ranking preferred.
-        if rows.shape[0] < 2 + lat or not bool(total_var.sum() > 0):
-            unfit.append(c)
+        fit = (n_c >= 2 + lat) & (total_var.sum(-1) > 0)  # [G]
+        unfit += [c for c, ok in zip(members, fit.tolist(), strict=True) if not ok]
+        if not bool(fit.any()):
             continue
-        s, vh = _top_singular(centred, lat, gen)
-        eig = s * s / rows.shape[0]  # the top eigenvalues of the cluster covariance
-        top = eig[:lat]
-        if lat < d:
-            sigma2 = ((total_var.sum() - top.sum()) / (d - lat)).clamp_min(floor)
-        else:
-            # No variance is left beside the top L = D: half the smallest eigenvalue goes to
-            # the noise, so A Aᵀ + σ²I is still the cluster's covariance. At the floor, with A
-            # of full rank, E[z] reproduced x exactly and EM's regression returned the same A
-            # and μ: it stopped after 2 iterations, "converged", at the initial fit.
-            sigma2 = (top[-1] / 2).clamp_min(floor)
-        n_top = top.shape[0]
-        scale = (top - sigma2).clamp_min(0.0).sqrt()
-        cluster_loadings = torch.zeros(d, lat, dtype=torch.float64, device=x.device)
-        cluster_loadings[:, :n_top] = vh[:n_top].T * scale
-        if noise == "isotropic":
-            noise_var[c] = sigma2
-            loadings[c] = cluster_loadings.to(dtype)
-            continue
-        if not lat:
-            noise_var[c] = total_var.clamp_min(floor).to(dtype)
-            continue
-        fa_noise = (total_var - (cluster_loadings**2).sum(-1)).clamp_min(floor)
-        cluster_loadings, fa_noise = _factor_analysis(  # (L = D: any noise fits exactly)
-            centred, total_var, cluster_loadings, fa_noise, fa_iter if lat < d else 0, floor
-        )
-        loadings[c] = cluster_loadings.to(dtype)
-        noise_var[c] = fa_noise.to(dtype)
+        if not bool(fit.all()):
+            members = [c for c, ok in zip(members, fit.tolist(), strict=True) if ok]
+            centred, total_var, n_c = centred[fit], total_var[fit], n_c[fit]
+        fitted = _ppca_fa(centred, n_c, total_var, lat, noise, fa_iter, floor, gen,
+                          exact=members[0] not in large)
+        loadings[members] = fitted[0].to(dtype)
+        noise_var[members] = fitted[1].to(dtype)
     if unfit:  # the pooled per-feature variance: within the clusters plus between them
         m64, n_c = means.double(), counts.double().unsqueeze(-1)  # [K, D], [K, 1]
         spread = m64 - (n_c * m64).sum(0) / n
@@ -193,69 +187,44 @@ def fit_complete(
 
 
 #: A cluster whose centred rows have at most this many rows or features is factorised by a
-#: full SVD; larger ones by a randomised range finder (Halko, Martinsson & Tropp, 2011).
+#: full SVD; larger ones by a randomised range finder (Halko, Martinsson & Tropp, 2011), in
+#: groups (:func:`mfa.cluster_fit.top_singular`).
 EXACT_SVD_LIMIT = 64
 
 
-def _top_singular(centred: Tensor, n_top: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The leading singular values ``[q]`` and right singular vectors ``[q, D]`` (``q ≥
-    n_top``) of ``centred`` ``[n, D]``: a full SVD when the matrix is small, else a seeded
-    randomised SVD with ``n_top + 10`` columns and two power iterations, which costs
-    ``O(n·D·(n_top + 10))`` instead of ``O(n·D·min(n, D))``. The range finder runs in
-    float32 (its basis only has to span the leading directions; 0.09 s instead of 0.19 s of
-    a 0.75 s initialisation of 50,000 × 784 rows, K = 50, 2 CPU cores); the singular values
-    and vectors come from the projection of ``centred`` onto it, in ``centred``'s dtype.
-    So the per-cluster PPCA is the closed form's exactly only below :data:`EXACT_SVD_LIMIT`;
-    above it, on a flat spectrum, σ² came within 0.3–1.4 % and ``AAᵀ`` 7–76 % of the dense
-    result, for a complete-data log-likelihood 0.16 nats a row lower (0.02 after the
-    factor-analysis passes that follow)."""
-    n, d = centred.shape
-    q = n_top + 10
-    if min(n, d) <= max(EXACT_SVD_LIMIT, 2 * q):
-        _, s, vh = torch.linalg.svd(centred, full_matrices=False)
-        return s, vh
-    # scaled by a power of two to a largest entry in [0.5, 1) (exact, and the basis does not
-    # change with scale): float64 rows beyond ~1e17 overflowed float32's products, rows below
-    # ~1e-17 underflowed them
-    top = float(centred.abs().max())
-    shift = min(max(math.frexp(top)[1], -1000), 1000) if 0 < top < math.inf else 0
-    low = (centred * 2.0**-shift).float()  # (a copy even when centred is float32)
-    omega = torch.randn(d, q, generator=gen, dtype=torch.float32, device=centred.device)
-    y = low @ omega  # [n, q]
-    for _ in range(2):
-        y = torch.linalg.qr(y).Q
-        y = low @ (low.T @ y)
-    # orthonormal in centred's dtype (a float32 basis cast up is not: the eigenvalues moved
-    # by 1e-7 relative, σ² — what they leave of the total variance — by 3e-5)
-    basis = torch.linalg.qr(y.to(centred.dtype)).Q  # [n, q]
-    _, s, vh = torch.linalg.svd(basis.T @ centred, full_matrices=False)  # [q, D]
-    return s, vh
-
-
-def _factor_analysis(
-    centred: Tensor, total_var: Tensor, loadings: Tensor, noise: Tensor, n_iter: int,
-    floor: float,
+def _ppca_fa(
+    centred: Tensor, counts: Tensor, total_var: Tensor, lat: int, noise: str, fa_iter: int,
+    floor: float, gen: torch.Generator, *, exact: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``n_iter`` factor-analysis EM iterations (Rubin & Thayer, 1982) on one cluster's rows
-    centred at their mean, ``centred`` ``[n, D]`` (``total_var`` [D] their mean squares),
-    from ``loadings`` [D, L] and ``noise`` [D]: the update of :func:`mfa.m_step.m_step`
-    with one-hot responsibilities, on this cluster's rows only (``O(n·D·L)`` each). The mean
-    stays the cluster mean (the rows' ``E[z]`` sum to zero). Returns the new pair."""
-    n, lat = centred.shape[0], loadings.shape[1]
-    eye = torch.eye(lat, dtype=centred.dtype, device=centred.device)
-    for _ in range(n_iter):
-        scaled = loadings / noise.unsqueeze(-1)  # D⁻¹A  [D, L]
-        chol = torch.linalg.cholesky(eye + loadings.T @ scaled)  # M = C Cᵀ
-        beta = torch.cholesky_solve(scaled.T, chol).T  # D⁻¹ A M⁻¹  [D, L]
-        ez = centred @ beta  # E[z] of every row  [n, L]
-        sum_xz = centred.T @ ez / n  # [D, L]
-        sum_zz = ez.T @ ez / n + torch.cholesky_inverse(chol)  # [L, L]
-        ridge = 1e-10 * sum_zz.diagonal().abs().max().clamp_min(1e-30)
-        loadings = torch.cholesky_solve(
-            sum_xz.T, torch.linalg.cholesky(sum_zz + ridge * eye)
-        ).T  # [D, L]
-        noise = (total_var - (loadings * sum_xz).sum(-1)).clamp_min(floor)
-    return loadings, noise
+    """Loadings ``[G, D, L]`` and noise variances ``[G, D]`` (float64) of ``G`` clusters from
+    their zero-padded centred rows ``centred`` ``[G, n, D]`` (``counts`` ``[G]`` real rows,
+    ``total_var`` ``[G, D]`` their mean squares, every cluster with variance to fit):
+    probabilistic PCA in closed form, then ``fa_iter`` factor-analysis iterations
+    (``noise="diagonal"``); isotropic noise is σ² on every feature."""
+    g, _, d = centred.shape
+    if not lat:
+        if noise == "isotropic":
+            total_var = total_var.mean(-1, keepdim=True).expand(g, d)
+        return centred.new_zeros(g, d, 0), total_var.clamp_min(floor)
+    s, vh = cluster_fit.top_singular(centred, lat, gen, exact)  # [G, q], [G, q, D]
+    top = (s * s / counts.double().unsqueeze(-1))[:, :lat]  # the clusters' top eigenvalues
+    if lat < d:
+        sigma2 = ((total_var.sum(-1) - top.sum(-1)) / (d - lat)).clamp_min(floor)  # [G]
+    else:
+        # No variance is left beside the top L = D: half the smallest eigenvalue goes to
+        # the noise, so A Aᵀ + σ²I is still the cluster's covariance. At the floor, with A
+        # of full rank, E[z] reproduced x exactly and EM's regression returned the same A
+        # and μ: it stopped after 2 iterations, "converged", at the initial fit.
+        sigma2 = (top[:, -1] / 2).clamp_min(floor)
+    n_top = top.shape[-1]
+    scale = (top - sigma2.unsqueeze(-1)).clamp_min(0.0).sqrt()  # [G, n_top]
+    loadings = centred.new_zeros(g, d, lat)
+    loadings[:, :, :n_top] = vh[:, :n_top].mT * scale.unsqueeze(1)
+    if noise == "isotropic":
+        return loadings, sigma2.unsqueeze(-1).expand(g, d)
+    fa_noise = (total_var - (loadings**2).sum(-1)).clamp_min(floor)
+    return cluster_fit.factor_analysis(  # (L = D: any noise fits exactly)
+        centred, counts, total_var, loadings, fa_noise, fa_iter if lat < d else 0, floor)
 
 
 def random_init(
