@@ -1,5 +1,6 @@
 """The README's Python examples run as written, and its figures exist."""
 
+import itertools
 import re
 from pathlib import Path
 
@@ -34,13 +35,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert namespace["filled"].shape == (500, 8)
     assert namespace["posterior"].n_features == 5
     history = namespace["trainer"].history
-    # EM never lowers its objective (log-likelihood + log-prior) under a fixed prior; the
-    # automatic prior is chosen once, after the warm-up.
-    chosen = history[-1]["noise_prior_variance"]
-    objective = [h["train_objective"] for h in history if h["noise_prior_variance"] == chosen]
-    assert len(objective) >= 2
-    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(objective[:-1], objective[1:],
-                                                      strict=True))
+    # EM never lowers its objective (log-likelihood + log-prior) under a fixed prior: within
+    # every stint of one noise prior (the automatic prior is chosen after the warm-up, and a
+    # repeated search may move to a stronger one when early stopping's patience runs out).
+    stints = [[h["train_objective"] for h in group] for _, group in itertools.groupby(
+        history, key=lambda h: (h["run"], h["noise_prior_variance"]))]
+    assert max(len(objective) for objective in stints) >= 2
+    for objective in stints:
+        assert all(b >= a - 1e-6 * abs(a) for a, b in zip(objective[:-1], objective[1:],
+                                                          strict=True)), objective
 
 
 def test_readme_images_exist():
