@@ -141,15 +141,15 @@ def fit_complete(
     # a full SVD; the larger ones in groups, by the randomised SVD (mfa.cluster_fit).
     exact_limit = max(EXACT_SVD_LIMIT, 2 * (lat + 10))
     large = [c for c in range(k) if min(sizes[c], d) > exact_limit]
-    groups = [[c] for c in range(k) if 0 < sizes[c] and min(sizes[c], d) <= exact_limit]
+    groups = [([c], True) for c in range(k) if 0 < sizes[c] and min(sizes[c], d) <= exact_limit]
     budget = cluster_fit.group_budget(x.device)
     for group in cluster_fit.group_clusters([sizes[c] for c in large], d, budget):
-        groups.append([large[i] for i in group])
+        groups.append(([large[i] for i in group], False))
     for c in range(k):
         if not sizes[c]:
             means[c] = x.mean(0)
             unfit.append(c)
-    for members in groups:
+    for members, exact in groups:  # (exact: one cluster, a full SVD)
         rows, real = cluster_fit.padded_rows(x, order, starts, sizes, members)  # [G, n, D]
         n_c = counts[members]  # [G]
         group_means = rows.sum(1) / n_c.unsqueeze(-1)  # [G, D]
@@ -171,7 +171,7 @@ def fit_complete(
             members = [c for c, ok in zip(members, fit.tolist(), strict=True) if ok]
             centred, total_var, n_c = centred[fit], total_var[fit], n_c[fit]
         fitted = _ppca_fa(centred, n_c, total_var, lat, noise, fa_iter, floor, gen,
-                          exact=members[0] not in large)
+                          exact=exact)
         loadings[members] = fitted[0].to(dtype)
         noise_var[members] = fitted[1].to(dtype)
     if unfit:  # the pooled per-feature variance: within the clusters plus between them
