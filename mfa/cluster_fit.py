@@ -15,16 +15,22 @@ pairs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-#: Bound on ``G·n·D``, the elements of one group's padded rows (its float64 copy then holds
-#: 8 bytes an element, the float32 range finder 4 more), by device type: a group never holds
-#: more than this beside a single cluster too large for it alone. On the CPU small groups
-#: win: fitting 50 clusters of 125–800 rows × 784 features took 0.28 s in groups of 2²⁰
-#: elements (19 groups), 0.29 s at 2²¹, 0.45 s at 2²² and 0.62 s at 2²³ (3 groups), where
+#: Bound on ``G·n·D``, the elements of one group's padded rows, by device type: a group
+#: never holds more than this beside a single cluster too large for it alone. A group's fit
+#: peaks at about 12 bytes an element (its float64 copy beside the rows it is made from,
+#: then beside the float32 range finder's): about 0.75 GiB at CUDA's 2²⁶. On the CPU small
+#: groups win: fitting 50 clusters of 125–800 rows × 784 features took 0.28 s in groups of
+#: 2²⁰ elements (19 groups), 0.29 s at 2²¹, 0.45 s at 2²² and 0.62 s at 2²³ (3 groups), where
 #: every large temporary paid for fresh pages (2-core Xeon; one cluster at a time: 0.33 s).
-#: On CUDA a group is a few kernel launches whatever its size (not yet measured).
+#: With the temporaries since cut to the 12 bytes above, the same order in a slower hour:
+#: 0.39–0.42 s at 2²⁰, 0.44–0.56 at 2²¹, 0.48–0.61 at 2²², 0.57–0.71 at 2²³ (a 12.5M-element
+#: group's peak fell from 22 to 11.4 bytes an element). On CUDA a group is a few kernel
+#: launches whatever its size (not yet measured).
 GROUP_ELEMENTS = {"cpu": 2**20, "cuda": 2**26}
 
 
@@ -86,10 +92,12 @@ def top_singular(centred: Tensor, n_top: int, gen: torch.Generator,
         return s, vh
     g, _, d = centred.shape
     q = n_top + 10
-    top = centred.abs().amax((-2, -1))  # [G]
+    top = torch.linalg.vector_norm(centred, ord=math.inf, dim=(-2, -1))  # [G], max |entry|
     shift = torch.frexp(top)[1].clamp(-1000, 1000)  # (frexp(0) = (0, 0): no shift)
     scale = torch.ldexp(torch.ones_like(top), -shift)  # 2^-shift, exact
-    low = (centred * scale[:, None, None]).float()  # [G, n, D]
+    low = torch.empty(centred.shape, dtype=torch.float32, device=centred.device)  # [G, n, D]
+    for c in range(g):  # (into float32 through a float64 temporary of one cluster at a time)
+        torch.mul(centred[c], scale[c], out=low[c])
     omega = torch.randn(g, d, q, generator=gen, dtype=torch.float32, device=centred.device)
     y = low @ omega  # [G, n, q]
     for _ in range(2):

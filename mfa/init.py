@@ -154,12 +154,15 @@ def fit_complete(
         n_c = counts[members]  # [G]
         group_means = rows.sum(1) / n_c.unsqueeze(-1)  # [G, D]
         means[members] = group_means
-        # Each cluster's fit in float64 (the rows of one group are few), padding kept at 0.
-        centred = (rows - group_means.unsqueeze(1)).double()
+        # Each cluster's fit in float64 (the rows of one group are few), padding kept at 0;
+        # no [G, n, D] temporary beside the rows and their float64 copy (mfa.cluster_fit).
+        centred = rows.double().sub_(group_means.double().unsqueeze(1))
+        del rows
         if real is not None:
             centred.masked_fill_(~real.unsqueeze(-1), 0.0)
-        total_var = (centred * centred).sum(1) / n_c.double().unsqueeze(-1)  # [G, D]
-        within += (total_var * n_c.double().unsqueeze(-1)).sum(0)
+        n64 = n_c.double().unsqueeze(-1)  # [G, 1]
+        total_var = torch.linalg.vector_norm(centred, dim=1).square_() / n64  # [G, D]
+        within += (total_var * n64).sum(0)
         # rank(centred) <= n_c - 1: with n_c <= L + 1 rows (or identical rows) no variance
         # is left beside the top L and the fit below is a component collapsed to the floor
         # (log p +23 a row against -8), which EM kept and the restarts' ranking preferred.

@@ -104,3 +104,31 @@ def test_grouped_factor_analysis_equals_each_cluster_alone(monkeypatch, budget):
                                    atol=1e-6 * float((b @ b.T).abs().max()) / scale**2)
         torch.testing.assert_close(model.noise_variance[k] / scale**2,
                                    alone.noise_variance[0] / scale**2, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("noise", ["diagonal", "isotropic"])
+def test_a_flat_cluster_in_a_group_gets_the_pooled_variance(monkeypatch, noise):
+    """A cluster of 300 identical rows (large enough for the randomised SVD) grouped with
+    the four fitted ones: it gets the pooled per-feature variance and no loadings, and the
+    others in its group what their rows give alone (the group is filtered before the fit)."""
+    x, labels = _clusters()
+    flat = torch.full((300, D), 0.5, dtype=F64)
+    x, labels = torch.cat([x, flat]), torch.cat([labels, torch.full((300,), len(SIZES))])
+    monkeypatch.setitem(cluster_fit.GROUP_ELEMENTS, "cpu", 10**9)  # one group of five
+    assert len(cluster_fit.group_clusters([*SIZES, 300], D, 10**9)) == 1
+    k = len(SIZES) + 1
+    model = fit_complete(x, labels, k, LAT, noise, n_iter=5, variance_floor=1e-6)
+    pooled = x.var(0, unbiased=False)
+    if noise == "isotropic":
+        pooled = pooled.mean().expand(D)
+    torch.testing.assert_close(model.noise_variance[-1].detach(), pooled)
+    assert not bool(model.factor_loadings[-1].any())
+    for c in range(len(SIZES)):
+        rows = x[labels == c]
+        alone = fit_complete(rows, torch.zeros(rows.shape[0], dtype=torch.int64), 1, LAT,
+                             noise, n_iter=5, variance_floor=1e-6)
+        a, b = model.factor_loadings[c].detach(), alone.factor_loadings[0].detach()
+        scale = float((b @ b.T).abs().max())
+        torch.testing.assert_close(a @ a.T, b @ b.T, rtol=0, atol=1e-6 * scale)
+        torch.testing.assert_close(model.noise_variance[c].detach(),
+                                   alone.noise_variance[0].detach(), rtol=1e-6, atol=0)
