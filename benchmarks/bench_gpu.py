@@ -31,6 +31,10 @@ would overrun it is skipped with a message):
   ``xᵀ g_B`` = another ``2·n·D·K·(L+2)`` (the usual "backward = 2× forward" rule counts the
   input gradients too, which the data does not need), so ``4·n·D·K·(L+2)`` in all, the same
   per row as one EM iteration; the ``O(K·D·L²)`` parameter transforms are not counted.
+* **initialisation**: :func:`mfa.init.initialise` as ``EMConfig``'s defaults run it (K-means
+  on a seeded subsample, then the per-cluster PPCA and factor analysis in groups) on the first
+  ``init_samples`` rows, dequantised to float32 on the device; seconds (after a warm-up on a
+  tenth of the rows), the same in default EM epochs, and peak memory.
 * **inpaint**: ``mfa.inference.inpaint`` (conditional mean + one sample) of a batch with the
   centre square hidden; seconds and peak memory, as called and under ``torch.no_grad()``.
 * **large model**: whether ``K = --large-components`` (1000) fits: construction, a
@@ -60,6 +64,7 @@ from mfa import EMConfig, EMTrainer, MixtureOfFactorAnalyzers, SGDConfig, SGDTra
 from mfa.cli_types import finite, non_negative_int, positive_int
 from mfa.data import QuantizedRows
 from mfa.inference import inpaint
+from mfa.init import initialise
 from mfa.precision import resolve_stats_dtype
 from mfa.training import tf32_enabled, tf32_matmul
 
@@ -430,6 +435,39 @@ def adam_case(model0, pixels, allow_tf32: bool, args, budget, clock, rates) -> d
     return result
 
 
+def init_case(pixels, k: int, lat: int, args, budget, clock) -> dict:
+    """The K-means initialisation of ``EMConfig``'s defaults on the first ``init_samples``
+    rows (float32 on the device, as the trainers gather them; the gathering is not timed)."""
+    device = pixels.device
+    cfg = EMConfig()
+    n_rows = min(pixels.shape[0], cfg.init_samples)
+    result: dict = {"case": "initialisation", "rows": n_rows, "kmeans_iter": cfg.kmeans_iter,
+                    "complete_iter": cfg.complete_iter}
+
+    def once(rows) -> float:
+        model = MixtureOfFactorAnalyzers(k, rows.shape[1], lat, device=device)
+        t0 = clock.now()
+        initialise(model, rows, "kmeans", seed=args.seed, variance_floor=cfg.variance_floor,
+                   kmeans_iter=cfg.kmeans_iter, complete_iter=cfg.complete_iter)
+        return clock.now() - t0
+
+    try:
+        rows = first_rows(pixels, n_rows, args.seed)[0:n_rows]  # [n, D] float32
+        warm = rows[: max(k, n_rows // 10)]
+        result["warmup_s"] = once(warm)
+        estimate = 15.0 * result["warmup_s"] + 5.0
+        result["estimate_s"] = estimate
+        if not budget.allows("initialisation", estimate):
+            result["skipped"] = budget.skipped[-1]
+            return result
+        reset_peak(device)
+        result["seconds"] = once(rows)
+        result["peak_memory_gb"] = peak_gb(device)
+    except torch.cuda.OutOfMemoryError as error:
+        result["out_of_memory"] = str(error).splitlines()[0]
+    return result
+
+
 def inpaint_case(model0, pixels, rows: int, args, clock) -> dict:
     device = pixels.device
     x = next(iter(DequantisedStream(pixels, rows, args.seed + 1)))  # [rows, D]
@@ -596,6 +634,18 @@ def print_report(res: dict) -> None:
                   f"fraction {r['fraction_of_matmul_rate']:.2f}, epoch ≈ "
                   f"{r['seconds_per_epoch_extrapolated']:.2f} s, peak "
                   f"{fmt(r['peak_memory_gb'], '.2f')} GiB")
+    if "init" in res:
+        r = res["init"]
+        default = next((e for e in res.get("em", []) if e["stats_dtype"] == "auto"
+                        and not e["tf32"] and "seconds_per_epoch" in e), None)
+        if "seconds" in r:
+            epochs = ("" if default is None else
+                      f" = {r['seconds'] / default['seconds_per_epoch']:.2f} default EM epochs")
+            print(f"\ninitialisation (EMConfig defaults: K-means {r['kmeans_iter']} iterations,"
+                  f" {r['complete_iter']} factor-analysis passes) on {r['rows']} rows: "
+                  f"{r['seconds']:.2f} s{epochs}, peak {fmt(r['peak_memory_gb'], '.2f')} GiB")
+        elif "out_of_memory" in r:
+            print(f"\ninitialisation on {r['rows']} rows: OUT OF MEMORY: {r['out_of_memory']}")
     if "inpaint" in res:
         r = res["inpaint"]
         print(f"\ninpaint {r['rows']} rows ({r['hidden_fraction']:.0%} hidden, mean + 1 sample):")
@@ -740,6 +790,9 @@ def run(args, device: torch.device) -> dict:
     res["adam"].append(adam_case(model0, pixels, False, args, budget, clock, rates))
     print(f"done: {res['adam'][-1]['case']}", flush=True)
     save(res["adam"][-1]["case"])
+    res["init"] = init_case(pixels, k, lat, args, budget, clock)
+    print("done: initialisation", flush=True)
+    save("initialisation")
     if budget.allows("inpaint", 30.0 * prior):
         res["inpaint"] = inpaint_case(model0, pixels, args.inpaint_rows, args, clock)
         print("done: inpaint", flush=True)

@@ -37,7 +37,7 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
     for field in ("device: cpu", "torch ", "matmul [256, 48] @ [48, 8] GFLOP/s", "TF32 accuracy",
                   "s/epoch", "GFLOP/s", "EM float64", "EM mixed", "EM float32",
                   "samples/s", "inpaint 16 rows", "large model K=8, L=2: fits = True",
-                  "total "):
+                  "initialisation (EMConfig defaults: K-means 20 iterations", "total "):
         assert field in text, f"{field!r} missing from the output:\n{text}"
     res = json.loads(out.read_text())
     assert res["config"]["n_rows"] == 600 and res["config"]["features"] == 48
@@ -45,6 +45,7 @@ def test_bench_gpu_quick_on_cpu_prints_every_case_and_writes_json(tmp_path):
     assert res["skipped"] == [], res["skipped"]
     for key in ("float32", "tf32", "float64"):
         assert res["matmul"][key] > 0
+    assert res["init"]["rows"] == 600 and res["init"]["seconds"] > 0  # (init_samples > 600)
     em = {(r["stats_dtype"], r["tf32"]): r for r in res["em"]}
     assert set(em) == {("auto", False), ("float64", False), ("precise", False),
                        ("centred", False), ("mixed", False), ("centred32", False),
@@ -132,8 +133,9 @@ def test_bench_gpu_skips_cases_that_overrun_the_budget(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # the quick mode's single thread is restored
     assert "SKIPPED EM auto: needs ~" in capsys.readouterr().out
     assert json.loads(out.read_text())["skipped"] == res["skipped"]
-    assert all("skipped" in r for r in res["em"] + res["adam"]) and "inpaint" not in res
-    assert len(res["skipped"]) == 15  # every case after the matmul peers
+    assert all("skipped" in r for r in res["em"] + res["adam"] + [res["init"]])
+    assert "inpaint" not in res
+    assert len(res["skipped"]) == 16  # every case after the matmul peers
 
 
 def test_dequantised_stream_is_seeded_uint8_and_in_unit_interval():
