@@ -145,10 +145,10 @@ def fit_complete(
     budget = cluster_fit.group_budget(x.device)
     for group in cluster_fit.group_clusters([sizes[c] for c in large], d, budget):
         groups.append(([large[i] for i in group], False))
-    for c in range(k):
-        if not sizes[c]:
-            means[c] = x.mean(0)
-            unfit.append(c)
+    empty = [c for c in range(k) if not sizes[c]]
+    if empty:  # at the data's mean, with the pooled variance below
+        means[empty] = x.mean(0)
+        unfit += empty
     for members, exact in groups:  # (exact: one cluster, a full SVD)
         rows, real = cluster_fit.padded_rows(x, order, starts, sizes, members)  # [G, n, D]
         n_c = counts[members]  # [G]
