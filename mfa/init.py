@@ -334,7 +334,7 @@ def initialise(
         result = kmeans(km_rows, k, n_iter=kmeans_iter, generator=gen,
                         seed_rows=SEED_ROWS_PER_COMPONENT * k)
         # The K-means rows keep their last labels (their nearest final centres); only the
-        # other fit rows are labelled here (the K-means rows were labelled a second time).
+        # other fit rows are labelled here (every fit row used to be labelled again).
         labels = result.labels
         if n_kmeans < n_fit and n_fit < n:  # the K-means rows are fit_rows[:n_kmeans]
             rest = nearest_center(fit_rows[n_kmeans:], result.centers)[0]
