@@ -16,11 +16,19 @@ from torch import Tensor
 
 from mfa._validation import check_finite, check_generator, check_positive_int, check_tensor
 
-#: Bound on the elements of one chunk's rows and distances, ``n·(K + D)``: 2²¹ (8 MB of
-#: float32) keeps a chunk in cache; 2²⁴ chunks (64 MB, 20,000 rows of 784 features) each
-#: paid fresh pages for their temporaries: labelling 20,000 × 784 rows by 50 centres took
-#: 56 ms against 20 ms (2-core Xeon).
-_DIST_CHUNK_ELEMENTS = 2**21
+#: Bound on the elements of one chunk's rows and distances, ``n·(K + D)``, by device type.
+#: On the CPU 2²¹ (8 MB of float32) keeps a chunk in cache; 2²⁴ chunks (64 MB, 20,000 rows
+#: of 784 features) each paid fresh pages for their temporaries: labelling 20,000 × 784 rows
+#: by 50 centres took 56 ms against 20 ms (2-core Xeon). On CUDA, where a chunk is a few
+#: kernel launches, it stays 2²⁴ (166 rows of CelebA's 12,288 features at K = 300 would be
+#: 300 chunks for 50,000 rows).
+_DIST_CHUNK_ELEMENTS = {"cpu": 2**21, "cuda": 2**24}
+
+
+def _chunk_rows(x: Tensor, centers: Tensor) -> int:
+    """Rows of ``x`` ``[N, D]`` per chunk against ``centers`` ``[K, D]`` on their device."""
+    bound = _DIST_CHUNK_ELEMENTS.get(x.device.type, _DIST_CHUNK_ELEMENTS["cpu"])
+    return max(1, bound // max(1, centers.shape[0] + x.shape[1]))
 
 
 def _squared_norms(x: Tensor) -> Tensor:
@@ -90,7 +98,7 @@ def _distances_to(x: Tensor, x_norm: Tensor, centers: Tensor) -> Tensor:
 def nearest_center(
     x: Tensor,
     centers: Tensor,
-    chunk_elements: int = _DIST_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     *,
     batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -104,14 +112,15 @@ def nearest_center(
     Args:
         x: ``[N, D]``; centers: ``[K, D]`` (same dtype and device).
         chunk_elements: bound on the elements of one chunk's rows and distances,
-            ``n·(K + D)``.
+            ``n·(K + D)`` (default: :data:`_DIST_CHUNK_ELEMENTS` of ``x``'s device).
         batch_size: rows per chunk; overrides ``chunk_elements`` when given.
 
     Returns:
         ``(labels [N] int64, squared_distance [N])``.
     """
     if batch_size is None:
-        batch_size = max(1, chunk_elements // max(1, centers.shape[0] + x.shape[1]))
+        batch_size = (_chunk_rows(x, centers) if chunk_elements is None else
+                      max(1, chunk_elements // max(1, centers.shape[0] + x.shape[1])))
     labels, dists = [], []
     with torch.no_grad():
         offset = centers.mean(0)
@@ -128,7 +137,7 @@ def nearest_center(
 
 def _nearest(x: Tensor, x_norm: Tensor, centers: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`nearest_center` with the rows' squared norms ``x_norm`` [N] given."""
-    size = max(1, _DIST_CHUNK_ELEMENTS // max(1, centers.shape[0] + x.shape[1]))
+    size = _chunk_rows(x, centers)
     labels, dists = [], []
     for i in range(0, x.shape[0], size):
         best, idx = _distances_to(x[i : i + size], x_norm[i : i + size], centers).min(-1)
